@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make run` (app on the embedded digits default)
+# and `make test` (install + tests).  Both create .venv and install the project.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-fast lint bench bench-foundation lds
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,diffusers]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/streamlit run explorer/app.py --server.headless true -- --preset digits
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not browser" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check engine explorer tests
+
+bench-foundation: $(STAMP)
+	$(BIN)/python -m engine bench-foundation
+
+bench: $(STAMP)
+	$(BIN)/python -m engine bench

@@ -1,0 +1,184 @@
+"""Command line: ``attribution-engine`` / ``python -m engine``.
+
+Each subcommand is registered by a small ``add_*`` function next to its handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import PRESETS, get_preset
+from .paths import best_device, default_checkpoint
+
+Handler = Callable[[argparse.Namespace], int]
+REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def register(fn: Callable[[argparse._SubParsersAction], None]):
+    REGISTRY.append(fn)
+    return fn
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset",
+        default="digits",
+        help=f"experiment preset ({', '.join(PRESETS)}) or a preset .json file (default: digits)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint folder (default: assets/digits for digits, runs/<preset> otherwise)",
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--data-root", default=None, help="folder with CIFAR pickles or images")
+
+
+def resolve(args: argparse.Namespace):
+    """Preset (with --data-root applied), checkpoint folder and device from common args."""
+    preset = get_preset(args.preset)
+    if getattr(args, "data_root", None):
+        preset = preset.replace(data={"root": args.data_root})
+    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(preset.name)
+    return preset, ckpt, args.device or best_device()
+
+
+# --- train ---------------------------------------------------------------------------
+
+
+@register
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a DDPM (resumable)",
+        description="Train a DDPM on the preset's data. Resumes from train_state.pt if the "
+        "output folder holds an unfinished run; does nothing if it holds a finished one.",
+    )
+    add_common(p)
+    p.add_argument("--out", default=None, help="output checkpoint folder (default: --checkpoint)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: preset's)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: preset's)")
+    p.add_argument("--indices", default=None, help="train only on these indices (.npy or comma list)")
+    p.add_argument("--exclude", default=None, help="train without these indices (.npy or comma list)")
+    p.set_defaults(func=cmd_train)
+
+
+def _read_indices(spec: str | None):
+    import numpy as np
+
+    if spec is None:
+        return None
+    if spec.endswith(".npy"):
+        return np.load(spec)
+    return np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    preset, ckpt, device = resolve(args)
+    changes = {}
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if changes:
+        preset = preset.replace(train=changes)
+    out = Path(args.out) if args.out else ckpt
+    t0 = time.time()
+    train(
+        preset,
+        out,
+        indices=_read_indices(args.indices),
+        exclude=_read_indices(args.exclude),
+        device=device,
+    )
+    print(f"checkpoint: {out} ({time.time() - t0:.1f} s this run)")
+    return 0
+
+
+# --- sample --------------------------------------------------------------------------
+
+
+@register
+def add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="draw DDPM samples to a PNG grid or an .npz",
+        description="Ancestral DDPM sampling with all T steps and the small variance. "
+        ".png writes a grid; .npz writes `images` (n, C, H, W) in [0, 1], `seed`, and with "
+        "--trajectory the array `trajectory` (n, T+1, C, H, W), x_T first, in [-1, 1] space.",
+    )
+    add_common(p)
+    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--out", required=True, help="output file: .png (grid) or .npz")
+    p.add_argument("--trajectory", action="store_true", help="record x_T..x_0 (npz only)")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .sampling import generate, save_grid, save_npz
+
+    _, ckpt, device = resolve(args)
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npz"):
+        raise SystemExit(f"--out must end in .png or .npz, got {out}")
+    if args.trajectory and out.suffix != ".npz":
+        raise SystemExit("--trajectory needs an .npz output")
+    model, preset, _ = load_checkpoint(ckpt, device)
+    images, traj = generate(model, preset, args.n, args.seed, args.trajectory, device, progress=True)
+    if out.suffix == ".png":
+        save_grid(images, out)
+    else:
+        save_npz(images, out, args.seed, traj)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attribution-engine",
+        description="Diffusion Attribution Explorer engine: train DDPMs, sample, build "
+        "attribution caches, query influences and evaluate them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _load_plugins()
+    for add in REGISTRY:
+        add(sub)
+    return parser
+
+
+def _load_plugins() -> None:
+    """Import modules that register further subcommands (kept out of this file)."""
+    import importlib
+
+    for name in ("engine.cli_foundation", "engine.cli_attribution", "engine.cli_evaluate"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "register", "add_common", "resolve", "json"]

@@ -1,0 +1,195 @@
+"""Configuration dataclasses and presets.
+
+Every setting that changes a result lives here, in a dataclass, so that caches can be
+keyed by ``dataclasses.asdict`` of the settings that produced them (DESIGN.md 1, 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the DDPM U-Net (Ho et al. 2020)."""
+
+    image_size: int = 8
+    in_channels: int = 1
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 1)
+    num_res_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = (4,)
+    dropout: float = 0.0
+    num_groups: int = 8
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Linear beta schedule of Ho et al. (2020); DESIGN.md 2."""
+
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which training set; ``levels`` is the number of intensity levels (ELBO bin width)."""
+
+    name: str = "digits"  # digits | cifar10 | cifar2 | folder
+    root: str | None = None
+    image_size: int = 8
+    channels: int = 1
+    levels: int = 17
+    flip: bool = False
+    seed: int = 0  # for subset selection (CIFAR-2)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training recipe (DESIGN.md 2: AdamW, warm-up then cosine, clipping, EMA)."""
+
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float | None = 0.999
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """Settings of the attribution engine (DESIGN.md 4-6)."""
+
+    mc_samples: int = 64  # M draws of (t, eps) per example
+    seed: int = 0
+    kfac_damping: float = 1e-8
+    trak_damping: float = 1e-1 / 1797
+    dtrak_damping: float = 1.0 / 1797
+    fisher_type: str = "mc"  # mc | empirical
+    kfac_approx: str = "expand"  # expand | reduce
+    ekfac: bool = False
+    trak_dim: int = 2048
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str | None = "openai"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A full experiment: model, diffusion, data, training and attribution settings."""
+
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preset:
+        def build(klass, values):
+            names = {f.name: f for f in dataclasses.fields(klass)}
+            kwargs = {}
+            for k, v in (values or {}).items():
+                if k not in names:
+                    continue
+                if isinstance(v, list):
+                    v = tuple(v)
+                kwargs[k] = v
+            return klass(**kwargs)
+
+        return cls(
+            name=d.get("name", "custom"),
+            model=build(ModelConfig, d.get("model")),
+            diffusion=build(DiffusionConfig, d.get("diffusion")),
+            data=build(DataConfig, d.get("data")),
+            train=build(TrainConfig, d.get("train")),
+            attribution=build(AttributionConfig, d.get("attribution")),
+        )
+
+    def replace(self, **sections: Any) -> Preset:
+        """Return a copy with whole sections or fields of sections replaced.
+
+        ``preset.replace(train={"steps": 10})`` changes one field of one section.
+        """
+        kwargs: dict[str, Any] = {}
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                kwargs[key] = dataclasses.replace(getattr(self, key), **value)
+            else:
+                kwargs[key] = value
+        return dataclasses.replace(self, **kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _cifar_model() -> ModelConfig:
+    # Ho et al. (2020) CIFAR-10 U-Net: ch 128, mults (1, 2, 2, 2), 2 res blocks,
+    # attention at 16x16, dropout 0.1, ~36-38M parameters.
+    return ModelConfig(
+        image_size=32,
+        in_channels=3,
+        base_channels=128,
+        channel_mults=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        dropout=0.1,
+        num_groups=32,
+    )
+
+
+def _cifar_train(steps: int) -> TrainConfig:
+    return TrainConfig(
+        steps=steps,
+        batch_size=128,
+        lr=1e-4,
+        warmup_frac=0.1,
+        grad_clip=1.0,
+        ema_decay=0.999,
+        log_every=100,
+        checkpoint_every=2000,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "digits": Preset(name="digits"),
+    "cifar2": Preset(
+        name="cifar2",
+        model=_cifar_model(),
+        data=DataConfig(name="cifar2", image_size=32, channels=3, levels=256, flip=True),
+        train=_cifar_train(32_000),
+        attribution=AttributionConfig(
+            mc_samples=250, trak_damping=1e-1 / 5000, dtrak_damping=1.0 / 5000
+        ),
+    ),
+    "cifar10": Preset(
+        name="cifar10",
+        model=_cifar_model(),
+        data=DataConfig(name="cifar10", image_size=32, channels=3, levels=256, flip=True),
+        train=_cifar_train(200_000),
+        attribution=AttributionConfig(
+            mc_samples=250, trak_damping=1e-1 / 50000, dtrak_damping=1.0 / 50000
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Look up a preset by name, or load one from a JSON file path."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if name.endswith(".json"):
+        with open(name) as f:
+            return Preset.from_dict(json.load(f))
+    raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or a .json path")

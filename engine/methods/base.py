@@ -1,0 +1,84 @@
+"""One interface for every attribution method (DESIGN.md 4-5).
+
+Life cycle, driven by ``engine.session.AttributionSession``:
+
+1. ``build(ctx, progress)``: compute or load the method's cache (banks, factors,
+   projections, embeddings).  Idempotent: a built cache is loaded, not recomputed.
+2. ``prepare(ctx, query, query_grad)``: the per-query work that does not depend on
+   damping (rotate/project the query gradient, embed the query image).  ``query_grad``
+   is the flat gradient (P,) of ``self.query_measurement(measurement)`` w.r.t. the model
+   parameters (in ``ctx.params`` order), computed once by the session and shared by
+   every method that asks for the same measurement (common random numbers).
+3. ``score(prepared, damping)``: scores for all N training images, float32 (N,).
+   Influence methods use DESIGN.md's sign and scale: positive = proponent, and
+   tau_i = (1/N) grad m^T (G + lambda I)^{-1} grad l_i.  Changing damping calls only this.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..measurements import Measurement
+
+Progress = Callable[[str, float], None]  # (message, fraction done in [0, 1])
+
+
+def no_progress(message: str, fraction: float) -> None:
+    return None
+
+
+@dataclass
+class QueryInput:
+    """What is being attributed: an image (C, H, W) in [-1, 1] and, if sampled, its trajectory."""
+
+    image: torch.Tensor | None
+    trajectory: torch.Tensor | None = None  # (T+1, C, H, W), x_T first
+    description: str = ""
+    label: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """Damping-independent per-query state of one method."""
+
+    data: Any
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Unavailable(RuntimeError):
+    """Raised by ``build``/``prepare`` when a method cannot run here; the message says why and how to enable it."""
+
+
+class AttributionMethod(ABC):
+    name: str = ""
+    title: str = ""
+    kind: str = "influence"  # influence | similarity
+    caption: str = ""  # one plain-language line for the app
+    needs_gradient: bool = True
+    default_damping: float | None = None
+
+    @abstractmethod
+    def build(self, ctx: Any, progress: Progress = no_progress) -> None: ...
+
+    @abstractmethod
+    def is_built(self, ctx: Any) -> bool: ...
+
+    def availability(self, ctx: Any) -> tuple[bool, str | None]:
+        return True, None
+
+    def query_measurement(self, measurement: Measurement) -> Measurement | None:
+        """Which measurement's gradient this method needs (None: no gradient)."""
+        return measurement if self.needs_gradient else None
+
+    @abstractmethod
+    def prepare(self, ctx: Any, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared: ...
+
+    @abstractmethod
+    def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray: ...
