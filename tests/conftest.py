@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny U-Net and a small slice of the digits data, fast on 2 cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import DataConfig, ModelConfig, Preset, TrainConfig
+from engine.data import load_digits
+from engine.diffusion import Diffusion
+from engine.unet import build_model
+
+TINY_MODEL = ModelConfig(
+    image_size=8,
+    in_channels=1,
+    base_channels=8,
+    channel_mults=(1, 1),
+    num_res_blocks=1,
+    attn_resolutions=(4,),
+    num_groups=4,
+)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture
+def tiny_preset() -> Preset:
+    return Preset(
+        name="tiny",
+        model=TINY_MODEL,
+        data=DataConfig(name="digits"),
+        train=TrainConfig(steps=50, batch_size=32, lr=2e-3, log_every=10, checkpoint_every=20),
+    )
+
+
+@pytest.fixture
+def tiny_model(tiny_preset: Preset) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(tiny_preset.model).eval()
+
+
+@pytest.fixture
+def diffusion() -> Diffusion:
+    return Diffusion()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="session")
+def digits_small(digits):
+    """First 64 digits: enough for attribution tests, small enough for CI."""
+    return digits.subset(list(range(64)))
