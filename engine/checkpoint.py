@@ -38,6 +38,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -105,16 +106,58 @@ def load_checkpoint(
     return model.to(device).eval(), preset, extra
 
 
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """The files that define a checkpoint: weights and configs, nothing else.
+
+    Our format: ``model.safetensors`` + ``config.json``.  A diffusers folder: the UNet's
+    weights and config (in ``unet/`` for a pipeline), the scheduler config and
+    ``attribution_preset.json`` when present.  Logs, galleries and resume state are left
+    out, so re-running training or sampling does not change the cache key.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    if (folder / "unet" / "config.json").is_file() or _is_diffusers_unet(folder):
+        unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+        files = [
+            p
+            for p in sorted(unet_dir.iterdir())
+            if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+        ]
+        files += [
+            p
+            for p in (folder / "scheduler" / "scheduler_config.json", folder / "attribution_preset.json")
+            if p.is_file()
+        ]
+        return files
+    files = [folder / WEIGHTS, folder / CONFIG]
+    for p in files:
+        if not p.is_file():
+            raise CheckpointError(f"missing checkpoint file {p}")
+    return files
+
+
 def checkpoint_hash(folder: str | Path) -> str:
-    """SHA-256 (first 16 hex) of the weights file and the canonical config: the cache key."""
+    """SHA-256 (first 16 hex) of the weights and the canonical configs: the cache key.
+
+    JSON files are hashed after re-serialising with sorted keys, so formatting does not
+    matter; weights byte for byte (safetensors output is deterministic for equal tensors).
+    """
     folder = Path(folder)
     h = hashlib.sha256()
-    for name in sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if name.endswith((".safetensors", ".json", ".bin")):
-            h.update(name.encode())
-            with open(folder / name, "rb") as f:
+    for path in checkpoint_files(folder):
+        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        if path.suffix == ".json":
+            try:
+                canon = json.dumps(json.loads(path.read_text()), sort_keys=True, separators=(",", ":"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"unreadable checkpoint config {path}: {e}") from e
+            h.update(canon.encode())
+        else:
+            with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
+        h.update(b"\0")
     return h.hexdigest()[:16]
 
 
@@ -127,7 +170,7 @@ def _is_diffusers_unet(folder: Path) -> bool:
         return False
     try:
         return json.loads(cfg.read_text()).get("_class_name") == "UNet2DModel"
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return False
 
 
@@ -167,11 +210,36 @@ def load_diffusers(
     if side.is_file():
         preset = Preset.from_dict(json.loads(side.read_text()))
     else:
-        size = int(unet.config.sample_size)
+        size = unet.config.sample_size
+        size = int(size[0] if isinstance(size, (list, tuple)) else size)
         ch = int(unet.config.in_channels)
         preset = Preset(
             name="diffusers",
             model=ModelConfig(image_size=size, in_channels=ch),
+            diffusion=_diffusers_schedule(folder / "scheduler" / "scheduler_config.json"),
             data=DataConfig(name="folder", image_size=size, channels=ch, levels=256),
         )
     return DiffusersEps(unet).to(device).eval(), preset, {"diffusers": str(unet_dir)}
+
+
+def _diffusers_schedule(path: Path):
+    """DiffusionConfig from a pipeline's ``scheduler_config.json`` (linear betas only), else the default."""
+    from .config import DiffusionConfig
+
+    if not path.is_file():
+        return DiffusionConfig()
+    try:
+        sc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"unreadable scheduler config {path}: {e}") from e
+    if sc.get("beta_schedule", "linear") != "linear":
+        raise CheckpointError(
+            f"{path}: beta_schedule {sc.get('beta_schedule')!r} is not supported (only 'linear', Ho et al. 2020)"
+        )
+    if sc.get("prediction_type", "epsilon") != "epsilon":
+        raise CheckpointError(f"{path}: prediction_type {sc.get('prediction_type')!r} is not supported (only 'epsilon')")
+    return DiffusionConfig(
+        num_timesteps=int(sc.get("num_train_timesteps", 1000)),
+        beta_start=float(sc.get("beta_start", 1e-4)),
+        beta_end=float(sc.get("beta_end", 0.02)),
+    )

@@ -177,6 +177,35 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+
+# --- assets (gallery, sample grid, loss curve, quality report) ---------------------------
+
+
+@register
+def add_assets(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "assets",
+        help="write the gallery, sample grid, loss curve and sample-quality report beside a checkpoint",
+        description="Writes gallery.npz (32 samples with trajectories and classifier labels), "
+        "samples_grid.png (8x8 samples, seed 0), train_loss.png and, for digits, sample_quality.json "
+        "(fraction of 256 samples a logistic regression classifies with p >= 0.8 vs 256 real digits).",
+    )
+    add_common(p)
+    p.set_defaults(func=cmd_assets)
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .data import load_dataset
+    from .gallery import write_assets
+
+    _, ckpt, device = resolve(args)
+    model, preset, _ = load_checkpoint(ckpt, device)
+    report = write_assets(model, preset, ckpt, load_dataset(preset.data), device)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())
 

@@ -41,11 +41,12 @@ class DataConfig:
 
     name: str = "digits"  # digits | cifar10 | cifar2 | folder
     root: str | None = None
-    image_size: int = 8
+    image_size: int | None = 8  # folder: None keeps the files' size (all must match)
     channels: int = 1
     levels: int = 17
     flip: bool = False
     seed: int = 0  # for subset selection (CIFAR-2)
+    per_class: int = 2500  # CIFAR-2 images per class (paper: 2,500 cars + 2,500 horses)
 
 
 @dataclass(frozen=True)

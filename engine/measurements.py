@@ -92,24 +92,36 @@ def _log_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return torch.special.log_ndtr(x)
 
 
+def _log_diff_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(exp(a) - exp(b)) for a >= b, without cancellation: a + log(-expm1(b - a))."""
+    return a + torch.log(-torch.expm1((b - a).clamp(max=-1e-30)))
+
+
 def discretized_gaussian_log_likelihood(
     x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, levels: int
 ) -> torch.Tensor:
-    """log p(x) for x on a grid of ``levels`` values in [-1, 1], per value.
+    """log p(x) for x on a grid of ``levels`` values in [-1, 1], per value (Ho et al. 2020, eq. 13).
 
-    Bin width 2/(levels-1); the outermost bins extend to -inf / +inf (Ho et al. 2020, eq. 13).
+    p(x) = Phi((x + delta - mu)/s) - Phi((x - delta - mu)/s) with half-bin delta = 1/(levels-1)
+    (bin width 2/(levels-1): 2/255 for 8-bit images, 2/16 for the 17-level digits); the
+    outermost bins extend to -inf (x = -1) and +inf (x = 1).  The difference of CDFs is
+    taken on the side of the mean where it does not cancel (CDFs left of the mean,
+    survival functions right of it), in float64, so it stays finite far in the tails.
     """
     half = 1.0 / (levels - 1)
-    inv_s = torch.exp(-log_scale)
-    upper = (x - mean + half) * inv_s
-    lower = (x - mean - half) * inv_s
-    log_cdf_upper = _log_std_normal_cdf(upper)
-    log_sf_lower = _log_std_normal_cdf(-lower)
-    # log(Phi(upper) - Phi(lower)) computed stably
-    mid = log_cdf_upper + torch.log1p(-torch.exp(_log_std_normal_cdf(lower) - log_cdf_upper).clamp(max=1 - 1e-12))
-    lo_edge = x < -1.0 + 1e-3
-    hi_edge = x > 1.0 - 1e-3
-    return torch.where(lo_edge, log_cdf_upper, torch.where(hi_edge, log_sf_lower, mid))
+    xd, md = x.double(), mean.double()
+    inv_s = torch.exp(-log_scale.double())
+    upper = (xd - md + half) * inv_s
+    lower = (xd - md - half) * inv_s
+    log_cdf_upper = _log_std_normal_cdf(upper)  # log Phi(upper)
+    log_sf_lower = _log_std_normal_cdf(-lower)  # log (1 - Phi(lower))
+    left = _log_diff_exp(log_cdf_upper, _log_std_normal_cdf(lower))
+    right = _log_diff_exp(log_sf_lower, _log_std_normal_cdf(-upper))
+    mid = torch.where(upper + lower <= 0, left, right)
+    lo_edge = xd < -1.0 + half
+    hi_edge = xd > 1.0 - half
+    out = torch.where(lo_edge, log_cdf_upper, torch.where(hi_edge, log_sf_lower, mid))
+    return out.to(x.dtype)
 
 
 def quantize(x0: torch.Tensor, levels: int) -> torch.Tensor:

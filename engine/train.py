@@ -96,8 +96,13 @@ def train(
         if ema is not None:
             ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"])
-        step, log, perm, pos = st["step"], st["log"], st["perm"], st["pos"]
+        gen.set_state(st["gen"].cpu())  # map_location moved it; generators live on the CPU
+        step, log, perm, pos = st["step"], st["log"], st["perm"].cpu(), st["pos"]
+        # dropout draws from the global RNGs: restore them so a resumed run is exact
+        if st.get("torch_rng") is not None:
+            torch.set_rng_state(st["torch_rng"].cpu())
+        if st.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([r.cpu() for r in st["cuda_rng"]])
 
     bar = None
     if progress is True:
@@ -151,6 +156,8 @@ def train(
                     "log": log,
                     "perm": perm,
                     "pos": pos,
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 },
                 state_path,
             )

@@ -1,0 +1,72 @@
+"""Plotly figures for one query's scores (pure functions of tables; no Streamlit)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+
+def score_distributions(table: pd.DataFrame, names: list[str], titles: Mapping[str, str]) -> go.Figure:
+    """One histogram per method; x axes are independent because the methods' scales differ by orders of magnitude."""
+    fig = make_subplots(rows=1, cols=max(len(names), 1), subplot_titles=[titles.get(n, n) for n in names])
+    for j, name in enumerate(names):
+        fig.add_trace(go.Histogram(x=table[name], nbinsx=60, name=titles.get(name, name), showlegend=False), 1, j + 1)
+    fig.update_layout(height=280, margin=dict(l=10, r=10, t=40, b=10), bargap=0.02)
+    fig.update_yaxes(title_text="training images", row=1, col=1)
+    return fig
+
+
+def score_scatter(table: pd.DataFrame, a: str, b: str, titles: Mapping[str, str], rho: float) -> go.Figure:
+    """Every training image as a point: method a's score against method b's, coloured by label."""
+    data = table.copy()
+    data["label"] = data["label"].astype(str)
+    fig = px.scatter(
+        data,
+        x=a,
+        y=b,
+        color="label" if data["label"].nunique() <= 20 else None,
+        hover_data=["index", "label"],
+        render_mode="webgl",
+        labels={a: titles.get(a, a), b: titles.get(b, b)},
+        title=f"Spearman correlation {rho:+.3f} over {len(data)} training images",
+    )
+    fig.update_traces(marker=dict(size=5, opacity=0.7))
+    fig.update_layout(height=420, margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def overlap_matrix(overlap: pd.DataFrame, titles: Mapping[str, str], k: int) -> go.Figure:
+    """Heat map of the fraction of shared images in the methods' top-k sets."""
+    labels = [titles.get(n, n) for n in overlap.index]
+    fig = go.Figure(
+        go.Heatmap(
+            z=overlap.values,
+            x=labels,
+            y=labels,
+            zmin=0,
+            zmax=1,
+            colorscale="Blues",
+            text=np.round(overlap.values, 2),
+            texttemplate="%{text}",
+        )
+    )
+    fig.update_layout(
+        title=f"Shared fraction of the top-{k} proponents", height=360, margin=dict(l=10, r=10, t=50, b=10)
+    )
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def label_histogram(counts: pd.DataFrame, titles: Mapping[str, str], k: int) -> go.Figure:
+    """Grouped bars: how many of each method's top-k proponents carry each label."""
+    data = counts.copy()
+    data["method"] = data["method"].map(lambda n: titles.get(n, n))
+    fig = px.bar(data, x="label", y="count", color="method", barmode="group", title=f"Labels of the top-{k} proponents")
+    fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_xaxes(type="category")
+    return fig

@@ -1,0 +1,82 @@
+"""Image helpers for display: tensors in [-1, 1] -> uint8 arrays, nearest-neighbour upscaling, PNG sheets.
+
+Why nearest-neighbour: the digits are 8x8; any smoothing filter turns them into blurs,
+while repeating pixels keeps what the model actually sees.  No Streamlit here, so the
+helpers are testable and reusable by scripts.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def to_uint8(image) -> np.ndarray:
+    """(C,H,W) or (H,W) tensor/array in [-1, 1] -> (H,W) or (H,W,3) uint8."""
+    x = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 3:
+        if x.shape[0] == 1:
+            x = x[0]
+        else:
+            x = np.transpose(x, (1, 2, 0))
+    x = np.clip((x + 1.0) * 0.5, 0.0, 1.0)
+    return (x * 255.0 + 0.5).astype(np.uint8)
+
+
+def upscale(array: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour upscale so the longer side is at least ``size`` pixels (integer factor)."""
+    h, w = array.shape[:2]
+    factor = max(1, int(np.ceil(size / max(h, w))))
+    return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
+
+
+def display(image, size: int = 96) -> np.ndarray:
+    """A tensor in [-1, 1] ready for ``st.image``: uint8 and large enough to see."""
+    return upscale(to_uint8(image), size)
+
+
+@dataclass
+class SheetRow:
+    """One row of a PNG sheet: a title and images with one caption line each."""
+
+    title: str
+    images: Sequence[np.ndarray]  # uint8 (H,W) or (H,W,3)
+    captions: Sequence[str]
+
+
+def _rgb(array: np.ndarray) -> Image.Image:
+    img = Image.fromarray(array)
+    return img.convert("RGB")
+
+
+def compose_sheet(rows: Sequence[SheetRow], cell: int = 72, pad: int = 6) -> Image.Image:
+    """Compose titled rows of captioned thumbnails into one white PNG-ready image."""
+    font = ImageFont.load_default()
+    title_h, caption_h = 16, 13
+    ncol = max((len(r.images) for r in rows), default=1)
+    width = pad + ncol * (cell + pad)
+    row_h = title_h + cell + 2 * caption_h + pad
+    sheet = Image.new("RGB", (max(width, 200), pad + len(rows) * row_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for row in rows:
+        draw.text((pad, y), row.title, fill=(0, 0, 0), font=font)
+        for j, (arr, cap) in enumerate(zip(row.images, row.captions)):
+            x = pad + j * (cell + pad)
+            thumb = _rgb(upscale(arr, cell)).resize((cell, cell), Image.NEAREST)
+            sheet.paste(thumb, (x, y + title_h))
+            for k, line in enumerate(cap.split("\n")[:2]):
+                draw.text((x, y + title_h + cell + 1 + k * caption_h), line, fill=(60, 60, 60), font=font)
+        y += row_h
+    return sheet
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,225 @@
+"""Datasets: digits, CIFAR-10 / CIFAR-2 pickles (written here in the exact CIFAR format), image folders."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.config import DataConfig
+from engine.data import DataError, load_dataset, random_flip
+from engine.data_files import CIFAR_CLASSES, cifar2_indices
+
+# --- digits ------------------------------------------------------------------------------
+
+
+def test_digits_shape_range_levels_labels(digits):
+    assert digits.images.shape == (1797, 1, 8, 8)
+    assert digits.images.dtype == torch.float32
+    assert digits.images.min() == -1.0 and digits.images.max() == 1.0
+    # 17 grey levels on the grid -1 + 2k/16
+    k = (digits.images + 1) / 2 * 16
+    assert torch.allclose(k, k.round(), atol=1e-6)
+    assert len(torch.unique(k.round())) == 17
+    assert digits.levels == 17
+    assert digits.labels.shape == (1797,) and set(digits.labels.tolist()) == set(range(10))
+    assert digits.label_name(0) == str(int(digits.labels[0]))
+    assert len(set(digits.ids)) == 1797
+
+
+def test_subset_keeps_ids_and_labels(digits):
+    sub = digits.subset([5, 2])
+    assert sub.ids == [digits.ids[5], digits.ids[2]]
+    assert torch.equal(sub.images[1], digits.images[2])
+    assert torch.equal(sub.labels, digits.labels[[5, 2]])
+
+
+def test_random_flip_is_seeded_and_flips_some():
+    x = torch.arange(4 * 8 * 8, dtype=torch.float32).reshape(4, 1, 8, 8).repeat(8, 1, 1, 1)
+    a = random_flip(x, torch.Generator().manual_seed(3))
+    b = random_flip(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    flipped = [bool(torch.equal(a[i], x[i].flip(-1))) for i in range(len(x))]
+    kept = [bool(torch.equal(a[i], x[i])) for i in range(len(x))]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 0 < sum(flipped) < len(x)
+
+
+# --- CIFAR pickles -------------------------------------------------------------------------
+
+
+def _write_batch(path: Path, data: np.ndarray, labels: list[int]) -> None:
+    with open(path, "wb") as f:
+        pickle.dump({b"batch_label": b"test", b"data": data, b"labels": labels, b"filenames": []}, f)
+
+
+def make_cifar(folder: Path, per_batch: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Five tiny train batches + meta in the real CIFAR-10 python format; returns (data, labels)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    datas, labs = [], []
+    for b in range(1, 6):
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
+        labels[:2], labels[2:4] = [1, 1], [7, 7]  # every batch has cars and horses
+        _write_batch(folder / f"data_batch_{b}", data, labels)
+        datas.append(data)
+        labs.append(labels)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in CIFAR_CLASSES], b"num_cases_per_batch": per_batch}, f)
+    return np.concatenate(datas), np.concatenate(labs)
+
+
+def _cifar_cfg(root: Path, name: str = "cifar10", **kw) -> DataConfig:
+    return DataConfig(name=name, root=str(root), image_size=32, channels=3, levels=256, flip=True, **kw)
+
+
+def test_cifar10_loader_values_ids_labels(tmp_path):
+    data, labels = make_cifar(tmp_path / "cifar-10-batches-py")
+    # root may be the batches folder or its parent
+    for root in (tmp_path, tmp_path / "cifar-10-batches-py"):
+        ds = load_dataset(_cifar_cfg(root))
+        assert ds.images.shape == (100, 3, 32, 32) and ds.images.dtype == torch.float32
+        assert ds.ids[0] == "cifar10:data_batch_1:0" and ds.ids[23] == "cifar10:data_batch_2:3"
+        assert ds.class_names == CIFAR_CLASSES
+        assert ds.labels.tolist() == labels.tolist()
+        # channel-major layout: value 0 of row 23 is red pixel (0, 0); value 1024 green (0, 0)
+        expect = data[23].reshape(3, 32, 32).astype(np.float32) / 255 * 2 - 1
+        assert np.allclose(ds.images[23].numpy(), expect, atol=1e-6)
+        assert ds.levels == 256
+
+
+def test_cifar2_selection_deterministic_balanced(tmp_path):
+    _, labels = make_cifar(tmp_path, per_batch=40)
+    n_car, n_horse = int((labels == 1).sum()), int((labels == 7).sum())
+    per = min(n_car, n_horse) - 2
+    ds = load_dataset(_cifar_cfg(tmp_path, "cifar2", per_class=per, seed=5))
+    again = load_dataset(_cifar_cfg(tmp_path, "cifar2", per_class=per, seed=5))
+    other = load_dataset(_cifar_cfg(tmp_path, "cifar2", per_class=per, seed=6))
+    assert ds.ids == again.ids and torch.equal(ds.images, again.images)
+    assert ds.ids != other.ids
+    assert len(ds) == 2 * per
+    assert ds.class_names == ["automobile", "horse"]
+    assert int((ds.labels == 0).sum()) == per and int((ds.labels == 1).sum()) == per
+    full = load_dataset(_cifar_cfg(tmp_path))
+    pos = {id_: i for i, id_ in enumerate(full.ids)}
+    for i, id_ in enumerate(ds.ids):
+        j = pos[id_]  # ids keep the original CIFAR index
+        assert torch.equal(ds.images[i], full.images[j])
+        assert int(full.labels[j]) == (1 if int(ds.labels[i]) == 0 else 7)
+    with pytest.raises(DataError, match="automobile"):
+        load_dataset(_cifar_cfg(tmp_path, "cifar2", per_class=n_car + 1))
+
+
+def test_cifar2_indices_paper_size():
+    labels = np.repeat(np.arange(10), 5000)
+    idx = cifar2_indices(labels, 2500, seed=0)
+    assert len(idx) == 5000 and len(np.unique(idx)) == 5000
+    assert (labels[idx] == 1).sum() == 2500 and (labels[idx] == 7).sum() == 2500
+    assert np.array_equal(idx, cifar2_indices(labels, 2500, seed=0))
+
+
+def _assert_data_error(cfg: DataConfig, needle: str) -> None:
+    with pytest.raises(DataError) as e:
+        load_dataset(cfg)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_cifar_bad_inputs_name_the_file(tmp_path):
+    _assert_data_error(_cifar_cfg(tmp_path / "nope"), "nope")
+    _assert_data_error(DataConfig(name="cifar10", root=None, image_size=32, channels=3), "--data-root")
+    make_cifar(tmp_path)
+    bad = tmp_path / "data_batch_3"
+    # missing file
+    bad.unlink()
+    _assert_data_error(_cifar_cfg(tmp_path), "data_batch_3")
+    # not a pickle
+    bad.write_bytes(b"this is not a pickle")
+    _assert_data_error(_cifar_cfg(tmp_path), str(bad))
+    # missing key
+    with open(bad, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8)}, f)
+    _assert_data_error(_cifar_cfg(tmp_path), str(bad))
+    # wrong shape
+    _write_batch(bad, np.zeros((2, 1000), np.uint8), [0, 1])
+    _assert_data_error(_cifar_cfg(tmp_path), str(bad))
+    # wrong dtype
+    _write_batch(bad, np.zeros((2, 3072), np.float32), [0, 1])
+    _assert_data_error(_cifar_cfg(tmp_path), str(bad))
+    # label count mismatch
+    _write_batch(bad, np.zeros((2, 3072), np.uint8), [0])
+    _assert_data_error(_cifar_cfg(tmp_path), str(bad))
+    # not a dict
+    with open(bad, "wb") as f:
+        pickle.dump([1, 2, 3], f)
+    _assert_data_error(_cifar_cfg(tmp_path), str(bad))
+    # a pickle that would run code is refused
+    with open(bad, "wb") as f:
+        pickle.dump({b"data": Path("x"), b"labels": []}, f)
+    _assert_data_error(_cifar_cfg(tmp_path), str(bad))
+    # preset that does not fit CIFAR
+    _assert_data_error(DataConfig(name="cifar10", root=str(tmp_path), image_size=8, channels=1), "3x32")
+
+
+# --- image folders --------------------------------------------------------------------------
+
+
+def _img(path: Path, size=(6, 6), mode="RGB", value=0, fmt=None) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    Image.fromarray(arr, mode).save(path, format=fmt)
+    return arr
+
+
+def test_folder_with_subfolders_labels_ids_resize(tmp_path):
+    a = _img(tmp_path / "cat" / "b.png", value=1)
+    _img(tmp_path / "cat" / "a.bmp", value=2)
+    _img(tmp_path / "dog" / "x" / "c.jpg", size=(10, 7), value=3)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "z.png").write_bytes(b"junk")
+    ds = load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=6, channels=3, levels=256))
+    assert ds.ids == ["cat/a.bmp", "cat/b.png", "dog/x/c.jpg"]
+    assert ds.class_names == ["cat", "dog"]
+    assert ds.labels.tolist() == [0, 0, 1]
+    assert ds.images.shape == (3, 3, 6, 6)
+    assert ds.images.min() >= -1 and ds.images.max() <= 1
+    # an image already at the target size is unchanged (lossless PNG), in (C, H, W) order
+    assert np.allclose(ds.images[1].numpy(), a.transpose(2, 0, 1) / 255 * 2 - 1, atol=1e-6)
+    grey = load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=4, channels=1, levels=17))
+    assert grey.images.shape == (3, 1, 4, 4)
+    k = (grey.images + 1) / 2 * 16  # snapped to the 17-level grid
+    assert torch.allclose(k, k.round(), atol=1e-5)
+
+
+def test_folder_flat_has_no_labels_and_native_size(tmp_path):
+    _img(tmp_path / "one.png", size=(5, 5), mode="L", value=1)
+    _img(tmp_path / "sub" / "two.png", size=(5, 5), mode="L", value=2)
+    ds = load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=None, channels=1, levels=256))
+    assert ds.labels is None and ds.class_names is None
+    assert ds.ids == ["one.png", "sub/two.png"]
+    assert ds.images.shape == (2, 1, 5, 5)
+
+
+def test_folder_bad_inputs_name_the_file(tmp_path):
+    cfg = dict(name="folder", image_size=8, channels=3, levels=256)
+    _assert_data_error(DataConfig(root=str(tmp_path / "missing"), **cfg), "missing")
+    (tmp_path / "empty").mkdir()
+    _assert_data_error(DataConfig(root=str(tmp_path / "empty"), **cfg), "empty")
+    _img(tmp_path / "imgs" / "ok.png")
+    broken = tmp_path / "imgs" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    _assert_data_error(DataConfig(root=str(tmp_path / "imgs"), **cfg), "broken.png")
+    broken.unlink()
+    _img(tmp_path / "imgs" / "zbig.png", size=(9, 9))
+    _assert_data_error(
+        DataConfig(root=str(tmp_path / "imgs"), name="folder", image_size=None, channels=3), "zbig.png"
+    )
+    _assert_data_error(DataConfig(root=None, **cfg), "--data-root")
+    _assert_data_error(DataConfig(name="nonsense"), "nonsense")
