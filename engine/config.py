@@ -78,6 +78,7 @@ class AttributionConfig:
     kfac_approx: str = "expand"  # expand | reduce
     ekfac: bool = False
     trak_dim: int = 2048
+    trak_projection: str = "srht"  # srht | rademacher | gaussian (engine.projection)
     clip_model: str = "ViT-B-32"
     clip_pretrained: str | None = "openai"
 

@@ -135,17 +135,18 @@ class Diffusion:
         x_T, x_{T-1}, ..., x_0.  ``progress(step, T)`` is called after each step.
         """
         model.eval()
+        dtype = next(model.parameters()).dtype  # a float64 model samples in float64
         images, trajs = [], []
         for start in range(0, n, batch_size):
             idx = range(start, min(n, start + batch_size))
             gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in idx]
-            x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+            x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
             traj = [x.cpu()] if trajectory else None
             for step, t_idx in enumerate(reversed(range(self.T))):
                 t = torch.full((x.shape[0],), t_idx, dtype=torch.long, device=device)
                 mean = self.p_mean(model, x, t)
                 if t_idx > 0:
-                    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+                    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
                     x = mean + self._gather(self.posterior_var, t, x).sqrt() * noise
                 else:
                     x = mean

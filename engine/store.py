@@ -249,7 +249,14 @@ class Store:
             return None
         folder = self.path(name, settings)
         mode = "r" if mmap else None
-        return {k: np.load(folder / f"{k}.npy", mmap_mode=mode, allow_pickle=False) for k in manifest["arrays"]}
+        return {
+            k: np.load(folder / f"{k}.npy", mmap_mode=mode, allow_pickle=False) for k in manifest["arrays"]
+        }
+
+    def size_mb(self, name: str, settings: Mapping[str, Any]) -> float:
+        """Disk size of one published artefact in MiB (0 when not built)."""
+        folder = self.path(name, settings)
+        return _folder_size(folder) / 2**20 if folder.is_dir() else 0.0
 
     def load_meta(self, name: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
         manifest = self.validate(name, settings)
@@ -299,7 +306,9 @@ class Store:
                 m = json.loads((folder / SETTINGS).read_text())
                 name, settings = m["name"], m["settings"]
             except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-                entry.update(name=folder.name, settings={}, state="stale", reason=f"unreadable settings.json: {e}")
+                entry.update(
+                    name=folder.name, settings={}, state="stale", reason=f"unreadable settings.json: {e}"
+                )
                 out.append(entry)
                 continue
             entry.update(name=name, settings=settings, meta=m.get("meta", {}), created=m.get("created"))
@@ -394,7 +403,9 @@ class PartialBuild:
             infos = {}
             for key, info in first.items():
                 shape = (self.num_items, *info["shape"][1:])
-                out = np.lib.format.open_memmap(tmp / f"{key}.npy", mode="w+", dtype=info["dtype"], shape=shape)
+                out = np.lib.format.open_memmap(
+                    tmp / f"{key}.npy", mode="w+", dtype=info["dtype"], shape=shape
+                )
                 for i in range(self.num_parts):
                     out[self.part_range(i)] = np.load(self.folder / f"{key}.part-{i:05d}.npy", mmap_mode="r")
                 out.flush()

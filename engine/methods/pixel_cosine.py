@@ -38,7 +38,9 @@ class PixelCosine(AttributionMethod):
     name = "pixel"
     title = "Pixel similarity"
     kind = "similarity"
-    caption = "How alike the pixels look (correlation of pixel values); a nearest-neighbour check, not influence."
+    caption = (
+        "How alike the pixels look (correlation of pixel values); a nearest-neighbour check, not influence."
+    )
     needs_gradient = False
     default_damping = None
 
@@ -75,7 +77,7 @@ class PixelCosine(AttributionMethod):
                 f"{tuple(ctx.dataset.images.shape[1:])}"
             )
         q = centred_unit(img[None])[0]
-        scores = (train @ q).numpy().astype(np.float32)
+        scores = (train @ q).clamp(-1.0, 1.0).numpy().astype(np.float32)  # cosine; rounding can exceed 1
         return Prepared(data=scores, timing_ms={"similarity": (time.perf_counter() - t0) * 1e3})
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:

@@ -75,9 +75,9 @@ class TRAK(AttributionMethod):
     batch_size = 32  # examples per gradient batch
     part_size = 256  # examples per saved part (resumable build)
 
-    def __init__(self, config: AttributionConfig | None = None, projection: str = "rademacher"):
+    def __init__(self, config: AttributionConfig | None = None, projection: str | None = None):
         self.config = config or AttributionConfig()
-        self.projection_kind = projection
+        self.projection_kind = projection or self.config.trak_projection
         self.default_damping = self._config_damping(self.config)
         self._loaded: dict[str, dict[str, Any]] = {}
         self._projections: dict[str, RandomProjection] = {}
@@ -92,7 +92,7 @@ class TRAK(AttributionMethod):
         """The seeded projection for this context (k = config.trak_dim, capped at P)."""
         p = num_params(ctx.params)
         k = p if self.projection_kind == "identity" else min(int(ctx.config.trak_dim), p)
-        key = f"{self.projection_kind}-{p}-{k}-{ctx.config.seed}-{torch.device(ctx.device).type}"
+        key = f"{self.projection_kind}-{p}-{k}-{ctx.config.seed}-{ctx.device}"
         if key not in self._projections:
             self._projections[key] = RandomProjection(
                 p, k, seed=int(ctx.config.seed), kind=self.projection_kind, device=ctx.device
@@ -118,12 +118,15 @@ class TRAK(AttributionMethod):
                 "seed": int(ctx.config.seed),
                 "num_params": p,
                 "tile_rows": TILE_ROWS,
-                "device_type": torch.device(ctx.device).type if self.projection_kind != "identity" else "any",
             },
         }
 
     def is_built(self, ctx: Any) -> bool:
         return ctx.store.exists(self.name, self.settings(ctx))
+
+    def size_mb(self, ctx: Any) -> float:
+        """Disk size of this method's cache for the current settings."""
+        return ctx.store.size_mb(self.name, self.settings(ctx))
 
     def build(self, ctx: Any, progress: Progress = no_progress) -> None:
         """Project every training gradient (resumable, in parts), then eigendecompose F once."""
@@ -143,7 +146,7 @@ class TRAK(AttributionMethod):
             rows = part.part_range(i)
             feats = torch.empty((rows.stop - rows.start, proj.dim), dtype=torch.float32)
             grads = train_loss_grads(
-                ctx.model,
+                ctx,  # its model and params (the influence parameters, ctx.params order)
                 ctx.diffusion,
                 images[rows].to(ctx.device),
                 ctx.train_draws,

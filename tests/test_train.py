@@ -1,0 +1,108 @@
+"""Training: the loss goes down, runs resume exactly, subsets and removals train on the right images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.checkpoint import load_checkpoint
+from engine.diffusion import Diffusion, make_draws
+from engine.measurements import diffusion_loss
+from engine.train import LOG, STATE, lr_at, select_indices, train
+from engine.unet import build_model
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 1.0, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 0.1) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, 0.1) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, 0.1) == pytest.approx(0.5)
+    assert lr_at(99, 100, 1.0, 0.1) < 0.001
+
+
+def test_select_indices():
+    assert select_indices(5).tolist() == [0, 1, 2, 3, 4]
+    assert select_indices(5, indices=[3, 1, 3]).tolist() == [1, 3]
+    assert select_indices(5, exclude=[0, 4]).tolist() == [1, 2, 3]
+    assert select_indices(5, indices=[1, 2, 3], exclude=np.array([2])).tolist() == [1, 3]
+    with pytest.raises(ValueError, match="no training examples"):
+        select_indices(3, exclude=[0, 1, 2])
+    with pytest.raises(ValueError, match="out of range"):
+        select_indices(3, indices=[5])
+
+
+def test_loss_decreases(tmp_path, tiny_preset, digits_small):
+    preset = tiny_preset.replace(train={"steps": 50, "ema_decay": None})
+    losses = []
+    folder = train(preset, tmp_path / "run", dataset=digits_small, progress=lambda s, T, l: losses.append(l))
+    assert len(losses) == 50
+    trained, _, extra = load_checkpoint(folder)
+    assert extra["steps"] == 50 and extra["num_train"] == 64
+    torch.manual_seed(preset.train.seed)
+    init = build_model(preset.model).eval()  # the same initial weights train() starts from
+    diff = Diffusion(preset.diffusion)
+    draws = make_draws(32, (1, 8, 8), diff.T, seed=11)
+    x = digits_small.images[:16]
+    with torch.no_grad():
+        before = float(diffusion_loss(init, diff, x, draws))
+        after = float(diffusion_loss(trained, diff, x, draws))
+    assert after < 0.8 * before, (before, after)
+    log = json.loads((folder / LOG).read_text())
+    assert [r["step"] for r in log] == [10, 20, 30, 40, 50]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_preset, digits_small):
+    # dropout and flips on, so every random stream (global RNG, data generator) must be restored
+    preset = tiny_preset.replace(
+        model={"dropout": 0.1},
+        data={"flip": True},
+        train={"steps": 30, "checkpoint_every": 10, "ema_decay": 0.9, "batch_size": 16},
+    )
+    full = train(preset, tmp_path / "full", dataset=digits_small, progress=False)
+
+    def stop_at_25(step, total, loss):
+        if step == 25:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(preset, tmp_path / "resumed", dataset=digits_small, progress=stop_at_25)
+    assert (tmp_path / "resumed" / STATE).is_file()
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    seen = []
+    train(preset, tmp_path / "resumed", dataset=digits_small, progress=lambda s, T, l: seen.append(s))
+    assert seen[0] == 21  # continued after the step-20 checkpoint
+    assert not (tmp_path / "resumed" / STATE).exists()
+    a, _, _ = load_checkpoint(full)
+    b, _, _ = load_checkpoint(tmp_path / "resumed")
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(va, vb), k
+    # a finished folder is skipped, not retrained
+    mtime = (full / "model.safetensors").stat().st_mtime_ns
+    train(preset, full, dataset=digits_small, progress=lambda *a: pytest.fail("retrained a finished run"))
+    assert (full / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("mode", ["indices", "exclude"])
+def test_subset_and_exclude_use_only_selected_images(tmp_path, tiny_preset, digits_small, mode):
+    """Images outside the selection are NaN: touching any of them would make the weights NaN."""
+    keep = [3, 7, 20, 41]
+    images = torch.full_like(digits_small.images, float("nan"))
+    images[keep] = digits_small.images[keep]
+    ds = type(digits_small)(**{**digits_small.__dict__, "images": images})
+    preset = tiny_preset.replace(train={"steps": 4, "batch_size": 3})
+    kw = {"indices": keep} if mode == "indices" else {"exclude": sorted(set(range(64)) - set(keep))}
+    folder = train(preset, tmp_path / mode, dataset=ds, progress=False, **kw)
+    model, _, extra = load_checkpoint(folder)
+    assert extra["num_train"] == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # and the control: training on everything does touch the NaN images
+    bad = train(preset, tmp_path / "all", dataset=ds, progress=False)
+    model, _, _ = load_checkpoint(bad)
+    assert not all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,283 @@
+"""Random projection and the TRAK / D-TRAK baselines (DESIGN.md 5)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import AttributionConfig
+from engine.diffusion import make_draws
+from engine.measurements import Measurement, diffusion_loss, parse_measurement, square_norm
+from engine.methods import make_method
+from engine.methods.base import QueryInput
+from engine.methods.trak import DTRAK, TRAK
+from engine.projection import TILE_ROWS, RandomProjection
+from engine.store import Store
+
+# --- projection ---------------------------------------------------------------------------
+
+
+def test_projection_deterministic_by_seed():
+    a = RandomProjection(300, 16, seed=3).dense()
+    b = RandomProjection(300, 16, seed=3).dense()
+    c = RandomProjection(300, 16, seed=4).dense()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert set(torch.unique(a * 4.0).tolist()) == {-1.0, 1.0}  # Rademacher, scaled by 1/sqrt(16)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "srht"])
+def test_projection_isotropic(kind):
+    """E[P P^T] = I: diagonal ~1, off-diagonal ~N(0, 1/k); so inner products are preserved on average."""
+    p, k = 48, 4096
+    if kind == "srht":
+        k = 64  # SRHT keeps at most the padded size (64): then S keeps every row and P P^T = I exactly
+    P = RandomProjection(p, k, seed=0, kind=kind).dense().double()
+    ppt = P @ P.T
+    diag, off = ppt.diagonal(), ppt - torch.diag(ppt.diagonal())
+    tol = 6.0 / np.sqrt(k)
+    assert (diag - 1).abs().max() < (1e-6 if kind in ("rademacher", "srht") else 6 * np.sqrt(2.0 / k))
+    assert off.abs().max() < tol
+    assert abs(off.sum().item() / (p * (p - 1))) < 6.0 / np.sqrt(k * p * (p - 1) / 2)
+    # averaged over seeds, a fixed inner product is reproduced
+    g, h = torch.randn(p, dtype=torch.float64), torch.randn(p, dtype=torch.float64)
+    est = []
+    for s in range(200):
+        proj = RandomProjection(p, 32, seed=s, kind=kind)
+        est.append(float(proj.project(g.float()).double() @ proj.project(h.float()).double()))
+    se = np.std(est) / np.sqrt(len(est))
+    assert abs(np.mean(est) - float(g @ h)) < 5 * se
+
+
+def test_srht_matches_its_dense_matrix_and_is_seeded():
+    """The fast transform equals multiplication by the matrix that ``block`` spells out."""
+    p, k = 1000, 100
+    proj = RandomProjection(p, k, seed=5, kind="srht")
+    dense = proj.dense().double()
+    assert set(torch.unique(dense.abs() * np.sqrt(k)).round(decimals=6).tolist()) == {1.0}
+    g = torch.randn(70, p)  # more than one internal batch of 64
+    torch.testing.assert_close(proj.project(g).double(), g.double() @ dense, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(proj.block(300, 420).double(), dense[300:420])
+    assert torch.equal(RandomProjection(p, k, seed=5, kind="srht").dense(), proj.dense())
+    assert not torch.equal(RandomProjection(p, k, seed=6, kind="srht").dense(), proj.dense())
+
+
+def test_projection_independent_of_block_and_batch_size():
+    p, k = 2 * TILE_ROWS + 123, 8  # crosses tile boundaries
+    streamed = RandomProjection(p, k, seed=7, max_dense_bytes=0)  # tiles generated on the fly
+    cached = RandomProjection(p, k, seed=7)  # dense copy held in memory
+    dense = cached.dense()
+    assert torch.equal(streamed.dense(), dense)
+    for start, stop in [(0, 5), (TILE_ROWS - 3, TILE_ROWS + 4), (100, 2 * TILE_ROWS + 50), (p - 2, p)]:
+        assert torch.equal(streamed.block(start, stop), dense[start:stop])
+    g = torch.randn(5, p)
+    ref = (g.double() @ dense.double()).float()
+    batch = streamed.project(g)
+    torch.testing.assert_close(batch, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached.project(g), ref, rtol=1e-4, atol=1e-4)
+    rows = torch.stack([streamed.project(g[i]) for i in range(5)])
+    torch.testing.assert_close(rows, batch, rtol=1e-4, atol=1e-4)
+
+
+def test_identity_projection():
+    g = torch.randn(3, 10)
+    proj = RandomProjection(10, 10, kind="identity")
+    assert torch.equal(proj.project(g), g)
+    with pytest.raises(ValueError):
+        RandomProjection(10, 5, kind="identity")
+
+
+# --- TRAK on the tiny model ---------------------------------------------------------------
+
+N, M = 10, 3
+
+
+def _last_layers(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The output conv and the last ResNet conv: few enough parameters for dense P x P algebra."""
+    from engine.gradients import influence_params
+
+    params = influence_params(model)
+    return params[-4:]
+
+
+def _ctx(tmp_path, model, diffusion, dataset, config, params=None):
+    from engine.gradients import influence_params
+
+    params = influence_params(model) if params is None else params
+    draws = make_draws(M, tuple(dataset.images.shape[1:]), diffusion.T, seed=config.seed)
+    return SimpleNamespace(
+        model=model,
+        diffusion=diffusion,
+        dataset=dataset,
+        device=torch.device("cpu"),
+        config=config,
+        checkpoint_hash="feedfacecafebeef",
+        store=Store(tmp_path / "cache", "feedfacecafebeef", "digits-test"),
+        params=params,
+        train_draws=draws,
+    )
+
+
+def _reference_grads(ctx, images, fn) -> torch.Tensor:
+    """(n, P) per-example gradients by plain autograd, one example at a time, float64."""
+    plist = [p for _, p in ctx.params]
+    rows = []
+    for x in images:
+        with torch.enable_grad():
+            value = fn(ctx.model, ctx.diffusion, x, ctx.train_draws)
+            grads = torch.autograd.grad(value, plist)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    return torch.stack(rows)
+
+
+def _query_grad(ctx, image, kind="loss") -> torch.Tensor:
+    draws = make_draws(M, tuple(image.shape), ctx.diffusion.T, seed=123)
+    fn = diffusion_loss if kind == "loss" else square_norm
+    plist = [p for _, p in ctx.params]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(fn(ctx.model, ctx.diffusion, image, draws), plist)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+@pytest.fixture
+def small_data(digits_small):
+    return digits_small.subset(list(range(N)))
+
+
+def test_trak_identity_projection_equals_dense_empirical_fisher(tmp_path, tiny_model, diffusion, small_data):
+    """k = P (identity P): tau_i = (1/N) g_q^T (F + lambda I)^{-1} g_i with F = (1/N) sum g_i g_i^T, exactly."""
+    ctx = _ctx(
+        tmp_path,
+        tiny_model,
+        diffusion,
+        small_data,
+        AttributionConfig(mc_samples=M),
+        params=_last_layers(tiny_model),
+    )
+    method = TRAK(ctx.config, projection="identity")
+    method.part_size = 4  # several parts, as in a real build
+    assert not method.is_built(ctx)
+    method.build(ctx)
+    assert method.is_built(ctx)
+    G = _reference_grads(ctx, small_data.images, diffusion_loss)
+    gq = _query_grad(ctx, small_data.images[0] * 0.9)
+    prepared = method.prepare(ctx, QueryInput(image=small_data.images[0]), gq)
+    F = G.T @ G / N
+    mean_eig = float(torch.trace(F)) / F.shape[0]
+    for lam in (1e-2 * mean_eig, 1.0 * mean_eig):
+        ref = (G @ torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=F.dtype), gq.double())) / N
+        got = method.score(prepared, damping=lam)
+        assert got.dtype == np.float32 and got.shape == (N,)
+        np.testing.assert_allclose(got, ref.numpy(), rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
+    # the stored features are the gradients themselves
+    np.testing.assert_allclose(
+        method.train_features(ctx), G.numpy(), rtol=1e-4, atol=1e-6 * float(G.abs().max())
+    )
+    # a second instance loads the cache instead of recomputing
+    again = TRAK(ctx.config, projection="identity")
+    assert again.is_built(ctx)
+    np.testing.assert_array_equal(
+        again.score(again.prepare(ctx, QueryInput(image=None), gq), 1.0 * mean_eig),
+        method.score(prepared, 1.0 * mean_eig),
+    )
+
+
+def test_dtrak_is_trak_with_square_norm(tmp_path, tiny_model, diffusion, small_data):
+    """Same code path; D-TRAK's features are projected square-norm gradients, TRAK's projected loss gradients."""
+    config = AttributionConfig(mc_samples=M, trak_dim=24)
+    ctx = _ctx(tmp_path, tiny_model, diffusion, small_data, config, params=_last_layers(tiny_model))
+    trak, dtrak = make_method("trak", config), make_method("dtrak", config)
+    assert isinstance(dtrak, DTRAK) and isinstance(trak, TRAK)
+    assert (dtrak.name, dtrak.title, dtrak.kind) == ("dtrak", "D-TRAK", "influence")
+    assert trak.default_damping == config.trak_damping and dtrak.default_damping == config.dtrak_damping
+    asked = parse_measurement("elbo")
+    assert trak.query_measurement(asked) == asked
+    assert dtrak.query_measurement(asked) == Measurement("square-norm")
+    assert trak.settings(ctx) != dtrak.settings(ctx)
+    trak.build(ctx)
+    dtrak.build(ctx)
+    proj = trak.projection(ctx)
+    assert proj.dim == 24
+    want_d = proj.project(_reference_grads(ctx, small_data.images, square_norm).float())
+    want_t = proj.project(_reference_grads(ctx, small_data.images, diffusion_loss).float())
+    got_d, got_t = torch.from_numpy(dtrak.train_features(ctx)), torch.from_numpy(trak.train_features(ctx))
+    scale = float(want_d.abs().max())
+    torch.testing.assert_close(got_d, want_d, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(got_t, want_t, rtol=1e-4, atol=1e-5 * float(want_t.abs().max()))
+    assert not torch.allclose(got_d, got_t, rtol=0.1)
+    # scoring: the same formula on each bank, with the query gradient projected
+    gq = _query_grad(ctx, small_data.images[3], kind="square-norm")
+    scores = dtrak.score(dtrak.prepare(ctx, QueryInput(image=None), gq), damping=1e-3)
+    phi = want_d.double()
+    F = phi.T @ phi / N
+    ref = phi @ torch.linalg.solve(F + 1e-3 * torch.eye(24, dtype=F.dtype), proj.project(gq).double()) / N
+    np.testing.assert_allclose(scores, ref.numpy(), rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
+
+
+def test_trak_build_resumes_after_interruption(tmp_path, tiny_model, diffusion, small_data, monkeypatch):
+    config = AttributionConfig(mc_samples=M, trak_dim=16)
+    ctx = _ctx(tmp_path, tiny_model, diffusion, small_data, config, params=_last_layers(tiny_model))
+    method = TRAK(config)
+    method.part_size = 4
+    import engine.gradients as gradients
+
+    real = gradients.train_loss_grads
+    seen: list[int] = []
+
+    def counting(ctx_, diffusion_, images, *args, **kwargs):
+        seen.append(images.shape[0])
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        yield from real(ctx_, diffusion_, images, *args, **kwargs)
+
+    monkeypatch.setattr(gradients, "train_loss_grads", counting)
+    with pytest.raises(KeyboardInterrupt):
+        method.build(ctx)
+    assert not method.is_built(ctx)
+    seen.clear()
+
+    def recording(ctx_, diffusion_, images, *args, **kwargs):
+        seen.append(images.shape[0])
+        return real(ctx_, diffusion_, images, *args, **kwargs)
+
+    monkeypatch.setattr(gradients, "train_loss_grads", recording)
+    method.build(ctx)
+    assert seen == [4, 2]  # part 0 kept; parts 1 and 2 (of 4, 4, 2 images) computed
+    fresh = TRAK(config)
+    fresh.part_size = 10
+    ctx2 = _ctx(
+        tmp_path / "other", tiny_model, diffusion, small_data, config, params=_last_layers(tiny_model)
+    )
+    fresh.build(ctx2)
+    np.testing.assert_allclose(method.train_features(ctx), fresh.train_features(ctx2), rtol=1e-5, atol=1e-6)
+
+
+def test_trak_with_engine_context_and_measurement_grad(
+    tmp_path, tiny_preset, tiny_model, diffusion, small_data
+):
+    """End to end with the real EngineContext (all influence params, random projection)."""
+    from engine.context import make_context
+    from engine.gradients import measurement_grad
+
+    config = AttributionConfig(mc_samples=2, trak_dim=32)
+    store = Store(tmp_path / "cache", "0badc0de0badc0de", "digits-10")
+    ctx = make_context(
+        tiny_preset, tiny_model, small_data, "cpu", config, "0badc0de0badc0de", store, diffusion
+    )
+    method = make_method("trak", config)
+    method.build(ctx)
+    assert method.size_mb(ctx) > 0
+    entry = [r for r in store.describe() if r["name"] == "trak"][0]
+    assert entry["state"] == "ok" and entry["settings"]["mc_samples"] == 2
+    assert entry["settings"]["projection"]["dim"] == 32
+    q = QueryInput(image=small_data.images[2])
+    meas = method.query_measurement(parse_measurement("loss"))
+    draws = make_draws(2, (1, 8, 8), diffusion.T, seed=9)
+    gq = measurement_grad(ctx.model, diffusion, meas, q, draws, params=ctx.params)
+    scores = method.score(method.prepare(ctx, q, gq))
+    assert scores.shape == (N,) and np.all(np.isfinite(scores))
+    # the same query and damping give the same scores (pure function of the cache)
+    np.testing.assert_array_equal(scores, method.score(method.prepare(ctx, q, gq)))
