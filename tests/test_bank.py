@@ -1,0 +1,155 @@
+"""Rotated int8 bank (engine.bank): exact against curvlinops' inverse, int8 ~ float32, resumable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+from scipy.stats import spearmanr
+from torch import nn
+
+from engine.bank import build_bank, quantize_blocks
+from engine.curvature import compute_kfac
+from engine.diffusion import make_draws
+from engine.gradients import influence_params, per_example_grads
+from engine.store import Store
+
+
+class _Rows(nn.Module):
+    """Independent of engine.curvature: rows [x_t | t] -> flattened eps prediction."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, X):
+        return self.net(X[:, :-1].reshape(-1, 1, 8, 8), X[:, -1].round().long()).flatten(1)
+
+
+def _rows(diffusion, x, draws, batch):
+    m = len(draws)
+    xs = x.repeat_interleave(m, 0)
+    t = draws.t.repeat(x.shape[0])
+    eps = draws.eps.repeat(x.shape[0], 1, 1, 1)
+    X = torch.cat([diffusion.q_sample(xs, t, eps).flatten(1), t.to(x.dtype)[:, None]], 1)
+    y = eps.flatten(1)
+    return [(X[s : s + batch], y[s : s + batch]) for s in range(0, len(X), batch)]
+
+
+def test_bank_scores_equal_curvlinops_inverse(tiny_model, diffusion, digits_small):
+    model = tiny_model.double()
+    params = influence_params(model)
+    n, m = 6, 3
+    x = digits_small.images[:n].double()
+    draws = make_draws(m, (1, 8, 8), diffusion.T, seed=0).to("cpu", torch.float64)
+    f = compute_kfac(model, diffusion, x, draws, params, fisher_type="mc", seed=5, batch_size=7)
+    bank = build_bank(model, diffusion, x, draws, f, params, quantize=False, chunk_size=4)
+    assert bank.data[0].dtype == torch.float64
+    op = KFACLinearOperator(
+        _Rows(model),
+        nn.MSELoss(),
+        [p for _, p in params],
+        _rows(diffusion, x, draws, 7),
+        check_deterministic=False,
+        seed=5,
+        fisher_type="mc",
+        num_per_example_loss_terms=1,
+        num_data=n * m,
+    )
+    G = per_example_grads(model, diffusion, x, draws, params=params)
+    qgrad = per_example_grads(model, diffusion, digits_small.images[10:11].double(), draws, params=params)[0]
+    for lam in (1e-2, 1e-6):
+        inv = KFACInverseLinearOperator(op, damping=lam, use_exact_damping=True)
+        ref = (qgrad @ (inv @ G.T)) / n
+        got = bank.score(f.rotate(qgrad) / (f.eigenvalues() + lam))
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, ref.numpy(), rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def test_int8_matches_float32(tiny_model, diffusion, digits_small):
+    params = influence_params(tiny_model)
+    x = digits_small.images
+    draws = make_draws(4, (1, 8, 8), diffusion.T, seed=0)
+    f = compute_kfac(tiny_model, diffusion, x, draws, params, seed=0)
+    b8 = build_bank(tiny_model, diffusion, x, draws, f, params, quantize=True, chunk_size=32)
+    b32 = build_bank(tiny_model, diffusion, x, draws, f, params, quantize=False, chunk_size=32)
+    assert b8.data[0].dtype == torch.int8 and b32.data[0].dtype == torch.float32
+    qdraws = make_draws(4, (1, 8, 8), diffusion.T, seed=1)
+    for qi in (3, 40):
+        g = per_example_grads(tiny_model, diffusion, x[qi : qi + 1], qdraws, params=params)[0]
+        for lam in (1e-8, 1e-3):
+            q = f.rotate(g) / (f.eigenvalues() + lam)
+            s8, s32 = b8.score(q), b32.score(q)
+            assert spearmanr(s8, s32).statistic >= 0.99
+            assert np.abs(s8 - s32).max() < 0.05 * np.abs(s32).max()
+
+
+def test_quantize_error_bound():
+    gen = torch.Generator().manual_seed(0)
+    from engine.curvature import Block
+
+    blocks = [Block("w", 0, "weight", 0, (3, 4)), Block("b", 0, "bias", 12, (3,))]
+    r = torch.randn(5, 15, generator=gen) * torch.logspace(-6, 2, 5)[:, None]
+    r[2, 12:] = 0.0
+    data, scales = quantize_blocks(r, blocks)
+    for j, blk in enumerate(blocks):
+        deq = data[j].float() * scales[:, j : j + 1]
+        err = (deq - r[:, blk.offset : blk.offset + blk.size]).abs()
+        assert (err <= scales[:, j : j + 1] / 2 * (1 + 1e-5)).all()
+        assert data[j].abs().max() == 127
+    assert torch.all(data[1][2] == 0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resumable_build(tmp_path, tiny_model, diffusion, digits_small):
+    params = influence_params(tiny_model)
+    x = digits_small.images[:10]
+    draws = make_draws(2, (1, 8, 8), diffusion.T, seed=0)
+    f = compute_kfac(tiny_model, diffusion, x, draws, params)
+    store = Store(tmp_path, "0" * 16, "digits")
+    settings = {"test": 1}
+    seen: list[str] = []
+
+    def interrupt(msg, frac):
+        seen.append(msg)
+        if frac > 0.4:  # the first chunk (4 of 10) is saved before the next gradient batch reports
+            raise _Stop
+
+    kw = dict(store=store, name="bank", settings=settings, chunk_size=4, grad_batch=2)
+    with pytest.raises(_Stop):
+        build_bank(tiny_model, diffusion, x, draws, f, params, progress=interrupt, **kw)
+    assert not store.exists("bank", {**settings, "quantize": True, "chunk_size": 4})
+    resumed: list[str] = []
+    b1 = build_bank(tiny_model, diffusion, x, draws, f, params, progress=lambda m, _: resumed.append(m), **kw)
+    assert resumed[0] == "train gradients 6/10"  # examples 0-3 were not recomputed
+    assert store.exists("bank", {**settings, "quantize": True, "chunk_size": 4})
+    b2 = build_bank(
+        tiny_model, diffusion, x, draws, f, params, quantize=True, chunk_size=4
+    )  # uninterrupted, in memory
+    for d1, d2 in zip(b1.data, b2.data, strict=True):
+        assert torch.equal(d1, d2)
+    assert torch.equal(b1.scales, b2.scales)
+    again: list[str] = []
+    b3 = build_bank(tiny_model, diffusion, x, draws, f, params, progress=lambda m, _: again.append(m), **kw)
+    assert again == [] and torch.equal(b3.data[0], b1.data[0])  # loaded, not rebuilt
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_score_many_equals_score_per_query(tiny_model, diffusion, digits_small, quantize):
+    """The multi-damping pass (used to pre-score the app's damping grid) equals one pass per query."""
+    params = influence_params(tiny_model)
+    x = digits_small.images[:10]
+    draws = make_draws(2, (1, 8, 8), diffusion.T, seed=0)
+    f = compute_kfac(tiny_model, diffusion, x, draws, params, seed=1, batch_size=8)
+    bank = build_bank(tiny_model, diffusion, x, draws, f, params, quantize=quantize, chunk_size=4)
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randn(3, bank.blocks[-1].offset + bank.blocks[-1].size, generator=g)
+    many = bank.score_many(queries, chunk_bytes=4096)  # small chunks: several row chunks per block
+    assert many.shape == (3, 10)
+    for i in range(3):
+        one = bank.score(queries[i])
+        np.testing.assert_allclose(many[i], one, rtol=1e-4, atol=1e-6 * np.abs(one).max())

@@ -1,0 +1,153 @@
+"""K-FAC factors (engine.curvature): the scale is that of the Hessian of L = (1/N) sum_n l(theta, x_n)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine.curvature import KFACFactors, compute_kfac, layout
+from engine.diffusion import Diffusion, make_draws
+from engine.gradients import influence_params
+
+SHAPE = (1, 2, 2)
+D = 4
+
+
+class LinearEps(nn.Module):
+    """eps_theta(x_t, t) = W vec(x_t) + b: K-FAC, GGN and Hessian of L coincide (weight/bias blocks)."""
+
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.lin = nn.Linear(D, D, bias=bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1)).reshape(x.shape)
+
+
+def _setup(n: int, m: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = LinearEps().double().eval()
+    x = torch.rand(n, *SHAPE, dtype=torch.float64) * 2 - 1
+    draws = make_draws(m, SHAPE, 1000, seed=seed + 1).to("cpu", torch.float64)
+    return model, Diffusion(), x, draws
+
+
+def _loss_L(model, diffusion, x, draws):
+    """L = (1/N) sum_n (1/M) sum_m (1/D) ||eps_m - eps_theta(x_t, t_m)||^2."""
+    xs = x.repeat_interleave(len(draws), 0)
+    t = draws.t.repeat(x.shape[0])
+    eps = draws.eps.repeat(x.shape[0], 1, 1, 1)
+    return (eps - model(diffusion.q_sample(xs, t, eps), t)).pow(2).flatten(1).mean(1).mean()
+
+
+def _dense_blocks(f: KFACFactors) -> list[torch.Tensor]:
+    out = []
+    for blk in f.blocks:
+        lf = f.layers[blk.layer]
+        B = lf.qb @ torch.diag(lf.b) @ lf.qb.T
+        if blk.kind == "weight":
+            A = lf.qa @ torch.diag(lf.a) @ lf.qa.T
+            out.append(torch.kron(B, A))  # row-major vec(W): index o * d_in + i
+        else:
+            out.append(B)
+    return out
+
+
+def _L_of(v, diffusion, x, draws):
+    """L as a function of the flat parameters (weight row-major, then bias) of LinearEps."""
+    w, b = v[: D * D].reshape(D, D), v[D * D :]
+    xs = x.repeat_interleave(len(draws), 0)
+    t = draws.t.repeat(x.shape[0])
+    eps = draws.eps.repeat(x.shape[0], 1, 1, 1)
+    pred = diffusion.q_sample(xs, t, eps).flatten(1) @ w.T + b
+    return (eps.flatten(1) - pred).pow(2).mean(1).mean()
+
+
+@pytest.mark.parametrize("n,m", [(1, 1), (3, 5)])
+def test_kfac_equals_hessian_of_L_for_linear_model(n, m):
+    """One data point (and several): type-2 K-FAC == exact GGN == Hessian of L, weight and bias blocks."""
+    model, diffusion, x, draws = _setup(n, m)
+    params = influence_params(model)
+    f = compute_kfac(model, diffusion, x, draws, params, fisher_type="type-2", batch_size=4)
+    flat = torch.cat([p.detach().reshape(-1) for _, p in params])
+    # the closed form is the engine's L at the current parameters
+    assert _L_of(flat, diffusion, x, draws).item() == pytest.approx(
+        _loss_L(model, diffusion, x, draws).item(), rel=1e-12
+    )
+    H = torch.autograd.functional.hessian(lambda v: _L_of(v, diffusion, x, draws), flat)
+    Kw, Kb = _dense_blocks(f)
+    torch.testing.assert_close(Kw, H[: D * D, : D * D], rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(Kb, H[D * D :, D * D :], rtol=1e-5, atol=1e-12)
+    assert Kb.diag().mean().item() == pytest.approx(2.0 / D, rel=1e-9)  # Hessian of (1/D)||.||^2
+
+
+def test_mc_fisher_matches_within_sampling_error():
+    model, diffusion, x, draws = _setup(40, 50)
+    f = compute_kfac(
+        model, diffusion, x, draws, influence_params(model), fisher_type="mc", seed=0, batch_size=500
+    )
+    Kb = _dense_blocks(f)[1]
+    torch.testing.assert_close(Kb, torch.eye(D, dtype=Kb.dtype) * 2.0 / D, rtol=0, atol=0.15 * 2.0 / D)
+
+
+def test_empirical_fisher_scale():
+    """Empirical B = (1/(NM)) sum_rows D * g g^T with g = d l_r / d output = (2/D)(f - eps)."""
+    model, diffusion, x, draws = _setup(3, 4)
+    f = compute_kfac(model, diffusion, x, draws, influence_params(model), fisher_type="empirical")
+    xs = x.repeat_interleave(4, 0)
+    t = draws.t.repeat(3)
+    eps = draws.eps.repeat(3, 1, 1, 1)
+    with torch.no_grad():
+        r = (model(diffusion.q_sample(xs, t, eps), t) - eps).flatten(1) * 2.0 / D
+    torch.testing.assert_close(_dense_blocks(f)[1], D * r.T @ r / r.shape[0], rtol=1e-8, atol=1e-12)
+
+
+def test_ekfac_eigenvalues_are_mean_squared_rotated_row_gradients():
+    model, diffusion, x, draws = _setup(2, 3)
+    params = influence_params(model)
+    f = compute_kfac(model, diffusion, x, draws, params, fisher_type="empirical", ekfac=True)
+    lf = f.layers[0]
+    acc_w, acc_b = 0, 0
+    for i in range(2):
+        for j in range(3):
+            one = type(draws)(draws.t[j : j + 1], draws.eps[j : j + 1])
+            gw, gb = torch.autograd.grad(
+                D**0.5 * _loss_L(model, diffusion, x[i : i + 1], one), [p for _, p in params]
+            )
+            acc_w = acc_w + (lf.qb.T @ gw @ lf.qa) ** 2
+            acc_b = acc_b + (lf.qb.T @ gb) ** 2
+    torch.testing.assert_close(lf.ekfac_weight, acc_w / 6, rtol=1e-7, atol=1e-14)
+    torch.testing.assert_close(lf.ekfac_bias, acc_b / 6, rtol=1e-7, atol=1e-14)
+
+
+def test_inverse_apply_is_damped_inverse(tiny_model, diffusion, digits_small):
+    model = tiny_model.double()
+    params = influence_params(model)
+    x = digits_small.images[:3].double()
+    draws = make_draws(2, (1, 8, 8), diffusion.T, seed=0).to("cpu", torch.float64)
+    f = compute_kfac(model, diffusion, x, draws, params, kfac_approx="reduce", seed=1)
+    v = torch.randn(f.num_params, dtype=torch.float64)
+    torch.testing.assert_close(f.unrotate(f.rotate(v)), v)
+    lam = 1e-3
+    w = f.inverse_apply(v, lam)
+    # (G + lam) w == v, with G applied blockwise from the dense factors
+    back = []
+    for blk, K in zip(f.blocks, _dense_blocks(f), strict=True):
+        back.append(K @ w[blk.offset : blk.offset + blk.size] + lam * w[blk.offset : blk.offset + blk.size])
+    torch.testing.assert_close(torch.cat(back), v, rtol=1e-6, atol=1e-9)
+
+
+def test_factors_round_trip_and_no_norm_layers(tiny_model, diffusion, digits_small):
+    params = influence_params(tiny_model)
+    x = digits_small.images[:2]
+    draws = make_draws(2, (1, 8, 8), diffusion.T, seed=0)
+    f = compute_kfac(tiny_model, diffusion, x, draws, params, ekfac=True)
+    assert f.num_params == sum(p.numel() for _, p in params)
+    assert not any(isinstance(tiny_model.get_submodule(lf.name), nn.GroupNorm) for lf in f.layers)
+    template, _ = layout(tiny_model, params)
+    g = KFACFactors.from_arrays(f.to_arrays(), template)
+    torch.testing.assert_close(g.eigenvalues(), f.eigenvalues())
+    assert f.ekfac and g.ekfac
+    with pytest.raises(ValueError):
+        layout(tiny_model, [(n, p) for n, p in tiny_model.named_parameters() if "norm" in n])

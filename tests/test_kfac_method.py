@@ -1,0 +1,137 @@
+"""K-FAC Influence method (engine.methods.kfac_influence): API, caching, damping, self-influence."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from engine.checkpoint import load_checkpoint
+from engine.config import AttributionConfig
+from engine.context import make_context
+from engine.diffusion import make_draws
+from engine.gradients import measurement_grad, train_loss_grads
+from engine.measurements import parse_measurement
+from engine.methods.base import QueryInput
+from engine.methods.kfac_influence import KFACInfluence
+from engine.store import Store
+from engine.train import train
+
+LOSS = parse_measurement("loss")
+
+
+def _query(ctx, image, draws):
+    q = QueryInput(image=image)
+    return q, measurement_grad(
+        ctx.model, ctx.diffusion, LOSS, q, draws, ctx.dataset.levels, params=ctx.params
+    )
+
+
+def test_api_cache_and_damping(tmp_path, tiny_preset, tiny_model, digits_small):
+    cfg = AttributionConfig(mc_samples=4, seed=0)
+    ds = digits_small.subset(list(range(16)))
+    store = Store(tmp_path, "0" * 16, "digits16")
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "0" * 16, store)
+    assert len(ctx.train_draws) == 4 and torch.equal(ctx.train_draws.t, make_draws(4, (1, 8, 8), 1000, 0).t)
+    m = KFACInfluence(cfg)
+    assert (m.name, m.title, m.kind, m.default_damping) == ("kfac", "K-FAC Influence", "influence", 1e-8)
+    assert not m.is_built(ctx)
+    msgs: list[tuple[str, float]] = []
+    m.build(ctx, lambda msg, f: msgs.append((msg, f)))
+    assert m.is_built(ctx) and msgs[-1][1] == 1.0
+    assert all(b >= a for (_, a), (_, b) in zip(msgs, msgs[1:], strict=False))  # monotone progress
+
+    q, g = _query(ctx, ds.images[5], make_draws(4, (1, 8, 8), 1000, seed=1))
+    prep = m.prepare(ctx, q, g)
+    s_default = m.score(prep)
+    assert s_default.dtype == np.float32 and s_default.shape == (16,)
+    np.testing.assert_array_equal(s_default, m.score(prep, 1e-8))
+    s_damped = m.score(prep, 1.0)
+    assert not np.allclose(s_default, s_damped)
+    # scale and sign: tau = (1/N) g_q^T (G + lam)^-1 g_i, checked against the factors directly
+    gi = torch.cat([gb for _, gb in train_loss_grads(ctx, ctx.diffusion, ds.images, ctx.train_draws)])
+    ref = (gi @ m.factors.inverse_apply(g, 1.0)) / 16
+    np.testing.assert_allclose(s_damped, ref.numpy(), rtol=0.05, atol=0.02 * ref.abs().max().item())
+
+    # a fresh instance loads the cache: no gradient or factor work
+    m2 = KFACInfluence(cfg)
+    assert m2.is_built(ctx)
+    msgs2: list[str] = []
+    m2.build(ctx, lambda msg, f: msgs2.append(msg))
+    assert not any("gradients" in s or "rows" in s for s in msgs2)
+    np.testing.assert_allclose(m2.score(m2.prepare(ctx, q, g), 1.0), s_damped, rtol=1e-6)
+
+    # other settings are other caches
+    m3 = KFACInfluence(dataclasses.replace(cfg, fisher_type="empirical"))
+    assert not m3.is_built(ctx)
+
+
+@pytest.mark.parametrize("change", [{"fisher_type": "empirical"}, {"kfac_approx": "reduce"}, {"ekfac": True}])
+def test_options_build_and_score(tiny_preset, tiny_model, digits_small, change):
+    cfg = dataclasses.replace(AttributionConfig(mc_samples=2), **change)
+    ds = digits_small.subset(list(range(8)))
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "h", None)
+    base = KFACInfluence(AttributionConfig(mc_samples=2), quantize=False)
+    alt = KFACInfluence(cfg, quantize=False)
+    base.build(ctx)
+    alt.build(ctx)
+    q, g = _query(ctx, ds.images[0], make_draws(2, (1, 8, 8), 1000, seed=1))
+    s0, s1 = base.score(base.prepare(ctx, q, g), 1e-3), alt.score(alt.prepare(ctx, q, g), 1e-3)
+    assert np.isfinite(s1).all() and not np.allclose(s0, s1)
+    assert alt.factors.ekfac == bool(change.get("ekfac", False))
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """The tiny U-Net trained 300 steps on the first 64 digits (~10 s on one core)."""
+    from conftest import TINY_MODEL
+
+    from engine.config import DataConfig, Preset, TrainConfig
+    from engine.data import load_digits
+
+    torch.set_num_threads(1)
+    ds = load_digits().subset(list(range(64)))
+    preset = Preset(
+        name="tiny",
+        model=TINY_MODEL,
+        data=DataConfig(name="digits"),
+        train=TrainConfig(steps=300, batch_size=32, lr=2e-3, log_every=1000, checkpoint_every=10_000),
+    )
+    folder = train(preset, tmp_path_factory.mktemp("tiny300"), dataset=ds, progress=False)
+    model, preset, _ = load_checkpoint(folder, "cpu")
+    return preset, model, ds
+
+
+@pytest.mark.slow
+def test_self_influence(trained_tiny):
+    """A training image queried with its own loss (independent draws) is a top proponent of itself."""
+    preset, model, ds = trained_tiny
+    cfg = AttributionConfig(mc_samples=32, seed=0)
+    ctx = make_context(preset, model, ds, "cpu", cfg, "t", None)
+    m = KFACInfluence(cfg)
+    m.build(ctx)
+    qdraws = make_draws(32, (1, 8, 8), 1000, seed=cfg.seed + 1)  # the session's query draws
+    top = int(np.ceil(0.05 * len(ds)))  # top 5% = 4 of 64
+    for i in range(0, 64, 8):
+        prep = m.prepare(ctx, *_query(ctx, ds.images[i], qdraws))
+        for lam in (m.default_damping, 1e-4):
+            s = m.score(prep, lam)
+            assert s[i] > 0
+            assert int((s > s[i]).sum()) < top, (
+                f"image {i}: self-influence rank {(s > s[i]).sum()} (damping {lam})"
+            )
+
+
+def test_factor_draws_subset(tiny_preset, tiny_model, digits_small):
+    cfg = AttributionConfig(mc_samples=4)
+    ds = digits_small.subset(list(range(8)))
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "h", None)
+    full, sub = KFACInfluence(cfg), KFACInfluence(cfg, factor_draws=1)
+    assert full.bank_settings(ctx) != sub.bank_settings(ctx)
+    full.build(ctx)
+    sub.build(ctx)
+    assert not torch.allclose(full.factors.eigenvalues(), sub.factors.eigenvalues())
+    q, g = _query(ctx, ds.images[0], make_draws(4, (1, 8, 8), 1000, seed=1))
+    assert np.isfinite(sub.score(sub.prepare(ctx, q, g))).all()
