@@ -188,11 +188,22 @@ def measure_queries(
 
 
 def cached_measurements(
-    folder: Path, queries: torch.Tensor, spec: MeasureSpec, levels: int, device: torch.device | str = "cpu"
+    folder: Path,
+    queries: torch.Tensor,
+    spec: MeasureSpec,
+    levels: int,
+    device: torch.device | str = "cpu",
+    cache_dir: Path | None = None,
 ) -> np.ndarray:
-    """Measurements of the model in ``folder`` on ``queries``, cached as a JSON beside it."""
+    """Measurements of the model in ``folder`` on ``queries``, cached as JSON.
+
+    The cache goes to ``cache_dir`` (default ``folder/measurements/``): never into the
+    checkpoint folder itself, whose JSON files are part of its content hash.
+    """
     folder = Path(folder)
-    path = folder / f"measure_{spec.measurement.replace('@', '_').replace('=', '')}_{spec.key(queries)}.json"
+    cache_dir = Path(cache_dir) if cache_dir is not None else folder / "measurements"
+    name = f"{spec.measurement.replace('@', '_').replace('=', '')}_{spec.mc_samples}_{spec.key(queries)}.json"
+    path = cache_dir / name
     if path.is_file():
         return np.asarray(json.loads(path.read_text())["values"], dtype=np.float64)
     model, preset, _ = load_checkpoint(folder, device)
@@ -322,3 +333,43 @@ def load_queries_npz(path: str | Path, n: int | None = None) -> torch.Tensor:
     if n is not None:
         images = images[:n]
     return images * 2.0 - 1.0
+
+
+def atomic_torch_save_path(obj: Any, path: str | Path) -> None:
+    """torch.save through a temporary file (never a half-written file after a kill)."""
+    from .checkpoint import atomic_torch_save
+
+    atomic_torch_save(obj, Path(path))
+
+
+# --- results for the app ----------------------------------------------------------------
+
+
+def load_lds_results(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``lds_*.json`` in ``results_dir`` (for the app), sorted by file name; [] if none."""
+    folder = Path(results_dir)
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in sorted(folder.glob("lds_*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        rec["file"] = p.name
+        out.append(rec)
+    return out
+
+
+def load_retrain_results(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``retrain_top_*.json`` in ``results_dir`` (for the app); [] if none."""
+    folder = Path(results_dir)
+    out = []
+    for p in sorted(folder.glob("retrain_top_*.json")) if folder.is_dir() else []:
+        try:
+            rec = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        rec["file"] = p.name
+        out.append(rec)
+    return out

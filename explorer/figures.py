@@ -16,7 +16,7 @@ def score_distributions(table: pd.DataFrame, names: list[str], titles: Mapping[s
     fig = make_subplots(rows=1, cols=max(len(names), 1), subplot_titles=[titles.get(n, n) for n in names])
     for j, name in enumerate(names):
         fig.add_trace(go.Histogram(x=table[name], nbinsx=60, name=titles.get(name, name), showlegend=False), 1, j + 1)
-    fig.update_layout(height=280, margin=dict(l=10, r=10, t=40, b=10), bargap=0.02)
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=70, b=10), bargap=0.02)
     fig.update_yaxes(title_text="training images", row=1, col=1)
     return fig
 
@@ -69,4 +69,24 @@ def label_histogram(counts: pd.DataFrame, titles: Mapping[str, str], k: int) -> 
     fig = px.bar(data, x="label", y="count", color="method", barmode="group", title=f"Labels of the top-{k} proponents")
     fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
     fig.update_xaxes(type="category")
+    return fig
+
+
+def damping_sweeps(sweeps: Mapping[str, list[dict]], titles: Mapping[str, str]) -> go.Figure:
+    """LDS against damping (log scale) for each method's sweep."""
+    fig = go.Figure()
+    for name, pts in sweeps.items():
+        pts = sorted(pts, key=lambda p: p["damping"])
+        fig.add_trace(
+            go.Scatter(
+                x=[p["damping"] for p in pts],
+                y=[p.get("lds") for p in pts],
+                mode="lines+markers",
+                name=titles.get(name, name),
+            )
+        )
+    fig.update_xaxes(type="log", title_text="damping")
+    fig.update_yaxes(title_text="LDS")
+    fig.add_hline(y=0, line_width=1, line_color="black")
+    fig.update_layout(title="Damping sweeps", height=360, margin=dict(l=10, r=10, t=50, b=10))
     return fig

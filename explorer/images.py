@@ -35,9 +35,17 @@ def upscale(array: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
 
 
-def display(image, size: int = 96) -> np.ndarray:
-    """A tensor in [-1, 1] ready for ``st.image``: uint8 and large enough to see."""
-    return upscale(to_uint8(image), size)
+def display(image, size: int = 96, border: int = 0) -> np.ndarray:
+    """A tensor in [-1, 1] ready for ``st.image``: uint8, large enough to see, optionally framed in white.
+
+    The white frame keeps dark-background thumbnails from merging into one block when
+    Streamlit lays a list of images edge to edge.
+    """
+    out = upscale(to_uint8(image), size)
+    if border > 0:
+        pad = ((border, border), (border, border)) + (((0, 0),) if out.ndim == 3 else ())
+        out = np.pad(out, pad, constant_values=255)
+    return out
 
 
 @dataclass
@@ -66,7 +74,7 @@ def compose_sheet(rows: Sequence[SheetRow], cell: int = 72, pad: int = 6) -> Ima
     y = pad
     for row in rows:
         draw.text((pad, y), row.title, fill=(0, 0, 0), font=font)
-        for j, (arr, cap) in enumerate(zip(row.images, row.captions)):
+        for j, (arr, cap) in enumerate(zip(row.images, row.captions, strict=False)):
             x = pad + j * (cell + pad)
             thumb = _rgb(upscale(arr, cell)).resize((cell, cell), Image.NEAREST)
             sheet.paste(thumb, (x, y + title_h))

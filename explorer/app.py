@@ -1,0 +1,76 @@
+"""Diffusion Attribution Explorer: the Streamlit entry point (layout only; all computation is in engine/).
+
+Run:  streamlit run explorer/app.py -- --preset digits [--checkpoint PATH] [--cache DIR] [--device cpu]
+(or set ATTRIBUTION_PRESET / ATTRIBUTION_CHECKPOINT / ATTRIBUTION_CACHE / ATTRIBUTION_DEVICE).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:  # `streamlit run explorer/app.py` puts explorer/, not the repo, on the path
+    sys.path.insert(0, _ROOT)
+
+import streamlit as st  # noqa: E402
+
+PAGES = ["Explore", "Evaluation", "About the methods"]
+
+
+def main() -> None:
+    st.set_page_config(page_title="Diffusion Attribution Explorer", page_icon="🔎", layout="wide")
+    from explorer import runtime
+
+    args = runtime.parse_args()
+    try:
+        handle = runtime.get_handle(args)
+    except Exception as e:  # noqa: BLE001 - a missing checkpoint/data set is a message, not a traceback
+        st.title("Diffusion Attribution Explorer")
+        st.error(f"Cannot load the model for preset `{args.preset}`: {e}")
+        st.stop()
+    try:
+        runtime.ensure_built(handle)
+    except Exception as e:  # noqa: BLE001
+        st.error(f"Building the attribution caches failed: {type(e).__name__}: {e}")
+        st.stop()
+
+    from explorer import about_view, controls, evaluation_view, query_view, results_view
+
+    session = handle.session
+    st.title("Diffusion Attribution Explorer")
+    st.caption(
+        f"Model `{session.preset.name}` ({len(session.dataset)} training images of "
+        f"{'x'.join(map(str, session.shape))}) · checkpoint `{session.checkpoint_hash}` · "
+        "which training images made this image likely, and which made it unlikely?"
+    )
+    query = query_view.choose_query(handle)
+    has_traj = query is not None and query.input.trajectory is not None
+    settings = controls.choose_settings(handle, has_traj)
+
+    explore, evaluation, about = st.tabs(PAGES, key="page", on_change="rerun")
+    if explore.open:
+        with explore:
+            if query is None:
+                st.info("Choose a query image in the sidebar.")
+            else:
+                results_view.query_header(handle, query)
+                result = results_view.get_result(handle, query, settings)
+                if result is not None:
+                    results_view.method_columns(handle, query, result, settings)
+                    results_view.downloads(handle, query, result, settings)
+                    results_view.plots(handle, result, settings)
+                    with st.expander("Timings and cache status"):
+                        results_view.timings(handle, result, settings)
+                        results_view.cache_status(handle)
+    if evaluation.open:
+        with evaluation:
+            evaluation_view.lds_section(handle)
+            st.divider()
+            evaluation_view.retrain_section(handle, query, settings)
+    if about.open:
+        with about:
+            about_view.about_page()
+
+
+main()

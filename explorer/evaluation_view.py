@@ -1,0 +1,247 @@
+"""Evaluation tab: the LDS results shipped in assets/results, and "check by retraining" for the current query.
+
+Both come from the engine (``engine.lds.load_lds_results``, ``engine.retrain_top.RetrainJob``).  Where the
+engine does not provide them yet, the tab says so instead of failing.  A retraining job
+runs in the background (the engine's job object owns the thread/process); a fragment
+polls its progress once a second so the rest of the page stays usable, and the finished
+job stays in the process-wide handle, so its result is cached for every tab.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from explorer.controls import MEASUREMENTS, Settings
+from explorer.images import display
+from explorer.query_view import Query
+from explorer.runtime import Handle
+
+FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
+
+
+def results_dir() -> Path:
+    """assets/results, or ATTRIBUTION_RESULTS."""
+    from engine.paths import ASSETS
+
+    return Path(os.environ.get("ATTRIBUTION_RESULTS", ASSETS / "results"))
+
+
+def _load_lds(folder: Path) -> list[dict[str, Any]] | None:
+    """The LDS records in ``folder``; None where this build has no LDS module."""
+    for module in ("engine.lds", "engine.evaluate"):  # engine.evaluate: where the interface first named it
+        try:
+            mod = __import__(module, fromlist=["load_lds_results"])
+        except ImportError:
+            continue
+        if hasattr(mod, "load_lds_results"):
+            return list(mod.load_lds_results(folder))
+    return None
+
+
+def _retrain_job_class():
+    """engine.retrain_top.RetrainJob (or engine.evaluate's), None where this build has neither."""
+    for module in ("engine.retrain_top", "engine.evaluate"):
+        try:
+            mod = __import__(module, fromlist=["RetrainJob"])
+        except ImportError:
+            continue
+        if hasattr(mod, "RetrainJob"):
+            return mod.RetrainJob
+    return None
+
+
+def _measurement_of(entry: dict[str, Any]) -> str:
+    cfg = entry.get("config") or {}
+    if isinstance(cfg, dict) and cfg.get("measurement"):
+        return str(cfg["measurement"])
+    stem = Path(str(entry.get("file", ""))).stem
+    return stem.split("_")[-1] if stem else "?"
+
+
+def _fmt_ci(ci: Any) -> str:
+    if isinstance(ci, list | tuple) and len(ci) == 2 and None not in ci:
+        return f"[{float(ci[0]):+.3f}, {float(ci[1]):+.3f}]"
+    return ""
+
+
+def _fmt_float(v: Any, spec: str) -> str:
+    return "" if v is None else format(float(v), spec)
+
+
+def _title(info: dict, name: str) -> str:
+    base, bracket, rest = name.partition("[")
+    title = info.get(base, {}).get("title", base)
+    return f"{title} [{rest}" if bracket else title
+
+
+def lds_section(handle: Handle) -> None:
+    st.subheader("Linear data-modelling score (LDS)")
+    st.markdown(
+        "For random half-size subsets of the training set, models were retrained and the query's measurement "
+        "measured. LDS is the Spearman correlation between each method's predicted measurement "
+        "(full-model value + sum of the scores of the removed images) and the measured one, averaged over "
+        "queries (paper section 4, eq. 13). Higher is better; 0 means no better than chance. Similarity "
+        "methods are included for reference: their scores are not removal predictions."
+    )
+    folder = results_dir()
+    entries = _load_lds(folder)
+    if entries is None:
+        st.info("**Not available yet**: the LDS evaluation (engine.lds) is not part of this build.")
+        return
+    if not entries:
+        st.info(
+            f"**No LDS results yet** in `{folder}`. They are produced by `make lds` "
+            "(`python -m engine lds ...`), which retrains many small models; run it once and reload."
+        )
+        return
+    info = handle.session.method_info()
+    for entry in entries:
+        meas = _measurement_of(entry)
+        cfg = entry.get("config") or {}
+        st.markdown(f"#### Measurement: {MEASUREMENTS.get(meas.split('@')[0], meas)} (`{meas}`)")
+        if cfg:
+            st.caption(
+                f"{cfg.get('subsets_with_models', cfg.get('subsets', '?'))} subsets x {cfg.get('seeds', '?')} "
+                f"seeds of {cfg.get('fraction', '?')} of {cfg.get('num_train', '?')} images, "
+                f"{cfg.get('queries', '?')} queries, true measurement over "
+                f"{cfg.get('true_measurement_mc_samples', '?')} draws"
+                + (" · **quick mode (smoke test, not a result)**" if cfg.get("quick") else "")
+                + (f" · {cfg['created']}" if cfg.get("created") else "")
+            )
+        rows = []
+        for name, v in (entry.get("methods") or {}).items():
+            rows.append(
+                {
+                    "method": _title(info, name),
+                    "LDS": v.get("lds"),
+                    "95% interval": _fmt_ci(v.get("ci95")),
+                    "damping": _fmt_float(v.get("damping"), ".1e"),
+                    "best LDS in sweep": v.get("best_lds"),
+                    "at damping": _fmt_float(v.get("best_damping"), ".1e"),
+                }
+            )
+        frame = pd.DataFrame(rows)
+        st.dataframe(frame.dropna(axis=1, how="all"), hide_index=True)
+        stem = Path(str(entry.get("file", f"lds_digits_{meas}.json"))).stem
+        c1, c2 = st.columns(2)
+        png = folder / f"{stem}.png"
+        if png.is_file():
+            c1.image(str(png), caption=png.name)
+        sweeps = entry.get("sweeps") or {}
+        if sweeps:
+            from explorer.figures import damping_sweeps
+
+            c2.plotly_chart(damping_sweeps(sweeps, {n: _title(info, n) for n in sweeps}), key=f"sweep_{stem}")
+        with st.expander("Full settings and noise report"):
+            st.json({k: entry[k] for k in ("config", "noise") if k in entry}, expanded=False)
+
+
+# --- check by retraining -------------------------------------------------------------------
+
+
+def _start_job(handle: Handle, key: tuple, query: Query, measurement: str, method: str, fraction: float) -> None:
+    job_class = _retrain_job_class()
+    with handle.lock:
+        if key in handle.retrain_jobs:  # a double click, or another tab started it
+            return
+        try:
+            handle.retrain_jobs[key] = job_class.start(
+                handle.session, query.input, measurement, method, fraction, handle.cache_root / "retrain"
+            )
+            st.session_state.pop("retrain_error", None)
+        except Exception as e:  # noqa: BLE001 - shown on the page
+            st.session_state["retrain_error"] = f"{type(e).__name__}: {e}"
+
+
+def retrain_section(handle: Handle, query: Query | None, s: Settings) -> None:
+    st.subheader("Check by retraining")
+    st.markdown(
+        "Retrain the model without the top p% proponents of one method, and separately without a random p% "
+        "(the control), then compare the measured change of the query's measurement with the change the "
+        "method predicted (the sum of the removed images' scores)."
+    )
+    if _retrain_job_class() is None:
+        st.info("**Not available yet**: the retraining job (engine.retrain_top.RetrainJob) is not part of this build.")
+        return
+    if query is None:
+        st.info("Choose a query first (sidebar).")
+        return
+    info = handle.session.method_info()
+    influence = [n for n in s.methods if info[n]["kind"] == "influence"]
+    if not influence:
+        st.info("Select an influence method (K-FAC, TRAK or D-TRAK) in the sidebar.")
+        return
+    c1, c2 = st.columns(2)
+    method = c1.selectbox("Method", influence, format_func=lambda n: info[n]["title"], key="retrain_method")
+    fraction = c2.select_slider(
+        "Remove this share of the training set", FRACTIONS, value=0.05, format_func=lambda f: f"{f:.0%}", key="retrain_frac"
+    )
+    key = (query.key, s.measurement, method, float(fraction))
+    if st.session_state.get("retrain_error"):
+        st.error(f"Could not start the retraining: {st.session_state['retrain_error']}")
+    job = handle.retrain_jobs.get(key)
+    if job is None:
+        st.button(
+            f"Retrain without the top {fraction:.0%} of {info[method]['title']} (and a random {fraction:.0%})",
+            key="retrain_start",
+            on_click=_start_job,
+            args=(handle, key, query, s.measurement, method, float(fraction)),
+            type="primary",
+        )
+        st.caption(
+            "Trains two models with the full model's recipe (one without the method's top proponents at its "
+            "default damping, one without a random set) in the background; you can keep exploring. "
+            "The result is stored and shown again for this query."
+        )
+        return
+    if not job.done():
+        _poll(handle, key)
+        return
+    _show_result(handle, key, job, info)
+
+
+@st.fragment(run_every=1.0)
+def _poll(handle: Handle, key: tuple) -> None:
+    job = handle.retrain_jobs[key]
+    if job.done():
+        st.rerun(scope="app")
+    message, fraction = job.progress()
+    st.progress(min(max(float(fraction), 0.0), 1.0), text=f"Retraining: {message}")
+
+
+def _show_result(handle: Handle, key: tuple, job: Any, info: dict) -> None:
+    try:
+        r = job.result()
+    except Exception as e:  # noqa: BLE001
+        st.error(f"The retraining job failed: {type(e).__name__}: {e}")
+        st.button("Try again", key="retrain_retry", on_click=handle.retrain_jobs.pop, args=(key, None))
+        return
+    title = info.get(r.get("method"), {}).get("title", r.get("method"))
+    frac = float(r.get("fraction", 0.0))
+    predicted = r.get("predicted_change")
+    c1, c2, c3 = st.columns(3)
+    c1.metric(f"Predicted change ({title})", "n/a" if predicted is None else f"{float(predicted):+.3e}")
+    c2.metric(f"Measured change without its top {frac:.0%}", f"{float(r['measured_change']):+.3e}")
+    c3.metric(f"Measured change without a random {frac:.0%}", f"{float(r['random_measured_change']):+.3e}")
+    removed = list(r.get("removed", []))
+    st.caption(
+        f"Measurement `{r.get('measurement', '')}`: full model {_fmt_float(r.get('full_measurement'), '.4f')}, "
+        f"without the top images {_fmt_float(r.get('retrained_measurement'), '.4f')}, without random images "
+        f"{_fmt_float(r.get('random_measurement'), '.4f')} ({r.get('mc_samples', '?')} common draws; "
+        f"{r.get('steps', '?')} training steps per model). A positive change means the query became less likely; "
+        "removing true proponents should raise it more than the random control."
+    )
+    if removed:
+        ds = handle.session.dataset
+        shown = removed[:24]
+        st.markdown(f"**Removed training images** ({len(removed)}; the first {len(shown)} by score)")
+        st.image(
+            [display(ds.images[i], 48) for i in shown],
+            caption=[f"#{i}" + (f" · {ds.label_name(i)}" if ds.labels is not None else "") for i in shown],
+            width=48,
+        )

@@ -1,0 +1,158 @@
+"""Sidebar: choosing the query image (gallery, new sample, training image, upload).
+
+Returns a ``Query``: a stable key (what results are cached under), the engine's
+``QueryInput`` and a short title.  Generation is a job: the button only records the
+request, the script runs it with a progress bar and disables the button meanwhile, so a
+double click cannot start it twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import streamlit as st
+
+from explorer.images import display
+from explorer.runtime import Handle, throttled
+
+SOURCES = ("Gallery", "New sample", "Training image", "Upload")
+
+
+@dataclass
+class Query:
+    key: str  # gallery:3 | train:17 | generate:42 | upload:<sha1>
+    input: Any  # engine QueryInput
+    title: str
+
+
+def _select_gallery(i: int) -> None:
+    st.session_state["gallery_index"] = i
+
+
+def _request_generation() -> None:
+    if st.session_state.get("busy"):
+        return  # a job is running; ignore the second click
+    st.session_state["pending_seed"] = int(st.session_state.get("gen_seed", 0))
+    st.session_state["busy"] = "generate"
+
+
+def choose_query(handle: Handle) -> Query | None:
+    """Render the query chooser in the sidebar; None while nothing usable is chosen."""
+    session = handle.session
+    gallery = session.gallery()
+    sources = list(SOURCES) if gallery else [s for s in SOURCES if s != "Gallery"]
+    st.sidebar.header("Query")
+    source = st.sidebar.radio("Query image", sources, key="source", horizontal=True)
+    with st.sidebar:
+        if source == "Gallery":
+            return _gallery(handle, gallery)
+        if source == "New sample":
+            return _generate(handle)
+        if source == "Training image":
+            return _training(handle)
+        return _upload(handle)
+
+
+def _gallery(handle: Handle, gallery: list) -> Query:
+    st.caption("Generated samples shipped with the model, trajectories included. Click one to attribute it.")
+    chosen = int(st.session_state.get("gallery_index", 0))
+    chosen = chosen if 0 <= chosen < len(gallery) else 0
+    per_row = 4
+    for start in range(0, len(gallery), per_row):
+        cols = st.columns(per_row)
+        for col, item in zip(cols, gallery[start : start + per_row], strict=False):
+            with col:
+                st.image(display(item.image, 48), width=48)
+                st.button(
+                    f"{item.index}",
+                    key=f"gallery_{item.index}",
+                    on_click=_select_gallery,
+                    args=(item.index,),
+                    type="primary" if item.index == chosen else "secondary",
+                    help=f"gallery sample {item.index} (seed {item.seed}"
+                    + (f", looks like a {item.label})" if item.label is not None else ")"),
+                )
+    spec = f"gallery:{chosen}"
+    return Query(spec, handle.session.parse_query(spec), f"Gallery sample {chosen}")
+
+
+def _generate(handle: Handle) -> Query | None:
+    busy = st.session_state.get("busy") == "generate"
+    st.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, step=1, key="gen_seed", disabled=busy)
+    st.button(
+        "Generating ..." if busy else "Generate sample",
+        key="gen_button",
+        on_click=_request_generation,
+        disabled=busy,
+        type="primary",
+        help=f"Runs all {handle.session.diffusion.T} DDPM steps and keeps the trajectory.",
+    )
+    pending = st.session_state.get("pending_seed")
+    if busy and pending is not None:
+        try:
+            if pending not in handle.generated:
+                bar = st.progress(0.0, text="sampling ...")
+
+                def show(message: str, fraction: float) -> None:
+                    bar.progress(fraction, text=message)
+
+                cb = throttled(show)
+                q = handle.session.generate(pending, progress=lambda i, n: cb(f"DDPM step {i}/{n}", i / max(n, 1)))
+                handle.generated[pending] = q
+                bar.empty()
+            st.session_state["generated_seed"] = pending
+        finally:
+            st.session_state["busy"] = None
+            st.session_state["pending_seed"] = None
+        st.rerun()
+    seed = st.session_state.get("generated_seed")
+    if seed is None or seed not in handle.generated:
+        st.info("Pick a seed and press **Generate sample**.")
+        return None
+    st.caption(f"Showing the sample generated with seed {seed}.")
+    return Query(f"generate:{seed}", handle.generated[seed], f"New sample (seed {seed})")
+
+
+def _training(handle: Handle) -> Query:
+    ds = handle.session.dataset
+    n = len(ds)
+    by = st.radio("Pick by", ["index", "class"], key="train_by", horizontal=True)
+    if by == "class" and ds.labels is not None:
+        labels = ds.labels.cpu().numpy()
+        classes = sorted(set(int(v) for v in labels))
+        c = st.selectbox("Class", classes, key="train_class", format_func=lambda v: _class_name(ds, v))
+        members = [int(i) for i in (labels == c).nonzero()[0]]
+        pos = st.number_input(
+            f"Image of that class (1..{len(members)})", 1, len(members), 1, key="train_class_pos"
+        )
+        index = members[int(pos) - 1]
+    else:
+        index = int(st.number_input(f"Training index (0..{n - 1})", 0, n - 1, 0, key="train_index"))
+    spec = f"train:{index}"
+    return Query(spec, handle.session.parse_query(spec), f"Training image {index}")
+
+
+def _class_name(ds, v: int) -> str:
+    return ds.class_names[v] if ds.class_names and v < len(ds.class_names) else str(v)
+
+
+def _upload(handle: Handle) -> Query | None:
+    f = st.file_uploader("PNG or JPEG image", type=["png", "jpg", "jpeg"], key="upload")
+    if f is None:
+        st.info("Upload an image; it is converted to the model's size and channels.")
+        return None
+    data = f.getvalue()
+    key = "upload:" + hashlib.sha1(data).hexdigest()[:12]
+    cache = st.session_state.setdefault("uploads", {})
+    if key not in cache:
+        try:
+            cache.clear()
+            cache[key] = handle.session.query_from_upload(data, f.name)
+        except Exception as e:  # noqa: BLE001 - any unreadable upload becomes a message, never a traceback
+            st.error(f"Cannot use **{f.name}**: {e}")
+            return None
+    q = cache[key]
+    st.caption("What was done to the upload: " + "; ".join(q.notes))
+    return Query(key, q, f"Upload {f.name}")

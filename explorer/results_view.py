@@ -1,0 +1,271 @@
+"""Main page: per-method proponent/opponent grids, comparison plots, timings, cache status, downloads.
+
+The expensive call (``session.query``: query gradients + per-method preparation) runs
+once per (query, measurement, Monte Carlo samples) for every method, and the result is
+kept in ``st.session_state``; the method selection only filters what is shown, and the
+damping sliders go through ``session.rescore`` (no gradient is recomputed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pandas as pd
+import streamlit as st
+
+from engine.results import QueryResult
+from explorer import analysis, figures
+from explorer.controls import Settings
+from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
+from explorer.query_view import Query
+from explorer.runtime import Handle
+
+log = logging.getLogger(__name__)
+CELL = 64  # pixels per thumbnail (8x8 digits: factor 8), plus a 4-pixel white frame
+
+
+def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
+    """The query's result at the current damping, computing or re-scoring only what changed."""
+    session = handle.session
+    base = (query.key, s.measurement, s.mc_samples)
+    store = st.session_state.get("result_cache")
+    if store is None or store["base"] != base:
+        if s.measurement == "trajectory" and query.input.trajectory is None:
+            st.warning(
+                "**Trajectory log-probability needs a recorded sampling trajectory**, and this query has none "
+                "(training images and uploads were not sampled by the model). Pick a gallery sample or "
+                "generate a new one, or choose another measurement."
+            )
+            return None
+        try:
+            with st.spinner(f"Attributing {query.title.lower()} with every method (query gradients, then scores) ..."):
+                with handle.lock:
+                    raw = session.query(
+                        query.input, s.measurement, methods=None, damping=s.damping_dict, mc_samples=s.mc_samples
+                    )
+                # store before any other Streamlit call, so an interrupted rerun keeps the work
+                store = {"base": base, "raw": raw, "shown": {s.damping: raw}}
+                st.session_state["result_cache"] = store
+        except ValueError as e:
+            st.warning(f"Cannot attribute this query: {e}")
+            return None
+        except Exception as e:  # noqa: BLE001 - show the reason, keep the page usable
+            log.exception("query failed")
+            st.error(f"The attribution failed: {type(e).__name__}: {e}")
+            return None
+    shown = store["shown"].get(s.damping)
+    if shown is None:
+        with handle.lock:
+            shown = session.rescore(store["raw"], s.damping_dict)
+        store["shown"] = {s.damping: shown}  # keep one re-scored view; the raw result stays
+    return shown
+
+
+# --- method columns ----------------------------------------------------------------------
+
+
+def _caption(ds, i: int, score: float) -> str:
+    lab = ds.label_name(i)
+    return f"#{i}" + (f" · {lab}" if lab is not None else "") + f" · {analysis.format_score(score)}"
+
+
+def method_columns(handle: Handle, query: Query, result: QueryResult, s: Settings) -> None:
+    session = handle.session
+    ds = session.dataset
+    labels = session.labels
+    info = session.method_info()
+    names = [n for n in s.methods if n in result.methods]
+    if not names:
+        st.info("Select at least one method in the sidebar.")
+        return
+    cols = st.columns(len(names), border=True)
+    for col, name in zip(cols, names, strict=True):
+        r = result.methods[name]
+        with col:
+            st.subheader(info[name]["title"])
+            st.caption(info[name]["caption"])
+            if r.status != "ok" or r.scores is None:
+                _unavailable(r.status, r.reason or "")
+                continue
+            c1, c2 = st.columns([1, 2])
+            c1.image(display(query.input.image, 48), width=48, caption="query")
+            notes = []
+            if r.damping is not None:
+                notes.append(f"damping {r.damping:.1e}")
+            if r.reason:
+                notes.append(r.reason)
+            c2.caption(" · ".join(notes) if notes else "similarity score")
+            similarity = r.kind == "similarity"
+            top, bottom = r.top(s.top_k, labels), r.bottom(s.top_k, labels)
+            st.markdown("**Most similar**" if similarity else "**Proponents** · removing them makes the query less likely")
+            st.image(
+                [display(ds.images[x.index], CELL, border=4) for x in top],
+                caption=[_caption(ds, x.index, x.score) for x in top],
+                width=CELL + 8,
+            )
+            st.markdown("**Least similar**" if similarity else "**Opponents** · removing them makes the query more likely")
+            st.image(
+                [display(ds.images[x.index], CELL, border=4) for x in bottom],
+                caption=[_caption(ds, x.index, x.score) for x in bottom],
+                width=CELL + 8,
+            )
+
+
+def _unavailable(status: str, reason: str) -> None:
+    """Why a method has no scores; a long "how to enable" goes into an expander."""
+    head = reason.split(" (")[0].split(";")[0].strip()
+    st.warning(f"**{'Unavailable' if status == 'unavailable' else 'Failed'}:** {head}")
+    if head != reason.strip():
+        with st.expander("Details and how to enable"):
+            st.markdown(reason)
+
+
+# --- plots -------------------------------------------------------------------------------
+
+
+def plots(handle: Handle, result: QueryResult, s: Settings) -> None:
+    session = handle.session
+    info = session.method_info()
+    titles = {n: v["title"] for n, v in info.items()}
+    names = analysis.scored_methods(result, s.methods)
+    if not names:
+        return
+    labels = session.labels
+    table = analysis.score_table(result, names, labels)
+    st.subheader("Compare the methods")
+    t_dist, t_scatter, t_overlap, t_labels = st.tabs(
+        ["Score distributions", "Scatter of two methods", "Top-k overlap", "Labels of the top-k"]
+    )
+    with t_dist:
+        st.plotly_chart(figures.score_distributions(table, names, titles), key="fig_dist")
+        st.caption("Influence scores: change of the measurement if the image were removed (positive = proponent).")
+    with t_scatter:
+        if len(names) < 2:
+            st.info("Show at least two methods to compare them.")
+        else:
+            c1, c2 = st.columns(2)
+            a = c1.selectbox("x axis", names, index=0, format_func=titles.get, key="scatter_a")
+            b = c2.selectbox("y axis", names, index=1, format_func=titles.get, key="scatter_b")
+            rho = float(analysis.spearman_matrix(result, [a, b]).values[0, -1])
+            st.plotly_chart(figures.score_scatter(table, a, b, titles, rho), key="fig_scatter")
+            corr = analysis.spearman_matrix(result, names)
+            corr.index = corr.columns = [titles[n] for n in names]
+            st.caption("Spearman rank correlation of all pairs over every training image:")
+            st.dataframe(corr.style.format("{:+.3f}"), width="content")
+    with t_overlap:
+        st.plotly_chart(figures.overlap_matrix(analysis.topk_overlap(result, names, s.top_k), titles, s.top_k), key="fig_overlap")
+    with t_labels:
+        if labels is None:
+            st.info("This training set has no labels.")
+        else:
+            counts = analysis.topk_label_counts(result, names, s.top_k, labels, session.dataset.class_names)
+            st.plotly_chart(figures.label_histogram(counts, titles, s.top_k), key="fig_labels")
+
+
+# --- timings, cache, downloads -----------------------------------------------------------
+
+
+def timings(handle: Handle, result: QueryResult, s: Settings) -> None:
+    info = handle.session.method_info()
+    rows = []
+    for name in s.methods:
+        r = result.methods.get(name)
+        if r is None:
+            continue
+        row = {"method": info[name]["title"], "status": r.status}
+        row.update({f"{k} (ms)": round(v, 2) for k, v in r.timing_ms.items()})
+        rows.append(row)
+    st.markdown("**Timings of this query** (gradient = query measurement gradient, shared by methods that use "
+                "the same measurement; prepare = rotate/project/embed the query; score = one pass over all "
+                "training images at the chosen damping)")
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    st.caption(
+        "Query total " + ", ".join(f"{k} {v:.1f} ms" for k, v in result.timing_ms.items())
+        + f" · measurement `{result.measurement}` · {result.query.get('mc_samples', s.mc_samples)} Monte Carlo draws"
+    )
+
+
+def cache_status(handle: Handle) -> None:
+    session = handle.session
+    info = session.method_info()
+    refresh = st.button("Refresh cache status", key="refresh_status")
+    status = handle.status(refresh=refresh)
+    rows = []
+    for name, st_ in status.items():
+        rows.append(
+            {
+                "method": info[name]["title"],
+                "built": st_["built"],
+                "available": st_["available"],
+                "size (MB)": round(float(st_.get("size_mb") or 0.0), 2),
+                "settings": json.dumps(st_.get("settings") or {}, sort_keys=True),
+                "note": st_.get("reason") or "",
+            }
+        )
+    st.markdown(
+        f"**Cache status** · checkpoint `{session.checkpoint}` (hash `{session.checkpoint_hash}`) · "
+        f"cache root `{handle.cache_root}` · {len(session.dataset)} training images · device `{session.device}`"
+    )
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    if handle.build_summary:
+        done = ", ".join(
+            f"{info.get(n, {}).get('title', n)} {v.get('seconds', 0.0):.1f} s"
+            for n, v in handle.build_summary.items()
+            if v.get("status") == "ok"
+        )
+        st.caption(f"Built in this process in {handle.build_seconds or 0.0:.1f} s: {done}")
+
+
+def downloads(handle: Handle, query: Query, result: QueryResult, s: Settings) -> None:
+    session = handle.session
+    ds = session.dataset
+    names = analysis.scored_methods(result, session.method_names())
+    table = analysis.score_table(result, names, session.labels)
+    stem = query.key.replace(":", "-") + "_" + result.measurement.replace("@", "-").replace("=", "")
+    c1, c2 = st.columns(2)
+    c1.download_button(
+        "Download all scores (CSV)",
+        table.to_csv(index=False).encode(),
+        file_name=f"scores_{stem}.csv",
+        mime="text/csv",
+        key="dl_csv",
+        help="One row per training image: index, label, one column per method.",
+    )
+    info = session.method_info()
+    rows = [SheetRow(f"Query: {query.title} · measurement {result.measurement}", [to_uint8(query.input.image)], [""])]
+    for name in [n for n in s.methods if n in names]:
+        r = result.methods[name]
+        sim = r.kind == "similarity"
+        for title, items in (
+            ("most similar" if sim else "proponents", r.top(s.top_k, session.labels)),
+            ("least similar" if sim else "opponents", r.bottom(s.top_k, session.labels)),
+        ):
+            rows.append(
+                SheetRow(
+                    f"{info[name]['title']}: {title}",
+                    [to_uint8(ds.images[x.index]) for x in items],
+                    [f"#{x.index} {ds.label_name(x.index) or ''}\n{x.score:+.1e}" for x in items],
+                )
+            )
+    c2.download_button(
+        "Download this view (PNG)",
+        png_bytes(compose_sheet(rows)),
+        file_name=f"attribution_{stem}.png",
+        mime="image/png",
+        key="dl_png",
+    )
+
+
+def query_header(handle: Handle, query: Query) -> None:
+    c1, c2 = st.columns([1, 5])
+    c1.image(display(query.input.image, 128), width=128)
+    with c2:
+        st.markdown(f"### {query.title}")
+        lab = query.input.label
+        if lab is not None:
+            names = handle.session.dataset.class_names
+            st.markdown(f"Label: **{names[lab] if names and lab < len(names) else lab}**")
+        st.caption(" · ".join(query.input.notes))
+        has_traj = query.input.trajectory is not None
+        st.caption("Has a sampling trajectory." if has_traj else "No sampling trajectory.")

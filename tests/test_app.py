@@ -1,0 +1,381 @@
+"""The Streamlit explorer driven headlessly by ``streamlit.testing.v1.AppTest``.
+
+The app runs against a real ``AttributionSession`` on a tiny model trained here (100
+steps on 64 digits saved as an image folder), with tiny caches (M = 2 draws, TRAK
+dimension 32) that the app itself builds on its first run, so the first-start path
+(progress while building) is exercised too.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.config import AttributionConfig, DataConfig, DiffusionConfig, Preset, TrainConfig
+
+APP = str(Path(__file__).resolve().parent.parent / "explorer" / "app.py")
+TIMEOUT = 180
+
+
+def build_tiny_app(root: Path, n_images: int = 64, steps: int = 100) -> dict[str, str]:
+    """Tiny checkpoint + gallery + preset JSON; returns the ATTRIBUTION_* environment for the app.
+
+    The training set is the first ``n_images`` digits written as PNGs in class folders,
+    so the checkpoint's own preset (data "folder") reloads exactly these images.
+    """
+    import torch
+    from conftest import TINY_MODEL
+    from PIL import Image
+
+    from engine.data import load_digits
+    from engine.gallery import make_gallery
+    from engine.train import train
+
+    root = Path(root)
+    data = root / "data"
+    digits = load_digits()
+    for i in range(n_images):
+        label = int(digits.labels[i])
+        folder = data / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = ((digits.images[i, 0].numpy() + 1.0) * 127.5).round().astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:03d}.png")
+    preset = Preset(
+        name="tiny-app",
+        model=TINY_MODEL,
+        diffusion=DiffusionConfig(num_timesteps=100),  # 100 sampling steps keep the gallery and generation quick
+        data=DataConfig(name="folder", root=str(data), image_size=8, channels=1, levels=17),
+        train=TrainConfig(steps=steps, batch_size=32, lr=2e-3, log_every=50, checkpoint_every=10_000, ema_decay=None),
+        attribution=AttributionConfig(mc_samples=2, trak_dim=32),
+    )
+    preset_path = root / "preset.json"
+    preset_path.write_text(preset.to_json())
+    torch.manual_seed(0)
+    ckpt = train(preset, root / "ckpt", progress=False)
+    from engine.checkpoint import load_checkpoint
+
+    model, _, _ = load_checkpoint(ckpt)
+    make_gallery(model, preset, ckpt, dataset=None, n=3, seed=5)
+    return {
+        "ATTRIBUTION_PRESET": str(preset_path),
+        "ATTRIBUTION_CHECKPOINT": str(ckpt),
+        "ATTRIBUTION_CACHE": str(root / "cache"),
+        "ATTRIBUTION_DEVICE": "cpu",
+    }
+
+
+def shared_tiny_app(tmp_path_factory) -> dict[str, str]:
+    """``build_tiny_app`` once per test session (the browser test reuses the same checkpoint)."""
+    import json
+
+    root = tmp_path_factory.getbasetemp() / "tiny_app_shared"
+    done = root / "env.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    env = build_tiny_app(root)
+    done.write_text(json.dumps(env))
+    return env
+
+
+# --- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory) -> dict[str, str]:
+    """Checkpoint, gallery and data shared by the module; each test gets its own cache folder."""
+    import torch
+
+    torch.set_num_threads(1)
+    env = shared_tiny_app(tmp_path_factory)
+    from engine.session import AttributionSession
+
+    session = AttributionSession(
+        env["ATTRIBUTION_PRESET"], env["ATTRIBUTION_CHECKPOINT"], "cpu", env["ATTRIBUTION_CACHE"]
+    )
+    session.build()  # shared by the tests below; the first-start test uses an empty cache instead
+    return env
+
+
+def _set_env(env: dict[str, str], monkeypatch) -> dict[str, str]:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture
+def app_env(tiny_app, tmp_path, monkeypatch) -> dict[str, str]:
+    return _set_env({**tiny_app, "ATTRIBUTION_RESULTS": str(tmp_path / "results")}, monkeypatch)
+
+
+@pytest.fixture
+def fresh_env(tiny_app, tmp_path, monkeypatch) -> dict[str, str]:
+    """No caches yet: the app has to build them on its first run."""
+    return _set_env({**tiny_app, "ATTRIBUTION_CACHE": str(tmp_path / "cache")}, monkeypatch)
+
+
+def _start(app_env):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    _ok(at)
+    return at
+
+
+def _ok(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _handle():
+    """The app's cached handle (st.cache_resource is process-wide, so the test sees the app's session)."""
+    from explorer import runtime
+
+    return runtime.get_handle(runtime.parse_args([]))
+
+
+def _texts(at) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption] + [h.value for h in at.subheader]
+    parts += [w.value for w in at.warning] + [i.value for i in at.info]
+    return "\n".join(parts)
+
+
+def _count_calls(monkeypatch, obj, name: str) -> list:
+    calls: list = []
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return calls
+
+
+# --- tests -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_first_start_builds_caches_and_shows_every_method(fresh_env):
+    at = _start(fresh_env)
+    handle = _handle()
+    assert handle.build_summary is not None, "the app should have built the missing caches on its first run"
+    built = {n for n, v in handle.build_summary.items() if v["status"] == "ok"}
+    assert {"kfac", "trak", "dtrak"} <= built
+    status = handle.session.status()
+    assert all(status[n]["built"] for n in built)
+    titles = [h.value for h in at.subheader]
+    for title in ("K-FAC Influence", "TRAK", "D-TRAK", "CLIP similarity", "Pixel similarity"):
+        assert title in titles
+    text = _texts(at)
+    assert text.count("**Proponents**") == 3 and text.count("**Opponents**") == 3  # the influence methods
+    assert "**Most similar**" in text  # pixel similarity is not shown as a removal prediction
+    assert any("Unavailable" in w.value and "CLIP" in w.value for w in at.warning)
+    assert "Gallery sample 0" in text
+    assert "Preparing the explorer" not in titles  # the build box is gone once the app opens
+    assert "Built in this process" in text
+
+
+@pytest.mark.slow
+def test_gallery_measurement_damping_and_methods(app_env, monkeypatch):
+    at = _start(app_env)
+    session = _handle().session
+    queries = _count_calls(monkeypatch, session, "query")
+    rescores = _count_calls(monkeypatch, session, "rescore")
+
+    at.button(key="gallery_2").click().run()
+    _ok(at)
+    assert "Gallery sample 2" in _texts(at)
+    assert len(queries) == 1 and queries[0][0][0].description == "gallery:2"
+
+    at.selectbox(key="measurement").set_value("elbo").run()
+    _ok(at)
+    assert len(queries) == 2 and queries[1][0][1] == "elbo"
+    before = at.session_state["result_cache"]["raw"].methods["kfac"].scores.copy()
+
+    at.select_slider(key="damping_kfac").set_value(1e-2).run()
+    _ok(at)
+    assert len(queries) == 2, "moving the damping slider must not recompute the query"
+    assert len(rescores) == 1 and rescores[0][0][1]["kfac"] == pytest.approx(1e-2)
+    shown = at.session_state["result_cache"]["shown"]
+    (after,) = shown.values()
+    assert after.methods["kfac"].damping == pytest.approx(1e-2)
+    assert not np.allclose(after.methods["kfac"].scores, before), "a larger damping changes the K-FAC scores"
+    assert "damping 1.0e-02" in _texts(at)
+
+    at.multiselect(key="methods").set_value(["kfac", "pixel"]).run()
+    _ok(at)
+    titles = [h.value for h in at.subheader]
+    assert "K-FAC Influence" in titles and "Pixel similarity" in titles and "TRAK" not in titles
+    assert len(queries) == 2, "showing fewer methods must not recompute anything"
+
+    at.selectbox(key="measurement").set_value("loss@t").run()
+    at.slider(key="timestep").set_value(25).run()
+    _ok(at)
+    assert queries[-1][0][1] == "loss@t=25"
+
+
+@pytest.mark.slow
+def test_training_image_has_no_trajectory_and_uploads(app_env):
+    at = _start(app_env)
+    at.radio(key="source").set_value("Training image").run()
+    at.radio(key="train_by").set_value("class").run()
+    at.selectbox(key="train_class").set_value(3).run()
+    _ok(at)
+    labels = _handle().session.labels
+    first_three = int(np.nonzero(labels == 3)[0][0])
+    assert f"Training image {first_three}" in _texts(at)
+
+    at.selectbox(key="measurement").set_value("trajectory").run()
+    _ok(at)
+    assert any("needs a recorded sampling trajectory" in w.value for w in at.warning)
+    assert "**Proponents**" not in _texts(at)
+
+    at.selectbox(key="measurement").set_value("loss").run()
+    at.radio(key="source").set_value("Upload").run()
+    at.file_uploader(key="upload").set_value(("broken.png", b"this is not an image", "image/png")).run()
+    assert not at.exception
+    assert len(at.error) == 1 and "broken.png" in at.error[0].value and "not a readable" in at.error[0].value
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 24, 3), 200, dtype=np.uint8)).save(buf, format="PNG")
+    at.file_uploader(key="upload").set_value(("light.png", buf.getvalue(), "image/png")).run()
+    _ok(at)
+    text = _texts(at)
+    assert "What was done to the upload" in text and "resized" in text
+    assert "**Proponents**" in text
+
+
+@pytest.mark.slow
+def test_generate_a_new_sample_keeps_its_trajectory(app_env):
+    at = _start(app_env)
+    at.radio(key="source").set_value("New sample").run()
+    _ok(at)
+    assert "Generate sample" in [b.label for b in at.button]
+    at.number_input(key="gen_seed").set_value(7).run()
+    at.button(key="gen_button").click().run()
+    _ok(at)
+    handle = _handle()
+    assert 7 in handle.generated and handle.generated[7].trajectory is not None
+    assert "New sample (seed 7)" in _texts(at)
+    assert at.session_state["busy"] is None  # the lock is released after the job
+    at.selectbox(key="measurement").set_value("trajectory").run()
+    _ok(at)
+    assert at.session_state["result_cache"]["base"] == ("generate:7", "trajectory", 2)
+    assert "**Proponents**" in _texts(at)
+
+
+@pytest.mark.slow
+def test_evaluation_and_about_tabs(app_env):
+    import json
+
+    results = Path(app_env["ATTRIBUTION_RESULTS"])
+    results.mkdir(parents=True)
+    (results / "lds_digits_loss.json").write_text(
+        json.dumps(
+            {
+                "config": {"measurement": "loss", "subsets": 4},
+                "methods": {"kfac": {"lds": 0.4321, "ci95": [0.3, 0.5], "damping": 1e-8}},
+                "sweeps": {"kfac": [{"damping": 1e-8, "lds": 0.4321}, {"damping": 1e-4, "lds": 0.2}]},
+            }
+        )
+    )
+    at = _start(app_env)
+    at.session_state["page"] = "Evaluation"
+    at.run()
+    _ok(at)
+    frames = [d.value for d in at.dataframe]
+    assert any("LDS" in f.columns and f["LDS"].iloc[0] == pytest.approx(0.4321) for f in frames)
+    assert any("0.5" in f["95% interval"].iloc[0] for f in frames if "95% interval" in f.columns)
+    assert "**Proponents**" not in _texts(at)  # only the open tab renders
+    at.session_state["page"] = "About the methods"
+    at.run()
+    _ok(at)
+    text = _texts(at)
+    assert "Proponent" in text and "not removal predictions" in text
+
+
+
+@pytest.mark.slow
+def test_check_by_retraining_runs_in_the_background(app_env):
+    from explorer.evaluation_view import _retrain_job_class
+
+    if _retrain_job_class() is None:
+        pytest.skip("engine.retrain_top.RetrainJob is not in this build")
+    at = _start(app_env)
+    at.session_state["page"] = "Evaluation"
+    at.run()
+    _ok(at)
+    at.selectbox(key="retrain_method").set_value("kfac").run()
+    at.select_slider(key="retrain_frac").set_value(0.1).run()
+    at.button(key="retrain_start").click().run()
+    _ok(at)
+    handle = _handle()
+    key = ("gallery:0", "loss", "kfac", 0.1)
+    assert key in handle.retrain_jobs, "the button starts one job for this query"
+    job = handle.retrain_jobs[key]
+    assert job.wait(timeout=TIMEOUT)
+    at.run()
+    _ok(at)
+    metrics = {m.label: m.value for m in at.metric}
+    result = job.result()
+    assert metrics["Predicted change (K-FAC Influence)"] == f"{result['predicted_change']:+.3e}"
+    assert len(result["removed"]) == round(0.1 * 64)
+    assert "Measured change without a random 10%" in metrics
+    assert "Retrain without" not in " ".join(b.label for b in at.button)  # no second start for a finished job
+
+def test_display_helpers():
+    import torch
+
+    from explorer.images import SheetRow, compose_sheet, display, to_uint8
+
+    x = torch.tensor([[[-1.0, 1.0], [0.0, -1.0]]])
+    u = to_uint8(x)
+    assert u.dtype == np.uint8 and u.tolist() == [[0, 255], [128, 0]]
+    big = display(x, 8)
+    assert big.shape == (8, 8) and (big[:4, :4] == 0).all() and (big[:4, 4:] == 255).all()  # nearest, no blur
+    sheet = compose_sheet([SheetRow("a", [u, u], ["#1", "#2"])], cell=16)
+    assert sheet.size[0] >= 2 * 16
+
+
+def test_overlap_and_label_counts():
+    from engine.results import MethodResult, QueryResult
+    from explorer.analysis import score_table, topk_label_counts, topk_overlap
+
+    def mr(name, scores):
+        return MethodResult(name, name, "influence", "", "ok", scores=np.asarray(scores, dtype=np.float32))
+
+    res = QueryResult({}, "loss", {"a": mr("a", [4, 3, 2, 1]), "b": mr("b", [4, 1, 2, 3]), "c": mr("c", [1, 2, 3, 4])})
+    ov = topk_overlap(res, ["a", "b", "c"], 2)
+    assert ov.loc["a", "a"] == 1.0 and ov.loc["a", "b"] == 0.5 and ov.loc["a", "c"] == 0.0
+    labels = np.array([0, 1, 1, 2])
+    counts = topk_label_counts(res, ["c"], 2, labels, None)
+    assert dict(zip(counts["label"], counts["count"], strict=True)) == {"0": 0, "1": 1, "2": 1}
+    table = score_table(res, ["a", "c"], labels)
+    assert list(table.columns) == ["index", "label", "a", "c"] and table["c"].tolist() == [1, 2, 3, 4]
+
+
+def test_command_line_beats_environment():
+    from explorer.runtime import parse_args
+
+    env = {"ATTRIBUTION_PRESET": "cifar2", "ATTRIBUTION_CHECKPOINT": "/env/ckpt", "ATTRIBUTION_CACHE": "/env/cache"}
+    a = parse_args(["--preset", "digits", "--checkpoint", "/cli/ckpt"], env=env)
+    assert (a.preset, a.checkpoint, a.cache, a.device) == ("digits", "/cli/ckpt", "/env/cache", None)
+    b = parse_args(["-q", "tests", "-k", "x"], env={})  # a test runner's argv is ignored
+    assert (b.preset, b.checkpoint, b.cache) == ("digits", None, None)
+
+
+def test_missing_checkpoint_is_a_message(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    env = {"ATTRIBUTION_PRESET": "digits", "ATTRIBUTION_CHECKPOINT": str(tmp_path / "nowhere")}
+    _set_env({**env, "ATTRIBUTION_CACHE": str(tmp_path / "cache"), "ATTRIBUTION_DEVICE": "cpu"}, monkeypatch)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and "Cannot load the model" in at.error[0].value and "nowhere" in at.error[0].value

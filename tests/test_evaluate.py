@@ -1,0 +1,310 @@
+"""The two evaluations (paper section 4): LDS arithmetic, subsets, resumable retraining,
+cached true measurements, the quick CLI pipeline and retraining without top influences."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from engine.evaluate import (
+    MeasureSpec,
+    bootstrap_ci,
+    cached_measurements,
+    common_draws,
+    group_predictions,
+    lds_score,
+    measure_queries,
+    spearman,
+)
+from engine.lds import (
+    LDSConfig,
+    SubsetMismatchError,
+    lds_table,
+    load_lds_results,
+    load_or_make_subsets,
+    make_subsets,
+    measured_matrix,
+    model_folder,
+    predicted_matrix,
+    subset_steps,
+    train_subsets,
+)
+from engine.measurements import measure
+
+# --- arithmetic with known answers -------------------------------------------------------
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, size=40).astype(float)  # many ties
+    b = a + rng.normal(size=40)
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
+
+
+def test_lds_is_one_for_monotone_and_minus_one_for_reversed():
+    rng = np.random.default_rng(1)
+    pred = rng.normal(size=(6, 20))
+    monotone = np.exp(3 * pred) + 7.0  # strictly increasing transform, different per value scale
+    res = lds_score(pred, monotone)
+    assert res.lds == pytest.approx(1.0)
+    assert all(v == pytest.approx(1.0) for v in res.per_query)
+    assert lds_score(pred, -(pred**3)).lds == pytest.approx(-1.0)
+
+
+def test_bootstrap_interval_contains_mean_and_shrinks_with_agreement():
+    rng = np.random.default_rng(2)
+    vals = rng.normal(0.3, 0.2, size=50)
+    lo, hi = bootstrap_ci(vals)
+    assert lo < vals.mean() < hi
+    lo2, hi2 = bootstrap_ci(np.full(50, 0.3) + rng.normal(0, 0.01, size=50))
+    assert hi2 - lo2 < (hi - lo) / 5
+
+
+def test_group_prediction_sums_scores_of_removed_examples():
+    scores = np.array([1.0, 2.0, 4.0, 8.0])
+    masks = np.array([[True, False, True, False], [False, False, False, True]])
+    np.testing.assert_allclose(group_predictions(scores, masks), [2.0 + 8.0, 1.0 + 2.0 + 4.0])
+
+
+def test_lds_table_ranks_a_true_linear_datamodel_above_noise():
+    """Measured values from an exact additive model of removal: its tau gets LDS ~ 1, random scores ~ 0."""
+    rng = np.random.default_rng(3)
+    n, k, q = 200, 40, 8
+    masks = make_subsets(n, k, 0.5, seed=0)
+    tau = rng.normal(size=(q, n))
+    measured = np.stack([5.0 + group_predictions(tau[i], masks) for i in range(q)])
+    fns = {"true": lambda i: tau[i], "random": lambda i: rng.normal(size=n), "negated": lambda i: -tau[i]}
+    predicted = predicted_matrix(lambda i: {name: f(i) for name, f in fns.items()}, masks, q)
+    table = lds_table(predicted, measured)
+    assert table["true"]["lds"] == pytest.approx(1.0)
+    assert table["negated"]["lds"] == pytest.approx(-1.0)
+    assert abs(table["random"]["lds"]) < 0.3
+    lo, hi = table["random"]["ci95"]
+    assert lo <= table["random"]["lds"] <= hi
+
+
+# --- subsets -----------------------------------------------------------------------------
+
+
+def test_subsets_have_the_right_size_are_seeded_and_extend(digits_small, tmp_path):
+    m = make_subsets(64, 5, 0.5, seed=3)
+    assert m.shape == (5, 64) and (m.sum(1) == 32).all()
+    assert len({row.tobytes() for row in m}) == 5
+    np.testing.assert_array_equal(make_subsets(64, 8, 0.5, seed=3)[:5], m)
+    assert not np.array_equal(make_subsets(64, 5, 0.5, seed=4), m)
+    cfg = LDSConfig(subsets=3, fraction=0.5, subset_seed=3)
+    saved = load_or_make_subsets(tmp_path, digits_small, cfg)
+    np.testing.assert_array_equal(saved, m[:3])
+    # more subsets later: the old ones are kept
+    np.testing.assert_array_equal(load_or_make_subsets(tmp_path, digits_small, LDSConfig(5, 1, 0.5, 3)), m)
+    with pytest.raises(SubsetMismatchError):
+        load_or_make_subsets(tmp_path, digits_small, LDSConfig(5, 1, 0.25, 3))
+    with pytest.raises(SubsetMismatchError):
+        load_or_make_subsets(tmp_path, digits_small.subset(list(range(60))), cfg)
+    assert subset_steps(32_000, 0.5) == 16_000
+
+
+# --- resumable training and cached measurements ---------------------------------------
+
+
+@pytest.mark.slow
+def test_subset_training_resumes_and_skips_finished(tiny_preset, digits_small, tmp_path):
+    from engine.train import train
+
+    preset = tiny_preset.replace(train={"steps": 24, "checkpoint_every": 10})
+    cfg = LDSConfig(subsets=2, seeds=1, fraction=0.5, subset_seed=0)
+    masks = load_or_make_subsets(tmp_path, digits_small, cfg)
+    # a "killed" run: model k001 stopped after its step-10 checkpoint
+    f1 = model_folder(tmp_path, 1, 0)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(step, total, loss):
+        if step == 11:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(preset, f1, dataset=digits_small, indices=np.flatnonzero(masks[1]), progress=stop_at, steps=12)
+    assert (f1 / "train_state.pt").is_file() and not (f1 / "model.safetensors").is_file()
+
+    logs: list[str] = []
+    train_subsets(
+        preset, tmp_path, cfg, digits_small, workers=1, pass_dataset=True, progress=False, log=logs.append
+    )
+    assert "2 to train" in logs[0]
+    for k in range(2):
+        f = model_folder(tmp_path, k, 0)
+        assert (f / "model.safetensors").is_file() and not (f / "train_state.pt").is_file()
+        assert json.loads((f / "config.json").read_text())["extra"]["steps"] == subset_steps(24, 0.5)
+    stamp = os.stat(model_folder(tmp_path, 0, 0) / "model.safetensors").st_mtime_ns
+    logs.clear()
+    train_subsets(
+        preset, tmp_path, cfg, digits_small, workers=1, pass_dataset=True, progress=False, log=logs.append
+    )
+    assert "2 finished before, 0 to train" in logs[0]
+    assert os.stat(model_folder(tmp_path, 0, 0) / "model.safetensors").st_mtime_ns == stamp
+
+    # true measurements: common draws, cached beside each model, NaN where no model
+    queries = digits_small.images[:2]
+    spec = MeasureSpec("loss", mc_samples=16, seed=7, batch=5)
+    # two spawned workers (the --workers path), then the same values from the caches
+    vals = measured_matrix(
+        tmp_path, np.vstack([masks, masks[:1]]), 1, queries, spec, 17, progress=False, workers=2
+    )
+    assert vals.shape == (1, 2, 3) and np.isfinite(vals[0, :, :2]).all() and np.isnan(vals[0, :, 2]).all()
+    from engine.checkpoint import load_checkpoint
+    from engine.diffusion import Diffusion
+
+    model, p, _ = load_checkpoint(model_folder(tmp_path, 0, 0))
+    draws = common_draws(spec, (1, 8, 8), 1000)
+    with torch.no_grad():
+        direct = float(measure("loss", model, Diffusion(p.diffusion), queries[1:2], draws))
+    assert vals[0, 1, 0] == pytest.approx(direct, rel=1e-5)
+    # the cache is what a second call returns
+    cache = next((model_folder(tmp_path, 0, 0) / "measurements").glob("*.json"))
+    rec = json.loads(cache.read_text())
+    rec["values"] = [123.0, 456.0]
+    cache.write_text(json.dumps(rec))
+    again = cached_measurements(model_folder(tmp_path, 0, 0), queries, spec, 17)
+    np.testing.assert_allclose(again, [123.0, 456.0])
+
+
+def test_measure_queries_chunks_give_the_mean_over_all_draws(tiny_preset, tiny_model, digits_small):
+    q = digits_small.images[:2]
+    a = measure_queries(tiny_model, tiny_preset, q, MeasureSpec("elbo", 12, seed=1, batch=5), 17)
+    b = measure_queries(tiny_model, tiny_preset, q, MeasureSpec("elbo", 12, seed=1, batch=12), 17)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    c = measure_queries(tiny_model, tiny_preset, q, MeasureSpec("elbo", 12, seed=2, batch=12), 17)
+    assert not np.allclose(a, c)
+
+
+# --- the quick CLI end to end (methods replaced by a fake session) ---------------------
+
+
+class FakeSession:
+    """Stands in for AttributionSession: pixel-distance "influence" scores, no caches."""
+
+    def __init__(self, preset, checkpoint, device, cache_root, config, dataset, auto_build):
+        self.checkpoint_hash = "fake"
+        self.config = config
+        self.dataset = dataset
+
+    def query(self, query, measurement, methods):
+        from engine.results import MethodResult, QueryResult
+
+        x = self.dataset.images.flatten(1)
+        d = ((x - query.image.flatten()[None]) ** 2).mean(1).numpy()
+        out = {}
+        for name in methods:
+            s = {"kfac": -d, "pixel": -d, "trak": d}.get(name)
+            if s is None:
+                out[name] = MethodResult(name, name, "influence", "", "unavailable", reason="not in the fake")
+            else:
+                kind = "similarity" if name == "pixel" else "influence"
+                out[name] = MethodResult(
+                    name, name, kind, "", "ok", damping=1e-8, scores=s.astype(np.float32)
+                )
+        return QueryResult(query={}, measurement=measurement, methods=out)
+
+    def rescore(self, result, damping):
+        import copy
+
+        res = copy.deepcopy(result)
+        for name, d in damping.items():
+            res.methods[name].scores = res.methods[name].scores * (1.0 + d)  # same ranking
+            res.methods[name].damping = d
+        return res
+
+
+@pytest.mark.slow
+def test_quick_cli_end_to_end(tmp_path, monkeypatch):
+    import engine.session
+    from engine.cli_evaluate import main
+
+    monkeypatch.setattr(engine.session, "AttributionSession", FakeSession)
+    out = tmp_path / "run"
+    argv = ["lds", "--quick", "--out", str(out), "--queries", "2", "--mc-samples", "8", "--device", "cpu"]
+    assert main([*argv, "--train-only"]) == 0
+    assert len(list((out / "models").glob("k*_r0/model.safetensors"))) == 4
+    assert main([*argv, "--methods", "kfac,trak,pixel,dtrak"]) == 0
+    rec = json.loads((out / "results" / "lds_quick_loss.json").read_text())
+    assert set(rec["methods"]) == {"kfac", "trak", "pixel"}  # dtrak unavailable in the fake
+    for name in ("kfac", "trak"):
+        m = rec["methods"][name]
+        assert -1.0 <= m["lds"] <= 1.0 and m["ci95"][0] <= m["lds"] <= m["ci95"][1]
+    assert rec["methods"]["kfac"]["lds"] == pytest.approx(-rec["methods"]["trak"]["lds"])
+    assert rec["methods"]["pixel"]["removal_prediction"] is False
+    assert len(rec["sweeps"]["kfac"]) == 14
+    assert rec["config"]["subsets_with_models"] == 4 and rec["config"]["subset_steps"] == 30
+    assert (out / "results" / "lds_quick_loss.png").stat().st_size > 1000
+    assert load_lds_results(out / "results")[0]["file"] == "lds_quick_loss.json"
+    # a rerun reuses every model and every cached measurement / score
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if "results" not in p.parts}
+    assert main([*argv, "--methods", "kfac,trak,pixel,dtrak"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # a live trainer on the folder: training is refused, evaluating finished models is not
+    from engine.lds import TrainingBusyError
+
+    (out / ".train.lock").write_text(str(os.getppid()))
+    with pytest.raises(TrainingBusyError):
+        main([*argv, "--train-only"])
+    assert main([*argv, "--methods", "kfac,trak,pixel", "--no-train"]) == 0
+    (out / ".train.lock").unlink()
+    # other settings in the same folder are refused
+    with pytest.raises(SubsetMismatchError):
+        main([*argv, "--fraction", "0.25", "--train-only"])
+
+
+# --- retraining without top influences ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_retrain_job_removes_top_proponents_and_caches(tiny_preset, digits_small, tmp_path):
+    from engine.methods.base import QueryInput
+    from engine.retrain_top import RetrainJob, random_control, removal_count, top_proponents
+    from engine.train import train
+
+    preset = tiny_preset.replace(train={"steps": 8, "checkpoint_every": 100})
+    ckpt = train(preset, tmp_path / "full", dataset=digits_small, progress=False)
+    fake = FakeSession(preset, ckpt, "cpu", None, None, digits_small, False)
+    session = SimpleNamespace(
+        preset=preset,
+        dataset=digits_small,
+        checkpoint=Path(ckpt),
+        checkpoint_hash="h",
+        device="cpu",
+        query=fake.query,
+    )
+    q = QueryInput(image=digits_small.images[5], description="train:5")
+    job = RetrainJob.start(session, q, "loss", "kfac", 0.05, tmp_path / "rt", mc_samples=8)
+    assert job.wait(120) and job.done()
+    r = job.result()
+    k = removal_count(64, 0.05)
+    assert k == 3 and len(r["removed"]) == k
+    scores = fake.query(q, "loss", ["kfac"]).methods["kfac"].scores
+    assert r["removed"][0] == 5  # the query itself is its nearest (top) proponent in the fake
+    np.testing.assert_array_equal(r["removed"], top_proponents(scores, k))
+    assert r["predicted_change"] == pytest.approx(float(scores[r["removed"]].sum()), rel=1e-6)
+    assert np.isfinite(r["measured_change"]) and np.isfinite(r["random_measured_change"])
+    assert r["measured_change"] == pytest.approx(r["retrained_measurement"] - r["full_measurement"])
+    assert job.progress()[1] == 1.0
+    # the same request again: cached, no thread, no training
+    again = RetrainJob.start(session, q, "loss", "kfac", 0.05, tmp_path / "rt", mc_samples=8)
+    assert again.done() and again._thread is None and again.result() == r
+    # the random control is shared by another method with the same fraction
+    other = RetrainJob.start(
+        session, q, "loss", "trak", 0.05, tmp_path / "rt", mc_samples=8, background=False
+    )
+    assert other.plan.control_folder == job.plan.control_folder
+    assert other.result()["random_measured_change"] == pytest.approx(r["random_measured_change"])
+    assert set(random_control(64, k)) != set(r["removed"])
+    assert top_proponents(np.array([1.0, 3.0, 3.0, 0.0]), 2).tolist() == [1, 2]

@@ -1,0 +1,257 @@
+"""AttributionSession end to end on a tiny checkpoint (trained here) with a tiny cache."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL
+
+from engine.checkpoint import CheckpointError
+from engine.config import AttributionConfig, DataConfig, Preset, TrainConfig
+from engine.measurements import quantize
+from engine.sampling import generate
+from engine.session import AttributionSession
+from engine.train import train
+
+GRADIENT_METHODS = ["kfac", "trak", "dtrak"]
+TINY_ATTRIBUTION = AttributionConfig(mc_samples=4, trak_dim=32, clip_pretrained=None)
+
+
+def tiny_checkpoint(folder, dataset, gallery: int = 2):
+    """A tiny U-Net trained 100 steps on ``dataset``, with a gallery of sampled trajectories."""
+    torch.set_num_threads(1)
+    preset = Preset(
+        name="tiny",
+        model=TINY_MODEL,
+        data=DataConfig(name="digits"),
+        train=TrainConfig(steps=100, batch_size=32, lr=2e-3, log_every=50, checkpoint_every=1000),
+        attribution=TINY_ATTRIBUTION,
+    )
+    train(preset, folder, dataset=dataset, progress=False)
+    if gallery:
+        from engine.checkpoint import load_checkpoint
+
+        model, _, _ = load_checkpoint(folder)
+        images, traj = generate(model, preset, gallery, seed=7, trajectory=True)
+        np.savez(
+            folder / "gallery.npz",
+            images=((images.clamp(-1, 1) + 1) / 2).numpy(),
+            seeds=np.full(gallery, 7),
+            trajectory=traj.numpy(),
+            labels=np.arange(gallery),
+        )
+    return preset
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, digits_small):
+    folder = tmp_path_factory.mktemp("tiny_ckpt")
+    preset = tiny_checkpoint(folder, digits_small)
+    return folder, preset
+
+
+@pytest.fixture(scope="module")
+def session(ckpt, digits_small, tmp_path_factory):
+    """A session over 64 digits with every method built (CLIP: small random model if it is cheap)."""
+    folder, preset = ckpt
+    s = AttributionSession(
+        preset,
+        checkpoint=folder,
+        device="cpu",
+        cache_root=tmp_path_factory.mktemp("cache"),
+        config=TINY_ATTRIBUTION,
+        dataset=digits_small,
+    )
+    s.build(GRADIENT_METHODS + ["pixel"])
+    return s
+
+
+def test_missing_checkpoint_says_how_to_train(tmp_path):
+    with pytest.raises(CheckpointError, match="attribution-engine train --preset digits"):
+        AttributionSession("digits", checkpoint=tmp_path / "nothing", device="cpu", cache_root=tmp_path)
+
+
+def test_train_query_all_methods_share_one_gradient_per_measurement(session, monkeypatch):
+    calls = []
+    original = session.query_gradient
+
+    def counting(measurement, query, draws):
+        calls.append(str(measurement))
+        return original(measurement, query, draws)
+
+    monkeypatch.setattr(session, "query_gradient", counting)
+    q = session.parse_query("train:5")
+    assert q.trajectory is None and q.label == int(session.dataset.labels[5])
+    res = session.query(q, "loss", methods=GRADIENT_METHODS + ["pixel"])
+    # K-FAC and TRAK share the loss gradient; D-TRAK asks for the square norm; pixel for none
+    assert sorted(calls) == ["loss", "square-norm"]
+    n = len(session.dataset)
+    for name in GRADIENT_METHODS + ["pixel"]:
+        r = res.methods[name]
+        assert r.status == "ok", (name, r.reason)
+        assert r.scores.shape == (n,) and r.scores.dtype == np.float32
+        assert np.isfinite(r.scores).all()
+        assert {"gradient", "prepare", "score"} <= set(r.timing_ms)
+    assert res.methods["kfac"].damping == pytest.approx(TINY_ATTRIBUTION.kfac_damping)
+    assert res.methods["pixel"].damping is None
+    # the query itself is its own nearest pixel neighbour
+    assert res.methods["pixel"].top(1)[0].index == 5
+    assert res.query["spec"] == "train:5" and res.query["label"] == q.label
+    assert res.timing_ms["total"] >= res.timing_ms["gradients"] > 0
+    out = res.to_json(3, session.labels)
+    assert len(out["methods"]["kfac"]["top"]) == 3 and out["methods"]["kfac"]["top"][0]["label"] is not None
+
+
+def test_common_random_numbers_make_queries_reproducible(session):
+    q = session.parse_query("train:9")
+    a = session.query(q, "loss", methods=["kfac"]).methods["kfac"].scores
+    b = session.query(q, "loss", methods=["kfac"]).methods["kfac"].scores
+    np.testing.assert_array_equal(a, b)
+    c = session.query(q, "loss", methods=["kfac"], mc_samples=8).methods["kfac"].scores
+    assert not np.array_equal(a, c)  # other draws, other estimate
+
+
+def test_gallery_query_with_trajectory(session, ckpt):
+    items = session.gallery()
+    assert len(items) == 2
+    g = items[1]
+    assert g.trajectory.shape == (session.diffusion.T + 1, *session.shape)
+    assert g.image.min() >= -1 and g.image.max() <= 1 and g.label == 1
+    q = session.parse_query("gallery:1")
+    assert q.trajectory is not None and q.label == 1
+    res = session.query(q, "trajectory", methods=GRADIENT_METHODS + ["pixel"])
+    for name in GRADIENT_METHODS + ["pixel"]:
+        assert res.methods[name].status == "ok", (name, res.methods[name].reason)
+    assert res.measurement == "trajectory" and res.query["has_trajectory"]
+    loss = session.query(q, "loss", methods=["kfac"]).methods["kfac"].scores
+    assert not np.allclose(loss, res.methods["kfac"].scores)  # another measurement, other scores
+    with pytest.raises(ValueError, match="out of range"):
+        session.parse_query("gallery:2")
+
+
+def test_rescore_changes_damping_without_gradients(session, monkeypatch):
+    q = session.parse_query("train:3")
+    res = session.query(q, "loss", methods=["kfac", "trak", "pixel"])
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("rescore must not recompute gradients or prepare")
+
+    import engine.gradients as gradients
+
+    monkeypatch.setattr(gradients, "measurement_grad", forbidden)
+    monkeypatch.setattr(session, "query_gradient", forbidden)
+    for name in ("kfac", "trak"):
+        monkeypatch.setattr(session.method(name), "prepare", forbidden)
+    big = {"kfac": 1e-1, "trak": res.methods["trak"].damping * 1e4}
+    new = session.rescore(res, big)
+    for name in ("kfac", "trak"):
+        assert new.methods[name].damping == pytest.approx(big[name])
+        assert not np.allclose(new.methods[name].scores, res.methods[name].scores)
+        assert "score" in new.methods[name].timing_ms
+    np.testing.assert_array_equal(new.methods["pixel"].scores, res.methods["pixel"].scores)
+    back = session.rescore(new, {"kfac": res.methods["kfac"].damping, "trak": res.methods["trak"].damping})
+    for name in ("kfac", "trak"):
+        np.testing.assert_allclose(back.methods[name].scores, res.methods[name].scores, rtol=1e-5, atol=1e-12)
+
+
+def test_trajectory_measurement_needs_a_trajectory(session):
+    with pytest.raises(ValueError, match="trajectory"):
+        session.query(session.parse_query("train:1"), "trajectory", methods=["kfac"])
+
+
+def test_bad_query_specs(session, tmp_path):
+    with pytest.raises(ValueError, match="no image file"):
+        session.parse_query(f"image:{tmp_path / 'missing.png'}")
+    bad = tmp_path / "notes.png"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match="not a readable"):
+        session.parse_query(f"image:{bad}")
+    for spec in ("bogus:1", "train", "train:x", "train:64"):
+        with pytest.raises(ValueError):
+            session.parse_query(spec)
+    with pytest.raises(ValueError, match="unknown method"):
+        session.query(session.parse_query("train:0"), methods=["nope"])
+    with pytest.raises(ValueError, match="unknown measurement"):
+        session.query(session.parse_query("train:0"), "likelihood", methods=["pixel"])
+
+
+def test_upload_non_image_is_rejected(session):
+    with pytest.raises(ValueError, match="not a readable"):
+        session.query_from_upload(b"%PDF-1.4 definitely not a picture")
+    with pytest.raises(ValueError, match="empty"):
+        session.query_from_upload(b"")
+
+
+def test_upload_png_is_converted_to_model_space(session, tmp_path):
+    from PIL import Image
+
+    # a dark "1" on a white 28x28 RGB canvas: must become a light-on-dark 8x8 grey digit
+    arr = np.full((28, 28, 3), 255, dtype=np.uint8)
+    arr[4:24, 11:17] = 0
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG")
+    q = session.query_from_upload(buf.getvalue(), name="one.png")
+    assert q.image.shape == (1, 8, 8)
+    assert q.image.min() >= -1 and q.image.max() <= 1
+    torch.testing.assert_close(q.image, quantize(q.image, 17))  # on the 17-level grid
+    notes = " | ".join(q.notes)
+    for part in ("converted RGB -> grey", "resized 28x28 -> 8x8", "values mapped to [-1, 1]", "inverted", "17-level"):
+        assert part in notes, notes
+    assert q.image[0, 4, 3:5].mean() > 0.4 and q.image[0, 0, 0] == -1  # stroke bright, corner dark
+    path = tmp_path / "one.jpg"
+    Image.fromarray(arr, "RGB").save(path)
+    qf = session.parse_query(f"image:{path}")
+    assert qf.description == f"image:{path}" and qf.image.shape == (1, 8, 8)
+    res = session.query(q, "loss", methods=["pixel", "kfac"])
+    assert res.methods["pixel"].status == "ok" and res.methods["kfac"].status == "ok"
+
+
+def test_unbuilt_methods_are_unavailable_with_instructions(ckpt, digits_small, tmp_path):
+    folder, preset = ckpt
+    s = AttributionSession(
+        preset, checkpoint=folder, device="cpu", cache_root=tmp_path, config=TINY_ATTRIBUTION, dataset=digits_small
+    )
+    st = s.status()
+    assert set(st) == {"kfac", "trak", "dtrak", "clip", "pixel"}
+    assert not st["kfac"]["built"] and "attribution-engine build" in st["kfac"]["reason"]
+    assert st["pixel"]["built"] and st["pixel"]["available"]
+    res = s.query(s.parse_query("train:0"), methods=["kfac", "pixel"])
+    assert res.methods["kfac"].status == "unavailable"
+    assert "attribution-engine build --preset tiny --methods kfac" in res.methods["kfac"].reason
+    assert res.methods["pixel"].status == "ok"
+    info = s.method_info()
+    assert info["kfac"]["kind"] == "influence" and info["pixel"]["kind"] == "similarity"
+    assert info["kfac"]["default_damping"] == pytest.approx(1e-8)
+
+
+def test_auto_build_and_status(ckpt, digits_small, tmp_path):
+    folder, preset = ckpt
+    s = AttributionSession(
+        preset,
+        checkpoint=folder,
+        device="cpu",
+        cache_root=tmp_path,
+        config=TINY_ATTRIBUTION,
+        dataset=digits_small,
+        auto_build=True,
+    )
+    t0 = time.perf_counter()
+    res = s.query(s.parse_query("train:2"), methods=["trak"])
+    assert res.methods["trak"].status == "ok" and "build" in res.methods["trak"].timing_ms
+    assert time.perf_counter() - t0 < 30
+    st = s.status()
+    assert st["trak"]["built"] and st["trak"]["size_mb"] > 0
+    summary = s.build(["trak"])  # already built: a load, recorded with its size
+    assert summary["trak"]["status"] == "ok" and summary["trak"]["size_mb"] > 0
+
+
+def test_generate_records_a_trajectory(session):
+    steps = []
+    q = session.generate(3, progress=lambda i, n: steps.append(i))
+    assert q.trajectory.shape == (session.diffusion.T + 1, *session.shape)
+    assert len(steps) == session.diffusion.T and q.description == "generate:3"
+    torch.testing.assert_close(q.image, q.trajectory[-1].clamp(-1, 1))
