@@ -102,35 +102,28 @@ class KFACFactors:
 
     def rotate(self, grads: torch.Tensor) -> torch.Tensor:
         """Flat gradients (n, P) or (P,) -> the same in the eigenbasis: R = Q_B^T W Q_A, r_b = Q_B^T g_b."""
-        single = grads.dim() == 1
-        g = grads[None] if single else grads
+        return self._change_basis(grads, inverse=False)
+
+    def unrotate(self, rotated: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``rotate`` (Q orthogonal): W = Q_B R Q_A^T."""
+        return self._change_basis(rotated, inverse=True)
+
+    def _change_basis(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """One loop for both directions: multiply each block by Q_B^T (.) Q_A, or Q_B (.) Q_A^T."""
+        single = x.dim() == 1
+        g = x[None] if single else x
         out = torch.empty_like(g)
         for blk in self.blocks:
             lf = self.layers[blk.layer]
             sl = slice(blk.offset, blk.offset + blk.size)
             qb = lf.qb.to(g.device, g.dtype)
+            left = qb if inverse else qb.T
             if blk.kind == "weight":
+                qa = lf.qa.to(g.device, g.dtype)  # type: ignore[union-attr]
                 w = g[:, sl].reshape(g.shape[0], *blk.shape)
-                r = qb.T @ w @ lf.qa.to(g.device, g.dtype)  # type: ignore[union-attr]
-                out[:, sl] = r.reshape(g.shape[0], -1)
+                out[:, sl] = (left @ w @ (qa.T if inverse else qa)).reshape(g.shape[0], -1)
             else:
-                out[:, sl] = g[:, sl] @ qb
-        return out[0] if single else out
-
-    def unrotate(self, rotated: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``rotate`` (Q orthogonal): W = Q_B R Q_A^T."""
-        single = rotated.dim() == 1
-        r = rotated[None] if single else rotated
-        out = torch.empty_like(r)
-        for blk in self.blocks:
-            lf = self.layers[blk.layer]
-            sl = slice(blk.offset, blk.offset + blk.size)
-            qb = lf.qb.to(r.device, r.dtype)
-            if blk.kind == "weight":
-                w = r[:, sl].reshape(r.shape[0], *blk.shape)
-                out[:, sl] = (qb @ w @ lf.qa.to(r.device, r.dtype).T).reshape(r.shape[0], -1)  # type: ignore[union-attr]
-            else:
-                out[:, sl] = r[:, sl] @ qb.T
+                out[:, sl] = g[:, sl] @ left.T
         return out[0] if single else out
 
     def eigenvalues(self) -> torch.Tensor:
