@@ -39,6 +39,17 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="folder with CIFAR pickles or images")
 
 
+def subcommand(
+    sub: argparse._SubParsersAction, name: str, func: Handler, help: str, description: str
+) -> argparse.ArgumentParser:
+    """One subcommand parser with the common options (preset, checkpoint, device, data root)
+    and its handler: every ``add_*`` starts here, then adds its own options."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_common(p)
+    p.set_defaults(func=func)
+    return p
+
+
 def resolve(args: argparse.Namespace):
     """Preset (with --data-root applied), checkpoint folder and device from common args."""
     preset = get_preset(args.preset)
@@ -53,19 +64,19 @@ def resolve(args: argparse.Namespace):
 
 @register
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = subcommand(
+        sub,
         "train",
+        cmd_train,
         help="train a DDPM (resumable)",
         description="Train a DDPM on the preset's data. Resumes from train_state.pt if the "
         "output folder holds an unfinished run; does nothing if it holds a finished one.",
     )
-    add_common(p)
     p.add_argument("--out", default=None, help="output checkpoint folder (default: --checkpoint)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: preset's)")
     p.add_argument("--seed", type=int, default=None, help="training seed (default: preset's)")
     p.add_argument("--indices", default=None, help="train only on these indices (.npy or comma list)")
     p.add_argument("--exclude", default=None, help="train without these indices (.npy or comma list)")
-    p.set_defaults(func=cmd_train)
 
 
 def _read_indices(spec: str | None):
@@ -107,19 +118,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 @register
 def add_sample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = subcommand(
+        sub,
         "sample",
+        cmd_sample,
         help="draw DDPM samples to a PNG grid or an .npz",
         description="Ancestral DDPM sampling with all T steps and the small variance. "
         ".png writes a grid; .npz writes `images` (n, C, H, W) in [0, 1], `seed`, and with "
         "--trajectory the array `trajectory` (n, T+1, C, H, W), x_T first, in [-1, 1] space.",
     )
-    add_common(p)
     p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--out", required=True, help="output file: .png (grid) or .npz")
     p.add_argument("--trajectory", action="store_true", help="record x_T..x_0 (npz only)")
-    p.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -183,15 +194,15 @@ def main(argv: list[str] | None = None) -> int:
 
 @register
 def add_assets(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    subcommand(
+        sub,
         "assets",
+        cmd_assets,
         help="write the gallery, sample grid, loss curve and sample-quality report beside a checkpoint",
         description="Writes gallery.npz (32 samples with trajectories and classifier labels), "
         "samples_grid.png (8x8 samples, seed 0), train_loss.png and, for digits, sample_quality.json "
         "(fraction of 256 samples a logistic regression classifies with p >= 0.8 vs 256 real digits).",
     )
-    add_common(p)
-    p.set_defaults(func=cmd_assets)
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
@@ -210,4 +221,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "register", "add_common", "resolve", "json"]
+__all__ = ["main", "register", "add_common", "subcommand", "resolve", "json"]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import add_common, register, resolve
+from .cli import register, resolve, subcommand
 
 ALL_METHODS = ("kfac", "trak", "dtrak", "clip", "pixel")
 
@@ -71,16 +71,16 @@ def _fail(e: Exception) -> int:
 
 @register
 def add_build(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = subcommand(
+        sub,
         "build",
+        cmd_build,
         help="build attribution caches (K-FAC factors and bank, TRAK features, CLIP embeddings)",
         description="Compute or load each method's cache for the checkpoint and data set. Resumable: "
         "finished parts of a bank are kept when a build is interrupted.",
     )
-    add_common(p)
     p.add_argument("--methods", default=None, help=f"comma list from {','.join(ALL_METHODS)} (default: all)")
     _add_attribution_options(p)
-    p.set_defaults(func=cmd_build)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -119,14 +119,15 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 @register
 def add_query(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = subcommand(
+        sub,
         "query",
+        cmd_query,
         help="attribute one generated or given image to the training images",
         description="Scores every training image for one query. Influence scores (kfac, trak, dtrak) "
         "follow the paper's sign and scale: positive = proponent (removing it would raise the query's "
         "loss), tau_i = (1/N) grad m^T (G + lambda I)^-1 grad l_i. clip and pixel are similarities.",
     )
-    add_common(p)
     p.add_argument(
         "--query", required=True, help="gallery:N | train:N | image:PATH (PNG/JPEG) | generate:SEED"
     )
@@ -144,7 +145,6 @@ def add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auto-build", action="store_true", help="build missing caches instead of reporting them")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--scores-out", default=None, help="write every method's full score vector to this .npz")
-    p.set_defaults(func=cmd_query)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -226,15 +226,15 @@ def format_result(result, top_k: int, labels) -> str:
 def add_bench(sub: argparse._SubParsersAction) -> None:
     from .bench_attribution import add_arguments
 
-    p = sub.add_parser(
+    p = subcommand(
+        sub,
         "bench",
+        cmd_bench,
         help="benchmark attribution: build times, query latency, damping changes, memory, int8 vs float32, kronfluence",
         description="Measures the attribution engine on the preset's checkpoint and its gallery and "
         "writes the figures as JSON (default assets/results/bench_attribution.json).",
     )
-    add_common(p)
     add_arguments(p)
-    p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -12,15 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import add_common, register
+from .cli import register, subcommand
 
 DEFAULT_METHODS = "kfac,trak,dtrak,clip,pixel"
 
 
 @register
 def add_lds(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = subcommand(
+        sub,
         "lds",
+        cmd_lds,
         help="Linear Data-modelling Score: retrain on random subsets, measure, correlate",
         description="LDS benchmark (paper section 4, eq. 13). Draws K random subsets of a fraction "
         "alpha of the training set (saved in OUT/subsets.npz), trains R seeds on each with the full "
@@ -29,7 +31,6 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
         "the queries with each method on the full model and writes the LDS per method with a "
         "bootstrap 95%% interval, damping sweeps, a table and a figure.",
     )
-    add_common(p)
     p.add_argument(
         "--subsets", type=int, default=None, help="number of random subsets K (default 32; quick 4)"
     )
@@ -66,7 +67,6 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="MC draws M for attribution gradients (default: preset's)",
     )
-    p.set_defaults(func=cmd_lds)
 
 
 def cmd_lds(args: argparse.Namespace) -> int:
@@ -80,15 +80,16 @@ def cmd_lds(args: argparse.Namespace) -> int:
 
 @register
 def add_retrain_top(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = subcommand(
+        sub,
         "retrain-top",
+        cmd_retrain_top,
         help="retrain without each method's top proponents (and a random control), measure the change",
         description="Retraining without top influences (paper section 4, App. G.6). For each query and "
         "method removes the top FRACTION*N proponents, retrains with the full recipe and the same "
         "number of steps, and reports the change of the measurement versus the full model (same MC "
         "draws); a random removal of the same size is the control. Resumable.",
     )
-    add_common(p)
     p.add_argument("--query", required=True, help="comma list of queries, e.g. gallery:0,gallery:1")
     p.add_argument("--fraction", type=float, default=0.02, help="fraction of N removed (default 0.02)")
     p.add_argument(
@@ -103,7 +104,6 @@ def add_retrain_top(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="run folder (default runs/retrain_top/<preset>)")
     p.add_argument("--results", default=None, help="results folder (default assets/results)")
     p.add_argument("--cache-root", default=None, help="attribution cache root (default: the app's, cache/)")
-    p.set_defaults(func=cmd_retrain_top)
 
 
 def cmd_retrain_top(args: argparse.Namespace) -> int:

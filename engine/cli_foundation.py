@@ -16,25 +16,25 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli import add_common, register, resolve
+from .cli import register, resolve, subcommand
 
 
 @register
 def add_bench_foundation(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = subcommand(
+        sub,
         "bench-foundation",
+        cmd_bench_foundation,
         help="time training and sampling of the digits preset; print preset sizes",
         description="Parameters of each preset, training steps/s for the digits preset (median "
         "per-step time of a short run after a warm-up), seconds to draw digits samples with all "
         "T steps (shipped checkpoint if present, else random weights), and peak RSS memory.",
     )
-    add_common(p)
     p.add_argument("--steps", type=int, default=100, help="timed training steps (default 100)")
     p.add_argument("--warmup", type=int, default=10, help="untimed warm-up training steps (default 10)")
     p.add_argument("--samples", type=int, default=16, help="number of samples to draw (default 16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.set_defaults(func=cmd_bench_foundation)
 
 
 def peak_rss_mib() -> float:

@@ -345,13 +345,13 @@ def atomic_torch_save_path(obj: Any, path: str | Path) -> None:
 # --- results for the app ----------------------------------------------------------------
 
 
-def load_lds_results(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every ``lds_*.json`` in ``results_dir`` (for the app), sorted by file name; [] if none."""
+def _load_results(results_dir: str | Path, pattern: str) -> list[dict[str, Any]]:
+    """Every readable JSON file matching ``pattern`` in ``results_dir``, sorted by name, each
+    with its file name under ``"file"``; [] if the folder is missing.  Unreadable files are
+    skipped (a result being written elsewhere must not break the app's page)."""
     folder = Path(results_dir)
-    if not folder.is_dir():
-        return []
     out = []
-    for p in sorted(folder.glob("lds_*.json")):
+    for p in sorted(folder.glob(pattern)) if folder.is_dir() else []:
         try:
             rec = json.loads(p.read_text())
         except json.JSONDecodeError:
@@ -359,17 +359,13 @@ def load_lds_results(results_dir: str | Path) -> list[dict[str, Any]]:
         rec["file"] = p.name
         out.append(rec)
     return out
+
+
+def load_lds_results(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``lds_*.json`` in ``results_dir`` (for the app)."""
+    return _load_results(results_dir, "lds_*.json")
 
 
 def load_retrain_results(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every ``retrain_top_*.json`` in ``results_dir`` (for the app); [] if none."""
-    folder = Path(results_dir)
-    out = []
-    for p in sorted(folder.glob("retrain_top_*.json")) if folder.is_dir() else []:
-        try:
-            rec = json.loads(p.read_text())
-        except json.JSONDecodeError:
-            continue
-        rec["file"] = p.name
-        out.append(rec)
-    return out
+    """Every ``retrain_top_*.json`` in ``results_dir`` (for the app)."""
+    return _load_results(results_dir, "retrain_top_*.json")

@@ -64,7 +64,9 @@ def _gallery(handle: Handle, gallery: list) -> Query:
         cols = st.columns(per_row)
         for col, item in zip(cols, gallery[start : start + per_row], strict=False):
             with col:
-                st.image(display(item.image, 48), width=48)
+                # "stretch": scaled to the column with its aspect ratio kept (a fixed width
+                # wider than a narrow sidebar column was squeezed horizontally only)
+                st.image(display(item.image, 48), width="stretch")
                 st.button(
                     f"{item.index}",
                     key=f"gallery_{item.index}",
