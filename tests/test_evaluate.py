@@ -156,7 +156,6 @@ def test_subset_training_resumes_and_skips_finished(tiny_preset, digits_small, t
     # true measurements: common draws, cached beside each model, NaN where no model
     queries = digits_small.images[:2]
     spec = MeasureSpec("loss", mc_samples=16, seed=7, batch=5)
-    # in-process path (spawned workers hung under pytest on a loaded 2-core machine: see issue note)
     vals = measured_matrix(
         tmp_path, np.vstack([masks, masks[:1]]), 1, queries, spec, 17, progress=False, workers=1
     )
@@ -308,3 +307,19 @@ def test_retrain_job_removes_top_proponents_and_caches(tiny_preset, digits_small
     assert other.result()["random_measured_change"] == pytest.approx(r["random_measured_change"])
     assert set(random_control(64, k)) != set(r["removed"])
     assert top_proponents(np.array([1.0, 3.0, 3.0, 0.0]), 2).tolist() == [1, 2]
+
+
+@pytest.mark.slow
+def test_measuring_in_spawned_workers_equals_in_process(tiny_preset, digits_small, tmp_path):
+    """Two spawned measuring processes give the in-process values (each model measured once)."""
+    preset = tiny_preset.replace(train={"steps": 24})
+    cfg = LDSConfig(subsets=2, seeds=1, fraction=0.5, subset_seed=0)
+    masks = train_subsets(preset, tmp_path, cfg, digits_small, workers=1, pass_dataset=True, progress=False)
+    spec = MeasureSpec("loss", mc_samples=16, seed=7, batch=5)
+    v2 = measured_matrix(tmp_path, masks, 1, digits_small.images[:2], spec, 17, progress=False, workers=2)
+    cached = list(tmp_path.glob("models/*/measurements/*.json"))
+    assert len(cached) == 2 and np.isfinite(v2).all()
+    for f in cached:  # measure again, in this process
+        f.unlink()
+    v1 = measured_matrix(tmp_path, masks, 1, digits_small.images[:2], spec, 17, progress=False, workers=1)
+    assert np.allclose(v1, v2)
