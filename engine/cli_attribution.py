@@ -26,6 +26,13 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
         help="Monte Carlo draws M of (t, eps) per example for train and query gradients (default: preset's, 64 on digits)",
     )
     p.add_argument("--trak-dim", type=int, default=None, help="TRAK/D-TRAK projection dimension (default: preset's)")
+    p.add_argument(
+        "--kfac-bank",
+        choices=("auto", "stored", "streamed"),
+        default=None,
+        help="K-FAC training-gradient bank: stored (int8 on disk), streamed (recomputed per query: for models "
+        "whose bank does not fit), auto (stored if under 8 GiB; default)",
+    )
     p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or ./cache)")
 
 
@@ -54,6 +61,8 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
         if args.trak_dim < 1:
             raise ValueError("--trak-dim must be at least 1")
         changes["trak_dim"] = args.trak_dim
+    if getattr(args, "kfac_bank", None) is not None:
+        changes["kfac_bank"] = args.kfac_bank
     config = dataclasses.replace(preset.attribution, **changes)
     return AttributionSession(
         preset, checkpoint=ckpt, device=device, cache_root=getattr(args, "cache_root", None), config=config,

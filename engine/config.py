@@ -77,6 +77,11 @@ class AttributionConfig:
     fisher_type: str = "mc"  # mc | empirical
     kfac_approx: str = "expand"  # expand | reduce
     ekfac: bool = False
+    # K-FAC training-gradient bank: "stored" (int8 on disk, a query is one pass over it),
+    # "streamed" (recomputed per query batch: for models whose bank does not fit, DESIGN.md 8)
+    # or "auto" (stored when N x P int8 bytes <= kfac_bank_max_gb GiB)
+    kfac_bank: str = "auto"
+    kfac_bank_max_gb: float = 8.0
     trak_dim: int = 2048
     trak_projection: str = "srht"  # srht | rademacher | gaussian (engine.projection)
     clip_model: str = "ViT-B-32"

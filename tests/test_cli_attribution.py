@@ -72,6 +72,21 @@ def test_build_then_query_json(cli, tmp_path):
         assert "dtrak" not in z.files
         top = sorted(range(64), key=lambda i: -z["kfac"][i])[:5]
         assert top == [m["index"] for m in res["methods"]["kfac"]["top"]]
+        stored_kfac = z["kfac"]
+
+    # --kfac-bank streamed: no bank, the same scores up to the stored bank's int8 rounding
+    streamed = tmp_path / "streamed.npz"
+    rc, out, err = cli(
+        "query", "--query", "train:3", "--methods", "kfac", "--damping", "1e-3", "--kfac-bank", "streamed",
+        "--json", "--scores-out", str(streamed),
+    )
+    assert rc == 0, err
+    assert json.loads(out)["methods"]["kfac"]["status"] == "ok"
+    with np.load(streamed) as z:
+        from scipy.stats import spearmanr
+
+        assert spearmanr(z["kfac"], stored_kfac).statistic > 0.99
+        assert np.abs(z["kfac"] - stored_kfac).max() < 0.05 * np.abs(stored_kfac).max()
 
     rc, out, err = cli("query", "--query", "gallery:0", "--measurement", "trajectory", "--methods", "kfac,pixel")
     assert rc == 0, err

@@ -135,3 +135,51 @@ def test_factor_draws_subset(tiny_preset, tiny_model, digits_small):
     assert not torch.allclose(full.factors.eigenvalues(), sub.factors.eigenvalues())
     q, g = _query(ctx, ds.images[0], make_draws(4, (1, 8, 8), 1000, seed=1))
     assert np.isfinite(sub.score(sub.prepare(ctx, q, g))).all()
+
+
+def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(
+    tmp_path, tiny_preset, tiny_model, digits_small
+):
+    """Without a stored bank (DESIGN.md 8) the scores are those of the unquantised stored bank;
+    "auto" streams when the bank would exceed kfac_bank_max_gb; one pass serves the whole grid."""
+    import copy
+
+    from engine.bank import StreamedBank
+    from engine.methods.kfac_influence import DAMPING_GRID
+
+    model = copy.deepcopy(tiny_model).double()  # float64: the two paths round differently
+    ds = digits_small.subset(list(range(12)))
+    base = AttributionConfig(mc_samples=3, seed=0)
+    draws = make_draws(3, (1, 8, 8), 1000, seed=1)
+    stored_ctx = make_context(tiny_preset, model, ds, "cpu", base, "h" * 16, None)
+    stored = KFACInfluence(base, quantize=False)
+    stored.build(stored_ctx)
+    q, g = _query(stored_ctx, ds.images[3], draws)
+    prep_stored = stored.prepare(stored_ctx, q, g)
+
+    cfg = dataclasses.replace(base, kfac_bank="auto", kfac_bank_max_gb=1e-6)  # a few KB: must stream
+    store = Store(tmp_path, "h" * 16, "digits12")
+    ctx = make_context(tiny_preset, model, ds, "cpu", cfg, "h" * 16, store)
+    streamed = KFACInfluence(cfg, quantize=False)
+    assert streamed.bank_mode(ctx) == "streamed" and KFACInfluence(base).bank_mode(ctx) == "stored"
+    streamed.build(ctx)
+    assert isinstance(streamed.bank, StreamedBank) and streamed.is_built(ctx)
+    assert not any(p.name.startswith("kfac-bank") for p in tmp_path.rglob("*"))  # factors only on disk
+    prep = streamed.prepare(ctx, q, g)
+    for lam in (1e-8, 1e-2, 10.0):  # grid values: one streamed pass for all of them
+        np.testing.assert_allclose(
+            streamed.score(prep, lam), stored.score(prep_stored, lam), rtol=1e-6, atol=1e-12
+        )
+    assert 1e-2 in DAMPING_GRID and streamed.bank.passes == 1
+    off_grid = streamed.score(prep, 3e-3)  # not on the grid: one more pass
+    assert streamed.bank.passes == 2
+    np.testing.assert_allclose(off_grid, stored.score(prep_stored, 3e-3), rtol=1e-6, atol=1e-12)
+
+    # a fresh instance finds the cached factors and builds nothing
+    again = KFACInfluence(cfg, quantize=False)
+    assert again.is_built(ctx)
+    msgs: list[str] = []
+    again.build(ctx, lambda m, f: msgs.append(m))
+    assert not any("rows" in m for m in msgs)
+    with pytest.raises(ValueError, match="kfac_bank"):
+        KFACInfluence(dataclasses.replace(cfg, kfac_bank="disk")).bank_mode(ctx)

@@ -8,7 +8,9 @@ would raise the query's (loss-like) measurement, i.e. x_i is a proponent.
 
 build():   factors in one pass over the N x M (example, draw) rows, then the rotated int8
            bank in one pass of per-example train gradients (both cached in ctx.store;
-           the bank is resumable).
+           the bank is resumable).  When the bank would not fit (``bank_mode``:
+           config.kfac_bank, "auto" by size) only the factors are cached and each query's
+           damping grid is scored by one streamed gradient pass (``StreamedBank``).
 prepare(): rotate the query gradient into the eigenbasis once.
 score():   divide by (eigenvalues + lambda) and take one pass over the bank.
 """
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..bank import RotatedBank, build_bank
+from ..bank import RotatedBank, StreamedBank, build_bank
 from ..config import AttributionConfig
 from ..curvature import KFACFactors, compute_kfac, layout
 from ..diffusion import MCDraws
@@ -35,6 +37,9 @@ FACTOR_SHARE = 0.75  # share of the progress bar for the factor pass (the costli
 # moving the app's power-of-ten damping slider is a lookup, not another pass.
 DAMPING_GRID = tuple(10.0**e for e in range(-12, 3))
 GRID_MAX_BYTES = 256 << 20  # skip the grid when G x P float32 queries would exceed this
+# ... unless the bank is streamed: then every uncached damping is a full gradient pass
+GRID_MAX_BYTES_STREAMED = 4 << 30
+BANK_MODES = ("auto", "stored", "streamed")
 
 
 def _params_digest(params: list[tuple[str, torch.nn.Parameter]]) -> str:
@@ -64,7 +69,7 @@ class KFACInfluence(AttributionMethod):
         self.factor_batch = 256  # (example, draw) rows per curvlinops batch
         self.chunk_size = 128  # examples per saved bank part
         self.factors: KFACFactors | None = None
-        self.bank: RotatedBank | None = None
+        self.bank: RotatedBank | StreamedBank | None = None
         self._eigenvalues: torch.Tensor | None = None
         self._key: tuple | None = None
 
@@ -92,7 +97,8 @@ class KFACInfluence(AttributionMethod):
         return s
 
     def settings(self, ctx: Any) -> dict[str, Any]:
-        return self.bank_settings(ctx)
+        """For display (cache status): the bank's key plus how the bank is kept."""
+        return {**self.bank_settings(ctx), "bank": self.bank_mode(ctx)}
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -101,9 +107,21 @@ class KFACInfluence(AttributionMethod):
             return True
         if ctx.store is None:
             return False
-        return ctx.store.exists(FACTORS, self.factor_settings(ctx)) and ctx.store.exists(
-            BANK, self.bank_settings(ctx)
-        )
+        if not ctx.store.exists(FACTORS, self.factor_settings(ctx)):
+            return False
+        return self.bank_mode(ctx) == "streamed" or ctx.store.exists(BANK, self.bank_settings(ctx))
+
+    def bank_mode(self, ctx: Any) -> str:
+        """"stored" or "streamed": config.kfac_bank, or for "auto" stored when the int8 bank
+        (N x P bytes; 4x that unquantised) fits in config.kfac_bank_max_gb GiB."""
+        mode = self.config.kfac_bank
+        if mode not in BANK_MODES:
+            raise ValueError(f"kfac_bank must be one of {BANK_MODES}, not {mode!r}")
+        if mode != "auto":
+            return mode
+        p = sum(q.numel() for _, q in ctx.params)
+        nbytes = len(ctx.dataset) * p * (1 if self.quantize else 4)
+        return "stored" if nbytes <= self.config.kfac_bank_max_gb * (1 << 30) else "streamed"
 
     def _ctx_key(self, ctx: Any) -> tuple:
         return (id(ctx.model), ctx.checkpoint_hash, tuple(sorted(self.bank_settings(ctx).items())))
@@ -145,6 +163,14 @@ class KFACInfluence(AttributionMethod):
                     meta={"build_seconds": round(time.perf_counter() - t0, 3)},
                 )
         self.factors = factors
+        self._eigenvalues = factors.eigenvalues().to(ctx.device)
+        if self.bank_mode(ctx) == "streamed":
+            self.bank = StreamedBank(
+                ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, factors, ctx.params
+            )
+            self._key = self._ctx_key(ctx)
+            progress(f"{self.title}: ready (training gradients streamed per query)", 1.0)
+            return
         bs = self.bank_settings(ctx)
         bank_settings = {k: v for k, v in bs.items() if k not in ("quantize", "chunk_size")}
         self.bank = build_bank(
@@ -163,7 +189,6 @@ class KFACInfluence(AttributionMethod):
             device=ctx.device,
             progress=lambda msg, f: progress(f"{self.title}: {msg}", FACTOR_SHARE + (1 - FACTOR_SHARE) * f),
         )
-        self._eigenvalues = factors.eigenvalues().to(ctx.device)
         self._key = self._ctx_key(ctx)
         progress(f"{self.title}: ready", 1.0)
 
@@ -196,7 +221,8 @@ class KFACInfluence(AttributionMethod):
         if lam not in cache:
             eig = d["eigenvalues"].to(d["rotated"].dtype)
             grid_bytes = len(DAMPING_GRID) * d["rotated"].numel() * 4
-            if not cache and d.get("grid", True) and grid_bytes <= GRID_MAX_BYTES:
+            limit = GRID_MAX_BYTES_STREAMED if isinstance(d["bank"], StreamedBank) else GRID_MAX_BYTES
+            if not cache and d.get("grid", True) and grid_bytes <= limit:
                 lams = sorted(set(DAMPING_GRID) | {lam})
                 lam_t = torch.tensor(lams, dtype=eig.dtype, device=eig.device)[:, None]
                 many = d["bank"].score_many(d["rotated"][None] / (eig[None] + lam_t))
