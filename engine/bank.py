@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .curvature import Block, KFACFactors
 from .diffusion import Diffusion, MCDraws
 from .gradients import Params, per_example_grads
@@ -286,9 +287,14 @@ def build_bank(
         chunks = [compute(slice(s, min(n, s + chunk_size))) for s in range(0, n, chunk_size)]
         merged = {k: torch.cat([c[k] for c in chunks]).to(device) for k in chunks[0]}
         return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES))
+    # under torchrun every rank builds its own parts into the shared store (engine.distributed)
+    shard = distributed.current()
     partial = store.partial(name, settings, part_size=chunk_size, num_items=n)
-    for i in partial.todo():
+    for i in shard.mine(partial.todo()):
         partial.save_part(i, compute(partial.part_range(i)))
-    partial.publish(meta={"build_seconds": round(time.perf_counter() - t0, 3), "num_examples": n})
+    shard.barrier()
+    if shard.is_main:
+        partial.publish(meta={"build_seconds": round(time.perf_counter() - t0, 3), "num_examples": n})
+    shard.barrier()
     arrays = store.load_arrays(name, settings)
     return RotatedBank.from_arrays(arrays, blocks, device)

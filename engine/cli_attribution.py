@@ -92,18 +92,34 @@ def add_build(sub: argparse._SubParsersAction) -> None:
     _add_attribution_options(p)
 
 
+SHARDED_METHODS = ("kfac", "trak", "dtrak")  # built part by part by every torchrun rank
+
+
 def cmd_build(args: argparse.Namespace) -> int:
+    """Build caches; under ``torchrun`` the gradient passes are split over the ranks (engine.distributed)."""
     from tqdm.auto import tqdm
+
+    from .distributed import init_from_env
 
     try:
         methods = parse_methods(args.methods)
+        _, _, device = resolve(args)
+        shard, args.device = init_from_env(device)
         session = open_session(args)
     except (ValueError, RuntimeError) as e:
         return _fail(e)
     names = methods or session.method_names()
     summary: dict[str, dict] = {}
     for name in names:
-        bar = tqdm(total=1000, desc=name, unit="‰", bar_format="{desc:>6}: {percentage:3.0f}%|{bar}| {postfix}")
+        if not shard.is_main and name not in SHARDED_METHODS:
+            continue  # one rank is enough; the others wait at the barrier below
+        bar = tqdm(
+            total=1000,
+            desc=name if shard.world == 1 else f"{name}[{shard.rank}]",
+            unit="‰",
+            bar_format="{desc:>6}: {percentage:3.0f}%|{bar}| {postfix}",
+            position=shard.rank,
+        )
 
         def progress(msg: str, frac: float, bar=bar) -> None:
             bar.n = int(round(1000 * min(max(frac, 0.0), 1.0)))
@@ -112,6 +128,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
         summary.update(session.build([name], progress))
         bar.close()
+    shard.barrier()
+    if not shard.is_main:
+        return 0
     print()
     print(f"{'method':8} {'status':12} {'seconds':>9} {'size MB':>9}  note")
     for name, s in summary.items():

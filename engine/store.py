@@ -356,7 +356,12 @@ class PartialBuild:
             tmp = self.folder.with_name(self.folder.name + f".init-{uuid.uuid4().hex[:8]}")
             tmp.mkdir()
             _write_json(tmp / SETTINGS, manifest)
-            os.rename(tmp, self.folder)
+            try:
+                os.rename(tmp, self.folder)
+            except OSError:  # another process (a torchrun rank) created it first: same manifest
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not self.folder.is_dir():
+                    raise
 
     def part_range(self, i: int) -> slice:
         return slice(i * self.part_size, min((i + 1) * self.part_size, self.num_items))

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..bank import RotatedBank, StreamedBank, build_bank
 from ..config import AttributionConfig
 from ..curvature import KFACFactors, compute_kfac, layout
@@ -138,6 +139,10 @@ class KFACInfluence(AttributionMethod):
             arrays = ctx.store.load_arrays(FACTORS, fs, mmap=False)
             if arrays is not None:
                 factors = KFACFactors.from_arrays(arrays, template, ctx.device)
+        shard = distributed.current()
+        if factors is None and ctx.store is not None and not shard.is_main:
+            shard.barrier()  # under torchrun rank 0 computes and saves the factors (below)
+            factors = KFACFactors.from_arrays(ctx.store.load_arrays(FACTORS, fs, mmap=False), template, ctx.device)
         if factors is None:
             draws = ctx.train_draws
             if self.factor_draws is not None and self.factor_draws < len(draws):
@@ -162,6 +167,7 @@ class KFACInfluence(AttributionMethod):
                     factors.to_arrays(),
                     meta={"build_seconds": round(time.perf_counter() - t0, 3)},
                 )
+                shard.barrier()  # the other ranks may load them now
         self.factors = factors
         self._eigenvalues = factors.eigenvalues().to(ctx.device)
         if self.bank_mode(ctx) == "streamed":

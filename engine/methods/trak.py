@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..config import AttributionConfig
 from ..measurements import Measurement
 from ..projection import TILE_ROWS, RandomProjection
@@ -141,7 +142,8 @@ class TRAK(AttributionMethod):
         images = ctx.dataset.images
         n = len(images)
         part = ctx.store.partial(self.name, settings, part_size=self.part_size, num_items=n)
-        todo = part.todo()
+        shard = distributed.current()  # under torchrun: this rank's parts only (engine.distributed)
+        todo = shard.mine(part.todo())
         for count, i in enumerate(todo):
             rows = part.part_range(i)
             feats = torch.empty((rows.stop - rows.start, proj.dim), dtype=torch.float32)
@@ -158,6 +160,11 @@ class TRAK(AttributionMethod):
                 feats[sl] = proj.project(g.to(ctx.device)).float().cpu()
             part.save_part(i, {"phi": feats})
             progress(f"{self.title}: projected gradients {rows.stop}/{n}", 0.9 * (count + 1) / len(todo))
+        shard.barrier()
+        if not shard.is_main:
+            shard.barrier()  # rank 0 eigendecomposes and publishes
+            self._load(ctx)
+            return
         progress(f"{self.title}: eigendecomposing the projected Fisher", 0.92)
         # F = (1/N) sum_i phi_i phi_i^T, accumulated in float64 part by part.
         k = proj.dim
@@ -177,6 +184,7 @@ class TRAK(AttributionMethod):
             extra={"eigvals": evals.cpu(), "eigvecs": evecs.cpu(), "phi_eig": rotated},
             meta={"build_seconds": time.perf_counter() - t0},
         )
+        shard.barrier()
         progress(f"{self.title}: built", 1.0)
         self._load(ctx)
 

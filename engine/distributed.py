@@ -1,0 +1,71 @@
+"""Data-parallel cache builds with torch.distributed (DESIGN.md 8, "beyond one machine").
+
+Launched as ``torchrun --nproc_per_node R -m engine build ...`` (gloo on CPU, NCCL on CUDA),
+every rank opens the same store (a shared file system), computes the parts ``i`` of a
+resumable build (``Store.partial``) with ``i % R == rank`` and writes them as it goes; after
+a barrier rank 0 does what needs all parts (TRAK's eigendecomposition, publishing) and the
+others wait and load the result.  Why parts by index, not by position in the to-do list:
+ranks look at the list at slightly different times (a fast rank may already have finished
+a part), and the assignment must not depend on that.
+
+Outside torchrun (no ``WORLD_SIZE`` > 1 in the environment) everything here is a no-op
+and a build runs as one process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in the group: rank ``rank`` of ``world``."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, parts: Iterable[int]) -> list[int]:
+        """The parts this rank builds: those with index = rank (mod world)."""
+        return [i for i in parts if i % self.world == self.rank]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def current() -> Shard:
+    """The initialised process group's shard, or a single-process one."""
+    if dist.is_available() and dist.is_initialized():
+        return Shard(dist.get_rank(), dist.get_world_size())
+    return Shard()
+
+
+def init_from_env(device: str) -> tuple[Shard, str]:
+    """Join the torchrun group if the environment asks for one; returns (shard, this rank's device).
+
+    Backend: NCCL when the device is CUDA, gloo otherwise.  On CUDA each rank takes the GPU
+    ``LOCAL_RANK``, so ``--device cuda`` means "one GPU per rank".
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return Shard(), device
+    cuda = str(device).startswith("cuda")
+    if cuda and str(device) == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return current(), device
+
+
+__all__ = ["Shard", "current", "init_from_env"]
