@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench bench-foundation lds
+.PHONY: install run test test-fast lint bench bench-foundation lds retrain-top
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,3 +32,12 @@ bench-foundation: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m engine bench
+
+# The evaluations on the digits default (hours on 2 CPU cores; resumable: rerun to continue).
+lds: $(STAMP)
+	$(BIN)/python -m engine lds --preset digits --subsets 32 --seeds 1 --fraction 0.5 --queries 32 \
+		--measurement loss --methods kfac,trak,dtrak,clip,pixel --workers 2
+
+retrain-top: $(STAMP)
+	$(BIN)/python -m engine retrain-top --preset digits --query gallery:0 --fraction 0.02 \
+		--methods kfac --measurement loss --workers 2
