@@ -254,7 +254,10 @@ def lds_table(
 
 def seed_average(per_seed: np.ndarray) -> np.ndarray:
     """Mean over seeds (R, Q, K) -> (Q, K), ignoring seeds not trained yet."""
-    with np.errstate(invalid="ignore"):
+    import warnings
+
+    with warnings.catch_warnings():  # subsets with no finished model stay NaN, silently
+        warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(per_seed, axis=0) if np.isfinite(per_seed).any() else per_seed[0]
 
 
