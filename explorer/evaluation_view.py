@@ -110,6 +110,12 @@ def lds_section(handle: Handle) -> None:
                 f"seeds of {cfg.get('fraction', '?')} of {cfg.get('num_train', '?')} images, "
                 f"{cfg.get('queries', '?')} queries, true measurement over "
                 f"{cfg.get('true_measurement_mc_samples', '?')} draws"
+                + (
+                    f", attributions with M={(cfg.get('attribution') or {})['mc_samples']}"
+                    if (cfg.get("attribution") or {}).get("mc_samples")
+                    else ""
+                )
+                + (f" · file `{entry['file']}`" if entry.get("file") else "")
                 + (" · **quick mode (smoke test, not a result)**" if cfg.get("quick") else "")
                 + (f" · {cfg['created']}" if cfg.get("created") else "")
             )
@@ -121,7 +127,7 @@ def lds_section(handle: Handle) -> None:
                     "LDS": v.get("lds"),
                     "95% interval": _fmt_ci(v.get("ci95")),
                     "damping": _fmt_float(v.get("damping"), ".1e"),
-                    "best LDS in sweep": v.get("best_lds"),
+                    "best LDS in sweep": _fmt_float(v.get("best_lds"), ".3f"),
                     "at damping": _fmt_float(v.get("best_damping"), ".1e"),
                 }
             )
