@@ -73,4 +73,8 @@ def main() -> None:
             about_view.about_page()
 
 
-main()
+# Streamlit runs this file as __main__.  The guard keeps a multiprocessing "spawn" child of a
+# process that once ran the app (AppTest in the test suite, or worker pools started from the app)
+# from re-running the whole app -- and building every cache -- when it re-imports __main__.
+if __name__ == "__main__":
+    main()

@@ -379,3 +379,20 @@ def test_missing_checkpoint_is_a_message(tmp_path, monkeypatch):
     at.run()
     assert not at.exception
     assert len(at.error) == 1 and "Cannot load the model" in at.error[0].value and "nowhere" in at.error[0].value
+
+
+def test_a_spawned_child_does_not_rerun_the_app(monkeypatch):
+    """multiprocessing's spawn re-imports the parent's __main__ as ``__mp_main__``: after AppTest
+    ran the app as __main__, that re-import must not start the app (it built every cache)."""
+    import runpy
+
+    import streamlit as st
+
+    def boom(*a, **k):
+        raise AssertionError("the app ran on import as __mp_main__")
+
+    monkeypatch.setattr(st, "set_page_config", boom)
+    ns = runpy.run_path(str(Path(__file__).resolve().parent.parent / "explorer" / "app.py"), run_name="__mp_main__")
+    assert callable(ns["main"])
+    with pytest.raises(AssertionError, match="__mp_main__"):
+        runpy.run_path(str(Path(__file__).resolve().parent.parent / "explorer" / "app.py"), run_name="__main__")
