@@ -39,7 +39,7 @@ from torch import nn
 from . import distributed
 from .curvature import Block, KFACFactors
 from .diffusion import Diffusion, MCDraws
-from .gradients import Params, per_example_grads
+from .gradients import Params, per_example_grads, train_loss_grads
 
 SCALES = "scales"
 
@@ -217,14 +217,12 @@ class StreamedBank:
         n, dev = self.num_examples, self.device
         q = self.factors.unrotate(queries.to(dev, self.params[0][1].dtype))
         out = torch.empty((n, q.shape[0]), dtype=q.dtype, device=dev)
-        for s in range(0, n, self.grad_batch):
-            rows = slice(s, min(n, s + self.grad_batch))
-            g = per_example_grads(
-                self.model, self.diffusion, self.images[rows], self.draws, self.loss, self.params
-            ).detach()
-            out[rows] = g @ q.T
-            if self.progress is not None:
-                self.progress(f"streaming train gradients {rows.stop}/{n}", rows.stop / n)
+        batches = train_loss_grads(
+            self.model, self.diffusion, self.images, self.draws, self.loss,
+            batch_size=self.grad_batch, progress=self.progress, params=self.params,
+        )
+        for rows, g in batches:
+            out[rows] = g.detach() @ q.T
         self.passes += 1
         return (out.T / n).to(torch.float32).cpu().numpy()
 
