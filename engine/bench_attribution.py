@@ -250,7 +250,11 @@ def run_bench(
         }
 
         print("== damping changes (rescore)", flush=True)
-        results["rescore_ms_median"], results["rescore_grid_ms_median"] = time_rescore(session, query_results)
+        (
+            results["rescore_ms_median"],
+            results["rescore_grid_ms_median"],
+            results["rescore_exact_pass_ms_median"],
+        ) = time_rescore(session, query_results)
         results["memory_warm_session"] = memory_mb()
 
         results["agreement_top10"] = label_agreement(session, queries, query_results, k=10)
@@ -272,17 +276,20 @@ def run_bench(
     return results
 
 
-def time_rescore(session, query_results) -> tuple[dict[str, float], dict[str, float]]:
-    """Median ms of a damping change per influence method: (any damping, a damping of the method's grid).
+def time_rescore(session, query_results) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Median ms of a damping change per influence method:
+    (any damping, a damping of the method's grid, K-FAC's exact pass).
 
-    K-FAC scores a grid of dampings in its first pass and keeps them, so moving to a grid value is a
-    lookup; any other value (here lambda * 3.7) costs one division and one pass over the bank.
+    K-FAC scores a grid of dampings in its first pass and keeps them: a grid value is a lookup,
+    any damping in ``damping_grid.SUPPORTED`` (here lambda * 3.7) a weighted sum of the grid's
+    scores (engine.damping_grid), and one outside it (1e-14) one division and one bank pass.
     """
     grid_of = {"kfac": _kfac_grid()}
     anyd: dict[str, float] = {}
     grid: dict[str, float] = {}
+    exact: dict[str, float] = {}
     for name in ("kfac", "trak", "dtrak"):
-        t_any, t_grid = [], []
+        t_any, t_grid, t_exact = [], [], []
         for r in query_results:
             m = r.methods.get(name)
             if m is None or m.status != "ok":
@@ -295,11 +302,16 @@ def time_rescore(session, query_results) -> tuple[dict[str, float], dict[str, fl
                 t0 = time.perf_counter()
                 session.rescore(r, {name: g[len(g) // 2]})
                 t_grid.append((time.perf_counter() - t0) * 1000.0)
+                t0 = time.perf_counter()
+                session.rescore(r, {name: 1e-14})
+                t_exact.append((time.perf_counter() - t0) * 1000.0)
         if t_any:
             anyd[name] = _median(t_any)
         if t_grid:
             grid[name] = _median(t_grid)
-    return anyd, grid
+        if t_exact:
+            exact[name] = _median(t_exact)
+    return anyd, grid, exact
 
 
 def _kfac_grid() -> list[float]:
@@ -549,9 +561,11 @@ def format_table(r: dict[str, Any]) -> str:
     lines.append("")
     if r.get("rescore_grid_ms_median"):
         lines.append(
-            "rescore = damping change to an arbitrary value (one pass); to a value of K-FAC's damping grid "
-            "(precomputed in the first pass): "
+            "rescore = damping change to an arbitrary value (K-FAC in 1e-12..1e2: interpolated from its grid); "
+            "to a value of K-FAC's damping grid (precomputed in the first pass): "
             + ", ".join(f"{k} {v:.1f} ms" for k, v in r["rescore_grid_ms_median"].items())
+            + "; outside 1e-12..1e2 (one exact pass over the bank): "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in r.get("rescore_exact_pass_ms_median", {}).items())
         )
     lines.append(f"cold session start (child):  {b.get('session_start_s', float('nan')):.2f} s")
     lines.append(

@@ -128,8 +128,8 @@ def test_bench_pieces_int8_agreement_and_table(bench_session):
     q8 = bench.int8_vs_float32(s, results)
     assert q8["queries"] == 3 and q8["spearman_min"] >= 0.99  # DESIGN.md 4: int8 keeps the ranking
     assert 0 < q8["relative_l2_error_median"] < 0.05
-    anyd, grid = bench.time_rescore(s, results)
-    assert set(anyd) == {"kfac"} and anyd["kfac"] > 0 and set(grid) <= {"kfac"}
+    anyd, grid, exact = bench.time_rescore(s, results)
+    assert set(anyd) == {"kfac"} and anyd["kfac"] > 0 and set(grid) == set(exact) == {"kfac"}
     ag = bench.label_agreement(s, queries, results, k=10)
     assert 0 <= ag["kfac"] <= 1 and 0 <= ag["pixel"] <= 1 and 0 < ag["chance"] < 1
     table = bench.format_table(

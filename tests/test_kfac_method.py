@@ -171,9 +171,17 @@ def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(
             streamed.score(prep, lam), stored.score(prep_stored, lam), rtol=1e-6, atol=1e-12
         )
     assert 1e-2 in DAMPING_GRID and streamed.bank.passes == 1
-    off_grid = streamed.score(prep, 3e-3)  # not on the grid: one more pass
+    # not on the grid but inside damping_grid.SUPPORTED: interpolated from the grid, no pass
+    assert 3e-3 not in DAMPING_GRID
+    off_grid = streamed.score(prep, 3e-3)
+    assert streamed.bank.passes == 1
+    eig = prep_stored.data["eigenvalues"].to(torch.float64)
+    exact = stored.bank.score(prep_stored.data["rotated"] / (eig + 3e-3))
+    np.testing.assert_allclose(off_grid, exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
+    assert not np.allclose(off_grid, streamed.score(prep, 1e-2), rtol=1e-3)
+    # outside it: one exact pass
+    np.testing.assert_allclose(streamed.score(prep, 5e3), stored.score(prep_stored, 5e3), rtol=1e-6, atol=1e-12)
     assert streamed.bank.passes == 2
-    np.testing.assert_allclose(off_grid, stored.score(prep_stored, 3e-3), rtol=1e-6, atol=1e-12)
 
     # a fresh instance finds the cached factors and builds nothing
     again = KFACInfluence(cfg, quantize=False)

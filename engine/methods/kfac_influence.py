@@ -28,16 +28,17 @@ from .. import distributed
 from ..bank import RotatedBank, StreamedBank, build_bank
 from ..config import AttributionConfig
 from ..curvature import KFACFactors, compute_kfac, layout
+from ..damping_grid import COARSE_GRID, DAMPING_GRID, interpolate
 from ..diffusion import MCDraws
 from .base import AttributionMethod, Prepared, Progress, QueryInput, no_progress
 
 FACTORS = "kfac-factors"
 BANK = "kfac-bank"
 FACTOR_SHARE = 0.75  # share of the progress bar for the factor pass (the costlier one on CPU)
-# Dampings scored together with the first requested one (one pass over the bank), so that
-# moving the app's power-of-ten damping slider is a lookup, not another pass.
-DAMPING_GRID = tuple(10.0**e for e in range(-12, 3))
-GRID_MAX_BYTES = 256 << 20  # skip the grid when G x P float32 queries would exceed this
+# Dampings scored together with the first requested one (one pass over the bank): moving the
+# app's power-of-ten damping slider is a lookup, and any damping in damping_grid.SUPPORTED is
+# interpolated from them (engine.damping_grid) instead of another pass.
+GRID_MAX_BYTES = 256 << 20  # fall back to the coarse grid (then none) when G x P float32 queries exceed this
 # ... unless the bank is streamed: then every uncached damping is a full gradient pass
 GRID_MAX_BYTES_STREAMED = 4 << 30
 BANK_MODES = ("auto", "stored", "streamed")
@@ -216,24 +217,40 @@ class KFACInfluence(AttributionMethod):
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
         """tau (N,) float32 for this damping: one division and one pass over the bank.
 
-        The first call for a query also scores every damping of ``DAMPING_GRID`` in the same
-        pass (``RotatedBank.score_many``) and keeps them in ``prepared``; a later call with a
-        grid damping is then a lookup, and any other damping is one more pass.
+        The first call for a query also scores every damping of ``DAMPING_GRID`` (49 values,
+        1e-13..1e3) in the same pass (``RotatedBank.score_many``) and keeps them in
+        ``prepared``; a later call with a grid damping is a lookup, one within
+        ``damping_grid.SUPPORTED`` is a weighted sum of the grid's scores (exact up to a
+        relative 1e-4 per eigen-coordinate, engine.damping_grid), and any other is one more pass.
         """
         lam = self.default_damping if damping is None else float(damping)
         d = prepared.data
         cache: dict[float, np.ndarray] = d.setdefault("scores", {})
         t0 = time.perf_counter()
         if lam not in cache:
-            eig = d["eigenvalues"].to(d["rotated"].dtype)
-            grid_bytes = len(DAMPING_GRID) * d["rotated"].numel() * 4
-            limit = GRID_MAX_BYTES_STREAMED if isinstance(d["bank"], StreamedBank) else GRID_MAX_BYTES
-            if not cache and d.get("grid", True) and grid_bytes <= limit:
-                lams = sorted(set(DAMPING_GRID) | {lam})
-                lam_t = torch.tensor(lams, dtype=eig.dtype, device=eig.device)[:, None]
-                many = d["bank"].score_many(d["rotated"][None] / (eig[None] + lam_t))
-                cache.update({lv: many[i] for i, lv in enumerate(lams)})
+            grid = d.get("grid_values")
+            interpolated = interpolate(cache, lam, grid) if grid else None
+            if interpolated is not None:
+                cache[lam] = interpolated
             else:
-                cache[lam] = d["bank"].score(d["rotated"] / (eig + lam))
+                eig = d["eigenvalues"].to(d["rotated"].dtype)
+                grid = self._grid_for(d) if not cache and d.get("grid", True) else None
+                if grid:
+                    lams = sorted(set(grid) | {lam})
+                    lam_t = torch.tensor(lams, dtype=eig.dtype, device=eig.device)[:, None]
+                    many = d["bank"].score_many(d["rotated"][None] / (eig[None] + lam_t))
+                    cache.update({lv: many[i] for i, lv in enumerate(lams)})
+                    d["grid_values"] = grid
+                else:
+                    cache[lam] = d["bank"].score(d["rotated"] / (eig + lam))
         prepared.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
         return cache[lam]
+
+    @staticmethod
+    def _grid_for(d: dict[str, Any]) -> tuple[float, ...] | None:
+        """The fine grid if its G x P queries fit the limit, else the powers of ten, else none."""
+        limit = GRID_MAX_BYTES_STREAMED if isinstance(d["bank"], StreamedBank) else GRID_MAX_BYTES
+        for grid in (DAMPING_GRID, COARSE_GRID):
+            if (len(grid) + 1) * d["rotated"].numel() * 4 <= limit:
+                return grid
+        return None
