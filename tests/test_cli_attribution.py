@@ -166,3 +166,8 @@ def test_kronfluence_task_matches_our_loss_and_scores(bench_session):
     assert out["queries"] == 1 and out["triples"] == 64 * len(draws)
     assert out["fit_factors_s"] > 0 and np.isfinite(out["spearman_median"])
     assert out["spearman_median"] > 0.3  # same influence up to K-FAC conventions and sampled labels
+    assert out["ours_query_cpu_s_median"] > 0 and out["speedup_cpu"] == pytest.approx(
+        out["score_one_query_cpu_s_median"] / out["ours_query_cpu_s_median"]
+    )
+    table = {"preset": "tiny", "mc_samples": 64, "device": "cpu", "threads": 1, "cache": "test", "methods": []}
+    assert "same conditions" in bench.format_table({**table, "kronfluence": out})
