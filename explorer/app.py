@@ -67,6 +67,8 @@ def main() -> None:
         with evaluation:
             evaluation_view.lds_section(handle)
             st.divider()
+            evaluation_view.retrain_results_section(handle)
+            st.divider()
             evaluation_view.retrain_section(handle, query, settings)
     if about.open:
         with about:

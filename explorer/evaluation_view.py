@@ -147,6 +147,56 @@ def lds_section(handle: Handle) -> None:
             st.json({k: entry[k] for k in ("config", "noise") if k in entry}, expanded=False)
 
 
+def _load_retrain(folder: Path) -> list[dict[str, Any]]:
+    try:
+        from engine.evaluate import load_retrain_results
+    except ImportError:
+        return []
+    return list(load_retrain_results(folder))
+
+
+def retrain_results_section(handle: Handle) -> None:
+    """The retraining-without-top-influences results shipped in assets/results (``attribution-engine retrain-top``)."""
+    entries = _load_retrain(results_dir())
+    if not entries:
+        return
+    st.subheader("Retraining without the top proponents (shipped results)")
+    st.markdown(
+        "Each method's top proponents for a query were removed and the model retrained with the full recipe; "
+        "a random removal of the same size is the control (paper section 4, App. G.6). A method whose "
+        "proponents matter raises the query's measurement (a positive change) well above the control."
+    )
+    info = handle.session.method_info()
+    for entry in entries:
+        cfg = entry.get("config") or {}
+        rows = [
+            {
+                "query": r.get("query"),
+                "method": _title(info, str(r.get("method"))),
+                "removed": len(r.get("removed") or []) or cfg.get("removed"),
+                "predicted change": r.get("predicted_change"),
+                "measured change": r.get("measured_change"),
+                "random control": r.get("random_measured_change"),
+                "measured / control": (
+                    r["measured_change"] / r["random_measured_change"]
+                    if r.get("measured_change") is not None and r.get("random_measured_change")
+                    else None
+                ),
+            }
+            for r in entry.get("results") or []
+        ]
+        if not rows:
+            continue
+        st.caption(
+            f"Measurement `{cfg.get('measurement', '?')}`, {cfg.get('removed', '?')} of {cfg.get('num_train', '?')} "
+            f"images removed, {cfg.get('steps', '?')} training steps per model, true measurement over "
+            f"{cfg.get('true_measurement_mc_samples', '?')} common draws"
+            + (f" · file `{entry['file']}`" if entry.get("file") else "")
+            + (f" · {cfg['created']}" if cfg.get("created") else "")
+        )
+        st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+
 # --- check by retraining -------------------------------------------------------------------
 
 

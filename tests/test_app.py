@@ -285,12 +285,26 @@ def test_evaluation_and_about_tabs(app_env):
             }
         )
     )
+    (results / "retrain_top_digits.json").write_text(
+        json.dumps(
+            {
+                "config": {"measurement": "loss", "removed": 2, "num_train": 64},
+                "results": [
+                    {"query": "gallery:0", "method": "kfac", "removed": [3, 4], "predicted_change": 0.5,
+                     "measured_change": 0.012, "random_measured_change": 0.003}
+                ],
+            }
+        )
+    )
     at = _start(app_env)
     at.session_state["page"] = "Evaluation"
     at.run()
     _ok(at)
     frames = [d.value for d in at.dataframe]
     assert any("LDS" in f.columns and f["LDS"].iloc[0] == pytest.approx(0.4321) for f in frames)
+    retrain = [f for f in frames if "measured change" in f.columns]
+    assert len(retrain) == 1 and retrain[0]["method"].iloc[0] == "K-FAC Influence"
+    assert retrain[0]["measured / control"].iloc[0] == pytest.approx(4.0)
     assert any("0.5" in f["95% interval"].iloc[0] for f in frames if "95% interval" in f.columns)
     assert "**Proponents**" not in _texts(at)  # only the open tab renders
     at.session_state["page"] = "About the methods"
