@@ -143,22 +143,9 @@ def _cold_build(preset, ckpt: str, device: str, config, cache_root: str, methods
         out["methods"].update(s.build([name], progress))
         out["methods"][name]["cold"] = not was_built  # False: the cache existed and was only loaded
         if was_built:
-            out["methods"][name]["recorded_build_seconds"] = recorded_build_seconds(s, name)
+            out["methods"][name]["recorded_build_seconds"] = s.recorded_build_seconds(name)
     out["memory"] = memory_mb()
     return out
-
-
-def recorded_build_seconds(session, name: str) -> float | None:
-    """Build time stored in the cache's settings.json when it was built (methods record ``build_seconds``)."""
-    total, found = 0.0, False
-    for entry in session.store.describe():
-        n = str(entry.get("name") or "")
-        if entry.get("state") == "ok" and (n == name or n.startswith(name + "-")):
-            sec = (entry.get("meta") or {}).get("build_seconds")
-            if sec is not None:
-                total += float(sec)
-                found = True
-    return total if found else None
 
 
 def run_cold_build(preset, ckpt, device, config, cache_root, methods) -> dict:

@@ -300,22 +300,21 @@ class AttributionSession:
         except Unavailable as e:
             return False, str(e)
 
-    def _size_mb(self, name: str, entries: list[dict] | None = None) -> float:
-        """Disk size of a method's caches: its own ``size_mb`` if it has one, else the store's
-        artefacts named ``<name>`` or ``<name>-...`` (``entries``: a ``store.describe()`` to reuse)."""
-        m = self._methods[name]
-        if hasattr(m, "size_mb"):
-            try:
-                return float(m.size_mb(self.ctx))
-            except Exception:  # noqa: BLE001 - a size is informative only
-                log.debug("size_mb failed for %s", name, exc_info=True)
-        prefix = getattr(m, "cache_prefix", name)
-        total = 0.0
-        for entry in self.store.describe() if entries is None else entries:
-            n = str(entry.get("name") or "")
-            if entry.get("state") == "ok" and (n == prefix or n.startswith(prefix + "-") or n.startswith(prefix + "_")):
-                total += float(entry["size_mb"])
-        return total
+    def _size_mb(self, name: str) -> float:
+        """Disk size of a method's caches under the current settings (``AttributionMethod.size_mb``)."""
+        try:
+            return float(self._methods[name].size_mb(self.ctx))
+        except Exception:  # noqa: BLE001 - a size is informative only
+            log.debug("size_mb failed for %s", name, exc_info=True)
+            return 0.0
+
+    def recorded_build_seconds(self, name: str) -> float | None:
+        """Build time stored with a method's current caches when they were built."""
+        try:
+            return self._methods[name].recorded_build_seconds(self.ctx)
+        except Exception:  # noqa: BLE001 - informative only
+            log.debug("recorded_build_seconds failed for %s", name, exc_info=True)
+            return None
 
     def _settings(self, name: str) -> dict[str, Any]:
         m = self._methods[name]
@@ -340,7 +339,6 @@ class AttributionSession:
     def status(self) -> dict[str, dict]:
         """name -> {"built", "available", "reason", "settings", "size_mb"}."""
         out: dict[str, dict] = {}
-        entries = self.store.describe()
         for name, m in self._methods.items():
             available, reason = self._availability(m)
             built = bool(available and m.is_built(self.ctx))
@@ -351,7 +349,7 @@ class AttributionSession:
                 "available": available,
                 "reason": reason,
                 "settings": self._settings(name),
-                "size_mb": self._size_mb(name, entries) if built else 0.0,
+                "size_mb": self._size_mb(name) if built else 0.0,
             }
         return out
 

@@ -191,3 +191,24 @@ def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(
     assert not any("rows" in m for m in msgs)
     with pytest.raises(ValueError, match="kfac_bank"):
         KFACInfluence(dataclasses.replace(cfg, kfac_bank="disk")).bank_mode(ctx)
+
+
+def test_size_and_build_time_count_only_the_current_settings(tmp_path, tiny_preset, tiny_model, digits_small):
+    """Caches of another M kept in the same store are not added to this method's size or build time."""
+    ds = digits_small.subset(list(range(12)))
+    store = Store(tmp_path, "s" * 16, "digits12")
+    built = {}
+    for m_samples in (2, 3):
+        cfg = AttributionConfig(mc_samples=m_samples, seed=0)
+        ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "s" * 16, store)
+        m = KFACInfluence(cfg)
+        m.build(ctx)
+        built[m_samples] = (m, ctx)
+    entries = [e for e in store.describe() if e["state"] == "ok"]
+    assert len(entries) == 4  # factors + bank for each M
+    m, ctx = built[3]
+    own = [e for e in entries if e["settings"].get("mc_samples") == 3]
+    assert len(own) == 2
+    assert m.size_mb(ctx) == pytest.approx(sum(e["size_mb"] for e in own))
+    assert m.size_mb(ctx) < sum(e["size_mb"] for e in entries)
+    assert m.recorded_build_seconds(ctx) == pytest.approx(sum(e["meta"]["build_seconds"] for e in own))

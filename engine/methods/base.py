@@ -73,6 +73,28 @@ class AttributionMethod(ABC):
     def availability(self, ctx: Any) -> tuple[bool, str | None]:
         return True, None
 
+    def cache_keys(self, ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        """(name, settings) of every store artefact this method uses under the current settings.
+
+        Sizes and recorded build times are read from these only, so caches of other settings kept
+        beside them (another M, another projection) are not counted.
+        """
+        return []
+
+    def size_mb(self, ctx: Any) -> float:
+        """Disk size of this method's caches for the current settings (MiB)."""
+        if ctx.store is None:
+            return 0.0
+        return sum(ctx.store.size_mb(n, s) for n, s in self.cache_keys(ctx))
+
+    def recorded_build_seconds(self, ctx: Any) -> float | None:
+        """Build time stored with the current caches when they were built (None if none recorded)."""
+        if ctx.store is None:
+            return None
+        secs = [(ctx.store.load_meta(n, s) or {}).get("build_seconds") for n, s in self.cache_keys(ctx)]
+        secs = [float(x) for x in secs if x is not None]
+        return sum(secs) if secs else None
+
     def query_measurement(self, measurement: Measurement) -> Measurement | None:
         """Which measurement's gradient this method needs (None: no gradient)."""
         return measurement if self.needs_gradient else None

@@ -213,9 +213,8 @@ class CLIPCosine(AttributionMethod):
         except Exception:
             return False
 
-    def size_mb(self, ctx: Any) -> float:
-        """Disk size of the cached training embeddings for the current settings."""
-        return ctx.store.size_mb(self.name, self.settings(ctx))
+    def cache_keys(self, ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        return [(self.name, self.settings(ctx))]
 
     # --- model --------------------------------------------------------------------------
 

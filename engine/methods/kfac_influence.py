@@ -102,6 +102,12 @@ class KFACInfluence(AttributionMethod):
         """For display (cache status): the bank's key plus how the bank is kept."""
         return {**self.bank_settings(ctx), "bank": self.bank_mode(ctx)}
 
+    def cache_keys(self, ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        keys = [(FACTORS, self.factor_settings(ctx))]
+        if self.bank_mode(ctx) == "stored":
+            keys.append((BANK, self.bank_settings(ctx)))
+        return keys
+
     # --- life cycle ---------------------------------------------------------------------
 
     def is_built(self, ctx: Any) -> bool:

@@ -125,9 +125,8 @@ class TRAK(AttributionMethod):
     def is_built(self, ctx: Any) -> bool:
         return ctx.store.exists(self.name, self.settings(ctx))
 
-    def size_mb(self, ctx: Any) -> float:
-        """Disk size of this method's cache for the current settings."""
-        return ctx.store.size_mb(self.name, self.settings(ctx))
+    def cache_keys(self, ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        return [(self.name, self.settings(ctx))]
 
     def build(self, ctx: Any, progress: Progress = no_progress) -> None:
         """Project every training gradient (resumable, in parts), then eigendecompose F once."""
