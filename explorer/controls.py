@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import streamlit as st
 
+from engine.damping_grid import DAMPING_GRID, SUPPORTED
 from explorer.runtime import Handle
 
 MEASUREMENTS = {
@@ -23,7 +24,10 @@ MEASUREMENT_HELP = {
     "loss@t": "The loss at a single noise level t (1 = almost clean, 1000 = pure noise).",
     "square-norm": "Squared norm of the predicted noise, the surrogate D-TRAK uses (not a likelihood).",
 }
+# Three values per decade over 1e-12..1e2: K-FAC's first pass scores all of them (engine.damping_grid),
+# so every slider position is a lookup; TRAK re-scores in under a millisecond anyway.
 POWERS = [10.0**e for e in range(-12, 3)]
+STEPS = [g for g in DAMPING_GRID if SUPPORTED[0] <= g <= SUPPORTED[1]]
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,15 @@ class Settings:
 
 
 def damping_options(default: float) -> list[float]:
-    """Powers of ten plus the configured default, ascending (a log-scale slider)."""
-    return sorted(set(POWERS) | {float(default)})
+    """Three values per decade (the powers of ten among them) plus the configured default, ascending
+    (a log-scale slider)."""
+    return sorted(set(STEPS) | {float(default)})
 
 
 def _fmt_damping(default: float):
     def fmt(v: float) -> str:
-        return f"{v:.0e}" + (" (default)" if v == default else "") if v in POWERS else f"{v:.2e} (default)"
+        text = f"{v:.0e}" if v in POWERS else f"{v:.1e}"
+        return text + (" (default)" if v == default else "")
 
     return fmt
 
