@@ -583,6 +583,7 @@ def evaluate_run(setup: RunSetup, cfg: LDSConfig, masks: np.ndarray, args: Any) 
     if setup.quick:
         config = replace(config, mc_samples=8, trak_dim=64)
         cache = cache or setup.out / "cache"
+    default_mc = config.mc_samples
     if getattr(args, "attribution_mc", None):
         config = replace(config, mc_samples=int(args.attribution_mc))
     session = AttributionSession(
@@ -603,13 +604,20 @@ def evaluate_run(setup: RunSetup, cfg: LDSConfig, masks: np.ndarray, args: Any) 
     predicted = predicted_matrix(score_fn, masks, len(queries))
     table = lds_table(predicted, measured)
     record = build_record(setup, cfg, spec, source, session, masks, per_seed, table, info)
-    stem = f"lds_{setup.preset.name}_{_safe(args.measurement)}"
+    stem = results_stem(setup.preset.name, args.measurement, config.mc_samples, default_mc)
     setup.results.mkdir(parents=True, exist_ok=True)
     save_json(setup.results / f"{stem}.json", record)
     write_figure(record, setup.results / f"{stem}.png")
     print(format_table(record))
     print(f"wrote {setup.results / (stem + '.json')} and {stem}.png")
     return 0
+
+
+def results_stem(preset: str, measurement: str, attribution_mc: int, default_mc: int) -> str:
+    """``lds_<preset>_<measurement>``, with ``_attribution_m<M>`` when the attribution M is not the
+    preset's: a variant run (``--attribution-mc``) must not overwrite the headline result."""
+    stem = f"lds_{preset}_{_safe(measurement)}"
+    return stem if int(attribution_mc) == int(default_mc) else f"{stem}_attribution_m{int(attribution_mc)}"
 
 
 def _method_order(name: str) -> tuple:

@@ -258,6 +258,12 @@ def test_quick_cli_end_to_end(tmp_path, monkeypatch):
         main([*argv, "--train-only"])
     assert main([*argv, "--methods", "kfac,trak,pixel", "--no-train"]) == 0
     (out / ".train.lock").unlink()
+    # a variant with another attribution M writes its own file, never over the headline one
+    headline = (out / "results" / "lds_quick_loss.json").read_bytes()
+    assert main([*argv, "--methods", "kfac,trak,pixel", "--no-train", "--attribution-mc", "4"]) == 0
+    assert (out / "results" / "lds_quick_loss.json").read_bytes() == headline
+    variant = json.loads((out / "results" / "lds_quick_loss_attribution_m4.json").read_text())
+    assert variant["config"]["attribution"]["mc_samples"] == 4
     # other settings in the same folder are refused
     with pytest.raises(SubsetMismatchError):
         main([*argv, "--fraction", "0.25", "--train-only"])
