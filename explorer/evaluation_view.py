@@ -100,6 +100,10 @@ def lds_section(handle: Handle) -> None:
         )
         return
     info = handle.session.method_info()
+    # the headline first: the training loss at the preset's M, then other measurements, then variants
+    entries = sorted(
+        entries, key=lambda e: ("_attribution_m" in str(e.get("file", "")), _measurement_of(e) != "loss", str(e.get("file", "")))
+    )
     for entry in entries:
         meas = _measurement_of(entry)
         cfg = entry.get("config") or {}

@@ -295,6 +295,9 @@ def test_evaluation_and_about_tabs(app_env):
             }
         )
     )
+    (results / "lds_digits_elbo.json").write_text(  # sorts first by name, must show after the loss
+        json.dumps({"config": {"measurement": "elbo"}, "methods": {"kfac": {"lds": 0.1111, "ci95": [0.0, 0.2]}}})
+    )
     (results / "retrain_top_digits.json").write_text(
         json.dumps(
             {
@@ -311,7 +314,8 @@ def test_evaluation_and_about_tabs(app_env):
     at.run()
     _ok(at)
     frames = [d.value for d in at.dataframe]
-    assert any("LDS" in f.columns and f["LDS"].iloc[0] == pytest.approx(0.4321) for f in frames)
+    lds_frames = [f for f in frames if "LDS" in f.columns]
+    assert [f["LDS"].iloc[0] for f in lds_frames] == pytest.approx([0.4321, 0.1111])  # the loss first
     retrain = [f for f in frames if "measured change" in f.columns]
     assert len(retrain) == 1 and retrain[0]["method"].iloc[0] == "K-FAC Influence"
     assert retrain[0]["measured / control"].iloc[0] == pytest.approx(4.0)
