@@ -39,5 +39,5 @@ lds: $(STAMP)
 		--measurement loss --methods kfac,trak,dtrak,clip,pixel --workers 2
 
 retrain-top: $(STAMP)
-	$(BIN)/python -m engine retrain-top --preset digits --query gallery:0,gallery:1 --fraction 0.02 \
+	$(BIN)/python -m engine retrain-top --preset digits --query gallery:0,gallery:1,gallery:2 --fraction 0.02 \
 		--methods kfac,trak,dtrak,pixel --measurement loss --workers 2
