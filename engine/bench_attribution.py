@@ -269,8 +269,11 @@ def time_rescore(session, query_results) -> tuple[dict[str, float], dict[str, fl
 
     K-FAC scores a grid of dampings in its first pass and keeps them: a grid value is a lookup,
     any damping in ``damping_grid.SUPPORTED`` (here lambda * 3.7) a weighted sum of the grid's
-    scores (engine.damping_grid), and one outside it (1e-14) one division and one bank pass.
+    scores (engine.damping_grid), and one below it one division and one bank pass.
     """
+    from .damping_grid import SUPPORTED
+
+    outside = SUPPORTED[0] / 100
     grid_of = {"kfac": _kfac_grid()}
     anyd: dict[str, float] = {}
     grid: dict[str, float] = {}
@@ -290,7 +293,7 @@ def time_rescore(session, query_results) -> tuple[dict[str, float], dict[str, fl
                 session.rescore(r, {name: g[len(g) // 2]})
                 t_grid.append((time.perf_counter() - t0) * 1000.0)
                 t0 = time.perf_counter()
-                session.rescore(r, {name: 1e-14})
+                session.rescore(r, {name: outside})
                 t_exact.append((time.perf_counter() - t0) * 1000.0)
         if t_any:
             anyd[name] = _median(t_any)
@@ -302,10 +305,8 @@ def time_rescore(session, query_results) -> tuple[dict[str, float], dict[str, fl
 
 
 def _kfac_grid() -> list[float]:
-    try:
-        from .methods.kfac_influence import DAMPING_GRID
-    except ImportError:
-        return []
+    from .damping_grid import DAMPING_GRID
+
     return sorted(float(x) for x in DAMPING_GRID)
 
 
@@ -559,11 +560,14 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append("* cache existed: build time as recorded in the cache when it was built")
     lines.append("")
     if r.get("rescore_grid_ms_median"):
+        from .damping_grid import SUPPORTED
+
+        span = f"{SUPPORTED[0]:.0e}..{SUPPORTED[1]:.0e}"
         lines.append(
-            "rescore = damping change to an arbitrary value (K-FAC in 1e-12..1e2: interpolated from its grid); "
+            f"rescore = damping change to an arbitrary value (K-FAC in {span}: interpolated from its grid); "
             "to a value of K-FAC's damping grid (precomputed in the first pass): "
             + ", ".join(f"{k} {v:.1f} ms" for k, v in r["rescore_grid_ms_median"].items())
-            + "; outside 1e-12..1e2 (one exact pass over the bank): "
+            + f"; outside {span} (one exact pass over the bank): "
             + ", ".join(f"{k} {v:.1f} ms" for k, v in r.get("rescore_exact_pass_ms_median", {}).items())
         )
     lines.append(f"cold session start (child):  {b.get('session_start_s', float('nan')):.2f} s")
