@@ -198,7 +198,7 @@ def retrain_results_section(handle: Handle) -> None:
             + (f" · file `{entry['file']}`" if entry.get("file") else "")
             + (f" · {cfg['created']}" if cfg.get("created") else "")
         )
-        st.dataframe(pd.DataFrame(rows), hide_index=True)
+        st.dataframe(pd.DataFrame(rows), hide_index=True, height=35 * (len(rows) + 1) + 3)  # every row, no scrolling
 
 
 # --- check by retraining -------------------------------------------------------------------

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         headless.click_tab(d, "Evaluation")
         headless.wait_for(d, ["Linear data-modelling score"], timeout=120)
         time.sleep(2.0)
-        saved.append(headless.screenshot(d, out / "evaluation.png", height=1600))
+        saved.append(headless.screenshot(d, out / "evaluation.png", height=4200))
         headless.click_tab(d, "About the methods")
         headless.wait_for(d, ["not removal predictions"], timeout=120)
         time.sleep(1.0)
