@@ -104,3 +104,18 @@ class AttributionMethod(ABC):
 
     @abstractmethod
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray: ...
+
+    def score_batch(
+        self, ctx: Any, queries: list[QueryInput], query_grads: torch.Tensor | None, damping: float | None = None
+    ) -> np.ndarray:
+        """Scores of Q queries at one damping, float32 (Q, N) (``engine.pool``: generated pools).
+
+        ``query_grads`` (Q, P) holds row q's ``query_measurement`` gradient (None for methods
+        without gradients).  This default prepares and scores one query at a time; methods
+        with a stored bank override it with one batched matrix product over the bank.
+        """
+        rows = [
+            self.score(self.prepare(ctx, q, None if query_grads is None else query_grads[i]), damping)
+            for i, q in enumerate(queries)
+        ]
+        return np.stack([np.asarray(r, dtype=np.float32).reshape(-1) for r in rows])

@@ -252,6 +252,25 @@ class KFACInfluence(AttributionMethod):
         prepared.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
         return cache[lam]
 
+    def score_batch(
+        self, ctx: Any, queries: list[QueryInput], query_grads: torch.Tensor | None, damping: float | None = None
+    ) -> np.ndarray:
+        """(Q, N) scores of Q queries at one damping: rotate all Q gradients, divide by
+        (eigenvalues + lambda), then ONE pass over the bank (``score_many``, (Q, P) x (P, N))."""
+        if query_grads is None:
+            raise ValueError("K-FAC Influence needs the queries' measurement gradients")
+        if self._key != self._ctx_key(ctx):
+            self.build(ctx)
+        assert self.factors is not None and self.bank is not None and self._eigenvalues is not None
+        lam = self.default_damping if damping is None else float(damping)
+        dtype = ctx.params[0][1].dtype
+        eig = self._eigenvalues.to(ctx.device, dtype)
+        damped = torch.empty((len(query_grads), eig.numel()), dtype=dtype, device=ctx.device)
+        for s in range(0, len(query_grads), 64):  # rotation in slices: bounded temporary memory
+            g = query_grads[s : s + 64].to(ctx.device, dtype)
+            damped[s : s + 64] = self.factors.rotate(g) / (eig + lam)
+        return self.bank.score_many(damped)
+
     @staticmethod
     def _grid_for(d: dict[str, Any]) -> tuple[float, ...] | None:
         """The fine grid if its G x P queries fit the limit, else the powers of ten, else none."""

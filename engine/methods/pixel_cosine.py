@@ -82,3 +82,10 @@ class PixelCosine(AttributionMethod):
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
         return prepared.data
+
+    def score_batch(
+        self, ctx: Any, queries: list[QueryInput], query_grads: torch.Tensor | None = None, damping: float | None = None
+    ) -> np.ndarray:
+        """(Q, N) correlations: one product of the centred, normalised images."""
+        images = torch.stack([q.image.detach().cpu().float() for q in queries])  # type: ignore[union-attr]
+        return (centred_unit(images) @ self._train_matrix(ctx).T).clamp(-1.0, 1.0).numpy().astype(np.float32)

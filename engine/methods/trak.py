@@ -231,6 +231,19 @@ class TRAK(AttributionMethod):
         w = d["z_q"] / (d["eigvals"] + lam)
         return (d["phi_eig"] @ w / n).numpy().astype(np.float32)
 
+    def score_batch(
+        self, ctx: Any, queries: list[QueryInput], query_grads: torch.Tensor | None, damping: float | None = None
+    ) -> np.ndarray:
+        """(Q, N) scores: project and rotate all Q gradients, then one (Q, k) x (k, N) product."""
+        if query_grads is None:
+            raise ValueError(f"{self.title} needs the queries' measurement gradients")
+        lam = self.default_damping if damping is None else float(damping)
+        state = self._load(ctx)
+        phi_q = self.projection(ctx).project(query_grads.detach()).float().cpu()  # (Q, k)
+        w = (phi_q @ state["eigvecs"]) / (state["eigvals"] + lam)  # rows: V^T phi_q / (s + lambda)
+        n = state["phi_eig"].shape[0]
+        return (w @ state["phi_eig"].T / n).numpy().astype(np.float32)
+
 
 class DTRAK(TRAK):
     """D-TRAK: TRAK with the square-norm function for both training features and the measurement."""

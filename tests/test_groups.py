@@ -1,0 +1,203 @@
+"""Group specs, group scores, batched pool scores, reverse ranking and the copy check (issue 15)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_session import TINY_ATTRIBUTION, tiny_checkpoint
+
+from engine.copycheck import NEAR_COPY_RATIO, concentration, copy_check, nearest_neighbours, pixel_distances
+from engine.groups import GroupError, group_change, group_from_indices, parse_group, strongest_members
+from engine.pool import attribution_matrix, gallery_set, generate_pool, parse_query_set, reverse_ranking
+from engine.session import AttributionSession
+
+METHODS = ["kfac", "trak", "dtrak", "pixel"]
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory, digits_small):
+    folder = tmp_path_factory.mktemp("tiny_group_ckpt")
+    preset = tiny_checkpoint(folder, digits_small, gallery=3)
+    s = AttributionSession(
+        preset,
+        checkpoint=folder,
+        device="cpu",
+        cache_root=tmp_path_factory.mktemp("cache"),
+        config=TINY_ATTRIBUTION,
+        dataset=digits_small,
+    )
+    s.build(METHODS)
+    return s
+
+
+@pytest.fixture(scope="module")
+def pool(session, tmp_path_factory):
+    """Five pool samples (tiny model, 1,000 DDPM steps: a couple of seconds)."""
+    return generate_pool(session, 5, seed=3, pool_dir=tmp_path_factory.mktemp("pools"), progress=False)
+
+
+# --- group specs ---------------------------------------------------------------------------
+
+
+def test_label_group_holds_every_image_of_that_label(digits_small):
+    g = parse_group("label:3", digits_small)
+    want = np.flatnonzero(digits_small.labels.numpy() == 3)
+    assert np.array_equal(g.members, want) and g.size == len(want) > 0
+
+
+def test_train_group_sorted_unique_with_ranges(digits_small):
+    g = parse_group("train:5, 1,3-4,1", digits_small)
+    assert g.members.tolist() == [1, 3, 4, 5]
+
+
+def test_file_group_json_and_text(digits_small, tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([7, 2, 9]))
+    (tmp_path / "b.txt").write_text("7\n2\n9\n")
+    for name in ("a.json", "b.txt"):
+        assert parse_group(f"file:{tmp_path / name}", digits_small).members.tolist() == [2, 7, 9]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("label:12", "unknown label 12"),
+        ("label:seven", "unknown label 'seven'"),
+        ("train:1,64", "training index 64"),
+        ("train:-1", "out of range"),
+        ("train:1,x", "'x'"),
+        ("train:,", "empty"),
+        ("nonsense", "expected label:C"),
+        ("pixels:3", "bad group kind"),
+    ],
+)
+def test_bad_group_specs_say_why(digits_small, spec, message):
+    with pytest.raises(GroupError, match=message):
+        parse_group(spec, digits_small)
+
+
+def test_bad_group_files_say_why(digits_small, tmp_path):
+    cases = {
+        "floats.json": ("[1.5, 2]", "list of integers"),
+        "dict.json": ('{"a": 1}', "list of integers"),
+        "words.txt": ("one two", "not an integer"),
+        "empty.txt": ("", "empty"),
+        "broken.json": ("[1, 2", "not valid JSON"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(GroupError, match=message):
+            parse_group(f"file:{tmp_path / name}", digits_small)
+    with pytest.raises(GroupError, match="no group file"):
+        parse_group(f"file:{tmp_path / 'missing.json'}", digits_small)
+
+
+# --- group scores ----------------------------------------------------------------------------
+
+
+def test_group_change_is_the_sum_of_member_scores(session):
+    res = session.query(session.parse_query("gallery:0"), "loss", ["kfac", "trak"])
+    g = parse_group("label:2", session.dataset)
+    for name in ("kfac", "trak"):
+        s = res.methods[name].scores
+        expected = sum(float(s[i]) for i in g.members)
+        assert float(group_change(s, g)) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+        # the group's strongest members are its largest scores, in order
+        top = strongest_members(s, g, 3)
+        assert [i for i, _ in top] == sorted(g.members.tolist(), key=lambda i: -s[i])[:3]
+    # additivity across disjoint groups: removing both = the sum of removing each
+    a, b = group_from_indices([0, 1, 2], 64), group_from_indices([10, 11], 64)
+    both = group_from_indices([0, 1, 2, 10, 11], 64)
+    s = res.methods["kfac"].scores
+    assert float(group_change(s, both)) == pytest.approx(float(group_change(s, a) + group_change(s, b)), rel=1e-6)
+
+
+# --- batched pool scores -----------------------------------------------------------------------
+
+
+def test_pool_is_cached_and_reproducible(session, pool, tmp_path):
+    again = generate_pool(session, 5, seed=3, pool_dir=tmp_path, progress=False)  # a fresh folder: redraws
+    assert torch.allclose(again.images, pool.images, atol=1e-6)
+    assert pool.names == [f"pool:{i}" for i in range(5)] and len(pool.labels) == 5
+
+
+@pytest.mark.parametrize("measurement", ["loss", "loss@t=300"])
+def test_batched_matrix_equals_one_query_at_a_time(session, pool, measurement):
+    mats = attribution_matrix(session, pool, measurement, METHODS)
+    for name in METHODS:
+        assert mats[name].status == "ok", mats[name].reason
+        assert mats[name].scores.shape == (5, 64)
+    for q, query in enumerate(pool.queries):
+        single = session.query(query, measurement, METHODS)
+        for name in METHODS:
+            want = single.methods[name].scores
+            got = mats[name].scores[q]
+            scale = float(np.abs(want).max())
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * scale, err_msg=f"{name} row {q}")
+
+
+def test_matrix_cache_round_trip(session, pool, tmp_path):
+    first = attribution_matrix(session, pool, "loss", ["kfac"], cache_dir=tmp_path)
+    again = attribution_matrix(session, pool, "loss", ["kfac"], cache_dir=tmp_path)
+    assert "loaded" in again["kfac"].timing_ms
+    np.testing.assert_array_equal(first["kfac"].scores, again["kfac"].scores)
+    other = attribution_matrix(session, pool, "loss", ["kfac"], damping={"kfac": 1e-3}, cache_dir=tmp_path)
+    assert "loaded" not in other["kfac"].timing_ms  # another damping is another matrix
+
+
+def test_gallery_set_and_bad_query_sets(session):
+    g = gallery_set(session)
+    assert g.names == ["gallery:0", "gallery:1", "gallery:2"] and g.queries[0].trajectory is not None
+    for bad in ("pool:x", "pool:0", "everything"):
+        with pytest.raises(ValueError):
+            parse_query_set(session, bad)
+
+
+# --- reverse ranking -----------------------------------------------------------------------------
+
+
+def test_reverse_ranking_agrees_with_per_query_scores(session, pool):
+    mats = attribution_matrix(session, pool, "loss", ["kfac"])
+    train_index = 17
+    per_query = [session.query(q, "loss", ["kfac"]).methods["kfac"].scores[train_index] for q in pool.queries]
+    ranking = reverse_ranking(mats["kfac"].scores, np.array([train_index]), pool)
+    assert [r.query for r in ranking] == [pool.names[q] for q in np.argsort(-np.array(per_query), kind="stable")]
+    np.testing.assert_allclose([r.change for r in ranking], sorted(per_query, reverse=True), rtol=1e-4)
+    # a group: the per-query group changes, sorted
+    g = parse_group("label:4", session.dataset)
+    ranked = reverse_ranking(mats["kfac"].scores, g.members, pool, top_k=2)
+    changes = group_change(mats["kfac"].scores, g)
+    assert [r.query for r in ranked] == [pool.names[q] for q in np.argsort(-changes, kind="stable")[:2]]
+
+
+# --- copy check ------------------------------------------------------------------------------------
+
+
+def test_concentration_shares():
+    scores = np.array([[4.0, 1.0, -3.0, 0.0, 3.0, 2.0, 0.0]])
+    s1, s5, top = concentration(scores)
+    assert s1[0] == pytest.approx(0.4) and s5[0] == pytest.approx(1.0)
+    assert top[0].tolist()[:3] == [0, 4, 5]
+    s1, s5, _ = concentration(np.array([[-1.0, -2.0]]))
+    assert s1[0] == 0.0 and s5[0] == 0.0  # no positive mass
+
+
+def test_pixel_distance_units_and_a_planted_copy(digits_small):
+    train = digits_small.images
+    d = pixel_distances(train[:2], train)
+    assert float(d[0, 0]) == pytest.approx(0.0, abs=1e-6)
+    black, white = -torch.ones(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
+    assert float(pixel_distances(black, white)[0, 0]) == pytest.approx(1.0)
+    # a copy of training image 5 with a little noise is flagged; a blank image is not
+    torch.manual_seed(0)
+    copy = (train[5:6] + 0.02 * torch.randn_like(train[5:6])).clamp(-1, 1)
+    images = torch.cat([copy, black])
+    nearest, d1, rel = nearest_neighbours(images, train)
+    assert nearest[0] == 5 and rel[0] < NEAR_COPY_RATIO and rel[1] > NEAR_COPY_RATIO
+    scores = np.zeros((2, len(train)), dtype=np.float32)
+    scores[0, 5] = 1.0
+    rows = copy_check(scores, images, train, ["a", "b"])
+    assert rows[0].query == "a" and rows[0].near_copy and rows[0].influence_agrees
+    assert not rows[1].near_copy
