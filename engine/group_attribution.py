@@ -1,0 +1,120 @@
+"""Group attribution in both directions, over a query set (the app's Groups page and the CLI).
+
+* **Group removal** (output -> group): for each query q and method, the predicted change of
+  the measurement if the group R were removed, delta m(q; R) = sum_{i in R} tau_i(q)
+  (``engine.groups``), with the group's strongest members for that query.
+* **Reverse** (group -> outputs): the queries ranked by the same delta m(q; R), largest
+  first: the outputs the group (or one training image, R = {i}) supports most.
+
+Both read one (Q, N) matrix per method from ``engine.pool.attribution_matrix`` (batched
+gradients, one batched product over each method's bank), so a group query over a cached
+pool costs one (Q, |R|) sum.  Only influence methods are accepted: a similarity is not a
+removal prediction and its sum over a group means nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .groups import Group, group_change, strongest_members
+from .methods.base import no_progress
+from .pool import MatrixResult, Progress, QuerySet, Supported, attribution_matrix, reverse_ranking
+
+DEFAULT_METHODS = ("kfac", "trak", "dtrak")
+
+
+@dataclass
+class GroupResult:
+    """Every method's matrix over a query set, and the group whose removal is asked about."""
+
+    group: Group
+    measurement: str
+    qset: QuerySet
+    methods: dict[str, MatrixResult]
+    labels: np.ndarray | None  # training labels (for the strongest members' labels)
+
+    def ok(self) -> list[str]:
+        return [n for n, r in self.methods.items() if r.status == "ok"]
+
+    def changes(self, name: str) -> np.ndarray:
+        """(Q,) predicted change of each query's measurement if the group were removed."""
+        scores = self.methods[name].scores
+        if scores is None:
+            raise ValueError(f"{name} has no scores: {self.methods[name].reason}")
+        return group_change(scores, self.group)
+
+    def strongest(self, name: str, q: int, k: int = 5) -> list[tuple[int, float]]:
+        """The group's k members with the largest scores for query q."""
+        return strongest_members(self.methods[name].scores[q], self.group, k)  # type: ignore[index]
+
+    def ranking(self, name: str, top_k: int | None = None) -> list[Supported]:
+        """Queries by how much removing the group would raise their measurement, largest first."""
+        return reverse_ranking(self.methods[name].scores, self.group.members, self.qset, top_k)  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``group`` command's JSON (issue 15): one entry per query, in query-set order."""
+        labels = self.qset.labels
+        return {
+            "group": {"spec": self.group.spec, "size": self.group.size},
+            "measurement": self.measurement,
+            "methods": {
+                name: {
+                    "queries": [
+                        {
+                            "query": self.qset.names[q],
+                            "label": None if labels[q] < 0 else int(labels[q]),
+                            "predicted_change": float(c),
+                        }
+                        for q, c in enumerate(self.changes(name))
+                    ]
+                }
+                for name in self.ok()
+            },
+        }
+
+    def reverse_json(self, top_k: int) -> dict[str, Any]:
+        """The ``reverse`` command's JSON: the top-k supported queries per method."""
+        return {
+            "group": {"spec": self.group.spec, "size": self.group.size},
+            "measurement": self.measurement,
+            "queries": self.qset.name,
+            "methods": {
+                name: {"top": [vars(s) for s in self.ranking(name, top_k)]} for name in self.ok()
+            },
+        }
+
+
+def check_influence_methods(session: Any, methods: list[str] | None) -> list[str]:
+    """The methods asked for (default kfac, trak, dtrak); ValueError for a similarity method."""
+    names = list(methods) if methods else [m for m in DEFAULT_METHODS if m in session.method_names()]
+    for n in names:
+        m = session.method(n)  # ValueError for an unknown name
+        if m.kind != "influence":
+            raise ValueError(
+                f"{n} is a similarity, not a removal prediction, so it cannot be summed over a group; "
+                f"use influence methods ({', '.join(DEFAULT_METHODS)})"
+            )
+    return names
+
+
+def group_attribution(
+    session: Any,
+    group: Group,
+    qset: QuerySet,
+    measurement: str = "loss",
+    methods: list[str] | None = None,
+    damping: dict[str, float] | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Progress = no_progress,
+) -> GroupResult:
+    """Scores of every query in ``qset`` for each influence method, ready for both directions."""
+    names = check_influence_methods(session, methods)
+    mats = attribution_matrix(session, qset, measurement, names, damping, cache_dir, progress)
+    return GroupResult(group, measurement, qset, mats, session.labels)
+
+
+__all__ = ["GroupResult", "DEFAULT_METHODS", "check_influence_methods", "group_attribution"]

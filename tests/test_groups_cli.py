@@ -1,0 +1,104 @@
+"""`attribution-engine group`, `reverse` and `copy-check` on a tiny checkpoint and 64 digits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_session import tiny_checkpoint
+
+import engine.session
+from engine.cli import main
+
+SMALL = ["--mc-samples", "4", "--trak-dim", "32"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, digits_small):
+    folder = tmp_path_factory.mktemp("cli_group_ckpt")
+    tiny_checkpoint(folder, digits_small, gallery=3)
+    return folder, tmp_path_factory.mktemp("cli_group_cache")
+
+
+@pytest.fixture(scope="module")
+def pools(tmp_path_factory):
+    """One pool folder for the module: the pool is drawn once and reused."""
+    return tmp_path_factory.mktemp("pools")
+
+
+@pytest.fixture
+def cli(setup, digits_small, monkeypatch, capsys):
+    folder, cache = setup
+    monkeypatch.setattr(engine.session, "load_dataset", lambda cfg: digits_small)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        rc = main([*argv, "--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(cache), *SMALL])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
+def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
+    rc, out, err = cli("group", "--remove", "label:3", "--queries", "gallery", "--methods", "kfac,trak,dtrak",
+                       "--auto-build", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert set(res) == {"group", "measurement", "methods"}
+    assert res["group"] == {"spec": "label:3", "size": int((digits_small.labels == 3).sum())}
+    assert res["measurement"] == "loss" and set(res["methods"]) == {"kfac", "trak", "dtrak"}
+    for entry in res["methods"].values():
+        assert set(entry) == {"queries"}
+        assert [q["query"] for q in entry["queries"]] == ["gallery:0", "gallery:1", "gallery:2"]
+        for q in entry["queries"]:
+            assert set(q) == {"query", "label", "predicted_change"}
+            assert isinstance(q["predicted_change"], float) and q["label"] in (0, 1, 2)
+    # the group's change is the sum of the member scores of a single query
+    rc, out, err = cli("query", "--query", "gallery:1", "--methods", "kfac", "--json", "--top-k", "64")
+    assert rc == 0, err
+    top = json.loads(out)["methods"]["kfac"]["top"]
+    member_sum = sum(t["score"] for t in top if t["label"] == 3)
+    assert res["methods"]["kfac"]["queries"][1]["predicted_change"] == pytest.approx(member_sum, rel=1e-4)
+
+
+def test_reverse_json_on_a_pool_ranks_by_the_training_image_score(cli, pools):
+    rc, out, err = cli("reverse", "--train", "17", "--queries", "pool:4", "--pool-dir", str(pools),
+                       "--top-k", "3", "--methods", "kfac", "--auto-build", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    top = res["methods"]["kfac"]["top"]
+    assert res["group"] == {"spec": "train:17", "size": 1} and res["queries"] == "pool:4"
+    assert [t["rank"] for t in top] == [1, 2, 3]
+    changes = [t["change"] for t in top]
+    assert changes == sorted(changes, reverse=True)
+    assert any(p.name.startswith("pool_") for p in pools.iterdir())  # the pool was cached
+    assert any(p.name.startswith("matrix_") for p in pools.iterdir())  # and its matrix
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("group", "--remove", "label:11"), "unknown label 11"),
+        (("group", "--remove", "train:3,99"), "out of range"),
+        (("group", "--remove", "train:1", "--methods", "pixel"), "similarity"),
+        (("group", "--remove", "train:1", "--queries", "pool:abc"), "bad pool size"),
+        (("reverse", "--train", "64"), "out of range"),
+    ],
+)
+def test_bad_input_is_one_line_error(cli, argv, message):
+    rc, out, err = cli(*argv)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_copy_check_json(cli, pools):
+    rc, out, err = cli("copy-check", "--queries", "pool:4", "--pool-dir", str(pools), "--auto-build", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert len(res["rows"]) == 4 and "not proof" in res["caveat"]
+    rel = [r["relative_distance"] for r in res["rows"]]
+    assert rel == sorted(rel)
+    for r in res["rows"]:
+        assert 0.0 <= r["top1_share"] <= r["top5_share"] <= 1.0
+        assert r["near_copy"] == (r["relative_distance"] < 0.5)
+    assert np.isfinite(res["training_flag_rate"])
