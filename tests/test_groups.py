@@ -201,3 +201,27 @@ def test_pixel_distance_units_and_a_planted_copy(digits_small):
     rows = copy_check(scores, images, train, ["a", "b"])
     assert rows[0].query == "a" and rows[0].near_copy and rows[0].influence_agrees
     assert not rows[1].near_copy
+
+
+# --- group retraining check -------------------------------------------------------------------------
+
+
+def test_group_retrain_record_is_resumable_and_consistent(session, tmp_path):
+    from engine.group_retrain import plan_group, run_group_retrain
+
+    record = run_group_retrain(session, ["label:1"], ["kfac", "trak"], tmp_path, steps=10, mc_samples=8,
+                               log=lambda s: None)
+    (g,) = record["groups"]
+    group = parse_group("label:1", session.dataset)
+    assert g["size"] == group.size and len(g["measured_change"]) == 3
+    # predicted = the group's sum of the gallery queries' scores (one query at a time here)
+    for q in range(3):
+        s = session.query(session.parse_query(f"gallery:{q}"), "loss", ["kfac"]).methods["kfac"].scores
+        assert g["predicted_change"]["kfac"][q] == pytest.approx(float(group_change(s, group)), rel=1e-4)
+    assert set(g["comparison"]) == {"kfac", "trak"}
+    # the model folder is keyed by (checkpoint, members, steps): a second run trains nothing
+    plan = plan_group("label:1", group.members, session.checkpoint_hash, 10, tmp_path)
+    mtime = (plan.model / "model.safetensors").stat().st_mtime
+    again = run_group_retrain(session, ["label:1"], ["kfac"], tmp_path, steps=10, mc_samples=8, log=lambda s: None)
+    assert (plan.model / "model.safetensors").stat().st_mtime == mtime
+    assert again["groups"][0]["measured_change"] == g["measured_change"]
