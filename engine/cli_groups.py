@@ -254,3 +254,45 @@ def cmd_group_retrain(args: argparse.Namespace) -> int:
     print(format_group_retrain(record))
     print(f"wrote {path}")
     return 0
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+@register
+def add_group_bench(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "group-bench",
+        cmd_group_bench,
+        help="figures of group attribution: the class check and the cost of a pool of N",
+        description="Draws a pool in a fresh folder and times it, its attribution matrix, a group query over "
+        "it and single queries side by side; counts per method the classes c for which removing label:c "
+        "predicts a larger mean loss increase on samples of class c than on the others. Writes "
+        "<results>/groups_<preset>.json.",
+    )
+    p.add_argument("--methods", default="kfac,trak,dtrak", help="influence methods (default kfac,trak,dtrak)")
+    p.add_argument("--pool-size", type=int, default=256, help="pool size (default 256)")
+    p.add_argument("--pool-seed", type=int, default=0, help="pool seed (default 0)")
+    p.add_argument("--work-dir", default=None, help="scratch folder (default runs/group_bench/<preset>)")
+    p.add_argument("--results", default=None, help="results folder (default assets/results)")
+    _add_attribution_options(p)
+
+
+def cmd_group_bench(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write_bytes
+    from .group_bench import run_group_bench
+    from .paths import REPO_ROOT
+
+    try:
+        methods = parse_methods(args.methods) or ["kfac", "trak", "dtrak"]
+        session = open_session(args)
+        work = Path(args.work_dir) if args.work_dir else REPO_ROOT / "runs" / "group_bench" / session.preset.name
+        record = run_group_bench(session, methods, args.pool_size, args.pool_seed, work)
+    except (ValueError, RuntimeError) as e:
+        return _fail(e)
+    results = Path(args.results) if args.results else REPO_ROOT / "assets" / "results"
+    path = results / f"groups_{session.preset.name}.json"
+    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
+    print(f"wrote {path}")
+    return 0
