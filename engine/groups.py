@@ -84,21 +84,32 @@ def _parse_int_list(text: str, where: str) -> list[int]:
     return out
 
 
-def read_index_file(path: str | Path) -> list[int]:
+def parse_index_text(text: str, where: str) -> list[int]:
     """A JSON list of integers, or plain text of integers (comma, space or newline separated)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise GroupError(f"no group file at {p}")
-    text = p.read_text(encoding="utf-8", errors="replace").strip()
+    text = text.strip()
     if text.startswith("[") or text.startswith("{"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise GroupError(f"{p} is not valid JSON ({e.msg}); expected a list of integers") from None
+            raise GroupError(f"{where} is not valid JSON ({e.msg}); expected a list of integers") from None
         if not isinstance(data, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in data):
-            raise GroupError(f"{p} must hold a JSON list of integers (training indices)")
+            raise GroupError(f"{where} must hold a JSON list of integers (training indices)")
         return [int(v) for v in data]
-    return _parse_int_list(text, f"file {p}")
+    return _parse_int_list(text, where)
+
+
+def read_index_file(path: str | Path) -> list[int]:
+    """``parse_index_text`` of a file's contents."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise GroupError(f"no group file at {p}")
+    return parse_index_text(p.read_text(encoding="utf-8", errors="replace"), f"file {p}")
+
+
+def group_from_text(text: str, name: str, n: int) -> Group:
+    """A group from the contents of an index file (e.g. uploaded in the app): ``file:NAME``."""
+    members = _check_indices(parse_index_text(text, f"file {name}"), n, f"file {name}")
+    return Group(f"file:{name}", members, f"{len(members)} training image(s) listed in {name}")
 
 
 def _label_index(arg: str, dataset: ImageDataset) -> int:
@@ -182,6 +193,8 @@ __all__ = [
     "parse_group",
     "group_from_indices",
     "read_index_file",
+    "parse_index_text",
+    "group_from_text",
     "group_change",
     "strongest_members",
     "top_share",

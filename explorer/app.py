@@ -15,7 +15,7 @@ if _ROOT not in sys.path:  # `streamlit run explorer/app.py` puts explorer/, not
 
 import streamlit as st  # noqa: E402
 
-PAGES = ["Explore", "Evaluation", "About the methods"]
+PAGES = ["Explore", "Groups", "Evaluation", "About the methods"]
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
         st.error(f"Building the attribution caches failed: {type(e).__name__}: {e}")
         st.stop()
 
-    from explorer import about_view, controls, evaluation_view, query_view, results_view
+    from explorer import about_view, controls, evaluation_view, groups_view, query_view, results_view
 
     session = handle.session
     st.title("Diffusion Attribution Explorer")
@@ -48,7 +48,7 @@ def main() -> None:
     has_traj = query is not None and query.input.trajectory is not None
     settings = controls.choose_settings(handle, has_traj)
 
-    explore, evaluation, about = st.tabs(PAGES, key="page", on_change="rerun")
+    explore, groups, evaluation, about = st.tabs(PAGES, key="page", on_change="rerun")
     if explore.open:
         with explore:
             if query is None:
@@ -60,9 +60,13 @@ def main() -> None:
                     results_view.method_columns(handle, query, result, settings)
                     results_view.downloads(handle, query, result, settings)
                     results_view.plots(handle, result, settings)
+                    groups_view.reverse_from_grids(handle, result, settings)
                     with st.expander("Timings and cache status"):
                         results_view.timings(handle, result, settings)
                         results_view.cache_status(handle)
+    if groups.open:
+        with groups:
+            groups_view.groups_page(handle, settings)
     if evaluation.open:
         with evaluation:
             evaluation_view.lds_section(handle)

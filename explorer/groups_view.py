@@ -1,0 +1,374 @@
+"""Groups page and the reverse view: "what if these images were removed?" and "what do they support?".
+
+Layout only: the group specs, the pool, the batched score matrices, the reverse ranking,
+the copy check and the retraining results all come from the engine
+(``engine.groups``, ``engine.pool``, ``engine.group_attribution``, ``engine.copycheck``).
+A query set's score matrices are computed once per (query set, measurement, methods,
+damping) and kept in the process-wide handle, so changing the group only re-sums columns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from engine.copycheck import CAVEAT, NEAR_COPY_RATIO, NEIGHBOURS, copy_check, explain, training_flag_rate
+from engine.evaluate import spearman
+from engine.group_attribution import DEFAULT_METHODS, GroupResult
+from engine.groups import Group, GroupError, group_from_indices, group_from_text, parse_group
+from engine.pool import PoolError, QuerySet, attribution_matrix, gallery_set, generate_pool, pool_path
+from explorer.controls import Settings
+from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
+from explorer.runtime import Handle, throttled
+
+CELL = 64
+KINDS = ("A class", "Hand-picked", "From a file", "One training image")
+PICKED = "grp_picked"  # training indices ticked in the Explore page's grids
+
+
+# --- engine calls, cached in the handle ---------------------------------------------------
+
+
+def _matrices(handle: Handle) -> dict:
+    return handle.__dict__.setdefault("group_matrices", {})
+
+
+def _pools(handle: Handle) -> dict:
+    return handle.__dict__.setdefault("group_pools", {})
+
+
+def influence_methods(handle: Handle) -> list[str]:
+    info = handle.session.method_info()
+    status = handle.status()
+    return [n for n, v in info.items() if v["kind"] == "influence" and status.get(n, {}).get("built")]
+
+
+def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, methods: list[str]) -> GroupResult:
+    """The group's view of every method's (Q, N) matrix over ``qset`` (matrices computed once)."""
+    damping = {n: s.damping_dict[n] for n in methods if n in s.damping_dict}
+    key = (qset.key, s.measurement, tuple(methods), tuple(sorted(damping.items())))
+    store = _matrices(handle)
+    if key not in store:
+        bar = st.progress(0.0, text=f"Scoring {len(qset)} samples with {', '.join(methods)} ...")
+        cache = handle.cache_root / "pools" if qset.name.startswith("pool") else None
+        with handle.lock:
+            store[key] = attribution_matrix(
+                handle.session, qset, s.measurement, methods, damping, cache,
+                progress=throttled(lambda m, f: bar.progress(f, text=m)),
+            )
+        bar.empty()
+    return GroupResult(group, s.measurement, qset, store[key], handle.session.labels)
+
+
+def _pool(handle: Handle, n: int, seed: int, draw: bool) -> QuerySet | None:
+    """A cached pool, or None when it is not drawn yet and ``draw`` is False."""
+    key = (n, seed)
+    pools = _pools(handle)
+    if key in pools:
+        return pools[key]
+    folder = handle.cache_root / "pools"
+    if not draw and not pool_path(folder, handle.session.checkpoint_hash, seed, n).is_file():
+        return None
+    bar = st.progress(0.0, text=f"Drawing {n} samples ...")
+    with handle.lock:
+        pools[key] = generate_pool(
+            handle.session, n, seed, folder, progress=throttled(lambda m, f: bar.progress(f, text=m))
+        )
+    bar.empty()
+    return pools[key]
+
+
+# --- choosing the group and the samples -----------------------------------------------------
+
+
+def _choose_group(handle: Handle) -> Group | None:
+    ds = handle.session.dataset
+    kind = st.radio("Group of training images", KINDS, key="grp_kind", horizontal=True)
+    try:
+        if kind == "A class":
+            if ds.labels is None:
+                st.info("This training set has no labels; pick images by hand or from a file.")
+                return None
+            classes = sorted({int(v) for v in ds.labels.tolist()})
+            c = st.selectbox("Class", classes, key="grp_class", format_func=lambda c: ds.class_names[c] if ds.class_names else str(c))
+            return parse_group(f"label:{c}", ds)
+        if kind == "Hand-picked":
+            default = ",".join(str(i) for i in st.session_state.get(PICKED, []))
+            text = st.text_input(
+                "Training indices (commas, ranges like 10-20)", value=default or "0,1,2", key="grp_indices",
+                help="Tick images in the Explore page's grids to fill this in.",
+            )
+            return parse_group(f"train:{text}", ds)
+        if kind == "From a file":
+            up = st.file_uploader("A JSON list of indices, or text with one index per line", key="grp_file")
+            if up is None:
+                return None
+            return group_from_text(up.getvalue().decode("utf-8", errors="replace"), up.name, len(ds))
+        i = st.number_input("Training index", 0, len(ds) - 1, int(st.session_state.get("grp_train", 0)), key="grp_train")
+        return group_from_indices([int(i)], len(ds), spec=f"train:{int(i)}")
+    except GroupError as e:
+        st.warning(str(e))
+        return None
+
+
+def _choose_queries(handle: Handle) -> QuerySet | None:
+    session = handle.session
+    options = (["Gallery"] if session.gallery() else []) + ["Generated pool"]
+    where = st.radio("Generated samples", options, key="grp_queries", horizontal=True)
+    if where == "Gallery":
+        return gallery_set(session)
+    c1, c2 = st.columns(2)
+    n = int(c1.number_input("Pool size", 8, 4096, 256, step=8, key="grp_pool_n"))
+    seed = int(c2.number_input("Pool seed", 0, 10_000, 0, key="grp_pool_seed"))
+    pool = _pool(handle, n, seed, draw=False)
+    if pool is None:
+        st.info(f"No pool of {n} samples with seed {seed} yet: drawing it takes all "
+                f"{session.diffusion.T} denoising steps per batch of 64, once; it is then cached.")
+        if st.button(f"Draw {n} samples", key="grp_draw"):
+            try:
+                pool = _pool(handle, n, seed, draw=True)
+            except PoolError as e:
+                st.warning(str(e))
+    return pool
+
+
+# --- the page ------------------------------------------------------------------------------
+
+
+def groups_page(handle: Handle, s: Settings) -> None:
+    session = handle.session
+    st.subheader("Groups: what if these training images were removed?")
+    st.caption(
+        "Influence adds up: the predicted change of a sample's measurement when a whole group is removed is the "
+        "sum of its members' scores (positive: removing the group would make the sample less likely, i.e. the "
+        "group supports it). Read in both directions: per sample, and ranked over all samples."
+    )
+    methods_all = influence_methods(handle)
+    if not methods_all:
+        st.warning("No influence method is built; build K-FAC, TRAK or D-TRAK first.")
+        return
+    c1, c2 = st.columns(2)
+    with c1:
+        group = _choose_group(handle)
+    with c2:
+        qset = _choose_queries(handle)
+    info = session.method_info()
+    default = [m for m in DEFAULT_METHODS if m in methods_all] or methods_all[:1]
+    methods = st.multiselect("Methods", methods_all, default=default, key="grp_methods",
+                             format_func=lambda n: info[n]["title"])
+    if group is None or qset is None or not methods:
+        return
+    if s.measurement == "trajectory" and qset.name.startswith("pool"):
+        st.warning("Pool samples have no recorded trajectory: choose another measurement in the sidebar.")
+        return
+    try:
+        result = group_result(handle, group, qset, s, methods)
+    except (ValueError, RuntimeError) as e:
+        st.warning(f"Cannot score these samples: {e}")
+        return
+    for n, r in result.methods.items():
+        if r.status != "ok":
+            st.warning(f"{info[n]['title']}: {r.reason}")
+    if not result.ok():
+        return
+    st.markdown(f"**{group.spec}** · {group.description} · {len(qset)} samples ({qset.name}) · "
+                f"measurement `{s.measurement}`")
+    removal_section(handle, result, s)
+    reverse_section(handle, result, s)
+    downloads(handle, result, s)
+    copy_section(handle, result)
+    group_retrain_section()
+
+
+def _table(result: GroupResult) -> pd.DataFrame:
+    labels = result.qset.labels
+    table = pd.DataFrame({"sample": result.qset.names, "label": [None if v < 0 else int(v) for v in labels]})
+    for n in result.ok():
+        table[n] = result.changes(n)
+    return table
+
+
+def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
+    info = handle.session.method_info()
+    ds = handle.session.dataset
+    st.markdown("#### If the group were removed: predicted change of each sample's measurement")
+    table = _table(result)
+    cols = st.columns(len(result.ok()))
+    for col, n in zip(cols, result.ok(), strict=True):
+        col.metric(f"Mean predicted change ({info[n]['title']})", f"{table[n].mean():+.3e}")
+    name = result.ok()[0] if len(result.ok()) == 1 else st.selectbox(
+        "Method for the plot", result.ok(), key="grp_plot_method", format_func=lambda n: info[n]["title"])
+    data = table.assign(label=table["label"].astype(str))
+    fig = px.bar(data, x="sample", y=name, color="label", title=f"{info[name]['title']}: predicted change per sample")
+    fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
+    st.plotly_chart(fig, key="grp_fig_bar")
+    if len(result.ok()) >= 2:
+        a, b = result.ok()[0], result.ok()[1]
+        rho = spearman(table[a].to_numpy(), table[b].to_numpy())
+        fig2 = px.scatter(data, x=a, y=b, color="label", hover_data=["sample"],
+                          title=f"{info[a]['title']} vs {info[b]['title']}: Spearman {rho:+.3f} over {len(table)} samples")
+        fig2.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
+        st.plotly_chart(fig2, key="grp_fig_scatter")
+    q = st.selectbox("The group's strongest members for sample", list(range(len(result.qset))), key="grp_sample",
+                     format_func=lambda i: result.qset.names[i])
+    c0, *cs = st.columns(1 + len(result.ok()))
+    c0.image(display(result.qset.queries[q].image, 96), width=96, caption=result.qset.names[q])
+    for col, n in zip(cs, result.ok(), strict=True):
+        top = result.strongest(n, q, s.top_k)
+        col.markdown(f"**{info[n]['title']}**: change {result.changes(n)[q]:+.2e}")
+        col.image([display(ds.images[i], CELL, border=4) for i, _ in top],
+                  caption=[f"#{i} {ds.label_name(i) or ''} {v:+.1e}" for i, v in top], width=CELL + 8)
+
+
+def reverse_section(handle: Handle, result: GroupResult, s: Settings) -> None:
+    info = handle.session.method_info()
+    st.markdown("#### What the group supports most: the samples whose measurement its removal would raise most")
+    cols = st.columns(len(result.ok()), border=True)
+    for col, n in zip(cols, result.ok(), strict=True):
+        ranked = result.ranking(n, s.top_k)
+        with col:
+            st.markdown(f"**{info[n]['title']}**")
+            st.image([display(result.qset.queries[result.qset.names.index(r.query)].image, CELL, border=4)
+                      for r in ranked],
+                     caption=[f"{r.rank}. {r.query} · {r.change:+.1e}" for r in ranked], width=CELL + 8)
+
+
+def downloads(handle: Handle, result: GroupResult, s: Settings, prefix: str = "grp") -> None:
+    info = handle.session.method_info()
+    stem = f"{result.group.spec.replace(':', '-').replace(',', '_')[:40]}_{result.qset.name.replace(':', '-')}"
+    c1, c2 = st.columns(2)
+    c1.download_button("Download predicted changes (CSV)", _table(result).to_csv(index=False).encode(),
+                       file_name=f"group_{stem}.csv", mime="text/csv", key=f"{prefix}_dl_csv",
+                       help="One row per sample: label, one column of predicted change per method.")
+    rows = []
+    for n in result.ok():
+        ranked = result.ranking(n, s.top_k)
+        rows.append(SheetRow(f"{info[n]['title']}: samples {result.group.spec} supports most",
+                             [to_uint8(result.qset.queries[result.qset.names.index(r.query)].image) for r in ranked],
+                             [f"{r.query}\n{r.change:+.1e}" for r in ranked]))
+    c2.download_button("Download this view (PNG)", png_bytes(compose_sheet(rows)), file_name=f"group_{stem}.png",
+                       mime="image/png", key=f"{prefix}_dl_png")
+
+
+def copy_section(handle: Handle, result: GroupResult) -> None:
+    ds = handle.session.dataset
+    info = handle.session.method_info()
+    st.markdown("#### Copy check: which samples look like near-copies of a training image?")
+    name = "kfac" if "kfac" in result.ok() else result.ok()[0]
+    rows = copy_check(result.methods[name].scores, result.qset.images, ds.images, result.qset.names, result.qset.labels)
+    flagged = sum(r.near_copy for r in rows)
+    base = _flag_rate(handle)
+    st.caption(
+        f"Two kinds of evidence per sample: how concentrated its support is ({info[name]['title']}: the share of "
+        "the positive influence carried by the strongest one and five training images), and how close its nearest "
+        f"training image is in pixels. Flagged when the nearest training image is less than {NEAR_COPY_RATIO} times "
+        f"as far as the next {NEIGHBOURS} nearest on average. {flagged} of {len(rows)} samples are flagged; the same "
+        f"rule flags {base:.1%} of real training images against the others."
+    )
+    st.info(CAVEAT)
+    for r in rows[:5]:
+        c0, c1, c2 = st.columns([1, 3, 1])
+        q = result.qset.names.index(r.query)
+        c0.image(display(result.qset.queries[q].image, 80), width=80, caption=r.query + (" · FLAGGED" if r.near_copy else ""))
+        c1.markdown(explain(r))
+        c1.image([display(ds.images[i], 48, border=3) for i in r.top_proponents],
+                 caption=[f"#{i}" for i in r.top_proponents], width=54)
+        c2.image(display(ds.images[r.nearest], 80), width=80, caption=f"nearest #{r.nearest}")
+
+
+def _flag_rate(handle: Handle) -> float:
+    cache = handle.__dict__.setdefault("copy_flag_rate", {})
+    if "rate" not in cache:
+        cache["rate"] = training_flag_rate(handle.session.dataset.images)
+    return cache["rate"]
+
+
+# --- retraining check (shipped results) -------------------------------------------------------
+
+
+def group_retrain_section() -> None:
+    from explorer.evaluation_view import results_dir
+
+    st.markdown("#### Check by retraining: predicted against measured change")
+    files = sorted(Path(results_dir()).glob("group_retrain_*.json"))
+    records: list[dict[str, Any]] = []
+    for p in files:
+        try:
+            records.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    groups = [(rec, g) for rec in records for g in rec.get("groups", [])]
+    if not groups:
+        st.caption("No group retraining results yet: run `attribution-engine group-retrain --remove label:3 "
+                   "--remove label:8` (writes assets/results/group_retrain_<preset>.json).")
+        return
+    st.caption("The model retrained without the whole group (same recipe and steps), each gallery sample's loss "
+               "measured on both models with the same random draws. A method that knows which outputs depend on "
+               "the group ranks the samples in the same order as the measurement (Spearman near +1).")
+    points = []
+    for rec, g in groups:
+        labels = rec["config"].get("query_labels") or [None] * len(g["measured_change"])
+        for n, pred in g["predicted_change"].items():
+            rho = g["comparison"][n]["spearman"]
+            for q, (p_, m_) in enumerate(zip(pred, g["measured_change"], strict=True)):
+                points.append({"group": g["spec"], "method": f"{n} (Spearman {rho:+.2f})", "predicted": p_,
+                               "measured": m_, "sample": rec["config"]["queries"][q], "label": str(labels[q])})
+    data = pd.DataFrame(points)
+    fig = px.scatter(data, x="predicted", y="measured", color="label", facet_col="method", facet_row="group",
+                     hover_data=["sample"], title="Predicted vs measured change of the loss, per gallery sample")
+    fig.update_xaxes(matches=None)
+    fig.update_layout(height=300 * data["group"].nunique() + 80, margin=dict(l=10, r=10, t=80, b=10))
+    st.plotly_chart(fig, key="grp_fig_retrain")
+    st.dataframe(pd.DataFrame([{"group": g["spec"], "size": g["size"], "method": n, "Spearman": c["spearman"],
+                                "sign agreement": c["sign_agreement"], "mean predicted": c["mean_predicted"],
+                                "mean measured": float(np.mean(g["measured_change"]))}
+                               for _, g in groups for n, c in g["comparison"].items()]), hide_index=True)
+
+
+# --- the reverse view from the Explore page's grids --------------------------------------------
+
+
+def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
+    """Pick training images shown in the grids: see what they support, or keep them as a group."""
+    labels = handle.session.labels
+    shown: list[int] = []
+    for n in s.methods:
+        r = result.methods.get(n)
+        if r is not None and r.scores is not None:
+            shown += [x.index for x in r.top(s.top_k, labels)] + [x.index for x in r.bottom(s.top_k, labels)]
+    shown = list(dict.fromkeys(shown))
+    if not shown:
+        return
+    st.subheader("What do these training images support?")
+    picked = st.multiselect("Training images from the grids above", shown, key="grid_pick",
+                            format_func=lambda i: f"#{i}" + (f" ({labels[i]})" if labels is not None else ""),
+                            help="One image: the samples it supports most. Several: the same for the group. "
+                                 "The Groups page's hand-picked group uses these too.")
+    st.session_state[PICKED] = list(picked)
+    if not picked:
+        st.caption("Pick one or more training images to rank the gallery samples by how much they depend on them.")
+        return
+    qset = gallery_set(handle.session) if handle.session.gallery() else None
+    if qset is None:
+        st.info("No gallery to rank; use the Groups page with a generated pool.")
+        return
+    methods = [m for m in DEFAULT_METHODS if m in influence_methods(handle)]
+    group = group_from_indices(picked, len(handle.session.dataset))
+    res = group_result(handle, group, qset, s, methods)
+    if res.ok():
+        reverse_section(handle, res, s)
+        info = handle.session.method_info()
+        data = _table(res)
+        long = data.melt(id_vars=["sample", "label"], value_vars=res.ok(), var_name="method", value_name="change")
+        long["method"] = long["method"].map(lambda n: info[n]["title"])
+        fig = px.bar(long, x="sample", y="change", color="method", barmode="group",
+                     title=f"Predicted change of each gallery sample's {s.measurement} if {group.spec} were removed")
+        fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
+        st.plotly_chart(fig, key="rev_fig_bar")
+        downloads(handle, res, s, prefix="rev")

@@ -1,0 +1,105 @@
+"""The Groups page and the reverse view from the Explore grids, driven by AppTest on the tiny app."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_app import _handle, _ok, _set_env, _start, _texts, shared_tiny_app
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory) -> dict[str, str]:
+    import torch
+
+    torch.set_num_threads(1)
+    env = shared_tiny_app(tmp_path_factory)
+    from engine.session import AttributionSession
+
+    AttributionSession(env["ATTRIBUTION_PRESET"], env["ATTRIBUTION_CHECKPOINT"], "cpu", env["ATTRIBUTION_CACHE"]).build()
+    return env
+
+
+@pytest.fixture
+def app_env(tiny_app, tmp_path, monkeypatch) -> dict[str, str]:
+    results = tmp_path / "results"
+    results.mkdir()
+    return _set_env({**tiny_app, "ATTRIBUTION_RESULTS": str(results)}, monkeypatch)
+
+
+@pytest.mark.slow
+def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
+    from engine.groups import group_change, parse_group
+
+    # a shipped group-retraining record: the page plots it
+    record = {
+        "config": {"queries": ["gallery:0", "gallery:1", "gallery:2"], "query_labels": [0, 1, 2], "steps": 10},
+        "groups": [{
+            "spec": "label:1", "size": 5, "measured_change": [0.1, 0.3, 0.2],
+            "predicted_change": {"kfac": [0.01, 0.03, 0.02]},
+            "comparison": {"kfac": {"spearman": 1.0, "sign_agreement": 1.0, "mean_predicted": 0.02}},
+        }],
+    }
+    (Path(app_env["ATTRIBUTION_RESULTS"]) / "group_retrain_tiny.json").write_text(json.dumps(record))
+    at = _start(app_env)
+    at.session_state["page"] = "Groups"
+    at.run()
+    _ok(at)
+    text = _texts(at)
+    assert "Groups: what if these training images were removed?" in text
+    at.radio(key="grp_kind").set_value("A class").run()
+    at.selectbox(key="grp_class").set_value(1).run()
+    _ok(at)
+    handle = _handle()
+    session = handle.session
+    metrics = {m.label: m.value for m in at.metric}
+    assert "Mean predicted change (K-FAC Influence)" in metrics
+    # the page's numbers are the engine's: mean over the gallery of the class's summed scores
+    group = parse_group("label:1", session.dataset)
+    changes = [
+        float(group_change(session.query(session.parse_query(f"gallery:{q}"), "loss", ["kfac"]).methods["kfac"].scores, group))
+        for q in range(3)
+    ]
+    assert metrics["Mean predicted change (K-FAC Influence)"] == f"{np.mean(changes):+.3e}"
+    assert "What the group supports most" in _texts(at)
+    assert "evidence, not proof" in " ".join(i.value for i in at.info)
+    assert "Predicted vs measured" in str(at.get("plotly_chart")[-1].proto.spec)
+    assert {b.label for b in at.get("download_button")} >= {"Download predicted changes (CSV)", "Download this view (PNG)"}
+
+    # a hand-picked group with a bad index is a message, not a failure
+    at.radio(key="grp_kind").set_value("Hand-picked").run()
+    at.text_input(key="grp_indices").set_value("1,2,999").run()
+    assert not at.exception
+    assert any("out of range" in w.value for w in at.warning)
+
+    # a pool: drawn on request (cached), then scored in one batch
+    at.text_input(key="grp_indices").set_value("1,2,3").run()
+    at.radio(key="grp_queries").set_value("Generated pool").run()
+    at.number_input(key="grp_pool_n").set_value(8).run()
+    _ok(at)
+    assert any(b.label == "Draw 8 samples" for b in at.button)
+    at.button(key="grp_draw").click().run()
+    _ok(at)
+    assert "8 samples (pool:8)" in _texts(at)
+    assert (8, 0) in handle.group_pools
+
+
+@pytest.mark.slow
+def test_reverse_view_from_the_explore_grids(app_env):
+    at = _start(app_env)
+    pick = at.multiselect(key="grid_pick")
+    first = pick.options[0]
+    index = int(str(first).lstrip("#").split(" ")[0])
+    at.multiselect(key="grid_pick").set_value([index]).run()
+    _ok(at)
+    assert "What the group supports most" in _texts(at)
+    assert at.session_state["grp_picked"] == [index]
+    assert any(b.label == "Download predicted changes (CSV)" for b in at.get("download_button"))
+    at.session_state["page"] = "Groups"
+    at.run()
+    at.radio(key="grp_kind").set_value("Hand-picked").run()
+    _ok(at)
+    assert at.text_input(key="grp_indices").value == str(index)
+
