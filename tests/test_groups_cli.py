@@ -60,6 +60,13 @@ def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
     top = json.loads(out)["methods"]["kfac"]["top"]
     member_sum = sum(t["score"] for t in top if t["label"] == 3)
     assert res["methods"]["kfac"]["queries"][1]["predicted_change"] == pytest.approx(member_sum, rel=1e-4)
+    # the readable forms
+    rc, out, err = cli("group", "--remove", "label:3", "--methods", "kfac", "--strongest", "2")
+    assert rc == 0, err
+    assert "group label:3" in out and "gallery:2" in out and "strongest: #" in out
+    rc, out, err = cli("reverse", "--remove", "label:3", "--methods", "kfac", "--top-k", "2")
+    assert rc == 0, err
+    assert "1. gallery:" in out and "2. gallery:" in out and "3. gallery:" not in out
 
 
 def test_reverse_json_on_a_pool_ranks_by_the_training_image_score(cli, pools):
