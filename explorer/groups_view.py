@@ -179,6 +179,13 @@ def groups_page(handle: Handle, s: Settings) -> None:
         return
     st.markdown(f"**{group.spec}** · {group.description} · {len(qset)} samples ({qset.name}) · "
                 f"measurement `{s.measurement}`")
+    timing = "; ".join(
+        f"{info[n]['title']}: " + ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in r.timing_ms.items())
+        for n, r in result.methods.items() if r.status == "ok"
+    )
+    drawn = f"Pool drawn in {qset.seconds:.1f} s. " if qset.seconds else ""
+    st.caption(f"{drawn}All {len(qset)} samples scored in one batch per method ({timing}); "
+               "changing the group only re-sums columns.")
     removal_section(handle, result, s)
     reverse_section(handle, result, s)
     downloads(handle, result, s)
