@@ -2,7 +2,7 @@
 
 Layout only: the group specs, the pool, the batched score matrices, the reverse ranking,
 the copy check and the retraining results all come from the engine
-(``engine.groups``, ``engine.pool``, ``engine.group_attribution``, ``engine.copycheck``).
+(``engine.attribution.groups``, ``.pool``, ``.group_attribution``, ``.copycheck``).
 A query set's score matrices are computed once per (query set, measurement, methods,
 damping) and kept in the process-wide handle, so changing the group only re-sums columns.
 """
@@ -18,11 +18,25 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine.copycheck import CAVEAT, NEAR_COPY_RATIO, NEIGHBOURS, copy_check, explain, training_flag_rate
-from engine.evaluate import spearman
-from engine.group_attribution import DEFAULT_METHODS, GroupResult
-from engine.groups import Group, GroupError, group_from_indices, group_from_text, parse_group
-from engine.pool import PoolError, QuerySet, attribution_matrix, gallery_set, generate_pool, pool_path
+from engine.attribution.copycheck import (
+    CAVEAT,
+    NEAR_COPY_RATIO,
+    NEIGHBOURS,
+    copy_check,
+    explain,
+    training_flag_rate,
+)
+from engine.attribution.group_attribution import DEFAULT_METHODS, GroupResult
+from engine.attribution.groups import Group, GroupError, group_from_indices, group_from_text, parse_group
+from engine.attribution.pool import (
+    PoolError,
+    QuerySet,
+    attribution_matrix,
+    gallery_set,
+    generate_pool,
+    pool_path,
+)
+from engine.evaluation.stats import spearman
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
 from explorer.runtime import Handle, throttled

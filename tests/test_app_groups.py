@@ -16,7 +16,7 @@ def tiny_app(tmp_path_factory) -> dict[str, str]:
 
     torch.set_num_threads(1)
     env = shared_tiny_app(tmp_path_factory)
-    from engine.session import AttributionSession
+    from engine.attribution.session import AttributionSession
 
     AttributionSession(env["ATTRIBUTION_PRESET"], env["ATTRIBUTION_CHECKPOINT"], "cpu", env["ATTRIBUTION_CACHE"]).build()
     return env
@@ -31,7 +31,7 @@ def app_env(tiny_app, tmp_path, monkeypatch) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
-    from engine.groups import group_change, parse_group
+    from engine.attribution.groups import group_change, parse_group
 
     # a shipped group-retraining record: the page plots it
     record = {

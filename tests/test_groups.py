@@ -9,10 +9,28 @@ import pytest
 import torch
 from test_session import TINY_ATTRIBUTION, tiny_checkpoint
 
-from engine.copycheck import NEAR_COPY_RATIO, concentration, copy_check, nearest_neighbours, pixel_distances
-from engine.groups import GroupError, group_change, group_from_indices, parse_group, strongest_members
-from engine.pool import attribution_matrix, gallery_set, generate_pool, parse_query_set, reverse_ranking
-from engine.session import AttributionSession
+from engine.attribution.copycheck import (
+    NEAR_COPY_RATIO,
+    concentration,
+    copy_check,
+    nearest_neighbours,
+    pixel_distances,
+)
+from engine.attribution.groups import (
+    GroupError,
+    group_change,
+    group_from_indices,
+    parse_group,
+    strongest_members,
+)
+from engine.attribution.pool import (
+    attribution_matrix,
+    gallery_set,
+    generate_pool,
+    parse_query_set,
+    reverse_ranking,
+)
+from engine.attribution.session import AttributionSession
 
 METHODS = ["kfac", "trak", "dtrak", "pixel"]
 
@@ -207,7 +225,7 @@ def test_pixel_distance_units_and_a_planted_copy(digits_small):
 
 
 def test_group_retrain_record_is_resumable_and_consistent(session, tmp_path):
-    from engine.group_retrain import plan_group, run_group_retrain
+    from engine.evaluation.group_retrain import plan_group, run_group_retrain
 
     record = run_group_retrain(session, ["label:1"], ["kfac", "trak"], tmp_path, steps=10, mc_samples=8,
                                log=lambda s: None)

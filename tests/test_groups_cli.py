@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from test_session import tiny_checkpoint
 
-import engine.session
-from engine.cli import main
+import engine.attribution.session
+from engine.cli.main import main
 
 SMALL = ["--mc-samples", "4", "--trak-dim", "32"]
 
@@ -30,7 +30,7 @@ def pools(tmp_path_factory):
 @pytest.fixture
 def cli(setup, digits_small, monkeypatch, capsys):
     folder, cache = setup
-    monkeypatch.setattr(engine.session, "load_dataset", lambda cfg: digits_small)
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
 
     def run(*argv: str) -> tuple[int, str, str]:
         rc = main([*argv, "--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(cache), *SMALL])

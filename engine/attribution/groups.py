@@ -1,0 +1,201 @@
+"""Groups of training images and the predicted effect of removing them (DESIGN.md 4).
+
+First-order influence is additive: removing a set R of training images changes a query's
+measurement by approximately
+
+    delta m(q; R) = sum_{i in R} tau_i(q),    tau_i(q) = (1/N) grad m(q)^T (G + lambda I)^{-1} grad l(x_i)
+
+(paper eqs. 5-6 summed over the group; the same sign and 1/N scale as each member's score:
+positive = removing the group would raise the loss-like measurement, i.e. the group
+supports the query).  For a score matrix over many queries, (Q, N), the group's predicted
+changes are one matrix-vector product with the group's indicator vector.
+
+Group specs (the CLI's ``--remove`` and the app's group picker):
+
+* ``label:3``        every training image with label 3 (class names are accepted too);
+* ``train:1,2,3``    hand-picked training indices (ranges ``10-20`` allowed);
+* ``file:PATH``      a JSON list of integers, or text with one integer per line / comma-separated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..model.data import ImageDataset
+
+USAGE = "expected label:C, train:I,J,K (ranges like 10-20 allowed) or file:PATH"
+
+
+class GroupError(ValueError):
+    """A group spec that cannot be turned into training indices; the message says why."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """A named set of training indices (sorted, unique)."""
+
+    spec: str
+    members: np.ndarray  # int64, sorted
+    description: str
+
+    @property
+    def size(self) -> int:
+        return int(len(self.members))
+
+    def mask(self, n: int) -> np.ndarray:
+        """Indicator vector (N,) float64 of the members: removal = mask . scores."""
+        m = np.zeros(n, dtype=np.float64)
+        m[self.members] = 1.0
+        return m
+
+
+def _check_indices(values: list[int], n: int, where: str) -> np.ndarray:
+    if not values:
+        raise GroupError(f"the group {where} is empty: give at least one training index")
+    idx = np.asarray(values, dtype=np.int64)
+    bad = idx[(idx < 0) | (idx >= n)]
+    if len(bad):
+        raise GroupError(f"training index {int(bad[0])} in {where} is out of range 0..{n - 1}")
+    return np.unique(idx)
+
+
+def _parse_int_list(text: str, where: str) -> list[int]:
+    """'1,2,3', '1 2 3', '10-20' (inclusive) -> integers; GroupError names the bad token."""
+    out: list[int] = []
+    for tok in re.split(r"[,\s]+", text.strip()):
+        if not tok:
+            continue
+        m = re.fullmatch(r"(-?\d+)-(\d+)", tok)
+        try:
+            if m:
+                lo, hi = int(m.group(1)), int(m.group(2))
+                if hi < lo:
+                    raise GroupError(f"empty range {tok!r} in {where}")
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(tok))
+        except ValueError:
+            raise GroupError(f"{tok!r} in {where} is not an integer training index") from None
+    return out
+
+
+def parse_index_text(text: str, where: str) -> list[int]:
+    """A JSON list of integers, or plain text of integers (comma, space or newline separated)."""
+    text = text.strip()
+    if text.startswith("[") or text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GroupError(f"{where} is not valid JSON ({e.msg}); expected a list of integers") from None
+        if not isinstance(data, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in data):
+            raise GroupError(f"{where} must hold a JSON list of integers (training indices)")
+        return [int(v) for v in data]
+    return _parse_int_list(text, where)
+
+
+def read_index_file(path: str | Path) -> list[int]:
+    """``parse_index_text`` of a file's contents."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise GroupError(f"no group file at {p}")
+    return parse_index_text(p.read_text(encoding="utf-8", errors="replace"), f"file {p}")
+
+
+def group_from_text(text: str, name: str, n: int) -> Group:
+    """A group from the contents of an index file (e.g. uploaded in the app): ``file:NAME``."""
+    members = _check_indices(parse_index_text(text, f"file {name}"), n, f"file {name}")
+    return Group(f"file:{name}", members, f"{len(members)} training image(s) listed in {name}")
+
+
+def _label_index(arg: str, dataset: ImageDataset) -> int:
+    if dataset.labels is None:
+        raise GroupError("this training set has no labels, so label:C groups are not available")
+    names = dataset.class_names or []
+    present = sorted({int(v) for v in dataset.labels.tolist()})
+    if arg in names:
+        return names.index(arg)
+    try:
+        lab = int(arg)
+    except ValueError:
+        valid = ", ".join(names) if names else ", ".join(map(str, present))
+        raise GroupError(f"unknown label {arg!r}; valid labels: {valid}") from None
+    if lab not in present:
+        raise GroupError(f"unknown label {lab}; valid labels: {', '.join(map(str, present))}")
+    return lab
+
+
+def parse_group(spec: str, dataset: ImageDataset) -> Group:
+    """``label:3`` | ``train:1,2,3`` | ``file:PATH`` -> Group; GroupError with a one-line reason."""
+    text = (spec or "").strip()
+    kind, sep, arg = text.partition(":")
+    kind = kind.strip().lower()
+    arg = arg.strip()
+    if not sep or not arg:
+        raise GroupError(f"bad group {spec!r}: {USAGE}")
+    n = len(dataset)
+    if kind == "label":
+        lab = _label_index(arg, dataset)
+        members = np.flatnonzero(dataset.labels.cpu().numpy() == lab).astype(np.int64)  # type: ignore[union-attr]
+        if len(members) == 0:
+            raise GroupError(f"the group label:{arg} is empty: no training image has that label")
+        name = dataset.class_names[lab] if dataset.class_names else str(lab)
+        return Group(text, members, f"all {len(members)} training images labelled {name}")
+    if kind == "train":
+        members = _check_indices(_parse_int_list(arg, f"group {text!r}"), n, f"group {text!r}")
+        return Group(text, members, f"{len(members)} hand-picked training image(s)")
+    if kind == "file":
+        members = _check_indices(read_index_file(arg), n, f"file {arg}")
+        return Group(text, members, f"{len(members)} training image(s) listed in {Path(arg).name}")
+    raise GroupError(f"bad group kind {kind!r} in {spec!r}: {USAGE}")
+
+
+def group_from_indices(indices: list[int] | np.ndarray, n: int, spec: str | None = None) -> Group:
+    """A hand-picked group (e.g. ticked in the app): ``train:i,j,k``."""
+    members = _check_indices([int(i) for i in indices], n, "selection")
+    spec = spec or "train:" + ",".join(str(int(i)) for i in members)
+    return Group(spec, members, f"{len(members)} hand-picked training image(s)")
+
+
+def group_change(scores: np.ndarray, group: Group) -> np.ndarray:
+    """Predicted change of the measurement if the group were removed: sum of the members' scores.
+
+    ``scores`` (N,) for one query or (Q, N) for many; returns a float (as a 0-d array) or (Q,).
+    Summed in float64 (the scores are float32; a class holds ~180 of them).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    return s[..., group.members].sum(axis=-1)
+
+
+def strongest_members(scores: np.ndarray, group: Group, k: int = 10) -> list[tuple[int, float]]:
+    """The group's k members with the largest scores (its strongest proponents of the query)."""
+    s = np.asarray(scores, dtype=np.float64)[group.members]
+    order = np.lexsort((group.members, -s))[:k]
+    return [(int(group.members[j]), float(s[j])) for j in order]
+
+
+def top_share(scores: np.ndarray, group: Group) -> float:
+    """The group's share of the query's positive influence mass (0 when there is none)."""
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.clip(s, 0.0, None)
+    total = float(pos.sum())
+    return float(pos[group.members].sum() / total) if total > 0 else 0.0
+
+
+__all__ = [
+    "Group",
+    "GroupError",
+    "USAGE",
+    "parse_group",
+    "group_from_indices",
+    "read_index_file",
+    "parse_index_text",
+    "group_from_text",
+    "group_change",
+    "strongest_members",
+    "top_share",
+]

@@ -1,0 +1,373 @@
+"""Many queries at once: query sets (the gallery, a generated pool) and their attribution matrix.
+
+The reverse direction of attribution ("which outputs does this group of training images
+support?") needs the scores of *every* query against every training image, the matrix
+
+    T[q, i] = tau_i(q) = (1/N) grad m(q)^T (G + lambda I)^{-1} grad l(x_i)     (paper eqs. 5-6)
+
+of shape (Q, N).  Q separate queries would pass over the K-FAC bank Q times; here the Q
+query gradients are computed in batches (``per_example_grads`` with the session's common
+random numbers, the same draws as a single query), and each method scores all of them in
+one batched product (``AttributionMethod.score_batch``: for K-FAC, the Q rotated and damped
+queries against the int8 eigenbasis bank in one ``score_many`` pass).  Row q is therefore
+the same vector a single ``session.query`` of that image returns (tests check it).
+
+A generated pool is N samples drawn on demand from the checkpoint (no trajectories kept),
+cached on disk as ``pool_<checkpoint hash>_s<seed>_n<N>.npz``; its matrices are cached
+beside it, keyed by the method's cache keys, the measurement, the damping and M.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..files import atomic_write_bytes
+from ..model.diffusion import MCDraws
+from ..model.measurements import Measurement, parse_measurement
+from .methods.base import QueryInput, Unavailable, no_progress
+
+Progress = Callable[[str, float], None]
+POOL_BATCH = 64  # samples drawn at once (memory only: sample i depends only on (seed, i))
+GRAD_BATCH = 16  # query gradients per per_example_grads call
+BATCHED_KINDS = ("loss", "loss@t", "square-norm")  # measurements whose gradient is a per-example loss
+
+
+class PoolError(ValueError):
+    """A query-set spec or pool request that cannot be served; the message says why."""
+
+
+@dataclass
+class QuerySet:
+    """Q query images with names (``gallery:3``, ``pool:17``) and classifier labels (-1: none)."""
+
+    name: str  # "gallery" | "pool:256"
+    queries: list[QueryInput]
+    key: str  # identity of the images (cache key of their matrices)
+    seconds: float = 0.0  # time to draw them (0 when loaded)
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    @property
+    def names(self) -> list[str]:
+        return [q.description for q in self.queries]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([-1 if q.label is None else int(q.label) for q in self.queries], dtype=np.int64)
+
+    @property
+    def images(self) -> torch.Tensor:
+        return torch.stack([q.image for q in self.queries])  # type: ignore[misc]
+
+
+@dataclass
+class MatrixResult:
+    """One method's (Q, N) score matrix over a query set (DESIGN.md sign and scale)."""
+
+    name: str
+    kind: str  # influence | similarity
+    status: str  # ok | unavailable | error
+    reason: str | None = None
+    damping: float | None = None
+    scores: np.ndarray | None = None  # (Q, N) float32
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+# --- query sets ------------------------------------------------------------------------
+
+
+def _images_key(images: torch.Tensor) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images.detach().cpu().float().numpy()).tobytes()).hexdigest()[:16]
+
+
+def gallery_set(session: Any) -> QuerySet:
+    """The checkpoint's 32-sample gallery as a query set (with trajectories)."""
+    items = session.gallery()
+    if not items:
+        raise PoolError(f"no gallery beside the checkpoint {session.checkpoint}; use pool:N instead")
+    queries = [session.parse_query(f"gallery:{g.index}") for g in items]
+    return QuerySet("gallery", queries, "gallery-" + _images_key(torch.stack([q.image for q in queries])))
+
+
+def pool_path(pool_dir: str | Path, checkpoint_hash: str, seed: int, n: int) -> Path:
+    return Path(pool_dir) / f"pool_{checkpoint_hash}_s{int(seed)}_n{int(n)}.npz"
+
+
+def generate_pool(
+    session: Any,
+    n: int,
+    seed: int = 0,
+    pool_dir: str | Path | None = None,
+    progress: bool | Progress = True,
+) -> QuerySet:
+    """N samples of the session's model, drawn in batches of 64 (tqdm bar, or a callback), cached.
+
+    Cached by (checkpoint hash, seed, N) in ``pool_dir`` (default: the session's cache root
+    / pools); a cached pool loads in milliseconds.  Labels come from the digits classifier
+    where there is one.
+    """
+    if n < 1:
+        raise PoolError(f"a pool needs at least one sample, got {n}")
+    folder = Path(pool_dir) if pool_dir is not None else Path(session.cache_root) / "pools"
+    path = pool_path(folder, session.checkpoint_hash, seed, n)
+    seconds = 0.0
+    if path.is_file():
+        with np.load(path) as z:
+            images = torch.from_numpy(np.asarray(z["images"], dtype=np.float32))
+            labels = np.asarray(z["labels"], dtype=np.int64)
+    else:
+        from ..model.sampling import image_shape
+
+        t0 = time.perf_counter()
+        total = session.diffusion.T * -(-n // POOL_BATCH)  # one callback per step per batch
+        bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=f"pool of {n}", unit="step")
+        calls = [0]
+
+        def cb(step: int, _total: int) -> None:
+            calls[0] += 1
+            if bar is not None:
+                bar.update(1)
+            elif callable(progress) and calls[0] % 10 == 0:
+                progress(f"drawing a pool of {n} samples", calls[0] / total)
+
+        # sample i depends only on (seed, i), whatever the batch size (Diffusion.sample)
+        x, _ = session.diffusion.sample(
+            session.model, n, image_shape(session.preset), int(seed), device=session.device,
+            batch_size=POOL_BATCH, progress=cb,
+        )
+        if bar is not None:
+            bar.close()
+        parts = [x.detach().cpu().float().clamp(-1.0, 1.0)]
+        images = torch.cat(parts)
+        labels = _classify(session, images)
+        seconds = time.perf_counter() - t0
+        buf = io.BytesIO()
+        np.savez_compressed(buf, images=images.numpy(), labels=labels, seed=np.array(seed), seconds=np.array(seconds))
+        atomic_write_bytes(path, buf.getvalue())
+    queries = []
+    for i in range(n):
+        lab = None if labels[i] < 0 else int(labels[i])
+        notes = [f"pool sample {i} (pool seed {seed}, {n} samples)"]
+        queries.append(QueryInput(image=images[i], trajectory=None, description=f"pool:{i}", label=lab, notes=notes))
+    return QuerySet(f"pool:{n}", queries, f"pool-{session.checkpoint_hash}-s{seed}-n{n}", seconds)
+
+
+def _classify(session: Any, images: torch.Tensor) -> np.ndarray:
+    """Digits classifier labels for display and the class checks; -1 where there is no classifier."""
+    if session.preset.data.name != "digits" or session.dataset.labels is None:
+        return np.full(len(images), -1, dtype=np.int64)
+    from ..model.gallery import classify, digits_classifier
+
+    labels, _ = classify(digits_classifier(session.dataset), images)
+    return np.asarray(labels, dtype=np.int64)
+
+
+def parse_query_set(session: Any, spec: str, pool_dir: str | Path | None = None, seed: int = 0,
+                    progress: bool | Progress = True) -> QuerySet:
+    """``gallery`` | ``pool:N`` -> QuerySet (a pool is drawn on first use, then cached)."""
+    text = (spec or "").strip().lower()
+    if text == "gallery":
+        return gallery_set(session)
+    kind, sep, arg = text.partition(":")
+    if kind == "pool" and sep:
+        try:
+            n = int(arg)
+        except ValueError:
+            raise PoolError(f"bad pool size {arg!r} in {spec!r}: expected pool:N, e.g. pool:256") from None
+        if not 1 <= n <= 100_000:
+            raise PoolError(f"pool size must be in 1..100000, got {n}")
+        return generate_pool(session, n, seed, pool_dir, progress)
+    raise PoolError(f"bad query set {spec!r}: expected gallery or pool:N (e.g. pool:256)")
+
+
+# --- batched query gradients -------------------------------------------------------------
+
+
+def query_gradients(
+    session: Any,
+    queries: list[QueryInput],
+    measurement: Measurement,
+    draws: MCDraws,
+    batch: int = GRAD_BATCH,
+    progress: Progress = no_progress,
+) -> torch.Tensor:
+    """(Q, P) gradients grad_theta m(theta, x_q) in ``ctx.params`` order, with the given draws.
+
+    loss, loss@t and square-norm are per-example losses averaged over the draws, so they
+    are computed ``batch`` images at a time with ``per_example_grads`` (the same numbers
+    as ``session.query_gradient``); other measurements (ELBO, trajectory) one at a time.
+    """
+    from .gradients import measurement_grad, per_example_grads
+
+    ctx = session.ctx
+    params = list(ctx.params)
+    p = sum(t.numel() for _, t in params)
+    out = torch.empty((len(queries), p), dtype=params[0][1].dtype)
+    if measurement.kind in BATCHED_KINDS:
+        if any(q.image is None for q in queries):
+            raise PoolError(f"measurement {measurement} needs query images")
+        d = draws
+        if measurement.kind == "loss@t":
+            d = MCDraws(torch.full_like(draws.t, int(measurement.t_idx)), draws.eps)
+        loss = "square-norm" if measurement.kind == "square-norm" else "loss"
+        for s in range(0, len(queries), batch):
+            x = torch.stack([q.image for q in queries[s : s + batch]])  # type: ignore[misc]
+            g = per_example_grads(session.model, session.diffusion, x, d, loss=loss, params=params)
+            out[s : s + len(x)] = g.detach().cpu()
+            progress(f"query gradients {s + len(x)}/{len(queries)}", (s + len(x)) / len(queries))
+        return out
+    for i, q in enumerate(queries):
+        if measurement.kind == "trajectory" and q.trajectory is None:
+            raise PoolError(
+                f"{q.description} has no recorded trajectory; the trajectory measurement works on the gallery only"
+            )
+        session.model.eval()
+        g = measurement_grad(session.model, session.diffusion, measurement, q, draws.to(session.device),
+                             session.dataset.levels, params=params)
+        out[i] = g.detach().cpu()
+        progress(f"query gradients {i + 1}/{len(queries)}", (i + 1) / len(queries))
+    return out
+
+
+# --- the attribution matrix --------------------------------------------------------------
+
+
+def _matrix_key(session: Any, qset: QuerySet, name: str, measurement: str, damping: float | None, m: int) -> str:
+    method = session.method(name)
+    payload = [qset.key, name, measurement, damping, m, method.cache_keys(session.ctx), session.checkpoint_hash]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def attribution_matrix(
+    session: Any,
+    qset: QuerySet,
+    measurement: str = "loss",
+    methods: list[str] | None = None,
+    damping: dict[str, float] | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Progress = no_progress,
+) -> dict[str, MatrixResult]:
+    """Every method's (Q, N) scores over the query set: batched gradients, one batched product each.
+
+    Methods not built (and ``session.auto_build`` off) or unavailable come back with a reason,
+    as in ``session.query``.  With ``cache_dir`` each matrix is cached as .npy (atomic).
+    """
+    names = session._resolve_methods(methods)
+    meas = parse_measurement(measurement, session.diffusion.T)
+    damping = dict(damping or {})
+    draws = session.query_draws()
+    info = session.method_info()
+    grads: dict[Measurement, tuple[torch.Tensor, float]] = {}
+    out: dict[str, MatrixResult] = {}
+    for k, name in enumerate(names):
+        m = session.method(name)
+        lam = damping.get(name, info[name]["default_damping"]) if m.kind == "influence" else None
+        res = MatrixResult(name=name, kind=m.kind, status="ok", damping=None if lam is None else float(lam))
+        out[name] = res
+        try:
+            available, reason = m.availability(session.ctx)
+        except Unavailable as e:
+            available, reason = False, str(e)
+        if not available:
+            res.status, res.reason = "unavailable", reason
+            continue
+        if not m.is_built(session.ctx):
+            if not session.auto_build:
+                res.status, res.reason = "unavailable", session._not_built_reason(name)
+                continue
+            m.build(session.ctx, no_progress)
+        path = None
+        if cache_dir is not None:
+            key = _matrix_key(session, qset, name, str(meas), res.damping, len(draws))
+            path = Path(cache_dir) / f"matrix_{qset.key}_{name}_{key}.npy"
+            if path.is_file():
+                res.scores = np.load(path)
+                res.timing_ms["loaded"] = 0.0
+                continue
+        try:
+            qm = m.query_measurement(meas)
+            g = None
+            if qm is not None:
+                if qm not in grads:
+                    t0 = time.perf_counter()
+
+                    def sub(msg: str, f: float, k: int = k, name: str = name) -> None:
+                        progress(f"{name}: {msg}", (k + 0.9 * f) / len(names))
+
+                    grads[qm] = (query_gradients(session, qset.queries, qm, draws, progress=sub),
+                                 (time.perf_counter() - t0) * 1000.0)
+                g, res.timing_ms["gradients"] = grads[qm]
+            t0 = time.perf_counter()
+            scores = np.asarray(m.score_batch(session.ctx, qset.queries, g, res.damping), dtype=np.float32)
+            res.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
+            if scores.shape != (len(qset), len(session.dataset)):
+                raise RuntimeError(f"{name} returned scores of shape {scores.shape}")
+            res.scores = scores
+            if path is not None:
+                buf = io.BytesIO()
+                np.save(buf, scores)
+                atomic_write_bytes(path, buf.getvalue())
+        except (Unavailable, PoolError) as e:
+            res.status, res.reason = "unavailable", str(e)
+        progress(f"{name}: scored {len(qset)} queries", (k + 1) / len(names))
+    return out
+
+
+# --- the reverse direction ---------------------------------------------------------------
+
+
+@dataclass
+class Supported:
+    """One query of a reverse ranking: how much removing the group would raise its measurement."""
+
+    query: str
+    label: int | None
+    change: float
+    rank: int
+
+
+def reverse_ranking(scores: np.ndarray, members: np.ndarray, qset: QuerySet, top_k: int | None = None) -> list[Supported]:
+    """Queries sorted by the predicted change sum_{i in group} T[q, i], largest first (ties by index).
+
+    The largest positive changes are the outputs the group supports most: removing it
+    would make them least likely.
+    """
+    change = np.asarray(scores, dtype=np.float64)[:, np.asarray(members, dtype=np.int64)].sum(1)
+    order = np.lexsort((np.arange(len(change)), -change))
+    if top_k is not None:
+        order = order[:top_k]
+    labels = qset.labels
+    return [
+        Supported(qset.names[q], None if labels[q] < 0 else int(labels[q]), float(change[q]), r + 1)
+        for r, q in enumerate(order)
+    ]
+
+
+__all__ = [
+    "QuerySet",
+    "MatrixResult",
+    "PoolError",
+    "Supported",
+    "gallery_set",
+    "generate_pool",
+    "parse_query_set",
+    "pool_path",
+    "query_gradients",
+    "attribution_matrix",
+    "reverse_ranking",
+]

@@ -1,0 +1,117 @@
+"""Figures for group attribution (issue 15): the class check, and the cost of a pool.
+
+* **Class check.** For each class c, removing ``label:c`` should raise the loss of generated
+  samples of class c more than that of the others: mean predicted change over the queries the
+  classifier labels c, against the mean over the rest.  Counted over the classes that have at
+  least one query of their own, per method, on the gallery and on the pool.
+* **Cost.** Time to draw a pool of N samples, to compute its attribution matrix (batched
+  query gradients + one batched product per method), for a group query over the cached matrix
+  (load + one (Q, |R|) sum), and, side by side in the same run, the median time of single
+  queries (``session.query``) so the batched cost can be compared with N separate ones.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..attribution.groups import group_change, parse_group
+from ..attribution.pool import attribution_matrix, gallery_set, generate_pool
+
+
+def class_check(scores: np.ndarray, query_labels: np.ndarray, dataset: Any) -> dict[str, Any]:
+    """Per class c: mean predicted change (removing label:c) on queries labelled c vs the others."""
+    rows = []
+    for c in sorted({int(v) for v in dataset.labels.tolist()}):
+        change = group_change(scores, parse_group(f"label:{c}", dataset))
+        own = query_labels == c
+        if not own.any() or own.all():
+            rows.append({"class": c, "own_queries": int(own.sum()), "holds": None})
+            continue
+        mean_own, mean_other = float(change[own].mean()), float(change[~own].mean())
+        rows.append({"class": c, "own_queries": int(own.sum()), "mean_own": mean_own,
+                     "mean_other": mean_other, "holds": mean_own > mean_other})
+    evaluable = [r for r in rows if r["holds"] is not None]
+    return {"holds": sum(r["holds"] for r in evaluable), "classes": len(evaluable), "per_class": rows}
+
+
+def run_group_bench(
+    session: Any,
+    methods: list[str],
+    pool_size: int = 256,
+    pool_seed: int = 0,
+    work_dir: str | Path = "runs/group_bench",
+    single_queries: int = 5,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Class check on the gallery and a fresh pool, and the pool's timings (a cold pool folder)."""
+    work = Path(work_dir)
+    fresh = work / "cold"
+    if fresh.exists():
+        shutil.rmtree(fresh)  # cold: the pool and its matrices are drawn and computed in this run
+    out: dict[str, Any] = {"config": {"preset": session.preset.name, "checkpoint_hash": session.checkpoint_hash,
+                                      "pool_size": pool_size, "pool_seed": pool_seed, "methods": methods,
+                                      "mc_samples": session.config.mc_samples, "measurement": "loss"}}
+    gallery = gallery_set(session)
+    t0 = time.perf_counter()
+    gmats = attribution_matrix(session, gallery, "loss", methods)
+    out["gallery_matrix_seconds"] = time.perf_counter() - t0
+    log(f"gallery matrix ({len(gallery)} queries): {out['gallery_matrix_seconds']:.1f} s")
+
+    t0 = time.perf_counter()
+    pool = generate_pool(session, pool_size, pool_seed, fresh, progress=True)
+    out["pool_draw_seconds"] = time.perf_counter() - t0
+    log(f"drawing the pool of {pool_size}: {out['pool_draw_seconds']:.1f} s")
+    t0 = time.perf_counter()
+    pmats = attribution_matrix(session, pool, "loss", methods, cache_dir=fresh)
+    out["pool_matrix_seconds"] = time.perf_counter() - t0
+    out["pool_matrix_timing_ms"] = {n: r.timing_ms for n, r in pmats.items()}
+    log(f"its attribution matrix ({', '.join(methods)}): {out['pool_matrix_seconds']:.1f} s")
+
+    # a group query over the cached pool: load the matrix from disk, sum the group's columns
+    group = parse_group("label:3", session.dataset)
+    cold, warm = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        mats = attribution_matrix(session, pool, "loss", methods, cache_dir=fresh)
+        changes = {n: group_change(r.scores, group) for n, r in mats.items() if r.scores is not None}
+        cold.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        changes = {n: group_change(r.scores, group) for n, r in mats.items() if r.scores is not None}
+        warm.append(time.perf_counter() - t0)
+    assert len(changes) == len(methods)
+    out["group_query_ms"] = {"from_disk_median": 1e3 * statistics.median(cold),
+                             "in_memory_median": 1e3 * statistics.median(warm)}
+    log(f"group query over the pool: {out['group_query_ms']['from_disk_median']:.1f} ms from disk, "
+        f"{out['group_query_ms']['in_memory_median']:.3f} ms in memory")
+
+    # single queries, same methods, same run: what N separate passes would cost
+    singles = []
+    for q in pool.queries[:single_queries]:
+        t0 = time.perf_counter()
+        session.query(q, "loss", methods)
+        singles.append(time.perf_counter() - t0)
+    med = statistics.median(singles)
+    out["single_query_median_seconds"] = med
+    out["separate_queries_estimate_seconds"] = med * pool_size
+    log(f"single query median {med * 1e3:.0f} ms -> {pool_size} separate queries ~{med * pool_size:.0f} s")
+
+    out["class_check"] = {
+        "gallery": {n: class_check(r.scores, gallery.labels, session.dataset) for n, r in gmats.items()
+                    if r.scores is not None},
+        "pool": {n: class_check(r.scores, pool.labels, session.dataset) for n, r in pmats.items()
+                 if r.scores is not None},
+    }
+    for where, per in out["class_check"].items():
+        for n, c in per.items():
+            log(f"class check on the {where}: {n} holds in {c['holds']} of {c['classes']} classes")
+    out["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return out
+
+
+__all__ = ["class_check", "run_group_bench"]

@@ -1,0 +1,298 @@
+"""CLI subcommands ``group``, ``reverse``, ``copy-check``, ``group-retrain`` and ``group-bench`` (issue 15).
+
+Thin: options become typed arguments of ``engine.group_attribution``, ``engine.pool``,
+``engine.copycheck``, ``engine.group_retrain`` and ``engine.group_bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .attribution import _add_attribution_options, open_session, parse_methods
+from .common import fail, register, subcommand
+
+QUERIES_HELP = "gallery (the checkpoint's 32 samples) | pool:N (N samples drawn once, then cached), default gallery"
+
+
+def _add_query_set_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--queries", default="gallery", help=QUERIES_HELP)
+    p.add_argument("--pool-seed", type=int, default=0, help="seed of a generated pool (default 0)")
+    p.add_argument(
+        "--pool-dir",
+        default=None,
+        help="folder of generated pools and their score matrices (default: <cache root>/pools)",
+    )
+    p.add_argument(
+        "--measurement",
+        default="loss",
+        help="loss | loss@t=NNN | elbo | square-norm | trajectory (gallery only) (default loss)",
+    )
+    p.add_argument("--methods", default="kfac,trak,dtrak", help="influence methods, comma list (default kfac,trak,dtrak)")
+    p.add_argument("--damping", type=float, default=None, help="K-FAC damping (default: preset's)")
+    p.add_argument("--trak-damping", type=float, default=None, help="TRAK damping (default: preset's)")
+    p.add_argument("--dtrak-damping", type=float, default=None, help="D-TRAK damping (default: preset's)")
+    p.add_argument("--auto-build", action="store_true", help="build missing caches instead of reporting them")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _add_attribution_options(p)
+
+
+def _damping(args: argparse.Namespace) -> dict[str, float]:
+    pairs = (("kfac", args.damping), ("trak", args.trak_damping), ("dtrak", args.dtrak_damping))
+    return {k: v for k, v in pairs if v is not None}
+
+
+def _pool_dir(args: argparse.Namespace, session) -> Path:
+    return Path(args.pool_dir) if args.pool_dir else Path(session.cache_root) / "pools"
+
+
+def _run_group(args: argparse.Namespace, group_spec: str):
+    """Session, group and every method's matrix over the query set (shared by group and reverse)."""
+    from ..attribution.group_attribution import group_attribution
+    from ..attribution.groups import parse_group
+    from ..attribution.pool import parse_query_set
+
+    methods = parse_methods(args.methods)
+    session = open_session(args, auto_build=args.auto_build)
+    group = parse_group(group_spec, session.dataset)
+    pool_dir = _pool_dir(args, session)
+    qset = parse_query_set(session, args.queries, pool_dir, args.pool_seed, progress=True)
+    cache = pool_dir if qset.name.startswith("pool") else None
+    result = group_attribution(session, group, qset, args.measurement, methods, _damping(args), cache)
+    for name, r in result.methods.items():
+        if r.status != "ok":
+            print(f"warning: {name} {r.status}: {r.reason}", file=sys.stderr)
+    if not result.ok():
+        raise RuntimeError("no method could score these queries (see the warnings above)")
+    return session, result
+
+
+# --- group -------------------------------------------------------------------------------
+
+
+@register
+def add_group(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "group",
+        cmd_group,
+        help="predicted change of each query's measurement if a group of training images were removed",
+        description="First-order influence is additive: removing a group changes a query's measurement by "
+        "the sum of its members' scores (same sign and 1/N scale; positive = removing the group would raise "
+        "the loss, i.e. the group supports the query). Printed per method for every query of the set.",
+    )
+    p.add_argument("--remove", required=True, help="label:C | train:I,J,K (ranges 10-20) | file:PATH (JSON list or text)")
+    p.add_argument("--strongest", type=int, default=3, help="strongest group members to list per query (text output)")
+    _add_query_set_options(p)
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    try:
+        session, result = _run_group(args, args.remove)
+    except (ValueError, RuntimeError) as e:
+        return fail(e)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    g = result.group
+    print(f"group {g.spec}: {g.description}; measurement {result.measurement}; queries {result.qset.name}")
+    labels = session.labels
+    for name in result.ok():
+        changes = result.changes(name)
+        print(f"\n[{name}] predicted change if removed (positive: the group supports the query)")
+        for q, c in enumerate(changes):
+            lab = result.qset.labels[q]
+            strongest = "  ".join(
+                f"#{i}" + (f"({labels[i]})" if labels is not None else "") + f" {s:+.2e}"
+                for i, s in result.strongest(name, q, args.strongest)
+            )
+            print(f"  {result.qset.names[q]:<12} label {'-' if lab < 0 else lab}  {c:+.4e}   strongest: {strongest}")
+    return 0
+
+
+# --- reverse -----------------------------------------------------------------------------
+
+
+@register
+def add_reverse(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "reverse",
+        cmd_reverse,
+        help="the generated samples a training image (or a group) supports most",
+        description="Ranks the queries (the gallery or a generated pool) by how much removing the training "
+        "image (or group) would raise their measurement: tau_i(q) for one image, the group's sum otherwise. "
+        "All queries are scored in one batched product per method.",
+    )
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--train", type=int, help="training index")
+    who.add_argument("--remove", help="a group instead: label:C | train:I,J,K | file:PATH")
+    p.add_argument("--top-k", type=int, default=10, help="samples to list per method (default 10)")
+    _add_query_set_options(p)
+
+
+def cmd_reverse(args: argparse.Namespace) -> int:
+    try:
+        if args.top_k < 1:
+            raise ValueError("--top-k must be at least 1")
+        spec = f"train:{args.train}" if args.train is not None else args.remove
+        _, result = _run_group(args, spec)
+    except (ValueError, RuntimeError) as e:
+        return fail(e)
+    if args.json:
+        print(json.dumps(result.reverse_json(args.top_k), indent=2))
+        return 0
+    print(f"what {result.group.spec} supports most ({result.group.description}); queries {result.qset.name}")
+    for name in result.ok():
+        print(f"\n[{name}] removing it would raise these samples' {result.measurement} the most")
+        for s in result.ranking(name, args.top_k):
+            print(f"  {s.rank:>3}. {s.query:<12} label {'-' if s.label is None else s.label}  {s.change:+.4e}")
+    return 0
+
+
+# --- copy check --------------------------------------------------------------------------
+
+
+@register
+def add_copy_check(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "copy-check",
+        cmd_copy_check,
+        help="which generated samples look like near-copies of a training image (evidence, not proof)",
+        description="For each sample: the top-1 and top-5 shares of its positive influence mass, the pixel "
+        "distance to its nearest training image and that distance relative to the next 50 nearest; flagged "
+        "as a near-copy when the relative distance is below 0.5 (engine/copycheck.py).",
+    )
+    p.add_argument("--method", default="kfac", help="influence method for the concentration (default kfac)")
+    p.add_argument("--top-k", type=int, default=10, help="samples to list, most copy-like first (default 10)")
+    _add_query_set_options(p)
+
+
+def cmd_copy_check(args: argparse.Namespace) -> int:
+    from ..attribution.copycheck import CAVEAT, copy_check, explain, training_flag_rate
+
+    try:
+        args.methods = args.method
+        session, result = _run_group(args, "train:0")  # the group is unused: only the matrix matters
+        rows = copy_check(
+            result.methods[args.method].scores,
+            result.qset.images,
+            session.dataset.images,
+            result.qset.names,
+            result.qset.labels,
+        )
+    except (ValueError, RuntimeError, KeyError) as e:
+        return fail(e)
+    base = training_flag_rate(session.dataset.images)
+    if args.json:
+        print(json.dumps({
+            "queries": result.qset.name,
+            "method": args.method,
+            "flagged": sum(r.near_copy for r in rows),
+            "training_flag_rate": base,
+            "rows": [r.to_dict() for r in rows[: args.top_k]],
+            "caveat": CAVEAT,
+        }, indent=2))
+        return 0
+    flagged = sum(r.near_copy for r in rows)
+    print(f"{flagged} of {len(rows)} samples flagged as possible near-copies "
+          f"(the same rule flags {base:.1%} of training images against the others)")
+    for r in rows[: args.top_k]:
+        print("- " + explain(r))
+    print(CAVEAT)
+    return 0
+
+
+# --- group retraining check ----------------------------------------------------------------
+
+
+@register
+def add_group_retrain(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "group-retrain",
+        cmd_group_retrain,
+        help="retrain without whole groups and compare predicted with measured change over the gallery",
+        description="For each --remove group: train the full model's recipe without it (resumable; full steps "
+        "by default), measure the loss of the 32 gallery samples on both models with 1,024 common draws, and "
+        "report each method's Spearman of predicted against measured change. Writes "
+        "<results>/group_retrain_<preset>.json.",
+    )
+    p.add_argument("--remove", action="append", required=True, help="a group (repeat the option): label:C | train:... | file:PATH")
+    p.add_argument("--methods", default="kfac,trak,dtrak", help="influence methods (default kfac,trak,dtrak)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the full model's)")
+    p.add_argument("--workers", type=int, default=1, help="models trained in parallel processes (default 1)")
+    p.add_argument("--true-mc-samples", type=int, default=1024, help="draws per measured loss (default 1024)")
+    p.add_argument("--out", default=None, help="model folder root (default runs/group_retrain/<preset>)")
+    p.add_argument("--results", default=None, help="results folder (default assets/results)")
+    p.add_argument("--no-train", action="store_true", help="only evaluate groups whose model is finished")
+    _add_attribution_options(p)
+
+
+def cmd_group_retrain(args: argparse.Namespace) -> int:
+    from ..evaluation.group_retrain import format_group_retrain, run_group_retrain
+    from ..files import atomic_write_bytes
+    from ..paths import REPO_ROOT
+
+    try:
+        methods = parse_methods(args.methods) or ["kfac", "trak", "dtrak"]
+        session = open_session(args)
+        out = Path(args.out) if args.out else REPO_ROOT / "runs" / "group_retrain" / session.preset.name
+        record = run_group_retrain(
+            session, args.remove, methods, out, args.steps, args.workers, args.true_mc_samples,
+            train=not args.no_train,
+        )
+    except (ValueError, RuntimeError) as e:
+        return fail(e)
+    results = Path(args.results) if args.results else REPO_ROOT / "assets" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"group_retrain_{session.preset.name}.json"
+    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
+    print(format_group_retrain(record))
+    print(f"wrote {path}")
+    return 0
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+@register
+def add_group_bench(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "group-bench",
+        cmd_group_bench,
+        help="figures of group attribution: the class check and the cost of a pool of N",
+        description="Draws a pool in a fresh folder and times it, its attribution matrix, a group query over "
+        "it and single queries side by side; counts per method the classes c for which removing label:c "
+        "predicts a larger mean loss increase on samples of class c than on the others. Writes "
+        "<results>/groups_<preset>.json.",
+    )
+    p.add_argument("--methods", default="kfac,trak,dtrak", help="influence methods (default kfac,trak,dtrak)")
+    p.add_argument("--pool-size", type=int, default=256, help="pool size (default 256)")
+    p.add_argument("--pool-seed", type=int, default=0, help="pool seed (default 0)")
+    p.add_argument("--work-dir", default=None, help="scratch folder (default runs/group_bench/<preset>)")
+    p.add_argument("--results", default=None, help="results folder (default assets/results)")
+    _add_attribution_options(p)
+
+
+def cmd_group_bench(args: argparse.Namespace) -> int:
+    from ..bench.groups import run_group_bench
+    from ..files import atomic_write_bytes
+    from ..paths import REPO_ROOT
+
+    try:
+        methods = parse_methods(args.methods) or ["kfac", "trak", "dtrak"]
+        session = open_session(args)
+        work = Path(args.work_dir) if args.work_dir else REPO_ROOT / "runs" / "group_bench" / session.preset.name
+        record = run_group_bench(session, methods, args.pool_size, args.pool_seed, work)
+    except (ValueError, RuntimeError) as e:
+        return fail(e)
+    results = Path(args.results) if args.results else REPO_ROOT / "assets" / "results"
+    path = results / f"groups_{session.preset.name}.json"
+    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
+    print(f"wrote {path}")
+    return 0
