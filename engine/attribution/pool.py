@@ -53,7 +53,8 @@ class QuerySet:
     name: str  # "gallery" | "pool:256"
     queries: list[QueryInput]
     key: str  # identity of the images (cache key of their matrices)
-    seconds: float = 0.0  # time to draw them (0 when loaded)
+    seconds: float = 0.0  # time to draw them in this call (0 when loaded from the cache)
+    drawn_seconds: float = 0.0  # time it took to draw them when they were drawn (recorded in the cache)
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -126,6 +127,7 @@ def generate_pool(
         with np.load(path) as z:
             images = torch.from_numpy(np.asarray(z["images"], dtype=np.float32))
             labels = np.asarray(z["labels"], dtype=np.int64)
+            drawn = float(z["seconds"]) if "seconds" in z else 0.0
     else:
         from ..model.sampling import image_shape
 
@@ -155,7 +157,7 @@ def generate_pool(
         parts = [x.detach().cpu().float().clamp(-1.0, 1.0)]
         images = torch.cat(parts)
         labels = _classify(session, images)
-        seconds = time.perf_counter() - t0
+        seconds = drawn = time.perf_counter() - t0
         buf = io.BytesIO()
         np.savez_compressed(buf, images=images.numpy(), labels=labels, seed=np.array(seed), seconds=np.array(seconds))
         atomic_write_bytes(path, buf.getvalue())
@@ -164,7 +166,7 @@ def generate_pool(
         lab = None if labels[i] < 0 else int(labels[i])
         notes = [f"pool sample {i} (pool seed {seed}, {n} samples)"]
         queries.append(QueryInput(image=images[i], trajectory=None, description=f"pool:{i}", label=lab, notes=notes))
-    return QuerySet(f"pool:{n}", queries, f"pool-{session.checkpoint_hash}-s{seed}-n{n}", seconds)
+    return QuerySet(f"pool:{n}", queries, f"pool-{session.checkpoint_hash}-s{seed}-n{n}", seconds, drawn)
 
 
 def _classify(session: Any, images: torch.Tensor) -> np.ndarray:
