@@ -243,3 +243,20 @@ def test_group_retrain_record_is_resumable_and_consistent(session, tmp_path):
     again = run_group_retrain(session, ["label:1"], ["kfac"], tmp_path, steps=10, mc_samples=8, log=lambda s: None)
     assert (plan.model / "model.safetensors").stat().st_mtime == mtime
     assert again["groups"][0]["measured_change"] == g["measured_change"]
+
+
+def test_group_gradient_scores_match_the_sum_of_bank_scores(session, pool):
+    """One summed gradient per group (factors only) = the sum of the members' int8-bank scores."""
+    from engine.attribution.group_gradient import kfac_group_scores
+    from engine.attribution.pool import query_gradients
+    from engine.model.measurements import Measurement
+
+    groups = [parse_group("label:1", session.dataset), parse_group("train:0-9", session.dataset)]
+    grads = query_gradients(session, pool.queries, Measurement("loss"), session.query_draws())
+    direct = kfac_group_scores(session, grads, groups)
+    mats = attribution_matrix(session, pool, "loss", ["kfac"])
+    for g, group in enumerate(groups):
+        summed = group_change(mats["kfac"].scores, group)
+        scale = float(np.abs(summed).max())
+        np.testing.assert_allclose(direct[:, g], summed, rtol=0, atol=0.05 * scale)  # int8 bank rounding
+        assert np.corrcoef(direct[:, g], summed)[0, 1] > 0.99
