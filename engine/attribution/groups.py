@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model.data import ImageDataset
+from ..model.dataset import ImageDataset
 
 USAGE = "expected label:C, train:I,J,K (ranges like 10-20 allowed) or file:PATH"
 

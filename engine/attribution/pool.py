@@ -8,8 +8,8 @@ support?") needs the scores of *every* query against every training image, the m
 of shape (Q, N).  Q separate queries would pass over the K-FAC bank Q times; here the Q
 query gradients are computed in batches (``per_example_grads`` with the session's common
 random numbers, the same draws as a single query), and each method scores all of them in
-one batched product (``AttributionMethod.score_batch``: for K-FAC, the Q rotated and damped
-queries against the int8 eigenbasis bank in one ``score_many`` pass).  Row q is therefore
+one batched product (``engine.attribution.batch.score_batch``: for K-FAC, the Q rotated and damped
+queries against the int8 eigenbasis bank in one ``Rows.inner_many`` pass).  Row q is therefore
 the same vector a single ``session.query`` of that image returns (tests check it).
 
 A generated pool is N samples drawn on demand from the checkpoint (no trajectories kept),
@@ -34,7 +34,9 @@ import torch
 from ..files import atomic_write_bytes
 from ..model.diffusion import MCDraws
 from ..model.measurements import Measurement, parse_measurement
-from .methods.base import QueryInput, Unavailable, no_progress
+from .batch import score_batch
+from .methods.base import Unavailable, no_progress
+from .query import QueryInput
 
 Progress = Callable[[str, float], None]
 POOL_BATCH = 64  # samples drawn at once (memory only: sample i depends only on (seed, i))
@@ -315,7 +317,7 @@ def attribution_matrix(
                                  (time.perf_counter() - t0) * 1000.0)
                 g, res.timing_ms["gradients"] = grads[qm]
             t0 = time.perf_counter()
-            scores = np.asarray(m.score_batch(session.ctx, qset.queries, g, res.damping), dtype=np.float32)
+            scores = np.asarray(score_batch(m, session.ctx, qset.queries, g, res.damping), dtype=np.float32)
             res.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
             if scores.shape != (len(qset), len(session.dataset)):
                 raise RuntimeError(f"{name} returned scores of shape {scores.shape}")

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from .attribution import _add_attribution_options, open_session, parse_methods
+from ..attribution.methods import parse_methods
+from .attribution import _add_attribution_options, open_session, parse_damping
 from .common import fail, register, subcommand
 
 QUERIES_HELP = "gallery (the checkpoint's 32 samples) | pool:N (N samples drawn once, then cached), default gallery"
@@ -31,17 +32,17 @@ def _add_query_set_options(p: argparse.ArgumentParser) -> None:
         help="loss | loss@t=NNN | elbo | square-norm | trajectory (gallery only) (default loss)",
     )
     p.add_argument("--methods", default="kfac,trak,dtrak", help="influence methods, comma list (default kfac,trak,dtrak)")
-    p.add_argument("--damping", type=float, default=None, help="K-FAC damping (default: preset's)")
-    p.add_argument("--trak-damping", type=float, default=None, help="TRAK damping (default: preset's)")
-    p.add_argument("--dtrak-damping", type=float, default=None, help="D-TRAK damping (default: preset's)")
+    p.add_argument(
+        "--damping", action="append", default=None, metavar="NAME=VALUE",
+        help="damping of one influence method, e.g. kfac=1e-6 (repeatable; default: the preset's)",
+    )
     p.add_argument("--auto-build", action="store_true", help="build missing caches instead of reporting them")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _add_attribution_options(p)
 
 
 def _damping(args: argparse.Namespace) -> dict[str, float]:
-    pairs = (("kfac", args.damping), ("trak", args.trak_damping), ("dtrak", args.dtrak_damping))
-    return {k: v for k, v in pairs if v is not None}
+    return parse_damping(args.damping)
 
 
 def _pool_dir(args: argparse.Namespace, session) -> Path:
