@@ -260,3 +260,28 @@ def test_group_gradient_scores_match_the_sum_of_bank_scores(session, pool):
         scale = float(np.abs(summed).max())
         np.testing.assert_allclose(direct[:, g], summed, rtol=0, atol=0.05 * scale)  # int8 bank rounding
         assert np.corrcoef(direct[:, g], summed)[0, 1] > 0.99
+
+
+def test_class_check_counts_classes_whose_own_samples_rise_most(digits_small):
+    from engine.bench.groups import class_check
+
+    classes = sorted({int(v) for v in digits_small.labels.tolist()})
+    labels = np.array([0, 0, 1, 2])
+    changes = np.zeros((4, len(classes)))
+    changes[:2, 0] = 1.0  # class 0: its own samples rise most -> holds
+    changes[2, 1] = -1.0  # class 1: its own sample falls -> fails
+    changes[3, 2] = 0.5  # class 2 holds
+    out = class_check(None, labels, digits_small, changes=changes)
+    assert out["classes"] == 3 and out["holds"] == 2  # classes without a sample of their own are not counted
+    assert [r["holds"] for r in out["per_class"][:3]] == [True, False, True]
+
+
+def test_class_check_from_factors_matches_the_bank(session):
+    from engine.bench.groups import class_check_from_factors
+
+    out = class_check_from_factors(session)
+    changes = np.array(out["changes"])
+    mats = attribution_matrix(session, gallery_set(session), "loss", ["kfac"])
+    for c in range(changes.shape[1]):
+        summed = group_change(mats["kfac"].scores, parse_group(f"label:{c}", session.dataset))
+        np.testing.assert_allclose(changes[:, c], summed, rtol=0, atol=0.05 * float(np.abs(summed).max()))

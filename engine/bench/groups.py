@@ -24,11 +24,15 @@ from ..attribution.groups import group_change, parse_group
 from ..attribution.pool import attribution_matrix, gallery_set, generate_pool
 
 
-def class_check(scores: np.ndarray, query_labels: np.ndarray, dataset: Any) -> dict[str, Any]:
-    """Per class c: mean predicted change (removing label:c) on queries labelled c vs the others."""
+def class_check(scores: np.ndarray, query_labels: np.ndarray, dataset: Any,
+                changes: np.ndarray | None = None) -> dict[str, Any]:
+    """Per class c: mean predicted change (removing label:c) on queries labelled c vs the others.
+
+    ``scores`` (Q, N) per-example scores, or ``changes`` (Q, C) the classes' predicted changes directly.
+    """
     rows = []
     for c in sorted({int(v) for v in dataset.labels.tolist()}):
-        change = group_change(scores, parse_group(f"label:{c}", dataset))
+        change = changes[:, c] if changes is not None else group_change(scores, parse_group(f"label:{c}", dataset))
         own = query_labels == c
         if not own.any() or own.all():
             rows.append({"class": c, "own_queries": int(own.sum()), "holds": None})
@@ -118,4 +122,26 @@ def run_group_bench(
     return out
 
 
-__all__ = ["class_check", "run_group_bench"]
+def class_check_from_factors(session: Any, measurement: str = "loss") -> dict[str, Any]:
+    """The class check for K-FAC on the gallery from the factors alone (no bank): one summed
+    training gradient per class (``engine.attribution.group_gradient``), so it runs as soon as
+    the factors exist.  Same numbers as summing the bank's scores, up to the bank's int8 rounding."""
+    from ..attribution.group_gradient import kfac_group_scores
+    from ..attribution.pool import query_gradients
+    from ..model.measurements import parse_measurement
+
+    t0 = time.perf_counter()
+    gallery = gallery_set(session)
+    classes = sorted({int(v) for v in session.dataset.labels.tolist()})
+    groups = [parse_group(f"label:{c}", session.dataset) for c in classes]
+    meas = parse_measurement(measurement, session.diffusion.T)
+    grads = query_gradients(session, gallery.queries, meas, session.query_draws())
+    changes = kfac_group_scores(session, grads, groups)
+    out = class_check(None, gallery.labels, session.dataset, changes=changes)  # type: ignore[arg-type]
+    out.update(seconds=time.perf_counter() - t0, source="K-FAC factors + one summed gradient per class",
+               mc_samples=session.config.mc_samples, queries="gallery", changes=changes.tolist(),
+               query_labels=gallery.labels.tolist())
+    return out
+
+
+__all__ = ["class_check", "class_check_from_factors", "run_group_bench"]

@@ -276,12 +276,17 @@ def add_group_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool-size", type=int, default=256, help="pool size (default 256)")
     p.add_argument("--pool-seed", type=int, default=0, help="pool seed (default 0)")
     p.add_argument("--work-dir", default=None, help="scratch folder (default runs/group_bench/<preset>)")
+    p.add_argument(
+        "--kfac-factors-only", action="store_true",
+        help="only the class check, for K-FAC on the gallery, from its factors (no bank, no pool): "
+        "writes <results>/groups_<preset>_class_check_kfac.json",
+    )
     p.add_argument("--results", default=None, help="results folder (default assets/results)")
     _add_attribution_options(p)
 
 
 def cmd_group_bench(args: argparse.Namespace) -> int:
-    from ..bench.groups import run_group_bench
+    from ..bench.groups import class_check_from_factors, run_group_bench
     from ..files import atomic_write_bytes
     from ..paths import REPO_ROOT
 
@@ -289,11 +294,16 @@ def cmd_group_bench(args: argparse.Namespace) -> int:
         methods = parse_methods(args.methods) or ["kfac", "trak", "dtrak"]
         session = open_session(args)
         work = Path(args.work_dir) if args.work_dir else REPO_ROOT / "runs" / "group_bench" / session.preset.name
-        record = run_group_bench(session, methods, args.pool_size, args.pool_seed, work)
+        if args.kfac_factors_only:
+            record = class_check_from_factors(session)
+            print(f"class check, K-FAC on the gallery: holds in {record['holds']} of {record['classes']} classes")
+        else:
+            record = run_group_bench(session, methods, args.pool_size, args.pool_seed, work)
     except (ValueError, RuntimeError) as e:
         return fail(e)
     results = Path(args.results) if args.results else REPO_ROOT / "assets" / "results"
-    path = results / f"groups_{session.preset.name}.json"
+    suffix = "_class_check_kfac" if args.kfac_factors_only else ""
+    path = results / f"groups_{session.preset.name}{suffix}.json"
     atomic_write_bytes(path, json.dumps(record, indent=1).encode())
     print(f"wrote {path}")
     return 0
