@@ -9,7 +9,7 @@ import pytest
 from test_session import tiny_checkpoint
 
 import engine.attribution.session
-from engine.cli.main import main
+from engine.cli.parser import main
 
 SMALL = ["--mc-samples", "4", "--trak-dim", "32"]
 
