@@ -136,7 +136,7 @@ def class_check_from_factors(session: Any, measurement: str = "loss") -> dict[st
     groups = [parse_group(f"label:{c}", session.dataset) for c in classes]
     meas = parse_measurement(measurement, session.diffusion.T)
     grads = query_gradients(session, gallery.queries, meas, session.query_draws())
-    changes = kfac_group_scores(session, grads, groups)
+    changes = kfac_group_scores(session, grads, groups, progress=True)
     out = class_check(None, gallery.labels, session.dataset, changes=changes)  # type: ignore[arg-type]
     out.update(seconds=time.perf_counter() - t0, source="K-FAC factors + one summed gradient per class",
                mc_samples=session.config.mc_samples, queries="gallery", changes=changes.tolist(),
