@@ -100,7 +100,7 @@ def load_or_make_subsets(out: Path, dataset: ImageDataset, cfg: LDSConfig) -> np
     }
     path = Path(out) / "subsets.npz"
     if path.is_file():
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             old = json.loads(str(z["settings"]))
             masks = z["masks"]
         if old != settings:
@@ -444,7 +444,7 @@ def lds_queries(setup: RunSetup, num: int, seed: int = 0) -> tuple[torch.Tensor,
     """
     path = setup.out / "queries.pt"
     if path.is_file():
-        saved = torch.load(path, weights_only=False)
+        saved = _load_queries_file(path)
         if saved["images"].shape[0] >= num:
             return saved["images"][:num], saved["source"]
     gallery = setup.checkpoint / "gallery.npz"
@@ -469,6 +469,13 @@ def lds_queries(setup: RunSetup, num: int, seed: int = 0) -> tuple[torch.Tensor,
 
     atomic_torch_save_path({"images": images, "source": source}, path)
     return images, source
+
+
+def _load_queries_file(path: Path) -> dict[str, Any]:
+    """``queries.pt`` read without unpickling code (tensors and strings only, ``engine.safe_load``)."""
+    from .safe_load import load_plain_state
+
+    return load_plain_state(path, f"Delete it and rerun the command; the queries are made again: rm {path}")
 
 
 def _score_key(session: Any, queries: torch.Tensor, measurement: str, methods: list[str], grid: tuple) -> str:
@@ -513,7 +520,7 @@ def session_scores(
     for q in tqdm(range(len(queries)), desc="scoring queries", unit="query"):
         path = folder / f"q{q:03d}.npz"
         if path.is_file():
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 rows.append({k: z[k] for k in z.files})
             continue
         qi = QueryInput(image=queries[q], description=f"lds query {q}")
@@ -716,7 +723,7 @@ def build_record(
 
 
 def _full_measure_args(setup: RunSetup, spec: MeasureSpec) -> tuple:
-    queries = torch.load(setup.out / "queries.pt", weights_only=False)["images"]
+    queries = _load_queries_file(setup.out / "queries.pt")["images"]
     return (queries, spec, setup.dataset.levels, setup.device)
 
 

@@ -216,7 +216,7 @@ class RetrainJob:
         folder = self.plan.folder
         path = folder / "removed.npz"
         if path.is_file():
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 return z["removed"], z["scores"], str(z["kind"])
         self._set(f"scoring with {self.method}", 0.01)
         res = self.session.query(self.query, self.measurement, [self.method]).methods[self.method]

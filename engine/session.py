@@ -413,7 +413,7 @@ class AttributionSession:
         path = self.checkpoint / GALLERY_FILE
         items: list[GalleryItem] = []
         if path.is_file():
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 images = torch.from_numpy(np.asarray(z["images"], dtype=np.float32)) * 2.0 - 1.0
                 n = images.shape[0]
                 seeds = np.asarray(z["seeds"]) if "seeds" in z else np.zeros(n, dtype=np.int64)

@@ -412,7 +412,7 @@ class PartialBuild:
                     tmp / f"{key}.npy", mode="w+", dtype=info["dtype"], shape=shape
                 )
                 for i in range(self.num_parts):
-                    out[self.part_range(i)] = np.load(self.folder / f"{key}.part-{i:05d}.npy", mmap_mode="r")
+                    out[self.part_range(i)] = np.load(self.folder / f"{key}.part-{i:05d}.npy", mmap_mode="r", allow_pickle=False)
                 out.flush()
                 del out
                 infos[key] = {"shape": list(shape), "dtype": info["dtype"]}

@@ -28,6 +28,7 @@ from .checkpoint import WEIGHTS, atomic_torch_save, atomic_write_bytes, save_che
 from .config import Preset
 from .data import ImageDataset, load_dataset, random_flip
 from .diffusion import Diffusion
+from .safe_load import load_plain_state
 from .unet import build_model
 
 STATE = "train_state.pt"
@@ -91,7 +92,11 @@ def train(
 
     state_path = out / STATE
     if state_path.is_file():
-        st = torch.load(state_path, map_location=device, weights_only=False)
+        st = load_plain_state(
+            state_path,
+            f"Delete it to restart this run from step 0 (the finished weights are not affected): rm {state_path}",
+            map_location=device,
+        )
         model.load_state_dict(st["model"])
         if ema is not None:
             ema.load_state_dict(st["ema"])
