@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import jsonio
 from .paths import ASSETS
 
 DEFAULT_OUT = ASSETS / "results" / "bench_attribution.json"
@@ -315,7 +315,7 @@ def save_json(results: dict[str, Any], out: Path | None) -> None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
+    tmp.write_text(jsonio.dumps(results, indent=2))
     tmp.replace(out)
 
 

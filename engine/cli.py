@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import jsonio
 from .config import PRESETS, get_preset
 from .paths import best_device, default_checkpoint
 
@@ -213,7 +214,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
     _, ckpt, device = resolve(args)
     model, preset, _ = load_checkpoint(ckpt, device)
     report = write_assets(model, preset, ckpt, load_dataset(preset.data), device)
-    print(json.dumps(report, indent=2))
+    print(jsonio.dumps(report, indent=2))
     return 0
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from . import jsonio
 from .cli import register, resolve, subcommand
 
 ALL_METHODS = ("kfac", "trak", "dtrak", "clip", "pixel")
@@ -89,6 +89,11 @@ def add_build(sub: argparse._SubParsersAction) -> None:
         "finished parts of a bank are kept when a build is interrupted.",
     )
     p.add_argument("--methods", default=None, help=f"comma list from {','.join(ALL_METHODS)} (default: all)")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="verify every cache of these methods (checksums included) and rebuild the ones that are corrupt or stale",
+    )
     _add_attribution_options(p)
 
 
@@ -126,7 +131,10 @@ def cmd_build(args: argparse.Namespace) -> int:
             bar.set_postfix_str(msg.split(": ", 1)[-1][:60], refresh=False)
             bar.refresh()
 
-        summary.update(session.build([name], progress))
+        try:
+            summary.update(session.build([name], progress, rebuild=args.rebuild))
+        except (ValueError, RuntimeError, OSError) as e:  # one method's failure is reported, the others still build
+            summary[name] = {"status": "error", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
         bar.close()
     shard.barrier()
     if not shard.is_main:
@@ -139,7 +147,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     total_s = sum(s["seconds"] for s in summary.values())
     total_mb = sum(s["size_mb"] for s in summary.values())
     print(f"{'total':8} {'':12} {total_s:9.1f} {total_mb:9.2f}  cache: {session.store.base}")
-    return 0
+    failed = [n for n, s in summary.items() if s["status"] in ("error", "corrupt")]
+    for n in failed:
+        print(f"error: {n}: {summary[n]['reason']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # --- query ---------------------------------------------------------------------------------
@@ -196,7 +207,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.scores_out:
         write_scores(Path(args.scores_out), result, labels)
     if args.json:
-        print(json.dumps(result.to_json(args.top_k, labels), indent=2))
+        print(jsonio.dumps(result.to_json(args.top_k, labels), indent=2))
     else:
         print(format_result(result, args.top_k, labels))
         if args.scores_out:

@@ -8,7 +8,6 @@ draw digits samples with all T steps, and the peak resident memory of the proces
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -16,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import jsonio
 from .cli import register, resolve, subcommand
 
 
@@ -93,5 +93,5 @@ def cmd_bench_foundation(args: argparse.Namespace) -> int:
     out["peak_rss_mib"] = peak_rss_mib()
     print(f"peak RSS: {out['peak_rss_mib']:.0f} MiB")
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        Path(args.json).write_text(jsonio.dumps(out, indent=2))
     return 0

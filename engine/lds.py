@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import jsonio
 from .checkpoint import atomic_write_bytes
 from .config import Preset
 from .data import ImageDataset
@@ -284,7 +285,7 @@ def noise_report(per_seed: np.ndarray) -> dict[str, float]:
 
 
 def save_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), json.dumps(obj, indent=2, default=_jsonable).encode())
+    atomic_write_bytes(Path(path), jsonio.dumps(obj, indent=2, default=_jsonable).encode())
 
 
 def _jsonable(o: Any) -> Any:

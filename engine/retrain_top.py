@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import jsonio
 from .checkpoint import atomic_write_bytes
 from .evaluate import (
     MeasureSpec,
@@ -326,7 +327,7 @@ class RetrainJob:
             "checkpoint_hash": self.session.checkpoint_hash,
             "seconds": seconds,
         }
-        atomic_write_bytes(self.plan.folder / "result.json", json.dumps(result, indent=1).encode())
+        atomic_write_bytes(self.plan.folder / "result.json", jsonio.dumps(result, indent=1).encode())
         return result
 
     def _labels(self, idx: np.ndarray) -> list[int] | None:

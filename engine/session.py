@@ -44,6 +44,7 @@ from .methods.base import AttributionMethod, Prepared, Progress, QueryInput, Una
 from .paths import best_device, default_checkpoint
 from .paths import cache_root as default_cache_root
 from .results import MethodResult, QueryResult
+from .validation import check_damping
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,10 @@ class AttributionSession:
 
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         self.store = Store(self.cache_root, self.checkpoint_hash, data_key(self.dataset))
+        self._preset_arg = preset if isinstance(preset, str) else self.preset.name
+        self._checkpoint_arg = None if checkpoint is None else str(checkpoint)
+        self._cache_arg = None if cache_root is None else str(cache_root)
+        self.store.rebuild_hint = self.build_command(rebuild=True)
         self.ctx = self._make_context()
         from .methods import METHODS, make_method
 
@@ -342,11 +347,15 @@ class AttributionSession:
         for name, m in self._methods.items():
             available, reason = self._availability(m)
             built = bool(available and m.is_built(self.ctx))
-            if available and not built and reason is None:
+            problem = self.cache_problem(name) if available and not built else None
+            if problem is not None:
+                reason = problem  # a corrupt cache is not "not built": say what is wrong and how to rebuild
+            elif available and not built and reason is None:
                 reason = self._not_built_reason(name)
             out[name] = {
                 "built": built,
                 "available": available,
+                "corrupt": problem is not None,
                 "reason": reason,
                 "settings": self._settings(name),
                 "size_mb": self._size_mb(name) if built else 0.0,
@@ -357,12 +366,81 @@ class AttributionSession:
         extra = f" --mc-samples {self.config.mc_samples}" if self._methods[name].needs_gradient else ""
         return f"not built: run `attribution-engine build --preset {self.preset.name} --methods {name}{extra}`"
 
-    def build(self, methods: list[str] | None = None, progress: Progress | None = None) -> dict:
+    def build_command(self, methods: list[str] | None = None, rebuild: bool = False) -> str:
+        """The CLI command that builds (``rebuild``: verifies and rebuilds) these methods' caches."""
+        cmd = f"attribution-engine build --preset {self._preset_arg}"
+        if self._checkpoint_arg:
+            cmd += f" --checkpoint {self._checkpoint_arg}"
+        if self._cache_arg:
+            cmd += f" --cache-root {self._cache_arg}"
+        if methods:
+            cmd += f" --methods {','.join(methods)}"
+        if self.config.mc_samples != get_preset_default_mc(self.preset):
+            cmd += f" --mc-samples {self.config.mc_samples}"
+        return cmd + (" --rebuild" if rebuild else "")
+
+    def cache_problem(self, name: str) -> str | None:
+        """Why a method's cache folder exists but is refused (corrupt, edited, stale), or None.
+
+        Cheap (reads settings.json and array headers; checksums are checked when arrays load).
+        """
+        from .store import StaleCacheError
+
+        try:
+            keys = self._methods[name].cache_keys(self.ctx)
+        except Exception:  # noqa: BLE001 - a method that cannot name its keys has nothing to check
+            return None
+        for key, settings in keys:
+            try:
+                self.store.validate(key, settings)
+            except StaleCacheError as e:
+                return f"corrupt cache: {e}"
+        return None
+
+    def repair(self, methods: list[str] | None = None, progress: Progress | None = None) -> list[str]:
+        """Verify every cache of these methods (checksums included) and delete the ones that fail.
+
+        Returns the removed folders; a following ``build`` recomputes them (``build --rebuild``).
+        """
+        from .store import StaleCacheError
+
+        removed: list[str] = []
+        for name in self._resolve_methods(methods):
+            m = self._methods[name]
+            if not self._availability(m)[0]:
+                continue
+            for key, settings in m.cache_keys(self.ctx):
+                try:
+                    self.store.verify(key, settings, force=True)
+                except StaleCacheError as e:
+                    log.warning("removing %s", e)
+                    self.store.remove(key, settings)
+                    removed.append(str(self.store.path(key, settings)))
+            if removed and hasattr(m, "_key"):
+                m._key = None  # drop what this process loaded from a removed cache
+        return removed
+
+    def _build_lock(self, name: str):
+        """Cross-process lock of one method's cache entries (none under torchrun: ranks build together)."""
+        import contextlib
+
+        from . import distributed
+
+        keys = self._methods[name].cache_keys(self.ctx)
+        if not keys or distributed.current().world > 1:
+            return contextlib.nullcontext(True)
+        return self.store.lock(f"build-{name}", {"keys": keys})
+
+    def build(
+        self, methods: list[str] | None = None, progress: Progress | None = None, rebuild: bool = False
+    ) -> dict:
         """Build (or load) each method's cache; {method: {"seconds", "size_mb", "status"[, "reason"]}}.
 
         ``progress(message, fraction)`` gets the method name prefixed to every message;
         fraction is the overall fraction over all methods asked for.
         """
+        from .store import StaleCacheError
+
         names = self._resolve_methods(methods)
         progress = progress or no_progress
         summary: dict[str, dict] = {}
@@ -378,10 +456,17 @@ class AttributionSession:
                 sub("unavailable", 1.0)
                 continue
             t0 = time.perf_counter()
+            sub("waiting for another build of this cache", 0.0)
             try:
-                m.build(self.ctx, sub)
+                with self._build_lock(name):  # a second process waits here, then finds the cache built
+                    if rebuild:
+                        self.repair([name])
+                    m.build(self.ctx, sub)
             except Unavailable as e:
                 summary[name] = {"status": "unavailable", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
+                continue
+            except StaleCacheError as e:
+                summary[name] = {"status": "corrupt", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
                 continue
             sub("done", 1.0)
             summary[name] = {
@@ -570,6 +655,7 @@ class AttributionSession:
         meas = parse_measurement(measurement, self.diffusion.T)
         self._check_query(query, meas)
         damping = dict(damping or {})
+        self._check_dampings(names, damping)
         draws = self.query_draws(mc_samples)
         grads: dict[Measurement, tuple[torch.Tensor, float]] = {}
         results: dict[str, MethodResult] = {}
@@ -584,12 +670,17 @@ class AttributionSession:
                 res.status, res.reason = "unavailable", reason
                 continue
             if not m.is_built(self.ctx):
+                problem = self.cache_problem(name)
+                if problem is not None:
+                    res.status, res.reason = "error", problem
+                    continue
                 if not self.auto_build:
                     res.status, res.reason = "unavailable", self._not_built_reason(name)
                     continue
                 try:
                     t0 = time.perf_counter()
-                    m.build(self.ctx, no_progress)
+                    with self._build_lock(name):
+                        m.build(self.ctx, no_progress)
                     res.timing_ms["build"] = (time.perf_counter() - t0) * 1000.0
                 except Unavailable as e:
                     res.status, res.reason = "unavailable", str(e)
@@ -641,6 +732,7 @@ class AttributionSession:
         if prepared is None:
             raise ValueError("this result holds no per-query state (was it copied or loaded?); run query() again")
         t_start = time.perf_counter()
+        self._check_dampings([n for n in damping if n in self._methods], damping)
         methods: dict[str, MethodResult] = {}
         for name, old in result.methods.items():
             if name not in damping or name not in prepared or old.status != "ok":
@@ -648,7 +740,7 @@ class AttributionSession:
                 continue
             m = self._methods[name]
             res = replace(old, timing_ms={**old.timing_ms})
-            res.damping = float(damping[name]) if m.kind == "influence" else None
+            res.damping = self._damping_for(name, damping)
             self._score_into(res, m, prepared[name])
             methods[name] = res
         timing = {"total": (time.perf_counter() - t_start) * 1000.0, "rescore": 1.0}
@@ -666,8 +758,14 @@ class AttributionSession:
         if self._methods[name].kind != "influence":
             return None
         if name in damping and damping[name] is not None:
-            return float(damping[name])
-        return self._default_damping(name)
+            return check_damping(damping[name], f"{name} damping")
+        value = self._default_damping(name)
+        return None if value is None else check_damping(value, f"{name} damping (from the preset)")
+
+    def _check_dampings(self, names: list[str], damping: dict[str, float]) -> None:
+        """Refuse a bad damping before any gradient is computed (InvalidSettingError, a ValueError)."""
+        for name in names:
+            self._damping_for(name, damping)
 
     def _score_into(self, res: MethodResult, m: AttributionMethod, prep: Prepared) -> None:
         t0 = time.perf_counter()
@@ -675,6 +773,14 @@ class AttributionSession:
         res.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
         if scores.shape[0] != len(self.dataset):
             raise RuntimeError(f"{m.name} returned {scores.shape[0]} scores for {len(self.dataset)} training images")
+        bad = int(np.count_nonzero(~np.isfinite(scores)))
+        if bad:  # never an "ok" result with NaN/inf scores (a corrupt cache, an overflow)
+            res.scores, res.status = None, "error"
+            res.reason = (
+                f"{bad} of {len(scores)} scores are not finite (NaN or inf); the cache may be corrupt: "
+                f"rebuild it with `attribution-engine build --preset {self.preset.name} --methods {m.name} --rebuild`"
+            )
+            return
         res.scores = scores
         res.status = "ok"
 
@@ -699,6 +805,14 @@ class AttributionSession:
             "has_trajectory": query.trajectory is not None,
             "mc_samples": m,
         }
+
+
+def get_preset_default_mc(preset: Preset) -> int:
+    """M of the named preset (what ``build`` uses without --mc-samples); the preset's own for a custom one."""
+    from .config import PRESETS
+
+    base = PRESETS.get(preset.name)
+    return int((base or preset).attribution.mc_samples)
 
 
 class _MissingMethod(AttributionMethod):
