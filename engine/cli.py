@@ -179,14 +179,48 @@ def _load_plugins() -> None:
                 raise
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or a bad file, not a bug: shown as one ``error:`` line.
+
+    Every engine error type subclasses ValueError (settings, checkpoints, data, queries, unsafe
+    files) or is a cache/training state problem; OSError covers missing and unreadable files
+    (its message names the file).  Set ATTRIBUTION_DEBUG=1 to get the traceback instead.
+    """
+    from .store import StaleCacheError
+
+    errors: list[type[BaseException]] = [ValueError, OSError, StaleCacheError]
+    try:
+        from .lds import SubsetMismatchError, TrainingBusyError
+
+        errors += [SubsetMismatchError, TrainingBusyError]
+    except ImportError:  # pragma: no cover - lds is part of the package
+        pass
+    return tuple(errors)
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """Run a subcommand's handler; user errors become ``error: ...`` on stderr and exit status 2."""
+    import os
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except user_errors() as e:
+        if os.environ.get("ATTRIBUTION_DEBUG"):
+            raise
+        text = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+            text = f"{text}: {e.filename}"
+        print(f"error: {text}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_handler(args)
 
 
 

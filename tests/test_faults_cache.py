@@ -211,3 +211,36 @@ def test_store_verify_is_lazy_and_once_per_process(tmp_path, monkeypatch):
     _overwrite(path, path.stat().st_size - 4, b"\x00\x00\xc0\x7f")  # last value -> NaN, same size
     with pytest.raises(StaleCacheError, match="v.npy is corrupt"):
         store.load_arrays("x", {"a": 1})
+
+
+# --- damping (finding 3): validated in the engine, for the API, the CLI and the app alike ------------
+
+
+@pytest.mark.parametrize("bad", [0.0, -1e-8, float("nan"), float("inf")])
+def test_invalid_damping_is_refused_by_query_and_rescore(damaged, bad):
+    from engine.validation import InvalidSettingError
+
+    new_session, ref = damaged
+    s = new_session()
+    with pytest.raises(InvalidSettingError, match="kfac damping must be finite and > 0"):
+        s.query(s.parse_query("train:3"), methods=METHODS, damping={"kfac": bad})
+    res = s.query(s.parse_query("train:3"), methods=METHODS)
+    with pytest.raises(InvalidSettingError, match="trak damping"):
+        s.rescore(res, {"trak": bad})
+    np.testing.assert_allclose(s.rescore(res, {"kfac": 1e-8}).methods["kfac"].scores, ref["kfac"], rtol=1e-5)
+
+
+def test_cli_damping_nan_is_an_error_and_json_is_strict(built, damaged, monkeypatch, capsys, digits_small):
+    folder = built[0]
+    new_session, _ = damaged
+    monkeypatch.setattr(engine.session, "load_dataset", lambda cfg: digits_small)
+    base = ["query", "--query", "train:3", "--methods", "kfac,trak", "--checkpoint", str(folder), "--device", "cpu",
+            "--cache-root", str(new_session().cache_root), *SMALL]
+    for bad in ("nan", "0", "-1e-8", "inf"):
+        rc = main([*base, f"--damping={bad}", "--json"])
+        out, err = capsys.readouterr()
+        assert rc == 2 and out == "" and err.startswith("error: kfac damping"), (bad, err)
+    assert main([*base, "--json"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert record["methods"]["kfac"]["status"] == "ok"
