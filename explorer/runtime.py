@@ -24,7 +24,7 @@ from typing import Any
 
 import streamlit as st
 
-from engine.session import AttributionSession
+from engine.attribution.session import AttributionSession
 from explorer.job_queue import JobQueue
 
 

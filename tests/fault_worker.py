@@ -32,8 +32,8 @@ def dataset():
     """32 seeded random 8x8 images on the digits' 17-level grid (no scikit-learn import: subprocesses start faster)."""
     import torch
 
-    from engine.data import ImageDataset
-    from engine.measurements import quantize
+    from engine.model.data import ImageDataset
+    from engine.model.measurements import quantize
 
     g = torch.Generator().manual_seed(0)
     images = quantize(torch.rand(NUM_EXAMPLES, 1, 8, 8, generator=g) * 2 - 1, 17)
@@ -42,8 +42,8 @@ def dataset():
 
 
 def session(checkpoint: str, cache: str):
-    from engine.checkpoint import read_config
-    from engine.session import AttributionSession
+    from engine.attribution.session import AttributionSession
+    from engine.model.checkpoint import read_config
 
     preset, _ = read_config(checkpoint)
     return AttributionSession(
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     checkpoint, cache, methods, stage = argv
     if stage == "publish":
-        from engine import store
+        from engine.attribution import store
 
         finish = store.Store._finish
 

@@ -17,12 +17,12 @@ import pytest
 from conftest import TINY_MODEL
 from test_session import TINY_ATTRIBUTION
 
-import engine.session
-from engine.checkpoint import save_checkpoint
+import engine.attribution.session
+from engine.attribution.session import AttributionSession
+from engine.attribution.store import StaleCacheError, Store
 from engine.cli import main
 from engine.config import DataConfig, Preset
-from engine.session import AttributionSession
-from engine.store import StaleCacheError, Store
+from engine.model.checkpoint import save_checkpoint
 
 METHODS = ["kfac", "trak"]
 SMALL = ["--mc-samples", str(TINY_ATTRIBUTION.mc_samples), "--trak-dim", str(TINY_ATTRIBUTION.trak_dim)]
@@ -45,7 +45,7 @@ def untrained_checkpoint(folder: Path) -> Preset:
     """A tiny U-Net with its initial weights saved as a checkpoint: caches build in seconds, no training."""
     import torch
 
-    from engine.unet import build_model
+    from engine.model.unet import build_model
 
     preset = Preset(name="tiny", model=TINY_MODEL, data=DataConfig(name="digits"), attribution=TINY_ATTRIBUTION)
     torch.manual_seed(0)
@@ -196,7 +196,7 @@ def test_cli_build_reports_corrupt_cache_and_rebuild_repairs_it(built, damaged, 
 
 
 def test_store_verify_is_lazy_and_once_per_process(tmp_path, monkeypatch):
-    import engine.store as store_mod
+    import engine.attribution.store as store_mod
 
     store = Store(tmp_path, "ckpt", "data")
     store.save_arrays("x", {"a": 1}, {"v": np.arange(10, dtype=np.float32)})

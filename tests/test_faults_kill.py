@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from conftest import TINY_MODEL
 
-from engine.checkpoint import save_checkpoint
 from engine.config import DataConfig, Preset
+from engine.model.checkpoint import save_checkpoint
 
 WORKER = Path(__file__).with_name("fault_worker.py")
 METHODS = "kfac,trak"
@@ -60,7 +60,7 @@ def reference(tmp_path_factory):
     """A tiny untrained checkpoint and the scores of an uninterrupted in-process build."""
     import torch
 
-    from engine.unet import build_model
+    from engine.model.unet import build_model
 
     ckpt = tmp_path_factory.mktemp("kill_ckpt")
     preset = Preset(name="tiny", model=TINY_MODEL, data=DataConfig(name="digits"), attribution=fault_worker.config())
@@ -115,11 +115,11 @@ def test_two_builds_at_once_both_succeed(reference, tmp_path):
 
 
 def test_lock_is_exclusive_across_processes_and_released_by_a_kill(tmp_path):
-    from engine.store import Store
+    from engine.attribution.store import Store
 
     store = Store(tmp_path, "ckpt", "data")
     code = (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from engine.store import Store; "
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from engine.attribution.store import Store; "
         "s = Store(sys.argv[2], 'ckpt', 'data'); cm = s.lock('x', {'a': 1}); cm.__enter__(); "
         "print('held', flush=True); time.sleep(60)"
     )

@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from engine.attribution.store import StaleCacheError, Store
 from engine.config import DataConfig
-from engine.data_files import DataError, load_cifar10
-from engine.lds import RunSetup, lds_queries
+from engine.evaluation.lds import lds_queries
+from engine.evaluation.setup import RunSetup
+from engine.model.data import DataError
+from engine.model.data_files import load_cifar10
+from engine.model.train import STATE, train
 from engine.safe_load import UnsafeFileError
-from engine.store import StaleCacheError, Store
-from engine.train import STATE, train
 
 
 class Evil:
@@ -154,7 +156,7 @@ def test_cache_array_holding_a_pickle_is_refused(tmp_path):
 
 
 def test_gallery_and_indices_with_pickles_are_refused(tmp_path):
-    from engine.cli import _read_indices
+    from engine.cli.model import _read_indices
 
     marker = tmp_path / "PWNED"
     _object_npy(tmp_path / "idx.npy", marker)
@@ -165,7 +167,7 @@ def test_gallery_and_indices_with_pickles_are_refused(tmp_path):
     arr[0] = Evil(marker)
     np.savez(buf, images=arr)
     (tmp_path / "gallery.npz").write_bytes(buf.getvalue())
-    from engine.evaluate import load_queries_npz
+    from engine.evaluation.runs import load_queries_npz
 
     with pytest.raises(ValueError):
         load_queries_npz(tmp_path / "gallery.npz")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import TINY_MODEL
 
-from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.cli import main
 from engine.config import PRESETS, DataConfig, Preset, TrainConfig, get_preset
-from engine.train import TrainingSettingsError, train
+from engine.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from engine.model.train import TrainingSettingsError, train
 from engine.validation import InvalidSettingError, check_damping
 
 
@@ -149,7 +149,7 @@ def test_rerun_into_a_finished_folder_with_other_settings_is_refused(tmp_path, d
 def test_cli_rerun_with_other_seed_says_so(tmp_path, capsys):
     folder = tmp_path / "run"
     preset = PRESETS["digits"].replace(train={"steps": 7})
-    from engine.unet import build_model
+    from engine.model.unet import build_model
 
     save_checkpoint(folder, build_model(preset.model), preset, {"steps": 7})
     rc, err = _cli(capsys, "train", "--out", str(folder), "--steps", "7", "--seed", "3")
