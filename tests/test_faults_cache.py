@@ -180,7 +180,7 @@ def test_cli_build_reports_corrupt_cache_and_rebuild_repairs_it(built, damaged, 
     folder, _, _, ref = built
     new_session, _ = damaged
     s = new_session()
-    monkeypatch.setattr(engine.session, "load_dataset", lambda cfg: digits_small)
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
     bank = _folder(s, "kfac-bank")
     manifest = json.loads((bank / "settings.json").read_text())
     del manifest["arrays"][sorted(manifest["arrays"])[0]]
@@ -233,7 +233,7 @@ def test_invalid_damping_is_refused_by_query_and_rescore(damaged, bad):
 def test_cli_damping_nan_is_an_error_and_json_is_strict(built, damaged, monkeypatch, capsys, digits_small):
     folder = built[0]
     new_session, _ = damaged
-    monkeypatch.setattr(engine.session, "load_dataset", lambda cfg: digits_small)
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
     base = ["query", "--query", "train:3", "--methods", "kfac,trak", "--checkpoint", str(folder), "--device", "cpu",
             "--cache-root", str(new_session().cache_root), *SMALL]
     for bad in ("nan", "0", "-1e-8", "inf"):

@@ -138,3 +138,20 @@ def test_lock_is_exclusive_across_processes_and_released_by_a_kill(tmp_path):
         holder.wait()
     with store.lock("x", {"a": 1}, wait=False) as got:
         assert got is True  # the kernel released the dead holder's lock
+
+
+def test_temp_folders_of_dead_processes_are_removed_live_ones_kept(tmp_path):
+    from engine.attribution.store import Store
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store = Store(tmp_path, "ckpt", "data")
+    store.base.mkdir(parents=True)
+    gone = store.base / f".tmp-kfac-bank-abc-{dead.pid}-0123abcd"
+    init = store.base / f".partial-trak-abc.init-{dead.pid}-0123abcd"
+    mine = store.base / f".tmp-trak-abc-{os.getpid()}-0123abcd"
+    odd = store.base / ".tmp-no-pid-here"
+    for f in (gone, init, mine, odd):
+        f.mkdir()
+    assert sorted(store.clean_stale_temp()) == sorted([gone, init])
+    assert mine.is_dir() and odd.is_dir()

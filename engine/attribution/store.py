@@ -387,7 +387,7 @@ class Store:
             os.close(fd)  # closing the descriptor releases the flock
 
     def clean_stale_temp(self) -> list[Path]:
-        """Remove ``.tmp-*`` / ``.init-*`` folders whose writer process is gone; returns what was removed.
+        """Remove ``.tmp-*`` and ``.partial-*.init-*`` folders whose writer process is gone; returns them.
 
         Their names end in ``-<pid>-<8 hex>`` (``_tmp_folder``); a folder without a parsable pid is
         left alone.  Temporary files inside ``.partial-*`` folders are removed by ``PartialBuild``.
@@ -396,7 +396,8 @@ class Store:
         if not self.base.is_dir():
             return removed
         for folder in self.base.iterdir():
-            if not folder.name.startswith(".tmp-") or not folder.is_dir():
+            is_init = folder.name.startswith(".partial-") and ".init-" in folder.name
+            if not (folder.name.startswith(".tmp-") or is_init) or not folder.is_dir():
                 continue
             parts = folder.name.rsplit("-", 2)
             try:
@@ -445,7 +446,7 @@ class Store:
             if not folder.is_dir():
                 continue
             entry: dict[str, Any] = {"folder": str(folder), "size_mb": _folder_size(folder) / 2**20}
-            if folder.name.startswith(".partial-"):
+            if folder.name.startswith(".partial-") and ".init-" not in folder.name:
                 try:
                     m = json.loads((folder / SETTINGS).read_text())
                 except (OSError, json.JSONDecodeError):
@@ -508,7 +509,7 @@ class PartialBuild:
                 shutil.rmtree(self.folder)
         if not self.folder.exists():
             self.folder.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder.with_name(self.folder.name + f".init-{uuid.uuid4().hex[:8]}")
+            tmp = self.folder.with_name(self.folder.name + f".init-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             tmp.mkdir()
             _write_json(tmp / SETTINGS, manifest)
             try:
