@@ -465,6 +465,9 @@ class AttributionSession:
                 with self._build_lock(name):  # a second process waits here, then finds the cache built
                     if rebuild:
                         self.repair([name])
+                    problem = self.cache_problem(name)
+                    if problem is not None:  # refuse before computing anything: publishing would fail anyway
+                        raise StaleCacheError(problem)
                     m.build(self.ctx, sub)
             except Unavailable as e:
                 summary[name] = {"status": "unavailable", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
