@@ -155,3 +155,20 @@ def test_cli_rerun_with_other_seed_says_so(tmp_path, capsys):
     rc, err = _cli(capsys, "train", "--out", str(folder), "--steps", "7", "--seed", "3")
     line = _one_error_line(err)
     assert rc == 2 and "seed 0 there, 3 asked" in line and str(folder) in line
+
+
+@pytest.mark.parametrize(
+    "change", [{"mc_samples": 0}, {"trak_dim": -1}, {"kfac_damping": 0.0}, {"kfac_bank": "disk"}]
+)
+def test_session_refuses_invalid_attribution_settings(tmp_path, digits_small, change):
+    import dataclasses
+
+    from engine.attribution.session import AttributionSession
+    from engine.config import AttributionConfig
+    from engine.model.unet import build_model
+
+    preset = _tiny()
+    save_checkpoint(tmp_path / "ckpt", build_model(preset.model), preset)
+    with pytest.raises(InvalidSettingError, match=f"attribution.{next(iter(change))}"):
+        AttributionSession(preset, checkpoint=tmp_path / "ckpt", device="cpu", cache_root=tmp_path / "cache",
+                           config=dataclasses.replace(AttributionConfig(), **change), dataset=digits_small)

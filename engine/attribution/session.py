@@ -41,7 +41,7 @@ from ..model.diffusion import Diffusion, MCDraws, make_draws
 from ..model.measurements import Measurement, parse_measurement, quantize
 from ..paths import best_device, default_checkpoint
 from ..paths import cache_root as default_cache_root
-from ..validation import check_damping
+from ..validation import check_attribution_config, check_damping
 from .methods.base import AttributionMethod, Prepared, Progress, QueryInput, Unavailable, no_progress
 from .results import MethodResult, QueryResult
 
@@ -193,6 +193,7 @@ class AttributionSession:
         if wanted.data.root:
             self.preset = self.preset.replace(data={"root": wanted.data.root})
         self.config: AttributionConfig = config or wanted.attribution
+        check_attribution_config(self.config)  # M, projection dim, dampings, bank mode: refused up front
         self.preset = self.preset.replace(attribution=self.config)
         self.checkpoint = folder
         self.checkpoint_extra = extra
