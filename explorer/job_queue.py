@@ -51,6 +51,21 @@ class QueuedJob:
         self._queue.pump()
         return self.error is not None or (self.job is not None and bool(self.job.done()))
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job is done (or ``timeout`` seconds); True when done."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.job is None and self.error is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            self._queue.pump()
+            time.sleep(min(self._queue.poll_s, 0.1))
+        if self.job is not None and hasattr(self.job, "wait"):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.job.wait(left)
+        return self.done()
+
     def result(self) -> Any:
         if self.error is not None:
             raise RuntimeError(f"the job could not start: {self.error}") from self.error

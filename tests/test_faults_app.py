@@ -63,6 +63,7 @@ def test_queue_caps_running_jobs_and_shows_positions():
 
     jobs = [q.submit(starter(f"j{i}")) for i in range(5)]
     assert [j.job is not None for j in jobs] == [True, True, False, False, False]
+    assert jobs[4].wait(timeout=0.05) is False  # still queued
     assert [j.position() for j in jobs] == [None, None, 1, 2, 3]
     msg, frac = jobs[3].progress()
     assert msg.startswith("queued: 2 of 3 waiting") and "at most 2" in msg and frac == 0.0
@@ -75,7 +76,7 @@ def test_queue_caps_running_jobs_and_shows_positions():
             if not job.done():
                 job.finish()
         time.sleep(0.02)
-    _wait(lambda: all(j.done() for j in jobs))
+    assert all(j.wait(timeout=5) for j in jobs)
     assert FakeJob.peak == 2
     assert [j.result()["name"] for j in jobs] == [f"j{i}" for i in range(5)]
 
