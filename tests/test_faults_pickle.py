@@ -18,7 +18,7 @@ import torch
 
 from engine.attribution.store import StaleCacheError, Store
 from engine.config import DataConfig
-from engine.evaluation.lds import lds_queries
+from engine.evaluation.lds_run import lds_queries
 from engine.evaluation.setup import RunSetup
 from engine.model.data import DataError
 from engine.model.data_files import load_cifar10

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.attribution.session import QueryError, _open_image, image_to_model
+from engine.attribution.query import QueryError, image_to_model
+from engine.attribution.query import open_image as _open_image
 from engine.attribution.upload_guard import MAX_PIXELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def _peak_rss_growth_mib(path: Path) -> dict:
 import json, resource, sys
 sys.path.insert(0, {str(REPO)!r})
 import numpy, torch, PIL.Image
-from engine.attribution.session import _open_image, image_to_model
+from engine.attribution.query import image_to_model, open_image as _open_image
 data = open({str(path)!r}, "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 img = _open_image(data, "upload", 8)

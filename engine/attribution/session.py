@@ -2,13 +2,13 @@
 
 It loads the checkpoint, the training set, the on-disk cache and the engine context
 once, and then answers queries with every attribution method behind the same
-interface (``engine.attribution.methods.base``).  Data flows one way (DESIGN.md 1): the session
+interface (``engine.attribution.methods.base``).  Data flows one way (docs/architecture.md §2): the session
 turns a query spec into a ``QueryInput``, computes the query gradient(s), hands them to
 the methods and returns plain ``QueryResult`` records (score arrays, no tensors).
 
 Why the query path is shaped this way:
 
-* **Common random numbers** (DESIGN.md 6): one seeded set of M draws (t, eps),
+* **Common random numbers** (docs/architecture.md §6): one seeded set of M draws (t, eps),
   ``make_draws(M, shape, T, seed=config.seed + 1)``, is shared by every method, so two
   methods differ only in what they are, not in Monte Carlo noise.  The seed is offset
   from the training draws' seed (``config.seed``) so that a training image used as a
@@ -17,17 +17,20 @@ Why the query path is shaped this way:
   ``method.query_measurement(measurement)`` (K-FAC and TRAK share the loss gradient;
   D-TRAK asks for the square norm) and shared.
 * **Damping is cheap**: each method's damping-independent state (``Prepared``) is kept
-  with the result, so ``rescore`` only calls ``score`` (for K-FAC one division and one
-  pass over the eigenbasis bank, DESIGN.md 4; for TRAK one solve in F's eigenbasis).
+  with the result (``QueryResult.prepared``), so ``rescore`` only calls ``score``: for K-FAC,
+  TRAK and D-TRAK a lookup in, or an interpolation of, the damping grid their first pass
+  scored (``engine.attribution.scoring``, docs/architecture.md §4).
+
+The session only orchestrates: query sources are ``engine.attribution.query``, cache status
+and builds ``engine.attribution.caches``, the maths is in the methods and the scoring operator.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,125 +41,19 @@ from ..config import AttributionConfig, Preset, get_preset
 from ..model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from ..model.data import ImageDataset, load_dataset
 from ..model.diffusion import Diffusion, MCDraws, make_draws
-from ..model.measurements import Measurement, parse_measurement, quantize
+from ..model.measurements import Measurement, parse_measurement
 from ..paths import best_device, default_checkpoint
 from ..paths import cache_root as default_cache_root
 from ..validation import check_attribution_config, check_damping
-from .methods.base import AttributionMethod, Prepared, Progress, QueryInput, Unavailable, no_progress
+from .caches import MethodCaches
+from .context import EngineContext
+from .damping_grid import damping_steps
+from .methods.base import AttributionMethod, MissingMethod, Prepared, Progress, Unavailable, no_progress
+from .query import GalleryItem, QueryError, QueryInput, QuerySources, describe, no_trajectory
 from .results import MethodResult, QueryResult
+from .store import Store, data_key
 
 log = logging.getLogger(__name__)
-
-GALLERY_FILE = "gallery.npz"
-METHOD_ORDER = ("kfac", "trak", "dtrak", "clip", "pixel")
-
-
-class QueryError(ValueError):
-    """A query that cannot be answered as asked; the message says why and what to do."""
-
-
-@dataclass
-class GalleryItem:
-    """One shipped generated sample: image (C, H, W) in [-1, 1], its trajectory (T+1, C, H, W) x_T first."""
-
-    index: int
-    seed: int
-    image: torch.Tensor
-    trajectory: torch.Tensor | None
-    label: int | None
-
-
-def data_key(dataset: ImageDataset) -> str:
-    """Cache key of a training set: name, size and a hash of its images and labels.
-
-    Two data sets with the same name but other content (a subset, other files) get
-    different keys, so a cache can never be scored against the wrong images.
-    """
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(dataset.images.detach().cpu().numpy(), dtype=np.float32).tobytes())
-    if dataset.labels is not None:
-        h.update(np.ascontiguousarray(dataset.labels.cpu().numpy(), dtype=np.int64).tobytes())
-    return f"{dataset.name}-n{len(dataset)}-{h.hexdigest()[:12]}"
-
-
-# --- images from files and uploads --------------------------------------------------------
-
-
-def image_to_model(
-    img: Any, channels: int, size: int, levels: int, dark_background: bool
-) -> tuple[torch.Tensor, list[str]]:
-    """A PIL image -> (C, H, W) tensor in [-1, 1] of the model's size and channels, plus notes.
-
-    Steps, each recorded in the notes when it changes something: drop alpha (composited
-    on the training set's background colour), convert colour <-> grey, centre-crop to a
-    square, resize with antialiasing, invert when the training images are light-on-dark
-    and the upload is dark-on-light (judged by the border), map [0, 255] -> [-1, 1], and
-    snap to the data's intensity grid when it is coarser than 8 bits (digits: 17 levels).
-    """
-    from PIL import Image
-
-    notes: list[str] = []
-    mode = img.mode
-    if "original_size" in img.info:
-        ow, oh = img.info["original_size"]
-        notes.append(f"decoded {ow}x{oh} at reduced size {img.size[0]}x{img.size[1]}")
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / 32-bit grey: scale to 8 bits, not clip
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-        notes.append(f"converted {mode} -> 8-bit grey")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255) if dark_background else (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, rgba)
-        notes.append(f"transparency composited on {'black' if dark_background else 'white'}")
-    if channels == 1:
-        if img.mode != "L":
-            notes.append(f"converted {mode} -> grey")
-            img = img.convert("L")
-    elif channels == 3:
-        if img.mode != "RGB":
-            notes.append(f"converted {mode} -> RGB")
-            img = img.convert("RGB")
-    else:
-        raise QueryError(f"models with {channels} channels cannot take image uploads")
-    w, h = img.size
-    if w != h:
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        img = img.crop((left, top, left + s, top + s))
-        notes.append(f"centre-cropped {w}x{h} -> {s}x{s}")
-        w = h = s
-    if (w, h) != (size, size):
-        img = img.resize((size, size), Image.Resampling.LANCZOS if size > w else Image.Resampling.BOX)
-        notes.append(f"resized {w}x{h} -> {size}x{size}")
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    x = torch.from_numpy(np.ascontiguousarray(arr))
-    if dark_background and size > 2:
-        border = torch.cat([x[:, 0].flatten(), x[:, -1].flatten(), x[:, :, 0].flatten(), x[:, :, -1].flatten()])
-        if float(border.mean()) > 0.5:
-            x = 1.0 - x
-            notes.append("inverted (training images are light on a dark background)")
-    x = x * 2.0 - 1.0
-    notes.append("values mapped to [-1, 1]")
-    if levels < 256:
-        x = quantize(x, levels)
-        notes.append(f"snapped to the {levels}-level grid of the training data")
-    return x.float(), notes
-
-
-def _open_image(data: bytes, what: str, target_side: int = 8):
-    """Decode with bounded memory (``engine.upload_guard``); QueryError naming ``what`` when refused."""
-    from .upload_guard import UploadError, open_bounded
-
-    try:
-        return open_bounded(data, what, target_side)
-    except UploadError as e:
-        raise QueryError(str(e)) from None
-
-
-# --- the session ----------------------------------------------------------------------------
 
 
 class AttributionSession:
@@ -204,25 +101,23 @@ class AttributionSession:
         self.checkpoint_hash = checkpoint_hash(folder)
         self.auto_build = auto_build
 
-        from .store import Store
-
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         self.store = Store(self.cache_root, self.checkpoint_hash, data_key(self.dataset))
         self._preset_arg = preset if isinstance(preset, str) else self.preset.name
         self._checkpoint_arg = None if checkpoint is None else str(checkpoint)
         self._cache_arg = None if cache_root is None else str(cache_root)
         self.store.rebuild_hint = self.build_command(rebuild=True)
-        self.ctx = self._make_context()
+        self.ctx: EngineContext = self._make_context()
         from .methods import METHODS, make_method
 
         self._methods: dict[str, AttributionMethod] = {}
-        for name in sorted(METHODS, key=lambda n: (METHOD_ORDER + (n,)).index(n)):
+        for name in METHODS:  # the registry's order
             try:
                 self._methods[name] = make_method(name, self.config)
             except ImportError as e:  # a missing optional dependency disables one method only
-                self._methods[name] = _MissingMethod(name, f"cannot import the {name} method: {e}")
-        self._gallery: list[GalleryItem] | None = None
-        self._classifier = None
+                self._methods[name] = MissingMethod(name, f"cannot import the {name} method: {e}")
+        self.caches = MethodCaches(self._methods, self.ctx, self.preset.name, self.config)
+        self.sources = QuerySources(self.preset, model, self.diffusion, self.dataset, self.device, folder)
         self.startup_ms = (time.perf_counter() - t0) * 1000.0
 
     # --- setup ------------------------------------------------------------------------
@@ -280,96 +175,57 @@ class AttributionSession:
         return list(dict.fromkeys(methods))
 
     def method_info(self) -> dict[str, dict]:
-        """name -> {"title", "kind", "caption", "default_damping"} for the app's labels."""
+        """name -> {"title", "kind", "caption", "default_damping", "damping_steps"} for the app.
+
+        ``damping_steps``: the dampings a slider offers (the grid values inside the method's
+        ``damping_range`` and its default, ascending), [] for methods without damping.
+        """
         return {
             n: {
                 "title": m.title,
                 "kind": m.kind,
                 "caption": m.caption,
-                "default_damping": self._default_damping(n),
+                "default_damping": m.default_damping,
+                "damping_steps": damping_steps(m.damping_range, m.default_damping),
             }
             for n, m in self._methods.items()
         }
 
-    def _default_damping(self, name: str) -> float | None:
-        m = self._methods[name]
-        if m.kind != "influence":
-            return None
-        from_config = {
-            "kfac": self.config.kfac_damping,
-            "trak": self.config.trak_damping,
-            "dtrak": self.config.dtrak_damping,
-        }
-        if name in from_config:
-            return float(from_config[name])
-        return None if m.default_damping is None else float(m.default_damping)
+    def available(self, name: str) -> tuple[bool, str | None]:
+        """(whether method ``name`` can run here, why not)."""
+        return self._availability(self.method(name))
 
     def _availability(self, m: AttributionMethod) -> tuple[bool, str | None]:
-        try:
-            return m.availability(self.ctx)
-        except Unavailable as e:
-            return False, str(e)
-
-    def _size_mb(self, name: str) -> float:
-        """Disk size of a method's caches under the current settings (``AttributionMethod.size_mb``)."""
-        try:
-            return float(self._methods[name].size_mb(self.ctx))
-        except Exception:  # noqa: BLE001 - a size is informative only
-            log.debug("size_mb failed for %s", name, exc_info=True)
-            return 0.0
+        return self.caches.availability(m)
 
     def recorded_build_seconds(self, name: str) -> float | None:
         """Build time stored with a method's current caches when they were built."""
-        try:
-            return self._methods[name].recorded_build_seconds(self.ctx)
-        except Exception:  # noqa: BLE001 - informative only
-            log.debug("recorded_build_seconds failed for %s", name, exc_info=True)
-            return None
-
-    def _settings(self, name: str) -> dict[str, Any]:
-        m = self._methods[name]
-        if hasattr(m, "settings"):
-            try:
-                s = m.settings(self.ctx)
-                if isinstance(s, dict):
-                    return s
-            except Exception:  # noqa: BLE001 - informative only
-                log.debug("settings failed for %s", name, exc_info=True)
-        c = self.config
-        common = {"mc_samples": c.mc_samples, "seed": c.seed}
-        per = {
-            "kfac": {"fisher_type": c.fisher_type, "kfac_approx": c.kfac_approx, "ekfac": c.ekfac},
-            "trak": {"trak_dim": c.trak_dim},
-            "dtrak": {"trak_dim": c.trak_dim},
-            "clip": {"clip_model": c.clip_model, "clip_pretrained": c.clip_pretrained},
-            "pixel": {},
-        }.get(name, {})
-        return {**(common if m.needs_gradient else {}), **per}
+        return self.caches.recorded_build_seconds(name)
 
     def status(self) -> dict[str, dict]:
-        """name -> {"built", "available", "reason", "settings", "size_mb"}."""
-        out: dict[str, dict] = {}
-        for name, m in self._methods.items():
-            available, reason = self._availability(m)
-            built = bool(available and m.is_built(self.ctx))
-            problem = self.cache_problem(name) if available and not built else None
-            if problem is not None:
-                reason = problem  # a corrupt cache is not "not built": say what is wrong and how to rebuild
-            elif available and not built and reason is None:
-                reason = self._not_built_reason(name)
-            out[name] = {
-                "built": built,
-                "available": available,
-                "corrupt": problem is not None,
-                "reason": reason,
-                "settings": self._settings(name),
-                "size_mb": self._size_mb(name) if built else 0.0,
-            }
-        return out
+        """name -> {"built", "available", "reason", "settings", "size_mb"} (``MethodCaches.status``)."""
+        return self.caches.status()
 
     def _not_built_reason(self, name: str) -> str:
-        extra = f" --mc-samples {self.config.mc_samples}" if self._methods[name].needs_gradient else ""
-        return f"not built: run `attribution-engine build --preset {self.preset.name} --methods {name}{extra}`"
+        return self.caches.not_built_reason(name)
+
+    def build(
+        self, methods: list[str] | None = None, progress: Progress | None = None, rebuild: bool = False
+    ) -> dict:
+        """Build (or load) each method's cache; {method: {"seconds", "size_mb", "status"[, "reason"]}}.
+
+        ``rebuild``: first verify the caches (checksums included) and delete those that fail.
+        A corrupt cache otherwise comes back with status "corrupt" and the store's message.
+        """
+        return self.caches.build(self._resolve_methods(methods), progress, rebuild=rebuild)
+
+    def cache_problem(self, name: str) -> str | None:
+        """Why method ``name``'s cache exists but is refused (``MethodCaches.cache_problem``), or None."""
+        return self.caches.cache_problem(name)
+
+    def repair(self, methods: list[str] | None = None) -> list[str]:
+        """Delete these methods' caches that fail verification; returns the removed folders."""
+        return self.caches.repair(self._resolve_methods(methods))
 
     def build_command(self, methods: list[str] | None = None, rebuild: bool = False) -> str:
         """The CLI command that builds (``rebuild``: verifies and rebuilds) these methods' caches."""
@@ -380,250 +236,31 @@ class AttributionSession:
             cmd += f" --cache-root {self._cache_arg}"
         if methods:
             cmd += f" --methods {','.join(methods)}"
-        if self.config.mc_samples != get_preset_default_mc(self.preset):
+        if self.config.mc_samples != _named_preset_mc(self.preset):
             cmd += f" --mc-samples {self.config.mc_samples}"
         return cmd + (" --rebuild" if rebuild else "")
 
-    def cache_problem(self, name: str) -> str | None:
-        """Why a method's cache folder exists but is refused (corrupt, edited, stale), or None.
-
-        Cheap (reads settings.json and array headers; checksums are checked when arrays load).
-        """
-        from .store import StaleCacheError
-
-        try:
-            keys = self._methods[name].cache_keys(self.ctx)
-        except Exception:  # noqa: BLE001 - a method that cannot name its keys has nothing to check
-            return None
-        for key, settings in keys:
-            try:
-                self.store.validate(key, settings)
-            except StaleCacheError as e:
-                return f"corrupt cache: {e}"
-        return None
-
-    def repair(self, methods: list[str] | None = None, progress: Progress | None = None) -> list[str]:
-        """Verify every cache of these methods (checksums included) and delete the ones that fail.
-
-        Returns the removed folders; a following ``build`` recomputes them (``build --rebuild``).
-        """
-        from .store import StaleCacheError
-
-        removed: list[str] = []
-        for name in self._resolve_methods(methods):
-            m = self._methods[name]
-            if not self._availability(m)[0]:
-                continue
-            for key, settings in m.cache_keys(self.ctx):
-                try:
-                    self.store.verify(key, settings, force=True)
-                except StaleCacheError as e:
-                    log.warning("removing %s", e)
-                    self.store.remove(key, settings)
-                    removed.append(str(self.store.path(key, settings)))
-            if removed and hasattr(m, "_key"):
-                m._key = None  # drop what this process loaded from a removed cache
-        return removed
-
-    def _build_lock(self, name: str):
-        """Cross-process lock of one method's cache entries (none under torchrun: ranks build together)."""
-        import contextlib
-
-        from .. import distributed
-
-        keys = self._methods[name].cache_keys(self.ctx)
-        if not keys or distributed.current().world > 1:
-            return contextlib.nullcontext(True)
-        return self.store.lock(f"build-{name}", {"keys": keys})
-
-    def build(
-        self, methods: list[str] | None = None, progress: Progress | None = None, rebuild: bool = False
-    ) -> dict:
-        """Build (or load) each method's cache; {method: {"seconds", "size_mb", "status"[, "reason"]}}.
-
-        ``progress(message, fraction)`` gets the method name prefixed to every message;
-        fraction is the overall fraction over all methods asked for.
-        """
-        from .store import StaleCacheError
-
-        names = self._resolve_methods(methods)
-        progress = progress or no_progress
-        summary: dict[str, dict] = {}
-        for k, name in enumerate(names):
-            m = self._methods[name]
-
-            def sub(msg: str, frac: float, k: int = k, name: str = name) -> None:
-                progress(f"{name}: {msg}", (k + min(max(frac, 0.0), 1.0)) / len(names))
-
-            available, reason = self._availability(m)
-            if not available:
-                summary[name] = {"status": "unavailable", "reason": reason, "seconds": 0.0, "size_mb": 0.0}
-                sub("unavailable", 1.0)
-                continue
-            t0 = time.perf_counter()
-            sub("waiting for another build of this cache", 0.0)
-            try:
-                with self._build_lock(name):  # a second process waits here, then finds the cache built
-                    if rebuild:
-                        self.repair([name])
-                    problem = self.cache_problem(name)
-                    if problem is not None:  # refuse before computing anything: publishing would fail anyway
-                        raise StaleCacheError(problem)
-                    m.build(self.ctx, sub)
-            except Unavailable as e:
-                summary[name] = {"status": "unavailable", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
-                continue
-            except StaleCacheError as e:
-                summary[name] = {"status": "corrupt", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
-                continue
-            sub("done", 1.0)
-            summary[name] = {
-                "status": "ok",
-                "seconds": time.perf_counter() - t0,
-                "size_mb": self._size_mb(name),
-            }
-        return summary
-
     def load(self, methods: list[str] | None = None) -> dict[str, float]:
-        """Load every *built* cache now (factors, banks memory-mapped, features) so the first query
-        is as fast as the others; builds nothing.  Returns seconds per method loaded."""
-        out: dict[str, float] = {}
-        for name in self._resolve_methods(methods):
-            m = self._methods[name]
-            if not self._availability(m)[0] or not m.is_built(self.ctx):
-                continue
-            t0 = time.perf_counter()
-            m.build(self.ctx, no_progress)  # a built cache is loaded, not recomputed
-            out[name] = time.perf_counter() - t0
-        return out
+        """Load every *built* cache now so the first query is as fast as the others; builds nothing."""
+        return self.caches.load(self._resolve_methods(methods))
 
     # --- queries ----------------------------------------------------------------------
 
     def gallery(self) -> list[GalleryItem]:
         """The checkpoint's ``gallery.npz`` (generated samples with trajectories); [] if absent."""
-        if self._gallery is not None:
-            return self._gallery
-        path = self.checkpoint / GALLERY_FILE
-        items: list[GalleryItem] = []
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as z:
-                images = torch.from_numpy(np.asarray(z["images"], dtype=np.float32)) * 2.0 - 1.0
-                n = images.shape[0]
-                seeds = np.asarray(z["seeds"]) if "seeds" in z else np.zeros(n, dtype=np.int64)
-                traj = torch.from_numpy(np.asarray(z["trajectory"], dtype=np.float32)) if "trajectory" in z else None
-                labels = np.asarray(z["labels"]) if "labels" in z else None
-            if tuple(images.shape[1:]) != self.shape:
-                raise ValueError(f"{path}: gallery images are {tuple(images.shape[1:])}, the model takes {self.shape}")
-            for i in range(n):
-                items.append(
-                    GalleryItem(
-                        index=i,
-                        seed=int(seeds[i]),
-                        image=images[i],
-                        trajectory=None if traj is None else traj[i],
-                        label=None if labels is None else int(labels[i]),
-                    )
-                )
-        self._gallery = items
-        return items
+        return self.sources.gallery()
 
     def parse_query(self, spec: str) -> QueryInput:
-        """``gallery:3`` | ``train:17`` | ``image:PATH`` | ``generate:SEED`` -> QueryInput.
-
-        Raises ``ValueError`` (``QueryError``) with a message saying what is accepted.
-        """
-        spec = spec.strip()
-        kind, sep, arg = spec.partition(":")
-        kind = kind.lower()
-        usage = "expected gallery:N, train:N, image:PATH or generate:SEED"
-        if not sep or not arg:
-            raise QueryError(f"bad query {spec!r}: {usage}")
-        if kind == "image":
-            return self._query_from_path(Path(arg).expanduser())
-        if kind not in ("gallery", "train", "generate"):
-            raise QueryError(f"bad query kind {kind!r} in {spec!r}: {usage}")
-        try:
-            i = int(arg)
-        except ValueError:
-            raise QueryError(f"bad number {arg!r} in query {spec!r}: {usage}") from None
-        if kind == "generate":
-            return self.generate(i)
-        if kind == "train":
-            n = len(self.dataset)
-            if not 0 <= i < n:
-                raise QueryError(f"training index {i} out of range 0..{n - 1}")
-            label = None if self.dataset.labels is None else int(self.dataset.labels[i])
-            return QueryInput(
-                image=self.dataset.images[i].clone(),
-                trajectory=None,
-                description=f"train:{i}",
-                label=label,
-                notes=[f"training image {i} ({self.dataset.ids[i]}); no sampling trajectory"],
-            )
-        items = self.gallery()
-        if not items:
-            raise QueryError(
-                f"no gallery at {self.checkpoint / GALLERY_FILE}; make one with "
-                f"`attribution-engine assets --preset {self.preset.name}` or use train:N / image:PATH"
-            )
-        if not 0 <= i < len(items):
-            raise QueryError(f"gallery index {i} out of range 0..{len(items) - 1}")
-        g = items[i]
-        notes = [f"generated sample {i} of the gallery (seed {g.seed})"]
-        if g.label is not None:
-            notes.append(f"label {g.label} predicted by a classifier, not ground truth")
-        return QueryInput(image=g.image.clone(), trajectory=g.trajectory, description=f"gallery:{i}", label=g.label, notes=notes)
-
-    def _dark_background(self) -> bool:
-        x = self.dataset.images
-        if x.shape[-1] <= 2:
-            return False
-        border = torch.cat([x[:, :, 0].flatten(), x[:, :, -1].flatten(), x[:, :, :, 0].flatten(), x[:, :, :, -1].flatten()])
-        return float(border.mean()) < -0.5
-
-    def _query_from_path(self, path: Path) -> QueryInput:
-        if not path.is_file():
-            raise QueryError(f"no image file at {path}")
-        q = self._query_from_bytes(path.read_bytes(), f"image file {path}")
-        q.description = f"image:{path}"
-        return q
-
-    def _query_from_bytes(self, data: bytes, what: str) -> QueryInput:
-        if not data:
-            raise QueryError(f"{what} is empty")
-        m = self.preset.model
-        img = _open_image(data, what, m.image_size)
-        image, notes = image_to_model(img, m.in_channels, m.image_size, self.dataset.levels, self._dark_background())
-        return QueryInput(image=image, trajectory=None, description="upload", label=self._predict_label(image), notes=notes)
+        """``gallery:3`` | ``train:17`` | ``image:PATH`` | ``generate:SEED`` -> QueryInput (``QuerySources.parse``)."""
+        return self.sources.parse(spec)
 
     def query_from_upload(self, data: bytes, name: str | None = None) -> QueryInput:
         """PNG/JPEG bytes -> the model's size and channels; ``notes`` say what was done; ValueError on bad data."""
-        q = self._query_from_bytes(bytes(data), f"upload {name!r}" if name else "the upload")
-        q.description = f"upload:{name}" if name else "upload"
-        return q
-
-    def _predict_label(self, image: torch.Tensor) -> int | None:
-        """Digits only: the label a logistic regression on the real digits gives (for display and agreement)."""
-        if self.preset.data.name != "digits" or self.dataset.labels is None:
-            return None
-        from ..model.gallery import classify, digits_classifier
-
-        if self._classifier is None:
-            self._classifier = digits_classifier(self.dataset)
-        labels, _ = classify(self._classifier, image[None])
-        return int(labels[0])
+        return self.sources.query_from_upload(data, name)
 
     def generate(self, seed: int, progress: Callable[[int, int], None] | None = None) -> QueryInput:
         """One new DDPM sample with its recorded trajectory (all T steps)."""
-        from ..model.sampling import generate
-
-        images, traj = generate(self.model, self.preset, 1, int(seed), True, self.device, progress)
-        image = images[0].clamp(-1.0, 1.0)
-        notes = [f"generated with seed {seed} ({self.diffusion.T} DDPM steps)"]
-        label = self._predict_label(image)
-        if label is not None:
-            notes.append(f"label {label} predicted by a classifier, not ground truth")
-        return QueryInput(image=image, trajectory=traj[0], description=f"generate:{seed}", label=label, notes=notes)
+        return self.sources.generate(seed, progress)
 
     def query_draws(self, mc_samples: int | None = None) -> MCDraws:
         """The common random numbers of every query: M draws seeded by config.seed + 1."""
@@ -687,7 +324,7 @@ class AttributionSession:
                     continue
                 try:
                     t0 = time.perf_counter()
-                    with self._build_lock(name):
+                    with self.caches.build_lock(name):
                         m.build(self.ctx, no_progress)
                     res.timing_ms["build"] = (time.perf_counter() - t0) * 1000.0
                 except Unavailable as e:
@@ -698,7 +335,7 @@ class AttributionSession:
                 grad = None
                 if qm is not None:
                     if qm.kind == "trajectory" and query.trajectory is None:
-                        raise QueryError(_no_trajectory(query))
+                        raise QueryError(no_trajectory(query))
                     if qm not in grads:
                         t0 = time.perf_counter()
                         g = self.query_gradient(qm, query, draws)
@@ -725,19 +362,18 @@ class AttributionSession:
                 log.exception("method %s failed", name)
                 res.status, res.reason = "error", f"{type(e).__name__}: {e}"
         timing = {"total": (time.perf_counter() - t_start) * 1000.0, "gradients": total_grad_ms}
-        out = QueryResult(
+        return QueryResult(
             query=self._query_dict(query, len(draws)),
             measurement=str(meas),
             methods=results,
             timing_ms=timing,
+            prepared=prepared,
         )
-        out._prepared = prepared  # type: ignore[attr-defined]  # damping-free state for rescore
-        return out
 
     def rescore(self, result: QueryResult, damping: dict[str, float]) -> QueryResult:
         """The same query with other damping values: only ``score`` runs, no gradient, no prepare."""
-        prepared: dict[str, Prepared] | None = getattr(result, "_prepared", None)
-        if prepared is None:
+        prepared = result.prepared
+        if not prepared:
             raise ValueError("this result holds no per-query state (was it copied or loaded?); run query() again")
         t_start = time.perf_counter()
         self._check_dampings([n for n in damping if n in self._methods], damping)
@@ -752,9 +388,9 @@ class AttributionSession:
             self._score_into(res, m, prepared[name])
             methods[name] = res
         timing = {"total": (time.perf_counter() - t_start) * 1000.0, "rescore": 1.0}
-        out = QueryResult(query=result.query, measurement=result.measurement, methods=methods, timing_ms=timing)
-        out._prepared = prepared  # type: ignore[attr-defined]
-        return out
+        return QueryResult(
+            query=result.query, measurement=result.measurement, methods=methods, timing_ms=timing, prepared=prepared
+        )
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -767,7 +403,7 @@ class AttributionSession:
             return None
         if name in damping and damping[name] is not None:
             return check_damping(damping[name], f"{name} damping")
-        value = self._default_damping(name)
+        value = self._methods[name].default_damping
         return None if value is None else check_damping(value, f"{name} damping (from the preset)")
 
     def _check_dampings(self, names: list[str], damping: dict[str, float]) -> None:
@@ -786,7 +422,7 @@ class AttributionSession:
             res.scores, res.status = None, "error"
             res.reason = (
                 f"{bad} of {len(scores)} scores are not finite (NaN or inf); the cache may be corrupt: "
-                f"rebuild it with `attribution-engine build --preset {self.preset.name} --methods {m.name} --rebuild`"
+                f"rebuild it with `{self.build_command([m.name], rebuild=True)}`"
             )
             return
         res.scores = scores
@@ -799,7 +435,7 @@ class AttributionSession:
             raise QueryError(f"query image is {tuple(query.image.shape)}, the model takes {self.shape}")
         if meas.kind == "trajectory":
             if query.trajectory is None:
-                raise QueryError(_no_trajectory(query))
+                raise QueryError(no_trajectory(query))
             want = (self.diffusion.T + 1, *self.shape)
             if tuple(query.trajectory.shape) != want:
                 raise QueryError(f"trajectory is {tuple(query.trajectory.shape)}, expected {want}")
@@ -807,7 +443,7 @@ class AttributionSession:
     def _query_dict(self, query: QueryInput, m: int) -> dict[str, Any]:
         return {
             "spec": query.description,
-            "description": _describe(query.description),
+            "description": describe(query.description),
             "label": query.label,
             "notes": list(query.notes),
             "has_trajectory": query.trajectory is not None,
@@ -815,7 +451,7 @@ class AttributionSession:
         }
 
 
-def get_preset_default_mc(preset: Preset) -> int:
+def _named_preset_mc(preset: Preset) -> int:
     """M of the named preset (what ``build`` uses without --mc-samples); the preset's own for a custom one."""
     from ..config import PRESETS
 
@@ -823,43 +459,4 @@ def get_preset_default_mc(preset: Preset) -> int:
     return int((base or preset).attribution.mc_samples)
 
 
-class _MissingMethod(AttributionMethod):
-    """Stand-in for a method whose module cannot be imported: always unavailable, with the reason."""
-
-    def __init__(self, name: str, reason: str):
-        self.name = name
-        self.title = name
-        self.reason = reason
-
-    def availability(self, ctx: Any) -> tuple[bool, str | None]:
-        return False, self.reason
-
-    def build(self, ctx: Any, progress: Progress = no_progress) -> None:
-        raise Unavailable(self.reason)
-
-    def is_built(self, ctx: Any) -> bool:
-        return False
-
-    def prepare(self, ctx: Any, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
-        raise Unavailable(self.reason)
-
-    def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
-        raise Unavailable(self.reason)
-
-
-def _no_trajectory(query: QueryInput) -> str:
-    return (
-        f"the trajectory measurement needs a recorded sampling trajectory, and {query.description or 'this query'} "
-        "has none: use a gallery sample (gallery:N) or a generated one (generate:SEED), or another measurement"
-    )
-
-
-def _describe(spec: str) -> str:
-    kind, _, arg = spec.partition(":")
-    return {
-        "gallery": f"generated sample {arg} from the gallery",
-        "train": f"training image {arg}",
-        "image": f"image file {arg}",
-        "upload": f"uploaded image {arg}".strip(),
-        "generate": f"new sample generated with seed {arg}",
-    }.get(kind, spec)
+__all__ = ["AttributionSession", "GalleryItem", "QueryError", "QueryInput", "data_key"]

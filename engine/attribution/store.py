@@ -1,6 +1,6 @@
 """On-disk cache of attribution artefacts (banks, factors, projected features, embeddings).
 
-Layout (DESIGN.md 6: caches record the settings they were built with)::
+Layout (docs/architecture.md §6: caches record the settings they were built with)::
 
     root/<checkpoint_hash>/<data_key>/<name>-<settings digest>/
         settings.json      name, settings, checkpoint hash, data key, array shapes; written last
@@ -50,7 +50,9 @@ from typing import Any
 
 import numpy as np
 
+from ..files import atomic_write_bytes
 from ..jsonio import finite_or_none
+from ..model.dataset import ImageDataset
 
 FORMAT = 1
 SETTINGS = "settings.json"
@@ -105,12 +107,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(finite_or_none(obj), f, indent=2, sort_keys=True, default=_json_default, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(finite_or_none(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    atomic_write_bytes(path, text.encode())
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -159,6 +157,19 @@ def _pid_alive(pid: int) -> bool:
 
 def _folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def data_key(dataset: ImageDataset) -> str:
+    """Cache key of a training set: name, size and a hash of its images and labels.
+
+    Two data sets with the same name but other content (a subset, other files) get
+    different keys, so a cache can never be scored against the wrong images.
+    """
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(dataset.images.detach().cpu().numpy(), dtype=np.float32).tobytes())
+    if dataset.labels is not None:
+        h.update(np.ascontiguousarray(dataset.labels.cpu().numpy(), dtype=np.int64).tobytes())
+    return f"{dataset.name}-n{len(dataset)}-{h.hexdigest()[:12]}"
 
 
 class Store:

@@ -35,7 +35,7 @@ def _read_indices(spec: str | None):
     if spec is None:
         return None
     if spec.endswith(".npy"):
-        return np.load(spec)
+        return np.load(spec, allow_pickle=False)
     return np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
 
 
