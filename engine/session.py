@@ -676,6 +676,7 @@ class AttributionSession:
         if scores.shape[0] != len(self.dataset):
             raise RuntimeError(f"{m.name} returned {scores.shape[0]} scores for {len(self.dataset)} training images")
         res.scores = scores
+        res.bank, res.exact = prep.bank, prep.exact
         res.status = "ok"
 
     def _check_query(self, query: QueryInput, meas: Measurement) -> None:

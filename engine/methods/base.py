@@ -50,6 +50,8 @@ class Prepared:
 
     data: Any
     timing_ms: dict[str, float] = field(default_factory=dict)
+    bank: str | None = None  # K-FAC: "stored" | "compressed" | "streamed" (reported per method)
+    exact: np.ndarray | None = None  # (N,) bool: which scores are exact (None: all of them)
 
 
 class Unavailable(RuntimeError):

@@ -1,0 +1,178 @@
+"""Compressed K-FAC bank (engine.layer_projection, engine.compressed_bank; issue 11): projected gradients
+from hooks, full-rank equivalence with the stored bank, exact re-ranking, cache keys, sharded candidates."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine.compressed_bank import compress_factors, local_candidates, merge_candidates
+from engine.config import AttributionConfig
+from engine.context import make_context
+from engine.curvature import compute_kfac
+from engine.diffusion import make_draws
+from engine.gradients import influence_params, measurement_grad, per_example_grads
+from engine.layer_projection import bank_bytes, choose_dims, make_projections, projected_blocks, projected_grads
+from engine.measurements import parse_measurement
+from engine.methods.base import QueryInput
+from engine.methods.kfac_influence import COMPRESSED, KFACInfluence
+from engine.results import MethodResult
+from engine.store import Store
+
+LOSS = parse_measurement("loss")
+
+
+def _setup(tiny_preset, tiny_model, digits_small, n: int = 12, store=None, **cfg):
+    model = copy.deepcopy(tiny_model).double()  # float64: compare paths to 1e-6
+    ds = digits_small.subset(list(range(n)))
+    config = AttributionConfig(mc_samples=3, seed=0, **cfg)
+    ctx = make_context(tiny_preset, model, ds, "cpu", config, "c" * 16, store)
+    q = QueryInput(image=ds.images[3])
+    g = measurement_grad(model, ctx.diffusion, LOSS, q, make_draws(3, (1, 8, 8), 1000, seed=1), 17, ctx.params)
+    return ctx, q, g
+
+
+@pytest.mark.parametrize("kind", ["eigen", "gaussian"])
+def test_hook_projected_grads_equal_projection_of_autograd_grads(tiny_model, diffusion, digits_small, kind):
+    model = copy.deepcopy(tiny_model).double()
+    params = influence_params(model)
+    x = digits_small.images[:5].double()
+    draws = make_draws(3, (1, 8, 8), 1000, seed=0)
+    full = compute_kfac(model, diffusion, x, draws, params)
+    comp = compress_factors(full, kind, 6.0, seed=3)
+    got = projected_grads(model, diffusion, x, draws, params, comp.projections, comp.blocks)
+    ref = comp.project(per_example_grads(model, diffusion, x, draws, "loss", params))
+    assert got.shape == (5, sum(b.size for b in comp.blocks)) and ref.abs().max() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_choose_dims_meets_the_ratio_and_ratio_one_keeps_everything(tiny_model, diffusion, digits_small):
+    params = influence_params(tiny_model)
+    full = compute_kfac(tiny_model, diffusion, digits_small.images[:4], make_draws(2, (1, 8, 8), 1000, 0), params)
+    full_bytes = bank_bytes(full.blocks)
+    for ratio in (4.0, 16.0):
+        blocks = projected_blocks(full, make_projections(full, "gaussian", ratio))
+        got = full_bytes / bank_bytes(blocks)
+        assert ratio <= got < 1.5 * ratio, (ratio, got)
+    assert [b.shape for b in projected_blocks(full, make_projections(full, "eigen", 1.0))] == [
+        b.shape for b in full.blocks
+    ]
+    assert choose_dims(full, 1.0)[0][0] == full.blocks[0].shape[0]
+    with pytest.raises(ValueError, match="ratio"):
+        choose_dims(full, 0.5)
+
+
+def test_full_rank_eigenvector_projection_equals_the_stored_bank(tiny_preset, tiny_model, digits_small):
+    ctx, q, g = _setup(tiny_preset, tiny_model, digits_small)
+    stored = KFACInfluence(ctx.config, quantize=False)
+    stored.build(ctx)
+    full_rank = dataclasses.replace(ctx.config, kfac_bank="compressed", kfac_projection="eigen",
+                                    kfac_compression=1.0, kfac_rerank=0)
+    ctx_c = dataclasses.replace(ctx, config=full_rank)
+    comp = KFACInfluence(full_rank, quantize=False)
+    comp.build(ctx_c)
+    p_stored, p_comp = stored.prepare(ctx, q, g), comp.prepare(ctx_c, q, g)
+    assert p_comp.bank == "compressed" and p_stored.bank == "stored"
+    for lam in (1e-8, 1e-3, 1.0):
+        ref = stored.score(p_stored, lam)
+        np.testing.assert_allclose(comp.score(p_comp, lam), ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+def test_reranked_candidates_equal_stored_bank_scores(tiny_preset, tiny_model, digits_small):
+    ctx, q, g = _setup(tiny_preset, tiny_model, digits_small, n=16)
+    stored = KFACInfluence(ctx.config, quantize=False)
+    stored.build(ctx)
+    cfg = dataclasses.replace(ctx.config, kfac_bank="compressed", kfac_projection="gaussian",
+                              kfac_compression=16.0, kfac_rerank=3)
+    ctx_c = dataclasses.replace(ctx, config=cfg)
+    comp = KFACInfluence(cfg)  # int8 compressed bank: only the candidates' scores are exact
+    comp.build(ctx_c)
+    p_stored, p_comp = stored.prepare(ctx, q, g), comp.prepare(ctx_c, q, g)
+    approx = KFACInfluence(dataclasses.replace(cfg, kfac_rerank=0))
+    approx.build(ctx_c)
+    s_approx = approx.score(approx.prepare(ctx_c, q, g), 1e-3)
+    s = comp.score(p_comp, 1e-3)
+    mask = p_comp.exact
+    assert mask is not None and 3 <= mask.sum() <= 6
+    cand = np.flatnonzero(mask)
+    order = np.argsort(-s_approx, kind="stable")
+    assert set(order[:3]) | set(order[-3:]) == set(cand)  # the compressed ends were picked
+    ref = stored.score(p_stored, 1e-3)
+    np.testing.assert_allclose(s[cand], ref[cand], rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    np.testing.assert_array_equal(s[~mask], s_approx[~mask])
+    # a damping change re-ranks the same candidates without gradients: grid value, then interpolated
+    calls: list[int] = []
+    reranker = p_comp.data["reranker"]
+    original = reranker.score_fn
+    reranker.score_fn = lambda *a: (calls.append(1), original(*a))[1]
+    for lam in (1e-2, 3e-3):
+        ref = stored.score(p_stored, lam)
+        np.testing.assert_allclose(comp.score(p_comp, lam)[cand], ref[cand], rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+    assert not calls
+    # the result says which scores are exact and which bank; exact entries rank first
+    res = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=s, bank=p_comp.bank, exact=mask)
+    assert [it.exact for it in res.top(3)] == [True] * 3 and [it.exact for it in res.bottom(3)] == [True] * 3
+    assert "re-ranked" in res.bank_note()
+    top = res.top(16)
+    assert all(top[i].exact >= top[i + 1].exact for i in range(15))
+
+
+def test_compressed_cache_is_keyed_by_its_settings(tmp_path, tiny_preset, tiny_model, digits_small):
+    store = Store(tmp_path, "c" * 16, "digits12")
+    ctx, q, g = _setup(tiny_preset, tiny_model, digits_small, store=store, kfac_bank="compressed",
+                       kfac_compression=8.0, kfac_rerank=0)
+    m = KFACInfluence(ctx.config)
+    m.build(ctx)
+    assert m.is_built(ctx) and [n for n, _ in m.cache_keys(ctx)] == ["kfac-factors", COMPRESSED]
+    s1 = m.score(m.prepare(ctx, q, g))
+    again = KFACInfluence(ctx.config)
+    msgs: list[str] = []
+    again.build(ctx, lambda msg, f: msgs.append(msg))
+    assert not any("gradients" in s or "rows" in s for s in msgs)  # loaded, nothing recomputed
+    np.testing.assert_array_equal(again.score(again.prepare(ctx, q, g)), s1)
+    for change in ({"kfac_compression": 16.0}, {"kfac_projection": "eigen"}, {"seed": 1}, {"mc_samples": 2}):
+        other = dataclasses.replace(ctx.config, **change)
+        ctx2 = make_context(tiny_preset, ctx.model, ctx.dataset, "cpu", other, "c" * 16, store)
+        assert not KFACInfluence(other).is_built(ctx2), change
+    # a folder whose recorded settings contradict its name is refused, not loaded
+    folder = store.path(COMPRESSED, m.compressed_settings(ctx))
+    manifest = json.loads((folder / "settings.json").read_text())
+    manifest["settings"]["compression"] = 4.0
+    (folder / "settings.json").write_text(json.dumps(manifest))
+    from engine.store import StaleCacheError
+
+    with pytest.raises(StaleCacheError):
+        KFACInfluence(ctx.config).build(ctx)
+
+
+def _merge_rank(rank: int, world: int, rendezvous: str, scores: np.ndarray, c: int, out: str) -> None:
+    from engine.compressed_bank import gather_candidates, shard_rows
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        rows = shard_rows(scores.shape[0])
+        merged = gather_candidates(scores[rows], rows.start, c)  # each rank sees only its slice
+        np.save(f"{out}/rank{rank}.npy", merged)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_merge_their_top_candidates_into_the_single_process_set(tmp_path):
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal(101).astype(np.float32)
+    scores[[7, 80]] = scores[3]  # ties across the ranks' slices break by index, as in one process
+    c = 9
+    mp.spawn(_merge_rank, args=(2, str(tmp_path / "rdv"), scores, c, str(tmp_path)), nprocs=2, join=True)
+    single = merge_candidates([local_candidates(scores, c)], c)
+    order = np.argsort(-scores, kind="stable")
+    assert set(single) == set(order[:c]) | set(np.argsort(scores, kind="stable")[:c])
+    for r in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}.npy"), single)
