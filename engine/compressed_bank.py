@@ -44,7 +44,13 @@ from .curvature import Block, KFACFactors, LayerFactors, _eigh
 from .damping_grid import interpolate
 from .diffusion import Diffusion, MCDraws
 from .gradients import Params, per_example_grads
-from .layer_projection import LayerProjection, make_projections, project_flat, projected_blocks, projected_grads
+from .layer_projection import (
+    LayerProjection,
+    make_projections,
+    project_flat,
+    projected_blocks,
+    projected_grads,
+)
 
 
 @dataclass

@@ -19,7 +19,13 @@ from engine.context import make_context
 from engine.curvature import compute_kfac
 from engine.diffusion import make_draws
 from engine.gradients import influence_params, measurement_grad, per_example_grads
-from engine.layer_projection import bank_bytes, choose_dims, make_projections, projected_blocks, projected_grads
+from engine.layer_projection import (
+    bank_bytes,
+    choose_dims,
+    make_projections,
+    projected_blocks,
+    projected_grads,
+)
 from engine.measurements import parse_measurement
 from engine.methods.base import QueryInput
 from engine.methods.kfac_influence import COMPRESSED, KFACInfluence

@@ -26,7 +26,13 @@ import torch
 
 from .. import distributed
 from ..bank import RotatedBank, StreamedBank, build_bank
-from ..compressed_bank import CompressedFactors, Reranker, build_compressed_bank, compress_factors, rerank_scores
+from ..compressed_bank import (
+    CompressedFactors,
+    Reranker,
+    build_compressed_bank,
+    compress_factors,
+    rerank_scores,
+)
 from ..config import AttributionConfig
 from ..curvature import KFACFactors, compute_kfac, layout
 from ..damping_grid import COARSE_GRID, DAMPING_GRID, interpolate
