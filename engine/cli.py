@@ -170,7 +170,7 @@ def _load_plugins() -> None:
     """Import modules that register further subcommands (kept out of this file)."""
     import importlib
 
-    for name in ("engine.cli_foundation", "engine.cli_attribution", "engine.cli_evaluate"):
+    for name in ("engine.cli_foundation", "engine.cli_attribution", "engine.cli_evaluate", "engine.cli_compressed"):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as e:

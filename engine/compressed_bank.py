@@ -156,6 +156,25 @@ def build_compressed_bank(
     return load(store.load_arrays(name, settings))
 
 
+def compress_stored_bank(bank: RotatedBank, compressed: CompressedFactors, rows: int = 64) -> RotatedBank:
+    """The compressed bank derived from a stored one, without gradients: R_i -> G_i = Q_B R_i Q_A^T ->
+    P_out G_i P_in^T -> rotated into the projected eigenbasis -> int8.
+
+    Equal to ``build_compressed_bank`` up to the stored bank's int8 rounding (figures on digits,
+    where the stored bank exists); the product path for models without a stored bank is the build.
+    """
+    n = bank.num_examples
+    parts: list[dict[str, torch.Tensor]] = []
+    for s in range(0, n, rows):
+        r = slice(s, min(n, s + rows))
+        deq = [d[r].to(torch.float32) * (bank.scales[r, j : j + 1] if bank.scales is not None else 1.0)
+               for j, d in enumerate(bank.data)]
+        full = compressed.full.unrotate(torch.cat(deq, dim=1).to(compressed.full.layers[0].qb.dtype))
+        parts.append(_chunk_arrays(compressed.factors.rotate(compressed.project(full)), compressed.blocks, True))
+    arrays = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
+    return RotatedBank.from_arrays(arrays, compressed.blocks, bank.device)
+
+
 def shard_rows(n: int, shard: distributed.Shard | None = None) -> slice:
     """This rank's contiguous slice of the N bank rows (all of them outside torchrun)."""
     shard = shard or distributed.current()
@@ -287,6 +306,7 @@ __all__ = [
     "Reranker",
     "build_compressed_bank",
     "compress_factors",
+    "compress_stored_bank",
     "gather_candidates",
     "local_candidates",
     "merge_candidates",

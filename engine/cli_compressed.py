@@ -1,0 +1,102 @@
+"""CLI subcommands ``bench-compressed`` and ``bench-scale`` (issue 11: the compressed K-FAC bank's figures)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .cli import register, resolve, subcommand
+from .paths import ASSETS
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+@register
+def add_bench_compressed(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "bench-compressed",
+        cmd_bench_compressed,
+        help="fidelity and speed of the compressed K-FAC bank against the stored one (gallery queries)",
+        description="Needs the stored K-FAC bank of the preset (python -m engine build --methods kfac). "
+        "Writes assets/results/compressed_<preset>.json.",
+    )
+    p.add_argument("--cache-root", default=None, help="cache folder holding the stored K-FAC bank (read only)")
+    p.add_argument("--mc-samples", type=int, default=None, help="M of the stored bank (default: preset's)")
+    p.add_argument("--ratios", default="8,32,128", help="target compression ratios (default 8,32,128)")
+    p.add_argument("--projections", default="eigen,gaussian", help="projection kinds (default eigen,gaussian)")
+    p.add_argument("--candidates", type=int, default=256, help="re-ranked candidates per end (default 256)")
+    p.add_argument("--lds-json", default=None, help="LDS results of the full bank (its kfac entry is copied)")
+    p.add_argument("--out", default=None, help="output JSON (default assets/results/compressed_<preset>.json)")
+
+
+def cmd_bench_compressed(args: argparse.Namespace) -> int:
+    from .bench_compressed import run_compressed_digits, save
+    from .session import AttributionSession
+
+    preset, ckpt, device = resolve(args)
+    config = preset.attribution
+    if args.mc_samples is not None:
+        config = dataclasses.replace(config, mc_samples=args.mc_samples)
+    config = dataclasses.replace(config, kfac_bank="stored")
+    try:
+        session = AttributionSession(preset, checkpoint=ckpt, device=device, cache_root=args.cache_root,
+                                     config=config, auto_build=False)
+        if not session.method("kfac").is_built(session.ctx):
+            raise RuntimeError(f"no stored K-FAC bank for M={config.mc_samples} under {args.cache_root}: "
+                               "build it first (python -m engine build --methods kfac --kfac-bank stored)")
+        lds = None
+        if args.lds_json and Path(args.lds_json).is_file():
+            lds = json.loads(Path(args.lds_json).read_text()).get("methods", {}).get("kfac", {}).get("lds")
+        record = run_compressed_digits(session, _floats(args.ratios), tuple(args.projections.split(",")),
+                                       args.candidates, lds_full=lds)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else ASSETS / "results" / f"compressed_{preset.name}.json"
+    save(record, out)
+    print(f"wrote {out}")
+    return 0
+
+
+@register
+def add_bench_scale(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "bench-scale",
+        cmd_bench_scale,
+        help="K-FAC banks at CIFAR scale on SYNTHETIC images: gradient throughput, bytes, build and query time",
+        description="The CIFAR-preset U-Net (35.7M parameters, random init) on synthetic 32x32 images "
+        "(no CIFAR needed: timings do not depend on content). Writes assets/results/bench_scale.json.",
+    )
+    p.add_argument("--sizes", default="8,16", help="N of the timed compressed builds (default 8,16)")
+    p.add_argument("--scan-sizes", default="256,1024,4096", help="N of the timed bank scans (default 256,1024,4096)")
+    p.add_argument("--mc", type=int, default=1, help="M draws per example for the timed passes (default 1)")
+    p.add_argument("--ratio", type=float, default=128.0, help="compression ratio (default 128)")
+    p.add_argument("--projection", default="gaussian", choices=("eigen", "gaussian"))
+    p.add_argument("--out", default=None, help="output JSON (default assets/results/bench_scale.json)")
+
+
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench_scale import run_bench_scale
+
+    _, _, device = resolve(args)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    record = run_bench_scale(_ints(args.sizes), _ints(args.scan_sizes), args.mc, args.ratio, args.projection,
+                             device=device)
+    out = Path(args.out) if args.out else ASSETS / "results" / "bench_scale.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
