@@ -182,6 +182,44 @@ def shard_rows(n: int, shard: distributed.Shard | None = None) -> slice:
     return slice(min(n, shard.rank * per), min(n, (shard.rank + 1) * per))
 
 
+class ShardedBank:
+    """This rank's rows of a compressed bank behind the full bank's scoring interface (torchrun).
+
+    ``score``/``score_many`` scan the local rows and all-gather the (G, n_local) score blocks
+    into (G, N) on every rank (N floats per damping: small beside the bank), so the damping
+    grid, interpolation and the session work unchanged; candidates for re-ranking are picked
+    from the local slice and merged (``gather_candidates``): each rank returns its top-C.
+    """
+
+    quantized = True
+
+    def __init__(self, local: RotatedBank, rows: slice, num_examples: int):
+        self.local, self.rows, self.num_examples = local, rows, int(num_examples)
+        self.blocks = local.blocks
+
+    @property
+    def device(self) -> torch.device:
+        return self.local.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.local.nbytes
+
+    def score(self, query: torch.Tensor) -> np.ndarray:
+        return self.score_many(query[None])[0]
+
+    def score_many(self, queries: torch.Tensor) -> np.ndarray:
+        # RotatedBank divides by its own row count; the influence scale is 1/N of the whole set
+        local = self.local.score_many(queries) * (self.local.num_examples / self.num_examples)
+        t = torch.from_numpy(np.ascontiguousarray(local))
+        per = -(-self.num_examples // dist.get_world_size())
+        padded = torch.zeros((t.shape[0], per), dtype=t.dtype)
+        padded[:, : t.shape[1]] = t
+        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, padded)
+        return torch.cat(parts, dim=1)[:, : self.num_examples].numpy()
+
+
 # --- candidates -------------------------------------------------------------------------
 
 
@@ -271,11 +309,11 @@ class Reranker:
     """
 
     def __init__(self, score_fn: Callable[[np.ndarray, Sequence[float]], np.ndarray], candidates: int,
-                 grid: Sequence[float], offset: int = 0):
+                 grid: Sequence[float], rows: slice | None = None):
         self.score_fn = score_fn  # (candidate indices, dampings) -> (len, G) exact scores
         self.c = int(candidates)
         self.grid = tuple(grid)
-        self.offset = int(offset)
+        self.rows = rows  # this rank's rows (torchrun): candidates come from them, merged over ranks
         self.indices: np.ndarray | None = None
         self.cache: dict[float, np.ndarray] = {}
         self.timing_ms: dict[str, float] = {}
@@ -283,7 +321,8 @@ class Reranker:
     def apply(self, scores: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
         if self.indices is None:
             t0 = time.perf_counter()
-            self.indices = gather_candidates(scores, self.offset, self.c)
+            rows = self.rows or slice(0, scores.shape[0])
+            self.indices = gather_candidates(scores[rows], rows.start, self.c)
             lams = sorted(set(self.grid) | {float(lam)})
             exact = self.score_fn(self.indices, lams)
             self.cache = {lv: exact[:, i].astype(np.float32) for i, lv in enumerate(lams)}
@@ -304,6 +343,7 @@ class Reranker:
 __all__ = [
     "CompressedFactors",
     "Reranker",
+    "ShardedBank",
     "build_compressed_bank",
     "compress_factors",
     "compress_stored_bank",

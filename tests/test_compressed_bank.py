@@ -17,7 +17,7 @@ from engine.compressed_bank import compress_factors, local_candidates, merge_can
 from engine.config import AttributionConfig
 from engine.context import make_context
 from engine.curvature import compute_kfac
-from engine.diffusion import make_draws
+from engine.diffusion import Diffusion, make_draws
 from engine.gradients import influence_params, measurement_grad, per_example_grads
 from engine.layer_projection import (
     bank_bytes,
@@ -182,3 +182,48 @@ def test_two_ranks_merge_their_top_candidates_into_the_single_process_set(tmp_pa
     assert set(single) == set(order[:c]) | set(np.argsort(scores, kind="stable")[:c])
     for r in (0, 1):
         np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}.npy"), single)
+
+
+def _query_rank(rank: int, world: int, rendezvous: str, preset, state, dataset, g, root: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        s, mask, nrows = _sharded_scores(preset, state, dataset, g, root)
+        np.savez(f"{out}/rank{rank}.npz", scores=s, exact=mask, rows=nrows)
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_scores(preset, state, dataset, g, root):
+    from engine.unet import build_model
+
+    model = build_model(preset.model)
+    model.load_state_dict(state)
+    cfg = AttributionConfig(mc_samples=2, seed=0, kfac_bank="compressed", kfac_compression=8.0, kfac_rerank=3)
+    ctx = make_context(preset, model, dataset, "cpu", cfg, "e" * 16, Store(root, "e" * 16, "digits20"))
+    m = KFACInfluence(cfg)
+    m.chunk_size = 8
+    m.build(ctx)
+    prep = m.prepare(ctx, QueryInput(image=dataset.images[0]), g)
+    s = m.score(prep, 1e-3)
+    nrows = getattr(m.bank, "local", m.bank).num_examples
+    return s, prep.exact, nrows
+
+
+@pytest.mark.slow
+def test_two_ranks_hold_half_the_compressed_bank_and_answer_like_one_process(
+    tmp_path, tiny_preset, tiny_model, digits_small
+):
+    dataset = digits_small.subset(list(range(20)))
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    g = measurement_grad(tiny_model, Diffusion(), LOSS, QueryInput(image=dataset.images[0]),
+                         make_draws(2, (1, 8, 8), 1000, seed=1), 17)
+    mp.spawn(_query_rank, args=(2, str(tmp_path / "rdv"), tiny_preset, state, dataset, g, str(tmp_path / "shared"),
+                                str(tmp_path)), nprocs=2, join=True)
+    single, mask, nrows = _sharded_scores(tiny_preset, state, dataset, g, tmp_path / "single")
+    assert nrows == 20 and mask.sum() >= 3
+    for r in (0, 1):
+        got = np.load(tmp_path / f"rank{r}.npz")
+        assert int(got["rows"]) == 10  # each rank holds half of the rows
+        np.testing.assert_array_equal(got["exact"], mask)
+        np.testing.assert_allclose(got["scores"], single, rtol=1e-5, atol=1e-7)

@@ -23,15 +23,18 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .. import distributed
 from ..bank import RotatedBank, StreamedBank, build_bank
 from ..compressed_bank import (
     CompressedFactors,
     Reranker,
+    ShardedBank,
     build_compressed_bank,
     compress_factors,
     rerank_scores,
+    shard_rows,
 )
 from ..config import AttributionConfig
 from ..curvature import KFACFactors, compute_kfac, layout
@@ -210,13 +213,16 @@ class KFACInfluence(AttributionMethod):
             self.compressed = compress_factors(factors, c.kfac_projection, c.kfac_compression, seed=c.seed)
             self._compressed_eigenvalues = self.compressed.factors.eigenvalues().to(ctx.device)
             cs = self.compressed_settings(ctx)
+            rows = shard_rows(len(ctx.dataset)) if shard.world > 1 else None
             self.bank = build_compressed_bank(
                 ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, self.compressed, ctx.params,
                 store=ctx.store, name=COMPRESSED,
                 settings={k: v for k, v in cs.items() if k not in ("quantize", "chunk_size")},
-                chunk_size=self.chunk_size, device=ctx.device, quantize=self.quantize,
+                chunk_size=self.chunk_size, device=ctx.device, quantize=self.quantize, rows=rows,
                 progress=lambda msg, f: progress(f"{self.title}: {msg}", FACTOR_SHARE + (1 - FACTOR_SHARE) * f),
             )
+            if rows is not None:  # torchrun: this rank keeps its slice of the rows
+                self.bank = ShardedBank(self.bank, rows, len(ctx.dataset))
             self._key = self._ctx_key(ctx)
             progress(f"{self.title}: ready (compressed bank, candidates re-ranked exactly)", 1.0)
             return
@@ -306,6 +312,10 @@ class KFACInfluence(AttributionMethod):
         """The query projected and rotated for the compressed bank, and its re-ranker (engine.compressed_bank)."""
         assert self.compressed is not None and self.factors is not None
         rotated = self.compressed.factors.rotate(self.compressed.project(g))
+        rows = self.bank.rows if isinstance(self.bank, ShardedBank) else None
+        if rows is not None:  # the query is rank 0's, broadcast: every rank scores the same one
+            dist.broadcast(rotated, 0)
+            dist.broadcast(rotated_full, 0)
         data: dict[str, Any] = {"rotated": rotated, "eigenvalues": self._compressed_eigenvalues, "bank": self.bank}
         if self.config.kfac_rerank > 0:
             images, factors, n = ctx.dataset.images, self.factors, len(ctx.dataset)
@@ -314,7 +324,7 @@ class KFACInfluence(AttributionMethod):
                 return rerank_scores(ctx.model, ctx.diffusion, images[idx], ctx.train_draws, factors, ctx.params,
                                      rotated_full, lams, n)
 
-            data["reranker"] = Reranker(exact, self.config.kfac_rerank, self._grid_for(data) or ())
+            data["reranker"] = Reranker(exact, self.config.kfac_rerank, self._grid_for(data) or (), rows)
         ms = (time.perf_counter() - t0) * 1000.0
         return Prepared(data=data, timing_ms={"rotate": ms}, bank="compressed")
 
