@@ -66,6 +66,7 @@ def run_compressed_digits(
     build_examples: int = 16,
     rerank_timed: int = 8,
     lds_full: float | None = None,
+    lds_run: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The ``compressed_digits.json`` record for a session whose K-FAC bank is stored and built."""
@@ -91,6 +92,7 @@ def run_compressed_digits(
     full_mb = kfac.bank.nbytes / 2**20
 
     variants, extras = [], {}
+    product_scores: dict[str, list[np.ndarray]] = {"full": full_scores}
     rerank_info: dict[str, Any] = {}
     for kind in kinds:
         for ratio in ratios:
@@ -119,6 +121,10 @@ def run_compressed_digits(
                 approx = method.score(prep, lam)
                 ms.append((time.perf_counter() - t0) * 1000.0)
                 hi, lo = _reranked(approx, ref, candidates)
+                shown = approx.copy()
+                cand, _ = local_candidates(approx, candidates)
+                shown[cand] = ref[cand]
+                product_scores.setdefault(f"{kind}@{ratio:g}", []).append(shown)
                 sp.append(_spearman(approx, ref))
                 top.append(_overlap(approx, ref))
                 top_rr.append(_overlap(hi, ref))
@@ -159,6 +165,18 @@ def run_compressed_digits(
             }
             variants.append(v)
             log(json.dumps(v))
+    lds_note = "null: see the report for the command once the K=32 LDS subset models exist"
+    if lds_run is not None:
+        lds = variant_lds(product_scores, Path(lds_run), [it.image for it in gallery], ctx.dataset, log)
+        if lds is not None:
+            for v, key in zip(variants, extras, strict=True):
+                v["lds"] = lds[key]
+            lds_full_here = lds["full"]
+            lds_note = (f"K=32 subsets of {lds_run}, true loss measured with 1024 draws (engine.lds); scores as the "
+                        f"product shows them (candidates exact, the rest compressed); full bank here: {lds_full_here:.3f}"
+                        f" at M={len(ctx.train_draws)}")
+            if lds_full is None:
+                lds_full = lds_full_here
     return {
         "config": {
             "preset": session.preset.name,
@@ -174,7 +192,7 @@ def run_compressed_digits(
             "build_s": f"hooks-projected gradients timed on {build_examples} examples, scaled to N",
             "query_ms": "first pass (query projection + rotation + the 49-damping grid), without re-ranking",
             "rerank": rerank_info,
-            "lds": "null: see the report for the command once the K=32 LDS subset models exist",
+            "lds": lds_note,
             "machine": "shared 2-core CPU under heavy load (timings noisy; full and compressed timed in one run)",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "per_variant": extras,
@@ -182,6 +200,40 @@ def run_compressed_digits(
         "full": {"lds": lds_full, "bank_mb": full_mb, "query_ms": statistics.median(full_ms)},
         "variants": variants,
     }
+
+
+def variant_lds(
+    scores: dict[str, list[np.ndarray]], run: Path, queries: list, dataset: Any, log: Callable[[str], None] = print
+) -> dict[str, float] | None:
+    """LDS of each entry's per-query scores with the LDS run's subsets and true measurements (engine.lds).
+
+    None when the run's models are not all trained (the report gives the command to rerun).
+    """
+    import torch
+
+    from .evaluate import MeasureSpec
+    from .lds import lds_table, measured_matrix, predicted_matrix, seed_average
+
+    subsets = run / "subsets.npz"
+    if not subsets.is_file():
+        log(f"no LDS subsets in {run}: LDS left null")
+        return None
+    with np.load(subsets) as z:
+        masks = z[z.files[0]] if "masks" not in z.files else z["masks"]
+    q = torch.stack([torch.as_tensor(x) for x in queries])
+    saved = run / "queries.pt"
+    if saved.is_file():
+        ref = torch.load(saved, weights_only=False)["images"][: len(q)]
+        if not torch.allclose(ref.to(q.dtype), q):
+            log("the LDS run's queries are not the gallery images: LDS left null")
+            return None
+    measured = seed_average(measured_matrix(run, masks, 1, q, MeasureSpec("loss", 1024), dataset.levels))
+    if not np.all(np.isfinite(measured)):
+        log(f"only {int(np.all(np.isfinite(measured), axis=0).sum())} of {masks.shape[0]} subset models are trained: "
+            "LDS left null")
+        return None
+    predicted = predicted_matrix(lambda i: {k: v[i] for k, v in scores.items()}, masks, len(q))
+    return {k: float(r["lds"]) for k, r in lds_table(predicted, measured).items()}
 
 
 def item_query(item: Any) -> Any:

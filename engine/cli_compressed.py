@@ -36,6 +36,8 @@ def add_bench_compressed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--projections", default="eigen,gaussian", help="projection kinds (default eigen,gaussian)")
     p.add_argument("--candidates", type=int, default=256, help="re-ranked candidates per end (default 256)")
     p.add_argument("--lds-json", default=None, help="LDS results of the full bank (its kfac entry is copied)")
+    p.add_argument("--lds-run", default=None,
+                   help="LDS run folder with the K=32 trained subset models (e.g. runs/lds/digits): LDS per variant")
     p.add_argument("--out", default=None, help="output JSON (default assets/results/compressed_<preset>.json)")
 
 
@@ -58,7 +60,8 @@ def cmd_bench_compressed(args: argparse.Namespace) -> int:
         if args.lds_json and Path(args.lds_json).is_file():
             lds = json.loads(Path(args.lds_json).read_text()).get("methods", {}).get("kfac", {}).get("lds")
         record = run_compressed_digits(session, _floats(args.ratios), tuple(args.projections.split(",")),
-                                       args.candidates, lds_full=lds)
+                                       args.candidates, lds_full=lds,
+                                       lds_run=Path(args.lds_run) if args.lds_run else None)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -78,7 +81,9 @@ def add_bench_scale(sub: argparse._SubParsersAction) -> None:
         description="The CIFAR-preset U-Net (35.7M parameters, random init) on synthetic 32x32 images "
         "(no CIFAR needed: timings do not depend on content). Writes assets/results/bench_scale.json.",
     )
-    p.add_argument("--sizes", default="8,16", help="N of the timed compressed builds (default 8,16)")
+    p.add_argument("--sizes", default="2,4", help="N of the timed compressed builds (default 2,4)")
+    p.add_argument("--factor-rows", type=int, default=0,
+                   help="(example, draw) rows for timing the K-FAC factor pass (default 0: not timed)")
     p.add_argument("--scan-sizes", default="256,1024,4096", help="N of the timed bank scans (default 256,1024,4096)")
     p.add_argument("--mc", type=int, default=1, help="M draws per example for the timed passes (default 1)")
     p.add_argument("--ratio", type=float, default=128.0, help="compression ratio (default 128)")
@@ -94,7 +99,7 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     _, _, device = resolve(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     record = run_bench_scale(_ints(args.sizes), _ints(args.scan_sizes), args.mc, args.ratio, args.projection,
-                             device=device)
+                             factor_rows=args.factor_rows, device=device)
     out = Path(args.out) if args.out else ASSETS / "results" / "bench_scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
