@@ -29,7 +29,7 @@ from engine.layer_projection import (
 from engine.measurements import parse_measurement
 from engine.methods.base import QueryInput
 from engine.methods.kfac_influence import COMPRESSED, KFACInfluence
-from engine.results import MethodResult
+from engine.results import MethodResult, QueryResult
 from engine.store import Store
 
 LOSS = parse_measurement("loss")
@@ -128,6 +128,10 @@ def test_reranked_candidates_equal_stored_bank_scores(tiny_preset, tiny_model, d
     assert "re-ranked" in res.bank_note()
     top = res.top(16)
     assert all(top[i].exact >= top[i + 1].exact for i in range(15))
+    js = QueryResult(query={}, measurement="loss", methods={"kfac": res}).to_json(3)["methods"]["kfac"]
+    assert js["bank"] == "compressed" and all(e["exact"] is True for e in js["top"] + js["bottom"])
+    assert [e["exact"] for e in QueryResult({}, "loss", {"kfac": res}).to_json(16)["methods"]["kfac"]["top"]].count(
+        False) == 16 - mask.sum()
 
 
 def test_compressed_cache_is_keyed_by_its_settings(tmp_path, tiny_preset, tiny_model, digits_small):
