@@ -52,6 +52,7 @@ FACTOR_SHARE = 0.75  # share of the progress bar for the factor pass (the costli
 GRID_MAX_BYTES = 256 << 20  # fall back to the coarse grid (then none) when G x P float32 queries exceed this
 # ... unless the bank is streamed: then every uncached damping is a full gradient pass
 GRID_MAX_BYTES_STREAMED = 4 << 30
+HOOK_ROWS = 128  # (example, draw) rows per batch of the compressed bank's hooks pass (activation memory)
 BANK_MODES = ("auto", "stored", "compressed", "streamed")
 
 
@@ -219,6 +220,7 @@ class KFACInfluence(AttributionMethod):
                 store=ctx.store, name=COMPRESSED,
                 settings={k: v for k, v in cs.items() if k not in ("quantize", "chunk_size")},
                 chunk_size=self.chunk_size, device=ctx.device, quantize=self.quantize, rows=rows,
+                grad_batch=max(1, HOOK_ROWS // len(ctx.train_draws)),
                 progress=lambda msg, f: progress(f"{self.title}: {msg}", FACTOR_SHARE + (1 - FACTOR_SHARE) * f),
             )
             if rows is not None:  # torchrun: this rank keeps its slice of the rows
