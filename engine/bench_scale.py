@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .bank import RotatedBank
-from .compressed_bank import build_compressed_bank, compress_factors, rerank_scores
+from .compressed_bank import build_compressed_bank, compress_factors
 from .config import PRESETS
 from .curvature import Block, KFACFactors, compute_kfac, layout
 from .damping_grid import DAMPING_GRID
@@ -100,7 +100,6 @@ def run_bench_scale(
     ratio: float = 128.0,
     projection: str = "gaussian",
     rerank: int = 256,
-    rerank_timed: int = 2,
     factor_rows: int = 0,
     device: str = "cpu",
     seed: int = 0,
@@ -116,7 +115,7 @@ def run_bench_scale(
     p = sum(q.numel() for _, q in params)
     shape = (3, 32, 32)
     g = torch.Generator().manual_seed(seed)
-    n_img = max(max(sizes), rerank_timed, factor_rows)
+    n_img = max(max(sizes), factor_rows, 2)
     images = (torch.rand((n_img, *shape), generator=g) * 2 - 1).to(dev)
     draws = make_draws(mc, shape, diffusion.T, seed=seed)
     log(f"CIFAR-preset U-Net: {p / 1e6:.1f}M Conv2d/Linear parameters; {SYNTHETIC_NOTE}")
@@ -171,12 +170,14 @@ def run_bench_scale(
     del bank
     mem["after_scans_rss_mb"] = _peak_rss_mb()
 
-    rotated_q = factors.rotate(torch.randn(p, device=dev))
-    rr_s, _ = _timed(lambda: rerank_scores(model, diffusion, images[:rerank_timed], draws, factors, params,
-                                           rotated_q, list(DAMPING_GRID), num_examples=n_img, grad_batch=b), 1)
-    rerank_per_candidate_row_s = rr_s / (rerank_timed * mc)
+    # re-ranking 2C > G candidates (engine.compressed_bank.rerank_scores): G damped queries rotated
+    # back once, then one fresh full gradient and one dot product per candidate
+    q = torch.randn(p, device=dev)
+    unrotate_s, _ = _timed(lambda: factors.unrotate(q), 2)
     mem["after_rerank_rss_mb"] = _peak_rss_mb()
-    log(f"re-rank: {rr_s / rerank_timed:.2f} s per candidate at M={mc} (fresh gradient, rotation, 50 dampings)")
+    grid_size = len(DAMPING_GRID) + 1
+    log(f"re-rank: one query rotation back {unrotate_s:.2f} s (x {grid_size} dampings once per query), "
+        f"then {1 / throughput['full_rows_per_s']:.1f} s per candidate and draw (fresh gradient)")
 
     comp_scans = [x for x in scans if x["kind"] == "compressed"]
     per_byte_grid = statistics.median(x["scan_grid_s"] / (x["n"] * bytes_comp) for x in comp_scans)
@@ -186,6 +187,7 @@ def run_bench_scale(
 
     def project(name: str, n: int, m: int = 64) -> dict[str, Any]:
         cands = 2 * min(rerank, n)
+        rerank_s = grid_size * unrotate_s + cands * m / throughput["full_rows_per_s"]
         return {
             "dataset": name, "num_examples": n, "mc_samples": m, "projected": True,
             "how": "linear in N and M from the per-row and per-byte costs measured above on this device",
@@ -196,8 +198,8 @@ def run_bench_scale(
             "query_s": {
                 "compressed_scan_one_damping": n * bytes_comp * per_byte_one,
                 "compressed_scan_grid": n * bytes_comp * per_byte_grid,
-                "rerank": cands * m * rerank_per_candidate_row_s,
-                "compressed_total": n * bytes_comp * per_byte_grid + cands * m * rerank_per_candidate_row_s,
+                "rerank": rerank_s,
+                "compressed_total": n * bytes_comp * per_byte_grid + rerank_s,
                 "stored_scan_grid": n * bytes_stored * stored_per_byte_grid,
                 "streamed_pass": n * m / throughput["full_rows_per_s"],
             },
@@ -230,7 +232,10 @@ def run_bench_scale(
                         "their values; on this CPU one curvlinops row of the CIFAR U-Net takes minutes)"),
         "compressed_builds": builds,
         "scans": scans,
-        "rerank": {"timed_candidates": rerank_timed, "s_per_candidate_row": rerank_per_candidate_row_s},
+        "rerank": {"unrotate_query_s": unrotate_s, "dampings": grid_size,
+                   "s_per_candidate_row": 1 / throughput["full_rows_per_s"],
+                   "how": "G damped queries rotated back once per query, then one fresh full gradient per "
+                          "candidate (M draws) and a dot product (compressed_bank.rerank_scores)"},
         "peak_memory": mem,
         "growth_with_n": "bank bytes, build time and scan time grow linearly in N; re-ranking is constant in N "
                          "(2C candidates); factors are per layer and independent of N",

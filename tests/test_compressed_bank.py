@@ -134,6 +134,22 @@ def test_reranked_candidates_equal_stored_bank_scores(tiny_preset, tiny_model, d
         False) == 16 - mask.sum()
 
 
+def test_rerank_rotates_the_cheaper_side(tiny_model, diffusion, digits_small):
+    """More candidates than dampings: the damped queries are rotated back instead of the gradients."""
+    from engine.compressed_bank import rerank_scores
+
+    model = copy.deepcopy(tiny_model).double()
+    params = influence_params(model)
+    x = digits_small.images[:6].double()
+    draws = make_draws(2, (1, 8, 8), 1000, seed=0)
+    full = compute_kfac(model, diffusion, x, draws, params)
+    q = full.rotate(torch.randn(full.num_params, dtype=torch.float64))
+    args = (model, diffusion, x, draws, full, params, q)
+    back = rerank_scores(*args, [1e-3, 1.0], 6, grad_batch=4)  # 6 candidates > 2 dampings
+    rotated = rerank_scores(*args, [1e-3, 1.0], 6, grad_batch=4, max_query_bytes=0)
+    np.testing.assert_allclose(back, rotated, rtol=1e-9, atol=1e-12 * np.abs(rotated).max())
+
+
 def test_compressed_cache_is_keyed_by_its_settings(tmp_path, tiny_preset, tiny_model, digits_small):
     store = Store(tmp_path, "c" * 16, "digits12")
     ctx, q, g = _setup(tiny_preset, tiny_model, digits_small, store=store, kfac_bank="compressed",
