@@ -120,7 +120,9 @@ class KFACInfluence(AttributionMethod):
 
     def settings(self, ctx: Any) -> dict[str, Any]:
         """For display (cache status): the bank's key plus how the bank is kept."""
-        return {**self.bank_settings(ctx), "bank": self.bank_mode(ctx)}
+        mode = self.bank_mode(ctx)
+        key = self.compressed_settings(ctx) if mode == "compressed" else self.bank_settings(ctx)
+        return {**key, "bank": mode}
 
     def cache_keys(self, ctx: Any) -> list[tuple[str, dict[str, Any]]]:
         keys = [(FACTORS, self.factor_settings(ctx))]
