@@ -57,8 +57,10 @@ def cmd_bench_compressed(args: argparse.Namespace) -> int:
             raise RuntimeError(f"no stored K-FAC bank for M={config.mc_samples} under {args.cache_root}: "
                                "build it first (python -m engine build --methods kfac --kfac-bank stored)")
         lds = None
-        if args.lds_json and Path(args.lds_json).is_file():
-            lds = json.loads(Path(args.lds_json).read_text()).get("methods", {}).get("kfac", {}).get("lds")
+        if args.lds_json and Path(args.lds_json).is_file():  # only when it scored the same M
+            rec = json.loads(Path(args.lds_json).read_text())
+            if rec.get("config", {}).get("attribution", {}).get("mc_samples") == config.mc_samples:
+                lds = rec.get("methods", {}).get("kfac", {}).get("lds")
         record = run_compressed_digits(session, _floats(args.ratios), tuple(args.projections.split(",")),
                                        args.candidates, lds_full=lds,
                                        lds_run=Path(args.lds_run) if args.lds_run else None)
