@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -203,6 +204,7 @@ def run_compressed_digits(
             "rerank": rerank_info,
             "lds": lds_note,
             "machine": "shared 2-core CPU under heavy load (timings noisy; full and compressed timed in one run)",
+            "load_average_at_end": list(os.getloadavg()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "per_variant": extras,
         },

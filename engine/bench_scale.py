@@ -23,6 +23,7 @@ phase, plus CUDA's peak allocation on a GPU.
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
@@ -221,6 +222,7 @@ def run_bench_scale(
             "gpu": ("none lent to this session: every figure is CPU" if not gpu else torch.cuda.get_device_name()),
             "cpu": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
+            "load_average_at_end": list(os.getloadavg()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         "bytes_per_example": {"stored": bytes_stored, "compressed": bytes_comp, "streamed": 0,
