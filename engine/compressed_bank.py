@@ -157,20 +157,32 @@ def build_compressed_bank(
 
 
 def compress_stored_bank(bank: RotatedBank, compressed: CompressedFactors, rows: int = 64) -> RotatedBank:
-    """The compressed bank derived from a stored one, without gradients: R_i -> G_i = Q_B R_i Q_A^T ->
-    P_out G_i P_in^T -> rotated into the projected eigenbasis -> int8.
+    """The compressed bank derived from a stored one, without gradients.
 
-    Equal to ``build_compressed_bank`` up to the stored bank's int8 rounding (figures on digits,
-    where the stored bank exists); the product path for models without a stored bank is the build.
+    P_out G_i P_in^T = (P_out Q_B) R_i (P_in Q_A)^T with R_i = Q_B^T G_i Q_A the stored row, so
+    each block needs two small products (for ``eigen`` projections P Q is a selection of
+    eigen-directions).  Equal to ``build_compressed_bank`` up to the stored bank's int8 rounding
+    (figures on digits, where the stored bank exists); models without a stored bank are built.
     """
-    n = bank.num_examples
+    n, full = bank.num_examples, compressed.full
+    dtype = full.layers[0].qb.dtype
+    left = [(lp.p_out.to(dtype) @ lf.qb) for lp, lf in zip(compressed.projections, full.layers, strict=True)]
+    right = [None if lp.p_in is None else (lp.p_in.to(dtype) @ lf.qa).T
+             for lp, lf in zip(compressed.projections, full.layers, strict=True)]
     parts: list[dict[str, torch.Tensor]] = []
     for s in range(0, n, rows):
         r = slice(s, min(n, s + rows))
-        deq = [d[r].to(torch.float32) * (bank.scales[r, j : j + 1] if bank.scales is not None else 1.0)
-               for j, d in enumerate(bank.data)]
-        full = compressed.full.unrotate(torch.cat(deq, dim=1).to(compressed.full.layers[0].qb.dtype))
-        parts.append(_chunk_arrays(compressed.factors.rotate(compressed.project(full)), compressed.blocks, True))
+        out = torch.empty((r.stop - r.start, sum(b.size for b in compressed.blocks)), dtype=dtype)
+        for j, (blk, small) in enumerate(zip(full.blocks, compressed.blocks, strict=True)):
+            x = bank.data[j][r].to(dtype)
+            if bank.scales is not None:
+                x = x * bank.scales[r, j : j + 1].to(dtype)
+            if blk.kind == "weight":
+                y = left[blk.layer] @ x.reshape(-1, *blk.shape) @ right[blk.layer]
+            else:
+                y = x @ left[blk.layer].T
+            out[:, small.offset : small.offset + small.size] = y.reshape(out.shape[0], -1)
+        parts.append(_chunk_arrays(compressed.factors.rotate(out), compressed.blocks, True))
     arrays = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
     return RotatedBank.from_arrays(arrays, compressed.blocks, bank.device)
 

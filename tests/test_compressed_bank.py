@@ -247,3 +247,22 @@ def test_two_ranks_hold_half_the_compressed_bank_and_answer_like_one_process(
         assert int(got["rows"]) == 10  # each rank holds half of the rows
         np.testing.assert_array_equal(got["exact"], mask)
         np.testing.assert_allclose(got["scores"], single, rtol=1e-5, atol=1e-7)
+
+
+def test_compressed_bank_derived_from_the_stored_one_equals_the_built_one(tiny_model, diffusion, digits_small):
+    from engine.bank import build_bank
+    from engine.compressed_bank import build_compressed_bank, compress_stored_bank
+
+    model = copy.deepcopy(tiny_model).double()
+    params = influence_params(model)
+    x = digits_small.images[:6].double()
+    draws = make_draws(2, (1, 8, 8), 1000, seed=0)
+    full = compute_kfac(model, diffusion, x, draws, params)
+    stored = build_bank(model, diffusion, x, draws, full, params, quantize=False)
+    for kind in ("eigen", "gaussian"):
+        comp = compress_factors(full, kind, 5.0, seed=2)
+        built = build_compressed_bank(model, diffusion, x, draws, comp, params, quantize=False)
+        derived = compress_stored_bank(stored, comp)  # int8 of the derived rows only
+        for i in range(6):
+            ref = built.row(i)
+            assert (derived.row(i).double() - ref).abs().max() <= 1.01 * ref.abs().max() / 254 * 1.0 + 1e-12
