@@ -240,6 +240,13 @@ def variant_lds(
         return None
     with np.load(subsets) as z:
         masks = z[z.files[0]] if "masks" not in z.files else z["masks"]
+    from .evaluate import is_finished
+    from .lds import model_folder
+
+    done = sum(is_finished(model_folder(run, k, 0)) for k in range(masks.shape[0]))
+    if done < masks.shape[0]:  # measure nothing (measurements are cached beside the models) until all exist
+        log(f"only {done} of {masks.shape[0]} subset models in {run} are trained: LDS left null")
+        return None
     q = torch.stack([torch.as_tensor(x) for x in queries])
     saved = run / "queries.pt"
     if saved.is_file():

@@ -32,7 +32,8 @@ Two kinds (``KINDS``):
 
 ``choose_dims`` picks k_in, k_out per layer for a target ratio = full int8 bank bytes /
 compressed bank bytes: every side of every layer is shrunk by the same factor s
-(k = ceil(d / s)), s found by bisection, so the small layers are not starved to pay for the
+(k = ceil(d / s)), s found by bisection, then what is left of the byte budget is spent one
+dimension at a time on the relatively smallest side, so the small layers are not starved to pay for the
 large ones (LoGra uses one k per side for all layers; a shared shrink factor keeps the
 layer's share of the bank).
 """
@@ -113,7 +114,24 @@ def choose_dims(factors: KFACFactors, ratio: float) -> list[tuple[int, int | Non
             hi = mid
         else:
             lo = mid
-    return _dims_for(hi, dims)
+    ks = [list(k) for k in _dims_for(hi, dims)]
+    # ceil(d / s) moves in steps; spend what is left of the budget one dimension at a time,
+    # always on the side that is relatively smallest (largest d / k), so the ratio lands near the target
+    used = _compressed_bytes([tuple(k) for k in ks], dims)  # type: ignore[misc]
+    while True:
+        best, best_gap = None, 1.0
+        for i, ((d_out, d_in, has_bias), (k_out, k_in)) in enumerate(zip(dims, ks, strict=True)):
+            cost_out = (k_in or 0) + (1 if has_bias else 0)
+            if k_out < d_out and used + cost_out <= budget and d_out / k_out > best_gap:
+                best, best_gap = (i, 0, cost_out), d_out / k_out
+            if k_in is not None and k_in < d_in and used + k_out <= budget and d_in / k_in > best_gap:
+                best, best_gap = (i, 1, k_out), d_in / k_in
+        if best is None:
+            break
+        i, side, cost = best
+        ks[i][side] += 1
+        used += cost
+    return [(k_out, k_in) for k_out, k_in in ks]
 
 
 def _gaussian(rows: int, cols: int, seed: int, layer: int, side: int, dtype, device) -> torch.Tensor:
