@@ -1,7 +1,7 @@
 """Evaluation tab: the LDS results shipped in assets/results, and "check by retraining" for the current query.
 
-Both come from the engine (``engine.lds.load_lds_results``, ``engine.retrain_top.RetrainJob``).  Where the
-engine does not provide them yet, the tab says so instead of failing.  A retraining job
+Both come from the engine (``engine.evaluation.report`` loads the result files,
+``engine.evaluation.retrain_top.RetrainJob`` runs a retraining).  A retraining job
 runs in the background (the engine's job object owns the thread/process); a fragment
 polls its progress once a second so the rest of the page stays usable, and the finished
 job stays in the process-wide handle, so its result is cached for every tab.
@@ -16,6 +16,9 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from engine.evaluation.report import lds_records, retrain_records
+from engine.evaluation.retrain_top import RetrainJob
+from engine.paths import ASSETS
 from explorer.controls import MEASUREMENTS, Settings
 from explorer.images import display
 from explorer.query_view import Query
@@ -26,41 +29,7 @@ FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
 
 def results_dir() -> Path:
     """assets/results, or ATTRIBUTION_RESULTS."""
-    from engine.paths import ASSETS
-
     return Path(os.environ.get("ATTRIBUTION_RESULTS", ASSETS / "results"))
-
-
-def _load_lds(folder: Path) -> list[dict[str, Any]] | None:
-    """The LDS records in ``folder``; None where this build has no LDS module."""
-    for module in ("engine.lds", "engine.evaluate"):  # engine.evaluate: where the interface first named it
-        try:
-            mod = __import__(module, fromlist=["load_lds_results"])
-        except ImportError:
-            continue
-        if hasattr(mod, "load_lds_results"):
-            return list(mod.load_lds_results(folder))
-    return None
-
-
-def _retrain_job_class():
-    """engine.retrain_top.RetrainJob (or engine.evaluate's), None where this build has neither."""
-    for module in ("engine.retrain_top", "engine.evaluate"):
-        try:
-            mod = __import__(module, fromlist=["RetrainJob"])
-        except ImportError:
-            continue
-        if hasattr(mod, "RetrainJob"):
-            return mod.RetrainJob
-    return None
-
-
-def _measurement_of(entry: dict[str, Any]) -> str:
-    cfg = entry.get("config") or {}
-    if isinstance(cfg, dict) and cfg.get("measurement"):
-        return str(cfg["measurement"])
-    stem = Path(str(entry.get("file", ""))).stem
-    return stem.split("_")[-1] if stem else "?"
 
 
 def _fmt_ci(ci: Any) -> str:
@@ -89,10 +58,7 @@ def lds_section(handle: Handle) -> None:
         "methods are included for reference: their scores are not removal predictions."
     )
     folder = results_dir()
-    entries = _load_lds(folder)
-    if entries is None:
-        st.info("**Not available yet**: the LDS evaluation (engine.lds) is not part of this build.")
-        return
+    entries = lds_records(folder)  # the headline first
     if not entries:
         st.info(
             f"**No LDS results yet** in `{folder}`. They are produced by `make lds` "
@@ -100,13 +66,9 @@ def lds_section(handle: Handle) -> None:
         )
         return
     info = handle.session.method_info()
-    # the headline first: the training loss at the preset's M, then other measurements, then variants
-    entries = sorted(
-        entries, key=lambda e: ("_attribution_m" in str(e.get("file", "")), _measurement_of(e) != "loss", str(e.get("file", "")))
-    )
     for entry in entries:
-        meas = _measurement_of(entry)
-        cfg = entry.get("config") or {}
+        meas = entry.measurement
+        cfg = entry.config
         st.markdown(f"#### Measurement: {MEASUREMENTS.get(meas.split('@')[0], meas)} (`{meas}`)")
         if cfg:
             st.caption(
@@ -119,12 +81,12 @@ def lds_section(handle: Handle) -> None:
                     if (cfg.get("attribution") or {}).get("mc_samples")
                     else ""
                 )
-                + (f" · file `{entry['file']}`" if entry.get("file") else "")
+                + f" · file `{entry.file}`"
                 + (" · **quick mode (smoke test, not a result)**" if cfg.get("quick") else "")
                 + (f" · {cfg['created']}" if cfg.get("created") else "")
             )
         rows = []
-        for name, v in (entry.get("methods") or {}).items():
+        for name, v in entry.methods.items():
             rows.append(
                 {
                     "method": _title(info, name),
@@ -137,31 +99,22 @@ def lds_section(handle: Handle) -> None:
             )
         frame = pd.DataFrame(rows)
         st.dataframe(frame.dropna(axis=1, how="all"), hide_index=True)
-        stem = Path(str(entry.get("file", f"lds_digits_{meas}.json"))).stem
+        stem = entry.path.stem
         c1, c2 = st.columns(2)
-        png = folder / f"{stem}.png"
-        if png.is_file():
-            c1.image(str(png), caption=png.name)
-        sweeps = entry.get("sweeps") or {}
+        if entry.figure is not None:
+            c1.image(str(entry.figure), caption=entry.figure.name)
+        sweeps = entry.sweeps
         if sweeps:
             from explorer.figures import damping_sweeps
 
             c2.plotly_chart(damping_sweeps(sweeps, {n: _title(info, n) for n in sweeps}), key=f"sweep_{stem}")
         with st.expander("Full settings and noise report"):
-            st.json({k: entry[k] for k in ("config", "noise") if k in entry}, expanded=False)
-
-
-def _load_retrain(folder: Path) -> list[dict[str, Any]]:
-    try:
-        from engine.evaluate import load_retrain_results
-    except ImportError:
-        return []
-    return list(load_retrain_results(folder))
+            st.json({"config": entry.config, "noise": entry.noise}, expanded=False)
 
 
 def retrain_results_section(handle: Handle) -> None:
     """The retraining-without-top-influences results shipped in assets/results (``attribution-engine retrain-top``)."""
-    entries = _load_retrain(results_dir())
+    entries = retrain_records(results_dir())
     if not entries:
         return
     st.subheader("Retraining without the top proponents (shipped results)")
@@ -172,7 +125,7 @@ def retrain_results_section(handle: Handle) -> None:
     )
     info = handle.session.method_info()
     for entry in entries:
-        cfg = entry.get("config") or {}
+        cfg = entry.config
         rows = [
             {
                 "query": r.get("query"),
@@ -187,7 +140,7 @@ def retrain_results_section(handle: Handle) -> None:
                     else None
                 ),
             }
-            for r in entry.get("results") or []
+            for r in entry.results
         ]
         if not rows:
             continue
@@ -195,7 +148,7 @@ def retrain_results_section(handle: Handle) -> None:
             f"Measurement `{cfg.get('measurement', '?')}`, {cfg.get('removed', '?')} of {cfg.get('num_train', '?')} "
             f"images removed, {cfg.get('steps', '?')} training steps per model, true measurement over "
             f"{cfg.get('true_measurement_mc_samples', '?')} common draws"
-            + (f" · file `{entry['file']}`" if entry.get("file") else "")
+            + f" · file `{entry.file}`"
             + (f" · {cfg['created']}" if cfg.get("created") else "")
         )
         st.dataframe(pd.DataFrame(rows), hide_index=True, height=35 * (len(rows) + 1) + 3)  # every row, no scrolling
@@ -205,12 +158,11 @@ def retrain_results_section(handle: Handle) -> None:
 
 
 def _start_job(handle: Handle, key: tuple, query: Query, measurement: str, method: str, fraction: float) -> None:
-    job_class = _retrain_job_class()
     with handle.lock:
         if key in handle.retrain_jobs:  # a double click, or another tab started it
             return
         try:
-            handle.retrain_jobs[key] = job_class.start(
+            handle.retrain_jobs[key] = RetrainJob.start(
                 handle.session, query.input, measurement, method, fraction, handle.cache_root / "retrain"
             )
             st.session_state.pop("retrain_error", None)
@@ -225,9 +177,6 @@ def retrain_section(handle: Handle, query: Query | None, s: Settings) -> None:
         "(the control), then compare the measured change of the query's measurement with the change the "
         "method predicted (the sum of the removed images' scores)."
     )
-    if _retrain_job_class() is None:
-        st.info("**Not available yet**: the retraining job (engine.retrain_top.RetrainJob) is not part of this build.")
-        return
     if query is None:
         st.info("Choose a query first (sidebar).")
         return

@@ -1,4 +1,4 @@
-"""Compressed K-FAC bank (engine.layer_projection, engine.compressed_bank; issue 11): projected gradients
+"""Compressed K-FAC bank (engine.attribution.layer_projection, engine.attribution.compressed_bank; issue 11): projected gradients
 from hooks, full-rank equivalence with the stored bank, exact re-ranking, cache keys, sharded candidates."""
 
 from __future__ import annotations
@@ -13,24 +13,25 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.compressed_bank import compress_factors, local_candidates, merge_candidates
-from engine.config import AttributionConfig
-from engine.context import make_context
-from engine.curvature import compute_kfac
-from engine.diffusion import Diffusion, make_draws
-from engine.gradients import influence_params, measurement_grad, per_example_grads
-from engine.layer_projection import (
+from engine.attribution.compressed_bank import compress_factors, local_candidates, merge_candidates
+from engine.attribution.context import make_context
+from engine.attribution.curvature import compute_kfac
+from engine.attribution.gradients import influence_params, measurement_grad, per_example_grads
+from engine.attribution.layer_projection import (
     bank_bytes,
     choose_dims,
     make_projections,
     projected_blocks,
     projected_grads,
 )
-from engine.measurements import parse_measurement
-from engine.methods.base import QueryInput
-from engine.methods.kfac_influence import COMPRESSED, KFACInfluence
-from engine.results import MethodResult, QueryResult
-from engine.store import Store
+from engine.attribution.methods.kfac_compressed_bank import COMPRESSED, compressed_settings
+from engine.attribution.methods.kfac_influence import KFACInfluence
+from engine.attribution.query import QueryInput
+from engine.attribution.results import MethodResult, QueryResult
+from engine.attribution.store import Store
+from engine.config import AttributionConfig
+from engine.model.diffusion import Diffusion, make_draws
+from engine.model.measurements import parse_measurement
 
 LOSS = parse_measurement("loss")
 
@@ -115,7 +116,7 @@ def test_reranked_candidates_equal_stored_bank_scores(tiny_preset, tiny_model, d
     np.testing.assert_array_equal(s[~mask], s_approx[~mask])
     # a damping change re-ranks the same candidates without gradients: grid value, then interpolated
     calls: list[int] = []
-    reranker = p_comp.data["reranker"]
+    reranker = p_comp.query.reranker
     original = reranker.score_fn
     reranker.score_fn = lambda *a: (calls.append(1), original(*a))[1]
     for lam in (1e-2, 3e-3):
@@ -136,7 +137,7 @@ def test_reranked_candidates_equal_stored_bank_scores(tiny_preset, tiny_model, d
 
 def test_rerank_rotates_the_cheaper_side(tiny_model, diffusion, digits_small):
     """More candidates than dampings: the damped queries are rotated back instead of the gradients."""
-    from engine.compressed_bank import rerank_scores
+    from engine.attribution.compressed_bank import rerank_scores
 
     model = copy.deepcopy(tiny_model).double()
     params = influence_params(model)
@@ -168,18 +169,18 @@ def test_compressed_cache_is_keyed_by_its_settings(tmp_path, tiny_preset, tiny_m
         ctx2 = make_context(tiny_preset, ctx.model, ctx.dataset, "cpu", other, "c" * 16, store)
         assert not KFACInfluence(other).is_built(ctx2), change
     # a folder whose recorded settings contradict its name is refused, not loaded
-    folder = store.path(COMPRESSED, m.compressed_settings(ctx))
+    folder = store.path(COMPRESSED, compressed_settings(m, ctx))
     manifest = json.loads((folder / "settings.json").read_text())
     manifest["settings"]["compression"] = 4.0
     (folder / "settings.json").write_text(json.dumps(manifest))
-    from engine.store import StaleCacheError
+    from engine.attribution.store import StaleCacheError
 
     with pytest.raises(StaleCacheError):
         KFACInfluence(ctx.config).build(ctx)
 
 
 def _merge_rank(rank: int, world: int, rendezvous: str, scores: np.ndarray, c: int, out: str) -> None:
-    from engine.compressed_bank import gather_candidates, shard_rows
+    from engine.attribution.compressed_bank import gather_candidates, shard_rows
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
@@ -215,7 +216,7 @@ def _query_rank(rank: int, world: int, rendezvous: str, preset, state, dataset, 
 
 
 def _sharded_scores(preset, state, dataset, g, root):
-    from engine.unet import build_model
+    from engine.model.unet import build_model
 
     model = build_model(preset.model)
     model.load_state_dict(state)
@@ -226,7 +227,8 @@ def _sharded_scores(preset, state, dataset, g, root):
     m.build(ctx)
     prep = m.prepare(ctx, QueryInput(image=dataset.images[0]), g)
     s = m.score(prep, 1e-3)
-    nrows = getattr(m.bank, "local", m.bank).num_examples
+    bank = m.bank.bank  # CompressedRows -> the int8 rows (a ShardedBank under torchrun)
+    nrows = getattr(bank, "local", bank).num_examples
     return s, prep.exact, nrows
 
 
@@ -250,8 +252,8 @@ def test_two_ranks_hold_half_the_compressed_bank_and_answer_like_one_process(
 
 
 def test_compressed_bank_derived_from_the_stored_one_equals_the_built_one(tiny_model, diffusion, digits_small):
-    from engine.bank import build_bank
-    from engine.compressed_bank import build_compressed_bank, compress_stored_bank
+    from engine.attribution.bank import build_bank
+    from engine.attribution.compressed_bank import build_compressed_bank, compress_stored_bank
 
     model = copy.deepcopy(tiny_model).double()
     params = influence_params(model)

@@ -12,13 +12,15 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from engine.config import DiffusionConfig
-from engine.diffusion import Diffusion, MCDraws, make_draws
-from engine.measurements import (
+from engine.model.diffusion import Diffusion, MCDraws, make_draws
+from engine.model.measurements import (
+    CATALOGUE,
     Measurement,
     discretized_gaussian_log_likelihood,
     elbo_bpd,
     elbo_terms,
     measure,
+    measurement_info,
     parse_measurement,
     prior_kl,
     quantize,
@@ -60,6 +62,11 @@ def test_parse_measurement():
     assert parse_measurement("loss") == Measurement("loss")
     assert parse_measurement(" ELBO ") == Measurement("elbo")
     assert parse_measurement("elbo-exact") == Measurement("elbo", exact=True)
+    for spec in ("loss", "loss@t=1", "loss@t=500", "elbo", "elbo-exact", "trajectory", "square-norm"):
+        assert str(parse_measurement(spec)) == spec  # names round-trip
+    for info in CATALOGUE:
+        spec = info.spec + ("=7" if info.spec == "loss@t" else "")
+        assert str(parse_measurement(spec)) == spec and measurement_info(spec) is info
     assert parse_measurement("loss@t=500") == Measurement("loss@t", t_idx=499)
     assert parse_measurement("loss@t=1") == Measurement("loss@t", t_idx=0)
     assert str(parse_measurement("loss@t=7")) == "loss@t=7"
@@ -260,7 +267,7 @@ def test_trained_digits_elbo_real_below_noise(digits):
     """Issue 2: the full-sum ELBO of the trained digits model is lower on real digits than on noise."""
     if not (ASSET / "model.safetensors").is_file():
         pytest.skip(f"shipped digits checkpoint not found at {ASSET}")
-    from engine.checkpoint import load_checkpoint
+    from engine.model.checkpoint import load_checkpoint
 
     model, preset, _ = load_checkpoint(ASSET)
     diff = Diffusion(preset.diffusion)

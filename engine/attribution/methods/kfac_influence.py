@@ -1,0 +1,240 @@
+"""K-FAC Influence (paper eqs. 5, 6, 9-12; docs/architecture.md §4): the recommended method.
+
+    tau_i(q) = (1/N) grad m(q)^T (G + lambda I)^{-1} grad l(x_i),
+
+G = K-FAC (expand, MC-Fisher by default; or empirical / reduce / EK-FAC) of the GGN of the
+mean training loss L, one block per Conv2d/Linear layer.  Positive tau_i: removing x_i
+would raise the query's (loss-like) measurement, i.e. x_i is a proponent.
+
+build():   factors in one pass over the N x M (example, draw) rows, then the rotated int8
+           bank in one pass of per-example train gradients (both cached in ctx.store;
+           the bank is resumable).  When the bank would not fit (``bank_mode``:
+           config.kfac_bank, "auto" by size) only the factors are cached and each query's
+           damping grid is scored by one streamed gradient pass (``StreamedBank``).
+prepare(): rotate the query gradient into the eigenbasis once.
+score():   divide by (eigenvalues + lambda) and take one pass over the bank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ... import distributed
+from ...config import AttributionConfig
+from ...model.diffusion import MCDraws
+from ..bank_kinds import bank_kind
+from ..context import EngineContext
+from ..curvature import KFACFactors, compute_kfac, layout
+from ..damping_grid import DAMPING_GRID, SUPPORTED  # noqa: F401 - DAMPING_GRID: the grid of the first pass
+from ..gradients import num_params
+from ..scoring import EigenbasisQuery, Rows
+from .base import AttributionMethod, EigenPrepared, Prepared, Progress, QueryInput, no_progress
+
+FACTORS = "kfac-factors"
+BANK = "kfac-bank"
+FACTOR_SHARE = 0.75  # share of the progress bar for the factor pass (the costlier one on CPU)
+
+
+def _params_digest(params: list[tuple[str, torch.nn.Parameter]]) -> str:
+    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in params)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class KFACInfluence(AttributionMethod):
+    name = "kfac"
+    title = "K-FAC Influence"
+    kind = "influence"
+    caption = (
+        "Training images whose removal would most lower (proponents) or raise (opponents) "
+        "the probability of generating this image"
+    )
+    needs_gradient = True
+    damping_field = "kfac_damping"
+    damping_range = SUPPORTED
+    config_fields = ("fisher_type", "kfac_approx", "ekfac")
+    shards = True
+    in_sweeps = True
+    lds_loss_variant = True
+
+    def __init__(self, config: AttributionConfig, quantize: bool = True, factor_draws: int | None = None):
+        """``factor_draws``: use only the first k of the M train draws for the factors (None: all M,
+        the default of docs/architecture.md §6).  The factor pass costs several times the bank pass on CPU
+        (K-FAC-expand input covariances of 3x3 convolutions), and N*k rows are plenty for
+        an average, so this is the knob that trades build time for factor accuracy."""
+        super().__init__(config)
+        self.quantize = bool(quantize)
+        self.factor_draws = None if factor_draws is None else int(factor_draws)
+        self.factor_batch = 256  # (example, draw) rows per curvlinops batch
+        self.chunk_size = 128  # examples per saved bank part
+        self.factors: KFACFactors | None = None
+        self.bank: Rows | None = None
+        self._eigenvalues: torch.Tensor | None = None
+        self._key: tuple | None = None
+
+    # --- cache keys ---------------------------------------------------------------------
+
+    def factor_settings(self, ctx: EngineContext) -> dict[str, Any]:
+        c = self.config
+        dtype = str(ctx.params[0][1].dtype).removeprefix("torch.")
+        return {
+            "method": self.name,
+            "mc_samples": int(c.mc_samples),
+            "seed": int(c.seed),
+            "fisher_type": c.fisher_type,
+            "kfac_approx": c.kfac_approx,
+            "ekfac": bool(c.ekfac),
+            "num_examples": len(ctx.dataset),
+            "params": _params_digest(ctx.params),
+            "dtype": dtype,
+            "factor_draws": self.factor_draws,
+        }
+
+    def bank_settings(self, ctx: EngineContext) -> dict[str, Any]:
+        s = self.factor_settings(ctx)
+        s.update(loss="loss", quantize=self.quantize, chunk_size=self.chunk_size)
+        return s
+
+    def settings(self, ctx: EngineContext) -> dict[str, Any]:
+        """For display (cache status): the bank's key plus how the bank is kept."""
+        key = self._bank_key(ctx)
+        return {**(key[1] if key else self.bank_settings(ctx)), "bank": self.bank_mode(ctx)}
+
+    def _bank_key(self, ctx: EngineContext) -> tuple[str, dict[str, Any]] | None:
+        """(name, settings) of the bank kind's cache artefact; None when it keeps none (streamed)."""
+        kind = bank_kind(self.bank_mode(ctx))
+        if not kind.stored:
+            return None
+        return kind.cache_key(self, ctx) if kind.cache_key is not None else (BANK, self.bank_settings(ctx))
+
+    def cache_keys(self, ctx: EngineContext) -> list[tuple[str, dict[str, Any]]]:
+        keys = [(FACTORS, self.factor_settings(ctx))]
+        bank = self._bank_key(ctx)
+        return keys + ([bank] if bank else [])
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def is_built(self, ctx: EngineContext) -> bool:
+        if self._key == self._ctx_key(ctx):
+            return True
+        if ctx.store is None:
+            return False
+        if not ctx.store.exists(FACTORS, self.factor_settings(ctx)):
+            return False
+        bank = self._bank_key(ctx)
+        return bank is None or ctx.store.exists(*bank)
+
+    def bank_mode(self, ctx: EngineContext) -> str:
+        """config.kfac_bank, or for "auto": stored when the int8 bank (N x P bytes; 4x that
+        unquantised) fits in config.kfac_bank_max_gb GiB, compressed otherwise; streamed only when asked.
+
+        Why stored whenever it fits: a query then costs one scan of the bank, while the compressed
+        bank's costs a scan 1/ratio as long plus fresh gradients of its 2C re-ranked candidates
+        (digits default, idle 2-core CPU: stored first pass ~0.55 s; 512 candidates at M=64 ~23 s
+        of gradients), so the compressed bank is for banks that do not fit (issue 11 figures)."""
+        mode = self.config.kfac_bank
+        if mode != "auto":
+            bank_kind(mode)  # ValueError naming the valid kinds
+            return mode
+        nbytes = len(ctx.dataset) * num_params(ctx.params) * (1 if self.quantize else 4)
+        return "stored" if nbytes <= self.config.kfac_bank_max_gb * (1 << 30) else "compressed"
+
+    def _ctx_key(self, ctx: EngineContext) -> tuple:
+        bank = self._bank_key(ctx)
+        return (id(ctx.model), ctx.checkpoint_hash, tuple(sorted(self.bank_settings(ctx).items())),
+                self.bank_mode(ctx), None if bank is None else tuple(sorted(bank[1].items())))
+
+    def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
+        """Compute or load the factors, then the bank (progress: factors 0-0.75, bank 0.75-1)."""
+        if self._key == self._ctx_key(ctx):
+            return
+        t0 = time.perf_counter()
+        fs = self.factor_settings(ctx)
+        factors = None
+        template, _ = layout(ctx.model, ctx.params)
+        if ctx.store is not None:
+            arrays = ctx.store.load_arrays(FACTORS, fs, mmap=False)
+            if arrays is not None:
+                factors = KFACFactors.from_arrays(arrays, template, ctx.device)
+        shard = distributed.current()
+        if factors is None and ctx.store is not None and not shard.is_main:
+            shard.barrier()  # under torchrun rank 0 computes and saves the factors (below)
+            factors = KFACFactors.from_arrays(ctx.store.load_arrays(FACTORS, fs, mmap=False), template, ctx.device)
+        if factors is None:
+            draws = ctx.train_draws
+            if self.factor_draws is not None and self.factor_draws < len(draws):
+                draws = MCDraws(draws.t[: self.factor_draws], draws.eps[: self.factor_draws])
+            factors = compute_kfac(
+                ctx.model,
+                ctx.diffusion,
+                ctx.dataset.images,
+                draws,
+                ctx.params,
+                fisher_type=self.config.fisher_type,
+                kfac_approx=self.config.kfac_approx,
+                ekfac=self.config.ekfac,
+                batch_size=self.factor_batch,
+                seed=self.config.seed,
+                progress=lambda msg, f: progress(f"{self.title}: {msg}", FACTOR_SHARE * f),
+            )
+            if ctx.store is not None:
+                ctx.store.save_arrays(
+                    FACTORS,
+                    fs,
+                    factors.to_arrays(),
+                    meta={"build_seconds": round(time.perf_counter() - t0, 3)},
+                )
+                shard.barrier()  # the other ranks may load them now
+        self.factors = factors
+        self._eigenvalues = factors.eigenvalues().to(ctx.device)
+        self.bank = bank_kind(self.bank_mode(ctx)).build(self, ctx, factors, progress)
+        self._key = self._ctx_key(ctx)
+        progress(f"{self.title}: ready", 1.0)
+
+    def rotate(self, grads: torch.Tensor) -> torch.Tensor:
+        """Gradients (P,) or (b, P) in ``ctx.params`` order -> the eigenbasis of the factors
+        (per block Q_B^T W Q_A, eqs. 9-12): the coordinates of the bank's rows."""
+        if self.factors is None:
+            raise RuntimeError(f"{self.title} is not built yet: call build() first")
+        return self.factors.rotate(grads)
+
+    def prepare(self, ctx: EngineContext, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
+        if query_grad is None:
+            raise ValueError("K-FAC Influence needs the query's measurement gradient")
+        if self._key != self._ctx_key(ctx):
+            self.build(ctx)
+        assert self.factors is not None and self.bank is not None and self._eigenvalues is not None
+        t0 = time.perf_counter()
+        g = query_grad.to(ctx.device, ctx.params[0][1].dtype)
+        rotated = self.factors.rotate(g)
+        ms = (time.perf_counter() - t0) * 1000.0
+        make_query = getattr(self.bank, "make_query", None)  # a bank kind with coordinates of its own
+        if make_query is not None:
+            query = make_query(g, rotated)
+        else:
+            query = EigenbasisQuery(rotated=rotated, eigenvalues=self._eigenvalues, rows=self.bank)
+        return EigenPrepared(query=query, timing_ms={"rotate": ms}, bank=self.bank_mode(ctx))
+
+    def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
+        """tau (N,) float32 for this damping (eq. 6 through ``scoring.EigenbasisQuery``).
+
+        The first call for a query also scores every damping of ``DAMPING_GRID`` (49 values,
+        1e-13..1e3) in the same pass over the bank and keeps them; a later call with a grid
+        damping is a lookup, one within ``damping_grid.SUPPORTED`` is a weighted sum of the
+        grid's scores (exact up to a relative 1e-4 per eigen-coordinate), and any other is one
+        more pass.
+        """
+        assert isinstance(prepared, EigenPrepared)
+        lam = self.default_damping if damping is None else float(damping)
+        t0 = time.perf_counter()
+        scores = prepared.query.score(lam)
+        prepared.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
+        prepared.exact = getattr(prepared.query, "exact_mask", None)  # compressed bank: the re-ranked entries
+        reranker = getattr(prepared.query, "reranker", None)
+        if reranker is not None:
+            prepared.timing_ms.update(reranker.timing_ms)
+        return scores

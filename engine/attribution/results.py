@@ -1,0 +1,104 @@
+"""Plain result records passed from the engine to the CLI and the app (score arrays, no tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .methods.base import Prepared
+
+
+@dataclass
+class RankedItem:
+    index: int  # training index
+    score: float
+    label: int | None
+    exact: bool = True  # False: a compressed-bank approximation, not re-ranked (engine.compressed_bank)
+
+
+@dataclass
+class MethodResult:
+    """One method's answer to one query.
+
+    ``scores`` (N,) float32 over all training images: influence (docs/architecture.md §4 sign and scale,
+    positive = proponent) or similarity (kind == "similarity").
+    """
+
+    name: str
+    title: str
+    kind: str  # influence | similarity
+    caption: str
+    status: str  # ok | unavailable | error
+    reason: str | None = None
+    damping: float | None = None
+    scores: np.ndarray | None = None
+    timing_ms: dict[str, float] = field(default_factory=dict)
+    bank: str | None = None  # K-FAC: "stored" | "compressed" | "streamed"
+    exact: np.ndarray | None = None  # (N,) bool: which scores are exact (None: all)
+
+    def bank_note(self) -> str | None:
+        """One line on where the scores come from (K-FAC's bank; None for other methods)."""
+        if self.bank is None:
+            return None
+        if self.bank != "compressed":
+            return f"{self.bank} bank: every score exact"
+        if self.exact is None or not self.exact.any():
+            return "compressed bank: approximate scores (no re-ranking)"
+        return (f"compressed bank: the {int(self.exact.sum())} strongest candidates re-ranked to exact K-FAC scores, "
+                f"the other {int((~self.exact).sum())} approximate")
+
+    def top(self, k: int, labels: np.ndarray | None = None) -> list[RankedItem]:
+        """k largest scores: strongest proponents (or most similar); exact scores rank before approximate ones."""
+        return self._ranked(-1.0, k, labels)
+
+    def bottom(self, k: int, labels: np.ndarray | None = None) -> list[RankedItem]:
+        """k smallest scores: strongest opponents (or least similar); exact scores rank before approximate ones."""
+        return self._ranked(1.0, k, labels)
+
+    def _ranked(self, sign: float, k: int, labels: np.ndarray | None) -> list[RankedItem]:
+        if self.scores is None:
+            return []
+        key = sign * self.scores.astype(np.float64)
+        idx = np.argsort(key, kind="stable") if self.exact is None else np.lexsort((key, ~self.exact))
+        return [_item(i, self.scores, labels, self.exact) for i in idx[:k]]
+
+
+def _item(i: int, scores: np.ndarray, labels: np.ndarray | None, exact: np.ndarray | None = None) -> RankedItem:
+    return RankedItem(
+        int(i), float(scores[i]), None if labels is None else int(labels[i]), True if exact is None else bool(exact[i])
+    )
+
+
+@dataclass
+class QueryResult:
+    """Every method's answer to one query.
+
+    ``prepared`` holds each method's damping-free per-query state, so that
+    ``AttributionSession.rescore`` changes damping without a gradient; it is not part of the
+    JSON and is empty for a result rebuilt from JSON.
+    """
+
+    query: dict[str, Any]  # {"spec": "gallery:3", "description": ..., "label": ..., "notes": [...]}
+    measurement: str
+    methods: dict[str, MethodResult]
+    timing_ms: dict[str, float] = field(default_factory=dict)
+    prepared: dict[str, Prepared] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_json(self, top_k: int, labels: np.ndarray | None = None) -> dict[str, Any]:
+        """The CLI's JSON object (issue 3)."""
+        out: dict[str, Any] = {"query": self.query, "measurement": self.measurement, "methods": {}}
+        for name, r in self.methods.items():
+            entry: dict[str, Any] = {"status": r.status, "kind": r.kind, "timing_ms": r.timing_ms}
+            if r.reason:
+                entry["reason"] = r.reason
+            if r.damping is not None:
+                entry["damping"] = r.damping
+            if r.bank is not None:
+                entry["bank"] = r.bank
+            entry["top"] = [vars(x) for x in r.top(top_k, labels)]
+            entry["bottom"] = [vars(x) for x in r.bottom(top_k, labels)]
+            out["methods"][name] = entry
+        out["timing_ms"] = self.timing_ms
+        return out

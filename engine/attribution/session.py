@@ -1,0 +1,401 @@
+"""AttributionSession: the one object the app and the CLI talk to.
+
+It loads the checkpoint, the training set, the on-disk cache and the engine context
+once, and then answers queries with every attribution method behind the same
+interface (``engine.attribution.methods.base``).  Data flows one way (docs/architecture.md §2): the session
+turns a query spec into a ``QueryInput``, computes the query gradient(s), hands them to
+the methods and returns plain ``QueryResult`` records (score arrays, no tensors).
+
+Why the query path is shaped this way:
+
+* **Common random numbers** (docs/architecture.md §6): one seeded set of M draws (t, eps),
+  ``make_draws(M, shape, T, seed=config.seed + 1)``, is shared by every method, so two
+  methods differ only in what they are, not in Monte Carlo noise.  The seed is offset
+  from the training draws' seed (``config.seed``) so that a training image used as a
+  query does not reuse its own training draws.
+* **One gradient per measurement**: grad m(q) is computed once per distinct
+  ``method.query_measurement(measurement)`` (K-FAC and TRAK share the loss gradient;
+  D-TRAK asks for the square norm) and shared.
+* **Damping is cheap**: each method's damping-independent state (``Prepared``) is kept
+  with the result (``QueryResult.prepared``), so ``rescore`` only calls ``score``: for K-FAC,
+  TRAK and D-TRAK a lookup in, or an interpolation of, the damping grid their first pass
+  scored (``engine.attribution.scoring``, docs/architecture.md §4).
+
+The session only orchestrates: query sources are ``engine.attribution.query``, cache status
+and builds ``engine.attribution.caches``, the maths is in the methods and the scoring operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import AttributionConfig, Preset, get_preset
+from ..model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
+from ..model.data import ImageDataset, load_dataset
+from ..model.diffusion import Diffusion, MCDraws, make_draws
+from ..model.measurements import Measurement, parse_measurement
+from ..paths import best_device, default_checkpoint
+from ..paths import cache_root as default_cache_root
+from .caches import MethodCaches
+from .context import EngineContext
+from .damping_grid import damping_steps
+from .methods.base import AttributionMethod, MissingMethod, Prepared, Progress, Unavailable, no_progress
+from .query import GalleryItem, QueryError, QueryInput, QuerySources, describe, no_trajectory
+from .results import MethodResult, QueryResult
+from .store import Store, data_key
+
+log = logging.getLogger(__name__)
+
+
+class AttributionSession:
+    """Model + training set + caches, loaded once; answers attribution queries.
+
+    ``auto_build``: build a method's cache on first use instead of reporting it as
+    "unavailable: not built".  The app turns this on only where building is quick.
+    """
+
+    def __init__(
+        self,
+        preset: str | Preset = "digits",
+        checkpoint: str | Path | None = None,
+        device: str | None = None,
+        cache_root: str | Path | None = None,
+        config: AttributionConfig | None = None,
+        dataset: ImageDataset | None = None,
+        auto_build: bool = False,
+    ):
+        t0 = time.perf_counter()
+        wanted = get_preset(preset) if isinstance(preset, str) else preset
+        folder = Path(checkpoint) if checkpoint is not None else default_checkpoint(wanted.name)
+        self.device = torch.device(device or best_device())
+        try:
+            model, ckpt_preset, extra = load_checkpoint(folder, self.device)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{e}. Train one with `attribution-engine train --preset {wanted.name}` "
+                f"(or pass --checkpoint FOLDER)"
+            ) from e
+        # The checkpoint's own preset describes the model and data it was trained on; the
+        # caller chooses the data root (--data-root) and the attribution settings.
+        self.preset: Preset = ckpt_preset
+        if wanted.data.root:
+            self.preset = self.preset.replace(data={"root": wanted.data.root})
+        self.config: AttributionConfig = config or wanted.attribution
+        self.preset = self.preset.replace(attribution=self.config)
+        self.checkpoint = folder
+        self.checkpoint_extra = extra
+        self.model = model
+        self.diffusion = Diffusion(self.preset.diffusion)
+        self.dataset: ImageDataset = dataset if dataset is not None else load_dataset(self.preset.data)
+        self._check_shapes()
+        self.checkpoint_hash = checkpoint_hash(folder)
+        self.auto_build = auto_build
+
+        self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+        self.store = Store(self.cache_root, self.checkpoint_hash, data_key(self.dataset))
+        self.ctx: EngineContext = self._make_context()
+        from .methods import METHODS, make_method
+
+        self._methods: dict[str, AttributionMethod] = {}
+        for name in METHODS:  # the registry's order
+            try:
+                self._methods[name] = make_method(name, self.config)
+            except ImportError as e:  # a missing optional dependency disables one method only
+                self._methods[name] = MissingMethod(name, f"cannot import the {name} method: {e}")
+        self.caches = MethodCaches(self._methods, self.ctx, self.preset.name, self.config)
+        self.sources = QuerySources(self.preset, model, self.diffusion, self.dataset, self.device, folder)
+        self.startup_ms = (time.perf_counter() - t0) * 1000.0
+
+    # --- setup ------------------------------------------------------------------------
+
+    def _check_shapes(self) -> None:
+        m = self.preset.model
+        want = (m.in_channels, m.image_size, m.image_size)
+        if tuple(self.dataset.shape) != want:
+            raise ValueError(
+                f"training images are {tuple(self.dataset.shape)} but the model takes {want}; "
+                "check --preset/--data-root against the checkpoint"
+            )
+
+    def _make_context(self):
+        from .context import make_context
+
+        return make_context(
+            self.preset,
+            self.model,
+            self.dataset,
+            self.device,
+            config=self.config,
+            checkpoint_hash=self.checkpoint_hash,
+            store=self.store,
+            diffusion=self.diffusion,
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        m = self.preset.model
+        return (m.in_channels, m.image_size, m.image_size)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return None if self.dataset.labels is None else self.dataset.labels.cpu().numpy()
+
+    # --- methods ----------------------------------------------------------------------
+
+    def method_names(self) -> list[str]:
+        return list(self._methods)
+
+    def method(self, name: str) -> AttributionMethod:
+        try:
+            return self._methods[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown method {name!r}; valid methods: {', '.join(self._methods)}"
+            ) from None
+
+    def _resolve_methods(self, methods: list[str] | None) -> list[str]:
+        if methods is None:
+            return self.method_names()
+        for n in methods:
+            self.method(n)
+        return list(dict.fromkeys(methods))
+
+    def method_info(self) -> dict[str, dict]:
+        """name -> {"title", "kind", "caption", "default_damping", "damping_steps"} for the app.
+
+        ``damping_steps``: the dampings a slider offers (the grid values inside the method's
+        ``damping_range`` and its default, ascending), [] for methods without damping.
+        """
+        return {
+            n: {
+                "title": m.title,
+                "kind": m.kind,
+                "caption": m.caption,
+                "default_damping": m.default_damping,
+                "damping_steps": damping_steps(m.damping_range, m.default_damping),
+            }
+            for n, m in self._methods.items()
+        }
+
+    def available(self, name: str) -> tuple[bool, str | None]:
+        """(whether method ``name`` can run here, why not)."""
+        return self._availability(self.method(name))
+
+    def _availability(self, m: AttributionMethod) -> tuple[bool, str | None]:
+        return self.caches.availability(m)
+
+    def recorded_build_seconds(self, name: str) -> float | None:
+        """Build time stored with a method's current caches when they were built."""
+        return self.caches.recorded_build_seconds(name)
+
+    def status(self) -> dict[str, dict]:
+        """name -> {"built", "available", "reason", "settings", "size_mb"} (``MethodCaches.status``)."""
+        return self.caches.status()
+
+    def _not_built_reason(self, name: str) -> str:
+        return self.caches.not_built_reason(name)
+
+    def build(self, methods: list[str] | None = None, progress: Progress | None = None) -> dict:
+        """Build (or load) each method's cache; {method: {"seconds", "size_mb", "status"[, "reason"]}}."""
+        return self.caches.build(self._resolve_methods(methods), progress)
+
+    def load(self, methods: list[str] | None = None) -> dict[str, float]:
+        """Load every *built* cache now so the first query is as fast as the others; builds nothing."""
+        return self.caches.load(self._resolve_methods(methods))
+
+    # --- queries ----------------------------------------------------------------------
+
+    def gallery(self) -> list[GalleryItem]:
+        """The checkpoint's ``gallery.npz`` (generated samples with trajectories); [] if absent."""
+        return self.sources.gallery()
+
+    def parse_query(self, spec: str) -> QueryInput:
+        """``gallery:3`` | ``train:17`` | ``image:PATH`` | ``generate:SEED`` -> QueryInput (``QuerySources.parse``)."""
+        return self.sources.parse(spec)
+
+    def query_from_upload(self, data: bytes, name: str | None = None) -> QueryInput:
+        """PNG/JPEG bytes -> the model's size and channels; ``notes`` say what was done; ValueError on bad data."""
+        return self.sources.query_from_upload(data, name)
+
+    def generate(self, seed: int, progress: Callable[[int, int], None] | None = None) -> QueryInput:
+        """One new DDPM sample with its recorded trajectory (all T steps)."""
+        return self.sources.generate(seed, progress)
+
+    def query_draws(self, mc_samples: int | None = None) -> MCDraws:
+        """The common random numbers of every query: M draws seeded by config.seed + 1."""
+        m = int(mc_samples or self.config.mc_samples)
+        return make_draws(m, self.shape, self.diffusion.T, seed=self.config.seed + 1)
+
+    def query_gradient(self, measurement: Measurement, query: QueryInput, draws: MCDraws) -> torch.Tensor:
+        """grad_theta m(theta, x_q) (P,) in ``ctx.params`` order (model in eval mode)."""
+        from . import gradients
+
+        self.model.eval()
+        return gradients.measurement_grad(
+            self.model,
+            self.diffusion,
+            measurement,
+            query,
+            draws.to(self.device),
+            self.dataset.levels,
+            params=list(self.ctx.params),
+        )
+
+    def query(
+        self,
+        query: QueryInput,
+        measurement: str = "loss",
+        methods: list[str] | None = None,
+        damping: dict[str, float] | None = None,
+        mc_samples: int | None = None,
+    ) -> QueryResult:
+        """Scores of every training image for ``query`` under each method.
+
+        Methods that are not built (and ``auto_build`` is off) or cannot run here come back
+        with status "unavailable" and a reason saying how to enable them.
+        """
+        t_start = time.perf_counter()
+        names = self._resolve_methods(methods)
+        meas = parse_measurement(measurement, self.diffusion.T)
+        self._check_query(query, meas)
+        damping = dict(damping or {})
+        draws = self.query_draws(mc_samples)
+        grads: dict[Measurement, tuple[torch.Tensor, float]] = {}
+        results: dict[str, MethodResult] = {}
+        prepared: dict[str, Prepared] = {}
+        total_grad_ms = 0.0
+        for name in names:
+            m = self._methods[name]
+            res = self._empty_result(name)
+            results[name] = res
+            available, reason = self._availability(m)
+            if not available:
+                res.status, res.reason = "unavailable", reason
+                continue
+            if not m.is_built(self.ctx):
+                if not self.auto_build:
+                    res.status, res.reason = "unavailable", self._not_built_reason(name)
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    m.build(self.ctx, no_progress)
+                    res.timing_ms["build"] = (time.perf_counter() - t0) * 1000.0
+                except Unavailable as e:
+                    res.status, res.reason = "unavailable", str(e)
+                    continue
+            try:
+                qm = m.query_measurement(meas)
+                grad = None
+                if qm is not None:
+                    if qm.kind == "trajectory" and query.trajectory is None:
+                        raise QueryError(no_trajectory(query))
+                    if qm not in grads:
+                        t0 = time.perf_counter()
+                        g = self.query_gradient(qm, query, draws)
+                        ms = (time.perf_counter() - t0) * 1000.0
+                        grads[qm] = (g, ms)
+                        total_grad_ms += ms
+                    grad, ms = grads[qm]
+                    res.timing_ms["gradient"] = ms
+                else:
+                    res.timing_ms["gradient"] = 0.0
+                t0 = time.perf_counter()
+                prep = m.prepare(self.ctx, query, grad)
+                res.timing_ms["prepare"] = (time.perf_counter() - t0) * 1000.0
+                prepared[name] = prep
+                res.damping = self._damping_for(name, damping)
+                self._score_into(res, m, prep)
+                if qm is not None and qm != meas:
+                    res.reason = f"uses the {qm} measurement"
+            except Unavailable as e:
+                res.status, res.reason = "unavailable", str(e)
+            except QueryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one broken method must not hide the others
+                log.exception("method %s failed", name)
+                res.status, res.reason = "error", f"{type(e).__name__}: {e}"
+        timing = {"total": (time.perf_counter() - t_start) * 1000.0, "gradients": total_grad_ms}
+        return QueryResult(
+            query=self._query_dict(query, len(draws)),
+            measurement=str(meas),
+            methods=results,
+            timing_ms=timing,
+            prepared=prepared,
+        )
+
+    def rescore(self, result: QueryResult, damping: dict[str, float]) -> QueryResult:
+        """The same query with other damping values: only ``score`` runs, no gradient, no prepare."""
+        prepared = result.prepared
+        if not prepared:
+            raise ValueError("this result holds no per-query state (was it copied or loaded?); run query() again")
+        t_start = time.perf_counter()
+        methods: dict[str, MethodResult] = {}
+        for name, old in result.methods.items():
+            if name not in damping or name not in prepared or old.status != "ok":
+                methods[name] = old
+                continue
+            m = self._methods[name]
+            res = replace(old, timing_ms={**old.timing_ms})
+            res.damping = float(damping[name]) if m.kind == "influence" else None
+            self._score_into(res, m, prepared[name])
+            methods[name] = res
+        timing = {"total": (time.perf_counter() - t_start) * 1000.0, "rescore": 1.0}
+        return QueryResult(
+            query=result.query, measurement=result.measurement, methods=methods, timing_ms=timing, prepared=prepared
+        )
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _empty_result(self, name: str) -> MethodResult:
+        m = self._methods[name]
+        return MethodResult(name=name, title=m.title, kind=m.kind, caption=m.caption, status="ok")
+
+    def _damping_for(self, name: str, damping: dict[str, float]) -> float | None:
+        if self._methods[name].kind != "influence":
+            return None
+        if name in damping and damping[name] is not None:
+            return float(damping[name])
+        return self._methods[name].default_damping
+
+    def _score_into(self, res: MethodResult, m: AttributionMethod, prep: Prepared) -> None:
+        t0 = time.perf_counter()
+        scores = np.asarray(m.score(prep, res.damping), dtype=np.float32).reshape(-1)
+        res.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
+        if scores.shape[0] != len(self.dataset):
+            raise RuntimeError(f"{m.name} returned {scores.shape[0]} scores for {len(self.dataset)} training images")
+        res.scores = scores
+        res.bank, res.exact = prep.bank, prep.exact
+        res.status = "ok"
+
+    def _check_query(self, query: QueryInput, meas: Measurement) -> None:
+        if query.image is None and meas.kind != "trajectory":
+            raise QueryError(f"measurement {meas} needs a query image")
+        if query.image is not None and tuple(query.image.shape) != self.shape:
+            raise QueryError(f"query image is {tuple(query.image.shape)}, the model takes {self.shape}")
+        if meas.kind == "trajectory":
+            if query.trajectory is None:
+                raise QueryError(no_trajectory(query))
+            want = (self.diffusion.T + 1, *self.shape)
+            if tuple(query.trajectory.shape) != want:
+                raise QueryError(f"trajectory is {tuple(query.trajectory.shape)}, expected {want}")
+
+    def _query_dict(self, query: QueryInput, m: int) -> dict[str, Any]:
+        return {
+            "spec": query.description,
+            "description": describe(query.description),
+            "label": query.label,
+            "notes": list(query.notes),
+            "has_trajectory": query.trajectory is not None,
+            "mc_samples": m,
+        }
+
+
+__all__ = ["AttributionSession", "GalleryItem", "QueryError", "QueryInput", "data_key"]

@@ -1,0 +1,445 @@
+"""On-disk cache of attribution artefacts (banks, factors, projected features, embeddings).
+
+Layout (docs/architecture.md §6: caches record the settings they were built with)::
+
+    root/<checkpoint_hash>/<data_key>/<name>-<settings digest>/
+        settings.json      name, settings, checkpoint hash, data key, array shapes; written last
+        <array>.npy        one per array, memory-mappable
+
+Why this shape:
+
+* The folder name carries a digest of the settings, so a changed setting (M, seed,
+  projection dim, fisher type, ...) can never load an artefact built with other settings.
+* ``settings.json`` repeats everything, so a folder whose content contradicts its name
+  (edited, copied between checkpoints, half-synced) is refused with ``StaleCacheError``
+  instead of silently giving wrong scores.
+* Publishing is atomic: arrays are written into a hidden ``.tmp-*`` folder that is renamed
+  to its final name only when complete, so an interrupted build leaves nothing that loads.
+* Long builds go through ``PartialBuild``: parts are saved one by one in a hidden
+  ``.partial-*`` folder keyed by the same settings; a resumed build keeps the finished
+  parts, and ``publish()`` concatenates them (streamed, via memory maps) and renames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..files import atomic_write_bytes
+from ..model.dataset import ImageDataset
+
+FORMAT = 1
+SETTINGS = "settings.json"
+_ArrayLike = Any  # np.ndarray | torch.Tensor
+
+
+class StaleCacheError(RuntimeError):
+    """A cache folder exists but does not match what it claims to be; the message says which and what to do."""
+
+
+def canonical(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON round trip with sorted keys: tuples become lists, numbers stay numbers."""
+    return json.loads(json.dumps(dict(settings), sort_keys=True, default=_json_default))
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+def settings_digest(settings: Mapping[str, Any]) -> str:
+    """12 hex of SHA-256 of the canonical JSON of the settings: the folder-name key."""
+    text = json.dumps(canonical(settings), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _to_numpy(a: _ArrayLike) -> np.ndarray:
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(a))
+
+
+def _check_key(key: str) -> None:
+    if not key or "/" in key or key.startswith(".") or key == SETTINGS.removesuffix(".json"):
+        raise ValueError(f"bad array name {key!r}")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode())
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def data_key(dataset: ImageDataset) -> str:
+    """Cache key of a training set: name, size and a hash of its images and labels.
+
+    Two data sets with the same name but other content (a subset, other files) get
+    different keys, so a cache can never be scored against the wrong images.
+    """
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(dataset.images.detach().cpu().numpy(), dtype=np.float32).tobytes())
+    if dataset.labels is not None:
+        h.update(np.ascontiguousarray(dataset.labels.cpu().numpy(), dtype=np.int64).tobytes())
+    return f"{dataset.name}-n{len(dataset)}-{h.hexdigest()[:12]}"
+
+
+class Store:
+    """One folder per (checkpoint hash, data, artefact name, settings); atomic writes; refuses stale caches."""
+
+    def __init__(self, root: str | Path, checkpoint_hash: str, data_key: str):
+        for part, what in ((checkpoint_hash, "checkpoint_hash"), (data_key, "data_key")):
+            if not part or "/" in part or part.startswith("."):
+                raise ValueError(f"bad {what} {part!r}")
+        self.root = Path(root)
+        self.checkpoint_hash = checkpoint_hash
+        self.data_key = data_key
+        self.base = self.root / checkpoint_hash / data_key
+
+    # --- naming -------------------------------------------------------------------------
+
+    def path(self, name: str, settings: Mapping[str, Any]) -> Path:
+        """Final folder of artefact ``name`` built with ``settings``."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"bad artefact name {name!r}")
+        return self.base / f"{name}-{settings_digest(settings)}"
+
+    def _manifest(self, name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "name": name,
+            "settings": canonical(settings),
+            "digest": settings_digest(settings),
+            "checkpoint_hash": self.checkpoint_hash,
+            "data_key": self.data_key,
+        }
+
+    # --- validation ---------------------------------------------------------------------
+
+    def validate(self, name: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The folder's manifest if it is a valid cache for these settings, None if absent.
+
+        Raises ``StaleCacheError`` if the folder exists but contradicts its name: different
+        settings, another checkpoint or data set, or missing/truncated arrays.
+        """
+        folder = self.path(name, settings)
+        if not folder.exists():
+            return None
+        fix = f"delete {folder} (or call Store.remove) and build again"
+        mpath = folder / SETTINGS
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StaleCacheError(f"cache {folder} has no readable {SETTINGS} ({e}); {fix}") from e
+        want = self._manifest(name, settings)
+        for key in ("format", "name", "checkpoint_hash", "data_key", "settings"):
+            if manifest.get(key) != want[key]:
+                raise StaleCacheError(
+                    f"cache {folder} is stale or mismatched: its {key} is {manifest.get(key)!r}, "
+                    f"expected {want[key]!r}; {fix}"
+                )
+        for key, info in manifest.get("arrays", {}).items():
+            p = folder / f"{key}.npy"
+            if not p.is_file():
+                raise StaleCacheError(f"cache {folder} is missing array {key}.npy; {fix}")
+            try:
+                a = np.load(p, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise StaleCacheError(f"cache {folder}: array {key}.npy is unreadable ({e}); {fix}") from e
+            if list(a.shape) != list(info["shape"]) or str(a.dtype) != info["dtype"]:
+                raise StaleCacheError(
+                    f"cache {folder}: array {key} has shape {a.shape} {a.dtype}, "
+                    f"settings.json says {tuple(info['shape'])} {info['dtype']}; {fix}"
+                )
+        return manifest
+
+    def exists(self, name: str, settings: Mapping[str, Any]) -> bool:
+        """True when a complete, matching cache is there (a stale folder counts as absent; ``validate`` says why)."""
+        try:
+            return self.validate(name, settings) is not None
+        except StaleCacheError:
+            return False
+
+    # --- whole artefacts ----------------------------------------------------------------
+
+    def save_arrays(
+        self,
+        name: str,
+        settings: Mapping[str, Any],
+        arrays: Mapping[str, _ArrayLike],
+        meta: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write all arrays and publish them atomically; returns the final folder.
+
+        ``meta`` is free-form JSON (timings, notes) stored in settings.json but not part of the key.
+        """
+        final = self.path(name, settings)
+        self.validate(name, settings)  # refuse to shadow a stale folder silently
+        tmp = self._tmp_folder(name, settings)
+        try:
+            infos = {}
+            for key, a in arrays.items():
+                _check_key(key)
+                arr = _to_numpy(a)
+                _save_npy(tmp / f"{key}.npy", arr)
+                infos[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+            self._finish(tmp, final, name, settings, infos, meta)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    def _tmp_folder(self, name: str, settings: Mapping[str, Any]) -> Path:
+        self.base.mkdir(parents=True, exist_ok=True)
+        tmp = self.base / f".tmp-{name}-{settings_digest(settings)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        return tmp
+
+    def _finish(
+        self,
+        tmp: Path,
+        final: Path,
+        name: str,
+        settings: Mapping[str, Any],
+        infos: dict[str, Any],
+        meta: Mapping[str, Any] | None,
+    ) -> None:
+        manifest = self._manifest(name, settings)
+        manifest["arrays"] = infos
+        manifest["meta"] = dict(meta or {})
+        manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        _write_json(tmp / SETTINGS, manifest)
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Someone else published first (same settings, so same content): keep theirs if valid.
+            if self.validate(name, settings) is None:
+                raise
+        _fsync_dir(final.parent)
+
+    def load_arrays(
+        self, name: str, settings: Mapping[str, Any], mmap: bool = True
+    ) -> dict[str, np.ndarray] | None:
+        """The arrays (memory-mapped read-only by default), or None when not built; StaleCacheError if stale."""
+        manifest = self.validate(name, settings)
+        if manifest is None:
+            return None
+        folder = self.path(name, settings)
+        mode = "r" if mmap else None
+        return {
+            k: np.load(folder / f"{k}.npy", mmap_mode=mode, allow_pickle=False) for k in manifest["arrays"]
+        }
+
+    def size_mb(self, name: str, settings: Mapping[str, Any]) -> float:
+        """Disk size of one published artefact in MiB (0 when not built)."""
+        folder = self.path(name, settings)
+        return _folder_size(folder) / 2**20 if folder.is_dir() else 0.0
+
+    def load_meta(self, name: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+        manifest = self.validate(name, settings)
+        return None if manifest is None else dict(manifest.get("meta", {}))
+
+    def remove(self, name: str, settings: Mapping[str, Any]) -> None:
+        """Delete a published artefact and any partial build of it."""
+        for folder in (self.path(name, settings), self._partial_folder(name, settings)):
+            if folder.exists():
+                shutil.rmtree(folder)
+
+    def _partial_folder(self, name: str, settings: Mapping[str, Any]) -> Path:
+        return self.base / f".partial-{name}-{settings_digest(settings)}"
+
+    def partial(self, name: str, settings: Mapping[str, Any], part_size: int, num_items: int) -> PartialBuild:
+        """A resumable build of arrays whose first axis (length ``num_items``) is produced in parts."""
+        return PartialBuild(self, name, settings, part_size, num_items)
+
+    # --- status for the app -------------------------------------------------------------
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What is built for this checkpoint and data: name, settings, size MB, state, folder.
+
+        ``state`` is ``ok``, ``stale`` (refused at load; the reason is in ``reason``) or
+        ``partial`` (a resumable build in progress, with ``parts_done``).
+        """
+        out: list[dict[str, Any]] = []
+        if not self.base.is_dir():
+            return out
+        for folder in sorted(self.base.iterdir()):
+            if not folder.is_dir():
+                continue
+            entry: dict[str, Any] = {"folder": str(folder), "size_mb": _folder_size(folder) / 2**20}
+            if folder.name.startswith(".partial-"):
+                try:
+                    m = json.loads((folder / SETTINGS).read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue
+                done = len(list(folder.glob("part-*.done")))
+                entry.update(name=m.get("name"), settings=m.get("settings", {}), state="partial")
+                entry.update(parts_done=done, parts_total=m.get("num_parts"))
+                out.append(entry)
+                continue
+            if folder.name.startswith("."):
+                continue
+            try:
+                m = json.loads((folder / SETTINGS).read_text())
+                name, settings = m["name"], m["settings"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                entry.update(
+                    name=folder.name, settings={}, state="stale", reason=f"unreadable settings.json: {e}"
+                )
+                out.append(entry)
+                continue
+            entry.update(name=name, settings=settings, meta=m.get("meta", {}), created=m.get("created"))
+            try:
+                if self.path(name, settings) != folder:
+                    raise StaleCacheError(f"folder name {folder.name} does not match its settings.json")
+                self.validate(name, settings)
+                entry["state"] = "ok"
+            except StaleCacheError as e:
+                entry.update(state="stale", reason=str(e))
+            out.append(entry)
+        return out
+
+
+class PartialBuild:
+    """Resumable chunked build: part ``i`` holds items ``[i*part_size, (i+1)*part_size)`` of every array.
+
+    Parts live in ``.partial-<name>-<digest>/`` as ``<array>.part-00000.npy`` plus a
+    ``part-00000.done`` marker written last (so a part cut short is redone, never loaded).
+    ``publish()`` streams the parts into one ``<array>.npy`` each (plus any extra arrays,
+    e.g. an eigendecomposition), publishes atomically and removes the partial folder.
+    """
+
+    def __init__(self, store: Store, name: str, settings: Mapping[str, Any], part_size: int, num_items: int):
+        if part_size < 1 or num_items < 1:
+            raise ValueError("part_size and num_items must be positive")
+        self.store = store
+        self.name = name
+        self.settings = canonical(settings)
+        self.part_size = int(part_size)
+        self.num_items = int(num_items)
+        self.num_parts = -(-self.num_items // self.part_size)
+        self.folder = store._partial_folder(name, settings)
+        manifest = store._manifest(name, settings)
+        manifest.update(part_size=self.part_size, num_items=self.num_items, num_parts=self.num_parts)
+        if self.folder.exists():
+            try:
+                old = json.loads((self.folder / SETTINGS).read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != manifest:  # other chunking or corrupted: finished parts would not line up
+                shutil.rmtree(self.folder)
+        if not self.folder.exists():
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder.with_name(self.folder.name + f".init-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir()
+            _write_json(tmp / SETTINGS, manifest)
+            try:
+                os.rename(tmp, self.folder)
+            except OSError:  # another process (a torchrun rank) created it first: same manifest
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not self.folder.is_dir():
+                    raise
+
+    def part_range(self, i: int) -> slice:
+        return slice(i * self.part_size, min((i + 1) * self.part_size, self.num_items))
+
+    def is_done(self, i: int) -> bool:
+        return (self.folder / f"part-{i:05d}.done").is_file()
+
+    def todo(self) -> list[int]:
+        """Indices of parts still to compute, in order."""
+        return [i for i in range(self.num_parts) if not self.is_done(i)]
+
+    def save_part(self, i: int, arrays: Mapping[str, _ArrayLike]) -> None:
+        rows = self.part_range(i)
+        n = rows.stop - rows.start
+        infos = {}
+        for key, a in arrays.items():
+            _check_key(key)
+            arr = _to_numpy(a)
+            if arr.shape[0] != n:
+                raise ValueError(f"part {i} of {key} has {arr.shape[0]} rows, expected {n}")
+            tmp = self.folder / f".{key}.part-{i:05d}.{uuid.uuid4().hex[:8]}.tmp"
+            _save_npy(tmp, arr)
+            os.replace(tmp, self.folder / f"{key}.part-{i:05d}.npy")
+            infos[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+        _write_json(self.folder / f"part-{i:05d}.done", infos)
+
+    def load_part(self, i: int) -> dict[str, np.ndarray]:
+        infos = json.loads((self.folder / f"part-{i:05d}.done").read_text())
+        return {k: np.load(self.folder / f"{k}.part-{i:05d}.npy", allow_pickle=False) for k in infos}
+
+    def publish(
+        self, extra: Mapping[str, _ArrayLike] | None = None, meta: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Concatenate the parts (all must be done) and ``extra`` arrays into the final folder atomically."""
+        missing = self.todo()
+        if missing:
+            raise RuntimeError(f"cannot publish {self.name}: parts {missing[:5]}... not built")
+        store = self.store
+        final = store.path(self.name, self.settings)
+        store.validate(self.name, self.settings)
+        first = json.loads((self.folder / "part-00000.done").read_text())
+        tmp = store._tmp_folder(self.name, self.settings)
+        try:
+            infos = {}
+            for key, info in first.items():
+                shape = (self.num_items, *info["shape"][1:])
+                out = np.lib.format.open_memmap(
+                    tmp / f"{key}.npy", mode="w+", dtype=info["dtype"], shape=shape
+                )
+                for i in range(self.num_parts):
+                    out[self.part_range(i)] = np.load(self.folder / f"{key}.part-{i:05d}.npy", mmap_mode="r")
+                out.flush()
+                del out
+                infos[key] = {"shape": list(shape), "dtype": info["dtype"]}
+            for key, a in (extra or {}).items():
+                _check_key(key)
+                if key in infos:
+                    raise ValueError(f"extra array {key} clashes with a part array")
+                arr = _to_numpy(a)
+                _save_npy(tmp / f"{key}.npy", arr)
+                infos[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+            store._finish(tmp, final, self.name, self.settings, infos, meta)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
