@@ -110,6 +110,8 @@ def add_bench_compressed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ratios", default="8,32,128", help="target compression ratios (default 8,32,128)")
     p.add_argument("--projections", default="eigen,gaussian", help="projection kinds (default eigen,gaussian)")
     p.add_argument("--candidates", type=int, default=256, help="re-ranked candidates per end (default 256)")
+    p.add_argument("--build-examples", type=int, default=16,
+                   help="examples whose hooks-projected gradients time the build (default 16)")
     p.add_argument("--lds-json", default=None, help="LDS results of the full bank (its kfac entry is copied)")
     p.add_argument("--lds-run", default=None,
                    help="LDS run folder with the K=32 trained subset models (e.g. runs/lds/digits): LDS per variant")
@@ -137,7 +139,7 @@ def cmd_bench_compressed(args: argparse.Namespace) -> int:
             if rec.get("config", {}).get("attribution", {}).get("mc_samples") == config.mc_samples:
                 lds = rec.get("methods", {}).get("kfac", {}).get("lds")
         record = run_compressed_digits(session, _floats(args.ratios), tuple(args.projections.split(",")),
-                                       args.candidates, lds_full=lds,
+                                       args.candidates, build_examples=args.build_examples, lds_full=lds,
                                        lds_run=Path(args.lds_run) if args.lds_run else None)
     except (ValueError, RuntimeError) as e:
         return fail(e)
