@@ -79,9 +79,13 @@ class AttributionConfig:
     ekfac: bool = False
     # K-FAC training-gradient bank: "stored" (int8 on disk, a query is one pass over it),
     # "streamed" (recomputed per query batch: for models whose bank does not fit, docs/architecture.md §8)
-    # or "auto" (stored when N x P int8 bytes <= kfac_bank_max_gb GiB)
+    # "compressed" (per-layer projected gradients, the candidates re-ranked exactly: engine.attribution.compressed_bank)
+    # or "auto" (stored when N x P int8 bytes <= kfac_bank_max_gb GiB, compressed otherwise; streamed only when asked)
     kfac_bank: str = "auto"
     kfac_bank_max_gb: float = 8.0
+    kfac_projection: str = "gaussian"  # compressed bank: eigen | gaussian (engine.attribution.layer_projection)
+    kfac_compression: float = 32.0  # compressed bank: full int8 bank bytes / compressed bank bytes
+    kfac_rerank: int = 256  # compressed bank: candidates re-ranked exactly at each end (0: none)
     trak_dim: int = 2048
     trak_projection: str = "srht"  # srht | rademacher | gaussian (engine.attribution.projection)
     clip_model: str = "ViT-B-32"

@@ -426,6 +426,7 @@ class AttributionSession:
             )
             return
         res.scores = scores
+        res.bank, res.exact = prep.bank, prep.exact
         res.status = "ok"
 
     def _check_query(self, query: QueryInput, meas: Measurement) -> None:

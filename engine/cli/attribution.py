@@ -28,9 +28,15 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kfac-bank",
         default=None,
-        help="K-FAC training-gradient bank: stored (int8 on disk), streamed (recomputed per query: for models "
-        "whose bank does not fit), auto (stored if under 8 GiB; default)",
+        help="K-FAC training-gradient bank: stored (int8 on disk), compressed (per-layer projected, candidates "
+        "re-ranked exactly), streamed (recomputed per query), auto (stored if under 8 GiB, else compressed; default)",
     )
+    p.add_argument("--kfac-projection", choices=("eigen", "gaussian"), default=None,
+                   help="compressed bank: projection kind (default gaussian)")
+    p.add_argument("--kfac-compression", type=float, default=None,
+                   help="compressed bank: full bank bytes / compressed bank bytes (default 32)")
+    p.add_argument("--kfac-rerank", type=int, default=None,
+                   help="compressed bank: candidates re-ranked exactly at each end (default 256; 0: none)")
     p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or ./cache)")
 
 
@@ -78,6 +84,11 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
         if args.kfac_bank not in bank_modes():
             raise ValueError(f"--kfac-bank must be one of {', '.join(bank_modes())}, not {args.kfac_bank!r}")
         changes["kfac_bank"] = args.kfac_bank
+    for key in ("kfac_projection", "kfac_compression", "kfac_rerank"):
+        if getattr(args, key, None) is not None:
+            changes[key] = getattr(args, key)
+    if changes.get("kfac_compression", 1.0) < 1.0 or changes.get("kfac_rerank", 0) < 0:
+        raise ValueError("--kfac-compression must be >= 1 and --kfac-rerank >= 0")
     config = dataclasses.replace(preset.attribution, **changes)
     return AttributionSession(
         preset, checkpoint=ckpt, device=device, cache_root=getattr(args, "cache_root", None), config=config,
@@ -262,6 +273,8 @@ def format_result(result, top_k: int, labels) -> str:
         lines.append(f"{head}  [{times}]")
         if r.reason:
             lines.append(f"  note: {r.reason}")
+        if r.bank_note():
+            lines.append(f"  bank: {r.bank_note()}")
         top_title = "proponents" if r.kind == "influence" else "most similar"
         bottom_title = "opponents" if r.kind == "influence" else "least similar"
         for title, items in ((top_title, r.top(top_k, labels)), (bottom_title, r.bottom(top_k, labels))):
