@@ -30,6 +30,7 @@ from ..config import AttributionConfig
 from ..curvature import KFACFactors, compute_kfac, layout
 from ..damping_grid import COARSE_GRID, DAMPING_GRID, interpolate
 from ..diffusion import MCDraws
+from ..pass_checkpoint import PassCheckpoint
 from .base import AttributionMethod, Prepared, Progress, QueryInput, no_progress
 
 FACTORS = "kfac-factors"
@@ -70,6 +71,7 @@ class KFACInfluence(AttributionMethod):
         self.default_damping = config.kfac_damping
         self.factor_batch = 256  # (example, draw) rows per curvlinops batch
         self.chunk_size = 128  # examples per saved bank part
+        self.checkpoint_rows = 8192  # (example, draw) rows of the factor pass between checkpoints
         self.factors: KFACFactors | None = None
         self.bank: RotatedBank | StreamedBank | None = None
         self._eigenvalues: torch.Tensor | None = None
@@ -151,6 +153,8 @@ class KFACInfluence(AttributionMethod):
             shard.barrier()  # under torchrun rank 0 computes and saves the factors (below)
             factors = KFACFactors.from_arrays(ctx.store.load_arrays(FACTORS, fs, mmap=False), template, ctx.device)
         if factors is None:
+            # resumable: a killed factor pass restarts at its last checkpoint (engine.pass_checkpoint)
+            checkpoint = None if ctx.store is None else PassCheckpoint.for_store(ctx.store, FACTORS, fs)
             draws = ctx.train_draws
             if self.factor_draws is not None and self.factor_draws < len(draws):
                 draws = MCDraws(draws.t[: self.factor_draws], draws.eps[: self.factor_draws])
@@ -166,6 +170,8 @@ class KFACInfluence(AttributionMethod):
                 batch_size=self.factor_batch,
                 seed=self.config.seed,
                 progress=lambda msg, f: progress(f"{self.title}: {msg}", FACTOR_SHARE * f),
+                checkpoint=checkpoint,
+                checkpoint_rows=self.checkpoint_rows,
             )
             if ctx.store is not None:
                 ctx.store.save_arrays(
@@ -174,6 +180,7 @@ class KFACInfluence(AttributionMethod):
                     factors.to_arrays(),
                     meta={"build_seconds": round(time.perf_counter() - t0, 3)},
                 )
+                checkpoint.clear()
                 shard.barrier()  # the other ranks may load them now
         self.factors = factors
         self._eigenvalues = factors.eigenvalues().to(ctx.device)
