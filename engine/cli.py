@@ -181,6 +181,9 @@ def _load_plugins() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .threads import configure_threads
+
+    configure_threads(getattr(args, "command", "") or "")  # commands with --threads set their own after
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

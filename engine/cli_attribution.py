@@ -100,6 +100,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .distributed import init_from_env
+    from .threads import configure_threads
 
     try:
         methods = parse_methods(args.methods)
@@ -113,6 +114,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     for name in names:
         if not shard.is_main and name not in SHARDED_METHODS:
             continue  # one rank is enough; the others wait at the barrier below
+        configure_threads(f"building {name}")  # other processes come and go during a long build
         bar = tqdm(
             total=1000,
             desc=name if shard.world == 1 else f"{name}[{shard.rank}]",

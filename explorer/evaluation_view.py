@@ -225,6 +225,9 @@ def retrain_section(handle: Handle, query: Query | None, s: Settings) -> None:
         "(the control), then compare the measured change of the query's measurement with the change the "
         "method predicted (the sum of the removed images' scores)."
     )
+    if handle.build.status == "running":
+        st.info("Available when the cache build finishes (progress at the top of the page).")
+        return
     if _retrain_job_class() is None:
         st.info("**Not available yet**: the retraining job (engine.retrain_top.RetrainJob) is not part of this build.")
         return
