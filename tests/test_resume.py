@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -177,12 +176,12 @@ _CHILD = textwrap.dedent(
     from engine.unet import build_model
     torch.manual_seed(0)
     model = build_model(TINY_MODEL).eval()
-    data = load_digits().subset(list(range(24)))
-    cfg = AttributionConfig(mc_samples=16, seed=0)
+    data = load_digits().subset(list(range(16)))
+    cfg = AttributionConfig(mc_samples=8, seed=0)
     preset = Preset(name="tiny", model=TINY_MODEL, data=DataConfig(name="digits"))
-    ctx = make_context(preset, model, data, "cpu", cfg, "0" * 16, Store(sys.argv[1], "0" * 16, "d24"))
+    ctx = make_context(preset, model, data, "cpu", cfg, "0" * 16, Store(sys.argv[1], "0" * 16, "d16"))
     m = KFACInfluence(cfg)
-    m.factor_batch, m.checkpoint_rows, m.chunk_size = 8, 32, 8
+    m.factor_batch, m.checkpoint_rows, m.chunk_size = 8, 16, 8
     m.build(ctx, lambda msg, f: print(msg, flush=True))
     print("BUILT", flush=True)
     """
@@ -201,14 +200,13 @@ def test_kill_9_during_the_factor_pass_then_rerun(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(cut)], env=env, stdout=subprocess.PIPE, text=True)
     killed_at = None
     assert proc.stdout is not None
-    for line in proc.stdout:  # 384 rows; kill after a checkpoint exists, in the middle of the pass
-        if "rows" in line and list(cut.rglob(".resume-*.pt")) and int(line.split("/")[0].split()[-1]) >= 200:
+    for line in proc.stdout:  # 128 rows; kill after a checkpoint exists, in the middle of the pass
+        if "rows" in line and list(cut.rglob(".resume-*.pt")) and int(line.split("/")[0].split()[-1]) >= 64:
             killed_at = line.strip()
             os.kill(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert killed_at is not None and proc.returncode == -signal.SIGKILL
-    t0 = time.time()
     again = subprocess.run([sys.executable, str(script), str(cut)], env=env, capture_output=True, text=True)
     assert "BUILT" in again.stdout, again.stderr[-2000:]
     first = next(line for line in again.stdout.splitlines() if "rows" in line)
@@ -217,4 +215,3 @@ def test_kill_9_during_the_factor_pass_then_rerun(tmp_path):
     assert a.keys() == b.keys() and len(a) > 3
     for k in a:
         assert a[k] == b[k], k
-    assert time.time() - t0 < 60

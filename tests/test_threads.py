@@ -9,7 +9,13 @@ import time
 
 import torch
 
-from engine.threads import available_cores, busy_elsewhere, choose_threads, configure_threads, explicit_threads
+from engine.threads import (
+    available_cores,
+    busy_elsewhere,
+    choose_threads,
+    configure_threads,
+    explicit_threads,
+)
 
 
 def test_choose_threads_leaves_busy_cores_alone():
