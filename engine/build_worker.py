@@ -127,6 +127,8 @@ class BuildWorker:
         bar = self._bar()
         summary: dict[str, Any] = {}
         try:
+            with self.lock:
+                self.session.share_gradient_passes(todo)  # K-FAC's bank pass feeds TRAK too
             for k, name in enumerate(todo):
                 self._set(current=name, message=f"{name}: waiting for the model", fraction=k / len(todo))
                 with self.lock:

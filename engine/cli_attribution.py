@@ -111,6 +111,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         return _fail(e)
     names = methods or session.method_names()
     summary: dict[str, dict] = {}
+    session.share_gradient_passes(names)  # one training-gradient pass for K-FAC's bank and TRAK
     for name in names:
         if not shard.is_main and name not in SHARDED_METHODS:
             continue  # one rank is enough; the others wait at the barrier below
@@ -274,3 +275,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return run_from_args(args)
     except (ValueError, RuntimeError) as e:
         return _fail(e)
+
+
+# --- precomputed gallery results -------------------------------------------------------------
+
+
+@register
+def add_precompute(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "precompute",
+        cmd_precompute,
+        help="score the shipped gallery at the default settings for the app's first start",
+        description="Write every built method's full score vector (measurement loss) and K-FAC's damping-grid "
+        "scores for each gallery sample, float16, keyed to the checkpoint hash, the data and the settings "
+        "(engine.precomputed). The app shows them, marked precomputed, while its caches build.",
+    )
+    p.add_argument("--methods", default=None, help=f"comma list from {','.join(ALL_METHODS)} (default: all built)")
+    p.add_argument("--out", default=None, help="output .npz (default: <checkpoint>/precomputed_gallery.npz)")
+    _add_attribution_options(p)
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .precomputed import FILE, PrecomputedGallery, write_precomputed
+
+    try:
+        session = open_session(args)
+        methods = parse_methods(args.methods)
+        out = Path(args.out) if args.out else session.checkpoint / FILE
+        with tqdm(total=len(session.gallery()), desc="gallery", unit="query") as bar:
+            write_precomputed(session, out, methods, progress=lambda i, n: bar.update(1))
+    except (ValueError, RuntimeError) as e:
+        return _fail(e)
+    pre = PrecomputedGallery(out)
+    names = pre.methods_for(session)
+    print(f"wrote {out}: {pre.nbytes / 2**20:.2f} MiB, {len(pre.rows)} gallery samples, methods {', '.join(names)}")
+    return 0

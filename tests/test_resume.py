@@ -215,3 +215,32 @@ def test_kill_9_during_the_factor_pass_then_rerun(tmp_path):
     assert a.keys() == b.keys() and len(a) > 3
     for k in a:
         assert a[k] == b[k], k
+
+
+def test_kfac_bank_pass_feeds_trak(tmp_path, tiny_preset, tiny_model, digits_small, monkeypatch):
+    """One training-gradient pass for both caches: TRAK's build then computes no gradient at all."""
+    import engine.gradients as gradients
+
+    cfg = AttributionConfig(mc_samples=2, seed=0, trak_dim=16)
+    data = digits_small.subset(list(range(10)))
+    alone_ctx = _kfac_ctx(tmp_path / "alone", tiny_preset, tiny_model, data, cfg)
+    alone = TRAK(cfg)
+    alone.part_size = 4
+    alone.build(alone_ctx)
+
+    ctx = _kfac_ctx(tmp_path / "shared", tiny_preset, tiny_model, data, cfg)
+    trak = TRAK(cfg)
+    trak.part_size = 4
+    kfac = _kfac(cfg)
+    sink = trak.feature_sink(ctx)
+    kfac.gradient_consumers = [sink]
+    kfac.build(ctx)
+    assert sink.saved == [0, 1, 2] and kfac.gradient_consumers == []
+
+    def no_gradients(*a, **k):
+        raise AssertionError("TRAK recomputed training gradients")
+
+    monkeypatch.setattr(gradients, "train_loss_grads", no_gradients)
+    trak.build(ctx)
+    np.testing.assert_allclose(trak.train_features(ctx), alone.train_features(alone_ctx), rtol=1e-5, atol=1e-6)
+    assert trak.feature_sink(ctx) is None  # built: nothing to feed

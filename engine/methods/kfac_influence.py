@@ -72,6 +72,8 @@ class KFACInfluence(AttributionMethod):
         self.factor_batch = 256  # (example, draw) rows per curvlinops batch
         self.chunk_size = 128  # examples per saved bank part
         self.checkpoint_rows = 8192  # (example, draw) rows of the factor pass between checkpoints
+        # other caches fed by the bank's gradient pass (``AttributionSession.share_gradient_passes``)
+        self.gradient_consumers: list[Any] = []
         self.factors: KFACFactors | None = None
         self.bank: RotatedBank | StreamedBank | None = None
         self._eigenvalues: torch.Tensor | None = None
@@ -208,7 +210,9 @@ class KFACInfluence(AttributionMethod):
             chunk_size=self.chunk_size,
             device=ctx.device,
             progress=lambda msg, f: progress(f"{self.title}: {msg}", FACTOR_SHARE + (1 - FACTOR_SHARE) * f),
+            consumers=self.gradient_consumers,
         )
+        self.gradient_consumers = []  # used once
         self._key = self._ctx_key(ctx)
         progress(f"{self.title}: ready", 1.0)
 

@@ -125,6 +125,15 @@ class TRAK(AttributionMethod):
     def is_built(self, ctx: Any) -> bool:
         return ctx.store.exists(self.name, self.settings(ctx))
 
+    def feature_sink(self, ctx: Any) -> FeatureSink | None:
+        """A consumer for another pass over the same training-loss gradients (K-FAC's bank pass):
+        it projects what it is given and saves every part it gets complete, so ``build`` only
+        computes what is left.  None when this cache is built or needs other gradients."""
+        if self.loss != "loss" or ctx.store is None or ctx.store.exists(self.name, self.settings(ctx)):
+            return None
+        part = ctx.store.partial(self.name, self.settings(ctx), part_size=self.part_size, num_items=len(ctx.dataset))
+        return FeatureSink(part, self.projection(ctx))
+
     def cache_keys(self, ctx: Any) -> list[tuple[str, dict[str, Any]]]:
         return [(self.name, self.settings(ctx))]
 
@@ -250,3 +259,34 @@ class DTRAK(TRAK):
     def query_measurement(self, measurement: Measurement) -> Measurement:
         """D-TRAK attributes the square norm whatever measurement was asked for."""
         return Measurement("square-norm")
+
+
+class FeatureSink:
+    """Projected training gradients collected from someone else's gradient pass (``feature_sink``).
+
+    phi_i = P^T grad l(x_i) needs exactly the per-example training-loss gradients with the
+    train draws that K-FAC's bank pass computes, so that pass hands each batch here
+    (``consume``); a part of TRAK's resumable build is saved as soon as all its rows arrived.
+    Rows of parts that are already done are ignored; incomplete parts (a pass that resumed in
+    the middle) are left for ``TRAK.build``.
+    """
+
+    def __init__(self, part: Any, projection: RandomProjection):
+        self.part = part
+        self.projection = projection
+        self.buffers: dict[int, dict[int, torch.Tensor]] = {}
+        self.saved: list[int] = []
+
+    def consume(self, rows: slice, grads: torch.Tensor) -> None:
+        feats = self.projection.project(grads.detach()).float().cpu()
+        for r, row in enumerate(range(rows.start, rows.stop)):
+            i = row // self.part.part_size
+            if self.part.is_done(i):
+                continue
+            buf = self.buffers.setdefault(i, {})
+            buf[row] = feats[r]
+            span = self.part.part_range(i)
+            if len(buf) == span.stop - span.start:
+                self.part.save_part(i, {"phi": torch.stack([buf[k] for k in range(span.start, span.stop)])})
+                del self.buffers[i]
+                self.saved.append(i)
