@@ -14,7 +14,7 @@ Two parts, in one run, side by side (the machine is noisy: read ratios):
 Small settings by default (``--examples`` training images, ``--mc-samples`` draws) so that it
 runs in minutes; pass ``--examples 1797 --mc-samples 64`` for the full default build.
 
-    python scripts/bench_busy.py [--examples 256] [--mc-samples 8] [--rows 1024]
+    python scripts/bench_busy.py [--examples 256] [--mc-samples 8] [--seconds 60]
 
 Writes assets/results/bench_busy.json.
 """
@@ -53,15 +53,30 @@ class Busy:
         self.proc.wait()
 
 
-def factor_rate(session: AttributionSession, rows: int, threads: int) -> float:
-    """Rows per minute of the factor pass over the first ``rows`` (example, draw) rows."""
+class _TimeUp(Exception):
+    pass
+
+
+def factor_rate(session: AttributionSession, seconds: float, threads: int) -> float:
+    """Rows per minute of the factor pass, from the rows it finishes within ``seconds`` of wall time."""
     torch.set_num_threads(threads)
     ctx = session.ctx
-    m = len(ctx.train_draws)
-    n = max(1, rows // m)
+    done = [0]
     t0 = time.perf_counter()
-    compute_kfac(ctx.model, ctx.diffusion, ctx.dataset.images[:n], ctx.train_draws, ctx.params, batch_size=256)
-    return n * m / (time.perf_counter() - t0) * 60.0
+
+    def progress(msg: str, frac: float) -> None:
+        done[0] = int(msg.split("/")[0].split()[-1]) - 256  # the batch reported is about to start
+        if time.perf_counter() - t0 > seconds:
+            raise _TimeUp
+
+    try:
+        compute_kfac(
+            ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, ctx.params,
+            batch_size=256, progress=progress,
+        )
+    except _TimeUp:
+        pass
+    return max(done[0], 0) / (time.perf_counter() - t0) * 60.0
 
 
 def cold_build(args: argparse.Namespace, methods: list[str]) -> dict:
@@ -92,7 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=256, help="training images in the cold build")
     ap.add_argument("--mc-samples", type=int, default=8)
-    ap.add_argument("--rows", type=int, default=1024, help="(example, draw) rows per factor-pass timing")
+    ap.add_argument("--seconds", type=float, default=60.0, help="wall time per factor-pass timing")
     ap.add_argument("--methods", default="kfac,trak,dtrak")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
@@ -102,12 +117,12 @@ def main() -> None:
         "cores": cores,
         "loadavg_at_start": os.getloadavg(),
         "busy_elsewhere_at_start": round(busy_elsewhere(), 2),
-        "settings": {"examples": args.examples, "mc_samples": args.mc_samples, "rows": args.rows},
+        "settings": {"examples": args.examples, "mc_samples": args.mc_samples, "factor_seconds": args.seconds},
     }
     print(f"{cores} usable cores; load average {report['loadavg_at_start']}; "
           f"busy elsewhere now {report['busy_elsewhere_at_start']} cores", flush=True)
     s = AttributionSession("digits", config=AttributionConfig(mc_samples=args.mc_samples))
-    factor_rate(s, 256, 1)  # warm-up
+    factor_rate(s, 5.0, 1)  # warm-up
     rates: dict[str, float] = {}
     for label, busy in (("alone", False), ("beside busy", True)):
         for threads in (1, 2):
@@ -115,9 +130,9 @@ def main() -> None:
                 continue
             if busy:
                 with Busy():
-                    r = factor_rate(s, args.rows, threads)
+                    r = factor_rate(s, args.seconds, threads)
             else:
-                r = factor_rate(s, args.rows, threads)
+                r = factor_rate(s, args.seconds, threads)
             rates[f"{threads} thread(s), {label}"] = round(r)
             print(f"factor pass, {threads} thread(s), {label}: {r:,.0f} rows/min", flush=True)
     report["factor_rows_per_min"] = rates

@@ -115,3 +115,38 @@ def test_failed_build_shows_its_reason_and_retries_only_on_request(tiny_app, tmp
     assert handle.worker.wait(TIMEOUT).status == "done" and handle.build.attempts == 2
     at.run()
     _ok(at)
+
+
+@pytest.mark.slow
+def test_precomputed_scores_are_keyed_to_model_and_settings(precomputed_env):
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from engine.precomputed import SLIDER_GRID, PrecomputedGallery
+    from engine.session import AttributionSession
+
+    ckpt = precomputed_env["ATTRIBUTION_CHECKPOINT"]
+    built_cache = precomputed_env["ATTRIBUTION_CACHE"]  # empty: the scores come from the file
+    session = AttributionSession(precomputed_env["ATTRIBUTION_PRESET"], ckpt, "cpu", built_cache)
+    pre = PrecomputedGallery(f"{ckpt}/precomputed_gallery.npz")
+    assert set(pre.methods_for(session)) == {"kfac", "trak", "dtrak", "pixel"}
+    assert pre.nbytes < 200_000
+    # other settings: nothing is shown
+    other = AttributionSession(
+        precomputed_env["ATTRIBUTION_PRESET"], ckpt, "cpu", built_cache,
+        config=dataclasses.replace(session.config, mc_samples=3),
+    )
+    assert pre.methods_for(other) == []
+    # another model (its hash in the key): nothing is shown
+    pre.key = json.loads(json.dumps(pre.key).replace(session.checkpoint_hash, "f" * 16))
+    pre._matching.clear()
+    assert pre.methods_for(session) == []
+    # float16 with a scale: within 1e-3 of the largest score, and the K-FAC grid is there
+    pre = PrecomputedGallery(f"{ckpt}/precomputed_gallery.npz")
+    s0 = pre.scores(0, "kfac")
+    lam = SLIDER_GRID[len(SLIDER_GRID) // 2]
+    s1 = pre.scores(0, "kfac", lam)
+    assert s0 is not None and s1 is not None and not np.allclose(s0, s1)
+    assert pre.scores(0, "trak", 123.0) is None  # TRAK only at its default damping
