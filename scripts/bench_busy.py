@@ -79,8 +79,11 @@ def factor_rate(session: AttributionSession, seconds: float, threads: int) -> fl
     return max(done[0], 0) / (time.perf_counter() - t0) * 60.0
 
 
-def cold_build(args: argparse.Namespace, methods: list[str]) -> dict:
-    """Every method into an empty cache, threads chosen before each method; seconds per method."""
+def cold_build(args: argparse.Namespace, methods: list[str], share: bool = True) -> dict:
+    """Every method into an empty cache, threads chosen before each method; seconds per method.
+
+    ``share``: K-FAC's bank pass also feeds TRAK (``session.share_gradient_passes``, as the CLI
+    and the app's build worker do)."""
     from engine.config import get_preset
     from engine.data import load_dataset
 
@@ -92,6 +95,8 @@ def cold_build(args: argparse.Namespace, methods: list[str]) -> dict:
             "digits", cache_root=tmp, dataset=data, config=AttributionConfig(mc_samples=args.mc_samples)
         )
         t_all = time.perf_counter()
+        if share:
+            out["shared"] = s.share_gradient_passes(methods)
         for name in methods:
             n = choose_threads()
             torch.set_num_threads(n)
