@@ -1,6 +1,6 @@
 """The cache build's panel: live progress in every tab, or the failure with its reason and Retry.
 
-The build itself runs in the server process (``engine.build_worker``, started by
+The build itself runs in the server process (``engine.attribution.build_worker``, started by
 ``runtime.start_build``); this panel only reads its state.  While it runs, a fragment
 re-renders every second (``st.fragment(run_every=...)``) without rerunning the page; when it
 sees the build end, it reruns the whole page once, so the live results replace the

@@ -14,7 +14,7 @@ import logging
 import pandas as pd
 import streamlit as st
 
-from engine.results import QueryResult
+from engine.attribution.results import QueryResult
 from explorer import analysis, figures
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
@@ -66,7 +66,7 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
 
 def _while_building(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """Precomputed scores for a shipped gallery sample at the default settings; else a note with the progress."""
-    from engine.precomputed import precomputed_result
+    from engine.attribution.precomputed import precomputed_result
     from explorer.build_view import pending_note
 
     note = pending_note(handle)

@@ -7,7 +7,7 @@ use them, because there the script's argv is the test runner's).  Command-line f
 
 One ``AttributionSession`` per (preset, checkpoint, cache, device) lives in
 ``st.cache_resource``; widget changes never reload it.  With it lives the process's one
-cache build (``engine.build_worker.BuildWorker``, a thread no tab owns: closing or opening
+cache build (``engine.attribution.build_worker.BuildWorker``, a thread no tab owns: closing or opening
 tabs never stops, restarts or duplicates it; every tab polls its progress).  Heavy calls go
 through ``Handle.lock`` so a query never runs while a method is being built.
 """
@@ -25,9 +25,9 @@ from typing import Any
 
 import streamlit as st
 
-from engine.build_worker import BuildState, BuildWorker
-from engine.precomputed import PrecomputedGallery
-from engine.session import AttributionSession
+from engine.attribution.build_worker import BuildState, BuildWorker
+from engine.attribution.precomputed import PrecomputedGallery
+from engine.attribution.session import AttributionSession
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Handle:
     retrain_jobs: dict[tuple, Any] = field(default_factory=dict)
     status_snapshot: dict[str, dict] | None = None
     worker: BuildWorker | None = None  # the one cache build of this server process
-    precomputed: PrecomputedGallery | None = None  # shipped gallery scores (engine.precomputed)
+    precomputed: PrecomputedGallery | None = None  # shipped gallery scores (engine.attribution.precomputed)
 
     def status(self, refresh: bool = False) -> dict[str, dict]:
         """``session.status()``, remembered: it walks the cache folders, too slow for every rerun."""
@@ -99,8 +99,8 @@ class Handle:
 @st.cache_resource(show_spinner="Loading the model and the training set ...")
 def get_handle(args: AppArgs) -> Handle:
     """The process-wide handle: one session, one build worker, shared by every tab and session."""
+    from engine.attribution.precomputed import FILE
     from engine.paths import cache_root
-    from engine.precomputed import FILE
     from engine.threads import configure_threads
 
     configure_threads("the app")

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
+from engine.attribution.curvature import compute_kfac
+from engine.attribution.session import AttributionSession
 from engine.config import AttributionConfig
-from engine.curvature import compute_kfac
-from engine.session import AttributionSession
 from engine.threads import available_cores, busy_elsewhere, choose_threads
 
 OUT = Path(__file__).resolve().parent.parent / "assets" / "results" / "bench_busy.json"
@@ -85,7 +85,7 @@ def cold_build(args: argparse.Namespace, methods: list[str], share: bool = True)
     ``share``: K-FAC's bank pass also feeds TRAK (``session.share_gradient_passes``, as the CLI
     and the app's build worker do)."""
     from engine.config import get_preset
-    from engine.data import load_dataset
+    from engine.model.data import load_dataset
 
     data = load_dataset(get_preset("digits").data)
     data = data.subset(list(range(min(args.examples, len(data)))))

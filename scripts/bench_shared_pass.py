@@ -2,7 +2,7 @@
 
 K-FAC's bank and TRAK's projections both need the per-example training-loss gradients with
 the train draws; ``AttributionSession.share_gradient_passes`` lets the bank's pass feed TRAK
-(``engine.methods.trak.FeatureSink``).  This builds both into empty temporary caches, once
+(``engine.attribution.methods.trak.FeatureSink``).  This builds both into empty temporary caches, once
 with and once without sharing, alternating the order over ``--reps`` (the machine is noisy),
 and reports seconds per method and the ratio.
 
@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine.attribution.session import AttributionSession
 from engine.config import AttributionConfig, get_preset
-from engine.data import load_dataset
-from engine.session import AttributionSession
+from engine.model.data import load_dataset
 from engine.threads import configure_threads
 
 OUT = Path(__file__).resolve().parent.parent / "assets" / "results" / "bench_shared_pass.json"

@@ -15,13 +15,13 @@ import threading
 import pytest
 from test_app import TIMEOUT, _handle, _ok, _set_env, _texts, tiny_app  # noqa: F401 - fixture
 
-from engine.precomputed import FILE, write_precomputed
+from engine.attribution.precomputed import FILE, write_precomputed
 
 
 @pytest.fixture
 def precomputed_env(tiny_app, tmp_path, monkeypatch):  # noqa: F811 - the fixture imported above
     """A copy of the tiny checkpoint with its precomputed gallery file, and an empty cache."""
-    from engine.session import AttributionSession
+    from engine.attribution.session import AttributionSession
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_app["ATTRIBUTION_CHECKPOINT"], ckpt)
@@ -124,8 +124,8 @@ def test_precomputed_scores_are_keyed_to_model_and_settings(precomputed_env):
 
     import numpy as np
 
-    from engine.precomputed import SLIDER_GRID, PrecomputedGallery
-    from engine.session import AttributionSession
+    from engine.attribution.precomputed import SLIDER_GRID, PrecomputedGallery
+    from engine.attribution.session import AttributionSession
 
     ckpt = precomputed_env["ATTRIBUTION_CHECKPOINT"]
     built_cache = precomputed_env["ATTRIBUTION_CACHE"]  # empty: the scores come from the file

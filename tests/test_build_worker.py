@@ -1,4 +1,4 @@
-"""engine.build_worker: one background build per session, shared by every caller; failures wait for a retry."""
+"""engine.attribution.build_worker: one background build per session, shared by every caller; failures wait for a retry."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from engine.build_worker import BuildWorker
+from engine.attribution.build_worker import BuildWorker
 
 
 class _Session:

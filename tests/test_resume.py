@@ -1,7 +1,7 @@
 """Interrupted builds resume and give the caches of an uninterrupted build, byte for byte.
 
 Covers the three long passes of a cold build: the K-FAC factor pass (checkpointed running
-sums + label generator, ``engine.pass_checkpoint``), the K-FAC bank pass and the TRAK pass
+sums + label generator, ``engine.attribution.pass_checkpoint``), the K-FAC bank pass and the TRAK pass
 (chunked parts, ``Store.partial``).  Interruptions are injected exceptions at a chosen point,
 and one real ``kill -9`` of a subprocess in the middle of the factor pass.
 """
@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.attribution.context import make_context
+from engine.attribution.curvature import compute_kfac
+from engine.attribution.gradients import influence_params
+from engine.attribution.methods.kfac_influence import FACTORS, KFACInfluence
+from engine.attribution.methods.trak import TRAK
+from engine.attribution.pass_checkpoint import PassCheckpoint
+from engine.attribution.store import Store
 from engine.config import AttributionConfig
-from engine.context import make_context
-from engine.curvature import compute_kfac
-from engine.diffusion import make_draws
-from engine.gradients import influence_params
-from engine.methods.kfac_influence import FACTORS, KFACInfluence
-from engine.methods.trak import TRAK
-from engine.pass_checkpoint import PassCheckpoint
-from engine.store import Store
+from engine.model.diffusion import make_draws
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,11 +169,11 @@ _CHILD = textwrap.dedent(
     torch.set_num_threads(1)
     from conftest import TINY_MODEL
     from engine.config import AttributionConfig, Preset, DataConfig
-    from engine.context import make_context
-    from engine.data import load_digits
-    from engine.methods.kfac_influence import KFACInfluence
-    from engine.store import Store
-    from engine.unet import build_model
+    from engine.attribution.context import make_context
+    from engine.model.data import load_digits
+    from engine.attribution.methods.kfac_influence import KFACInfluence
+    from engine.attribution.store import Store
+    from engine.model.unet import build_model
     torch.manual_seed(0)
     model = build_model(TINY_MODEL).eval()
     data = load_digits().subset(list(range(16)))
@@ -219,7 +219,7 @@ def test_kill_9_during_the_factor_pass_then_rerun(tmp_path):
 
 def test_kfac_bank_pass_feeds_trak(tmp_path, tiny_preset, tiny_model, digits_small, monkeypatch):
     """One training-gradient pass for both caches: TRAK's build then computes no gradient at all."""
-    import engine.gradients as gradients
+    import engine.attribution.gradients as gradients
 
     cfg = AttributionConfig(mc_samples=2, seed=0, trak_dim=16)
     data = digits_small.subset(list(range(10)))
