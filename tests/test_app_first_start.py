@@ -124,7 +124,7 @@ def test_precomputed_scores_are_keyed_to_model_and_settings(precomputed_env):
 
     import numpy as np
 
-    from engine.attribution.precomputed import SLIDER_GRID, PrecomputedGallery
+    from engine.attribution.precomputed import PrecomputedGallery
     from engine.attribution.session import AttributionSession
 
     ckpt = precomputed_env["ATTRIBUTION_CHECKPOINT"]
@@ -146,7 +146,8 @@ def test_precomputed_scores_are_keyed_to_model_and_settings(precomputed_env):
     # float16 with a scale: within 1e-3 of the largest score, and the K-FAC grid is there
     pre = PrecomputedGallery(f"{ckpt}/precomputed_gallery.npz")
     s0 = pre.scores(0, "kfac")
-    lam = SLIDER_GRID[len(SLIDER_GRID) // 2]
+    steps = pre.arrays["kfac_grid_damping"]
+    lam = float(steps[len(steps) // 2])
     s1 = pre.scores(0, "kfac", lam)
     assert s0 is not None and s1 is not None and not np.allclose(s0, s1)
     assert pre.scores(0, "trak", 123.0) is None  # TRAK only at its default damping

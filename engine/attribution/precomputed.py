@@ -6,8 +6,8 @@ sample with every available method at the default settings (measurement ``loss``
 default Monte Carlo draws and dampings) and stores, per sample:
 
 * each method's full score vector over the N training images, and
-* K-FAC's scores at every damping of the app's slider (``engine.damping_grid``: the grid's
-  values inside ``SUPPORTED``), so the damping slider works too,
+* K-FAC's scores at every damping of the app's slider (``method_info()["kfac"]["damping_steps"]``:
+  the first-pass grid's values inside K-FAC's damping range), so the damping slider works too,
 
 as float16 with one float32 scale per vector (``scores ~= scale * f16``; influence scores
 span many decades, float16 alone would underflow).  Relative error <= 2^-11 of the vector's
@@ -30,12 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .damping_grid import DAMPING_GRID, SUPPORTED
-
 FILE = "precomputed_gallery.npz"
 FORMAT = 1
 MEASUREMENT = "loss"
-SLIDER_GRID = tuple(g for g in DAMPING_GRID if SUPPORTED[0] <= g <= SUPPORTED[1])
 
 
 def gallery_hash(session: Any) -> str:
@@ -47,7 +44,7 @@ def gallery_hash(session: Any) -> str:
 
 def method_key(session: Any, name: str) -> dict[str, Any]:
     """Everything one method's precomputed scores depend on besides the query."""
-    return {"settings": session._settings(name), "damping": session._default_damping(name)}
+    return {"settings": session.caches._settings(name), "damping": session.method(name).default_damping}
 
 
 def session_key(session: Any, methods: list[str]) -> dict[str, Any]:
@@ -98,8 +95,9 @@ def write_precomputed(
     arrays: dict[str, np.ndarray] = {"indices": np.asarray(idx, dtype=np.int32)}
     packed = {m: np.zeros((len(idx), n), np.float16) for m in names}
     scales = {m: np.zeros(len(idx), np.float32) for m in names}
-    grid = np.zeros((len(idx), len(SLIDER_GRID), n), np.float16) if "kfac" in names else None
-    grid_scales = np.zeros((len(idx), len(SLIDER_GRID)), np.float32)
+    steps = tuple(session.method_info()["kfac"]["damping_steps"]) if "kfac" in names else ()
+    grid = np.zeros((len(idx), len(steps), n), np.float16) if "kfac" in names else None
+    grid_scales = np.zeros((len(idx), len(steps)), np.float32)
     for row, i in enumerate(idx):
         q = session.parse_query(f"gallery:{i}")
         result = session.query(q, MEASUREMENT, methods=names)
@@ -111,7 +109,7 @@ def write_precomputed(
         if grid is not None:
             kfac = result._prepared["kfac"]  # type: ignore[attr-defined]
             method = session.method("kfac")
-            for g, lam in enumerate(SLIDER_GRID):  # the first score() scored the grid: lookups
+            for g, lam in enumerate(steps):  # the first score() scored the grid: lookups
                 grid[row, g], grid_scales[row, g] = _pack(np.asarray(method.score(kfac, lam), dtype=np.float32))
         if progress is not None:
             progress(row + 1, len(idx))
@@ -119,7 +117,7 @@ def write_precomputed(
         arrays[f"scores_{m}"], arrays[f"scale_{m}"] = packed[m], scales[m]
     if grid is not None:
         arrays["kfac_grid"], arrays["kfac_grid_scale"] = grid, grid_scales
-        arrays["kfac_grid_damping"] = np.asarray(SLIDER_GRID, dtype=np.float64)
+        arrays["kfac_grid_damping"] = np.asarray(steps, dtype=np.float64)
     key = session_key(session, names)
     arrays["key"] = np.asarray(json.dumps(_canonical(key), sort_keys=True))
     out = Path(out)
