@@ -303,6 +303,9 @@ def build_bank(
             parts.append(g)
             if progress is not None:
                 progress(f"train gradients {sub.stop}/{n}", sub.stop / n)
+        for c in consumers or ():
+            if hasattr(c, "flush"):
+                c.flush()  # what it buffered of this chunk, before the chunk is saved
         rotated = factors.rotate(torch.cat(parts))
         return _chunk_arrays(rotated, blocks, quantize)
 
