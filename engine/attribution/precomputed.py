@@ -107,7 +107,7 @@ def write_precomputed(
                 raise RuntimeError(f"gallery:{i}: {m} failed: {r.reason}")
             packed[m][row], scales[m][row] = _pack(r.scores)
         if grid is not None:
-            kfac = result._prepared["kfac"]  # type: ignore[attr-defined]
+            kfac = result.prepared["kfac"]
             method = session.method("kfac")
             for g, lam in enumerate(steps):  # the first score() scored the grid: lookups
                 grid[row, g], grid_scales[row, g] = _pack(np.asarray(method.score(kfac, lam), dtype=np.float32))
