@@ -20,6 +20,7 @@ continues where the last one stopped.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -72,6 +73,7 @@ class BuildWorker:
         self.wanted = methods
         self.terminal = terminal
         self.on_done = on_done
+        self.nice = 10  # the build thread yields the CPU to the pages being served (Linux)
         self._state = BuildState()
         self._guard = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -124,6 +126,7 @@ class BuildWorker:
     # --- the job ---------------------------------------------------------------------------
 
     def _run(self, todo: list[str]) -> None:
+        _lower_priority(self.nice)
         bar = self._bar()
         summary: dict[str, Any] = {}
         try:
@@ -170,3 +173,16 @@ class BuildWorker:
             file=sys.stderr,
             mininterval=1.0,
         )
+
+
+def _lower_priority(increment: int) -> None:
+    """Raise this thread's nice value (Linux: per thread), so that rendering the pages and answering
+    queries in the same process come first; the build's torch work runs in this thread (one
+    intra-op thread on a busy machine, ``engine.threads``)."""
+    if increment <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except OSError:
+        log.debug("could not lower the build thread's priority", exc_info=True)
