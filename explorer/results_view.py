@@ -28,6 +28,8 @@ CELL = 64  # pixels per thumbnail (8x8 digits: factor 8), plus a 4-pixel white f
 def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """The query's result at the current damping, computing or re-scoring only what changed."""
     session = handle.session
+    if handle.build.status == "running":  # no live query while the model is being built
+        return _while_building(handle, query, s)
     base = (query.key, s.measurement, s.mc_samples)
     store = st.session_state.get("result_cache")
     if store is None or store["base"] != base:
@@ -62,6 +64,27 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     return shown
 
 
+def _while_building(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
+    """Precomputed scores for a shipped gallery sample at the default settings; else a note with the progress."""
+    from engine.attribution.precomputed import precomputed_result
+    from explorer.build_view import pending_note
+
+    note = pending_note(handle)
+    result = precomputed_result(
+        handle.session, handle.precomputed, query.key, s.measurement, s.mc_samples, s.damping_dict,
+        pending_reason=f"not precomputed for these settings; {note}",
+    )
+    if result is None:
+        st.info(f"Results for {query.title.lower()} with these settings will be {note}.")
+        return None
+    st.info(
+        "**Precomputed results** (shipped with this model for the gallery at the default settings: "
+        f"measurement `loss`, {handle.session.config.mc_samples} Monte Carlo draws, default dampings). "
+        f"Live results for any query and setting will be {note}."
+    )
+    return result
+
+
 # --- method columns ----------------------------------------------------------------------
 
 
@@ -93,7 +116,9 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             notes = []
             if r.damping is not None:
                 notes.append(f"damping {r.damping:.1e}")
-            if r.reason:
+            if r.reason == "precomputed":
+                notes.append("**precomputed**")
+            elif r.reason:
                 notes.append(r.reason)
             if r.bank_note():
                 notes.append(r.bank_note())

@@ -218,7 +218,13 @@ class AttributionSession:
         ``rebuild``: first verify the caches (checksums included) and delete those that fail.
         A corrupt cache otherwise comes back with status "corrupt" and the store's message.
         """
-        return self.caches.build(self._resolve_methods(methods), progress, rebuild=rebuild)
+        names = self._resolve_methods(methods)
+        self.share_gradient_passes(names)
+        return self.caches.build(names, progress, rebuild=rebuild)
+
+    def share_gradient_passes(self, names: list[str]) -> list[str]:
+        """One training-gradient pass for K-FAC's bank and TRAK (``MethodCaches.share_gradient_passes``)."""
+        return self.caches.share_gradient_passes(names)
 
     def cache_problem(self, name: str) -> str | None:
         """Why method ``name``'s cache exists but is refused (``MethodCaches.cache_problem``), or None."""
