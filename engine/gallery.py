@@ -1,7 +1,8 @@
 """The shipped query gallery and the sample-quality report of a checkpoint.
 
 ``make_gallery`` draws n samples with recorded trajectories (so every measurement,
-trajectory included, works instantly in the app) and labels them with a classifier.
+trajectory included, works instantly in the app) and labels them with the preset's
+classifier (``engine.label_classifier``; mnist: its held-out check is ``mnist_quality``).
 ``digits_quality`` answers "do the samples look like digits?" with a number: a
 scikit-learn logistic regression trained on the real digits classifies samples, and
 we report the fraction classified with probability >= 0.8, next to the same figure
@@ -20,6 +21,7 @@ from torch import nn
 
 from .config import Preset
 from .data import ImageDataset, to_unit_range
+from .label_classifier import classifier_for, heldout_quality
 from .sampling import generate, save_grid
 
 GALLERY = "gallery.npz"
@@ -58,8 +60,9 @@ def make_gallery(
         "sample_index": np.arange(n, dtype=np.int64),
         "trajectory": traj.numpy().astype(np.float32),
     }
-    if dataset is not None and dataset.labels is not None and preset.data.name == "digits":
-        labels, _ = classify(digits_classifier(dataset), images)
+    clf = classifier_for(preset, dataset)
+    if clf is not None:
+        labels, _ = classify(clf, images)
         arrays["labels"] = labels.astype(np.int64)
     path = Path(folder) / GALLERY
     tmp = path.with_name(".gallery.tmp.npz")
@@ -86,6 +89,13 @@ def digits_quality(
         "samples_class_histogram": np.bincount(lab_s, minlength=10).tolist(),
         "note": "classifier: sklearn LogisticRegression on all 1,797 real digits (training accuracy set)",
     }
+
+
+def mnist_quality(model: nn.Module, preset: Preset, n: int = 256, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+    """The held-out check of ``engine.label_classifier.heldout_quality`` on n samples (seed ``seed``)."""
+    clf = classifier_for(preset, None)
+    samples, _ = generate(model, preset, n, seed, device=device, progress=True)
+    return {"seed": seed, **heldout_quality(clf, samples)}
 
 
 def plot_loss_curve(log_path: str | Path, out_png: str | Path) -> None:
@@ -121,5 +131,8 @@ def write_assets(
     report: dict[str, Any] = {}
     if preset.data.name == "digits":
         report = digits_quality(model, preset, dataset, device=device)
+    elif preset.data.name == "mnist" and preset.data.root is None:
+        report = mnist_quality(model, preset, device=device)
+    if report:
         (folder / "sample_quality.json").write_text(json.dumps(report, indent=2))
     return report
