@@ -2,7 +2,7 @@
 
 ``make_gallery`` draws n samples with recorded trajectories (so every measurement,
 trajectory included, works instantly in the app) and labels them with the preset's
-classifier (``engine.label_classifier``; mnist: its held-out check is ``mnist_quality``).
+classifier (``engine.label_classifier``; mnist's quality report is its held-out check).
 ``digits_quality`` answers "do the samples look like digits?" with a number: a
 scikit-learn logistic regression trained on the real digits classifies samples, and
 we report the fraction classified with probability >= 0.8, next to the same figure
@@ -91,13 +91,6 @@ def digits_quality(
     }
 
 
-def mnist_quality(model: nn.Module, preset: Preset, n: int = 256, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
-    """The held-out check of ``engine.label_classifier.heldout_quality`` on n samples (seed ``seed``)."""
-    clf = classifier_for(preset, None)
-    samples, _ = generate(model, preset, n, seed, device=device, progress=True)
-    return {"seed": seed, **heldout_quality(clf, samples)}
-
-
 def plot_loss_curve(log_path: str | Path, out_png: str | Path) -> None:
     import matplotlib
 
@@ -125,14 +118,18 @@ def write_assets(
     folder = Path(folder)
     if (folder / "train_log.json").is_file():
         plot_loss_curve(folder / "train_log.json", folder / "train_loss.png")
-    grid, _ = generate(model, preset, 64, 0, device=device, progress=True)
-    save_grid(grid, folder / "samples_grid.png", nrow=8, scale=6)
-    make_gallery(model, preset, folder, dataset, device=device)
     report: dict[str, Any] = {}
+    if preset.data.name == "mnist" and preset.data.root is None:
+        # one draw of 256 (seed 0) serves the held-out check and, its first 64, the grid
+        samples, _ = generate(model, preset, 256, 0, device=device, progress=True)
+        report = {"seed": 0, **heldout_quality(classifier_for(preset, None), samples)}
+        save_grid(samples[:64], folder / "samples_grid.png", nrow=8, scale=3)
+    else:
+        grid, _ = generate(model, preset, 64, 0, device=device, progress=True)
+        save_grid(grid, folder / "samples_grid.png", nrow=8, scale=6)
+    make_gallery(model, preset, folder, dataset, device=device)
     if preset.data.name == "digits":
         report = digits_quality(model, preset, dataset, device=device)
-    elif preset.data.name == "mnist" and preset.data.root is None:
-        report = mnist_quality(model, preset, device=device)
     if report:
         (folder / "sample_quality.json").write_text(json.dumps(report, indent=2))
     return report
