@@ -197,7 +197,7 @@ def _mnist_preset() -> Preset:
         diffusion=DiffusionConfig(num_timesteps=100, beta_start=1e-3, beta_end=0.2),
         data=DataConfig(name="mnist", image_size=28, channels=1, levels=256, per_class=100),
         train=TrainConfig(
-            steps=1500,
+            steps=1000,
             batch_size=32,
             lr=2e-3,
             warmup_frac=0.05,

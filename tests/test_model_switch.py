@@ -32,3 +32,14 @@ def test_no_switch_for_other_models_or_explicit_checkpoints(tmp_path, monkeypatc
 def test_shipped_checkpoints_live_in_assets():
     assert engine.paths.default_checkpoint("mnist") == engine.paths.ASSETS / "mnist"
     assert engine.paths.default_checkpoint("cifar2").parts[-2:] == ("runs", "cifar2")
+
+
+def test_thumbnails_are_whole_multiples_of_the_image():
+    from explorer.images import display
+    from explorer.results_view import cell_size
+
+    assert (cell_size(8), cell_size(28), cell_size(32), cell_size(100)) == (64, 56, 64, 100)
+    import torch
+
+    thumb = display(torch.zeros(1, 28, 28), cell_size(28), border=4)
+    assert thumb.shape == (56 + 8, 56 + 8)
