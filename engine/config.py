@@ -46,7 +46,7 @@ class DataConfig:
     levels: int = 17
     flip: bool = False
     seed: int = 0  # for subset selection (CIFAR-2, MNIST)
-    per_class: int = 2500  # CIFAR-2 images per class (paper: 2,500 cars + 2,500 horses); MNIST: at most
+    per_class: int = 2500  # CIFAR-2 images per class (paper: 2,500 cars + 2,500 horses); MNIST: at most this many
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def _mnist_preset() -> Preset:
         diffusion=DiffusionConfig(num_timesteps=100, beta_start=1e-3, beta_end=0.2),
         data=DataConfig(name="mnist", image_size=28, channels=1, levels=256, per_class=100),
         train=TrainConfig(
-            steps=1000,
+            steps=1600,
             batch_size=32,
             lr=2e-3,
             warmup_frac=0.05,
