@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from engine.config import DataConfig, get_preset
-from engine.data import DataError, load_dataset
-from engine.data_mnist import SHIPPED, per_class_indices, read_idx, read_idx_pair, read_shipped
+from engine.model.data import DataError, load_dataset
+from engine.model.data_mnist import SHIPPED, per_class_indices, read_idx, read_idx_pair, read_shipped
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -135,7 +135,7 @@ def test_shipped_bad_npz(tmp_path):
 def test_mnist_preset_data_and_model_shapes():
     import torch
 
-    from engine.unet import build_model
+    from engine.model.unet import build_model
 
     preset = get_preset("mnist")
     ds = load_dataset(preset.data)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine.config import get_preset
-from engine.data_mnist import read_shipped
-from engine.label_classifier import classifier_for, heldout_quality, split_halves
+from engine.model.data_mnist import read_shipped
+from engine.model.label_classifier import classifier_for, heldout_quality, split_halves
 
 
 def test_split_halves_partition_and_seed():

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.cli import main
+from engine.cli.main import main
 from engine.config import ModelConfig, get_preset
 
 pytestmark = pytest.mark.slow  # ~15 s of CPU (a minute on the loaded shared machine)
@@ -39,8 +39,8 @@ def tiny_mnist(tmp_path_factory):
     path.write_text(preset.to_json())
     ckpt = root / "ckpt"
     assert main(["train", "--preset", str(path), "--out", str(ckpt)]) == 0
-    from engine.checkpoint import load_checkpoint
-    from engine.gallery import make_gallery
+    from engine.model.checkpoint import load_checkpoint
+    from engine.model.gallery import make_gallery
 
     model, _, _ = load_checkpoint(ckpt)
     make_gallery(model, preset, ckpt, dataset=None, n=2, seed=3)  # mnist labels come from the shipped half

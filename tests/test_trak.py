@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from engine.attribution.methods import make_method
+from engine.attribution.methods.base import QueryInput
+from engine.attribution.methods.trak import DTRAK, TRAK
+from engine.attribution.projection import TILE_ROWS, RandomProjection
+from engine.attribution.store import Store
 from engine.config import AttributionConfig
-from engine.diffusion import make_draws
-from engine.measurements import Measurement, diffusion_loss, parse_measurement, square_norm
-from engine.methods import make_method
-from engine.methods.base import QueryInput
-from engine.methods.trak import DTRAK, TRAK
-from engine.projection import TILE_ROWS, RandomProjection
-from engine.store import Store
+from engine.model.diffusion import make_draws
+from engine.model.measurements import Measurement, diffusion_loss, parse_measurement, square_norm
 
 # --- projection ---------------------------------------------------------------------------
 
@@ -97,14 +97,14 @@ N, M = 10, 3
 
 def _last_layers(model) -> list[tuple[str, torch.nn.Parameter]]:
     """The output conv and the last ResNet conv: few enough parameters for dense P x P algebra."""
-    from engine.gradients import influence_params
+    from engine.attribution.gradients import influence_params
 
     params = influence_params(model)
     return params[-4:]
 
 
 def _ctx(tmp_path, model, diffusion, dataset, config, params=None):
-    from engine.gradients import influence_params
+    from engine.attribution.gradients import influence_params
 
     params = influence_params(model) if params is None else params
     draws = make_draws(M, tuple(dataset.images.shape[1:]), diffusion.T, seed=config.seed)
@@ -222,7 +222,7 @@ def test_trak_build_resumes_after_interruption(tmp_path, tiny_model, diffusion, 
     ctx = _ctx(tmp_path, tiny_model, diffusion, small_data, config, params=_last_layers(tiny_model))
     method = TRAK(config)
     method.part_size = 4
-    import engine.gradients as gradients
+    import engine.attribution.gradients as gradients
 
     real = gradients.train_loss_grads
     seen: list[int] = []
@@ -259,8 +259,8 @@ def test_trak_with_engine_context_and_measurement_grad(
     tmp_path, tiny_preset, tiny_model, diffusion, small_data
 ):
     """End to end with the real EngineContext (all influence params, random projection)."""
-    from engine.context import make_context
-    from engine.gradients import measurement_grad
+    from engine.attribution.context import make_context
+    from engine.attribution.gradients import measurement_grad
 
     config = AttributionConfig(mc_samples=2, trak_dim=32)
     store = Store(tmp_path / "cache", "0badc0de0badc0de", "digits-10")

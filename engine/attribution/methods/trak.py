@@ -1,0 +1,248 @@
+"""TRAK and D-TRAK baselines (DESIGN.md 5).
+
+TRAK (Park et al. 2023), as adapted to diffusion models (Georgiev et al. 2023; Zheng et al.
+2024), with a random projection P (``engine.attribution.projection``, E[P P^T] = I):
+
+    phi_i = P^T grad l(x_i)        (train loss gradients, M draws of (t, eps) each)
+    phi_q = P^T grad m(q)          (query measurement gradient, from the session)
+    F     = (1/N) sum_i phi_i phi_i^T            (empirical Fisher in the projected space)
+    tau_i = (1/N) phi_q^T (F + lambda I)^{-1} phi_i
+
+which is DESIGN.md 4's tau_i = (1/N) grad m^T (G + lambda I)^{-1} grad l_i with G the
+empirical Fisher, in projected coordinates: same sign (positive = proponent) and scale
+as K-FAC Influence, with lambda on the scale of G for the mean loss.
+
+F = V diag(s) V^T is eigendecomposed once at build time and the bank is stored rotated,
+Z = Phi V (N x k).  A query is rotated once, z_q = V^T phi_q, and then
+
+    tau = (1/N) Z (z_q / (s + lambda))
+
+so changing lambda costs one division and one (N x k) matvec, no gradient.
+
+D-TRAK (Zheng et al. 2024) is the same code path with the square-norm output function
+(1/D)||eps_theta(x_t, t)||^2 in place of both the training loss and the measurement.
+Float32 features throughout (paper G.3: float16 degrades TRAK); F is accumulated and
+eigendecomposed in float64 and stored in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ... import distributed
+from ...config import AttributionConfig
+from ...model.measurements import Measurement
+from ..projection import TILE_ROWS, RandomProjection
+from .base import AttributionMethod, Prepared, Progress, QueryInput, no_progress
+
+FORMAT = 1
+
+
+def draws_digest(draws: Any) -> str:
+    """16 hex of SHA-256 of the draws' t and eps: caches record exactly which draws they used."""
+    h = hashlib.sha256()
+    h.update(draws.t.detach().cpu().numpy().astype(np.int64).tobytes())
+    h.update(draws.eps.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def params_signature(params: list[tuple[str, torch.nn.Parameter]]) -> str:
+    """16 hex digest of the parameter names and shapes, in flat order (which coordinates a gradient has)."""
+    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in params)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class TRAK(AttributionMethod):
+    """TRAK with the diffusion training loss; scores on DESIGN.md 4's scale."""
+
+    name = "trak"
+    title = "TRAK"
+    kind = "influence"
+    caption = (
+        "Random projections of per-example gradients, with an empirical-Fisher curvature "
+        "(Park et al. 2023). Positive: removing that image would make the query less likely."
+    )
+    needs_gradient = True
+    loss = "loss"  # which per-example function's gradient forms phi_i
+    batch_size = 32  # examples per gradient batch
+    part_size = 256  # examples per saved part (resumable build)
+
+    def __init__(self, config: AttributionConfig | None = None, projection: str | None = None):
+        self.config = config or AttributionConfig()
+        self.projection_kind = projection or self.config.trak_projection
+        self.default_damping = self._config_damping(self.config)
+        self._loaded: dict[str, dict[str, Any]] = {}
+        self._projections: dict[str, RandomProjection] = {}
+
+    @staticmethod
+    def _config_damping(config: AttributionConfig) -> float:
+        return float(config.trak_damping)
+
+    # --- settings and cache -------------------------------------------------------------
+
+    def projection(self, ctx: Any) -> RandomProjection:
+        """The seeded projection for this context (k = config.trak_dim, capped at P)."""
+        p = ctx.num_params
+        k = p if self.projection_kind == "identity" else min(int(ctx.config.trak_dim), p)
+        key = f"{self.projection_kind}-{p}-{k}-{ctx.config.seed}-{ctx.device}"
+        if key not in self._projections:
+            self._projections[key] = RandomProjection(
+                p, k, seed=int(ctx.config.seed), kind=self.projection_kind, device=ctx.device
+            )
+        return self._projections[key]
+
+    def settings(self, ctx: Any) -> dict[str, Any]:
+        """Everything the cached bank depends on (the Store keys its folder by this)."""
+        p = ctx.num_params
+        k = p if self.projection_kind == "identity" else min(int(ctx.config.trak_dim), p)
+        return {
+            "format": FORMAT,
+            "method": self.name,
+            "loss": self.loss,
+            "mc_samples": len(ctx.train_draws),
+            "seed": int(ctx.config.seed),
+            "draws": draws_digest(ctx.train_draws),
+            "num_train": len(ctx.dataset),
+            "params": params_signature(ctx.params),
+            "projection": {
+                "kind": self.projection_kind,
+                "dim": k,
+                "seed": int(ctx.config.seed),
+                "num_params": p,
+                "tile_rows": TILE_ROWS,
+            },
+        }
+
+    def is_built(self, ctx: Any) -> bool:
+        return ctx.store.exists(self.name, self.settings(ctx))
+
+    def cache_keys(self, ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        return [(self.name, self.settings(ctx))]
+
+    def build(self, ctx: Any, progress: Progress = no_progress) -> None:
+        """Project every training gradient (resumable, in parts), then eigendecompose F once."""
+        settings = self.settings(ctx)
+        if ctx.store.exists(self.name, settings):
+            self._load(ctx)
+            return
+        from ..gradients import train_loss_grads  # the K-FAC helper's module; imported when needed
+
+        t0 = time.perf_counter()
+        proj = self.projection(ctx)
+        images = ctx.dataset.images
+        n = len(images)
+        part = ctx.store.partial(self.name, settings, part_size=self.part_size, num_items=n)
+        shard = distributed.current()  # under torchrun: this rank's parts only (engine.distributed)
+        todo = shard.mine(part.todo())
+        for count, i in enumerate(todo):
+            rows = part.part_range(i)
+            feats = torch.empty((rows.stop - rows.start, proj.dim), dtype=torch.float32)
+            grads = train_loss_grads(
+                ctx,  # its model and params (the influence parameters, ctx.params order)
+                ctx.diffusion,
+                images[rows].to(ctx.device),
+                ctx.train_draws,
+                loss=self.loss,
+                batch_size=self.batch_size,
+                progress=no_progress,
+            )
+            for sl, g in grads:
+                feats[sl] = proj.project(g.to(ctx.device)).float().cpu()
+            part.save_part(i, {"phi": feats})
+            progress(f"{self.title}: projected gradients {rows.stop}/{n}", 0.9 * (count + 1) / len(todo))
+        shard.barrier()
+        if not shard.is_main:
+            shard.barrier()  # rank 0 eigendecomposes and publishes
+            self._load(ctx)
+            return
+        progress(f"{self.title}: eigendecomposing the projected Fisher", 0.92)
+        # F = (1/N) sum_i phi_i phi_i^T, accumulated in float64 part by part.
+        k = proj.dim
+        fisher = torch.zeros((k, k), dtype=torch.float64, device=ctx.device)
+        for i in range(part.num_parts):
+            phi = torch.from_numpy(part.load_part(i)["phi"]).to(ctx.device, torch.float64)
+            fisher.addmm_(phi.T, phi)
+        fisher /= n
+        evals, evecs = torch.linalg.eigh(fisher)
+        evals = evals.clamp_min(0.0).float()
+        evecs = evecs.float()
+        rotated = torch.empty((n, k), dtype=torch.float32)
+        for i in range(part.num_parts):
+            phi = torch.from_numpy(part.load_part(i)["phi"]).to(ctx.device)
+            rotated[part.part_range(i)] = (phi @ evecs).cpu()
+        part.publish(
+            extra={"eigvals": evals.cpu(), "eigvecs": evecs.cpu(), "phi_eig": rotated},
+            meta={"build_seconds": time.perf_counter() - t0},
+        )
+        shard.barrier()
+        progress(f"{self.title}: built", 1.0)
+        self._load(ctx)
+
+    def _load(self, ctx: Any) -> dict[str, Any]:
+        settings = self.settings(ctx)
+        key = str(ctx.store.path(self.name, settings))
+        if key not in self._loaded:
+            arrays = ctx.store.load_arrays(self.name, settings)
+            if arrays is None:
+                raise RuntimeError(f"{self.title} is not built yet: call build() first")
+            self._loaded[key] = {
+                "eigvals": torch.from_numpy(np.array(arrays["eigvals"])),
+                "eigvecs": torch.from_numpy(np.array(arrays["eigvecs"])),
+                "phi_eig": torch.from_numpy(np.array(arrays["phi_eig"])),
+            }
+        return self._loaded[key]
+
+    def train_features(self, ctx: Any) -> np.ndarray:
+        """Phi (N x k): the projected training gradients as stored."""
+        arrays = ctx.store.load_arrays(self.name, self.settings(ctx))
+        if arrays is None:
+            raise RuntimeError(f"{self.title} is not built yet")
+        return np.array(arrays["phi"])
+
+    # --- queries ------------------------------------------------------------------------
+
+    def prepare(self, ctx: Any, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
+        """z_q = V^T P^T grad m(q): everything about the query that does not depend on lambda."""
+        if query_grad is None:
+            raise ValueError(f"{self.title} needs the query's measurement gradient")
+        t0 = time.perf_counter()
+        state = self._load(ctx)
+        phi_q = self.projection(ctx).project(query_grad.reshape(-1).detach()).float().cpu()
+        t1 = time.perf_counter()
+        z_q = state["eigvecs"].T @ phi_q
+        t2 = time.perf_counter()
+        data = {"z_q": z_q, "eigvals": state["eigvals"], "phi_eig": state["phi_eig"]}
+        return Prepared(data=data, timing_ms={"project": (t1 - t0) * 1e3, "rotate": (t2 - t1) * 1e3})
+
+    def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
+        """tau = (1/N) Z (z_q / (s + lambda)); lambda defaults to this method's configured damping."""
+        lam = self.default_damping if damping is None else float(damping)
+        d = prepared.data
+        n = d["phi_eig"].shape[0]
+        w = d["z_q"] / (d["eigvals"] + lam)
+        return (d["phi_eig"] @ w / n).numpy().astype(np.float32)
+
+
+class DTRAK(TRAK):
+    """D-TRAK: TRAK with the square-norm function for both training features and the measurement."""
+
+    name = "dtrak"
+    title = "D-TRAK"
+    caption = (
+        "TRAK with gradients of the model output's squared norm in place of the loss "
+        "(Zheng et al. 2024); always uses the square-norm measurement."
+    )
+    loss = "square-norm"
+
+    @staticmethod
+    def _config_damping(config: AttributionConfig) -> float:
+        return float(config.dtrak_damping)
+
+    def query_measurement(self, measurement: Measurement) -> Measurement:
+        """D-TRAK attributes the square norm whatever measurement was asked for."""
+        return Measurement("square-norm")
