@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.cli.main import main
+from engine.cli.parser import main
 from engine.config import ModelConfig, get_preset
 
 pytestmark = pytest.mark.slow  # ~15 s of CPU (a minute on the loaded shared machine)

@@ -31,7 +31,7 @@ import torch
 
 from ..config import DataConfig
 from ..paths import ASSETS
-from .data import DataError, ImageDataset
+from .dataset import DataError, ImageDataset
 
 SHIPPED = ASSETS / "mnist" / "mnist_10k.npz"
 IDX_IMAGES = "train-images-idx3-ubyte"

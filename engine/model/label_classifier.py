@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import Preset
-from .data import ImageDataset, to_unit_range
+from .dataset import ImageDataset, to_unit_range
 
 CONFIDENT = 0.8
 REQUIRED_RATIO = 0.9
