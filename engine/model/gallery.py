@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import jsonio
 from ..config import Preset
 from .data import ImageDataset, to_unit_range
 from .label_classifier import classifier_for, heldout_quality
@@ -131,5 +132,5 @@ def write_assets(
     if preset.data.name == "digits":
         report = digits_quality(model, preset, dataset, device=device)
     if report:
-        (folder / "sample_quality.json").write_text(json.dumps(report, indent=2))
+        (folder / "sample_quality.json").write_text(jsonio.dumps(report, indent=2))
     return report
