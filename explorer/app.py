@@ -22,7 +22,7 @@ def main() -> None:
     st.set_page_config(page_title="Diffusion Attribution Explorer", page_icon="🔎", layout="wide")
     from explorer import runtime
 
-    args = runtime.parse_args()
+    args = runtime.choose_model(runtime.parse_args())
     try:
         handle = runtime.get_handle(args)
     except Exception as e:  # noqa: BLE001 - a missing checkpoint/data set is a message, not a traceback

@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 CELL = 64  # pixels per thumbnail (8x8 digits: factor 8), plus a 4-pixel white frame
 
 
+def cell_size(side: int) -> int:
+    """Thumbnail side: a whole multiple of the image side near CELL, so browsers never resample
+    (8x8: 64 px; 28x28 MNIST: 56 px; 32x32: 64 px)."""
+    return side * max(1, CELL // side)
+
+
 def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """The query's result at the current damping, computing or re-scoring only what changed."""
     session = handle.session
@@ -126,16 +132,17 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             similarity = r.kind == "similarity"
             top, bottom = r.top(s.top_k, labels), r.bottom(s.top_k, labels)
             st.markdown("**Most similar**" if similarity else "**Proponents** · removing them makes the query less likely")
+            cell = cell_size(max(ds.shape[1:]))
             st.image(
-                [display(ds.images[x.index], CELL, border=4) for x in top],
+                [display(ds.images[x.index], cell, border=4) for x in top],
                 caption=[_caption(ds, x.index, x.score) for x in top],
-                width=CELL + 8,
+                width=cell + 8,
             )
             st.markdown("**Least similar**" if similarity else "**Opponents** · removing them makes the query more likely")
             st.image(
-                [display(ds.images[x.index], CELL, border=4) for x in bottom],
+                [display(ds.images[x.index], cell, border=4) for x in bottom],
                 caption=[_caption(ds, x.index, x.score) for x in bottom],
-                width=CELL + 8,
+                width=cell + 8,
             )
 
 

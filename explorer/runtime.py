@@ -76,6 +76,38 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     )
 
 
+SWITCHABLE_PRESETS = ("digits", "mnist")  # shipped models the sidebar can switch between
+
+
+def model_choices(args: AppArgs) -> list[str]:
+    """Shipped presets the sidebar offers: only when the app serves a shipped preset's own checkpoint."""
+    from engine.paths import default_checkpoint
+
+    if args.checkpoint is not None or args.preset not in SWITCHABLE_PRESETS:
+        return []
+    return [p for p in SWITCHABLE_PRESETS if (default_checkpoint(p) / "model.safetensors").is_file()]
+
+
+def choose_model(args: AppArgs) -> AppArgs:
+    """A sidebar switch between the shipped models (digits | mnist); each keeps its own cached session."""
+    import dataclasses
+
+    choices = model_choices(args)
+    if len(choices) < 2:
+        return args
+    labels = {"digits": "digits (8x8)", "mnist": "MNIST (28x28)"}
+    choice = st.sidebar.radio(
+        "Model",
+        choices,
+        index=choices.index(args.preset),
+        format_func=lambda p: labels.get(p, p),
+        horizontal=True,
+        key="model_preset",
+        help="digits: scikit-learn's 1,797 8x8 digits. MNIST: 1,000 real 28x28 MNIST digits.",
+    )
+    return dataclasses.replace(args, preset=choice)
+
+
 @dataclass
 class Handle:
     """The cached session plus what every browser tab shares: a lock, the build, generated samples, retrain jobs."""
