@@ -7,12 +7,13 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ASSETS = REPO_ROOT / "assets"
+SHIPPED_PRESETS = ("digits", "mnist")
 
 
 def default_checkpoint(preset_name: str) -> Path:
-    """digits ships in ``assets/digits``; other presets train into ``runs/<preset>``."""
-    if preset_name == "digits":
-        return ASSETS / "digits"
+    """digits and mnist ship in ``assets/<preset>``; other presets train into ``runs/<preset>``."""
+    if preset_name in SHIPPED_PRESETS:
+        return ASSETS / preset_name
     return REPO_ROOT / "runs" / preset_name
 
 

@@ -97,15 +97,19 @@ def check_train_config(tc: Any, where: str = "train") -> None:
     _need(tc.checkpoint_every >= 1, f"{where}.checkpoint_every", "at least 1", tc.checkpoint_every)
 
 
-def check_attribution_config(ac: Any, where: str = "attribution") -> None:
-    """Ranges of the attribution settings (``AttributionConfig``)."""
+def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tuple[str, ...] | None = None) -> None:
+    """Ranges of the attribution settings (``AttributionConfig``).
+
+    ``bank_modes``: the valid ``kfac_bank`` values (``attribution.bank_kinds.bank_modes()``; bank kinds
+    register themselves, so the caller that knows the registry passes them; None skips that check)."""
     _need(ac.mc_samples >= 1, f"{where}.mc_samples (--mc-samples)", "at least 1", ac.mc_samples)
     _need(ac.trak_dim >= 1, f"{where}.trak_dim (--trak-dim)", "at least 1", ac.trak_dim)
     for name in ("kfac_damping", "trak_damping", "dtrak_damping"):
         check_damping(getattr(ac, name), f"{where}.{name}")
     _need(ac.fisher_type in ("mc", "empirical"), f"{where}.fisher_type", "'mc' or 'empirical'", ac.fisher_type)
     _need(ac.kfac_approx in ("expand", "reduce"), f"{where}.kfac_approx", "'expand' or 'reduce'", ac.kfac_approx)
-    _need(ac.kfac_bank in ("auto", "stored", "streamed"), f"{where}.kfac_bank", "auto, stored or streamed", ac.kfac_bank)
+    if bank_modes is not None:
+        _need(ac.kfac_bank in bank_modes, f"{where}.kfac_bank", "one of " + ", ".join(bank_modes), ac.kfac_bank)
     _need(_finite(ac.kfac_bank_max_gb) and ac.kfac_bank_max_gb > 0, f"{where}.kfac_bank_max_gb", "> 0", ac.kfac_bank_max_gb)
 
 

@@ -22,20 +22,24 @@ def main() -> None:
     st.set_page_config(page_title="Diffusion Attribution Explorer", page_icon="🔎", layout="wide")
     from explorer import runtime
 
-    args = runtime.parse_args()
+    args = runtime.choose_model(runtime.parse_args())
     try:
         handle = runtime.get_handle(args)
     except Exception as e:  # noqa: BLE001 - a missing checkpoint/data set is a message, not a traceback
         st.title("Diffusion Attribution Explorer")
         st.error(f"Cannot load the model for preset `{args.preset}`: {e}")
         st.stop()
-    try:
-        runtime.ensure_built(handle)
-    except Exception as e:  # noqa: BLE001
-        st.error(f"Building the attribution caches failed: {type(e).__name__}: {e}")
-        st.stop()
+    runtime.start_build(handle)  # returns at once: the build is the server's, not this tab's
 
-    from explorer import about_view, controls, evaluation_view, groups_view, query_view, results_view
+    from explorer import (
+        about_view,
+        build_view,
+        controls,
+        evaluation_view,
+        groups_view,
+        query_view,
+        results_view,
+    )
 
     session = handle.session
     st.title("Diffusion Attribution Explorer")
@@ -44,6 +48,7 @@ def main() -> None:
         f"{'x'.join(map(str, session.shape))}) · checkpoint `{session.checkpoint_hash}` · "
         "which training images made this image likely, and which made it unlikely?"
     )
+    build_view.build_panel(handle)
     query = query_view.choose_query(handle)
     has_traj = query is not None and query.input.trajectory is not None
     settings = controls.choose_settings(handle, has_traj)

@@ -81,6 +81,9 @@ def _gallery(handle: Handle, gallery: list) -> Query:
 
 
 def _generate(handle: Handle) -> Query | None:
+    if handle.build.status == "running":  # the factor pass's hooks are on the model meanwhile
+        st.info("New samples can be generated when the cache build finishes (progress at the top of the page).")
+        return None
     busy = st.session_state.get("busy") == "generate"
     st.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, step=1, key="gen_seed", disabled=busy)
     st.button(
@@ -101,7 +104,10 @@ def _generate(handle: Handle) -> Query | None:
                     bar.progress(fraction, text=message)
 
                 cb = throttled(show)
-                q = handle.session.generate(pending, progress=lambda i, n: cb(f"DDPM step {i}/{n}", i / max(n, 1)))
+                with handle.lock:
+                    q = handle.session.generate(
+                        pending, progress=lambda i, n: cb(f"DDPM step {i}/{n}", i / max(n, 1))
+                    )
                 handle.generated[pending] = q
                 bar.empty()
             st.session_state["generated_seed"] = pending

@@ -25,9 +25,17 @@ log = logging.getLogger(__name__)
 CELL = 64  # pixels per thumbnail (8x8 digits: factor 8), plus a 4-pixel white frame
 
 
+def cell_size(side: int) -> int:
+    """Thumbnail side: a whole multiple of the image side near CELL, so browsers never resample
+    (8x8: 64 px; 28x28 MNIST: 56 px; 32x32: 64 px)."""
+    return side * max(1, CELL // side)
+
+
 def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """The query's result at the current damping, computing or re-scoring only what changed."""
     session = handle.session
+    if handle.build.status == "running":  # no live query while the model is being built
+        return _while_building(handle, query, s)
     base = (query.key, s.measurement, s.mc_samples)
     store = st.session_state.get("result_cache")
     if store is None or store["base"] != base:
@@ -62,6 +70,27 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     return shown
 
 
+def _while_building(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
+    """Precomputed scores for a shipped gallery sample at the default settings; else a note with the progress."""
+    from engine.attribution.precomputed import precomputed_result
+    from explorer.build_view import pending_note
+
+    note = pending_note(handle)
+    result = precomputed_result(
+        handle.session, handle.precomputed, query.key, s.measurement, s.mc_samples, s.damping_dict,
+        pending_reason=f"not precomputed for these settings; {note}",
+    )
+    if result is None:
+        st.info(f"Results for {query.title.lower()} with these settings will be {note}.")
+        return None
+    st.info(
+        "**Precomputed results** (shipped with this model for the gallery at the default settings: "
+        f"measurement `loss`, {handle.session.config.mc_samples} Monte Carlo draws, default dampings). "
+        f"Live results for any query and setting will be {note}."
+    )
+    return result
+
+
 # --- method columns ----------------------------------------------------------------------
 
 
@@ -93,7 +122,9 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             notes = []
             if r.damping is not None:
                 notes.append(f"damping {r.damping:.1e}")
-            if r.reason:
+            if r.reason == "precomputed":
+                notes.append("**precomputed**")
+            elif r.reason:
                 notes.append(r.reason)
             if r.bank_note():
                 notes.append(r.bank_note())
@@ -101,16 +132,17 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             similarity = r.kind == "similarity"
             top, bottom = r.top(s.top_k, labels), r.bottom(s.top_k, labels)
             st.markdown("**Most similar**" if similarity else "**Proponents** · removing them makes the query less likely")
+            cell = cell_size(max(ds.shape[1:]))
             st.image(
-                [display(ds.images[x.index], CELL, border=4) for x in top],
+                [display(ds.images[x.index], cell, border=4) for x in top],
                 caption=[_caption(ds, x.index, x.score) for x in top],
-                width=CELL + 8,
+                width=cell + 8,
             )
             st.markdown("**Least similar**" if similarity else "**Opponents** · removing them makes the query more likely")
             st.image(
-                [display(ds.images[x.index], CELL, border=4) for x in bottom],
+                [display(ds.images[x.index], cell, border=4) for x in bottom],
                 caption=[_caption(ds, x.index, x.score) for x in bottom],
-                width=CELL + 8,
+                width=cell + 8,
             )
 
 

@@ -7,8 +7,10 @@ ATTRIBUTION_CACHE and ATTRIBUTION_DEVICE do the same (tests and ``streamlit.test
 use them, because there the script's argv is the test runner's).  Command-line flags win.
 
 One ``AttributionSession`` per (preset, checkpoint, cache, device) lives in
-``st.cache_resource``; widget changes never reload it.  Heavy calls go through
-``Handle.lock`` so two browser tabs never build or query the same model at once.
+``st.cache_resource``; widget changes never reload it.  With it lives the process's one
+cache build (``engine.attribution.build_worker.BuildWorker``, a thread no tab owns: closing or opening
+tabs never stops, restarts or duplicates it; every tab polls its progress).  Heavy calls go
+through ``Handle.lock`` so a query never runs while a method is being built.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 
 import streamlit as st
 
+from engine.attribution.build_worker import BuildState, BuildWorker
+from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
 from explorer.job_queue import JobQueue
 
@@ -72,9 +76,41 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     )
 
 
+SWITCHABLE_PRESETS = ("digits", "mnist")  # shipped models the sidebar can switch between
+
+
+def model_choices(args: AppArgs) -> list[str]:
+    """Shipped presets the sidebar offers: only when the app serves a shipped preset's own checkpoint."""
+    from engine.paths import default_checkpoint
+
+    if args.checkpoint is not None or args.preset not in SWITCHABLE_PRESETS:
+        return []
+    return [p for p in SWITCHABLE_PRESETS if (default_checkpoint(p) / "model.safetensors").is_file()]
+
+
+def choose_model(args: AppArgs) -> AppArgs:
+    """A sidebar switch between the shipped models (digits | mnist); each keeps its own cached session."""
+    import dataclasses
+
+    choices = model_choices(args)
+    if len(choices) < 2:
+        return args
+    labels = {"digits": "digits (8x8)", "mnist": "MNIST (28x28)"}
+    choice = st.sidebar.radio(
+        "Model",
+        choices,
+        index=choices.index(args.preset),
+        format_func=lambda p: labels.get(p, p),
+        horizontal=True,
+        key="model_preset",
+        help="digits: scikit-learn's 1,797 8x8 digits. MNIST: 1,000 real 28x28 MNIST digits.",
+    )
+    return dataclasses.replace(args, preset=choice)
+
+
 @dataclass
 class Handle:
-    """The cached session plus what every browser tab shares: a lock, generated samples, retrain jobs."""
+    """The cached session plus what every browser tab shares: a lock, the build, generated samples, retrain jobs."""
 
     session: AttributionSession
     args: AppArgs
@@ -83,10 +119,9 @@ class Handle:
     generated: dict[int, Any] = field(default_factory=dict)  # seed -> QueryInput (with trajectory)
     retrain_jobs: dict[tuple, Any] = field(default_factory=dict)
     retrain_queue: JobQueue = field(default_factory=JobQueue)  # replaced by get_handle with the server's cap
-    build_summary: dict[str, Any] | None = None
-    build_seconds: float | None = None
-    ready: bool = False  # caches checked (and built) once for this process
     status_snapshot: dict[str, dict] | None = None
+    worker: BuildWorker | None = None  # the one cache build of this server process
+    precomputed: PrecomputedGallery | None = None  # shipped gallery scores (engine.attribution.precomputed)
 
     def status(self, refresh: bool = False) -> dict[str, dict]:
         """``session.status()``, remembered: it walks the cache folders, too slow for every rerun."""
@@ -94,20 +129,45 @@ class Handle:
             self.status_snapshot = self.session.status()
         return self.status_snapshot
 
+    @property
+    def build(self) -> BuildState:
+        return self.worker.state if self.worker is not None else BuildState(status="done")
+
+    @property
+    def ready(self) -> bool:
+        """Every available cache is built (live queries may run)."""
+        return self.build.status == "done"
+
+    @property
+    def build_summary(self) -> dict[str, Any] | None:
+        return self.build.summary or None
+
+    @property
+    def build_seconds(self) -> float | None:
+        b = self.build
+        return b.elapsed_s if b.started is not None else None
+
 
 @st.cache_resource(show_spinner="Loading the model and the training set ...")
 def get_handle(args: AppArgs) -> Handle:
+    """The process-wide handle: one session, one build worker, shared by every tab and session."""
+    from engine.attribution.precomputed import FILE
     from engine.paths import cache_root
+    from engine.threads import configure_threads
 
+    configure_threads("the app")
     session = AttributionSession(
         preset=args.preset, checkpoint=args.checkpoint, device=args.device, cache_root=args.cache
     )
-    return Handle(
+    handle = Handle(
         session=session,
         args=args,
         cache_root=Path(args.cache) if args.cache else cache_root(),
         retrain_queue=JobQueue(max_running=args.max_retrain_jobs),
     )
+    handle.precomputed = PrecomputedGallery.load(session.checkpoint / FILE)
+    handle.worker = BuildWorker(session, handle.lock, on_done=lambda _: handle.status(refresh=True))
+    return handle
 
 
 def throttled(update: Callable[[str, float], None], every_s: float = 0.15) -> Callable[[str, float], None]:
@@ -129,43 +189,31 @@ def missing_caches(handle: Handle) -> list[str]:
     return [n for n, s in status.items() if s.get("available") and not s.get("built")]
 
 
-def ensure_built(handle: Handle) -> None:
-    """Build missing caches once per checkpoint, showing what is built and how far it is.
+def start_build(handle: Handle) -> BuildState:
+    """Start the process's cache build if caches are missing and it is not running or failed.
 
-    The build runs in the script thread under the handle's lock: a second tab waits
-    (and then finds everything built) instead of starting the same work again.
+    Called on every script run; it returns at once.  A failed build stays failed until the
+    Retry button (``retry_build``): never restarted in a loop.
     """
-    if handle.ready:
-        return
-    if not missing_caches(handle):
-        handle.ready = True
-        return
+    assert handle.worker is not None
+    state = handle.worker.state
+    if state.status == "idle":
+        handle.worker.start()
+    return handle.worker.state
+
+
+def retry_build(handle: Handle) -> None:
+    assert handle.worker is not None
+    handle.worker.start()
+
+
+def build_message(handle: Handle, state: BuildState | None = None) -> str:
+    """One line for the page: what is being built and how far it is."""
+    state = state or handle.build
     info = handle.session.method_info()
-    box = st.empty()
-    with box.container():
-        st.subheader("Preparing the explorer")
-        note = st.empty()
-        bar = st.progress(0.0, text="waiting for the build lock ...")
-    with handle.lock:
-        todo = missing_caches(handle)  # another tab may have built them meanwhile
-        if todo:
-            titles = ", ".join(info.get(n, {}).get("title", n) for n in todo)
-            note.info(
-                f"First start for checkpoint `{handle.session.checkpoint_hash}`: building the attribution caches "
-                f"for {titles} (training-set gradients, curvature, projections). This happens once; the caches "
-                f"are saved under `{handle.cache_root}` and reused on every later start."
-            )
-
-            def show(message: str, fraction: float) -> None:
-                name, sep, rest = message.partition(": ")  # the session prefixes the method name
-                title = info.get(name, {}).get("title")
-                if sep and title:
-                    message = rest if rest.startswith(title) else f"{title}: {rest}"
-                bar.progress(fraction, text=f"{message} ({fraction:.0%})")
-
-            t0 = time.perf_counter()
-            handle.build_summary = handle.session.build(todo, progress=throttled(show))
-            handle.build_seconds = time.perf_counter() - t0
-            handle.status(refresh=True)
-        handle.ready = True
-    box.empty()
+    msg = state.message
+    name, sep, rest = msg.partition(": ")  # the session prefixes the method name
+    title = info.get(name, {}).get("title")
+    if sep and title:
+        msg = rest if rest.startswith(title) else f"{title}: {rest}"
+    return f"{msg} ({state.fraction:.0%}, {state.elapsed_s / 60:.1f} min so far)"

@@ -162,7 +162,11 @@ def _count_calls(monkeypatch, obj, name: str) -> list:
 def test_first_start_builds_caches_and_shows_every_method(fresh_env):
     at = _start(fresh_env)
     handle = _handle()
-    assert handle.build_summary is not None, "the app should have built the missing caches on its first run"
+    assert handle.build.status in ("running", "done"), "the first run starts the server's build"
+    assert handle.worker.wait(TIMEOUT).status == "done"
+    at.run()
+    _ok(at)
+    assert handle.build_summary is not None, "the app should have built the missing caches"
     built = {n for n, v in handle.build_summary.items() if v["status"] == "ok"}
     assert {"kfac", "trak", "dtrak"} <= built
     status = handle.session.status()

@@ -271,6 +271,7 @@ def build_bank(
     grad_batch: int = 16,
     device: torch.device | str | None = None,
     progress: Callable[[str, float], None] | None = None,
+    consumers: list[Any] | None = None,
 ) -> RotatedBank:
     """Compute (or load) the bank of rotated per-example training gradients.
 
@@ -278,6 +279,9 @@ def build_bank(
     interrupted build resumes at the first missing chunk), the result is published
     atomically under ``(name, settings)`` and loaded memory-mapped.  Without a store the
     bank stays in memory.  ``settings`` must name everything the bank depends on.
+
+    ``consumers``: objects with ``consume(rows, grads)`` that get every batch of training
+    gradients this pass computes (TRAK's ``FeatureSink``: one gradient pass feeds both caches).
     """
     device = torch.device(device) if device is not None else params[0][1].device
     settings = dict(settings or {})
@@ -293,9 +297,15 @@ def build_bank(
         parts = []
         for s in range(rows.start, rows.stop, grad_batch):
             sub = slice(s, min(rows.stop, s + grad_batch))
-            parts.append(per_example_grads(model, diffusion, images[sub], draws, loss, params).detach())
+            g = per_example_grads(model, diffusion, images[sub], draws, loss, params).detach()
+            for c in consumers or ():
+                c.consume(sub, g)
+            parts.append(g)
             if progress is not None:
                 progress(f"train gradients {sub.stop}/{n}", sub.stop / n)
+        for c in consumers or ():
+            if hasattr(c, "flush"):
+                c.flush()  # what it buffered of this chunk, before the chunk is saved
         rotated = factors.rotate(torch.cat(parts))
         return _chunk_arrays(rotated, blocks, quantize)
 

@@ -185,6 +185,26 @@ class MethodCaches:
             }
         return summary
 
+    def share_gradient_passes(self, names: list[str]) -> list[str]:
+        """When K-FAC's bank and TRAK are both to be built, let the bank's pass over the training-loss
+        gradients (same draws, same parameters) feed TRAK's projections too: one gradient pass
+        instead of two.  D-TRAK needs square-norm gradients and keeps its own pass.  Returns the
+        methods that will be fed.  Call before building (the session's ``build`` does; a caller
+        that builds one method at a time -- the CLI, the app's build worker -- calls it once with
+        all of them)."""
+        kfac, trak = self.methods.get("kfac"), self.methods.get("trak")
+        if "kfac" not in names or "trak" not in names or kfac is None or trak is None:
+            return []
+        if not hasattr(kfac, "gradient_consumers") or not hasattr(trak, "feature_sink"):
+            return []
+        if kfac.is_built(self.ctx) or kfac.bank_mode(self.ctx) != "stored":
+            return []
+        sink = trak.feature_sink(self.ctx)
+        if sink is None:
+            return []
+        kfac.gradient_consumers = [sink]
+        return ["trak"]
+
     def load(self, names: list[str]) -> dict[str, float]:
         """Load every *built* cache now (factors, banks memory-mapped, features) so the first query
         is as fast as the others; builds nothing.  Returns seconds per method loaded."""

@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ from torch import nn
 
 from ..model.diffusion import Diffusion, MCDraws
 from .gradients import Params
+from .pass_checkpoint import PassCheckpoint
 
 FISHER_TYPES = ("mc", "empirical", "type-2")
 KFAC_APPROX = ("expand", "reduce")
@@ -220,6 +222,9 @@ class DrawRows:
 
     Yields ``(X, y)`` with X = [x_t flattened, t] (batch, D+1) and y = eps flattened (batch, D).
     ``on_batch(rows_done, rows_total)`` is called after each batch is produced.
+    ``on_start()`` (called when iteration begins) returns the row to start at (a resumed pass);
+    ``between(rows_done)`` is called before each batch and once at the end, when the consumer
+    has finished every batch before ``rows_done`` (where a checkpoint can be taken).
     """
 
     def __init__(
@@ -229,12 +234,16 @@ class DrawRows:
         draws: MCDraws,
         batch_size: int,
         on_batch: Callable[[int, int], None] | None = None,
+        on_start: Callable[[], int] | None = None,
+        between: Callable[[int], None] | None = None,
     ):
         self.diffusion = diffusion
         self.images = images
         self.draws = draws
         self.batch_size = int(batch_size)
         self.on_batch = on_batch
+        self.on_start = on_start
+        self.between = between
         self.total = images.shape[0] * len(draws)
 
     def __len__(self) -> int:
@@ -244,7 +253,10 @@ class DrawRows:
         m = len(self.draws)
         t_all = self.draws.t.to(self.images.device)
         eps_all = self.draws.eps.to(self.images.device, self.images.dtype)
-        for s in range(0, self.total, self.batch_size):
+        start = self.on_start() if self.on_start is not None else 0
+        for s in range(start, self.total, self.batch_size):
+            if self.between is not None:
+                self.between(s)
             r = torch.arange(s, min(self.total, s + self.batch_size), device=self.images.device)
             x0, t, eps = self.images[r // m], t_all[r % m], eps_all[r % m]
             xt = self.diffusion.q_sample(x0, t, eps)
@@ -252,13 +264,61 @@ class DrawRows:
             if self.on_batch is not None:
                 self.on_batch(int(r[-1]) + 1, self.total)
             yield X, eps.flatten(1)
+        if self.between is not None:
+            self.between(self.total)
+
+
+class _FactorResume:
+    """Checkpoints of the factor pass (``engine.attribution.pass_checkpoint``): every ``every`` rows (a multiple
+    of the batch size) the accumulated covariances and curvlinops' label generator are saved; a
+    new pass restores them and starts at the saved row, so it adds exactly what an uninterrupted
+    pass would have added, in the same order."""
+
+    def __init__(self, checkpoint: PassCheckpoint, every: int, batch_size: int):
+        self.checkpoint = checkpoint
+        self.every = max(batch_size, (int(every) // batch_size) * batch_size)
+        self.op: Any = None  # the curvlinops operator, set once created
+        self.total = 0
+        self.last = 0
+        self.resumed_at = 0
+
+    def start(self) -> int:
+        if self.op is None:  # curvlinops peeks at the first batch while it is being created
+            return 0
+        state = self.checkpoint.load()
+        if state is None:
+            return 0
+        op = self.op
+        op._input_covariances.clear()
+        op._input_covariances.update({k: v.to(op.device).clone() for k, v in state["input_covariances"].items()})
+        op._gradient_covariances.clear()
+        op._gradient_covariances.update({k: v.to(op.device).clone() for k, v in state["gradient_covariances"].items()})
+        op._generator.set_state(state["generator"])
+        self.last = self.resumed_at = int(state["rows"])
+        return self.last
+
+    def between(self, rows: int) -> None:
+        if self.op is None or rows <= self.last or (rows % self.every and rows != self.total):
+            return
+        op = self.op
+        self.checkpoint.save(
+            {
+                "rows": rows,
+                "input_covariances": {k: v.detach().clone() for k, v in op._input_covariances.items()},
+                "gradient_covariances": {k: v.detach().clone() for k, v in op._gradient_covariances.items()},
+                "generator": op._generator.get_state(),
+            }
+        )
+        self.last = rows
 
 
 def _eigh(factor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     f64 = factor.detach().double()
     f64 = 0.5 * (f64 + f64.T)
     evals, evecs = torch.linalg.eigh(f64)
-    return evals.clamp(min=0.0).to(dtype), evecs.to(dtype)
+    # contiguous: factors loaded from the cache are, and a matmul's rounding depends on the layout,
+    # so a build that computed its factors and one that loaded them give the same bank bytes
+    return evals.clamp(min=0.0).to(dtype).contiguous(), evecs.to(dtype).contiguous()
 
 
 def compute_kfac(
@@ -273,12 +333,19 @@ def compute_kfac(
     batch_size: int = 256,
     seed: int = 0,
     progress: Callable[[str, float], None] | None = None,
+    checkpoint: PassCheckpoint | None = None,
+    checkpoint_rows: int = 8192,
 ) -> KFACFactors:
     """K-FAC (or EK-FAC) factors of the GGN/Fisher of L over the N x M (example, draw) rows.
 
     ``images`` (N, C, H, W) and ``draws`` (M) are the training set and the train-gradient
     draws (common random numbers).  ``seed`` seeds the sampled labels of the MC-Fisher.
     ``type-2`` (exact GGN, D backward passes per batch) is for tests.
+
+    ``checkpoint``: save the pass's running state every ``checkpoint_rows`` (example, draw)
+    rows and resume from it (``_FactorResume``); a resumed pass gives the same factors as an
+    uninterrupted one.  The caller clears it once the factors are stored.  (EK-FAC's
+    eigenvalue-correction pass is not checkpointed.)
     """
     from curvlinops import EKFACLinearOperator, KFACLinearOperator
 
@@ -300,7 +367,29 @@ def compute_kfac(
             what = "K-FAC factors" if state["pass"] == 0 else "EK-FAC eigenvalues"
             progress(f"{what}: {done}/{total} (example, draw) rows", (state["pass"] + done / total) / passes)
 
-    loader = DrawRows(diffusion, images, draws, batch_size, on_batch)
+    resume = None
+    if checkpoint is not None:
+        checkpoint = checkpoint.with_signature(
+            {
+                "rows": images.shape[0] * len(draws),
+                "batch_size": int(batch_size),
+                "seed": int(seed),
+                "fisher_type": fisher_type,
+                "kfac_approx": kfac_approx,
+                "dtype": str(dtype),
+                "blocks": [(b.name, list(b.shape)) for b in factors.blocks],
+            }
+        )
+        resume = _FactorResume(checkpoint, checkpoint_rows, batch_size)
+    loader = DrawRows(
+        diffusion,
+        images,
+        draws,
+        batch_size,
+        None,  # set below: curvlinops peeks at a batch while it is created, which is no progress
+        on_start=None if resume is None else resume.start,
+        between=None if resume is None else resume.between,
+    )
     wrapper = _FlatEps(model, tuple(images.shape[1:])).eval()
     op_cls = EKFACLinearOperator if ekfac else KFACLinearOperator
     op = op_cls(
@@ -316,6 +405,9 @@ def compute_kfac(
         separate_weight_and_bias=True,
         num_data=loader.total,
     )
+    loader.on_batch = on_batch
+    if resume is not None:
+        resume.op, resume.total = op, loader.total
     try:
         op.compute_kronecker_factors()
         mod_name = {id(m): n for n, m in wrapper.named_modules()}
@@ -338,6 +430,7 @@ def compute_kfac(
             op._input_covariances.clear()
             op._gradient_covariances.clear()
             state["pass"] = 1
+            loader.on_start = loader.between = None  # the correction pass starts from scratch
             op.compute_eigenvalue_correction()
             for lf in factors.layers:
                 corrected = op._corrected_eigenvalues[curv_names[lf.name]]

@@ -255,13 +255,14 @@ class QuerySources:
         return q
 
     def _predict_label(self, image: torch.Tensor) -> int | None:
-        """Digits only: the label a logistic regression on the real digits gives (for display and agreement)."""
-        if self.preset.data.name != "digits" or self.dataset.labels is None:
-            return None
-        from ..model.gallery import classify, digits_classifier
+        """The label the preset's pixel classifier gives (engine.model.label_classifier; digits, mnist), else None."""
+        from ..model.label_classifier import classifier_for, classify
 
         if self._classifier is None:
-            self._classifier = digits_classifier(self.dataset)
+            clf = classifier_for(self.preset, self.dataset)
+            self._classifier = False if clf is None else clf
+        if self._classifier is False:
+            return None
         labels, _ = classify(self._classifier, image[None])
         return int(labels[0])
 

@@ -45,6 +45,7 @@ from ..model.measurements import Measurement, parse_measurement
 from ..paths import best_device, default_checkpoint
 from ..paths import cache_root as default_cache_root
 from ..validation import check_attribution_config, check_damping
+from .bank_kinds import bank_modes
 from .caches import MethodCaches
 from .context import EngineContext
 from .damping_grid import damping_steps
@@ -90,7 +91,7 @@ class AttributionSession:
         if wanted.data.root:
             self.preset = self.preset.replace(data={"root": wanted.data.root})
         self.config: AttributionConfig = config or wanted.attribution
-        check_attribution_config(self.config)  # M, projection dim, dampings, bank mode: refused up front
+        check_attribution_config(self.config, bank_modes=bank_modes())  # M, projection dim, dampings, bank mode: refused up front
         self.preset = self.preset.replace(attribution=self.config)
         self.checkpoint = folder
         self.checkpoint_extra = extra
@@ -217,7 +218,13 @@ class AttributionSession:
         ``rebuild``: first verify the caches (checksums included) and delete those that fail.
         A corrupt cache otherwise comes back with status "corrupt" and the store's message.
         """
-        return self.caches.build(self._resolve_methods(methods), progress, rebuild=rebuild)
+        names = self._resolve_methods(methods)
+        self.share_gradient_passes(names)
+        return self.caches.build(names, progress, rebuild=rebuild)
+
+    def share_gradient_passes(self, names: list[str]) -> list[str]:
+        """One training-gradient pass for K-FAC's bank and TRAK (``MethodCaches.share_gradient_passes``)."""
+        return self.caches.share_gradient_passes(names)
 
     def cache_problem(self, name: str) -> str | None:
         """Why method ``name``'s cache exists but is refused (``MethodCaches.cache_problem``), or None."""

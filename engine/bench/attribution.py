@@ -245,16 +245,16 @@ def _guarded(fn, *args) -> dict[str, Any]:
 def label_agreement(session, queries, query_results, k: int = 10) -> dict[str, Any]:
     """Per method: mean fraction of the top-k whose training label equals the query's classifier label."""
     labels = session.labels
-    if labels is None or session.preset.data.name != "digits":
-        return {"note": "needs a labelled digits data set"}
-    from ..model.gallery import classify, digits_classifier
+    from ..model.label_classifier import classifier_for, classify
 
-    clf = digits_classifier(session.dataset)
+    clf = None if labels is None else classifier_for(session.preset, session.dataset)
+    if clf is None:
+        return {"note": "needs a labelled data set with a classifier (digits, mnist)"}
     qlab, _ = classify(clf, torch.stack([q.image for q in queries]))
     out: dict[str, Any] = {
         "k": k,
         "chance": float(np.mean([(labels == y).mean() for y in qlab])),
-        "classifier": "sklearn LogisticRegression on all digits",
+        "classifier": f"sklearn LogisticRegression on real {session.preset.data.name} (engine.model.label_classifier)",
     }
     for name in query_results[0].methods:
         fr = []

@@ -123,6 +123,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..distributed import init_from_env
+    from ..threads import configure_threads
 
     try:
         methods = parse_methods(args.methods)
@@ -133,9 +134,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         return fail(e)
     names = methods or session.method_names()
     summary: dict[str, dict] = {}
+    session.share_gradient_passes(names)  # one training-gradient pass for K-FAC's bank and TRAK
     for name in names:
         if not shard.is_main and not METHODS[name].shards:
             continue  # one rank is enough; the others wait at the barrier below
+        configure_threads(f"building {name}")  # other processes come and go during a long build
         bar = tqdm(
             total=1000,
             desc=name if shard.world == 1 else f"{name}[{shard.rank}]",
@@ -284,3 +287,41 @@ def format_result(result, top_k: int, labels) -> str:
             ]
             lines.append(f"  {title:>13}: " + "  ".join(cells))
     return "\n".join(lines)
+
+
+# --- precomputed gallery results -------------------------------------------------------------
+
+
+@register
+def add_precompute(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "precompute",
+        cmd_precompute,
+        help="score the shipped gallery at the default settings for the app's first start",
+        description="Write every built method's full score vector (measurement loss) and K-FAC's damping-grid "
+        "scores for each gallery sample, float16, keyed to the checkpoint hash, the data and the settings "
+        "(engine.attribution.precomputed). The app shows them, marked precomputed, while its caches build.",
+    )
+    p.add_argument("--methods", default=None, help=f"comma list from {','.join(method_names())} (default: all built)")
+    p.add_argument("--out", default=None, help="output .npz (default: <checkpoint>/precomputed_gallery.npz)")
+    _add_attribution_options(p)
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ..attribution.precomputed import FILE, PrecomputedGallery, write_precomputed
+
+    try:
+        session = open_session(args)
+        methods = parse_methods(args.methods)
+        out = Path(args.out) if args.out else session.checkpoint / FILE
+        with tqdm(total=len(session.gallery()), desc="gallery", unit="query") as bar:
+            write_precomputed(session, out, methods, progress=lambda i, n: bar.update(1))
+    except (ValueError, RuntimeError) as e:
+        return fail(e)
+    pre = PrecomputedGallery(out)
+    names = pre.methods_for(session)
+    print(f"wrote {out}: {pre.nbytes / 2**20:.2f} MiB, {len(pre.rows)} gallery samples, methods {', '.join(names)}")
+    return 0

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ..threads import configure_threads
+
+    configure_threads(getattr(args, "command", "") or "")  # commands with --threads set their own after
     return run_handler(args)
 
 

@@ -1,7 +1,8 @@
 """Training sets as tensors in [-1, 1] with labels and a stable index per image.
 
-Loaders: scikit-learn digits (embedded default), CIFAR-10 python pickles, CIFAR-2
-(car/horse subset), and an image folder.  Bad input raises ``DataError`` naming the file.
+Loaders: scikit-learn digits (embedded default), MNIST (the shipped 10,000 or IDX files,
+``engine.model.data_mnist``), CIFAR-10 python pickles, CIFAR-2 (car/horse subset), and an
+image folder.  Bad input raises ``DataError`` naming the file.
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     """Dispatch on ``cfg.name``."""
     if cfg.name == "digits":
         return load_digits()
+    if cfg.name == "mnist":
+        from . import data_mnist
+
+        return data_mnist.load_mnist(cfg)
     if cfg.name in ("cifar10", "cifar2", "folder"):
         from . import data_files
 
         return data_files.load(cfg)
-    raise DataError(f"unknown dataset {cfg.name!r}: expected digits, cifar10, cifar2 or folder")
+    raise DataError(f"unknown dataset {cfg.name!r}: expected digits, mnist, cifar10, cifar2 or folder")
 
 
 __all__ = ["DataError", "ImageDataset", "load_dataset", "load_digits", "random_flip", "to_unit_range"]

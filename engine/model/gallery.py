@@ -1,7 +1,8 @@
 """The shipped query gallery and the sample-quality report of a checkpoint.
 
 ``make_gallery`` draws n samples with recorded trajectories (so every measurement,
-trajectory included, works instantly in the app) and labels them with a classifier.
+trajectory included, works instantly in the app) and labels them with the preset's
+classifier (``engine.model.label_classifier``; mnist's quality report is its held-out check).
 ``digits_quality`` answers "do the samples look like digits?" with a number: a
 scikit-learn logistic regression trained on the real digits classifies samples, and
 we report the fraction classified with probability >= 0.8, next to the same figure
@@ -21,6 +22,7 @@ from torch import nn
 from .. import jsonio
 from ..config import Preset
 from .data import ImageDataset, to_unit_range
+from .label_classifier import classifier_for, heldout_quality
 from .sampling import generate, save_grid
 
 GALLERY = "gallery.npz"
@@ -59,8 +61,9 @@ def make_gallery(
         "sample_index": np.arange(n, dtype=np.int64),
         "trajectory": traj.numpy().astype(np.float32),
     }
-    if dataset is not None and dataset.labels is not None and preset.data.name == "digits":
-        labels, _ = classify(digits_classifier(dataset), images)
+    clf = classifier_for(preset, dataset)
+    if clf is not None:
+        labels, _ = classify(clf, images)
         arrays["labels"] = labels.astype(np.int64)
     path = Path(folder) / GALLERY
     tmp = path.with_name(".gallery.tmp.npz")
@@ -116,11 +119,18 @@ def write_assets(
     folder = Path(folder)
     if (folder / "train_log.json").is_file():
         plot_loss_curve(folder / "train_log.json", folder / "train_loss.png")
-    grid, _ = generate(model, preset, 64, 0, device=device, progress=True)
-    save_grid(grid, folder / "samples_grid.png", nrow=8, scale=6)
-    make_gallery(model, preset, folder, dataset, device=device)
     report: dict[str, Any] = {}
+    if preset.data.name == "mnist" and preset.data.root is None:
+        # one draw of 256 (seed 0) serves the held-out check and, its first 64, the grid
+        samples, _ = generate(model, preset, 256, 0, device=device, progress=True)
+        report = {"seed": 0, **heldout_quality(classifier_for(preset, None), samples)}
+        save_grid(samples[:64], folder / "samples_grid.png", nrow=8, scale=3)
+    else:
+        grid, _ = generate(model, preset, 64, 0, device=device, progress=True)
+        save_grid(grid, folder / "samples_grid.png", nrow=8, scale=6)
+    make_gallery(model, preset, folder, dataset, device=device)
     if preset.data.name == "digits":
         report = digits_quality(model, preset, dataset, device=device)
+    if report:
         (folder / "sample_quality.json").write_text(jsonio.dumps(report, indent=2))
     return report

@@ -30,6 +30,7 @@ def _stored_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors
         chunk_size=method.chunk_size,
         device=ctx.device,
         progress=lambda msg, f: progress(f"{method.title}: {msg}", FACTOR_SHARE + (1 - FACTOR_SHARE) * f),
+        consumers=method.gradient_consumers,  # e.g. TRAK's FeatureSink: one gradient pass for both
     )
 
 

@@ -32,6 +32,7 @@ from ..context import EngineContext
 from ..curvature import KFACFactors, compute_kfac, layout
 from ..damping_grid import DAMPING_GRID, SUPPORTED  # noqa: F401 - DAMPING_GRID: the grid of the first pass
 from ..gradients import num_params
+from ..pass_checkpoint import PassCheckpoint
 from ..scoring import EigenbasisQuery, Rows
 from .base import AttributionMethod, EigenPrepared, Prepared, Progress, QueryInput, no_progress
 
@@ -71,6 +72,9 @@ class KFACInfluence(AttributionMethod):
         self.factor_draws = None if factor_draws is None else int(factor_draws)
         self.factor_batch = 256  # (example, draw) rows per curvlinops batch
         self.chunk_size = 128  # examples per saved bank part
+        self.checkpoint_rows = 8192  # (example, draw) rows of the factor pass between checkpoints
+        # other caches fed by the bank's gradient pass (``AttributionSession.share_gradient_passes``)
+        self.gradient_consumers: list[Any] = []
         self.factors: KFACFactors | None = None
         self.bank: Rows | None = None
         self._eigenvalues: torch.Tensor | None = None
@@ -165,6 +169,8 @@ class KFACInfluence(AttributionMethod):
             shard.barrier()  # under torchrun rank 0 computes and saves the factors (below)
             factors = KFACFactors.from_arrays(ctx.store.load_arrays(FACTORS, fs, mmap=False), template, ctx.device)
         if factors is None:
+            # resumable: a killed factor pass restarts at its last checkpoint (engine.attribution.pass_checkpoint)
+            checkpoint = None if ctx.store is None else PassCheckpoint.for_store(ctx.store, FACTORS, fs)
             draws = ctx.train_draws
             if self.factor_draws is not None and self.factor_draws < len(draws):
                 draws = MCDraws(draws.t[: self.factor_draws], draws.eps[: self.factor_draws])
@@ -180,6 +186,8 @@ class KFACInfluence(AttributionMethod):
                 batch_size=self.factor_batch,
                 seed=self.config.seed,
                 progress=lambda msg, f: progress(f"{self.title}: {msg}", FACTOR_SHARE * f),
+                checkpoint=checkpoint,
+                checkpoint_rows=self.checkpoint_rows,
             )
             if ctx.store is not None:
                 ctx.store.save_arrays(
@@ -188,10 +196,12 @@ class KFACInfluence(AttributionMethod):
                     factors.to_arrays(),
                     meta={"build_seconds": round(time.perf_counter() - t0, 3)},
                 )
+                checkpoint.clear()
                 shard.barrier()  # the other ranks may load them now
         self.factors = factors
         self._eigenvalues = factors.eigenvalues().to(ctx.device)
         self.bank = bank_kind(self.bank_mode(ctx)).build(self, ctx, factors, progress)
+        self.gradient_consumers = []  # used once (the stored bank's pass feeds them)
         self._key = self._ctx_key(ctx)
         progress(f"{self.title}: ready", 1.0)
 

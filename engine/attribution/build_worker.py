@@ -1,0 +1,188 @@
+"""The cache build as a background job owned by a process, not by whoever asked for it.
+
+Why: the app used to build the caches inside a browser tab's script run, so closing the tab
+stopped the build and the next tab started over.  A ``BuildWorker`` is one thread per
+(session, process): ``start()`` is idempotent (a second caller, another tab, gets the
+running job), the thread does not belong to any tab, and every caller reads the same
+``BuildState`` snapshot (message, fraction, per-method times, error).  A failure stops the
+job and is kept with its reason until someone calls ``start()`` again (the app's Retry
+button): it is never retried in a loop.  Progress also goes to the terminal through tqdm, so
+a ``make run`` that builds is not silent.
+
+Methods are built one at a time, each under the caller's lock (the app's ``Handle.lock``),
+so a query can run between two methods but never while a model's hooks are installed by the
+factor pass.  Before each method the torch thread count is chosen again
+(``engine.threads.configure_threads``), since other processes come and go during a long build.
+Every pass is resumable (``engine.attribution.pass_checkpoint``, ``Store.partial``), so a restarted server
+continues where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..threads import configure_threads
+
+log = logging.getLogger(__name__)
+STATES = ("idle", "running", "done", "failed")
+
+
+@dataclass(frozen=True)
+class BuildState:
+    """What every tab shows: ``status`` in STATES, the latest progress message and overall fraction."""
+
+    status: str = "idle"
+    message: str = ""
+    fraction: float = 0.0
+    methods: tuple[str, ...] = ()  # what this job builds, in order
+    current: str | None = None
+    started: float | None = None  # time.time()
+    finished: float | None = None
+    error: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 0
+
+    @property
+    def elapsed_s(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+
+class BuildWorker:
+    """One background build of ``session``'s missing caches (``engine.attribution.session.AttributionSession``)."""
+
+    def __init__(
+        self,
+        session: Any,
+        lock: threading.RLock | None = None,
+        methods: list[str] | None = None,
+        terminal: bool = True,
+        on_done: Callable[[BuildState], None] | None = None,
+    ):
+        self.session = session
+        self.lock = lock or threading.RLock()
+        self.wanted = methods
+        self.terminal = terminal
+        self.on_done = on_done
+        self.nice = 10  # the build thread yields the CPU to the pages being served (Linux)
+        self._state = BuildState()
+        self._guard = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # --- what callers see ----------------------------------------------------------------
+
+    @property
+    def state(self) -> BuildState:
+        with self._guard:
+            return self._state
+
+    def _set(self, **changes: Any) -> None:
+        with self._guard:
+            self._state = replace(self._state, **changes)
+
+    def missing(self) -> list[str]:
+        """Available methods (of those wanted) whose caches are not built."""
+        status = self.session.status()
+        names = self.wanted or list(status)
+        return [n for n in names if status[n].get("available") and not status[n].get("built")]
+
+    def start(self) -> bool:
+        """Start the build unless one is running or everything is built; True if this call started it."""
+        with self._guard:
+            if self._thread is not None and self._thread.is_alive():
+                return False
+            if self._state.status == "done":
+                return False
+            todo = self.missing()
+            if not todo:
+                self._state = replace(self._state, status="done", fraction=1.0, message="all caches built")
+                return False
+            self._state = BuildState(
+                status="running",
+                message="starting",
+                methods=tuple(todo),
+                started=time.time(),
+                attempts=self._state.attempts + 1,
+            )
+            self._thread = threading.Thread(target=self._run, args=(todo,), name="cache-build", daemon=True)
+            self._thread.start()
+            return True
+
+    def wait(self, timeout: float | None = None) -> BuildState:
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+        return self.state
+
+    # --- the job ---------------------------------------------------------------------------
+
+    def _run(self, todo: list[str]) -> None:
+        _lower_priority(self.nice)
+        bar = self._bar()
+        summary: dict[str, Any] = {}
+        try:
+            with self.lock:
+                self.session.share_gradient_passes(todo)  # K-FAC's bank pass feeds TRAK too
+            for k, name in enumerate(todo):
+                self._set(current=name, message=f"{name}: waiting for the model", fraction=k / len(todo))
+                with self.lock:
+                    configure_threads(f"building {name}")
+
+                    def progress(msg: str, frac: float, k: int = k) -> None:
+                        overall = (k + min(max(float(frac), 0.0), 1.0)) / len(todo)
+                        self._set(message=msg, fraction=overall)
+                        if bar is not None:
+                            bar.n = int(round(1000 * overall))
+                            bar.set_postfix_str(msg[:70], refresh=False)
+                            bar.refresh()
+
+                    summary.update(self.session.build([name], progress))
+                self._set(summary=dict(summary))
+            self._set(status="done", fraction=1.0, message="all caches built", current=None, finished=time.time())
+        except BaseException as e:  # noqa: BLE001 - reported to every tab with its reason
+            log.error("cache build failed:\n%s", traceback.format_exc())
+            self._set(status="failed", error=f"{type(e).__name__}: {e}", finished=time.time(), summary=dict(summary))
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.on_done is not None:
+            try:
+                self.on_done(self.state)
+            except Exception:  # noqa: BLE001
+                log.exception("on_done callback failed")
+
+    def _bar(self):
+        if not self.terminal:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=1000,
+            desc="building caches",
+            unit="‰",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}",
+            file=sys.stderr,
+            mininterval=1.0,
+        )
+
+
+def _lower_priority(increment: int) -> None:
+    """Raise this thread's nice value (Linux: per thread), so that rendering the pages and answering
+    queries in the same process come first; the build's torch work runs in this thread (one
+    intra-op thread on a busy machine, ``engine.threads``)."""
+    if increment <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except OSError:
+        log.debug("could not lower the build thread's priority", exc_info=True)

@@ -1,0 +1,238 @@
+"""Precomputed attribution scores of the shipped gallery, shown before any cache is built.
+
+Why: a first ``make run`` needs minutes of CPU to build the caches, but the gallery samples
+and the default settings are known in advance.  ``write_precomputed`` scores every gallery
+sample with every available method at the default settings (measurement ``loss``, the
+default Monte Carlo draws and dampings) and stores, per sample:
+
+* each method's full score vector over the N training images, and
+* K-FAC's scores at every damping of the app's slider (``method_info()["kfac"]["damping_steps"]``:
+  the first-pass grid's values inside K-FAC's damping range), so the damping slider works too,
+
+as float16 with one float32 scale per vector (``scores ~= scale * f16``; influence scores
+span many decades, float16 alone would underflow).  Relative error <= 2^-11 of the vector's
+largest score: plenty for ranking and display.
+
+The file is keyed: ``key`` holds the checkpoint's content hash, the training set's key, the
+gallery's hash, the measurement, the query draws, and every method's cache settings and
+default damping.  ``PrecomputedGallery.matches`` compares all of it with a live session, so
+the scores are never shown for another model, data set or setting; a method whose settings
+differ is simply absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FILE = "precomputed_gallery.npz"
+FORMAT = 1
+MEASUREMENT = "loss"
+
+
+def gallery_hash(session: Any) -> str:
+    h = hashlib.sha256()
+    for item in session.gallery():
+        h.update(np.ascontiguousarray(item.image.cpu().numpy(), dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def method_key(session: Any, name: str) -> dict[str, Any]:
+    """Everything one method's precomputed scores depend on besides the query."""
+    return {"settings": session.caches._settings(name), "damping": session.method(name).default_damping}
+
+
+def session_key(session: Any, methods: list[str]) -> dict[str, Any]:
+    from .session import data_key
+
+    c = session.config
+    return {
+        "format": FORMAT,
+        "checkpoint_hash": session.checkpoint_hash,
+        "data_key": data_key(session.dataset),
+        "gallery": gallery_hash(session),
+        "measurement": MEASUREMENT,
+        "mc_samples": int(c.mc_samples),
+        "query_seed": int(c.seed) + 1,
+        "methods": {n: method_key(session, n) for n in methods},
+    }
+
+
+def _canonical(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _pack(scores: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    scale = np.float32(np.abs(scores).max() or 1.0)
+    return (scores / scale).astype(np.float16), scale
+
+
+def write_precomputed(
+    session: Any,
+    out: str | Path,
+    methods: list[str] | None = None,
+    indices: list[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Score the gallery at the default settings with the built caches and write ``out`` (.npz).
+
+    Methods that are unavailable or not built are left out (and so not shown precomputed).
+    """
+    status = session.status()
+    names = [n for n in (methods or session.method_names()) if status[n]["available"] and status[n]["built"]]
+    if not names:
+        raise RuntimeError("no method has a built cache: run `attribution-engine build` first")
+    items = session.gallery()
+    if not items:
+        raise RuntimeError(f"no gallery in {session.checkpoint}")
+    idx = list(range(len(items))) if indices is None else list(indices)
+    n = len(session.dataset)
+    arrays: dict[str, np.ndarray] = {"indices": np.asarray(idx, dtype=np.int32)}
+    packed = {m: np.zeros((len(idx), n), np.float16) for m in names}
+    scales = {m: np.zeros(len(idx), np.float32) for m in names}
+    steps = tuple(session.method_info()["kfac"]["damping_steps"]) if "kfac" in names else ()
+    grid = np.zeros((len(idx), len(steps), n), np.float16) if "kfac" in names else None
+    grid_scales = np.zeros((len(idx), len(steps)), np.float32)
+    for row, i in enumerate(idx):
+        q = session.parse_query(f"gallery:{i}")
+        result = session.query(q, MEASUREMENT, methods=names)
+        for m in names:
+            r = result.methods[m]
+            if r.status != "ok" or r.scores is None:
+                raise RuntimeError(f"gallery:{i}: {m} failed: {r.reason}")
+            packed[m][row], scales[m][row] = _pack(r.scores)
+        if grid is not None:
+            kfac = result.prepared["kfac"]
+            method = session.method("kfac")
+            for g, lam in enumerate(steps):  # the first score() scored the grid: lookups
+                grid[row, g], grid_scales[row, g] = _pack(np.asarray(method.score(kfac, lam), dtype=np.float32))
+        if progress is not None:
+            progress(row + 1, len(idx))
+    for m in names:
+        arrays[f"scores_{m}"], arrays[f"scale_{m}"] = packed[m], scales[m]
+    if grid is not None:
+        arrays["kfac_grid"], arrays["kfac_grid_scale"] = grid, grid_scales
+        arrays["kfac_grid_damping"] = np.asarray(steps, dtype=np.float64)
+    key = session_key(session, names)
+    arrays["key"] = np.asarray(json.dumps(_canonical(key), sort_keys=True))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(out)
+    return out
+
+
+class PrecomputedGallery:
+    """A loaded precomputed file: ``scores(index, method, damping)`` for a session it matches."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with np.load(self.path, allow_pickle=False) as z:
+            self.arrays = {k: np.asarray(z[k]) for k in z.files}
+        self.key = json.loads(str(self.arrays["key"]))
+        self.rows = {int(i): r for r, i in enumerate(self.arrays["indices"])}
+        self._matching: dict[int, list[str]] = {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrecomputedGallery | None:
+        """The file, or None when it is absent or unreadable (precomputed results are optional)."""
+        try:
+            return cls(path)
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def methods_for(self, session: Any) -> list[str]:
+        """Methods whose precomputed scores belong to this session's model, data, gallery and settings."""
+        sid = id(session)
+        if sid not in self._matching:
+            names = list(self.key.get("methods", {}))
+            live = _canonical(session_key(session, [n for n in names if n in session.method_names()]))
+            same = all(live[k] == self.key.get(k) for k in live if k != "methods")
+            self._matching[sid] = [
+                n for n in names if same and live["methods"].get(n) == self.key["methods"][n]
+            ]
+        return self._matching[sid]
+
+    def has(self, index: int) -> bool:
+        return index in self.rows
+
+    def scores(self, index: int, method: str, damping: float | None = None) -> np.ndarray | None:
+        """float32 (N,) scores of gallery sample ``index``; None when not precomputed (that damping too)."""
+        row = self.rows.get(int(index))
+        if row is None or f"scores_{method}" not in self.arrays:
+            return None
+        default = self.key["methods"][method]["damping"]
+        if damping is None or default is None or float(damping) == float(default):
+            return self.arrays[f"scores_{method}"][row].astype(np.float32) * self.arrays[f"scale_{method}"][row]
+        if method == "kfac" and "kfac_grid" in self.arrays:
+            grid = self.arrays["kfac_grid_damping"]
+            hit = np.nonzero(np.isclose(grid, float(damping), rtol=1e-9, atol=0.0))[0]
+            if hit.size:
+                g = int(hit[0])
+                return self.arrays["kfac_grid"][row, g].astype(np.float32) * self.arrays["kfac_grid_scale"][row, g]
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def precomputed_result(
+    session: Any,
+    pre: PrecomputedGallery | None,
+    query_spec: str,
+    measurement: str,
+    mc_samples: int | None,
+    damping: dict[str, float] | None = None,
+    pending_reason: str = "not precomputed for this setting; ready when the cache build finishes",
+) -> Any:
+    """A ``QueryResult`` from the precomputed file for ``gallery:N`` at the default settings, else None.
+
+    Methods the file holds for this session come back with status "ok" and reason
+    "precomputed"; the others (or a damping the file does not hold) "unavailable" with
+    ``pending_reason``.  Returns None when nothing about this query is precomputed.
+    """
+    from .results import MethodResult, QueryResult
+
+    kind, _, arg = query_spec.partition(":")
+    if pre is None or kind != "gallery" or measurement != MEASUREMENT:
+        return None
+    if mc_samples is not None and int(mc_samples) != int(session.config.mc_samples):
+        return None
+    try:
+        index = int(arg)
+    except ValueError:
+        return None
+    available = pre.methods_for(session)
+    if not available or not pre.has(index):
+        return None
+    damping = dict(damping or {})
+    info = session.method_info()
+    methods = {}
+    for name in session.method_names():
+        m = session.method(name)
+        lam = damping.get(name, info[name]["default_damping"]) if m.kind == "influence" else None
+        res = MethodResult(name=name, title=m.title, kind=m.kind, caption=m.caption, status="unavailable")
+        scores = pre.scores(index, name, lam) if name in available else None
+        if scores is not None:
+            res.status, res.reason, res.scores, res.damping = "ok", "precomputed", scores, lam
+        else:
+            res.reason = pending_reason
+        methods[name] = res
+    q = session.parse_query(query_spec)
+    query = {
+        "spec": query_spec,
+        "description": f"generated sample {index} from the gallery",
+        "label": q.label,
+        "notes": list(q.notes),
+        "has_trajectory": q.trajectory is not None,
+        "mc_samples": int(session.config.mc_samples),
+        "precomputed": True,
+    }
+    return QueryResult(query=query, measurement=MEASUREMENT, methods=methods, timing_ms={"precomputed": 1.0})

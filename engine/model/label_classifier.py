@@ -1,0 +1,94 @@
+"""Which classifier gives a generated image its label, per preset, and the held-out quality check.
+
+Labels of generated images (gallery, new samples, uploads) come from a pixel logistic
+regression, never from the diffusion model, so they are an independent witness:
+
+- digits: trained on the 1,797 real digits (the training set itself, as before);
+- mnist: trained on half of the shipped 10,000 real MNIST digits (``split_halves``), so
+  the other half is a held-out reference that measures the classifier on real data.
+
+``heldout_quality`` is mnist's answer to "do the samples look like digits?": the fraction
+of n samples the classifier labels with probability >= 0.8 against the same fraction on
+the held-out real half; the check passes when the samples reach >= 90% of the real rate
+with >= 9 classes among the confident samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import Preset
+from .dataset import ImageDataset, to_unit_range
+
+CONFIDENT = 0.8
+REQUIRED_RATIO = 0.9
+REQUIRED_CLASSES = 9
+
+
+def fit_pixel_classifier(x01: np.ndarray, labels: np.ndarray):
+    """Multinomial logistic regression on [0, 1] pixel vectors (n, D)."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(max_iter=300, C=1.0)
+    clf.fit(x01, labels)
+    return clf
+
+
+def classify(clf, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted label, max probability) for images in [-1, 1]."""
+    proba = clf.predict_proba(to_unit_range(images).flatten(1).numpy())
+    return proba.argmax(1), proba.max(1)
+
+
+def split_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of 0..n-1 into (classifier half, held-out half), each sorted."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+
+
+def _shipped_halves(seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    from .data_mnist import read_shipped
+
+    images, labels = read_shipped()
+    x01 = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    fit, held = split_halves(len(labels), seed)
+    return (x01[fit], labels[fit]), (x01[held], labels[held])
+
+
+def classifier_for(preset: Preset, dataset: ImageDataset | None):
+    """The labelling classifier of ``preset`` or None when the preset has no labelled reference."""
+    if preset.data.name == "mnist" and preset.data.root is None:
+        (x, y), _ = _shipped_halves()
+        return fit_pixel_classifier(x, y)
+    if preset.data.name == "digits" and dataset is not None and dataset.labels is not None:
+        from .gallery import digits_classifier
+
+        return digits_classifier(dataset)
+    return None
+
+
+def heldout_quality(clf, samples: torch.Tensor, seed: int = 0) -> dict[str, Any]:
+    """Confident fraction of ``samples`` (in [-1, 1]) vs the held-out real half; pass/fail as documented."""
+    _, (x_held, y_held) = _shipped_halves(seed)
+    lab_s, p_s = classify(clf, samples)
+    p_r = clf.predict_proba(x_held)
+    confident = p_s >= CONFIDENT
+    rate_s, rate_r = float(confident.mean()), float((p_r.max(1) >= CONFIDENT).mean())
+    classes = int(len(np.unique(lab_s[confident])))
+    return {
+        "n": int(len(samples)),
+        "samples_confident_fraction": rate_s,
+        "heldout_real_confident_fraction": rate_r,
+        "ratio": rate_s / rate_r if rate_r else float("nan"),
+        "classes_among_confident_samples": classes,
+        "samples_class_histogram": np.bincount(lab_s, minlength=10).tolist(),
+        "heldout_accuracy": float((p_r.argmax(1) == y_held).mean()),
+        "passes": bool(rate_s >= REQUIRED_RATIO * rate_r and classes >= REQUIRED_CLASSES),
+        "rule": f"samples' confident (p >= {CONFIDENT}) fraction >= {REQUIRED_RATIO} x the held-out "
+        f"real half's, with >= {REQUIRED_CLASSES} classes among the confident samples",
+        "classifier": "sklearn LogisticRegression on [0,1] pixels of half (seed 0) of the shipped "
+        f"10,000 MNIST digits; held out: the other {len(y_held)}",
+    }

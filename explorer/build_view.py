@@ -1,0 +1,62 @@
+"""The cache build's panel: live progress in every tab, or the failure with its reason and Retry.
+
+The build itself runs in the server process (``engine.attribution.build_worker``, started by
+``runtime.start_build``); this panel only reads its state.  While it runs, a fragment
+re-renders every second (``st.fragment(run_every=...)``) without rerunning the page; when it
+sees the build end, it reruns the whole page once, so the live results replace the
+precomputed ones.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from explorer import runtime
+from explorer.runtime import Handle
+
+POLL_S = 1.0
+
+
+def build_panel(handle: Handle) -> None:
+    """Show the build's state at the top of the page (nothing once every cache is built)."""
+    state = handle.build
+    if state.status == "running":
+        st.session_state["build_was_running"] = True
+        _live(handle)
+    elif state.status == "failed":
+        _failed(handle)
+    elif st.session_state.pop("build_was_running", False):
+        st.success(f"Attribution caches built in {state.elapsed_s / 60:.1f} min; results below are live.")
+
+
+@st.fragment(run_every=POLL_S)
+def _live(handle: Handle) -> None:
+    state = handle.build
+    if state.status != "running":
+        st.rerun()  # the whole page: live results instead of precomputed ones, or the failure
+    info = handle.session.method_info()
+    titles = ", ".join(info.get(n, {}).get("title", n) for n in state.methods)
+    with st.container(border=True):
+        st.markdown(
+            f"**Building the attribution caches** for {titles} (once per model; saved under "
+            f"`{handle.cache_root}`, resumed if interrupted). Gallery samples at the default settings "
+            "show precomputed results meanwhile; everything else is ready when the build finishes."
+        )
+        st.progress(min(max(state.fraction, 0.0), 1.0), text=runtime.build_message(handle, state))
+
+
+def _failed(handle: Handle) -> None:
+    state = handle.build
+    with st.container(border=True):
+        st.error(f"**Building the attribution caches failed:** {state.error}")
+        st.caption(
+            "Finished parts are kept; Retry continues from them. Methods already built answer queries meanwhile."
+        )
+        if st.button("Retry the build", key="retry_build", type="primary"):
+            runtime.retry_build(handle)
+            st.rerun()
+
+
+def pending_note(handle: Handle) -> str:
+    """Why a result is not live yet, with the build's progress."""
+    return f"ready when the cache build finishes ({runtime.build_message(handle)})"

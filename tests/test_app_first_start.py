@@ -1,0 +1,153 @@
+"""First start of the app on an empty cache (issue 12), driven by ``streamlit.testing.v1.AppTest``.
+
+* The shipped precomputed gallery results are on the page at once, marked "precomputed",
+  while the server's build runs (no query is computed, nothing waits for the build).
+* The build is the server's: it keeps going when no script run is attached, and a second
+  session shares it instead of starting another.
+* A failed build is shown with its reason and a Retry button, and is not retried by itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+from test_app import TIMEOUT, _handle, _ok, _set_env, _texts, tiny_app  # noqa: F401 - fixture
+
+from engine.attribution.precomputed import FILE, write_precomputed
+
+
+@pytest.fixture
+def precomputed_env(tiny_app, tmp_path, monkeypatch):  # noqa: F811 - the fixture imported above
+    """A copy of the tiny checkpoint with its precomputed gallery file, and an empty cache."""
+    from engine.attribution.session import AttributionSession
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_app["ATTRIBUTION_CHECKPOINT"], ckpt)
+    built = AttributionSession(tiny_app["ATTRIBUTION_PRESET"], ckpt, "cpu", tiny_app["ATTRIBUTION_CACHE"])
+    write_precomputed(built, ckpt / FILE)
+    env = {**tiny_app, "ATTRIBUTION_CHECKPOINT": str(ckpt), "ATTRIBUTION_CACHE": str(tmp_path / "cache")}
+    return _set_env(env, monkeypatch)
+
+
+def _gate_builds(handle, monkeypatch, fail_first: bool = False):
+    """Make the server's build wait for ``gate`` (and optionally fail once); returns (gate, calls)."""
+    gate, calls = threading.Event(), []
+    real = handle.session.build
+
+    def build(names, progress=None):
+        calls.append(list(names))
+        progress(f"{names[0]}: waiting for the test", 0.1)
+        assert gate.wait(TIMEOUT)
+        if fail_first and len(calls) == 1:
+            raise RuntimeError("disk full (injected)")
+        return real(names, progress)
+
+    monkeypatch.setattr(handle.session, "build", build)
+    return gate, calls
+
+
+def _app():
+    from streamlit.testing.v1 import AppTest
+    from test_app import APP
+
+    return AppTest.from_file(APP, default_timeout=TIMEOUT)
+
+
+@pytest.mark.slow
+def test_empty_cache_shows_precomputed_gallery_results_and_one_shared_build(precomputed_env, monkeypatch):
+    handle = _handle()
+    assert handle.precomputed is not None and handle.precomputed.methods_for(handle.session)
+    gate, calls = _gate_builds(handle, monkeypatch)
+    queries: list = []
+    real_query = handle.session.query
+    monkeypatch.setattr(handle.session, "query", lambda *a, **k: queries.append(a) or real_query(*a, **k))
+
+    first = _app().run()
+    _ok(first)
+    assert handle.build.status == "running"
+    text = _texts(first)
+    assert "Precomputed results" in text and "**precomputed**" in text
+    assert text.count("**Proponents**") == 3  # K-FAC, TRAK, D-TRAK from the shipped file
+    assert "Building the attribution caches" in text
+    assert queries == []  # nothing computed: the scores came from the file
+
+    second = _app().run()  # another tab / session while the build runs
+    _ok(second)
+    assert "Building the attribution caches" in _texts(second)
+    first.button(key="gallery_1").click().run()
+    _ok(first)
+    assert "Gallery sample 1" in _texts(first) and "**precomputed**" in _texts(first)
+    first.selectbox(key="measurement").set_value("elbo").run()  # not precomputed: says when it will be
+    _ok(first)
+    assert "will be ready when the cache build finishes" in _texts(first)
+    assert len(calls) == 1 and handle.build.attempts == 1  # one build for every session
+
+    del first, second  # no session attached any more
+    gate.set()
+    state = handle.worker.wait(TIMEOUT)
+    assert state.status == "done", state.error
+    status = handle.session.status()
+    assert all(status[n]["built"] for n in ("kfac", "trak", "dtrak"))
+    assert handle.build.attempts == 1
+
+    later = _app().run()  # after the build: live results
+    _ok(later)
+    assert "Precomputed results" not in _texts(later) and _texts(later).count("**Proponents**") == 3
+    assert len(queries) == 1
+
+
+@pytest.mark.slow
+def test_failed_build_shows_its_reason_and_retries_only_on_request(tiny_app, tmp_path, monkeypatch):  # noqa: F811
+    _set_env({**tiny_app, "ATTRIBUTION_CACHE": str(tmp_path / "cache")}, monkeypatch)
+    handle = _handle()
+    gate, calls = _gate_builds(handle, monkeypatch, fail_first=True)
+    gate.set()
+    at = _app().run()
+    state = handle.worker.wait(TIMEOUT)
+    assert state.status == "failed" and "disk full (injected)" in state.error
+    at.run()
+    assert any("disk full (injected)" in e.value for e in at.error)
+    at.run()
+    assert len(calls) == 1  # reruns do not restart it
+    at.button(key="retry_build").click().run()
+    assert handle.worker.wait(TIMEOUT).status == "done" and handle.build.attempts == 2
+    at.run()
+    _ok(at)
+
+
+@pytest.mark.slow
+def test_precomputed_scores_are_keyed_to_model_and_settings(precomputed_env):
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from engine.attribution.precomputed import PrecomputedGallery
+    from engine.attribution.session import AttributionSession
+
+    ckpt = precomputed_env["ATTRIBUTION_CHECKPOINT"]
+    built_cache = precomputed_env["ATTRIBUTION_CACHE"]  # empty: the scores come from the file
+    session = AttributionSession(precomputed_env["ATTRIBUTION_PRESET"], ckpt, "cpu", built_cache)
+    pre = PrecomputedGallery(f"{ckpt}/precomputed_gallery.npz")
+    assert set(pre.methods_for(session)) == {"kfac", "trak", "dtrak", "pixel"}
+    assert pre.nbytes < 200_000
+    # other settings: nothing is shown
+    other = AttributionSession(
+        precomputed_env["ATTRIBUTION_PRESET"], ckpt, "cpu", built_cache,
+        config=dataclasses.replace(session.config, mc_samples=3),
+    )
+    assert pre.methods_for(other) == []
+    # another model (its hash in the key): nothing is shown
+    pre.key = json.loads(json.dumps(pre.key).replace(session.checkpoint_hash, "f" * 16))
+    pre._matching.clear()
+    assert pre.methods_for(session) == []
+    # float16 with a scale: within 1e-3 of the largest score, and the K-FAC grid is there
+    pre = PrecomputedGallery(f"{ckpt}/precomputed_gallery.npz")
+    s0 = pre.scores(0, "kfac")
+    steps = pre.arrays["kfac_grid_damping"]
+    lam = float(steps[len(steps) // 2])
+    s1 = pre.scores(0, "kfac", lam)
+    assert s0 is not None and s1 is not None and not np.allclose(s0, s1)
+    assert pre.scores(0, "trak", 123.0) is None  # TRAK only at its default damping

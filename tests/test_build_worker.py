@@ -1,0 +1,85 @@
+"""engine.attribution.build_worker: one background build per session, shared by every caller; failures wait for a retry."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from engine.attribution.build_worker import BuildWorker
+
+
+class _Session:
+    """Stands in for AttributionSession: methods "a" and "b" whose build waits for ``gate``."""
+
+    def __init__(self, fail: str | None = None):
+        self.built: set[str] = set()
+        self.calls: list[str] = []
+        self.gate = threading.Event()
+        self.fail = fail
+
+    def share_gradient_passes(self, names) -> list:
+        return []
+
+    def status(self) -> dict:
+        return {n: {"available": True, "built": n in self.built} for n in ("a", "b")} | {
+            "c": {"available": False, "built": False}
+        }
+
+    def build(self, names, progress):
+        (name,) = names
+        self.calls.append(name)
+        progress(f"{name}: half", 0.5)
+        assert self.gate.wait(30)
+        if name == self.fail:
+            raise RuntimeError(f"{name} broke")
+        self.built.add(name)
+        progress(f"{name}: done", 1.0)
+        return {name: {"status": "ok", "seconds": 0.0, "size_mb": 0.0}}
+
+
+def test_one_build_shared_by_every_caller_and_kept_going_without_them():
+    s = _Session()
+    w = BuildWorker(s, terminal=False)
+    assert w.start() is True
+    assert w.start() is False and w.start() is False  # more tabs: same job
+    state = w.state
+    assert state.status == "running" and state.methods == ("a", "b") and state.attempts == 1
+    s.gate.set()
+    done = w.wait(30)
+    assert done.status == "done" and done.fraction == 1.0 and s.calls == ["a", "b"]
+    assert set(done.summary) == {"a", "b"}
+    assert w.start() is False and s.calls == ["a", "b"]  # nothing rebuilt
+
+
+def test_failure_is_reported_and_not_retried_until_asked():
+    s = _Session(fail="b")
+    w = BuildWorker(s, terminal=False)
+    w.start()
+    s.gate.set()
+    state = w.wait(30)
+    assert state.status == "failed" and state.error == "RuntimeError: b broke"
+    assert "a" in state.summary and s.calls == ["a", "b"]
+    s.fail = None
+    assert w.start() is True  # the Retry button
+    state = w.wait(30)
+    assert state.status == "done" and s.calls == ["a", "b", "b"] and state.attempts == 2
+
+
+def test_progress_is_overall_and_monotone():
+    s = _Session()
+    w = BuildWorker(s, terminal=False)
+    seen: list[float] = []
+    orig = w._set
+
+    def spy(**changes):
+        orig(**changes)
+        if "fraction" in changes:
+            seen.append(changes["fraction"])
+
+    w._set = spy  # type: ignore[method-assign]
+    s.gate.set()
+    w.start()
+    w.wait(30)
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    assert pytest.approx(0.25) in seen and pytest.approx(0.75) in seen  # half of a, half of b

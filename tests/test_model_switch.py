@@ -1,0 +1,45 @@
+"""The app's sidebar model switch offers only shipped presets whose checkpoints exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import engine.paths
+from explorer.runtime import AppArgs, model_choices
+
+
+def _fake_assets(tmp_path: Path, present: tuple[str, ...], monkeypatch) -> None:
+    for name in present:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(engine.paths, "default_checkpoint", lambda p: tmp_path / p)
+
+
+def test_switch_offers_shipped_models_with_checkpoints(tmp_path, monkeypatch):
+    _fake_assets(tmp_path, ("digits", "mnist"), monkeypatch)
+    assert model_choices(AppArgs(preset="digits")) == ["digits", "mnist"]
+    assert model_choices(AppArgs(preset="mnist")) == ["digits", "mnist"]
+
+
+def test_no_switch_for_other_models_or_explicit_checkpoints(tmp_path, monkeypatch):
+    _fake_assets(tmp_path, ("digits",), monkeypatch)
+    assert model_choices(AppArgs(preset="digits")) == ["digits"]  # mnist not trained: nothing to switch to
+    assert model_choices(AppArgs(preset="digits", checkpoint="/some/run")) == []
+    assert model_choices(AppArgs(preset="cifar2")) == []
+    assert model_choices(AppArgs(preset="my_preset.json")) == []
+
+
+def test_shipped_checkpoints_live_in_assets():
+    assert engine.paths.default_checkpoint("mnist") == engine.paths.ASSETS / "mnist"
+    assert engine.paths.default_checkpoint("cifar2").parts[-2:] == ("runs", "cifar2")
+
+
+def test_thumbnails_are_whole_multiples_of_the_image():
+    from explorer.images import display
+    from explorer.results_view import cell_size
+
+    assert (cell_size(8), cell_size(28), cell_size(32), cell_size(100)) == (64, 56, 64, 100)
+    import torch
+
+    thumb = display(torch.zeros(1, 28, 28), cell_size(28), border=4)
+    assert thumb.shape == (56 + 8, 56 + 8)

@@ -1,0 +1,246 @@
+"""Interrupted builds resume and give the caches of an uninterrupted build, byte for byte.
+
+Covers the three long passes of a cold build: the K-FAC factor pass (checkpointed running
+sums + label generator, ``engine.attribution.pass_checkpoint``), the K-FAC bank pass and the TRAK pass
+(chunked parts, ``Store.partial``).  Interruptions are injected exceptions at a chosen point,
+and one real ``kill -9`` of a subprocess in the middle of the factor pass.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.attribution.context import make_context
+from engine.attribution.curvature import compute_kfac
+from engine.attribution.gradients import influence_params
+from engine.attribution.methods.kfac_influence import FACTORS, KFACInfluence
+from engine.attribution.methods.trak import TRAK
+from engine.attribution.pass_checkpoint import PassCheckpoint
+from engine.attribution.store import Store
+from engine.config import AttributionConfig
+from engine.model.diffusion import make_draws
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(predicate):
+    def progress(msg: str, frac: float) -> None:
+        if predicate(msg, frac):
+            raise _Stop(msg)
+
+    return progress
+
+
+def _arrays_bytes(store_root: Path) -> dict[str, bytes]:
+    """Every published .npy under a cache root (settings.json holds timings, so it is left out)."""
+    out = {}
+    for p in sorted(store_root.rglob("*.npy")):
+        rel = p.relative_to(store_root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue  # partial or temporary folders
+        out[str(rel)] = p.read_bytes()
+    return out
+
+
+def test_factor_pass_resumes_at_its_checkpoint_with_identical_factors(tmp_path, tiny_model, diffusion, digits_small):
+    params = influence_params(tiny_model)
+    x = digits_small.images[:12]
+    draws = make_draws(4, (1, 8, 8), diffusion.T, seed=0)  # 48 rows, batches of 8, checkpoint every 16
+    kw = dict(batch_size=8, seed=3)
+    want = compute_kfac(tiny_model, diffusion, x, draws, params, **kw).to_arrays()
+
+    ckpt = PassCheckpoint(tmp_path / "factors.pt")
+    stop = _stop_after(lambda msg, f: "40/48" in msg)
+    with pytest.raises(_Stop):
+        compute_kfac(tiny_model, diffusion, x, draws, params, progress=stop, checkpoint=ckpt, checkpoint_rows=16, **kw)
+    assert ckpt.path.is_file()
+    seen: list[str] = []
+    got = compute_kfac(
+        tiny_model, diffusion, x, draws, params, progress=lambda m, f: seen.append(m),
+        checkpoint=ckpt, checkpoint_rows=16, **kw,
+    ).to_arrays()
+    assert seen[0].startswith("K-FAC factors: 40/48")  # rows 0-31 were not recomputed
+    assert want.keys() == got.keys()
+    for k in want:
+        assert want[k].tobytes() == got[k].tobytes(), k
+
+
+def test_factor_checkpoint_of_other_settings_is_ignored(tmp_path, tiny_model, diffusion, digits_small):
+    params = influence_params(tiny_model)
+    x = digits_small.images[:8]
+    draws = make_draws(2, (1, 8, 8), diffusion.T, seed=0)
+    ckpt = PassCheckpoint(tmp_path / "factors.pt")
+    with pytest.raises(_Stop):
+        compute_kfac(
+            tiny_model, diffusion, x, draws, params, batch_size=4, seed=1,
+            progress=_stop_after(lambda m, f: "12/16" in m), checkpoint=ckpt, checkpoint_rows=4,
+        )
+    seen: list[str] = []
+    other = compute_kfac(
+        tiny_model, diffusion, x, draws, params, batch_size=4, seed=2,
+        progress=lambda m, f: seen.append(m), checkpoint=ckpt, checkpoint_rows=4,
+    )
+    assert seen[0].startswith("K-FAC factors: 4/16")  # another seed: started from scratch
+    fresh = compute_kfac(tiny_model, diffusion, x, draws, params, batch_size=4, seed=2)
+    for k, v in fresh.to_arrays().items():
+        np.testing.assert_array_equal(v, other.to_arrays()[k])
+
+
+def _kfac_ctx(root: Path, preset, model, data, config):
+    store = Store(root, "0" * 16, "digits16")
+    return make_context(preset, model, data, "cpu", config, "0" * 16, store)
+
+
+def _kfac(config) -> KFACInfluence:
+    m = KFACInfluence(config)
+    m.factor_batch, m.checkpoint_rows, m.chunk_size = 8, 16, 4
+    return m
+
+
+@pytest.mark.parametrize("where", ["factors", "bank"])
+def test_kfac_build_interrupted_gives_the_same_cache(tmp_path, tiny_preset, tiny_model, digits_small, where):
+    cfg = AttributionConfig(mc_samples=3, seed=0)
+    data = digits_small.subset(list(range(10)))
+    ref_ctx = _kfac_ctx(tmp_path / "ref", tiny_preset, tiny_model, data, cfg)
+    _kfac(cfg).build(ref_ctx)
+
+    ctx = _kfac_ctx(tmp_path / "cut", tiny_preset, tiny_model, data, cfg)
+    if where == "factors":  # 30 rows: stop after the checkpoint at row 16
+        stop = _stop_after(lambda m, f: "24/30" in m)
+    else:  # bank chunks of 4 examples: stop after the first chunk was saved
+        stop = _stop_after(lambda m, f: "train gradients 8/10" in m)
+    with pytest.raises(_Stop):
+        _kfac(cfg).build(ctx, stop)
+    method = _kfac(cfg)
+    assert not method.is_built(ctx)
+    seen: list[str] = []
+    method.build(ctx, lambda m, f: seen.append(m))
+    if where == "factors":
+        assert any("24/30" in m for m in seen) and not any("8/30" in m for m in seen)
+    else:
+        assert not any("rows" in m for m in seen)  # factors were published before the cut
+        assert not any("train gradients 4/10" in m for m in seen)  # chunk 0 was kept
+    assert not PassCheckpoint.for_store(ctx.store, FACTORS, method.factor_settings(ctx)).path.exists()
+    ref, got = _arrays_bytes(tmp_path / "ref"), _arrays_bytes(tmp_path / "cut")
+    assert ref.keys() == got.keys() and len(ref) > 3
+    for k in ref:
+        assert ref[k] == got[k], k
+
+
+def test_trak_build_interrupted_gives_the_same_cache(tmp_path, tiny_preset, tiny_model, digits_small):
+    cfg = AttributionConfig(mc_samples=2, seed=0, trak_dim=16)
+    data = digits_small.subset(list(range(10)))
+    ref_ctx = _kfac_ctx(tmp_path / "ref", tiny_preset, tiny_model, data, cfg)
+    ref = TRAK(cfg)
+    ref.part_size = 4
+    ref.build(ref_ctx)
+    ctx = _kfac_ctx(tmp_path / "cut", tiny_preset, tiny_model, data, cfg)
+    cut = TRAK(cfg)
+    cut.part_size = 4
+    with pytest.raises(_Stop):
+        cut.build(ctx, _stop_after(lambda m, f: "8/10" in m))
+    seen: list[str] = []
+    again = TRAK(cfg)
+    again.part_size = 4
+    again.build(ctx, lambda m, f: seen.append(m))
+    assert seen[0].endswith("projected gradients 10/10")  # parts 0 and 1 kept
+    a, b = _arrays_bytes(tmp_path / "ref"), _arrays_bytes(tmp_path / "cut")
+    assert a.keys() == b.keys() and len(a) >= 4
+    for k in a:
+        assert a[k] == b[k], k
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    from conftest import TINY_MODEL
+    from engine.config import AttributionConfig, Preset, DataConfig
+    from engine.attribution.context import make_context
+    from engine.model.data import load_digits
+    from engine.attribution.methods.kfac_influence import KFACInfluence
+    from engine.attribution.store import Store
+    from engine.model.unet import build_model
+    torch.manual_seed(0)
+    model = build_model(TINY_MODEL).eval()
+    data = load_digits().subset(list(range(16)))
+    cfg = AttributionConfig(mc_samples=8, seed=0)
+    preset = Preset(name="tiny", model=TINY_MODEL, data=DataConfig(name="digits"))
+    ctx = make_context(preset, model, data, "cpu", cfg, "0" * 16, Store(sys.argv[1], "0" * 16, "d16"))
+    m = KFACInfluence(cfg)
+    m.factor_batch, m.checkpoint_rows, m.chunk_size = 8, 16, 8
+    m.build(ctx, lambda msg, f: print(msg, flush=True))
+    print("BUILT", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_kill_9_during_the_factor_pass_then_rerun(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    ref = subprocess.run([sys.executable, str(script), str(tmp_path / "ref")], env=env, capture_output=True, text=True)
+    assert "BUILT" in ref.stdout, ref.stderr[-2000:]
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, str(script), str(cut)], env=env, stdout=subprocess.PIPE, text=True)
+    killed_at = None
+    assert proc.stdout is not None
+    for line in proc.stdout:  # 128 rows; kill after a checkpoint exists, in the middle of the pass
+        if "rows" in line and list(cut.rglob(".resume-*.pt")) and int(line.split("/")[0].split()[-1]) >= 64:
+            killed_at = line.strip()
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL
+    again = subprocess.run([sys.executable, str(script), str(cut)], env=env, capture_output=True, text=True)
+    assert "BUILT" in again.stdout, again.stderr[-2000:]
+    first = next(line for line in again.stdout.splitlines() if "rows" in line)
+    assert not first.startswith("K-FAC Influence: K-FAC factors: 8/"), first  # resumed, not restarted
+    a, b = _arrays_bytes(tmp_path / "ref"), _arrays_bytes(cut)
+    assert a.keys() == b.keys() and len(a) > 3
+    for k in a:
+        assert a[k] == b[k], k
+
+
+def test_kfac_bank_pass_feeds_trak(tmp_path, tiny_preset, tiny_model, digits_small, monkeypatch):
+    """One training-gradient pass for both caches: TRAK's build then computes no gradient at all."""
+    import engine.attribution.gradients as gradients
+
+    cfg = AttributionConfig(mc_samples=2, seed=0, trak_dim=16)
+    data = digits_small.subset(list(range(10)))
+    alone_ctx = _kfac_ctx(tmp_path / "alone", tiny_preset, tiny_model, data, cfg)
+    alone = TRAK(cfg)
+    alone.part_size = 4
+    alone.build(alone_ctx)
+
+    ctx = _kfac_ctx(tmp_path / "shared", tiny_preset, tiny_model, data, cfg)
+    trak = TRAK(cfg)
+    trak.part_size = 4
+    kfac = _kfac(cfg)
+    sink = trak.feature_sink(ctx)
+    kfac.gradient_consumers = [sink]
+    kfac.build(ctx)
+    assert sink.saved == [0, 1, 2] and kfac.gradient_consumers == []
+
+    def no_gradients(*a, **k):
+        raise AssertionError("TRAK recomputed training gradients")
+
+    monkeypatch.setattr(gradients, "train_loss_grads", no_gradients)
+    trak.build(ctx)
+    np.testing.assert_allclose(trak.train_features(ctx), alone.train_features(alone_ctx), rtol=1e-5, atol=1e-6)
+    assert trak.feature_sink(ctx) is None  # built: nothing to feed
