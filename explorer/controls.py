@@ -19,8 +19,8 @@ MEASUREMENTS = {
 MEASUREMENT_HELP = {
     "loss": "The diffusion training loss of the query, averaged over timesteps and noise (paper eq. 2).",
     "elbo": "Negative evidence lower bound (Ho et al. eq. 5) in bits per dimension: a bound on -log p(x).",
-    "trajectory": "Minus the log-probability of the exact sampling path x_T ... x_0 that produced the query; "
-    "only generated samples have one.",
+    "trajectory": "Minus the log-probability of the exact sampling path x_T ... x_0 that produced the query "
+    "(nats, summed over every step and value, the last step x_1 -> x_0 included); only generated samples have one.",
     "loss@t": "The loss at a single noise level t (1 = almost clean, 1000 = pure noise).",
     "square-norm": "Squared norm of the predicted noise, the surrogate D-TRAK uses (not a likelihood).",
 }
