@@ -72,8 +72,10 @@ class AttributionConfig:
     mc_samples: int = 64  # M draws of (t, eps) per example
     seed: int = 0
     kfac_damping: float = 1e-8
-    trak_damping: float = 1e-1 / 1797
-    dtrak_damping: float = 1.0 / 1797
+    # None: the authors' best values on TRAK's unnormalised scale divided by the training-set
+    # size N (DESIGN.md 4), resolved by ``trak_default_damping`` once N is known
+    trak_damping: float | None = None
+    dtrak_damping: float | None = None
     fisher_type: str = "mc"  # mc | empirical
     kfac_approx: str = "expand"  # expand | reduce
     ekfac: bool = False
@@ -86,6 +88,22 @@ class AttributionConfig:
     trak_projection: str = "srht"  # srht | rademacher | gaussian (engine.projection)
     clip_model: str = "ViT-B-32"
     clip_pretrained: str | None = "openai"
+
+
+# The authors' best TRAK / D-TRAK dampings on TRAK's unnormalised scale (sum over examples);
+# ours is on the scale of G for the mean loss, i.e. these divided by N (DESIGN.md 4).
+TRAK_UNNORMALISED_DAMPING = {"trak": 1e-1, "dtrak": 1.0}
+
+
+def trak_default_damping(config: AttributionConfig, method: str, num_train: int) -> float:
+    """The configured damping of ``method`` ("trak" | "dtrak"), or, when it is None, the
+    authors' best value on TRAK's scale divided by the actual training-set size N."""
+    value = config.trak_damping if method == "trak" else config.dtrak_damping
+    if value is not None:
+        return float(value)
+    if num_train < 1:
+        raise ValueError(f"training-set size must be positive, got {num_train}")
+    return TRAK_UNNORMALISED_DAMPING[method] / int(num_train)
 
 
 @dataclass(frozen=True)
@@ -176,18 +194,14 @@ PRESETS: dict[str, Preset] = {
         model=_cifar_model(),
         data=DataConfig(name="cifar2", image_size=32, channels=3, levels=256, flip=True),
         train=_cifar_train(32_000),
-        attribution=AttributionConfig(
-            mc_samples=250, trak_damping=1e-1 / 5000, dtrak_damping=1.0 / 5000
-        ),
+        attribution=AttributionConfig(mc_samples=250),
     ),
     "cifar10": Preset(
         name="cifar10",
         model=_cifar_model(),
         data=DataConfig(name="cifar10", image_size=32, channels=3, levels=256, flip=True),
         train=_cifar_train(200_000),
-        attribution=AttributionConfig(
-            mc_samples=250, trak_damping=1e-1 / 50000, dtrak_damping=1.0 / 50000
-        ),
+        attribution=AttributionConfig(mc_samples=250),
     ),
 }
 

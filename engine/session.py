@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
-from .config import AttributionConfig, Preset, get_preset
+from .config import AttributionConfig, Preset, get_preset, trak_default_damping
 from .data import ImageDataset, load_dataset
 from .diffusion import Diffusion, MCDraws, make_draws
 from .measurements import Measurement, parse_measurement, quantize
@@ -285,13 +285,10 @@ class AttributionSession:
         m = self._methods[name]
         if m.kind != "influence":
             return None
-        from_config = {
-            "kfac": self.config.kfac_damping,
-            "trak": self.config.trak_damping,
-            "dtrak": self.config.dtrak_damping,
-        }
-        if name in from_config:
-            return float(from_config[name])
+        if name == "kfac":
+            return float(self.config.kfac_damping)
+        if name in ("trak", "dtrak"):
+            return trak_default_damping(self.config, name, len(self.dataset))
         return None if m.default_damping is None else float(m.default_damping)
 
     def _availability(self, m: AttributionMethod) -> tuple[bool, str | None]:

@@ -281,3 +281,28 @@ def test_trak_with_engine_context_and_measurement_grad(
     assert scores.shape == (N,) and np.all(np.isfinite(scores))
     # the same query and damping give the same scores (pure function of the cache)
     np.testing.assert_array_equal(scores, method.score(method.prepare(ctx, q, gq)))
+
+
+@pytest.mark.parametrize("n_train", [6, 10])
+def test_default_dampings_follow_the_training_set_size(tmp_path, tiny_model, diffusion, small_data, n_train):
+    """With no damping configured, TRAK uses 0.1/N and D-TRAK 1/N for the actual N (DESIGN.md 4)."""
+    from engine.config import PRESETS, trak_default_damping
+
+    data = small_data.subset(list(range(n_train)))
+    config = AttributionConfig(mc_samples=M, trak_dim=8)
+    assert config.trak_damping is None and config.dtrak_damping is None
+    assert trak_default_damping(config, "trak", n_train) == pytest.approx(0.1 / n_train)
+    assert trak_default_damping(config, "dtrak", n_train) == pytest.approx(1.0 / n_train)
+    explicit = AttributionConfig(trak_damping=3e-4, dtrak_damping=2e-3)
+    assert trak_default_damping(explicit, "trak", n_train) == 3e-4
+    assert trak_default_damping(explicit, "dtrak", n_train) == 2e-3
+    # presets carry no hard-coded N
+    assert all(p.attribution.trak_damping is None for p in PRESETS.values())
+    ctx = _ctx(tmp_path, tiny_model, diffusion, data, config, params=_last_layers(tiny_model))
+    for method, want in ((TRAK(config), 0.1 / n_train), (DTRAK(config), 1.0 / n_train)):
+        method.build(ctx)
+        gq = _query_grad(ctx, data.images[0], kind=method.loss)
+        prepared = method.prepare(ctx, QueryInput(image=None), gq)
+        assert method.default_damping == pytest.approx(want)
+        np.testing.assert_array_equal(method.score(prepared), method.score(prepared, want))
+        assert not np.array_equal(method.score(prepared), method.score(prepared, 10 * want))

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..config import AttributionConfig
+from ..config import AttributionConfig, trak_default_damping
 from ..measurements import Measurement
 from ..projection import TILE_ROWS, RandomProjection
 from .base import AttributionMethod, Prepared, Progress, QueryInput, no_progress
@@ -79,13 +79,17 @@ class TRAK(AttributionMethod):
     def __init__(self, config: AttributionConfig | None = None, projection: str | None = None):
         self.config = config or AttributionConfig()
         self.projection_kind = projection or self.config.trak_projection
-        self.default_damping = self._config_damping(self.config)
+        # None until a context gives N, when the config leaves it to the N-scaled default
+        self.default_damping = self._config_damping(self.config, None)
         self._loaded: dict[str, dict[str, Any]] = {}
         self._projections: dict[str, RandomProjection] = {}
 
-    @staticmethod
-    def _config_damping(config: AttributionConfig) -> float:
-        return float(config.trak_damping)
+    def _config_damping(self, config: AttributionConfig, num_train: int | None) -> float | None:
+        """The configured damping, or 0.1/N (TRAK) and 1/N (D-TRAK) once N is known (else None)."""
+        explicit = config.trak_damping if self.name == "trak" else config.dtrak_damping
+        if explicit is None and num_train is None:
+            return None
+        return trak_default_damping(config, self.name, int(num_train or 1))
 
     # --- settings and cache -------------------------------------------------------------
 
@@ -220,13 +224,19 @@ class TRAK(AttributionMethod):
         t1 = time.perf_counter()
         z_q = state["eigvecs"].T @ phi_q
         t2 = time.perf_counter()
-        data = {"z_q": z_q, "eigvals": state["eigvals"], "phi_eig": state["phi_eig"]}
+        self.default_damping = self._config_damping(self.config, len(ctx.dataset))
+        data = {
+            "z_q": z_q,
+            "eigvals": state["eigvals"],
+            "phi_eig": state["phi_eig"],
+            "default_damping": self.default_damping,
+        }
         return Prepared(data=data, timing_ms={"project": (t1 - t0) * 1e3, "rotate": (t2 - t1) * 1e3})
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
         """tau = (1/N) Z (z_q / (s + lambda)); lambda defaults to this method's configured damping."""
-        lam = self.default_damping if damping is None else float(damping)
         d = prepared.data
+        lam = d.get("default_damping", self.default_damping) if damping is None else float(damping)
         n = d["phi_eig"].shape[0]
         w = d["z_q"] / (d["eigvals"] + lam)
         return (d["phi_eig"] @ w / n).numpy().astype(np.float32)
@@ -242,10 +252,6 @@ class DTRAK(TRAK):
         "(Zheng et al. 2024); always uses the square-norm measurement."
     )
     loss = "square-norm"
-
-    @staticmethod
-    def _config_damping(config: AttributionConfig) -> float:
-        return float(config.dtrak_damping)
 
     def query_measurement(self, measurement: Measurement) -> Measurement:
         """D-TRAK attributes the square norm whatever measurement was asked for."""
