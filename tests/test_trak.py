@@ -306,3 +306,20 @@ def test_default_dampings_follow_the_training_set_size(tmp_path, tiny_model, dif
         assert method.default_damping == pytest.approx(want)
         np.testing.assert_array_equal(method.score(prepared), method.score(prepared, want))
         assert not np.array_equal(method.score(prepared), method.score(prepared, 10 * want))
+
+
+@pytest.mark.parametrize("n_rows,k", [(40, 12), (12, 40)])
+def test_fisher_eigenbasis_scores_equal_a_dense_solve(n_rows, k):
+    """k <= N (k x k Fisher) and k > N (N x N Gram matrix) give tau = (1/N) Phi (F + lambda I)^{-1} phi_q."""
+    from engine.methods.trak import fisher_eigenbasis
+
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(n_rows, k, generator=g) * torch.logspace(0, -2, k)
+    phi_q = torch.randn(k, generator=g)
+    s, v, z = fisher_eigenbasis([phi[:7], phi[7:]])
+    assert v.shape == (k, min(k, n_rows)) and z.shape == (n_rows, min(k, n_rows))
+    F = phi.double().T @ phi.double() / n_rows
+    for lam in (1e-3, 1e-1):
+        ref = phi.double() @ torch.linalg.solve(F + lam * torch.eye(k, dtype=F.dtype), phi_q.double()) / n_rows
+        got = z.double() @ ((v.double().T @ phi_q.double()) / (s.double() + lam)) / n_rows
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))

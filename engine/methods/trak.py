@@ -17,7 +17,9 @@ Z = Phi V (N x k).  A query is rotated once, z_q = V^T phi_q, and then
 
     tau = (1/N) Z (z_q / (s + lambda))
 
-so changing lambda costs one division and one (N x k) matvec, no gradient.
+so changing lambda costs one division and one (N x k) matvec, no gradient.  When k > N
+(the paper's k = 32,768) the eigenbasis comes from the N x N Gram matrix instead, exactly
+(``fisher_eigenbasis``), so large k costs O(N^2 k), not O(k^3).
 
 D-TRAK (Zheng et al. 2024) is the same code path with the square-norm output function
 (1/D)||eps_theta(x_t, t)||^2 in place of both the training loss and the measurement.
@@ -59,6 +61,51 @@ def params_signature(params: list[tuple[str, torch.nn.Parameter]]) -> str:
 
 def num_params(params: list[tuple[str, torch.nn.Parameter]]) -> int:
     return int(sum(p.numel() for _, p in params))
+
+
+def fisher_eigenbasis(
+    phi_parts: list[torch.Tensor], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenbasis of F = (1/N) Phi^T Phi from the projected features Phi (N x k, given in row parts).
+
+    Returns float32 (s, V, Z = Phi V) with F = V diag(s) V^T on the span of the features.  For
+    k <= N, F (k x k) is accumulated and eigendecomposed in float64.  For k > N (the paper's
+    k = 32,768 on a small training set) F has rank <= N, and the N x N Gram matrix
+    K = (1/N) Phi Phi^T = U diag(s) U^T has the same nonzero eigenvalues, with
+    V = Phi^T U / sqrt(N s) and Z = Phi V = U sqrt(N s).  Directions with s = 0 are orthogonal
+    to every phi_i, so dropping them leaves every score
+    tau_i = (1/N) phi_i^T (F + lambda I)^{-1} phi_q = (1/N) Z_i (V^T phi_q / (s + lambda)) exact,
+    at O(N^2 k) instead of O(k^3) time and N x k instead of k x k memory.
+    """
+    n = sum(p.shape[0] for p in phi_parts)
+    k = phi_parts[0].shape[1]
+    if k <= n:
+        fisher = torch.zeros((k, k), dtype=torch.float64, device=device)
+        for phi in phi_parts:
+            phi = phi.to(device, torch.float64)
+            fisher.addmm_(phi.T, phi)
+        fisher /= n
+        evals, evecs = torch.linalg.eigh(fisher)
+        evals = evals.clamp_min(0.0).float()
+        evecs = evecs.float()
+        rotated = torch.cat([phi.to(device, torch.float32) @ evecs for phi in phi_parts]).cpu()
+        return evals.cpu(), evecs.cpu(), rotated
+    phi = torch.cat(phi_parts).to(device, torch.float32)  # (N, k)
+    gram = torch.zeros((n, n), dtype=torch.float64, device=device)
+    cols = max(1, (64 << 20) // (8 * n))
+    for c in range(0, k, cols):
+        block = phi[:, c : c + cols].double()
+        gram.addmm_(block, block.T)
+    gram /= n
+    evals, u = torch.linalg.eigh(gram)
+    keep = evals > evals.max().clamp_min(0.0) * 1e-12
+    evals, u = evals[keep], u[:, keep]
+    root = (n * evals).sqrt()  # (r,)
+    evecs = torch.zeros((k, u.shape[1]), dtype=torch.float32, device=device)
+    for c in range(0, k, cols):
+        evecs[c : c + cols] = (phi[:, c : c + cols].double().T @ u / root).float()
+    rotated = (u * root).float()
+    return evals.float().cpu(), evecs.cpu(), rotated.cpu()
 
 
 class TRAK(AttributionMethod):
@@ -169,20 +216,8 @@ class TRAK(AttributionMethod):
             self._load(ctx)
             return
         progress(f"{self.title}: eigendecomposing the projected Fisher", 0.92)
-        # F = (1/N) sum_i phi_i phi_i^T, accumulated in float64 part by part.
-        k = proj.dim
-        fisher = torch.zeros((k, k), dtype=torch.float64, device=ctx.device)
-        for i in range(part.num_parts):
-            phi = torch.from_numpy(part.load_part(i)["phi"]).to(ctx.device, torch.float64)
-            fisher.addmm_(phi.T, phi)
-        fisher /= n
-        evals, evecs = torch.linalg.eigh(fisher)
-        evals = evals.clamp_min(0.0).float()
-        evecs = evecs.float()
-        rotated = torch.empty((n, k), dtype=torch.float32)
-        for i in range(part.num_parts):
-            phi = torch.from_numpy(part.load_part(i)["phi"]).to(ctx.device)
-            rotated[part.part_range(i)] = (phi @ evecs).cpu()
+        phi_parts = [torch.from_numpy(part.load_part(i)["phi"]) for i in range(part.num_parts)]
+        evals, evecs, rotated = fisher_eigenbasis(phi_parts, ctx.device)
         part.publish(
             extra={"eigvals": evals.cpu(), "eigvecs": evecs.cpu(), "phi_eig": rotated},
             meta={"build_seconds": time.perf_counter() - t0},
