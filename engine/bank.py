@@ -38,8 +38,9 @@ from torch import nn
 
 from . import distributed
 from .curvature import Block, KFACFactors
-from .diffusion import Diffusion, MCDraws
+from .diffusion import Diffusion
 from .gradients import Params, per_example_grads, train_loss_grads
+from .train_draws import TrainDraws
 
 SCALES = "scales"
 
@@ -186,7 +187,7 @@ class StreamedBank:
         model: nn.Module,
         diffusion: Diffusion,
         images: torch.Tensor,
-        draws: MCDraws,
+        draws: TrainDraws,
         factors: KFACFactors,
         params: Params,
         loss: str = "loss",
@@ -240,7 +241,7 @@ def build_bank(
     model: nn.Module,
     diffusion: Diffusion,
     images: torch.Tensor,
-    draws: MCDraws,
+    draws: TrainDraws,
     factors: KFACFactors,
     params: Params,
     store: Any | None = None,
@@ -274,7 +275,7 @@ def build_bank(
         parts = []
         for s in range(rows.start, rows.stop, grad_batch):
             sub = slice(s, min(rows.stop, s + grad_batch))
-            parts.append(per_example_grads(model, diffusion, images[sub], draws, loss, params).detach())
+            parts.append(per_example_grads(model, diffusion, images[sub], draws.for_rows(sub), loss, params).detach())
             if progress is not None:
                 progress(f"train gradients {sub.stop}/{n}", sub.stop / n)
         rotated = factors.rotate(torch.cat(parts))

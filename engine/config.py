@@ -79,6 +79,12 @@ class AttributionConfig:
     fisher_type: str = "mc"  # mc | empirical
     kfac_approx: str = "expand"  # expand | reduce
     ekfac: bool = False
+    # K-FAC blocks: "separate" (weight B (x) A and bias B, the default) or "joint" ([W | b] in one
+    # B (x) A block, curvlinops separate_weight_and_bias=False; an ablation)
+    kfac_blocks: str = "separate"
+    # training-gradient and curvature draws: "shared" (the same M draws for every example) or
+    # "per-example" (independent per example, seeded by its index; paper G.3). engine.train_draws
+    draws: str = "shared"
     # K-FAC training-gradient bank: "stored" (int8 on disk, a query is one pass over it),
     # "streamed" (recomputed per query batch: for models whose bank does not fit, DESIGN.md 8)
     # or "auto" (stored when N x P int8 bytes <= kfac_bank_max_gb GiB)
@@ -104,6 +110,23 @@ def trak_default_damping(config: AttributionConfig, method: str, num_train: int)
     if num_train < 1:
         raise ValueError(f"training-set size must be positive, got {num_train}")
     return TRAK_UNNORMALISED_DAMPING[method] / int(num_train)
+
+
+# Settings added after caches were first built, with the value those caches were built with:
+# ``attribution_key`` leaves a field out while it has that value, so existing cache keys stay valid.
+KEY_NEUTRAL = {"draws": "shared", "kfac_blocks": "separate"}
+
+
+def attribution_key(config: AttributionConfig, num_train: int) -> dict[str, Any]:
+    """``asdict(config)`` as a cache key: dampings resolved for this training-set size and the
+    fields of ``KEY_NEUTRAL`` only when they differ from the value older caches were built with."""
+    d = dataclasses.asdict(config)
+    for name, neutral in KEY_NEUTRAL.items():
+        if d.get(name) == neutral:
+            d.pop(name)
+    d["trak_damping"] = trak_default_damping(config, "trak", num_train)
+    d["dtrak_damping"] = trak_default_damping(config, "dtrak", num_train)
+    return d
 
 
 @dataclass(frozen=True)

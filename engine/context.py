@@ -5,8 +5,10 @@ the weights and biases of all Conv2d and Linear layers (``engine.gradients.influ
 Normalisation layers have no K-FAC block (DESIGN.md 4) and are left out of influence
 gradients for every method, so all methods score the same gradient.
 
-``train_draws`` are the M Monte Carlo draws (t, eps) shared by every training example's
-gradient (common random numbers, DESIGN.md 6), seeded by ``config.seed``.
+``train_draws`` are the M Monte Carlo draws (t, eps, and a flip bit for presets trained with
+flips) of every training example's gradient and curvature row, seeded by ``config.seed``:
+shared by every example (common random numbers, DESIGN.md 6; the default) or independent per
+example (``config.draws = "per-example"``, paper G.3); see ``engine.train_draws``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from torch import nn
 
 from .config import AttributionConfig, Preset
 from .data import ImageDataset
-from .diffusion import Diffusion, MCDraws, make_draws
+from .diffusion import Diffusion
 from .gradients import influence_params
+from .train_draws import TrainDraws, training_draws
 
 
 @dataclass
@@ -34,7 +37,7 @@ class EngineContext:
     checkpoint_hash: str
     store: Any  # engine.store.Store: on-disk cache for this checkpoint + data
     params: list[tuple[str, nn.Parameter]]  # parameters that gradients cover, in flat order
-    train_draws: MCDraws  # M draws for train gradients (seeded by config.seed)
+    train_draws: TrainDraws  # M draws per train gradient and curvature row (engine.train_draws)
 
     @property
     def num_params(self) -> int:
@@ -52,13 +55,15 @@ def make_context(
     diffusion: Diffusion | None = None,
 ) -> EngineContext:
     """Fill ``params`` (Conv2d/Linear weights and biases) and ``train_draws`` =
-    make_draws(config.mc_samples, image shape, T, seed=config.seed); the model is moved to
-    ``device`` and put in eval mode."""
+    training_draws(config.draws, config.mc_samples, image shape, T, seed=config.seed,
+    flip=preset.data.flip); the model is moved to ``device`` and put in eval mode."""
     config = config or preset.attribution
     device = torch.device(device)
     model = model.to(device).eval()
     diffusion = diffusion or Diffusion(preset.diffusion)
-    draws = make_draws(config.mc_samples, dataset.shape, diffusion.T, seed=config.seed)
+    draws = training_draws(
+        config.draws, config.mc_samples, dataset.shape, diffusion.T, seed=config.seed, flip=preset.data.flip
+    )
     return EngineContext(
         preset=preset,
         model=model,

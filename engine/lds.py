@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes
-from .config import Preset
+from .config import Preset, attribution_key
 from .data import ImageDataset
 from .evaluate import (
     MeasureSpec,
@@ -475,7 +475,13 @@ def _score_key(session: Any, queries: torch.Tensor, measurement: str, methods: l
     h = hashlib.sha256()
     h.update(
         json.dumps(
-            [session.checkpoint_hash, measurement, methods, list(grid), asdict(session.config)],
+            [
+                session.checkpoint_hash,
+                measurement,
+                methods,
+                list(grid),
+                attribution_key(session.config, len(session.dataset)),
+            ],
             sort_keys=True,
         ).encode()
     )

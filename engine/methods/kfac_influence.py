@@ -29,7 +29,7 @@ from ..bank import RotatedBank, StreamedBank, build_bank
 from ..config import AttributionConfig
 from ..curvature import KFACFactors, compute_kfac, layout
 from ..damping_grid import COARSE_GRID, DAMPING_GRID, interpolate
-from ..diffusion import MCDraws
+from ..train_draws import draw_settings
 from .base import AttributionMethod, Prepared, Progress, QueryInput, no_progress
 
 FACTORS = "kfac-factors"
@@ -42,6 +42,7 @@ GRID_MAX_BYTES = 256 << 20  # fall back to the coarse grid (then none) when G x 
 # ... unless the bank is streamed: then every uncached damping is a full gradient pass
 GRID_MAX_BYTES_STREAMED = 4 << 30
 BANK_MODES = ("auto", "stored", "streamed")
+KFAC_BLOCKS = ("separate", "joint")
 
 
 def _params_digest(params: list[tuple[str, torch.nn.Parameter]]) -> str:
@@ -87,6 +88,8 @@ class KFACInfluence(AttributionMethod):
             "fisher_type": c.fisher_type,
             "kfac_approx": c.kfac_approx,
             "ekfac": bool(c.ekfac),
+            **draw_settings(ctx.train_draws),
+            **({"kfac_blocks": c.kfac_blocks} if c.kfac_blocks != "separate" else {}),
             "num_examples": len(ctx.dataset),
             "params": _params_digest(ctx.params),
             "dtype": dtype,
@@ -131,6 +134,11 @@ class KFACInfluence(AttributionMethod):
         nbytes = len(ctx.dataset) * p * (1 if self.quantize else 4)
         return "stored" if nbytes <= self.config.kfac_bank_max_gb * (1 << 30) else "streamed"
 
+    def _joint(self) -> bool:
+        if self.config.kfac_blocks not in KFAC_BLOCKS:
+            raise ValueError(f"kfac_blocks must be one of {KFAC_BLOCKS}, not {self.config.kfac_blocks!r}")
+        return self.config.kfac_blocks == "joint"
+
     def _ctx_key(self, ctx: Any) -> tuple:
         return (id(ctx.model), ctx.checkpoint_hash, tuple(sorted(self.bank_settings(ctx).items())))
 
@@ -141,7 +149,7 @@ class KFACInfluence(AttributionMethod):
         t0 = time.perf_counter()
         fs = self.factor_settings(ctx)
         factors = None
-        template, _ = layout(ctx.model, ctx.params)
+        template, _ = layout(ctx.model, ctx.params, joint=self._joint())
         if ctx.store is not None:
             arrays = ctx.store.load_arrays(FACTORS, fs, mmap=False)
             if arrays is not None:
@@ -153,7 +161,7 @@ class KFACInfluence(AttributionMethod):
         if factors is None:
             draws = ctx.train_draws
             if self.factor_draws is not None and self.factor_draws < len(draws):
-                draws = MCDraws(draws.t[: self.factor_draws], draws.eps[: self.factor_draws])
+                draws = draws.head(self.factor_draws)
             factors = compute_kfac(
                 ctx.model,
                 ctx.diffusion,
@@ -166,6 +174,7 @@ class KFACInfluence(AttributionMethod):
                 batch_size=self.factor_batch,
                 seed=self.config.seed,
                 progress=lambda msg, f: progress(f"{self.title}: {msg}", FACTOR_SHARE * f),
+                joint=self._joint(),
             )
             if ctx.store is not None:
                 ctx.store.save_arrays(

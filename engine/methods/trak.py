@@ -38,16 +38,23 @@ import torch
 
 from .. import distributed
 from ..config import AttributionConfig, trak_default_damping
+from ..diffusion import MCDraws
 from ..measurements import Measurement
 from ..projection import TILE_ROWS, RandomProjection
+from ..train_draws import draw_settings
 from .base import AttributionMethod, Prepared, Progress, QueryInput, no_progress
 
 FORMAT = 1
 
 
 def draws_digest(draws: Any) -> str:
-    """16 hex of SHA-256 of the draws' t and eps: caches record exactly which draws they used."""
+    """16 hex of SHA-256 of the draws' t and eps (and flip bits): caches record exactly which
+    draws they used.  Per-example draws are a function of their settings (``digest()``)."""
+    if not isinstance(draws, MCDraws):
+        return draws.digest()
     h = hashlib.sha256()
+    if draws.flip is not None:
+        h.update(draws.flip.detach().cpu().numpy().astype(np.uint8).tobytes())
     h.update(draws.t.detach().cpu().numpy().astype(np.int64).tobytes())
     h.update(draws.eps.detach().cpu().float().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -162,6 +169,7 @@ class TRAK(AttributionMethod):
             "mc_samples": len(ctx.train_draws),
             "seed": int(ctx.config.seed),
             "draws": draws_digest(ctx.train_draws),
+            **draw_settings(ctx.train_draws),
             "num_train": len(ctx.dataset),
             "params": params_signature(ctx.params),
             "projection": {
@@ -201,7 +209,7 @@ class TRAK(AttributionMethod):
                 ctx,  # its model and params (the influence parameters, ctx.params order)
                 ctx.diffusion,
                 images[rows].to(ctx.device),
-                ctx.train_draws,
+                ctx.train_draws.for_rows(rows),  # this part's draws, indexed like images[rows]
                 loss=self.loss,
                 batch_size=self.batch_size,
                 progress=no_progress,
