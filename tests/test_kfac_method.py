@@ -68,7 +68,16 @@ def test_api_cache_and_damping(tmp_path, tiny_preset, tiny_model, digits_small):
     assert not m3.is_built(ctx)
 
 
-@pytest.mark.parametrize("change", [{"fisher_type": "empirical"}, {"kfac_approx": "reduce"}, {"ekfac": True}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fisher_type": "empirical"},
+        {"kfac_approx": "reduce"},
+        {"ekfac": True},
+        {"kfac_blocks": "joint"},
+        {"draws": "per-example"},
+    ],
+)
 def test_options_build_and_score(tiny_preset, tiny_model, digits_small, change):
     cfg = dataclasses.replace(AttributionConfig(mc_samples=2), **change)
     ds = digits_small.subset(list(range(8)))
@@ -81,6 +90,9 @@ def test_options_build_and_score(tiny_preset, tiny_model, digits_small, change):
     s0, s1 = base.score(base.prepare(ctx, q, g), 1e-3), alt.score(alt.prepare(ctx, q, g), 1e-3)
     assert np.isfinite(s1).all() and not np.allclose(s0, s1)
     assert alt.factors.ekfac == bool(change.get("ekfac", False))
+    # a non-default option is part of the cache key; the defaults keep the keys of older caches
+    assert alt.bank_settings(ctx) != base.bank_settings(ctx)
+    assert not {"kfac_blocks", "draws_mode", "augment"} & set(base.bank_settings(ctx))
 
 
 @pytest.fixture(scope="module")
