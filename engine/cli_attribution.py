@@ -33,6 +33,19 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
         help="K-FAC training-gradient bank: stored (int8 on disk), streamed (recomputed per query: for models "
         "whose bank does not fit), auto (stored if under 8 GiB; default)",
     )
+    p.add_argument(
+        "--draws",
+        choices=("shared", "per-example"),
+        default=None,
+        help="training-gradient and curvature draws: shared by every example (default) or independent "
+        "per example (paper G.3)",
+    )
+    p.add_argument(
+        "--kfac-blocks",
+        choices=("separate", "joint"),
+        default=None,
+        help="K-FAC blocks: weight and bias separate (default) or one joint block per layer (ablation)",
+    )
     p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or ./cache)")
 
 
@@ -61,8 +74,9 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
         if args.trak_dim < 1:
             raise ValueError("--trak-dim must be at least 1")
         changes["trak_dim"] = args.trak_dim
-    if getattr(args, "kfac_bank", None) is not None:
-        changes["kfac_bank"] = args.kfac_bank
+    for name in ("kfac_bank", "draws", "kfac_blocks"):
+        if getattr(args, name, None) is not None:
+            changes[name] = getattr(args, name)
     config = dataclasses.replace(preset.attribution, **changes)
     return AttributionSession(
         preset, checkpoint=ckpt, device=device, cache_root=getattr(args, "cache_root", None), config=config,
