@@ -48,6 +48,7 @@ from .evaluate import (
     load_lds_results,
     run_training,
 )
+from .noise_ceiling import seed_agreement
 
 ScoreFn = Callable[[int], dict[str, np.ndarray]]  # query index -> {method: scores (N,)}
 
@@ -261,12 +262,14 @@ def seed_average(per_seed: np.ndarray) -> np.ndarray:
         return np.nanmean(per_seed, axis=0) if np.isfinite(per_seed).any() else per_seed[0]
 
 
-def noise_report(per_seed: np.ndarray) -> dict[str, float]:
+def noise_report(per_seed: np.ndarray) -> dict[str, Any]:
     """How much of the spread over subsets is training-seed noise (needs R >= 2).
 
     Returns the mean over queries of the variance across subsets of the seed-averaged
     measurement and of the within-subset variance across seeds.  Their ratio bounds the
-    LDS any method can reach (noise in the target attenuates rank correlation).
+    LDS any method can reach (noise in the target attenuates rank correlation).  With R >= 2
+    finished seeds it also reports ``seed_agreement``: the Spearman between two seeds' measured
+    values over subsets, averaged over queries, and the ceiling it implies for the R-seed target.
     """
     r = per_seed.shape[0]
     out: dict[str, float] = {"seeds": int(r)}
@@ -280,6 +283,9 @@ def noise_report(per_seed: np.ndarray) -> dict[str, float]:
         if full.sum() >= 1:
             within = np.var(per_seed[:, :, full], axis=0, ddof=1)  # (Q, K')
             out["var_within_subset_seeds"] = float(np.mean(within))
+        agreement = seed_agreement(per_seed)  # the noise ceiling (engine.noise_ceiling)
+        if agreement is not None:
+            out["seed_agreement"] = agreement
     return out
 
 
@@ -734,6 +740,14 @@ def format_table(record: dict[str, Any]) -> str:
         f"R={c['seeds']} seeds  Q={c['queries']} queries  ({c['true_measurement_mc_samples']} MC draws)",
         f"{'method':<14}{'LDS':>8}   {'95% CI':<18}{'damping':>10}{'best LDS':>10}{'at damping':>12}",
     ]
+    agree = (record.get("noise") or {}).get("seed_agreement")
+    if agree:
+        lines.insert(
+            1,
+            f"noise ceiling: two seeds agree at Spearman {agree['spearman']:+.3f} "
+            f"[{agree['ci95'][0]:+.3f}, {agree['ci95'][1]:+.3f}]; "
+            f"ceiling for the {agree['seeds']}-seed average ~{agree['ceiling_seed_average']:.3f}",
+        )
     for name, m in record["methods"].items():
         ci = m["ci95"]
         d = "-" if m.get("damping") is None else f"{m['damping']:.0e}"
