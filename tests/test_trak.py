@@ -347,3 +347,39 @@ def test_trak_per_example_draws_independent_of_parts(tmp_path, tiny_model, diffu
     g7 = per_example_grads(tiny_model, diffusion, small_data.images[7:8], draws.for_rows(slice(7, 8)),
                            params=ctx.params)
     torch.testing.assert_close(feats[0][7], method.projection(ctx).project(g7)[0].float(), rtol=1e-4, atol=1e-6)
+
+
+def test_build_dims_one_gradient_pass_for_a_k_sweep(tmp_path, tiny_model, diffusion, small_data, monkeypatch):
+    """Several k share one gradient pass; each cache equals the one a plain build of that k makes."""
+    import engine.gradients as gradients
+
+    config = AttributionConfig(mc_samples=M, trak_dim=8)
+    ctx = _ctx(tmp_path, tiny_model, diffusion, small_data, config, params=_last_layers(tiny_model))
+    real = gradients.train_loss_grads
+    calls: list[int] = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gradients, "train_loss_grads", counting)
+    method = TRAK(config)
+    method.part_size = 6
+    method.build_dims(ctx, [8, 16, 8])
+    assert len(calls) == 2  # two parts (6 + 4 images), not two per k
+    for k in (8, 16):
+        assert ctx.store.exists("trak", method.settings(ctx, k))
+        other = _ctx(
+            tmp_path / f"k{k}", tiny_model, diffusion, small_data,
+            AttributionConfig(mc_samples=M, trak_dim=k), params=_last_layers(tiny_model),
+        )
+        single = TRAK(other.config)
+        single.build(other)
+        assert single.settings(other) == method.settings(ctx, k)
+        np.testing.assert_allclose(
+            np.array(ctx.store.load_arrays("trak", method.settings(ctx, k))["phi"]),
+            single.train_features(other), rtol=1e-5, atol=1e-6,
+        )
+    calls.clear()
+    method.build_dims(ctx, [8, 16])  # built: nothing recomputed
+    assert calls == []

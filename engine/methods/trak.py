@@ -147,10 +147,14 @@ class TRAK(AttributionMethod):
 
     # --- settings and cache -------------------------------------------------------------
 
-    def projection(self, ctx: Any) -> RandomProjection:
-        """The seeded projection for this context (k = config.trak_dim, capped at P)."""
+    def _dim(self, ctx: Any, dim: int | None) -> int:
         p = num_params(ctx.params)
-        k = p if self.projection_kind == "identity" else min(int(ctx.config.trak_dim), p)
+        return p if self.projection_kind == "identity" else min(int(dim or ctx.config.trak_dim), p)
+
+    def projection(self, ctx: Any, dim: int | None = None) -> RandomProjection:
+        """The seeded projection for this context (k = ``dim`` or config.trak_dim, capped at P)."""
+        p = num_params(ctx.params)
+        k = self._dim(ctx, dim)
         key = f"{self.projection_kind}-{p}-{k}-{ctx.config.seed}-{ctx.device}"
         if key not in self._projections:
             self._projections[key] = RandomProjection(
@@ -158,10 +162,11 @@ class TRAK(AttributionMethod):
             )
         return self._projections[key]
 
-    def settings(self, ctx: Any) -> dict[str, Any]:
-        """Everything the cached bank depends on (the Store keys its folder by this)."""
+    def settings(self, ctx: Any, dim: int | None = None) -> dict[str, Any]:
+        """Everything the cached bank depends on (the Store keys its folder by this); ``dim``
+        overrides config.trak_dim (a k sweep)."""
         p = num_params(ctx.params)
-        k = p if self.projection_kind == "identity" else min(int(ctx.config.trak_dim), p)
+        k = self._dim(ctx, dim)
         return {
             "format": FORMAT,
             "method": self.name,
@@ -189,22 +194,38 @@ class TRAK(AttributionMethod):
 
     def build(self, ctx: Any, progress: Progress = no_progress) -> None:
         """Project every training gradient (resumable, in parts), then eigendecompose F once."""
-        settings = self.settings(ctx)
-        if ctx.store.exists(self.name, settings):
-            self._load(ctx)
-            return
+        self.build_dims(ctx, [int(ctx.config.trak_dim)], progress)
+        self._load(ctx)
+
+    def build_dims(self, ctx: Any, dims: list[int], progress: Progress = no_progress) -> None:
+        """Build the caches of several projection dimensions k with one gradient pass.
+
+        The training gradients do not depend on k, so a k sweep (the paper's k = 32,768 against
+        our default 2,048) costs one pass over the training set, not one per k: each batch of
+        gradients is projected once per k that still lacks that part.  Resumable per part and k.
+        """
         from ..gradients import train_loss_grads  # the K-FAC helper's module; imported when needed
 
+        dims = list(dict.fromkeys(self._dim(ctx, k) for k in dims))
+        todo_dims = [k for k in dims if not ctx.store.exists(self.name, self.settings(ctx, k))]
+        if not todo_dims:
+            return
         t0 = time.perf_counter()
-        proj = self.projection(ctx)
         images = ctx.dataset.images
         n = len(images)
-        part = ctx.store.partial(self.name, settings, part_size=self.part_size, num_items=n)
+        parts = {
+            k: ctx.store.partial(self.name, self.settings(ctx, k), part_size=self.part_size, num_items=n)
+            for k in todo_dims
+        }
+        projs = {k: self.projection(ctx, k) for k in todo_dims}
+        first = parts[todo_dims[0]]
         shard = distributed.current()  # under torchrun: this rank's parts only (engine.distributed)
-        todo = shard.mine(part.todo())
+        pending = sorted({i for part in parts.values() for i in part.todo()})
+        todo = shard.mine(pending)
         for count, i in enumerate(todo):
-            rows = part.part_range(i)
-            feats = torch.empty((rows.stop - rows.start, proj.dim), dtype=torch.float32)
+            rows = first.part_range(i)
+            need = [k for k in todo_dims if not parts[k].is_done(i)]
+            feats = {k: torch.empty((rows.stop - rows.start, projs[k].dim), dtype=torch.float32) for k in need}
             grads = train_loss_grads(
                 ctx,  # its model and params (the influence parameters, ctx.params order)
                 ctx.diffusion,
@@ -215,24 +236,27 @@ class TRAK(AttributionMethod):
                 progress=no_progress,
             )
             for sl, g in grads:
-                feats[sl] = proj.project(g.to(ctx.device)).float().cpu()
-            part.save_part(i, {"phi": feats})
+                g = g.to(ctx.device)
+                for k in need:
+                    feats[k][sl] = projs[k].project(g).float().cpu()
+            for k in need:
+                parts[k].save_part(i, {"phi": feats[k]})
             progress(f"{self.title}: projected gradients {rows.stop}/{n}", 0.9 * (count + 1) / len(todo))
         shard.barrier()
         if not shard.is_main:
             shard.barrier()  # rank 0 eigendecomposes and publishes
-            self._load(ctx)
             return
-        progress(f"{self.title}: eigendecomposing the projected Fisher", 0.92)
-        phi_parts = [torch.from_numpy(part.load_part(i)["phi"]) for i in range(part.num_parts)]
-        evals, evecs, rotated = fisher_eigenbasis(phi_parts, ctx.device)
-        part.publish(
-            extra={"eigvals": evals.cpu(), "eigvecs": evecs.cpu(), "phi_eig": rotated},
-            meta={"build_seconds": time.perf_counter() - t0},
-        )
+        for k in todo_dims:
+            progress(f"{self.title}: eigendecomposing the projected Fisher (k = {k})", 0.92)
+            part = parts[k]
+            phi_parts = [torch.from_numpy(part.load_part(i)["phi"]) for i in range(part.num_parts)]
+            evals, evecs, rotated = fisher_eigenbasis(phi_parts, ctx.device)
+            part.publish(
+                extra={"eigvals": evals.cpu(), "eigvecs": evecs.cpu(), "phi_eig": rotated},
+                meta={"build_seconds": time.perf_counter() - t0},
+            )
         shard.barrier()
         progress(f"{self.title}: built", 1.0)
-        self._load(ctx)
 
     def _load(self, ctx: Any) -> dict[str, Any]:
         settings = self.settings(ctx)
