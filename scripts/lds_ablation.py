@@ -1,0 +1,20 @@
+"""LDS ablations on the trained LDS subset models (engine/lds_ablation.py): draws shared vs
+per-example (K-FAC), TRAK and D-TRAK at k = 2,048 / 8,192 / 32,768 (each also at its best damping),
+K-FAC weight and bias in separate vs joint blocks.  Writes assets/results/lds_digits_ablation_*.json.
+
+Build the variants' caches while the subset models train (no models needed):
+    OMP_NUM_THREADS=1 nice -n 5 python scripts/lds_ablation.py --run runs/lds/digits \\
+        --cache-root cache-ablation --baseline-cache cache --build-only
+then score against the finished models (the run folder is only read):
+    OMP_NUM_THREADS=1 nice -n 5 python scripts/lds_ablation.py --run runs/lds/digits \\
+        --cache-root cache-ablation --baseline-cache cache
+"""
+
+from __future__ import annotations
+
+import sys
+
+from engine.lds_ablation import main
+
+if __name__ == "__main__":
+    sys.exit(main())
