@@ -320,3 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         save_json(path, record)
         print(f"wrote {path}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,8 +13,11 @@ then score against the finished models (the run folder is only read):
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from engine.lds_ablation import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's engine, not an installed one
+
+from engine.lds_ablation import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())
