@@ -91,7 +91,7 @@ class AttributionConfig:
     kfac_bank: str = "auto"
     kfac_bank_max_gb: float = 8.0
     trak_dim: int = 2048
-    trak_projection: str = "srht"  # srht | rademacher | gaussian (engine.projection)
+    trak_projection: str = "srht"  # srht | rademacher | gaussian (engine.attribution.projection)
     clip_model: str = "ViT-B-32"
     clip_pretrained: str | None = "openai"
 

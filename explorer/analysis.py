@@ -1,7 +1,7 @@
 """Summaries of one query's scores for the plots and the CSV (no Streamlit, no tensors).
 
 Everything here reads the score arrays a ``QueryResult`` already holds; rank
-correlations come from ``engine.evaluate.spearman`` so the app and the LDS use one
+correlations come from ``engine.evaluation.stats.spearman`` so the app and the LDS use one
 definition.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from engine.results import QueryResult
+from engine.attribution.results import QueryResult
 
 
 def scored_methods(result: QueryResult, names: Sequence[str]) -> list[str]:
@@ -38,7 +38,7 @@ def score_table(result: QueryResult, names: Sequence[str], labels: np.ndarray | 
 
 def spearman_matrix(result: QueryResult, names: Sequence[str]) -> pd.DataFrame:
     """Spearman rank correlation of every pair of methods' scores over all training images."""
-    from engine.evaluate import spearman
+    from engine.evaluation.stats import spearman
 
     names = scored_methods(result, names)
     m = np.eye(len(names))

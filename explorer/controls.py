@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from engine.damping_grid import DAMPING_GRID, SUPPORTED
+from engine.attribution.damping_grid import DAMPING_GRID, SUPPORTED
 from explorer.runtime import Handle
 
 MEASUREMENTS = {
@@ -24,7 +24,7 @@ MEASUREMENT_HELP = {
     "loss@t": "The loss at a single noise level t (1 = almost clean, 1000 = pure noise).",
     "square-norm": "Squared norm of the predicted noise, the surrogate D-TRAK uses (not a likelihood).",
 }
-# Three values per decade over 1e-12..1e2: K-FAC's first pass scores all of them (engine.damping_grid),
+# Three values per decade over 1e-12..1e2: K-FAC's first pass scores all of them (engine.attribution.damping_grid),
 # so every slider position is a lookup; TRAK re-scores in under a millisecond anyway.
 POWERS = [10.0**e for e in range(-12, 3)]
 STEPS = [g for g in DAMPING_GRID if SUPPORTED[0] <= g <= SUPPORTED[1]]

@@ -1,7 +1,7 @@
 """Evaluation tab: the LDS results shipped in assets/results, and "check by retraining" for the current query.
 
-Both come from the engine (``engine.lds.load_lds_results``, ``engine.retrain_top.RetrainJob``).  Where the
-engine does not provide them yet, the tab says so instead of failing.  A retraining job
+Both come from the engine (``engine.evaluation.report`` loads the result files,
+``engine.evaluation.retrain_top.RetrainJob`` runs a retraining).  A retraining job
 runs in the background (the engine's job object owns the thread/process); a fragment
 polls its progress once a second so the rest of the page stays usable, and the finished
 job stays in the process-wide handle, so its result is cached for every tab.
@@ -16,6 +16,9 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from engine.evaluation.report import load_lds_results, load_retrain_results
+from engine.evaluation.retrain_top import RetrainJob
+from engine.paths import ASSETS
 from explorer.controls import MEASUREMENTS, Settings
 from explorer.images import display
 from explorer.query_view import Query
@@ -26,33 +29,7 @@ FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
 
 def results_dir() -> Path:
     """assets/results, or ATTRIBUTION_RESULTS."""
-    from engine.paths import ASSETS
-
     return Path(os.environ.get("ATTRIBUTION_RESULTS", ASSETS / "results"))
-
-
-def _load_lds(folder: Path) -> list[dict[str, Any]] | None:
-    """The LDS records in ``folder``; None where this build has no LDS module."""
-    for module in ("engine.lds", "engine.evaluate"):  # engine.evaluate: where the interface first named it
-        try:
-            mod = __import__(module, fromlist=["load_lds_results"])
-        except ImportError:
-            continue
-        if hasattr(mod, "load_lds_results"):
-            return list(mod.load_lds_results(folder))
-    return None
-
-
-def _retrain_job_class():
-    """engine.retrain_top.RetrainJob (or engine.evaluate's), None where this build has neither."""
-    for module in ("engine.retrain_top", "engine.evaluate"):
-        try:
-            mod = __import__(module, fromlist=["RetrainJob"])
-        except ImportError:
-            continue
-        if hasattr(mod, "RetrainJob"):
-            return mod.RetrainJob
-    return None
 
 
 def _measurement_of(entry: dict[str, Any]) -> str:
@@ -89,10 +66,7 @@ def lds_section(handle: Handle) -> None:
         "methods are included for reference: their scores are not removal predictions."
     )
     folder = results_dir()
-    entries = _load_lds(folder)
-    if entries is None:
-        st.info("**Not available yet**: the LDS evaluation (engine.lds) is not part of this build.")
-        return
+    entries = load_lds_results(folder)
     if not entries:
         st.info(
             f"**No LDS results yet** in `{folder}`. They are produced by `make lds` "
@@ -151,17 +125,9 @@ def lds_section(handle: Handle) -> None:
             st.json({k: entry[k] for k in ("config", "noise") if k in entry}, expanded=False)
 
 
-def _load_retrain(folder: Path) -> list[dict[str, Any]]:
-    try:
-        from engine.evaluate import load_retrain_results
-    except ImportError:
-        return []
-    return list(load_retrain_results(folder))
-
-
 def retrain_results_section(handle: Handle) -> None:
     """The retraining-without-top-influences results shipped in assets/results (``attribution-engine retrain-top``)."""
-    entries = _load_retrain(results_dir())
+    entries = load_retrain_results(results_dir())
     if not entries:
         return
     st.subheader("Retraining without the top proponents (shipped results)")
@@ -205,12 +171,11 @@ def retrain_results_section(handle: Handle) -> None:
 
 
 def _start_job(handle: Handle, key: tuple, query: Query, measurement: str, method: str, fraction: float) -> None:
-    job_class = _retrain_job_class()
     with handle.lock:
         if key in handle.retrain_jobs:  # a double click, or another tab started it
             return
         try:
-            handle.retrain_jobs[key] = job_class.start(
+            handle.retrain_jobs[key] = RetrainJob.start(
                 handle.session, query.input, measurement, method, fraction, handle.cache_root / "retrain"
             )
             st.session_state.pop("retrain_error", None)
@@ -225,9 +190,6 @@ def retrain_section(handle: Handle, query: Query | None, s: Settings) -> None:
         "(the control), then compare the measured change of the query's measurement with the change the "
         "method predicted (the sum of the removed images' scores)."
     )
-    if _retrain_job_class() is None:
-        st.info("**Not available yet**: the retraining job (engine.retrain_top.RetrainJob) is not part of this build.")
-        return
     if query is None:
         st.info("Choose a query first (sidebar).")
         return

@@ -14,7 +14,7 @@ import logging
 import pandas as pd
 import streamlit as st
 
-from engine.results import QueryResult
+from engine.attribution.results import QueryResult
 from explorer import analysis, figures
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8

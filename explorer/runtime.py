@@ -23,7 +23,7 @@ from typing import Any
 
 import streamlit as st
 
-from engine.session import AttributionSession
+from engine.attribution.session import AttributionSession
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import time
 import numpy as np
 import torch
 
-from engine.bench_attribution import spearman
-from engine.session import AttributionSession
+from engine.attribution.session import AttributionSession
+from engine.evaluation.stats import spearman
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _missing(preset: str, checkpoint: str | None) -> list[str]:
-    from engine.session import AttributionSession
+    from engine.attribution.session import AttributionSession
 
     s = AttributionSession(preset, checkpoint)
     return [n for n, v in s.status().items() if v["available"] and not v["built"]]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from engine.config import DataConfig, ModelConfig, Preset, TrainConfig
-from engine.data import load_digits
-from engine.diffusion import Diffusion
-from engine.unet import build_model
+from engine.model.data import load_digits
+from engine.model.diffusion import Diffusion
+from engine.model.unet import build_model
 
 TINY_MODEL = ModelConfig(
     image_size=8,

@@ -30,9 +30,9 @@ def build_tiny_app(root: Path, n_images: int = 64, steps: int = 100) -> dict[str
     from conftest import TINY_MODEL
     from PIL import Image
 
-    from engine.data import load_digits
-    from engine.gallery import make_gallery
-    from engine.train import train
+    from engine.model.data import load_digits
+    from engine.model.gallery import make_gallery
+    from engine.model.train import train
 
     root = Path(root)
     data = root / "data"
@@ -55,7 +55,7 @@ def build_tiny_app(root: Path, n_images: int = 64, steps: int = 100) -> dict[str
     preset_path.write_text(preset.to_json())
     torch.manual_seed(0)
     ckpt = train(preset, root / "ckpt", progress=False)
-    from engine.checkpoint import load_checkpoint
+    from engine.model.checkpoint import load_checkpoint
 
     model, _, _ = load_checkpoint(ckpt)
     make_gallery(model, preset, ckpt, dataset=None, n=3, seed=5)
@@ -90,7 +90,7 @@ def tiny_app(tmp_path_factory) -> dict[str, str]:
 
     torch.set_num_threads(1)
     env = shared_tiny_app(tmp_path_factory)
-    from engine.session import AttributionSession
+    from engine.attribution.session import AttributionSession
 
     session = AttributionSession(
         env["ATTRIBUTION_PRESET"], env["ATTRIBUTION_CHECKPOINT"], "cpu", env["ATTRIBUTION_CACHE"]
@@ -331,10 +331,6 @@ def test_evaluation_and_about_tabs(app_env):
 
 @pytest.mark.slow
 def test_check_by_retraining_runs_in_the_background(app_env):
-    from explorer.evaluation_view import _retrain_job_class
-
-    if _retrain_job_class() is None:
-        pytest.skip("engine.retrain_top.RetrainJob is not in this build")
     at = _start(app_env)
     at.session_state["page"] = "Evaluation"
     at.run()
@@ -372,7 +368,7 @@ def test_display_helpers():
 
 
 def test_overlap_and_label_counts():
-    from engine.results import MethodResult, QueryResult
+    from engine.attribution.results import MethodResult, QueryResult
     from explorer.analysis import score_table, topk_label_counts, topk_overlap
 
     def mr(name, scores):

@@ -1,4 +1,4 @@
-"""Rotated int8 bank (engine.bank): exact against curvlinops' inverse, int8 ~ float32, resumable."""
+"""Rotated int8 bank (engine.attribution.bank): exact against curvlinops' inverse, int8 ~ float32, resumable."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
 from scipy.stats import spearmanr
 from torch import nn
 
-from engine.bank import build_bank, quantize_blocks
-from engine.curvature import compute_kfac
-from engine.diffusion import make_draws
-from engine.gradients import influence_params, per_example_grads
-from engine.store import Store
+from engine.attribution.bank import build_bank, quantize_blocks
+from engine.attribution.curvature import compute_kfac
+from engine.attribution.gradients import influence_params, per_example_grads
+from engine.attribution.store import Store
+from engine.model.diffusion import make_draws
 
 
 class _Rows(nn.Module):
-    """Independent of engine.curvature: rows [x_t | t] -> flattened eps prediction."""
+    """Independent of engine.attribution.curvature: rows [x_t | t] -> flattened eps prediction."""
 
     def __init__(self, net):
         super().__init__()
@@ -92,7 +92,7 @@ def test_int8_matches_float32(tiny_model, diffusion, digits_small):
 
 def test_quantize_error_bound():
     gen = torch.Generator().manual_seed(0)
-    from engine.curvature import Block
+    from engine.attribution.curvature import Block
 
     blocks = [Block("w", 0, "weight", 0, (3, 4)), Block("b", 0, "bias", 12, (3,))]
     r = torch.randn(5, 15, generator=gen) * torch.logspace(-6, 2, 5)[:, None]

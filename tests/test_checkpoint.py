@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint, save_checkpoint
-from engine.unet import build_model
+from engine.model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint, save_checkpoint
+from engine.model.unet import build_model
 
 
 def _inputs(preset, n=3):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_session import tiny_checkpoint
 
-import engine.session
-from engine.cli import main
+import engine.attribution.session
+from engine.cli.main import main
 
 SMALL = ["--mc-samples", "4", "--trak-dim", "32"]
 
@@ -26,7 +26,7 @@ def setup(tmp_path_factory, digits_small):
 def cli(setup, digits_small, monkeypatch, capsys):
     """Run the CLI in-process on the tiny checkpoint, the 64-digit slice and a private cache."""
     folder, cache = setup
-    monkeypatch.setattr(engine.session, "load_dataset", lambda cfg: digits_small)
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
 
     def run(*argv: str) -> tuple[int, str, str]:
         rc = main([*argv, "--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(cache), *SMALL])
@@ -108,7 +108,7 @@ def test_query_errors_are_clear(cli):
 def bench_session(setup, digits_small, tmp_path_factory):
     from test_session import TINY_ATTRIBUTION
 
-    from engine.session import AttributionSession
+    from engine.attribution.session import AttributionSession
 
     folder, _ = setup
     s = AttributionSession(
@@ -120,7 +120,7 @@ def bench_session(setup, digits_small, tmp_path_factory):
 
 
 def test_bench_pieces_int8_agreement_and_table(bench_session):
-    from engine import bench_attribution as bench
+    from engine.bench import attribution as bench
 
     s = bench_session
     queries = [s.parse_query(f"gallery:{i}") for i in range(2)] + [s.parse_query("train:7")]
@@ -145,8 +145,8 @@ def test_bench_pieces_int8_agreement_and_table(bench_session):
 @pytest.mark.slow
 def test_kronfluence_task_matches_our_loss_and_scores(bench_session):
     pytest.importorskip("kronfluence")
-    from engine import bench_attribution as bench
-    from engine.measurements import diffusion_loss
+    from engine.bench import attribution as bench
+    from engine.model.measurements import diffusion_loss
 
     s = bench_session
     draws = s.ctx.train_draws

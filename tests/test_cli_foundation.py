@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.checkpoint import save_checkpoint
-from engine.cli import build_parser, main
+from engine.cli.main import build_parser, main
+from engine.model.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 T = 50
@@ -91,11 +91,11 @@ def test_help_from_the_command_line():
 def test_bench_foundation_prints_figures(tmp_path, capsys, monkeypatch):
     import json
 
-    import engine.cli_foundation as cf
+    import engine.bench.memory as memory
     import engine.config
 
     # keep CI fast: the bench code path runs with a few steps, one sample and a 20-step schedule
-    monkeypatch.setattr(cf, "peak_rss_mib", lambda: 123.0)
+    monkeypatch.setattr(memory, "peak_rss_mib", lambda: 123.0)
     digits = engine.config.PRESETS["digits"]
     monkeypatch.setitem(engine.config.PRESETS, "digits", digits.replace(diffusion={"num_timesteps": 20}))
     rc = main(["bench-foundation", "--steps", "3", "--warmup", "1", "--samples", "1", "--threads", "1",

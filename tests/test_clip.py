@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from engine.attribution.methods import make_method
+from engine.attribution.methods.base import QueryInput, Unavailable
+from engine.attribution.methods.clip_cosine import CLIPCosine, resolve_weights, to_clip_input
+from engine.attribution.store import Store
 from engine.config import AttributionConfig
-from engine.methods import make_method
-from engine.methods.base import QueryInput, Unavailable
-from engine.methods.clip_cosine import CLIPCosine, resolve_weights, to_clip_input
-from engine.store import Store
 
 open_clip = pytest.importorskip("open_clip")
 

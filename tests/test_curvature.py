@@ -1,4 +1,4 @@
-"""K-FAC factors (engine.curvature): the scale is that of the Hessian of L = (1/N) sum_n l(theta, x_n)."""
+"""K-FAC factors (engine.attribution.curvature): the scale is that of the Hessian of L = (1/N) sum_n l(theta, x_n)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine.curvature import KFACFactors, compute_kfac, layout
-from engine.diffusion import Diffusion, make_draws
-from engine.gradients import influence_params
+from engine.attribution.curvature import KFACFactors, compute_kfac, layout
+from engine.attribution.gradients import influence_params
+from engine.model.diffusion import Diffusion, make_draws
 
 SHAPE = (1, 2, 2)
 D = 4

@@ -1,11 +1,11 @@
-"""Off-grid K-FAC dampings from the grid's scores (engine.damping_grid)."""
+"""Off-grid K-FAC dampings from the grid's scores (engine.attribution.damping_grid)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engine.damping_grid import (
+from engine.attribution.damping_grid import (
     COARSE_GRID,
     DAMPING_GRID,
     INTERP_TOL,

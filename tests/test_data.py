@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from engine.config import DataConfig
-from engine.data import DataError, load_dataset, random_flip
-from engine.data_files import CIFAR_CLASSES, cifar2_indices
+from engine.model.data import DataError, load_dataset, random_flip
+from engine.model.data_files import CIFAR_CLASSES, cifar2_indices
 
 # --- digits ------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from engine.config import DiffusionConfig
-from engine.diffusion import Diffusion, index_t, make_draws, paper_t
+from engine.model.diffusion import Diffusion, index_t, make_draws, paper_t
 
 
 def test_schedule_values(diffusion):

@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from engine.attribution.context import make_context
+from engine.attribution.methods.kfac_influence import BANK, KFACInfluence
+from engine.attribution.methods.trak import TRAK
+from engine.attribution.store import Store
 from engine.config import AttributionConfig
-from engine.context import make_context
-from engine.methods.kfac_influence import BANK, KFACInfluence
-from engine.methods.trak import TRAK
-from engine.store import Store
-from engine.unet import build_model
+from engine.model.unet import build_model
 
 CFG = AttributionConfig(mc_samples=2, seed=0, trak_dim=16)
 HASH = "d" * 16
@@ -36,18 +36,18 @@ def _build(preset, state, dataset, root: Path) -> tuple[KFACInfluence, TRAK, obj
 
 
 def _rank(rank: int, world: int, rendezvous: str, preset, state, dataset, root: str, log: str) -> None:
-    import engine.store
+    import engine.attribution.store
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     done: list[list] = []
-    original = engine.store.PartialBuild.save_part
+    original = engine.attribution.store.PartialBuild.save_part
 
     def record(self, i, arrays):
         done.append([self.name, int(i)])
         return original(self, i, arrays)
 
-    engine.store.PartialBuild.save_part = record
+    engine.attribution.store.PartialBuild.save_part = record
     try:
         _build(preset, state, dataset, Path(root))
         Path(log, f"rank{rank}.json").write_text(json.dumps(done))

@@ -13,21 +13,10 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from engine.evaluate import (
-    MeasureSpec,
-    bootstrap_ci,
-    cached_measurements,
-    common_draws,
-    group_predictions,
-    lds_score,
-    measure_queries,
-    spearman,
-)
-from engine.lds import (
+from engine.evaluation.lds import (
     LDSConfig,
     SubsetMismatchError,
     lds_table,
-    load_lds_results,
     load_or_make_subsets,
     make_subsets,
     measured_matrix,
@@ -36,7 +25,10 @@ from engine.lds import (
     subset_steps,
     train_subsets,
 )
-from engine.measurements import measure
+from engine.evaluation.report import load_lds_results
+from engine.evaluation.runs import MeasureSpec, cached_measurements, common_draws, measure_queries
+from engine.evaluation.stats import bootstrap_ci, group_predictions, lds_score, spearman
+from engine.model.measurements import measure
 
 # --- arithmetic with known answers -------------------------------------------------------
 
@@ -117,7 +109,7 @@ def test_subsets_have_the_right_size_are_seeded_and_extend(digits_small, tmp_pat
 
 @pytest.mark.slow
 def test_subset_training_resumes_and_skips_finished(tiny_preset, digits_small, tmp_path):
-    from engine.train import train
+    from engine.model.train import train
 
     preset = tiny_preset.replace(train={"steps": 24, "checkpoint_every": 10})
     cfg = LDSConfig(subsets=2, seeds=1, fraction=0.5, subset_seed=0)
@@ -160,8 +152,8 @@ def test_subset_training_resumes_and_skips_finished(tiny_preset, digits_small, t
         tmp_path, np.vstack([masks, masks[:1]]), 1, queries, spec, 17, progress=False, workers=1
     )
     assert vals.shape == (1, 2, 3) and np.isfinite(vals[0, :, :2]).all() and np.isnan(vals[0, :, 2]).all()
-    from engine.checkpoint import load_checkpoint
-    from engine.diffusion import Diffusion
+    from engine.model.checkpoint import load_checkpoint
+    from engine.model.diffusion import Diffusion
 
     model, p, _ = load_checkpoint(model_folder(tmp_path, 0, 0))
     draws = common_draws(spec, (1, 8, 8), 1000)
@@ -198,7 +190,7 @@ class FakeSession:
         self.dataset = dataset
 
     def query(self, query, measurement, methods):
-        from engine.results import MethodResult, QueryResult
+        from engine.attribution.results import MethodResult, QueryResult
 
         x = self.dataset.images.flatten(1)
         d = ((x - query.image.flatten()[None]) ** 2).mean(1).numpy()
@@ -226,10 +218,10 @@ class FakeSession:
 
 @pytest.mark.slow
 def test_quick_cli_end_to_end(tmp_path, monkeypatch):
-    import engine.session
-    from engine.cli_evaluate import main
+    import engine.attribution.session
+    from engine.cli.evaluate import main
 
-    monkeypatch.setattr(engine.session, "AttributionSession", FakeSession)
+    monkeypatch.setattr(engine.attribution.session, "AttributionSession", FakeSession)
     out = tmp_path / "run"
     argv = ["lds", "--quick", "--out", str(out), "--queries", "2", "--mc-samples", "8", "--device", "cpu"]
     assert main([*argv, "--train-only"]) == 0
@@ -251,7 +243,7 @@ def test_quick_cli_end_to_end(tmp_path, monkeypatch):
     assert main([*argv, "--methods", "kfac,trak,pixel,dtrak"]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # a live trainer on the folder: training is refused, evaluating finished models is not
-    from engine.lds import TrainingBusyError
+    from engine.evaluation.setup import TrainingBusyError
 
     (out / ".train.lock").write_text(str(os.getppid()))
     with pytest.raises(TrainingBusyError):
@@ -274,9 +266,9 @@ def test_quick_cli_end_to_end(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_retrain_job_removes_top_proponents_and_caches(tiny_preset, digits_small, tmp_path):
-    from engine.methods.base import QueryInput
-    from engine.retrain_top import RetrainJob, random_control, removal_count, top_proponents
-    from engine.train import train
+    from engine.attribution.methods.base import QueryInput
+    from engine.evaluation.retrain_top import RetrainJob, random_control, removal_count, top_proponents
+    from engine.model.train import train
 
     preset = tiny_preset.replace(train={"steps": 8, "checkpoint_every": 100})
     ckpt = train(preset, tmp_path / "full", dataset=digits_small, progress=False)

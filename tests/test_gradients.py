@@ -1,20 +1,20 @@
-"""Per-example Monte Carlo gradients (engine.gradients): back-ends agree with plain autograd."""
+"""Per-example Monte Carlo gradients (engine.attribution.gradients): back-ends agree with plain autograd."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.diffusion import make_draws
-from engine.gradients import (
+from engine.attribution.gradients import (
     flat_params,
     influence_params,
     measurement_grad,
     per_example_grads,
     train_loss_grads,
 )
-from engine.measurements import diffusion_loss, parse_measurement, square_norm
-from engine.methods.base import QueryInput
+from engine.attribution.methods.base import QueryInput
+from engine.model.diffusion import make_draws
+from engine.model.measurements import diffusion_loss, parse_measurement, square_norm
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_gradients_in_eval_mode(tiny_preset, diffusion, digits_small):
     """Dropout is off for attribution gradients even if the model was left in train mode."""
     import dataclasses
 
-    from engine.unet import build_model
+    from engine.model.unet import build_model
 
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(tiny_preset.model, dropout=0.5))

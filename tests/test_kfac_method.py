@@ -1,4 +1,4 @@
-"""K-FAC Influence method (engine.methods.kfac_influence): API, caching, damping, self-influence."""
+"""K-FAC Influence method (engine.attribution.methods.kfac_influence): API, caching, damping, self-influence."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint
+from engine.attribution.context import make_context
+from engine.attribution.gradients import measurement_grad, train_loss_grads
+from engine.attribution.methods.base import QueryInput
+from engine.attribution.methods.kfac_influence import KFACInfluence
+from engine.attribution.store import Store
 from engine.config import AttributionConfig
-from engine.context import make_context
-from engine.diffusion import make_draws
-from engine.gradients import measurement_grad, train_loss_grads
-from engine.measurements import parse_measurement
-from engine.methods.base import QueryInput
-from engine.methods.kfac_influence import KFACInfluence
-from engine.store import Store
-from engine.train import train
+from engine.model.checkpoint import load_checkpoint
+from engine.model.diffusion import make_draws
+from engine.model.measurements import parse_measurement
+from engine.model.train import train
 
 LOSS = parse_measurement("loss")
 
@@ -102,7 +102,7 @@ def trained_tiny(tmp_path_factory):
     from conftest import TINY_MODEL
 
     from engine.config import DataConfig, Preset, TrainConfig
-    from engine.data import load_digits
+    from engine.model.data import load_digits
 
     torch.set_num_threads(1)
     ds = load_digits().subset(list(range(64)))
@@ -157,8 +157,8 @@ def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(
     "auto" streams when the bank would exceed kfac_bank_max_gb; one pass serves the whole grid."""
     import copy
 
-    from engine.bank import StreamedBank
-    from engine.methods.kfac_influence import DAMPING_GRID
+    from engine.attribution.bank import StreamedBank
+    from engine.attribution.methods.kfac_influence import DAMPING_GRID
 
     model = copy.deepcopy(tiny_model).double()  # float64: the two paths round differently
     ds = digits_small.subset(list(range(12)))

@@ -1,5 +1,5 @@
-"""LDS ablations (engine.lds_ablation) on a tiny checkpoint: every variant is built and scored
-with engine.lds's statistics; defaults are read from a baseline cache; the run is only read."""
+"""LDS ablations (engine.evaluation.lds_ablation) on a tiny checkpoint: every variant is built and scored
+with engine.evaluation.lds's statistics; defaults are read from a baseline cache; the run is only read."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import torch
 from conftest import TINY_MODEL
 
 from engine.config import AttributionConfig, DataConfig, Preset, TrainConfig
-from engine.evaluate import MeasureSpec, lds_score
-from engine.lds import RunSetup, make_subsets, predicted_matrix, session_scores
-from engine.lds_ablation import ABLATIONS, Variant, build_variants, run_ablation, variant_session
-from engine.train import train
+from engine.evaluation.lds import make_subsets, predicted_matrix, session_scores
+from engine.evaluation.lds_ablation import ABLATIONS, Variant, build_variants, run_ablation, variant_session
+from engine.evaluation.runs import MeasureSpec
+from engine.evaluation.setup import RunSetup
+from engine.evaluation.stats import lds_score
+from engine.model.train import train
 
 
 @pytest.mark.slow
@@ -49,7 +51,7 @@ def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
             assert k["best"]["lds"] >= max(p["lds"] for p in k["sweep"] if p["lds"] is not None) - 1e-12
         a, b = (rec["variants"][v.label]["methods"]["kfac"]["lds"] for v in ABLATIONS[name])
         assert a != b  # the option changes the scores
-    # the LDS of a variant is engine.lds's statistic of its cached scores against the seed average
+    # the LDS of a variant is engine.evaluation.lds's statistic of its cached scores against the seed average
     session, _ = variant_session(setup, Variant("joint", {"kfac_blocks": "joint"}), tmp_path / "cache", None)
     rows, _ = session_scores(session, queries, "loss", ["kfac"], setup.out / "ablation" / "kfac_blocks" / "joint")
     pred = predicted_matrix(lambda q: {"kfac": rows[q]["kfac"]}, masks, 3)["kfac"]

@@ -12,8 +12,8 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from engine.config import DiffusionConfig
-from engine.diffusion import Diffusion, MCDraws, make_draws
-from engine.measurements import (
+from engine.model.diffusion import Diffusion, MCDraws, make_draws
+from engine.model.measurements import (
     Measurement,
     discretized_gaussian_log_likelihood,
     elbo_bpd,
@@ -286,7 +286,7 @@ def test_trained_digits_elbo_real_below_noise(digits):
     """Issue 2: the full-sum ELBO of the trained digits model is lower on real digits than on noise."""
     if not (ASSET / "model.safetensors").is_file():
         pytest.skip(f"shipped digits checkpoint not found at {ASSET}")
-    from engine.checkpoint import load_checkpoint
+    from engine.model.checkpoint import load_checkpoint
 
     model, preset, _ = load_checkpoint(ASSET)
     diff = Diffusion(preset.diffusion)

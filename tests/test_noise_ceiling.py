@@ -1,13 +1,13 @@
-"""Noise ceiling of the LDS (engine.noise_ceiling): agreement of two training seeds, on synthetic numbers."""
+"""Noise ceiling of the LDS (engine.evaluation.noise_ceiling): agreement of two training seeds, on synthetic numbers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engine.evaluate import spearman
-from engine.lds import format_table, noise_report
-from engine.noise_ceiling import seed_agreement
+from engine.evaluation.lds import format_table, noise_report
+from engine.evaluation.noise_ceiling import seed_agreement
+from engine.evaluation.stats import spearman
 
 
 def _synthetic(noise: float, seeds: int = 2, q: int = 30, k: int = 40, seed: int = 0) -> np.ndarray:

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from engine.methods import make_method
-from engine.methods.base import QueryInput
+from engine.attribution.methods import make_method
+from engine.attribution.methods.base import QueryInput
 
 
 def _ctx(dataset):

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 
-from engine.checkpoint import CheckpointError
+from engine.attribution.session import AttributionSession
 from engine.config import AttributionConfig, DataConfig, Preset, TrainConfig
-from engine.measurements import quantize
-from engine.sampling import generate
-from engine.session import AttributionSession
-from engine.train import train
+from engine.model.checkpoint import CheckpointError
+from engine.model.measurements import quantize
+from engine.model.sampling import generate
+from engine.model.train import train
 
 GRADIENT_METHODS = ["kfac", "trak", "dtrak"]
 TINY_ATTRIBUTION = AttributionConfig(mc_samples=4, trak_dim=32, clip_pretrained=None)
@@ -33,7 +33,7 @@ def tiny_checkpoint(folder, dataset, gallery: int = 2):
     )
     train(preset, folder, dataset=dataset, progress=False)
     if gallery:
-        from engine.checkpoint import load_checkpoint
+        from engine.model.checkpoint import load_checkpoint
 
         model, _, _ = load_checkpoint(folder)
         images, traj = generate(model, preset, gallery, seed=7, trajectory=True)
@@ -140,7 +140,7 @@ def test_rescore_changes_damping_without_gradients(session, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("rescore must not recompute gradients or prepare")
 
-    import engine.gradients as gradients
+    import engine.attribution.gradients as gradients
 
     monkeypatch.setattr(gradients, "measurement_grad", forbidden)
     monkeypatch.setattr(session, "query_gradient", forbidden)

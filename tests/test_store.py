@@ -1,4 +1,4 @@
-"""engine.store: keyed folders, atomic publish, resumable parts, refusal of stale caches."""
+"""engine.attribution.store: keyed folders, atomic publish, resumable parts, refusal of stale caches."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import store as store_mod
-from engine.store import StaleCacheError, Store, settings_digest
+from engine.attribution import store as store_mod
+from engine.attribution.store import StaleCacheError, Store, settings_digest
 
 SETTINGS = {"method": "trak", "mc_samples": 4, "seed": 0, "projection": {"dim": 8, "kind": "rademacher"}}
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint
-from engine.diffusion import Diffusion, make_draws
-from engine.measurements import diffusion_loss
-from engine.train import LOG, STATE, lr_at, select_indices, train
-from engine.unet import build_model
+from engine.model.checkpoint import load_checkpoint
+from engine.model.diffusion import Diffusion, make_draws
+from engine.model.measurements import diffusion_loss
+from engine.model.train import LOG, STATE, lr_at, select_indices, train
+from engine.model.unet import build_model
 
 
 def test_lr_schedule():

@@ -1,4 +1,4 @@
-"""Training draws (engine.train_draws): flips as part of each draw (paper G.8) and per-example
+"""Training draws (engine.attribution.train_draws): flips as part of each draw (paper G.8) and per-example
 draws (paper G.3) for gradients, curvature rows and TRAK features."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 import torch
 
+from engine.attribution.context import make_context
+from engine.attribution.curvature import DrawRows
+from engine.attribution.gradients import influence_params, per_example_grads, train_loss_grads
+from engine.attribution.train_draws import PerExampleDraws, draw_settings, training_draws
 from engine.config import AttributionConfig, DataConfig
-from engine.context import make_context
-from engine.curvature import DrawRows
-from engine.diffusion import MCDraws, make_draws
-from engine.gradients import influence_params, per_example_grads, train_loss_grads
-from engine.train_draws import PerExampleDraws, draw_settings, training_draws
+from engine.model.diffusion import MCDraws, make_draws
 
 SHAPE = (1, 8, 8)
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from engine.attribution.methods import make_method
+from engine.attribution.methods.base import QueryInput
+from engine.attribution.methods.trak import DTRAK, TRAK
+from engine.attribution.projection import TILE_ROWS, RandomProjection
+from engine.attribution.store import Store
 from engine.config import AttributionConfig
-from engine.diffusion import make_draws
-from engine.measurements import Measurement, diffusion_loss, parse_measurement, square_norm
-from engine.methods import make_method
-from engine.methods.base import QueryInput
-from engine.methods.trak import DTRAK, TRAK
-from engine.projection import TILE_ROWS, RandomProjection
-from engine.store import Store
+from engine.model.diffusion import make_draws
+from engine.model.measurements import Measurement, diffusion_loss, parse_measurement, square_norm
 
 # --- projection ---------------------------------------------------------------------------
 
@@ -97,14 +97,14 @@ N, M = 10, 3
 
 def _last_layers(model) -> list[tuple[str, torch.nn.Parameter]]:
     """The output conv and the last ResNet conv: few enough parameters for dense P x P algebra."""
-    from engine.gradients import influence_params
+    from engine.attribution.gradients import influence_params
 
     params = influence_params(model)
     return params[-4:]
 
 
 def _ctx(tmp_path, model, diffusion, dataset, config, params=None):
-    from engine.gradients import influence_params
+    from engine.attribution.gradients import influence_params
 
     params = influence_params(model) if params is None else params
     draws = make_draws(M, tuple(dataset.images.shape[1:]), diffusion.T, seed=config.seed)
@@ -222,7 +222,7 @@ def test_trak_build_resumes_after_interruption(tmp_path, tiny_model, diffusion, 
     ctx = _ctx(tmp_path, tiny_model, diffusion, small_data, config, params=_last_layers(tiny_model))
     method = TRAK(config)
     method.part_size = 4
-    import engine.gradients as gradients
+    import engine.attribution.gradients as gradients
 
     real = gradients.train_loss_grads
     seen: list[int] = []
@@ -259,8 +259,8 @@ def test_trak_with_engine_context_and_measurement_grad(
     tmp_path, tiny_preset, tiny_model, diffusion, small_data
 ):
     """End to end with the real EngineContext (all influence params, random projection)."""
-    from engine.context import make_context
-    from engine.gradients import measurement_grad
+    from engine.attribution.context import make_context
+    from engine.attribution.gradients import measurement_grad
 
     config = AttributionConfig(mc_samples=2, trak_dim=32)
     store = Store(tmp_path / "cache", "0badc0de0badc0de", "digits-10")
@@ -311,7 +311,7 @@ def test_default_dampings_follow_the_training_set_size(tmp_path, tiny_model, dif
 @pytest.mark.parametrize("n_rows,k", [(40, 12), (12, 40)])
 def test_fisher_eigenbasis_scores_equal_a_dense_solve(n_rows, k):
     """k <= N (k x k Fisher) and k > N (N x N Gram matrix) give tau = (1/N) Phi (F + lambda I)^{-1} phi_q."""
-    from engine.methods.trak import fisher_eigenbasis
+    from engine.attribution.methods.trak import fisher_eigenbasis
 
     g = torch.Generator().manual_seed(0)
     phi = torch.randn(n_rows, k, generator=g) * torch.logspace(0, -2, k)
@@ -328,8 +328,8 @@ def test_fisher_eigenbasis_scores_equal_a_dense_solve(n_rows, k):
 def test_trak_per_example_draws_independent_of_parts(tmp_path, tiny_model, diffusion, small_data):
     """Per-example draws (paper G.3): features do not depend on how the build is cut into parts,
     equal the projection of each example's own-draw gradient, and have their own cache key."""
-    from engine.gradients import per_example_grads
-    from engine.train_draws import PerExampleDraws
+    from engine.attribution.gradients import per_example_grads
+    from engine.attribution.train_draws import PerExampleDraws
 
     config = AttributionConfig(mc_samples=M, trak_dim=16)
     draws = PerExampleDraws(M, tuple(small_data.images.shape[1:]), diffusion.T, seed=config.seed)
@@ -351,7 +351,7 @@ def test_trak_per_example_draws_independent_of_parts(tmp_path, tiny_model, diffu
 
 def test_build_dims_one_gradient_pass_for_a_k_sweep(tmp_path, tiny_model, diffusion, small_data, monkeypatch):
     """Several k share one gradient pass; each cache equals the one a plain build of that k makes."""
-    import engine.gradients as gradients
+    import engine.attribution.gradients as gradients
 
     config = AttributionConfig(mc_samples=M, trak_dim=8)
     ctx = _ctx(tmp_path, tiny_model, diffusion, small_data, config, params=_last_layers(tiny_model))

@@ -1,0 +1,299 @@
+"""Rotated, int8-quantised bank of training gradients (DESIGN.md 4, "Eigenbasis bank").
+
+With A_l = Q_A diag(a) Q_A^T and B_l = Q_B diag(b) Q_B^T, for a weight gradient W (out x in)
+
+    (B (x) A + lambda I)^{-1} vec(W)  <->  Q_B [ (Q_B^T W Q_A) / (b a^T + lambda) ] Q_A^T,
+
+and for a bias gradient (block B alone) Q_B [ (Q_B^T g) / (b + lambda) ].  Since the Q are
+orthogonal, the influence (paper eq. 6; DESIGN.md 4)
+
+    tau_i(q) = (1/N) grad m(q)^T (G + lambda I)^{-1} grad l(x_i)
+             = (1/N) sum_blocks < (Q_B^T W_q Q_A) / (b a^T + lambda),  R_i >,   R_i = Q_B^T W_i Q_A.
+
+So each training gradient is stored once, rotated (R_i), and a query needs one rotation,
+one elementwise division for the damping chosen now, and one pass over the bank: changing
+damping costs no gradient.  EK-FAC only replaces b a^T by its corrected eigenvalues.
+
+Storage: one array per parameter block (weight or bias of a Conv2d/Linear), (N, size),
+int8 with a symmetric scale per (example, block): scale = max|R| / 127, R ~= scale * int8.
+(Weights and biases of a layer get separate scales: a finer grain than one per layer, at
+no cost.)  Blocks are contiguous so that scoring is one int8 x float matrix-vector product
+per block (``torch.ops.aten._weight_int8pack_mm`` on CPU, which applies the per-row
+scales; elsewhere an int8->float conversion per row chunk).  The build runs in chunks of
+examples, each saved as soon as it is done (``Store.partial``: resumable), published
+atomically at the end and memory-mapped on load.  ``quantize=False`` keeps the rotated
+gradients unquantised in the gradients' dtype (float32, or float64 in tests).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import distributed
+from ..model.diffusion import Diffusion
+from .curvature import Block, KFACFactors
+from .gradients import Params, per_example_grads, train_loss_grads
+from .train_draws import TrainDraws
+
+SCALES = "scales"
+
+
+def block_key(j: int) -> str:
+    return f"b{j:04d}"
+
+
+def quantize_blocks(rotated: torch.Tensor, blocks: list[Block]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(n, P) rotated gradients -> per-block int8 (n, size) and scales (n, num_blocks) float32."""
+    data, scales = [], []
+    for blk in blocks:
+        r = rotated[:, blk.offset : blk.offset + blk.size].float()
+        s = r.abs().amax(dim=1) / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        data.append(torch.round(r / s[:, None]).clamp_(-127, 127).to(torch.int8))
+        scales.append(s)
+    return data, torch.stack(scales, dim=1)
+
+
+def _as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    with warnings.catch_warnings():  # read-only memory maps: we never write to them
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(a)
+    return t.to(device)
+
+
+class RotatedBank:
+    """The rotated training gradients R_i of all N examples, per block, on one device."""
+
+    def __init__(self, blocks: list[Block], data: list[torch.Tensor], scales: torch.Tensor | None):
+        if len(data) != len(blocks):
+            raise ValueError("one data array per block expected")
+        self.blocks = blocks
+        self.data = data
+        self.scales = scales  # (N, num_blocks) float32 when quantised
+        # contiguous per-block columns: the packed int8 kernel ignores strides
+        self._scale_cols = None if scales is None else [scales[:, j].contiguous() for j in range(len(blocks))]
+        self.num_examples = int(data[0].shape[0])
+        self._pack_ok = True
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.data[0].device
+
+    @property
+    def nbytes(self) -> int:
+        n = sum(d.numel() * d.element_size() for d in self.data)
+        return n + (0 if self.scales is None else self.scales.numel() * 4)
+
+    def row(self, i: int) -> torch.Tensor:
+        """Example i's rotated gradient (P,), dequantised (for checks)."""
+        parts = []
+        for j, d in enumerate(self.data):
+            r = d[i].to(torch.float32 if self.quantized else d.dtype)
+            parts.append(r * self.scales[i, j] if self.scales is not None else r)
+        return torch.cat(parts)
+
+    def score(self, query: torch.Tensor, chunk_bytes: int = 64 << 20) -> np.ndarray:
+        """scores_i = (1/N) sum_blocks scale_{i,b} <R_{i,b}, q_b>, float32 (N,).
+
+        ``query`` (P,) is the rotated query gradient already divided by (eigenvalues + lambda).
+        """
+        n = self.num_examples
+        if self.quantized:
+            q = query.to(self.device, torch.float32)
+        else:
+            q = query.to(self.device, self.data[0].dtype)
+        out = torch.zeros(n, dtype=q.dtype, device=self.device)
+        for j, (blk, d) in enumerate(zip(self.blocks, self.data, strict=True)):
+            qb = q[blk.offset : blk.offset + blk.size]
+            if self.scales is None:
+                out += d @ qb
+                continue
+            s = self._scale_cols[j]  # type: ignore[index]
+            if self._pack_ok and d.device.type == "cpu":
+                try:
+                    out += torch.ops.aten._weight_int8pack_mm(qb[None], d.contiguous(), s)[0]
+                    continue
+                except (RuntimeError, AttributeError, NotImplementedError):
+                    self._pack_ok = False
+            rows = max(1, chunk_bytes // max(1, 4 * blk.size))
+            for r in range(0, n, rows):
+                out[r : r + rows] += (d[r : r + rows].to(torch.float32) @ qb) * s[r : r + rows]
+        return (out / n).to(torch.float32).cpu().numpy()
+
+    def score_many(self, queries: torch.Tensor, chunk_bytes: int = 32 << 20) -> np.ndarray:
+        """Scores for G queries at once, float32 (G, N): one pass over the bank.
+
+        Each int8 chunk is dequantised once and multiplied by all G queries, so G dampings
+        of the same query cost about one dequantising pass (the int8 kernel of ``score``
+        is cheaper for G = 1 but its cost grows linearly with G).
+        """
+        n, g = self.num_examples, queries.shape[0]
+        dtype = torch.float32 if self.quantized else self.data[0].dtype
+        q = queries.to(self.device, dtype)
+        out = torch.zeros((n, g), dtype=dtype, device=self.device)
+        for j, (blk, d) in enumerate(zip(self.blocks, self.data, strict=True)):
+            qb = q[:, blk.offset : blk.offset + blk.size].T.contiguous()  # (size, G)
+            rows = max(1, chunk_bytes // max(1, 4 * blk.size))
+            for r in range(0, n, rows):
+                part = d[r : r + rows].to(dtype) @ qb
+                if self.scales is not None:
+                    part *= self._scale_cols[j][r : r + rows, None]  # type: ignore[index]
+                out[r : r + rows] += part
+        return (out.T / n).to(torch.float32).cpu().numpy()
+
+    # --- persistence -------------------------------------------------------------------
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], blocks: list[Block], device: torch.device | str
+    ) -> RotatedBank:
+        device = torch.device(device)
+        data = [_as_tensor(arrays[block_key(j)], device) for j in range(len(blocks))]
+        scales = _as_tensor(np.asarray(arrays[SCALES]), device) if SCALES in arrays else None
+        return cls(blocks, data, scales)
+
+
+class StreamedBank:
+    """The bank's scoring interface without a stored bank (DESIGN.md 8, "without a stored bank").
+
+    For models whose N x P bank does not fit (CIFAR-2: 5,000 x 35.7M parameters = 178 GB in
+    int8), each ``score``/``score_many`` call recomputes the training gradients in batches and
+    takes the same sums as ``RotatedBank``, exactly (no quantisation).  Since the Q are
+    orthogonal, <R_i, q> = <grad l(x_i), Q_B q Q_A^T> per block, so the damped query is
+    rotated back once (``unrotate``: (G + lambda I)^{-1} grad m) and each training gradient
+    is used as it comes:
+
+        scores_i = (1/N) grad l(x_i)^T (G + lambda I)^{-1} grad m(q).  A query batch -- in practice the damping grid of one query
+    (``score_many``), as in Grosse et al.'s query batching -- costs one gradient pass, so the
+    grid is what makes a later damping change free.  ``progress(message, fraction)`` is called
+    after each batch, since a pass takes minutes at that scale.
+    """
+
+    quantized = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion: Diffusion,
+        images: torch.Tensor,
+        draws: TrainDraws,
+        factors: KFACFactors,
+        params: Params,
+        loss: str = "loss",
+        grad_batch: int = 16,
+        progress: Callable[[str, float], None] | None = None,
+    ):
+        self.model, self.diffusion, self.images, self.draws = model, diffusion, images, draws
+        self.factors, self.params, self.loss, self.grad_batch = factors, params, loss, int(grad_batch)
+        self.blocks = factors.blocks
+        self.num_examples = int(images.shape[0])
+        self.progress = progress
+        self.passes = 0  # gradient passes so far (tests and benchmarks read it)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0][1].device
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+    def score(self, query: torch.Tensor) -> np.ndarray:
+        """(N,) float32 scores for one rotated, damped query (P,)."""
+        return self.score_many(query[None])[0]
+
+    def score_many(self, queries: torch.Tensor) -> np.ndarray:
+        """(G, N) float32 scores for G rotated, damped queries: one pass over the training set."""
+        n, dev = self.num_examples, self.device
+        q = self.factors.unrotate(queries.to(dev, self.params[0][1].dtype))
+        out = torch.empty((n, q.shape[0]), dtype=q.dtype, device=dev)
+        batches = train_loss_grads(
+            self.model, self.diffusion, self.images, self.draws, self.loss,
+            batch_size=self.grad_batch, progress=self.progress, params=self.params,
+        )
+        for rows, g in batches:
+            out[rows] = g.detach() @ q.T
+        self.passes += 1
+        return (out.T / n).to(torch.float32).cpu().numpy()
+
+
+def _chunk_arrays(rotated: torch.Tensor, blocks: list[Block], quantize: bool) -> dict[str, torch.Tensor]:
+    if quantize:
+        data, scales = quantize_blocks(rotated, blocks)
+        arrays = {block_key(j): d for j, d in enumerate(data)}
+        arrays[SCALES] = scales
+        return arrays
+    return {block_key(j): rotated[:, b.offset : b.offset + b.size].contiguous() for j, b in enumerate(blocks)}
+
+
+def build_bank(
+    model: nn.Module,
+    diffusion: Diffusion,
+    images: torch.Tensor,
+    draws: TrainDraws,
+    factors: KFACFactors,
+    params: Params,
+    store: Any | None = None,
+    name: str = "kfac-bank",
+    settings: dict[str, Any] | None = None,
+    loss: str = "loss",
+    quantize: bool = True,
+    chunk_size: int = 128,
+    grad_batch: int = 16,
+    device: torch.device | str | None = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> RotatedBank:
+    """Compute (or load) the bank of rotated per-example training gradients.
+
+    With a ``store``, chunks of ``chunk_size`` examples are saved as they finish (an
+    interrupted build resumes at the first missing chunk), the result is published
+    atomically under ``(name, settings)`` and loaded memory-mapped.  Without a store the
+    bank stays in memory.  ``settings`` must name everything the bank depends on.
+    """
+    device = torch.device(device) if device is not None else params[0][1].device
+    settings = dict(settings or {})
+    settings.update(quantize=bool(quantize), chunk_size=int(chunk_size))
+    blocks = factors.blocks
+    n = images.shape[0]
+    if store is not None:
+        arrays = store.load_arrays(name, settings)
+        if arrays is not None:
+            return RotatedBank.from_arrays(arrays, blocks, device)
+
+    def compute(rows: slice) -> dict[str, torch.Tensor]:
+        parts = []
+        for s in range(rows.start, rows.stop, grad_batch):
+            sub = slice(s, min(rows.stop, s + grad_batch))
+            parts.append(per_example_grads(model, diffusion, images[sub], draws.for_rows(sub), loss, params).detach())
+            if progress is not None:
+                progress(f"train gradients {sub.stop}/{n}", sub.stop / n)
+        rotated = factors.rotate(torch.cat(parts))
+        return _chunk_arrays(rotated, blocks, quantize)
+
+    t0 = time.perf_counter()
+    if store is None:
+        chunks = [compute(slice(s, min(n, s + chunk_size))) for s in range(0, n, chunk_size)]
+        merged = {k: torch.cat([c[k] for c in chunks]).to(device) for k in chunks[0]}
+        return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES))
+    # under torchrun every rank builds its own parts into the shared store (engine.distributed)
+    shard = distributed.current()
+    partial = store.partial(name, settings, part_size=chunk_size, num_items=n)
+    for i in shard.mine(partial.todo()):
+        partial.save_part(i, compute(partial.part_range(i)))
+    shard.barrier()
+    if shard.is_main:
+        partial.publish(meta={"build_seconds": round(time.perf_counter() - t0, 3), "num_examples": n})
+    shard.barrier()
+    arrays = store.load_arrays(name, settings)
+    return RotatedBank.from_arrays(arrays, blocks, device)

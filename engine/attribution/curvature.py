@@ -1,0 +1,416 @@
+"""K-FAC (and EK-FAC) curvature of the diffusion training loss via curvlinops (DESIGN.md 4).
+
+G approximates the Hessian of L(theta) = (1/N) sum_n l(theta, x_n) (paper eq. 5/6) by the
+Kronecker-factored GGN / Fisher (paper eqs. 9-12), one block per Conv2d and Linear layer:
+
+    G_l = B_l (x) A_l   (weights, W of shape (out, in*kh*kw), row-major vec)
+    G_l = B_l           (biases: curvlinops' ``separate_weight_and_bias=True`` structure)
+
+How the scale comes out exactly right
+-------------------------------------
+curvlinops sees a data set of N*M *rows*, one per (example n, draw m), each an input
+(x_t, t) with target eps, a model output flattened to (batch, D), and
+``MSELoss(reduction='mean')`` with ``num_per_example_loss_terms=1``, ``num_data=N*M``.
+It treats the mean reduction as (1/(rows*D)) sum ||.||^2 and rescales internally (loss
+times sqrt(D); factors corrected by batch^2/num_data), so the result is the GGN of
+
+    (1/(N M)) sum_{n,m} (1/D) ||eps_m - eps_theta(x_{t_m}(x_n), t_m)||^2 = L(theta)
+
+with L estimated by the same M draws per example as the train gradients (common random
+numbers).  For a single Linear layer and one data point K-FAC, the exact GGN and the
+Hessian of L coincide; ``tests/test_curvature.py`` checks it.
+
+Fisher types.  ``mc`` (default, paper eq. 10): B is built from output gradients of the
+loss with labels sampled from the model's Gaussian likelihood implied by MSELoss,
+y ~ N(eps_theta, 1/2 I) (curvlinops' ``draw_label``; the sqrt(D) loss rescaling makes
+E[grad grad^T] = (2/D) J^T J, the GGN of (1/D)||.||^2).  Equivalently each row's pseudo
+gradient is J^T sqrt(2/D) z with z ~ N(0, I).  ``empirical`` (paper eq. 11): the true
+targets eps; by the same rescaling the per-row gradient is that of sqrt(D) * l, so the
+empirical Fisher is (1/(NM)) sum_rows D grad l_r grad l_r^T (equal in expectation to the
+GGN when residuals have the model's variance 1/2).  ``expand``/``reduce``: KFAC-expand or
+-reduce for weight-sharing layers (Eschenhagen et al. 2023; paper eq. 12).
+
+EK-FAC (George et al. 2018): the eigenvalues b a^T of B (x) A are replaced by the mean over
+the N*M rows of the squared per-row gradients rotated into the K-FAC eigenbasis,
+(Q_B^T G_r Q_A)^2, G_r the row's (pseudo-)gradient above, computed by curvlinops'
+``EKFACLinearOperator`` in one extra pass with our float64 eigenvectors.
+
+Factors are accumulated in the model's dtype, eigendecomposed in float64 (eigenvalues
+clamped at 0: the factors are PSD and negatives are round-off), and kept in the model's
+dtype (float32 normally).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model.diffusion import Diffusion, apply_flip
+from .gradients import Params
+from .train_draws import TrainDraws
+
+FISHER_TYPES = ("mc", "empirical", "type-2")
+KFAC_APPROX = ("expand", "reduce")
+
+
+@dataclass
+class Block:
+    """One parameter tensor of a K-FAC layer, at ``offset`` in the flat gradient."""
+
+    name: str
+    layer: int  # index into KFACFactors.layers
+    kind: str  # "weight" | "bias" | "joint" (weight and bias in one block, [W | b])
+    offset: int
+    shape: tuple[int, ...]  # (out, in*kh*kw) for weights, (out,) for biases, (out, in*kh*kw + 1) joint
+    bias_offset: int | None = None  # joint blocks: where the bias sits in the flat gradient
+
+    @property
+    def size(self) -> int:
+        return int(math.prod(self.shape))
+
+
+@dataclass
+class LayerFactors:
+    """Eigendecomposed factors of one layer: A = Q_A diag(a) Q_A^T, B = Q_B diag(b) Q_B^T."""
+
+    name: str
+    qa: torch.Tensor | None  # (d_in, d_in); None if the layer's weight is not covered
+    a: torch.Tensor | None
+    qb: torch.Tensor  # (d_out, d_out)
+    b: torch.Tensor
+    ekfac_weight: torch.Tensor | None = None  # (d_out, d_in) corrected eigenvalues
+    ekfac_bias: torch.Tensor | None = None  # (d_out,)
+
+
+@dataclass
+class KFACFactors:
+    layers: list[LayerFactors]
+    blocks: list[Block]  # in params order
+
+    @property
+    def num_params(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    @property
+    def ekfac(self) -> bool:
+        return any(lf.ekfac_weight is not None or lf.ekfac_bias is not None for lf in self.layers)
+
+    # --- the eigenbasis ----------------------------------------------------------------
+
+    def rotate(self, grads: torch.Tensor) -> torch.Tensor:
+        """Flat gradients (n, P) or (P,) -> the same in the eigenbasis: R = Q_B^T W Q_A, r_b = Q_B^T g_b."""
+        return self._change_basis(grads, inverse=False)
+
+    def unrotate(self, rotated: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``rotate`` (Q orthogonal): W = Q_B R Q_A^T."""
+        return self._change_basis(rotated, inverse=True)
+
+    def _change_basis(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """One loop for both directions: multiply each block by Q_B^T (.) Q_A, or Q_B (.) Q_A^T."""
+        single = x.dim() == 1
+        g = x[None] if single else x
+        out = torch.empty_like(g)
+        for blk in self.blocks:
+            lf = self.layers[blk.layer]
+            sl = slice(blk.offset, blk.offset + blk.size)
+            qb = lf.qb.to(g.device, g.dtype)
+            left = qb if inverse else qb.T
+            if blk.kind == "weight":
+                qa = lf.qa.to(g.device, g.dtype)  # type: ignore[union-attr]
+                w = g[:, sl].reshape(g.shape[0], *blk.shape)
+                out[:, sl] = (left @ w @ (qa.T if inverse else qa)).reshape(g.shape[0], -1)
+            elif blk.kind == "joint":
+                # [W | b] (out, in+1) <-> its rotation, stored over the same P entries (W's then b's)
+                qa = lf.qa.to(g.device, g.dtype)  # type: ignore[union-attr]
+                out_dim, cols = blk.shape
+                w_sl = slice(blk.offset, blk.offset + out_dim * (cols - 1))
+                b_sl = slice(blk.bias_offset, blk.bias_offset + out_dim)  # type: ignore[operator]
+                if inverse:
+                    r = g[:, sl].reshape(g.shape[0], out_dim, cols)
+                    m = left @ r @ qa.T
+                    out[:, w_sl] = m[:, :, :-1].reshape(g.shape[0], -1)
+                    out[:, b_sl] = m[:, :, -1]
+                else:
+                    m = torch.cat([g[:, w_sl].reshape(g.shape[0], out_dim, cols - 1), g[:, b_sl, None]], dim=2)
+                    out[:, sl] = (left @ m @ qa).reshape(g.shape[0], -1)
+            else:
+                out[:, sl] = g[:, sl] @ left.T
+        return out[0] if single else out
+
+    def eigenvalues(self) -> torch.Tensor:
+        """(P,) eigenvalues of G in the rotated flat layout: b a^T (or the EK-FAC ones) per block."""
+        parts = []
+        for blk in self.blocks:
+            lf = self.layers[blk.layer]
+            if blk.kind in ("weight", "joint"):
+                ev = lf.ekfac_weight if lf.ekfac_weight is not None else torch.outer(lf.b, lf.a)  # type: ignore[arg-type]
+            else:
+                ev = lf.ekfac_bias if lf.ekfac_bias is not None else lf.b
+            parts.append(ev.reshape(-1))
+        return torch.cat(parts)
+
+    def inverse_apply(self, v: torch.Tensor, damping: float) -> torch.Tensor:
+        """(G + lambda I)^{-1} v for flat v (P,) or (n, P), exact damping (for tests and checks)."""
+        ev = self.eigenvalues().to(v.device, v.dtype)
+        return self.unrotate(self.rotate(v) / (ev + damping))
+
+    # --- persistence -------------------------------------------------------------------
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {}
+        for i, lf in enumerate(self.layers):
+            for key in ("qa", "a", "qb", "b", "ekfac_weight", "ekfac_bias"):
+                t = getattr(lf, key)
+                if t is not None:
+                    arrays[f"l{i:03d}_{key}"] = t.detach().cpu().numpy()
+        return arrays
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], template: KFACFactors, device: torch.device | str = "cpu"
+    ) -> KFACFactors:
+        """Rebuild from ``to_arrays`` output; ``template`` (from ``layout``) gives names and blocks."""
+        layers = []
+        for i, lf in enumerate(template.layers):
+            vals = {}
+            for key in ("qa", "a", "qb", "b", "ekfac_weight", "ekfac_bias"):
+                a = arrays.get(f"l{i:03d}_{key}")
+                vals[key] = None if a is None else torch.from_numpy(np.array(a)).to(device)
+            layers.append(LayerFactors(name=lf.name, **vals))  # type: ignore[arg-type]
+        return cls(layers=layers, blocks=template.blocks)
+
+
+def layout(
+    model: nn.Module, params: Params, joint: bool = False
+) -> tuple[KFACFactors, dict[str, nn.Module]]:
+    """Blocks for ``params`` (which must all be Conv2d/Linear weights or biases) and empty layers.
+
+    ``joint``: a layer whose weight is directly followed by its bias in ``params`` gets one block
+    [W | b] of shape (out, in*kh*kw + 1) (curvlinops' ``separate_weight_and_bias=False``: A has an
+    appended constant input 1); otherwise weight and bias are separate blocks (B (x) A and B).
+    """
+    owner: dict[int, tuple[str, nn.Module, str]] = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            for pname, p in mod.named_parameters(recurse=False):
+                owner[id(p)] = (mname, mod, pname)
+    layer_index: dict[str, int] = {}
+    modules: dict[str, nn.Module] = {}
+    layers: list[LayerFactors] = []
+    blocks: list[Block] = []
+    offset = 0
+    for name, p in params:
+        if id(p) not in owner:
+            raise ValueError(
+                f"parameter {name} is not a Conv2d/Linear weight or bias: K-FAC has no block for it"
+            )
+        mname, mod, pname = owner[id(p)]
+        if mname not in layer_index:
+            layer_index[mname] = len(layers)
+            modules[mname] = mod
+            empty = torch.empty(0)
+            layers.append(LayerFactors(name=mname, qa=None, a=None, qb=empty, b=empty))
+        shape = (p.shape[0], p[0].numel()) if pname == "weight" else (p.shape[0],)
+        prev = blocks[-1] if blocks else None
+        if (
+            joint
+            and pname == "bias"
+            and prev is not None
+            and prev.kind == "weight"
+            and prev.layer == layer_index[mname]
+        ):
+            blocks[-1] = Block(
+                name=f"{mname}.weight+bias" if mname else "weight+bias",
+                layer=prev.layer,
+                kind="joint",
+                offset=prev.offset,
+                shape=(prev.shape[0], prev.shape[1] + 1),
+                bias_offset=offset,
+            )
+        else:
+            blocks.append(Block(name=name, layer=layer_index[mname], kind=pname, offset=offset, shape=shape))
+        offset += p.numel()
+    if joint:
+        with_weight = {b.layer for b in blocks if b.kind == "weight"}
+        split = [b.name for b in blocks if b.kind == "bias" and b.layer in with_weight]
+        if split:
+            raise ValueError(f"joint K-FAC blocks need each layer's bias right after its weight: {split}")
+    return KFACFactors(layers=layers, blocks=blocks), modules
+
+
+# --- data: (example, draw) rows for curvlinops --------------------------------------------
+
+
+class _FlatEps(nn.Module):
+    """(x_t flattened | t) rows -> eps_theta(x_t, t) flattened to (batch, D)."""
+
+    def __init__(self, net: nn.Module, shape: tuple[int, ...]):
+        super().__init__()
+        self.net = net
+        self.shape = tuple(shape)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        x = X[:, :-1].reshape(X.shape[0], *self.shape)
+        t = X[:, -1].round().long()
+        return self.net(x, t).flatten(1)
+
+
+class DrawRows:
+    """Re-iterable loader over the N*M rows (x_n, t_m, eps_m), example-major, as curvlinops wants.
+
+    ``draws`` are shared ``MCDraws`` or per-example draws (``engine.train_draws``); flip bits
+    mirror x_n (the training augmentation), exactly as in the per-example gradients.
+
+    Yields ``(X, y)`` with X = [x_t flattened, t] (batch, D+1) and y = eps flattened (batch, D).
+    ``on_batch(rows_done, rows_total)`` is called after each batch is produced.
+    """
+
+    def __init__(
+        self,
+        diffusion: Diffusion,
+        images: torch.Tensor,
+        draws: TrainDraws,
+        batch_size: int,
+        on_batch: Callable[[int, int], None] | None = None,
+    ):
+        self.diffusion = diffusion
+        self.images = images
+        self.draws = draws
+        self.batch_size = int(batch_size)
+        self.on_batch = on_batch
+        self.total = images.shape[0] * len(draws)
+
+    def __len__(self) -> int:
+        return -(-self.total // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        m = len(self.draws)
+        dev = self.images.device
+        for s in range(0, self.total, self.batch_size):
+            r = torch.arange(s, min(self.total, s + self.batch_size), device=dev)
+            ex, k = r // m, r % m
+            first = int(ex[0])
+            d = self.draws.for_rows(slice(first, int(ex[-1]) + 1)).to(dev, self.images.dtype)
+            if d.batched:  # per-example draws of the examples in this batch
+                t, eps = d.t[ex - first, k], d.eps[ex - first, k]
+                flip = None if d.flip is None else d.flip[ex - first, k]
+            else:
+                t, eps = d.t[k], d.eps[k]
+                flip = None if d.flip is None else d.flip[k]
+            x0 = self.images[ex]
+            if flip is not None:
+                x0 = apply_flip(x0, flip)
+            xt = self.diffusion.q_sample(x0, t, eps)
+            X = torch.cat([xt.flatten(1), t.to(xt.dtype)[:, None]], dim=1)
+            if self.on_batch is not None:
+                self.on_batch(int(r[-1]) + 1, self.total)
+            yield X, eps.flatten(1)
+
+
+def _eigh(factor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    f64 = factor.detach().double()
+    f64 = 0.5 * (f64 + f64.T)
+    evals, evecs = torch.linalg.eigh(f64)
+    return evals.clamp(min=0.0).to(dtype), evecs.to(dtype)
+
+
+def compute_kfac(
+    model: nn.Module,
+    diffusion: Diffusion,
+    images: torch.Tensor,
+    draws: TrainDraws,
+    params: Params,
+    fisher_type: str = "mc",
+    kfac_approx: str = "expand",
+    ekfac: bool = False,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: Callable[[str, float], None] | None = None,
+    joint: bool = False,
+) -> KFACFactors:
+    """K-FAC (or EK-FAC) factors of the GGN/Fisher of L over the N x M (example, draw) rows.
+
+    ``images`` (N, C, H, W) and ``draws`` (M) are the training set and the train-gradient
+    draws (common random numbers).  ``seed`` seeds the sampled labels of the MC-Fisher.
+    ``type-2`` (exact GGN, D backward passes per batch) is for tests.  ``joint``: weight and bias
+    of a layer in one Kronecker block (curvlinops ``separate_weight_and_bias=False``; an ablation).
+    """
+    from curvlinops import EKFACLinearOperator, KFACLinearOperator
+
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(f"unknown fisher_type {fisher_type!r}: expected one of {FISHER_TYPES}")
+    if kfac_approx not in KFAC_APPROX:
+        raise ValueError(f"unknown kfac_approx {kfac_approx!r}: expected one of {KFAC_APPROX}")
+    factors, modules = layout(model, params, joint=joint)
+    dev, dtype = params[0][1].device, params[0][1].dtype
+    images = images.to(dev, dtype)
+    was_training = model.training
+    model.eval()
+    passes = 2 if ekfac else 1
+    state = {"pass": 0}
+
+    def on_batch(done: int, total: int) -> None:
+        if progress is not None:
+            what = "K-FAC factors" if state["pass"] == 0 else "EK-FAC eigenvalues"
+            progress(f"{what}: {done}/{total} (example, draw) rows", (state["pass"] + done / total) / passes)
+
+    loader = DrawRows(diffusion, images, draws, batch_size, on_batch)
+    wrapper = _FlatEps(model, tuple(images.shape[1:])).eval()
+    op_cls = EKFACLinearOperator if ekfac else KFACLinearOperator
+    op = op_cls(
+        wrapper,
+        nn.MSELoss(reduction="mean"),
+        [p for _, p in params],
+        loader,
+        check_deterministic=False,
+        seed=seed,
+        fisher_type=fisher_type,
+        kfac_approx=kfac_approx,
+        num_per_example_loss_terms=1,
+        separate_weight_and_bias=not joint,
+        num_data=loader.total,
+    )
+    try:
+        op.compute_kronecker_factors()
+        mod_name = {id(m): n for n, m in wrapper.named_modules()}
+        curv_names = {lf.name: mod_name[id(modules[lf.name])] for lf in factors.layers}
+        for lf in factors.layers:
+            cname = curv_names[lf.name]
+            aaT = op._input_covariances.get(cname)
+            ggT = op._gradient_covariances[cname]
+            if aaT is not None:
+                lf.a, lf.qa = _eigh(aaT, dtype)
+            lf.b, lf.qb = _eigh(ggT, dtype)
+        if ekfac:
+            # use our float64-eigh eigenvectors for the correction pass (curvlinops skips its own
+            # eigh when these dicts are filled)
+            for lf in factors.layers:
+                cname = curv_names[lf.name]
+                if lf.qa is not None:
+                    op._input_covariances_eigenvectors[cname] = lf.qa
+                op._gradient_covariances_eigenvectors[cname] = lf.qb
+            op._input_covariances.clear()
+            op._gradient_covariances.clear()
+            state["pass"] = 1
+            op.compute_eigenvalue_correction()
+            for lf in factors.layers:
+                corrected = op._corrected_eigenvalues[curv_names[lf.name]]
+                if isinstance(corrected, torch.Tensor):  # joint block: one (out, in + 1) tensor
+                    lf.ekfac_weight = corrected.to(dtype).reshape(lf.qb.shape[0], -1)
+                    continue
+                for ev in corrected.values():
+                    ev = ev.to(dtype)
+                    if ev.dim() == 2:
+                        lf.ekfac_weight = ev.reshape(lf.qb.shape[0], -1)
+                    else:
+                        lf.ekfac_bias = ev
+    finally:
+        model.train(was_training)
+    if progress is not None:
+        progress("K-FAC factors done", 1.0)
+    return factors

@@ -1,0 +1,322 @@
+"""TRAK and D-TRAK baselines (DESIGN.md 5).
+
+TRAK (Park et al. 2023), as adapted to diffusion models (Georgiev et al. 2023; Zheng et al.
+2024), with a random projection P (``engine.attribution.projection``, E[P P^T] = I):
+
+    phi_i = P^T grad l(x_i)        (train loss gradients, M draws of (t, eps) each)
+    phi_q = P^T grad m(q)          (query measurement gradient, from the session)
+    F     = (1/N) sum_i phi_i phi_i^T            (empirical Fisher in the projected space)
+    tau_i = (1/N) phi_q^T (F + lambda I)^{-1} phi_i
+
+which is DESIGN.md 4's tau_i = (1/N) grad m^T (G + lambda I)^{-1} grad l_i with G the
+empirical Fisher, in projected coordinates: same sign (positive = proponent) and scale
+as K-FAC Influence, with lambda on the scale of G for the mean loss.
+
+F = V diag(s) V^T is eigendecomposed once at build time and the bank is stored rotated,
+Z = Phi V (N x k).  A query is rotated once, z_q = V^T phi_q, and then
+
+    tau = (1/N) Z (z_q / (s + lambda))
+
+so changing lambda costs one division and one (N x k) matvec, no gradient.  When k > N
+(the paper's k = 32,768) the eigenbasis comes from the N x N Gram matrix instead, exactly
+(``fisher_eigenbasis``), so large k costs O(N^2 k), not O(k^3).
+
+D-TRAK (Zheng et al. 2024) is the same code path with the square-norm output function
+(1/D)||eps_theta(x_t, t)||^2 in place of both the training loss and the measurement.
+Float32 features throughout (paper G.3: float16 degrades TRAK); F is accumulated and
+eigendecomposed in float64 and stored in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ... import distributed
+from ...config import AttributionConfig, trak_default_damping
+from ...model.diffusion import MCDraws
+from ...model.measurements import Measurement
+from ..gradients import num_params
+from ..projection import TILE_ROWS, RandomProjection
+from ..train_draws import draw_settings
+from .base import AttributionMethod, Prepared, Progress, QueryInput, no_progress
+
+FORMAT = 1
+
+
+def draws_digest(draws: Any) -> str:
+    """16 hex of SHA-256 of the draws' t and eps (and flip bits): caches record exactly which
+    draws they used.  Per-example draws are a function of their settings (``digest()``)."""
+    if not isinstance(draws, MCDraws):
+        return draws.digest()
+    h = hashlib.sha256()
+    if draws.flip is not None:
+        h.update(draws.flip.detach().cpu().numpy().astype(np.uint8).tobytes())
+    h.update(draws.t.detach().cpu().numpy().astype(np.int64).tobytes())
+    h.update(draws.eps.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def params_signature(params: list[tuple[str, torch.nn.Parameter]]) -> str:
+    """16 hex digest of the parameter names and shapes, in flat order (which coordinates a gradient has)."""
+    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in params)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fisher_eigenbasis(
+    phi_parts: list[torch.Tensor], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenbasis of F = (1/N) Phi^T Phi from the projected features Phi (N x k, given in row parts).
+
+    Returns float32 (s, V, Z = Phi V) with F = V diag(s) V^T on the span of the features.  For
+    k <= N, F (k x k) is accumulated and eigendecomposed in float64.  For k > N (the paper's
+    k = 32,768 on a small training set) F has rank <= N, and the N x N Gram matrix
+    K = (1/N) Phi Phi^T = U diag(s) U^T has the same nonzero eigenvalues, with
+    V = Phi^T U / sqrt(N s) and Z = Phi V = U sqrt(N s).  Directions with s = 0 are orthogonal
+    to every phi_i, so dropping them leaves every score
+    tau_i = (1/N) phi_i^T (F + lambda I)^{-1} phi_q = (1/N) Z_i (V^T phi_q / (s + lambda)) exact,
+    at O(N^2 k) instead of O(k^3) time and N x k instead of k x k memory.
+    """
+    n = sum(p.shape[0] for p in phi_parts)
+    k = phi_parts[0].shape[1]
+    if k <= n:
+        fisher = torch.zeros((k, k), dtype=torch.float64, device=device)
+        for phi in phi_parts:
+            phi = phi.to(device, torch.float64)
+            fisher.addmm_(phi.T, phi)
+        fisher /= n
+        evals, evecs = torch.linalg.eigh(fisher)
+        evals = evals.clamp_min(0.0).float()
+        evecs = evecs.float()
+        rotated = torch.cat([phi.to(device, torch.float32) @ evecs for phi in phi_parts]).cpu()
+        return evals.cpu(), evecs.cpu(), rotated
+    phi = torch.cat(phi_parts).to(device, torch.float32)  # (N, k)
+    gram = torch.zeros((n, n), dtype=torch.float64, device=device)
+    cols = max(1, (64 << 20) // (8 * n))
+    for c in range(0, k, cols):
+        block = phi[:, c : c + cols].double()
+        gram.addmm_(block, block.T)
+    gram /= n
+    evals, u = torch.linalg.eigh(gram)
+    keep = evals > evals.max().clamp_min(0.0) * 1e-12
+    evals, u = evals[keep], u[:, keep]
+    root = (n * evals).sqrt()  # (r,)
+    evecs = torch.zeros((k, u.shape[1]), dtype=torch.float32, device=device)
+    for c in range(0, k, cols):
+        evecs[c : c + cols] = (phi[:, c : c + cols].double().T @ u / root).float()
+    rotated = (u * root).float()
+    return evals.float().cpu(), evecs.cpu(), rotated.cpu()
+
+
+class TRAK(AttributionMethod):
+    """TRAK with the diffusion training loss; scores on DESIGN.md 4's scale."""
+
+    name = "trak"
+    title = "TRAK"
+    kind = "influence"
+    caption = (
+        "Random projections of per-example gradients, with an empirical-Fisher curvature "
+        "(Park et al. 2023). Positive: removing that image would make the query less likely."
+    )
+    needs_gradient = True
+    loss = "loss"  # which per-example function's gradient forms phi_i
+    batch_size = 32  # examples per gradient batch
+    part_size = 256  # examples per saved part (resumable build)
+
+    def __init__(self, config: AttributionConfig | None = None, projection: str | None = None):
+        self.config = config or AttributionConfig()
+        self.projection_kind = projection or self.config.trak_projection
+        # None until a context gives N, when the config leaves it to the N-scaled default
+        self.default_damping = self._config_damping(self.config, None)
+        self._loaded: dict[str, dict[str, Any]] = {}
+        self._projections: dict[str, RandomProjection] = {}
+
+    def _config_damping(self, config: AttributionConfig, num_train: int | None) -> float | None:
+        """The configured damping, or 0.1/N (TRAK) and 1/N (D-TRAK) once N is known (else None)."""
+        explicit = config.trak_damping if self.name == "trak" else config.dtrak_damping
+        if explicit is None and num_train is None:
+            return None
+        return trak_default_damping(config, self.name, int(num_train or 1))
+
+    # --- settings and cache -------------------------------------------------------------
+
+    def _dim(self, ctx: Any, dim: int | None) -> int:
+        p = num_params(ctx.params)
+        return p if self.projection_kind == "identity" else min(int(dim or ctx.config.trak_dim), p)
+
+    def projection(self, ctx: Any, dim: int | None = None) -> RandomProjection:
+        """The seeded projection for this context (k = ``dim`` or config.trak_dim, capped at P)."""
+        p = num_params(ctx.params)
+        k = self._dim(ctx, dim)
+        key = f"{self.projection_kind}-{p}-{k}-{ctx.config.seed}-{ctx.device}"
+        if key not in self._projections:
+            self._projections[key] = RandomProjection(
+                p, k, seed=int(ctx.config.seed), kind=self.projection_kind, device=ctx.device
+            )
+        return self._projections[key]
+
+    def settings(self, ctx: Any, dim: int | None = None) -> dict[str, Any]:
+        """Everything the cached bank depends on (the Store keys its folder by this); ``dim``
+        overrides config.trak_dim (a k sweep)."""
+        p = num_params(ctx.params)
+        k = self._dim(ctx, dim)
+        return {
+            "format": FORMAT,
+            "method": self.name,
+            "loss": self.loss,
+            "mc_samples": len(ctx.train_draws),
+            "seed": int(ctx.config.seed),
+            "draws": draws_digest(ctx.train_draws),
+            **draw_settings(ctx.train_draws),
+            "num_train": len(ctx.dataset),
+            "params": params_signature(ctx.params),
+            "projection": {
+                "kind": self.projection_kind,
+                "dim": k,
+                "seed": int(ctx.config.seed),
+                "num_params": p,
+                "tile_rows": TILE_ROWS,
+            },
+        }
+
+    def is_built(self, ctx: Any) -> bool:
+        return ctx.store.exists(self.name, self.settings(ctx))
+
+    def cache_keys(self, ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+        return [(self.name, self.settings(ctx))]
+
+    def build(self, ctx: Any, progress: Progress = no_progress) -> None:
+        """Project every training gradient (resumable, in parts), then eigendecompose F once."""
+        self.build_dims(ctx, [int(ctx.config.trak_dim)], progress)
+        self._load(ctx)
+
+    def build_dims(self, ctx: Any, dims: list[int], progress: Progress = no_progress) -> None:
+        """Build the caches of several projection dimensions k with one gradient pass.
+
+        The training gradients do not depend on k, so a k sweep (the paper's k = 32,768 against
+        our default 2,048) costs one pass over the training set, not one per k: each batch of
+        gradients is projected once per k that still lacks that part.  Resumable per part and k.
+        """
+        from ..gradients import train_loss_grads  # the K-FAC helper's module; imported when needed
+
+        dims = list(dict.fromkeys(self._dim(ctx, k) for k in dims))
+        todo_dims = [k for k in dims if not ctx.store.exists(self.name, self.settings(ctx, k))]
+        if not todo_dims:
+            return
+        t0 = time.perf_counter()
+        images = ctx.dataset.images
+        n = len(images)
+        parts = {
+            k: ctx.store.partial(self.name, self.settings(ctx, k), part_size=self.part_size, num_items=n)
+            for k in todo_dims
+        }
+        projs = {k: self.projection(ctx, k) for k in todo_dims}
+        first = parts[todo_dims[0]]
+        shard = distributed.current()  # under torchrun: this rank's parts only (engine.distributed)
+        pending = sorted({i for part in parts.values() for i in part.todo()})
+        todo = shard.mine(pending)
+        for count, i in enumerate(todo):
+            rows = first.part_range(i)
+            need = [k for k in todo_dims if not parts[k].is_done(i)]
+            feats = {k: torch.empty((rows.stop - rows.start, projs[k].dim), dtype=torch.float32) for k in need}
+            grads = train_loss_grads(
+                ctx,  # its model and params (the influence parameters, ctx.params order)
+                ctx.diffusion,
+                images[rows].to(ctx.device),
+                ctx.train_draws.for_rows(rows),  # this part's draws, indexed like images[rows]
+                loss=self.loss,
+                batch_size=self.batch_size,
+                progress=no_progress,
+            )
+            for sl, g in grads:
+                g = g.to(ctx.device)
+                for k in need:
+                    feats[k][sl] = projs[k].project(g).float().cpu()
+            for k in need:
+                parts[k].save_part(i, {"phi": feats[k]})
+            progress(f"{self.title}: projected gradients {rows.stop}/{n}", 0.9 * (count + 1) / len(todo))
+        shard.barrier()
+        if not shard.is_main:
+            shard.barrier()  # rank 0 eigendecomposes and publishes
+            return
+        for k in todo_dims:
+            progress(f"{self.title}: eigendecomposing the projected Fisher (k = {k})", 0.92)
+            part = parts[k]
+            phi_parts = [torch.from_numpy(part.load_part(i)["phi"]) for i in range(part.num_parts)]
+            evals, evecs, rotated = fisher_eigenbasis(phi_parts, ctx.device)
+            part.publish(
+                extra={"eigvals": evals.cpu(), "eigvecs": evecs.cpu(), "phi_eig": rotated},
+                meta={"build_seconds": time.perf_counter() - t0},
+            )
+        shard.barrier()
+        progress(f"{self.title}: built", 1.0)
+
+    def _load(self, ctx: Any) -> dict[str, Any]:
+        settings = self.settings(ctx)
+        key = str(ctx.store.path(self.name, settings))
+        if key not in self._loaded:
+            arrays = ctx.store.load_arrays(self.name, settings)
+            if arrays is None:
+                raise RuntimeError(f"{self.title} is not built yet: call build() first")
+            self._loaded[key] = {
+                "eigvals": torch.from_numpy(np.array(arrays["eigvals"])),
+                "eigvecs": torch.from_numpy(np.array(arrays["eigvecs"])),
+                "phi_eig": torch.from_numpy(np.array(arrays["phi_eig"])),
+            }
+        return self._loaded[key]
+
+    def train_features(self, ctx: Any) -> np.ndarray:
+        """Phi (N x k): the projected training gradients as stored."""
+        arrays = ctx.store.load_arrays(self.name, self.settings(ctx))
+        if arrays is None:
+            raise RuntimeError(f"{self.title} is not built yet")
+        return np.array(arrays["phi"])
+
+    # --- queries ------------------------------------------------------------------------
+
+    def prepare(self, ctx: Any, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
+        """z_q = V^T P^T grad m(q): everything about the query that does not depend on lambda."""
+        if query_grad is None:
+            raise ValueError(f"{self.title} needs the query's measurement gradient")
+        t0 = time.perf_counter()
+        state = self._load(ctx)
+        phi_q = self.projection(ctx).project(query_grad.reshape(-1).detach()).float().cpu()
+        t1 = time.perf_counter()
+        z_q = state["eigvecs"].T @ phi_q
+        t2 = time.perf_counter()
+        self.default_damping = self._config_damping(self.config, len(ctx.dataset))
+        data = {
+            "z_q": z_q,
+            "eigvals": state["eigvals"],
+            "phi_eig": state["phi_eig"],
+            "default_damping": self.default_damping,
+        }
+        return Prepared(data=data, timing_ms={"project": (t1 - t0) * 1e3, "rotate": (t2 - t1) * 1e3})
+
+    def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
+        """tau = (1/N) Z (z_q / (s + lambda)); lambda defaults to this method's configured damping."""
+        d = prepared.data
+        lam = d.get("default_damping", self.default_damping) if damping is None else float(damping)
+        n = d["phi_eig"].shape[0]
+        w = d["z_q"] / (d["eigvals"] + lam)
+        return (d["phi_eig"] @ w / n).numpy().astype(np.float32)
+
+
+class DTRAK(TRAK):
+    """D-TRAK: TRAK with the square-norm function for both training features and the measurement."""
+
+    name = "dtrak"
+    title = "D-TRAK"
+    caption = (
+        "TRAK with gradients of the model output's squared norm in place of the loss "
+        "(Zheng et al. 2024); always uses the square-norm measurement."
+    )
+    loss = "square-norm"
+
+    def query_measurement(self, measurement: Measurement) -> Measurement:
+        """D-TRAK attributes the square norm whatever measurement was asked for."""
+        return Measurement("square-norm")

@@ -1,0 +1,4 @@
+"""Benchmarks: commands that print figures and write JSON to assets/results/.
+
+See docs/architecture.md for the layers and why the package is cut this way.
+"""

@@ -1,0 +1,75 @@
+"""Foundation benchmark: sizes and speeds of the foundation on this machine.
+
+Prints the parameter count of every preset, training steps/s of the digits preset (the
+real ``engine.model.train.train`` loop, timed per step after a warm-up; median), the seconds to
+draw digits samples with all T steps, and the peak resident memory of the process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import PRESETS
+from ..files import save_json
+from . import memory
+
+
+def bench_foundation(
+    checkpoint: Path, device: str, steps: int = 100, warmup: int = 10, samples: int = 16,
+    threads: int | None = None, json_out: Path | None = None,
+) -> dict[str, Any]:
+    """The figures as a dict (also printed, and written to ``json_out`` if given)."""
+    import torch
+
+    from ..model.checkpoint import CheckpointError, load_checkpoint
+    from ..model.sampling import generate
+    from ..model.train import train
+    from ..model.unet import build_model, count_parameters
+
+    if threads:
+        torch.set_num_threads(threads)
+    ckpt = Path(checkpoint)
+    out: dict = {"device": str(device), "threads": torch.get_num_threads(), "params": {}}
+    print(f"device {device}, {torch.get_num_threads()} torch threads")
+    for name, p in PRESETS.items():
+        out["params"][name] = count_parameters(build_model(p.model))
+        print(f"parameters {name:8s} {out['params'][name]:>12,d}")
+
+    preset = PRESETS["digits"]
+    total = warmup + steps
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        train(preset, Path(tmp) / "bench", device=device, steps=total,
+              progress=lambda s, T, loss: stamps.append(time.perf_counter()))
+    timed = stamps[max(warmup - 1, 0) :]  # the first timed step starts when the last warm-up ends
+    per_step = [b - a for a, b in zip(timed[:-1], timed[1:], strict=True)]
+    med = statistics.median(per_step)
+    out["train_step_s_median"] = med
+    out["train_steps_per_s"] = 1.0 / med
+    print(
+        f"training digits: {1.0 / med:.1f} steps/s (median {med * 1000:.1f} ms/step over {len(per_step)} "
+        f"steps, batch {preset.train.batch_size}, after {warmup} warm-up steps)"
+    )
+
+    source = "random weights (no checkpoint found)"
+    model = build_model(preset.model).to(device).eval()
+    try:
+        model, preset, _ = load_checkpoint(ckpt, device)
+        source = f"checkpoint {ckpt}"
+    except CheckpointError:
+        pass
+    t0 = time.perf_counter()
+    generate(model, preset, samples, seed=0, device=device)
+    secs = time.perf_counter() - t0
+    out.update(sample_s=secs, sample_n=samples, sample_steps=preset.diffusion.num_timesteps,
+               sample_weights=source)
+    print(f"sampling: {samples} digits with {preset.diffusion.num_timesteps} steps in {secs:.2f} s ({source})")
+    out["peak_rss_mib"] = memory.peak_rss_mib()
+    print(f"peak RSS: {out['peak_rss_mib']:.0f} MiB")
+    if json_out:
+        save_json(json_out, out)
+    return out

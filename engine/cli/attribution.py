@@ -1,0 +1,255 @@
+"""CLI subcommands ``build`` and ``query`` (the attribution half of ``attribution-engine``).
+
+They are thin: every computation goes through ``engine.attribution.session.AttributionSession``, the
+same object the app uses, so the CLI and the app cannot disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .common import fail, register, resolve, subcommand
+
+ALL_METHODS = ("kfac", "trak", "dtrak", "clip", "pixel")
+
+
+def _add_attribution_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mc-samples",
+        type=int,
+        default=None,
+        help="Monte Carlo draws M of (t, eps) per example for train and query gradients (default: preset's, 64 on digits)",
+    )
+    p.add_argument("--trak-dim", type=int, default=None, help="TRAK/D-TRAK projection dimension (default: preset's)")
+    p.add_argument(
+        "--kfac-bank",
+        choices=("auto", "stored", "streamed"),
+        default=None,
+        help="K-FAC training-gradient bank: stored (int8 on disk), streamed (recomputed per query: for models "
+        "whose bank does not fit), auto (stored if under 8 GiB; default)",
+    )
+    p.add_argument(
+        "--draws",
+        choices=("shared", "per-example"),
+        default=None,
+        help="training-gradient and curvature draws: shared by every example (default) or independent "
+        "per example (paper G.3)",
+    )
+    p.add_argument(
+        "--kfac-blocks",
+        choices=("separate", "joint"),
+        default=None,
+        help="K-FAC blocks: weight and bias separate (default) or one joint block per layer (ablation)",
+    )
+    p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or ./cache)")
+
+
+def parse_methods(text: str | None) -> list[str] | None:
+    """'kfac,trak' -> ['kfac', 'trak']; None/'all' -> None (every method).  Unknown names: ValueError."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    names = [s.strip().lower() for s in text.split(",") if s.strip()]
+    bad = [n for n in names if n not in ALL_METHODS]
+    if bad or not names:
+        raise ValueError(f"unknown method(s) {', '.join(bad) or repr(text)}; valid methods: {', '.join(ALL_METHODS)}")
+    return names
+
+
+def open_session(args: argparse.Namespace, auto_build: bool = False):
+    """An AttributionSession from the common CLI options."""
+    from ..attribution.session import AttributionSession
+
+    preset, ckpt, device = resolve(args)
+    changes: dict[str, Any] = {}
+    if getattr(args, "mc_samples", None) is not None:
+        if args.mc_samples < 1:
+            raise ValueError("--mc-samples must be at least 1")
+        changes["mc_samples"] = args.mc_samples
+    if getattr(args, "trak_dim", None) is not None:
+        if args.trak_dim < 1:
+            raise ValueError("--trak-dim must be at least 1")
+        changes["trak_dim"] = args.trak_dim
+    for name in ("kfac_bank", "draws", "kfac_blocks"):
+        if getattr(args, name, None) is not None:
+            changes[name] = getattr(args, name)
+    config = dataclasses.replace(preset.attribution, **changes)
+    return AttributionSession(
+        preset, checkpoint=ckpt, device=device, cache_root=getattr(args, "cache_root", None), config=config,
+        auto_build=auto_build,
+    )
+
+
+# --- build ---------------------------------------------------------------------------------
+
+
+@register
+def add_build(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "build",
+        cmd_build,
+        help="build attribution caches (K-FAC factors and bank, TRAK features, CLIP embeddings)",
+        description="Compute or load each method's cache for the checkpoint and data set. Resumable: "
+        "finished parts of a bank are kept when a build is interrupted.",
+    )
+    p.add_argument("--methods", default=None, help=f"comma list from {','.join(ALL_METHODS)} (default: all)")
+    _add_attribution_options(p)
+
+
+SHARDED_METHODS = ("kfac", "trak", "dtrak")  # built part by part by every torchrun rank
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Build caches; under ``torchrun`` the gradient passes are split over the ranks (engine.distributed)."""
+    from tqdm.auto import tqdm
+
+    from ..distributed import init_from_env
+
+    try:
+        methods = parse_methods(args.methods)
+        _, _, device = resolve(args)
+        shard, args.device = init_from_env(device)
+        session = open_session(args)
+    except (ValueError, RuntimeError) as e:
+        return fail(e)
+    names = methods or session.method_names()
+    summary: dict[str, dict] = {}
+    for name in names:
+        if not shard.is_main and name not in SHARDED_METHODS:
+            continue  # one rank is enough; the others wait at the barrier below
+        bar = tqdm(
+            total=1000,
+            desc=name if shard.world == 1 else f"{name}[{shard.rank}]",
+            unit="‰",
+            bar_format="{desc:>6}: {percentage:3.0f}%|{bar}| {postfix}",
+            position=shard.rank,
+        )
+
+        def progress(msg: str, frac: float, bar=bar) -> None:
+            bar.n = int(round(1000 * min(max(frac, 0.0), 1.0)))
+            bar.set_postfix_str(msg.split(": ", 1)[-1][:60], refresh=False)
+            bar.refresh()
+
+        summary.update(session.build([name], progress))
+        bar.close()
+    shard.barrier()
+    if not shard.is_main:
+        return 0
+    print()
+    print(f"{'method':8} {'status':12} {'seconds':>9} {'size MB':>9}  note")
+    for name, s in summary.items():
+        note = s.get("reason") or ""
+        print(f"{name:8} {s['status']:12} {s['seconds']:9.1f} {s['size_mb']:9.2f}  {note}")
+    total_s = sum(s["seconds"] for s in summary.values())
+    total_mb = sum(s["size_mb"] for s in summary.values())
+    print(f"{'total':8} {'':12} {total_s:9.1f} {total_mb:9.2f}  cache: {session.store.base}")
+    return 0
+
+
+# --- query ---------------------------------------------------------------------------------
+
+
+@register
+def add_query(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "query",
+        cmd_query,
+        help="attribute one generated or given image to the training images",
+        description="Scores every training image for one query. Influence scores (kfac, trak, dtrak) "
+        "follow the paper's sign and scale: positive = proponent (removing it would raise the query's "
+        "loss), tau_i = (1/N) grad m^T (G + lambda I)^-1 grad l_i. clip and pixel are similarities.",
+    )
+    p.add_argument(
+        "--query", required=True, help="gallery:N | train:N | image:PATH (PNG/JPEG) | generate:SEED"
+    )
+    p.add_argument(
+        "--measurement",
+        default="loss",
+        help="loss | loss@t=NNN (paper's 1-based t) | elbo | elbo-exact | trajectory | square-norm (default loss)",
+    )
+    p.add_argument("--methods", default=None, help=f"comma list from {','.join(ALL_METHODS)} (default: all)")
+    p.add_argument("--top-k", type=int, default=10, help="proponents/opponents to list (default 10)")
+    p.add_argument("--damping", type=float, default=None, help="K-FAC damping lambda (default: 1e-8)")
+    p.add_argument("--trak-damping", type=float, default=None, help="TRAK damping (default: preset's)")
+    p.add_argument("--dtrak-damping", type=float, default=None, help="D-TRAK damping (default: preset's)")
+    _add_attribution_options(p)
+    p.add_argument("--auto-build", action="store_true", help="build missing caches instead of reporting them")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--scores-out", default=None, help="write every method's full score vector to this .npz")
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    try:
+        methods = parse_methods(args.methods)
+        if args.top_k < 0:
+            raise ValueError("--top-k must be >= 0")
+        if args.scores_out and not args.scores_out.endswith(".npz"):
+            raise ValueError(f"--scores-out must end in .npz, got {args.scores_out}")
+        session = open_session(args, auto_build=args.auto_build)
+        query = session.parse_query(args.query)
+        damping = {
+            k: v
+            for k, v in (("kfac", args.damping), ("trak", args.trak_damping), ("dtrak", args.dtrak_damping))
+            if v is not None
+        }
+        result = session.query(query, args.measurement, methods=methods, damping=damping)
+    except (ValueError, RuntimeError) as e:
+        return fail(e)
+    labels = session.labels
+    if args.scores_out:
+        write_scores(Path(args.scores_out), result, labels)
+    if args.json:
+        print(json.dumps(result.to_json(args.top_k, labels), indent=2))
+    else:
+        print(format_result(result, args.top_k, labels))
+        if args.scores_out:
+            print(f"scores written to {args.scores_out}")
+    return 0
+
+
+def write_scores(path: Path, result, labels) -> None:
+    """One array per method with status ok (N,) float32, plus ``labels`` and the query spec."""
+    import numpy as np
+
+    arrays = {name: r.scores for name, r in result.methods.items() if r.scores is not None}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels)
+    arrays["query"] = np.array(str(result.query.get("spec", "")))
+    arrays["measurement"] = np.array(result.measurement)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+
+
+def format_result(result, top_k: int, labels) -> str:
+    """A readable table per method: top proponents and opponents with labels and scores."""
+    q = result.query
+    lines = [f"query: {q.get('spec')} ({q.get('description')})" + (f", label {q['label']}" if q.get("label") is not None else "")]
+    for note in q.get("notes", []):
+        lines.append(f"  - {note}")
+    lines.append(f"measurement: {result.measurement}    total {result.timing_ms.get('total', 0.0):.0f} ms")
+    for name, r in result.methods.items():
+        lines.append("")
+        head = f"[{name}] {r.title} ({r.kind})"
+        if r.status != "ok":
+            lines.append(f"{head}: {r.status.upper()}: {r.reason}")
+            continue
+        if r.damping is not None:
+            head += f"  damping {r.damping:.3g}"
+        times = ", ".join(f"{k} {v:.0f} ms" for k, v in r.timing_ms.items())
+        lines.append(f"{head}  [{times}]")
+        if r.reason:
+            lines.append(f"  note: {r.reason}")
+        top_title = "proponents" if r.kind == "influence" else "most similar"
+        bottom_title = "opponents" if r.kind == "influence" else "least similar"
+        for title, items in ((top_title, r.top(top_k, labels)), (bottom_title, r.bottom(top_k, labels))):
+            cells = [
+                f"#{it.index}" + (f"({it.label})" if it.label is not None else "") + f" {it.score:+.3g}"
+                for it in items
+            ]
+            lines.append(f"  {title:>13}: " + "  ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""What every subcommand shares: the registry, the common options (preset, checkpoint,
+device, data root) and their resolution into a preset, a checkpoint folder and a device.
+
+Each subcommand is registered by a small ``add_*`` function next to its handler; the
+modules that hold them are imported by ``engine.cli.main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ..config import PRESETS, get_preset
+from ..paths import best_device, default_checkpoint
+
+Handler = Callable[[argparse.Namespace], int]
+REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def register(fn: Callable[[argparse._SubParsersAction], None]):
+    REGISTRY.append(fn)
+    return fn
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset",
+        default="digits",
+        help=f"experiment preset ({', '.join(PRESETS)}) or a preset .json file (default: digits)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint folder (default: assets/digits for digits, runs/<preset> otherwise)",
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--data-root", default=None, help="folder with CIFAR pickles or images")
+
+
+def subcommand(
+    sub: argparse._SubParsersAction, name: str, func: Handler, help: str, description: str
+) -> argparse.ArgumentParser:
+    """One subcommand parser with the common options (preset, checkpoint, device, data root)
+    and its handler: every ``add_*`` starts here, then adds its own options."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_common(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def resolve(args: argparse.Namespace):
+    """Preset (with --data-root applied), checkpoint folder and device from common args."""
+    preset = get_preset(args.preset)
+    if getattr(args, "data_root", None):
+        preset = preset.replace(data={"root": args.data_root})
+    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(preset.name)
+    return preset, ckpt, args.device or best_device()
+
+
+
+
+def fail(e: Exception) -> int:
+    """A clear one-line error on stderr and exit status 2 (bad input, missing cache, ...)."""
+    print(f"error: {e}", file=sys.stderr)
+    return 2

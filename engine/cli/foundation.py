@@ -1,0 +1,42 @@
+"""``bench-foundation``: sizes and speeds of the foundation on this machine.
+
+Prints the parameter count of every preset, training steps/s of the digits preset (the
+real ``engine.model.train.train`` loop, timed per step after a warm-up; median), the seconds to
+draw digits samples with all T steps, and the peak resident memory of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import register, resolve, subcommand
+
+
+@register
+def add_bench_foundation(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "bench-foundation",
+        cmd_bench_foundation,
+        help="time training and sampling of the digits preset; print preset sizes",
+        description="Parameters of each preset, training steps/s for the digits preset (median "
+        "per-step time of a short run after a warm-up), seconds to draw digits samples with all "
+        "T steps (shipped checkpoint if present, else random weights), and peak RSS memory.",
+    )
+    p.add_argument("--steps", type=int, default=100, help="timed training steps (default 100)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up training steps (default 10)")
+    p.add_argument("--samples", type=int, default=16, help="number of samples to draw (default 16)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+
+def cmd_bench_foundation(args: argparse.Namespace) -> int:
+    from ..bench.foundation import bench_foundation
+
+    _, ckpt, device = resolve(args)
+    bench_foundation(
+        ckpt, device, steps=args.steps, warmup=args.warmup, samples=args.samples, threads=args.threads,
+        json_out=Path(args.json) if args.json else None,
+    )
+    return 0

@@ -1,0 +1,43 @@
+"""Command line: ``attribution-engine`` / ``python -m engine``.
+
+The CLI owns all argparse: each subcommand module (``engine.cli.model``, ``.foundation``,
+``.attribution``, ``.bench``, ``.evaluate``) turns its options into typed configuration
+and calls the library, which never sees an ``argparse.Namespace``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import attribution, bench, evaluate, foundation, model  # noqa: F401 - they register subcommands
+from .common import REGISTRY
+
+# Subcommands in the order of the layers: model, attribution, evaluation (stable within a module).
+_ORDER = ("model", "foundation", "attribution", "bench", "evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attribution-engine",
+        description="Diffusion Attribution Explorer engine: train DDPMs, sample, build "
+        "attribution caches, query influences and evaluate them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in sorted(REGISTRY, key=lambda fn: _ORDER.index(fn.__module__.rsplit(".", 1)[-1])):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Subcommands of the model layer: ``train``, ``sample`` and ``assets``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .common import register, resolve, subcommand
+
+# --- train ---------------------------------------------------------------------------
+
+
+@register
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "train",
+        cmd_train,
+        help="train a DDPM (resumable)",
+        description="Train a DDPM on the preset's data. Resumes from train_state.pt if the "
+        "output folder holds an unfinished run; does nothing if it holds a finished one.",
+    )
+    p.add_argument("--out", default=None, help="output checkpoint folder (default: --checkpoint)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: preset's)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: preset's)")
+    p.add_argument("--indices", default=None, help="train only on these indices (.npy or comma list)")
+    p.add_argument("--exclude", default=None, help="train without these indices (.npy or comma list)")
+
+
+def _read_indices(spec: str | None):
+    import numpy as np
+
+    if spec is None:
+        return None
+    if spec.endswith(".npy"):
+        return np.load(spec)
+    return np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..model.train import train
+
+    preset, ckpt, device = resolve(args)
+    changes = {}
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if changes:
+        preset = preset.replace(train=changes)
+    out = Path(args.out) if args.out else ckpt
+    t0 = time.time()
+    train(
+        preset,
+        out,
+        indices=_read_indices(args.indices),
+        exclude=_read_indices(args.exclude),
+        device=device,
+    )
+    print(f"checkpoint: {out} ({time.time() - t0:.1f} s this run)")
+    return 0
+
+
+# --- sample --------------------------------------------------------------------------
+
+
+@register
+def add_sample(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "sample",
+        cmd_sample,
+        help="draw DDPM samples to a PNG grid or an .npz",
+        description="Ancestral DDPM sampling with all T steps and the small variance. "
+        ".png writes a grid; .npz writes `images` (n, C, H, W) in [0, 1], `seed`, and with "
+        "--trajectory the array `trajectory` (n, T+1, C, H, W), x_T first, in [-1, 1] space.",
+    )
+    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--out", required=True, help="output file: .png (grid) or .npz")
+    p.add_argument("--trajectory", action="store_true", help="record x_T..x_0 (npz only)")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from ..model.checkpoint import load_checkpoint
+    from ..model.sampling import generate, save_grid, save_npz
+
+    _, ckpt, device = resolve(args)
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npz"):
+        raise SystemExit(f"--out must end in .png or .npz, got {out}")
+    if args.trajectory and out.suffix != ".npz":
+        raise SystemExit("--trajectory needs an .npz output")
+    model, preset, _ = load_checkpoint(ckpt, device)
+    images, traj = generate(model, preset, args.n, args.seed, args.trajectory, device, progress=True)
+    if out.suffix == ".png":
+        save_grid(images, out)
+    else:
+        save_npz(images, out, args.seed, traj)
+    print(f"wrote {out}")
+    return 0
+
+
+
+# --- assets (gallery, sample grid, loss curve, quality report) ---------------------------
+
+
+@register
+def add_assets(sub: argparse._SubParsersAction) -> None:
+    subcommand(
+        sub,
+        "assets",
+        cmd_assets,
+        help="write the gallery, sample grid, loss curve and sample-quality report beside a checkpoint",
+        description="Writes gallery.npz (32 samples with trajectories and classifier labels), "
+        "samples_grid.png (8x8 samples, seed 0), train_loss.png and, for digits, sample_quality.json "
+        "(fraction of 256 samples a logistic regression classifies with p >= 0.8 vs 256 real digits).",
+    )
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from ..model.checkpoint import load_checkpoint
+    from ..model.data import load_dataset
+    from ..model.gallery import write_assets
+
+    _, ckpt, device = resolve(args)
+    model, preset, _ = load_checkpoint(ckpt, device)
+    report = write_assets(model, preset, ckpt, load_dataset(preset.data), device)
+    print(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,466 @@
+"""Retraining without top influences (paper section 4, App. G.6; DESIGN.md 7).
+
+For a query x_q and a method, remove the top p% proponents (largest scores: removing them
+should raise the loss-like measurement the most), retrain with the full model's recipe and
+the same number of steps, and report
+
+    measured_change = m(theta_{D minus top}, x_q) - m(theta_D, x_q)
+
+with the same Monte Carlo draws for both models (common random numbers).  A random
+removal of the same size is the control (one random set per (fraction, seed), shared by
+every query and method, so it is trained once).  For influence methods the predicted
+change is the sum of the removed examples' scores (DESIGN.md 4: a group's effect is the
+sum of its members').
+
+Everything is cached by (checkpoint hash, query digest, measurement, method, fraction,
+steps, MC settings): a repeated request returns the stored result without training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..files import atomic_write_bytes, save_json, save_npz
+from .runs import (
+    MeasureSpec,
+    TrainTask,
+    cached_measurements,
+    is_finished,
+    run_training,
+)
+from .setup import RunSetup
+
+CONTROL_SEED = 0
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _folder_lock(folder: str | Path) -> threading.Lock:
+    """One lock per model folder, so two background jobs never train the same model at once."""
+    key = str(Path(folder).resolve())
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(key, threading.Lock())
+
+
+def top_proponents(scores: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` largest scores (ties broken by index), sorted by rank."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    return order[:count].astype(np.int64)
+
+
+def removal_count(n: int, fraction: float) -> int:
+    """round(fraction * n), at least 1 and at most n - 1."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    return int(min(n - 1, max(1, round(fraction * n))))
+
+
+def random_control(n: int, count: int, seed: int = CONTROL_SEED) -> np.ndarray:
+    """A seeded random set of ``count`` training indices (the control removal)."""
+    rng = np.random.default_rng([seed, n, count])
+    return np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
+
+
+def query_digest(image: torch.Tensor) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image.detach().cpu().float().numpy()).tobytes()).hexdigest()[
+        :16
+    ]
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RetrainPlan:
+    """Folders and settings of one (query, method) retraining and its control."""
+
+    key: str
+    folder: Path  # out_root/<key>/: result.json, removed.npy, model/
+    control_folder: Path  # out_root/control_<key>/model
+    steps: int
+    spec: MeasureSpec
+
+
+def plan(
+    session: Any,
+    query_image: torch.Tensor,
+    measurement: str,
+    method: str,
+    fraction: float,
+    out_root: Path,
+    mc_samples: int = 1024,
+    steps: int | None = None,
+) -> RetrainPlan:
+    steps = int(steps if steps is not None else session.preset.train.steps)
+    spec = MeasureSpec(measurement=measurement, mc_samples=mc_samples)
+    n = len(session.dataset)
+    key = _key(
+        session.checkpoint_hash,
+        query_digest(query_image),
+        measurement,
+        method,
+        fraction,
+        steps,
+        mc_samples,
+        spec.seed,
+    )
+    ckey = _key(session.checkpoint_hash, "control", n, removal_count(n, fraction), CONTROL_SEED, steps)
+    root = Path(out_root)
+    return RetrainPlan(key, root / key, root / f"control_{ckey}" / "model", steps, spec)
+
+
+class RetrainJob:
+    """One "retrain without the top proponents" request, run in a background thread.
+
+    ``RetrainJob.start(session, query, measurement, method, fraction, out_root)``;
+    poll ``progress() -> (message, fraction)`` and ``done()``; ``result()`` returns
+    {"method", "fraction", "removed", "predicted_change", "measured_change",
+    "random_measured_change", ...} or raises the job's error.
+    """
+
+    def __init__(
+        self, session: Any, query: Any, measurement: str, method: str, fraction: float, plan_: RetrainPlan
+    ):
+        self.session = session
+        self.query = query
+        self.measurement = measurement
+        self.method = method
+        self.fraction = float(fraction)
+        self.plan = plan_
+        self._message = "queued"
+        self._fraction = 0.0
+        self._result: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # --- public API ------------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        session: Any,
+        query: Any,
+        measurement: str,
+        method: str,
+        fraction: float,
+        out_root: str | Path,
+        mc_samples: int = 1024,
+        steps: int | None = None,
+        background: bool = True,
+    ) -> RetrainJob:
+        """Start (or return the cached result of) one retraining; ``background=False`` runs it now."""
+        if query.image is None:
+            raise ValueError("retraining without top influences needs a query image")
+        p = plan(session, query.image, measurement, method, fraction, Path(out_root), mc_samples, steps)
+        job = cls(session, query, measurement, method, fraction, p)
+        cached = p.folder / "result.json"
+        if cached.is_file():
+            job._result = json.loads(cached.read_text())
+            job._set("cached result", 1.0)
+            return job
+        if background:
+            job._thread = threading.Thread(target=job._run_safe, name=f"retrain-{method}", daemon=True)
+            job._thread.start()
+        else:
+            job._run()
+        return job
+
+    def progress(self) -> tuple[str, float]:
+        with self._lock:
+            return self._message, self._fraction
+
+    def done(self) -> bool:
+        return self._result is not None or self._error is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.done()
+
+    def result(self) -> dict[str, Any]:
+        if self._error is not None:
+            raise RuntimeError(f"retraining failed: {self._error}") from self._error
+        if self._result is None:
+            raise RuntimeError("retraining is still running; poll done() first")
+        return self._result
+
+    # --- work ------------------------------------------------------------------------
+
+    def _set(self, message: str, fraction: float) -> None:
+        with self._lock:
+            self._message, self._fraction = message, float(fraction)
+
+    def _run_safe(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # noqa: BLE001 - reported through result()
+            self._error = e
+            self._set(f"failed: {e}", 1.0)
+            traceback.print_exc()
+
+    def removal(self) -> tuple[np.ndarray, np.ndarray, str]:
+        """(removed indices, the method's scores, the method's kind); cached in the job folder."""
+        folder = self.plan.folder
+        path = folder / "removed.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                return z["removed"], z["scores"], str(z["kind"])
+        self._set(f"scoring with {self.method}", 0.01)
+        res = self.session.query(self.query, self.measurement, [self.method]).methods[self.method]
+        if res.status != "ok" or res.scores is None:
+            raise RuntimeError(f"{self.method} gave no scores: {res.status}: {res.reason}")
+        count = removal_count(len(self.session.dataset), self.fraction)
+        removed = top_proponents(res.scores, count)
+        save_npz(path, removed=removed, scores=res.scores, kind=np.array(res.kind))
+        return removed, res.scores, res.kind
+
+    def training_tasks(self) -> list[TrainTask]:
+        """The two models this job needs (top removed, random control); finished ones included."""
+        removed, _, _ = self.removal()
+        n = len(self.session.dataset)
+        control = random_control(n, len(removed))
+        preset = self.session.preset
+        return [
+            TrainTask(
+                f"without-top-{self.method}",
+                str(self.plan.folder / "model"),
+                preset,
+                self.plan.steps,
+                exclude=removed,
+            ),
+            TrainTask(
+                "random-removal", str(self.plan.control_folder), preset, self.plan.steps, exclude=control
+            ),
+        ]
+
+    def _run(self) -> None:
+        from ..model.train import train
+
+        t0 = time.time()
+        removed, scores, kind = self.removal()
+        tasks = self.training_tasks()
+        for j, task in enumerate(tasks):
+            lo, hi = 0.05 + 0.45 * j, 0.05 + 0.45 * (j + 1)
+            if is_finished(task.out):
+                continue
+
+            def cb(
+                step: int,
+                total: int,
+                loss: float | None,
+                lo: float = lo,
+                hi: float = hi,
+                name: str = task.name,
+            ) -> None:
+                if step % 20 == 0 or step == total:
+                    self._set(f"training {name} model: step {step}/{total}", lo + (hi - lo) * step / total)
+
+            with _folder_lock(task.out):  # two jobs may share the control model
+                if is_finished(task.out):
+                    continue
+                self._set(f"training {task.name} model", lo)
+                train(
+                    task.preset,
+                    task.out,
+                    dataset=self.session.dataset,
+                    exclude=task.exclude,
+                    device=self.session.device,
+                    progress=cb,
+                    steps=task.steps,
+                )
+        self._set("measuring", 0.96)
+        self._result = self.measure(removed, scores, kind, time.time() - t0)
+        self._set("done", 1.0)
+
+    def measure(
+        self, removed: np.ndarray, scores: np.ndarray, kind: str, seconds: float = 0.0
+    ) -> dict[str, Any]:
+        """Measured changes (retrained minus full model, same draws) and the result record."""
+        spec, levels, dev = self.plan.spec, self.session.dataset.levels, self.session.device
+        x = self.query.image[None].cpu()
+        full = float(
+            cached_measurements(
+                self.session.checkpoint,
+                x,
+                spec,
+                levels,
+                dev,
+                cache_dir=self.plan.folder.parent / "full_measurements",
+            )[0]
+        )
+        top = float(cached_measurements(self.plan.folder / "model", x, spec, levels, dev)[0])
+        ctrl = float(cached_measurements(self.plan.control_folder, x, spec, levels, dev)[0])
+        result = {
+            "query": self.query.description,
+            "method": self.method,
+            "kind": kind,
+            "measurement": self.measurement,
+            "fraction": self.fraction,
+            "removed": [int(i) for i in removed],
+            "removed_labels": self._labels(removed),
+            "predicted_change": float(np.sum(scores[removed])) if kind == "influence" else None,
+            "full_measurement": full,
+            "retrained_measurement": top,
+            "random_measurement": ctrl,
+            "measured_change": top - full,
+            "random_measured_change": ctrl - full,
+            "steps": self.plan.steps,
+            "mc_samples": spec.mc_samples,
+            "checkpoint_hash": self.session.checkpoint_hash,
+            "seconds": seconds,
+        }
+        atomic_write_bytes(self.plan.folder / "result.json", json.dumps(result, indent=1).encode())
+        return result
+
+    def _labels(self, idx: np.ndarray) -> list[int] | None:
+        labels = self.session.dataset.labels
+        return None if labels is None else [int(labels[int(i)]) for i in idx]
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetrainTopConfig:
+    """One ``retrain-top`` run: queries x methods, each removing the top ``fraction`` of N."""
+
+    queries: tuple[str, ...]  # query specs, e.g. ("gallery:0", "gallery:1")
+    methods: tuple[str, ...] = ("kfac", "trak", "dtrak", "pixel")
+    fraction: float = 0.02
+    measurement: str = "loss"
+    mc_samples: int = 1024  # draws per true measurement
+    workers: int = 1
+    steps: int | None = None  # None: the full model's
+    cache_root: str | Path | None = None
+
+
+def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
+    """Score, train all needed models (workers), measure, write ``retrain_top_<preset>.json``."""
+    from ..attribution.session import AttributionSession
+
+    session = AttributionSession(
+        preset=setup.preset,
+        checkpoint=setup.checkpoint,
+        device=setup.device,
+        cache_root=cfg.cache_root,
+        dataset=setup.dataset,
+        auto_build=True,
+    )
+    specs, methods = list(cfg.queries), list(cfg.methods)
+    jobs: list[tuple[str, RetrainJob]] = []
+    for spec in specs:
+        q = session.parse_query(spec)
+        q.description = q.description or spec
+        for method in methods:
+            p = plan(
+                session,
+                q.image,
+                cfg.measurement,
+                method,
+                cfg.fraction,
+                setup.out,
+                cfg.mc_samples,
+                cfg.steps,
+            )
+            jobs.append((spec, RetrainJob(session, q, cfg.measurement, method, cfg.fraction, p)))
+    # 1) removal sets (scores), 2) every model in one worker pool, 3) measurements
+    tasks: dict[str, TrainTask] = {}
+    for _spec, job in jobs:
+        if (job.plan.folder / "result.json").is_file():
+            continue
+        for t in job.training_tasks():
+            tasks.setdefault(t.out, t)
+    # finish the tasks in order: every method's model for query 1 first, then query 2, ...
+    run_training(list(tasks.values()), workers=cfg.workers, log=lambda s: print(s, flush=True))
+    results = []
+    for spec, job in jobs:
+        cached = job.plan.folder / "result.json"
+        if cached.is_file():
+            r = json.loads(cached.read_text())
+        else:
+            removed, scores, kind = job.removal()
+            r = job.measure(removed, scores, kind)
+        r["query"] = spec
+        results.append(r)
+    record = {
+        "config": {
+            "preset": setup.preset.name,
+            "checkpoint": str(setup.checkpoint),
+            "checkpoint_hash": session.checkpoint_hash,
+            "num_train": len(setup.dataset),
+            "fraction": cfg.fraction,
+            "removed": removal_count(len(setup.dataset), cfg.fraction),
+            "measurement": cfg.measurement,
+            "true_measurement_mc_samples": cfg.mc_samples,
+            "steps": int(cfg.steps or setup.preset.train.steps),
+            "control": f"one random removal of the same size (seed {CONTROL_SEED}), shared by all queries",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        "results": results,
+        "summary": summarize(results),
+    }
+    setup.results.mkdir(parents=True, exist_ok=True)
+    path = setup.results / f"retrain_top_{setup.preset.name}.json"
+    save_json(path, record)
+    print(format_retrain_table(record))
+    print(f"wrote {path}")
+    return 0
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean measured change per method (and of the random control) over queries."""
+    out: dict[str, dict[str, float]] = {}
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by.setdefault(r["method"], []).append(r)
+    for m, rs in by.items():
+        out[m] = {
+            "queries": len(rs),
+            "mean_measured_change": float(np.mean([r["measured_change"] for r in rs])),
+            "mean_random_change": float(np.mean([r["random_measured_change"] for r in rs])),
+        }
+        preds = [r["predicted_change"] for r in rs if r.get("predicted_change") is not None]
+        if preds:
+            out[m]["mean_predicted_change"] = float(np.mean(preds))
+    return out
+
+
+def format_retrain_table(record: dict[str, Any]) -> str:
+    c = record["config"]
+    lines = [
+        f"retraining without top {c['fraction']:.1%} ({c['removed']} images), measurement={c['measurement']}",
+        f"{'query':<12}{'method':<10}{'predicted':>11}{'measured':>11}{'random':>11}",
+    ]
+    for r in record["results"]:
+        p = "-" if r.get("predicted_change") is None else f"{r['predicted_change']:+.5f}"
+        lines.append(
+            f"{r['query']:<12}{r['method']:<10}{p:>11}{r['measured_change']:>+11.5f}{r['random_measured_change']:>+11.5f}"
+        )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "RetrainJob",
+    "RetrainPlan",
+    "plan",
+    "top_proponents",
+    "removal_count",
+    "random_control",
+    "RetrainTopConfig",
+    "run_retrain_top",
+    "summarize",
+    "format_retrain_table",
+]

@@ -1,0 +1,235 @@
+"""Retraining runs shared by the two evaluations (paper section 4; docs/architecture.md, "Evaluation").
+
+* "true" measurements of a retrained model on a set of queries, with common random
+  numbers (one seeded draw set for every model) and cached beside the model, so each
+  model is measured once;
+* worker-pool training of many small models (LDS subsets, retraining without top
+  influences), resumable because ``engine.model.train.train`` skips finished folders.
+
+The LDS itself lives in ``engine.evaluation.lds``, retraining without top influences in
+``engine.evaluation.retrain_top``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Preset
+from ..files import atomic_write_bytes
+from ..model.checkpoint import WEIGHTS, load_checkpoint
+from ..model.data import ImageDataset
+from ..model.diffusion import Diffusion, MCDraws, make_draws
+from ..model.measurements import measure, parse_measurement
+
+# --- measurements with common random numbers ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    """What a "true" measurement is: which measurement, how many draws, which seed."""
+
+    measurement: str = "loss"
+    mc_samples: int = 1024
+    seed: int = 12345
+    batch: int = 256  # draws evaluated at once (memory only; does not change the value)
+
+    def key(self, queries: torch.Tensor) -> str:
+        """Digest of the settings and the query images: the cache key of a measurement."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.measurement, self.mc_samples, self.seed]).encode())
+        h.update(np.ascontiguousarray(queries.detach().cpu().float().numpy()).tobytes())
+        return h.hexdigest()[:16]
+
+
+def common_draws(spec: MeasureSpec, shape: tuple[int, int, int], num_timesteps: int) -> MCDraws:
+    """One seeded draw set, the same for every model compared (common random numbers)."""
+    m = parse_measurement(spec.measurement, num_timesteps)
+    t_fixed = m.t_idx if m.kind == "loss@t" else None
+    return make_draws(spec.mc_samples, shape, num_timesteps, spec.seed, t_fixed=t_fixed)
+
+
+@torch.no_grad()
+def measure_queries(
+    model: torch.nn.Module,
+    preset: Preset,
+    queries: torch.Tensor,
+    spec: MeasureSpec,
+    levels: int,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """m(theta, x_q) for each query (Q, C, H, W) in [-1, 1], averaged over ``spec.mc_samples`` draws.
+
+    Draws are split into chunks of ``spec.batch`` and the chunk means averaged with weights,
+    which equals the mean over all draws (the ELBO's MC estimate is linear in the draws).
+    """
+    diffusion = Diffusion(preset.diffusion)
+    shape = tuple(queries.shape[1:])
+    draws = common_draws(spec, shape, diffusion.T)
+    mspec = parse_measurement(spec.measurement, diffusion.T)
+    out = np.zeros(len(queries), dtype=np.float64)
+    with torch.no_grad():  # values only: no autograd graph (about half the time)
+        for qi in range(len(queries)):
+            x = queries[qi : qi + 1].to(device)
+            total = 0.0
+            for s in range(0, len(draws), spec.batch):
+                d = MCDraws(draws.t[s : s + spec.batch], draws.eps[s : s + spec.batch]).to(device)
+                total += float(measure(mspec, model, diffusion, x, d, levels)) * len(d)
+            out[qi] = total / len(draws)
+    return out
+
+
+def cached_measurements(
+    folder: Path,
+    queries: torch.Tensor,
+    spec: MeasureSpec,
+    levels: int,
+    device: torch.device | str = "cpu",
+    cache_dir: Path | None = None,
+) -> np.ndarray:
+    """Measurements of the model in ``folder`` on ``queries``, cached as JSON.
+
+    The cache goes to ``cache_dir`` (default ``folder/measurements/``): never into the
+    checkpoint folder itself, whose JSON files are part of its content hash.
+    """
+    folder = Path(folder)
+    cache_dir = Path(cache_dir) if cache_dir is not None else folder / "measurements"
+    name = f"{spec.measurement.replace('@', '_').replace('=', '')}_{spec.mc_samples}_{spec.key(queries)}.json"
+    path = cache_dir / name
+    if path.is_file():
+        return np.asarray(json.loads(path.read_text())["values"], dtype=np.float64)
+    model, preset, _ = load_checkpoint(folder, device)
+    t0 = time.time()
+    values = measure_queries(model, preset, queries, spec, levels, device)
+    record = {
+        "measurement": spec.measurement,
+        "mc_samples": spec.mc_samples,
+        "seed": spec.seed,
+        "num_queries": len(queries),
+        "values": values.tolist(),
+        "seconds": time.time() - t0,
+    }
+    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
+    return values
+
+
+# --- training many models in a worker pool ------------------------------------------------
+
+
+@dataclass
+class TrainTask:
+    """One model to train: ``train(preset, out, indices=..., exclude=..., steps=...)``."""
+
+    name: str
+    out: str
+    preset: Preset
+    steps: int
+    indices: np.ndarray | None = None
+    exclude: np.ndarray | None = None
+
+
+def is_finished(folder: str | Path) -> bool:
+    """A finished run has weights and no resumable state (see engine.model.train)."""
+    folder = Path(folder)
+    return (folder / WEIGHTS).is_file() and not (folder / "train_state.pt").is_file()
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+
+
+def _run_task(task: TrainTask, dataset: ImageDataset | None, device: str) -> tuple[str, float]:
+    from ..model.train import train
+
+    t0 = time.time()
+    train(
+        task.preset,
+        task.out,
+        dataset=dataset,
+        indices=task.indices,
+        exclude=task.exclude,
+        device=device,
+        progress=False,
+        steps=task.steps,
+    )
+    return task.name, time.time() - t0
+
+
+def run_training(
+    tasks: Sequence[TrainTask],
+    workers: int = 1,
+    dataset: ImageDataset | None = None,
+    device: str = "cpu",
+    threads_per_worker: int = 1,
+    progress: bool | Callable[[str, float], None] = True,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Train every unfinished task; ``workers`` > 1 runs spawned processes in parallel.
+
+    Each worker uses ``threads_per_worker`` torch threads (1: W workers on W cores beat one
+    process with W threads for these small models).  Finished folders are skipped, so a
+    stopped run resumes where it was (unfinished models continue from ``train_state.pt``).
+    ``dataset`` is sent to the workers only when given (custom data, tests); otherwise each
+    worker loads the preset's data itself.
+    """
+    todo = [t for t in tasks if not is_finished(t.out)]
+    done_before = len(tasks) - len(todo)
+    log(f"{len(tasks)} models: {done_before} finished before, {len(todo)} to train with {workers} worker(s)")
+    if not todo:
+        return []
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tasks), initial=done_before, desc="retraining", unit="model")
+    finished: list[str] = []
+
+    def _done(name: str, secs: float) -> None:
+        finished.append(name)
+        log(f"finished {name} in {secs:.0f} s ({done_before + len(finished)}/{len(tasks)})")
+        if bar is not None:
+            bar.update(1)
+        elif callable(progress):
+            progress(f"trained {name}", (done_before + len(finished)) / len(tasks))
+
+    if workers <= 1:  # in this process, with its own thread settings
+        for t in todo:
+            _done(*_run_task(t, dataset, device))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        ctx = mp.get_context("spawn")
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker))
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads_per_worker,)
+        ) as pool:
+            pending = {pool.submit(_run_task, t, dataset, device) for t in todo}
+            while pending:
+                ready, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in ready:
+                    _done(*f.result())
+    if bar is not None:
+        bar.close()
+    return finished
+
+
+def load_queries_npz(path: str | Path, n: int | None = None) -> torch.Tensor:
+    """Gallery samples (``images`` in [0, 1]) as a (Q, C, H, W) tensor in [-1, 1]."""
+    with np.load(path) as z:
+        images = torch.as_tensor(z["images"], dtype=torch.float32)
+    if n is not None:
+        images = images[:n]
+    return images * 2.0 - 1.0

@@ -1,0 +1,117 @@
+"""Where an evaluation run happens: the full model's recipe, its data, its checkpoint and the
+run and results folders (``RunSetup``), resolved once from typed arguments; and the lock that
+keeps two trainers off one run folder.
+
+Both evaluations (LDS and retrain-top) start here, so neither borrows from the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import DataConfig, ModelConfig, Preset, TrainConfig
+from ..files import atomic_write_bytes
+from ..model.data import ImageDataset
+from ..paths import REPO_ROOT
+
+QUICK_STEPS = 60  # quick mode: full tiny model 60 steps, half subsets 30
+
+
+def quick_preset() -> Preset:
+    """CI-sized preset: the tests' tiny U-Net on the first 64 digits."""
+    return Preset(
+        name="quick",
+        model=ModelConfig(
+            base_channels=8, channel_mults=(1, 1), num_res_blocks=1, attn_resolutions=(4,), num_groups=4
+        ),
+        data=DataConfig(name="digits"),
+        train=TrainConfig(steps=QUICK_STEPS, batch_size=32, lr=2e-3, log_every=10, checkpoint_every=20),
+    )
+
+
+@dataclass
+class RunSetup:
+    """Everything a benchmark run needs: the full model's preset, checkpoint and data, the folders."""
+
+    preset: Preset
+    checkpoint: Path
+    dataset: ImageDataset
+    out: Path
+    results: Path
+    device: str
+    quick: bool
+
+
+def resolve_setup(
+    preset: Preset,
+    checkpoint: Path,
+    device: str,
+    kind: str,
+    out: str | Path | None = None,
+    results: str | Path | None = None,
+    quick: bool = False,
+) -> RunSetup:
+    """The full model's own recipe (its checkpoint's preset, with this machine's data root), its
+    data and the folders: ``runs/<kind>/<preset>`` and ``assets/results`` unless given.
+
+    Quick mode (CI) trains its own tiny model on 64 digits into ``out/full`` and writes its
+    results under ``out/results``, never over the shipped ones.
+    """
+    from ..model.checkpoint import read_config
+    from ..model.data import load_dataset
+    from .runs import is_finished
+
+    out_dir = Path(out) if out else REPO_ROOT / "runs" / kind / ("quick" if quick else preset.name)
+    results_dir = Path(results) if results else REPO_ROOT / "assets" / "results"
+    if quick:
+        if not results:
+            results_dir = out_dir / "results"  # CI runs never touch the shipped results
+        qp = quick_preset()
+        dataset = load_dataset(qp.data).subset(list(range(64)))
+        ckpt = out_dir / "full"
+        if not is_finished(ckpt):
+            from ..model.train import train
+
+            train(qp, ckpt, dataset=dataset, device=device, progress=False)
+        return RunSetup(qp, ckpt, dataset, out_dir, results_dir, device, True)
+    ckpt = Path(checkpoint)
+    if (ckpt / "config.json").is_file():
+        ck_preset, _ = read_config(ckpt)
+        preset = ck_preset.replace(data={"root": preset.data.root}) if preset.data.root else ck_preset
+    return RunSetup(preset, ckpt, load_dataset(preset.data), out_dir, results_dir, device, False)
+
+
+class TrainingBusyError(RuntimeError):
+    """Another live process is training into the same run folder."""
+
+
+@contextlib.contextmanager
+def train_lock(out: Path):
+    """``out/.train.lock`` holds the trainer's pid: a second trainer on the same folder is refused.
+
+    (Training is deterministic, so two trainers would write the same weights, but they
+    would waste the CPU twice.)  A lock left by a dead process is taken over.
+    """
+    path = Path(out) / ".train.lock"
+    if path.is_file():
+        try:
+            pid = int(path.read_text().strip() or 0)
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:
+            alive = True
+        if alive:
+            raise TrainingBusyError(
+                f"process {pid} is training into {out} ({path}); evaluate the finished models with "
+                "--no-train, or wait for it"
+            )
+    atomic_write_bytes(path, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,73 @@
+"""Files that survive ``kill -9``: every write goes to a temporary file in the same folder,
+is flushed to disk, then renamed over the target (a rename is atomic on POSIX), so a reader
+sees the old file or the new one, never half of one.
+
+One place for the helpers that the model, attribution, evaluation and bench layers all
+need: raw bytes, JSON (numpy scalars and arrays, dataclasses allowed), ``.npz`` archives
+and ``torch.save`` objects.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def jsonable(o: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars and arrays, paths and dataclasses."""
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if is_dataclass(o) and not isinstance(o, type):
+        return asdict(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def save_json(path: str | Path, obj: Any, indent: int | None = 2, sort_keys: bool = False) -> None:
+    """``obj`` as JSON at ``path``, atomically (see ``jsonable`` for what it may hold)."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=jsonable)
+    atomic_write_bytes(path, text.encode())
+
+
+def save_npz(path: str | Path, **arrays: Any) -> None:
+    """``np.savez`` into ``path``, atomically (uncompressed: these are caches read often)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through a temporary file."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())

@@ -1,0 +1,218 @@
+"""Checkpoints: safetensors weights + a JSON config, and a content hash used as cache key.
+
+A checkpoint is a folder holding ``model.safetensors`` (the model used for sampling and
+attribution: the EMA weights when EMA is on) and ``config.json`` (the preset: model,
+diffusion, data, training recipe, seed; plus ``extra`` such as the training subset).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Preset
+from ..files import atomic_torch_save, atomic_write_bytes  # noqa: F401 - atomic_torch_save: re-exported
+from .unet import build_model
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(ValueError):
+    """Missing or unreadable checkpoint; the message names the file."""
+
+
+def save_checkpoint(
+    folder: str | Path, model: nn.Module, preset: Preset, extra: dict[str, Any] | None = None
+) -> Path:
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(folder / WEIGHTS, save(state))
+    cfg = {"preset": preset.to_dict(), "extra": extra or {}}
+    atomic_write_bytes(folder / CONFIG, json.dumps(cfg, indent=2, sort_keys=True).encode())
+    return folder
+
+
+def read_config(folder: str | Path) -> tuple[Preset, dict[str, Any]]:
+    folder = Path(folder)
+    path = folder / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint config at {path}")
+    try:
+        cfg = json.loads(path.read_text())
+        return Preset.from_dict(cfg["preset"]), cfg.get("extra", {})
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"unreadable checkpoint config {path}: {e}") from e
+
+
+def load_checkpoint(
+    folder: str | Path, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, Preset, dict[str, Any]]:
+    """Load (model in eval mode, preset, extra).  A diffusers folder is wrapped (see below)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    if (folder / "unet" / "config.json").is_file() or _is_diffusers_unet(folder):
+        return load_diffusers(folder, device)
+    preset, extra = read_config(folder)
+    path = folder / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"missing weights {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"unreadable weights {path}: {e}") from e
+    model = build_model(preset.model)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights {path} do not match the model config: {e}") from e
+    return model.to(device).eval(), preset, extra
+
+
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """The files that define a checkpoint: weights and configs, nothing else.
+
+    Our format: ``model.safetensors`` + ``config.json``.  A diffusers folder: the UNet's
+    weights and config (in ``unet/`` for a pipeline), the scheduler config and
+    ``attribution_preset.json`` when present.  Logs, galleries and resume state are left
+    out, so re-running training or sampling does not change the cache key.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    if (folder / "unet" / "config.json").is_file() or _is_diffusers_unet(folder):
+        unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+        files = [
+            p
+            for p in sorted(unet_dir.iterdir())
+            if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+        ]
+        files += [
+            p
+            for p in (folder / "scheduler" / "scheduler_config.json", folder / "attribution_preset.json")
+            if p.is_file()
+        ]
+        return files
+    files = [folder / WEIGHTS, folder / CONFIG]
+    for p in files:
+        if not p.is_file():
+            raise CheckpointError(f"missing checkpoint file {p}")
+    return files
+
+
+def checkpoint_hash(folder: str | Path) -> str:
+    """SHA-256 (first 16 hex) of the weights and the canonical configs: the cache key.
+
+    JSON files are hashed after re-serialising with sorted keys, so formatting does not
+    matter; weights byte for byte (safetensors output is deterministic for equal tensors).
+    """
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for path in checkpoint_files(folder):
+        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        if path.suffix == ".json":
+            try:
+                canon = json.dumps(json.loads(path.read_text()), sort_keys=True, separators=(",", ":"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"unreadable checkpoint config {path}: {e}") from e
+            h.update(canon.encode())
+        else:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+# --- diffusers adapter -------------------------------------------------------------
+
+
+def _is_diffusers_unet(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("_class_name") == "UNet2DModel"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+class DiffusersEps(nn.Module):
+    """Wraps a diffusers ``UNet2DModel`` to the ``eps_theta(x_t, t)`` interface (0-based t)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        return self.unet(x, t).sample
+
+
+def load_diffusers(
+    folder: str | Path, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, Preset, dict[str, Any]]:
+    """Load a diffusers UNet2DModel folder (or a pipeline folder with ``unet/``).
+
+    The preset is read from ``attribution_preset.json`` beside it when present, else
+    built from the UNet's sample size and channels with the linear schedule.
+    """
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:
+        raise CheckpointError(
+            "loading a diffusers checkpoint needs the extra: pip install -e '.[diffusers]'"
+        ) from e
+    folder = Path(folder)
+    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    from ..config import DataConfig, ModelConfig
+
+    side = folder / "attribution_preset.json"
+    if side.is_file():
+        preset = Preset.from_dict(json.loads(side.read_text()))
+    else:
+        size = unet.config.sample_size
+        size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        ch = int(unet.config.in_channels)
+        preset = Preset(
+            name="diffusers",
+            model=ModelConfig(image_size=size, in_channels=ch),
+            diffusion=_diffusers_schedule(folder / "scheduler" / "scheduler_config.json"),
+            data=DataConfig(name="folder", image_size=size, channels=ch, levels=256),
+        )
+    return DiffusersEps(unet).to(device).eval(), preset, {"diffusers": str(unet_dir)}
+
+
+def _diffusers_schedule(path: Path):
+    """DiffusionConfig from a pipeline's ``scheduler_config.json`` (linear betas only), else the default."""
+    from ..config import DiffusionConfig
+
+    if not path.is_file():
+        return DiffusionConfig()
+    try:
+        sc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"unreadable scheduler config {path}: {e}") from e
+    if sc.get("beta_schedule", "linear") != "linear":
+        raise CheckpointError(
+            f"{path}: beta_schedule {sc.get('beta_schedule')!r} is not supported (only 'linear', Ho et al. 2020)"
+        )
+    if sc.get("prediction_type", "epsilon") != "epsilon":
+        raise CheckpointError(f"{path}: prediction_type {sc.get('prediction_type')!r} is not supported (only 'epsilon')")
+    return DiffusionConfig(
+        num_timesteps=int(sc.get("num_train_timesteps", 1000)),
+        beta_start=float(sc.get("beta_start", 1e-4)),
+        beta_end=float(sc.get("beta_end", 0.02)),
+    )

@@ -1,0 +1,296 @@
+"""Training sets read from files: CIFAR-10 python pickles, CIFAR-2, and image folders.
+
+All loaders return an ``ImageDataset`` with float32 images (N, C, H, W) in [-1, 1] on the
+data grid of ``cfg.levels`` intensity levels (so the discretised ELBO decoder of Ho et
+al. 2020, eq. 13, sees the bins the data really has), and raise ``DataError`` naming the
+offending file or folder for anything missing, unreadable or inconsistent.
+
+- ``cifar10``: the standard ``cifar-10-batches-py`` pickles ``data_batch_1..5`` (each a
+  dict with ``b"data"`` uint8 (n, 3072), channel-major 3x32x32, and ``b"labels"``), plus
+  ``batches.meta`` for class names.  ids: ``"cifar10:data_batch_3:123"``.
+- ``cifar2``: car (CIFAR label 1, "automobile") and horse (label 7) from the CIFAR-10
+  training set, ``cfg.per_class`` of each drawn without replacement with ``cfg.seed``
+  (paper App. G, following Zheng et al. 2024: 2,500 + 2,500).  Labels become 0/1, ids keep
+  the original CIFAR-10 names.
+- ``folder``: PNG/JPEG/BMP files found recursively, in sorted relative-path order (the
+  relative path is the id), resized to ``cfg.image_size`` squares; labels are the
+  immediate sub-folder names when every image sits in one.
+
+The pickles are read with a restricted unpickler that only rebuilds numpy arrays: a
+CIFAR file is data, and a pickle from an unknown source must not run code.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from .data import DataError, ImageDataset
+
+CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+CIFAR2_LABELS = (1, 7)  # automobile (car), horse
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+# Globals a numpy-array pickle may reference (numpy 1.x and 2.x module names).
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("builtins", "bytearray"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are allowed)")
+
+
+def load(cfg: DataConfig) -> ImageDataset:
+    """Load the file-based dataset named by ``cfg.name`` (cifar10 | cifar2 | folder)."""
+    if cfg.name == "cifar10":
+        return load_cifar10(cfg)
+    if cfg.name == "cifar2":
+        return load_cifar2(cfg)
+    if cfg.name == "folder":
+        return load_folder(cfg)
+    raise DataError(f"unknown file dataset {cfg.name!r}: expected cifar10, cifar2 or folder")
+
+
+# --- CIFAR ---------------------------------------------------------------------------
+
+
+def cifar_folder(root: str | Path | None) -> Path:
+    """The folder holding the batches: ``root`` itself or ``root/cifar-10-batches-py``."""
+    if root is None:
+        raise DataError("CIFAR needs a data folder: pass --data-root (the cifar-10-batches-py folder)")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"CIFAR data folder {root} does not exist")
+    nested = root / "cifar-10-batches-py"
+    if not (root / CIFAR_TRAIN_BATCHES[0]).exists() and nested.is_dir():
+        return nested
+    return root
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="bytes").load()
+    except FileNotFoundError as e:
+        raise DataError(f"missing CIFAR file {path}") from e
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+            IndexError, KeyError, OSError) as e:
+        raise DataError(f"{path} is not a CIFAR-10 python pickle: {e}") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} is not a CIFAR-10 python pickle: expected a dict, got {type(obj).__name__}")
+    # Python 2 pickles have bytes keys; re-saved ones may have str keys.
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file -> (uint8 images (n, 3, 32, 32), int64 labels (n,)); checks every field."""
+    d = _unpickle(path)
+    for key in ("data", "labels"):
+        if key not in d:
+            raise DataError(f"{path}: CIFAR batch has no {key!r} entry (keys: {sorted(map(str, d))})")
+    data = d["data"]
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        shape = getattr(data, "shape", type(data).__name__)
+        raise DataError(f"{path}: 'data' must be a uint8 array of shape (n, 3072), got {shape}")
+    if data.dtype != np.uint8:
+        raise DataError(f"{path}: 'data' must be uint8, got {data.dtype}")
+    try:
+        labels = np.asarray(d["labels"], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: 'labels' is not a list of integers: {e}") from e
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {labels.shape} labels for {data.shape[0]} images")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels must lie in 0..9, got {labels.min()}..{labels.max()}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _cifar_class_names(folder: Path) -> list[str]:
+    meta = folder / "batches.meta"
+    if not meta.exists():
+        return list(CIFAR_CLASSES)
+    d = _unpickle(meta)
+    names = d.get("label_names")
+    if not isinstance(names, (list, tuple)) or len(names) != 10:
+        raise DataError(f"{meta}: expected 'label_names' with 10 entries")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def _check_cifar_cfg(cfg: DataConfig) -> None:
+    if cfg.image_size not in (None, 32) or cfg.channels != 3:
+        raise DataError(
+            f"CIFAR images are 3x32x32 but the preset asks for {cfg.channels}x{cfg.image_size}; "
+            "fix the preset's data section"
+        )
+
+
+def _read_cifar_train(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    _check_cifar_cfg(cfg)
+    folder = cifar_folder(cfg.root)
+    missing = [b for b in CIFAR_TRAIN_BATCHES if not (folder / b).is_file()]
+    if missing:
+        raise DataError(f"CIFAR folder {folder} lacks {', '.join(missing)}")
+    xs, ys, ids = [], [], []
+    for b in CIFAR_TRAIN_BATCHES:
+        x, y = read_cifar_batch(folder / b)
+        xs.append(x)
+        ys.append(y)
+        ids.extend(f"cifar10:{b}:{i}" for i in range(len(y)))
+    return np.concatenate(xs), np.concatenate(ys), ids, _cifar_class_names(folder)
+
+
+def _uint8_to_model(x: np.ndarray, levels: int) -> torch.Tensor:
+    """uint8 0..255 -> float32 in [-1, 1], snapped to the grid of ``levels`` values."""
+    v = x.astype(np.float32) / 255.0
+    if levels != 256:
+        v = np.round(v * (levels - 1)) / (levels - 1)
+    return torch.from_numpy(v * 2.0 - 1.0).float()
+
+
+def load_cifar10(cfg: DataConfig) -> ImageDataset:
+    """All 50,000 CIFAR-10 training images with their labels."""
+    x, y, ids, names = _read_cifar_train(cfg)
+    return ImageDataset(
+        name="cifar10",
+        images=_uint8_to_model(x, cfg.levels),
+        labels=torch.from_numpy(y),
+        class_names=names,
+        ids=ids,
+        levels=cfg.levels,
+    )
+
+
+def cifar2_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted CIFAR-10 train indices of ``per_class`` cars and ``per_class`` horses.
+
+    Each class is subsampled without replacement with ``numpy.random.default_rng(seed)``
+    (cars first, then horses), so the selection depends only on the seed and the data.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for lab in CIFAR2_LABELS:
+        pool = np.flatnonzero(labels == lab)
+        if len(pool) < per_class:
+            raise DataError(
+                f"CIFAR-2 needs {per_class} images of class {CIFAR_CLASSES[lab]}, the data has {len(pool)}"
+            )
+        chosen.append(rng.choice(pool, size=per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def load_cifar2(cfg: DataConfig) -> ImageDataset:
+    """CIFAR-2 (car vs horse) as in the paper's App. G; labels 0 = automobile, 1 = horse."""
+    x, y, ids, names = _read_cifar_train(cfg)
+    idx = cifar2_indices(y, cfg.per_class, cfg.seed)
+    remap = {lab: i for i, lab in enumerate(CIFAR2_LABELS)}
+    return ImageDataset(
+        name="cifar2",
+        images=_uint8_to_model(x[idx], cfg.levels),
+        labels=torch.tensor([remap[int(v)] for v in y[idx]], dtype=torch.long),
+        class_names=[names[lab] for lab in CIFAR2_LABELS],
+        ids=[ids[i] for i in idx],
+        levels=cfg.levels,
+    )
+
+
+# --- image folder --------------------------------------------------------------------
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursive, hidden files skipped), sorted by relative path."""
+    files = [
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read_image(path: Path, channels: int, size: int | None):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+                arr = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode != "F" and arr.max() > 255 else max(float(arr.max()), 1.0)
+                img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8))
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.LANCZOS)
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def load_folder(cfg: DataConfig) -> ImageDataset:
+    """Every image under ``cfg.root``; see the module docstring for ids and labels."""
+    if cfg.root is None:
+        raise DataError("the folder dataset needs a data folder: pass --data-root")
+    if cfg.channels not in (1, 3):
+        raise DataError(f"channels must be 1 (grey) or 3 (RGB), got {cfg.channels}")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    files = find_images(root)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    arrays, first_shape = [], None
+    for p in files:
+        a = _read_image(p, cfg.channels, cfg.image_size)
+        if first_shape is None:
+            first_shape = a.shape
+        elif a.shape != first_shape:
+            raise DataError(
+                f"image {p} is {a.shape[1]}x{a.shape[0]} but {files[0]} is "
+                f"{first_shape[1]}x{first_shape[0]}; set image_size to resize all images"
+            )
+        arrays.append(a)
+    x = np.stack(arrays)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    rel = [p.relative_to(root).as_posix() for p in files]
+    labels, class_names = None, None
+    if all("/" in r for r in rel):
+        folders = [r.split("/", 1)[0] for r in rel]
+        class_names = sorted(set(folders))
+        lookup = {c: i for i, c in enumerate(class_names)}
+        labels = torch.tensor([lookup[f] for f in folders], dtype=torch.long)
+    return ImageDataset(
+        name=f"folder:{root.name}",
+        images=_uint8_to_model(np.ascontiguousarray(x), cfg.levels),
+        labels=labels,
+        class_names=class_names,
+        ids=rel,
+        levels=cfg.levels,
+    )

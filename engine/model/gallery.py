@@ -1,0 +1,125 @@
+"""The shipped query gallery and the sample-quality report of a checkpoint.
+
+``make_gallery`` draws n samples with recorded trajectories (so every measurement,
+trajectory included, works instantly in the app) and labels them with a classifier.
+``digits_quality`` answers "do the samples look like digits?" with a number: a
+scikit-learn logistic regression trained on the real digits classifies samples, and
+we report the fraction classified with probability >= 0.8, next to the same figure
+for real digits, plus the class histogram.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Preset
+from .data import ImageDataset, to_unit_range
+from .sampling import generate, save_grid
+
+GALLERY = "gallery.npz"
+
+
+def digits_classifier(dataset: ImageDataset):
+    """Logistic regression on the real digits, inputs as [0, 1] pixel vectors."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = to_unit_range(dataset.images).flatten(1).numpy()
+    clf = LogisticRegression(max_iter=2000, C=1.0)
+    clf.fit(x, dataset.labels.numpy())
+    return clf
+
+
+def classify(clf, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted label, max probability) for images in [-1, 1]."""
+    proba = clf.predict_proba(to_unit_range(images).flatten(1).numpy())
+    return proba.argmax(1), proba.max(1)
+
+
+def make_gallery(
+    model: nn.Module,
+    preset: Preset,
+    folder: str | Path,
+    dataset: ImageDataset | None,
+    n: int = 32,
+    seed: int = 1000,
+    device: str = "cpu",
+) -> Path:
+    """Write ``gallery.npz``: images (n,C,H,W) in [0,1], seeds, trajectory (n,T+1,C,H,W) in [-1,1], labels."""
+    images, traj = generate(model, preset, n, seed, trajectory=True, device=device, progress=True)
+    arrays: dict[str, Any] = {
+        "images": to_unit_range(images).numpy().astype(np.float32),
+        "seeds": np.full(n, seed, dtype=np.int64),
+        "sample_index": np.arange(n, dtype=np.int64),
+        "trajectory": traj.numpy().astype(np.float32),
+    }
+    if dataset is not None and dataset.labels is not None and preset.data.name == "digits":
+        labels, _ = classify(digits_classifier(dataset), images)
+        arrays["labels"] = labels.astype(np.int64)
+    path = Path(folder) / GALLERY
+    tmp = path.with_name(".gallery.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def digits_quality(
+    model: nn.Module, preset: Preset, dataset: ImageDataset, n: int = 256, seed: int = 0, device: str = "cpu"
+) -> dict[str, Any]:
+    """Fraction of n generated vs n real digits classified with probability >= 0.8; class histogram."""
+    clf = digits_classifier(dataset)
+    samples, _ = generate(model, preset, n, seed, device=device, progress=True)
+    lab_s, p_s = classify(clf, samples)
+    g = torch.Generator().manual_seed(seed)
+    real = dataset.images[torch.randperm(len(dataset), generator=g)[:n]]
+    _, p_r = classify(clf, real)
+    return {
+        "n": n,
+        "seed": seed,
+        "samples_confident_fraction": float((p_s >= 0.8).mean()),
+        "real_confident_fraction": float((p_r >= 0.8).mean()),
+        "samples_class_histogram": np.bincount(lab_s, minlength=10).tolist(),
+        "note": "classifier: sklearn LogisticRegression on all 1,797 real digits (training accuracy set)",
+    }
+
+
+def plot_loss_curve(log_path: str | Path, out_png: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = json.loads(Path(log_path).read_text())
+    steps = [r["step"] for r in log]
+    loss = [r["loss"] for r in log]
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=120)
+    ax.plot(steps, loss)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (EMA of batch mean)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def write_assets(
+    model: nn.Module, preset: Preset, folder: str | Path, dataset: ImageDataset, device: str = "cpu"
+) -> dict[str, Any]:
+    """Everything ``assets/<preset>/`` ships beside the checkpoint."""
+    folder = Path(folder)
+    if (folder / "train_log.json").is_file():
+        plot_loss_curve(folder / "train_log.json", folder / "train_loss.png")
+    grid, _ = generate(model, preset, 64, 0, device=device, progress=True)
+    save_grid(grid, folder / "samples_grid.png", nrow=8, scale=6)
+    make_gallery(model, preset, folder, dataset, device=device)
+    report: dict[str, Any] = {}
+    if preset.data.name == "digits":
+        report = digits_quality(model, preset, dataset, device=device)
+        (folder / "sample_quality.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,183 @@
+"""Training loop: full set, a subset, or the full set without given indices.
+
+Recipe (DESIGN.md 2): AdamW, linear warm-up over ``warmup_frac`` of the steps then
+cosine decay to zero, gradient-norm clipping, EMA of the weights (the EMA weights are
+the model).  Objective L(theta) = (1/N) sum_n l(theta, x_n) with one (t, eps) draw per
+example per step.
+
+Resumable: every ``checkpoint_every`` steps the full state (weights, EMA, optimiser,
+RNG, loss log) is written atomically to ``train_state.pt``; a restarted run continues
+from it and produces the same weights as an uninterrupted run.  The final checkpoint
+is written last, so a folder with ``model.safetensors`` is a finished run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import Preset
+from ..files import atomic_torch_save, atomic_write_bytes
+from .checkpoint import WEIGHTS, save_checkpoint
+from .data import ImageDataset, load_dataset, random_flip
+from .diffusion import Diffusion
+from .unet import build_model
+
+STATE = "train_state.pt"
+LOG = "train_log.json"
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup_frac: float) -> float:
+    """Linear warm-up to ``base_lr`` then cosine decay to 0."""
+    warm = max(1, int(round(warmup_frac * total)))
+    if step < warm:
+        return base_lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def select_indices(n: int, indices: Any = None, exclude: Any = None) -> np.ndarray:
+    """Training indices: all, ``indices`` only, or all but ``exclude``."""
+    keep = np.arange(n) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
+    if exclude is not None:
+        keep = np.setdiff1d(keep, np.asarray(exclude, dtype=np.int64))
+    if len(keep) == 0:
+        raise ValueError("no training examples left after subsetting")
+    if keep.min() < 0 or keep.max() >= n:
+        raise ValueError(f"training indices out of range 0..{n - 1}")
+    return keep
+
+
+def train(
+    preset: Preset,
+    out_dir: str | Path,
+    dataset: ImageDataset | None = None,
+    indices: Any = None,
+    exclude: Any = None,
+    device: torch.device | str = "cpu",
+    progress: bool | Callable[[int, int, float], None] = True,
+    steps: int | None = None,
+) -> Path:
+    """Train (or resume) a DDPM into ``out_dir``; returns the checkpoint folder.
+
+    ``progress`` is True for a tqdm bar, False for silence, or ``f(step, total, loss)``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / WEIGHTS).is_file() and not (out / STATE).is_file():
+        return out  # finished before
+    tc = preset.train
+    total = int(steps if steps is not None else tc.steps)
+    ds = dataset if dataset is not None else load_dataset(preset.data)
+    keep = select_indices(len(ds), indices, exclude)
+    x_all = ds.images[torch.as_tensor(keep)].to(device)
+    n = x_all.shape[0]
+
+    torch.manual_seed(tc.seed)
+    model = build_model(preset.model).to(device)
+    ema = copy.deepcopy(model) if tc.ema_decay else None
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    diffusion = Diffusion(preset.diffusion)
+    gen = torch.Generator().manual_seed(tc.seed + 1)
+    step, log = 0, []
+    perm, pos = torch.randperm(n, generator=gen), 0
+
+    state_path = out / STATE
+    if state_path.is_file():
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(st["model"])
+        if ema is not None:
+            ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"].cpu())  # map_location moved it; generators live on the CPU
+        step, log, perm, pos = st["step"], st["log"], st["perm"].cpu(), st["pos"]
+        # dropout draws from the global RNGs: restore them so a resumed run is exact
+        if st.get("torch_rng") is not None:
+            torch.set_rng_state(st["torch_rng"].cpu())
+        if st.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([r.cpu() for r in st["cuda_rng"]])
+
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=f"train {preset.name}", unit="step")
+    model.train()
+    t0 = time.time()
+    running = None
+    while step < total:
+        if pos + tc.batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        bidx = perm[pos : pos + min(tc.batch_size, n)]
+        pos += len(bidx)
+        x0 = x_all[bidx.to(x_all.device)]
+        if preset.data.flip:
+            x0 = random_flip(x0.cpu(), gen).to(device)
+        t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=gen).to(device)
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, tc.lr, tc.warmup_frac)
+        loss = diffusion.per_sample_loss(model, x0, t, eps).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+                    pe.lerp_(pm, 1.0 - tc.ema_decay)
+        step += 1
+        lv = float(loss.detach())
+        running = lv if running is None else 0.98 * running + 0.02 * lv
+        if step % tc.log_every == 0 or step == total:
+            log.append({"step": step, "loss": running, "elapsed_s": time.time() - t0})
+        if bar is not None:
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{running:.4f}")
+        elif callable(progress):
+            progress(step, total, running)
+        if step % tc.checkpoint_every == 0 and step < total:
+            atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "opt": opt.state_dict(),
+                    "gen": gen.get_state(),
+                    "step": step,
+                    "log": log,
+                    "perm": perm,
+                    "pos": pos,
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                },
+                state_path,
+            )
+    if bar is not None:
+        bar.close()
+    final = ema if ema is not None else model
+    extra = {
+        "steps": total,
+        "num_train": int(n),
+        "indices_sha": _indices_digest(keep),
+    }
+    atomic_write_bytes(out / LOG, json.dumps(log).encode())
+    save_checkpoint(out, final, preset, extra)
+    if state_path.is_file():
+        state_path.unlink()
+    return out
+
+
+def _indices_digest(keep: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(keep, dtype=np.int64).tobytes()).hexdigest()[:16]
