@@ -1,7 +1,7 @@
 """Configuration dataclasses and presets.
 
 Every setting that changes a result lives here, in a dataclass, so that caches can be
-keyed by ``dataclasses.asdict`` of the settings that produced them (DESIGN.md 1, 6).
+keyed by ``dataclasses.asdict`` of the settings that produced them (docs/architecture.md §6, §10).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Linear beta schedule of Ho et al. (2020); DESIGN.md 2."""
+    """Linear beta schedule of Ho et al. (2020); docs/architecture.md §3."""
 
     num_timesteps: int = 1000
     beta_start: float = 1e-4
@@ -51,7 +51,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training recipe (DESIGN.md 2: AdamW, warm-up then cosine, clipping, EMA)."""
+    """Training recipe (docs/architecture.md §3: AdamW, warm-up then cosine, clipping, EMA)."""
 
     steps: int = 6000
     batch_size: int = 128
@@ -67,7 +67,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AttributionConfig:
-    """Settings of the attribution engine (DESIGN.md 4-6)."""
+    """Settings of the attribution engine (docs/architecture.md §4-6)."""
 
     mc_samples: int = 64  # M draws of (t, eps) per example
     seed: int = 0
@@ -86,7 +86,7 @@ class AttributionConfig:
     # "per-example" (independent per example, seeded by its index; paper G.3). engine.train_draws
     draws: str = "shared"
     # K-FAC training-gradient bank: "stored" (int8 on disk, a query is one pass over it),
-    # "streamed" (recomputed per query batch: for models whose bank does not fit, DESIGN.md 8)
+    # "streamed" (recomputed per query batch: for models whose bank does not fit, docs/architecture.md §8)
     # or "auto" (stored when N x P int8 bytes <= kfac_bank_max_gb GiB)
     kfac_bank: str = "auto"
     kfac_bank_max_gb: float = 8.0

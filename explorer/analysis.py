@@ -1,8 +1,7 @@
-"""Summaries of one query's scores for the plots and the CSV (no Streamlit, no tensors).
+"""One query's scores as tables for the plots and the CSV (no Streamlit, no maths).
 
-Everything here reads the score arrays a ``QueryResult`` already holds; rank
-correlations come from ``engine.evaluation.stats.spearman`` so the app and the LDS use one
-definition.
+The comparisons themselves (rank correlations, top-k overlaps, label counts) are the engine's
+(``engine.evaluation.compare``); this module only puts them in pandas frames.
 """
 
 from __future__ import annotations
@@ -13,16 +12,10 @@ import numpy as np
 import pandas as pd
 
 from engine.attribution.results import QueryResult
+from engine.evaluation import compare
+from engine.evaluation.compare import scored_methods
 
-
-def scored_methods(result: QueryResult, names: Sequence[str]) -> list[str]:
-    """The names among ``names`` whose result has scores (status ok)."""
-    out = []
-    for n in names:
-        r = result.methods.get(n)
-        if r is not None and r.status == "ok" and r.scores is not None:
-            out.append(n)
-    return out
+__all__ = ["format_score", "score_table", "scored_methods", "spearman_matrix", "topk_label_counts", "topk_overlap"]
 
 
 def score_table(result: QueryResult, names: Sequence[str], labels: np.ndarray | None) -> pd.DataFrame:
@@ -38,26 +31,13 @@ def score_table(result: QueryResult, names: Sequence[str], labels: np.ndarray | 
 
 def spearman_matrix(result: QueryResult, names: Sequence[str]) -> pd.DataFrame:
     """Spearman rank correlation of every pair of methods' scores over all training images."""
-    from engine.evaluation.stats import spearman
-
-    names = scored_methods(result, names)
-    m = np.eye(len(names))
-    for i, a in enumerate(names):
-        for j in range(i + 1, len(names)):
-            m[i, j] = m[j, i] = spearman(result.methods[a].scores, result.methods[names[j]].scores)
+    names, m = compare.spearman_matrix(result, names)
     return pd.DataFrame(m, index=names, columns=names)
-
-
-def top_indices(scores: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
-    order = np.argsort(-scores if largest else scores, kind="stable")
-    return order[:k]
 
 
 def topk_overlap(result: QueryResult, names: Sequence[str], k: int) -> pd.DataFrame:
     """Fraction of shared training images between the top-k sets (proponents / most similar)."""
-    names = scored_methods(result, names)
-    tops = {n: set(top_indices(result.methods[n].scores, k).tolist()) for n in names}
-    m = np.array([[len(tops[a] & tops[b]) / max(k, 1) for b in names] for a in names], dtype=float)
+    names, m = compare.topk_overlap(result, names, k)
     return pd.DataFrame(m, index=names, columns=names)
 
 
@@ -65,13 +45,7 @@ def topk_label_counts(
     result: QueryResult, names: Sequence[str], k: int, labels: np.ndarray, class_names: Sequence[str] | None
 ) -> pd.DataFrame:
     """Long table (method, label, count) of the labels among each method's top-k."""
-    rows = []
-    n_classes = int(labels.max()) + 1 if len(labels) else 0
-    for name in scored_methods(result, names):
-        idx = top_indices(result.methods[name].scores, k)
-        counts = np.bincount(labels[idx], minlength=n_classes)
-        for c, count in enumerate(counts):
-            rows.append({"method": name, "label": class_names[c] if class_names else str(c), "count": int(count)})
+    rows = compare.topk_label_counts(result, names, k, labels, class_names)
     return pd.DataFrame(rows, columns=["method", "label", "count"])
 
 

@@ -6,28 +6,13 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from engine.attribution.damping_grid import DAMPING_GRID, SUPPORTED
+from engine.model.measurements import CATALOGUE, measurement_info
 from explorer.runtime import Handle
 
-MEASUREMENTS = {
-    "loss": "Training loss",
-    "elbo": "ELBO (bits per dimension)",
-    "trajectory": "Trajectory log-probability",
-    "loss@t": "Loss at one timestep t",
-    "square-norm": "Square norm (D-TRAK's measurement)",
-}
-MEASUREMENT_HELP = {
-    "loss": "The diffusion training loss of the query, averaged over timesteps and noise (paper eq. 2).",
-    "elbo": "Negative evidence lower bound (Ho et al. eq. 5) in bits per dimension: a bound on -log p(x).",
-    "trajectory": "Minus the log-probability of the exact sampling path x_T ... x_0 that produced the query "
-    "(nats, summed over every step and value, the last step x_1 -> x_0 included); only generated samples have one.",
-    "loss@t": "The loss at a single noise level t (1 = almost clean, 1000 = pure noise).",
-    "square-norm": "Squared norm of the predicted noise, the surrogate D-TRAK uses (not a likelihood).",
-}
-# Three values per decade over 1e-12..1e2: K-FAC's first pass scores all of them (engine.attribution.damping_grid),
-# so every slider position is a lookup; TRAK re-scores in under a millisecond anyway.
-POWERS = [10.0**e for e in range(-12, 3)]
-STEPS = [g for g in DAMPING_GRID if SUPPORTED[0] <= g <= SUPPORTED[1]]
+# The engine's catalogue (engine.model.measurements.CATALOGUE): names, titles and help in one place.
+MEASUREMENTS = {m.spec: m.title for m in CATALOGUE}
+MEASUREMENT_HELP = {m.spec: m.help for m in CATALOGUE}
+POWERS = [10.0**e for e in range(-12, 3)]  # labelled as 1e-06, the other steps as 4.6e-03
 
 
 @dataclass(frozen=True)
@@ -41,12 +26,6 @@ class Settings:
     @property
     def damping_dict(self) -> dict[str, float]:
         return dict(self.damping)
-
-
-def damping_options(default: float) -> list[float]:
-    """Three values per decade (the powers of ten among them) plus the configured default, ascending
-    (a log-scale slider)."""
-    return sorted(set(STEPS) | {float(default)})
 
 
 def _fmt_damping(default: float):
@@ -64,7 +43,8 @@ def choose_settings(handle: Handle, has_trajectory: bool) -> Settings:
     kind = st.sidebar.selectbox(
         "What to attribute",
         list(MEASUREMENTS),
-        format_func=lambda k: MEASUREMENTS[k] + ("" if k != "trajectory" or has_trajectory else " (needs a sample)"),
+        format_func=lambda k: MEASUREMENTS[k]
+        + ("" if not measurement_info(k).needs_trajectory or has_trajectory else " (needs a sample)"),
         key="measurement",
         help="\n\n".join(f"**{MEASUREMENTS[k]}**: {v}" for k, v in MEASUREMENT_HELP.items()),
     )
@@ -86,7 +66,8 @@ def choose_settings(handle: Handle, has_trajectory: bool) -> Settings:
             continue
         value = st.sidebar.select_slider(
             f"{info[name]['title']} damping",
-            options=damping_options(default),
+            # the engine's steps: three per decade, every one a lookup after the first pass
+            options=info[name]["damping_steps"],
             value=float(default),
             format_func=_fmt_damping(float(default)),
             key=f"damping_{name}",

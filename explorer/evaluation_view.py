@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from engine.evaluation.report import load_lds_results, load_retrain_results
+from engine.evaluation.report import lds_records, retrain_records
 from engine.evaluation.retrain_top import RetrainJob
 from engine.paths import ASSETS
 from explorer.controls import MEASUREMENTS, Settings
@@ -30,14 +30,6 @@ FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
 def results_dir() -> Path:
     """assets/results, or ATTRIBUTION_RESULTS."""
     return Path(os.environ.get("ATTRIBUTION_RESULTS", ASSETS / "results"))
-
-
-def _measurement_of(entry: dict[str, Any]) -> str:
-    cfg = entry.get("config") or {}
-    if isinstance(cfg, dict) and cfg.get("measurement"):
-        return str(cfg["measurement"])
-    stem = Path(str(entry.get("file", ""))).stem
-    return stem.split("_")[-1] if stem else "?"
 
 
 def _fmt_ci(ci: Any) -> str:
@@ -66,7 +58,7 @@ def lds_section(handle: Handle) -> None:
         "methods are included for reference: their scores are not removal predictions."
     )
     folder = results_dir()
-    entries = load_lds_results(folder)
+    entries = lds_records(folder)  # the headline first
     if not entries:
         st.info(
             f"**No LDS results yet** in `{folder}`. They are produced by `make lds` "
@@ -74,13 +66,9 @@ def lds_section(handle: Handle) -> None:
         )
         return
     info = handle.session.method_info()
-    # the headline first: the training loss at the preset's M, then other measurements, then variants
-    entries = sorted(
-        entries, key=lambda e: ("_attribution_m" in str(e.get("file", "")), _measurement_of(e) != "loss", str(e.get("file", "")))
-    )
     for entry in entries:
-        meas = _measurement_of(entry)
-        cfg = entry.get("config") or {}
+        meas = entry.measurement
+        cfg = entry.config
         st.markdown(f"#### Measurement: {MEASUREMENTS.get(meas.split('@')[0], meas)} (`{meas}`)")
         if cfg:
             st.caption(
@@ -93,12 +81,12 @@ def lds_section(handle: Handle) -> None:
                     if (cfg.get("attribution") or {}).get("mc_samples")
                     else ""
                 )
-                + (f" · file `{entry['file']}`" if entry.get("file") else "")
+                + f" · file `{entry.file}`"
                 + (" · **quick mode (smoke test, not a result)**" if cfg.get("quick") else "")
                 + (f" · {cfg['created']}" if cfg.get("created") else "")
             )
         rows = []
-        for name, v in (entry.get("methods") or {}).items():
+        for name, v in entry.methods.items():
             rows.append(
                 {
                     "method": _title(info, name),
@@ -111,23 +99,22 @@ def lds_section(handle: Handle) -> None:
             )
         frame = pd.DataFrame(rows)
         st.dataframe(frame.dropna(axis=1, how="all"), hide_index=True)
-        stem = Path(str(entry.get("file", f"lds_digits_{meas}.json"))).stem
+        stem = entry.path.stem
         c1, c2 = st.columns(2)
-        png = folder / f"{stem}.png"
-        if png.is_file():
-            c1.image(str(png), caption=png.name)
-        sweeps = entry.get("sweeps") or {}
+        if entry.figure is not None:
+            c1.image(str(entry.figure), caption=entry.figure.name)
+        sweeps = entry.sweeps
         if sweeps:
             from explorer.figures import damping_sweeps
 
             c2.plotly_chart(damping_sweeps(sweeps, {n: _title(info, n) for n in sweeps}), key=f"sweep_{stem}")
         with st.expander("Full settings and noise report"):
-            st.json({k: entry[k] for k in ("config", "noise") if k in entry}, expanded=False)
+            st.json({"config": entry.config, "noise": entry.noise}, expanded=False)
 
 
 def retrain_results_section(handle: Handle) -> None:
     """The retraining-without-top-influences results shipped in assets/results (``attribution-engine retrain-top``)."""
-    entries = load_retrain_results(results_dir())
+    entries = retrain_records(results_dir())
     if not entries:
         return
     st.subheader("Retraining without the top proponents (shipped results)")
@@ -138,7 +125,7 @@ def retrain_results_section(handle: Handle) -> None:
     )
     info = handle.session.method_info()
     for entry in entries:
-        cfg = entry.get("config") or {}
+        cfg = entry.config
         rows = [
             {
                 "query": r.get("query"),
@@ -153,7 +140,7 @@ def retrain_results_section(handle: Handle) -> None:
                     else None
                 ),
             }
-            for r in entry.get("results") or []
+            for r in entry.results
         ]
         if not rows:
             continue
@@ -161,7 +148,7 @@ def retrain_results_section(handle: Handle) -> None:
             f"Measurement `{cfg.get('measurement', '?')}`, {cfg.get('removed', '?')} of {cfg.get('num_train', '?')} "
             f"images removed, {cfg.get('steps', '?')} training steps per model, true measurement over "
             f"{cfg.get('true_measurement_mc_samples', '?')} common draws"
-            + (f" · file `{entry['file']}`" if entry.get("file") else "")
+            + f" · file `{entry.file}`"
             + (f" · {cfg['created']}" if cfg.get("created") else "")
         )
         st.dataframe(pd.DataFrame(rows), hide_index=True, height=35 * (len(rows) + 1) + 3)  # every row, no scrolling

@@ -1,4 +1,4 @@
-"""Figures for the README's damping paragraph (engine/damping_grid.py) on the shipped model.
+"""Figures for the README's damping paragraph (engine/attribution/damping_grid.py) on the shipped model.
 
 1. Accuracy: for the first ``--queries`` gallery queries and three off-grid dampings, the
    interpolated K-FAC scores (``session.rescore``) against one exact pass over the bank:
@@ -35,11 +35,10 @@ def main() -> None:
     prep = None
     for i in range(args.queries):
         r = s.query(s.parse_query(f"gallery:{i}"), methods=["kfac"])
-        prep = r._prepared["kfac"].data
-        eig = prep["eigenvalues"].to(prep["rotated"].dtype)
+        prep = r.prepared["kfac"].query
         for lam in (3.7e-8, 2.5e-4, 0.5):
             got = s.rescore(r, {"kfac": lam}).methods["kfac"].scores
-            exact = prep["bank"].score(prep["rotated"] / (eig + lam))
+            exact = prep.exact(lam)
             worst = max(worst, float(np.abs(got - exact).max() / np.abs(exact).max()))
             rhos.append(spearman(got, exact))
             same_top &= set(np.argsort(-got)[:10]) == set(np.argsort(-exact)[:10])
@@ -47,13 +46,13 @@ def main() -> None:
         f"interpolated vs exact pass, {args.queries} queries x 3 dampings: max |diff|/max|score| {worst:.1e}, "
         f"Spearman min {min(rhos):.6f}, same top 10: {same_top}"
     )
-    bank, rot, eig = prep["bank"], prep["rotated"], prep["eigenvalues"].to(prep["rotated"].dtype)
+    bank, rot, eig = prep.rows, prep.rotated, prep.eigenvalues.to(prep.rotated.dtype)
     times: dict[int, list[float]] = {16: [], 50: []}
     for _ in range(args.reps):
         for g in times:
             q = rot[None] / (eig[None] + torch.logspace(-12, 2, g, dtype=eig.dtype)[:, None])
             t0 = time.perf_counter()
-            bank.score_many(q)
+            bank.inner_many(q)
             times[g].append((time.perf_counter() - t0) * 1000.0)
     med = {g: statistics.median(v) for g, v in times.items()}
     print(f"score_many median over {args.reps} interleaved runs: 16 dampings {med[16]:.0f} ms, 50 dampings {med[50]:.0f} ms")

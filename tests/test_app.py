@@ -205,9 +205,8 @@ def test_gallery_measurement_damping_and_methods(app_env, monkeypatch):
     assert after.methods["kfac"].damping == pytest.approx(1e-2)
     assert not np.allclose(after.methods["kfac"].scores, before), "a larger damping changes the K-FAC scores"
     assert "damping 1.0e-02" in _texts(at)
-    from explorer.controls import STEPS
-
-    between = min(STEPS, key=lambda v: abs(v - 4.6e-3))  # a third-of-a-decade step, not a power of ten
+    steps = session.method_info()["kfac"]["damping_steps"]
+    between = min(steps, key=lambda v: abs(v - 4.6e-3))  # a third-of-a-decade step, not a power of ten
     assert 4e-3 < between < 5e-3
     at.select_slider(key="damping_kfac").set_value(between).run()
     _ok(at)

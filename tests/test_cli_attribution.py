@@ -10,7 +10,7 @@ import torch
 from test_session import tiny_checkpoint
 
 import engine.attribution.session
-from engine.cli.main import main
+from engine.cli.parser import main
 
 SMALL = ["--mc-samples", "4", "--trak-dim", "32"]
 
@@ -121,6 +121,7 @@ def bench_session(setup, digits_small, tmp_path_factory):
 
 def test_bench_pieces_int8_agreement_and_table(bench_session):
     from engine.bench import attribution as bench
+    from engine.bench.report import format_table
 
     s = bench_session
     queries = [s.parse_query(f"gallery:{i}") for i in range(2)] + [s.parse_query("train:7")]
@@ -132,7 +133,7 @@ def test_bench_pieces_int8_agreement_and_table(bench_session):
     assert set(anyd) == {"kfac"} and anyd["kfac"] > 0 and set(grid) == set(exact) == {"kfac"}
     ag = bench.label_agreement(s, queries, results, k=10)
     assert 0 <= ag["kfac"] <= 1 and 0 <= ag["pixel"] <= 1 and 0 < ag["chance"] < 1
-    table = bench.format_table(
+    table = format_table(
         {
             "preset": "tiny", "mc_samples": 4, "device": "cpu", "threads": 1, "cache": "fresh temporary",
             "methods": ["kfac", "pixel"], "agreement_top10": ag, "int8_vs_float32": q8,
@@ -145,7 +146,8 @@ def test_bench_pieces_int8_agreement_and_table(bench_session):
 @pytest.mark.slow
 def test_kronfluence_task_matches_our_loss_and_scores(bench_session):
     pytest.importorskip("kronfluence")
-    from engine.bench import attribution as bench
+    from engine.bench import kronfluence as bench
+    from engine.bench.report import format_table
     from engine.model.measurements import diffusion_loss
 
     s = bench_session
@@ -170,4 +172,4 @@ def test_kronfluence_task_matches_our_loss_and_scores(bench_session):
         out["score_one_query_cpu_s_median"] / out["ours_query_cpu_s_median"]
     )
     table = {"preset": "tiny", "mc_samples": 64, "device": "cpu", "threads": 1, "cache": "test", "methods": []}
-    assert "same conditions" in bench.format_table({**table, "kronfluence": out})
+    assert "same conditions" in format_table({**table, "kronfluence": out})

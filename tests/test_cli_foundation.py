@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.cli.main import build_parser, main
+from engine.cli.parser import build_parser, main
 from engine.model.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent

@@ -189,6 +189,16 @@ class FakeSession:
         self.config = config
         self.dataset = dataset
 
+    def method_names(self):
+        from engine.attribution.methods import method_names
+
+        return method_names()
+
+    def method(self, name):
+        from engine.attribution.methods import METHODS
+
+        return METHODS[name]  # the class: it describes itself (in_sweeps, lds_loss_variant, ...)
+
     def query(self, query, measurement, methods):
         from engine.attribution.results import MethodResult, QueryResult
 

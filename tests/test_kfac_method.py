@@ -188,8 +188,7 @@ def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(
     assert 3e-3 not in DAMPING_GRID
     off_grid = streamed.score(prep, 3e-3)
     assert streamed.bank.passes == 1
-    eig = prep_stored.data["eigenvalues"].to(torch.float64)
-    exact = stored.bank.score(prep_stored.data["rotated"] / (eig + 3e-3))
+    exact = prep_stored.query.exact(3e-3)
     np.testing.assert_allclose(off_grid, exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
     assert not np.allclose(off_grid, streamed.score(prep, 1e-2), rtol=1e-3)
     # outside it: one exact pass

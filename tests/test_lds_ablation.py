@@ -11,8 +11,9 @@ import torch
 from conftest import TINY_MODEL
 
 from engine.config import AttributionConfig, DataConfig, Preset, TrainConfig
-from engine.evaluation.lds import make_subsets, predicted_matrix, session_scores
+from engine.evaluation.lds import make_subsets, predicted_matrix
 from engine.evaluation.lds_ablation import ABLATIONS, Variant, build_variants, run_ablation, variant_session
+from engine.evaluation.lds_run import session_scores
 from engine.evaluation.runs import MeasureSpec
 from engine.evaluation.setup import RunSetup
 from engine.evaluation.stats import lds_score

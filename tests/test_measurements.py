@@ -14,11 +14,13 @@ from torch.distributions import Normal, kl_divergence
 from engine.config import DiffusionConfig
 from engine.model.diffusion import Diffusion, MCDraws, make_draws
 from engine.model.measurements import (
+    CATALOGUE,
     Measurement,
     discretized_gaussian_log_likelihood,
     elbo_bpd,
     elbo_terms,
     measure,
+    measurement_info,
     parse_measurement,
     prior_kl,
     quantize,
@@ -60,6 +62,11 @@ def test_parse_measurement():
     assert parse_measurement("loss") == Measurement("loss")
     assert parse_measurement(" ELBO ") == Measurement("elbo")
     assert parse_measurement("elbo-exact") == Measurement("elbo", exact=True)
+    for spec in ("loss", "loss@t=1", "loss@t=500", "elbo", "elbo-exact", "trajectory", "square-norm"):
+        assert str(parse_measurement(spec)) == spec  # names round-trip
+    for info in CATALOGUE:
+        spec = info.spec + ("=7" if info.spec == "loss@t" else "")
+        assert str(parse_measurement(spec)) == spec and measurement_info(spec) is info
     assert parse_measurement("loss@t=500") == Measurement("loss@t", t_idx=499)
     assert parse_measurement("loss@t=1") == Measurement("loss@t", t_idx=0)
     assert str(parse_measurement("loss@t=7")) == "loss@t=7"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.evaluation.lds import format_table, noise_report
+from engine.evaluation.lds import noise_report
+from engine.evaluation.lds_report import format_table
 from engine.evaluation.noise_ceiling import seed_agreement
 from engine.evaluation.stats import spearman
 

@@ -176,12 +176,13 @@ def test_trak_identity_projection_equals_dense_empirical_fisher(tmp_path, tiny_m
     np.testing.assert_allclose(
         method.train_features(ctx), G.numpy(), rtol=1e-4, atol=1e-6 * float(G.abs().max())
     )
-    # a second instance loads the cache instead of recomputing
+    # a second instance loads the cache instead of recomputing (its first pass scores this damping
+    # exactly; ``prepared`` interpolates it from its damping grid, to a relative 1e-4 per coordinate)
     again = TRAK(ctx.config, projection="identity")
     assert again.is_built(ctx)
-    np.testing.assert_array_equal(
-        again.score(again.prepare(ctx, QueryInput(image=None), gq), 1.0 * mean_eig),
-        method.score(prepared, 1.0 * mean_eig),
+    fresh = again.score(again.prepare(ctx, QueryInput(image=None), gq), 1.0 * mean_eig)
+    np.testing.assert_allclose(
+        fresh, method.score(prepared, 1.0 * mean_eig), rtol=1e-3, atol=1e-4 * float(np.abs(fresh).max())
     )
 
 

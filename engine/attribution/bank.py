@@ -1,11 +1,11 @@
-"""Rotated, int8-quantised bank of training gradients (DESIGN.md 4, "Eigenbasis bank").
+"""Rotated, int8-quantised bank of training gradients (docs/architecture.md §4, "Eigenbasis bank").
 
 With A_l = Q_A diag(a) Q_A^T and B_l = Q_B diag(b) Q_B^T, for a weight gradient W (out x in)
 
     (B (x) A + lambda I)^{-1} vec(W)  <->  Q_B [ (Q_B^T W Q_A) / (b a^T + lambda) ] Q_A^T,
 
 and for a bias gradient (block B alone) Q_B [ (Q_B^T g) / (b + lambda) ].  Since the Q are
-orthogonal, the influence (paper eq. 6; DESIGN.md 4)
+orthogonal, the influence (paper eq. 6; docs/architecture.md §4)
 
     tau_i(q) = (1/N) grad m(q)^T (G + lambda I)^{-1} grad l(x_i)
              = (1/N) sum_blocks < (Q_B^T W_q Q_A) / (b a^T + lambda),  R_i >,   R_i = Q_B^T W_i Q_A.
@@ -40,6 +40,7 @@ from .. import distributed
 from ..model.diffusion import Diffusion
 from .curvature import Block, KFACFactors
 from .gradients import Params, per_example_grads, train_loss_grads
+from .scoring import GRID_MAX_BYTES, to_scores
 from .train_draws import TrainDraws
 
 SCALES = "scales"
@@ -69,7 +70,10 @@ def _as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class RotatedBank:
-    """The rotated training gradients R_i of all N examples, per block, on one device."""
+    """The rotated training gradients R_i of all N examples, per block, on one device
+    (``scoring.Rows``: the scoring operator takes the 1/N, the division and the grid)."""
+
+    grid_max_bytes = GRID_MAX_BYTES
 
     def __init__(self, blocks: list[Block], data: list[torch.Tensor], scales: torch.Tensor | None):
         if len(data) != len(blocks):
@@ -103,10 +107,10 @@ class RotatedBank:
             parts.append(r * self.scales[i, j] if self.scales is not None else r)
         return torch.cat(parts)
 
-    def score(self, query: torch.Tensor, chunk_bytes: int = 64 << 20) -> np.ndarray:
-        """scores_i = (1/N) sum_blocks scale_{i,b} <R_{i,b}, q_b>, float32 (N,).
+    def inner(self, query: torch.Tensor, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+        """<R_i, q> = sum_blocks scale_{i,b} <int8_{i,b}, q_b> (N,), for one damped rotated query (P,).
 
-        ``query`` (P,) is the rotated query gradient already divided by (eigenvalues + lambda).
+        One int8 x float matrix-vector product per block (``_weight_int8pack_mm`` on CPU).
         """
         n = self.num_examples
         if self.quantized:
@@ -129,15 +133,17 @@ class RotatedBank:
             rows = max(1, chunk_bytes // max(1, 4 * blk.size))
             for r in range(0, n, rows):
                 out[r : r + rows] += (d[r : r + rows].to(torch.float32) @ qb) * s[r : r + rows]
-        return (out / n).to(torch.float32).cpu().numpy()
+        return out
 
-    def score_many(self, queries: torch.Tensor, chunk_bytes: int = 32 << 20) -> np.ndarray:
-        """Scores for G queries at once, float32 (G, N): one pass over the bank.
+    def inner_many(self, queries: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor:
+        """(G, N) inner products for G queries at once: one pass over the bank.
 
         Each int8 chunk is dequantised once and multiplied by all G queries, so G dampings
-        of the same query cost about one dequantising pass (the int8 kernel of ``score``
-        is cheaper for G = 1 but its cost grows linearly with G).
+        of the same query cost about one dequantising pass (the int8 kernel of ``inner``
+        is cheaper for G = 1, and is used then).
         """
+        if queries.shape[0] == 1:
+            return self.inner(queries[0])[None]
         n, g = self.num_examples, queries.shape[0]
         dtype = torch.float32 if self.quantized else self.data[0].dtype
         q = queries.to(self.device, dtype)
@@ -150,7 +156,15 @@ class RotatedBank:
                 if self.scales is not None:
                     part *= self._scale_cols[j][r : r + rows, None]  # type: ignore[index]
                 out[r : r + rows] += part
-        return (out.T / n).to(torch.float32).cpu().numpy()
+        return out.T
+
+    def score(self, query: torch.Tensor, chunk_bytes: int = 64 << 20) -> np.ndarray:
+        """(1/N) <R_i, q> (N,) float32: eq. 6 for one damped rotated query (``scoring.to_scores``)."""
+        return to_scores(self.inner(query, chunk_bytes), self.num_examples)
+
+    def score_many(self, queries: torch.Tensor, chunk_bytes: int = 32 << 20) -> np.ndarray:
+        """(G, N) float32 scores of G damped rotated queries, one pass over the bank."""
+        return to_scores(self.inner_many(queries, chunk_bytes), self.num_examples)
 
     # --- persistence -------------------------------------------------------------------
 
@@ -165,7 +179,7 @@ class RotatedBank:
 
 
 class StreamedBank:
-    """The bank's scoring interface without a stored bank (DESIGN.md 8, "without a stored bank").
+    """The bank's scoring interface without a stored bank (docs/architecture.md §8, "without a stored bank").
 
     For models whose N x P bank does not fit (CIFAR-2: 5,000 x 35.7M parameters = 178 GB in
     int8), each ``score``/``score_many`` call recomputes the training gradients in batches and
@@ -181,6 +195,7 @@ class StreamedBank:
     """
 
     quantized = False
+    grid_max_bytes = 4 << 30  # every uncached damping is a full gradient pass: score a big grid at once
 
     def __init__(
         self,
@@ -209,12 +224,8 @@ class StreamedBank:
     def nbytes(self) -> int:
         return 0
 
-    def score(self, query: torch.Tensor) -> np.ndarray:
-        """(N,) float32 scores for one rotated, damped query (P,)."""
-        return self.score_many(query[None])[0]
-
-    def score_many(self, queries: torch.Tensor) -> np.ndarray:
-        """(G, N) float32 scores for G rotated, damped queries: one pass over the training set."""
+    def inner_many(self, queries: torch.Tensor) -> torch.Tensor:
+        """(G, N) inner products for G rotated, damped queries: one pass over the training set."""
         n, dev = self.num_examples, self.device
         q = self.factors.unrotate(queries.to(dev, self.params[0][1].dtype))
         out = torch.empty((n, q.shape[0]), dtype=q.dtype, device=dev)
@@ -225,7 +236,15 @@ class StreamedBank:
         for rows, g in batches:
             out[rows] = g.detach() @ q.T
         self.passes += 1
-        return (out.T / n).to(torch.float32).cpu().numpy()
+        return out.T
+
+    def score(self, query: torch.Tensor) -> np.ndarray:
+        """(N,) float32 scores for one rotated, damped query (P,)."""
+        return self.score_many(query[None])[0]
+
+    def score_many(self, queries: torch.Tensor) -> np.ndarray:
+        """(G, N) float32 scores for G rotated, damped queries: one pass over the training set."""
+        return to_scores(self.inner_many(queries), self.num_examples)
 
 
 def _chunk_arrays(rotated: torch.Tensor, blocks: list[Block], quantize: bool) -> dict[str, torch.Tensor]:

@@ -1,20 +1,20 @@
-"""Everything an attribution method needs about one checkpoint + training set (INTERFACES.md).
+"""Everything an attribution method needs about one checkpoint + training set (docs/architecture.md §2).
 
 ``params`` is the parameter set of every attribution gradient (train, query, curvature):
 the weights and biases of all Conv2d and Linear layers (``engine.attribution.gradients.influence_params``).
-Normalisation layers have no K-FAC block (DESIGN.md 4) and are left out of influence
+Normalisation layers have no K-FAC block (docs/architecture.md §4) and are left out of influence
 gradients for every method, so all methods score the same gradient.
 
 ``train_draws`` are the M Monte Carlo draws (t, eps, and a flip bit for presets trained with
 flips) of every training example's gradient and curvature row, seeded by ``config.seed``:
-shared by every example (common random numbers, DESIGN.md 6; the default) or independent per
-example (``config.draws = "per-example"``, paper G.3); see ``engine.train_draws``.
+shared by every example (common random numbers, docs/architecture.md §6; the default) or
+independent per example (``config.draws = "per-example"``, paper G.3); see
+``engine.attribution.train_draws``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from ..config import AttributionConfig, Preset
 from ..model.data import ImageDataset
 from ..model.diffusion import Diffusion
 from .gradients import influence_params, num_params
+from .store import Store
 from .train_draws import TrainDraws, training_draws
 
 
@@ -35,7 +36,7 @@ class EngineContext:
     device: torch.device
     config: AttributionConfig
     checkpoint_hash: str
-    store: Any  # engine.attribution.store.Store: on-disk cache for this checkpoint + data
+    store: Store | None  # on-disk cache for this checkpoint + data (None: nothing cached)
     params: list[tuple[str, nn.Parameter]]  # parameters that gradients cover, in flat order
     train_draws: TrainDraws  # M draws per train gradient and curvature row (engine.train_draws)
 
@@ -51,7 +52,7 @@ def make_context(
     device: torch.device | str,
     config: AttributionConfig | None = None,
     checkpoint_hash: str = "",
-    store: Any = None,
+    store: Store | None = None,
     diffusion: Diffusion | None = None,
 ) -> EngineContext:
     """Fill ``params`` (Conv2d/Linear weights and biases) and ``train_draws`` =

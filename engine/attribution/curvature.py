@@ -1,4 +1,4 @@
-"""K-FAC (and EK-FAC) curvature of the diffusion training loss via curvlinops (DESIGN.md 4).
+"""K-FAC (and EK-FAC) curvature of the diffusion training loss via curvlinops (docs/architecture.md §4).
 
 G approximates the Hessian of L(theta) = (1/N) sum_n l(theta, x_n) (paper eq. 5/6) by the
 Kronecker-factored GGN / Fisher (paper eqs. 9-12), one block per Conv2d and Linear layer:

@@ -1,6 +1,6 @@
 """Damping grid of K-FAC Influence and off-grid dampings without another pass over the bank.
 
-For one query, in the eigenbasis of the K-FAC factors (paper eqs. 9-12; DESIGN.md 4), the
+For one query, in the eigenbasis of the K-FAC factors (paper eqs. 9-12; docs/architecture.md §4), the
 score of training example i is a sum of simple poles in the damping lambda:
 
     tau_i(lambda) = (1/N) sum_j R_ij q_j / (e_j + lambda),     e_j >= 0 (eigenvalues).
@@ -92,3 +92,12 @@ def interpolate(scores: dict[float, np.ndarray], lam: float, grid: tuple[float, 
     for w, g in zip(weights, grid, strict=True):
         out += w * scores[g].astype(np.float64)
     return out.astype(np.float32)
+
+
+def damping_steps(damping_range: tuple[float, float] | None, default: float | None) -> list[float]:
+    """What a damping slider offers: the grid values in ``damping_range`` (three per decade, every
+    one a lookup after the first pass) plus ``default``, ascending; [] without a range."""
+    if damping_range is None or default is None:
+        return []
+    lo, hi = damping_range
+    return sorted({g for g in DAMPING_GRID if lo <= g <= hi} | {float(default)})

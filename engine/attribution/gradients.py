@@ -1,4 +1,4 @@
-"""Per-example Monte Carlo gradients with common random numbers (DESIGN.md 2, 4, 6).
+"""Per-example Monte Carlo gradients with common random numbers (docs/architecture.md §3, §4, §6).
 
 The training loss of example i is estimated with M draws (t_m, eps_m), by default the *same*
 M draws for every example (common random numbers), so that differences between examples'
@@ -8,8 +8,8 @@ gradients are not drowned in Monte Carlo noise, or independent draws per example
     l(theta, x_i) ~= (1/M) sum_m l(theta; flip_m(x_i), t_m, eps_m),
     l(theta; x, t, eps) = (1/D) ||eps - eps_theta(sqrt(abar_t) x + sqrt(1 - abar_t) eps, t)||^2
 
-(DESIGN.md 2; the paper's per-example loss in eq. 5/6 estimated by Monte Carlo; flip_m is the
-identity unless the preset trains with random horizontal flips, paper G.8).  D-TRAK's
+(docs/architecture.md §3; the paper's per-example loss in eq. 5/6 estimated by Monte Carlo; flip_m is
+the identity unless the preset trains with random horizontal flips, paper G.8).  D-TRAK's
 ``square-norm`` replaces the summand by (1/D) ||eps_theta(x_t, t)||^2.
 
 Which parameters
@@ -17,7 +17,7 @@ Which parameters
 ``influence_params(model)`` -- the weights and biases of every ``nn.Conv2d`` and
 ``nn.Linear`` -- is the parameter set of every attribution gradient (train, query,
 curvature) and therefore of ``EngineContext.params``.  K-FAC has one Kronecker block per
-Conv2d/Linear layer and none for normalisation layers (DESIGN.md 4), so GroupNorm's
+Conv2d/Linear layer and none for normalisation layers (docs/architecture.md §4), so GroupNorm's
 affine parameters (well under 1% of the parameters) are excluded from influence
 gradients entirely, for every method, so that all methods see the same gradient.
 ``flat_params(model)`` (all trainable parameters) is kept for other uses.
@@ -37,7 +37,7 @@ Three interchangeable back-ends give the same numbers (tests check it):
 Measured on the digits model (283k influence parameters), M=64, 1 CPU thread: loop 4.4-4.9 s,
 hooks 11-13 s, func 19 s per 100 examples.
 
-All gradients are taken with the model in eval mode (no dropout; DESIGN.md 2) and on the
+All gradients are taken with the model in eval mode (no dropout; docs/architecture.md §3) and on the
 device of the model's parameters (no device-specific calls).
 """
 
@@ -52,6 +52,7 @@ from torch import nn
 
 from ..model.diffusion import Diffusion, MCDraws
 from ..model.measurements import Measurement, measure
+from .query import QueryInput
 from .train_draws import TrainDraws
 
 LOSSES = ("loss", "square-norm")
@@ -321,12 +322,12 @@ def measurement_grad(
     model: nn.Module,
     diffusion: Diffusion,
     measurement: Measurement,
-    query: Any,
+    query: QueryInput | torch.Tensor,
     draws: MCDraws,
     levels: int = 256,
     params: Params | None = None,
 ) -> torch.Tensor:
-    """(P,) gradient of the measurement m(theta, x_q) (DESIGN.md 3) w.r.t. ``params``.
+    """(P,) gradient of the measurement m(theta, x_q) (docs/architecture.md §3) w.r.t. ``params``.
 
     ``query`` is a ``QueryInput`` (image (C,H,W) in [-1,1] and/or trajectory) or an image
     tensor.  Taken in eval mode with the given draws (common random numbers across methods).

@@ -1,4 +1,4 @@
-"""Seeded random projections for TRAK (DESIGN.md 5; Park et al. 2023, section 3).
+"""Seeded random projections for TRAK (docs/architecture.md §5; Park et al. 2023, section 3).
 
 P is a (num_params x dim) matrix with i.i.d. entries, Rademacher (+-1) or standard
 Gaussian, scaled by 1/sqrt(dim) so that E[P P^T] = I: inner products of projected

@@ -1,4 +1,4 @@
-"""Plain result records passed from the engine to the CLI and the app (no tensors beyond images)."""
+"""Plain result records passed from the engine to the CLI and the app (score arrays, no tensors)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from .methods.base import Prepared
 
 
 @dataclass
@@ -19,7 +21,7 @@ class RankedItem:
 class MethodResult:
     """One method's answer to one query.
 
-    ``scores`` (N,) float32 over all training images: influence (DESIGN.md sign and scale,
+    ``scores`` (N,) float32 over all training images: influence (docs/architecture.md §4 sign and scale,
     positive = proponent) or similarity (kind == "similarity").
     """
 
@@ -54,10 +56,18 @@ def _item(i: int, scores: np.ndarray, labels: np.ndarray | None) -> RankedItem:
 
 @dataclass
 class QueryResult:
+    """Every method's answer to one query.
+
+    ``prepared`` holds each method's damping-free per-query state, so that
+    ``AttributionSession.rescore`` changes damping without a gradient; it is not part of the
+    JSON and is empty for a result rebuilt from JSON.
+    """
+
     query: dict[str, Any]  # {"spec": "gallery:3", "description": ..., "label": ..., "notes": [...]}
     measurement: str
     methods: dict[str, MethodResult]
     timing_ms: dict[str, float] = field(default_factory=dict)
+    prepared: dict[str, Prepared] = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self, top_k: int, labels: np.ndarray | None = None) -> dict[str, Any]:
         """The CLI's JSON object (issue 3)."""

@@ -1,6 +1,6 @@
 """On-disk cache of attribution artefacts (banks, factors, projected features, embeddings).
 
-Layout (DESIGN.md 6: caches record the settings they were built with)::
+Layout (docs/architecture.md §6: caches record the settings they were built with)::
 
     root/<checkpoint_hash>/<data_key>/<name>-<settings digest>/
         settings.json      name, settings, checkpoint hash, data key, array shapes; written last
@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..files import atomic_write_bytes
+from ..model.dataset import ImageDataset
 
 FORMAT = 1
 SETTINGS = "settings.json"
@@ -87,12 +90,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode())
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -104,6 +102,19 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def _folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def data_key(dataset: ImageDataset) -> str:
+    """Cache key of a training set: name, size and a hash of its images and labels.
+
+    Two data sets with the same name but other content (a subset, other files) get
+    different keys, so a cache can never be scored against the wrong images.
+    """
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(dataset.images.detach().cpu().numpy(), dtype=np.float32).tobytes())
+    if dataset.labels is not None:
+        h.update(np.ascontiguousarray(dataset.labels.cpu().numpy(), dtype=np.int64).tobytes())
+    return f"{dataset.name}-n{len(dataset)}-{h.hexdigest()[:12]}"
 
 
 class Store:

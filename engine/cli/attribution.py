@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..attribution.methods import METHODS, method_names, parse_methods
 from .common import fail, register, resolve, subcommand
-
-ALL_METHODS = ("kfac", "trak", "dtrak", "clip", "pixel")
 
 
 def _add_attribution_options(p: argparse.ArgumentParser) -> None:
@@ -27,7 +26,6 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trak-dim", type=int, default=None, help="TRAK/D-TRAK projection dimension (default: preset's)")
     p.add_argument(
         "--kfac-bank",
-        choices=("auto", "stored", "streamed"),
         default=None,
         help="K-FAC training-gradient bank: stored (int8 on disk), streamed (recomputed per query: for models "
         "whose bank does not fit), auto (stored if under 8 GiB; default)",
@@ -48,15 +46,28 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or ./cache)")
 
 
-def parse_methods(text: str | None) -> list[str] | None:
-    """'kfac,trak' -> ['kfac', 'trak']; None/'all' -> None (every method).  Unknown names: ValueError."""
-    if text is None or text.strip().lower() == "all":
-        return None
-    names = [s.strip().lower() for s in text.split(",") if s.strip()]
-    bad = [n for n in names if n not in ALL_METHODS]
-    if bad or not names:
-        raise ValueError(f"unknown method(s) {', '.join(bad) or repr(text)}; valid methods: {', '.join(ALL_METHODS)}")
-    return names
+def parse_damping(specs: list[str] | None) -> dict[str, float]:
+    """``--damping NAME=VALUE`` (repeatable) -> {name: value}.
+
+    A bare VALUE is K-FAC's damping, as ``--damping`` meant before it took names (kept for one
+    release, like ``--trak-damping``/``--dtrak-damping``).  Unknown names and values that are
+    not numbers: ValueError.
+    """
+    out: dict[str, float] = {}
+    valid = method_names()
+    for spec in specs or []:
+        name, sep, value = spec.partition("=")
+        if not sep:
+            name, value = "kfac", spec
+        name = name.strip().lower()
+        if name not in valid:
+            raise ValueError(f"--damping {spec!r}: unknown method {name!r}; valid methods: {', '.join(valid)}")
+        try:
+            lam = float(value)
+        except ValueError:
+            raise ValueError(f"--damping {spec!r}: {value!r} is not a number") from None
+        out[name] = lam
+    return out
 
 
 def open_session(args: argparse.Namespace, auto_build: bool = False):
@@ -73,7 +84,13 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
         if args.trak_dim < 1:
             raise ValueError("--trak-dim must be at least 1")
         changes["trak_dim"] = args.trak_dim
-    for name in ("kfac_bank", "draws", "kfac_blocks"):
+    if getattr(args, "kfac_bank", None) is not None:
+        from ..attribution.bank_kinds import bank_modes
+
+        if args.kfac_bank not in bank_modes():
+            raise ValueError(f"--kfac-bank must be one of {', '.join(bank_modes())}, not {args.kfac_bank!r}")
+        changes["kfac_bank"] = args.kfac_bank
+    for name in ("draws", "kfac_blocks"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
     config = dataclasses.replace(preset.attribution, **changes)
@@ -96,11 +113,8 @@ def add_build(sub: argparse._SubParsersAction) -> None:
         description="Compute or load each method's cache for the checkpoint and data set. Resumable: "
         "finished parts of a bank are kept when a build is interrupted.",
     )
-    p.add_argument("--methods", default=None, help=f"comma list from {','.join(ALL_METHODS)} (default: all)")
+    p.add_argument("--methods", default=None, help=f"comma list from {','.join(method_names())} (default: all)")
     _add_attribution_options(p)
-
-
-SHARDED_METHODS = ("kfac", "trak", "dtrak")  # built part by part by every torchrun rank
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -119,7 +133,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     names = methods or session.method_names()
     summary: dict[str, dict] = {}
     for name in names:
-        if not shard.is_main and name not in SHARDED_METHODS:
+        if not shard.is_main and not METHODS[name].shards:
             continue  # one rank is enough; the others wait at the barrier below
         bar = tqdm(
             total=1000,
@@ -172,11 +186,23 @@ def add_query(sub: argparse._SubParsersAction) -> None:
         default="loss",
         help="loss | loss@t=NNN (paper's 1-based t) | elbo | elbo-exact | trajectory | square-norm (default loss)",
     )
-    p.add_argument("--methods", default=None, help=f"comma list from {','.join(ALL_METHODS)} (default: all)")
+    p.add_argument("--methods", default=None, help=f"comma list from {','.join(method_names())} (default: all)")
     p.add_argument("--top-k", type=int, default=10, help="proponents/opponents to list (default 10)")
-    p.add_argument("--damping", type=float, default=None, help="K-FAC damping lambda (default: 1e-8)")
-    p.add_argument("--trak-damping", type=float, default=None, help="TRAK damping (default: preset's)")
-    p.add_argument("--dtrak-damping", type=float, default=None, help="D-TRAK damping (default: preset's)")
+    p.add_argument(
+        "--damping",
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="damping lambda of one influence method, e.g. kfac=1e-6 (repeatable; default: the preset's; "
+        "a bare VALUE is K-FAC's)",
+    )
+    p.add_argument(
+        "--trak-damping", dest="damping", action="append", type=lambda v: f"trak={v}", help="alias of --damping trak=VALUE"
+    )
+    p.add_argument(
+        "--dtrak-damping", dest="damping", action="append", type=lambda v: f"dtrak={v}",
+        help="alias of --damping dtrak=VALUE",
+    )
     _add_attribution_options(p)
     p.add_argument("--auto-build", action="store_true", help="build missing caches instead of reporting them")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -192,11 +218,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise ValueError(f"--scores-out must end in .npz, got {args.scores_out}")
         session = open_session(args, auto_build=args.auto_build)
         query = session.parse_query(args.query)
-        damping = {
-            k: v
-            for k, v in (("kfac", args.damping), ("trak", args.trak_damping), ("dtrak", args.dtrak_damping))
-            if v is not None
-        }
+        damping = parse_damping(args.damping)
         result = session.query(query, args.measurement, methods=methods, damping=damping)
     except (ValueError, RuntimeError) as e:
         return fail(e)

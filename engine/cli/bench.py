@@ -7,8 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..attribution.methods import method_names, parse_methods
 from ..paths import ASSETS
-from .attribution import parse_methods
 from .common import fail, register, resolve, subcommand
 
 DEFAULT_OUT = ASSETS / "results" / "bench_attribution.json"
@@ -28,7 +28,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mc-samples", type=int, default=64, help="Monte Carlo draws M (default 64)")
     p.add_argument("--trak-dim", type=int, default=None, help="TRAK projection dimension (default: preset's)")
     p.add_argument("--queries", type=int, default=32, help="gallery queries to time (default 32, all)")
-    p.add_argument("--methods", default="kfac,trak,dtrak,clip,pixel", help="methods to build and query")
+    p.add_argument("--methods", default=None, help="comma list of methods to build and query (default: all)")
     p.add_argument(
         "--reuse-cache",
         action="store_true",
@@ -51,12 +51,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench.attribution import format_table, run_bench, save_json
+    from ..bench.attribution import run_bench, save_json
+    from ..bench.report import format_table
 
     preset, ckpt, device = resolve(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = parse_methods(args.methods) or ["kfac", "trak", "dtrak", "clip", "pixel"]
+    methods = parse_methods(args.methods) or method_names()
     changes: dict[str, Any] = {"mc_samples": args.mc_samples}
     if args.trak_dim:
         changes["trak_dim"] = args.trak_dim

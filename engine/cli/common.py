@@ -2,7 +2,7 @@
 device, data root) and their resolution into a preset, a checkpoint folder and a device.
 
 Each subcommand is registered by a small ``add_*`` function next to its handler; the
-modules that hold them are imported by ``engine.cli.main``.
+modules that hold them are imported by ``engine.cli.parser``.
 """
 
 from __future__ import annotations

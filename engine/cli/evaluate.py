@@ -20,7 +20,6 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     names = tuple(s.strip() for s in (text or "").split(",") if s.strip())
     return names or None
 
-DEFAULT_METHODS = "kfac,trak,dtrak,clip,pixel"
 
 
 @register
@@ -49,7 +48,7 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
         default="loss",
         help="measurement to predict: loss, elbo, loss@t=NNN, ... (default loss)",
     )
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list (default {DEFAULT_METHODS})")
+    p.add_argument("--methods", default=None, help="comma list of methods (default: all)")
     p.add_argument(
         "--mc-samples", type=int, default=None, help="MC draws per true measurement (default 1024; quick 64)"
     )
@@ -76,7 +75,8 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_lds(args: argparse.Namespace) -> int:
-    from ..evaluation.lds import LDSConfig, LDSRun, run_lds
+    from ..evaluation.lds import LDSConfig
+    from ..evaluation.lds_run import LDSRun, run_lds
     from ..evaluation.setup import resolve_setup
 
     t0 = time.time()
@@ -119,9 +119,7 @@ def add_retrain_top(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--query", required=True, help="comma list of queries, e.g. gallery:0,gallery:1")
     p.add_argument("--fraction", type=float, default=0.02, help="fraction of N removed (default 0.02)")
-    p.add_argument(
-        "--methods", default="kfac,trak,dtrak,pixel", help="comma list (default kfac,trak,dtrak,pixel)"
-    )
+    p.add_argument("--methods", default=None, help="comma list of methods (default: every available one)")
     p.add_argument("--measurement", default="loss", help="measurement (default loss)")
     p.add_argument(
         "--mc-samples", type=int, default=1024, help="MC draws per true measurement (default 1024)"
@@ -134,7 +132,7 @@ def add_retrain_top(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_retrain_top(args: argparse.Namespace) -> int:
-    from ..evaluation.retrain_top import RetrainTopConfig, run_retrain_top
+    from ..evaluation.retrain_top_run import RetrainTopConfig, run_retrain_top
     from ..evaluation.setup import resolve_setup
 
     t0 = time.time()
@@ -142,7 +140,7 @@ def cmd_retrain_top(args: argparse.Namespace) -> int:
     setup = resolve_setup(preset, ckpt, device, "retrain_top", out=args.out, results=args.results)
     cfg = RetrainTopConfig(
         queries=_names(args.query) or (),
-        methods=_names(args.methods) or (),
+        methods=_names(args.methods),
         fraction=args.fraction,
         measurement=args.measurement,
         mc_samples=args.mc_samples,

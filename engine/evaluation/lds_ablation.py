@@ -31,18 +31,8 @@ import numpy as np
 import torch
 
 from ..files import save_json
-from .lds import (
-    SWEEP_GRID,
-    _method_order,
-    _rows_score_fn,
-    lds_queries,
-    lds_table,
-    model_folder,
-    noise_report,
-    predicted_matrix,
-    seed_average,
-    session_scores,
-)
+from .lds import lds_table, model_folder, noise_report, predicted_matrix, seed_average
+from .lds_run import SWEEP_GRID, _rows_score_fn, lds_queries, session_scores
 from .runs import MeasureSpec, cached_measurements, is_finished
 from .setup import RunSetup
 
@@ -197,7 +187,7 @@ def run_ablation(
         session, root = variant_session(setup, variant, cache_root, baseline)
         out = setup.out / "ablation" / name / variant.label.replace("=", "")
         rows, info = session_scores(session, queries, spec.measurement, list(variant.methods), out, log=log)
-        names = sorted({k for r in rows for k in r}, key=_method_order)
+        names = sorted({k for r in rows for k in r})
         table = lds_table(predicted_matrix(_rows_score_fn(rows, names), masks, len(queries)), measured)
         methods = {}
         for m in variant.methods:

@@ -1,4 +1,4 @@
-"""Retraining without top influences (paper section 4, App. G.6; DESIGN.md 7).
+"""Retraining without top influences (paper section 4, App. G.6; docs/architecture.md §7).
 
 For a query x_q and a method, remove the top p% proponents (largest scores: removing them
 should raise the loss-like measurement the most), retrain with the full model's recipe and
@@ -9,7 +9,7 @@ the same number of steps, and report
 with the same Monte Carlo draws for both models (common random numbers).  A random
 removal of the same size is the control (one random set per (fraction, seed), shared by
 every query and method, so it is trained once).  For influence methods the predicted
-change is the sum of the removed examples' scores (DESIGN.md 4: a group's effect is the
+change is the sum of the removed examples' scores (docs/architecture.md §4: a group's effect is the
 sum of its members').
 
 Everything is cached by (checkpoint hash, query digest, measurement, method, fraction,
@@ -30,15 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..files import atomic_write_bytes, save_json, save_npz
+from ..files import atomic_write_bytes, save_npz
 from .runs import (
     MeasureSpec,
     TrainTask,
     cached_measurements,
     is_finished,
-    run_training,
 )
-from .setup import RunSetup
 
 CONTROL_SEED = 0
 _LOCKS: dict[str, threading.Lock] = {}
@@ -330,128 +328,6 @@ class RetrainJob:
         return None if labels is None else [int(labels[int(i)]) for i in idx]
 
 
-# --- command line -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetrainTopConfig:
-    """One ``retrain-top`` run: queries x methods, each removing the top ``fraction`` of N."""
-
-    queries: tuple[str, ...]  # query specs, e.g. ("gallery:0", "gallery:1")
-    methods: tuple[str, ...] = ("kfac", "trak", "dtrak", "pixel")
-    fraction: float = 0.02
-    measurement: str = "loss"
-    mc_samples: int = 1024  # draws per true measurement
-    workers: int = 1
-    steps: int | None = None  # None: the full model's
-    cache_root: str | Path | None = None
-
-
-def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
-    """Score, train all needed models (workers), measure, write ``retrain_top_<preset>.json``."""
-    from ..attribution.session import AttributionSession
-
-    session = AttributionSession(
-        preset=setup.preset,
-        checkpoint=setup.checkpoint,
-        device=setup.device,
-        cache_root=cfg.cache_root,
-        dataset=setup.dataset,
-        auto_build=True,
-    )
-    specs, methods = list(cfg.queries), list(cfg.methods)
-    jobs: list[tuple[str, RetrainJob]] = []
-    for spec in specs:
-        q = session.parse_query(spec)
-        q.description = q.description or spec
-        for method in methods:
-            p = plan(
-                session,
-                q.image,
-                cfg.measurement,
-                method,
-                cfg.fraction,
-                setup.out,
-                cfg.mc_samples,
-                cfg.steps,
-            )
-            jobs.append((spec, RetrainJob(session, q, cfg.measurement, method, cfg.fraction, p)))
-    # 1) removal sets (scores), 2) every model in one worker pool, 3) measurements
-    tasks: dict[str, TrainTask] = {}
-    for _spec, job in jobs:
-        if (job.plan.folder / "result.json").is_file():
-            continue
-        for t in job.training_tasks():
-            tasks.setdefault(t.out, t)
-    # finish the tasks in order: every method's model for query 1 first, then query 2, ...
-    run_training(list(tasks.values()), workers=cfg.workers, log=lambda s: print(s, flush=True))
-    results = []
-    for spec, job in jobs:
-        cached = job.plan.folder / "result.json"
-        if cached.is_file():
-            r = json.loads(cached.read_text())
-        else:
-            removed, scores, kind = job.removal()
-            r = job.measure(removed, scores, kind)
-        r["query"] = spec
-        results.append(r)
-    record = {
-        "config": {
-            "preset": setup.preset.name,
-            "checkpoint": str(setup.checkpoint),
-            "checkpoint_hash": session.checkpoint_hash,
-            "num_train": len(setup.dataset),
-            "fraction": cfg.fraction,
-            "removed": removal_count(len(setup.dataset), cfg.fraction),
-            "measurement": cfg.measurement,
-            "true_measurement_mc_samples": cfg.mc_samples,
-            "steps": int(cfg.steps or setup.preset.train.steps),
-            "control": f"one random removal of the same size (seed {CONTROL_SEED}), shared by all queries",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-        "results": results,
-        "summary": summarize(results),
-    }
-    setup.results.mkdir(parents=True, exist_ok=True)
-    path = setup.results / f"retrain_top_{setup.preset.name}.json"
-    save_json(path, record)
-    print(format_retrain_table(record))
-    print(f"wrote {path}")
-    return 0
-
-
-def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean measured change per method (and of the random control) over queries."""
-    out: dict[str, dict[str, float]] = {}
-    by: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        by.setdefault(r["method"], []).append(r)
-    for m, rs in by.items():
-        out[m] = {
-            "queries": len(rs),
-            "mean_measured_change": float(np.mean([r["measured_change"] for r in rs])),
-            "mean_random_change": float(np.mean([r["random_measured_change"] for r in rs])),
-        }
-        preds = [r["predicted_change"] for r in rs if r.get("predicted_change") is not None]
-        if preds:
-            out[m]["mean_predicted_change"] = float(np.mean(preds))
-    return out
-
-
-def format_retrain_table(record: dict[str, Any]) -> str:
-    c = record["config"]
-    lines = [
-        f"retraining without top {c['fraction']:.1%} ({c['removed']} images), measurement={c['measurement']}",
-        f"{'query':<12}{'method':<10}{'predicted':>11}{'measured':>11}{'random':>11}",
-    ]
-    for r in record["results"]:
-        p = "-" if r.get("predicted_change") is None else f"{r['predicted_change']:+.5f}"
-        lines.append(
-            f"{r['query']:<12}{r['method']:<10}{p:>11}{r['measured_change']:>+11.5f}{r['random_measured_change']:>+11.5f}"
-        )
-    return "\n".join(lines)
-
-
 __all__ = [
     "RetrainJob",
     "RetrainPlan",
@@ -459,8 +335,4 @@ __all__ = [
     "top_proponents",
     "removal_count",
     "random_control",
-    "RetrainTopConfig",
-    "run_retrain_top",
-    "summarize",
-    "format_retrain_table",
 ]

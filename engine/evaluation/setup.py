@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import DataConfig, ModelConfig, Preset, TrainConfig
 from ..files import atomic_write_bytes
-from ..model.data import ImageDataset
+from ..model.dataset import ImageDataset
 from ..paths import REPO_ROOT
 
 QUICK_STEPS = 60  # quick mode: full tiny model 60 steps, half subsets 30

@@ -84,7 +84,7 @@ def lds_score(predicted: np.ndarray, measured: np.ndarray, seed: int = 0) -> LDS
     """LDS (paper eq. 13): mean over queries of Spearman over subsets.
 
     ``predicted`` and ``measured`` are (Q, K): query q's predicted and measured (seed-
-    averaged) measurement for the model trained on subset j.  Signed, as DESIGN.md 7 asks.
+    averaged) measurement for the model trained on subset j.  Signed, as docs/architecture.md §7 asks.
     """
     predicted = np.asarray(predicted, dtype=np.float64)
     measured = np.asarray(measured, dtype=np.float64)
@@ -100,7 +100,7 @@ def lds_score(predicted: np.ndarray, measured: np.ndarray, seed: int = 0) -> LDS
 def group_predictions(scores: np.ndarray, keep_masks: np.ndarray) -> np.ndarray:
     """Predicted change of the measurement for each subset model, relative to the full model.
 
-    Removing the complement of S_j changes m by sum_{i not in S_j} tau_i (DESIGN.md 4, 7),
+    Removing the complement of S_j changes m by sum_{i not in S_j} tau_i (docs/architecture.md §4, 7),
     so m(S_j) ~= m_full + (1 - mask_j) . tau.  ``scores`` (N,), ``keep_masks`` (K, N) bool;
     returns (K,).  For similarity baselines the same sum is a ranking heuristic only.
     """

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .data import DataError, ImageDataset
+from .dataset import DataError, ImageDataset
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_CLASSES = [

@@ -170,7 +170,7 @@ class Diffusion:
     def p_mean(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """mu_theta(x_t, t) = (x_t - beta_t / sqrt(1 - abar_t) eps_theta) / sqrt(alpha_t) (Ho eq. 11).
 
-        No clipping of the predicted x_0 (DESIGN.md 2).
+        No clipping of the predicted x_0 (docs/architecture.md §3).
         """
         eps_pred = model(x_t, t)
         b = self._gather(self.betas, t, x_t)

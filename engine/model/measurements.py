@@ -1,6 +1,6 @@
 """Measurements m(theta, x_q), all loss-like: lower means the query is more likely.
 
-DESIGN.md 3.  Each returns a scalar tensor that autograd can differentiate w.r.t. the
+docs/architecture.md §3.  Each returns a scalar tensor that autograd can differentiate w.r.t. the
 model's parameters, estimated with the given Monte Carlo draws (common random numbers:
 the same ``MCDraws`` for every method and every model being compared).
 
@@ -22,6 +22,54 @@ KINDS = ("loss", "loss@t", "elbo", "trajectory", "square-norm")
 
 
 @dataclass(frozen=True)
+class MeasurementInfo:
+    """One entry of the catalogue the CLI help and the app show: ``spec`` is what
+    ``parse_measurement`` takes (``loss@t`` needs ``=NNN``), ``title`` and ``help`` are for people."""
+
+    spec: str
+    title: str
+    help: str
+    needs_trajectory: bool = False
+
+
+CATALOGUE: tuple[MeasurementInfo, ...] = (
+    MeasurementInfo(
+        "loss", "Training loss",
+        "The diffusion training loss of the query, averaged over timesteps and noise (paper eq. 2).",
+    ),
+    MeasurementInfo(
+        "elbo", "ELBO (bits per dimension)",
+        "Negative evidence lower bound (Ho et al. eq. 5) in bits per dimension: a bound on -log p(x).",
+    ),
+    MeasurementInfo(
+        "elbo-exact", "ELBO, every timestep (bits per dimension)",
+        "The same bound summed over all T timesteps instead of sampled ones: exact, T times dearer.",
+    ),
+    MeasurementInfo(
+        "trajectory", "Trajectory log-probability",
+        "Minus the log-probability of the exact sampling path x_T ... x_0 that produced the query "
+        "(nats, summed over every step and value, the last step x_1 -> x_0 included); "
+        "only generated samples have one.",
+        needs_trajectory=True,
+    ),
+    MeasurementInfo(
+        "loss@t", "Loss at one timestep t",
+        "The loss at a single noise level t (1 = almost clean, 1000 = pure noise).",
+    ),
+    MeasurementInfo(
+        "square-norm", "Square norm (D-TRAK's measurement)",
+        "Squared norm of the predicted noise, the surrogate D-TRAK uses (not a likelihood).",
+    ),
+)
+
+
+def measurement_info(spec: str) -> MeasurementInfo | None:
+    """The catalogue entry of a measurement name (``loss@t=500`` -> the ``loss@t`` entry)."""
+    key = "loss@t" if spec.startswith("loss@t") else spec
+    return next((m for m in CATALOGUE if m.spec == key), None)
+
+
+@dataclass(frozen=True)
 class Measurement:
     """Which measurement; ``t_idx`` (0-based) for loss@t; ``exact`` sums all t for the ELBO."""
 
@@ -30,9 +78,10 @@ class Measurement:
     exact: bool = False
 
     def __str__(self) -> str:
+        """The text form ``parse_measurement`` reads back: str(parse_measurement(s)) == s."""
         if self.kind == "loss@t":
             return f"loss@t={self.t_idx + 1}"
-        return self.kind + ("(exact)" if self.exact else "")
+        return self.kind + ("-exact" if self.exact else "")
 
 
 def parse_measurement(text: str, num_timesteps: int = 1000) -> Measurement:

@@ -1,6 +1,6 @@
 """Training loop: full set, a subset, or the full set without given indices.
 
-Recipe (DESIGN.md 2): AdamW, linear warm-up over ``warmup_frac`` of the steps then
+Recipe (docs/architecture.md §3): AdamW, linear warm-up over ``warmup_frac`` of the steps then
 cosine decay to zero, gradient-norm clipping, EMA of the weights (the EMA weights are
 the model).  Objective L(theta) = (1/N) sum_n l(theta, x_n) with one (t, eps) draw per
 example per step.

@@ -3,7 +3,7 @@
 Residual blocks with a time embedding, GroupNorm, strided-conv down-sampling,
 nearest-neighbour up-sampling and self-attention at chosen resolutions.
 
-K-FAC (DESIGN.md 4) treats every ``nn.Conv2d`` and ``nn.Linear`` as one block and hooks
+K-FAC (docs/architecture.md §4) treats every ``nn.Conv2d`` and ``nn.Linear`` as one block and hooks
 each module's input and output-gradient.  That only works if each module is *called
 once per forward*: attention therefore uses three separate ``nn.Linear`` projections
 (q, k, v) and one output projection, never a shared module used twice.

@@ -1,4 +1,4 @@
-"""One interface for every attribution method (DESIGN.md 4-5).
+"""One interface for every attribution method (docs/architecture.md §4-5).
 
 Life cycle, driven by ``engine.attribution.session.AttributionSession``:
 
@@ -10,7 +10,7 @@ Life cycle, driven by ``engine.attribution.session.AttributionSession``:
    parameters (in ``ctx.params`` order), computed once by the session and shared by
    every method that asks for the same measurement (common random numbers).
 3. ``score(prepared, damping)``: scores for all N training images, float32 (N,).
-   Influence methods use DESIGN.md's sign and scale: positive = proponent, and
+   Influence methods use docs/architecture.md §4's sign and scale: positive = proponent, and
    tau_i = (1/N) grad m^T (G + lambda I)^{-1} grad l_i.  Changing damping calls only this.
 """
 
@@ -24,7 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...config import AttributionConfig
 from ...model.measurements import Measurement
+from ..context import EngineContext
+from ..query import QueryInput
+from ..scoring import EigenbasisQuery
 
 Progress = Callable[[str, float], None]  # (message, fraction done in [0, 1])
 
@@ -33,23 +37,26 @@ def no_progress(message: str, fraction: float) -> None:
     return None
 
 
-@dataclass
-class QueryInput:
-    """What is being attributed: an image (C, H, W) in [-1, 1] and, if sampled, its trajectory."""
-
-    image: torch.Tensor | None
-    trajectory: torch.Tensor | None = None  # (T+1, C, H, W), x_T first
-    description: str = ""
-    label: int | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Prepared:
-    """Damping-independent per-query state of one method."""
+    """Damping-independent per-query state of one method; each family of methods subclasses it
+    (no untyped payload: the session keeps it for ``rescore`` and reads nothing else)."""
 
-    data: Any
     timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class FixedScores(Prepared):
+    """State of a method whose scores do not depend on damping (similarities): the scores."""
+
+    scores: np.ndarray
+
+
+@dataclass(kw_only=True)
+class EigenPrepared(Prepared):
+    """State of an influence method scored by the eigenbasis operator (K-FAC, TRAK, D-TRAK)."""
+
+    query: EigenbasisQuery
 
 
 class Unavailable(RuntimeError):
@@ -57,23 +64,61 @@ class Unavailable(RuntimeError):
 
 
 class AttributionMethod(ABC):
+    """A method describes itself with these class attributes; nothing outside
+    ``engine.attribution.methods`` keeps a table of methods.
+
+    * ``name``, ``title``, ``caption``: how it is called on the command line and shown in the app;
+    * ``kind``: "influence" (scores on eq. 6's sign and scale, removal predictions) or "similarity";
+    * ``damping_field``: the ``AttributionConfig`` field holding its default damping (None: no
+      damping); ``configured_damping`` reads it, the one place a default damping is computed;
+    * ``damping_range``: the dampings the app's slider offers (None: no slider);
+    * ``config_fields``: its own section of ``AttributionConfig`` (shown with the cache status);
+    * ``shards``: its build is split over ``torchrun`` ranks (``engine.distributed``);
+    * ``in_sweeps``: the LDS sweeps its damping (``engine.evaluation.lds``);
+    * ``lds_loss_variant``: for a measurement other than the loss, the LDS also scores it with
+      the loss measurement (paper section 4.1: K-FAC with the loss predicts the ELBO best).
+    """
+
     name: str = ""
     title: str = ""
     kind: str = "influence"  # influence | similarity
     caption: str = ""  # one plain-language line for the app
     needs_gradient: bool = True
-    default_damping: float | None = None
+    damping_field: str | None = None
+    damping_range: tuple[float, float] | None = None
+    config_fields: tuple[str, ...] = ()
+    shards: bool = False
+    in_sweeps: bool = False
+    lds_loss_variant: bool = False
+    default_damping: float | None = None  # set from the config by ``__init__``
+
+    def __init__(self, config: AttributionConfig | None = None):
+        self.config = config or AttributionConfig()
+        self.default_damping = self.configured_damping(self.config)
+
+    @classmethod
+    def configured_damping(cls, config: AttributionConfig, num_train: int | None = None) -> float | None:
+        """The default damping under ``config`` (``damping_field``), None for methods without one.
+        ``num_train`` (N) is for methods whose default scales with the training set (TRAK, D-TRAK)."""
+        return None if cls.damping_field is None else float(getattr(config, cls.damping_field))
+
+    def settings(self, ctx: EngineContext) -> dict[str, Any]:
+        """What this method's results depend on, for display: M and seed for gradient methods,
+        plus its ``config_fields``.  Methods with caches return their cache key instead."""
+        c = self.config
+        common = {"mc_samples": c.mc_samples, "seed": c.seed} if self.needs_gradient else {}
+        return {**common, **{f: getattr(c, f) for f in self.config_fields}}
 
     @abstractmethod
-    def build(self, ctx: Any, progress: Progress = no_progress) -> None: ...
+    def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None: ...
 
     @abstractmethod
-    def is_built(self, ctx: Any) -> bool: ...
+    def is_built(self, ctx: EngineContext) -> bool: ...
 
-    def availability(self, ctx: Any) -> tuple[bool, str | None]:
+    def availability(self, ctx: EngineContext) -> tuple[bool, str | None]:
         return True, None
 
-    def cache_keys(self, ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+    def cache_keys(self, ctx: EngineContext) -> list[tuple[str, dict[str, Any]]]:
         """(name, settings) of every store artefact this method uses under the current settings.
 
         Sizes and recorded build times are read from these only, so caches of other settings kept
@@ -81,13 +126,13 @@ class AttributionMethod(ABC):
         """
         return []
 
-    def size_mb(self, ctx: Any) -> float:
+    def size_mb(self, ctx: EngineContext) -> float:
         """Disk size of this method's caches for the current settings (MiB)."""
         if ctx.store is None:
             return 0.0
         return sum(ctx.store.size_mb(n, s) for n, s in self.cache_keys(ctx))
 
-    def recorded_build_seconds(self, ctx: Any) -> float | None:
+    def recorded_build_seconds(self, ctx: EngineContext) -> float | None:
         """Build time stored with the current caches when they were built (None if none recorded)."""
         if ctx.store is None:
             return None
@@ -100,7 +145,32 @@ class AttributionMethod(ABC):
         return measurement if self.needs_gradient else None
 
     @abstractmethod
-    def prepare(self, ctx: Any, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared: ...
+    def prepare(self, ctx: EngineContext, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared: ...
 
     @abstractmethod
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray: ...
+
+
+class MissingMethod(AttributionMethod):
+    """Stand-in for a method whose module cannot be imported: always unavailable, with the reason."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__()
+        self.name = name
+        self.title = name
+        self.reason = reason
+
+    def availability(self, ctx: EngineContext) -> tuple[bool, str | None]:
+        return False, self.reason
+
+    def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
+        raise Unavailable(self.reason)
+
+    def is_built(self, ctx: EngineContext) -> bool:
+        return False
+
+    def prepare(self, ctx: EngineContext, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
+        raise Unavailable(self.reason)
+
+    def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
+        raise Unavailable(self.reason)

@@ -1,4 +1,4 @@
-"""CLIP similarity baseline (DESIGN.md 5): cosine of open_clip image embeddings.
+"""CLIP similarity baseline (docs/architecture.md §5): cosine of open_clip image embeddings.
 
 score_i = cos(E(x_q), E(x_i)), E = the CLIP image encoder after CLIP's preprocessing
 (3 channels, resized to the encoder's input size, normalised by its mean/std).  A semantic
@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from ...config import AttributionConfig
-from .base import AttributionMethod, Prepared, Progress, QueryInput, Unavailable, no_progress
+from ..context import EngineContext
+from .base import AttributionMethod, FixedScores, Prepared, Progress, QueryInput, Unavailable, no_progress
 
 FORMAT = 1
 
@@ -163,21 +164,21 @@ class CLIPCosine(AttributionMethod):
     kind = "similarity"
     caption = "How alike the images look to a CLIP image model (cosine of embeddings); a semantic nearest-neighbour check, not influence."
     needs_gradient = False
-    default_damping = None
+    config_fields = ("clip_model", "clip_pretrained")
     batch_size = 64
 
     def __init__(self, config: AttributionConfig | None = None):
-        self.config = config or AttributionConfig()
+        super().__init__(config)
         self._model: tuple[str, Any, dict[str, Any]] | None = None
         self._embeddings: dict[str, torch.Tensor] = {}
 
     # --- settings -----------------------------------------------------------------------
 
     @staticmethod
-    def _names(ctx: Any) -> tuple[str, str | None]:
+    def _names(ctx: EngineContext) -> tuple[str, str | None]:
         return str(ctx.config.clip_model), ctx.config.clip_pretrained
 
-    def settings(self, ctx: Any) -> dict[str, Any]:
+    def settings(self, ctx: EngineContext) -> dict[str, Any]:
         import open_clip
 
         model_name, pretrained = self._names(ctx)
@@ -198,7 +199,7 @@ class CLIPCosine(AttributionMethod):
             s["init_seed"] = int(ctx.config.seed)
         return s
 
-    def availability(self, ctx: Any) -> tuple[bool, str | None]:
+    def availability(self, ctx: EngineContext) -> tuple[bool, str | None]:
         try:
             resolve_weights(*self._names(ctx))
         except Unavailable as e:
@@ -207,18 +208,18 @@ class CLIPCosine(AttributionMethod):
             return False, f"CLIP cannot be loaded: {e}"
         return True, None
 
-    def is_built(self, ctx: Any) -> bool:
+    def is_built(self, ctx: EngineContext) -> bool:
         try:
             return ctx.store.exists(self.name, self.settings(ctx))
         except Exception:
             return False
 
-    def cache_keys(self, ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+    def cache_keys(self, ctx: EngineContext) -> list[tuple[str, dict[str, Any]]]:
         return [(self.name, self.settings(ctx))]
 
     # --- model --------------------------------------------------------------------------
 
-    def load_model(self, ctx: Any) -> tuple[Any, dict[str, Any]]:
+    def load_model(self, ctx: EngineContext) -> tuple[Any, dict[str, Any]]:
         """(model in eval mode, preprocessing {size, mean, std}); ``Unavailable`` when the weights are absent."""
         import open_clip
 
@@ -250,7 +251,7 @@ class CLIPCosine(AttributionMethod):
         return model, prep
 
     @torch.no_grad()
-    def embed(self, ctx: Any, images: torch.Tensor, progress: Progress = no_progress) -> torch.Tensor:
+    def embed(self, ctx: EngineContext, images: torch.Tensor, progress: Progress = no_progress) -> torch.Tensor:
         """Unit-norm CLIP embeddings (B, d) of [-1, 1] images, float32 on the CPU."""
         model, prep = self.load_model(ctx)
         out = []
@@ -265,7 +266,7 @@ class CLIPCosine(AttributionMethod):
 
     # --- life cycle ---------------------------------------------------------------------
 
-    def build(self, ctx: Any, progress: Progress = no_progress) -> None:
+    def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
         settings = self.settings(ctx)
         if not ctx.store.exists(self.name, settings):
             t0 = time.perf_counter()
@@ -276,7 +277,7 @@ class CLIPCosine(AttributionMethod):
         self._train_embeddings(ctx)
         progress(f"{self.title}: built", 1.0)
 
-    def _train_embeddings(self, ctx: Any) -> torch.Tensor:
+    def _train_embeddings(self, ctx: EngineContext) -> torch.Tensor:
         settings = self.settings(ctx)
         key = str(ctx.store.path(self.name, settings))
         if key not in self._embeddings:
@@ -289,7 +290,7 @@ class CLIPCosine(AttributionMethod):
     def query_measurement(self, measurement: Any) -> None:
         return None
 
-    def prepare(self, ctx: Any, query: QueryInput, query_grad: torch.Tensor | None = None) -> Prepared:
+    def prepare(self, ctx: EngineContext, query: QueryInput, query_grad: torch.Tensor | None = None) -> Prepared:
         if query.image is None:
             raise ValueError("CLIP similarity needs a query image")
         t0 = time.perf_counter()
@@ -297,9 +298,10 @@ class CLIPCosine(AttributionMethod):
         q = self.embed(ctx, query.image[None])[0]
         t1 = time.perf_counter()
         scores = (train @ q).clamp(-1.0, 1.0).numpy().astype(np.float32)  # cosine; rounding can exceed 1
-        return Prepared(
-            data=scores, timing_ms={"embed": (t1 - t0) * 1e3, "similarity": (time.perf_counter() - t1) * 1e3}
+        return FixedScores(
+            scores=scores, timing_ms={"embed": (t1 - t0) * 1e3, "similarity": (time.perf_counter() - t1) * 1e3}
         )
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
-        return prepared.data
+        assert isinstance(prepared, FixedScores)
+        return prepared.scores

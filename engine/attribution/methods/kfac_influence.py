@@ -1,4 +1,4 @@
-"""K-FAC Influence (paper eqs. 5, 6, 9-12; DESIGN.md 4): the recommended method.
+"""K-FAC Influence (paper eqs. 5, 6, 9-12; docs/architecture.md §4): the recommended method.
 
     tau_i(q) = (1/N) grad m(q)^T (G + lambda I)^{-1} grad l(x_i),
 
@@ -26,22 +26,18 @@ import torch
 
 from ... import distributed
 from ...config import AttributionConfig
-from ..bank import RotatedBank, StreamedBank, build_bank
+from ..bank_kinds import bank_kind
+from ..context import EngineContext
 from ..curvature import KFACFactors, compute_kfac, layout
-from ..damping_grid import COARSE_GRID, DAMPING_GRID, interpolate
+from ..damping_grid import DAMPING_GRID, SUPPORTED  # noqa: F401 - DAMPING_GRID: the grid of the first pass
+from ..gradients import num_params
+from ..scoring import EigenbasisQuery, Rows
 from ..train_draws import draw_settings
-from .base import AttributionMethod, Prepared, Progress, QueryInput, no_progress
+from .base import AttributionMethod, EigenPrepared, Prepared, Progress, QueryInput, no_progress
 
 FACTORS = "kfac-factors"
 BANK = "kfac-bank"
 FACTOR_SHARE = 0.75  # share of the progress bar for the factor pass (the costlier one on CPU)
-# Dampings scored together with the first requested one (one pass over the bank): moving the
-# app's power-of-ten damping slider is a lookup, and any damping in damping_grid.SUPPORTED is
-# interpolated from them (engine.attribution.damping_grid) instead of another pass.
-GRID_MAX_BYTES = 256 << 20  # fall back to the coarse grid (then none) when G x P float32 queries exceed this
-# ... unless the bank is streamed: then every uncached damping is a full gradient pass
-GRID_MAX_BYTES_STREAMED = 4 << 30
-BANK_MODES = ("auto", "stored", "streamed")
 KFAC_BLOCKS = ("separate", "joint")
 
 
@@ -59,26 +55,31 @@ class KFACInfluence(AttributionMethod):
         "the probability of generating this image"
     )
     needs_gradient = True
+    damping_field = "kfac_damping"
+    damping_range = SUPPORTED
+    config_fields = ("fisher_type", "kfac_approx", "ekfac", "kfac_blocks", "draws")
+    shards = True
+    in_sweeps = True
+    lds_loss_variant = True
 
     def __init__(self, config: AttributionConfig, quantize: bool = True, factor_draws: int | None = None):
         """``factor_draws``: use only the first k of the M train draws for the factors (None: all M,
-        the DESIGN.md default).  The factor pass costs several times the bank pass on CPU
+        the default of docs/architecture.md §6).  The factor pass costs several times the bank pass on CPU
         (K-FAC-expand input covariances of 3x3 convolutions), and N*k rows are plenty for
         an average, so this is the knob that trades build time for factor accuracy."""
-        self.config = config
+        super().__init__(config)
         self.quantize = bool(quantize)
         self.factor_draws = None if factor_draws is None else int(factor_draws)
-        self.default_damping = config.kfac_damping
         self.factor_batch = 256  # (example, draw) rows per curvlinops batch
         self.chunk_size = 128  # examples per saved bank part
         self.factors: KFACFactors | None = None
-        self.bank: RotatedBank | StreamedBank | None = None
+        self.bank: Rows | None = None
         self._eigenvalues: torch.Tensor | None = None
         self._key: tuple | None = None
 
     # --- cache keys ---------------------------------------------------------------------
 
-    def factor_settings(self, ctx: Any) -> dict[str, Any]:
+    def factor_settings(self, ctx: EngineContext) -> dict[str, Any]:
         c = self.config
         dtype = str(ctx.params[0][1].dtype).removeprefix("torch.")
         return {
@@ -96,41 +97,40 @@ class KFACInfluence(AttributionMethod):
             "factor_draws": self.factor_draws,
         }
 
-    def bank_settings(self, ctx: Any) -> dict[str, Any]:
+    def bank_settings(self, ctx: EngineContext) -> dict[str, Any]:
         s = self.factor_settings(ctx)
         s.update(loss="loss", quantize=self.quantize, chunk_size=self.chunk_size)
         return s
 
-    def settings(self, ctx: Any) -> dict[str, Any]:
+    def settings(self, ctx: EngineContext) -> dict[str, Any]:
         """For display (cache status): the bank's key plus how the bank is kept."""
         return {**self.bank_settings(ctx), "bank": self.bank_mode(ctx)}
 
-    def cache_keys(self, ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+    def cache_keys(self, ctx: EngineContext) -> list[tuple[str, dict[str, Any]]]:
         keys = [(FACTORS, self.factor_settings(ctx))]
-        if self.bank_mode(ctx) == "stored":
+        if bank_kind(self.bank_mode(ctx)).stored:
             keys.append((BANK, self.bank_settings(ctx)))
         return keys
 
     # --- life cycle ---------------------------------------------------------------------
 
-    def is_built(self, ctx: Any) -> bool:
+    def is_built(self, ctx: EngineContext) -> bool:
         if self._key == self._ctx_key(ctx):
             return True
         if ctx.store is None:
             return False
         if not ctx.store.exists(FACTORS, self.factor_settings(ctx)):
             return False
-        return self.bank_mode(ctx) == "streamed" or ctx.store.exists(BANK, self.bank_settings(ctx))
+        return not bank_kind(self.bank_mode(ctx)).stored or ctx.store.exists(BANK, self.bank_settings(ctx))
 
-    def bank_mode(self, ctx: Any) -> str:
+    def bank_mode(self, ctx: EngineContext) -> str:
         """"stored" or "streamed": config.kfac_bank, or for "auto" stored when the int8 bank
         (N x P bytes; 4x that unquantised) fits in config.kfac_bank_max_gb GiB."""
         mode = self.config.kfac_bank
-        if mode not in BANK_MODES:
-            raise ValueError(f"kfac_bank must be one of {BANK_MODES}, not {mode!r}")
         if mode != "auto":
+            bank_kind(mode)  # ValueError naming the valid kinds
             return mode
-        nbytes = len(ctx.dataset) * ctx.num_params * (1 if self.quantize else 4)
+        nbytes = len(ctx.dataset) * num_params(ctx.params) * (1 if self.quantize else 4)
         return "stored" if nbytes <= self.config.kfac_bank_max_gb * (1 << 30) else "streamed"
 
     def _joint(self) -> bool:
@@ -138,10 +138,10 @@ class KFACInfluence(AttributionMethod):
             raise ValueError(f"kfac_blocks must be one of {KFAC_BLOCKS}, not {self.config.kfac_blocks!r}")
         return self.config.kfac_blocks == "joint"
 
-    def _ctx_key(self, ctx: Any) -> tuple:
+    def _ctx_key(self, ctx: EngineContext) -> tuple:
         return (id(ctx.model), ctx.checkpoint_hash, tuple(sorted(self.bank_settings(ctx).items())))
 
-    def build(self, ctx: Any, progress: Progress = no_progress) -> None:
+    def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
         """Compute or load the factors, then the bank (progress: factors 0-0.75, bank 0.75-1)."""
         if self._key == self._ctx_key(ctx):
             return
@@ -185,35 +185,18 @@ class KFACInfluence(AttributionMethod):
                 shard.barrier()  # the other ranks may load them now
         self.factors = factors
         self._eigenvalues = factors.eigenvalues().to(ctx.device)
-        if self.bank_mode(ctx) == "streamed":
-            self.bank = StreamedBank(
-                ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, factors, ctx.params
-            )
-            self._key = self._ctx_key(ctx)
-            progress(f"{self.title}: ready (training gradients streamed per query)", 1.0)
-            return
-        bs = self.bank_settings(ctx)
-        bank_settings = {k: v for k, v in bs.items() if k not in ("quantize", "chunk_size")}
-        self.bank = build_bank(
-            ctx.model,
-            ctx.diffusion,
-            ctx.dataset.images,
-            ctx.train_draws,
-            factors,
-            ctx.params,
-            store=ctx.store,
-            name=BANK,
-            settings=bank_settings,
-            loss="loss",
-            quantize=self.quantize,
-            chunk_size=self.chunk_size,
-            device=ctx.device,
-            progress=lambda msg, f: progress(f"{self.title}: {msg}", FACTOR_SHARE + (1 - FACTOR_SHARE) * f),
-        )
+        self.bank = bank_kind(self.bank_mode(ctx)).build(self, ctx, factors, progress)
         self._key = self._ctx_key(ctx)
         progress(f"{self.title}: ready", 1.0)
 
-    def prepare(self, ctx: Any, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
+    def rotate(self, grads: torch.Tensor) -> torch.Tensor:
+        """Gradients (P,) or (b, P) in ``ctx.params`` order -> the eigenbasis of the factors
+        (per block Q_B^T W Q_A, eqs. 9-12): the coordinates of the bank's rows."""
+        if self.factors is None:
+            raise RuntimeError(f"{self.title} is not built yet: call build() first")
+        return self.factors.rotate(grads)
+
+    def prepare(self, ctx: EngineContext, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
         if query_grad is None:
             raise ValueError("K-FAC Influence needs the query's measurement gradient")
         if self._key != self._ctx_key(ctx):
@@ -223,48 +206,21 @@ class KFACInfluence(AttributionMethod):
         g = query_grad.to(ctx.device, ctx.params[0][1].dtype)
         rotated = self.factors.rotate(g)
         ms = (time.perf_counter() - t0) * 1000.0
-        return Prepared(
-            data={"rotated": rotated, "eigenvalues": self._eigenvalues, "bank": self.bank},
-            timing_ms={"rotate": ms},
-        )
+        query = EigenbasisQuery(rotated=rotated, eigenvalues=self._eigenvalues, rows=self.bank)
+        return EigenPrepared(query=query, timing_ms={"rotate": ms})
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
-        """tau (N,) float32 for this damping: one division and one pass over the bank.
+        """tau (N,) float32 for this damping (eq. 6 through ``scoring.EigenbasisQuery``).
 
         The first call for a query also scores every damping of ``DAMPING_GRID`` (49 values,
-        1e-13..1e3) in the same pass (``RotatedBank.score_many``) and keeps them in
-        ``prepared``; a later call with a grid damping is a lookup, one within
-        ``damping_grid.SUPPORTED`` is a weighted sum of the grid's scores (exact up to a
-        relative 1e-4 per eigen-coordinate, engine.attribution.damping_grid), and any other is one more pass.
+        1e-13..1e3) in the same pass over the bank and keeps them; a later call with a grid
+        damping is a lookup, one within ``damping_grid.SUPPORTED`` is a weighted sum of the
+        grid's scores (exact up to a relative 1e-4 per eigen-coordinate), and any other is one
+        more pass.
         """
+        assert isinstance(prepared, EigenPrepared)
         lam = self.default_damping if damping is None else float(damping)
-        d = prepared.data
-        cache: dict[float, np.ndarray] = d.setdefault("scores", {})
         t0 = time.perf_counter()
-        if lam not in cache:
-            grid = d.get("grid_values")
-            interpolated = interpolate(cache, lam, grid) if grid else None
-            if interpolated is not None:
-                cache[lam] = interpolated
-            else:
-                eig = d["eigenvalues"].to(d["rotated"].dtype)
-                grid = self._grid_for(d) if not cache and d.get("grid", True) else None
-                if grid:
-                    lams = sorted(set(grid) | {lam})
-                    lam_t = torch.tensor(lams, dtype=eig.dtype, device=eig.device)[:, None]
-                    many = d["bank"].score_many(d["rotated"][None] / (eig[None] + lam_t))
-                    cache.update({lv: many[i] for i, lv in enumerate(lams)})
-                    d["grid_values"] = grid
-                else:
-                    cache[lam] = d["bank"].score(d["rotated"] / (eig + lam))
+        scores = prepared.query.score(lam)
         prepared.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
-        return cache[lam]
-
-    @staticmethod
-    def _grid_for(d: dict[str, Any]) -> tuple[float, ...] | None:
-        """The fine grid if its G x P queries fit the limit, else the powers of ten, else none."""
-        limit = GRID_MAX_BYTES_STREAMED if isinstance(d["bank"], StreamedBank) else GRID_MAX_BYTES
-        for grid in (DAMPING_GRID, COARSE_GRID):
-            if (len(grid) + 1) * d["rotated"].numel() * 4 <= limit:
-                return grid
-        return None
+        return scores

@@ -1,4 +1,4 @@
-"""Pixel-space similarity (DESIGN.md 5): the nearest-neighbour check of memorisation studies.
+"""Pixel-space similarity (docs/architecture.md §5): the nearest-neighbour check of memorisation studies.
 
 score_i = cos(c(x_q), c(x_i)),  c(x) = x - mean(x)  (flattened [-1, 1] values)
 
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ...config import AttributionConfig
-from .base import AttributionMethod, Prepared, Progress, QueryInput, no_progress
+from ..context import EngineContext
+from .base import AttributionMethod, FixedScores, Prepared, Progress, QueryInput, no_progress
 
 EPS = 1e-12
 
@@ -42,30 +43,29 @@ class PixelCosine(AttributionMethod):
         "How alike the pixels look (correlation of pixel values); a nearest-neighbour check, not influence."
     )
     needs_gradient = False
-    default_damping = None
 
     def __init__(self, config: AttributionConfig | None = None):
-        self.config = config or AttributionConfig()
+        super().__init__(config)
         self._train: dict[int, torch.Tensor] = {}
 
-    def _train_matrix(self, ctx: Any) -> torch.Tensor:
+    def _train_matrix(self, ctx: EngineContext) -> torch.Tensor:
         images = ctx.dataset.images
         key = id(images)
         if key not in self._train:
             self._train = {key: centred_unit(images.detach().cpu())}
         return self._train[key]
 
-    def build(self, ctx: Any, progress: Progress = no_progress) -> None:
+    def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
         self._train_matrix(ctx)
         progress(f"{self.title}: ready", 1.0)
 
-    def is_built(self, ctx: Any) -> bool:
+    def is_built(self, ctx: EngineContext) -> bool:
         return True  # nothing to cache: the training matrix takes milliseconds
 
     def query_measurement(self, measurement: Any) -> None:
         return None
 
-    def prepare(self, ctx: Any, query: QueryInput, query_grad: torch.Tensor | None = None) -> Prepared:
+    def prepare(self, ctx: EngineContext, query: QueryInput, query_grad: torch.Tensor | None = None) -> Prepared:
         if query.image is None:
             raise ValueError("pixel similarity needs a query image")
         t0 = time.perf_counter()
@@ -78,7 +78,8 @@ class PixelCosine(AttributionMethod):
             )
         q = centred_unit(img[None])[0]
         scores = (train @ q).clamp(-1.0, 1.0).numpy().astype(np.float32)  # cosine; rounding can exceed 1
-        return Prepared(data=scores, timing_ms={"similarity": (time.perf_counter() - t0) * 1e3})
+        return FixedScores(scores=scores, timing_ms={"similarity": (time.perf_counter() - t0) * 1e3})
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
-        return prepared.data
+        assert isinstance(prepared, FixedScores)
+        return prepared.scores

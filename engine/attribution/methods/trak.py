@@ -1,4 +1,4 @@
-"""TRAK and D-TRAK baselines (DESIGN.md 5).
+"""TRAK and D-TRAK baselines (docs/architecture.md §5).
 
 TRAK (Park et al. 2023), as adapted to diffusion models (Georgiev et al. 2023; Zheng et al.
 2024), with a random projection P (``engine.attribution.projection``, E[P P^T] = I):
@@ -8,7 +8,7 @@ TRAK (Park et al. 2023), as adapted to diffusion models (Georgiev et al. 2023; Z
     F     = (1/N) sum_i phi_i phi_i^T            (empirical Fisher in the projected space)
     tau_i = (1/N) phi_q^T (F + lambda I)^{-1} phi_i
 
-which is DESIGN.md 4's tau_i = (1/N) grad m^T (G + lambda I)^{-1} grad l_i with G the
+which is docs/architecture.md §4's tau_i = (1/N) grad m^T (G + lambda I)^{-1} grad l_i with G the
 empirical Fisher, in projected coordinates: same sign (positive = proponent) and scale
 as K-FAC Influence, with lambda on the scale of G for the mean loss.
 
@@ -40,10 +40,13 @@ from ... import distributed
 from ...config import AttributionConfig, trak_default_damping
 from ...model.diffusion import MCDraws
 from ...model.measurements import Measurement
+from ..context import EngineContext
+from ..damping_grid import SUPPORTED
 from ..gradients import num_params
 from ..projection import TILE_ROWS, RandomProjection
+from ..scoring import DenseRows, EigenbasisQuery
 from ..train_draws import draw_settings
-from .base import AttributionMethod, Prepared, Progress, QueryInput, no_progress
+from .base import AttributionMethod, EigenPrepared, Prepared, Progress, QueryInput, no_progress
 
 FORMAT = 1
 
@@ -113,7 +116,7 @@ def fisher_eigenbasis(
 
 
 class TRAK(AttributionMethod):
-    """TRAK with the diffusion training loss; scores on DESIGN.md 4's scale."""
+    """TRAK with the diffusion training loss; scores on docs/architecture.md §4's scale."""
 
     name = "trak"
     title = "TRAK"
@@ -123,32 +126,36 @@ class TRAK(AttributionMethod):
         "(Park et al. 2023). Positive: removing that image would make the query less likely."
     )
     needs_gradient = True
+    damping_field = "trak_damping"
+    damping_range = SUPPORTED  # every damping there is a lookup or interpolation of the first pass's grid
+    config_fields = ("trak_dim",)
+    shards = True
+    in_sweeps = True
     loss = "loss"  # which per-example function's gradient forms phi_i
     batch_size = 32  # examples per gradient batch
     part_size = 256  # examples per saved part (resumable build)
 
+    @classmethod
+    def configured_damping(cls, config: AttributionConfig, num_train: int | None = None) -> float | None:
+        """The configured damping, or (None configured) the authors' best on TRAK's scale divided by
+        the training-set size: 0.1/N (TRAK), 1/N (D-TRAK); None while N is unknown."""
+        if getattr(config, cls.damping_field) is None and num_train is None:
+            return None
+        return trak_default_damping(config, cls.name, int(num_train or 1))
+
     def __init__(self, config: AttributionConfig | None = None, projection: str | None = None):
-        self.config = config or AttributionConfig()
+        super().__init__(config)
         self.projection_kind = projection or self.config.trak_projection
-        # None until a context gives N, when the config leaves it to the N-scaled default
-        self.default_damping = self._config_damping(self.config, None)
         self._loaded: dict[str, dict[str, Any]] = {}
         self._projections: dict[str, RandomProjection] = {}
 
-    def _config_damping(self, config: AttributionConfig, num_train: int | None) -> float | None:
-        """The configured damping, or 0.1/N (TRAK) and 1/N (D-TRAK) once N is known (else None)."""
-        explicit = config.trak_damping if self.name == "trak" else config.dtrak_damping
-        if explicit is None and num_train is None:
-            return None
-        return trak_default_damping(config, self.name, int(num_train or 1))
-
     # --- settings and cache -------------------------------------------------------------
 
-    def _dim(self, ctx: Any, dim: int | None) -> int:
+    def _dim(self, ctx: EngineContext, dim: int | None) -> int:
         p = num_params(ctx.params)
         return p if self.projection_kind == "identity" else min(int(dim or ctx.config.trak_dim), p)
 
-    def projection(self, ctx: Any, dim: int | None = None) -> RandomProjection:
+    def projection(self, ctx: EngineContext, dim: int | None = None) -> RandomProjection:
         """The seeded projection for this context (k = ``dim`` or config.trak_dim, capped at P)."""
         p = num_params(ctx.params)
         k = self._dim(ctx, dim)
@@ -159,7 +166,7 @@ class TRAK(AttributionMethod):
             )
         return self._projections[key]
 
-    def settings(self, ctx: Any, dim: int | None = None) -> dict[str, Any]:
+    def settings(self, ctx: EngineContext, dim: int | None = None) -> dict[str, Any]:
         """Everything the cached bank depends on (the Store keys its folder by this); ``dim``
         overrides config.trak_dim (a k sweep)."""
         p = num_params(ctx.params)
@@ -183,18 +190,18 @@ class TRAK(AttributionMethod):
             },
         }
 
-    def is_built(self, ctx: Any) -> bool:
+    def is_built(self, ctx: EngineContext) -> bool:
         return ctx.store.exists(self.name, self.settings(ctx))
 
-    def cache_keys(self, ctx: Any) -> list[tuple[str, dict[str, Any]]]:
+    def cache_keys(self, ctx: EngineContext) -> list[tuple[str, dict[str, Any]]]:
         return [(self.name, self.settings(ctx))]
 
-    def build(self, ctx: Any, progress: Progress = no_progress) -> None:
+    def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
         """Project every training gradient (resumable, in parts), then eigendecompose F once."""
         self.build_dims(ctx, [int(ctx.config.trak_dim)], progress)
         self._load(ctx)
 
-    def build_dims(self, ctx: Any, dims: list[int], progress: Progress = no_progress) -> None:
+    def build_dims(self, ctx: EngineContext, dims: list[int], progress: Progress = no_progress) -> None:
         """Build the caches of several projection dimensions k with one gradient pass.
 
         The training gradients do not depend on k, so a k sweep (the paper's k = 32,768 against
@@ -255,7 +262,7 @@ class TRAK(AttributionMethod):
         shard.barrier()
         progress(f"{self.title}: built", 1.0)
 
-    def _load(self, ctx: Any) -> dict[str, Any]:
+    def _load(self, ctx: EngineContext) -> dict[str, Any]:
         settings = self.settings(ctx)
         key = str(ctx.store.path(self.name, settings))
         if key not in self._loaded:
@@ -265,11 +272,11 @@ class TRAK(AttributionMethod):
             self._loaded[key] = {
                 "eigvals": torch.from_numpy(np.array(arrays["eigvals"])),
                 "eigvecs": torch.from_numpy(np.array(arrays["eigvecs"])),
-                "phi_eig": torch.from_numpy(np.array(arrays["phi_eig"])),
+                "rows": DenseRows(torch.from_numpy(np.array(arrays["phi_eig"]))),
             }
         return self._loaded[key]
 
-    def train_features(self, ctx: Any) -> np.ndarray:
+    def train_features(self, ctx: EngineContext) -> np.ndarray:
         """Phi (N x k): the projected training gradients as stored."""
         arrays = ctx.store.load_arrays(self.name, self.settings(ctx))
         if arrays is None:
@@ -278,32 +285,26 @@ class TRAK(AttributionMethod):
 
     # --- queries ------------------------------------------------------------------------
 
-    def prepare(self, ctx: Any, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
+    def prepare(self, ctx: EngineContext, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
         """z_q = V^T P^T grad m(q): everything about the query that does not depend on lambda."""
         if query_grad is None:
             raise ValueError(f"{self.title} needs the query's measurement gradient")
         t0 = time.perf_counter()
+        self.default_damping = self.configured_damping(self.config, len(ctx.dataset))
         state = self._load(ctx)
         phi_q = self.projection(ctx).project(query_grad.reshape(-1).detach()).float().cpu()
         t1 = time.perf_counter()
         z_q = state["eigvecs"].T @ phi_q
         t2 = time.perf_counter()
-        self.default_damping = self._config_damping(self.config, len(ctx.dataset))
-        data = {
-            "z_q": z_q,
-            "eigvals": state["eigvals"],
-            "phi_eig": state["phi_eig"],
-            "default_damping": self.default_damping,
-        }
-        return Prepared(data=data, timing_ms={"project": (t1 - t0) * 1e3, "rotate": (t2 - t1) * 1e3})
+        query = EigenbasisQuery(rotated=z_q, eigenvalues=state["eigvals"], rows=state["rows"])
+        return EigenPrepared(query=query, timing_ms={"project": (t1 - t0) * 1e3, "rotate": (t2 - t1) * 1e3})
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
-        """tau = (1/N) Z (z_q / (s + lambda)); lambda defaults to this method's configured damping."""
-        d = prepared.data
-        lam = d.get("default_damping", self.default_damping) if damping is None else float(damping)
-        n = d["phi_eig"].shape[0]
-        w = d["z_q"] / (d["eigvals"] + lam)
-        return (d["phi_eig"] @ w / n).numpy().astype(np.float32)
+        """tau = (1/N) Z (z_q / (s + lambda)) through ``scoring.EigenbasisQuery``: the first call
+        scores the damping grid too, so later damping changes are lookups or interpolations."""
+        assert isinstance(prepared, EigenPrepared)
+        lam = self.default_damping if damping is None else float(damping)
+        return prepared.query.score(lam)
 
 
 class DTRAK(TRAK):
@@ -315,6 +316,7 @@ class DTRAK(TRAK):
         "TRAK with gradients of the model output's squared norm in place of the loss "
         "(Zheng et al. 2024); always uses the square-norm measurement."
     )
+    damping_field = "dtrak_damping"
     loss = "square-norm"
 
     def query_measurement(self, measurement: Measurement) -> Measurement:

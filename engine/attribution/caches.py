@@ -1,0 +1,122 @@
+"""The caches of every method for one session: whether each is available and built, its
+settings and size, and building or loading them (the CLI's ``build``, the app's status panel).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ..config import AttributionConfig
+from .context import EngineContext
+from .methods.base import AttributionMethod, Progress, Unavailable, no_progress
+
+log = logging.getLogger(__name__)
+
+
+class MethodCaches:
+    """Cache status and builds of ``methods`` (name -> instance) over one engine context."""
+
+    def __init__(
+        self, methods: dict[str, AttributionMethod], ctx: EngineContext, preset_name: str, config: AttributionConfig
+    ):
+        self.methods, self.ctx, self.preset_name, self.config = methods, ctx, preset_name, config
+
+    def availability(self, m: AttributionMethod) -> tuple[bool, str | None]:
+        try:
+            return m.availability(self.ctx)
+        except Unavailable as e:
+            return False, str(e)
+
+    def _size_mb(self, name: str) -> float:
+        """Disk size of a method's caches under the current settings (``AttributionMethod.size_mb``)."""
+        try:
+            return float(self.methods[name].size_mb(self.ctx))
+        except Exception:  # noqa: BLE001 - a size is informative only
+            log.debug("size_mb failed for %s", name, exc_info=True)
+            return 0.0
+
+    def recorded_build_seconds(self, name: str) -> float | None:
+        """Build time stored with a method's current caches when they were built."""
+        try:
+            return self.methods[name].recorded_build_seconds(self.ctx)
+        except Exception:  # noqa: BLE001 - informative only
+            log.debug("recorded_build_seconds failed for %s", name, exc_info=True)
+            return None
+
+    def _settings(self, name: str) -> dict[str, Any]:
+        m = self.methods[name]
+        try:
+            return m.settings(self.ctx)
+        except Exception:  # noqa: BLE001 - informative only (CLIP's needs open_clip)
+            log.debug("settings failed for %s", name, exc_info=True)
+            return AttributionMethod.settings(m, self.ctx)
+
+    def status(self) -> dict[str, dict]:
+        """name -> {"built", "available", "reason", "settings", "size_mb"}."""
+        out: dict[str, dict] = {}
+        for name, m in self.methods.items():
+            available, reason = self.availability(m)
+            built = bool(available and m.is_built(self.ctx))
+            if available and not built and reason is None:
+                reason = self.not_built_reason(name)
+            out[name] = {
+                "built": built,
+                "available": available,
+                "reason": reason,
+                "settings": self._settings(name),
+                "size_mb": self._size_mb(name) if built else 0.0,
+            }
+        return out
+
+    def not_built_reason(self, name: str) -> str:
+        extra = f" --mc-samples {self.config.mc_samples}" if self.methods[name].needs_gradient else ""
+        return f"not built: run `attribution-engine build --preset {self.preset_name} --methods {name}{extra}`"
+
+    def build(self, names: list[str], progress: Progress | None = None) -> dict:
+        """Build (or load) each method's cache; {method: {"seconds", "size_mb", "status"[, "reason"]}}.
+
+        ``progress(message, fraction)`` gets the method name prefixed to every message;
+        fraction is the overall fraction over all methods asked for.
+        """
+        progress = progress or no_progress
+        summary: dict[str, dict] = {}
+        for k, name in enumerate(names):
+            m = self.methods[name]
+
+            def sub(msg: str, frac: float, k: int = k, name: str = name) -> None:
+                progress(f"{name}: {msg}", (k + min(max(frac, 0.0), 1.0)) / len(names))
+
+            available, reason = self.availability(m)
+            if not available:
+                summary[name] = {"status": "unavailable", "reason": reason, "seconds": 0.0, "size_mb": 0.0}
+                sub("unavailable", 1.0)
+                continue
+            t0 = time.perf_counter()
+            try:
+                m.build(self.ctx, sub)
+            except Unavailable as e:
+                summary[name] = {"status": "unavailable", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
+                continue
+            sub("done", 1.0)
+            summary[name] = {
+                "status": "ok",
+                "seconds": time.perf_counter() - t0,
+                "size_mb": self._size_mb(name),
+            }
+        return summary
+
+    def load(self, names: list[str]) -> dict[str, float]:
+        """Load every *built* cache now (factors, banks memory-mapped, features) so the first query
+        is as fast as the others; builds nothing.  Returns seconds per method loaded."""
+        out: dict[str, float] = {}
+        for name in names:
+            m = self.methods[name]
+            if not self.availability(m)[0] or not m.is_built(self.ctx):
+                continue
+            t0 = time.perf_counter()
+            m.build(self.ctx, no_progress)  # a built cache is loaded, not recomputed
+            out[name] = time.perf_counter() - t0
+        return out
+

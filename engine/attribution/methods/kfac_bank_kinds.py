@@ -1,0 +1,43 @@
+"""K-FAC's built-in bank kinds (``engine.attribution.bank_kinds``): ``stored`` and ``streamed``."""
+
+from __future__ import annotations
+
+from ..bank import StreamedBank, build_bank
+from ..bank_kinds import BankKind, register_bank_kind
+from ..context import EngineContext
+from ..curvature import KFACFactors
+from ..scoring import Rows
+from .base import Progress
+from .kfac_influence import BANK, FACTOR_SHARE, KFACInfluence
+
+
+def _stored_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors, progress: Progress) -> Rows:
+    """The rotated int8 bank on disk (resumable build, memory-mapped on load)."""
+    bs = method.bank_settings(ctx)
+    bank_settings = {k: v for k, v in bs.items() if k not in ("quantize", "chunk_size")}
+    return build_bank(
+        ctx.model,
+        ctx.diffusion,
+        ctx.dataset.images,
+        ctx.train_draws,
+        factors,
+        ctx.params,
+        store=ctx.store,
+        name=BANK,
+        settings=bank_settings,
+        loss="loss",
+        quantize=method.quantize,
+        chunk_size=method.chunk_size,
+        device=ctx.device,
+        progress=lambda msg, f: progress(f"{method.title}: {msg}", FACTOR_SHARE + (1 - FACTOR_SHARE) * f),
+    )
+
+
+def _streamed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors, progress: Progress) -> Rows:
+    """No bank on disk: each query's damping grid is one streamed gradient pass."""
+    progress(f"{method.title}: training gradients streamed per query", 1.0)
+    return StreamedBank(ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, factors, ctx.params)
+
+
+register_bank_kind("stored", BankKind(build=_stored_bank, stored=True))
+register_bank_kind("streamed", BankKind(build=_streamed_bank, stored=False))

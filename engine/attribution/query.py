@@ -1,0 +1,292 @@
+"""Query sources: every way a query image reaches the engine, as a ``QueryInput``.
+
+``gallery:N`` (the checkpoint's shipped samples with their trajectories), ``train:N`` (a
+training image), ``image:PATH`` and uploads (any PNG/JPEG, brought to the model's size,
+channels and intensity grid, with notes saying what was done) and ``generate:SEED`` (a new
+DDPM sample with its trajectory).  Digits queries get a label from a logistic regression on
+the real digits, for display and agreement figures only.
+
+The session owns one ``QuerySources``; the gradients and the methods only see ``QueryInput``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Preset
+from ..model.dataset import ImageDataset
+from ..model.diffusion import Diffusion
+from ..model.measurements import quantize
+
+GALLERY_FILE = "gallery.npz"
+
+
+@dataclass
+class QueryInput:
+    """What is being attributed: an image (C, H, W) in [-1, 1] and, if sampled, its trajectory."""
+
+    image: torch.Tensor | None
+    trajectory: torch.Tensor | None = None  # (T+1, C, H, W), x_T first
+    description: str = ""
+    label: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered as asked; the message says why and what to do."""
+
+
+@dataclass
+class GalleryItem:
+    """One shipped generated sample: image (C, H, W) in [-1, 1], its trajectory (T+1, C, H, W) x_T first."""
+
+    index: int
+    seed: int
+    image: torch.Tensor
+    trajectory: torch.Tensor | None
+    label: int | None
+
+
+# --- images from files and uploads --------------------------------------------------------
+
+
+def image_to_model(
+    img: Any, channels: int, size: int, levels: int, dark_background: bool
+) -> tuple[torch.Tensor, list[str]]:
+    """A PIL image -> (C, H, W) tensor in [-1, 1] of the model's size and channels, plus notes.
+
+    Steps, each recorded in the notes when it changes something: drop alpha (composited
+    on the training set's background colour), convert colour <-> grey, centre-crop to a
+    square, resize with antialiasing, invert when the training images are light-on-dark
+    and the upload is dark-on-light (judged by the border), map [0, 255] -> [-1, 1], and
+    snap to the data's intensity grid when it is coarser than 8 bits (digits: 17 levels).
+    """
+    from PIL import Image
+
+    notes: list[str] = []
+    mode = img.mode
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255) if dark_background else (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+        notes.append(f"transparency composited on {'black' if dark_background else 'white'}")
+    if channels == 1:
+        if img.mode != "L":
+            notes.append(f"converted {mode} -> grey")
+            img = img.convert("L")
+    elif channels == 3:
+        if img.mode != "RGB":
+            notes.append(f"converted {mode} -> RGB")
+            img = img.convert("RGB")
+    else:
+        raise QueryError(f"models with {channels} channels cannot take image uploads")
+    w, h = img.size
+    if w != h:
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+        notes.append(f"centre-cropped {w}x{h} -> {s}x{s}")
+        w = h = s
+    if (w, h) != (size, size):
+        img = img.resize((size, size), Image.Resampling.LANCZOS if size > w else Image.Resampling.BOX)
+        notes.append(f"resized {w}x{h} -> {size}x{size}")
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    x = torch.from_numpy(np.ascontiguousarray(arr))
+    if dark_background and size > 2:
+        border = torch.cat([x[:, 0].flatten(), x[:, -1].flatten(), x[:, :, 0].flatten(), x[:, :, -1].flatten()])
+        if float(border.mean()) > 0.5:
+            x = 1.0 - x
+            notes.append("inverted (training images are light on a dark background)")
+    x = x * 2.0 - 1.0
+    notes.append("values mapped to [-1, 1]")
+    if levels < 256:
+        x = quantize(x, levels)
+        notes.append(f"snapped to the {levels}-level grid of the training data")
+    return x.float(), notes
+
+
+def open_image(data: bytes, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise QueryError(f"{what} is not a readable PNG or JPEG image ({e})") from e
+    if img.format not in ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP", "TIFF"):
+        raise QueryError(f"{what} is a {img.format} file; upload a PNG or JPEG image")
+    return img
+
+
+# --- query sources ---------------------------------------------------------------------
+
+
+class QuerySources:
+    """Turns query specs, files, uploads and seeds into ``QueryInput`` for one model and data set."""
+
+    def __init__(
+        self, preset: Preset, model: nn.Module, diffusion: Diffusion, dataset: ImageDataset,
+        device: torch.device, checkpoint: Path,
+    ):
+        self.preset, self.model, self.diffusion, self.dataset = preset, model, diffusion, dataset
+        self.device, self.checkpoint = device, Path(checkpoint)
+        self._gallery: list[GalleryItem] | None = None
+        self._classifier: Any = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        m = self.preset.model
+        return (m.in_channels, m.image_size, m.image_size)
+
+    def gallery(self) -> list[GalleryItem]:
+        """The checkpoint's ``gallery.npz`` (generated samples with trajectories); [] if absent."""
+        if self._gallery is not None:
+            return self._gallery
+        path = self.checkpoint / GALLERY_FILE
+        items: list[GalleryItem] = []
+        if path.is_file():
+            with np.load(path) as z:
+                images = torch.from_numpy(np.asarray(z["images"], dtype=np.float32)) * 2.0 - 1.0
+                n = images.shape[0]
+                seeds = np.asarray(z["seeds"]) if "seeds" in z else np.zeros(n, dtype=np.int64)
+                traj = torch.from_numpy(np.asarray(z["trajectory"], dtype=np.float32)) if "trajectory" in z else None
+                labels = np.asarray(z["labels"]) if "labels" in z else None
+            if tuple(images.shape[1:]) != self.shape:
+                raise ValueError(f"{path}: gallery images are {tuple(images.shape[1:])}, the model takes {self.shape}")
+            for i in range(n):
+                items.append(
+                    GalleryItem(
+                        index=i,
+                        seed=int(seeds[i]),
+                        image=images[i],
+                        trajectory=None if traj is None else traj[i],
+                        label=None if labels is None else int(labels[i]),
+                    )
+                )
+        self._gallery = items
+        return items
+
+    def parse(self, spec: str) -> QueryInput:
+        """``gallery:3`` | ``train:17`` | ``image:PATH`` | ``generate:SEED`` -> QueryInput.
+
+        Raises ``ValueError`` (``QueryError``) with a message saying what is accepted.
+        """
+        spec = spec.strip()
+        kind, sep, arg = spec.partition(":")
+        kind = kind.lower()
+        usage = "expected gallery:N, train:N, image:PATH or generate:SEED"
+        if not sep or not arg:
+            raise QueryError(f"bad query {spec!r}: {usage}")
+        if kind == "image":
+            return self._query_from_path(Path(arg).expanduser())
+        if kind not in ("gallery", "train", "generate"):
+            raise QueryError(f"bad query kind {kind!r} in {spec!r}: {usage}")
+        try:
+            i = int(arg)
+        except ValueError:
+            raise QueryError(f"bad number {arg!r} in query {spec!r}: {usage}") from None
+        if kind == "generate":
+            return self.generate(i)
+        if kind == "train":
+            n = len(self.dataset)
+            if not 0 <= i < n:
+                raise QueryError(f"training index {i} out of range 0..{n - 1}")
+            label = None if self.dataset.labels is None else int(self.dataset.labels[i])
+            return QueryInput(
+                image=self.dataset.images[i].clone(),
+                trajectory=None,
+                description=f"train:{i}",
+                label=label,
+                notes=[f"training image {i} ({self.dataset.ids[i]}); no sampling trajectory"],
+            )
+        items = self.gallery()
+        if not items:
+            raise QueryError(
+                f"no gallery at {self.checkpoint / GALLERY_FILE}; make one with "
+                f"`attribution-engine assets --preset {self.preset.name}` or use train:N / image:PATH"
+            )
+        if not 0 <= i < len(items):
+            raise QueryError(f"gallery index {i} out of range 0..{len(items) - 1}")
+        g = items[i]
+        notes = [f"generated sample {i} of the gallery (seed {g.seed})"]
+        if g.label is not None:
+            notes.append(f"label {g.label} predicted by a classifier, not ground truth")
+        return QueryInput(image=g.image.clone(), trajectory=g.trajectory, description=f"gallery:{i}", label=g.label, notes=notes)
+
+    def _dark_background(self) -> bool:
+        x = self.dataset.images
+        if x.shape[-1] <= 2:
+            return False
+        border = torch.cat([x[:, :, 0].flatten(), x[:, :, -1].flatten(), x[:, :, :, 0].flatten(), x[:, :, :, -1].flatten()])
+        return float(border.mean()) < -0.5
+
+    def _query_from_path(self, path: Path) -> QueryInput:
+        if not path.is_file():
+            raise QueryError(f"no image file at {path}")
+        q = self._query_from_bytes(path.read_bytes(), f"image file {path}")
+        q.description = f"image:{path}"
+        return q
+
+    def _query_from_bytes(self, data: bytes, what: str) -> QueryInput:
+        if not data:
+            raise QueryError(f"{what} is empty")
+        img = open_image(data, what)
+        m = self.preset.model
+        image, notes = image_to_model(img, m.in_channels, m.image_size, self.dataset.levels, self._dark_background())
+        return QueryInput(image=image, trajectory=None, description="upload", label=self._predict_label(image), notes=notes)
+
+    def query_from_upload(self, data: bytes, name: str | None = None) -> QueryInput:
+        """PNG/JPEG bytes -> the model's size and channels; ``notes`` say what was done; ValueError on bad data."""
+        q = self._query_from_bytes(bytes(data), f"upload {name!r}" if name else "the upload")
+        q.description = f"upload:{name}" if name else "upload"
+        return q
+
+    def _predict_label(self, image: torch.Tensor) -> int | None:
+        """Digits only: the label a logistic regression on the real digits gives (for display and agreement)."""
+        if self.preset.data.name != "digits" or self.dataset.labels is None:
+            return None
+        from ..model.gallery import classify, digits_classifier
+
+        if self._classifier is None:
+            self._classifier = digits_classifier(self.dataset)
+        labels, _ = classify(self._classifier, image[None])
+        return int(labels[0])
+
+    def generate(self, seed: int, progress: Callable[[int, int], None] | None = None) -> QueryInput:
+        """One new DDPM sample with its recorded trajectory (all T steps)."""
+        from ..model.sampling import generate
+
+        images, traj = generate(self.model, self.preset, 1, int(seed), True, self.device, progress)
+        image = images[0].clamp(-1.0, 1.0)
+        notes = [f"generated with seed {seed} ({self.diffusion.T} DDPM steps)"]
+        label = self._predict_label(image)
+        if label is not None:
+            notes.append(f"label {label} predicted by a classifier, not ground truth")
+        return QueryInput(image=image, trajectory=traj[0], description=f"generate:{seed}", label=label, notes=notes)
+
+
+def no_trajectory(query: QueryInput) -> str:
+    return (
+        f"the trajectory measurement needs a recorded sampling trajectory, and {query.description or 'this query'} "
+        "has none: use a gallery sample (gallery:N) or a generated one (generate:SEED), or another measurement"
+    )
+
+
+def describe(spec: str) -> str:
+    kind, _, arg = spec.partition(":")
+    return {
+        "gallery": f"generated sample {arg} from the gallery",
+        "train": f"training image {arg}",
+        "image": f"image file {arg}",
+        "upload": f"uploaded image {arg}".strip(),
+        "generate": f"new sample generated with seed {arg}",
+    }.get(kind, spec)

@@ -1,0 +1,122 @@
+"""The eigenbasis scoring operator: the influence score (paper eq. 6) written once.
+
+Every influence method here ends in the same sum.  With the curvature G = U diag(e) U^T
+(K-FAC: eqs. 9-12, U = Q_B (x) Q_A per layer; TRAK/D-TRAK: the projected empirical Fisher),
+the rotated training rows R_i = U^T grad l(x_i) and the rotated query q = U^T grad m(x_q),
+
+    tau_i(lambda) = (1/N) grad m^T (G + lambda I)^{-1} grad l(x_i)
+                  = (1/N) sum_j R_ij q_j / (e_j + lambda)                        (eq. 6)
+
+Positive tau_i: removing x_i would raise the query's measurement (x_i is a proponent).
+N is the training-set size: G is the curvature of the *mean* training loss, so lambda is
+on the scale of G for the mean loss (docs/architecture.md, "The maths contract").
+
+``EigenbasisQuery`` holds one query's damping-free state (q, e, the rows) and answers
+``score(lambda)``.  The first call scores a whole grid of dampings in the same pass over the
+rows (``Rows.inner_many``); a later damping on the grid is a lookup, one inside
+``damping_grid.SUPPORTED`` a weighted sum of the grid's scores (``damping_grid.interpolate``,
+exact to a relative 1e-4 per eigen-coordinate), and any other one exact pass.
+
+A bank kind (stored int8, streamed, or any new one) only has to provide ``Rows``: the number
+of rows, ``inner_many`` and how many bytes of damped queries one pass may take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from .damping_grid import COARSE_GRID, DAMPING_GRID, interpolate
+
+GRID_MAX_BYTES = 256 << 20  # G x P float32 damped queries per pass for rows held in memory
+
+
+@runtime_checkable
+class Rows(Protocol):
+    """Rotated training rows R (N x P'), however they are kept (int8 on disk, streamed, dense)."""
+
+    num_examples: int
+    grid_max_bytes: int  # the damped queries of one grid pass may take this much (else a coarser grid)
+
+    def inner_many(self, queries: torch.Tensor) -> torch.Tensor:
+        """(G, N) inner products <R_i, q_g> for G damped rotated queries (G, P'), without 1/N."""
+        ...
+
+
+class DenseRows:
+    """Rows held as one float tensor (N, k) in memory (TRAK's rotated features)."""
+
+    grid_max_bytes = GRID_MAX_BYTES
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+        self.num_examples = int(rows.shape[0])
+
+    def inner_many(self, queries: torch.Tensor) -> torch.Tensor:
+        q = queries.to(self.rows.device, self.rows.dtype)
+        if q.shape[0] == 1:
+            return (self.rows @ q[0])[None]  # a matrix-vector product for one damping
+        return q @ self.rows.T
+
+
+def choose_grid(rows: Rows, query_numel: int) -> tuple[float, ...] | None:
+    """The fine damping grid if its G x P' float32 queries fit ``rows.grid_max_bytes``, else the
+    powers of ten, else none (then each damping is its own pass)."""
+    for grid in (DAMPING_GRID, COARSE_GRID):
+        if (len(grid) + 1) * query_numel * 4 <= rows.grid_max_bytes:
+            return grid
+    return None
+
+
+def to_scores(inner: torch.Tensor, num_examples: int) -> np.ndarray:
+    """The 1/N of eq. 6, applied once for every method: (G, N) or (N,) float32 on the CPU."""
+    return (inner / num_examples).to(torch.float32).cpu().numpy()
+
+
+@dataclass(kw_only=True)
+class EigenbasisQuery:
+    """One query's damping-independent state in an eigenbasis, and its scores per damping.
+
+    ``rotated`` q (P',) and ``eigenvalues`` e (P',) are in the same coordinates as ``rows``.
+    ``use_grid``: score the damping grid in the first pass (off: one pass per damping).
+    """
+
+    rotated: torch.Tensor
+    eigenvalues: torch.Tensor
+    rows: Rows
+    use_grid: bool = True
+    scores: dict[float, np.ndarray] = field(default_factory=dict)
+    grid: tuple[float, ...] | None = None  # the grid scored in the first pass, once it ran
+
+    def damped(self, damping: float) -> torch.Tensor:
+        """q / (e + lambda) (P',): the query of eq. 6 for this damping, ready for the rows."""
+        return self.rotated / (self.eigenvalues.to(self.rotated.dtype) + float(damping))
+
+    def exact(self, damping: float) -> np.ndarray:
+        """tau(lambda) (N,) by one pass over the rows (no grid, no cache)."""
+        return to_scores(self.rows.inner_many(self.damped(damping)[None])[0], self.rows.num_examples)
+
+    def score(self, damping: float) -> np.ndarray:
+        """tau(lambda) (N,) float32: a lookup, an interpolation from the grid, or a pass."""
+        lam = float(damping)
+        if lam in self.scores:
+            return self.scores[lam]
+        if self.grid:
+            interpolated = interpolate(self.scores, lam, self.grid)
+            if interpolated is not None:
+                self.scores[lam] = interpolated
+                return interpolated
+        grid = choose_grid(self.rows, self.rotated.numel()) if self.use_grid and not self.scores else None
+        if grid:
+            lams = sorted(set(grid) | {lam})
+            eig = self.eigenvalues.to(self.rotated.dtype)
+            lam_t = torch.tensor(lams, dtype=eig.dtype, device=eig.device)[:, None]
+            many = to_scores(self.rows.inner_many(self.rotated[None] / (eig[None] + lam_t)), self.rows.num_examples)
+            self.scores.update({lv: many[i] for i, lv in enumerate(lams)})
+            self.grid = grid
+        else:
+            self.scores[lam] = self.exact(lam)
+        return self.scores[lam]

@@ -1,0 +1,61 @@
+"""Comparisons of the methods' answers to one query: rank correlations, top-k overlaps, the
+labels among each method's top-k.  The app plots them and the CLI or a script can reuse them;
+rank correlations use ``stats.spearman``, the LDS's definition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..attribution.results import QueryResult
+from .stats import spearman
+
+
+def scored_methods(result: QueryResult, names: Sequence[str]) -> list[str]:
+    """The names among ``names`` whose result has scores (status ok)."""
+    out = []
+    for n in names:
+        r = result.methods.get(n)
+        if r is not None and r.status == "ok" and r.scores is not None:
+            out.append(n)
+    return out
+
+
+def top_indices(scores: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
+    """The k largest (or smallest) scores' training indices, ties by index."""
+    order = np.argsort(-scores if largest else scores, kind="stable")
+    return order[:k]
+
+
+def spearman_matrix(result: QueryResult, names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(methods with scores, their pairwise Spearman correlations over all training images)."""
+    names = scored_methods(result, names)
+    m = np.eye(len(names))
+    for i, a in enumerate(names):
+        for j in range(i + 1, len(names)):
+            m[i, j] = m[j, i] = spearman(result.methods[a].scores, result.methods[names[j]].scores)
+    return names, m
+
+
+def topk_overlap(result: QueryResult, names: Sequence[str], k: int) -> tuple[list[str], np.ndarray]:
+    """(methods with scores, fraction of shared training images between every pair's top-k)."""
+    names = scored_methods(result, names)
+    tops = {n: set(top_indices(result.methods[n].scores, k).tolist()) for n in names}
+    m = np.array([[len(tops[a] & tops[b]) / max(k, 1) for b in names] for a in names], dtype=float)
+    return names, m
+
+
+def topk_label_counts(
+    result: QueryResult, names: Sequence[str], k: int, labels: np.ndarray, class_names: Sequence[str] | None
+) -> list[dict[str, object]]:
+    """Rows {method, label, count}: how often each label occurs among each method's top-k."""
+    rows: list[dict[str, object]] = []
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    for name in scored_methods(result, names):
+        idx = top_indices(result.methods[name].scores, k)
+        counts = np.bincount(labels[idx], minlength=n_classes)
+        for c, count in enumerate(counts):
+            rows.append({"method": name, "label": class_names[c] if class_names else str(c), "count": int(count)})
+    return rows

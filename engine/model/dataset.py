@@ -1,0 +1,67 @@
+"""The training-set record: N images in [-1, 1] with labels and a stable id per image.
+
+Kept apart from the loaders (``engine.model.data`` for the embedded digits and the
+dispatch, ``engine.model.data_files`` for CIFAR and folders) so that both loader modules
+depend on it and not on each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Bad or missing training data; the message names the offending file or folder."""
+
+
+@dataclass
+class ImageDataset:
+    """N images (N, C, H, W) float32 in [-1, 1]; ``ids[i]`` is a stable name for image i."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    class_names: list[str] | None
+    ids: list[str]
+    levels: int
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def label_name(self, i: int) -> str | None:
+        if self.labels is None:
+            return None
+        lab = int(self.labels[i])
+        return self.class_names[lab] if self.class_names else str(lab)
+
+    def subset(self, indices: list[int] | np.ndarray | torch.Tensor) -> ImageDataset:
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return ImageDataset(
+            name=self.name,
+            images=self.images[idx],
+            labels=None if self.labels is None else self.labels[idx],
+            class_names=self.class_names,
+            ids=[self.ids[int(i)] for i in idx],
+            levels=self.levels,
+        )
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] for display."""
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Horizontal flip of each image with probability 1/2 (data augmentation, paper G.8)."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    out = x.clone()
+    out[flip] = out[flip].flip(-1)
+    return out

@@ -1,0 +1,151 @@
+"""The import graph of engine/ (parsed with ``ast``, nothing imported): the layering that
+docs/architecture.md describes, checked on every module.
+
+* no import cycles among engine modules (function-level imports count too: a cycle hidden
+  in a function is still a cycle);
+* the library never imports the CLI: only ``engine.cli.*`` and ``engine.__main__`` may;
+* the engine never imports the app (``explorer``);
+* no import fallbacks: no ``except ImportError``/``ModuleNotFoundError`` around an import of
+  a module that exists in the repository.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE = ROOT / "engine"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def engine_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in ENGINE.rglob("*.py")}
+
+
+def _resolve(mod: str, is_pkg: bool, level: int, name: str | None) -> str:
+    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    if level > 1:
+        base = base[: -(level - 1)]
+    return ".".join(base + ([name] if name else []))
+
+
+def imports_of(mod: str, path: Path, known: set[str]) -> set[str]:
+    """Engine modules (and ``explorer``) that ``mod`` imports anywhere in its body."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(mod, is_pkg, node.level, node.module) if node.level else (node.module or "")
+            # `from pkg import submodule` imports the submodule; `from mod import name` the module
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for t in targets:
+            if t.split(".")[0] in ("engine", "explorer"):
+                out.add(t)
+    out.discard(mod)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    mods = engine_modules()
+    known = set(mods)
+    return {m: imports_of(m, p, known) for m, p in mods.items()}
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(g.get(n, ())):
+            if m not in g:
+                continue
+            if state.get(m) == 1:
+                return stack[stack.index(m) :] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(g):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_find_cycle_sees_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_engine_has_no_import_cycles():
+    g = graph()
+    assert len(g) > 30
+    cycle = find_cycle(g)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_library_never_imports_the_cli():
+    bad = {
+        m: sorted(t for t in ts if t == "engine.cli" or t.startswith("engine.cli."))
+        for m, ts in graph().items()
+        if not (m == "engine.cli" or m.startswith("engine.cli.") or m == "engine.__main__")
+    }
+    bad = {m: ts for m, ts in bad.items() if ts}
+    assert not bad, f"library modules import the CLI: {bad}"
+
+
+def test_engine_never_imports_the_app():
+    bad = {m: sorted(t for t in ts if t.split(".")[0] == "explorer") for m, ts in graph().items()}
+    bad = {m: ts for m, ts in bad.items() if ts}
+    assert not bad, f"engine modules import explorer: {bad}"
+
+
+def _swallowed_imports(path: Path) -> list[str]:
+    """Modules imported inside a ``try`` whose handler catches ImportError/ModuleNotFoundError."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Try):
+            continue
+        names = set()
+        for h in node.handlers:
+            for t in (h.type.elts if isinstance(h.type, ast.Tuple) else [h.type]) if h.type else []:
+                if isinstance(t, ast.Name):
+                    names.add(t.id)
+        if not names & {"ImportError", "ModuleNotFoundError"}:
+            continue
+        for sub in ast.walk(ast.Module(body=node.body, type_ignores=[])):
+            if isinstance(sub, ast.ImportFrom) and sub.level:
+                found.append("." * sub.level + (sub.module or ""))
+            elif isinstance(sub, ast.ImportFrom) and (sub.module or "").split(".")[0] in ("engine", "explorer"):
+                found.append(sub.module)
+            elif isinstance(sub, ast.Import):
+                found += [a.name for a in sub.names if a.name.split(".")[0] in ("engine", "explorer")]
+            elif isinstance(sub, ast.Call) and getattr(sub.func, "attr", "") == "import_module":
+                found.append(ast.unparse(sub))
+    return found
+
+
+def test_no_import_fallbacks_for_our_own_modules():
+    files = list(ENGINE.rglob("*.py")) + list((ROOT / "explorer").rglob("*.py"))
+    bad = {str(p.relative_to(ROOT)): s for p in files if (s := _swallowed_imports(p))}
+    assert not bad, f"imports of our own modules guarded by except ImportError: {bad}"

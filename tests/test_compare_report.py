@@ -1,0 +1,53 @@
+"""The engine's comparisons of methods on one query, and the typed loaders of result files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from engine.attribution.results import MethodResult, QueryResult
+from engine.evaluation.compare import spearman_matrix, topk_label_counts, topk_overlap
+from engine.evaluation.report import lds_records, retrain_records
+
+
+def _result(**scores) -> QueryResult:
+    methods = {
+        n: MethodResult(n, n, "influence", "", "ok", scores=np.asarray(s, dtype=np.float32)) for n, s in scores.items()
+    }
+    methods["off"] = MethodResult("off", "off", "influence", "", "unavailable", reason="not built")
+    return QueryResult({}, "loss", methods)
+
+
+def test_comparisons_agree_with_scipy_and_skip_methods_without_scores():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    res = _result(a=a, b=b)
+    names, m = spearman_matrix(res, ["a", "off", "b"])
+    assert names == ["a", "b"] and m[0, 0] == 1.0
+    assert np.isclose(m[0, 1], spearmanr(a.astype(np.float32), b.astype(np.float32)).statistic)
+    names, ov = topk_overlap(_result(a=[4, 3, 2, 1], c=[1, 2, 3, 4]), ["a", "c"], 2)
+    assert ov.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    rows = topk_label_counts(_result(c=[1, 2, 3, 4]), ["c"], 2, np.array([0, 1, 1, 2]), ["zero", "one", "two"])
+    assert {r["label"]: r["count"] for r in rows} == {"zero": 0, "one": 1, "two": 1}
+
+
+def test_typed_loaders_put_the_headline_first_and_skip_unreadable_files(tmp_path):
+    def lds(stem: str, measurement: str) -> None:
+        rec = {"config": {"measurement": measurement}, "methods": {"kfac": {"lds": 0.4}}, "sweeps": {}}
+        (tmp_path / f"{stem}.json").write_text(json.dumps(rec))
+
+    lds("lds_digits_elbo", "elbo")
+    lds("lds_digits_loss_attribution_m8", "loss")
+    lds("lds_digits_loss", "loss")
+    (tmp_path / "lds_digits_loss.png").write_bytes(b"png")
+    (tmp_path / "lds_broken.json").write_text("{not json")
+    recs = lds_records(tmp_path)
+    assert [r.file for r in recs] == ["lds_digits_loss.json", "lds_digits_elbo.json", "lds_digits_loss_attribution_m8.json"]
+    assert recs[0].figure == tmp_path / "lds_digits_loss.png" and recs[1].figure is None
+    assert recs[2].variant and not recs[0].variant and recs[1].measurement == "elbo"
+    (tmp_path / "retrain_top_digits.json").write_text(json.dumps({"config": {"fraction": 0.02}, "results": [{"x": 1}]}))
+    (rt,) = retrain_records(tmp_path)
+    assert rt.config["fraction"] == 0.02 and rt.results == [{"x": 1}] and rt.summary == {}
+    assert lds_records(tmp_path / "missing") == []

@@ -1,0 +1,107 @@
+"""A method defined in one file and registered here only: the session, the CLI's query JSON and
+an LDS run pick it up with no other edit (methods describe themselves; no lists of names)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_session import TINY_ATTRIBUTION, tiny_checkpoint
+
+import engine.attribution.session
+from engine.attribution.methods import METHODS, method_names, parse_methods, register, unregister
+from engine.attribution.methods.base import AttributionMethod, FixedScores, Prepared, QueryInput, no_progress
+from engine.attribution.session import AttributionSession
+from engine.cli.parser import main
+
+
+class ToyDistance(AttributionMethod):
+    """Minus the mean squared pixel distance to the query: a stand-in "influence" in one class."""
+
+    name = "toy"
+    title = "Toy distance"
+    kind = "influence"
+    caption = "minus the squared pixel distance (a test method)"
+    needs_gradient = False
+
+    def build(self, ctx, progress=no_progress) -> None:
+        return None
+
+    def is_built(self, ctx) -> bool:
+        return True
+
+    def query_measurement(self, measurement):
+        return None
+
+    def prepare(self, ctx, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
+        x = ctx.dataset.images.flatten(1)
+        d = ((x - query.image.flatten()[None]) ** 2).mean(1)
+        return FixedScores(scores=(-d).numpy().astype(np.float32))
+
+    def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
+        assert isinstance(prepared, FixedScores)
+        return prepared.scores
+
+
+@pytest.fixture
+def toy():
+    register(ToyDistance)
+    yield ToyDistance
+    unregister("toy")
+    assert "toy" not in METHODS
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, digits_small):
+    folder = tmp_path_factory.mktemp("registry_ckpt")
+    tiny_checkpoint(folder, digits_small, gallery=0)
+    return folder
+
+
+def test_registry_lists_builtins_then_registered(toy):
+    assert method_names()[:5] == ["kfac", "trak", "dtrak", "clip", "pixel"]
+    assert method_names()[-1] == "toy" and METHODS["toy"] is ToyDistance
+    assert parse_methods("pixel,toy") == ["pixel", "toy"]
+    with pytest.raises(ValueError, match="valid methods: .*toy"):
+        parse_methods("nope")
+    assert ToyDistance(TINY_ATTRIBUTION).default_damping is None  # no damping_field
+
+
+def test_toy_method_in_the_session(toy, folder, digits_small, tmp_path):
+    s = AttributionSession(
+        "digits", checkpoint=folder, device="cpu", cache_root=tmp_path, config=TINY_ATTRIBUTION, dataset=digits_small
+    )
+    assert "toy" in s.method_names() and s.method_info()["toy"]["title"] == "Toy distance"
+    assert s.status()["toy"]["built"]
+    res = s.query(s.parse_query("train:5"), methods=["toy", "pixel"])
+    toy_scores = res.methods["toy"].scores
+    assert res.methods["toy"].status == "ok" and int(np.argmax(toy_scores)) == 5  # the query itself
+    assert res.methods["toy"].damping is None
+
+
+def test_toy_method_in_the_cli_query_json(toy, folder, digits_small, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
+    rc = main([
+        "query", "--query", "train:7", "--methods", "toy", "--json", "--top-k", "3",
+        "--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(tmp_path),
+    ])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    m = json.loads(out)["methods"]["toy"]
+    assert m["status"] == "ok" and m["kind"] == "influence" and m["top"][0]["index"] == 7
+
+
+@pytest.mark.slow
+def test_toy_method_in_a_quick_lds_run(toy, tmp_path):
+    out = tmp_path / "lds"
+    rc = main([
+        "lds", "--quick", "--out", str(out), "--subsets", "3", "--queries", "2", "--mc-samples", "8",
+        "--methods", "toy", "--device", "cpu",
+    ])
+    assert rc == 0
+    rec = json.loads((out / "results" / "lds_quick_loss.json").read_text())
+    assert set(rec["methods"]) == {"toy"}
+    assert rec["methods"]["toy"]["removal_prediction"] is True and -1 <= rec["methods"]["toy"]["lds"] <= 1
+    assert rec["sweeps"] == {}  # not in_sweeps
