@@ -87,9 +87,13 @@ class AttributionConfig:
     draws: str = "shared"
     # K-FAC training-gradient bank: "stored" (int8 on disk, a query is one pass over it),
     # "streamed" (recomputed per query batch: for models whose bank does not fit, docs/architecture.md §8)
-    # or "auto" (stored when N x P int8 bytes <= kfac_bank_max_gb GiB)
+    # "compressed" (per-layer projected gradients, the candidates re-ranked exactly: engine.attribution.compressed_bank)
+    # or "auto" (stored when N x P int8 bytes <= kfac_bank_max_gb GiB, compressed otherwise; streamed only when asked)
     kfac_bank: str = "auto"
     kfac_bank_max_gb: float = 8.0
+    kfac_projection: str = "gaussian"  # compressed bank: eigen | gaussian (engine.attribution.layer_projection)
+    kfac_compression: float = 32.0  # compressed bank: full int8 bank bytes / compressed bank bytes
+    kfac_rerank: int = 256  # compressed bank: candidates re-ranked exactly at each end (0: none)
     trak_dim: int = 2048
     trak_projection: str = "srht"  # srht | rademacher | gaussian (engine.attribution.projection)
     clip_model: str = "ViT-B-32"
@@ -144,25 +148,48 @@ class Preset:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preset:
-        def build(klass, values):
-            names = {f.name: f for f in dataclasses.fields(klass)}
-            kwargs = {}
-            for k, v in (values or {}).items():
-                if k not in names:
-                    continue
-                if isinstance(v, list):
-                    v = tuple(v)
-                kwargs[k] = v
+    def from_dict(cls, d: dict[str, Any], strict: bool = True) -> Preset:
+        """A preset from its JSON form; every value's type is checked against the dataclass field.
+
+        ``strict``: unknown keys (a misspelt ``modle``, ``mc_sample``) are errors
+        (``InvalidSettingError``); a checkpoint's own config is read with ``strict=False`` so that
+        one written by a newer version with extra fields still loads.
+        """
+        import typing
+
+        from .validation import InvalidSettingError, coerce_field
+
+        if not isinstance(d, dict):
+            raise InvalidSettingError(f"a preset must be a JSON object, got {type(d).__name__}")
+        sections = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,
+                    "train": TrainConfig, "attribution": AttributionConfig}
+        unknown = sorted(set(d) - set(sections) - {"name"})
+        if strict and unknown:
+            raise InvalidSettingError(
+                f"unknown preset key(s) {', '.join(unknown)}; valid keys: name, {', '.join(sections)}"
+            )
+
+        def build(section, klass, values):
+            if values is None:
+                values = {}
+            if not isinstance(values, dict):
+                raise InvalidSettingError(f"preset section {section!r} must be a JSON object, got {values!r}")
+            hints = typing.get_type_hints(klass)
+            names = [f.name for f in dataclasses.fields(klass)]
+            bad = sorted(set(values) - set(names))
+            if strict and bad:
+                raise InvalidSettingError(
+                    f"unknown key(s) {', '.join(f'{section}.{k}' for k in bad)}; valid keys of {section}: {', '.join(names)}"
+                )
+            kwargs = {k: coerce_field(section, k, hints[k], v) for k, v in values.items() if k in names}
             return klass(**kwargs)
 
+        name = d.get("name", "custom")
+        if not isinstance(name, str):
+            raise InvalidSettingError(f"preset name must be a string, got {name!r}")
         return cls(
-            name=d.get("name", "custom"),
-            model=build(ModelConfig, d.get("model")),
-            diffusion=build(DiffusionConfig, d.get("diffusion")),
-            data=build(DataConfig, d.get("data")),
-            train=build(TrainConfig, d.get("train")),
-            attribution=build(AttributionConfig, d.get("attribution")),
+            name=name,
+            **{section: build(section, klass, d.get(section)) for section, klass in sections.items()},
         )
 
     def replace(self, **sections: Any) -> Preset:
@@ -234,6 +261,19 @@ def get_preset(name: str) -> Preset:
     if name in PRESETS:
         return PRESETS[name]
     if name.endswith(".json"):
-        with open(name) as f:
-            return Preset.from_dict(json.load(f))
+        from .validation import InvalidSettingError, check_preset
+
+        try:
+            with open(name) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise InvalidSettingError(f"preset file {name} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidSettingError(f"preset file {name} is not readable JSON: {e}") from None
+        try:
+            preset = Preset.from_dict(raw)
+            check_preset(preset)
+        except InvalidSettingError as e:
+            raise InvalidSettingError(f"preset file {name}: {e}") from None
+        return preset
     raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or a .json path")

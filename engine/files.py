@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .jsonio import finite_or_none
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: never a half file."""
@@ -52,8 +54,8 @@ def jsonable(o: Any) -> Any:
 
 
 def save_json(path: str | Path, obj: Any, indent: int | None = 2, sort_keys: bool = False) -> None:
-    """``obj`` as JSON at ``path``, atomically (see ``jsonable`` for what it may hold)."""
-    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=jsonable)
+    """``obj`` as strict JSON at ``path``, atomically (see ``jsonable``; NaN/inf become null, ``engine.jsonio``)."""
+    text = json.dumps(finite_or_none(obj), indent=indent, sort_keys=sort_keys, default=jsonable, allow_nan=False)
     atomic_write_bytes(path, text.encode())
 
 

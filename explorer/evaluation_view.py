@@ -162,8 +162,10 @@ def _start_job(handle: Handle, key: tuple, query: Query, measurement: str, metho
         if key in handle.retrain_jobs:  # a double click, or another tab started it
             return
         try:
-            handle.retrain_jobs[key] = RetrainJob.start(
-                handle.session, query.input, measurement, method, fraction, handle.cache_root / "retrain"
+            handle.retrain_jobs[key] = handle.retrain_queue.submit(
+                lambda: RetrainJob.start(
+                    handle.session, query.input, measurement, method, fraction, handle.cache_root / "retrain"
+                )
             )
             st.session_state.pop("retrain_error", None)
         except Exception as e:  # noqa: BLE001 - shown on the page
@@ -177,6 +179,10 @@ def retrain_section(handle: Handle, query: Query | None, s: Settings) -> None:
         "(the control), then compare the measured change of the query's measurement with the change the "
         "method predicted (the sum of the removed images' scores)."
     )
+    if getattr(handle.args, "no_retrain", False):
+        st.info("Retraining is turned off on this server (`--no-retrain`); run "
+                "`attribution-engine retrain-top` on your own machine instead.")
+        return
     if query is None:
         st.info("Choose a query first (sidebar).")
         return

@@ -95,6 +95,8 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 notes.append(f"damping {r.damping:.1e}")
             if r.reason:
                 notes.append(r.reason)
+            if r.bank_note():
+                notes.append(r.bank_note())
             c2.caption(" · ".join(notes) if notes else "similarity score")
             similarity = r.kind == "similarity"
             top, bottom = r.top(s.top_k, labels), r.bottom(s.top_k, labels)

@@ -1,7 +1,8 @@
 """Process-wide state of the app: which model to serve, the one cached session, the one-off cache build.
 
 ``streamlit run explorer/app.py -- --preset NAME|path.json --checkpoint PATH`` selects
-the model; the environment variables ATTRIBUTION_PRESET, ATTRIBUTION_CHECKPOINT,
+the model (``--max-retrain-jobs N`` caps the retraining jobs running at once, the rest queue;
+``--no-retrain`` turns retraining off for public demos); the environment variables ATTRIBUTION_PRESET, ATTRIBUTION_CHECKPOINT,
 ATTRIBUTION_CACHE and ATTRIBUTION_DEVICE do the same (tests and ``streamlit.testing``
 use them, because there the script's argv is the test runner's).  Command-line flags win.
 
@@ -24,6 +25,7 @@ from typing import Any
 import streamlit as st
 
 from engine.attribution.session import AttributionSession
+from explorer.job_queue import JobQueue
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class AppArgs:
     checkpoint: str | None = None
     cache: str | None = None
     device: str | None = None
+    max_retrain_jobs: int = 1  # retraining jobs running at once on this server; the rest queue
+    no_retrain: bool = False  # public demos: no retraining at all
 
 
 def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> AppArgs:
@@ -44,12 +48,27 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the preset's)")
     p.add_argument("--cache", default=None, help="cache root (default: ATTRIBUTION_CACHE or ./cache)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: best available)")
+    p.add_argument("--max-retrain-jobs", type=int, default=None,
+                   help="retraining jobs running at once on this server (default 1; the rest queue)")
+    p.add_argument("--no-retrain", action="store_true", help="turn retraining off (public demos)")
     args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    jobs = args.max_retrain_jobs
+    if jobs is None:
+        text = env.get("ATTRIBUTION_MAX_RETRAIN_JOBS") or "1"
+        try:
+            jobs = int(text)
+        except ValueError:
+            raise SystemExit(f"error: ATTRIBUTION_MAX_RETRAIN_JOBS must be an integer, got {text!r}") from None
+    if jobs < 1:
+        raise SystemExit(f"error: --max-retrain-jobs must be at least 1, got {jobs} (use --no-retrain to turn it off)")
+    no_retrain = args.no_retrain or env.get("ATTRIBUTION_NO_RETRAIN", "").lower() in ("1", "true", "yes")
     return AppArgs(
         preset=args.preset or env.get("ATTRIBUTION_PRESET") or "digits",
         checkpoint=args.checkpoint or env.get("ATTRIBUTION_CHECKPOINT") or None,
         cache=args.cache or env.get("ATTRIBUTION_CACHE") or None,
         device=args.device or env.get("ATTRIBUTION_DEVICE") or None,
+        max_retrain_jobs=jobs,
+        no_retrain=no_retrain,
     )
 
 
@@ -63,6 +82,7 @@ class Handle:
     lock: threading.RLock = field(default_factory=threading.RLock)
     generated: dict[int, Any] = field(default_factory=dict)  # seed -> QueryInput (with trajectory)
     retrain_jobs: dict[tuple, Any] = field(default_factory=dict)
+    retrain_queue: JobQueue = field(default_factory=JobQueue)  # replaced by get_handle with the server's cap
     build_summary: dict[str, Any] | None = None
     build_seconds: float | None = None
     ready: bool = False  # caches checked (and built) once for this process
@@ -82,7 +102,12 @@ def get_handle(args: AppArgs) -> Handle:
     session = AttributionSession(
         preset=args.preset, checkpoint=args.checkpoint, device=args.device, cache_root=args.cache
     )
-    return Handle(session=session, args=args, cache_root=Path(args.cache) if args.cache else cache_root())
+    return Handle(
+        session=session,
+        args=args,
+        cache_root=Path(args.cache) if args.cache else cache_root(),
+        retrain_queue=JobQueue(max_running=args.max_retrain_jobs),
+    )
 
 
 def throttled(update: Callable[[str, float], None], every_s: float = 0.15) -> Callable[[str, float], None]:

@@ -58,7 +58,7 @@ def test_build_then_query_json(cli, tmp_path):
         m = res["methods"][name]
         assert m["status"] == "ok", m
         assert len(m["top"]) == 5 and len(m["bottom"]) == 5
-        assert set(m["top"][0]) == {"index", "score", "label"}
+        assert set(m["top"][0]) == {"index", "score", "label", "exact"} and m["top"][0]["exact"] is True
         assert m["top"][0]["score"] >= m["top"][-1]["score"] >= m["bottom"][-1]["score"] >= m["bottom"][0]["score"]
         assert {"gradient", "prepare", "score"} <= set(m["timing_ms"])
     assert res["methods"]["kfac"]["damping"] == pytest.approx(1e-3)
@@ -87,6 +87,19 @@ def test_build_then_query_json(cli, tmp_path):
 
         assert spearmanr(z["kfac"], stored_kfac).statistic > 0.99
         assert np.abs(z["kfac"] - stored_kfac).max() < 0.05 * np.abs(stored_kfac).max()
+
+    # --kfac-bank compressed: the listed entries are re-ranked to exact scores (the stored bank's, up to int8)
+    rc, out, err = cli(
+        "query", "--query", "train:3", "--methods", "kfac", "--damping", "1e-3", "--kfac-bank", "compressed",
+        "--kfac-compression", "8", "--kfac-rerank", "16", "--auto-build", "--json", "--top-k", "5",
+    )
+    assert rc == 0, err
+    k = json.loads(out)["methods"]["kfac"]
+    assert k["status"] == "ok" and k["bank"] == "compressed"
+    assert res["methods"]["kfac"]["bank"] == "stored"
+    for e in k["top"] + k["bottom"]:
+        assert e["exact"] is True
+        assert abs(e["score"] - stored_kfac[e["index"]]) < 0.05 * np.abs(stored_kfac).max()
 
     rc, out, err = cli("query", "--query", "gallery:0", "--measurement", "trajectory", "--methods", "kfac,pixel")
     assert rc == 0, err

@@ -227,7 +227,7 @@ class FakeSession:
 
 
 @pytest.mark.slow
-def test_quick_cli_end_to_end(tmp_path, monkeypatch):
+def test_quick_cli_end_to_end(tmp_path, monkeypatch, capsys):
     import engine.attribution.session
     from engine.cli.evaluate import main
 
@@ -253,11 +253,10 @@ def test_quick_cli_end_to_end(tmp_path, monkeypatch):
     assert main([*argv, "--methods", "kfac,trak,pixel,dtrak"]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # a live trainer on the folder: training is refused, evaluating finished models is not
-    from engine.evaluation.setup import TrainingBusyError
-
     (out / ".train.lock").write_text(str(os.getppid()))
-    with pytest.raises(TrainingBusyError):
-        main([*argv, "--train-only"])
+    capsys.readouterr()
+    assert main([*argv, "--train-only"]) == 2  # TrainingBusyError as one "error:" line (issue 14)
+    assert capsys.readouterr().err.startswith("error: ")
     assert main([*argv, "--methods", "kfac,trak,pixel", "--no-train"]) == 0
     (out / ".train.lock").unlink()
     # a variant with another attribution M writes its own file, never over the headline one
@@ -267,8 +266,9 @@ def test_quick_cli_end_to_end(tmp_path, monkeypatch):
     variant = json.loads((out / "results" / "lds_quick_loss_attribution_m4.json").read_text())
     assert variant["config"]["attribution"]["mc_samples"] == 4
     # other settings in the same folder are refused
-    with pytest.raises(SubsetMismatchError):
-        main([*argv, "--fraction", "0.25", "--train-only"])
+    capsys.readouterr()
+    assert main([*argv, "--fraction", "0.25", "--train-only"]) == 2  # SubsetMismatchError, one line
+    assert "subsets.npz" in capsys.readouterr().err
 
 
 # --- retraining without top influences ----------------------------------------------------

@@ -154,7 +154,8 @@ def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(
     tmp_path, tiny_preset, tiny_model, digits_small
 ):
     """Without a stored bank (DESIGN.md 8) the scores are those of the unquantised stored bank;
-    "auto" streams when the bank would exceed kfac_bank_max_gb; one pass serves the whole grid."""
+    streaming is chosen only when asked ("auto" compresses when the bank would exceed kfac_bank_max_gb);
+    one pass serves the whole grid."""
     import copy
 
     from engine.attribution.bank import StreamedBank
@@ -170,11 +171,13 @@ def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(
     q, g = _query(stored_ctx, ds.images[3], draws)
     prep_stored = stored.prepare(stored_ctx, q, g)
 
-    cfg = dataclasses.replace(base, kfac_bank="auto", kfac_bank_max_gb=1e-6)  # a few KB: must stream
+    cfg = dataclasses.replace(base, kfac_bank="streamed")
     store = Store(tmp_path, "h" * 16, "digits12")
     ctx = make_context(tiny_preset, model, ds, "cpu", cfg, "h" * 16, store)
     streamed = KFACInfluence(cfg, quantize=False)
     assert streamed.bank_mode(ctx) == "streamed" and KFACInfluence(base).bank_mode(ctx) == "stored"
+    too_big = dataclasses.replace(base, kfac_bank="auto", kfac_bank_max_gb=1e-6)  # a few KB
+    assert KFACInfluence(too_big).bank_mode(ctx) == "compressed"
     streamed.build(ctx)
     assert isinstance(streamed.bank, StreamedBank) and streamed.is_built(ctx)
     assert not any(p.name.startswith("kfac-bank") for p in tmp_path.rglob("*"))  # factors only on disk

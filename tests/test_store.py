@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.attribution import store as store_mod
-from engine.attribution.store import StaleCacheError, Store, settings_digest
+from engine.attribution.store import StaleCacheError, Store, file_crc32, settings_digest
 
 SETTINGS = {"method": "trak", "mc_samples": 4, "seed": 0, "projection": {"dim": 8, "kind": "rademacher"}}
 
@@ -36,7 +36,9 @@ def test_roundtrip_keyed_by_settings(store):
     np.testing.assert_array_equal(out["idx"], b.numpy())
     manifest = json.loads((folder / "settings.json").read_text())
     assert manifest["settings"] == SETTINGS and manifest["checkpoint_hash"] == "0123456789abcdef"
-    assert manifest["arrays"]["phi"] == {"shape": [3, 4], "dtype": "float32"}
+    phi = manifest["arrays"]["phi"]
+    assert {k: phi[k] for k in ("shape", "dtype")} == {"shape": [3, 4], "dtype": "float32"}
+    assert phi["crc32"] == file_crc32(folder / "phi.npy")
     assert store.load_meta("trak", SETTINGS) == {"build_seconds": 1.5}
     assert 0 < store.size_mb("trak", SETTINGS) < 0.01 and store.size_mb("trak", {"x": 1}) == 0.0
     # any changed setting is another artefact

@@ -82,6 +82,11 @@ def test_per_example_draws_are_seeded_by_index():
     assert torch.equal(part.t, whole.t[2:5]) and torch.equal(part.eps, whole.eps[2:5])
     assert not torch.equal(whole.eps[0], whole.eps[1])  # independent per example
     assert not torch.equal(PerExampleDraws(8, SHAPE, 1000, seed=4).for_rows(slice(0, 1)).eps, whole.eps[:1])
+    picked = d.for_indices([4, 1])  # any order, as the compressed bank's re-ranking asks
+    assert torch.equal(picked.t, whole.t[[4, 1]]) and torch.equal(picked.eps, whole.eps[[4, 1]])
+    assert torch.equal(whole.for_indices([4, 1]).t, whole.t[[4, 1]])
+    shared = make_draws(8, SHAPE, 1000, seed=3)
+    assert shared.for_indices([4, 1]) is shared
     head = d.head(3).for_rows(slice(1, 4))
     assert len(d.head(3)) == 3 and torch.equal(head.t, whole.t[1:4, :3])
     assert d.digest() != d.head(3).digest() != PerExampleDraws(8, SHAPE, 1000, seed=3, flip=True).digest()

@@ -19,16 +19,21 @@ from typing import Any
 from .scoring import Rows
 
 # modules that register bank kinds when imported (imported on the first look-up)
-KIND_MODULES: tuple[str, ...] = ("engine.attribution.methods.kfac_bank_kinds",)
+KIND_MODULES: tuple[str, ...] = (
+    "engine.attribution.methods.kfac_bank_kinds",
+    "engine.attribution.methods.kfac_compressed_bank",
+)
 
 
 @dataclass(frozen=True)
 class BankKind:
     """``build(method, ctx, factors, progress) -> Rows``; ``stored``: the rows are a cache artefact
-    of the K-FAC method (counted in its cache keys, sizes and build times)."""
+    of the K-FAC method (counted in its cache keys, sizes and build times); ``cache_key(method, ctx)``:
+    that artefact's (name, settings) when it is not the stored bank's."""
 
     build: Callable[[Any, Any, Any, Callable[[str, float], None]], Rows]
     stored: bool
+    cache_key: Callable[[Any, Any], tuple[str, dict[str, Any]]] | None = None
 
 
 _KINDS: dict[str, BankKind] = {}

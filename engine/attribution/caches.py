@@ -1,5 +1,12 @@
 """The caches of every method for one session: whether each is available and built, its
 settings and size, and building or loading them (the CLI's ``build``, the app's status panel).
+
+Integrity (issue 14): a cache folder that exists but is refused by the store (corrupt, edited,
+stale) is reported as *corrupt* with the store's message (which names the file and the rebuild
+command), never as "not built"; ``build`` refuses it before computing anything unless
+``rebuild=True``, which first deletes the entries that fail verification (checksums included).
+A build holds a cross-process lock per method's cache entries (``Store.lock``), so a second
+process building the same caches waits and then loads them.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from typing import Any
 from ..config import AttributionConfig
 from .context import EngineContext
 from .methods.base import AttributionMethod, Progress, Unavailable, no_progress
+from .store import StaleCacheError
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +67,15 @@ class MethodCaches:
         for name, m in self.methods.items():
             available, reason = self.availability(m)
             built = bool(available and m.is_built(self.ctx))
-            if available and not built and reason is None:
+            problem = self.cache_problem(name) if available and not built else None
+            if problem is not None:
+                reason = problem  # a corrupt cache is not "not built": say what is wrong and how to rebuild
+            elif available and not built and reason is None:
                 reason = self.not_built_reason(name)
             out[name] = {
                 "built": built,
                 "available": available,
+                "corrupt": problem is not None,
                 "reason": reason,
                 "settings": self._settings(name),
                 "size_mb": self._size_mb(name) if built else 0.0,
@@ -74,7 +86,63 @@ class MethodCaches:
         extra = f" --mc-samples {self.config.mc_samples}" if self.methods[name].needs_gradient else ""
         return f"not built: run `attribution-engine build --preset {self.preset_name} --methods {name}{extra}`"
 
-    def build(self, names: list[str], progress: Progress | None = None) -> dict:
+    def cache_problem(self, name: str) -> str | None:
+        """Why a method's cache folder exists but is refused (corrupt, edited, stale), or None.
+
+        Cheap (reads settings.json and array headers; checksums are checked when arrays load).
+        """
+        store = self.ctx.store
+        if store is None:
+            return None
+        try:
+            keys = self.methods[name].cache_keys(self.ctx)
+        except Exception:  # noqa: BLE001 - a method that cannot name its keys has nothing to check
+            return None
+        for key, settings in keys:
+            try:
+                store.validate(key, settings)
+            except StaleCacheError as e:
+                return f"corrupt cache: {e}"
+        return None
+
+    def repair(self, names: list[str]) -> list[str]:
+        """Verify every cache of these methods (checksums included) and delete the ones that fail.
+
+        Returns the removed folders; a following ``build`` recomputes them (``build --rebuild``).
+        """
+        store = self.ctx.store
+        removed: list[str] = []
+        if store is None:
+            return removed
+        for name in names:
+            m = self.methods[name]
+            if not self.availability(m)[0]:
+                continue
+            mine = 0
+            for key, settings in m.cache_keys(self.ctx):
+                try:
+                    store.verify(key, settings, force=True)
+                except StaleCacheError as e:
+                    log.warning("removing %s", e)
+                    store.remove(key, settings)
+                    removed.append(str(store.path(key, settings)))
+                    mine += 1
+            if mine and hasattr(m, "_key"):
+                m._key = None  # drop what this process loaded from a removed cache
+        return removed
+
+    def build_lock(self, name: str):
+        """Cross-process lock of one method's cache entries (none under torchrun: ranks build together)."""
+        import contextlib
+
+        from .. import distributed
+
+        keys = self.methods[name].cache_keys(self.ctx)
+        if not keys or self.ctx.store is None or distributed.current().world > 1:
+            return contextlib.nullcontext(True)
+        return self.ctx.store.lock(f"build-{name}", {"keys": keys})
+
+    def build(self, names: list[str], progress: Progress | None = None, rebuild: bool = False) -> dict:
         """Build (or load) each method's cache; {method: {"seconds", "size_mb", "status"[, "reason"]}}.
 
         ``progress(message, fraction)`` gets the method name prefixed to every message;
@@ -94,10 +162,20 @@ class MethodCaches:
                 sub("unavailable", 1.0)
                 continue
             t0 = time.perf_counter()
+            sub("waiting for another build of this cache", 0.0)
             try:
-                m.build(self.ctx, sub)
+                with self.build_lock(name):  # a second process waits here, then finds the cache built
+                    if rebuild:
+                        self.repair([name])
+                    problem = self.cache_problem(name)
+                    if problem is not None:  # refuse before computing anything: publishing would fail anyway
+                        raise StaleCacheError(problem)
+                    m.build(self.ctx, sub)
             except Unavailable as e:
                 summary[name] = {"status": "unavailable", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
+                continue
+            except StaleCacheError as e:
+                summary[name] = {"status": "corrupt", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
                 continue
             sub("done", 1.0)
             summary[name] = {

@@ -11,7 +11,6 @@ The session owns one ``QuerySources``; the gradients and the methods only see ``
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +72,14 @@ def image_to_model(
 
     notes: list[str] = []
     mode = img.mode
+    if "original_size" in img.info:
+        ow, oh = img.info["original_size"]
+        notes.append(f"decoded {ow}x{oh} at reduced size {img.size[0]}x{img.size[1]}")
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / 32-bit grey: scale to 8 bits, not clip
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        notes.append(f"converted {mode} -> 8-bit grey")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255) if dark_background else (255, 255, 255, 255))
@@ -114,17 +121,14 @@ def image_to_model(
     return x.float(), notes
 
 
-def open_image(data: bytes, what: str):
-    from PIL import Image, UnidentifiedImageError
+def open_image(data: bytes, what: str, target_side: int = 8):
+    """Decode with bounded memory (``engine.attribution.upload_guard``); QueryError naming ``what`` when refused."""
+    from .upload_guard import UploadError, open_bounded
 
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise QueryError(f"{what} is not a readable PNG or JPEG image ({e})") from e
-    if img.format not in ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP", "TIFF"):
-        raise QueryError(f"{what} is a {img.format} file; upload a PNG or JPEG image")
-    return img
+        return open_bounded(data, what, target_side)
+    except UploadError as e:
+        raise QueryError(str(e)) from None
 
 
 # --- query sources ---------------------------------------------------------------------
@@ -154,7 +158,7 @@ class QuerySources:
         path = self.checkpoint / GALLERY_FILE
         items: list[GalleryItem] = []
         if path.is_file():
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 images = torch.from_numpy(np.asarray(z["images"], dtype=np.float32)) * 2.0 - 1.0
                 n = images.shape[0]
                 seeds = np.asarray(z["seeds"]) if "seeds" in z else np.zeros(n, dtype=np.int64)
@@ -239,8 +243,8 @@ class QuerySources:
     def _query_from_bytes(self, data: bytes, what: str) -> QueryInput:
         if not data:
             raise QueryError(f"{what} is empty")
-        img = open_image(data, what)
         m = self.preset.model
+        img = open_image(data, what, m.image_size)
         image, notes = image_to_model(img, m.in_channels, m.image_size, self.dataset.levels, self._dark_background())
         return QueryInput(image=image, trajectory=None, description="upload", label=self._predict_label(image), notes=notes)
 

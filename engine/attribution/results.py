@@ -15,6 +15,7 @@ class RankedItem:
     index: int  # training index
     score: float
     label: int | None
+    exact: bool = True  # False: a compressed-bank approximation, not re-ranked (engine.compressed_bank)
 
 
 @dataclass
@@ -34,24 +35,40 @@ class MethodResult:
     damping: float | None = None
     scores: np.ndarray | None = None
     timing_ms: dict[str, float] = field(default_factory=dict)
+    bank: str | None = None  # K-FAC: "stored" | "compressed" | "streamed"
+    exact: np.ndarray | None = None  # (N,) bool: which scores are exact (None: all)
+
+    def bank_note(self) -> str | None:
+        """One line on where the scores come from (K-FAC's bank; None for other methods)."""
+        if self.bank is None:
+            return None
+        if self.bank != "compressed":
+            return f"{self.bank} bank: every score exact"
+        if self.exact is None or not self.exact.any():
+            return "compressed bank: approximate scores (no re-ranking)"
+        return (f"compressed bank: the {int(self.exact.sum())} strongest candidates re-ranked to exact K-FAC scores, "
+                f"the other {int((~self.exact).sum())} approximate")
 
     def top(self, k: int, labels: np.ndarray | None = None) -> list[RankedItem]:
-        """k largest scores: strongest proponents (or most similar)."""
-        if self.scores is None:
-            return []
-        idx = np.argsort(-self.scores, kind="stable")[:k]
-        return [_item(i, self.scores, labels) for i in idx]
+        """k largest scores: strongest proponents (or most similar); exact scores rank before approximate ones."""
+        return self._ranked(-1.0, k, labels)
 
     def bottom(self, k: int, labels: np.ndarray | None = None) -> list[RankedItem]:
-        """k smallest scores: strongest opponents (or least similar)."""
+        """k smallest scores: strongest opponents (or least similar); exact scores rank before approximate ones."""
+        return self._ranked(1.0, k, labels)
+
+    def _ranked(self, sign: float, k: int, labels: np.ndarray | None) -> list[RankedItem]:
         if self.scores is None:
             return []
-        idx = np.argsort(self.scores, kind="stable")[:k]
-        return [_item(i, self.scores, labels) for i in idx]
+        key = sign * self.scores.astype(np.float64)
+        idx = np.argsort(key, kind="stable") if self.exact is None else np.lexsort((key, ~self.exact))
+        return [_item(i, self.scores, labels, self.exact) for i in idx[:k]]
 
 
-def _item(i: int, scores: np.ndarray, labels: np.ndarray | None) -> RankedItem:
-    return RankedItem(int(i), float(scores[i]), None if labels is None else int(labels[i]))
+def _item(i: int, scores: np.ndarray, labels: np.ndarray | None, exact: np.ndarray | None = None) -> RankedItem:
+    return RankedItem(
+        int(i), float(scores[i]), None if labels is None else int(labels[i]), True if exact is None else bool(exact[i])
+    )
 
 
 @dataclass
@@ -78,6 +95,8 @@ class QueryResult:
                 entry["reason"] = r.reason
             if r.damping is not None:
                 entry["damping"] = r.damping
+            if r.bank is not None:
+                entry["bank"] = r.bank
             entry["top"] = [vars(x) for x in r.top(top_k, labels)]
             entry["bottom"] = [vars(x) for x in r.bottom(top_k, labels)]
             out["methods"][name] = entry

@@ -44,6 +44,7 @@ from ..model.diffusion import Diffusion, MCDraws, make_draws
 from ..model.measurements import Measurement, parse_measurement
 from ..paths import best_device, default_checkpoint
 from ..paths import cache_root as default_cache_root
+from ..validation import check_attribution_config, check_damping
 from .caches import MethodCaches
 from .context import EngineContext
 from .damping_grid import damping_steps
@@ -89,6 +90,7 @@ class AttributionSession:
         if wanted.data.root:
             self.preset = self.preset.replace(data={"root": wanted.data.root})
         self.config: AttributionConfig = config or wanted.attribution
+        check_attribution_config(self.config)  # M, projection dim, dampings, bank mode: refused up front
         self.preset = self.preset.replace(attribution=self.config)
         self.checkpoint = folder
         self.checkpoint_extra = extra
@@ -101,6 +103,10 @@ class AttributionSession:
 
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         self.store = Store(self.cache_root, self.checkpoint_hash, data_key(self.dataset))
+        self._preset_arg = preset if isinstance(preset, str) else self.preset.name
+        self._checkpoint_arg = None if checkpoint is None else str(checkpoint)
+        self._cache_arg = None if cache_root is None else str(cache_root)
+        self.store.rebuild_hint = self.build_command(rebuild=True)
         self.ctx: EngineContext = self._make_context()
         from .methods import METHODS, make_method
 
@@ -206,9 +212,36 @@ class AttributionSession:
     def _not_built_reason(self, name: str) -> str:
         return self.caches.not_built_reason(name)
 
-    def build(self, methods: list[str] | None = None, progress: Progress | None = None) -> dict:
-        """Build (or load) each method's cache; {method: {"seconds", "size_mb", "status"[, "reason"]}}."""
-        return self.caches.build(self._resolve_methods(methods), progress)
+    def build(
+        self, methods: list[str] | None = None, progress: Progress | None = None, rebuild: bool = False
+    ) -> dict:
+        """Build (or load) each method's cache; {method: {"seconds", "size_mb", "status"[, "reason"]}}.
+
+        ``rebuild``: first verify the caches (checksums included) and delete those that fail.
+        A corrupt cache otherwise comes back with status "corrupt" and the store's message.
+        """
+        return self.caches.build(self._resolve_methods(methods), progress, rebuild=rebuild)
+
+    def cache_problem(self, name: str) -> str | None:
+        """Why method ``name``'s cache exists but is refused (``MethodCaches.cache_problem``), or None."""
+        return self.caches.cache_problem(name)
+
+    def repair(self, methods: list[str] | None = None) -> list[str]:
+        """Delete these methods' caches that fail verification; returns the removed folders."""
+        return self.caches.repair(self._resolve_methods(methods))
+
+    def build_command(self, methods: list[str] | None = None, rebuild: bool = False) -> str:
+        """The CLI command that builds (``rebuild``: verifies and rebuilds) these methods' caches."""
+        cmd = f"attribution-engine build --preset {self._preset_arg}"
+        if self._checkpoint_arg:
+            cmd += f" --checkpoint {self._checkpoint_arg}"
+        if self._cache_arg:
+            cmd += f" --cache-root {self._cache_arg}"
+        if methods:
+            cmd += f" --methods {','.join(methods)}"
+        if self.config.mc_samples != _named_preset_mc(self.preset):
+            cmd += f" --mc-samples {self.config.mc_samples}"
+        return cmd + (" --rebuild" if rebuild else "")
 
     def load(self, methods: list[str] | None = None) -> dict[str, float]:
         """Load every *built* cache now so the first query is as fast as the others; builds nothing."""
@@ -270,6 +303,7 @@ class AttributionSession:
         meas = parse_measurement(measurement, self.diffusion.T)
         self._check_query(query, meas)
         damping = dict(damping or {})
+        self._check_dampings(names, damping)
         draws = self.query_draws(mc_samples)
         grads: dict[Measurement, tuple[torch.Tensor, float]] = {}
         results: dict[str, MethodResult] = {}
@@ -284,12 +318,17 @@ class AttributionSession:
                 res.status, res.reason = "unavailable", reason
                 continue
             if not m.is_built(self.ctx):
+                problem = self.cache_problem(name)
+                if problem is not None:
+                    res.status, res.reason = "error", problem
+                    continue
                 if not self.auto_build:
                     res.status, res.reason = "unavailable", self._not_built_reason(name)
                     continue
                 try:
                     t0 = time.perf_counter()
-                    m.build(self.ctx, no_progress)
+                    with self.caches.build_lock(name):
+                        m.build(self.ctx, no_progress)
                     res.timing_ms["build"] = (time.perf_counter() - t0) * 1000.0
                 except Unavailable as e:
                     res.status, res.reason = "unavailable", str(e)
@@ -340,6 +379,7 @@ class AttributionSession:
         if not prepared:
             raise ValueError("this result holds no per-query state (was it copied or loaded?); run query() again")
         t_start = time.perf_counter()
+        self._check_dampings([n for n in damping if n in self._methods], damping)
         methods: dict[str, MethodResult] = {}
         for name, old in result.methods.items():
             if name not in damping or name not in prepared or old.status != "ok":
@@ -347,7 +387,7 @@ class AttributionSession:
                 continue
             m = self._methods[name]
             res = replace(old, timing_ms={**old.timing_ms})
-            res.damping = float(damping[name]) if m.kind == "influence" else None
+            res.damping = self._damping_for(name, damping)
             self._score_into(res, m, prepared[name])
             methods[name] = res
         timing = {"total": (time.perf_counter() - t_start) * 1000.0, "rescore": 1.0}
@@ -365,8 +405,14 @@ class AttributionSession:
         if self._methods[name].kind != "influence":
             return None
         if name in damping and damping[name] is not None:
-            return float(damping[name])
-        return self._methods[name].default_damping
+            return check_damping(damping[name], f"{name} damping")
+        value = self._methods[name].default_damping
+        return None if value is None else check_damping(value, f"{name} damping (from the preset)")
+
+    def _check_dampings(self, names: list[str], damping: dict[str, float]) -> None:
+        """Refuse a bad damping before any gradient is computed (InvalidSettingError, a ValueError)."""
+        for name in names:
+            self._damping_for(name, damping)
 
     def _score_into(self, res: MethodResult, m: AttributionMethod, prep: Prepared) -> None:
         t0 = time.perf_counter()
@@ -374,7 +420,16 @@ class AttributionSession:
         res.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
         if scores.shape[0] != len(self.dataset):
             raise RuntimeError(f"{m.name} returned {scores.shape[0]} scores for {len(self.dataset)} training images")
+        bad = int(np.count_nonzero(~np.isfinite(scores)))
+        if bad:  # never an "ok" result with NaN/inf scores (a corrupt cache, an overflow)
+            res.scores, res.status = None, "error"
+            res.reason = (
+                f"{bad} of {len(scores)} scores are not finite (NaN or inf); the cache may be corrupt: "
+                f"rebuild it with `{self.build_command([m.name], rebuild=True)}`"
+            )
+            return
         res.scores = scores
+        res.bank, res.exact = prep.bank, prep.exact
         res.status = "ok"
 
     def _check_query(self, query: QueryInput, meas: Measurement) -> None:
@@ -398,6 +453,14 @@ class AttributionSession:
             "has_trajectory": query.trajectory is not None,
             "mc_samples": m,
         }
+
+
+def _named_preset_mc(preset: Preset) -> int:
+    """M of the named preset (what ``build`` uses without --mc-samples); the preset's own for a custom one."""
+    from ..config import PRESETS
+
+    base = PRESETS.get(preset.name)
+    return int((base or preset).attribution.mc_samples)
 
 
 __all__ = ["AttributionSession", "GalleryItem", "QueryError", "QueryInput", "data_key"]

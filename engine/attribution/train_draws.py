@@ -69,6 +69,13 @@ class PerExampleDraws:
         flip = torch.stack([d.flip for d in per]) if self.flip else None  # type: ignore[misc]
         return MCDraws(torch.stack([d.t for d in per]), torch.stack([d.eps for d in per]), flip)
 
+    def for_indices(self, indices) -> MCDraws:
+        """Batched draws of examples ``indices`` (any index array), in that order."""
+        idx = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        per = [self.example(i) for i in idx]
+        flip = torch.stack([d.flip for d in per]) if self.flip else None  # type: ignore[misc]
+        return MCDraws(torch.stack([d.t for d in per]), torch.stack([d.eps for d in per]), flip)
+
     def head(self, k: int) -> PerExampleDraws:
         return PerExampleDraws(self.m, self.shape, self.num_timesteps, self.seed, self.flip, int(k))
 

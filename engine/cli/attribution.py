@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from .. import jsonio
 from ..attribution.methods import METHODS, method_names, parse_methods
 from .common import fail, register, resolve, subcommand
 
@@ -27,8 +28,8 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kfac-bank",
         default=None,
-        help="K-FAC training-gradient bank: stored (int8 on disk), streamed (recomputed per query: for models "
-        "whose bank does not fit), auto (stored if under 8 GiB; default)",
+        help="K-FAC training-gradient bank: stored (int8 on disk), compressed (per-layer projected, candidates "
+        "re-ranked exactly), streamed (recomputed per query), auto (stored if under 8 GiB, else compressed; default)",
     )
     p.add_argument(
         "--draws",
@@ -43,6 +44,12 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="K-FAC blocks: weight and bias separate (default) or one joint block per layer (ablation)",
     )
+    p.add_argument("--kfac-projection", choices=("eigen", "gaussian"), default=None,
+                   help="compressed bank: projection kind (default gaussian)")
+    p.add_argument("--kfac-compression", type=float, default=None,
+                   help="compressed bank: full bank bytes / compressed bank bytes (default 32)")
+    p.add_argument("--kfac-rerank", type=int, default=None,
+                   help="compressed bank: candidates re-ranked exactly at each end (default 256; 0: none)")
     p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or ./cache)")
 
 
@@ -93,6 +100,11 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
     for name in ("draws", "kfac_blocks"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
+    for key in ("kfac_projection", "kfac_compression", "kfac_rerank"):
+        if getattr(args, key, None) is not None:
+            changes[key] = getattr(args, key)
+    if changes.get("kfac_compression", 1.0) < 1.0 or changes.get("kfac_rerank", 0) < 0:
+        raise ValueError("--kfac-compression must be >= 1 and --kfac-rerank >= 0")
     config = dataclasses.replace(preset.attribution, **changes)
     return AttributionSession(
         preset, checkpoint=ckpt, device=device, cache_root=getattr(args, "cache_root", None), config=config,
@@ -114,6 +126,11 @@ def add_build(sub: argparse._SubParsersAction) -> None:
         "finished parts of a bank are kept when a build is interrupted.",
     )
     p.add_argument("--methods", default=None, help=f"comma list from {','.join(method_names())} (default: all)")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="verify every cache of these methods (checksums included) and rebuild the ones that are corrupt or stale",
+    )
     _add_attribution_options(p)
 
 
@@ -148,7 +165,10 @@ def cmd_build(args: argparse.Namespace) -> int:
             bar.set_postfix_str(msg.split(": ", 1)[-1][:60], refresh=False)
             bar.refresh()
 
-        summary.update(session.build([name], progress))
+        try:
+            summary.update(session.build([name], progress, rebuild=args.rebuild))
+        except (ValueError, RuntimeError, OSError) as e:  # one method's failure is reported, the others still build
+            summary[name] = {"status": "error", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
         bar.close()
     shard.barrier()
     if not shard.is_main:
@@ -161,7 +181,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     total_s = sum(s["seconds"] for s in summary.values())
     total_mb = sum(s["size_mb"] for s in summary.values())
     print(f"{'total':8} {'':12} {total_s:9.1f} {total_mb:9.2f}  cache: {session.store.base}")
-    return 0
+    failed = [n for n, s in summary.items() if s["status"] in ("error", "corrupt")]
+    for n in failed:
+        print(f"error: {n}: {summary[n]['reason']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # --- query ---------------------------------------------------------------------------------
@@ -226,7 +249,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.scores_out:
         write_scores(Path(args.scores_out), result, labels)
     if args.json:
-        print(json.dumps(result.to_json(args.top_k, labels), indent=2))
+        print(jsonio.dumps(result.to_json(args.top_k, labels), indent=2))
     else:
         print(format_result(result, args.top_k, labels))
         if args.scores_out:
@@ -266,6 +289,8 @@ def format_result(result, top_k: int, labels) -> str:
         lines.append(f"{head}  [{times}]")
         if r.reason:
             lines.append(f"  note: {r.reason}")
+        if r.bank_note():
+            lines.append(f"  bank: {r.bank_note()}")
         top_title = "proponents" if r.kind == "influence" else "most similar"
         bottom_title = "opponents" if r.kind == "influence" else "least similar"
         for title, items in ((top_title, r.top(top_k, labels)), (bottom_title, r.bottom(top_k, labels))):

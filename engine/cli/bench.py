@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -80,4 +81,105 @@ def _bench(args: argparse.Namespace) -> int:
     save_json(results, out)  # the final figures (run_bench wrote each phase's)
     print(format_table(results))
     print(f"\nresults written to {out}")
+    return 0
+
+
+# --- the compressed K-FAC bank's figures (issue 11) -------------------------------------------
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+@register
+def add_bench_compressed(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "bench-compressed",
+        cmd_bench_compressed,
+        help="fidelity and speed of the compressed K-FAC bank against the stored one (gallery queries)",
+        description="Needs the stored K-FAC bank of the preset (python -m engine build --methods kfac). "
+        "Writes assets/results/compressed_<preset>.json.",
+    )
+    p.add_argument("--cache-root", default=None, help="cache folder holding the stored K-FAC bank (read only)")
+    p.add_argument("--mc-samples", type=int, default=None, help="M of the stored bank (default: preset's)")
+    p.add_argument("--ratios", default="8,32,128", help="target compression ratios (default 8,32,128)")
+    p.add_argument("--projections", default="eigen,gaussian", help="projection kinds (default eigen,gaussian)")
+    p.add_argument("--candidates", type=int, default=256, help="re-ranked candidates per end (default 256)")
+    p.add_argument("--build-examples", type=int, default=16,
+                   help="examples whose hooks-projected gradients time the build (default 16)")
+    p.add_argument("--lds-json", default=None, help="LDS results of the full bank (its kfac entry is copied)")
+    p.add_argument("--lds-run", default=None,
+                   help="LDS run folder with the K=32 trained subset models (e.g. runs/lds/digits): LDS per variant")
+    p.add_argument("--out", default=None, help="output JSON (default assets/results/compressed_<preset>.json)")
+
+
+def cmd_bench_compressed(args: argparse.Namespace) -> int:
+    from ..attribution.session import AttributionSession
+    from ..bench.compressed import run_compressed_digits, save
+
+    preset, ckpt, device = resolve(args)
+    config = preset.attribution
+    if args.mc_samples is not None:
+        config = dataclasses.replace(config, mc_samples=args.mc_samples)
+    config = dataclasses.replace(config, kfac_bank="stored")
+    try:
+        session = AttributionSession(preset, checkpoint=ckpt, device=device, cache_root=args.cache_root,
+                                     config=config, auto_build=False)
+        if not session.method("kfac").is_built(session.ctx):
+            raise RuntimeError(f"no stored K-FAC bank for M={config.mc_samples} under {args.cache_root}: "
+                               "build it first (python -m engine build --methods kfac --kfac-bank stored)")
+        lds = None
+        if args.lds_json and Path(args.lds_json).is_file():  # only when it scored the same M
+            rec = json.loads(Path(args.lds_json).read_text())
+            if rec.get("config", {}).get("attribution", {}).get("mc_samples") == config.mc_samples:
+                lds = rec.get("methods", {}).get("kfac", {}).get("lds")
+        record = run_compressed_digits(session, _floats(args.ratios), tuple(args.projections.split(",")),
+                                       args.candidates, build_examples=args.build_examples, lds_full=lds,
+                                       lds_run=Path(args.lds_run) if args.lds_run else None)
+    except (ValueError, RuntimeError) as e:
+        return fail(e)
+    out = Path(args.out) if args.out else ASSETS / "results" / f"compressed_{preset.name}.json"
+    save(record, out)
+    print(f"wrote {out}")
+    return 0
+
+
+@register
+def add_bench_scale(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "bench-scale",
+        cmd_bench_scale,
+        help="K-FAC banks at CIFAR scale on SYNTHETIC images: gradient throughput, bytes, build and query time",
+        description="The CIFAR-preset U-Net (35.7M parameters, random init) on synthetic 32x32 images "
+        "(no CIFAR needed: timings do not depend on content). Writes assets/results/bench_scale.json.",
+    )
+    p.add_argument("--sizes", default="2,4", help="N of the timed compressed builds (default 2,4)")
+    p.add_argument("--factor-rows", type=int, default=0,
+                   help="(example, draw) rows for timing the K-FAC factor pass (default 0: not timed)")
+    p.add_argument("--scan-sizes", default="256,1024,4096", help="N of the timed bank scans (default 256,1024,4096)")
+    p.add_argument("--mc", type=int, default=1, help="M draws per example for the timed passes (default 1)")
+    p.add_argument("--ratio", type=float, default=128.0, help="compression ratio (default 128)")
+    p.add_argument("--projection", default="gaussian", choices=("eigen", "gaussian"))
+    p.add_argument("--out", default=None, help="output JSON (default assets/results/bench_scale.json)")
+
+
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench.scale import run_bench_scale
+
+    _, _, device = resolve(args)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    record = run_bench_scale(_ints(args.sizes), _ints(args.scan_sizes), args.mc, args.ratio, args.projection,
+                             factor_rows=args.factor_rows, device=device)
+    out = Path(args.out) if args.out else ASSETS / "results" / "bench_scale.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0

@@ -65,3 +65,36 @@ def fail(e: Exception) -> int:
     """A clear one-line error on stderr and exit status 2 (bad input, missing cache, ...)."""
     print(f"error: {e}", file=sys.stderr)
     return 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or a bad file, not a bug: shown as one ``error:`` line.
+
+    Every engine error type subclasses ValueError (settings, checkpoints, data, queries, unsafe
+    files) or is a cache/training state problem; OSError covers missing and unreadable files
+    (its message names the file).  Set ATTRIBUTION_DEBUG=1 to get the traceback instead.
+    """
+    from ..attribution.store import StaleCacheError
+    from ..evaluation.lds import SubsetMismatchError
+    from ..evaluation.setup import TrainingBusyError
+
+    return (ValueError, OSError, StaleCacheError, SubsetMismatchError, TrainingBusyError)
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """Run a subcommand's handler; user errors become ``error: ...`` on stderr and exit status 2."""
+    import os
+
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except user_errors() as e:
+        if os.environ.get("ATTRIBUTION_DEBUG"):
+            raise
+        text = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+            text = f"{text}: {e.filename}"
+        print(f"error: {text}", file=sys.stderr)
+        return 2

@@ -166,11 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     add_lds(sub)
     add_retrain_top(sub)
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    from .common import run_handler
+
+    return run_handler(args)
 
 
 if __name__ == "__main__":

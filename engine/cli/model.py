@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+from .. import jsonio
 from .common import register, resolve, subcommand
 
 # --- train ---------------------------------------------------------------------------
@@ -35,7 +35,7 @@ def _read_indices(spec: str | None):
     if spec is None:
         return None
     if spec.endswith(".npy"):
-        return np.load(spec)
+        return np.load(spec, allow_pickle=False)
     return np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
 
 
@@ -128,5 +128,5 @@ def cmd_assets(args: argparse.Namespace) -> int:
     _, ckpt, device = resolve(args)
     model, preset, _ = load_checkpoint(ckpt, device)
     report = write_assets(model, preset, ckpt, load_dataset(preset.data), device)
-    print(json.dumps(report, indent=2))
+    print(jsonio.dumps(report, indent=2))
     return 0

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from . import attribution, bench, evaluate, foundation, model  # noqa: F401 - they register subcommands
-from .common import REGISTRY
+from .common import REGISTRY, run_handler
 
 # Subcommands in the order of the layers: model, attribution, evaluation (stable within a module).
 _ORDER = ("model", "foundation", "attribution", "bench", "evaluate")
@@ -32,11 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return run_handler(args)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def load_or_make_subsets(out: Path, dataset: ImageDataset, cfg: LDSConfig) -> np
     }
     path = Path(out) / "subsets.npz"
     if path.is_file():
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             old = json.loads(str(z["settings"]))
             masks = z["masks"]
         if old != settings:

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .lds import LDSConfig, noise_report, seed_average, subset_steps
 from .runs import (
     MeasureSpec,
     cached_measurements,
 )
-from .setup import RunSetup
+from .setup import RunSetup, load_queries_file
 
 
 def build_record(
@@ -99,7 +98,7 @@ def build_record(
 
 
 def _full_measure_args(setup: RunSetup, spec: MeasureSpec) -> tuple:
-    queries = torch.load(setup.out / "queries.pt", weights_only=False)["images"]
+    queries = load_queries_file(setup.out / "queries.pt")["images"]
     return (queries, spec, setup.dataset.levels, setup.device)
 
 

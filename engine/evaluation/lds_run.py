@@ -32,7 +32,7 @@ from .lds import (
 )
 from .lds_report import build_record, format_table, write_figure
 from .runs import MeasureSpec
-from .setup import RunSetup, train_lock
+from .setup import RunSetup, load_queries_file, train_lock
 
 SWEEP_GRID = tuple(float(10.0**e) for e in range(-12, 2))  # damping on the scale of G for mean L
 
@@ -45,7 +45,7 @@ def lds_queries(setup: RunSetup, num: int, seed: int = 0) -> tuple[torch.Tensor,
     """
     path = setup.out / "queries.pt"
     if path.is_file():
-        saved = torch.load(path, weights_only=False)
+        saved = load_queries_file(path)
         if saved["images"].shape[0] >= num:
             return saved["images"][:num], saved["source"]
     gallery = setup.checkpoint / "gallery.npz"
@@ -118,7 +118,7 @@ def session_scores(
     for q in tqdm(range(len(queries)), desc="scoring queries", unit="query"):
         path = folder / f"q{q:03d}.npz"
         if path.is_file():
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 rows.append({k: z[k] for k in z.files})
             continue
         qi = QueryInput(image=queries[q], description=f"lds query {q}")

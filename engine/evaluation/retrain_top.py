@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import jsonio
 from ..files import atomic_write_bytes, save_npz
 from .runs import (
     MeasureSpec,
@@ -214,7 +215,7 @@ class RetrainJob:
         folder = self.plan.folder
         path = folder / "removed.npz"
         if path.is_file():
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 return z["removed"], z["scores"], str(z["kind"])
         self._set(f"scoring with {self.method}", 0.01)
         res = self.session.query(self.query, self.measurement, [self.method]).methods[self.method]
@@ -320,7 +321,7 @@ class RetrainJob:
             "checkpoint_hash": self.session.checkpoint_hash,
             "seconds": seconds,
         }
-        atomic_write_bytes(self.plan.folder / "result.json", json.dumps(result, indent=1).encode())
+        atomic_write_bytes(self.plan.folder / "result.json", jsonio.dumps(result, indent=1).encode())
         return result
 
     def _labels(self, idx: np.ndarray) -> list[int] | None:

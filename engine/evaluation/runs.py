@@ -228,7 +228,7 @@ def run_training(
 
 def load_queries_npz(path: str | Path, n: int | None = None) -> torch.Tensor:
     """Gallery samples (``images`` in [0, 1]) as a (Q, C, H, W) tensor in [-1, 1]."""
-    with np.load(path) as z:
+    with np.load(path, allow_pickle=False) as z:
         images = torch.as_tensor(z["images"], dtype=torch.float32)
     if n is not None:
         images = images[:n]

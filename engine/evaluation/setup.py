@@ -11,6 +11,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import DataConfig, ModelConfig, Preset, TrainConfig
 from ..files import atomic_write_bytes
@@ -115,3 +116,10 @@ def train_lock(out: Path):
         yield
     finally:
         path.unlink(missing_ok=True)
+
+
+def load_queries_file(path: Path) -> dict[str, Any]:
+    """An LDS run's ``queries.pt`` read without unpickling code (tensors and strings only, ``engine.safe_load``)."""
+    from ..safe_load import load_plain_state
+
+    return load_plain_state(path, f"Delete it and rerun the command; the queries are made again: rm {path}")

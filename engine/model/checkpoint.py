@@ -47,8 +47,8 @@ def read_config(folder: str | Path) -> tuple[Preset, dict[str, Any]]:
         raise CheckpointError(f"no checkpoint config at {path}")
     try:
         cfg = json.loads(path.read_text())
-        return Preset.from_dict(cfg["preset"]), cfg.get("extra", {})
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return Preset.from_dict(cfg["preset"], strict=False), cfg.get("extra", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"unreadable checkpoint config {path}: {e}") from e
 
 
@@ -176,12 +176,22 @@ def load_diffusers(
         ) from e
     folder = Path(folder)
     unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
-    unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:  # no weights file, a broken config, shapes that differ
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"cannot load the diffusers UNet2DModel in {unet_dir}: {first[:200]} (expected "
+            "config.json and diffusion_pytorch_model.safetensors there)"
+        ) from e
     from ..config import DataConfig, ModelConfig
 
     side = folder / "attribution_preset.json"
     if side.is_file():
-        preset = Preset.from_dict(json.loads(side.read_text()))
+        try:
+            preset = Preset.from_dict(json.loads(side.read_text()))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(f"unreadable preset {side}: {e}") from e
     else:
         size = unet.config.sample_size
         size = int(size[0] if isinstance(size, (list, tuple)) else size)

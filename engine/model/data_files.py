@@ -61,10 +61,25 @@ _ALLOWED_GLOBALS = {
 }
 
 
+
+
+def _latin1_encode(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    """What ``_codecs.encode`` does in a protocol-2 pickle written by Python 3 (bytes are stored as
+    ``_codecs.encode(str, "latin1")`` there), restricted to Latin-1: other codecs (zlib, bz2, ...)
+    are refused so the global cannot be used for anything but rebuilding bytes."""
+    if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591") or errors != "strict":
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r} (only latin1 is allowed)")
+    if not isinstance(text, str):
+        raise pickle.UnpicklingError("refusing _codecs.encode of a non-string")
+    return text.encode("latin1")
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are allowed)")
 
 

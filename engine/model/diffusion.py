@@ -61,6 +61,13 @@ class MCDraws:
         flip = None if self.flip is None else self.flip[rows]
         return MCDraws(self.t[rows], self.eps[rows], flip)
 
+    def for_indices(self, indices) -> MCDraws:
+        """The draws of examples ``indices`` (any index array): shared draws are everyone's."""
+        if not self.batched:
+            return self
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return MCDraws(self.t[idx], self.eps[idx], None if self.flip is None else self.flip[idx])
+
     def example(self, j: int) -> MCDraws:
         """Example j's M draws, shared form (t (M,))."""
         if not self.batched:

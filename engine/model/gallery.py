@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import jsonio
 from ..config import Preset
 from .data import ImageDataset, to_unit_range
 from .sampling import generate, save_grid
@@ -121,5 +122,5 @@ def write_assets(
     report: dict[str, Any] = {}
     if preset.data.name == "digits":
         report = digits_quality(model, preset, dataset, device=device)
-        (folder / "sample_quality.json").write_text(json.dumps(report, indent=2))
+        (folder / "sample_quality.json").write_text(jsonio.dumps(report, indent=2))
     return report

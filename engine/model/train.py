@@ -14,6 +14,7 @@ is written last, so a folder with ``model.safetensors`` is a finished run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -26,6 +27,8 @@ import torch
 
 from ..config import Preset
 from ..files import atomic_torch_save, atomic_write_bytes
+from ..safe_load import load_plain_state
+from ..validation import check_train_config
 from .checkpoint import WEIGHTS, save_checkpoint
 from .data import ImageDataset, load_dataset, random_flip
 from .diffusion import Diffusion
@@ -71,13 +74,21 @@ def train(
     ``progress`` is True for a tqdm bar, False for silence, or ``f(step, total, loss)``.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / WEIGHTS).is_file() and not (out / STATE).is_file():
-        return out  # finished before
     tc = preset.train
     total = int(steps if steps is not None else tc.steps)
+    check_train_config(dataclasses.replace(tc, steps=total))  # before anything is written
+    if out.exists() and not out.is_dir():
+        raise TrainingSettingsError(f"--out {out} exists and is not a folder")
+    if (out / WEIGHTS).is_file() and not (out / STATE).is_file():
+        if indices is None and exclude is None:
+            _check_finished_run(out, preset, total, None)
+            return out  # finished before, with these settings
+        ds = dataset if dataset is not None else load_dataset(preset.data)
+        _check_finished_run(out, preset, total, select_indices(len(ds), indices, exclude))
+        return out
     ds = dataset if dataset is not None else load_dataset(preset.data)
     keep = select_indices(len(ds), indices, exclude)
+    out.mkdir(parents=True, exist_ok=True)
     x_all = ds.images[torch.as_tensor(keep)].to(device)
     n = x_all.shape[0]
 
@@ -92,12 +103,22 @@ def train(
 
     state_path = out / STATE
     if state_path.is_file():
-        st = torch.load(state_path, map_location=device, weights_only=False)
+        st = load_plain_state(
+            state_path,
+            f"Delete it to restart this run from step 0 (the finished weights are not affected): rm {state_path}",
+            map_location=device,
+        )
         model.load_state_dict(st["model"])
         if ema is not None:
             ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"].cpu())  # map_location moved it; generators live on the CPU
+        recipe = _recipe(preset, total, keep)
+        if st.get("recipe") is not None and st["recipe"] != recipe:
+            raise TrainingSettingsError(
+                f"{state_path} is an unfinished run with other settings ({_differences(st['recipe'], recipe)}); "
+                f"rerun with the same settings to resume, use another --out, or delete {state_path} to start over"
+            )
         step, log, perm, pos = st["step"], st["log"], st["perm"].cpu(), st["pos"]
         # dropout draws from the global RNGs: restore them so a resumed run is exact
         if st.get("torch_rng") is not None:
@@ -157,6 +178,7 @@ def train(
                     "log": log,
                     "perm": perm,
                     "pos": pos,
+                    "recipe": _recipe(preset, total, keep),
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 },
@@ -175,6 +197,59 @@ def train(
     if state_path.is_file():
         state_path.unlink()
     return out
+
+
+class TrainingSettingsError(ValueError):
+    """The output folder holds a run made with other settings; the message lists them and what to do."""
+
+
+def _recipe(preset: Preset, total: int, keep: np.ndarray | None) -> dict[str, Any]:
+    """What determines a run's weights: model, schedule, recipe (with the actual step count), data subset."""
+    d = preset.to_dict()
+    train_cfg = dict(d["train"], steps=int(total))
+    for k in ("log_every", "checkpoint_every"):  # bookkeeping only: the weights do not depend on them
+        train_cfg.pop(k, None)
+    data = {k: v for k, v in d["data"].items() if k != "root"}
+    out = {"model": d["model"], "diffusion": d["diffusion"], "data": data, "train": train_cfg}
+    if keep is not None:
+        out["indices_sha"] = _indices_digest(keep)
+    return json.loads(json.dumps(out))  # tuples -> lists, as stored
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b, f"{prefix}{k}.")
+            if inner:
+                diffs.append(inner)
+        elif a != b:
+            diffs.append(f"{prefix}{k} {a!r} there, {b!r} asked")
+    return "; ".join(diffs)
+
+
+def _check_finished_run(out: Path, preset: Preset, total: int, keep: np.ndarray | None) -> None:
+    """Refuse to report a finished run made with other settings as this command's result."""
+    from .checkpoint import read_config
+
+    old_preset, extra = read_config(out)
+    old_total = int(extra.get("steps", old_preset.train.steps))
+    old = _recipe(old_preset, old_total, None)
+    new = _recipe(preset, total, None)
+    if keep is not None:
+        new["indices_sha"] = _indices_digest(keep)
+        old["indices_sha"] = extra.get("indices_sha")
+    elif extra.get("num_train") is not None and extra.get("indices_sha") is not None:
+        full = _indices_digest(np.arange(int(extra["num_train"])))
+        if extra["indices_sha"] != full:
+            old["subset"], new["subset"] = "a subset of the training set", "the full training set"
+    diff = _differences(old, new)
+    if diff:
+        raise TrainingSettingsError(
+            f"{out} already holds a finished run with other settings ({diff}); "
+            f"nothing was trained: pass another --out, or delete {out / WEIGHTS} to train again"
+        )
 
 
 def _indices_digest(keep: np.ndarray) -> str:

@@ -43,6 +43,8 @@ class Prepared:
     (no untyped payload: the session keeps it for ``rescore`` and reads nothing else)."""
 
     timing_ms: dict[str, float] = field(default_factory=dict)
+    bank: str | None = None  # K-FAC: "stored" | "compressed" | "streamed" (reported per method)
+    exact: np.ndarray | None = None  # (N,) bool: which scores are exact (None: all of them)
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,102 @@
+"""K-FAC's ``compressed`` bank kind (``engine.attribution.bank_kinds``; issue 11, docs/architecture.md §8).
+
+Per Conv2d/Linear layer a factorised projection of the per-example gradients (top eigenvectors
+of the factors, or seeded Gaussian: ``config.kfac_projection``) at ``config.kfac_compression`` =
+full int8 bank bytes / compressed bank bytes; the rotated int8 bank of the projected gradients
+is a cache artefact of its own (``COMPRESSED``, keyed by the bank's settings plus the projection
+kind and ratio); a query is scored inside the projected space and its ``config.kfac_rerank``
+strongest candidates at each end re-ranked to exact K-FAC scores (engine.attribution.compressed_bank).
+Under torchrun each rank keeps its slice of the rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ... import distributed
+from ..bank_kinds import BankKind, register_bank_kind
+from ..compressed_bank import (
+    CompressedFactors,
+    CompressedRows,
+    ShardedBank,
+    build_compressed_bank,
+    compress_factors,
+    rerank_scores,
+    shard_rows,
+)
+from ..context import EngineContext
+from ..curvature import KFACFactors
+from ..scoring import Rows
+from ..store import StaleCacheError
+from .base import Progress
+from .kfac_influence import FACTOR_SHARE, KFACInfluence
+
+COMPRESSED = "kfac-compressed-bank"
+COMPRESSED_FACTORS = "kfac-compressed-factors"  # the projections and projected factors of that bank
+HOOK_ROWS = 128  # (example, draw) rows per batch of the hooks pass (activation memory at CIFAR scale)
+
+
+def compressed_settings(method: KFACInfluence, ctx: EngineContext) -> dict[str, Any]:
+    """The compressed bank's cache key: the stored bank's plus the projection kind and ratio."""
+    c = method.config
+    s = method.bank_settings(ctx)
+    s.update(projection=c.kfac_projection, compression=float(c.kfac_compression))
+    return s
+
+
+def _cache_key(method: KFACInfluence, ctx: EngineContext) -> tuple[str, dict[str, Any]]:
+    return COMPRESSED, compressed_settings(method, ctx)
+
+
+def _compressed_factors(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors) -> CompressedFactors:
+    """The projections and projected factors: loaded with the bank's cache when saved, else computed and
+    saved before any row is built (under torchrun by rank 0; the others wait and load them)."""
+    c = method.config
+    key = (COMPRESSED_FACTORS, compressed_settings(method, ctx))
+    shard = distributed.current()
+
+    def load() -> CompressedFactors | None:
+        arrays = None if ctx.store is None else ctx.store.load_arrays(*key, mmap=False)
+        return None if arrays is None else CompressedFactors.from_arrays(arrays, factors)
+
+    comp = load()
+    if comp is None and ctx.store is not None and not shard.is_main:
+        shard.barrier()
+        comp = load()
+    if comp is None:
+        bank = _cache_key(method, ctx)
+        if ctx.store is not None and ctx.store.exists(*bank):
+            raise StaleCacheError(f"{ctx.store.path(*bank)} has no saved projections beside it ({key[0]}): "
+                                  "delete it and build again")
+        comp = compress_factors(factors, c.kfac_projection, c.kfac_compression, seed=c.seed)
+        if ctx.store is not None:
+            ctx.store.save_arrays(*key, comp.to_arrays())
+            shard.barrier()
+    return comp
+
+
+def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors, progress: Progress) -> Rows:
+    c = method.config
+    comp = _compressed_factors(method, ctx, factors)
+    shard = distributed.current()
+    rows = shard_rows(len(ctx.dataset)) if shard.world > 1 else None
+    settings = {k: v for k, v in compressed_settings(method, ctx).items() if k not in ("quantize", "chunk_size")}
+    bank: Any = build_compressed_bank(
+        ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, comp, ctx.params,
+        store=ctx.store, name=COMPRESSED, settings=settings, chunk_size=method.chunk_size,
+        grad_batch=max(1, HOOK_ROWS // len(ctx.train_draws)), device=ctx.device, quantize=method.quantize,
+        rows=rows,
+        progress=lambda msg, f: progress(f"{method.title}: {msg}", FACTOR_SHARE + (1 - FACTOR_SHARE) * f),
+    )
+    if rows is not None:  # torchrun: this rank keeps its slice of the rows
+        bank = ShardedBank(bank, rows, len(ctx.dataset))
+    n = len(ctx.dataset)
+
+    def exact(idx, lams, rotated_full):
+        return rerank_scores(ctx.model, ctx.diffusion, ctx.dataset.images[idx], ctx.train_draws.for_indices(idx), factors,
+                             ctx.params, rotated_full, lams, n)
+
+    return CompressedRows(bank, comp, exact, c.kfac_rerank)
+
+
+register_bank_kind("compressed", BankKind(build=_compressed_bank, stored=True, cache_key=_cache_key))

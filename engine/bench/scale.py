@@ -1,0 +1,249 @@
+"""Scale benchmark of the K-FAC banks on the CIFAR-preset U-Net (issue 11; DESIGN.md 8).
+
+What it measures, on SYNTHETIC 32x32x3 images (uniform noise in [-1, 1]: no CIFAR data here;
+gradient, build and scan timings do not depend on image content) and a randomly initialised
+CIFAR-preset U-Net (35.7M parameters):
+
+* per-example gradient throughput, in (example, draw) rows per second: full per-example
+  gradients (``per_example_grads``, the stored/streamed banks and re-ranking) and
+  compressed ones from the hooks (``projected_grads``, the compressed bank);
+* bytes per example of each bank kind (stored int8, compressed int8, streamed: none);
+* the compressed bank's build time and peak memory at the measured sizes N (``--sizes``);
+* a query: the scan (one damping; and the 49-damping grid of the first pass) over int8 banks
+  of N rows (``--scan-sizes``; the rows are random int8, since a scan's cost depends only on
+  the bytes), plus exact re-ranking of 2C candidates (fresh gradients, timed on a few and
+  scaled by 2C);
+* projections for CIFAR-2 (N=5,000) and CIFAR-10 (N=50,000) at M=64, linear in N and M
+  from the measured per-row and per-byte costs (every projected figure says so).
+
+Everything runs on the device given (CPU here).  Timings are medians of repeats taken in
+the same run.  Peak memory is the process's peak resident set (``ru_maxrss``) after each
+phase, plus CUDA's peak allocation on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..attribution.bank import RotatedBank
+from ..attribution.compressed_bank import build_compressed_bank, compress_factors
+from ..attribution.curvature import Block, KFACFactors, compute_kfac, layout
+from ..attribution.damping_grid import DAMPING_GRID
+from ..attribution.gradients import influence_params, per_example_grads
+from ..attribution.layer_projection import bank_bytes, projected_grads
+from ..config import PRESETS
+from ..model.diffusion import Diffusion, make_draws
+from ..model.unet import build_model
+
+SYNTHETIC_NOTE = (
+    "SYNTHETIC images (uniform noise in [-1, 1], 3x32x32) and a randomly initialised CIFAR-preset U-Net: "
+    "no CIFAR data on this machine; gradient, build and scan timings do not depend on image content"
+)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _timed(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, Any]:
+    """Median seconds over ``repeats`` calls, and the last result."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _random_bank(blocks: list[Block], n: int, device: torch.device, seed: int) -> RotatedBank:
+    g = torch.Generator().manual_seed(seed)
+    data = [torch.randint(-127, 128, (n, b.size), dtype=torch.int8, generator=g).to(device) for b in blocks]
+    scales = torch.rand((n, len(blocks)), generator=g).to(device) + 0.5
+    return RotatedBank(blocks, data, scales)
+
+
+def identity_factors(model: torch.nn.Module, params: list) -> KFACFactors:
+    """K-FAC factors A = I, B = I of the right shapes (timing runs: costs do not depend on the values)."""
+    factors, _ = layout(model, params)
+    dims: dict[int, list] = {}
+    for blk in factors.blocks:
+        d = dims.setdefault(blk.layer, [blk.shape[0], None])
+        if blk.kind == "weight":
+            d[1] = blk.shape[1]
+    for i, lf in enumerate(factors.layers):
+        d_out, d_in = dims[i]
+        lf.qb, lf.b = torch.eye(d_out), torch.ones(d_out)
+        if d_in is not None:
+            lf.qa, lf.a = torch.eye(d_in), torch.ones(d_in)
+    return factors
+
+
+def _scan(bank: RotatedBank, p: int, device: torch.device, repeats: int, grid: bool = True) -> dict[str, float]:
+    q = torch.randn(p, device=device)
+    one, _ = _timed(lambda: bank.score(q), repeats)
+    if not grid:
+        return {"scan_one_damping_s": one, "scan_grid_s": None}
+    grid = torch.randn(len(DAMPING_GRID) + 1, p, device=device)
+    many, _ = _timed(lambda: bank.score_many(grid), max(1, repeats - 1))
+    return {"scan_one_damping_s": one, "scan_grid_s": many}
+
+
+def run_bench_scale(
+    sizes: tuple[int, ...] = (2, 4),
+    scan_sizes: tuple[int, ...] = (256, 1024, 4096),
+    mc: int = 1,
+    ratio: float = 128.0,
+    projection: str = "gaussian",
+    rerank: int = 256,
+    factor_rows: int = 0,
+    device: str = "cpu",
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The figures described in the module docstring, as one JSON-able dict."""
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    preset = PRESETS["cifar10"]
+    model = build_model(preset.model).to(dev).eval()
+    diffusion = Diffusion(preset.diffusion)
+    params = influence_params(model)
+    p = sum(q.numel() for _, q in params)
+    shape = (3, 32, 32)
+    g = torch.Generator().manual_seed(seed)
+    n_img = max(max(sizes), factor_rows, 2)
+    images = (torch.rand((n_img, *shape), generator=g) * 2 - 1).to(dev)
+    draws = make_draws(mc, shape, diffusion.T, seed=seed)
+    log(f"CIFAR-preset U-Net: {p / 1e6:.1f}M Conv2d/Linear parameters; {SYNTHETIC_NOTE}")
+
+    factor_row_s = None
+    if factor_rows > 0:
+        t0 = time.perf_counter()
+        factors = compute_kfac(model, diffusion, images[:factor_rows], draws, params, batch_size=factor_rows)
+        factor_row_s = (time.perf_counter() - t0) / (factor_rows * mc)
+    else:  # timings do not depend on the factors' values: identity factors (no curvlinops pass)
+        factors = identity_factors(model, params)
+    comp = compress_factors(factors, projection, ratio, seed=seed)
+    bytes_stored, bytes_comp = bank_bytes(factors.blocks), bank_bytes(comp.blocks)
+    log(f"K-FAC factors: {factor_row_s} s per (example, draw) row; bank bytes per example: "
+        f"stored {bytes_stored / 1e6:.1f} MB, compressed {bytes_comp / 1e3:.1f} KB ({bytes_stored / bytes_comp:.0f}x)")
+    mem: dict[str, float] = {"after_factors_rss_mb": _peak_rss_mb()}
+
+    b = min(2, n_img)
+    full_s, _ = _timed(lambda: per_example_grads(model, diffusion, images[:b], draws, "loss", params), 2)
+    mem["after_full_grads_rss_mb"] = _peak_rss_mb()
+    proj_s, _ = _timed(lambda: projected_grads(model, diffusion, images[:b], draws, params, comp.projections,
+                                               comp.blocks), 2)
+    mem["after_projected_grads_rss_mb"] = _peak_rss_mb()
+    throughput = {"full_rows_per_s": b * mc / full_s, "projected_rows_per_s": b * mc / proj_s, "batch": b}
+    log(f"per-example gradients: full {throughput['full_rows_per_s']:.2f} rows/s, "
+        f"compressed (hooks) {throughput['projected_rows_per_s']:.2f} rows/s")
+
+    builds = []
+    for n in sizes:
+        t0 = time.perf_counter()
+        bank = build_compressed_bank(model, diffusion, images[:n], draws, comp, params, grad_batch=b, device=dev)
+        build_s = time.perf_counter() - t0
+        scan = _scan(bank, bank.blocks[-1].offset + bank.blocks[-1].size, dev, 3)
+        builds.append({"n": n, "build_s": build_s, "bank_mb": bank.nbytes / 2**20, **scan,
+                       "peak_rss_mb": _peak_rss_mb()})
+        log(f"compressed build N={n}: {build_s:.1f} s, {bank.nbytes / 2**20:.2f} MiB")
+        del bank
+
+    p_comp = sum(blk.size for blk in comp.blocks)
+    scans = []
+    for n in scan_sizes:
+        bank = _random_bank(comp.blocks, n, dev, seed)
+        s = _scan(bank, p_comp, dev, 3)
+        scans.append({"n": n, "kind": "compressed", "bank_mb": bank.nbytes / 2**20, **s})
+        log(f"compressed scan N={n}: one damping {s['scan_one_damping_s'] * 1e3:.1f} ms, "
+            f"grid {s['scan_grid_s'] * 1e3:.1f} ms")
+        del bank
+    n_stored = max(1, min(4, min(sizes)))
+    bank = _random_bank(factors.blocks, n_stored, dev, seed)
+    # one damping only: the grid's 50 x P float32 queries (7 GB here) exceed kfac_influence.GRID_MAX_BYTES,
+    # so a stored bank of this model is scored one damping per pass
+    s = _scan(bank, p, dev, 2, grid=False)
+    scans.append({"n": n_stored, "kind": "stored", "bank_mb": bank.nbytes / 2**20, **s})
+    del bank
+    mem["after_scans_rss_mb"] = _peak_rss_mb()
+
+    # re-ranking 2C > G candidates (engine.compressed_bank.rerank_scores): G damped queries rotated
+    # back once, then one fresh full gradient and one dot product per candidate
+    q = torch.randn(p, device=dev)
+    unrotate_s, _ = _timed(lambda: factors.unrotate(q), 2)
+    mem["after_rerank_rss_mb"] = _peak_rss_mb()
+    grid_size = len(DAMPING_GRID) + 1
+    log(f"re-rank: one query rotation back {unrotate_s:.2f} s (x {grid_size} dampings once per query), "
+        f"then {1 / throughput['full_rows_per_s']:.1f} s per candidate and draw (fresh gradient)")
+
+    comp_scans = [x for x in scans if x["kind"] == "compressed"]
+    per_byte_grid = statistics.median(x["scan_grid_s"] / (x["n"] * bytes_comp) for x in comp_scans)
+    per_byte_one = statistics.median(x["scan_one_damping_s"] / (x["n"] * bytes_comp) for x in comp_scans)
+    stored_scan = scans[-1]
+    stored_per_byte_one = stored_scan["scan_one_damping_s"] / (n_stored * bytes_stored)
+
+    def project(name: str, n: int, m: int = 64) -> dict[str, Any]:
+        cands = 2 * min(rerank, n)
+        rerank_s = grid_size * unrotate_s + cands * m / throughput["full_rows_per_s"]
+        return {
+            "dataset": name, "num_examples": n, "mc_samples": m, "projected": True,
+            "how": "linear in N and M from the per-row and per-byte costs measured above on this device",
+            "bank_gb": {"stored": n * bytes_stored / 1e9, "compressed": n * bytes_comp / 1e9, "streamed": 0.0},
+            "factors_s": None if factor_row_s is None else n * m * factor_row_s,
+            "compressed_build_s": n * m / throughput["projected_rows_per_s"],
+            "stored_build_s": n * m / throughput["full_rows_per_s"],
+            "query_s": {
+                "compressed_scan_one_damping": n * bytes_comp * per_byte_one,
+                "compressed_scan_grid": n * bytes_comp * per_byte_grid,
+                "rerank": rerank_s,
+                "compressed_total": n * bytes_comp * per_byte_grid + rerank_s,
+                "stored_scan_one_damping": n * bytes_stored * stored_per_byte_one,
+                "streamed_pass": n * m / throughput["full_rows_per_s"],
+            },
+        }
+
+    gpu = torch.cuda.is_available() and dev.type == "cuda"
+    if gpu:
+        mem["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return {
+        "config": {
+            "model": "CIFAR-preset U-Net (ch 128, mults 1,2,2,2, 2 res blocks, attention at 16x16), random init",
+            "data": SYNTHETIC_NOTE,
+            "num_params": p,
+            "mc_samples": mc,
+            "projection": projection,
+            "ratio_target": ratio,
+            "rerank_candidates_per_end": rerank,
+            "device": str(dev),
+            "gpu": ("none lent to this session: every figure is CPU" if not gpu else torch.cuda.get_device_name()),
+            "cpu": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_at_end": list(os.getloadavg()),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        "bytes_per_example": {"stored": bytes_stored, "compressed": bytes_comp, "streamed": 0,
+                              "ratio": bytes_stored / bytes_comp},
+        "gradient_throughput": throughput,
+        "factor_row_s": factor_row_s,
+        "factor_note": ("K-FAC factor pass timed on this device" if factor_row_s is not None else
+                        "factor pass not timed here (--factor-rows 0: identity factors, since no timing depends on "
+                        "their values; on this CPU one curvlinops row of the CIFAR U-Net takes minutes)"),
+        "compressed_builds": builds,
+        "scans": scans,
+        "rerank": {"unrotate_query_s": unrotate_s, "dampings": grid_size,
+                   "s_per_candidate_row": 1 / throughput["full_rows_per_s"],
+                   "how": "G damped queries rotated back once per query, then one fresh full gradient per "
+                          "candidate (M draws) and a dot product (compressed_bank.rerank_scores)"},
+        "peak_memory": mem,
+        "growth_with_n": "bank bytes, build time and scan time grow linearly in N; re-ranking is constant in N "
+                         "(2C candidates); factors are per layer and independent of N",
+        "projected": [project("cifar2", 5000), project("cifar10", 50000)],
+    }

@@ -1,0 +1,129 @@
+"""Checks of user-supplied numbers, done once in the engine so the CLI, the app and the API agree.
+
+Damping (DESIGN.md 4; paper eq. 6): scores are (1/N) grad m^T (G + lambda I)^{-1} grad l_i with G
+positive semi-definite.  lambda must be finite and > 0: lambda = 0 divides by G's zero eigenvalues
+(inf/NaN scores), lambda < 0 makes (G + lambda I) indefinite (directions with eigenvalue below
+|lambda| flip sign, so the ranking silently inverts), NaN/inf give NaN or all-zero scores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class InvalidSettingError(ValueError):
+    """A setting outside its valid range; the message names the setting and the accepted values."""
+
+
+def check_damping(value: Any, what: str = "damping") -> float:
+    """``value`` as a float if it is a finite number > 0; InvalidSettingError naming ``what`` otherwise."""
+    if isinstance(value, bool):
+        raise InvalidSettingError(f"{what} must be a number > 0, got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InvalidSettingError(f"{what} must be a number > 0, got {value!r}") from None
+    if not math.isfinite(x) or x <= 0.0:
+        raise InvalidSettingError(
+            f"{what} must be finite and > 0 (e.g. 1e-8), got {value!r}: lambda = 0 divides by the "
+            "curvature's zero eigenvalues and lambda < 0 flips the sign of low-curvature directions"
+        )
+    return x
+
+
+# --- presets: field types and ranges ---------------------------------------------------------
+
+
+def coerce_field(section: str, name: str, hint: Any, value: Any) -> Any:
+    """``value`` checked against a dataclass field's type hint (lists become tuples, ints become floats).
+
+    Supports what the config dataclasses use: int, float, bool, str, ``X | None`` and ``tuple[int, ...]``.
+    """
+    import types
+    import typing
+
+    where = f"{section}.{name}"
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return coerce_field(section, name, inner, value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise InvalidSettingError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidSettingError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidSettingError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise InvalidSettingError(f"{where} must be a string, got {value!r}")
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InvalidSettingError(f"{where} must be a list, got {value!r}")
+        inner = args[0]
+        return tuple(coerce_field(section, f"{name}[{i}]", inner, v) for i, v in enumerate(value))
+    return value
+
+
+def _need(ok: bool, where: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise InvalidSettingError(f"{where} must be {rule}, got {value!r}")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_train_config(tc: Any, where: str = "train") -> None:
+    """Ranges of the training recipe (``TrainConfig``): refused before anything is written."""
+    _need(tc.steps >= 1, f"{where}.steps (--steps)", "at least 1", tc.steps)
+    _need(tc.batch_size >= 1, f"{where}.batch_size", "at least 1", tc.batch_size)
+    _need(_finite(tc.lr) and tc.lr > 0, f"{where}.lr", "finite and > 0", tc.lr)
+    _need(_finite(tc.weight_decay) and tc.weight_decay >= 0, f"{where}.weight_decay", "finite and >= 0", tc.weight_decay)
+    _need(_finite(tc.warmup_frac) and 0 <= tc.warmup_frac <= 1, f"{where}.warmup_frac", "in [0, 1]", tc.warmup_frac)
+    _need(_finite(tc.grad_clip) and tc.grad_clip >= 0, f"{where}.grad_clip", "finite and >= 0", tc.grad_clip)
+    if tc.ema_decay is not None:
+        _need(_finite(tc.ema_decay) and 0 <= tc.ema_decay < 1, f"{where}.ema_decay", "in [0, 1) or null", tc.ema_decay)
+    _need(tc.log_every >= 1, f"{where}.log_every", "at least 1", tc.log_every)
+    _need(tc.checkpoint_every >= 1, f"{where}.checkpoint_every", "at least 1", tc.checkpoint_every)
+
+
+def check_attribution_config(ac: Any, where: str = "attribution") -> None:
+    """Ranges of the attribution settings (``AttributionConfig``)."""
+    _need(ac.mc_samples >= 1, f"{where}.mc_samples (--mc-samples)", "at least 1", ac.mc_samples)
+    _need(ac.trak_dim >= 1, f"{where}.trak_dim (--trak-dim)", "at least 1", ac.trak_dim)
+    for name in ("kfac_damping", "trak_damping", "dtrak_damping"):
+        check_damping(getattr(ac, name), f"{where}.{name}")
+    _need(ac.fisher_type in ("mc", "empirical"), f"{where}.fisher_type", "'mc' or 'empirical'", ac.fisher_type)
+    _need(ac.kfac_approx in ("expand", "reduce"), f"{where}.kfac_approx", "'expand' or 'reduce'", ac.kfac_approx)
+    _need(ac.kfac_bank in ("auto", "stored", "streamed"), f"{where}.kfac_bank", "auto, stored or streamed", ac.kfac_bank)
+    _need(_finite(ac.kfac_bank_max_gb) and ac.kfac_bank_max_gb > 0, f"{where}.kfac_bank_max_gb", "> 0", ac.kfac_bank_max_gb)
+
+
+def check_preset(preset: Any) -> None:
+    """Every range a preset's numbers must satisfy (types are checked when it is read)."""
+    m, d, data = preset.model, preset.diffusion, preset.data
+    _need(m.image_size >= 1, "model.image_size", "at least 1", m.image_size)
+    _need(m.in_channels >= 1, "model.in_channels", "at least 1", m.in_channels)
+    _need(m.base_channels >= 1, "model.base_channels", "at least 1", m.base_channels)
+    _need(len(m.channel_mults) >= 1 and all(c >= 1 for c in m.channel_mults), "model.channel_mults",
+          "a non-empty list of positive integers", m.channel_mults)
+    _need(m.num_res_blocks >= 1, "model.num_res_blocks", "at least 1", m.num_res_blocks)
+    _need(_finite(m.dropout) and 0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
+    _need(m.num_groups >= 1, "model.num_groups", "at least 1", m.num_groups)
+    _need(d.num_timesteps >= 1, "diffusion.num_timesteps", "at least 1", d.num_timesteps)
+    _need(_finite(d.beta_start) and _finite(d.beta_end) and 0 < d.beta_start <= d.beta_end < 1,
+          "diffusion.beta_start/beta_end", "0 < beta_start <= beta_end < 1", (d.beta_start, d.beta_end))
+    _need(data.channels >= 1, "data.channels", "at least 1", data.channels)
+    _need(data.levels >= 2, "data.levels", "at least 2", data.levels)
+    check_train_config(preset.train)
+    check_attribution_config(preset.attribution)

@@ -1,0 +1,270 @@
+"""Compressed K-FAC bank (engine.attribution.layer_projection, engine.attribution.compressed_bank; issue 11): projected gradients
+from hooks, full-rank equivalence with the stored bank, exact re-ranking, cache keys, sharded candidates."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine.attribution.compressed_bank import compress_factors, local_candidates, merge_candidates
+from engine.attribution.context import make_context
+from engine.attribution.curvature import compute_kfac
+from engine.attribution.gradients import influence_params, measurement_grad, per_example_grads
+from engine.attribution.layer_projection import (
+    bank_bytes,
+    choose_dims,
+    make_projections,
+    projected_blocks,
+    projected_grads,
+)
+from engine.attribution.methods.kfac_compressed_bank import COMPRESSED, compressed_settings
+from engine.attribution.methods.kfac_influence import KFACInfluence
+from engine.attribution.query import QueryInput
+from engine.attribution.results import MethodResult, QueryResult
+from engine.attribution.store import Store
+from engine.config import AttributionConfig
+from engine.model.diffusion import Diffusion, make_draws
+from engine.model.measurements import parse_measurement
+
+LOSS = parse_measurement("loss")
+
+
+def _setup(tiny_preset, tiny_model, digits_small, n: int = 12, store=None, **cfg):
+    model = copy.deepcopy(tiny_model).double()  # float64: compare paths to 1e-6
+    ds = digits_small.subset(list(range(n)))
+    config = AttributionConfig(mc_samples=3, seed=0, **cfg)
+    ctx = make_context(tiny_preset, model, ds, "cpu", config, "c" * 16, store)
+    q = QueryInput(image=ds.images[3])
+    g = measurement_grad(model, ctx.diffusion, LOSS, q, make_draws(3, (1, 8, 8), 1000, seed=1), 17, ctx.params)
+    return ctx, q, g
+
+
+@pytest.mark.parametrize("kind", ["eigen", "gaussian"])
+def test_hook_projected_grads_equal_projection_of_autograd_grads(tiny_model, diffusion, digits_small, kind):
+    model = copy.deepcopy(tiny_model).double()
+    params = influence_params(model)
+    x = digits_small.images[:5].double()
+    draws = make_draws(3, (1, 8, 8), 1000, seed=0)
+    full = compute_kfac(model, diffusion, x, draws, params)
+    comp = compress_factors(full, kind, 6.0, seed=3)
+    got = projected_grads(model, diffusion, x, draws, params, comp.projections, comp.blocks)
+    ref = comp.project(per_example_grads(model, diffusion, x, draws, "loss", params))
+    assert got.shape == (5, sum(b.size for b in comp.blocks)) and ref.abs().max() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_choose_dims_meets_the_ratio_and_ratio_one_keeps_everything(tiny_model, diffusion, digits_small):
+    params = influence_params(tiny_model)
+    full = compute_kfac(tiny_model, diffusion, digits_small.images[:4], make_draws(2, (1, 8, 8), 1000, 0), params)
+    full_bytes = bank_bytes(full.blocks)
+    for ratio in (4.0, 16.0):
+        blocks = projected_blocks(full, make_projections(full, "gaussian", ratio))
+        got = full_bytes / bank_bytes(blocks)
+        assert ratio <= got < 1.1 * ratio, (ratio, got)
+    assert [b.shape for b in projected_blocks(full, make_projections(full, "eigen", 1.0))] == [
+        b.shape for b in full.blocks
+    ]
+    assert choose_dims(full, 1.0)[0][0] == full.blocks[0].shape[0]
+    with pytest.raises(ValueError, match="ratio"):
+        choose_dims(full, 0.5)
+
+
+def test_full_rank_eigenvector_projection_equals_the_stored_bank(tiny_preset, tiny_model, digits_small):
+    ctx, q, g = _setup(tiny_preset, tiny_model, digits_small)
+    stored = KFACInfluence(ctx.config, quantize=False)
+    stored.build(ctx)
+    full_rank = dataclasses.replace(ctx.config, kfac_bank="compressed", kfac_projection="eigen",
+                                    kfac_compression=1.0, kfac_rerank=0)
+    ctx_c = dataclasses.replace(ctx, config=full_rank)
+    comp = KFACInfluence(full_rank, quantize=False)
+    comp.build(ctx_c)
+    p_stored, p_comp = stored.prepare(ctx, q, g), comp.prepare(ctx_c, q, g)
+    assert p_comp.bank == "compressed" and p_stored.bank == "stored"
+    for lam in (1e-8, 1e-3, 1.0):
+        ref = stored.score(p_stored, lam)
+        np.testing.assert_allclose(comp.score(p_comp, lam), ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+def test_reranked_candidates_equal_stored_bank_scores(tiny_preset, tiny_model, digits_small):
+    ctx, q, g = _setup(tiny_preset, tiny_model, digits_small, n=16)
+    stored = KFACInfluence(ctx.config, quantize=False)
+    stored.build(ctx)
+    cfg = dataclasses.replace(ctx.config, kfac_bank="compressed", kfac_projection="gaussian",
+                              kfac_compression=16.0, kfac_rerank=3)
+    ctx_c = dataclasses.replace(ctx, config=cfg)
+    comp = KFACInfluence(cfg)  # int8 compressed bank: only the candidates' scores are exact
+    comp.build(ctx_c)
+    p_stored, p_comp = stored.prepare(ctx, q, g), comp.prepare(ctx_c, q, g)
+    approx = KFACInfluence(dataclasses.replace(cfg, kfac_rerank=0))
+    approx.build(ctx_c)
+    s_approx = approx.score(approx.prepare(ctx_c, q, g), 1e-3)
+    s = comp.score(p_comp, 1e-3)
+    mask = p_comp.exact
+    assert mask is not None and 3 <= mask.sum() <= 6
+    cand = np.flatnonzero(mask)
+    order = np.argsort(-s_approx, kind="stable")
+    assert set(order[:3]) | set(order[-3:]) == set(cand)  # the compressed ends were picked
+    ref = stored.score(p_stored, 1e-3)
+    np.testing.assert_allclose(s[cand], ref[cand], rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    np.testing.assert_array_equal(s[~mask], s_approx[~mask])
+    # a damping change re-ranks the same candidates without gradients: grid value, then interpolated
+    calls: list[int] = []
+    reranker = p_comp.query.reranker
+    original = reranker.score_fn
+    reranker.score_fn = lambda *a: (calls.append(1), original(*a))[1]
+    for lam in (1e-2, 3e-3):
+        ref = stored.score(p_stored, lam)
+        np.testing.assert_allclose(comp.score(p_comp, lam)[cand], ref[cand], rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+    assert not calls
+    # the result says which scores are exact and which bank; exact entries rank first
+    res = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=s, bank=p_comp.bank, exact=mask)
+    assert [it.exact for it in res.top(3)] == [True] * 3 and [it.exact for it in res.bottom(3)] == [True] * 3
+    assert "re-ranked" in res.bank_note()
+    top = res.top(16)
+    assert all(top[i].exact >= top[i + 1].exact for i in range(15))
+    js = QueryResult(query={}, measurement="loss", methods={"kfac": res}).to_json(3)["methods"]["kfac"]
+    assert js["bank"] == "compressed" and all(e["exact"] is True for e in js["top"] + js["bottom"])
+    assert [e["exact"] for e in QueryResult({}, "loss", {"kfac": res}).to_json(16)["methods"]["kfac"]["top"]].count(
+        False) == 16 - mask.sum()
+
+
+def test_rerank_rotates_the_cheaper_side(tiny_model, diffusion, digits_small):
+    """More candidates than dampings: the damped queries are rotated back instead of the gradients."""
+    from engine.attribution.compressed_bank import rerank_scores
+
+    model = copy.deepcopy(tiny_model).double()
+    params = influence_params(model)
+    x = digits_small.images[:6].double()
+    draws = make_draws(2, (1, 8, 8), 1000, seed=0)
+    full = compute_kfac(model, diffusion, x, draws, params)
+    q = full.rotate(torch.randn(full.num_params, dtype=torch.float64))
+    args = (model, diffusion, x, draws, full, params, q)
+    back = rerank_scores(*args, [1e-3, 1.0], 6, grad_batch=4)  # 6 candidates > 2 dampings
+    rotated = rerank_scores(*args, [1e-3, 1.0], 6, grad_batch=4, max_query_bytes=0)
+    np.testing.assert_allclose(back, rotated, rtol=1e-9, atol=1e-12 * np.abs(rotated).max())
+
+
+def test_compressed_cache_is_keyed_by_its_settings(tmp_path, tiny_preset, tiny_model, digits_small):
+    store = Store(tmp_path, "c" * 16, "digits12")
+    ctx, q, g = _setup(tiny_preset, tiny_model, digits_small, store=store, kfac_bank="compressed",
+                       kfac_compression=8.0, kfac_rerank=0)
+    m = KFACInfluence(ctx.config)
+    m.build(ctx)
+    assert m.is_built(ctx) and [n for n, _ in m.cache_keys(ctx)] == ["kfac-factors", COMPRESSED]
+    s1 = m.score(m.prepare(ctx, q, g))
+    again = KFACInfluence(ctx.config)
+    msgs: list[str] = []
+    again.build(ctx, lambda msg, f: msgs.append(msg))
+    assert not any("gradients" in s or "rows" in s for s in msgs)  # loaded, nothing recomputed
+    np.testing.assert_array_equal(again.score(again.prepare(ctx, q, g)), s1)
+    for change in ({"kfac_compression": 16.0}, {"kfac_projection": "eigen"}, {"seed": 1}, {"mc_samples": 2}):
+        other = dataclasses.replace(ctx.config, **change)
+        ctx2 = make_context(tiny_preset, ctx.model, ctx.dataset, "cpu", other, "c" * 16, store)
+        assert not KFACInfluence(other).is_built(ctx2), change
+    # a folder whose recorded settings contradict its name is refused, not loaded
+    folder = store.path(COMPRESSED, compressed_settings(m, ctx))
+    manifest = json.loads((folder / "settings.json").read_text())
+    manifest["settings"]["compression"] = 4.0
+    (folder / "settings.json").write_text(json.dumps(manifest))
+    from engine.attribution.store import StaleCacheError
+
+    with pytest.raises(StaleCacheError):
+        KFACInfluence(ctx.config).build(ctx)
+
+
+def _merge_rank(rank: int, world: int, rendezvous: str, scores: np.ndarray, c: int, out: str) -> None:
+    from engine.attribution.compressed_bank import gather_candidates, shard_rows
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        rows = shard_rows(scores.shape[0])
+        merged = gather_candidates(scores[rows], rows.start, c)  # each rank sees only its slice
+        np.save(f"{out}/rank{rank}.npy", merged)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_merge_their_top_candidates_into_the_single_process_set(tmp_path):
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal(101).astype(np.float32)
+    scores[[7, 80]] = scores[3]  # ties across the ranks' slices break by index, as in one process
+    c = 9
+    mp.spawn(_merge_rank, args=(2, str(tmp_path / "rdv"), scores, c, str(tmp_path)), nprocs=2, join=True)
+    single = merge_candidates([local_candidates(scores, c)], c)
+    order = np.argsort(-scores, kind="stable")
+    assert set(single) == set(order[:c]) | set(np.argsort(scores, kind="stable")[:c])
+    for r in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}.npy"), single)
+
+
+def _query_rank(rank: int, world: int, rendezvous: str, preset, state, dataset, g, root: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        s, mask, nrows = _sharded_scores(preset, state, dataset, g, root)
+        np.savez(f"{out}/rank{rank}.npz", scores=s, exact=mask, rows=nrows)
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_scores(preset, state, dataset, g, root):
+    from engine.model.unet import build_model
+
+    model = build_model(preset.model)
+    model.load_state_dict(state)
+    cfg = AttributionConfig(mc_samples=2, seed=0, kfac_bank="compressed", kfac_compression=8.0, kfac_rerank=3)
+    ctx = make_context(preset, model, dataset, "cpu", cfg, "e" * 16, Store(root, "e" * 16, "digits20"))
+    m = KFACInfluence(cfg)
+    m.chunk_size = 8
+    m.build(ctx)
+    prep = m.prepare(ctx, QueryInput(image=dataset.images[0]), g)
+    s = m.score(prep, 1e-3)
+    bank = m.bank.bank  # CompressedRows -> the int8 rows (a ShardedBank under torchrun)
+    nrows = getattr(bank, "local", bank).num_examples
+    return s, prep.exact, nrows
+
+
+@pytest.mark.slow
+def test_two_ranks_hold_half_the_compressed_bank_and_answer_like_one_process(
+    tmp_path, tiny_preset, tiny_model, digits_small
+):
+    dataset = digits_small.subset(list(range(20)))
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    g = measurement_grad(tiny_model, Diffusion(), LOSS, QueryInput(image=dataset.images[0]),
+                         make_draws(2, (1, 8, 8), 1000, seed=1), 17)
+    mp.spawn(_query_rank, args=(2, str(tmp_path / "rdv"), tiny_preset, state, dataset, g, str(tmp_path / "shared"),
+                                str(tmp_path)), nprocs=2, join=True)
+    single, mask, nrows = _sharded_scores(tiny_preset, state, dataset, g, tmp_path / "single")
+    assert nrows == 20 and mask.sum() >= 3
+    for r in (0, 1):
+        got = np.load(tmp_path / f"rank{r}.npz")
+        assert int(got["rows"]) == 10  # each rank holds half of the rows
+        np.testing.assert_array_equal(got["exact"], mask)
+        np.testing.assert_allclose(got["scores"], single, rtol=1e-5, atol=1e-7)
+
+
+def test_compressed_bank_derived_from_the_stored_one_equals_the_built_one(tiny_model, diffusion, digits_small):
+    from engine.attribution.bank import build_bank
+    from engine.attribution.compressed_bank import build_compressed_bank, compress_stored_bank
+
+    model = copy.deepcopy(tiny_model).double()
+    params = influence_params(model)
+    x = digits_small.images[:6].double()
+    draws = make_draws(2, (1, 8, 8), 1000, seed=0)
+    full = compute_kfac(model, diffusion, x, draws, params)
+    stored = build_bank(model, diffusion, x, draws, full, params, quantize=False)
+    for kind in ("eigen", "gaussian"):
+        comp = compress_factors(full, kind, 5.0, seed=2)
+        built = build_compressed_bank(model, diffusion, x, draws, comp, params, quantize=False)
+        derived = compress_stored_bank(stored, comp)  # int8 of the derived rows only
+        for i in range(6):
+            ref = built.row(i)
+            assert (derived.row(i).double() - ref).abs().max() <= 1.01 * ref.abs().max() / 254 * 1.0 + 1e-12

@@ -1,0 +1,157 @@
+"""Fault injection: builds killed with SIGKILL at each stage, and two builds at once (issue 14, finding 5).
+
+Each build runs in a subprocess (``tests/fault_worker.py``) on a tiny untrained U-Net and 32 random
+images.  After a kill the same build is run again: it must exit 0, leave no temporary folder
+behind, and give the same scores as an uninterrupted build.  Two builds started together on a
+fresh cache root must both exit 0 (the second waits on the per-entry lock, then loads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import fault_worker
+import numpy as np
+import pytest
+from conftest import TINY_MODEL
+
+from engine.config import DataConfig, Preset
+from engine.model.checkpoint import save_checkpoint
+
+WORKER = Path(__file__).with_name("fault_worker.py")
+METHODS = "kfac,trak"
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _start(ckpt: Path, cache: Path, stage: str, methods: str = METHODS) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(ckpt), str(cache), methods, stage],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def _run(ckpt: Path, cache: Path, stage: str, methods: str = METHODS) -> subprocess.CompletedProcess:
+    p = _start(ckpt, cache, stage, methods)
+    out, err = p.communicate(timeout=300)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def _scores(ckpt: Path, cache: Path) -> dict[str, np.ndarray]:
+    s = fault_worker.session(str(ckpt), str(cache))
+    res = s.query(s.parse_query("train:1"), methods=METHODS.split(","))
+    assert all(r.status == "ok" for r in res.methods.values()), {n: r.reason for n, r in res.methods.items()}
+    return {n: r.scores for n, r in res.methods.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A tiny untrained checkpoint and the scores of an uninterrupted in-process build."""
+    import torch
+
+    from engine.model.unet import build_model
+
+    ckpt = tmp_path_factory.mktemp("kill_ckpt")
+    preset = Preset(name="tiny", model=TINY_MODEL, data=DataConfig(name="digits"), attribution=fault_worker.config())
+    torch.manual_seed(0)
+    save_checkpoint(ckpt, build_model(preset.model), preset)
+    cache = tmp_path_factory.mktemp("kill_ref")
+    fault_worker.session(str(ckpt), str(cache)).build(METHODS.split(","))
+    return ckpt, _scores(ckpt, cache)
+
+
+def _leftovers(cache: Path) -> list[str]:
+    return [p.name for p in cache.rglob(".tmp-*")] + [p.name for p in cache.rglob(".*.tmp")]
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "factor",
+        pytest.param("bank", marks=pytest.mark.slow),
+        pytest.param("trak", marks=pytest.mark.slow),
+        "publish",
+    ],
+)
+def test_build_killed_at_a_stage_resumes_to_the_same_scores(reference, tmp_path, stage):
+    ckpt, ref = reference
+    cache = tmp_path / "cache"
+    killed = _run(ckpt, cache, stage)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    if stage == "publish":
+        assert any(".tmp-kfac-bank" in name for name in _leftovers(cache))  # what the kill left behind
+    again = _run(ckpt, cache, "none")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == {"kfac": "ok", "trak": "ok"}
+    assert _leftovers(cache) == []  # the dead process's temporary folders and files were removed
+    got = _scores(ckpt, cache)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-7)
+
+
+def test_two_builds_at_once_both_succeed(reference, tmp_path):
+    ckpt, ref = reference
+    cache = tmp_path / "cache"
+    procs = [_start(ckpt, cache, "none"), _start(ckpt, cache, "none")]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1]) == {"kfac": "ok", "trak": "ok"}
+    assert _leftovers(cache) == []
+    got = _scores(ckpt, cache)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-7)
+
+
+def test_lock_is_exclusive_across_processes_and_released_by_a_kill(tmp_path):
+    from engine.attribution.store import Store
+
+    store = Store(tmp_path, "ckpt", "data")
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from engine.attribution.store import Store; "
+        "s = Store(sys.argv[2], 'ckpt', 'data'); cm = s.lock('x', {'a': 1}); cm.__enter__(); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(Path(__file__).resolve().parents[1]), str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, env=_env(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with store.lock("x", {"a": 1}, wait=False) as got:
+            assert got is False  # held by the other process
+        with store.lock("y", {"a": 1}, wait=False) as got:
+            assert got is True  # another entry is independent
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with store.lock("x", {"a": 1}, wait=False) as got:
+        assert got is True  # the kernel released the dead holder's lock
+
+
+def test_temp_folders_of_dead_processes_are_removed_live_ones_kept(tmp_path):
+    from engine.attribution.store import Store
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store = Store(tmp_path, "ckpt", "data")
+    store.base.mkdir(parents=True)
+    gone = store.base / f".tmp-kfac-bank-abc-{dead.pid}-0123abcd"
+    init = store.base / f".partial-trak-abc.init-{dead.pid}-0123abcd"
+    mine = store.base / f".tmp-trak-abc-{os.getpid()}-0123abcd"
+    odd = store.base / ".tmp-no-pid-here"
+    for f in (gone, init, mine, odd):
+        f.mkdir()
+    assert sorted(store.clean_stale_temp()) == sorted([gone, init])
+    assert mine.is_dir() and odd.is_dir()

@@ -1,0 +1,174 @@
+"""Fault injection: invalid settings, presets and paths give one ``error:`` line, never a traceback
+or a silently wrong result (issue 14, findings 3, 6, 7)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY_MODEL
+
+from engine.cli import main
+from engine.config import PRESETS, DataConfig, Preset, TrainConfig, get_preset
+from engine.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from engine.model.train import TrainingSettingsError, train
+from engine.validation import InvalidSettingError, check_damping
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --- damping ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1e-8, float("nan"), float("inf"), -float("inf"), "x", None, True])
+def test_check_damping_refuses_non_positive_and_non_finite(bad):
+    with pytest.raises(InvalidSettingError, match="kfac damping"):
+        check_damping(bad, "kfac damping")
+
+
+def test_check_damping_accepts_positive():
+    assert check_damping("1e-8") == 1e-8 and check_damping(3) == 3.0
+
+
+# --- presets ----------------------------------------------------------------------------------
+
+
+def _preset_file(tmp_path: Path, obj) -> str:
+    path = tmp_path / f"p{len(list(tmp_path.glob('p*.json')))}.json"
+    path.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
+    return str(path)
+
+
+def test_preset_file_errors_name_the_file_and_key(tmp_path):
+    good = PRESETS["digits"].to_dict()
+    cases = [
+        (str(tmp_path / "missing.json"), "does not exist"),
+        (_preset_file(tmp_path, "[1, 2]"), "must be a JSON object"),
+        (_preset_file(tmp_path, "{not json"), "not readable JSON"),
+        (_preset_file(tmp_path, {**good, "modle": {}}), "modle"),
+        (_preset_file(tmp_path, {**good, "attribution": {**good["attribution"], "mc_sample": 8}}), "attribution.mc_sample"),
+        (_preset_file(tmp_path, {**good, "model": {**good["model"], "base_channels": "32"}}), "model.base_channels"),
+        (_preset_file(tmp_path, {**good, "train": {**good["train"], "steps": 1.5}}), "train.steps"),
+        (_preset_file(tmp_path, {**good, "train": {**good["train"], "lr": None}}), "train.lr"),
+        (_preset_file(tmp_path, {**good, "model": {**good["model"], "channel_mults": 2}}), "model.channel_mults"),
+        (_preset_file(tmp_path, {**good, "train": 5}), "'train' must be a JSON object"),
+        (_preset_file(tmp_path, {**good, "attribution": {**good["attribution"], "kfac_damping": -1}}),
+         "attribution.kfac_damping"),
+        (_preset_file(tmp_path, {**good, "train": {**good["train"], "steps": 0}}), "train.steps"),
+    ]
+    for path, needle in cases:
+        with pytest.raises(InvalidSettingError) as e:
+            get_preset(path)
+        assert needle in str(e.value) and Path(path).name in str(e.value), str(e.value)
+
+
+def test_preset_round_trip_still_loads(tmp_path):
+    path = _preset_file(tmp_path, PRESETS["cifar2"].to_dict())
+    assert get_preset(path) == PRESETS["cifar2"]
+
+
+def test_cli_bad_preset_is_one_error_line(tmp_path, capsys):
+    path = _preset_file(tmp_path, {"name": "x", "modle": {}})
+    rc, err = _cli(capsys, "train", "--preset", path, "--out", str(tmp_path / "run"))
+    assert rc == 2 and "modle" in _one_error_line(err) and str(path) in err
+    assert not (tmp_path / "run").exists()
+    rc, err = _cli(capsys, "sample", "--preset", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x.png"))
+    assert rc == 2 and "nope.json" in _one_error_line(err)
+
+
+# --- commands without a checkpoint --------------------------------------------------------------
+
+
+def test_sample_and_assets_with_a_missing_checkpoint(tmp_path, capsys):
+    for argv in (
+        ["sample", "--checkpoint", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "x.png")],
+        ["assets", "--checkpoint", str(tmp_path / "nonexistent")],
+        ["query", "--checkpoint", str(tmp_path / "nonexistent"), "--query", "train:0"],
+        ["build", "--checkpoint", str(tmp_path / "nonexistent"), "--methods", "pixel"],
+    ):
+        rc, err = _cli(capsys, *argv)
+        assert rc == 2 and "nonexistent" in _one_error_line(err), (argv, err)
+
+
+@pytest.mark.slow  # importing diffusers takes 5-20 s
+def test_diffusers_folder_without_weights_is_a_checkpoint_error(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 1}))
+    with pytest.raises(CheckpointError, match="unet"):
+        load_checkpoint(folder)
+    rc, err = _cli(capsys, "sample", "--checkpoint", str(folder), "--out", str(tmp_path / "x.png"))
+    assert rc == 2 and str(folder) in _one_error_line(err)
+
+
+# --- training settings ----------------------------------------------------------------------------
+
+
+def _tiny(steps: int = 2, seed: int = 0) -> Preset:
+    return Preset(name="tiny", model=TINY_MODEL, data=DataConfig(name="digits"),
+                  train=TrainConfig(steps=steps, batch_size=8, seed=seed, log_every=1, checkpoint_every=1000))
+
+
+@pytest.mark.parametrize("steps", [-5, 0])
+def test_train_refuses_bad_steps_before_creating_the_folder(tmp_path, capsys, steps):
+    out = tmp_path / "run"
+    rc, err = _cli(capsys, "train", "--steps", str(steps), "--out", str(out))
+    assert rc == 2 and "--steps" in _one_error_line(err)
+    assert not out.exists()
+    with pytest.raises(InvalidSettingError):
+        train(_tiny(), out, steps=steps, progress=False)
+    assert not out.exists()
+
+
+def test_rerun_into_a_finished_folder_with_other_settings_is_refused(tmp_path, digits_small, capsys):
+    out = train(_tiny(), tmp_path / "run", dataset=digits_small, progress=False)
+    weights = (out / "model.safetensors").read_bytes()
+    assert train(_tiny(), out, dataset=digits_small, progress=False) == out  # same settings: nothing to do
+    with pytest.raises(TrainingSettingsError, match="steps 2 there, 3 asked"):
+        train(_tiny(steps=3), out, dataset=digits_small, progress=False)
+    with pytest.raises(TrainingSettingsError, match="seed 0 there, 1 asked"):
+        train(_tiny(seed=1), out, dataset=digits_small, progress=False)
+    with pytest.raises(TrainingSettingsError, match="indices_sha"):
+        train(_tiny(), out, dataset=digits_small, exclude=[0], progress=False)
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_cli_rerun_with_other_seed_says_so(tmp_path, capsys):
+    folder = tmp_path / "run"
+    preset = PRESETS["digits"].replace(train={"steps": 7})
+    from engine.model.unet import build_model
+
+    save_checkpoint(folder, build_model(preset.model), preset, {"steps": 7})
+    rc, err = _cli(capsys, "train", "--out", str(folder), "--steps", "7", "--seed", "3")
+    line = _one_error_line(err)
+    assert rc == 2 and "seed 0 there, 3 asked" in line and str(folder) in line
+
+
+@pytest.mark.parametrize(
+    "change", [{"mc_samples": 0}, {"trak_dim": -1}, {"kfac_damping": 0.0}, {"kfac_bank": "disk"}]
+)
+def test_session_refuses_invalid_attribution_settings(tmp_path, digits_small, change):
+    import dataclasses
+
+    from engine.attribution.session import AttributionSession
+    from engine.config import AttributionConfig
+    from engine.model.unet import build_model
+
+    preset = _tiny()
+    save_checkpoint(tmp_path / "ckpt", build_model(preset.model), preset)
+    with pytest.raises(InvalidSettingError, match=f"attribution.{next(iter(change))}"):
+        AttributionSession(preset, checkpoint=tmp_path / "ckpt", device="cpu", cache_root=tmp_path / "cache",
+                           config=dataclasses.replace(AttributionConfig(), **change), dataset=digits_small)
