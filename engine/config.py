@@ -273,9 +273,7 @@ def _mnist_preset() -> Preset:
             log_every=25,
             checkpoint_every=100,
         ),
-        attribution=AttributionConfig(
-            mc_samples=16, trak_damping=1e-1 / 1000, dtrak_damping=1.0 / 1000
-        ),
+        attribution=AttributionConfig(mc_samples=16),
     )
 
 
