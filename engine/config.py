@@ -72,11 +72,19 @@ class AttributionConfig:
     mc_samples: int = 64  # M draws of (t, eps) per example
     seed: int = 0
     kfac_damping: float = 1e-8
-    trak_damping: float = 1e-1 / 1797
-    dtrak_damping: float = 1.0 / 1797
+    # None: the authors' best values on TRAK's unnormalised scale divided by the training-set
+    # size N (DESIGN.md 4), resolved by ``trak_default_damping`` once N is known
+    trak_damping: float | None = None
+    dtrak_damping: float | None = None
     fisher_type: str = "mc"  # mc | empirical
     kfac_approx: str = "expand"  # expand | reduce
     ekfac: bool = False
+    # K-FAC blocks: "separate" (weight B (x) A and bias B, the default) or "joint" ([W | b] in one
+    # B (x) A block, curvlinops separate_weight_and_bias=False; an ablation)
+    kfac_blocks: str = "separate"
+    # training-gradient and curvature draws: "shared" (the same M draws for every example) or
+    # "per-example" (independent per example, seeded by its index; paper G.3). engine.train_draws
+    draws: str = "shared"
     # K-FAC training-gradient bank: "stored" (int8 on disk, a query is one pass over it),
     # "streamed" (recomputed per query batch: for models whose bank does not fit, docs/architecture.md §8)
     # "compressed" (per-layer projected gradients, the candidates re-ranked exactly: engine.attribution.compressed_bank)
@@ -90,6 +98,39 @@ class AttributionConfig:
     trak_projection: str = "srht"  # srht | rademacher | gaussian (engine.attribution.projection)
     clip_model: str = "ViT-B-32"
     clip_pretrained: str | None = "openai"
+
+
+# The authors' best TRAK / D-TRAK dampings on TRAK's unnormalised scale (sum over examples);
+# ours is on the scale of G for the mean loss, i.e. these divided by N (DESIGN.md 4).
+TRAK_UNNORMALISED_DAMPING = {"trak": 1e-1, "dtrak": 1.0}
+
+
+def trak_default_damping(config: AttributionConfig, method: str, num_train: int) -> float:
+    """The configured damping of ``method`` ("trak" | "dtrak"), or, when it is None, the
+    authors' best value on TRAK's scale divided by the actual training-set size N."""
+    value = config.trak_damping if method == "trak" else config.dtrak_damping
+    if value is not None:
+        return float(value)
+    if num_train < 1:
+        raise ValueError(f"training-set size must be positive, got {num_train}")
+    return TRAK_UNNORMALISED_DAMPING[method] / int(num_train)
+
+
+# Settings added after caches were first built, with the value those caches were built with:
+# ``attribution_key`` leaves a field out while it has that value, so existing cache keys stay valid.
+KEY_NEUTRAL = {"draws": "shared", "kfac_blocks": "separate"}
+
+
+def attribution_key(config: AttributionConfig, num_train: int) -> dict[str, Any]:
+    """``asdict(config)`` as a cache key: dampings resolved for this training-set size and the
+    fields of ``KEY_NEUTRAL`` only when they differ from the value older caches were built with."""
+    d = dataclasses.asdict(config)
+    for name, neutral in KEY_NEUTRAL.items():
+        if d.get(name) == neutral:
+            d.pop(name)
+    d["trak_damping"] = trak_default_damping(config, "trak", num_train)
+    d["dtrak_damping"] = trak_default_damping(config, "dtrak", num_train)
+    return d
 
 
 @dataclass(frozen=True)
@@ -232,9 +273,7 @@ def _mnist_preset() -> Preset:
             log_every=25,
             checkpoint_every=100,
         ),
-        attribution=AttributionConfig(
-            mc_samples=16, trak_damping=1e-1 / 1000, dtrak_damping=1.0 / 1000
-        ),
+        attribution=AttributionConfig(mc_samples=16),
     )
 
 
@@ -246,18 +285,14 @@ PRESETS: dict[str, Preset] = {
         model=_cifar_model(),
         data=DataConfig(name="cifar2", image_size=32, channels=3, levels=256, flip=True),
         train=_cifar_train(32_000),
-        attribution=AttributionConfig(
-            mc_samples=250, trak_damping=1e-1 / 5000, dtrak_damping=1.0 / 5000
-        ),
+        attribution=AttributionConfig(mc_samples=250),
     ),
     "cifar10": Preset(
         name="cifar10",
         model=_cifar_model(),
         data=DataConfig(name="cifar10", image_size=32, channels=3, levels=256, flip=True),
         train=_cifar_train(200_000),
-        attribution=AttributionConfig(
-            mc_samples=250, trak_damping=1e-1 / 50000, dtrak_damping=1.0 / 50000
-        ),
+        attribution=AttributionConfig(mc_samples=250),
     ),
 }
 

@@ -104,8 +104,13 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     register themselves, so the caller that knows the registry passes them; None skips that check)."""
     _need(ac.mc_samples >= 1, f"{where}.mc_samples (--mc-samples)", "at least 1", ac.mc_samples)
     _need(ac.trak_dim >= 1, f"{where}.trak_dim (--trak-dim)", "at least 1", ac.trak_dim)
-    for name in ("kfac_damping", "trak_damping", "dtrak_damping"):
-        check_damping(getattr(ac, name), f"{where}.{name}")
+    check_damping(ac.kfac_damping, f"{where}.kfac_damping")
+    for name in ("trak_damping", "dtrak_damping"):  # None: the N-scaled default (config.trak_default_damping)
+        if getattr(ac, name) is not None:
+            check_damping(getattr(ac, name), f"{where}.{name}")
+    _need(ac.draws in ("shared", "per-example"), f"{where}.draws (--draws)", "shared or per-example", ac.draws)
+    _need(ac.kfac_blocks in ("separate", "joint"), f"{where}.kfac_blocks (--kfac-blocks)", "separate or joint",
+          ac.kfac_blocks)
     _need(ac.fisher_type in ("mc", "empirical"), f"{where}.fisher_type", "'mc' or 'empirical'", ac.fisher_type)
     _need(ac.kfac_approx in ("expand", "reduce"), f"{where}.kfac_approx", "'expand' or 'reduce'", ac.kfac_approx)
     if bank_modes is not None:

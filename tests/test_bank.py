@@ -37,13 +37,17 @@ def _rows(diffusion, x, draws, batch):
     return [(X[s : s + batch], y[s : s + batch]) for s in range(0, len(X), batch)]
 
 
-def test_bank_scores_equal_curvlinops_inverse(tiny_model, diffusion, digits_small):
+@pytest.mark.parametrize("joint", [False, True])
+def test_bank_scores_equal_curvlinops_inverse(tiny_model, diffusion, digits_small, joint):
+    """Separate weight/bias blocks (the default) and joint [W | b] blocks (the ablation) each equal
+    curvlinops' exact-damped inverse with the same ``separate_weight_and_bias``."""
     model = tiny_model.double()
     params = influence_params(model)
     n, m = 6, 3
     x = digits_small.images[:n].double()
     draws = make_draws(m, (1, 8, 8), diffusion.T, seed=0).to("cpu", torch.float64)
-    f = compute_kfac(model, diffusion, x, draws, params, fisher_type="mc", seed=5, batch_size=7)
+    f = compute_kfac(model, diffusion, x, draws, params, fisher_type="mc", seed=5, batch_size=7, joint=joint)
+    assert any(b.kind == "joint" for b in f.blocks) == joint
     bank = build_bank(model, diffusion, x, draws, f, params, quantize=False, chunk_size=4)
     assert bank.data[0].dtype == torch.float64
     op = KFACLinearOperator(
@@ -56,6 +60,7 @@ def test_bank_scores_equal_curvlinops_inverse(tiny_model, diffusion, digits_smal
         fisher_type="mc",
         num_per_example_loss_terms=1,
         num_data=n * m,
+        separate_weight_and_bias=not joint,
     )
     G = per_example_grads(model, diffusion, x, draws, params=params)
     qgrad = per_example_grads(model, diffusion, digits_small.images[10:11].double(), draws, params=params)[0]

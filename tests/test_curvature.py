@@ -42,11 +42,12 @@ def _loss_L(model, diffusion, x, draws):
 
 
 def _dense_blocks(f: KFACFactors) -> list[torch.Tensor]:
+    """Each block's dense matrix in its rotated layout's order (joint: row-major [W | b])."""
     out = []
     for blk in f.blocks:
         lf = f.layers[blk.layer]
         B = lf.qb @ torch.diag(lf.b) @ lf.qb.T
-        if blk.kind == "weight":
+        if blk.kind in ("weight", "joint"):
             A = lf.qa @ torch.diag(lf.a) @ lf.qa.T
             out.append(torch.kron(B, A))  # row-major vec(W): index o * d_in + i
         else:
@@ -80,6 +81,33 @@ def test_kfac_equals_hessian_of_L_for_linear_model(n, m):
     torch.testing.assert_close(Kw, H[: D * D, : D * D], rtol=1e-5, atol=1e-12)
     torch.testing.assert_close(Kb, H[D * D :, D * D :], rtol=1e-5, atol=1e-12)
     assert Kb.diag().mean().item() == pytest.approx(2.0 / D, rel=1e-9)  # Hessian of (1/D)||.||^2
+
+
+@pytest.mark.parametrize("n,m", [(1, 1), (3, 5)])
+def test_joint_blocks_equal_hessian_of_L_for_one_row(n, m):
+    """Joint [W | b] blocks (curvlinops separate_weight_and_bias=False): for one (example, draw) row,
+    type-2 K-FAC is the full Hessian of L over weight and bias together, cross terms included;
+    for several rows it matches the Hessian on the weight-weight and bias-bias diagonal blocks only
+    where K-FAC is exact (bias-bias: B = 2/D I)."""
+    model, diffusion, x, draws = _setup(n, m)
+    params = influence_params(model)
+    f = compute_kfac(model, diffusion, x, draws, params, fisher_type="type-2", batch_size=4, joint=True)
+    assert [b.kind for b in f.blocks] == ["joint"] and f.blocks[0].shape == (D, D + 1)
+    flat = torch.cat([p.detach().reshape(-1) for _, p in params])
+    H = torch.autograd.functional.hessian(lambda v: _L_of(v, diffusion, x, draws), flat)
+    # [W | b] row-major index o * (D + 1) + i  ->  flat index o * D + i (weight) or D * D + o (bias)
+    perm = torch.tensor([o * D + i if i < D else D * D + o for o in range(D) for i in range(D + 1)])
+    K = _dense_blocks(f)[0]
+    H_joint = H[perm][:, perm]
+    if n * m == 1:
+        torch.testing.assert_close(K, H_joint, rtol=1e-5, atol=1e-12)
+    bias_rows = perm >= D * D
+    torch.testing.assert_close(K[bias_rows][:, bias_rows], H_joint[bias_rows][:, bias_rows], rtol=1e-5, atol=1e-12)
+    # the rotation round-trips and the damped inverse inverts G + lambda I
+    v = torch.randn(f.num_params, dtype=torch.float64)
+    torch.testing.assert_close(f.unrotate(f.rotate(v)), v)
+    w = f.inverse_apply(v, 1e-3)
+    torch.testing.assert_close((K + 1e-3 * torch.eye(D * (D + 1), dtype=K.dtype)) @ w[perm], v[perm])
 
 
 def test_mc_fisher_matches_within_sampling_error():

@@ -68,19 +68,32 @@ def test_api_cache_and_damping(tmp_path, tiny_preset, tiny_model, digits_small):
     assert not m3.is_built(ctx)
 
 
-@pytest.mark.parametrize("change", [{"fisher_type": "empirical"}, {"kfac_approx": "reduce"}, {"ekfac": True}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fisher_type": "empirical"},
+        {"kfac_approx": "reduce"},
+        {"ekfac": True},
+        {"kfac_blocks": "joint"},
+        {"draws": "per-example"},
+    ],
+)
 def test_options_build_and_score(tiny_preset, tiny_model, digits_small, change):
     cfg = dataclasses.replace(AttributionConfig(mc_samples=2), **change)
     ds = digits_small.subset(list(range(8)))
-    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "h", None)
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "h", None)  # its draws follow cfg.draws
+    base_ctx = make_context(tiny_preset, tiny_model, ds, "cpu", AttributionConfig(mc_samples=2), "h", None)
     base = KFACInfluence(AttributionConfig(mc_samples=2), quantize=False)
     alt = KFACInfluence(cfg, quantize=False)
-    base.build(ctx)
+    base.build(base_ctx)
     alt.build(ctx)
     q, g = _query(ctx, ds.images[0], make_draws(2, (1, 8, 8), 1000, seed=1))
-    s0, s1 = base.score(base.prepare(ctx, q, g), 1e-3), alt.score(alt.prepare(ctx, q, g), 1e-3)
+    s0, s1 = base.score(base.prepare(base_ctx, q, g), 1e-3), alt.score(alt.prepare(ctx, q, g), 1e-3)
     assert np.isfinite(s1).all() and not np.allclose(s0, s1)
     assert alt.factors.ekfac == bool(change.get("ekfac", False))
+    # a non-default option is part of the cache key; the defaults keep the keys of older caches
+    assert alt.bank_settings(ctx) != base.bank_settings(base_ctx)
+    assert not {"kfac_blocks", "draws_mode", "augment"} & set(base.bank_settings(base_ctx))
 
 
 @pytest.fixture(scope="module")

@@ -110,18 +110,22 @@ def test_square_norm_direct(tiny_model, diffusion, digits_small):
 
 
 def test_trajectory_nll_is_sum_of_gaussian_steps(model64, short):
+    """-log p(x_{0:T}) in nats = prior + every reverse step, the last one x_1 -> x_0 included."""
     _, traj = short.sample(model64, 1, (1, 8, 8), seed=3, trajectory=True)
     traj = traj[0].double()
+    traj[-1] += 0.01 * torch.randn(traj[-1].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     b, ab, ab_prev = _schedule(T_SHORT)
+    beta_tilde = b * (1 - ab_prev) / (1 - ab)
     with torch.no_grad():
         logp = Normal(0.0, 1.0).log_prob(traj[0]).sum()
-        for k in range(T_SHORT - 1):  # x_t (t_idx = T-1-k) -> x_{t-1}; the deterministic last step has no density
+        for k in range(T_SHORT):  # x_t (t_idx = T-1-k) -> x_{t-1}
             t_idx = T_SHORT - 1 - k
             mean = _p_mean(model64, traj[k][None], t_idx, T_SHORT)[0]
-            std = math.sqrt(b[t_idx] * (1 - ab_prev[t_idx]) / (1 - ab[t_idx]))
-            logp = logp + Normal(mean, std).log_prob(traj[k + 1]).sum()
+            # the decoder step (t_idx 0) has beta_tilde_1 = 0: Ho et al.'s clipped variance beta_tilde_2
+            var = beta_tilde[t_idx] if t_idx > 0 else beta_tilde[1]
+            logp = logp + Normal(mean, math.sqrt(var)).log_prob(traj[k + 1]).sum()
         got = trajectory_nll(model64, short, traj)
-    assert torch.allclose(got, -logp / 64, rtol=1e-9)
+    assert torch.allclose(got, -logp, rtol=1e-10)
     with pytest.raises(ValueError, match="T\\+1"):
         trajectory_nll(model64, short, traj[:-1])
     # a trajectory the model did not produce is less likely
@@ -129,6 +133,28 @@ def test_trajectory_nll_is_sum_of_gaussian_steps(model64, short):
     other[5:] += 0.05
     with torch.no_grad():
         assert trajectory_nll(model64, short, other) > got
+
+
+def test_trajectory_last_step_depends_on_theta(model64, short):
+    """Changing only the model's output at t = 1 changes the measurement (the decoder step counts)."""
+    _, traj = short.sample(model64, 1, (1, 8, 8), seed=4, trajectory=True)
+    traj = traj[0].double()
+    with torch.no_grad():
+        base = trajectory_nll(model64, short, traj)
+
+    class ShiftAtOne(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t):
+            out = self.net(x, t)
+            return out + 0.1 * (t == 0).to(out.dtype).reshape(-1, 1, 1, 1)
+
+    with torch.no_grad():
+        shifted = trajectory_nll(ShiftAtOne(model64), short, traj)
+    # x_0 is the mean of the last step under model64, so any change there makes it less likely
+    assert shifted > base + 1e-6
 
 
 # --- ELBO ------------------------------------------------------------------------------------

@@ -226,6 +226,9 @@ def test_unbuilt_methods_are_unavailable_with_instructions(ckpt, digits_small, t
     info = s.method_info()
     assert info["kfac"]["kind"] == "influence" and info["pixel"]["kind"] == "similarity"
     assert info["kfac"]["default_damping"] == pytest.approx(1e-8)
+    n = len(digits_small)  # TRAK's defaults scale with this training set's size, not digits' 1797
+    assert info["trak"]["default_damping"] == pytest.approx(0.1 / n)
+    assert info["dtrak"]["default_damping"] == pytest.approx(1.0 / n)
 
 
 def test_auto_build_and_status(ckpt, digits_small, tmp_path):

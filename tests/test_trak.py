@@ -282,3 +282,105 @@ def test_trak_with_engine_context_and_measurement_grad(
     assert scores.shape == (N,) and np.all(np.isfinite(scores))
     # the same query and damping give the same scores (pure function of the cache)
     np.testing.assert_array_equal(scores, method.score(method.prepare(ctx, q, gq)))
+
+
+@pytest.mark.parametrize("n_train", [6, 10])
+def test_default_dampings_follow_the_training_set_size(tmp_path, tiny_model, diffusion, small_data, n_train):
+    """With no damping configured, TRAK uses 0.1/N and D-TRAK 1/N for the actual N (DESIGN.md 4)."""
+    from engine.config import PRESETS, trak_default_damping
+
+    data = small_data.subset(list(range(n_train)))
+    config = AttributionConfig(mc_samples=M, trak_dim=8)
+    assert config.trak_damping is None and config.dtrak_damping is None
+    assert trak_default_damping(config, "trak", n_train) == pytest.approx(0.1 / n_train)
+    assert trak_default_damping(config, "dtrak", n_train) == pytest.approx(1.0 / n_train)
+    explicit = AttributionConfig(trak_damping=3e-4, dtrak_damping=2e-3)
+    assert trak_default_damping(explicit, "trak", n_train) == 3e-4
+    assert trak_default_damping(explicit, "dtrak", n_train) == 2e-3
+    # presets carry no hard-coded N
+    assert all(p.attribution.trak_damping is None for p in PRESETS.values())
+    ctx = _ctx(tmp_path, tiny_model, diffusion, data, config, params=_last_layers(tiny_model))
+    for method, want in ((TRAK(config), 0.1 / n_train), (DTRAK(config), 1.0 / n_train)):
+        method.build(ctx)
+        gq = _query_grad(ctx, data.images[0], kind=method.loss)
+        prepared = method.prepare(ctx, QueryInput(image=None), gq)
+        assert method.default_damping == pytest.approx(want)
+        np.testing.assert_array_equal(method.score(prepared), method.score(prepared, want))
+        assert not np.array_equal(method.score(prepared), method.score(prepared, 10 * want))
+
+
+@pytest.mark.parametrize("n_rows,k", [(40, 12), (12, 40)])
+def test_fisher_eigenbasis_scores_equal_a_dense_solve(n_rows, k):
+    """k <= N (k x k Fisher) and k > N (N x N Gram matrix) give tau = (1/N) Phi (F + lambda I)^{-1} phi_q."""
+    from engine.attribution.methods.trak import fisher_eigenbasis
+
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(n_rows, k, generator=g) * torch.logspace(0, -2, k)
+    phi_q = torch.randn(k, generator=g)
+    s, v, z = fisher_eigenbasis([phi[:7], phi[7:]])
+    assert v.shape == (k, min(k, n_rows)) and z.shape == (n_rows, min(k, n_rows))
+    F = phi.double().T @ phi.double() / n_rows
+    for lam in (1e-3, 1e-1):
+        ref = phi.double() @ torch.linalg.solve(F + lam * torch.eye(k, dtype=F.dtype), phi_q.double()) / n_rows
+        got = z.double() @ ((v.double().T @ phi_q.double()) / (s.double() + lam)) / n_rows
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_trak_per_example_draws_independent_of_parts(tmp_path, tiny_model, diffusion, small_data):
+    """Per-example draws (paper G.3): features do not depend on how the build is cut into parts,
+    equal the projection of each example's own-draw gradient, and have their own cache key."""
+    from engine.attribution.gradients import per_example_grads
+    from engine.attribution.train_draws import PerExampleDraws
+
+    config = AttributionConfig(mc_samples=M, trak_dim=16)
+    draws = PerExampleDraws(M, tuple(small_data.images.shape[1:]), diffusion.T, seed=config.seed)
+    feats = []
+    for part_size in (4, 10):
+        ctx = _ctx(tmp_path / f"p{part_size}", tiny_model, diffusion, small_data, config, params=_last_layers(tiny_model))
+        shared_key = TRAK(config).settings(ctx)
+        ctx.train_draws = draws
+        method = TRAK(config)
+        method.part_size = part_size
+        assert method.settings(ctx) != shared_key and method.settings(ctx)["draws_mode"] == "per-example"
+        method.build(ctx)
+        feats.append(torch.from_numpy(method.train_features(ctx)))
+    torch.testing.assert_close(feats[0], feats[1], rtol=1e-5, atol=1e-6)
+    g7 = per_example_grads(tiny_model, diffusion, small_data.images[7:8], draws.for_rows(slice(7, 8)),
+                           params=ctx.params)
+    torch.testing.assert_close(feats[0][7], method.projection(ctx).project(g7)[0].float(), rtol=1e-4, atol=1e-6)
+
+
+def test_build_dims_one_gradient_pass_for_a_k_sweep(tmp_path, tiny_model, diffusion, small_data, monkeypatch):
+    """Several k share one gradient pass; each cache equals the one a plain build of that k makes."""
+    import engine.attribution.gradients as gradients
+
+    config = AttributionConfig(mc_samples=M, trak_dim=8)
+    ctx = _ctx(tmp_path, tiny_model, diffusion, small_data, config, params=_last_layers(tiny_model))
+    real = gradients.train_loss_grads
+    calls: list[int] = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gradients, "train_loss_grads", counting)
+    method = TRAK(config)
+    method.part_size = 6
+    method.build_dims(ctx, [8, 16, 8])
+    assert len(calls) == 2  # two parts (6 + 4 images), not two per k
+    for k in (8, 16):
+        assert ctx.store.exists("trak", method.settings(ctx, k))
+        other = _ctx(
+            tmp_path / f"k{k}", tiny_model, diffusion, small_data,
+            AttributionConfig(mc_samples=M, trak_dim=k), params=_last_layers(tiny_model),
+        )
+        single = TRAK(other.config)
+        single.build(other)
+        assert single.settings(other) == method.settings(ctx, k)
+        np.testing.assert_allclose(
+            np.array(ctx.store.load_arrays("trak", method.settings(ctx, k))["phi"]),
+            single.train_features(other), rtol=1e-5, atol=1e-6,
+        )
+    calls.clear()
+    method.build_dims(ctx, [8, 16])  # built: nothing recomputed
+    assert calls == []

@@ -37,10 +37,11 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..model.diffusion import Diffusion, MCDraws
+from ..model.diffusion import Diffusion
 from .curvature import Block, KFACFactors
 from .gradients import Params, per_example_grads, train_loss_grads
 from .scoring import GRID_MAX_BYTES, to_scores
+from .train_draws import TrainDraws
 
 SCALES = "scales"
 
@@ -201,7 +202,7 @@ class StreamedBank:
         model: nn.Module,
         diffusion: Diffusion,
         images: torch.Tensor,
-        draws: MCDraws,
+        draws: TrainDraws,
         factors: KFACFactors,
         params: Params,
         loss: str = "loss",
@@ -259,7 +260,7 @@ def build_bank(
     model: nn.Module,
     diffusion: Diffusion,
     images: torch.Tensor,
-    draws: MCDraws,
+    draws: TrainDraws,
     factors: KFACFactors,
     params: Params,
     store: Any | None = None,
@@ -297,7 +298,7 @@ def build_bank(
         parts = []
         for s in range(rows.start, rows.stop, grad_batch):
             sub = slice(s, min(rows.stop, s + grad_batch))
-            g = per_example_grads(model, diffusion, images[sub], draws, loss, params).detach()
+            g = per_example_grads(model, diffusion, images[sub], draws.for_rows(sub), loss, params).detach()
             for c in consumers or ():
                 c.consume(sub, g)
             parts.append(g)

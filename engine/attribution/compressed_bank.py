@@ -52,6 +52,7 @@ from .layer_projection import (
     projected_grads,
 )
 from .scoring import GRID_MAX_BYTES, EigenbasisQuery, choose_grid
+from .train_draws import TrainDraws
 
 
 @dataclass
@@ -125,7 +126,7 @@ def build_compressed_bank(
     model: nn.Module,
     diffusion: Diffusion,
     images: torch.Tensor,
-    draws: MCDraws,
+    draws: TrainDraws,
     compressed: CompressedFactors,
     params: Params,
     store: Any | None = None,
@@ -154,7 +155,9 @@ def build_compressed_bank(
         outs = []
         for s in range(part.start, part.stop, grad_batch):
             sub = slice(s, min(part.stop, s + grad_batch))
-            outs.append(projected_grads(model, diffusion, images[sub], draws, params, compressed.projections, blocks))
+            outs.append(
+                projected_grads(model, diffusion, images[sub], draws.for_rows(sub), params, compressed.projections, blocks)
+            )
             if progress is not None:
                 progress(f"compressed train gradients {sub.stop}/{n}", sub.stop / n)
         return _chunk_arrays(compressed.factors.rotate(torch.cat(outs)), blocks, quantize=quantize)
@@ -334,7 +337,8 @@ def rerank_scores(
         back = torch.stack([full.unrotate(q / (eig + lv)) for lv in lam])  # (G, P)
     out = []
     for s in range(0, images.shape[0], grad_batch):
-        g = per_example_grads(model, diffusion, images[s : s + grad_batch], draws, "loss", params).detach()
+        rows = slice(s, min(images.shape[0], s + grad_batch))
+        g = per_example_grads(model, diffusion, images[rows], draws.for_rows(rows), "loss", params).detach()
         if back is not None:
             out.append((g.to(eig.dtype) @ back.T) / num_examples)
             continue

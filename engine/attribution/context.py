@@ -5,8 +5,11 @@ the weights and biases of all Conv2d and Linear layers (``engine.attribution.gra
 Normalisation layers have no K-FAC block (docs/architecture.md §4) and are left out of influence
 gradients for every method, so all methods score the same gradient.
 
-``train_draws`` are the M Monte Carlo draws (t, eps) shared by every training example's
-gradient (common random numbers, docs/architecture.md §6), seeded by ``config.seed``.
+``train_draws`` are the M Monte Carlo draws (t, eps, and a flip bit for presets trained with
+flips) of every training example's gradient and curvature row, seeded by ``config.seed``:
+shared by every example (common random numbers, docs/architecture.md §6; the default) or
+independent per example (``config.draws = "per-example"``, paper G.3); see
+``engine.attribution.train_draws``.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from torch import nn
 
 from ..config import AttributionConfig, Preset
 from ..model.data import ImageDataset
-from ..model.diffusion import Diffusion, MCDraws, make_draws
+from ..model.diffusion import Diffusion
 from .gradients import influence_params, num_params
 from .store import Store
+from .train_draws import TrainDraws, training_draws
 
 
 @dataclass
@@ -34,7 +38,7 @@ class EngineContext:
     checkpoint_hash: str
     store: Store | None  # on-disk cache for this checkpoint + data (None: nothing cached)
     params: list[tuple[str, nn.Parameter]]  # parameters that gradients cover, in flat order
-    train_draws: MCDraws  # M draws for train gradients (seeded by config.seed)
+    train_draws: TrainDraws  # M draws per train gradient and curvature row (engine.train_draws)
 
     @property
     def num_params(self) -> int:
@@ -52,13 +56,15 @@ def make_context(
     diffusion: Diffusion | None = None,
 ) -> EngineContext:
     """Fill ``params`` (Conv2d/Linear weights and biases) and ``train_draws`` =
-    make_draws(config.mc_samples, image shape, T, seed=config.seed); the model is moved to
-    ``device`` and put in eval mode."""
+    training_draws(config.draws, config.mc_samples, image shape, T, seed=config.seed,
+    flip=preset.data.flip); the model is moved to ``device`` and put in eval mode."""
     config = config or preset.attribution
     device = torch.device(device)
     model = model.to(device).eval()
     diffusion = diffusion or Diffusion(preset.diffusion)
-    draws = make_draws(config.mc_samples, dataset.shape, diffusion.T, seed=config.seed)
+    draws = training_draws(
+        config.draws, config.mc_samples, dataset.shape, diffusion.T, seed=config.seed, flip=preset.data.flip
+    )
     return EngineContext(
         preset=preset,
         model=model,

@@ -51,9 +51,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model.diffusion import Diffusion, MCDraws
+from ..model.diffusion import Diffusion, apply_flip
 from .gradients import Params
 from .pass_checkpoint import PassCheckpoint
+from .train_draws import TrainDraws
 
 FISHER_TYPES = ("mc", "empirical", "type-2")
 KFAC_APPROX = ("expand", "reduce")
@@ -65,9 +66,10 @@ class Block:
 
     name: str
     layer: int  # index into KFACFactors.layers
-    kind: str  # "weight" | "bias"
+    kind: str  # "weight" | "bias" | "joint" (weight and bias in one block, [W | b])
     offset: int
-    shape: tuple[int, ...]  # (out, in*kh*kw) for weights, (out,) for biases
+    shape: tuple[int, ...]  # (out, in*kh*kw) for weights, (out,) for biases, (out, in*kh*kw + 1) joint
+    bias_offset: int | None = None  # joint blocks: where the bias sits in the flat gradient
 
     @property
     def size(self) -> int:
@@ -124,6 +126,20 @@ class KFACFactors:
                 qa = lf.qa.to(g.device, g.dtype)  # type: ignore[union-attr]
                 w = g[:, sl].reshape(g.shape[0], *blk.shape)
                 out[:, sl] = (left @ w @ (qa.T if inverse else qa)).reshape(g.shape[0], -1)
+            elif blk.kind == "joint":
+                # [W | b] (out, in+1) <-> its rotation, stored over the same P entries (W's then b's)
+                qa = lf.qa.to(g.device, g.dtype)  # type: ignore[union-attr]
+                out_dim, cols = blk.shape
+                w_sl = slice(blk.offset, blk.offset + out_dim * (cols - 1))
+                b_sl = slice(blk.bias_offset, blk.bias_offset + out_dim)  # type: ignore[operator]
+                if inverse:
+                    r = g[:, sl].reshape(g.shape[0], out_dim, cols)
+                    m = left @ r @ qa.T
+                    out[:, w_sl] = m[:, :, :-1].reshape(g.shape[0], -1)
+                    out[:, b_sl] = m[:, :, -1]
+                else:
+                    m = torch.cat([g[:, w_sl].reshape(g.shape[0], out_dim, cols - 1), g[:, b_sl, None]], dim=2)
+                    out[:, sl] = (left @ m @ qa).reshape(g.shape[0], -1)
             else:
                 out[:, sl] = g[:, sl] @ left.T
         return out[0] if single else out
@@ -133,7 +149,7 @@ class KFACFactors:
         parts = []
         for blk in self.blocks:
             lf = self.layers[blk.layer]
-            if blk.kind == "weight":
+            if blk.kind in ("weight", "joint"):
                 ev = lf.ekfac_weight if lf.ekfac_weight is not None else torch.outer(lf.b, lf.a)  # type: ignore[arg-type]
             else:
                 ev = lf.ekfac_bias if lf.ekfac_bias is not None else lf.b
@@ -171,8 +187,15 @@ class KFACFactors:
         return cls(layers=layers, blocks=template.blocks)
 
 
-def layout(model: nn.Module, params: Params) -> tuple[KFACFactors, dict[str, nn.Module]]:
-    """Blocks for ``params`` (which must all be Conv2d/Linear weights or biases) and empty layers."""
+def layout(
+    model: nn.Module, params: Params, joint: bool = False
+) -> tuple[KFACFactors, dict[str, nn.Module]]:
+    """Blocks for ``params`` (which must all be Conv2d/Linear weights or biases) and empty layers.
+
+    ``joint``: a layer whose weight is directly followed by its bias in ``params`` gets one block
+    [W | b] of shape (out, in*kh*kw + 1) (curvlinops' ``separate_weight_and_bias=False``: A has an
+    appended constant input 1); otherwise weight and bias are separate blocks (B (x) A and B).
+    """
     owner: dict[int, tuple[str, nn.Module, str]] = {}
     for mname, mod in model.named_modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
@@ -195,8 +218,30 @@ def layout(model: nn.Module, params: Params) -> tuple[KFACFactors, dict[str, nn.
             empty = torch.empty(0)
             layers.append(LayerFactors(name=mname, qa=None, a=None, qb=empty, b=empty))
         shape = (p.shape[0], p[0].numel()) if pname == "weight" else (p.shape[0],)
-        blocks.append(Block(name=name, layer=layer_index[mname], kind=pname, offset=offset, shape=shape))
+        prev = blocks[-1] if blocks else None
+        if (
+            joint
+            and pname == "bias"
+            and prev is not None
+            and prev.kind == "weight"
+            and prev.layer == layer_index[mname]
+        ):
+            blocks[-1] = Block(
+                name=f"{mname}.weight+bias" if mname else "weight+bias",
+                layer=prev.layer,
+                kind="joint",
+                offset=prev.offset,
+                shape=(prev.shape[0], prev.shape[1] + 1),
+                bias_offset=offset,
+            )
+        else:
+            blocks.append(Block(name=name, layer=layer_index[mname], kind=pname, offset=offset, shape=shape))
         offset += p.numel()
+    if joint:
+        with_weight = {b.layer for b in blocks if b.kind == "weight"}
+        split = [b.name for b in blocks if b.kind == "bias" and b.layer in with_weight]
+        if split:
+            raise ValueError(f"joint K-FAC blocks need each layer's bias right after its weight: {split}")
     return KFACFactors(layers=layers, blocks=blocks), modules
 
 
@@ -220,6 +265,9 @@ class _FlatEps(nn.Module):
 class DrawRows:
     """Re-iterable loader over the N*M rows (x_n, t_m, eps_m), example-major, as curvlinops wants.
 
+    ``draws`` are shared ``MCDraws`` or per-example draws (``engine.train_draws``); flip bits
+    mirror x_n (the training augmentation), exactly as in the per-example gradients.
+
     Yields ``(X, y)`` with X = [x_t flattened, t] (batch, D+1) and y = eps flattened (batch, D).
     ``on_batch(rows_done, rows_total)`` is called after each batch is produced.
     ``on_start()`` (called when iteration begins) returns the row to start at (a resumed pass);
@@ -231,7 +279,7 @@ class DrawRows:
         self,
         diffusion: Diffusion,
         images: torch.Tensor,
-        draws: MCDraws,
+        draws: TrainDraws,
         batch_size: int,
         on_batch: Callable[[int, int], None] | None = None,
         on_start: Callable[[], int] | None = None,
@@ -251,14 +299,24 @@ class DrawRows:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         m = len(self.draws)
-        t_all = self.draws.t.to(self.images.device)
-        eps_all = self.draws.eps.to(self.images.device, self.images.dtype)
+        dev = self.images.device
         start = self.on_start() if self.on_start is not None else 0
         for s in range(start, self.total, self.batch_size):
             if self.between is not None:
                 self.between(s)
-            r = torch.arange(s, min(self.total, s + self.batch_size), device=self.images.device)
-            x0, t, eps = self.images[r // m], t_all[r % m], eps_all[r % m]
+            r = torch.arange(s, min(self.total, s + self.batch_size), device=dev)
+            ex, k = r // m, r % m
+            first = int(ex[0])
+            d = self.draws.for_rows(slice(first, int(ex[-1]) + 1)).to(dev, self.images.dtype)
+            if d.batched:  # per-example draws of the examples in this batch
+                t, eps = d.t[ex - first, k], d.eps[ex - first, k]
+                flip = None if d.flip is None else d.flip[ex - first, k]
+            else:
+                t, eps = d.t[k], d.eps[k]
+                flip = None if d.flip is None else d.flip[k]
+            x0 = self.images[ex]
+            if flip is not None:
+                x0 = apply_flip(x0, flip)
             xt = self.diffusion.q_sample(x0, t, eps)
             X = torch.cat([xt.flatten(1), t.to(xt.dtype)[:, None]], dim=1)
             if self.on_batch is not None:
@@ -325,7 +383,7 @@ def compute_kfac(
     model: nn.Module,
     diffusion: Diffusion,
     images: torch.Tensor,
-    draws: MCDraws,
+    draws: TrainDraws,
     params: Params,
     fisher_type: str = "mc",
     kfac_approx: str = "expand",
@@ -335,6 +393,7 @@ def compute_kfac(
     progress: Callable[[str, float], None] | None = None,
     checkpoint: PassCheckpoint | None = None,
     checkpoint_rows: int = 8192,
+    joint: bool = False,
 ) -> KFACFactors:
     """K-FAC (or EK-FAC) factors of the GGN/Fisher of L over the N x M (example, draw) rows.
 
@@ -346,6 +405,8 @@ def compute_kfac(
     rows and resume from it (``_FactorResume``); a resumed pass gives the same factors as an
     uninterrupted one.  The caller clears it once the factors are stored.  (EK-FAC's
     eigenvalue-correction pass is not checkpointed.)
+    ``joint``: weight and bias
+    of a layer in one Kronecker block (curvlinops ``separate_weight_and_bias=False``; an ablation).
     """
     from curvlinops import EKFACLinearOperator, KFACLinearOperator
 
@@ -353,10 +414,9 @@ def compute_kfac(
         raise ValueError(f"unknown fisher_type {fisher_type!r}: expected one of {FISHER_TYPES}")
     if kfac_approx not in KFAC_APPROX:
         raise ValueError(f"unknown kfac_approx {kfac_approx!r}: expected one of {KFAC_APPROX}")
-    factors, modules = layout(model, params)
+    factors, modules = layout(model, params, joint=joint)
     dev, dtype = params[0][1].device, params[0][1].dtype
     images = images.to(dev, dtype)
-    draws = draws.to(dev, dtype)
     was_training = model.training
     model.eval()
     passes = 2 if ekfac else 1
@@ -402,7 +462,7 @@ def compute_kfac(
         fisher_type=fisher_type,
         kfac_approx=kfac_approx,
         num_per_example_loss_terms=1,
-        separate_weight_and_bias=True,
+        separate_weight_and_bias=not joint,
         num_data=loader.total,
     )
     loader.on_batch = on_batch
@@ -434,6 +494,9 @@ def compute_kfac(
             op.compute_eigenvalue_correction()
             for lf in factors.layers:
                 corrected = op._corrected_eigenvalues[curv_names[lf.name]]
+                if isinstance(corrected, torch.Tensor):  # joint block: one (out, in + 1) tensor
+                    lf.ekfac_weight = corrected.to(dtype).reshape(lf.qb.shape[0], -1)
+                    continue
                 for ev in corrected.values():
                     ev = ev.to(dtype)
                     if ev.dim() == 2:

@@ -1,13 +1,15 @@
 """Per-example Monte Carlo gradients with common random numbers (docs/architecture.md §3, §4, §6).
 
-The training loss of example i is estimated with the *same* M draws (t_m, eps_m) for
-every example (common random numbers), so that differences between examples' gradients
-are not drowned in Monte Carlo noise:
+The training loss of example i is estimated with M draws (t_m, eps_m), by default the *same*
+M draws for every example (common random numbers), so that differences between examples'
+gradients are not drowned in Monte Carlo noise, or independent draws per example
+(``draws="per-example"``, paper G.3; ``engine.attribution.train_draws``):
 
-    l(theta, x_i) ~= (1/M) sum_m l(theta; x_i, t_m, eps_m),
+    l(theta, x_i) ~= (1/M) sum_m l(theta; flip_m(x_i), t_m, eps_m),
     l(theta; x, t, eps) = (1/D) ||eps - eps_theta(sqrt(abar_t) x + sqrt(1 - abar_t) eps, t)||^2
 
-(docs/architecture.md §3; the paper's per-example loss in eq. 5/6 estimated by Monte Carlo).  D-TRAK's
+(docs/architecture.md §3; the paper's per-example loss in eq. 5/6 estimated by Monte Carlo; flip_m is
+the identity unless the preset trains with random horizontal flips, paper G.8).  D-TRAK's
 ``square-norm`` replaces the summand by (1/D) ||eps_theta(x_t, t)||^2.
 
 Which parameters
@@ -51,6 +53,7 @@ from torch import nn
 from ..model.diffusion import Diffusion, MCDraws
 from ..model.measurements import Measurement, measure
 from .query import QueryInput
+from .train_draws import TrainDraws
 
 LOSSES = ("loss", "square-norm")
 BACKENDS = ("auto", "hooks", "func", "loop")
@@ -92,12 +95,9 @@ def _model_of(ctx_or_model: Any) -> tuple[nn.Module, Params | None]:
 
 
 def _rows(x0: torch.Tensor, draws: MCDraws) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All (example, draw) rows, example-major: row i*M + m is (x_i, t_m, eps_m)."""
-    b, m = x0.shape[0], len(draws)
-    x = x0.repeat_interleave(m, dim=0)
-    t = draws.t.to(x0.device).repeat(b)
-    eps = draws.eps.to(x0.device, x0.dtype).repeat(b, 1, 1, 1)
-    return x, t, eps
+    """All (example, draw) rows, example-major: row i*M + m is (x_i, t_m, eps_m), with x_i flipped
+    where the draw's flip bit says so and each example's own draws when they are per-example."""
+    return draws.rows(x0)
 
 
 def row_losses(
@@ -211,16 +211,21 @@ def _func_grads(
     m = len(draws)
     t = draws.t.to(x0.device)
     eps = draws.eps.to(x0.device, x0.dtype)
+    flip = None if draws.flip is None else draws.flip.to(x0.device)
+    per = 0 if draws.batched else None  # per-example draws are mapped over with the examples
 
-    def loss_one(pdict, x):
+    def loss_one(pdict, x, t, eps, flip):
         xs = x.unsqueeze(0).expand(m, *x.shape)
+        if flip is not None:
+            xs = torch.where(flip.reshape(m, 1, 1, 1), xs.flip(-1), xs)
         xt = diffusion.q_sample(xs, t, eps)
         pred = functional_call(model, pdict, (xt, t), strict=False)
         if loss == "loss":
             return (eps - pred).pow(2).flatten(1).mean(1).mean()
         return pred.pow(2).flatten(1).mean(1).mean()
 
-    g = vmap(grad(loss_one), in_dims=(None, 0))(detached, x0)
+    in_dims = (None, 0, per, per, None if flip is None else per)
+    g = vmap(grad(loss_one), in_dims=in_dims)(detached, x0, t, eps, flip)
     return flatten_grads([g[n] for n in names], batch=True)
 
 
@@ -234,7 +239,7 @@ def _loop_grads(
     rows = []
     with torch.enable_grad():
         for i in range(x0.shape[0]):
-            li = row_losses(model, diffusion, x0[i : i + 1], draws, loss).mean()
+            li = row_losses(model, diffusion, x0[i : i + 1], draws.example(i), loss).mean()
             rows.append(flatten_grads(list(torch.autograd.grad(li, plist))))
     return torch.stack(rows)
 
@@ -248,9 +253,11 @@ def per_example_grads(
     params: Params | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """(b, P) gradients of l(theta, x_i) = (1/M) sum_m l(theta; x_i, t_m, eps_m), in ``params`` order.
+    """(b, P) gradients of l(theta, x_i) = (1/M) sum_m l(theta; flip_m(x_i), t_m, eps_m), in ``params`` order.
 
-    Dtype and device are those of the model's parameters.
+    ``draws`` are shared (t (M,)) or the batch's own per-example draws (t (b, M)); flip bits,
+    if any, mirror x_i (the training augmentation).  Dtype and device are those of the model's
+    parameters.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown training loss {loss!r}: expected one of {LOSSES}")
@@ -283,7 +290,7 @@ def train_loss_grads(
     ctx_or_model: Any,
     diffusion: Diffusion,
     images: torch.Tensor,
-    draws: MCDraws,
+    draws: TrainDraws,
     loss: str = "loss",
     batch_size: int = 8,
     progress: Callable[[str, float], None] | None = None,
@@ -292,6 +299,9 @@ def train_loss_grads(
     start: int = 0,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, grads)`` with grads (b, P) for consecutive batches of ``images[start:]``.
+
+    ``draws`` are shared ``MCDraws`` or per-example draws indexed like ``images``
+    (``draws.for_rows(rows)``: ``MCDraws`` batched over ``images`` or ``PerExampleDraws``).
 
     ``ctx_or_model`` is an ``EngineContext`` (its model and params are used) or a model
     (``params`` default: ``influence_params``).  Gradients are in the model's dtype (float32
@@ -302,7 +312,7 @@ def train_loss_grads(
     n = images.shape[0]
     for s in range(start, n, batch_size):
         rows = slice(s, min(n, s + batch_size))
-        g = per_example_grads(model, diffusion, images[rows], draws, loss, params, backend)
+        g = per_example_grads(model, diffusion, images[rows], draws.for_rows(rows), loss, params, backend)
         if progress is not None:
             progress(f"train gradients {rows.stop}/{n}", rows.stop / n)
         yield rows, g

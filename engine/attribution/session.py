@@ -114,7 +114,10 @@ class AttributionSession:
         self._methods: dict[str, AttributionMethod] = {}
         for name in METHODS:  # the registry's order
             try:
-                self._methods[name] = make_method(name, self.config)
+                m = make_method(name, self.config)
+                # defaults that scale with the training set (TRAK's 0.1/N) need this data set's N
+                m.default_damping = m.configured_damping(self.config, len(self.dataset))
+                self._methods[name] = m
             except ImportError as e:  # a missing optional dependency disables one method only
                 self._methods[name] = MissingMethod(name, f"cannot import the {name} method: {e}")
         self.caches = MethodCaches(self._methods, self.ctx, self.preset.name, self.config)

@@ -287,7 +287,9 @@ def int8_vs_float32(session, query_results) -> dict[str, Any]:
     for s in range(0, n, batch):
         rows = slice(s, min(n, s + batch))
         with torch.enable_grad():
-            g = per_example_grads(ctx.model, ctx.diffusion, ctx.dataset.images[rows], ctx.train_draws, "loss", ctx.params)
+            g = per_example_grads(
+                ctx.model, ctx.diffusion, ctx.dataset.images[rows], ctx.train_draws.for_rows(rows), "loss", ctx.params
+            )
         rot = method.rotate(g)
         f32[:, rows] = (qmat @ rot.T).double().cpu() / n
     seconds = time.perf_counter() - t0

@@ -85,6 +85,8 @@ def compare_kronfluence(session, queries, query_results, batch_size: int = 512) 
     task = _make_kronfluence_task(session.diffusion, shape)
     model = prepare_model(copy.deepcopy(session.model).cpu().eval(), task)
     draws = ctx.train_draws
+    if getattr(draws, "batched", False) or getattr(draws, "flip", None) is not None:
+        raise ValueError("the kronfluence comparison supports shared draws without flips only (digits default)")
     qdraws = session.query_draws()
     train = _Triples(session.dataset.images, draws.t, draws.eps)
     m = len(draws)

@@ -31,6 +31,19 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
         help="K-FAC training-gradient bank: stored (int8 on disk), compressed (per-layer projected, candidates "
         "re-ranked exactly), streamed (recomputed per query), auto (stored if under 8 GiB, else compressed; default)",
     )
+    p.add_argument(
+        "--draws",
+        choices=("shared", "per-example"),
+        default=None,
+        help="training-gradient and curvature draws: shared by every example (default) or independent "
+        "per example (paper G.3)",
+    )
+    p.add_argument(
+        "--kfac-blocks",
+        choices=("separate", "joint"),
+        default=None,
+        help="K-FAC blocks: weight and bias separate (default) or one joint block per layer (ablation)",
+    )
     p.add_argument("--kfac-projection", choices=("eigen", "gaussian"), default=None,
                    help="compressed bank: projection kind (default gaussian)")
     p.add_argument("--kfac-compression", type=float, default=None,
@@ -84,6 +97,9 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
         if args.kfac_bank not in bank_modes():
             raise ValueError(f"--kfac-bank must be one of {', '.join(bank_modes())}, not {args.kfac_bank!r}")
         changes["kfac_bank"] = args.kfac_bank
+    for name in ("draws", "kfac_blocks"):
+        if getattr(args, name, None) is not None:
+            changes[name] = getattr(args, name)
     for key in ("kfac_projection", "kfac_compression", "kfac_rerank"):
         if getattr(args, key, None) is not None:
             changes[key] = getattr(args, key)

@@ -35,6 +35,7 @@ import torch
 from ..config import Preset
 from ..files import save_npz
 from ..model.data import ImageDataset
+from .noise_ceiling import seed_agreement
 from .runs import (
     MeasureSpec,
     TrainTask,
@@ -252,15 +253,18 @@ def seed_average(per_seed: np.ndarray) -> np.ndarray:
         return np.nanmean(per_seed, axis=0) if np.isfinite(per_seed).any() else per_seed[0]
 
 
-def noise_report(per_seed: np.ndarray) -> dict[str, float]:
+def noise_report(per_seed: np.ndarray) -> dict[str, Any]:
     """How much of the spread over subsets is training-seed noise (needs R >= 2).
 
     Returns the mean over queries of the variance across subsets of the seed-averaged
     measurement and of the within-subset variance across seeds.  Their ratio bounds the
-    LDS any method can reach (noise in the target attenuates rank correlation).
+    LDS any method can reach (noise in the target attenuates rank correlation).  With R >= 2
+    finished seeds it also reports ``seed_agreement``: the Spearman between two seeds' measured
+    values over subsets, averaged over queries, and the ceiling it implies for the R-seed target
+    (``engine.evaluation.noise_ceiling``).
     """
     r = per_seed.shape[0]
-    out: dict[str, float] = {"seeds": int(r)}
+    out: dict[str, Any] = {"seeds": int(r)}
     avg = seed_average(per_seed)
     cols = np.all(np.isfinite(avg), axis=0)
     out["var_between_subsets"] = (
@@ -271,6 +275,9 @@ def noise_report(per_seed: np.ndarray) -> dict[str, float]:
         if full.sum() >= 1:
             within = np.var(per_seed[:, :, full], axis=0, ddof=1)  # (Q, K')
             out["var_within_subset_seeds"] = float(np.mean(within))
+        agreement = seed_agreement(per_seed)
+        if agreement is not None:
+            out["seed_agreement"] = agreement
     return out
 
 

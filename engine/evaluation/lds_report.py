@@ -110,6 +110,14 @@ def format_table(record: dict[str, Any]) -> str:
         f"R={c['seeds']} seeds  Q={c['queries']} queries  ({c['true_measurement_mc_samples']} MC draws)",
         f"{'method':<14}{'LDS':>8}   {'95% CI':<18}{'damping':>10}{'best LDS':>10}{'at damping':>12}",
     ]
+    agree = (record.get("noise") or {}).get("seed_agreement")
+    if agree:
+        lines.insert(
+            1,
+            f"noise ceiling: two seeds agree at Spearman {agree['spearman']:+.3f} "
+            f"[{agree['ci95'][0]:+.3f}, {agree['ci95'][1]:+.3f}]; "
+            f"ceiling for the {agree['seeds']}-seed average ~{agree['ceiling_seed_average']:.3f}",
+        )
     for name, m in record["methods"].items():
         ci = m["ci95"]
         d = "-" if m.get("damping") is None else f"{m['damping']:.0e}"

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..config import attribution_key
 from ..files import atomic_torch_save, atomic_write_bytes, save_json, save_npz
 from .lds import (
     LDSConfig,
@@ -73,7 +74,13 @@ def _score_key(session: Any, queries: torch.Tensor, measurement: str, methods: l
     h = hashlib.sha256()
     h.update(
         json.dumps(
-            [session.checkpoint_hash, measurement, methods, list(grid), asdict(session.config)],
+            [
+                session.checkpoint_hash,
+                measurement,
+                methods,
+                list(grid),
+                attribution_key(session.config, len(session.dataset)),
+            ],
             sort_keys=True,
         ).encode()
     )

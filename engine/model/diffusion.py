@@ -29,16 +29,83 @@ def index_t(t: int) -> int:
 
 @dataclass
 class MCDraws:
-    """M Monte Carlo draws of (t, eps): shared across examples and methods (common random numbers)."""
+    """Monte Carlo draws of (t, eps) and, for presets trained with flips, a horizontal-flip bit.
 
-    t: torch.Tensor  # (M,) long, 0-based
-    eps: torch.Tensor  # (M, C, H, W)
+    Shared (the default): t (M,), eps (M, C, H, W), flip (M,) or None -- the same M draws for
+    every example (and, for queries, every method: common random numbers).  Batched: t (b, M),
+    eps (b, M, C, H, W), flip (b, M) or None -- example j of a batch has its own draws (``draws=
+    "per-example"``, engine.train_draws).  ``flip`` augments the training example x_0 only
+    (paper G.8: l(theta, x) is also an expectation over the data augmentation).
+    """
+
+    t: torch.Tensor
+    eps: torch.Tensor
+    flip: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return int(self.t.shape[0])
+        """M, the number of draws per example."""
+        return int(self.t.shape[-1])
+
+    @property
+    def batched(self) -> bool:
+        return self.t.dim() == 2
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MCDraws:
-        return MCDraws(self.t.to(device), self.eps.to(device, dtype or self.eps.dtype))
+        flip = None if self.flip is None else self.flip.to(device)
+        return MCDraws(self.t.to(device), self.eps.to(device, dtype or self.eps.dtype), flip)
+
+    def for_rows(self, rows: slice) -> MCDraws:
+        """The draws of examples ``rows`` (relative to this object): shared draws are everyone's."""
+        if not self.batched:
+            return self
+        flip = None if self.flip is None else self.flip[rows]
+        return MCDraws(self.t[rows], self.eps[rows], flip)
+
+    def for_indices(self, indices) -> MCDraws:
+        """The draws of examples ``indices`` (any index array): shared draws are everyone's."""
+        if not self.batched:
+            return self
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return MCDraws(self.t[idx], self.eps[idx], None if self.flip is None else self.flip[idx])
+
+    def example(self, j: int) -> MCDraws:
+        """Example j's M draws, shared form (t (M,))."""
+        if not self.batched:
+            return self
+        return MCDraws(self.t[j], self.eps[j], None if self.flip is None else self.flip[j])
+
+    def head(self, k: int) -> MCDraws:
+        """The first k draws of every example."""
+        if self.batched:
+            flip = None if self.flip is None else self.flip[:, :k]
+            return MCDraws(self.t[:, :k], self.eps[:, :k], flip)
+        return MCDraws(self.t[:k], self.eps[:k], None if self.flip is None else self.flip[:k])
+
+    def rows(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every (example, draw) row, example-major: row j*M + m is (flip_jm(x_j), t_jm, eps_jm).
+
+        ``x0`` is (b, C, H, W); batched draws must have b rows.
+        """
+        b, m = x0.shape[0], len(self)
+        x = x0.repeat_interleave(m, dim=0)
+        if self.batched:
+            if self.t.shape[0] != b:
+                raise ValueError(f"per-example draws for {self.t.shape[0]} examples, got {b} images")
+            t = self.t.reshape(-1).to(x0.device)
+            eps = self.eps.reshape(b * m, *self.eps.shape[2:]).to(x0.device, x0.dtype)
+            flip = None if self.flip is None else self.flip.reshape(-1)
+        else:
+            t = self.t.to(x0.device).repeat(b)
+            eps = self.eps.to(x0.device, x0.dtype).repeat(b, 1, 1, 1)
+            flip = None if self.flip is None else self.flip.repeat(b)
+        if flip is not None:
+            x = apply_flip(x, flip.to(x0.device))
+        return x, t, eps
+
+
+def apply_flip(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Rows of x (n, C, H, W) with flip[r] True mirrored left-right (the training augmentation)."""
+    return torch.where(flip.reshape(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
 
 def make_draws(
@@ -47,14 +114,17 @@ def make_draws(
     num_timesteps: int,
     seed: int,
     t_fixed: int | None = None,
+    flip: bool = False,
 ) -> MCDraws:
-    """Seeded draws t ~ U{0..T-1}, eps ~ N(0, I); ``t_fixed`` pins every t (loss@t)."""
+    """Seeded draws t ~ U{0..T-1}, eps ~ N(0, I); ``t_fixed`` pins every t (loss@t); ``flip`` adds
+    a Bernoulli(1/2) flip bit per draw, drawn after t and eps so that those do not change."""
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, num_timesteps, (m,), generator=g)
     if t_fixed is not None:
         t = torch.full((m,), int(t_fixed), dtype=torch.long)
     eps = torch.randn((m, *shape), generator=g)
-    return MCDraws(t, eps)
+    bits = torch.randint(0, 2, (m,), generator=g).bool() if flip else None
+    return MCDraws(t, eps, bits)
 
 
 class Diffusion:

@@ -47,7 +47,8 @@ CATALOGUE: tuple[MeasurementInfo, ...] = (
     ),
     MeasurementInfo(
         "trajectory", "Trajectory log-probability",
-        "Minus the log-probability of the exact sampling path x_T ... x_0 that produced the query; "
+        "Minus the log-probability of the exact sampling path x_T ... x_0 that produced the query "
+        "(nats, summed over every step and value, the last step x_1 -> x_0 included); "
         "only generated samples have one.",
         needs_trajectory=True,
     ),
@@ -257,12 +258,20 @@ def elbo_bpd(
 def trajectory_nll(
     model: nn.Module, diffusion: Diffusion, trajectory: torch.Tensor, chunk: int = 500
 ) -> torch.Tensor:
-    """-log p_theta(x_{0:T}) / D of one recorded trajectory (T+1, C, H, W), x_T first.
+    """-log p_theta(x_{0:T}) of one recorded trajectory (T+1, C, H, W), x_T first, in nats (summed
+    over the D values, not divided by D; DESIGN.md 3).
 
-    = -[log N(x_T; 0, I) + sum_{t=2}^{T} log N(x_{t-1}; mu_theta(x_t, t), beta_tilde_t I)] / D.
-    The last step x_1 -> x_0 of the sampler is deterministic (beta_tilde_1 = 0) and has no
-    density, so it is left out.  All steps are independent given the recording, so they
-    are evaluated in batches of ``chunk``.
+        -log p_theta(x_{0:T}) = -[ log N(x_T; 0, I)
+                                   + sum_{t=2}^{T} log N(x_{t-1}; mu_theta(x_t, t), beta_tilde_t I)
+                                   + log N(x_0; mu_theta(x_1, 1), sigma_1^2 I) ]
+
+    (Ho et al. 2020, eq. 1-2 and 11, with the "small" variances of the sampler).  The last step
+    x_1 -> x_0 depends on theta too: the sampler outputs its mean (beta_tilde_1 = 0), and its
+    density is the decoder's Gaussian with Ho et al.'s clipped variance sigma_1^2 = beta_tilde_2
+    (``decoder_log_variance``, the same as the ELBO's decoder), continuous since x_0 is not
+    quantised.  At the model that drew the trajectory that term's gradient is 0 (x_0 is its
+    mean); for any other model (a retrained one, the LDS ground truth) it is not.  All steps
+    are independent given the recording, so they are evaluated in batches of ``chunk``.
     """
     T = diffusion.T
     if trajectory.shape[0] != T + 1:
@@ -270,17 +279,18 @@ def trajectory_nll(
     d = trajectory[0].numel()
     x_T = trajectory[0]
     log_prior = -0.5 * (x_T**2).sum() - 0.5 * d * math.log(2 * math.pi)
-    # step k (k = 0..T-2) goes from traj[k] = x_t (t_idx = T-1-k) to traj[k+1]
+    logvar = decoder_log_variance(diffusion)  # beta_tilde_t, and beta_tilde_2 at t_idx 0
+    # step k (k = 0..T-1) goes from traj[k] = x_t (t_idx = T-1-k) to traj[k+1]; k = T-1 is x_1 -> x_0
     total = log_prior
-    for s in range(0, T - 1, chunk):
-        k = torch.arange(s, min(T - 1, s + chunk), device=trajectory.device)
+    for s in range(0, T, chunk):
+        k = torch.arange(s, min(T, s + chunk), device=trajectory.device)
         t = (T - 1 - k).long()
         x_t, x_prev = trajectory[k], trajectory[k + 1]
         mean = diffusion.p_mean(model, x_t, t)
-        var = Diffusion._gather(diffusion.posterior_var, t, x_t)
-        logp = -0.5 * ((x_prev - mean) ** 2 / var + var.log() + math.log(2 * math.pi))
+        lv = Diffusion._gather(logvar, t, x_t)
+        logp = -0.5 * ((x_prev - mean) ** 2 / lv.exp() + lv + math.log(2 * math.pi))
         total = total + logp.sum()
-    return -total / d
+    return -total
 
 
 def measure(

@@ -99,8 +99,9 @@ class AttributionMethod(ABC):
         self.default_damping = self.configured_damping(self.config)
 
     @classmethod
-    def configured_damping(cls, config: AttributionConfig) -> float | None:
-        """The default damping under ``config`` (``damping_field``), None for methods without one."""
+    def configured_damping(cls, config: AttributionConfig, num_train: int | None = None) -> float | None:
+        """The default damping under ``config`` (``damping_field``), None for methods without one.
+        ``num_train`` (N) is for methods whose default scales with the training set (TRAK, D-TRAK)."""
         return None if cls.damping_field is None else float(getattr(config, cls.damping_field))
 
     def settings(self, ctx: EngineContext) -> dict[str, Any]:

@@ -93,7 +93,7 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
     n = len(ctx.dataset)
 
     def exact(idx, lams, rotated_full):
-        return rerank_scores(ctx.model, ctx.diffusion, ctx.dataset.images[idx], ctx.train_draws, factors,
+        return rerank_scores(ctx.model, ctx.diffusion, ctx.dataset.images[idx], ctx.train_draws.for_indices(idx), factors,
                              ctx.params, rotated_full, lams, n)
 
     return CompressedRows(bank, comp, exact, c.kfac_rerank)

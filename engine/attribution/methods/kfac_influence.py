@@ -26,7 +26,6 @@ import torch
 
 from ... import distributed
 from ...config import AttributionConfig
-from ...model.diffusion import MCDraws
 from ..bank_kinds import bank_kind
 from ..context import EngineContext
 from ..curvature import KFACFactors, compute_kfac, layout
@@ -34,11 +33,13 @@ from ..damping_grid import DAMPING_GRID, SUPPORTED  # noqa: F401 - DAMPING_GRID:
 from ..gradients import num_params
 from ..pass_checkpoint import PassCheckpoint
 from ..scoring import EigenbasisQuery, Rows
+from ..train_draws import draw_settings
 from .base import AttributionMethod, EigenPrepared, Prepared, Progress, QueryInput, no_progress
 
 FACTORS = "kfac-factors"
 BANK = "kfac-bank"
 FACTOR_SHARE = 0.75  # share of the progress bar for the factor pass (the costlier one on CPU)
+KFAC_BLOCKS = ("separate", "joint")
 
 
 def _params_digest(params: list[tuple[str, torch.nn.Parameter]]) -> str:
@@ -57,7 +58,7 @@ class KFACInfluence(AttributionMethod):
     needs_gradient = True
     damping_field = "kfac_damping"
     damping_range = SUPPORTED
-    config_fields = ("fisher_type", "kfac_approx", "ekfac")
+    config_fields = ("fisher_type", "kfac_approx", "ekfac", "kfac_blocks", "draws")
     shards = True
     in_sweeps = True
     lds_loss_variant = True
@@ -92,6 +93,8 @@ class KFACInfluence(AttributionMethod):
             "fisher_type": c.fisher_type,
             "kfac_approx": c.kfac_approx,
             "ekfac": bool(c.ekfac),
+            **draw_settings(ctx.train_draws),
+            **({"kfac_blocks": c.kfac_blocks} if c.kfac_blocks != "separate" else {}),
             "num_examples": len(ctx.dataset),
             "params": _params_digest(ctx.params),
             "dtype": dtype,
@@ -147,6 +150,11 @@ class KFACInfluence(AttributionMethod):
         nbytes = len(ctx.dataset) * num_params(ctx.params) * (1 if self.quantize else 4)
         return "stored" if nbytes <= self.config.kfac_bank_max_gb * (1 << 30) else "compressed"
 
+    def _joint(self) -> bool:
+        if self.config.kfac_blocks not in KFAC_BLOCKS:
+            raise ValueError(f"kfac_blocks must be one of {KFAC_BLOCKS}, not {self.config.kfac_blocks!r}")
+        return self.config.kfac_blocks == "joint"
+
     def _ctx_key(self, ctx: EngineContext) -> tuple:
         bank = self._bank_key(ctx)
         return (id(ctx.model), ctx.checkpoint_hash, tuple(sorted(self.bank_settings(ctx).items())),
@@ -159,7 +167,7 @@ class KFACInfluence(AttributionMethod):
         t0 = time.perf_counter()
         fs = self.factor_settings(ctx)
         factors = None
-        template, _ = layout(ctx.model, ctx.params)
+        template, _ = layout(ctx.model, ctx.params, joint=self._joint())
         if ctx.store is not None:
             arrays = ctx.store.load_arrays(FACTORS, fs, mmap=False)
             if arrays is not None:
@@ -173,7 +181,7 @@ class KFACInfluence(AttributionMethod):
             checkpoint = None if ctx.store is None else PassCheckpoint.for_store(ctx.store, FACTORS, fs)
             draws = ctx.train_draws
             if self.factor_draws is not None and self.factor_draws < len(draws):
-                draws = MCDraws(draws.t[: self.factor_draws], draws.eps[: self.factor_draws])
+                draws = draws.head(self.factor_draws)
             factors = compute_kfac(
                 ctx.model,
                 ctx.diffusion,
@@ -188,6 +196,7 @@ class KFACInfluence(AttributionMethod):
                 progress=lambda msg, f: progress(f"{self.title}: {msg}", FACTOR_SHARE * f),
                 checkpoint=checkpoint,
                 checkpoint_rows=self.checkpoint_rows,
+                joint=self._joint(),
             )
             if ctx.store is not None:
                 ctx.store.save_arrays(

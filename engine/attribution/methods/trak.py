@@ -17,7 +17,9 @@ Z = Phi V (N x k).  A query is rotated once, z_q = V^T phi_q, and then
 
     tau = (1/N) Z (z_q / (s + lambda))
 
-so changing lambda costs one division and one (N x k) matvec, no gradient.
+so changing lambda costs one division and one (N x k) matvec, no gradient.  When k > N
+(the paper's k = 32,768) the eigenbasis comes from the N x N Gram matrix instead, exactly
+(``fisher_eigenbasis``), so large k costs O(N^2 k), not O(k^3).
 
 D-TRAK (Zheng et al. 2024) is the same code path with the square-norm output function
 (1/D)||eps_theta(x_t, t)||^2 in place of both the training loss and the measurement.
@@ -35,21 +37,28 @@ import numpy as np
 import torch
 
 from ... import distributed
-from ...config import AttributionConfig
+from ...config import AttributionConfig, trak_default_damping
+from ...model.diffusion import MCDraws
 from ...model.measurements import Measurement
 from ..context import EngineContext
 from ..damping_grid import SUPPORTED
 from ..gradients import num_params
 from ..projection import TILE_ROWS, RandomProjection
 from ..scoring import DenseRows, EigenbasisQuery
+from ..train_draws import draw_settings
 from .base import AttributionMethod, EigenPrepared, Prepared, Progress, QueryInput, no_progress
 
 FORMAT = 1
 
 
 def draws_digest(draws: Any) -> str:
-    """16 hex of SHA-256 of the draws' t and eps: caches record exactly which draws they used."""
+    """16 hex of SHA-256 of the draws' t and eps (and flip bits): caches record exactly which
+    draws they used.  Per-example draws are a function of their settings (``digest()``)."""
+    if not isinstance(draws, MCDraws):
+        return draws.digest()
     h = hashlib.sha256()
+    if draws.flip is not None:
+        h.update(draws.flip.detach().cpu().numpy().astype(np.uint8).tobytes())
     h.update(draws.t.detach().cpu().numpy().astype(np.int64).tobytes())
     h.update(draws.eps.detach().cpu().float().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -59,6 +68,51 @@ def params_signature(params: list[tuple[str, torch.nn.Parameter]]) -> str:
     """16 hex digest of the parameter names and shapes, in flat order (which coordinates a gradient has)."""
     text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in params)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fisher_eigenbasis(
+    phi_parts: list[torch.Tensor], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenbasis of F = (1/N) Phi^T Phi from the projected features Phi (N x k, given in row parts).
+
+    Returns float32 (s, V, Z = Phi V) with F = V diag(s) V^T on the span of the features.  For
+    k <= N, F (k x k) is accumulated and eigendecomposed in float64.  For k > N (the paper's
+    k = 32,768 on a small training set) F has rank <= N, and the N x N Gram matrix
+    K = (1/N) Phi Phi^T = U diag(s) U^T has the same nonzero eigenvalues, with
+    V = Phi^T U / sqrt(N s) and Z = Phi V = U sqrt(N s).  Directions with s = 0 are orthogonal
+    to every phi_i, so dropping them leaves every score
+    tau_i = (1/N) phi_i^T (F + lambda I)^{-1} phi_q = (1/N) Z_i (V^T phi_q / (s + lambda)) exact,
+    at O(N^2 k) instead of O(k^3) time and N x k instead of k x k memory.
+    """
+    n = sum(p.shape[0] for p in phi_parts)
+    k = phi_parts[0].shape[1]
+    if k <= n:
+        fisher = torch.zeros((k, k), dtype=torch.float64, device=device)
+        for phi in phi_parts:
+            phi = phi.to(device, torch.float64)
+            fisher.addmm_(phi.T, phi)
+        fisher /= n
+        evals, evecs = torch.linalg.eigh(fisher)
+        evals = evals.clamp_min(0.0).float()
+        evecs = evecs.float()
+        rotated = torch.cat([phi.to(device, torch.float32) @ evecs for phi in phi_parts]).cpu()
+        return evals.cpu(), evecs.cpu(), rotated
+    phi = torch.cat(phi_parts).to(device, torch.float32)  # (N, k)
+    gram = torch.zeros((n, n), dtype=torch.float64, device=device)
+    cols = max(1, (64 << 20) // (8 * n))
+    for c in range(0, k, cols):
+        block = phi[:, c : c + cols].double()
+        gram.addmm_(block, block.T)
+    gram /= n
+    evals, u = torch.linalg.eigh(gram)
+    keep = evals > evals.max().clamp_min(0.0) * 1e-12
+    evals, u = evals[keep], u[:, keep]
+    root = (n * evals).sqrt()  # (r,)
+    evecs = torch.zeros((k, u.shape[1]), dtype=torch.float32, device=device)
+    for c in range(0, k, cols):
+        evecs[c : c + cols] = (phi[:, c : c + cols].double().T @ u / root).float()
+    rotated = (u * root).float()
+    return evals.float().cpu(), evecs.cpu(), rotated.cpu()
 
 
 class TRAK(AttributionMethod):
@@ -81,6 +135,14 @@ class TRAK(AttributionMethod):
     batch_size = 32  # examples per gradient batch
     part_size = 256  # examples per saved part (resumable build)
 
+    @classmethod
+    def configured_damping(cls, config: AttributionConfig, num_train: int | None = None) -> float | None:
+        """The configured damping, or (None configured) the authors' best on TRAK's scale divided by
+        the training-set size: 0.1/N (TRAK), 1/N (D-TRAK); None while N is unknown."""
+        if getattr(config, cls.damping_field) is None and num_train is None:
+            return None
+        return trak_default_damping(config, cls.name, int(num_train or 1))
+
     def __init__(self, config: AttributionConfig | None = None, projection: str | None = None):
         super().__init__(config)
         self.projection_kind = projection or self.config.trak_projection
@@ -89,10 +151,14 @@ class TRAK(AttributionMethod):
 
     # --- settings and cache -------------------------------------------------------------
 
-    def projection(self, ctx: EngineContext) -> RandomProjection:
-        """The seeded projection for this context (k = config.trak_dim, capped at P)."""
+    def _dim(self, ctx: EngineContext, dim: int | None) -> int:
         p = num_params(ctx.params)
-        k = p if self.projection_kind == "identity" else min(int(ctx.config.trak_dim), p)
+        return p if self.projection_kind == "identity" else min(int(dim or ctx.config.trak_dim), p)
+
+    def projection(self, ctx: EngineContext, dim: int | None = None) -> RandomProjection:
+        """The seeded projection for this context (k = ``dim`` or config.trak_dim, capped at P)."""
+        p = num_params(ctx.params)
+        k = self._dim(ctx, dim)
         key = f"{self.projection_kind}-{p}-{k}-{ctx.config.seed}-{ctx.device}"
         if key not in self._projections:
             self._projections[key] = RandomProjection(
@@ -100,10 +166,11 @@ class TRAK(AttributionMethod):
             )
         return self._projections[key]
 
-    def settings(self, ctx: EngineContext) -> dict[str, Any]:
-        """Everything the cached bank depends on (the Store keys its folder by this)."""
+    def settings(self, ctx: EngineContext, dim: int | None = None) -> dict[str, Any]:
+        """Everything the cached bank depends on (the Store keys its folder by this); ``dim``
+        overrides config.trak_dim (a k sweep)."""
         p = num_params(ctx.params)
-        k = p if self.projection_kind == "identity" else min(int(ctx.config.trak_dim), p)
+        k = self._dim(ctx, dim)
         return {
             "format": FORMAT,
             "method": self.name,
@@ -111,6 +178,7 @@ class TRAK(AttributionMethod):
             "mc_samples": len(ctx.train_draws),
             "seed": int(ctx.config.seed),
             "draws": draws_digest(ctx.train_draws),
+            **draw_settings(ctx.train_draws),
             "num_train": len(ctx.dataset),
             "params": params_signature(ctx.params),
             "projection": {
@@ -139,62 +207,69 @@ class TRAK(AttributionMethod):
 
     def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
         """Project every training gradient (resumable, in parts), then eigendecompose F once."""
-        settings = self.settings(ctx)
-        if ctx.store.exists(self.name, settings):
-            self._load(ctx)
-            return
+        self.build_dims(ctx, [int(ctx.config.trak_dim)], progress)
+        self._load(ctx)
+
+    def build_dims(self, ctx: EngineContext, dims: list[int], progress: Progress = no_progress) -> None:
+        """Build the caches of several projection dimensions k with one gradient pass.
+
+        The training gradients do not depend on k, so a k sweep (the paper's k = 32,768 against
+        our default 2,048) costs one pass over the training set, not one per k: each batch of
+        gradients is projected once per k that still lacks that part.  Resumable per part and k.
+        """
         from ..gradients import train_loss_grads  # the K-FAC helper's module; imported when needed
 
+        dims = list(dict.fromkeys(self._dim(ctx, k) for k in dims))
+        todo_dims = [k for k in dims if not ctx.store.exists(self.name, self.settings(ctx, k))]
+        if not todo_dims:
+            return
         t0 = time.perf_counter()
-        proj = self.projection(ctx)
         images = ctx.dataset.images
         n = len(images)
-        part = ctx.store.partial(self.name, settings, part_size=self.part_size, num_items=n)
+        parts = {
+            k: ctx.store.partial(self.name, self.settings(ctx, k), part_size=self.part_size, num_items=n)
+            for k in todo_dims
+        }
+        projs = {k: self.projection(ctx, k) for k in todo_dims}
+        first = parts[todo_dims[0]]
         shard = distributed.current()  # under torchrun: this rank's parts only (engine.distributed)
-        todo = shard.mine(part.todo())
+        pending = sorted({i for part in parts.values() for i in part.todo()})
+        todo = shard.mine(pending)
         for count, i in enumerate(todo):
-            rows = part.part_range(i)
-            feats = torch.empty((rows.stop - rows.start, proj.dim), dtype=torch.float32)
+            rows = first.part_range(i)
+            need = [k for k in todo_dims if not parts[k].is_done(i)]
+            feats = {k: torch.empty((rows.stop - rows.start, projs[k].dim), dtype=torch.float32) for k in need}
             grads = train_loss_grads(
                 ctx,  # its model and params (the influence parameters, ctx.params order)
                 ctx.diffusion,
                 images[rows].to(ctx.device),
-                ctx.train_draws,
+                ctx.train_draws.for_rows(rows),  # this part's draws, indexed like images[rows]
                 loss=self.loss,
                 batch_size=self.batch_size,
                 progress=no_progress,
             )
             for sl, g in grads:
-                feats[sl] = proj.project(g.to(ctx.device)).float().cpu()
-            part.save_part(i, {"phi": feats})
+                g = g.to(ctx.device)
+                for k in need:
+                    feats[k][sl] = projs[k].project(g).float().cpu()
+            for k in need:
+                parts[k].save_part(i, {"phi": feats[k]})
             progress(f"{self.title}: projected gradients {rows.stop}/{n}", 0.9 * (count + 1) / len(todo))
         shard.barrier()
         if not shard.is_main:
             shard.barrier()  # rank 0 eigendecomposes and publishes
-            self._load(ctx)
             return
-        progress(f"{self.title}: eigendecomposing the projected Fisher", 0.92)
-        # F = (1/N) sum_i phi_i phi_i^T, accumulated in float64 part by part.
-        k = proj.dim
-        fisher = torch.zeros((k, k), dtype=torch.float64, device=ctx.device)
-        for i in range(part.num_parts):
-            phi = torch.from_numpy(part.load_part(i)["phi"]).to(ctx.device, torch.float64)
-            fisher.addmm_(phi.T, phi)
-        fisher /= n
-        evals, evecs = torch.linalg.eigh(fisher)
-        evals = evals.clamp_min(0.0).float()
-        evecs = evecs.float()
-        rotated = torch.empty((n, k), dtype=torch.float32)
-        for i in range(part.num_parts):
-            phi = torch.from_numpy(part.load_part(i)["phi"]).to(ctx.device)
-            rotated[part.part_range(i)] = (phi @ evecs).cpu()
-        part.publish(
-            extra={"eigvals": evals.cpu(), "eigvecs": evecs.cpu(), "phi_eig": rotated},
-            meta={"build_seconds": time.perf_counter() - t0},
-        )
+        for k in todo_dims:
+            progress(f"{self.title}: eigendecomposing the projected Fisher (k = {k})", 0.92)
+            part = parts[k]
+            phi_parts = [torch.from_numpy(part.load_part(i)["phi"]) for i in range(part.num_parts)]
+            evals, evecs, rotated = fisher_eigenbasis(phi_parts, ctx.device)
+            part.publish(
+                extra={"eigvals": evals.cpu(), "eigvecs": evecs.cpu(), "phi_eig": rotated},
+                meta={"build_seconds": time.perf_counter() - t0},
+            )
         shard.barrier()
         progress(f"{self.title}: built", 1.0)
-        self._load(ctx)
 
     def _load(self, ctx: EngineContext) -> dict[str, Any]:
         settings = self.settings(ctx)
@@ -224,6 +299,7 @@ class TRAK(AttributionMethod):
         if query_grad is None:
             raise ValueError(f"{self.title} needs the query's measurement gradient")
         t0 = time.perf_counter()
+        self.default_damping = self.configured_damping(self.config, len(ctx.dataset))
         state = self._load(ctx)
         phi_q = self.projection(ctx).project(query_grad.reshape(-1).detach()).float().cpu()
         t1 = time.perf_counter()

@@ -1,0 +1,316 @@
+"""LDS ablations on an existing LDS run: same subsets, models, queries and statistics, other settings.
+
+Each ablation is a list of variants of ``AttributionConfig`` (DESIGN.md 4-6, issue "fidelity to
+the paper"); every variant is scored with ``engine.lds``'s protocol (its damping sweep, predicted
+m(S_j) = m_full + sum_{i not in S_j} tau_i, Spearman over subsets, mean over queries, bootstrap
+95% intervals over queries) against the run's retrained subset models:
+
+* ``draws``: K-FAC with the same M draws for every example (``shared``) vs independent draws per
+  example (``per-example``, paper G.3);
+* ``trak_dim``: TRAK and D-TRAK at projection dimension k = 2,048, 8,192 and 32,768 (the paper's),
+  each also at its best damping of the sweep (chosen on the same queries: optimistic for the
+  baselines, which is the point: they get their best shot);
+* ``kfac_blocks``: K-FAC with weight and bias in separate blocks vs one joint block per layer.
+
+The run folder (``attribution-engine lds`` output) is only read: true measurements already cached
+beside its models are reused, missing ones are computed into ``out``.  Caches of settings other
+than the defaults go to their own cache root (their keys differ); a ``baseline`` root holding the
+defaults (e.g. the shared digits cache) is used read-only when it has them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..files import save_json
+from .lds import lds_table, model_folder, noise_report, predicted_matrix, seed_average
+from .lds_run import SWEEP_GRID, _rows_score_fn, lds_queries, session_scores
+from .runs import MeasureSpec, cached_measurements, is_finished
+from .setup import RunSetup
+
+TRAK_DIMS = (2048, 8192, 32768)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One setting of an ablation: a label, the config changes and the methods it scores."""
+
+    label: str
+    changes: dict[str, Any] = field(default_factory=dict)
+    methods: tuple[str, ...] = ("kfac",)
+
+
+ABLATIONS: dict[str, tuple[Variant, ...]] = {
+    "draws": (Variant("shared"), Variant("per-example", {"draws": "per-example"})),
+    "trak_dim": tuple(Variant(f"k={k}", {"trak_dim": k}, ("trak", "dtrak")) for k in TRAK_DIMS),
+    "kfac_blocks": (Variant("separate"), Variant("joint", {"kfac_blocks": "joint"})),
+}
+
+
+def measured_readonly(
+    run: Path,
+    masks: np.ndarray,
+    seeds: int,
+    queries: torch.Tensor,
+    spec: MeasureSpec,
+    levels: int,
+    out: Path,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+) -> np.ndarray:
+    """True measurements (R, Q, K) of the run's finished models without writing into the run:
+    values the run cached beside a model are read, others are computed into ``out/measurements``."""
+    vals = np.full((seeds, len(queries), len(masks)), np.nan)
+    name = f"{spec.measurement.replace('@', '_').replace('=', '')}_{spec.mc_samples}_{spec.key(queries)}.json"
+    for r in range(seeds):
+        for k in range(len(masks)):
+            folder = model_folder(run, k, r)
+            if not is_finished(folder):
+                continue
+            existing = folder / "measurements" / name
+            if existing.is_file():
+                vals[r, :, k] = json.loads(existing.read_text())["values"]
+                continue
+            log(f"measuring {folder.name} ({spec.mc_samples} draws per query)")
+            vals[r, :, k] = cached_measurements(
+                folder, queries, spec, levels, device, cache_dir=Path(out) / "measurements" / folder.name
+            )
+    return vals
+
+
+def read_subsets(run: Path, dataset: Any, cfg: Any) -> np.ndarray:
+    """The run's keep masks (K, N), read only; an error if they were made for other data or settings."""
+    from .lds import data_digest
+
+    path = Path(run) / "subsets.npz"
+    if not path.is_file():
+        raise SystemExit(f"{run} has no subsets.npz: not an LDS run folder")
+    with np.load(path) as z:
+        settings, masks = json.loads(str(z["settings"])), z["masks"]
+    want = {"fraction": cfg.fraction, "subset_seed": cfg.subset_seed, "data": data_digest(dataset)}
+    if settings != want or len(masks) < cfg.subsets:
+        raise SystemExit(f"{path} holds {len(masks)} subsets made with {settings}, not {cfg.subsets} with {want}")
+    return masks[: cfg.subsets]
+
+
+def run_queries(run: Path, setup: RunSetup, num: int) -> tuple[torch.Tensor, str]:
+    """The run's own query images when it saved them (read only), else the same ones ``engine.lds``
+    would pick (the gallery beside the checkpoint, or samples of the full model), kept in ``setup.out``."""
+    path = Path(run) / "queries.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        if saved["images"].shape[0] >= num:
+            return saved["images"][:num], f"{saved['source']} (from {path})"
+    return lds_queries(setup, num)
+
+
+def variant_session(
+    setup: RunSetup, variant: Variant, cache_root: Path, baseline: Path | None
+) -> tuple[Any, Path]:
+    """A session with the variant's settings: on ``baseline`` (read-only) when every method of the
+    variant is already built there, else on ``cache_root`` building what is missing."""
+    from ..attribution.session import AttributionSession
+
+    config = replace(setup.preset.attribution, **variant.changes)
+    if baseline is not None and Path(baseline).is_dir():
+        s = AttributionSession(
+            preset=setup.preset, checkpoint=setup.checkpoint, device=setup.device, cache_root=baseline,
+            config=config, dataset=setup.dataset, auto_build=False,
+        )
+        if all(s.method(m).is_built(s.ctx) for m in variant.methods):
+            return s, Path(baseline)
+    s = AttributionSession(
+        preset=setup.preset, checkpoint=setup.checkpoint, device=setup.device, cache_root=cache_root,
+        config=config, dataset=setup.dataset, auto_build=True,
+    )
+    return s, Path(cache_root)
+
+
+def build_variants(
+    setup: RunSetup, names: list[str], cache_root: Path, baseline: Path | None, log: Callable[[str], None] = print
+) -> None:
+    """Build every cache the ablations need (no subset models needed: run it while they train).
+
+    TRAK and D-TRAK build all k of the sweep from one gradient pass each (``TRAK.build_dims``).
+    """
+    for name in names:
+        for variant in ABLATIONS[name]:
+            session, root = variant_session(setup, variant, cache_root, baseline)
+            for m in variant.methods:
+                method = session.method(m)
+                if method.is_built(session.ctx):
+                    continue
+                t0 = time.perf_counter()
+                log(f"[{name}/{variant.label}] building {m} into {root}")
+                if m in ("trak", "dtrak") and name == "trak_dim":
+                    method.build_dims(session.ctx, list(TRAK_DIMS))
+                else:
+                    method.build(session.ctx)
+                log(f"[{name}/{variant.label}] {m} built in {time.perf_counter() - t0:.0f} s")
+
+
+def best_of_sweep(table: dict[str, dict[str, Any]], method: str) -> dict[str, Any] | None:
+    """The sweep point ``method@damping`` with the highest LDS (its damping, LDS and interval)."""
+    best = None
+    for key, res in table.items():
+        if not key.startswith(method + "@") or res.get("lds") is None or not np.isfinite(res["lds"]):
+            continue
+        if best is None or res["lds"] > best["lds"]:
+            best = {"damping": float(key.split("@", 1)[1]), **{k: res[k] for k in ("lds", "ci95", "sem")}}
+    return best
+
+
+def run_ablation(
+    setup: RunSetup,
+    name: str,
+    masks: np.ndarray,
+    per_seed: np.ndarray,
+    queries: torch.Tensor,
+    spec: MeasureSpec,
+    source: str,
+    cache_root: Path,
+    baseline: Path | None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Score every variant of ablation ``name`` and return its results record."""
+    measured = seed_average(per_seed)
+    variants: dict[str, Any] = {}
+    for variant in ABLATIONS[name]:
+        session, root = variant_session(setup, variant, cache_root, baseline)
+        out = setup.out / "ablation" / name / variant.label.replace("=", "")
+        rows, info = session_scores(session, queries, spec.measurement, list(variant.methods), out, log=log)
+        names = sorted({k for r in rows for k in r})
+        table = lds_table(predicted_matrix(_rows_score_fn(rows, names), masks, len(queries)), measured)
+        methods = {}
+        for m in variant.methods:
+            if m not in table:
+                methods[m] = {"status": info.get(m, {}).get("status"), "reason": info.get(m, {}).get("reason")}
+                continue
+            methods[m] = {
+                **{k: table[m][k] for k in ("lds", "ci95", "sem")},
+                "damping": info.get(m, {}).get("damping"),
+                "best": best_of_sweep(table, m),
+                "sweep": sorted(
+                    ({"damping": float(k.split("@", 1)[1]), **{f: table[k][f] for f in ("lds", "ci95")}}
+                     for k in table if k.startswith(m + "@")),
+                    key=lambda p: p["damping"],
+                ),
+            }
+        variants[variant.label] = {
+            "changes": variant.changes,
+            "cache_root": str(root),
+            "attribution": asdict(session.config),
+            "methods": methods,
+        }
+        log(format_variant(name, variant.label, methods))
+    usable = np.all(np.isfinite(measured), axis=0)
+    return {
+        "ablation": name,
+        "config": {
+            "preset": setup.preset.name,
+            "run": str(setup.out),
+            "checkpoint": str(setup.checkpoint),
+            "num_train": len(setup.dataset),
+            "subsets": int(len(masks)),
+            "subsets_with_models": int(usable.sum()),
+            "seeds": int(per_seed.shape[0]),
+            "queries": int(len(queries)),
+            "query_source": source,
+            "measurement": spec.measurement,
+            "true_measurement_mc_samples": spec.mc_samples,
+            "true_measurement_seed": spec.seed,
+            "damping_grid": list(SWEEP_GRID),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        "variants": variants,
+        "noise": noise_report(per_seed),
+    }
+
+
+def format_variant(name: str, label: str, methods: dict[str, Any]) -> str:
+    lines = []
+    for m, r in methods.items():
+        if "lds" not in r:
+            lines.append(f"{name:<12}{label:<13}{m:<7} {r.get('status')}: {r.get('reason')}")
+            continue
+        b = r.get("best") or {}
+        best = (
+            f"  best {b['lds']:+.3f} [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}] at {b['damping']:.0e}" if b else ""
+        )
+        lines.append(
+            f"{name:<12}{label:<13}{m:<7} LDS {r['lds']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+            f" at {r['damping']:.1e}{best}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from ..model.data import load_dataset
+    from ..paths import REPO_ROOT
+    from .lds import LDSConfig
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="LDS run folder (attribution-engine lds --out), read only")
+    p.add_argument("--checkpoint", default=str(REPO_ROOT / "assets" / "digits"), help="the full model")
+    p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"comma list of {', '.join(ABLATIONS)}")
+    p.add_argument("--cache-root", default=str(REPO_ROOT / "cache-ablation"), help="caches of the variants")
+    p.add_argument("--baseline-cache", default=None, help="read-only cache with the default settings built")
+    p.add_argument("--out", default=str(REPO_ROOT / "runs" / "lds_ablation"), help="scores and measurements")
+    p.add_argument("--results", default=str(REPO_ROOT / "assets" / "results"))
+    p.add_argument("--subsets", type=int, default=32)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--fraction", type=float, default=0.5)
+    p.add_argument("--queries", type=int, default=32)
+    p.add_argument("--mc-samples", type=int, default=1024, help="MC draws per true measurement")
+    p.add_argument("--measurement", default="loss")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--build-only", action="store_true", help="only build the variants' caches")
+    args = p.parse_args(argv)
+
+    from ..model.checkpoint import read_config
+
+    names = [a.strip() for a in args.ablations.split(",") if a.strip()]
+    bad = [a for a in names if a not in ABLATIONS]
+    if bad:
+        p.error(f"unknown ablation(s) {bad}; choose from {', '.join(ABLATIONS)}")
+    ckpt = Path(args.checkpoint)
+    preset, _ = read_config(ckpt)
+    dataset = load_dataset(preset.data)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = RunSetup(preset, ckpt, dataset, out, Path(args.results), args.device, False)
+    cache_root, baseline = Path(args.cache_root), (Path(args.baseline_cache) if args.baseline_cache else None)
+    build_variants(setup, names, cache_root, baseline)
+    if args.build_only:
+        return 0
+    run = Path(args.run)
+    cfg = LDSConfig(subsets=args.subsets, seeds=args.seeds, fraction=args.fraction)
+    masks = read_subsets(run, dataset, cfg)
+    queries, source = run_queries(run, setup, args.queries)
+    spec = MeasureSpec(measurement=args.measurement, mc_samples=args.mc_samples)
+    per_seed = measured_readonly(run, masks, cfg.seeds, queries, spec, dataset.levels, out, args.device)
+    finished = int(np.all(np.isfinite(seed_average(per_seed)), axis=0).sum())
+    if finished < 3:
+        print(f"only {finished} subsets of {run} have finished models; wait for the training")
+        return 1
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        record = run_ablation(setup, name, masks, per_seed, queries, spec, source, cache_root, baseline)
+        path = Path(args.results) / f"lds_{preset.name}_ablation_{name}.json"
+        save_json(path, record)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""LDS ablations (engine.evaluation.lds_ablation) on a tiny checkpoint: every variant is built and scored
+with engine.evaluation.lds's statistics; defaults are read from a baseline cache; the run is only read."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL
+
+from engine.config import AttributionConfig, DataConfig, Preset, TrainConfig
+from engine.evaluation.lds import make_subsets, predicted_matrix
+from engine.evaluation.lds_ablation import ABLATIONS, Variant, build_variants, run_ablation, variant_session
+from engine.evaluation.lds_run import session_scores
+from engine.evaluation.runs import MeasureSpec
+from engine.evaluation.setup import RunSetup
+from engine.evaluation.stats import lds_score
+from engine.model.train import train
+
+
+@pytest.mark.slow
+def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
+    torch.set_num_threads(1)
+    ds = digits_small.subset(list(range(12)))
+    preset = Preset(
+        name="tiny",
+        model=TINY_MODEL,
+        data=DataConfig(name="digits"),
+        train=TrainConfig(steps=4, batch_size=8, log_every=100, checkpoint_every=1000),
+        attribution=AttributionConfig(mc_samples=2, clip_pretrained=None),
+    )
+    folder = train(preset, tmp_path / "ckpt", dataset=ds, progress=False)
+    setup = RunSetup(preset, folder, ds, tmp_path / "out", tmp_path / "results", "cpu", False)
+    names = ["kfac_blocks"]
+    build_variants(setup, names, tmp_path / "cache", None, log=lambda s: None)
+    masks = make_subsets(len(ds), 6, 0.5, 0)
+    rng = np.random.default_rng(0)
+    per_seed = rng.normal(size=(1, 1, 6)) + 0.3 * rng.normal(size=(2, 3, 6))  # R = 2 synthetic seeds
+    queries = ds.images[:3]
+    spec = MeasureSpec(mc_samples=4)
+    for name in names:
+        rec = run_ablation(setup, name, masks, per_seed, queries, spec, "test", tmp_path / "cache", None,
+                           log=lambda s: None)
+        json.dumps(rec)  # serialisable
+        assert list(rec["variants"]) == [v.label for v in ABLATIONS[name]]
+        assert rec["noise"]["seed_agreement"]["seeds"] == 2
+        for v in rec["variants"].values():
+            k = v["methods"]["kfac"]
+            assert k["ci95"][0] <= k["lds"] <= k["ci95"][1]
+            assert k["best"]["lds"] >= max(p["lds"] for p in k["sweep"] if p["lds"] is not None) - 1e-12
+        a, b = (rec["variants"][v.label]["methods"]["kfac"]["lds"] for v in ABLATIONS[name])
+        assert a != b  # the option changes the scores
+    # the LDS of a variant is engine.evaluation.lds's statistic of its cached scores against the seed average
+    session, _ = variant_session(setup, Variant("joint", {"kfac_blocks": "joint"}), tmp_path / "cache", None)
+    rows, _ = session_scores(session, queries, "loss", ["kfac"], setup.out / "ablation" / "kfac_blocks" / "joint")
+    pred = predicted_matrix(lambda q: {"kfac": rows[q]["kfac"]}, masks, 3)["kfac"]
+    want = lds_score(pred, per_seed.mean(0)).to_dict()["lds"]
+    assert rec["variants"]["joint"]["methods"]["kfac"]["lds"] == pytest.approx(want, rel=1e-12)
+    # defaults come from a baseline cache that has them; other settings from the variants' root
+    _, base_root = variant_session(setup, Variant("separate"), tmp_path / "other", tmp_path / "cache")
+    assert base_root == tmp_path / "cache"
+    _, own = variant_session(setup, Variant("joint", {"kfac_blocks": "joint"}), tmp_path / "other", tmp_path / "none")
+    assert own == tmp_path / "other"
