@@ -175,7 +175,7 @@ def _classify(session: Any, images: torch.Tensor) -> np.ndarray:
     """Digits classifier labels for display and the class checks; -1 where there is no classifier."""
     if session.preset.data.name != "digits" or session.dataset.labels is None:
         return np.full(len(images), -1, dtype=np.int64)
-    from ..model.gallery import classify, digits_classifier
+    from ..model.label_classifier import classify, digits_classifier
 
     labels, _ = classify(digits_classifier(session.dataset), images)
     return np.asarray(labels, dtype=np.int64)

@@ -22,26 +22,10 @@ from torch import nn
 from .. import jsonio
 from ..config import Preset
 from .data import ImageDataset, to_unit_range
-from .label_classifier import classifier_for, heldout_quality
+from .label_classifier import classifier_for, classify, digits_classifier, heldout_quality
 from .sampling import generate, save_grid
 
 GALLERY = "gallery.npz"
-
-
-def digits_classifier(dataset: ImageDataset):
-    """Logistic regression on the real digits, inputs as [0, 1] pixel vectors."""
-    from sklearn.linear_model import LogisticRegression
-
-    x = to_unit_range(dataset.images).flatten(1).numpy()
-    clf = LogisticRegression(max_iter=2000, C=1.0)
-    clf.fit(x, dataset.labels.numpy())
-    return clf
-
-
-def classify(clf, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted label, max probability) for images in [-1, 1]."""
-    proba = clf.predict_proba(to_unit_range(images).flatten(1).numpy())
-    return proba.argmax(1), proba.max(1)
 
 
 def make_gallery(

@@ -58,14 +58,22 @@ def _shipped_halves(seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple
     return (x01[fit], labels[fit]), (x01[held], labels[held])
 
 
+def digits_classifier(dataset: ImageDataset):
+    """Logistic regression on the real digits, inputs as [0, 1] pixel vectors."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = to_unit_range(dataset.images).flatten(1).numpy()
+    clf = LogisticRegression(max_iter=2000, C=1.0)
+    clf.fit(x, dataset.labels.numpy())
+    return clf
+
+
 def classifier_for(preset: Preset, dataset: ImageDataset | None):
     """The labelling classifier of ``preset`` or None when the preset has no labelled reference."""
     if preset.data.name == "mnist" and preset.data.root is None:
         (x, y), _ = _shipped_halves()
         return fit_pixel_classifier(x, y)
     if preset.data.name == "digits" and dataset is not None and dataset.labels is not None:
-        from .gallery import digits_classifier
-
         return digits_classifier(dataset)
     return None
 
