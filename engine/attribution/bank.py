@@ -310,12 +310,33 @@ def build_bank(
         rotated = factors.rotate(torch.cat(parts))
         return _chunk_arrays(rotated, blocks, quantize)
 
+    arrays = build_in_parts(store, name, settings, n, chunk_size, compute)
+    if store is None:
+        merged = {k: v.to(device) for k, v in arrays.items()}
+        return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES))
+    return RotatedBank.from_arrays(arrays, blocks, device)
+
+
+def build_in_parts(
+    store: Any | None,
+    name: str,
+    settings: dict[str, Any],
+    n: int,
+    chunk_size: int,
+    compute: Callable[[slice], dict[str, torch.Tensor]],
+) -> dict[str, Any]:
+    """Rows 0..n-1 computed ``chunk_size`` at a time by ``compute(rows) -> {array name: (rows, ...)}``.
+
+    Without a store: the concatenated tensors.  With one: each part is saved as soon as it is
+    done (an interrupted build resumes at the first missing part; under torchrun every rank
+    builds its own parts, ``engine.distributed``), rank 0 publishes them atomically under
+    ``(name, settings)``, and the published arrays are returned (memory-mapped).  Shared by
+    every bank kind that stores rows.
+    """
     t0 = time.perf_counter()
     if store is None:
         chunks = [compute(slice(s, min(n, s + chunk_size))) for s in range(0, n, chunk_size)]
-        merged = {k: torch.cat([c[k] for c in chunks]).to(device) for k in chunks[0]}
-        return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES))
-    # under torchrun every rank builds its own parts into the shared store (engine.distributed)
+        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     shard = distributed.current()
     partial = store.partial(name, settings, part_size=chunk_size, num_items=n)
     for i in shard.mine(partial.todo()):
@@ -324,5 +345,4 @@ def build_bank(
     if shard.is_main:
         partial.publish(meta={"build_seconds": round(time.perf_counter() - t0, 3), "num_examples": n})
     shard.barrier()
-    arrays = store.load_arrays(name, settings)
-    return RotatedBank.from_arrays(arrays, blocks, device)
+    return store.load_arrays(name, settings)

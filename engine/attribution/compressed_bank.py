@@ -40,7 +40,7 @@ from torch import nn
 
 from .. import distributed
 from ..model.diffusion import Diffusion, MCDraws
-from .bank import RotatedBank, _chunk_arrays
+from .bank import RotatedBank, _chunk_arrays, build_in_parts
 from .curvature import Block, KFACFactors, LayerFactors, _eigh
 from .damping_grid import interpolate
 from .gradients import Params, per_example_grads
@@ -171,20 +171,10 @@ def build_compressed_bank(
         arrays = store.load_arrays(name, settings)
         if arrays is not None:
             return load(arrays)
-    t0 = time.perf_counter()
+    arrays = build_in_parts(store, name, settings, n, chunk_size, compute)
     if store is None:
-        chunks = [compute(slice(s, min(n, s + chunk_size))) for s in range(0, n, chunk_size)]
-        merged = {k: torch.cat([c[k] for c in chunks]).cpu().numpy() for k in chunks[0]}
-        return load(merged)
-    shard = distributed.current()
-    partial = store.partial(name, settings, part_size=chunk_size, num_items=n)
-    for i in shard.mine(partial.todo()):
-        partial.save_part(i, compute(partial.part_range(i)))
-    shard.barrier()
-    if shard.is_main:
-        partial.publish(meta={"build_seconds": round(time.perf_counter() - t0, 3), "num_examples": n})
-    shard.barrier()
-    return load(store.load_arrays(name, settings))
+        arrays = {k: v.cpu().numpy() for k, v in arrays.items()}
+    return load(arrays)
 
 
 def compress_stored_bank(bank: RotatedBank, compressed: CompressedFactors, rows: int = 64) -> RotatedBank:
