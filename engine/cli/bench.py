@@ -165,7 +165,8 @@ def add_bench_scale(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scan-sizes", default="256,1024,4096", help="N of the timed bank scans (default 256,1024,4096)")
     p.add_argument("--mc", type=int, default=1, help="M draws per example for the timed passes (default 1)")
     p.add_argument("--ratio", type=float, default=128.0, help="compression ratio (default 128)")
-    p.add_argument("--projection", default="gaussian", choices=("eigen", "gaussian"))
+    p.add_argument("--projection", default="gaussian", choices=("eigen", "gaussian"),
+                   help="projection of the compressed bank: seeded gaussian or top eigenvectors of the factors")
     p.add_argument("--out", default=None, help="output JSON (default assets/results/bench_scale.json)")
 
 
