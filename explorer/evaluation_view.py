@@ -179,12 +179,12 @@ def retrain_section(handle: Handle, query: Query | None, s: Settings) -> None:
         "(the control), then compare the measured change of the query's measurement with the change the "
         "method predicted (the sum of the removed images' scores)."
     )
-    if handle.build.status == "running":
-        st.info("Available when the cache build finishes (progress at the top of the page).")
-        return
     if getattr(handle.args, "no_retrain", False):
         st.info("Retraining is turned off on this server (`--no-retrain`); run "
                 "`attribution-engine retrain-top` on your own machine instead.")
+        return
+    if handle.build.status == "running":
+        st.info("Available when the cache build finishes (progress at the top of the page).")
         return
     if query is None:
         st.info("Choose a query first (sidebar).")
