@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -19,6 +21,13 @@ TINY_MODEL = ModelConfig(
     attn_resolutions=(4,),
     num_groups=4,
 )
+
+
+# One intra-op thread everywhere, in-process CLI calls and subprocesses included (engine.threads
+# honours it): caches rebuilt with another thread count sum in another order (~1e-5 relative in
+# float32), which would make the byte- and score-equality tests depend on the machine's load.
+os.environ.setdefault("ATTRIBUTION_THREADS", "1")
+torch.set_num_threads(1)  # also for module-scoped fixtures, which run before the per-test fixture below
 
 
 @pytest.fixture(autouse=True)

@@ -72,6 +72,20 @@ def main(argv: list[str]) -> int:
             return finish(self, tmp, final, name, *args, **kwargs)
 
         store.Store._finish = finish_then_die
+    if stage == "trak":
+        # TRAK's projected gradients come out of the K-FAC bank's gradient pass (one shared pass,
+        # engine.attribution.methods.trak.FeatureSink): die while they are being projected
+        from engine.attribution.methods import trak
+
+        consume, calls = trak.FeatureSink.consume, [0]
+
+        def consume_then_die(self, rows, grads):
+            consume(self, rows, grads)
+            calls[0] += 1
+            if calls[0] == 2:
+                _die()
+
+        trak.FeatureSink.consume = consume_then_die
     s = session(checkpoint, cache)
 
     def progress(message: str, fraction: float) -> None:
@@ -80,7 +94,7 @@ def main(argv: list[str]) -> int:
         if stage == "bank" and "train gradients" in message:
             _die()
         if stage == "trak" and message.startswith("trak:") and "projected gradients" in message:
-            _die()
+            _die()  # TRAK's own gradient pass, when it has one
 
     summary = s.build(methods.split(","), progress)
     print(json.dumps({name: v["status"] for name, v in summary.items()}))

@@ -55,6 +55,24 @@ def _scores(ckpt: Path, cache: Path) -> dict[str, np.ndarray]:
     return {n: r.scores for n, r in res.methods.items()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Everything here at one intra-op thread, as in the workers (``_env``): another thread count
+    sums in another order, which moves float32 scores by ~1e-5 relative and would hide what these
+    tests check (that a resumed or concurrent build adds exactly what an uninterrupted one does)."""
+    import torch
+
+    saved, threads = os.environ.get("ATTRIBUTION_THREADS"), torch.get_num_threads()
+    os.environ["ATTRIBUTION_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
+    if saved is None:
+        os.environ.pop("ATTRIBUTION_THREADS", None)
+    else:
+        os.environ["ATTRIBUTION_THREADS"] = saved
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """A tiny untrained checkpoint and the scores of an uninterrupted in-process build."""
