@@ -35,7 +35,7 @@ def _live(handle: Handle) -> None:
     if state.status != "running":
         st.rerun()  # the whole page: live results instead of precomputed ones, or the failure
     info = handle.session.method_info()
-    titles = ", ".join(info.get(n, {}).get("title", n) for n in state.methods)
+    titles = ", ".join(info.get(n, {}).get("title", n) for n in state.methods) or "the methods not yet built"
     with st.container(border=True):
         st.markdown(
             f"**Building the attribution caches** for {titles} (once per model; saved under "

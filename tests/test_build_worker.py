@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -21,7 +22,11 @@ class _Session:
     def share_gradient_passes(self, names) -> list:
         return []
 
+    status_gate: threading.Event | None = None  # when set, status() waits for it (a slow cache check)
+
     def status(self) -> dict:
+        if self.status_gate is not None:
+            assert self.status_gate.wait(30)
         return {n: {"available": True, "built": n in self.built} for n in ("a", "b")} | {
             "c": {"available": False, "built": False}
         }
@@ -43,13 +48,50 @@ def test_one_build_shared_by_every_caller_and_kept_going_without_them():
     w = BuildWorker(s, terminal=False)
     assert w.start() is True
     assert w.start() is False and w.start() is False  # more tabs: same job
-    state = w.state
+    state = _when(w, lambda st: st.methods)
     assert state.status == "running" and state.methods == ("a", "b") and state.attempts == 1
     s.gate.set()
     done = w.wait(30)
     assert done.status == "done" and done.fraction == 1.0 and s.calls == ["a", "b"]
     assert set(done.summary) == {"a", "b"}
     assert w.start() is False and s.calls == ["a", "b"]  # nothing rebuilt
+
+
+def _when(w: BuildWorker, ok, timeout: float = 30.0):
+    """The worker's state once ``ok(state)`` holds (the job sets it from its own thread)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = w.state
+        if ok(state):
+            return state
+        time.sleep(0.01)
+    raise AssertionError(f"worker never reached the expected state: {w.state}")
+
+
+def test_start_returns_before_the_cache_check():
+    """A page calls start() on every run; the check of what is missing (seconds: it walks the
+    caches and imports open_clip) runs in the job's thread, so the page is never held up by it."""
+    s = _Session()
+    s.status_gate = threading.Event()
+    w = BuildWorker(s, terminal=False)
+    t0 = time.monotonic()
+    assert w.start() is True
+    assert time.monotonic() - t0 < 5.0  # status() is still blocked: start() did not wait for it
+    assert w.state.status == "running" and w.state.methods == () and s.calls == []
+    s.status_gate.set()
+    assert _when(w, lambda st: st.methods).methods == ("a", "b")
+    s.gate.set()
+    assert w.wait(30).status == "done" and s.calls == ["a", "b"]
+
+
+def test_nothing_missing_ends_done_without_building():
+    s = _Session()
+    s.built = {"a", "b"}
+    w = BuildWorker(s, terminal=False)
+    w.start()
+    state = w.wait(30)
+    assert state.status == "done" and state.fraction == 1.0 and s.calls == []
+    assert w.start() is False
 
 
 def test_failure_is_reported_and_not_retried_until_asked():

@@ -77,6 +77,38 @@ def test_factor_pass_resumes_at_its_checkpoint_with_identical_factors(tmp_path, 
         assert want[k].tobytes() == got[k].tobytes(), k
 
 
+def test_ekfac_correction_pass_resumes_at_its_checkpoint(tmp_path, tiny_model, diffusion, digits_small):
+    """A kill in EK-FAC's second pass (the eigenvalue correction) keeps the finished factor pass and
+    the correction rows already done: the rerun starts at the correction's checkpoint, with the
+    same corrected eigenvalues as an uninterrupted build."""
+    params = influence_params(tiny_model)
+    x = digits_small.images[:12]
+    draws = make_draws(4, (1, 8, 8), diffusion.T, seed=0)  # 48 rows per pass
+    kw = dict(batch_size=8, seed=3, ekfac=True)
+    want = compute_kfac(tiny_model, diffusion, x, draws, params, **kw).to_arrays()
+    assert any(k.endswith("ekfac_weight") for k in want)
+
+    ckpt = PassCheckpoint(tmp_path / "factors.pt")
+    with pytest.raises(_Stop):
+        compute_kfac(
+            tiny_model, diffusion, x, draws, params, checkpoint=ckpt, checkpoint_rows=16,
+            progress=_stop_after(lambda m, f: m.startswith("EK-FAC eigenvalues: 40/48")), **kw,
+        )
+    assert ckpt.path.is_file() and ckpt.part("ekfac").path.is_file()
+    seen: list[str] = []
+    got = compute_kfac(
+        tiny_model, diffusion, x, draws, params, progress=lambda m, f: seen.append(m),
+        checkpoint=ckpt, checkpoint_rows=16, **kw,
+    ).to_arrays()
+    assert not any(m.startswith("K-FAC factors: 8/48") for m in seen)  # the factor pass was not redone
+    assert [m for m in seen if m.startswith("EK-FAC")][0].startswith("EK-FAC eigenvalues: 40/48")
+    assert want.keys() == got.keys()
+    for k in want:
+        assert want[k].tobytes() == got[k].tobytes(), k
+    ckpt.clear()
+    assert not ckpt.path.exists() and not ckpt.part("ekfac").path.exists()
+
+
 def test_factor_checkpoint_of_other_settings_is_ignored(tmp_path, tiny_model, diffusion, digits_small):
     params = influence_params(tiny_model)
     x = digits_small.images[:8]

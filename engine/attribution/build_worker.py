@@ -96,24 +96,26 @@ class BuildWorker:
         return [n for n in names if status[n].get("available") and not status[n].get("built")]
 
     def start(self) -> bool:
-        """Start the build unless one is running or everything is built; True if this call started it."""
+        """Start the job unless one is running or it finished; True if this call started it.
+
+        Returns at once: which caches are missing is found out by the job's thread, not by the
+        caller, because that check walks the cache folders and asks every method whether it is
+        available (CLIP's check imports open_clip: seconds).  A page that calls ``start()``
+        therefore renders its precomputed results without waiting for it.  A job that finds
+        every cache built ends as "done" without building anything.
+        """
         with self._guard:
             if self._thread is not None and self._thread.is_alive():
                 return False
             if self._state.status == "done":
                 return False
-            todo = self.missing()
-            if not todo:
-                self._state = replace(self._state, status="done", fraction=1.0, message="all caches built")
-                return False
             self._state = BuildState(
                 status="running",
-                message="starting",
-                methods=tuple(todo),
+                message="checking which caches are missing",
                 started=time.time(),
                 attempts=self._state.attempts + 1,
             )
-            self._thread = threading.Thread(target=self._run, args=(todo,), name="cache-build", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="cache-build", daemon=True)
             self._thread.start()
             return True
 
@@ -125,8 +127,26 @@ class BuildWorker:
 
     # --- the job ---------------------------------------------------------------------------
 
-    def _run(self, todo: list[str]) -> None:
+    def _run(self) -> None:
         _lower_priority(self.nice)
+        try:
+            todo = self.missing()
+        except BaseException as e:  # noqa: BLE001 - reported to every tab with its reason
+            log.error("checking the caches failed:\n%s", traceback.format_exc())
+            self._set(status="failed", error=f"{type(e).__name__}: {e}", finished=time.time())
+        else:
+            if todo:
+                self._set(methods=tuple(todo), message="starting")
+                self._build(todo)
+            else:
+                self._set(status="done", fraction=1.0, message="all caches built", finished=time.time())
+        if self.on_done is not None:
+            try:
+                self.on_done(self.state)
+            except Exception:  # noqa: BLE001
+                log.exception("on_done callback failed")
+
+    def _build(self, todo: list[str]) -> None:
         bar = self._bar()
         summary: dict[str, Any] = {}
         try:
@@ -154,11 +174,6 @@ class BuildWorker:
         finally:
             if bar is not None:
                 bar.close()
-        if self.on_done is not None:
-            try:
-                self.on_done(self.state)
-            except Exception:  # noqa: BLE001
-                log.exception("on_done callback failed")
 
     def _bar(self):
         if not self.terminal:

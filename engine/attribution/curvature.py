@@ -327,18 +327,33 @@ class DrawRows:
 
 
 class _FactorResume:
-    """Checkpoints of the factor pass (``engine.attribution.pass_checkpoint``): every ``every`` rows (a multiple
-    of the batch size) the accumulated covariances and curvlinops' label generator are saved; a
-    new pass restores them and starts at the saved row, so it adds exactly what an uninterrupted
-    pass would have added, in the same order."""
+    """Checkpoints of a curvlinops pass (``engine.attribution.pass_checkpoint``): every ``every`` rows (a
+    multiple of the batch size) the pass's accumulators and curvlinops' label generator are saved;
+    a new pass restores them and starts at the saved row, so it adds exactly what an uninterrupted
+    pass would have added, in the same order.
 
-    def __init__(self, checkpoint: PassCheckpoint, every: int, batch_size: int):
+    ``kind`` is "factors" (K-FAC's input and gradient covariances) or "ekfac" (EK-FAC's
+    eigenvalue-correction pass: the corrected eigenvalues accumulated in the eigenbasis of the
+    finished factors; its checkpoint is a separate file, so a kill during the correction pass
+    keeps the factor pass's final state and resumes the correction where it stopped).
+    """
+
+    def __init__(self, checkpoint: PassCheckpoint, every: int, batch_size: int, kind: str = "factors"):
+        if kind not in ("factors", "ekfac"):
+            raise ValueError(f"unknown pass {kind!r}")
         self.checkpoint = checkpoint
+        self.kind = kind
         self.every = max(batch_size, (int(every) // batch_size) * batch_size)
         self.op: Any = None  # the curvlinops operator, set once created
         self.total = 0
         self.last = 0
         self.resumed_at = 0
+
+    def _accumulators(self) -> dict[str, Any]:
+        op = self.op
+        if self.kind == "factors":
+            return {"input_covariances": op._input_covariances, "gradient_covariances": op._gradient_covariances}
+        return {"corrected_eigenvalues": op._corrected_eigenvalues}
 
     def start(self) -> int:
         if self.op is None:  # curvlinops peeks at the first batch while it is being created
@@ -346,28 +361,32 @@ class _FactorResume:
         state = self.checkpoint.load()
         if state is None:
             return 0
-        op = self.op
-        op._input_covariances.clear()
-        op._input_covariances.update({k: v.to(op.device).clone() for k, v in state["input_covariances"].items()})
-        op._gradient_covariances.clear()
-        op._gradient_covariances.update({k: v.to(op.device).clone() for k, v in state["gradient_covariances"].items()})
-        op._generator.set_state(state["generator"])
+        dev = self.op.device
+        for key, acc in self._accumulators().items():
+            acc.clear()
+            acc.update(_map_tensors(state[key], lambda v: v.to(dev).clone()))
+        self.op._generator.set_state(state["generator"])
         self.last = self.resumed_at = int(state["rows"])
         return self.last
 
     def between(self, rows: int) -> None:
         if self.op is None or rows <= self.last or (rows % self.every and rows != self.total):
             return
-        op = self.op
-        self.checkpoint.save(
-            {
-                "rows": rows,
-                "input_covariances": {k: v.detach().clone() for k, v in op._input_covariances.items()},
-                "gradient_covariances": {k: v.detach().clone() for k, v in op._gradient_covariances.items()},
-                "generator": op._generator.get_state(),
-            }
-        )
+        state: dict[str, Any] = {"rows": rows, "generator": self.op._generator.get_state()}
+        for key, acc in self._accumulators().items():
+            state[key] = _map_tensors(acc, lambda v: v.detach().clone())
+        self.checkpoint.save(state)
         self.last = rows
+
+
+def _map_tensors(tree: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor of a (nested) dict: curvlinops keeps EK-FAC's corrected
+    eigenvalues as {layer: tensor} for joint blocks and {layer: {"weight": ..., "bias": ...}} otherwise."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+    return tree
 
 
 def _eigh(factor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,8 +422,9 @@ def compute_kfac(
 
     ``checkpoint``: save the pass's running state every ``checkpoint_rows`` (example, draw)
     rows and resume from it (``_FactorResume``); a resumed pass gives the same factors as an
-    uninterrupted one.  The caller clears it once the factors are stored.  (EK-FAC's
-    eigenvalue-correction pass is not checkpointed.)
+    uninterrupted one.  The caller clears it once the factors are stored.  EK-FAC's
+    eigenvalue-correction pass is checkpointed the same way, in ``checkpoint.part("ekfac")``
+    (cleared with it).
     ``joint``: weight and bias
     of a layer in one Kronecker block (curvlinops ``separate_weight_and_bias=False``; an ablation).
     """
@@ -441,6 +461,7 @@ def compute_kfac(
             }
         )
         resume = _FactorResume(checkpoint, checkpoint_rows, batch_size)
+        correction = _FactorResume(checkpoint.part("ekfac"), checkpoint_rows, batch_size, kind="ekfac")
     loader = DrawRows(
         diffusion,
         images,
@@ -490,7 +511,11 @@ def compute_kfac(
             op._input_covariances.clear()
             op._gradient_covariances.clear()
             state["pass"] = 1
-            loader.on_start = loader.between = None  # the correction pass starts from scratch
+            if resume is None:
+                loader.on_start = loader.between = None
+            else:  # the correction pass has its own checkpoint (same rows, its own accumulators)
+                correction.op, correction.total = op, loader.total
+                loader.on_start, loader.between = correction.start, correction.between
             op.compute_eigenvalue_correction()
             for lf in factors.layers:
                 corrected = op._corrected_eigenvalues[curv_names[lf.name]]

@@ -43,6 +43,15 @@ class PassCheckpoint:
     def with_signature(self, signature: Mapping[str, Any]) -> PassCheckpoint:
         return PassCheckpoint(self.path, signature)
 
+    def part(self, name: str) -> PassCheckpoint:
+        """The checkpoint of a later pass of the same job (same signature, its own file), e.g.
+        EK-FAC's correction pass after the factor pass; ``clear()`` removes the parts too."""
+        if not name.isidentifier():
+            raise ValueError(f"bad checkpoint part name {name!r}")
+        out = PassCheckpoint(self.path.with_name(f"{self.path.stem}.{name}{self.path.suffix}"))
+        out.signature = self.signature
+        return out
+
     def load(self) -> dict[str, Any] | None:
         """The saved state, or None when there is none, it is unreadable or its signature differs."""
         if not self.path.is_file():
@@ -69,7 +78,9 @@ class PassCheckpoint:
                 tmp.unlink()
 
     def clear(self) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        """Remove this checkpoint and its parts (``part``)."""
+        for path in [self.path, *self.path.parent.glob(f"{self.path.stem}.*{self.path.suffix}")]:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
