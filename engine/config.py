@@ -265,13 +265,13 @@ def _mnist_preset() -> Preset:
         diffusion=DiffusionConfig(num_timesteps=100, beta_start=1e-3, beta_end=0.2),
         data=DataConfig(name="mnist", image_size=28, channels=1, levels=256, per_class=100),
         train=TrainConfig(
-            steps=1600,
+            steps=8000,
             batch_size=32,
             lr=2e-3,
             warmup_frac=0.05,
             ema_decay=0.995,
             log_every=25,
-            checkpoint_every=100,
+            checkpoint_every=250,
         ),
         attribution=AttributionConfig(mc_samples=16),
     )
