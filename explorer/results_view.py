@@ -34,7 +34,13 @@ def cell_size(side: int) -> int:
 def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """The query's result at the current damping, computing or re-scoring only what changed."""
     session = handle.session
-    if handle.build.status == "running":  # no live query while the model is being built
+    state = handle.build
+    if state.checking and _precomputed(handle, query, s) is None:
+        # the server has just started and does not know yet whether anything needs building
+        # (seconds): with nothing precomputed to show meanwhile, wait for that answer
+        with st.spinner("Checking the attribution caches ..."):
+            state = handle.worker.wait_checked(60) if handle.worker is not None else state
+    if state.status == "running":  # no live query while the model is being built
         return _while_building(handle, query, s)
     base = (query.key, s.measurement, s.mc_samples)
     store = st.session_state.get("result_cache")
@@ -70,16 +76,22 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     return shown
 
 
-def _while_building(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
-    """Precomputed scores for a shipped gallery sample at the default settings; else a note with the progress."""
+def _precomputed(handle: Handle, query: Query, s: Settings, note: str = "") -> QueryResult | None:
+    """The shipped precomputed result for this query and these settings, or None."""
     from engine.attribution.precomputed import precomputed_result
-    from explorer.build_view import pending_note
 
-    note = pending_note(handle)
-    result = precomputed_result(
+    return precomputed_result(
         handle.session, handle.precomputed, query.key, s.measurement, s.mc_samples, s.damping_dict,
         pending_reason=f"not precomputed for these settings; {note}",
     )
+
+
+def _while_building(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
+    """Precomputed scores for a shipped gallery sample at the default settings; else a note with the progress."""
+    from explorer.build_view import pending_note
+
+    note = pending_note(handle)
+    result = _precomputed(handle, query, s, note)
     if result is None:
         st.info(f"Results for {query.title.lower()} with these settings will be {note}.")
         return None

@@ -51,6 +51,11 @@ class BuildState:
     attempts: int = 0
 
     @property
+    def checking(self) -> bool:
+        """The job has started but not yet found out which caches are missing."""
+        return self.status == "running" and not self.methods
+
+    @property
     def elapsed_s(self) -> float:
         if self.started is None:
             return 0.0
@@ -77,6 +82,7 @@ class BuildWorker:
         self._state = BuildState()
         self._guard = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._checked = threading.Event()  # set once the running job knows what it builds
 
     # --- what callers see ----------------------------------------------------------------
 
@@ -115,9 +121,17 @@ class BuildWorker:
                 started=time.time(),
                 attempts=self._state.attempts + 1,
             )
+            self._checked.clear()
             self._thread = threading.Thread(target=self._run, name="cache-build", daemon=True)
             self._thread.start()
             return True
+
+    def wait_checked(self, timeout: float | None = None) -> BuildState:
+        """The state once the job knows which caches are missing (or at ``timeout``): a page with
+        nothing precomputed to show waits for this rather than calling a finished build unfinished."""
+        if self._thread is not None:
+            self._checked.wait(timeout)
+        return self.state
 
     def wait(self, timeout: float | None = None) -> BuildState:
         t = self._thread
@@ -134,12 +148,15 @@ class BuildWorker:
         except BaseException as e:  # noqa: BLE001 - reported to every tab with its reason
             log.error("checking the caches failed:\n%s", traceback.format_exc())
             self._set(status="failed", error=f"{type(e).__name__}: {e}", finished=time.time())
+            self._checked.set()
         else:
             if todo:
                 self._set(methods=tuple(todo), message="starting")
+                self._checked.set()
                 self._build(todo)
             else:
                 self._set(status="done", fraction=1.0, message="all caches built", finished=time.time())
+                self._checked.set()
         if self.on_done is not None:
             try:
                 self.on_done(self.state)
