@@ -9,13 +9,17 @@ Chromium, waits for the results grid, and saves:
   scatter.png       two methods' scores against each other, with their Spearman correlation
   overlap.png       shared fraction of the methods' top-k proponents
   labels.png        labels among each method's top-k
+  groups.png        the Groups tab (a class group's predicted effect on the gallery)
   evaluation.png    the Evaluation tab (LDS results, check by retraining)
   about.png         the About tab
+  first_start.png   (--first-start) the page of a server started on an EMPTY cache: the build's
+                    live progress and the shipped precomputed gallery results meanwhile
 
 Run after the caches are built (``attribution-engine build --preset digits``); with
 ``--allow-build`` the app builds missing caches itself first (slow on CPU).
 
-    python scripts/screenshot_app.py [--preset digits] [--gallery 3] [--out docs/screenshots]
+    python scripts/screenshot_app.py [--preset digits] [--gallery 3] [--out docs/screenshots] [--only explore,groups]
+    python scripts/screenshot_app.py --first-start [--preset mnist] --out docs/screenshots/mnist
 """
 
 from __future__ import annotations
@@ -63,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=1600)
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--allow-build", action="store_true", help="let the app build missing caches first")
+    p.add_argument("--only", default=None, help="comma list of shots: explore,compare,groups,evaluation,about")
+    p.add_argument("--first-start", action="store_true",
+                   help="serve on an empty temporary cache and capture the build panel with precomputed results")
     args = p.parse_args(argv)
+    if args.first_start:
+        return _first_start(args)
+    only = set(args.only.split(",")) if args.only else None
 
     reason = headless.browser_unavailable()
     if reason:
@@ -86,30 +96,65 @@ def main(argv: list[str] | None = None) -> int:
             _click_button(d, str(args.gallery))
             headless.wait_for(d, [f"Gallery sample {args.gallery}", *ready], absent=["Attributing"], timeout=args.timeout)
         time.sleep(2.0)  # let images and plots finish drawing
-        saved.append(headless.screenshot(d, out / "explore.png", height=1300))
-        saved.append(headless.screenshot(d, out / "explore_full.png", height=3600))
+        if only is None or "explore" in only:
+            saved.append(headless.screenshot(d, out / "explore.png", height=1300))
+            saved.append(headless.screenshot(d, out / "explore_full.png", height=3600))
         d.set_window_size(args.width, 1100)
         time.sleep(1.0)
-        _scroll_to(d, "Compare the methods")
-        saved.append(headless.screenshot(d, out / "compare.png"))
-        headless.click_tab(d, "Scatter of two methods")
-        time.sleep(2.0)
-        saved.append(headless.screenshot(d, out / "scatter.png"))
-        for tab, name in (("Top-k overlap", "overlap.png"), ("Labels of the top-k", "labels.png")):
-            headless.click_tab(d, tab)
+        if only is None or "compare" in only:
+            _scroll_to(d, "Compare the methods")
+            saved.append(headless.screenshot(d, out / "compare.png"))
+            headless.click_tab(d, "Scatter of two methods")
             time.sleep(2.0)
-            saved.append(headless.screenshot(d, out / name))
-        headless.click_tab(d, "Evaluation")
-        headless.wait_for(d, ["Linear data-modelling score"], timeout=120)
-        time.sleep(2.0)
-        saved.append(headless.screenshot(d, out / "evaluation.png", height=4200))
-        headless.click_tab(d, "About the methods")
-        headless.wait_for(d, ["not removal predictions"], timeout=120)
-        time.sleep(1.0)
-        saved.append(headless.screenshot(d, out / "about.png", height=2000))
+            saved.append(headless.screenshot(d, out / "scatter.png"))
+            for tab, name in (("Top-k overlap", "overlap.png"), ("Labels of the top-k", "labels.png")):
+                headless.click_tab(d, tab)
+                time.sleep(2.0)
+                saved.append(headless.screenshot(d, out / name))
+        if only is None or "groups" in only:
+            headless.click_tab(d, "Groups")
+            headless.wait_for(d, ["what if these training images were removed", "predicted change"],
+                              absent=["Attributing"], timeout=args.timeout)
+            time.sleep(2.0)
+            saved.append(headless.screenshot(d, out / "groups.png", height=2200))
+        if only is None or "evaluation" in only:
+            headless.click_tab(d, "Evaluation")
+            headless.wait_for(d, ["Linear data-modelling score"], timeout=120)
+            time.sleep(2.0)
+            saved.append(headless.screenshot(d, out / "evaluation.png", height=4200))
+        if only is None or "about" in only:
+            headless.click_tab(d, "About the methods")
+            headless.wait_for(d, ["not removal predictions"], timeout=120)
+            time.sleep(1.0)
+            saved.append(headless.screenshot(d, out / "about.png", height=2000))
     log.unlink(missing_ok=True)
     for path in saved:
         print(path)
+    return 0
+
+
+def _first_start(args: argparse.Namespace) -> int:
+    """The page a person sees right after starting the app on an empty cache (issue: first start)."""
+    import tempfile
+
+    from explorer import headless
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    app_args = ["--preset", args.preset] + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
+    with tempfile.TemporaryDirectory() as cache:
+        app_args += ["--cache", cache]
+        with headless.serve(app_args, timeout=120) as url, headless.chromium(args.width, 1100) as d:
+            d.get(url)
+            want = ["Building the attribution caches", "Precomputed results", "Proponents"]
+            deadline = time.monotonic() + args.timeout  # the build's fragment reruns every second, so
+            while not all(w in headless.page_text(d) for w in want):  # the page is never idle: poll the text
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the page never showed {want}")
+                time.sleep(0.5)
+            time.sleep(3.0)
+            path = headless.screenshot(d, out / "first_start.png", height=1400)
+    print(path)
     return 0
 
 
