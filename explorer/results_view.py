@@ -83,6 +83,7 @@ def _precomputed(handle: Handle, query: Query, s: Settings, note: str = "") -> Q
     return precomputed_result(
         handle.session, handle.precomputed, query.key, s.measurement, s.mc_samples, s.damping_dict,
         pending_reason=f"not precomputed for these settings; {note}",
+        unavailable=handle.worker.unavailable if handle.worker is not None else None,
     )
 
 

@@ -83,6 +83,7 @@ class BuildWorker:
         self._guard = threading.Lock()
         self._thread: threading.Thread | None = None
         self._checked = threading.Event()  # set once the running job knows what it builds
+        self._unavailable: dict[str, str] = {}  # found by the last check: method -> why it cannot run
 
     # --- what callers see ----------------------------------------------------------------
 
@@ -98,6 +99,9 @@ class BuildWorker:
     def missing(self) -> list[str]:
         """Available methods (of those wanted) whose caches are not built."""
         status = self.session.status()
+        with self._guard:
+            self._unavailable = {n: str(v.get("reason") or "unavailable") for n, v in status.items()
+                                 if not v.get("available")}
         names = self.wanted or list(status)
         return [n for n in names if status[n].get("available") and not status[n].get("built")]
 
@@ -125,6 +129,12 @@ class BuildWorker:
             self._thread = threading.Thread(target=self._run, name="cache-build", daemon=True)
             self._thread.start()
             return True
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Methods the last cache check found unavailable (e.g. CLIP without weights), with the reason."""
+        with self._guard:
+            return dict(self._unavailable)
 
     def wait_checked(self, timeout: float | None = None) -> BuildState:
         """The state once the job knows which caches are missing (or at ``timeout``): a page with

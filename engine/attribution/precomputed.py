@@ -191,12 +191,15 @@ def precomputed_result(
     mc_samples: int | None,
     damping: dict[str, float] | None = None,
     pending_reason: str = "not precomputed for this setting; ready when the cache build finishes",
+    unavailable: dict[str, str] | None = None,
 ) -> Any:
     """A ``QueryResult`` from the precomputed file for ``gallery:N`` at the default settings, else None.
 
     Methods the file holds for this session come back with status "ok" and reason
     "precomputed"; the others (or a damping the file does not hold) "unavailable" with
     ``pending_reason``.  Returns None when nothing about this query is precomputed.
+    ``unavailable``: methods known to be unavailable in this session (name -> reason, e.g. CLIP
+    without weights) keep that reason instead.
     """
     from .results import MethodResult, QueryResult
 
@@ -223,7 +226,7 @@ def precomputed_result(
         if scores is not None:
             res.status, res.reason, res.scores, res.damping = "ok", "precomputed", scores, lam
         else:
-            res.reason = pending_reason
+            res.reason = (unavailable or {}).get(name) or pending_reason
         methods[name] = res
     q = session.parse_query(query_spec)
     query = {
