@@ -70,7 +70,9 @@ def run_cold_build(preset, ckpt, device, config, cache_root, methods) -> dict:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+    from ..child_process import init_worker
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=init_worker) as ex:
         fut = ex.submit(
             _cold_build, preset, str(ckpt), str(device), config, str(cache_root), methods, torch.get_num_threads()
         )

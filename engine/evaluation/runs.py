@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..child_process import init_worker
 from ..config import Preset
 from ..files import atomic_write_bytes
 from ..model.checkpoint import WEIGHTS, load_checkpoint
@@ -143,11 +144,8 @@ def is_finished(folder: str | Path) -> bool:
 
 
 def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
+    """Pool initializer: ``threads`` torch threads, and exit if this process's parent dies."""
+    init_worker(threads)
 
 
 def _run_task(task: TrainTask, dataset: ImageDataset | None, device: str) -> tuple[str, float]:

@@ -1,0 +1,50 @@
+"""Worker processes that never outlive the process that started them.
+
+Why: the benchmark's cold build, the LDS measurements and the retraining jobs run in
+``spawn`` process pools.  When the parent was killed (``kill``, ``kill -9``, an OOM kill, a
+closed terminal's SIGHUP reaching only the parent), its pool workers went on computing for
+tens of minutes, holding build locks: the next build waited on a lock of an orphan nobody
+could see.  Each worker now watches its parent: when the parent's pid is no longer its parent
+(the worker was re-parented to init or a subreaper), the worker exits at once.  Everything a
+worker writes is atomic or resumable (``engine.attribution.store``, ``pass_checkpoint``,
+training states), so exiting mid-pass loses at most one chunk.
+
+Polling ``os.getppid()`` rather than ``prctl(PR_SET_PDEATHSIG)``: the latter fires when the
+*thread* that forked the worker ends, and pools may start workers from short-lived threads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+POLL_S = 1.0
+
+
+def exit_with_parent(poll_s: float = POLL_S) -> threading.Thread:
+    """Start a daemon thread that ends this process (exit status 1) once its parent has died."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)  # no cleanup handlers: the parent that would collect results is gone
+            time.sleep(poll_s)
+
+    t = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    t.start()
+    return t
+
+
+def init_worker(threads: int | None = None) -> None:
+    """Pool initializer: exit with the parent, and use ``threads`` torch intra-op threads if given."""
+    exit_with_parent()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(int(threads))
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass
