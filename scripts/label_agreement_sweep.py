@@ -5,12 +5,13 @@ digits (bench: 0.59 vs 0.91).  This separates the candidate causes that need no 
 damping (a re-score of the same query gradients) and the number of draws of the query gradient.
 Needs the preset's built caches (``attribution-engine build --preset PRESET``).
 
-    python scripts/label_agreement_sweep.py --preset mnist [--cache-root cache]
+    python scripts/label_agreement_sweep.py --preset mnist [--cache-root cache] [--mc-samples 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -32,11 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="mnist")
     ap.add_argument("--cache-root", default=None)
+    ap.add_argument("--mc-samples", type=int, default=None,
+                    help="M for the bank, factors and query (default: the preset's; K-FAC is built first if missing)")
     ap.add_argument("--queries", type=int, default=32, help="gallery samples")
     ap.add_argument("--dampings", default="1e-8,1e-6,1e-4,1e-3,1e-2,1e-1,1")
     ap.add_argument("--query-draws", default="128", help="extra query-gradient draws to try (comma list)")
     args = ap.parse_args(argv)
     s = AttributionSession(preset=args.preset, cache_root=args.cache_root)
+    if args.mc_samples is not None:
+        s = AttributionSession(preset=args.preset, cache_root=args.cache_root,
+                               config=dataclasses.replace(s.config, mc_samples=args.mc_samples))
     s.build(["kfac"])
     labels = s.labels
     clf = classifier_for(s.preset, s.dataset)
