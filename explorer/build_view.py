@@ -21,8 +21,6 @@ def build_panel(handle: Handle) -> None:
     """Show the build's state at the top of the page (nothing once every cache is built)."""
     state = handle.build
     if state.status == "running":
-        if not state.checking:
-            st.session_state["build_was_running"] = True
         _live(handle)
     elif state.status == "failed":
         _failed(handle)
@@ -38,8 +36,7 @@ def _live(handle: Handle) -> None:
     if state.checking:  # a just-started server finding out whether anything needs building
         st.caption("Checking which attribution caches are built ...")
         return
-    if not st.session_state.get("build_was_running"):
-        st.rerun()  # the check found work: show the build panel (and mark the page as waiting for it)
+    st.session_state["build_was_running"] = True  # a real build: say when it has finished
     info = handle.session.method_info()
     titles = ", ".join(info.get(n, {}).get("title", n) for n in state.methods)
     with st.container(border=True):

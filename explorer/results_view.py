@@ -35,13 +35,15 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """The query's result at the current damping, computing or re-scoring only what changed."""
     session = handle.session
     state = handle.build
-    if state.checking and _precomputed(handle, query, s) is None:
-        # the server has just started and does not know yet whether anything needs building
-        # (seconds): with nothing precomputed to show meanwhile, wait for that answer
-        with st.spinner("Checking the attribution caches ..."):
-            state = handle.worker.wait_checked(60) if handle.worker is not None else state
     if state.status == "running":  # no live query while the model is being built
-        return _while_building(handle, query, s)
+        pre = _precomputed(handle, query, s)
+        if pre is None and state.checking and handle.worker is not None:
+            # the server has just started and does not know yet whether anything needs building
+            # (seconds): with nothing precomputed to show meanwhile, wait for that answer
+            with st.spinner("Checking the attribution caches ..."):
+                state = handle.worker.wait_checked(60)
+        if state.status == "running":
+            return _while_building(handle, query, pre)
     base = (query.key, s.measurement, s.mc_samples)
     store = st.session_state.get("result_cache")
     if store is None or store["base"] != base:
@@ -76,23 +78,24 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     return shown
 
 
-def _precomputed(handle: Handle, query: Query, s: Settings, note: str = "") -> QueryResult | None:
+def _precomputed(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """The shipped precomputed result for this query and these settings, or None."""
     from engine.attribution.precomputed import precomputed_result
+    from explorer.build_view import pending_note
 
     return precomputed_result(
         handle.session, handle.precomputed, query.key, s.measurement, s.mc_samples, s.damping_dict,
-        pending_reason=f"not precomputed for these settings; {note}",
-        unavailable=handle.worker.unavailable if handle.worker is not None else None,
+        pending_reason=f"not precomputed for these settings; {pending_note(handle)}",
+        unavailable=handle.build.unavailable,
     )
 
 
-def _while_building(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
-    """Precomputed scores for a shipped gallery sample at the default settings; else a note with the progress."""
+def _while_building(handle: Handle, query: Query, result: QueryResult | None) -> QueryResult | None:
+    """The precomputed ``result`` (a shipped gallery sample at the default settings) marked as such,
+    or, without one, a note with the build's progress."""
     from explorer.build_view import pending_note
 
     note = pending_note(handle)
-    result = _precomputed(handle, query, s, note)
     if result is None:
         st.info(f"Results for {query.title.lower()} with these settings will be {note}.")
         return None

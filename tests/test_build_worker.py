@@ -53,7 +53,7 @@ def test_one_build_shared_by_every_caller_and_kept_going_without_them():
     s.gate.set()
     done = w.wait(30)
     assert done.status == "done" and done.fraction == 1.0 and s.calls == ["a", "b"]
-    assert w.unavailable == {"c": "unavailable"}  # what the check found, for the precomputed page
+    assert done.unavailable == {"c": "unavailable"}  # what the check found, for the precomputed page
     assert set(done.summary) == {"a", "b"}
     assert w.start() is False and s.calls == ["a", "b"]  # nothing rebuilt
 

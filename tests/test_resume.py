@@ -135,6 +135,12 @@ def _kfac_ctx(root: Path, preset, model, data, config):
     return make_context(preset, model, data, "cpu", config, "0" * 16, store)
 
 
+def _trak(config) -> TRAK:
+    m = TRAK(config)
+    m.part_size = 4  # parts of 4 examples: a 10-example build has three to resume from
+    return m
+
+
 def _kfac(config) -> KFACInfluence:
     m = KFACInfluence(config)
     m.factor_batch, m.checkpoint_rows, m.chunk_size = 8, 16, 4
@@ -175,17 +181,14 @@ def test_trak_build_interrupted_gives_the_same_cache(tmp_path, tiny_preset, tiny
     cfg = AttributionConfig(mc_samples=2, seed=0, trak_dim=16)
     data = digits_small.subset(list(range(10)))
     ref_ctx = _kfac_ctx(tmp_path / "ref", tiny_preset, tiny_model, data, cfg)
-    ref = TRAK(cfg)
-    ref.part_size = 4
+    ref = _trak(cfg)
     ref.build(ref_ctx)
     ctx = _kfac_ctx(tmp_path / "cut", tiny_preset, tiny_model, data, cfg)
-    cut = TRAK(cfg)
-    cut.part_size = 4
+    cut = _trak(cfg)
     with pytest.raises(_Stop):
         cut.build(ctx, _stop_after(lambda m, f: "8/10" in m))
     seen: list[str] = []
-    again = TRAK(cfg)
-    again.part_size = 4
+    again = _trak(cfg)
     again.build(ctx, lambda m, f: seen.append(m))
     assert seen[0].endswith("projected gradients 10/10")  # parts 0 and 1 kept
     a, b = _arrays_bytes(tmp_path / "ref"), _arrays_bytes(tmp_path / "cut")
@@ -256,13 +259,11 @@ def test_kfac_bank_pass_feeds_trak(tmp_path, tiny_preset, tiny_model, digits_sma
     cfg = AttributionConfig(mc_samples=2, seed=0, trak_dim=16)
     data = digits_small.subset(list(range(10)))
     alone_ctx = _kfac_ctx(tmp_path / "alone", tiny_preset, tiny_model, data, cfg)
-    alone = TRAK(cfg)
-    alone.part_size = 4
+    alone = _trak(cfg)
     alone.build(alone_ctx)
 
     ctx = _kfac_ctx(tmp_path / "shared", tiny_preset, tiny_model, data, cfg)
-    trak = TRAK(cfg)
-    trak.part_size = 4
+    trak = _trak(cfg)
     kfac = _kfac(cfg)
     sink = trak.feature_sink(ctx)
     kfac.gradient_consumers = [sink]

@@ -49,6 +49,7 @@ class BuildState:
     error: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     attempts: int = 0
+    unavailable: dict[str, str] = field(default_factory=dict)  # methods that cannot run here, with the reason
 
     @property
     def checking(self) -> bool:
@@ -83,7 +84,6 @@ class BuildWorker:
         self._guard = threading.Lock()
         self._thread: threading.Thread | None = None
         self._checked = threading.Event()  # set once the running job knows what it builds
-        self._unavailable: dict[str, str] = {}  # found by the last check: method -> why it cannot run
 
     # --- what callers see ----------------------------------------------------------------
 
@@ -97,11 +97,11 @@ class BuildWorker:
             self._state = replace(self._state, **changes)
 
     def missing(self) -> list[str]:
-        """Available methods (of those wanted) whose caches are not built."""
+        """Available methods (of those wanted) whose caches are not built; records the unavailable
+        ones (e.g. CLIP without weights) with their reason in the state."""
         status = self.session.status()
-        with self._guard:
-            self._unavailable = {n: str(v.get("reason") or "unavailable") for n, v in status.items()
-                                 if not v.get("available")}
+        self._set(unavailable={n: str(v.get("reason") or "unavailable") for n, v in status.items()
+                               if not v.get("available")})
         names = self.wanted or list(status)
         return [n for n in names if status[n].get("available") and not status[n].get("built")]
 
@@ -130,12 +130,6 @@ class BuildWorker:
             self._thread.start()
             return True
 
-    @property
-    def unavailable(self) -> dict[str, str]:
-        """Methods the last cache check found unavailable (e.g. CLIP without weights), with the reason."""
-        with self._guard:
-            return dict(self._unavailable)
-
     def wait_checked(self, timeout: float | None = None) -> BuildState:
         """The state once the job knows which caches are missing (or at ``timeout``): a page with
         nothing precomputed to show waits for this rather than calling a finished build unfinished."""
@@ -153,25 +147,29 @@ class BuildWorker:
 
     def _run(self) -> None:
         _lower_priority(self.nice)
-        try:
-            todo = self.missing()
-        except BaseException as e:  # noqa: BLE001 - reported to every tab with its reason
-            log.error("checking the caches failed:\n%s", traceback.format_exc())
-            self._set(status="failed", error=f"{type(e).__name__}: {e}", finished=time.time())
-            self._checked.set()
-        else:
-            if todo:
-                self._set(methods=tuple(todo), message="starting")
-                self._checked.set()
-                self._build(todo)
-            else:
-                self._set(status="done", fraction=1.0, message="all caches built", finished=time.time())
-                self._checked.set()
+        todo = self._check()
+        self._checked.set()
+        if todo:
+            self._build(todo)
         if self.on_done is not None:
             try:
                 self.on_done(self.state)
             except Exception:  # noqa: BLE001
                 log.exception("on_done callback failed")
+
+    def _check(self) -> list[str]:
+        """What to build; the state says "starting", "done" (nothing to build) or "failed"."""
+        try:
+            todo = self.missing()
+        except BaseException as e:  # noqa: BLE001 - reported to every tab with its reason
+            log.error("checking the caches failed:\n%s", traceback.format_exc())
+            self._set(status="failed", error=f"{type(e).__name__}: {e}", finished=time.time())
+            return []
+        if todo:
+            self._set(methods=tuple(todo), message="starting")
+        else:
+            self._set(status="done", fraction=1.0, message="all caches built", finished=time.time())
+        return todo
 
     def _build(self, todo: list[str]) -> None:
         bar = self._bar()

@@ -195,10 +195,10 @@ def measured_matrix(
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        from .runs import _init_worker
+        from ..child_process import init_worker
 
         with ProcessPoolExecutor(
-            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(1,)
+            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(1,)
         ) as pool:
             results = pool.map(_measure_one, args)
             for (r, k), v in zip(pairs, results, strict=True):

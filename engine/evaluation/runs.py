@@ -143,11 +143,6 @@ def is_finished(folder: str | Path) -> bool:
     return (folder / WEIGHTS).is_file() and not (folder / "train_state.pt").is_file()
 
 
-def _init_worker(threads: int) -> None:
-    """Pool initializer: ``threads`` torch threads, and exit if this process's parent dies."""
-    init_worker(threads)
-
-
 def _run_task(task: TrainTask, dataset: ImageDataset | None, device: str) -> tuple[str, float]:
     from ..model.train import train
 
@@ -212,7 +207,7 @@ def run_training(
         ctx = mp.get_context("spawn")
         os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker))
         with ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads_per_worker,)
+            max_workers=workers, mp_context=ctx, initializer=init_worker, initargs=(threads_per_worker,)
         ) as pool:
             pending = {pool.submit(_run_task, t, dataset, device) for t in todo}
             while pending:
