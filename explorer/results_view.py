@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import pandas as pd
 import streamlit as st
@@ -63,6 +64,9 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
                 # store before any other Streamlit call, so an interrupted rerun keeps the work
                 store = {"base": base, "raw": raw, "shown": {s.damping: raw}}
                 st.session_state["result_cache"] = store
+                # the first answer was one pass at this damping; score the damping grid while it is on
+                # screen, so that moving the damping slider is a lookup (the query's own lock guards it)
+                threading.Thread(target=session.fill_grids, args=(raw,), daemon=True, name="fill-grids").start()
         except ValueError as e:
             st.warning(f"Cannot attribute this query: {e}")
             return None

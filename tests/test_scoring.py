@@ -67,3 +67,39 @@ def test_no_grid_when_the_rows_cannot_take_it_and_exact_is_exact():
     np.testing.assert_allclose(query.exact(1e-3), query.score(1e-3))
     assert query.score(1e-3).dtype == np.float32
     np.testing.assert_allclose(query.damped(1e-3).numpy(), (q / (e + 1e-3)).numpy())
+
+
+def test_answer_first_then_the_grid_at_the_second_damping():
+    """grid_first=False (a stored bank): the first damping is one single pass, the grid comes with
+    the second damping asked for, and every score equals eq. 6 as with the grid first."""
+    rows, q, e = _problem(seed=3)
+    r = CountingRows(rows)
+    query = EigenbasisQuery(rotated=q, eigenvalues=e, rows=r, grid_first=False)
+    np.testing.assert_allclose(query.score(3e-3), _direct(rows, q, e, 3e-3), rtol=1e-6)
+    assert r.passes == 1 and query.grid is None and list(query.scores) == [3e-3]
+    np.testing.assert_allclose(query.score(1e-2), _direct(rows, q, e, 1e-2), rtol=1e-6)
+    assert r.passes == 2 and query.grid == DAMPING_GRID
+    off = 4.2e-5
+    want = _direct(rows, q, e, off)
+    np.testing.assert_allclose(query.score(off), want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    assert r.passes == 2  # interpolated from the grid
+
+
+def test_fill_grid_scores_the_grid_once_even_beside_a_concurrent_rescore():
+    import threading
+
+    rows, q, e = _problem(seed=4)
+    r = CountingRows(rows)
+    query = EigenbasisQuery(rotated=q, eigenvalues=e, rows=r, grid_first=False)
+    first = query.score(2e-3)
+    threads = [threading.Thread(target=query.fill_grid) for _ in range(3)]
+    threads.append(threading.Thread(target=query.score, args=(1e-4,)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert r.passes == 2 and query.grid == DAMPING_GRID  # the single pass, then one grid pass
+    assert query.score(2e-3) is first  # the exactly scored damping keeps its scores
+    for lam in (1e-4, 1e-8, 10.0):
+        np.testing.assert_allclose(query.score(lam), _direct(rows, q, e, lam), rtol=1e-6)
+    assert not query.fill_grid() and r.passes == 2

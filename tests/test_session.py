@@ -258,3 +258,24 @@ def test_generate_records_a_trajectory(session):
     assert q.trajectory.shape == (session.diffusion.T + 1, *session.shape)
     assert len(steps) == session.diffusion.T and q.description == "generate:3"
     torch.testing.assert_close(q.image, q.trajectory[-1].clamp(-1, 1))
+
+
+def test_first_answer_is_one_pass_and_fill_grids_makes_damping_changes_lookups(session, monkeypatch):
+    """K-FAC on a stored bank answers with one exact pass at the damping asked for; ``fill_grids``
+    (the app runs it in a thread while the answer shows) scores the grid, after which a damping
+    change on the grid makes no pass over the bank and equals a direct exact pass."""
+    q = session.parse_query("train:5")
+    res = session.query(q, "loss", methods=["kfac", "trak"])
+    query = res.prepared["kfac"].query
+    assert query.grid is None and list(query.scores) == [res.methods["kfac"].damping]
+    assert session.fill_grids(res) == ["kfac"]  # TRAK's grid came with its first answer
+    assert query.grid is not None and session.fill_grids(res) == []
+    bank = session.method("kfac").bank
+    calls = []
+    monkeypatch.setattr(bank, "inner_many", lambda *a, **k: calls.append(1))
+    lam = query.grid[10]
+    new = session.rescore(res, {"kfac": lam})
+    assert calls == []
+    monkeypatch.undo()
+    np.testing.assert_allclose(new.methods["kfac"].scores, query.exact(lam), rtol=1e-5,
+                               atol=1e-6 * float(np.abs(query.exact(lam)).max()))

@@ -17,9 +17,12 @@ damping costs no gradient.  EK-FAC only replaces b a^T by its corrected eigenval
 Storage: one array per parameter block (weight or bias of a Conv2d/Linear), (N, size),
 int8 with a symmetric scale per (example, block): scale = max|R| / 127, R ~= scale * int8.
 (Weights and biases of a layer get separate scales: a finer grain than one per layer, at
-no cost.)  Blocks are contiguous so that scoring is one int8 x float matrix-vector product
-per block (``torch.ops.aten._weight_int8pack_mm`` on CPU, which applies the per-row
-scales; elsewhere an int8->float conversion per row chunk).  The build runs in chunks of
+no cost.)  Blocks are contiguous so that scoring converts each block to float in small row chunks
+(about 1 MiB of floats, so a chunk stays in cache while it is multiplied) and applies the
+per-row scales to the chunk's products.  Measured on the digits bank (496 MB, one thread):
+211-310 ms per single-damping pass with such chunks, against 560-780 ms with
+``torch.ops.aten._weight_int8pack_mm`` (the fused int8 kernel) and 1.4 s with whole-block
+chunks (``scripts/bank_scan_kernels.py``).  The build runs in chunks of
 examples, each saved as soon as it is done (``Store.partial``: resumable), published
 atomically at the end and memory-mapped on load.  ``quantize=False`` keeps the rotated
 gradients unquantised in the gradients' dtype (float32, or float64 in tests).
@@ -74,6 +77,9 @@ class RotatedBank:
     (``scoring.Rows``: the scoring operator takes the 1/N, the division and the grid)."""
 
     grid_max_bytes = GRID_MAX_BYTES
+    # a grid pass costs ~G single passes here (the scan dominates): answer first, grid after
+    # (digits bank, one thread: one damping ~0.2-0.3 s, the 50-damping grid ~1.5 s)
+    grid_in_first_pass = False
 
     def __init__(self, blocks: list[Block], data: list[torch.Tensor], scales: torch.Tensor | None):
         if len(data) != len(blocks):
@@ -84,7 +90,6 @@ class RotatedBank:
         # contiguous per-block columns: the packed int8 kernel ignores strides
         self._scale_cols = None if scales is None else [scales[:, j].contiguous() for j in range(len(blocks))]
         self.num_examples = int(data[0].shape[0])
-        self._pack_ok = True
 
     @property
     def quantized(self) -> bool:
@@ -107,16 +112,15 @@ class RotatedBank:
             parts.append(r * self.scales[i, j] if self.scales is not None else r)
         return torch.cat(parts)
 
-    def inner(self, query: torch.Tensor, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    def inner(self, query: torch.Tensor, chunk_bytes: int = 1 << 20) -> torch.Tensor:
         """<R_i, q> = sum_blocks scale_{i,b} <int8_{i,b}, q_b> (N,), for one damped rotated query (P,).
 
-        One int8 x float matrix-vector product per block (``_weight_int8pack_mm`` on CPU).
+        Each block is converted to float ``chunk_bytes`` at a time (cache-sized chunks: see the
+        module docstring for why not the fused int8 kernel).
         """
         n = self.num_examples
-        if self.quantized:
-            q = query.to(self.device, torch.float32)
-        else:
-            q = query.to(self.device, self.data[0].dtype)
+        dtype = torch.float32 if self.quantized else self.data[0].dtype
+        q = query.to(self.device, dtype)
         out = torch.zeros(n, dtype=q.dtype, device=self.device)
         for j, (blk, d) in enumerate(zip(self.blocks, self.data, strict=True)):
             qb = q[blk.offset : blk.offset + blk.size]
@@ -124,12 +128,6 @@ class RotatedBank:
                 out += d @ qb
                 continue
             s = self._scale_cols[j]  # type: ignore[index]
-            if self._pack_ok and d.device.type == "cpu":
-                try:
-                    out += torch.ops.aten._weight_int8pack_mm(qb[None], d.contiguous(), s)[0]
-                    continue
-                except (RuntimeError, AttributeError, NotImplementedError):
-                    self._pack_ok = False
             rows = max(1, chunk_bytes // max(1, 4 * blk.size))
             for r in range(0, n, rows):
                 out[r : r + rows] += (d[r : r + rows].to(torch.float32) @ qb) * s[r : r + rows]
@@ -139,8 +137,7 @@ class RotatedBank:
         """(G, N) inner products for G queries at once: one pass over the bank.
 
         Each int8 chunk is dequantised once and multiplied by all G queries, so G dampings
-        of the same query cost about one dequantising pass (the int8 kernel of ``inner``
-        is cheaper for G = 1, and is used then).
+        of the same query cost about one dequantising pass (G = 1 goes to ``inner``).
         """
         if queries.shape[0] == 1:
             return self.inner(queries[0])[None]

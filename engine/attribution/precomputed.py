@@ -109,7 +109,7 @@ def write_precomputed(
         if grid is not None:
             kfac = result.prepared["kfac"]
             method = session.method("kfac")
-            for g, lam in enumerate(steps):  # the first score() scored the grid: lookups
+            for g, lam in enumerate(steps):  # the second damping scores the grid, the rest are lookups
                 grid[row, g], grid_scales[row, g] = _pack(np.asarray(method.score(kfac, lam), dtype=np.float32))
         if progress is not None:
             progress(row + 1, len(idx))

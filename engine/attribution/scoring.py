@@ -23,6 +23,7 @@ of rows, ``inner_many`` and how many bytes of damped queries one pass may take.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -81,15 +82,21 @@ class EigenbasisQuery:
     """One query's damping-independent state in an eigenbasis, and its scores per damping.
 
     ``rotated`` q (P',) and ``eigenvalues`` e (P',) are in the same coordinates as ``rows``.
-    ``use_grid``: score the damping grid in the first pass (off: one pass per damping).
+    ``use_grid``: score the damping grid in one pass (off: one pass per damping).
+    ``grid_first``: that grid pass is the first call's (the default: the first answer costs the
+    grid, every later damping is free); False: the first call scores its one damping only, and the
+    grid is scored at the second damping asked for (a faster first answer, for rows whose grid
+    pass costs several single passes: the indexed bank's candidates).
     """
 
     rotated: torch.Tensor
     eigenvalues: torch.Tensor
     rows: Rows
     use_grid: bool = True
+    grid_first: bool = True
     scores: dict[float, np.ndarray] = field(default_factory=dict)
-    grid: tuple[float, ...] | None = None  # the grid scored in the first pass, once it ran
+    grid: tuple[float, ...] | None = None  # the grid scored in one pass, once it ran
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def damped(self, damping: float) -> torch.Tensor:
         """q / (e + lambda) (P',): the query of eq. 6 for this damping, ready for the rows."""
@@ -102,21 +109,38 @@ class EigenbasisQuery:
     def score(self, damping: float) -> np.ndarray:
         """tau(lambda) (N,) float32: a lookup, an interpolation from the grid, or a pass."""
         lam = float(damping)
-        if lam in self.scores:
+        with self._lock:  # one pass at a time (``fill_grid`` may run in another thread)
+            if lam in self.scores:
+                return self.scores[lam]
+            if self.grid:
+                interpolated = interpolate(self.scores, lam, self.grid)
+                if interpolated is not None:
+                    self.scores[lam] = interpolated
+                    return interpolated
+            due = not self.scores if self.grid_first else len(self.scores) == 1
+            if not (self.use_grid and self.grid is None and due and self._grid_pass(lam)):
+                self.scores[lam] = self.exact(lam)
             return self.scores[lam]
-        if self.grid:
-            interpolated = interpolate(self.scores, lam, self.grid)
-            if interpolated is not None:
-                self.scores[lam] = interpolated
-                return interpolated
-        grid = choose_grid(self.rows, self.rotated.numel()) if self.use_grid and not self.scores else None
-        if grid:
-            lams = sorted(set(grid) | {lam})
-            eig = self.eigenvalues.to(self.rotated.dtype)
-            lam_t = torch.tensor(lams, dtype=eig.dtype, device=eig.device)[:, None]
-            many = to_scores(self.rows.inner_many(self.rotated[None] / (eig[None] + lam_t)), self.rows.num_examples)
-            self.scores.update({lv: many[i] for i, lv in enumerate(lams)})
-            self.grid = grid
-        else:
-            self.scores[lam] = self.exact(lam)
-        return self.scores[lam]
+
+    def fill_grid(self) -> bool:
+        """Score the damping grid now if it is not yet (one pass over the rows), so that every later
+        damping is a lookup or an interpolation.  Meant for a background thread while the first
+        answer (one exact pass, ``grid_first=False``) is on screen.  True when a pass ran."""
+        with self._lock:
+            if self.grid is not None or not self.use_grid:
+                return False
+            return self._grid_pass(None)
+
+    def _grid_pass(self, lam: float | None) -> bool:
+        """Score the grid (plus ``lam``) in one pass; False when no grid fits ``rows.grid_max_bytes``."""
+        grid = choose_grid(self.rows, self.rotated.numel())
+        if not grid:
+            return False
+        lams = sorted(set(grid) | ({lam} if lam is not None else set()))
+        eig = self.eigenvalues.to(self.rotated.dtype)
+        lam_t = torch.tensor(lams, dtype=eig.dtype, device=eig.device)[:, None]
+        many = to_scores(self.rows.inner_many(self.rotated[None] / (eig[None] + lam_t)), self.rows.num_examples)
+        for i, lv in enumerate(lams):
+            self.scores.setdefault(lv, many[i])  # a damping scored exactly before keeps its scores
+        self.grid = grid
+        return True

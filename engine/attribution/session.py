@@ -402,6 +402,20 @@ class AttributionSession:
             query=result.query, measurement=result.measurement, methods=methods, timing_ms=timing, prepared=prepared
         )
 
+    def fill_grids(self, result: QueryResult) -> list[str]:
+        """Score the damping grid of every method whose first answer was one exact pass (K-FAC on a
+        stored bank: ``EigenbasisQuery.grid_first=False``), so that later damping changes are lookups.
+
+        Run it in a background thread while the answer is on screen (the app does); a ``rescore``
+        meanwhile waits for the pass instead of doing its own.  Returns the methods whose grid ran.
+        """
+        done = []
+        for name, prep in (result.prepared or {}).items():
+            query = getattr(prep, "query", None)
+            if query is not None and hasattr(query, "fill_grid") and query.fill_grid():
+                done.append(name)
+        return done
+
     # --- helpers ----------------------------------------------------------------------
 
     def _empty_result(self, name: str) -> MethodResult:

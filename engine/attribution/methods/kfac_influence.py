@@ -235,7 +235,11 @@ class KFACInfluence(AttributionMethod):
         if make_query is not None:
             query = make_query(g, rotated)
         else:
-            query = EigenbasisQuery(rotated=rotated, eigenvalues=self._eigenvalues, rows=self.bank)
+            # rows whose grid pass costs about one single pass (streamed: the gradients dominate) score the
+            # grid first; a stored bank's first answer is one pass at the damping asked for, and its grid
+            # comes at the second damping or from ``fill_grid`` while the answer is on screen
+            first = getattr(self.bank, "grid_in_first_pass", True)
+            query = EigenbasisQuery(rotated=rotated, eigenvalues=self._eigenvalues, rows=self.bank, grid_first=first)
         return EigenPrepared(query=query, timing_ms={"rotate": ms}, bank=self.bank_mode(ctx))
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
