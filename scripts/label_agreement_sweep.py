@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=32, help="gallery samples")
     ap.add_argument("--dampings", default="1e-8,1e-6,1e-4,1e-3,1e-2,1e-1,1")
     ap.add_argument("--query-draws", default="128", help="extra query-gradient draws to try (comma list)")
+    ap.add_argument("--measurements", default="",
+                    help="other measurements to try at the default damping (comma list, e.g. elbo,loss@t=100)")
     args = ap.parse_args(argv)
     s = AttributionSession(preset=args.preset, cache_root=args.cache_root)
     if args.mc_samples is not None:
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         fr = [agreement(s.query(q, "loss", methods=["kfac"], mc_samples=qm).methods["kfac"].scores, labels, y)
               for y, q in zip(qlab, qs, strict=True)]
         print(f"  query gradient with {qm} draws (default damping): {np.mean(fr):.3f}")
+    for meas in (x.strip() for x in args.measurements.split(",") if x.strip()):
+        fr = [agreement(s.query(q, meas, methods=["kfac"]).methods["kfac"].scores, labels, y)
+              for y, q in zip(qlab, qs, strict=True)]
+        print(f"  measurement {meas} (default damping): {np.mean(fr):.3f}")
     return 0
 
 

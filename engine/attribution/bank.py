@@ -19,8 +19,8 @@ int8 with a symmetric scale per (example, block): scale = max|R| / 127, R ~= sca
 (Weights and biases of a layer get separate scales: a finer grain than one per layer, at
 no cost.)  Blocks are contiguous so that scoring converts each block to float in small row chunks
 (about 1 MiB of floats, so a chunk stays in cache while it is multiplied) and applies the
-per-row scales to the chunk's products.  Measured on the digits bank (496 MB, one thread):
-211-310 ms per single-damping pass with such chunks, against 560-780 ms with
+per-row scales to the chunk's products.  Measured on the digits bank (486 MB, one thread), side by side:
+212 ms per single-damping pass with such chunks against 630 ms with
 ``torch.ops.aten._weight_int8pack_mm`` (the fused int8 kernel) and 1.4 s with whole-block
 chunks (``scripts/bank_scan_kernels.py``).  The build runs in chunks of
 examples, each saved as soon as it is done (``Store.partial``: resumable), published

@@ -1,0 +1,102 @@
+"""Single-damping scan of the stored K-FAC bank: which int8 -> float kernel (engine.attribution.bank).
+
+Times, side by side in one run (medians), one pass <R_i, q> over the built digits bank with
+  * ``_weight_int8pack_mm``: torch's fused int8-weight kernel, one call per block;
+  * per-block float conversion in row chunks of ~1 MiB of floats (what ``RotatedBank.inner`` does);
+  * the same with whole-block chunks (the previous fallback's 64 MiB);
+and the 50-damping grid pass (``RotatedBank.inner_many``), and checks that all agree.
+
+    OMP_NUM_THREADS=1 python scripts/bank_scan_kernels.py --cache-root cache --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's engine
+
+import torch  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="digits")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--cache-root", default="cache")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None, help="also write the record to this JSON file")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from engine.attribution.damping_grid import DAMPING_GRID
+    from engine.attribution.session import AttributionSession
+    from engine.config import get_preset
+    from engine.paths import default_checkpoint
+
+    preset = get_preset(args.preset)
+    ckpt = args.checkpoint or str(default_checkpoint(args.preset))
+    config = dataclasses.replace(preset.attribution, kfac_bank="stored")
+    s = AttributionSession(preset, checkpoint=ckpt, cache_root=args.cache_root, config=config, auto_build=False)
+    k = s.method("kfac")
+    if not k.is_built(s.ctx):
+        raise SystemExit(f"no stored K-FAC bank under {args.cache_root}: run `python -m engine build` first")
+    k.build(s.ctx)
+    bank = k.bank
+    q = torch.randn(sum(b.size for b in bank.blocks), generator=torch.Generator().manual_seed(0))
+
+    def chunked(chunk_bytes: int) -> torch.Tensor:
+        out = torch.zeros(bank.num_examples)
+        for j, (blk, d) in enumerate(zip(bank.blocks, bank.data, strict=True)):
+            qb, sc = q[blk.offset : blk.offset + blk.size], bank.scales[:, j].contiguous()
+            rows = max(1, chunk_bytes // (4 * blk.size))
+            for r in range(0, bank.num_examples, rows):
+                out[r : r + rows] += (d[r : r + rows].to(torch.float32) @ qb) * sc[r : r + rows]
+        return out
+
+    def packed() -> torch.Tensor:
+        out = torch.zeros(bank.num_examples)
+        for j, (blk, d) in enumerate(zip(bank.blocks, bank.data, strict=True)):
+            qb, sc = q[blk.offset : blk.offset + blk.size], bank.scales[:, j].contiguous()
+            out += torch.ops.aten._weight_int8pack_mm(qb[None], d.contiguous(), sc)[0]
+        return out
+
+    grid = torch.tensor(DAMPING_GRID + (1e-8,))[:, None]
+    eig = k._eigenvalues
+    kernels = {
+        "int8pack": packed,
+        "chunks_1MiB (RotatedBank.inner)": lambda: chunked(1 << 20),
+        "chunks_64MiB": lambda: chunked(64 << 20),
+        "grid_50_dampings (inner_many)": lambda: bank.inner_many(q[None] / (eig[None] + grid)),
+    }
+    ref = chunked(1 << 20)
+    times: dict[str, list[float]] = {n: [] for n in kernels}
+    for _ in range(args.repeats):  # interleaved, so a busy spell hits every kernel alike
+        for name, fn in kernels.items():
+            t0 = time.perf_counter()
+            out = fn()
+            times[name].append((time.perf_counter() - t0) * 1000.0)
+            if out.dim() == 1:
+                err = float((out - ref).abs().max() / ref.abs().max())
+                assert err < 1e-5, f"{name} disagrees: {err}"
+    record = {
+        "bank_mb": bank.nbytes / 2**20,
+        "threads": args.threads,
+        "load_average": list(os.getloadavg()),
+        "median_ms": {n: statistics.median(v) for n, v in times.items()},
+    }
+    print(json.dumps(record, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
