@@ -71,9 +71,13 @@ def run_compressed_digits(
     rerank_timed: int = 8,
     lds_full: float | None = None,
     lds_run: Path | None = None,
+    lds_partial: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """The ``compressed_digits.json`` record for a session whose K-FAC bank is stored and built."""
+    """The ``compressed_digits.json`` record for a session whose K-FAC bank is stored and built.
+
+    ``lds_partial``: score the LDS on the subset models trained so far (a preliminary figure, the
+    full bank's LDS then taken on the same subsets) instead of waiting for all of them."""
     from ..model.measurements import parse_measurement
 
     kfac = session.method("kfac")
@@ -184,15 +188,17 @@ def run_compressed_digits(
             log(json.dumps(v))
     lds_note = "null: see the report for the command once the K=32 LDS subset models exist"
     if lds_run is not None:
-        lds = variant_lds(product_scores, Path(lds_run), [it.image for it in gallery], ctx.dataset, log)
+        lds = variant_lds(product_scores, Path(lds_run), [it.image for it in gallery], ctx.dataset, log,
+                          partial=lds_partial)
         if lds is not None:
             for v, key in zip(variants, extras, strict=True):
                 v["lds"] = lds[key]
-            lds_full_here = lds["full"]
-            lds_note = (f"K=32 subsets of {lds_run}, true loss measured with 1024 draws (engine.lds); scores as the "
+            lds_full_here, k_used = lds["full"], int(lds["subsets"])
+            lds_note = (f"K={k_used} subsets of {lds_run}{' (PRELIMINARY: the models trained so far)' if lds_partial else ''}"
+                        ", true loss measured with 1024 draws (engine.lds); scores as the "
                         f"product shows them (candidates exact, the rest compressed); full bank here: {lds_full_here:.3f}"
                         f" at M={len(ctx.train_draws)}")
-            if lds_full is None:
+            if lds_full is None or lds_partial:
                 lds_full = lds_full_here
     return {
         "config": {
@@ -223,11 +229,14 @@ def run_compressed_digits(
 
 
 def variant_lds(
-    scores: dict[str, list[np.ndarray]], run: Path, queries: list, dataset: Any, log: Callable[[str], None] = print
+    scores: dict[str, list[np.ndarray]], run: Path, queries: list, dataset: Any, log: Callable[[str], None] = print,
+    partial: bool = False,
 ) -> dict[str, float] | None:
-    """LDS of each entry's per-query scores with the LDS run's subsets and true measurements (engine.lds).
+    """LDS of each entry's per-query scores with the LDS run's subsets and true measurements (engine.lds),
+    plus ``"subsets"``: how many subsets had a model.
 
-    None when the run's models are not all trained (the report gives the command to rerun).
+    None when the run's models are not all trained (the report gives the command to rerun); with
+    ``partial`` the subsets whose model is trained are used (at least 3).
     """
     import torch
 
@@ -244,7 +253,7 @@ def variant_lds(
     from ..evaluation.runs import is_finished
 
     done = sum(is_finished(model_folder(run, k, 0)) for k in range(masks.shape[0]))
-    if done < masks.shape[0]:  # measure nothing (measurements are cached beside the models) until all exist
+    if done < (3 if partial else masks.shape[0]):  # measure nothing (cached beside the models) until enough exist
         log(f"only {done} of {masks.shape[0]} subset models in {run} are trained: LDS left null")
         return None
     q = torch.stack([torch.as_tensor(x) for x in queries])
@@ -255,12 +264,12 @@ def variant_lds(
             log("the LDS run's queries are not the gallery images: LDS left null")
             return None
     measured = seed_average(measured_matrix(run, masks, 1, q, MeasureSpec("loss", 1024), dataset.levels))
-    if not np.all(np.isfinite(measured)):
-        log(f"only {int(np.all(np.isfinite(measured), axis=0).sum())} of {masks.shape[0]} subset models are trained: "
-            "LDS left null")
+    usable = int(np.all(np.isfinite(measured), axis=0).sum())
+    if usable < (3 if partial else masks.shape[0]):
+        log(f"only {usable} of {masks.shape[0]} subset models are trained: LDS left null")
         return None
     predicted = predicted_matrix(lambda i: {k: v[i] for k, v in scores.items()}, masks, len(q))
-    return {k: float(r["lds"]) for k, r in lds_table(predicted, measured).items()}
+    return {**{k: float(r["lds"]) for k, r in lds_table(predicted, measured).items()}, "subsets": usable}
 
 
 def item_query(item: Any) -> Any:

@@ -118,6 +118,8 @@ def add_bench_compressed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lds-json", default=None, help="LDS results of the full bank (its kfac entry is copied)")
     p.add_argument("--lds-run", default=None,
                    help="LDS run folder with the K=32 trained subset models (e.g. runs/lds/digits): LDS per variant")
+    p.add_argument("--lds-partial", action="store_true",
+                   help="with --lds-run: a PRELIMINARY LDS on the subset models trained so far (>= 3)")
     p.add_argument("--out", default=None, help="output JSON (default assets/results/compressed_<preset>.json)")
 
 
@@ -143,7 +145,8 @@ def cmd_bench_compressed(args: argparse.Namespace) -> int:
                 lds = rec.get("methods", {}).get("kfac", {}).get("lds")
         record = run_compressed_digits(session, _floats(args.ratios), tuple(args.projections.split(",")),
                                        args.candidates, build_examples=args.build_examples, lds_full=lds,
-                                       lds_run=Path(args.lds_run) if args.lds_run else None)
+                                       lds_run=Path(args.lds_run) if args.lds_run else None,
+                                       lds_partial=args.lds_partial)
     except (ValueError, RuntimeError) as e:
         return fail(e)
     out = Path(args.out) if args.out else ASSETS / "results" / f"compressed_{preset.name}.json"
