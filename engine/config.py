@@ -85,6 +85,9 @@ class AttributionConfig:
     # training-gradient and curvature draws: "shared" (the same M draws for every example) or
     # "per-example" (independent per example, seeded by its index; paper G.3). engine.train_draws
     draws: str = "shared"
+    # K-FAC factors from the first k of the M draws of every example (None: all M): the factor pass is
+    # most of a cold build, and its averages are over N*k*(positions) rows (KFACInfluence.factor_draws)
+    kfac_factor_draws: int | None = None
     # K-FAC training-gradient bank: "stored" (int8 on disk, a query is one pass over it),
     # "streamed" (recomputed per query batch: for models whose bank does not fit, docs/architecture.md §8)
     # "compressed" (per-layer projected gradients, the candidates re-ranked exactly: engine.attribution.compressed_bank)

@@ -109,6 +109,9 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
         if getattr(ac, name) is not None:
             check_damping(getattr(ac, name), f"{where}.{name}")
     _need(ac.draws in ("shared", "per-example"), f"{where}.draws (--draws)", "shared or per-example", ac.draws)
+    if ac.kfac_factor_draws is not None:
+        _need(ac.kfac_factor_draws >= 1, f"{where}.kfac_factor_draws", "at least 1 (or null: all M draws)",
+              ac.kfac_factor_draws)
     _need(ac.kfac_blocks in ("separate", "joint"), f"{where}.kfac_blocks (--kfac-blocks)", "separate or joint",
           ac.kfac_blocks)
     _need(ac.fisher_type in ("mc", "empirical"), f"{where}.fisher_type", "'mc' or 'empirical'", ac.fisher_type)

@@ -148,6 +148,11 @@ def test_factor_draws_subset(tiny_preset, tiny_model, digits_small):
     assert not torch.allclose(full.factors.eigenvalues(), sub.factors.eigenvalues())
     q, g = _query(ctx, ds.images[0], make_draws(4, (1, 8, 8), 1000, seed=1))
     assert np.isfinite(sub.score(sub.prepare(ctx, q, g))).all()
+    # the config field is the same knob (what the CLI's --kfac-factor-draws sets)
+    via_config = KFACInfluence(dataclasses.replace(cfg, kfac_factor_draws=1))
+    assert via_config.factor_settings(ctx) == sub.factor_settings(ctx)
+    via_config.build(ctx)
+    torch.testing.assert_close(via_config.factors.eigenvalues(), sub.factors.eigenvalues())
 
 
 def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(

@@ -44,6 +44,8 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="K-FAC blocks: weight and bias separate (default) or one joint block per layer (ablation)",
     )
+    p.add_argument("--kfac-factor-draws", type=int, default=None,
+                   help="K-FAC factors from the first k of the M draws of every example (default: all M)")
     p.add_argument("--kfac-projection", choices=("eigen", "gaussian"), default=None,
                    help="compressed bank: projection kind (default gaussian)")
     p.add_argument("--kfac-compression", type=float, default=None,
@@ -100,6 +102,10 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
     for name in ("draws", "kfac_blocks"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
+    if getattr(args, "kfac_factor_draws", None) is not None:
+        if args.kfac_factor_draws < 1:
+            raise ValueError("--kfac-factor-draws must be at least 1")
+        changes["kfac_factor_draws"] = args.kfac_factor_draws
     for key in ("kfac_projection", "kfac_compression", "kfac_rerank"):
         if getattr(args, key, None) is not None:
             changes[key] = getattr(args, key)

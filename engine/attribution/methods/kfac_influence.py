@@ -58,18 +58,21 @@ class KFACInfluence(AttributionMethod):
     needs_gradient = True
     damping_field = "kfac_damping"
     damping_range = SUPPORTED
-    config_fields = ("fisher_type", "kfac_approx", "ekfac", "kfac_blocks", "draws")
+    config_fields = ("fisher_type", "kfac_approx", "ekfac", "kfac_blocks", "draws", "kfac_factor_draws")
     shards = True
     in_sweeps = True
     lds_loss_variant = True
 
     def __init__(self, config: AttributionConfig, quantize: bool = True, factor_draws: int | None = None):
-        """``factor_draws``: use only the first k of the M train draws for the factors (None: all M,
-        the default of docs/architecture.md §6).  The factor pass costs several times the bank pass on CPU
-        (K-FAC-expand input covariances of 3x3 convolutions), and N*k rows are plenty for
-        an average, so this is the knob that trades build time for factor accuracy."""
+        """``factor_draws`` (default ``config.kfac_factor_draws``): use only the first k of the M train
+        draws for the factors (None: all M, the default of docs/architecture.md §6).  The factor pass
+        costs several times the bank pass on CPU (K-FAC-expand input covariances of 3x3 convolutions),
+        and N*k rows are plenty for an average, so this is the knob that trades build time for factor
+        accuracy (``scripts/factor_draws_agreement.py`` measures what it changes in the scores)."""
         super().__init__(config)
         self.quantize = bool(quantize)
+        if factor_draws is None:
+            factor_draws = getattr(config, "kfac_factor_draws", None)
         self.factor_draws = None if factor_draws is None else int(factor_draws)
         self.factor_batch = 256  # (example, draw) rows per curvlinops batch
         self.chunk_size = 128  # examples per saved bank part
