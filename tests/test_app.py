@@ -9,6 +9,7 @@ dimension 32) that the app itself builds on its first run, so the first-start pa
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,7 +199,14 @@ def test_gallery_measurement_damping_and_methods(app_env, monkeypatch):
     at.selectbox(key="measurement").set_value("elbo").run()
     _ok(at)
     assert len(queries) == 2 and queries[1][0][1] == "elbo"
-    before = at.session_state["result_cache"]["raw"].methods["kfac"].scores.copy()
+    raw = at.session_state["result_cache"]["raw"]
+    before = raw.methods["kfac"].scores.copy()
+    # the app scores K-FAC's damping grid in a background thread once the answer is shown
+    grid_query = raw.prepared["kfac"].query
+    deadline = time.monotonic() + 60
+    while grid_query.grid is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert grid_query.grid is not None, "the damping grid was not filled after the answer"
 
     at.select_slider(key="damping_kfac").set_value(1e-2).run()
     _ok(at)
