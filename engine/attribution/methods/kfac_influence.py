@@ -144,7 +144,7 @@ class KFACInfluence(AttributionMethod):
 
         Why stored whenever it fits: a query then costs one scan of the bank, while the compressed
         bank's costs a scan 1/ratio as long plus fresh gradients of its 2C re-ranked candidates
-        (digits default, idle 2-core CPU: stored first pass ~0.55 s; 512 candidates at M=64 ~23 s
+        (digits default, idle 2-core CPU: stored first answer, one pass at the chosen damping, ~0.2 s; 512 candidates at M=64 ~23 s
         of gradients), so the compressed bank is for banks that do not fit (issue 11 figures)."""
         mode = self.config.kfac_bank
         if mode != "auto":
