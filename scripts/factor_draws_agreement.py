@@ -35,6 +35,13 @@ def overlap(a: np.ndarray, b: np.ndarray, k: int = 10, sign: float = 1.0) -> flo
     return len(set(np.argsort(-sign * a)[:k]) & set(np.argsort(-sign * b)[:k])) / k
 
 
+def compare(got: list[np.ndarray], ref: list[np.ndarray]) -> dict[str, float]:
+    sp = [spearman(a, b) for a, b in zip(got, ref, strict=True)]
+    return {"spearman_median": statistics.median(sp), "spearman_min": min(sp),
+            "top10_overlap": float(np.mean([overlap(a, b) for a, b in zip(got, ref, strict=True)])),
+            "bottom10_overlap": float(np.mean([overlap(a, b, sign=-1.0) for a, b in zip(got, ref, strict=True)]))}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="digits")
@@ -42,6 +49,7 @@ def main() -> int:
     p.add_argument("--cache-root", default="cache-factor-draws", help="where the k-draw builds go")
     p.add_argument("--draws", default="8,16", help="comma list of k")
     p.add_argument("--queries", type=int, default=32)
+    p.add_argument("--dampings", default="", help="also compare at these dampings (comma list; re-scores)")
     p.add_argument("--out", default=None, help="also write the record to this JSON file")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -56,7 +64,9 @@ def main() -> int:
     if not base.method("kfac").is_built(base.ctx):
         raise SystemExit(f"no default K-FAC build under {args.baseline_cache}: run `python -m engine build` first")
     queries = [base.parse_query(f"gallery:{i}") for i in range(min(args.queries, len(base.gallery())))]
-    ref = [base.query(q, "loss", methods=["kfac"]).methods["kfac"].scores for q in queries]
+    extra = [float(x) for x in args.dampings.split(",") if x.strip()]
+    ref_res = [base.query(q, "loss", methods=["kfac"]) for q in queries]
+    ref = [r.methods["kfac"].scores for r in ref_res]
     meta = base.ctx.store.load_meta("kfac-factors", base.method("kfac").factor_settings(base.ctx)) or {}
     record = {"preset": args.preset, "num_train": len(base.dataset), "mc_samples": base.config.mc_samples,
               "queries": len(queries), "damping": base.method("kfac").default_damping,
@@ -69,12 +79,14 @@ def main() -> int:
         kfac.build(s.ctx)
         built_s = time.perf_counter() - t0
         fmeta = s.ctx.store.load_meta("kfac-factors", kfac.factor_settings(s.ctx)) or {}
-        got = [s.query(q, "loss", methods=["kfac"]).methods["kfac"].scores for q in queries]
-        sp = [spearman(a, b) for a, b in zip(got, ref, strict=True)]
+        got_res = [s.query(q, "loss", methods=["kfac"]) for q in queries]
+        got = [r.methods["kfac"].scores for r in got_res]
         v = {"factor_draws": k, "factor_build_s": fmeta.get("build_seconds"), "build_s_this_run": built_s,
-             "spearman_median": statistics.median(sp), "spearman_min": min(sp),
-             "top10_overlap": float(np.mean([overlap(a, b) for a, b in zip(got, ref, strict=True)])),
-             "bottom10_overlap": float(np.mean([overlap(a, b, sign=-1.0) for a, b in zip(got, ref, strict=True)]))}
+             **compare(got, ref)}
+        for lam in extra:
+            a = [s.rescore(r, {"kfac": lam}).methods["kfac"].scores for r in got_res]
+            b = [base.rescore(r, {"kfac": lam}).methods["kfac"].scores for r in ref_res]
+            v.setdefault("at_damping", {})[f"{lam:g}"] = compare(a, b)
         record["variants"].append(v)
         print(json.dumps(v), flush=True)
     record["load_average_at_end"] = list(os.getloadavg())
