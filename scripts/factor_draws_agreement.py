@@ -50,12 +50,15 @@ def main() -> int:
     p.add_argument("--draws", default="8,16", help="comma list of k")
     p.add_argument("--queries", type=int, default=32)
     p.add_argument("--dampings", default="", help="also compare at these dampings (comma list; re-scores)")
+    p.add_argument("--train-draws", default="shared", choices=("shared", "per-example"),
+                   help="the draws of both builds (AttributionConfig.draws): with shared draws the k draws hold only "
+                        "k distinct timesteps, which leaves the time-embedding layers' input factor rank k")
     p.add_argument("--out", default=None, help="also write the record to this JSON file")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     preset = get_preset(args.preset)
     ckpt = str(default_checkpoint(args.preset))
-    stored = dataclasses.replace(preset.attribution, kfac_bank="stored")
+    stored = dataclasses.replace(preset.attribution, kfac_bank="stored", draws=args.train_draws)
 
     def session(root: str, config) -> AttributionSession:
         return AttributionSession(preset, checkpoint=ckpt, cache_root=root, config=config, auto_build=False)
@@ -69,6 +72,7 @@ def main() -> int:
     ref = [r.methods["kfac"].scores for r in ref_res]
     meta = base.ctx.store.load_meta("kfac-factors", base.method("kfac").factor_settings(base.ctx)) or {}
     record = {"preset": args.preset, "num_train": len(base.dataset), "mc_samples": base.config.mc_samples,
+              "train_draws": args.train_draws,
               "queries": len(queries), "damping": base.method("kfac").default_damping,
               "reference": {"factor_draws": base.config.mc_samples, "factor_build_s": meta.get("build_seconds")},
               "variants": []}

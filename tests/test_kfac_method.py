@@ -138,7 +138,7 @@ def test_self_influence(trained_tiny):
 
 
 def test_factor_draws_subset(tiny_preset, tiny_model, digits_small):
-    cfg = AttributionConfig(mc_samples=4)
+    cfg = AttributionConfig(mc_samples=4, draws="per-example")
     ds = digits_small.subset(list(range(8)))
     ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "h", None)
     full, sub = KFACInfluence(cfg), KFACInfluence(cfg, factor_draws=1)
@@ -153,6 +153,15 @@ def test_factor_draws_subset(tiny_preset, tiny_model, digits_small):
     assert via_config.factor_settings(ctx) == sub.factor_settings(ctx)
     via_config.build(ctx)
     torch.testing.assert_close(via_config.factors.eigenvalues(), sub.factors.eigenvalues())
+
+
+def test_factor_draws_with_shared_draws_is_refused():
+    """Shared draws: factors from k of the bank's M timesteps leave the time-embedding layers' input factor
+    rank <= k, and the rows' components in that null space would be divided by the damping alone."""
+    with pytest.raises(ValueError, match="per-example"):
+        KFACInfluence(AttributionConfig(mc_samples=4, kfac_factor_draws=2))
+    KFACInfluence(AttributionConfig(mc_samples=4, kfac_factor_draws=4))  # all M: nothing left out
+    KFACInfluence(AttributionConfig(mc_samples=4, kfac_factor_draws=2, draws="per-example"))
 
 
 def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(
