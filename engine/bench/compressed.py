@@ -213,9 +213,11 @@ def run_compressed_digits(
             "scores": "compressed banks derived from the stored bank's rows (compress_stored_bank); re-ranked "
                       "candidates' exact scores taken from the stored bank (what re-ranking computes)",
             "build_s": f"hooks-projected gradients timed on {build_examples} examples, scaled to N",
-            "query_ms": f"median over the first {timed_queries} queries of the first pass (query projection + "
-                        "rotation + the 49-damping grid), without re-ranking; the other queries are scored at the "
-                        "one damping only",
+            "query_ms": f"median over the first {timed_queries} queries of the first answer, without re-ranking: "
+                        "compressed banks project + rotate the query and score the 49-damping grid in that pass; "
+                        "the full stored bank rotates and scores the one damping (its grid comes after the "
+                        "answer: EigenbasisQuery.grid_first=False); the other queries are scored at the one "
+                        "damping only",
             "rerank": rerank_info,
             "lds": lds_note,
             "machine": "shared 2-core CPU under heavy load (timings noisy; full and compressed timed in one run)",
