@@ -112,6 +112,10 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     if ac.kfac_factor_draws is not None:
         _need(ac.kfac_factor_draws >= 1, f"{where}.kfac_factor_draws", "at least 1 (or null: all M draws)",
               ac.kfac_factor_draws)
+        _need(ac.kfac_factor_draws >= ac.mc_samples or ac.draws == "per-example",
+              f"{where}.kfac_factor_draws (--kfac-factor-draws)",
+              "per-example draws (--draws per-example) when below mc_samples: with shared draws the factors "
+              "would see only k of the bank's M timesteps", ac.kfac_factor_draws)
     _need(ac.kfac_blocks in ("separate", "joint"), f"{where}.kfac_blocks (--kfac-blocks)", "separate or joint",
           ac.kfac_blocks)
     _need(ac.fisher_type in ("mc", "empirical"), f"{where}.fisher_type", "'mc' or 'empirical'", ac.fisher_type)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 
 import pandas as pd
 import streamlit as st
@@ -66,7 +65,7 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
                 st.session_state["result_cache"] = store
                 # the first answer was one pass at this damping; score the damping grid while it is on
                 # screen, so that moving the damping slider is a lookup (the query's own lock guards it)
-                threading.Thread(target=session.fill_grids, args=(raw,), daemon=True, name="fill-grids").start()
+                handle.grid_filler.submit(session, raw)
         except ValueError as e:
             st.warning(f"Cannot attribute this query: {e}")
             return None

@@ -29,6 +29,7 @@ import streamlit as st
 from engine.attribution.build_worker import BuildState, BuildWorker
 from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
+from explorer.grid_filler import GridFiller
 from explorer.job_queue import JobQueue
 
 
@@ -122,6 +123,7 @@ class Handle:
     status_snapshot: dict[str, dict] | None = None
     worker: BuildWorker | None = None  # the one cache build of this server process
     precomputed: PrecomputedGallery | None = None  # shipped gallery scores (engine.attribution.precomputed)
+    grid_filler: GridFiller = field(default_factory=GridFiller)  # damping grids after the first answer
 
     def status(self, refresh: bool = False) -> dict[str, dict]:
         """``session.status()``, remembered: it walks the cache folders, too slow for every rerun."""

@@ -160,8 +160,15 @@ def test_factor_draws_with_shared_draws_is_refused():
     rank <= k, and the rows' components in that null space would be divided by the damping alone."""
     with pytest.raises(ValueError, match="per-example"):
         KFACInfluence(AttributionConfig(mc_samples=4, kfac_factor_draws=2))
-    KFACInfluence(AttributionConfig(mc_samples=4, kfac_factor_draws=4))  # all M: nothing left out
-    KFACInfluence(AttributionConfig(mc_samples=4, kfac_factor_draws=2, draws="per-example"))
+    # k >= M draws is all of them: the default's factors and cache key
+    assert KFACInfluence(AttributionConfig(mc_samples=4, kfac_factor_draws=4)).factor_draws is None
+    assert KFACInfluence(AttributionConfig(mc_samples=4, kfac_factor_draws=2, draws="per-example")).factor_draws == 2
+    # refused up front with the config's other ranges (sessions, presets), before any method is made
+    from engine.validation import check_attribution_config
+
+    with pytest.raises(ValueError, match="per-example"):
+        check_attribution_config(AttributionConfig(mc_samples=4, kfac_factor_draws=2))
+    check_attribution_config(AttributionConfig(mc_samples=4, kfac_factor_draws=2, draws="per-example"))
 
 
 def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(

@@ -47,6 +47,8 @@ from .scoring import GRID_MAX_BYTES, to_scores
 from .train_draws import TrainDraws
 
 SCALES = "scales"
+SCAN_CHUNK_BYTES_CPU = 1 << 20  # floats per converted chunk of a single-damping scan (stays in cache)
+SCAN_CHUNK_BYTES_GPU = 256 << 20
 
 
 def block_key(j: int) -> str:
@@ -112,12 +114,15 @@ class RotatedBank:
             parts.append(r * self.scales[i, j] if self.scales is not None else r)
         return torch.cat(parts)
 
-    def inner(self, query: torch.Tensor, chunk_bytes: int = 1 << 20) -> torch.Tensor:
+    def inner(self, query: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
         """<R_i, q> = sum_blocks scale_{i,b} <int8_{i,b}, q_b> (N,), for one damped rotated query (P,).
 
-        Each block is converted to float ``chunk_bytes`` at a time (cache-sized chunks: see the
-        module docstring for why not the fused int8 kernel).
+        Each block is converted to float ``chunk_bytes`` at a time (default: cache-sized 1 MiB chunks
+        on a CPU, see the module docstring for why not the fused int8 kernel; 256 MiB on a GPU, where
+        small chunks would mean thousands of tiny kernel launches).
         """
+        if chunk_bytes is None:
+            chunk_bytes = SCAN_CHUNK_BYTES_CPU if self.device.type == "cpu" else SCAN_CHUNK_BYTES_GPU
         n = self.num_examples
         dtype = torch.float32 if self.quantized else self.data[0].dtype
         q = query.to(self.device, dtype)
@@ -155,7 +160,7 @@ class RotatedBank:
                 out[r : r + rows] += part
         return out.T
 
-    def score(self, query: torch.Tensor, chunk_bytes: int = 64 << 20) -> np.ndarray:
+    def score(self, query: torch.Tensor, chunk_bytes: int | None = None) -> np.ndarray:
         """(1/N) <R_i, q> (N,) float32: eq. 6 for one damped rotated query (``scoring.to_scores``)."""
         return to_scores(self.inner(query, chunk_bytes), self.num_examples)
 

@@ -96,7 +96,7 @@ class EigenbasisQuery:
     grid_first: bool = True
     scores: dict[float, np.ndarray] = field(default_factory=dict)
     grid: tuple[float, ...] | None = None  # the grid scored in one pass, once it ran
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def damped(self, damping: float) -> torch.Tensor:
         """q / (e + lambda) (P',): the query of eq. 6 for this damping, ready for the rows."""

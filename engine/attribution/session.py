@@ -412,7 +412,10 @@ class AttributionSession:
         done = []
         for name, prep in (result.prepared or {}).items():
             query = getattr(prep, "query", None)
-            if query is not None and hasattr(query, "fill_grid") and query.fill_grid():
+            res = result.methods.get(name)
+            if query is None or getattr(query, "grid_first", True) or res is None or res.status != "ok":
+                continue  # grid-first rows (streamed: a gradient pass) already have theirs, or never will
+            if query.fill_grid():
                 done.append(name)
         return done
 

@@ -73,8 +73,9 @@ class KFACInfluence(AttributionMethod):
         self.quantize = bool(quantize)
         if factor_draws is None:
             factor_draws = getattr(config, "kfac_factor_draws", None)
-        self.factor_draws = None if factor_draws is None else int(factor_draws)
-        if self.factor_draws is not None and self.factor_draws < config.mc_samples and config.draws == "shared":
+        # k >= M draws is all of them: the same factors, so the same cache key as None
+        self.factor_draws = None if factor_draws is None or factor_draws >= config.mc_samples else int(factor_draws)
+        if self.factor_draws is not None and config.draws == "shared":
             # the bank's rows hold all M shared timesteps, factors from k of them span only k: the
             # time-embedding layers' input factor is then rank <= k, and the rows' components in its
             # null space are divided by the damping alone (digits, k = 8 of 64: Spearman 0.11 with the
