@@ -19,10 +19,10 @@ int8 with a symmetric scale per (example, block): scale = max|R| / 127, R ~= sca
 (Weights and biases of a layer get separate scales: a finer grain than one per layer, at
 no cost.)  Blocks are contiguous so that scoring converts each block to float in small row chunks
 (about 1 MiB of floats, so a chunk stays in cache while it is multiplied) and applies the
-per-row scales to the chunk's products.  Measured on the digits bank (486 MB, one thread), side by side:
-212 ms per single-damping pass with such chunks against 630 ms with
-``torch.ops.aten._weight_int8pack_mm`` (the fused int8 kernel) and 1.4 s with whole-block
-chunks (``scripts/bank_scan_kernels.py``).  The build runs in chunks of
+per-row scales to the chunk's products.  Measured on the digits bank (486 MB, one thread, other
+jobs paused), side by side: 214 ms per single-damping pass with such chunks against 803 ms with
+``torch.ops.aten._weight_int8pack_mm`` (the fused int8 kernel) and 1.50 s with whole-block
+chunks (``scripts/bank_scan_kernels.py``, ``assets/results/bank_scan_kernels.json``).  The build runs in chunks of
 examples, each saved as soon as it is done (``Store.partial``: resumable), published
 atomically at the end and memory-mapped on load.  ``quantize=False`` keeps the rotated
 gradients unquantised in the gradients' dtype (float32, or float64 in tests).
@@ -89,7 +89,7 @@ class RotatedBank:
         self.blocks = blocks
         self.data = data
         self.scales = scales  # (N, num_blocks) float32 when quantised
-        # contiguous per-block columns: the packed int8 kernel ignores strides
+        # each block's scale column, contiguous: sliced per row chunk in every scan
         self._scale_cols = None if scales is None else [scales[:, j].contiguous() for j in range(len(blocks))]
         self.num_examples = int(data[0].shape[0])
 

@@ -85,8 +85,8 @@ class EigenbasisQuery:
     ``use_grid``: score the damping grid in one pass (off: one pass per damping).
     ``grid_first``: that grid pass is the first call's (the default: the first answer costs the
     grid, every later damping is free); False: the first call scores its one damping only, and the
-    grid is scored at the second damping asked for (a faster first answer, for rows whose grid
-    pass costs several single passes: the indexed bank's candidates).
+    grid is scored at the second damping asked for or by ``fill_grid`` (a faster first answer, for
+    rows whose grid pass costs several single passes: the stored int8 bank).
     """
 
     rotated: torch.Tensor

@@ -254,8 +254,9 @@ def variant_lds(
     from ..evaluation.lds import model_folder
     from ..evaluation.runs import is_finished
 
+    need = 3 if partial else masks.shape[0]
     done = sum(is_finished(model_folder(run, k, 0)) for k in range(masks.shape[0]))
-    if done < (3 if partial else masks.shape[0]):  # measure nothing (cached beside the models) until enough exist
+    if done < need:  # measure nothing (cached beside the models) until enough exist
         log(f"only {done} of {masks.shape[0]} subset models in {run} are trained: LDS left null")
         return None
     q = torch.stack([torch.as_tensor(x) for x in queries])
@@ -267,7 +268,7 @@ def variant_lds(
             return None
     measured = seed_average(measured_matrix(run, masks, 1, q, MeasureSpec("loss", 1024), dataset.levels))
     usable = int(np.all(np.isfinite(measured), axis=0).sum())
-    if usable < (3 if partial else masks.shape[0]):
+    if usable < need:
         log(f"only {usable} of {masks.shape[0]} subset models are trained: LDS left null")
         return None
     predicted = predicted_matrix(lambda i: {k: v[i] for k, v in scores.items()}, masks, len(q))

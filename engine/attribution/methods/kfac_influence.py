@@ -26,6 +26,7 @@ import torch
 
 from ... import distributed
 from ...config import AttributionConfig
+from ...validation import check_factor_draws
 from ..bank_kinds import bank_kind
 from ..context import EngineContext
 from ..curvature import KFACFactors, compute_kfac, layout
@@ -72,17 +73,10 @@ class KFACInfluence(AttributionMethod):
         super().__init__(config)
         self.quantize = bool(quantize)
         if factor_draws is None:
-            factor_draws = getattr(config, "kfac_factor_draws", None)
+            factor_draws = config.kfac_factor_draws
+        check_factor_draws(factor_draws, config.mc_samples, config.draws)  # shared draws need all M
         # k >= M draws is all of them: the same factors, so the same cache key as None
         self.factor_draws = None if factor_draws is None or factor_draws >= config.mc_samples else int(factor_draws)
-        if self.factor_draws is not None and config.draws == "shared":
-            # the bank's rows hold all M shared timesteps, factors from k of them span only k: the
-            # time-embedding layers' input factor is then rank <= k, and the rows' components in its
-            # null space are divided by the damping alone (digits, k = 8 of 64: Spearman 0.11 with the
-            # all-draw scores at damping 1e-8; scripts/factor_draws_agreement.py)
-            raise ValueError(f"kfac_factor_draws={self.factor_draws} < mc_samples={config.mc_samples} needs "
-                             "draws='per-example' (--draws per-example): with shared draws the factors would "
-                             f"see {self.factor_draws} of the bank's {config.mc_samples} timesteps")
         self.factor_batch = 256  # (example, draw) rows per curvlinops batch
         self.chunk_size = 128  # examples per saved bank part
         self.checkpoint_rows = 8192  # (example, draw) rows of the factor pass between checkpoints
