@@ -32,6 +32,9 @@ def main() -> int:
     p.add_argument("--cache-root", default="cache")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chunk-mib", default="1,64",
+                   help="chunk sizes to time, in MiB of converted floats per row chunk (comma list)")
+    p.add_argument("--no-int8pack", action="store_true", help="skip the fused kernel (slow)")
     p.add_argument("--out", default=None, help="also write the record to this JSON file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -70,12 +73,14 @@ def main() -> int:
 
     grid = torch.tensor(DAMPING_GRID + (1e-8,))[:, None]
     eig = k._eigenvalues
-    kernels = {
-        "int8pack": packed,
-        "chunks_1MiB (RotatedBank.inner)": lambda: chunked(1 << 20),
-        "chunks_64MiB": lambda: chunked(64 << 20),
-        "grid_50_dampings (inner_many)": lambda: bank.inner_many(q[None] / (eig[None] + grid)),
-    }
+    from engine.attribution.bank import SCAN_CHUNK_BYTES_CPU
+
+    kernels = {} if args.no_int8pack else {"int8pack": packed}
+    for mib in (float(x) for x in args.chunk_mib.split(",")):
+        nbytes = int(mib * 2**20)
+        tag = " (RotatedBank.inner)" if nbytes == SCAN_CHUNK_BYTES_CPU else ""
+        kernels[f"chunks_{mib:g}MiB{tag}"] = lambda nbytes=nbytes: chunked(nbytes)
+    kernels["grid_50_dampings (inner_many)"] = lambda: bank.inner_many(q[None] / (eig[None] + grid))
     ref = chunked(1 << 20)
     times: dict[str, list[float]] = {n: [] for n in kernels}
     for _ in range(args.repeats):  # interleaved, so a busy spell hits every kernel alike

@@ -5,7 +5,7 @@ digits (bench: 0.59 vs 0.91).  This separates the candidate causes that need no 
 damping (a re-score of the same query gradients) and the number of draws of the query gradient.
 Needs the preset's built caches (``attribution-engine build --preset PRESET``).
 
-    python scripts/label_agreement_sweep.py --preset mnist [--cache-root cache] [--mc-samples 64]
+    python scripts/label_agreement_sweep.py --preset mnist [--cache-root cache] [--mc-samples 64] [--ekfac]
 """
 
 from __future__ import annotations
@@ -69,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
                          "against their true labels: separates the method from the samples' ambiguity")
     ap.add_argument("--measurements", default="",
                     help="other measurements to try at the default damping (comma list, e.g. elbo,loss@t=100)")
+    ap.add_argument("--ekfac", action="store_true",
+                    help="EK-FAC eigenvalues (George et al. 2018) instead of K-FAC's (one more pass over the data)")
     args = ap.parse_args(argv)
     s = AttributionSession(preset=args.preset, cache_root=args.cache_root)
-    if args.mc_samples is not None:
+    changes = {k: v for k, v in (("mc_samples", args.mc_samples), ("ekfac", args.ekfac or None)) if v is not None}
+    if changes:
         s = AttributionSession(preset=args.preset, cache_root=args.cache_root,
-                               config=dataclasses.replace(s.config, mc_samples=args.mc_samples))
+                               config=dataclasses.replace(s.config, **changes))
     s.build(["kfac"])
     labels = s.labels
     clf = classifier_for(s.preset, s.dataset)
@@ -82,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     qs = [s.parse_query(f"gallery:{i}") for i in range(args.queries)]
     qlab, _ = classify(clf, torch.stack([q.image for q in qs]))
     raws = [s.query(q, "loss", methods=["kfac"]) for q in qs]
-    print(f"{args.preset}: K-FAC top-10 label agreement over {len(qs)} gallery samples "
-          f"(M = {s.config.mc_samples} for the bank and the query)")
+    print(f"{args.preset}: {'EK-FAC' if s.config.ekfac else 'K-FAC'} top-10 label agreement over {len(qs)} "
+          f"gallery samples (M = {s.config.mc_samples} for the bank and the query)")
     for lam in (float(x) for x in args.dampings.split(",")):
         fr = [agreement(s.rescore(r, {"kfac": lam}).methods["kfac"].scores, labels, y) for y, r in zip(qlab, raws, strict=True)]
         print(f"  damping {lam:g}: {np.mean(fr):.3f}")

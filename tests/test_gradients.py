@@ -10,6 +10,7 @@ from engine.attribution.gradients import (
     influence_params,
     measurement_grad,
     per_example_grads,
+    shared_forward_grads,
     train_loss_grads,
 )
 from engine.attribution.methods.base import QueryInput
@@ -64,6 +65,20 @@ def test_measurement_grad_loss_equals_train_grad(setup):
     )
     g_t = per_example_grads(model, diffusion, x[1:2], draws)[0]
     torch.testing.assert_close(g_m, g_t, rtol=1e-4, atol=1e-7)
+
+
+def test_shared_forward_grads_equal_separate_measurement_grads(setup):
+    """One forward for the loss and the square norm gives each one's own gradient."""
+    model, diffusion, x, draws = setup
+    specs = [parse_measurement("square-norm"), parse_measurement("loss")]
+    both = shared_forward_grads(model, diffusion, x[2], draws, specs)
+    assert list(both) == specs
+    for spec in specs:
+        alone = measurement_grad(model, diffusion, spec, QueryInput(image=x[2]), draws, levels=17)
+        torch.testing.assert_close(both[spec], alone, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(both[specs[0]], both[specs[1]])
+    with pytest.raises(ValueError, match="distinct measurements"):
+        shared_forward_grads(model, diffusion, x[2], draws, [parse_measurement("elbo")])
 
 
 @pytest.mark.parametrize("spec", ["elbo", "trajectory", "loss@t=10"])

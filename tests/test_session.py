@@ -76,19 +76,31 @@ def test_missing_checkpoint_says_how_to_train(tmp_path):
 
 
 def test_train_query_all_methods_share_one_gradient_per_measurement(session, monkeypatch):
-    calls = []
-    original = session.query_gradient
+    calls, shared = [], []
+    original, original_shared = session.query_gradient, session._shared_query_gradients
 
     def counting(measurement, query, draws):
         calls.append(str(measurement))
         return original(measurement, query, draws)
 
+    def counting_shared(measurements, query, draws):
+        shared.append(sorted(str(m) for m in measurements))
+        return original_shared(measurements, query, draws)
+
     monkeypatch.setattr(session, "query_gradient", counting)
+    monkeypatch.setattr(session, "_shared_query_gradients", counting_shared)
     q = session.parse_query("train:5")
     assert q.trajectory is None and q.label == int(session.dataset.labels[5])
     res = session.query(q, "loss", methods=GRADIENT_METHODS + ["pixel"])
-    # K-FAC and TRAK share the loss gradient; D-TRAK asks for the square norm; pixel for none
-    assert sorted(calls) == ["loss", "square-norm"]
+    # K-FAC and TRAK share the loss gradient; D-TRAK asks for the square norm; pixel for none;
+    # the two gradients come from one shared forward pass
+    assert calls == [] and shared == [["loss", "square-norm"]]
+    # ... and equal the separate gradients: scores as with one call per measurement
+    for name in ("kfac", "dtrak"):
+        alone = session.query(q, "loss", methods=[name])
+        np.testing.assert_allclose(res.methods[name].scores, alone.methods[name].scores, rtol=1e-4,
+                                   atol=1e-6 * float(np.abs(alone.methods[name].scores).max()))
+    assert calls == ["loss", "square-norm"] and len(shared) == 1  # one method alone: no shared pass
     n = len(session.dataset)
     for name in GRADIENT_METHODS + ["pixel"]:
         r = res.methods[name]

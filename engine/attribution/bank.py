@@ -47,7 +47,7 @@ from .scoring import GRID_MAX_BYTES, to_scores
 from .train_draws import TrainDraws
 
 SCALES = "scales"
-SCAN_CHUNK_BYTES_CPU = 1 << 20  # floats per converted chunk of a single-damping scan (stays in cache)
+SCAN_CHUNK_BYTES_CPU = 4 << 20  # floats per converted chunk of a single-damping scan (stays in L2/L3)
 SCAN_CHUNK_BYTES_GPU = 256 << 20
 
 
@@ -117,7 +117,7 @@ class RotatedBank:
     def inner(self, query: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
         """<R_i, q> = sum_blocks scale_{i,b} <int8_{i,b}, q_b> (N,), for one damped rotated query (P,).
 
-        Each block is converted to float ``chunk_bytes`` at a time (default: cache-sized 1 MiB chunks
+        Each block is converted to float ``chunk_bytes`` at a time (default: cache-sized 4 MiB chunks
         on a CPU, see the module docstring for why not the fused int8 kernel; 256 MiB on a GPU, where
         small chunks would mean thousands of tiny kernel launches).
         """

@@ -292,6 +292,33 @@ class AttributionSession:
             params=list(self.ctx.params),
         )
 
+    def _shared_forward_plan(self, names: list[str], meas: Measurement, query: QueryInput) -> list[Measurement]:
+        """The query measurements that one shared forward pass should serve (``gradients.shared_forward_grads``):
+        the distinct loss / square-norm measurements of the methods that will run, when there are two."""
+        from .gradients import SHARED_FORWARD_KINDS
+
+        if query.image is None:
+            return []
+        needed: list[Measurement] = []
+        for name in names:
+            m = self._methods[name]
+            qm = m.query_measurement(meas)
+            if qm is None or qm.kind not in SHARED_FORWARD_KINDS or qm in needed:
+                continue
+            if not self._availability(m)[0] or not (self.auto_build or m.is_built(self.ctx)):
+                continue
+            needed.append(qm)
+        return needed if len(needed) > 1 else []
+
+    def _shared_query_gradients(
+        self, measurements: list[Measurement], query: QueryInput, draws: MCDraws
+    ) -> dict[Measurement, torch.Tensor]:
+        from . import gradients
+
+        return gradients.shared_forward_grads(
+            self.model, self.diffusion, query.image, draws.to(self.device), measurements, params=list(self.ctx.params)
+        )
+
     def query(
         self,
         query: QueryInput,
@@ -312,6 +339,7 @@ class AttributionSession:
         damping = dict(damping or {})
         self._check_dampings(names, damping)
         draws = self.query_draws(mc_samples)
+        shared = self._shared_forward_plan(names, meas, query)
         grads: dict[Measurement, tuple[torch.Tensor, float]] = {}
         results: dict[str, MethodResult] = {}
         prepared: dict[str, Prepared] = {}
@@ -348,9 +376,13 @@ class AttributionSession:
                         raise QueryError(no_trajectory(query))
                     if qm not in grads:
                         t0 = time.perf_counter()
-                        g = self.query_gradient(qm, query, draws)
+                        if qm in shared:  # one forward for the loss and the square norm
+                            got = self._shared_query_gradients(shared, query, draws)
+                        else:
+                            got = {qm: self.query_gradient(qm, query, draws)}
                         ms = (time.perf_counter() - t0) * 1000.0
-                        grads[qm] = (g, ms)
+                        for key, g in got.items():  # a shared pass's time is split evenly between its gradients
+                            grads[key] = (g, ms / len(got))
                         total_grad_ms += ms
                     grad, ms = grads[qm]
                     res.timing_ms["gradient"] = ms
