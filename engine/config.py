@@ -88,6 +88,10 @@ class AttributionConfig:
     # K-FAC factors from the first k of the M draws of every example (None: all M): the factor pass is
     # most of a cold build, and its averages are over N*k*(positions) rows (KFACInfluence.factor_draws)
     kfac_factor_draws: int | None = None
+    # where the factors' draws come from: "same" (the bank's draws, above) or "per-example" (independent
+    # draws per example, paper G.3, even when the bank's are shared: the factors then see every timestep
+    # and k < M draws per example are allowed; KFACInfluence.factor_train_draws)
+    kfac_factor_draws_mode: str = "same"
     # K-FAC training-gradient bank: "stored" (int8 on disk, a query is one pass over it),
     # "streamed" (recomputed per query batch: for models whose bank does not fit, docs/architecture.md §8)
     # "compressed" (per-layer projected gradients, the candidates re-ranked exactly: engine.attribution.compressed_bank)

@@ -97,17 +97,23 @@ def check_train_config(tc: Any, where: str = "train") -> None:
     _need(tc.checkpoint_every >= 1, f"{where}.checkpoint_every", "at least 1", tc.checkpoint_every)
 
 
-def check_factor_draws(k: int | None, mc_samples: int, draws: str, where: str = "kfac_factor_draws") -> None:
+def check_factor_draws(
+    k: int | None, mc_samples: int, draws: str, where: str = "kfac_factor_draws", factor_mode: str = "same"
+) -> None:
     """K-FAC factors from the first k of the M draws (None: all).  With shared draws and k < M the
     factors see k of the bank's M timesteps: the time-embedding layers' input factor is then rank
     <= k and the rows' components in its null space are divided by the damping alone (digits, k = 8
-    of 64: Spearman 0.11 with the all-draw scores at damping 1e-8; scripts/factor_draws_agreement.py)."""
+    of 64: Spearman 0.11 with the all-draw scores at damping 1e-8; scripts/factor_draws_agreement.py).
+    ``factor_mode`` "per-example": the factors get independent draws per example whatever the bank's, so
+    they see every timestep and any k is fine."""
+    _need(factor_mode in ("same", "per-example"), "kfac_factor_draws_mode (--kfac-factor-draws-mode)",
+          "same or per-example", factor_mode)
     if k is None:
         return
     _need(k >= 1, where, "at least 1 (or null: all M draws)", k)
-    _need(k >= mc_samples or draws == "per-example", f"{where} (--kfac-factor-draws)",
-          "per-example draws (--draws per-example) when below mc_samples: with shared draws the factors "
-          "would see only k of the bank's M timesteps", k)
+    _need(k >= mc_samples or draws == "per-example" or factor_mode == "per-example", f"{where} (--kfac-factor-draws)",
+          "per-example draws for the factors (--kfac-factor-draws-mode per-example, or --draws per-example) "
+          "when below mc_samples: with shared draws the factors would see only k of the bank's M timesteps", k)
 
 
 def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tuple[str, ...] | None = None) -> None:
@@ -122,7 +128,8 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
         if getattr(ac, name) is not None:
             check_damping(getattr(ac, name), f"{where}.{name}")
     _need(ac.draws in ("shared", "per-example"), f"{where}.draws (--draws)", "shared or per-example", ac.draws)
-    check_factor_draws(ac.kfac_factor_draws, ac.mc_samples, ac.draws, f"{where}.kfac_factor_draws")
+    check_factor_draws(ac.kfac_factor_draws, ac.mc_samples, ac.draws, f"{where}.kfac_factor_draws",
+                       ac.kfac_factor_draws_mode)
     _need(ac.kfac_blocks in ("separate", "joint"), f"{where}.kfac_blocks (--kfac-blocks)", "separate or joint",
           ac.kfac_blocks)
     _need(ac.fisher_type in ("mc", "empirical"), f"{where}.fisher_type", "'mc' or 'empirical'", ac.fisher_type)

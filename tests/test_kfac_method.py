@@ -171,6 +171,38 @@ def test_factor_draws_with_shared_draws_is_refused():
     check_attribution_config(AttributionConfig(mc_samples=4, kfac_factor_draws=2, draws="per-example"))
 
 
+def test_factor_draws_mode_per_example_with_shared_bank_draws(tiny_preset, tiny_model, digits_small):
+    """kfac_factor_draws_mode="per-example": the bank keeps the shared draws, the factors get independent
+    draws per example (so k < M is allowed); they equal the factors of the all-per-example config."""
+    from engine.attribution.train_draws import PerExampleDraws
+    from engine.validation import check_attribution_config
+
+    ds = digits_small.subset(list(range(8)))
+    shared = AttributionConfig(mc_samples=4)
+    own = dataclasses.replace(shared, kfac_factor_draws_mode="per-example", kfac_factor_draws=2)
+    check_attribution_config(own)  # k < M is fine once the factors have draws of their own
+    with pytest.raises(ValueError, match="same or per-example"):
+        check_attribution_config(dataclasses.replace(shared, kfac_factor_draws_mode="sometimes"))
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", own, "h", None)
+    m = KFACInfluence(own)
+    draws = m.factor_train_draws(ctx)
+    assert isinstance(draws, PerExampleDraws) and len(draws) == 2
+    assert not isinstance(ctx.train_draws, PerExampleDraws)  # the bank's stay shared
+    assert m.factor_settings(ctx) != KFACInfluence(shared).factor_settings(ctx)
+    m.build(ctx)
+    # the same factors as with per-example draws everywhere (same seed, same first k draws per example)
+    pe = dataclasses.replace(own, draws="per-example", kfac_factor_draws_mode="same")
+    ref = KFACInfluence(pe)
+    ref.build(make_context(tiny_preset, tiny_model, ds, "cpu", pe, "h", None))
+    torch.testing.assert_close(m.factors.eigenvalues(), ref.factors.eigenvalues())
+    # with per-example bank draws the mode changes nothing: same cache key
+    ctx_pe = make_context(tiny_preset, tiny_model, ds, "cpu", pe, "h", None)
+    both = dataclasses.replace(pe, kfac_factor_draws_mode="per-example")
+    assert KFACInfluence(both).factor_settings(ctx_pe) == ref.factor_settings(ctx_pe)
+    q, g = _query(ctx, ds.images[0], make_draws(4, (1, 8, 8), 1000, seed=1))
+    assert np.isfinite(m.score(m.prepare(ctx, q, g))).all()
+
+
 def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(
     tmp_path, tiny_preset, tiny_model, digits_small
 ):

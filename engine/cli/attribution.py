@@ -46,6 +46,9 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--kfac-factor-draws", type=int, default=None,
                    help="K-FAC factors from the first k of the M draws of every example (default: all M)")
+    p.add_argument("--kfac-factor-draws-mode", choices=("same", "per-example"), default=None,
+                   help="draws of the K-FAC factor pass: the bank's (same, default) or independent per example "
+                        "(per-example, paper G.3; allows --kfac-factor-draws below M with shared bank draws)")
     p.add_argument("--kfac-projection", choices=("eigen", "gaussian"), default=None,
                    help="compressed bank: projection kind (default gaussian)")
     p.add_argument("--kfac-compression", type=float, default=None,
@@ -99,7 +102,7 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
         if args.kfac_bank not in bank_modes():
             raise ValueError(f"--kfac-bank must be one of {', '.join(bank_modes())}, not {args.kfac_bank!r}")
         changes["kfac_bank"] = args.kfac_bank
-    for name in ("draws", "kfac_blocks"):
+    for name in ("draws", "kfac_blocks", "kfac_factor_draws_mode"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
     if getattr(args, "kfac_factor_draws", None) is not None:

@@ -59,6 +59,12 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
         Variant(label, {"draws": "per-example", **({"kfac_factor_draws": k} if k else {})})
         for label, k in (("per-example, all", None), ("per-example, k=8", 8))
     ),
+    # issue 13 item 2 for the factors alone: the bank keeps the shared draws, the factors get 8 independent
+    # draws per example (every timestep seen; an eighth of the factor pass)
+    "factor_draws_mode": (
+        Variant("shared"),  # the bank's draws (the default)
+        Variant("per-example, k=8", {"kfac_factor_draws_mode": "per-example", "kfac_factor_draws": 8}),
+    ),
 }
 
 

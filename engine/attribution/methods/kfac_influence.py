@@ -34,7 +34,7 @@ from ..damping_grid import DAMPING_GRID, SUPPORTED  # noqa: F401 - DAMPING_GRID:
 from ..gradients import num_params
 from ..pass_checkpoint import PassCheckpoint
 from ..scoring import EigenbasisQuery, Rows
-from ..train_draws import draw_settings
+from ..train_draws import PerExampleDraws, TrainDraws, draw_settings, training_draws
 from .base import AttributionMethod, EigenPrepared, Prepared, Progress, QueryInput, no_progress
 
 FACTORS = "kfac-factors"
@@ -59,7 +59,9 @@ class KFACInfluence(AttributionMethod):
     needs_gradient = True
     damping_field = "kfac_damping"
     damping_range = SUPPORTED
-    config_fields = ("fisher_type", "kfac_approx", "ekfac", "kfac_blocks", "draws", "kfac_factor_draws")
+    config_fields = (
+        "fisher_type", "kfac_approx", "ekfac", "kfac_blocks", "draws", "kfac_factor_draws", "kfac_factor_draws_mode"
+    )
     shards = True
     in_sweeps = True
     lds_loss_variant = True
@@ -74,7 +76,8 @@ class KFACInfluence(AttributionMethod):
         self.quantize = bool(quantize)
         if factor_draws is None:
             factor_draws = config.kfac_factor_draws
-        check_factor_draws(factor_draws, config.mc_samples, config.draws)  # shared draws need all M
+        # shared draws need all M, unless the factors get draws of their own per example
+        check_factor_draws(factor_draws, config.mc_samples, config.draws, factor_mode=config.kfac_factor_draws_mode)
         # k >= M draws is all of them: the same factors, so the same cache key as None
         self.factor_draws = None if factor_draws is None or factor_draws >= config.mc_samples else int(factor_draws)
         self.factor_batch = 256  # (example, draw) rows per curvlinops batch
@@ -100,12 +103,31 @@ class KFACInfluence(AttributionMethod):
             "kfac_approx": c.kfac_approx,
             "ekfac": bool(c.ekfac),
             **draw_settings(ctx.train_draws),
+            **({"factor_draws_mode": "per-example"} if self._own_factor_draws(ctx) else {}),
             **({"kfac_blocks": c.kfac_blocks} if c.kfac_blocks != "separate" else {}),
             "num_examples": len(ctx.dataset),
             "params": _params_digest(ctx.params),
             "dtype": dtype,
             "factor_draws": self.factor_draws,
         }
+
+    def _own_factor_draws(self, ctx: EngineContext) -> bool:
+        """Whether the factors get per-example draws of their own (``kfac_factor_draws_mode``) while the
+        bank's are shared (with per-example bank draws "per-example" is the same draws: same key)."""
+        return self.config.kfac_factor_draws_mode == "per-example" and not isinstance(ctx.train_draws, PerExampleDraws)
+
+    def factor_train_draws(self, ctx: EngineContext) -> TrainDraws:
+        """The draws of the factor pass: the bank's (``ctx.train_draws``), or with
+        ``kfac_factor_draws_mode="per-example"`` independent draws per example (paper G.3) from the same
+        seed, so the factors average over every timestep even when the bank's M draws are shared (the
+        compressed bank's projected factors keep the bank's draws); then the first ``factor_draws``."""
+        draws = ctx.train_draws
+        if self._own_factor_draws(ctx):
+            draws = training_draws("per-example", self.config.mc_samples, tuple(ctx.dataset.shape), ctx.diffusion.T,
+                                   seed=self.config.seed, flip=ctx.preset.data.flip)
+        if self.factor_draws is not None and self.factor_draws < len(draws):
+            draws = draws.head(self.factor_draws)
+        return draws
 
     def bank_settings(self, ctx: EngineContext) -> dict[str, Any]:
         s = self.factor_settings(ctx)
@@ -185,9 +207,7 @@ class KFACInfluence(AttributionMethod):
         if factors is None:
             # resumable: a killed factor pass restarts at its last checkpoint (engine.attribution.pass_checkpoint)
             checkpoint = None if ctx.store is None else PassCheckpoint.for_store(ctx.store, FACTORS, fs)
-            draws = ctx.train_draws
-            if self.factor_draws is not None and self.factor_draws < len(draws):
-                draws = draws.head(self.factor_draws)
+            draws = self.factor_train_draws(ctx)
             factors = compute_kfac(
                 ctx.model,
                 ctx.diffusion,
