@@ -2,6 +2,7 @@
 
 Times, side by side in one run (medians), one pass <R_i, q> over the built digits bank with
   * ``_weight_int8pack_mm``: torch's fused int8-weight kernel, one call per block;
+  * the numba kernel of ``engine.attribution.int8_scan`` (what ``RotatedBank.inner`` uses when numba is there);
   * per-block float conversion in row chunks of ~1 MiB of floats (what ``RotatedBank.inner`` does);
   * the same with whole-block chunks (the previous fallback's 64 MiB);
 and the 50-damping grid pass (``RotatedBank.inner_many``), and checks that all agree.
@@ -73,12 +74,15 @@ def main() -> int:
 
     grid = torch.tensor(DAMPING_GRID + (1e-8,))[:, None]
     eig = k._eigenvalues
+    from engine.attribution import int8_scan
     from engine.attribution.bank import SCAN_CHUNK_BYTES_CPU
 
     kernels = {} if args.no_int8pack else {"int8pack": packed}
+    if int8_scan.available():
+        kernels["fused_int8_numba (RotatedBank.inner)"] = lambda: bank.inner(q)
     for mib in (float(x) for x in args.chunk_mib.split(",")):
         nbytes = int(mib * 2**20)
-        tag = " (RotatedBank.inner)" if nbytes == SCAN_CHUNK_BYTES_CPU else ""
+        tag = " (RotatedBank.inner without numba)" if nbytes == SCAN_CHUNK_BYTES_CPU else ""
         kernels[f"chunks_{mib:g}MiB{tag}"] = lambda nbytes=nbytes: chunked(nbytes)
     kernels["grid_50_dampings (inner_many)"] = lambda: bank.inner_many(q[None] / (eig[None] + grid))
     ref = chunked(1 << 20)

@@ -158,3 +158,34 @@ def test_score_many_equals_score_per_query(tiny_model, diffusion, digits_small, 
     for i in range(3):
         one = bank.score(queries[i])
         np.testing.assert_allclose(many[i], one, rtol=1e-4, atol=1e-6 * np.abs(one).max())
+
+
+def test_fused_int8_scan_equals_torch_chunks(monkeypatch):
+    """The numba kernel (one read of each int8, no float copy) gives the torch chunked scan's inner
+    products to float32 rounding, on blocks of very different sizes; switched off, the torch path runs."""
+    from engine.attribution import int8_scan
+    from engine.attribution.bank import RotatedBank
+    from engine.attribution.curvature import Block
+
+    gen = torch.Generator().manual_seed(0)
+    sizes, n = [3000, 7, 640, 1], 37
+    blocks, data, off = [], [], 0
+    for j, size in enumerate(sizes):
+        blocks.append(Block(f"b{j}", j, "weight", off, (size,)))
+        data.append(torch.randint(-127, 128, (n, size), generator=gen, dtype=torch.int8))
+        off += size
+    scales = torch.rand(n, len(sizes), generator=gen) * 1e-3
+    bank = RotatedBank(blocks, data, scales)
+    q = torch.randn(off, generator=gen)
+    ref = bank.inner(q, chunk_bytes=1 << 12)  # explicit chunks: always the torch path
+    exact = sum((data[j].double() @ q[b.offset : b.offset + b.size].double()) * scales[:, j].double()
+                for j, b in enumerate(blocks))
+    torch.testing.assert_close(ref.double(), exact, rtol=1e-5, atol=1e-6)
+    if int8_scan.available():
+        assert bank._fused_ok()
+        fused = bank.inner(q)
+        torch.testing.assert_close(fused.double(), exact, rtol=1e-5, atol=1e-6)
+        assert int8_scan.warm_up()
+    monkeypatch.setenv("ATTRIBUTION_INT8_KERNEL", "torch")
+    assert not int8_scan.available() and not bank._fused_ok()
+    torch.testing.assert_close(bank.inner(q).double(), exact, rtol=1e-5, atol=1e-6)

@@ -41,6 +41,7 @@ from torch import nn
 
 from .. import distributed
 from ..model.diffusion import Diffusion
+from . import int8_scan
 from .curvature import Block, KFACFactors
 from .gradients import Params, per_example_grads, train_loss_grads
 from .scoring import GRID_MAX_BYTES, to_scores
@@ -92,6 +93,8 @@ class RotatedBank:
         # each block's scale column, contiguous: sliced per row chunk in every scan
         self._scale_cols = None if scales is None else [scales[:, j].contiguous() for j in range(len(blocks))]
         self.num_examples = int(data[0].shape[0])
+        if self._fused_ok():
+            int8_scan.warm_up()  # compile (or load) the scan kernel now, not in the first query
 
     @property
     def quantized(self) -> bool:
@@ -117,15 +120,18 @@ class RotatedBank:
     def inner(self, query: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
         """<R_i, q> = sum_blocks scale_{i,b} <int8_{i,b}, q_b> (N,), for one damped rotated query (P,).
 
-        Each block is converted to float ``chunk_bytes`` at a time (default: cache-sized 4 MiB chunks
-        on a CPU, see the module docstring for why not the fused int8 kernel; 256 MiB on a GPU, where
-        small chunks would mean thousands of tiny kernel launches).
+        On a CPU with numba, the fused kernel of ``int8_scan`` reads each int8 once (no float copy);
+        otherwise, or when ``chunk_bytes`` is given, each block is converted to float ``chunk_bytes``
+        at a time (cache-sized 4 MiB chunks on a CPU; 256 MiB on a GPU, where small chunks would mean
+        thousands of tiny kernel launches).
         """
-        if chunk_bytes is None:
-            chunk_bytes = SCAN_CHUNK_BYTES_CPU if self.device.type == "cpu" else SCAN_CHUNK_BYTES_GPU
         n = self.num_examples
         dtype = torch.float32 if self.quantized else self.data[0].dtype
         q = query.to(self.device, dtype)
+        if chunk_bytes is None and self._fused_ok():
+            return self._inner_fused(q)
+        if chunk_bytes is None:
+            chunk_bytes = SCAN_CHUNK_BYTES_CPU if self.device.type == "cpu" else SCAN_CHUNK_BYTES_GPU
         out = torch.zeros(n, dtype=q.dtype, device=self.device)
         for j, (blk, d) in enumerate(zip(self.blocks, self.data, strict=True)):
             qb = q[blk.offset : blk.offset + blk.size]
@@ -137,6 +143,21 @@ class RotatedBank:
             for r in range(0, n, rows):
                 out[r : r + rows] += (d[r : r + rows].to(torch.float32) @ qb) * s[r : r + rows]
         return out
+
+    def _fused_ok(self) -> bool:
+        return (
+            self.device.type == "cpu"
+            and self.quantized
+            and all(d.is_contiguous() for d in self.data)
+            and int8_scan.available()
+        )
+
+    def _inner_fused(self, q: torch.Tensor) -> torch.Tensor:
+        out = np.zeros(self.num_examples, np.float32)
+        for j, (blk, d) in enumerate(zip(self.blocks, self.data, strict=True)):
+            qb = q[blk.offset : blk.offset + blk.size].contiguous().numpy()
+            int8_scan.scaled_row_dots_into(d.numpy(), qb, self._scale_cols[j].numpy(), out)  # type: ignore[index]
+        return torch.from_numpy(out)
 
     def inner_many(self, queries: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor:
         """(G, N) inner products for G queries at once: one pass over the bank.
