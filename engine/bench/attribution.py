@@ -97,6 +97,7 @@ def run_bench(
     out: Path | None = None,
 ) -> dict[str, Any]:
     """All figures as one JSON-ready dict; written to ``out`` after every phase (a late failure keeps the rest)."""
+    from ..attribution import int8_scan
     from ..attribution.session import AttributionSession
     from ..paths import cache_root as default_cache_root
 
@@ -108,6 +109,8 @@ def run_bench(
         "mc_samples": config.mc_samples,
         "trak_dim": config.trak_dim,
         "methods": methods,
+        # which kernel scans a stored int8 bank on the CPU (engine.attribution.int8_scan)
+        "int8_scan": "numba" if int8_scan.available() else "torch chunks",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "memory_after_imports": memory_mb(),  # torch alone is ~0.7 GB resident on CPU
     }
