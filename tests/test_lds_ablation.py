@@ -16,7 +16,7 @@ from engine.evaluation.lds_ablation import ABLATIONS, Variant, build_variants, r
 from engine.evaluation.lds_run import session_scores
 from engine.evaluation.runs import MeasureSpec
 from engine.evaluation.setup import RunSetup
-from engine.evaluation.stats import lds_score
+from engine.evaluation.stats import lds_score, spearman
 from engine.model.train import train
 
 
@@ -58,6 +58,18 @@ def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
     pred = predicted_matrix(lambda q: {"kfac": rows[q]["kfac"]}, masks, 3)["kfac"]
     want = lds_score(pred, per_seed.mean(0)).to_dict()["lds"]
     assert rec["variants"]["joint"]["methods"]["kfac"]["lds"] == pytest.approx(want, rel=1e-12)
+    # the paired difference against the first variant: per-query LDS differences on the same subsets
+    sep = rec["variants"]["separate"]["methods"]["kfac"]
+    joint = rec["variants"]["joint"]["methods"]["kfac"]
+    assert "vs_first" not in sep and joint["vs_first"]["baseline"] == "separate"
+    base_rows, _ = session_scores(variant_session(setup, Variant("separate"), tmp_path / "cache", None)[0], queries,
+                                  "loss", ["kfac"], setup.out / "ablation" / "kfac_blocks" / "separate")
+    base_pred = predicted_matrix(lambda q: {"kfac": base_rows[q]["kfac"]}, masks, 3)["kfac"]
+    per_q = [spearman(p, m) - spearman(b, m) for p, b, m in zip(pred, base_pred, per_seed.mean(0), strict=True)]
+    assert joint["vs_first"]["difference"] == pytest.approx(np.mean(per_q), abs=1e-12)
+    assert joint["vs_first"]["difference"] == pytest.approx(joint["lds"] - sep["lds"], abs=1e-12)
+    lo, hi = joint["vs_first"]["ci95"]
+    assert lo <= joint["vs_first"]["difference"] <= hi and joint["vs_first"]["queries"] == 3
     # defaults come from a baseline cache that has them; other settings from the variants' root
     _, base_root = variant_session(setup, Variant("separate"), tmp_path / "other", tmp_path / "cache")
     assert base_root == tmp_path / "cache"

@@ -36,6 +36,7 @@ from .lds import lds_table, model_folder, noise_report, predicted_matrix, seed_a
 from .lds_run import SWEEP_GRID, _rows_score_fn, lds_queries, session_scores
 from .runs import MeasureSpec, cached_measurements, is_finished
 from .setup import RunSetup
+from .stats import bootstrap_ci
 
 TRAK_DIMS = (2048, 8192, 32768)
 
@@ -196,6 +197,7 @@ def run_ablation(
     """Score every variant of ablation ``name`` and return its results record."""
     measured = seed_average(per_seed)
     variants: dict[str, Any] = {}
+    first: dict[str, tuple[str, list[float | None]]] = {}  # method -> (first variant's label, its per-query LDS)
     for variant in ABLATIONS[name]:
         session, root = variant_session(setup, variant, cache_root, baseline)
         out = setup.out / "ablation" / name / variant.label.replace("=", "")
@@ -217,6 +219,10 @@ def run_ablation(
                     key=lambda p: p["damping"],
                 ),
             }
+            if m in first:
+                methods[m]["vs_first"] = paired_difference(table[m]["per_query"], first[m][1], first[m][0])
+            else:
+                first[m] = (variant.label, table[m]["per_query"])
         variants[variant.label] = {
             "changes": variant.changes,
             "cache_root": str(root),
@@ -248,6 +254,21 @@ def run_ablation(
     }
 
 
+def paired_difference(per_query: list[float | None], base: list[float | None], base_label: str,
+                      seed: int = 0) -> dict[str, Any]:
+    """LDS of a variant minus the ablation's first variant's, paired on the same queries and subsets.
+
+    Why: both LDS values share the subsets, the retrained models and the queries, so most of their
+    (wide) intervals is common noise; the difference of per-query Spearman correlations, bootstrapped
+    over queries, is what says whether a setting matters."""
+    a = np.array([np.nan if v is None else v for v in per_query], dtype=np.float64)
+    b = np.array([np.nan if v is None else v for v in base], dtype=np.float64)
+    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    lo, hi = bootstrap_ci(d, seed=seed) if len(d) > 1 else (float("nan"), float("nan"))
+    return {"baseline": base_label, "difference": float(d.mean()) if len(d) else float("nan"),
+            "ci95": [float(lo), float(hi)], "queries": int(len(d))}
+
+
 def format_variant(name: str, label: str, methods: dict[str, Any]) -> str:
     lines = []
     for m, r in methods.items():
@@ -262,6 +283,10 @@ def format_variant(name: str, label: str, methods: dict[str, Any]) -> str:
             f"{name:<12}{label:<13}{m:<7} LDS {r['lds']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
             f" at {r['damping']:.1e}{best}"
         )
+        v = r.get("vs_first")
+        if v:
+            lines.append(f"{'':<25}{m:<7} minus {v['baseline']}: {v['difference']:+.3f} "
+                         f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] (paired over {v['queries']} queries)")
     return "\n".join(lines)
 
 
