@@ -87,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     raws = [s.query(q, "loss", methods=["kfac"]) for q in qs]
     print(f"{args.preset}: {'EK-FAC' if s.config.ekfac else 'K-FAC'} top-10 label agreement over {len(qs)} "
           f"gallery samples (M = {s.config.mc_samples} for the bank and the query)")
+    # both ends and the magnitude at the default damping: is the query's class at the top, at the bottom, or both?
+    ends = {"top-10": [], "bottom-10": [], "top-10 by |score|": []}
+    for y, r in zip(qlab, raws, strict=True):
+        sc = r.methods["kfac"].scores
+        ends["top-10"].append(agreement(sc, labels, y))
+        ends["bottom-10"].append(agreement(-sc, labels, y))
+        ends["top-10 by |score|"].append(agreement(np.abs(sc), labels, y))
+    print("  default damping: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in ends.items()))
     for lam in (float(x) for x in args.dampings.split(",")):
         fr = [agreement(s.rescore(r, {"kfac": lam}).methods["kfac"].scores, labels, y) for y, r in zip(qlab, raws, strict=True)]
         print(f"  damping {lam:g}: {np.mean(fr):.3f}")
