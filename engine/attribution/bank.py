@@ -17,12 +17,13 @@ damping costs no gradient.  EK-FAC only replaces b a^T by its corrected eigenval
 Storage: one array per parameter block (weight or bias of a Conv2d/Linear), (N, size),
 int8 with a symmetric scale per (example, block): scale = max|R| / 127, R ~= scale * int8.
 (Weights and biases of a layer get separate scales: a finer grain than one per layer, at
-no cost.)  Blocks are contiguous so that scoring converts each block to float in small row chunks
-(about 1 MiB of floats, so a chunk stays in cache while it is multiplied) and applies the
-per-row scales to the chunk's products.  Measured on the digits bank (486 MB, one thread, other
-jobs paused), side by side: 214 ms per single-damping pass with such chunks against 803 ms with
-``torch.ops.aten._weight_int8pack_mm`` (the fused int8 kernel) and 1.50 s with whole-block
-chunks (``scripts/bank_scan_kernels.py``, ``assets/results/bank_scan_kernels.json``).  The build runs in chunks of
+no cost.)  Blocks are contiguous.  On a CPU a single-damping pass uses the fused kernel of
+``int8_scan`` (numba: each int8 read once, widened in registers); without numba it converts each
+block to float in row chunks of about 4 MiB (a chunk stays in cache while it is multiplied) and
+applies the per-row scales to the chunk's products.  Measured on the digits bank (486 MB, one
+thread, other jobs paused), side by side: 90 ms per pass with the fused kernel, 199 ms with 4 MiB
+chunks, 263 ms with 1 MiB chunks, 713 ms with ``torch.ops.aten._weight_int8pack_mm`` (torch's fused
+int8-weight kernel) (``scripts/bank_scan_kernels.py``, ``assets/results/bank_scan_kernels.json``).  The build runs in chunks of
 examples, each saved as soon as it is done (``Store.partial``: resumable), published
 atomically at the end and memory-mapped on load.  ``quantize=False`` keeps the rotated
 gradients unquantised in the gradients' dtype (float32, or float64 in tests).
