@@ -56,14 +56,8 @@ def main() -> int:
     bank = k.bank
     q = torch.randn(sum(b.size for b in bank.blocks), generator=torch.Generator().manual_seed(0))
 
-    def chunked(chunk_bytes: int) -> torch.Tensor:
-        out = torch.zeros(bank.num_examples)
-        for j, (blk, d) in enumerate(zip(bank.blocks, bank.data, strict=True)):
-            qb, sc = q[blk.offset : blk.offset + blk.size], bank.scales[:, j].contiguous()
-            rows = max(1, chunk_bytes // (4 * blk.size))
-            for r in range(0, bank.num_examples, rows):
-                out[r : r + rows] += (d[r : r + rows].to(torch.float32) @ qb) * sc[r : r + rows]
-        return out
+    def chunked(chunk_bytes: int) -> torch.Tensor:  # an explicit chunk size: RotatedBank's torch path
+        return bank.inner(q, chunk_bytes)
 
     def packed() -> torch.Tensor:
         out = torch.zeros(bank.num_examples)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.diffusion import Diffusion, MCDraws
-from ..model.measurements import Measurement, measure
+from ..model.measurements import Measurement, draw_pairs, measure
 from .query import QueryInput
 from .train_draws import TrainDraws
 
@@ -346,12 +346,7 @@ def shared_forward_grads(
     params = influence_params(model) if params is None else params
     dev, dtype = params[0][1].device, params[0][1].dtype
     x0 = image.to(dev, dtype)
-    x0 = x0[None] if x0.dim() == 3 else x0
-    d = draws.to(dev, dtype)
-    m = len(d)
-    x = x0.repeat_interleave(m, dim=0)
-    t = d.t.repeat(x0.shape[0])
-    eps = d.eps.repeat(x0.shape[0], 1, 1, 1)
+    x, t, eps = draw_pairs(x0[None] if x0.dim() == 3 else x0, draws.to(dev, dtype))
     tensors = [p for _, p in params]
     was_training = model.training
     model.eval()

@@ -110,7 +110,7 @@ def _as_batch(x0: torch.Tensor) -> torch.Tensor:
     return x0[None] if x0.dim() == 3 else x0
 
 
-def _pairs(x0: torch.Tensor, draws: MCDraws) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw_pairs(x0: torch.Tensor, draws: MCDraws) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every (example, draw) pair: x0 repeated M times per example, t and eps tiled."""
     b, m = x0.shape[0], len(draws)
     x = x0.repeat_interleave(m, dim=0)
@@ -124,13 +124,13 @@ def diffusion_loss(model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, dra
 
     With draws whose t are all equal this is ``loss@t``.
     """
-    x, t, eps = _pairs(_as_batch(x0), draws)
+    x, t, eps = draw_pairs(_as_batch(x0), draws)
     return diffusion.per_sample_loss(model, x, t, eps).mean()
 
 
 def square_norm(model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, draws: MCDraws) -> torch.Tensor:
     """D-TRAK's output function: E_{t, eps} (1/D)||eps_theta(x_t, t)||^2."""
-    x, t, eps = _pairs(_as_batch(x0), draws)
+    x, t, eps = draw_pairs(_as_batch(x0), draws)
     return model(diffusion.q_sample(x, t, eps), t).pow(2).flatten(1).mean(1).mean()
 
 
@@ -246,7 +246,7 @@ def elbo_bpd(
             sums.append(acc)
         total = prior_kl(diffusion, x0) + torch.stack(sums)
     else:
-        x, t, eps = _pairs(x0, draws)
+        x, t, eps = draw_pairs(x0, draws)
         terms = elbo_terms(model, diffusion, x, t, eps, levels).reshape(b, len(draws))
         total = prior_kl(diffusion, x0) + diffusion.T * terms.mean(1)
     return (total / (d * math.log(2.0))).mean()
