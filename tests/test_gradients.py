@@ -10,6 +10,7 @@ from engine.attribution.gradients import (
     influence_params,
     measurement_grad,
     per_example_grads,
+    per_example_grads_by_loss,
     shared_forward_grads,
     train_loss_grads,
 )
@@ -46,6 +47,32 @@ def test_backends_match_autograd(setup, backend, loss):
     for i in range(3):
         ref = _autograd(model, lambda i=i: fn(model, diffusion, x[i], draws), params)
         torch.testing.assert_close(g[i], ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto", "hooks"])
+def test_grads_by_loss_share_a_forward_and_equal_each_loss_alone(setup, backend, monkeypatch):
+    """One forward per example (CPU loop) for the loss and the square norm; each equals its own
+    ``per_example_grads``, and the order the losses are asked in does not matter."""
+    model, diffusion, x, draws = setup
+    params = influence_params(model)
+    calls = [0]
+    real_forward = type(model).forward
+
+    def counting(self, *a, **k):
+        calls[0] += 1
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    both = per_example_grads_by_loss(model, diffusion, x, draws, ("square-norm", "loss"), params, backend)
+    forwards = calls[0]
+    assert list(both) == ["square-norm", "loss"]
+    for loss in ("loss", "square-norm"):
+        alone = per_example_grads(model, diffusion, x, draws, loss=loss, params=params, backend=backend)
+        torch.testing.assert_close(both[loss], alone, rtol=1e-5, atol=1e-7)
+    if backend == "auto":  # the CPU loop: one forward per example, not one per (example, loss)
+        assert forwards == x.shape[0]
+    with pytest.raises(ValueError, match="unknown training loss"):
+        per_example_grads_by_loss(model, diffusion, x, draws, ("loss", "elbo"), params)
 
 
 def test_common_random_numbers_and_batching(setup):

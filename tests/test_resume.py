@@ -277,3 +277,46 @@ def test_kfac_bank_pass_feeds_trak(tmp_path, tiny_preset, tiny_model, digits_sma
     trak.build(ctx)
     np.testing.assert_allclose(trak.train_features(ctx), alone.train_features(alone_ctx), rtol=1e-5, atol=1e-6)
     assert trak.feature_sink(ctx) is None  # built: nothing to feed
+
+
+def test_kfac_bank_pass_feeds_trak_and_dtrak(tmp_path, tiny_preset, tiny_model, digits_small, monkeypatch):
+    """``share_gradient_passes``: the bank's pass feeds TRAK (loss gradients) and D-TRAK (square-norm
+    gradients from the same forward); neither computes a gradient afterwards, both equal their own
+    builds, and the bank equals one built alone."""
+    import engine.attribution.gradients as gradients
+    from engine.attribution.caches import MethodCaches
+    from engine.attribution.methods.trak import DTRAK
+
+    cfg = AttributionConfig(mc_samples=2, seed=0, trak_dim=16, draws="per-example")
+    data = digits_small.subset(list(range(10)))
+
+    def dtrak() -> DTRAK:
+        m = DTRAK(cfg)
+        m.part_size = 4
+        return m
+
+    alone_ctx = _kfac_ctx(tmp_path / "alone", tiny_preset, tiny_model, data, cfg)
+    alone = {"kfac": _kfac(cfg), "trak": _trak(cfg), "dtrak": dtrak()}
+    for m in alone.values():
+        m.build(alone_ctx)
+
+    ctx = _kfac_ctx(tmp_path / "shared", tiny_preset, tiny_model, data, cfg)
+    shared = {"kfac": _kfac(cfg), "trak": _trak(cfg), "dtrak": dtrak()}
+    caches = MethodCaches(shared, ctx, "digits16", cfg)
+    assert caches.share_gradient_passes(["kfac", "trak", "dtrak"]) == ["trak", "dtrak"]
+    assert [s.loss for s in shared["kfac"].gradient_consumers] == ["loss", "square-norm"]
+    shared["kfac"].build(ctx)
+
+    def no_gradients(*a, **k):
+        raise AssertionError("a fed method recomputed training gradients")
+
+    monkeypatch.setattr(gradients, "train_loss_grads", no_gradients)
+    for name in ("trak", "dtrak"):
+        shared[name].build(ctx)
+        np.testing.assert_allclose(
+            shared[name].train_features(ctx), alone[name].train_features(alone_ctx), rtol=1e-5, atol=1e-6
+        )
+    a, b = _arrays_bytes(tmp_path / "alone"), _arrays_bytes(tmp_path / "shared")
+    bank_keys = [k for k in a if "kfac-bank" in k]
+    assert bank_keys and all(a[k] == b[k] for k in bank_keys)
+    assert caches.share_gradient_passes(["kfac", "trak", "dtrak"]) == []  # built: nothing to share

@@ -54,7 +54,7 @@ def test_flip_preset_draws_and_curvature_rows(tiny_preset, tiny_model, digits_sm
     """A preset trained with flips gets a seeded flip bit per draw (t and eps as without flips);
     digits (no flips) gets exactly the draws it had before; K-FAC's rows mirror the same images."""
     ds = digits_small.subset(list(range(4)))
-    cfg = AttributionConfig(mc_samples=32)
+    cfg = AttributionConfig(mc_samples=32, draws="shared")
     plain = make_context(tiny_preset, tiny_model, ds, "cpu", cfg)
     flipped = make_context(tiny_preset.replace(data=DataConfig(name="digits", flip=True)), tiny_model, ds, "cpu", cfg)
     old = make_draws(32, SHAPE, 1000, seed=cfg.seed)

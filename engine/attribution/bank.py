@@ -44,7 +44,7 @@ from .. import distributed
 from ..model.diffusion import Diffusion
 from . import int8_scan
 from .curvature import Block, KFACFactors
-from .gradients import Params, per_example_grads, train_loss_grads
+from .gradients import Params, per_example_grads_by_loss, train_loss_grads
 from .scoring import GRID_MAX_BYTES, to_scores
 from .train_draws import TrainDraws
 
@@ -306,7 +306,9 @@ def build_bank(
     bank stays in memory.  ``settings`` must name everything the bank depends on.
 
     ``consumers``: objects with ``consume(rows, grads)`` that get every batch of training
-    gradients this pass computes (TRAK's ``FeatureSink``: one gradient pass feeds both caches).
+    gradients this pass computes (TRAK's and D-TRAK's ``FeatureSink``: one gradient pass feeds all
+    three caches); a consumer's ``loss`` attribute ("loss" | "square-norm", default the bank's) says
+    which per-example function's gradients it gets, from the same forward pass.
     """
     device = torch.device(device) if device is not None else params[0][1].device
     settings = dict(settings or {})
@@ -318,14 +320,18 @@ def build_bank(
         if arrays is not None:
             return RotatedBank.from_arrays(arrays, blocks, device)
 
+    # every per-example function this pass differentiates: the bank's, then its consumers' (D-TRAK's
+    # square norm shares the forward pass with the loss: ``per_example_grads_by_loss``)
+    losses = tuple(dict.fromkeys([loss, *(getattr(c, "loss", loss) for c in consumers or ())]))
+
     def compute(rows: slice) -> dict[str, torch.Tensor]:
         parts = []
         for s in range(rows.start, rows.stop, grad_batch):
             sub = slice(s, min(rows.stop, s + grad_batch))
-            g = per_example_grads(model, diffusion, images[sub], draws.for_rows(sub), loss, params).detach()
+            grads = per_example_grads_by_loss(model, diffusion, images[sub], draws.for_rows(sub), losses, params)
             for c in consumers or ():
-                c.consume(sub, g)
-            parts.append(g)
+                c.consume(sub, grads[getattr(c, "loss", loss)].detach())
+            parts.append(grads[loss].detach())
             if progress is not None:
                 progress(f"train gradients {sub.stop}/{n}", sub.stop / n)
         for c in consumers or ():

@@ -186,24 +186,30 @@ class MethodCaches:
         return summary
 
     def share_gradient_passes(self, names: list[str]) -> list[str]:
-        """When K-FAC's bank and TRAK are both to be built, let the bank's pass over the training-loss
-        gradients (same draws, same parameters) feed TRAK's projections too: one gradient pass
-        instead of two.  D-TRAK needs square-norm gradients and keeps its own pass.  Returns the
-        methods that will be fed.  Call before building (the session's ``build`` does; a caller
-        that builds one method at a time -- the CLI, the app's build worker -- calls it once with
-        all of them)."""
-        kfac, trak = self.methods.get("kfac"), self.methods.get("trak")
-        if "kfac" not in names or "trak" not in names or kfac is None or trak is None:
-            return []
-        if not hasattr(kfac, "gradient_consumers") or not hasattr(trak, "feature_sink"):
+        """When K-FAC's stored bank is to be built, let its pass over the training set feed every
+        other method asked for that offers a ``feature_sink`` (TRAK: the same training-loss
+        gradients; D-TRAK: square-norm gradients from the same forward pass, same draws and
+        parameters): one gradient pass instead of three.  Returns the methods that will be fed.
+        Call before building (the session's ``build`` does; a caller that builds one method at a
+        time -- the CLI, the app's build worker -- calls it once with all of them)."""
+        kfac = self.methods.get("kfac")
+        if "kfac" not in names or kfac is None or not hasattr(kfac, "gradient_consumers"):
             return []
         if kfac.is_built(self.ctx) or kfac.bank_mode(self.ctx) != "stored":
             return []
-        sink = trak.feature_sink(self.ctx)
-        if sink is None:
-            return []
-        kfac.gradient_consumers = [sink]
-        return ["trak"]
+        fed, sinks = [], []
+        for name in names:
+            m = self.methods.get(name)
+            if name == "kfac" or m is None or not hasattr(m, "feature_sink"):
+                continue
+            if not self.availability(m)[0]:
+                continue
+            sink = m.feature_sink(self.ctx)
+            if sink is not None:
+                fed.append(name)
+                sinks.append(sink)
+        kfac.gradient_consumers = sinks
+        return fed
 
     def load(self, names: list[str]) -> dict[str, float]:
         """Load every *built* cache now (factors, banks memory-mapped, features) so the first query

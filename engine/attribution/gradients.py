@@ -100,17 +100,25 @@ def _rows(x0: torch.Tensor, draws: MCDraws) -> tuple[torch.Tensor, torch.Tensor,
     return draws.rows(x0)
 
 
-def row_losses(
-    model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, draws: MCDraws, loss: str
-) -> torch.Tensor:
-    """Per-row summands (b*M,): (1/D)||eps - eps_theta||^2 or, for square-norm, (1/D)||eps_theta||^2."""
-    x, t, eps = _rows(x0, draws)
-    pred = model(diffusion.q_sample(x, t, eps), t)
+def row_summands(pred: torch.Tensor, eps: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-row summands (rows,) from the network's prediction: (1/D)||eps - eps_theta||^2 or, for
+    square-norm, (1/D)||eps_theta||^2."""
     if loss == "loss":
         return (eps - pred).pow(2).flatten(1).mean(1)
     if loss == "square-norm":
         return pred.pow(2).flatten(1).mean(1)
     raise ValueError(f"unknown training loss {loss!r}: expected one of {LOSSES}")
+
+
+def row_losses(
+    model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, draws: MCDraws, loss: str
+) -> torch.Tensor:
+    """Per-row summands (b*M,): (1/D)||eps - eps_theta||^2 or, for square-norm, (1/D)||eps_theta||^2."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown training loss {loss!r}: expected one of {LOSSES}")
+    x, t, eps = _rows(x0, draws)
+    pred = model(diffusion.q_sample(x, t, eps), t)
+    return row_summands(pred, eps, loss)
 
 
 # --- back-end: hooks ------------------------------------------------------------------
@@ -242,6 +250,65 @@ def _loop_grads(
             li = row_losses(model, diffusion, x0[i : i + 1], draws.example(i), loss).mean()
             rows.append(flatten_grads(list(torch.autograd.grad(li, plist))))
     return torch.stack(rows)
+
+
+def _loop_grads_by_loss(
+    model: nn.Module,
+    params: Params,
+    diffusion: Diffusion,
+    x0: torch.Tensor,
+    draws: MCDraws,
+    losses: tuple[str, ...],
+) -> dict[str, torch.Tensor]:
+    """The loop back-end for several losses: one forward per example, one backward per loss."""
+    plist = [p for _, p in params]
+    rows: dict[str, list[torch.Tensor]] = {loss: [] for loss in losses}
+    with torch.enable_grad():
+        for i in range(x0.shape[0]):
+            x, t, eps = _rows(x0[i : i + 1], draws.example(i))
+            pred = model(diffusion.q_sample(x, t, eps), t)
+            for j, loss in enumerate(losses):
+                li = row_summands(pred, eps, loss).mean()
+                g = torch.autograd.grad(li, plist, retain_graph=j + 1 < len(losses))
+                rows[loss].append(flatten_grads(list(g)))
+    return {loss: torch.stack(r) for loss, r in rows.items()}
+
+
+def per_example_grads_by_loss(
+    model: nn.Module,
+    diffusion: Diffusion,
+    x0: torch.Tensor,
+    draws: MCDraws,
+    losses: tuple[str, ...] = ("loss", "square-norm"),
+    params: Params | None = None,
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """{loss: (b, P)} per-example gradients of several per-example functions with the same draws.
+
+    Why: K-FAC's bank and TRAK need the training loss and D-TRAK the square norm
+    (1/D)||eps_theta(x_t, t)||^2, both functions of the same prediction eps_theta(x_t, t) over the
+    same (t, eps) rows, so on the CPU loop back-end one forward per example serves every loss and
+    only the backward runs once per loss (forward is about a third of forward + backward).  Each
+    entry equals ``per_example_grads(..., loss)`` (tests check it); other back-ends call it per loss.
+    """
+    losses = tuple(dict.fromkeys(losses))
+    bad = [loss for loss in losses if loss not in LOSSES]
+    if not losses or bad:
+        raise ValueError(f"unknown training loss(es) {bad or losses!r}: expected some of {LOSSES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+    params = influence_params(model) if params is None else params
+    dev, dtype = params[0][1].device, params[0][1].dtype
+    use_loop = backend == "loop" or (backend == "auto" and dev.type == "cpu")
+    if len(losses) == 1 or not use_loop:
+        return {loss: per_example_grads(model, diffusion, x0, draws, loss, params, backend) for loss in losses}
+    was_training = model.training
+    model.eval()
+    try:
+        x0 = x0.to(dev, dtype)
+        return _loop_grads_by_loss(model, params, diffusion, x0, draws.to(dev, dtype), losses)
+    finally:
+        model.train(was_training)
 
 
 def per_example_grads(

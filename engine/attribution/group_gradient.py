@@ -6,7 +6,8 @@ score of its summed gradient (paper eqs. 5-6 summed over R):
     delta m(q; R) = sum_{i in R} tau_i(q) = (1/N) grad m(q)^T (G + lambda I)^{-1} g_R,
     g_R = sum_{i in R} grad l(x_i) = grad_theta sum_{i in R} (1/M) sum_m l(theta; x_i, t_m, eps_m),
 
-with the training draws (t_m, eps_m) the bank uses (``ctx.train_draws``).  g_R is one batched
+with the training draws (t_m, eps_m) the bank uses (``ctx.train_draws``: shared, or each member's
+own with per-example draws).  g_R is one batched
 backward per batch of members (not one per member), and the K-FAC products need only the
 factors (rotate both sides into the eigenbasis, divide by (eigenvalues + lambda)).  So group
 queries work before, or without, the per-example bank, and without its int8 rounding.  This is
@@ -32,8 +33,9 @@ def group_gradients(ctx: Any, groups: list[Group], batch: int = 64, progress: bo
     ``progress``: a tqdm bar over the members (minutes for all classes at M = 64 on a CPU)."""
     model, params = ctx.model, list(ctx.params)
     plist = [p for _, p in params]
-    draws = ctx.train_draws.to(ctx.device)
-    m = len(draws)
+    train_draws = ctx.train_draws
+    per_example = getattr(train_draws, "batched", False)  # PerExampleDraws: each member its own draws
+    m = len(train_draws)
     out = torch.zeros((len(groups), sum(p.numel() for p in plist)), dtype=plist[0].dtype)
     bar = None
     if progress:
@@ -47,6 +49,8 @@ def group_gradients(ctx: Any, groups: list[Group], batch: int = 64, progress: bo
             for s in range(0, group.size, batch):
                 idx = torch.as_tensor(group.members[s : s + batch])
                 x = ctx.dataset.images[idx].to(ctx.device, plist[0].dtype)
+                draws = train_draws.for_indices(idx) if per_example else train_draws
+                draws = draws.to(ctx.device, plist[0].dtype)
                 with torch.enable_grad():
                     total = row_losses(model, ctx.diffusion, x, draws, "loss").sum() / m  # sum_i l_i
                     grads = torch.autograd.grad(total, plist)

@@ -35,8 +35,8 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
         "--draws",
         choices=("shared", "per-example"),
         default=None,
-        help="training-gradient and curvature draws: shared by every example (default) or independent "
-        "per example (paper G.3)",
+        help="training-gradient and curvature draws: independent per example (paper G.3; the default "
+        "except on mnist) or shared by every example",
     )
     p.add_argument(
         "--kfac-blocks",
@@ -45,7 +45,8 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
         help="K-FAC blocks: weight and bias separate (default) or one joint block per layer (ablation)",
     )
     p.add_argument("--kfac-factor-draws", type=int, default=None,
-                   help="K-FAC factors from the first k of the M draws of every example (default: all M)")
+                   help="K-FAC factors from the first k of the M draws of every example (default: the preset's; "
+                        "8 on digits, all M elsewhere)")
     p.add_argument("--kfac-factor-draws-mode", choices=("same", "per-example"), default=None,
                    help="draws of the K-FAC factor pass: the bank's (same, default) or independent per example "
                         "(per-example, paper G.3; allows --kfac-factor-draws below M with shared bank draws)")
@@ -109,6 +110,20 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
         if args.kfac_factor_draws < 1:
             raise ValueError("--kfac-factor-draws must be at least 1")
         changes["kfac_factor_draws"] = args.kfac_factor_draws
+    if (
+        changes.get("draws") == "shared"
+        and "kfac_factor_draws" not in changes
+        and changes.get("kfac_factor_draws_mode", preset.attribution.kfac_factor_draws_mode) == "same"
+        and preset.attribution.kfac_factor_draws is not None
+    ):
+        # the preset's factors from k < M draws need per-example draws (shared ones would give the factors
+        # k of the bank's M timesteps: refused by validation.check_factor_draws), so shared means all M
+        print(
+            f"--draws shared: K-FAC factors from all M draws (the preset's {preset.attribution.kfac_factor_draws} "
+            "of M need per-example draws)",
+            file=sys.stderr,
+        )
+        changes["kfac_factor_draws"] = None
     for key in ("kfac_projection", "kfac_compression", "kfac_rerank"):
         if getattr(args, key, None) is not None:
             changes[key] = getattr(args, key)

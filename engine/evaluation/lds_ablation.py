@@ -50,21 +50,29 @@ class Variant:
     methods: tuple[str, ...] = ("kfac",)
 
 
+# Every variant names the draw settings it was measured with, so that its label stays true whatever the
+# preset's defaults are (digits: per-example draws, factors from 8 of 64 since the K=32 LDS below)
+SHARED_ALL = {"draws": "shared", "kfac_factor_draws": None, "kfac_factor_draws_mode": "same"}
+PER_EXAMPLE_ALL = {"draws": "per-example", "kfac_factor_draws": None, "kfac_factor_draws_mode": "same"}
+
 ABLATIONS: dict[str, tuple[Variant, ...]] = {
-    "draws": (Variant("shared"), Variant("per-example", {"draws": "per-example"})),
-    "trak_dim": tuple(Variant(f"k={k}", {"trak_dim": k}, ("trak", "dtrak")) for k in TRAK_DIMS),
-    "kfac_blocks": (Variant("separate"), Variant("joint", {"kfac_blocks": "joint"})),
+    "draws": (Variant("shared", SHARED_ALL), Variant("per-example", PER_EXAMPLE_ALL)),
+    "trak_dim": tuple(Variant(f"k={k}", {**SHARED_ALL, "trak_dim": k}, ("trak", "dtrak")) for k in TRAK_DIMS),
+    "kfac_blocks": (
+        Variant("separate", {**SHARED_ALL, "kfac_blocks": "separate"}),
+        Variant("joint", {**SHARED_ALL, "kfac_blocks": "joint"}),
+    ),
     # factors from the first k of the M draws (issue 12: the factor pass is most of a cold build); only with
     # per-example draws (with shared ones the factors would see k of the bank's M timesteps: refused)
     "factor_draws": tuple(
-        Variant(label, {"draws": "per-example", **({"kfac_factor_draws": k} if k else {})})
+        Variant(label, {**PER_EXAMPLE_ALL, "kfac_factor_draws": k})
         for label, k in (("per-example, all", None), ("per-example, k=8", 8))
     ),
     # issue 13 item 2 for the factors alone: the bank keeps the shared draws, the factors get 8 independent
     # draws per example (every timestep seen; an eighth of the factor pass)
     "factor_draws_mode": (
-        Variant("shared"),  # the bank's draws (the default)
-        Variant("per-example, k=8", {"kfac_factor_draws_mode": "per-example", "kfac_factor_draws": 8}),
+        Variant("shared", SHARED_ALL),  # the bank's draws
+        Variant("per-example, k=8", {**SHARED_ALL, "kfac_factor_draws_mode": "per-example", "kfac_factor_draws": 8}),
     ),
 }
 

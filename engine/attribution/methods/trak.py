@@ -194,13 +194,14 @@ class TRAK(AttributionMethod):
         return ctx.store.exists(self.name, self.settings(ctx))
 
     def feature_sink(self, ctx: EngineContext) -> FeatureSink | None:
-        """A consumer for another pass over the same training-loss gradients (K-FAC's bank pass):
-        it projects what it is given and saves every part it gets complete, so ``build`` only
-        computes what is left.  None when this cache is built or needs other gradients."""
-        if self.loss != "loss" or ctx.store is None or ctx.store.exists(self.name, self.settings(ctx)):
+        """A consumer for another pass over the training set with the same draws (K-FAC's bank pass):
+        it asks for this method's per-example function (``loss``: D-TRAK's square norm shares that
+        pass's forward), projects what it is given and saves every part it gets complete, so
+        ``build`` only computes what is left.  None when this cache is built."""
+        if ctx.store is None or ctx.store.exists(self.name, self.settings(ctx)):
             return None
         part = ctx.store.partial(self.name, self.settings(ctx), part_size=self.part_size, num_items=len(ctx.dataset))
-        return FeatureSink(part, self.projection(ctx), self.batch_size)
+        return FeatureSink(part, self.projection(ctx), self.batch_size, loss=self.loss)
 
     def cache_keys(self, ctx: EngineContext) -> list[tuple[str, dict[str, Any]]]:
         return [(self.name, self.settings(ctx))]
@@ -336,8 +337,9 @@ class DTRAK(TRAK):
 class FeatureSink:
     """Projected training gradients collected from someone else's gradient pass (``feature_sink``).
 
-    phi_i = P^T grad l(x_i) needs exactly the per-example training-loss gradients with the
-    train draws that K-FAC's bank pass computes, so that pass hands each batch here
+    phi_i = P^T grad l(x_i) needs per-example gradients with the train draws that K-FAC's bank
+    pass uses (TRAK: the training loss, which the bank needs too; D-TRAK: the square norm, from
+    the same forward pass), so that pass hands each batch here
     (``consume``).  Gradients are projected ``batch_size`` rows at a time (a projection call
     costs about the same for 16 rows as for 32: its tiles are generated per call) and a part of
     TRAK's resumable build is saved as soon as all its rows arrived.  Rows of parts that are
@@ -345,8 +347,9 @@ class FeatureSink:
     ``TRAK.build``.  ``flush()`` projects what is still buffered.
     """
 
-    def __init__(self, part: Any, projection: RandomProjection, batch_size: int = 32):
+    def __init__(self, part: Any, projection: RandomProjection, batch_size: int = 32, loss: str = "loss"):
         self.part = part
+        self.loss = loss  # which per-example function's gradients the feeding pass hands over
         self.projection = projection
         self.batch_size = int(batch_size)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (row, gradient) not projected yet

@@ -1,0 +1,79 @@
+"""The full cold build of every method, timed as a user runs it (issue 12's "cold build" figure).
+
+Runs ``python -m engine build --preset P`` in a child process on an empty cache folder (a temporary
+one, or ``--cache-root`` to keep the caches), and reports its wall time, its peak resident memory
+(``getrusage`` of the child) and the build seconds every cache recorded when it was published (the
+K-FAC factor pass, the bank pass that also feeds TRAK's and D-TRAK's projections, and what each
+of those still had to do afterwards).  Run it on an otherwise idle machine: the figure is a wall time.
+
+    python scripts/time_cold_build.py [--preset digits] [--cache-root DIR] [--out assets/results/cold_build_idle.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def recorded_seconds(cache_root: Path) -> dict[str, float]:
+    """{cache folder kind: build_seconds} from every published cache's settings.json."""
+    out: dict[str, float] = {}
+    for settings in sorted(cache_root.rglob("settings.json")):
+        if any(part.startswith(".") for part in settings.relative_to(cache_root).parts):
+            continue
+        meta = json.loads(settings.read_text())
+        seconds = (meta.get("meta") or {}).get("build_seconds", meta.get("build_seconds"))
+        if seconds is not None:
+            kind = settings.parent.name.rsplit("-", 1)[0]
+            out[kind] = round(out.get(kind, 0.0) + float(seconds), 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="digits")
+    ap.add_argument("--cache-root", default=None, help="an empty folder to build into (default: a temporary one)")
+    ap.add_argument("--out", default=None, help="write the record here as JSON")
+    ap.add_argument("extra", nargs="*", help="more arguments for `engine build` (after --)")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.cache_root or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        if any(root.iterdir()):
+            raise SystemExit(f"{root} is not empty: a cold build needs an empty cache folder")
+        cmd = [sys.executable, "-m", "engine", "build", "--preset", args.preset, "--cache-root", str(root), *args.extra]
+        load_before = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"build failed with exit code {proc.returncode}")
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        record = {
+            "command": " ".join(["python", "scripts/time_cold_build.py", *(argv if argv is not None else sys.argv[1:])]),
+            "build_command": " ".join(["python", "-m", "engine", "build", "--preset", args.preset, "--cache-root", "<empty>",
+                                       *args.extra]),
+            "date": time.strftime("%Y-%m-%d"),
+            "load_average_before": round(load_before, 2),
+            "cores": os.cpu_count(),
+            "wall_s": round(wall, 1),
+            "peak_rss_mb": round(peak_mb),
+            "build_seconds": recorded_seconds(root),
+        }
+    print(json.dumps(record, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
