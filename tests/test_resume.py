@@ -305,6 +305,8 @@ def test_kfac_bank_pass_feeds_trak_and_dtrak(tmp_path, tiny_preset, tiny_model, 
     caches = MethodCaches(shared, ctx, "digits16", cfg)
     assert caches.share_gradient_passes(["kfac", "trak", "dtrak"]) == ["trak", "dtrak"]
     assert [s.loss for s in shared["kfac"].gradient_consumers] == ["loss", "square-norm"]
+    assert caches.share_gradient_passes(["kfac"]) == []  # what the session's build of one method calls
+    assert len(shared["kfac"].gradient_consumers) == 2  # ... keeps the sinks set up for all of them
     shared["kfac"].build(ctx)
 
     def no_gradients(*a, **k):

@@ -208,7 +208,8 @@ class MethodCaches:
             if sink is not None:
                 fed.append(name)
                 sinks.append(sink)
-        kfac.gradient_consumers = sinks
+        if sinks:  # a later call for fewer methods (the session's build of one method) keeps these
+            kfac.gradient_consumers = sinks
         return fed
 
     def load(self, names: list[str]) -> dict[str, float]:
