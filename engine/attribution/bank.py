@@ -45,6 +45,7 @@ from ..model.diffusion import Diffusion
 from . import int8_scan
 from .curvature import Block, KFACFactors
 from .gradients import Params, per_example_grads_by_loss, train_loss_grads
+from .row_threads import gradient_workers, map_ordered
 from .scoring import GRID_MAX_BYTES, to_scores
 from .train_draws import TrainDraws
 
@@ -324,11 +325,16 @@ def build_bank(
     # square norm shares the forward pass with the loss: ``per_example_grads_by_loss``)
     losses = tuple(dict.fromkeys([loss, *(getattr(c, "loss", loss) for c in consumers or ())]))
 
+    workers = gradient_workers(params[0][1].device)
+
+    def grads_of(sub: slice) -> dict[str, torch.Tensor]:
+        return per_example_grads_by_loss(model, diffusion, images[sub], draws.for_rows(sub), losses, params)
+
     def compute(rows: slice) -> dict[str, torch.Tensor]:
         parts = []
-        for s in range(rows.start, rows.stop, grad_batch):
-            sub = slice(s, min(rows.stop, s + grad_batch))
-            grads = per_example_grads_by_loss(model, diffusion, images[sub], draws.for_rows(sub), losses, params)
+        subs = [slice(s, min(rows.stop, s + grad_batch)) for s in range(rows.start, rows.stop, grad_batch)]
+        # sub-batches computed by one single-threaded worker per free core (engine.attribution.row_threads)
+        for sub, grads in zip(subs, map_ordered(grads_of, subs, workers), strict=True):
             for c in consumers or ():
                 c.consume(sub, grads[getattr(c, "loss", loss)].detach())
             parts.append(grads[loss].detach())

@@ -53,6 +53,7 @@ from torch import nn
 from ..model.diffusion import Diffusion, MCDraws
 from ..model.measurements import Measurement, draw_pairs, measure
 from .query import QueryInput
+from .row_threads import gradient_workers, map_ordered
 from .train_draws import TrainDraws
 
 LOSSES = ("loss", "square-norm")
@@ -377,15 +378,21 @@ def train_loss_grads(
     model, ctx_params = _model_of(ctx_or_model)
     params = params if params is not None else (ctx_params or influence_params(model))
     n = images.shape[0]
-    for s in range(start, n, batch_size):
-        rows = slice(s, min(n, s + batch_size))
-        g = per_example_grads(model, diffusion, images[rows], draws.for_rows(rows), loss, params, backend)
+    batches = [slice(s, min(n, s + batch_size)) for s in range(start, n, batch_size)]
+
+    def grads_of(rows: slice) -> torch.Tensor:
+        return per_example_grads(model, diffusion, images[rows], draws.for_rows(rows), loss, params, backend)
+
+    # batches computed by one single-threaded worker per free core (engine.attribution.row_threads)
+    workers = gradient_workers(params[0][1].device) if backend in ("auto", "loop") else 1
+    for rows, g in zip(batches, map_ordered(grads_of, batches, workers), strict=True):
         if progress is not None:
             progress(f"train gradients {rows.stop}/{n}", rows.stop / n)
         yield rows, g
 
 
 SHARED_FORWARD_KINDS = ("loss", "square-norm")
+MIN_ROWS_PER_WORKER = 16  # fewer rows per worker thread are not worth a thread (shared_forward_grads)
 
 
 def shared_forward_grads(
@@ -405,7 +412,10 @@ def shared_forward_grads(
         loss        = (1/M) sum_m (1/D) ||eps_m - eps_theta(x_{t_m}, t_m)||^2   (docs/architecture.md §3)
         square-norm = (1/M) sum_m (1/D) ||eps_theta(x_{t_m}, t_m)||^2            (D-TRAK's output function)
 
-    Equal to ``measurement_grad`` of each (tests check it).  Taken in eval mode.
+    On the CPU the M rows are split between one single-threaded worker per free core, each taking its
+    rows' share (1/M) sum_{m in part} of both means; the parts' gradients add up to the whole
+    (``engine.attribution.row_threads``).  Equal to ``measurement_grad`` of each to float rounding
+    (tests check it).  Taken in eval mode.
     """
     kinds = [m.kind for m in measurements]
     if not kinds or any(k not in SHARED_FORWARD_KINDS for k in kinds) or len(set(kinds)) != len(kinds):
@@ -415,21 +425,38 @@ def shared_forward_grads(
     x0 = image.to(dev, dtype)
     x, t, eps = draw_pairs(x0[None] if x0.dim() == 3 else x0, draws.to(dev, dtype))
     tensors = [p for _, p in params]
+    rows = x.shape[0]
+    # the M rows split between one single-threaded worker per free core (engine.attribution.row_threads):
+    # the mean over rows is the sum of each part's share, so the parts' gradients add up
+    workers = min(gradient_workers(dev), rows // MIN_ROWS_PER_WORKER) if rows >= 2 * MIN_ROWS_PER_WORKER else 1
+    bounds = [round(i * rows / max(workers, 1)) for i in range(max(workers, 1) + 1)]
+    parts = [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+    def part_grads(sl: slice) -> list[torch.Tensor]:
+        with torch.enable_grad():  # grad mode is per thread
+            pred = model(diffusion.q_sample(x[sl], t[sl], eps[sl]), t[sl])
+            got = []
+            for i, meas in enumerate(measurements):
+                target = (eps[sl] - pred) if meas.kind == "loss" else pred
+                value = target.pow(2).flatten(1).mean(1).sum() / rows
+                grads = torch.autograd.grad(value, tensors, allow_unused=True, retain_graph=i + 1 < len(measurements))
+                got.append(
+                    flatten_grads([torch.zeros_like(p) if g is None else g for g, p in zip(grads, tensors, strict=True)])
+                )
+        return got
+
     was_training = model.training
     model.eval()
-    out: dict[Measurement, torch.Tensor] = {}
     try:
-        with torch.enable_grad():
-            pred = model(diffusion.q_sample(x, t, eps), t)
-            for i, meas in enumerate(measurements):
-                target = (eps - pred) if meas.kind == "loss" else pred
-                value = target.pow(2).flatten(1).mean(1).mean()
-                grads = torch.autograd.grad(value, tensors, allow_unused=True, retain_graph=i + 1 < len(measurements))
-                out[meas] = flatten_grads(
-                    [torch.zeros_like(p) if g is None else g for g, p in zip(grads, tensors, strict=True)]
-                )
+        results = list(map_ordered(part_grads, parts, len(parts)))
     finally:
         model.train(was_training)
+    out: dict[Measurement, torch.Tensor] = {}
+    for i, meas in enumerate(measurements):
+        total = results[0][i]
+        for r in results[1:]:
+            total = total + r[i]
+        out[meas] = total
     return out
 
 
