@@ -14,7 +14,7 @@ from engine.attribution.gradients import (
     train_loss_grads,
 )
 from engine.attribution.methods.base import QueryInput
-from engine.attribution.row_threads import gradient_workers, map_ordered
+from engine.attribution.row_threads import gradient_workers, map_ordered, single_op_threads
 from engine.model.diffusion import make_draws
 from engine.model.measurements import parse_measurement
 
@@ -54,6 +54,19 @@ def test_map_ordered_keeps_order_bounds_work_and_restores_threads(two_threads):
         list(map_ordered(boom, range(3), workers=2))
     assert torch.get_num_threads() == 2
 
+    # overlapping users (the app's build worker and a query): the count is restored when the last leaves
+    with single_op_threads(2):
+        with single_op_threads(2):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+
+    # a worker that maps again runs its items itself (no nested pool waiting on its own tasks)
+    def nested(i: int) -> list[int]:
+        return list(map_ordered(lambda j: j + i, range(3), workers=2))
+
+    assert list(map_ordered(nested, range(4), workers=2)) == [[j + i for j in range(3)] for i in range(4)]
+
 
 def test_shared_forward_grads_split_between_threads_equal_one_pass(tiny_model, diffusion, digits_small, two_threads):
     model, x = tiny_model, digits_small.images[3]
@@ -65,7 +78,7 @@ def test_shared_forward_grads_split_between_threads_equal_one_pass(tiny_model, d
         both = shared_forward_grads(model, diffusion, x, draws, specs)
     finally:
         hook.remove()
-    assert len(threads) == 2 and all(n.startswith("grad") for n in threads)
+    assert len(threads) == 2 and all(n.startswith("grad-worker") for n in threads)
     for spec in specs:
         alone = measurement_grad(model, diffusion, spec, QueryInput(image=x), draws, levels=17)
         # the same sum in another order: float32 rounding only
