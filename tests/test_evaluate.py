@@ -331,3 +331,20 @@ def test_measuring_in_spawned_workers_equals_in_process(tiny_preset, digits_smal
         f.unlink()
     v1 = measured_matrix(tmp_path, masks, 1, digits_small.images[:2], spec, 17, progress=False, workers=1)
     assert np.allclose(v1, v2)
+
+
+def test_run_setup_takes_the_requested_presets_attribution_settings(tmp_path):
+    """The shipped checkpoint's config.json was written before per-example draws and factor draws
+    existed; an LDS or retraining run must still score with the preset's current attribution settings
+    (what the app and the CLI use), and with the checkpoint's own model."""
+    from engine.config import get_preset
+    from engine.evaluation.setup import resolve_setup
+    from engine.model.checkpoint import read_config
+    from engine.paths import default_checkpoint
+
+    ckpt = default_checkpoint("digits")
+    saved, _ = read_config(ckpt)
+    setup = resolve_setup(get_preset("digits"), ckpt, "cpu", "lds", out=tmp_path / "run", results=tmp_path / "res")
+    assert setup.preset.attribution == get_preset("digits").attribution
+    assert setup.preset.attribution.kfac_factor_draws == 8 and setup.preset.attribution.draws == "per-example"
+    assert setup.preset.model == saved.model and setup.preset.train == saved.train

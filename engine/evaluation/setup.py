@@ -55,8 +55,8 @@ def resolve_setup(
     results: str | Path | None = None,
     quick: bool = False,
 ) -> RunSetup:
-    """The full model's own recipe (its checkpoint's preset, with this machine's data root), its
-    data and the folders: ``runs/<kind>/<preset>`` and ``assets/results`` unless given.
+    """The full model's own recipe (its checkpoint's preset, with this machine's data root and the
+    requested preset's attribution settings), its data and the folders: ``runs/<kind>/<preset>`` and ``assets/results`` unless given.
 
     Quick mode (CI) trains its own tiny model on 64 digits into ``out/full`` and writes its
     results under ``out/results``, never over the shipped ones.
@@ -81,7 +81,11 @@ def resolve_setup(
     ckpt = Path(checkpoint)
     if (ckpt / "config.json").is_file():
         ck_preset, _ = read_config(ckpt)
+        requested = preset
         preset = ck_preset.replace(data={"root": preset.data.root}) if preset.data.root else ck_preset
+        # the checkpoint fixes how the model was trained; the attribution settings are the requested
+        # preset's, as in the app and the CLI (AttributionSession), not those saved when it was trained
+        preset = preset.replace(attribution=requested.attribution)
     return RunSetup(preset, ckpt, load_dataset(preset.data), out_dir, results_dir, device, False)
 
 
