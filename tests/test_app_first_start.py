@@ -156,3 +156,18 @@ def test_precomputed_scores_are_keyed_to_model_and_settings(precomputed_env):
     s1 = pre.scores(0, "kfac", lam)
     assert s0 is not None and s1 is not None and not np.allclose(s0, s1)
     assert pre.scores(0, "trak", 123.0) is None  # TRAK only at its default damping
+
+
+@pytest.mark.parametrize("preset", ["digits", "mnist"])
+def test_shipped_precomputed_results_match_the_presets_current_settings(preset, tmp_path):
+    """The shipped gallery results must belong to the shipped checkpoint AND the preset's current
+    attribution settings: a changed default (draws, factor draws, projection) changes the cache keys,
+    and without regenerating the file (`attribution-engine precompute`) a first start would show none."""
+    from engine.attribution.precomputed import PrecomputedGallery
+    from engine.attribution.session import AttributionSession
+    from engine.paths import default_checkpoint
+
+    pre = PrecomputedGallery.load(default_checkpoint(preset) / FILE)
+    assert pre is not None, f"no shipped precomputed results for {preset}"
+    session = AttributionSession(preset, cache_root=tmp_path)  # empty cache: nothing is built or loaded
+    assert {"kfac", "trak", "dtrak", "pixel"} <= set(pre.methods_for(session)), pre.key["methods"].keys()
