@@ -12,7 +12,7 @@ from conftest import TINY_MODEL
 
 from engine.config import AttributionConfig, DataConfig, Preset, TrainConfig
 from engine.evaluation.lds import make_subsets, predicted_matrix
-from engine.evaluation.lds_ablation import ABLATIONS, Variant, build_variants, run_ablation, variant_session
+from engine.evaluation.lds_ablation import ABLATIONS, build_variants, run_ablation, variant_session
 from engine.evaluation.lds_run import session_scores
 from engine.evaluation.runs import MeasureSpec
 from engine.evaluation.setup import RunSetup
@@ -53,7 +53,7 @@ def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
         a, b = (rec["variants"][v.label]["methods"]["kfac"]["lds"] for v in ABLATIONS[name])
         assert a != b  # the option changes the scores
     # the LDS of a variant is engine.evaluation.lds's statistic of its cached scores against the seed average
-    session, _ = variant_session(setup, Variant("joint", {"kfac_blocks": "joint"}), tmp_path / "cache", None)
+    session, _ = variant_session(setup, ABLATIONS["kfac_blocks"][1], tmp_path / "cache", None)
     rows, _ = session_scores(session, queries, "loss", ["kfac"], setup.out / "ablation" / "kfac_blocks" / "joint")
     pred = predicted_matrix(lambda q: {"kfac": rows[q]["kfac"]}, masks, 3)["kfac"]
     want = lds_score(pred, per_seed.mean(0)).to_dict()["lds"]
@@ -62,7 +62,7 @@ def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
     sep = rec["variants"]["separate"]["methods"]["kfac"]
     joint = rec["variants"]["joint"]["methods"]["kfac"]
     assert "vs_first" not in sep and joint["vs_first"]["baseline"] == "separate"
-    base_rows, _ = session_scores(variant_session(setup, Variant("separate"), tmp_path / "cache", None)[0], queries,
+    base_rows, _ = session_scores(variant_session(setup, ABLATIONS["kfac_blocks"][0], tmp_path / "cache", None)[0], queries,
                                   "loss", ["kfac"], setup.out / "ablation" / "kfac_blocks" / "separate")
     base_pred = predicted_matrix(lambda q: {"kfac": base_rows[q]["kfac"]}, masks, 3)["kfac"]
     per_q = [spearman(p, m) - spearman(b, m) for p, b, m in zip(pred, base_pred, per_seed.mean(0), strict=True)]
@@ -71,7 +71,7 @@ def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
     lo, hi = joint["vs_first"]["ci95"]
     assert lo <= joint["vs_first"]["difference"] <= hi and joint["vs_first"]["queries"] == 3
     # defaults come from a baseline cache that has them; other settings from the variants' root
-    _, base_root = variant_session(setup, Variant("separate"), tmp_path / "other", tmp_path / "cache")
+    _, base_root = variant_session(setup, ABLATIONS["kfac_blocks"][0], tmp_path / "other", tmp_path / "cache")
     assert base_root == tmp_path / "cache"
-    _, own = variant_session(setup, Variant("joint", {"kfac_blocks": "joint"}), tmp_path / "other", tmp_path / "none")
+    _, own = variant_session(setup, ABLATIONS["kfac_blocks"][1], tmp_path / "other", tmp_path / "none")
     assert own == tmp_path / "other"
