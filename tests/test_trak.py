@@ -65,6 +65,28 @@ def test_srht_matches_its_dense_matrix_and_is_seeded():
     assert not torch.equal(RandomProjection(p, k, seed=6, kind="srht").dense(), proj.dense())
 
 
+def test_compiled_walsh_hadamard_equals_the_torch_transform():
+    """The numba butterflies (what SRHT uses on a CPU) and the matmul-based torch passes are the same
+    x H_n to float32 rounding; bad input is refused."""
+    from engine.attribution import hadamard_kernel
+    from engine.attribution.projection import _hadamard, fwht
+
+    if not hadamard_kernel.available():
+        pytest.skip("numba is not installed: the torch transform is the only one")
+    x = torch.randn(3, 1 << 12, generator=torch.Generator().manual_seed(0))
+    y = x.numpy().copy()
+    hadamard_kernel.fwht_rows_inplace(y)
+    torch.testing.assert_close(torch.from_numpy(y), fwht(x.clone()), rtol=1e-5, atol=1e-3)
+    small = torch.randn(2, 8)
+    z = small.numpy().copy()
+    hadamard_kernel.fwht_rows_inplace(z)
+    torch.testing.assert_close(torch.from_numpy(z), small @ _hadamard(8, torch.device("cpu")))
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard_kernel.fwht_rows_inplace(np.zeros((1, 6), np.float32))
+    with pytest.raises(TypeError):
+        hadamard_kernel.fwht_rows_inplace(np.zeros((1, 8), np.float64))
+
+
 def test_projection_independent_of_block_and_batch_size():
     p, k = 2 * TILE_ROWS + 123, 8  # crosses tile boundaries
     streamed = RandomProjection(p, k, seed=7, max_dense_bytes=0)  # tiles generated on the fly

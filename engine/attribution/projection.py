@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import hadamard_kernel
+
 KINDS = ("srht", "rademacher", "gaussian", "identity")
 TILE_ROWS = 4096
 
@@ -199,10 +201,15 @@ class RandomProjection:
             out = g.clone()
         elif self.kind == "srht":
             out = torch.empty((g.shape[0], self.dim), device=self.device, dtype=torch.float32)
+            compiled = self.device.type == "cpu" and hadamard_kernel.available()
             for s in range(0, g.shape[0], 64):  # bounded memory: 64 x n floats at a time
                 padded = torch.zeros((min(64, g.shape[0] - s), self.padded), device=self.device)
                 padded[:, : self.num_params] = g[s : s + 64] * self.signs
-                out[s : s + 64] = fwht(padded)[:, self.rows] * self.scale
+                if compiled:  # in-place butterflies (engine.attribution.hadamard_kernel): 3-4x faster
+                    hadamard_kernel.fwht_rows_inplace(padded.numpy())
+                else:
+                    padded = fwht(padded)
+                out[s : s + 64] = padded[:, self.rows] * self.scale
         elif self._dense is not None:
             out = g @ self._dense
         else:
