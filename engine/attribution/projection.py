@@ -201,7 +201,9 @@ class RandomProjection:
             out = g.clone()
         elif self.kind == "srht":
             out = torch.empty((g.shape[0], self.dim), device=self.device, dtype=torch.float32)
-            compiled = self.device.type == "cpu" and hadamard_kernel.available()
+            # the compiled butterflies for batches (the build: 3-4x faster per row); a query's single vector
+            # keeps torch's matmul passes, which use every intra-op thread (numba's kernel runs on one)
+            compiled = self.device.type == "cpu" and g.shape[0] >= 4 and hadamard_kernel.available()
             for s in range(0, g.shape[0], 64):  # bounded memory: 64 x n floats at a time
                 padded = torch.zeros((min(64, g.shape[0] - s), self.padded), device=self.device)
                 padded[:, : self.num_params] = g[s : s + 64] * self.signs
