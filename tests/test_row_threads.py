@@ -96,3 +96,24 @@ def test_train_loss_grads_with_two_workers_equal_one(tiny_model, diffusion, digi
     assert [r for r, _ in two] == [r for r, _ in one] == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 10)]
     for (_, a), (_, b) in zip(two, one, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
+def test_worker_passes_run_in_eval_mode_and_restore_train_mode(diffusion, digits_small, two_threads):
+    """With dropout, a model left in train mode must still give eval-mode gradients from every worker
+    (no worker may switch it back while another computes), and comes back in train mode."""
+    import dataclasses
+
+    from conftest import TINY_MODEL
+
+    from engine.model.unet import build_model
+
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(TINY_MODEL, dropout=0.5))
+    x = digits_small.images[:8]
+    draws = make_draws(4, (1, 8, 8), diffusion.T, seed=1)
+    params = influence_params(model)
+    ref = torch.cat([g for _, g in train_loss_grads(model.eval(), diffusion, x, draws, batch_size=2, params=params)])
+    model.train()
+    got = torch.cat([g for _, g in train_loss_grads(model, diffusion, x, draws, batch_size=2, params=params)])
+    assert model.training
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))

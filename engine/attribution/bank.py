@@ -333,13 +333,19 @@ def build_bank(
     def compute(rows: slice) -> dict[str, torch.Tensor]:
         parts = []
         subs = [slice(s, min(rows.stop, s + grad_batch)) for s in range(rows.start, rows.stop, grad_batch)]
-        # sub-batches computed by one single-threaded worker per free core (engine.attribution.row_threads)
-        for sub, grads in zip(subs, map_ordered(grads_of, subs, workers), strict=True):
-            for c in consumers or ():
-                c.consume(sub, grads[getattr(c, "loss", loss)].detach())
-            parts.append(grads[loss].detach())
-            if progress is not None:
-                progress(f"train gradients {sub.stop}/{n}", sub.stop / n)
+        # sub-batches computed by one single-threaded worker per free core (engine.attribution.row_threads);
+        # eval mode set once here, not by each worker (switching it back and forth would race)
+        was_training = model.training
+        model.eval()
+        try:
+            for sub, grads in zip(subs, map_ordered(grads_of, subs, workers), strict=True):
+                for c in consumers or ():
+                    c.consume(sub, grads[getattr(c, "loss", loss)].detach())
+                parts.append(grads[loss].detach())
+                if progress is not None:
+                    progress(f"train gradients {sub.stop}/{n}", sub.stop / n)
+        finally:
+            model.train(was_training)
         for c in consumers or ():
             if hasattr(c, "flush"):
                 c.flush()  # what it buffered of this chunk, before the chunk is saved

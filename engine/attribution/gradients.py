@@ -383,12 +383,18 @@ def train_loss_grads(
     def grads_of(rows: slice) -> torch.Tensor:
         return per_example_grads(model, diffusion, images[rows], draws.for_rows(rows), loss, params, backend)
 
-    # batches computed by one single-threaded worker per free core (engine.attribution.row_threads)
+    # batches computed by one single-threaded worker per free core (engine.attribution.row_threads); the
+    # model is put in eval mode once, here: workers switching it back and forth would race
     workers = gradient_workers(params[0][1].device) if backend in ("auto", "loop") else 1
-    for rows, g in zip(batches, map_ordered(grads_of, batches, workers), strict=True):
-        if progress is not None:
-            progress(f"train gradients {rows.stop}/{n}", rows.stop / n)
-        yield rows, g
+    was_training = model.training
+    model.eval()
+    try:
+        for rows, g in zip(batches, map_ordered(grads_of, batches, workers), strict=True):
+            if progress is not None:
+                progress(f"train gradients {rows.stop}/{n}", rows.stop / n)
+            yield rows, g
+    finally:
+        model.train(was_training)
 
 
 SHARED_FORWARD_KINDS = ("loss", "square-norm")
