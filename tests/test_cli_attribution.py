@@ -164,15 +164,21 @@ def test_kronfluence_task_matches_our_loss_and_scores(bench_session):
     from engine.model.measurements import diffusion_loss
 
     s = bench_session
-    draws = s.ctx.train_draws
+    train = s.ctx.train_draws
+    assert train.batched  # per-example draws (the default): each example its own (t, eps)
+    draws = train.for_rows(slice(0, 3))
     triples = bench._Triples(s.dataset.images[:3], draws.t, draws.eps)
     assert len(triples) == 3 * len(draws)
     x, t, eps = triples[len(draws) + 2]  # example 1, draw 2
-    assert torch.equal(x, s.dataset.images[1]) and t == draws.t[2] and torch.equal(eps, draws.eps[2])
+    assert torch.equal(x, s.dataset.images[1]) and t == draws.t[1, 2] and torch.equal(eps, draws.eps[1, 2])
+    shared = s.query_draws()  # shared draws (one set for every example) index the same way
+    x, t, eps = bench._Triples(s.dataset.images[:3], shared.t, shared.eps)[len(shared) + 2]
+    assert torch.equal(x, s.dataset.images[1]) and t == shared.t[2] and torch.equal(eps, shared.eps[2])
     task = bench._make_kronfluence_task(s.diffusion, s.shape)
     batch = [torch.stack(c) for c in zip(*[triples[j] for j in range(len(triples))], strict=True)]
     with torch.no_grad():
-        ours = diffusion_loss(s.model, s.diffusion, s.dataset.images[:3], draws) * len(triples)
+        per_example = [diffusion_loss(s.model, s.diffusion, s.dataset.images[i], train.example(i)) for i in range(3)]
+        ours = torch.stack(per_example).mean() * len(triples)
         theirs = task.compute_measurement(batch, s.model)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
     q = [s.parse_query("gallery:0")]

@@ -51,17 +51,23 @@ def _make_kronfluence_task(diffusion, shape: tuple[int, int, int]):
 
 
 class _Triples(torch.utils.data.Dataset):
-    """Item j = (x_{j // M}, t_{j % M}, eps_{j % M}): every example with every draw."""
+    """Item j = (x_i, t, eps) of example i = j // M and draw k = j % M: every example with every draw.
+
+    ``t`` (M,) and ``eps`` (M, C, H, W) are draws shared by every example; ``t`` (N, M) and ``eps``
+    (N, M, C, H, W) are each example's own (per-example draws)."""
 
     def __init__(self, images: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
         self.images, self.t, self.eps = images, t, eps
-        self.m = int(t.shape[0])
+        self.per_example = t.dim() == 2
+        self.m = int(t.shape[-1])
 
     def __len__(self) -> int:
         return int(self.images.shape[0]) * self.m
 
     def __getitem__(self, j: int):
         i, k = divmod(int(j), self.m)
+        if self.per_example:
+            return self.images[i], self.t[i, k], self.eps[i, k]
         return self.images[i], self.t[k], self.eps[k]
 
 
@@ -85,11 +91,15 @@ def compare_kronfluence(session, queries, query_results, batch_size: int = 512) 
     task = _make_kronfluence_task(session.diffusion, shape)
     model = prepare_model(copy.deepcopy(session.model).cpu().eval(), task)
     draws = ctx.train_draws
-    if getattr(draws, "batched", False) or getattr(draws, "flip", None) is not None:
-        raise ValueError("the kronfluence comparison supports shared draws without flips only (digits default)")
+    if getattr(draws, "batched", False):  # per-example draws: every example's own (t, eps), all at once
+        if draws.flip:
+            raise ValueError("the kronfluence comparison does not support flip augmentation")
+        draws = draws.for_rows(slice(0, len(session.dataset.images)))
+    elif draws.flip is not None:
+        raise ValueError("the kronfluence comparison does not support flip augmentation")
     qdraws = session.query_draws()
     train = _Triples(session.dataset.images, draws.t, draws.eps)
-    m = len(draws)
+    m = train.m
     out: dict[str, Any] = {"N": len(session.dataset), "M": m, "triples": len(train), "strategy": "kfac"}
     with tempfile.TemporaryDirectory(prefix="kronfluence-") as folder:
         analyzer = Analyzer(
