@@ -115,8 +115,6 @@ def row_losses(
     model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, draws: MCDraws, loss: str
 ) -> torch.Tensor:
     """Per-row summands (b*M,): (1/D)||eps - eps_theta||^2 or, for square-norm, (1/D)||eps_theta||^2."""
-    if loss not in LOSSES:
-        raise ValueError(f"unknown training loss {loss!r}: expected one of {LOSSES}")
     x, t, eps = _rows(x0, draws)
     pred = model(diffusion.q_sample(x, t, eps), t)
     return row_summands(pred, eps, loss)
@@ -244,13 +242,7 @@ def _func_grads(
 def _loop_grads(
     model: nn.Module, params: Params, diffusion: Diffusion, x0: torch.Tensor, draws: MCDraws, loss: str
 ) -> torch.Tensor:
-    plist = [p for _, p in params]
-    rows = []
-    with torch.enable_grad():
-        for i in range(x0.shape[0]):
-            li = row_losses(model, diffusion, x0[i : i + 1], draws.example(i), loss).mean()
-            rows.append(flatten_grads(list(torch.autograd.grad(li, plist))))
-    return torch.stack(rows)
+    return _loop_grads_by_loss(model, params, diffusion, x0, draws, (loss,))[loss]
 
 
 def _loop_grads_by_loss(
@@ -435,7 +427,7 @@ def shared_forward_grads(
     # the M rows split between one single-threaded worker per free core (engine.attribution.row_threads):
     # the mean over rows is the sum of each part's share, so the parts' gradients add up
     workers = min(gradient_workers(dev), rows // MIN_ROWS_PER_WORKER) if rows >= 2 * MIN_ROWS_PER_WORKER else 1
-    bounds = [round(i * rows / max(workers, 1)) for i in range(max(workers, 1) + 1)]
+    bounds = [round(i * rows / workers) for i in range(workers + 1)]
     parts = [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
     def part_grads(sl: slice) -> list[torch.Tensor]:

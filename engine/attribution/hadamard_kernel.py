@@ -18,13 +18,11 @@ numba or with ``ATTRIBUTION_FWHT_KERNEL=torch``; both paths agree to float32 rou
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
-_KERNEL: Any = None
-_TRIED = False
+from .compiled_kernel import CompiledKernel
 
 
 def _compile() -> Any:
@@ -48,18 +46,12 @@ def _compile() -> Any:
     return fwht_rows
 
 
+_KERNEL = CompiledKernel(_compile, "ATTRIBUTION_FWHT_KERNEL")
+
+
 def available() -> bool:
     """Whether the compiled transform can run here (numba importable, not switched off)."""
-    global _KERNEL, _TRIED
-    if os.environ.get("ATTRIBUTION_FWHT_KERNEL", "").lower() == "torch":
-        return False
-    if not _TRIED:
-        _TRIED = True
-        try:
-            _KERNEL = _compile()
-        except Exception:  # noqa: BLE001 - no numba (or a broken one): the torch path stays
-            _KERNEL = None
-    return _KERNEL is not None
+    return _KERNEL.available()
 
 
 def fwht_rows_inplace(x: np.ndarray) -> None:
@@ -71,7 +63,7 @@ def fwht_rows_inplace(x: np.ndarray) -> None:
     n = x.shape[1]
     if n & (n - 1):
         raise ValueError(f"fwht needs a power-of-two length, got {n}")
-    _KERNEL(x)
+    _KERNEL.fn(x)
 
 
 __all__ = ["available", "fwht_rows_inplace"]

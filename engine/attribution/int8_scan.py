@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .compiled_kernel import CompiledKernel
+
 _LOCK = threading.Lock()
-_KERNEL: Any = None
-_TRIED = False
 
 
 def _compile() -> Any:
@@ -56,18 +56,12 @@ def _compile() -> Any:
     return scaled_row_dots
 
 
+_KERNEL = CompiledKernel(_compile, "ATTRIBUTION_INT8_KERNEL")
+
+
 def available() -> bool:
     """Whether the fused kernel can run here (numba importable, not switched off)."""
-    global _KERNEL, _TRIED
-    if os.environ.get("ATTRIBUTION_INT8_KERNEL", "").lower() == "torch":
-        return False
-    if not _TRIED:
-        _TRIED = True
-        try:
-            _KERNEL = _compile()
-        except Exception:  # noqa: BLE001 - no numba (or a broken one): the torch path stays
-            _KERNEL = None
-    return _KERNEL is not None
+    return _KERNEL.available()
 
 
 def warm_up() -> bool:
@@ -97,4 +91,4 @@ def scaled_row_dots_into(data: np.ndarray, q: np.ndarray, scales: np.ndarray, ou
         raise TypeError("expected int8 data and float32 q, scales and out")
     with _LOCK:
         numba.set_num_threads(_threads())
-        _KERNEL(data, np.ascontiguousarray(q), np.ascontiguousarray(scales), out)
+        _KERNEL.fn(data, np.ascontiguousarray(q), np.ascontiguousarray(scales), out)
