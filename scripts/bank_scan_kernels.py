@@ -2,7 +2,9 @@
 
 Times, side by side in one run (medians), one pass <R_i, q> over the built digits bank with
   * ``_weight_int8pack_mm``: torch's fused int8-weight kernel, one call per block;
-  * the numba kernel of ``engine.attribution.int8_scan`` (what ``RotatedBank.inner`` uses when numba is there);
+  * the numba kernel of ``engine.attribution.int8_scan`` (what ``RotatedBank.inner`` uses when numba is there:
+    one parallel loop over the rows of the bank packed into one array), and the same kernel run once per
+    block (what a bank too big to pack gets);
   * per-block float conversion in row chunks of ~1 MiB of floats (what ``RotatedBank.inner`` does);
   * the same with whole-block chunks (the previous fallback's 64 MiB);
 and the 50-damping grid pass (``RotatedBank.inner_many``), and checks that all agree.
@@ -23,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's engine
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -74,6 +77,17 @@ def main() -> int:
     kernels = {} if args.no_int8pack else {"int8pack": packed}
     if int8_scan.available():
         kernels["fused_int8_numba (RotatedBank.inner)"] = lambda: bank.inner(q)
+        if bank._packed is not None:  # the same kernel with one parallel loop per block (banks over PACK_MAX_BYTES)
+            own = [np.ascontiguousarray(d.numpy()) for d in bank.data]
+            cols = [np.ascontiguousarray(bank.scales[:, j].numpy()) for j in range(len(own))]
+
+            def per_block() -> torch.Tensor:
+                out, qn = np.zeros(bank.num_examples, np.float32), q.numpy()
+                parts = [(d, qn[b.offset : b.offset + b.size], c) for d, b, c in zip(own, bank.blocks, cols, strict=True)]
+                int8_scan.scaled_block_dots_into(parts, out)
+                return torch.from_numpy(out)
+
+            kernels["fused_int8_numba_per_block"] = per_block
     for mib in (float(x) for x in args.chunk_mib.split(",")):
         nbytes = int(mib * 2**20)
         tag = " (RotatedBank.inner without numba)" if nbytes == SCAN_CHUNK_BYTES_CPU else ""

@@ -182,10 +182,34 @@ def test_fused_int8_scan_equals_torch_chunks(monkeypatch):
                 for j, b in enumerate(blocks))
     torch.testing.assert_close(ref.double(), exact, rtol=1e-5, atol=1e-6)
     if int8_scan.available():
-        assert bank._fused_ok()
-        fused = bank.inner(q)
-        torch.testing.assert_close(fused.double(), exact, rtol=1e-5, atol=1e-6)
+        assert bank._fused_ok() and bank._packed is not None  # packed into one (n, P) array on load
+        torch.testing.assert_close(bank.inner(q).double(), exact, rtol=1e-5, atol=1e-6)
+        for j in range(len(sizes)):  # the blocks are views of the packed array, same values
+            assert torch.equal(bank.data[j], data[j])
+        torch.testing.assert_close(bank.row(5).double(), torch.cat(
+            [data[j][5].double() * scales[5, j].double() for j in range(len(sizes))]))  # rows read the views
+        monkeypatch.setattr("engine.attribution.bank.PACK_MAX_BYTES", 0)  # too big to pack: one loop per block
+        per_block = RotatedBank(blocks, data, scales)
+        assert per_block._packed is None and per_block._fused_ok()
+        torch.testing.assert_close(per_block.inner(q).double(), exact, rtol=1e-5, atol=1e-6)
         assert int8_scan.warm_up()
     monkeypatch.setenv("ATTRIBUTION_INT8_KERNEL", "torch")
     assert not int8_scan.available() and not bank._fused_ok()
     torch.testing.assert_close(bank.inner(q).double(), exact, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_scan_refuses_inconsistent_shapes():
+    """The packed kernel checks its offsets against the scales and the array before it reads memory."""
+    from engine.attribution import int8_scan
+
+    if not int8_scan.available():
+        pytest.skip("numba is not installed")
+    packed, out = np.ones((3, 8), np.int8), np.zeros(3, np.float32)
+    q, scales = np.ones(8, np.float32), np.ones((3, 2), np.float32)
+    int8_scan.packed_row_dots_into(packed, np.array([0, 3, 8], np.int64), q, scales, out)
+    np.testing.assert_array_equal(out, [8.0, 8.0, 8.0])
+    for bad in (np.array([0, 3, 7], np.int64), np.array([0, 8], np.int64), np.array([0, 3, 8], np.int32)):
+        with pytest.raises(ValueError):
+            int8_scan.packed_row_dots_into(packed, bad, q, scales, out)
+    with pytest.raises(ValueError):
+        int8_scan.packed_row_dots_into(packed, np.array([0, 3, 8], np.int64), np.ones(7, np.float32), scales, out)

@@ -273,15 +273,16 @@ def test_generate_records_a_trajectory(session):
 
 
 def test_first_answer_is_one_pass_and_fill_grids_makes_damping_changes_lookups(session, monkeypatch):
-    """K-FAC on a stored bank answers with one exact pass at the damping asked for; ``fill_grids``
+    """K-FAC on a stored bank (and TRAK) answers with one exact pass at the damping asked for; ``fill_grids``
     (the app runs it in a thread while the answer shows) scores the grid, after which a damping
     change on the grid makes no pass over the bank and equals a direct exact pass."""
     q = session.parse_query("train:5")
     res = session.query(q, "loss", methods=["kfac", "trak"])
     query = res.prepared["kfac"].query
     assert query.grid is None and list(query.scores) == [res.methods["kfac"].damping]
-    assert session.fill_grids(res) == ["kfac"]  # TRAK's grid came with its first answer
-    assert query.grid is not None and session.fill_grids(res) == []
+    assert res.prepared["trak"].query.grid is None  # TRAK's first answer too: one product at its damping
+    assert session.fill_grids(res) == ["kfac", "trak"]
+    assert query.grid is not None and res.prepared["trak"].query.grid is not None and session.fill_grids(res) == []
     bank = session.method("kfac").bank
     calls = []
     monkeypatch.setattr(bank, "inner_many", lambda *a, **k: calls.append(1))

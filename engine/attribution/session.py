@@ -281,7 +281,6 @@ class AttributionSession:
         """grad_theta m(theta, x_q) (P,) in ``ctx.params`` order (model in eval mode)."""
         from . import gradients
 
-        self.model.eval()
         return gradients.measurement_grad(
             self.model,
             self.diffusion,
@@ -292,7 +291,9 @@ class AttributionSession:
             params=list(self.ctx.params),
         )
 
-    def _shared_forward_plan(self, names: list[str], meas: Measurement, query: QueryInput) -> list[Measurement]:
+    def _shared_forward_plan(
+        self, names: list[str], meas: Measurement, query: QueryInput, built: dict[str, bool]
+    ) -> list[Measurement]:
         """The query measurements that one shared forward pass should serve (``gradients.shared_forward_grads``):
         the distinct loss / square-norm measurements of the methods that will run, when there are two."""
         from .gradients import SHARED_FORWARD_KINDS
@@ -305,7 +306,7 @@ class AttributionSession:
             qm = m.query_measurement(meas)
             if qm is None or qm.kind not in SHARED_FORWARD_KINDS or qm in needed:
                 continue
-            if not self._availability(m)[0] or not (self.auto_build or m.is_built(self.ctx)):
+            if not self._availability(m)[0] or not (self.auto_build or built[name]):
                 continue
             needed.append(qm)
         return needed if len(needed) > 1 else []
@@ -339,7 +340,9 @@ class AttributionSession:
         damping = dict(damping or {})
         self._check_dampings(names, damping)
         draws = self.query_draws(mc_samples)
-        shared = self._shared_forward_plan(names, meas, query)
+        # each method's cache checked once per query (is_built may read manifests and array headers)
+        built = {name: self._methods[name].is_built(self.ctx) for name in names}
+        shared = self._shared_forward_plan(names, meas, query, built)
         grads: dict[Measurement, tuple[torch.Tensor, float]] = {}
         results: dict[str, MethodResult] = {}
         prepared: dict[str, Prepared] = {}
@@ -352,7 +355,7 @@ class AttributionSession:
             if not available:
                 res.status, res.reason = "unavailable", reason
                 continue
-            if not m.is_built(self.ctx):
+            if not (built[name] or m.is_built(self.ctx)):  # (an earlier method's build may have built it)
                 problem = self.cache_problem(name)
                 if problem is not None:
                     res.status, res.reason = "error", problem

@@ -191,7 +191,12 @@ class TRAK(AttributionMethod):
         }
 
     def is_built(self, ctx: EngineContext) -> bool:
-        return ctx.store.exists(self.name, self.settings(ctx))
+        """True when this context's cache is loaded (held in memory: no file is read again, as for
+        K-FAC) or a complete, matching cache is on disk (its manifest and array headers checked)."""
+        settings = self.settings(ctx)
+        if str(ctx.store.path(self.name, settings)) in self._loaded:
+            return True
+        return ctx.store.exists(self.name, settings)
 
     def feature_sink(self, ctx: EngineContext) -> FeatureSink | None:
         """A consumer for another pass over the training set with the same draws (K-FAC's bank pass):
@@ -306,12 +311,14 @@ class TRAK(AttributionMethod):
         t1 = time.perf_counter()
         z_q = state["eigvecs"].T @ phi_q
         t2 = time.perf_counter()
-        query = EigenbasisQuery(rotated=z_q, eigenvalues=state["eigvals"], rows=state["rows"])
+        rows = state["rows"]  # DenseRows: the first answer is one product at the damping asked for (docs §5)
+        query = EigenbasisQuery(rotated=z_q, eigenvalues=state["eigvals"], rows=rows, grid_first=rows.grid_in_first_pass)
         return EigenPrepared(query=query, timing_ms={"project": (t1 - t0) * 1e3, "rotate": (t2 - t1) * 1e3})
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
-        """tau = (1/N) Z (z_q / (s + lambda)) through ``scoring.EigenbasisQuery``: the first call
-        scores the damping grid too, so later damping changes are lookups or interpolations."""
+        """tau = (1/N) Z (z_q / (s + lambda)) through ``scoring.EigenbasisQuery``: the first call scores
+        the damping asked for; the grid follows (``fill_grid``, or the second damping asked for), after
+        which damping changes are lookups or interpolations."""
         assert isinstance(prepared, EigenPrepared)
         lam = self.default_damping if damping is None else float(damping)
         return prepared.query.score(lam)
