@@ -179,7 +179,7 @@ class RotatedBank:
         return (
             self.device.type == "cpu"
             and self.quantized
-            and (getattr(self, "_packed", None) is not None or all(d.is_contiguous() for d in self.data))
+            and (self._packed is not None or all(d.is_contiguous() for d in self.data))
             and int8_scan.available()
         )
 
