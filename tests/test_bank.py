@@ -188,6 +188,9 @@ def test_fused_int8_scan_equals_torch_chunks(monkeypatch):
             assert torch.equal(bank.data[j], data[j])
         torch.testing.assert_close(bank.row(5).double(), torch.cat(
             [data[j][5].double() * scales[5, j].double() for j in range(len(sizes))]))  # rows read the views
+        monkeypatch.setattr("engine.attribution.bank._available_memory_bytes", lambda: 4 * bank.nbytes - 4)
+        assert RotatedBank(blocks, data, scales)._packed is None  # over a quarter of the free memory: not packed
+        monkeypatch.setattr("engine.attribution.bank._available_memory_bytes", lambda: None)
         monkeypatch.setattr("engine.attribution.bank.PACK_MAX_BYTES", 0)  # too big to pack: one loop per block
         per_block = RotatedBank(blocks, data, scales)
         assert per_block._packed is None and per_block._fused_ok()

@@ -31,6 +31,7 @@ gradients unquantised in the gradients' dtype (float32, or float64 in tests).
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -52,8 +53,31 @@ from .train_draws import TrainDraws
 SCALES = "scales"
 SCAN_CHUNK_BYTES_CPU = 4 << 20  # floats per converted chunk of a single-damping scan (stays in L2/L3)
 SCAN_CHUNK_BYTES_GPU = 256 << 20
-# a quantised CPU bank up to this size is packed into one (N, P) array when loaded, for the fused scan
+# a quantised CPU bank up to this size (and a quarter of the free memory) is packed into one (N, P)
+# array when loaded, for the fused scan
 PACK_MAX_BYTES = 2 << 30
+
+
+def pack_limit_bytes() -> int:
+    """The largest bank ``RotatedBank`` packs in memory: ``PACK_MAX_BYTES``, or a quarter of the memory
+    available now if that is less (a bigger bank keeps its memory maps, which the OS may page out)."""
+    free = _available_memory_bytes()
+    return PACK_MAX_BYTES if free is None else min(PACK_MAX_BYTES, free // 4)
+
+
+def _available_memory_bytes() -> int | None:
+    """Linux's MemAvailable (free plus reclaimable page cache), else POSIX free pages, else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def block_key(j: int) -> str:
@@ -99,7 +123,7 @@ class RotatedBank:
         self.num_examples = int(data[0].shape[0])
         self._packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if self._fused_ok():
-            if self.nbytes <= PACK_MAX_BYTES:
+            if self.nbytes <= pack_limit_bytes():
                 self._pack()
             # compile (or load) the scan kernel now, not in the first query
             int8_scan.warm_up(packed=self._packed is not None)
