@@ -29,6 +29,24 @@ def agreement(scores: np.ndarray, labels: np.ndarray, label: int, k: int = 10) -
     return float(np.mean(labels[np.argsort(-scores)[:k]] == label))
 
 
+def self_influence(s: AttributionSession, damping: float) -> np.ndarray:
+    """(1/N) g_i^T (G + lambda I)^-1 g_i for every training image, from the stored K-FAC bank:
+    sum_b scale_{i,b}^2 sum_j int8_{i,b,j}^2 / (e_j + lambda), the bank's own rows against themselves."""
+    m = s.method("kfac")
+    bank, eig = m.bank, m._eigenvalues
+    if not hasattr(bank, "scales") or bank.scales is None:
+        raise SystemExit("--relative needs a stored int8 K-FAC bank (--kfac-bank stored)")
+    n = bank.num_examples
+    w = (1.0 / (eig.double() + damping)).float()
+    out = np.zeros(n)
+    for j, (blk, d) in enumerate(zip(bank.blocks, bank.data, strict=True)):
+        wb = w[blk.offset : blk.offset + blk.size]
+        for r in range(0, n, 256):
+            x = d[r : r + 256].float()
+            out[r : r + 256] += ((x * x) @ wb).double().numpy() * bank.scales[r : r + 256, j].double().numpy() ** 2
+    return out / n
+
+
 def real_agreement(s: AttributionSession, labels: np.ndarray, n: int) -> None:
     """Top-10 label agreement of K-FAC and pixel cosine for n real mnist digits outside the training set,
     against their true labels (and against the classifier's labels, as for the gallery)."""
@@ -69,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                          "against their true labels: separates the method from the samples' ambiguity")
     ap.add_argument("--measurements", default="",
                     help="other measurements to try at the default damping (comma list, e.g. elbo,loss@t=100)")
+    ap.add_argument("--relative", action="store_true",
+                    help="also rank by influence / sqrt(self-influence) of each training image (a cosine in the "
+                         "metric (G + lambda I)^-1): does a few images' large self-influence crowd out the class?")
     ap.add_argument("--ekfac", action="store_true",
                     help="EK-FAC eigenvalues (George et al. 2018) instead of K-FAC's (one more pass over the data)")
     args = ap.parse_args(argv)
@@ -95,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         ends["bottom-10"].append(agreement(-sc, labels, y))
         ends["top-10 by |score|"].append(agreement(np.abs(sc), labels, y))
     print("  default damping: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in ends.items()))
+    if args.relative:
+        lam = raws[0].methods["kfac"].damping
+        norm = np.sqrt(self_influence(s, lam))
+        rel = [agreement(r.methods["kfac"].scores / norm, labels, y) for y, r in zip(qlab, raws, strict=True)]
+        share = [np.mean(np.isin(np.argsort(-r.methods["kfac"].scores)[:10], np.argsort(-norm)[: len(norm) // 10]))
+                 for r in raws]
+        print(f"  relative (influence / sqrt(self-influence)), damping {lam:g}: top-10 {np.mean(rel):.3f}; "
+              f"share of the plain top-10 among the 10% largest self-influences: {np.mean(share):.2f}")
     for lam in (float(x) for x in args.dampings.split(",")):
         fr = [agreement(s.rescore(r, {"kfac": lam}).methods["kfac"].scores, labels, y) for y, r in zip(qlab, raws, strict=True)]
         print(f"  damping {lam:g}: {np.mean(fr):.3f}")
