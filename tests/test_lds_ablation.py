@@ -75,3 +75,34 @@ def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
     assert base_root == tmp_path / "cache"
     _, own = variant_session(setup, ABLATIONS["kfac_blocks"][1], tmp_path / "other", tmp_path / "none")
     assert own == tmp_path / "other"
+
+
+@pytest.mark.slow
+def test_a_multi_method_variant_is_built_with_one_shared_gradient_pass(tmp_path, digits_small, monkeypatch):
+    """A variant that changes every gradient method (``mc_samples``) builds K-FAC, TRAK and D-TRAK through
+    ``session.build`` (one training-gradient pass feeding all three), not method by method."""
+    from engine.attribution.session import AttributionSession
+    from engine.evaluation import lds_ablation
+
+    torch.set_num_threads(1)
+    ds = digits_small.subset(list(range(8)))
+    preset = Preset(
+        name="tiny",
+        model=TINY_MODEL,
+        data=DataConfig(name="digits"),
+        train=TrainConfig(steps=2, batch_size=8, log_every=100, checkpoint_every=1000),
+        attribution=AttributionConfig(mc_samples=2, clip_pretrained=None, trak_dim=16),
+    )
+    folder = train(preset, tmp_path / "ckpt", dataset=ds, progress=False)
+    setup = RunSetup(preset, folder, ds, tmp_path / "out", tmp_path / "results", "cpu", False)
+    variant = lds_ablation.Variant("M=4", {"mc_samples": 4}, ("kfac", "trak", "dtrak"))
+    monkeypatch.setitem(lds_ablation.ABLATIONS, "tiny_mc", (variant,))
+    calls = []
+    real_build = AttributionSession.build
+    monkeypatch.setattr(AttributionSession, "build", lambda self, methods=None, **kw: calls.append(list(methods))
+                        or real_build(self, methods, **kw))
+    build_variants(setup, ["tiny_mc"], tmp_path / "cache", None, log=lambda s: None)
+    assert calls == [["kfac", "trak", "dtrak"]]
+    session, _ = variant_session(setup, variant, tmp_path / "cache", None)
+    assert session.config.mc_samples == 4
+    assert all(session.method(m).is_built(session.ctx) for m in variant.methods)

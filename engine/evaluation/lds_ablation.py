@@ -12,7 +12,8 @@ m(S_j) = m_full + sum_{i not in S_j} tau_i, Spearman over subsets, mean over que
   each also at its best damping of the sweep (chosen on the same queries: optimistic for the
   baselines, which is the point: they get their best shot);
 * ``kfac_blocks``: K-FAC with weight and bias in separate blocks vs one joint block per layer;
-* ``factor_draws``: K-FAC factors from all M per-example draws vs the first k = 8 (an 8x cheaper factor pass).
+* ``factor_draws``: K-FAC factors from all M per-example draws vs the first k = 8 (an 8x cheaper factor pass);
+* ``mc_samples``: M = 64 (the default) vs 32 and 128 Monte Carlo draws per example for every gradient method.
 
 The run folder (``attribution-engine lds`` output) is only read: true measurements already cached
 beside its models are reused, missing ones are computed into ``out``.  Caches of settings other
@@ -72,6 +73,13 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
     "factor_draws": tuple(
         Variant(label, {**PER_EXAMPLE_ALL, "kfac_factor_draws": k})
         for label, k in (("per-example, all", None), ("per-example, k=8", 8))
+    ),
+    # issue 12: what halving the Monte Carlo draws per example would cost (the bank pass, which feeds all three
+    # gradient methods, is most of a cold build and scales with M), and what doubling them gains (the paper used
+    # 250); every gradient method, the preset's factor draws (8), the query gradient at the same M
+    "mc_samples": tuple(
+        Variant(f"M={m}", {**PER_EXAMPLE_ALL, "kfac_factor_draws": 8, "mc_samples": m}, ("kfac", "trak", "dtrak"))
+        for m in (64, 32, 128)
     ),
     # issue 13 item 2 for the factors alone: the bank keeps the shared draws, the factors get 8 independent
     # draws per example (every timestep seen; an eighth of the factor pass)
@@ -171,6 +179,12 @@ def build_variants(
     for name in names:
         for variant in ABLATIONS[name]:
             session, root = variant_session(setup, variant, cache_root, baseline)
+            todo = [m for m in variant.methods if not session.method(m).is_built(session.ctx)]
+            if len(todo) > 1 and name != "trak_dim":  # one training-gradient pass for K-FAC's bank and the TRAKs
+                t0 = time.perf_counter()
+                log(f"[{name}/{variant.label}] building {', '.join(todo)} into {root} (one shared gradient pass)")
+                session.build(todo)
+                log(f"[{name}/{variant.label}] built in {time.perf_counter() - t0:.0f} s")
             for m in variant.methods:
                 method = session.method(m)
                 if method.is_built(session.ctx):
