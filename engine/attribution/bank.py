@@ -45,7 +45,7 @@ from .. import distributed
 from ..model.diffusion import Diffusion
 from . import int8_scan
 from .curvature import Block, KFACFactors
-from .gradients import Params, per_example_grads_by_loss, train_loss_grads
+from .gradients import Params, eval_mode, per_example_grads_by_loss, train_loss_grads
 from .row_threads import gradient_workers, map_ordered
 from .scoring import GRID_MAX_BYTES, to_scores
 from .train_draws import TrainDraws
@@ -395,17 +395,13 @@ def build_bank(
         subs = [slice(s, min(rows.stop, s + grad_batch)) for s in range(rows.start, rows.stop, grad_batch)]
         # sub-batches computed by one single-threaded worker per free core (engine.attribution.row_threads);
         # eval mode set once here, not by each worker (switching it back and forth would race)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             for sub, grads in zip(subs, map_ordered(grads_of, subs, workers), strict=True):
                 for c in consumers or ():
                     c.consume(sub, grads[getattr(c, "loss", loss)].detach())
                 parts.append(grads[loss].detach())
                 if progress is not None:
                     progress(f"train gradients {sub.stop}/{n}", sub.stop / n)
-        finally:
-            model.train(was_training)
         for c in consumers or ():
             if hasattr(c, "flush"):
                 c.flush()  # what it buffered of this chunk, before the chunk is saved
