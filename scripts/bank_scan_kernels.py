@@ -72,22 +72,15 @@ def main() -> int:
     grid = torch.tensor(DAMPING_GRID + (1e-8,))[:, None]
     eig = k._eigenvalues
     from engine.attribution import int8_scan
-    from engine.attribution.bank import SCAN_CHUNK_BYTES_CPU
+    from engine.attribution.bank import SCAN_CHUNK_BYTES_CPU, RotatedBank
 
     kernels = {} if args.no_int8pack else {"int8pack": packed}
     if int8_scan.available():
         kernels["fused_int8_numba (RotatedBank.inner)"] = lambda: bank.inner(q)
-        if bank._packed is not None:  # the same kernel with one parallel loop per block (banks over PACK_MAX_BYTES)
-            own = [np.ascontiguousarray(d.numpy()) for d in bank.data]
-            cols = [np.ascontiguousarray(bank.scales[:, j].numpy()) for j in range(len(own))]
-
-            def per_block() -> torch.Tensor:
-                out, qn = np.zeros(bank.num_examples, np.float32), q.numpy()
-                parts = [(d, qn[b.offset : b.offset + b.size], c) for d, b, c in zip(own, bank.blocks, cols, strict=True)]
-                int8_scan.scaled_block_dots_into(parts, out)
-                return torch.from_numpy(out)
-
-            kernels["fused_int8_numba_per_block"] = per_block
+        if bank._packed is not None:  # the same kernel with one parallel loop per block (banks over the pack limit)
+            own = [torch.from_numpy(np.ascontiguousarray(d.numpy())) for d in bank.data]
+            per_block = RotatedBank(bank.blocks, own, bank.scales, pack=False)
+            kernels["fused_int8_numba_per_block"] = lambda: per_block.inner(q)
     for mib in (float(x) for x in args.chunk_mib.split(",")):
         nbytes = int(mib * 2**20)
         tag = " (RotatedBank.inner without numba)" if nbytes == SCAN_CHUNK_BYTES_CPU else ""

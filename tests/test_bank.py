@@ -190,6 +190,7 @@ def test_fused_int8_scan_equals_torch_chunks(monkeypatch):
             [data[j][5].double() * scales[5, j].double() for j in range(len(sizes))]))  # rows read the views
         monkeypatch.setattr("engine.attribution.bank._available_memory_bytes", lambda: 4 * bank.nbytes - 4)
         assert RotatedBank(blocks, data, scales)._packed is None  # over a quarter of the free memory: not packed
+        assert RotatedBank(blocks, data, scales, pack=False)._packed is None  # or when asked not to
         monkeypatch.setattr("engine.attribution.bank._available_memory_bytes", lambda: None)
         monkeypatch.setattr("engine.attribution.bank.PACK_MAX_BYTES", 0)  # too big to pack: one loop per block
         per_block = RotatedBank(blocks, data, scales)

@@ -112,7 +112,9 @@ class RotatedBank:
     # (digits bank, one thread: one damping ~0.2-0.3 s, the 50-damping grid ~1.5 s)
     grid_in_first_pass = False
 
-    def __init__(self, blocks: list[Block], data: list[torch.Tensor], scales: torch.Tensor | None):
+    def __init__(
+        self, blocks: list[Block], data: list[torch.Tensor], scales: torch.Tensor | None, pack: bool = True
+    ):
         if len(data) != len(blocks):
             raise ValueError("one data array per block expected")
         self.blocks = blocks
@@ -123,7 +125,7 @@ class RotatedBank:
         self.num_examples = int(data[0].shape[0])
         self._packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if self._fused_ok():
-            if self.nbytes <= pack_limit_bytes():
+            if pack and self.nbytes <= pack_limit_bytes():  # pack=False: keep the blocks (benchmarks)
                 self._pack()
             # compile (or load) the scan kernel now, not in the first query
             int8_scan.warm_up(packed=self._packed is not None)
