@@ -46,6 +46,7 @@ def main() -> int:
     from engine.attribution.damping_grid import DAMPING_GRID
     from engine.attribution.session import AttributionSession
     from engine.config import get_preset
+    from engine.files import save_json
     from engine.paths import default_checkpoint
 
     preset = get_preset(args.preset)
@@ -104,7 +105,7 @@ def main() -> int:
     }
     print(json.dumps(record, indent=1))
     if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        save_json(args.out, record, indent=1)
     return 0
 
 

@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(record, indent=1))
     if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        # atomic write; imported here, the parent process needs no other engine code
+        from engine.files import save_json
+
+        save_json(args.out, record, indent=1)
     return 0
 
 

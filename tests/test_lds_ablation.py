@@ -20,19 +20,24 @@ from engine.evaluation.stats import lds_score, spearman
 from engine.model.train import train
 
 
-@pytest.mark.slow
-def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
-    torch.set_num_threads(1)
-    ds = digits_small.subset(list(range(12)))
+def _tiny_setup(tmp_path, ds, steps: int, **attribution) -> RunSetup:
+    """A tiny model trained for ``steps`` on ``ds`` and the run setup the ablations take (M = 2 draws)."""
     preset = Preset(
         name="tiny",
         model=TINY_MODEL,
         data=DataConfig(name="digits"),
-        train=TrainConfig(steps=4, batch_size=8, log_every=100, checkpoint_every=1000),
-        attribution=AttributionConfig(mc_samples=2, clip_pretrained=None),
+        train=TrainConfig(steps=steps, batch_size=8, log_every=100, checkpoint_every=1000),
+        attribution=AttributionConfig(mc_samples=2, clip_pretrained=None, **attribution),
     )
     folder = train(preset, tmp_path / "ckpt", dataset=ds, progress=False)
-    setup = RunSetup(preset, folder, ds, tmp_path / "out", tmp_path / "results", "cpu", False)
+    return RunSetup(preset, folder, ds, tmp_path / "out", tmp_path / "results", "cpu", False)
+
+
+@pytest.mark.slow
+def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
+    torch.set_num_threads(1)
+    ds = digits_small.subset(list(range(12)))
+    setup = _tiny_setup(tmp_path, ds, steps=4)
     names = ["kfac_blocks"]
     build_variants(setup, names, tmp_path / "cache", None, log=lambda s: None)
     masks = make_subsets(len(ds), 6, 0.5, 0)
@@ -86,15 +91,7 @@ def test_a_multi_method_variant_is_built_with_one_shared_gradient_pass(tmp_path,
 
     torch.set_num_threads(1)
     ds = digits_small.subset(list(range(8)))
-    preset = Preset(
-        name="tiny",
-        model=TINY_MODEL,
-        data=DataConfig(name="digits"),
-        train=TrainConfig(steps=2, batch_size=8, log_every=100, checkpoint_every=1000),
-        attribution=AttributionConfig(mc_samples=2, clip_pretrained=None, trak_dim=16),
-    )
-    folder = train(preset, tmp_path / "ckpt", dataset=ds, progress=False)
-    setup = RunSetup(preset, folder, ds, tmp_path / "out", tmp_path / "results", "cpu", False)
+    setup = _tiny_setup(tmp_path, ds, steps=2, trak_dim=16)
     variant = lds_ablation.Variant("M=4", {"mc_samples": 4}, ("kfac", "trak", "dtrak"))
     monkeypatch.setitem(lds_ablation.ABLATIONS, "tiny_mc", (variant,))
     calls = []
