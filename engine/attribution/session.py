@@ -292,10 +292,11 @@ class AttributionSession:
         )
 
     def _shared_forward_plan(
-        self, names: list[str], meas: Measurement, query: QueryInput, built: dict[str, bool]
+        self, names: list[str], meas: Measurement, query: QueryInput, ready: dict[str, bool]
     ) -> list[Measurement]:
         """The query measurements that one shared forward pass should serve (``gradients.shared_forward_grads``):
-        the distinct loss / square-norm measurements of the methods that will run, when there are two."""
+        the distinct loss / square-norm measurements of the methods that will run (``ready``: available, and
+        built or to be built), when there are two."""
         from .gradients import SHARED_FORWARD_KINDS
 
         if query.image is None:
@@ -304,9 +305,7 @@ class AttributionSession:
         for name in names:
             m = self._methods[name]
             qm = m.query_measurement(meas)
-            if qm is None or qm.kind not in SHARED_FORWARD_KINDS or qm in needed:
-                continue
-            if not self._availability(m)[0] or not (self.auto_build or built[name]):
+            if qm is None or qm.kind not in SHARED_FORWARD_KINDS or qm in needed or not ready[name]:
                 continue
             needed.append(qm)
         return needed if len(needed) > 1 else []
@@ -340,9 +339,12 @@ class AttributionSession:
         damping = dict(damping or {})
         self._check_dampings(names, damping)
         draws = self.query_draws(mc_samples)
-        # each method's cache checked once per query (is_built may read manifests and array headers)
-        built = {name: self._methods[name].is_built(self.ctx) for name in names}
-        shared = self._shared_forward_plan(names, meas, query, built)
+        # each method's availability and cache checked once per query (is_built may read manifests and array
+        # headers), the cache only of methods that can run here
+        avail = {name: self._availability(self._methods[name]) for name in names}
+        built = {name: avail[name][0] and self._methods[name].is_built(self.ctx) for name in names}
+        ready = {name: avail[name][0] and (self.auto_build or built[name]) for name in names}
+        shared = self._shared_forward_plan(names, meas, query, ready)
         grads: dict[Measurement, tuple[torch.Tensor, float]] = {}
         results: dict[str, MethodResult] = {}
         prepared: dict[str, Prepared] = {}
@@ -351,7 +353,7 @@ class AttributionSession:
             m = self._methods[name]
             res = self._empty_result(name)
             results[name] = res
-            available, reason = self._availability(m)
+            available, reason = avail[name]
             if not available:
                 res.status, res.reason = "unavailable", reason
                 continue
