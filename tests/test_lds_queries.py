@@ -11,7 +11,9 @@ from engine.evaluation.setup import RunSetup
 from engine.model.checkpoint import save_checkpoint
 
 
-def test_queries_start_with_the_gallery_and_extending_keeps_the_saved_ones(tmp_path, tiny_preset, tiny_model, digits_small):
+def test_queries_start_with_the_gallery_and_extending_keeps_the_saved_ones(
+    tmp_path, tiny_preset, tiny_model, digits_small
+):
     preset = tiny_preset.replace(diffusion={"num_timesteps": 5})
     folder = save_checkpoint(tmp_path / "ckpt", tiny_model, preset)
     gallery = np.random.default_rng(0).uniform(size=(2, 1, 8, 8)).astype(np.float32)
