@@ -72,7 +72,8 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
     # per-example draws (with shared ones the factors would see k of the bank's M timesteps: refused)
     "factor_draws": tuple(
         Variant(label, {**PER_EXAMPLE_ALL, "kfac_factor_draws": k})
-        for label, k in (("per-example, all", None), ("per-example, k=8", 8))
+        for label, k in (("per-example, all", None), ("per-example, k=8", 8), ("per-example, k=4", 4),
+                         ("per-example, k=2", 2))
     ),
     # issue 12: what halving the Monte Carlo draws per example would cost (the bank pass, which feeds all three
     # gradient methods, is most of a cold build and scales with M), and what doubling them gains (the paper used
@@ -80,6 +81,12 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
     "mc_samples": tuple(
         Variant(f"M={m}", {**PER_EXAMPLE_ALL, "kfac_factor_draws": 8, "mc_samples": m}, ("kfac", "trak", "dtrak"))
         for m in (64, 32, 128)
+    ),
+    # issue 13 item 5, the baselines' best shot: TRAK and D-TRAK at the paper's k = 32,768 and the larger of the
+    # mc_samples ablation's M (both raise their LDS there; K-FAC at that M is in mc_samples)
+    "trak_best": (
+        Variant("k=32768, M=128", {**PER_EXAMPLE_ALL, "kfac_factor_draws": 8, "mc_samples": 128, "trak_dim": 32768},
+                ("trak", "dtrak")),
     ),
     # issue 13 item 2 for the factors alone: the bank keeps the shared draws, the factors get 8 independent
     # draws per example (every timestep seen; an eighth of the factor pass)
@@ -205,7 +212,7 @@ def best_of_sweep(table: dict[str, dict[str, Any]], method: str) -> dict[str, An
         if not key.startswith(method + "@") or res.get("lds") is None or not np.isfinite(res["lds"]):
             continue
         if best is None or res["lds"] > best["lds"]:
-            best = {"damping": float(key.split("@", 1)[1]), **{k: res[k] for k in ("lds", "ci95", "sem")}}
+            best = {"damping": float(key.split("@", 1)[1]), **{k: res[k] for k in ("lds", "ci95", "sem", "per_query")}}
     return best
 
 
@@ -237,7 +244,7 @@ def run_ablation(
                 methods[m] = {"status": info.get(m, {}).get("status"), "reason": info.get(m, {}).get("reason")}
                 continue
             methods[m] = {
-                **{k: table[m][k] for k in ("lds", "ci95", "sem")},
+                **{k: table[m][k] for k in ("lds", "ci95", "sem", "per_query")},
                 "damping": info.get(m, {}).get("damping"),
                 "best": best_of_sweep(table, m),
                 "sweep": sorted(

@@ -39,7 +39,7 @@ def build_record(
         if "@" in name:
             base, d = name.split("@", 1)
             sweeps.setdefault(base, []).append(
-                {"damping": float(d), **{k: res[k] for k in ("lds", "ci95", "sem")}}
+                {"damping": float(d), **{k: res[k] for k in ("lds", "ci95", "sem", "per_query")}}
             )
             continue
         i = info.get(name, {})
@@ -57,6 +57,12 @@ def build_record(
             best = max(finite, key=lambda p: p["lds"])
             methods[name]["best_damping"] = best["damping"]
             methods[name]["best_lds"] = best["lds"]
+    for pts in sweeps.values():  # per-query values stay only at each method's best damping (file size)
+        finite = [p for p in pts if p["lds"] is not None and np.isfinite(p["lds"])]
+        keep = max(finite, key=lambda p: p["lds"]) if finite else None
+        for p in pts:
+            if p is not keep:
+                p.pop("per_query", None)
     full_values = None
     try:
         full_values = cached_measurements(
