@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -102,6 +104,18 @@ def _threads() -> int:
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
+@contextmanager
+def _running() -> Iterator[Any]:
+    """The compiled kernels, under the lock, with numba's threads set to torch's (see the module note)."""
+    if not available():
+        raise RuntimeError("the fused int8 kernel needs numba (pip install numba)")
+    import numba
+
+    with _LOCK:
+        numba.set_num_threads(_threads())
+        yield _KERNEL.fn
+
+
 def scaled_row_dots_into(data: np.ndarray, q: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
     """out[i] += scales[i] * <data[i], q> for int8 ``data`` (n, p), float32 ``q`` (p,), ``scales`` (n,).
 
@@ -114,20 +128,14 @@ def scaled_block_dots_into(blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray
 
     One call for a whole bank: the checks, the lock and the thread setting are paid once per scan, not
     once per block (the digits bank has 100 blocks; per block they cost about 5 ms a query)."""
-    if not available():
-        raise RuntimeError("the fused int8 kernel needs numba (pip install numba)")
-    import numba
-
     if out.dtype != np.float32:
         raise TypeError("expected a float32 out")
     for data, q, scales in blocks:
         if data.dtype != np.int8 or q.dtype != np.float32 or scales.dtype != np.float32:
             raise TypeError("expected int8 data and float32 q, scales and out")
-    fn = _KERNEL.fn.block
-    with _LOCK:
-        numba.set_num_threads(_threads())
+    with _running() as kernels:
         for data, q, scales in blocks:
-            fn(data, np.ascontiguousarray(q), np.ascontiguousarray(scales), out)
+            kernels.block(data, np.ascontiguousarray(q), np.ascontiguousarray(scales), out)
 
 
 def packed_row_dots_into(
@@ -140,16 +148,11 @@ def packed_row_dots_into(
     loop ends at a barrier that waits for the slowest thread, so on a shared machine 100 blocks pay
     100 waits; packed, the digits bank's scan took 47-48 ms against 58-89 ms per block (2 threads, side
     by side, two runs of ``scripts/bank_scan_kernels.py --threads 2``)."""
-    if not available():
-        raise RuntimeError("the fused int8 kernel needs numba (pip install numba)")
-    import numba
-
     if packed.dtype != np.int8 or q.dtype != np.float32 or scales.dtype != np.float32 or out.dtype != np.float32:
         raise TypeError("expected int8 data and float32 q, scales and out")
     if offsets.dtype != np.int64 or offsets.shape[0] != scales.shape[1] + 1 or offsets[-1] != packed.shape[1]:
         raise ValueError("offsets must be int64 block starts plus the end, one block per scale column")
     if packed.shape[0] != scales.shape[0] or out.shape[0] != packed.shape[0] or q.shape[0] != packed.shape[1]:
         raise ValueError("packed (n, P), q (P,), scales (n, nb) and out (n,) disagree in shape")
-    with _LOCK:
-        numba.set_num_threads(_threads())
-        _KERNEL.fn.packed(packed, offsets, np.ascontiguousarray(q), np.ascontiguousarray(scales), out)
+    with _running() as kernels:
+        kernels.packed(packed, offsets, np.ascontiguousarray(q), np.ascontiguousarray(scales), out)
