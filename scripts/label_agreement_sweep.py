@@ -90,32 +90,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--relative", action="store_true",
                     help="also rank by influence / sqrt(self-influence) of each training image (a cosine in the "
                          "metric (G + lambda I)^-1): does a few images' large self-influence crowd out the class?")
+    ap.add_argument("--method", default="kfac", choices=("kfac", "trak", "dtrak"),
+                    help="the method whose damping sweep and agreement are reported (--relative, --ekfac, "
+                         "--real and --measurements are K-FAC's)")
     ap.add_argument("--ekfac", action="store_true",
                     help="EK-FAC eigenvalues (George et al. 2018) instead of K-FAC's (one more pass over the data)")
     args = ap.parse_args(argv)
+    if args.method != "kfac" and (args.relative or args.ekfac or args.real or args.measurements):
+        raise SystemExit("--relative, --ekfac, --real and --measurements are K-FAC's: use --method kfac")
     s = AttributionSession(preset=args.preset, cache_root=args.cache_root)
     changes = {k: v for k, v in (("mc_samples", args.mc_samples), ("ekfac", args.ekfac or None)) if v is not None}
     if changes:
         s = AttributionSession(preset=args.preset, cache_root=args.cache_root,
                                config=dataclasses.replace(s.config, **changes))
-    s.build(["kfac"])
+    s.build([args.method])
     labels = s.labels
     clf = classifier_for(s.preset, s.dataset)
     if labels is None or clf is None:
         raise SystemExit("needs a labelled data set with a classifier (digits, mnist)")
     qs = [s.parse_query(f"gallery:{i}") for i in range(args.queries)]
     qlab, _ = classify(clf, torch.stack([q.image for q in qs]))
-    raws = [s.query(q, "loss", methods=["kfac"]) for q in qs]
-    print(f"{args.preset}: {'EK-FAC' if s.config.ekfac else 'K-FAC'} top-10 label agreement over {len(qs)} "
-          f"gallery samples (M = {s.config.mc_samples} for the bank and the query)")
+    meth = args.method
+    raws = [s.query(q, "loss", methods=[meth]) for q in qs]
+    title = {"kfac": "EK-FAC" if s.config.ekfac else "K-FAC", "trak": "TRAK", "dtrak": "D-TRAK"}[meth]
+    print(f"{args.preset}: {title} top-10 label agreement over {len(qs)} "
+          f"gallery samples (M = {s.config.mc_samples} for the training gradients and the query)")
     # both ends and the magnitude at the default damping: is the query's class at the top, at the bottom, or both?
     ends = {"top-10": [], "bottom-10": [], "top-10 by |score|": []}
     for y, r in zip(qlab, raws, strict=True):
-        sc = r.methods["kfac"].scores
+        sc = r.methods[meth].scores
         ends["top-10"].append(agreement(sc, labels, y))
         ends["bottom-10"].append(agreement(-sc, labels, y))
         ends["top-10 by |score|"].append(agreement(np.abs(sc), labels, y))
-    print("  default damping: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in ends.items()))
+    print(f"  default damping {raws[0].methods[meth].damping:g}: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in ends.items()))
     if args.relative:
         lam = raws[0].methods["kfac"].damping
         norm = np.sqrt(self_influence(s, lam))
@@ -125,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  relative (influence / sqrt(self-influence)), damping {lam:g}: top-10 {np.mean(rel):.3f}; "
               f"share of the plain top-10 among the 10% largest self-influences: {np.mean(share):.2f}")
     for lam in (float(x) for x in args.dampings.split(",")):
-        fr = [agreement(s.rescore(r, {"kfac": lam}).methods["kfac"].scores, labels, y) for y, r in zip(qlab, raws, strict=True)]
+        fr = [agreement(s.rescore(r, {meth: lam}).methods[meth].scores, labels, y) for y, r in zip(qlab, raws, strict=True)]
         print(f"  damping {lam:g}: {np.mean(fr):.3f}")
     for qm in (int(x) for x in args.query_draws.split(",") if x.strip()):
-        fr = [agreement(s.query(q, "loss", methods=["kfac"], mc_samples=qm).methods["kfac"].scores, labels, y)
+        fr = [agreement(s.query(q, "loss", methods=[meth], mc_samples=qm).methods[meth].scores, labels, y)
               for y, q in zip(qlab, qs, strict=True)]
         print(f"  query gradient with {qm} draws (default damping): {np.mean(fr):.3f}")
     if args.real:
