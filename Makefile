@@ -35,7 +35,7 @@ bench: $(STAMP)
 
 # The evaluations on the digits default (hours on 2 CPU cores; resumable: rerun to continue).
 lds: $(STAMP)
-	$(BIN)/python -m engine lds --preset digits --subsets 32 --seeds 1 --fraction 0.5 --queries 32 \
+	$(BIN)/python -m engine lds --preset digits --subsets 32 --seeds 2 --fraction 0.5 --queries 128 \
 		--measurement loss --methods kfac,trak,dtrak,clip,pixel --workers 2
 
 retrain-top: $(STAMP)

@@ -146,11 +146,8 @@ def table(summary: dict[str, Any]) -> str:
             else f"{diff['difference']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]"
         )
         clear = "" if diff is None else (" clear" if e[f"{ref}_interval_clear"] else " overlap")
-        setting = ", ".join(
-            f"{k}={v}"
-            for k, v in e["settings"].items()
-            if k in ("mc_samples", "trak_dim", "kfac_factor_draws", "draws")
-        )
+        shown = ("mc_samples", "draws") + (("kfac_factor_draws",) if m == "kfac" else ("trak_dim",))
+        setting = ", ".join(f"{k}={v}" for k, v in e["settings"].items() if k in shown)
         lam = "" if e["damping"] is None else f"damping {e['damping']:.3g}"
         lines.append(
             f"{m:8s} {e['lds']:6.3f}  [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]  {d:28s}{clear:8s} "

@@ -155,7 +155,7 @@ def write_figure(record: dict[str, Any], path: Path) -> None:
     ax.bar(names, vals, yerr=[lo, hi], color=colors, capsize=4)
     ax.axhline(0, color="black", lw=0.8)
     c = record["config"]
-    ax.set_title(f"LDS ({c['measurement']}), {c['preset']}: K={c['subsets_with_models']}, Q={c['queries']}")
+    ax.set_title(f"LDS ({c['measurement']}), {c['preset']}: K={c['subsets_with_models']}, R={c['seeds']}, Q={c['queries']}")
     ax.set_ylabel("signed LDS (Spearman), 95% bootstrap CI")
     ax.tick_params(axis="x", rotation=30)
     if sweeps:
