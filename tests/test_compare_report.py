@@ -43,6 +43,8 @@ def test_typed_loaders_put_the_headline_first_and_skip_unreadable_files(tmp_path
     lds("lds_digits_loss", "loss")
     (tmp_path / "lds_digits_loss.png").write_bytes(b"png")
     (tmp_path / "lds_broken.json").write_text("{not json")
+    ablation = {"ablation": "trak_dim", "config": {"measurement": "loss"}, "variants": {"k=2048": {"methods": {}}}}
+    (tmp_path / "lds_digits_ablation_trak_dim.json").write_text(json.dumps(ablation))  # not a run: not listed
     recs = lds_records(tmp_path)
     assert [r.file for r in recs] == ["lds_digits_loss.json", "lds_digits_elbo.json", "lds_digits_loss_attribution_m8.json"]
     assert recs[0].figure == tmp_path / "lds_digits_loss.png" and recs[1].figure is None

@@ -25,8 +25,10 @@ def _load_results(results_dir: str | Path, pattern: str) -> list[dict[str, Any]]
 
 
 def load_lds_results(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every ``lds_*.json`` in ``results_dir`` (for the app)."""
-    return _load_results(results_dir, "lds_*.json")
+    """Every LDS run's ``lds_*.json`` in ``results_dir`` (for the app).  An ablation's file
+    (``lds_<preset>_ablation_<name>.json``, its variants under ``"variants"``) is not a run: the run's
+    own file carries the ablations' summary (``best_settings``)."""
+    return [r for r in _load_results(results_dir, "lds_*.json") if "ablation" not in r]
 
 
 def load_retrain_results(results_dir: str | Path) -> list[dict[str, Any]]:
