@@ -99,6 +99,31 @@ def lds_section(handle: Handle) -> None:
             )
         frame = pd.DataFrame(rows)
         st.dataframe(frame.dropna(axis=1, how="all"), hide_index=True)
+        best = entry.best_settings.get("methods") or {}
+        if best:
+            ref = entry.best_settings.get("reference", "kfac")
+            st.markdown(
+                "**Every method at its best settings** (the best variant and damping over this run and its "
+                "ablations, chosen on the same queries: optimistic for every method alike)"
+            )
+            st.dataframe(
+                pd.DataFrame(
+                    [
+                        {
+                            "method": _title(info, name),
+                            "best LDS": b.get("lds"),
+                            "95% interval": _fmt_ci(b.get("ci95")),
+                            "settings": b.get("source"),
+                            "damping": _fmt_float(b.get("damping"), ".1e"),
+                            f"{_title(info, ref)} clear of it": (
+                                "-" if f"{ref}_interval_clear" not in b else ("yes" if b[f"{ref}_interval_clear"] else "no")
+                            ),
+                        }
+                        for name, b in best.items()
+                    ]
+                ),
+                hide_index=True,
+            )
         stem = entry.path.stem
         c1, c2 = st.columns(2)
         if entry.figure is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class LDSRecord:
     noise: dict[str, Any]
     figure: Path | None  # the bar chart written beside the JSON
     variant: bool  # a run with another attribution M (``--attribution-mc``), not the headline
+    best_settings: dict[str, Any] = field(default_factory=dict)  # engine.evaluation.lds_best's summary
 
     @property
     def file(self) -> str:
@@ -93,6 +94,7 @@ def lds_records(results_dir: str | Path) -> list[LDSRecord]:
                 noise=rec.get("noise") or {},
                 figure=png if png.is_file() else None,
                 variant="_attribution_m" in path.stem,  # engine.evaluation.lds.results_stem
+                best_settings=rec.get("best_settings") or {},
             )
         )
     return sorted(out, key=LDSRecord.headline_order)
