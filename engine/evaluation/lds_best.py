@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..files import save_json
-from .stats import bootstrap_ci
+from .lds_ablation import paired_difference
 
 # what must agree between the run and an ablation for their LDS values to be comparable
 SAME = (
@@ -99,19 +99,6 @@ def check_comparable(run_config: dict[str, Any], config: dict[str, Any], name: s
         )
 
 
-def paired(a: list[float | None], b: list[float | None], seed: int = 0) -> dict[str, Any]:
-    """Mean over queries of LDS_a - LDS_b with its bootstrap 95% interval (same queries, same subsets)."""
-    x = np.array([np.nan if v is None else v for v in a], dtype=np.float64)
-    y = np.array([np.nan if v is None else v for v in b], dtype=np.float64)
-    d = (x - y)[np.isfinite(x) & np.isfinite(y)]
-    lo, hi = bootstrap_ci(d, seed=seed) if len(d) > 1 else (float("nan"), float("nan"))
-    return {
-        "difference": float(d.mean()) if len(d) else float("nan"),
-        "ci95": [float(lo), float(hi)],
-        "queries": int(len(d)),
-    }
-
-
 def best_settings(
     run: dict[str, Any], ablations: list[dict[str, Any]], reference: str = "kfac"
 ) -> dict[str, Any]:
@@ -130,7 +117,7 @@ def best_settings(
         entry["candidates"] = len(pool[m])
         if ref is not None and m != reference:
             entry[f"{reference}_interval_clear"] = bool(ref["ci95"][0] > p["ci95"][1])
-            entry[f"{reference}_minus_this"] = paired(ref["per_query"], p["per_query"])
+            entry[f"{reference}_minus_this"] = paired_difference(ref["per_query"], p["per_query"], m)
         out["methods"][m] = entry
     return out
 
