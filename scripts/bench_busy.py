@@ -22,6 +22,7 @@ Writes assets/results/bench_busy.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -87,13 +88,15 @@ def cold_build(args: argparse.Namespace, methods: list[str], share: bool = True)
     from engine.config import get_preset
     from engine.model.data import load_dataset
 
-    data = load_dataset(get_preset("digits").data)
+    preset = get_preset("digits")
+    data = load_dataset(preset.data)
     data = data.subset(list(range(min(args.examples, len(data)))))
     out: dict = {"methods": {}, "threads": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        s = AttributionSession(
-            "digits", cache_root=tmp, dataset=data, config=AttributionConfig(mc_samples=args.mc_samples)
-        )
+        # the preset's own settings (draws, factor draws, ...) with the asked M: at --examples 1797
+        # --mc-samples 64 this is the default cold build, as `attribution-engine build` runs it
+        config = dataclasses.replace(preset.attribution, mc_samples=args.mc_samples)
+        s = AttributionSession("digits", cache_root=tmp, dataset=data, config=config)
         t_all = time.perf_counter()
         if share:
             out["shared"] = s.share_gradient_passes(methods)

@@ -6,7 +6,7 @@ one, or ``--cache-root`` to keep the caches), and reports its wall time, its pea
 K-FAC factor pass, the bank pass that also feeds TRAK's and D-TRAK's projections, and what each
 of those still had to do afterwards).  Run it on an otherwise idle machine: the figure is a wall time.
 
-    python scripts/time_cold_build.py [--preset digits] [--cache-root DIR] [--out assets/results/cold_build_idle.json]
+    python scripts/time_cold_build.py [--preset digits] [--runs 3] [--cache-root DIR] [--out assets/results/cold_build_idle.json]
 """
 
 from __future__ import annotations
@@ -38,37 +38,60 @@ def recorded_seconds(cache_root: Path) -> dict[str, float]:
     return out
 
 
+def timed_build(preset: str, root: Path, extra: list[str]) -> dict:
+    """One ``engine build`` into the empty folder ``root``: wall time, load before, build seconds."""
+    if any(root.iterdir()):
+        raise SystemExit(f"{root} is not empty: a cold build needs an empty cache folder")
+    cmd = [sys.executable, "-m", "engine", "build", "--preset", preset, "--cache-root", str(root), *extra]
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"build failed with exit code {proc.returncode}")
+    return {"wall_s": round(wall, 1), "load_average_before": round(load_before, 2), "build_seconds": recorded_seconds(root)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="digits")
     ap.add_argument("--cache-root", default=None, help="an empty folder to build into (default: a temporary one)")
-    ap.add_argument("--out", default=None, help="write the record here as JSON")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="cold builds one after another, each into its own empty folder; the record gives the median "
+                         "(the machine is shared: one wall time is one draw of its speed)")
+    ap.add_argument("--out", default=None,
+                    help="write the record here as JSON (a record already there moves to the new one's earlier_runs)")
     ap.add_argument("extra", nargs="*", help="more arguments for `engine build` (after --)")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.cache_root or tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        if any(root.iterdir()):
-            raise SystemExit(f"{root} is not empty: a cold build needs an empty cache folder")
-        cmd = [sys.executable, "-m", "engine", "build", "--preset", args.preset, "--cache-root", str(root), *args.extra]
-        load_before = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"build failed with exit code {proc.returncode}")
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        record = {
-            "command": " ".join(["python", "scripts/time_cold_build.py", *(argv if argv is not None else sys.argv[1:])]),
-            "build_command": " ".join(["python", "-m", "engine", "build", "--preset", args.preset, "--cache-root", "<empty>",
-                                       *args.extra]),
-            "date": time.strftime("%Y-%m-%d"),
-            "load_average_before": round(load_before, 2),
-            "cores": os.cpu_count(),
-            "wall_s": round(wall, 1),
-            "peak_rss_mb": round(peak_mb),
-            "build_seconds": recorded_seconds(root),
-        }
+    if args.runs < 1:
+        raise SystemExit("--runs must be at least 1")
+    if args.cache_root and args.runs > 1:
+        raise SystemExit("--cache-root keeps one build's caches: use it with --runs 1")
+    runs = []
+    for _ in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(args.cache_root or tmp)
+            root.mkdir(parents=True, exist_ok=True)
+            runs.append(timed_build(args.preset, root, args.extra))
+    walls = [r["wall_s"] for r in runs]
+    median = runs[sorted(range(len(runs)), key=lambda i: walls[i])[len(runs) // 2]]
+    record = {
+        "command": " ".join(["python", "scripts/time_cold_build.py", *(argv if argv is not None else sys.argv[1:])]),
+        "build_command": " ".join(["python", "-m", "engine", "build", "--preset", args.preset, "--cache-root", "<empty>",
+                                   *args.extra]),
+        "date": time.strftime("%Y-%m-%d"),
+        "cores": os.cpu_count(),
+        "wall_s": median["wall_s"],  # the median run (the upper median for an even count)
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+        "build_seconds": median["build_seconds"],
+        "load_average_before": median["load_average_before"],
+    }
+    if args.runs > 1:
+        record["runs"] = runs
+    if args.out and Path(args.out).exists():
+        earlier = json.loads(Path(args.out).read_text())
+        older = earlier.pop("earlier_runs", {})
+        record["earlier_runs"] = {f"{earlier.get('date', '?')}, {earlier.get('command', '?')}": earlier, **older}
     print(json.dumps(record, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
