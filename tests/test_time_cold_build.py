@@ -1,0 +1,57 @@
+"""The cold-build benchmark's record: the median of several runs, and earlier records kept (issue 12)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "time_cold_build.py"
+
+
+@pytest.fixture
+def script(monkeypatch):
+    spec = importlib.util.spec_from_file_location("time_cold_build", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    walls = iter([210.0, 180.0, 195.0])
+    roots: list[Path] = []
+
+    def fake_build(preset: str, root: Path, extra: list[str]) -> dict:
+        assert not any(root.iterdir()), "every run must start from an empty cache folder"
+        roots.append(root)
+        wall = next(walls)
+        return {"wall_s": wall, "load_average_before": 0.5, "build_seconds": {"kfac-bank": wall - 50}}
+
+    monkeypatch.setattr(mod, "timed_build", fake_build)
+    mod.roots = roots
+    return mod
+
+
+def test_record_is_the_median_run_with_every_run_kept(script, tmp_path):
+    out = tmp_path / "cold.json"
+    script.main(["--runs", "3", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["wall_s"] == 195.0  # the median of 210, 180, 195
+    assert record["build_seconds"] == {"kfac-bank": 145.0}  # the median run's own breakdown
+    assert [r["wall_s"] for r in record["runs"]] == [210.0, 180.0, 195.0]
+    assert len(set(script.roots)) == 3  # each run into its own folder
+
+
+def test_an_existing_record_moves_to_earlier_runs(script, tmp_path):
+    out = tmp_path / "cold.json"
+    older = {"date": "2026-12-01", "command": "old", "wall_s": 322.0, "earlier_runs": {"first": {"wall_s": 814.0}}}
+    out.write_text(json.dumps(older))
+    script.main(["--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["wall_s"] == 210.0 and "runs" not in record
+    earlier = record["earlier_runs"]
+    assert [v["wall_s"] for v in earlier.values()] == [322.0, 814.0]  # newest first, nothing lost
+    assert "earlier_runs" not in next(iter(earlier.values()))
+
+
+def test_several_runs_cannot_share_one_kept_cache_folder(script, tmp_path):
+    with pytest.raises(SystemExit, match="--runs 1"):
+        script.main(["--runs", "2", "--cache-root", str(tmp_path / "c")])
