@@ -88,3 +88,35 @@ def test_an_ablation_on_other_seeds_or_queries_is_refused_and_the_script_skips_i
     assert "skipped lds_digits_ablation_trak_dim.json" in capsys.readouterr().out
     saved = json.loads((tmp_path / "lds_digits_loss.json").read_text())
     assert saved["best_settings"]["ablation_files"] == [] and saved["methods"] == run["methods"]
+
+
+def test_held_out_choice_removes_the_optimism_of_picking_on_the_reported_queries():
+    from engine.evaluation.lds_best import held_out_choice
+
+    # two settings that each look best on half of the queries: picked in-sample, the best is 0.5;
+    # picked on one half and scored on the other, each choice scores 0
+    lucky = [{"per_query": [1.0, 0.0, 1.0, 0.0]}, {"per_query": [0.0, 1.0, 0.0, 1.0]}]
+    assert max(np.mean(p["per_query"]) for p in lucky) == 0.5
+    assert held_out_choice(lucky) == pytest.approx(0.0)
+    # a setting better on every query is chosen both ways: its own mean comes back
+    steady = [{"per_query": [0.9, 0.8, 0.9, 0.8]}, {"per_query": [0.1, 0.2, 0.1, 0.2]}]
+    assert held_out_choice(steady) == pytest.approx(0.85)
+    assert held_out_choice([]) is None
+
+
+def test_interval_position_names_both_directions_and_settings_without_per_query_values_are_reported():
+    from engine.evaluation.lds_best import interval_position
+
+    assert interval_position([0.5, 0.6], [0.3, 0.4]) == "above"
+    assert interval_position([0.3, 0.4], [0.5, 0.6]) == "below"
+    assert interval_position([0.3, 0.55], [0.5, 0.6]) == "overlap"
+    run, abl, _, _ = _records()
+    # the run's own sweep keeps per-query values only at its best damping (by design): not reported
+    assert best_settings(run, [abl])["skipped"] == []
+    # an ablation variant with an LDS but no per-query values (an older file) is left out, and said so
+    abl["variants"]["k=32768"]["methods"]["dtrak"] = {"lds": 0.9, "ci95": [0.8, 1.0], "damping": 1e-4}
+    s = best_settings(run, [abl])
+    assert "dtrak" not in s["methods"] and len(s["skipped"]) == 1
+    assert s["skipped"][0].startswith("dtrak (ablation trak_dim: k=32768, LDS 0.900)")
+    assert s["methods"]["trak"]["kfac_interval_vs_this"] in ("above", "overlap")
+    assert s["methods"]["trak"]["held_out_choice"] is not None
