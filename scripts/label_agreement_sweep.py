@@ -82,10 +82,15 @@ def witness(s: AttributionSession, qs: list, qlab: np.ndarray, qprob: np.ndarray
     the agreement low, the confident samples would agree more and a better classifier's labels would
     lift it."""
     conf = qprob >= 0.8
-    top = [agreement(sc, labels, int(y)) for sc, y in zip(scores, qlab, strict=True)]
-    print(f"  by the classifier's confidence: p >= 0.8 ({conf.sum()} queries) {np.mean(np.array(top)[conf]):.3f}, "
-          f"p < 0.8 ({(~conf).sum()}) {np.mean(np.array(top)[~conf]) if (~conf).any() else float('nan'):.3f}")
+    top = np.array([agreement(sc, labels, int(y)) for sc, y in zip(scores, qlab, strict=True)])
+
+    def part(mask: np.ndarray) -> str:
+        return f"{np.mean(top[mask]):.3f}" if mask.any() else "-"
+
+    print(f"  by the classifier's confidence: p >= 0.8 ({conf.sum()} queries) {part(conf)}, "
+          f"p < 0.8 ({(~conf).sum()}) {part(~conf)}")
     if s.preset.data.name != "mnist" or s.preset.data.root is not None:
+        print("  (the SVM witness needs the shipped mnist digits: skipped)")
         return
     from sklearn.svm import SVC
 

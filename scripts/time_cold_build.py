@@ -2,7 +2,7 @@
 
 Runs ``python -m engine build --preset P`` in a child process on an empty cache folder (a temporary
 one, or ``--cache-root`` to keep the caches), and reports its wall time, its peak resident memory
-(``getrusage`` of the child) and the build seconds every cache recorded when it was published (the
+(``wait4``'s resource use of the child) and the build seconds every cache recorded when it was published (the
 K-FAC factor pass, the bank pass that also feeds TRAK's and D-TRAK's projections, and what each
 of those still had to do afterwards).  Run it on an otherwise idle machine: the figure is a wall time.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,11 +44,18 @@ def timed_build(preset: str, root: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "engine", "build", "--preset", preset, "--cache-root", str(root), *extra]
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT)
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource use (its peak memory)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"build failed with exit code {proc.returncode}")
-    return {"wall_s": round(wall, 1), "load_average_before": round(load_before, 2), "build_seconds": recorded_seconds(root)}
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"build failed with exit code {code}")
+    return {
+        "wall_s": round(wall, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "load_average_before": round(load_before, 2),
+        "build_seconds": recorded_seconds(root),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "cores": os.cpu_count(),
         "wall_s": median["wall_s"],  # the median run (the upper median for an even count)
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),  # the largest over the runs
         "build_seconds": median["build_seconds"],
         "load_average_before": median["load_average_before"],
     }
@@ -91,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and Path(args.out).exists():
         earlier = json.loads(Path(args.out).read_text())
         older = earlier.pop("earlier_runs", {})
-        record["earlier_runs"] = {f"{earlier.get('date', '?')}, {earlier.get('command', '?')}": earlier, **older}
+        key = f"{earlier.get('date', '?')}, {earlier.get('command', '?')}"
+        while key in older:  # the same command on the same day: keep both
+            key += " (earlier)"
+        record["earlier_runs"] = {key: earlier, **older}
     print(json.dumps(record, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")

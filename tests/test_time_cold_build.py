@@ -23,7 +23,8 @@ def script(monkeypatch):
         assert not any(root.iterdir()), "every run must start from an empty cache folder"
         roots.append(root)
         wall = next(walls)
-        return {"wall_s": wall, "load_average_before": 0.5, "build_seconds": {"kfac-bank": wall - 50}}
+        return {"wall_s": wall, "peak_rss_mb": int(wall * 10), "load_average_before": 0.5,
+                "build_seconds": {"kfac-bank": wall - 50}}
 
     monkeypatch.setattr(mod, "timed_build", fake_build)
     mod.roots = roots
@@ -37,6 +38,7 @@ def test_record_is_the_median_run_with_every_run_kept(script, tmp_path):
     assert record["wall_s"] == 195.0  # the median of 210, 180, 195
     assert record["build_seconds"] == {"kfac-bank": 145.0}  # the median run's own breakdown
     assert [r["wall_s"] for r in record["runs"]] == [210.0, 180.0, 195.0]
+    assert record["peak_rss_mb"] == 2100  # the largest of the runs' own peaks
     assert len(set(script.roots)) == 3  # each run into its own folder
 
 
@@ -55,3 +57,23 @@ def test_an_existing_record_moves_to_earlier_runs(script, tmp_path):
 def test_several_runs_cannot_share_one_kept_cache_folder(script, tmp_path):
     with pytest.raises(SystemExit, match="--runs 1"):
         script.main(["--runs", "2", "--cache-root", str(tmp_path / "c")])
+
+
+def test_the_same_command_twice_on_one_day_keeps_both_earlier_records(script, tmp_path):
+    out = tmp_path / "cold.json"
+    script.main(["--out", str(out)])  # 210 s
+    script.main(["--out", str(out)])  # 180 s, the 210 s record moves to earlier_runs
+    script.main(["--out", str(out)])  # 195 s, the 180 s record too, under the same date and command
+    record = json.loads(out.read_text())
+    assert record["wall_s"] == 195.0
+    assert sorted(v["wall_s"] for v in record["earlier_runs"].values()) == [180.0, 210.0]
+
+
+def test_a_failed_build_stops_with_its_exit_code(tmp_path):
+    spec = importlib.util.spec_from_file_location("time_cold_build_real", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    root = tmp_path / "empty"
+    root.mkdir()
+    with pytest.raises(SystemExit, match="build failed with exit code [1-9]"):
+        mod.timed_build("no-such-preset", root, [])
