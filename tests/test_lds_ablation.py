@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_MODEL
 
 from engine.config import AttributionConfig, DataConfig, Preset, TrainConfig
-from engine.evaluation.lds import make_subsets, predicted_matrix
+from engine.evaluation.lds import make_subsets, predicted_matrix, targets_digest
 from engine.evaluation.lds_ablation import ABLATIONS, build_variants, run_ablation, variant_session
 from engine.evaluation.lds_run import session_scores
 from engine.evaluation.runs import MeasureSpec
@@ -49,6 +49,7 @@ def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
         rec = run_ablation(setup, name, masks, per_seed, queries, spec, "test", tmp_path / "cache", None,
                            log=lambda s: None)
         json.dumps(rec)  # serialisable
+        assert rec["config"]["targets_digest"] == targets_digest(masks, per_seed)  # what it was scored against
         assert list(rec["variants"]) == [v.label for v in ABLATIONS[name]]
         assert rec["noise"]["seed_agreement"]["seeds"] == 2
         for v in rec["variants"].values():

@@ -120,3 +120,23 @@ def test_interval_position_names_both_directions_and_settings_without_per_query_
     assert s["skipped"][0].startswith("dtrak (ablation trak_dim: k=32768, LDS 0.900)")
     assert s["methods"]["trak"]["kfac_interval_vs_this"] in ("above", "overlap")
     assert s["methods"]["trak"]["held_out_choice"] is not None
+
+
+def test_an_ablation_scored_against_other_models_with_the_same_counts_is_refused():
+    from engine.evaluation.lds import targets_digest
+    from engine.evaluation.lds_best import check_comparable
+
+    rng = np.random.default_rng(1)
+    masks = rng.random((8, 100)) < 0.5
+    per_seed = rng.normal(size=(2, 6, 8))
+    run = {**CONFIG, "targets_digest": targets_digest(masks, per_seed)}
+    check_comparable(run, {**CONFIG, "targets_digest": targets_digest(masks.copy(), per_seed.copy())}, "same")
+    # a second seed still training when the ablation was scored: same counts, other measured values
+    partial = per_seed.copy()
+    partial[1, :, 3] = np.nan
+    with pytest.raises(IncomparableResultsError, match="targets_digest"):
+        check_comparable(run, {**CONFIG, "targets_digest": targets_digest(masks, partial)}, "partial")
+    # other subsets of the same size
+    with pytest.raises(IncomparableResultsError, match="targets_digest"):
+        check_comparable(run, {**CONFIG, "targets_digest": targets_digest(~masks, per_seed)}, "other")
+    check_comparable(run, dict(CONFIG), "older file without a digest")  # records from before: counts only

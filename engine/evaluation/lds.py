@@ -253,6 +253,20 @@ def seed_average(per_seed: np.ndarray) -> np.ndarray:
         return np.nanmean(per_seed, axis=0) if np.isfinite(per_seed).any() else per_seed[0]
 
 
+def targets_digest(masks: np.ndarray, per_seed: np.ndarray) -> str:
+    """Hash of what an LDS is scored against: the subset masks (K, N) and the measured values per seed
+    (R, Q, K; NaN where a model is missing).
+
+    Why: two LDS records are comparable only when they were scored against the same subsets, retrained
+    models and queries; counts of subsets, seeds and queries agree for runs that differ (a seed still
+    training, another run folder), this does not (``lds_best.check_comparable``)."""
+    h = hashlib.sha256()
+    for a in (np.asarray(masks, dtype=bool), np.asarray(per_seed, dtype=np.float64)):
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
 def noise_report(per_seed: np.ndarray) -> dict[str, Any]:
     """How much of the spread over subsets is training-seed noise (needs R >= 2).
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..files import save_json
-from .lds import lds_table, model_folder, noise_report, predicted_matrix, seed_average
+from .lds import lds_table, model_folder, noise_report, predicted_matrix, seed_average, targets_digest
 from .lds_run import SWEEP_GRID, _rows_score_fn, lds_queries, session_scores
 from .runs import MeasureSpec, cached_measurements, is_finished
 from .setup import RunSetup
@@ -277,6 +277,7 @@ def run_ablation(
             "seeds": int(per_seed.shape[0]),
             "queries": int(len(queries)),
             "query_source": source,
+            "targets_digest": targets_digest(masks, per_seed),
             "measurement": spec.measurement,
             "true_measurement_mc_samples": spec.mc_samples,
             "true_measurement_seed": spec.seed,

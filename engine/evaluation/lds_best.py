@@ -132,6 +132,10 @@ def interval_position(ref: list[float], other: list[float]) -> str:
 def check_comparable(run_config: dict[str, Any], config: dict[str, Any], name: str) -> None:
     """Refuse an ablation that was not scored against the run's subsets, seeds and queries."""
     diff = {k: (run_config.get(k), config.get(k)) for k in SAME if run_config.get(k) != config.get(k)}
+    # records written since targets_digest exists also say exactly what they were scored against
+    mine, theirs = run_config.get("targets_digest"), config.get("targets_digest")
+    if mine is not None and theirs is not None and mine != theirs:
+        diff["targets_digest"] = (mine, theirs)
     source = str(config.get("query_source", ""))
     if not source.startswith(str(run_config.get("query_source", ""))):
         diff["query_source"] = (run_config.get("query_source"), source)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .lds import LDSConfig, noise_report, seed_average, subset_steps
+from .lds import LDSConfig, noise_report, seed_average, subset_steps, targets_digest
 from .runs import (
     MeasureSpec,
     cached_measurements,
@@ -85,6 +85,7 @@ def build_record(
             "full_steps": setup.preset.train.steps,
             "queries": int(measured.shape[0]),
             "query_source": source,
+            "targets_digest": targets_digest(masks, per_seed),
             "measurement": spec.measurement,
             "true_measurement_mc_samples": spec.mc_samples,
             "true_measurement_seed": spec.seed,
