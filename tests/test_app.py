@@ -309,7 +309,10 @@ def test_evaluation_and_about_tabs(app_env):
                         "kfac": {"lds": 0.55, "ci95": [0.5, 0.6], "source": "ablation mc_samples: M=128",
                                  "damping": 1e-8},
                         "trak": {"lds": 0.39, "ci95": [0.36, 0.42], "source": "ablation trak_best",
-                                 "damping": 1e-5, "kfac_interval_clear": True},
+                                 "damping": 1e-5, "kfac_interval_clear": True},  # a record from before the position
+                        "dtrak": {"lds": 0.52, "ci95": [0.45, 0.58], "source": "run", "damping": 1e-4,
+                                  "held_out_choice": 0.5, "kfac_interval_clear": False,
+                                  "kfac_interval_vs_this": "overlap"},
                     },
                 },
             }
@@ -337,8 +340,9 @@ def test_evaluation_and_about_tabs(app_env):
     lds_frames = [f for f in frames if "LDS" in f.columns]
     assert [f["LDS"].iloc[0] for f in lds_frames] == pytest.approx([0.4321, 0.1111])  # the loss first
     (best,) = [f for f in frames if "best LDS" in f.columns]  # only the run that carries best_settings
-    assert best["best LDS"].tolist() == pytest.approx([0.55, 0.39])
-    assert best["K-FAC Influence clear of it"].iloc[1] == "yes" and best["settings"].iloc[1] == "ablation trak_best"
+    assert best["best LDS"].tolist() == pytest.approx([0.55, 0.39, 0.52])
+    assert best["K-FAC Influence's interval"].tolist() == ["-", "clear above", "overlaps"]
+    assert best["settings"].iloc[1] == "ablation trak_best" and best["held-out"].iloc[2] == pytest.approx(0.5)
     retrain = [f for f in frames if "measured change" in f.columns]
     assert len(retrain) == 1 and retrain[0]["method"].iloc[0] == "K-FAC Influence"
     assert retrain[0]["measured / control"].iloc[0] == pytest.approx(4.0)
