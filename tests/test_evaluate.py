@@ -348,3 +348,64 @@ def test_run_setup_takes_the_requested_presets_attribution_settings(tmp_path):
     assert setup.preset.attribution == get_preset("digits").attribution
     assert setup.preset.attribution.kfac_factor_draws == 8 and setup.preset.attribution.draws == "per-example"
     assert setup.preset.model == saved.model and setup.preset.train == saved.train
+
+
+def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_missing_ones(
+    tiny_preset, digits_small, tmp_path, monkeypatch
+):
+    """``retrain-top --no-train``: the queries whose models another (running) process has finished are
+    measured; a query with a model still missing stops the run before anything is trained."""
+    import engine.attribution.session as session_module
+    import engine.evaluation.retrain_top_run as rtr
+    from engine.evaluation.runs import WEIGHTS, TrainTask
+    from engine.evaluation.setup import RunSetup
+
+    class Session:
+        checkpoint_hash = "h"
+
+        def __init__(self, **kwargs):
+            pass
+
+        def parse_query(self, spec):
+            return SimpleNamespace(image=None, description=spec)
+
+    trained = []
+    measured = []
+
+    class Job:
+        def __init__(self, session, q, measurement, method, fraction, p):
+            self.plan, self.method = p, method
+
+        def training_tasks(self):
+            return [TrainTask(name=self.method, out=str(self.plan.folder / "model"), preset=tiny_preset, steps=1)]
+
+        def removal(self):
+            return np.array([1, 2]), np.zeros(64), "influence"
+
+        def measure(self, removed, scores, kind):
+            measured.append(self.method)
+            return {"method": self.method, "measured_change": 0.1, "random_measured_change": 0.0,
+                    "predicted_change": 0.2}
+
+    def plan(session, image, measurement, method, fraction, out, mc, steps):
+        return SimpleNamespace(folder=Path(out) / method)
+
+    monkeypatch.setattr(session_module, "AttributionSession", Session)
+    monkeypatch.setattr(rtr, "RetrainJob", Job)
+    monkeypatch.setattr(rtr, "plan", plan)
+    monkeypatch.setattr(rtr, "run_training", lambda tasks, **kw: trained.extend(tasks))
+    setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "out", tmp_path / "results", "cpu", False)
+    done = tmp_path / "out" / "kfac" / "model"
+    done.mkdir(parents=True)
+    (done / WEIGHTS).write_bytes(b"w")  # finished: weights and no train_state.pt
+    cfg = rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac", "trak"), train=False)
+    with pytest.raises(SystemExit, match="1 model"):  # trak's model is missing
+        rtr.run_retrain_top(setup, cfg)
+    assert trained == [] and measured == []
+    rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac",), train=False))
+    assert trained == [] and measured == ["kfac"]
+    record = json.loads((tmp_path / "results" / f"retrain_top_{tiny_preset.name}.json").read_text())
+    assert [r["method"] for r in record["results"]] == ["kfac"]
+    # without --no-train the same call trains what is missing
+    rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac", "trak")))
+    assert [t.name for t in trained] == ["kfac", "trak"]

@@ -129,6 +129,12 @@ def add_retrain_top(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="run folder (default runs/retrain_top/<preset>)")
     p.add_argument("--results", default=None, help="results folder (default assets/results)")
     p.add_argument("--cache-root", default=None, help="attribution cache root (default: the app's, cache/)")
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="measure only, from models already trained (e.g. the queries a still-running run has finished); "
+        "stops if any is missing",
+    )
 
 
 def cmd_retrain_top(args: argparse.Namespace) -> int:
@@ -147,6 +153,7 @@ def cmd_retrain_top(args: argparse.Namespace) -> int:
         workers=args.workers,
         steps=args.steps,
         cache_root=args.cache_root,
+        train=not args.no_train,
     )
     rc = run_retrain_top(setup, cfg)
     print(f"retrain-top: {time.time() - t0:.1f} s this run")

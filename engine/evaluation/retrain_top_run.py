@@ -18,6 +18,7 @@ from ..files import save_json
 from .retrain_top import CONTROL_SEED, RetrainJob, plan, removal_count
 from .runs import (
     TrainTask,
+    is_finished,
     run_training,
 )
 from .setup import RunSetup
@@ -35,6 +36,7 @@ class RetrainTopConfig:
     workers: int = 1
     steps: int | None = None  # None: the full model's
     cache_root: str | Path | None = None
+    train: bool = True  # False: measure only; every model must be finished already (a run still training)
 
 
 def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
@@ -74,8 +76,18 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
             continue
         for t in job.training_tasks():
             tasks.setdefault(t.out, t)
-    # finish the tasks in order: every method's model for query 1 first, then query 2, ...
-    run_training(list(tasks.values()), workers=cfg.workers, log=lambda s: print(s, flush=True))
+    if not cfg.train:
+        # measure-only: the models of these queries may be trained by another, still running, process;
+        # training here would race with it
+        missing = [str(t.out) for t in tasks.values() if not is_finished(t.out)]
+        if missing:
+            raise SystemExit(
+                f"--no-train: {len(missing)} model(s) of these queries are not finished yet: "
+                + ", ".join(missing)
+            )
+    else:
+        # finish the tasks in order: every method's model for query 1 first, then query 2, ...
+        run_training(list(tasks.values()), workers=cfg.workers, log=lambda s: print(s, flush=True))
     results = []
     for spec, job in jobs:
         cached = job.plan.folder / "result.json"
