@@ -73,7 +73,7 @@ def real_agreement(s: AttributionSession, labels: np.ndarray, n: int) -> None:
         print(f"    {name}: {np.mean(v):.3f}")
 
 
-def witness(s: AttributionSession, qs: list, qlab: np.ndarray, qprob: np.ndarray, scores: list[np.ndarray],
+def witness(s: AttributionSession, clf, qs: list, qlab: np.ndarray, qprob: np.ndarray, scores: list[np.ndarray],
             labels: np.ndarray) -> None:
     """Agreement split by the labelling classifier's confidence, and under a stronger classifier's labels.
 
@@ -103,7 +103,7 @@ def witness(s: AttributionSession, qs: list, qlab: np.ndarray, qprob: np.ndarray
     slab = svm.predict(x)
     again = [agreement(sc, labels, int(y)) for sc, y in zip(scores, slab, strict=True)]
     print(f"  RBF SVM witness (held-out real digits right {np.mean(svm.predict(xh) == yh):.3f}, the logistic "
-          f"regression {np.mean(classifier_for(s.preset, s.dataset).predict(xh) == yh):.3f}): same label on "
+          f"regression {np.mean(clf.predict(xh) == yh):.3f}): same label on "
           f"{np.mean(slab == qlab):.2f} of the queries, top-10 agreement {np.mean(again):.3f}")
 
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         ends["top-10 by |score|"].append(agreement(np.abs(sc), labels, y))
     print(f"  default damping {raws[0].methods[meth].damping:g}: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in ends.items()))
     if args.witness:
-        witness(s, qs, qlab, qprob, [r.methods[meth].scores for r in raws], labels)
+        witness(s, clf, qs, qlab, qprob, [r.methods[meth].scores for r in raws], labels)
     if args.relative:
         lam = raws[0].methods["kfac"].damping
         norm = np.sqrt(self_influence(s, lam))

@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(args.cache_root or tmp)
             root.mkdir(parents=True, exist_ok=True)
             runs.append(timed_build(args.preset, root, args.extra))
-    walls = [r["wall_s"] for r in runs]
-    median = runs[sorted(range(len(runs)), key=lambda i: walls[i])[len(runs) // 2]]
+    median = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
     record = {
         "command": " ".join(["python", "scripts/time_cold_build.py", *(argv if argv is not None else sys.argv[1:])]),
         "build_command": " ".join(["python", "-m", "engine", "build", "--preset", args.preset, "--cache-root", "<empty>",

@@ -169,8 +169,9 @@ def best_settings(
         entry["candidates"] = len(pool[m])
         entry["held_out_choice"] = held_out_choice(pool[m])
         if ref is not None and m != reference:
-            entry[f"{reference}_interval_clear"] = bool(ref["ci95"][0] > p["ci95"][1])
-            entry[f"{reference}_interval_vs_this"] = interval_position(ref["ci95"], p["ci95"])
+            position = interval_position(ref["ci95"], p["ci95"])
+            entry[f"{reference}_interval_vs_this"] = position
+            entry[f"{reference}_interval_clear"] = position == "above"  # kept for readers of older records
             entry[f"{reference}_minus_this"] = paired_difference(ref["per_query"], p["per_query"], m)
         out["methods"][m] = entry
     return out
