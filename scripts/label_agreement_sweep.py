@@ -133,11 +133,19 @@ def main(argv: list[str] | None = None) -> int:
                          "digits): is the 0.59 the logistic regression's labels?")
     ap.add_argument("--ekfac", action="store_true",
                     help="EK-FAC eigenvalues (George et al. 2018) instead of K-FAC's (one more pass over the data)")
+    ap.add_argument("--draws", default=None, choices=("shared", "per-example"),
+                    help="training-gradient draws (default: the preset's)")
+    ap.add_argument("--kfac-factor-draws", type=int, default=None,
+                    help="K-FAC factors from k draws per example (with --kfac-factor-draws-mode per-example "
+                         "k < M is allowed with shared bank draws)")
+    ap.add_argument("--kfac-factor-draws-mode", default=None, choices=("same", "per-example"))
     args = ap.parse_args(argv)
     if args.method != "kfac" and (args.relative or args.ekfac or args.real or args.measurements):
         raise SystemExit("--relative, --ekfac, --real and --measurements are K-FAC's: use --method kfac")
     s = AttributionSession(preset=args.preset, cache_root=args.cache_root)
-    changes = {k: v for k, v in (("mc_samples", args.mc_samples), ("ekfac", args.ekfac or None)) if v is not None}
+    changes = {k: v for k, v in (("mc_samples", args.mc_samples), ("ekfac", args.ekfac or None),
+                                  ("draws", args.draws), ("kfac_factor_draws", args.kfac_factor_draws),
+                                  ("kfac_factor_draws_mode", args.kfac_factor_draws_mode)) if v is not None}
     if changes:
         s = AttributionSession(preset=args.preset, cache_root=args.cache_root,
                                config=dataclasses.replace(s.config, **changes))
@@ -152,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     raws = [s.query(q, "loss", methods=[meth]) for q in qs]
     title = {"kfac": "EK-FAC" if s.config.ekfac else "K-FAC", "trak": "TRAK", "dtrak": "D-TRAK"}[meth]
     print(f"{args.preset}: {title} top-10 label agreement over {len(qs)} "
-          f"gallery samples (M = {s.config.mc_samples} for the training gradients and the query)")
+          f"gallery samples (M = {s.config.mc_samples} for the training gradients and the query, {s.config.draws} "
+          f"draws, factors from {s.config.kfac_factor_draws or 'all'} {s.config.kfac_factor_draws_mode} draws)")
     # both ends and the magnitude at the default damping: is the query's class at the top, at the bottom, or both?
     ends = {"top-10": [], "bottom-10": [], "top-10 by |score|": []}
     for y, r in zip(qlab, raws, strict=True):
