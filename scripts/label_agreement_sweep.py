@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="mnist")
     ap.add_argument("--cache-root", default=None)
+    ap.add_argument("--checkpoint", default=None,
+                    help="another model of the preset's data (its gallery beside it, from `attribution-engine assets`)")
     ap.add_argument("--mc-samples", type=int, default=None,
                     help="M for the bank, factors and query (default: the preset's; K-FAC is built first if missing)")
     ap.add_argument("--queries", type=int, default=32, help="gallery samples")
@@ -142,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.method != "kfac" and (args.relative or args.ekfac or args.real or args.measurements):
         raise SystemExit("--relative, --ekfac, --real and --measurements are K-FAC's: use --method kfac")
-    s = AttributionSession(preset=args.preset, cache_root=args.cache_root)
+    s = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root)
     changes = {k: v for k, v in (("mc_samples", args.mc_samples), ("ekfac", args.ekfac or None),
                                   ("draws", args.draws), ("kfac_factor_draws", args.kfac_factor_draws),
                                   ("kfac_factor_draws_mode", args.kfac_factor_draws_mode)) if v is not None}
     if changes:
-        s = AttributionSession(preset=args.preset, cache_root=args.cache_root,
+        s = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root,
                                config=dataclasses.replace(s.config, **changes))
     s.build([args.method])
     labels = s.labels
