@@ -66,3 +66,19 @@ def digits():
 def digits_small(digits):
     """First 64 digits: enough for attribution tests, small enough for CI."""
     return digits.subset(list(range(64)))
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script("name")`` imports ``scripts/name.py`` as a module (the diagnostics are scripts, not package code)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -3,22 +3,14 @@ K-FAC-metric cosine, on matrices whose answers are known by construction."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gradient_class_structure.py"
-
 
 @pytest.fixture(scope="module")
-def gcs():
-    spec = importlib.util.spec_from_file_location("gradient_class_structure", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def gcs(load_script):
+    return load_script("gradient_class_structure")
 
 
 def test_structure_of_class_blocks(gcs):

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "query_dependence.py"
-
 
 @pytest.fixture(scope="module")
-def qd():
-    spec = importlib.util.spec_from_file_location("query_dependence", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def qd(load_script):
+    return load_script("query_dependence")
 
 
 def test_query_independent_scores_share_one_top_set(qd):
