@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "time_cold_build.py"
-
 
 @pytest.fixture
-def script(monkeypatch):
-    spec = importlib.util.spec_from_file_location("time_cold_build", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def script(monkeypatch, load_script):
+    mod = load_script("time_cold_build")  # a fresh module per test: the monkeypatches below stay local
     walls = iter([210.0, 180.0, 195.0])
     roots: list[Path] = []
 
@@ -69,10 +64,8 @@ def test_the_same_command_twice_on_one_day_keeps_both_earlier_records(script, tm
     assert sorted(v["wall_s"] for v in record["earlier_runs"].values()) == [180.0, 210.0]
 
 
-def test_a_failed_build_stops_with_its_exit_code(tmp_path):
-    spec = importlib.util.spec_from_file_location("time_cold_build_real", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_a_failed_build_stops_with_its_exit_code(tmp_path, load_script):
+    mod = load_script("time_cold_build")
     root = tmp_path / "empty"
     root.mkdir()
     with pytest.raises(SystemExit, match="build failed with exit code [1-9]"):
