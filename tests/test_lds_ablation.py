@@ -56,8 +56,6 @@ def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
             k = v["methods"]["kfac"]
             assert k["ci95"][0] <= k["lds"] <= k["ci95"][1]
             assert k["best"]["lds"] >= max(p["lds"] for p in k["sweep"] if p["lds"] is not None) - 1e-12
-        a, b = (rec["variants"][v.label]["methods"]["kfac"]["lds"] for v in ABLATIONS[name])
-        assert a != b  # the option changes the scores
     # the LDS of a variant is engine.evaluation.lds's statistic of its cached scores against the seed average
     session, _ = variant_session(setup, ABLATIONS["kfac_blocks"][1], tmp_path / "cache", None)
     rows, _ = session_scores(session, queries, "loss", ["kfac"], setup.out / "ablation" / "kfac_blocks" / "joint")
@@ -71,6 +69,9 @@ def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
     base_rows, _ = session_scores(variant_session(setup, ABLATIONS["kfac_blocks"][0], tmp_path / "cache", None)[0], queries,
                                   "loss", ["kfac"], setup.out / "ablation" / "kfac_blocks" / "separate")
     base_pred = predicted_matrix(lambda q: {"kfac": base_rows[q]["kfac"]}, masks, 3)["kfac"]
+    # the option changes the scores themselves (their LDS over 6 subsets can tie, so compare the scores)
+    for q in range(3):
+        assert not np.allclose(rows[q]["kfac"], base_rows[q]["kfac"], rtol=1e-3, atol=0)
     per_q = [spearman(p, m) - spearman(b, m) for p, b, m in zip(pred, base_pred, per_seed.mean(0), strict=True)]
     assert joint["vs_first"]["difference"] == pytest.approx(np.mean(per_q), abs=1e-12)
     assert joint["vs_first"]["difference"] == pytest.approx(joint["lds"] - sep["lds"], abs=1e-12)
