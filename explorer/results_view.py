@@ -127,12 +127,15 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
     if not names:
         st.info("Select at least one method in the sidebar.")
         return
+    independent = handle.query_independent()
     cols = st.columns(len(names), border=True)
     for col, name in zip(cols, names, strict=True):
         r = result.methods[name]
         with col:
             st.subheader(info[name]["title"])
             st.caption(info[name]["caption"])
+            if name in independent:
+                st.warning(query_independence_note(info[name]["title"], independent[name]), icon="⚠️")
             if r.status != "ok" or r.scores is None:
                 _unavailable(r.status, r.reason or "")
                 continue
@@ -163,6 +166,16 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 caption=[_caption(ds, x.index, x.score) for x in bottom],
                 width=cell + 8,
             )
+
+
+def query_independence_note(title: str, d) -> str:
+    """Why a method's column should not be read as an explanation of this query (``Dependence`` ``d``)."""
+    return (
+        f"**On this model {title}'s ranking barely depends on the query.** Over the {d.queries} gallery "
+        f"samples, two queries share {d.top_overlap:.0%} of their top-{d.top} on average (two random sets: "
+        f"{d.chance_overlap:.1%}) and their scores correlate at {d.pearson:+.2f}: its proponents describe "
+        "the training set more than this query."
+    )
 
 
 def _unavailable(status: str, reason: str) -> None:

@@ -16,6 +16,7 @@ through ``Handle.lock`` so a query never runs while a method is being built.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,8 @@ from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
 from explorer.grid_filler import GridFiller
 from explorer.job_queue import JobQueue
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,12 +127,27 @@ class Handle:
     worker: BuildWorker | None = None  # the one cache build of this server process
     precomputed: PrecomputedGallery | None = None  # shipped gallery scores (engine.attribution.precomputed)
     grid_filler: GridFiller = field(default_factory=GridFiller)  # damping grids after the first answer
+    _independent: dict[str, Any] | None = None  # see query_independent()
 
     def status(self, refresh: bool = False) -> dict[str, dict]:
         """``session.status()``, remembered: it walks the cache folders, too slow for every rerun."""
         if refresh or self.status_snapshot is None:
             self.status_snapshot = self.session.status()
         return self.status_snapshot
+
+    def query_independent(self) -> dict[str, Any]:
+        """Methods whose rankings barely depend on the query on this model, measured once over the shipped
+        gallery's precomputed scores (``engine.evaluation.query_dependence``): name -> ``Dependence``."""
+        if self._independent is None:
+            from engine.evaluation.query_dependence import flagged, gallery_dependence
+
+            pg = self.precomputed
+            try:
+                self._independent = flagged(gallery_dependence(pg, pg.methods_for(self.session))) if pg else {}
+            except (ValueError, KeyError) as e:  # a malformed file: no flag, never a broken page
+                log.warning("query-dependence check skipped: %s", e)
+                self._independent = {}
+        return self._independent
 
     @property
     def build(self) -> BuildState:

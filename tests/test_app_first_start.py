@@ -171,3 +171,34 @@ def test_shipped_precomputed_results_match_the_presets_current_settings(preset, 
     assert pre is not None, f"no shipped precomputed results for {preset}"
     session = AttributionSession(preset, cache_root=tmp_path)  # empty cache: nothing is built or loaded
     assert {"kfac", "trak", "dtrak", "pixel"} <= set(pre.methods_for(session)), pre.key["methods"].keys()
+
+
+@pytest.mark.slow
+def test_a_query_independent_method_is_flagged_beside_its_column(precomputed_env):
+    """A method whose shipped gallery scores rank the same training images for every query gets a warning
+    in its column (issue 16: D-TRAK on mnist); a method whose rankings differ between queries does not."""
+    import numpy as np
+
+    from engine.attribution.precomputed import PrecomputedGallery
+
+    path = f"{precomputed_env['ATTRIBUTION_CHECKPOINT']}/{FILE}"
+    with np.load(path) as z:
+        arrays = {k: np.asarray(z[k]) for k in z.files}
+    q, n = arrays["scores_trak"].shape
+    assert q >= 2
+    arrays["scores_trak"][:] = arrays["scores_trak"][0]  # one ranking for every query
+    rng = np.random.default_rng(0)  # D-TRAK: an independent random ranking per query (overlap ~ chance)
+    arrays["scores_dtrak"] = np.stack([rng.permutation(n) for _ in range(q)]).astype(np.float16)
+    np.savez_compressed(path, **arrays)
+
+    handle = _handle()
+    assert PrecomputedGallery.load(path).methods_for(handle.session)  # the edited file still belongs to it
+    flagged = handle.query_independent()
+    assert "trak" in flagged and flagged["trak"].top_overlap == 1.0 and flagged["trak"].distinct == flagged["trak"].top
+    assert "dtrak" not in flagged
+    at = _app().run()
+    _ok(at)
+    notes = [w.value for w in at.warning if "barely depends on the query" in w.value]
+    assert len(notes) == len(flagged)
+    assert any(note.startswith("**On this model TRAK's ranking") and "100%" in note for note in notes)
+    assert handle.worker.wait(TIMEOUT).status == "done"  # the server's build, started by the page, ends here

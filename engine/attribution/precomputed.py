@@ -162,6 +162,10 @@ class PrecomputedGallery:
     def has(self, index: int) -> bool:
         return index in self.rows
 
+    def methods(self) -> list[str]:
+        """Every method the file holds scores of (whether or not they match a given session)."""
+        return [n for n in self.key.get("methods", {}) if f"scores_{n}" in self.arrays]
+
     def scores(self, index: int, method: str, damping: float | None = None) -> np.ndarray | None:
         """float32 (N,) scores of gallery sample ``index``; None when not precomputed (that damping too)."""
         row = self.rows.get(int(index))
