@@ -135,7 +135,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             st.subheader(info[name]["title"])
             st.caption(info[name]["caption"])
             if name in independent:
-                st.warning(query_independence_note(info[name]["title"], independent[name]), icon="⚠️")
+                st.warning(query_independence_note(independent[name]), icon="⚠️")
             if r.status != "ok" or r.scores is None:
                 _unavailable(r.status, r.reason or "")
                 continue
@@ -168,13 +168,12 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             )
 
 
-def query_independence_note(title: str, d) -> str:
-    """Why a method's column should not be read as an explanation of this query (``Dependence`` ``d``)."""
+def query_independence_note(d) -> str:
+    """Why a method's column should not be read as an explanation of this query (``Dependence`` ``d``,
+    ``engine.evaluation.query_dependence``); short, so the column's grid stays level with the others."""
     return (
-        f"**On this model {title}'s ranking barely depends on the query.** Over the {d.queries} gallery "
-        f"samples, two queries share {d.top_overlap:.0%} of their top-{d.top} on average (two random sets: "
-        f"{d.chance_overlap:.1%}) and their scores correlate at {d.pearson:+.2f}: its proponents describe "
-        "the training set more than this query."
+        f"**Barely depends on the query** on this model: two gallery samples share {d.top_overlap:.0%} "
+        f"of their top-{d.top} (random sets {d.chance_overlap:.1%})."
     )
 
 
