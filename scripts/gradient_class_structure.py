@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.attribution.gradients import per_example_grads  # noqa: E402
 from engine.attribution.session import AttributionSession  # noqa: E402
+from engine.config import get_preset  # noqa: E402
 from engine.files import save_json  # noqa: E402
 from engine.model.diffusion import MCDraws  # noqa: E402
 
@@ -113,13 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_class < 2:
         raise SystemExit("--per-class must be at least 2 (a same-class neighbour has to exist)")
     t0 = time.time()
-    s = AttributionSession(preset=args.preset, cache_root=args.cache_root)
     changes = {k: v for k, v in (("kfac_factor_draws", args.kfac_factor_draws),
                                   ("kfac_factor_draws_mode", args.kfac_factor_draws_mode),
                                   ("mc_samples", args.factor_mc_samples)) if v is not None}
-    if changes:
-        s = AttributionSession(preset=args.preset, cache_root=args.cache_root,
-                               config=dataclasses.replace(s.config, **changes))
+    s = AttributionSession(preset=args.preset, cache_root=args.cache_root,
+                           config=dataclasses.replace(get_preset(args.preset).attribution, **changes))
     if s.labels is None:
         raise SystemExit(f"preset {args.preset} has no labels: the class structure needs them")
     labels_all = np.asarray(s.labels)

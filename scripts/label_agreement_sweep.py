@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.attribution.session import AttributionSession  # noqa: E402
+from engine.config import get_preset  # noqa: E402
 from engine.model.label_classifier import classifier_for, classify  # noqa: E402
 
 
@@ -144,13 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.method != "kfac" and (args.relative or args.ekfac or args.real or args.measurements):
         raise SystemExit("--relative, --ekfac, --real and --measurements are K-FAC's: use --method kfac")
-    s = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root)
     changes = {k: v for k, v in (("mc_samples", args.mc_samples), ("ekfac", args.ekfac or None),
                                   ("draws", args.draws), ("kfac_factor_draws", args.kfac_factor_draws),
                                   ("kfac_factor_draws_mode", args.kfac_factor_draws_mode)) if v is not None}
-    if changes:
-        s = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root,
-                               config=dataclasses.replace(s.config, **changes))
+    s = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root,
+                           config=dataclasses.replace(get_preset(args.preset).attribution, **changes))
     s.build([args.method])
     labels = s.labels
     clf = classifier_for(s.preset, s.dataset)
