@@ -142,12 +142,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="K-FAC factors from k draws per example (with --kfac-factor-draws-mode per-example "
                          "k < M is allowed with shared bank draws)")
     ap.add_argument("--kfac-factor-draws-mode", default=None, choices=("same", "per-example"))
+    ap.add_argument("--kfac-approx", default=None, choices=("expand", "reduce"),
+                    help="K-FAC-expand (default) or -reduce for weight-sharing layers (paper eq. 12)")
+    ap.add_argument("--fisher-type", default=None, choices=("mc", "empirical"),
+                    help="curvature: the MC-Fisher GGN (default; labels sampled from the model) or the "
+                         "empirical Fisher (paper eq. 11)")
     args = ap.parse_args(argv)
     if args.method != "kfac" and (args.relative or args.ekfac or args.real or args.measurements):
         raise SystemExit("--relative, --ekfac, --real and --measurements are K-FAC's: use --method kfac")
     changes = {k: v for k, v in (("mc_samples", args.mc_samples), ("ekfac", args.ekfac or None),
                                   ("draws", args.draws), ("kfac_factor_draws", args.kfac_factor_draws),
-                                  ("kfac_factor_draws_mode", args.kfac_factor_draws_mode)) if v is not None}
+                                  ("kfac_factor_draws_mode", args.kfac_factor_draws_mode),
+                                  ("kfac_approx", args.kfac_approx), ("fisher_type", args.fisher_type))
+               if v is not None}
     s = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root,
                            config=dataclasses.replace(get_preset(args.preset).attribution, **changes))
     s.build([args.method])
@@ -162,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     title = {"kfac": "EK-FAC" if s.config.ekfac else "K-FAC", "trak": "TRAK", "dtrak": "D-TRAK"}[meth]
     print(f"{args.preset}: {title} top-10 label agreement over {len(qs)} "
           f"gallery samples (M = {s.config.mc_samples} for the training gradients and the query, {s.config.draws} "
-          f"draws, factors from {s.config.kfac_factor_draws or 'all'} {s.config.kfac_factor_draws_mode} draws)")
+          f"draws, factors from {s.config.kfac_factor_draws or 'all'} {s.config.kfac_factor_draws_mode} draws, "
+          f"K-FAC-{s.config.kfac_approx}, {s.config.fisher_type} Fisher)")
     # both ends and the magnitude at the default damping: is the query's class at the top, at the bottom, or both?
     ends = {"top-10": [], "bottom-10": [], "top-10 by |score|": []}
     for y, r in zip(qlab, raws, strict=True):
