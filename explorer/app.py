@@ -74,6 +74,7 @@ def main() -> None:
             groups_view.groups_page(handle, settings)
     if evaluation.open:
         with evaluation:
+            evaluation_view.other_models_note(handle)
             evaluation_view.lds_section(handle)
             st.divider()
             evaluation_view.retrain_results_section(handle)

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from engine.evaluation.report import lds_records, retrain_records
+from engine.evaluation.report import ModelKey, lds_records, other_models_files, retrain_records
 from engine.evaluation.retrain_top import RetrainJob
 from engine.paths import ASSETS
 from explorer.controls import MEASUREMENTS, Settings
@@ -30,6 +30,21 @@ FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
 def results_dir() -> Path:
     """assets/results, or ATTRIBUTION_RESULTS."""
     return Path(os.environ.get("ATTRIBUTION_RESULTS", ASSETS / "results"))
+
+
+def model_key(handle: Handle) -> ModelKey:
+    """This server's model: result files measured on another checkpoint are not shown beside it."""
+    return ModelKey(handle.session.checkpoint_hash, handle.session.preset.name)
+
+
+def other_models_note(handle: Handle) -> None:
+    """Say which result files in the folder belong to other models (so a missing table is explained)."""
+    others = other_models_files(results_dir(), model_key(handle))
+    if others:
+        st.caption(
+            f"Not shown: {len(others)} result file(s) in `{results_dir()}` measured on other models "
+            f"({', '.join(f'`{f}`' for f in others)}); start the app on that model to see them."
+        )
 
 
 def _interval_words(entry: dict, ref: str) -> str:
@@ -68,7 +83,7 @@ def lds_section(handle: Handle) -> None:
         "methods are included for reference: their scores are not removal predictions."
     )
     folder = results_dir()
-    entries = lds_records(folder)  # the headline first
+    entries = lds_records(folder, model_key(handle))  # this model's, the headline first
     if not entries:
         st.info(
             f"**No LDS results yet** in `{folder}`. They are produced by `make lds` "
@@ -149,7 +164,7 @@ def lds_section(handle: Handle) -> None:
 
 def retrain_results_section(handle: Handle) -> None:
     """The retraining-without-top-influences results shipped in assets/results (``attribution-engine retrain-top``)."""
-    entries = retrain_records(results_dir())
+    entries = retrain_records(results_dir(), model_key(handle))
     if not entries:
         return
     st.subheader("Retraining without the top proponents (shipped results)")

@@ -9,8 +9,6 @@ damping) and kept in the process-wide handle, so changing the group only re-sums
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -204,7 +202,7 @@ def groups_page(handle: Handle, s: Settings) -> None:
     reverse_section(handle, result, s)
     downloads(handle, result, s)
     copy_section(handle, result)
-    group_retrain_section()
+    group_retrain_section(handle)
 
 
 def _table(result: GroupResult) -> pd.DataFrame:
@@ -313,21 +311,17 @@ def _flag_rate(handle: Handle) -> float:
 # --- retraining check (shipped results) -------------------------------------------------------
 
 
-def group_retrain_section() -> None:
-    from explorer.evaluation_view import results_dir
+def group_retrain_section(handle: Handle) -> None:
+    from engine.evaluation.report import load_group_retrain_results, split_by_model
+    from explorer.evaluation_view import model_key, results_dir
 
     st.markdown("#### Check by retraining: predicted against measured change")
-    files = sorted(Path(results_dir()).glob("group_retrain_*.json"))
-    records: list[dict[str, Any]] = []
-    for p in files:
-        try:
-            records.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
+    records, _ = split_by_model(load_group_retrain_results(results_dir()), model_key(handle))  # this model's
     groups = [(rec, g) for rec in records for g in rec.get("groups", [])]
     if not groups:
-        st.caption("No group retraining results yet: run `attribution-engine group-retrain --remove label:3 "
-                   "--remove label:8` (writes assets/results/group_retrain_<preset>.json).")
+        name = handle.session.preset.name
+        st.caption(f"No group retraining results for this model yet: run `attribution-engine group-retrain --preset "
+                   f"{name} --remove label:3 --remove label:8` (writes assets/results/group_retrain_{name}.json).")
         return
     st.caption("The model retrained without the whole group (same recipe and steps), each gallery sample's loss "
                "measured on both models with the same random draws. A method that knows which outputs depend on "

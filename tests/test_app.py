@@ -297,10 +297,11 @@ def test_evaluation_and_about_tabs(app_env):
 
     results = Path(app_env["ATTRIBUTION_RESULTS"])
     results.mkdir(parents=True)
+    this_model = _handle().session.checkpoint_hash  # result files name their checkpoint (or, older ones, the preset)
     (results / "lds_digits_loss.json").write_text(
         json.dumps(
             {
-                "config": {"measurement": "loss", "subsets": 4},
+                "config": {"measurement": "loss", "subsets": 4, "checkpoint_hash": this_model},
                 "methods": {"kfac": {"lds": 0.4321, "ci95": [0.3, 0.5], "damping": 1e-8}},
                 "sweeps": {"kfac": [{"damping": 1e-8, "lds": 0.4321}, {"damping": 1e-4, "lds": 0.2}]},
                 "best_settings": {  # engine.evaluation.lds_best's summary
@@ -319,12 +320,18 @@ def test_evaluation_and_about_tabs(app_env):
         )
     )
     (results / "lds_digits_elbo.json").write_text(  # sorts first by name, must show after the loss
-        json.dumps({"config": {"measurement": "elbo"}, "methods": {"kfac": {"lds": 0.1111, "ci95": [0.0, 0.2]}}})
+        json.dumps({"config": {"measurement": "elbo", "preset": "tiny-app"},
+                    "methods": {"kfac": {"lds": 0.1111, "ci95": [0.0, 0.2]}}})
     )
+    # another model's files in the same folder: never shown as this model's, but named
+    other = {"checkpoint_hash": "f" * 16, "preset": "tiny-app", "measurement": "loss"}  # same name, other weights
+    (results / "lds_other_loss.json").write_text(json.dumps({"config": other, "methods": {"kfac": {"lds": 0.9999}}}))
+    (results / "retrain_top_other.json").write_text(json.dumps({"config": {**other, "preset": "mnist"}, "results": [
+        {"query": "gallery:0", "method": "trak", "measured_change": 0.5, "random_measured_change": 0.1}]}))
     (results / "retrain_top_digits.json").write_text(
         json.dumps(
             {
-                "config": {"measurement": "loss", "removed": 2, "num_train": 64},
+                "config": {"measurement": "loss", "removed": 2, "num_train": 64, "checkpoint_hash": this_model},
                 "results": [
                     {"query": "gallery:0", "method": "kfac", "removed": [3, 4], "predicted_change": 0.5,
                      "measured_change": 0.012, "random_measured_change": 0.003}
@@ -346,6 +353,7 @@ def test_evaluation_and_about_tabs(app_env):
     retrain = [f for f in frames if "measured change" in f.columns]
     assert len(retrain) == 1 and retrain[0]["method"].iloc[0] == "K-FAC Influence"
     assert retrain[0]["measured / control"].iloc[0] == pytest.approx(4.0)
+    assert "Not shown: 2 result file(s)" in _texts(at) and "`retrain_top_other.json`" in _texts(at)
     assert any("0.5" in f["95% interval"].iloc[0] for f in frames if "95% interval" in f.columns)
     assert "**Proponents**" not in _texts(at)  # only the open tab renders
     at.session_state["page"] = "About the methods"

@@ -35,7 +35,8 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
 
     # a shipped group-retraining record: the page plots it
     record = {
-        "config": {"queries": ["gallery:0", "gallery:1", "gallery:2"], "query_labels": [0, 1, 2], "steps": 10},
+        "config": {"queries": ["gallery:0", "gallery:1", "gallery:2"], "query_labels": [0, 1, 2], "steps": 10,
+                   "preset": "tiny-app"},  # this model's (a record of another model's would not be plotted)
         "groups": [{
             "spec": "label:1", "size": 5, "measured_change": [0.1, 0.3, 0.2],
             "predicted_change": {"kfac": [0.01, 0.03, 0.02]},

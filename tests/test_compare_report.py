@@ -53,3 +53,37 @@ def test_typed_loaders_put_the_headline_first_and_skip_unreadable_files(tmp_path
     (rt,) = retrain_records(tmp_path)
     assert rt.config["fraction"] == 0.02 and rt.results == [{"x": 1}] and rt.summary == {}
     assert lds_records(tmp_path / "missing") == []
+
+
+def test_result_files_are_shown_only_beside_the_model_they_were_measured_on(tmp_path):
+    """digits and mnist share assets/results; gallery:0 is another image on another model, so the loaders
+    keep a model's own files: same checkpoint hash, or (files without one) the same preset name."""
+    from engine.evaluation.report import (
+        ModelKey,
+        load_group_retrain_results,
+        other_models_files,
+        split_by_model,
+    )
+
+    mine = ModelKey(checkpoint_hash="a" * 16, preset="digits")
+
+    def write(name: str, config: dict, **rest) -> None:
+        (tmp_path / name).write_text(json.dumps({"config": {"measurement": "loss", **config}, **rest}))
+
+    write("lds_digits_loss.json", {"checkpoint_hash": "a" * 16, "preset": "digits"}, methods={"kfac": {"lds": 0.5}})
+    write("lds_mnist_loss.json", {"checkpoint_hash": "b" * 16, "preset": "mnist"}, methods={"kfac": {"lds": 0.1}})
+    write("lds_digits_elbo.json", {"preset": "digits"}, methods={})  # older file: no hash, the preset decides
+    write("lds_retrained_loss.json", {"checkpoint_hash": "c" * 16, "preset": "digits"})  # digits, other weights
+    write("retrain_top_mnist.json", {"checkpoint_hash": "b" * 16, "preset": "mnist"}, results=[{"query": "gallery:0"}])
+    write("retrain_top_digits.json", {"checkpoint_hash": "a" * 16}, results=[{"query": "gallery:0"}])
+    write("group_retrain_mnist.json", {"preset": "mnist"}, groups=[])
+    (tmp_path / "lds_broken.json").write_text("[1, 2")  # unreadable: skipped, never an error
+
+    assert {r.file for r in lds_records(tmp_path, mine)} == {"lds_digits_loss.json", "lds_digits_elbo.json"}
+    assert len(lds_records(tmp_path)) == 4  # no model given: every readable file
+    assert [r.file for r in retrain_records(tmp_path, mine)] == ["retrain_top_digits.json"]
+    assert split_by_model(load_group_retrain_results(tmp_path), mine)[0] == []
+    assert other_models_files(tmp_path, mine) == [
+        "group_retrain_mnist.json", "lds_mnist_loss.json", "lds_retrained_loss.json", "retrain_top_mnist.json"]
+    mnist = ModelKey(checkpoint_hash="b" * 16, preset="mnist")
+    assert [r.file for r in retrain_records(tmp_path, mnist)] == ["retrain_top_mnist.json"]

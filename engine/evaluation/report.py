@@ -17,11 +17,42 @@ def _load_results(results_dir: str | Path, pattern: str) -> list[dict[str, Any]]
     for p in sorted(folder.glob(pattern)) if folder.is_dir() else []:
         try:
             rec = json.loads(p.read_text())
-        except json.JSONDecodeError:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if not isinstance(rec, dict):
             continue
         rec["file"] = p.name
         out.append(rec)
     return out
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """Which model a result file must have been measured on to be shown beside it: the checkpoint's
+    content hash (``config.checkpoint_hash`` in every result file), or, for a file written before
+    results carried one, the preset's name.  A folder of results usually holds several models'
+    files (digits and mnist share assets/results); a query such as ``gallery:0`` means another
+    image on another model, so another model's figures must never be shown as this one's."""
+
+    checkpoint_hash: str
+    preset: str
+
+    def owns(self, config: dict[str, Any]) -> bool:
+        h = config.get("checkpoint_hash")
+        return h == self.checkpoint_hash if h else config.get("preset") == self.preset
+
+
+def split_by_model(records: list[dict[str, Any]], model: ModelKey | None) -> tuple[list[dict], list[dict]]:
+    """(this model's records, the others'); every record is this model's when ``model`` is None."""
+    if model is None:
+        return list(records), []
+    mine = [r for r in records if model.owns(r.get("config") or {})]
+    return mine, [r for r in records if not model.owns(r.get("config") or {})]
+
+
+def load_group_retrain_results(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``group_retrain_*.json`` in ``results_dir`` (for the app)."""
+    return _load_results(results_dir, "group_retrain_*.json")
 
 
 def load_lds_results(results_dir: str | Path) -> list[dict[str, Any]]:
@@ -76,11 +107,12 @@ class RetrainRecord:
         return self.path.name
 
 
-def lds_records(results_dir: str | Path) -> list[LDSRecord]:
-    """Every LDS result in ``results_dir``, the headline first (see ``LDSRecord.headline_order``)."""
+def lds_records(results_dir: str | Path, model: ModelKey | None = None) -> list[LDSRecord]:
+    """Every LDS result in ``results_dir`` (of ``model`` only, when given), the headline first
+    (see ``LDSRecord.headline_order``)."""
     folder = Path(results_dir)
     out = []
-    for rec in load_lds_results(folder):
+    for rec in split_by_model(load_lds_results(folder), model)[0]:
         path = folder / rec["file"]
         cfg = rec.get("config") or {}
         png = path.with_suffix(".png")
@@ -100,8 +132,8 @@ def lds_records(results_dir: str | Path) -> list[LDSRecord]:
     return sorted(out, key=LDSRecord.headline_order)
 
 
-def retrain_records(results_dir: str | Path) -> list[RetrainRecord]:
-    """Every retrain-top result in ``results_dir``, by file name."""
+def retrain_records(results_dir: str | Path, model: ModelKey | None = None) -> list[RetrainRecord]:
+    """Every retrain-top result in ``results_dir`` (of ``model`` only, when given), by file name."""
     folder = Path(results_dir)
     return [
         RetrainRecord(
@@ -110,5 +142,12 @@ def retrain_records(results_dir: str | Path) -> list[RetrainRecord]:
             results=rec.get("results") or [],
             summary=rec.get("summary") or {},
         )
-        for rec in load_retrain_results(folder)
+        for rec in split_by_model(load_retrain_results(folder), model)[0]
     ]
+
+
+def other_models_files(results_dir: str | Path, model: ModelKey) -> list[str]:
+    """The LDS, retrain-top and group-retrain files in ``results_dir`` measured on other models (the app
+    says they exist and why they are not shown)."""
+    recs = load_lds_results(results_dir) + load_retrain_results(results_dir) + load_group_retrain_results(results_dir)
+    return sorted(r["file"] for r in split_by_model(recs, model)[1])
