@@ -66,6 +66,20 @@ def dependence(scores: np.ndarray, top: int) -> Dependence:
                       pearson=float(np.nanmean(r)), distinct=len(set().union(*sets)))
 
 
+def mean_pairwise_cosine(vectors: np.ndarray) -> float:
+    """Mean cosine over the distinct pairs of the rows of ``vectors`` (Q, P).  Why: a method's scores are
+    (preconditioned) inner products with the query's gradient, so queries whose gradients all point one
+    way get one ranking; this tells whether a query-independent ranking starts at the query's gradient."""
+    v = np.asarray(vectors, dtype=np.float64)
+    if v.ndim != 2 or v.shape[0] < 2:
+        raise ValueError(f"needs at least two vectors as a (Q, P) array, got shape {v.shape}")
+    norms = np.linalg.norm(v, axis=1)
+    if np.any(norms == 0):
+        raise ValueError("a zero vector has no direction")
+    u = v / norms[:, None]
+    return float(np.mean((u @ u.T)[np.triu_indices(v.shape[0], 1)]))
+
+
 def gallery_dependence(pg: Any, methods: list[str] | None = None,
                        top: int = DependenceConfig.top) -> dict[str, Dependence]:
     """The dependence of ``methods`` (default: all it holds) over a ``PrecomputedGallery``'s queries
