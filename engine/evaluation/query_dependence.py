@@ -35,6 +35,8 @@ class DependenceConfig:
 
 @dataclass(frozen=True)
 class Dependence:
+    """One method's statistics over ``queries`` queries (module docstring), for top-k sets of ``top``."""
+
     top: int
     queries: int
     n_train: int
@@ -44,11 +46,8 @@ class Dependence:
 
     @property
     def chance_overlap(self) -> float:
+        """The expected overlap of two independent random top-k sets: k / N."""
         return self.top / self.n_train
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"top": self.top, "queries": self.queries, "n_train": self.n_train, "top_overlap": self.top_overlap,
-                "pearson": self.pearson, "distinct": self.distinct, "chance_overlap": self.chance_overlap}
 
 
 def dependence(scores: np.ndarray, top: int) -> Dependence:
