@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.attribution.curvature import KFAC_APPROX  # noqa: E402
 from engine.attribution.session import AttributionSession  # noqa: E402
 from engine.config import get_preset  # noqa: E402
 from engine.model.label_classifier import classifier_for, classify  # noqa: E402
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="K-FAC factors from k draws per example (with --kfac-factor-draws-mode per-example "
                          "k < M is allowed with shared bank draws)")
     ap.add_argument("--kfac-factor-draws-mode", default=None, choices=("same", "per-example"))
-    ap.add_argument("--kfac-approx", default=None, choices=("expand", "reduce"),
+    ap.add_argument("--kfac-approx", default=None, choices=KFAC_APPROX,
                     help="K-FAC-expand (default) or -reduce for weight-sharing layers (paper eq. 12)")
     ap.add_argument("--fisher-type", default=None, choices=("mc", "empirical"),
                     help="curvature: the MC-Fisher GGN (default; labels sampled from the model) or the "
