@@ -19,7 +19,14 @@ preset's damping).  Pixel cosine's nearest-neighbour agreement on the same probe
 reference.
 
     python scripts/gradient_class_structure.py --preset mnist [--cache-root cache] [--per-class 8]
-        [--mc 16,64,256] [--out assets/results/gradient_class_structure_mnist.json]
+        [--mc 16,64,256] [--by-stage] [--out assets/results/gradient_class_structure_mnist.json]
+
+``--by-stage`` splits K-FAC's preconditioned inner product by the U-Net's resolution stage (the
+spatial size of each layer's output: 28, 14, 7 pixels on mnist; "vector" for the time-embedding
+MLP).  The score is a sum over stages, s_ij = sum_l g_i,l^T (G_l + lambda I)^-1 g_j,l (K-FAC is
+block-diagonal per layer, eq. 6), so for each stage this reports its share of the preconditioned
+energy sum_i ||g_i,l||^2 (how much of the score's scale it holds) and the nearest-neighbour label
+agreement of its term alone: which layers know the class, and which ones the sum listens to.
 
 Needs the preset's K-FAC factors (built on first use, as ``attribution-engine build --methods kfac``).
 """
@@ -39,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.attribution.gradients import per_example_grads  # noqa: E402
 from engine.attribution.session import AttributionSession  # noqa: E402
+from engine.attribution.stages import layer_stages, stage_indices  # noqa: E402
 from engine.config import get_preset  # noqa: E402
 from engine.files import save_json  # noqa: E402
 from engine.model.diffusion import MCDraws  # noqa: E402
@@ -91,6 +99,24 @@ def cosine(a: torch.Tensor, b: torch.Tensor, metric: torch.Tensor | None = None)
     return (ab / (na[:, None] * nb[None])).numpy()
 
 
+def by_stage(ra: torch.Tensor, rb: torch.Tensor, metric: torch.Tensor, labels: np.ndarray,
+             slices: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per stage l: share of the preconditioned energy and the label agreement of the term s_ij,l alone."""
+    ra, rb, metric = ra.double(), rb.double(), metric.double()
+    total = float(((ra * ra) * metric).sum())
+    rows = {}
+    for stage, idx in slices.items():  # finest grid first
+        a, b, w = ra[:, idx], rb[:, idx], metric[idx]
+        inner = ((a * w) @ b.T).numpy()
+        rows[stage] = {
+            "params": int(len(idx)),
+            "energy_share": float(((a * a) * w).sum()) / total,
+            "nn_label_agreement_unnormalised": structure(inner, labels)["nn_label_agreement"],
+            "nn_label_agreement_cosine": structure(cosine(a, b, w), labels)["nn_label_agreement"],
+        }
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="mnist")
@@ -107,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                          "timesteps)")
     ap.add_argument("--factor-mc-samples", type=int, default=None,
                     help="the session's M for the factors' cache key (default: the preset's)")
+    ap.add_argument("--by-stage", action="store_true",
+                    help="split K-FAC's inner product by the U-Net's resolution stage (see the module docstring)")
     args = ap.parse_args(argv)
     mcs = [int(x) for x in args.mc.split(",") if x.strip()]
     if not mcs or min(mcs) < 1:
@@ -138,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
           f"nearest-neighbour agreement {pixel['nn_label_agreement']:.3f}")
     rows = []
     shape = tuple(x.shape[1:])
+    slices = None
+    if args.by_stage:
+        stages = layer_stages(s.model, x[:1], torch.zeros(1, dtype=torch.long))
+        slices = stage_indices(list(s.ctx.params), stages)  # the rotation keeps each layer's coordinates
     for m in mcs:
         ga = per_example_grads(s.model, s.diffusion, x, draw_set(m, shape, s.diffusion.T, 2 * m + args.seed))
         gb = per_example_grads(s.model, s.diffusion, x, draw_set(m, shape, s.diffusion.T, 2 * m + args.seed + 1))
@@ -147,13 +179,20 @@ def main(argv: list[str] | None = None) -> int:
         # as K-FAC influence ranks: the plain preconditioned inner product, no normalisation
         inner = ((ra.double() * metric) @ rb.double().T).numpy()
         kf["nn_label_agreement_unnormalised"] = structure(inner, labels)["nn_label_agreement"]
-        rows.append({"mc_samples": m, "raw": raw, "kfac": kf})
+        row = {"mc_samples": m, "raw": raw, "kfac": kf}
+        if slices is not None:
+            row["kfac_by_stage"] = by_stage(ra, rb, metric, labels, slices)
+        rows.append(row)
         for name, r in (("raw  ", raw), ("K-FAC", kf)):
             print(f"  M = {m:4d} {name}: self {r['self']:+.3f}  same class {r['same_class']:+.3f}  other class "
                   f"{r['other_class']:+.3f}  nearest neighbour same label {r['nn_label_agreement']:.3f}  "
                   f"own second estimate nearest {r['self_is_nearest']:.2f}", flush=True)
         print(f"  M = {m:4d} K-FAC inner product (no normalisation, as influence ranks): nearest neighbour "
               f"same label {kf['nn_label_agreement_unnormalised']:.3f}", flush=True)
+        for stage, r in row.get("kfac_by_stage", {}).items():
+            print(f"      stage {stage:>6}: {r['params']:7d} params, {r['energy_share']:6.1%} of the preconditioned "
+                  f"energy, its term alone: nearest neighbour same label {r['nn_label_agreement_unnormalised']:.3f} "
+                  f"(cosine {r['nn_label_agreement_cosine']:.3f})", flush=True)
     record = {
         "preset": args.preset,
         "checkpoint_hash": s.checkpoint_hash,

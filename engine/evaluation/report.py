@@ -46,8 +46,11 @@ def split_by_model(records: list[dict[str, Any]], model: ModelKey | None) -> tup
     """(this model's records, the others'); every record is this model's when ``model`` is None."""
     if model is None:
         return list(records), []
-    mine = [r for r in records if model.owns(r.get("config") or {})]
-    return mine, [r for r in records if not model.owns(r.get("config") or {})]
+    mine: list[dict] = []
+    others: list[dict] = []
+    for r in records:
+        (mine if model.owns(r.get("config") or {}) else others).append(r)
+    return mine, others
 
 
 def load_group_retrain_results(results_dir: str | Path) -> list[dict[str, Any]]:
