@@ -58,3 +58,24 @@ def test_probe_indices_draws_per_class_and_refuses_small_classes(gcs):
     np.testing.assert_array_equal(idx, gcs.probe_indices(labels, 3, seed=0))  # seeded
     with pytest.raises(SystemExit, match="fewer than --per-class"):
         gcs.probe_indices(labels, 4)
+
+
+def test_by_stage_separates_a_class_carrying_stage_from_a_noisy_one(gcs):
+    # coordinates 0..3 hold a class code (two classes), 4..11 independent noise 3x larger
+    g = torch.Generator().manual_seed(1)
+    labels = np.array([0] * 6 + [1] * 6)
+    code = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)[labels]
+
+    def estimate():
+        return torch.cat([code + 0.05 * torch.randn(12, 4, generator=g, dtype=torch.float64),
+                          3.0 * torch.randn(12, 8, generator=g, dtype=torch.float64)], dim=1)
+
+    ra, rb = estimate(), estimate()
+    metric = torch.ones(12, dtype=torch.float64)
+    rows = gcs.by_stage(ra, rb, metric, labels, {"class": torch.arange(4), "noise": torch.arange(4, 12)})
+    assert rows["class"]["params"] == 4 and rows["noise"]["params"] == 8
+    assert rows["class"]["energy_share"] + rows["noise"]["energy_share"] == pytest.approx(1.0)
+    assert rows["noise"]["energy_share"] > 0.8  # the noise holds most of the energy ...
+    assert rows["class"]["nn_label_agreement_unnormalised"] == 1.0  # ... the class stage alone finds the class
+    whole = gcs.structure(((ra * metric) @ rb.T).numpy(), labels)["nn_label_agreement"]
+    assert whole < 1.0  # and the sum, dominated by the noise, does not
