@@ -74,10 +74,11 @@ def main() -> None:
             groups_view.groups_page(handle, settings)
     if evaluation.open:
         with evaluation:
-            evaluation_view.other_models_note(handle)
-            evaluation_view.lds_section(handle)
+            files = evaluation_view.result_files()  # one read of assets/results for the whole tab
+            evaluation_view.other_models_note(handle, files)
+            evaluation_view.lds_section(handle, files)
             st.divider()
-            evaluation_view.retrain_results_section(handle)
+            evaluation_view.retrain_results_section(handle, files)
             st.divider()
             evaluation_view.retrain_section(handle, query, settings)
     if about.open:

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from engine.evaluation.report import ModelKey, lds_records, other_models_files, retrain_records
+from engine.evaluation.report import ModelKey, ResultFiles, lds_records, other_models_files, retrain_records
 from engine.evaluation.retrain_top import RetrainJob
 from engine.paths import ASSETS
 from explorer.controls import MEASUREMENTS, Settings
@@ -37,9 +37,14 @@ def model_key(handle: Handle) -> ModelKey:
     return ModelKey(handle.session.checkpoint_hash, handle.session.preset.name)
 
 
-def other_models_note(handle: Handle) -> None:
+def result_files() -> ResultFiles:
+    """The results folder, read once for the whole Evaluation tab (each section gets this)."""
+    return ResultFiles.read(results_dir())
+
+
+def other_models_note(handle: Handle, files: ResultFiles | None = None) -> None:
     """Say which result files in the folder belong to other models (so a missing table is explained)."""
-    others = other_models_files(results_dir(), model_key(handle))
+    others = other_models_files(files or result_files(), model_key(handle))
     if others:
         st.caption(
             f"Not shown: {len(others)} result file(s) in `{results_dir()}` measured on other models "
@@ -73,7 +78,7 @@ def _title(info: dict, name: str) -> str:
     return f"{title} [{rest}" if bracket else title
 
 
-def lds_section(handle: Handle) -> None:
+def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
     st.subheader("Linear data-modelling score (LDS)")
     st.markdown(
         "For random half-size subsets of the training set, models were retrained and the query's measurement "
@@ -82,8 +87,9 @@ def lds_section(handle: Handle) -> None:
         "queries (paper section 4, eq. 13). Higher is better; 0 means no better than chance. Similarity "
         "methods are included for reference: their scores are not removal predictions."
     )
-    folder = results_dir()
-    entries = lds_records(folder, model_key(handle))  # this model's, the headline first
+    files = files or result_files()
+    folder = files.folder
+    entries = lds_records(files, model_key(handle))  # this model's, the headline first
     if not entries:
         st.info(
             f"**No LDS results yet** in `{folder}`. They are produced by `make lds` "
@@ -162,9 +168,9 @@ def lds_section(handle: Handle) -> None:
             st.json({"config": entry.config, "noise": entry.noise}, expanded=False)
 
 
-def retrain_results_section(handle: Handle) -> None:
+def retrain_results_section(handle: Handle, files: ResultFiles | None = None) -> None:
     """The retraining-without-top-influences results shipped in assets/results (``attribution-engine retrain-top``)."""
-    entries = retrain_records(results_dir(), model_key(handle))
+    entries = retrain_records(files or result_files(), model_key(handle))
     if not entries:
         return
     st.subheader("Retraining without the top proponents (shipped results)")

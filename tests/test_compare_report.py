@@ -87,3 +87,15 @@ def test_result_files_are_shown_only_beside_the_model_they_were_measured_on(tmp_
         "group_retrain_mnist.json", "lds_mnist_loss.json", "lds_retrained_loss.json", "retrain_top_mnist.json"]
     mnist = ModelKey(checkpoint_hash="b" * 16, preset="mnist")
     assert [r.file for r in retrain_records(tmp_path, mnist)] == ["retrain_top_mnist.json"]
+
+    # one read of the folder serves every loader the same records, whatever happens to the files after it
+    from engine.evaluation.report import ResultFiles
+
+    files = ResultFiles.read(tmp_path)
+    for p in tmp_path.glob("*.json"):
+        p.unlink()
+    assert {r.file for r in lds_records(files, mine)} == {"lds_digits_loss.json", "lds_digits_elbo.json"}
+    assert [r.file for r in retrain_records(files, mnist)] == ["retrain_top_mnist.json"]
+    assert other_models_files(files, mine) == [
+        "group_retrain_mnist.json", "lds_mnist_loss.json", "lds_retrained_loss.json", "retrain_top_mnist.json"]
+    assert lds_records(tmp_path) == [] and lds_records(files, mine)[0].path.parent == tmp_path

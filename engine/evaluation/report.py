@@ -70,6 +70,30 @@ def load_retrain_results(results_dir: str | Path) -> list[dict[str, Any]]:
     return _load_results(results_dir, "retrain_top_*.json")
 
 
+@dataclass(frozen=True)
+class ResultFiles:
+    """One read of a results folder: its LDS, retrain-top and group-retrain records.
+
+    Why: the app's Evaluation tab shows several sections and a note over the same files on every
+    rerun; reading the folder once per page and handing this to each loader keeps the sections
+    consistent with each other (a file being rewritten cannot appear in one and not another) and
+    parses each file once."""
+
+    folder: Path
+    lds: list[dict[str, Any]]
+    retrain: list[dict[str, Any]]
+    group_retrain: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, results_dir: str | Path) -> ResultFiles:
+        folder = Path(results_dir)
+        return cls(folder, load_lds_results(folder), load_retrain_results(folder), load_group_retrain_results(folder))
+
+
+def _files(results: str | Path | ResultFiles) -> ResultFiles:
+    return results if isinstance(results, ResultFiles) else ResultFiles.read(results)
+
+
 # --- typed records (what the app reads) -----------------------------------------------------
 
 
@@ -110,12 +134,13 @@ class RetrainRecord:
         return self.path.name
 
 
-def lds_records(results_dir: str | Path, model: ModelKey | None = None) -> list[LDSRecord]:
-    """Every LDS result in ``results_dir`` (of ``model`` only, when given), the headline first
-    (see ``LDSRecord.headline_order``)."""
-    folder = Path(results_dir)
+def lds_records(results: str | Path | ResultFiles, model: ModelKey | None = None) -> list[LDSRecord]:
+    """Every LDS result in a results folder or an already read ``ResultFiles`` (of ``model`` only,
+    when given), the headline first (see ``LDSRecord.headline_order``)."""
+    files = _files(results)
+    folder = files.folder
     out = []
-    for rec in split_by_model(load_lds_results(folder), model)[0]:
+    for rec in split_by_model(files.lds, model)[0]:
         path = folder / rec["file"]
         cfg = rec.get("config") or {}
         png = path.with_suffix(".png")
@@ -135,9 +160,11 @@ def lds_records(results_dir: str | Path, model: ModelKey | None = None) -> list[
     return sorted(out, key=LDSRecord.headline_order)
 
 
-def retrain_records(results_dir: str | Path, model: ModelKey | None = None) -> list[RetrainRecord]:
-    """Every retrain-top result in ``results_dir`` (of ``model`` only, when given), by file name."""
-    folder = Path(results_dir)
+def retrain_records(results: str | Path | ResultFiles, model: ModelKey | None = None) -> list[RetrainRecord]:
+    """Every retrain-top result in a results folder or a ``ResultFiles`` (of ``model`` only, when
+    given), by file name."""
+    files = _files(results)
+    folder = files.folder
     return [
         RetrainRecord(
             path=folder / rec["file"],
@@ -145,12 +172,12 @@ def retrain_records(results_dir: str | Path, model: ModelKey | None = None) -> l
             results=rec.get("results") or [],
             summary=rec.get("summary") or {},
         )
-        for rec in split_by_model(load_retrain_results(folder), model)[0]
+        for rec in split_by_model(files.retrain, model)[0]
     ]
 
 
-def other_models_files(results_dir: str | Path, model: ModelKey) -> list[str]:
-    """The LDS, retrain-top and group-retrain files in ``results_dir`` measured on other models (the app
-    says they exist and why they are not shown)."""
-    recs = load_lds_results(results_dir) + load_retrain_results(results_dir) + load_group_retrain_results(results_dir)
-    return sorted(r["file"] for r in split_by_model(recs, model)[1])
+def other_models_files(results: str | Path | ResultFiles, model: ModelKey) -> list[str]:
+    """The LDS, retrain-top and group-retrain files of a results folder measured on other models (the
+    app says they exist and why they are not shown)."""
+    files = _files(results)
+    return sorted(r["file"] for r in split_by_model(files.lds + files.retrain + files.group_retrain, model)[1])
