@@ -94,6 +94,10 @@ class AttributionConfig:
     # draws per example, paper G.3, even when the bank's are shared: the factors then see every timestep
     # and k < M draws per example are allowed; KFACInfluence.factor_train_draws)
     kfac_factor_draws_mode: str = "same"
+    # the query gradient's draws: "own" (M draws of its own, independent of the training gradients', seed + 1;
+    # paper G.3) or "bank" (the training gradients' shared draws: common random numbers between the query and
+    # every training example; needs draws="shared"; AttributionSession.query_draws)
+    query_draws: str = "own"
     # K-FAC training-gradient bank: "stored" (int8 on disk, a query is one pass over it),
     # "streamed" (recomputed per query batch: for models whose bank does not fit, docs/architecture.md §8)
     # "compressed" (per-layer projected gradients, the candidates re-ranked exactly: engine.attribution.compressed_bank)
@@ -127,7 +131,7 @@ def trak_default_damping(config: AttributionConfig, method: str, num_train: int)
 
 # Settings added after caches were first built, with the value those caches were built with:
 # ``attribution_key`` leaves a field out while it has that value, so existing cache keys stay valid.
-KEY_NEUTRAL = {"draws": "shared", "kfac_blocks": "separate"}
+KEY_NEUTRAL = {"draws": "shared", "kfac_blocks": "separate", "query_draws": "own"}
 
 
 def attribution_key(config: AttributionConfig, num_train: int) -> dict[str, Any]:

@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fisher-type", default=None, choices=("mc", "empirical"),
                     help="curvature: the MC-Fisher GGN (default; labels sampled from the model) or the "
                          "empirical Fisher (paper eq. 11)")
+    ap.add_argument("--query-draws-mode", default=None, choices=("own", "bank"),
+                    help="the query gradient on its own draws (default) or on the bank's shared draws (common "
+                         "random numbers between the query and every training example: AttributionConfig.query_draws)")
     ap.add_argument("--by-stage", action="store_true",
                     help="also score with the query gradient kept on one resolution stage of the U-Net at a time "
                          "(and on all but one): which layers' terms of the sum carry the class?")
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     changes = {k: v for k, v in (("mc_samples", args.mc_samples), ("ekfac", args.ekfac or None),
                                   ("draws", args.draws), ("kfac_factor_draws", args.kfac_factor_draws),
                                   ("kfac_factor_draws_mode", args.kfac_factor_draws_mode),
-                                  ("kfac_approx", args.kfac_approx), ("fisher_type", args.fisher_type))
+                                  ("kfac_approx", args.kfac_approx), ("fisher_type", args.fisher_type),
+                                  ("query_draws", args.query_draws_mode))
                if v is not None}
     s = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root,
                            config=dataclasses.replace(get_preset(args.preset).attribution, **changes))
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.preset}: {title} top-10 label agreement over {len(qs)} "
           f"gallery samples (M = {s.config.mc_samples} for the training gradients and the query, {s.config.draws} "
           f"draws, factors from {s.config.kfac_factor_draws or 'all'} {s.config.kfac_factor_draws_mode} draws, "
-          f"K-FAC-{s.config.kfac_approx}, {s.config.fisher_type} Fisher)")
+          f"K-FAC-{s.config.kfac_approx}, {s.config.fisher_type} Fisher, the query on {s.config.query_draws} draws)")
     # both ends and the magnitude at the default damping: is the query's class at the top, at the bottom, or both?
     ends = {"top-10": [], "bottom-10": [], "top-10 by |score|": []}
     for y, r in zip(qlab, raws, strict=True):

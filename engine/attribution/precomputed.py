@@ -51,7 +51,7 @@ def session_key(session: Any, methods: list[str]) -> dict[str, Any]:
     from .session import data_key
 
     c = session.config
-    return {
+    key = {
         "format": FORMAT,
         "checkpoint_hash": session.checkpoint_hash,
         "data_key": data_key(session.dataset),
@@ -61,6 +61,10 @@ def session_key(session: Any, methods: list[str]) -> dict[str, Any]:
         "query_seed": int(c.seed) + 1,
         "methods": {n: method_key(session, n) for n in methods},
     }
+    if c.query_draws != "own":  # the bank's draws (seed c.seed); absent for the default: older files stay valid
+        key["query_draws"] = c.query_draws
+        key["query_seed"] = int(c.seed)
+    return key
 
 
 def _canonical(obj: Any) -> Any:

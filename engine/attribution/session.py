@@ -273,8 +273,27 @@ class AttributionSession:
         return self.sources.generate(seed, progress)
 
     def query_draws(self, mc_samples: int | None = None) -> MCDraws:
-        """The common random numbers of every query: M draws seeded by config.seed + 1."""
+        """The draws of every query's measurement, shared by all queries and methods.
+
+        ``config.query_draws == "own"``: M draws of their own, seeded by config.seed + 1, independent
+        of the training gradients' (paper G.3).  ``"bank"``: the training gradients' shared draws
+        (t_m, eps_m) themselves, without flip bits (the query is attributed as it is), the first
+        ``mc_samples`` of them when fewer are asked.  Then every inner product g_q^T K g_i (eq. 6) pairs
+        estimates made on the same draws (common random numbers), so its Monte Carlo error is that of
+        a difference on common noise; in expectation it adds (1/M) tr(K Cov_eps[grad l_q, grad l_i])
+        to the influence, which is why it is an option measured by LDS (``lds_ablation`` ``query_draws``)
+        and not the paper's estimator."""
         m = int(mc_samples or self.config.mc_samples)
+        if self.config.query_draws == "bank":
+            if self.config.draws != "shared":
+                raise ValueError("query_draws 'bank' needs shared training draws (--draws shared)")
+            if m > self.config.mc_samples:
+                raise ValueError(
+                    f"query_draws 'bank': the query can use at most the bank's M = {self.config.mc_samples} draws, "
+                    f"{m} asked"
+                )
+            bank = self.ctx.train_draws
+            return MCDraws(bank.t[:m], bank.eps[:m], None)
         return make_draws(m, self.shape, self.diffusion.T, seed=self.config.seed + 1)
 
     def query_gradient(self, measurement: Measurement, query: QueryInput, draws: MCDraws) -> torch.Tensor:

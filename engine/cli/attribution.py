@@ -39,6 +39,13 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
         "except on mnist) or shared by every example",
     )
     p.add_argument(
+        "--query-draws",
+        choices=("own", "bank"),
+        default=None,
+        help="the query gradient's draws: its own (default; independent of the training gradients') or the "
+        "bank's (common random numbers with every training example; needs shared draws)",
+    )
+    p.add_argument(
         "--kfac-blocks",
         choices=("separate", "joint"),
         default=None,
@@ -103,7 +110,7 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
         if args.kfac_bank not in bank_modes():
             raise ValueError(f"--kfac-bank must be one of {', '.join(bank_modes())}, not {args.kfac_bank!r}")
         changes["kfac_bank"] = args.kfac_bank
-    for name in ("draws", "kfac_blocks", "kfac_factor_draws_mode"):
+    for name in ("draws", "query_draws", "kfac_blocks", "kfac_factor_draws_mode"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
     if getattr(args, "kfac_factor_draws", None) is not None:

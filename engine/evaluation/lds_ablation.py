@@ -13,7 +13,8 @@ m(S_j) = m_full + sum_{i not in S_j} tau_i, Spearman over subsets, mean over que
   baselines, which is the point: they get their best shot);
 * ``kfac_blocks``: K-FAC with weight and bias in separate blocks vs one joint block per layer;
 * ``factor_draws``: K-FAC factors from all M per-example draws vs the first k = 8 (an 8x cheaper factor pass);
-* ``mc_samples``: M = 64 (the default) vs 32 and 128 Monte Carlo draws per example for every gradient method.
+* ``mc_samples``: M = 64 (the default) vs 32 and 128 Monte Carlo draws per example for every gradient method;
+* ``query_draws``: the query gradient on its own draws vs the bank's shared draws (common random numbers).
 
 The run folder (``attribution-engine lds`` output) is only read: true measurements already cached
 beside its models are reused, missing ones are computed into ``out``.  Caches of settings other
@@ -93,6 +94,11 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
     "factor_draws_mode": (
         Variant("shared", SHARED_ALL),  # the bank's draws
         Variant("per-example, k=8", {**SHARED_ALL, "kfac_factor_draws_mode": "per-example", "kfac_factor_draws": 8}),
+    ),
+    # the query gradient on its own draws (paper G.3) or on the bank's shared draws (common random numbers with
+    # every training example: AttributionSession.query_draws); same banks, only the query side differs
+    "query_draws": tuple(
+        Variant(label, {**SHARED_ALL, "query_draws": label}, ("kfac", "trak", "dtrak")) for label in ("own", "bank")
     ),
 }
 
