@@ -60,7 +60,9 @@ D-TRAK the authors' best values, divided by $N$.
 ### Monte Carlo samples
 The loss is an expectation over noise levels $t$ and noise $\varepsilon$; gradients are averaged over $M$
 random draws. All methods share the same draws for a query (common random numbers), so differences between
-columns come from the methods, not from noise.
+columns come from the methods, not from noise. Where the training gradients share one set of draws and the
+settings say `query_draws = "bank"`, the query takes those same draws: common random numbers between the
+query and every training image as well (the timings caption says so; the README gives what it changes).
 """
 
 

@@ -248,6 +248,7 @@ def timings(handle: Handle, result: QueryResult, s: Settings) -> None:
     st.caption(
         "Query total " + ", ".join(f"{k} {v:.1f} ms" for k, v in result.timing_ms.items())
         + f" · measurement `{result.measurement}` · {result.query.get('mc_samples', s.mc_samples)} Monte Carlo draws"
+        + (" (the training gradients' own draws: common random numbers)" if handle.session.config.query_draws == "bank" else "")
     )
 
 
