@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="curvature: the MC-Fisher GGN (default; labels sampled from the model) or the "
                          "empirical Fisher (paper eq. 11)")
     ap.add_argument("--query-draws-mode", default=None, choices=("own", "bank"),
-                    help="the query gradient on its own draws (default) or on the bank's shared draws (common "
-                         "random numbers between the query and every training example: AttributionConfig.query_draws)")
+                    help="the query gradient on its own draws or on the bank's shared draws (common random numbers "
+                         "between the query and every training example: AttributionConfig.query_draws); "
+                         "default: the preset's (mnist: bank)")
     ap.add_argument("--by-stage", action="store_true",
                     help="also score with the query gradient kept on one resolution stage of the U-Net at a time "
                          "(and on all but one): which layers' terms of the sum carry the class?")
