@@ -287,8 +287,8 @@ def _mnist_preset() -> Preset:
             checkpoint_every=250,
         ),
         # shared draws, and the query gradient on the bank's draws (common random numbers): on the
-        # mnist LDS subsets (K=16) this raised every gradient method's LDS (K-FAC +0.186 -> +0.238,
-        # paired difference +0.052 [-0.038, +0.140]) and K-FAC's gallery top-10 label agreement
+        # mnist LDS subsets (K=16, Q=96) this raised every gradient method's LDS (K-FAC +0.177 -> +0.267,
+        # paired difference +0.090 [+0.028, +0.157]) and K-FAC's gallery top-10 label agreement
         # 0.59 -> 0.73 (README, "Common random numbers"); per-example draws were measured no worse on
         # digits only (README, Evaluation)
         attribution=AttributionConfig(mc_samples=16, draws="shared", query_draws="bank"),
