@@ -25,6 +25,11 @@ from explorer.query_view import Query
 from explorer.runtime import Handle
 
 FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
+# an LDS file measured with other query draws than the served model's (AttributionConfig.query_draws)
+QUERY_DRAWS_NOTE = {
+    "own": "the query on its own draws (the paper's estimator)",
+    "bank": "the query on the bank's draws (common random numbers)",
+}
 
 
 def results_dir() -> Path:
@@ -97,6 +102,8 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
         )
         return
     info = handle.session.method_info()
+    served = handle.session.config.query_draws
+    entries = sorted(entries, key=lambda e: e.query_draws != served)  # this model's setting first (stable)
     for entry in entries:
         meas = entry.measurement
         cfg = entry.config
@@ -112,6 +119,8 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
                     if (cfg.get("attribution") or {}).get("mc_samples")
                     else ""
                 )
+                + (f" · **{QUERY_DRAWS_NOTE[entry.query_draws]}, not this model's setting**"
+                   if entry.query_draws != served else "")
                 + f" · file `{entry.file}`"
                 + (" · **quick mode (smoke test, not a result)**" if cfg.get("quick") else "")
                 + (f" · {cfg['created']}" if cfg.get("created") else "")

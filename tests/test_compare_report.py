@@ -34,11 +34,12 @@ def test_comparisons_agree_with_scipy_and_skip_methods_without_scores():
 
 
 def test_typed_loaders_put_the_headline_first_and_skip_unreadable_files(tmp_path):
-    def lds(stem: str, measurement: str) -> None:
-        rec = {"config": {"measurement": measurement}, "methods": {"kfac": {"lds": 0.4}}, "sweeps": {}}
+    def lds(stem: str, measurement: str, **attribution) -> None:
+        cfg = {"measurement": measurement, **({"attribution": attribution} if attribution else {})}
+        rec = {"config": cfg, "methods": {"kfac": {"lds": 0.4}}, "sweeps": {}}
         (tmp_path / f"{stem}.json").write_text(json.dumps(rec))
 
-    lds("lds_digits_elbo", "elbo")
+    lds("lds_digits_elbo", "elbo", mc_samples=16, query_draws="bank")
     lds("lds_digits_loss_attribution_m8", "loss")
     lds("lds_digits_loss", "loss")
     (tmp_path / "lds_digits_loss.png").write_bytes(b"png")
@@ -49,6 +50,8 @@ def test_typed_loaders_put_the_headline_first_and_skip_unreadable_files(tmp_path
     assert [r.file for r in recs] == ["lds_digits_loss.json", "lds_digits_elbo.json", "lds_digits_loss_attribution_m8.json"]
     assert recs[0].figure == tmp_path / "lds_digits_loss.png" and recs[1].figure is None
     assert recs[2].variant and not recs[0].variant and recs[1].measurement == "elbo"
+    # whose draws the query had: files from before the option say nothing and were the paper's "own"
+    assert [r.query_draws for r in recs] == ["own", "bank", "own"]
     (tmp_path / "retrain_top_digits.json").write_text(json.dumps({"config": {"fraction": 0.02}, "results": [{"x": 1}]}))
     (rt,) = retrain_records(tmp_path)
     assert rt.config["fraction"] == 0.02 and rt.results == [{"x": 1}] and rt.summary == {}

@@ -115,6 +115,12 @@ class LDSRecord:
     def file(self) -> str:
         return self.path.name
 
+    @property
+    def query_draws(self) -> str:
+        """Whose draws the query gradients were estimated on: "own" (the paper's; files written before
+        ``AttributionConfig.query_draws`` existed did so) or "bank" (common random numbers)."""
+        return str((self.config.get("attribution") or {}).get("query_draws") or "own")
+
     def headline_order(self) -> tuple:
         """The preset's M before variants, the loss before other measurements, then by file."""
         return (self.variant, self.measurement != "loss", self.file)
