@@ -94,7 +94,8 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
     )
     files = files or result_files()
     folder = files.folder
-    entries = lds_records(files, model_key(handle))  # this model's, the headline first
+    served = handle.session.config.query_draws
+    entries = lds_records(files, model_key(handle), served)  # this model's, its settings' headline first
     if not entries:
         st.info(
             f"**No LDS results yet** in `{folder}`. They are produced by `make lds` "
@@ -102,8 +103,6 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
         )
         return
     info = handle.session.method_info()
-    served = handle.session.config.query_draws
-    entries = sorted(entries, key=lambda e: e.query_draws != served)  # this model's setting first (stable)
     for entry in entries:
         meas = entry.measurement
         cfg = entry.config

@@ -52,6 +52,9 @@ def test_typed_loaders_put_the_headline_first_and_skip_unreadable_files(tmp_path
     assert recs[2].variant and not recs[0].variant and recs[1].measurement == "elbo"
     # whose draws the query had: files from before the option say nothing and were the paper's "own"
     assert [r.query_draws for r in recs] == ["own", "bank", "own"]
+    # a model served with the bank's draws sees its own setting's file first, then the headline order
+    assert [r.file for r in lds_records(tmp_path, query_draws="bank")] == [
+        "lds_digits_elbo.json", "lds_digits_loss.json", "lds_digits_loss_attribution_m8.json"]
     (tmp_path / "retrain_top_digits.json").write_text(json.dumps({"config": {"fraction": 0.02}, "results": [{"x": 1}]}))
     (rt,) = retrain_records(tmp_path)
     assert rt.config["fraction"] == 0.02 and rt.results == [{"x": 1}] and rt.summary == {}

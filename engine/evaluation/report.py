@@ -140,9 +140,12 @@ class RetrainRecord:
         return self.path.name
 
 
-def lds_records(results: str | Path | ResultFiles, model: ModelKey | None = None) -> list[LDSRecord]:
+def lds_records(
+    results: str | Path | ResultFiles, model: ModelKey | None = None, query_draws: str | None = None
+) -> list[LDSRecord]:
     """Every LDS result in a results folder or an already read ``ResultFiles`` (of ``model`` only,
-    when given), the headline first (see ``LDSRecord.headline_order``)."""
+    when given), the headline first (see ``LDSRecord.headline_order``); with ``query_draws`` (the
+    served model's ``AttributionConfig.query_draws``) the files measured with it come before the others."""
     files = _files(results)
     folder = files.folder
     out = []
@@ -163,7 +166,7 @@ def lds_records(results: str | Path | ResultFiles, model: ModelKey | None = None
                 best_settings=rec.get("best_settings") or {},
             )
         )
-    return sorted(out, key=LDSRecord.headline_order)
+    return sorted(out, key=lambda r: (query_draws is not None and r.query_draws != query_draws, r.headline_order()))
 
 
 def retrain_records(results: str | Path | ResultFiles, model: ModelKey | None = None) -> list[RetrainRecord]:
