@@ -25,7 +25,7 @@ from explorer.query_view import Query
 from explorer.runtime import Handle
 
 FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
-# an LDS file measured with other query draws than the served model's (AttributionConfig.query_draws)
+# an LDS or retrain-top file measured with other query draws than the served model's (AttributionConfig.query_draws)
 QUERY_DRAWS_NOTE = {
     "own": "the query on its own draws (the paper's estimator)",
     "bank": "the query on the bank's draws (common random numbers)",
@@ -188,6 +188,7 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
         "proponents matter raises the query's measurement (a positive change) well above the control."
     )
     info = handle.session.method_info()
+    served = handle.session.config.query_draws
     for entry in entries:
         cfg = entry.config
         rows = [
@@ -212,6 +213,8 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
             f"Measurement `{cfg.get('measurement', '?')}`, {cfg.get('removed', '?')} of {cfg.get('num_train', '?')} "
             f"images removed, {cfg.get('steps', '?')} training steps per model, true measurement over "
             f"{cfg.get('true_measurement_mc_samples', '?')} common draws"
+            + (f" · **removals chosen with {QUERY_DRAWS_NOTE[entry.query_draws]}, not this model's setting**"
+               if entry.query_draws != served else "")
             + f" · file `{entry.file}`"
             + (f" · {cfg['created']}" if cfg.get("created") else "")
         )

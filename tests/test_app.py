@@ -331,7 +331,8 @@ def test_evaluation_and_about_tabs(app_env):
     (results / "retrain_top_digits.json").write_text(
         json.dumps(
             {
-                "config": {"measurement": "loss", "removed": 2, "num_train": 64, "checkpoint_hash": this_model},
+                "config": {"measurement": "loss", "removed": 2, "num_train": 64, "checkpoint_hash": this_model,
+                           "attribution": {"query_draws": "bank"}},  # not the served model's setting (own)
                 "results": [
                     {"query": "gallery:0", "method": "kfac", "removed": [3, 4], "predicted_change": 0.5,
                      "measured_change": 0.012, "random_measured_change": 0.003}
@@ -353,6 +354,7 @@ def test_evaluation_and_about_tabs(app_env):
     retrain = [f for f in frames if "measured change" in f.columns]
     assert len(retrain) == 1 and retrain[0]["method"].iloc[0] == "K-FAC Influence"
     assert retrain[0]["measured / control"].iloc[0] == pytest.approx(4.0)
+    assert "removals chosen with the query on the bank's draws (common random numbers), not this model's setting" in _texts(at)
     assert "Not shown: 2 result file(s)" in _texts(at) and "`retrain_top_other.json`" in _texts(at)
     assert any("0.5" in f["95% interval"].iloc[0] for f in frames if "95% interval" in f.columns)
     assert "**Proponents**" not in _texts(at)  # only the open tab renders

@@ -58,6 +58,10 @@ def test_typed_loaders_put_the_headline_first_and_skip_unreadable_files(tmp_path
     (tmp_path / "retrain_top_digits.json").write_text(json.dumps({"config": {"fraction": 0.02}, "results": [{"x": 1}]}))
     (rt,) = retrain_records(tmp_path)
     assert rt.config["fraction"] == 0.02 and rt.results == [{"x": 1}] and rt.summary == {}
+    assert rt.query_draws == "own"  # written before retrain-top recorded its attribution settings
+    rec = {"config": {"attribution": {"query_draws": "bank"}}, "results": [{"x": 1}]}
+    (tmp_path / "retrain_top_digits.json").write_text(json.dumps(rec))
+    assert retrain_records(tmp_path)[0].query_draws == "bank"
     assert lds_records(tmp_path / "missing") == []
 
 

@@ -290,6 +290,7 @@ def test_retrain_job_removes_top_proponents_and_caches(tiny_preset, digits_small
         checkpoint_hash="h",
         device="cpu",
         query=fake.query,
+        config=preset.attribution,
     )
     q = QueryInput(image=digits_small.images[5], description="train:5")
     job = RetrainJob.start(session, q, "loss", "kfac", 0.05, tmp_path / "rt", mc_samples=8)
@@ -315,6 +316,25 @@ def test_retrain_job_removes_top_proponents_and_caches(tiny_preset, digits_small
     assert other.result()["random_measured_change"] == pytest.approx(r["random_measured_change"])
     assert set(random_control(64, k)) != set(r["removed"])
     assert top_proponents(np.array([1.0, 3.0, 3.0, 0.0]), 2).tolist() == [1, 2]
+
+
+def test_retrain_plan_is_keyed_by_the_attribution_settings_that_chose_the_removal(tiny_preset, digits_small, tmp_path):
+    """A removal chosen with another damping or other query draws is another experiment: its folder (the
+    cached removal, model and result) must differ, while the random control, which no method chose, is shared."""
+    import dataclasses
+
+    from engine.evaluation.retrain_top import plan
+
+    def session(**changes):
+        cfg = dataclasses.replace(tiny_preset.attribution, **changes)
+        return SimpleNamespace(preset=tiny_preset, dataset=digits_small, checkpoint_hash="h", config=cfg)
+
+    image = digits_small.images[3]
+    base = plan(session(), image, "loss", "kfac", 0.05, tmp_path)
+    assert plan(session(), image, "loss", "kfac", 0.05, tmp_path).folder == base.folder
+    for changes in ({"kfac_damping": 1e-4}, {"draws": "shared", "query_draws": "bank"}, {"mc_samples": 3}):
+        other = plan(session(**changes), image, "loss", "kfac", 0.05, tmp_path)
+        assert other.folder != base.folder and other.control_folder == base.control_folder
 
 
 @pytest.mark.slow
@@ -362,6 +382,8 @@ def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_miss
 
     class Session:
         checkpoint_hash = "h"
+        config = tiny_preset.attribution
+        dataset = digits_small
 
         def __init__(self, **kwargs):
             pass

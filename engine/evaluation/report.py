@@ -139,6 +139,12 @@ class RetrainRecord:
     def file(self) -> str:
         return self.path.name
 
+    @property
+    def query_draws(self) -> str:
+        """Whose draws the query gradients that chose the removals were estimated on: "own" (files
+        written before the run recorded its attribution settings all did) or "bank"."""
+        return str((self.config.get("attribution") or {}).get("query_draws") or "own")
+
 
 def lds_records(
     results: str | Path | ResultFiles, model: ModelKey | None = None, query_draws: str | None = None

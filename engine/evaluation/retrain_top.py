@@ -13,7 +13,8 @@ change is the sum of the removed examples' scores (docs/architecture.md §4: a g
 sum of its members').
 
 Everything is cached by (checkpoint hash, query digest, measurement, method, fraction,
-steps, MC settings): a repeated request returns the stored result without training.
+steps, MC settings, the attribution settings that chose the removal): a repeated request returns
+the stored result without training, and one made with another damping, M or query draws retrains.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from .. import jsonio
+from ..config import attribution_key
 from ..files import atomic_write_bytes, save_npz
 from .runs import (
     MeasureSpec,
@@ -77,6 +79,14 @@ def query_digest(image: torch.Tensor) -> str:
     ]
 
 
+def attribution_settings(session: Any) -> dict[str, Any]:
+    """The session's attribution settings as a cache key (``engine.config.attribution_key``: dampings
+    resolved for its N, fields at their pre-option value left out).  Why: the removal is the method's
+    top proponents under these settings, so a result computed with another damping, M or query draws
+    is another experiment and must neither be reused nor shown as this one."""
+    return attribution_key(session.config, len(session.dataset))
+
+
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -114,6 +124,7 @@ def plan(
         steps,
         mc_samples,
         spec.seed,
+        attribution_settings(session),
     )
     ckey = _key(session.checkpoint_hash, "control", n, removal_count(n, fraction), CONTROL_SEED, steps)
     root = Path(out_root)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..files import save_json
-from .retrain_top import CONTROL_SEED, RetrainJob, plan, removal_count
+from .retrain_top import CONTROL_SEED, RetrainJob, attribution_settings, plan, removal_count
 from .runs import (
     TrainTask,
     is_finished,
@@ -110,6 +110,7 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
             "true_measurement_mc_samples": cfg.mc_samples,
             "steps": int(cfg.steps or setup.preset.train.steps),
             "control": f"one random removal of the same size (seed {CONTROL_SEED}), shared by all queries",
+            "attribution": attribution_settings(session),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         "results": results,
