@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.attribution.session import AttributionSession  # noqa: E402
+from engine.evaluation.report import recorded_query_draws  # noqa: E402
 from engine.evaluation.retrain_top import top_proponents  # noqa: E402
 from engine.paths import ASSETS  # noqa: E402
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     s = AttributionSession(args.preset, args.checkpoint, cache_root=args.cache_root)
     if record["config"].get("checkpoint_hash") not in (None, s.checkpoint_hash):
         raise SystemExit(f"{path} was measured on checkpoint {record['config']['checkpoint_hash']}, not {s.checkpoint_hash}")
-    was = (record["config"].get("attribution") or {}).get("query_draws") or "own"
+    was = recorded_query_draws(record["config"])
     print(f"{path.name}: removals chosen with the query on {was} draws; served: {s.config.query_draws}")
     labels = np.asarray(s.dataset.labels)
     shares = []

@@ -97,6 +97,13 @@ def _files(results: str | Path | ResultFiles) -> ResultFiles:
 # --- typed records (what the app reads) -----------------------------------------------------
 
 
+def recorded_query_draws(config: dict[str, Any]) -> str:
+    """The ``AttributionConfig.query_draws`` a result file's ``config`` was measured with: "own" (the
+    paper's estimator; files written before the option, or before the run recorded its attribution
+    settings, all used it) or "bank" (common random numbers)."""
+    return str((config.get("attribution") or {}).get("query_draws") or "own")
+
+
 @dataclass
 class LDSRecord:
     """One ``lds_*.json`` written by ``engine.evaluation.lds``: the LDS per method for one measurement."""
@@ -117,9 +124,8 @@ class LDSRecord:
 
     @property
     def query_draws(self) -> str:
-        """Whose draws the query gradients were estimated on: "own" (the paper's; files written before
-        ``AttributionConfig.query_draws`` existed did so) or "bank" (common random numbers)."""
-        return str((self.config.get("attribution") or {}).get("query_draws") or "own")
+        """Whose draws the query gradients were estimated on (``recorded_query_draws``)."""
+        return recorded_query_draws(self.config)
 
     def headline_order(self) -> tuple:
         """The preset's M before variants, the loss before other measurements, then by file."""
@@ -141,9 +147,8 @@ class RetrainRecord:
 
     @property
     def query_draws(self) -> str:
-        """Whose draws the query gradients that chose the removals were estimated on: "own" (files
-        written before the run recorded its attribution settings all did) or "bank"."""
-        return str((self.config.get("attribution") or {}).get("query_draws") or "own")
+        """Whose draws the query gradients that chose the removals were estimated on (``recorded_query_draws``)."""
+        return recorded_query_draws(self.config)
 
 
 def lds_records(
