@@ -146,6 +146,15 @@ def test_bench_pieces_int8_agreement_and_table(bench_session):
     assert set(anyd) == {"kfac"} and anyd["kfac"] > 0 and set(grid) == set(exact) == {"kfac"}
     ag = bench.label_agreement(s, queries, results, k=10)
     assert 0 <= ag["kfac"] <= 1 and 0 <= ag["pixel"] <= 1 and 0 < ag["chance"] < 1
+    from engine.model.label_classifier import classifier_for, classify
+
+    qlab, _ = classify(classifier_for(s.preset, s.dataset), torch.stack([q.image for q in queries]))
+    for name in ("kfac", "pixel"):
+        per_query = [np.mean([it.label == y for it in r.methods[name].top(10, s.labels)])
+                     for r, y in zip(results, qlab, strict=True)]
+        lo, hi = ag["ci95"][name]  # an interval of the mean over queries: inside the queries' own range
+        assert min(per_query) - 1e-12 <= lo <= ag[name] <= hi <= max(per_query) + 1e-12
+        assert ag[name] == pytest.approx(np.mean(per_query))
     table = format_table(
         {
             "preset": "tiny", "mc_samples": 4, "device": "cpu", "threads": 1, "cache": "fresh temporary",
@@ -153,7 +162,7 @@ def test_bench_pieces_int8_agreement_and_table(bench_session):
             "build": {"methods": {"kfac": {"status": "ok", "seconds": 1.0, "size_mb": 0.1}}},
         }
     )
-    assert "int8 vs float32" in table and "kfac" in table
+    assert "int8 vs float32" in table and "kfac" in table and "bootstrap interval" in table
 
 
 @pytest.mark.slow

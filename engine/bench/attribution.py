@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .. import files
-from ..evaluation.stats import spearman
+from ..evaluation.stats import bootstrap_ci, spearman
 from .memory import memory_mb
 from .report import median as _median
 
@@ -257,7 +257,11 @@ def _guarded(fn, *args) -> dict[str, Any]:
 
 
 def label_agreement(session, queries, query_results, k: int = 10) -> dict[str, Any]:
-    """Per method: mean fraction of the top-k whose training label equals the query's classifier label."""
+    """Per method: mean fraction of the top-k whose training label equals the query's classifier label.
+
+    With a 95% percentile-bootstrap interval over the queries (``ci95``; each query's top-k is one
+    unit, its k labels are not independent): over a 32-sample gallery the interval is about +-0.1, so
+    two figures closer than that are not told apart by the gallery."""
     labels = session.labels
     from ..model.label_classifier import classifier_for, classify
 
@@ -278,6 +282,7 @@ def label_agreement(session, queries, query_results, k: int = 10) -> dict[str, A
                 fr.append(float(np.mean([it.label == y for it in m.top(k, labels)])))
         if fr:
             out[name] = float(np.mean(fr))
+            out.setdefault("ci95", {})[name] = list(bootstrap_ci(np.asarray(fr)))
     return out
 
 

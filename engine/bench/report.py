@@ -68,6 +68,9 @@ def format_table(r: dict[str, Any]) -> str:
     lines.append(f"build process peak RSS:      {b.get('memory', {}).get('peak_rss_mb', float('nan')):.0f} MB")
     if "chance" in ag:
         lines.append(f"top-10 label agreement chance level: {ag['chance']:.3f}")
+    if ag.get("ci95"):
+        lines.append("top-10 label agreement, 95% bootstrap interval over the queries: "
+                     + ", ".join(f"{k} [{lo:.3f}, {hi:.3f}]" for k, (lo, hi) in ag["ci95"].items()))
     q = r.get("int8_vs_float32")
     if q and "error" in q:
         lines.append(f"int8 vs float32 K-FAC: failed: {q['error']}")
