@@ -277,8 +277,10 @@ def _mnist_preset() -> Preset:
         ),
         diffusion=DiffusionConfig(num_timesteps=100, beta_start=1e-3, beta_end=0.2),
         data=DataConfig(name="mnist", image_size=28, channels=1, levels=256, per_class=100),
+        # 16,000 steps (512 epochs): against 8,000, K-FAC's top-10 label agreement over 512 fresh samples
+        # 0.730 -> 0.810 and the sample-quality ratio 0.908 -> 0.976 (README, "The gallery's 32 samples")
         train=TrainConfig(
-            steps=8000,
+            steps=16000,
             batch_size=32,
             lr=2e-3,
             warmup_frac=0.05,
