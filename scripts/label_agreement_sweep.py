@@ -103,6 +103,9 @@ def fresh_agreement(s: AttributionSession, clf, labels: np.ndarray, n: int, seed
         arr = np.asarray(v)
         print(f"    {name}: top-10 {arr.mean():.3f} [{lo:.3f}, {hi:.3f}]; p >= 0.8 {arr[conf].mean():.3f}, "
               f"p < 0.8 {arr[~conf].mean() if (~conf).any() else float('nan'):.3f}")
+    diff = np.asarray(got["kfac"]) - np.asarray(got["pixel"])  # same samples: a paired difference
+    lo, hi = bootstrap_ci(diff)
+    print(f"    kfac - pixel, paired over the same samples: {diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]")
 
 
 def stage_agreement(s: AttributionSession, qs: list, qlab: np.ndarray, labels: np.ndarray, full: list[np.ndarray]) -> None:
