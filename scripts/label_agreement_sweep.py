@@ -52,10 +52,24 @@ def self_influence(s: AttributionSession, damping: float) -> np.ndarray:
     return out / n
 
 
+def kfac_pixel_agreements(s: AttributionSession, images: torch.Tensor, descriptions: list[str], labels: np.ndarray,
+                          query_labels: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Query each image (loss measurement) with K-FAC and pixel cosine and score each method's top-10
+    against each set of query labels: ``{method + suffix: [agreement per image]}``."""
+    from engine.attribution.query import QueryInput
+
+    got: dict[str, list[float]] = {}
+    for i, desc in enumerate(descriptions):
+        res = s.query(QueryInput(image=images[i], description=desc), "loss", methods=["kfac", "pixel"])
+        for name, r in res.methods.items():
+            for suffix, qlab in query_labels.items():
+                got.setdefault(name + suffix, []).append(agreement(r.scores, labels, int(qlab[i])))
+    return got
+
+
 def real_agreement(s: AttributionSession, labels: np.ndarray, n: int) -> None:
     """Top-10 label agreement of K-FAC and pixel cosine for n real mnist digits outside the training set,
     against their true labels (and against the classifier's labels, as for the gallery)."""
-    from engine.attribution.query import QueryInput
     from engine.model.data_mnist import per_class_indices, read_shipped
 
     if s.preset.data.name != "mnist" or s.preset.data.root is not None:
@@ -67,12 +81,8 @@ def real_agreement(s: AttributionSession, labels: np.ndarray, n: int) -> None:
     x = torch.from_numpy(images[pick].astype(np.float32) / 255.0 * 2.0 - 1.0)[:, None]
     clf = classifier_for(s.preset, s.dataset)
     pred, _ = classify(clf, x)
-    got: dict[str, list[float]] = {}
-    for i in range(n):
-        res = s.query(QueryInput(image=x[i], description=f"mnist10k:{int(pick[i])}"), "loss", methods=["kfac", "pixel"])
-        for name, r in res.methods.items():
-            got.setdefault(name, []).append(agreement(r.scores, labels, int(true[pick[i]])))
-            got.setdefault(name + " (classifier label)", []).append(agreement(r.scores, labels, int(pred[i])))
+    got = kfac_pixel_agreements(s, x, [f"mnist10k:{int(i)}" for i in pick], labels,
+                                {"": true[pick], " (classifier label)": pred})
     print(f"  {n} real held-out digits as queries, classifier right on {np.mean(pred == true[pick]):.2f}:")
     for name, v in got.items():
         print(f"    {name}: {np.mean(v):.3f}")
@@ -84,18 +94,12 @@ def fresh_agreement(s: AttributionSession, clf, labels: np.ndarray, n: int, seed
     Why: the bar counts the 32 gallery samples, a small draw from the model's samples; this estimates
     the same figure for the model's sample distribution, with a bootstrap interval, so that a gallery
     figure near the bar can be told from the model's."""
-    from engine.attribution.query import QueryInput
     from engine.model.sampling import generate
 
     images, _ = generate(s.model, s.preset, n, seed, device=str(s.device), progress=True)
     images = images.cpu()
     lab, prob = classify(clf, images)
-    got: dict[str, list[float]] = {}
-    for i in range(n):
-        res = s.query(QueryInput(image=images[i].clamp(-1, 1), description=f"fresh:{seed}:{i}"), "loss",
-                      methods=["kfac", "pixel"])
-        for name, r in res.methods.items():
-            got.setdefault(name, []).append(agreement(r.scores, labels, int(lab[i])))
+    got = kfac_pixel_agreements(s, images.clamp(-1, 1), [f"fresh:{seed}:{i}" for i in range(n)], labels, {"": lab})
     conf = prob >= 0.8
     print(f"  {n} fresh samples (seed {seed}; {conf.sum()} labelled with p >= 0.8):")
     for name, v in got.items():
