@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also query this many fresh samples of the model (not the gallery), with a bootstrap "
                          "interval: is the gallery's figure the model's?")
     ap.add_argument("--fresh-seed", type=int, default=2000, help="sampling seed of --fresh (the gallery's is 1000)")
+    ap.add_argument("--attribution-seed", type=int, default=None,
+                    help="seed of every Monte Carlo draw of the attribution (AttributionConfig.seed; default: the "
+                         "preset's): how much of the gallery's figure is the method's own draw?")
     ap.add_argument("--by-stage", action="store_true",
                     help="also score with the query gradient kept on one resolution stage of the U-Net at a time "
                          "(and on all but one): which layers' terms of the sum carry the class?")
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                                   ("draws", args.draws), ("kfac_factor_draws", args.kfac_factor_draws),
                                   ("kfac_factor_draws_mode", args.kfac_factor_draws_mode),
                                   ("kfac_approx", args.kfac_approx), ("fisher_type", args.fisher_type),
-                                  ("query_draws", args.query_draws_mode))
+                                  ("query_draws", args.query_draws_mode), ("seed", args.attribution_seed))
                if v is not None}
     s = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root,
                            config=dataclasses.replace(get_preset(args.preset).attribution, **changes))
@@ -252,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.preset}: {title} top-10 label agreement over {len(qs)} "
           f"gallery samples (M = {s.config.mc_samples} for the training gradients and the query, {s.config.draws} "
           f"draws, factors from {s.config.kfac_factor_draws or 'all'} {s.config.kfac_factor_draws_mode} draws, "
-          f"K-FAC-{s.config.kfac_approx}, {s.config.fisher_type} Fisher, the query on {s.config.query_draws} draws)")
+          f"K-FAC-{s.config.kfac_approx}, {s.config.fisher_type} Fisher, the query on {s.config.query_draws} draws, "
+          f"attribution seed {s.config.seed})")
     # both ends and the magnitude at the default damping: is the query's class at the top, at the bottom, or both?
     ends = {"top-10": [], "bottom-10": [], "top-10 by |score|": []}
     for y, r in zip(qlab, raws, strict=True):
