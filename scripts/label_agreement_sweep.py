@@ -88,18 +88,25 @@ def real_agreement(s: AttributionSession, labels: np.ndarray, n: int) -> None:
         print(f"    {name}: {np.mean(v):.3f}")
 
 
-def fresh_agreement(s: AttributionSession, clf, labels: np.ndarray, n: int, seed: int) -> None:
-    """K-FAC's (and pixel cosine's) top-10 agreement over n fresh samples of the model, not the gallery.
+def fresh_samples(s: AttributionSession, n: int, seed: int) -> torch.Tensor:
+    """n fresh samples of the session's model (sampling seed ``seed``), on the CPU, clamped to [-1, 1].
 
-    Why: the bar counts the 32 gallery samples, a small draw from the model's samples; this estimates
-    the same figure for the model's sample distribution, with a bootstrap interval, so that a gallery
-    figure near the bar can be told from the model's."""
+    Drawn once per run and shared by ``--fresh`` and ``--ensemble-seeds``, which score the same samples."""
     from engine.model.sampling import generate
 
     images, _ = generate(s.model, s.preset, n, seed, device=str(s.device), progress=True)
-    images = images.cpu()
+    return images.cpu().clamp(-1, 1)
+
+
+def fresh_agreement(s: AttributionSession, clf, labels: np.ndarray, images: torch.Tensor, seed: int) -> None:
+    """K-FAC's (and pixel cosine's) top-10 agreement over fresh samples of the model, not the gallery.
+
+    Why: the bar counts the 32 gallery samples, a small draw from the model's samples; this estimates
+    the same figure for the model's sample distribution, with a bootstrap interval, so that a gallery
+    figure near the bar can be told from the model's.  ``images``: ``fresh_samples(s, n, seed)``."""
+    n = len(images)
     lab, prob = classify(clf, images)
-    got = kfac_pixel_agreements(s, images.clamp(-1, 1), [f"fresh:{seed}:{i}" for i in range(n)], labels, {"": lab})
+    got = kfac_pixel_agreements(s, images, [f"fresh:{seed}:{i}" for i in range(n)], labels, {"": lab})
     conf = prob >= 0.8
     print(f"  {n} fresh samples (seed {seed}; {conf.sum()} labelled with p >= 0.8):")
     for name, v in got.items():
@@ -112,7 +119,8 @@ def fresh_agreement(s: AttributionSession, clf, labels: np.ndarray, n: int, seed
     print(f"    kfac - pixel, paired over the same samples: {diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]")
 
 
-def ensemble_agreement(args: argparse.Namespace, config, clf, labels: np.ndarray, gallery: torch.Tensor) -> None:
+def ensemble_agreement(args: argparse.Namespace, s: AttributionSession, clf, labels: np.ndarray, gallery: torch.Tensor,
+                       fresh: torch.Tensor | None) -> None:
     """K-FAC's top-10 agreement of the mean score over independent attribution seeds, on the gallery
     (and on ``--fresh`` samples).
 
@@ -120,22 +128,23 @@ def ensemble_agreement(args: argparse.Namespace, config, clf, labels: np.ndarray
     random numbers, the query's draws).  Averaging the scores (1/S) sum_s tau_s(x_q, x_i) over S
     independent draw sets removes the part of each estimate's Monte Carlo noise that is independent
     between sets, while each set keeps the query's and the training image's draws common; it tells
-    whether that noise is what holds the figure down.  One cold K-FAC build per seed."""
+    whether that noise is what holds the figure down.  One cold K-FAC build per seed other than the run's
+    own (``s``, reused); ``fresh``: the run's ``fresh_samples`` or None."""
     from engine.attribution.query import QueryInput
-    from engine.model.sampling import generate
 
     seeds = [int(x) for x in args.ensemble_seeds.split(",")]
     sessions = []
     for sd in seeds:
+        if sd == s.config.seed:
+            sessions.append(s)
+            continue
         sess = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root,
-                                  config=dataclasses.replace(config, seed=sd))
+                                  config=dataclasses.replace(s.config, seed=sd))
         sess.build(["kfac"])
         sessions.append(sess)
     sets = [("gallery", gallery)]
-    if args.fresh:
-        images, _ = generate(sessions[0].model, sessions[0].preset, args.fresh, args.fresh_seed,
-                             device=str(sessions[0].device), progress=True)
-        sets.append((f"{args.fresh} fresh (seed {args.fresh_seed})", images.cpu().clamp(-1, 1)))
+    if fresh is not None:
+        sets.append((f"{len(fresh)} fresh (seed {args.fresh_seed})", fresh))
     print(f"  K-FAC scores averaged over attribution seeds {seeds}:")
     for name, imgs in sets:
         lab, _ = classify(clf, imgs)
@@ -330,10 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  query gradient with {qm} draws (default damping): {np.mean(fr):.3f}")
     if args.real:
         real_agreement(s, labels, args.real)
-    if args.fresh:
-        fresh_agreement(s, clf, labels, args.fresh, args.fresh_seed)
+    fresh = fresh_samples(s, args.fresh, args.fresh_seed) if args.fresh else None
+    if fresh is not None:
+        fresh_agreement(s, clf, labels, fresh, args.fresh_seed)
     if args.ensemble_seeds:
-        ensemble_agreement(args, s.config, clf, labels, torch.stack([q.image for q in qs]))
+        ensemble_agreement(args, s, clf, labels, torch.stack([q.image for q in qs]), fresh)
     for meas in (x.strip() for x in args.measurements.split(",") if x.strip()):
         fr = [agreement(s.query(q, meas, methods=["kfac"]).methods["kfac"].scores, labels, y)
               for y, q in zip(qlab, qs, strict=True)]
