@@ -278,7 +278,8 @@ def _mnist_preset() -> Preset:
         diffusion=DiffusionConfig(num_timesteps=100, beta_start=1e-3, beta_end=0.2),
         data=DataConfig(name="mnist", image_size=28, channels=1, levels=256, per_class=100),
         # 16,000 steps (512 epochs): against 8,000, K-FAC's top-10 label agreement over 512 fresh samples
-        # 0.730 -> 0.810 and the sample-quality ratio 0.908 -> 0.976 (README, "The gallery's 32 samples")
+        # 0.730 -> 0.810 and the sample-quality ratio 0.908 -> 0.976
+        # (docs/mnist_investigations.md, "The gallery's 32 samples")
         train=TrainConfig(
             steps=16000,
             batch_size=32,
@@ -291,8 +292,8 @@ def _mnist_preset() -> Preset:
         # shared draws, and the query gradient on the bank's draws (common random numbers): on the
         # mnist LDS subsets (K=16, Q=96) this raised every gradient method's LDS (K-FAC +0.177 -> +0.267,
         # paired difference +0.090 [+0.028, +0.157]) and K-FAC's gallery top-10 label agreement
-        # 0.59 -> 0.73 (README, "Common random numbers"); per-example draws were measured no worse on
-        # digits only (README, Evaluation)
+        # 0.59 -> 0.73 (docs/mnist_investigations.md, "Common random numbers"); per-example draws
+        # were measured no worse on digits only (README, Evaluation)
         attribution=AttributionConfig(mc_samples=16, draws="shared", query_draws="bank"),
     )
 
