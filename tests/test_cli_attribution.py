@@ -201,3 +201,48 @@ def test_kronfluence_task_matches_our_loss_and_scores(bench_session):
     )
     table = {"preset": "tiny", "mc_samples": 64, "device": "cpu", "threads": 1, "cache": "test", "methods": []}
     assert "same conditions" in format_table({**table, "kronfluence": out})
+
+
+def test_gallery_query_on_an_empty_cache_answers_with_the_checkpoints_precomputed_scores(
+    setup, digits_small, monkeypatch, capsys, tmp_path
+):
+    """A fresh clone's `query --query gallery:N` answers with the shipped gallery scores (marked
+    precomputed) instead of "not built", for the methods the file holds at these settings only; a
+    built cache is scored live; other settings (another M) find nothing to show."""
+    import shutil
+
+    folder, _ = setup
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(folder, ckpt)
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
+
+    def run(cache, *argv, small=SMALL):
+        rc = main([*argv, "--checkpoint", str(ckpt), "--device", "cpu", "--cache-root", str(cache), *small])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        return out
+
+    built, empty = tmp_path / "built", tmp_path / "empty"
+    run(built, "build", "--methods", "kfac,trak")
+    run(built, "precompute", "--methods", "kfac,trak")
+    query = ("query", "--query", "gallery:1", "--methods", "kfac,trak,dtrak", "--top-k", "64", "--json")
+    live = json.loads(run(built, *query))
+    shipped = json.loads(run(empty, *query))
+    assert not (empty / "kfac").exists() and "precomputed" not in live["query"]
+    assert shipped["query"]["precomputed"] == ["kfac", "trak"]
+    assert any("precomputed gallery scores" in n and "--methods kfac,trak" in n for n in shipped["query"]["notes"])
+    for name in ("kfac", "trak"):
+        a, b = live["methods"][name], shipped["methods"][name]
+        assert a["status"] == b["status"] == "ok" and b["reason"] == "precomputed" and "reason" not in a
+        # every training image's score, to float16 with one scale per vector (ties may reorder the tail)
+        sa = np.array([x["score"] for x in sorted(a["top"], key=lambda x: x["index"])])
+        sb = np.array([x["score"] for x in sorted(b["top"], key=lambda x: x["index"])])
+        assert sa.shape == sb.shape == (64,)
+        np.testing.assert_allclose(sb, sa, atol=2e-3 * np.abs(sa).max())
+        assert [x["index"] for x in a["top"][:3]] == [x["index"] for x in b["top"][:3]]
+    # D-TRAK is in neither the cache nor the file: still "not built", with its command
+    assert shipped["methods"]["dtrak"]["status"] == "unavailable"
+    assert "--methods dtrak" in shipped["methods"]["dtrak"]["reason"]
+    # another M is another setting: the file's scores are not shown for it
+    other = json.loads(run(empty, *query, small=["--mc-samples", "3", "--trak-dim", "32"]))
+    assert "precomputed" not in other["query"] and other["methods"]["kfac"]["status"] == "unavailable"

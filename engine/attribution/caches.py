@@ -61,10 +61,13 @@ class MethodCaches:
             log.debug("settings failed for %s", name, exc_info=True)
             return AttributionMethod.settings(m, self.ctx)
 
-    def status(self) -> dict[str, dict]:
-        """name -> {"built", "available", "reason", "settings", "size_mb"}."""
+    def status(self, names: list[str] | None = None) -> dict[str, dict]:
+        """name -> {"built", "available", "reason", "settings", "size_mb"}, for ``names`` (default: every
+        method; a subset skips the others' checks, e.g. CLIP's open_clip import, seconds)."""
         out: dict[str, dict] = {}
         for name, m in self.methods.items():
+            if names is not None and name not in names:
+                continue
             available, reason = self.availability(m)
             built = bool(available and m.is_built(self.ctx))
             problem = self.cache_problem(name) if available and not built else None

@@ -247,3 +247,48 @@ def precomputed_result(
         "precomputed": True,
     }
     return QueryResult(query=query, measurement=MEASUREMENT, methods=methods, timing_ms={"precomputed": 1.0})
+
+
+def fill_unbuilt(
+    session: Any,
+    result: Any,
+    query_spec: str,
+    measurement: str,
+    damping: dict[str, float] | None = None,
+    pre: PrecomputedGallery | None = None,
+) -> list[str]:
+    """Give the methods of ``result`` whose caches are not built the shipped precomputed scores.
+
+    Why: on a fresh clone ``attribution-engine query --query gallery:N`` would answer "not built"
+    for every gradient method until a cold build (minutes on a CPU), while the checkpoint ships
+    exactly those scores for its gallery at the default settings (the app shows them on its first
+    page).  Only methods that are available, not built and not corrupt are filled, and only from a
+    file whose key matches this session (``precomputed_result``); each filled method gets status
+    "ok" and reason "precomputed", and the query's notes say which ones and how to build them.
+    A corrupt cache keeps its reason: the user must learn about it.  Returns the filled names.
+    """
+    unavailable = [name for name, r in result.methods.items() if r.status == "unavailable"]
+    status = session.status(unavailable) if unavailable else {}
+    wanted = [
+        name for name in unavailable
+        if name in status
+        and status[name]["available"] and not status[name]["built"] and not status[name]["corrupt"]
+    ]
+    if not wanted:
+        return []
+    if pre is None:
+        pre = PrecomputedGallery.load(Path(session.checkpoint) / FILE)
+    shipped = precomputed_result(session, pre, query_spec, measurement, None, damping)
+    if shipped is None:
+        return []
+    filled = [name for name in wanted if shipped.methods[name].status == "ok"]
+    for name in filled:
+        result.methods[name] = shipped.methods[name]
+    if filled:
+        names = ",".join(filled)
+        result.query.setdefault("notes", []).append(
+            f"{names}: the checkpoint's precomputed gallery scores (caches not built here; "
+            f"`{session.build_command(filled)}` computes them live)"
+        )
+        result.query["precomputed"] = filled
+    return filled

@@ -206,9 +206,10 @@ class AttributionSession:
         """Build time stored with a method's current caches when they were built."""
         return self.caches.recorded_build_seconds(name)
 
-    def status(self) -> dict[str, dict]:
-        """name -> {"built", "available", "reason", "settings", "size_mb"} (``MethodCaches.status``)."""
-        return self.caches.status()
+    def status(self, names: list[str] | None = None) -> dict[str, dict]:
+        """name -> {"built", "available", "reason", "settings", "size_mb"} (``MethodCaches.status``), for
+        ``names`` (default: every method)."""
+        return self.caches.status(names)
 
     def _not_built_reason(self, name: str) -> str:
         return self.caches.not_built_reason(name)

@@ -277,6 +277,10 @@ def cmd_query(args: argparse.Namespace) -> int:
         query = session.parse_query(args.query)
         damping = parse_damping(args.damping)
         result = session.query(query, args.measurement, methods=methods, damping=damping)
+        if not args.auto_build:  # a fresh clone answers a gallery query with the shipped scores
+            from ..attribution.precomputed import fill_unbuilt
+
+            fill_unbuilt(session, result, args.query, args.measurement, damping)
     except (ValueError, RuntimeError) as e:
         return fail(e)
     labels = session.labels
@@ -320,7 +324,7 @@ def format_result(result, top_k: int, labels) -> str:
         if r.damping is not None:
             head += f"  damping {r.damping:.3g}"
         times = ", ".join(f"{k} {v:.0f} ms" for k, v in r.timing_ms.items())
-        lines.append(f"{head}  [{times}]")
+        lines.append(f"{head}  [{times}]" if times else head)
         if r.reason:
             lines.append(f"  note: {r.reason}")
         if r.bank_note():
