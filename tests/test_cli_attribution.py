@@ -228,8 +228,8 @@ def test_gallery_query_on_an_empty_cache_answers_with_the_checkpoints_precompute
     query = ("query", "--query", "gallery:1", "--methods", "kfac,trak,dtrak", "--top-k", "64", "--json")
     live = json.loads(run(built, *query))
     shipped = json.loads(run(empty, *query))
-    assert not (empty / "kfac").exists() and "precomputed" not in live["query"]
-    assert shipped["query"]["precomputed"] == ["kfac", "trak"]
+    assert not (empty / "kfac").exists() and "precomputed_methods" not in live["query"]
+    assert shipped["query"]["precomputed_methods"] == ["kfac", "trak"]
     assert any("precomputed gallery scores" in n and "--methods kfac,trak" in n for n in shipped["query"]["notes"])
     for name in ("kfac", "trak"):
         a, b = live["methods"][name], shipped["methods"][name]
@@ -245,4 +245,4 @@ def test_gallery_query_on_an_empty_cache_answers_with_the_checkpoints_precompute
     assert "--methods dtrak" in shipped["methods"]["dtrak"]["reason"]
     # another M is another setting: the file's scores are not shown for it
     other = json.loads(run(empty, *query, small=["--mc-samples", "3", "--trak-dim", "32"]))
-    assert "precomputed" not in other["query"] and other["methods"]["kfac"]["status"] == "unavailable"
+    assert "precomputed_methods" not in other["query"] and other["methods"]["kfac"]["status"] == "unavailable"

@@ -264,7 +264,8 @@ def fill_unbuilt(
     exactly those scores for its gallery at the default settings (the app shows them on its first
     page).  Only methods that are available, not built and not corrupt are filled, and only from a
     file whose key matches this session (``precomputed_result``); each filled method gets status
-    "ok" and reason "precomputed", and the query's notes say which ones and how to build them.
+    "ok" and reason "precomputed"; the query's notes say which ones and how to build them, and
+    ``result.query["precomputed_methods"]`` lists them.
     A corrupt cache keeps its reason: the user must learn about it.  Returns the filled names.
     """
     unavailable = [name for name, r in result.methods.items() if r.status == "unavailable"]
@@ -290,5 +291,5 @@ def fill_unbuilt(
             f"{names}: the checkpoint's precomputed gallery scores (caches not built here; "
             f"`{session.build_command(filled)}` computes them live)"
         )
-        result.query["precomputed"] = filled
+        result.query["precomputed_methods"] = filled
     return filled
