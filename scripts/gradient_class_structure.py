@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.attribution.gradients import per_example_grads  # noqa: E402
 from engine.attribution.session import AttributionSession  # noqa: E402
 from engine.attribution.stages import layer_stages, stage_indices  # noqa: E402
+from engine.cli.common import build_progress  # noqa: E402
 from engine.config import get_preset  # noqa: E402
 from engine.files import save_json  # noqa: E402
 from engine.model.diffusion import MCDraws  # noqa: E402
@@ -153,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     idx = probe_indices(labels_all, args.per_class, args.seed)
     labels = labels_all[idx]
     x = s.dataset.images[torch.as_tensor(idx)].float()
-    s.build(["kfac"])
+    bar, progress = build_progress("kfac")
+    s.build(["kfac"], progress)
+    bar.close()
     kfac = s.method("kfac")
     damping = float(kfac.default_damping)
     factors = kfac.factors

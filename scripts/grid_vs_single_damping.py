@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.attribution.scoring import EigenbasisQuery  # noqa: E402
 from engine.attribution.session import AttributionSession  # noqa: E402
+from engine.cli.common import build_progress  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     s = AttributionSession(preset=args.preset, cache_root=args.cache_root)
-    s.build(["kfac"])
+    bar, progress = build_progress("kfac")
+    s.build(["kfac"], progress)
+    bar.close()
     base = s.query(s.parse_query(args.query), "loss", methods=["kfac"]).prepared["kfac"].query
     times: dict[str, list[float]] = {"grid": [], "single": []}
     for _ in range(args.repeats):

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.attribution.curvature import KFAC_APPROX  # noqa: E402
 from engine.attribution.session import AttributionSession  # noqa: E402
 from engine.attribution.stages import keep_only, layer_stages, stage_indices  # noqa: E402
+from engine.cli.common import build_progress  # noqa: E402
 from engine.config import get_preset  # noqa: E402
 from engine.evaluation.stats import bootstrap_ci  # noqa: E402
 from engine.model.label_classifier import classifier_for, classify  # noqa: E402
@@ -140,7 +141,9 @@ def ensemble_agreement(args: argparse.Namespace, s: AttributionSession, clf, lab
             continue
         sess = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root,
                                   config=dataclasses.replace(s.config, seed=sd))
-        sess.build(["kfac"])
+        bar, progress = build_progress("kfac")
+        sess.build(["kfac"], progress)
+        bar.close()
         sessions.append(sess)
     sets = [("gallery", gallery)]
     if fresh is not None:
@@ -293,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                if v is not None}
     s = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root,
                            config=dataclasses.replace(get_preset(args.preset).attribution, **changes))
-    s.build([args.method])
+    bar, progress = build_progress(args.method)
+    s.build([args.method], progress)
+    bar.close()
     labels = s.labels
     clf = classifier_for(s.preset, s.dataset)
     if labels is None or clf is None:

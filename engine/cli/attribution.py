@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import jsonio
 from ..attribution.methods import METHODS, method_names, parse_methods
-from .common import fail, register, resolve, subcommand
+from .common import build_progress, fail, register, resolve, subcommand
 
 
 def _add_attribution_options(p: argparse.ArgumentParser) -> None:
@@ -167,8 +167,6 @@ def add_build(sub: argparse._SubParsersAction) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     """Build caches; under ``torchrun`` the gradient passes are split over the ranks (engine.distributed)."""
-    from tqdm.auto import tqdm
-
     from ..distributed import init_from_env
     from ..threads import configure_threads
 
@@ -186,19 +184,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if not shard.is_main and not METHODS[name].shards:
             continue  # one rank is enough; the others wait at the barrier below
         configure_threads(f"building {name}")  # other processes come and go during a long build
-        bar = tqdm(
-            total=1000,
-            desc=name if shard.world == 1 else f"{name}[{shard.rank}]",
-            unit="‰",
-            bar_format="{desc:>6}: {percentage:3.0f}%|{bar}| {postfix}",
-            position=shard.rank,
-        )
-
-        def progress(msg: str, frac: float, bar=bar) -> None:
-            bar.n = int(round(1000 * min(max(frac, 0.0), 1.0)))
-            bar.set_postfix_str(msg.split(": ", 1)[-1][:60], refresh=False)
-            bar.refresh()
-
+        bar, progress = build_progress(name if shard.world == 1 else f"{name}[{shard.rank}]", shard.rank)
         try:
             summary.update(session.build([name], progress, rebuild=args.rebuild))
         except (ValueError, RuntimeError, OSError) as e:  # one method's failure is reported, the others still build

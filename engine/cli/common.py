@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..config import PRESETS, get_preset
 from ..paths import best_device, default_checkpoint
@@ -98,3 +99,20 @@ def run_handler(args: argparse.Namespace) -> int:
             text = f"{text}: {e.filename}"
         print(f"error: {text}", file=sys.stderr)
         return 2
+
+
+def build_progress(desc: str, position: int = 0) -> tuple[Any, Callable[[str, float], None]]:
+    """A tqdm bar in per mille and the ``progress(msg, fraction)`` callback of ``session.build`` that
+    drives it: a cache build takes minutes, and a silent one cannot be told from a hung one.
+    Close the bar (``bar.close()``) when the build returns."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1000, desc=desc, unit="‰", bar_format="{desc:>6}: {percentage:3.0f}%|{bar}| {postfix}",
+               position=position)
+
+    def progress(msg: str, frac: float) -> None:
+        bar.n = int(round(1000 * min(max(frac, 0.0), 1.0)))
+        bar.set_postfix_str(msg.split(": ", 1)[-1][:60], refresh=False)
+        bar.refresh()
+
+    return bar, progress
