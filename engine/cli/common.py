@@ -107,12 +107,14 @@ def build_progress(desc: str, position: int = 0) -> tuple[Any, Callable[[str, fl
     Close the bar (``bar.close()``) when the build returns."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=1000, desc=desc, unit="‰", bar_format="{desc:>6}: {percentage:3.0f}%|{bar}| {postfix}",
+    # the message goes in tqdm's ``unit`` field, which this format shows as is (its ``postfix`` would
+    # be printed after a ", ")
+    bar = tqdm(total=1000, desc=desc, unit="", bar_format="{desc:>6}: {percentage:3.0f}%|{bar}| {unit}",
                position=position)
 
     def progress(msg: str, frac: float) -> None:
         bar.n = int(round(1000 * min(max(frac, 0.0), 1.0)))
-        bar.set_postfix_str(msg.split(": ", 1)[-1][:60], refresh=False)
+        bar.unit = msg.split(": ", 1)[-1][:60]
         bar.refresh()
 
     return bar, progress
