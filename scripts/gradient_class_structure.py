@@ -154,9 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     idx = probe_indices(labels_all, args.per_class, args.seed)
     labels = labels_all[idx]
     x = s.dataset.images[torch.as_tensor(idx)].float()
-    bar, progress = build_progress("kfac")
-    s.build(["kfac"], progress)
-    bar.close()
+    with build_progress("kfac") as progress:
+        s.build(["kfac"], progress)
     kfac = s.method("kfac")
     damping = float(kfac.default_damping)
     factors = kfac.factors

@@ -31,9 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     s = AttributionSession(preset=args.preset, cache_root=args.cache_root)
-    bar, progress = build_progress("kfac")
-    s.build(["kfac"], progress)
-    bar.close()
+    with build_progress("kfac") as progress:
+        s.build(["kfac"], progress)
     base = s.query(s.parse_query(args.query), "loss", methods=["kfac"]).prepared["kfac"].query
     times: dict[str, list[float]] = {"grid": [], "single": []}
     for _ in range(args.repeats):

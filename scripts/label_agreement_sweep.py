@@ -141,9 +141,8 @@ def ensemble_agreement(args: argparse.Namespace, s: AttributionSession, clf, lab
             continue
         sess = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root,
                                   config=dataclasses.replace(s.config, seed=sd))
-        bar, progress = build_progress("kfac")
-        sess.build(["kfac"], progress)
-        bar.close()
+        with build_progress("kfac") as progress:
+            sess.build(["kfac"], progress)
         sessions.append(sess)
     sets = [("gallery", gallery)]
     if fresh is not None:
@@ -296,9 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                if v is not None}
     s = AttributionSession(preset=args.preset, checkpoint=args.checkpoint, cache_root=args.cache_root,
                            config=dataclasses.replace(get_preset(args.preset).attribution, **changes))
-    bar, progress = build_progress(args.method)
-    s.build([args.method], progress)
-    bar.close()
+    with build_progress(args.method) as progress:
+        s.build([args.method], progress)
     labels = s.labels
     clf = classifier_for(s.preset, s.dataset)
     if labels is None or clf is None:

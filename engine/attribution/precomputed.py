@@ -255,7 +255,6 @@ def fill_unbuilt(
     query_spec: str,
     measurement: str,
     damping: dict[str, float] | None = None,
-    pre: PrecomputedGallery | None = None,
 ) -> list[str]:
     """Give the methods of ``result`` whose caches are not built the shipped precomputed scores.
 
@@ -272,13 +271,11 @@ def fill_unbuilt(
     status = session.status(unavailable) if unavailable else {}
     wanted = [
         name for name in unavailable
-        if name in status
-        and status[name]["available"] and not status[name]["built"] and not status[name]["corrupt"]
+        if status[name]["available"] and not status[name]["built"] and not status[name]["corrupt"]
     ]
     if not wanted:
         return []
-    if pre is None:
-        pre = PrecomputedGallery.load(Path(session.checkpoint) / FILE)
+    pre = PrecomputedGallery.load(Path(session.checkpoint) / FILE)
     shipped = precomputed_result(session, pre, query_spec, measurement, None, damping)
     if shipped is None:
         return []

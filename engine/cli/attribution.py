@@ -184,12 +184,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         if not shard.is_main and not METHODS[name].shards:
             continue  # one rank is enough; the others wait at the barrier below
         configure_threads(f"building {name}")  # other processes come and go during a long build
-        bar, progress = build_progress(name if shard.world == 1 else f"{name}[{shard.rank}]", shard.rank)
-        try:
-            summary.update(session.build([name], progress, rebuild=args.rebuild))
-        except (ValueError, RuntimeError, OSError) as e:  # one method's failure is reported, the others still build
-            summary[name] = {"status": "error", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
-        bar.close()
+        with build_progress(name if shard.world == 1 else f"{name}[{shard.rank}]", shard.rank) as progress:
+            try:
+                summary.update(session.build([name], progress, rebuild=args.rebuild))
+            except (ValueError, RuntimeError, OSError) as e:  # one method's failure is reported, the others build
+                summary[name] = {"status": "error", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
     shard.barrier()
     if not shard.is_main:
         return 0

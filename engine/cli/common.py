@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from ..config import PRESETS, get_preset
 from ..paths import best_device, default_checkpoint
@@ -101,10 +101,11 @@ def run_handler(args: argparse.Namespace) -> int:
         return 2
 
 
-def build_progress(desc: str, position: int = 0) -> tuple[Any, Callable[[str, float], None]]:
-    """A tqdm bar in per mille and the ``progress(msg, fraction)`` callback of ``session.build`` that
-    drives it: a cache build takes minutes, and a silent one cannot be told from a hung one.
-    Close the bar (``bar.close()``) when the build returns."""
+@contextmanager
+def build_progress(desc: str, position: int = 0) -> Iterator[Callable[[str, float], None]]:
+    """A tqdm bar in per mille, yielding the ``progress(msg, fraction)`` callback of ``session.build``
+    that drives it, closed on leaving the block: a cache build takes minutes, and a silent one cannot
+    be told from a hung one."""
     from tqdm.auto import tqdm
 
     # the message goes in tqdm's ``unit`` field, which this format shows as is (its ``postfix`` would
@@ -117,4 +118,7 @@ def build_progress(desc: str, position: int = 0) -> tuple[Any, Callable[[str, fl
         bar.unit = msg.split(": ", 1)[-1][:60]
         bar.refresh()
 
-    return bar, progress
+    try:
+        yield progress
+    finally:
+        bar.close()
