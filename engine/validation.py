@@ -127,11 +127,12 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     for name in ("trak_damping", "dtrak_damping"):  # None: the N-scaled default (config.trak_default_damping)
         if getattr(ac, name) is not None:
             check_damping(getattr(ac, name), f"{where}.{name}")
-    _need(ac.draws in ("shared", "per-example"), f"{where}.draws (--draws)", "shared or per-example", ac.draws)
+    _need(ac.draws in ("shared", "stratified", "per-example"), f"{where}.draws (--draws)",
+          "shared, stratified or per-example", ac.draws)
     _need(ac.query_draws in ("own", "bank"), f"{where}.query_draws (--query-draws)", "own or bank", ac.query_draws)
-    _need(ac.query_draws == "own" or ac.draws == "shared", f"{where}.query_draws (--query-draws)",
+    _need(ac.query_draws == "own" or ac.draws in ("shared", "stratified"), f"{where}.query_draws (--query-draws)",
           "own when the training draws are per-example (the query can share the bank's draws only when every "
-          "training example has the same ones: --draws shared)", ac.query_draws)
+          "training example has the same ones: --draws shared or stratified)", ac.query_draws)
     check_factor_draws(ac.kfac_factor_draws, ac.mc_samples, ac.draws, f"{where}.kfac_factor_draws",
                        ac.kfac_factor_draws_mode)
     _need(ac.kfac_blocks in ("separate", "joint"), f"{where}.kfac_blocks (--kfac-blocks)", "separate or joint",

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                          "digits): is the 0.59 the logistic regression's labels?")
     ap.add_argument("--ekfac", action="store_true",
                     help="EK-FAC eigenvalues (George et al. 2018) instead of K-FAC's (one more pass over the data)")
-    ap.add_argument("--draws", default=None, choices=("shared", "per-example"),
+    ap.add_argument("--draws", default=None, choices=("shared", "stratified", "per-example"),
                     help="training-gradient draws (default: the preset's)")
     ap.add_argument("--kfac-factor-draws", type=int, default=None,
                     help="K-FAC factors from k draws per example (with --kfac-factor-draws-mode per-example "

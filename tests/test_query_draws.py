@@ -60,6 +60,11 @@ def test_bank_draws_need_shared_training_draws_and_at_most_m(ckpt, digits_small,
     s = session(ckpt, digits_small, tmp_path, query_draws="bank")
     with pytest.raises(ValueError, match="at most the bank's M = 4"):
         s.query_draws(8)
+    # stratified timesteps are shared draws too: the query takes them as they are
+    st = session(ckpt, digits_small, tmp_path, draws="stratified", query_draws="bank")
+    assert st.ctx.train_draws.stratified
+    assert torch.equal(st.query_draws().t, st.ctx.train_draws.t) and not torch.equal(st.query_draws().t, s.query_draws().t)
+    assert torch.equal(st.query_draws().eps, s.query_draws().eps)
 
 
 def test_precomputed_key_tells_the_query_draws_apart_and_keeps_the_default_key(ckpt, digits_small, tmp_path):

@@ -133,3 +133,53 @@ def test_per_example_curvature_rows_independent_of_batching(tiny_preset, tiny_mo
     torch.testing.assert_close(a, b)
     t_rows = a[:, -1].long().reshape(5, 4)
     assert torch.equal(t_rows, ctx.train_draws.for_rows(slice(0, 5)).t)
+
+
+def test_stratified_draws_put_one_timestep_in_each_stratum_and_keep_eps():
+    """``draws="stratified"``: with M = T every timestep appears exactly once; otherwise the k-th smallest
+    t lies in stratum k.  eps (and flips) are the shared draws' of the same seed, so the two differ in t only."""
+    whole = make_draws(16, SHAPE, 16, seed=7, stratify_t=True)
+    assert torch.equal(torch.sort(whole.t).values, torch.arange(16))
+    d = make_draws(16, SHAPE, 100, seed=3, stratify_t=True, flip=True)
+    plain = make_draws(16, SHAPE, 100, seed=3, flip=True)
+    assert torch.equal(d.eps, plain.eps) and torch.equal(d.flip, plain.flip)
+    ts = torch.sort(d.t).values
+    for k in range(16):
+        assert 100 * k // 16 <= int(ts[k]) <= 100 * (k + 1) // 16
+    assert not torch.equal(torch.sort(plain.t).values, ts)
+    assert d.stratified and not plain.stratified
+    # the first k draws (factor_draws, a query with fewer draws) are a spread-out subset, not the k earliest strata
+    assert int(d.t[:4].max()) > 100 * 4 // 16
+
+
+def test_stratified_timesteps_are_uniform_and_lower_the_variance_of_a_timestep_average(diffusion):
+    """Each t_m is still U{0..T-1} (so averages over the draws stay unbiased for E_t), and the mean over the
+    M draws of a function of t, here 1 - abar_t, varies less from seed to seed than with iid timesteps."""
+    T, M, seeds = diffusion.T, 16, 1500
+    strat = torch.stack([make_draws(M, (1, 1, 1), T, seed=s, stratify_t=True).t for s in range(seeds)])
+    iid = torch.stack([make_draws(M, (1, 1, 1), T, seed=s).t for s in range(seeds)])
+    share = torch.bincount(strat.reshape(-1) * 10 // T, minlength=10).double() / strat.numel()
+    assert torch.allclose(share, torch.full((10,), 0.1, dtype=torch.float64), atol=0.01)  # 24,000 draws
+    assert torch.bincount(strat[:, 0] * 10 // T, minlength=10).min() > 100  # draw 0 alone is spread too
+    f = 1.0 - diffusion.alpha_bars
+    var_strat, var_iid = f[strat].mean(1).var(), f[iid].mean(1).var()
+    assert abs(float(f[strat].mean() - f.mean())) < 0.01
+    assert var_strat < 0.2 * var_iid
+
+
+def test_stratified_draws_are_shared_with_their_own_cache_key(tiny_preset, tiny_model, digits_small):
+    """Stratified draws are shared by every example (so the query may use them, ``query_draws="bank"``), and
+    the K-FAC factors' and bank's settings tell them from plain shared draws: no cache is reused across them."""
+    from engine.attribution.methods.kfac_influence import KFACInfluence
+
+    ds = digits_small.subset(list(range(4)))
+    contexts = {}
+    for mode in ("shared", "stratified"):
+        cfg = AttributionConfig(mc_samples=8, draws=mode)
+        contexts[mode] = make_context(tiny_preset, tiny_model, ds, "cpu", cfg)
+    st = contexts["stratified"].train_draws
+    assert isinstance(st, MCDraws) and not st.batched and st.stratified
+    assert draw_settings(st) == {"draws_mode": "stratified"} and draw_settings(contexts["shared"].train_draws) == {}
+    keys = {m: KFACInfluence(c.config).bank_settings(c) for m, c in contexts.items()}
+    assert keys["shared"] != keys["stratified"]
+    assert training_draws("stratified", 8, SHAPE, 1000, 0).stratified

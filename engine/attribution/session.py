@@ -53,6 +53,7 @@ from .methods.base import AttributionMethod, MissingMethod, Prepared, Progress, 
 from .query import GalleryItem, QueryError, QueryInput, QuerySources, describe, no_trajectory
 from .results import MethodResult, QueryResult
 from .store import Store, data_key
+from .train_draws import SHARED_DRAW_MODES
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +287,8 @@ class AttributionSession:
         and not the paper's estimator."""
         m = int(mc_samples or self.config.mc_samples)
         if self.config.query_draws == "bank":
-            if self.config.draws != "shared":
-                raise ValueError("query_draws 'bank' needs shared training draws (--draws shared)")
+            if self.config.draws not in SHARED_DRAW_MODES:
+                raise ValueError("query_draws 'bank' needs shared training draws (--draws shared or stratified)")
             if m > self.config.mc_samples:
                 raise ValueError(
                     f"query_draws 'bank': the query can use at most the bank's M = {self.config.mc_samples} draws, "

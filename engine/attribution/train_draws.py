@@ -11,6 +11,9 @@ M draws per example.  Two ways to choose them (``AttributionConfig.draws``):
   across examples: differences between examples' gradients are not Monte Carlo noise, but the
   whole training set sees only M distinct timesteps (on digits, M = 64 gives 61 distinct t, so the
   time-embedding layers' K-FAC input factor has rank 61 of 128).
+* ``stratified``: shared draws whose M timesteps are stratified over {0..T-1} (one per stratum of
+  width T/M, ``make_draws(stratify_t=True)``), with the same eps as ``shared`` at the same seed.
+  Each t is still uniform, so the estimates stay unbiased; the M timesteps cannot cluster.
 
 The flip bit is the data augmentation of presets trained with random horizontal flips
 (``DataConfig.flip``; paper G.8 takes the expectation over the augmentation too); without flips
@@ -29,7 +32,8 @@ import torch
 
 from ..model.diffusion import MCDraws, make_draws
 
-DRAW_MODES = ("shared", "per-example")
+SHARED_DRAW_MODES = ("shared", "stratified")  # every example gets the same M draws
+DRAW_MODES = (*SHARED_DRAW_MODES, "per-example")
 
 
 def example_seed(seed: int, index: int) -> int:
@@ -99,6 +103,8 @@ def draw_settings(draws: TrainDraws) -> dict[str, Any]:
         flip = draws.flip
     else:
         flip = draws.flip is not None
+        if draws.stratified:
+            out["draws_mode"] = "stratified"
     if flip:
         out["augment"] = "hflip"
     return out
@@ -108,8 +114,8 @@ def training_draws(
     mode: str, m: int, shape: tuple[int, int, int], num_timesteps: int, seed: int, flip: bool = False
 ) -> TrainDraws:
     """The draws of every training gradient and curvature row under ``mode`` (see module docstring)."""
-    if mode == "shared":
-        return make_draws(m, shape, num_timesteps, seed=seed, flip=flip)
+    if mode in SHARED_DRAW_MODES:
+        return make_draws(m, shape, num_timesteps, seed=seed, flip=flip, stratify_t=mode == "stratified")
     if mode == "per-example":
         return PerExampleDraws(int(m), tuple(shape), int(num_timesteps), int(seed), bool(flip))  # type: ignore[arg-type]
     raise ValueError(f"unknown draws mode {mode!r}: expected one of {DRAW_MODES}")

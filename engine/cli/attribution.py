@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import jsonio
 from ..attribution.methods import METHODS, method_names, parse_methods
+from ..attribution.train_draws import DRAW_MODES, SHARED_DRAW_MODES
 from .common import build_progress, fail, register, resolve, subcommand
 
 
@@ -33,17 +34,17 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--draws",
-        choices=("shared", "per-example"),
+        choices=DRAW_MODES,
         default=None,
         help="training-gradient and curvature draws: independent per example (paper G.3; the default "
-        "except on mnist) or shared by every example",
+        "except on mnist), shared by every example, or shared with stratified timesteps",
     )
     p.add_argument(
         "--query-draws",
         choices=("own", "bank"),
         default=None,
         help="the query gradient's draws: its own (default; independent of the training gradients') or the "
-        "bank's (common random numbers with every training example; needs shared draws)",
+        "bank's (common random numbers with every training example; needs shared or stratified draws)",
     )
     p.add_argument(
         "--kfac-blocks",
@@ -118,7 +119,7 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
             raise ValueError("--kfac-factor-draws must be at least 1")
         changes["kfac_factor_draws"] = args.kfac_factor_draws
     if (
-        changes.get("draws") == "shared"
+        changes.get("draws") in SHARED_DRAW_MODES
         and "kfac_factor_draws" not in changes
         and changes.get("kfac_factor_draws_mode", preset.attribution.kfac_factor_draws_mode) == "same"
         and preset.attribution.kfac_factor_draws is not None
@@ -126,7 +127,7 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
         # the preset's factors from k < M draws need per-example draws (shared ones would give the factors
         # k of the bank's M timesteps: refused by validation.check_factor_draws), so shared means all M
         print(
-            f"--draws shared: K-FAC factors from all M draws (the preset's {preset.attribution.kfac_factor_draws} "
+            f"--draws {changes['draws']}: K-FAC factors from all M draws (the preset's {preset.attribution.kfac_factor_draws} "
             "of M need per-example draws)",
             file=sys.stderr,
         )

@@ -41,6 +41,9 @@ class MCDraws:
     t: torch.Tensor
     eps: torch.Tensor
     flip: torch.Tensor | None = None
+    # t drawn one per stratum of {0..T-1} (``make_draws(stratify_t=True)``); recorded for cache keys only,
+    # so views made by ``head``/``to``/``for_rows`` drop it
+    stratified: bool = False
 
     def __len__(self) -> int:
         """M, the number of draws per example."""
@@ -115,16 +118,29 @@ def make_draws(
     seed: int,
     t_fixed: int | None = None,
     flip: bool = False,
+    stratify_t: bool = False,
 ) -> MCDraws:
     """Seeded draws t ~ U{0..T-1}, eps ~ N(0, I); ``t_fixed`` pins every t (loss@t); ``flip`` adds
-    a Bernoulli(1/2) flip bit per draw, drawn after t and eps so that those do not change."""
+    a Bernoulli(1/2) flip bit per draw, drawn after t and eps so that those do not change.
+
+    ``stratify_t``: stratified timesteps, t_m = floor(T (s_m + u_m) / M) with u_m ~ U[0, 1) and
+    (s_1..s_M) a random permutation of 0..M-1, so the M draws cover {0..T-1} evenly.  Each t_m still has
+    marginal U{0..T-1} ((s_m + u_m) / M is U[0, 1) since s_m is uniform on 0..M-1), so every average over
+    the draws stays an unbiased estimate of E_t, while the timestep part of its variance shrinks.  The permutation keeps
+    the first k draws (``head``) a spread-out subset.  u and s come from a second generator, so eps
+    (and the flip bits) equal the unstratified draws' of the same seed: the two differ in t alone."""
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, num_timesteps, (m,), generator=g)
+    if stratify_t:
+        g2 = torch.Generator().manual_seed(int(seed) ^ 0x57A7)
+        u = torch.rand((m,), generator=g2, dtype=torch.float64)
+        s = torch.randperm(m, generator=g2).to(torch.float64)
+        t = torch.clamp(torch.floor(num_timesteps * (s + u) / m), 0, num_timesteps - 1).long()
     if t_fixed is not None:
         t = torch.full((m,), int(t_fixed), dtype=torch.long)
     eps = torch.randn((m, *shape), generator=g)
     bits = torch.randint(0, 2, (m,), generator=g).bool() if flip else None
-    return MCDraws(t, eps, bits)
+    return MCDraws(t, eps, bits, stratified=bool(stratify_t and t_fixed is None))
 
 
 class Diffusion:
