@@ -83,7 +83,7 @@ def choose_settings(handle: Handle, has_trajectory: bool) -> Settings:
         "Monte Carlo samples for the query",
         options=m_options,
         value=default_m,
-        key="mc_samples",
+        key=f"mc_samples:{session.preset.name}",  # each model keeps its own (its default is its bank's M)
         help="Draws of (t, noise) for the query's measurement gradient (common to every method). "
         "The training-gradient caches keep the M they were built with.",
     )

@@ -1,7 +1,7 @@
 """Main page: per-method proponent/opponent grids, comparison plots, timings, cache status, downloads.
 
 The expensive call (``session.query``: query gradients + per-method preparation) runs
-once per (query, measurement, Monte Carlo samples) for every method, and the result is
+once per (model, query, measurement, Monte Carlo samples) for every method, and the result is
 kept in ``st.session_state``; the method selection only filters what is shown, and the
 damping sliders go through ``session.rescore`` (no gradient is recomputed).
 """
@@ -31,6 +31,14 @@ def cell_size(side: int) -> int:
     return side * max(1, CELL // side)
 
 
+def result_base(handle: Handle, query: Query, s: Settings) -> tuple:
+    """What a remembered result depends on besides the damping: the model (the sidebar switch keeps one
+    browser session across models, and gallery:0 of digits is not gallery:0 of mnist), the query, the
+    measurement and the query's Monte Carlo samples."""
+    session = handle.session
+    return (session.preset.name, session.checkpoint_hash, query.key, s.measurement, s.mc_samples)
+
+
 def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """The query's result at the current damping, computing or re-scoring only what changed."""
     session = handle.session
@@ -44,7 +52,7 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
                 state = handle.worker.wait_checked(60)
         if state.status == "running":
             return _while_building(handle, query, pre)
-    base = (query.key, s.measurement, s.mc_samples)
+    base = result_base(handle, query, s)
     store = st.session_state.get("result_cache")
     if store is None or store["base"] != base:
         if s.measurement == "trajectory" and query.input.trajectory is None:
@@ -288,7 +296,8 @@ def downloads(handle: Handle, query: Query, result: QueryResult, s: Settings) ->
     ds = session.dataset
     names = analysis.scored_methods(result, session.method_names())
     table = analysis.score_table(result, names, session.labels)
-    stem = query.key.replace(":", "-") + "_" + result.measurement.replace("@", "-").replace("=", "")
+    stem = (f"{session.preset.name}_" + query.key.replace(":", "-") + "_"
+            + result.measurement.replace("@", "-").replace("=", ""))
     c1, c2 = st.columns(2)
     c1.download_button(
         "Download all scores (CSV)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,11 +53,19 @@ def test_sample_png_and_npz(tmp_path, tiny_ckpt):
     assert not np.allclose(images[0], images[1])
 
 
-def test_sample_rejects_bad_output(tmp_path, tiny_ckpt):
-    with pytest.raises(SystemExit, match=r"\.png or \.npz"):
-        main(["sample", "--checkpoint", str(tiny_ckpt), "--n", "1", "--out", str(tmp_path / "x.jpg")])
-    with pytest.raises(SystemExit, match="npz"):
-        main(["sample", "--checkpoint", str(tiny_ckpt), "--n", "1", "--out", str(tmp_path / "x.png"), "--trajectory"])
+def test_sample_rejects_bad_output(tmp_path, tiny_ckpt, capsys):
+    """Bad --out or --n: one ``error:`` line naming the option and exit status 2, before any sampling."""
+    cases = [
+        (["--n", "1", "--out", str(tmp_path / "x.jpg")], r"error: --out must end in \.png or \.npz"),
+        (["--n", "1", "--out", str(tmp_path / "x.png"), "--trajectory"], "error: --trajectory needs an .npz output"),
+        (["--n", "0", "--out", str(tmp_path / "x.png")], "error: --n must be at least 1, got 0"),
+        (["--n", "-3", "--out", str(tmp_path / "x.npz")], "error: --n must be at least 1, got -3"),
+    ]
+    for extra, message in cases:
+        assert main(["sample", "--checkpoint", str(tiny_ckpt), *extra]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "sampling" not in err, err
+    assert not any(tmp_path.glob("x.*"))
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -43,3 +43,22 @@ def test_thumbnails_are_whole_multiples_of_the_image():
 
     thumb = display(torch.zeros(1, 28, 28), cell_size(28), border=4)
     assert thumb.shape == (56 + 8, 56 + 8)
+
+
+def test_a_remembered_result_belongs_to_its_model():
+    """The sidebar switch keeps one browser session across models: a result remembered for digits' gallery:0
+    must not be shown as mnist's gallery:0 (same query key, measurement and M), nor survive a retrained
+    checkpoint of the same preset; the same model and query reuse it."""
+    from types import SimpleNamespace as NS
+
+    from explorer.results_view import result_base
+
+    def handle(preset: str, ckpt: str):
+        return NS(session=NS(preset=NS(name=preset), checkpoint_hash=ckpt))
+
+    query, settings = NS(key="gallery:0"), NS(measurement="loss", mc_samples=16)
+    digits, mnist = handle("digits", "aaaa"), handle("mnist", "bbbb")
+    assert result_base(digits, query, settings) != result_base(mnist, query, settings)
+    assert result_base(digits, query, settings) != result_base(handle("digits", "cccc"), query, settings)
+    assert result_base(digits, query, settings) == result_base(handle("digits", "aaaa"), query, settings)
+    assert result_base(digits, query, settings) != result_base(digits, NS(key="gallery:1"), settings)

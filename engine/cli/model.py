@@ -87,12 +87,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ..model.checkpoint import load_checkpoint
     from ..model.sampling import generate, save_grid, save_npz
 
-    _, ckpt, device = resolve(args)
     out = Path(args.out)
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
     if out.suffix not in (".png", ".npz"):
-        raise SystemExit(f"--out must end in .png or .npz, got {out}")
+        raise ValueError(f"--out must end in .png or .npz, got {out}")
     if args.trajectory and out.suffix != ".npz":
-        raise SystemExit("--trajectory needs an .npz output")
+        raise ValueError("--trajectory needs an .npz output")
+    _, ckpt, device = resolve(args)
     model, preset, _ = load_checkpoint(ckpt, device)
     images, traj = generate(model, preset, args.n, args.seed, args.trajectory, device, progress=True)
     if out.suffix == ".png":
