@@ -250,11 +250,11 @@ def timings(handle: Handle, result: QueryResult, s: Settings) -> None:
         row.update({f"{k} (ms)": round(v, 2) for k, v in r.timing_ms.items()})
         rows.append(row)
     st.markdown("**Timings of this query** (gradient = query measurement gradient, shared by methods that use "
-                "the same measurement; prepare = rotate/project/embed the query; score = one pass over all "
+                "the same measurement, a pass that computes two measurements' gradients at once split evenly between them; prepare = rotate/project/embed the query; score = one pass over all "
                 "training images at the chosen damping)")
     st.dataframe(pd.DataFrame(rows), hide_index=True)
     st.caption(
-        "Query total " + ", ".join(f"{k} {v:.1f} ms" for k, v in result.timing_ms.items())
+        "This query: " + ", ".join(f"{k} {v:.1f} ms" for k, v in result.timing_ms.items())
         + f" · measurement `{result.measurement}` · {result.query.get('mc_samples', s.mc_samples)} Monte Carlo draws"
         + (" (the training gradients' own draws: common random numbers)" if handle.session.config.query_draws == "bank" else "")
     )
