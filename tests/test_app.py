@@ -287,7 +287,8 @@ def test_generate_a_new_sample_keeps_its_trajectory(app_env):
     assert at.session_state["busy"] is None  # the lock is released after the job
     at.selectbox(key="measurement").set_value("trajectory").run()
     _ok(at)
-    assert at.session_state["result_cache"]["base"] == ("generate:7", "trajectory", 2)
+    base = at.session_state["result_cache"]["base"]  # (preset, checkpoint hash, query, measurement, M)
+    assert base[0] == "tiny-app" and base[2:] == ("generate:7", "trajectory", 2)
     assert "**Proponents**" in _texts(at)
 
 
