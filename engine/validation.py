@@ -79,6 +79,12 @@ def _need(ok: bool, where: str, rule: str, value: Any) -> None:
         raise InvalidSettingError(f"{where} must be {rule}, got {value!r}")
 
 
+# The values of ``AttributionConfig.draws`` (engine.attribution.train_draws): the shared modes give every
+# training example the same M draws, which the query may then share (``query_draws="bank"``).
+SHARED_DRAW_MODES = ("shared", "stratified")
+DRAW_MODES = (*SHARED_DRAW_MODES, "per-example")
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -127,10 +133,9 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     for name in ("trak_damping", "dtrak_damping"):  # None: the N-scaled default (config.trak_default_damping)
         if getattr(ac, name) is not None:
             check_damping(getattr(ac, name), f"{where}.{name}")
-    _need(ac.draws in ("shared", "stratified", "per-example"), f"{where}.draws (--draws)",
-          "shared, stratified or per-example", ac.draws)
+    _need(ac.draws in DRAW_MODES, f"{where}.draws (--draws)", "shared, stratified or per-example", ac.draws)
     _need(ac.query_draws in ("own", "bank"), f"{where}.query_draws (--query-draws)", "own or bank", ac.query_draws)
-    _need(ac.query_draws == "own" or ac.draws in ("shared", "stratified"), f"{where}.query_draws (--query-draws)",
+    _need(ac.query_draws == "own" or ac.draws in SHARED_DRAW_MODES, f"{where}.query_draws (--query-draws)",
           "own when the training draws are per-example (the query can share the bank's draws only when every "
           "training example has the same ones: --draws shared or stratified)", ac.query_draws)
     check_factor_draws(ac.kfac_factor_draws, ac.mc_samples, ac.draws, f"{where}.kfac_factor_draws",

@@ -250,7 +250,8 @@ def timings(handle: Handle, result: QueryResult, s: Settings) -> None:
         row.update({f"{k} (ms)": round(v, 2) for k, v in r.timing_ms.items()})
         rows.append(row)
     st.markdown("**Timings of this query** (gradient = query measurement gradient, shared by methods that use "
-                "the same measurement, a pass that computes two measurements' gradients at once split evenly between them; prepare = rotate/project/embed the query; score = one pass over all "
+                "the same measurement, a pass that computes two measurements' gradients at once split evenly "
+                "between them; prepare = rotate/project/embed the query; score = one pass over all "
                 "training images at the chosen damping)")
     st.dataframe(pd.DataFrame(rows), hide_index=True)
     st.caption(

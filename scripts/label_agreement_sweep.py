@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.attribution.curvature import KFAC_APPROX  # noqa: E402
 from engine.attribution.session import AttributionSession  # noqa: E402
 from engine.attribution.stages import keep_only, layer_stages, stage_indices  # noqa: E402
+from engine.attribution.train_draws import DRAW_MODES  # noqa: E402
 from engine.cli.common import build_progress  # noqa: E402
 from engine.config import get_preset  # noqa: E402
 from engine.evaluation.stats import bootstrap_ci  # noqa: E402
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                          "digits): is the 0.59 the logistic regression's labels?")
     ap.add_argument("--ekfac", action="store_true",
                     help="EK-FAC eigenvalues (George et al. 2018) instead of K-FAC's (one more pass over the data)")
-    ap.add_argument("--draws", default=None, choices=("shared", "stratified", "per-example"),
+    ap.add_argument("--draws", default=None, choices=DRAW_MODES,
                     help="training-gradient draws (default: the preset's)")
     ap.add_argument("--kfac-factor-draws", type=int, default=None,
                     help="K-FAC factors from k draws per example (with --kfac-factor-draws-mode per-example "

@@ -31,9 +31,7 @@ import numpy as np
 import torch
 
 from ..model.diffusion import MCDraws, make_draws
-
-SHARED_DRAW_MODES = ("shared", "stratified")  # every example gets the same M draws
-DRAW_MODES = (*SHARED_DRAW_MODES, "per-example")
+from ..validation import DRAW_MODES, SHARED_DRAW_MODES  # noqa: F401 - the modes, named where they are validated
 
 
 def example_seed(seed: int, index: int) -> int:

@@ -135,8 +135,6 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
     for key in ("kfac_projection", "kfac_compression", "kfac_rerank"):
         if getattr(args, key, None) is not None:
             changes[key] = getattr(args, key)
-    if not changes.get("kfac_compression", 1.0) >= 1.0 or changes.get("kfac_rerank", 0) < 0:  # NaN fails >=
-        raise ValueError("--kfac-compression must be >= 1 and --kfac-rerank >= 0")
     config = dataclasses.replace(preset.attribution, **changes)
     return AttributionSession(
         preset, checkpoint=ckpt, device=device, cache_root=getattr(args, "cache_root", None), config=config,
