@@ -89,8 +89,23 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+# torch.Generator seeds are unsigned 64-bit integers; a larger one fails deep inside torch with "Overflow"
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed: Any, what: str = "seed", stride: int = 1, count: int = 1) -> int:
+    """``seed`` as an int if every generator seed derived from it, ``seed * stride + i`` for i < ``count``
+    (``Diffusion.sample`` gives sample i its own), fits torch's unsigned 64 bits; InvalidSettingError naming
+    ``what`` and the largest valid seed otherwise."""
+    largest = (MAX_SEED - max(int(count), 1) + 1) // stride
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= largest:
+        raise InvalidSettingError(f"{what} must be an integer from 0 to {largest}, got {seed!r}")
+    return seed
+
+
 def check_train_config(tc: Any, where: str = "train") -> None:
     """Ranges of the training recipe (``TrainConfig``): refused before anything is written."""
+    check_seed(tc.seed, f"{where}.seed (--seed)", count=2)  # train seeds torch with seed and seed + 1
     _need(tc.steps >= 1, f"{where}.steps (--steps)", "at least 1", tc.steps)
     _need(tc.batch_size >= 1, f"{where}.batch_size", "at least 1", tc.batch_size)
     _need(_finite(tc.lr) and tc.lr > 0, f"{where}.lr", "finite and > 0", tc.lr)

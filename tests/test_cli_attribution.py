@@ -115,6 +115,61 @@ def test_query_errors_are_clear(cli):
     assert rc == 2 and "no image file" in err
     rc, _, err = cli("query", "--query", "train:1", "--measurement", "loss@t=0", "--methods", "pixel")
     assert rc == 2 and "out of range" in err
+    rc, _, err = cli("precompute", "--out", "scores.txt")
+    assert rc == 2 and err.startswith("error: --out must end in .npz"), err
+    # a bad damping is refused even for a method left out of --methods
+    rc, out, err = cli("query", "--query", "train:1", "--methods", "pixel", "--damping", "trak=-1")
+    assert rc == 2 and out == "" and err.startswith("error: trak damping must be finite and > 0"), err
+
+
+def test_build_of_a_named_method_that_cannot_be_built_fails(cli):
+    """CLIP has no weights here: asked for by name its build fails (exit 1, the reason on stderr); the
+    other methods named with it are still built and listed."""
+    rc, out, err = cli("build", "--methods", "pixel,clip")
+    assert rc == 1 and "error: clip:" in err
+    assert any(line.startswith("pixel") and " ok " in line for line in out.splitlines()), out
+    assert any(line.startswith("clip") and "unavailable" in line for line in out.splitlines()), out
+
+
+def test_query_that_no_method_answers_fails(cli):
+    """Every requested method unavailable (CLIP has no weights here): the statuses are still printed, but
+    the exit status says nothing was scored, as group and reverse do."""
+    rc, out, err = cli("query", "--query", "train:1", "--methods", "clip", "--json")
+    assert rc == 2 and "no method could score this query" in err
+    clip = json.loads(out)["methods"]["clip"]
+    assert clip["status"] != "ok" and clip["reason"]
+    rc, out, err = cli("query", "--query", "train:1", "--methods", "clip,pixel", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["methods"]["pixel"]["status"] == "ok"
+
+
+def test_blank_image_query_says_pixel_cannot_rank_it(cli, tmp_path):
+    """A constant image has no pixel correlation with anything: pixel says so (and nothing else was asked
+    for, so the query fails) instead of listing the training set in index order with zero scores."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "blank.png")
+    rc, out, err = cli("query", "--query", f"image:{tmp_path / 'blank.png'}", "--methods", "pixel", "--json")
+    assert rc == 2 and "no method could score this query" in err
+    pixel = json.loads(out)["methods"]["pixel"]
+    assert pixel["status"] == "unavailable" and "query image is blank" in pixel["reason"], pixel
+
+
+def test_build_on_an_unwritable_cache_root_fails_at_once(setup, digits_small, monkeypatch, capsys, tmp_path):
+    """A cache root under a regular file cannot hold caches (chmod would not stop root): one error line
+    naming the root, exit 2, no "waiting for another build" bar and no table; pixel keeps no cache, so
+    building it alone there still succeeds."""
+    folder, _ = setup
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
+    root = tmp_path / "a-file"
+    root.write_text("not a folder")
+    argv = ["--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(root), *SMALL]
+    rc = main(["build", "--methods", "trak,pixel", *argv])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", out
+    assert err.count("\n") == 1 and err.startswith(f"error: cache root {root} is not writable"), err
+    assert main(["build", "--methods", "pixel", *argv]) == 0
+    assert root.read_text() == "not a folder"
 
 
 @pytest.fixture(scope="module")
@@ -216,10 +271,10 @@ def test_gallery_query_on_an_empty_cache_answers_with_the_checkpoints_precompute
     shutil.copytree(folder, ckpt)
     monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
 
-    def run(cache, *argv, small=SMALL):
+    def run(cache, *argv, small=SMALL, expect=0):
         rc = main([*argv, "--checkpoint", str(ckpt), "--device", "cpu", "--cache-root", str(cache), *small])
         out, err = capsys.readouterr()
-        assert rc == 0, err
+        assert rc == expect, err
         return out
 
     built, empty = tmp_path / "built", tmp_path / "empty"
@@ -244,5 +299,5 @@ def test_gallery_query_on_an_empty_cache_answers_with_the_checkpoints_precompute
     assert shipped["methods"]["dtrak"]["status"] == "unavailable"
     assert "--methods dtrak" in shipped["methods"]["dtrak"]["reason"]
     # another M is another setting: the file's scores are not shown for it
-    other = json.loads(run(empty, *query, small=["--mc-samples", "3", "--trak-dim", "32"]))
+    other = json.loads(run(empty, *query, small=["--mc-samples", "3", "--trak-dim", "32"], expect=2))  # nothing scored
     assert "precomputed_methods" not in other["query"] and other["methods"]["kfac"]["status"] == "unavailable"

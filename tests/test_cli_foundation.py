@@ -60,12 +60,46 @@ def test_sample_rejects_bad_output(tmp_path, tiny_ckpt, capsys):
         (["--n", "1", "--out", str(tmp_path / "x.png"), "--trajectory"], "error: --trajectory needs an .npz output"),
         (["--n", "0", "--out", str(tmp_path / "x.png")], "error: --n must be at least 1, got 0"),
         (["--n", "-3", "--out", str(tmp_path / "x.npz")], "error: --n must be at least 1, got -3"),
+        # torch seeds are unsigned 64-bit and sample i draws from seed * 1_000_003 + i: no "Overflow" from torch
+        (["--n", "2", "--seed", str(10**20), "--out", str(tmp_path / "x.npz")],
+         "error: sampling seed must be an integer from 0 to 18446688733643, got 100000000000000000000"),
+        (["--n", "1", "--seed", "-1", "--out", str(tmp_path / "x.npz")], "error: sampling seed must be an integer"),
     ]
     for extra, message in cases:
         assert main(["sample", "--checkpoint", str(tiny_ckpt), *extra]) == 2
         err = capsys.readouterr().err
-        assert re.search(message, err) and "sampling" not in err, err
+        assert re.search(message, err) and "%|" not in err, err  # no sampling bar started
     assert not any(tmp_path.glob("x.*"))
+
+
+def test_largest_sampling_seed_is_usable():
+    """The bound is torch's, not an arbitrary one: every generator seed of the largest valid seed is
+    accepted by torch, and one more is refused by the check (and would overflow in torch)."""
+    import torch
+
+    from engine.model.diffusion import SAMPLE_SEED_STRIDE
+    from engine.validation import InvalidSettingError, check_seed
+
+    n = 3
+    largest = check_seed((2**64 - n) // SAMPLE_SEED_STRIDE, stride=SAMPLE_SEED_STRIDE, count=n)
+    for i in range(n):
+        torch.Generator().manual_seed(largest * SAMPLE_SEED_STRIDE + i)
+    with pytest.raises(InvalidSettingError, match="from 0 to"):
+        check_seed(largest + 1, stride=SAMPLE_SEED_STRIDE, count=n)
+    with pytest.raises(ValueError, match="Overflow"):
+        torch.Generator().manual_seed((largest + 1) * SAMPLE_SEED_STRIDE + n - 1)
+
+
+def test_train_index_lists_are_checked(tmp_path, tiny_ckpt, capsys):
+    assert main(["train", "--checkpoint", str(tiny_ckpt), "--indices", "1,x", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --indices must be a .npy file or a comma list") and "'1,x'" in err
+    np.save(tmp_path / "f.npy", np.array([0.5, 1.0]))
+    assert main(["train", "--checkpoint", str(tiny_ckpt), "--exclude", str(tmp_path / "f.npy"),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--exclude" in err and "must hold integers" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

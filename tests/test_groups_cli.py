@@ -91,6 +91,11 @@ def test_reverse_json_on_a_pool_ranks_by_the_training_image_score(cli, pools):
         (("group", "--remove", "train:1", "--methods", "pixel"), "similarity"),
         (("group", "--remove", "train:1", "--queries", "pool:abc"), "bad pool size"),
         (("reverse", "--train", "64"), "out of range"),
+        # refused before the pool's sampling bar starts (torch's own message was "Overflow")
+        (("group", "--remove", "train:1", "--queries", "pool:2", "--pool-seed", str(2**64)),
+         "error: pool seed (--pool-seed) must be an integer from 0 to"),
+        (("copy-check", "--method", "pixel"), "copy-check --method pixel: a similarity has no influence mass"),
+        (("copy-check", "--method", "kfac,trak"), "copy-check --method takes one method"),
     ],
 )
 def test_bad_input_is_one_line_error(cli, argv, message):

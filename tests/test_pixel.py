@@ -5,10 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from engine.attribution.methods import make_method
-from engine.attribution.methods.base import QueryInput
+from engine.attribution.methods.base import QueryInput, Unavailable
 
 
 def _ctx(dataset):
@@ -43,9 +44,15 @@ def test_scores_are_pearson_correlations(digits_small):
     assert int(np.argmax(s2)) == 5 and abs(s2[5] - 1.0) < 1e-5
 
 
-def test_constant_image_scores_zero(digits_small):
+@pytest.mark.parametrize("value", [-1.0, 0.0, 0.37])
+def test_blank_query_is_unavailable_not_a_ranking_of_zeros(digits_small, value):
+    """A constant query has no variation to correlate: every score would be 0 and the "ranking" the
+    training set in index order, so the method says why it cannot answer instead."""
     method = make_method("pixel")
-    scores = method.score(
-        method.prepare(_ctx(digits_small), QueryInput(image=torch.full((1, 8, 8), -1.0)), None)
-    )
-    assert np.all(scores == 0.0)
+    with pytest.raises(Unavailable, match="query image is blank"):
+        method.prepare(_ctx(digits_small), QueryInput(image=torch.full((1, 8, 8), value)), None)
+    # one differing pixel is enough to be correlated
+    q = torch.full((1, 8, 8), value)
+    q[0, 3, 4] = 1.0 if value < 1.0 else -1.0
+    scores = method.score(method.prepare(_ctx(digits_small), QueryInput(image=q), None))
+    assert np.all(np.isfinite(scores)) and np.ptp(scores) > 0

@@ -302,7 +302,7 @@ def test_kfac_bank_pass_feeds_trak_and_dtrak(tmp_path, tiny_preset, tiny_model, 
 
     ctx = _kfac_ctx(tmp_path / "shared", tiny_preset, tiny_model, data, cfg)
     shared = {"kfac": _kfac(cfg), "trak": _trak(cfg), "dtrak": dtrak()}
-    caches = MethodCaches(shared, ctx, "digits16", cfg)
+    caches = MethodCaches(shared, ctx, lambda names: "build " + ",".join(names))
     assert caches.share_gradient_passes(["kfac", "trak", "dtrak"]) == ["trak", "dtrak"]
     assert [s.loss for s in shared["kfac"].gradient_consumers] == ["loss", "square-norm"]
     assert caches.share_gradient_passes(["kfac"]) == []  # what the session's build of one method calls

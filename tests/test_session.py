@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 
@@ -233,7 +234,19 @@ def test_unbuilt_methods_are_unavailable_with_instructions(ckpt, digits_small, t
     assert st["pixel"]["built"] and st["pixel"]["available"]
     res = s.query(s.parse_query("train:0"), methods=["kfac", "pixel"])
     assert res.methods["kfac"].status == "unavailable"
-    assert "attribution-engine build --preset tiny --methods kfac" in res.methods["kfac"].reason
+    # the hint is a command that builds the cache this session reads: its checkpoint, cache root and settings
+    hint = res.methods["kfac"].reason
+    assert f"attribution-engine build --preset tiny --checkpoint {folder} --cache-root {tmp_path} --methods kfac" in hint
+    assert "--mc-samples" not in hint  # the preset's own settings need no flags
+    other = AttributionSession(
+        preset, checkpoint=folder, device="cpu", cache_root=tmp_path, dataset=digits_small,
+        config=dataclasses.replace(TINY_ATTRIBUTION, draws="shared", kfac_factor_draws=2,
+                                   kfac_factor_draws_mode="per-example"),
+    )
+    hint = other.status(["kfac"])["kfac"]["reason"]
+    for flag in ("--draws shared", "--kfac-factor-draws 2", "--kfac-factor-draws-mode per-example"):
+        assert flag in hint, hint
+    assert "--mc-samples" not in other.build_command(["pixel"])  # pixel's cache has no Monte Carlo settings
     assert res.methods["pixel"].status == "ok"
     info = s.method_info()
     assert info["kfac"]["kind"] == "influence" and info["pixel"]["kind"] == "similarity"

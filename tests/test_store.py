@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.attribution import store as store_mod
-from engine.attribution.store import StaleCacheError, Store, file_crc32, settings_digest
+from engine.attribution.store import CacheRootError, StaleCacheError, Store, file_crc32, settings_digest
 
 SETTINGS = {"method": "trak", "mc_samples": 4, "seed": 0, "projection": {"dim": 8, "kind": "rademacher"}}
 
@@ -181,3 +181,15 @@ def test_truncated_array_refused(store):
     (folder / "a.npy").unlink()
     with pytest.raises(StaleCacheError, match="missing"):
         store.load_arrays("trak", SETTINGS)
+
+
+def test_check_writable_names_an_unusable_cache_root(tmp_path):
+    """A root that is a file, or under /proc, cannot be written (as root, chmod would not show it): the
+    error names the root; a usable root gets its folder and keeps no probe file."""
+    (tmp_path / "file").write_text("")
+    for root in (tmp_path / "file", tmp_path / "file" / "below", "/proc/no-cache-here"):
+        with pytest.raises(CacheRootError, match=f"cache root {root} is not writable"):
+            Store(root, "0123456789abcdef", "digits-64").check_writable()
+    ok = Store(tmp_path / "cache", "0123456789abcdef", "digits-64")
+    ok.check_writable()
+    assert ok.base.is_dir() and list(ok.base.iterdir()) == []

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from ..config import AttributionConfig
 from .context import EngineContext
 from .methods.base import AttributionMethod, Progress, Unavailable, no_progress
 from .store import StaleCacheError
@@ -27,9 +27,11 @@ class MethodCaches:
     """Cache status and builds of ``methods`` (name -> instance) over one engine context."""
 
     def __init__(
-        self, methods: dict[str, AttributionMethod], ctx: EngineContext, preset_name: str, config: AttributionConfig
+        self, methods: dict[str, AttributionMethod], ctx: EngineContext, build_command: Callable[[list[str]], str]
     ):
-        self.methods, self.ctx, self.preset_name, self.config = methods, ctx, preset_name, config
+        # build_command: the session's (``AttributionSession.build_command``), so the "not built" hint names
+        # the checkpoint, the cache root and every non-default setting, as the command it prints elsewhere
+        self.methods, self.ctx, self.build_command = methods, ctx, build_command
 
     def availability(self, m: AttributionMethod) -> tuple[bool, str | None]:
         try:
@@ -86,8 +88,7 @@ class MethodCaches:
         return out
 
     def not_built_reason(self, name: str) -> str:
-        extra = f" --mc-samples {self.config.mc_samples}" if self.methods[name].needs_gradient else ""
-        return f"not built: run `attribution-engine build --preset {self.preset_name} --methods {name}{extra}`"
+        return f"not built: run `{self.build_command([name])}`"
 
     def cache_problem(self, name: str) -> str | None:
         """Why a method's cache folder exists but is refused (corrupt, edited, stale), or None.
@@ -134,14 +135,26 @@ class MethodCaches:
                 m._key = None  # drop what this process loaded from a removed cache
         return removed
 
+    def check_writable(self, names: list[str]) -> None:
+        """CacheRootError (an OSError) when one of these methods keeps a cache and the cache root cannot
+        be written: a build then fails at once with the root named, before any lock or progress message."""
+        if self.ctx.store is not None and any(self.methods[n].cache_keys(self.ctx) for n in names):
+            self.ctx.store.check_writable()
+
     def build_lock(self, name: str):
-        """Cross-process lock of one method's cache entries (none under torchrun: ranks build together)."""
+        """Cross-process lock of one method's cache entries (none under torchrun: ranks build together).
+
+        The cache root is checked here, when the lock is asked for, not when it is entered: so a build
+        on an unwritable root fails before it says it is waiting for another build."""
         import contextlib
 
         from .. import distributed
 
         keys = self.methods[name].cache_keys(self.ctx)
-        if not keys or self.ctx.store is None or distributed.current().world > 1:
+        if not keys or self.ctx.store is None:
+            return contextlib.nullcontext(True)
+        self.ctx.store.check_writable()
+        if distributed.current().world > 1:
             return contextlib.nullcontext(True)
         return self.ctx.store.lock(f"build-{name}", {"keys": keys})
 
@@ -165,9 +178,10 @@ class MethodCaches:
                 sub("unavailable", 1.0)
                 continue
             t0 = time.perf_counter()
-            sub("waiting for another build of this cache", 0.0)
             try:
-                with self.build_lock(name):  # a second process waits here, then finds the cache built
+                lock = self.build_lock(name)  # CacheRootError first if the cache root cannot be written
+                sub("waiting for another build of this cache", 0.0)
+                with lock:  # a second process waits here, then finds the cache built
                     if rebuild:
                         self.repair([name])
                     problem = self.cache_problem(name)

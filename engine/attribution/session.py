@@ -108,6 +108,7 @@ class AttributionSession:
         self._preset_arg = preset if isinstance(preset, str) else self.preset.name
         self._checkpoint_arg = None if checkpoint is None else str(checkpoint)
         self._cache_arg = None if cache_root is None else str(cache_root)
+        self._preset_attribution = wanted.attribution  # what `build --preset <_preset_arg>` uses without flags
         self.store.rebuild_hint = self.build_command(rebuild=True)
         self.ctx: EngineContext = self._make_context()
         from .methods import METHODS, make_method
@@ -121,7 +122,7 @@ class AttributionSession:
                 self._methods[name] = m
             except ImportError as e:  # a missing optional dependency disables one method only
                 self._methods[name] = MissingMethod(name, f"cannot import the {name} method: {e}")
-        self.caches = MethodCaches(self._methods, self.ctx, self.preset.name, self.config)
+        self.caches = MethodCaches(self._methods, self.ctx, self.build_command)
         self.sources = QuerySources(self.preset, model, self.diffusion, self.dataset, self.device, folder)
         self.startup_ms = (time.perf_counter() - t0) * 1000.0
 
@@ -248,8 +249,8 @@ class AttributionSession:
             cmd += f" --cache-root {self._cache_arg}"
         if methods:
             cmd += f" --methods {','.join(methods)}"
-        if self.config.mc_samples != _named_preset_mc(self.preset):
-            cmd += f" --mc-samples {self.config.mc_samples}"
+        if not methods or any(self._methods[m].needs_gradient for m in methods if m in self._methods):
+            cmd += "".join(f" {flag} {value}" for flag, value in _setting_flags(self.config, self._preset_attribution))
         return cmd + (" --rebuild" if rebuild else "")
 
     def load(self, methods: list[str] | None = None) -> dict[str, float]:
@@ -537,12 +538,21 @@ class AttributionSession:
         }
 
 
-def _named_preset_mc(preset: Preset) -> int:
-    """M of the named preset (what ``build`` uses without --mc-samples); the preset's own for a custom one."""
-    from ..config import PRESETS
+# AttributionConfig fields that select a cache, and the flag that sets each on every attribution command
+_SETTING_FLAGS = {
+    "mc_samples": "--mc-samples", "trak_dim": "--trak-dim", "kfac_bank": "--kfac-bank", "draws": "--draws",
+    "query_draws": "--query-draws", "kfac_blocks": "--kfac-blocks", "kfac_factor_draws": "--kfac-factor-draws",
+    "kfac_factor_draws_mode": "--kfac-factor-draws-mode", "kfac_projection": "--kfac-projection",
+    "kfac_compression": "--kfac-compression", "kfac_rerank": "--kfac-rerank",
+}
 
-    base = PRESETS.get(preset.name)
-    return int((base or preset).attribution.mc_samples)
+
+def _setting_flags(config: AttributionConfig, base: AttributionConfig) -> list[tuple[str, object]]:
+    """(flag, value) for every setting where ``config`` differs from ``base``, the preset's (what ``build
+    --preset`` uses without flags), so a printed build command builds the cache that this session reads.
+    A None value (K-FAC factors from all M draws) has no flag: the CLI sets it itself when --draws asks."""
+    return [(flag, getattr(config, name)) for name, flag in _SETTING_FLAGS.items()
+            if getattr(config, name) != getattr(base, name) and getattr(config, name) is not None]
 
 
 __all__ = ["AttributionSession", "GalleryItem", "QueryError", "QueryInput", "data_key"]

@@ -59,6 +59,10 @@ SETTINGS = "settings.json"
 _ArrayLike = Any  # np.ndarray | torch.Tensor
 
 
+class CacheRootError(OSError):
+    """The cache root cannot hold caches (a file, /proc, a read-only mount, no permission)."""
+
+
 class StaleCacheError(RuntimeError):
     """A cache folder exists but does not match what it claims to be; the message says which and what to do."""
 
@@ -369,6 +373,24 @@ class Store:
         }
 
     # --- concurrency --------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Create this store's folder and a probe file in it; CacheRootError naming the root otherwise.
+
+        Called before a build takes its lock: an unwritable root (a file, /proc, a read-only mount)
+        used to show "waiting for another build of this cache" and then mkdir's bare errno."""
+        try:
+            self.base.mkdir(parents=True, exist_ok=True)
+            probe = self.base / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.close(fd)
+            probe.unlink()
+        except OSError as e:
+            raise CacheRootError(
+                f"cache root {self.root} is not writable ({e.strerror or e}"
+                + (f": {e.filename}" if e.filename else "")
+                + "); choose a writable folder (--cache-root or $ATTRIBUTION_CACHE)"
+            ) from None
 
     @contextlib.contextmanager
     def lock(self, name: str, settings: Mapping[str, Any] | None = None, wait: bool = True) -> Iterator[bool]:

@@ -15,6 +15,7 @@ from typing import Any
 from .. import jsonio
 from ..attribution.methods import METHODS, method_names, parse_methods
 from ..attribution.train_draws import DRAW_MODES, SHARED_DRAW_MODES
+from ..validation import check_damping
 from .common import build_progress, fail, register, resolve, subcommand
 
 
@@ -53,8 +54,8 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
         help="K-FAC blocks: weight and bias separate (default) or one joint block per layer (ablation)",
     )
     p.add_argument("--kfac-factor-draws", type=int, default=None,
-                   help="K-FAC factors from the first k of the M draws of every example (default: the preset's; "
-                        "8 on digits, all M elsewhere)")
+                   help="K-FAC factors from the first k of the M draws of every example (k >= M: all M; default: the "
+                        "preset's, 8 on digits, all M elsewhere)")
     p.add_argument("--kfac-factor-draws-mode", choices=("same", "per-example"), default=None,
                    help="draws of the K-FAC factor pass: the bank's (same, default) or independent per example "
                         "(per-example, paper G.3; allows --kfac-factor-draws below M with shared bank draws)")
@@ -72,7 +73,8 @@ def parse_damping(specs: list[str] | None) -> dict[str, float]:
 
     A bare VALUE is K-FAC's damping, as ``--damping`` meant before it took names (kept for one
     release, like ``--trak-damping``/``--dtrak-damping``).  Unknown names and values that are
-    not numbers: ValueError.
+    not numbers: ValueError; values that are not finite and > 0: InvalidSettingError
+    (``engine.validation.check_damping``), whichever methods run.
     """
     out: dict[str, float] = {}
     valid = method_names()
@@ -87,7 +89,8 @@ def parse_damping(specs: list[str] | None) -> dict[str, float]:
             lam = float(value)
         except ValueError:
             raise ValueError(f"--damping {spec!r}: {value!r} is not a number") from None
-        out[name] = lam
+        # checked here, not only when the method runs: a typo for a method left out of --methods is still a typo
+        out[name] = check_damping(lam, f"{name} damping")
     return out
 
 
@@ -174,9 +177,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         _, _, device = resolve(args)
         shard, args.device = init_from_env(device)
         session = open_session(args)
-    except (ValueError, RuntimeError) as e:
+        names = methods or session.method_names()
+        session.caches.check_writable(names)  # an unwritable cache root: one error line now, not one per method
+    except (ValueError, RuntimeError, OSError) as e:
         return fail(e)
-    names = methods or session.method_names()
     summary: dict[str, dict] = {}
     session.share_gradient_passes(names)  # one training-gradient pass for K-FAC's bank and TRAK
     for name in names:
@@ -199,9 +203,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     total_s = sum(s["seconds"] for s in summary.values())
     total_mb = sum(s["size_mb"] for s in summary.values())
     print(f"{'total':8} {'':12} {total_s:9.1f} {total_mb:9.2f}  cache: {session.store.base}")
-    failed = [n for n, s in summary.items() if s["status"] in ("error", "corrupt")]
+    # a method asked for by name that cannot be built (CLIP without its weights) is a failure; left to the
+    # default "all methods" it is a notice, so a plain `build` on a machine without CLIP still succeeds
+    failed = [n for n, s in summary.items() if s["status"] in ("error", "corrupt")
+              or (methods and s["status"] == "unavailable")]
     for n in failed:
         print(f"error: {n}: {summary[n]['reason']}", file=sys.stderr)
+    for n, s in summary.items():
+        if n not in failed and s["status"] == "unavailable":
+            print(f"notice: {n} skipped: {s['reason']}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -276,6 +286,9 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(format_result(result, args.top_k, labels))
         if args.scores_out:
             print(f"scores written to {args.scores_out}")
+    if not any(r.status == "ok" for r in result.methods.values()):
+        # the statuses are printed above; a script must still see that nothing was scored (as for group)
+        return fail(RuntimeError("no method could score this query (see each method's status above)"))
     return 0
 
 
@@ -349,8 +362,10 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     from ..attribution.precomputed import FILE, PrecomputedGallery, write_precomputed
 
     try:
-        session = open_session(args)
+        if args.out and not args.out.endswith(".npz"):
+            raise ValueError(f"--out must end in .npz (the app reads numpy's .npz), got {args.out}")
         methods = parse_methods(args.methods)
+        session = open_session(args)
         out = Path(args.out) if args.out else session.checkpoint / FILE
         with tqdm(total=len(session.gallery()), desc="gallery", unit="query") as bar:
             write_precomputed(session, out, methods, progress=lambda i, n: bar.update(1))

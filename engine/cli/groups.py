@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..attribution.methods import parse_methods
+from ..attribution.methods import METHODS, parse_methods
 from .attribution import _add_attribution_options, open_session, parse_damping
 from .common import fail, register, subcommand
 
@@ -176,10 +176,18 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
     from ..attribution.copycheck import CAVEAT, copy_check, explain, training_flag_rate
 
     try:
-        args.methods = args.method
+        names = parse_methods(args.method) or []
+        if len(names) != 1:
+            raise ValueError(f"copy-check --method takes one method, got {args.method!r}")
+        if METHODS[names[0]].kind != "influence":
+            raise ValueError(
+                f"copy-check --method {names[0]}: a similarity has no influence mass to concentrate on one "
+                "training image; use an influence method (kfac, trak or dtrak)"
+            )
+        args.methods = names[0]
         session, result = _run_group(args, "train:0")  # the group is unused: only the matrix matters
         rows = copy_check(
-            result.methods[args.method].scores,
+            result.methods[names[0]].scores,
             result.qset.images,
             session.dataset.images,
             result.qset.names,
@@ -191,7 +199,7 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "queries": result.qset.name,
-            "method": args.method,
+            "method": names[0],
             "flagged": sum(r.near_copy for r in rows),
             "training_flag_rate": base,
             "rows": [r.to_dict() for r in rows[: args.top_k]],

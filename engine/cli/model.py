@@ -29,14 +29,24 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", default=None, help="train without these indices (.npy or comma list)")
 
 
-def _read_indices(spec: str | None):
+def _read_indices(spec: str | None, flag: str):
+    """``--indices``/``--exclude``: a .npy of integers or a comma list; ValueError naming ``flag`` otherwise
+    (the range is checked by ``train`` against the data set)."""
     import numpy as np
 
     if spec is None:
         return None
     if spec.endswith(".npy"):
-        return np.load(spec, allow_pickle=False)
-    return np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
+        values = np.load(spec, allow_pickle=False)
+        if not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"{flag} {spec}: the array must hold integers, not {values.dtype}")
+        return values
+    try:
+        return np.array([int(s) for s in spec.split(",") if s.strip()], dtype=np.int64)
+    except ValueError:
+        raise ValueError(
+            f"{flag} must be a .npy file or a comma list of training-image indices such as 0,5,17; got {spec!r}"
+        ) from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -55,8 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     train(
         preset,
         out,
-        indices=_read_indices(args.indices),
-        exclude=_read_indices(args.exclude),
+        indices=_read_indices(args.indices, "--indices"),
+        exclude=_read_indices(args.exclude, "--exclude"),
         device=device,
     )
     print(f"checkpoint: {out} ({time.time() - t0:.1f} s this run)")

@@ -15,6 +15,10 @@ import torch
 from torch import nn
 
 from ..config import DiffusionConfig
+from ..validation import check_seed
+
+# sample i of a call with seed s draws from its own generator, seeded s * SAMPLE_SEED_STRIDE + i
+SAMPLE_SEED_STRIDE = 1_000_003
 
 
 def paper_t(t_idx: int) -> int:
@@ -220,12 +224,13 @@ class Diffusion:
         (unclipped model output) and, if asked, the trajectory (n, T+1, C, H, W) ordered
         x_T, x_{T-1}, ..., x_0.  ``progress(step, T)`` is called after each step.
         """
+        check_seed(seed, "sampling seed", SAMPLE_SEED_STRIDE, n)
         model.eval()
         dtype = next(model.parameters()).dtype  # a float64 model samples in float64
         images, trajs = [], []
         for start in range(0, n, batch_size):
             idx = range(start, min(n, start + batch_size))
-            gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in idx]
+            gens = [torch.Generator().manual_seed(seed * SAMPLE_SEED_STRIDE + i) for i in idx]
             x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
             traj = [x.cpu()] if trajectory else None
             for step, t_idx in enumerate(reversed(range(self.T))):

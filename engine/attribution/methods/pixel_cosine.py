@@ -6,8 +6,10 @@ Each image is centred by its own mean before the cosine, i.e. the score is the P
 correlation of the two images' pixel values.  Why centred: raw [-1, 1] cosine is dominated
 by the shared background (on digits every image is mostly -1, so all raw cosines are near
 1); centring removes that common offset and a global brightness shift, so the score
-reflects the shape of the image.  A constant image has no shape and scores 0 against
-everything.  Not a removal prediction: shown as similarity in [-1, 1], never summed.
+reflects the shape of the image.  A constant (blank) query has no shape: its correlation with
+anything is undefined, so the method answers "unavailable" with that reason instead of a ranking
+of zeros in index order (a constant training image scores 0).  Not a removal prediction: shown
+as similarity in [-1, 1], never summed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from ...config import AttributionConfig
 from ..context import EngineContext
-from .base import AttributionMethod, FixedScores, Prepared, Progress, QueryInput, no_progress
+from .base import AttributionMethod, FixedScores, Prepared, Progress, QueryInput, Unavailable, no_progress
 
 EPS = 1e-12
 
@@ -77,6 +79,11 @@ class PixelCosine(AttributionMethod):
                 f"{tuple(ctx.dataset.images.shape[1:])}"
             )
         q = centred_unit(img[None])[0]
+        if not bool(q.any()):  # every pixel the same value: centred, nothing is left to correlate
+            raise Unavailable(
+                "the query image is blank (every pixel has the same value), so its pixel correlation with "
+                "the training images is undefined; query an image with some content"
+            )
         scores = (train @ q).clamp(-1.0, 1.0).numpy().astype(np.float32)  # cosine; rounding can exceed 1
         return FixedScores(scores=scores, timing_ms={"similarity": (time.perf_counter() - t0) * 1e3})
 
