@@ -2,6 +2,7 @@
 
 Run:  streamlit run explorer/app.py -- --preset digits [--checkpoint PATH] [--cache DIR] [--device cpu]
 (or set ATTRIBUTION_PRESET / ATTRIBUTION_CHECKPOINT / ATTRIBUTION_CACHE / ATTRIBUTION_DEVICE).
+``--cache-root DIR`` (the CLI's spelling) is ``--cache DIR``; any other unknown flag is refused on the page.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ def main() -> None:
     st.set_page_config(page_title="Diffusion Attribution Explorer", page_icon="🔎", layout="wide")
     from explorer import runtime
 
-    args = runtime.choose_model(runtime.parse_args())
+    try:
+        parsed = runtime.parse_args()
+    except runtime.ArgsError as e:  # an unknown flag: say so on the page and in the terminal, build nothing
+        print(f"explorer/app.py: {e}", file=sys.stderr)
+        st.title("Diffusion Attribution Explorer")
+        st.error(f"Cannot start with these command-line flags: {e}")
+        st.stop()
+    args = runtime.choose_model(parsed)
     try:
         handle = runtime.get_handle(args)
     except Exception as e:  # noqa: BLE001 - a missing checkpoint/data set is a message, not a traceback

@@ -34,8 +34,13 @@ def _live(handle: Handle) -> None:
     if state.status != "running":
         st.rerun()  # the whole page: live results instead of precomputed ones, or the failure
     if state.checking:  # a just-started server finding out whether anything needs building
+        st.session_state["build_was_checking"] = True
         st.caption("Checking which attribution caches are built ...")
         return
+    if st.session_state.pop("build_was_checking", False):
+        # the page was drawn before the check knew which methods cannot run here (CLIP without its
+        # weights): draw it again, so their columns give that reason instead of "not precomputed"
+        st.rerun()
     st.session_state["build_was_running"] = True  # a real build: say when it has finished
     info = handle.session.method_info()
     titles = ", ".join(info.get(n, {}).get("title", n) for n in state.methods)
@@ -63,3 +68,15 @@ def _failed(handle: Handle) -> None:
 def pending_note(handle: Handle) -> str:
     """Why a result is not live yet, with the build's progress."""
     return f"ready when the cache build finishes ({runtime.build_message(handle)})"
+
+
+@st.fragment(run_every=POLL_S)
+def live_note(handle: Handle, before: str, after: str = "", caption: bool = False) -> None:
+    """``before + pending_note + after`` as an info box (or a caption), redrawn every second while the
+    build runs: drawn once with the page, its progress stayed where it was until the next rerun.
+    When the build ends the build panel reruns the whole page, which drops or replaces this note."""
+    text = f"{before}{pending_note(handle)}{after}"
+    if caption:
+        st.caption(text)
+    else:
+        st.info(text)

@@ -163,7 +163,12 @@ def groups_page(handle: Handle, s: Settings) -> None:
     )
     methods_all = influence_methods(handle)
     if not methods_all:
-        st.warning("No influence method is built; build K-FAC, TRAK or D-TRAK first.")
+        if handle.build.status == "running":
+            from explorer.build_view import live_note
+
+            live_note(handle, "Groups need the influence caches (K-FAC, TRAK, D-TRAK): ", ".")
+        else:
+            st.warning("No influence method is built; build K-FAC, TRAK or D-TRAK first.")
         return
     c1, c2 = st.columns(2)
     with c1:
@@ -213,6 +218,16 @@ def _table(result: GroupResult) -> pd.DataFrame:
     return table
 
 
+def axis_labels(handle: Handle, methods: list[str], measurement: str) -> dict[str, str]:
+    """Plotly's ``labels``: what the plots' axes and legends say instead of the table's column names
+    (``kfac``, ``label``): a reader of the page does not know the code's names."""
+    info = handle.session.method_info()
+    out = {"sample": "generated sample", "label": "predicted label",
+           "change": f"predicted change of the {measurement}", "method": "method"}
+    out.update({n: f"{info[n]['title']}: predicted change of the {measurement}" for n in methods})
+    return out
+
+
 def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
     info = handle.session.method_info()
     ds = handle.session.dataset
@@ -224,13 +239,16 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
     name = result.ok()[0] if len(result.ok()) == 1 else st.selectbox(
         "Method for the plot", result.ok(), key="grp_plot_method", format_func=lambda n: info[n]["title"])
     data = table.assign(label=table["label"].astype(str))
-    fig = px.bar(data, x="sample", y=name, color="label", title=f"{info[name]['title']}: predicted change per sample")
+    names = axis_labels(handle, result.ok(), s.measurement)
+    fig = px.bar(data, x="sample", y=name, color="label",  # the title names the method: a short y axis
+                 labels=names | {name: f"predicted change of the {s.measurement}"},
+                 title=f"{info[name]['title']}: predicted change per sample")
     fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
     st.plotly_chart(fig, key="grp_fig_bar")
     if len(result.ok()) >= 2:
         a, b = result.ok()[0], result.ok()[1]
         rho = spearman(table[a].to_numpy(), table[b].to_numpy())
-        fig2 = px.scatter(data, x=a, y=b, color="label", hover_data=["sample"],
+        fig2 = px.scatter(data, x=a, y=b, color="label", hover_data=["sample"], labels=names,
                           title=f"{info[a]['title']} vs {info[b]['title']}: Spearman {rho:+.3f} over {len(table)} samples")
         fig2.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
         st.plotly_chart(fig2, key="grp_fig_scatter")
@@ -326,21 +344,28 @@ def group_retrain_section(handle: Handle) -> None:
     st.caption("The model retrained without the whole group (same recipe and steps), each gallery sample's loss "
                "measured on both models with the same random draws. A method that knows which outputs depend on "
                "the group ranks the samples in the same order as the measurement (Spearman near +1).")
+    info = handle.session.method_info()
+
+    def title(n: str) -> str:
+        return info.get(n, {}).get("title", n)
+
     points = []
     for rec, g in groups:
         labels = rec["config"].get("query_labels") or [None] * len(g["measured_change"])
         for n, pred in g["predicted_change"].items():
             rho = g["comparison"][n]["spearman"]
             for q, (p_, m_) in enumerate(zip(pred, g["measured_change"], strict=True)):
-                points.append({"group": g["spec"], "method": f"{n} (Spearman {rho:+.2f})", "predicted": p_,
+                points.append({"group": g["spec"], "method": f"{title(n)} (Spearman {rho:+.2f})", "predicted": p_,
                                "measured": m_, "sample": rec["config"]["queries"][q], "label": str(labels[q])})
     data = pd.DataFrame(points)
     fig = px.scatter(data, x="predicted", y="measured", color="label", facet_col="method", facet_row="group",
-                     hover_data=["sample"], title="Predicted vs measured change of the loss, per gallery sample")
+                     hover_data=["sample"], title="Predicted vs measured change of the loss, per gallery sample",
+                     labels={"predicted": "predicted change of the loss", "measured": "measured change (retrained)",
+                             "label": "predicted label", "sample": "gallery sample", "group": "group removed"})
     fig.update_xaxes(matches=None)
     fig.update_layout(height=300 * data["group"].nunique() + 80, margin=dict(l=10, r=10, t=80, b=10))
     st.plotly_chart(fig, key="grp_fig_retrain")
-    st.dataframe(pd.DataFrame([{"group": g["spec"], "size": g["size"], "method": n, "Spearman": c["spearman"],
+    st.dataframe(pd.DataFrame([{"group": g["spec"], "size": g["size"], "method": title(n), "Spearman": c["spearman"],
                                 "sign agreement": c["sign_agreement"], "mean predicted": c["mean_predicted"],
                                 "mean measured": float(np.mean(g["measured_change"]))}
                                for _, g in groups for n, c in g["comparison"].items()]), hide_index=True)
@@ -361,6 +386,11 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
     if not shown:
         return
     st.subheader("What do these training images support?")
+    building = handle.build.status == "running"
+    if building:  # the ranking needs the influence caches, and the build holds the model meanwhile
+        from explorer.build_view import live_note
+
+        live_note(handle, "Ranking the gallery samples by the images picked here will be ", ".")
     picked = st.multiselect("Training images from the grids above", shown, key="grid_pick",
                             format_func=lambda i: f"#{i}" + (f" ({labels[i]})" if labels is not None else ""),
                             help="One image: the samples it supports most. Several: the same for the group. "
@@ -369,11 +399,16 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
     if not picked:
         st.caption("Pick one or more training images to rank the gallery samples by how much they depend on them.")
         return
+    if building:
+        return
     qset = gallery_set(handle.session) if handle.session.gallery() else None
     if qset is None:
         st.info("No gallery to rank; use the Groups page with a generated pool.")
         return
     methods = [m for m in DEFAULT_METHODS if m in influence_methods(handle)]
+    if not methods:
+        st.warning("No influence method is built (K-FAC, TRAK or D-TRAK): the ranking needs one.")
+        return
     group = group_from_indices(picked, len(handle.session.dataset))
     res = group_result(handle, group, qset, s, methods)
     if res.ok():
@@ -383,6 +418,7 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
         long = data.melt(id_vars=["sample", "label"], value_vars=res.ok(), var_name="method", value_name="change")
         long["method"] = long["method"].map(lambda n: info[n]["title"])
         fig = px.bar(long, x="sample", y="change", color="method", barmode="group",
+                     labels=axis_labels(handle, res.ok(), s.measurement) | {"sample": "gallery sample"},
                      title=f"Predicted change of each gallery sample's {s.measurement} if {group.spec} were removed")
         fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
         st.plotly_chart(fig, key="rev_fig_bar")

@@ -62,24 +62,41 @@ def _rgb(array: np.ndarray) -> Image.Image:
     return img.convert("RGB")
 
 
+TITLE_PX, CAPTION_PX = 14, 12  # font sizes of the PNG sheet: readable at 100 % next to 72 px thumbnails
+
+
+def sheet_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """A scalable font of ``size`` pixels, bundled with Pillow (>= 10.1, with FreeType): nothing to download.
+
+    Why: Pillow's plain ``load_default()`` is a 10-pixel font (an 11-pixel bitmap one without FreeType),
+    too small to read in a saved sheet.  Without FreeType (or on an older Pillow) the bitmap font is what
+    there is: the sheet is still drawn, with small text."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 has no size; no FreeType: no scalable font
+        return ImageFont.load_default()
+
+
 def compose_sheet(rows: Sequence[SheetRow], cell: int = 72, pad: int = 6) -> Image.Image:
-    """Compose titled rows of captioned thumbnails into one white PNG-ready image."""
-    font = ImageFont.load_default()
-    title_h, caption_h = 16, 13
+    """Compose titled rows of captioned thumbnails into one white PNG-ready image (wide enough for every title)."""
+    title_font, caption_font = sheet_font(TITLE_PX), sheet_font(CAPTION_PX)
+    title_h, caption_h = TITLE_PX + 8, CAPTION_PX + 3
     ncol = max((len(r.images) for r in rows), default=1)
-    width = pad + ncol * (cell + pad)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max((probe.textlength(r.title, font=title_font) for r in rows), default=0.0)
+    width = max(pad + ncol * (cell + pad), 2 * pad + int(widest + 1), 200)
     row_h = title_h + cell + 2 * caption_h + pad
-    sheet = Image.new("RGB", (max(width, 200), pad + len(rows) * row_h), "white")
+    sheet = Image.new("RGB", (width, pad + len(rows) * row_h), "white")
     draw = ImageDraw.Draw(sheet)
     y = pad
     for row in rows:
-        draw.text((pad, y), row.title, fill=(0, 0, 0), font=font)
+        draw.text((pad, y), row.title, fill=(0, 0, 0), font=title_font)
         for j, (arr, cap) in enumerate(zip(row.images, row.captions, strict=False)):
             x = pad + j * (cell + pad)
             thumb = _rgb(upscale(arr, cell)).resize((cell, cell), Image.NEAREST)
             sheet.paste(thumb, (x, y + title_h))
             for k, line in enumerate(cap.split("\n")[:2]):
-                draw.text((x, y + title_h + cell + 1 + k * caption_h), line, fill=(60, 60, 60), font=font)
+                draw.text((x, y + title_h + cell + 2 + k * caption_h), line, fill=(60, 60, 60), font=caption_font)
         y += row_h
     return sheet
 

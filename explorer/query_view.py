@@ -73,11 +73,22 @@ def _gallery(handle: Handle, gallery: list) -> Query:
                     on_click=_select_gallery,
                     args=(item.index,),
                     type="primary" if item.index == chosen else "secondary",
-                    help=f"gallery sample {item.index} (seed {item.seed}"
-                    + (f", looks like a {item.label})" if item.label is not None else ")"),
+                    help=gallery_tooltip(item, len(gallery)),
                 )
     spec = f"gallery:{chosen}"
     return Query(spec, handle.session.parse_query(spec), f"Gallery sample {chosen}")
+
+
+def gallery_tooltip(item: Any, n: int) -> str:
+    """What a gallery button's tooltip says about its sample.
+
+    Why not "(seed 1000)" alone: every sample of the gallery carries the same seed, that of the one
+    batch it was drawn in, and "New sample" with that seed draws a different image."""
+    text = (f"Gallery sample {item.index} of {n}, drawn with the others in one batch "
+            f"(sampling seed {item.seed}, recorded trajectory)")
+    if item.label is not None:
+        text += f"; a classifier reads it as a {item.label}"
+    return text
 
 
 def _generate(handle: Handle) -> Query | None:

@@ -8,6 +8,7 @@ damping sliders go through ``session.rescore`` (no gradient is recomputed).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -86,34 +87,60 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
         with handle.lock:
             shown = session.rescore(store["raw"], s.damping_dict)
         store["shown"] = {s.damping: shown}  # keep one re-scored view; the raw result stays
-    return shown
+    return _after_failed_build(handle, query, s, shown)
+
+
+def _after_failed_build(handle: Handle, query: Query, s: Settings, result: QueryResult) -> QueryResult:
+    """After a failed build, methods whose caches are missing keep the shipped precomputed scores they
+    showed while it ran (a gallery sample at the default settings) instead of turning into "not built";
+    the build panel above reports the failure and offers Retry."""
+    if handle.build.status != "failed":
+        return result
+    pre = _precomputed(handle, query, s)
+    if pre is None:
+        return result
+    filled = {
+        n: pre.methods[n] for n, r in result.methods.items()
+        if r.status == "unavailable" and n in pre.methods and pre.methods[n].status == "ok"
+    }
+    if not filled:
+        return result
+    info = handle.session.method_info()
+    st.info(
+        f"**Precomputed results** for {', '.join(info[n]['title'] for n in filled)} (shipped with this model "
+        "for the gallery at the default settings): the cache build failed (reason above), so their caches "
+        "are missing. **Retry the build** for live results; methods already built answer live."
+    )
+    return dataclasses.replace(result, methods={**result.methods, **filled})
 
 
 def _precomputed(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """The shipped precomputed result for this query and these settings, or None."""
     from engine.attribution.precomputed import precomputed_result
-    from explorer.build_view import pending_note
 
+    # no percentage in a column's reason: it would stay as drawn while the build's own line moves on
     return precomputed_result(
         handle.session, handle.precomputed, query.key, s.measurement, s.mc_samples, s.damping_dict,
-        pending_reason=f"not precomputed for these settings; {pending_note(handle)}",
+        pending_reason="not precomputed for these settings; ready when the cache build finishes "
+        "(progress at the top of the page)",
         unavailable=handle.build.unavailable,
     )
 
 
 def _while_building(handle: Handle, query: Query, result: QueryResult | None) -> QueryResult | None:
     """The precomputed ``result`` (a shipped gallery sample at the default settings) marked as such,
-    or, without one, a note with the build's progress."""
-    from explorer.build_view import pending_note
+    or, without one, a note with the build's progress (both redrawn as the build goes on)."""
+    from explorer.build_view import live_note
 
-    note = pending_note(handle)
     if result is None:
-        st.info(f"Results for {query.title.lower()} with these settings will be {note}.")
+        live_note(handle, f"Results for {query.title.lower()} with these settings will be ", ".")
         return None
-    st.info(
+    live_note(
+        handle,
         "**Precomputed results** (shipped with this model for the gallery at the default settings: "
         f"measurement `loss`, {handle.session.config.mc_samples} Monte Carlo draws, default dampings). "
-        f"Live results for any query and setting will be {note}."
+        "Live results for any query and setting will be ",
+        ".",
     )
     return result
 

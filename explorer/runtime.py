@@ -4,7 +4,8 @@
 the model (``--max-retrain-jobs N`` caps the retraining jobs running at once, the rest queue;
 ``--no-retrain`` turns retraining off for public demos); the environment variables ATTRIBUTION_PRESET, ATTRIBUTION_CHECKPOINT,
 ATTRIBUTION_CACHE and ATTRIBUTION_DEVICE do the same (tests and ``streamlit.testing``
-use them, because there the script's argv is the test runner's).  Command-line flags win.
+use them, because there the script's argv is the test runner's).  Command-line flags win;
+``--cache-root`` (the CLI's spelling) is ``--cache``, and any other unknown flag is refused.
 
 One ``AttributionSession`` per (preset, checkpoint, cache, device) lives in
 ``st.cache_resource``; widget changes never reload it.  With it lives the process's one
@@ -46,29 +47,61 @@ class AppArgs:
     no_retrain: bool = False  # public demos: no retraining at all
 
 
-def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> AppArgs:
-    """Flags after ``--`` on the streamlit command line, falling back to ATTRIBUTION_* variables."""
+class ArgsError(SystemExit):
+    """A flag the app does not know or a bad value: the message says which (shown on the page and in the
+    terminal).  A SystemExit, so a script calling ``parse_args`` outside Streamlit stops with it."""
+
+
+APP_SCRIPT = Path(__file__).resolve().parent / "app.py"
+
+
+def app_argv(argv: list[str] | None = None) -> list[str]:
+    """``argv`` (default ``sys.argv``) after the script name when it is this app's command line, else [].
+
+    Why: ``streamlit run explorer/app.py -- FLAGS`` sets ``sys.argv = ["explorer/app.py", *FLAGS]``, but
+    under pytest (``streamlit.testing``) sys.argv is the test runner's (``pytest -q tests -k x``): strict
+    parsing must see only the app's own flags, never another program's."""
     import sys
 
+    argv = sys.argv if argv is None else argv
+    if not argv:
+        return []
+    try:
+        ours = Path(argv[0]).resolve() == APP_SCRIPT
+    except (OSError, ValueError):
+        ours = False
+    return list(argv[1:]) if ours else []
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage and exit(2) under Streamlit
+        raise ArgsError(f"error: {message} (the app takes: {' '.join(self.format_usage().split()[2:])})")
+
+
+def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> AppArgs:
+    """Flags after ``--`` on the streamlit command line (``argv``: the flags themselves; default: this app's
+    flags from sys.argv, ``app_argv``), falling back to ATTRIBUTION_* variables.  ``ArgsError`` on an
+    unknown flag: a misspelt ``--cache`` silently building a new cache under ./cache costs minutes."""
     env = dict(os.environ) if env is None else env
-    p = argparse.ArgumentParser(prog="explorer/app.py", add_help=False, allow_abbrev=False)
+    p = _Parser(prog="explorer/app.py", add_help=False, allow_abbrev=False)
     p.add_argument("--preset", default=None, help="preset name (digits, cifar2, cifar10) or a preset .json")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the preset's)")
-    p.add_argument("--cache", default=None, help="cache root (default: ATTRIBUTION_CACHE or ./cache)")
+    p.add_argument("--cache", "--cache-root", dest="cache", default=None,
+                   help="cache root (default: ATTRIBUTION_CACHE or ./cache)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: best available)")
     p.add_argument("--max-retrain-jobs", type=int, default=None,
                    help="retraining jobs running at once on this server (default 1; the rest queue)")
     p.add_argument("--no-retrain", action="store_true", help="turn retraining off (public demos)")
-    args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(app_argv() if argv is None else argv)
     jobs = args.max_retrain_jobs
     if jobs is None:
         text = env.get("ATTRIBUTION_MAX_RETRAIN_JOBS") or "1"
         try:
             jobs = int(text)
         except ValueError:
-            raise SystemExit(f"error: ATTRIBUTION_MAX_RETRAIN_JOBS must be an integer, got {text!r}") from None
+            raise ArgsError(f"error: ATTRIBUTION_MAX_RETRAIN_JOBS must be an integer, got {text!r}") from None
     if jobs < 1:
-        raise SystemExit(f"error: --max-retrain-jobs must be at least 1, got {jobs} (use --no-retrain to turn it off)")
+        raise ArgsError(f"error: --max-retrain-jobs must be at least 1, got {jobs} (use --no-retrain to turn it off)")
     no_retrain = args.no_retrain or env.get("ATTRIBUTION_NO_RETRAIN", "").lower() in ("1", "true", "yes")
     return AppArgs(
         preset=args.preset or env.get("ATTRIBUTION_PRESET") or "digits",

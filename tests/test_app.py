@@ -194,6 +194,9 @@ def test_gallery_measurement_damping_and_methods(app_env, monkeypatch):
     at.button(key="gallery_2").click().run()
     _ok(at)
     assert "Gallery sample 2" in _texts(at)
+    # the tooltip says what the (shared) seed is: the batch's, not this sample's own
+    assert at.button(key="gallery_2").help.startswith("Gallery sample 2 of 3, drawn with the others in one batch")
+    assert "sampling seed 5" in at.button(key="gallery_2").help  # build_tiny_app's make_gallery(seed=5)
     assert len(queries) == 1 and queries[0][0][0].description == "gallery:2"
 
     at.selectbox(key="measurement").set_value("elbo").run()
@@ -405,6 +408,24 @@ def test_display_helpers():
     assert sheet.size[0] >= 2 * 16
 
 
+def test_png_sheet_text_is_a_readable_size():
+    """The exported sheet's text uses Pillow's scalable font at 14/12 px, not the 10 px default; a long
+    title widens the sheet instead of running off its edge."""
+    from PIL import ImageFont, features
+
+    from explorer.images import TITLE_PX, SheetRow, compose_sheet, sheet_font
+
+    if not features.check_module("freetype2"):
+        pytest.skip("Pillow without FreeType: only the bitmap font exists")
+    assert isinstance(sheet_font(TITLE_PX), ImageFont.FreeTypeFont) and sheet_font(TITLE_PX).size == TITLE_PX
+    title = "Query: Gallery sample 0 · measurement loss · Hg"
+    sheet = np.asarray(compose_sheet([SheetRow(title, [np.zeros((8, 8), np.uint8)], [""])]).convert("L"))
+    band = sheet[: 6 + TITLE_PX + 8] < 128  # the title's row of text (pad + title height), above the thumbnail
+    rows, cols = np.nonzero(band.any(axis=1))[0], np.nonzero(band.any(axis=0))[0]
+    assert rows.max() - rows.min() + 1 >= 13  # the 10 px default font inks 10 rows for "Hg"
+    assert cols.max() < sheet.shape[1] - 1  # the whole title is on the sheet
+
+
 def test_overlap_and_label_counts():
     from engine.attribution.results import MethodResult, QueryResult
     from explorer.analysis import score_table, topk_label_counts, topk_overlap
@@ -428,8 +449,37 @@ def test_command_line_beats_environment():
     env = {"ATTRIBUTION_PRESET": "cifar2", "ATTRIBUTION_CHECKPOINT": "/env/ckpt", "ATTRIBUTION_CACHE": "/env/cache"}
     a = parse_args(["--preset", "digits", "--checkpoint", "/cli/ckpt"], env=env)
     assert (a.preset, a.checkpoint, a.cache, a.device) == ("digits", "/cli/ckpt", "/env/cache", None)
-    b = parse_args(["-q", "tests", "-k", "x"], env={})  # a test runner's argv is ignored
-    assert (b.preset, b.checkpoint, b.cache) == ("digits", None, None)
+    assert parse_args(["--cache-root", "/cli/cache"], env=env).cache == "/cli/cache"  # the CLI's spelling
+
+
+def test_only_the_apps_own_argv_is_parsed_and_unknown_flags_are_refused(monkeypatch):
+    """``streamlit run explorer/app.py -- FLAGS`` puts the app's path first in sys.argv; under pytest sys.argv
+    is the test runner's and must be ignored, while an unknown flag of the app is an error, not ./cache."""
+    import sys
+
+    from explorer.runtime import ArgsError, parse_args
+
+    monkeypatch.setattr(sys, "argv", ["pytest", "-q", "tests", "-k", "x", "--bogus"])
+    assert parse_args(env={}).cache is None  # a test runner's argv is not the app's
+    monkeypatch.setattr(sys, "argv", ["explorer/../explorer/app.py", "--cache-root", "/x", "--device", "cpu"])
+    assert (parse_args(env={}).cache, parse_args(env={}).device) == ("/x", "cpu")
+    monkeypatch.setattr(sys, "argv", [APP, "--cache-dir", "/x"])
+    with pytest.raises(ArgsError, match="unrecognized arguments: --cache-dir /x"):
+        parse_args(env={})
+
+
+def test_an_unknown_flag_is_an_error_on_the_page(monkeypatch, tmp_path):
+    import sys
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", [APP, "--cach", str(tmp_path / "other")])
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and "unrecognized arguments: --cach" in at.error[0].value
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "other").exists()  # nothing was built
 
 
 def test_missing_checkpoint_is_a_message(tmp_path, monkeypatch):

@@ -84,6 +84,12 @@ def test_empty_cache_shows_precomputed_gallery_results_and_one_shared_build(prec
     first.button(key="gallery_1").click().run()
     _ok(first)
     assert "Gallery sample 1" in _texts(first) and "**precomputed**" in _texts(first)
+    # the reverse view says it waits for the build instead of showing nothing
+    index = int(str(first.multiselect(key="grid_pick").options[0]).lstrip("#").split(" ")[0])
+    first.multiselect(key="grid_pick").set_value([index]).run()
+    _ok(first)
+    assert "Ranking the gallery samples by the images picked here will be ready when the cache build" in _texts(first)
+    first.multiselect(key="grid_pick").set_value([]).run()
     first.selectbox(key="measurement").set_value("elbo").run()  # not precomputed: says when it will be
     _ok(first)
     assert "will be ready when the cache build finishes" in _texts(first)
@@ -104,8 +110,7 @@ def test_empty_cache_shows_precomputed_gallery_results_and_one_shared_build(prec
 
 
 @pytest.mark.slow
-def test_failed_build_shows_its_reason_and_retries_only_on_request(tiny_app, tmp_path, monkeypatch):  # noqa: F811
-    _set_env({**tiny_app, "ATTRIBUTION_CACHE": str(tmp_path / "cache")}, monkeypatch)
+def test_failed_build_shows_its_reason_and_retries_only_on_request(precomputed_env, monkeypatch):
     handle = _handle()
     gate, calls = _gate_builds(handle, monkeypatch, fail_first=True)
     gate.set()
@@ -114,6 +119,10 @@ def test_failed_build_shows_its_reason_and_retries_only_on_request(tiny_app, tmp
     assert state.status == "failed" and "disk full (injected)" in state.error
     at.run()
     assert any("disk full (injected)" in e.value for e in at.error)
+    # the shipped gallery results stay on the page, not "not built" in every column
+    text = _texts(at)
+    assert "**Precomputed results** for K-FAC Influence, TRAK, D-TRAK" in text and "build failed" in text
+    assert text.count("**Proponents**") == 3 and "**precomputed**" in text
     at.run()
     assert len(calls) == 1  # reruns do not restart it
     at.button(key="retry_build").click().run()
@@ -202,3 +211,39 @@ def test_a_query_independent_method_is_flagged_beside_its_column(precomputed_env
     assert len(notes) == len(flagged)
     assert any("share 100% of their top-20" in note for note in notes)  # TRAK's
     assert handle.worker.wait(TIMEOUT).status == "done"  # the server's build, started by the page, ends here
+
+
+def test_the_page_is_drawn_again_once_the_cache_check_knows_what_cannot_run(monkeypatch):
+    """A page drawn while the just-started build still checks the caches does not know yet which methods
+    cannot run here (CLIP without weights: its column said "not precomputed"); the build panel reruns the
+    whole page once when the check is over, without waiting for a click."""
+    import sys
+    import types
+    from dataclasses import replace
+
+    from streamlit.testing.v1 import AppTest
+
+    from engine.attribution.build_worker import BuildState
+
+    info = {n: {"title": n.upper()} for n in ("kfac", "clip")}
+    handle = types.SimpleNamespace(build=BuildState(status="running", started=0.0),
+                                   session=types.SimpleNamespace(method_info=lambda: info), cache_root="/c")
+    monkeypatch.setitem(sys.modules, "_fake_build", types.SimpleNamespace(handle=handle))
+
+    def page():
+        import _fake_build
+        import streamlit as st
+
+        from explorer import build_view
+
+        st.session_state["runs"] = st.session_state.get("runs", 0) + 1
+        build_view.build_panel(_fake_build.handle)
+
+    at = AppTest.from_function(page).run(timeout=60)
+    assert at.session_state["runs"] == 1 and "Checking which attribution caches" in at.caption[0].value
+    handle.build = replace(handle.build, methods=("kfac",), unavailable={"clip": "no CLIP weights"})
+    at.run(timeout=60)
+    assert not at.exception and at.session_state["runs"] == 3  # this run, and the page drawn once more
+    assert "Building the attribution caches" in at.markdown[0].value
+    at.run(timeout=60)
+    assert at.session_state["runs"] == 4  # only once

@@ -65,6 +65,13 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
     ]
     assert metrics["Mean predicted change (K-FAC Influence)"] == f"{np.mean(changes):+.3e}"
     assert "What the group supports most" in _texts(at)
+    # the plots' axes speak the page's language, not the table's column names (kfac, sample, label)
+    bar = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "change per sample" in c.proto.spec)
+    axes = (bar["layout"]["xaxis"]["title"]["text"], bar["layout"]["yaxis"]["title"]["text"])
+    assert axes == ("generated sample", "predicted change of the loss"), axes
+    assert bar["layout"]["legend"]["title"]["text"] == "predicted label"
+    scatter = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "Spearman" in c.proto.spec)
+    assert scatter["layout"]["xaxis"]["title"]["text"] == "K-FAC Influence: predicted change of the loss"
     assert "evidence, not proof" in " ".join(i.value for i in at.info)
     assert "Predicted vs measured" in str(at.get("plotly_chart")[-1].proto.spec)
     assert {b.label for b in at.get("download_button")} >= {"Download predicted changes (CSV)", "Download this view (PNG)"}

@@ -126,3 +126,36 @@ def test_progress_is_overall_and_monotone():
     w.wait(30)
     assert seen == sorted(seen) and seen[-1] == 1.0
     assert pytest.approx(0.25) in seen and pytest.approx(0.75) in seen  # half of a, half of b
+
+
+def test_the_shared_gradient_pass_counts_for_the_methods_it_feeds():
+    """K-FAC's bank pass (its build's last quarter) computes TRAK's gradients too: while it runs, the bar
+    counts TRAK's share as being done, not as still to do after K-FAC."""
+    from engine.attribution.methods.kfac_influence import FACTOR_SHARE
+
+    class Shared(_Session):
+        def share_gradient_passes(self, names) -> list:
+            return ["trak"] if "kfac" in names else []
+
+        def status(self) -> dict:
+            return {n: {"available": True, "built": n in self.built} for n in ("kfac", "trak", "pixel")}
+
+        def build(self, names, progress):
+            (name,) = names
+            self.calls.append(name)
+            if name == "kfac":
+                progress("kfac: factors", FACTOR_SHARE)  # the factor pass is over, the bank pass starts
+                progress("kfac: bank half way", FACTOR_SHARE + (1 - FACTOR_SHARE) / 2)
+                assert self.gate.wait(30)
+            self.built.add(name)
+            progress(f"{name}: done", 1.0)
+            return {name: {"status": "ok", "seconds": 0.0, "size_mb": 0.0}}
+
+    s = Shared()
+    w = BuildWorker(s, terminal=False)
+    w.start()
+    state = _when(w, lambda st: "half way" in st.message)
+    kfac = FACTOR_SHARE + (1 - FACTOR_SHARE) / 2
+    assert state.fraction == pytest.approx((kfac + 0.5) / 3)  # half of TRAK's gradients are computed too
+    s.gate.set()
+    assert w.wait(30).fraction == 1.0 and s.calls == ["kfac", "trak", "pixel"]

@@ -138,3 +138,30 @@ def test_unreadable_uploads_give_a_clean_message(data):
         _to_query(data)
     msg = str(e.value)
     assert "x.png" in msg and "object at 0x" not in msg and "BytesIO" not in msg, msg
+
+
+def test_deep_palette_and_bilevel_uploads_match_their_8bit_grey_version():
+    """Large 16-bit, 32-bit, float, palette and 1-bit uploads go through the shrinking step (Pillow's
+    ``reduce`` refused "I;16": "image has wrong mode") and come out as the same query as the 8-bit grey
+    image they show (a float TIFF in [0, 1] used to come out black)."""
+    yy, xx = np.mgrid[:512, :512]
+    ring = np.abs(np.hypot(yy - 256, xx - 256) - 150) < 40  # a light "0" on black, like the digits
+    grey = np.where(ring, 255, 0).astype(np.uint8)
+    want, _ = _to_query(_encode(Image.fromarray(grey)))
+    uploads = {
+        "16-bit PNG": _encode(Image.fromarray(grey.astype(np.uint16) * 257)),
+        "32-bit TIFF": _encode(Image.fromarray(grey.astype(np.int32)), "TIFF"),
+        "float TIFF": _encode(Image.fromarray(grey.astype(np.float32) / 255), "TIFF"),
+        "palette PNG": _encode(Image.fromarray(grey).convert("P")),
+        "1-bit PNG": _encode(Image.fromarray(grey).convert("1", dither=Image.Dither.NONE)),
+        "grey+alpha PNG": _encode(Image.fromarray(grey).convert("LA")),
+    }
+    for name, data in uploads.items():
+        x, notes = _to_query(data)
+        assert any("reduced size" in n for n in notes), name  # the shrinking step ran
+        assert float((x - want).abs().max()) <= 0.126, (name, notes)  # at most one of the 17 grey levels
+
+
+def test_a_file_that_is_no_image_says_so():
+    with pytest.raises(QueryError, match="upload 'x.png' is not a readable image: .*not an image file PIL can read"):
+        _to_query(b"hello, this is a text file named x.png")

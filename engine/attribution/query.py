@@ -71,16 +71,16 @@ def image_to_model(
     from PIL import Image
 
     notes: list[str] = []
-    mode = img.mode
+    mode = img.info.get("source_mode", img.mode)  # as uploaded (``upload_guard.reducible`` may have converted it)
     if "original_size" in img.info:
         ow, oh = img.info["original_size"]
         notes.append(f"decoded {ow}x{oh} at reduced size {img.size[0]}x{img.size[1]}")
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / 32-bit grey: scale to 8 bits, not clip
+    if img.mode.startswith("I") or img.mode == "F":  # 16-bit / 32-bit / float grey: scale to 8 bits, not clip
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        top = 65535.0 if mode.startswith("I;16") else _white_level(float(arr.max(initial=0.0)))
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
         notes.append(f"converted {mode} -> 8-bit grey")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "La", "PA", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255) if dark_background else (255, 255, 255, 255))
         img = Image.alpha_composite(bg, rgba)
@@ -119,6 +119,15 @@ def image_to_model(
         x = quantize(x, levels)
         notes.append(f"snapped to the {levels}-level grid of the training data")
     return x.float(), notes
+
+
+def _white_level(top: float) -> float:
+    """The value white has in a 32-bit integer or float grey image, guessed from its largest value:
+    1 (floats in [0, 1]), 255 (8-bit values), 65535 (16-bit values) or the maximum itself."""
+    for level in (1.0, 255.0, 65535.0):
+        if top <= level:
+            return level
+    return top
 
 
 def open_image(data: bytes, what: str, target_side: int = 8):
@@ -221,7 +230,7 @@ class QuerySources:
         if not 0 <= i < len(items):
             raise QueryError(f"gallery index {i} out of range 0..{len(items) - 1}")
         g = items[i]
-        notes = [f"generated sample {i} of the gallery (seed {g.seed})"]
+        notes = [f"generated sample {i} of the {len(items)}-sample gallery (drawn in one batch, sampling seed {g.seed})"]
         if g.label is not None:
             notes.append(f"label {g.label} predicted by a classifier, not ground truth")
         return QueryInput(image=g.image.clone(), trajectory=g.trajectory, description=f"gallery:{i}", label=g.label, notes=notes)

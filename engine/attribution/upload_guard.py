@@ -42,7 +42,12 @@ def open_bounded(data: bytes, what: str, target_side: int) -> Any:
 
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise UploadError(
+            f"{what} is not a readable image: its content is not an image file PIL can read "
+            "(upload a PNG or JPEG image)"
+        ) from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UploadError(f"{what} is not a readable PNG or JPEG image ({_describe(e)})") from None
     if img.format not in FORMATS:
         raise UploadError(f"{what} is a {img.format} file; upload a PNG or JPEG image")
@@ -62,13 +67,34 @@ def open_bounded(data: bytes, what: str, target_side: int) -> Any:
     try:
         img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UploadError(f"{what} is not a readable PNG or JPEG image ({_describe(e)})") from None
+        raise UploadError(f"{what} is not a readable image: the {img.format} file is damaged or cut short "
+                          f"({_describe(e)})") from None
     factor = min(img.size) // want
     if factor >= 2:
-        img = img.reduce(factor)
+        img = reducible(img).reduce(factor)
     if img.size != (w, h):
         img.info["original_size"] = (w, h)  # for the notes shown with the query
     return img
+
+
+def reducible(img: Any) -> Any:
+    """``img`` in a mode Pillow's ``reduce`` averages correctly, with the same content.
+
+    Why: ``reduce`` refuses 16-bit grey ("I;16": "image has wrong mode"), palette and 1-bit images,
+    and would average a "PA" image's palette indices.  16-bit becomes 32-bit "I" (values kept:
+    ``query.image_to_model`` scales them by 65535), palette images RGB or RGBA (transparency kept),
+    1-bit L.  ``info["source_mode"]`` keeps the uploaded mode for the notes shown with the query."""
+    mode = img.mode
+    if mode.startswith("I;16"):
+        out = img.convert("I")
+    elif mode in ("P", "PA"):
+        out = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
+    elif mode == "1":
+        out = img.convert("L")
+    else:
+        return img
+    out.info["source_mode"] = mode
+    return out
 
 
 def _describe(e: BaseException) -> str:
