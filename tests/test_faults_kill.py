@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fault_worker
@@ -145,15 +146,32 @@ def test_lock_is_exclusive_across_processes_and_released_by_a_kill(tmp_path):
         [sys.executable, "-c", code, str(Path(__file__).resolve().parents[1]), str(tmp_path)],
         stdout=subprocess.PIPE, text=True, env=_env(),
     )
+    import threading
+
+    waited: list[str] = []
+    waiter_got: list[bool] = []
+
+    def waiter() -> None:  # waits for the holder; says so once, before blocking
+        with store.lock("x", {"a": 1}, on_wait=lambda: waited.append("x")) as got:
+            waiter_got.append(got)
+
     try:
         assert holder.stdout.readline().strip() == "held"
         with store.lock("x", {"a": 1}, wait=False) as got:
             assert got is False  # held by the other process
-        with store.lock("y", {"a": 1}, wait=False) as got:
-            assert got is True  # another entry is independent
+        with store.lock("y", {"a": 1}, on_wait=lambda: waited.append("y")) as got:
+            assert got is True and waited == []  # another entry is independent: no "waiting" for it
+        thread = threading.Thread(target=waiter, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not waited and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waited == ["x"] and waiter_got == []  # told it is waiting, and still waiting
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    thread.join(30)
+    assert waiter_got == [True]  # the kill released it to the waiter
     with store.lock("x", {"a": 1}, wait=False) as got:
         assert got is True  # the kernel released the dead holder's lock
 

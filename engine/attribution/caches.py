@@ -141,7 +141,7 @@ class MethodCaches:
         if self.ctx.store is not None and any(self.methods[n].cache_keys(self.ctx) for n in names):
             self.ctx.store.check_writable()
 
-    def build_lock(self, name: str):
+    def build_lock(self, name: str, on_wait: Callable[[], None] | None = None):
         """Cross-process lock of one method's cache entries (none under torchrun: ranks build together).
 
         The cache root is checked here, when the lock is asked for, not when it is entered: so a build
@@ -156,7 +156,7 @@ class MethodCaches:
         self.ctx.store.check_writable()
         if distributed.current().world > 1:
             return contextlib.nullcontext(True)
-        return self.ctx.store.lock(f"build-{name}", {"keys": keys})
+        return self.ctx.store.lock(f"build-{name}", {"keys": keys}, on_wait=on_wait)
 
     def build(self, names: list[str], progress: Progress | None = None, rebuild: bool = False) -> dict:
         """Build (or load) each method's cache; {method: {"seconds", "size_mb", "status"[, "reason"]}}.
@@ -179,8 +179,8 @@ class MethodCaches:
                 continue
             t0 = time.perf_counter()
             try:
-                lock = self.build_lock(name)  # CacheRootError first if the cache root cannot be written
-                sub("waiting for another build of this cache", 0.0)
+                # CacheRootError first if the cache root cannot be written; "waiting" only if another holds it
+                lock = self.build_lock(name, on_wait=lambda: sub("waiting for another build of this cache", 0.0))
                 with lock:  # a second process waits here, then finds the cache built
                     if rebuild:
                         self.repair([name])

@@ -44,7 +44,7 @@ import shutil
 import time
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -393,12 +393,17 @@ class Store:
             ) from None
 
     @contextlib.contextmanager
-    def lock(self, name: str, settings: Mapping[str, Any] | None = None, wait: bool = True) -> Iterator[bool]:
+    def lock(
+        self, name: str, settings: Mapping[str, Any] | None = None, wait: bool = True,
+        on_wait: Callable[[], None] | None = None,
+    ) -> Iterator[bool]:
         """Exclusive cross-process lock of one cache entry (``fcntl.flock`` on a hidden lock file).
 
         Yields True when held; with ``wait=False`` yields False at once if another process holds
-        it.  The lock is released when the holder exits or is killed (the kernel drops flocks),
-        so a ``kill -9`` never leaves a cache locked.
+        it.  ``on_wait`` is called only when another process holds it and this one is about to wait
+        (a progress message: "waiting" shown for every uncontended build was noise).  The lock is
+        released when the holder exits or is killed (the kernel drops flocks), so a ``kill -9`` never
+        leaves a cache locked.
         """
         self.base.mkdir(parents=True, exist_ok=True)
         tag = name if settings is None else f"{name}-{settings_digest(settings)}"
@@ -406,10 +411,14 @@ class Store:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                yield False
-                return
+                if not wait:
+                    yield False
+                    return
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n".encode())
