@@ -215,6 +215,11 @@ def test_upload_png_is_converted_to_model_space(session, tmp_path):
     for part in ("converted RGB -> grey", "resized 28x28 -> 8x8", "values mapped to [-1, 1]", "inverted", "17-level"):
         assert part in notes, notes
     assert q.image[0, 4, 3:5].mean() > 0.4 and q.image[0, 0, 0] == -1  # stroke bright, corner dark
+    # the digits classifier's label comes with its probability: an upload can be anything
+    import re
+
+    said = re.search(r"label (\d) predicted by a classifier with probability ([01]\.\d\d), not ground truth", notes)
+    assert said and int(said[1]) == q.label and 0.1 <= float(said[2]) <= 1.0, notes
     path = tmp_path / "one.jpg"
     Image.fromarray(arr, "RGB").save(path)
     qf = session.parse_query(f"image:{path}")

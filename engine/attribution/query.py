@@ -255,7 +255,8 @@ class QuerySources:
         m = self.preset.model
         img = open_image(data, what, m.image_size)
         image, notes = image_to_model(img, m.in_channels, m.image_size, self.dataset.levels, self._dark_background())
-        return QueryInput(image=image, trajectory=None, description="upload", label=self._predict_label(image), notes=notes)
+        label = self._predict_label(image, notes)
+        return QueryInput(image=image, trajectory=None, description="upload", label=label, notes=notes)
 
     def query_from_upload(self, data: bytes, name: str | None = None) -> QueryInput:
         """PNG/JPEG bytes -> the model's size and channels; ``notes`` say what was done; ValueError on bad data."""
@@ -263,8 +264,11 @@ class QuerySources:
         q.description = f"upload:{name}" if name else "upload"
         return q
 
-    def _predict_label(self, image: torch.Tensor) -> int | None:
-        """The label the preset's pixel classifier gives (engine.model.label_classifier; digits, mnist), else None."""
+    def _predict_label(self, image: torch.Tensor, notes: list[str]) -> int | None:
+        """The label the preset's pixel classifier gives (engine.model.label_classifier; digits, mnist), else None.
+
+        A note with the classifier's probability goes to ``notes``: an upload can be anything (a blank
+        image still gets a digit), so the reader must see how sure the label is."""
         from ..model.label_classifier import classifier_for, classify
 
         if self._classifier is None:
@@ -272,7 +276,9 @@ class QuerySources:
             self._classifier = False if clf is None else clf
         if self._classifier is False:
             return None
-        labels, _ = classify(self._classifier, image[None])
+        labels, proba = classify(self._classifier, image[None])
+        notes.append(f"label {int(labels[0])} predicted by a classifier with probability {float(proba[0]):.2f}, "
+                     "not ground truth")
         return int(labels[0])
 
     def generate(self, seed: int, progress: Callable[[int, int], None] | None = None) -> QueryInput:
@@ -282,9 +288,7 @@ class QuerySources:
         images, traj = generate(self.model, self.preset, 1, int(seed), True, self.device, progress)
         image = images[0].clamp(-1.0, 1.0)
         notes = [f"generated with seed {seed} ({self.diffusion.T} DDPM steps)"]
-        label = self._predict_label(image)
-        if label is not None:
-            notes.append(f"label {label} predicted by a classifier, not ground truth")
+        label = self._predict_label(image, notes)
         return QueryInput(image=image, trajectory=traj[0], description=f"generate:{seed}", label=label, notes=notes)
 
 
