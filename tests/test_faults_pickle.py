@@ -161,7 +161,7 @@ def test_gallery_and_indices_with_pickles_are_refused(tmp_path):
     marker = tmp_path / "PWNED"
     _object_npy(tmp_path / "idx.npy", marker)
     with pytest.raises(ValueError):
-        _read_indices(str(tmp_path / "idx.npy"))
+        _read_indices(str(tmp_path / "idx.npy"), "--indices")
     buf = io.BytesIO()
     arr = np.empty(1, dtype=object)
     arr[0] = Evil(marker)
