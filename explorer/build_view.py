@@ -66,17 +66,16 @@ def _failed(handle: Handle) -> None:
 
 
 def pending_note(handle: Handle) -> str:
-    """Why a result is not live yet, with the build's progress."""
+    """Why a result is not live yet, with the build's progress (as of this run of the page)."""
     return f"ready when the cache build finishes ({runtime.build_message(handle)})"
 
 
-@st.fragment(run_every=POLL_S)
-def live_note(handle: Handle, before: str, after: str = "", caption: bool = False) -> None:
-    """``before + pending_note + after`` as an info box (or a caption), redrawn every second while the
-    build runs: drawn once with the page, its progress stayed where it was until the next rerun.
-    When the build ends the build panel reruns the whole page, which drops or replaces this note."""
-    text = f"{before}{pending_note(handle)}{after}"
-    if caption:
-        st.caption(text)
-    else:
-        st.info(text)
+def waiting_note(handle: Handle, before: str, after: str = "") -> None:
+    """``before + "ready when the cache build finishes" + after`` as an info box, pointing at the build
+    panel for the progress.
+
+    Why no progress figure here: a figure drawn with the page stays as drawn until the next rerun, and
+    redrawing the note in its own ``st.fragment(run_every=...)`` left the browser with a blank page after
+    the build panel's closing full-page rerun (tests/test_browser.py, 2 of 3 runs).  The panel at the
+    top of the page is the one live view of the build; the page is rerun when it ends."""
+    st.info(f"{before}ready when the cache build finishes (progress at the top of the page){after}")

@@ -164,9 +164,9 @@ def groups_page(handle: Handle, s: Settings) -> None:
     methods_all = influence_methods(handle)
     if not methods_all:
         if handle.build.status == "running":
-            from explorer.build_view import live_note
+            from explorer.build_view import waiting_note
 
-            live_note(handle, "Groups need the influence caches (K-FAC, TRAK, D-TRAK): ", ".")
+            waiting_note(handle, "Groups need the influence caches (K-FAC, TRAK, D-TRAK): ", ".")
         else:
             st.warning("No influence method is built; build K-FAC, TRAK or D-TRAK first.")
         return
@@ -388,9 +388,9 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
     st.subheader("What do these training images support?")
     building = handle.build.status == "running"
     if building:  # the ranking needs the influence caches, and the build holds the model meanwhile
-        from explorer.build_view import live_note
+        from explorer.build_view import waiting_note
 
-        live_note(handle, "Ranking the gallery samples by the images picked here will be ", ".")
+        waiting_note(handle, "Ranking the gallery samples by the images picked here will be ", ".")
     picked = st.multiselect("Training images from the grids above", shown, key="grid_pick",
                             format_func=lambda i: f"#{i}" + (f" ({labels[i]})" if labels is not None else ""),
                             help="One image: the samples it supports most. Several: the same for the group. "

@@ -129,13 +129,13 @@ def _precomputed(handle: Handle, query: Query, s: Settings) -> QueryResult | Non
 
 def _while_building(handle: Handle, query: Query, result: QueryResult | None) -> QueryResult | None:
     """The precomputed ``result`` (a shipped gallery sample at the default settings) marked as such,
-    or, without one, a note with the build's progress (both redrawn as the build goes on)."""
-    from explorer.build_view import live_note
+    or, without one, a note that points at the build panel for its progress."""
+    from explorer.build_view import waiting_note
 
     if result is None:
-        live_note(handle, f"Results for {query.title.lower()} with these settings will be ", ".")
+        waiting_note(handle, f"Results for {query.title.lower()} with these settings will be ", ".")
         return None
-    live_note(
+    waiting_note(
         handle,
         "**Precomputed results** (shipped with this model for the gallery at the default settings: "
         f"measurement `loss`, {handle.session.config.mc_samples} Monte Carlo draws, default dampings). "
