@@ -32,9 +32,8 @@ import numpy as np
 import torch
 
 from ..files import atomic_write_bytes
-from ..model.diffusion import SAMPLE_SEED_STRIDE, MCDraws
+from ..model.diffusion import MCDraws, check_sample_seed
 from ..model.measurements import Measurement, parse_measurement
-from ..validation import check_seed
 from .batch import score_batch
 from .methods.base import Unavailable, no_progress
 from .query import QueryInput
@@ -123,7 +122,7 @@ def generate_pool(
     """
     if n < 1:
         raise PoolError(f"a pool needs at least one sample, got {n}")
-    check_seed(seed, "pool seed (--pool-seed)", SAMPLE_SEED_STRIDE, n)  # before the bar, as sampling.generate
+    check_sample_seed(seed, n, "pool seed (--pool-seed)")  # before the bar, as sampling.generate
     folder = Path(pool_dir) if pool_dir is not None else Path(session.cache_root) / "pools"
     path = pool_path(folder, session.checkpoint_hash, seed, n)
     seconds = 0.0

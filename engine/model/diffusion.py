@@ -21,6 +21,12 @@ from ..validation import check_seed
 SAMPLE_SEED_STRIDE = 1_000_003
 
 
+def check_sample_seed(seed: int, n: int, what: str = "sampling seed") -> int:
+    """``seed`` if ``Diffusion.sample(n=n, seed=seed)`` can seed all n generators (torch's 64 bits);
+    InvalidSettingError naming ``what`` otherwise.  Callers that show a progress bar call it first."""
+    return check_seed(seed, what, SAMPLE_SEED_STRIDE, n)
+
+
 def paper_t(t_idx: int) -> int:
     """0-based code index -> the paper's 1-based timestep."""
     return t_idx + 1
@@ -224,7 +230,7 @@ class Diffusion:
         (unclipped model output) and, if asked, the trajectory (n, T+1, C, H, W) ordered
         x_T, x_{T-1}, ..., x_0.  ``progress(step, T)`` is called after each step.
         """
-        check_seed(seed, "sampling seed", SAMPLE_SEED_STRIDE, n)
+        check_sample_seed(seed, n)
         model.eval()
         dtype = next(model.parameters()).dtype  # a float64 model samples in float64
         images, trajs = [], []

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from ..config import Preset
-from ..validation import check_seed
 from .data import to_unit_range
-from .diffusion import SAMPLE_SEED_STRIDE, Diffusion
+from .diffusion import Diffusion, check_sample_seed
 
 
 def image_shape(preset: Preset) -> tuple[int, int, int]:
@@ -30,7 +29,7 @@ def generate(
     progress: Callable[[int, int], None] | bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw ``n`` DDPM samples (values in [-1, 1]); with a tqdm bar when ``progress`` is True."""
-    check_seed(seed, "sampling seed", SAMPLE_SEED_STRIDE, n)  # before the bar starts
+    check_sample_seed(seed, n)  # before the bar starts
     bar = None
     cb = progress if callable(progress) else None
     if progress is True:
