@@ -65,17 +65,15 @@ def _failed(handle: Handle) -> None:
             st.rerun()
 
 
-def pending_note(handle: Handle) -> str:
-    """Why a result is not live yet, with the build's progress (as of this run of the page)."""
-    return f"ready when the cache build finishes ({runtime.build_message(handle)})"
+# why a result is not live yet; the build panel at the top of the page shows the build's progress
+PENDING = "ready when the cache build finishes (progress at the top of the page)"
 
 
-def waiting_note(handle: Handle, before: str, after: str = "") -> None:
-    """``before + "ready when the cache build finishes" + after`` as an info box, pointing at the build
-    panel for the progress.
+def waiting_note(before: str, after: str = "") -> None:
+    """``before + PENDING + after`` as an info box.
 
     Why no progress figure here: a figure drawn with the page stays as drawn until the next rerun, and
     redrawing the note in its own ``st.fragment(run_every=...)`` left the browser with a blank page after
     the build panel's closing full-page rerun (tests/test_browser.py, 2 of 3 runs).  The panel at the
     top of the page is the one live view of the build; the page is rerun when it ends."""
-    st.info(f"{before}ready when the cache build finishes (progress at the top of the page){after}")
+    st.info(f"{before}{PENDING}{after}")

@@ -166,7 +166,7 @@ def groups_page(handle: Handle, s: Settings) -> None:
         if handle.build.status == "running":
             from explorer.build_view import waiting_note
 
-            waiting_note(handle, "Groups need the influence caches (K-FAC, TRAK, D-TRAK): ", ".")
+            waiting_note("Groups need the influence caches (K-FAC, TRAK, D-TRAK): ", ".")
         else:
             st.warning("No influence method is built; build K-FAC, TRAK or D-TRAK first.")
         return
@@ -390,7 +390,7 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
     if building:  # the ranking needs the influence caches, and the build holds the model meanwhile
         from explorer.build_view import waiting_note
 
-        waiting_note(handle, "Ranking the gallery samples by the images picked here will be ", ".")
+        waiting_note("Ranking the gallery samples by the images picked here will be ", ".")
     picked = st.multiselect("Training images from the grids above", shown, key="grid_pick",
                             format_func=lambda i: f"#{i}" + (f" ({labels[i]})" if labels is not None else ""),
                             help="One image: the samples it supports most. Several: the same for the group. "

@@ -117,12 +117,12 @@ def _after_failed_build(handle: Handle, query: Query, s: Settings, result: Query
 def _precomputed(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """The shipped precomputed result for this query and these settings, or None."""
     from engine.attribution.precomputed import precomputed_result
+    from explorer.build_view import PENDING
 
     # no percentage in a column's reason: it would stay as drawn while the build's own line moves on
     return precomputed_result(
         handle.session, handle.precomputed, query.key, s.measurement, s.mc_samples, s.damping_dict,
-        pending_reason="not precomputed for these settings; ready when the cache build finishes "
-        "(progress at the top of the page)",
+        pending_reason=f"not precomputed for these settings; {PENDING}",
         unavailable=handle.build.unavailable,
     )
 
@@ -133,10 +133,9 @@ def _while_building(handle: Handle, query: Query, result: QueryResult | None) ->
     from explorer.build_view import waiting_note
 
     if result is None:
-        waiting_note(handle, f"Results for {query.title.lower()} with these settings will be ", ".")
+        waiting_note(f"Results for {query.title.lower()} with these settings will be ", ".")
         return None
     waiting_note(
-        handle,
         "**Precomputed results** (shipped with this model for the gallery at the default settings: "
         f"measurement `loss`, {handle.session.config.mc_samples} Monte Carlo draws, default dampings). "
         "Live results for any query and setting will be ",
