@@ -293,7 +293,7 @@ def _mnist_preset() -> Preset:
         # mnist LDS subsets (K=16, Q=96) this raised every gradient method's LDS (K-FAC +0.177 -> +0.267,
         # paired difference +0.090 [+0.028, +0.157]) and K-FAC's gallery top-10 label agreement
         # 0.59 -> 0.73 (docs/mnist_investigations.md, "Common random numbers"); per-example draws
-        # were measured no worse on digits only (README, Evaluation)
+        # were measured no worse on digits only (README, "Evaluation on the digits default")
         attribution=AttributionConfig(mc_samples=16, draws="shared", query_draws="bank"),
     )
 

@@ -1,4 +1,4 @@
-"""Data-parallel cache builds with torch.distributed (docs/architecture.md §8, "beyond one machine").
+"""Data-parallel cache builds with torch.distributed (docs/architecture.md §8).
 
 Launched as ``torchrun --nproc_per_node R -m engine build ...`` (gloo on CPU, NCCL on CUDA),
 every rank opens the same store (a shared file system), computes the parts ``i`` of a

@@ -3,7 +3,7 @@
 The app is a shared server: without a cap, every visitor's click starts two model trainings on
 the same cores.  ``JobQueue.submit(start)`` returns a ``QueuedJob`` at once; ``start()`` (which
 launches the real job and returns an object with ``progress()``, ``done()`` and ``result()``,
-e.g. ``engine.retrain_top.RetrainJob``) is called only when fewer than ``max_running`` started
+e.g. ``engine.evaluation.retrain_top.RetrainJob``) is called only when fewer than ``max_running`` started
 jobs are unfinished.  A waiting job reports its place in the line through ``progress()``.
 A daemon thread promotes waiting jobs as running ones finish, so the line moves even when no
 browser tab is polling.

@@ -13,7 +13,7 @@ from explorer.runtime import parse_args
 
 
 class FakeJob:
-    """Stands in for engine.retrain_top.RetrainJob: finishes when its event is set."""
+    """Stands in for engine.evaluation.retrain_top.RetrainJob: finishes when its event is set."""
 
     running = 0
     peak = 0

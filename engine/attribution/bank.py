@@ -1,4 +1,4 @@
-"""Rotated, int8-quantised bank of training gradients (docs/architecture.md §4, "Eigenbasis bank").
+"""Rotated, int8-quantised bank of training gradients (docs/architecture.md §4, "The int8 bank").
 
 With A_l = Q_A diag(a) Q_A^T and B_l = Q_B diag(b) Q_B^T, for a weight gradient W (out x in)
 
@@ -266,7 +266,7 @@ class RotatedBank:
 
 
 class StreamedBank:
-    """The bank's scoring interface without a stored bank (docs/architecture.md §8, "without a stored bank").
+    """The bank's scoring interface without a stored bank (docs/architecture.md §8).
 
     For models whose N x P bank does not fit (CIFAR-2: 5,000 x 35.7M parameters = 178 GB in
     int8), each ``score``/``score_many`` call recomputes the training gradients in batches and

@@ -1,12 +1,12 @@
 """Compressed K-FAC bank with exact re-ranking (DESIGN.md 8; issue 11).
 
 The stored bank holds N x P int8 bytes (CIFAR-10: 1.8 TB).  The compressed bank holds the
-per-layer projected gradients G~_i = P_out G_i P_in^T (engine.layer_projection) of every
+per-layer projected gradients G~_i = P_out G_i P_in^T (engine.attribution.layer_projection) of every
 training example, rotated into the eigenbasis of the projected K-FAC factors
 
     A~ = P_in A P_in^T = Q~_A diag(a~) Q~_A^T,    B~ = P_out B P_out^T = Q~_B diag(b~) Q~_B^T,
 
-and quantised to int8 exactly like the stored bank (``engine.bank``: same ``RotatedBank``,
+and quantised to int8 exactly like the stored bank (``engine.attribution.bank``: same ``RotatedBank``,
 same scoring, same damping grid and interpolation), so a query costs one pass over
 N x P/ratio bytes and a damping change stays free.  Its scores are those of K-FAC inside
 the projected space (paper eqs. 6, 9):
@@ -15,11 +15,11 @@ the projected space (paper eqs. 6, 9):
 
 an approximation of tau_i.  What the user sees is made exact by **re-ranking**: the C
 largest and C smallest tau~ are candidates, and their exact scores against the *full*
-factors, tau_i = (1/N) <R_q / (b a^T + lambda), R_i> with R = Q_B^T G Q_A (engine.bank),
+factors, tau_i = (1/N) <R_q / (b a^T + lambda), R_i> with R = Q_B^T G Q_A (engine.attribution.bank),
 come from fresh per-example gradients of just those 2C examples (the build's draws), each
 rotated into the full eigenbasis once per query and scored at every damping of the grid
 at once (``rerank_scores``), so a later damping change re-ranks the same candidates by a
-lookup or the grid interpolation (engine.damping_grid) without new gradients.
+lookup or the grid interpolation (engine.attribution.damping_grid) without new gradients.
 
 Under torchrun each rank holds a slice of the bank's rows (``shard_rows``); a query's
 compressed scores give each rank its local top-C and bottom-C, which ``merge_candidates``
@@ -141,7 +141,7 @@ def build_compressed_bank(
 ) -> RotatedBank:
     """Compute (or load) the rotated int8 bank of compressed per-example training gradients.
 
-    Same persistence as ``engine.bank.build_bank`` (resumable parts, atomic publish, parts
+    Same persistence as ``engine.attribution.bank.build_bank`` (resumable parts, atomic publish, parts
     split over torchrun ranks); ``rows`` loads only that slice of the examples (a rank's shard).
     ``quantize=False`` keeps the rotated rows in the gradients' dtype (tests).
     """
@@ -310,7 +310,7 @@ def rerank_scores(
     """Exact K-FAC scores (len(images), G) of these training images at every damping in ``dampings``.
 
     tau_i(lambda) = (1/N) sum_j R_ij q_j / (e_j + lambda), R_i = the full rotated gradient of
-    image i (the build's draws), q the rotated query, e the full eigenvalues (engine.bank).
+    image i (the build's draws), q the rotated query, e the full eigenvalues (engine.attribution.bank).
 
     Rotating a gradient costs P (d_out + d_in) per layer (CIFAR U-Net: ~0.2 TFLOP), so the
     cheaper side is rotated: with more candidates than dampings (and the G damped queries
@@ -347,7 +347,7 @@ class Reranker:
     ``apply(scores, lam)`` returns the scores with the candidates' entries exact and the mask of
     exact entries.  The first call picks the candidates (from that damping's compressed scores)
     and computes their grid scores (the only gradient work); later calls look up or
-    interpolate (engine.damping_grid), and only a damping the grid cannot interpolate costs
+    interpolate (engine.attribution.damping_grid), and only a damping the grid cannot interpolate costs
     one more gradient pass over the same candidates.
     """
 

@@ -38,7 +38,7 @@ class EngineContext:
     checkpoint_hash: str
     store: Store | None  # on-disk cache for this checkpoint + data (None: nothing cached)
     params: list[tuple[str, nn.Parameter]]  # parameters that gradients cover, in flat order
-    train_draws: TrainDraws  # M draws per train gradient and curvature row (engine.train_draws)
+    train_draws: TrainDraws  # M draws per train gradient and curvature row (engine.attribution.train_draws)
 
     @property
     def num_params(self) -> int:

@@ -265,7 +265,7 @@ class _FlatEps(nn.Module):
 class DrawRows:
     """Re-iterable loader over the N*M rows (x_n, t_m, eps_m), example-major, as curvlinops wants.
 
-    ``draws`` are shared ``MCDraws`` or per-example draws (``engine.train_draws``); flip bits
+    ``draws`` are shared ``MCDraws`` or per-example draws (``engine.attribution.train_draws``); flip bits
     mirror x_n (the training augmentation), exactly as in the per-example gradients.
 
     Yields ``(X, y)`` with X = [x_t flattened, t] (batch, D+1) and y = eps flattened (batch, D).

@@ -20,7 +20,7 @@ keeps only (b, k_out, k_in) per layer.  Peak extra memory per batch: the project
 
 Inside the projected space K-FAC is B~ (x) A~ with A~ = P_in A P_in^T, B~ = P_out B P_out^T
 (exact for the projected gradients: E[(P_out g)(P_out g)^T] = P_out B P_out^T), so the
-compressed bank is the same rotated int8 eigenbasis bank, only smaller (engine.compressed_bank).
+compressed bank is the same rotated int8 eigenbasis bank, only smaller (engine.attribution.compressed_bank).
 
 Two kinds (``KINDS``):
 

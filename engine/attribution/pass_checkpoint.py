@@ -1,6 +1,6 @@
 """Atomic checkpoint of a long pass's running state, so that a killed pass resumes where it stopped.
 
-Why a running state and not chunk deltas: the K-FAC factor pass (``engine.curvature``) adds
+Why a running state and not chunk deltas: the K-FAC factor pass (``engine.attribution.curvature``) adds
 one batch's covariance after another into float32 accumulators and draws the MC-Fisher's
 sampled labels from one seeded generator.  Saving the accumulators *and* the generator's
 state after every few batches, and restoring both on resume, makes a resumed pass do exactly
@@ -37,7 +37,7 @@ class PassCheckpoint:
 
     @classmethod
     def for_store(cls, store: Any, name: str, settings: Mapping[str, Any]) -> PassCheckpoint:
-        """The checkpoint of artefact ``name`` built with ``settings`` in ``store`` (engine.store.Store)."""
+        """The checkpoint of artefact ``name`` built with ``settings`` in ``store`` (engine.attribution.store.Store)."""
         return cls(Path(store.base) / f".resume-{name}-{settings_digest(settings)}.pt")
 
     def with_signature(self, signature: Mapping[str, Any]) -> PassCheckpoint:

@@ -15,7 +15,7 @@ class RankedItem:
     index: int  # training index
     score: float
     label: int | None
-    exact: bool = True  # False: a compressed-bank approximation, not re-ranked (engine.compressed_bank)
+    exact: bool = True  # False: a compressed-bank approximation, not re-ranked (engine.attribution.compressed_bank)
 
 
 @dataclass

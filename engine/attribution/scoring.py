@@ -9,7 +9,7 @@ the rotated training rows R_i = U^T grad l(x_i) and the rotated query q = U^T gr
 
 Positive tau_i: removing x_i would raise the query's measurement (x_i is a proponent).
 N is the training-set size: G is the curvature of the *mean* training loss, so lambda is
-on the scale of G for the mean loss (docs/architecture.md, "The maths contract").
+on the scale of G for the mean loss (docs/architecture.md §4).
 
 ``EigenbasisQuery`` holds one query's damping-free state (q, e, the rows) and answers
 ``score(lambda)``.  The first call scores a whole grid of dampings in the same pass over the

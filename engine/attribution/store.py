@@ -1,6 +1,6 @@
 """On-disk cache of attribution artefacts (banks, factors, projected features, embeddings).
 
-Layout (docs/architecture.md §6: caches record the settings they were built with)::
+Layout (docs/architecture.md §10: caches record the settings they were built with)::
 
     root/<checkpoint_hash>/<data_key>/<name>-<settings digest>/
         settings.json      name, settings, checkpoint hash, data key, array shapes; written last

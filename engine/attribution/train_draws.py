@@ -18,7 +18,7 @@ M draws per example.  Two ways to choose them (``AttributionConfig.draws``):
 The flip bit is the data augmentation of presets trained with random horizontal flips
 (``DataConfig.flip``; paper G.8 takes the expectation over the augmentation too); without flips
 there is no bit and the draws equal those of earlier versions.  Query measurements never use it:
-the query is attributed as it is (``engine.session.query_draws``).
+the query is attributed as it is (``engine.attribution.session.AttributionSession.query_draws``).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def _overlap(a: np.ndarray, b: np.ndarray, k: int = 10, sign: float = 1.0) -> fl
 
 
 def _reranked(approx: np.ndarray, exact: np.ndarray, c: int) -> np.ndarray:
-    """Scores as re-ranking leaves them: candidates exact, ranked before the rest (engine.results)."""
+    """Scores as re-ranking leaves them: candidates exact, ranked before the rest (engine.attribution.results)."""
     idx, _ = local_candidates(approx, c)
     out = np.full_like(approx, -np.inf)
     out[idx] = exact[idx]
@@ -195,7 +195,7 @@ def run_compressed_digits(
                 v["lds"] = lds[key]
             lds_full_here, k_used = lds["full"], int(lds["subsets"])
             lds_note = (f"K={k_used} subsets of {lds_run}{' (PRELIMINARY: the models trained so far)' if lds_partial else ''}"
-                        ", true loss measured with 1024 draws (engine.lds); scores as the "
+                        ", true loss measured with 1024 draws (engine.evaluation.lds); scores as the "
                         f"product shows them (candidates exact, the rest compressed); full bank here: {lds_full_here:.3f}"
                         f" at M={len(ctx.train_draws)}")
             if lds_full is None or lds_partial:
@@ -234,7 +234,7 @@ def variant_lds(
     scores: dict[str, list[np.ndarray]], run: Path, queries: list, dataset: Any, log: Callable[[str], None] = print,
     partial: bool = False,
 ) -> dict[str, float] | None:
-    """LDS of each entry's per-query scores with the LDS run's subsets and true measurements (engine.lds),
+    """LDS of each entry's per-query scores with the LDS run's subsets and true measurements (engine.evaluation.lds),
     plus ``"subsets"``: how many subsets had a model.
 
     None when the run's models are not all trained (the report gives the command to rerun); with

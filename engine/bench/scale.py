@@ -175,7 +175,7 @@ def run_bench_scale(
     del bank
     mem["after_scans_rss_mb"] = _peak_rss_mb()
 
-    # re-ranking 2C > G candidates (engine.compressed_bank.rerank_scores): G damped queries rotated
+    # re-ranking 2C > G candidates (engine.attribution.compressed_bank.rerank_scores): G damped queries rotated
     # back once, then one fresh full gradient and one dot product per candidate
     q = torch.randn(p, device=dev)
     unrotate_s, _ = _timed(lambda: factors.unrotate(q), 2)

@@ -15,7 +15,7 @@ and reports, per method, the Spearman correlation of predicted against measured 
 queries.  A rank correlation across queries asks: does the method know *which outputs*
 depend on the group?
 
-Models are trained with the resumable jobs of ``engine.evaluate.run_training`` into
+Models are trained with the resumable jobs of ``engine.evaluation.runs.run_training`` into
 ``out/<group key>/model`` (key: checkpoint hash, the sorted member indices and the steps),
 so a stopped run resumes and a finished model is never trained twice.
 """

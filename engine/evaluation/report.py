@@ -173,7 +173,7 @@ def lds_records(
                 sweeps=rec.get("sweeps") or {},
                 noise=rec.get("noise") or {},
                 figure=png if png.is_file() else None,
-                variant="_attribution_m" in path.stem,  # engine.evaluation.lds.results_stem
+                variant="_attribution_m" in path.stem,  # engine.evaluation.lds_run.results_stem
                 best_settings=rec.get("best_settings") or {},
             )
         )

@@ -1,4 +1,4 @@
-"""Retraining runs shared by the two evaluations (paper section 4; docs/architecture.md, "Evaluation").
+"""Retraining runs shared by the two evaluations (paper section 4; docs/architecture.md §7).
 
 * "true" measurements of a retrained model on a set of queries, with common random
   numbers (one seeded draw set for every model) and cached beside the model, so each

@@ -100,7 +100,7 @@ def lds_score(predicted: np.ndarray, measured: np.ndarray, seed: int = 0) -> LDS
 def group_predictions(scores: np.ndarray, keep_masks: np.ndarray) -> np.ndarray:
     """Predicted change of the measurement for each subset model, relative to the full model.
 
-    Removing the complement of S_j changes m by sum_{i not in S_j} tau_i (docs/architecture.md §4, 7),
+    Removing the complement of S_j changes m by sum_{i not in S_j} tau_i (docs/architecture.md §4, §7),
     so m(S_j) ~= m_full + (1 - mask_j) . tau.  ``scores`` (N,), ``keep_masks`` (K, N) bool;
     returns (K,).  For similarity baselines the same sum is a ranking heuristic only.
     """

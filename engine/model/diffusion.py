@@ -44,7 +44,7 @@ class MCDraws:
     Shared (the default): t (M,), eps (M, C, H, W), flip (M,) or None -- the same M draws for
     every example (and, for queries, every method: common random numbers).  Batched: t (b, M),
     eps (b, M, C, H, W), flip (b, M) or None -- example j of a batch has its own draws (``draws=
-    "per-example"``, engine.train_draws).  ``flip`` augments the training example x_0 only
+    "per-example"``, engine.attribution.train_draws).  ``flip`` augments the training example x_0 only
     (paper G.8: l(theta, x) is also an expectation over the data augmentation).
     """
 
