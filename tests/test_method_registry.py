@@ -105,3 +105,98 @@ def test_toy_method_in_a_quick_lds_run(toy, tmp_path):
     assert set(rec["methods"]) == {"toy"}
     assert rec["methods"]["toy"]["removal_prediction"] is True and -1 <= rec["methods"]["toy"]["lds"] <= 1
     assert rec["sweeps"] == {}  # not in_sweeps
+
+
+DROP_IN = '''
+import numpy as np
+
+from . import register
+from .base import AttributionMethod, FixedScores, no_progress
+
+
+@register
+class DropIn(AttributionMethod):
+    name = "dropin"
+    order = 1000
+    title = "Dropped-in file"
+    kind = "influence"
+    caption = "minus the pixel distance, from a file put in the package"
+    needs_gradient = False
+
+    def build(self, ctx, progress=no_progress):
+        return None
+
+    def is_built(self, ctx):
+        return True
+
+    def query_measurement(self, measurement):
+        return None
+
+    def prepare(self, ctx, query, query_grad):
+        d = ((ctx.dataset.images.flatten(1) - query.image.flatten()[None]) ** 2).mean(1)
+        return FixedScores(scores=(-d).numpy().astype(np.float32))
+
+    def score(self, prepared, damping=None):
+        return prepared.scores
+'''
+
+
+@pytest.fixture
+def dropped_in_file():
+    """One new file in engine/attribution/methods/ and nothing else: the one-file rule, literally."""
+    import sys
+    from pathlib import Path
+
+    import engine.attribution.methods as pkg
+    from engine.attribution import plugins
+
+    path = Path(pkg.__file__).parent / "zz_test_dropin.py"
+    path.write_text(DROP_IN)
+    plugins.forget()
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        plugins.forget()
+        unregister("dropin")
+        sys.modules.pop("engine.attribution.methods.zz_test_dropin", None)
+
+
+def test_a_method_file_dropped_into_the_package_is_listed_everywhere(
+    dropped_in_file, folder, digits_small, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    from engine.attribution.group_attribution import check_influence_methods
+
+    assert "dropin" in method_names() and method_names()[-1] == "dropin"  # order 1000: after the shipped ones
+    assert "engine.attribution.methods.zz_test_dropin" not in sys.modules  # listed from its source, not imported
+    assert parse_methods("kfac,dropin") == ["kfac", "dropin"]
+    assert METHODS["dropin"].__name__ == "DropIn"
+    s = AttributionSession(
+        "digits", checkpoint=folder, device="cpu", cache_root=tmp_path, config=TINY_ATTRIBUTION, dataset=digits_small
+    )
+    assert "dropin" in check_influence_methods(s, None)  # the group commands' default: every influence method
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
+    rc = main([
+        "query", "--query", "train:11", "--methods", "dropin", "--json", "--top-k", "2",
+        "--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(tmp_path),
+    ])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert json.loads(out)["methods"]["dropin"]["top"][0]["index"] == 11
+
+
+def test_the_source_scan_agrees_with_the_imported_classes():
+    """What the registry lists without importing is what importing each shipped file registers."""
+    import importlib
+    from pathlib import Path
+
+    import engine.attribution.methods as pkg
+    from engine.attribution.plugins import declared_classes
+
+    declared = declared_classes(Path(pkg.__file__).resolve().parent)
+    assert [d.name for d in declared] == ["kfac", "trak", "dtrak", "clip", "pixel"]
+    for d in declared:
+        cls = getattr(importlib.import_module(f"engine.attribution.methods.{d.module}"), d.cls)
+        assert (cls.name, cls.order) == (d.name, d.order) and METHODS[d.name] is cls

@@ -5,8 +5,11 @@ into ``scoring.Rows``, which is all the scoring operator needs.  Built-in kinds
 (``engine.attribution.methods.kfac_bank_kinds``): ``stored`` (the rotated int8 bank on disk)
 and ``streamed`` (no bank: one gradient pass per query, the whole damping grid at once).
 
-A new kind (a compressed bank, say) is one module that defines a builder and calls
-``register_bank_kind``; naming the module in ``KIND_MODULES`` makes ``--kfac-bank NAME`` find it.
+A new kind is one file in ``engine/attribution/methods/`` that defines a builder and calls
+``register_bank_kind("NAME", ...)`` at top level: the registry finds the call by reading the
+package's source (``engine.attribution.plugins``), so ``--kfac-bank NAME`` offers it, and imports
+the module only when that kind is used.  ``compressed`` (``methods/kfac_compressed_bank.py``) was
+added this way.
 """
 
 from __future__ import annotations
@@ -14,15 +17,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from .plugins import declared_calls
 from .scoring import Rows
 
-# modules that register bank kinds when imported (imported on the first look-up)
-KIND_MODULES: tuple[str, ...] = (
-    "engine.attribution.methods.kfac_bank_kinds",
-    "engine.attribution.methods.kfac_compressed_bank",
-)
+_KIND_PACKAGE = "engine.attribution.methods"  # where bank-kind files live (the K-FAC method's package)
+_KIND_DIR = Path(__file__).resolve().parent / "methods"
 
 
 @dataclass(frozen=True)
@@ -44,20 +46,20 @@ def register_bank_kind(name: str, kind: BankKind) -> None:
     _KINDS[name] = kind
 
 
-def _load() -> None:
-    for module in KIND_MODULES:
-        importlib.import_module(module)
+def _declared() -> dict[str, str]:
+    """kind name -> the module in ``methods/`` that registers it (read from source, not imported)."""
+    return {d.name: d.module for d in declared_calls(_KIND_DIR, "register_bank_kind")}
 
 
 def bank_modes() -> tuple[str, ...]:
-    """Valid values of ``kfac_bank``: "auto" and every registered kind."""
-    _load()
-    return ("auto", *_KINDS)
+    """Valid values of ``kfac_bank``: "auto" and every kind a file declares or code registered."""
+    return ("auto", *dict.fromkeys([*_declared(), *_KINDS]))
 
 
 def bank_kind(name: str) -> BankKind:
-    """The registered kind ``name``; ValueError naming the valid ones otherwise."""
-    _load()
+    """The kind ``name`` (its module imported on first use); ValueError naming the valid ones otherwise."""
+    if name not in _KINDS and name in _declared():
+        importlib.import_module(f"{_KIND_PACKAGE}.{_declared()[name]}")
     if name not in _KINDS:
         raise ValueError(f"kfac_bank must be one of {bank_modes()}, not {name!r}")
     return _KINDS[name]

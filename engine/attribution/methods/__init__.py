@@ -4,39 +4,42 @@ Everything else (the session, the CLI, the LDS, the bench, the app) asks this re
 methods exist and asks each method class what it is (``AttributionMethod``: title, kind,
 default damping and its range, config fields, whether it shards and takes part in sweeps).
 
-Adding a method is one file: define a subclass of ``AttributionMethod`` and decorate it with
-``@register``; for a method shipped in this package, also name its module in ``_BUILTIN`` so
-that it is found without importing every method module up front.
-
-Built-in classes are imported on first access, so that a method whose optional dependency is
-missing (K-FAC needs curvlinops; CLIP imports open_clip only when used) does not stop the
-others from loading: the session reports it as unavailable with the import error.
+Adding a method is one file: put a subclass of ``AttributionMethod`` decorated with ``@register``
+in this package (its ``name`` a literal, its place in lists an ``order``), and every front-end
+lists it.  The registry finds such files by reading their source (``engine.attribution.plugins``),
+so listing names imports no method module, and a method whose optional dependency is missing
+(K-FAC needs curvlinops; CLIP imports open_clip only when used) does not stop the others from
+loading: the session reports it as unavailable with the import error.  A class defined elsewhere
+(a script, a test) is added by calling ``register`` on it.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...config import AttributionConfig
+from ..plugins import declared_classes
 
 if TYPE_CHECKING:  # the registry itself stays light (no torch): the CLI lists names with it
     from .base import AttributionMethod
 
-# name -> (module in this package, class): the built-in methods, in display order.
-_BUILTIN: dict[str, tuple[str, str]] = {
-    "kfac": ("kfac_influence", "KFACInfluence"),
-    "trak": ("trak", "TRAK"),
-    "dtrak": ("trak", "DTRAK"),
-    "clip": ("clip_cosine", "CLIPCosine"),
-    "pixel": ("pixel_cosine", "PixelCosine"),
-}
+_PACKAGE_DIR = Path(__file__).resolve().parent
 _REGISTERED: dict[str, type[AttributionMethod]] = {}
 
 
+def _shipped() -> dict[str, tuple[str, str]]:
+    """name -> (module in this package, class) of every ``@register`` class here, in display order."""
+    return {d.name: (d.module, d.cls or "") for d in declared_classes(_PACKAGE_DIR)}
+
+
 def register(cls: type[AttributionMethod]) -> type[AttributionMethod]:
-    """Class decorator: make ``cls`` available under ``cls.name`` everywhere (after the built-ins)."""
+    """Class decorator: make ``cls`` available under ``cls.name`` everywhere.
+
+    On a class in this package it marks the class for the registry's scan (importing the module
+    then registers the same class); on a class defined elsewhere, it adds it after the shipped ones."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     _REGISTERED[cls.name] = cls
@@ -49,22 +52,24 @@ def unregister(name: str) -> None:
 
 
 class _Registry(Mapping[str, "type[AttributionMethod]"]):
-    """name -> class; built-ins first (imported on first access), then registered methods."""
+    """name -> class; this package's methods first (imported on first access), then registered ones."""
 
     def __getitem__(self, name: str) -> type[AttributionMethod]:
         if name in _REGISTERED:
             return _REGISTERED[name]
-        if name not in _BUILTIN:
+        shipped = _shipped()
+        if name not in shipped:
             raise KeyError(name)
-        module, cls = _BUILTIN[name]
+        module, cls = shipped[name]
         return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
     def __iter__(self) -> Iterator[str]:
-        yield from _BUILTIN
-        yield from (n for n in _REGISTERED if n not in _BUILTIN)
+        shipped = _shipped()
+        yield from shipped
+        yield from (n for n in _REGISTERED if n not in shipped)
 
     def __len__(self) -> int:
-        return len(set(_BUILTIN) | set(_REGISTERED))
+        return len(set(_shipped()) | set(_REGISTERED))
 
 
 METHODS: Mapping[str, type[AttributionMethod]] = _Registry()

@@ -70,6 +70,7 @@ class AttributionMethod(ABC):
     ``engine.attribution.methods`` keeps a table of methods.
 
     * ``name``, ``title``, ``caption``: how it is called on the command line and shown in the app;
+    * ``order``: its place in every list of methods (lower first);
     * ``kind``: "influence" (scores on eq. 6's sign and scale, removal predictions) or "similarity";
     * ``damping_field``: the ``AttributionConfig`` field holding its default damping (None: no
       damping); ``configured_damping`` reads it, the one place a default damping is computed;
@@ -82,6 +83,7 @@ class AttributionMethod(ABC):
     """
 
     name: str = ""
+    order: int = 100  # plugins.DEFAULT_ORDER
     title: str = ""
     kind: str = "influence"  # influence | similarity
     caption: str = ""  # one plain-language line for the app

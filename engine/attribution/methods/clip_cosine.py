@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ...config import AttributionConfig
 from ..context import EngineContext
+from . import register
 from .base import AttributionMethod, FixedScores, Prepared, Progress, QueryInput, Unavailable, no_progress
 
 FORMAT = 1
@@ -156,10 +157,12 @@ def to_clip_input(images: torch.Tensor, size: int | tuple[int, int], mean: Any, 
     return (x - m) / s
 
 
+@register
 class CLIPCosine(AttributionMethod):
     """Cosine similarity of CLIP image embeddings; training embeddings cached in the store."""
 
     name = "clip"
+    order = 30
     title = "CLIP similarity"
     kind = "similarity"
     caption = "How alike the images look to a CLIP image model (cosine of embeddings); a semantic nearest-neighbour check, not influence."

@@ -35,6 +35,7 @@ from ..gradients import num_params
 from ..pass_checkpoint import PassCheckpoint
 from ..scoring import EigenbasisQuery, Rows
 from ..train_draws import PerExampleDraws, TrainDraws, draw_settings, training_draws
+from . import register
 from .base import AttributionMethod, EigenPrepared, Prepared, Progress, QueryInput, no_progress
 
 FACTORS = "kfac-factors"
@@ -48,8 +49,10 @@ def _params_digest(params: list[tuple[str, torch.nn.Parameter]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+@register
 class KFACInfluence(AttributionMethod):
     name = "kfac"
+    order = 0
     title = "K-FAC Influence"
     kind = "influence"
     caption = (

@@ -22,6 +22,7 @@ import torch
 
 from ...config import AttributionConfig
 from ..context import EngineContext
+from . import register
 from .base import AttributionMethod, FixedScores, Prepared, Progress, QueryInput, Unavailable, no_progress
 
 EPS = 1e-12
@@ -35,10 +36,12 @@ def centred_unit(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > EPS, flat / norm.clamp_min(EPS), torch.zeros_like(flat))
 
 
+@register
 class PixelCosine(AttributionMethod):
     """Correlation of pixel values between the query and each training image."""
 
     name = "pixel"
+    order = 40
     title = "Pixel similarity"
     kind = "similarity"
     caption = (

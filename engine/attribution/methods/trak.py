@@ -46,6 +46,7 @@ from ..gradients import num_params
 from ..projection import TILE_ROWS, RandomProjection
 from ..scoring import DenseRows, EigenbasisQuery
 from ..train_draws import draw_settings
+from . import register
 from .base import AttributionMethod, EigenPrepared, Prepared, Progress, QueryInput, no_progress
 
 FORMAT = 1
@@ -115,10 +116,12 @@ def fisher_eigenbasis(
     return evals.float().cpu(), evecs.cpu(), rotated.cpu()
 
 
+@register
 class TRAK(AttributionMethod):
     """TRAK with the diffusion training loss; scores on docs/architecture.md §4's scale."""
 
     name = "trak"
+    order = 10
     title = "TRAK"
     kind = "influence"
     caption = (
@@ -311,7 +314,7 @@ class TRAK(AttributionMethod):
         t1 = time.perf_counter()
         z_q = state["eigvecs"].T @ phi_q
         t2 = time.perf_counter()
-        rows = state["rows"]  # DenseRows: the first answer is one product at the damping asked for (docs §5)
+        rows = state["rows"]  # DenseRows: the first answer is one product at the damping asked for (docs/architecture.md §4, "The damping grid")
         query = EigenbasisQuery(rotated=z_q, eigenvalues=state["eigvals"], rows=rows, grid_first=rows.grid_in_first_pass)
         return EigenPrepared(query=query, timing_ms={"project": (t1 - t0) * 1e3, "rotate": (t2 - t1) * 1e3})
 
@@ -324,10 +327,12 @@ class TRAK(AttributionMethod):
         return prepared.query.score(lam)
 
 
+@register
 class DTRAK(TRAK):
     """D-TRAK: TRAK with the square-norm function for both training features and the measurement."""
 
     name = "dtrak"
+    order = 20
     title = "D-TRAK"
     caption = (
         "TRAK with gradients of the model output's squared norm in place of the loss "
