@@ -24,7 +24,7 @@ from engine.attribution.copycheck import (
     explain,
     training_flag_rate,
 )
-from engine.attribution.group_attribution import DEFAULT_METHODS, GroupResult
+from engine.attribution.group_attribution import GroupResult
 from engine.attribution.groups import Group, GroupError, group_from_indices, group_from_text, parse_group
 from engine.attribution.pool import (
     PoolError,
@@ -176,8 +176,7 @@ def groups_page(handle: Handle, s: Settings) -> None:
     with c2:
         qset = _choose_queries(handle)
     info = session.method_info()
-    default = [m for m in DEFAULT_METHODS if m in methods_all] or methods_all[:1]
-    methods = st.multiselect("Methods", methods_all, default=default, key="grp_methods",
+    methods = st.multiselect("Methods", methods_all, default=methods_all, key="grp_methods",
                              format_func=lambda n: info[n]["title"])
     if group is None or qset is None or not methods:
         return
@@ -405,7 +404,7 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
     if qset is None:
         st.info("No gallery to rank; use the Groups page with a generated pool.")
         return
-    methods = [m for m in DEFAULT_METHODS if m in influence_methods(handle)]
+    methods = influence_methods(handle)
     if not methods:
         st.warning("No influence method is built (K-FAC, TRAK or D-TRAK): the ranking needs one.")
         return

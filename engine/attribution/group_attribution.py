@@ -2,11 +2,11 @@
 
 * **Group removal** (output -> group): for each query q and method, the predicted change of
   the measurement if the group R were removed, delta m(q; R) = sum_{i in R} tau_i(q)
-  (``engine.groups``), with the group's strongest members for that query.
+  (``engine.attribution.groups``), with the group's strongest members for that query.
 * **Reverse** (group -> outputs): the queries ranked by the same delta m(q; R), largest
   first: the outputs the group (or one training image, R = {i}) supports most.
 
-Both read one (Q, N) matrix per method from ``engine.pool.attribution_matrix`` (batched
+Both read one (Q, N) matrix per method from ``engine.attribution.pool.attribution_matrix`` (batched
 gradients, one batched product over each method's bank), so a group query over a cached
 pool costs one (Q, |R|) sum.  Only influence methods are accepted: a similarity is not a
 removal prediction and its sum over a group means nothing.
@@ -23,8 +23,6 @@ import numpy as np
 from .groups import Group, group_change, strongest_members
 from .methods.base import no_progress
 from .pool import MatrixResult, Progress, QuerySet, Supported, attribution_matrix, reverse_ranking
-
-DEFAULT_METHODS = ("kfac", "trak", "dtrak")
 
 
 @dataclass
@@ -88,15 +86,20 @@ class GroupResult:
         }
 
 
+def influence_methods(session: Any) -> list[str]:
+    """The session's influence methods, in display order: the ones whose scores predict a removal."""
+    return [n for n in session.method_names() if session.method(n).kind == "influence"]
+
+
 def check_influence_methods(session: Any, methods: list[str] | None) -> list[str]:
-    """The methods asked for (default kfac, trak, dtrak); ValueError for a similarity method."""
-    names = list(methods) if methods else [m for m in DEFAULT_METHODS if m in session.method_names()]
+    """The methods asked for (default: every influence method); ValueError for a similarity method."""
+    names = list(methods) if methods else influence_methods(session)
     for n in names:
         m = session.method(n)  # ValueError for an unknown name
         if m.kind != "influence":
             raise ValueError(
                 f"{n} is a similarity, not a removal prediction, so it cannot be summed over a group; "
-                f"use influence methods ({', '.join(DEFAULT_METHODS)})"
+                f"use influence methods ({', '.join(influence_methods(session))})"
             )
     return names
 
@@ -117,4 +120,4 @@ def group_attribution(
     return GroupResult(group, measurement, qset, mats, session.labels)
 
 
-__all__ = ["GroupResult", "DEFAULT_METHODS", "check_influence_methods", "group_attribution"]
+__all__ = ["GroupResult", "check_influence_methods", "group_attribution", "influence_methods"]

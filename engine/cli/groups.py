@@ -1,7 +1,8 @@
 """CLI subcommands ``group``, ``reverse``, ``copy-check``, ``group-retrain`` and ``group-bench`` (issue 15).
 
-Thin: options become typed arguments of ``engine.group_attribution``, ``engine.pool``,
-``engine.copycheck``, ``engine.group_retrain`` and ``engine.group_bench``.
+Thin: options become typed arguments of ``engine.attribution.group_attribution``,
+``engine.attribution.pool``, ``engine.attribution.copycheck``, ``engine.evaluation.group_retrain`` and
+``engine.bench.groups``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _add_query_set_options(p: argparse.ArgumentParser) -> None:
         default="loss",
         help="loss | loss@t=NNN | elbo | square-norm | trajectory (gallery only) (default loss)",
     )
-    p.add_argument("--methods", default="kfac,trak,dtrak", help="influence methods, comma list (default kfac,trak,dtrak)")
+    p.add_argument("--methods", default=None, help="influence methods, comma list (default: every influence method)")
     p.add_argument(
         "--damping", action="append", default=None, metavar="NAME=VALUE",
         help="damping of one influence method, e.g. kfac=1e-6 (repeatable; default: the preset's)",
@@ -165,7 +166,7 @@ def add_copy_check(sub: argparse._SubParsersAction) -> None:
         help="which generated samples look like near-copies of a training image (evidence, not proof)",
         description="For each sample: the top-1 and top-5 shares of its positive influence mass, the pixel "
         "distance to its nearest training image and that distance relative to the next 50 nearest; flagged "
-        "as a near-copy when the relative distance is below 0.5 (engine/copycheck.py).",
+        "as a near-copy when the relative distance is below 0.5 (engine/attribution/copycheck.py).",
     )
     p.add_argument("--method", default="kfac", help="influence method for the concentration (default kfac)")
     p.add_argument("--top-k", type=int, default=10, help="samples to list, most copy-like first (default 10)")
@@ -231,7 +232,7 @@ def add_group_retrain(sub: argparse._SubParsersAction) -> None:
         "<results>/group_retrain_<preset>.json.",
     )
     p.add_argument("--remove", action="append", required=True, help="a group (repeat the option): label:C | train:... | file:PATH")
-    p.add_argument("--methods", default="kfac,trak,dtrak", help="influence methods (default kfac,trak,dtrak)")
+    p.add_argument("--methods", default=None, help="influence methods, comma list (default: every influence method)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the full model's)")
     p.add_argument("--workers", type=int, default=1, help="models trained in parallel processes (default 1)")
     p.add_argument("--true-mc-samples", type=int, default=1024, help="draws per measured loss (default 1024)")
@@ -242,13 +243,15 @@ def add_group_retrain(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_group_retrain(args: argparse.Namespace) -> int:
+    from ..attribution.group_attribution import check_influence_methods
     from ..evaluation.group_retrain import format_group_retrain, run_group_retrain
     from ..files import atomic_write_bytes
     from ..paths import REPO_ROOT
 
     try:
-        methods = parse_methods(args.methods) or ["kfac", "trak", "dtrak"]
+        asked = parse_methods(args.methods)
         session = open_session(args)
+        methods = check_influence_methods(session, asked)
         out = Path(args.out) if args.out else REPO_ROOT / "runs" / "group_retrain" / session.preset.name
         record = run_group_retrain(
             session, args.remove, methods, out, args.steps, args.workers, args.true_mc_samples,
@@ -280,7 +283,7 @@ def add_group_bench(sub: argparse._SubParsersAction) -> None:
         "predicts a larger mean loss increase on samples of class c than on the others. Writes "
         "<results>/groups_<preset>.json.",
     )
-    p.add_argument("--methods", default="kfac,trak,dtrak", help="influence methods (default kfac,trak,dtrak)")
+    p.add_argument("--methods", default=None, help="influence methods, comma list (default: every influence method)")
     p.add_argument("--pool-size", type=int, default=256, help="pool size (default 256)")
     p.add_argument("--pool-seed", type=int, default=0, help="pool seed (default 0)")
     p.add_argument("--work-dir", default=None, help="scratch folder (default runs/group_bench/<preset>)")
@@ -294,13 +297,15 @@ def add_group_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_group_bench(args: argparse.Namespace) -> int:
+    from ..attribution.group_attribution import check_influence_methods
     from ..bench.groups import class_check_from_factors, run_group_bench
     from ..files import atomic_write_bytes
     from ..paths import REPO_ROOT
 
     try:
-        methods = parse_methods(args.methods) or ["kfac", "trak", "dtrak"]
+        asked = parse_methods(args.methods)
         session = open_session(args)
+        methods = check_influence_methods(session, asked)
         work = Path(args.work_dir) if args.work_dir else REPO_ROOT / "runs" / "group_bench" / session.preset.name
         if args.kfac_factors_only:
             record = class_check_from_factors(session)
