@@ -1,4 +1,4 @@
-"""LDS ablations on the trained LDS subset models (engine/evaluation/lds_ablation.py): draws shared vs
+"""LDS ablations on the trained LDS subset models (`attribution-engine lds-ablation`, engine/evaluation/lds_ablation.py): draws shared vs
 per-example (K-FAC), TRAK and D-TRAK at k = 2,048 / 8,192 / 32,768 (each also at its best damping),
 K-FAC weight and bias in separate vs joint blocks.  Writes assets/results/lds_digits_ablation_*.json.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's engine, not an installed one
 
-from engine.evaluation.lds_ablation import main  # noqa: E402
+from engine.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["lds-ablation", *sys.argv[1:]]))

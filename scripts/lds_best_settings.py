@@ -1,4 +1,4 @@
-"""Every method at its best settings over an LDS run and its ablations (engine/evaluation/lds_best.py):
+"""Every method at its best settings over an LDS run and its ablations (`attribution-engine lds-best`, engine/evaluation/lds_best.py):
 writes ``best_settings`` into assets/results/lds_<preset>_<measurement>.json and prints the table.
 
     python scripts/lds_best_settings.py --results assets/results --preset digits --measurement loss
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's engine, not an installed one
 
-from engine.evaluation.lds_best import main  # noqa: E402
+from engine.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["lds-best", *sys.argv[1:]]))

@@ -421,7 +421,7 @@ def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_miss
     done.mkdir(parents=True)
     (done / WEIGHTS).write_bytes(b"w")  # finished: weights and no train_state.pt
     cfg = rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac", "trak"), train=False)
-    with pytest.raises(SystemExit, match="1 model"):  # trak's model is missing
+    with pytest.raises(ValueError, match="1 model"):  # trak's model is missing
         rtr.run_retrain_top(setup, cfg)
     assert trained == [] and measured == []
     rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac",), train=False))

@@ -105,3 +105,11 @@ def test_a_multi_method_variant_is_built_with_one_shared_gradient_pass(tmp_path,
     session, _ = variant_session(setup, variant, tmp_path / "cache", None)
     assert session.config.mc_samples == 4
     assert all(session.method(m).is_built(session.ctx) for m in variant.methods)
+
+
+def test_the_cli_refuses_an_unknown_ablation_with_the_valid_names(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["lds-ablation", "--run", str(tmp_path), "--ablations", "draws,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown ablation(s) ['nope']" in err and "trak_dim" in err and "query_draws" in err

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from engine.evaluation.lds_best import IncomparableResultsError, best_settings, main
+from engine.cli import main
+from engine.evaluation.lds_best import IncomparableResultsError, best_settings
 from engine.evaluation.stats import bootstrap_ci
 
 CONFIG = {
@@ -84,7 +85,7 @@ def test_an_ablation_on_other_seeds_or_queries_is_refused_and_the_script_skips_i
         best_settings(run, [other])
     (tmp_path / "lds_digits_loss.json").write_text(json.dumps(run))
     (tmp_path / "lds_digits_ablation_trak_dim.json").write_text(json.dumps(other))
-    assert main(["--results", str(tmp_path)]) == 0
+    assert main(["lds-best", "--results", str(tmp_path)]) == 0
     assert "skipped lds_digits_ablation_trak_dim.json" in capsys.readouterr().out
     saved = json.loads((tmp_path / "lds_digits_loss.json").read_text())
     assert saved["best_settings"]["ablation_files"] == [] and saved["methods"] == run["methods"]

@@ -1,7 +1,7 @@
 """Command line: ``attribution-engine`` / ``python -m engine``.
 
 The CLI owns all argparse: each subcommand module (``engine.cli.model``, ``.foundation``,
-``.attribution``, ``.bench``, ``.evaluate``) turns its options into typed configuration
+``.attribution``, ``.groups``, ``.bench``, ``.evaluate``, ``.lds_studies``) turns its options into typed configuration
 and calls the library, which never sees an ``argparse.Namespace``.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import attribution, bench, evaluate, foundation, groups, model  # noqa: F401 - they register subcommands
+from . import attribution, bench, evaluate, foundation, groups, lds_studies, model  # noqa: F401 - they register subcommands
 from .common import REGISTRY, run_handler
 
 # Subcommands in the order of the layers: model, attribution, evaluation (stable within a module).
-_ORDER = ("model", "foundation", "attribution", "groups", "bench", "evaluate")
+_ORDER = ("model", "foundation", "attribution", "groups", "bench", "evaluate", "lds_studies")
 
 
 def build_parser() -> argparse.ArgumentParser:

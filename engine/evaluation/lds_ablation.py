@@ -1,7 +1,7 @@
 """LDS ablations on an existing LDS run: same subsets, models, queries and statistics, other settings.
 
 Each ablation is a list of variants of ``AttributionConfig`` (DESIGN.md 4-6, issue "fidelity to
-the paper"); every variant is scored with ``engine.lds``'s protocol (its damping sweep, predicted
+the paper"); every variant is scored with ``engine.evaluation.lds``'s protocol (its damping sweep, predicted
 m(S_j) = m_full + sum_{i not in S_j} tau_i, Spearman over subsets, mean over queries, bootstrap
 95% intervals over queries) against the run's retrained subset models:
 
@@ -35,7 +35,15 @@ import numpy as np
 import torch
 
 from ..files import save_json
-from .lds import lds_table, model_folder, noise_report, predicted_matrix, seed_average, targets_digest
+from .lds import (
+    LDSConfig,
+    lds_table,
+    model_folder,
+    noise_report,
+    predicted_matrix,
+    seed_average,
+    targets_digest,
+)
 from .lds_run import SWEEP_GRID, _rows_score_fn, lds_queries, session_scores
 from .runs import MeasureSpec, cached_measurements, is_finished
 from .setup import RunSetup
@@ -140,17 +148,17 @@ def read_subsets(run: Path, dataset: Any, cfg: Any) -> np.ndarray:
 
     path = Path(run) / "subsets.npz"
     if not path.is_file():
-        raise SystemExit(f"{run} has no subsets.npz: not an LDS run folder")
+        raise FileNotFoundError(f"{run} has no subsets.npz: not an LDS run folder")
     with np.load(path) as z:
         settings, masks = json.loads(str(z["settings"])), z["masks"]
     want = {"fraction": cfg.fraction, "subset_seed": cfg.subset_seed, "data": data_digest(dataset)}
     if settings != want or len(masks) < cfg.subsets:
-        raise SystemExit(f"{path} holds {len(masks)} subsets made with {settings}, not {cfg.subsets} with {want}")
+        raise ValueError(f"{path} holds {len(masks)} subsets made with {settings}, not {cfg.subsets} with {want}")
     return masks[: cfg.subsets]
 
 
 def run_queries(run: Path, setup: RunSetup, num: int) -> tuple[torch.Tensor, str]:
-    """The run's own query images when it saved them (read only), else the same ones ``engine.lds``
+    """The run's own query images when it saved them (read only), else the same ones ``engine.evaluation.lds``
     would pick (the gallery beside the checkpoint, or samples of the full model), kept in ``setup.out``."""
     path = Path(run) / "queries.pt"
     if path.is_file():
@@ -331,65 +339,57 @@ def format_variant(name: str, label: str, methods: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+@dataclass(frozen=True)
+class AblationJob:
+    """What ``lds-ablation`` runs: the ablations of one LDS run folder (read only), typed for scripts.
 
-    from ..model.data import load_dataset
-    from ..paths import REPO_ROOT
-    from .lds import LDSConfig
+    ``lds`` must be the run's own subsets/seeds/fraction (the subsets are read back, not drawn);
+    ``build_only``: build the variants' caches and stop (no models needed, so it can run while the
+    run's subset models train)."""
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="LDS run folder (attribution-engine lds --out), read only")
-    p.add_argument("--checkpoint", default=str(REPO_ROOT / "assets" / "digits"), help="the full model")
-    p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"comma list of {', '.join(ABLATIONS)}")
-    p.add_argument("--cache-root", default=str(REPO_ROOT / "cache-ablation"), help="caches of the variants")
-    p.add_argument("--baseline-cache", default=None, help="read-only cache with the default settings built")
-    p.add_argument("--out", default=str(REPO_ROOT / "runs" / "lds_ablation"), help="scores and measurements")
-    p.add_argument("--results", default=str(REPO_ROOT / "assets" / "results"))
-    p.add_argument("--subsets", type=int, default=32)
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--fraction", type=float, default=0.5)
-    p.add_argument("--queries", type=int, default=32)
-    p.add_argument("--mc-samples", type=int, default=1024, help="MC draws per true measurement")
-    p.add_argument("--measurement", default="loss")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--build-only", action="store_true", help="only build the variants' caches")
-    args = p.parse_args(argv)
+    run: Path
+    checkpoint: Path
+    ablations: tuple[str, ...]
+    cache_root: Path
+    baseline_cache: Path | None
+    out: Path
+    results: Path
+    lds: LDSConfig
+    queries: int = 32
+    spec: MeasureSpec = field(default_factory=MeasureSpec)
+    device: str = "cpu"
+    build_only: bool = False
 
+
+def run_ablations(job: AblationJob) -> list[Path]:
+    """Build every variant's caches, then score each ablation against the run's finished models.
+
+    Returns the result files written (none with ``build_only``); RuntimeError when fewer than 3
+    subsets have finished models (an LDS over fewer subsets is not a rank correlation)."""
     from ..model.checkpoint import read_config
+    from ..model.data import load_dataset
 
-    names = [a.strip() for a in args.ablations.split(",") if a.strip()]
-    bad = [a for a in names if a not in ABLATIONS]
-    if bad:
-        p.error(f"unknown ablation(s) {bad}; choose from {', '.join(ABLATIONS)}")
-    ckpt = Path(args.checkpoint)
-    preset, _ = read_config(ckpt)
+    bad = [a for a in job.ablations if a not in ABLATIONS]
+    if bad or not job.ablations:
+        raise ValueError(f"unknown ablation(s) {bad or list(job.ablations)}; choose from {', '.join(ABLATIONS)}")
+    preset, _ = read_config(job.checkpoint)
     dataset = load_dataset(preset.data)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    setup = RunSetup(preset, ckpt, dataset, out, Path(args.results), args.device, False)
-    cache_root, baseline = Path(args.cache_root), (Path(args.baseline_cache) if args.baseline_cache else None)
-    build_variants(setup, names, cache_root, baseline)
-    if args.build_only:
-        return 0
-    run = Path(args.run)
-    cfg = LDSConfig(subsets=args.subsets, seeds=args.seeds, fraction=args.fraction)
-    masks = read_subsets(run, dataset, cfg)
-    queries, source = run_queries(run, setup, args.queries)
-    spec = MeasureSpec(measurement=args.measurement, mc_samples=args.mc_samples)
-    per_seed = measured_readonly(run, masks, cfg.seeds, queries, spec, dataset.levels, out, args.device)
+    job.out.mkdir(parents=True, exist_ok=True)
+    setup = RunSetup(preset, job.checkpoint, dataset, job.out, job.results, job.device, False)
+    build_variants(setup, list(job.ablations), job.cache_root, job.baseline_cache)
+    if job.build_only:
+        return []
+    masks = read_subsets(job.run, dataset, job.lds)
+    queries, source = run_queries(job.run, setup, job.queries)
+    per_seed = measured_readonly(job.run, masks, job.lds.seeds, queries, job.spec, dataset.levels, job.out, job.device)
     finished = int(np.all(np.isfinite(seed_average(per_seed)), axis=0).sum())
     if finished < 3:
-        print(f"only {finished} subsets of {run} have finished models; wait for the training")
-        return 1
-    Path(args.results).mkdir(parents=True, exist_ok=True)
-    for name in names:
-        record = run_ablation(setup, name, masks, per_seed, queries, spec, source, cache_root, baseline)
-        path = Path(args.results) / f"lds_{preset.name}_ablation_{name}.json"
+        raise RuntimeError(f"only {finished} subsets of {job.run} have finished models; wait for the training")
+    job.results.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in job.ablations:
+        record = run_ablation(setup, name, masks, per_seed, queries, job.spec, source, job.cache_root, job.baseline_cache)
+        path = job.results / f"lds_{preset.name}_ablation_{name}.json"
         save_json(path, record)
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        written.append(path)
+    return written

@@ -28,7 +28,6 @@ writes ``best_settings`` into the run's results file and prints a table.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -201,43 +200,39 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default="assets/results", help="folder with the run's and ablations' JSON")
-    ap.add_argument("--preset", default="digits")
-    ap.add_argument("--measurement", default="loss")
-    ap.add_argument(
-        "--ablations", default=None, help="comma list (default: every ablation file of the preset)"
-    )
-    args = ap.parse_args(argv)
-    folder = Path(args.results)
-    path = folder / f"lds_{args.preset}_{args.measurement.replace('@', '_').replace('=', '')}.json"
+def update_best_settings(
+    results: Path, preset: str = "digits", measurement: str = "loss", ablations: list[str] | None = None,
+) -> tuple[Path, dict[str, Any], list[str]]:
+    """Write ``best_settings`` into ``<results>/lds_<preset>_<measurement>.json`` from the run and its ablations.
+
+    ``ablations``: their names (default: every ``lds_<preset>_ablation_*.json`` there).  An ablation of
+    another measurement is left out; one on other seeds, queries or subsets is skipped with the reason
+    (its LDS is not comparable).  Returns (the file, the summary, the skip notes); FileNotFoundError
+    when the run or a named ablation has no results."""
+    folder = Path(results)
+    path = folder / f"lds_{preset}_{measurement.replace('@', '_').replace('=', '')}.json"
     if not path.is_file():
-        raise SystemExit(f"no LDS results at {path}: run `attribution-engine lds` first")
+        raise FileNotFoundError(f"no LDS results at {path}: run `attribution-engine lds` first")
     run = json.loads(path.read_text())
-    if args.ablations:
-        files = [folder / f"lds_{args.preset}_ablation_{a.strip()}.json" for a in args.ablations.split(",")]
+    if ablations:
+        files = [folder / f"lds_{preset}_ablation_{a.strip()}.json" for a in ablations]
     else:
-        files = sorted(folder.glob(f"lds_{args.preset}_ablation_*.json"))
-    ablations = []
+        files = sorted(folder.glob(f"lds_{preset}_ablation_*.json"))
+    records, notes = [], []
     for f in files:
         if not f.is_file():
-            raise SystemExit(f"no ablation results at {f}")
+            raise FileNotFoundError(f"no ablation results at {f}")
         rec = json.loads(f.read_text())
         if rec["config"].get("measurement") != run["config"]["measurement"]:
             continue
         try:
             check_comparable(run["config"], rec["config"], rec["ablation"])
         except IncomparableResultsError as e:
-            print(f"skipped {f.name}: {e}")
+            notes.append(f"skipped {f.name}: {e}")
             continue
-        ablations.append(rec)
-    summary = best_settings(run, ablations)
-    summary["ablation_files"] = [f"lds_{args.preset}_ablation_{r['ablation']}.json" for r in ablations]
+        records.append(rec)
+    summary = best_settings(run, records)
+    summary["ablation_files"] = [f"lds_{preset}_ablation_{r['ablation']}.json" for r in records]
     run["best_settings"] = summary
     save_json(path, run)
-    print(table(summary))
-    for what in summary["skipped"]:
-        print(f"left out of the comparison: {what}")
-    print(f"wrote best_settings into {path}")
-    return 0
+    return path, summary, notes

@@ -81,7 +81,7 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
         # training here would race with it
         missing = [str(t.out) for t in tasks.values() if not is_finished(t.out)]
         if missing:
-            raise SystemExit(
+            raise ValueError(
                 f"--no-train: {len(missing)} model(s) of these queries are not finished yet: "
                 + ", ".join(missing)
             )

@@ -1,0 +1,105 @@
+"""Studies on a finished LDS run: ``lds-ablation`` (other settings against the same retrained models)
+and ``lds-best`` (every method at its best setting over the run and its ablations).
+
+The work is ``engine.evaluation.lds_ablation.run_ablations`` and ``engine.evaluation.lds_best
+.update_best_settings``; ``scripts/lds_ablation.py`` and ``scripts/lds_best_settings.py`` call these
+subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..paths import REPO_ROOT
+from .common import register, resolve, subcommand
+
+
+@register
+def add_lds_ablation(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(
+        sub,
+        "lds-ablation",
+        cmd_lds_ablation,
+        help="LDS of other settings on an LDS run's subsets, models and queries",
+        description="Scores variants of the attribution settings (draws, TRAK's k, K-FAC blocks, factor "
+        "draws, M, query draws) with the LDS protocol against an existing run's retrained subset models; the "
+        "run folder is only read. Writes <results>/lds_<preset>_ablation_<name>.json.",
+    )
+    p.add_argument("--run", required=True, help="LDS run folder (attribution-engine lds --out), read only")
+    p.add_argument("--ablations", default=None,
+                   help="comma list of ablations (default: all; a wrong name is answered with the list)")
+    p.add_argument("--cache-root", default=str(REPO_ROOT / "cache-ablation"), help="caches of the variants")
+    p.add_argument("--baseline-cache", default=None, help="read-only cache with the default settings built")
+    p.add_argument("--out", default=str(REPO_ROOT / "runs" / "lds_ablation"), help="scores and measurements")
+    p.add_argument("--results", default=str(REPO_ROOT / "assets" / "results"), help="where the ablation JSON goes")
+    p.add_argument("--subsets", type=int, default=32, help="the run's subsets (default 32)")
+    p.add_argument("--seeds", type=int, default=1, help="the run's seeds (default 1)")
+    p.add_argument("--fraction", type=float, default=0.5, help="the run's subset fraction (default 0.5)")
+    p.add_argument("--queries", type=int, default=32, help="the run's queries to score (default 32)")
+    p.add_argument("--mc-samples", type=int, default=1024, help="MC draws per true measurement")
+    p.add_argument("--measurement", default="loss", help="measurement (default loss)")
+    p.add_argument("--build-only", action="store_true", help="only build the variants' caches")
+
+
+def cmd_lds_ablation(args: argparse.Namespace) -> int:
+    from ..evaluation.lds import LDSConfig
+    from ..evaluation.lds_ablation import ABLATIONS, AblationJob, run_ablations
+    from ..evaluation.runs import MeasureSpec
+
+    _, ckpt, device = resolve(args)
+    job = AblationJob(
+        run=Path(args.run),
+        checkpoint=ckpt,
+        ablations=tuple(a.strip() for a in args.ablations.split(",") if a.strip()) if args.ablations else tuple(ABLATIONS),
+        cache_root=Path(args.cache_root),
+        baseline_cache=Path(args.baseline_cache) if args.baseline_cache else None,
+        out=Path(args.out),
+        results=Path(args.results),
+        lds=LDSConfig(subsets=args.subsets, seeds=args.seeds, fraction=args.fraction),
+        queries=args.queries,
+        spec=MeasureSpec(measurement=args.measurement, mc_samples=args.mc_samples),
+        device=device,
+        build_only=args.build_only,
+    )
+    try:
+        written = run_ablations(job)
+    except RuntimeError as e:  # too few finished models: not an error of the input, a wait
+        print(e)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+@register
+def add_lds_best(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lds-best",
+        help="every method at its best setting over an LDS run and its ablations",
+        description="Picks, per method, the variant and damping with the highest LDS among the run's results "
+        "and its comparable ablations, writes it as best_settings into <results>/lds_<preset>_<measurement>.json "
+        "and prints the table.",
+    )
+    p.add_argument("--results", default="assets/results", help="folder with the run's and ablations' JSON")
+    p.add_argument("--preset", default="digits", help="preset name in the result files' names (default digits)")
+    p.add_argument("--measurement", default="loss", help="measurement (default loss)")
+    p.add_argument("--ablations", default=None, help="comma list (default: every ablation file of the preset)")
+    p.set_defaults(func=cmd_lds_best)
+
+
+def cmd_lds_best(args: argparse.Namespace) -> int:
+    from ..evaluation.lds_best import table, update_best_settings
+
+    names = [a.strip() for a in args.ablations.split(",") if a.strip()] if args.ablations else None
+    path, summary, notes = update_best_settings(Path(args.results), args.preset, args.measurement, names)
+    for note in notes:
+        print(note)
+    print(table(summary))
+    for what in summary["skipped"]:
+        print(f"left out of the comparison: {what}")
+    print(f"wrote best_settings into {path}")
+    return 0
+
+
+__all__ = ["add_lds_ablation", "add_lds_best"]
