@@ -81,15 +81,20 @@ def test_toy_method_in_the_session(toy, folder, digits_small, tmp_path):
     assert res.methods["toy"].damping is None
 
 
-def test_toy_method_in_the_cli_query_json(toy, folder, digits_small, tmp_path, monkeypatch, capsys):
+def _cli_query(method: str, index: int, folder, digits_small, cache, monkeypatch, capsys) -> dict:
+    """``attribution-engine query --query train:INDEX --methods METHOD --json``: the method's record."""
     monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
     rc = main([
-        "query", "--query", "train:7", "--methods", "toy", "--json", "--top-k", "3",
-        "--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(tmp_path),
+        "query", "--query", f"train:{index}", "--methods", method, "--json", "--top-k", "3",
+        "--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(cache),
     ])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    m = json.loads(out)["methods"]["toy"]
+    return json.loads(out)["methods"][method]
+
+
+def test_toy_method_in_the_cli_query_json(toy, folder, digits_small, tmp_path, monkeypatch, capsys):
+    m = _cli_query("toy", 7, folder, digits_small, tmp_path, monkeypatch, capsys)
     assert m["status"] == "ok" and m["kind"] == "influence" and m["top"][0]["index"] == 7
 
 
@@ -177,14 +182,7 @@ def test_a_method_file_dropped_into_the_package_is_listed_everywhere(
         "digits", checkpoint=folder, device="cpu", cache_root=tmp_path, config=TINY_ATTRIBUTION, dataset=digits_small
     )
     assert "dropin" in check_influence_methods(s, None)  # the group commands' default: every influence method
-    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
-    rc = main([
-        "query", "--query", "train:11", "--methods", "dropin", "--json", "--top-k", "2",
-        "--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(tmp_path),
-    ])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    assert json.loads(out)["methods"]["dropin"]["top"][0]["index"] == 11
+    assert _cli_query("dropin", 11, folder, digits_small, tmp_path, monkeypatch, capsys)["top"][0]["index"] == 11
 
 
 def test_the_source_scan_agrees_with_the_imported_classes():
