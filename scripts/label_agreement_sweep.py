@@ -163,6 +163,33 @@ def ensemble_agreement(args: argparse.Namespace, s: AttributionSession, clf, lab
             print(f"    {name}: mean score of the first {k} seeds {np.mean(v):.3f} [{lo:.3f}, {hi:.3f}]")
 
 
+def float_bank_agreement(s: AttributionSession, qlab: np.ndarray, labels: np.ndarray, int8: list[np.ndarray]) -> None:
+    """The same agreement with K-FAC's training rows in float32 (the streamed kind, no int8 rounding).
+
+    The stored bank keeps R_i = Q_B^T G_i Q_A rounded to int8 with one scale per row and block
+    (docs/architecture.md §4); its Spearman against float32 scores is >= 0.99, but a top-10 is a
+    small set, so this asks whether the rounding moves it.  The float rows are recomputed from
+    the training gradients with the bank's own draws, every gallery query in one batched pass
+    (``pool.attribution_matrix``), against the same cached factors."""
+    from engine.attribution.pool import attribution_matrix, gallery_set
+
+    f = AttributionSession(preset=s.preset, checkpoint=s.checkpoint, cache_root=s.cache_root, dataset=s.dataset,
+                           config=dataclasses.replace(s.config, kfac_bank="streamed"))
+    qset = gallery_set(f)
+    n = len(int8)
+    res = attribution_matrix(f, qset, "loss", ["kfac"])["kfac"]
+    if res.status != "ok":
+        raise SystemExit(f"float32 rows: {res.reason}")
+    exact = res.scores[:n]
+    top = [agreement(e, labels, y) for e, y in zip(exact, qlab, strict=True)]
+    overlap = [len(set(np.argsort(-a)[:10]) & set(np.argsort(-b)[:10])) / 10 for a, b in zip(exact, int8, strict=True)]
+    rho = [float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1]) for a, b in zip(exact, int8, strict=True)]
+    print(f"  float32 rows (streamed, no int8), damping {res.damping:g}: top-10 {np.mean(top):.3f} "
+          f"(int8 bank {np.mean([agreement(b, labels, y) for b, y in zip(int8, qlab, strict=True)]):.3f}); "
+          f"top-10 sets shared with the int8 bank's {np.mean(overlap):.3f} (min {np.min(overlap):.1f}), "
+          f"Spearman int8 vs float32 median {np.median(rho):.4f}")
+
+
 def stage_agreement(s: AttributionSession, qs: list, qlab: np.ndarray, labels: np.ndarray, full: list[np.ndarray]) -> None:
     """K-FAC's top-10 agreement when the score sums only some of the U-Net's stages (``engine.attribution.stages``).
 
@@ -280,14 +307,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ensemble-seeds", default="",
                     help="also average K-FAC's scores over these attribution seeds (comma list; one cold build "
                          "each) and report the agreement of the mean, on the gallery and on --fresh samples")
+    ap.add_argument("--float-bank", action="store_true",
+                    help="also score the gallery against float32 training rows (the streamed bank: no int8 rounding; "
+                         "one batched gradient pass): does the bank's quantisation move the top-10?")
     ap.add_argument("--by-stage", action="store_true",
                     help="also score with the query gradient kept on one resolution stage of the U-Net at a time "
                          "(and on all but one): which layers' terms of the sum carry the class?")
     args = ap.parse_args(argv)
     if args.method != "kfac" and (args.relative or args.ekfac or args.real or args.measurements or args.by_stage
-                                  or args.fresh or args.ensemble_seeds):
-        raise SystemExit("--relative, --ekfac, --real, --fresh, --ensemble-seeds, --measurements and --by-stage are K-FAC's: "
-                         "use --method kfac")
+                                  or args.fresh or args.ensemble_seeds or args.float_bank):
+        raise SystemExit("--relative, --ekfac, --real, --fresh, --ensemble-seeds, --measurements, --by-stage and "
+                         "--float-bank are K-FAC's: use --method kfac")
     changes = {k: v for k, v in (("mc_samples", args.mc_samples), ("ekfac", args.ekfac or None),
                                   ("draws", args.draws), ("kfac_factor_draws", args.kfac_factor_draws),
                                   ("kfac_factor_draws_mode", args.kfac_factor_draws_mode),
@@ -324,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  top-10 95% bootstrap interval over the {len(qs)} queries (each query one unit): [{lo:.3f}, {hi:.3f}]")
     if args.witness:
         witness(s, clf, qs, qlab, qprob, [r.methods[meth].scores for r in raws], labels)
+    if args.float_bank:
+        float_bank_agreement(s, qlab, labels, [r.methods["kfac"].scores for r in raws])
     if args.by_stage:
         stage_agreement(s, qs, qlab, labels, [r.methods["kfac"].scores for r in raws])
     if args.relative:
