@@ -5,6 +5,8 @@ docs/architecture.md describes, checked on every module.
   in a function is still a cycle);
 * the library never imports the CLI: only ``engine.cli.*`` and ``engine.__main__`` may;
 * the engine never imports the app (``explorer``);
+* only the CLI parses arguments: no library module imports ``argparse`` or exits the process
+  (``sys.exit``/``SystemExit``), so a script driving the library keeps control of its errors;
 * no import fallbacks: no ``except ImportError``/``ModuleNotFoundError`` around an import of
   a module that exists in the repository.
 """
@@ -111,6 +113,25 @@ def test_library_never_imports_the_cli():
     }
     bad = {m: ts for m, ts in bad.items() if ts}
     assert not bad, f"library modules import the CLI: {bad}"
+
+
+def test_only_the_cli_parses_arguments_or_exits():
+    bad = {}
+    for mod, path in engine_modules().items():
+        if mod == "engine.cli" or mod.startswith("engine.cli.") or mod == "engine.__main__":
+            continue
+        found = []
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                found += [f"import {n}" for n in names if n.split(".")[0] == "argparse"]
+            elif isinstance(node, ast.Name) and node.id == "SystemExit":
+                found.append("SystemExit")
+            elif isinstance(node, ast.Attribute) and node.attr == "exit" and getattr(node.value, "id", "") == "sys":
+                found.append("sys.exit")
+        if found:
+            bad[mod] = found
+    assert not bad, f"library modules parse arguments or exit the process: {bad}"
 
 
 def test_engine_never_imports_the_app():
