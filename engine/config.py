@@ -113,6 +113,17 @@ class AttributionConfig:
     clip_pretrained: str | None = "openai"
 
 
+# AttributionConfig fields that choose which caches a command builds and reads, and the flag that sets
+# each on every attribution command (the option's dest is the field's name): the CLI reads these flags
+# into the config, and the session writes them back into the build commands it prints
+SETTING_FLAGS = {
+    "mc_samples": "--mc-samples", "trak_dim": "--trak-dim", "kfac_bank": "--kfac-bank", "draws": "--draws",
+    "query_draws": "--query-draws", "kfac_blocks": "--kfac-blocks", "kfac_factor_draws": "--kfac-factor-draws",
+    "kfac_factor_draws_mode": "--kfac-factor-draws-mode", "kfac_projection": "--kfac-projection",
+    "kfac_compression": "--kfac-compression", "kfac_rerank": "--kfac-rerank",
+}
+
+
 # The authors' best TRAK / D-TRAK dampings on TRAK's unnormalised scale (sum over examples);
 # ours is on the scale of G for the mean loss, i.e. these divided by N (DESIGN.md 4).
 TRAK_UNNORMALISED_DAMPING = {"trak": 1e-1, "dtrak": 1.0}

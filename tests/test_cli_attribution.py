@@ -122,6 +122,31 @@ def test_query_errors_are_clear(cli):
     assert rc == 2 and out == "" and err.startswith("error: trak damping must be finite and > 0"), err
 
 
+def test_every_cache_setting_is_a_flag_of_build_and_query_and_its_range_is_checked(setup, digits_small, monkeypatch,
+                                                                                    capsys):
+    """SETTING_FLAGS is what the CLI reads into the config and what printed build commands write back: each
+    flag is an option of build and query whose dest is the field; bad values are refused by the session's
+    validation (exit 2, the flag named) before any work."""
+    from engine.cli.parser import build_parser
+    from engine.config import SETTING_FLAGS, AttributionConfig
+
+    subs = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("build", "query"):
+        options = {o: a.dest for a in subs[command]._actions for o in a.option_strings}
+        for field, flag in SETTING_FLAGS.items():
+            assert options.get(flag) == field and hasattr(AttributionConfig, field), (command, flag)
+    folder, cache = setup
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
+    for bad, message in ((["--mc-samples", "0"], "mc_samples (--mc-samples) must be at least 1"),
+                         (["--trak-dim", "0"], "trak_dim (--trak-dim) must be at least 1"),
+                         (["--kfac-factor-draws", "0"], "kfac_factor_draws must be at least 1"),
+                         (["--kfac-bank", "nope"], "kfac_bank must be one of auto, stored, streamed, compressed")):
+        rc = main(["build", "--methods", "pixel", "--checkpoint", str(folder), "--device", "cpu",
+                   "--cache-root", str(cache), *bad])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and message in err, err
+
+
 def test_build_of_a_named_method_that_cannot_be_built_fails(cli):
     """CLIP has no weights here: asked for by name its build fails (exit 1, the reason on stderr); the
     other methods named with it are still built and listed."""

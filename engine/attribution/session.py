@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import AttributionConfig, Preset, get_preset
+from ..config import SETTING_FLAGS, AttributionConfig, Preset, get_preset
 from ..model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from ..model.data import ImageDataset, load_dataset
 from ..model.diffusion import Diffusion, MCDraws, make_draws
@@ -538,20 +538,11 @@ class AttributionSession:
         }
 
 
-# AttributionConfig fields that select a cache, and the flag that sets each on every attribution command
-_SETTING_FLAGS = {
-    "mc_samples": "--mc-samples", "trak_dim": "--trak-dim", "kfac_bank": "--kfac-bank", "draws": "--draws",
-    "query_draws": "--query-draws", "kfac_blocks": "--kfac-blocks", "kfac_factor_draws": "--kfac-factor-draws",
-    "kfac_factor_draws_mode": "--kfac-factor-draws-mode", "kfac_projection": "--kfac-projection",
-    "kfac_compression": "--kfac-compression", "kfac_rerank": "--kfac-rerank",
-}
-
-
 def _setting_flags(config: AttributionConfig, base: AttributionConfig) -> list[tuple[str, object]]:
     """(flag, value) for every setting where ``config`` differs from ``base``, the preset's (what ``build
     --preset`` uses without flags), so a printed build command builds the cache that this session reads.
     A None value (K-FAC factors from all M draws) has no flag: the CLI sets it itself when --draws asks."""
-    return [(flag, getattr(config, name)) for name, flag in _SETTING_FLAGS.items()
+    return [(flag, getattr(config, name)) for name, flag in SETTING_FLAGS.items()
             if getattr(config, name) != getattr(base, name) and getattr(config, name) is not None]
 
 

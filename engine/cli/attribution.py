@@ -15,6 +15,7 @@ from typing import Any
 from .. import jsonio
 from ..attribution.methods import METHODS, method_names, parse_methods
 from ..attribution.train_draws import DRAW_MODES, SHARED_DRAW_MODES
+from ..config import SETTING_FLAGS
 from ..validation import check_damping
 from .common import build_progress, fail, register, resolve, subcommand
 
@@ -99,28 +100,12 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
     from ..attribution.session import AttributionSession
 
     preset, ckpt, device = resolve(args)
+    # ranges (M >= 1, a known bank kind, ...) are engine.validation.check_attribution_config's, which the
+    # session runs on this config before any work: one refusal, exit 2, naming the flag
     changes: dict[str, Any] = {}
-    if getattr(args, "mc_samples", None) is not None:
-        if args.mc_samples < 1:
-            raise ValueError("--mc-samples must be at least 1")
-        changes["mc_samples"] = args.mc_samples
-    if getattr(args, "trak_dim", None) is not None:
-        if args.trak_dim < 1:
-            raise ValueError("--trak-dim must be at least 1")
-        changes["trak_dim"] = args.trak_dim
-    if getattr(args, "kfac_bank", None) is not None:
-        from ..attribution.bank_kinds import bank_modes
-
-        if args.kfac_bank not in bank_modes():
-            raise ValueError(f"--kfac-bank must be one of {', '.join(bank_modes())}, not {args.kfac_bank!r}")
-        changes["kfac_bank"] = args.kfac_bank
-    for name in ("draws", "query_draws", "kfac_blocks", "kfac_factor_draws_mode"):
+    for name in SETTING_FLAGS:  # each flag's dest is the field's name
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
-    if getattr(args, "kfac_factor_draws", None) is not None:
-        if args.kfac_factor_draws < 1:
-            raise ValueError("--kfac-factor-draws must be at least 1")
-        changes["kfac_factor_draws"] = args.kfac_factor_draws
     if (
         changes.get("draws") in SHARED_DRAW_MODES
         and "kfac_factor_draws" not in changes
@@ -135,9 +120,6 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
             file=sys.stderr,
         )
         changes["kfac_factor_draws"] = None
-    for key in ("kfac_projection", "kfac_compression", "kfac_rerank"):
-        if getattr(args, key, None) is not None:
-            changes[key] = getattr(args, key)
     config = dataclasses.replace(preset.attribution, **changes)
     return AttributionSession(
         preset, checkpoint=ckpt, device=device, cache_root=getattr(args, "cache_root", None), config=config,
