@@ -22,7 +22,7 @@ from engine.paths import ASSETS
 from explorer.controls import MEASUREMENTS, Settings
 from explorer.images import display
 from explorer.query_view import Query
-from explorer.runtime import Handle
+from explorer.runtime import Handle, influence_titles
 
 FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
 # an LDS or retrain-top file measured with other query draws than the served model's (AttributionConfig.query_draws)
@@ -259,7 +259,7 @@ def retrain_section(handle: Handle, query: Query | None, s: Settings) -> None:
     info = handle.session.method_info()
     influence = [n for n in s.methods if info[n]["kind"] == "influence"]
     if not influence:
-        st.info("Select an influence method (K-FAC, TRAK or D-TRAK) in the sidebar.")
+        st.info(f"Select an influence method ({influence_titles(handle)}) in the sidebar.")
         return
     c1, c2 = st.columns(2)
     method = c1.selectbox("Method", influence, format_func=lambda n: info[n]["title"], key="retrain_method")

@@ -25,6 +25,7 @@ from engine.attribution.copycheck import (
     training_flag_rate,
 )
 from engine.attribution.group_attribution import GroupResult
+from engine.attribution.group_attribution import influence_methods as all_influence_methods
 from engine.attribution.groups import Group, GroupError, group_from_indices, group_from_text, parse_group
 from engine.attribution.pool import (
     PoolError,
@@ -37,7 +38,7 @@ from engine.attribution.pool import (
 from engine.evaluation.stats import spearman
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
-from explorer.runtime import Handle, throttled
+from explorer.runtime import Handle, influence_titles, throttled
 
 CELL = 64
 KINDS = ("A class", "Hand-picked", "From a file", "One training image")
@@ -56,9 +57,9 @@ def _pools(handle: Handle) -> dict:
 
 
 def influence_methods(handle: Handle) -> list[str]:
-    info = handle.session.method_info()
+    """The registry's influence methods whose caches are built (the ones a group query can use now)."""
     status = handle.status()
-    return [n for n, v in info.items() if v["kind"] == "influence" and status.get(n, {}).get("built")]
+    return [n for n in all_influence_methods(handle.session) if status.get(n, {}).get("built")]
 
 
 def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, methods: list[str]) -> GroupResult:
@@ -166,9 +167,9 @@ def groups_page(handle: Handle, s: Settings) -> None:
         if handle.build.status == "running":
             from explorer.build_view import waiting_note
 
-            waiting_note("Groups need the influence caches (K-FAC, TRAK, D-TRAK): ", ".")
+            waiting_note(f"Groups need the influence caches ({influence_titles(handle)}): ", ".")
         else:
-            st.warning("No influence method is built; build K-FAC, TRAK or D-TRAK first.")
+            st.warning(f"No influence method is built; build {influence_titles(handle)} first.")
         return
     c1, c2 = st.columns(2)
     with c1:
@@ -406,7 +407,7 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
         return
     methods = influence_methods(handle)
     if not methods:
-        st.warning("No influence method is built (K-FAC, TRAK or D-TRAK): the ranking needs one.")
+        st.warning(f"No influence method is built ({influence_titles(handle)}): the ranking needs one.")
         return
     group = group_from_indices(picked, len(handle.session.dataset))
     res = group_result(handle, group, qset, s, methods)

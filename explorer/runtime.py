@@ -273,3 +273,14 @@ def build_message(handle: Handle, state: BuildState | None = None) -> str:
     if sep and title:
         msg = rest if rest.startswith(title) else f"{title}: {rest}"
     return f"{msg} (whole build {state.fraction:.0%}, {state.elapsed_s / 60:.1f} min so far)"
+
+
+def influence_titles(handle: Handle) -> str:
+    """Every influence method's title, "A, B or C" (from the registry): what a page asks to build or select."""
+    from engine.attribution.group_attribution import influence_methods
+
+    info = handle.session.method_info()
+    titles = [info[n]["title"] for n in influence_methods(handle.session)]
+    if len(titles) < 2:
+        return "".join(titles)
+    return f"{', '.join(titles[:-1])} or {titles[-1]}"

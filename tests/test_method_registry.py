@@ -147,41 +147,31 @@ class DropIn(AttributionMethod):
 
 
 @pytest.fixture
-def dropped_in_file():
+def dropped_in_file(methods_package_file):
     """One new file in engine/attribution/methods/ and nothing else: the one-file rule, literally."""
-    import sys
-    from pathlib import Path
-
-    import engine.attribution.methods as pkg
-    from engine.attribution import plugins
-
-    path = Path(pkg.__file__).parent / "zz_test_dropin.py"
-    path.write_text(DROP_IN)
-    plugins.forget()
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
-        plugins.forget()
-        unregister("dropin")
-        sys.modules.pop("engine.attribution.methods.zz_test_dropin", None)
+    module = methods_package_file("zz_test_dropin", DROP_IN)
+    yield module
+    unregister("dropin")
 
 
 def test_a_method_file_dropped_into_the_package_is_listed_everywhere(
     dropped_in_file, folder, digits_small, tmp_path, monkeypatch, capsys
 ):
     import sys
+    from types import SimpleNamespace
 
     from engine.attribution.group_attribution import check_influence_methods
+    from explorer.runtime import influence_titles
 
     assert "dropin" in method_names() and method_names()[-1] == "dropin"  # order 1000: after the shipped ones
-    assert "engine.attribution.methods.zz_test_dropin" not in sys.modules  # listed from its source, not imported
+    assert dropped_in_file not in sys.modules  # listed from its source, not imported
     assert parse_methods("kfac,dropin") == ["kfac", "dropin"]
     assert METHODS["dropin"].__name__ == "DropIn"
     s = AttributionSession(
         "digits", checkpoint=folder, device="cpu", cache_root=tmp_path, config=TINY_ATTRIBUTION, dataset=digits_small
     )
     assert "dropin" in check_influence_methods(s, None)  # the group commands' default: every influence method
+    assert influence_titles(SimpleNamespace(session=s)).endswith(", D-TRAK or Dropped-in file")  # the app's wording
     assert _cli_query("dropin", 11, folder, digits_small, tmp_path, monkeypatch, capsys)["top"][0]["index"] == 11
 
 

@@ -27,6 +27,7 @@ import torch
 from ...config import AttributionConfig
 from ...model.measurements import Measurement
 from ..context import EngineContext
+from ..plugins import DEFAULT_ORDER
 from ..query import QueryInput
 from ..scoring import EigenbasisQuery
 
@@ -83,7 +84,7 @@ class AttributionMethod(ABC):
     """
 
     name: str = ""
-    order: int = 100  # plugins.DEFAULT_ORDER
+    order: int = DEFAULT_ORDER  # what the registry's source scan assumes when a class sets none
     title: str = ""
     kind: str = "influence"  # influence | similarity
     caption: str = ""  # one plain-language line for the app
