@@ -82,3 +82,30 @@ def load_script():
         return mod
 
     return load
+
+
+@pytest.fixture
+def methods_package_file():
+    """``write(stem, text) -> module name``: a new file in engine/attribution/methods/, the one-file rule's
+    unit; the registries' scans are dropped so they see it, and the file, its module and the scans are
+    removed after the test."""
+    import sys
+    from pathlib import Path
+
+    import engine.attribution.methods as pkg
+    from engine.attribution import plugins
+
+    written: list[Path] = []
+
+    def write(stem: str, text: str) -> str:
+        path = Path(pkg.__file__).parent / f"{stem}.py"
+        path.write_text(text)
+        written.append(path)
+        plugins.forget()
+        return f"engine.attribution.methods.{stem}"
+
+    yield write
+    for path in written:
+        path.unlink(missing_ok=True)
+        sys.modules.pop(f"engine.attribution.methods.{path.stem}", None)
+    plugins.forget()

@@ -55,13 +55,8 @@ register_bank_kind("zz-test", BankKind(build=_build, stored=False))
 '''
 
 
-def test_a_bank_kind_is_one_file(monkeypatch):
-    import engine.attribution.methods as pkg
-
-    path = Path(pkg.__file__).parent / "zz_test_bank_kind.py"
-    module = "engine.attribution.methods.zz_test_bank_kind"
-    path.write_text(KIND)
-    plugins.forget()
+def test_a_bank_kind_is_one_file(methods_package_file):
+    module = methods_package_file("zz_test_bank_kind", KIND)
     try:
         assert bank_kinds.bank_modes()[:4] == ("auto", "stored", "streamed", "compressed")
         assert "zz-test" in bank_kinds.bank_modes() and module not in sys.modules  # listed, not imported
@@ -70,8 +65,4 @@ def test_a_bank_kind_is_one_file(monkeypatch):
         with pytest.raises(ValueError, match="kfac_bank must be one of .*zz-test"):
             bank_kinds.bank_kind("nope")
     finally:
-        path.unlink(missing_ok=True)
-        plugins.forget()
         bank_kinds._KINDS.pop("zz-test", None)
-        sys.modules.pop(module, None)
-    assert "zz-test" not in bank_kinds.bank_modes()
