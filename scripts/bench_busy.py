@@ -99,7 +99,7 @@ def cold_build(args: argparse.Namespace, methods: list[str], share: bool = True)
         s = AttributionSession("digits", cache_root=tmp, dataset=data, config=config)
         t_all = time.perf_counter()
         if share:
-            out["shared"] = s.share_gradient_passes(methods)
+            out["shared"] = [m for fed in s.share_gradient_passes(methods).values() for m in fed]
         for name in methods:
             n = choose_threads()
             torch.set_num_threads(n)

@@ -19,8 +19,8 @@ class _Session:
         self.gate = threading.Event()
         self.fail = fail
 
-    def share_gradient_passes(self, names) -> list:
-        return []
+    def share_gradient_passes(self, names) -> dict:
+        return {}
 
     status_gate: threading.Event | None = None  # when set, status() waits for it (a slow cache check)
 
@@ -131,11 +131,15 @@ def test_progress_is_overall_and_monotone():
 def test_the_shared_gradient_pass_counts_for_the_methods_it_feeds():
     """K-FAC's bank pass (its build's last quarter) computes TRAK's gradients too: while it runs, the bar
     counts TRAK's share as being done, not as still to do after K-FAC."""
-    from engine.attribution.methods.kfac_influence import FACTOR_SHARE
+    from engine.attribution.methods.kfac_influence import FACTOR_SHARE, KFACInfluence
 
     class Shared(_Session):
-        def share_gradient_passes(self, names) -> list:
-            return ["trak"] if "kfac" in names else []
+        def share_gradient_passes(self, names) -> dict:
+            return {"kfac": ["trak"]} if "kfac" in names else {}
+
+        def method(self, name):
+            assert name == "kfac"  # only the method making the pass is asked how far it is
+            return KFACInfluence
 
         def status(self) -> dict:
             return {n: {"available": True, "built": n in self.built} for n in ("kfac", "trak", "pixel")}

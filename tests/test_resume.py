@@ -303,9 +303,9 @@ def test_kfac_bank_pass_feeds_trak_and_dtrak(tmp_path, tiny_preset, tiny_model, 
     ctx = _kfac_ctx(tmp_path / "shared", tiny_preset, tiny_model, data, cfg)
     shared = {"kfac": _kfac(cfg), "trak": _trak(cfg), "dtrak": dtrak()}
     caches = MethodCaches(shared, ctx, lambda names: "build " + ",".join(names))
-    assert caches.share_gradient_passes(["kfac", "trak", "dtrak"]) == ["trak", "dtrak"]
+    assert caches.share_gradient_passes(["kfac", "trak", "dtrak"]) == {"kfac": ["trak", "dtrak"]}
     assert [s.loss for s in shared["kfac"].gradient_consumers] == ["loss", "square-norm"]
-    assert caches.share_gradient_passes(["kfac"]) == []  # what the session's build of one method calls
+    assert caches.share_gradient_passes(["kfac"]) == {}  # what the session's build of one method calls
     assert len(shared["kfac"].gradient_consumers) == 2  # ... keeps the sinks set up for all of them
     shared["kfac"].build(ctx)
 
@@ -321,4 +321,51 @@ def test_kfac_bank_pass_feeds_trak_and_dtrak(tmp_path, tiny_preset, tiny_model, 
     a, b = _arrays_bytes(tmp_path / "alone"), _arrays_bytes(tmp_path / "shared")
     bank_keys = [k for k in a if "kfac-bank" in k]
     assert bank_keys and all(a[k] == b[k] for k in bank_keys)
-    assert caches.share_gradient_passes(["kfac", "trak", "dtrak"]) == []  # built: nothing to share
+    assert caches.share_gradient_passes(["kfac", "trak", "dtrak"]) == {}  # built: nothing to share
+
+
+def test_any_method_can_make_the_shared_gradient_pass():
+    """The pass is offered by whichever method says so (``opens_gradient_pass``), not by K-FAC's name:
+    a drop-in method that makes such a pass feeds the sinks of the others asked for, in their order,
+    skipping methods without a sink and unavailable ones, and the build worker's progress reads its
+    ``shared_pass_fraction``."""
+    from engine.attribution.caches import MethodCaches
+    from engine.attribution.methods.base import AttributionMethod, Unavailable
+
+    class Fake(AttributionMethod):
+        opens, sink, unavailable = False, None, False
+
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.fed = name, None
+
+        def availability(self, ctx):
+            if self.unavailable:
+                raise Unavailable("no weights")
+            return True, None
+
+        def opens_gradient_pass(self, ctx):
+            return self.opens
+
+        def feed_gradient_pass(self, sinks):
+            self.fed = sinks
+
+        def feature_sink(self, ctx):
+            return self.sink
+
+        def build(self, ctx, progress=None): ...
+        def is_built(self, ctx): return False
+        def prepare(self, ctx, query, query_grad): ...
+        def score(self, prepared, damping=None): ...
+
+    m = {n: Fake(n) for n in ("plain", "maker", "a", "off", "b")}
+    m["maker"].opens = True
+    m["a"].sink, m["off"].sink, m["b"].sink = "sink-a", "sink-off", "sink-b"
+    m["off"].unavailable = True
+    caches = MethodCaches(m, None, lambda names: "build")
+    assert caches.share_gradient_passes(["b", "plain", "maker", "off", "a"]) == {"maker": ["b", "a"]}
+    assert m["maker"].fed == ["sink-b", "sink-a"]
+    assert caches.share_gradient_passes(["plain", "a"]) == {}  # nobody makes a pass
+    m["maker"].unavailable = True
+    assert caches.share_gradient_passes(["maker", "a"]) == {}
+    assert KFACInfluence.shared_pass_fraction(1.0) == 1.0 and KFACInfluence.shared_pass_fraction(0.1) == 0.0

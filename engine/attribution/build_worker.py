@@ -176,7 +176,8 @@ class BuildWorker:
         summary: dict[str, Any] = {}
         try:
             with self.lock:
-                fed = list(self.session.share_gradient_passes(todo) or [])  # K-FAC's bank pass feeds TRAK too
+                # {method making a gradient pass: methods it feeds} (K-FAC's bank pass feeds TRAK and D-TRAK)
+                feeds = dict(self.session.share_gradient_passes(todo) or {})
             done = dict.fromkeys(todo, 0.0)  # each method's share of its own work done, never decreasing
             for name in todo:
                 self._set(current=name, message=f"{name}: waiting for the model",
@@ -187,9 +188,9 @@ class BuildWorker:
                     def progress(msg: str, frac: float, name: str = name) -> None:
                         frac = min(max(float(frac), 0.0), 1.0)
                         done[name] = max(done[name], frac)
-                        if name == "kfac":  # its bank pass computes the fed methods' gradients too
-                            for other in fed:
-                                done[other] = max(done[other], shared_pass_fraction(frac))
+                        for other in feeds.get(name, ()):  # its pass computes the fed methods' gradients too
+                            shared = self.session.method(name).shared_pass_fraction(frac)
+                            done[other] = max(done[other], shared)
                         overall = sum(done.values()) / len(todo)
                         self._set(message=msg, fraction=overall)
                         if bar is not None:
@@ -221,18 +222,6 @@ class BuildWorker:
             file=sys.stderr,
             mininterval=1.0,
         )
-
-
-def shared_pass_fraction(kfac_fraction: float) -> float:
-    """How far K-FAC's bank pass is, from K-FAC's own build fraction (factors first, then the bank).
-
-    Why: the methods that pass feeds (``share_gradient_passes``: TRAK, D-TRAK) get their training
-    gradients from it, which is nearly all of their build (their own build then takes about a
-    second: ``assets/results/cold_build_idle.json``).  Counting their share as still to do until
-    their own turn left the bar at a third of the way through a build that was nearly finished."""
-    from .methods.kfac_influence import FACTOR_SHARE
-
-    return min(max((kfac_fraction - FACTOR_SHARE) / (1.0 - FACTOR_SHARE), 0.0), 1.0)
 
 
 def _lower_priority(increment: int) -> None:

@@ -202,32 +202,31 @@ class MethodCaches:
             }
         return summary
 
-    def share_gradient_passes(self, names: list[str]) -> list[str]:
-        """When K-FAC's stored bank is to be built, let its pass over the training set feed every
+    def share_gradient_passes(self, names: list[str]) -> dict[str, list[str]]:
+        """When a method asked for will make a pass over the training gradients
+        (``opens_gradient_pass``: K-FAC's stored bank, not yet built), let that pass feed every
         other method asked for that offers a ``feature_sink`` (TRAK: the same training-loss
         gradients; D-TRAK: square-norm gradients from the same forward pass, same draws and
-        parameters): one gradient pass instead of three.  Returns the methods that will be fed.
-        Call before building (the session's ``build`` does; a caller that builds one method at a
-        time -- the CLI, the app's build worker -- calls it once with all of them)."""
-        kfac = self.methods.get("kfac")
-        if "kfac" not in names or kfac is None or not hasattr(kfac, "gradient_consumers"):
-            return []
-        if kfac.is_built(self.ctx) or kfac.bank_mode(self.ctx) != "stored":
-            return []
+        parameters): one gradient pass instead of three.  Returns {the method making the pass:
+        the methods it will feed}, empty when none.  Call before building (the session's ``build``
+        does; a caller that builds one method at a time -- the CLI, the app's build worker --
+        calls it once with all of them)."""
+        known = [n for n in names if n in self.methods]
+        provider = next((n for n in known if self.methods[n].opens_gradient_pass(self.ctx)), None)
+        if provider is None or not self.availability(self.methods[provider])[0]:
+            return {}
         fed, sinks = [], []
-        for name in names:
-            m = self.methods.get(name)
-            if name == "kfac" or m is None or not hasattr(m, "feature_sink"):
-                continue
-            if not self.availability(m)[0]:
-                continue
-            sink = m.feature_sink(self.ctx)
+        for name in known:
+            if name == provider or not self.availability(self.methods[name])[0]:
+                continue  # (the build checks availability anyway, so this costs nothing extra)
+            sink = self.methods[name].feature_sink(self.ctx)
             if sink is not None:
                 fed.append(name)
                 sinks.append(sink)
-        if sinks:  # a later call for fewer methods (the session's build of one method) keeps these
-            kfac.gradient_consumers = sinks
-        return fed
+        if not sinks:  # a later call for fewer methods (the session's build of one method) keeps the earlier ones
+            return {}
+        self.methods[provider].feed_gradient_pass(sinks)
+        return {provider: fed}
 
     def load(self, names: list[str]) -> dict[str, float]:
         """Load every *built* cache now (factors, banks memory-mapped, features) so the first query

@@ -228,8 +228,9 @@ class AttributionSession:
         self.share_gradient_passes(names)
         return self.caches.build(names, progress, rebuild=rebuild)
 
-    def share_gradient_passes(self, names: list[str]) -> list[str]:
-        """One training-gradient pass for K-FAC's bank and TRAK (``MethodCaches.share_gradient_passes``)."""
+    def share_gradient_passes(self, names: list[str]) -> dict[str, list[str]]:
+        """One training-gradient pass for K-FAC's bank, TRAK and D-TRAK: {the method making the pass:
+        the methods it feeds} (``MethodCaches.share_gradient_passes``)."""
         return self.caches.share_gradient_passes(names)
 
     def cache_problem(self, name: str) -> str | None:

@@ -81,6 +81,12 @@ class AttributionMethod(ABC):
     * ``in_sweeps``: the LDS sweeps its damping (``engine.evaluation.lds``);
     * ``lds_loss_variant``: for a measurement other than the loss, the LDS also scores it with
       the loss measurement (paper section 4.1: K-FAC with the loss predicts the ELBO best).
+
+    Two optional hooks let one method's pass over the training gradients feed others' caches
+    (``MethodCaches.share_gradient_passes``), so that a method offering or using such a pass is
+    still one file: ``opens_gradient_pass`` / ``feed_gradient_pass`` / ``shared_pass_fraction``
+    on the method that makes the pass (K-FAC's stored bank), ``feature_sink`` on the methods that
+    can use it (TRAK, D-TRAK).
     """
 
     name: str = ""
@@ -148,6 +154,27 @@ class AttributionMethod(ABC):
     def query_measurement(self, measurement: Measurement) -> Measurement | None:
         """Which measurement's gradient this method needs (None: no gradient)."""
         return measurement if self.needs_gradient else None
+
+    def opens_gradient_pass(self, ctx: EngineContext) -> bool:
+        """Whether this method's next build makes a pass over the training set's per-example
+        gradients (its draws, ``ctx.params``) that other methods' ``feature_sink``s can share."""
+        return False
+
+    def feed_gradient_pass(self, sinks: list[Any]) -> None:
+        """Hand the sinks to this method's next gradient pass (only called when
+        ``opens_gradient_pass`` said yes)."""
+        raise NotImplementedError(f"{self.name} makes no gradient pass that others can share")
+
+    @classmethod
+    def shared_pass_fraction(cls, own_fraction: float) -> float:
+        """How far the shared gradient pass is, given this method's own build fraction: the fed
+        methods' progress while this one builds (their own build is then about a second)."""
+        return own_fraction
+
+    def feature_sink(self, ctx: EngineContext) -> Any | None:
+        """A consumer of another method's gradient pass that fills this method's cache, or None
+        when this method cannot use one (or its cache is built)."""
+        return None
 
     @abstractmethod
     def prepare(self, ctx: EngineContext, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared: ...

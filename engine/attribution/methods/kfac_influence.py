@@ -243,6 +243,19 @@ class KFACInfluence(AttributionMethod):
         self._key = self._ctx_key(ctx)
         progress(f"{self.title}: ready", 1.0)
 
+    def opens_gradient_pass(self, ctx: EngineContext) -> bool:
+        """The stored bank's pass (not yet built) computes every training gradient on the bank's
+        draws, which TRAK's and D-TRAK's sinks can project as they go."""
+        return not self.is_built(ctx) and self.bank_mode(ctx) == "stored"
+
+    def feed_gradient_pass(self, sinks: list[Any]) -> None:
+        self.gradient_consumers = list(sinks)
+
+    @classmethod
+    def shared_pass_fraction(cls, own_fraction: float) -> float:
+        """The bank pass is the last ``1 - FACTOR_SHARE`` of this method's build (factors first)."""
+        return min(max((own_fraction - FACTOR_SHARE) / (1.0 - FACTOR_SHARE), 0.0), 1.0)
+
     def rotate(self, grads: torch.Tensor) -> torch.Tensor:
         """Gradients (P,) or (b, P) in ``ctx.params`` order -> the eigenbasis of the factors
         (per block Q_B^T W Q_A, eqs. 9-12): the coordinates of the bank's rows."""
