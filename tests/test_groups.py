@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -285,3 +286,19 @@ def test_class_check_from_factors_matches_the_bank(session):
     for c in range(changes.shape[1]):
         summed = group_change(mats["kfac"].scores, parse_group(f"label:{c}", session.dataset))
         np.testing.assert_allclose(changes[:, c], summed, rtol=0, atol=0.05 * float(np.abs(summed).max()))
+
+
+def test_group_scores_without_factors_name_the_sessions_build_command(session, tmp_path):
+    """Before K-FAC's factors exist, the error is the session's own build command (checkpoint, cache
+    root and every non-default setting), which a user can paste to get the factors these scores need."""
+    from engine.attribution.group_gradient import load_kfac_factors
+
+    empty = AttributionSession(
+        session.preset, checkpoint=session.checkpoint, device="cpu", cache_root=tmp_path / "empty",
+        config=dataclasses.replace(session.config, mc_samples=session.config.mc_samples + 1), dataset=session.dataset,
+    )
+    with pytest.raises(RuntimeError, match="no K-FAC factors") as e:
+        load_kfac_factors(empty)
+    command = str(e.value).split("`")[1]
+    assert command == empty.build_command(["kfac"])
+    assert f"--cache-root {tmp_path / 'empty'}" in command and f"--mc-samples {session.config.mc_samples + 1}" in command

@@ -70,10 +70,8 @@ def load_kfac_factors(session: Any) -> KFACFactors:
     method = session.method("kfac")
     arrays = ctx.store.load_arrays(FACTORS, method.factor_settings(ctx), mmap=False) if ctx.store else None
     if arrays is None:
-        raise RuntimeError(
-            f"no K-FAC factors for these settings: run `attribution-engine build --preset {session.preset.name} "
-            f"--methods kfac --mc-samples {session.config.mc_samples}`"
-        )
+        # the session's build command names the checkpoint, the cache root and every non-default setting
+        raise RuntimeError(f"no K-FAC factors for these settings: run `{session.build_command(['kfac'])}`")
     template, _ = layout(ctx.model, ctx.params)
     return KFACFactors.from_arrays(arrays, template, ctx.device)
 
