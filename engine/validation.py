@@ -118,6 +118,20 @@ def check_train_config(tc: Any, where: str = "train") -> None:
     _need(tc.checkpoint_every >= 1, f"{where}.checkpoint_every", "at least 1", tc.checkpoint_every)
 
 
+def check_data_fits_model(model: Any, image_shape: tuple[int, ...]) -> None:
+    """The training images' (C, H, W) must be what the model takes (``model.in_channels``,
+    ``model.image_size``): checked before training or attributing, so that a preset that does not
+    match its data says so in one line instead of failing inside a convolution (or, for the size,
+    training a model whose samples the data cannot be compared with)."""
+    want = (int(model.in_channels), int(model.image_size), int(model.image_size))
+    if tuple(int(v) for v in image_shape) != want:
+        raise InvalidSettingError(
+            f"training images are {tuple(image_shape)} (channels, height, width) but the model takes {want}; "
+            "check --preset/--data-root against the checkpoint (a preset JSON sets model.in_channels and "
+            "model.image_size, and data.channels and data.image_size for the loader)"
+        )
+
+
 def check_factor_draws(
     k: int | None, mc_samples: int, draws: str, where: str = "kfac_factor_draws", factor_mode: str = "same"
 ) -> None:

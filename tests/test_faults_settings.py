@@ -143,7 +143,27 @@ def test_rerun_into_a_finished_folder_with_other_settings_is_refused(tmp_path, d
         train(_tiny(seed=1), out, dataset=digits_small, progress=False)
     with pytest.raises(TrainingSettingsError, match="indices_sha"):
         train(_tiny(), out, dataset=digits_small, exclude=[0], progress=False)
+    other = digits_small.subset(range(len(digits_small)))
+    other.images[0] = -other.images[0]  # same name, size and settings; one image differs
+    with pytest.raises(TrainingSettingsError, match="data_sha"):
+        train(_tiny(), out, dataset=other, progress=False)
     assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_a_run_from_before_the_data_digest_is_compared_by_its_data_folder(tmp_path, digits_small):
+    """The shipped weights record no data digest: ``train --data-root DIR`` into their folder (the default
+    --out) must not report them as a model trained on DIR's images (it did, exit 0)."""
+    from engine.model.unet import build_model
+
+    folder = tmp_path / "shipped"
+    preset = _tiny()
+    save_checkpoint(folder, build_model(preset.model), preset, {"steps": 2, "num_train": len(digits_small)})
+    assert train(preset, folder, dataset=digits_small, progress=False) == folder  # same data folder and size
+    user_data = preset.replace(data={"root": str(tmp_path / "idx")})
+    with pytest.raises(TrainingSettingsError, match="data.root None there"):
+        train(user_data, folder, dataset=digits_small, progress=False)
+    with pytest.raises(TrainingSettingsError, match="num_train"):
+        train(preset, folder, dataset=digits_small.subset(range(10)), progress=False)
 
 
 def test_cli_rerun_with_other_seed_says_so(tmp_path, capsys):
@@ -174,3 +194,21 @@ def test_session_refuses_invalid_attribution_settings(tmp_path, digits_small, ch
     with pytest.raises(InvalidSettingError, match=f"attribution.{next(iter(change))}"):
         AttributionSession(preset, checkpoint=tmp_path / "ckpt", device="cpu", cache_root=tmp_path / "cache",
                            config=dataclasses.replace(AttributionConfig(), **change), dataset=digits_small)
+
+
+@pytest.mark.parametrize("change", [{"in_channels": 3}, {"image_size": 16}])
+def test_train_and_session_refuse_a_model_that_does_not_take_the_data(tmp_path, digits_small, change):
+    """8x8 one-channel digits with a 3-channel or 16-pixel model: one line naming both shapes, before
+    any folder is written (training used to fail inside a convolution, or train a 16-pixel model whose
+    samples no training image could be compared with)."""
+    from engine.attribution.session import AttributionSession
+    from engine.model.unet import build_model
+
+    preset = _tiny().replace(model=change)
+    with pytest.raises(InvalidSettingError, match=r"training images are \(1, 8, 8\).*but the model takes"):
+        train(preset, tmp_path / "run", dataset=digits_small, progress=False)
+    assert not (tmp_path / "run").exists()
+    save_checkpoint(tmp_path / "ckpt", build_model(preset.model), preset)
+    with pytest.raises(InvalidSettingError, match="but the model takes"):
+        AttributionSession(preset, checkpoint=tmp_path / "ckpt", device="cpu", cache_root=tmp_path / "cache",
+                           dataset=digits_small)

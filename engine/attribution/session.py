@@ -44,7 +44,7 @@ from ..model.diffusion import Diffusion, MCDraws, make_draws
 from ..model.measurements import Measurement, parse_measurement
 from ..paths import best_device, default_checkpoint
 from ..paths import cache_root as default_cache_root
-from ..validation import check_attribution_config, check_damping
+from ..validation import check_attribution_config, check_damping, check_data_fits_model
 from .bank_kinds import bank_modes
 from .caches import MethodCaches
 from .context import EngineContext
@@ -129,13 +129,7 @@ class AttributionSession:
     # --- setup ------------------------------------------------------------------------
 
     def _check_shapes(self) -> None:
-        m = self.preset.model
-        want = (m.in_channels, m.image_size, m.image_size)
-        if tuple(self.dataset.shape) != want:
-            raise ValueError(
-                f"training images are {tuple(self.dataset.shape)} but the model takes {want}; "
-                "check --preset/--data-root against the checkpoint"
-            )
+        check_data_fits_model(self.preset.model, self.dataset.shape)
 
     def _make_context(self):
         from .context import make_context

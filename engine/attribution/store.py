@@ -169,11 +169,7 @@ def data_key(dataset: ImageDataset) -> str:
     Two data sets with the same name but other content (a subset, other files) get
     different keys, so a cache can never be scored against the wrong images.
     """
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(dataset.images.detach().cpu().numpy(), dtype=np.float32).tobytes())
-    if dataset.labels is not None:
-        h.update(np.ascontiguousarray(dataset.labels.cpu().numpy(), dtype=np.int64).tobytes())
-    return f"{dataset.name}-n{len(dataset)}-{h.hexdigest()[:12]}"
+    return f"{dataset.name}-n{len(dataset)}-{dataset.content_digest(12)}"
 
 
 class Store:

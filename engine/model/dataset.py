@@ -7,6 +7,7 @@ depend on it and not on each other.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,15 @@ class ImageDataset:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def content_digest(self, length: int = 16) -> str:
+        """SHA-256 (first ``length`` hex) of the images (float32) and labels: what a cache or a trained
+        run depends on, whatever the data's name or where its files were read from."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.images.detach().cpu().numpy(), dtype=np.float32).tobytes())
+        if self.labels is not None:
+            h.update(np.ascontiguousarray(self.labels.cpu().numpy(), dtype=np.int64).tobytes())
+        return h.hexdigest()[:length]
 
     def label_name(self, i: int) -> str | None:
         if self.labels is None:

@@ -27,8 +27,9 @@ import torch
 
 from ..config import Preset
 from ..files import atomic_torch_save, atomic_write_bytes
+from ..paths import ASSETS
 from ..safe_load import load_plain_state
-from ..validation import check_train_config
+from ..validation import check_data_fits_model, check_train_config
 from .checkpoint import WEIGHTS, save_checkpoint
 from .data import ImageDataset, load_dataset, random_flip
 from .diffusion import Diffusion
@@ -79,14 +80,13 @@ def train(
     check_train_config(dataclasses.replace(tc, steps=total))  # before anything is written
     if out.exists() and not out.is_dir():
         raise TrainingSettingsError(f"--out {out} exists and is not a folder")
-    if (out / WEIGHTS).is_file() and not (out / STATE).is_file():
-        if indices is None and exclude is None:
-            _check_finished_run(out, preset, total, None)
-            return out  # finished before, with these settings
-        ds = dataset if dataset is not None else load_dataset(preset.data)
-        _check_finished_run(out, preset, total, select_indices(len(ds), indices, exclude))
-        return out
     ds = dataset if dataset is not None else load_dataset(preset.data)
+    check_data_fits_model(preset.model, ds.shape)
+    data_sha = ds.content_digest()
+    if (out / WEIGHTS).is_file() and not (out / STATE).is_file():
+        keep = None if indices is None and exclude is None else select_indices(len(ds), indices, exclude)
+        _check_finished_run(out, preset, total, keep, ds)
+        return out  # finished before, with these settings and data
     keep = select_indices(len(ds), indices, exclude)
     out.mkdir(parents=True, exist_ok=True)
     x_all = ds.images[torch.as_tensor(keep)].to(device)
@@ -113,7 +113,9 @@ def train(
             ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"].cpu())  # map_location moved it; generators live on the CPU
-        recipe = _recipe(preset, total, keep)
+        recipe = _recipe(preset, total, keep, data_sha)
+        if st.get("recipe") is not None and "data_sha" not in st["recipe"]:
+            recipe.pop("data_sha")  # a state saved before the data's digest was part of the recipe
         if st.get("recipe") is not None and st["recipe"] != recipe:
             raise TrainingSettingsError(
                 f"{state_path} is an unfinished run with other settings ({_differences(st['recipe'], recipe)}); "
@@ -178,7 +180,7 @@ def train(
                     "log": log,
                     "perm": perm,
                     "pos": pos,
-                    "recipe": _recipe(preset, total, keep),
+                    "recipe": _recipe(preset, total, keep, data_sha),
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 },
@@ -191,6 +193,7 @@ def train(
         "steps": total,
         "num_train": int(n),
         "indices_sha": _indices_digest(keep),
+        "data_sha": data_sha,  # the training set's content (ImageDataset.content_digest), wherever it was read from
     }
     atomic_write_bytes(out / LOG, json.dumps(log).encode())
     save_checkpoint(out, final, preset, extra)
@@ -203,8 +206,9 @@ class TrainingSettingsError(ValueError):
     """The output folder holds a run made with other settings; the message lists them and what to do."""
 
 
-def _recipe(preset: Preset, total: int, keep: np.ndarray | None) -> dict[str, Any]:
-    """What determines a run's weights: model, schedule, recipe (with the actual step count), data subset."""
+def _recipe(preset: Preset, total: int, keep: np.ndarray | None, data_sha: str | None = None) -> dict[str, Any]:
+    """What determines a run's weights: model, schedule, recipe (with the actual step count), the data's
+    content (``data_sha``; its folder, ``data.root``, is left out so that data can move) and subset."""
     d = preset.to_dict()
     train_cfg = dict(d["train"], steps=int(total))
     for k in ("log_every", "checkpoint_every"):  # bookkeeping only: the weights do not depend on them
@@ -213,6 +217,8 @@ def _recipe(preset: Preset, total: int, keep: np.ndarray | None) -> dict[str, An
     out = {"model": d["model"], "diffusion": d["diffusion"], "data": data, "train": train_cfg}
     if keep is not None:
         out["indices_sha"] = _indices_digest(keep)
+    if data_sha is not None:
+        out["data_sha"] = data_sha
     return json.loads(json.dumps(out))  # tuples -> lists, as stored
 
 
@@ -229,14 +235,26 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return "; ".join(diffs)
 
 
-def _check_finished_run(out: Path, preset: Preset, total: int, keep: np.ndarray | None) -> None:
-    """Refuse to report a finished run made with other settings as this command's result."""
+def _check_finished_run(
+    out: Path, preset: Preset, total: int, keep: np.ndarray | None, dataset: ImageDataset
+) -> None:
+    """Refuse to report a finished run made with other settings, or on other data, as this command's result.
+
+    The data are compared by content when the run recorded it (``data_sha``); a run from before that
+    (the shipped weights) by its data folder and size, so that ``--data-root`` with the default
+    ``--out`` never reports the shipped model as one trained on the user's data."""
     from .checkpoint import read_config
 
     old_preset, extra = read_config(out)
     old_total = int(extra.get("steps", old_preset.train.steps))
     old = _recipe(old_preset, old_total, None)
     new = _recipe(preset, total, None)
+    if extra.get("data_sha") is not None:
+        old["data_sha"], new["data_sha"] = extra["data_sha"], dataset.content_digest()
+    else:
+        old["data"]["root"], new["data"]["root"] = old_preset.data.root, preset.data.root
+        if keep is None and extra.get("num_train") is not None:
+            old["num_train"], new["num_train"] = int(extra["num_train"]), len(dataset)
     if keep is not None:
         new["indices_sha"] = _indices_digest(keep)
         old["indices_sha"] = extra.get("indices_sha")
@@ -246,9 +264,10 @@ def _check_finished_run(out: Path, preset: Preset, total: int, keep: np.ndarray 
             old["subset"], new["subset"] = "a subset of the training set", "the full training set"
     diff = _differences(old, new)
     if diff:
+        shipped = out.resolve().parent == ASSETS.resolve()  # never advise deleting the shipped weights
+        todo = "pass --out with a new folder" if shipped else f"pass another --out, or delete {out / WEIGHTS} to train again"
         raise TrainingSettingsError(
-            f"{out} already holds a finished run with other settings ({diff}); "
-            f"nothing was trained: pass another --out, or delete {out / WEIGHTS} to train again"
+            f"{out} already holds a finished run with other settings ({diff}); nothing was trained: {todo}"
         )
 
 
