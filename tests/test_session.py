@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import time
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 
-from engine.attribution.session import AttributionSession
+from engine.attribution.session import AttributionSession, QueryError
 from engine.config import AttributionConfig, DataConfig, Preset, TrainConfig
 from engine.model.checkpoint import CheckpointError
 from engine.model.measurements import quantize
@@ -252,6 +253,20 @@ def test_unbuilt_methods_are_unavailable_with_instructions(ckpt, digits_small, t
     for flag in ("--draws shared", "--kfac-factor-draws 2", "--kfac-factor-draws-mode per-example"):
         assert flag in hint, hint
     assert "--mc-samples" not in other.build_command(["pixel"])  # pixel's cache has no Monte Carlo settings
+    # a preset named by its .json path and a --data-root: the printed commands act on the same files
+    # (they named the preset's own name, which `--preset` does not know, and dropped the data root)
+    import shutil
+
+    bare = tmp_path / "no gallery"
+    shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("gallery.npz"))
+    json_session = AttributionSession(
+        preset.replace(data={"root": str(tmp_path / "my data")}), checkpoint=bare, device="cpu",
+        cache_root=tmp_path, config=TINY_ATTRIBUTION, dataset=digits_small, preset_spec="presets/tiny.json",
+    )
+    named = f"--preset presets/tiny.json --checkpoint '{bare}' --data-root '{tmp_path / 'my data'}'"
+    assert json_session.build_command(["kfac"]).startswith(f"attribution-engine build {named} --cache-root")
+    with pytest.raises(QueryError, match=re.escape(f"`attribution-engine assets {named}`")):
+        json_session.parse_query("gallery:0")
     assert res.methods["pixel"].status == "ok"
     info = s.method_info()
     assert info["kfac"]["kind"] == "influence" and info["pixel"]["kind"] == "similarity"

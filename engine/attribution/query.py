@@ -148,10 +148,13 @@ class QuerySources:
 
     def __init__(
         self, preset: Preset, model: nn.Module, diffusion: Diffusion, dataset: ImageDataset,
-        device: torch.device, checkpoint: Path,
+        device: torch.device, checkpoint: Path, assets_command: str | None = None,
     ):
+        """``assets_command``: the command that makes this checkpoint's gallery, for the error when there is
+        none (the session's, ``AttributionSession.command("assets")``, names the same files)."""
         self.preset, self.model, self.diffusion, self.dataset = preset, model, diffusion, dataset
         self.device, self.checkpoint = device, Path(checkpoint)
+        self.assets_command = assets_command or f"attribution-engine assets --preset {preset.name} --checkpoint {checkpoint}"
         self._gallery: list[GalleryItem] | None = None
         self._classifier: Any = None
 
@@ -225,7 +228,7 @@ class QuerySources:
         if not items:
             raise QueryError(
                 f"no gallery at {self.checkpoint / GALLERY_FILE}; make one with "
-                f"`attribution-engine assets --preset {self.preset.name}` or use train:N / image:PATH"
+                f"`{self.assets_command}` or use train:N / image:PATH"
             )
         if not 0 <= i < len(items):
             raise QueryError(f"gallery index {i} out of range 0..{len(items) - 1}")

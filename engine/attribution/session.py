@@ -28,6 +28,7 @@ and builds ``engine.attribution.caches``, the maths is in the methods and the sc
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -74,17 +75,22 @@ class AttributionSession:
         config: AttributionConfig | None = None,
         dataset: ImageDataset | None = None,
         auto_build: bool = False,
+        preset_spec: str | None = None,
     ):
+        """``preset_spec``: how the preset was named on the command line (a name or a .json path),
+        for the commands this session prints; defaults to ``preset`` when that is a string."""
         t0 = time.perf_counter()
         wanted = get_preset(preset) if isinstance(preset, str) else preset
         folder = Path(checkpoint) if checkpoint is not None else default_checkpoint(wanted.name)
+        self._preset_arg = preset if isinstance(preset, str) else (preset_spec or wanted.name)
+        self._data_root_arg = str(wanted.data.root) if wanted.data.root else None
+        self._checkpoint_arg = None if checkpoint is None else str(checkpoint)
         self.device = torch.device(device or best_device())
         try:
             model, ckpt_preset, extra = load_checkpoint(folder, self.device)
         except CheckpointError as e:
             raise CheckpointError(
-                f"{e}. Train one with `attribution-engine train --preset {wanted.name}` "
-                f"(or pass --checkpoint FOLDER)"
+                f"{e}. Train one with `{self.command('train')}` (or pass --checkpoint FOLDER)"
             ) from e
         # The checkpoint's own preset describes the model and data it was trained on; the
         # caller chooses the data root (--data-root) and the attribution settings.
@@ -105,8 +111,6 @@ class AttributionSession:
 
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         self.store = Store(self.cache_root, self.checkpoint_hash, data_key(self.dataset))
-        self._preset_arg = preset if isinstance(preset, str) else self.preset.name
-        self._checkpoint_arg = None if checkpoint is None else str(checkpoint)
         self._cache_arg = None if cache_root is None else str(cache_root)
         self._preset_attribution = wanted.attribution  # what `build --preset <_preset_arg>` uses without flags
         self.store.rebuild_hint = self.build_command(rebuild=True)
@@ -123,7 +127,9 @@ class AttributionSession:
             except ImportError as e:  # a missing optional dependency disables one method only
                 self._methods[name] = MissingMethod(name, f"cannot import the {name} method: {e}")
         self.caches = MethodCaches(self._methods, self.ctx, self.build_command)
-        self.sources = QuerySources(self.preset, model, self.diffusion, self.dataset, self.device, folder)
+        self.sources = QuerySources(
+            self.preset, model, self.diffusion, self.dataset, self.device, folder, self.command("assets")
+        )
         self.startup_ms = (time.perf_counter() - t0) * 1000.0
 
     # --- setup ------------------------------------------------------------------------
@@ -235,13 +241,22 @@ class AttributionSession:
         """Delete these methods' caches that fail verification; returns the removed folders."""
         return self.caches.repair(self._resolve_methods(methods))
 
+    def command(self, subcommand: str) -> str:
+        """``attribution-engine SUBCOMMAND`` for this session's model and data: the preset as it was
+        named (a .json path stays a path), the checkpoint and the data root when they were given.
+        Every command the session prints starts here, so that pasting one acts on the same files."""
+        cmd = f"attribution-engine {subcommand} --preset {shlex.quote(self._preset_arg)}"
+        if self._checkpoint_arg:
+            cmd += f" --checkpoint {shlex.quote(self._checkpoint_arg)}"
+        if self._data_root_arg:
+            cmd += f" --data-root {shlex.quote(self._data_root_arg)}"
+        return cmd
+
     def build_command(self, methods: list[str] | None = None, rebuild: bool = False) -> str:
         """The CLI command that builds (``rebuild``: verifies and rebuilds) these methods' caches."""
-        cmd = f"attribution-engine build --preset {self._preset_arg}"
-        if self._checkpoint_arg:
-            cmd += f" --checkpoint {self._checkpoint_arg}"
+        cmd = self.command("build")
         if self._cache_arg:
-            cmd += f" --cache-root {self._cache_arg}"
+            cmd += f" --cache-root {shlex.quote(self._cache_arg)}"
         if methods:
             cmd += f" --methods {','.join(methods)}"
         if not methods or any(self._methods[m].needs_gradient for m in methods if m in self._methods):

@@ -123,7 +123,7 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
     config = dataclasses.replace(preset.attribution, **changes)
     return AttributionSession(
         preset, checkpoint=ckpt, device=device, cache_root=getattr(args, "cache_root", None), config=config,
-        auto_build=auto_build,
+        auto_build=auto_build, preset_spec=args.preset,
     )
 
 
