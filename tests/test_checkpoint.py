@@ -111,3 +111,7 @@ def test_diffusers_adapter(tmp_path):
     (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "cosine"}))
     with pytest.raises(CheckpointError, match="cosine"):
         load_checkpoint(tmp_path / "pipe")
+    # a pipeline whose unet/config.json is missing: named (it said "no checkpoint config at pipe/config.json")
+    (tmp_path / "pipe" / "unet" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"looks like a diffusers pipeline but .*unet/config\.json is missing"):
+        load_checkpoint(tmp_path / "pipe")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -200,8 +201,14 @@ def test_folder_with_subfolders_labels_ids_resize(tmp_path):
 
 def test_folder_flat_has_no_labels_and_native_size(tmp_path):
     _img(tmp_path / "one.png", size=(5, 5), mode="L", value=1)
+    cfg = DataConfig(name="folder", root=str(tmp_path), image_size=None, channels=1, levels=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a flat folder is unlabelled by design: no warning
+        assert load_dataset(cfg).labels is None
     _img(tmp_path / "sub" / "two.png", size=(5, 5), mode="L", value=2)
-    ds = load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=None, channels=1, levels=256))
+    # one image beside a folder: unlabelled, and the user is told why (it silently dropped every label)
+    with pytest.warns(UserWarning, match=r"1 of 2 images \(e\.g\. one\.png\) are not inside a class folder"):
+        ds = load_dataset(cfg)
     assert ds.labels is None and ds.class_names is None
     assert ds.ids == ["one.png", "sub/two.png"]
     assert ds.images.shape == (2, 1, 5, 5)

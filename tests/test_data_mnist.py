@@ -106,11 +106,24 @@ def test_idx_pair_mismatched_counts_and_missing(tmp_path, small_idx):
 
 def test_idx_wrong_size_or_labels_rejected(tmp_path):
     _write_pair(tmp_path, np.zeros((4, 8, 8), np.uint8), np.array([0, 1, 2, 11]), gz=False)
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: MNIST labels must lie in 0\.\.9, got 0\.\.11"):
+        load_dataset(DataConfig(name="mnist", root=str(tmp_path), image_size=8, channels=1, levels=256))
+    _write_pair(tmp_path, np.zeros((4, 8, 8), np.uint8), np.array([0, 1, 2, 9]), gz=False)
     cfg = DataConfig(name="mnist", root=str(tmp_path), image_size=28, channels=1, levels=256)
     with pytest.raises(DataError, match="8x8 but the preset asks for 28"):
         load_dataset(cfg)
-    with pytest.raises(DataError, match=r"labels must lie in 0\.\.9"):
-        load_dataset(DataConfig(name="mnist", root=str(tmp_path), image_size=8, channels=1, levels=256))
+
+
+def test_data_root_that_is_a_file_says_so(tmp_path):
+    """--data-root pointing at a file (the images file, a pickle) said "does not exist"."""
+    from engine.model.data_files import cifar_folder
+
+    f = tmp_path / "train-images-idx3-ubyte"
+    f.write_bytes(b"")
+    for call in (lambda: read_idx_pair(f), lambda: cifar_folder(f),
+                 lambda: load_dataset(DataConfig(name="folder", root=str(f)))):
+        with pytest.raises(DataError, match="is a file; --data-root takes the folder"):
+            call()
 
 
 def test_shipped_npz_is_10k_real_digits():

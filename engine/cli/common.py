@@ -34,10 +34,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         default=None,
-        help="checkpoint folder (default: assets/digits for digits, runs/<preset> otherwise)",
+        help="checkpoint folder (default: assets/<preset> for the shipped digits and mnist, "
+        "runs/<preset name> under the repository otherwise)",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    p.add_argument("--data-root", default=None, help="folder with CIFAR pickles or images")
+    p.add_argument(
+        "--data-root", default=None,
+        help="folder with the training data: CIFAR pickles, MNIST-style IDX files or an image folder",
+    )
 
 
 def subcommand(

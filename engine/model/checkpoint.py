@@ -63,6 +63,11 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     if (folder / "unet" / "config.json").is_file() or _is_diffusers_unet(folder):
         return load_diffusers(folder, device)
+    if (folder / "unet").is_dir() or (folder / "model_index.json").is_file():
+        raise CheckpointError(
+            f"{folder} looks like a diffusers pipeline but {folder / 'unet' / 'config.json'} is missing "
+            "(save the pipeline again, or copy the UNet's config.json there)"
+        )
     preset, extra = read_config(folder)
     path = folder / WEIGHTS
     if not path.is_file():

@@ -23,13 +23,14 @@ CIFAR file is data, and a pickle from an unknown source must not run code.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import DataConfig
-from .dataset import DataError, ImageDataset
+from .dataset import DataError, ImageDataset, data_folder
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_CLASSES = [
@@ -101,9 +102,7 @@ def cifar_folder(root: str | Path | None) -> Path:
     """The folder holding the batches: ``root`` itself or ``root/cifar-10-batches-py``."""
     if root is None:
         raise DataError("CIFAR needs a data folder: pass --data-root (the cifar-10-batches-py folder)")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"CIFAR data folder {root} does not exist")
+    root = data_folder(root, "CIFAR data folder")
     nested = root / "cifar-10-batches-py"
     if not (root / CIFAR_TRAIN_BATCHES[0]).exists() and nested.is_dir():
         return nested
@@ -275,9 +274,7 @@ def load_folder(cfg: DataConfig) -> ImageDataset:
         raise DataError("the folder dataset needs a data folder: pass --data-root")
     if cfg.channels not in (1, 3):
         raise DataError(f"channels must be 1 (grey) or 3 (RGB), got {cfg.channels}")
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+    root = data_folder(cfg.root, "image folder")
     files = find_images(root)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
@@ -296,11 +293,18 @@ def load_folder(cfg: DataConfig) -> ImageDataset:
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     rel = [p.relative_to(root).as_posix() for p in files]
     labels, class_names = None, None
-    if all("/" in r for r in rel):
+    loose = [r for r in rel if "/" not in r]
+    if not loose:
         folders = [r.split("/", 1)[0] for r in rel]
         class_names = sorted(set(folders))
         lookup = {c: i for i, c in enumerate(class_names)}
         labels = torch.tensor([lookup[f] for f in folders], dtype=torch.long)
+    elif len(loose) < len(rel):  # class folders with a few images beside them: say why there are no labels
+        warnings.warn(
+            f"{root}: {len(loose)} of {len(rel)} images (e.g. {loose[0]}) are not inside a class folder, so the "
+            "data set has no labels; move them into one to keep the folders' labels",
+            stacklevel=2,
+        )
     return ImageDataset(
         name=f"folder:{root.name}",
         images=_uint8_to_model(np.ascontiguousarray(x), cfg.levels),

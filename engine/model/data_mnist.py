@@ -31,7 +31,7 @@ import torch
 
 from ..config import DataConfig
 from ..paths import ASSETS
-from .dataset import DataError, ImageDataset
+from .dataset import DataError, ImageDataset, data_folder
 
 SHIPPED = ASSETS / "mnist" / "mnist_10k.npz"
 IDX_IMAGES = "train-images-idx3-ubyte"
@@ -81,14 +81,18 @@ def _find(folder: Path, stem: str) -> Path:
 
 def read_idx_pair(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images (N, H, W), int64 labels (N,)) from an MNIST-style IDX folder."""
-    folder = Path(root).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"IDX data folder {folder} does not exist")
+    folder = data_folder(root, "IDX data folder")
     img_path, lab_path = _find(folder, IDX_IMAGES), _find(folder, IDX_LABELS)
     images, labels = read_idx(img_path, 3), read_idx(lab_path, 1)
     if len(images) != len(labels):
         raise DataError(f"{img_path} holds {len(images)} images but {lab_path} holds {len(labels)} labels")
+    _check_labels(labels, lab_path)
     return images, labels.astype(np.int64)
+
+
+def _check_labels(labels: np.ndarray, path: Path) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: MNIST labels must lie in 0..9, got {labels.min()}..{labels.max()}")
 
 
 def read_shipped(path: str | Path = SHIPPED) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +109,7 @@ def read_shipped(path: str | Path = SHIPPED) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: 'images' must be uint8 (N, H, W), got {images.dtype} {images.shape}")
     if labels.shape != (len(images),):
         raise DataError(f"{path}: {labels.shape} labels for {len(images)} images")
+    _check_labels(labels, path)
     return images, labels.astype(np.int64)
 
 
@@ -136,8 +141,6 @@ def load_mnist(cfg: DataConfig) -> ImageDataset:
             f"the MNIST images are {side[0]}x{side[1]} but the preset asks for {cfg.image_size}; "
             "fix the preset's data section"
         )
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"MNIST labels must lie in 0..9, got {labels.min()}..{labels.max()}")
     idx = per_class_indices(labels, cfg.per_class, cfg.seed)
     v = images[idx].astype(np.float32) / 255.0
     if cfg.levels != 256:

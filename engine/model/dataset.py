@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,17 @@ import torch
 
 class DataError(ValueError):
     """Bad or missing training data; the message names the offending file or folder."""
+
+
+def data_folder(root: str | Path, what: str) -> Path:
+    """``root`` as a folder, or a DataError that says whether it is missing or a file (``what``:
+    "CIFAR data folder", "image folder", ...)."""
+    folder = Path(root).expanduser()
+    if not folder.exists():
+        raise DataError(f"{what} {folder} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"{what} {folder} is a file; --data-root takes the folder that holds the data")
+    return folder
 
 
 @dataclass
