@@ -43,6 +43,7 @@ class AppArgs:
     checkpoint: str | None = None
     cache: str | None = None
     device: str | None = None
+    data_root: str | None = None  # the training data's folder (CIFAR pickles, IDX files, images), as the CLI's
     max_retrain_jobs: int = 1  # retraining jobs running at once on this server; the rest queue
     no_retrain: bool = False  # public demos: no retraining at all
 
@@ -89,6 +90,8 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     p.add_argument("--cache", "--cache-root", dest="cache", default=None,
                    help="cache root (default: ATTRIBUTION_CACHE or ./cache)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: best available)")
+    p.add_argument("--data-root", default=None,
+                   help="training data folder (default: the one the checkpoint was trained on)")
     p.add_argument("--max-retrain-jobs", type=int, default=None,
                    help="retraining jobs running at once on this server (default 1; the rest queue)")
     p.add_argument("--no-retrain", action="store_true", help="turn retraining off (public demos)")
@@ -108,6 +111,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         checkpoint=args.checkpoint or env.get("ATTRIBUTION_CHECKPOINT") or None,
         cache=args.cache or env.get("ATTRIBUTION_CACHE") or None,
         device=args.device or env.get("ATTRIBUTION_DEVICE") or None,
+        data_root=args.data_root or env.get("ATTRIBUTION_DATA_ROOT") or None,
         max_retrain_jobs=jobs,
         no_retrain=no_retrain,
     )
@@ -120,7 +124,7 @@ def model_choices(args: AppArgs) -> list[str]:
     """Shipped presets the sidebar offers: only when the app serves a shipped preset's own checkpoint."""
     from engine.paths import default_checkpoint
 
-    if args.checkpoint is not None or args.preset not in SWITCHABLE_PRESETS:
+    if args.checkpoint is not None or args.data_root is not None or args.preset not in SWITCHABLE_PRESETS:
         return []
     return [p for p in SWITCHABLE_PRESETS if (default_checkpoint(p) / "model.safetensors").is_file()]
 
@@ -209,8 +213,13 @@ def get_handle(args: AppArgs) -> Handle:
     from engine.threads import configure_threads
 
     configure_threads("the app")
+    from engine.config import get_preset
+
+    preset = get_preset(args.preset)
+    if args.data_root:
+        preset = preset.replace(data={"root": args.data_root})
     session = AttributionSession(
-        preset=args.preset, checkpoint=args.checkpoint, device=args.device, cache_root=args.cache
+        preset=preset, checkpoint=args.checkpoint, device=args.device, cache_root=args.cache, preset_spec=args.preset
     )
     handle = Handle(
         session=session,

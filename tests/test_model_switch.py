@@ -62,3 +62,22 @@ def test_a_remembered_result_belongs_to_its_model():
     assert result_base(digits, query, settings) != result_base(handle("digits", "cccc"), query, settings)
     assert result_base(digits, query, settings) == result_base(handle("digits", "aaaa"), query, settings)
     assert result_base(digits, query, settings) != result_base(digits, NS(key="gallery:1"), settings)
+
+
+def test_the_app_serves_the_data_root_it_is_given(tmp_path):
+    """``--data-root`` (or ATTRIBUTION_DATA_ROOT), as on the CLI: the app's session reads that folder, its
+    printed commands name it, and the sidebar offers no switch (the other shipped model has other data)."""
+    import numpy as np
+    from test_data_mnist import _write_pair
+
+    from explorer.runtime import get_handle, parse_args
+
+    rng = np.random.default_rng(0)
+    _write_pair(tmp_path / "idx", rng.integers(0, 256, (20, 28, 28)), np.arange(20) % 10, gz=True)
+    args = parse_args(["--preset", "mnist", "--data-root", str(tmp_path / "idx"), "--cache", str(tmp_path / "c"),
+                       "--device", "cpu"], env={})
+    assert args.data_root == str(tmp_path / "idx") and model_choices(args) == []
+    assert parse_args([], env={"ATTRIBUTION_DATA_ROOT": "/d"}).data_root == "/d"
+    session = get_handle(args).session
+    assert len(session.dataset) == 20 and session.dataset.ids[0].startswith("idx")
+    assert f"--data-root {tmp_path / 'idx'}" in session.build_command()
