@@ -63,7 +63,7 @@ def test_describe_lists_built_and_partial(store):
 
 def test_interrupted_save_leaves_nothing_loadable(store, monkeypatch):
     calls = {"n": 0}
-    real = store_mod._save_npy
+    real = store_mod.save_npy
 
     def dying_save(path, array):
         calls["n"] += 1
@@ -71,7 +71,7 @@ def test_interrupted_save_leaves_nothing_loadable(store, monkeypatch):
             raise KeyboardInterrupt  # killed between the first and second array
         real(path, array)
 
-    monkeypatch.setattr(store_mod, "_save_npy", dying_save)
+    monkeypatch.setattr(store_mod, "save_npy", dying_save)
     with pytest.raises(KeyboardInterrupt):
         store.save_arrays("trak", SETTINGS, {"a": np.ones(3), "b": np.ones(4)})
     assert not store.exists("trak", SETTINGS)

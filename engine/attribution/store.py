@@ -34,29 +34,35 @@ Why this shape:
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import hashlib
 import json
 import os
-import re
 import shutil
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..files import atomic_write_bytes
-from ..jsonio import finite_or_none
 from ..model.dataset import ImageDataset
+from .partial_build import PartialBuild
+from .store_files import (
+    SETTINGS,
+    ArrayLike,
+    canonical,
+    check_key,
+    file_crc32,
+    fsync_dir,
+    pid_alive,
+    save_npy,
+    settings_digest,
+    to_numpy,
+    write_json,
+)
 
 FORMAT = 1
-SETTINGS = "settings.json"
-_ArrayLike = Any  # np.ndarray | torch.Tensor
 
 
 class CacheRootError(OSError):
@@ -67,73 +73,6 @@ class StaleCacheError(RuntimeError):
     """A cache folder exists but does not match what it claims to be; the message says which and what to do."""
 
 
-def canonical(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON round trip with sorted keys: tuples become lists, numbers stay numbers."""
-    return json.loads(json.dumps(dict(settings), sort_keys=True, default=_json_default))
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    return str(x)
-
-
-def settings_digest(settings: Mapping[str, Any]) -> str:
-    """12 hex of SHA-256 of the canonical JSON of the settings: the folder-name key."""
-    text = json.dumps(canonical(settings), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _to_numpy(a: _ArrayLike) -> np.ndarray:
-    if hasattr(a, "detach"):
-        a = a.detach().cpu().numpy()
-    return np.ascontiguousarray(np.asarray(a))
-
-
-def _check_key(key: str) -> None:
-    if not key or "/" in key or key.startswith(".") or key == SETTINGS.removesuffix(".json"):
-        raise ValueError(f"bad array name {key!r}")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(finite_or_none(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
-    atomic_write_bytes(path, text.encode())
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def file_crc32(path: Path, chunk: int = 8 << 20) -> str:
-    """CRC-32 of a file's bytes as 8 hex digits (streamed; ~1 GB/s)."""
-    crc = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            crc = zlib.crc32(block, crc)
-    return f"{crc & 0xFFFFFFFF:08x}"
-
-
 # Files already verified by this process: (path, size, mtime_ns) -> True.  A published cache is
 # never rewritten in place, so a changed file gets a new key and is checked again.
 _VERIFIED: set[tuple[str, int, int]] = set()
@@ -142,21 +81,6 @@ _VERIFIED: set[tuple[str, int, int]] = set()
 def _file_identity(path: Path) -> tuple[str, int, int]:
     st = path.stat()
     return (str(path), st.st_size, st.st_mtime_ns)
-
-
-_PID_TMP = re.compile(r"\.(\d+)-[0-9a-f]{8}\.tmp$")  # PartialBuild.save_part's temporary files
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError as e:
-        return e.errno != errno.ESRCH
-    return True
 
 
 def _folder_size(path: Path) -> int:
@@ -302,7 +226,7 @@ class Store:
         self,
         name: str,
         settings: Mapping[str, Any],
-        arrays: Mapping[str, _ArrayLike],
+        arrays: Mapping[str, ArrayLike],
         meta: Mapping[str, Any] | None = None,
     ) -> Path:
         """Write all arrays and publish them atomically; returns the final folder.
@@ -315,9 +239,9 @@ class Store:
         try:
             infos = {}
             for key, a in arrays.items():
-                _check_key(key)
-                arr = _to_numpy(a)
-                _save_npy(tmp / f"{key}.npy", arr)
+                check_key(key)
+                arr = to_numpy(a)
+                save_npy(tmp / f"{key}.npy", arr)
                 infos[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "crc32": file_crc32(tmp / f"{key}.npy")}
             self._finish(tmp, final, name, settings, infos, meta)
         finally:
@@ -345,15 +269,15 @@ class Store:
         manifest["arrays"] = infos
         manifest["meta"] = dict(meta or {})
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        _write_json(tmp / SETTINGS, manifest)
-        _fsync_dir(tmp)
+        write_json(tmp / SETTINGS, manifest)
+        fsync_dir(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
             # Someone else published first (same settings, so same content): keep theirs if valid.
             if self.validate(name, settings) is None:
                 raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def load_arrays(
         self, name: str, settings: Mapping[str, Any], mmap: bool = True
@@ -442,7 +366,7 @@ class Store:
                 pid = int(parts[1])
             except (IndexError, ValueError):
                 continue
-            if pid != os.getpid() and not _pid_alive(pid):
+            if pid != os.getpid() and not pid_alive(pid):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
         return removed
@@ -517,124 +441,9 @@ class Store:
         return out
 
 
-class PartialBuild:
-    """Resumable chunked build: part ``i`` holds items ``[i*part_size, (i+1)*part_size)`` of every array.
 
-    Parts live in ``.partial-<name>-<digest>/`` as ``<array>.part-00000.npy`` plus a
-    ``part-00000.done`` marker written last (so a part cut short is redone, never loaded).
-    ``publish()`` streams the parts into one ``<array>.npy`` each (plus any extra arrays,
-    e.g. an eigendecomposition), publishes atomically and removes the partial folder.
-    """
-
-    def __init__(self, store: Store, name: str, settings: Mapping[str, Any], part_size: int, num_items: int):
-        if part_size < 1 or num_items < 1:
-            raise ValueError("part_size and num_items must be positive")
-        self.store = store
-        self.name = name
-        self.settings = canonical(settings)
-        self.part_size = int(part_size)
-        self.num_items = int(num_items)
-        self.num_parts = -(-self.num_items // self.part_size)
-        self.folder = store._partial_folder(name, settings)
-        manifest = store._manifest(name, settings)
-        manifest.update(part_size=self.part_size, num_items=self.num_items, num_parts=self.num_parts)
-        if self.folder.exists():
-            try:
-                old = json.loads((self.folder / SETTINGS).read_text())
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old != manifest:  # other chunking or corrupted: finished parts would not line up
-                shutil.rmtree(self.folder)
-        if not self.folder.exists():
-            self.folder.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder.with_name(self.folder.name + f".init-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            tmp.mkdir()
-            _write_json(tmp / SETTINGS, manifest)
-            try:
-                os.rename(tmp, self.folder)
-            except OSError:  # another process (a torchrun rank) created it first: same manifest
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not self.folder.is_dir():
-                    raise
-        self._clean_dead_temp_files()
-
-    def _clean_dead_temp_files(self) -> None:
-        """Half-written part files (``.<key>.part-<i>.<pid>-<hex>.tmp``) of processes that died."""
-        for p in self.folder.glob(".*.tmp"):
-            m = _PID_TMP.search(p.name)
-            if m is None:
-                continue
-            pid = int(m.group(1))
-            if pid != os.getpid() and not _pid_alive(pid):
-                with contextlib.suppress(OSError):
-                    p.unlink()
-
-    def part_range(self, i: int) -> slice:
-        return slice(i * self.part_size, min((i + 1) * self.part_size, self.num_items))
-
-    def is_done(self, i: int) -> bool:
-        return (self.folder / f"part-{i:05d}.done").is_file()
-
-    def todo(self) -> list[int]:
-        """Indices of parts still to compute, in order."""
-        return [i for i in range(self.num_parts) if not self.is_done(i)]
-
-    def save_part(self, i: int, arrays: Mapping[str, _ArrayLike]) -> None:
-        rows = self.part_range(i)
-        n = rows.stop - rows.start
-        infos = {}
-        for key, a in arrays.items():
-            _check_key(key)
-            arr = _to_numpy(a)
-            if arr.shape[0] != n:
-                raise ValueError(f"part {i} of {key} has {arr.shape[0]} rows, expected {n}")
-            tmp = self.folder / f".{key}.part-{i:05d}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-            _save_npy(tmp, arr)
-            os.replace(tmp, self.folder / f"{key}.part-{i:05d}.npy")
-            infos[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
-        _write_json(self.folder / f"part-{i:05d}.done", infos)
-
-    def load_part(self, i: int) -> dict[str, np.ndarray]:
-        infos = json.loads((self.folder / f"part-{i:05d}.done").read_text())
-        return {k: np.load(self.folder / f"{k}.part-{i:05d}.npy", allow_pickle=False) for k in infos}
-
-    def publish(
-        self, extra: Mapping[str, _ArrayLike] | None = None, meta: Mapping[str, Any] | None = None
-    ) -> Path:
-        """Concatenate the parts (all must be done) and ``extra`` arrays into the final folder atomically."""
-        missing = self.todo()
-        if missing:
-            raise RuntimeError(f"cannot publish {self.name}: parts {missing[:5]}... not built")
-        store = self.store
-        final = store.path(self.name, self.settings)
-        store.validate(self.name, self.settings)
-        first = json.loads((self.folder / "part-00000.done").read_text())
-        tmp = store._tmp_folder(self.name, self.settings)
-        try:
-            infos = {}
-            for key, info in first.items():
-                shape = (self.num_items, *info["shape"][1:])
-                out = np.lib.format.open_memmap(
-                    tmp / f"{key}.npy", mode="w+", dtype=info["dtype"], shape=shape
-                )
-                for i in range(self.num_parts):
-                    out[self.part_range(i)] = np.load(self.folder / f"{key}.part-{i:05d}.npy", mmap_mode="r", allow_pickle=False)
-                out.flush()
-                del out
-                infos[key] = {"shape": list(shape), "dtype": info["dtype"], "crc32": file_crc32(tmp / f"{key}.npy")}
-            for key, a in (extra or {}).items():
-                _check_key(key)
-                if key in infos:
-                    raise ValueError(f"extra array {key} clashes with a part array")
-                arr = _to_numpy(a)
-                _save_npy(tmp / f"{key}.npy", arr)
-                infos[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "crc32": file_crc32(tmp / f"{key}.npy")}
-            store._finish(tmp, final, self.name, self.settings, infos, meta)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(self.folder, ignore_errors=True)
-        return final
-
-    def discard(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+# PartialBuild and the file helpers live in their own modules; these names are the store's public face
+__all__ = [
+    "FORMAT", "SETTINGS", "CacheRootError", "PartialBuild", "StaleCacheError", "Store",
+    "canonical", "data_key", "file_crc32", "settings_digest",
+]

@@ -1,0 +1,169 @@
+"""Resumable chunked cache builds (``Store.partial``): parts saved one by one, published at once.
+
+Why: a bank or a feature pass takes minutes to hours; saving each part as it finishes (with a marker
+written last) lets a killed build resume where it stopped, and publishing concatenates the parts into
+one memory-mappable array per key and renames the folder into place atomically (``store``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .store_files import (
+    PID_TMP,
+    SETTINGS,
+    ArrayLike,
+    canonical,
+    check_key,
+    file_crc32,
+    pid_alive,
+    save_npy,
+    to_numpy,
+    write_json,
+)
+
+
+class StoreFolders(Protocol):
+    """What a partial build needs of the ``Store`` that made it (``Store.partial``): where its folders
+    go, the manifest it checks, and the atomic publish step.  A protocol, not an import of ``store``,
+    which imports this module."""
+
+    def path(self, name: str, settings: Mapping[str, Any]) -> Path: ...
+    def validate(self, name: str, settings: Mapping[str, Any]) -> dict[str, Any] | None: ...
+    def _partial_folder(self, name: str, settings: Mapping[str, Any]) -> Path: ...
+    def _manifest(self, name: str, settings: Mapping[str, Any]) -> dict[str, Any]: ...
+    def _tmp_folder(self, name: str, settings: Mapping[str, Any]) -> Path: ...
+    def _finish(self, tmp: Path, final: Path, name: str, settings: Mapping[str, Any],
+                infos: dict[str, Any], meta: Mapping[str, Any] | None) -> None: ...
+
+
+class PartialBuild:
+    """Resumable chunked build: part ``i`` holds items ``[i*part_size, (i+1)*part_size)`` of every array.
+
+    Parts live in ``.partial-<name>-<digest>/`` as ``<array>.part-00000.npy`` plus a
+    ``part-00000.done`` marker written last (so a part cut short is redone, never loaded).
+    ``publish()`` streams the parts into one ``<array>.npy`` each (plus any extra arrays,
+    e.g. an eigendecomposition), publishes atomically and removes the partial folder.
+    """
+
+    def __init__(self, store: StoreFolders, name: str, settings: Mapping[str, Any], part_size: int, num_items: int):
+        if part_size < 1 or num_items < 1:
+            raise ValueError("part_size and num_items must be positive")
+        self.store = store
+        self.name = name
+        self.settings = canonical(settings)
+        self.part_size = int(part_size)
+        self.num_items = int(num_items)
+        self.num_parts = -(-self.num_items // self.part_size)
+        self.folder = store._partial_folder(name, settings)
+        manifest = store._manifest(name, settings)
+        manifest.update(part_size=self.part_size, num_items=self.num_items, num_parts=self.num_parts)
+        if self.folder.exists():
+            try:
+                old = json.loads((self.folder / SETTINGS).read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != manifest:  # other chunking or corrupted: finished parts would not line up
+                shutil.rmtree(self.folder)
+        if not self.folder.exists():
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder.with_name(self.folder.name + f".init-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir()
+            write_json(tmp / SETTINGS, manifest)
+            try:
+                os.rename(tmp, self.folder)
+            except OSError:  # another process (a torchrun rank) created it first: same manifest
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not self.folder.is_dir():
+                    raise
+        self._clean_dead_temp_files()
+
+    def _clean_dead_temp_files(self) -> None:
+        """Half-written part files (``.<key>.part-<i>.<pid>-<hex>.tmp``) of processes that died."""
+        for p in self.folder.glob(".*.tmp"):
+            m = PID_TMP.search(p.name)
+            if m is None:
+                continue
+            pid = int(m.group(1))
+            if pid != os.getpid() and not pid_alive(pid):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+    def part_range(self, i: int) -> slice:
+        return slice(i * self.part_size, min((i + 1) * self.part_size, self.num_items))
+
+    def is_done(self, i: int) -> bool:
+        return (self.folder / f"part-{i:05d}.done").is_file()
+
+    def todo(self) -> list[int]:
+        """Indices of parts still to compute, in order."""
+        return [i for i in range(self.num_parts) if not self.is_done(i)]
+
+    def save_part(self, i: int, arrays: Mapping[str, ArrayLike]) -> None:
+        rows = self.part_range(i)
+        n = rows.stop - rows.start
+        infos = {}
+        for key, a in arrays.items():
+            check_key(key)
+            arr = to_numpy(a)
+            if arr.shape[0] != n:
+                raise ValueError(f"part {i} of {key} has {arr.shape[0]} rows, expected {n}")
+            tmp = self.folder / f".{key}.part-{i:05d}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+            save_npy(tmp, arr)
+            os.replace(tmp, self.folder / f"{key}.part-{i:05d}.npy")
+            infos[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+        write_json(self.folder / f"part-{i:05d}.done", infos)
+
+    def load_part(self, i: int) -> dict[str, np.ndarray]:
+        infos = json.loads((self.folder / f"part-{i:05d}.done").read_text())
+        return {k: np.load(self.folder / f"{k}.part-{i:05d}.npy", allow_pickle=False) for k in infos}
+
+    def publish(
+        self, extra: Mapping[str, ArrayLike] | None = None, meta: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Concatenate the parts (all must be done) and ``extra`` arrays into the final folder atomically."""
+        missing = self.todo()
+        if missing:
+            raise RuntimeError(f"cannot publish {self.name}: parts {missing[:5]}... not built")
+        store = self.store
+        final = store.path(self.name, self.settings)
+        store.validate(self.name, self.settings)
+        first = json.loads((self.folder / "part-00000.done").read_text())
+        tmp = store._tmp_folder(self.name, self.settings)
+        try:
+            infos = {}
+            for key, info in first.items():
+                shape = (self.num_items, *info["shape"][1:])
+                out = np.lib.format.open_memmap(
+                    tmp / f"{key}.npy", mode="w+", dtype=info["dtype"], shape=shape
+                )
+                for i in range(self.num_parts):
+                    out[self.part_range(i)] = np.load(self.folder / f"{key}.part-{i:05d}.npy", mmap_mode="r", allow_pickle=False)
+                out.flush()
+                del out
+                infos[key] = {"shape": list(shape), "dtype": info["dtype"], "crc32": file_crc32(tmp / f"{key}.npy")}
+            for key, a in (extra or {}).items():
+                check_key(key)
+                if key in infos:
+                    raise ValueError(f"extra array {key} clashes with a part array")
+                arr = to_numpy(a)
+                save_npy(tmp / f"{key}.npy", arr)
+                infos[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "crc32": file_crc32(tmp / f"{key}.npy")}
+            store._finish(tmp, final, self.name, self.settings, infos, meta)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
