@@ -191,3 +191,28 @@ def test_temp_folders_of_dead_processes_are_removed_live_ones_kept(tmp_path):
         f.mkdir()
     assert sorted(store.clean_stale_temp()) == sorted([gone, init])
     assert mine.is_dir() and odd.is_dir()
+
+
+def test_parts_of_a_cache_published_before_the_kill_are_removed(tmp_path):
+    """A kill between ``PartialBuild.publish``'s rename and its clean-up left the parts (as large as the
+    cache) beside the published cache forever; the next Store over that root removes them, and keeps
+    the parts of a build that has not published yet."""
+    import shutil
+
+    import numpy as np
+
+    from engine.attribution.store import Store
+
+    store = Store(tmp_path, "ckpt", "data")
+    done = store.partial("bank", {"a": 1}, part_size=2, num_items=2)
+    done.save_part(0, {"x": np.ones((2, 3), np.float32)})
+    leftover = done.folder.with_name(done.folder.name + "-copy")
+    shutil.copytree(done.folder, leftover)
+    done.publish()
+    leftover.rename(done.folder)  # the parts as the kill left them, beside the published cache
+    pending = store.partial("other", {"a": 1}, part_size=2, num_items=4)
+    pending.save_part(0, {"x": np.ones((2, 3), np.float32)})
+    assert done.folder.is_dir() and store.exists("bank", {"a": 1})
+    Store(tmp_path, "ckpt", "data")  # what the next command opens
+    assert not done.folder.exists() and store.exists("bank", {"a": 1})
+    assert pending.folder.is_dir() and pending.is_done(0)

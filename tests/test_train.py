@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +84,13 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_preset, digits_small):
     b, _, _ = load_checkpoint(tmp_path / "resumed")
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(va, vb), k
+    # the log goes on as one run: the smoothed loss and the elapsed time are part of the resumable state
+    # (after a resume the loss curve restarted from the next batch's loss and the clock from zero)
+    log_a = json.loads((full / "train_log.json").read_text())
+    log_b = json.loads((tmp_path / "resumed" / "train_log.json").read_text())
+    assert [(r["step"], r["loss"]) for r in log_a] == [(r["step"], r["loss"]) for r in log_b]
+    elapsed = [r["elapsed_s"] for r in log_b]
+    assert elapsed == sorted(elapsed)
     # a finished folder is skipped, not retrained
     mtime = (full / "model.safetensors").stat().st_mtime_ns
     train(preset, full, dataset=digits_small, progress=lambda *a: pytest.fail("retrained a finished run"))
@@ -106,3 +114,32 @@ def test_subset_and_exclude_use_only_selected_images(tmp_path, tiny_preset, digi
     bad = train(preset, tmp_path / "all", dataset=ds, progress=False)
     model, _, _ = load_checkpoint(bad)
     assert not all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_kill_between_the_checkpoint_files_leaves_a_run_that_trains_again(tmp_path, tiny_preset, digits_small,
+                                                                            monkeypatch):
+    """A short run saves no resumable state, so its folder counts as finished once its weights exist:
+    the config is written first and the weights last, and weights without a config do not count
+    (QA: a kill between the two writes left weights only, and every rerun failed on the missing config)."""
+    import engine.model.checkpoint as ckpt_mod
+    from engine.model.train import is_finished
+
+    preset = tiny_preset.replace(train={"steps": 3, "checkpoint_every": 1000})
+    written, real = [], ckpt_mod.atomic_write_bytes
+
+    def killed_after_first(path, data):
+        written.append(Path(path).name)
+        real(path, data)
+        raise _Stop  # the process dies right after its first checkpoint file
+
+    monkeypatch.setattr(ckpt_mod, "atomic_write_bytes", killed_after_first)
+    with pytest.raises(_Stop):
+        train(preset, tmp_path / "run", dataset=digits_small, progress=False)
+    monkeypatch.undo()
+    assert written == ["config.json"] and not is_finished(tmp_path / "run")
+    train(preset, tmp_path / "run", dataset=digits_small, progress=False)  # trains again and finishes
+    assert is_finished(tmp_path / "run")
+    (tmp_path / "run" / "config.json").unlink()  # the state the old order could leave: weights only
+    assert not is_finished(tmp_path / "run")
+    train(preset, tmp_path / "run", dataset=digits_small, progress=False)
+    assert load_checkpoint(tmp_path / "run")[2]["steps"] == 3

@@ -109,6 +109,10 @@ class Store:
         self.base = self.root / checkpoint_hash / data_key
         # The command that rebuilds a refused cache; the session sets it (it knows the preset).
         self.rebuild_hint: str | None = None
+        try:  # what killed writers left behind (a listing of one folder: cheap); a read-only root keeps it
+            self.clean_stale_temp()
+        except OSError:
+            pass
 
     def _fix(self, folder: Path) -> str:
         if self.rebuild_hint:
@@ -349,9 +353,11 @@ class Store:
             os.close(fd)  # closing the descriptor releases the flock
 
     def clean_stale_temp(self) -> list[Path]:
-        """Remove ``.tmp-*`` and ``.partial-*.init-*`` folders whose writer process is gone; returns them.
+        """Remove ``.tmp-*`` and ``.partial-*.init-*`` folders whose writer process is gone, and the
+        ``.partial-*`` folder of a cache already published (a kill between ``PartialBuild.publish``'s
+        rename and its clean-up left the parts, as large as the cache, beside it); returns them.
 
-        Their names end in ``-<pid>-<8 hex>`` (``_tmp_folder``); a folder without a parsable pid is
+        Temporary names end in ``-<pid>-<8 hex>`` (``_tmp_folder``); a folder without a parsable pid is
         left alone.  Temporary files inside ``.partial-*`` folders are removed by ``PartialBuild``.
         """
         removed: list[Path] = []
@@ -359,6 +365,11 @@ class Store:
             return removed
         for folder in self.base.iterdir():
             is_init = folder.name.startswith(".partial-") and ".init-" in folder.name
+            published = self.base / folder.name.removeprefix(".partial-")
+            if folder.name.startswith(".partial-") and not is_init and (published / SETTINGS).is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+                continue
             if not (folder.name.startswith(".tmp-") or is_init) or not folder.is_dir():
                 continue
             parts = folder.name.rsplit("-", 2)

@@ -26,10 +26,11 @@ import torch
 from ..child_process import init_worker
 from ..config import Preset
 from ..files import atomic_write_bytes
-from ..model.checkpoint import WEIGHTS, load_checkpoint
+from ..model.checkpoint import load_checkpoint
 from ..model.data import ImageDataset
 from ..model.diffusion import Diffusion, MCDraws, make_draws
 from ..model.measurements import measure, parse_measurement
+from ..model.train import is_finished
 
 # --- measurements with common random numbers ---------------------------------------------
 
@@ -135,12 +136,6 @@ class TrainTask:
     steps: int
     indices: np.ndarray | None = None
     exclude: np.ndarray | None = None
-
-
-def is_finished(folder: str | Path) -> bool:
-    """A finished run has weights and no resumable state (see engine.model.train)."""
-    folder = Path(folder)
-    return (folder / WEIGHTS).is_file() and not (folder / "train_state.pt").is_file()
 
 
 def _run_task(task: TrainTask, dataset: ImageDataset | None, device: str) -> tuple[str, float]:

@@ -34,9 +34,11 @@ def save_checkpoint(
 
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(folder / WEIGHTS, save(state))
     cfg = {"preset": preset.to_dict(), "extra": extra or {}}
+    # the config first, the weights last: a run counts as finished when its weights exist, so a kill
+    # between the two writes must leave a config without weights (trained again), never the reverse
     atomic_write_bytes(folder / CONFIG, json.dumps(cfg, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(folder / WEIGHTS, save(state))
     return folder
 
 

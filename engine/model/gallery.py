@@ -11,6 +11,7 @@ for real digits, plus the class histogram.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 
 from .. import jsonio
 from ..config import Preset
+from ..files import atomic_write_bytes
 from .data import ImageDataset, to_unit_range
 from .label_classifier import classifier_for, classify, digits_classifier, heldout_quality
 from .sampling import generate, save_grid
@@ -50,9 +52,9 @@ def make_gallery(
         labels, _ = classify(clf, images)
         arrays["labels"] = labels.astype(np.int64)
     path = Path(folder) / GALLERY
-    tmp = path.with_name(".gallery.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -92,8 +94,10 @@ def plot_loss_curve(log_path: str | Path, out_png: str | Path) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    atomic_write_bytes(out_png, buf.getvalue())
 
 
 def write_assets(
@@ -116,5 +120,5 @@ def write_assets(
     if preset.data.name == "digits":
         report = digits_quality(model, preset, dataset, device=device)
     if report:
-        (folder / "sample_quality.json").write_text(jsonio.dumps(report, indent=2))
+        atomic_write_bytes(folder / "sample_quality.json", jsonio.dumps(report, indent=2).encode())
     return report

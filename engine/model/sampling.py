@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ..config import Preset
+from ..files import atomic_write_bytes
 from .data import to_unit_range
 from .diffusion import Diffusion, check_sample_seed
 
@@ -64,8 +66,9 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     arr = (grid * 255).round().astype(np.uint8)
     img = Image.fromarray(arr[0], "L") if c == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def save_npz(
@@ -75,5 +78,6 @@ def save_npz(
     arrays = {"images": to_unit_range(images).numpy().astype(np.float32), "seed": np.array(seed)}
     if trajectory is not None:
         arrays["trajectory"] = trajectory.numpy().astype(np.float32)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **arrays)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())

@@ -30,7 +30,7 @@ from ..files import atomic_torch_save, atomic_write_bytes
 from ..paths import ASSETS
 from ..safe_load import load_plain_state
 from ..validation import check_data_fits_model, check_train_config
-from .checkpoint import WEIGHTS, save_checkpoint
+from .checkpoint import CONFIG, WEIGHTS, save_checkpoint
 from .data import ImageDataset, load_dataset, random_flip
 from .diffusion import Diffusion
 from .unet import build_model
@@ -83,7 +83,7 @@ def train(
     ds = dataset if dataset is not None else load_dataset(preset.data)
     check_data_fits_model(preset.model, ds.shape)
     data_sha = ds.content_digest()
-    if (out / WEIGHTS).is_file() and not (out / STATE).is_file():
+    if is_finished(out):
         keep = None if indices is None and exclude is None else select_indices(len(ds), indices, exclude)
         _check_finished_run(out, preset, total, keep, ds)
         return out  # finished before, with these settings and data
@@ -100,6 +100,7 @@ def train(
     gen = torch.Generator().manual_seed(tc.seed + 1)
     step, log = 0, []
     perm, pos = torch.randperm(n, generator=gen), 0
+    running, elapsed_before = None, 0.0  # smoothed loss for the log; seconds trained before a resume
 
     state_path = out / STATE
     if state_path.is_file():
@@ -122,6 +123,7 @@ def train(
                 f"rerun with the same settings to resume, use another --out, or delete {state_path} to start over"
             )
         step, log, perm, pos = st["step"], st["log"], st["perm"].cpu(), st["pos"]
+        running, elapsed_before = st.get("running"), float(st.get("elapsed_s", 0.0))  # so the log goes on as one run
         # dropout draws from the global RNGs: restore them so a resumed run is exact
         if st.get("torch_rng") is not None:
             torch.set_rng_state(st["torch_rng"].cpu())
@@ -134,8 +136,7 @@ def train(
 
         bar = tqdm(total=total, initial=step, desc=f"train {preset.name}", unit="step")
     model.train()
-    t0 = time.time()
-    running = None
+    t0 = time.time() - elapsed_before
     while step < total:
         if pos + tc.batch_size > n:
             perm, pos = torch.randperm(n, generator=gen), 0
@@ -181,6 +182,8 @@ def train(
                     "perm": perm,
                     "pos": pos,
                     "recipe": _recipe(preset, total, keep, data_sha),
+                    "running": running,
+                    "elapsed_s": time.time() - t0,
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 },
@@ -200,6 +203,14 @@ def train(
     if state_path.is_file():
         state_path.unlink()
     return out
+
+
+def is_finished(folder: str | Path) -> bool:
+    """A finished run has its config and its weights (``save_checkpoint`` writes them in that order)
+    and no resumable state.  Weights without a config (a kill between the two writes before that
+    order) are not finished: the run is trained again, as it would be with neither file."""
+    folder = Path(folder)
+    return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file() and not (folder / STATE).is_file()
 
 
 class TrainingSettingsError(ValueError):
