@@ -377,7 +377,8 @@ def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_miss
     measured; a query with a model still missing stops the run before anything is trained."""
     import engine.attribution.session as session_module
     import engine.evaluation.retrain_top_run as rtr
-    from engine.evaluation.runs import WEIGHTS, TrainTask
+    from engine.evaluation.runs import TrainTask
+    from engine.model.checkpoint import CONFIG, WEIGHTS
     from engine.evaluation.setup import RunSetup
 
     class Session:
@@ -419,7 +420,8 @@ def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_miss
     setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "out", tmp_path / "results", "cpu", False)
     done = tmp_path / "out" / "kfac" / "model"
     done.mkdir(parents=True)
-    (done / WEIGHTS).write_bytes(b"w")  # finished: weights and no train_state.pt
+    (done / CONFIG).write_text("{}")
+    (done / WEIGHTS).write_bytes(b"w")  # finished: config, weights and no train_state.pt
     cfg = rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac", "trak"), train=False)
     with pytest.raises(ValueError, match="1 model"):  # trak's model is missing
         rtr.run_retrain_top(setup, cfg)
