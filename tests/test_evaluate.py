@@ -378,8 +378,8 @@ def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_miss
     import engine.attribution.session as session_module
     import engine.evaluation.retrain_top_run as rtr
     from engine.evaluation.runs import TrainTask
-    from engine.model.checkpoint import CONFIG, WEIGHTS
     from engine.evaluation.setup import RunSetup
+    from engine.model.checkpoint import CONFIG, WEIGHTS
 
     class Session:
         checkpoint_hash = "h"
