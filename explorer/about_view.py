@@ -62,7 +62,7 @@ The loss is an expectation over noise levels $t$ and noise $\varepsilon$; gradie
 random draws. All methods share the same draws for a query (common random numbers), so differences between
 columns come from the methods, not from noise. Where the training gradients share one set of draws and the
 settings say `query_draws = "bank"`, the query takes those same draws: common random numbers between the
-query and every training image as well. The mnist model does: on the LDS subsets of its first shipped weights this raised every
+query and every training image as well. The shipped mnist model does: on the LDS subsets of its first shipped weights this raised every
 gradient method's LDS and K-FAC's label agreement (0.59 to 0.73); it is not the paper's estimator, which
 gives the query draws of its own (the timings caption says which one is in use; the README has the figures).
 """

@@ -44,11 +44,16 @@ def _live(handle: Handle) -> None:
     st.session_state["build_was_running"] = True  # a real build: say when it has finished
     info = handle.session.method_info()
     titles = ", ".join(info.get(n, {}).get("title", n) for n in state.methods)
+    pre = handle.precomputed
+    meanwhile = (
+        "Gallery samples at the default settings show precomputed results meanwhile; everything else is ready "
+        "when the build finishes." if pre is not None and pre.methods_for(handle.session)
+        else "Results are ready when the build finishes."  # no precomputed file for this model (own data)
+    )
     with st.container(border=True):
         st.markdown(
             f"**Building the attribution caches** for {titles} (once per model; saved under "
-            f"`{handle.cache_root}`, resumed if interrupted). Gallery samples at the default settings "
-            "show precomputed results meanwhile; everything else is ready when the build finishes."
+            f"`{handle.cache_root}`, resumed if interrupted). {meanwhile}"
         )
         st.progress(min(max(state.fraction, 0.0), 1.0), text=runtime.build_message(handle, state))
 

@@ -50,7 +50,10 @@ def choose_settings(handle: Handle, has_trajectory: bool) -> Settings:
     )
     spec = kind
     if kind == "loss@t":
-        t = st.sidebar.slider("Timestep t", 1, session.diffusion.T, 500, key="timestep")
+        T = session.diffusion.T
+        if not 1 <= st.session_state.get("timestep", 1) <= T:  # a value kept from a model with more steps
+            del st.session_state["timestep"]
+        t = st.sidebar.slider(f"Timestep t (1..{T})", 1, T, max(1, T // 2), key="timestep")
         spec = f"loss@t={t}"
     st.sidebar.caption(MEASUREMENT_HELP[kind])
 

@@ -98,8 +98,9 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
     entries = lds_records(files, model_key(handle), served)  # this model's, its settings' headline first
     if not entries:
         st.info(
-            f"**No LDS results yet** in `{folder}`. They are produced by `make lds` "
-            "(`python -m engine lds ...`), which retrains many small models; run it once and reload."
+            f"**No LDS results yet** in `{folder}`. They are produced by "
+            f"`{handle.session.command('lds')} --subsets 32 --seeds 1 --queries 32`, which retrains many small "
+            "models (`make lds` for the digits default); run it once and reload."
         )
         return
     info = handle.session.method_info()
@@ -179,7 +180,11 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
 def retrain_results_section(handle: Handle, files: ResultFiles | None = None) -> None:
     """The retraining-without-top-influences results shipped in assets/results (``attribution-engine retrain-top``)."""
     entries = retrain_records(files or result_files(), model_key(handle))
-    if not entries:
+    if not entries:  # say so: the section sat as an empty gap between two dividers
+        query = "gallery:0" if handle.session.gallery() else "train:0"
+        st.caption(f"No results of retraining without the top proponents for this model yet: "
+                   f"`{handle.session.command('retrain-top')} --query {query} --fraction 0.02` "
+                   "writes them (the checks below run the same from this page).")
         return
     st.subheader("Retraining without the top proponents (shipped results)")
     st.markdown(

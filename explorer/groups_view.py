@@ -145,9 +145,11 @@ def _choose_queries(handle: Handle) -> QuerySet | None:
                 f"{session.diffusion.T} denoising steps per batch of 64, once; it is then cached.")
         if st.button(f"Draw {n} samples", key="grp_draw"):
             try:
-                pool = _pool(handle, n, seed, draw=True)
+                _pool(handle, n, seed, draw=True)
             except PoolError as e:
                 st.warning(str(e))
+            else:
+                st.rerun()  # the "no pool yet" note and the button above belong to the page before the draw
     return pool
 
 
@@ -238,9 +240,14 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
         col.metric(f"Mean predicted change ({info[n]['title']})", f"{table[n].mean():+.3e}")
     name = result.ok()[0] if len(result.ok()) == 1 else st.selectbox(
         "Method for the plot", result.ok(), key="grp_plot_method", format_func=lambda n: info[n]["title"])
+    # colour by the samples' predicted labels only when a classifier gave them (none for a user's own data:
+    # the legend read "predicted label: nan")
+    color = "label" if table["label"].notna().any() else None
     data = table.assign(label=table["label"].astype(str))
     names = axis_labels(handle, result.ok(), s.measurement)
-    fig = px.bar(data, x="sample", y=name, color="label",  # the title names the method: a short y axis
+    if color is None:
+        st.caption("No label classifier for this model's data, so the samples are not coloured by label.")
+    fig = px.bar(data, x="sample", y=name, color=color,  # the title names the method: a short y axis
                  labels=names | {name: f"predicted change of the {s.measurement}"},
                  title=f"{info[name]['title']}: predicted change per sample")
     fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
@@ -248,7 +255,7 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
     if len(result.ok()) >= 2:
         a, b = result.ok()[0], result.ok()[1]
         rho = spearman(table[a].to_numpy(), table[b].to_numpy())
-        fig2 = px.scatter(data, x=a, y=b, color="label", hover_data=["sample"], labels=names,
+        fig2 = px.scatter(data, x=a, y=b, color=color, hover_data=["sample"], labels=names,
                           title=f"{info[a]['title']} vs {info[b]['title']}: Spearman {rho:+.3f} over {len(table)} samples")
         fig2.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
         st.plotly_chart(fig2, key="grp_fig_scatter")
@@ -338,8 +345,8 @@ def group_retrain_section(handle: Handle) -> None:
     groups = [(rec, g) for rec in records for g in rec.get("groups", [])]
     if not groups:
         name = handle.session.preset.name
-        st.caption(f"No group retraining results for this model yet: run `attribution-engine group-retrain --preset "
-                   f"{name} --remove label:3 --remove label:8` (writes assets/results/group_retrain_{name}.json).")
+        st.caption(f"No group retraining results for this model yet: run `{handle.session.command('group-retrain')} "
+                   f"--remove label:3 --remove label:8` (writes assets/results/group_retrain_{name}.json).")
         return
     st.caption("The model retrained without the whole group (same recipe and steps), each gallery sample's loss "
                "measured on both models with the same random draws. A method that knows which outputs depend on "
@@ -358,7 +365,9 @@ def group_retrain_section(handle: Handle) -> None:
                 points.append({"group": g["spec"], "method": f"{title(n)} (Spearman {rho:+.2f})", "predicted": p_,
                                "measured": m_, "sample": rec["config"]["queries"][q], "label": str(labels[q])})
     data = pd.DataFrame(points)
-    fig = px.scatter(data, x="predicted", y="measured", color="label", facet_col="method", facet_row="group",
+    labelled = any(p["label"] != "None" for p in points)
+    fig = px.scatter(data, x="predicted", y="measured", color="label" if labelled else None,
+                     facet_col="method", facet_row="group",
                      hover_data=["sample"], title="Predicted vs measured change of the loss, per gallery sample",
                      labels={"predicted": "predicted change of the loss", "measured": "measured change (retrained)",
                              "label": "predicted label", "sample": "gallery sample", "group": "group removed"})
@@ -387,7 +396,8 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
         return
     st.subheader("What do these training images support?")
     building = handle.build.status == "running"
-    if building:  # the ranking needs the influence caches, and the build holds the model meanwhile
+    has_gallery = bool(handle.session.gallery())
+    if building and has_gallery:  # the ranking needs the influence caches, and the build holds the model meanwhile
         from explorer.build_view import waiting_note
 
         waiting_note("Ranking the gallery samples by the images picked here will be ", ".")
@@ -397,14 +407,17 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
                                  "The Groups page's hand-picked group uses these too.")
     st.session_state[PICKED] = list(picked)
     if not picked:
-        st.caption("Pick one or more training images to rank the gallery samples by how much they depend on them.")
+        st.caption("Pick one or more training images to rank the gallery samples by how much they depend on them."
+                   if has_gallery else
+                   "Pick training images to keep them as the Groups page's hand-picked group; this model has no "
+                   "gallery to rank here (the Groups page ranks a pool of generated samples).")
+        return
+    if not has_gallery:
+        st.info("No gallery to rank; use the Groups page with a generated pool.")
         return
     if building:
         return
-    qset = gallery_set(handle.session) if handle.session.gallery() else None
-    if qset is None:
-        st.info("No gallery to rank; use the Groups page with a generated pool.")
-        return
+    qset = gallery_set(handle.session)
     methods = influence_methods(handle)
     if not methods:
         st.warning(f"No influence method is built ({influence_titles(handle)}): the ranking needs one.")

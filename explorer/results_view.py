@@ -187,19 +187,47 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             c2.caption(" · ".join(notes) if notes else "similarity score")
             similarity = r.kind == "similarity"
             top, bottom = r.top(s.top_k, labels), r.bottom(s.top_k, labels)
-            st.markdown("**Most similar**" if similarity else "**Proponents** · removing them makes the query less likely")
+            if similarity:
+                top_heading, bottom_heading = "**Most similar**", "**Least similar**"
+            else:
+                top_heading, bottom_heading = influence_headings([x.score for x in top], [x.score for x in bottom])
+            st.markdown(top_heading)
             cell = cell_size(max(ds.shape[1:]))
             st.image(
                 [display(ds.images[x.index], cell, border=4) for x in top],
                 caption=[_caption(ds, x.index, x.score) for x in top],
                 width=cell + 8,
             )
-            st.markdown("**Least similar**" if similarity else "**Opponents** · removing them makes the query more likely")
+            st.markdown(bottom_heading)
             st.image(
                 [display(ds.images[x.index], cell, border=4) for x in bottom],
                 caption=[_caption(ds, x.index, x.score) for x in bottom],
                 width=cell + 8,
             )
+
+
+def influence_headings(top: list[float], bottom: list[float]) -> tuple[str, str]:
+    """Headings of an influence method's highest and lowest scores, true to their signs.
+
+    A score is the predicted change of the query's measurement (loss-like: lower = more likely) when
+    the image is removed (eq. 6): positive = a proponent (removing it makes the query less likely),
+    negative = an opponent.  The two ends of the ranking need not have opposite signs: on a barely
+    trained model every image can raise the query's loss, and with the trajectory measurement every
+    image can lower it, so "Opponents" over positive scores (or "Proponents" over negative ones) would
+    say the opposite of what the numbers predict."""
+    if all(v > 0 for v in top):
+        head = "**Proponents** · removing them makes the query less likely"
+    elif all(v < 0 for v in top):
+        head = "**Highest scores** · all negative: removing any training image makes the query more likely"
+    else:
+        head = "**Highest scores** · the positive ones are proponents (removing them makes the query less likely)"
+    if all(v < 0 for v in bottom):
+        tail = "**Opponents** · removing them makes the query more likely"
+    elif all(v > 0 for v in bottom):
+        tail = "**Lowest scores** · still positive: removing them makes the query slightly less likely, not more"
+    else:
+        tail = "**Lowest scores** · the negative ones are opponents (removing them makes the query more likely)"
+    return head, tail
 
 
 def query_independence_note(d) -> str:

@@ -237,6 +237,8 @@ def test_gallery_measurement_damping_and_methods(app_env, monkeypatch):
     assert len(queries) == 2, "showing fewer methods must not recompute anything"
 
     at.selectbox(key="measurement").set_value("loss@t").run()
+    _ok(at)  # the slider starts inside this model's 1..T (it started at 500 whatever T was: an error for T = 100)
+    assert at.slider(key="timestep").value == 50 and queries[-1][0][1] == "loss@t=50"
     at.slider(key="timestep").set_value(25).run()
     _ok(at)
     assert queries[-1][0][1] == "loss@t=25"
@@ -508,3 +510,19 @@ def test_a_spawned_child_does_not_rerun_the_app(monkeypatch):
     assert callable(ns["main"])
     with pytest.raises(AssertionError, match="__mp_main__"):
         runpy.run_path(str(Path(__file__).resolve().parent.parent / "explorer" / "app.py"), run_name="__main__")
+
+
+def test_influence_headings_follow_the_signs_shown():
+    """"Opponents" over positive scores said removing them makes the query more likely while the scores
+    predicted the opposite (QA: a barely trained model whose every image raises the loss; the trajectory
+    measurement, whose every score was negative)."""
+    from explorer.results_view import influence_headings
+
+    top, bottom = influence_headings([3.0, 1.0], [-1.0, -2.0])
+    assert top.startswith("**Proponents**") and bottom.startswith("**Opponents**")
+    top, bottom = influence_headings([3.0, 2.0], [0.5, 0.1])  # every image a proponent
+    assert top.startswith("**Proponents**") and "still positive" in bottom and "Opponents" not in bottom
+    top, bottom = influence_headings([-0.1, -0.5], [-3.0, -4.0])  # every image an opponent
+    assert "all negative" in top and "Proponents" not in top and bottom.startswith("**Opponents**")
+    top, bottom = influence_headings([1.0, -0.1], [0.2, -3.0])  # a short ranking: both ends mixed
+    assert "positive ones are proponents" in top and "negative ones are opponents" in bottom

@@ -227,7 +227,8 @@ def test_the_page_is_drawn_again_once_the_cache_check_knows_what_cannot_run(monk
 
     info = {n: {"title": n.upper()} for n in ("kfac", "clip")}
     handle = types.SimpleNamespace(build=BuildState(status="running", started=0.0),
-                                   session=types.SimpleNamespace(method_info=lambda: info), cache_root="/c")
+                                   session=types.SimpleNamespace(method_info=lambda: info), cache_root="/c",
+                                   precomputed=None)
     monkeypatch.setitem(sys.modules, "_fake_build", types.SimpleNamespace(handle=handle))
 
     def page():

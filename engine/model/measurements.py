@@ -54,7 +54,8 @@ CATALOGUE: tuple[MeasurementInfo, ...] = (
     ),
     MeasurementInfo(
         "loss@t", "Loss at one timestep t",
-        "The loss at a single noise level t (1 = almost clean, 1000 = pure noise).",
+        "The loss at a single noise level t (1 = almost clean, T = pure noise; T is the model's number "
+        "of diffusion steps: 1000 for the paper's DDPMs, 100 for the mnist preset).",
     ),
     MeasurementInfo(
         "square-norm", "Square norm (D-TRAK's measurement)",
