@@ -1,6 +1,6 @@
 """Diffusion Attribution Explorer: the Streamlit entry point (layout only; all computation is in engine/).
 
-Run:  streamlit run explorer/app.py -- --preset digits [--checkpoint PATH] [--cache DIR] [--device cpu]
+Run:  streamlit run explorer/app.py -- --preset digits [--checkpoint PATH] [--data-root DIR] [--cache DIR] [--device cpu]
 (or set ATTRIBUTION_PRESET / ATTRIBUTION_CHECKPOINT / ATTRIBUTION_CACHE / ATTRIBUTION_DEVICE).
 ``--cache-root DIR`` (the CLI's spelling) is ``--cache DIR``; any other unknown flag is refused on the page.
 """

@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     unknown flag: a misspelt ``--cache`` silently building a new cache under ./cache costs minutes."""
     env = dict(os.environ) if env is None else env
     p = _Parser(prog="explorer/app.py", add_help=False, allow_abbrev=False)
-    p.add_argument("--preset", default=None, help="preset name (digits, cifar2, cifar10) or a preset .json")
+    p.add_argument("--preset", default=None, help="preset name (digits, mnist, cifar2, cifar10) or a preset .json")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the preset's)")
     p.add_argument("--cache", "--cache-root", dest="cache", default=None,
                    help="cache root (default: ATTRIBUTION_CACHE or ./cache)")
