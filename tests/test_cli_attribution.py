@@ -326,3 +326,24 @@ def test_gallery_query_on_an_empty_cache_answers_with_the_checkpoints_precompute
     # another M is another setting: the file's scores are not shown for it
     other = json.loads(run(empty, *query, small=["--mc-samples", "3", "--trak-dim", "32"], expect=2))  # nothing scored
     assert "precomputed_methods" not in other["query"] and other["methods"]["kfac"]["status"] == "unavailable"
+
+
+@pytest.mark.parametrize("draws", ["per-example", "shared"])
+def test_bench_compressed_runs_with_either_kind_of_training_draws(setup, digits_small, tmp_path, draws):
+    """``bench-compressed`` gave every training row the whole draw object: with per-example draws (the
+    digits preset's) it crashed ('PerExampleDraws' object has no attribute 'to'; QA on a user's model)."""
+    import dataclasses
+
+    from test_session import TINY_ATTRIBUTION
+
+    from engine.attribution.session import AttributionSession
+    from engine.bench.compressed import run_compressed_digits
+
+    folder, _ = setup
+    s = AttributionSession("digits", checkpoint=folder, device="cpu", cache_root=tmp_path, dataset=digits_small,
+                           config=dataclasses.replace(TINY_ATTRIBUTION, draws=draws))
+    s.build(["kfac"])
+    rec = run_compressed_digits(s, ratios=(8.0,), kinds=("gaussian",), candidates=4, build_examples=9,
+                                timed_queries=1, rerank_timed=4, log=lambda m: None)
+    (v,) = rec["variants"]
+    assert v["build_s"] > 0 and -1.0 <= v["spearman_median"] <= 1.0

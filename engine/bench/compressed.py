@@ -114,7 +114,8 @@ def run_compressed_digits(
             b = min(build_examples, n)
             t0 = time.perf_counter()
             for s in range(0, b, 8):
-                projected_grads(ctx.model, ctx.diffusion, ctx.dataset.images[s : min(b, s + 8)], ctx.train_draws,
+                rows = slice(s, min(b, s + 8))  # per-example draws are each row's own (as compressed_bank's build)
+                projected_grads(ctx.model, ctx.diffusion, ctx.dataset.images[rows], ctx.train_draws.for_rows(rows),
                                 ctx.params, comp.projections, comp.blocks)
             build_s = (time.perf_counter() - t0) / b * n
             cfg = dataclasses.replace(session.config, kfac_bank="compressed", kfac_projection=kind,
@@ -147,7 +148,7 @@ def run_compressed_digits(
                 prep = method.prepare(ctx_c, None, grads[0])
                 idx, _ = local_candidates(method.score(prep, lam), rerank_timed // 2)
                 t0 = time.perf_counter()
-                exact = rerank_scores(ctx.model, ctx.diffusion, ctx.dataset.images[idx], ctx.train_draws,
+                exact = rerank_scores(ctx.model, ctx.diffusion, ctx.dataset.images[idx], ctx.train_draws.for_indices(idx),
                                       kfac.factors, ctx.params, kfac.factors.rotate(grads[0].to(ctx.device)),
                                       [lam], n)[:, 0]
                 per = (time.perf_counter() - t0) / len(idx)
