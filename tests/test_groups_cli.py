@@ -114,3 +114,16 @@ def test_copy_check_json(cli, pools):
         assert 0.0 <= r["top1_share"] <= r["top5_share"] <= 1.0
         assert r["near_copy"] == (r["relative_distance"] < 0.5)
     assert np.isfinite(res["training_flag_rate"])
+
+
+def test_group_retrain_with_nothing_finished_keeps_the_last_results(cli, tmp_path):
+    """``group-retrain --no-train`` before any model is finished wrote ``"groups": []`` over the last
+    record and exited 0 (QA); it now says so, exit 2, and leaves the file as it was."""
+    results = tmp_path / "results"
+    results.mkdir()
+    earlier = results / "group_retrain_tiny.json"
+    earlier.write_text('{"groups": [{"spec": "label:0"}]}')
+    rc, out, err = cli("group-retrain", "--remove", "label:2", "--no-train", "--out", str(tmp_path / "models"),
+                       "--results", str(results), "--methods", "kfac")
+    assert rc == 2 and "no group's retrained model is finished yet" in err and "left as it was" in err, err
+    assert earlier.read_text() == '{"groups": [{"spec": "label:0"}]}'

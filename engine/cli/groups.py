@@ -260,8 +260,11 @@ def cmd_group_retrain(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as e:
         return fail(e)
     results = Path(args.results) if args.results else REPO_ROOT / "assets" / "results"
-    results.mkdir(parents=True, exist_ok=True)
     path = results / f"group_retrain_{session.preset.name}.json"
+    if not record["groups"]:  # --no-train before any model is finished: an empty record replaced the last one
+        return fail(ValueError(f"no group's retrained model is finished yet, so nothing was measured; "
+                               f"{path} is left as it was"))
+    results.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(record, indent=1).encode())
     print(format_group_retrain(record))
     print(f"wrote {path}")
