@@ -113,3 +113,17 @@ def test_the_cli_refuses_an_unknown_ablation_with_the_valid_names(tmp_path, caps
     assert main(["lds-ablation", "--run", str(tmp_path), "--ablations", "draws,nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown ablation(s) ['nope']" in err and "trak_dim" in err and "query_draws" in err
+
+
+def test_a_folder_that_is_not_an_lds_run_is_refused_before_any_build(tmp_path, digits_small, monkeypatch):
+    """``lds-ablation --run`` naming a wrong folder failed only after building every variant's caches (QA)."""
+    import engine.evaluation.lds_ablation as abl
+    from engine.evaluation.lds import LDSConfig
+
+    setup = _tiny_setup(tmp_path, digits_small, steps=1)
+    monkeypatch.setattr(abl, "build_variants", lambda *a, **k: pytest.fail("built caches for a folder that is no run"))
+    job = abl.AblationJob(run=tmp_path / "not_a_run", checkpoint=setup.checkpoint, ablations=("draws",),
+                          cache_root=tmp_path / "c", baseline_cache=None, out=tmp_path / "o",
+                          results=tmp_path / "r", lds=LDSConfig(subsets=4, seeds=1))
+    with pytest.raises(FileNotFoundError, match="not an LDS run folder"):
+        abl.run_ablations(job)

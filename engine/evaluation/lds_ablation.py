@@ -376,10 +376,11 @@ def run_ablations(job: AblationJob) -> list[Path]:
     dataset = load_dataset(preset.data)
     job.out.mkdir(parents=True, exist_ok=True)
     setup = RunSetup(preset, job.checkpoint, dataset, job.out, job.results, job.device, False)
+    # the run folder is checked before the builds (minutes), not after them; --build-only needs no models
+    masks = None if job.build_only else read_subsets(job.run, dataset, job.lds)
     build_variants(setup, list(job.ablations), job.cache_root, job.baseline_cache)
-    if job.build_only:
+    if masks is None:
         return []
-    masks = read_subsets(job.run, dataset, job.lds)
     queries, source = run_queries(job.run, setup, job.queries)
     per_seed = measured_readonly(job.run, masks, job.lds.seeds, queries, job.spec, dataset.levels, job.out, job.device)
     finished = int(np.all(np.isfinite(seed_average(per_seed)), axis=0).sum())
