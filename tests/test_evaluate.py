@@ -433,3 +433,21 @@ def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_miss
     # without --no-train the same call trains what is missing
     rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac", "trak")))
     assert [t.name for t in trained] == ["kfac", "trak"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fraction", "0"], "--fraction must lie strictly between 0 and 1"),
+    (["--fraction", "1.5"], "--fraction must lie strictly between 0 and 1"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--subsets", "2"], "--subsets must be at least 3 to score an LDS"),
+])
+def test_lds_refuses_bad_run_settings_before_writing_or_training(tmp_path, capsys, argv, message):
+    """A fraction of 0 wrote the run's files before failing; 2 subsets trained both models and only then
+    failed (QA). Each is one error line now, with nothing written."""
+    from engine.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["lds", "--out", str(out), "--results", str(tmp_path / "res"), "--queries", "4", "--subsets", "4", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "res").exists()

@@ -57,6 +57,18 @@ class LDSConfig:
     fraction: float = 0.5
     subset_seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Refused before anything is written or trained (a fraction of 0 wrote the run's files first).
+        Fewer than 3 subsets can be trained but not scored (``run_lds`` refuses them when it evaluates)."""
+        from ..validation import InvalidSettingError
+
+        if int(self.subsets) < 1:
+            raise InvalidSettingError(f"--subsets must be at least 1, got {self.subsets}")
+        if int(self.seeds) < 1:
+            raise InvalidSettingError(f"--seeds must be at least 1, got {self.seeds}")
+        if not 0.0 < float(self.fraction) < 1.0:
+            raise InvalidSettingError(f"--fraction must lie strictly between 0 and 1, got {self.fraction}")
+
 
 class SubsetMismatchError(RuntimeError):
     """An existing subsets file was made with other settings: refusing to mix benchmarks."""

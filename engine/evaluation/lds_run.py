@@ -19,6 +19,7 @@ import torch
 
 from ..config import attribution_key
 from ..files import atomic_torch_save, atomic_write_bytes, save_json, save_npz
+from ..validation import InvalidSettingError
 from .lds import (
     LDSConfig,
     ScoreFn,
@@ -187,6 +188,9 @@ class LDSRun:
 
 def run_lds(setup: RunSetup, cfg: LDSConfig, run: LDSRun) -> int:
     """Train the subset models (resumable), then measure, score and write the results."""
+    if run.evaluate and cfg.subsets < 3:  # before training: 2 subsets trained their models, then failed
+        raise InvalidSettingError(f"--subsets must be at least 3 to score an LDS (a Spearman correlation over "
+                                  f"the subsets), got {cfg.subsets}; --train-only trains fewer")
     setup.out.mkdir(parents=True, exist_ok=True)
     print(
         f"LDS run in {setup.out}: K={cfg.subsets} subsets x R={cfg.seeds} seeds, alpha={cfg.fraction}, "
