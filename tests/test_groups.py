@@ -14,6 +14,7 @@ from engine.attribution.copycheck import (
     NEAR_COPY_RATIO,
     concentration,
     copy_check,
+    explain,
     nearest_neighbours,
     pixel_distances,
 )
@@ -220,6 +221,10 @@ def test_pixel_distance_units_and_a_planted_copy(digits_small):
     rows = copy_check(scores, images, train, ["a", "b"])
     assert rows[0].query == "a" and rows[0].near_copy and rows[0].influence_agrees
     assert not rows[1].near_copy
+    assert "typical distance to its 50 next-closest" in explain(rows[0])
+    # a training set of 40 has 39 other images: the words say what was averaged (they said 50; QA)
+    few = copy_check(scores[:, :40], images, train[:40], ["a", "b"])
+    assert few[0].neighbours == 39 and "its 39 next-closest training images" in explain(few[0])
 
 
 # --- group retraining check -------------------------------------------------------------------------

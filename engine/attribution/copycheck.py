@@ -58,6 +58,7 @@ class CopyRow:
     relative_distance: float
     near_copy: bool
     influence_agrees: bool
+    neighbours: int = NEIGHBOURS  # the next-closest images the typical distance averages (fewer when N is small)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +121,7 @@ def copy_check(
                 relative_distance=float(rel[q]),
                 near_copy=bool(rel[q] < NEAR_COPY_RATIO),
                 influence_agrees=bool(int(nearest[q]) in set(int(i) for i in top[q])),
+                neighbours=max(1, min(NEIGHBOURS, train.shape[0] - 1)),  # as nearest_neighbours caps it
             )
         )
     rows.sort(key=lambda r: (r.relative_distance, -r.top5_share))
@@ -138,7 +140,7 @@ def explain(row: CopyRow) -> str:
     closeness = (
         f"its closest training image is #{row.nearest}, at a pixel distance of {row.nearest_distance:.3f} "
         f"(0 = identical, 1 = opposite), {row.relative_distance:.2f} times the typical distance to its "
-        f"{NEIGHBOURS} next-closest training images"
+        f"{row.neighbours} next-closest training images"
     )
     verdict = (
         "That is unusually close: flagged as a possible near-copy."
