@@ -243,6 +243,11 @@ def test_bench_pieces_int8_agreement_and_table(bench_session):
         }
     )
     assert "int8 vs float32" in table and "kfac" in table and "bootstrap interval" in table
+    # without a classifier the column is "-": the table says why (only the JSON did; QA)
+    unlabelled = format_table({"preset": "own", "mc_samples": 4, "device": "cpu", "threads": 1, "cache": "reused",
+                               "methods": ["kfac"], "build": {},
+                               "agreement_top10": {"note": "needs a labelled data set with a classifier"}})
+    assert "top-10 label agreement: not measured: needs a labelled data set with a classifier" in unlabelled
 
 
 @pytest.mark.slow

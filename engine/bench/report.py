@@ -66,6 +66,8 @@ def format_table(r: dict[str, Any]) -> str:
     lines.append(f"warm session peak RSS:       {mem.get('peak_rss_mb', float('nan')):.0f} MB (now {mem.get('rss_mb', float('nan')):.0f} MB)")
     lines.append(f"  (this process after imports, before any session: {r.get('memory_after_imports', {}).get('rss_mb', float('nan')):.0f} MB)")
     lines.append(f"build process peak RSS:      {b.get('memory', {}).get('peak_rss_mb', float('nan')):.0f} MB")
+    if ag.get("note"):  # the column's "-": say why (it was only in the JSON)
+        lines.append(f"top-10 label agreement: not measured: {ag['note']}")
     if "chance" in ag:
         lines.append(f"top-10 label agreement chance level: {ag['chance']:.3f}")
     if ag.get("ci95"):
