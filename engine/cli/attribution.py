@@ -66,7 +66,7 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
                    help="compressed bank: full bank bytes / compressed bank bytes (default 32)")
     p.add_argument("--kfac-rerank", type=int, default=None,
                    help="compressed bank: candidates re-ranked exactly at each end (default 256; 0: none)")
-    p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or ./cache)")
+    p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or cache/ under the repository)")
 
 
 def parse_damping(specs: list[str] | None) -> dict[str, float]:

@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="attribution-engine",
         description="Diffusion Attribution Explorer engine: train DDPMs, sample, build "
         "attribution caches, query influences and evaluate them.",
+        epilog="Default folders (cache/, runs/..., assets/results) are under the repository, whatever the "
+        "current folder; --cache-root, --out and --results put them elsewhere.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in sorted(REGISTRY, key=lambda fn: _ORDER.index(fn.__module__.rsplit(".", 1)[-1])):
