@@ -296,9 +296,12 @@ class RetrainJob:
         self._set("done", 1.0)
 
     def measure(
-        self, removed: np.ndarray, scores: np.ndarray, kind: str, seconds: float = 0.0
+        self, removed: np.ndarray, scores: np.ndarray, kind: str, seconds: float | None = None
     ) -> dict[str, Any]:
-        """Measured changes (retrained minus full model, same draws) and the result record."""
+        """Measured changes (retrained minus full model, same draws) and the result record.
+
+        ``seconds``: the job's wall time when it ran as one job (the app); None (JSON null) when its models
+        were trained in a shared worker pool (the CLI), where no per-job time exists (it said 0.0)."""
         spec, levels, dev = self.plan.spec, self.session.dataset.levels, self.session.device
         x = self.query.image[None].cpu()
         full = float(
