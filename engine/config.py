@@ -330,8 +330,14 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str) -> Preset:
-    """Look up a preset by name, or load one from a JSON file path."""
+def get_preset(name: str, data_root: str | None = None) -> Preset:
+    """Look up a preset by name, or load one from a JSON file path; ``data_root`` (``--data-root``, the
+    CLI's and the app's) replaces its data folder."""
+    preset = _named_preset(name)
+    return preset.replace(data={"root": data_root}) if data_root else preset
+
+
+def _named_preset(name: str) -> Preset:
     if name in PRESETS:
         return PRESETS[name]
     if name.endswith(".json"):

@@ -209,17 +209,14 @@ class Handle:
 def get_handle(args: AppArgs) -> Handle:
     """The process-wide handle: one session, one build worker, shared by every tab and session."""
     from engine.attribution.precomputed import FILE
+    from engine.config import get_preset
     from engine.paths import cache_root
     from engine.threads import configure_threads
 
     configure_threads("the app")
-    from engine.config import get_preset
-
-    preset = get_preset(args.preset)
-    if args.data_root:
-        preset = preset.replace(data={"root": args.data_root})
     session = AttributionSession(
-        preset=preset, checkpoint=args.checkpoint, device=args.device, cache_root=args.cache, preset_spec=args.preset
+        preset=get_preset(args.preset, args.data_root), checkpoint=args.checkpoint, device=args.device,
+        cache_root=args.cache, preset_spec=args.preset,
     )
     handle = Handle(
         session=session,

@@ -57,9 +57,7 @@ def subcommand(
 
 def resolve(args: argparse.Namespace):
     """Preset (with --data-root applied), checkpoint folder and device from common args."""
-    preset = get_preset(args.preset)
-    if getattr(args, "data_root", None):
-        preset = preset.replace(data={"root": args.data_root})
+    preset = get_preset(args.preset, getattr(args, "data_root", None))
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(preset.name)
     return preset, ckpt, args.device or best_device()
 
