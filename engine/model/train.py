@@ -85,7 +85,7 @@ def train(
     data_sha = ds.content_digest()
     if is_finished(out):
         keep = None if indices is None and exclude is None else select_indices(len(ds), indices, exclude)
-        _check_finished_run(out, preset, total, keep, ds)
+        _check_finished_run(out, preset, total, keep, data_sha, len(ds))
         return out  # finished before, with these settings and data
     keep = select_indices(len(ds), indices, exclude)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +247,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 def _check_finished_run(
-    out: Path, preset: Preset, total: int, keep: np.ndarray | None, dataset: ImageDataset
+    out: Path, preset: Preset, total: int, keep: np.ndarray | None, data_sha: str, num_train: int
 ) -> None:
     """Refuse to report a finished run made with other settings, or on other data, as this command's result.
 
@@ -261,11 +261,11 @@ def _check_finished_run(
     old = _recipe(old_preset, old_total, None)
     new = _recipe(preset, total, None)
     if extra.get("data_sha") is not None:
-        old["data_sha"], new["data_sha"] = extra["data_sha"], dataset.content_digest()
+        old["data_sha"], new["data_sha"] = extra["data_sha"], data_sha
     else:
         old["data"]["root"], new["data"]["root"] = old_preset.data.root, preset.data.root
         if keep is None and extra.get("num_train") is not None:
-            old["num_train"], new["num_train"] = int(extra["num_train"]), len(dataset)
+            old["num_train"], new["num_train"] = int(extra["num_train"]), num_train
     if keep is not None:
         new["indices_sha"] = _indices_digest(keep)
         old["indices_sha"] = extra.get("indices_sha")
