@@ -358,14 +358,16 @@ def group_retrain_section(handle: Handle) -> None:
 
     points = []
     for rec, g in groups:
-        labels = rec["config"].get("query_labels") or [None] * len(g["measured_change"])
+        # the gallery's classifier labels, -1 (or absent) where there is no classifier, as QuerySet.labels
+        labels = [None if v is None or v < 0 else int(v)
+                  for v in rec["config"].get("query_labels") or [None] * len(g["measured_change"])]
         for n, pred in g["predicted_change"].items():
             rho = g["comparison"][n]["spearman"]
             for q, (p_, m_) in enumerate(zip(pred, g["measured_change"], strict=True)):
                 points.append({"group": g["spec"], "method": f"{title(n)} (Spearman {rho:+.2f})", "predicted": p_,
-                               "measured": m_, "sample": rec["config"]["queries"][q], "label": str(labels[q])})
-    data = pd.DataFrame(points)
-    labelled = any(p["label"] != "None" for p in points)
+                               "measured": m_, "sample": rec["config"]["queries"][q], "label": labels[q]})
+    labelled = any(p["label"] is not None for p in points)  # else no legend of "-1" or "None"
+    data = pd.DataFrame(points).assign(label=lambda d: d["label"].astype(str))
     fig = px.scatter(data, x="predicted", y="measured", color="label" if labelled else None,
                      facet_col="method", facet_row="group",
                      hover_data=["sample"], title="Predicted vs measured change of the loss, per gallery sample",

@@ -75,7 +75,8 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
     scatter = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "Spearman" in c.proto.spec)
     assert scatter["layout"]["xaxis"]["title"]["text"] == "K-FAC Influence: predicted change of the loss"
     assert "evidence, not proof" in " ".join(i.value for i in at.info)
-    assert "Predicted vs measured" in str(at.get("plotly_chart")[-1].proto.spec)
+    retrain = json.loads(at.get("plotly_chart")[-1].proto.spec)
+    assert "Predicted vs measured" in str(retrain) and retrain["layout"]["legend"]["title"]["text"] == "predicted label"
     assert {b.label for b in at.get("download_button")} >= {"Download predicted changes (CSV)", "Download this view (PNG)"}
 
     # a hand-picked group with a bad index is a message, not a failure
@@ -94,6 +95,14 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
     _ok(at)
     assert "8 samples (pool:8)" in _texts(at)
     assert (8, 0) in handle.group_pools
+
+    # a gallery without classifier labels (-1) gives the retraining plot no legend of "-1"
+    record["config"]["query_labels"] = [-1, -1, -1]
+    (Path(app_env["ATTRIBUTION_RESULTS"]) / "group_retrain_tiny.json").write_text(json.dumps(record))
+    at.radio(key="grp_queries").set_value("Gallery").run()
+    _ok(at)
+    retrain = json.loads(next(c.proto.spec for c in at.get("plotly_chart") if "Predicted vs measured" in c.proto.spec))
+    assert "title" not in retrain["layout"].get("legend", {})
 
 
 @pytest.mark.slow
