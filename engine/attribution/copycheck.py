@@ -72,6 +72,12 @@ def pixel_distances(images: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
     return (d2.clamp_min(0.0) / a.shape[1]).sqrt() / 2.0  # /2: [-1, 1] -> [0, 1] units
 
 
+def neighbour_count(num_train: int, k: int = NEIGHBOURS, exclude_self: bool = False) -> int:
+    """How many next-closest images the typical distance averages: ``k``, fewer when the training set
+    has fewer other images (at least 1)."""
+    return max(1, min(k, num_train - 1 - int(exclude_self)))
+
+
 def nearest_neighbours(
     images: torch.Tensor, train: torch.Tensor, k: int = NEIGHBOURS, exclude_self: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,7 +85,7 @@ def nearest_neighbours(
     d = pixel_distances(images, train)
     if exclude_self:
         d.fill_diagonal_(float("inf"))
-    k = max(1, min(k, d.shape[1] - 1 - int(exclude_self)))
+    k = neighbour_count(d.shape[1], k, exclude_self)
     vals, idx = torch.topk(d, k + 1, dim=1, largest=False)
     d1 = vals[:, 0]
     rest = vals[:, 1:].mean(1)
@@ -121,7 +127,7 @@ def copy_check(
                 relative_distance=float(rel[q]),
                 near_copy=bool(rel[q] < NEAR_COPY_RATIO),
                 influence_agrees=bool(int(nearest[q]) in set(int(i) for i in top[q])),
-                neighbours=max(1, min(NEIGHBOURS, train.shape[0] - 1)),  # as nearest_neighbours caps it
+                neighbours=neighbour_count(train.shape[0]),  # what nearest_neighbours averaged
             )
         )
     rows.sort(key=lambda r: (r.relative_distance, -r.top5_share))

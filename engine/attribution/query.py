@@ -148,13 +148,13 @@ class QuerySources:
 
     def __init__(
         self, preset: Preset, model: nn.Module, diffusion: Diffusion, dataset: ImageDataset,
-        device: torch.device, checkpoint: Path, assets_command: str | None = None,
+        device: torch.device, checkpoint: Path, assets_command: str,
     ):
         """``assets_command``: the command that makes this checkpoint's gallery, for the error when there is
         none (the session's, ``AttributionSession.command("assets")``, names the same files)."""
         self.preset, self.model, self.diffusion, self.dataset = preset, model, diffusion, dataset
         self.device, self.checkpoint = device, Path(checkpoint)
-        self.assets_command = assets_command or f"attribution-engine assets --preset {preset.name} --checkpoint {checkpoint}"
+        self.assets_command = assets_command
         self._gallery: list[GalleryItem] | None = None
         self._classifier: Any = None
 

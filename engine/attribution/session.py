@@ -105,7 +105,7 @@ class AttributionSession:
         self.model = model
         self.diffusion = Diffusion(self.preset.diffusion)
         self.dataset: ImageDataset = dataset if dataset is not None else load_dataset(self.preset.data)
-        self._check_shapes()
+        check_data_fits_model(self.preset.model, self.dataset.shape)
         self.checkpoint_hash = checkpoint_hash(folder)
         self.auto_build = auto_build
 
@@ -133,9 +133,6 @@ class AttributionSession:
         self.startup_ms = (time.perf_counter() - t0) * 1000.0
 
     # --- setup ------------------------------------------------------------------------
-
-    def _check_shapes(self) -> None:
-        check_data_fits_model(self.preset.model, self.dataset.shape)
 
     def _make_context(self):
         from .context import make_context

@@ -35,6 +35,7 @@ import torch
 from ..config import Preset
 from ..files import save_npz
 from ..model.data import ImageDataset
+from ..validation import InvalidSettingError
 from .noise_ceiling import seed_agreement
 from .runs import (
     MeasureSpec,
@@ -60,8 +61,6 @@ class LDSConfig:
     def __post_init__(self) -> None:
         """Refused before anything is written or trained (a fraction of 0 wrote the run's files first).
         Fewer than 3 subsets can be trained but not scored (``run_lds`` refuses them when it evaluates)."""
-        from ..validation import InvalidSettingError
-
         if int(self.subsets) < 1:
             raise InvalidSettingError(f"--subsets must be at least 1, got {self.subsets}")
         if int(self.seeds) < 1:
