@@ -96,6 +96,9 @@ def test_reverse_json_on_a_pool_ranks_by_the_training_image_score(cli, pools):
          "error: pool seed (--pool-seed) must be an integer from 0 to"),
         (("copy-check", "--method", "pixel"), "copy-check --method pixel: a similarity has no influence mass"),
         (("copy-check", "--method", "kfac,trak"), "copy-check --method takes one method"),
+        # accepted before, listing no sample (0) or all but the last (-1)
+        (("copy-check", "--top-k", "0"), "error: --top-k must be at least 1, got 0"),
+        (("copy-check", "--top-k", "-1"), "error: --top-k must be at least 1, got -1"),
     ],
 )
 def test_bad_input_is_one_line_error(cli, argv, message):

@@ -177,6 +177,8 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
     from ..attribution.copycheck import CAVEAT, copy_check, explain, training_flag_rate
 
     try:
+        if args.top_k < 1:
+            raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
         names = parse_methods(args.method) or []
         if len(names) != 1:
             raise ValueError(f"copy-check --method takes one method, got {args.method!r}")
