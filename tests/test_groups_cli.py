@@ -49,7 +49,7 @@ def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
     assert res["group"] == {"spec": "label:3", "size": int((digits_small.labels == 3).sum())}
     assert res["measurement"] == "loss" and set(res["methods"]) == {"kfac", "trak", "dtrak"}
     for entry in res["methods"].values():
-        assert set(entry) == {"queries"}
+        assert set(entry) == {"queries", "damping"}
         assert [q["query"] for q in entry["queries"]] == ["gallery:0", "gallery:1", "gallery:2"]
         for q in entry["queries"]:
             assert set(q) == {"query", "label", "predicted_change"}
@@ -81,6 +81,23 @@ def test_reverse_json_on_a_pool_ranks_by_the_training_image_score(cli, pools):
     assert changes == sorted(changes, reverse=True)
     assert any(p.name.startswith("pool_") for p in pools.iterdir())  # the pool was cached
     assert any(p.name.startswith("matrix_") for p in pools.iterdir())  # and its matrix
+
+
+def test_group_and_reverse_json_record_each_methods_damping(cli):
+    """The scores depend on the damping, but group and reverse JSON did not say which (QA); each method's
+    entry now has ``damping``, as in ``query --json``: the one asked for, else the preset's."""
+    rc, out, err = cli("query", "--query", "gallery:0", "--methods", "kfac,trak", "--auto-build", "--json")
+    assert rc == 0, err
+    default = {n: e["damping"] for n, e in json.loads(out)["methods"].items()}
+    assert default["kfac"] != 1e-3 and default["trak"] != 2e-2
+    rc, out, err = cli("group", "--remove", "label:3", "--methods", "kfac,trak", "--damping", "kfac=1e-3", "--json")
+    assert rc == 0, err
+    res = json.loads(out)["methods"]
+    assert res["kfac"]["damping"] == 1e-3 and res["trak"]["damping"] == default["trak"]
+    rc, out, err = cli("reverse", "--train", "5", "--methods", "kfac,trak", "--damping", "trak=2e-2", "--json")
+    assert rc == 0, err
+    res = json.loads(out)["methods"]
+    assert res["kfac"]["damping"] == default["kfac"] and res["trak"]["damping"] == 2e-2
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,8 @@ class GroupResult:
         return reverse_ranking(self.methods[name].scores, self.group.members, self.qset, top_k)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
-        """The ``group`` command's JSON (issue 15): one entry per query, in query-set order."""
+        """The ``group`` command's JSON (issue 15): one entry per query, in query-set order, and the damping
+        each method's scores were computed with (the key ``query --json`` uses)."""
         labels = self.qset.labels
         return {
             "group": {"spec": self.group.spec, "size": self.group.size},
@@ -68,20 +69,22 @@ class GroupResult:
                             "predicted_change": float(c),
                         }
                         for q, c in enumerate(self.changes(name))
-                    ]
+                    ],
+                    "damping": self.methods[name].damping,
                 }
                 for name in self.ok()
             },
         }
 
     def reverse_json(self, top_k: int) -> dict[str, Any]:
-        """The ``reverse`` command's JSON: the top-k supported queries per method."""
+        """The ``reverse`` command's JSON: the top-k supported queries per method, and its damping."""
         return {
             "group": {"spec": self.group.spec, "size": self.group.size},
             "measurement": self.measurement,
             "queries": self.qset.name,
             "methods": {
-                name: {"top": [vars(s) for s in self.ranking(name, top_k)]} for name in self.ok()
+                name: {"top": [vars(s) for s in self.ranking(name, top_k)], "damping": self.methods[name].damping}
+                for name in self.ok()
             },
         }
 
