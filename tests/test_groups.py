@@ -98,6 +98,21 @@ def test_bad_group_specs_say_why(digits_small, spec, message):
         parse_group(spec, digits_small)
 
 
+def test_an_unknown_label_lists_the_numbers_and_the_names_whatever_was_typed(digits_small):
+    """A numeric unknown label listed only the numbers, an unknown name only the names (QA): both now list
+    each number with its name; names that are just the numbers are not repeated."""
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    named = dataclasses.replace(digits_small, class_names=words)
+    valid = "valid labels: " + ", ".join(f"{i} ({w})" for i, w in enumerate(words))
+    for spec, unknown in (("label:12", "12"), ("label:twelve", "'twelve'")):
+        with pytest.raises(GroupError) as e:
+            parse_group(spec, named)
+        assert str(e.value) == f"unknown label {unknown}; {valid}"
+    assert parse_group("label:seven", named).members.tolist() == parse_group("label:7", named).members.tolist()
+    with pytest.raises(GroupError, match=r"valid labels: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9$"):
+        parse_group("label:twelve", digits_small)  # the digits' names are "0".."9"
+
+
 def test_bad_group_files_say_why(digits_small, tmp_path):
     cases = {
         "floats.json": ("[1.5, 2]", "list of integers"),

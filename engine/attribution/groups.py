@@ -112,6 +112,16 @@ def group_from_text(text: str, name: str, n: int) -> Group:
     return Group(f"file:{name}", members, f"{len(members)} training image(s) listed in {name}")
 
 
+def _valid_labels(present: list[int], names: list[str]) -> str:
+    """The labels a ``label:C`` group accepts, each number with its class name where it has one
+    (``0 (airplane), 1 (automobile)``; just ``0, 1`` where the names are the numbers)."""
+    def one(lab: int) -> str:
+        name = names[lab] if 0 <= lab < len(names) else None
+        return str(lab) if name is None or name == str(lab) else f"{lab} ({name})"
+
+    return ", ".join(one(lab) for lab in present)
+
+
 def _label_index(arg: str, dataset: ImageDataset) -> int:
     if dataset.labels is None:
         raise GroupError("this training set has no labels, so label:C groups are not available")
@@ -122,10 +132,9 @@ def _label_index(arg: str, dataset: ImageDataset) -> int:
     try:
         lab = int(arg)
     except ValueError:
-        valid = ", ".join(names) if names else ", ".join(map(str, present))
-        raise GroupError(f"unknown label {arg!r}; valid labels: {valid}") from None
+        raise GroupError(f"unknown label {arg!r}; valid labels: {_valid_labels(present, names)}") from None
     if lab not in present:
-        raise GroupError(f"unknown label {lab}; valid labels: {', '.join(map(str, present))}")
+        raise GroupError(f"unknown label {lab}; valid labels: {_valid_labels(present, names)}")
     return lab
 
 
