@@ -91,6 +91,24 @@ def test_an_ablation_on_other_seeds_or_queries_is_refused_and_the_script_skips_i
     assert saved["best_settings"]["ablation_files"] == [] and saved["methods"] == run["methods"]
 
 
+def test_lds_best_takes_a_preset_json_like_every_other_preset_option(tmp_path, capsys):
+    """``lds-best --preset`` took only a name (QA): a preset .json now means its name, as get_preset reads it,
+    and a missing one is one ``error:`` line, exit 2; a plain name is still the file names' as it is."""
+    from engine.config import PRESETS
+
+    run, _, _, _ = _records()
+    (tmp_path / "lds_mine_loss.json").write_text(json.dumps({**run, "config": {**run["config"], "preset": "mine"}}))
+    preset = tmp_path / "mine.json"
+    preset.write_text(PRESETS["digits"].replace(name="mine").to_json())
+    assert main(["lds-best", "--results", str(tmp_path), "--preset", str(preset)]) == 0
+    assert "best_settings" in json.loads((tmp_path / "lds_mine_loss.json").read_text())
+    assert main(["lds-best", "--results", str(tmp_path), "--preset", "mine"]) == 0
+    capsys.readouterr()
+    assert main(["lds-best", "--results", str(tmp_path), "--preset", str(tmp_path / "absent.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: preset file {tmp_path / 'absent.json'} does not exist", err
+
+
 def test_held_out_choice_removes_the_optimism_of_picking_on_the_reported_queries():
     from engine.evaluation.lds_best import held_out_choice
 

@@ -82,17 +82,22 @@ def add_lds_best(sub: argparse._SubParsersAction) -> None:
         "and prints the table.",
     )
     p.add_argument("--results", default="assets/results", help="folder with the run's and ablations' JSON")
-    p.add_argument("--preset", default="digits", help="preset name in the result files' names (default digits)")
+    p.add_argument("--preset", default="digits",
+                   help="preset name in the result files' names, or a preset .json file (its name) (default digits)")
     p.add_argument("--measurement", default="loss", help="measurement (default loss)")
     p.add_argument("--ablations", default=None, help="comma list (default: every ablation file of the preset)")
     p.set_defaults(func=cmd_lds_best)
 
 
 def cmd_lds_best(args: argparse.Namespace) -> int:
+    from ..config import get_preset
     from ..evaluation.lds_best import table, update_best_settings
 
     names = [a.strip() for a in args.ablations.split(",") if a.strip()] if args.ablations else None
-    path, summary, notes = update_best_settings(Path(args.results), args.preset, args.measurement, names)
+    # a .json preset as every other --preset takes it (its name is in the file names); any other text is a
+    # name as it is: result files of a preset not shipped here are still read by that name
+    preset = get_preset(args.preset).name if args.preset.endswith(".json") else args.preset
+    path, summary, notes = update_best_settings(Path(args.results), preset, args.measurement, names)
     for note in notes:
         print(note)
     print(table(summary))
