@@ -45,6 +45,7 @@ from ..model.diffusion import Diffusion, MCDraws, make_draws
 from ..model.measurements import Measurement, parse_measurement
 from ..paths import best_device, default_checkpoint
 from ..paths import cache_root as default_cache_root
+from ..precision import configure_float32
 from ..validation import check_attribution_config, check_damping, check_data_fits_model
 from .bank_kinds import bank_modes
 from .caches import MethodCaches
@@ -86,6 +87,7 @@ class AttributionSession:
         self._data_root_arg = str(wanted.data.root) if wanted.data.root else None
         self._checkpoint_arg = None if checkpoint is None else str(checkpoint)
         self.device = torch.device(device or best_device())
+        self.tf32 = configure_float32(self.device)  # exact float32 scores on a GPU (engine.precision)
         try:
             model, ckpt_preset, extra = load_checkpoint(folder, self.device)
         except CheckpointError as e:
@@ -110,7 +112,9 @@ class AttributionSession:
         self.auto_build = auto_build
 
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
-        self.store = Store(self.cache_root, self.checkpoint_hash, data_key(self.dataset))
+        # TF32 gradients are not the exact float32 ones: their caches live apart (engine.precision)
+        key = data_key(self.dataset) + ("-tf32" if self.tf32 else "")
+        self.store = Store(self.cache_root, self.checkpoint_hash, key)
         self._cache_arg = None if cache_root is None else str(cache_root)
         self._preset_attribution = wanted.attribution  # what `build --preset <_preset_arg>` uses without flags
         self.store.rebuild_hint = self.build_command(rebuild=True)

@@ -42,6 +42,7 @@ from ..attribution.layer_projection import bank_bytes, projected_grads
 from ..config import PRESETS
 from ..model.diffusion import Diffusion, make_draws
 from ..model.unet import build_model
+from ..precision import configure_float32
 
 SYNTHETIC_NOTE = (
     "SYNTHETIC images (uniform noise in [-1, 1], 3x32x32) and a randomly initialised CIFAR-preset U-Net: "
@@ -53,20 +54,28 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # CUDA kernels run asynchronously: time them to completion
+
+
 def _timed(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, Any]:
-    """Median seconds over ``repeats`` calls, and the last result."""
+    """Median seconds over ``repeats`` calls (each waited for on a GPU), and the last result."""
     times, out = [], None
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         out = fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
 
 def _random_bank(blocks: list[Block], n: int, device: torch.device, seed: int) -> RotatedBank:
-    g = torch.Generator().manual_seed(seed)
-    data = [torch.randint(-127, 128, (n, b.size), dtype=torch.int8, generator=g).to(device) for b in blocks]
-    scales = torch.rand((n, len(blocks)), generator=g).to(device) + 0.5
+    """N random int8 rows drawn on ``device`` itself (gigabytes at CIFAR-10 scale: no host copy)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    data = [torch.randint(-127, 128, (n, b.size), dtype=torch.int8, generator=g, device=device) for b in blocks]
+    scales = torch.rand((n, len(blocks)), generator=g, device=device) + 0.5
     return RotatedBank(blocks, data, scales)
 
 
@@ -107,9 +116,14 @@ def run_bench_scale(
     device: str = "cpu",
     seed: int = 0,
     log: Callable[[str], None] = print,
+    grad_batch: int = 2,
 ) -> dict[str, Any]:
-    """The figures described in the module docstring, as one JSON-able dict."""
+    """The figures described in the module docstring, as one JSON-able dict.
+
+    ``grad_batch``: examples per per-example-gradient call (2 on a CPU; a GPU needs tens to be busy).
+    """
     dev = torch.device(device)
+    tf32 = configure_float32(dev)  # the attribution session's float32 policy (engine.precision)
     torch.manual_seed(seed)
     preset = PRESETS["cifar10"]
     model = build_model(preset.model).to(dev).eval()
@@ -118,7 +132,7 @@ def run_bench_scale(
     p = sum(q.numel() for _, q in params)
     shape = (3, 32, 32)
     g = torch.Generator().manual_seed(seed)
-    n_img = max(max(sizes), factor_rows, 2)
+    n_img = max(max(sizes), factor_rows, grad_batch, 2)
     images = (torch.rand((n_img, *shape), generator=g) * 2 - 1).to(dev)
     draws = make_draws(mc, shape, diffusion.T, seed=seed)
     log(f"CIFAR-preset U-Net: {p / 1e6:.1f}M Conv2d/Linear parameters; {SYNTHETIC_NOTE}")
@@ -136,7 +150,7 @@ def run_bench_scale(
         f"stored {bytes_stored / 1e6:.1f} MB, compressed {bytes_comp / 1e3:.1f} KB ({bytes_stored / bytes_comp:.0f}x)")
     mem: dict[str, float] = {"after_factors_rss_mb": _peak_rss_mb()}
 
-    b = min(2, n_img)
+    b = min(grad_batch, n_img)
     full_s, _ = _timed(lambda: per_example_grads(model, diffusion, images[:b], draws, "loss", params), 2)
     mem["after_full_grads_rss_mb"] = _peak_rss_mb()
     proj_s, _ = _timed(lambda: projected_grads(model, diffusion, images[:b], draws, params, comp.projections,
@@ -150,6 +164,7 @@ def run_bench_scale(
     for n in sizes:
         t0 = time.perf_counter()
         bank = build_compressed_bank(model, diffusion, images[:n], draws, comp, params, grad_batch=b, device=dev)
+        _sync()
         build_s = time.perf_counter() - t0
         scan = _scan(bank, bank.blocks[-1].offset + bank.blocks[-1].size, dev, 3)
         builds.append({"n": n, "build_s": build_s, "bank_mb": bank.nbytes / 2**20, **scan,
@@ -223,6 +238,7 @@ def run_bench_scale(
             "ratio_target": ratio,
             "rerank_candidates_per_end": rerank,
             "device": str(dev),
+            "tf32": tf32,
             "gpu": ("none lent to this session: every figure is CPU" if not gpu else torch.cuda.get_device_name()),
             "cpu": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
