@@ -24,6 +24,7 @@ there first with ``attribution-engine build``), saved as float32 with the preset
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -53,30 +54,42 @@ def _engine(*args: str, env: dict[str, str] | None = None, timeout: float = 600)
     return rc, time.perf_counter() - t0, out[-3000:]
 
 
-def query_scores(preset: str, device: str, cache_root: str, queries: int) -> dict:
-    """Every method's (Q, N) float32 scores and per-query wall seconds, from built caches, in this process."""
+def query_scores(preset: str, device: str, cache_root: str, queries: int, float32: bool = True,
+                 kfac_bank: str = "auto") -> dict:
+    """Every method's (Q, N) float32 scores and per-query wall seconds, from built caches, in this process;
+    with ``float32``, also K-FAC's scores from float32 rotated gradients ("kfac_f32": no int8 rounding,
+    one more gradient pass), which tells rounding of the bank apart from a device's arithmetic."""
     import torch
 
     from engine.attribution.session import AttributionSession
+    from engine.bench.attribution import float32_kfac_scores
+    from engine.config import get_preset
 
-    s = AttributionSession(preset, device=device, cache_root=cache_root)
+    config = dataclasses.replace(get_preset(preset).attribution, kfac_bank=kfac_bank)
+    s = AttributionSession(preset, device=device, cache_root=cache_root, config=config)
     names = [m for m in METHODS.split(",") if s.status([m])[m]["built"]]
     s.query(s.parse_query("gallery:0"), "loss", methods=names)  # warm-up: kernels, caches into memory
     scores = {m: [] for m in names}
-    walls, method_ms = [], {m: [] for m in names}
+    walls, method_ms, results = [], {m: [] for m in names}, []
     for i in range(queries):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         r = s.query(s.parse_query(f"gallery:{i}"), "loss", methods=names)
         walls.append(time.perf_counter() - t0)
+        results.append(r)
         for m in names:
             mr = r.methods[m]
             if mr.status != "ok":
                 raise RuntimeError(f"gallery:{i} {m}: {mr.reason}")
             scores[m].append(np.asarray(mr.scores, np.float32))
             method_ms[m].append(sum(mr.timing_ms.values()))
-    out = {"scores": {m: np.stack(v) for m, v in scores.items()}, "query_s": walls,
+    stacked = {m: np.stack(v) for m, v in scores.items()}
+    if float32 and "kfac" in names and kfac_bank in ("auto", "stored"):
+        t0 = time.perf_counter()
+        stacked["kfac_f32"] = float32_kfac_scores(s, results).astype(np.float32)
+        walls_f32 = time.perf_counter() - t0
+    out = {"scores": stacked, "query_s": walls, "float32_pass_s": walls_f32 if "kfac_f32" in stacked else None,
            "method_ms_median": {m: statistics.median(v) for m, v in method_ms.items()},
            "device": str(s.device), "tf32": bool(getattr(s, "tf32", False))}
     if device.startswith("cuda"):
@@ -123,13 +136,14 @@ def _preset_step(preset: str, a: argparse.Namespace, env: dict[str, str], timeou
     ref, queries, device = Path(a.ref), a.queries, a.device
     step: dict = {"preset": preset, "env": env, "device": device}
     rc, secs, tail = _engine("build", "--preset", preset, "--device", device, "--cache-root", cache,
-                             "--methods", METHODS, env=env, timeout=timeout)
+                             "--methods", METHODS, "--kfac-bank", a.kfac_bank, env=env, timeout=timeout)
+    step["kfac_bank"] = a.kfac_bank
     step.update(build_rc=rc, cold_build_s=secs, build_tail=tail[-1500:])
     if rc != 0:
         return step
     dump = Path(tempfile.mkdtemp(prefix="gpucheck-scores-")) / "scores.npz"
     code = ("import json,sys,numpy as np; sys.path.insert(0,'scripts'); import gpu_check as g; "
-            f"r=g.query_scores({preset!r},{device!r},{cache!r},{queries}); "
+            f"r=g.query_scores({preset!r},{device!r},{cache!r},{queries},kfac_bank={a.kfac_bank!r}); "
             f"np.savez({str(dump)!r},**{{'scores_'+m:v for m,v in r['scores'].items()}}); "
             "r.pop('scores'); print('JSON'+json.dumps(r))")
     t0 = time.perf_counter()
@@ -208,6 +222,8 @@ def main() -> int:
     c.add_argument("--queries", type=int, default=8)
     c.add_argument("--device", default="cuda", help="cuda (the check); cpu to dry-run this script")
     c.add_argument("--cache-root", default=None, help="reuse this cache (dry runs); default: an empty one")
+    c.add_argument("--kfac-bank", default="auto", help="K-FAC bank kind to build and query on the device "
+                   "(compressed: its exact ends are compared with the CPU reference's stored bank)")
     c.add_argument("--scale-timeout", type=float, default=240.0, help="seconds at most for bench-scale")
     c.add_argument("--deadline", type=float, default=480.0, help="seconds for every step together")
     c.add_argument("--no-tf32", dest="tf32", action="store_false", help="skip the TF32 digits build")

@@ -34,3 +34,18 @@ def test_cpu_leaves_switches_alone(monkeypatch, restore_tf32):
     torch.backends.cudnn.allow_tf32 = True
     assert configure_float32("cpu") is False
     assert torch.backends.cudnn.allow_tf32 is True
+
+
+def test_bench_scale_identity_factors_follow_the_models_device():
+    """bench-scale's timing factors (and so the compressed projections drawn from them) live on the
+    model's device: on CUDA, CPU identity factors made the hooks multiply CUDA activations by CPU
+    projections (found on the GPU check, 2026-12-04). The meta device stands in for a GPU here."""
+    from engine.attribution.gradients import influence_params
+    from engine.bench.scale import identity_factors
+    from engine.config import PRESETS
+    from engine.model.unet import build_model
+
+    model = build_model(PRESETS["digits"].model).to("meta")
+    factors = identity_factors(model, influence_params(model))
+    devices = {t.device.type for lf in factors.layers for t in (lf.qb, lf.b, lf.qa, lf.a) if t is not None}
+    assert devices == {"meta"}

@@ -287,11 +287,11 @@ def label_agreement(session, queries, query_results, k: int = 10) -> dict[str, A
 
 
 @torch.no_grad()
-def int8_vs_float32(session, query_results) -> dict[str, Any]:
-    """Spearman of the int8 bank's K-FAC scores against float32 scores of the same rotated gradients.
+def float32_kfac_scores(session, query_results) -> np.ndarray:
+    """(Q, N) float64 K-FAC scores of eq. 6 from float32 rotated gradients, never quantised or stored.
 
-    The float32 scores stream the training gradients once more (same draws), rotate them with the
-    same factors and score all queries at once: nothing of size N x P is stored.
+    The training gradients are streamed once more (the bank's draws), rotated with the same factors
+    and scored against all Q damped queries at once: nothing of size N x P is held.
     """
     from ..attribution.gradients import per_example_grads
 
@@ -301,7 +301,6 @@ def int8_vs_float32(session, query_results) -> dict[str, Any]:
     qmat = torch.stack([r.prepared["kfac"].query.damped(damping) for r in query_results])  # (Q, P)
     n = len(session.dataset)
     f32 = torch.zeros(len(query_results), n, dtype=torch.float64)
-    t0 = time.perf_counter()
     batch = 16
     for s in range(0, n, batch):
         rows = slice(s, min(n, s + batch))
@@ -311,12 +310,21 @@ def int8_vs_float32(session, query_results) -> dict[str, Any]:
             )
         rot = method.rotate(g)
         f32[:, rows] = (qmat @ rot.T).double().cpu() / n
+    return f32.numpy()
+
+
+def int8_vs_float32(session, query_results) -> dict[str, Any]:
+    """Spearman of the int8 bank's K-FAC scores against float32 scores of the same rotated gradients
+    (``float32_kfac_scores``: one more gradient pass)."""
+    damping = query_results[0].methods["kfac"].damping
+    t0 = time.perf_counter()
+    f32 = float32_kfac_scores(session, query_results)
     seconds = time.perf_counter() - t0
     rhos = []
     rel = []
     for i, r in enumerate(query_results):
         a = r.methods["kfac"].scores
-        b = f32[i].numpy()
+        b = f32[i]
         rhos.append(spearman(a, b))
         rel.append(float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)))
     return {

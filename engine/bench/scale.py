@@ -82,6 +82,7 @@ def _random_bank(blocks: list[Block], n: int, device: torch.device, seed: int) -
 def identity_factors(model: torch.nn.Module, params: list) -> KFACFactors:
     """K-FAC factors A = I, B = I of the right shapes (timing runs: costs do not depend on the values)."""
     factors, _ = layout(model, params)
+    dev = params[0][1].device  # the model's: the projections drawn from these factors follow their device
     dims: dict[int, list] = {}
     for blk in factors.blocks:
         d = dims.setdefault(blk.layer, [blk.shape[0], None])
@@ -89,9 +90,9 @@ def identity_factors(model: torch.nn.Module, params: list) -> KFACFactors:
             d[1] = blk.shape[1]
     for i, lf in enumerate(factors.layers):
         d_out, d_in = dims[i]
-        lf.qb, lf.b = torch.eye(d_out), torch.ones(d_out)
+        lf.qb, lf.b = torch.eye(d_out, device=dev), torch.ones(d_out, device=dev)
         if d_in is not None:
-            lf.qa, lf.a = torch.eye(d_in), torch.ones(d_in)
+            lf.qa, lf.a = torch.eye(d_in, device=dev), torch.ones(d_in, device=dev)
     return factors
 
 
@@ -103,6 +104,30 @@ def _scan(bank: RotatedBank, p: int, device: torch.device, repeats: int, grid: b
     grid = torch.randn(len(DAMPING_GRID) + 1, p, device=device)
     many, _ = _timed(lambda: bank.score_many(grid), max(1, repeats - 1))
     return {"scan_one_damping_s": one, "scan_grid_s": many}
+
+
+def directional_derivatives(model: torch.nn.Module, diffusion: Diffusion, images: torch.Tensor, draws,
+                            params: list, tangent: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """<grad l_i, v> for every example i (its M draws averaged), by forward mode, no per-example gradient.
+
+    Re-ranking at one damping needs only tau_i = (1/N) <grad l_i, V> with V = Q (q / (e + lambda)) rotated
+    back once (``compressed_bank.rerank_scores``); a Jacobian-vector product gets all rows of a batch in
+    one forward pass with tangents, where per-example gradients materialise a (rows, P) matrix.  Measured
+    here as the alternative it would be; the product re-ranks with per-example gradients.
+    """
+    from torch.func import functional_call, jvp
+
+    names = [n for n, _ in params]
+    prims = tuple(q.detach() for _, q in params)
+    x, t, eps = draws.rows(images)
+
+    def losses(*ps: torch.Tensor) -> torch.Tensor:
+        def net(xt, tt):
+            return functional_call(model, dict(zip(names, ps, strict=True)), (xt, tt))
+        return diffusion.per_sample_loss(net, x, t, eps)  # type: ignore[arg-type]
+
+    _, dots = jvp(losses, prims, tangent)
+    return dots.reshape(images.shape[0], -1).mean(1)
 
 
 def run_bench_scale(
@@ -117,6 +142,7 @@ def run_bench_scale(
     seed: int = 0,
     log: Callable[[str], None] = print,
     grad_batch: int = 2,
+    jvp_batch: int = 2,
 ) -> dict[str, Any]:
     """The figures described in the module docstring, as one JSON-able dict.
 
@@ -132,7 +158,7 @@ def run_bench_scale(
     p = sum(q.numel() for _, q in params)
     shape = (3, 32, 32)
     g = torch.Generator().manual_seed(seed)
-    n_img = max(max(sizes), factor_rows, grad_batch, 2)
+    n_img = max(max(sizes), factor_rows, grad_batch, jvp_batch, 2)
     images = (torch.rand((n_img, *shape), generator=g) * 2 - 1).to(dev)
     draws = make_draws(mc, shape, diffusion.T, seed=seed)
     log(f"CIFAR-preset U-Net: {p / 1e6:.1f}M Conv2d/Linear parameters; {SYNTHETIC_NOTE}")
@@ -159,6 +185,25 @@ def run_bench_scale(
     throughput = {"full_rows_per_s": b * mc / full_s, "projected_rows_per_s": b * mc / proj_s, "batch": b}
     log(f"per-example gradients: full {throughput['full_rows_per_s']:.2f} rows/s, "
         f"compressed (hooks) {throughput['projected_rows_per_s']:.2f} rows/s")
+
+    # the forward-mode alternative for re-ranking: one directional derivative per row, checked against the
+    # per-example gradients' dot product on the first rows
+    tangent = tuple(torch.randn_like(q) for _, q in params)
+    jvp: dict[str, Any] = {"batch": jvp_batch}
+    try:
+        jb = min(jvp_batch, n_img)
+        jvp_s, _ = _timed(lambda: directional_derivatives(model, diffusion, images[:jb], draws, params, tangent), 2)
+        jvp["rows_per_s"] = jb * mc / jvp_s
+        k = min(2, n_img)
+        dots = directional_derivatives(model, diffusion, images[:k], draws, params, tangent)
+        grads = per_example_grads(model, diffusion, images[:k], draws, "loss", params).detach()
+        ref = grads @ torch.cat([v.reshape(-1) for v in tangent])
+        jvp["check_rel_err"] = float((dots - ref).norm() / ref.norm())
+        log(f"forward-mode <grad l_i, v>: {jvp['rows_per_s']:.1f} rows/s at batch {jb} "
+            f"(relative error against per-example gradients {jvp['check_rel_err']:.1e})")
+    except Exception as e:  # noqa: BLE001 - an alternative's figure; its failure must not lose the rest
+        jvp["error"] = repr(e)[:500]
+    mem["after_jvp_rss_mb"] = _peak_rss_mb()
 
     builds = []
     for n in sizes:
@@ -248,6 +293,7 @@ def run_bench_scale(
         "bytes_per_example": {"stored": bytes_stored, "compressed": bytes_comp, "streamed": 0,
                               "ratio": bytes_stored / bytes_comp},
         "gradient_throughput": throughput,
+        "forward_mode_rerank": jvp,
         "factor_row_s": factor_row_s,
         "factor_note": ("K-FAC factor pass timed on this device" if factor_row_s is not None else
                         "factor pass not timed here (--factor-rows 0: identity factors, since no timing depends on "

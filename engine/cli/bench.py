@@ -175,6 +175,8 @@ def add_bench_scale(sub: argparse._SubParsersAction) -> None:
                    help="projection of the compressed bank: seeded gaussian or top eigenvectors of the factors")
     p.add_argument("--grad-batch", type=int, default=2,
                    help="examples per per-example-gradient call (default 2; tens keep a GPU busy)")
+    p.add_argument("--jvp-batch", type=int, default=2,
+                   help="examples per forward-mode directional-derivative call (the re-ranking alternative)")
     p.add_argument("--out", default=None, help="output JSON (default assets/results/bench_scale.json)")
 
 
@@ -186,7 +188,8 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     _, _, device = resolve(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     record = run_bench_scale(_ints(args.sizes), _ints(args.scan_sizes), args.mc, args.ratio, args.projection,
-                             factor_rows=args.factor_rows, device=device, grad_batch=args.grad_batch)
+                             factor_rows=args.factor_rows, device=device, grad_batch=args.grad_batch,
+                             jvp_batch=args.jvp_batch)
     out = Path(args.out) if args.out else ASSETS / "results" / "bench_scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
