@@ -106,6 +106,18 @@ def _scan(bank: RotatedBank, p: int, device: torch.device, repeats: int, grid: b
     return {"scan_one_damping_s": one, "scan_grid_s": many}
 
 
+def _flops_per_row(model: torch.nn.Module, diffusion: Diffusion, image: torch.Tensor, draws) -> float:
+    """FLOPs of the loss's forward and backward pass for one (example, draw) row (``FlopCounterMode``):
+    the arithmetic floor of any gradient pass, e.g. re-ranking 2C candidates at M draws is 2C M rows."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t, eps = draws.rows(image)
+    with FlopCounterMode(display=False) as counter:
+        diffusion.per_sample_loss(model, x, t, eps).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / x.shape[0]
+
+
 def directional_derivatives(model: torch.nn.Module, diffusion: Diffusion, images: torch.Tensor, draws,
                             params: list, tangent: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """<grad l_i, v> for every example i (its M draws averaged), by forward mode, no per-example gradient.
@@ -186,6 +198,9 @@ def run_bench_scale(
     log(f"per-example gradients: full {throughput['full_rows_per_s']:.2f} rows/s, "
         f"compressed (hooks) {throughput['projected_rows_per_s']:.2f} rows/s")
 
+    flops_row = _flops_per_row(model, diffusion, images[:1], draws.head(1))
+    log(f"one (example, draw) row: {flops_row / 1e9:.1f} GFLOP forward + backward (torch's flop counter)")
+
     # the forward-mode alternative for re-ranking: one directional derivative per row, checked against the
     # per-example gradients' dot product on the first rows
     tangent = tuple(torch.randn_like(q) for _, q in params)
@@ -264,6 +279,7 @@ def run_bench_scale(
                 "compressed_scan_one_damping": n * bytes_comp * per_byte_one,
                 "compressed_scan_grid": n * bytes_comp * per_byte_grid,
                 "rerank": rerank_s,
+                "rerank_pflop": cands * m * flops_row / 1e15,
                 "compressed_total": n * bytes_comp * per_byte_grid + rerank_s,
                 "stored_scan_one_damping": n * bytes_stored * stored_per_byte_one,
                 "streamed_pass": n * m / throughput["full_rows_per_s"],
@@ -294,6 +310,7 @@ def run_bench_scale(
                               "ratio": bytes_stored / bytes_comp},
         "gradient_throughput": throughput,
         "forward_mode_rerank": jvp,
+        "flops_per_row": flops_row,
         "factor_row_s": factor_row_s,
         "factor_note": ("K-FAC factor pass timed on this device" if factor_row_s is not None else
                         "factor pass not timed here (--factor-rows 0: identity factors, since no timing depends on "
