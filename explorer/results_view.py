@@ -185,6 +185,8 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             if r.bank_note():
                 notes.append(r.bank_note())
             c2.caption(" · ".join(notes) if notes else "similarity score")
+            if r.exact_pending:
+                _exact_button(handle, name, result)
             similarity = r.kind == "similarity"
             top, bottom = r.top(s.top_k, labels), r.bottom(s.top_k, labels)
             if similarity:
@@ -204,6 +206,22 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 caption=[_caption(ds, x.index, x.score) for x in bottom],
                 width=cell + 8,
             )
+
+
+def _exact_button(handle: Handle, name: str, result: QueryResult) -> None:
+    """A compressed bank answers from its scan first; its exact re-rank runs in the background
+    (``grid_filler``).  The button shows it: it waits for the re-rank (or runs it, if the worker moved
+    on to a newer query) and re-scores the shown answer."""
+    if not st.button("Show the exact ranking", key=f"exact_{name}",
+                     help="The listed entries come from the compressed bank. The strongest candidates' exact "
+                          "K-FAC scores need fresh training gradients: about 2C x M rows (seconds on a GPU)."):
+        return
+    with st.spinner("Re-ranking the strongest candidates with fresh training gradients ..."):
+        handle.session.fill_exact(result)
+    store = st.session_state.get("result_cache")
+    if store is not None:
+        store["shown"] = {}  # re-score the raw result at the chosen damping: its ends are now exact
+    st.rerun()
 
 
 def influence_headings(top: list[float], bottom: list[float]) -> tuple[str, str]:

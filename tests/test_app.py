@@ -526,3 +526,32 @@ def test_influence_headings_follow_the_signs_shown():
     assert "all negative" in top and "Proponents" not in top and bottom.startswith("**Opponents**")
     top, bottom = influence_headings([1.0, -0.1], [0.2, -3.0])  # a short ranking: both ends mixed
     assert "positive ones are proponents" in top and "negative ones are opponents" in bottom
+
+
+@pytest.mark.slow
+def test_a_compressed_bank_answers_from_its_scan_then_shows_the_exact_ranking(tiny_app, tmp_path, monkeypatch):
+    """The app defers the compressed bank's re-rank (2C x M fresh gradient rows): the first answer is the
+    scan, the K-FAC column says so and offers the exact ranking, which the button shows."""
+    import json
+
+    from engine.attribution.session import AttributionSession
+
+    spec = json.loads(Path(tiny_app["ATTRIBUTION_PRESET"]).read_text())
+    spec["attribution"].update(kfac_bank="compressed", kfac_compression=4.0, kfac_rerank=3)
+    preset = tmp_path / "compressed.json"
+    preset.write_text(json.dumps(spec))
+    env = _set_env({**tiny_app, "ATTRIBUTION_PRESET": str(preset), "ATTRIBUTION_CACHE": str(tmp_path / "cache"),
+                    "ATTRIBUTION_RESULTS": str(tmp_path / "results")}, monkeypatch)
+    AttributionSession(str(preset), env["ATTRIBUTION_CHECKPOINT"], "cpu", env["ATTRIBUTION_CACHE"]).build()
+    at = _start(env)
+    at.button(key="gallery_1").click().run()
+    _ok(at)
+    first = at.session_state["result_cache"]["raw"].methods["kfac"]
+    assert first.bank == "compressed" and first.exact_pending and not first.exact.any()
+    assert "being computed" in _texts(at)
+    at.button(key="exact_kfac").click().run()
+    _ok(at)
+    (shown,) = at.session_state["result_cache"]["shown"].values()
+    k = shown.methods["kfac"]
+    assert not k.exact_pending and k.exact.sum() >= 3
+    assert "re-ranked to exact" in _texts(at) and not any(b.key == "exact_kfac" for b in at.button)

@@ -28,9 +28,10 @@ combines (``gather_candidates`` does the all-gather) into exactly the single-pro
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -326,7 +327,11 @@ def rerank_scores(
     if images.shape[0] > lam.shape[0] and lam.shape[0] * q.numel() * q.element_size() <= max_query_bytes:
         back = torch.stack([full.unrotate(q / (eig + lv)) for lv in lam])  # (G, P)
     out = []
-    for s in range(0, images.shape[0], grad_batch):
+    from tqdm.auto import tqdm
+
+    starts = range(0, images.shape[0], grad_batch)  # seconds to minutes (README "On a GPU"): a bar on a terminal
+    for s in tqdm(starts, desc="K-FAC re-rank: candidates' fresh gradients", unit="batch", leave=False,
+                  disable=None if len(starts) > 1 else True):
         rows = slice(s, min(images.shape[0], s + grad_batch))
         g = per_example_grads(model, diffusion, images[rows], draws.for_rows(rows), "loss", params).detach()
         if back is not None:
@@ -348,7 +353,9 @@ class Reranker:
     exact entries.  The first call picks the candidates (from that damping's compressed scores)
     and computes their grid scores (the only gradient work); later calls look up or
     interpolate (engine.attribution.damping_grid), and only a damping the grid cannot interpolate costs
-    one more gradient pass over the same candidates.
+    one more gradient pass over the same candidates.  ``apply(..., compute=False)`` before that work
+    returns the compressed scores unchanged with no entry exact (a deferred re-rank, ``RerankedQuery``);
+    a lock makes a caller wait for a re-rank running in another thread instead of starting a second.
     """
 
     def __init__(self, score_fn: Callable[[np.ndarray, Sequence[float]], np.ndarray], candidates: int,
@@ -360,8 +367,20 @@ class Reranker:
         self.indices: np.ndarray | None = None
         self.cache: dict[float, np.ndarray] = {}
         self.timing_ms: dict[str, float] = {}
+        self._lock = threading.Lock()
 
-    def apply(self, scores: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def ready(self) -> bool:
+        """True once the candidates' exact scores exist (the gradient work is done)."""
+        return self.indices is not None
+
+    def apply(self, scores: np.ndarray, lam: float, compute: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            if self.indices is None and not compute:
+                return np.array(scores, dtype=np.float32, copy=True), np.zeros(scores.shape[0], dtype=bool)
+            return self._apply(scores, lam)
+
+    def _apply(self, scores: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
         if self.indices is None:
             t0 = time.perf_counter()
             rows = self.rows or slice(0, scores.shape[0])
@@ -387,17 +406,42 @@ class Reranker:
 class RerankedQuery(EigenbasisQuery):
     """The compressed bank's query (eq. 6 inside the projected space, ``scoring.EigenbasisQuery``)
     whose scores come back with the candidates' entries exact (``Reranker``); ``exact_mask``
-    says which entries are exact once a damping was scored."""
+    says which entries are exact once a damping was scored.
+
+    ``defer_exact``: the first answer is the compressed scan alone (milliseconds), and the re-rank,
+    2C candidates x M fresh gradient rows (about 5.6 s on digits on an H200, 18 s or more at CIFAR
+    scale: README "On a GPU"), runs when ``fill_exact`` is called, e.g. by the app's background
+    worker while the approximate answer is on screen.  Later scores are exact at the ends.  The app
+    defers; the CLI does not (its answer is the exact one).  Not under torchrun: the re-rank's
+    candidate merge is a collective, which every rank must enter from its query, not from a thread.
+    """
 
     reranker: Reranker | None = None
     exact_mask: np.ndarray | None = None
+    defer_exact: bool = False
+    _first_damping: float | None = field(default=None, init=False, repr=False)
 
     def score(self, damping: float) -> np.ndarray:
         approx = super().score(damping)
         if self.reranker is None:
             return approx
-        out, self.exact_mask = self.reranker.apply(approx, float(damping))
+        if self._first_damping is None:
+            self._first_damping = float(damping)
+        out, self.exact_mask = self.reranker.apply(approx, float(damping), compute=not self.defer_exact)
         return out
+
+    @property
+    def exact_pending(self) -> bool:
+        """True while a deferred re-rank has not run: the scores shown are all approximate."""
+        return self.reranker is not None and not self.reranker.ready
+
+    def fill_exact(self) -> bool:
+        """Run the deferred re-rank now (at the candidates of the first damping scored); True when it ran."""
+        if not self.exact_pending or self._first_damping is None:
+            return False
+        lam = self._first_damping
+        self.reranker.apply(EigenbasisQuery.score(self, lam), lam)  # type: ignore[union-attr]
+        return True
 
 
 class CompressedRows:

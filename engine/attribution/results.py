@@ -37,6 +37,8 @@ class MethodResult:
     timing_ms: dict[str, float] = field(default_factory=dict)
     bank: str | None = None  # K-FAC: "stored" | "compressed" | "streamed"
     exact: np.ndarray | None = None  # (N,) bool: which scores are exact (None: all)
+    exact_pending: bool = False  # the re-rank that makes the ends exact runs after this answer
+
 
     def bank_note(self) -> str | None:
         """One line on where the scores come from (K-FAC's bank; None for other methods)."""
@@ -44,6 +46,9 @@ class MethodResult:
             return None
         if self.bank != "compressed":
             return f"{self.bank} bank: every score exact"
+        if self.exact_pending:
+            return ("compressed bank: approximate scores for now; the strongest candidates' exact K-FAC scores "
+                    "are being computed")
         if self.exact is None or not self.exact.any():
             return "compressed bank: approximate scores (no re-ranking)"
         return (f"compressed bank: the {int(self.exact.sum())} strongest candidates re-ranked to exact K-FAC scores, "

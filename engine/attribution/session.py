@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..config import SETTING_FLAGS, AttributionConfig, Preset, get_preset
 from ..model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from ..model.data import ImageDataset, load_dataset
@@ -77,9 +78,12 @@ class AttributionSession:
         dataset: ImageDataset | None = None,
         auto_build: bool = False,
         preset_spec: str | None = None,
+        defer_exact: bool = False,
     ):
         """``preset_spec``: how the preset was named on the command line (a name or a .json path),
-        for the commands this session prints; defaults to ``preset`` when that is a string."""
+        for the commands this session prints; defaults to ``preset`` when that is a string.
+        ``defer_exact``: answer from the compressed bank's scan first and leave its exact re-rank to
+        ``fill_exact`` / ``fill_grids`` (the app); off, every answer is the exact one (the CLI)."""
         t0 = time.perf_counter()
         wanted = get_preset(preset) if isinstance(preset, str) else preset
         folder = Path(checkpoint) if checkpoint is not None else default_checkpoint(wanted.name)
@@ -110,6 +114,7 @@ class AttributionSession:
         check_data_fits_model(self.preset.model, self.dataset.shape)
         self.checkpoint_hash = checkpoint_hash(folder)
         self.auto_build = auto_build
+        self.defer_exact = defer_exact
 
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         # TF32 gradients are not the exact float32 ones: their caches live apart (engine.precision)
@@ -428,6 +433,7 @@ class AttributionSession:
                     res.timing_ms["gradient"] = 0.0
                 t0 = time.perf_counter()
                 prep = m.prepare(self.ctx, query, grad)
+                self._defer_exact_work(prep)
                 res.timing_ms["prepare"] = (time.perf_counter() - t0) * 1000.0
                 prepared[name] = prep
                 res.damping = self._damping_for(name, damping)
@@ -473,21 +479,53 @@ class AttributionSession:
         )
 
     def fill_grids(self, result: QueryResult) -> list[str]:
-        """Score the damping grid of every method whose first answer was one exact pass (K-FAC on a
+        """The work deferred from the first answer: each method's deferred exact scores (``fill_exact``),
+        then the damping grid of every method whose first answer was one exact pass (K-FAC on a
         stored bank: ``EigenbasisQuery.grid_first=False``), so that later damping changes are lookups.
 
         Run it in a background thread while the answer is on screen (the app does); a ``rescore``
-        meanwhile waits for the pass instead of doing its own.  Returns the methods whose grid ran.
+        meanwhile waits for the pass instead of doing its own.  Returns the methods whose work ran;
+        a ``rescore`` afterwards shows the exact scores.
         """
-        done = []
+        done = self.fill_exact(result)
         for name, prep in (result.prepared or {}).items():
             query = getattr(prep, "query", None)
             res = result.methods.get(name)
             if query is None or getattr(query, "grid_first", True) or res is None or res.status != "ok":
                 continue  # grid-first rows (streamed: a gradient pass) already have theirs, or never will
-            if query.fill_grid():
+            if query.fill_grid() and name not in done:
                 done.append(name)
         return done
+
+    def fill_exact(self, result: QueryResult) -> list[str]:
+        """Run the exact work deferred from ``result``'s first answer (the compressed bank's re-rank, when
+        the session defers it: ``defer_exact``); returns the methods whose work ran.  A call while
+        another thread runs the same work waits for it."""
+        done = []
+        for name, prep in (result.prepared or {}).items():
+            fill = getattr(getattr(prep, "query", None), "fill_exact", None)
+            res = result.methods.get(name)
+            if fill is not None and res is not None and res.status == "ok" and fill():
+                done.append(name)
+        return done
+
+    @staticmethod
+    def exact_pending(result: QueryResult) -> list[str]:
+        """Methods of ``result`` whose deferred exact work has not run yet (their shown scores are approximate)."""
+        return [name for name, prep in (result.prepared or {}).items()
+                if getattr(getattr(prep, "query", None), "exact_pending", False)]
+
+    def _defer_exact_work(self, prep: Prepared) -> None:
+        """Let a prepared query defer the work that makes its scores exact, when this session says so.
+
+        Why: on a compressed bank the exact re-rank costs 2C x M fresh gradient rows, seconds to minutes,
+        while the compressed scan takes milliseconds; an interactive caller (the app) shows the scan's
+        answer first and runs ``fill_exact`` in the background.  Never under torchrun (the re-rank's
+        candidate merge is a collective every rank must enter from its own query).
+        """
+        query = getattr(prep, "query", None)
+        if hasattr(query, "defer_exact"):
+            query.defer_exact = bool(self.defer_exact) and distributed.current().world == 1
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -523,7 +561,7 @@ class AttributionSession:
             )
             return
         res.scores = scores
-        res.bank, res.exact = prep.bank, prep.exact
+        res.bank, res.exact, res.exact_pending = prep.bank, prep.exact, prep.exact_pending
         res.status = "ok"
 
     def _check_query(self, query: QueryInput, meas: Measurement) -> None:

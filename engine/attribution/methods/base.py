@@ -46,6 +46,7 @@ class Prepared:
     timing_ms: dict[str, float] = field(default_factory=dict)
     bank: str | None = None  # K-FAC: "stored" | "compressed" | "streamed" (reported per method)
     exact: np.ndarray | None = None  # (N,) bool: which scores are exact (None: all of them)
+    exact_pending: bool = False  # work that makes some scores exact is deferred (compressed bank's re-rank)
 
 
 @dataclass(kw_only=True)

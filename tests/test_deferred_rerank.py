@@ -1,0 +1,125 @@
+"""The compressed bank's exact re-rank deferred from the first answer (``RerankedQuery.defer_exact``,
+``AttributionSession(defer_exact=True)``): the app answers from the compressed scan at once and the
+2C x M fresh gradient rows run afterwards, the same exact scores as answering at once."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+from test_session import TINY_ATTRIBUTION, tiny_checkpoint
+
+from engine.attribution.context import make_context
+from engine.attribution.gradients import measurement_grad
+from engine.attribution.methods.kfac_influence import KFACInfluence
+from engine.attribution.query import QueryInput
+from engine.attribution.session import AttributionSession
+from engine.config import AttributionConfig
+from engine.model.diffusion import make_draws
+from engine.model.measurements import parse_measurement
+
+COMPRESSED = dict(kfac_bank="compressed", kfac_projection="gaussian", kfac_compression=16.0, kfac_rerank=3)
+
+
+def _method_and_query(tiny_preset, tiny_model, digits_small, rerank: int = 3):
+    model = copy.deepcopy(tiny_model).double()
+    ds = digits_small.subset(list(range(16)))
+    config = AttributionConfig(mc_samples=3, seed=0, **{**COMPRESSED, "kfac_rerank": rerank})
+    ctx = make_context(tiny_preset, model, ds, "cpu", config, "c" * 16, None)
+    q = QueryInput(image=ds.images[3])
+    g = measurement_grad(model, ctx.diffusion, parse_measurement("loss"), q,
+                         make_draws(3, (1, 8, 8), 1000, seed=1), 17, ctx.params)
+    m = KFACInfluence(config)
+    m.build(ctx)
+    return m, ctx, q, g
+
+
+def _count_reranks(prepared, delay: float = 0.0) -> list[int]:
+    calls: list[int] = []
+    reranker = prepared.query.reranker
+    original = reranker.score_fn
+
+    def counted(*a):
+        calls.append(1)
+        time.sleep(delay)
+        return original(*a)
+
+    reranker.score_fn = counted
+    return calls
+
+
+def test_deferred_first_answer_is_the_scan_and_fill_exact_gives_the_exact_answer(tiny_preset, tiny_model,
+                                                                                  digits_small):
+    m, ctx, q, g = _method_and_query(tiny_preset, tiny_model, digits_small)
+    at_once = m.prepare(ctx, q, g)
+    exact_now = m.score(at_once, 1e-3)
+    assert at_once.exact.sum() >= 3 and not at_once.exact_pending
+
+    no_rerank, _, _, _ = _method_and_query(tiny_preset, tiny_model, digits_small, rerank=0)
+    scan_only = no_rerank.score(no_rerank.prepare(ctx, q, g), 1e-3)
+
+    later = m.prepare(ctx, q, g)
+    later.query.defer_exact = True
+    calls = _count_reranks(later)
+    first = m.score(later, 1e-3)
+    assert not calls and later.exact_pending and not later.exact.any()
+    np.testing.assert_array_equal(first, scan_only)  # the first answer is the compressed scan alone
+    m.score(later, 1e-2)  # another damping before the fill is still the scan, and still no gradients
+    assert not calls and later.exact_pending
+
+    assert later.query.fill_exact() is True
+    assert later.query.fill_exact() is False  # done once
+    after = m.score(later, 1e-3)
+    assert calls == [1] and not later.exact_pending
+    np.testing.assert_array_equal(after, exact_now)
+    np.testing.assert_array_equal(later.exact, at_once.exact)
+
+
+def test_two_fills_at_once_run_one_rerank(tiny_preset, tiny_model, digits_small):
+    """The app's background worker and a user's click may both ask: the second waits for the first."""
+    m, ctx, q, g = _method_and_query(tiny_preset, tiny_model, digits_small)
+    prepared = m.prepare(ctx, q, g)
+    prepared.query.defer_exact = True
+    m.score(prepared, 1e-3)
+    calls = _count_reranks(prepared, delay=0.3)
+    threads = [threading.Thread(target=prepared.query.fill_exact) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1] and not prepared.query.exact_pending
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, digits_small):
+    folder = tmp_path_factory.mktemp("tiny_ckpt_deferred")
+    return folder, tiny_checkpoint(folder, digits_small, gallery=1)
+
+
+def test_a_deferring_session_answers_approximately_then_exactly_after_fill_grids(ckpt, digits_small, tmp_path):
+    folder, preset = ckpt
+    config = dataclasses.replace(TINY_ATTRIBUTION, **COMPRESSED)
+
+    def session(defer: bool) -> AttributionSession:
+        return AttributionSession(preset, checkpoint=folder, device="cpu", cache_root=tmp_path, config=config,
+                                  dataset=digits_small, auto_build=True, defer_exact=defer)
+
+    cli, app = session(False), session(True)
+    q = cli.parse_query("train:2")
+    exact = cli.query(q, "loss", methods=["kfac"]).methods["kfac"]
+    assert exact.exact.any() and not exact.exact_pending and "re-ranked" in exact.bank_note()
+
+    first = app.query(q, "loss", methods=["kfac"])
+    k = first.methods["kfac"]
+    assert k.exact_pending and not k.exact.any() and "being computed" in k.bank_note()
+    assert app.exact_pending(first) == ["kfac"]
+    assert "kfac" in app.fill_grids(first)  # the app's background worker
+    assert app.exact_pending(first) == []
+    again = app.rescore(first, {"kfac": k.damping}).methods["kfac"]
+    assert not again.exact_pending
+    np.testing.assert_array_equal(again.exact, exact.exact)
+    np.testing.assert_allclose(again.scores, exact.scores, rtol=1e-6, atol=1e-9)
