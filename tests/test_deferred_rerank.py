@@ -123,3 +123,23 @@ def test_a_deferring_session_answers_approximately_then_exactly_after_fill_grids
     assert not again.exact_pending
     np.testing.assert_array_equal(again.exact, exact.exact)
     np.testing.assert_allclose(again.scores, exact.scores, rtol=1e-6, atol=1e-9)
+
+
+def test_a_damping_change_during_the_background_rerank_answers_at_once(tiny_preset, tiny_model, digits_small):
+    """While the re-rank runs in the app's worker, re-scoring (the damping slider) shows the scan's
+    scores without waiting for it; afterwards the same call is exact."""
+    m, ctx, q, g = _method_and_query(tiny_preset, tiny_model, digits_small)
+    prepared = m.prepare(ctx, q, g)
+    prepared.query.defer_exact = True
+    m.score(prepared, 1e-3)
+    calls = _count_reranks(prepared, delay=2.0)
+    worker = threading.Thread(target=prepared.query.fill_exact)
+    worker.start()
+    while not calls:
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    m.score(prepared, 1e-2)
+    assert time.perf_counter() - t0 < 1.0 and not prepared.exact.any()
+    worker.join()
+    m.score(prepared, 1e-2)
+    assert prepared.exact.sum() >= 3 and calls == [1]

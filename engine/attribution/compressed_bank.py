@@ -353,9 +353,10 @@ class Reranker:
     exact entries.  The first call picks the candidates (from that damping's compressed scores)
     and computes their grid scores (the only gradient work); later calls look up or
     interpolate (engine.attribution.damping_grid), and only a damping the grid cannot interpolate costs
-    one more gradient pass over the same candidates.  ``apply(..., compute=False)`` before that work
-    returns the compressed scores unchanged with no entry exact (a deferred re-rank, ``RerankedQuery``);
-    a lock makes a caller wait for a re-rank running in another thread instead of starting a second.
+    one more gradient pass over the same candidates.  ``apply(..., compute=False)`` before that work,
+    or while it runs in another thread, returns the compressed scores unchanged with no entry exact
+    (a deferred re-rank, ``RerankedQuery``); a computing caller waits for a re-rank running in another
+    thread (a lock) instead of starting a second.
     """
 
     def __init__(self, score_fn: Callable[[np.ndarray, Sequence[float]], np.ndarray], candidates: int,
@@ -375,10 +376,21 @@ class Reranker:
         return self.indices is not None
 
     def apply(self, scores: np.ndarray, lam: float, compute: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        with self._lock:
-            if self.indices is None and not compute:
-                return np.array(scores, dtype=np.float32, copy=True), np.zeros(scores.shape[0], dtype=bool)
-            return self._apply(scores, lam)
+        if compute:
+            with self._lock:
+                return self._apply(scores, lam)
+        # deferred: never wait for a re-rank running in another thread (a damping change meanwhile
+        # shows the scan's scores at once), nor start one
+        if not self._lock.acquire(blocking=False):
+            return self._approximate(scores)
+        try:
+            return self._approximate(scores) if self.indices is None else self._apply(scores, lam)
+        finally:
+            self._lock.release()
+
+    @staticmethod
+    def _approximate(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.array(scores, dtype=np.float32, copy=True), np.zeros(scores.shape[0], dtype=bool)
 
     def _apply(self, scores: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
         if self.indices is None:
