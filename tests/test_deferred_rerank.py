@@ -116,9 +116,9 @@ def test_a_deferring_session_answers_approximately_then_exactly_after_fill_grids
     first = app.query(q, "loss", methods=["kfac"])
     k = first.methods["kfac"]
     assert k.exact_pending and not k.exact.any() and "being computed" in k.bank_note()
-    assert app.exact_pending(first) == ["kfac"]
+    assert first.prepared["kfac"].query.exact_pending
     assert "kfac" in app.fill_grids(first)  # the app's background worker
-    assert app.exact_pending(first) == []
+    assert not first.prepared["kfac"].query.exact_pending
     again = app.rescore(first, {"kfac": k.damping}).methods["kfac"]
     assert not again.exact_pending
     np.testing.assert_array_equal(again.exact, exact.exact)

@@ -509,12 +509,6 @@ class AttributionSession:
                 done.append(name)
         return done
 
-    @staticmethod
-    def exact_pending(result: QueryResult) -> list[str]:
-        """Methods of ``result`` whose deferred exact work has not run yet (their shown scores are approximate)."""
-        return [name for name, prep in (result.prepared or {}).items()
-                if getattr(getattr(prep, "query", None), "exact_pending", False)]
-
     def _defer_exact_work(self, prep: Prepared) -> None:
         """Let a prepared query defer the work that makes its scores exact, when this session says so.
 

@@ -1,0 +1,239 @@
+"""Exact re-ranking of a compressed bank's candidates (docs/architecture.md section 8; issue 11).
+
+The compressed scores tau~ of ``engine.attribution.compressed_bank`` approximate K-FAC's eq. 6; what the
+user sees is made exact by re-ranking: the C largest and C smallest tau~ are candidates
+(``local_candidates``; under torchrun each rank's, all-gathered and merged by ``gather_candidates``
+into exactly the single-process set), and their exact scores against the *full* factors,
+
+    tau_i(lambda) = (1/N) sum_j R_ij q_j / (e_j + lambda),   R_i = Q_B^T G_i Q_A,
+
+come from fresh per-example gradients of just those 2C examples with the build's draws
+(``rerank_scores``), at every damping of the grid at once, so a damping change re-ranks them by a
+lookup or the grid interpolation.  ``Reranker`` holds one query's exact candidate scores;
+``RerankedQuery`` applies them to each damping's compressed scores, at once or, in the app,
+deferred to a background worker (2C x M gradient rows: seconds to minutes; README "On a GPU").
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import distributed
+from ..model.diffusion import Diffusion, MCDraws
+from .curvature import KFACFactors
+from .damping_grid import interpolate
+from .gradients import Params, per_example_grads
+from .scoring import EigenbasisQuery
+
+# --- candidates -------------------------------------------------------------------------
+
+
+def local_candidates(scores: np.ndarray, c: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, scores) of the c largest and c smallest of ``scores`` (global index = offset + local)."""
+    n = scores.shape[0]
+    c = min(int(c), n)
+    top = np.argsort(-scores, kind="stable")[:c]
+    low = np.argsort(scores, kind="stable")[:c]
+    idx = np.unique(np.concatenate([top, low]))
+    return idx + offset, scores[idx]
+
+
+def merge_candidates(parts: Sequence[tuple[np.ndarray, np.ndarray]], c: int) -> np.ndarray:
+    """Global candidate indices (sorted): the c largest and c smallest over every rank's local candidates.
+
+    A rank's local top-c contains every one of its rows in the global top-c, so the merge is exact;
+    ties are broken by index, as ``local_candidates`` on the whole vector does.
+    """
+    idx = np.concatenate([p[0] for p in parts])
+    sc = np.concatenate([p[1] for p in parts])
+    order = np.lexsort((idx, -sc))  # by score descending, then index
+    n = idx.shape[0]
+    c = min(int(c), n)
+    top = idx[order[:c]]
+    order_low = np.lexsort((idx, sc))
+    low = idx[order_low[:c]]
+    return np.unique(np.concatenate([top, low]))
+
+
+def gather_candidates(local_scores: np.ndarray, offset: int, c: int) -> np.ndarray:
+    """Every rank's local top/bottom-c, all-gathered and merged (the single-process set outside torchrun)."""
+    mine = local_candidates(local_scores, c, offset)
+    if distributed.current().world == 1:
+        return merge_candidates([mine], c)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return merge_candidates(parts, c)
+
+
+# --- exact re-ranking ---------------------------------------------------------------------
+
+
+def rerank_scores(
+    model: nn.Module,
+    diffusion: Diffusion,
+    images: torch.Tensor,
+    draws: MCDraws,
+    full: KFACFactors,
+    params: Params,
+    rotated_query: torch.Tensor,
+    dampings: Sequence[float],
+    num_examples: int,
+    grad_batch: int = 16,
+    chunk: int = 1 << 20,
+    max_query_bytes: int = 4 << 30,
+) -> np.ndarray:
+    """Exact K-FAC scores (len(images), G) of these training images at every damping in ``dampings``.
+
+    tau_i(lambda) = (1/N) sum_j R_ij q_j / (e_j + lambda), R_i = the full rotated gradient of
+    image i (the build's draws), q the rotated query, e the full eigenvalues (engine.attribution.bank).
+
+    Rotating a gradient costs P (d_out + d_in) per layer (CIFAR U-Net: ~0.2 TFLOP), so the
+    cheaper side is rotated: with more candidates than dampings (and the G damped queries
+    within ``max_query_bytes``) the G queries are rotated back once, V_g = Q (q / (e + lambda_g)),
+    and tau_i = (1/N) <grad l_i, V_g> (as ``StreamedBank``); otherwise each candidate's
+    gradient is rotated and (R * q) @ W with W_jg = 1/(e_j + lambda_g) is taken over chunks
+    of coordinates.  Either way one batch of gradients is held at a time.
+    """
+    eig = full.eigenvalues().to(rotated_query.device, rotated_query.dtype)
+    lam = torch.tensor(list(dampings), dtype=eig.dtype, device=eig.device)
+    q = rotated_query.to(eig.dtype)
+    back = None
+    if images.shape[0] > lam.shape[0] and lam.shape[0] * q.numel() * q.element_size() <= max_query_bytes:
+        back = torch.stack([full.unrotate(q / (eig + lv)) for lv in lam])  # (G, P)
+    out = []
+    from tqdm.auto import tqdm
+
+    starts = range(0, images.shape[0], grad_batch)  # seconds to minutes (README "On a GPU"): a bar on a terminal
+    for s in tqdm(starts, desc="K-FAC re-rank: candidates' fresh gradients", unit="batch", leave=False,
+                  disable=None if len(starts) > 1 else True):
+        rows = slice(s, min(images.shape[0], s + grad_batch))
+        g = per_example_grads(model, diffusion, images[rows], draws.for_rows(rows), "loss", params).detach()
+        if back is not None:
+            out.append((g.to(eig.dtype) @ back.T) / num_examples)
+            continue
+        h = full.rotate(g.to(eig.dtype)) * q
+        part = torch.zeros((h.shape[0], lam.shape[0]), dtype=eig.dtype, device=eig.device)
+        for c0 in range(0, h.shape[1], chunk):
+            w = 1.0 / (eig[c0 : c0 + chunk, None] + lam[None])
+            part += h[:, c0 : c0 + chunk] @ w
+        out.append(part / num_examples)
+    return torch.cat(out).cpu().numpy()
+
+
+class Reranker:
+    """One query's exact scores for its candidates, at the damping grid; applied to each damping's compressed scores.
+
+    ``apply(scores, lam)`` returns the scores with the candidates' entries exact and the mask of
+    exact entries.  The first call picks the candidates (from that damping's compressed scores)
+    and computes their grid scores (the only gradient work); later calls look up or
+    interpolate (engine.attribution.damping_grid), and only a damping the grid cannot interpolate costs
+    one more gradient pass over the same candidates.  ``apply(..., compute=False)`` before that work,
+    or while it runs in another thread, returns the compressed scores unchanged with no entry exact
+    (a deferred re-rank, ``RerankedQuery``); a computing caller waits for a re-rank running in another
+    thread (a lock) instead of starting a second.
+    """
+
+    def __init__(self, score_fn: Callable[[np.ndarray, Sequence[float]], np.ndarray], candidates: int,
+                 grid: Sequence[float], rows: slice | None = None):
+        self.score_fn = score_fn  # (candidate indices, dampings) -> (len, G) exact scores
+        self.c = int(candidates)
+        self.grid = tuple(grid)
+        self.rows = rows  # this rank's rows (torchrun): candidates come from them, merged over ranks
+        self.indices: np.ndarray | None = None
+        self.cache: dict[float, np.ndarray] = {}
+        self.timing_ms: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        """True once the candidates' exact scores exist (the gradient work is done)."""
+        return self.indices is not None
+
+    def apply(self, scores: np.ndarray, lam: float, compute: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        if compute:
+            with self._lock:
+                return self._apply(scores, lam)
+        # deferred: never wait for a re-rank running in another thread (a damping change meanwhile
+        # shows the scan's scores at once), nor start one
+        if not self._lock.acquire(blocking=False):
+            return self._approximate(scores)
+        try:
+            return self._approximate(scores) if self.indices is None else self._apply(scores, lam)
+        finally:
+            self._lock.release()
+
+    @staticmethod
+    def _approximate(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.array(scores, dtype=np.float32, copy=True), np.zeros(scores.shape[0], dtype=bool)
+
+    def _apply(self, scores: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        if self.indices is None:
+            t0 = time.perf_counter()
+            rows = self.rows or slice(0, scores.shape[0])
+            self.indices = gather_candidates(scores[rows], rows.start, self.c)
+            lams = sorted(set(self.grid) | {float(lam)})
+            exact = self.score_fn(self.indices, lams)
+            self.cache = {lv: exact[:, i].astype(np.float32) for i, lv in enumerate(lams)}
+            self.timing_ms["rerank"] = (time.perf_counter() - t0) * 1000.0
+        lam = float(lam)
+        if lam not in self.cache:
+            got = interpolate(self.cache, lam, self.grid) if self.grid else None
+            if got is None:
+                got = self.score_fn(self.indices, [lam])[:, 0].astype(np.float32)
+            self.cache[lam] = got
+        out = np.array(scores, dtype=np.float32, copy=True)
+        mask = np.zeros(out.shape[0], dtype=bool)
+        out[self.indices] = self.cache[lam]
+        mask[self.indices] = True
+        return out, mask
+
+
+@dataclass(kw_only=True)
+class RerankedQuery(EigenbasisQuery):
+    """The compressed bank's query (eq. 6 inside the projected space, ``scoring.EigenbasisQuery``)
+    whose scores come back with the candidates' entries exact (``Reranker``); ``exact_mask``
+    says which entries are exact once a damping was scored.
+
+    ``defer_exact``: the first answer is the compressed scan alone (milliseconds), and the re-rank,
+    2C candidates x M fresh gradient rows (about 5.6 s on digits on an H200, 18 s or more at CIFAR
+    scale: README "On a GPU"), runs when ``fill_exact`` is called, e.g. by the app's background
+    worker while the approximate answer is on screen.  Later scores are exact at the ends.  The app
+    defers; the CLI does not (its answer is the exact one).  Not under torchrun: the re-rank's
+    candidate merge is a collective, which every rank must enter from its query, not from a thread.
+    """
+
+    reranker: Reranker | None = None
+    exact_mask: np.ndarray | None = None
+    defer_exact: bool = False
+    _first_damping: float | None = field(default=None, init=False, repr=False)
+
+    def score(self, damping: float) -> np.ndarray:
+        approx = super().score(damping)
+        if self.reranker is None:
+            return approx
+        if self._first_damping is None:
+            self._first_damping = float(damping)
+        out, self.exact_mask = self.reranker.apply(approx, float(damping), compute=not self.defer_exact)
+        return out
+
+    @property
+    def exact_pending(self) -> bool:
+        """True while a deferred re-rank has not run: the scores shown are all approximate."""
+        return self.reranker is not None and not self.reranker.ready
+
+    def fill_exact(self) -> bool:
+        """Run the deferred re-rank now (at the candidates of the first damping scored); True when it ran."""
+        if not self.exact_pending or self._first_damping is None:
+            return False
+        lam = self._first_damping
+        self.reranker.apply(EigenbasisQuery.score(self, lam), lam)  # type: ignore[union-attr]
+        return True
