@@ -106,16 +106,13 @@ def cmd_reference(a: argparse.Namespace) -> int:
     return 0
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def agreement(gpu: np.ndarray, cpu: np.ndarray, k: int = 10) -> dict[str, float]:
     """Per-query Spearman, top-k overlap (both ends) and relative L2 error, as worst and median over queries."""
+    from engine.evaluation.stats import spearman
+
     sp, top, bot, rel = [], [], [], []
     for g, c in zip(gpu, cpu, strict=True):
-        sp.append(_spearman(g, c))
+        sp.append(spearman(g, c))
         top.append(len(set(np.argsort(-g)[:k]) & set(np.argsort(-c)[:k])) / k)
         bot.append(len(set(np.argsort(g)[:k]) & set(np.argsort(c)[:k])) / k)
         rel.append(float(np.linalg.norm(g - c) / max(np.linalg.norm(c), 1e-30)))
