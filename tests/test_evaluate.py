@@ -435,6 +435,53 @@ def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_miss
     assert [t.name for t in trained] == ["kfac", "trak"]
 
 
+def test_retrain_top_trains_its_models_on_the_runs_device(tiny_preset, digits_small, tmp_path, monkeypatch):
+    """``retrain-top --device cuda`` trained the removal models on the CPU: ``run_training`` was called
+    without ``device`` (its default is "cpu"), while the session and the app's RetrainJob used the GPU."""
+    import engine.attribution.session as session_module
+    import engine.evaluation.retrain_top_run as rtr
+    from engine.evaluation.runs import TrainTask
+    from engine.evaluation.setup import RunSetup
+
+    class Session:
+        checkpoint_hash = "h"
+        config = tiny_preset.attribution
+        dataset = digits_small
+
+        def __init__(self, **kwargs):
+            pass
+
+        def parse_query(self, spec):
+            return SimpleNamespace(image=None, description=spec)
+
+    class Job:
+        def __init__(self, session, q, measurement, method, fraction, p):
+            self.plan, self.method = p, method
+
+        def training_tasks(self):
+            return [TrainTask(name=self.method, out=str(self.plan.folder / "model"), preset=tiny_preset, steps=1)]
+
+        def removal(self):
+            return np.array([1, 2]), np.zeros(64), "influence"
+
+        def measure(self, removed, scores, kind):
+            return {"method": self.method, "measured_change": 0.1, "random_measured_change": 0.0,
+                    "predicted_change": 0.2}
+
+    def plan(session, image, measurement, method, fraction, out, mc, steps):
+        return SimpleNamespace(folder=Path(out) / method)
+
+    devices = []
+    monkeypatch.setattr(session_module, "AttributionSession", Session)
+    monkeypatch.setattr(rtr, "RetrainJob", Job)
+    monkeypatch.setattr(rtr, "plan", plan)
+    monkeypatch.setattr(rtr, "run_training", lambda tasks, **kw: devices.append(kw.get("device", "cpu")))
+    setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "out", tmp_path / "results",
+                     "cuda:0", False)
+    rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac",)))
+    assert devices == ["cuda:0"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--fraction", "0"], "--fraction must lie strictly between 0 and 1"),
     (["--fraction", "1.5"], "--fraction must lie strictly between 0 and 1"),

@@ -266,6 +266,24 @@ def test_group_retrain_record_is_resumable_and_consistent(session, tmp_path):
     assert again["groups"][0]["measured_change"] == g["measured_change"]
 
 
+def test_group_retrain_trains_on_the_sessions_device(digits_small, tiny_preset, tmp_path, monkeypatch):
+    """``group-retrain --device cuda`` trained the models without each group on the CPU: ``run_training`` was
+    called without ``device`` (its default is "cpu")."""
+    from types import SimpleNamespace
+
+    import engine.evaluation.runs as runs
+    from engine.attribution.pool import PoolError
+    from engine.evaluation.group_retrain import run_group_retrain
+
+    devices = []
+    monkeypatch.setattr(runs, "run_training", lambda tasks, **kw: devices.append(kw.get("device", "cpu")))
+    session = SimpleNamespace(dataset=digits_small, checkpoint_hash="h", preset=tiny_preset, checkpoint=tmp_path,
+                              device=torch.device("cuda:0"), gallery=lambda: [])
+    with pytest.raises(PoolError):  # no gallery to measure: the training call is all this test needs
+        run_group_retrain(session, ["label:1"], ["kfac"], tmp_path, steps=1, log=lambda s: None)
+    assert devices == [torch.device("cuda:0")]
+
+
 def test_group_gradient_scores_match_the_sum_of_bank_scores(session, pool):
     """One summed gradient per group (factors only) = the sum of the members' int8-bank scores."""
     from engine.attribution.group_gradient import kfac_group_scores

@@ -140,7 +140,8 @@ def run_group_retrain(
     groups = [parse_group(s, session.dataset) for s in group_specs]
     plans = [plan_group(g.spec, g.members, session.checkpoint_hash, steps, out_root) for g in groups]
     if train:
-        run_training([training_task(p, session.preset) for p in plans], workers=workers, log=log)
+        tasks = [training_task(p, session.preset) for p in plans]
+        run_training(tasks, workers=workers, device=session.device, log=log)
     qset = gallery_set(session)
     images = qset.images.cpu()
     spec = MeasureSpec(measurement="loss", mc_samples=mc_samples)

@@ -87,7 +87,9 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
             )
     else:
         # finish the tasks in order: every method's model for query 1 first, then query 2, ...
-        run_training(list(tasks.values()), workers=cfg.workers, log=lambda s: print(s, flush=True))
+        run_training(
+            list(tasks.values()), workers=cfg.workers, device=setup.device, log=lambda s: print(s, flush=True)
+        )
     results = []
     for spec, job in jobs:
         cached = job.plan.folder / "result.json"
