@@ -97,6 +97,42 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_preset, digits_small):
     assert (full / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_resumed_run_keeps_adamw_step_counts_on_the_cpu(tmp_path, tiny_preset, digits_small, device, monkeypatch):
+    """The resume state was loaded with map_location=device: on a GPU AdamW's "step" counts (which
+    load_state_dict leaves where they are loaded) came back as CUDA tensors, and each step then read every
+    one with .item(), a device sync per parameter; an uninterrupted run keeps them on the CPU.  Needs CUDA
+    to fail without the fix (on the CPU both are the CPU)."""
+    import engine.model.train as train_module
+
+    made = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(train_module.torch.optim, "AdamW", Recording)
+    preset = tiny_preset.replace(train={"steps": 4, "checkpoint_every": 2, "batch_size": 16})
+
+    def stop_at_3(step, total, loss):
+        if step == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(preset, tmp_path / "run", dataset=digits_small, device=device, progress=stop_at_3)
+    steps = []
+
+    def record_steps(step, total, loss):
+        steps.extend(st["step"].device.type for st in made[-1].state.values())
+
+    train(preset, tmp_path / "run", dataset=digits_small, device=device, progress=record_steps)
+    assert len(made) == 2 and steps and set(steps) == {"cpu"}
+
+
 @pytest.mark.parametrize("mode", ["indices", "exclude"])
 def test_subset_and_exclude_use_only_selected_images(tmp_path, tiny_preset, digits_small, mode):
     """Images outside the selection are NaN: touching any of them would make the weights NaN."""

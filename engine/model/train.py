@@ -107,13 +107,16 @@ def train(
         st = load_plain_state(
             state_path,
             f"Delete it to restart this run from step 0 (the finished weights are not affected): rm {state_path}",
-            map_location=device,
+            # the CPU, whatever the device: load_state_dict moves weights and moments to the parameters' device,
+            # while AdamW's "step" counts stay where they are loaded, and on a GPU each of them would cost a
+            # device sync per parameter per step (an uninterrupted run keeps them on the CPU)
+            map_location="cpu",
         )
         model.load_state_dict(st["model"])
         if ema is not None:
             ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"].cpu())  # map_location moved it; generators live on the CPU
+        gen.set_state(st["gen"].cpu())  # generators live on the CPU
         recipe = _recipe(preset, total, keep, data_sha)
         if st.get("recipe") is not None and "data_sha" not in st["recipe"]:
             recipe.pop("data_sha")  # a state saved before the data's digest was part of the recipe
