@@ -52,8 +52,9 @@ def current() -> Shard:
 def init_from_env(device: str) -> tuple[Shard, str]:
     """Join the torchrun group if the environment asks for one; returns (shard, this rank's device).
 
-    Backend: NCCL when the device is CUDA, gloo otherwise.  On CUDA each rank takes the GPU
-    ``LOCAL_RANK``, so ``--device cuda`` means "one GPU per rank".
+    Backend: NCCL for CUDA tensors when the device is CUDA (with gloo beside it for CPU tensors: the
+    compressed bank's ``ShardedBank`` all-gathers its scores on the CPU, which NCCL alone refuses), gloo
+    otherwise.  On CUDA each rank takes the GPU ``LOCAL_RANK``, so ``--device cuda`` means "one GPU per rank".
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not dist.is_available():
@@ -64,7 +65,7 @@ def init_from_env(device: str) -> tuple[Shard, str]:
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
     return current(), device
 
 

@@ -79,3 +79,27 @@ def test_two_ranks_split_the_parts_and_publish_what_one_process_builds(
         assert torch.equal(d1, d2)
     assert torch.equal(kfac1.bank.scales, kfac2.bank.scales)
     np.testing.assert_array_equal(trak1.train_features(ctx1), trak2.train_features(ctx2))
+
+
+@pytest.mark.parametrize("device, backends", [
+    ("cuda", {"cpu": "gloo", "cuda": "nccl"}),
+    ("cpu", {"cpu": "gloo", "cuda": "gloo"}),
+])
+def test_torchrun_group_has_a_backend_for_cpu_tensors_on_cuda_too(monkeypatch, device, backends):
+    """On CUDA the group was NCCL alone, which refuses CPU tensors: the compressed bank's ShardedBank
+    all-gathers its (G, n_local) scores on the CPU, so every query through it failed under torchrun on
+    GPUs (gloo on the CPU never saw it).  Now CPU tensors go through gloo, CUDA ones through NCCL."""
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    from engine import distributed
+
+    calls: dict = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.setdefault("backend", backend))
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda i: calls.setdefault("gpu", i))
+    _, rank_device = distributed.init_from_env(device)
+    assert BackendConfig(Backend(calls["backend"])).get_device_backend_map() == backends
+    cuda = device == "cuda"
+    assert rank_device == ("cuda:1" if cuda else "cpu") and calls.get("gpu") == (1 if cuda else None)
