@@ -83,6 +83,21 @@ def test_lds_refuses_a_malicious_queries_file(tmp_path, tiny_preset, digits_smal
     assert str(out / "queries.pt") in str(e.value) and "rm " in str(e.value)
 
 
+def test_lds_ablation_refuses_a_malicious_queries_file_of_the_run(tmp_path, tiny_preset, digits_small):
+    """lds-ablation reads the LDS run's queries.pt like the LDS itself: no unpickling of code (it used
+    torch.load(weights_only=False))."""
+    from engine.evaluation.lds_ablation import run_queries
+
+    marker = tmp_path / "PWNED"
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"images": Evil(marker), "source": "x"}, run / "queries.pt")
+    setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "out", tmp_path / "res", "cpu", True)
+    with pytest.raises(UnsafeFileError):
+        run_queries(run, setup, 2)
+    assert not marker.exists()
+
+
 def test_lds_reads_plain_queries_file(tmp_path, tiny_preset, digits_small):
     out = tmp_path / "lds"
     out.mkdir()

@@ -41,6 +41,7 @@ from ..attribution.compressed_bank import (
 )
 from ..attribution.damping_grid import DAMPING_GRID
 from ..attribution.layer_projection import projected_grads
+from ..evaluation.setup import load_queries_file
 from ..evaluation.stats import spearman
 
 
@@ -263,7 +264,7 @@ def variant_lds(
     q = torch.stack([torch.as_tensor(x) for x in queries])
     saved = run / "queries.pt"
     if saved.is_file():
-        ref = torch.load(saved, weights_only=False)["images"][: len(q)]
+        ref = load_queries_file(saved)["images"][: len(q)]  # no unpickling of code
         if not torch.allclose(ref.to(q.dtype), q):
             log("the LDS run's queries are not the gallery images: LDS left null")
             return None

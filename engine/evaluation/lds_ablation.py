@@ -46,7 +46,7 @@ from .lds import (
 )
 from .lds_run import SWEEP_GRID, _rows_score_fn, lds_queries, session_scores
 from .runs import MeasureSpec, cached_measurements, is_finished
-from .setup import RunSetup
+from .setup import RunSetup, load_queries_file
 from .stats import bootstrap_ci
 
 TRAK_DIMS = (2048, 8192, 32768)
@@ -162,7 +162,7 @@ def run_queries(run: Path, setup: RunSetup, num: int) -> tuple[torch.Tensor, str
     would pick (the gallery beside the checkpoint, or samples of the full model), kept in ``setup.out``."""
     path = Path(run) / "queries.pt"
     if path.is_file():
-        saved = torch.load(path, weights_only=False)
+        saved = load_queries_file(path)  # tensors and strings only: unpickling could run code
         if saved["images"].shape[0] >= num:
             return saved["images"][:num], f"{saved['source']} (from {path})"
     return lds_queries(setup, num)
