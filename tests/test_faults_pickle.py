@@ -187,3 +187,17 @@ def test_gallery_and_indices_with_pickles_are_refused(tmp_path):
     with pytest.raises(ValueError):
         load_queries_npz(tmp_path / "gallery.npz")
     assert not marker.exists()
+
+
+def test_a_malicious_factor_pass_checkpoint_is_ignored_and_runs_nothing(tmp_path):
+    """The K-FAC factor pass's resumable state (``PassCheckpoint``) is read weights-only: a pickle in its
+    place is treated as a damaged checkpoint (the pass starts over) and its code never runs."""
+    from engine.attribution.pass_checkpoint import PassCheckpoint
+
+    marker = tmp_path / "PWNED"
+    ckpt = PassCheckpoint(tmp_path / "factors.pt", {"rows": 48})
+    torch.save({"signature": ckpt.signature, "state": {"rows": Evil(marker)}}, ckpt.path)
+    assert ckpt.load() is None
+    assert not marker.exists()
+    ckpt.save({"rows": 16, "a": torch.ones(2)})  # a plain state still round-trips
+    assert ckpt.load()["rows"] == 16

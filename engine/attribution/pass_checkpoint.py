@@ -57,7 +57,7 @@ class PassCheckpoint:
         if not self.path.is_file():
             return None
         try:
-            blob = torch.load(self.path, map_location="cpu", weights_only=False)
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)  # no unpickling of code
         except Exception:  # noqa: BLE001 - a damaged checkpoint only costs the work since the last one
             return None
         if not isinstance(blob, dict) or blob.get("signature") != self.signature:
