@@ -340,3 +340,23 @@ def test_group_scores_without_factors_name_the_sessions_build_command(session, t
     command = str(e.value).split("`")[1]
     assert command == empty.build_command(["kfac"])
     assert f"--cache-root {tmp_path / 'empty'}" in command and f"--mc-samples {session.config.mc_samples + 1}" in command
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_nearest_neighbours_in_row_chunks_equal_the_whole_matrix(digits_small, exclude_self):
+    """The copy-check's distances are taken a few rows at a time (the training set against itself is N x N:
+    20 GB at CIFAR-10's N); the answer is that of the whole matrix, the excluded diagonal included."""
+    from engine.attribution.copycheck import neighbour_count, pixel_distances
+
+    train = digits_small.images[:40]
+    images = train if exclude_self else digits_small.images[40:57]
+    nearest, d1, rel = nearest_neighbours(images, train, k=5, exclude_self=exclude_self, chunk_bytes=3 * 8 * 40)
+    d = pixel_distances(images, train)
+    if exclude_self:
+        d.fill_diagonal_(float("inf"))
+    vals, idx = torch.topk(d, neighbour_count(40, 5, exclude_self) + 1, dim=1, largest=False)
+    np.testing.assert_array_equal(nearest, idx[:, 0].numpy())
+    np.testing.assert_allclose(d1, vals[:, 0].numpy())
+    np.testing.assert_allclose(rel, (vals[:, 0] / vals[:, 1:].mean(1)).numpy())
+    if exclude_self:
+        assert (nearest != np.arange(40)).all()

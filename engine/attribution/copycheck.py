@@ -79,18 +79,30 @@ def neighbour_count(num_train: int, k: int = NEIGHBOURS, exclude_self: bool = Fa
 
 
 def nearest_neighbours(
-    images: torch.Tensor, train: torch.Tensor, k: int = NEIGHBOURS, exclude_self: bool = False
+    images: torch.Tensor, train: torch.Tensor, k: int = NEIGHBOURS, exclude_self: bool = False,
+    chunk_bytes: int = 256 << 20,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(nearest index, d_1, r = d_1 / mean(d_2..d_{k+1})) per image; ``exclude_self`` for train vs train."""
-    d = pixel_distances(images, train)
-    if exclude_self:
-        d.fill_diagonal_(float("inf"))
-    k = neighbour_count(d.shape[1], k, exclude_self)
-    vals, idx = torch.topk(d, k + 1, dim=1, largest=False)
-    d1 = vals[:, 0]
-    rest = vals[:, 1:].mean(1)
-    rel = torch.where(rest > 0, d1 / rest.clamp_min(1e-12), torch.ones_like(d1))
-    return idx[:, 0].numpy().astype(np.int64), d1.numpy(), rel.numpy()
+    """(nearest index, d_1, r = d_1 / mean(d_2..d_{k+1})) per image; ``exclude_self`` for train vs train.
+
+    The (Q, N) float64 distances are taken ``chunk_bytes`` of rows at a time: the training set's own
+    flag rate is N x N (20 GB for CIFAR-10's 50,000 in one piece)."""
+    n = train.shape[0]
+    k = neighbour_count(n, k, exclude_self)
+    step = max(1, chunk_bytes // (8 * n))
+    idx_parts, d1_parts, rel_parts = [], [], []
+    for s in range(0, images.shape[0], step):
+        d = pixel_distances(images[s : s + step], train)
+        if exclude_self:  # image s + r of ``images`` is training image s + r
+            r = torch.arange(d.shape[0])
+            d[r, s + r] = float("inf")
+        vals, idx = torch.topk(d, k + 1, dim=1, largest=False)
+        d1 = vals[:, 0]
+        rest = vals[:, 1:].mean(1)
+        idx_parts.append(idx[:, 0])
+        d1_parts.append(d1)
+        rel_parts.append(torch.where(rest > 0, d1 / rest.clamp_min(1e-12), torch.ones_like(d1)))
+    return (torch.cat(idx_parts).numpy().astype(np.int64), torch.cat(d1_parts).numpy(),
+            torch.cat(rel_parts).numpy())
 
 
 def concentration(scores: np.ndarray, top: int = TOP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
