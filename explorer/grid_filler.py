@@ -1,10 +1,13 @@
 """One background worker per server that scores the damping grid of the latest query only.
 
 Why: the first answer of K-FAC on a stored bank is one pass at the chosen damping; the grid that
-makes later damping changes free is scored afterwards (``AttributionSession.fill_grids``).  A
-thread per query would pile up full-bank scans when a user clicks through the gallery and slow
-the very answers this is for, so queries are handed to one worker and only the latest waiting
-one is filled: a superseded query is skipped (its damping changes, if any, score exactly).
+makes later damping changes free is scored afterwards (``AttributionSession.fill_grids``), and so
+is a compressed bank's exact re-rank (seconds to minutes of fresh gradients).  A thread per query
+would pile up that work when a user clicks through the gallery and slow the very answers this is
+for, so queries are handed to one worker and only the latest waiting one is filled: a superseded
+query is skipped (its damping changes, if any, score exactly), and a superseded re-rank that is
+running is cancelled at its next batch (``AttributionSession.cancel_exact``; it stays pending and
+"Show the exact ranking" redoes it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class GridFiller:
         self._latest: tuple[Any, Any] | None = None
         self._thread: threading.Thread | None = None
         self._busy = False
+        self._running: tuple[Any, Any] | None = None  # (session, result) being filled now
         self.filled = 0  # results whose grids were filled (tests)
         self.skipped = 0  # results superseded before their turn
 
@@ -32,6 +36,9 @@ class GridFiller:
             if self._latest is not None:
                 self.skipped += 1
             self._latest = (session, result)
+            running = self._running
+            if running is not None and running[1] is not result:
+                running[0].cancel_exact(running[1])  # its re-rank would compete with this query's
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, daemon=True, name="grid-filler")
                 self._thread.start()
@@ -49,7 +56,7 @@ class GridFiller:
                     self._thread = None  # idle for a minute: end; the next submit starts another
                     return
                 session, result = self._latest
-                self._latest, self._busy = None, True
+                self._latest, self._busy, self._running = None, True, (session, result)
             try:
                 session.fill_grids(result)
                 self.filled += 1
@@ -57,5 +64,5 @@ class GridFiller:
                 log.exception("filling the damping grid failed")
             finally:
                 with self._cv:
-                    self._busy = False
+                    self._busy, self._running = False, None
                     self._cv.notify_all()

@@ -83,6 +83,8 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
             st.error(f"The attribution failed: {type(e).__name__}: {e}")
             return None
     shown = store["shown"].get(s.damping)
+    if shown is not None and _exact_arrived(shown):
+        shown = None  # the background re-rank finished since this view was scored: show its exact ends
     if shown is None:
         with handle.lock:
             shown = session.rescore(store["raw"], s.damping_dict)
@@ -208,15 +210,29 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             )
 
 
+def _exact_arrived(result: QueryResult) -> bool:
+    """True when a method of ``result`` was shown approximate while its deferred re-rank was pending, and
+    that re-rank has finished since (``result.prepared`` is shared with the query's raw result)."""
+    for name, r in result.methods.items():
+        query = getattr((result.prepared or {}).get(name), "query", None)
+        if r.exact_pending and query is not None and not getattr(query, "exact_pending", False):
+            return True
+    return False
+
+
 def _exact_button(handle: Handle, name: str, result: QueryResult) -> None:
     """A compressed bank answers from its scan first; its exact re-rank runs in the background
     (``grid_filler``).  The button shows it: it waits for the re-rank (or runs it, if the worker moved
     on to a newer query) and re-scores the shown answer."""
+    st.warning("**Approximate ranking.** These images and scores are a fast estimate from a compressed copy "
+               "of the training gradients (its scores are on a smaller scale). The exact scores of the "
+               "strongest candidates are being computed in the background.", icon="⏳")
     if not st.button("Show the exact ranking", key=f"exact_{name}",
-                     help="The listed entries come from the compressed bank. The strongest candidates' exact "
-                          "K-FAC scores need fresh training gradients: about 2C x M rows (seconds on a GPU)."):
+                     help="Waits for the exact K-FAC scores of the strongest candidates at both ends (their "
+                          "training gradients are computed again: a few seconds on a GPU, up to minutes on a "
+                          "CPU) and shows them."):
         return
-    with st.spinner("Re-ranking the strongest candidates with fresh training gradients ..."):
+    with st.spinner("Computing the exact scores of the strongest candidates (fresh training gradients) ..."):
         handle.session.fill_exact(result)
     store = st.session_state.get("result_cache")
     if store is not None:

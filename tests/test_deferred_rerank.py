@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from test_session import TINY_ATTRIBUTION, tiny_checkpoint
 
 from engine.attribution.context import make_context
@@ -143,3 +144,75 @@ def test_a_damping_change_during_the_background_rerank_answers_at_once(tiny_pres
     worker.join()
     m.score(prepared, 1e-2)
     assert prepared.exact.sum() >= 3 and calls == [1]
+
+
+def test_a_cancelled_rerank_stays_pending_and_a_later_ask_redoes_it():
+    """The app's worker cancels a superseded query's running re-rank (``Reranker.cancel``): it stops at
+    its next batch, stays pending, and the button's later ``apply`` computes it in full."""
+    from engine.attribution.rerank import RerankCancelled, Reranker
+
+    started, runs = threading.Event(), []
+
+    def score_fn(idx, lams):
+        runs.append(1)
+        if len(runs) == 1:  # the first run waits to be cancelled, as rerank_scores checks between batches
+            started.set()
+            for _ in range(500):
+                if reranker.stopped():
+                    raise RerankCancelled("re-rank cancelled")
+                time.sleep(0.01)
+        return np.ones((len(idx), len(lams)))
+
+    reranker = Reranker(score_fn, candidates=2, grid=())
+    scores = np.arange(10, dtype=np.float32)
+    worker = threading.Thread(target=reranker.apply, args=(scores, 1e-3))
+    worker.start()
+    started.wait(5)
+    reranker.cancel()
+    worker.join(5)
+    assert not worker.is_alive() and not reranker.ready
+    out, mask = reranker.apply(scores, 1e-3)
+    assert reranker.ready and len(runs) == 2 and mask.sum() == 4 and (out[mask] == 1).all()
+
+
+def test_rerank_scores_stops_before_a_batch_when_asked(tiny_model, diffusion, digits_small):
+    from engine.attribution.curvature import compute_kfac
+    from engine.attribution.gradients import influence_params
+    from engine.attribution.rerank import RerankCancelled, rerank_scores
+
+    params = influence_params(tiny_model)
+    x = digits_small.images[:4]
+    draws = make_draws(2, (1, 8, 8), 1000, seed=0)
+    full = compute_kfac(tiny_model, diffusion, x, draws, params)
+    q = full.rotate(torch.randn(full.num_params))
+    batches = []
+    with pytest.raises(RerankCancelled):
+        rerank_scores(tiny_model, diffusion, x, draws, full, params, q, [1e-3], 4, grad_batch=2,
+                      should_stop=lambda: (batches.append(1), len(batches) > 1)[1])
+    assert len(batches) == 2  # the first batch ran, the second was refused
+
+
+def test_the_grid_filler_cancels_the_running_rerank_of_a_superseded_query():
+    from explorer.grid_filler import GridFiller
+
+    release, running = threading.Event(), threading.Event()
+
+    class FakeSession:
+        def __init__(self):
+            self.cancelled = []
+
+        def fill_grids(self, result):
+            running.set()
+            release.wait(5)
+
+        def cancel_exact(self, result):
+            self.cancelled.append(result)
+
+    session, filler = FakeSession(), GridFiller()
+    first, second = object(), object()
+    filler.submit(session, first)
+    assert running.wait(5)
+    filler.submit(session, second)  # the user picked another sample while the first was being filled
+    assert session.cancelled == [first]
+    release.set()
+    assert filler.wait_idle(10) and session.cancelled == [first]

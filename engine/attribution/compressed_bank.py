@@ -30,7 +30,7 @@ combines (``gather_candidates`` does the all-gather) into exactly the single-pro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,12 +261,12 @@ class ShardedBank:
 class CompressedRows:
     """``scoring.Rows`` of a compressed bank, plus how a query enters its coordinates (``make_query``).
 
-    ``exact_fn(indices, dampings, rotated_full)`` gives the candidates' exact scores (``rerank_scores``
+    ``exact_fn(indices, dampings, rotated_full, should_stop)`` gives the candidates' exact scores (``rerank_scores``
     with the model, data and full factors bound); ``candidates`` per end, 0: no re-ranking.
     """
 
     def __init__(self, bank: RotatedBank | ShardedBank, compressed: CompressedFactors,
-                 exact_fn: Callable[[np.ndarray, Sequence[float], torch.Tensor], np.ndarray], candidates: int):
+                 exact_fn: Callable[..., np.ndarray], candidates: int):
         self.bank, self.compressed, self.exact_fn, self.candidates = bank, compressed, exact_fn, int(candidates)
         self.num_examples = bank.num_examples
         self.grid_max_bytes = bank.grid_max_bytes
@@ -289,8 +289,9 @@ class CompressedRows:
         query = RerankedQuery(rotated=rotated, eigenvalues=self.eigenvalues, rows=self)
         if self.candidates > 0:
             grid = choose_grid(self, rotated.numel()) or ()
-            query.reranker = Reranker(lambda idx, lams: self.exact_fn(idx, lams, rotated_full), self.candidates,
-                                      grid, rows)
+            reranker = Reranker(lambda idx, lams: self.exact_fn(idx, lams, rotated_full, reranker.stopped),
+                                self.candidates, grid, rows)
+            query.reranker = reranker
         return query
 
 

@@ -77,6 +77,10 @@ def gather_candidates(local_scores: np.ndarray, offset: int, c: int) -> np.ndarr
 # --- exact re-ranking ---------------------------------------------------------------------
 
 
+class RerankCancelled(RuntimeError):
+    """A deferred re-rank stopped between batches because its query was superseded (``Reranker.cancel``)."""
+
+
 def rerank_scores(
     model: nn.Module,
     diffusion: Diffusion,
@@ -90,6 +94,7 @@ def rerank_scores(
     grad_batch: int = 16,
     chunk: int = 1 << 20,
     max_query_bytes: int = 4 << 30,
+    should_stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """Exact K-FAC scores (len(images), G) of these training images at every damping in ``dampings``.
 
@@ -101,7 +106,8 @@ def rerank_scores(
     within ``max_query_bytes``) the G queries are rotated back once, V_g = Q (q / (e + lambda_g)),
     and tau_i = (1/N) <grad l_i, V_g> (as ``StreamedBank``); otherwise each candidate's
     gradient is rotated and (R * q) @ W with W_jg = 1/(e_j + lambda_g) is taken over chunks
-    of coordinates.  Either way one batch of gradients is held at a time.
+    of coordinates.  Either way one batch of gradients is held at a time.  ``should_stop`` is asked
+    before each batch; True raises ``RerankCancelled`` (the app's worker moved on to a newer query).
     """
     eig = full.eigenvalues().to(rotated_query.device, rotated_query.dtype)
     lam = torch.tensor(list(dampings), dtype=eig.dtype, device=eig.device)
@@ -115,6 +121,8 @@ def rerank_scores(
     starts = range(0, images.shape[0], grad_batch)  # seconds to minutes (README "On a GPU"): a bar on a terminal
     for s in tqdm(starts, desc="K-FAC re-rank: candidates' fresh gradients", unit="batch", leave=False,
                   disable=None if len(starts) > 1 else True):
+        if should_stop is not None and should_stop():
+            raise RerankCancelled("re-rank cancelled")
         rows = slice(s, min(images.shape[0], s + grad_batch))
         g = per_example_grads(model, diffusion, images[rows], draws.for_rows(rows), "loss", params).detach()
         if back is not None:
@@ -148,20 +156,33 @@ class Reranker:
         self.c = int(candidates)
         self.grid = tuple(grid)
         self.rows = rows  # this rank's rows (torchrun): candidates come from them, merged over ranks
-        self.indices: np.ndarray | None = None
+        self.indices: np.ndarray | None = None  # set with ``cache``, once the exact scores exist
         self.cache: dict[float, np.ndarray] = {}
         self.timing_ms: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     @property
     def ready(self) -> bool:
         """True once the candidates' exact scores exist (the gradient work is done)."""
         return self.indices is not None
 
+    def cancel(self) -> None:
+        """Stop a running re-rank at its next batch (it stays pending; a later computing ``apply`` redoes it)."""
+        self._stop.set()
+
+    def stopped(self) -> bool:
+        """The ``should_stop`` of this re-rank's gradient loop (``rerank_scores``)."""
+        return self._stop.is_set()
+
     def apply(self, scores: np.ndarray, lam: float, compute: bool = True) -> tuple[np.ndarray, np.ndarray]:
         if compute:
             with self._lock:
-                return self._apply(scores, lam)
+                self._stop.clear()  # asked for now: an earlier cancel does not apply
+                try:
+                    return self._apply(scores, lam)
+                except RerankCancelled:
+                    return self._approximate(scores)
         # deferred: never wait for a re-rank running in another thread (a damping change meanwhile
         # shows the scan's scores at once), nor start one
         if not self._lock.acquire(blocking=False):
@@ -179,10 +200,11 @@ class Reranker:
         if self.indices is None:
             t0 = time.perf_counter()
             rows = self.rows or slice(0, scores.shape[0])
-            self.indices = gather_candidates(scores[rows], rows.start, self.c)
+            indices = gather_candidates(scores[rows], rows.start, self.c)
             lams = sorted(set(self.grid) | {float(lam)})
-            exact = self.score_fn(self.indices, lams)
+            exact = self.score_fn(indices, lams)
             self.cache = {lv: exact[:, i].astype(np.float32) for i, lv in enumerate(lams)}
+            self.indices = indices  # last: ``ready`` only once the exact scores exist
             self.timing_ms["rerank"] = (time.perf_counter() - t0) * 1000.0
         lam = float(lam)
         if lam not in self.cache:
@@ -231,9 +253,16 @@ class RerankedQuery(EigenbasisQuery):
         return self.reranker is not None and not self.reranker.ready
 
     def fill_exact(self) -> bool:
-        """Run the deferred re-rank now (at the candidates of the first damping scored); True when it ran."""
+        """Run the deferred re-rank now (at the candidates of the first damping scored), or wait for the
+        one running in another thread; True when the exact scores exist afterwards (False: nothing was
+        pending, or it was cancelled)."""
         if not self.exact_pending or self._first_damping is None:
             return False
         lam = self._first_damping
         self.reranker.apply(EigenbasisQuery.score(self, lam), lam)  # type: ignore[union-attr]
-        return True
+        return not self.exact_pending
+
+    def cancel_exact(self) -> None:
+        """Stop this query's deferred re-rank at its next batch (a newer query came): it stays pending."""
+        if self.reranker is not None:
+            self.reranker.cancel()

@@ -509,6 +509,15 @@ class AttributionSession:
                 done.append(name)
         return done
 
+    @staticmethod
+    def cancel_exact(result: QueryResult) -> None:
+        """Stop ``result``'s deferred exact work at its next batch (the app's worker moved on to a newer
+        query); it stays pending, and ``fill_exact`` redoes it when asked."""
+        for prep in (result.prepared or {}).values():
+            cancel = getattr(getattr(prep, "query", None), "cancel_exact", None)
+            if cancel is not None:
+                cancel()
+
     def _defer_exact_work(self, prep: Prepared) -> None:
         """Let a prepared query defer the work that makes its scores exact, when this session says so.
 
