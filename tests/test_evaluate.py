@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -370,16 +371,14 @@ def test_run_setup_takes_the_requested_presets_attribution_settings(tmp_path):
     assert setup.preset.model == saved.model and setup.preset.train == saved.train
 
 
-def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_missing_ones(
-    tiny_preset, digits_small, tmp_path, monkeypatch
-):
-    """``retrain-top --no-train``: the queries whose models another (running) process has finished are
-    measured; a query with a model still missing stops the run before anything is trained."""
+def _fake_retrain_top(tiny_preset, digits_small, monkeypatch, run_training) -> tuple[Any, list[str]]:
+    """retrain_top_run with a stand-in session, job and plan (no model, no gradients), and ``run_training``
+    replaced: returns the module and the methods whose removal was measured."""
     import engine.attribution.session as session_module
     import engine.evaluation.retrain_top_run as rtr
     from engine.evaluation.runs import TrainTask
-    from engine.evaluation.setup import RunSetup
-    from engine.model.checkpoint import CONFIG, WEIGHTS
+
+    measured: list[str] = []
 
     class Session:
         checkpoint_hash = "h"
@@ -391,9 +390,6 @@ def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_miss
 
         def parse_query(self, spec):
             return SimpleNamespace(image=None, description=spec)
-
-    trained = []
-    measured = []
 
     class Job:
         def __init__(self, session, q, measurement, method, fraction, p):
@@ -416,7 +412,20 @@ def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_miss
     monkeypatch.setattr(session_module, "AttributionSession", Session)
     monkeypatch.setattr(rtr, "RetrainJob", Job)
     monkeypatch.setattr(rtr, "plan", plan)
-    monkeypatch.setattr(rtr, "run_training", lambda tasks, **kw: trained.extend(tasks))
+    monkeypatch.setattr(rtr, "run_training", run_training)
+    return rtr, measured
+
+
+def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_missing_ones(
+    tiny_preset, digits_small, tmp_path, monkeypatch
+):
+    """``retrain-top --no-train``: the queries whose models another (running) process has finished are
+    measured; a query with a model still missing stops the run before anything is trained."""
+    from engine.evaluation.setup import RunSetup
+    from engine.model.checkpoint import CONFIG, WEIGHTS
+
+    trained = []
+    rtr, measured = _fake_retrain_top(tiny_preset, digits_small, monkeypatch, lambda tasks, **kw: trained.extend(tasks))
     setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "out", tmp_path / "results", "cpu", False)
     done = tmp_path / "out" / "kfac" / "model"
     done.mkdir(parents=True)
@@ -438,44 +447,11 @@ def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_miss
 def test_retrain_top_trains_its_models_on_the_runs_device(tiny_preset, digits_small, tmp_path, monkeypatch):
     """``retrain-top --device cuda`` trained the removal models on the CPU: ``run_training`` was called
     without ``device`` (its default is "cpu"), while the session and the app's RetrainJob used the GPU."""
-    import engine.attribution.session as session_module
-    import engine.evaluation.retrain_top_run as rtr
-    from engine.evaluation.runs import TrainTask
     from engine.evaluation.setup import RunSetup
 
-    class Session:
-        checkpoint_hash = "h"
-        config = tiny_preset.attribution
-        dataset = digits_small
-
-        def __init__(self, **kwargs):
-            pass
-
-        def parse_query(self, spec):
-            return SimpleNamespace(image=None, description=spec)
-
-    class Job:
-        def __init__(self, session, q, measurement, method, fraction, p):
-            self.plan, self.method = p, method
-
-        def training_tasks(self):
-            return [TrainTask(name=self.method, out=str(self.plan.folder / "model"), preset=tiny_preset, steps=1)]
-
-        def removal(self):
-            return np.array([1, 2]), np.zeros(64), "influence"
-
-        def measure(self, removed, scores, kind):
-            return {"method": self.method, "measured_change": 0.1, "random_measured_change": 0.0,
-                    "predicted_change": 0.2}
-
-    def plan(session, image, measurement, method, fraction, out, mc, steps):
-        return SimpleNamespace(folder=Path(out) / method)
-
     devices = []
-    monkeypatch.setattr(session_module, "AttributionSession", Session)
-    monkeypatch.setattr(rtr, "RetrainJob", Job)
-    monkeypatch.setattr(rtr, "plan", plan)
-    monkeypatch.setattr(rtr, "run_training", lambda tasks, **kw: devices.append(kw.get("device", "cpu")))
+    rtr, _ = _fake_retrain_top(tiny_preset, digits_small, monkeypatch,
+                               lambda tasks, **kw: devices.append(kw.get("device", "cpu")))
     setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "out", tmp_path / "results",
                      "cuda:0", False)
     rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac",)))
