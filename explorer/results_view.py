@@ -226,7 +226,8 @@ def _exact_button(handle: Handle, name: str, result: QueryResult) -> None:
     on to a newer query) and re-scores the shown answer."""
     st.warning("**Approximate ranking.** These images and scores are a fast estimate from a compressed copy "
                "of the training gradients (its scores are on a smaller scale). The exact scores of the "
-               "strongest candidates are being computed in the background.", icon="⏳")
+               "strongest candidates are being computed in the background: the button below waits for them "
+               "and shows them.", icon=":material/hourglass_top:")
     if not st.button("Show the exact ranking", key=f"exact_{name}",
                      help="Waits for the exact K-FAC scores of the strongest candidates at both ends (their "
                           "training gradients are computed again: a few seconds on a GPU, up to minutes on a "

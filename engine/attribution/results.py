@@ -47,12 +47,11 @@ class MethodResult:
         if self.bank != "compressed":
             return f"{self.bank} bank: every score exact"
         if self.exact_pending:
-            return ("compressed bank: approximate scores for now; the strongest candidates' exact K-FAC scores "
-                    "are being computed")
+            return "compressed bank: estimated scores for now (exact ones being computed)"
         if self.exact is None or not self.exact.any():
-            return "compressed bank: approximate scores (no re-ranking)"
-        return (f"compressed bank: the {int(self.exact.sum())} strongest candidates re-ranked to exact K-FAC scores, "
-                f"the other {int((~self.exact).sum())} approximate")
+            return "compressed bank: estimated scores (no re-ranking)"
+        return (f"compressed bank: the {int(self.exact.sum())} highest and lowest candidates re-ranked to exact "
+                f"K-FAC scores, the other {int((~self.exact).sum())} estimated")
 
     def top(self, k: int, labels: np.ndarray | None = None) -> list[RankedItem]:
         """k largest scores: strongest proponents (or most similar); exact scores rank before approximate ones."""
