@@ -14,6 +14,7 @@ class SlowSession:
         self.filled: list[str] = []
         self.started = threading.Event()
         self.release = threading.Event()
+        self.cancelled: list[str] = []
 
     def fill_grids(self, result: str) -> list[str]:
         self.started.set()
@@ -22,6 +23,9 @@ class SlowSession:
         if result == "bad":
             raise RuntimeError("boom")
         return ["kfac"]
+
+    def cancel_exact(self, result: str) -> None:
+        self.cancelled.append(result)
 
 
 def test_only_the_latest_waiting_result_is_filled_and_failures_do_not_stop_the_worker():
@@ -33,6 +37,7 @@ def test_only_the_latest_waiting_result_is_filled_and_failures_do_not_stop_the_w
     s.release.set()
     assert f.wait_idle(10)
     assert s.filled == ["first", "latest"] and f.skipped == 2 and f.filled == 2
+    assert set(s.cancelled) == {"first"}  # the running fill was told to stop its re-rank, no waiting one
     f.submit(s, "bad")  # an exception is logged, the worker lives on
     assert f.wait_idle(10)
     f.submit(s, "after")
