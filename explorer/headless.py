@@ -152,6 +152,15 @@ def wait_for(driver, present: Sequence[str], absent: Sequence[str] = (), timeout
     raise TimeoutError(f"page never showed {list(present)} without {list(absent)}; last text:\n{text[:2000]}")
 
 
+def click_button(driver, label: str) -> None:
+    """Click the first button whose text is ``label``."""
+    for b in driver.find_elements("css selector", "button"):
+        if b.text.strip() == label:
+            b.click()
+            return
+    raise LookupError(f"no button {label!r}")
+
+
 def click_tab(driver, label: str) -> None:
     for tab in driver.find_elements("css selector", "[role='tab']"):
         if tab.text.strip() == label:

@@ -24,6 +24,7 @@ from explorer.runtime import Handle
 
 log = logging.getLogger(__name__)
 CELL = 64  # pixels per thumbnail (8x8 digits: factor 8), plus a 4-pixel white frame
+EXACT_POLL_S = 1.0  # how often a page with an approximate ranking looks whether the exact one is ready
 
 
 def cell_size(side: int) -> int:
@@ -208,6 +209,21 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 caption=[_caption(ds, x.index, x.score) for x in bottom],
                 width=cell + 8,
             )
+    if any(result.methods[n].exact_pending for n in names) and handle.build.status != "running":
+        _await_exact(result)
+
+
+@st.fragment(run_every=EXACT_POLL_S)
+def _await_exact(result: QueryResult) -> None:
+    """Rerun the whole page once the background re-rank of ``result`` has finished, so its exact ends
+    replace the approximate ones without a click.
+
+    A fragment polls (``run_every``) instead of the worker pushing, because a Streamlit page only
+    changes on a rerun of its script.  It draws nothing, and it is only placed when the build is not
+    running: the build panel has its own polling fragment, and two of them with a full-page rerun
+    between left the browser with a blank page (``build_view.waiting_note``)."""
+    if _exact_arrived(result):
+        st.rerun()
 
 
 def _exact_arrived(result: QueryResult) -> bool:
@@ -226,8 +242,8 @@ def _exact_button(handle: Handle, name: str, result: QueryResult) -> None:
     on to a newer query) and re-scores the shown answer."""
     st.warning("**Approximate ranking.** These images and scores are a fast estimate from a compressed copy "
                "of the training gradients (its scores are on a smaller scale). The exact scores of the "
-               "strongest candidates are being computed in the background: the button below waits for them "
-               "and shows them.", icon=":material/hourglass_top:")
+               "strongest candidates are being computed in the background, and this page shows them as soon "
+               "as they are ready; the button below waits for them.", icon=":material/hourglass_top:")
     if not st.button("Show the exact ranking", key=f"exact_{name}",
                      help="Waits for the exact K-FAC scores of the strongest candidates at both ends (their "
                           "training gradients are computed again: a few seconds on a GPU, up to minutes on a "
