@@ -44,6 +44,12 @@ class GridFiller:
                 self._thread.start()
             self._cv.notify()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting and nothing running: a result still pending now was cancelled or failed."""
+        with self._cv:
+            return self._latest is None and not self._busy
+
     def wait_idle(self, timeout: float) -> bool:
         """True once nothing is waiting or running (tests, shutdown)."""
         with self._cv:

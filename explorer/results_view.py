@@ -210,30 +210,43 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 width=cell + 8,
             )
     if any(result.methods[n].exact_pending for n in names) and handle.build.status != "running":
-        _await_exact(result)
+        _await_exact(handle, result)
 
 
 @st.fragment(run_every=EXACT_POLL_S)
-def _await_exact(result: QueryResult) -> None:
+def _await_exact(handle: Handle, result: QueryResult) -> None:
     """Rerun the whole page once the background re-rank of ``result`` has finished, so its exact ends
-    replace the approximate ones without a click.
+    replace the approximate ones without a click; say so if the worker stopped without finishing it.
 
     A fragment polls (``run_every``) instead of the worker pushing, because a Streamlit page only
-    changes on a rerun of its script.  It draws nothing, and it is only placed when the build is not
-    running: the build panel has its own polling fragment, and two of them with a full-page rerun
-    between left the browser with a blank page (``build_view.waiting_note``)."""
+    changes on a rerun of its script.  It is only placed when the build is not running: the build
+    panel has its own polling fragment, and two of them with a full-page rerun between left the
+    browser with a blank page (``build_view.waiting_note``)."""
     if _exact_arrived(result):
         st.rerun()
+    if handle.grid_filler.idle and _exact_still_pending(result):
+        st.warning("**The background re-rank stopped before it finished** (the server's log says why). "
+                   "The ranking above stays approximate; \"Show the exact ranking\" runs it again.")
+
+
+def _deferred_queries(result: QueryResult) -> list:
+    """The prepared queries of the methods shown approximate (``result.prepared`` is shared with the
+    query's raw result, so they tell whether their deferred re-rank has run since)."""
+    out = []
+    for name, r in result.methods.items():
+        query = getattr((result.prepared or {}).get(name), "query", None)
+        if r.exact_pending and query is not None:
+            out.append(query)
+    return out
 
 
 def _exact_arrived(result: QueryResult) -> bool:
-    """True when a method of ``result`` was shown approximate while its deferred re-rank was pending, and
-    that re-rank has finished since (``result.prepared`` is shared with the query's raw result)."""
-    for name, r in result.methods.items():
-        query = getattr((result.prepared or {}).get(name), "query", None)
-        if r.exact_pending and query is not None and not getattr(query, "exact_pending", False):
-            return True
-    return False
+    """True when a method of ``result`` was shown approximate and its deferred re-rank has finished since."""
+    return any(not getattr(q, "exact_pending", False) for q in _deferred_queries(result))
+
+
+def _exact_still_pending(result: QueryResult) -> bool:
+    return any(getattr(q, "exact_pending", False) for q in _deferred_queries(result))
 
 
 def _exact_button(handle: Handle, name: str, result: QueryResult) -> None:
@@ -249,8 +262,13 @@ def _exact_button(handle: Handle, name: str, result: QueryResult) -> None:
                           "training gradients are computed again: a few seconds on a GPU, up to minutes on a "
                           "CPU) and shows them."):
         return
-    with st.spinner("Computing the exact scores of the strongest candidates (fresh training gradients) ..."):
-        handle.session.fill_exact(result)
+    try:
+        with st.spinner("Computing the exact scores of the strongest candidates (fresh training gradients) ..."):
+            handle.session.fill_exact(result)
+    except Exception as e:  # noqa: BLE001 - say why, keep the approximate ranking on the page
+        log.exception("exact re-rank failed")
+        st.error(f"The exact re-rank failed: {type(e).__name__}: {e}")
+        return
     store = st.session_state.get("result_cache")
     if store is not None:
         store["shown"] = {}  # re-score the raw result at the chosen damping: its ends are now exact

@@ -528,10 +528,8 @@ def test_influence_headings_follow_the_signs_shown():
     assert "positive ones are proponents" in top and "negative ones are opponents" in bottom
 
 
-@pytest.mark.slow
-def test_a_compressed_bank_answers_from_its_scan_then_shows_the_exact_ranking(tiny_app, tmp_path, monkeypatch):
-    """The app defers the compressed bank's re-rank (2C x M fresh gradient rows): the first answer is the
-    scan, the K-FAC column says so and offers the exact ranking, which the button shows."""
+def _compressed_app(tiny_app, tmp_path, monkeypatch):
+    """The tiny app on a compressed K-FAC bank (built), started."""
     import json
 
     from engine.attribution.session import AttributionSession
@@ -543,7 +541,14 @@ def test_a_compressed_bank_answers_from_its_scan_then_shows_the_exact_ranking(ti
     env = _set_env({**tiny_app, "ATTRIBUTION_PRESET": str(preset), "ATTRIBUTION_CACHE": str(tmp_path / "cache"),
                     "ATTRIBUTION_RESULTS": str(tmp_path / "results")}, monkeypatch)
     AttributionSession(str(preset), env["ATTRIBUTION_CHECKPOINT"], "cpu", env["ATTRIBUTION_CACHE"]).build()
-    at = _start(env)
+    return _start(env)
+
+
+@pytest.mark.slow
+def test_a_compressed_bank_answers_from_its_scan_then_shows_the_exact_ranking(tiny_app, tmp_path, monkeypatch):
+    """The app defers the compressed bank's re-rank (2C x M fresh gradient rows): the first answer is the
+    scan, the K-FAC column says so and offers the exact ranking, which the button shows."""
+    at = _compressed_app(tiny_app, tmp_path, monkeypatch)
     at.button(key="gallery_1").click().run()
     _ok(at)
     raw = at.session_state["result_cache"]["raw"]
@@ -569,3 +574,28 @@ def test_a_compressed_bank_answers_from_its_scan_then_shows_the_exact_ranking(ti
     k = shown.methods["kfac"]
     assert not k.exact_pending and k.exact.sum() >= 3
     assert "re-ranked to exact" in _texts(at) and not any(b.key == "exact_kfac" for b in at.button)
+
+
+@pytest.mark.slow
+def test_a_failed_background_re_rank_is_reported_not_awaited_forever(tiny_app, tmp_path, monkeypatch):
+    """When the background worker's re-rank raises, the page says it stopped (instead of 'being computed'
+    for ever) and the button's own try shows the error on the page, with the approximate ranking kept."""
+    from engine.attribution.rerank import RerankedQuery
+
+    def fail(self):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(RerankedQuery, "fill_exact", fail)
+    at = _compressed_app(tiny_app, tmp_path, monkeypatch)
+    at.button(key="gallery_1").click().run()
+    _ok(at)
+    filler = _handle().grid_filler
+    assert filler.wait_idle(60)
+    at.run()
+    _ok(at)
+    assert "stopped before it finished" in _texts(at) and "Approximate ranking" in _texts(at)
+    at.button(key="exact_kfac").click().run()
+    assert not at.exception
+    assert any("CUDA out of memory (simulated)" in e.value for e in at.error)
+    assert "Approximate ranking" in _texts(at)
+
