@@ -36,6 +36,20 @@ def _threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _main_module():
+    """``sys.modules["__main__"]`` as it was before the test: Streamlit's AppTest runs its page as
+    ``__main__`` and leaves it there, and a later ``torch.multiprocessing.spawn`` (the torchrun tests)
+    re-runs the main module in each child, where ``AppTest.from_function``'s page script fails
+    (NameError: ``__args``); whether a spawn test failed depended on the tests before it."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
+
+
 @pytest.fixture
 def tiny_preset() -> Preset:
     return Preset(
