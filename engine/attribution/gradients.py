@@ -43,6 +43,7 @@ device of the model's parameters (no device-specific calls).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -176,6 +177,21 @@ def layer_output_grads(mod: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
+def this_thread_only(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` acting only on forward passes run by the thread that registers it.
+
+    Why: module hooks belong to the shared model, so they fire on every thread's forward pass.  The
+    app re-ranks in a background thread (per-example gradients with hooks, the GPU's back-end, or the
+    compressed bank's projections) while the page's thread samples, queries or builds with the same
+    model: unguarded, each would record (or, for the projections, change) the other's activations."""
+    owner = threading.get_ident()
+
+    def guarded(*args: Any) -> Any:
+        return hook(*args) if threading.get_ident() == owner else None
+
+    return guarded
+
+
 def _hooks_grads(
     model: nn.Module,
     params: Params,
@@ -200,8 +216,8 @@ def _hooks_grads(
         out.register_hook(keep)
 
     for mod, _, _ in layers:
-        handles.append(mod.register_forward_pre_hook(pre_hook))
-        handles.append(mod.register_forward_hook(fwd_hook))
+        handles.append(mod.register_forward_pre_hook(this_thread_only(pre_hook)))
+        handles.append(mod.register_forward_hook(this_thread_only(fwd_hook)))
     try:
         with torch.enable_grad():
             per_row = row_losses(model, diffusion, x0, draws, loss)

@@ -50,7 +50,7 @@ from torch import nn
 
 from ..model.diffusion import Diffusion, MCDraws
 from .curvature import Block, KFACFactors, layout
-from .gradients import Params, _rows, layer_output_grads
+from .gradients import Params, _rows, layer_output_grads, this_thread_only
 
 KINDS = ("eigen", "gaussian")
 
@@ -261,7 +261,7 @@ def projected_grads(
         return output
 
     for mod in modules.values():
-        handles.append(mod.register_forward_hook(fwd_hook))
+        handles.append(mod.register_forward_hook(this_thread_only(fwd_hook)))
     was_training = model.training
     model.eval()
     try:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .gradients import this_thread_only
+
 
 def layer_stages(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str, str]:
     """Conv2d/Linear module name -> its stage: the output's spatial size ("28 px"; attention's
@@ -36,7 +38,7 @@ def layer_stages(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str
 
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            hooks.append(mod.register_forward_hook(record(name)))
+            hooks.append(mod.register_forward_hook(this_thread_only(record(name))))
     try:
         with torch.no_grad():
             model(x, t)
