@@ -5,9 +5,10 @@ makes later damping changes free is scored afterwards (``AttributionSession.fill
 is a compressed bank's exact re-rank (seconds to minutes of fresh gradients).  A thread per query
 would pile up that work when a user clicks through the gallery and slow the very answers this is
 for, so queries are handed to one worker and only the latest waiting one is filled: a superseded
-query is skipped (its damping changes, if any, score exactly), and a superseded re-rank that is
-running is cancelled at its next batch (``AttributionSession.cancel_exact``; it stays pending and
-"Show the exact ranking" redoes it).
+query is skipped (its damping changes, if any, score exactly), and a running re-rank stops at its
+next batch once a newer query is waiting (the worker's ``should_stop``; it stays pending and
+"Show the exact ranking" redoes it).  The stop belongs to the worker's call: a user's own click on
+that button, in another thread, is never stopped by it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ class GridFiller:
         self._latest: tuple[Any, Any] | None = None
         self._thread: threading.Thread | None = None
         self._busy = False
-        self._running: tuple[Any, Any] | None = None  # (session, result) being filled now
         self.filled = 0  # results whose grids were filled (tests)
         self.skipped = 0  # results superseded before their turn
 
@@ -36,9 +36,6 @@ class GridFiller:
             if self._latest is not None:
                 self.skipped += 1
             self._latest = (session, result)
-            running = self._running
-            if running is not None and running[1] is not result:
-                running[0].cancel_exact(running[1])  # its re-rank would compete with this query's
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, daemon=True, name="grid-filler")
                 self._thread.start()
@@ -62,13 +59,17 @@ class GridFiller:
                     self._thread = None  # idle for a minute: end; the next submit starts another
                     return
                 session, result = self._latest
-                self._latest, self._busy, self._running = None, True, (session, result)
+                self._latest, self._busy = None, True
             try:
-                session.fill_grids(result)
+                session.fill_grids(result, should_stop=self._superseded)
                 self.filled += 1
             except Exception:  # noqa: BLE001 - a failed fill only costs the next damping change an exact pass
                 log.exception("filling the damping grid failed")
             finally:
                 with self._cv:
-                    self._busy, self._running = False, None
+                    self._busy = False
                     self._cv.notify_all()
+
+    def _superseded(self) -> bool:
+        """The running fill's ``should_stop``: a newer result is waiting (its re-rank would compete)."""
+        return self._latest is not None

@@ -16,7 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from engine.attribution.results import QueryResult
-from explorer import analysis, figures
+from explorer import analysis, exact_view, figures
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
 from explorer.query_view import Query
@@ -24,7 +24,6 @@ from explorer.runtime import Handle
 
 log = logging.getLogger(__name__)
 CELL = 64  # pixels per thumbnail (8x8 digits: factor 8), plus a 4-pixel white frame
-EXACT_POLL_S = 1.0  # how often a page with an approximate ranking looks whether the exact one is ready
 
 
 def cell_size(side: int) -> int:
@@ -67,8 +66,9 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
         try:
             with st.spinner(f"Attributing {query.title.lower()} with every method (query gradients, then scores) ..."):
                 with handle.lock:
-                    raw = session.query(
-                        query.input, s.measurement, methods=None, damping=s.damping_dict, mc_samples=s.mc_samples
+                    raw = session.query(  # a compressed bank answers from its scan; the re-rank follows
+                        query.input, s.measurement, methods=None, damping=s.damping_dict, mc_samples=s.mc_samples,
+                        defer_exact=True,
                     )
                 # store before any other Streamlit call, so an interrupted rerun keeps the work
                 store = {"base": base, "raw": raw, "shown": {s.damping: raw}}
@@ -84,7 +84,7 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
             st.error(f"The attribution failed: {type(e).__name__}: {e}")
             return None
     shown = store["shown"].get(s.damping)
-    if shown is not None and _exact_arrived(shown):
+    if shown is not None and exact_view.exact_arrived(shown):
         shown = None  # the background re-rank finished since this view was scored: show its exact ends
     if shown is None:
         with handle.lock:
@@ -166,6 +166,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
         return
     independent = handle.query_independent()
     cols = st.columns(len(names), border=True)
+    polling = False
     for col, name in zip(cols, names, strict=True):
         r = result.methods[name]
         with col:
@@ -189,7 +190,10 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 notes.append(r.bank_note())
             c2.caption(" · ".join(notes) if notes else "similarity score")
             if r.exact_pending:
-                _exact_button(handle, name, result)
+                exact_view.exact_button(handle, name, result)
+                if not polling and handle.build.status != "running":
+                    exact_view.await_exact(handle, result)  # one poller for the page, under the first pending box
+                    polling = True
             similarity = r.kind == "similarity"
             top, bottom = r.top(s.top_k, labels), r.bottom(s.top_k, labels)
             if similarity:
@@ -209,70 +213,6 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 caption=[_caption(ds, x.index, x.score) for x in bottom],
                 width=cell + 8,
             )
-    if any(result.methods[n].exact_pending for n in names) and handle.build.status != "running":
-        _await_exact(handle, result)
-
-
-@st.fragment(run_every=EXACT_POLL_S)
-def _await_exact(handle: Handle, result: QueryResult) -> None:
-    """Rerun the whole page once the background re-rank of ``result`` has finished, so its exact ends
-    replace the approximate ones without a click; say so if the worker stopped without finishing it.
-
-    A fragment polls (``run_every``) instead of the worker pushing, because a Streamlit page only
-    changes on a rerun of its script.  It is only placed when the build is not running: the build
-    panel has its own polling fragment, and two of them with a full-page rerun between left the
-    browser with a blank page (``build_view.waiting_note``)."""
-    if _exact_arrived(result):
-        st.rerun()
-    if handle.grid_filler.idle and _exact_still_pending(result):
-        st.warning("**The background re-rank stopped before it finished** (the server's log says why). "
-                   "The ranking above stays approximate; \"Show the exact ranking\" runs it again.")
-
-
-def _deferred_queries(result: QueryResult) -> list:
-    """The prepared queries of the methods shown approximate (``result.prepared`` is shared with the
-    query's raw result, so they tell whether their deferred re-rank has run since)."""
-    out = []
-    for name, r in result.methods.items():
-        query = getattr((result.prepared or {}).get(name), "query", None)
-        if r.exact_pending and query is not None:
-            out.append(query)
-    return out
-
-
-def _exact_arrived(result: QueryResult) -> bool:
-    """True when a method of ``result`` was shown approximate and its deferred re-rank has finished since."""
-    return any(not getattr(q, "exact_pending", False) for q in _deferred_queries(result))
-
-
-def _exact_still_pending(result: QueryResult) -> bool:
-    return any(getattr(q, "exact_pending", False) for q in _deferred_queries(result))
-
-
-def _exact_button(handle: Handle, name: str, result: QueryResult) -> None:
-    """A compressed bank answers from its scan first; its exact re-rank runs in the background
-    (``grid_filler``).  The button shows it: it waits for the re-rank (or runs it, if the worker moved
-    on to a newer query) and re-scores the shown answer."""
-    st.warning("**Approximate ranking.** These images and scores are a fast estimate from a compressed copy "
-               "of the training gradients (its scores are on a smaller scale). The exact scores of the "
-               "strongest candidates are being computed in the background, and this page shows them as soon "
-               "as they are ready; the button below waits for them.", icon=":material/hourglass_top:")
-    if not st.button("Show the exact ranking", key=f"exact_{name}",
-                     help="Waits for the exact K-FAC scores of the strongest candidates at both ends (their "
-                          "training gradients are computed again: a few seconds on a GPU, up to minutes on a "
-                          "CPU) and shows them."):
-        return
-    try:
-        with st.spinner("Computing the exact scores of the strongest candidates (fresh training gradients) ..."):
-            handle.session.fill_exact(result)
-    except Exception as e:  # noqa: BLE001 - say why, keep the approximate ranking on the page
-        log.exception("exact re-rank failed")
-        st.error(f"The exact re-rank failed: {type(e).__name__}: {e}")
-        return
-    store = st.session_state.get("result_cache")
-    if store is not None:
-        store["shown"] = {}  # re-score the raw result at the chosen damping: its ends are now exact
-    st.rerun()
 
 
 def influence_headings(top: list[float], bottom: list[float]) -> tuple[str, str]:

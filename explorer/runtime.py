@@ -217,7 +217,6 @@ def get_handle(args: AppArgs) -> Handle:
     session = AttributionSession(
         preset=get_preset(args.preset, args.data_root), checkpoint=args.checkpoint, device=args.device,
         cache_root=args.cache, preset_spec=args.preset,
-        defer_exact=True,  # a compressed bank's first answer is its scan; the re-rank follows (grid_filler)
     )
     handle = Handle(
         session=session,

@@ -582,7 +582,7 @@ def test_a_failed_background_re_rank_is_reported_not_awaited_forever(tiny_app, t
     for ever) and the button's own try shows the error on the page, with the approximate ranking kept."""
     from engine.attribution.rerank import RerankedQuery
 
-    def fail(self):
+    def fail(self, should_stop=None):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(RerankedQuery, "fill_exact", fail)
@@ -599,3 +599,47 @@ def test_a_failed_background_re_rank_is_reported_not_awaited_forever(tiny_app, t
     assert any("CUDA out of memory (simulated)" in e.value for e in at.error)
     assert "Approximate ranking" in _texts(at)
 
+
+
+@pytest.mark.slow
+def test_a_running_background_re_rank_shows_its_progress(tiny_app, tmp_path, monkeypatch):
+    """While the background re-rank runs, K-FAC's column shows how far it is (candidates done, time left)."""
+    import threading
+
+    from engine.attribution.methods import kfac_compressed_bank
+
+    original, release = kfac_compressed_bank.rerank_scores, threading.Event()
+
+    def held(*a, progress=None, should_stop=None, **k):
+        progress(1, 4)  # one batch of four candidates done, then wait for the test (or a newer query)
+        while not release.wait(0.05) and not should_stop():
+            pass
+        return original(*a, progress=progress, should_stop=should_stop, **k)
+
+    monkeypatch.setattr(kfac_compressed_bank, "rerank_scores", held)
+    at = _compressed_app(tiny_app, tmp_path, monkeypatch)
+    try:
+        at.button(key="gallery_1").click().run()
+        _ok(at)
+        raw = at.session_state["result_cache"]["raw"]
+        deadline = time.monotonic() + 30
+        while raw.prepared["kfac"].query.exact_progress is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        at.run()
+        _ok(at)
+        bars = [e.proto.text for e in at.get("progress")]
+        assert any(b.startswith("Exact re-rank: 1 of 4 candidates") and "left" in b for b in bars), bars
+    finally:
+        release.set()
+    assert _handle().grid_filler.wait_idle(60)
+    at.run()
+    _ok(at)
+    assert "re-ranked to exact" in _texts(at) and not at.get("progress")
+
+
+def test_the_re_rank_progress_line_says_the_time_left_at_the_rate_so_far():
+    from explorer.exact_view import rerank_progress_text
+
+    assert rerank_progress_text(0, 0, 3.0) == "Exact re-rank: starting (3 s)"
+    assert rerank_progress_text(128, 512, 20.0) == "Exact re-rank: 128 of 512 candidates (20 s, about 60 s left)"
+    assert rerank_progress_text(16, 512, 600.0) == "Exact re-rank: 16 of 512 candidates (10 min, about 5.2 h left)"

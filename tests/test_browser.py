@@ -55,7 +55,7 @@ def test_results_grid_in_chromium(tiny_env, tmp_path):
 
 def test_a_compressed_bank_shows_its_exact_ranking_without_a_click(tiny_env, tmp_path):
     """The app answers from the compressed bank's scan first (approximate) and re-ranks in the background;
-    the page replaces the approximate ends with the exact ones by itself (results_view._await_exact).
+    the page replaces the approximate ends with the exact ones by itself (explorer.exact_view.await_exact).
     Nothing is clicked: before the poller, the page stayed approximate until the next interaction."""
     import json
     from pathlib import Path

@@ -1,5 +1,5 @@
 """The compressed bank's exact re-rank deferred from the first answer (``RerankedQuery.defer_exact``,
-``AttributionSession(defer_exact=True)``): the app answers from the compressed scan at once and the
+``AttributionSession.query(defer_exact=True)``): the app answers from the compressed scan at once and the
 2C x M fresh gradient rows run afterwards, the same exact scores as answering at once."""
 
 from __future__ import annotations
@@ -107,14 +107,16 @@ def test_a_deferring_session_answers_approximately_then_exactly_after_fill_grids
 
     def session(defer: bool) -> AttributionSession:
         return AttributionSession(preset, checkpoint=folder, device="cpu", cache_root=tmp_path, config=config,
-                                  dataset=digits_small, auto_build=True, defer_exact=defer)
+                                  dataset=digits_small, auto_build=True)
 
     cli, app = session(False), session(True)
     q = cli.parse_query("train:2")
     exact = cli.query(q, "loss", methods=["kfac"]).methods["kfac"]
     assert exact.exact.any() and not exact.exact_pending and "re-ranked" in exact.bank_note()
+    # the same session answers exactly unless the call defers (the app's retrain check does not)
+    assert not app.query(q, "loss", methods=["kfac"]).methods["kfac"].exact_pending
 
-    first = app.query(q, "loss", methods=["kfac"])
+    first = app.query(q, "loss", methods=["kfac"], defer_exact=True)
     k = first.methods["kfac"]
     assert k.exact_pending and not k.exact.any() and "being computed" in k.bank_note()
     assert first.prepared["kfac"].query.exact_pending
@@ -146,32 +148,32 @@ def test_a_damping_change_during_the_background_rerank_answers_at_once(tiny_pres
     assert prepared.exact.sum() >= 3 and calls == [1]
 
 
-def test_a_cancelled_rerank_stays_pending_and_a_later_ask_redoes_it():
-    """The app's worker cancels a superseded query's running re-rank (``Reranker.cancel``): it stops at
-    its next batch, stays pending, and the button's later ``apply`` computes it in full."""
+def test_a_stopped_rerank_stays_pending_and_a_later_ask_redoes_it():
+    """The app's worker stops its re-rank when a newer query waits (its call's ``should_stop``): it stops
+    at its next batch and stays pending, and the button's later ``apply``, with no ``should_stop`` of
+    its own, computes it in full; a stop asked of an earlier call never reaches a later one."""
     from engine.attribution.rerank import RerankCancelled, Reranker
 
-    started, runs = threading.Event(), []
+    started, stop, runs = threading.Event(), threading.Event(), []
 
-    def score_fn(idx, lams):
+    def score_fn(idx, lams, should_stop, progress):
         runs.append(1)
-        if len(runs) == 1:  # the first run waits to be cancelled, as rerank_scores checks between batches
+        for _ in range(50 if len(runs) == 1 else 1):  # batches, checked as rerank_scores checks them
+            if should_stop is not None and should_stop():
+                raise RerankCancelled("re-rank cancelled")
             started.set()
-            for _ in range(500):
-                if reranker.stopped():
-                    raise RerankCancelled("re-rank cancelled")
-                time.sleep(0.01)
+            time.sleep(0.02)
         return np.ones((len(idx), len(lams)))
 
     reranker = Reranker(score_fn, candidates=2, grid=())
     scores = np.arange(10, dtype=np.float32)
-    worker = threading.Thread(target=reranker.apply, args=(scores, 1e-3))
+    worker = threading.Thread(target=reranker.apply, args=(scores, 1e-3), kwargs={"should_stop": stop.is_set})
     worker.start()
     started.wait(5)
-    reranker.cancel()
+    stop.set()
     worker.join(5)
     assert not worker.is_alive() and not reranker.ready
-    out, mask = reranker.apply(scores, 1e-3)
+    out, mask = reranker.apply(scores, 1e-3)  # stop is still set, but it was the worker's call's
     assert reranker.ready and len(runs) == 2 and mask.sum() == 4 and (out[mask] == 1).all()
 
 
@@ -192,27 +194,69 @@ def test_rerank_scores_stops_before_a_batch_when_asked(tiny_model, diffusion, di
     assert len(batches) == 2  # the first batch ran, the second was refused
 
 
-def test_the_grid_filler_cancels_the_running_rerank_of_a_superseded_query():
+def test_the_grid_filler_stops_the_running_rerank_of_a_superseded_query():
     from explorer.grid_filler import GridFiller
 
     release, running = threading.Event(), threading.Event()
 
     class FakeSession:
         def __init__(self):
-            self.cancelled = []
+            self.asked = {}
 
-        def fill_grids(self, result):
+        def fill_grids(self, result, should_stop):
             running.set()
+            self.asked[result] = [should_stop()]
             release.wait(5)
-
-        def cancel_exact(self, result):
-            self.cancelled.append(result)
+            self.asked[result].append(should_stop())
 
     session, filler = FakeSession(), GridFiller()
-    first, second = object(), object()
+    first, second = "first", "second"
     filler.submit(session, first)
     assert running.wait(5)
     filler.submit(session, second)  # the user picked another sample while the first was being filled
-    assert session.cancelled == [first]
     release.set()
-    assert filler.wait_idle(10) and session.cancelled == [first]
+    assert filler.wait_idle(10)
+    # the first fill was told to stop once the second waited; the second, the latest, never was
+    assert session.asked == {first: [False, True], second: [False, False]}
+
+
+def test_rerank_scores_reports_its_progress_after_each_batch(tiny_model, diffusion, digits_small):
+    from engine.attribution.curvature import compute_kfac
+    from engine.attribution.gradients import influence_params
+    from engine.attribution.rerank import rerank_scores
+
+    params = influence_params(tiny_model)
+    x = digits_small.images[:5]
+    draws = make_draws(2, (1, 8, 8), 1000, seed=0)
+    full = compute_kfac(tiny_model, diffusion, x, draws, params)
+    q = full.rotate(torch.randn(full.num_params))
+    seen: list[tuple[int, int]] = []
+    rerank_scores(tiny_model, diffusion, x, draws, full, params, q, [1e-3], 5, grad_batch=2,
+                  progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+
+
+def test_a_running_rerank_reports_its_progress_and_none_once_done():
+    """``Reranker.progress`` (the app's progress bar): (done, total, seconds) while the exact scores are
+    being computed, None before, after, and after a cancel."""
+    from engine.attribution.rerank import Reranker
+
+    halfway, release = threading.Event(), threading.Event()
+
+    def score_fn(idx, lams, should_stop, progress):
+        progress(2, len(idx))
+        halfway.set()
+        release.wait(5)
+        progress(len(idx), len(idx))
+        return np.ones((len(idx), len(lams)))
+
+    reranker = Reranker(score_fn, candidates=2, grid=())
+    assert reranker.progress is None
+    worker = threading.Thread(target=reranker.apply, args=(np.arange(10, dtype=np.float32), 1e-3))
+    worker.start()
+    assert halfway.wait(5)
+    done, total, seconds = reranker.progress
+    assert (done, total) == (2, 4) and seconds >= 0
+    release.set()
+    worker.join(5)
+    assert reranker.ready and reranker.progress is None

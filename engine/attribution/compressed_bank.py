@@ -261,7 +261,7 @@ class ShardedBank:
 class CompressedRows:
     """``scoring.Rows`` of a compressed bank, plus how a query enters its coordinates (``make_query``).
 
-    ``exact_fn(indices, dampings, rotated_full, should_stop)`` gives the candidates' exact scores (``rerank_scores``
+    ``exact_fn(indices, dampings, rotated_full, should_stop, progress)`` gives the candidates' exact scores (``rerank_scores``
     with the model, data and full factors bound); ``candidates`` per end, 0: no re-ranking.
     """
 
@@ -289,8 +289,10 @@ class CompressedRows:
         query = RerankedQuery(rotated=rotated, eigenvalues=self.eigenvalues, rows=self)
         if self.candidates > 0:
             grid = choose_grid(self, rotated.numel()) or ()
-            reranker = Reranker(lambda idx, lams: self.exact_fn(idx, lams, rotated_full, reranker.stopped),
-                                self.candidates, grid, rows)
+            reranker = Reranker(
+                lambda idx, lams, should_stop, progress: self.exact_fn(idx, lams, rotated_full, should_stop, progress),
+                self.candidates, grid, rows,
+            )
             query.reranker = reranker
         return query
 

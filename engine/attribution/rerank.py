@@ -78,7 +78,8 @@ def gather_candidates(local_scores: np.ndarray, offset: int, c: int) -> np.ndarr
 
 
 class RerankCancelled(RuntimeError):
-    """A deferred re-rank stopped between batches because its query was superseded (``Reranker.cancel``)."""
+    """A deferred re-rank stopped between batches because its caller's ``should_stop`` said so (the app's
+    worker: a newer query is waiting)."""
 
 
 def rerank_scores(
@@ -95,6 +96,7 @@ def rerank_scores(
     chunk: int = 1 << 20,
     max_query_bytes: int = 4 << 30,
     should_stop: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Exact K-FAC scores (len(images), G) of these training images at every damping in ``dampings``.
 
@@ -108,6 +110,7 @@ def rerank_scores(
     gradient is rotated and (R * q) @ W with W_jg = 1/(e_j + lambda_g) is taken over chunks
     of coordinates.  Either way one batch of gradients is held at a time.  ``should_stop`` is asked
     before each batch; True raises ``RerankCancelled`` (the app's worker moved on to a newer query).
+    ``progress(done, total)`` is told the candidates done after each batch (the app's progress bar).
     """
     eig = full.eigenvalues().to(rotated_query.device, rotated_query.dtype)
     lam = torch.tensor(list(dampings), dtype=eig.dtype, device=eig.device)
@@ -127,13 +130,15 @@ def rerank_scores(
         g = per_example_grads(model, diffusion, images[rows], draws.for_rows(rows), "loss", params).detach()
         if back is not None:
             out.append((g.to(eig.dtype) @ back.T) / num_examples)
-            continue
-        h = full.rotate(g.to(eig.dtype)) * q
-        part = torch.zeros((h.shape[0], lam.shape[0]), dtype=eig.dtype, device=eig.device)
-        for c0 in range(0, h.shape[1], chunk):
-            w = 1.0 / (eig[c0 : c0 + chunk, None] + lam[None])
-            part += h[:, c0 : c0 + chunk] @ w
-        out.append(part / num_examples)
+        else:
+            h = full.rotate(g.to(eig.dtype)) * q
+            part = torch.zeros((h.shape[0], lam.shape[0]), dtype=eig.dtype, device=eig.device)
+            for c0 in range(0, h.shape[1], chunk):
+                w = 1.0 / (eig[c0 : c0 + chunk, None] + lam[None])
+                part += h[:, c0 : c0 + chunk] @ w
+            out.append(part / num_examples)
+        if progress is not None:
+            progress(rows.stop, images.shape[0])
     return torch.cat(out).cpu().numpy()
 
 
@@ -150,9 +155,10 @@ class Reranker:
     thread (a lock) instead of starting a second.
     """
 
-    def __init__(self, score_fn: Callable[[np.ndarray, Sequence[float]], np.ndarray], candidates: int,
+    def __init__(self, score_fn: Callable[..., np.ndarray], candidates: int,
                  grid: Sequence[float], rows: slice | None = None):
-        self.score_fn = score_fn  # (candidate indices, dampings) -> (len, G) exact scores
+        # (candidate indices, dampings, should_stop, progress) -> (len, G) exact scores (``rerank_scores``)
+        self.score_fn = score_fn
         self.c = int(candidates)
         self.grid = tuple(grid)
         self.rows = rows  # this rank's rows (torchrun): candidates come from them, merged over ranks
@@ -160,27 +166,36 @@ class Reranker:
         self.cache: dict[float, np.ndarray] = {}
         self.timing_ms: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._progress: tuple[int, int, float] | None = None  # (candidates done, total, start) of the running re-rank
+
+    def report(self, done: int, total: int) -> None:
+        """The ``progress`` of this re-rank's gradient loop (``rerank_scores``)."""
+        start = self._progress[2] if self._progress is not None else time.monotonic()
+        self._progress = (int(done), int(total), start)
+
+    @property
+    def progress(self) -> tuple[int, int, float] | None:
+        """(candidates done, candidates, seconds since the re-rank started) while one runs, else None."""
+        p = self._progress
+        if p is None or self.ready or not self._lock.locked():
+            return None
+        return p[0], p[1], time.monotonic() - p[2]
 
     @property
     def ready(self) -> bool:
         """True once the candidates' exact scores exist (the gradient work is done)."""
         return self.indices is not None
 
-    def cancel(self) -> None:
-        """Stop a running re-rank at its next batch (it stays pending; a later computing ``apply`` redoes it)."""
-        self._stop.set()
-
-    def stopped(self) -> bool:
-        """The ``should_stop`` of this re-rank's gradient loop (``rerank_scores``)."""
-        return self._stop.is_set()
-
-    def apply(self, scores: np.ndarray, lam: float, compute: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def apply(self, scores: np.ndarray, lam: float, compute: bool = True,
+              should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``should_stop``: asked between batches of this call's gradient work; True leaves the scores
+        approximate (still pending).  It belongs to the call, not to the re-rank: the app's worker stops
+        when a newer query waits, while a user's "Show the exact ranking" is never stopped by it."""
         if compute:
             with self._lock:
-                self._stop.clear()  # asked for now: an earlier cancel does not apply
+                self._progress = None if self.ready else (0, 0, time.monotonic())
                 try:
-                    return self._apply(scores, lam)
+                    return self._apply(scores, lam, should_stop)
                 except RerankCancelled:
                     return self._approximate(scores)
         # deferred: never wait for a re-rank running in another thread (a damping change meanwhile
@@ -188,7 +203,7 @@ class Reranker:
         if not self._lock.acquire(blocking=False):
             return self._approximate(scores)
         try:
-            return self._approximate(scores) if self.indices is None else self._apply(scores, lam)
+            return self._approximate(scores) if self.indices is None else self._apply(scores, lam, None)
         finally:
             self._lock.release()
 
@@ -196,13 +211,14 @@ class Reranker:
     def _approximate(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.array(scores, dtype=np.float32, copy=True), np.zeros(scores.shape[0], dtype=bool)
 
-    def _apply(self, scores: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    def _apply(self, scores: np.ndarray, lam: float,
+               should_stop: Callable[[], bool] | None) -> tuple[np.ndarray, np.ndarray]:
         if self.indices is None:
             t0 = time.perf_counter()
             rows = self.rows or slice(0, scores.shape[0])
             indices = gather_candidates(scores[rows], rows.start, self.c)
             lams = sorted(set(self.grid) | {float(lam)})
-            exact = self.score_fn(indices, lams)
+            exact = self.score_fn(indices, lams, should_stop, self.report)
             self.cache = {lv: exact[:, i].astype(np.float32) for i, lv in enumerate(lams)}
             self.indices = indices  # last: ``ready`` only once the exact scores exist
             self.timing_ms["rerank"] = (time.perf_counter() - t0) * 1000.0
@@ -210,7 +226,7 @@ class Reranker:
         if lam not in self.cache:
             got = interpolate(self.cache, lam, self.grid) if self.grid else None
             if got is None:
-                got = self.score_fn(self.indices, [lam])[:, 0].astype(np.float32)
+                got = self.score_fn(self.indices, [lam], None, None)[:, 0].astype(np.float32)
             self.cache[lam] = got
         out = np.array(scores, dtype=np.float32, copy=True)
         mask = np.zeros(out.shape[0], dtype=bool)
@@ -235,6 +251,7 @@ class RerankedQuery(EigenbasisQuery):
 
     reranker: Reranker | None = None
     exact_mask: np.ndarray | None = None
+    answer_pending: bool = False  # the last ``score`` answered approximately while a re-rank was pending
     defer_exact: bool = False
     _first_damping: float | None = field(default=None, init=False, repr=False)
 
@@ -245,6 +262,8 @@ class RerankedQuery(EigenbasisQuery):
         if self._first_damping is None:
             self._first_damping = float(damping)
         out, self.exact_mask = self.reranker.apply(approx, float(damping), compute=not self.defer_exact)
+        # from this answer itself, not from ``exact_pending`` read later: the worker may finish in between
+        self.answer_pending = not self.exact_mask.any()
         return out
 
     @property
@@ -252,17 +271,18 @@ class RerankedQuery(EigenbasisQuery):
         """True while a deferred re-rank has not run: the scores shown are all approximate."""
         return self.reranker is not None and not self.reranker.ready
 
-    def fill_exact(self) -> bool:
+    def fill_exact(self, should_stop: Callable[[], bool] | None = None) -> bool:
         """Run the deferred re-rank now (at the candidates of the first damping scored), or wait for the
         one running in another thread; True when the exact scores exist afterwards (False: nothing was
-        pending, or it was cancelled)."""
+        pending, or ``should_stop`` stopped it)."""
         if not self.exact_pending or self._first_damping is None:
             return False
         lam = self._first_damping
-        self.reranker.apply(EigenbasisQuery.score(self, lam), lam)  # type: ignore[union-attr]
+        self.reranker.apply(EigenbasisQuery.score(self, lam), lam, should_stop=should_stop)  # type: ignore[union-attr]
         return not self.exact_pending
 
-    def cancel_exact(self) -> None:
-        """Stop this query's deferred re-rank at its next batch (a newer query came): it stays pending."""
-        if self.reranker is not None:
-            self.reranker.cancel()
+    @property
+    def exact_progress(self) -> tuple[int, int, float] | None:
+        """(candidates done, candidates, seconds) of the deferred re-rank while it runs, else None."""
+        return None if self.reranker is None else self.reranker.progress
+

@@ -78,12 +78,9 @@ class AttributionSession:
         dataset: ImageDataset | None = None,
         auto_build: bool = False,
         preset_spec: str | None = None,
-        defer_exact: bool = False,
     ):
         """``preset_spec``: how the preset was named on the command line (a name or a .json path),
-        for the commands this session prints; defaults to ``preset`` when that is a string.
-        ``defer_exact``: answer from the compressed bank's scan first and leave its exact re-rank to
-        ``fill_exact`` / ``fill_grids`` (the app); off, every answer is the exact one (the CLI)."""
+        for the commands this session prints; defaults to ``preset`` when that is a string."""
         t0 = time.perf_counter()
         wanted = get_preset(preset) if isinstance(preset, str) else preset
         folder = Path(checkpoint) if checkpoint is not None else default_checkpoint(wanted.name)
@@ -114,7 +111,6 @@ class AttributionSession:
         check_data_fits_model(self.preset.model, self.dataset.shape)
         self.checkpoint_hash = checkpoint_hash(folder)
         self.auto_build = auto_build
-        self.defer_exact = defer_exact
 
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         # TF32 gradients are not the exact float32 ones: their caches live apart (engine.precision)
@@ -364,11 +360,15 @@ class AttributionSession:
         methods: list[str] | None = None,
         damping: dict[str, float] | None = None,
         mc_samples: int | None = None,
+        defer_exact: bool = False,
     ) -> QueryResult:
         """Scores of every training image for ``query`` under each method.
 
         Methods that are not built (and ``auto_build`` is off) or cannot run here come back
-        with status "unavailable" and a reason saying how to enable them.
+        with status "unavailable" and a reason saying how to enable them.  ``defer_exact``: answer
+        from a compressed bank's scan first (marked ``exact_pending``) and leave its exact re-rank to
+        ``fill_exact`` / ``fill_grids``; only the app's interactive answer asks for it, every other
+        caller (the CLI, evaluations, the app's retrain check) gets the exact answer.
         """
         t_start = time.perf_counter()
         names = self._resolve_methods(methods)
@@ -433,7 +433,7 @@ class AttributionSession:
                     res.timing_ms["gradient"] = 0.0
                 t0 = time.perf_counter()
                 prep = m.prepare(self.ctx, query, grad)
-                self._defer_exact_work(prep)
+                self._defer_exact_work(prep, defer_exact)
                 res.timing_ms["prepare"] = (time.perf_counter() - t0) * 1000.0
                 prepared[name] = prep
                 res.damping = self._damping_for(name, damping)
@@ -478,47 +478,45 @@ class AttributionSession:
             query=result.query, measurement=result.measurement, methods=methods, timing_ms=timing, prepared=prepared
         )
 
-    def fill_grids(self, result: QueryResult) -> list[str]:
+    def fill_grids(self, result: QueryResult, should_stop: Callable[[], bool] | None = None) -> list[str]:
         """The work deferred from the first answer: each method's deferred exact scores (``fill_exact``),
         then the damping grid of every method whose first answer was one exact pass (K-FAC on a
         stored bank: ``EigenbasisQuery.grid_first=False``), so that later damping changes are lookups.
 
-        Run it in a background thread while the answer is on screen (the app does); a ``rescore``
-        meanwhile waits for the pass instead of doing its own.  Returns the methods whose work ran;
-        a ``rescore`` afterwards shows the exact scores.
-        """
-        done = self.fill_exact(result)
+        Run it in a background thread while the answer is on screen (the app does; a ``rescore`` meanwhile
+        waits for a grid pass).  Returns the methods whose work ran; one failure is logged, the rest run."""
+        try:
+            done = self.fill_exact(result, should_stop)
+        except Exception:  # noqa: BLE001 - it stays pending (the app says the re-rank stopped); grids still fill
+            log.exception("the exact re-rank failed")
+            done = []
         for name, prep in (result.prepared or {}).items():
             query = getattr(prep, "query", None)
             res = result.methods.get(name)
             if query is None or getattr(query, "grid_first", True) or res is None or res.status != "ok":
                 continue  # grid-first rows (streamed: a gradient pass) already have theirs, or never will
-            if query.fill_grid() and name not in done:
-                done.append(name)
+            try:
+                if query.fill_grid() and name not in done:
+                    done.append(name)
+            except Exception:  # noqa: BLE001 - the next damping change scores exactly instead
+                log.exception("filling the damping grid of %s failed", name)
         return done
 
-    def fill_exact(self, result: QueryResult) -> list[str]:
+    def fill_exact(self, result: QueryResult, should_stop: Callable[[], bool] | None = None) -> list[str]:
         """Run the exact work deferred from ``result``'s first answer (the compressed bank's re-rank, when
-        the session defers it: ``defer_exact``); returns the methods whose work ran.  A call while
-        another thread runs the same work waits for it."""
+        the query deferred it: ``query(defer_exact=True)``); returns the methods whose work ran.  A call
+        while another thread runs the same work waits for it.  ``should_stop`` is asked between batches
+        of this call's own work; True stops it (it stays pending; the app's worker stops when a newer
+        query is waiting)."""
         done = []
         for name, prep in (result.prepared or {}).items():
             fill = getattr(getattr(prep, "query", None), "fill_exact", None)
             res = result.methods.get(name)
-            if fill is not None and res is not None and res.status == "ok" and fill():
+            if fill is not None and res is not None and res.status == "ok" and fill(should_stop):
                 done.append(name)
         return done
 
-    @staticmethod
-    def cancel_exact(result: QueryResult) -> None:
-        """Stop ``result``'s deferred exact work at its next batch (the app's worker moved on to a newer
-        query); it stays pending, and ``fill_exact`` redoes it when asked."""
-        for prep in (result.prepared or {}).values():
-            cancel = getattr(getattr(prep, "query", None), "cancel_exact", None)
-            if cancel is not None:
-                cancel()
-
-    def _defer_exact_work(self, prep: Prepared) -> None:
+    def _defer_exact_work(self, prep: Prepared, defer: bool) -> None:
         """Let a prepared query defer the work that makes its scores exact, when this session says so.
 
         Why: on a compressed bank the exact re-rank costs 2C x M fresh gradient rows, seconds to minutes,
@@ -528,7 +526,7 @@ class AttributionSession:
         """
         query = getattr(prep, "query", None)
         if hasattr(query, "defer_exact"):
-            query.defer_exact = bool(self.defer_exact) and distributed.current().world == 1
+            query.defer_exact = bool(defer) and distributed.current().world == 1
 
     # --- helpers ----------------------------------------------------------------------
 

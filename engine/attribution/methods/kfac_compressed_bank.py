@@ -92,9 +92,9 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
         bank = ShardedBank(bank, rows, len(ctx.dataset))
     n = len(ctx.dataset)
 
-    def exact(idx, lams, rotated_full, should_stop=None):
+    def exact(idx, lams, rotated_full, should_stop=None, progress=None):
         return rerank_scores(ctx.model, ctx.diffusion, ctx.dataset.images[idx], ctx.train_draws.for_indices(idx), factors,
-                             ctx.params, rotated_full, lams, n, should_stop=should_stop)
+                             ctx.params, rotated_full, lams, n, should_stop=should_stop, progress=progress)
 
     return CompressedRows(bank, comp, exact, c.kfac_rerank)
 

@@ -1,0 +1,104 @@
+"""A compressed K-FAC bank's answer while its exact re-rank is pending: the "Approximate ranking" box and
+its button, and the page's poller (progress, the rerun when the exact scores exist, a stopped re-rank).
+
+Why a module of its own: the deferred re-rank (``AttributionSession.query(defer_exact=True)``; its work
+runs in ``explorer.grid_filler``) is the one part of the results page that changes while nobody
+clicks; docs/architecture.md section 8.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import streamlit as st
+
+from engine.attribution.results import QueryResult
+from explorer.runtime import Handle
+
+log = logging.getLogger(__name__)
+EXACT_POLL_S = 1.0  # how often a page with an approximate ranking looks whether the exact one is ready
+
+
+@st.fragment(run_every=EXACT_POLL_S)
+def await_exact(handle: Handle, result: QueryResult) -> None:
+    """Rerun the whole page once the background re-rank of ``result`` has finished, so its exact ends
+    replace the approximate ones without a click; say so if the worker stopped without finishing it.
+
+    While it runs, a progress bar says how far the re-rank is (``RerankedQuery.exact_progress``).
+    A fragment polls (``run_every``) instead of the worker pushing, because a Streamlit page only
+    changes on a rerun of its script.  It is only placed when the build is not running: the build
+    panel has its own polling fragment, and two of them with a full-page rerun between left the
+    browser with a blank page (``build_view.waiting_note``)."""
+    if exact_arrived(result):
+        st.rerun()
+    for query in _deferred_queries(result):
+        progress = getattr(query, "exact_progress", None)
+        if progress is not None:
+            st.progress(min(progress[0] / progress[1], 1.0) if progress[1] else 0.0,
+                        text=rerank_progress_text(*progress))
+    if handle.grid_filler.idle and _exact_still_pending(result):
+        st.warning("**The background re-rank stopped before it finished** (the server's log says why). "
+                   "The ranking above stays approximate; \"Show the exact ranking\" runs it again.")
+
+
+def rerank_progress_text(done: int, total: int, seconds: float) -> str:
+    """One line on a running re-rank: candidates done, time so far and, once a batch is done, the time
+    left at the rate so far (a CPU re-rank of a large model takes minutes to hours, so say which)."""
+    if total <= 0 or done <= 0:
+        return f"Exact re-rank: starting ({_duration(seconds)})"
+    left = seconds * (total - done) / done
+    return f"Exact re-rank: {done:,} of {total:,} candidates ({_duration(seconds)}, about {_duration(left)} left)"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _deferred_queries(result: QueryResult) -> list:
+    """The prepared queries of the methods shown approximate (``result.prepared`` is shared with the
+    query's raw result, so they tell whether their deferred re-rank has run since)."""
+    out = []
+    for name, r in result.methods.items():
+        query = getattr((result.prepared or {}).get(name), "query", None)
+        if r.exact_pending and query is not None:
+            out.append(query)
+    return out
+
+
+def exact_arrived(result: QueryResult) -> bool:
+    """True when a method of ``result`` was shown approximate and its deferred re-rank has finished since."""
+    return any(not getattr(q, "exact_pending", False) for q in _deferred_queries(result))
+
+
+def _exact_still_pending(result: QueryResult) -> bool:
+    return any(getattr(q, "exact_pending", False) for q in _deferred_queries(result))
+
+
+def exact_button(handle: Handle, name: str, result: QueryResult) -> None:
+    """A compressed bank answers from its scan first; its exact re-rank runs in the background
+    (``grid_filler``).  The button shows it: it waits for the re-rank (or runs it, if the worker moved
+    on to a newer query) and re-scores the shown answer."""
+    st.warning("**Approximate ranking.** These images and scores are a fast estimate from a compressed copy "
+               "of the training gradients (its scores are on a smaller scale). The exact scores of the "
+               "strongest candidates are being computed in the background, and this page shows them as soon "
+               "as they are ready; the button below waits for them.", icon=":material/hourglass_top:")
+    if not st.button("Show the exact ranking", key=f"exact_{name}",
+                     help="Waits for the exact K-FAC scores of the strongest candidates at both ends (their "
+                          "training gradients are computed again: a few seconds on a GPU, up to minutes on a "
+                          "CPU) and shows them."):
+        return
+    try:
+        with st.spinner("Computing the exact scores of the strongest candidates (fresh training gradients) ..."):
+            handle.session.fill_exact(result)
+    except Exception as e:  # noqa: BLE001 - say why, keep the approximate ranking on the page
+        log.exception("exact re-rank failed")
+        st.error(f"The exact re-rank failed: {type(e).__name__}: {e}")
+        return
+    store = st.session_state.get("result_cache")
+    if store is not None:
+        store["shown"] = {}  # re-score the raw result at the chosen damping: its ends are now exact
+    st.rerun()
