@@ -12,7 +12,9 @@ presets use (1e-8 on mnist) the smallest directions are multiplied by up to 1/la
 error that is harmless to training decides rankings.  The scores are reviewed against float64 on a
 CPU (exact to float32 precision), and a GPU must give the same answer: the attribution session turns
 TF32 off.  ``ATTRIBUTION_TF32=1`` turns it back on for users who want the speed and accept the
-error; ``scripts/gpu_check.py`` measures both on a GPU.  Training does not pass through here.
+error; ``scripts/gpu_check.py`` measures both on a GPU.  The switches are process-wide, so training
+in a process that opened a session (retrain-top, group-retrain, the app's retrain jobs) runs in
+float32 too, slower on such a GPU and no less correct; ``train`` alone keeps torch's defaults.
 """
 
 from __future__ import annotations

@@ -153,10 +153,10 @@ def wait_for(driver, present: Sequence[str], absent: Sequence[str] = (), timeout
 
 
 def click_button(driver, label: str) -> None:
-    """Click the first button whose text is ``label``."""
+    """Click the first button whose text is ``label`` (by script: it may be scrolled out of view)."""
     for b in driver.find_elements("css selector", "button"):
         if b.text.strip() == label:
-            b.click()
+            driver.execute_script("arguments[0].click();", b)
             return
     raise LookupError(f"no button {label!r}")
 

@@ -40,14 +40,6 @@ def _missing(preset: str, checkpoint: str | None) -> list[str]:
     return [n for n, v in s.status().items() if v["available"] and not v["built"]]
 
 
-def _click_button(driver, label: str) -> None:
-    for b in driver.find_elements("css selector", "button"):
-        if b.text.strip() == label:
-            driver.execute_script("arguments[0].click();", b)
-            return
-    raise LookupError(f"no button {label!r}")
-
-
 def _scroll_to(driver, text: str) -> None:
     for el in driver.find_elements("xpath", f"//*[self::h1 or self::h2 or self::h3][contains(., '{text}')]"):
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", el)
@@ -93,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         ready = ["Proponents", "Opponents", "K-FAC Influence"]
         headless.wait_for(d, ready, absent=["Attributing", "Preparing"], timeout=args.timeout)
         if args.gallery is not None:
-            _click_button(d, str(args.gallery))
+            headless.click_button(d, str(args.gallery))
             headless.wait_for(d, [f"Gallery sample {args.gallery}", *ready], absent=["Attributing"], timeout=args.timeout)
         time.sleep(2.0)  # let images and plots finish drawing
         if only is None or "explore" in only:

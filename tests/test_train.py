@@ -100,12 +100,12 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_preset, digits_small):
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", [*DEVICES, "cpu:0"])  # "cpu:0": a device named apart from "cpu"
 def test_a_resumed_run_keeps_adamw_step_counts_on_the_cpu(tmp_path, tiny_preset, digits_small, device, monkeypatch):
     """The resume state was loaded with map_location=device: on a GPU AdamW's "step" counts (which
     load_state_dict leaves where they are loaded) came back as CUDA tensors, and each step then read every
-    one with .item(), a device sync per parameter; an uninterrupted run keeps them on the CPU.  Needs CUDA
-    to fail without the fix (on the CPU both are the CPU)."""
+    one with .item(), a device sync per parameter; an uninterrupted run keeps them on the CPU.  The step
+    counts' device tells only on a GPU; the recorded map_location tells with any device not named "cpu"."""
     import engine.model.train as train_module
 
     made = []
@@ -129,8 +129,18 @@ def test_a_resumed_run_keeps_adamw_step_counts_on_the_cpu(tmp_path, tiny_preset,
     def record_steps(step, total, loss):
         steps.extend(st["step"].device.type for st in made[-1].state.values())
 
+    loads = []
+    original = train_module.load_plain_state
+
+    def recording_load(*a, **kw):
+        loads.append(kw.get("map_location"))
+        return original(*a, **kw)
+
+    monkeypatch.setattr(train_module, "load_plain_state", recording_load)
     train(preset, tmp_path / "run", dataset=digits_small, device=device, progress=record_steps)
     assert len(made) == 2 and steps and set(steps) == {"cpu"}
+    # the resume state is read onto the CPU, not onto the device (the old line fails here with "cpu:0")
+    assert loads == ["cpu"]
 
 
 @pytest.mark.parametrize("mode", ["indices", "exclude"])
