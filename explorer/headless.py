@@ -152,21 +152,23 @@ def wait_for(driver, present: Sequence[str], absent: Sequence[str] = (), timeout
     raise TimeoutError(f"page never showed {list(present)} without {list(absent)}; last text:\n{text[:2000]}")
 
 
-def click_button(driver, label: str) -> None:
-    """Click the first button whose text is ``label`` (by script: it may be scrolled out of view)."""
-    for b in driver.find_elements("css selector", "button"):
-        if b.text.strip() == label:
-            driver.execute_script("arguments[0].click();", b)
+def _click(driver, selector: str, label: str, kind: str, script: str) -> None:
+    """Run ``script`` (a click by script: the element may be out of view) on the first element of
+    ``selector`` whose text is ``label``."""
+    for el in driver.find_elements("css selector", selector):
+        if el.text.strip() == label:
+            driver.execute_script(script, el)
             return
-    raise LookupError(f"no button {label!r}")
+    raise LookupError(f"no {kind} {label!r}")
+
+
+def click_button(driver, label: str) -> None:
+    """Click a button without scrolling to it (screenshots keep their scroll position)."""
+    _click(driver, "button", label, "button", "arguments[0].click();")
 
 
 def click_tab(driver, label: str) -> None:
-    for tab in driver.find_elements("css selector", "[role='tab']"):
-        if tab.text.strip() == label:
-            driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", tab)
-            return
-    raise LookupError(f"no tab {label!r}")
+    _click(driver, "[role='tab']", label, "tab", "arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();")
 
 
 def screenshot(driver, path: str | Path, height: int | None = None) -> Path:

@@ -177,20 +177,27 @@ def test_a_stopped_rerank_stays_pending_and_a_later_ask_redoes_it():
     assert reranker.ready and len(runs) == 2 and mask.sum() == 4 and (out[mask] == 1).all()
 
 
-def test_rerank_scores_stops_before_a_batch_when_asked(tiny_model, diffusion, digits_small):
+def _rerank_scores_of(tiny_model, diffusion, digits_small, n: int, **kw):
+    """``rerank_scores`` of the first ``n`` digits in batches of 2 (factors from the same images)."""
     from engine.attribution.curvature import compute_kfac
     from engine.attribution.gradients import influence_params
-    from engine.attribution.rerank import RerankCancelled, rerank_scores
+    from engine.attribution.rerank import rerank_scores
 
     params = influence_params(tiny_model)
-    x = digits_small.images[:4]
+    x = digits_small.images[:n]
     draws = make_draws(2, (1, 8, 8), 1000, seed=0)
     full = compute_kfac(tiny_model, diffusion, x, draws, params)
     q = full.rotate(torch.randn(full.num_params))
+    return rerank_scores(tiny_model, diffusion, x, draws, full, params, q, [1e-3], n, grad_batch=2, **kw)
+
+
+def test_rerank_scores_stops_before_a_batch_when_asked(tiny_model, diffusion, digits_small):
+    from engine.attribution.rerank import RerankCancelled
+
     batches = []
     with pytest.raises(RerankCancelled):
-        rerank_scores(tiny_model, diffusion, x, draws, full, params, q, [1e-3], 4, grad_batch=2,
-                      should_stop=lambda: (batches.append(1), len(batches) > 1)[1])
+        _rerank_scores_of(tiny_model, diffusion, digits_small, 4,
+                          should_stop=lambda: (batches.append(1), len(batches) > 1)[1])
     assert len(batches) == 2  # the first batch ran, the second was refused
 
 
@@ -221,18 +228,8 @@ def test_the_grid_filler_stops_the_running_rerank_of_a_superseded_query():
 
 
 def test_rerank_scores_reports_its_progress_after_each_batch(tiny_model, diffusion, digits_small):
-    from engine.attribution.curvature import compute_kfac
-    from engine.attribution.gradients import influence_params
-    from engine.attribution.rerank import rerank_scores
-
-    params = influence_params(tiny_model)
-    x = digits_small.images[:5]
-    draws = make_draws(2, (1, 8, 8), 1000, seed=0)
-    full = compute_kfac(tiny_model, diffusion, x, draws, params)
-    q = full.rotate(torch.randn(full.num_params))
     seen: list[tuple[int, int]] = []
-    rerank_scores(tiny_model, diffusion, x, draws, full, params, q, [1e-3], 5, grad_batch=2,
-                  progress=lambda done, total: seen.append((done, total)))
+    _rerank_scores_of(tiny_model, diffusion, digits_small, 5, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(2, 5), (4, 5), (5, 5)]
 
 

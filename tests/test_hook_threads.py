@@ -53,35 +53,31 @@ def _beside_other_forwards(model, work, rounds: int = 6) -> tuple[list, list[str
     return results, worker_errors, other_errors
 
 
-def test_hooks_back_end_gradients_are_exact_while_another_thread_runs_the_model(tiny_model, diffusion,
-                                                                                 digits_small):
-    model = copy.deepcopy(tiny_model).double().eval()
-    params = influence_params(model)
-    x = digits_small.images[:4].double()
-    draws = make_draws(2, (1, 8, 8), 1000, seed=0)
-    ref = per_example_grads(model, diffusion, x, draws, "loss", params, backend="hooks")
-    results, worker_errors, other_errors = _beside_other_forwards(
-        model, lambda: per_example_grads(model, diffusion, x, draws, "loss", params, backend="hooks"))
+def _check_beside_other_forwards(model, work) -> None:
+    """``work()`` gives, beside another thread's forward passes, what it gives alone, and neither errs."""
+    ref = work()
+    results, worker_errors, other_errors = _beside_other_forwards(model, work)
     assert not worker_errors and not other_errors, (worker_errors[:1], other_errors[:1])
     assert len(results) == 6
     for g in results:
         torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+
+
+def _setup(tiny_model, digits_small):
+    model = copy.deepcopy(tiny_model).double().eval()
+    return model, influence_params(model), digits_small.images[:4].double(), make_draws(2, (1, 8, 8), 1000, seed=0)
+
+
+def test_hooks_back_end_gradients_are_exact_while_another_thread_runs_the_model(tiny_model, diffusion,
+                                                                                 digits_small):
+    model, params, x, draws = _setup(tiny_model, digits_small)
+    _check_beside_other_forwards(
+        model, lambda: per_example_grads(model, diffusion, x, draws, "loss", params, backend="hooks"))
 
 
 def test_compressed_projections_are_exact_while_another_thread_runs_the_model(tiny_model, diffusion,
                                                                               digits_small):
-    model = copy.deepcopy(tiny_model).double().eval()
-    params = influence_params(model)
-    x = digits_small.images[:4].double()
-    draws = make_draws(2, (1, 8, 8), 1000, seed=0)
+    model, params, x, draws = _setup(tiny_model, digits_small)
     comp = compress_factors(compute_kfac(model, diffusion, x, draws, params), "gaussian", 6.0, seed=3)
-
-    def project():
-        return projected_grads(model, diffusion, x, draws, params, comp.projections, comp.blocks)
-
-    ref = project()
-    results, worker_errors, other_errors = _beside_other_forwards(model, project)
-    assert not worker_errors and not other_errors, (worker_errors[:1], other_errors[:1])
-    assert len(results) == 6
-    for g in results:
-        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+    _check_beside_other_forwards(
+        model, lambda: projected_grads(model, diffusion, x, draws, params, comp.projections, comp.blocks))
