@@ -37,8 +37,9 @@ def await_exact(handle: Handle, result: QueryResult) -> None:
             st.progress(min(progress[0] / progress[1], 1.0) if progress[1] else 0.0,
                         text=rerank_progress_text(*progress))
     if handle.grid_filler.idle and _exact_still_pending(result):
-        st.warning("**The background re-rank stopped before it finished** (the server's log says why). "
-                   "The ranking above stays approximate; \"Show the exact ranking\" runs it again.")
+        st.warning("**The exact re-rank is not running:** a newer query (in this tab or another) took the "
+                   "background worker, or it failed (the server's log would say why). The ranking above stays "
+                   "approximate; \"Show the exact ranking\" computes it now.")
 
 
 def rerank_progress_text(done: int, total: int, seconds: float) -> str:

@@ -593,7 +593,7 @@ def test_a_failed_background_re_rank_is_reported_not_awaited_forever(tiny_app, t
     assert filler.wait_idle(60)
     at.run()
     _ok(at)
-    assert "stopped before it finished" in _texts(at) and "Approximate ranking" in _texts(at)
+    assert "exact re-rank is not running" in _texts(at) and "Approximate ranking" in _texts(at)
     at.button(key="exact_kfac").click().run()
     assert not at.exception
     assert any("CUDA out of memory (simulated)" in e.value for e in at.error)
