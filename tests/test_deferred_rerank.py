@@ -105,11 +105,11 @@ def test_a_deferring_session_answers_approximately_then_exactly_after_fill_grids
     folder, preset = ckpt
     config = dataclasses.replace(TINY_ATTRIBUTION, **COMPRESSED)
 
-    def session(defer: bool) -> AttributionSession:
+    def session() -> AttributionSession:
         return AttributionSession(preset, checkpoint=folder, device="cpu", cache_root=tmp_path, config=config,
                                   dataset=digits_small, auto_build=True)
 
-    cli, app = session(False), session(True)
+    cli, app = session(), session()  # two sessions: the CLI's answer does not share the app's re-rank
     q = cli.parse_query("train:2")
     exact = cli.query(q, "loss", methods=["kfac"]).methods["kfac"]
     assert exact.exact.any() and not exact.exact_pending and "re-ranked" in exact.bank_note()

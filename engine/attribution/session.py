@@ -517,7 +517,7 @@ class AttributionSession:
         return done
 
     def _defer_exact_work(self, prep: Prepared, defer: bool) -> None:
-        """Let a prepared query defer the work that makes its scores exact, when this session says so.
+        """Let a prepared query defer the work that makes its scores exact, when the call asks for it.
 
         Why: on a compressed bank the exact re-rank costs 2C x M fresh gradient rows, seconds to minutes,
         while the compressed scan takes milliseconds; an interactive caller (the app) shows the scan's
