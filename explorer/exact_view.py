@@ -37,9 +37,8 @@ def await_exact(handle: Handle, result: QueryResult) -> None:
             st.progress(min(progress[0] / progress[1], 1.0) if progress[1] else 0.0,
                         text=rerank_progress_text(*progress))
     if handle.grid_filler.idle and _exact_still_pending(result):
-        st.warning("**The exact re-rank is not running:** a newer query (in this tab or another) took the "
-                   "background worker, or it failed (the server's log would say why). The ranking above stays "
-                   "approximate; \"Show the exact ranking\" computes it now.")
+        st.warning("**The exact re-rank is not running:** a newer query (this tab or another) took the "
+                   "worker, or it failed (see the server's log). The button computes it.")
 
 
 def rerank_progress_text(done: int, total: int, seconds: float) -> str:
@@ -83,14 +82,15 @@ def exact_button(handle: Handle, name: str, result: QueryResult) -> None:
     """A compressed bank answers from its scan first; its exact re-rank runs in the background
     (``grid_filler``).  The button shows it: it waits for the re-rank (or runs it, if the worker moved
     on to a newer query) and re-scores the shown answer."""
-    st.warning("**Approximate ranking.** These images and scores are a fast estimate from a compressed copy "
-               "of the training gradients (its scores are on a smaller scale). The exact scores of the "
-               "strongest candidates are being computed in the background, and this page shows them as soon "
-               "as they are ready; the button below waits for them.", icon=":material/hourglass_top:")
+    # short: in the five-column layout every line of this box pushes K-FAC's grid below the others
+    st.warning("**Approximate ranking**, from a compressed copy of the training gradients; the exact one "
+               "replaces it by itself.", icon=":material/hourglass_top:")
     if not st.button("Show the exact ranking", key=f"exact_{name}",
-                     help="Waits for the exact K-FAC scores of the strongest candidates at both ends (their "
-                          "training gradients are computed again: a few seconds on a GPU, up to minutes on a "
-                          "CPU) and shows them."):
+                     help="The shown images and scores are a fast estimate from a compressed copy of the "
+                          "training gradients (on a smaller scale than exact scores). The exact K-FAC scores of "
+                          "the strongest candidates at both ends are computed in the background (their training "
+                          "gradients again: seconds on a GPU, minutes on a CPU); this waits for them, or computes "
+                          "them if the worker moved on to a newer query, and shows them."):
         return
     try:
         with st.spinner("Computing the exact scores of the strongest candidates (fresh training gradients) ..."):

@@ -257,3 +257,24 @@ def test_a_running_rerank_reports_its_progress_and_none_once_done():
     release.set()
     worker.join(5)
     assert reranker.ready and reranker.progress is None
+
+
+def test_rerank_scores_draws_a_terminal_bar_on_the_main_thread_only(tiny_model, diffusion, digits_small,
+                                                                   monkeypatch):
+    """The CLI (main thread) gets tqdm's bar; the app's worker thread, whose terminal is the server's log,
+    does not (the page shows ``progress``)."""
+    import tqdm.auto
+
+    disabled: list = []
+    real = tqdm.auto.tqdm
+
+    def recording(*args, **kw):
+        disabled.append(kw.get("disable"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording)
+    _rerank_scores_of(tiny_model, diffusion, digits_small, 4)
+    worker = threading.Thread(target=_rerank_scores_of, args=(tiny_model, diffusion, digits_small, 4))
+    worker.start()
+    worker.join(60)
+    assert disabled == [None, True]  # None: tqdm's own rule (a bar when stderr is a terminal)

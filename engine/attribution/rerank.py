@@ -123,7 +123,7 @@ def rerank_scores(
 
     starts = range(0, images.shape[0], grad_batch)  # seconds to minutes (README "On a GPU"): a bar on a terminal
     for s in tqdm(starts, desc="K-FAC re-rank: candidates' fresh gradients", unit="batch", leave=False,
-                  disable=None if len(starts) > 1 else True):
+                  disable=None if _terminal_bar(len(starts)) else True):
         if should_stop is not None and should_stop():
             raise RerankCancelled("re-rank cancelled")
         rows = slice(s, min(images.shape[0], s + grad_batch))
@@ -140,6 +140,13 @@ def rerank_scores(
         if progress is not None:
             progress(rows.stop, images.shape[0])
     return torch.cat(out).cpu().numpy()
+
+
+def _terminal_bar(batches: int) -> bool:
+    """Whether the re-rank draws a tqdm bar: only on the main thread (the CLI's), with more than one batch.
+    The app's re-ranks run in its background worker or a page's script thread, whose terminal is the
+    server's log, where a bar is noise; the page draws its own (``progress``)."""
+    return batches > 1 and threading.current_thread() is threading.main_thread()
 
 
 class Reranker:
