@@ -9,6 +9,7 @@ clicks; docs/architecture.md section 8.
 from __future__ import annotations
 
 import logging
+import uuid
 
 import streamlit as st
 
@@ -19,10 +20,17 @@ log = logging.getLogger(__name__)
 EXACT_POLL_S = 1.0  # how often a page with an approximate ranking looks whether the exact one is ready
 
 
+def tab_id() -> str:
+    """This browser tab's id (one Streamlit session): the background worker takes turns between tabs
+    (``explorer.grid_filler``)."""
+    return st.session_state.setdefault("tab_id", uuid.uuid4().hex)
+
+
 @st.fragment(run_every=EXACT_POLL_S)
 def await_exact(handle: Handle, result: QueryResult) -> None:
     """Rerun the whole page once the background re-rank of ``result`` has finished, so its exact ends
-    replace the approximate ones without a click; say so if the worker stopped without finishing it.
+    replace the approximate ones without a click; say so while it waits for another tab's re-rank, and
+    if the worker stopped without finishing it.
 
     While it runs, a progress bar says how far the re-rank is (``RerankedQuery.exact_progress``).
     A fragment polls (``run_every``) instead of the worker pushing, because a Streamlit page only
@@ -31,14 +39,22 @@ def await_exact(handle: Handle, result: QueryResult) -> None:
     browser with a blank page (``build_view.waiting_note``)."""
     if exact_arrived(result):
         st.rerun()
+    shown = False
     for query in _deferred_queries(result):
         progress = getattr(query, "exact_progress", None)
         if progress is not None:
+            shown = True
             st.progress(min(progress[0] / progress[1], 1.0) if progress[1] else 0.0,
                         text=rerank_progress_text(*progress))
-    if handle.grid_filler.idle and _exact_still_pending(result):
-        st.warning("**The exact re-rank is not running:** a newer query (this tab or another) took the "
-                   "worker, or it failed (see the server's log). The button computes it.")
+    if shown or not _exact_still_pending(result):
+        return
+    ahead = handle.grid_filler.ahead(tab_id())
+    if ahead is None:
+        st.warning("**The exact re-rank is not running:** it stopped before it finished (the server's log "
+                   "says why). The button computes it.")
+    elif ahead > 0:
+        st.info(f"Waiting for {ahead} exact re-rank{'s' if ahead > 1 else ''} of other tabs on this server; "
+                "this one follows.", icon=":material/schedule:")
 
 
 def rerank_progress_text(done: int, total: int, seconds: float) -> str:

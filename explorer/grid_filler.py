@@ -1,41 +1,49 @@
-"""One background worker per server that scores the damping grid of the latest query only.
+"""One background worker per server that fills, for each browser tab, the latest query of that tab.
 
 Why: the first answer of K-FAC on a stored bank is one pass at the chosen damping; the grid that
 makes later damping changes free is scored afterwards (``AttributionSession.fill_grids``), and so
 is a compressed bank's exact re-rank (seconds to minutes of fresh gradients).  A thread per query
 would pile up that work when a user clicks through the gallery and slow the very answers this is
-for, so queries are handed to one worker and only the latest waiting one is filled: a superseded
-query is skipped (its damping changes, if any, score exactly), and a running re-rank stops at its
-next batch once a newer query is waiting (the worker's ``should_stop``; it stays pending and
-"Show the exact ranking" redoes it).  The stop belongs to the worker's call: a user's own click on
-that button, in another thread, is never stopped by it.
+for, so queries are handed to one worker, and of each tab only its latest waiting query is kept: a
+tab's superseded query is skipped (its damping changes, if any, score exactly), and its running
+re-rank stops at its next batch once a newer query *of the same tab* waits (the worker's
+``should_stop``; it stays pending and "Show the exact ranking" redoes it).  Tabs take turns, oldest
+waiting first: a query from another tab waits for the running one instead of stopping it, so two
+people on one server each get their exact ranking (before, the latest query of any tab stopped the
+others' re-rank, which then stayed approximate until a click).  The stop belongs to the worker's
+call: a user's own click on that button, in another thread, is never stopped by it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+from collections.abc import Hashable
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 
 class GridFiller:
-    """``submit(session, result)``: fill ``result``'s damping grids soon, unless a newer result comes first."""
+    """``submit(session, result, tab)``: fill ``result``'s damping grids soon, unless ``tab`` submits a newer one first."""
 
     def __init__(self) -> None:
         self._cv = threading.Condition()
-        self._latest: tuple[Any, Any] | None = None
+        self._waiting: dict[Hashable, tuple[Any, Any]] = {}  # tab -> (session, result), oldest submission first
+        self._running: Hashable | None = None  # the tab whose result is being filled
         self._thread: threading.Thread | None = None
         self._busy = False
         self.filled = 0  # results whose grids were filled (tests)
-        self.skipped = 0  # results superseded before their turn
+        self.skipped = 0  # results superseded by a newer one of their tab before their turn
 
-    def submit(self, session: Any, result: Any) -> None:
+    def submit(self, session: Any, result: Any, tab: Hashable = None) -> None:
+        """Queue ``result`` for ``tab`` (a browser tab's id), replacing the tab's waiting one; it goes to
+        the end of the queue, so a tab that clicks on does not keep the others waiting."""
         with self._cv:
-            if self._latest is not None:
+            if self._waiting.pop(tab, None) is not None:
                 self.skipped += 1
-            self._latest = (session, result)
+            self._waiting[tab] = (session, result)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, daemon=True, name="grid-filler")
                 self._thread.start()
@@ -43,33 +51,43 @@ class GridFiller:
 
     @property
     def idle(self) -> bool:
-        """Nothing waiting and nothing running: a result still pending now was cancelled or failed."""
+        """Nothing waiting and nothing running."""
         with self._cv:
-            return self._latest is None and not self._busy
+            return not self._waiting and not self._busy
+
+    def ahead(self, tab: Hashable = None) -> int | None:
+        """How many fills run or wait before ``tab``'s latest result: 0 while it is being filled, None
+        when the worker holds none of the tab's results (done, stopped or failed)."""
+        with self._cv:
+            if tab in self._waiting:
+                return list(self._waiting).index(tab) + int(self._busy)
+            return 0 if self._busy and self._running == tab else None
 
     def wait_idle(self, timeout: float) -> bool:
         """True once nothing is waiting or running (tests, shutdown)."""
         with self._cv:
-            return self._cv.wait_for(lambda: self._latest is None and not self._busy, timeout)
+            return self._cv.wait_for(lambda: not self._waiting and not self._busy, timeout)
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                if not self._cv.wait_for(lambda: self._latest is not None, timeout=60.0):
+                if not self._cv.wait_for(lambda: bool(self._waiting), timeout=60.0):
                     self._thread = None  # idle for a minute: end; the next submit starts another
                     return
-                session, result = self._latest
-                self._latest, self._busy = None, True
+                tab = next(iter(self._waiting))
+                session, result = self._waiting.pop(tab)
+                self._running, self._busy = tab, True
             try:
-                session.fill_grids(result, should_stop=self._superseded)
+                session.fill_grids(result, should_stop=functools.partial(self._superseded, tab))
                 self.filled += 1
             except Exception:  # noqa: BLE001 - a failed fill only costs the next damping change an exact pass
                 log.exception("filling the damping grid failed")
             finally:
                 with self._cv:
-                    self._busy = False
+                    self._running, self._busy = None, False
                     self._cv.notify_all()
 
-    def _superseded(self) -> bool:
-        """The running fill's ``should_stop``: a newer result is waiting (its re-rank would compete)."""
-        return self._latest is not None
+    def _superseded(self, tab: Hashable) -> bool:
+        """The running fill's ``should_stop``: a newer result of the same tab is waiting."""
+        with self._cv:
+            return tab in self._waiting

@@ -75,7 +75,7 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
                 st.session_state["result_cache"] = store
                 # the first answer was one pass at this damping; score the damping grid while it is on
                 # screen, so that moving the damping slider is a lookup (the query's own lock guards it)
-                handle.grid_filler.submit(session, raw)
+                handle.grid_filler.submit(session, raw, exact_view.tab_id())
         except ValueError as e:
             st.warning(f"Cannot attribute this query: {e}")
             return None

@@ -637,6 +637,53 @@ def test_a_running_background_re_rank_shows_its_progress(tiny_app, tmp_path, mon
     assert "re-ranked to exact" in _texts(at) and not at.get("progress")
 
 
+@pytest.mark.slow
+def test_two_tabs_take_turns_and_each_gets_its_exact_ranking(tiny_app, tmp_path, monkeypatch):
+    """A second tab's query waits for the first tab's running re-rank (its page says so) instead of
+    stopping it; both end exact with no click (before, the second stopped the first, which stayed
+    approximate until its button was clicked)."""
+    import threading
+
+    from engine.attribution.methods import kfac_compressed_bank
+
+    original, release, armed = kfac_compressed_bank.rerank_scores, threading.Event(), []
+
+    def held(*a, progress=None, should_stop=None, **k):
+        if armed and not armed[0]:  # the first re-rank once armed (tab A's) waits for the test (or a stop)
+            armed[0] = True
+            progress(1, 4)
+            while not release.wait(0.05) and not should_stop():
+                pass
+        return original(*a, progress=progress, should_stop=should_stop, **k)
+
+    monkeypatch.setattr(kfac_compressed_bank, "rerank_scores", held)
+    tab_a = _compressed_app(tiny_app, tmp_path, monkeypatch)
+    tab_b = _start(None)
+    assert _handle().grid_filler.wait_idle(60)  # the start pages' own fills are done
+    armed.append(False)
+    try:
+        tab_a.button(key="gallery_1").click().run()
+        _ok(tab_a)
+        query_a = tab_a.session_state["result_cache"]["raw"].prepared["kfac"].query
+        deadline = time.monotonic() + 30
+        while query_a.exact_progress is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tab_b.button(key="gallery_2").click().run()
+        _ok(tab_b)
+        assert tab_b.session_state["result_cache"]["raw"].methods["kfac"].exact_pending
+        time.sleep(0.5)  # a stop would end the held re-rank within 0.05 s
+        assert query_a.exact_progress is not None and query_a.exact_pending
+        tab_b.run()
+        assert "Waiting for 1 exact re-rank of other tabs" in _texts(tab_b)
+    finally:
+        release.set()
+    assert _handle().grid_filler.wait_idle(60)
+    for tab in (tab_a, tab_b):
+        tab.run()
+        _ok(tab)
+        assert "re-ranked to exact" in _texts(tab) and "not running" not in _texts(tab)
+
+
 def test_the_re_rank_progress_line_says_the_time_left_at_the_rate_so_far():
     from explorer.exact_view import rerank_progress_text
 

@@ -1,4 +1,4 @@
-"""explorer.grid_filler: one worker fills the damping grid of the latest result only."""
+"""explorer.grid_filler: one worker fills the latest result of each tab, tabs in turn."""
 
 from __future__ import annotations
 
@@ -42,3 +42,57 @@ def test_only_the_latest_waiting_result_is_filled_and_failures_do_not_stop_the_w
     f.submit(s, "after")
     assert f.wait_idle(10)
     assert s.filled[-2:] == ["bad", "after"]
+
+
+class GatedSession:
+    """Each fill blocks until its own result's gate opens; records what each fill's should_stop said."""
+
+    def __init__(self) -> None:
+        self.started = {r: threading.Event() for r in ("a1", "a2", "b1", "b2", "c1")}
+        self.gate = {r: threading.Event() for r in self.started}
+        self.order: list[str] = []
+        self.stopped: dict[str, bool] = {}
+
+    def fill_grids(self, result: str, should_stop) -> None:
+        self.order.append(result)
+        self.started[result].set()
+        self.gate[result].wait(10)
+        self.stopped[result] = should_stop()
+
+
+def test_tabs_take_turns_and_only_a_newer_query_of_the_same_tab_stops_a_running_fill():
+    """Another tab's query waits for the running fill instead of stopping it (each tab gets its exact
+    ranking); a tab's own newer query stops its running fill; a tab that asks again goes to the back."""
+    s, f = GatedSession(), GridFiller()
+    f.submit(s, "a1", "A")
+    assert s.started["a1"].wait(10)
+    f.submit(s, "b1", "B")
+    f.submit(s, "c1", "C")
+    assert (f.ahead("A"), f.ahead("B"), f.ahead("C"), f.ahead("D")) == (0, 1, 2, None)
+    f.submit(s, "b2", "B")  # B clicks on while waiting: its b1 is dropped, b2 waits behind C
+    assert (f.ahead("B"), f.ahead("C"), f.skipped) == (2, 1, 1)
+    s.gate["a1"].set()
+    assert s.started["c1"].wait(10)
+    assert s.stopped["a1"] is False  # other tabs' queries did not stop A's fill
+    f.submit(s, "a2", "A")  # A asks again while C runs: it waits behind B
+    assert (f.ahead("C"), f.ahead("B"), f.ahead("A")) == (0, 1, 2)
+    for r in ("c1", "b2", "a2"):
+        s.gate[r].set()
+    assert f.wait_idle(10)
+    assert s.order == ["a1", "c1", "b2", "a2"] and not any(s.stopped.values())
+    assert f.ahead("A") is None and f.filled == 4
+
+
+def test_a_newer_query_of_the_same_tab_stops_its_running_fill():
+    s, f = GatedSession(), GridFiller()
+    f.submit(s, "a1", "A")
+    assert s.started["a1"].wait(10)
+    f.submit(s, "b1", "B")
+    f.submit(s, "a2", "A")
+    s.gate["a1"].set()
+    assert s.started["b1"].wait(10)
+    assert s.stopped["a1"] is True  # a2 waited: a1's re-rank stops at its next batch
+    s.gate["b1"].set()
+    s.gate["a2"].set()
+    assert f.wait_idle(10)
+    assert s.order == ["a1", "b1", "a2"] and s.stopped["a2"] is False
