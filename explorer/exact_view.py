@@ -9,15 +9,18 @@ clicks; docs/architecture.md section 8.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 
 import streamlit as st
 
+from engine.attribution.rerank import RerankProgress
 from engine.attribution.results import QueryResult
 from explorer.runtime import Handle
 
 log = logging.getLogger(__name__)
 EXACT_POLL_S = 1.0  # how often a page with an approximate ranking looks whether the exact one is ready
+BUTTON_POLL_S = 0.5  # how often "Show the exact ranking" redraws its progress bar while it waits
 
 
 def tab_id() -> str:
@@ -40,12 +43,9 @@ def await_exact(handle: Handle, result: QueryResult) -> None:
     if exact_arrived(result):
         st.rerun()
     shown = False
-    for query in _deferred_queries(result):
-        progress = getattr(query, "exact_progress", None)
-        if progress is not None:
-            shown = True
-            st.progress(min(progress[0] / progress[1], 1.0) if progress[1] else 0.0,
-                        text=rerank_progress_text(*progress))
+    for progress in _running_progress(result):
+        shown = True
+        st.progress(_fraction(progress), text=rerank_progress_text(progress))
     if shown or not _exact_still_pending(result):
         return
     ahead = handle.grid_filler.ahead(tab_id())
@@ -57,13 +57,23 @@ def await_exact(handle: Handle, result: QueryResult) -> None:
                 "this one follows.", icon=":material/schedule:")
 
 
-def rerank_progress_text(done: int, total: int, seconds: float) -> str:
-    """One line on a running re-rank: candidates done, time so far and, once a batch is done, the time
-    left at the rate so far (a CPU re-rank of a large model takes minutes to hours, so say which)."""
-    if total <= 0 or done <= 0:
-        return f"Exact re-rank: starting ({_duration(seconds)})"
-    left = seconds * (total - done) / done
-    return f"Exact re-rank: {done:,} of {total:,} candidates ({_duration(seconds)}, about {_duration(left)} left)"
+def rerank_progress_text(p: RerankProgress) -> str:
+    """One line on a running re-rank: candidates done, time so far and, from the second batch on, the
+    time left at the rate so far (a CPU re-rank of a large model takes minutes to hours, so say which)."""
+    if p.total <= 0 or p.done <= 0:
+        return f"Exact re-rank: starting ({_duration(p.seconds)})"
+    head = f"Exact re-rank: {p.done:,} of {p.total:,} candidates ({_duration(p.seconds)}"
+    return head + (")" if p.left is None else f", about {_duration(p.left)} left)")
+
+
+def _fraction(p: RerankProgress) -> float:
+    return min(p.done / p.total, 1.0) if p.total else 0.0
+
+
+def _running_progress(result: QueryResult) -> list[RerankProgress]:
+    """The progress of each of ``result``'s deferred re-ranks that is running now."""
+    found = (getattr(q, "exact_progress", None) for q in _deferred_queries(result))
+    return [p for p in found if p is not None]
 
 
 def _duration(seconds: float) -> str:
@@ -98,9 +108,10 @@ def exact_button(handle: Handle, name: str, result: QueryResult) -> None:
     """A compressed bank answers from its scan first; its exact re-rank runs in the background
     (``grid_filler``).  The button shows it: it waits for the re-rank (or runs it, if the worker moved
     on to a newer query) and re-scores the shown answer."""
-    # short: in the five-column layout every line of this box pushes K-FAC's grid below the others
-    st.warning("**Approximate ranking**, from a compressed copy of the training gradients; the exact one "
-               "replaces it by itself.", icon=":material/hourglass_top:")
+    # short, and no promise (the line under it says whether the exact re-rank runs, waits or stopped):
+    # in the five-column layout every line of this box pushes K-FAC's grid below the others
+    st.warning("**Approximate ranking**: a fast estimate from a compressed copy of the training gradients.",
+               icon=":material/hourglass_top:")
     if not st.button("Show the exact ranking", key=f"exact_{name}",
                      help="The shown images and scores are a fast estimate from a compressed copy of the "
                           "training gradients (on a smaller scale than exact scores). The exact K-FAC scores of "
@@ -109,8 +120,7 @@ def exact_button(handle: Handle, name: str, result: QueryResult) -> None:
                           "them if the worker moved on to a newer query, and shows them."):
         return
     try:
-        with st.spinner("Computing the exact scores of the strongest candidates (fresh training gradients) ..."):
-            handle.session.fill_exact(result)
+        _fill_showing_progress(handle, result)
     except Exception as e:  # noqa: BLE001 - say why, keep the approximate ranking on the page
         log.exception("exact re-rank failed")
         st.error(f"The exact re-rank failed: {type(e).__name__}: {e}")
@@ -119,3 +129,27 @@ def exact_button(handle: Handle, name: str, result: QueryResult) -> None:
     if store is not None:
         store["shown"] = {}  # re-score the raw result at the chosen damping: its ends are now exact
     st.rerun()
+
+
+def _fill_showing_progress(handle: Handle, result: QueryResult) -> None:
+    """``session.fill_exact(result)`` with a progress bar on the page.  The fill runs in a thread of its
+    own and this run draws its progress: while a run of the page waits, the poller (a fragment of the
+    same page) cannot run.  If the user moves on meanwhile, the fill still finishes (the result's
+    exact scores stay cached for a return to it); its error, if any, is raised here."""
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            handle.session.fill_exact(result)
+        except BaseException as e:  # noqa: BLE001 - handed to the page's run, which shows it
+            failed.append(e)
+
+    worker = threading.Thread(target=work, daemon=True, name="exact-ranking-button")
+    worker.start()
+    bar = st.progress(0.0, text="Exact re-rank: waiting for it to start")
+    while worker.is_alive():
+        worker.join(BUTTON_POLL_S)
+        for progress in _running_progress(result)[:1]:
+            bar.progress(_fraction(progress), text=rerank_progress_text(progress))
+    if failed:
+        raise failed[0]

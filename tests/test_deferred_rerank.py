@@ -233,17 +233,28 @@ def test_rerank_scores_reports_its_progress_after_each_batch(tiny_model, diffusi
     assert seen == [(2, 5), (4, 5), (5, 5)]
 
 
-def test_a_running_rerank_reports_its_progress_and_none_once_done():
-    """``Reranker.progress`` (the app's progress bar): (done, total, seconds) while the exact scores are
-    being computed, None before, after, and after a cancel."""
-    from engine.attribution.rerank import Reranker
+def test_a_running_rerank_reports_its_progress_and_none_once_done(monkeypatch):
+    """``Reranker.progress`` (the app's progress bar): candidates done, seconds, and the time left at the
+    rate of the batches after the first (whose start-up would overstate it) while the exact scores are
+    being computed; None before, after, and after a cancel."""
+    from types import SimpleNamespace
 
-    halfway, release = threading.Event(), threading.Event()
+    from engine.attribution import rerank
+    from engine.attribution.rerank import Reranker, RerankProgress
+
+    clock = [100.0]
+    monkeypatch.setattr(rerank, "time", SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter))
+    first, halfway, release, release2 = (threading.Event() for _ in range(4))
 
     def score_fn(idx, lams, should_stop, progress):
+        clock[0] = 130.0  # a slow first batch: 30 s of start-up
+        progress(1, len(idx))
+        first.set()
+        release.wait(5)
+        clock[0] = 140.0  # then 10 s per candidate
         progress(2, len(idx))
         halfway.set()
-        release.wait(5)
+        release2.wait(5)
         progress(len(idx), len(idx))
         return np.ones((len(idx), len(lams)))
 
@@ -251,10 +262,12 @@ def test_a_running_rerank_reports_its_progress_and_none_once_done():
     assert reranker.progress is None
     worker = threading.Thread(target=reranker.apply, args=(np.arange(10, dtype=np.float32), 1e-3))
     worker.start()
-    assert halfway.wait(5)
-    done, total, seconds = reranker.progress
-    assert (done, total) == (2, 4) and seconds >= 0
+    assert first.wait(5)
+    assert reranker.progress == RerankProgress(1, 4, 30.0, None)  # one batch: no rate yet
     release.set()
+    assert halfway.wait(5)
+    assert reranker.progress == RerankProgress(2, 4, 40.0, 20.0)  # 2 left at 10 s each, not 40 s at 20 s each
+    release2.set()
     worker.join(5)
     assert reranker.ready and reranker.progress is None
 

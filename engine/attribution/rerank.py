@@ -142,6 +142,18 @@ def rerank_scores(
     return torch.cat(out).cpu().numpy()
 
 
+@dataclass(frozen=True)
+class RerankProgress:
+    """A running re-rank: candidates done of ``total``, ``seconds`` since it started, and the seconds
+    ``left`` at the rate of the batches after the first (None until a second batch is done: the first
+    also carries the start-up, so its rate overstates the time left, by 10x under load)."""
+
+    done: int
+    total: int
+    seconds: float
+    left: float | None = None
+
+
 def _terminal_bar(batches: int) -> bool:
     """Whether the re-rank draws a tqdm bar: only on the main thread (the CLI's), with more than one batch.
     The app's re-ranks run in its background worker or a page's script thread, whose terminal is the
@@ -173,20 +185,29 @@ class Reranker:
         self.cache: dict[float, np.ndarray] = {}
         self.timing_ms: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._progress: tuple[int, int, float] | None = None  # (candidates done, total, start) of the running re-rank
+        # the running re-rank's (candidates done, total, start, end of its first batch, done by then)
+        self._progress: tuple[int, int, float, float | None, int] | None = None
 
     def report(self, done: int, total: int) -> None:
-        """The ``progress`` of this re-rank's gradient loop (``rerank_scores``)."""
-        start = self._progress[2] if self._progress is not None else time.monotonic()
-        self._progress = (int(done), int(total), start)
+        """The ``progress`` of this re-rank's gradient loop (``rerank_scores``), told after each batch."""
+        now = time.monotonic()
+        start, first, done_first = (now, None, 0) if self._progress is None else self._progress[2:]
+        if first is None:  # the first batch carries the start-up (the damped queries, a cold model)
+            first, done_first = now, int(done)
+        self._progress = (int(done), int(total), start, first, done_first)
 
     @property
-    def progress(self) -> tuple[int, int, float] | None:
-        """(candidates done, candidates, seconds since the re-rank started) while one runs, else None."""
+    def progress(self) -> RerankProgress | None:
+        """How far the running re-rank is, else None (not started, done or stopped)."""
         p = self._progress
         if p is None or self.ready or not self._lock.locked():
             return None
-        return p[0], p[1], time.monotonic() - p[2]
+        done, total, start, first, done_first = p
+        now = time.monotonic()
+        left = None
+        if first is not None and done > done_first:  # the rate since the first batch, start-up excluded
+            left = (now - first) / (done - done_first) * (total - done)
+        return RerankProgress(done, total, now - start, left)
 
     @property
     def ready(self) -> bool:
@@ -200,7 +221,7 @@ class Reranker:
         when a newer query waits, while a user's "Show the exact ranking" is never stopped by it."""
         if compute:
             with self._lock:
-                self._progress = None if self.ready else (0, 0, time.monotonic())
+                self._progress = None if self.ready else (0, 0, time.monotonic(), None, 0)
                 try:
                     return self._apply(scores, lam, should_stop)
                 except RerankCancelled:
@@ -289,7 +310,7 @@ class RerankedQuery(EigenbasisQuery):
         return not self.exact_pending
 
     @property
-    def exact_progress(self) -> tuple[int, int, float] | None:
-        """(candidates done, candidates, seconds) of the deferred re-rank while it runs, else None."""
+    def exact_progress(self) -> RerankProgress | None:
+        """How far the deferred re-rank is while it runs (``Reranker.progress``), else None."""
         return None if self.reranker is None else self.reranker.progress
 
