@@ -554,7 +554,7 @@ def test_a_compressed_bank_answers_from_its_scan_then_shows_the_exact_ranking(ti
     raw = at.session_state["result_cache"]["raw"]
     first = raw.methods["kfac"]
     assert first.bank == "compressed" and first.exact_pending and not first.exact.any()
-    assert "being computed" in _texts(at) and "Approximate ranking" in _texts(at)
+    assert "exact ones are pending" in _texts(at) and "Approximate ranking" in _texts(at)
     # the background worker finishes the re-rank; the next rerun shows the exact ends without the button
     deadline = time.monotonic() + 60
     while raw.prepared["kfac"].query.exact_pending and time.monotonic() < deadline:
@@ -578,7 +578,7 @@ def test_a_compressed_bank_answers_from_its_scan_then_shows_the_exact_ranking(ti
 
 @pytest.mark.slow
 def test_a_failed_background_re_rank_is_reported_not_awaited_forever(tiny_app, tmp_path, monkeypatch):
-    """When the background worker's re-rank raises, the page says it stopped (instead of 'being computed'
+    """When the background worker's re-rank raises, the page says it stopped (instead of 'pending'
     for ever) and the button's own try shows the error on the page, with the approximate ranking kept."""
     from engine.attribution.rerank import RerankedQuery
 

@@ -84,7 +84,7 @@ def test_a_compressed_bank_shows_its_exact_ranking_without_a_click(tiny_env, tmp
             headless.click_button(driver, "2")
             text = headless.wait_for(
                 driver, ["Gallery sample 2", "re-ranked to exact", "Proponents"],
-                absent=["Approximate ranking", "being computed", "Attributing"], timeout=60,
+                absent=["Approximate ranking", "exact ones are pending", "Attributing"], timeout=60,
             )
             assert "K-FAC Influence" in text and "TRAK" in text
             shot = headless.screenshot(driver, tmp_path / "exact.png", height=2400)

@@ -118,7 +118,7 @@ def test_a_deferring_session_answers_approximately_then_exactly_after_fill_grids
 
     first = app.query(q, "loss", methods=["kfac"], defer_exact=True)
     k = first.methods["kfac"]
-    assert k.exact_pending and not k.exact.any() and "being computed" in k.bank_note()
+    assert k.exact_pending and not k.exact.any() and "exact ones are pending" in k.bank_note()
     assert first.prepared["kfac"].query.exact_pending
     assert "kfac" in app.fill_grids(first)  # the app's background worker
     assert not first.prepared["kfac"].query.exact_pending

@@ -47,7 +47,7 @@ class MethodResult:
         if self.bank != "compressed":
             return f"{self.bank} bank: every score exact"
         if self.exact_pending:
-            return "compressed bank: estimated scores for now (exact ones being computed)"
+            return "compressed bank: estimated scores (the exact ones are pending)"
         if self.exact is None or not self.exact.any():
             return "compressed bank: estimated scores (no re-ranking)"
         return (f"compressed bank: the {int(self.exact.sum())} highest and lowest candidates re-ranked to exact "
