@@ -56,11 +56,12 @@ class GridFiller:
             return not self._waiting and not self._busy
 
     def ahead(self, tab: Hashable = None) -> int | None:
-        """How many fills run or wait before ``tab``'s latest result: 0 while it is being filled, None
+        """How many fills of other tabs run or wait before ``tab``'s latest result: 0 while it is being
+        filled (or only the tab's own superseded fill, stopping at its next batch, is before it), None
         when the worker holds none of the tab's results (done, stopped or failed)."""
         with self._cv:
             if tab in self._waiting:
-                return list(self._waiting).index(tab) + int(self._busy)
+                return list(self._waiting).index(tab) + int(self._busy and self._running != tab)
             return 0 if self._busy and self._running == tab else None
 
     def wait_idle(self, timeout: float) -> bool:

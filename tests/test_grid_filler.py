@@ -89,6 +89,7 @@ def test_a_newer_query_of_the_same_tab_stops_its_running_fill():
     assert s.started["a1"].wait(10)
     f.submit(s, "b1", "B")
     f.submit(s, "a2", "A")
+    assert (f.ahead("B"), f.ahead("A")) == (1, 1)  # A's own stopping fill is not counted against a2
     s.gate["a1"].set()
     assert s.started["b1"].wait(10)
     assert s.stopped["a1"] is True  # a2 waited: a1's re-rank stops at its next batch
