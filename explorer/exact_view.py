@@ -13,6 +13,7 @@ import threading
 import uuid
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from engine.attribution.rerank import RerankProgress
 from engine.attribution.results import QueryResult
@@ -23,10 +24,13 @@ EXACT_POLL_S = 1.0  # how often a page with an approximate ranking looks whether
 BUTTON_POLL_S = 0.5  # how often "Show the exact ranking" redraws its progress bar while it waits
 
 
-def tab_id() -> str:
-    """This browser tab's id (one Streamlit session): the background worker takes turns between tabs
-    (``explorer.grid_filler``)."""
-    return st.session_state.setdefault("tab_id", uuid.uuid4().hex)
+def tab_id() -> tuple[str | None, str]:
+    """This browser tab's id: (its Streamlit session id, a key of its own).  The background worker takes
+    turns between tabs and drops a closed tab's query (``explorer.grid_filler``); the session id says
+    whether the tab is still connected (``runtime.session_alive``), and the key tells apart sessions
+    that share an id (AppTest's are all "test session id")."""
+    ctx = get_script_run_ctx()
+    return (ctx.session_id if ctx is not None else None), st.session_state.setdefault("tab_key", uuid.uuid4().hex)
 
 
 @st.fragment(run_every=EXACT_POLL_S)

@@ -11,7 +11,10 @@ re-rank stops at its next batch once a newer query *of the same tab* waits (the 
 waiting first: a query from another tab waits for the running one instead of stopping it, so two
 people on one server each get their exact ranking (before, the latest query of any tab stopped the
 others' re-rank, which then stayed approximate until a click).  The stop belongs to the worker's
-call: a user's own click on that button, in another thread, is never stopped by it.
+call: a user's own click on that button, in another thread, is never stopped by it.  A closed or
+reloaded tab's query is dropped, and its running fill stopped, once the tab has been gone for
+``GONE_AFTER_S`` (``alive``: Streamlit's own session registry; the grace covers a websocket's
+reconnect): it kept the worker busy for nobody and made new visitors wait behind it.
 """
 
 from __future__ import annotations
@@ -19,16 +22,20 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Hashable
+import time
+from collections.abc import Callable, Hashable
 from typing import Any
 
 log = logging.getLogger(__name__)
+GONE_AFTER_S = 10.0  # a tab absent from the server's sessions this long is closed, not reconnecting
 
 
 class GridFiller:
     """``submit(session, result, tab)``: fill ``result``'s damping grids soon, unless ``tab`` submits a newer one first."""
 
-    def __init__(self) -> None:
+    def __init__(self, alive: Callable[[Hashable], bool] | None = None) -> None:
+        self._alive = alive or (lambda tab: True)  # tab -> its browser session is still connected
+        self._absent_since: dict[Hashable, float] = {}
         self._cv = threading.Condition()
         self._waiting: dict[Hashable, tuple[Any, Any]] = {}  # tab -> (session, result), oldest submission first
         self._running: Hashable | None = None  # the tab whose result is being filled
@@ -60,6 +67,7 @@ class GridFiller:
         filled (or only the tab's own superseded fill, stopping at its next batch, is before it), None
         when the worker holds none of the tab's results (done, stopped or failed)."""
         with self._cv:
+            self._drop_gone()
             if tab in self._waiting:
                 return list(self._waiting).index(tab) + int(self._busy and self._running != tab)
             return 0 if self._busy and self._running == tab else None
@@ -72,7 +80,7 @@ class GridFiller:
     def _run(self) -> None:
         while True:
             with self._cv:
-                if not self._cv.wait_for(lambda: bool(self._waiting), timeout=60.0):
+                if not self._cv.wait_for(lambda: bool(self._drop_gone()), timeout=60.0):
                     self._thread = None  # idle for a minute: end; the next submit starts another
                     return
                 tab = next(iter(self._waiting))
@@ -86,9 +94,34 @@ class GridFiller:
             finally:
                 with self._cv:
                     self._running, self._busy = None, False
+                    self._absent_since.pop(tab, None)
                     self._cv.notify_all()
 
     def _superseded(self, tab: Hashable) -> bool:
-        """The running fill's ``should_stop``: a newer result of the same tab is waiting."""
+        """The running fill's ``should_stop``: a newer result of the same tab is waiting, or the tab is gone."""
         with self._cv:
-            return tab in self._waiting
+            if tab in self._waiting:
+                return True
+        if self._gone(tab):
+            log.info("stopped the exact re-rank of a closed tab's query")
+            return True
+        return False
+
+    def _gone(self, tab: Hashable) -> bool:
+        """True once ``tab`` has been absent from the server's sessions for ``GONE_AFTER_S``."""
+        if self._alive(tab):
+            self._absent_since.pop(tab, None)
+            return False
+        return time.monotonic() - self._absent_since.setdefault(tab, time.monotonic()) >= GONE_AFTER_S
+
+    def _drop_gone(self) -> dict[Hashable, tuple[Any, Any]]:
+        """Drop the waiting results of closed tabs (under ``_cv``); the rest.  Also notes when the running
+        tab went away, so that its fill's next ``should_stop`` counts the grace from then."""
+        if self._busy:
+            self._gone(self._running)
+        for tab in [t for t in self._waiting if self._gone(t)]:
+            del self._waiting[tab]
+            self._absent_since.pop(tab, None)
+            self.skipped += 1
+            log.info("dropped a closed tab's query from the background worker's queue")
+        return self._waiting

@@ -64,18 +64,23 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
             )
             return None
         try:
-            with st.spinner(f"Attributing {query.title.lower()} with every method (query gradients, then scores) ..."):
-                with handle.lock:
-                    raw = session.query(  # a compressed bank answers from its scan; the re-rank follows
-                        query.input, s.measurement, methods=None, damping=s.damping_dict, mc_samples=s.mc_samples,
-                        defer_exact=True,
-                    )
-                # store before any other Streamlit call, so an interrupted rerun keeps the work
-                store = {"base": base, "raw": raw, "shown": {s.damping: raw}}
-                st.session_state["result_cache"] = store
-                # the first answer was one pass at this damping; score the damping grid while it is on
-                # screen, so that moving the damping slider is a lookup (the query's own lock guards it)
-                handle.grid_filler.submit(session, raw, exact_view.tab_id())
+            raw, views = handle.recent_results.get(base), {}  # another tab asked it already: share its work
+            if raw is None:
+                with st.spinner(f"Attributing {query.title.lower()} with every method (query gradients, then scores) ..."):
+                    with handle.lock:
+                        raw = session.query(  # a compressed bank answers from its scan; the re-rank follows
+                            query.input, s.measurement, methods=None, damping=s.damping_dict,
+                            mc_samples=s.mc_samples, defer_exact=True,
+                        )
+                if all(r.status != "error" for r in raw.methods.values()):  # a failure is not shared
+                    handle.recent_results.put(base, raw)
+                views = {s.damping: raw}  # a shared one was scored at its tab's damping: re-scored below
+            # store before any other Streamlit call, so an interrupted rerun keeps the work
+            store = {"base": base, "raw": raw, "shown": views}
+            st.session_state["result_cache"] = store
+            # the first answer was one pass at this damping; score the damping grid while it is on
+            # screen, so that moving the damping slider is a lookup (the query's own lock guards it)
+            handle.grid_filler.submit(session, raw, exact_view.tab_id())
         except ValueError as e:
             st.warning(f"Cannot attribute this query: {e}")
             return None

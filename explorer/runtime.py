@@ -33,6 +33,7 @@ from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
 from explorer.grid_filler import GridFiller
 from explorer.job_queue import JobQueue
+from explorer.shared_results import RecentResults
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,19 @@ def choose_model(args: AppArgs) -> AppArgs:
     return dataclasses.replace(args, preset=choice)
 
 
+def session_alive(tab: Any) -> bool:
+    """Whether a browser tab (``exact_view.tab_id``: its Streamlit session id first) is still connected
+    to this server.  Without a server's session registry (no runtime; AppTest's is a mock) every tab
+    counts as alive."""
+    from streamlit import runtime as st_runtime
+
+    session_id = tab[0] if isinstance(tab, tuple) and tab else None
+    if not isinstance(session_id, str) or not st_runtime.exists():
+        return True
+    alive = st_runtime.get_instance().is_active_session(session_id)
+    return alive if isinstance(alive, bool) else True
+
+
 @dataclass
 class Handle:
     """The cached session plus what every browser tab shares: a lock, the build, generated samples, retrain jobs."""
@@ -163,7 +177,9 @@ class Handle:
     status_snapshot: dict[str, dict] | None = None
     worker: BuildWorker | None = None  # the one cache build of this server process
     precomputed: PrecomputedGallery | None = None  # shipped gallery scores (engine.attribution.precomputed)
-    grid_filler: GridFiller = field(default_factory=GridFiller)  # damping grids after the first answer
+    # damping grids and exact re-ranks after the first answer, the tabs in turn
+    grid_filler: GridFiller = field(default_factory=lambda: GridFiller(alive=session_alive))
+    recent_results: RecentResults = field(default_factory=RecentResults)  # raw results the tabs share
     _independent: dict[str, Any] | None = None  # see query_independent()
 
     def status(self, refresh: bool = False) -> dict[str, dict]:

@@ -682,6 +682,12 @@ def test_two_tabs_take_turns_and_each_gets_its_exact_ranking(tiny_app, tmp_path,
         tab.run()
         _ok(tab)
         assert "re-ranked to exact" in _texts(tab) and "not running" not in _texts(tab)
+    # B asks what A asked: it shares A's result (no query, no second re-rank) and is exact at once
+    queries = _count_calls(monkeypatch, _handle().session, "query")
+    tab_b.button(key="gallery_1").click().run()
+    _ok(tab_b)
+    assert queries == [] and tab_b.session_state["result_cache"]["raw"] is tab_a.session_state["result_cache"]["raw"]
+    assert "re-ranked to exact" in _texts(tab_b) and "Approximate ranking" not in _texts(tab_b)
 
 
 def test_the_re_rank_progress_line_says_the_time_left_at_the_rate_so_far():

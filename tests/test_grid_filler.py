@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from explorer.grid_filler import GridFiller
 
@@ -97,3 +98,31 @@ def test_a_newer_query_of_the_same_tab_stops_its_running_fill():
     s.gate["a2"].set()
     assert f.wait_idle(10)
     assert s.order == ["a1", "b1", "a2"] and s.stopped["a2"] is False
+
+
+def test_a_closed_tabs_query_is_dropped_and_its_running_fill_stopped(monkeypatch):
+    """A closed or reloaded tab kept the worker busy for nobody and made new visitors wait behind it; once
+    it has been gone for GONE_AFTER_S its waiting query is dropped and its running fill told to stop."""
+    from explorer import grid_filler
+
+    monkeypatch.setattr(grid_filler, "GONE_AFTER_S", 0.2)
+    connected = {"A", "B", "C"}
+    s, f = GatedSession(), GridFiller(alive=lambda tab: tab in connected)
+    f.submit(s, "a1", "A")
+    assert s.started["a1"].wait(10)
+    f.submit(s, "b1", "B")
+    f.submit(s, "c1", "C")
+    connected.discard("B")  # B's tab closes while its query waits
+    assert f.ahead("C") == 2  # within the grace (a websocket may reconnect), B still counts
+    time.sleep(0.3)
+    assert (f.ahead("B"), f.ahead("C"), f.skipped) == (None, 1, 1)
+    connected.discard("A")  # A's tab closes while its fill runs
+    assert f.ahead("C") == 1  # C's poll notes that A is gone
+    time.sleep(0.3)
+    s.gate["a1"].set()
+    assert s.started["c1"].wait(10)
+    assert s.stopped["a1"] is True
+    s.gate["c1"].set()
+    assert f.wait_idle(10)
+    assert s.order == ["a1", "c1"] and s.stopped["c1"] is False
+
