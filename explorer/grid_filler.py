@@ -102,13 +102,13 @@ class GridFiller:
         with self._cv:
             if tab in self._waiting:
                 return True
-        if self._gone(tab):
-            log.info("stopped the exact re-rank of a closed tab's query")
-            return True
-        return False
+            if self._gone(tab):
+                log.info("stopped the exact re-rank of a closed tab's query")
+                return True
+            return False
 
     def _gone(self, tab: Hashable) -> bool:
-        """True once ``tab`` has been absent from the server's sessions for ``GONE_AFTER_S``."""
+        """True once ``tab`` has been absent from the server's sessions for ``GONE_AFTER_S`` (under ``_cv``)."""
         if self._alive(tab):
             self._absent_since.pop(tab, None)
             return False
