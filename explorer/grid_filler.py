@@ -14,7 +14,9 @@ others' re-rank, which then stayed approximate until a click).  The stop belongs
 call: a user's own click on that button, in another thread, is never stopped by it.  A closed or
 reloaded tab's query is dropped, and its running fill stopped, once the tab has been gone for
 ``GONE_AFTER_S`` (``alive``: Streamlit's own session registry; the grace covers a websocket's
-reconnect): it kept the worker busy for nobody and made new visitors wait behind it.
+reconnect): it kept the worker busy for nobody and made new visitors wait behind it; a tab that is
+away is never started.  Neither a newer query nor a closed tab stops a fill that another tab waits
+for too (the same result, ``explorer.shared_results``): it restarted from scratch for that tab.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 GONE_AFTER_S = 10.0  # a tab absent from the server's sessions this long is closed, not reconnecting
+IDLE_EXIT_S = 60.0  # the worker thread ends after this long with nothing to do (the next submit starts one)
 
 
 class GridFiller:
@@ -39,6 +42,7 @@ class GridFiller:
         self._cv = threading.Condition()
         self._waiting: dict[Hashable, tuple[Any, Any]] = {}  # tab -> (session, result), oldest submission first
         self._running: Hashable | None = None  # the tab whose result is being filled
+        self._running_result: Any = None
         self._thread: threading.Thread | None = None
         self._busy = False
         self.filled = 0  # results whose grids were filled (tests)
@@ -78,14 +82,19 @@ class GridFiller:
             return self._cv.wait_for(lambda: not self._waiting and not self._busy, timeout)
 
     def _run(self) -> None:
+        idle_since = time.monotonic()
         while True:
             with self._cv:
-                if not self._cv.wait_for(lambda: bool(self._drop_gone()), timeout=60.0):
-                    self._thread = None  # idle for a minute: end; the next submit starts another
-                    return
-                tab = next(iter(self._waiting))
+                picked = self._next()
+                while picked is None:  # nothing, or only tabs that are away (closing, or reconnecting)
+                    if not self._waiting and time.monotonic() - idle_since >= IDLE_EXIT_S:
+                        self._thread = None  # idle for a minute: end; the next submit starts another
+                        return
+                    self._cv.wait(timeout=1.0)
+                    picked = self._next()
+                (tab,) = picked
                 session, result = self._waiting.pop(tab)
-                self._running, self._busy = tab, True
+                self._running, self._running_result, self._busy = tab, result, True
             try:
                 session.fill_grids(result, should_stop=functools.partial(self._superseded, tab))
                 self.filled += 1
@@ -93,13 +102,24 @@ class GridFiller:
                 log.exception("filling the damping grid failed")
             finally:
                 with self._cv:
-                    self._running, self._busy = None, False
+                    self._running, self._running_result, self._busy = None, None, False
                     self._absent_since.pop(tab, None)
                     self._cv.notify_all()
+                idle_since = time.monotonic()
+
+    def _next(self) -> tuple[Hashable] | None:
+        """(the oldest waiting tab that is connected,), or None (under ``_cv``; a tab may be None).  A tab that is away is passed over,
+        not started: closed, it is dropped once its grace is over; reconnected, it gets its turn."""
+        for tab in self._drop_gone():
+            if self._alive(tab):
+                return (tab,)
+        return None
 
     def _superseded(self, tab: Hashable) -> bool:
         """The running fill's ``should_stop``: a newer result of the same tab is waiting, or the tab is gone."""
         with self._cv:
+            if any(r is self._running_result for t, (_, r) in self._waiting.items() if t != tab):
+                return False  # another tab waits for this very result (shared_results): finish it for them
             if tab in self._waiting:
                 return True
             if self._gone(tab):
@@ -116,12 +136,14 @@ class GridFiller:
 
     def _drop_gone(self) -> dict[Hashable, tuple[Any, Any]]:
         """Drop the waiting results of closed tabs (under ``_cv``); the rest.  Also notes when the running
-        tab went away, so that its fill's next ``should_stop`` counts the grace from then."""
+        tab went away, so that its fill's next ``should_stop`` counts the grace from then (the worker
+        looks every second while it waits, each tab's poller every second while it polls)."""
         if self._busy:
             self._gone(self._running)
         for tab in [t for t in self._waiting if self._gone(t)]:
             del self._waiting[tab]
             self._absent_since.pop(tab, None)
             self.skipped += 1
+            self._cv.notify_all()  # wait_idle
             log.info("dropped a closed tab's query from the background worker's queue")
         return self._waiting

@@ -53,12 +53,14 @@ class GatedSession:
         self.gate = {r: threading.Event() for r in self.started}
         self.order: list[str] = []
         self.stopped: dict[str, bool] = {}
+        self.stops: list[bool] = []
 
     def fill_grids(self, result: str, should_stop) -> None:
         self.order.append(result)
         self.started[result].set()
         self.gate[result].wait(10)
         self.stopped[result] = should_stop()
+        self.stops.append(self.stopped[result])  # in fill order (a result may be filled twice)
 
 
 def test_tabs_take_turns_and_only_a_newer_query_of_the_same_tab_stops_a_running_fill():
@@ -126,3 +128,37 @@ def test_a_closed_tabs_query_is_dropped_and_its_running_fill_stopped(monkeypatch
     assert f.wait_idle(10)
     assert s.order == ["a1", "c1"] and s.stopped["c1"] is False
 
+
+
+def test_a_fill_another_tab_waits_for_is_not_stopped_by_its_own_tab_moving_on():
+    """Two tabs share one result (explorer.shared_results): when the tab whose fill runs asks something
+    else, the fill goes on for the other tab instead of restarting from scratch behind the new query."""
+    s, f = GatedSession(), GridFiller()
+    f.submit(s, "a1", "A")
+    assert s.started["a1"].wait(10)
+    f.submit(s, "a1", "B")  # B opened the same query: it shares A's result
+    f.submit(s, "a2", "A")  # A moves on
+    for r in ("a1", "a2"):
+        s.gate[r].set()
+    assert f.wait_idle(10)
+    assert s.order == ["a1", "a1", "a2"] and s.stops == [False, False, False]
+
+
+def test_a_tab_that_is_away_is_passed_over_then_dropped(monkeypatch):
+    """A closed tab's waiting query is never started (before, the worker started it as soon as its turn
+    came, because the grace began only when the absence was first noticed)."""
+    from explorer import grid_filler
+
+    monkeypatch.setattr(grid_filler, "GONE_AFTER_S", 1.5)
+    connected = {"A", "C"}
+    s, f = GatedSession(), GridFiller(alive=lambda tab: tab in connected)
+    f.submit(s, "a1", "A")
+    assert s.started["a1"].wait(10)
+    f.submit(s, "b1", "B")  # B is already gone when its turn comes
+    s.gate["a1"].set()
+    time.sleep(0.3)
+    f.submit(s, "c1", "C")
+    s.gate["c1"].set()
+    assert s.started["c1"].wait(10)
+    assert f.wait_idle(10)
+    assert s.order == ["a1", "c1"] and f.ahead("B") is None
