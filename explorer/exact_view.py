@@ -36,8 +36,8 @@ def tab_id() -> tuple[str | None, str]:
 @st.fragment(run_every=EXACT_POLL_S)
 def await_exact(handle: Handle, result: QueryResult) -> None:
     """Rerun the whole page once the background re-rank of ``result`` has finished, so its exact ends
-    replace the approximate ones without a click; say so while it waits for another tab's re-rank, and
-    if the worker stopped without finishing it.
+    replace the approximate ones without a click; say so while it waits for another tab's re-rank or
+    for this tab's previous one to stop, and if the worker stopped without finishing it.
 
     While it runs, a progress bar says how far the re-rank is (``RerankedQuery.exact_progress``).
     A fragment polls (``run_every``) instead of the worker pushing, because a Streamlit page only
@@ -52,10 +52,14 @@ def await_exact(handle: Handle, result: QueryResult) -> None:
         st.progress(_fraction(progress), text=rerank_progress_text(progress))
     if shown or not _exact_still_pending(result):
         return
-    ahead = handle.grid_filler.ahead(tab_id())
-    if ahead is None:
+    tab = tab_id()
+    ahead = handle.grid_filler.ahead(tab)
+    if ahead == 0 and handle.grid_filler.stopping(tab):
+        st.info("Stopping the exact re-rank of this tab's previous query at the end of its current batch; "
+                "this one starts next.", icon=":material/schedule:")
+    elif ahead is None:
         st.warning("**The exact re-rank is not running:** it stopped before it finished (the server's log "
-                   "says why). The button computes it.")
+                   "says why). The button under the rankings computes it.")
     elif ahead > 0:
         st.info(f"Waiting for {ahead} exact re-rank{'s' if ahead > 1 else ''} of other tabs on this server; "
                 "this one follows.", icon=":material/schedule:")
@@ -112,8 +116,8 @@ def exact_button(handle: Handle, name: str, result: QueryResult) -> None:
     """A compressed bank answers from its scan first; its exact re-rank runs in the background
     (``grid_filler``).  The button shows it: it waits for the re-rank (or runs it, if the worker moved
     on to a newer query) and re-scores the shown answer."""
-    # short, and no promise (the line under it says whether the exact re-rank runs, waits or stopped):
-    # in the five-column layout every line of this box pushes K-FAC's grid below the others
+    # short, and no promise (the line above the grid says whether the exact re-rank runs, waits or stopped);
+    # it stands under the rankings (``results_view.method_columns``), so that K-FAC's grid starts near the others'
     st.warning("**Approximate ranking**: a fast estimate from a compressed copy of the training gradients.",
                icon=":material/hourglass_top:")
     if not st.button("Show the exact ranking", key=f"exact_{name}",

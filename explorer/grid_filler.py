@@ -73,8 +73,20 @@ class GridFiller:
         with self._cv:
             self._drop_gone()
             if tab in self._waiting:
-                return list(self._waiting).index(tab) + int(self._busy and self._running != tab)
+                before = self._busy and (self._running != tab or self._shared_running())
+                return list(self._waiting).index(tab) + int(before)
             return 0 if self._busy and self._running == tab else None
+
+    def stopping(self, tab: Hashable = None) -> bool:
+        """True while the running fill is ``tab``'s own superseded one, which stops at its next batch for
+        the tab's newer result (waiting first in line); the page says so instead of nothing."""
+        with self._cv:
+            return (self._busy and self._running == tab and tab in self._waiting
+                    and not self._shared_running())
+
+    def _shared_running(self) -> bool:
+        """Another tab waits for the very result being filled (under ``_cv``): it is finished, not stopped."""
+        return any(r is self._running_result for t, (_, r) in self._waiting.items() if t != self._running)
 
     def wait_idle(self, timeout: float) -> bool:
         """True once nothing is waiting or running (tests, shutdown)."""
@@ -118,7 +130,7 @@ class GridFiller:
     def _superseded(self, tab: Hashable) -> bool:
         """The running fill's ``should_stop``: a newer result of the same tab is waiting, or the tab is gone."""
         with self._cv:
-            if any(r is self._running_result for t, (_, r) in self._waiting.items() if t != tab):
+            if self._shared_running():
                 return False  # another tab waits for this very result (shared_results): finish it for them
             if tab in self._waiting:
                 return True

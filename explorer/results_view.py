@@ -194,11 +194,11 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             if r.bank_note():
                 notes.append(r.bank_note())
             c2.caption(" · ".join(notes) if notes else "similarity score")
-            if r.exact_pending:
-                exact_view.exact_button(handle, name, result)
-                if not polling and handle.build.status != "running":
-                    exact_view.await_exact(handle, result)  # one poller for the page, under the first pending box
-                    polling = True
+            if r.exact_pending and not polling and handle.build.status != "running":
+                # one poller for the page: its one line (progress, waiting, stopped) is all that stands above
+                # the grid, so K-FAC's images start near the other methods'; the box and button go below
+                exact_view.await_exact(handle, result)
+                polling = True
             similarity = r.kind == "similarity"
             top, bottom = r.top(s.top_k, labels), r.bottom(s.top_k, labels)
             if similarity:
@@ -218,6 +218,8 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 caption=[_caption(ds, x.index, x.score) for x in bottom],
                 width=cell + 8,
             )
+            if r.exact_pending:
+                exact_view.exact_button(handle, name, result)
 
 
 def influence_headings(top: list[float], bottom: list[float]) -> tuple[str, str]:

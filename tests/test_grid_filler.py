@@ -102,6 +102,26 @@ def test_a_newer_query_of_the_same_tab_stops_its_running_fill():
     assert s.order == ["a1", "b1", "a2"] and s.stopped["a2"] is False
 
 
+def test_a_tab_whose_own_previous_fill_is_stopping_is_told_so():
+    """After a click on another sample, the tab's superseded re-rank runs to the end of its batch; the page
+    said nothing then (``ahead`` is 0, nothing of the new query runs).  ``stopping`` says why it waits,
+    and not when that fill is shared with another tab, which then finishes it (and counts ahead)."""
+    s, f = GatedSession(), GridFiller()
+    f.submit(s, "a1", "A")
+    assert s.started["a1"].wait(10)
+    assert not f.stopping("A")  # its only query runs
+    f.submit(s, "a2", "A")
+    assert (f.ahead("A"), f.stopping("A"), f.stopping("B")) == (0, True, False)
+    f.submit(s, "a1", "B")  # B opens A's old query: the running fill is now finished for B
+    assert (f.ahead("A"), f.stopping("A")) == (1, False)
+    s.gate["a1"].set()
+    assert s.started["a2"].wait(10)
+    assert not f.stopping("A") and f.ahead("A") == 0
+    s.gate["a2"].set()
+    assert f.wait_idle(10)
+    assert s.stops == [False, False, False]
+
+
 def test_a_closed_tabs_query_is_dropped_and_its_running_fill_stopped(monkeypatch):
     """A closed or reloaded tab kept the worker busy for nobody and made new visitors wait behind it; once
     it has been gone for GONE_AFTER_S its waiting query is dropped and its running fill told to stop."""
