@@ -19,13 +19,18 @@ __all__ = ["format_score", "score_table", "scored_methods", "spearman_matrix", "
 
 
 def score_table(result: QueryResult, names: Sequence[str], labels: np.ndarray | None) -> pd.DataFrame:
-    """One row per training image: index, label, one column of scores per method."""
+    """One row per training image: index, label, one column of scores per method, and for a method whose
+    scores are partly estimates (a compressed bank's: only its re-ranked candidates are exact) a column
+    ``<method>_exact`` saying which are exact."""
     names = scored_methods(result, names)
     n = len(result.methods[names[0]].scores) if names else (0 if labels is None else len(labels))
     table = pd.DataFrame({"index": np.arange(n)})
     table["label"] = labels[:n] if labels is not None else pd.NA
     for name in names:
         table[name] = np.asarray(result.methods[name].scores, dtype=np.float64)
+        exact = result.methods[name].exact
+        if exact is not None:
+            table[f"{name}_exact"] = np.asarray(exact, dtype=bool)
     return table
 
 

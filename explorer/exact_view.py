@@ -34,9 +34,10 @@ def tab_id() -> tuple[str | None, str]:
 
 
 @st.fragment(run_every=EXACT_POLL_S)
-def await_exact(handle: Handle, result: QueryResult) -> None:
+def await_exact(handle: Handle, result: QueryResult, top_k: int) -> None:
     """Rerun the whole page once the background re-rank of ``result`` has finished, so its exact ends
-    replace the approximate ones without a click; say so while it waits for another tab's re-rank or
+    replace the approximate ones without a click, and a few times while it runs (``exact_arrived``:
+    the candidates done so far, the most extreme first, are exact); say so while it waits for another tab's re-rank or
     for this tab's previous one to stop, and if the worker stopped without finishing it.
 
     While it runs, a progress bar says how far the re-rank is (``RerankedQuery.exact_progress``).
@@ -44,7 +45,7 @@ def await_exact(handle: Handle, result: QueryResult) -> None:
     changes on a rerun of its script.  It is only placed when the build is not running: the build
     panel has its own polling fragment, and two of them with a full-page rerun between left the
     browser with a blank page (``build_view.waiting_note``)."""
-    if exact_arrived(result):
+    if exact_arrived(result, top_k):
         st.rerun()
     shown = False
     for progress in _running_progress(result):
@@ -103,9 +104,22 @@ def _deferred_queries(result: QueryResult) -> list:
     return out
 
 
-def exact_arrived(result: QueryResult) -> bool:
-    """True when a method of ``result`` was shown approximate and its deferred re-rank has finished since."""
-    return any(not getattr(q, "exact_pending", False) for q in _deferred_queries(result))
+def exact_arrived(result: QueryResult, top_k: int) -> bool:
+    """True when a method of ``result`` was shown before its deferred re-rank finished and either it has
+    finished since, or it has done enough more candidates to redraw: at least ``top_k`` per end (the
+    re-rank goes most extreme first, ``rerank.merge_candidates``), and twice as many as were exact when
+    shown, so a 512-candidate re-rank redraws the page about five times, not once a batch."""
+    for name, r in result.methods.items():
+        query = getattr((result.prepared or {}).get(name), "query", None)
+        if not r.exact_pending or query is None:
+            continue
+        if not getattr(query, "exact_pending", False):
+            return True
+        progress = getattr(query, "exact_progress", None)
+        shown = 0 if r.exact is None else int(r.exact.sum())
+        if progress is not None and progress.done >= max(2 * top_k, 2 * shown, 1):
+            return True
+    return False
 
 
 def _exact_still_pending(result: QueryResult) -> bool:

@@ -89,7 +89,7 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
             st.error(f"The attribution failed: {type(e).__name__}: {e}")
             return None
     shown = store["shown"].get(s.damping)
-    if shown is not None and exact_view.exact_arrived(shown):
+    if shown is not None and exact_view.exact_arrived(shown, s.top_k):
         shown = None  # the background re-rank finished since this view was scored: show its exact ends
     if shown is None:
         with handle.lock:
@@ -155,9 +155,10 @@ def _while_building(handle: Handle, query: Query, result: QueryResult | None) ->
 # --- method columns ----------------------------------------------------------------------
 
 
-def _caption(ds, i: int, score: float) -> str:
+def _caption(ds, i: int, score: float, exact: bool = True) -> str:
+    """"#index · label · score"; an estimated score (a compressed bank's, not yet re-ranked) reads "≈score"."""
     lab = ds.label_name(i)
-    return f"#{i}" + (f" · {lab}" if lab is not None else "") + f" · {analysis.format_score(score)}"
+    return f"#{i}" + (f" · {lab}" if lab is not None else "") + f" · {'' if exact else '≈'}{analysis.format_score(score)}"
 
 
 def method_columns(handle: Handle, query: Query, result: QueryResult, s: Settings) -> None:
@@ -197,7 +198,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             if r.exact_pending and not polling and handle.build.status != "running":
                 # one poller for the page: its one line (progress, waiting, stopped) is all that stands above
                 # the grid, so K-FAC's images start near the other methods'; the box and button go below
-                exact_view.await_exact(handle, result)
+                exact_view.await_exact(handle, result, s.top_k)
                 polling = True
             similarity = r.kind == "similarity"
             top, bottom = r.top(s.top_k, labels), r.bottom(s.top_k, labels)
@@ -209,13 +210,13 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             cell = cell_size(max(ds.shape[1:]))
             st.image(
                 [display(ds.images[x.index], cell, border=4) for x in top],
-                caption=[_caption(ds, x.index, x.score) for x in top],
+                caption=[_caption(ds, x.index, x.score, x.exact) for x in top],
                 width=cell + 8,
             )
             st.markdown(bottom_heading)
             st.image(
                 [display(ds.images[x.index], cell, border=4) for x in bottom],
-                caption=[_caption(ds, x.index, x.score) for x in bottom],
+                caption=[_caption(ds, x.index, x.score, x.exact) for x in bottom],
                 width=cell + 8,
             )
             if r.exact_pending:
@@ -376,7 +377,8 @@ def downloads(handle: Handle, query: Query, result: QueryResult, s: Settings) ->
         file_name=f"scores_{stem}.csv",
         mime="text/csv",
         key="dl_csv",
-        help="One row per training image: index, label, one column per method.",
+        help="One row per training image: index, label, one column per method (and, for a compressed "
+             "K-FAC bank, a column saying which of its scores are exact).",
     )
     info = session.method_info()
     rows = [SheetRow(f"Query: {query.title} · measurement {result.measurement}", [to_uint8(query.input.image)], [""])]
@@ -391,7 +393,7 @@ def downloads(handle: Handle, query: Query, result: QueryResult, s: Settings) ->
                 SheetRow(
                     f"{info[name]['title']}: {title}",
                     [to_uint8(ds.images[x.index]) for x in items],
-                    [f"#{x.index} {ds.label_name(x.index) or ''}\n{x.score:+.1e}" for x in items],
+                    [f"#{x.index} {ds.label_name(x.index) or ''}\n{'' if x.exact else '~'}{x.score:+.1e}" for x in items],
                 )
             )
     c2.download_button(

@@ -8,6 +8,7 @@ dimension 32) that the app itself builds on its first run, so the first-start pa
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from pathlib import Path
@@ -443,6 +444,10 @@ def test_overlap_and_label_counts():
     assert dict(zip(counts["label"], counts["count"], strict=True)) == {"0": 0, "1": 1, "2": 1}
     table = score_table(res, ["a", "c"], labels)
     assert list(table.columns) == ["index", "label", "a", "c"] and table["c"].tolist() == [1, 2, 3, 4]
+    res.methods["a"].exact = np.array([True, False, False, True])  # a compressed bank's partly estimated scores
+    table = score_table(res, ["a", "c"], labels)
+    assert list(table.columns) == ["index", "label", "a", "a_exact", "c"]
+    assert table["a_exact"].tolist() == [True, False, False, True]
 
 
 def test_command_line_beats_environment():
@@ -638,6 +643,55 @@ def test_a_running_background_re_rank_shows_its_progress(tiny_app, tmp_path, mon
 
 
 @pytest.mark.slow
+def test_a_running_re_rank_shows_its_most_extreme_candidates_exact_before_it_ends(tiny_app, tmp_path, monkeypatch):
+    """The re-rank goes most extreme first and the page redraws while it runs: once the top and the
+    bottom candidate are done (top-k 1), K-FAC's ends are exact, with the real exact scores, and the
+    column says the lists may still change."""
+    import threading
+
+    from engine.attribution.methods import kfac_compressed_bank
+
+    original, release, held_at, armed = kfac_compressed_bank.rerank_scores, threading.Event(), threading.Event(), []
+
+    def held(*a, progress=None, should_stop=None, **k):
+        def step(done, total, rows=None):
+            progress(done, total, rows)
+            if armed and done == 2:  # the largest and the smallest candidate are done: wait for the test
+                held_at.set()
+                while not release.wait(0.05) and not should_stop():
+                    pass
+        return original(*a, grad_batch=1, progress=step, should_stop=should_stop, **k)
+
+    monkeypatch.setattr(kfac_compressed_bank, "rerank_scores", held)
+    at = _compressed_app(tiny_app, tmp_path, monkeypatch)
+    assert _handle().grid_filler.wait_idle(60)
+    at.slider(key="top_k").set_value(1).run()
+    armed.append(True)
+    try:
+        at.button(key="gallery_1").click().run()
+        _ok(at)
+        assert held_at.wait(60)
+        at.run()  # the poller's rerun
+        _ok(at)
+        (shown,) = at.session_state["result_cache"]["shown"].values()
+        k = shown.methods["kfac"]
+        assert k.exact_pending and k.exact.sum() == 2 and "exact so far" in _texts(at)
+        top, bottom = k.top(1)[0], k.bottom(1)[0]
+        assert top.exact and bottom.exact
+        partial = {top.index: top.score, bottom.index: bottom.score}
+    finally:
+        release.set()
+    assert _handle().grid_filler.wait_idle(60)
+    at.run()
+    _ok(at)
+    (shown,) = at.session_state["result_cache"]["shown"].values()
+    k = shown.methods["kfac"]
+    assert not k.exact_pending and "re-ranked to exact" in _texts(at)
+    for i, score in partial.items():  # the partial scores were the exact ones
+        assert k.scores[i] == pytest.approx(score, rel=1e-6)
+
+
+@pytest.mark.slow
 def test_two_tabs_take_turns_and_each_gets_its_exact_ranking(tiny_app, tmp_path, monkeypatch):
     """A second tab's query waits for the first tab's running re-rank (its page says so) instead of
     stopping it; both end exact with no click (before, the second stopped the first, which stayed
@@ -698,3 +752,47 @@ def test_the_re_rank_progress_line_says_the_time_left_at_the_rate_so_far():
     assert rerank_progress_text(P(16, 512, 40.0)) == "Exact re-rank: 16 of 512 candidates (40 s)"  # no rate yet
     assert rerank_progress_text(P(128, 512, 20.0, 60.0)) == "Exact re-rank: 128 of 512 candidates (20 s, about 60 s left)"
     assert rerank_progress_text(P(32, 512, 600.0, 18_720.0)) == "Exact re-rank: 32 of 512 candidates (10 min, about 5.2 h left)"
+
+
+def test_a_running_re_rank_redraws_the_page_at_a_few_milestones():
+    """``exact_arrived``: the page reruns once the re-rank is done, and while it runs once at least top-k
+    candidates per end are exact and then each time twice as many are as were shown; not once a batch."""
+    from types import SimpleNamespace
+
+    from engine.attribution.rerank import RerankProgress
+    from engine.attribution.results import MethodResult, QueryResult
+    from explorer.exact_view import exact_arrived
+
+    def shown(exact_shown: int, done: int | None, pending: bool = True) -> QueryResult:
+        mask = np.zeros(512, dtype=bool)
+        mask[:exact_shown] = True
+        r = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=np.zeros(512, dtype=np.float32),
+                         bank="compressed", exact=mask, exact_pending=True)
+        progress = None if done is None else RerankProgress(done, 512, 1.0)
+        query = SimpleNamespace(exact_pending=pending, exact_progress=progress)
+        return QueryResult({}, "loss", {"kfac": r}, prepared={"kfac": SimpleNamespace(query=query)})
+
+    assert not exact_arrived(shown(0, None), 8)  # not started
+    assert not exact_arrived(shown(0, 15), 8) and exact_arrived(shown(0, 16), 8)  # 8 per end
+    assert not exact_arrived(shown(16, 31), 8) and exact_arrived(shown(16, 32), 8)
+    assert not exact_arrived(shown(256, 511), 8)
+    assert exact_arrived(shown(256, None, pending=False), 8)  # done
+
+
+def test_a_partial_answer_says_how_many_candidates_are_exact_and_marks_the_estimates():
+    from engine.attribution.results import MethodResult
+    from explorer.results_view import _caption
+
+    mask = np.zeros(512, dtype=bool)
+    mask[:32] = True
+    r = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=np.arange(512, dtype=np.float32)[::-1].copy(),
+                     bank="compressed", exact=mask, exact_pending=True)
+    assert "the 32 most extreme candidates exact so far" in r.bank_note()
+    assert "exact ones are pending" in dataclasses.replace(r, exact=np.zeros(512, dtype=bool)).bank_note()
+    assert [x.exact for x in r.top(3)] == [True] * 3
+
+    class DS:
+        def label_name(self, i):
+            return "7"
+
+    assert _caption(DS(), 3, 0.5, exact=False).endswith("≈+5.00e-01") and "≈" not in _caption(DS(), 3, 0.5)

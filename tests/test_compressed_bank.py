@@ -268,3 +268,16 @@ def test_compressed_bank_derived_from_the_stored_one_equals_the_built_one(tiny_m
         for i in range(6):
             ref = built.row(i)
             assert (derived.row(i).double() - ref).abs().max() <= 1.01 * ref.abs().max() / 254 * 1.0 + 1e-12
+
+
+def test_candidates_come_most_extreme_first():
+    """The re-rank works through its candidates in this order (the largest, the smallest, the second
+    largest, ...), so the shown ends are exact after its first batches: the same set as before."""
+    rng = np.random.default_rng(1)
+    scores = rng.standard_normal(50).astype(np.float32)
+    c = 6
+    merged = merge_candidates([local_candidates(scores, c)], c)
+    down, up = np.argsort(-scores, kind="stable")[:c], np.argsort(scores, kind="stable")[:c]
+    np.testing.assert_array_equal(merged, np.stack([down, up], axis=1).reshape(-1))
+    small = np.array([3.0, 1.0, 2.0], dtype=np.float32)  # c > N/2: an index at both ends comes once, first time
+    np.testing.assert_array_equal(merge_candidates([local_candidates(small, 2)], 2), [0, 1, 2])

@@ -177,6 +177,73 @@ def test_a_stopped_rerank_stays_pending_and_a_later_ask_redoes_it():
     assert reranker.ready and len(runs) == 2 and mask.sum() == 4 and (out[mask] == 1).all()
 
 
+def _exact_of(idx, lams) -> np.ndarray:
+    """A fake re-rank's exact scores: 100 * index + the damping's position."""
+    return np.array([[100.0 * i + j for j in range(len(lams))] for i in idx])
+
+
+def test_a_running_rerank_answers_with_its_most_extreme_candidates_exact_so_far():
+    """While the re-rank runs, a deferred answer has the candidates done so far exact (the most extreme
+    first) and says it is not final; an off-grid damping it cannot interpolate stays approximate."""
+    from engine.attribution.rerank import Reranker
+
+    two_done, release = threading.Event(), threading.Event()
+
+    def score_fn(idx, lams, should_stop, progress):
+        for d, i in enumerate(idx, 1):  # batches of one candidate
+            progress(d, len(idx), _exact_of([i], lams))
+            if d == 2:
+                two_done.set()
+                release.wait(5)
+        return _exact_of(idx, lams)
+
+    reranker = Reranker(score_fn, candidates=3, grid=())
+    scores = np.array([0.5, 9.0, -4.0, 0.1, 3.0, -2.0, 0.0], dtype=np.float32)
+    worker = threading.Thread(target=reranker.apply, args=(scores, 1e-3))
+    worker.start()
+    assert two_done.wait(5)
+    out, mask, final = reranker.answer(scores, 1e-3, compute=False)
+    assert not final and mask.tolist() == [i in (1, 2) for i in range(7)]  # the largest and the smallest
+    assert out[1] == 100.0 and out[2] == 200.0 and out[4] == scores[4]
+    out, mask, final = reranker.answer(scores, 5e-3, compute=False)  # not in the re-rank's dampings, no grid
+    assert not final and not mask.any()
+    release.set()
+    worker.join(5)
+    out, mask, final = reranker.answer(scores, 1e-3, compute=False)
+    assert final and mask.sum() == 6 and out[4] == 400.0 and out[5] == 500.0
+
+
+def test_a_stopped_rerank_resumes_after_the_candidates_it_had_done():
+    """The app's worker stops a re-rank when its tab asks something newer; a return to that query (the
+    button, or its tab's next fill) redoes only the candidates not done, with the same exact scores."""
+    from engine.attribution.rerank import Reranker
+
+    asked: list[list[int]] = []
+    stop = threading.Event()
+
+    def score_fn(idx, lams, should_stop, progress):
+        from engine.attribution.rerank import RerankCancelled
+
+        asked.append([int(i) for i in idx])
+        for d, i in enumerate(idx, 1):
+            if should_stop is not None and should_stop():
+                raise RerankCancelled("re-rank cancelled")
+            progress(d, len(idx), _exact_of([i], lams))
+            if d == 3:
+                stop.set()
+        return _exact_of(idx, lams)
+
+    scores = np.array([0.5, 9.0, -4.0, 0.1, 3.0, -2.0, 0.0], dtype=np.float32)
+    reranker = Reranker(score_fn, candidates=3, grid=())
+    out, mask, final = reranker.answer(scores, 1e-3, should_stop=stop.is_set)
+    assert not final and not reranker.ready and mask.sum() == 3  # stopped after three: those stay exact
+    assert asked == [[1, 2, 4, 5, 0, 6]]
+    out, mask, final = reranker.answer(scores, 1e-3)
+    assert final and asked[1] == [5, 0, 6]  # only the rest
+    uninterrupted = Reranker(score_fn, candidates=3, grid=())
+    np.testing.assert_array_equal(uninterrupted.apply(scores, 1e-3)[0], out)
+
+
 def _rerank_scores_of(tiny_model, diffusion, digits_small, n: int, **kw):
     """``rerank_scores`` of the first ``n`` digits in batches of 2 (factors from the same images)."""
     from engine.attribution.curvature import compute_kfac
@@ -227,10 +294,15 @@ def test_the_grid_filler_stops_the_running_rerank_of_a_superseded_query():
     assert session.asked == {first: [False, True], second: [False, False]}
 
 
-def test_rerank_scores_reports_its_progress_after_each_batch(tiny_model, diffusion, digits_small):
+def test_rerank_scores_reports_its_progress_and_each_batchs_scores(tiny_model, diffusion, digits_small):
+    """After each batch: the candidates done, and that batch's exact scores (the partial answer's rows)."""
     seen: list[tuple[int, int]] = []
-    _rerank_scores_of(tiny_model, diffusion, digits_small, 5, progress=lambda done, total: seen.append((done, total)))
+    rows: list[np.ndarray] = []
+    out = _rerank_scores_of(tiny_model, diffusion, digits_small, 5,
+                            progress=lambda done, total, r: (seen.append((done, total)), rows.append(r)))
     assert seen == [(2, 5), (4, 5), (5, 5)]
+    assert [r.shape for r in rows] == [(2, 1), (2, 1), (1, 1)]
+    np.testing.assert_array_equal(np.concatenate(rows), out)
 
 
 def test_a_running_rerank_reports_its_progress_and_none_once_done(monkeypatch):

@@ -12,6 +12,11 @@ come from fresh per-example gradients of just those 2C examples with the build's
 lookup or the grid interpolation.  ``Reranker`` holds one query's exact candidate scores;
 ``RerankedQuery`` applies them to each damping's compressed scores, at once or, in the app,
 deferred to a background worker (2C x M gradient rows: seconds to minutes; README "On a GPU").
+The candidates are done most extreme first (``merge_candidates``), and a deferred answer made while
+the re-rank runs has the candidates done so far exact: the shown top-k is almost always among the
+first few candidates of its end, so it is exact after a small part of the re-rank (mnist: the
+top-10 final after a median 7% of it; ``scripts/rerank_order.py``).  A stopped re-rank keeps what it
+had done and resumes after it.
 """
 
 from __future__ import annotations
@@ -48,10 +53,15 @@ def local_candidates(scores: np.ndarray, c: int, offset: int = 0) -> tuple[np.nd
 
 
 def merge_candidates(parts: Sequence[tuple[np.ndarray, np.ndarray]], c: int) -> np.ndarray:
-    """Global candidate indices (sorted): the c largest and c smallest over every rank's local candidates.
+    """Global candidate indices: the c largest and c smallest over every rank's local candidates, the
+    most extreme first (the largest, the smallest, the second largest, the second smallest, ...).
 
     A rank's local top-c contains every one of its rows in the global top-c, so the merge is exact;
-    ties are broken by index, as ``local_candidates`` on the whole vector does.
+    ties are broken by index, as ``local_candidates`` on the whole vector does.  The order is the
+    re-rank's (``Reranker``): the exact top-k of all 2c come almost always from the first few
+    candidates of each end (mnist, 8 gallery queries, c = 256: the top-10 from the first 10-15, the
+    bottom-10 from the first 41-173; ``scripts/rerank_order.py``), so done in this order the shown ends
+    are exact long before the whole re-rank is.
     """
     idx = np.concatenate([p[0] for p in parts])
     sc = np.concatenate([p[1] for p in parts])
@@ -61,7 +71,9 @@ def merge_candidates(parts: Sequence[tuple[np.ndarray, np.ndarray]], c: int) -> 
     top = idx[order[:c]]
     order_low = np.lexsort((idx, sc))
     low = idx[order_low[:c]]
-    return np.unique(np.concatenate([top, low]))
+    interleaved = np.stack([top, low], axis=1).reshape(-1)
+    _, first = np.unique(interleaved, return_index=True)
+    return interleaved[np.sort(first)]
 
 
 def gather_candidates(local_scores: np.ndarray, offset: int, c: int) -> np.ndarray:
@@ -110,7 +122,8 @@ def rerank_scores(
     gradient is rotated and (R * q) @ W with W_jg = 1/(e_j + lambda_g) is taken over chunks
     of coordinates.  Either way one batch of gradients is held at a time.  ``should_stop`` is asked
     before each batch; True raises ``RerankCancelled`` (the app's worker moved on to a newer query).
-    ``progress(done, total)`` is told the candidates done after each batch (the app's progress bar).
+    ``progress(done, total, rows)`` is told the candidates done after each batch and that batch's
+    (batch, G) exact scores (the app's progress bar, and the partial answer of ``Reranker``).
     """
     eig = full.eigenvalues().to(rotated_query.device, rotated_query.dtype)
     lam = torch.tensor(list(dampings), dtype=eig.dtype, device=eig.device)
@@ -138,7 +151,7 @@ def rerank_scores(
                 part += h[:, c0 : c0 + chunk] @ w
             out.append(part / num_examples)
         if progress is not None:
-            progress(rows.stop, images.shape[0])
+            progress(rows.stop, images.shape[0], out[-1].cpu().numpy())
     return torch.cat(out).cpu().numpy()
 
 
@@ -169,9 +182,11 @@ class Reranker:
     and computes their grid scores (the only gradient work); later calls look up or
     interpolate (engine.attribution.damping_grid), and only a damping the grid cannot interpolate costs
     one more gradient pass over the same candidates.  ``apply(..., compute=False)`` before that work,
-    or while it runs in another thread, returns the compressed scores unchanged with no entry exact
-    (a deferred re-rank, ``RerankedQuery``); a computing caller waits for a re-rank running in another
-    thread (a lock) instead of starting a second.
+    or while it runs in another thread, returns the compressed scores with the candidates done so far
+    exact (the most extreme first, ``merge_candidates``; none before the first batch): a deferred
+    re-rank's partial answer (``RerankedQuery``).  A computing caller waits for a re-rank running in
+    another thread (a lock) instead of starting a second, and one that was stopped resumes after the
+    candidates it had done.
     """
 
     def __init__(self, score_fn: Callable[..., np.ndarray], candidates: int,
@@ -187,9 +202,15 @@ class Reranker:
         self._lock = threading.Lock()
         # the running re-rank's (candidates done, total, start, end of its first batch, done by then)
         self._progress: tuple[int, int, float, float | None, int] | None = None
+        # a re-rank under way or stopped: (its candidates in order, its dampings, the exact rows done so far)
+        self._partial: tuple[np.ndarray, tuple[float, ...], list[np.ndarray]] | None = None
 
-    def report(self, done: int, total: int) -> None:
-        """The ``progress`` of this re-rank's gradient loop (``rerank_scores``), told after each batch."""
+    def report(self, done: int, total: int, rows: np.ndarray | None = None) -> None:
+        """The ``progress`` of this re-rank's gradient loop (``rerank_scores``), told after each batch with
+        that batch's exact scores (kept for the partial answer and a resume)."""
+        partial = self._partial
+        if rows is not None and partial is not None:
+            partial[2].append(np.asarray(rows))  # before the count below: a reader never sees more done than kept
         now = time.monotonic()
         start, first, done_first = (now, None, 0) if self._progress is None else self._progress[2:]
         if first is None:  # the first batch carries the start-up (the damped queries, a cold model)
@@ -216,28 +237,51 @@ class Reranker:
 
     def apply(self, scores: np.ndarray, lam: float, compute: bool = True,
               should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``should_stop``: asked between batches of this call's gradient work; True leaves the scores
-        approximate (still pending).  It belongs to the call, not to the re-rank: the app's worker stops
-        when a newer query waits, while a user's "Show the exact ranking" is never stopped by it."""
+        """(scores, exact mask); ``answer`` also says whether they are final."""
+        out, mask, _ = self.answer(scores, lam, compute, should_stop)
+        return out, mask
+
+    def answer(self, scores: np.ndarray, lam: float, compute: bool = True,
+               should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(scores, exact mask, final): final is False for a partial or approximate answer (the re-rank not
+        done when it was made).  ``should_stop``: asked between batches of this call's gradient work; True
+        leaves the scores partial (still pending).  It belongs to the call, not to the re-rank: the app's
+        worker stops when a newer query waits, while a user's "Show the exact ranking" is never stopped by it."""
         if compute:
             with self._lock:
-                self._progress = None if self.ready else (0, 0, time.monotonic(), None, 0)
                 try:
-                    return self._apply(scores, lam, should_stop)
+                    return (*self._apply(scores, lam, should_stop), True)
                 except RerankCancelled:
-                    return self._approximate(scores)
+                    return (*self._partial_answer(scores, lam), False)
         # deferred: never wait for a re-rank running in another thread (a damping change meanwhile
-        # shows the scan's scores at once), nor start one
+        # shows the partial answer at once), nor start one
         if not self._lock.acquire(blocking=False):
-            return self._approximate(scores)
+            return (*self._partial_answer(scores, lam), False)
         try:
-            return self._approximate(scores) if self.indices is None else self._apply(scores, lam, None)
+            if self.indices is None:
+                return (*self._partial_answer(scores, lam), False)
+            return (*self._apply(scores, lam, None), True)
         finally:
             self._lock.release()
 
-    @staticmethod
-    def _approximate(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.array(scores, dtype=np.float32, copy=True), np.zeros(scores.shape[0], dtype=bool)
+    def _partial_answer(self, scores: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        """The compressed scores with the candidates done so far exact (none done: all approximate)."""
+        out = np.array(scores, dtype=np.float32, copy=True)
+        mask = np.zeros(out.shape[0], dtype=bool)
+        partial = self._partial
+        if partial is None or not partial[2]:
+            return out, mask
+        order, lams, rows = partial[0], partial[1], np.concatenate(list(partial[2]))
+        if float(lam) in lams:
+            got = rows[:, lams.index(float(lam))]
+        else:
+            got = interpolate({lv: rows[:, i] for i, lv in enumerate(lams)}, float(lam), self.grid) if self.grid else None
+            if got is None:  # a damping the grid cannot interpolate: exact only once the re-rank is done
+                return out, mask
+        idx = order[: rows.shape[0]]
+        out[idx] = got
+        mask[idx] = True
+        return out, mask
 
     def _apply(self, scores: np.ndarray, lam: float,
                should_stop: Callable[[], bool] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -245,10 +289,21 @@ class Reranker:
             t0 = time.perf_counter()
             rows = self.rows or slice(0, scores.shape[0])
             indices = gather_candidates(scores[rows], rows.start, self.c)
-            lams = sorted(set(self.grid) | {float(lam)})
-            exact = self.score_fn(indices, lams, should_stop, self.report)
+            lams = tuple(sorted(set(self.grid) | {float(lam)}))
+            partial = self._partial
+            if partial is None or partial[1] != lams or not np.array_equal(partial[0], indices):
+                partial = self._partial = (indices, lams, [])
+            done = sum(r.shape[0] for r in partial[2])  # a stopped re-rank resumes after these
+            self._progress = (done, len(indices), time.monotonic(), None, 0)
+            try:
+                rest = self.score_fn(indices[done:], list(lams), should_stop,
+                                     lambda d, t, r=None: self.report(done + d, done + t, r))
+            finally:
+                self._progress = None
+            exact = np.concatenate([*partial[2][: _batches_covering(partial[2], done)], rest]) if done else rest
             self.cache = {lv: exact[:, i].astype(np.float32) for i, lv in enumerate(lams)}
             self.indices = indices  # last: ``ready`` only once the exact scores exist
+            self._partial = None
             self.timing_ms["rerank"] = (time.perf_counter() - t0) * 1000.0
         lam = float(lam)
         if lam not in self.cache:
@@ -261,6 +316,16 @@ class Reranker:
         out[self.indices] = self.cache[lam]
         mask[self.indices] = True
         return out, mask
+
+
+def _batches_covering(batches: list[np.ndarray], rows: int) -> int:
+    """How many of the first ``batches`` hold exactly ``rows`` rows (those done before a resume)."""
+    n = 0
+    for i, b in enumerate(batches):
+        if n == rows:
+            return i
+        n += b.shape[0]
+    return len(batches)
 
 
 @dataclass(kw_only=True)
@@ -289,9 +354,9 @@ class RerankedQuery(EigenbasisQuery):
             return approx
         if self._first_damping is None:
             self._first_damping = float(damping)
-        out, self.exact_mask = self.reranker.apply(approx, float(damping), compute=not self.defer_exact)
+        out, self.exact_mask, final = self.reranker.answer(approx, float(damping), compute=not self.defer_exact)
         # from this answer itself, not from ``exact_pending`` read later: the worker may finish in between
-        self.answer_pending = not self.exact_mask.any()
+        self.answer_pending = not final
         return out
 
     @property

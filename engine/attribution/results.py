@@ -47,7 +47,11 @@ class MethodResult:
         if self.bank != "compressed":
             return f"{self.bank} bank: every score exact"
         if self.exact_pending:
-            return "compressed bank: estimated scores (the exact ones are pending)"
+            done = 0 if self.exact is None else int(self.exact.sum())
+            if done == 0:
+                return "compressed bank: estimated scores (the exact ones are pending)"
+            return (f"compressed bank: re-ranking, the {done} most extreme candidates exact so far and listed "
+                    "first (≈: estimated); the lists may still change")
         if self.exact is None or not self.exact.any():
             return "compressed bank: estimated scores (no re-ranking)"
         return (f"compressed bank: the {int(self.exact.sum())} highest and lowest candidates re-ranked to exact "
