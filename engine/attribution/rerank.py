@@ -14,8 +14,8 @@ lookup or the grid interpolation.  ``Reranker`` holds one query's exact candidat
 deferred to a background worker (2C x M gradient rows: seconds to minutes; README "On a GPU").
 The candidates are done most extreme first (``merge_candidates``), and a deferred answer made while
 the re-rank runs has the candidates done so far exact: the shown top-k is almost always among the
-first few candidates of its end, so it is exact after a small part of the re-rank (mnist: the
-top-10 final after a median 7% of it; ``scripts/rerank_order.py``).  A stopped re-rank keeps what it
+first few candidates of its end, so it is exact after a small part of the re-rank (mnist, 32 gallery
+queries: the top-10 final after a median 8% of it, at most 26%; ``scripts/rerank_order.py``).  A stopped re-rank keeps what it
 had done and resumes after it.
 """
 
@@ -59,9 +59,9 @@ def merge_candidates(parts: Sequence[tuple[np.ndarray, np.ndarray]], c: int) -> 
     A rank's local top-c contains every one of its rows in the global top-c, so the merge is exact;
     ties are broken by index, as ``local_candidates`` on the whole vector does.  The order is the
     re-rank's (``Reranker``): the exact top-k of all 2c come almost always from the first few
-    candidates of each end (mnist, 8 gallery queries, c = 256: the top-10 from the first 10-15, the
-    bottom-10 from the first 41-173; ``scripts/rerank_order.py``), so done in this order the shown ends
-    are exact long before the whole re-rank is.
+    candidates of each end (mnist, 32 gallery queries, c = 256: the top-10 from the first 16 in the
+    median query, 62 at most; the bottom-10 from the first 137, up to 256; ``scripts/rerank_order.py``),
+    so done in this order the shown proponents are exact long before the whole re-rank is.
     """
     idx = np.concatenate([p[0] for p in parts])
     sc = np.concatenate([p[1] for p in parts])
