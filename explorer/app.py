@@ -30,6 +30,7 @@ def main() -> None:
         st.title("Diffusion Attribution Explorer")
         st.error(f"Cannot start with these command-line flags: {e}")
         st.stop()
+    runtime.server_log()
     args = runtime.choose_model(parsed)
     try:
         handle = runtime.get_handle(args)

@@ -45,6 +45,7 @@ class GridFiller:
         self._running_result: Any = None
         self._thread: threading.Thread | None = None
         self._busy = False
+        self._told_to_stop = False  # the running fill's should_stop said stop (it may have ended unfinished)
         self.filled = 0  # results whose grids were filled (tests)
         self.skipped = 0  # results superseded by a newer one of their tab before their turn
 
@@ -73,8 +74,13 @@ class GridFiller:
         with self._cv:
             self._drop_gone()
             if tab in self._waiting:
+                mine = self._waiting[tab][1]
+                if self._busy and mine is self._running_result:
+                    return 0  # the running fill is this tab's result too (a shared one)
+                # a waiting tab whose result is the running one is served by it: not a fill of its own
+                queue = [t for t, (_, r) in self._waiting.items() if t == tab or not (self._busy and r is self._running_result)]
                 before = self._busy and (self._running != tab or self._shared_running())
-                return list(self._waiting).index(tab) + int(before)
+                return queue.index(tab) + int(before)
             return 0 if self._busy and self._running == tab else None
 
     def stopping(self, tab: Hashable = None) -> bool:
@@ -107,13 +113,19 @@ class GridFiller:
                 (tab,) = picked
                 session, result = self._waiting.pop(tab)
                 self._running, self._running_result, self._busy = tab, result, True
+                self._told_to_stop = False
+            finished = False
             try:
                 session.fill_grids(result, should_stop=functools.partial(self._superseded, tab))
                 self.filled += 1
+                finished = True
             except Exception:  # noqa: BLE001 - a failed fill only costs the next damping change an exact pass
                 log.exception("filling the damping grid failed")
             finally:
                 with self._cv:
+                    if finished and not self._told_to_stop:  # other tabs waiting for this very result: served
+                        for t in [t for t, (_, r) in self._waiting.items() if r is result]:
+                            del self._waiting[t]
                     self._running, self._running_result, self._busy = None, None, False
                     self._absent_since.pop(tab, None)
                     self._cv.notify_all()
@@ -128,14 +140,17 @@ class GridFiller:
         return None
 
     def _superseded(self, tab: Hashable) -> bool:
-        """The running fill's ``should_stop``: a newer result of the same tab is waiting, or the tab is gone."""
+        """The running fill's ``should_stop``: a newer result of the same tab is waiting, or the tab is gone.
+        Asked before each batch, it also notes which waiting tabs are away and drops closed ones (the
+        pages of waiting tabs note it too, but a page that shows a progress bar does not ask)."""
         with self._cv:
+            self._drop_gone()
             if self._shared_running():
                 return False  # another tab waits for this very result (shared_results): finish it for them
-            if tab in self._waiting:
-                return True
-            if self._gone(tab):
-                log.info("stopped the exact re-rank of a closed tab's query")
+            if tab in self._waiting or self._gone(tab):
+                if tab not in self._waiting:
+                    log.info("stopped the exact re-rank of a closed tab's query")
+                self._told_to_stop = True
                 return True
             return False
 

@@ -156,9 +156,12 @@ def _while_building(handle: Handle, query: Query, result: QueryResult | None) ->
 
 
 def _caption(ds, i: int, score: float, exact: bool = True) -> str:
-    """"#index · label · score"; an estimated score (a compressed bank's, not yet re-ranked) reads "≈score"."""
+    """"#index · label · score"; an estimated score (a compressed bank's, not yet re-ranked) reads "≈score"
+    with one digit less, so that the caption keeps its width (the cell is narrow: a wider one wrapped
+    inside the number) and an estimate does not look more precise than it is."""
     lab = ds.label_name(i)
-    return f"#{i}" + (f" · {lab}" if lab is not None else "") + f" · {'' if exact else '≈'}{analysis.format_score(score)}"
+    shown = analysis.format_score(score) if exact else f"≈{score:+.1e}"
+    return f"#{i}" + (f" · {lab}" if lab is not None else "") + f" · {shown}"
 
 
 def method_columns(handle: Handle, query: Query, result: QueryResult, s: Settings) -> None:

@@ -221,6 +221,20 @@ class Handle:
         return b.elapsed_s if b.started is not None else None
 
 
+def server_log() -> None:
+    """Send the app's own INFO lines (``explorer.*``: the background worker dropping a closed tab's query,
+    stopping a re-rank) to the server's terminal.  Why: Streamlit configures only its own loggers, and
+    Python's fallback prints warnings and errors only, so these lines went nowhere.  Once per process;
+    a handler the host set up already (tests, an embedding app) is left as it is."""
+    logger = logging.getLogger("explorer")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 @st.cache_resource(show_spinner="Loading the model and the training set ...")
 def get_handle(args: AppArgs) -> Handle:
     """The process-wide handle: one session, one build worker, shared by every tab and session."""

@@ -787,7 +787,7 @@ def test_a_partial_answer_says_how_many_candidates_are_exact_and_marks_the_estim
     mask[:32] = True
     r = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=np.arange(512, dtype=np.float32)[::-1].copy(),
                      bank="compressed", exact=mask, exact_pending=True)
-    assert "the 32 most extreme candidates exact so far" in r.bank_note()
+    assert "re-ranking, 32 candidates exact so far" in r.bank_note()
     assert "exact ones are pending" in dataclasses.replace(r, exact=np.zeros(512, dtype=bool)).bank_note()
     assert [x.exact for x in r.top(3)] == [True] * 3
 
@@ -795,4 +795,26 @@ def test_a_partial_answer_says_how_many_candidates_are_exact_and_marks_the_estim
         def label_name(self, i):
             return "7"
 
-    assert _caption(DS(), 3, 0.5, exact=False).endswith("≈+5.00e-01") and "≈" not in _caption(DS(), 3, 0.5)
+    estimated, exact = _caption(DS(), 3, 0.5, exact=False), _caption(DS(), 3, 0.5)
+    assert estimated.endswith("≈+5.0e-01") and exact.endswith("+5.00e-01") and len(estimated) == len(exact)
+
+
+def test_the_apps_info_lines_reach_the_server_log(capsys):
+    """The worker's INFO lines (a closed tab's query dropped) went nowhere: Streamlit configures only its
+    own loggers.  ``server_log`` sends ``explorer.*`` to the terminal once, and keeps a host's handler."""
+    import logging
+
+    from explorer.runtime import server_log
+
+    logger = logging.getLogger("explorer")
+    handlers, level = logger.handlers[:], logger.level  # an AppTest of this process may have set it up
+    logger.handlers[:] = []
+    try:
+        server_log()
+        server_log()
+        assert len(logger.handlers) == 1
+        logging.getLogger("explorer.grid_filler").info("dropped a closed tab's query")
+        assert capsys.readouterr().err.count("explorer.grid_filler INFO dropped a closed tab's query") == 1
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)

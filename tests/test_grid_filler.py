@@ -119,7 +119,7 @@ def test_a_tab_whose_own_previous_fill_is_stopping_is_told_so():
     assert not f.stopping("A") and f.ahead("A") == 0
     s.gate["a2"].set()
     assert f.wait_idle(10)
-    assert s.stops == [False, False, False]
+    assert s.order == ["a1", "a2"] and s.stops == [False, False]  # B was served by the shared fill
 
 
 def test_a_closed_tabs_query_is_dropped_and_its_running_fill_stopped(monkeypatch):
@@ -158,10 +158,12 @@ def test_a_fill_another_tab_waits_for_is_not_stopped_by_its_own_tab_moving_on():
     assert s.started["a1"].wait(10)
     f.submit(s, "a1", "B")  # B opened the same query: it shares A's result
     f.submit(s, "a2", "A")  # A moves on
+    assert (f.ahead("B"), f.ahead("A")) == (0, 1)  # B's is the running fill; A waits for that one only
     for r in ("a1", "a2"):
         s.gate[r].set()
     assert f.wait_idle(10)
-    assert s.order == ["a1", "a1", "a2"] and s.stops == [False, False, False]
+    # the shared fill was not stopped, and served B: it is not filled a second time
+    assert s.order == ["a1", "a2"] and s.stops == [False, False] and f.filled == 2
 
 
 def test_a_tab_that_is_away_is_passed_over_then_dropped(monkeypatch):
@@ -182,3 +184,30 @@ def test_a_tab_that_is_away_is_passed_over_then_dropped(monkeypatch):
     assert s.started["c1"].wait(10)
     assert f.wait_idle(10)
     assert s.order == ["a1", "c1"] and f.ahead("B") is None
+
+
+def test_a_closed_waiting_tab_is_dropped_while_a_fill_runs_with_nobody_asking(monkeypatch):
+    """The grace of a closed tab that waits is counted from about its close even while no page asks
+    ``ahead`` (a page that shows a progress bar does not): the running fill's should_stop, asked
+    before each batch, notes it.  Before, it was dropped only after the running fill had ended."""
+    from explorer import grid_filler
+
+    monkeypatch.setattr(grid_filler, "GONE_AFTER_S", 0.3)
+    connected = {"A", "B"}
+    release = threading.Event()
+
+    class Polling:  # asks should_stop every 0.02 s, as rerank_scores asks before each batch
+        def fill_grids(self, result, should_stop):
+            while not release.wait(0.02):
+                should_stop()
+
+    f = GridFiller(alive=lambda tab: tab in connected)
+    f.submit(Polling(), "a1", "A")
+    f.submit(Polling(), "b1", "B")
+    connected.discard("B")
+    deadline = time.monotonic() + 5
+    while f.skipped == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert f.skipped == 1 and not f.idle  # dropped while A's fill still runs
+    release.set()
+    assert f.wait_idle(10) and f.filled == 1

@@ -50,8 +50,9 @@ class MethodResult:
             done = 0 if self.exact is None else int(self.exact.sum())
             if done == 0:
                 return "compressed bank: estimated scores (the exact ones are pending)"
-            return (f"compressed bank: re-ranking, the {done} most extreme candidates exact so far and listed "
-                    "first (≈: estimated); the lists may still change")
+            # short: it stands in a narrow column beside the query, above K-FAC's grid (a 7-line note pushed
+            # the grid 200 px below the other methods' for the whole re-rank); the progress bar says it runs
+            return f"compressed bank: re-ranking, {done} candidates exact so far (≈: estimated)"
         if self.exact is None or not self.exact.any():
             return "compressed bank: estimated scores (no re-ranking)"
         return (f"compressed bank: the {int(self.exact.sum())} highest and lowest candidates re-ranked to exact "
