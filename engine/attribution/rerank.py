@@ -130,7 +130,7 @@ def rerank_scores(
     q = rotated_query.to(eig.dtype)
     back = None
     if images.shape[0] > lam.shape[0] and lam.shape[0] * q.numel() * q.element_size() <= max_query_bytes:
-        back = torch.stack([full.unrotate(q / (eig + lv)) for lv in lam])  # (G, P)
+        back = full.unrotate(q[None] / (eig[None] + lam[:, None]))  # (G, P): one batched call, not one per damping
     out = []
     from tqdm.auto import tqdm
 
