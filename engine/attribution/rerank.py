@@ -15,7 +15,7 @@ deferred to a background worker (2C x M gradient rows: seconds to minutes; READM
 The candidates are done most extreme first (``merge_candidates``), and a deferred answer made while
 the re-rank runs has the candidates done so far exact: the shown top-k is almost always among the
 first few candidates of its end, so it is exact after a small part of the re-rank (mnist, 32 gallery
-queries: the top-10 final after a median 8% of it, at most 26%; ``scripts/rerank_order.py``).  A stopped re-rank keeps what it
+queries: the top-10 final after a median 7% of it, at most 27%; ``scripts/rerank_order.py``).  A stopped re-rank keeps what it
 had done and resumes after it.
 """
 
