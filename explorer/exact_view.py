@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from typing import Any
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from engine.attribution.rerank import RerankProgress
-from engine.attribution.results import QueryResult
+from engine.attribution.results import MethodResult, QueryResult
 from explorer.runtime import Handle
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def _fraction(p: RerankProgress) -> float:
 
 def _running_progress(result: QueryResult) -> list[RerankProgress]:
     """The progress of each of ``result``'s deferred re-ranks that is running now."""
-    found = (getattr(q, "exact_progress", None) for q in _deferred_queries(result))
+    found = (getattr(q, "exact_progress", None) for _, q in _deferred(result))
     return [p for p in found if p is not None]
 
 
@@ -93,14 +94,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _deferred_queries(result: QueryResult) -> list:
-    """The prepared queries of the methods shown approximate (``result.prepared`` is shared with the
-    query's raw result, so they tell whether their deferred re-rank has run since)."""
+def _deferred(result: QueryResult) -> list[tuple[MethodResult, Any]]:
+    """(method result, prepared query) of the methods shown before their deferred re-rank finished
+    (``result.prepared`` is shared with the query's raw result, so the queries tell how far it is since)."""
     out = []
     for name, r in result.methods.items():
         query = getattr((result.prepared or {}).get(name), "query", None)
         if r.exact_pending and query is not None:
-            out.append(query)
+            out.append((r, query))
     return out
 
 
@@ -109,10 +110,7 @@ def exact_arrived(result: QueryResult, top_k: int) -> bool:
     finished since, or it has done enough more candidates to redraw: at least ``top_k`` per end (the
     re-rank goes most extreme first, ``rerank.merge_candidates``), and twice as many as were exact when
     shown, so a 512-candidate re-rank redraws the page about five times, not once a batch."""
-    for name, r in result.methods.items():
-        query = getattr((result.prepared or {}).get(name), "query", None)
-        if not r.exact_pending or query is None:
-            continue
+    for r, query in _deferred(result):
         if not getattr(query, "exact_pending", False):
             return True
         progress = getattr(query, "exact_progress", None)
@@ -123,7 +121,7 @@ def exact_arrived(result: QueryResult, top_k: int) -> bool:
 
 
 def _exact_still_pending(result: QueryResult) -> bool:
-    return any(getattr(q, "exact_pending", False) for q in _deferred_queries(result))
+    return any(getattr(q, "exact_pending", False) for _, q in _deferred(result))
 
 
 def exact_button(handle: Handle, name: str, result: QueryResult) -> None:

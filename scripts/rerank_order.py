@@ -28,12 +28,15 @@ from engine.attribution.session import AttributionSession
 from engine.threads import configure_threads
 
 
-def needed_per_end(approx: np.ndarray, exact: dict[int, float], c: int, k: int) -> tuple[int, int]:
-    """(candidates per end, most extreme first, that hold the final exact top-k; the same for the bottom-k)."""
+def final_ends(exact: dict[int, float], k: int) -> tuple[set[int], set[int]]:
+    """The final exact top-k and bottom-k of the candidates (ties by index)."""
     idx = np.array(sorted(exact))
     ex = np.array([exact[i] for i in idx])
-    top_final = set(idx[np.argsort(-ex, kind="stable")[:k]].tolist())
-    low_final = set(idx[np.argsort(ex, kind="stable")[:k]].tolist())
+    return set(idx[np.argsort(-ex, kind="stable")[:k]].tolist()), set(idx[np.argsort(ex, kind="stable")[:k]].tolist())
+
+
+def needed_per_end(approx: np.ndarray, top_final: set[int], low_final: set[int], c: int) -> tuple[int, int]:
+    """(candidates per end, most extreme first, that hold the final exact top-k; the same for the bottom-k)."""
 
     def reach(order: list[int], final: set[int]) -> int:
         pos = {i: r for r, i in enumerate(order)}
@@ -77,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         r.report = timed
         session.fill_exact(result)
         exact = dict(zip(r.indices.tolist(), r.cache[lam].tolist(), strict=True))
-        top, low = needed_per_end(approx, exact, r.c, args.k)
-        ex = np.array([exact[i] for i in r.indices])
+        top_final, low_final = final_ends(exact, args.k)
+        top, low = needed_per_end(approx, top_final, low_final, r.c)
         row = {"gallery": g, "candidates": len(r.indices), "top_needs": top, "bottom_needs": low,
-               "top_final_s": round(seconds_until(r.indices, set(r.indices[np.argsort(-ex, kind="stable")[:args.k]].tolist()), batches), 1),
-               "bottom_final_s": round(seconds_until(r.indices, set(r.indices[np.argsort(ex, kind="stable")[:args.k]].tolist()), batches), 1),
+               "top_final_s": round(seconds_until(r.indices, top_final, batches), 1),
+               "bottom_final_s": round(seconds_until(r.indices, low_final, batches), 1),
                "rerank_s": round(batches[-1][1], 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)

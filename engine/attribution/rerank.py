@@ -274,12 +274,9 @@ class Reranker:
         if partial is None or not partial[2]:
             return out, mask
         order, lams, rows = partial[0], partial[1], np.concatenate(list(partial[2]))
-        if float(lam) in lams:
-            got = rows[:, lams.index(float(lam))]
-        else:
-            got = interpolate({lv: rows[:, i] for i, lv in enumerate(lams)}, float(lam), self.grid) if self.grid else None
-            if got is None:  # a damping the grid cannot interpolate: exact only once the re-rank is done
-                return out, mask
+        got = _at_damping({lv: rows[:, i] for i, lv in enumerate(lams)}, float(lam), self.grid)
+        if got is None:  # a damping the grid cannot interpolate: exact only once the re-rank is done
+            return out, mask
         idx = order[: rows.shape[0]]
         out[idx] = got
         mask[idx] = True
@@ -295,21 +292,22 @@ class Reranker:
             partial = self._partial
             if partial is None or partial[1] != lams or not np.array_equal(partial[0], indices):
                 partial = self._partial = (indices, lams, [])
-            done = sum(r.shape[0] for r in partial[2])  # a stopped re-rank resumes after these
+            kept = list(partial[2])  # a stopped re-rank's rows: it resumes after them
+            done = sum(r.shape[0] for r in kept)
             self._progress = (done, len(indices), time.monotonic(), None, 0)
             try:
                 rest = self.score_fn(indices[done:], list(lams), should_stop,
                                      lambda d, t, r=None: self.report(done + d, done + t, r))
             finally:
                 self._progress = None
-            exact = np.concatenate([*partial[2][: _batches_covering(partial[2], done)], rest]) if done else rest
+            exact = np.concatenate([*kept, rest]) if kept else rest
             self.cache = {lv: exact[:, i].astype(np.float32) for i, lv in enumerate(lams)}
             self.indices = indices  # last: ``ready`` only once the exact scores exist
             self._partial = None
             self.timing_ms["rerank"] = (time.perf_counter() - t0) * 1000.0
         lam = float(lam)
         if lam not in self.cache:
-            got = interpolate(self.cache, lam, self.grid) if self.grid else None
+            got = _at_damping(self.cache, lam, self.grid)
             if got is None:
                 got = self.score_fn(self.indices, [lam], None, None)[:, 0].astype(np.float32)
             self.cache[lam] = got
@@ -320,14 +318,11 @@ class Reranker:
         return out, mask
 
 
-def _batches_covering(batches: list[np.ndarray], rows: int) -> int:
-    """How many of the first ``batches`` hold exactly ``rows`` rows (those done before a resume)."""
-    n = 0
-    for i, b in enumerate(batches):
-        if n == rows:
-            return i
-        n += b.shape[0]
-    return len(batches)
+def _at_damping(scores: dict[float, np.ndarray], lam: float, grid: tuple[float, ...]) -> np.ndarray | None:
+    """The candidates' scores at ``lam``: computed there, interpolated from the grid, or None (neither)."""
+    if lam in scores:
+        return scores[lam]
+    return interpolate(scores, lam, grid) if grid else None
 
 
 @dataclass(kw_only=True)
