@@ -107,6 +107,9 @@ class AttributionConfig:
     kfac_projection: str = "gaussian"  # compressed bank: eigen | gaussian (engine.attribution.layer_projection)
     kfac_compression: float = 32.0  # compressed bank: full int8 bank bytes / compressed bank bytes
     kfac_rerank: int = 256  # compressed bank: candidates re-ranked exactly at each end (0: none)
+    # compressed bank: how the 2 x kfac_rerank candidates are shared between the ends: "adaptive" (by how
+    # crowded each end is, engine.attribution.rerank.CandidateSplit) or "even" (kfac_rerank each)
+    kfac_rerank_split: str = "adaptive"
     trak_dim: int = 2048
     trak_projection: str = "srht"  # srht | rademacher | gaussian (engine.attribution.projection)
     clip_model: str = "ViT-B-32"
@@ -121,6 +124,7 @@ SETTING_FLAGS = {
     "query_draws": "--query-draws", "kfac_blocks": "--kfac-blocks", "kfac_factor_draws": "--kfac-factor-draws",
     "kfac_factor_draws_mode": "--kfac-factor-draws-mode", "kfac_projection": "--kfac-projection",
     "kfac_compression": "--kfac-compression", "kfac_rerank": "--kfac-rerank",
+    "kfac_rerank_split": "--kfac-rerank-split",
 }
 
 

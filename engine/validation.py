@@ -179,6 +179,8 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     _need(_finite(ac.kfac_compression) and ac.kfac_compression >= 1, f"{where}.kfac_compression (--kfac-compression)",
           "finite and >= 1", ac.kfac_compression)
     _need(ac.kfac_rerank >= 0, f"{where}.kfac_rerank (--kfac-rerank)", "at least 0", ac.kfac_rerank)
+    _need(ac.kfac_rerank_split in ("adaptive", "even"), f"{where}.kfac_rerank_split (--kfac-rerank-split)",
+          "adaptive or even", ac.kfac_rerank_split)
 
 
 def check_preset(preset: Any) -> None:

@@ -1,10 +1,11 @@
 """How soon a compressed bank's re-rank makes the shown ends exact, going most extreme first.
 
-The re-rank (``engine.attribution.rerank``) takes the C highest and C lowest compressed scores as
-candidates and recomputes their exact K-FAC scores (eq. 6), the most extreme first
-(``merge_candidates``: the highest, the lowest, the second highest, ...); the app shows the
-candidates done so far exact while it runs.  For each gallery query this reports:
+The re-rank (``engine.attribution.rerank``) takes the C_top highest and C_bottom lowest compressed
+scores as candidates (2C in all, ``CandidateSplit``) and recomputes their exact K-FAC scores (eq. 6),
+the most extreme first (``merge_candidates``: the highest, the lowest, the second highest, ...); the
+app shows the candidates done so far exact while it runs.  For each gallery query this reports:
 
+- ``top_candidates``: C_top, the candidates of the top end;
 - ``top_needs`` / ``bottom_needs``: the smallest number of candidates per end, by compressed rank,
   that hold the final exact top-k (bottom-k) of all 2C;
 - ``top_final_s`` / ``bottom_final_s``: the seconds into the re-rank after which the top-k (bottom-k)
@@ -23,6 +24,7 @@ import time
 
 import numpy as np
 
+from engine.attribution.rerank import score_moments, split_ends
 from engine.attribution.scoring import EigenbasisQuery
 from engine.attribution.session import AttributionSession
 from engine.threads import configure_threads
@@ -36,7 +38,8 @@ def final_ends(exact: dict[int, float], k: int) -> tuple[set[int], set[int]]:
 
 
 def needed_per_end(approx: np.ndarray, top_final: set[int], low_final: set[int], c: int) -> tuple[int, int]:
-    """(candidates per end, most extreme first, that hold the final exact top-k; the same for the bottom-k)."""
+    """(candidates per end, most extreme first, that hold the final exact top-k; the same for the bottom-k);
+    ``c``: the deepest either end can go (``CandidateSplit.depth``)."""
 
     def reach(order: list[int], final: set[int]) -> int:
         pos = {i: r for r, i in enumerate(order)}
@@ -81,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         session.fill_exact(result)
         exact = dict(zip(r.indices.tolist(), r.cache[lam].tolist(), strict=True))
         top_final, low_final = final_ends(exact, args.k)
-        top, low = needed_per_end(approx, top_final, low_final, r.c)
-        row = {"gallery": g, "candidates": len(r.indices), "top_needs": top, "bottom_needs": low,
+        depth = r.split.depth(r.c)
+        top, low = needed_per_end(approx, top_final, low_final, depth)
+        c_top, _ = split_ends(-np.sort(-approx)[:depth], np.sort(approx)[:depth], score_moments(approx), r.c, r.split)
+        row = {"gallery": g, "candidates": len(r.indices), "top_candidates": c_top, "top_needs": top, "bottom_needs": low,
                "top_final_s": round(seconds_until(r.indices, top_final, batches), 1),
                "bottom_final_s": round(seconds_until(r.indices, low_final, batches), 1),
                "rerank_s": round(batches[-1][1], 1)}

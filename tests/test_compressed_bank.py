@@ -13,7 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.attribution.compressed_bank import compress_factors, local_candidates, merge_candidates
+from engine.attribution.compressed_bank import (
+    EVEN,
+    CandidateSplit,
+    compress_factors,
+    local_candidates,
+    merge_candidates,
+)
 from engine.attribution.context import make_context
 from engine.attribution.curvature import compute_kfac
 from engine.attribution.gradients import influence_params, measurement_grad, per_example_grads
@@ -27,6 +33,7 @@ from engine.attribution.layer_projection import (
 from engine.attribution.methods.kfac_compressed_bank import COMPRESSED, compressed_settings
 from engine.attribution.methods.kfac_influence import KFACInfluence
 from engine.attribution.query import QueryInput
+from engine.attribution.rerank import score_moments, split_ends
 from engine.attribution.results import MethodResult, QueryResult
 from engine.attribution.store import Store
 from engine.config import AttributionConfig
@@ -179,6 +186,16 @@ def test_compressed_cache_is_keyed_by_its_settings(tmp_path, tiny_preset, tiny_m
         KFACInfluence(ctx.config).build(ctx)
 
 
+SKEWED_SPLIT = CandidateSplit(boundary=5, width=0.5, floor=6)  # small enough for a 101-score test
+
+
+def _skewed(n: int, seed: int) -> np.ndarray:
+    """Influence-like scores: a few proponents far out of the bulk, the opponents at the bulk's edge."""
+    scores = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+    scores[:6] += 12.0
+    return scores
+
+
 def _merge_rank(rank: int, world: int, rendezvous: str, scores: np.ndarray, c: int, out: str) -> None:
     from engine.attribution.compressed_bank import gather_candidates, shard_rows
 
@@ -188,6 +205,9 @@ def _merge_rank(rank: int, world: int, rendezvous: str, scores: np.ndarray, c: i
         rows = shard_rows(scores.shape[0])
         merged = gather_candidates(scores[rows], rows.start, c)  # each rank sees only its slice
         np.save(f"{out}/rank{rank}.npy", merged)
+        skewed = _skewed(scores.shape[0], 5)
+        adaptive = gather_candidates(skewed[rows], rows.start, c, SKEWED_SPLIT)
+        np.save(f"{out}/adaptive{rank}.npy", adaptive)
     finally:
         dist.destroy_process_group()
 
@@ -203,6 +223,12 @@ def test_two_ranks_merge_their_top_candidates_into_the_single_process_set(tmp_pa
     assert set(single) == set(order[:c]) | set(np.argsort(scores, kind="stable")[:c])
     for r in (0, 1):
         np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}.npy"), single)
+    # the adaptive split too: each rank sends its 2C - floor most extreme and its scores' moments
+    skewed = _skewed(101, 5)
+    one = merge_candidates([local_candidates(skewed, SKEWED_SPLIT.depth(c))], c, SKEWED_SPLIT, score_moments(skewed))
+    assert len(one) == 2 * c and len(set(one) & set(np.argsort(-skewed)[: 2 * c])) < c  # uneven
+    for r in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"adaptive{r}.npy"), one)
 
 
 def _query_rank(rank: int, world: int, rendezvous: str, preset, state, dataset, g, root: str, out: str) -> None:
@@ -281,3 +307,39 @@ def test_candidates_come_most_extreme_first():
     np.testing.assert_array_equal(merged, np.stack([down, up], axis=1).reshape(-1))
     small = np.array([3.0, 1.0, 2.0], dtype=np.float32)  # c > N/2: an index at both ends comes once, first time
     np.testing.assert_array_equal(merge_candidates([local_candidates(small, 2)], 2), [0, 1, 2])
+
+
+def test_the_adaptive_split_gives_the_crowded_end_more_candidates():
+    """Influence scores are skewed: the strongest proponents stand far out, the strongest opponents sit at
+    the bulk's edge among near-ties.  The adaptive split gives the crowded end more of the 2C candidates
+    (each end keeping its floor), takes each end's most extreme, and goes most extreme first."""
+    scores = _skewed(400, 2)
+    c = 30
+    split = CandidateSplit(boundary=5, width=0.5, floor=8)
+    merged = merge_candidates([local_candidates(scores, split.depth(c))], c, split, score_moments(scores))
+    down, up = np.argsort(-scores, kind="stable"), np.argsort(scores, kind="stable")
+    c_top, c_low = split_ends(scores[down[:52]], scores[up[:52]], score_moments(scores), c, split)
+    assert c_top + c_low == 2 * c and split.floor <= c_top < c < c_low
+    assert set(merged) == set(down[:c_top]) | set(up[:c_low])
+    # most extreme first: alternating while the top end lasts, then the rest of the bottom end
+    np.testing.assert_array_equal(merged[: 2 * c_top], np.stack([down[:c_top], up[:c_top]], axis=1).reshape(-1))
+    np.testing.assert_array_equal(merged[2 * c_top :], up[c_top:c_low])
+    # mirrored scores mirror the split; an even split keeps C per end
+    mirror = merge_candidates([local_candidates(-scores, split.depth(c))], c, split, score_moments(-scores))
+    assert len(set(mirror) & set(up[:c_low])) == c_low and len(set(mirror) & set(down[:c_top])) == c_top
+    assert split_ends(scores[down[:52]], scores[up[:52]], score_moments(scores), c, EVEN) == (c, c)
+    even = merge_candidates([local_candidates(scores, c)], c)
+    assert set(even) == set(down[:c]) | set(up[:c])
+
+
+def test_the_adaptive_split_keeps_each_ends_floor_and_needs_the_moments():
+    scores = _skewed(400, 3)
+    scores[:6] += 1e6  # one end as sparse as can be: it keeps its floor, the other gets the rest
+    split = CandidateSplit(boundary=5, width=0.5, floor=8)
+    d = split.depth(30)
+    top, low = -np.sort(-scores)[:d], np.sort(scores)[:d]
+    assert split_ends(top, low, score_moments(scores), 30, split) == (8, 52)
+    # with C below the floor each end keeps C: the split is even
+    assert split_ends(top[:4], low[:4], score_moments(scores), 4, split) == (4, 4)
+    with pytest.raises(ValueError, match="moments"):
+        merge_candidates([local_candidates(scores, d)], 30, split)

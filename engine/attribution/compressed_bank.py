@@ -52,6 +52,8 @@ from .layer_projection import (
     projected_grads,
 )
 from .rerank import (
+    EVEN,
+    CandidateSplit,
     RerankedQuery,
     Reranker,
     gather_candidates,
@@ -262,12 +264,14 @@ class CompressedRows:
     """``scoring.Rows`` of a compressed bank, plus how a query enters its coordinates (``make_query``).
 
     ``exact_fn(indices, dampings, rotated_full, should_stop, progress)`` gives the candidates' exact scores (``rerank_scores``
-    with the model, data and full factors bound); ``candidates`` per end, 0: no re-ranking.
+    with the model, data and full factors bound); ``candidates`` per end, 0: no re-ranking; ``split``: how the
+    2 x ``candidates`` are shared between the ends (``rerank.CandidateSplit``).
     """
 
     def __init__(self, bank: RotatedBank | ShardedBank, compressed: CompressedFactors,
-                 exact_fn: Callable[..., np.ndarray], candidates: int):
+                 exact_fn: Callable[..., np.ndarray], candidates: int, split: CandidateSplit = EVEN):
         self.bank, self.compressed, self.exact_fn, self.candidates = bank, compressed, exact_fn, int(candidates)
+        self.split = split
         self.num_examples = bank.num_examples
         self.grid_max_bytes = bank.grid_max_bytes
         self.eigenvalues = compressed.factors.eigenvalues().to(bank.device)
@@ -291,13 +295,15 @@ class CompressedRows:
             grid = choose_grid(self, rotated.numel()) or ()
             reranker = Reranker(
                 lambda idx, lams, should_stop, progress: self.exact_fn(idx, lams, rotated_full, should_stop, progress),
-                self.candidates, grid, rows,
+                self.candidates, grid, rows, self.split,
             )
             query.reranker = reranker
         return query
 
 
 __all__ = [
+    "EVEN",
+    "CandidateSplit",
     "CompressedRows",
     "RerankedQuery",
     "CompressedFactors",

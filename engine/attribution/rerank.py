@@ -1,9 +1,11 @@
 """Exact re-ranking of a compressed bank's candidates (docs/architecture.md section 8; issue 11).
 
 The compressed scores tau~ of ``engine.attribution.compressed_bank`` approximate K-FAC's eq. 6; what the
-user sees is made exact by re-ranking: the C largest and C smallest tau~ are candidates
-(``local_candidates``; under torchrun each rank's, all-gathered and merged by ``gather_candidates``
-into exactly the single-process set), and their exact scores against the *full* factors,
+user sees is made exact by re-ranking: the C_top largest and C_bottom smallest tau~, 2C in all, are
+candidates (``local_candidates``; under torchrun each rank's, all-gathered and merged by
+``gather_candidates`` into exactly the single-process set), shared between the ends by how crowded
+each is (``CandidateSplit``: the opponents, near-ties at the bulk's edge, get more than the
+proponents, which stand out), and their exact scores against the *full* factors,
 
     tau_i(lambda) = (1/N) sum_j R_ij q_j / (e_j + lambda),   R_i = Q_B^T G_i Q_A,
 
@@ -25,7 +27,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,65 @@ from .scoring import EigenbasisQuery
 # --- candidates -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CandidateSplit:
+    """How the 2C re-ranked candidates are shared between the two ends (``split_ends``).
+
+    ``adaptive`` False: C at each end.  True: in proportion to how crowded each end is around its
+    ``boundary``-th compressed score: the count of compressed scores within ``width`` standard
+    deviations (of all N compressed scores) of it, each end keeping at least ``floor``.  Why: influence
+    scores are skewed.  The strongest proponents stand far out of the bulk (mnist gallery: the exact
+    top-10 about 10 interquartile ranges above the median), where a compressed score's error seldom
+    reorders them, while the strongest opponents sit at the bulk's edge (about 2 IQRs below), among
+    near-ties that the compressed scores order loosely; so an even split spends candidates on the
+    proponents that never change the answer and misses opponents.  ``floor`` is twice the app's
+    largest top-k (32); ``boundary`` and ``width`` were chosen on the 32 gallery queries of digits and
+    mnist and checked on fresh samples (``scripts/candidates_needed.py``, README "Compressed K-FAC bank").
+    """
+
+    adaptive: bool = True
+    boundary: int = 32
+    width: float = 0.5
+    floor: int = 64
+
+    def depth(self, c: int) -> int:
+        """How deep each end may go: C when even, 2C - floor when adaptive (the other end keeps its floor)."""
+        return int(c) if not self.adaptive else 2 * int(c) - min(self.floor, int(c))
+
+
+EVEN = CandidateSplit(adaptive=False)
+
+
+def score_moments(scores: np.ndarray) -> np.ndarray:
+    """(count, sum, sum of squares) of the compressed scores, float64: summed over ranks under torchrun,
+    they give the standard deviation of all N that ``split_ends`` needs."""
+    x = np.asarray(scores, dtype=np.float64)
+    return np.array([x.size, x.sum(), np.square(x).sum()])
+
+
+def split_ends(top: np.ndarray, low: np.ndarray, moments: np.ndarray, c: int,
+               split: CandidateSplit) -> tuple[int, int]:
+    """(candidates at the top end, at the bottom end), 2C in all (``CandidateSplit``).
+
+    ``top``: the highest compressed scores, descending; ``low``: the lowest, ascending (each at least
+    ``split.depth(c)`` long, or all there are).  With b = ``split.boundary`` and w = ``split.width`` x the
+    standard deviation of all N scores, the ends' counts n_top = #{top_i >= top_b - w} and
+    n_low = #{low_i <= low_b + w} share the 2C as C_top = 2C n_top / (n_top + n_low), clipped so that
+    each end keeps ``split.floor`` (at most C each)."""
+    c = int(c)
+    if not split.adaptive or top.size == 0 or low.size == 0:
+        return c, c
+    n, total, squares = (float(v) for v in moments)
+    std = np.sqrt(max(squares / n - (total / n) ** 2, 0.0)) if n > 0 else 0.0
+    b = min(split.boundary, top.size, low.size)
+    w = split.width * std
+    n_top = int(np.count_nonzero(top >= top[b - 1] - w))
+    n_low = int(np.count_nonzero(low <= low[b - 1] + w))
+    floor = min(split.floor, c)
+    c_top = int(np.clip(round(2 * c * n_top / (n_top + n_low)), floor, 2 * c - floor))
+    return c_top, 2 * c - c_top
+
+
 def local_candidates(scores: np.ndarray, c: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(indices, scores) of the c largest and c smallest of ``scores`` (global index = offset + local)."""
     n = scores.shape[0]
@@ -52,38 +112,49 @@ def local_candidates(scores: np.ndarray, c: int, offset: int = 0) -> tuple[np.nd
     return idx + offset, scores[idx]
 
 
-def merge_candidates(parts: Sequence[tuple[np.ndarray, np.ndarray]], c: int) -> np.ndarray:
-    """Global candidate indices: the c largest and c smallest over every rank's local candidates, the
-    most extreme first (the largest, the smallest, the second largest, the second smallest, ...).
+def merge_candidates(parts: Sequence[tuple[np.ndarray, np.ndarray]], c: int,
+                     split: CandidateSplit = EVEN, moments: np.ndarray | None = None) -> np.ndarray:
+    """Global candidate indices: the C_top largest and C_bottom smallest over every rank's local candidates
+    (``split_ends``; C each for ``EVEN``), the most extreme first (the largest, the smallest, the second
+    largest, the second smallest, ..., then the rest of the longer end).
 
-    A rank's local top-c contains every one of its rows in the global top-c, so the merge is exact;
-    ties are broken by index, as ``local_candidates`` on the whole vector does.  The order is the
-    re-rank's (``Reranker``): the exact top-k of all 2c come almost always from the first few
-    candidates of each end (mnist, 32 gallery queries, c = 256: the top-10 from the first 16 in the
-    median query, 62 at most; the bottom-10 from the first 137, up to 256; ``scripts/rerank_order.py``),
+    A rank's local top-d contains every one of its rows in the global top-d, so the merge is exact when
+    every rank sent its ``split.depth(c)`` most extreme at each end; ties are broken by index, as
+    ``local_candidates`` on the whole vector does.  ``moments``: ``score_moments`` of all N scores (summed
+    over ranks), needed by an adaptive split.  The order is the re-rank's (``Reranker``): the exact top-k
+    of the candidates come almost always from the first few of their end (mnist, 32 gallery queries,
+    C = 256 each: the top-10 from the first 16 in the median query, 62 at most; ``scripts/rerank_order.py``),
     so done in this order the shown proponents are exact long before the whole re-rank is.
     """
     idx = np.concatenate([p[0] for p in parts])
     sc = np.concatenate([p[1] for p in parts])
-    order = np.lexsort((idx, -sc))  # by score descending, then index
-    n = idx.shape[0]
-    c = min(int(c), n)
-    top = idx[order[:c]]
-    order_low = np.lexsort((idx, sc))
-    low = idx[order_low[:c]]
-    interleaved = np.stack([top, low], axis=1).reshape(-1)
+    depth = min(split.depth(c), idx.shape[0])
+    order = np.lexsort((idx, -sc))[:depth]  # by score descending, then index
+    order_low = np.lexsort((idx, sc))[:depth]
+    if split.adaptive and moments is None:
+        raise ValueError("an adaptive candidate split needs the moments of all the scores (score_moments)")
+    c_top, c_low = split_ends(sc[order], sc[order_low], moments if moments is not None else np.zeros(3), c, split)
+    top, low = idx[order[:c_top]], idx[order_low[:c_low]]
+    m = max(top.shape[0], low.shape[0])
+    pairs = np.full((m, 2), -1, dtype=np.int64)
+    pairs[: top.shape[0], 0] = top
+    pairs[: low.shape[0], 1] = low
+    interleaved = pairs.reshape(-1)
+    interleaved = interleaved[interleaved >= 0]
     _, first = np.unique(interleaved, return_index=True)
     return interleaved[np.sort(first)]
 
 
-def gather_candidates(local_scores: np.ndarray, offset: int, c: int) -> np.ndarray:
-    """Every rank's local top/bottom-c, all-gathered and merged (the single-process set outside torchrun)."""
-    mine = local_candidates(local_scores, c, offset)
+def gather_candidates(local_scores: np.ndarray, offset: int, c: int, split: CandidateSplit = EVEN) -> np.ndarray:
+    """Every rank's local top/bottom ``split.depth(c)`` (and its scores' moments), all-gathered and merged
+    (the single-process set outside torchrun)."""
+    mine = (*local_candidates(local_scores, split.depth(c), offset), score_moments(local_scores))
     if distributed.current().world == 1:
-        return merge_candidates([mine], c)
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
-    return merge_candidates(parts, c)
+        parts = [mine]
+    else:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    return merge_candidates([(p[0], p[1]) for p in parts], c, split, np.sum([p[2] for p in parts], axis=0))
 
 
 # --- exact re-ranking ---------------------------------------------------------------------
@@ -192,10 +263,11 @@ class Reranker:
     """
 
     def __init__(self, score_fn: Callable[..., np.ndarray], candidates: int,
-                 grid: Sequence[float], rows: slice | None = None):
+                 grid: Sequence[float], rows: slice | None = None, split: CandidateSplit = EVEN):
         # (candidate indices, dampings, should_stop, progress) -> (len, G) exact scores (``rerank_scores``)
         self.score_fn = score_fn
         self.c = int(candidates)
+        self.split = split  # how the 2C candidates are shared between the ends
         self.grid = tuple(grid)
         self.rows = rows  # this rank's rows (torchrun): candidates come from them, merged over ranks
         self.indices: np.ndarray | None = None  # set with ``cache``, once the exact scores exist
@@ -287,7 +359,7 @@ class Reranker:
         if self.indices is None:
             t0 = time.perf_counter()
             rows = self.rows or slice(0, scores.shape[0])
-            indices = gather_candidates(scores[rows], rows.start, self.c)
+            indices = gather_candidates(scores[rows], rows.start, self.c, self.split)
             lams = tuple(sorted(set(self.grid) | {float(lam)}))
             partial = self._partial
             if partial is None or partial[1] != lams or not np.array_equal(partial[0], indices):

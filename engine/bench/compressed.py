@@ -6,8 +6,9 @@ For each projection kind (eigen, gaussian) and target ratio (8, 32, 128 by defau
 * ``spearman_median``: Spearman of the compressed scores (before re-ranking) with the full
   bank's over all N training images, median over queries;
 * ``top10_overlap``: |top-10 compressed ∩ top-10 full| / 10, mean over queries;
-* ``top10_overlap_reranked``: the same after exact re-ranking of the C = 256 + 256 candidates
-  (``compressed_bank.Reranker``).  The candidates' exact scores are taken from the full
+* ``top10_overlap_reranked``: the same after exact re-ranking of the 2C = 512 candidates, shared
+  between the ends as the product shares them (``rerank.CandidateSplit``, the config's
+  ``kfac_rerank_split``; ``compressed_bank.Reranker``).  The candidates' exact scores are taken from the full
   stored bank, which is what re-ranking computes from fresh gradients (tests/test_compressed_bank.py
   checks the equality; here it spares 32 x 6 re-rank passes on a shared 2-core machine);
 * ``query_ms``: median time of the compressed query's first pass (project + rotate the query
@@ -33,9 +34,11 @@ from typing import Any
 import numpy as np
 
 from ..attribution.compressed_bank import (
+    CandidateSplit,
     CompressedRows,
     compress_factors,
     compress_stored_bank,
+    gather_candidates,
     local_candidates,
     rerank_scores,
 )
@@ -51,9 +54,9 @@ def _overlap(a: np.ndarray, b: np.ndarray, k: int = 10, sign: float = 1.0) -> fl
     return len(ta & tb) / k
 
 
-def _reranked(approx: np.ndarray, exact: np.ndarray, c: int) -> np.ndarray:
+def _reranked(approx: np.ndarray, exact: np.ndarray, c: int, split: CandidateSplit) -> np.ndarray:
     """Scores as re-ranking leaves them: candidates exact, ranked before the rest (engine.attribution.results)."""
-    idx, _ = local_candidates(approx, c)
+    idx = gather_candidates(approx, 0, c, split)
     out = np.full_like(approx, -np.inf)
     out[idx] = exact[idx]
     low = np.full_like(approx, np.inf)
@@ -89,7 +92,9 @@ def run_compressed_digits(
     draws = session.query_draws()
     gallery = session.gallery()
     n = len(ctx.dataset)
-    log(f"{len(gallery)} gallery queries, N={n}, M={len(ctx.train_draws)}, damping {lam:g}")
+    split = CandidateSplit(adaptive=session.config.kfac_rerank_split == "adaptive")  # the product's
+    log(f"{len(gallery)} gallery queries, N={n}, M={len(ctx.train_draws)}, damping {lam:g}, "
+        f"candidate split {session.config.kfac_rerank_split}")
     grads = [session.query_gradient(meas, item_query(item), draws) for item in gallery]
 
     full_scores, full_ms = [], []
@@ -135,9 +140,9 @@ def run_compressed_digits(
                 approx = method.score(prep, lam)
                 if i < timed_queries:
                     ms.append((time.perf_counter() - t0) * 1000.0)
-                hi, lo = _reranked(approx, ref, candidates)
+                hi, lo = _reranked(approx, ref, candidates, split)
                 shown = approx.copy()
-                cand, _ = local_candidates(approx, candidates)
+                cand = gather_candidates(approx, 0, candidates, split)
                 shown[cand] = ref[cand]
                 product_scores.setdefault(f"{kind}@{ratio:g}", []).append(shown)
                 sp.append(spearman(approx, ref))
@@ -211,6 +216,7 @@ def run_compressed_digits(
             "queries": f"the {len(gallery)} gallery queries, measurement loss",
             "damping": lam,
             "candidates_per_end": candidates,
+            "candidate_split": session.config.kfac_rerank_split,
             "reference": "the full stored int8 bank (same factors, same draws)",
             "scores": "compressed banks derived from the stored bank's rows (compress_stored_bank); re-ranked "
                       "candidates' exact scores taken from the stored bank (what re-ranking computes)",

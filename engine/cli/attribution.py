@@ -66,6 +66,9 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
                    help="compressed bank: full bank bytes / compressed bank bytes (default 32)")
     p.add_argument("--kfac-rerank", type=int, default=None,
                    help="compressed bank: candidates re-ranked exactly at each end (default 256; 0: none)")
+    p.add_argument("--kfac-rerank-split", choices=("adaptive", "even"), default=None,
+                   help="compressed bank: share the 2 x --kfac-rerank candidates between the ends by how crowded "
+                        "each is (adaptive, default: more for the opponents, whose scores are near-ties) or evenly")
     p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or cache/ under the repository)")
 
 

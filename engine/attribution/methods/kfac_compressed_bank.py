@@ -16,6 +16,7 @@ from typing import Any
 from ... import distributed
 from ..bank_kinds import BankKind, register_bank_kind
 from ..compressed_bank import (
+    CandidateSplit,
     CompressedFactors,
     CompressedRows,
     ShardedBank,
@@ -96,7 +97,8 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
         return rerank_scores(ctx.model, ctx.diffusion, ctx.dataset.images[idx], ctx.train_draws.for_indices(idx), factors,
                              ctx.params, rotated_full, lams, n, should_stop=should_stop, progress=progress)
 
-    return CompressedRows(bank, comp, exact, c.kfac_rerank)
+    split = CandidateSplit(adaptive=c.kfac_rerank_split == "adaptive")
+    return CompressedRows(bank, comp, exact, c.kfac_rerank, split)
 
 
 register_bank_kind("compressed", BankKind(build=_compressed_bank, stored=True, cache_key=_cache_key))
