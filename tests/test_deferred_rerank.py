@@ -244,6 +244,37 @@ def test_a_stopped_rerank_resumes_after_the_candidates_it_had_done():
     np.testing.assert_array_equal(uninterrupted.apply(scores, 1e-3)[0], out)
 
 
+def test_a_resumed_reranks_progress_counts_on_from_its_stopped_attempt():
+    """The page's "Exact re-rank: N of 512 candidates (T s ...)" restarted T at 0 when a stopped re-rank
+    resumed; it counts on from the time its stopped attempts ran."""
+    import time
+
+    from engine.attribution.rerank import RerankCancelled, Reranker
+
+    seconds: list[list[float]] = []
+    stop = threading.Event()
+
+    def score_fn(idx, lams, should_stop, progress):
+        seconds.append([])
+        for d, i in enumerate(idx, 1):
+            if should_stop is not None and should_stop():
+                raise RerankCancelled("re-rank cancelled")
+            time.sleep(0.2)
+            progress(d, len(idx), _exact_of([i], lams))
+            seconds[-1].append(reranker.progress.seconds)
+            if d == 2:
+                stop.set()
+        return _exact_of(idx, lams)
+
+    scores = np.array([0.5, 9.0, -4.0, 0.1, 3.0, -2.0, 0.0], dtype=np.float32)
+    reranker = Reranker(score_fn, candidates=3, grid=())
+    assert not reranker.answer(scores, 1e-3, should_stop=stop.is_set)[2]  # stopped after two batches
+    assert reranker.answer(scores, 1e-3)[2]
+    first, resumed = seconds
+    assert len(first) == 2 and len(resumed) == 4
+    assert resumed[0] >= first[-1] + 0.15  # on from the stopped attempt's 0.4 s, not from 0
+
+
 def _rerank_scores_of(tiny_model, diffusion, digits_small, n: int, **kw):
     """``rerank_scores`` of the first ``n`` digits in batches of 2 (factors from the same images)."""
     from engine.attribution.curvature import compute_kfac

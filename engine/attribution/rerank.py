@@ -230,7 +230,7 @@ def rerank_scores(
 
 @dataclass(frozen=True)
 class RerankProgress:
-    """A running re-rank: candidates done of ``total``, ``seconds`` since it started, and the seconds
+    """A running re-rank: candidates done of ``total``, ``seconds`` it has run (a resumed one counting on from its stopped attempts), and the seconds
     ``left`` at the rate of the batches after the first (None until a second batch is done: the first
     also carries the start-up, so its rate overstates the time left, by 10x under load)."""
 
@@ -278,6 +278,7 @@ class Reranker:
         self._progress: tuple[int, int, float, float | None, int] | None = None
         # a re-rank under way or stopped: (its candidates in order, its dampings, the exact rows done so far)
         self._partial: tuple[np.ndarray, tuple[float, ...], list[np.ndarray]] | None = None
+        self._spent = 0.0  # seconds the stopped attempts of that re-rank ran: a resume's progress counts on from them
 
     def report(self, done: int, total: int, rows: np.ndarray | None = None) -> None:
         """The ``progress`` of this re-rank's gradient loop (``rerank_scores``), told after each batch with
@@ -364,14 +365,17 @@ class Reranker:
             partial = self._partial
             if partial is None or partial[1] != lams or not np.array_equal(partial[0], indices):
                 partial = self._partial = (indices, lams, [])
+                self._spent = 0.0
             kept = list(partial[2])  # a stopped re-rank's rows: it resumes after them
             done = sum(r.shape[0] for r in kept)
-            self._progress = (done, len(indices), time.monotonic(), None, 0)
+            started = time.monotonic()
+            self._progress = (done, len(indices), started - self._spent, None, 0)
             try:
                 rest = self.score_fn(indices[done:], list(lams), should_stop,
                                      lambda d, t, r=None: self.report(done + d, done + t, r))
             finally:
                 self._progress = None
+                self._spent += time.monotonic() - started
             exact = np.concatenate([*kept, rest]) if kept else rest
             self.cache = {lv: exact[:, i].astype(np.float32) for i, lv in enumerate(lams)}
             self.indices = indices  # last: ``ready`` only once the exact scores exist
