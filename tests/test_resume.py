@@ -177,6 +177,32 @@ def test_kfac_build_interrupted_gives_the_same_cache(tmp_path, tiny_preset, tiny
         assert ref[k] == got[k], k
 
 
+@pytest.mark.parametrize("where", ["factors", "bank"])
+def test_a_resumed_build_records_the_seconds_of_its_earlier_attempts(tmp_path, tiny_preset, tiny_model, digits_small,
+                                                                    where):
+    """``build_seconds`` of a resumed build counted only its last attempt; it counts the earlier ones up to
+    their last checkpoint (factor pass) or saved part (bank) as well."""
+    import time
+
+    cfg = AttributionConfig(mc_samples=3, seed=0)
+    data = digits_small.subset(list(range(10)))
+    ctx = _kfac_ctx(tmp_path / "cut", tiny_preset, tiny_model, data, cfg)
+    slow, cut = ("8/30", "24/30") if where == "factors" else ("train gradients 4/10", "train gradients 8/10")
+
+    def first_attempt(msg: str, frac: float) -> None:
+        if slow in msg:
+            time.sleep(1.5)  # before the checkpoint at row 16 / the first saved part
+        if cut in msg:
+            raise _Stop(msg)
+
+    with pytest.raises(_Stop):
+        _kfac(cfg).build(ctx, first_attempt)
+    method = _kfac(cfg)
+    method.build(ctx)
+    key = (FACTORS, method.factor_settings(ctx)) if where == "factors" else method._bank_key(ctx)
+    assert ctx.store.load_meta(*key)["build_seconds"] >= 1.5
+
+
 def test_trak_build_interrupted_gives_the_same_cache(tmp_path, tiny_preset, tiny_model, digits_small):
     cfg = AttributionConfig(mc_samples=2, seed=0, trak_dim=16)
     data = digits_small.subset(list(range(10)))

@@ -443,6 +443,8 @@ def build_in_parts(
         partial.save_part(i, compute(partial.part_range(i)))
     shard.barrier()
     if shard.is_main:
-        partial.publish(meta={"build_seconds": round(time.perf_counter() - t0, 3), "num_examples": n})
+        # a resumed build counts its earlier attempts too (PartialBuild.seconds_before)
+        partial.publish(meta={"build_seconds": round(time.perf_counter() - t0 + partial.seconds_before, 3),
+                              "num_examples": n})
     shard.barrier()
     return store.load_arrays(name, settings)

@@ -43,8 +43,9 @@ dtype (float32 normally).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,9 @@ class LayerFactors:
 class KFACFactors:
     layers: list[LayerFactors]
     blocks: list[Block]  # in params order
+    # seconds the pass that made them ran in earlier, interrupted attempts, up to their last checkpoint
+    # (0 for an uninterrupted pass): a resumed build records the time of the whole pass (build_seconds)
+    seconds_before: float = field(default=0.0, compare=False)
 
     @property
     def num_params(self) -> int:
@@ -348,6 +352,8 @@ class _FactorResume:
         self.total = 0
         self.last = 0
         self.resumed_at = 0
+        self.prior = 0.0  # seconds the earlier attempts ran up to the loaded checkpoint (saved with it)
+        self.started = time.monotonic()
 
     def _accumulators(self) -> dict[str, Any]:
         op = self.op
@@ -356,11 +362,13 @@ class _FactorResume:
         return {"corrected_eigenvalues": op._corrected_eigenvalues}
 
     def start(self) -> int:
+        self.started = time.monotonic()
         if self.op is None:  # curvlinops peeks at the first batch while it is being created
             return 0
         state = self.checkpoint.load()
         if state is None:
             return 0
+        self.prior = float(state.get("seconds", 0.0))
         dev = self.op.device
         for key, acc in self._accumulators().items():
             acc.clear()
@@ -372,7 +380,8 @@ class _FactorResume:
     def between(self, rows: int) -> None:
         if self.op is None or rows <= self.last or (rows % self.every and rows != self.total):
             return
-        state: dict[str, Any] = {"rows": rows, "generator": self.op._generator.get_state()}
+        state: dict[str, Any] = {"rows": rows, "generator": self.op._generator.get_state(),
+                                 "seconds": self.prior + time.monotonic() - self.started}
         for key, acc in self._accumulators().items():
             state[key] = _map_tensors(acc, lambda v: v.detach().clone())
         self.checkpoint.save(state)
@@ -530,6 +539,8 @@ def compute_kfac(
                         lf.ekfac_bias = ev
     finally:
         model.train(was_training)
+    if resume is not None:
+        factors.seconds_before = resume.prior + (correction.prior if ekfac else 0.0)
     if progress is not None:
         progress("K-FAC factors done", 1.0)
     return factors

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,8 @@ from .store_files import (
     to_numpy,
     write_json,
 )
+
+ELAPSED = "elapsed.json"  # the seconds the build has run up to its last saved part, over its attempts
 
 
 class StoreFolders(Protocol):
@@ -53,6 +56,10 @@ class PartialBuild:
     ``part-00000.done`` marker written last (so a part cut short is redone, never loaded).
     ``publish()`` streams the parts into one ``<array>.npy`` each (plus any extra arrays,
     e.g. an eigendecomposition), publishes atomically and removes the partial folder.
+
+    ``seconds_before``: how long the earlier, interrupted attempts of this build ran up to their last
+    saved part (``elapsed.json``, rewritten after each part), so that a resumed build records the
+    time of the whole build, not of its last attempt (``build_seconds`` in the published meta).
     """
 
     def __init__(self, store: StoreFolders, name: str, settings: Mapping[str, Any], part_size: int, num_items: int):
@@ -86,6 +93,15 @@ class PartialBuild:
                 if not self.folder.is_dir():
                     raise
         self._clean_dead_temp_files()
+        self.opened = time.monotonic()
+        self.seconds_before = self._read_elapsed()
+
+    def _read_elapsed(self) -> float:
+        try:
+            seconds = float(json.loads((self.folder / ELAPSED).read_text())["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: count from here
+            return 0.0
+        return seconds if seconds >= 0 else 0.0
 
     def _clean_dead_temp_files(self) -> None:
         """Half-written part files (``.<key>.part-<i>.<pid>-<hex>.tmp``) of processes that died."""
@@ -122,6 +138,7 @@ class PartialBuild:
             os.replace(tmp, self.folder / f"{key}.part-{i:05d}.npy")
             infos[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
         write_json(self.folder / f"part-{i:05d}.done", infos)
+        write_json(self.folder / ELAPSED, {"seconds": self.seconds_before + time.monotonic() - self.opened})
 
     def load_part(self, i: int) -> dict[str, np.ndarray]:
         infos = json.loads((self.folder / f"part-{i:05d}.done").read_text())

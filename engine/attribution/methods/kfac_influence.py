@@ -232,7 +232,8 @@ class KFACInfluence(AttributionMethod):
                     FACTORS,
                     fs,
                     factors.to_arrays(),
-                    meta={"build_seconds": round(time.perf_counter() - t0, 3)},
+                    # a resumed pass counts its earlier attempts too (KFACFactors.seconds_before)
+                    meta={"build_seconds": round(time.perf_counter() - t0 + factors.seconds_before, 3)},
                 )
                 checkpoint.clear()
                 shard.barrier()  # the other ranks may load them now

@@ -275,7 +275,7 @@ class TRAK(AttributionMethod):
             evals, evecs, rotated = fisher_eigenbasis(phi_parts, ctx.device)
             part.publish(
                 extra={"eigvals": evals.cpu(), "eigvecs": evecs.cpu(), "phi_eig": rotated},
-                meta={"build_seconds": time.perf_counter() - t0},
+                meta={"build_seconds": time.perf_counter() - t0 + part.seconds_before},  # resumed: + earlier attempts
             )
         shard.barrier()
         progress(f"{self.title}: built", 1.0)
