@@ -12,7 +12,9 @@ full stored bank's over all N:
   re-ranked candidates list, mean and minimum over queries;
 - ``bottom_score_share``: the sum of the listed bottom-k's exact scores over the full bank's bottom-k
   sum (1: as strong as the true opponents), mean and minimum;
-- ``top_candidates``: C_top of the split, median and range.
+- ``top_candidates``: C_top of the split, median and range;
+- ``ends_iqr``: where the full bank's top-10 and bottom-10 stand, in interquartile ranges of all N
+  exact scores from their median (the median over the 10 and over queries): why the split is uneven.
 
 Queries: the 32 gallery samples (on which ``CandidateSplit``'s boundary and width were chosen) and,
 with ``--fresh N``, N fresh samples of the model (sampling seed ``--fresh-seed``), which were not.
@@ -110,10 +112,14 @@ def main() -> int:
     t0 = time.perf_counter()
     for set_name, queries in sets:
         rows: dict[str, dict[str, list[float]]] = {name: {} for name in SPLITS}
+        ends: dict[str, list[float]] = {"top10": [], "bottom10": []}
         for q in queries:
             g = s.query_gradient(meas, q, draws)
             full = kfac.bank.inner(kfac.factors.rotate(g) / (kfac._eigenvalues + lam)).numpy()
             approx = small.inner(comp.factors.rotate(comp.project(g)) / (small_eig + lam)).numpy()
+            q1, med, q3 = np.percentile(full, [25, 50, 75])
+            ends["top10"].append(float(np.median((np.sort(full)[-10:] - med) / (q3 - q1))))
+            ends["bottom10"].append(float(np.median((np.sort(full)[:10] - med) / (q3 - q1))))
             for name, split in SPLITS.items():
                 cand = gather_candidates(approx, 0, c, split)
                 r = rows[name]
@@ -130,7 +136,8 @@ def main() -> int:
             tc = r.pop("top_candidates")
             out[name] = {key: summary(v) for key, v in r.items()}
             out[name]["top_candidates"] = {"median": statistics.median(tc), "min": min(tc), "max": max(tc)}
-        record["query_sets"][set_name] = {"queries": len(queries), **out}
+        record["query_sets"][set_name] = {"queries": len(queries), **out,
+                                          "ends_iqr": {k: round(statistics.median(v), 2) for k, v in ends.items()}}
         print(set_name, json.dumps(record["query_sets"][set_name]))
     record["seconds"] = round(time.perf_counter() - t0, 1)
     if args.out:

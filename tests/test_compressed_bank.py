@@ -343,3 +343,13 @@ def test_the_adaptive_split_keeps_each_ends_floor_and_needs_the_moments():
     assert split_ends(top[:4], low[:4], score_moments(scores), 4, split) == (4, 4)
     with pytest.raises(ValueError, match="moments"):
         merge_candidates([local_candidates(scores, d)], 30, split)
+
+
+def test_candidate_split_script_compares_the_listed_ends_with_the_full_banks(load_script):
+    """``scripts/candidate_split.py``'s measure: the candidates' exact ends against the full bank's."""
+    cs = load_script("candidate_split")
+    full = np.array([5.0, -3.0, 1.0, -1.0, 0.0, 4.0, -2.0], dtype=np.float32)
+    # the candidates hold the top-2 (0, 5) but of the bottom-2 (1, 6) only 1: the listed bottom-2 is {1, 3}
+    top, low, share = cs.ends_held(full, np.array([0, 5, 1, 3]), 2)
+    assert (top, low) == (1.0, 0.5)
+    assert share == pytest.approx((-3.0 - 1.0) / (-3.0 - 2.0))

@@ -17,7 +17,7 @@ deferred to a background worker (2C x M gradient rows: seconds to minutes; READM
 The candidates are done most extreme first (``merge_candidates``), and a deferred answer made while
 the re-rank runs has the candidates done so far exact: the shown top-k is almost always among the
 first few candidates of its end, so it is exact after a small part of the re-rank (mnist, 32 gallery
-queries: the top-10 final after a median 7% of it, at most 27%; ``scripts/rerank_order.py``).  A stopped re-rank keeps what it
+queries: the top-10 final after a median 7% of it, at most 26%; ``scripts/rerank_order.py``).  A stopped re-rank keeps what it
 had done and resumes after it.
 """
 
@@ -51,8 +51,8 @@ class CandidateSplit:
     ``boundary``-th compressed score: the count of compressed scores within ``width`` standard
     deviations (of all N compressed scores) of it, each end keeping at least ``floor``.  Why: influence
     scores are skewed.  The strongest proponents stand far out of the bulk (mnist gallery: the exact
-    top-10 about 10 interquartile ranges above the median), where a compressed score's error seldom
-    reorders them, while the strongest opponents sit at the bulk's edge (about 2 IQRs below), among
+    top-10 a median 9.5 interquartile ranges above the median), where a compressed score's error seldom
+    reorders them, while the strongest opponents sit at the bulk's edge (1.7 IQRs below), among
     near-ties that the compressed scores order loosely; so an even split spends candidates on the
     proponents that never change the answer and misses opponents.  ``floor`` is twice the app's
     largest top-k (32); ``boundary`` and ``width`` were chosen on the 32 gallery queries of digits and
@@ -123,7 +123,7 @@ def merge_candidates(parts: Sequence[tuple[np.ndarray, np.ndarray]], c: int,
     ``local_candidates`` on the whole vector does.  ``moments``: ``score_moments`` of all N scores (summed
     over ranks), needed by an adaptive split.  The order is the re-rank's (``Reranker``): the exact top-k
     of the candidates come almost always from the first few of their end (mnist, 32 gallery queries,
-    C = 256 each: the top-10 from the first 16 in the median query, 62 at most; ``scripts/rerank_order.py``),
+    512 candidates: the top-10 from the first 16 in the median query, 62 at most; ``scripts/rerank_order.py``),
     so done in this order the shown proponents are exact long before the whole re-rank is.
     """
     idx = np.concatenate([p[0] for p in parts])
