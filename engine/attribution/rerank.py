@@ -56,7 +56,7 @@ class CandidateSplit:
     near-ties that the compressed scores order loosely; so an even split spends candidates on the
     proponents that never change the answer and misses opponents.  ``floor`` is twice the app's
     largest top-k (32); ``boundary`` and ``width`` were chosen on the 32 gallery queries of digits and
-    mnist and checked on fresh samples (``scripts/candidates_needed.py``, README "Compressed K-FAC bank").
+    mnist and checked on fresh samples (``scripts/candidate_split.py``, README "Compressed K-FAC bank").
     """
 
     adaptive: bool = True
@@ -230,9 +230,10 @@ def rerank_scores(
 
 @dataclass(frozen=True)
 class RerankProgress:
-    """A running re-rank: candidates done of ``total``, ``seconds`` it has run (a resumed one counting on from its stopped attempts), and the seconds
-    ``left`` at the rate of the batches after the first (None until a second batch is done: the first
-    also carries the start-up, so its rate overstates the time left, by 10x under load)."""
+    """A running re-rank: candidates done of ``total``, ``seconds`` it has run (a resumed one counting on
+    from its stopped attempts), and the seconds ``left`` at the rate of the batches after the first (None
+    until a second batch is done: the first also carries the start-up, so its rate overstates the time
+    left, by 10x under load)."""
 
     done: int
     total: int
