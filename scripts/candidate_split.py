@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's engine
 
@@ -48,11 +47,8 @@ from engine.attribution.compressed_bank import (  # noqa: E402
 )
 from engine.attribution.query import QueryInput  # noqa: E402
 from engine.attribution.rerank import score_moments, split_ends  # noqa: E402
-from engine.attribution.session import AttributionSession  # noqa: E402
-from engine.bench.compressed import item_query  # noqa: E402
-from engine.config import get_preset  # noqa: E402
+from engine.bench.compressed import item_query, open_stored_kfac  # noqa: E402
 from engine.model.measurements import parse_measurement  # noqa: E402
-from engine.paths import default_checkpoint  # noqa: E402
 
 SPLITS = {"even": EVEN, "adaptive": CandidateSplit()}
 
@@ -82,16 +78,8 @@ def main() -> int:
     p.add_argument("--fresh-seed", type=int, default=2000, help="sampling seed of --fresh (the gallery's is 1000)")
     p.add_argument("--out", default=None, help="JSON output (default: print only)")
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    preset = get_preset(args.preset)
-    config = dataclasses.replace(preset.attribution, kfac_bank="stored")
-    s = AttributionSession(preset, checkpoint=str(default_checkpoint(args.preset)), cache_root=args.cache_root,
-                           config=config, auto_build=False)
-    kfac = s.method("kfac")
-    if not kfac.is_built(s.ctx):
-        raise SystemExit(f"no stored K-FAC bank under {args.cache_root}: run `attribution-engine build --preset "
-                         f"{args.preset} --methods kfac --cache-root {args.cache_root}` first")
-    kfac.build(s.ctx)
+    s, kfac = open_stored_kfac(args.preset, args.cache_root)
+    config = s.config
     c = int(args.candidates if args.candidates is not None else config.kfac_rerank)
     ks = [int(k) for k in args.ks.split(",")]
     comp = compress_factors(kfac.factors, config.kfac_projection, config.kfac_compression, seed=s.config.seed)

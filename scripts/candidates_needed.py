@@ -11,7 +11,6 @@ i.e. the smallest candidate count per end whose exact re-ranking lists them all.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,11 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's engine
 
 from engine.attribution.compressed_bank import compress_factors, compress_stored_bank  # noqa: E402
-from engine.attribution.session import AttributionSession  # noqa: E402
-from engine.bench.compressed import item_query  # noqa: E402
-from engine.config import get_preset  # noqa: E402
+from engine.bench.compressed import item_query, open_stored_kfac  # noqa: E402
 from engine.model.measurements import parse_measurement  # noqa: E402
-from engine.paths import default_checkpoint  # noqa: E402
 
 
 def worst_rank(order_scores: np.ndarray, want: np.ndarray) -> int:
@@ -45,14 +41,7 @@ def main() -> int:
     p.add_argument("--k", type=int, default=10)
     args = p.parse_args()
     torch.set_num_threads(1)
-    preset = get_preset(args.preset)
-    config = dataclasses.replace(preset.attribution, kfac_bank="stored")
-    s = AttributionSession(preset, checkpoint=str(default_checkpoint(args.preset)), cache_root=args.cache_root,
-                           config=config, auto_build=False)
-    kfac = s.method("kfac")
-    if not kfac.is_built(s.ctx):
-        raise SystemExit(f"no stored K-FAC bank under {args.cache_root}: run `python -m engine build` first")
-    kfac.build(s.ctx)
+    s, kfac = open_stored_kfac(args.preset, args.cache_root)
     comp = compress_factors(kfac.factors, args.projection, args.ratio, seed=s.config.seed)
     small = compress_stored_bank(kfac.bank, comp)
     small_eig = comp.factors.eigenvalues()

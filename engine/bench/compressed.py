@@ -283,6 +283,26 @@ def variant_lds(
     return {**{k: float(r["lds"]) for k, r in lds_table(predicted, measured).items()}, "subsets": usable}
 
 
+def open_stored_kfac(preset_name: str, cache_root: str) -> tuple[Any, Any]:
+    """(session, its built K-FAC method) of a preset's shipped checkpoint with the *stored* bank under
+    ``cache_root``, the reference the compressed bank's measurements compare with; SystemExit naming the
+    build command when it is not there."""
+    from ..attribution.session import AttributionSession
+    from ..config import get_preset
+    from ..paths import default_checkpoint
+
+    preset = get_preset(preset_name)
+    config = dataclasses.replace(preset.attribution, kfac_bank="stored")
+    s = AttributionSession(preset, checkpoint=str(default_checkpoint(preset_name)), cache_root=cache_root,
+                           config=config, auto_build=False)
+    kfac = s.method("kfac")
+    if not kfac.is_built(s.ctx):
+        raise SystemExit(f"no stored K-FAC bank under {cache_root}: run `attribution-engine build --preset "
+                         f"{preset_name} --methods kfac --cache-root {cache_root}` first")
+    kfac.build(s.ctx)
+    return s, kfac
+
+
 def item_query(item: Any) -> Any:
     from ..attribution.query import QueryInput
 
