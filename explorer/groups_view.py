@@ -238,6 +238,8 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
     cols = st.columns(len(result.ok()))
     for col, n in zip(cols, result.ok(), strict=True):
         col.metric(f"Mean predicted change ({info[n]['title']})", f"{table[n].mean():+.3e}")
+        if result.note(n):
+            col.caption(result.note(n))
     name = result.ok()[0] if len(result.ok()) == 1 else st.selectbox(
         "Method for the plot", result.ok(), key="grp_plot_method", format_func=lambda n: info[n]["title"])
     # colour by the samples' predicted labels only when a classifier gave them (none for a user's own data:
@@ -314,6 +316,7 @@ def copy_section(handle: Handle, result: GroupResult) -> None:
         f"training image is in pixels. Flagged when the nearest training image is less than {NEAR_COPY_RATIO} times "
         f"as far as the next {NEIGHBOURS} nearest on average. {flagged} of {len(rows)} samples are flagged; the same "
         f"rule flags {base:.1%} of real training images against the others."
+        + (" Its shares come from the compressed bank's estimates (approximate)." if result.note(name) else "")
     )
     st.info(CAVEAT)
     for r in rows[:5]:

@@ -207,6 +207,34 @@ def test_reverse_ranking_agrees_with_per_query_scores(session, pool):
     assert [r.query for r in ranked] == [pool.names[q] for q in np.argsort(-changes, kind="stable")[:2]]
 
 
+def test_a_compressed_bank_gives_exact_group_changes_and_members(session, pool, tmp_path, digits_small):
+    """A compressed K-FAC bank's batched product is its compressed scan: another scale than eq. 6 (mnist:
+    about 1/26) and approximate ranks.  Summing its columns made the group's predicted change wrong; the
+    group views take the exact sum (one summed gradient) and the strongest members' exact scores instead,
+    which match the stored bank's up to its int8 rounding."""
+    from engine.attribution.group_attribution import group_attribution
+
+    cfg = dataclasses.replace(TINY_ATTRIBUTION, kfac_bank="compressed", kfac_compression=4.0, kfac_rerank=3)
+    comp = AttributionSession(session.preset, checkpoint=session.checkpoint, device="cpu", cache_root=tmp_path,
+                              config=cfg, dataset=digits_small)
+    comp.build(["kfac"])
+    g = parse_group("label:4", session.dataset)
+    stored = group_attribution(session, g, pool, "loss", ["kfac"])
+    got = group_attribution(comp, g, pool, "loss", ["kfac"])
+    want = stored.changes("kfac")
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got.changes("kfac"), want, rtol=0.02, atol=0.01 * scale)
+    estimate = group_change(got.methods["kfac"].scores, g)  # what the group views summed before
+    assert np.abs(estimate - want).max() > 0.1 * scale
+    assert [r.query for r in got.ranking("kfac")] == [r.query for r in stored.ranking("kfac")]
+    assert got.note("kfac") and "exact" in got.note("kfac") and stored.note("kfac") is None
+    ref = stored.methods["kfac"].scores
+    for q in range(len(pool)):
+        for i, v in got.strongest("kfac", q, 3):
+            assert abs(v - ref[q, i]) <= 0.03 * np.abs(ref[q]).max()  # the stored bank's int8 rounding
+    assert got.to_json()["methods"]["kfac"]["note"] == got.note("kfac")
+
+
 # --- copy check ------------------------------------------------------------------------------------
 
 

@@ -265,13 +265,17 @@ class CompressedRows:
 
     ``exact_fn(indices, dampings, rotated_full, should_stop, progress)`` gives the candidates' exact scores (``rerank_scores``
     with the model, data and full factors bound); ``candidates`` per end, 0: no re-ranking; ``split``: how the
-    2 x ``candidates`` are shared between the ends (``rerank.CandidateSplit``).
+    2 x ``candidates`` are shared between the ends (``rerank.CandidateSplit``); ``summed_gradient(indices)``: the
+    summed training-loss gradient of those images with the build's draws, for exact group sums
+    (``KFACInfluence.exact_group_scores``: this bank's batched product is an estimate).
     """
 
     def __init__(self, bank: RotatedBank | ShardedBank, compressed: CompressedFactors,
-                 exact_fn: Callable[..., np.ndarray], candidates: int, split: CandidateSplit = EVEN):
+                 exact_fn: Callable[..., np.ndarray], candidates: int, split: CandidateSplit = EVEN,
+                 summed_gradient: Callable[[np.ndarray], torch.Tensor] | None = None):
         self.bank, self.compressed, self.exact_fn, self.candidates = bank, compressed, exact_fn, int(candidates)
         self.split = split
+        self.summed_gradient = summed_gradient  # training indices -> (P,) their summed loss gradient (group sums)
         self.num_examples = bank.num_examples
         self.grid_max_bytes = bank.grid_max_bytes
         self.eigenvalues = compressed.factors.eigenvalues().to(bank.device)

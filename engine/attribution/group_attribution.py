@@ -8,13 +8,16 @@
 
 Both read one (Q, N) matrix per method from ``engine.attribution.pool.attribution_matrix`` (batched
 gradients, one batched product over each method's bank), so a group query over a cached
-pool costs one (Q, |R|) sum.  Only influence methods are accepted: a similarity is not a
-removal prediction and its sum over a group means nothing.
+pool costs one (Q, |R|) sum.  Where that matrix is an estimate (K-FAC with a compressed bank: its
+compressed scan, on another scale than eq. 6) the method's exact group sums and member scores are
+used instead (``MatrixResult.exact``): one summed gradient per group, and fresh gradients of the
+members shown.  Only influence methods are accepted: a similarity is not a removal prediction and
+its sum over a group means nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import numpy as np
 
 from .groups import Group, group_change, strongest_members
 from .methods.base import no_progress
-from .pool import MatrixResult, Progress, QuerySet, Supported, attribution_matrix, reverse_ranking
+from .pool import MatrixResult, Progress, QuerySet, Supported, attribution_matrix, ranking_by_change
 
 
 @dataclass
@@ -34,24 +37,47 @@ class GroupResult:
     qset: QuerySet
     methods: dict[str, MatrixResult]
     labels: np.ndarray | None  # training labels (for the strongest members' labels)
+    _exact: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False)  # exact sums and members, computed once
 
     def ok(self) -> list[str]:
         return [n for n, r in self.methods.items() if r.status == "ok"]
 
     def changes(self, name: str) -> np.ndarray:
-        """(Q,) predicted change of each query's measurement if the group were removed."""
-        scores = self.methods[name].scores
-        if scores is None:
-            raise ValueError(f"{name} has no scores: {self.methods[name].reason}")
-        return group_change(scores, self.group)
+        """(Q,) predicted change of each query's measurement if the group were removed: the members' column
+        sum of the matrix, or, where the matrix is an estimate, the method's exact group sum."""
+        r = self.methods[name]
+        if r.scores is None:
+            raise ValueError(f"{name} has no scores: {r.reason}")
+        if r.exact is None:
+            return group_change(r.scores, self.group)
+        key = (name, "group", self.group.members.tobytes())
+        if key not in self._exact:
+            self._exact[key] = np.asarray(r.exact.group_changes(self.group.members), dtype=np.float64)
+        return self._exact[key]
 
     def strongest(self, name: str, q: int, k: int = 5) -> list[tuple[int, float]]:
-        """The group's k members with the largest scores for query q."""
-        return strongest_members(self.methods[name].scores[q], self.group, k)  # type: ignore[index]
+        """The group's k members with the largest scores for query q.  Where the matrix is an estimate:
+        the exact top-k of the members the estimate ranks highest (4k, at least 32; the re-rank's idea)."""
+        r = self.methods[name]
+        if r.exact is None:
+            return strongest_members(r.scores[q], self.group, k)  # type: ignore[index]
+        pool = strongest_members(r.scores[q], self.group, max(4 * k, 32))  # type: ignore[index]
+        idx = np.array([i for i, _ in pool], dtype=np.int64)
+        key = (name, "members", q, idx.tobytes())
+        if key not in self._exact:
+            self._exact[key] = np.asarray(r.exact.member_scores(q, idx), dtype=np.float64)
+        exact = self._exact[key]
+        order = np.lexsort((idx, -exact))[:k]
+        return [(int(idx[j]), float(exact[j])) for j in order]
 
     def ranking(self, name: str, top_k: int | None = None) -> list[Supported]:
         """Queries by how much removing the group would raise their measurement, largest first."""
-        return reverse_ranking(self.methods[name].scores, self.group.members, self.qset, top_k)  # type: ignore[arg-type]
+        return ranking_by_change(self.changes(name), self.qset, top_k)
+
+    def note(self, name: str) -> str | None:
+        """What is exact and what is estimated, where the method's matrix is an estimate (else None)."""
+        exact = self.methods[name].exact
+        return None if exact is None else exact.note
 
     def to_json(self) -> dict[str, Any]:
         """The ``group`` command's JSON (issue 15): one entry per query, in query-set order, and the damping
@@ -71,6 +97,7 @@ class GroupResult:
                         for q, c in enumerate(self.changes(name))
                     ],
                     "damping": self.methods[name].damping,
+                    **({"note": self.note(name)} if self.note(name) else {}),
                 }
                 for name in self.ok()
             },
@@ -83,7 +110,8 @@ class GroupResult:
             "measurement": self.measurement,
             "queries": self.qset.name,
             "methods": {
-                name: {"top": [vars(s) for s in self.ranking(name, top_k)], "damping": self.methods[name].damping}
+                name: {"top": [vars(s) for s in self.ranking(name, top_k)], "damping": self.methods[name].damping,
+                       **({"note": self.note(name)} if self.note(name) else {})}
                 for name in self.ok()
             },
         }

@@ -35,7 +35,7 @@ from ..files import atomic_write_bytes
 from ..model.diffusion import MCDraws, check_sample_seed
 from ..model.measurements import Measurement, parse_measurement
 from .batch import score_batch
-from .methods.base import Unavailable, no_progress
+from .methods.base import ExactGroupScores, Unavailable, no_progress
 from .query import QueryInput
 
 Progress = Callable[[str, float], None]
@@ -85,6 +85,9 @@ class MatrixResult:
     damping: float | None = None
     scores: np.ndarray | None = None  # (Q, N) float32
     timing_ms: dict[str, float] = field(default_factory=dict)
+    # set when ``scores`` are an estimate (K-FAC with a compressed bank): the group views' exact sums and
+    # member scores (``AttributionMethod.exact_group_scores``)
+    exact: ExactGroupScores | None = None
 
 
 # --- query sets ------------------------------------------------------------------------
@@ -296,6 +299,23 @@ def attribution_matrix(
                 res.status, res.reason = "unavailable", session._not_built_reason(name)
                 continue
             m.build(session.ctx, no_progress)
+        qm = m.query_measurement(meas)
+
+        def gradients(qm: Measurement | None = qm, k: int = k, name: str = name) -> torch.Tensor | None:
+            """The query set's gradients for ``qm``, computed once per measurement (None: no gradient)."""
+            if qm is None:
+                return None
+            if qm not in grads:
+                t0 = time.perf_counter()
+
+                def sub(msg: str, f: float) -> None:
+                    progress(f"{name}: {msg}", (k + 0.9 * f) / len(names))
+
+                grads[qm] = (query_gradients(session, qset.queries, qm, draws, progress=sub),
+                             (time.perf_counter() - t0) * 1000.0)
+            return grads[qm][0]
+
+        res.exact = m.exact_group_scores(session.ctx, gradients, res.damping)
         path = None
         if cache_dir is not None:
             key = _matrix_key(session, qset, name, str(meas), res.damping, len(draws))
@@ -305,18 +325,9 @@ def attribution_matrix(
                 res.timing_ms["loaded"] = 0.0
                 continue
         try:
-            qm = m.query_measurement(meas)
-            g = None
+            g = gradients()
             if qm is not None:
-                if qm not in grads:
-                    t0 = time.perf_counter()
-
-                    def sub(msg: str, f: float, k: int = k, name: str = name) -> None:
-                        progress(f"{name}: {msg}", (k + 0.9 * f) / len(names))
-
-                    grads[qm] = (query_gradients(session, qset.queries, qm, draws, progress=sub),
-                                 (time.perf_counter() - t0) * 1000.0)
-                g, res.timing_ms["gradients"] = grads[qm]
+                res.timing_ms["gradients"] = grads[qm][1]
             t0 = time.perf_counter()
             scores = np.asarray(score_batch(m, session.ctx, qset.queries, g, res.damping), dtype=np.float32)
             res.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
@@ -352,7 +363,13 @@ def reverse_ranking(scores: np.ndarray, members: np.ndarray, qset: QuerySet, top
     The largest positive changes are the outputs the group supports most: removing it
     would make them least likely.
     """
-    change = np.asarray(scores, dtype=np.float64)[:, np.asarray(members, dtype=np.int64)].sum(1)
+    return ranking_by_change(np.asarray(scores, dtype=np.float64)[:, np.asarray(members, dtype=np.int64)].sum(1),
+                             qset, top_k)
+
+
+def ranking_by_change(change: np.ndarray, qset: QuerySet, top_k: int | None = None) -> list[Supported]:
+    """Queries sorted by their predicted change (Q,), largest first (ties by index)."""
+    change = np.asarray(change, dtype=np.float64)
     order = np.lexsort((np.arange(len(change)), -change))
     if top_k is not None:
         order = order[:top_k]
@@ -374,5 +391,6 @@ __all__ = [
     "pool_path",
     "query_gradients",
     "attribution_matrix",
+    "ranking_by_change",
     "reverse_ranking",
 ]

@@ -104,6 +104,8 @@ def cmd_group(args: argparse.Namespace) -> int:
     for name in result.ok():
         changes = result.changes(name)
         print(f"\n[{name}] predicted change if removed (positive: the group supports the query)")
+        if result.note(name):
+            print(f"  ({result.note(name)})")
         for q, c in enumerate(changes):
             lab = result.qset.labels[q]
             strongest = "  ".join(
@@ -149,6 +151,8 @@ def cmd_reverse(args: argparse.Namespace) -> int:
     print(f"what {result.group.spec} supports most ({result.group.description}); queries {result.qset.name}")
     for name in result.ok():
         print(f"\n[{name}] removing it would raise these samples' {result.measurement} the most")
+        if result.note(name):
+            print(f"  ({result.note(name)})")
         for s in result.ranking(name, args.top_k):
             print(f"  {s.rank:>3}. {s.query:<12} label {'-' if s.label is None else s.label}  {s.change:+.4e}")
     return 0
@@ -207,6 +211,8 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
             "training_flag_rate": base,
             "rows": [r.to_dict() for r in rows[: args.top_k]],
             "caveat": CAVEAT,
+            **({"note": "the shares come from the compressed bank's estimates (approximate)"}
+               if result.note(names[0]) else {}),
         }, indent=2))
         return 0
     flagged = sum(r.near_copy for r in rows)

@@ -67,6 +67,20 @@ class Unavailable(RuntimeError):
     """Raised by ``build``/``prepare`` when a method cannot run here; the message says why and how to enable it."""
 
 
+@dataclass
+class ExactGroupScores:
+    """Exact group sums and member scores for a method whose batched (Q, N) matrix is an estimate (K-FAC
+    with a compressed bank: its batched product is the compressed scan, on another scale than eq. 6).
+
+    ``group_changes(members)``: (Q,) float64, sum_{i in R} tau_i(q) for every query of the set, exact;
+    ``member_scores(q, indices)``: (len,) exact tau_i(q) of those training images for query q;
+    ``note``: what is exact and what is estimated, for the page and the JSON."""
+
+    group_changes: Callable[[np.ndarray], np.ndarray]
+    member_scores: Callable[[int, np.ndarray], np.ndarray]
+    note: str
+
+
 class AttributionMethod(ABC):
     """A method describes itself with these class attributes; nothing outside
     ``engine.attribution.methods`` keeps a table of methods.
@@ -155,6 +169,13 @@ class AttributionMethod(ABC):
     def query_measurement(self, measurement: Measurement) -> Measurement | None:
         """Which measurement's gradient this method needs (None: no gradient)."""
         return measurement if self.needs_gradient else None
+
+    def exact_group_scores(self, ctx: EngineContext, query_grads: Callable[[], torch.Tensor],
+                           damping: float | None) -> ExactGroupScores | None:
+        """None when this method's batched scores (``batch.score_batch``) are its scores; otherwise the
+        exact group sums and member scores the group views use instead (``query_grads()``: the query set's
+        (Q, P) gradients, computed on first use)."""
+        return None
 
     def opens_gradient_pass(self, ctx: EngineContext) -> bool:
         """Whether this method's next build makes a pass over the training set's per-example

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
+
 from ... import distributed
 from ..bank_kinds import BankKind, register_bank_kind
 from ..compressed_bank import (
@@ -97,8 +100,14 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
         return rerank_scores(ctx.model, ctx.diffusion, ctx.dataset.images[idx], ctx.train_draws.for_indices(idx), factors,
                              ctx.params, rotated_full, lams, n, should_stop=should_stop, progress=progress)
 
+    def summed(indices: np.ndarray) -> torch.Tensor:
+        from ..group_gradient import group_gradients
+        from ..groups import group_from_indices
+
+        return group_gradients(ctx, [group_from_indices([int(i) for i in indices], n, spec="members")])[0]
+
     split = CandidateSplit(adaptive=c.kfac_rerank_split == "adaptive")
-    return CompressedRows(bank, comp, exact, c.kfac_rerank, split)
+    return CompressedRows(bank, comp, exact, c.kfac_rerank, split, summed)
 
 
 register_bank_kind("compressed", BankKind(build=_compressed_bank, stored=True, cache_key=_cache_key))

@@ -36,7 +36,15 @@ from ..pass_checkpoint import PassCheckpoint
 from ..scoring import EigenbasisQuery, Rows
 from ..train_draws import PerExampleDraws, TrainDraws, draw_settings, training_draws
 from . import register
-from .base import AttributionMethod, EigenPrepared, Prepared, Progress, QueryInput, no_progress
+from .base import (
+    AttributionMethod,
+    EigenPrepared,
+    ExactGroupScores,
+    Prepared,
+    Progress,
+    QueryInput,
+    no_progress,
+)
 
 FACTORS = "kfac-factors"
 BANK = "kfac-bank"
@@ -284,6 +292,40 @@ class KFACInfluence(AttributionMethod):
             first = getattr(self.bank, "grid_in_first_pass", True)
             query = EigenbasisQuery(rotated=rotated, eigenvalues=self._eigenvalues, rows=self.bank, grid_first=first)
         return EigenPrepared(query=query, timing_ms={"rotate": ms}, bank=self.bank_mode(ctx))
+
+    def exact_group_scores(self, ctx: EngineContext, query_grads, damping: float | None) -> ExactGroupScores | None:
+        """A compressed bank's batched product is its compressed scan (another scale than eq. 6, ranks
+        approximate), so the group views take, instead of its matrix's columns:
+
+        * the group's predicted change, exact from one summed gradient (eqs. 5-6 summed over R):
+          sum_{i in R} tau_i(q) = (1/N) (Q^T g_q / (e + lambda)) . (Q^T g_R), g_R = sum_{i in R} grad l(x_i)
+          with the bank's draws (``group_gradient.group_gradients``; one batched backward per batch of members);
+        * a member's score for one query, exact from its fresh per-example gradient (the re-rank's ``exact_fn``).
+
+        None for the stored and streamed banks, whose batched product is eq. 6 itself."""
+        rows = self.bank
+        exact_fn, summed = getattr(rows, "exact_fn", None), getattr(rows, "summed_gradient", None)
+        if exact_fn is None or summed is None:
+            return None
+        lam = float(self.default_damping if damping is None else damping)
+        n, dev = len(ctx.dataset), self._eigenvalues.device
+        dtype = self._eigenvalues.dtype
+
+        def group_changes(members: np.ndarray) -> np.ndarray:
+            rg = self.factors.rotate(summed(np.asarray(members, dtype=np.int64)).to(dev, dtype))
+            g = query_grads()
+            out = [(self.factors.rotate(g[s : s + 16].to(dev, dtype)) / (self._eigenvalues + lam)) @ rg / n
+                   for s in range(0, g.shape[0], 16)]  # 16 rotated queries at a time: (Q, P) may not fit twice
+            return torch.cat(out).double().cpu().numpy()
+
+        def member_scores(q: int, indices: np.ndarray) -> np.ndarray:
+            rq = self.factors.rotate(query_grads()[q].to(dev, dtype))
+            return np.asarray(exact_fn(np.asarray(indices, dtype=np.int64), [lam], rq, None, None)[:, 0], np.float64)
+
+        return ExactGroupScores(
+            group_changes, member_scores,
+            "compressed bank: the group's predicted changes are exact (its summed gradient); its strongest "
+            "members are picked from the compressed estimates and their scores computed exactly")
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
         """tau (N,) float32 for this damping (eq. 6 through ``scoring.EigenbasisQuery``).
