@@ -48,6 +48,10 @@ def await_exact(handle: Handle, result: QueryResult, top_k: int) -> None:
     browser with a blank page (``build_view.waiting_note``)."""
     if exact_arrived(result, top_k):
         st.rerun()
+    if _button_clicked(result):
+        # this run is the "Show the exact ranking" click, which waits for the re-rank with a live bar of its
+        # own under the rankings: a bar here would stand frozen above the grid until it ends (QA, fe5927b)
+        return
     shown = False
     for progress in _running_progress(result):
         shown = True
@@ -120,6 +124,12 @@ def exact_arrived(result: QueryResult, top_k: int) -> bool:
         if progress is not None and progress.done >= max(2 * top_k, 2 * shown, 1):
             return True
     return False
+
+
+def _button_clicked(result: QueryResult) -> bool:
+    """Whether this run of the page is a click on a pending method's "Show the exact ranking" (a button's
+    state is True for the whole run its click started, before the button itself is drawn)."""
+    return any(st.session_state.get(f"exact_{r.name}") for r, _ in _deferred(result))
 
 
 def _exact_still_pending(result: QueryResult) -> bool:

@@ -603,6 +603,9 @@ def test_a_failed_background_re_rank_is_reported_not_awaited_forever(tiny_app, t
     assert not at.exception
     assert any("CUDA out of memory (simulated)" in e.value for e in at.error)
     assert "Approximate ranking" in _texts(at)
+    # the click's run says what happened under the rankings; the poller's line above the grid stays out of it
+    # (a progress bar there stood frozen above the grid while the click's own bar ran below)
+    assert "exact re-rank is not running" not in _texts(at)
 
 
 

@@ -55,7 +55,8 @@ class MethodResult:
             return f"compressed bank: re-ranking, {done} candidates exact so far (≈: estimated)"
         if self.exact is None or not self.exact.any():
             return "compressed bank: estimated scores (no re-ranking)"
-        return (f"compressed bank: the {int(self.exact.sum())} highest and lowest candidates re-ranked to exact "
+        # "at both ends", not "the highest and lowest": the candidates are not split evenly (rerank.CandidateSplit)
+        return (f"compressed bank: {int(self.exact.sum())} candidates at both ends re-ranked to exact "
                 f"K-FAC scores, the other {int((~self.exact).sum())} estimated")
 
     def top(self, k: int, labels: np.ndarray | None = None) -> list[RankedItem]:
