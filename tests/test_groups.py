@@ -215,9 +215,12 @@ def test_a_compressed_bank_gives_exact_group_changes_and_members(session, pool, 
     from engine.attribution.group_attribution import group_attribution
 
     cfg = dataclasses.replace(TINY_ATTRIBUTION, kfac_bank="compressed", kfac_compression=4.0, kfac_rerank=3)
-    comp = AttributionSession(session.preset, checkpoint=session.checkpoint, device="cpu", cache_root=tmp_path,
-                              config=cfg, dataset=digits_small)
-    comp.build(["kfac"])
+    def compressed() -> AttributionSession:
+        return AttributionSession(session.preset, checkpoint=session.checkpoint, device="cpu", cache_root=tmp_path,
+                                  config=cfg, dataset=digits_small)
+
+    compressed().build(["kfac"])
+    comp = compressed()  # built on disk, not loaded: the group view is its first use (as in the CLI)
     g = parse_group("label:4", session.dataset)
     stored = group_attribution(session, g, pool, "loss", ["kfac"])
     got = group_attribution(comp, g, pool, "loss", ["kfac"])

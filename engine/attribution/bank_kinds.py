@@ -31,11 +31,14 @@ _KIND_DIR = Path(__file__).resolve().parent / "methods"
 class BankKind:
     """``build(method, ctx, factors, progress) -> Rows``; ``stored``: the rows are a cache artefact
     of the K-FAC method (counted in its cache keys, sizes and build times); ``cache_key(method, ctx)``:
-    that artefact's (name, settings) when it is not the stored bank's."""
+    that artefact's (name, settings) when it is not the stored bank's; ``estimates``: the rows' batched
+    product is an estimate of eq. 6, not eq. 6 (the compressed bank's scan), so group sums and member
+    scores come from the rows' exact paths instead (``KFACInfluence.exact_group_scores``)."""
 
     build: Callable[[Any, Any, Any, Callable[[str, float], None]], Rows]
     stored: bool
     cache_key: Callable[[Any, Any], tuple[str, dict[str, Any]]] | None = None
+    estimates: bool = False
 
 
 _KINDS: dict[str, BankKind] = {}

@@ -110,4 +110,4 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
     return CompressedRows(bank, comp, exact, c.kfac_rerank, split, summed)
 
 
-register_bank_kind("compressed", BankKind(build=_compressed_bank, stored=True, cache_key=_cache_key))
+register_bank_kind("compressed", BankKind(build=_compressed_bank, stored=True, cache_key=_cache_key, estimates=True))

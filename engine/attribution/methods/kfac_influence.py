@@ -303,6 +303,10 @@ class KFACInfluence(AttributionMethod):
         * a member's score for one query, exact from its fresh per-example gradient (the re-rank's ``exact_fn``).
 
         None for the stored and streamed banks, whose batched product is eq. 6 itself."""
+        if not bank_kind(self.bank_mode(ctx)).estimates:
+            return None
+        if self._key != self._ctx_key(ctx):
+            self.build(ctx)  # loads the built bank (the group views may ask before any query did)
         rows = self.bank
         exact_fn, summed = getattr(rows, "exact_fn", None), getattr(rows, "summed_gradient", None)
         if exact_fn is None or summed is None:
