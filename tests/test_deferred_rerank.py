@@ -394,3 +394,27 @@ def test_rerank_scores_draws_a_terminal_bar_on_the_main_thread_only(tiny_model, 
     worker.start()
     worker.join(60)
     assert disabled == [None, True]  # None: tqdm's own rule (a bar when stderr is a terminal)
+
+
+def test_exact_columns_are_each_querys_rerank_scores(tiny_model, diffusion, digits_small):
+    """``exact_columns`` (the group views' exact member scores for a compressed bank): for Q queries at one
+    damping, each image's gradient once, the same as ``rerank_scores`` of each query; queries that do not
+    fit ``max_query_bytes`` together go in passes of their own, with the same result."""
+    from engine.attribution.curvature import compute_kfac
+    from engine.attribution.gradients import influence_params
+    from engine.attribution.rerank import exact_columns, rerank_scores
+
+    params = influence_params(tiny_model)
+    x = digits_small.images[:5]
+    draws = make_draws(2, (1, 8, 8), 1000, seed=0)
+    full = compute_kfac(tiny_model, diffusion, x, draws, params)
+    grads = torch.randn(3, full.num_params, generator=torch.Generator().manual_seed(4))
+    got = exact_columns(tiny_model, diffusion, x, draws, full, params, grads, 1e-3, 5, grad_batch=2)
+    assert got.shape == (5, 3)
+    for q in range(3):
+        want = rerank_scores(tiny_model, diffusion, x, draws, full, params, full.rotate(grads[q]), [1e-3], 5,
+                             grad_batch=2)[:, 0]
+        np.testing.assert_allclose(got[:, q], want, rtol=1e-4, atol=2e-5 * np.abs(want).max())  # float32 rotations
+    one_by_one = exact_columns(tiny_model, diffusion, x, draws, full, params, grads, 1e-3, 5, grad_batch=2,
+                               max_query_bytes=1)
+    np.testing.assert_allclose(one_by_one, got, rtol=1e-4, atol=2e-5 * np.abs(got).max())

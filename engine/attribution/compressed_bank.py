@@ -56,6 +56,7 @@ from .rerank import (
     CandidateSplit,
     RerankedQuery,
     Reranker,
+    exact_columns,
     gather_candidates,
     local_candidates,
     merge_candidates,
@@ -266,16 +267,19 @@ class CompressedRows:
     ``exact_fn(indices, dampings, rotated_full, should_stop, progress)`` gives the candidates' exact scores (``rerank_scores``
     with the model, data and full factors bound); ``candidates`` per end, 0: no re-ranking; ``split``: how the
     2 x ``candidates`` are shared between the ends (``rerank.CandidateSplit``); ``summed_gradient(indices)``: the
-    summed training-loss gradient of those images with the build's draws, for exact group sums
-    (``KFACInfluence.exact_group_scores``: this bank's batched product is an estimate).
+    summed training-loss gradient of those images with the build's draws, for exact group sums, and
+    ``columns(indices, query_grads, damping)`` their exact scores for many queries (``rerank.exact_columns``):
+    ``KFACInfluence.exact_group_scores``, since this bank's batched product is an estimate.
     """
 
     def __init__(self, bank: RotatedBank | ShardedBank, compressed: CompressedFactors,
                  exact_fn: Callable[..., np.ndarray], candidates: int, split: CandidateSplit = EVEN,
-                 summed_gradient: Callable[[np.ndarray], torch.Tensor] | None = None):
+                 summed_gradient: Callable[[np.ndarray], torch.Tensor] | None = None,
+                 columns: Callable[[np.ndarray, torch.Tensor, float], np.ndarray] | None = None):
         self.bank, self.compressed, self.exact_fn, self.candidates = bank, compressed, exact_fn, int(candidates)
         self.split = split
         self.summed_gradient = summed_gradient  # training indices -> (P,) their summed loss gradient (group sums)
+        self.columns = columns  # (training indices, (Q, P) query gradients, damping) -> (len, Q) exact scores
         self.num_examples = bank.num_examples
         self.grid_max_bytes = bank.grid_max_bytes
         self.eigenvalues = compressed.factors.eigenvalues().to(bank.device)
@@ -316,6 +320,7 @@ __all__ = [
     "build_compressed_bank",
     "compress_factors",
     "compress_stored_bank",
+    "exact_columns",
     "gather_candidates",
     "local_candidates",
     "merge_candidates",

@@ -57,16 +57,18 @@ class GroupResult:
 
     def strongest(self, name: str, q: int, k: int = 5) -> list[tuple[int, float]]:
         """The group's k members with the largest scores for query q.  Where the matrix is an estimate:
-        the exact top-k of the members the estimate ranks highest (4k, at least 32; the re-rank's idea)."""
+        the exact top-k among the members the estimate ranks highest for any query of the set (4k per
+        query, at least 32; the re-rank's idea), their exact scores computed once for every query."""
         r = self.methods[name]
         if r.exact is None:
             return strongest_members(r.scores[q], self.group, k)  # type: ignore[index]
-        pool = strongest_members(r.scores[q], self.group, max(4 * k, 32))  # type: ignore[index]
-        idx = np.array([i for i, _ in pool], dtype=np.int64)
-        key = (name, "members", q, idx.tobytes())
+        est = np.asarray(r.scores, dtype=np.float64)[:, self.group.members]  # type: ignore[index]
+        per_query = min(max(4 * k, 32), self.group.size)
+        idx = np.unique(self.group.members[np.argsort(-est, axis=1, kind="stable")[:, :per_query]])
+        key = (name, "members", idx.tobytes())
         if key not in self._exact:
-            self._exact[key] = np.asarray(r.exact.member_scores(q, idx), dtype=np.float64)
-        exact = self._exact[key]
+            self._exact[key] = np.asarray(r.exact.member_scores(idx), dtype=np.float64)
+        exact = self._exact[key][q]
         order = np.lexsort((idx, -exact))[:k]
         return [(int(idx[j]), float(exact[j])) for j in order]
 

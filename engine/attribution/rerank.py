@@ -199,14 +199,35 @@ def rerank_scores(
     eig = full.eigenvalues().to(rotated_query.device, rotated_query.dtype)
     lam = torch.tensor(list(dampings), dtype=eig.dtype, device=eig.device)
     q = rotated_query.to(eig.dtype)
-    back = None
     if images.shape[0] > lam.shape[0] and lam.shape[0] * q.numel() * q.element_size() <= max_query_bytes:
         # (G, P), rotated back 8 dampings per call: batched (faster than one call per damping), yet the
         # peak stays about one (G, P) tensor, which ``max_query_bytes`` bounds
         back = torch.cat([full.unrotate(q[None] / (eig[None] + lam[i : i + 8, None])) for i in range(0, lam.shape[0], 8)])
-    out = []
+
+        def combine(g: torch.Tensor) -> torch.Tensor:
+            return (g.to(eig.dtype) @ back.T) / num_examples
+    else:
+        def combine(g: torch.Tensor) -> torch.Tensor:
+            h = full.rotate(g.to(eig.dtype)) * q
+            part = torch.zeros((h.shape[0], lam.shape[0]), dtype=eig.dtype, device=eig.device)
+            for c0 in range(0, h.shape[1], chunk):
+                w = 1.0 / (eig[c0 : c0 + chunk, None] + lam[None])
+                part += h[:, c0 : c0 + chunk] @ w
+            return part / num_examples
+
+    return _per_batch(model, diffusion, images, draws, params, grad_batch, combine, should_stop, progress)
+
+
+def _per_batch(model: nn.Module, diffusion: Diffusion, images: torch.Tensor, draws: MCDraws, params: Params,
+               grad_batch: int, combine: Callable[[torch.Tensor], torch.Tensor],
+               should_stop: Callable[[], bool] | None = None,
+               progress: Callable[..., None] | None = None) -> np.ndarray:
+    """``combine(g)`` of the images' fresh per-example loss gradients g (the build's draws), ``grad_batch``
+    at a time, concatenated: one batch of gradients held at a time.  ``should_stop`` is asked before each
+    batch (True raises ``RerankCancelled``); ``progress(done, total, rows)`` is told after each."""
     from tqdm.auto import tqdm
 
+    out = []
     starts = range(0, images.shape[0], grad_batch)  # seconds to minutes (README "On a GPU"): a bar on a terminal
     for s in tqdm(starts, desc="K-FAC re-rank: candidates' fresh gradients", unit="batch", leave=False,
                   disable=None if _terminal_bar(len(starts)) else True):
@@ -214,18 +235,35 @@ def rerank_scores(
             raise RerankCancelled("re-rank cancelled")
         rows = slice(s, min(images.shape[0], s + grad_batch))
         g = per_example_grads(model, diffusion, images[rows], draws.for_rows(rows), "loss", params).detach()
-        if back is not None:
-            out.append((g.to(eig.dtype) @ back.T) / num_examples)
-        else:
-            h = full.rotate(g.to(eig.dtype)) * q
-            part = torch.zeros((h.shape[0], lam.shape[0]), dtype=eig.dtype, device=eig.device)
-            for c0 in range(0, h.shape[1], chunk):
-                w = 1.0 / (eig[c0 : c0 + chunk, None] + lam[None])
-                part += h[:, c0 : c0 + chunk] @ w
-            out.append(part / num_examples)
+        out.append(combine(g))
         if progress is not None:
             progress(rows.stop, images.shape[0], out[-1].cpu().numpy())
     return torch.cat(out).cpu().numpy()
+
+
+def exact_columns(model: nn.Module, diffusion: Diffusion, images: torch.Tensor, draws: MCDraws, full: KFACFactors,
+                  params: Params, query_grads: torch.Tensor, damping: float, num_examples: int,
+                  grad_batch: int = 16, max_query_bytes: int = 4 << 30) -> np.ndarray:
+    """Exact K-FAC scores (len(images), Q) of these training images for Q queries at one damping: the
+    columns of eq. 6's (Q, N) matrix that a compressed bank's batched product only estimates (the group
+    views' members, ``KFACInfluence.exact_group_scores``).
+
+    As ``rerank_scores`` with the queries in place of the dampings: the query gradients (Q, P) are rotated
+    into the eigenbasis, damped and rotated back, V_q = Q (Q^T g_q / (e + lambda)), and
+    tau_i(q) = (1/N) <grad l_i, V_q>, so each image's gradient is computed once for all Q queries.  Queries
+    whose (Q, P) damped copies exceed ``max_query_bytes`` go in groups that fit, each group a pass over the
+    images' gradients again."""
+    eig = full.eigenvalues()
+    q = query_grads.to(eig.device, eig.dtype)
+    per_pass = max(1, int(max_query_bytes // max(1, q.shape[1] * q.element_size())))
+    parts = []
+    for c0 in range(0, q.shape[0], per_pass):
+        chunk = q[c0 : c0 + per_pass]
+        back = torch.cat([full.unrotate(full.rotate(chunk[i : i + 8]) / (eig[None] + damping))
+                          for i in range(0, chunk.shape[0], 8)])
+        parts.append(_per_batch(model, diffusion, images, draws, params, grad_batch,
+                                lambda g, back=back: (g.to(eig.dtype) @ back.T) / num_examples))
+    return np.concatenate(parts, axis=1)
 
 
 @dataclass(frozen=True)

@@ -73,11 +73,11 @@ class ExactGroupScores:
     with a compressed bank: its batched product is the compressed scan, on another scale than eq. 6).
 
     ``group_changes(members)``: (Q,) float64, sum_{i in R} tau_i(q) for every query of the set, exact;
-    ``member_scores(q, indices)``: (len,) exact tau_i(q) of those training images for query q;
+    ``member_scores(indices)``: (Q, len) exact tau_i(q) of those training images for every query;
     ``note``: what is exact and what is estimated, for the page and the JSON."""
 
     group_changes: Callable[[np.ndarray], np.ndarray]
-    member_scores: Callable[[int, np.ndarray], np.ndarray]
+    member_scores: Callable[[np.ndarray], np.ndarray]
     note: str
 
 

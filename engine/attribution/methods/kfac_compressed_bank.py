@@ -25,6 +25,7 @@ from ..compressed_bank import (
     ShardedBank,
     build_compressed_bank,
     compress_factors,
+    exact_columns,
     rerank_scores,
     shard_rows,
 )
@@ -106,8 +107,12 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
 
         return group_gradients(ctx, [group_from_indices([int(i) for i in indices], n, spec="members")])[0]
 
+    def columns(idx: np.ndarray, query_grads: torch.Tensor, lam: float) -> np.ndarray:
+        return exact_columns(ctx.model, ctx.diffusion, ctx.dataset.images[idx], ctx.train_draws.for_indices(idx),
+                             factors, ctx.params, query_grads, lam, n)
+
     split = CandidateSplit(adaptive=c.kfac_rerank_split == "adaptive")
-    return CompressedRows(bank, comp, exact, c.kfac_rerank, split, summed)
+    return CompressedRows(bank, comp, exact, c.kfac_rerank, split, summed, columns)
 
 
 register_bank_kind("compressed", BankKind(build=_compressed_bank, stored=True, cache_key=_cache_key, estimates=True))

@@ -300,7 +300,8 @@ class KFACInfluence(AttributionMethod):
         * the group's predicted change, exact from one summed gradient (eqs. 5-6 summed over R):
           sum_{i in R} tau_i(q) = (1/N) (Q^T g_q / (e + lambda)) . (Q^T g_R), g_R = sum_{i in R} grad l(x_i)
           with the bank's draws (``group_gradient.group_gradients``; one batched backward per batch of members);
-        * a member's score for one query, exact from its fresh per-example gradient (the re-rank's ``exact_fn``).
+        * members' scores for every query, exact from their fresh per-example gradients, each computed once
+          for all queries (``rerank.exact_columns``).
 
         None for the stored and streamed banks, whose batched product is eq. 6 itself."""
         if not bank_kind(self.bank_mode(ctx)).estimates:
@@ -308,8 +309,8 @@ class KFACInfluence(AttributionMethod):
         if self._key != self._ctx_key(ctx):
             self.build(ctx)  # loads the built bank (the group views may ask before any query did)
         rows = self.bank
-        exact_fn, summed = getattr(rows, "exact_fn", None), getattr(rows, "summed_gradient", None)
-        if exact_fn is None or summed is None:
+        columns, summed = getattr(rows, "columns", None), getattr(rows, "summed_gradient", None)
+        if columns is None or summed is None:
             return None
         lam = float(self.default_damping if damping is None else damping)
         n, dev = len(ctx.dataset), self._eigenvalues.device
@@ -322,9 +323,8 @@ class KFACInfluence(AttributionMethod):
                    for s in range(0, g.shape[0], 16)]  # 16 rotated queries at a time: (Q, P) may not fit twice
             return torch.cat(out).double().cpu().numpy()
 
-        def member_scores(q: int, indices: np.ndarray) -> np.ndarray:
-            rq = self.factors.rotate(query_grads()[q].to(dev, dtype))
-            return np.asarray(exact_fn(np.asarray(indices, dtype=np.int64), [lam], rq, None, None)[:, 0], np.float64)
+        def member_scores(indices: np.ndarray) -> np.ndarray:
+            return np.asarray(columns(np.asarray(indices, dtype=np.int64), query_grads(), lam), np.float64).T
 
         return ExactGroupScores(
             group_changes, member_scores,
