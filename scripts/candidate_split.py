@@ -78,7 +78,10 @@ def main() -> int:
     p.add_argument("--fresh-seed", type=int, default=2000, help="sampling seed of --fresh (the gallery's is 1000)")
     p.add_argument("--out", default=None, help="JSON output (default: print only)")
     args = p.parse_args()
-    s, kfac = open_stored_kfac(args.preset, args.cache_root)
+    try:
+        s, kfac = open_stored_kfac(args.preset, args.cache_root)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
     config = s.config
     c = int(args.candidates if args.candidates is not None else config.kfac_rerank)
     ks = [int(k) for k in args.ks.split(",")]

@@ -41,7 +41,10 @@ def main() -> int:
     p.add_argument("--k", type=int, default=10)
     args = p.parse_args()
     torch.set_num_threads(1)
-    s, kfac = open_stored_kfac(args.preset, args.cache_root)
+    try:
+        s, kfac = open_stored_kfac(args.preset, args.cache_root)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
     comp = compress_factors(kfac.factors, args.projection, args.ratio, seed=s.config.seed)
     small = compress_stored_bank(kfac.bank, comp)
     small_eig = comp.factors.eigenvalues()

@@ -285,7 +285,7 @@ def variant_lds(
 
 def open_stored_kfac(preset_name: str, cache_root: str) -> tuple[Any, Any]:
     """(session, its built K-FAC method) of a preset's shipped checkpoint with the *stored* bank under
-    ``cache_root``, the reference the compressed bank's measurements compare with; SystemExit naming the
+    ``cache_root``, the reference the compressed bank's measurements compare with; RuntimeError naming the
     build command when it is not there."""
     from ..attribution.session import AttributionSession
     from ..config import get_preset
@@ -297,7 +297,7 @@ def open_stored_kfac(preset_name: str, cache_root: str) -> tuple[Any, Any]:
                            config=config, auto_build=False)
     kfac = s.method("kfac")
     if not kfac.is_built(s.ctx):
-        raise SystemExit(f"no stored K-FAC bank under {cache_root}: run `attribution-engine build --preset "
+        raise RuntimeError(f"no stored K-FAC bank under {cache_root}: run `attribution-engine build --preset "
                          f"{preset_name} --methods kfac --cache-root {cache_root}` first")
     kfac.build(s.ctx)
     return s, kfac
