@@ -76,7 +76,13 @@ def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, meth
                 progress=throttled(lambda m, f: bar.progress(f, text=m)),
             )
         bar.empty()
-    return GroupResult(group, s.measurement, qset, store[key], handle.session.labels)
+    result = GroupResult(group, s.measurement, qset, store[key], handle.session.labels)
+    exact = [n for n in result.ok() if result.note(n)]
+    if exact:  # a compressed bank: the group's exact change from its summed gradient (seconds), once per group
+        with st.spinner(f"{', '.join(exact)}: the group's exact predicted changes (its summed gradient) ..."), handle.lock:
+            for n in exact:
+                result.changes(n)
+    return result
 
 
 def _pool(handle: Handle, n: int, seed: int, draw: bool) -> QuerySet | None:
@@ -266,7 +272,11 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
     c0, *cs = st.columns(1 + len(result.ok()))
     c0.image(display(result.qset.queries[q].image, 96), width=96, caption=result.qset.names[q])
     for col, n in zip(cs, result.ok(), strict=True):
-        top = result.strongest(n, q, s.top_k)
+        if result.note(n):  # a compressed bank: the members re-scored from fresh gradients, once for every sample
+            with st.spinner(f"{info[n]['title']}: the strongest members' exact scores ..."), handle.lock:
+                top = result.strongest(n, q, s.top_k)
+        else:
+            top = result.strongest(n, q, s.top_k)
         col.markdown(f"**{info[n]['title']}**: change {result.changes(n)[q]:+.2e}")
         col.image([display(ds.images[i], CELL, border=4) for i, _ in top],
                   caption=[f"#{i} {ds.label_name(i) or ''} {v:+.1e}" for i, v in top], width=CELL + 8)

@@ -236,6 +236,17 @@ def test_a_compressed_bank_gives_exact_group_changes_and_members(session, pool, 
         for i, v in got.strongest("kfac", q, 3):
             assert abs(v - ref[q, i]) <= 0.03 * np.abs(ref[q]).max()  # the stored bank's int8 rounding
     assert got.to_json()["methods"]["kfac"]["note"] == got.note("kfac")
+    # the app builds a GroupResult per page run over the matrices it keeps: the exact work is kept with them
+    from engine.attribution.group_attribution import GroupResult
+
+    calls: list[str] = []
+    exact = got.methods["kfac"].exact
+    group_changes, member_scores = exact.group_changes, exact.member_scores
+    exact.group_changes = lambda m: calls.append("group") or group_changes(m)
+    exact.member_scores = lambda i: calls.append("members") or member_scores(i)
+    again = GroupResult(g, "loss", pool, got.methods, session.labels)
+    assert np.array_equal(again.changes("kfac"), got.changes("kfac")) and again.strongest("kfac", 0, 3)
+    assert calls == []
 
 
 # --- copy check ------------------------------------------------------------------------------------

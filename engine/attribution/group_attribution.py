@@ -17,7 +17,7 @@ its sum over a group means nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ class GroupResult:
     qset: QuerySet
     methods: dict[str, MatrixResult]
     labels: np.ndarray | None  # training labels (for the strongest members' labels)
-    _exact: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False)  # exact sums and members, computed once
 
     def ok(self) -> list[str]:
         return [n for n, r in self.methods.items() if r.status == "ok"]
@@ -50,10 +49,10 @@ class GroupResult:
             raise ValueError(f"{name} has no scores: {r.reason}")
         if r.exact is None:
             return group_change(r.scores, self.group)
-        key = (name, "group", self.group.members.tobytes())
-        if key not in self._exact:
-            self._exact[key] = np.asarray(r.exact.group_changes(self.group.members), dtype=np.float64)
-        return self._exact[key]
+        key = ("group", self.group.members.tobytes())
+        if key not in r.exact.cache:
+            r.exact.cache[key] = np.asarray(r.exact.group_changes(self.group.members), dtype=np.float64)
+        return r.exact.cache[key]
 
     def strongest(self, name: str, q: int, k: int = 5) -> list[tuple[int, float]]:
         """The group's k members with the largest scores for query q.  Where the matrix is an estimate:
@@ -65,10 +64,10 @@ class GroupResult:
         est = np.asarray(r.scores, dtype=np.float64)[:, self.group.members]  # type: ignore[index]
         per_query = min(max(4 * k, 32), self.group.size)
         idx = np.unique(self.group.members[np.argsort(-est, axis=1, kind="stable")[:, :per_query]])
-        key = (name, "members", idx.tobytes())
-        if key not in self._exact:
-            self._exact[key] = np.asarray(r.exact.member_scores(idx), dtype=np.float64)
-        exact = self._exact[key][q]
+        key = ("members", idx.tobytes())
+        if key not in r.exact.cache:
+            r.exact.cache[key] = np.asarray(r.exact.member_scores(idx), dtype=np.float64)
+        exact = r.exact.cache[key][q]
         order = np.lexsort((idx, -exact))[:k]
         return [(int(idx[j]), float(exact[j])) for j in order]
 

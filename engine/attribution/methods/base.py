@@ -74,11 +74,14 @@ class ExactGroupScores:
 
     ``group_changes(members)``: (Q,) float64, sum_{i in R} tau_i(q) for every query of the set, exact;
     ``member_scores(indices)``: (Q, len) exact tau_i(q) of those training images for every query;
-    ``note``: what is exact and what is estimated, for the page and the JSON."""
+    ``note``: what is exact and what is estimated, for the page and the JSON; ``cache``: what was computed,
+    kept with the matrix it belongs to (the app keeps matrices across page runs, and a run that only
+    changes the shown sample must not recompute a group's gradients)."""
 
     group_changes: Callable[[np.ndarray], np.ndarray]
     member_scores: Callable[[np.ndarray], np.ndarray]
     note: str
+    cache: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False)
 
 
 class AttributionMethod(ABC):
