@@ -50,7 +50,9 @@ def await_exact(handle: Handle, result: QueryResult, top_k: int) -> None:
         st.rerun()
     if _button_clicked(result):
         # this run is the "Show the exact ranking" click, which waits for the re-rank with a live bar of its
-        # own under the rankings: a bar here would stand frozen above the grid until it ends (QA, fe5927b)
+        # own under the rankings: a bar here would stand frozen above the grid until it ends (QA7), and so
+        # would the previous run's, unless something takes its place (QA8: drawing nothing left it there)
+        st.empty()
         return
     shown = False
     for progress in _running_progress(result):
