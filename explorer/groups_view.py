@@ -79,7 +79,8 @@ def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, meth
     result = GroupResult(group, s.measurement, qset, store[key], handle.session.labels)
     exact = [n for n in result.ok() if result.note(n)]
     if exact:  # a compressed bank: the group's exact change from its summed gradient (seconds), once per group
-        with st.spinner(f"{', '.join(exact)}: the group's exact predicted changes (its summed gradient) ..."), handle.lock:
+        titles = ", ".join(handle.session.method_info()[n]["title"] for n in exact)
+        with st.spinner(f"{titles}: the group's exact predicted changes (its summed gradient) ..."), handle.lock:
             for n in exact:
                 result.changes(n)
     return result

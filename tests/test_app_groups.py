@@ -122,3 +122,40 @@ def test_reverse_view_from_the_explore_grids(app_env):
     _ok(at)
     assert at.text_input(key="grp_indices").value == str(index)
 
+
+
+@pytest.mark.slow
+def test_groups_page_with_a_compressed_bank_shows_exact_changes_once(tiny_app, tmp_path, monkeypatch):
+    """With a compressed K-FAC bank the page's group changes are the exact ones (the summed gradient), not
+    the compressed scan's column sums, and it says so; a page run that only changes the shown sample
+    does not recompute them (QA8: every pick redid them)."""
+    from test_app import _compressed_app
+
+    from engine.attribution.group_attribution import group_attribution
+    from engine.attribution.groups import group_change, parse_group
+    from engine.attribution.pool import gallery_set
+
+    at = _compressed_app(tiny_app, tmp_path, monkeypatch)
+    at.session_state["page"] = "Groups"
+    at.run()
+    at.radio(key="grp_kind").set_value("A class").run()
+    at.selectbox(key="grp_class").set_value(1).run()
+    _ok(at)
+    session = _handle().session
+    group = parse_group("label:1", session.dataset)
+    want = group_attribution(session, group, gallery_set(session), "loss", ["kfac"])
+    assert want.note("kfac")  # the engine's exact sums for this bank
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Mean predicted change (K-FAC Influence)"] == f"{np.mean(want.changes('kfac')):+.3e}"
+    estimate = np.mean(group_change(want.methods["kfac"].scores, group))
+    assert metrics["Mean predicted change (K-FAC Influence)"] != f"{estimate:+.3e}"
+    assert "the group's predicted changes are exact" in _texts(at)
+    (matrices,) = [m for m in _handle().group_matrices.values() if "kfac" in m]
+    exact = matrices["kfac"].exact
+    calls: list[str] = []
+    group_changes, member_scores = exact.group_changes, exact.member_scores
+    exact.group_changes = lambda m: calls.append("group") or group_changes(m)
+    exact.member_scores = lambda i: calls.append("members") or member_scores(i)
+    at.selectbox(key="grp_sample").set_value(2).run()
+    _ok(at)
+    assert calls == []
