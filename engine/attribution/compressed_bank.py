@@ -266,19 +266,20 @@ class CompressedRows:
 
     ``exact_fn(indices, dampings, rotated_full, should_stop, progress)`` gives the candidates' exact scores (``rerank_scores``
     with the model, data and full factors bound); ``candidates`` per end, 0: no re-ranking; ``split``: how the
-    2 x ``candidates`` are shared between the ends (``rerank.CandidateSplit``); ``summed_gradient(indices)``: the
-    summed training-loss gradient of those images with the build's draws, for exact group sums, and
-    ``columns(indices, query_grads, damping)`` their exact scores for many queries (``rerank.exact_columns``):
+    2 x ``candidates`` are shared between the ends (``rerank.CandidateSplit``); ``group_changes(indices,
+    query_grads, damping)``: the exact sum of those images' scores for many queries, from their summed
+    gradient with the build's draws (``group_gradient.kfac_group_changes``), and ``columns(indices,
+    query_grads, damping)`` their exact scores one by one (``rerank.exact_columns``):
     ``KFACInfluence.exact_group_scores``, since this bank's batched product is an estimate.
     """
 
     def __init__(self, bank: RotatedBank | ShardedBank, compressed: CompressedFactors,
                  exact_fn: Callable[..., np.ndarray], candidates: int, split: CandidateSplit = EVEN,
-                 summed_gradient: Callable[[np.ndarray], torch.Tensor] | None = None,
+                 group_changes: Callable[[np.ndarray, torch.Tensor, float], np.ndarray] | None = None,
                  columns: Callable[[np.ndarray, torch.Tensor, float], np.ndarray] | None = None):
         self.bank, self.compressed, self.exact_fn, self.candidates = bank, compressed, exact_fn, int(candidates)
         self.split = split
-        self.summed_gradient = summed_gradient  # training indices -> (P,) their summed loss gradient (group sums)
+        self.group_changes = group_changes  # (training indices, (Q, P) query gradients, damping) -> (Q,) their exact sum
         self.columns = columns  # (training indices, (Q, P) query gradients, damping) -> (len, Q) exact scores
         self.num_examples = bank.num_examples
         self.grid_max_bytes = bank.grid_max_bytes

@@ -84,11 +84,21 @@ def kfac_group_scores(
     ctx = session.ctx
     factors = factors or load_kfac_factors(session)
     lam = float(session.method("kfac").default_damping if damping is None else damping)
+    return kfac_group_changes(ctx, factors, query_grads, group_gradients(ctx, groups, progress=progress), lam)
+
+
+def kfac_group_changes(ctx: Any, factors: KFACFactors, query_grads: torch.Tensor, group_grads: torch.Tensor,
+                       damping: float, batch: int = 16) -> np.ndarray:
+    """(Q, G) float64 (1/N) <rotate(g_q) / (e + lambda), rotate(g_R)> of query and summed group gradients
+    (``group_gradients``), ``batch`` rotated queries at a time (a (Q, P) rotated copy may not fit beside the
+    gradients).  Shared by ``kfac_group_scores`` and a compressed bank's exact group sums
+    (``KFACInfluence.exact_group_scores``)."""
     dtype = ctx.params[0][1].dtype
     eig = factors.eigenvalues().to(ctx.device, dtype)
-    rq = factors.rotate(query_grads.to(ctx.device, dtype)) / (eig + lam)
-    rg = factors.rotate(group_gradients(ctx, groups, progress=progress).to(ctx.device, dtype))
-    return ((rq @ rg.T) / len(ctx.dataset)).to(torch.float64).cpu().numpy()
+    rg = factors.rotate(group_grads.to(ctx.device, dtype))
+    out = [(factors.rotate(query_grads[s : s + batch].to(ctx.device, dtype)) / (eig + damping)) @ rg.T
+           for s in range(0, query_grads.shape[0], batch)]
+    return (torch.cat(out) / len(ctx.dataset)).to(torch.float64).cpu().numpy()
 
 
-__all__ = ["group_gradients", "load_kfac_factors", "kfac_group_scores"]
+__all__ = ["group_gradients", "load_kfac_factors", "kfac_group_changes", "kfac_group_scores"]

@@ -101,18 +101,19 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
         return rerank_scores(ctx.model, ctx.diffusion, ctx.dataset.images[idx], ctx.train_draws.for_indices(idx), factors,
                              ctx.params, rotated_full, lams, n, should_stop=should_stop, progress=progress)
 
-    def summed(indices: np.ndarray) -> torch.Tensor:
-        from ..group_gradient import group_gradients
+    def group_changes(indices: np.ndarray, query_grads: torch.Tensor, lam: float) -> np.ndarray:
+        from ..group_gradient import group_gradients, kfac_group_changes
         from ..groups import group_from_indices
 
-        return group_gradients(ctx, [group_from_indices([int(i) for i in indices], n, spec="members")])[0]
+        summed = group_gradients(ctx, [group_from_indices([int(i) for i in indices], n, spec="members")])
+        return kfac_group_changes(ctx, factors, query_grads, summed, lam)[:, 0]
 
     def columns(idx: np.ndarray, query_grads: torch.Tensor, lam: float) -> np.ndarray:
         return exact_columns(ctx.model, ctx.diffusion, ctx.dataset.images[idx], ctx.train_draws.for_indices(idx),
                              factors, ctx.params, query_grads, lam, n)
 
     split = CandidateSplit(adaptive=c.kfac_rerank_split == "adaptive")
-    return CompressedRows(bank, comp, exact, c.kfac_rerank, split, summed, columns)
+    return CompressedRows(bank, comp, exact, c.kfac_rerank, split, group_changes, columns)
 
 
 register_bank_kind("compressed", BankKind(build=_compressed_bank, stored=True, cache_key=_cache_key, estimates=True))

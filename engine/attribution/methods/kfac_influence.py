@@ -299,7 +299,7 @@ class KFACInfluence(AttributionMethod):
 
         * the group's predicted change, exact from one summed gradient (eqs. 5-6 summed over R):
           sum_{i in R} tau_i(q) = (1/N) (Q^T g_q / (e + lambda)) . (Q^T g_R), g_R = sum_{i in R} grad l(x_i)
-          with the bank's draws (``group_gradient.group_gradients``; one batched backward per batch of members);
+          with the bank's draws (``group_gradient.kfac_group_changes``; one batched backward per batch of members);
         * members' scores for every query, exact from their fresh per-example gradients, each computed once
           for all queries (``rerank.exact_columns``).
 
@@ -309,19 +309,13 @@ class KFACInfluence(AttributionMethod):
         if self._key != self._ctx_key(ctx):
             self.build(ctx)  # loads the built bank (the group views may ask before any query did)
         rows = self.bank
-        columns, summed = getattr(rows, "columns", None), getattr(rows, "summed_gradient", None)
-        if columns is None or summed is None:
+        columns, changes = getattr(rows, "columns", None), getattr(rows, "group_changes", None)
+        if columns is None or changes is None:
             return None
         lam = float(self.default_damping if damping is None else damping)
-        n, dev = len(ctx.dataset), self._eigenvalues.device
-        dtype = self._eigenvalues.dtype
 
         def group_changes(members: np.ndarray) -> np.ndarray:
-            rg = self.factors.rotate(summed(np.asarray(members, dtype=np.int64)).to(dev, dtype))
-            g = query_grads()
-            out = [(self.factors.rotate(g[s : s + 16].to(dev, dtype)) / (self._eigenvalues + lam)) @ rg / n
-                   for s in range(0, g.shape[0], 16)]  # 16 rotated queries at a time: (Q, P) may not fit twice
-            return torch.cat(out).double().cpu().numpy()
+            return changes(np.asarray(members, dtype=np.int64), query_grads(), lam)
 
         def member_scores(indices: np.ndarray) -> np.ndarray:
             return np.asarray(columns(np.asarray(indices, dtype=np.int64), query_grads(), lam), np.float64).T
