@@ -104,6 +104,10 @@ class AttributionConfig:
     # or "auto" (stored when N x P int8 bytes <= kfac_bank_max_gb GiB, compressed otherwise; streamed only when asked)
     kfac_bank: str = "auto"
     kfac_bank_max_gb: float = 8.0
+    # the stored int8 bank's grid: rows divided by sqrt(e + f * max e) per block before rounding, with f this
+    # relative eigenvalue floor (engine.attribution.bank.whitening; removes the plain grid's 0.4-1.2% shrink of
+    # every score, scripts/bank_rounding.py), or None for the plain grid (the stored banks before 2026-12-05)
+    kfac_bank_whiten: float | None = 1e-10
     kfac_projection: str = "gaussian"  # compressed bank: eigen | gaussian (engine.attribution.layer_projection)
     kfac_compression: float = 32.0  # compressed bank: full int8 bank bytes / compressed bank bytes
     kfac_rerank: int = 256  # compressed bank: candidates re-ranked exactly at each end (0: none)

@@ -176,6 +176,8 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     if bank_modes is not None:
         _need(ac.kfac_bank in bank_modes, f"{where}.kfac_bank", "one of " + ", ".join(bank_modes), ac.kfac_bank)
     _need(_finite(ac.kfac_bank_max_gb) and ac.kfac_bank_max_gb > 0, f"{where}.kfac_bank_max_gb", "> 0", ac.kfac_bank_max_gb)
+    _need(ac.kfac_bank_whiten is None or (_finite(ac.kfac_bank_whiten) and 0 <= ac.kfac_bank_whiten <= 1),
+          f"{where}.kfac_bank_whiten", "null or a finite number in [0, 1]", ac.kfac_bank_whiten)
     _need(_finite(ac.kfac_compression) and ac.kfac_compression >= 1, f"{where}.kfac_compression (--kfac-compression)",
           "finite and >= 1", ac.kfac_compression)
     _need(ac.kfac_rerank >= 0, f"{where}.kfac_rerank (--kfac-rerank)", "at least 0", ac.kfac_rerank)

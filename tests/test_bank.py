@@ -217,3 +217,44 @@ def test_packed_scan_refuses_inconsistent_shapes():
             int8_scan.packed_row_dots_into(packed, bad, q, scales, out)
     with pytest.raises(ValueError):
         int8_scan.packed_row_dots_into(packed, np.array([0, 3, 8], np.int64), np.ones(7, np.float32), scales, out)
+
+
+def _slope_and_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope of int8 scores on float ones (1: no shrink) and the largest error / largest score."""
+    return float(got @ ref / (ref @ ref)), float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def test_whitened_grid_is_closer_to_float_rows(tiny_model, diffusion, digits_small):
+    """The damped query weighs most the eigen-directions where the training rows are smallest, which the
+    plain per-row grid rounds coarsely (on trained models: to zero, shrinking every score;
+    scripts/bank_rounding.py).  On the whitened grid (rows divided by sqrt(e + f max e) before rounding,
+    the query multiplied back) the error against float rows is several times smaller, the slope stays 1,
+    and the dequantised rows are R_i within half a step of each coordinate's own grid.  (Dampings far
+    below the factors' float32 noise, 1e-12 on this rank-deficient tiny model, are noise on both.)"""
+    params = influence_params(tiny_model)
+    x = digits_small.images
+    draws = make_draws(4, (1, 8, 8), diffusion.T, seed=0)
+    f = compute_kfac(tiny_model, diffusion, x, draws, params, seed=0)
+    kw = dict(quantize=True, chunk_size=32)
+    plain = build_bank(tiny_model, diffusion, x, draws, f, params, **kw)
+    white = build_bank(tiny_model, diffusion, x, draws, f, params, whiten=1e-10, **kw)
+    exact = build_bank(tiny_model, diffusion, x, draws, f, params, quantize=False, chunk_size=32)
+    assert plain.weights is None and white.weights is not None
+    qdraws = make_draws(4, (1, 8, 8), diffusion.T, seed=1)
+    for qi in (3, 40):
+        g = per_example_grads(tiny_model, diffusion, x[qi : qi + 1], qdraws, params=params)[0]
+        for lam in (1e-8, 1e-4):
+            q = f.rotate(g) / (f.eigenvalues() + lam)
+            ref = exact.score(q).astype(np.float64)
+            _, e_plain = _slope_and_error(plain.score(q), ref)
+            s_white, e_white = _slope_and_error(white.score(q), ref)
+            assert e_white < e_plain / 4, (qi, lam, e_white, e_plain)
+            assert abs(s_white - 1) < 1e-3
+            # the grid pass (torch path) takes the same weights as the fused single-damping scan
+            np.testing.assert_allclose(white.score_many(torch.stack([q, 2 * q]))[0], white.score(q), rtol=1e-4,
+                                       atol=1e-5 * np.abs(ref).max())
+    w = white.weights
+    for i in (0, 17):
+        err = (white.row(i) - exact.row(i)).abs()
+        step = torch.cat([white.scales[i, j].expand(b.size) for j, b in enumerate(white.blocks)]) * w
+        assert (err <= step / 2 * (1 + 1e-4) + 1e-12).all()

@@ -104,6 +104,27 @@ def test_options_build_and_score(tiny_preset, tiny_model, digits_small, change):
     assert base.bank_settings(base_ctx)["draws_mode"] == "per-example"
 
 
+def test_int8_grid_in_the_cache_key(tiny_preset, tiny_model, digits_small):
+    """The whitened grid's floor keys the stored bank (a plain-grid cache is never read as whitened); the
+    plain grid (``kfac_bank_whiten=None``) keeps the key of the banks built before it, and the compressed
+    bank, which does not use it, keeps its key too."""
+    from engine.attribution.methods.kfac_compressed_bank import compressed_settings
+
+    ds = digits_small.subset(list(range(8)))
+    white_cfg = AttributionConfig(mc_samples=2)
+    plain_cfg = dataclasses.replace(white_cfg, kfac_bank_whiten=None)
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", white_cfg, "h", None)
+    white, plain = KFACInfluence(white_cfg), KFACInfluence(plain_cfg)
+    assert white.bank_settings(ctx)["whiten"] == white_cfg.kfac_bank_whiten
+    assert "whiten" not in plain.bank_settings(ctx)
+    assert {k: v for k, v in white.bank_settings(ctx).items() if k != "whiten"} == plain.bank_settings(ctx)
+    assert "whiten" not in KFACInfluence(white_cfg, quantize=False).bank_settings(ctx)
+    assert compressed_settings(white, ctx) == compressed_settings(plain, ctx)
+    white.build(ctx)
+    plain.build(make_context(tiny_preset, tiny_model, ds, "cpu", plain_cfg, "h", None))
+    assert white.bank.weights is not None and plain.bank.weights is None
+
+
 @pytest.fixture(scope="module")
 def trained_tiny(tmp_path_factory):
     """The tiny U-Net trained 300 steps on the first 64 digits (~10 s on one core)."""

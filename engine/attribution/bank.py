@@ -15,7 +15,19 @@ one elementwise division for the damping chosen now, and one pass over the bank:
 damping costs no gradient.  EK-FAC only replaces b a^T by its corrected eigenvalues.
 
 Storage: one array per parameter block (weight or bias of a Conv2d/Linear), (N, size),
-int8 with a symmetric scale per (example, block): scale = max|R| / 127, R ~= scale * int8.
+int8 with a symmetric scale per (example, block).  The grid is whitened by the factors'
+eigenvalues e (``whitening``): the stored row is W_i = R_i / w with w = sqrt(e + f max_b e)
+(f = ``AttributionConfig.kfac_bank_whiten``, relative to the block's largest eigenvalue), rounded as
+W_i ~= scale * int8 with scale = max|W_i| / 127 over the block, and a query multiplies its damped
+rotated vector by w once, so <R_i, q> = <W_i, w * q> is eq. 6 unchanged.  Why: the damped query
+q / (e + lambda) weighs most the coordinates whose eigenvalue is small, and there the training rows
+are small too (E R_ij^2 ~ e_j), so on the plain grid (scale = max|R_i| / 127, the bank before
+2026-12-05, ``kfac_bank_whiten = None``) round-to-nearest zeroes exactly the coordinates the score
+weighs most: every score came out shrunk, by a median 0.4% on mnist and 0.6% on digits at the
+default damping and 1.2-1.8% at 1e-12, with a largest error (median over queries) of 0.3-3% of the
+largest score.  On the
+whitened grid each coordinate's rounding error carries about the same weight in the score: slope
+1.0000, largest error 0.04% of the largest score (``scripts/bank_rounding.py``; docs/architecture.md §4).
 (Weights and biases of a layer get separate scales: a finer grain than one per layer, at
 no cost.)  Blocks are contiguous.  On a CPU a single-damping pass uses the fused kernel of
 ``int8_scan`` (numba: each int8 read once, widened in registers); without numba it converts each
@@ -84,11 +96,32 @@ def block_key(j: int) -> str:
     return f"b{j:04d}"
 
 
-def quantize_blocks(rotated: torch.Tensor, blocks: list[Block]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(n, P) rotated gradients -> per-block int8 (n, size) and scales (n, num_blocks) float32."""
+def whitening(eigenvalues: torch.Tensor, blocks: list[Block], floor: float) -> torch.Tensor:
+    """The int8 grid's per-coordinate weights w (P,) float32: w_j = sqrt(e_j + floor * max_{k in b} e_k)
+    for coordinate j of block b (module docstring).  E R_ij^2 ~ e_j in the factors' eigenbasis, so
+    R / w has about the same spread in every coordinate; the floor keeps w > 0 where an eigenvalue is
+    zero (a rank-deficient factor) and stops the near-zero directions from setting a row's scale."""
+    e = eigenvalues.detach().to(torch.float64).clamp_min(0.0)
+    w = torch.empty_like(e)
+    for blk in blocks:
+        eb = e[blk.offset : blk.offset + blk.size]
+        top = float(eb.max()) if eb.numel() else 0.0
+        w[blk.offset : blk.offset + blk.size] = (eb + floor * top).sqrt() if top > 0 else 1.0
+    w = torch.where(w > 0, w, torch.ones_like(w))
+    return w.to(torch.float32)
+
+
+def quantize_blocks(
+    rotated: torch.Tensor, blocks: list[Block], weights: torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(n, P) rotated gradients -> per-block int8 (n, size) and scales (n, num_blocks) float32.
+
+    ``weights`` (P,): round R / w instead of R (``whitening``); the bank then multiplies the query by w."""
     data, scales = [], []
     for blk in blocks:
         r = rotated[:, blk.offset : blk.offset + blk.size].float()
+        if weights is not None:
+            r = r / weights[blk.offset : blk.offset + blk.size].to(r.device)
         s = r.abs().amax(dim=1) / 127.0
         s = torch.where(s > 0, s, torch.ones_like(s))
         data.append(torch.round(r / s[:, None]).clamp_(-127, 127).to(torch.int8))
@@ -113,13 +146,23 @@ class RotatedBank:
     grid_in_first_pass = False
 
     def __init__(
-        self, blocks: list[Block], data: list[torch.Tensor], scales: torch.Tensor | None, pack: bool = True
+        self,
+        blocks: list[Block],
+        data: list[torch.Tensor],
+        scales: torch.Tensor | None,
+        pack: bool = True,
+        weights: torch.Tensor | None = None,
     ):
         if len(data) != len(blocks):
             raise ValueError("one data array per block expected")
         self.blocks = blocks
         self.data = data
         self.scales = scales  # (N, num_blocks) float32 when quantised
+        # (P,) the whitened grid's w: the stored rows are R / w, and every query is multiplied by w once
+        self.weights = None if weights is None else weights.to(data[0].device, torch.float32).contiguous()
+        if self.weights is not None and self.weights.shape[0] != sum(b.size for b in blocks):
+            raise ValueError(f"whitening weights have {self.weights.shape[0]} entries for "
+                             f"{sum(b.size for b in blocks)} coordinates")
         # each block's scale column, contiguous: sliced per row chunk in every scan
         self._scale_cols = None if scales is None else [scales[:, j].contiguous() for j in range(len(blocks))]
         self.num_examples = int(data[0].shape[0])
@@ -164,15 +207,31 @@ class RotatedBank:
     @property
     def nbytes(self) -> int:
         n = sum(d.numel() * d.element_size() for d in self.data)
+        n += 0 if self.weights is None else self.weights.numel() * 4
         return n + (0 if self.scales is None else self.scales.numel() * 4)
 
     def row(self, i: int) -> torch.Tensor:
-        """Example i's rotated gradient (P,), dequantised (for checks)."""
+        """Example i's rotated gradient R_i (P,), dequantised (for checks)."""
         parts = []
         for j, d in enumerate(self.data):
             r = d[i].to(torch.float32 if self.quantized else d.dtype)
             parts.append(r * self.scales[i, j] if self.scales is not None else r)
-        return torch.cat(parts)
+        out = torch.cat(parts)
+        return out if self.weights is None else out * self.weights.to(out.dtype)
+
+    def block_rows(self, j: int, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        """Block j of examples ``rows``, dequantised: R_i's entries in that block ((rows, size), ``dtype``)."""
+        x = self.data[j][rows].to(dtype)
+        if self.scales is not None:
+            x = x * self.scales[rows, j : j + 1].to(dtype)
+        if self.weights is not None:
+            blk = self.blocks[j]
+            x = x * self.weights[blk.offset : blk.offset + blk.size].to(dtype)
+        return x
+
+    def _weighted(self, q: torch.Tensor) -> torch.Tensor:
+        """The query in the stored rows' coordinates: w * q on the whitened grid (<R_i, q> = <W_i, w * q>)."""
+        return q if self.weights is None else q * self.weights.to(q.dtype)
 
     def inner(self, query: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
         """<R_i, q> = sum_blocks scale_{i,b} <int8_{i,b}, q_b> (N,), for one damped rotated query (P,).
@@ -184,7 +243,7 @@ class RotatedBank:
         """
         n = self.num_examples
         dtype = torch.float32 if self.quantized else self.data[0].dtype
-        q = query.to(self.device, dtype)
+        q = self._weighted(query.to(self.device, dtype))
         if chunk_bytes is None and self._fused_ok():
             return self._inner_fused(q)
         if chunk_bytes is None:
@@ -233,7 +292,7 @@ class RotatedBank:
             return self.inner(queries[0])[None]
         n, g = self.num_examples, queries.shape[0]
         dtype = torch.float32 if self.quantized else self.data[0].dtype
-        q = queries.to(self.device, dtype)
+        q = self._weighted(queries.to(self.device, dtype))
         out = torch.zeros((n, g), dtype=dtype, device=self.device)
         for j, (blk, d) in enumerate(zip(self.blocks, self.data, strict=True)):
             qb = q[:, blk.offset : blk.offset + blk.size].T.contiguous()  # (size, G)
@@ -257,12 +316,18 @@ class RotatedBank:
 
     @classmethod
     def from_arrays(
-        cls, arrays: dict[str, np.ndarray], blocks: list[Block], device: torch.device | str
+        cls,
+        arrays: dict[str, np.ndarray],
+        blocks: list[Block],
+        device: torch.device | str,
+        weights: torch.Tensor | None = None,
     ) -> RotatedBank:
+        """``weights``: the whitening the rows were stored with (None: the plain grid); not saved with
+        the arrays, since it follows from the factors and the floor in the bank's cache key."""
         device = torch.device(device)
         data = [_as_tensor(arrays[block_key(j)], device) for j in range(len(blocks))]
         scales = _as_tensor(np.asarray(arrays[SCALES]), device) if SCALES in arrays else None
-        return cls(blocks, data, scales)
+        return cls(blocks, data, scales, weights=weights)
 
 
 class StreamedBank:
@@ -334,9 +399,11 @@ class StreamedBank:
         return to_scores(self.inner_many(queries), self.num_examples)
 
 
-def _chunk_arrays(rotated: torch.Tensor, blocks: list[Block], quantize: bool) -> dict[str, torch.Tensor]:
+def _chunk_arrays(
+    rotated: torch.Tensor, blocks: list[Block], quantize: bool, weights: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     if quantize:
-        data, scales = quantize_blocks(rotated, blocks)
+        data, scales = quantize_blocks(rotated, blocks, weights)
         arrays = {block_key(j): d for j, d in enumerate(data)}
         arrays[SCALES] = scales
         return arrays
@@ -360,6 +427,7 @@ def build_bank(
     device: torch.device | str | None = None,
     progress: Callable[[str, float], None] | None = None,
     consumers: list[Any] | None = None,
+    whiten: float | None = None,
 ) -> RotatedBank:
     """Compute (or load) the bank of rotated per-example training gradients.
 
@@ -372,16 +440,23 @@ def build_bank(
     gradients this pass computes (TRAK's and D-TRAK's ``FeatureSink``: one gradient pass feeds all
     three caches); a consumer's ``loss`` attribute ("loss" | "square-norm", default the bank's) says
     which per-example function's gradients it gets, from the same forward pass.
+
+    ``whiten``: the int8 grid's relative eigenvalue floor f (``whitening``; module docstring), None for the
+    plain grid; quantised banks only, and part of the cache key (``settings["whiten"]``).
     """
     device = torch.device(device) if device is not None else params[0][1].device
     settings = dict(settings or {})
     settings.update(quantize=bool(quantize), chunk_size=int(chunk_size))
     blocks = factors.blocks
     n = images.shape[0]
+    weights = None
+    if quantize and whiten is not None:
+        settings["whiten"] = float(whiten)
+        weights = whitening(factors.eigenvalues(), blocks, float(whiten))
     if store is not None:
         arrays = store.load_arrays(name, settings)
         if arrays is not None:
-            return RotatedBank.from_arrays(arrays, blocks, device)
+            return RotatedBank.from_arrays(arrays, blocks, device, weights)
 
     # every per-example function this pass differentiates: the bank's, then its consumers' (D-TRAK's
     # square norm shares the forward pass with the loss: ``per_example_grads_by_loss``)
@@ -408,13 +483,14 @@ def build_bank(
             if hasattr(c, "flush"):
                 c.flush()  # what it buffered of this chunk, before the chunk is saved
         rotated = factors.rotate(torch.cat(parts))
-        return _chunk_arrays(rotated, blocks, quantize)
+        return _chunk_arrays(rotated, blocks, quantize, weights)
 
     arrays = build_in_parts(store, name, settings, n, chunk_size, compute)
     if store is None:
         merged = {k: v.to(device) for k, v in arrays.items()}
-        return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES))
-    return RotatedBank.from_arrays(arrays, blocks, device)
+        return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES),
+                           weights=weights)
+    return RotatedBank.from_arrays(arrays, blocks, device, weights)
 
 
 def build_in_parts(

@@ -206,9 +206,7 @@ def compress_stored_bank(bank: RotatedBank, compressed: CompressedFactors, rows:
         r = slice(s, min(n, s + rows))
         out = torch.empty((r.stop - r.start, sum(b.size for b in compressed.blocks)), dtype=dtype)
         for j, (blk, small) in enumerate(zip(full.blocks, compressed.blocks, strict=True)):
-            x = bank.data[j][r].to(dtype)
-            if bank.scales is not None:
-                x = x * bank.scales[r, j : j + 1].to(dtype)
+            x = bank.block_rows(j, r, dtype)
             if blk.kind == "weight":
                 y = left[blk.layer] @ x.reshape(-1, *blk.shape) @ right[blk.layer]
             else:

@@ -14,7 +14,7 @@ from .kfac_influence import BANK, FACTOR_SHARE, KFACInfluence
 def _stored_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors, progress: Progress) -> Rows:
     """The rotated int8 bank on disk (resumable build, memory-mapped on load)."""
     bs = method.bank_settings(ctx)
-    bank_settings = {k: v for k, v in bs.items() if k not in ("quantize", "chunk_size")}
+    bank_settings = {k: v for k, v in bs.items() if k not in ("quantize", "chunk_size", "whiten")}
     return build_bank(
         ctx.model,
         ctx.diffusion,
@@ -31,6 +31,7 @@ def _stored_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors
         device=ctx.device,
         progress=lambda msg, f: progress(f"{method.title}: {msg}", FACTOR_SHARE + (1 - FACTOR_SHARE) * f),
         consumers=method.gradient_consumers,  # e.g. TRAK's FeatureSink: one gradient pass for both
+        whiten=bs.get("whiten"),  # the int8 grid (engine.attribution.bank.whitening)
     )
 
 

@@ -45,6 +45,7 @@ def compressed_settings(method: KFACInfluence, ctx: EngineContext) -> dict[str, 
     """The compressed bank's cache key: the stored bank's plus the projection kind and ratio."""
     c = method.config
     s = method.bank_settings(ctx)
+    s.pop("whiten", None)  # the stored bank's int8 grid: not used by the projected rows
     s.update(projection=c.kfac_projection, compression=float(c.kfac_compression))
     return s
 

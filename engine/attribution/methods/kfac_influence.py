@@ -143,6 +143,8 @@ class KFACInfluence(AttributionMethod):
     def bank_settings(self, ctx: EngineContext) -> dict[str, Any]:
         s = self.factor_settings(ctx)
         s.update(loss="loss", quantize=self.quantize, chunk_size=self.chunk_size)
+        if self.quantize and self.config.kfac_bank_whiten is not None:  # absent: the plain grid (older caches)
+            s["whiten"] = float(self.config.kfac_bank_whiten)
         return s
 
     def settings(self, ctx: EngineContext) -> dict[str, Any]:
