@@ -124,20 +124,27 @@ def test_resumable_build(tmp_path, tiny_model, diffusion, digits_small):
         if frac > 0.4:  # the first chunk (4 of 10) is saved before the next gradient batch reports
             raise _Stop
 
-    kw = dict(store=store, name="bank", settings=settings, chunk_size=4, grad_batch=2)
+    # the whitened grid: the resumed parts must be rounded with the same weights as the first ones
+    kw = dict(store=store, name="bank", settings=settings, chunk_size=4, grad_batch=2, whiten=1e-10)
+    key = {**settings, "quantize": True, "chunk_size": 4, "whiten": 1e-10}
     with pytest.raises(_Stop):
         build_bank(tiny_model, diffusion, x, draws, f, params, progress=interrupt, **kw)
-    assert not store.exists("bank", {**settings, "quantize": True, "chunk_size": 4})
+    assert not store.exists("bank", key)
     resumed: list[str] = []
     b1 = build_bank(tiny_model, diffusion, x, draws, f, params, progress=lambda m, _: resumed.append(m), **kw)
     assert resumed[0] == "train gradients 6/10"  # examples 0-3 were not recomputed
-    assert store.exists("bank", {**settings, "quantize": True, "chunk_size": 4})
+    assert store.exists("bank", key)
+    assert not store.exists("bank", {**settings, "quantize": True, "chunk_size": 4})  # the plain grid's key
     b2 = build_bank(
-        tiny_model, diffusion, x, draws, f, params, quantize=True, chunk_size=4
+        tiny_model, diffusion, x, draws, f, params, quantize=True, chunk_size=4, whiten=1e-10
     )  # uninterrupted, in memory
     for d1, d2 in zip(b1.data, b2.data, strict=True):
         assert torch.equal(d1, d2)
     assert torch.equal(b1.scales, b2.scales)
+    assert torch.equal(b1.weights, b2.weights)
+    loaded = build_bank(tiny_model, diffusion, x, draws, f, params, **kw)  # from the store: the same weights
+    q = torch.randn(b1.weights.shape[0], generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(loaded.score(q), b2.score(q))
     again: list[str] = []
     b3 = build_bank(tiny_model, diffusion, x, draws, f, params, progress=lambda m, _: again.append(m), **kw)
     assert again == [] and torch.equal(b3.data[0], b1.data[0])  # loaded, not rebuilt
