@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from engine.attribution.bank import RotatedBank, build_bank, quantize_blocks, wh
 from engine.attribution.session import AttributionSession  # noqa: E402
 from engine.bench.compressed import item_query  # noqa: E402
 from engine.config import get_preset  # noqa: E402
+from engine.files import save_json  # noqa: E402
 from engine.model.measurements import parse_measurement  # noqa: E402
 from engine.paths import default_checkpoint  # noqa: E402
 
@@ -155,8 +155,7 @@ def main() -> int:
                   + (f"  class change ratio {m['class_change_ratio']['median']:.5f}" if "class_change_ratio" in m else ""))
     print("scan ms (median):", record["scan_ms"])
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        save_json(args.out, record)  # atomic
     return 0
 
 
