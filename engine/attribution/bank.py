@@ -25,9 +25,9 @@ are small too (E R_ij^2 ~ e_j), so on the plain grid (scale = max|R_i| / 127, th
 2026-12-05, ``kfac_bank_whiten = None``) round-to-nearest zeroes exactly the coordinates the score
 weighs most: every score came out shrunk, by a median 0.4% on mnist and 0.6% on digits at the
 default damping and 1.2-1.8% at 1e-12, with a largest error (median over queries) of 0.3-3% of the
-largest score.  On the
-whitened grid each coordinate's rounding error carries about the same weight in the score: slope
-1.0000, largest error 0.04% of the largest score (``scripts/bank_rounding.py``; docs/architecture.md §4).
+largest score.  On the whitened grid each coordinate's rounding error carries about the same weight in
+the score: slope 1.0000, largest error 0.04% of the largest score, the same scan time
+(``scripts/bank_rounding.py``; docs/architecture.md §4).
 (Weights and biases of a layer get separate scales: a finer grain than one per layer, at
 no cost.)  Blocks are contiguous.  On a CPU a single-damping pass uses the fused kernel of
 ``int8_scan`` (numba: each int8 read once, widened in registers); without numba it converts each
