@@ -132,7 +132,8 @@ def test_resumable_build(tmp_path, tiny_model, diffusion, digits_small):
     assert not store.exists("bank", key)
     resumed: list[str] = []
     b1 = build_bank(tiny_model, diffusion, x, draws, f, params, progress=lambda m, _: resumed.append(m), **kw)
-    assert resumed[0] == "train gradients 6/10"  # examples 0-3 were not recomputed
+    assert resumed[0] == "resuming: 4/10 examples saved by an earlier run"  # said, on the build's progress
+    assert resumed[1] == "train gradients 6/10"  # examples 0-3 were not recomputed
     assert store.exists("bank", key)
     assert not store.exists("bank", {**settings, "quantize": True, "chunk_size": 4})  # the plain grid's key
     b2 = build_bank(

@@ -170,6 +170,7 @@ def test_kfac_build_interrupted_gives_the_same_cache(tmp_path, tiny_preset, tiny
     else:
         assert not any("rows" in m for m in seen)  # factors were published before the cut
         assert not any("train gradients 4/10" in m for m in seen)  # chunk 0 was kept
+        assert any("resuming: 4/10 examples saved" in m for m in seen)  # and the build says so
     assert not PassCheckpoint.for_store(ctx.store, FACTORS, method.factor_settings(ctx)).path.exists()
     ref, got = _arrays_bytes(tmp_path / "ref"), _arrays_bytes(tmp_path / "cut")
     assert ref.keys() == got.keys() and len(ref) > 3

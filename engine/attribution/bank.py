@@ -485,7 +485,7 @@ def build_bank(
         rotated = factors.rotate(torch.cat(parts))
         return _chunk_arrays(rotated, blocks, quantize, weights)
 
-    arrays = build_in_parts(store, name, settings, n, chunk_size, compute)
+    arrays = build_in_parts(store, name, settings, n, chunk_size, compute, progress)
     if store is None:
         merged = {k: v.to(device) for k, v in arrays.items()}
         return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES),
@@ -500,14 +500,15 @@ def build_in_parts(
     n: int,
     chunk_size: int,
     compute: Callable[[slice], dict[str, torch.Tensor]],
+    progress: Callable[[str, float], None] | None = None,
 ) -> dict[str, Any]:
     """Rows 0..n-1 computed ``chunk_size`` at a time by ``compute(rows) -> {array name: (rows, ...)}``.
 
     Without a store: the concatenated tensors.  With one: each part is saved as soon as it is
-    done (an interrupted build resumes at the first missing part; under torchrun every rank
-    builds its own parts, ``engine.distributed``), rank 0 publishes them atomically under
-    ``(name, settings)``, and the published arrays are returned (memory-mapped).  Shared by
-    every bank kind that stores rows.
+    done (an interrupted build resumes at the first missing part, and says so through ``progress``;
+    under torchrun every rank builds its own parts, ``engine.distributed``), rank 0 publishes them
+    atomically under ``(name, settings)``, and the published arrays are returned (memory-mapped).
+    Shared by every bank kind that stores rows.
     """
     t0 = time.perf_counter()
     if store is None:
@@ -515,7 +516,11 @@ def build_in_parts(
         return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     shard = distributed.current()
     partial = store.partial(name, settings, part_size=chunk_size, num_items=n)
-    for i in shard.mine(partial.todo()):
+    todo = partial.todo()
+    saved = n - sum(partial.part_range(i).stop - partial.part_range(i).start for i in todo)
+    if saved and todo and progress is not None:
+        progress(f"resuming: {saved}/{n} examples saved by an earlier run", saved / n)
+    for i in shard.mine(todo):
         partial.save_part(i, compute(partial.part_range(i)))
     shard.barrier()
     if shard.is_main:

@@ -182,7 +182,7 @@ def build_compressed_bank(
         arrays = store.load_arrays(name, settings)
         if arrays is not None:
             return load(arrays)
-    arrays = build_in_parts(store, name, settings, n, chunk_size, compute)
+    arrays = build_in_parts(store, name, settings, n, chunk_size, compute, progress)
     if store is None:
         arrays = {k: v.cpu().numpy() for k, v in arrays.items()}
     return load(arrays)
