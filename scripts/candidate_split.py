@@ -76,6 +76,9 @@ def main() -> int:
     p.add_argument("--ks", default="10,32", help="the ends' sizes compared (default 10,32; the app shows up to 32)")
     p.add_argument("--fresh", type=int, default=0, help="also this many fresh samples of the model as queries")
     p.add_argument("--fresh-seed", type=int, default=2000, help="sampling seed of --fresh (the gallery's is 1000)")
+    p.add_argument("--compressed-grid", choices=("plain", "whitened"), default="plain",
+                   help="the compressed rows' int8 grid: plain (what the product builds, the default) or whitened "
+                        "by the projected eigenvalues as the stored bank's is (a measurement)")
     p.add_argument("--out", default=None, help="JSON output (default: print only)")
     args = p.parse_args()
     try:
@@ -86,7 +89,10 @@ def main() -> int:
     c = int(args.candidates if args.candidates is not None else config.kfac_rerank)
     ks = [int(k) for k in args.ks.split(",")]
     comp = compress_factors(kfac.factors, config.kfac_projection, config.kfac_compression, seed=s.config.seed)
-    small = compress_stored_bank(kfac.bank, comp)
+    whiten = config.kfac_bank_whiten if args.compressed_grid == "whitened" else None
+    if args.compressed_grid == "whitened" and whiten is None:
+        raise SystemExit("--compressed-grid whitened needs the preset's kfac_bank_whiten floor (it is null)")
+    small = compress_stored_bank(kfac.bank, comp, whiten=whiten)
     small_eig = comp.factors.eigenvalues()
     meas, draws, lam = parse_measurement("loss", s.diffusion.T), s.query_draws(), kfac.default_damping
     sets: list[tuple[str, list[QueryInput]]] = [("gallery", [item_query(item) for item in s.gallery()])]
@@ -98,6 +104,7 @@ def main() -> int:
         sets.append((f"fresh:{args.fresh_seed}", [QueryInput(image=im, description=f"fresh:{i}")
                                                    for i, im in enumerate(images)]))
     record = {"preset": args.preset, "projection": config.kfac_projection, "ratio": config.kfac_compression,
+              "compressed_grid": args.compressed_grid,
               "candidates_per_end": c, "num_train": len(s.dataset), "damping": lam,
               "splits": {name: dataclasses.asdict(sp) for name, sp in SPLITS.items()}, "query_sets": {}}
     t0 = time.perf_counter()

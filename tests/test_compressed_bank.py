@@ -294,6 +294,12 @@ def test_compressed_bank_derived_from_the_stored_one_equals_the_built_one(tiny_m
         for i in range(6):
             ref = built.row(i)
             assert (derived.row(i).double() - ref).abs().max() <= 1.01 * ref.abs().max() / 254 * 1.0 + 1e-12
+        # on the whitened grid (a measurement option) the rows are R~_i within half of each coordinate's own step
+        white = compress_stored_bank(stored, comp, whiten=1e-10)
+        assert white.weights is not None and derived.weights is None
+        for i in range(6):
+            step = torch.cat([white.scales[i, j].expand(b.size) for j, b in enumerate(white.blocks)]) * white.weights
+            assert ((white.row(i).double() - built.row(i)).abs() <= step.double() / 2 * 1.01 + 1e-12).all()
 
 
 def test_candidates_come_most_extreme_first():

@@ -9,7 +9,8 @@ training example, rotated into the eigenbasis of the projected K-FAC factors
 and quantised to int8 like the stored bank (``engine.attribution.bank``: same ``RotatedBank``,
 same scoring, same damping grid and interpolation; on the plain grid, one step per example and block:
 the stored bank's whitened grid moved the candidates' bottom-10 recall only from 0.972 to 0.975 here,
-since the projection's error dominates the rounding's), so a query costs one pass over
+since the projection's error dominates the rounding's: ``scripts/candidate_split.py --compressed-grid
+whitened``), so a query costs one pass over
 N x P/ratio bytes and a damping change stays free.  Its scores are those of K-FAC inside
 the projected space (paper eqs. 6, 9):
 
@@ -43,7 +44,7 @@ from torch import nn
 
 from .. import distributed
 from ..model.diffusion import Diffusion
-from .bank import RotatedBank, _chunk_arrays, build_in_parts
+from .bank import RotatedBank, _chunk_arrays, build_in_parts, whitening
 from .curvature import Block, KFACFactors, LayerFactors, _eigh
 from .gradients import Params
 from .layer_projection import (
@@ -190,8 +191,14 @@ def build_compressed_bank(
     return load(arrays)
 
 
-def compress_stored_bank(bank: RotatedBank, compressed: CompressedFactors, rows: int = 64) -> RotatedBank:
+def compress_stored_bank(
+    bank: RotatedBank, compressed: CompressedFactors, rows: int = 64, whiten: float | None = None
+) -> RotatedBank:
     """The compressed bank derived from a stored one, without gradients.
+
+    ``whiten``: round the projected rows on the grid whitened by the projected factors' eigenvalues
+    (``bank.whitening``, as the stored bank does) instead of the plain grid the built compressed bank
+    uses (a measurement: ``scripts/candidate_split.py --compressed-grid whitened``).
 
     P_out G_i P_in^T = (P_out Q_B) R_i (P_in Q_A)^T with R_i = Q_B^T G_i Q_A the stored row, so
     each block needs two small products (for ``eigen`` projections P Q is a selection of
@@ -203,6 +210,7 @@ def compress_stored_bank(bank: RotatedBank, compressed: CompressedFactors, rows:
     left = [(lp.p_out.to(dtype) @ lf.qb) for lp, lf in zip(compressed.projections, full.layers, strict=True)]
     right = [None if lp.p_in is None else (lp.p_in.to(dtype) @ lf.qa).T
              for lp, lf in zip(compressed.projections, full.layers, strict=True)]
+    weights = None if whiten is None else whitening(compressed.factors.eigenvalues(), compressed.blocks, whiten)
     parts: list[dict[str, torch.Tensor]] = []
     for s in range(0, n, rows):
         r = slice(s, min(n, s + rows))
@@ -214,9 +222,9 @@ def compress_stored_bank(bank: RotatedBank, compressed: CompressedFactors, rows:
             else:
                 y = x @ left[blk.layer].T
             out[:, small.offset : small.offset + small.size] = y.reshape(out.shape[0], -1)
-        parts.append(_chunk_arrays(compressed.factors.rotate(out), compressed.blocks, True))
+        parts.append(_chunk_arrays(compressed.factors.rotate(out), compressed.blocks, True, weights))
     arrays = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
-    return RotatedBank.from_arrays(arrays, compressed.blocks, bank.device)
+    return RotatedBank.from_arrays(arrays, compressed.blocks, bank.device, weights)
 
 
 def shard_rows(n: int, shard: distributed.Shard | None = None) -> slice:
