@@ -212,12 +212,8 @@ class RotatedBank:
 
     def row(self, i: int) -> torch.Tensor:
         """Example i's rotated gradient R_i (P,), dequantised (for checks)."""
-        parts = []
-        for j, d in enumerate(self.data):
-            r = d[i].to(torch.float32 if self.quantized else d.dtype)
-            parts.append(r * self.scales[i, j] if self.scales is not None else r)
-        out = torch.cat(parts)
-        return out if self.weights is None else out * self.weights.to(out.dtype)
+        dtype = torch.float32 if self.quantized else self.data[0].dtype
+        return torch.cat([self.block_rows(j, slice(i, i + 1), dtype)[0] for j in range(len(self.data))])
 
     def block_rows(self, j: int, rows: slice, dtype: torch.dtype) -> torch.Tensor:
         """Block j of examples ``rows``, dequantised: R_i's entries in that block ((rows, size), ``dtype``)."""
@@ -517,7 +513,7 @@ def build_in_parts(
     shard = distributed.current()
     partial = store.partial(name, settings, part_size=chunk_size, num_items=n)
     todo = partial.todo()
-    saved = n - sum(partial.part_range(i).stop - partial.part_range(i).start for i in todo)
+    saved = n - sum(r.stop - r.start for r in map(partial.part_range, todo))
     if saved and todo and progress is not None:
         progress(f"resuming: {saved}/{n} examples saved by an earlier run", saved / n)
     for i in shard.mine(todo):
