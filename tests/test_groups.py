@@ -30,7 +30,7 @@ from engine.attribution.pool import (
     gallery_set,
     generate_pool,
     parse_query_set,
-    reverse_ranking,
+    ranking_by_change,
 )
 from engine.attribution.session import AttributionSession
 
@@ -197,13 +197,14 @@ def test_reverse_ranking_agrees_with_per_query_scores(session, pool):
     mats = attribution_matrix(session, pool, "loss", ["kfac"])
     train_index = 17
     per_query = [session.query(q, "loss", ["kfac"]).methods["kfac"].scores[train_index] for q in pool.queries]
-    ranking = reverse_ranking(mats["kfac"].scores, np.array([train_index]), pool)
+    one = group_from_indices([train_index], len(session.dataset))
+    ranking = ranking_by_change(group_change(mats["kfac"].scores, one), pool)
     assert [r.query for r in ranking] == [pool.names[q] for q in np.argsort(-np.array(per_query), kind="stable")]
     np.testing.assert_allclose([r.change for r in ranking], sorted(per_query, reverse=True), rtol=1e-4)
     # a group: the per-query group changes, sorted
     g = parse_group("label:4", session.dataset)
-    ranked = reverse_ranking(mats["kfac"].scores, g.members, pool, top_k=2)
     changes = group_change(mats["kfac"].scores, g)
+    ranked = ranking_by_change(changes, pool, top_k=2)
     assert [r.query for r in ranked] == [pool.names[q] for q in np.argsort(-changes, kind="stable")[:2]]
 
 

@@ -357,18 +357,11 @@ class Supported:
     rank: int
 
 
-def reverse_ranking(scores: np.ndarray, members: np.ndarray, qset: QuerySet, top_k: int | None = None) -> list[Supported]:
-    """Queries sorted by the predicted change sum_{i in group} T[q, i], largest first (ties by index).
-
-    The largest positive changes are the outputs the group supports most: removing it
-    would make them least likely.
-    """
-    return ranking_by_change(np.asarray(scores, dtype=np.float64)[:, np.asarray(members, dtype=np.int64)].sum(1),
-                             qset, top_k)
-
-
 def ranking_by_change(change: np.ndarray, qset: QuerySet, top_k: int | None = None) -> list[Supported]:
-    """Queries sorted by their predicted change (Q,), largest first (ties by index)."""
+    """Queries sorted by their predicted change (Q,) if a group were removed, largest first (ties by index):
+    the largest positive changes are the outputs the group supports most, removing it would make them least
+    likely.  The change is the group's column sum of the (Q, N) matrix (``groups.group_change``) or, where
+    the matrix is an estimate, the method's exact group sum (``GroupResult.changes``)."""
     change = np.asarray(change, dtype=np.float64)
     order = np.lexsort((np.arange(len(change)), -change))
     if top_k is not None:
@@ -392,5 +385,4 @@ __all__ = [
     "query_gradients",
     "attribution_matrix",
     "ranking_by_change",
-    "reverse_ranking",
 ]
