@@ -148,7 +148,8 @@ def exact_button(handle: Handle, name: str, result: QueryResult) -> None:
                icon=":material/hourglass_top:")
     if not st.button("Show the exact ranking", key=f"exact_{name}",
                      help="The shown images and scores are a fast estimate from a compressed copy of the "
-                          "training gradients (on a smaller scale than exact scores). The exact K-FAC scores of "
+                          "training gradients (on a smaller scale than exact scores until the first exact ones give "
+                          "the factor that rescales them). The exact K-FAC scores of "
                           "the strongest candidates at both ends are computed in the background (their training "
                           "gradients again: seconds on a GPU, minutes on a CPU); this waits for them, or computes "
                           "them if the worker moved on to a newer query, and shows them."):

@@ -22,15 +22,25 @@ def score_distributions(table: pd.DataFrame, names: list[str], titles: Mapping[s
 
 
 def score_scatter(table: pd.DataFrame, a: str, b: str, titles: Mapping[str, str], rho: float) -> go.Figure:
-    """Every training image as a point: method a's score against method b's, coloured by label."""
+    """Every training image as a point: method a's score against method b's, coloured by label.  Where a
+    method's column is partly estimates (a compressed K-FAC bank: ``<method>_exact``), the marker says
+    which points are exact on both axes, so a reader does not take an estimate for a computed score."""
     data = table.copy()
     data["label"] = data["label"].astype(str)
+    flags = [f"{m}_exact" for m in (a, b) if f"{m}_exact" in data.columns]
+    symbol = None
+    if flags:
+        exact = np.logical_and.reduce([data[f].to_numpy(bool) for f in flags])
+        symbol = "score"
+        data[symbol] = np.where(exact, "exact", "estimated")
     fig = px.scatter(
         data,
         x=a,
         y=b,
         color="label" if data["label"].nunique() <= 20 else None,
-        hover_data=["index", "label"],
+        symbol=symbol,
+        symbol_map={"exact": "circle", "estimated": "circle-open"},
+        hover_data=["index", "label"] + ([symbol] if symbol else []),
         render_mode="webgl",
         labels={a: titles.get(a, a), b: titles.get(b, b)},
         title=f"Spearman correlation {rho:+.3f} over {len(data)} training images",

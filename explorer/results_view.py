@@ -381,7 +381,8 @@ def downloads(handle: Handle, query: Query, result: QueryResult, s: Settings) ->
         mime="text/csv",
         key="dl_csv",
         help="One row per training image: index, label, one column per method (and, for a compressed "
-             "K-FAC bank, a column saying which of its scores are exact).",
+             "K-FAC bank, a column saying which of its scores are exact; the others are estimates put on the "
+             "exact scale by the factor the bank note gives).",
     )
     info = session.method_info()
     rows = [SheetRow(f"Query: {query.title} · measurement {result.measurement}", [to_uint8(query.input.image)], [""])]

@@ -448,6 +448,15 @@ def test_overlap_and_label_counts():
     table = score_table(res, ["a", "c"], labels)
     assert list(table.columns) == ["index", "label", "a", "a_exact", "c"]
     assert table["a_exact"].tolist() == [True, False, False, True]
+    # the scatter marks which points are exact on both axes (an estimate is not drawn as a computed score)
+    from explorer.figures import score_scatter
+
+    fig = score_scatter(table, "a", "c", {"a": "A", "c": "C"}, 0.0)
+    marked = {(t.marker.symbol, i) for t in fig.data for i in t.customdata[:, 0]}
+    assert {i for sym, i in marked if sym == "circle-open"} == {1, 2}
+    assert {i for sym, i in marked if sym == "circle"} == {0, 3}
+    plain = score_scatter(table, "c", "c", {"c": "C"}, 1.0)  # no partly estimated column: one kind of marker
+    assert {t.marker.symbol for t in plain.data} <= {None, "circle"}
 
 
 def test_command_line_beats_environment():

@@ -359,3 +359,59 @@ def test_candidate_split_script_compares_the_listed_ends_with_the_full_banks(loa
     top, low, share = cs.ends_held(full, np.array([0, 5, 1, 3]), 2)
     assert (top, low) == (1.0, 0.5)
     assert share == pytest.approx((-3.0 - 1.0) / (-3.0 - 2.0))
+
+
+def test_estimate_scale_fits_the_exact_scores_on_the_estimates():
+    """``estimate_scale`` is the least-squares slope through the origin of exact on estimate; it declines
+    to fit on too few candidates or when the slope is not positive and finite."""
+    from engine.attribution.rerank import MIN_SCALE_FIT, estimate_scale, scale_estimates
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(40)
+    t = 20.0 * a + 0.1 * rng.standard_normal(40)
+    b = estimate_scale(a, t)
+    assert b == pytest.approx(float(a @ t / (a @ a))) and abs(b - 20.0) < 0.1
+    assert estimate_scale(a[: MIN_SCALE_FIT - 1], t[: MIN_SCALE_FIT - 1]) is None
+    assert estimate_scale(a, -t) is None and estimate_scale(np.zeros(40), t) is None
+    mask = np.zeros(40, dtype=bool)
+    mask[:10] = True
+    col = np.where(mask, t, a).astype(np.float32)
+    out, got = scale_estimates(col, a.astype(np.float32), mask)
+    assert got == pytest.approx(float(a[:10] @ t[:10] / (a[:10] @ a[:10])), rel=1e-6)
+    np.testing.assert_array_equal(out[mask], col[mask])  # the exact entries untouched
+    np.testing.assert_allclose(out[~mask], got * a[~mask], rtol=1e-6)
+    np.testing.assert_array_equal(scale_estimates(col, a.astype(np.float32), np.zeros(40, bool))[0], col)
+
+
+def test_the_compressed_answer_puts_its_estimates_on_the_exact_scale(tiny_preset, tiny_model, digits_small):
+    """A compressed bank's answer: the candidates exact, the other entries the compressed scan's estimates
+    times the factor fitted on the candidates.  The scan's scale is smaller than eq. 6's, so the rescaled
+    column is closer to the stored bank's exact scores than candidates-exact-plus-raw-estimates would be."""
+    ctx, q, g = _setup(tiny_preset, tiny_model, digits_small, n=48)
+    stored = KFACInfluence(ctx.config, quantize=False)
+    stored.build(ctx)
+    cfg = dataclasses.replace(ctx.config, kfac_bank="compressed", kfac_projection="gaussian",
+                              kfac_compression=16.0, kfac_rerank=6)
+    ctx_c = dataclasses.replace(ctx, config=cfg)
+    comp = KFACInfluence(cfg)
+    comp.build(ctx_c)
+    approx_m = KFACInfluence(dataclasses.replace(cfg, kfac_rerank=0))
+    approx_m.build(ctx_c)
+    lam = 1e-3
+    approx = approx_m.score(approx_m.prepare(ctx_c, q, g), lam)
+    p_comp = comp.prepare(ctx_c, q, g)
+    s = comp.score(p_comp, lam)
+    mask = p_comp.exact
+    ref = stored.score(stored.prepare(ctx, q, g), lam)
+    b = p_comp.estimate_scale
+    assert mask is not None and mask.sum() == 12 and b is not None and b > 1.0  # the scan's scale is smaller
+    a, t = approx[mask].astype(np.float64), s[mask].astype(np.float64)
+    assert b == pytest.approx(float(a @ t / (a @ a)), rel=1e-6)
+    np.testing.assert_allclose(s[~mask], b * approx[~mask], rtol=1e-5)
+    raw = np.where(mask, s, approx)
+    assert np.linalg.norm(s - ref) < 0.8 * np.linalg.norm(raw - ref)
+    res = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=s, bank="compressed", exact=mask,
+                       estimate_scale=b)
+    assert f"x {b:.3g}" in res.bank_note()
+    js = QueryResult(query={}, measurement="loss", methods={"kfac": res}).to_json(3)["methods"]["kfac"]
+    assert js["estimate_scale"] == b

@@ -12,8 +12,9 @@ proponents, which stand out), and their exact scores against the *full* factors,
 come from fresh per-example gradients of just those 2C examples with the build's draws
 (``rerank_scores``), at every damping of the grid at once, so a damping change re-ranks them by a
 lookup or the grid interpolation.  ``Reranker`` holds one query's exact candidate scores;
-``RerankedQuery`` applies them to each damping's compressed scores, at once or, in the app,
-deferred to a background worker (2C x M gradient rows: seconds to minutes; README "On a GPU").
+``RerankedQuery`` applies them to each damping's compressed scores, with the other entries'
+estimates multiplied by the factor fitted on the exact candidates (``scale_estimates``: the
+compressed scan's scale is smaller than eq. 6's), at once or, in the app, deferred to a background worker (2C x M gradient rows: seconds to minutes; README "On a GPU").
 The candidates are done most extreme first (``merge_candidates``), and a deferred answer made while
 the re-rank runs has the candidates done so far exact: the shown top-k is almost always among the
 first few candidates of its end, so it is exact after a small part of the re-rank (mnist, 32 gallery
@@ -266,6 +267,46 @@ def exact_columns(model: nn.Module, diffusion: Diffusion, images: torch.Tensor, 
     return np.concatenate(parts, axis=1)
 
 
+MIN_SCALE_FIT = 8  # exact candidates needed before ``estimate_scale`` fits the estimates' scale
+
+
+def estimate_scale(approx: np.ndarray, exact: np.ndarray, min_fit: int = MIN_SCALE_FIT) -> float | None:
+    """The factor that puts a compressed bank's estimates on the scale of eq. 6's exact scores: the
+    least-squares slope through the origin of the candidates' exact scores t_i on their estimates a_i,
+
+        b = sum_i a_i t_i / sum_i a_i^2   over the re-ranked candidates,
+
+    None with fewer than ``min_fit`` candidates or a slope that is not positive and finite.
+
+    Why: the compressed scan scores eq. 6 inside the projected space, whose damped inverse
+    (e~ + lambda)^-1 cannot reach the small-eigenvalue directions the full one weighs most, so its
+    scores come out on a smaller scale (mnist, gaussian 32x: the exact candidates stand 16-28x above
+    their estimates, ``scripts/estimate_scale.py``).  An answer whose candidates are exact and whose
+    other entries are raw estimates mixes two scales in one column: the CSV, the scatter and histogram,
+    rank correlations over all N and the LDS's subset sums would read it as one.  The candidates are
+    chosen by their estimate, and selecting on the regressor leaves a least-squares slope of t on a
+    unbiased where the relation is linear; it is not exactly linear here, which the script measures
+    (slope over the candidates against over the other entries)."""
+    a = np.asarray(approx, dtype=np.float64)
+    t = np.asarray(exact, dtype=np.float64)
+    if a.shape[0] < min_fit:
+        return None
+    den = float(a @ a)
+    b = float(a @ t) / den if den > 0 else float("nan")
+    return b if np.isfinite(b) and b > 0 else None
+
+
+def scale_estimates(scores: np.ndarray, approx: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """``scores`` (candidates exact where ``mask``) with the other entries, the estimates ``approx``,
+    multiplied by ``estimate_scale`` fitted on the exact ones; unchanged (None) when it cannot be fitted."""
+    b = estimate_scale(approx[mask], scores[mask])
+    if b is None:
+        return scores, None
+    out = np.array(scores, dtype=np.float32, copy=True)
+    out[~mask] = (approx[~mask].astype(np.float64) * b).astype(np.float32)
+    return out, b
+
+
 @dataclass(frozen=True)
 class RerankProgress:
     """A running re-rank: candidates done of ``total``, ``seconds`` it has run (a resumed one counting on
@@ -443,7 +484,8 @@ def _at_damping(scores: dict[float, np.ndarray], lam: float, grid: tuple[float, 
 @dataclass(kw_only=True)
 class RerankedQuery(EigenbasisQuery):
     """The compressed bank's query (eq. 6 inside the projected space, ``scoring.EigenbasisQuery``)
-    whose scores come back with the candidates' entries exact (``Reranker``); ``exact_mask``
+    whose scores come back with the candidates' entries exact (``Reranker``) and the other entries'
+    estimates put on their scale (``scale_estimates``, factor ``estimate_scale``); ``exact_mask``
     says which entries are exact once a damping was scored.
 
     ``defer_exact``: the first answer is the compressed scan alone (milliseconds), and the re-rank,
@@ -456,6 +498,7 @@ class RerankedQuery(EigenbasisQuery):
 
     reranker: Reranker | None = None
     exact_mask: np.ndarray | None = None
+    estimate_scale: float | None = None  # the factor on the last answer's estimates (``scale_estimates``)
     answer_pending: bool = False  # the last ``score`` answered approximately while a re-rank was pending
     defer_exact: bool = False
     _first_damping: float | None = field(default=None, init=False, repr=False)
@@ -466,7 +509,9 @@ class RerankedQuery(EigenbasisQuery):
             return approx
         if self._first_damping is None:
             self._first_damping = float(damping)
-        out, self.exact_mask, final = self.reranker.answer(approx, float(damping), compute=not self.defer_exact)
+        out, mask, final = self.reranker.answer(approx, float(damping), compute=not self.defer_exact)
+        out, self.estimate_scale = scale_estimates(out, approx, mask)  # one scale in the answer's column
+        self.exact_mask = mask
         # from this answer itself, not from ``exact_pending`` read later: the worker may finish in between
         self.answer_pending = not final
         return out

@@ -38,6 +38,8 @@ class MethodResult:
     bank: str | None = None  # K-FAC: "stored" | "compressed" | "streamed"
     exact: np.ndarray | None = None  # (N,) bool: which scores are exact (None: all)
     exact_pending: bool = False  # the re-rank that makes the ends exact runs after this answer
+    # the factor on the estimated entries, fitted on the exact ones (rerank.scale_estimates); None: unscaled
+    estimate_scale: float | None = None
 
 
     def bank_note(self) -> str | None:
@@ -56,8 +58,10 @@ class MethodResult:
         if self.exact is None or not self.exact.any():
             return "compressed bank: estimated scores (no re-ranking)"
         # "at both ends", not "the highest and lowest": the candidates are not split evenly (rerank.CandidateSplit)
+        scaled = ("" if self.estimate_scale is None else
+                  f" (the compressed scan x {self.estimate_scale:.3g}, the factor fitted on the exact ones)")
         return (f"compressed bank: {int(self.exact.sum())} candidates at both ends re-ranked to exact "
-                f"K-FAC scores, the other {int((~self.exact).sum())} estimated")
+                f"K-FAC scores, the other {int((~self.exact).sum())} estimated{scaled}")
 
     def top(self, k: int, labels: np.ndarray | None = None) -> list[RankedItem]:
         """k largest scores: strongest proponents (or most similar); exact scores rank before approximate ones."""
@@ -107,6 +111,8 @@ class QueryResult:
                 entry["damping"] = r.damping
             if r.bank is not None:
                 entry["bank"] = r.bank
+            if r.estimate_scale is not None:
+                entry["estimate_scale"] = r.estimate_scale
             entry["top"] = [vars(x) for x in r.top(top_k, labels)]
             entry["bottom"] = [vars(x) for x in r.bottom(top_k, labels)]
             out["methods"][name] = entry

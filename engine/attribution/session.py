@@ -563,6 +563,7 @@ class AttributionSession:
             return
         res.scores = scores
         res.bank, res.exact, res.exact_pending = prep.bank, prep.exact, prep.exact_pending
+        res.estimate_scale = prep.estimate_scale
         res.status = "ok"
 
     def _check_query(self, query: QueryInput, meas: Measurement) -> None:

@@ -44,6 +44,7 @@ from ..attribution.compressed_bank import (
 )
 from ..attribution.damping_grid import DAMPING_GRID
 from ..attribution.layer_projection import projected_grads
+from ..attribution.rerank import scale_estimates
 from ..evaluation.setup import load_queries_file
 from ..evaluation.stats import spearman
 
@@ -144,7 +145,11 @@ def run_compressed_digits(
                 shown = approx.copy()
                 cand = gather_candidates(approx, 0, candidates, split)
                 shown[cand] = ref[cand]
-                product_scores.setdefault(f"{kind}@{ratio:g}", []).append(shown)
+                mask = np.zeros(shown.shape[0], dtype=bool)
+                mask[cand] = True
+                # as the product answers: the estimates on the exact scale (rerank.scale_estimates); and raw
+                product_scores.setdefault(f"{kind}@{ratio:g}", []).append(scale_estimates(shown, approx, mask)[0])
+                product_scores.setdefault(f"{kind}@{ratio:g}:raw", []).append(shown)
                 sp.append(spearman(approx, ref))
                 top.append(_overlap(approx, ref))
                 top_rr.append(_overlap(hi, ref))
@@ -200,10 +205,13 @@ def run_compressed_digits(
         if lds is not None:
             for v, key in zip(variants, extras, strict=True):
                 v["lds"] = lds[key]
+                extras[key]["lds_raw_estimates"] = lds[f"{key}:raw"]  # before estimates were rescaled (2026-12-05)
             lds_full_here, k_used = lds["full"], int(lds["subsets"])
             lds_note = (f"K={k_used} subsets of {lds_run}{' (PRELIMINARY: the models trained so far)' if lds_partial else ''}"
                         ", true loss measured with 1024 draws (engine.evaluation.lds); scores as the "
-                        f"product shows them (candidates exact, the rest compressed); full bank here: {lds_full_here:.3f}"
+                        "product shows them (candidates exact, the rest compressed estimates times the factor "
+                        "fitted on the candidates; per_variant.lds_raw_estimates: the estimates unscaled); "
+                        f"full bank here: {lds_full_here:.3f}"
                         f" at M={len(ctx.train_draws)}")
             if lds_full is None or lds_partial:
                 lds_full = lds_full_here

@@ -47,6 +47,7 @@ class Prepared:
     bank: str | None = None  # K-FAC: "stored" | "compressed" | "streamed" (reported per method)
     exact: np.ndarray | None = None  # (N,) bool: which scores are exact (None: all of them)
     exact_pending: bool = False  # work that makes some scores exact is deferred (compressed bank's re-rank)
+    estimate_scale: float | None = None  # the factor on the estimates (rerank.scale_estimates; None: unscaled)
 
 
 @dataclass(kw_only=True)
