@@ -415,3 +415,17 @@ def test_the_compressed_answer_puts_its_estimates_on_the_exact_scale(tiny_preset
     assert f"x {b:.3g}" in res.bank_note()
     js = QueryResult(query={}, measurement="loss", methods={"kfac": res}).to_json(3)["methods"]["kfac"]
     assert js["estimate_scale"] == b
+
+
+def test_estimate_scale_script_compares_the_column_raw_and_rescaled(load_script):
+    """``scripts/estimate_scale.py``'s measure on a column whose estimates are the exact scores at 1/20 scale
+    plus noise: the slopes, and the rescaled column closer to the exact one than the raw column."""
+    es = load_script("estimate_scale")
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal(200).astype(np.float32)
+    approx = (full / 20.0 + 0.002 * rng.standard_normal(200)).astype(np.float32)
+    cand = np.concatenate([np.argsort(-approx)[:20], np.argsort(approx)[:20]])
+    f = es.column_figures(full, approx, cand)
+    assert 18.0 < f["scale_candidates"] < 22.0 and 15.0 < f["scale_rest"] < 25.0
+    assert f["rel_l2_scaled"] < 0.5 * f["rel_l2_raw"] and f["spearman_scaled"] >= f["spearman_raw"]
+    assert f["rest_max_error_scaled"] < f["rest_max_error_raw"]
