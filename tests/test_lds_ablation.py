@@ -127,3 +127,26 @@ def test_a_folder_that_is_not_an_lds_run_is_refused_before_any_build(tmp_path, d
                           results=tmp_path / "r", lds=LDSConfig(subsets=4, seeds=1))
     with pytest.raises(FileNotFoundError, match="not an LDS run folder"):
         abl.run_ablations(job)
+
+
+def test_the_variants_change_the_requested_presets_attribution_settings(tmp_path, digits_small, monkeypatch):
+    """The checkpoint's config.json keeps the attribution settings of the day it was trained (the shipped
+    digits: kfac_factor_draws None, the preset's 8 since); the ablations' baseline must be the requested
+    preset's, as the LDS run's (engine.evaluation.setup), or a variant is built on settings nobody serves."""
+    import dataclasses
+
+    import engine.evaluation.lds_ablation as abl
+    from engine.evaluation.lds import LDSConfig
+
+    setup = _tiny_setup(tmp_path, digits_small, steps=1)  # saved with mc_samples 2
+    seen = []
+    monkeypatch.setattr(abl, "build_variants", lambda s, *a, **k: seen.append(s.preset.attribution))
+    requested = dataclasses.replace(setup.preset.attribution, mc_samples=5, kfac_factor_draws=4)
+    for attribution, want in ((requested, 5), (None, 2)):
+        job = abl.AblationJob(run=tmp_path / "r", checkpoint=setup.checkpoint, ablations=("bank_grid",),
+                              cache_root=tmp_path / "c", baseline_cache=None, out=tmp_path / "o",
+                              results=tmp_path / "res", lds=LDSConfig(subsets=4, seeds=1), build_only=True,
+                              attribution=attribution)
+        assert abl.run_ablations(job) == []
+        assert seen[-1].mc_samples == want
+    assert seen[0] == requested

@@ -23,8 +23,8 @@ def add_lds_ablation(sub: argparse._SubParsersAction) -> None:
         cmd_lds_ablation,
         help="LDS of other settings on an LDS run's subsets, models and queries",
         description="Scores variants of the attribution settings (draws, TRAK's k, K-FAC blocks, factor "
-        "draws, M, query draws) with the LDS protocol against an existing run's retrained subset models; the "
-        "run folder is only read. Writes <results>/lds_<preset>_ablation_<name>.json.",
+        "draws, M, query draws, the bank's int8 grid) with the LDS protocol against an existing run's retrained "
+        "subset models; the run folder is only read. Writes <results>/lds_<preset>_ablation_<name>.json.",
     )
     p.add_argument("--run", required=True, help="LDS run folder (attribution-engine lds --out), read only")
     p.add_argument("--ablations", default=None,
@@ -47,7 +47,7 @@ def cmd_lds_ablation(args: argparse.Namespace) -> int:
     from ..evaluation.lds_ablation import ABLATIONS, AblationJob, run_ablations
     from ..evaluation.runs import MeasureSpec
 
-    _, ckpt, device = resolve(args)
+    preset, ckpt, device = resolve(args)
     job = AblationJob(
         run=Path(args.run),
         checkpoint=ckpt,
@@ -61,6 +61,7 @@ def cmd_lds_ablation(args: argparse.Namespace) -> int:
         spec=MeasureSpec(measurement=args.measurement, mc_samples=args.mc_samples),
         device=device,
         build_only=args.build_only,
+        attribution=preset.attribution,
     )
     try:
         written = run_ablations(job)

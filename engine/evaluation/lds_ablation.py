@@ -14,7 +14,8 @@ m(S_j) = m_full + sum_{i not in S_j} tau_i, Spearman over subsets, mean over que
 * ``kfac_blocks``: K-FAC with weight and bias in separate blocks vs one joint block per layer;
 * ``factor_draws``: K-FAC factors from all M per-example draws vs the first k = 8 (an 8x cheaper factor pass);
 * ``mc_samples``: M = 64 (the default) vs 32 and 128 Monte Carlo draws per example for every gradient method;
-* ``query_draws``: the query gradient on its own draws vs the bank's shared draws (common random numbers).
+* ``query_draws``: the query gradient on its own draws vs the bank's shared draws (common random numbers);
+* ``bank_grid``: the stored K-FAC bank's int8 rows on the plain grid vs the grid whitened by the eigenvalues.
 
 The run folder (``attribution-engine lds`` output) is only read: true measurements already cached
 beside its models are reused, missing ones are computed into ``out``.  Caches of settings other
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import AttributionConfig
 from ..files import save_json
 from .lds import (
     LDSConfig,
@@ -107,6 +109,12 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
     # every training example: AttributionSession.query_draws); same banks, only the query side differs
     "query_draws": tuple(
         Variant(label, {**SHARED_ALL, "query_draws": label}, ("kfac", "trak", "dtrak")) for label in ("own", "bank")
+    ),
+    # the stored bank's int8 grid: one step per (example, block), or whitened by the eigenvalues (bank.whitening,
+    # 2026-12-05); the preset's draws and factors, only the rounding differs
+    "bank_grid": (
+        Variant("plain", {"kfac_bank_whiten": None}),
+        Variant("whitened", {"kfac_bank_whiten": 1e-10}),
     ),
 }
 
@@ -345,7 +353,9 @@ class AblationJob:
 
     ``lds`` must be the run's own subsets/seeds/fraction (the subsets are read back, not drawn);
     ``build_only``: build the variants' caches and stop (no models needed, so it can run while the
-    run's subset models train)."""
+    run's subset models train); ``attribution``: the requested preset's attribution settings, which
+    every variant changes (as ``engine.evaluation.setup.run_setup`` gives the LDS run itself); None
+    keeps those saved with the checkpoint when it was trained, which may be older than the preset's."""
 
     run: Path
     checkpoint: Path
@@ -359,6 +369,7 @@ class AblationJob:
     spec: MeasureSpec = field(default_factory=MeasureSpec)
     device: str = "cpu"
     build_only: bool = False
+    attribution: AttributionConfig | None = None
 
 
 def run_ablations(job: AblationJob) -> list[Path]:
@@ -373,6 +384,8 @@ def run_ablations(job: AblationJob) -> list[Path]:
     if bad or not job.ablations:
         raise ValueError(f"unknown ablation(s) {bad or list(job.ablations)}; choose from {', '.join(ABLATIONS)}")
     preset, _ = read_config(job.checkpoint)
+    if job.attribution is not None:  # the checkpoint fixes the model's recipe, the preset the attribution settings
+        preset = preset.replace(attribution=job.attribution)
     dataset = load_dataset(preset.data)
     job.out.mkdir(parents=True, exist_ok=True)
     setup = RunSetup(preset, job.checkpoint, dataset, job.out, job.results, job.device, False)
