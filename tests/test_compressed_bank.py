@@ -231,10 +231,28 @@ def test_two_ranks_merge_their_top_candidates_into_the_single_process_set(tmp_pa
         np.testing.assert_array_equal(np.load(tmp_path / f"adaptive{r}.npy"), one)
 
 
-def _query_rank(rank: int, world: int, rendezvous: str, preset, state, dataset, g, root: str, out: str) -> None:
+def _query_rank(rank: int, world: int, rendezvous: str, preset, state, dataset, g, root: str, out: str,
+                late: int | None = None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
+        if rank == late:  # a rank descheduled under load: it finds what rank 0 saved meanwhile
+            import time
+            from pathlib import Path
+
+            from engine.attribution.methods.kfac_compressed_bank import COMPRESSED_FACTORS
+
+            t0 = time.monotonic()  # start once rank 0 has saved the K-FAC factors
+            while not list(Path(root).glob("**/kfac-factors-*/settings.json")) and time.monotonic() - t0 < 120:
+                time.sleep(0.05)
+            load = Store.load_arrays
+
+            def slow_load(self, name, *a, **k):  # and look for the projections a second late
+                if name == COMPRESSED_FACTORS:
+                    time.sleep(1.0)
+                return load(self, name, *a, **k)
+
+            Store.load_arrays = slow_load
         s, mask, nrows = _sharded_scores(preset, state, dataset, g, root)
         np.savez(f"{out}/rank{rank}.npz", scores=s, exact=mask, rows=nrows)
     finally:
@@ -259,15 +277,19 @@ def _sharded_scores(preset, state, dataset, g, root):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("late", [None, 1])
 def test_two_ranks_hold_half_the_compressed_bank_and_answer_like_one_process(
-    tmp_path, tiny_preset, tiny_model, digits_small
+    tmp_path, tiny_preset, tiny_model, digits_small, late
 ):
+    """``late`` = 1: rank 1 starts after rank 0 has saved the factors (under load it did).  It used to load
+    them and skip the barrier rank 0 waited at, so every later barrier met out of step and rank 1 read
+    the compressed bank before rank 0 had published it (AttributeError on None)."""
     dataset = digits_small.subset(list(range(20)))
     state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     g = measurement_grad(tiny_model, Diffusion(), LOSS, QueryInput(image=dataset.images[0]),
                          make_draws(2, (1, 8, 8), 1000, seed=1), 17)
     mp.spawn(_query_rank, args=(2, str(tmp_path / "rdv"), tiny_preset, state, dataset, g, str(tmp_path / "shared"),
-                                str(tmp_path)), nprocs=2, join=True)
+                                str(tmp_path), late), nprocs=2, join=True)
     single, mask, nrows = _sharded_scores(tiny_preset, state, dataset, g, tmp_path / "single")
     assert nrows == 20 and mask.sum() >= 3
     for r in (0, 1):

@@ -214,10 +214,8 @@ class KFACInfluence(AttributionMethod):
             if arrays is not None:
                 factors = KFACFactors.from_arrays(arrays, template, ctx.device)
         shard = distributed.current()
-        if factors is None and ctx.store is not None and not shard.is_main:
-            shard.barrier()  # under torchrun rank 0 computes and saves the factors (below)
-            factors = KFACFactors.from_arrays(ctx.store.load_arrays(FACTORS, fs, mmap=False), template, ctx.device)
-        if factors is None:
+        shared = ctx.store is not None and shard.world > 1  # torchrun: rank 0 computes and saves the factors
+        if factors is None and (not shared or shard.is_main):
             # resumable: a killed factor pass restarts at its last checkpoint (engine.attribution.pass_checkpoint)
             checkpoint = None if ctx.store is None else PassCheckpoint.for_store(ctx.store, FACTORS, fs)
             draws = self.factor_train_draws(ctx)
@@ -246,7 +244,12 @@ class KFACInfluence(AttributionMethod):
                     meta={"build_seconds": round(time.perf_counter() - t0 + factors.seconds_before, 3)},
                 )
                 checkpoint.clear()
-                shard.barrier()  # the other ranks may load them now
+        if shared:
+            # every rank meets here once, whether it found the factors saved or not: a rank that found them
+            # (rank 0 was quicker) and skipped the barrier would meet the others' next one out of step
+            shard.barrier()
+            if factors is None:
+                factors = KFACFactors.from_arrays(ctx.store.load_arrays(FACTORS, fs, mmap=False), template, ctx.device)
         self.factors = factors
         self._eigenvalues = factors.eigenvalues().to(ctx.device)
         self.bank = bank_kind(self.bank_mode(ctx)).build(self, ctx, factors, progress)
