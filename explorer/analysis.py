@@ -15,7 +15,7 @@ from engine.attribution.results import QueryResult
 from engine.evaluation import compare
 from engine.evaluation.compare import scored_methods
 
-__all__ = ["format_score", "score_table", "scored_methods", "spearman_matrix", "topk_label_counts", "topk_overlap"]
+__all__ = ["estimated_note", "format_score", "score_table", "scored_methods", "spearman_matrix", "topk_label_counts", "topk_overlap"]
 
 
 def score_table(result: QueryResult, names: Sequence[str], labels: np.ndarray | None) -> pd.DataFrame:
@@ -32,6 +32,21 @@ def score_table(result: QueryResult, names: Sequence[str], labels: np.ndarray | 
         if exact is not None:
             table[f"{name}_exact"] = np.asarray(exact, dtype=bool)
     return table
+
+
+def estimated_note(result: QueryResult, names: Sequence[str], titles: dict[str, str]) -> str | None:
+    """A sentence naming the methods among ``names`` whose scores are partly estimates (a compressed K-FAC
+    bank's non-candidates) and how many, for the captions of plots and correlations over all N: those
+    figures include the estimates, and a reader must not take them for figures of exact scores."""
+    parts = []
+    for n in scored_methods(result, names):
+        exact = result.methods[n].exact
+        if exact is not None and (~exact).any():
+            parts.append(f"{titles.get(n, n)} {int((~exact).sum())} of {len(exact)}")
+    if not parts:
+        return None
+    return ("Estimated scores included (compressed bank, rescaled to the exact ones; only the re-ranked "
+            f"candidates are exact): {', '.join(parts)}. Figures over all training images are approximate.")
 
 
 def spearman_matrix(result: QueryResult, names: Sequence[str]) -> pd.DataFrame:

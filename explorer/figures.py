@@ -12,11 +12,22 @@ from plotly.subplots import make_subplots
 
 
 def score_distributions(table: pd.DataFrame, names: list[str], titles: Mapping[str, str]) -> go.Figure:
-    """One histogram per method; x axes are independent because the methods' scales differ by orders of magnitude."""
+    """One histogram per method; x axes are independent because the methods' scales differ by orders of magnitude.
+    A column that is partly estimates (a compressed K-FAC bank: ``<method>_exact``) is drawn as two stacked
+    series, exact and estimated, so the shape of the estimates is not read as computed scores."""
     fig = make_subplots(rows=1, cols=max(len(names), 1), subplot_titles=[titles.get(n, n) for n in names])
     for j, name in enumerate(names):
-        fig.add_trace(go.Histogram(x=table[name], nbinsx=60, name=titles.get(name, name), showlegend=False), 1, j + 1)
-    fig.update_layout(height=300, margin=dict(l=10, r=10, t=70, b=10), bargap=0.02)
+        flag = f"{name}_exact"
+        if flag not in table.columns:
+            fig.add_trace(go.Histogram(x=table[name], nbinsx=60, name=titles.get(name, name), showlegend=False),
+                          1, j + 1)
+            continue
+        exact = table[flag].to_numpy(bool)
+        for part, label, colour in ((exact, "exact", "#1f77b4"), (~exact, "estimated", "#bbbbbb")):
+            fig.add_trace(go.Histogram(x=table.loc[part, name], nbinsx=60, name=f"{titles.get(name, name)}: {label}",
+                                       marker_color=colour, showlegend=True), 1, j + 1)
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=70, b=10), bargap=0.02, barmode="stack",
+                      legend=dict(orientation="h", y=-0.25))
     fig.update_yaxes(title_text="training images", row=1, col=1)
     return fig
 
@@ -28,11 +39,12 @@ def score_scatter(table: pd.DataFrame, a: str, b: str, titles: Mapping[str, str]
     data = table.copy()
     data["label"] = data["label"].astype(str)
     flags = [f"{m}_exact" for m in (a, b) if f"{m}_exact" in data.columns]
-    symbol = None
+    symbol, title = None, f"Spearman correlation {rho:+.3f} over {len(data)} training images"
     if flags:
         exact = np.logical_and.reduce([data[f].to_numpy(bool) for f in flags])
         symbol = "score"
         data[symbol] = np.where(exact, "exact", "estimated")
+        title += f" ({int((~exact).sum())} of them estimated)"
     fig = px.scatter(
         data,
         x=a,
@@ -43,7 +55,7 @@ def score_scatter(table: pd.DataFrame, a: str, b: str, titles: Mapping[str, str]
         hover_data=["index", "label"] + ([symbol] if symbol else []),
         render_mode="webgl",
         labels={a: titles.get(a, a), b: titles.get(b, b)},
-        title=f"Spearman correlation {rho:+.3f} over {len(data)} training images",
+        title=title,
     )
     fig.update_traces(marker=dict(size=5, opacity=0.7))
     fig.update_layout(height=420, margin=dict(l=10, r=10, t=50, b=10))

@@ -284,9 +284,11 @@ def plots(handle: Handle, result: QueryResult, s: Settings) -> None:
     t_dist, t_scatter, t_overlap, t_labels = st.tabs(
         ["Score distributions", "Scatter of two methods", "Top-k overlap", "Labels of the top-k"]
     )
+    estimated = analysis.estimated_note(result, names, titles)
     with t_dist:
         st.plotly_chart(figures.score_distributions(table, names, titles), key="fig_dist")
-        st.caption("Influence scores: change of the measurement if the image were removed (positive = proponent).")
+        st.caption("Influence scores: change of the measurement if the image were removed (positive = proponent)."
+                   + (f" {estimated}" if estimated else ""))
     with t_scatter:
         if len(names) < 2:
             st.info("Show at least two methods to compare them.")
@@ -298,7 +300,8 @@ def plots(handle: Handle, result: QueryResult, s: Settings) -> None:
             st.plotly_chart(figures.score_scatter(table, a, b, titles, rho), key="fig_scatter")
             corr = analysis.spearman_matrix(result, names)
             corr.index = corr.columns = [titles[n] for n in names]
-            st.caption("Spearman rank correlation of all pairs over every training image:")
+            st.caption("Spearman rank correlation of all pairs over every training image"
+                       + (f". {estimated}" if estimated else ":"))
             st.dataframe(corr.style.format("{:+.3f}"), width="content")
     with t_overlap:
         st.plotly_chart(figures.overlap_matrix(analysis.topk_overlap(result, names, s.top_k), titles, s.top_k), key="fig_overlap")

@@ -455,8 +455,19 @@ def test_overlap_and_label_counts():
     marked = {(t.marker.symbol, i) for t in fig.data for i in t.customdata[:, 0]}
     assert {i for sym, i in marked if sym == "circle-open"} == {1, 2}
     assert {i for sym, i in marked if sym == "circle"} == {0, 3}
+    assert "(2 of them estimated)" in fig.layout.title.text
     plain = score_scatter(table, "c", "c", {"c": "C"}, 1.0)  # no partly estimated column: one kind of marker
-    assert {t.marker.symbol for t in plain.data} <= {None, "circle"}
+    assert {t.marker.symbol for t in plain.data} <= {None, "circle"} and "estimated" not in plain.layout.title.text
+    # the histogram draws the estimates as their own series; the captions name them
+    from explorer.analysis import estimated_note
+    from explorer.figures import score_distributions
+
+    hist = score_distributions(table, ["a", "c"], {"a": "A", "c": "C"})
+    series = {t.name: sorted(t.x) for t in hist.data}
+    assert series == {"A: exact": [1.0, 4.0], "A: estimated": [2.0, 3.0], "C": [1, 2, 3, 4]}
+    assert "A 2 of 4" in estimated_note(res, ["a", "c"], {"a": "A"})
+    res.methods["a"].exact = None
+    assert estimated_note(res, ["a", "c"], {}) is None
 
 
 def test_command_line_beats_environment():
