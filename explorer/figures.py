@@ -25,7 +25,7 @@ def score_distributions(table: pd.DataFrame, names: list[str], titles: Mapping[s
         exact = table[flag].to_numpy(bool)
         for part, label, colour in ((exact, "exact", "#1f77b4"), (~exact, "estimated", "#bbbbbb")):
             fig.add_trace(go.Histogram(x=table.loc[part, name], nbinsx=60, name=f"{titles.get(name, name)}: {label}",
-                                       marker_color=colour, showlegend=True), 1, j + 1)
+                                       marker_color=colour, showlegend=True, bingroup=f"b{j}"), 1, j + 1)
     fig.update_layout(height=300, margin=dict(l=10, r=10, t=70, b=10), bargap=0.02, barmode="stack",
                       legend=dict(orientation="h", y=-0.25))
     fig.update_yaxes(title_text="training images", row=1, col=1)
