@@ -16,8 +16,18 @@ class InvalidSettingError(ValueError):
     """A setting outside its valid range; the message names the setting and the accepted values."""
 
 
+MAX_DAMPING = 1e30
+"""Largest damping accepted (presets' ``attribution.*_damping``, ``--damping``, the app, the API).
+
+Scores are float32: above float32's largest value (about 3.4e38) lambda becomes inf and every
+1/(e + lambda) is 0, so every score is 0 and the ranking is meaningless, without any error (QA: 1e39
+gave all zeros, 1e30 still ranked).  The limit stays well inside float32's range, where QA saw scores
+still rank; no useful damping comes near it (the damping grid, engine.attribution.damping_grid, ends at 1e3)."""
+
+
 def check_damping(value: Any, what: str = "damping") -> float:
-    """``value`` as a float if it is a finite number > 0; InvalidSettingError naming ``what`` otherwise."""
+    """``value`` as a float if it is a finite number in (0, MAX_DAMPING]; InvalidSettingError naming ``what``
+    otherwise."""
     if isinstance(value, bool):
         raise InvalidSettingError(f"{what} must be a number > 0, got {value!r}")
     try:
@@ -28,6 +38,11 @@ def check_damping(value: Any, what: str = "damping") -> float:
         raise InvalidSettingError(
             f"{what} must be finite and > 0 (e.g. 1e-8), got {value!r}: lambda = 0 divides by the "
             "curvature's zero eigenvalues and lambda < 0 flips the sign of low-curvature directions"
+        )
+    if x > MAX_DAMPING:
+        raise InvalidSettingError(
+            f"{what} must be at most {MAX_DAMPING:g}, got {value!r}: the scores are float32, and so large a "
+            "lambda makes every score 0"
         )
     return x
 

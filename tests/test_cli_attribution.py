@@ -122,6 +122,50 @@ def test_query_errors_are_clear(cli):
     assert rc == 2 and out == "" and err.startswith("error: trak damping must be finite and > 0"), err
 
 
+def test_query_refuses_what_it_used_to_ignore_or_answer_emptily(cli, tmp_path):
+    """QA round 11: each of these exited 0 (a damping for a similarity was dropped, 1e39 made every score 0,
+    --top-k 0 printed empty lists) or failed only after the scoring (--scores-out below a file)."""
+    for spec in ("pixel=1e-4", "clip=1"):
+        rc, out, err = cli("query", "--query", "train:1", "--methods", "pixel", "--damping", spec)
+        name = spec.split("=")[0]
+        assert rc == 2 and out == "" and err.startswith(f"error: --damping '{spec}': {name} has no damping"), err
+    rc, out, err = cli("query", "--query", "train:1", "--methods", "pixel", "--damping", "kfac=1e39")
+    assert rc == 2 and out == "" and err.startswith("error: kfac damping must be at most 1e+30"), err
+    rc, out, err = cli("query", "--query", "train:1", "--methods", "pixel", "--top-k", "0")
+    assert rc == 2 and out == "" and err.strip() == "error: --top-k must be at least 1, got 0", err
+    blocker = tmp_path / "scores"
+    blocker.write_text("a file")
+    rc, out, err = cli("query", "--query", "train:1", "--methods", "pixel", "--scores-out", str(blocker / "s.npz"))
+    assert rc == 2 and out == "" and err.strip() == f"error: --scores-out {blocker / 's.npz'}: {blocker} is a file, not a folder"
+
+
+def test_query_text_headings_follow_the_signs_of_the_scores(cli):
+    """With --top-k N every score is listed at both ends: the k highest included negative scores, printed
+    under "proponents:", and the k lowest positive ones under "opponents:".  The headings now say which
+    are not; on this tiny model, square-norm of gallery:1 has both signs and the loss of train:2 only
+    positive scores."""
+    def signs(*argv: str) -> tuple[int, int]:
+        rc, out, err = cli("query", *argv, "--methods", "kfac", "--top-k", "64", "--auto-build", "--json")
+        assert rc == 0, err
+        scores = [t["score"] for t in json.loads(out)["methods"]["kfac"]["top"]]
+        assert len(scores) == 64
+        return sum(v > 0 for v in scores), sum(v < 0 for v in scores)
+
+    mixed = ("--query", "gallery:1", "--measurement", "square-norm")
+    pos, neg = signs(*mixed)
+    assert pos and neg  # the premise: neither end is all proponents or all opponents
+    rc, out, err = cli("query", *mixed, "--methods", "kfac", "--top-k", "64")
+    assert rc == 0, err
+    assert "proponents:" not in out and "opponents:" not in out, out
+    assert f"highest scores ({64 - pos} of 64 not positive: not proponents): #" in out, out
+    assert f"lowest scores ({64 - neg} of 64 not negative: not opponents): #" in out, out
+
+    assert signs("--query", "train:2") == (64, 0)
+    rc, out, err = cli("query", "--query", "train:2", "--methods", "kfac", "--top-k", "3")
+    assert rc == 0, err
+    assert "   proponents: #" in out and "lowest scores (none negative: no opponents): #" in out, out
+
+
 def test_every_cache_setting_is_a_flag_of_build_and_query_and_its_range_is_checked(setup, digits_small, monkeypatch,
                                                                                     capsys):
     """SETTING_FLAGS is what the CLI reads into the config and what printed build commands write back: each

@@ -42,6 +42,23 @@ def test_check_damping_accepts_positive():
     assert check_damping("1e-8") == 1e-8 and check_damping(3) == 3.0
 
 
+def test_check_damping_refuses_a_damping_too_large_for_float32_scores(tmp_path):
+    """1e39 overflows float32 (every 1/(e + lambda) became 0, so every score was 0, exit 0): refused for the
+    CLI and the session (check_damping) and for presets (check_attribution_config), the same limit."""
+    from engine.attribution.damping_grid import DAMPING_GRID
+    from engine.validation import MAX_DAMPING
+
+    with pytest.raises(InvalidSettingError, match=r"kfac damping must be at most 1e\+30, got 1e\+39"):
+        check_damping(1e39, "kfac damping")
+    assert check_damping(MAX_DAMPING) == 1e30  # still ranks (QA)
+    assert [check_damping(g) for g in DAMPING_GRID] == list(DAMPING_GRID)  # the app's grid, up to 1e3
+    good = PRESETS["digits"].to_dict()
+    for field in ("kfac_damping", "trak_damping"):
+        path = _preset_file(tmp_path, {**good, "attribution": {**good["attribution"], field: 1e39}})
+        with pytest.raises(InvalidSettingError, match=f"attribution.{field} must be at most"):
+            get_preset(path)
+
+
 # --- presets ----------------------------------------------------------------------------------
 
 
@@ -89,6 +106,19 @@ def test_cli_bad_preset_is_one_error_line(tmp_path, capsys):
 
 
 # --- commands without a checkpoint --------------------------------------------------------------
+
+
+def test_sample_refuses_an_out_it_cannot_create_before_sampling(tmp_path, capsys):
+    """``--out file.png/x.png`` sampled first, then failed with a bare ``[Errno 17] File exists``: now refused
+    before the checkpoint is even opened (the missing checkpoint below is never reached)."""
+    blocker = tmp_path / "grid.png"
+    blocker.write_bytes(b"not a folder")
+    missing = str(tmp_path / "nonexistent")
+    rc, err = _cli(capsys, "sample", "--checkpoint", missing, "--n", "2", "--out", str(blocker / "x.png"))
+    assert rc == 2 and _one_error_line(err) == f"error: --out {blocker / 'x.png'}: {blocker} is a file, not a folder"
+    (tmp_path / "dir.png").mkdir()
+    rc, err = _cli(capsys, "sample", "--checkpoint", missing, "--out", str(tmp_path / "dir.png"))
+    assert rc == 2 and "--out" in _one_error_line(err) and "is a folder" in err
 
 
 def test_sample_and_assets_with_a_missing_checkpoint(tmp_path, capsys):

@@ -116,11 +116,39 @@ def test_group_and_reverse_json_record_each_methods_damping(cli):
         # accepted before, listing no sample (0) or all but the last (-1)
         (("copy-check", "--top-k", "0"), "error: --top-k must be at least 1, got 0"),
         (("copy-check", "--top-k", "-1"), "error: --top-k must be at least 1, got -1"),
+        # taken as a slice before: all members but the last two
+        (("group", "--remove", "train:1", "--strongest", "-2"), "error: --strongest must be 0 (none listed) or more"),
+        # the library's "empty range" was caught by its own except ValueError: "'20-10' is not an integer"
+        (("group", "--remove", "train:20-10"), "the range '20-10' in"),
+        (("group", "--remove", "train:5,20-10"), "is reversed; write 10-20"),
+        (("reverse", "--remove", "train:1,9-3"), "the range '9-3' in"),
+        (("group", "--remove", "train:1", "--damping", "pixel=1e-4"), "pixel has no damping"),
     ],
 )
 def test_bad_input_is_one_line_error(cli, argv, message):
     rc, out, err = cli(*argv)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_group_and_reverse_answer_every_repeated_remove(cli):
+    """``--remove label:3 --remove label:8`` kept only the last group, silently.  Each group now gets its own
+    answer from the one matrix: the same as asking for it alone."""
+    alone = {}
+    for g in ("label:3", "label:8"):
+        rc, out, err = cli("group", "--remove", g, "--methods", "kfac", "--auto-build", "--json")
+        assert rc == 0, err
+        alone[g] = json.loads(out)
+    rc, out, err = cli("group", "--remove", "label:3", "--remove", "label:8", "--methods", "kfac", "--json")
+    assert rc == 0, err
+    assert json.loads(out) == {"groups": [alone["label:3"], alone["label:8"]]}
+    rc, out, err = cli("group", "--remove", "label:3", "--remove", "label:8", "--methods", "kfac", "--strongest", "0")
+    assert rc == 0 and "group label:3" in out and "group label:8" in out and "strongest" not in out, out
+    rc, out, err = cli("reverse", "--remove", "label:3", "--remove", "train:5", "--methods", "kfac", "--top-k", "2",
+                       "--json")
+    assert rc == 0, err
+    assert [g["group"]["spec"] for g in json.loads(out)["groups"]] == ["label:3", "train:5"]
+    rc, out, err = cli("reverse", "--remove", "label:3", "--remove", "train:5", "--methods", "kfac", "--top-k", "2")
+    assert rc == 0 and "what label:3 supports most" in out and "what train:5 supports most" in out, out
 
 
 def test_copy_check_json(cli, pools):

@@ -71,14 +71,14 @@ def _parse_int_list(text: str, where: str) -> list[int]:
         if not tok:
             continue
         m = re.fullmatch(r"(-?\d+)-(\d+)", tok)
+        if m:  # outside the try below: GroupError is a ValueError, whose message it would replace
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise GroupError(f"the range {tok!r} in {where} is reversed; write {hi}-{lo}")
+            out.extend(range(lo, hi + 1))
+            continue
         try:
-            if m:
-                lo, hi = int(m.group(1)), int(m.group(2))
-                if hi < lo:
-                    raise GroupError(f"empty range {tok!r} in {where}")
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(tok))
+            out.append(int(tok))
         except ValueError:
             raise GroupError(f"{tok!r} in {where} is not an integer training index") from None
     return out

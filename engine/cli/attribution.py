@@ -17,7 +17,7 @@ from ..attribution.methods import METHODS, method_names, parse_methods
 from ..attribution.train_draws import DRAW_MODES, SHARED_DRAW_MODES
 from ..config import SETTING_FLAGS
 from ..validation import check_damping
-from .common import build_progress, fail, register, resolve, subcommand
+from .common import build_progress, check_output_file, fail, register, resolve, subcommand
 
 
 def _add_attribution_options(p: argparse.ArgumentParser) -> None:
@@ -77,8 +77,9 @@ def parse_damping(specs: list[str] | None) -> dict[str, float]:
 
     A bare VALUE is K-FAC's damping, as ``--damping`` meant before it took names (kept for one
     release, like ``--trak-damping``/``--dtrak-damping``).  Unknown names and values that are
-    not numbers: ValueError; values that are not finite and > 0: InvalidSettingError
-    (``engine.validation.check_damping``), whichever methods run.
+    not numbers: ValueError; values that are not finite and in (0, MAX_DAMPING]: InvalidSettingError
+    (``engine.validation.check_damping``), whichever methods run.  A similarity (clip, pixel) has no
+    damping: its scores would ignore the value, so asking for one is refused rather than dropped.
     """
     out: dict[str, float] = {}
     valid = method_names()
@@ -89,6 +90,9 @@ def parse_damping(specs: list[str] | None) -> dict[str, float]:
         name = name.strip().lower()
         if name not in valid:
             raise ValueError(f"--damping {spec!r}: unknown method {name!r}; valid methods: {', '.join(valid)}")
+        if METHODS[name].kind != "influence":
+            raise ValueError(f"--damping {spec!r}: {name} has no damping (it is a {METHODS[name].kind}, not an "
+                             "influence method)")
         try:
             lam = float(value)
         except ValueError:
@@ -248,13 +252,15 @@ def add_query(sub: argparse._SubParsersAction) -> None:
 def cmd_query(args: argparse.Namespace) -> int:
     try:
         methods = parse_methods(args.methods)
-        if args.top_k < 0:
-            raise ValueError("--top-k must be >= 0")
+        if args.top_k < 1:  # 0 printed empty lists and exited 0 (reverse and copy-check refuse it too)
+            raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
         if args.scores_out and not args.scores_out.endswith(".npz"):
             raise ValueError(f"--scores-out must end in .npz, got {args.scores_out}")
+        if args.scores_out:
+            check_output_file(Path(args.scores_out), "--scores-out")
+        damping = parse_damping(args.damping)  # before the session: a bad value is refused before any work
         session = open_session(args, auto_build=args.auto_build)
         query = session.parse_query(args.query)
-        damping = parse_damping(args.damping)
         result = session.query(query, args.measurement, methods=methods, damping=damping)
         if not args.auto_build:  # a fresh clone answers a gallery query with the shipped scores
             from ..attribution.precomputed import fill_unbuilt
@@ -290,6 +296,23 @@ def write_scores(path: Path, result, labels) -> None:
     np.savez_compressed(path, **arrays)
 
 
+def influence_heading(scores: list[float], highest: bool) -> str:
+    """The text heading of an influence method's highest (or lowest) scores, true to their signs.
+
+    A score is the predicted change of the query's measurement if the image were removed: positive =
+    proponent, negative = opponent.  The k highest need not be positive (``--top-k 1000`` on digits
+    listed 320 negative scores as "proponents"), nor the k lowest negative, so the heading says which
+    are not.  The app's ``influence_headings`` (explorer/results_view.py) does the same; the library
+    does not import the app."""
+    word, sign, other = ("proponents", "positive", "highest") if highest else ("opponents", "negative", "lowest")
+    wrong = [v for v in scores if not (v > 0 if highest else v < 0)]
+    if not wrong:
+        return word
+    if len(wrong) == len(scores):
+        return f"{other} scores (none {sign}: no {word})"
+    return f"{other} scores ({len(wrong)} of {len(scores)} not {sign}: not {word})"
+
+
 def format_result(result, top_k: int, labels) -> str:
     """A readable table per method: top proponents and opponents with labels and scores."""
     q = result.query
@@ -311,9 +334,13 @@ def format_result(result, top_k: int, labels) -> str:
             lines.append(f"  note: {r.reason}")
         if r.bank_note():
             lines.append(f"  bank: {r.bank_note()}")
-        top_title = "proponents" if r.kind == "influence" else "most similar"
-        bottom_title = "opponents" if r.kind == "influence" else "least similar"
-        for title, items in ((top_title, r.top(top_k, labels)), (bottom_title, r.bottom(top_k, labels))):
+        top, bottom = r.top(top_k, labels), r.bottom(top_k, labels)
+        if r.kind == "influence":
+            top_title = influence_heading([it.score for it in top], highest=True)
+            bottom_title = influence_heading([it.score for it in bottom], highest=False)
+        else:
+            top_title, bottom_title = "most similar", "least similar"
+        for title, items in ((top_title, top), (bottom_title, bottom)):
             cells = [
                 f"#{it.index}" + (f"({it.label})" if it.label is not None else "") + f" {it.score:+.3g}"
                 for it in items

@@ -62,6 +62,18 @@ def resolve(args: argparse.Namespace):
     return preset, ckpt, args.device or best_device()
 
 
+def check_output_file(path: Path, flag: str) -> None:
+    """Refuse an output file that cannot be created, before the work that fills it (ValueError naming
+    ``flag``): a path that is a folder, or one below a file (``x.png/y.png``), failed only after minutes
+    of sampling or scoring, with a bare ``[Errno 17] File exists``.  Missing folders are fine (the
+    writers create them)."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    for parent in path.parents:  # the nearest one that exists must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+            return
 
 
 def fail(e: Exception) -> int:

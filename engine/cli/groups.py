@@ -8,6 +8,7 @@ Thin: options become typed arguments of ``engine.attribution.group_attribution``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -50,25 +51,32 @@ def _pool_dir(args: argparse.Namespace, session) -> Path:
     return Path(args.pool_dir) if args.pool_dir else Path(session.cache_root) / "pools"
 
 
-def _run_group(args: argparse.Namespace, group_spec: str):
-    """Session, group and every method's matrix over the query set (shared by group and reverse)."""
+def _run_group(args: argparse.Namespace, group_specs: list[str]):
+    """Session and one result per group, all from every method's matrix over the query set, computed
+    once (shared by group and reverse): a further group costs one sum over the matrix's columns."""
     from ..attribution.group_attribution import group_attribution
     from ..attribution.groups import parse_group
     from ..attribution.pool import parse_query_set
 
     methods = parse_methods(args.methods)
+    damping = _damping(args)
     session = open_session(args, auto_build=args.auto_build)
-    group = parse_group(group_spec, session.dataset)
+    groups = [parse_group(spec, session.dataset) for spec in group_specs]  # every spec checked before any work
     pool_dir = _pool_dir(args, session)
     qset = parse_query_set(session, args.queries, pool_dir, args.pool_seed, progress=True)
     cache = pool_dir if qset.name.startswith("pool") else None
-    result = group_attribution(session, group, qset, args.measurement, methods, _damping(args), cache)
+    result = group_attribution(session, groups[0], qset, args.measurement, methods, damping, cache)
     for name, r in result.methods.items():
         if r.status != "ok":
             print(f"warning: {name} {r.status}: {r.reason}", file=sys.stderr)
     if not result.ok():
         raise RuntimeError("no method could score these queries (see the warnings above)")
-    return session, result
+    return session, [dataclasses.replace(result, group=g) for g in groups]
+
+
+def _print_json(objs: list[dict]) -> None:
+    """One group's object as before; several (``--remove`` repeated): ``{"groups": [one per group]}``."""
+    print(json.dumps(objs[0] if len(objs) == 1 else {"groups": objs}, indent=2))
 
 
 # --- group -------------------------------------------------------------------------------
@@ -85,34 +93,45 @@ def add_group(sub: argparse._SubParsersAction) -> None:
         "the sum of its members' scores (same sign and 1/N scale; positive = removing the group would raise "
         "the loss, i.e. the group supports the query). Printed per method for every query of the set.",
     )
-    p.add_argument("--remove", required=True, help="label:C | train:I,J,K (ranges 10-20) | file:PATH (JSON list or text)")
-    p.add_argument("--strongest", type=int, default=3, help="strongest group members to list per query (text output)")
+    p.add_argument(
+        "--remove", action="append", required=True,
+        help="label:C | train:I,J,K (ranges 10-20) | file:PATH (JSON list or text); repeat the option for "
+        "several groups, each answered on its own (JSON: {\"groups\": [...]})",
+    )
+    p.add_argument("--strongest", type=int, default=3,
+                   help="strongest group members to list per query (text output; 0: none; default 3)")
     _add_query_set_options(p)
 
 
 def cmd_group(args: argparse.Namespace) -> int:
     try:
-        session, result = _run_group(args, args.remove)
+        if args.strongest < 0:  # a negative k was taken as a slice: all members but the last |k|
+            raise ValueError(f"--strongest must be 0 (none listed) or more, got {args.strongest}")
+        session, results = _run_group(args, args.remove)
     except (ValueError, RuntimeError) as e:
         return fail(e)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        _print_json([r.to_json() for r in results])
         return 0
-    g = result.group
-    print(f"group {g.spec}: {g.description}; measurement {result.measurement}; queries {result.qset.name}")
     labels = session.labels
-    for name in result.ok():
-        changes = result.changes(name)
-        print(f"\n[{name}] predicted change if removed (positive: the group supports the query)")
-        if result.note(name):
-            print(f"  ({result.note(name)})")
-        for q, c in enumerate(changes):
-            lab = result.qset.labels[q]
-            strongest = "  ".join(
-                f"#{i}" + (f"({labels[i]})" if labels is not None else "") + f" {s:+.2e}"
-                for i, s in result.strongest(name, q, args.strongest)
-            )
-            print(f"  {result.qset.names[q]:<12} label {'-' if lab < 0 else lab}  {c:+.4e}   strongest: {strongest}")
+    for n, result in enumerate(results):
+        g = result.group
+        print(("\n" if n else "") + f"group {g.spec}: {g.description}; measurement {result.measurement}; "
+              f"queries {result.qset.name}")
+        for name in result.ok():
+            changes = result.changes(name)
+            print(f"\n[{name}] predicted change if removed (positive: the group supports the query)")
+            if result.note(name):
+                print(f"  ({result.note(name)})")
+            for q, c in enumerate(changes):
+                lab = result.qset.labels[q]
+                line = f"  {result.qset.names[q]:<12} label {'-' if lab < 0 else lab}  {c:+.4e}"
+                if args.strongest:
+                    line += "   strongest: " + "  ".join(
+                        f"#{i}" + (f"({labels[i]})" if labels is not None else "") + f" {s:+.2e}"
+                        for i, s in result.strongest(name, q, args.strongest)
+                    )
+                print(line)
     return 0
 
 
@@ -132,7 +151,8 @@ def add_reverse(sub: argparse._SubParsersAction) -> None:
     )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--train", type=int, help="training index")
-    who.add_argument("--remove", help="a group instead: label:C | train:I,J,K | file:PATH")
+    who.add_argument("--remove", action="append",
+                     help="a group instead: label:C | train:I,J,K | file:PATH (repeat the option for several)")
     p.add_argument("--top-k", type=int, default=10, help="samples to list per method (default 10)")
     _add_query_set_options(p)
 
@@ -141,20 +161,22 @@ def cmd_reverse(args: argparse.Namespace) -> int:
     try:
         if args.top_k < 1:
             raise ValueError("--top-k must be at least 1")
-        spec = f"train:{args.train}" if args.train is not None else args.remove
-        _, result = _run_group(args, spec)
+        specs = [f"train:{args.train}"] if args.train is not None else args.remove
+        _, results = _run_group(args, specs)
     except (ValueError, RuntimeError) as e:
         return fail(e)
     if args.json:
-        print(json.dumps(result.reverse_json(args.top_k), indent=2))
+        _print_json([r.reverse_json(args.top_k) for r in results])
         return 0
-    print(f"what {result.group.spec} supports most ({result.group.description}); queries {result.qset.name}")
-    for name in result.ok():
-        print(f"\n[{name}] removing it would raise these samples' {result.measurement} the most")
-        if result.note(name):
-            print(f"  ({result.note(name)})")
-        for s in result.ranking(name, args.top_k):
-            print(f"  {s.rank:>3}. {s.query:<12} label {'-' if s.label is None else s.label}  {s.change:+.4e}")
+    for n, result in enumerate(results):
+        print(("\n" if n else "") + f"what {result.group.spec} supports most ({result.group.description}); "
+              f"queries {result.qset.name}")
+        for name in result.ok():
+            print(f"\n[{name}] removing it would raise these samples' {result.measurement} the most")
+            if result.note(name):
+                print(f"  ({result.note(name)})")
+            for s in result.ranking(name, args.top_k):
+                print(f"  {s.rank:>3}. {s.query:<12} label {'-' if s.label is None else s.label}  {s.change:+.4e}")
     return 0
 
 
@@ -192,7 +214,7 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
                 "training image; use an influence method (kfac, trak or dtrak)"
             )
         args.methods = names[0]
-        session, result = _run_group(args, "train:0")  # the group is unused: only the matrix matters
+        session, (result,) = _run_group(args, ["train:0"])  # the group is unused: only the matrix matters
         rows = copy_check(
             result.methods[names[0]].scores,
             result.qset.images,

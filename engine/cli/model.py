@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .. import jsonio
-from .common import register, resolve, subcommand
+from .common import check_output_file, register, resolve, subcommand
 
 # --- train ---------------------------------------------------------------------------
 
@@ -104,6 +104,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must end in .png or .npz, got {out}")
     if args.trajectory and out.suffix != ".npz":
         raise ValueError("--trajectory needs an .npz output")
+    check_output_file(out, "--out")
     _, ckpt, device = resolve(args)
     model, preset, _ = load_checkpoint(ckpt, device)
     images, traj = generate(model, preset, args.n, args.seed, args.trajectory, device, progress=True)
