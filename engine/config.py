@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,6 +220,10 @@ class Preset:
         name = d.get("name", "custom")
         if not isinstance(name, str):
             raise InvalidSettingError(f"preset name must be a string, got {name!r}")
+        # the name becomes folders (runs/<name>, the cache's <name>-n...): "../../x" would point outside them
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
+            raise InvalidSettingError(f"preset name must be letters, digits, '_', '-' or '.' (a folder name, "
+                                      f"no '..'), got {name!r}")
         return cls(
             name=name,
             **{section: build(section, klass, d.get(section)) for section, klass in sections.items()},

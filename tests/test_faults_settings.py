@@ -84,6 +84,10 @@ def test_preset_file_errors_name_the_file_and_key(tmp_path):
         (_preset_file(tmp_path, {**good, "attribution": {**good["attribution"], "kfac_damping": -1}}),
          "attribution.kfac_damping"),
         (_preset_file(tmp_path, {**good, "train": {**good["train"], "steps": 0}}), "train.steps"),
+        # the name becomes runs/<name> and cache folders: it must stay inside them (QA11: "../../evil" was taken)
+        (_preset_file(tmp_path, {**good, "name": "../../evil"}), "preset name"),
+        (_preset_file(tmp_path, {**good, "name": "a/b"}), "preset name"),
+        (_preset_file(tmp_path, {**good, "name": ""}), "preset name"),
     ]
     for path, needle in cases:
         with pytest.raises(InvalidSettingError) as e:
