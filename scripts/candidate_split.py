@@ -41,13 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from engine.attribution.compressed_bank import (  # noqa: E402
     EVEN,
     CandidateSplit,
-    compress_factors,
-    compress_stored_bank,
     gather_candidates,
 )
-from engine.attribution.query import QueryInput  # noqa: E402
 from engine.attribution.rerank import score_moments, split_ends  # noqa: E402
-from engine.bench.compressed import item_query, open_stored_kfac  # noqa: E402
+from engine.bench.compressed import derive_compressed, open_stored_kfac, query_sets  # noqa: E402
 from engine.model.measurements import parse_measurement  # noqa: E402
 
 SPLITS = {"even": EVEN, "adaptive": CandidateSplit()}
@@ -88,21 +85,12 @@ def main() -> int:
     config = s.config
     c = int(args.candidates if args.candidates is not None else config.kfac_rerank)
     ks = [int(k) for k in args.ks.split(",")]
-    comp = compress_factors(kfac.factors, config.kfac_projection, config.kfac_compression, seed=s.config.seed)
     whiten = config.kfac_bank_whiten if args.compressed_grid == "whitened" else None
     if args.compressed_grid == "whitened" and whiten is None:
         raise SystemExit("--compressed-grid whitened needs the preset's kfac_bank_whiten floor (it is null)")
-    small = compress_stored_bank(kfac.bank, comp, whiten=whiten)
-    small_eig = comp.factors.eigenvalues()
+    derived = derive_compressed(kfac, config, whiten=whiten)
     meas, draws, lam = parse_measurement("loss", s.diffusion.T), s.query_draws(), kfac.default_damping
-    sets: list[tuple[str, list[QueryInput]]] = [("gallery", [item_query(item) for item in s.gallery()])]
-    if args.fresh:
-        from engine.model.sampling import generate
-
-        images, _ = generate(s.model, s.preset, args.fresh, args.fresh_seed, device=str(s.device), progress=True)
-        images = images.cpu().clamp(-1, 1)
-        sets.append((f"fresh:{args.fresh_seed}", [QueryInput(image=im, description=f"fresh:{i}")
-                                                   for i, im in enumerate(images)]))
+    sets = query_sets(s, args.fresh, args.fresh_seed)
     record = {"preset": args.preset, "projection": config.kfac_projection, "ratio": config.kfac_compression,
               "compressed_grid": args.compressed_grid,
               "candidates_per_end": c, "num_train": len(s.dataset), "damping": lam,
@@ -112,9 +100,7 @@ def main() -> int:
         rows: dict[str, dict[str, list[float]]] = {name: {} for name in SPLITS}
         ends: dict[str, list[float]] = {"top10": [], "bottom10": []}
         for q in queries:
-            g = s.query_gradient(meas, q, draws)
-            full = kfac.bank.inner(kfac.factors.rotate(g) / (kfac._eigenvalues + lam)).numpy()
-            approx = small.inner(comp.factors.rotate(comp.project(g)) / (small_eig + lam)).numpy()
+            full, approx = derived.scores(s.query_gradient(meas, q, draws), lam)
             q1, med, q3 = np.percentile(full, [25, 50, 75])
             ends["top10"].append(float(np.median((np.sort(full)[-10:] - med) / (q3 - q1))))
             ends["bottom10"].append(float(np.median((np.sort(full)[:10] - med) / (q3 - q1))))

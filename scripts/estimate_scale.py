@@ -35,15 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's engine
 
-from engine.attribution.compressed_bank import (  # noqa: E402
-    CandidateSplit,
-    compress_factors,
-    compress_stored_bank,
-    gather_candidates,
-)
-from engine.attribution.query import QueryInput  # noqa: E402
+from engine.attribution.compressed_bank import CandidateSplit, gather_candidates  # noqa: E402
 from engine.attribution.rerank import EVEN, scale_estimates  # noqa: E402
-from engine.bench.compressed import item_query, open_stored_kfac  # noqa: E402
+from engine.bench.compressed import derive_compressed, open_stored_kfac, query_sets  # noqa: E402
 from engine.evaluation.stats import spearman  # noqa: E402
 from engine.files import save_json  # noqa: E402
 from engine.model.measurements import parse_measurement  # noqa: E402
@@ -88,17 +82,9 @@ def main() -> int:
     config = s.config
     c = int(config.kfac_rerank)
     split = CandidateSplit() if config.kfac_rerank_split == "adaptive" else EVEN
-    comp = compress_factors(kfac.factors, config.kfac_projection, config.kfac_compression, seed=config.seed)
-    small = compress_stored_bank(kfac.bank, comp)
-    small_eig = comp.factors.eigenvalues()
+    derived = derive_compressed(kfac, config)
     meas, draws, lam = parse_measurement("loss", s.diffusion.T), s.query_draws(), kfac.default_damping
-    sets: list[tuple[str, list[QueryInput]]] = [("gallery", [item_query(item) for item in s.gallery()])]
-    if args.fresh:
-        from engine.model.sampling import generate
-
-        images, _ = generate(s.model, s.preset, args.fresh, args.fresh_seed, device=str(s.device), progress=True)
-        sets.append((f"fresh:{args.fresh_seed}", [QueryInput(image=im, description=f"fresh:{i}")
-                                                   for i, im in enumerate(images.cpu().clamp(-1, 1))]))
+    sets = query_sets(s, args.fresh, args.fresh_seed)
     record = {"preset": args.preset, "projection": config.kfac_projection, "ratio": config.kfac_compression,
               "candidates_per_end": c, "split": config.kfac_rerank_split, "num_train": len(s.dataset),
               "damping": lam, "query_sets": {}}
@@ -106,9 +92,7 @@ def main() -> int:
     for set_name, queries in sets:
         rows = []
         for q in queries:
-            g = s.query_gradient(meas, q, draws)
-            full = kfac.bank.inner(kfac.factors.rotate(g) / (kfac._eigenvalues + lam)).numpy()
-            approx = small.inner(comp.factors.rotate(comp.project(g)) / (small_eig + lam)).numpy()
+            full, approx = derived.scores(s.query_gradient(meas, q, draws), lam)
             rows.append(column_figures(full, approx, gather_candidates(approx, 0, c, split)))
         record["query_sets"][set_name] = {"queries": len(queries), **summarise(rows)}
         print(set_name, record["query_sets"][set_name])

@@ -53,6 +53,19 @@ def _setup(tiny_preset, tiny_model, digits_small, n: int = 12, store=None, **cfg
     return ctx, q, g
 
 
+def _stored_and_compressed(ctx, rerank: int):
+    """(float stored K-FAC method, compressed one: gaussian 16x with ``rerank`` candidates per end, its
+    config, its context), both built on ``ctx``'s examples."""
+    stored = KFACInfluence(ctx.config, quantize=False)
+    stored.build(ctx)
+    cfg = dataclasses.replace(ctx.config, kfac_bank="compressed", kfac_projection="gaussian",
+                              kfac_compression=16.0, kfac_rerank=rerank)
+    ctx_c = dataclasses.replace(ctx, config=cfg)
+    comp = KFACInfluence(cfg)
+    comp.build(ctx_c)
+    return stored, comp, cfg, ctx_c
+
+
 @pytest.mark.parametrize("kind", ["eigen", "gaussian"])
 def test_hook_projected_grads_equal_projection_of_autograd_grads(tiny_model, diffusion, digits_small, kind):
     model = copy.deepcopy(tiny_model).double()
@@ -101,13 +114,7 @@ def test_full_rank_eigenvector_projection_equals_the_stored_bank(tiny_preset, ti
 
 def test_reranked_candidates_equal_stored_bank_scores(tiny_preset, tiny_model, digits_small):
     ctx, q, g = _setup(tiny_preset, tiny_model, digits_small, n=16)
-    stored = KFACInfluence(ctx.config, quantize=False)
-    stored.build(ctx)
-    cfg = dataclasses.replace(ctx.config, kfac_bank="compressed", kfac_projection="gaussian",
-                              kfac_compression=16.0, kfac_rerank=3)
-    ctx_c = dataclasses.replace(ctx, config=cfg)
-    comp = KFACInfluence(cfg)  # int8 compressed bank: only the candidates' scores are exact
-    comp.build(ctx_c)
+    stored, comp, cfg, ctx_c = _stored_and_compressed(ctx, rerank=3)  # int8 compressed: only candidates exact
     p_stored, p_comp = stored.prepare(ctx, q, g), comp.prepare(ctx_c, q, g)
     approx = KFACInfluence(dataclasses.replace(cfg, kfac_rerank=0))
     approx.build(ctx_c)
@@ -410,13 +417,7 @@ def test_the_compressed_answer_puts_its_estimates_on_the_exact_scale(tiny_preset
     times the factor fitted on the candidates.  The scan's scale is smaller than eq. 6's, so the rescaled
     column is closer to the stored bank's exact scores than candidates-exact-plus-raw-estimates would be."""
     ctx, q, g = _setup(tiny_preset, tiny_model, digits_small, n=48)
-    stored = KFACInfluence(ctx.config, quantize=False)
-    stored.build(ctx)
-    cfg = dataclasses.replace(ctx.config, kfac_bank="compressed", kfac_projection="gaussian",
-                              kfac_compression=16.0, kfac_rerank=6)
-    ctx_c = dataclasses.replace(ctx, config=cfg)
-    comp = KFACInfluence(cfg)
-    comp.build(ctx_c)
+    stored, comp, cfg, ctx_c = _stored_and_compressed(ctx, rerank=6)
     approx_m = KFACInfluence(dataclasses.replace(cfg, kfac_rerank=0))
     approx_m.build(ctx_c)
     lam = 1e-3

@@ -317,6 +317,47 @@ def item_query(item: Any) -> Any:
     return QueryInput(image=item.image, trajectory=item.trajectory, description=f"gallery:{item.index}")
 
 
+def query_sets(session: Any, fresh: int = 0, fresh_seed: int = 2000) -> list[tuple[str, list[Any]]]:
+    """[("gallery", its queries)] and, with ``fresh``, ("fresh:SEED", that many new samples of the model at
+    sampling seed ``fresh_seed``; the gallery's is 1000): the query sets of the compressed bank's diagnostics,
+    so that a figure chosen on the gallery can be checked on samples it was not chosen on."""
+    from ..attribution.query import QueryInput
+
+    sets: list[tuple[str, list[Any]]] = [("gallery", [item_query(item) for item in session.gallery()])]
+    if fresh:
+        from ..model.sampling import generate
+
+        images, _ = generate(session.model, session.preset, fresh, fresh_seed, device=str(session.device), progress=True)
+        sets.append((f"fresh:{fresh_seed}", [QueryInput(image=im, description=f"fresh:{i}")
+                                             for i, im in enumerate(images.cpu().clamp(-1, 1))]))
+    return sets
+
+
+@dataclasses.dataclass
+class DerivedCompressed:
+    """A stored K-FAC bank and the compressed bank derived from its rows (``compress_stored_bank``) at the
+    config's projection and ratio: equal to a built compressed bank up to int8 rounding, and no gradient
+    pass, so the diagnostics can compare the two on every query (scripts/candidate_split.py, estimate_scale.py)."""
+
+    kfac: Any  # the built KFACInfluence with the stored bank (``open_stored_kfac``)
+    comp: Any  # CompressedFactors
+    bank: Any  # the derived compressed RotatedBank
+
+    def scores(self, grad: Any, damping: float) -> tuple[np.ndarray, np.ndarray]:
+        """(eq. 6's scores from the stored bank, the compressed scan's estimates) of one query gradient, (N,) each."""
+        k, c = self.kfac, self.comp
+        full = k.bank.inner(k.factors.rotate(grad) / (k._eigenvalues + damping)).numpy()
+        approx = self.bank.inner(c.factors.rotate(c.project(grad)) / (c.factors.eigenvalues() + damping)).numpy()
+        return full, approx
+
+
+def derive_compressed(kfac: Any, config: Any, whiten: float | None = None) -> DerivedCompressed:
+    """The compressed bank of ``config`` (projection, ratio, seed) derived from ``kfac``'s stored bank;
+    ``whiten``: on the whitened int8 grid (a measurement option; the product's compressed rows are plain)."""
+    comp = compress_factors(kfac.factors, config.kfac_projection, config.kfac_compression, seed=config.seed)
+    return DerivedCompressed(kfac, comp, compress_stored_bank(kfac.bank, comp, whiten=whiten))
+
+
 def save(record: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
