@@ -325,3 +325,25 @@ def test_first_answer_is_one_pass_and_fill_grids_makes_damping_changes_lookups(s
     monkeypatch.undo()
     np.testing.assert_allclose(new.methods["kfac"].scores, query.exact(lam), rtol=1e-5,
                                atol=1e-6 * float(np.abs(query.exact(lam)).max()))
+
+
+def test_an_upload_unlike_every_training_image_gets_its_label_called_a_guess(session):
+    """A pixel classifier labels anything, with a probability that reads as confidence (QA: a blank upload
+    was "4" at 0.7): an image farther from the training set than its own images stand from each other is
+    said to be unlike them; a training image is not."""
+    from PIL import Image
+
+    from engine.attribution.copycheck import pixel_distances, training_spread
+
+    def upload(arr: np.ndarray):
+        buf = io.BytesIO()
+        Image.fromarray(arr, "L").save(buf, format="PNG")
+        return session.query_from_upload(buf.getvalue(), name="x.png")
+
+    rng = np.random.default_rng(0)
+    noise = upload(rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    bound, _ = training_spread(session.dataset.images)
+    assert float(pixel_distances(noise.image[None], session.dataset.images).min()) > bound  # the premise
+    assert any("unlike the training images" in n and "is a guess" in n for n in noise.notes), noise.notes
+    same = upload(((session.dataset.images[3, 0].numpy() + 1) * 127.5).round().astype(np.uint8))
+    assert not any("unlike the training images" in n for n in same.notes), same.notes

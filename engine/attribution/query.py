@@ -157,6 +157,7 @@ class QuerySources:
         self.assets_command = assets_command
         self._gallery: list[GalleryItem] | None = None
         self._classifier: Any = None
+        self._spread: tuple[float, int] | None = None  # copycheck.training_spread, once a label is predicted
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -282,6 +283,16 @@ class QuerySources:
         labels, proba = classify(self._classifier, image[None])
         notes.append(f"label {int(labels[0])} predicted by a classifier with probability {float(proba[0]):.2f}, "
                      "not ground truth")
+        from .copycheck import pixel_distances, training_spread
+
+        if self._spread is None:
+            self._spread = training_spread(self.dataset.images)
+        bound, sample = self._spread
+        d = float(pixel_distances(image[None].to(self.dataset.images.dtype), self.dataset.images).min())
+        if d > bound:
+            notes.append(f"the image is unlike the training images: its pixel distance to the nearest is {d:.2f}, "
+                         f"more than any of {sample} training images' to theirs ({bound:.2f}), so the "
+                         "classifier's label is a guess")
         return int(labels[0])
 
     def generate(self, seed: int, progress: Callable[[int, int], None] | None = None) -> QueryInput:
