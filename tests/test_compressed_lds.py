@@ -40,12 +40,14 @@ def _run(tmp_path, monkeypatch, finished: int, k: int = 8, q: int = 3, n: int = 
 def test_all_models_needed_unless_partial(tmp_path, monkeypatch):
     masks, truth, scores, queries, ds = _run(tmp_path, monkeypatch, finished=5)
     assert variant_lds(scores, tmp_path, queries, ds, log=lambda s: None) is None
-    got = variant_lds(scores, tmp_path, queries, ds, log=lambda s: None, partial=True)
+    per_query: dict = {}
+    got = variant_lds(scores, tmp_path, queries, ds, log=lambda s: None, partial=True, per_query=per_query)
     assert got["subsets"] == 5
     pred = predicted_matrix(lambda i: {k: v[i] for k, v in scores.items()}, masks, len(queries))
     for name in scores:  # the statistic on the finished subsets only
-        want = lds_score(pred[name][:, :5], truth[0][:, :5]).to_dict()["lds"]
-        assert got[name] == pytest.approx(want, rel=1e-12)
+        want = lds_score(pred[name][:, :5], truth[0][:, :5]).to_dict()
+        assert got[name] == pytest.approx(want["lds"], rel=1e-12)
+        assert per_query[name] == pytest.approx(want["per_query"])  # for paired differences between entries
 
 
 def test_partial_needs_three_models_and_full_runs_use_every_subset(tmp_path, monkeypatch):

@@ -200,12 +200,19 @@ def run_compressed_digits(
             log(json.dumps(v))
     lds_note = "null: see the report for the command once the K=32 LDS subset models exist"
     if lds_run is not None:
+        per_query: dict[str, list[float | None]] = {}
         lds = variant_lds(product_scores, Path(lds_run), [it.image for it in gallery], ctx.dataset, log,
-                          partial=lds_partial)
+                          partial=lds_partial, per_query=per_query)
         if lds is not None:
+            from ..evaluation.lds_ablation import paired_difference
+
             for v, key in zip(variants, extras, strict=True):
                 v["lds"] = lds[key]
                 extras[key]["lds_raw_estimates"] = lds[f"{key}:raw"]  # before estimates were rescaled (2026-12-05)
+                # both columns share the candidates, subsets, models and queries: the paired difference is the test
+                extras[key]["lds_rescaled_minus_raw"] = paired_difference(per_query[key], per_query[f"{key}:raw"],
+                                                                          "raw estimates")
+                extras[key]["lds_minus_full"] = paired_difference(per_query[key], per_query["full"], "full bank")
             lds_full_here, k_used = lds["full"], int(lds["subsets"])
             lds_note = (f"K={k_used} subsets of {lds_run}{' (PRELIMINARY: the models trained so far)' if lds_partial else ''}"
                         ", true loss measured with 1024 draws (engine.evaluation.lds); scores as the "
@@ -248,10 +255,11 @@ def run_compressed_digits(
 
 def variant_lds(
     scores: dict[str, list[np.ndarray]], run: Path, queries: list, dataset: Any, log: Callable[[str], None] = print,
-    partial: bool = False,
+    partial: bool = False, per_query: dict[str, list[float | None]] | None = None,
 ) -> dict[str, float] | None:
     """LDS of each entry's per-query scores with the LDS run's subsets and true measurements (engine.evaluation.lds),
-    plus ``"subsets"``: how many subsets had a model.
+    plus ``"subsets"``: how many subsets had a model; ``per_query`` (when given) receives each entry's
+    per-query Spearman correlations, for paired differences.
 
     None when the run's models are not all trained (the report gives the command to rerun); with
     ``partial`` the subsets whose model is trained are used (at least 3).
@@ -288,7 +296,10 @@ def variant_lds(
         log(f"only {usable} of {masks.shape[0]} subset models are trained: LDS left null")
         return None
     predicted = predicted_matrix(lambda i: {k: v[i] for k, v in scores.items()}, masks, len(q))
-    return {**{k: float(r["lds"]) for k, r in lds_table(predicted, measured).items()}, "subsets": usable}
+    table = lds_table(predicted, measured)
+    if per_query is not None:
+        per_query.update({k: r["per_query"] for k, r in table.items()})
+    return {**{k: float(r["lds"]) for k, r in table.items()}, "subsets": usable}
 
 
 def open_stored_kfac(preset_name: str, cache_root: str) -> tuple[Any, Any]:
