@@ -55,9 +55,9 @@ def _overlap(a: np.ndarray, b: np.ndarray, k: int = 10, sign: float = 1.0) -> fl
     return len(ta & tb) / k
 
 
-def _reranked(approx: np.ndarray, exact: np.ndarray, c: int, split: CandidateSplit) -> np.ndarray:
-    """Scores as re-ranking leaves them: candidates exact, ranked before the rest (engine.attribution.results)."""
-    idx = gather_candidates(approx, 0, c, split)
+def _reranked(approx: np.ndarray, exact: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores as re-ranking leaves them, candidates ``idx`` exact and ranked before the rest
+    (engine.attribution.results): (for the top end, for the bottom end)."""
     out = np.full_like(approx, -np.inf)
     out[idx] = exact[idx]
     low = np.full_like(approx, np.inf)
@@ -141,9 +141,9 @@ def run_compressed_digits(
                 approx = method.score(prep, lam)
                 if i < timed_queries:
                     ms.append((time.perf_counter() - t0) * 1000.0)
-                hi, lo = _reranked(approx, ref, candidates, split)
-                shown = approx.copy()
                 cand = gather_candidates(approx, 0, candidates, split)
+                hi, lo = _reranked(approx, ref, cand)
+                shown = approx.copy()
                 shown[cand] = ref[cand]
                 mask = np.zeros(shown.shape[0], dtype=bool)
                 mask[cand] = True

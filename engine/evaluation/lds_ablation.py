@@ -114,7 +114,7 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
     # 2026-12-05); the preset's draws and factors, only the rounding differs
     "bank_grid": (
         Variant("plain", {"kfac_bank_whiten": None}),
-        Variant("whitened", {"kfac_bank_whiten": 1e-10}),
+        Variant("whitened", {"kfac_bank_whiten": AttributionConfig.kfac_bank_whiten}),  # the default floor
     ),
 }
 
