@@ -80,7 +80,7 @@ def training_spread(train: torch.Tensor, sample: int = 256, seed: int = 0) -> tu
     photo); a classifier trained on the data still gives it a label with a probability that reads as
     confidence (QA: a blank upload was "4" with probability 0.7), so the query's note says the label is a
     guess there.  A sample keeps it cheap at any N; the shipped galleries' samples stand within it (digits
-    at most 0.21 against 0.25, mnist 0.25 against 0.33)."""
+    at most 0.21 against 0.25, mnist 0.25 against 0.33: ``python scripts/label_guess_check.py``)."""
     n = train.shape[0]
     if n < 2:
         return float("inf"), n
