@@ -35,6 +35,7 @@ from engine.attribution.pool import (
     generate_pool,
     pool_path,
 )
+from engine.attribution.signs import end_signs, reverse_caveat
 from engine.evaluation.stats import spearman
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
@@ -291,6 +292,9 @@ def reverse_section(handle: Handle, result: GroupResult, s: Settings) -> None:
         ranked = result.ranking(n, s.top_k)
         with col:
             st.markdown(f"**{info[n]['title']}**")
+            caveat = reverse_caveat([r.change for r in ranked])
+            if caveat:
+                st.caption(caveat[0].upper() + caveat[1:] + ".")
             st.image([display(result.qset.queries[result.qset.names.index(r.query)].image, CELL, border=4)
                       for r in ranked],
                      caption=[f"{r.rank}. {r.query} · {r.change:+.1e}" for r in ranked], width=CELL + 8)
@@ -306,7 +310,9 @@ def downloads(handle: Handle, result: GroupResult, s: Settings, prefix: str = "g
     rows = []
     for n in result.ok():
         ranked = result.ranking(n, s.top_k)
-        rows.append(SheetRow(f"{info[n]['title']}: samples {result.group.spec} supports most",
+        signs = end_signs([r.change for r in ranked], highest=True)
+        suffix = "" if signs.all_agree else f" ({signs.n - signs.agreeing} of {signs.n} changes not positive)"
+        rows.append(SheetRow(f"{info[n]['title']}: samples {result.group.spec} supports most{suffix}",
                              [to_uint8(result.qset.queries[result.qset.names.index(r.query)].image) for r in ranked],
                              [f"{r.query}\n{r.change:+.1e}" for r in ranked]))
     c2.download_button("Download this view (PNG)", png_bytes(compose_sheet(rows)), file_name=f"group_{stem}.png",

@@ -16,6 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from engine.attribution.results import QueryResult
+from engine.attribution.signs import end_signs
 from explorer import analysis, exact_view, figures
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
@@ -229,22 +230,27 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
 def influence_headings(top: list[float], bottom: list[float]) -> tuple[str, str]:
     """Headings of an influence method's highest and lowest scores, true to their signs.
 
-    A score is the predicted change of the query's measurement (loss-like: lower = more likely) when
-    the image is removed (eq. 6): positive = a proponent (removing it makes the query less likely),
-    negative = an opponent.  The two ends of the ranking need not have opposite signs: on a barely
-    trained model every image can raise the query's loss, and with the trajectory measurement every
-    image can lower it, so "Opponents" over positive scores (or "Proponents" over negative ones) would
-    say the opposite of what the numbers predict."""
-    if all(v > 0 for v in top):
+    The classification is the engine's (``engine.attribution.signs.end_signs``, which the CLI's text and
+    the PNG export use too); this renders it for the page, with what removal would do.  The two ends of
+    the ranking need not have opposite signs: on a barely trained model every image can raise the
+    query's loss, and with the trajectory measurement every image can lower it, so "Opponents" over
+    positive scores (or "Proponents" over negative ones) would say the opposite of what the numbers
+    predict."""
+    hi, lo = end_signs(top, highest=True), end_signs(bottom, highest=False)
+    if hi.all_agree:
         head = "**Proponents** · removing them makes the query less likely"
-    elif all(v < 0 for v in top):
+    elif hi.all_opposite:
         head = "**Highest scores** · all negative: removing any training image makes the query more likely"
+    elif hi.agreeing == 0:
+        head = "**Highest scores** · none positive: no proponents among them"
     else:
         head = "**Highest scores** · the positive ones are proponents (removing them makes the query less likely)"
-    if all(v < 0 for v in bottom):
+    if lo.all_agree:
         tail = "**Opponents** · removing them makes the query more likely"
-    elif all(v > 0 for v in bottom):
+    elif lo.all_opposite:
         tail = "**Lowest scores** · still positive: removing them makes the query slightly less likely, not more"
+    elif lo.agreeing == 0:
+        tail = "**Lowest scores** · none negative: no opponents among them"
     else:
         tail = "**Lowest scores** · the negative ones are opponents (removing them makes the query more likely)"
     return head, tail
@@ -387,22 +393,9 @@ def downloads(handle: Handle, query: Query, result: QueryResult, s: Settings) ->
              "K-FAC bank, a column saying which of its scores are exact; the others are estimates put on the "
              "exact scale by the factor the bank note gives).",
     )
-    info = session.method_info()
-    rows = [SheetRow(f"Query: {query.title} · measurement {result.measurement}", [to_uint8(query.input.image)], [""])]
-    for name in [n for n in s.methods if n in names]:
-        r = result.methods[name]
-        sim = r.kind == "similarity"
-        for title, items in (
-            ("most similar" if sim else "proponents", r.top(s.top_k, session.labels)),
-            ("least similar" if sim else "opponents", r.bottom(s.top_k, session.labels)),
-        ):
-            rows.append(
-                SheetRow(
-                    f"{info[name]['title']}: {title}",
-                    [to_uint8(ds.images[x.index]) for x in items],
-                    [f"#{x.index} {ds.label_name(x.index) or ''}\n{'' if x.exact else '~'}{x.score:+.1e}" for x in items],
-                )
-            )
+    rows = sheet_rows(
+        result, [n for n in s.methods if n in names], session.method_info(), ds, session.labels, query, s.top_k
+    )
     c2.download_button(
         "Download this view (PNG)",
         png_bytes(compose_sheet(rows)),
@@ -410,6 +403,32 @@ def downloads(handle: Handle, query: Query, result: QueryResult, s: Settings) ->
         mime="image/png",
         key="dl_png",
     )
+
+
+def sheet_rows(
+    result: QueryResult, names: list[str], info: dict, ds, labels, query: Query, top_k: int
+) -> list[SheetRow]:
+    """The PNG export's rows: the query, then each method's two ends under the headings the page shows
+    (an influence method's in the engine's sign classification, ``end_signs``: the k highest scores are
+    "proponents" only when every one is positive)."""
+    rows = [SheetRow(f"Query: {query.title} · measurement {result.measurement}", [to_uint8(query.input.image)], [""])]
+    for name in names:
+        r = result.methods[name]
+        top, bottom = r.top(top_k, labels), r.bottom(top_k, labels)
+        if r.kind == "similarity":
+            titles = ("most similar", "least similar")
+        else:
+            titles = (end_signs([x.score for x in top], highest=True).heading(),
+                      end_signs([x.score for x in bottom], highest=False).heading())
+        for title, items in zip(titles, (top, bottom), strict=True):
+            rows.append(
+                SheetRow(
+                    f"{info[name]['title']}: {title}",
+                    [to_uint8(ds.images[x.index]) for x in items],
+                    [f"#{x.index} {ds.label_name(x.index) or ''}\n{'' if x.exact else '~'}{x.score:+.1e}" for x in items],
+                )
+            )
+    return rows
 
 
 def query_header(handle: Handle, query: Query) -> None:

@@ -551,6 +551,32 @@ def test_influence_headings_follow_the_signs_shown():
     assert "all negative" in top and "Proponents" not in top and bottom.startswith("**Opponents**")
     top, bottom = influence_headings([1.0, -0.1], [0.2, -3.0])  # a short ranking: both ends mixed
     assert "positive ones are proponents" in top and "negative ones are opponents" in bottom
+    top, bottom = influence_headings([0.0, -1.0], [0.0, 0.0])  # zeros: neither proponents nor opponents
+    assert "none positive" in top and "positive ones" not in top and "none negative" in bottom
+
+
+def test_png_export_titles_follow_the_signs():
+    """The export sheet titled an influence method's k highest "proponents" whatever their signs (the
+    page's headings had been made true to them, the export not)."""
+    from types import SimpleNamespace
+
+    from engine.attribution.results import MethodResult, QueryResult
+    from explorer.results_view import sheet_rows
+
+    n = 6
+    ds = SimpleNamespace(images=np.zeros((n, 8, 8), np.float32), label_name=lambda i: str(i % 2))
+    query = SimpleNamespace(title="gallery:0", input=SimpleNamespace(image=np.zeros((8, 8), np.float32)))
+    mixed = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=np.array([3, 2, 1, -1, -2, -3], np.float32))
+    shifted = MethodResult("trak", "TRAK", "influence", "", "ok", scores=np.array([6, 5, 4, 3, 2, 1], np.float32))
+    pixel = MethodResult("pixel", "Pixel", "similarity", "", "ok", scores=np.array([6, 5, 4, 3, 2, 1], np.float32))
+    result = QueryResult({"spec": "gallery:0"}, "loss", {"kfac": mixed, "trak": shifted, "pixel": pixel})
+    info = {k: {"title": r.title} for k, r in result.methods.items()}
+    titles = [r.title for r in sheet_rows(result, ["kfac", "trak", "pixel"], info, ds, None, query, 2)]
+    assert titles[1:] == [
+        "K-FAC: proponents", "K-FAC: opponents",
+        "TRAK: proponents", "TRAK: lowest scores (none negative: no opponents)",
+        "Pixel: most similar", "Pixel: least similar",
+    ]
 
 
 def _compressed_app(tiny_app, tmp_path, monkeypatch):

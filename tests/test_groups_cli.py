@@ -69,6 +69,33 @@ def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
     assert "1. gallery:" in out and "2. gallery:" in out and "3. gallery:" not in out
 
 
+def test_reverse_text_says_which_listed_changes_are_no_support(cli):
+    """"what train:5 supports most" listed every gallery sample, negative changes included, as support."""
+    # the tiny model is barely trained: under the loss every image supports every sample; the trajectory
+    # measurement mixes the signs
+    args = ["reverse", "--methods", "kfac", "--top-k", "50", "--auto-build", "--measurement", "trajectory"]
+    for i in range(0, 64, 4):
+        args += ["--remove", f"train:{i}"]
+    rc, out, err = cli(*args, "--json")
+    assert rc == 0, err
+    per_group = [[t["change"] for t in g["methods"]["kfac"]["top"]] for g in json.loads(out)["groups"]]
+    rc, text, err = cli(*args)
+    assert rc == 0, err
+    blocks = text.split("what train:")[1:]
+    assert len(blocks) == len(per_group)
+    seen = 0
+    for block, changes in zip(blocks, per_group, strict=True):
+        not_positive = sum(c <= 0 for c in changes)
+        seen += not_positive > 0
+        if not_positive == 0:
+            assert "not positive" not in block and "none of these" not in block
+        elif not_positive == len(changes):
+            assert f"none of these {len(changes)} changes is positive" in block
+        else:
+            assert f"{not_positive} of these {len(changes)} changes are not positive" in block
+    assert seen, per_group  # some training image opposes a gallery sample
+
+
 def test_reverse_json_on_a_pool_ranks_by_the_training_image_score(cli, pools):
     rc, out, err = cli("reverse", "--train", "17", "--queries", "pool:4", "--pool-dir", str(pools),
                        "--top-k", "3", "--methods", "kfac", "--auto-build", "--json")

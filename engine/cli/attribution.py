@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import jsonio
 from ..attribution.methods import METHODS, method_names, parse_methods
+from ..attribution.signs import end_signs
 from ..attribution.train_draws import DRAW_MODES, SHARED_DRAW_MODES
 from ..config import SETTING_FLAGS
 from ..validation import check_damping
@@ -296,23 +297,6 @@ def write_scores(path: Path, result, labels) -> None:
     np.savez_compressed(path, **arrays)
 
 
-def influence_heading(scores: list[float], highest: bool) -> str:
-    """The text heading of an influence method's highest (or lowest) scores, true to their signs.
-
-    A score is the predicted change of the query's measurement if the image were removed: positive =
-    proponent, negative = opponent.  The k highest need not be positive (``--top-k 1000`` on digits
-    listed 320 negative scores as "proponents"), nor the k lowest negative, so the heading says which
-    are not.  The app's ``influence_headings`` (explorer/results_view.py) does the same; the library
-    does not import the app."""
-    word, sign, other = ("proponents", "positive", "highest") if highest else ("opponents", "negative", "lowest")
-    wrong = [v for v in scores if not (v > 0 if highest else v < 0)]
-    if not wrong:
-        return word
-    if len(wrong) == len(scores):
-        return f"{other} scores (none {sign}: no {word})"
-    return f"{other} scores ({len(wrong)} of {len(scores)} not {sign}: not {word})"
-
-
 def format_result(result, top_k: int, labels) -> str:
     """A readable table per method: top proponents and opponents with labels and scores."""
     q = result.query
@@ -336,8 +320,8 @@ def format_result(result, top_k: int, labels) -> str:
             lines.append(f"  bank: {r.bank_note()}")
         top, bottom = r.top(top_k, labels), r.bottom(top_k, labels)
         if r.kind == "influence":
-            top_title = influence_heading([it.score for it in top], highest=True)
-            bottom_title = influence_heading([it.score for it in bottom], highest=False)
+            top_title = end_signs([it.score for it in top], highest=True).heading()
+            bottom_title = end_signs([it.score for it in bottom], highest=False).heading()
         else:
             top_title, bottom_title = "most similar", "least similar"
         for title, items in ((top_title, top), (bottom_title, bottom)):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..attribution.methods import METHODS, parse_methods
+from ..attribution.signs import reverse_caveat
 from .attribution import _add_attribution_options, open_session, parse_damping
 from .common import fail, register, subcommand
 
@@ -175,7 +176,11 @@ def cmd_reverse(args: argparse.Namespace) -> int:
             print(f"\n[{name}] removing it would raise these samples' {result.measurement} the most")
             if result.note(name):
                 print(f"  ({result.note(name)})")
-            for s in result.ranking(name, args.top_k):
+            ranked = result.ranking(name, args.top_k)
+            caveat = reverse_caveat([s.change for s in ranked])
+            if caveat:
+                print(f"  ({caveat})")
+            for s in ranked:
                 print(f"  {s.rank:>3}. {s.query:<12} label {'-' if s.label is None else s.label}  {s.change:+.4e}")
     return 0
 

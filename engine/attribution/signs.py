@@ -1,0 +1,80 @@
+"""Which images at each end of an influence ranking are proponents and which opponents: one rule for
+every heading (the CLI's text, the app's grids, the app's PNG export).
+
+A score is the predicted change of the query's measurement if the image were removed (eq. 6; sign and
+scale in docs/architecture.md §4): positive = a proponent (removing it makes the query less likely),
+negative = an opponent, exactly 0 = neither.  The k highest scores need not be positive, nor the k
+lowest negative: on a barely trained model every image can raise the query's loss, with the trajectory
+measurement every score can be negative, and ``--top-k 1000`` on digits reaches 320 negative scores.
+A heading that said "proponents" over them would state the opposite of what the numbers predict, so
+each end is classified here and the CLI and the app render the same classification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EndSigns:
+    """The signs of one end of a ranking: the k highest (``highest``) or the k lowest scores."""
+
+    highest: bool
+    n: int  # scores at this end
+    agreeing: int  # positive at the highest end (proponents), negative at the lowest (opponents)
+    opposite: int  # the other sign; the remaining n - agreeing - opposite are exactly 0
+
+    @property
+    def word(self) -> str:
+        return "proponents" if self.highest else "opponents"
+
+    @property
+    def sign(self) -> str:
+        """The sign this end's images need to be ``word``."""
+        return "positive" if self.highest else "negative"
+
+    @property
+    def end(self) -> str:
+        return "highest" if self.highest else "lowest"
+
+    @property
+    def all_agree(self) -> bool:
+        """Every score has this end's sign (an empty end is trivially so)."""
+        return self.agreeing == self.n
+
+    @property
+    def all_opposite(self) -> bool:
+        """Every score has the other end's sign (no zeros among them)."""
+        return self.n > 0 and self.opposite == self.n
+
+    def heading(self) -> str:
+        """The plain-text heading: the word itself when it holds for every score, else which do not."""
+        if self.all_agree:
+            return self.word
+        if self.agreeing == 0:
+            return f"{self.end} scores (none {self.sign}: no {self.word})"
+        return f"{self.end} scores ({self.n - self.agreeing} of {self.n} not {self.sign}: not {self.word})"
+
+
+def end_signs(scores: Sequence[float], highest: bool) -> EndSigns:
+    """Classify one end's scores: how many are ``> 0`` and ``< 0`` (the highest end counts the positive
+    ones as agreeing, the lowest end the negative ones)."""
+    pos = sum(1 for v in scores if v > 0)
+    neg = sum(1 for v in scores if v < 0)
+    return EndSigns(highest, len(scores), pos if highest else neg, neg if highest else pos)
+
+
+def reverse_caveat(changes: Sequence[float]) -> str | None:
+    """The reverse view ranks samples by the predicted change of their measurement if a group were
+    removed, largest first, under "what the group supports most".  A change that is not positive is no
+    support: removing the group would not raise that sample's measurement.  None when every listed
+    change is positive, else the sentence both the CLI and the app show under the heading."""
+    signs = end_signs(changes, highest=True)
+    if signs.all_agree:
+        return None
+    if signs.agreeing == 0:
+        return (f"none of these {signs.n} changes is positive: removing the group would raise no listed "
+                "sample's measurement, so it supports none of them")
+    return (f"{signs.n - signs.agreeing} of these {signs.n} changes are not positive: removing the group "
+            "would not raise those samples' measurement")
