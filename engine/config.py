@@ -64,6 +64,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 500
+    # also save the resumable state once this many seconds have passed since the last save (0: off), so
+    # that a kill loses at most about this much work even when checkpoint_every is far away (a run shorter
+    # than checkpoint_every saved nothing and restarted from step 0); the weights do not depend on it
+    checkpoint_seconds: float = 120.0
 
 
 @dataclass(frozen=True)

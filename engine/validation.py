@@ -131,6 +131,8 @@ def check_train_config(tc: Any, where: str = "train") -> None:
         _need(_finite(tc.ema_decay) and 0 <= tc.ema_decay < 1, f"{where}.ema_decay", "in [0, 1) or null", tc.ema_decay)
     _need(tc.log_every >= 1, f"{where}.log_every", "at least 1", tc.log_every)
     _need(tc.checkpoint_every >= 1, f"{where}.checkpoint_every", "at least 1", tc.checkpoint_every)
+    _need(_finite(tc.checkpoint_seconds) and tc.checkpoint_seconds >= 0, f"{where}.checkpoint_seconds",
+          "finite and >= 0 (0: off)", tc.checkpoint_seconds)
 
 
 def check_data_fits_model(model: Any, image_shape: tuple[int, ...]) -> None:

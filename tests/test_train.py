@@ -100,6 +100,33 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_preset, digits_small):
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def test_a_run_shorter_than_checkpoint_every_resumes_from_its_timed_checkpoint(tmp_path, tiny_preset, digits_small):
+    """QA: `train --steps` below checkpoint_every saved nothing, so a kill restarted it from step 0; the
+    state is now also saved once checkpoint_seconds have passed (here: at every step), and the resumed
+    weights equal an uninterrupted run's.  With checkpoint_seconds 0 (off) nothing is saved, as before."""
+    preset = tiny_preset.replace(train={"steps": 8, "checkpoint_every": 1000, "batch_size": 16,
+                                        "checkpoint_seconds": 1e-9})
+    full = train(preset, tmp_path / "full", dataset=digits_small, progress=False)
+
+    def stop_at_6(step, total, loss):
+        if step == 6:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(preset, tmp_path / "resumed", dataset=digits_small, progress=stop_at_6)
+    seen = []
+    train(preset, tmp_path / "resumed", dataset=digits_small, progress=lambda s, T, l: seen.append(s))
+    assert seen[0] == 6  # continued after the step-5 save (the callback runs before each step's save)
+    a, _, _ = load_checkpoint(full)
+    b, _, _ = load_checkpoint(tmp_path / "resumed")
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(va, vb), k
+    off = preset.replace(train={"checkpoint_seconds": 0.0})
+    with pytest.raises(_Stop):
+        train(off, tmp_path / "off", dataset=digits_small, progress=stop_at_6)
+    assert not (tmp_path / "off" / STATE).exists()
+
+
 @pytest.mark.parametrize("device", [*DEVICES, "cpu:0"])  # "cpu:0": a device named apart from "cpu"
 def test_a_resumed_run_keeps_adamw_step_counts_on_the_cpu(tmp_path, tiny_preset, digits_small, device, monkeypatch):
     """The resume state was loaded with map_location=device: on a GPU AdamW's "step" counts (which

@@ -5,7 +5,8 @@ cosine decay to zero, gradient-norm clipping, EMA of the weights (the EMA weight
 the model).  Objective L(theta) = (1/N) sum_n l(theta, x_n) with one (t, eps) draw per
 example per step.
 
-Resumable: every ``checkpoint_every`` steps the full state (weights, EMA, optimiser,
+Resumable: every ``checkpoint_every`` steps, and once ``checkpoint_seconds`` have passed since the
+last save, the full state (weights, EMA, optimiser,
 RNG, loss log) is written atomically to ``train_state.pt``; a restarted run continues
 from it and produces the same weights as an uninterrupted run.  The final checkpoint
 is written last, so a folder with ``model.safetensors`` is a finished run.
@@ -140,6 +141,7 @@ def train(
         bar = tqdm(total=total, initial=step, desc=f"train {preset.name}", unit="step")
     model.train()
     t0 = time.time() - elapsed_before
+    last_save = time.monotonic()
     while step < total:
         if pos + tc.batch_size > n:
             perm, pos = torch.randperm(n, generator=gen), 0
@@ -173,7 +175,10 @@ def train(
                 bar.set_postfix(loss=f"{running:.4f}")
         elif callable(progress):
             progress(step, total, running)
-        if step % tc.checkpoint_every == 0 and step < total:
+        due = step % tc.checkpoint_every == 0 or (
+            tc.checkpoint_seconds > 0 and time.monotonic() - last_save >= tc.checkpoint_seconds
+        )
+        if due and step < total:
             atomic_torch_save(
                 {
                     "model": model.state_dict(),
@@ -192,6 +197,7 @@ def train(
                 },
                 state_path,
             )
+            last_save = time.monotonic()
     if bar is not None:
         bar.close()
     final = ema if ema is not None else model
@@ -225,7 +231,7 @@ def _recipe(preset: Preset, total: int, keep: np.ndarray | None, data_sha: str |
     content (``data_sha``; its folder, ``data.root``, is left out so that data can move) and subset."""
     d = preset.to_dict()
     train_cfg = dict(d["train"], steps=int(total))
-    for k in ("log_every", "checkpoint_every"):  # bookkeeping only: the weights do not depend on them
+    for k in ("log_every", "checkpoint_every", "checkpoint_seconds"):  # bookkeeping only: the weights do not depend on them
         train_cfg.pop(k, None)
     data = {k: v for k, v in d["data"].items() if k != "root"}
     out = {"model": d["model"], "diffusion": d["diffusion"], "data": data, "train": train_cfg}
