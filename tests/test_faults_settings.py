@@ -109,6 +109,23 @@ def test_cli_bad_preset_is_one_error_line(tmp_path, capsys):
     assert rc == 2 and "nope.json" in _one_error_line(err)
 
 
+def test_a_preset_files_bad_bank_kind_names_the_file(tmp_path, capsys):
+    """Bank kinds are plugins, checked when the session opens, after the file's other checks: a misspelt
+    ``kfac_bank`` was reported without the file's name (QA round 11).  A bad ``--kfac-bank`` flag is the
+    flag's error, not the file's."""
+    good = PRESETS["digits"].to_dict()
+    path = _preset_file(tmp_path, {**good, "attribution": {**good["attribution"], "kfac_bank": "compresed"}})
+    args = ("query", "--preset", path, "--query", "gallery:0", "--methods", "pixel", "--cache-root", str(tmp_path / "c"))
+    rc, err = _cli(capsys, *args)
+    line = _one_error_line(err)
+    assert rc == 2 and line.startswith(f"error: preset file {path}: ") and "'compresed'" in line, line
+    rc, err = _cli(capsys, *args, "--kfac-bank", "stored")  # the flag replaces the file's value
+    assert rc == 0, err
+    rc, err = _cli(capsys, "query", "--query", "gallery:0", "--methods", "pixel", "--cache-root", str(tmp_path / "c"),
+                   "--kfac-bank", "nope")
+    assert rc == 2 and "preset file" not in err
+
+
 # --- commands without a checkpoint --------------------------------------------------------------
 
 

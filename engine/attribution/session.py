@@ -47,7 +47,7 @@ from ..model.measurements import Measurement, parse_measurement
 from ..paths import best_device, default_checkpoint
 from ..paths import cache_root as default_cache_root
 from ..precision import configure_float32
-from ..validation import check_attribution_config, check_damping, check_data_fits_model
+from ..validation import InvalidSettingError, check_attribution_config, check_damping, check_data_fits_model
 from .bank_kinds import bank_modes
 from .caches import MethodCaches
 from .context import EngineContext
@@ -101,7 +101,15 @@ class AttributionSession:
         if wanted.data.root:
             self.preset = self.preset.replace(data={"root": wanted.data.root})
         self.config: AttributionConfig = config or wanted.attribution
-        check_attribution_config(self.config, bank_modes=bank_modes())  # M, projection dim, dampings, bank mode: refused up front
+        try:  # M, projection dim, dampings, bank mode: refused up front
+            check_attribution_config(self.config, bank_modes=bank_modes())
+        except InvalidSettingError as e:
+            # a preset file's bank mode is checked here, not with the rest of the file (bank kinds are plugins of
+            # this package, which the preset loader sits below): name the file as its other errors do
+            from_file = self._preset_arg.endswith(".json") and self.config.kfac_bank == wanted.attribution.kfac_bank
+            if from_file and self.config.kfac_bank not in bank_modes():
+                raise InvalidSettingError(f"preset file {self._preset_arg}: {e}") from None
+            raise
         self.preset = self.preset.replace(attribution=self.config)
         self.checkpoint = folder
         self.checkpoint_extra = extra
