@@ -15,9 +15,8 @@ from typing import Any
 from .. import jsonio
 from ..attribution.methods import METHODS, method_names, parse_methods
 from ..attribution.signs import end_signs
-from ..attribution.train_draws import DRAW_MODES, SHARED_DRAW_MODES
 from ..config import SETTING_FLAGS
-from ..validation import check_damping
+from ..validation import DRAW_MODES, SHARED_DRAW_MODES, check_damping
 from .common import build_progress, check_output_file, fail, register, resolve, subcommand
 
 
