@@ -59,6 +59,29 @@ class _Stop(Exception):
     pass
 
 
+def _interrupted_then_resumed(preset, folder: Path, dataset, stop_at: int) -> list[int]:
+    """Train into ``folder``, stopped at step ``stop_at`` (an exception from the progress callback, as a
+    kill would), then rerun; the steps the rerun trained."""
+
+    def stop(step, total, loss):
+        if step == stop_at:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(preset, folder, dataset=dataset, progress=stop)
+    assert not (folder / "model.safetensors").exists()
+    seen: list[int] = []
+    train(preset, folder, dataset=dataset, progress=lambda s, T, l: seen.append(s))
+    return seen
+
+
+def _assert_same_weights(a_folder: Path, b_folder: Path) -> None:
+    a, _, _ = load_checkpoint(a_folder)
+    b, _, _ = load_checkpoint(b_folder)
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(va, vb), k
+
+
 def test_resume_equals_uninterrupted(tmp_path, tiny_preset, digits_small):
     # dropout and flips on, so every random stream (global RNG, data generator) must be restored
     preset = tiny_preset.replace(
@@ -67,23 +90,10 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_preset, digits_small):
         train={"steps": 30, "checkpoint_every": 10, "ema_decay": 0.9, "batch_size": 16},
     )
     full = train(preset, tmp_path / "full", dataset=digits_small, progress=False)
-
-    def stop_at_25(step, total, loss):
-        if step == 25:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        train(preset, tmp_path / "resumed", dataset=digits_small, progress=stop_at_25)
-    assert (tmp_path / "resumed" / STATE).is_file()
-    assert not (tmp_path / "resumed" / "model.safetensors").exists()
-    seen = []
-    train(preset, tmp_path / "resumed", dataset=digits_small, progress=lambda s, T, l: seen.append(s))
+    seen = _interrupted_then_resumed(preset, tmp_path / "resumed", digits_small, stop_at=25)
     assert seen[0] == 21  # continued after the step-20 checkpoint
     assert not (tmp_path / "resumed" / STATE).exists()
-    a, _, _ = load_checkpoint(full)
-    b, _, _ = load_checkpoint(tmp_path / "resumed")
-    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert torch.equal(va, vb), k
+    _assert_same_weights(full, tmp_path / "resumed")
     # the log goes on as one run: the smoothed loss and the elapsed time are part of the resumable state
     # (after a resume the loss curve restarted from the next batch's loss and the clock from zero)
     log_a = json.loads((full / "train_log.json").read_text())
@@ -107,24 +117,11 @@ def test_a_run_shorter_than_checkpoint_every_resumes_from_its_timed_checkpoint(t
     preset = tiny_preset.replace(train={"steps": 8, "checkpoint_every": 1000, "batch_size": 16,
                                         "checkpoint_seconds": 1e-9})
     full = train(preset, tmp_path / "full", dataset=digits_small, progress=False)
-
-    def stop_at_6(step, total, loss):
-        if step == 6:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        train(preset, tmp_path / "resumed", dataset=digits_small, progress=stop_at_6)
-    seen = []
-    train(preset, tmp_path / "resumed", dataset=digits_small, progress=lambda s, T, l: seen.append(s))
+    seen = _interrupted_then_resumed(preset, tmp_path / "resumed", digits_small, stop_at=6)
     assert seen[0] == 6  # continued after the step-5 save (the callback runs before each step's save)
-    a, _, _ = load_checkpoint(full)
-    b, _, _ = load_checkpoint(tmp_path / "resumed")
-    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert torch.equal(va, vb), k
+    _assert_same_weights(full, tmp_path / "resumed")
     off = preset.replace(train={"checkpoint_seconds": 0.0})
-    with pytest.raises(_Stop):
-        train(off, tmp_path / "off", dataset=digits_small, progress=stop_at_6)
-    assert not (tmp_path / "off" / STATE).exists()
+    assert _interrupted_then_resumed(off, tmp_path / "off", digits_small, stop_at=6)[0] == 1  # nothing was saved
 
 
 @pytest.mark.parametrize("device", [*DEVICES, "cpu:0"])  # "cpu:0": a device named apart from "cpu"
