@@ -72,6 +72,34 @@ def session(ckpt, digits_small, tmp_path_factory):
     return s
 
 
+def test_a_checkpoint_is_refused_on_a_training_set_it_was_not_trained_on(ckpt, digits_small, tmp_path):
+    """QA round 12: ``--data-root`` at other images of the same shape attributed the model to images it
+    never saw, silently.  The run's recorded content digest (or, for runs from before it, the size of the
+    whole set it trained on) is checked when the session opens."""
+    import json
+    import shutil
+
+    folder, preset = ckpt
+    other = dataclasses.replace(digits_small, images=digits_small.images.flip(-1))  # same shape, other images
+    with pytest.raises(CheckpointError, match="was not trained on this training set.*content digest"):
+        AttributionSession(preset, checkpoint=folder, device="cpu", cache_root=tmp_path, config=TINY_ATTRIBUTION,
+                           dataset=other)
+    # a checkpoint from before the digest (the shipped weights record only the number of images)
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["extra"]["data_sha"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    fewer = digits_small.subset(range(40))
+    with pytest.raises(CheckpointError, match="all of a 64-image training set; the one loaded has 40"):
+        AttributionSession(preset, checkpoint=old, device="cpu", cache_root=tmp_path, config=TINY_ATTRIBUTION,
+                           dataset=fewer)
+    # the data it was trained on opens, wherever they were read from
+    s = AttributionSession(preset, checkpoint=old, device="cpu", cache_root=tmp_path, config=TINY_ATTRIBUTION,
+                           dataset=digits_small)
+    assert len(s.dataset) == 64
+
+
 def test_missing_checkpoint_says_how_to_train(tmp_path):
     with pytest.raises(CheckpointError, match="attribution-engine train --preset digits"):
         AttributionSession("digits", checkpoint=tmp_path / "nothing", device="cpu", cache_root=tmp_path)

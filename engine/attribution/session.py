@@ -44,6 +44,7 @@ from ..model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from ..model.data import ImageDataset, load_dataset
 from ..model.diffusion import Diffusion, MCDraws, make_draws
 from ..model.measurements import Measurement, parse_measurement
+from ..model.train import trained_on_problem
 from ..paths import best_device, default_checkpoint
 from ..paths import cache_root as default_cache_root
 from ..precision import configure_float32
@@ -117,6 +118,14 @@ class AttributionSession:
         self.diffusion = Diffusion(self.preset.diffusion)
         self.dataset: ImageDataset = dataset if dataset is not None else load_dataset(self.preset.data)
         check_data_fits_model(self.preset.model, self.dataset.shape)
+        problem = trained_on_problem(extra, self.dataset)
+        if problem is not None:
+            where = f" from {self.preset.data.root}" if self.preset.data.root else ""
+            raise CheckpointError(
+                f"checkpoint {folder} was not trained on this training set ({self.preset.data.name}{where}): "
+                f"{problem}. Influence attributes a model to its own training images: pass the --data-root it "
+                "was trained on, or a --checkpoint trained on these data"
+            )
         self.checkpoint_hash = checkpoint_hash(folder)
         self.auto_build = auto_build
 

@@ -291,6 +291,27 @@ def _check_finished_run(
         )
 
 
+def trained_on_problem(extra: dict[str, Any], dataset: Any) -> str | None:
+    """Why ``dataset`` is not the training set a checkpoint (its ``extra``) was trained on; None when it is,
+    or when the checkpoint cannot tell (a diffusers folder records nothing).
+
+    Influence (eq. 6) attributes a model's output to the images it was trained on: the same model scored
+    against other images (``--data-root`` pointing elsewhere, a folder that changed since) answers with
+    numbers that mean nothing, and nothing said so (QA round 12).  A run records its training set's
+    content (``data_sha``, the full set's even when it trained on a subset); a run from before that (the
+    shipped weights) only its size, which tells when it trained on a whole set of another size."""
+    if extra.get("data_sha") is not None:
+        digest = dataset.content_digest()
+        if digest != extra["data_sha"]:
+            return (f"it was trained on a training set with content digest {extra['data_sha']}; the one loaded "
+                    f"({len(dataset)} images) has {digest}")
+        return None
+    n, sha = extra.get("num_train"), extra.get("indices_sha")
+    if n is not None and sha is not None and int(n) != len(dataset) and sha == _indices_digest(np.arange(int(n))):
+        return f"it was trained on all of a {int(n)}-image training set; the one loaded has {len(dataset)} images"
+    return None
+
+
 def _indices_digest(keep: np.ndarray) -> str:
     import hashlib
 
