@@ -230,3 +230,30 @@ def test_folder_bad_inputs_name_the_file(tmp_path):
     )
     _assert_data_error(DataConfig(root=None, **cfg), "--data-root")
     _assert_data_error(DataConfig(name="nonsense"), "nonsense")
+
+
+@pytest.mark.parametrize("channels,levels", [(3, 256), (1, 17)])
+def test_a_training_file_given_as_a_query_is_its_own_training_row(tmp_path, channels, levels):
+    """QA round 12: queries centre-cropped and composited the alpha while the folder loader squashed and
+    dropped it, so ``image:<a training file>`` (5x40, RGBA, palette) did not find itself among its 3
+    nearest.  Queries on folder data now go through the loader's own preparation: equal rows."""
+    from types import SimpleNamespace
+
+    from engine.attribution.query import QuerySources
+    from engine.config import Preset
+
+    rng = np.random.default_rng(0)
+    files = {"a/tall.png": ((5, 40), "RGB"), "a/wide_rgba.png": ((32, 20), "RGBA"),
+             "b/pal.png": ((12, 9), "P"), "b/square.png": ((8, 8), "L")}
+    for rel, (size, mode) in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 256, size=(size[1], size[0], 4), dtype=np.uint8)
+        Image.fromarray(arr, "RGBA").convert(mode).save(path)
+    cfg = DataConfig(name="folder", root=str(tmp_path), image_size=8, channels=channels, levels=levels)
+    ds = load_dataset(cfg)
+    preset = Preset(name="f", data=cfg).replace(model={"image_size": 8, "in_channels": channels})
+    sources = QuerySources(preset, None, SimpleNamespace(T=10), ds, torch.device("cpu"), tmp_path, "assets")
+    for i, rel in enumerate(ds.ids):
+        q = sources.parse(f"image:{tmp_path / rel}")
+        assert torch.equal(q.image, ds.images[i]), rel

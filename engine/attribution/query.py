@@ -121,6 +121,27 @@ def image_to_model(
     return x.float(), notes
 
 
+def folder_image_to_model(img: Any, channels: int, size: int, levels: int) -> tuple[torch.Tensor, list[str]]:
+    """A PIL image -> (C, H, W) tensor in [-1, 1], prepared as a folder data set's training images are
+    (``engine.model.data_files.prepare_image``: no crop, alpha dropped, Lanczos resize to a square), so
+    that a training file given as a query is exactly its training row; plus notes."""
+    from ..model.data_files import prepare_image, uint8_to_model
+
+    notes: list[str] = []
+    if "original_size" in img.info:
+        ow, oh = img.info["original_size"]
+        notes.append(f"decoded {ow}x{oh} at reduced size {img.size[0]}x{img.size[1]}")
+    w, h = img.size
+    arr = prepare_image(img, channels, size)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    done = "prepared as the training folder's images were"
+    if (w, h) != (size, size):
+        done += f": resized {w}x{h} -> {size}x{size}" + (" (the aspect ratio not kept)" if w != h else "")
+    notes.append(done)
+    notes.append("values mapped to [-1, 1]" + (f" on the {levels}-level grid of the training data" if levels < 256 else ""))
+    return uint8_to_model(np.ascontiguousarray(arr), levels), notes
+
+
 def _white_level(top: float) -> float:
     """The value white has in a 32-bit integer or float grey image, guessed from its largest value:
     1 (floats in [0, 1]), 255 (8-bit values), 65535 (16-bit values) or the maximum itself."""
@@ -258,7 +279,10 @@ class QuerySources:
             raise QueryError(f"{what} is empty")
         m = self.preset.model
         img = open_image(data, what, m.image_size)
-        image, notes = image_to_model(img, m.in_channels, m.image_size, self.dataset.levels, self._dark_background())
+        if self.preset.data.name == "folder":  # made from image files: prepared exactly as they were
+            image, notes = folder_image_to_model(img, m.in_channels, m.image_size, self.dataset.levels)
+        else:
+            image, notes = image_to_model(img, m.in_channels, m.image_size, self.dataset.levels, self._dark_background())
         label = self._predict_label(image, notes)
         return QueryInput(image=image, trajectory=None, description="upload", label=label, notes=notes)
 

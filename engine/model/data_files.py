@@ -181,7 +181,7 @@ def _read_cifar_train(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str
     return np.concatenate(xs), np.concatenate(ys), ids, _cifar_class_names(folder)
 
 
-def _uint8_to_model(x: np.ndarray, levels: int) -> torch.Tensor:
+def uint8_to_model(x: np.ndarray, levels: int) -> torch.Tensor:
     """uint8 0..255 -> float32 in [-1, 1], snapped to the grid of ``levels`` values."""
     v = x.astype(np.float32) / 255.0
     if levels != 256:
@@ -194,7 +194,7 @@ def load_cifar10(cfg: DataConfig) -> ImageDataset:
     x, y, ids, names = _read_cifar_train(cfg)
     return ImageDataset(
         name="cifar10",
-        images=_uint8_to_model(x, cfg.levels),
+        images=uint8_to_model(x, cfg.levels),
         labels=torch.from_numpy(y),
         class_names=names,
         ids=ids,
@@ -227,7 +227,7 @@ def load_cifar2(cfg: DataConfig) -> ImageDataset:
     remap = {lab: i for i, lab in enumerate(CIFAR2_LABELS)}
     return ImageDataset(
         name="cifar2",
-        images=_uint8_to_model(x[idx], cfg.levels),
+        images=uint8_to_model(x[idx], cfg.levels),
         labels=torch.tensor([remap[int(v)] for v in y[idx]], dtype=torch.long),
         class_names=[names[lab] for lab in CIFAR2_LABELS],
         ids=[ids[i] for i in idx],
@@ -250,20 +250,32 @@ def find_images(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def prepare_image(img, channels: int, size: int | None) -> np.ndarray:
+    """A decoded PIL image -> uint8 (H, W) or (H, W, 3), as a training image of a folder data set is made:
+    16-bit and float grey scaled to 8 bits, converted to grey or RGB (an alpha channel is dropped), and
+    resized to ``size`` x ``size`` with Lanczos filtering, the aspect ratio not kept.  Queries on folder
+    data (``image:PATH``, uploads) go through this same function, so that a training file queried by its
+    path is its own training row (QA round 12: the query path centre-cropped and composited the alpha,
+    and a 5x40 training image did not find itself among its 3 nearest)."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode != "F" and arr.max() > 255 else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8))
+    img = img.convert("L" if channels == 1 else "RGB")
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.LANCZOS)
+    return np.asarray(img, dtype=np.uint8)
+
+
 def _read_image(path: Path, channels: int, size: int | None):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-                arr = np.asarray(img, dtype=np.float64)
-                top = 65535.0 if img.mode != "F" and arr.max() > 255 else max(float(arr.max()), 1.0)
-                img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8))
-            img = img.convert("L" if channels == 1 else "RGB")
-            if size is not None and img.size != (size, size):
-                img = img.resize((size, size), Image.LANCZOS)
-            return np.asarray(img, dtype=np.uint8)
+            return prepare_image(img, channels, size)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
 
@@ -307,7 +319,7 @@ def load_folder(cfg: DataConfig) -> ImageDataset:
         )
     return ImageDataset(
         name=f"folder:{root.name}",
-        images=_uint8_to_model(np.ascontiguousarray(x), cfg.levels),
+        images=uint8_to_model(np.ascontiguousarray(x), cfg.levels),
         labels=labels,
         class_names=class_names,
         ids=rel,
