@@ -35,7 +35,7 @@ def _live(handle: Handle) -> None:
         st.rerun()  # the whole page: live results instead of precomputed ones, or the failure
     if state.checking:  # a just-started server finding out whether anything needs building
         st.session_state["build_was_checking"] = True
-        st.caption("Checking which attribution caches are built ...")
+        st.caption(f"Checking which attribution caches are built ... ({state.elapsed_s:.0f} s)")
         return
     if st.session_state.pop("build_was_checking", False):
         # the page was drawn before the check knew which methods cannot run here (CLIP without its
@@ -61,6 +61,11 @@ def _live(handle: Handle) -> None:
 def _failed(handle: Handle) -> None:
     state = handle.build
     with st.container(border=True):
+        if not state.retry_helps:  # the cache root cannot be written: no retry in this server can build there
+            st.warning(f"**The missing attribution caches cannot be built here:** {state.error}")
+            st.caption("Methods already built answer queries. To build the others, restart the app with a writable "
+                       "`--cache-root`.")
+            return
         st.error(f"**Building the attribution caches failed:** {state.error}")
         st.caption(
             "Finished parts are kept; Retry continues from them. Methods already built answer queries meanwhile."

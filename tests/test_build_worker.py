@@ -85,6 +85,23 @@ def test_start_returns_before_the_cache_check():
     assert w.wait(30).status == "done" and s.calls == ["a", "b"]
 
 
+def test_the_cache_check_runs_at_full_priority_and_the_build_yields(monkeypatch):
+    """QA round 12: the thread lowered its priority before the check, so on a loaded machine the page said
+    "Checking which attribution caches are built ..." for over a minute (CLIP's check imports open_clip)."""
+    import engine.attribution.build_worker as bw
+
+    events: list[str] = []
+    s = _Session()
+    real_status = s.status
+    s.status = lambda: events.append("check") or real_status()
+    monkeypatch.setattr(bw, "_lower_priority", lambda inc: events.append(f"nice +{inc}"))
+    w = BuildWorker(s, terminal=False)
+    w.start()
+    s.gate.set()
+    assert w.wait(30).status == "done"
+    assert events[:2] == ["check", "nice +10"], events
+
+
 def test_nothing_missing_ends_done_without_building():
     s = _Session()
     s.built = {"a", "b"}
@@ -101,12 +118,30 @@ def test_failure_is_reported_and_not_retried_until_asked():
     w.start()
     s.gate.set()
     state = w.wait(30)
-    assert state.status == "failed" and state.error == "RuntimeError: b broke"
+    assert state.status == "failed" and state.error == "RuntimeError: b broke"  # not a user error: its type shown
     assert "a" in state.summary and s.calls == ["a", "b"]
     s.fail = None
     assert w.start() is True  # the Retry button
     state = w.wait(30)
     assert state.status == "done" and s.calls == ["a", "b", "b"] and state.attempts == 2
+
+
+def test_a_cache_root_that_cannot_be_written_is_reported_plainly_and_not_offered_a_retry():
+    """QA round 12: on a read-only cache root every tab showed "CacheRootError: ..." with "Retry continues
+    from them" and a Retry button that could only fail again."""
+    from engine.attribution.store import CacheRootError
+
+    s = _Session()
+
+    def read_only(names, progress):
+        raise CacheRootError("cache root /ro is not writable (Read-only file system); choose a writable folder")
+
+    s.build = read_only
+    w = BuildWorker(s, terminal=False)
+    w.start()
+    state = w.wait(30)
+    assert state.status == "failed" and not state.retry_helps
+    assert state.error.startswith("cache root /ro is not writable")  # the message, not the class name
 
 
 def test_progress_is_overall_and_monotone():

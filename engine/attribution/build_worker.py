@@ -50,6 +50,7 @@ class BuildState:
     summary: dict[str, Any] = field(default_factory=dict)
     attempts: int = 0
     unavailable: dict[str, str] = field(default_factory=dict)  # methods that cannot run here, with the reason
+    retry_helps: bool = True  # False: the failure is the cache root's (not writable), which a retry cannot mend
 
     @property
     def checking(self) -> bool:
@@ -146,9 +147,11 @@ class BuildWorker:
     # --- the job ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        _lower_priority(self.nice)
+        # the check at full priority: it is short, and the page says "checking" until it ends (QA round 12:
+        # at nice 10 on a loaded machine, CLIP's availability check, an open_clip import, took over a minute)
         todo = self._check()
         self._checked.set()
+        _lower_priority(self.nice)  # the build itself yields the CPU to the pages being served
         if todo:
             self._build(todo)
         if self.on_done is not None:
@@ -163,7 +166,7 @@ class BuildWorker:
             todo = self.missing()
         except BaseException as e:  # noqa: BLE001 - reported to every tab with its reason
             log.error("checking the caches failed:\n%s", traceback.format_exc())
-            self._set(status="failed", error=f"{type(e).__name__}: {e}", finished=time.time())
+            self._set(status="failed", error=_user_message(e), retry_helps=_retry_helps(e), finished=time.time())
             return []
         if todo:
             self._set(methods=tuple(todo), message="starting")
@@ -204,7 +207,8 @@ class BuildWorker:
             self._set(status="done", fraction=1.0, message="all caches built", current=None, finished=time.time())
         except BaseException as e:  # noqa: BLE001 - reported to every tab with its reason
             log.error("cache build failed:\n%s", traceback.format_exc())
-            self._set(status="failed", error=f"{type(e).__name__}: {e}", finished=time.time(), summary=dict(summary))
+            self._set(status="failed", error=_user_message(e), retry_helps=_retry_helps(e), finished=time.time(),
+                      summary=dict(summary))
         finally:
             if bar is not None:
                 bar.close()
@@ -222,6 +226,19 @@ class BuildWorker:
             file=sys.stderr,
             mininterval=1.0,
         )
+
+
+def _user_message(e: BaseException) -> str:
+    """What every tab shows of a failure: a user error's own message (bad input, a file or folder problem:
+    ValueError, OSError), which names what to fix; anything else with its type, which says it is a bug."""
+    return str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+
+
+def _retry_helps(e: BaseException) -> bool:
+    """A cache root that cannot be written (read-only, a file) stays so: Retry would fail the same way."""
+    from .store import CacheRootError
+
+    return not isinstance(e, CacheRootError)
 
 
 def _lower_priority(increment: int) -> None:
