@@ -125,6 +125,9 @@ def _choose_group(handle: Handle) -> Group | None:
                 "Training indices (commas, ranges like 10-20)", value=default or "0,1,2", key="grp_indices",
                 help="Tick images in the Explore page's grids to fill this in.",
             )
+            if not text.strip():  # not an error: the box is being filled in ("bad group 'train: '" spoke CLI)
+                st.info("Type training indices, e.g. 0,1,2 or 10-20, or tick images in the Explore page's grids.")
+                return None
             return parse_group(f"train:{text}", ds)
         if kind == "From a file":
             up = st.file_uploader("A JSON list of indices, or text with one index per line", key="grp_file")

@@ -81,6 +81,8 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
 
     # a hand-picked group with a bad index is a message, not a failure
     at.radio(key="grp_kind").set_value("Hand-picked").run()
+    at.text_input(key="grp_indices").set_value("  ").run()  # a blank box is being filled in: a hint, not CLI syntax
+    assert not any("bad group" in w.value for w in at.warning) and any("Type training indices" in i.value for i in at.info)
     at.text_input(key="grp_indices").set_value("1,2,999").run()
     assert not at.exception
     assert any("out of range" in w.value for w in at.warning)

@@ -73,6 +73,16 @@ def test_train_group_sorted_unique_with_ranges(digits_small):
     assert g.members.tolist() == [1, 3, 4, 5]
 
 
+def test_group_descriptions_count_right(digits_small):
+    """"1 hand-picked training image(s)" for the app's one-image group."""
+    from engine.attribution.groups import group_from_indices, group_from_text
+
+    assert parse_group("train:5", digits_small).description == "training image #5"
+    assert group_from_indices([7], 64, spec="train:7").description == "training image #7"
+    assert parse_group("train:1,2", digits_small).description == "2 training images, hand-picked"
+    assert group_from_text("3", "x.txt", 64).description == "1 training image listed in x.txt"
+
+
 def test_file_group_json_and_text(digits_small, tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([7, 2, 9]))
     (tmp_path / "b.txt").write_text("7\n2\n9\n")

@@ -109,7 +109,7 @@ def read_index_file(path: str | Path) -> list[int]:
 def group_from_text(text: str, name: str, n: int) -> Group:
     """A group from the contents of an index file (e.g. uploaded in the app): ``file:NAME``."""
     members = _check_indices(parse_index_text(text, f"file {name}"), n, f"file {name}")
-    return Group(f"file:{name}", members, f"{len(members)} training image(s) listed in {name}")
+    return Group(f"file:{name}", members, f"{_images(len(members))} listed in {name}")
 
 
 def _valid_labels(present: list[int], names: list[str]) -> str:
@@ -156,10 +156,10 @@ def parse_group(spec: str, dataset: ImageDataset) -> Group:
         return Group(text, members, f"all {len(members)} training images labelled {name}")
     if kind == "train":
         members = _check_indices(_parse_int_list(arg, f"group {text!r}"), n, f"group {text!r}")
-        return Group(text, members, f"{len(members)} hand-picked training image(s)")
+        return Group(text, members, _picked(members))
     if kind == "file":
         members = _check_indices(read_index_file(arg), n, f"file {arg}")
-        return Group(text, members, f"{len(members)} training image(s) listed in {Path(arg).name}")
+        return Group(text, members, f"{_images(len(members))} listed in {Path(arg).name}")
     raise GroupError(f"bad group kind {kind!r} in {spec!r}: {USAGE}")
 
 
@@ -167,7 +167,16 @@ def group_from_indices(indices: list[int] | np.ndarray, n: int, spec: str | None
     """A hand-picked group (e.g. ticked in the app): ``train:i,j,k``."""
     members = _check_indices([int(i) for i in indices], n, "selection")
     spec = spec or "train:" + ",".join(str(int(i)) for i in members)
-    return Group(spec, members, f"{len(members)} hand-picked training image(s)")
+    return Group(spec, members, _picked(members))
+
+
+def _images(k: int) -> str:
+    return f"{k} training image" + ("" if k == 1 else "s")
+
+
+def _picked(members: np.ndarray) -> str:
+    """How a hand-picked group is described: one image by its index, several by their number."""
+    return f"training image #{int(members[0])}" if len(members) == 1 else f"{_images(len(members))}, hand-picked"
 
 
 def group_change(scores: np.ndarray, group: Group) -> np.ndarray:
