@@ -68,14 +68,26 @@ def test_the_app_serves_the_data_root_it_is_given(tmp_path):
     """``--data-root`` (or ATTRIBUTION_DATA_ROOT), as on the CLI: the app's session reads that folder, its
     printed commands name it, and the sidebar offers no switch (the other shipped model has other data)."""
     import numpy as np
+    import pytest
     from test_data_mnist import _write_pair
+    from test_mnist_pipeline import TINY_28
 
+    from engine.config import get_preset
+    from engine.model.checkpoint import CheckpointError
+    from engine.model.train import train
     from explorer.runtime import get_handle, parse_args
 
     rng = np.random.default_rng(0)
     _write_pair(tmp_path / "idx", rng.integers(0, 256, (20, 28, 28)), np.arange(20) % 10, gz=True)
-    args = parse_args(["--preset", "mnist", "--data-root", str(tmp_path / "idx"), "--cache", str(tmp_path / "c"),
-                       "--device", "cpu"], env={})
+    common = ["--preset", "mnist", "--data-root", str(tmp_path / "idx"), "--cache", str(tmp_path / "c"), "--device", "cpu"]
+    # the shipped weights were not trained on these 20 images: refused, not attributed to them
+    with pytest.raises(CheckpointError, match="not trained on this training set"):
+        get_handle(parse_args(common, env={}))
+    # a model trained on them (two steps of a tiny 28x28 U-Net)
+    tiny = get_preset("mnist").replace(model=TINY_28, data={"root": str(tmp_path / "idx")},
+                                       train={"steps": 2, "batch_size": 8})
+    train(tiny, tmp_path / "ckpt", progress=False)
+    args = parse_args([*common, "--checkpoint", str(tmp_path / "ckpt")], env={})
     assert args.data_root == str(tmp_path / "idx") and model_choices(args) == []
     assert parse_args([], env={"ATTRIBUTION_DATA_ROOT": "/d"}).data_root == "/d"
     session = get_handle(args).session
