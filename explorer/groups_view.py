@@ -177,6 +177,8 @@ def groups_page(handle: Handle, s: Settings) -> None:
     )
     methods_all = influence_methods(handle)
     if not methods_all:
+        if precomputed_groups(handle, s):
+            return
         if handle.build.status == "running":
             from explorer.build_view import waiting_note
 
@@ -221,6 +223,54 @@ def groups_page(handle: Handle, s: Settings) -> None:
     downloads(handle, result, s)
     copy_section(handle, result)
     group_retrain_section(handle)
+
+
+def precomputed_groups(handle: Handle, s: Settings) -> bool:
+    """Before any influence cache is built: the group views over the gallery from the shipped precomputed
+    scores (``PrecomputedGallery.gallery_matrix``; a group's change is the sum of its members' scores), at
+    the settings they were computed with.  False when there is nothing precomputed for this model."""
+    from engine.attribution.pool import MatrixResult
+    from engine.attribution.precomputed import MEASUREMENT
+
+    session, pre = handle.session, handle.precomputed
+    names = [n for n in all_influence_methods(session) if pre is not None and n in pre.methods_for(session)]
+    if not names or not session.gallery():
+        return False
+    info = session.method_info()
+    if s.measurement != MEASUREMENT or int(s.mc_samples) != int(session.config.mc_samples):
+        from explorer.build_view import waiting_note
+
+        waiting_note(f"Groups at these settings need the influence caches ({influence_titles(handle)}): ",
+                     f". The gallery's precomputed scores are for the measurement `{MEASUREMENT}` with "
+                     f"{session.config.mc_samples} draws.")
+        return True
+    mats = {}
+    for n in names:
+        scores = pre.gallery_matrix(session, n, s.damping_dict.get(n))
+        if scores is not None:
+            mats[n] = MatrixResult(n, "influence", "ok", reason="precomputed", damping=s.damping_dict.get(n),
+                                   scores=scores)
+    if not mats:
+        return False
+    st.info("**Precomputed:** until the influence caches are built, this page answers over the gallery from its "
+            "precomputed scores (each stored at 16 bits, within 0.05% of its sample's largest score). Generated "
+            "pools, other settings and the copy check are ready when the build finishes.")
+    c1, c2 = st.columns(2)
+    with c1:
+        group = _choose_group(handle)
+    qset = gallery_set(session)
+    c2.caption(f"Generated samples: the gallery ({len(qset)} samples)")
+    methods = st.multiselect("Methods", list(mats), default=list(mats), key="grp_methods_pre",
+                             format_func=lambda n: info[n]["title"])
+    if group is None or not methods:
+        return True
+    result = GroupResult(group, MEASUREMENT, qset, {n: mats[n] for n in methods}, session.labels)
+    st.markdown(f"**{group.spec}** · {group.description} · {len(qset)} samples ({qset.name}) · "
+                f"measurement `{MEASUREMENT}` · precomputed")
+    removal_section(handle, result, s)
+    reverse_section(handle, result, s)
+    downloads(handle, result, s)
+    return True
 
 
 def _table(result: GroupResult) -> pd.DataFrame:

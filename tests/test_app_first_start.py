@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import threading
 
+import numpy as np
 import pytest
 from test_app import TIMEOUT, _handle, _ok, _set_env, _texts, tiny_app  # noqa: F401 - fixture
 
@@ -248,3 +249,39 @@ def test_the_page_is_drawn_again_once_the_cache_check_knows_what_cannot_run(monk
     assert "Building the attribution caches" in at.markdown[0].value
     at.run(timeout=60)
     assert at.session_state["runs"] == 4  # only once
+
+
+@pytest.mark.slow
+def test_groups_page_answers_over_the_gallery_from_the_precomputed_scores(precomputed_env, tiny_app, monkeypatch):  # noqa: F811
+    """QA round 12: on an empty cache the Groups page only waited for the build, though the shipped file holds
+    every gallery sample's full score vector and a group's change is the sum of its members' scores."""
+    from engine.attribution.group_attribution import group_attribution
+    from engine.attribution.groups import parse_group
+    from engine.attribution.pool import gallery_set
+    from engine.attribution.session import AttributionSession
+
+    handle = _handle()
+    gate, calls = _gate_builds(handle, monkeypatch)
+    at = _app()
+    at.session_state["page"] = "Groups"
+    at.run()
+    _ok(at)
+    text = _texts(at)
+    assert "**Precomputed:**" in text and "If the group were removed" in text and "What the group supports most" in text
+    assert "Groups need the influence caches" not in text
+    # the sums agree with a live answer on the built cache (float16 storage: 2^-11 of each sample's largest)
+    live = AttributionSession(tiny_app["ATTRIBUTION_PRESET"], tiny_app["ATTRIBUTION_CHECKPOINT"], "cpu",
+                              tiny_app["ATTRIBUTION_CACHE"])
+    group = parse_group("label:1", live.dataset)
+    want = group_attribution(live, group, gallery_set(live), methods=["kfac", "trak"])
+    for name in ("kfac", "trak"):
+        mat = handle.precomputed.gallery_matrix(handle.session, name)
+        got = mat[:, group.members].sum(axis=1)
+        tol = len(group.members) * 2.0**-11 * np.abs(mat).max(axis=1) + 1e-12
+        assert np.all(np.abs(got - want.changes(name)) <= tol), name
+    # another measurement is not precomputed: it says so, and waits for the build
+    at.selectbox(key="measurement").set_value("elbo").run()
+    _ok(at)
+    assert "**Precomputed:**" not in _texts(at) and "Groups at these settings need the influence caches" in _texts(at)
+    gate.set()
+    handle.worker.wait(TIMEOUT)

@@ -186,6 +186,18 @@ class PrecomputedGallery:
                 return self.arrays["kfac_grid"][row, g].astype(np.float32) * self.arrays["kfac_grid_scale"][row, g]
         return None
 
+    def gallery_matrix(self, session: Any, method: str, damping: float | None = None) -> np.ndarray | None:
+        """(Q, N) float32 scores of every gallery sample for ``method``: what a group answer over the gallery
+        needs (a group's predicted change is the sum of its members' scores, eq. 6 being linear in the
+        training gradient), so the Groups page answers before any cache is built.  None unless the file
+        matches this session for the method and holds every gallery sample."""
+        if method not in self.methods_for(session):
+            return None
+        rows = [self.scores(i, method, damping) for i in range(len(session.gallery()))]
+        if not rows or any(r is None for r in rows):
+            return None
+        return np.stack(rows).astype(np.float32)
+
     @property
     def nbytes(self) -> int:
         return self.path.stat().st_size
