@@ -28,6 +28,7 @@ from engine.attribution.group_attribution import GroupResult
 from engine.attribution.group_attribution import influence_methods as all_influence_methods
 from engine.attribution.groups import Group, GroupError, group_from_indices, group_from_text, parse_group
 from engine.attribution.pool import (
+    MatrixResult,
     PoolError,
     QuerySet,
     attribution_matrix,
@@ -35,6 +36,7 @@ from engine.attribution.pool import (
     generate_pool,
     pool_path,
 )
+from engine.attribution.precomputed import MEASUREMENT
 from engine.attribution.signs import end_signs, reverse_caveat
 from engine.evaluation.stats import spearman
 from explorer.controls import Settings
@@ -225,36 +227,51 @@ def groups_page(handle: Handle, s: Settings) -> None:
     group_retrain_section(handle)
 
 
-def precomputed_groups(handle: Handle, s: Settings) -> bool:
-    """Before any influence cache is built: the group views over the gallery from the shipped precomputed
-    scores (``PrecomputedGallery.gallery_matrix``; a group's change is the sum of its members' scores), at
-    the settings they were computed with.  False when there is nothing precomputed for this model."""
-    from engine.attribution.pool import MatrixResult
-    from engine.attribution.precomputed import MEASUREMENT
-
+def precomputed_matrices(handle: Handle, s: Settings) -> dict[str, MatrixResult]:
+    """Each influence method's (Q, N) gallery matrix from the shipped precomputed scores, for the group views
+    before any influence cache is built (``PrecomputedGallery.gallery_matrix``; a group's change is the sum of
+    its members' scores); empty when the file does not match this model or the sidebar's settings."""
     session, pre = handle.session, handle.precomputed
-    names = [n for n in all_influence_methods(session) if pre is not None and n in pre.methods_for(session)]
-    if not names or not session.gallery():
-        return False
-    info = session.method_info()
-    if s.measurement != MEASUREMENT or int(s.mc_samples) != int(session.config.mc_samples):
-        from explorer.build_view import waiting_note
-
-        waiting_note(f"Groups at these settings need the influence caches ({influence_titles(handle)}): ",
-                     f". The gallery's precomputed scores are for the measurement `{MEASUREMENT}` with "
-                     f"{session.config.mc_samples} draws.")
-        return True
+    if pre is None or not session.gallery() or s.measurement != MEASUREMENT:
+        return {}
+    if int(s.mc_samples) != int(session.config.mc_samples):
+        return {}
     mats = {}
-    for n in names:
+    for n in all_influence_methods(session):
         scores = pre.gallery_matrix(session, n, s.damping_dict.get(n))
         if scores is not None:
             mats[n] = MatrixResult(n, "influence", "ok", reason="precomputed", damping=s.damping_dict.get(n),
                                    scores=scores)
-    if not mats:
+    return mats
+
+
+def _precomputed_for_this_model(handle: Handle) -> bool:
+    pre, session = handle.precomputed, handle.session
+    return pre is not None and bool(session.gallery()) and any(
+        n in pre.methods_for(session) for n in all_influence_methods(session))
+
+
+PRECOMPUTED_NOTE = ("**Precomputed:** until the influence caches are built, the gallery's group answers come from "
+                    "its precomputed scores (each stored at 16 bits, within 0.05% of its sample's largest score).")
+
+
+def precomputed_groups(handle: Handle, s: Settings) -> bool:
+    """Before any influence cache is built: the group views over the gallery from the precomputed scores, at
+    the settings they were computed with.  False when there is nothing precomputed for this model."""
+    session = handle.session
+    if not _precomputed_for_this_model(handle):
         return False
-    st.info("**Precomputed:** until the influence caches are built, this page answers over the gallery from its "
-            "precomputed scores (each stored at 16 bits, within 0.05% of its sample's largest score). Generated "
-            "pools, other settings and the copy check are ready when the build finishes.")
+    mats = precomputed_matrices(handle, s)
+    if not mats:
+        from explorer.build_view import waiting_note
+
+        waiting_note(f"Groups at these settings need the influence caches ({influence_titles(handle)}): ",
+                     f". The gallery's precomputed scores are for the measurement `{MEASUREMENT}` with "
+                     f"{session.config.mc_samples} draws at the default dampings.")
+        return True
+    info = session.method_info()
+    st.info(PRECOMPUTED_NOTE + " Generated pools, other settings and the copy check are ready when the build "
+            "finishes.")
     c1, c2 = st.columns(2)
     with c1:
         group = _choose_group(handle)
@@ -472,7 +489,10 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
     st.subheader("What do these training images support?")
     building = handle.build.status == "running"
     has_gallery = bool(handle.session.gallery())
-    if building and has_gallery:  # the ranking needs the influence caches, and the build holds the model meanwhile
+    live = has_gallery and not building and bool(influence_methods(handle))
+    # before the influence caches exist: the precomputed gallery scores, at the settings they hold
+    pre = {} if live or not has_gallery else precomputed_matrices(handle, s)
+    if building and has_gallery and not pre:  # the ranking needs the influence caches; the build holds the model
         from explorer.build_view import waiting_note
 
         waiting_note("Ranking the gallery samples by the images picked here will be ", ".")
@@ -490,15 +510,18 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
     if not has_gallery:
         st.info("No gallery to rank; use the Groups page with a generated pool.")
         return
-    if building:
-        return
     qset = gallery_set(handle.session)
-    methods = influence_methods(handle)
-    if not methods:
+    group = group_from_indices(picked, len(handle.session.dataset))
+    if live:
+        res = group_result(handle, group, qset, s, influence_methods(handle))
+    elif pre:
+        st.caption(PRECOMPUTED_NOTE)
+        res = GroupResult(group, MEASUREMENT, qset, pre, labels)
+    elif building:
+        return
+    else:
         st.warning(f"No influence method is built ({influence_titles(handle)}): the ranking needs one.")
         return
-    group = group_from_indices(picked, len(handle.session.dataset))
-    res = group_result(handle, group, qset, s, methods)
     if res.ok():
         reverse_section(handle, res, s)
         info = handle.session.method_info()
