@@ -481,7 +481,11 @@ def build_bank(
         rotated = factors.rotate(torch.cat(parts))
         return _chunk_arrays(rotated, blocks, quantize, weights)
 
-    arrays = build_in_parts(store, name, settings, n, chunk_size, compute, progress)
+    # the pass's seconds include the consumers' share (projections); they cannot be split, so the bank's
+    # record names the methods it fed (their own records say ``gradient_pass_shared_with``)
+    fed = [str(c.method) for c in consumers or () if getattr(c, "method", None)]
+    arrays = build_in_parts(store, name, settings, n, chunk_size, compute, progress,
+                            meta={"gradient_pass_fed": fed} if fed else None)
     if store is None:
         merged = {k: v.to(device) for k, v in arrays.items()}
         return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES),
@@ -497,6 +501,7 @@ def build_in_parts(
     chunk_size: int,
     compute: Callable[[slice], dict[str, torch.Tensor]],
     progress: Callable[[str, float], None] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Rows 0..n-1 computed ``chunk_size`` at a time by ``compute(rows) -> {array name: (rows, ...)}``.
 
@@ -522,6 +527,6 @@ def build_in_parts(
     if shard.is_main:
         # a resumed build counts its earlier attempts too (PartialBuild.seconds_before)
         partial.publish(meta={"build_seconds": round(time.perf_counter() - t0 + partial.seconds_before, 3),
-                              "num_examples": n})
+                              "num_examples": n, **(meta or {})})
     shard.barrier()
     return store.load_arrays(name, settings)

@@ -8,6 +8,7 @@ one memory-mappable array per key and renames the folder into place atomically (
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -25,14 +26,18 @@ from .store_files import (
     ArrayLike,
     canonical,
     check_key,
+    disk_space,
     file_crc32,
+    human_bytes,
     pid_alive,
+    reserve,
     save_npy,
     to_numpy,
     write_json,
 )
 
 ELAPSED = "elapsed.json"  # the seconds the build has run up to its last saved part, over its attempts
+SHARED = "shared.json"  # {"with": method}: parts were filled by that method's gradient pass (its time, not ours)
 
 
 class StoreFolders(Protocol):
@@ -60,6 +65,13 @@ class PartialBuild:
     ``seconds_before``: how long the earlier, interrupted attempts of this build ran up to their last
     saved part (``elapsed.json``, rewritten after each part), so that a resumed build records the
     time of the whole build, not of its last attempt (``build_seconds`` in the published meta).
+
+    ``mark_shared(provider)``: this object's parts come from another method's gradient pass (a TRAK
+    ``FeatureSink`` fed by K-FAC's bank pass).  That pass cannot be split between the methods, so its
+    seconds are the provider's (in the provider's ``build_seconds``) and are not added here; the published
+    meta says ``gradient_pass_shared_with: provider`` so that no reader presents this cache's figure as
+    the whole cost of building it (QA round 12: TRAK recorded 409.7 s, K-FAC's whole build, against 4.7 s
+    of its own).
     """
 
     def __init__(self, store: StoreFolders, name: str, settings: Mapping[str, Any], part_size: int, num_items: int):
@@ -95,6 +107,21 @@ class PartialBuild:
         self._clean_dead_temp_files()
         self.opened = time.monotonic()
         self.seconds_before = self._read_elapsed()
+        self.count_time = True  # False once mark_shared: the time of a shared pass is its provider's
+
+    def mark_shared(self, provider: str) -> None:
+        """Record that parts of this build come from ``provider``'s gradient pass (see the class notes);
+        kept in the partial folder, so a build resumed after a kill still says so when it publishes."""
+        self.count_time = False
+        if self.shared_with() != provider:
+            write_json(self.folder / SHARED, {"with": str(provider)})
+
+    def shared_with(self) -> str | None:
+        """The method whose gradient pass filled parts of this build, or None."""
+        try:
+            return str(json.loads((self.folder / SHARED).read_text())["with"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _read_elapsed(self) -> float:
         try:
@@ -134,11 +161,17 @@ class PartialBuild:
             if arr.shape[0] != n:
                 raise ValueError(f"part {i} of {key} has {arr.shape[0]} rows, expected {n}")
             tmp = self.folder / f".{key}.part-{i:05d}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-            save_npy(tmp, arr)
-            os.replace(tmp, self.folder / f"{key}.part-{i:05d}.npy")
+            try:
+                save_npy(tmp, arr)
+                os.replace(tmp, self.folder / f"{key}.part-{i:05d}.npy")
+            except BaseException:  # a full disk: give its space back now, not at the next run
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
             infos[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
         write_json(self.folder / f"part-{i:05d}.done", infos)
-        write_json(self.folder / ELAPSED, {"seconds": self.seconds_before + time.monotonic() - self.opened})
+        if self.count_time:
+            write_json(self.folder / ELAPSED, {"seconds": self.seconds_before + time.monotonic() - self.opened})
 
     def load_part(self, i: int) -> dict[str, np.ndarray]:
         infos = json.loads((self.folder / f"part-{i:05d}.done").read_text())
@@ -155,6 +188,7 @@ class PartialBuild:
         final = store.path(self.name, self.settings)
         store.validate(self.name, self.settings)
         first = json.loads((self.folder / "part-00000.done").read_text())
+        self._check_space(first, extra)
         tmp = store._tmp_folder(self.name, self.settings)
         try:
             infos = {}
@@ -163,6 +197,7 @@ class PartialBuild:
                 out = np.lib.format.open_memmap(
                     tmp / f"{key}.npy", mode="w+", dtype=info["dtype"], shape=shape
                 )
+                reserve(tmp / f"{key}.npy", (tmp / f"{key}.npy").stat().st_size)  # ENOSPC now, not SIGBUS in the copy
                 for i in range(self.num_parts):
                     out[self.part_range(i)] = np.load(self.folder / f"{key}.part-{i:05d}.npy", mmap_mode="r", allow_pickle=False)
                 out.flush()
@@ -175,12 +210,30 @@ class PartialBuild:
                 arr = to_numpy(a)
                 save_npy(tmp / f"{key}.npy", arr)
                 infos[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "crc32": file_crc32(tmp / f"{key}.npy")}
+            shared = self.shared_with()
+            meta = dict(meta or {}, **({"gradient_pass_shared_with": shared} if shared else {}))
             store._finish(tmp, final, self.name, self.settings, infos, meta)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(self.folder, ignore_errors=True)
         return final
+
+    def _check_space(self, first: Mapping[str, Any], extra: Mapping[str, ArrayLike] | None) -> None:
+        """OSError(ENOSPC) before publishing when the disk cannot hold the concatenated arrays: their sizes
+        are known exactly here (the parts stay until the copy is complete, so it needs all of it again)."""
+        need = 0
+        for info in first.values():
+            row = int(np.dtype(info["dtype"]).itemsize * int(np.prod(info["shape"][1:], dtype=np.int64)))
+            need += row * self.num_items
+        need += sum(int(to_numpy(a).nbytes) for a in (extra or {}).values())
+        space = disk_space(self.folder)
+        if space is not None and space[0] < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"publishing {self.name} needs {human_bytes(need)}, {human_bytes(space[0])} free",
+                str(self.folder.parent),
+            )
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -106,3 +107,112 @@ def pid_alive(pid: int) -> bool:
     except OSError as e:
         return e.errno != errno.ESRCH
     return True
+
+
+# --- a full disk ------------------------------------------------------------------------------
+
+# What a write into a full file system raises besides OSError(ENOSPC): numpy's short write (an OSError
+# without errno: "524288 requested and 31712 written") and torch.save's stream writer (a RuntimeError:
+# "[enforce fail at inline_container.cc:672] . unexpected pos 8963968 vs 8963856", or "file write failed").
+SHORT_WRITE = re.compile(
+    r"no space left|disk quota|\d+ requested and \d+ written|unexpected pos \d+|file write failed|failed writing file",
+    re.IGNORECASE,
+)
+LOW_FREE_BYTES = 16 << 20  # a write error with less than this free on the cache's disk is taken for a full disk
+
+
+class DiskFullError(OSError):
+    """A build failed because the cache root's file system is full: the message names the root, its free
+    space, and says that the finished parts are kept and a rerun with more space resumes.  An OSError with
+    errno ENOSPC, so callers that report OSErrors report it, and ``isinstance`` tells it apart to stop
+    building the other methods (they cannot succeed)."""
+
+    def __init__(self, message: str | int, *rest: Any):
+        if isinstance(message, int):  # unpickled (OSError pickles its args: errno, text)
+            super().__init__(message, *rest)
+        else:
+            super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def disk_space(path: str | Path) -> tuple[int, int] | None:
+    """(free bytes for this user, total bytes) of the file system holding ``path`` (its nearest existing
+    folder), None when it cannot be read."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return None
+    return int(usage.free), int(usage.total)
+
+
+def human_bytes(n: int) -> str:
+    """Bytes for a message: KiB below 1 MiB, MiB below 10 GiB, else GiB (one decimal)."""
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB" if n < 10 * 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+def out_of_space_message(root: str | Path, detail: str = "") -> str:
+    """One line: the cache root, its free space, what is kept and how to resume."""
+    space = disk_space(root)
+    free = "free space unknown" if space is None else f"{human_bytes(space[0])} free of {human_bytes(space[1])}"
+    text = (
+        f"no space left on the disk holding cache root {root} ({free}); the finished parts are kept: "
+        "free some space (or enlarge the disk) and rerun the same command to resume"
+    )
+    return f"{text} ({detail})" if detail else text
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in out and len(out) < 16:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def disk_full_error(exc: BaseException, root: str | Path) -> DiskFullError | None:
+    """The one-line ``DiskFullError`` when ``exc`` (raised by a build writing under ``root``) comes from a
+    full disk, else None.
+
+    Why three tests: a full disk surfaces as OSError(ENOSPC / EDQUOT) from plain writes, but numpy's and
+    torch's writers report short writes in their own words (``SHORT_WRITE``); and a writer that says
+    neither (a library's own wording) is caught by the free space left on the root's file system when it
+    failed (under ``LOW_FREE_BYTES``: a cache part is larger than that)."""
+    if isinstance(exc, DiskFullError):
+        return exc
+    chain = _chain(exc)
+    full = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
+    full = full or any(SHORT_WRITE.search(str(e)) for e in chain)
+    if not full and isinstance(exc, (OSError, RuntimeError)):
+        space = disk_space(root)
+        full = space is not None and space[0] < LOW_FREE_BYTES
+    if not full:
+        return None
+    detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+    name = getattr(exc, "filename", None)
+    if name and str(name) not in detail:
+        detail += f": {name}"
+    return DiskFullError(out_of_space_message(root, f"{type(exc).__name__}: {detail}"))
+
+
+def reserve(path: Path, nbytes: int) -> None:
+    """Allocate ``nbytes`` for the file at ``path`` now (``posix_fallocate``), so that a full disk is an
+    OSError(ENOSPC) here and not a SIGBUS later, when a memory map of a sparse file is written (``publish``
+    concatenates parts through ``open_memmap``).  A file system without it is left to the writes."""
+    if nbytes <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+    finally:
+        os.close(fd)

@@ -62,6 +62,8 @@ def _cold_build(preset, ckpt: str, device: str, config, cache_root: str, methods
         out["methods"][name]["cold"] = not was_built  # False: the cache existed and was only loaded
         if was_built:
             out["methods"][name]["recorded_build_seconds"] = s.recorded_build_seconds(name)
+            # a gradient pass shared with another method cannot be split: say whose it was (report.py shows it)
+            out["methods"][name]["recorded_build_sharing"] = s.caches.recorded_build_sharing(name)
     out["memory"] = memory_mb()
     return out
 

@@ -170,6 +170,23 @@ class AttributionMethod(ABC):
         secs = [float(x) for x in secs if x is not None]
         return sum(secs) if secs else None
 
+    def recorded_build_sharing(self, ctx: EngineContext) -> dict[str, Any]:
+        """Whether the current caches were built in a shared gradient pass, from their meta:
+        {"shared_with": method} when that method's pass computed this one's gradients (the pass's
+        seconds are in that method's record, this one's ``recorded_build_seconds`` is only its own work
+        around it), {"fed": [methods]} when this one's pass also filled theirs (its seconds include
+        their share); {} otherwise.  A shared pass cannot be split, so readers say so (QA round 12)."""
+        out: dict[str, Any] = {}
+        if ctx.store is None:
+            return out
+        for n, s in self.cache_keys(ctx):
+            meta = ctx.store.load_meta(n, s) or {}
+            if meta.get("gradient_pass_shared_with"):
+                out["shared_with"] = str(meta["gradient_pass_shared_with"])
+            for m in meta.get("gradient_pass_fed") or ():
+                out.setdefault("fed", []).append(str(m))
+        return out
+
     def query_measurement(self, measurement: Measurement) -> Measurement | None:
         """Which measurement's gradient this method needs (None: no gradient)."""
         return measurement if self.needs_gradient else None

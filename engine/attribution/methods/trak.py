@@ -209,7 +209,7 @@ class TRAK(AttributionMethod):
         if ctx.store is None or ctx.store.exists(self.name, self.settings(ctx)):
             return None
         part = ctx.store.partial(self.name, self.settings(ctx), part_size=self.part_size, num_items=len(ctx.dataset))
-        return FeatureSink(part, self.projection(ctx), self.batch_size, loss=self.loss)
+        return FeatureSink(part, self.projection(ctx), self.batch_size, loss=self.loss, method=self.name)
 
     def cache_keys(self, ctx: EngineContext) -> list[tuple[str, dict[str, Any]]]:
         return [(self.name, self.settings(ctx))]
@@ -357,16 +357,27 @@ class FeatureSink:
     TRAK's resumable build is saved as soon as all its rows arrived.  Rows of parts that are
     already done are ignored; incomplete parts (a pass that resumed in the middle) are left for
     ``TRAK.build``.  ``flush()`` projects what is still buffered.
+
+    Timing: the feeding pass's seconds are its owner's (``PartialBuild.mark_shared``, called with the
+    name ``fed_by`` was given), so the published TRAK cache records its own seconds and
+    ``gradient_pass_shared_with``, and the feeding bank records ``gradient_pass_fed: [method]``.
     """
 
-    def __init__(self, part: Any, projection: RandomProjection, batch_size: int = 32, loss: str = "loss"):
+    def __init__(self, part: Any, projection: RandomProjection, batch_size: int = 32, loss: str = "loss",
+                 method: str = ""):
         self.part = part
+        self.method = method  # whose cache this fills (named in the feeding pass's record)
+        self.provider = "another method"  # whose pass feeds it (``fed_by``)
         self.loss = loss  # which per-example function's gradients the feeding pass hands over
         self.projection = projection
         self.batch_size = int(batch_size)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (row, gradient) not projected yet
         self.buffers: dict[int, dict[int, torch.Tensor]] = {}
         self.saved: list[int] = []
+
+    def fed_by(self, provider: str) -> None:
+        """Name the method whose gradient pass feeds this sink (``MethodCaches.share_gradient_passes``)."""
+        self.provider = str(provider)
 
     def consume(self, rows: slice, grads: torch.Tensor) -> None:
         for r, row in enumerate(range(rows.start, rows.stop)):
@@ -387,6 +398,8 @@ class FeatureSink:
             buf[row] = f
             span = self.part.part_range(i)
             if len(buf) == span.stop - span.start:
+                if not self.saved:
+                    self.part.mark_shared(self.provider)  # the pass's time is the provider's, not ours
                 self.part.save_part(i, {"phi": torch.stack([buf[k] for k in range(span.start, span.stop)])})
                 del self.buffers[i]
                 self.saved.append(i)
