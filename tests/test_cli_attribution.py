@@ -396,3 +396,20 @@ def test_bench_compressed_runs_with_either_kind_of_training_draws(setup, digits_
                                 timed_queries=1, rerank_timed=4, log=lambda m: None)
     (v,) = rec["variants"]
     assert v["build_s"] > 0 and -1.0 <= v["spearman_median"] <= 1.0
+
+
+def test_not_built_names_the_settings_the_cache_holds(setup, digits_small, monkeypatch, capsys, tmp_path):
+    """QA round 12: after ``build --mc-samples 8`` a default query said only "not built: run build ..."."""
+    folder, _ = setup
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
+    common = ["--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(tmp_path / "c"), "--trak-dim", "32"]
+    assert main(["build", "--methods", "trak", "--mc-samples", "4", *common]) == 0
+    capsys.readouterr()
+    rc = main(["query", "--query", "train:1", "--methods", "trak,pixel", "--mc-samples", "2", "--json", *common])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    reason = json.loads(out)["methods"]["trak"]["reason"]
+    assert reason.startswith("not built for these settings: the cache holds trak built with mc_samples 4 there, "
+                             "2 asked: add --mc-samples 4 to use it; to build these, run `"), reason
+    rc = main(["query", "--query", "train:1", "--methods", "trak", "--mc-samples", "4", "--json", *common])
+    assert rc == 0 and json.loads(capsys.readouterr()[0])["methods"]["trak"]["status"] == "ok"  # the hint was right

@@ -7,6 +7,11 @@ command), never as "not built"; ``build`` refuses it before computing anything u
 ``rebuild=True``, which first deletes the entries that fail verification (checksums included).
 A build holds a cross-process lock per method's cache entries (``Store.lock``), so a second
 process building the same caches waits and then loads them.
+
+A full disk (QA round 12): whatever a writer raised (OSError ENOSPC, numpy's short write, torch.save's
+"unexpected pos"), a failed build whose cause is a full disk is raised as one ``DiskFullError`` line naming
+the cache root and its free space (``store_files.disk_full_error``), and ``build`` stops there: the
+methods after it would write to the same full disk.  Finished parts stay, so the rerun resumes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 from .context import EngineContext
 from .methods.base import AttributionMethod, Progress, Unavailable, no_progress
 from .store import StaleCacheError
+from .store_files import DiskFullError, disk_full_error
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,24 @@ class MethodCaches:
             log.debug("recorded_build_seconds failed for %s", name, exc_info=True)
             return None
 
+    def recorded_build_sharing(self, name: str) -> dict[str, Any]:
+        """How a method's current caches shared a gradient pass when they were built
+        (``AttributionMethod.recorded_build_sharing``): {"shared_with": provider} when another method's
+        pass computed its gradients (its recorded seconds are only what it did after that pass),
+        {"fed": [methods]} when its pass also filled theirs (its seconds include their share); {} when
+        it built alone.  Every reader of ``recorded_build_seconds`` shows this beside the figure."""
+        try:
+            return self.methods[name].recorded_build_sharing(self.ctx)
+        except Exception:  # noqa: BLE001 - informative only
+            log.debug("recorded_build_sharing failed for %s", name, exc_info=True)
+            return {}
+
+    def disk_full(self, error: BaseException) -> DiskFullError | None:
+        """``error`` as the one-line ``DiskFullError`` when a full cache disk caused it, else None."""
+        if self.ctx is None or self.ctx.store is None:
+            return None
+        return disk_full_error(error, self.ctx.store.root)
+
     def _settings(self, name: str) -> dict[str, Any]:
         m = self.methods[name]
         try:
@@ -88,7 +112,46 @@ class MethodCaches:
         return out
 
     def not_built_reason(self, name: str) -> str:
-        return f"not built: run `{self.build_command([name])}`"
+        """"not built: run `...`", and, when the cache holds this method built with other settings (QA round
+        12: after `build --mc-samples 8` a default query said only "not built"), which settings they were and
+        the flags that use them."""
+        other = self.built_with_other_settings(name)
+        if other is None:
+            return f"not built: run `{self.build_command([name])}`"
+        return f"not built for these settings: {other}; to build these, run `{self.build_command([name])}`"
+
+    def built_with_other_settings(self, name: str) -> str | None:
+        """How the closest cache of ``name``'s first missing artefact differs from the current settings
+        ("mc_samples 8 here, 64 asked: add --mc-samples 8"), or None when the store holds none."""
+        from ..config import SETTING_FLAGS
+
+        store = None if self.ctx is None else self.ctx.store
+        if store is None:
+            return None
+        try:
+            keys = self.methods[name].cache_keys(self.ctx)
+            missing = next(((a, dict(st)) for a, st in keys if not store.exists(a, st)), None)
+            if missing is None:
+                return None
+            artefact, want = missing
+            best: dict[str, tuple[Any, Any]] | None = None
+            for entry in store.describe():
+                if entry.get("name") != artefact or entry.get("state") != "ok":
+                    continue
+                have = entry.get("settings") or {}
+                diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
+                        if have.get(k) != want.get(k) and k not in ("draws", "params")}
+                if diff and (best is None or len(diff) < len(best)):
+                    best = diff
+        except Exception:  # noqa: BLE001 - a hint only
+            log.debug("built_with_other_settings failed for %s", name, exc_info=True)
+            return None
+        if best is None:
+            return None
+        parts = [f"{k} {have!r} there, {want!r} asked" for k, (have, want) in list(best.items())[:3]]
+        flags = [f"{SETTING_FLAGS[k]} {have}" for k, (have, _) in best.items() if k in SETTING_FLAGS]
+        use = f": add {' '.join(flags)} to use it" if flags and len(flags) == len(best) else ""
+        return f"the cache holds {artefact} built with {'; '.join(parts)}{use}"
 
     def cache_problem(self, name: str) -> str | None:
         """Why a method's cache folder exists but is refused (corrupt, edited, stale), or None.
@@ -162,7 +225,9 @@ class MethodCaches:
         """Build (or load) each method's cache; {method: {"seconds", "size_mb", "status"[, "reason"]}}.
 
         ``progress(message, fraction)`` gets the method name prefixed to every message;
-        fraction is the overall fraction over all methods asked for.
+        fraction is the overall fraction over all methods asked for.  A build that fails because the
+        cache's disk is full raises ``DiskFullError`` (named method, root, free space) at once and
+        builds none of the methods after it; other failures propagate as they are.
         """
         progress = progress or no_progress
         summary: dict[str, dict] = {}
@@ -194,6 +259,11 @@ class MethodCaches:
             except StaleCacheError as e:
                 summary[name] = {"status": "corrupt", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
                 continue
+            except Exception as e:
+                full = self.disk_full(e)
+                if full is not None:  # the others would fail on the same disk: stop and say why now
+                    raise full from e
+                raise
             sub("done", 1.0)
             summary[name] = {
                 "status": "ok",
@@ -223,6 +293,9 @@ class MethodCaches:
             if sink is not None:
                 fed.append(name)
                 sinks.append(sink)
+                note = getattr(sink, "fed_by", None)
+                if callable(note):  # its cache then records whose pass computed its gradients (and whose time)
+                    note(provider)
         if not sinks:  # a later call for fewer methods (the session's build of one method) keeps the earlier ones
             return {}
         self.methods[provider].feed_gradient_pass(sinks)

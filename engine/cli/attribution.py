@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,11 @@ def add_build(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """Build caches; under ``torchrun`` the gradient passes are split over the ranks (engine.distributed)."""
+    """Build caches; under ``torchrun`` the gradient passes are split over the ranks (engine.distributed).
+
+    A full disk (``DiskFullError``) stops the build at once: it is reported when it happens, the methods
+    after it are skipped (they would write to the same disk), and the rerun resumes from the kept parts."""
+    from ..attribution.store_files import DiskFullError
     from ..distributed import init_from_env
     from ..threads import configure_threads
 
@@ -171,16 +176,30 @@ def cmd_build(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError, OSError) as e:
         return fail(e)
     summary: dict[str, dict] = {}
-    session.share_gradient_passes(names)  # one training-gradient pass for K-FAC's bank and TRAK
-    for name in names:
+    shared = session.share_gradient_passes(names)  # one training-gradient pass for K-FAC's bank and TRAK
+    fed_by = {fed: maker for maker, fed_list in shared.items() for fed in fed_list}
+    reported: set[str] = set()
+    for k, name in enumerate(names):
         if not shard.is_main and not METHODS[name].shards:
             continue  # one rank is enough; the others wait at the barrier below
         configure_threads(f"building {name}")  # other processes come and go during a long build
+        t0 = time.perf_counter()
+        full = None
         with build_progress(name if shard.world == 1 else f"{name}[{shard.rank}]", shard.rank) as progress:
             try:
                 summary.update(session.build([name], progress, rebuild=args.rebuild))
             except (ValueError, RuntimeError, OSError) as e:  # one method's failure is reported, the others build
-                summary[name] = {"status": "error", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
+                # the time spent is shown (it was 0.0 after 20 minutes); nothing was published, so size 0
+                summary[name] = {"status": "error", "reason": str(e), "seconds": time.perf_counter() - t0,
+                                 "size_mb": 0.0}
+                full = e if isinstance(e, DiskFullError) else None
+        if full is not None:  # the others would write to the same full disk: say so now and stop
+            print(f"error: {name}: {full}", file=sys.stderr)
+            reported.add(name)
+            for rest in names[k + 1:]:
+                summary[rest] = {"status": "not built", "reason": "skipped: the cache's disk is full", "seconds": 0.0,
+                                 "size_mb": 0.0}
+            break
     shard.barrier()
     if not shard.is_main:
         return 0
@@ -188,6 +207,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(f"{'method':8} {'status':12} {'seconds':>9} {'size MB':>9}  note")
     for name, s in summary.items():
         note = s.get("reason") or ""
+        if not note and s["status"] == "ok" and name in fed_by:  # its seconds are what it did after that pass
+            note = f"gradients from {fed_by[name]}'s pass (in {fed_by[name]}'s seconds)"
+        elif not note and s["status"] == "ok" and name in shared:
+            note = f"its gradient pass also filled {', '.join(shared[name])}"
         print(f"{name:8} {s['status']:12} {s['seconds']:9.1f} {s['size_mb']:9.2f}  {note}")
     total_s = sum(s["seconds"] for s in summary.values())
     total_mb = sum(s["size_mb"] for s in summary.values())
@@ -197,7 +220,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     failed = [n for n, s in summary.items() if s["status"] in ("error", "corrupt")
               or (methods and s["status"] == "unavailable")]
     for n in failed:
-        print(f"error: {n}: {summary[n]['reason']}", file=sys.stderr)
+        if n not in reported:
+            print(f"error: {n}: {summary[n]['reason']}", file=sys.stderr)
     for n, s in summary.items():
         if n not in failed and s["status"] == "unavailable":
             print(f"notice: {n} skipped: {s['reason']}", file=sys.stderr)
@@ -261,6 +285,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         damping = parse_damping(args.damping)  # before the session: a bad value is refused before any work
         session = open_session(args, auto_build=args.auto_build)
         query = session.parse_query(args.query)
+        if args.auto_build:
+            build_missing(session, methods)
         result = session.query(query, args.measurement, methods=methods, damping=damping)
         if not args.auto_build:  # a fresh clone answers a gallery query with the shipped scores
             from ..attribution.precomputed import fill_unbuilt
@@ -281,6 +307,24 @@ def cmd_query(args: argparse.Namespace) -> int:
         # the statuses are printed above; a script must still see that nothing was scored (as for group)
         return fail(RuntimeError("no method could score this query (see each method's status above)"))
     return 0
+
+
+def build_missing(session, methods: list[str] | None) -> None:
+    """``--auto-build``: build the caches a query needs before it runs, with ``build``'s progress bar on
+    stderr (stdout stays one JSON object under --json), and "waiting for another build of this cache" when
+    another process holds one.  The session's own auto-build in ``query`` shows nothing: a query on an
+    empty cache was silent for 6 minutes (QA round 12).  Only methods that can run here, are not built
+    and are not corrupt are built (a corrupt one is the query's error to report); the methods share one
+    gradient pass as in ``build``."""
+    names = methods or session.method_names()
+    status = session.status(names)
+    todo = [n for n in names if status[n]["available"] and not status[n]["built"] and not status[n]["corrupt"]]
+    if not todo:
+        return
+    session.share_gradient_passes(todo)
+    for name in todo:
+        with build_progress(name) as progress:
+            session.build([name], progress)
 
 
 def write_scores(path: Path, result, labels) -> None:

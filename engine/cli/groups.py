@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..attribution.methods import METHODS, parse_methods
 from ..attribution.signs import reverse_caveat
-from .attribution import _add_attribution_options, open_session, parse_damping
+from .attribution import _add_attribution_options, build_missing, open_session, parse_damping
 from .common import fail, register, subcommand
 
 QUERIES_HELP = "gallery (the checkpoint's 32 samples) | pool:N (N samples drawn once, then cached), default gallery"
@@ -55,7 +55,7 @@ def _pool_dir(args: argparse.Namespace, session) -> Path:
 def _run_group(args: argparse.Namespace, group_specs: list[str]):
     """Session and one result per group, all from every method's matrix over the query set, computed
     once (shared by group and reverse): a further group costs one sum over the matrix's columns."""
-    from ..attribution.group_attribution import group_attribution
+    from ..attribution.group_attribution import check_influence_methods, group_attribution
     from ..attribution.groups import parse_group
     from ..attribution.pool import parse_query_set
 
@@ -63,6 +63,8 @@ def _run_group(args: argparse.Namespace, group_specs: list[str]):
     damping = _damping(args)
     session = open_session(args, auto_build=args.auto_build)
     groups = [parse_group(spec, session.dataset) for spec in group_specs]  # every spec checked before any work
+    if args.auto_build:  # with build's progress on stderr (the session's own auto-build is silent for minutes)
+        build_missing(session, check_influence_methods(session, methods))
     pool_dir = _pool_dir(args, session)
     qset = parse_query_set(session, args.queries, pool_dir, args.pool_seed, progress=True)
     cache = pool_dir if qset.name.startswith("pool") else None

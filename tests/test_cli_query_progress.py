@@ -1,0 +1,83 @@
+"""``query --auto-build --json`` on an empty cache (QA round 12, C1): it printed nothing for 6 minutes, and a
+process waiting for another process's build did not say so.  Progress and the waiting line go to stderr;
+stdout stays one JSON object."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+
+import pytest
+from test_session import tiny_checkpoint
+
+import engine.attribution.session
+from engine.attribution.store import Store
+from engine.attribution.store_files import settings_digest
+from engine.cli.parser import main
+
+SMALL = ["--mc-samples", "4", "--trak-dim", "32"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, digits_small):
+    folder = tmp_path_factory.mktemp("progress_ckpt")
+    tiny_checkpoint(folder, digits_small)
+    return folder
+
+
+@pytest.fixture
+def query(checkpoint, tmp_path, digits_small, monkeypatch, capsys):
+    folder = checkpoint
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        rc = main(["query", *argv, "--checkpoint", str(folder), "--device", "cpu",
+                   "--cache-root", str(tmp_path / "cache"), *SMALL])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
+def test_auto_build_with_json_shows_progress_on_stderr(query):
+    rc, out, err = query("--query", "train:1", "--methods", "trak", "--auto-build", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["methods"]["trak"]["status"] == "ok"  # stdout: the JSON alone
+    assert "projected gradients" in err and "100%" in err, err
+
+
+def test_a_query_waiting_for_another_build_says_so(query, monkeypatch):
+    """Another holder of the cache's build lock (as another process: its own open file, released after a
+    moment): the query says it waits, then builds and answers."""
+    real_lock = Store.lock
+    held = []
+
+    def lock(self, name, settings=None, wait=True, on_wait=None):
+        if not held:  # the first build lock asked for: someone else holds it for a moment
+            self.base.mkdir(parents=True, exist_ok=True)
+            tag = name if settings is None else f"{name}-{settings_digest(settings)}"
+            fd = os.open(self.base / f".lock-{tag}", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held.append(fd)
+            threading.Timer(0.5, os.close, (fd,)).start()
+        return real_lock(self, name, settings, wait=wait, on_wait=on_wait)
+
+    monkeypatch.setattr(Store, "lock", lock)
+    rc, out, err = query("--query", "train:1", "--methods", "trak", "--auto-build", "--json")
+    assert rc == 0, err
+    assert held
+    assert json.loads(out)["methods"]["trak"]["status"] == "ok"
+    assert "waiting for another build of this cache" in err, err
+
+
+def test_group_commands_auto_build_with_progress_too(checkpoint, tmp_path, digits_small, monkeypatch, capsys):
+    """``reverse`` (and ``group``, ``copy-check``, which share its setup) built silently as well."""
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
+    rc = main(["reverse", "--train", "3", "--methods", "trak", "--auto-build", "--json", "--checkpoint",
+               str(checkpoint), "--device", "cpu", "--cache-root", str(tmp_path / "cache"), *SMALL])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert json.loads(out)["methods"]["trak"]["top"]  # stdout: the JSON alone
+    assert "projected gradients" in err and "100%" in err, err
