@@ -262,16 +262,23 @@ def precomputed_groups(handle: Handle, s: Settings) -> bool:
     if not _precomputed_for_this_model(handle):
         return False
     mats = precomputed_matrices(handle, s)
+    building = handle.build.status == "running"
     if not mats:
-        from explorer.build_view import waiting_note
+        held = (f" The gallery's precomputed scores are for the measurement `{MEASUREMENT}` with "
+                f"{session.config.mc_samples} draws at the default dampings.")
+        if building:
+            from explorer.build_view import waiting_note
 
-        waiting_note(f"Groups at these settings need the influence caches ({influence_titles(handle)}): ",
-                     f". The gallery's precomputed scores are for the measurement `{MEASUREMENT}` with "
-                     f"{session.config.mc_samples} draws at the default dampings.")
+            waiting_note(f"Groups at these settings need the influence caches ({influence_titles(handle)}): ",
+                         "." + held)
+        else:  # the build failed or cannot run here: nothing will be "ready when it finishes"
+            st.warning(f"Groups at these settings need the influence caches; build {influence_titles(handle)} "
+                       f"first.{held}")
         return True
     info = session.method_info()
-    st.info(PRECOMPUTED_NOTE + " Generated pools, other settings and the copy check are ready when the build "
-            "finishes.")
+    later = ("are ready when the build finishes" if building
+             else f"need the influence caches (build {influence_titles(handle)} first)")
+    st.info(f"{PRECOMPUTED_NOTE} Generated pools, other settings and the copy check {later}.")
     c1, c2 = st.columns(2)
     with c1:
         group = _choose_group(handle)

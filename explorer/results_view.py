@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -406,7 +408,7 @@ def downloads(handle: Handle, query: Query, result: QueryResult, s: Settings) ->
 
 
 def sheet_rows(
-    result: QueryResult, names: list[str], info: dict, ds, labels, query: Query, top_k: int
+    result: QueryResult, names: list[str], info: dict, ds: Any, labels: np.ndarray | None, query: Query, top_k: int
 ) -> list[SheetRow]:
     """The PNG export's rows: the query, then each method's two ends under the headings the page shows
     (an influence method's in the engine's sign classification, ``end_signs``: the k highest scores are

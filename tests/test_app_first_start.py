@@ -126,6 +126,16 @@ def test_failed_build_shows_its_reason_and_retries_only_on_request(precomputed_e
     text = _texts(at)
     assert "**Precomputed results** for K-FAC Influence, TRAK, D-TRAK" in text and "build failed" in text
     assert text.count("**Proponents**") == 3 and "**precomputed**" in text
+    # the Groups page answers from the precomputed scores, and does not promise a build that is not running
+    at.session_state["page"] = "Groups"
+    at.run()
+    text = _texts(at)
+    assert "**Precomputed:**" in text and "are ready when the build finishes" not in text and "build K-FAC" in text
+    at.selectbox(key="measurement").set_value("elbo").run()
+    text = _texts(at)
+    assert "ready when the cache build finishes" not in text and "need the influence caches; build" in text
+    at.selectbox(key="measurement").set_value("loss").run()
+    at.session_state["page"] = "Explore"
     at.run()
     assert len(calls) == 1  # reruns do not restart it
     at.button(key="retry_build").click().run()

@@ -81,3 +81,15 @@ def test_group_commands_auto_build_with_progress_too(checkpoint, tmp_path, digit
     assert rc == 0, err
     assert json.loads(out)["methods"]["trak"]["top"]  # stdout: the JSON alone
     assert "projected gradients" in err and "100%" in err, err
+
+
+def test_auto_build_refuses_a_bad_query_before_building(query, monkeypatch):
+    """Review: ``--auto-build`` built every cache (minutes) before a bad measurement was refused."""
+    built = []
+    real = engine.attribution.session.AttributionSession.build
+    monkeypatch.setattr(engine.attribution.session.AttributionSession, "build",
+                        lambda self, names=None, *a, **k: built.append(names) or real(self, names, *a, **k))
+    rc, out, err = query("--query", "train:1", "--methods", "trak", "--measurement", "trajectory", "--auto-build")
+    assert rc == 2 and "trajectory" in err and built == [], (err, built)
+    rc, out, err = query("--query", "train:1", "--methods", "trak", "--measurement", "bogus", "--auto-build")
+    assert rc == 2 and built == [], (err, built)

@@ -23,7 +23,7 @@ from typing import Any
 
 from .context import EngineContext
 from .methods.base import AttributionMethod, Progress, Unavailable, no_progress
-from .store import StaleCacheError
+from .store import CacheRootError, StaleCacheError
 from .store_files import DiskFullError, disk_full_error
 
 log = logging.getLogger(__name__)
@@ -259,6 +259,8 @@ class MethodCaches:
             except StaleCacheError as e:
                 summary[name] = {"status": "corrupt", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
                 continue
+            except CacheRootError:
+                raise  # a root that cannot be written is not a full disk (and a retry cannot mend it)
             except Exception as e:
                 full = self.disk_full(e)
                 if full is not None:  # the others would fail on the same disk: stop and say why now

@@ -193,6 +193,16 @@ class PrecomputedGallery:
         matches this session for the method and holds every gallery sample."""
         if method not in self.methods_for(session):
             return None
+        bank = (self.key["methods"][method].get("settings") or {}).get("bank")
+        if bank is not None:
+            from .bank_kinds import bank_kind
+
+            try:
+                estimates = bank_kind(bank).estimates
+            except ValueError:  # not a bank kind this installation knows: do not sum what it stored
+                return None
+            if estimates:  # a compressed bank's column: estimates, whose sums are no group answer
+                return None
         rows = [self.scores(i, method, damping) for i in range(len(session.gallery()))]
         if not rows or any(r is None for r in rows):
             return None

@@ -124,7 +124,8 @@ def image_to_model(
 def folder_image_to_model(img: Any, channels: int, size: int, levels: int) -> tuple[torch.Tensor, list[str]]:
     """A PIL image -> (C, H, W) tensor in [-1, 1], prepared as a folder data set's training images are
     (``engine.model.data_files.prepare_image``: no crop, alpha dropped, Lanczos resize to a square), so
-    that a training file given as a query is exactly its training row; plus notes."""
+    that a training file given as a query is its training row (exactly, unless it is large enough to be decoded
+    at reduced size first, ``upload_guard.open_bounded``: then within a grey level or so); plus notes."""
     from ..model.data_files import prepare_image, uint8_to_model
 
     notes: list[str] = []

@@ -79,9 +79,12 @@ class AttributionSession:
         dataset: ImageDataset | None = None,
         auto_build: bool = False,
         preset_spec: str | None = None,
+        check_trained_on: bool = True,
     ):
         """``preset_spec``: how the preset was named on the command line (a name or a .json path),
-        for the commands this session prints; defaults to ``preset`` when that is a string."""
+        for the commands this session prints; defaults to ``preset`` when that is a string.
+        ``check_trained_on=False``: open the checkpoint on a training set it was not trained on (a
+        benchmark timing the passes on a subset); attribution then means nothing, so only for timing."""
         t0 = time.perf_counter()
         wanted = get_preset(preset) if isinstance(preset, str) else preset
         folder = Path(checkpoint) if checkpoint is not None else default_checkpoint(wanted.name)
@@ -118,13 +121,13 @@ class AttributionSession:
         self.diffusion = Diffusion(self.preset.diffusion)
         self.dataset: ImageDataset = dataset if dataset is not None else load_dataset(self.preset.data)
         check_data_fits_model(self.preset.model, self.dataset.shape)
-        problem = trained_on_problem(extra, self.dataset)
+        problem = trained_on_problem(extra, self.dataset) if check_trained_on else None
         if problem is not None:
             where = f" from {self.preset.data.root}" if self.preset.data.root else ""
             raise CheckpointError(
                 f"checkpoint {folder} was not trained on this training set ({self.preset.data.name}{where}): "
-                f"{problem}. Influence attributes a model to its own training images: pass the --data-root it "
-                "was trained on, or a --checkpoint trained on these data"
+                f"{problem}. Influence attributes a model to its own training images: use the data it was "
+                "trained on (--data-root), or a --checkpoint trained on these data"
             )
         self.checkpoint_hash = checkpoint_hash(folder)
         self.auto_build = auto_build

@@ -118,7 +118,8 @@ SHORT_WRITE = re.compile(
     r"no space left|disk quota|\d+ requested and \d+ written|unexpected pos \d+|file write failed|failed writing file",
     re.IGNORECASE,
 )
-LOW_FREE_BYTES = 16 << 20  # a write error with less than this free on the cache's disk is taken for a full disk
+LOW_FREE_BYTES = 16 << 20  # an I/O error with less than this free on the cache's disk is taken for a full disk
+SHORT_WRITE_FREE_BYTES = 1 << 30  # a short write with less than this free is taken for a full disk
 
 
 class DiskFullError(OSError):
@@ -162,7 +163,7 @@ def out_of_space_message(root: str | Path, detail: str = "") -> str:
     space = disk_space(root)
     free = "free space unknown" if space is None else f"{human_bytes(space[0])} free of {human_bytes(space[1])}"
     text = (
-        f"no space left on the disk holding cache root {root} ({free}); the finished parts are kept: "
+        f"no space left on the disk holding cache root {root} ({free}); any finished parts are kept: "
         "free some space (or enlarge the disk) and rerun the same command to resume"
     )
     return f"{text} ({detail})" if detail else text
@@ -189,10 +190,17 @@ def disk_full_error(exc: BaseException, root: str | Path) -> DiskFullError | Non
         return exc
     chain = _chain(exc)
     full = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
-    full = full or any(SHORT_WRITE.search(str(e)) for e in chain)
-    if not full and isinstance(exc, (OSError, RuntimeError)):
+    if not full:
         space = disk_space(root)
-        full = space is not None and space[0] < LOW_FREE_BYTES
+        free = None if space is None else space[0]
+        if any(SHORT_WRITE.search(str(e)) for e in chain):
+            # a short write with a gigabyte free was something else (the half-written file is removed by then,
+            # so some space is back, but not that much)
+            full = free is None or free < SHORT_WRITE_FREE_BYTES
+        elif isinstance(exc, OSError) and exc.errno in (None, errno.EIO):
+            # a writer's own wording: only an I/O-level error on an all but full disk (not a refused root,
+            # a missing file, or a CUDA or programming error, which are not OSErrors of this kind)
+            full = free is not None and free < LOW_FREE_BYTES
     if not full:
         return None
     detail = " ".join(str(exc).split())[:160] or type(exc).__name__

@@ -61,14 +61,16 @@ def _run_group(args: argparse.Namespace, group_specs: list[str]):
 
     methods = parse_methods(args.methods)
     damping = _damping(args)
-    session = open_session(args, auto_build=args.auto_build)
+    session = open_session(args)
     groups = [parse_group(spec, session.dataset) for spec in group_specs]  # every spec checked before any work
-    if args.auto_build:  # with build's progress on stderr (the session's own auto-build is silent for minutes)
-        build_missing(session, check_influence_methods(session, methods))
     pool_dir = _pool_dir(args, session)
     qset = parse_query_set(session, args.queries, pool_dir, args.pool_seed, progress=True)
     cache = pool_dir if qset.name.startswith("pool") else None
     result = group_attribution(session, groups[0], qset, args.measurement, methods, damping, cache)
+    # --auto-build after that first pass, which refuses a bad measurement or query set before minutes of
+    # building; with build's progress on stderr (the session's own auto-build is silent)
+    if args.auto_build and build_missing(session, check_influence_methods(session, methods)):
+        result = group_attribution(session, groups[0], qset, args.measurement, methods, damping, cache)
     for name, r in result.methods.items():
         if r.status != "ok":
             print(f"warning: {name} {r.status}: {r.reason}", file=sys.stderr)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import pickle
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -250,12 +251,13 @@ def find_images(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def prepare_image(img, channels: int, size: int | None) -> np.ndarray:
+def prepare_image(img: Any, channels: int, size: int | None) -> np.ndarray:
     """A decoded PIL image -> uint8 (H, W) or (H, W, 3), as a training image of a folder data set is made:
     16-bit and float grey scaled to 8 bits, converted to grey or RGB (an alpha channel is dropped), and
     resized to ``size`` x ``size`` with Lanczos filtering, the aspect ratio not kept.  Queries on folder
     data (``image:PATH``, uploads) go through this same function, so that a training file queried by its
-    path is its own training row (QA round 12: the query path centre-cropped and composited the alpha,
+    path is its own training row (up to a grey level for a file large enough to be decoded at reduced size
+    first; QA round 12: the query path centre-cropped and composited the alpha,
     and a 5x40 training image did not find itself among its 3 nearest)."""
     from PIL import Image
 

@@ -300,6 +300,7 @@ def trained_on_problem(extra: dict[str, Any], dataset: Any) -> str | None:
     numbers that mean nothing, and nothing said so (QA round 12).  A run records its training set's
     content (``data_sha``, the full set's even when it trained on a subset); a run from before that (the
     shipped weights) only its size, which tells when it trained on a whole set of another size."""
+    extra = extra or {}  # a config.json with "extra": null
     if extra.get("data_sha") is not None:
         digest = dataset.content_digest()
         if digest != extra["data_sha"]:
