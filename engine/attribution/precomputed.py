@@ -54,7 +54,7 @@ def session_key(session: Any, methods: list[str]) -> dict[str, Any]:
     key = {
         "format": FORMAT,
         "checkpoint_hash": session.checkpoint_hash,
-        "data_key": data_key(session.dataset),
+        "data_key": data_key(session.dataset, session.data_digest),
         "gallery": gallery_hash(session),
         "measurement": MEASUREMENT,
         "mc_samples": int(c.mc_samples),

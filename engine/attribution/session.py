@@ -121,7 +121,9 @@ class AttributionSession:
         self.diffusion = Diffusion(self.preset.diffusion)
         self.dataset: ImageDataset = dataset if dataset is not None else load_dataset(self.preset.data)
         check_data_fits_model(self.preset.model, self.dataset.shape)
-        problem = trained_on_problem(extra, self.dataset) if check_trained_on else None
+        # hashed once: the training-set check, the cache key and the precomputed file's key all use it
+        self.data_digest = self.dataset.content_digest()
+        problem = trained_on_problem(extra, self.dataset, self.data_digest) if check_trained_on else None
         if problem is not None:
             where = f" from {self.preset.data.root}" if self.preset.data.root else ""
             raise CheckpointError(
@@ -134,7 +136,7 @@ class AttributionSession:
 
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         # TF32 gradients are not the exact float32 ones: their caches live apart (engine.precision)
-        key = data_key(self.dataset) + ("-tf32" if self.tf32 else "")
+        key = data_key(self.dataset, self.data_digest) + ("-tf32" if self.tf32 else "")
         self.store = Store(self.cache_root, self.checkpoint_hash, key)
         self._cache_arg = None if cache_root is None else str(cache_root)
         self._preset_attribution = wanted.attribution  # what `build --preset <_preset_arg>` uses without flags

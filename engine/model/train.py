@@ -291,7 +291,7 @@ def _check_finished_run(
         )
 
 
-def trained_on_problem(extra: dict[str, Any], dataset: Any) -> str | None:
+def trained_on_problem(extra: dict[str, Any], dataset: Any, digest: str | None = None) -> str | None:
     """Why ``dataset`` is not the training set a checkpoint (its ``extra``) was trained on; None when it is,
     or when the checkpoint cannot tell (a diffusers folder records nothing).
 
@@ -299,10 +299,11 @@ def trained_on_problem(extra: dict[str, Any], dataset: Any) -> str | None:
     against other images (``--data-root`` pointing elsewhere, a folder that changed since) answers with
     numbers that mean nothing, and nothing said so (QA round 12).  A run records its training set's
     content (``data_sha``, the full set's even when it trained on a subset); a run from before that (the
-    shipped weights) only its size, which tells when it trained on a whole set of another size."""
+    shipped weights) only its size, which tells when it trained on a whole set of another size.  ``digest``:
+    the set's ``content_digest()`` when the caller has it already."""
     extra = extra or {}  # a config.json with "extra": null
     if extra.get("data_sha") is not None:
-        digest = dataset.content_digest()
+        digest = digest or dataset.content_digest()
         if digest != extra["data_sha"]:
             return (f"it was trained on a training set with content digest {extra['data_sha']}; the one loaded "
                     f"({len(dataset)} images) has {digest}")
