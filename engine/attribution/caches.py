@@ -29,6 +29,22 @@ from .store_files import DiskFullError, disk_full_error
 log = logging.getLogger(__name__)
 
 
+def sharing_words(name: str, sharing: dict[str, Any] | None) -> str | None:
+    """What a build time of ``name`` means when its cache was built in a shared gradient pass (``sharing``
+    as ``MethodCaches.recorded_build_sharing`` gives it), or None: the pass cannot be split between the
+    methods (QA round 12: TRAK's record held K-FAC's whole build, 409.7 s, against 4.7 s of its own), so
+    the figure is never shown as that method's build alone.  The ``build`` table and the bench report say
+    it in these words."""
+    if not sharing:
+        return None
+    if sharing.get("shared_with"):
+        return (f"built from {sharing['shared_with']}'s shared gradient pass; its build time is only what {name} "
+                f"did after that pass (the pass is in {sharing['shared_with']}'s time)")
+    if sharing.get("fed"):
+        return f"its gradient pass also filled {', '.join(sharing['fed'])}; its build time includes their share"
+    return None
+
+
 class MethodCaches:
     """Cache status and builds of ``methods`` (name -> instance) over one engine context."""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from ..attribution.caches import sharing_words
+
 
 def median(xs: list[float]) -> float | None:
     """The median of the figures measured, None when there are none."""
@@ -12,18 +14,10 @@ def median(xs: list[float]) -> float | None:
 
 
 def sharing_note(name: str, sharing: dict[str, Any] | None) -> str | None:
-    """What a recorded build time means when the cache was built in a shared gradient pass, or None.
-
-    The pass cannot be split between the methods (QA round 12: TRAK's record held K-FAC's whole build,
-    409.7 s, against 4.7 s of its own), so the figure is never shown as that method's build alone."""
-    if not sharing:
-        return None
-    if sharing.get("shared_with"):
-        return (f"{name}: built from {sharing['shared_with']}'s shared gradient pass; its build time is only "
-                f"what {name} did after that pass (the pass is in {sharing['shared_with']}'s time)")
-    if sharing.get("fed"):
-        return f"{name}: its gradient pass also filled {', '.join(sharing['fed'])}; its build time includes their share"
-    return None
+    """``name: <what its recorded build time means>`` when its cache was built in a shared gradient pass
+    (``engine.attribution.caches.sharing_words``), or None."""
+    words = sharing_words(name, sharing)
+    return None if words is None else f"{name}: {words}"
 
 
 def format_table(r: dict[str, Any]) -> str:

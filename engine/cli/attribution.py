@@ -162,6 +162,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     A full disk (``DiskFullError``) stops the build at once: it is reported when it happens, the methods
     after it are skipped (they would write to the same disk), and the rerun resumes from the kept parts."""
+    from ..attribution.caches import sharing_words
     from ..attribution.store_files import DiskFullError
     from ..distributed import init_from_env
     from ..threads import configure_threads
@@ -207,10 +208,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(f"{'method':8} {'status':12} {'seconds':>9} {'size MB':>9}  note")
     for name, s in summary.items():
         note = s.get("reason") or ""
-        if not note and s["status"] == "ok" and name in fed_by:  # its seconds are what it did after that pass
-            note = f"gradients from {fed_by[name]}'s pass (in {fed_by[name]}'s seconds)"
-        elif not note and s["status"] == "ok" and name in shared:
-            note = f"its gradient pass also filled {', '.join(shared[name])}"
+        if not note and s["status"] == "ok":  # a shared pass's seconds are its maker's (caches.sharing_words)
+            sharing = {"shared_with": fed_by[name]} if name in fed_by else {"fed": shared[name]} if name in shared else None
+            note = sharing_words(name, sharing) or ""
         print(f"{name:8} {s['status']:12} {s['seconds']:9.1f} {s['size_mb']:9.2f}  {note}")
     total_s = sum(s["seconds"] for s in summary.values())
     total_mb = sum(s["size_mb"] for s in summary.values())
