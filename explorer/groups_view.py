@@ -496,7 +496,8 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
     st.subheader("What do these training images support?")
     building = handle.build.status == "running"
     has_gallery = bool(handle.session.gallery())
-    live = has_gallery and not building and bool(influence_methods(handle))
+    methods = influence_methods(handle) if has_gallery and not building else []
+    live = bool(methods)
     # before the influence caches exist: the precomputed gallery scores, at the settings they hold
     pre = {} if live or not has_gallery else precomputed_matrices(handle, s)
     if building and has_gallery and not pre:  # the ranking needs the influence caches; the build holds the model
@@ -520,7 +521,7 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
     qset = gallery_set(handle.session)
     group = group_from_indices(picked, len(handle.session.dataset))
     if live:
-        res = group_result(handle, group, qset, s, influence_methods(handle))
+        res = group_result(handle, group, qset, s, methods)
     elif pre:
         st.caption(PRECOMPUTED_NOTE)
         res = GroupResult(group, MEASUREMENT, qset, pre, labels)

@@ -51,8 +51,8 @@ def main() -> int:
             d = float(pixel_distances(q.image[None], train).min())
             print(f"  upload {what:<6} nearest {d:.3f}  label {q.label}  flagged {any(GUESS in x for x in q.notes)}")
         gallery = s.gallery()
-        flagged = sum(float(pixel_distances(it.image[None], train).min()) > bound for it in gallery)
-        worst = max(float(pixel_distances(it.image[None], train).min()) for it in gallery)
+        nearest = [float(pixel_distances(it.image[None], train).min()) for it in gallery]
+        flagged, worst = sum(d > bound for d in nearest), max(nearest)
         print(f"  gallery: {flagged} of {len(gallery)} flagged (largest nearest distance {worst:.3f})")
     return 0
 

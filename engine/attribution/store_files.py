@@ -182,10 +182,11 @@ def disk_full_error(exc: BaseException, root: str | Path) -> DiskFullError | Non
     """The one-line ``DiskFullError`` when ``exc`` (raised by a build writing under ``root``) comes from a
     full disk, else None.
 
-    Why three tests: a full disk surfaces as OSError(ENOSPC / EDQUOT) from plain writes, but numpy's and
-    torch's writers report short writes in their own words (``SHORT_WRITE``); and a writer that says
-    neither (a library's own wording) is caught by the free space left on the root's file system when it
-    failed (under ``LOW_FREE_BYTES``: a cache part is larger than that)."""
+    Why three tests: a full disk surfaces as OSError(ENOSPC / EDQUOT) from plain writes; numpy's and
+    torch's writers report short writes in their own words (``SHORT_WRITE``), taken for a full disk only
+    with under ``SHORT_WRITE_FREE_BYTES`` free; and an I/O-level OSError in a writer's own wording (errno
+    None or EIO) counts only when the root's file system has under ``LOW_FREE_BYTES`` free (a cache part
+    is larger than that).  Anything else (a refused root, a missing file, CUDA, a bug) is left as it is."""
     if isinstance(exc, DiskFullError):
         return exc
     chain = _chain(exc)
