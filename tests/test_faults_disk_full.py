@@ -129,6 +129,31 @@ def test_publish_is_refused_up_front_when_the_disk_cannot_hold_it(tmp_path, monk
     np.testing.assert_array_equal(store.load_arrays("bank", SETTINGS)["phi"], rows)
 
 
+def test_a_build_the_disk_cannot_hold_stops_after_its_first_part(tmp_path, monkeypatch):
+    """The first part a run saves gives each row's exact size, so a build whose remaining parts and
+    published copy cannot fit stops there (not at publish, hours later on a large bank), naming what it
+    needs; the part is kept, and with room the rerun resumes and publishes the uninterrupted arrays."""
+    store = Store(tmp_path, "ckpt", "data")
+    rows = np.arange(6000, dtype=np.float32).reshape(6, 1000)  # 4,000 bytes a row
+    part = store.partial("bank", SETTINGS, part_size=2, num_items=6)
+    _full_disk(monkeypatch, free=30_000)  # 4 rows to compute + 6 to publish = 40,000 bytes
+    with pytest.raises(OSError) as info:
+        part.save_part(0, {"phi": rows[0:2]})
+    assert info.value.errno == errno.ENOSPC
+    assert "building bank needs about 39.1 KiB more (4 of 6 rows still to compute" in str(info.value)
+    full = disk_full_error(info.value, tmp_path)
+    assert full is not None and "any finished parts are kept" in str(full)
+    monkeypatch.setattr(shutil, "disk_usage", REAL_DISK_USAGE)
+    again = store.partial("bank", SETTINGS, part_size=2, num_items=6)
+    assert again.todo() == [1, 2]
+    _full_disk(monkeypatch, free=40_000)  # exactly enough: the run goes on
+    for i in again.todo():
+        again.save_part(i, {"phi": rows[2 * i: 2 * i + 2]})
+    monkeypatch.setattr(shutil, "disk_usage", REAL_DISK_USAGE)
+    again.publish()
+    np.testing.assert_array_equal(store.load_arrays("bank", SETTINGS)["phi"], rows)
+
+
 @pytest.fixture
 def cli(tmp_path_factory, digits_small, monkeypatch, capsys):
     folder = tmp_path_factory.mktemp("disk_full_ckpt")

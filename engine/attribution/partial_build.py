@@ -108,6 +108,7 @@ class PartialBuild:
         self.opened = time.monotonic()
         self.seconds_before = self._read_elapsed()
         self.count_time = True  # False once mark_shared: the time of a shared pass is its provider's
+        self.space_checked = False  # the disk is checked once per run, after its first saved part
 
     def mark_shared(self, provider: str) -> None:
         """Record that parts of this build come from ``provider``'s gradient pass (see the class notes);
@@ -172,6 +173,9 @@ class PartialBuild:
         write_json(self.folder / f"part-{i:05d}.done", infos)
         if self.count_time:
             write_json(self.folder / ELAPSED, {"seconds": self.seconds_before + time.monotonic() - self.opened})
+        if not self.space_checked:
+            self.space_checked = True
+            self._check_space_ahead(infos)
 
     def load_part(self, i: int) -> dict[str, np.ndarray]:
         infos = json.loads((self.folder / f"part-{i:05d}.done").read_text())
@@ -232,6 +236,25 @@ class PartialBuild:
             raise OSError(
                 errno.ENOSPC,
                 f"publishing {self.name} needs {human_bytes(need)}, {human_bytes(space[0])} free",
+                str(self.folder.parent),
+            )
+
+    def _check_space_ahead(self, infos: Mapping[str, Any]) -> None:
+        """OSError(ENOSPC) after the first part a run saves, when the disk cannot hold the rest of the build:
+        the parts still to compute plus the published copy (``publish`` needs the whole cache again while
+        the parts stay).  Why now: a part's size gives every row's exact size, and a build that would only
+        fail at ``publish`` (hours later on a large bank) fails at its start instead, its first part kept.
+        The extra arrays ``publish`` adds (an eigendecomposition) are unknown here and left to its own check."""
+        row = sum(int(np.dtype(v["dtype"]).itemsize * int(np.prod(v["shape"][1:], dtype=np.int64)))
+                  for v in infos.values())
+        left = sum(self.part_range(j).stop - self.part_range(j).start for j in self.todo())
+        need = row * (left + self.num_items)
+        space = disk_space(self.folder)
+        if space is not None and space[0] < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"building {self.name} needs about {human_bytes(need)} more ({left} of {self.num_items} rows "
+                f"still to compute, then the published copy of all of them), {human_bytes(space[0])} free",
                 str(self.folder.parent),
             )
 
