@@ -311,7 +311,7 @@ def test_unbuilt_methods_are_unavailable_with_instructions(ckpt, digits_small, t
     assert info["dtrak"]["default_damping"] == pytest.approx(1.0 / n)
 
 
-def test_auto_build_and_status(ckpt, digits_small, tmp_path):
+def test_auto_build_and_status(ckpt, digits_small, tmp_path, capsys):
     folder, preset = ckpt
     s = AttributionSession(
         preset,
@@ -326,10 +326,29 @@ def test_auto_build_and_status(ckpt, digits_small, tmp_path):
     res = s.query(s.parse_query("train:2"), methods=["trak"])
     assert res.methods["trak"].status == "ok" and "build" in res.methods["trak"].timing_ms
     assert time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err  # a library auto-build shows its progress (it was silent for minutes)
+    assert "building trak" in err and "100%" in err, err
     st = s.status()
     assert st["trak"]["built"] and st["trak"]["size_mb"] > 0
     summary = s.build(["trak"])  # already built: a load, recorded with its size
     assert summary["trak"]["status"] == "ok" and summary["trak"]["size_mb"] > 0
+
+
+def test_auto_build_shares_one_gradient_pass_as_build_does(ckpt, digits_small, tmp_path):
+    """A library query with ``auto_build`` on an empty cache builds K-FAC's bank and TRAK from one pass over
+    the training gradients, as ``build`` does (it built them one after the other, two passes), and gives
+    the same scores as a session on caches made by ``build``."""
+    folder, preset = ckpt
+    opened = dict(preset=preset, checkpoint=folder, device="cpu", config=TINY_ATTRIBUTION, dataset=digits_small)
+    auto = AttributionSession(**opened, cache_root=tmp_path / "auto", auto_build=True)
+    res = auto.query(auto.parse_query("train:2"), methods=["kfac", "trak"])
+    assert all(r.status == "ok" for r in res.methods.values()), res.methods
+    assert auto.caches.recorded_build_sharing("trak") == {"shared_with": "kfac"}
+    built = AttributionSession(**opened, cache_root=tmp_path / "built")
+    built.build(["kfac", "trak"])
+    ref = built.query(built.parse_query("train:2"), methods=["kfac", "trak"])
+    for name in ("kfac", "trak"):
+        np.testing.assert_array_equal(res.methods[name].scores, ref.methods[name].scores)
 
 
 def test_generate_records_a_trajectory(session):

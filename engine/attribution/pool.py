@@ -272,8 +272,8 @@ def attribution_matrix(
 ) -> dict[str, MatrixResult]:
     """Every method's (Q, N) scores over the query set: batched gradients, one batched product each.
 
-    Methods not built (and ``session.auto_build`` off) or unavailable come back with a reason,
-    as in ``session.query``.  With ``cache_dir`` each matrix is cached as .npy (atomic).
+    Methods not built (and ``session.auto_build`` off: on, ``session.build_missing`` builds them first)
+    or unavailable come back with a reason, as in ``session.query``.  With ``cache_dir`` each matrix is cached as .npy (atomic).
     """
     names = session._resolve_methods(methods)
     meas = parse_measurement(measurement, session.diffusion.T)
@@ -282,6 +282,7 @@ def attribution_matrix(
     info = session.method_info()
     grads: dict[Measurement, tuple[torch.Tensor, float]] = {}
     out: dict[str, MatrixResult] = {}
+    built_now = session.build_missing(names) if session.auto_build else {}  # one shared pass, with a bar
     for k, name in enumerate(names):
         m = session.method(name)
         lam = damping.get(name, info[name]["default_damping"]) if m.kind == "influence" else None
@@ -295,10 +296,13 @@ def attribution_matrix(
             res.status, res.reason = "unavailable", reason
             continue
         if not m.is_built(session.ctx):
-            if not session.auto_build:
-                res.status, res.reason = "unavailable", session._not_built_reason(name)
-                continue
-            m.build(session.ctx, no_progress)
+            problem = session.cache_problem(name)
+            if problem is not None:
+                res.status, res.reason = "error", problem
+            else:  # not asked to build, or its build found it unavailable here (the build's own reason)
+                res.status = "unavailable"
+                res.reason = built_now.get(name, {}).get("reason") or session._not_built_reason(name)
+            continue
         qm = m.query_measurement(meas)
 
         def gradients(qm: Measurement | None = qm, k: int = k, name: str = name) -> torch.Tensor | None:

@@ -53,10 +53,11 @@ from .bank_kinds import bank_modes
 from .caches import MethodCaches
 from .context import EngineContext
 from .damping_grid import damping_steps
-from .methods.base import AttributionMethod, MissingMethod, Prepared, Progress, Unavailable, no_progress
+from .methods.base import AttributionMethod, MissingMethod, Prepared, Progress, Unavailable
 from .query import GalleryItem, QueryError, QueryInput, QuerySources, describe, no_trajectory
 from .results import MethodResult, QueryResult
 from .store import Store, data_key
+from .terminal_progress import terminal_progress
 from .train_draws import SHARED_DRAW_MODES
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,9 @@ log = logging.getLogger(__name__)
 class AttributionSession:
     """Model + training set + caches, loaded once; answers attribution queries.
 
-    ``auto_build``: build a method's cache on first use instead of reporting it as
-    "unavailable: not built".  The app turns this on only where building is quick.
+    ``auto_build``: build the missing caches a query needs before it runs (``build_missing``: one shared
+    gradient pass, a progress bar on stderr) instead of reporting them as "unavailable: not built".  The
+    evaluations turn it on; the app builds in its own worker (``build_worker``).
     """
 
     def __init__(
@@ -252,6 +254,24 @@ class AttributionSession:
         self.share_gradient_passes(names)
         return self.caches.build(names, progress, rebuild=rebuild)
 
+    def build_missing(self, methods: list[str] | None = None, progress: Progress | None = None) -> dict[str, dict]:
+        """Build the caches of ``methods`` (default: all) that can run here and are not built, sharing one
+        gradient pass as ``build`` does: what ``auto_build`` does before a query, and ``--auto-build``.
+        A corrupt cache is left alone (the query reports it with how to rebuild).  Returns ``build``'s
+        summary of the methods it built ({} when none was missing).
+
+        ``progress``: a ``progress(message, fraction)`` callback; by default a tqdm bar on stderr, since a
+        build on an empty cache takes minutes and a silent one was taken for a hung query (QA round 12)."""
+        names = self._resolve_methods(methods)
+        status = self.caches.status(names)
+        todo = [n for n in names if status[n]["available"] and not status[n]["built"] and not status[n]["corrupt"]]
+        if not todo:
+            return {}
+        if progress is not None:
+            return self.build(todo, progress)
+        with terminal_progress(f"building {', '.join(todo)}") as bar:
+            return self.build(todo, bar)
+
     def share_gradient_passes(self, names: list[str]) -> dict[str, list[str]]:
         """One training-gradient pass for K-FAC's bank, TRAK and D-TRAK: {the method making the pass:
         the methods it feeds} (``MethodCaches.share_gradient_passes``)."""
@@ -402,8 +422,9 @@ class AttributionSession:
         # each method's availability and cache checked once per query (is_built may read manifests and array
         # headers), the cache only of methods that can run here
         avail = {name: self._availability(self._methods[name]) for name in names}
+        built_now = self.build_missing([n for n in names if avail[n][0]]) if self.auto_build else {}
         built = {name: avail[name][0] and self._methods[name].is_built(self.ctx) for name in names}
-        ready = {name: avail[name][0] and (self.auto_build or built[name]) for name in names}
+        ready = {name: built[name] for name in names}
         shared = self._shared_forward_plan(names, meas, query, ready)
         grads: dict[Measurement, tuple[torch.Tensor, float]] = {}
         results: dict[str, MethodResult] = {}
@@ -417,22 +438,16 @@ class AttributionSession:
             if not available:
                 res.status, res.reason = "unavailable", reason
                 continue
-            if not (built[name] or m.is_built(self.ctx)):  # (an earlier method's build may have built it)
+            if name in built_now:
+                res.timing_ms["build"] = built_now[name]["seconds"] * 1000.0
+            if not built[name]:
                 problem = self.cache_problem(name)
                 if problem is not None:
                     res.status, res.reason = "error", problem
                     continue
-                if not self.auto_build:
-                    res.status, res.reason = "unavailable", self._not_built_reason(name)
-                    continue
-                try:
-                    t0 = time.perf_counter()
-                    with self.caches.build_lock(name):
-                        m.build(self.ctx, no_progress)
-                    res.timing_ms["build"] = (time.perf_counter() - t0) * 1000.0
-                except Unavailable as e:
-                    res.status, res.reason = "unavailable", str(e)
-                    continue
+                # not asked to build, or its build found it unavailable here (the build's own reason)
+                res.status, res.reason = "unavailable", built_now.get(name, {}).get("reason") or self._not_built_reason(name)
+                continue
             try:
                 qm = m.query_measurement(meas)
                 grad = None

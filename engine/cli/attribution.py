@@ -283,12 +283,12 @@ def cmd_query(args: argparse.Namespace) -> int:
         if args.scores_out:
             check_output_file(Path(args.scores_out), "--scores-out")
         damping = parse_damping(args.damping)  # before the session: a bad value is refused before any work
-        # the session's own auto-build is silent; ``build_missing`` shows progress.  The query runs first, so
-        # that a bad measurement or query is refused before minutes of building (review of QA round 12)
+        # the query runs first, so that a bad measurement or query is refused before minutes of building
+        # (review of QA round 12); ``build_missing`` then builds with a progress bar on stderr
         session = open_session(args)
         query = session.parse_query(args.query)
         result = session.query(query, args.measurement, methods=methods, damping=damping)
-        if args.auto_build and build_missing(session, methods):
+        if args.auto_build and session.build_missing(methods):
             result = session.query(query, args.measurement, methods=methods, damping=damping)
         if not args.auto_build:  # a fresh clone answers a gallery query with the shipped scores
             from ..attribution.precomputed import fill_unbuilt
@@ -309,25 +309,6 @@ def cmd_query(args: argparse.Namespace) -> int:
         # the statuses are printed above; a script must still see that nothing was scored (as for group)
         return fail(RuntimeError("no method could score this query (see each method's status above)"))
     return 0
-
-
-def build_missing(session: Any, methods: list[str] | None) -> list[str]:
-    """``--auto-build``: build the caches a query needs before it runs, with ``build``'s progress bar on
-    stderr (stdout stays one JSON object under --json), and "waiting for another build of this cache" when
-    another process holds one.  The session's own auto-build in ``query`` shows nothing: a query on an
-    empty cache was silent for 6 minutes (QA round 12).  Only methods that can run here, are not built
-    and are not corrupt are built (a corrupt one is the query's error to report); the methods share one
-    gradient pass as in ``build``.  Returns the methods it built."""
-    names = methods or session.method_names()
-    status = session.status(names)
-    todo = [n for n in names if status[n]["available"] and not status[n]["built"] and not status[n]["corrupt"]]
-    if not todo:
-        return []
-    session.share_gradient_passes(todo)
-    for name in todo:
-        with build_progress(name) as progress:
-            session.build([name], progress)
-    return todo
 
 
 def write_scores(path: Path, result, labels) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..attribution.methods import METHODS, parse_methods
 from ..attribution.signs import reverse_caveat
-from .attribution import _add_attribution_options, build_missing, open_session, parse_damping
+from .attribution import _add_attribution_options, open_session, parse_damping
 from .common import fail, register, subcommand
 
 QUERIES_HELP = "gallery (the checkpoint's 32 samples) | pool:N (N samples drawn once, then cached), default gallery"
@@ -68,8 +68,8 @@ def _run_group(args: argparse.Namespace, group_specs: list[str]):
     cache = pool_dir if qset.name.startswith("pool") else None
     result = group_attribution(session, groups[0], qset, args.measurement, methods, damping, cache)
     # --auto-build after that first pass, which refuses a bad measurement or query set before minutes of
-    # building; with build's progress on stderr (the session's own auto-build is silent)
-    if args.auto_build and build_missing(session, check_influence_methods(session, methods)):
+    # building; ``session.build_missing`` shows a progress bar on stderr
+    if args.auto_build and session.build_missing(check_influence_methods(session, methods)):
         result = group_attribution(session, groups[0], qset, args.measurement, methods, damping, cache)
     for name, r in result.methods.items():
         if r.status != "ok":

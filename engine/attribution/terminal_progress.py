@@ -1,0 +1,35 @@
+"""A tqdm bar on stderr driven by a ``progress(message, fraction)`` callback.
+
+Why: the library builds caches on its own (``auto_build`` before a query, the evaluations' sessions),
+which takes minutes on an empty cache; without a bar such a run cannot be told from a hung one.  The
+callback is the one every build takes (``methods.base.Progress``), so the same build drives the app's
+panel, the CLI's bars or this one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from .methods.base import Progress
+
+
+@contextlib.contextmanager
+def terminal_progress(desc: str) -> Iterator[Progress]:
+    """Yield the callback of a per-mille tqdm bar titled ``desc``, which shows each message as it comes
+    (``"kfac: bank 300/1797"``); the bar is closed on leaving the block, whatever happened in it."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1000, desc=desc, unit="", file=sys.stderr, mininterval=0.5,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {unit}")
+
+    def progress(message: str, fraction: float) -> None:
+        bar.n = int(round(1000 * min(max(fraction, 0.0), 1.0)))
+        bar.unit = message[:70]
+        bar.refresh()
+
+    try:
+        yield progress
+    finally:
+        bar.close()
