@@ -263,8 +263,8 @@ class AttributionSession:
         ``progress``: a ``progress(message, fraction)`` callback; by default a tqdm bar on stderr, since a
         build on an empty cache takes minutes and a silent one was taken for a hung query (QA round 12)."""
         names = self._resolve_methods(methods)
-        status = self.caches.status(names)
-        todo = [n for n in names if status[n]["available"] and not status[n]["built"] and not status[n]["corrupt"]]
+        todo = [n for n in names if self._availability(self._methods[n])[0]
+                and not self._methods[n].is_built(self.ctx) and self.cache_problem(n) is None]
         if not todo:
             return {}
         if progress is not None:
