@@ -4,7 +4,7 @@ Runs ``python -m engine build --preset P`` in a child process on an empty cache 
 one, or ``--cache-root`` to keep the caches), and reports its wall time, its peak resident memory
 (``wait4``'s resource use of the child) and the build seconds every cache recorded when it was published (the
 K-FAC factor pass, the bank pass that also feeds TRAK's and D-TRAK's projections, and what each
-of those still had to do afterwards).  Run it on an otherwise idle machine: the figure is a wall time.
+of those still had to do afterwards), with which caches shared that pass (``gradient_pass_sharing``).  Run it on an otherwise idle machine: the figure is a wall time.
 
     python scripts/time_cold_build.py [--preset digits] [--runs 3] [--cache-root DIR] [--out assets/results/cold_build_idle.json]
 """
@@ -23,17 +23,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def recorded_seconds(cache_root: Path) -> dict[str, float]:
-    """{cache folder kind: build_seconds} from every published cache's settings.json."""
-    out: dict[str, float] = {}
+def _published(cache_root: Path):
+    """(cache folder kind, its recorded meta) of every published cache under ``cache_root``."""
     for settings in sorted(cache_root.rglob("settings.json")):
         if any(part.startswith(".") for part in settings.relative_to(cache_root).parts):
             continue
         meta = json.loads(settings.read_text())
-        seconds = (meta.get("meta") or {}).get("build_seconds", meta.get("build_seconds"))
+        yield settings.parent.name.rsplit("-", 1)[0], {**meta, **(meta.get("meta") or {})}
+
+
+def recorded_seconds(cache_root: Path) -> dict[str, float]:
+    """{cache folder kind: build_seconds} from every published cache's settings.json."""
+    out: dict[str, float] = {}
+    for kind, meta in _published(cache_root):
+        seconds = meta.get("build_seconds")
         if seconds is not None:
-            kind = settings.parent.name.rsplit("-", 1)[0]
             out[kind] = round(out.get(kind, 0.0) + float(seconds), 1)
+    return out
+
+
+def recorded_sharing(cache_root: Path) -> dict[str, dict]:
+    """{cache folder kind: {"shared_with": method} or {"fed": [methods]}}: which caches came from one shared
+    gradient pass.  A fed cache's seconds are only its own work after the pass, the pass's are its maker's,
+    so a reader of ``build_seconds`` must not add them up as separate passes nor take a fed one for the whole
+    cost (QA round 12)."""
+    out: dict[str, dict] = {}
+    for kind, meta in _published(cache_root):
+        if meta.get("gradient_pass_shared_with"):
+            out[kind] = {"shared_with": str(meta["gradient_pass_shared_with"])}
+        elif meta.get("gradient_pass_fed"):
+            out[kind] = {"fed": [str(m) for m in meta["gradient_pass_fed"]]}
     return out
 
 
@@ -55,6 +74,7 @@ def timed_build(preset: str, root: Path, extra: list[str]) -> dict:
         "peak_rss_mb": round(usage.ru_maxrss / 1024),
         "load_average_before": round(load_before, 2),
         "build_seconds": recorded_seconds(root),
+        "gradient_pass_sharing": recorded_sharing(root),
     }
 
 
@@ -89,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": median["wall_s"],  # the median run (the upper median for an even count)
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),  # the largest over the runs
         "build_seconds": median["build_seconds"],
+        "gradient_pass_sharing": median.get("gradient_pass_sharing", {}),
         "load_average_before": median["load_average_before"],
     }
     if args.runs > 1:

@@ -70,3 +70,19 @@ def test_a_failed_build_stops_with_its_exit_code(tmp_path, load_script):
     root.mkdir()
     with pytest.raises(SystemExit, match="build failed with exit code [1-9]"):
         mod.timed_build("no-such-preset", root, [])
+
+
+def test_the_record_says_which_caches_shared_one_gradient_pass(load_script, tmp_path):
+    """A fed cache's build_seconds are its own work after K-FAC's pass, so the record must say so beside
+    them (the figure was read as TRAK's whole cost in QA round 12)."""
+    mod = load_script("time_cold_build")
+    metas = {"kfac-bank-0a1b": {"meta": {"build_seconds": 300.0, "gradient_pass_fed": ["trak", "dtrak"]}},
+             "trak-2c3d": {"meta": {"build_seconds": 4.7, "gradient_pass_shared_with": "kfac"}},
+             "kfac-factors-4e5f": {"meta": {"build_seconds": 60.0}},
+             ".partial-trak-9": {"meta": {"build_seconds": 1.0, "gradient_pass_shared_with": "kfac"}}}
+    for folder, meta in metas.items():
+        (tmp_path / "ck" / folder).mkdir(parents=True)
+        (tmp_path / "ck" / folder / "settings.json").write_text(json.dumps(meta))
+    assert mod.recorded_sharing(tmp_path) == {"kfac-bank": {"fed": ["trak", "dtrak"]},
+                                              "trak": {"shared_with": "kfac"}}
+    assert mod.recorded_seconds(tmp_path) == {"kfac-bank": 300.0, "trak": 4.7, "kfac-factors": 60.0}
