@@ -16,15 +16,22 @@ window from /proc/stat minus this process's own CPU time (instantaneous, unlike 
 average, which lags a minute and counts our own threads); without /proc, the 1-minute load
 average.  An explicit OMP_NUM_THREADS (or ATTRIBUTION_THREADS) wins.
 
-One function, ``configure_threads``, is called by the CLI, the app and the build worker.
+One function, ``configure_threads``, is called by the CLI (through ``configure_threads_when_loaded``, at
+torch's import), the app and the build worker.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import logging
 import math
 import os
+import sys
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 HEADROOM = 0.3  # of a core: another process using more than this of the spare capacity costs a thread
@@ -114,3 +121,43 @@ def configure_threads(why: str = "") -> int:
         torch.set_num_threads(n)
     log.info("torch threads: %d (%s)%s", n, source, f" for {why}" if why else "")
     return n
+
+
+class _AfterTorchImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: on the first ``import torch`` it takes torch's own spec from the other finders
+    and wraps its loader's ``exec_module``, so that ``configure_threads`` runs right after torch is loaded
+    (once; the finder removes itself)."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name != "torch":
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("torch")
+        loader = getattr(spec, "loader", None)
+        if spec is None or not hasattr(loader, "exec_module"):
+            return spec
+        load = loader.exec_module
+        why = self.why
+
+        def exec_module(module: Any) -> None:
+            load(module)
+            configure_threads(why)
+
+        loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+
+def configure_threads_when_loaded(why: str = "") -> None:
+    """``configure_threads`` now when torch is loaded, else right after its first import.
+
+    Why: importing torch takes 2-3 s here; the CLI configures the threads before every command, and did so
+    by importing torch, so a command refusing a typo in its options (before it needs torch) took 3-5 s to
+    say so.  Deferred to torch's import, the threads are set before any torch work, as before."""
+    if "torch" in sys.modules:
+        configure_threads(why)
+    elif not any(isinstance(f, _AfterTorchImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterTorchImport(why))

@@ -180,3 +180,8 @@ def test_the_cli_parser_does_not_import_torch():
 
     code = "import sys, engine.cli.parser; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+    # nor a command that refuses its options before it needs torch (the threads were set by importing it)
+    code = ("import sys; from engine.cli.parser import main; rc = main(['query', '--query', 'gallery:0', "
+            "'--methods', 'bogus']); sys.exit(1 if 'torch' in sys.modules or rc != 2 else 0)")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0 and "unknown method(s) bogus" in done.stderr, done.stderr

@@ -58,21 +58,45 @@ def test_busy_elsewhere_sees_another_busy_process_but_not_our_own_work():
         spin.wait()
     assert seen >= 0.5  # one core spinning (plus whatever else runs on this machine)
     t0 = time.process_time()
-    # our own busy loop in this process is not "elsewhere": compare with a quiet reading
+    # our own busy loop in this process is not "elsewhere": compare with a quiet reading.  Other jobs on a
+    # shared machine come and go between the two readings, so the closest of three pairs is compared
     import threading
 
-    stop = threading.Event()
+    def reading_with_own_work() -> float:
+        stop = threading.Event()
 
-    def burn():
-        while not stop.is_set():
-            sum(range(1000))
+        def burn():
+            while not stop.is_set():
+                sum(range(1000))
 
-    th = threading.Thread(target=burn)
-    th.start()
-    try:
-        own = busy_elsewhere(0.5)
-    finally:
-        stop.set()
-        th.join()
-    quiet = busy_elsewhere(0.5)
-    assert own < quiet + 0.6 and time.process_time() > t0
+        th = threading.Thread(target=burn)
+        th.start()
+        try:
+            return busy_elsewhere(0.5)
+        finally:
+            stop.set()
+            th.join()
+
+    excess = min(reading_with_own_work() - busy_elsewhere(0.5) for _ in range(3))
+    assert excess < 0.6 and time.process_time() > t0  # our own core's worth (1.0) would be counted otherwise
+
+
+def test_the_cli_sets_the_threads_at_torch_import_not_before():
+    """The CLI configured the threads by importing torch before every command (3-5 s before a typo was
+    refused); now it waits for torch's first import and sets them right after it, before any torch work."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "ATTRIBUTION_THREADS")}
+    plain = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                           capture_output=True, text=True, check=True)
+    want = int(plain.stdout) + 1  # not torch's own default, so only the hook can have set it
+    code = (
+        "import sys\n"
+        "from engine.threads import configure_threads_when_loaded\n"
+        "configure_threads_when_loaded('test')\n"
+        "assert 'torch' not in sys.modules\n"
+        "import torch\n"
+        "assert not [f for f in sys.meta_path if type(f).__name__ == '_AfterTorchImport']\n"
+        f"sys.exit(0 if torch.get_num_threads() == {want} else 3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "ATTRIBUTION_THREADS": str(want)},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -34,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..threads import configure_threads
+    from ..threads import configure_threads_when_loaded
 
-    configure_threads(getattr(args, "command", "") or "")  # commands with --threads set their own after
+    # at torch's import, not now: a command that refuses its options before needing torch answers at once;
+    # commands with --threads set their own after
+    configure_threads_when_loaded(getattr(args, "command", "") or "")
     return run_handler(args)
 
 
