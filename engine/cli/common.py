@@ -105,6 +105,10 @@ def run_handler(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted; no "error: Broken pipe" line
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's final flush of stdout would fail again
+        return 141  # 128 + SIGPIPE, as a shell command cut off by the pipe
     except user_errors() as e:
         if os.environ.get("ATTRIBUTION_DEBUG"):
             raise
