@@ -33,9 +33,13 @@ class Shard:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def mine(self, parts: Iterable[int]) -> list[int]:
-        """The parts this rank builds: those with index = rank (mod world)."""
-        return [i for i in parts if i % self.world == self.rank]
+    def mine(self, parts: Iterable[int], group: int = 1) -> list[int]:
+        """The parts this rank builds: runs of ``group`` consecutive indices dealt out in turn, the run of part i
+        being i // group (= rank mod world).  ``group`` > 1 keeps rows that another build's larger parts
+        hold together on one rank (K-FAC's 128-row bank chunks feeding TRAK's 256-row parts: dealt one by
+        one, every TRAK part got half its rows on each rank, none was ever complete, and TRAK redid the pass)."""
+        group = max(1, int(group))
+        return [i for i in parts if (i // group) % self.world == self.rank]
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -43,6 +43,7 @@ gradients unquantised in the gradients' dtype (float32, or float64 in tests).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -485,12 +486,22 @@ def build_bank(
     # record names the methods it fed (their own records say ``gradient_pass_shared_with``)
     fed = [str(c.method) for c in consumers or () if getattr(c, "method", None)]
     arrays = build_in_parts(store, name, settings, n, chunk_size, compute, progress,
-                            meta={"gradient_pass_fed": fed} if fed else None)
+                            meta={"gradient_pass_fed": fed} if fed else None,
+                            group=_rank_group(chunk_size, consumers))
     if store is None:
         merged = {k: v.to(device) for k, v in arrays.items()}
         return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES),
                            weights=weights)
     return RotatedBank.from_arrays(arrays, blocks, device, weights)
+
+
+def _rank_group(chunk_size: int, consumers: list[Any] | None) -> int:
+    """How many consecutive bank chunks one torchrun rank takes (``Shard.mine``'s ``group``), so that every
+    part of a consumer's own resumable build (``consumer.part.part_size`` rows, aligned at multiples of it)
+    gets all its rows on one rank and can be saved there: the chunks spanning the least common multiple of
+    the part sizes, in chunks."""
+    sizes = [int(c.part.part_size) for c in consumers or () if hasattr(getattr(c, "part", None), "part_size")]
+    return math.lcm(int(chunk_size), *sizes) // int(chunk_size) if sizes else 1
 
 
 def build_in_parts(
@@ -502,12 +513,13 @@ def build_in_parts(
     compute: Callable[[slice], dict[str, torch.Tensor]],
     progress: Callable[[str, float], None] | None = None,
     meta: dict[str, Any] | None = None,
+    group: int = 1,
 ) -> dict[str, Any]:
     """Rows 0..n-1 computed ``chunk_size`` at a time by ``compute(rows) -> {array name: (rows, ...)}``.
 
     Without a store: the concatenated tensors.  With one: each part is saved as soon as it is
     done (an interrupted build resumes at the first missing part, and says so through ``progress``;
-    under torchrun every rank builds its own parts, ``engine.distributed``), rank 0 publishes them
+    under torchrun every rank builds its own parts, ``group`` consecutive ones at a time: ``Shard.mine``), rank 0 publishes them
     atomically under ``(name, settings)``, and the published arrays are returned (memory-mapped).
     Shared by every bank kind that stores rows.
     """
@@ -521,7 +533,7 @@ def build_in_parts(
     saved = n - sum(r.stop - r.start for r in map(partial.part_range, todo))
     if saved and todo and progress is not None:
         progress(f"resuming: {saved}/{n} examples saved by an earlier run", saved / n)
-    for i in shard.mine(todo):
+    for i in shard.mine(todo, group):
         partial.save_part(i, compute(partial.part_range(i)))
     shard.barrier()
     if shard.is_main:
