@@ -40,7 +40,7 @@ import torch
 
 from .. import distributed
 from ..config import SETTING_FLAGS, AttributionConfig, Preset, get_preset
-from ..model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
+from ..model.checkpoint import CheckpointError, checkpoint_hash, diffusers_data, load_checkpoint
 from ..model.data import ImageDataset, load_dataset
 from ..model.diffusion import Diffusion, MCDraws, make_draws
 from ..model.measurements import Measurement, parse_measurement
@@ -98,12 +98,15 @@ class AttributionSession:
         try:
             model, ckpt_preset, extra = load_checkpoint(folder, self.device)
         except CheckpointError as e:
+            if checkpoint is not None:  # the caller named this folder: training into it is not the fix
+                raise
             raise CheckpointError(
                 f"{e}. Train one with `{self.command('train')}` (or pass --checkpoint FOLDER)"
             ) from e
-        # The checkpoint's own preset describes the model and data it was trained on; the
+        # The checkpoint's own preset describes the model and data it was trained on (a diffusers folder
+        # without a preset file names no data: they come from the caller's preset, ``diffusers_data``); the
         # caller chooses the data root (--data-root) and the attribution settings.
-        self.preset: Preset = ckpt_preset
+        self.preset: Preset = diffusers_data(ckpt_preset, wanted, extra)
         if wanted.data.root:
             self.preset = self.preset.replace(data={"root": wanted.data.root})
         self.config: AttributionConfig = config or wanted.attribution

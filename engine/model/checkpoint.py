@@ -46,7 +46,10 @@ def read_config(folder: str | Path) -> tuple[Preset, dict[str, Any]]:
     folder = Path(folder)
     path = folder / CONFIG
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint config at {path}")
+        raise CheckpointError(
+            f"no checkpoint at {folder}: expected our {CONFIG} and {WEIGHTS} (from `train`), or a diffusers "
+            "UNet2DModel (its config.json and weights, or a pipeline folder with unet/)"
+        )
     try:
         cfg = json.loads(path.read_text())
         return Preset.from_dict(cfg["preset"], strict=False), cfg.get("extra", {})
@@ -193,23 +196,70 @@ def load_diffusers(
         ) from e
     from ..config import DataConfig, ModelConfig
 
+    size = unet.config.sample_size
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    ch = int(unet.config.in_channels)
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    extra: dict[str, Any] = {"diffusers": str(unet_dir)}
     side = folder / "attribution_preset.json"
     if side.is_file():
         try:
             preset = Preset.from_dict(json.loads(side.read_text()))
         except (UnicodeDecodeError, ValueError) as e:
             raise CheckpointError(f"unreadable preset {side}: {e}") from e
+        _check_side_preset(side, preset, (ch, size), scheduler)
+        extra["preset_file"] = str(side)
     else:
-        size = unet.config.sample_size
-        size = int(size[0] if isinstance(size, (list, tuple)) else size)
-        ch = int(unet.config.in_channels)
         preset = Preset(
             name="diffusers",
             model=ModelConfig(image_size=size, in_channels=ch),
-            diffusion=_diffusers_schedule(folder / "scheduler" / "scheduler_config.json"),
+            diffusion=_diffusers_schedule(scheduler),
             data=DataConfig(name="folder", image_size=size, channels=ch, levels=256),
         )
-    return DiffusersEps(unet).to(device).eval(), preset, {"diffusers": str(unet_dir)}
+        extra["schedule_from"] = "scheduler" if scheduler.is_file() else "default"
+    return DiffusersEps(unet).to(device).eval(), preset, extra
+
+
+def _check_side_preset(side: Path, preset: Preset, unet_shape: tuple[int, int], scheduler: Path) -> None:
+    """An ``attribution_preset.json`` beside diffusers weights names the data and the attribution settings;
+    the UNet's config fixes the image shape and the pipeline's scheduler the noise schedule the weights were
+    trained for.  A preset that disagrees with either is refused: it replaced the scheduler's 500 steps
+    by 1,000 silently, and a 3-channel 16x16 UNet was attributed against 1-channel 8x8 data until a
+    convolution failed (QA round 13)."""
+    ch, size = unet_shape
+    if (preset.model.in_channels, preset.model.image_size) != (ch, size):
+        raise CheckpointError(
+            f"{side} describes a model taking {preset.model.in_channels} channels at {preset.model.image_size}x"
+            f"{preset.model.image_size}, but the UNet's config takes {ch} at {size}x{size}: set model.in_channels "
+            "and model.image_size (and the data's channels and image_size) to the UNet's"
+        )
+    if scheduler.is_file():
+        sched = _diffusers_schedule(scheduler)
+        mine = preset.diffusion
+        if (sched.num_timesteps, sched.beta_start, sched.beta_end) != (mine.num_timesteps, mine.beta_start, mine.beta_end):
+            raise CheckpointError(
+                f"{side} sets the noise schedule T = {mine.num_timesteps}, betas {mine.beta_start:g}..{mine.beta_end:g}, "
+                f"but the pipeline's {scheduler} has T = {sched.num_timesteps}, betas {sched.beta_start:g}.."
+                f"{sched.beta_end:g}, the schedule the weights were trained with: make the preset's diffusion "
+                "section match it (or leave it out of the preset file)"
+            )
+
+
+def diffusers_data(ckpt_preset: Preset, wanted: Preset, extra: dict[str, Any]) -> Preset:
+    """The preset to attribute a diffusers checkpoint with, when no ``attribution_preset.json`` came with it.
+
+    Why: diffusers weights carry no description of the data they were trained on, so the data come from the
+    caller's preset (``--preset cifar10 --data-root FOLDER`` for google/ddpm-cifar10-32, say), while the
+    model's shape and the noise schedule stay the checkpoint's.  The default preset, digits, takes no data
+    folder: with a ``--data-root`` it means an image folder, read at the UNet's size and channels.  Our own
+    checkpoints and diffusers folders with a preset file come back unchanged."""
+    if not extra.get("diffusers") or extra.get("preset_file"):
+        return ckpt_preset
+    if wanted.data.name == "digits" and wanted.data.root:
+        return ckpt_preset.replace(data={"root": wanted.data.root})
+    if extra.get("schedule_from") == "default":  # a bare UNet: the preset's schedule, not the library default
+        return ckpt_preset.replace(name=wanted.name, data=wanted.data, diffusion=wanted.diffusion)
+    return ckpt_preset.replace(name=wanted.name, data=wanted.data)
 
 
 def _diffusers_schedule(path: Path):

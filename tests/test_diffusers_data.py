@@ -1,0 +1,92 @@
+"""A diffusers checkpoint's data and schedule (QA round 13): the UNet's config fixes the image shape, the
+pipeline's scheduler the noise schedule, the caller's preset the data; a preset file that disagrees with
+the weights is refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.attribution.session import AttributionSession
+from engine.config import AttributionConfig, get_preset
+from engine.model.checkpoint import CheckpointError, diffusers_data, load_checkpoint
+from engine.validation import InvalidSettingError
+
+diffusers = pytest.importorskip("diffusers")
+SCHEDULE = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.03, "num_train_timesteps": 500}
+
+
+def _pipeline(folder, size: int = 8, channels: int = 1, side: dict | None = None):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    )
+    unet.save_pretrained(folder / "unet")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULE))
+    if side is not None:
+        (folder / "attribution_preset.json").write_text(json.dumps(side))
+    return folder
+
+
+def _digits_side(**diffusion) -> dict:
+    d = get_preset("digits").to_dict()
+    d["diffusion"].update(diffusion)
+    return d
+
+
+def test_a_preset_file_cannot_replace_the_schedulers_schedule(tmp_path):
+    """It did, silently: the 500-step pipeline was attributed (and sampled) with the preset's 1,000 steps."""
+    pipe = _pipeline(tmp_path / "p", side=_digits_side())
+    with pytest.raises(CheckpointError, match=r"T = 1000.*pipeline's .*T = 500.*trained with"):
+        load_checkpoint(pipe)
+    ok = _pipeline(tmp_path / "q", side=_digits_side(num_timesteps=500, beta_start=1e-4, beta_end=0.03))
+    _, preset, extra = load_checkpoint(ok)
+    assert preset.diffusion.num_timesteps == 500 and extra["preset_file"].endswith("attribution_preset.json")
+
+
+def test_a_preset_file_for_another_image_shape_is_refused(tmp_path):
+    """A 3-channel 16x16 UNet with a digits preset file loaded, and failed later inside a convolution (sample:
+    a 59-line traceback)."""
+    pipe = _pipeline(tmp_path / "p", size=16, channels=3, side=_digits_side(num_timesteps=500, beta_end=0.03))
+    with pytest.raises(CheckpointError, match=r"1 channels at 8x8, but the UNet's config takes 3 at 16x16"):
+        load_checkpoint(pipe)
+
+
+def test_without_a_preset_file_the_data_come_from_the_callers_preset(tmp_path):
+    """``--preset cifar10 --checkpoint <diffusers>`` read an image folder whatever the preset said."""
+    _, ckpt, extra = load_checkpoint(_pipeline(tmp_path / "p"))
+    cifar = diffusers_data(ckpt, get_preset("cifar10", "/data/cifar"), extra)
+    assert (cifar.name, cifar.data.name, str(cifar.data.root)) == ("cifar10", "cifar10", "/data/cifar")
+    assert cifar.diffusion.num_timesteps == 500 and cifar.model.image_size == 8  # the weights' own
+    folder = diffusers_data(ckpt, get_preset("digits", "/my/images"), extra)  # digits takes no data folder
+    assert folder.data.name == "folder" and str(folder.data.root) == "/my/images" and folder.data.image_size == 8
+    ours = get_preset("mnist")
+    assert diffusers_data(ours, get_preset("cifar10"), {}) is ours  # our checkpoints name their data
+
+
+def test_a_session_on_a_diffusers_pipeline_uses_the_presets_data(tmp_path):
+    """An 8x8x1 pipeline with ``--preset digits`` (no data folder) was refused ("the folder dataset needs a
+    data folder"); now it attributes to the digits, with the scheduler's 500 steps."""
+    cfg = AttributionConfig(mc_samples=2, trak_dim=16)
+    s = AttributionSession("digits", checkpoint=_pipeline(tmp_path / "p"), device="cpu",
+                           cache_root=tmp_path / "cache", config=cfg)
+    assert len(s.dataset) == 1797 and s.diffusion.T == 500
+    res = s.query(s.parse_query("train:3"), methods=["pixel"])
+    assert res.methods["pixel"].status == "ok" and int(res.methods["pixel"].scores.argmax()) == 3
+    with pytest.raises(InvalidSettingError, match=r"training images are \(1, 8, 8\).*model takes \(3, 16, 16\)"):
+        AttributionSession("digits", checkpoint=_pipeline(tmp_path / "rgb", size=16, channels=3), device="cpu",
+                           cache_root=tmp_path / "cache", config=cfg)
+
+
+def test_a_named_checkpoint_folder_is_not_told_to_train(tmp_path):
+    """The hint "Train one with `attribution-engine train ... --checkpoint X`" followed every error, though the
+    user had passed --checkpoint (and training into a diffusers pipeline is not the fix)."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError) as info:
+        AttributionSession("digits", checkpoint=tmp_path / "empty", device="cpu", cache_root=tmp_path / "c")
+    assert "Train one" not in str(info.value) and "diffusers UNet2DModel" in str(info.value)
