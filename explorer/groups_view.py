@@ -240,8 +240,9 @@ def precomputed_matrices(handle: Handle, s: Settings) -> dict[str, MatrixResult]
     for n in all_influence_methods(session):
         scores = pre.gallery_matrix(session, n, s.damping_dict.get(n))
         if scores is not None:
+            used = session.measurement_used(n, MEASUREMENT)
             mats[n] = MatrixResult(n, "influence", "ok", reason="precomputed", damping=s.damping_dict.get(n),
-                                   scores=scores)
+                                   scores=scores, measurement=None if used == MEASUREMENT else used)
     return mats
 
 
@@ -308,10 +309,13 @@ def _table(result: GroupResult) -> pd.DataFrame:
 def axis_labels(handle: Handle, methods: list[str], measurement: str) -> dict[str, str]:
     """Plotly's ``labels``: what the plots' axes and legends say instead of the table's column names
     (``kfac``, ``label``): a reader of the page does not know the code's names."""
-    info = handle.session.method_info()
+    session = handle.session
+    info = session.method_info()
     out = {"sample": "generated sample", "label": "predicted label",
            "change": f"predicted change of the {measurement}", "method": "method"}
-    out.update({n: f"{info[n]['title']}: predicted change of the {measurement}" for n in methods})
+    # D-TRAK's changes are of the square norm whatever the sidebar's measurement (QA round 13)
+    out.update({n: f"{info[n]['title']}: predicted change of the {session.measurement_used(n, measurement)}"
+                for n in methods})
     return out
 
 

@@ -48,8 +48,11 @@ def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
     assert set(res) == {"group", "measurement", "methods"}
     assert res["group"] == {"spec": "label:3", "size": int((digits_small.labels == 3).sum())}
     assert res["measurement"] == "loss" and set(res["methods"]) == {"kfac", "trak", "dtrak"}
+    # each method says what its changes are of: D-TRAK always scores the square norm (it was labelled "loss")
+    assert {n: e["measurement"] for n, e in res["methods"].items()} == {
+        "kfac": "loss", "trak": "loss", "dtrak": "square-norm"}
     for entry in res["methods"].values():
-        assert set(entry) == {"queries", "damping"}
+        assert set(entry) == {"queries", "damping", "measurement"}
         assert [q["query"] for q in entry["queries"]] == ["gallery:0", "gallery:1", "gallery:2"]
         for q in entry["queries"]:
             assert set(q) == {"query", "label", "predicted_change"}
@@ -67,6 +70,16 @@ def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
     rc, out, err = cli("reverse", "--remove", "label:3", "--methods", "kfac", "--top-k", "2")
     assert rc == 0, err
     assert "1. gallery:" in out and "2. gallery:" in out and "3. gallery:" not in out
+    rc, out, err = cli("reverse", "--remove", "label:3", "--methods", "kfac,dtrak", "--top-k", "2", "--json")
+    assert rc == 0, err
+    assert {n: e["measurement"] for n, e in json.loads(out)["methods"].items()} == {
+        "kfac": "loss", "dtrak": "square-norm"}
+    rc, out, err = cli("reverse", "--train", "5", "--methods", "dtrak", "--top-k", "2")
+    assert rc == 0, err
+    assert "raise these samples' square-norm the most (it uses the square-norm measurement" in out, out
+    rc, out, err = cli("group", "--remove", "train:5", "--methods", "dtrak")
+    assert rc == 0, err
+    assert "uses the square-norm measurement" in out, out
 
 
 def test_reverse_text_says_which_listed_changes_are_no_support(cli):

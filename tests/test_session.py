@@ -401,3 +401,18 @@ def test_an_upload_unlike_every_training_image_gets_its_label_called_a_guess(ses
     assert any("unlike the training images" in n and "is a guess" in n for n in noise.notes), noise.notes
     same = upload(((session.dataset.images[3, 0].numpy() + 1) * 127.5).round().astype(np.uint8))
     assert not any("unlike the training images" in n for n in same.notes), same.notes
+
+
+def test_labels_name_the_measurement_each_method_scores(session):
+    """D-TRAK always scores the square norm: the group views' labels said "predicted change of the loss"
+    for it (QA round 13); the other methods score what is asked."""
+    from types import SimpleNamespace
+
+    from explorer.groups_view import axis_labels
+
+    assert session.measurement_used("dtrak", "loss") == "square-norm"
+    assert session.measurement_used("kfac", "loss@t=5") == "loss@t=5"
+    assert session.measurement_used("pixel", "elbo") == "elbo"
+    labels = axis_labels(SimpleNamespace(session=session), ["kfac", "dtrak"], "loss")
+    assert labels["kfac"].endswith("predicted change of the loss")
+    assert labels["dtrak"].endswith("predicted change of the square-norm")

@@ -75,6 +75,12 @@ class GroupResult:
         """Queries by how much removing the group would raise their measurement, largest first."""
         return ranking_by_change(self.changes(name), self.qset, top_k)
 
+    def measurement_of(self, name: str) -> str:
+        """The measurement method ``name``'s changes are of: the one asked for, except where the method
+        always scores its own (D-TRAK: the square norm), which the headings and the JSON must say (QA round
+        13: D-TRAK's changes were labelled "loss")."""
+        return self.methods[name].measurement or self.measurement
+
     def note(self, name: str) -> str | None:
         """What is exact and what is estimated, where the method's matrix is an estimate (else None)."""
         exact = self.methods[name].exact
@@ -98,6 +104,7 @@ class GroupResult:
                         for q, c in enumerate(self.changes(name))
                     ],
                     "damping": self.methods[name].damping,
+                    "measurement": self.measurement_of(name),
                     **({"note": self.note(name)} if self.note(name) else {}),
                 }
                 for name in self.ok()
@@ -112,6 +119,7 @@ class GroupResult:
             "queries": self.qset.name,
             "methods": {
                 name: {"top": [vars(s) for s in self.ranking(name, top_k)], "damping": self.methods[name].damping,
+                       "measurement": self.measurement_of(name),
                        **({"note": self.note(name)} if self.note(name) else {})}
                 for name in self.ok()
             },

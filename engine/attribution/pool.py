@@ -88,6 +88,8 @@ class MatrixResult:
     # set when ``scores`` are an estimate (K-FAC with a compressed bank): the group views' exact sums and
     # member scores (``AttributionMethod.exact_group_scores``)
     exact: ExactGroupScores | None = None
+    # the measurement the method scored, when it is not the one asked for (D-TRAK: always the square norm)
+    measurement: str | None = None
 
 
 # --- query sets ------------------------------------------------------------------------
@@ -304,6 +306,8 @@ def attribution_matrix(
                 res.reason = built_now.get(name, {}).get("reason") or session._not_built_reason(name)
             continue
         qm = m.query_measurement(meas)
+        if qm is not None and qm != meas:
+            res.measurement = str(qm)
 
         def gradients(qm: Measurement | None = qm, k: int = k, name: str = name) -> torch.Tensor | None:
             """The query set's gradients for ``qm``, computed once per measurement (None: no gradient)."""

@@ -209,6 +209,13 @@ class AttributionSession:
             self.method(n)
         return list(dict.fromkeys(methods))
 
+    def measurement_used(self, name: str, measurement: str) -> str:
+        """The measurement method ``name`` scores when ``measurement`` is asked for: the same, except for a
+        method that always scores its own (D-TRAK: the square norm), which every label must name."""
+        meas = parse_measurement(measurement, self.diffusion.T)
+        used = self._methods[name].query_measurement(meas)
+        return str(meas if used is None else used)
+
     def method_info(self) -> dict[str, dict]:
         """name -> {"title", "kind", "caption", "default_damping", "damping_steps"} for the app.
 

@@ -125,7 +125,9 @@ def cmd_group(args: argparse.Namespace) -> int:
               f"queries {result.qset.name}")
         for name in result.ok():
             changes = result.changes(name)
-            print(f"\n[{name}] predicted change if removed (positive: the group supports the query)")
+            used = result.measurement_of(name)
+            print(f"\n[{name}] predicted change if removed (positive: the group supports the query)"
+                  + (f"; uses the {used} measurement" if used != result.measurement else ""))
             if result.note(name):
                 print(f"  ({result.note(name)})")
             for q, c in enumerate(changes):
@@ -177,7 +179,9 @@ def cmd_reverse(args: argparse.Namespace) -> int:
         print(("\n" if n else "") + f"what {result.group.spec} supports most ({result.group.description}); "
               f"queries {result.qset.name}")
         for name in result.ok():
-            print(f"\n[{name}] removing it would raise these samples' {result.measurement} the most")
+            used = result.measurement_of(name)
+            print(f"\n[{name}] removing it would raise these samples' {used} the most"
+                  + (f" (it uses the {used} measurement whatever is asked)" if used != result.measurement else ""))
             if result.note(name):
                 print(f"  ({result.note(name)})")
             ranked = result.ranking(name, args.top_k)
