@@ -370,8 +370,12 @@ def derive_compressed(kfac: Any, config: Any, whiten: float | None = None) -> De
 
 
 def save(record: dict[str, Any], path: Path) -> None:
+    """Atomically (``files.save_json``): a kill during the write must not leave a truncated results file in
+    assets/results, which the README's figures come from (QA round 13)."""
+    from .. import files
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    files.save_json(path, record)
 
 
 __all__ = ["run_compressed_digits", "save"]

@@ -192,6 +192,8 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
                              jvp_batch=args.jvp_batch)
     out = Path(args.out) if args.out else ASSETS / "results" / "bench_scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    from .. import files
+
+    files.save_json(out, record)  # atomically, as every results file
     print(f"wrote {out}")
     return 0
