@@ -67,6 +67,7 @@ def test_without_a_preset_file_the_data_come_from_the_callers_preset(tmp_path):
     assert folder.data.name == "folder" and str(folder.data.root) == "/my/images" and folder.data.image_size == 8
     ours = get_preset("mnist")
     assert diffusers_data(ours, get_preset("cifar10"), {}) is ours  # our checkpoints name their data
+    assert diffusers_data(ours, get_preset("cifar10"), None) is ours  # ("extra": null in an old config.json)
 
 
 def test_a_session_on_a_diffusers_pipeline_uses_the_presets_data(tmp_path):

@@ -98,8 +98,8 @@ class AttributionSession:
         try:
             model, ckpt_preset, extra = load_checkpoint(folder, self.device)
         except CheckpointError as e:
-            if checkpoint is not None:  # the caller named this folder: training into it is not the fix
-                raise
+            if checkpoint is not None and folder.is_dir():  # a folder the caller named, with something else in it
+                raise  # (a diffusers pipeline, say): training into it is not the fix
             raise CheckpointError(
                 f"{e}. Train one with `{self.command('train')}` (or pass --checkpoint FOLDER)"
             ) from e

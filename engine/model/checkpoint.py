@@ -245,7 +245,7 @@ def _check_side_preset(side: Path, preset: Preset, unet_shape: tuple[int, int], 
             )
 
 
-def diffusers_data(ckpt_preset: Preset, wanted: Preset, extra: dict[str, Any]) -> Preset:
+def diffusers_data(ckpt_preset: Preset, wanted: Preset, extra: dict[str, Any] | None) -> Preset:
     """The preset to attribute a diffusers checkpoint with, when no ``attribution_preset.json`` came with it.
 
     Why: diffusers weights carry no description of the data they were trained on, so the data come from the
@@ -253,6 +253,7 @@ def diffusers_data(ckpt_preset: Preset, wanted: Preset, extra: dict[str, Any]) -
     model's shape and the noise schedule stay the checkpoint's.  The default preset, digits, takes no data
     folder: with a ``--data-root`` it means an image folder, read at the UNet's size and channels.  Our own
     checkpoints and diffusers folders with a preset file come back unchanged."""
+    extra = extra or {}  # a config.json of ours may hold "extra": null
     if not extra.get("diffusers") or extra.get("preset_file"):
         return ckpt_preset
     if wanted.data.name == "digits" and wanted.data.root:
