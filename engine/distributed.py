@@ -2,7 +2,8 @@
 
 Launched as ``torchrun --nproc_per_node R -m engine build ...`` (gloo on CPU, NCCL on CUDA),
 every rank opens the same store (a shared file system), computes the parts ``i`` of a
-resumable build (``Store.partial``) with ``i % R == rank`` and writes them as it goes; after
+resumable build (``Store.partial``) with ``(i // g) % R == rank`` (runs of g parts: g = 1, or for K-FAC's
+bank the chunks spanning whole TRAK/D-TRAK parts, which its pass fills; ``Shard.mine``) and writes them as it goes; after
 a barrier rank 0 does what needs all parts (TRAK's eigendecomposition, publishing) and the
 others wait and load the result.  Why parts by index, not by position in the to-do list:
 ranks look at the list at slightly different times (a fast rank may already have finished

@@ -124,28 +124,33 @@ def configure_threads(why: str = "") -> int:
 
 
 class _AfterTorchImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: on the first ``import torch`` it takes torch's own spec from the other finders
-    and wraps its loader's ``exec_module``, so that ``configure_threads`` runs right after torch is loaded
-    (once; the finder removes itself)."""
+    """Finds nothing itself: on a lookup of ``torch`` it takes torch's own spec from the other finders and
+    wraps its loader's ``exec_module``, so that ``configure_threads`` runs right after torch is loaded.  It
+    leaves ``sys.meta_path`` only once torch has been executed: a mere probe
+    (``importlib.util.find_spec("torch")``, as libraries check what is installed) must not use it up."""
 
     def __init__(self, why: str):
         self.why = why
+        self.looking = False  # our own find_spec below asks the finders again, this one included
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if name != "torch":
+        if name != "torch" or self.looking:
             return None
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("torch")
+        self.looking = True
+        try:
+            spec = importlib.util.find_spec("torch")
+        finally:
+            self.looking = False
         loader = getattr(spec, "loader", None)
         if spec is None or not hasattr(loader, "exec_module"):
             return spec
-        load = loader.exec_module
-        why = self.why
+        load, finder = loader.exec_module, self
 
         def exec_module(module: Any) -> None:
             load(module)
-            configure_threads(why)
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(finder)
+            configure_threads(finder.why)
 
         loader.exec_module = exec_module  # this spec's own loader instance
         return spec

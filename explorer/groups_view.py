@@ -339,7 +339,7 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
     if color is None:
         st.caption("No label classifier for this model's data, so the samples are not coloured by label.")
     fig = px.bar(data, x="sample", y=name, color=color,  # the title names the method: a short y axis
-                 labels=names | {name: f"predicted change of the {s.measurement}"},
+                 labels=names | {name: f"predicted change of the {result.measurement_of(name)}"},
                  title=f"{info[name]['title']}: predicted change per sample")
     fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
     st.plotly_chart(fig, key="grp_fig_bar")
@@ -539,10 +539,12 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
         info = handle.session.method_info()
         data = _table(res)
         long = data.melt(id_vars=["sample", "label"], value_vars=res.ok(), var_name="method", value_name="change")
-        long["method"] = long["method"].map(lambda n: info[n]["title"])
+        # a method that scores its own measurement (D-TRAK: the square norm) says so in the legend
+        long["method"] = long["method"].map(lambda n: info[n]["title"] + (
+            "" if res.measurement_of(n) == res.measurement else f" ({res.measurement_of(n)})"))
         fig = px.bar(long, x="sample", y="change", color="method", barmode="group",
-                     labels=axis_labels(handle, res.ok(), s.measurement) | {"sample": "gallery sample"},
-                     title=f"Predicted change of each gallery sample's {s.measurement} if {group.spec} were removed")
+                     labels=axis_labels(handle, res.ok(), res.measurement) | {"sample": "gallery sample"},
+                     title=f"Predicted change of each gallery sample's {res.measurement} if {group.spec} were removed")
         fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
         st.plotly_chart(fig, key="rev_fig_bar")
         downloads(handle, res, s, prefix="rev")

@@ -61,7 +61,7 @@ def test_without_a_preset_file_the_data_come_from_the_callers_preset(tmp_path):
     """``--preset cifar10 --checkpoint <diffusers>`` read an image folder whatever the preset said."""
     _, ckpt, extra = load_checkpoint(_pipeline(tmp_path / "p"))
     cifar = diffusers_data(ckpt, get_preset("cifar10", "/data/cifar"), extra)
-    assert (cifar.name, cifar.data.name, str(cifar.data.root)) == ("cifar10", "cifar10", "/data/cifar")
+    assert (cifar.name, cifar.data.name, str(cifar.data.root)) == ("diffusers-cifar10", "cifar10", "/data/cifar")
     assert cifar.diffusion.num_timesteps == 500 and cifar.model.image_size == 8  # the weights' own
     folder = diffusers_data(ckpt, get_preset("digits", "/my/images"), extra)  # digits takes no data folder
     assert folder.data.name == "folder" and str(folder.data.root) == "/my/images" and folder.data.image_size == 8
@@ -91,3 +91,22 @@ def test_a_named_checkpoint_folder_is_not_told_to_train(tmp_path):
     with pytest.raises(CheckpointError) as info:
         AttributionSession("digits", checkpoint=tmp_path / "empty", device="cpu", cache_root=tmp_path / "c")
     assert "Train one" not in str(info.value) and "diffusers UNet2DModel" in str(info.value)
+
+
+def test_assets_and_sample_read_a_diffusers_folder_as_query_does(tmp_path, capsys):
+    """``assets`` loaded the checkpoint's own preset (an image folder) whatever --preset said, so an 8x8
+    pipeline with --preset digits was refused ("the folder dataset needs a data folder") where ``query``
+    worked; a UNet that does not take the data's shape is refused in one line."""
+    from engine.cli.parser import main
+
+    rgb = _pipeline(tmp_path / "rgb", size=16, channels=3)
+    assert main(["assets", "--checkpoint", str(rgb), "--preset", "digits", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: training images are (1, 8, 8)") and err.count("\n") == 1, err
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--checkpoint", str(_pipeline(tmp_path / "p")), "--preset", "digits", "--n", "2",
+                 "--seed", "0", "--out", str(out), "--device", "cpu"]) == 0
+    import numpy as np
+
+    with np.load(out) as f:
+        assert f["images"].shape[0] == 2 and f["images"].shape[-2:] == (8, 8)

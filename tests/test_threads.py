@@ -92,6 +92,8 @@ def test_the_cli_sets_the_threads_at_torch_import_not_before():
         "import sys\n"
         "from engine.threads import configure_threads_when_loaded\n"
         "configure_threads_when_loaded('test')\n"
+        "import importlib.util\n"
+        "assert importlib.util.find_spec('torch') is not None  # a probe, as libraries make: not the import\n"
         "assert 'torch' not in sys.modules\n"
         "import torch\n"
         "assert not [f for f in sys.meta_path if type(f).__name__ == '_AfterTorchImport']\n"

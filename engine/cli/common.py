@@ -101,13 +101,14 @@ def run_handler(args: argparse.Namespace) -> int:
     import os
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a pipe's reader that stopped early shows here, not at the interpreter's exit
+        return code
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `... | head`: the reader has what it wanted; no "error: Broken pipe" line
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # Python's final flush of stdout would fail again
+        _silence_stdout()
         return 141  # 128 + SIGPIPE, as a shell command cut off by the pipe
     except user_errors() as e:
         if os.environ.get("ATTRIBUTION_DEBUG"):
@@ -117,6 +118,20 @@ def run_handler(args: argparse.Namespace) -> int:
             text = f"{text}: {e.filename}"
         print(f"error: {text}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush of what is still buffered does not fail again
+    ("Exception ignored ... BrokenPipeError" and exit 120); a stdout that is no file descriptor is left."""
+    import os
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 @contextmanager

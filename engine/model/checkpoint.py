@@ -175,8 +175,11 @@ def load_diffusers(
 ) -> tuple[nn.Module, Preset, dict[str, Any]]:
     """Load a diffusers UNet2DModel folder (or a pipeline folder with ``unet/``).
 
-    The preset is read from ``attribution_preset.json`` beside it when present, else
-    built from the UNet's sample size and channels with the linear schedule.
+    The preset is read from ``attribution_preset.json`` beside it when present (refused when its image
+    shape or schedule disagrees with the UNet's config or the pipeline's scheduler: ``_check_side_preset``;
+    ``extra["preset_file"]`` names it), else built from the UNet's sample size and channels with the
+    scheduler's linear schedule (the default T = 1000, betas 1e-4..0.02 for a bare UNet) and an image
+    folder for data, which ``diffusers_data`` replaces by the caller's preset's data.
     """
     try:
         from diffusers import UNet2DModel
@@ -216,7 +219,6 @@ def load_diffusers(
             diffusion=_diffusers_schedule(scheduler),
             data=DataConfig(name="folder", image_size=size, channels=ch, levels=256),
         )
-        extra["schedule_from"] = "scheduler" if scheduler.is_file() else "default"
     return DiffusersEps(unet).to(device).eval(), preset, extra
 
 
@@ -258,9 +260,9 @@ def diffusers_data(ckpt_preset: Preset, wanted: Preset, extra: dict[str, Any] | 
         return ckpt_preset
     if wanted.data.name == "digits" and wanted.data.root:
         return ckpt_preset.replace(data={"root": wanted.data.root})
-    if extra.get("schedule_from") == "default":  # a bare UNet: the preset's schedule, not the library default
-        return ckpt_preset.replace(name=wanted.name, data=wanted.data, diffusion=wanted.diffusion)
-    return ckpt_preset.replace(name=wanted.name, data=wanted.data)
+    # named apart from the preset's own model: results files are named by the preset (group-bench would have
+    # written over the shipped groups_digits.json)
+    return ckpt_preset.replace(name=f"diffusers-{wanted.name}", data=wanted.data)
 
 
 def _diffusers_schedule(path: Path):
