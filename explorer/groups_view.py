@@ -373,6 +373,8 @@ def reverse_section(handle: Handle, result: GroupResult, s: Settings) -> None:
         ranked = result.ranking(n, s.top_k)
         with col:
             st.markdown(f"**{info[n]['title']}**")
+            if result.measurement_of(n) != result.measurement:  # D-TRAK: the square norm, whatever is asked
+                st.caption(f"Ranked by the {result.measurement_of(n)} measurement, which this method always uses.")
             caveat = reverse_caveat([r.change for r in ranked])
             if caveat:
                 st.caption(caveat[0].upper() + caveat[1:] + ".")
@@ -393,6 +395,8 @@ def downloads(handle: Handle, result: GroupResult, s: Settings, prefix: str = "g
         ranked = result.ranking(n, s.top_k)
         signs = end_signs([r.change for r in ranked], highest=True)
         suffix = "" if signs.all_agree else f" ({signs.n - signs.agreeing} of {signs.n} changes not positive)"
+        if result.measurement_of(n) != result.measurement:
+            suffix += f" ({result.measurement_of(n)} measurement)"
         rows.append(SheetRow(f"{info[n]['title']}: samples {result.group.spec} supports most{suffix}",
                              [to_uint8(result.qset.queries[result.qset.names.index(r.query)].image) for r in ranked],
                              [f"{r.query}\n{r.change:+.1e}" for r in ranked]))

@@ -69,6 +69,13 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
     bar = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "change per sample" in c.proto.spec)
     axes = (bar["layout"]["xaxis"]["title"]["text"], bar["layout"]["yaxis"]["title"]["text"])
     assert axes == ("generated sample", "predicted change of the loss"), axes
+    # D-TRAK always scores the square norm: its chart and its reverse card say so (QA round 13: "the loss")
+    at.selectbox(key="grp_plot_method").set_value("dtrak").run()
+    _ok(at)
+    dtrak_bar = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "change per sample" in c.proto.spec)
+    assert dtrak_bar["layout"]["yaxis"]["title"]["text"] == "predicted change of the square-norm"
+    assert any("Ranked by the square-norm measurement" in c.value for c in at.caption)
+    at.selectbox(key="grp_plot_method").set_value("kfac").run()
     # this tiny model's gallery has no classifier labels: no legend of "predicted label: nan" (QA), a caption instead
     assert "title" not in bar["layout"].get("legend", {})
     assert "No label classifier for this model's data" in _texts(at)
