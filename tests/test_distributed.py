@@ -35,7 +35,11 @@ def _build(preset, state, dataset, root: Path) -> tuple[KFACInfluence, TRAK, obj
     return kfac, trak, ctx
 
 
-def _rank(rank: int, world: int, rendezvous: str, preset, state, dataset, root: str, log: str) -> None:
+def _rank(rank: int, world: int, rendezvous: str, preset, state, dataset, root: str, log: str,
+          shared: bool = False) -> None:
+    """One rank's build, recording the parts it saves in ``<log>/rank<r>.json`` (``shared``: K-FAC's pass
+    feeds TRAK, whose own gradient pass must then never run: ``shared<r>.json``)."""
+    import engine.attribution.gradients
     import engine.attribution.store
 
     torch.set_num_threads(1)
@@ -47,10 +51,15 @@ def _rank(rank: int, world: int, rendezvous: str, preset, state, dataset, root: 
         done.append([self.name, int(i)])
         return original(self, i, arrays)
 
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("TRAK computed training gradients of its own: the shared pass left parts undone")
+
     engine.attribution.store.PartialBuild.save_part = record
+    if shared:
+        engine.attribution.gradients.train_loss_grads = no_second_pass
     try:
-        _build(preset, state, dataset, Path(root))
-        Path(log, f"rank{rank}.json").write_text(json.dumps(done))
+        (_build_shared if shared else _build)(preset, state, dataset, Path(root))
+        Path(log, f"{'shared' if shared else 'rank'}{rank}.json").write_text(json.dumps(done))
     finally:
         dist.destroy_process_group()
 
@@ -97,31 +106,6 @@ def _build_shared(preset, state, dataset, root: Path) -> tuple[KFACInfluence, TR
     return kfac, trak, ctx
 
 
-def _shared_rank(rank: int, world: int, rendezvous: str, preset, state, dataset, root: str, log: str) -> None:
-    import engine.attribution.gradients
-    import engine.attribution.store
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    done: list[list] = []
-    original = engine.attribution.store.PartialBuild.save_part
-
-    def record(self, i, arrays):
-        done.append([self.name, int(i)])
-        return original(self, i, arrays)
-
-    def no_second_pass(*args, **kwargs):
-        raise AssertionError("TRAK computed training gradients of its own: the shared pass left parts undone")
-
-    engine.attribution.store.PartialBuild.save_part = record
-    engine.attribution.gradients.train_loss_grads = no_second_pass
-    try:
-        _build_shared(preset, state, dataset, Path(root))
-        Path(log, f"shared{rank}.json").write_text(json.dumps(done))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_ranks_feed_trak_from_the_bank_pass_without_a_second_pass(tmp_path, tiny_preset, tiny_model, digits_small):
     """QA round 13: under torchrun the bank's 128-row chunks were dealt to the ranks one by one, so each of
@@ -130,8 +114,9 @@ def test_two_ranks_feed_trak_from_the_bank_pass_without_a_second_pass(tmp_path, 
     dataset = digits_small.subset(list(range(40)))
     state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     mp.spawn(
-        _shared_rank,
-        args=(2, str(tmp_path / "rendezvous"), tiny_preset, state, dataset, str(tmp_path / "shared"), str(tmp_path)),
+        _rank,
+        args=(2, str(tmp_path / "rendezvous"), tiny_preset, state, dataset, str(tmp_path / "shared"), str(tmp_path),
+              True),
         nprocs=2,
         join=True,
     )
