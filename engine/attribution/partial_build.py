@@ -226,18 +226,8 @@ class PartialBuild:
     def _check_space(self, first: Mapping[str, Any], extra: Mapping[str, ArrayLike] | None) -> None:
         """OSError(ENOSPC) before publishing when the disk cannot hold the concatenated arrays: their sizes
         are known exactly here (the parts stay until the copy is complete, so it needs all of it again)."""
-        need = 0
-        for info in first.values():
-            row = int(np.dtype(info["dtype"]).itemsize * int(np.prod(info["shape"][1:], dtype=np.int64)))
-            need += row * self.num_items
-        need += sum(int(to_numpy(a).nbytes) for a in (extra or {}).values())
-        space = disk_space(self.folder)
-        if space is not None and space[0] < need:
-            raise OSError(
-                errno.ENOSPC,
-                f"publishing {self.name} needs {human_bytes(need)}, {human_bytes(space[0])} free",
-                str(self.folder.parent),
-            )
+        need = _row_bytes(first) * self.num_items + sum(int(to_numpy(a).nbytes) for a in (extra or {}).values())
+        self._refuse_unless_free(need, f"publishing {self.name} needs {{need}}, {{free}} free")
 
     def _check_space_ahead(self, infos: Mapping[str, Any]) -> None:
         """OSError(ENOSPC) after the first part a run saves, when the disk cannot hold the rest of the build:
@@ -245,18 +235,26 @@ class PartialBuild:
         the parts stay).  Why now: a part's size gives every row's exact size, and a build that would only
         fail at ``publish`` (hours later on a large bank) fails at its start instead, its first part kept.
         The extra arrays ``publish`` adds (an eigendecomposition) are unknown here and left to its own check."""
-        row = sum(int(np.dtype(v["dtype"]).itemsize * int(np.prod(v["shape"][1:], dtype=np.int64)))
-                  for v in infos.values())
         left = sum(self.part_range(j).stop - self.part_range(j).start for j in self.todo())
-        need = row * (left + self.num_items)
+        self._refuse_unless_free(
+            _row_bytes(infos) * (left + self.num_items),
+            f"building {self.name} needs about {{need}} more ({left} of {self.num_items} rows still to compute, "
+            "then the published copy of all of them), {free} free",
+        )
+
+    def _refuse_unless_free(self, need: int, message: str) -> None:
+        """OSError(ENOSPC) with ``message`` (its ``{need}`` and ``{free}`` filled in) when the disk holding
+        this build has less than ``need`` bytes free; nothing when it has them or cannot tell."""
         space = disk_space(self.folder)
         if space is not None and space[0] < need:
-            raise OSError(
-                errno.ENOSPC,
-                f"building {self.name} needs about {human_bytes(need)} more ({left} of {self.num_items} rows "
-                f"still to compute, then the published copy of all of them), {human_bytes(space[0])} free",
-                str(self.folder.parent),
-            )
+            raise OSError(errno.ENOSPC, message.format(need=human_bytes(need), free=human_bytes(space[0])),
+                          str(self.folder.parent))
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _row_bytes(infos: Mapping[str, Any]) -> int:
+    """Bytes of one item (row) over every array of a part, from its ``{key: {"shape", "dtype"}}`` record."""
+    return sum(int(np.dtype(v["dtype"]).itemsize * int(np.prod(v["shape"][1:], dtype=np.int64)))
+               for v in infos.values())
