@@ -298,12 +298,7 @@ def attribution_matrix(
             res.status, res.reason = "unavailable", reason
             continue
         if not m.is_built(session.ctx):
-            problem = session.cache_problem(name)
-            if problem is not None:
-                res.status, res.reason = "error", problem
-            else:  # not asked to build, or its build found it unavailable here (the build's own reason)
-                res.status = "unavailable"
-                res.reason = built_now.get(name, {}).get("reason") or session._not_built_reason(name)
+            res.status, res.reason = session.unbuilt_status(name, built_now)
             continue
         qm = m.query_measurement(meas)
         if qm is not None and qm != meas:

@@ -288,6 +288,16 @@ class AttributionSession:
                 summary.update(self.caches.build([name], bar))
         return summary
 
+    def unbuilt_status(self, name: str, built_now: dict[str, dict]) -> tuple[str, str]:
+        """(status, reason) of a method that can run here but whose cache is not built, for a query or a query
+        set: "error" with the store's words when the cache is corrupt or stale; else "unavailable", with the
+        reason its build just gave (``build_missing``'s summary: it found the method unavailable) or how to
+        build it."""
+        problem = self.cache_problem(name)
+        if problem is not None:
+            return "error", problem
+        return "unavailable", built_now.get(name, {}).get("reason") or self._not_built_reason(name)
+
     def share_gradient_passes(self, names: list[str]) -> dict[str, list[str]]:
         """One training-gradient pass for K-FAC's bank, TRAK and D-TRAK: {the method making the pass:
         the methods it feeds} (``MethodCaches.share_gradient_passes``)."""
@@ -457,12 +467,7 @@ class AttributionSession:
             if name in built_now:
                 res.timing_ms["build"] = built_now[name]["seconds"] * 1000.0
             if not built[name]:
-                problem = self.cache_problem(name)
-                if problem is not None:
-                    res.status, res.reason = "error", problem
-                    continue
-                # not asked to build, or its build found it unavailable here (the build's own reason)
-                res.status, res.reason = "unavailable", built_now.get(name, {}).get("reason") or self._not_built_reason(name)
+                res.status, res.reason = self.unbuilt_status(name, built_now)
                 continue
             try:
                 qm = m.query_measurement(meas)
