@@ -40,7 +40,7 @@ import torch
 
 from .. import distributed
 from ..config import SETTING_FLAGS, AttributionConfig, Preset, get_preset
-from ..model.checkpoint import CheckpointError, checkpoint_hash, diffusers_data, load_checkpoint
+from ..model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from ..model.data import ImageDataset, load_dataset
 from ..model.diffusion import Diffusion, MCDraws, make_draws
 from ..model.measurements import Measurement, parse_measurement
@@ -96,7 +96,7 @@ class AttributionSession:
         self.device = torch.device(device or best_device())
         self.tf32 = configure_float32(self.device)  # exact float32 scores on a GPU (engine.precision)
         try:
-            model, ckpt_preset, extra = load_checkpoint(folder, self.device)
+            model, ckpt_preset, extra = load_checkpoint(folder, self.device, wanted)
         except CheckpointError as e:
             if checkpoint is not None and folder.is_dir():  # a folder the caller named, with something else in it
                 raise  # (a diffusers pipeline, say): training into it is not the fix
@@ -104,9 +104,9 @@ class AttributionSession:
                 f"{e}. Train one with `{self.command('train')}` (or pass --checkpoint FOLDER)"
             ) from e
         # The checkpoint's own preset describes the model and data it was trained on (a diffusers folder
-        # without a preset file names no data: they come from the caller's preset, ``diffusers_data``); the
+        # without a preset file names no data: load_checkpoint takes them from the caller's preset); the
         # caller chooses the data root (--data-root) and the attribution settings.
-        self.preset: Preset = diffusers_data(ckpt_preset, wanted, extra)
+        self.preset: Preset = ckpt_preset
         if wanted.data.root:
             self.preset = self.preset.replace(data={"root": wanted.data.root})
         self.config: AttributionConfig = config or wanted.attribution

@@ -94,7 +94,7 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ..model.checkpoint import diffusers_data, load_checkpoint
+    from ..model.checkpoint import load_checkpoint
     from ..model.sampling import generate, save_grid, save_npz
 
     out = Path(args.out)
@@ -106,8 +106,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError("--trajectory needs an .npz output")
     check_output_file(out, "--out")
     wanted, ckpt, device = resolve(args)
-    model, preset, extra = load_checkpoint(ckpt, device)
-    preset = diffusers_data(preset, wanted, extra)  # a diffusers folder: the data as for query (its schedule stays)
+    model, preset, _ = load_checkpoint(ckpt, device, wanted)  # a diffusers folder: the data as for query
     images, traj = generate(model, preset, args.n, args.seed, args.trajectory, device, progress=True)
     if out.suffix == ".png":
         save_grid(images, out)
@@ -135,14 +134,13 @@ def add_assets(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
-    from ..model.checkpoint import diffusers_data, load_checkpoint
+    from ..model.checkpoint import load_checkpoint
     from ..model.data import load_dataset
     from ..model.gallery import write_assets
     from ..validation import check_data_fits_model
 
     wanted, ckpt, device = resolve(args)
-    model, preset, extra = load_checkpoint(ckpt, device)
-    preset = diffusers_data(preset, wanted, extra)  # a diffusers folder's data come from --preset, as for query
+    model, preset, _ = load_checkpoint(ckpt, device, wanted)  # a diffusers folder's data: --preset's, as for query
     dataset = load_dataset(preset.data)
     check_data_fits_model(preset.model, dataset.shape)  # one line, not a failure inside a convolution
     report = write_assets(model, preset, ckpt, dataset, device)

@@ -58,16 +58,19 @@ def read_config(folder: str | Path) -> tuple[Preset, dict[str, Any]]:
 
 
 def load_checkpoint(
-    folder: str | Path, device: torch.device | str = "cpu"
+    folder: str | Path, device: torch.device | str = "cpu", wanted: Preset | None = None
 ) -> tuple[nn.Module, Preset, dict[str, Any]]:
-    """Load (model in eval mode, preset, extra).  A diffusers folder is wrapped (see below)."""
+    """Load (model in eval mode, preset, extra).  A diffusers folder is wrapped (see below); ``wanted``, the
+    caller's preset, gives it the data it names none of (``diffusers_data``), so every command that loads
+    one reads the same data.  Our checkpoints name their own."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     if not folder.exists():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     if (folder / "unet" / "config.json").is_file() or _is_diffusers_unet(folder):
-        return load_diffusers(folder, device)
+        model, preset, extra = load_diffusers(folder, device)
+        return model, preset if wanted is None else diffusers_data(preset, wanted, extra), extra
     if (folder / "unet").is_dir() or (folder / "model_index.json").is_file():
         raise CheckpointError(
             f"{folder} looks like a diffusers pipeline but {folder / 'unet' / 'config.json'} is missing "
