@@ -54,9 +54,13 @@ def jsonable(o: Any) -> Any:
 
 
 def save_json(path: str | Path, obj: Any, indent: int | None = 2, sort_keys: bool = False) -> None:
-    """``obj`` as strict JSON at ``path``, atomically (see ``jsonable``; NaN/inf become null, ``engine.jsonio``)."""
+    """``obj`` as strict JSON at ``path``, atomically (see ``jsonable``; NaN/inf become null, ``engine.jsonio``).
+
+    The text ends with a newline, as a text file should: committed results files rewritten by a command
+    then differ only where their numbers do.
+    """
     text = json.dumps(finite_or_none(obj), indent=indent, sort_keys=sort_keys, default=jsonable, allow_nan=False)
-    atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def save_npz(path: str | Path, **arrays: Any) -> None:
