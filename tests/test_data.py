@@ -257,3 +257,19 @@ def test_a_training_file_given_as_a_query_is_its_own_training_row(tmp_path, chan
     for i, rel in enumerate(ds.ids):
         q = sources.parse(f"image:{tmp_path / rel}")
         assert torch.equal(q.image, ds.images[i]), rel
+
+
+def test_an_image_folder_cache_key_is_a_portable_folder_name(tmp_path):
+    """The set is named ``folder:<name>``; its cache folder must not carry the colon (or a space) onto disk."""
+    from engine.attribution.store import data_key
+
+    root = tmp_path / "my photos"
+    _img(root / "a.png", value=1)
+    _img(root / "b.png", value=2)
+    ds = load_dataset(DataConfig(name="folder", root=str(root), image_size=4, channels=1, levels=256))
+    assert ds.name == "folder:my photos"
+    key = data_key(ds)
+    assert key.startswith("folder_my_photos-n2-")
+    assert all(ch.isalnum() or ch in "._-" for ch in key)
+    _img(root / "c.png", value=3)  # other content under the same name: another key
+    assert data_key(load_dataset(DataConfig(name="folder", root=str(root), image_size=4, channels=1, levels=256))) != key

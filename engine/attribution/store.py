@@ -37,6 +37,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -91,10 +92,14 @@ def data_key(dataset: ImageDataset, digest: str | None = None) -> str:
     """Cache key of a training set: name, size and a hash of its images and labels.
 
     Two data sets with the same name but other content (a subset, other files) get
-    different keys, so a cache can never be scored against the wrong images.  ``digest``: the set's
+    different keys, so a cache can never be scored against the wrong images.  The name is kept to
+    letters, digits and ``._-`` (an image folder's set is named ``folder:<its name>``, and a colon or a
+    space has no place in a folder name on every file system); the hash keeps two names that map to
+    the same text apart.  ``digest``: the set's
     ``content_digest()`` when the caller has it already (hashing CIFAR-10 takes about a second).
     """
-    return f"{dataset.name}-n{len(dataset)}-{(digest or dataset.content_digest())[:12]}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset.name).lstrip(".") or "data"
+    return f"{name}-n{len(dataset)}-{(digest or dataset.content_digest())[:12]}"
 
 
 class Store:
