@@ -193,6 +193,28 @@ def test_shipped_precomputed_results_match_the_presets_current_settings(preset, 
     assert pre is not None, f"no shipped precomputed results for {preset}"
     session = AttributionSession(preset, cache_root=tmp_path)  # empty cache: nothing is built or loaded
     assert {"kfac", "trak", "dtrak", "pixel"} <= set(pre.methods_for(session)), pre.key["methods"].keys()
+    # pixel similarity is stored at float32: the first page's order is the live order, not float16's
+    # reordering of near-ties (pixel needs no cache, so this is a live query on an empty cache)
+    for i in (0, 7, 31):
+        live = session.query(session.parse_query(f"gallery:{i}"), "loss", methods=["pixel"]).methods["pixel"]
+        assert np.array_equal(pre.scores(i, "pixel"), live.scores), (preset, i)
+
+
+def test_similarity_scores_are_stored_exactly_and_influence_scores_packed(precomputed_env):
+    """A similarity's near-ties must keep their live order on the first page; influence vectors, spanning
+    decades, keep float16 with a scale (2^-11 of the largest score)."""
+    from engine.attribution.precomputed import PrecomputedGallery
+    from engine.attribution.session import AttributionSession
+
+    ckpt = precomputed_env["ATTRIBUTION_CHECKPOINT"]
+    session = AttributionSession(precomputed_env["ATTRIBUTION_PRESET"], ckpt, "cpu", precomputed_env["ATTRIBUTION_CACHE"])
+    pre = PrecomputedGallery(f"{ckpt}/{FILE}")
+    assert pre.arrays["scores_pixel"].dtype == np.float32 and pre.arrays["scores_kfac"].dtype == np.float16
+    for i in range(len(session.gallery())):
+        live = session.query(session.parse_query(f"gallery:{i}"), "loss", methods=["pixel"]).methods["pixel"]
+        shown = pre.scores(i, "pixel")
+        assert np.array_equal(shown, live.scores)
+        assert np.array_equal(np.argsort(-shown, kind="stable"), np.argsort(-live.scores, kind="stable"))
 
 
 @pytest.mark.slow

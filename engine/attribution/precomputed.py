@@ -11,7 +11,10 @@ default Monte Carlo draws and dampings) and stores, per sample:
 
 as float16 with one float32 scale per vector (``scores ~= scale * f16``; influence scores
 span many decades, float16 alone would underflow).  Relative error <= 2^-11 of the vector's
-largest score: plenty for ranking and display.
+largest score: plenty for ranking and display.  Similarity methods (pixel, CLIP) are kept as
+float32 (scale 1): their scores lie in [-1, 1] with many near-ties (two digits of the same shape),
+which float16 rounding reordered, so the first page's order changed when the live scores replaced
+the precomputed ones; at float32 they are the live scores, bit for bit.
 
 The file is keyed: ``key`` holds the checkpoint's content hash, the training set's key, the
 gallery's hash, the measurement, the query draws, and every method's cache settings and
@@ -97,7 +100,8 @@ def write_precomputed(
     idx = list(range(len(items))) if indices is None else list(indices)
     n = len(session.dataset)
     arrays: dict[str, np.ndarray] = {"indices": np.asarray(idx, dtype=np.int32)}
-    packed = {m: np.zeros((len(idx), n), np.float16) for m in names}
+    exact = {m for m in names if session.method(m).kind == "similarity"}  # stored as float32, scale 1
+    packed = {m: np.zeros((len(idx), n), np.float32 if m in exact else np.float16) for m in names}
     scales = {m: np.zeros(len(idx), np.float32) for m in names}
     steps = tuple(session.method_info()["kfac"]["damping_steps"]) if "kfac" in names else ()
     grid = np.zeros((len(idx), len(steps), n), np.float16) if "kfac" in names else None
@@ -109,7 +113,10 @@ def write_precomputed(
             r = result.methods[m]
             if r.status != "ok" or r.scores is None:
                 raise RuntimeError(f"gallery:{i}: {m} failed: {r.reason}")
-            packed[m][row], scales[m][row] = _pack(r.scores)
+            if m in exact:
+                packed[m][row], scales[m][row] = np.asarray(r.scores, dtype=np.float32), 1.0
+            else:
+                packed[m][row], scales[m][row] = _pack(r.scores)
         if grid is not None:
             kfac = result.prepared["kfac"]
             method = session.method("kfac")

@@ -371,7 +371,7 @@ def add_precompute(sub: argparse._SubParsersAction) -> None:
         cmd_precompute,
         help="score the shipped gallery at the default settings for the app's first start",
         description="Write every built method's full score vector (measurement loss) and K-FAC's damping-grid "
-        "scores for each gallery sample, float16, keyed to the checkpoint hash, the data and the settings "
+        "scores for each gallery sample, float16 (similarity methods float32), keyed to the checkpoint hash, the data and the settings "
         "(engine.attribution.precomputed). The app shows them, marked precomputed, while its caches build.",
     )
     p.add_argument("--methods", default=None, help=f"comma list from {','.join(method_names())} (default: all built)")
