@@ -154,6 +154,39 @@ def test_a_build_the_disk_cannot_hold_stops_after_its_first_part(tmp_path, monke
     np.testing.assert_array_equal(store.load_arrays("bank", SETTINGS)["phi"], rows)
 
 
+def test_the_early_check_counts_every_cache_one_gradient_pass_fills(tmp_path, monkeypatch):
+    """K-FAC's bank pass also fills TRAK's cache: each fits the disk alone, not both, so the check after
+    TRAK's first part (when both row sizes are known) stops the pass, naming both; a published sibling no
+    longer counts."""
+    store = Store(tmp_path, "ckpt", "data")
+    bank_rows = np.ones((6, 1000), np.float32)  # 4,000 bytes a row
+    trak_rows = np.ones((6, 500), np.float32)  # 2,000 bytes a row
+    bank = store.partial("bank", SETTINGS, part_size=2, num_items=6)
+    trak = store.partial("trak", SETTINGS, part_size=3, num_items=6)
+    bank.share_disk_with([trak])
+    # after the first parts: bank 4 + 6 rows ahead (40,000 bytes), trak 3 + 6 (18,000 bytes)
+    _full_disk(monkeypatch, free=50_000)
+    bank.save_part(0, {"phi": bank_rows[0:2]})  # its own 40,000 fit; trak's size is not known yet
+    with pytest.raises(OSError) as info:
+        trak.save_part(0, {"phi": trak_rows[0:3]})
+    assert info.value.errno == errno.ENOSPC
+    assert "building trak and bank (one gradient pass fills them) needs about 56.6 KiB more" in str(info.value)
+    # the same two builds, not declared as one pass: each fits on its own and nothing is refused
+    other = Store(tmp_path / "other", "ckpt", "data")
+    b2, t2 = (other.partial(n, SETTINGS, part_size=p, num_items=6) for n, p in (("bank", 2), ("trak", 3)))
+    b2.save_part(0, {"phi": bank_rows[0:2]})
+    t2.save_part(0, {"phi": trak_rows[0:3]})
+    # a sibling that has published needs nothing more
+    monkeypatch.setattr(shutil, "disk_usage", REAL_DISK_USAGE)
+    for i in bank.todo():
+        bank.save_part(i, {"phi": bank_rows[2 * i: 2 * i + 2]})
+    bank.publish()
+    again = store.partial("trak", SETTINGS, part_size=3, num_items=6)
+    again.share_disk_with([bank])
+    _full_disk(monkeypatch, free=20_000)
+    again.save_part(1, {"phi": trak_rows[3:6]})  # 6 rows to publish: 12,000 bytes
+
+
 @pytest.fixture
 def cli(tmp_path_factory, digits_small, monkeypatch, capsys):
     folder = tmp_path_factory.mktemp("disk_full_ckpt")

@@ -78,3 +78,25 @@ def test_a_method_built_alone_records_no_sharing(tmp_path, tiny_preset, tiny_mod
     caches.methods["trak"].build(ctx)
     assert caches.recorded_build_sharing("trak") == {}
     assert "gradient_pass_shared_with" not in ctx.store.load_meta(*caches.methods["trak"].cache_keys(ctx)[0])
+
+
+def test_the_bank_pass_declares_the_caches_it_fills_to_the_early_disk_check(tmp_path, tiny_preset, tiny_model,
+                                                                              digits_small, monkeypatch):
+    """The early disk check can only count TRAK's rows with K-FAC's if the bank pass joins their builds."""
+    import engine.attribution.partial_build as partial_build
+
+    joined = []
+    real = partial_build.PartialBuild.share_disk_with
+
+    def spy(self, others):
+        joined.append((self.name, sorted(o.name for o in others)))
+        return real(self, others)
+
+    monkeypatch.setattr(partial_build.PartialBuild, "share_disk_with", spy)
+    cfg = AttributionConfig(mc_samples=2, seed=0, trak_dim=16)
+    ctx = _kfac_ctx(tmp_path, tiny_preset, tiny_model, digits_small.subset(list(range(10))), cfg)
+    methods = {"kfac": _kfac(cfg), "trak": _trak(cfg)}
+    MethodCaches(methods, ctx, lambda names: "build").share_gradient_passes(["kfac", "trak"])
+    methods["kfac"].build(ctx)
+    fed = [others for name, others in joined if others]
+    assert fed == [["trak"]], joined

@@ -487,7 +487,8 @@ def build_bank(
     fed = [str(c.method) for c in consumers or () if getattr(c, "method", None)]
     arrays = build_in_parts(store, name, settings, n, chunk_size, compute, progress,
                             meta={"gradient_pass_fed": fed} if fed else None,
-                            group=_rank_group(chunk_size, consumers))
+                            group=_rank_group(chunk_size, consumers),
+                            disk_siblings=[c.part for c in consumers or () if hasattr(getattr(c, "part", None), "share_disk_with")])
     if store is None:
         merged = {k: v.to(device) for k, v in arrays.items()}
         return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES),
@@ -514,6 +515,7 @@ def build_in_parts(
     progress: Callable[[str, float], None] | None = None,
     meta: dict[str, Any] | None = None,
     group: int = 1,
+    disk_siblings: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Rows 0..n-1 computed ``chunk_size`` at a time by ``compute(rows) -> {array name: (rows, ...)}``.
 
@@ -521,7 +523,9 @@ def build_in_parts(
     done (an interrupted build resumes at the first missing part, and says so through ``progress``;
     under torchrun every rank builds its own parts, ``group`` consecutive ones at a time: ``Shard.mine``), rank 0 publishes them
     atomically under ``(name, settings)``, and the published arrays are returned (memory-mapped).
-    Shared by every bank kind that stores rows.
+    Shared by every bank kind that stores rows.  ``disk_siblings``: the resumable builds of the caches
+    this pass also fills (its consumers' ``part``), whose remaining bytes the early disk check adds to
+    this build's (``PartialBuild.share_disk_with``).
     """
     t0 = time.perf_counter()
     if store is None:
@@ -529,6 +533,7 @@ def build_in_parts(
         return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     shard = distributed.current()
     partial = store.partial(name, settings, part_size=chunk_size, num_items=n)
+    partial.share_disk_with(disk_siblings or [])
     todo = partial.todo()
     saved = n - sum(r.stop - r.start for r in map(partial.part_range, todo))
     if saved and todo and progress is not None:

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -109,6 +109,26 @@ class PartialBuild:
         self.seconds_before = self._read_elapsed()
         self.count_time = True  # False once mark_shared: the time of a shared pass is its provider's
         self.space_checked = False  # the disk is checked once per run, after its first saved part
+        self.row_bytes: int | None = None  # one row over every array, known once a part is saved
+        self.disk_group: list[PartialBuild] = [self]  # builds filled by one pass (``share_disk_with``)
+        self.published = False
+
+    def share_disk_with(self, others: Sequence[PartialBuild]) -> None:
+        """Declare that ``others`` are filled by the same gradient pass as this build (TRAK's and D-TRAK's
+        parts from K-FAC's bank pass), so each one's check after its first part counts what all of them
+        still need on the same disk, not its own cache alone (an early check that passed each cache on its
+        own could still meet a full disk hours later, when the last of them publishes)."""
+        group = list(dict.fromkeys([*self.disk_group, *(b for o in others for b in o.disk_group)]))
+        for b in group:
+            b.disk_group = group
+
+    def _need_ahead(self) -> int:
+        """Bytes this build still writes: the rows still to compute plus the published copy; 0 while no
+        part has told the row size."""
+        if self.row_bytes is None:
+            return 0
+        left = sum(self.part_range(j).stop - self.part_range(j).start for j in self.todo())
+        return self.row_bytes * (left + self.num_items)
 
     def mark_shared(self, provider: str) -> None:
         """Record that parts of this build come from ``provider``'s gradient pass (see the class notes);
@@ -171,11 +191,13 @@ class PartialBuild:
                 raise
             infos[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
         write_json(self.folder / f"part-{i:05d}.done", infos)
+        if self.row_bytes is None:
+            self.row_bytes = _row_bytes(infos)
         if self.count_time:
             write_json(self.folder / ELAPSED, {"seconds": self.seconds_before + time.monotonic() - self.opened})
         if not self.space_checked:
             self.space_checked = True
-            self._check_space_ahead(infos)
+            self._check_space_ahead()
 
     def load_part(self, i: int) -> dict[str, np.ndarray]:
         infos = json.loads((self.folder / f"part-{i:05d}.done").read_text())
@@ -221,6 +243,7 @@ class PartialBuild:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(self.folder, ignore_errors=True)
+        self.published = True
         return final
 
     def _check_space(self, first: Mapping[str, Any], extra: Mapping[str, ArrayLike] | None) -> None:
@@ -229,18 +252,24 @@ class PartialBuild:
         need = _row_bytes(first) * self.num_items + sum(int(to_numpy(a).nbytes) for a in (extra or {}).values())
         self._refuse_unless_free(need, f"publishing {self.name} needs {{need}}, {{free}} free")
 
-    def _check_space_ahead(self, infos: Mapping[str, Any]) -> None:
+    def _check_space_ahead(self) -> None:
         """OSError(ENOSPC) after the first part a run saves, when the disk cannot hold the rest of the build:
         the parts still to compute plus the published copy (``publish`` needs the whole cache again while
-        the parts stay).  Why now: a part's size gives every row's exact size, and a build that would only
-        fail at ``publish`` (hours later on a large bank) fails at its start instead, its first part kept.
-        The extra arrays ``publish`` adds (an eigendecomposition) are unknown here and left to its own check."""
+        the parts stay), and the same for every other build filled by the same pass whose row size is known
+        by now (``share_disk_with``).  Why now: a part's size gives every row's exact size, and a build that
+        would only fail at ``publish`` (hours later on a large bank) fails at its start instead, its first
+        part kept.  The extra arrays ``publish`` adds (an eigendecomposition) are unknown here and left to
+        its own check."""
         left = sum(self.part_range(j).stop - self.part_range(j).start for j in self.todo())
-        self._refuse_unless_free(
-            _row_bytes(infos) * (left + self.num_items),
-            f"building {self.name} needs about {{need}} more ({left} of {self.num_items} rows still to compute, "
-            "then the published copy of all of them), {free} free",
-        )
+        others = [b for b in self.disk_group
+                  if b.folder != self.folder and b.row_bytes is not None and not b.published]
+        rows = f"{left} of {self.num_items} rows still to compute, then the published copy of all of them"
+        if others:
+            names = " and ".join([self.name, *(b.name for b in others)])
+            what = f"building {names} (one gradient pass fills them) needs about {{need}} more ({self.name}: {rows})"
+        else:
+            what = f"building {self.name} needs about {{need}} more ({rows})"
+        self._refuse_unless_free(self._need_ahead() + sum(b._need_ahead() for b in others), what + ", {free} free")
 
     def _refuse_unless_free(self, need: int, message: str) -> None:
         """OSError(ENOSPC) with ``message`` (its ``{need}`` and ``{free}`` filled in) when the disk holding
