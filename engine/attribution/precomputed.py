@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..files import save_json, save_npz
 
 FILE = "precomputed_gallery.npz"
 FORMAT = 1
@@ -89,6 +92,11 @@ def write_precomputed(
     """Score the gallery at the default settings with the built caches and write ``out`` (.npz).
 
     Methods that are unavailable or not built are left out (and so not shown precomputed).
+    Resumable: each scored gallery sample is saved at once in ``.<out name>.partial/`` (one small .npz per
+    sample, written atomically, beside the settings key it was scored under), so a run killed part-way
+    scores only the samples still missing when it is run again, with the same settings; the folder goes
+    once ``out`` is written.  On a large model each sample costs seconds (the K-FAC grid included), and
+    32 of them were all lost to an interruption.
     """
     status = session.status()
     names = [n for n in (methods or session.method_names()) if status[n]["available"] and status[n]["built"]]
@@ -98,45 +106,89 @@ def write_precomputed(
     if not items:
         raise RuntimeError(f"no gallery in {session.checkpoint}")
     idx = list(range(len(items))) if indices is None else list(indices)
-    n = len(session.dataset)
-    arrays: dict[str, np.ndarray] = {"indices": np.asarray(idx, dtype=np.int32)}
-    exact = {m for m in names if session.method(m).kind == "similarity"}  # stored as float32, scale 1
-    packed = {m: np.zeros((len(idx), n), np.float32 if m in exact else np.float16) for m in names}
-    scales = {m: np.zeros(len(idx), np.float32) for m in names}
     steps = tuple(session.method_info()["kfac"]["damping_steps"]) if "kfac" in names else ()
-    grid = np.zeros((len(idx), len(steps), n), np.float16) if "kfac" in names else None
-    grid_scales = np.zeros((len(idx), len(steps)), np.float32)
-    for row, i in enumerate(idx):
-        q = session.parse_query(f"gallery:{i}")
-        result = session.query(q, MEASUREMENT, methods=names)
-        for m in names:
-            r = result.methods[m]
-            if r.status != "ok" or r.scores is None:
-                raise RuntimeError(f"gallery:{i}: {m} failed: {r.reason}")
-            if m in exact:
-                packed[m][row], scales[m][row] = np.asarray(r.scores, dtype=np.float32), 1.0
-            else:
-                packed[m][row], scales[m][row] = _pack(r.scores)
-        if grid is not None:
-            kfac = result.prepared["kfac"]
-            method = session.method("kfac")
-            for g, lam in enumerate(steps):  # the second damping scores the grid, the rest are lookups
-                grid[row, g], grid_scales[row, g] = _pack(np.asarray(method.score(kfac, lam), dtype=np.float32))
-        if progress is not None:
-            progress(row + 1, len(idx))
-    for m in names:
-        arrays[f"scores_{m}"], arrays[f"scale_{m}"] = packed[m], scales[m]
-    if grid is not None:
-        arrays["kfac_grid"], arrays["kfac_grid_scale"] = grid, grid_scales
-        arrays["kfac_grid_damping"] = np.asarray(steps, dtype=np.float64)
-    key = session_key(session, names)
-    arrays["key"] = np.asarray(json.dumps(_canonical(key), sort_keys=True))
+    key = json.dumps(_canonical(session_key(session, names)), sort_keys=True)
     out = Path(out)
+    rows = _RowFolder(out, {"key": key, "methods": names, "grid": list(steps)})
+    arrays_of = [rows.load(i) for i in idx]
+    done = sum(a is not None for a in arrays_of)
+    if progress is not None and done:
+        for k in range(done):
+            progress(k + 1, len(idx))
+    for row, i in enumerate(idx):
+        if arrays_of[row] is None:
+            arrays_of[row] = _score_gallery_sample(session, i, names, steps)
+            rows.save(i, arrays_of[row])
+            done += 1
+            if progress is not None:
+                progress(done, len(idx))
+    arrays: dict[str, np.ndarray] = {"indices": np.asarray(idx, dtype=np.int32)}
+    for m in names:
+        arrays[f"scores_{m}"] = np.stack([a[f"scores_{m}"] for a in arrays_of])
+        arrays[f"scale_{m}"] = np.stack([a[f"scale_{m}"] for a in arrays_of]).astype(np.float32)
+    if steps:
+        arrays["kfac_grid"] = np.stack([a["kfac_grid"] for a in arrays_of])
+        arrays["kfac_grid_scale"] = np.stack([a["kfac_grid_scale"] for a in arrays_of]).astype(np.float32)
+        arrays["kfac_grid_damping"] = np.asarray(steps, dtype=np.float64)
+    arrays["key"] = np.asarray(key)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npz")
     np.savez_compressed(tmp, **arrays)
     tmp.replace(out)
+    rows.remove()
     return out
+
+
+def _score_gallery_sample(session: Any, i: int, names: list[str], steps: tuple[float, ...]) -> dict[str, np.ndarray]:
+    """One gallery sample's packed score vectors (and K-FAC's damping grid): a row of the file."""
+    exact = {m for m in names if session.method(m).kind == "similarity"}  # stored as float32, scale 1
+    result = session.query(session.parse_query(f"gallery:{i}"), MEASUREMENT, methods=names)
+    row: dict[str, np.ndarray] = {}
+    for m in names:
+        r = result.methods[m]
+        if r.status != "ok" or r.scores is None:
+            raise RuntimeError(f"gallery:{i}: {m} failed: {r.reason}")
+        if m in exact:
+            values, scale = np.asarray(r.scores, dtype=np.float32), np.float32(1.0)
+        else:
+            values, scale = _pack(r.scores)
+        row[f"scores_{m}"], row[f"scale_{m}"] = values, np.asarray(scale, dtype=np.float32)
+    if steps:
+        kfac, method = result.prepared["kfac"], session.method("kfac")
+        packed = [_pack(np.asarray(method.score(kfac, lam), dtype=np.float32)) for lam in steps]
+        row["kfac_grid"] = np.stack([v for v, _ in packed])
+        row["kfac_grid_scale"] = np.asarray([sc for _, sc in packed], dtype=np.float32)
+    return row
+
+
+class _RowFolder:
+    """``.<out name>.partial/``: the gallery samples a ``write_precomputed`` run has scored so far, each in
+    ``row-<index>.npz``, under ``settings.json`` (the file's key, its methods and damping grid).  Rows
+    scored under other settings are never reused: the folder is emptied when its settings differ."""
+
+    def __init__(self, out: Path, settings: dict[str, Any]):
+        self.folder = out.with_name(f".{out.name}.partial")
+        try:
+            same = json.loads((self.folder / "settings.json").read_text()) == settings
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True)
+            save_json(self.folder / "settings.json", settings)
+
+    def load(self, index: int) -> dict[str, np.ndarray] | None:
+        try:
+            with np.load(self.folder / f"row-{index:05d}.npz", allow_pickle=False) as z:
+                return {k: np.asarray(z[k]) for k in z.files}
+        except (OSError, ValueError, EOFError):  # not scored yet (or unreadable: scored again)
+            return None
+
+    def save(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        save_npz(self.folder / f"row-{index:05d}.npz", **arrays)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class PrecomputedGallery:

@@ -1,0 +1,80 @@
+"""``precompute`` resumes: a run cut short keeps the gallery samples it scored, and the rerun scores
+only the rest, to the same file as an uninterrupted run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from test_app import tiny_app  # noqa: F401 - fixture
+
+from engine.attribution.precomputed import write_precomputed
+
+
+class Stop(Exception):
+    pass
+
+
+def _session(tiny_app, **config):  # noqa: F811
+    from engine.attribution.session import AttributionSession
+
+    s = AttributionSession(tiny_app["ATTRIBUTION_PRESET"], tiny_app["ATTRIBUTION_CHECKPOINT"], "cpu",
+                           tiny_app["ATTRIBUTION_CACHE"])
+    if config:
+        s = AttributionSession(tiny_app["ATTRIBUTION_PRESET"], tiny_app["ATTRIBUTION_CHECKPOINT"], "cpu",
+                               tiny_app["ATTRIBUTION_CACHE"], config=dataclasses.replace(s.config, **config))
+    return s
+
+
+def _count_queries(session, monkeypatch) -> list[str]:
+    asked = []
+    real = session.query
+
+    def query(q, *a, **k):
+        asked.append(q.spec if hasattr(q, "spec") else str(q))
+        return real(q, *a, **k)
+
+    monkeypatch.setattr(session, "query", query)
+    return asked
+
+
+def test_an_interrupted_precompute_resumes_where_it_stopped(tiny_app, tmp_path, monkeypatch):  # noqa: F811
+    whole = write_precomputed(_session(tiny_app), tmp_path / "whole.npz")
+    session = _session(tiny_app)
+    n = len(session.gallery())
+    assert n >= 3
+    asked = _count_queries(session, monkeypatch)
+
+    def stop_after_two(done, total):
+        if done == 2:
+            raise Stop
+
+    out = tmp_path / "pre.npz"
+    with pytest.raises(Stop):
+        write_precomputed(session, out, progress=stop_after_two)
+    assert not out.exists() and len(asked) == 2
+    seen = []
+    write_precomputed(session, out, progress=lambda done, total: seen.append(done))
+    assert len(asked) == n  # the two scored before the stop were not scored again
+    assert seen == list(range(1, n + 1))  # the progress still counts every sample
+    assert out.read_bytes() == whole.read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the row folder is gone
+
+
+def test_rows_scored_under_other_settings_are_not_reused(tiny_app, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "pre.npz"
+    session = _session(tiny_app)
+
+    def stop_after_two(done, total):
+        if done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        write_precomputed(session, out, progress=stop_after_two)
+    other = _session(tiny_app, mc_samples=3)  # another key: every sample is scored again
+    asked = _count_queries(other, monkeypatch)
+    write_precomputed(other, out, methods=["pixel"])
+    assert len(asked) == len(other.gallery())
+    with np.load(out) as z:
+        assert '"mc_samples": 3' in str(z["key"])
