@@ -187,6 +187,22 @@ def test_the_early_check_counts_every_cache_one_gradient_pass_fills(tmp_path, mo
     again.save_part(1, {"phi": trak_rows[3:6]})  # 6 rows to publish: 12,000 bytes
 
 
+def test_a_resumed_pass_counts_a_sibling_whose_parts_an_earlier_run_saved(tmp_path, monkeypatch):
+    """After a kill, TRAK's parts may all be saved while K-FAC's bank is not: the rerun saves no TRAK part,
+    but TRAK's published copy is still ahead, and the bank's first part must count it."""
+    store = Store(tmp_path, "ckpt", "data")
+    trak = store.partial("trak", SETTINGS, part_size=3, num_items=6)
+    for i in trak.todo():
+        trak.save_part(i, {"phi": np.ones((3, 500), np.float32)})  # 6 rows of 2,000 bytes, not published
+    bank = store.partial("bank", SETTINGS, part_size=2, num_items=6)  # the rerun's objects
+    trak = store.partial("trak", SETTINGS, part_size=3, num_items=6)
+    assert trak.todo() == []
+    bank.share_disk_with([trak])
+    _full_disk(monkeypatch, free=50_000)  # the bank's 40,000 bytes fit alone, not with trak's 12,000
+    with pytest.raises(OSError, match="building bank and trak .one gradient pass fills them. needs about 50.8 KiB"):
+        bank.save_part(0, {"phi": np.ones((2, 1000), np.float32)})
+
+
 @pytest.fixture
 def cli(tmp_path_factory, digits_small, monkeypatch, capsys):
     folder = tmp_path_factory.mktemp("disk_full_ckpt")

@@ -124,9 +124,15 @@ class PartialBuild:
 
     def _need_ahead(self) -> int:
         """Bytes this build still writes: the rows still to compute plus the published copy; 0 while no
-        part has told the row size."""
+        part has told the row size (a part saved by this run, or one an earlier run left)."""
         if self.row_bytes is None:
-            return 0
+            done = next((i for i in range(self.num_parts) if self.is_done(i)), None)
+            if done is None:
+                return 0
+            try:
+                self.row_bytes = _row_bytes(json.loads((self.folder / f"part-{done:05d}.done").read_text()))
+            except (OSError, ValueError, KeyError, TypeError):
+                return 0
         left = sum(self.part_range(j).stop - self.part_range(j).start for j in self.todo())
         return self.row_bytes * (left + self.num_items)
 
@@ -261,8 +267,7 @@ class PartialBuild:
         part kept.  The extra arrays ``publish`` adds (an eigendecomposition) are unknown here and left to
         its own check."""
         left = sum(self.part_range(j).stop - self.part_range(j).start for j in self.todo())
-        others = [b for b in self.disk_group
-                  if b.folder != self.folder and b.row_bytes is not None and not b.published]
+        others = [b for b in self.disk_group if b.folder != self.folder and not b.published and b._need_ahead()]
         rows = f"{left} of {self.num_items} rows still to compute, then the published copy of all of them"
         if others:
             names = " and ".join([self.name, *(b.name for b in others)])
