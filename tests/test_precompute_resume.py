@@ -54,8 +54,9 @@ def test_an_interrupted_precompute_resumes_where_it_stopped(tiny_app, tmp_path, 
     with pytest.raises(Stop):
         write_precomputed(session, out, progress=stop_after_two)
     assert not out.exists() and len(asked) == 2
-    seen = []
-    write_precomputed(session, out, progress=lambda done, total: seen.append(done))
+    seen, said = [], []
+    write_precomputed(session, out, progress=lambda done, total: seen.append(done), notice=said.append)
+    assert len(said) == 1 and said[0].startswith(f"resuming: 2/{n} gallery samples scored by an earlier run")
     assert len(asked) == n  # the two scored before the stop were not scored again
     assert seen == list(range(1, n + 1))  # the progress still counts every sample
     assert out.read_bytes() == whole.read_bytes()

@@ -88,6 +88,7 @@ def write_precomputed(
     methods: list[str] | None = None,
     indices: list[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> Path:
     """Score the gallery at the default settings with the built caches and write ``out`` (.npz).
 
@@ -96,7 +97,7 @@ def write_precomputed(
     sample, written atomically, beside the settings key it was scored under), so a run killed part-way
     scores only the samples still missing when it is run again, with the same settings; the folder goes
     once ``out`` is written.  On a large model each sample costs seconds (the K-FAC grid included), and
-    32 of them were all lost to an interruption.
+    32 of them were all lost to an interruption.  ``notice`` gets one line when a run resumes.
     """
     status = session.status()
     names = [n for n in (methods or session.method_names()) if status[n]["available"] and status[n]["built"]]
@@ -112,6 +113,8 @@ def write_precomputed(
     rows = _RowFolder(out, {"key": key, "methods": names, "grid": list(steps)})
     arrays_of = [rows.load(i) for i in idx]
     done = sum(a is not None for a in arrays_of)
+    if notice is not None and done:
+        notice(f"resuming: {done}/{len(idx)} gallery samples scored by an earlier run ({rows.folder})")
     if progress is not None and done:
         for k in range(done):
             progress(k + 1, len(idx))

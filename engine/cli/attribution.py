@@ -391,7 +391,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         session = open_session(args)
         out = Path(args.out) if args.out else session.checkpoint / FILE
         with tqdm(total=len(session.gallery()), desc="gallery", unit="query") as bar:
-            write_precomputed(session, out, methods, progress=lambda i, n: bar.update(1))
+            write_precomputed(session, out, methods, progress=lambda i, n: bar.update(1), notice=bar.write)
     except (ValueError, RuntimeError) as e:
         return fail(e)
     pre = PrecomputedGallery(out)
