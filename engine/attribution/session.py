@@ -593,8 +593,8 @@ class AttributionSession:
         return MethodResult(name=name, title=m.title, kind=m.kind, caption=m.caption, status="ok")
 
     def _damping_for(self, name: str, damping: dict[str, float]) -> float | None:
-        if self._methods[name].kind != "influence":
-            return None
+        if self._methods[name].kind != "influence" or self._methods[name].damping_field is None:
+            return None  # a similarity, or an influence method without a damping: its scores ignore one
         if name in damping and damping[name] is not None:
             return check_damping(damping[name], f"{name} damping")
         value = self._methods[name].default_damping
