@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from engine.attribution.results import QueryResult
+from engine.attribution.results import MethodResult, QueryResult
 from engine.attribution.signs import end_signs
 from explorer import analysis, exact_view, figures
 from explorer.controls import Settings
@@ -167,6 +167,24 @@ def _caption(ds, i: int, score: float, exact: bool = True) -> str:
     return f"#{i}" + (f" · {lab}" if lab is not None else "") + f" · {shown}"
 
 
+def column_note(r: MethodResult) -> str:
+    """The line beside a method column's query thumbnail: its damping, where the scores came from, its bank;
+    a method with none of these says what kind of score it is (an influence method without a damping is
+    not a "similarity score", as it was labelled until QA round 14)."""
+    notes = []
+    if r.damping is not None:
+        notes.append(f"damping {r.damping:.1e}")
+    if r.reason == "precomputed":
+        notes.append("**precomputed**")
+    elif r.reason:
+        notes.append(r.reason)
+    if r.bank_note():
+        notes.append(r.bank_note())
+    if notes:
+        return " · ".join(notes)
+    return "similarity score" if r.kind == "similarity" else "influence score, no damping"
+
+
 def method_columns(handle: Handle, query: Query, result: QueryResult, s: Settings) -> None:
     session = handle.session
     ds = session.dataset
@@ -191,16 +209,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 continue
             c1, c2 = st.columns([1, 2])
             c1.image(display(query.input.image, 48), width=48, caption="query")
-            notes = []
-            if r.damping is not None:
-                notes.append(f"damping {r.damping:.1e}")
-            if r.reason == "precomputed":
-                notes.append("**precomputed**")
-            elif r.reason:
-                notes.append(r.reason)
-            if r.bank_note():
-                notes.append(r.bank_note())
-            c2.caption(" · ".join(notes) if notes else "similarity score")
+            c2.caption(column_note(r))
             if r.exact_pending and not polling and handle.build.status != "running":
                 # one poller for the page: its one line (progress, waiting, stopped) is all that stands above
                 # the grid, so K-FAC's images start near the other methods'; the box and button go below

@@ -537,6 +537,19 @@ def test_a_spawned_child_does_not_rerun_the_app(monkeypatch):
         runpy.run_path(str(Path(__file__).resolve().parent.parent / "explorer" / "app.py"), run_name="__main__")
 
 
+def test_a_method_columns_note_says_what_its_scores_are():
+    from engine.attribution.results import MethodResult
+    from explorer.results_view import column_note
+
+    def r(kind, **kw):
+        return MethodResult(name="m", title="M", kind=kind, caption="", status="ok", **kw)
+
+    assert column_note(r("similarity")) == "similarity score"
+    # an influence method without a damping (one added in one file) was captioned "similarity score"
+    assert column_note(r("influence")) == "influence score, no damping"
+    assert column_note(r("influence", damping=1e-3, reason="precomputed")) == "damping 1.0e-03 · **precomputed**"
+
+
 def test_influence_headings_follow_the_signs_shown():
     """"Opponents" over positive scores said removing them makes the query more likely while the scores
     predicted the opposite (QA: a barely trained model whose every image raises the loss; the trajectory
