@@ -106,7 +106,8 @@ class AttributionConfig:
     # K-FAC training-gradient bank: "stored" (int8 on disk, a query is one pass over it),
     # "streamed" (recomputed per query batch: for models whose bank does not fit, docs/architecture.md §8)
     # "compressed" (per-layer projected gradients, the candidates re-ranked exactly: engine.attribution.compressed_bank)
-    # or "auto" (stored when N x P int8 bytes <= kfac_bank_max_gb GiB, compressed otherwise; streamed only when asked)
+    # or "auto" (stored when N x P int8 bytes <= kfac_bank_max_gb GiB, compressed otherwise; streamed only when asked),
+    # or a kind a file in engine/attribution/methods/ registers (engine.attribution.bank_kinds)
     kfac_bank: str = "auto"
     kfac_bank_max_gb: float = 8.0
     # the stored int8 bank's grid: rows divided by sqrt(e + f * max e) per block before rounding, with f this

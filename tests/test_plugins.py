@@ -55,11 +55,18 @@ register_bank_kind("zz-test", BankKind(build=_build, stored=False))
 '''
 
 
-def test_a_bank_kind_is_one_file(methods_package_file):
+def test_a_bank_kind_is_one_file(methods_package_file, capsys):
+    from engine.cli.parser import main
+
     module = methods_package_file("zz_test_bank_kind", KIND)
     try:
-        assert bank_kinds.bank_modes()[:4] == ("auto", "stored", "streamed", "compressed")
+        shipped = ("auto", "stored", "streamed", "compressed")
+        assert tuple(k for k in bank_kinds.bank_modes() if k in shipped) == shipped
         assert "zz-test" in bank_kinds.bank_modes() and module not in sys.modules  # listed, not imported
+        with pytest.raises(SystemExit):
+            main(["query", "--help"])
+        assert "zz-test" in " ".join(capsys.readouterr().out.split())  # --kfac-bank's help offers it (QA14 A4)
+        assert module not in sys.modules
         kind = bank_kinds.bank_kind("zz-test")
         assert kind.stored is False and module in sys.modules
         with pytest.raises(ValueError, match="kfac_bank must be one of .*zz-test"):

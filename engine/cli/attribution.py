@@ -32,8 +32,7 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kfac-bank",
         default=None,
-        help="K-FAC training-gradient bank: stored (int8 on disk), compressed (per-layer projected, candidates "
-        "re-ranked exactly), streamed (recomputed per query), auto (stored if under 8 GiB, else compressed; default)",
+        help=_kfac_bank_help(),
     )
     p.add_argument(
         "--draws",
@@ -104,6 +103,23 @@ def parse_damping(specs: list[str] | None) -> dict[str, float]:
         # checked here, not only when the method runs: a typo for a method left out of --methods is still a typo
         out[name] = check_damping(lam, f"{name} damping")
     return out
+
+
+BANK_KIND_NOTES = {
+    "stored": "int8 on disk",
+    "compressed": "per-layer projected, candidates re-ranked exactly",
+    "streamed": "recomputed per query",
+}
+
+
+def _kfac_bank_help() -> str:
+    """``--kfac-bank``'s help: every kind the registry offers (a kind added in one file included; read from
+    the package's source, nothing imported), the built-in ones described, then auto."""
+    from ..attribution.bank_kinds import bank_modes
+
+    kinds = [k for k in bank_modes() if k != "auto"]
+    listed = ", ".join(f"{k} ({BANK_KIND_NOTES[k]})" if k in BANK_KIND_NOTES else k for k in kinds)
+    return f"K-FAC training-gradient bank: {listed}, auto (stored if under 8 GiB, else compressed; default)"
 
 
 def open_session(args: argparse.Namespace, auto_build: bool = False):
