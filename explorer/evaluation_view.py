@@ -9,6 +9,7 @@ job stays in the process-wide handle, so its result is cached for every tab.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,27 @@ QUERY_DRAWS_NOTE = {
     "own": "the query on its own draws (the paper's estimator)",
     "bank": "the query on the bank's draws (common random numbers)",
 }
+
+
+def served_settings(handle: Handle) -> dict[str, Any]:
+    """The served model's attribution settings, each method's damping resolved to the value it scores with
+    (a preset's None is the method's default), for ``settings_differences``."""
+    current = dataclasses.asdict(handle.session.config)
+    for name in handle.session.method_names():
+        method = handle.session.method(name)
+        if method.damping_field in current and current[method.damping_field] is None:
+            current[method.damping_field] = method.default_damping
+    return current
+
+
+def settings_note(differences: list[str] | None, what: str) -> str:
+    """The caption's words for a result file measured at other attribution settings than the served model's
+    (``RetrainRecord.settings_differences``): empty when they agree."""
+    if differences is None:
+        return f" · **{what} at attribution settings the file does not record** (it predates that record)"
+    if differences:
+        return f" · **{what} at other attribution settings than this model's:** " + "; ".join(differences)
+    return ""
 
 
 def results_dir() -> Path:
@@ -95,6 +117,7 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
     files = files or result_files()
     folder = files.folder
     served = handle.session.config.query_draws
+    current = served_settings(handle)
     entries = lds_records(files, model_key(handle), served)  # this model's, its settings' headline first
     if not entries:
         st.info(
@@ -121,6 +144,7 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
                 )
                 + (f" · **{QUERY_DRAWS_NOTE[entry.query_draws]}, not this model's setting**"
                    if entry.query_draws != served else "")
+                + settings_note(entry.settings_differences(current), "measured")
                 + f" · file `{entry.file}`"
                 + (" · **quick mode (smoke test, not a result)**" if cfg.get("quick") else "")
                 + (f" · {cfg['created']}" if cfg.get("created") else "")
@@ -194,6 +218,7 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
     )
     info = handle.session.method_info()
     served = handle.session.config.query_draws
+    current = served_settings(handle)
     for entry in entries:
         cfg = entry.config
         rows = [
@@ -220,6 +245,7 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
             f"{cfg.get('true_measurement_mc_samples', '?')} common draws"
             + (f" · **removals chosen with {QUERY_DRAWS_NOTE[entry.query_draws]}, not this model's setting**"
                if entry.query_draws != served else "")
+            + settings_note(entry.settings_differences(current), "removals chosen")
             + f" · file `{entry.file}`"
             + (f" · {cfg['created']}" if cfg.get("created") else "")
         )

@@ -109,3 +109,37 @@ def test_result_files_are_shown_only_beside_the_model_they_were_measured_on(tmp_
     assert other_models_files(files, mine) == [
         "group_retrain_mnist.json", "lds_mnist_loss.json", "lds_retrained_loss.json", "retrain_top_mnist.json"]
     assert lds_records(tmp_path) == [] and lds_records(files, mine)[0].path.parent == tmp_path
+
+
+def test_result_files_say_how_their_attribution_settings_differ_from_the_served_ones():
+    """QA round 14 (C1): the shipped digits retrain-top file removed its methods' top-36 under the settings
+    of its day (15-27 of 36 images in common with today's), and the app showed it beside today's settings
+    without a word."""
+    import dataclasses
+    from pathlib import Path
+
+    from engine.config import AttributionConfig
+    from engine.evaluation.report import LDSRecord, RetrainRecord, settings_differences
+    from explorer.evaluation_view import settings_note
+
+    served = dataclasses.asdict(AttributionConfig(draws="per-example", mc_samples=64, kfac_bank_whiten=1e-10))
+    assert settings_differences({}, served) is None  # nothing recorded
+    same = dict(served)
+    assert settings_differences({"attribution": same}, served) == []
+    # a cache key leaves out draws at "shared" (KEY_NEUTRAL); a file before the whitened grid has no whiten
+    old = {k: v for k, v in served.items() if k not in ("draws", "kfac_bank_whiten", "kfac_factor_draws_mode")}
+    assert settings_differences({"attribution": old}, served) == [
+        "draws: shared (now per-example)",
+        "kfac_factor_draws_mode: not recorded (now same)",
+        "kfac_bank_whiten: None (now 1e-10)",
+    ]
+    # the dampings decide which images a retrain-top run removed, not an LDS figure (it sweeps them)
+    damped = {"attribution": {**served, "kfac_damping": 1e-6}}
+    retrain = RetrainRecord(path=Path("r.json"), config=damped, results=[], summary={})
+    lds = LDSRecord(path=Path("l.json"), measurement="loss", config=damped, methods={}, sweeps={}, noise={},
+                    figure=None, variant=False)
+    assert retrain.settings_differences(served) == [f"kfac_damping: 1e-06 (now {served['kfac_damping']})"]
+    assert lds.settings_differences(served) == []
+    assert "the file does not record" in settings_note(None, "removals chosen")
+    assert settings_note([], "measured") == ""
+    assert settings_note(["mc_samples: 8 (now 64)"], "measured").endswith(":** mc_samples: 8 (now 64)")

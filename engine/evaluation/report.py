@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..config import KEY_NEUTRAL
 
 
 def _load_results(results_dir: str | Path, pattern: str) -> list[dict[str, Any]]:
@@ -104,6 +107,47 @@ def recorded_query_draws(config: dict[str, Any]) -> str:
     return str((config.get("attribution") or {}).get("query_draws") or "own")
 
 
+# the attribution settings that decide a method's scores (so an LDS figure, or which images a retrain-top run
+# removed); query_draws has its own note (``recorded_query_draws``), the dampings are left to the caller
+SCORE_SETTINGS = (
+    "mc_samples", "seed", "draws", "fisher_type", "kfac_approx", "ekfac", "kfac_blocks", "kfac_factor_draws",
+    "kfac_factor_draws_mode", "kfac_bank_whiten", "trak_dim", "trak_projection",
+)
+DAMPINGS = ("kfac_damping", "trak_damping", "dtrak_damping")
+# what a setting a file leaves out was: cache keys leave out ``KEY_NEUTRAL`` fields at their old value, and a
+# file written before an option existed was measured with the behaviour the option's neutral value keeps
+# (the plain int8 grid before ``kfac_bank_whiten``)
+BEFORE_OPTION = {**KEY_NEUTRAL, "kfac_bank_whiten": None}
+
+
+def settings_differences(
+    config: dict[str, Any], served: Mapping[str, Any], keys: tuple[str, ...] = SCORE_SETTINGS
+) -> list[str] | None:
+    """How the attribution settings a result file recorded differ from the served model's ``served``
+    (``dataclasses.asdict(AttributionConfig)``), one "key: recorded (now served)" per difference; a key the
+    file does not record (it predates the setting) reads "key: not recorded (now served)".  None when the
+    file records no attribution settings at all.  Why: a retrain-top file removed the images its scores
+    ranked first *then*; shown beside today's settings without a word, its predicted changes read as
+    today's (QA round 14: the shipped digits file's removals share 15-27 of 36 images with today's)."""
+    recorded = config.get("attribution")
+    if not recorded:
+        return None
+    out = []
+    for key in keys:
+        if key not in served:
+            continue
+        if key not in recorded and key in BEFORE_OPTION:  # left out of the file: its value before the option
+            if BEFORE_OPTION[key] != served[key]:
+                out.append(f"{key}: {BEFORE_OPTION[key]} (now {served[key]})")
+        elif key not in recorded:
+            out.append(f"{key}: not recorded (now {served[key]})")
+        elif recorded[key] is None and key in DAMPINGS:
+            continue  # the method's default of the day, whose value the file does not say
+        elif recorded[key] != served[key]:
+            out.append(f"{key}: {recorded[key]} (now {served[key]})")
+    return out
+
+
 @dataclass
 class LDSRecord:
     """One ``lds_*.json`` written by ``engine.evaluation.lds``: the LDS per method for one measurement."""
@@ -127,6 +171,10 @@ class LDSRecord:
         """Whose draws the query gradients were estimated on (``recorded_query_draws``)."""
         return recorded_query_draws(self.config)
 
+    def settings_differences(self, served: Mapping[str, Any]) -> list[str] | None:
+        """``settings_differences`` without the dampings (an LDS run sweeps them and reports its own)."""
+        return settings_differences(self.config, served)
+
     def headline_order(self) -> tuple:
         """The preset's M before variants, the loss before other measurements, then by file."""
         return (self.variant, self.measurement != "loss", self.file)
@@ -149,6 +197,10 @@ class RetrainRecord:
     def query_draws(self) -> str:
         """Whose draws the query gradients that chose the removals were estimated on (``recorded_query_draws``)."""
         return recorded_query_draws(self.config)
+
+    def settings_differences(self, served: Mapping[str, Any]) -> list[str] | None:
+        """``settings_differences`` including the dampings: the removals are the top scores at them."""
+        return settings_differences(self.config, served, SCORE_SETTINGS + DAMPINGS)
 
 
 def lds_records(
