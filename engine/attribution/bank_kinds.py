@@ -18,10 +18,12 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .plugins import declared_calls
-from .scoring import Rows
+
+if TYPE_CHECKING:  # the registry stays light (no torch): the CLI's --kfac-bank help lists the kinds with it
+    from .scoring import Rows
 
 _KIND_PACKAGE = "engine.attribution.methods"  # where bank-kind files live (the K-FAC method's package)
 _KIND_DIR = Path(__file__).resolve().parent / "methods"
