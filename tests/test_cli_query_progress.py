@@ -54,15 +54,21 @@ def test_a_query_waiting_for_another_build_says_so(query, monkeypatch):
     real_lock = Store.lock
     held = []
 
-    def lock(self, name, settings=None, wait=True, on_wait=None):
+    def lock(self, name, settings=None, wait=True, on_wait=None, **kw):
         if not held:  # the first build lock asked for: someone else holds it for a moment
             self.base.mkdir(parents=True, exist_ok=True)
             tag = name if settings is None else f"{name}-{settings_digest(settings)}"
             fd = os.open(self.base / f".lock-{tag}", os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(fd, fcntl.LOCK_EX)
             held.append(fd)
-            threading.Timer(0.5, os.close, (fd,)).start()
-        return real_lock(self, name, settings, wait=wait, on_wait=on_wait)
+            # the other build has saved 1 of its 4 parts so far (what the waiting query reads from the disk)
+            (cache_name, cache_settings), *_ = settings["keys"]
+            folder = self._partial_folder(cache_name, cache_settings)
+            folder.mkdir(parents=True)
+            (folder / "settings.json").write_text(json.dumps({"num_parts": 4}))
+            (folder / "part-00000.done").write_text("{}")
+            threading.Timer(1.0, os.close, (fd,)).start()
+        return real_lock(self, name, settings, wait=wait, on_wait=on_wait, **{**kw, "poll_seconds": 0.05})
 
     monkeypatch.setattr(Store, "lock", lock)
     rc, out, err = query("--query", "train:1", "--methods", "trak", "--auto-build", "--json")
@@ -70,6 +76,9 @@ def test_a_query_waiting_for_another_build_says_so(query, monkeypatch):
     assert held
     assert json.loads(out)["methods"]["trak"]["status"] == "ok"
     assert "waiting for another build of this cache" in err, err
+    # while it waits, the bar shows how far the other build has got (QA round 14: 17.7 min on one 0% line)
+    assert "waiting for another build: trak 1/4 parts" in err, err
+    assert "25%" in err, err
 
 
 def test_group_commands_auto_build_with_progress_too(checkpoint, tmp_path, digits_small, monkeypatch, capsys):

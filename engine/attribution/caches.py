@@ -220,11 +220,14 @@ class MethodCaches:
         if self.ctx.store is not None and any(self.methods[n].cache_keys(self.ctx) for n in names):
             self.ctx.store.check_writable()
 
-    def build_lock(self, name: str, on_wait: Callable[[], None] | None = None):
+    def build_lock(self, name: str, on_wait: Callable[[], None] | None = None,
+                   while_waiting: Callable[[float, float, str], None] | None = None):
         """Cross-process lock of one method's cache entries (none under torchrun: ranks build together).
 
         The cache root is checked here, when the lock is asked for, not when it is entered: so a build
-        on an unwritable root fails before it says it is waiting for another build."""
+        on an unwritable root fails before it says it is waiting for another build.  ``while_waiting(seconds,
+        fraction, words)``: called every few seconds while another process builds, with how far that build
+        has got on disk (``Store.build_progress``)."""
         import contextlib
 
         from .. import distributed
@@ -235,7 +238,14 @@ class MethodCaches:
         self.ctx.store.check_writable()
         if distributed.current().world > 1:
             return contextlib.nullcontext(True)
-        return self.ctx.store.lock(f"build-{name}", {"keys": keys}, on_wait=on_wait)
+        store = self.ctx.store
+
+        def waited(seconds: float) -> None:
+            fraction, words = store.build_progress(keys)
+            while_waiting(seconds, fraction, words)
+
+        return store.lock(f"build-{name}", {"keys": keys}, on_wait=on_wait,
+                          while_waiting=waited if while_waiting is not None else None)
 
     def build(self, names: list[str], progress: Progress | None = None, rebuild: bool = False) -> dict:
         """Build (or load) each method's cache; {method: {"seconds", "size_mb", "status"[, "reason"]}}.
@@ -261,7 +271,12 @@ class MethodCaches:
             t0 = time.perf_counter()
             try:
                 # CacheRootError first if the cache root cannot be written; "waiting" only if another holds it
-                lock = self.build_lock(name, on_wait=lambda: sub("waiting for another build of this cache", 0.0))
+                lock = self.build_lock(
+                    name, on_wait=lambda: sub("waiting for another build of this cache", 0.0),
+                    # the bar's own clock shows the time waited; the words, the other build's saved parts
+                    while_waiting=lambda sec, frac, words: sub(
+                        f"waiting for another build: {words}" if words else "waiting for another build", frac),
+                )
                 with lock:  # a second process waits here, then finds the cache built
                     if rebuild:
                         self.repair([name])
