@@ -68,5 +68,21 @@ gives the query draws of its own (the timings caption says which one is in use; 
 """
 
 
-def about_page() -> None:
+DESCRIBED = ("kfac", "trak", "dtrak", "clip", "pixel")  # the methods the text above explains
+
+
+def other_methods(method_info: dict[str, dict]) -> str:
+    """Markdown for the methods the text above does not explain (one added in one file): each one's own
+    title, kind and caption, so that the About tab names every method the other tabs show."""
+    rest = {n: v for n, v in method_info.items() if n not in DESCRIBED}
+    if not rest:
+        return ""
+    lines = [f"* **{v['title']}** (`{n}`, {v['kind']}): {v['caption']}" for n, v in rest.items()]
+    return "**Other methods in this installation** (their own descriptions):\n\n" + "\n".join(lines)
+
+
+def about_page(method_info: dict[str, dict] | None = None) -> None:
     st.markdown(ABOUT)
+    extra = other_methods(method_info or {})
+    if extra:
+        st.markdown(extra)

@@ -92,7 +92,7 @@ def main() -> None:
             evaluation_view.retrain_section(handle, query, settings)
     if about.open:
         with about:
-            about_view.about_page()
+            about_view.about_page(handle.session.method_info())
 
 
 # Streamlit runs this file as __main__.  The guard keeps a multiprocessing "spawn" child of a

@@ -537,6 +537,17 @@ def test_a_spawned_child_does_not_rerun_the_app(monkeypatch):
         runpy.run_path(str(Path(__file__).resolve().parent.parent / "explorer" / "app.py"), run_name="__main__")
 
 
+def test_the_about_tab_names_a_method_its_text_does_not_explain():
+    from explorer.about_view import ABOUT, DESCRIBED, other_methods
+
+    shipped = {n: {"title": n.upper(), "kind": "influence", "caption": "c"} for n in DESCRIBED}
+    assert other_methods(shipped) == ""
+    for title in ("K-FAC Influence", "TRAK", "D-TRAK", "CLIP similarity", "Pixel similarity"):
+        assert title in ABOUT  # the text does explain the shipped ones
+    added = {**shipped, "grad-dot": {"title": "Gradient dot product", "kind": "influence", "caption": "g . g_i"}}
+    assert other_methods(added).endswith("* **Gradient dot product** (`grad-dot`, influence): g . g_i")
+
+
 def test_a_method_columns_note_says_what_its_scores_are():
     from engine.attribution.results import MethodResult
     from explorer.results_view import column_note
