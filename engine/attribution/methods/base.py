@@ -52,7 +52,8 @@ class Prepared:
 
 @dataclass(kw_only=True)
 class FixedScores(Prepared):
-    """State of a method whose scores do not depend on damping (similarities): the scores."""
+    """State of a method whose scores do not depend on damping (similarities, or an influence method without a
+    damping such as a plain gradient dot product): the scores, also summed for group answers."""
 
     scores: np.ndarray
 
