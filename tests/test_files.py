@@ -18,11 +18,3 @@ def test_save_json_writes_one_text_line_ending_and_strict_numbers(tmp_path):
     assert json.loads(raw) == {"a": 1.5, "b": [None, None], "c": [0, 1, 2]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
-
-def test_rewriting_the_same_results_gives_the_same_bytes(tmp_path):
-    """A results file committed from one run and rewritten by the next differs only if its numbers do."""
-    obj = {"scores": [0.25, -1.0], "name": "digits"}
-    save_json(tmp_path / "a.json", obj)
-    first = (tmp_path / "a.json").read_bytes()
-    save_json(tmp_path / "a.json", json.loads(first))
-    assert (tmp_path / "a.json").read_bytes() == first

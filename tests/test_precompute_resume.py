@@ -64,18 +64,23 @@ def test_an_interrupted_precompute_resumes_where_it_stopped(tiny_app, tmp_path, 
 
 
 def test_rows_scored_under_other_settings_are_not_reused(tiny_app, tmp_path, monkeypatch):  # noqa: F811
+    """Only the settings key differs (pixel needs no cache: the same method list, no K-FAC grid). Two killed
+    runs on one file, at M = 3 and at the preset's M, keep their rows apart; a rerun at M = 3 takes its own two
+    rows, not the other run's, and scores the rest."""
     out = tmp_path / "pre.npz"
-    session = _session(tiny_app)
 
     def stop_after_two(done, total):
         if done == 2:
             raise Stop
 
-    with pytest.raises(Stop):
-        write_precomputed(session, out, progress=stop_after_two)
-    other = _session(tiny_app, mc_samples=3)  # another key: every sample is scored again
-    asked = _count_queries(other, monkeypatch)
-    write_precomputed(other, out, methods=["pixel"])
-    assert len(asked) == len(other.gallery())
+    for config in ({"mc_samples": 3}, {}):
+        with pytest.raises(Stop):
+            write_precomputed(_session(tiny_app, **config), out, methods=["pixel"], progress=stop_after_two)
+    assert len(list(tmp_path.glob(".pre.npz.partial-*"))) == 2  # one row folder per settings key
+    again = _session(tiny_app, mc_samples=3)
+    asked = _count_queries(again, monkeypatch)
+    write_precomputed(again, out, methods=["pixel"])
+    assert len(asked) == len(again.gallery()) - 2
     with np.load(out) as z:
         assert '"mc_samples": 3' in str(z["key"])
+    assert list(tmp_path.glob(".pre.npz.partial-*")) == []  # the finished file's run removes every row folder

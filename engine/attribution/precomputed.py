@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ def write_precomputed(
     """Score the gallery at the default settings with the built caches and write ``out`` (.npz).
 
     Methods that are unavailable or not built are left out (and so not shown precomputed).
-    Resumable: each scored gallery sample is saved at once in ``.<out name>.partial/`` (one small .npz per
+    Resumable: each scored gallery sample is saved at once in ``.<out name>.partial-<digest>/`` (one small .npz per
     sample, written atomically, beside the settings key it was scored under), so a run killed part-way
     scores only the samples still missing when it is run again, with the same settings; the folder goes
     once ``out`` is written.  On a large model each sample costs seconds (the K-FAC grid included), and
@@ -165,33 +166,40 @@ def _score_gallery_sample(session: Any, i: int, names: list[str], steps: tuple[f
 
 
 class _RowFolder:
-    """``.<out name>.partial/``: the gallery samples a ``write_precomputed`` run has scored so far, each in
-    ``row-<index>.npz``, under ``settings.json`` (the file's key, its methods and damping grid).  Rows
-    scored under other settings are never reused: the folder is emptied when its settings differ."""
+    """``.<out name>.partial-<digest>/``: the gallery samples a ``write_precomputed`` run has scored so far,
+    each in ``row-<index>.npz``, under ``settings.json`` (the file's key, its methods, damping grid and
+    format).  The folder's name carries the digest of those settings, so rows scored under other settings
+    are never reused, even when two runs with other settings share ``out`` (each keeps its own folder);
+    ``remove`` drops every such folder of ``out`` once ``out`` is written."""
 
     def __init__(self, out: Path, settings: dict[str, Any]):
-        self.folder = out.with_name(f".{out.name}.partial")
+        settings = {**settings, "format": FORMAT}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        self.out = out
+        self.folder = out.with_name(f".{out.name}.partial-{digest}")
+        self.folder.mkdir(parents=True, exist_ok=True)
         try:
             same = json.loads((self.folder / "settings.json").read_text()) == settings
         except (OSError, ValueError):
             same = False
-        if not same:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder.mkdir(parents=True)
+        if not same:  # new, or a settings file a kill cut short: its rows cannot be trusted
+            for row in self.folder.glob("row-*.npz"):
+                row.unlink(missing_ok=True)
             save_json(self.folder / "settings.json", settings)
 
     def load(self, index: int) -> dict[str, np.ndarray] | None:
         try:
             with np.load(self.folder / f"row-{index:05d}.npz", allow_pickle=False) as z:
                 return {k: np.asarray(z[k]) for k in z.files}
-        except (OSError, ValueError, EOFError):  # not scored yet (or unreadable: scored again)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # not scored yet (or unreadable: again)
             return None
 
     def save(self, index: int, arrays: dict[str, np.ndarray]) -> None:
         save_npz(self.folder / f"row-{index:05d}.npz", **arrays)
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        for folder in self.out.parent.glob(f".{self.out.name}.partial-*"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class PrecomputedGallery:
