@@ -209,3 +209,16 @@ def test_the_source_scan_agrees_with_the_imported_classes():
     for d in declared:
         cls = getattr(importlib.import_module(f"engine.attribution.methods.{d.module}"), d.cls)
         assert (cls.name, cls.order) == (d.name, d.order) and METHODS[d.name] is cls
+
+
+def test_the_pool_and_precomputed_paths_take_the_same_damping_rule(toy, folder, digits_small, tmp_path):
+    """Review 47: the pool's matrices and the precomputed results had their own copy of the damping rule and
+    still reported a damping the toy influence method (no damping_field) ignores; all three paths now ask
+    ``damping_for``."""
+    s = AttributionSession(
+        "digits", checkpoint=folder, device="cpu", cache_root=tmp_path, config=TINY_ATTRIBUTION, dataset=digits_small
+    )
+    assert s.damping_for("toy", {"toy": 1e-3}) is None
+    assert s.damping_for("pixel", {}) is None
+    assert s.damping_for("kfac", {"kfac": 1e-3}) == 1e-3
+    assert s.damping_for("kfac", {}) == s.method("kfac").default_damping

@@ -281,13 +281,12 @@ def attribution_matrix(
     meas = parse_measurement(measurement, session.diffusion.T)
     damping = dict(damping or {})
     draws = session.query_draws()
-    info = session.method_info()
     grads: dict[Measurement, tuple[torch.Tensor, float]] = {}
     out: dict[str, MatrixResult] = {}
     built_now = session.build_missing(names) if session.auto_build else {}  # one shared pass, with a bar
     for k, name in enumerate(names):
         m = session.method(name)
-        lam = damping.get(name, info[name]["default_damping"]) if m.kind == "influence" else None
+        lam = session.damping_for(name, damping)
         res = MatrixResult(name=name, kind=m.kind, status="ok", damping=None if lam is None else float(lam))
         out[name] = res
         try:

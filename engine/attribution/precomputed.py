@@ -316,11 +316,10 @@ def precomputed_result(
     if not available or not pre.has(index):
         return None
     damping = dict(damping or {})
-    info = session.method_info()
     methods = {}
     for name in session.method_names():
         m = session.method(name)
-        lam = damping.get(name, info[name]["default_damping"]) if m.kind == "influence" else None
+        lam = session.damping_for(name, damping)
         res = MethodResult(name=name, title=m.title, kind=m.kind, caption=m.caption, status="unavailable")
         scores = pre.scores(index, name, lam) if name in available else None
         if scores is not None:

@@ -494,7 +494,7 @@ class AttributionSession:
                 self._defer_exact_work(prep, defer_exact)
                 res.timing_ms["prepare"] = (time.perf_counter() - t0) * 1000.0
                 prepared[name] = prep
-                res.damping = self._damping_for(name, damping)
+                res.damping = self.damping_for(name, damping)
                 self._score_into(res, m, prep)
                 if qm is not None and qm != meas:
                     res.reason = f"uses the {qm} measurement"
@@ -528,7 +528,7 @@ class AttributionSession:
                 continue
             m = self._methods[name]
             res = replace(old, timing_ms={**old.timing_ms})
-            res.damping = self._damping_for(name, damping)
+            res.damping = self.damping_for(name, damping)
             self._score_into(res, m, prepared[name])
             methods[name] = res
         timing = {"total": (time.perf_counter() - t_start) * 1000.0, "rescore": 1.0}
@@ -592,7 +592,10 @@ class AttributionSession:
         m = self._methods[name]
         return MethodResult(name=name, title=m.title, kind=m.kind, caption=m.caption, status="ok")
 
-    def _damping_for(self, name: str, damping: dict[str, float]) -> float | None:
+    def damping_for(self, name: str, damping: dict[str, float]) -> float | None:
+        """The damping method ``name`` scores with: the asked value, else its default; None for a similarity
+        or an influence method without a damping (its scores ignore one).  The one rule for every caller
+        (queries, rescoring, the pool's matrices, the precomputed scores).  Bad values: InvalidSettingError."""
         if self._methods[name].kind != "influence" or self._methods[name].damping_field is None:
             return None  # a similarity, or an influence method without a damping: its scores ignore one
         if name in damping and damping[name] is not None:
@@ -603,7 +606,7 @@ class AttributionSession:
     def _check_dampings(self, names: list[str], damping: dict[str, float]) -> None:
         """Refuse a bad damping before any gradient is computed (InvalidSettingError, a ValueError)."""
         for name in names:
-            self._damping_for(name, damping)
+            self.damping_for(name, damping)
 
     def _score_into(self, res: MethodResult, m: AttributionMethod, prep: Prepared) -> None:
         t0 = time.perf_counter()
