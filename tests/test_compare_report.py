@@ -129,10 +129,17 @@ def test_result_files_say_how_their_attribution_settings_differ_from_the_served_
     # a cache key leaves out draws at "shared" (KEY_NEUTRAL); a file before the whitened grid has no whiten
     old = {k: v for k, v in served.items() if k not in ("draws", "kfac_bank_whiten", "kfac_factor_draws_mode")}
     assert settings_differences({"attribution": old}, served) == [
-        "draws: shared (now per-example)",
-        "kfac_factor_draws_mode: not recorded (now same)",
+        "draws: shared (now per-example)",  # kfac_factor_draws_mode: "same" before the option, as now
         "kfac_bank_whiten: None (now 1e-10)",
     ]
+    assert settings_differences({"attribution": {k: v for k, v in served.items() if k != "trak_dim"}}, served) == [
+        f"trak_dim: not recorded (now {served['trak_dim']})"  # no known value before: said so, not guessed
+    ]
+    # a compressed bank's own settings count where either side used it
+    compressed = {**served, "kfac_bank": "compressed", "kfac_rerank": 64}
+    assert settings_differences({"attribution": compressed}, served) == [
+        "kfac_bank: compressed (now auto)", f"kfac_rerank: 64 (now {served['kfac_rerank']})"]
+    assert settings_differences({"attribution": {**served, "kfac_rerank": 64}}, served) == []
     # the dampings decide which images a retrain-top run removed, not an LDS figure (it sweeps them)
     damped = {"attribution": {**served, "kfac_damping": 1e-6}}
     retrain = RetrainRecord(path=Path("r.json"), config=damped, results=[], summary={})

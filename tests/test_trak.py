@@ -386,10 +386,17 @@ def test_build_dims_one_gradient_pass_for_a_k_sweep(tmp_path, tiny_model, diffus
         return real(*args, **kwargs)
 
     monkeypatch.setattr(gradients, "train_loss_grads", counting)
+    import engine.attribution.partial_build as partial_build
+
+    joined = []
+    real_share = partial_build.PartialBuild.share_disk_with
+    monkeypatch.setattr(partial_build.PartialBuild, "share_disk_with",
+                        lambda self, others: joined.append(len(others)) or real_share(self, others))
     method = TRAK(config)
     method.part_size = 6
     method.build_dims(ctx, [8, 16, 8])
     assert len(calls) == 2  # two parts (6 + 4 images), not two per k
+    assert joined == [1]  # the early disk check counts both k's caches together (review 47)
     for k in (8, 16):
         assert ctx.store.exists("trak", method.settings(ctx, k))
         other = _ctx(

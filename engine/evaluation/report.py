@@ -107,17 +107,20 @@ def recorded_query_draws(config: dict[str, Any]) -> str:
     return str((config.get("attribution") or {}).get("query_draws") or "own")
 
 
-# the attribution settings that decide a method's scores (so an LDS figure, or which images a retrain-top run
-# removed); query_draws has its own note (``recorded_query_draws``), the dampings are left to the caller
+# the attribution settings that decide the methods' scores (so an LDS figure, or which images a retrain-top
+# run removed); query_draws has its own note (``recorded_query_draws``), the dampings are left to the caller,
+# and the compressed bank's own settings count only where a side used that bank (``COMPRESSED_SETTINGS``)
 SCORE_SETTINGS = (
     "mc_samples", "seed", "draws", "fisher_type", "kfac_approx", "ekfac", "kfac_blocks", "kfac_factor_draws",
-    "kfac_factor_draws_mode", "kfac_bank_whiten", "trak_dim", "trak_projection",
+    "kfac_factor_draws_mode", "kfac_bank", "kfac_bank_whiten", "trak_dim", "trak_projection", "clip_model",
+    "clip_pretrained",
 )
+COMPRESSED_SETTINGS = ("kfac_projection", "kfac_compression", "kfac_rerank", "kfac_rerank_split")
 DAMPINGS = ("kfac_damping", "trak_damping", "dtrak_damping")
 # what a setting a file leaves out was: cache keys leave out ``KEY_NEUTRAL`` fields at their old value, and a
 # file written before an option existed was measured with the behaviour the option's neutral value keeps
 # (the plain int8 grid before ``kfac_bank_whiten``)
-BEFORE_OPTION = {**KEY_NEUTRAL, "kfac_bank_whiten": None}
+BEFORE_OPTION = {**KEY_NEUTRAL, "kfac_bank_whiten": None, "kfac_factor_draws": None, "kfac_factor_draws_mode": "same"}
 
 
 def settings_differences(
@@ -132,6 +135,8 @@ def settings_differences(
     recorded = config.get("attribution")
     if not recorded:
         return None
+    if "compressed" in (recorded.get("kfac_bank"), served.get("kfac_bank")):
+        keys = keys + COMPRESSED_SETTINGS
     out = []
     for key in keys:
         if key not in served:

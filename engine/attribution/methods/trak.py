@@ -241,6 +241,7 @@ class TRAK(AttributionMethod):
         }
         projs = {k: self.projection(ctx, k) for k in todo_dims}
         first = parts[todo_dims[0]]
+        first.share_disk_with([p for p in parts.values() if p is not first])  # one pass fills every k's cache
         shard = distributed.current()  # under torchrun: this rank's parts only (engine.distributed)
         pending = sorted({i for part in parts.values() for i in part.todo()})
         todo = shard.mine(pending)
