@@ -288,7 +288,7 @@ def add_group_retrain(sub: argparse._SubParsersAction) -> None:
 def cmd_group_retrain(args: argparse.Namespace) -> int:
     from ..attribution.group_attribution import check_influence_methods
     from ..evaluation.group_retrain import format_group_retrain, run_group_retrain
-    from ..files import atomic_write_bytes
+    from ..files import save_json
     from ..paths import REPO_ROOT
 
     try:
@@ -308,7 +308,7 @@ def cmd_group_retrain(args: argparse.Namespace) -> int:
         return fail(ValueError(f"no group's retrained model is finished yet, so nothing was measured; "
                                f"{path} is left as it was"))
     results.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
+    save_json(path, record, indent=1)
     print(format_group_retrain(record))
     print(f"wrote {path}")
     return 0
@@ -345,7 +345,7 @@ def add_group_bench(sub: argparse._SubParsersAction) -> None:
 def cmd_group_bench(args: argparse.Namespace) -> int:
     from ..attribution.group_attribution import check_influence_methods
     from ..bench.groups import class_check_from_factors, run_group_bench
-    from ..files import atomic_write_bytes
+    from ..files import save_json
     from ..paths import REPO_ROOT
 
     try:
@@ -363,6 +363,6 @@ def cmd_group_bench(args: argparse.Namespace) -> int:
     results = Path(args.results) if args.results else REPO_ROOT / "assets" / "results"
     suffix = "_class_check_kfac" if args.kfac_factors_only else ""
     path = results / f"groups_{session.preset.name}{suffix}.json"
-    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
+    save_json(path, record, indent=1)
     print(f"wrote {path}")
     return 0

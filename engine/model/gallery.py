@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import jsonio
 from ..config import Preset
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, save_json
 from .data import ImageDataset, to_unit_range
 from .label_classifier import classifier_for, classify, digits_classifier, heldout_quality
 from .sampling import generate, save_grid
@@ -120,5 +119,5 @@ def write_assets(
     if preset.data.name == "digits":
         report = digits_quality(model, preset, dataset, device=device)
     if report:
-        atomic_write_bytes(folder / "sample_quality.json", jsonio.dumps(report, indent=2).encode())
+        save_json(folder / "sample_quality.json", report)
     return report
