@@ -94,8 +94,10 @@ def data_key(dataset: ImageDataset, digest: str | None = None) -> str:
     Two data sets with the same name but other content (a subset, other files) get
     different keys, so a cache can never be scored against the wrong images.  The name is kept to
     letters, digits and ``._-`` (an image folder's set is named ``folder:<its name>``, and a colon or a
-    space has no place in a folder name on every file system); the hash keeps two names that map to
-    the same text apart.  ``digest``: the set's
+    space has no place in a folder name on every file system).  Two names that become the same text
+    share a key only when their images and labels are identical too (the content hash), which is
+    harmless: caches depend on the content alone.  Caches built before 2026-12-05 for an image folder
+    (``folder:<name>-n...``) are not found under the new key and are built again.  ``digest``: the set's
     ``content_digest()`` when the caller has it already (hashing CIFAR-10 takes about a second).
     """
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset.name).lstrip(".") or "data"
