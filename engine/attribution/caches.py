@@ -241,7 +241,10 @@ class MethodCaches:
         store = self.ctx.store
 
         def waited(seconds: float) -> None:
-            fraction, words = store.build_progress(keys)
+            try:
+                fraction, words = store.build_progress(keys)
+            except OSError:  # a progress line must never fail the build that waits (an unreadable folder)
+                fraction, words = 0.0, ""
             while_waiting(seconds, fraction, words)
 
         return store.lock(f"build-{name}", {"keys": keys}, on_wait=on_wait,

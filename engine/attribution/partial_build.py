@@ -267,14 +267,16 @@ class PartialBuild:
         part kept.  The extra arrays ``publish`` adds (an eigendecomposition) are unknown here and left to
         its own check."""
         left = sum(self.part_range(j).stop - self.part_range(j).start for j in self.todo())
-        others = [b for b in self.disk_group if b.folder != self.folder and not b.published and b._need_ahead()]
+        others = {b: need for b in self.disk_group
+                  if b.folder != self.folder and not b.published and (need := b._need_ahead())}
         rows = f"{left} of {self.num_items} rows still to compute, then the published copy of all of them"
         if others:
             names = " and ".join([self.name, *(b.name for b in others)])
             what = f"building {names} (one gradient pass fills them) needs about {{need}} more ({self.name}: {rows})"
         else:
             what = f"building {self.name} needs about {{need}} more ({rows})"
-        self._refuse_unless_free(self._need_ahead() + sum(b._need_ahead() for b in others), what + ", {free} free")
+        own = self.row_bytes * (left + self.num_items) if self.row_bytes is not None else 0
+        self._refuse_unless_free(own + sum(others.values()), what + ", {free} free")
 
     def _refuse_unless_free(self, need: int, message: str) -> None:
         """OSError(ENOSPC) with ``message`` (its ``{need}`` and ``{free}`` filled in) when the disk holding

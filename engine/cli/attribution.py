@@ -16,7 +16,7 @@ from typing import Any
 from .. import jsonio
 from ..attribution.methods import METHODS, method_names, parse_methods
 from ..attribution.signs import end_signs
-from ..config import SETTING_FLAGS
+from ..config import SETTING_FLAGS, AttributionConfig
 from ..validation import DRAW_MODES, SHARED_DRAW_MODES, check_damping
 from .common import build_progress, check_output_file, fail, register, resolve, subcommand
 
@@ -119,7 +119,9 @@ def _kfac_bank_help() -> str:
 
     kinds = [k for k in bank_modes() if k != "auto"]
     listed = ", ".join(f"{k} ({BANK_KIND_NOTES[k]})" if k in BANK_KIND_NOTES else k for k in kinds)
-    return f"K-FAC training-gradient bank: {listed}, auto (stored if under 8 GiB, else compressed; default)"
+    limit = AttributionConfig().kfac_bank_max_gb
+    return (f"K-FAC training-gradient bank: {listed}, auto (stored if under the preset's kfac_bank_max_gb, "
+            f"{limit:g} GiB by default, else compressed; default)")
 
 
 def open_session(args: argparse.Namespace, auto_build: bool = False):
