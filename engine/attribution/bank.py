@@ -487,8 +487,7 @@ def build_bank(
     fed = [str(c.method) for c in consumers or () if getattr(c, "method", None)]
     arrays = build_in_parts(store, name, settings, n, chunk_size, compute, progress,
                             meta={"gradient_pass_fed": fed} if fed else None,
-                            group=_rank_group(chunk_size, consumers),
-                            disk_siblings=[c.part for c in consumers or () if hasattr(getattr(c, "part", None), "share_disk_with")])
+                            group=_rank_group(chunk_size, consumers), disk_siblings=_consumer_parts(consumers))
     if store is None:
         merged = {k: v.to(device) for k, v in arrays.items()}
         return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES),
@@ -496,12 +495,17 @@ def build_bank(
     return RotatedBank.from_arrays(arrays, blocks, device, weights)
 
 
+def _consumer_parts(consumers: list[Any] | None) -> list[Any]:
+    """The consumers' own resumable builds (a TRAK ``FeatureSink``'s ``part``), which this pass fills."""
+    return [c.part for c in consumers or () if hasattr(getattr(c, "part", None), "part_size")]
+
+
 def _rank_group(chunk_size: int, consumers: list[Any] | None) -> int:
     """How many consecutive bank chunks one torchrun rank takes (``Shard.mine``'s ``group``), so that every
-    part of a consumer's own resumable build (``consumer.part.part_size`` rows, aligned at multiples of it)
-    gets all its rows on one rank and can be saved there: the chunks spanning the least common multiple of
-    the part sizes, in chunks."""
-    sizes = [int(c.part.part_size) for c in consumers or () if hasattr(getattr(c, "part", None), "part_size")]
+    part of a consumer's own resumable build (``part_size`` rows, aligned at multiples of it) gets all its
+    rows on one rank and can be saved there: the chunks spanning the least common multiple of the part
+    sizes, in chunks."""
+    sizes = [int(p.part_size) for p in _consumer_parts(consumers)]
     return math.lcm(int(chunk_size), *sizes) // int(chunk_size) if sizes else 1
 
 

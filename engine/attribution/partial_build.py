@@ -111,7 +111,6 @@ class PartialBuild:
         self.space_checked = False  # the disk is checked once per run, after its first saved part
         self.row_bytes: int | None = None  # one row over every array, known once a part is saved
         self.disk_group: list[PartialBuild] = [self]  # builds filled by one pass (``share_disk_with``)
-        self.published = False
 
     def share_disk_with(self, others: Sequence[PartialBuild]) -> None:
         """Declare that ``others`` are filled by the same gradient pass as this build (TRAK's and D-TRAK's
@@ -122,9 +121,16 @@ class PartialBuild:
         for b in group:
             b.disk_group = group
 
+    def _rows_left(self) -> int:
+        """Rows of the parts still to compute."""
+        return sum(self.part_range(j).stop - self.part_range(j).start for j in self.todo())
+
     def _need_ahead(self) -> int:
-        """Bytes this build still writes: the rows still to compute plus the published copy; 0 while no
-        part has told the row size (a part saved by this run, or one an earlier run left)."""
+        """Bytes this build still writes: the rows still to compute plus the published copy; 0 once it is
+        published or discarded (its folder is gone), and while no part has told the row size (a part saved
+        by this run, or one an earlier run left)."""
+        if not self.folder.is_dir():
+            return 0
         if self.row_bytes is None:
             done = next((i for i in range(self.num_parts) if self.is_done(i)), None)
             if done is None:
@@ -133,8 +139,7 @@ class PartialBuild:
                 self.row_bytes = _row_bytes(json.loads((self.folder / f"part-{done:05d}.done").read_text()))
             except (OSError, ValueError, KeyError, TypeError):
                 return 0
-        left = sum(self.part_range(j).stop - self.part_range(j).start for j in self.todo())
-        return self.row_bytes * (left + self.num_items)
+        return self.row_bytes * (self._rows_left() + self.num_items)
 
     def mark_shared(self, provider: str) -> None:
         """Record that parts of this build come from ``provider``'s gradient pass (see the class notes);
@@ -249,7 +254,6 @@ class PartialBuild:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(self.folder, ignore_errors=True)
-        self.published = True
         return final
 
     def _check_space(self, first: Mapping[str, Any], extra: Mapping[str, ArrayLike] | None) -> None:
@@ -266,17 +270,15 @@ class PartialBuild:
         would only fail at ``publish`` (hours later on a large bank) fails at its start instead, its first
         part kept.  The extra arrays ``publish`` adds (an eigendecomposition) are unknown here and left to
         its own check."""
-        left = sum(self.part_range(j).stop - self.part_range(j).start for j in self.todo())
-        others = {b: need for b in self.disk_group
-                  if b.folder != self.folder and not b.published and (need := b._need_ahead())}
+        left = self._rows_left()
+        others = {b: need for b in self.disk_group if b.folder != self.folder and (need := b._need_ahead())}
         rows = f"{left} of {self.num_items} rows still to compute, then the published copy of all of them"
         if others:
             names = " and ".join([self.name, *(b.name for b in others)])
             what = f"building {names} (one gradient pass fills them) needs about {{need}} more ({self.name}: {rows})"
         else:
             what = f"building {self.name} needs about {{need}} more ({rows})"
-        own = self.row_bytes * (left + self.num_items) if self.row_bytes is not None else 0
-        self._refuse_unless_free(own + sum(others.values()), what + ", {free} free")
+        self._refuse_unless_free(self._need_ahead() + sum(others.values()), what + ", {free} free")
 
     def _refuse_unless_free(self, need: int, message: str) -> None:
         """OSError(ENOSPC) with ``message`` (its ``{need}`` and ``{free}`` filled in) when the disk holding
@@ -288,6 +290,16 @@ class PartialBuild:
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def saved_parts(folder: Path) -> tuple[int, int] | None:
+    """(parts saved, parts in all) of the resumable build in ``folder``, read from its files only (another
+    process's build, say); None when there is no such build there."""
+    try:
+        total = int(json.loads((folder / SETTINGS).read_text())["num_parts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return sum(1 for _ in folder.glob("part-*.done")), total
 
 
 def _row_bytes(infos: Mapping[str, Any]) -> int:

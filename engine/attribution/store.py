@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..model.dataset import ImageDataset
-from .partial_build import PartialBuild
+from .partial_build import PartialBuild, saved_parts
 from .store_files import (
     SETTINGS,
     ArrayLike,
@@ -427,13 +427,11 @@ class Store:
             if self.path(name, settings).is_dir():
                 fractions.append(1.0)
                 continue
-            folder = self._partial_folder(name, settings)
-            try:
-                total = int(json.loads((folder / SETTINGS).read_text())["num_parts"])
-            except (OSError, ValueError, KeyError, TypeError):
+            saved = saved_parts(self._partial_folder(name, settings))
+            if saved is None:
                 fractions.append(0.0)
                 continue
-            done = sum(1 for _ in folder.glob("part-*.done"))
+            done, total = saved
             fractions.append(done / max(total, 1))
             words.append(f"{name} {done}/{total} parts")
         return (sum(fractions) / len(fractions) if fractions else 0.0), ", ".join(words)
