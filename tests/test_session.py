@@ -417,3 +417,22 @@ def test_labels_name_the_measurement_each_method_scores(session):
     labels = axis_labels(SimpleNamespace(session=session), ["kfac", "dtrak"], "loss")
     assert labels["kfac"].endswith("predicted change of the loss")
     assert labels["dtrak"].endswith("predicted change of the square-norm")
+
+
+def test_the_cli_names_the_checkpoint_in_printed_commands_only_when_given(tmp_path):
+    """Without --checkpoint the printed build command said `--checkpoint /abs/path/assets/digits`
+    (the default folder, resolved): harmless, but not what the user typed, and tied to this clone."""
+    from engine.cli.attribution import open_session
+    from engine.cli.parser import build_parser
+    from engine.paths import default_checkpoint
+
+    def session(*extra: str) -> AttributionSession:
+        args = build_parser().parse_args(
+            ["query", "--preset", "digits", "--query", "gallery:0", "--device", "cpu", "--cache-root", str(tmp_path),
+             *extra])
+        return open_session(args)
+
+    plain = session().build_command(["pixel"])
+    assert plain.startswith("attribution-engine build --preset digits --cache-root") and "--checkpoint" not in plain
+    given = session("--checkpoint", str(default_checkpoint("digits"))).build_command(["pixel"])
+    assert f"--checkpoint {default_checkpoint('digits')}" in given

@@ -150,8 +150,10 @@ def open_session(args: argparse.Namespace, auto_build: bool = False):
         )
         changes["kfac_factor_draws"] = None
     config = dataclasses.replace(preset.attribution, **changes)
+    # the default checkpoint is left to the session (the same folder), so the commands it prints name
+    # --checkpoint only when the user did
     return AttributionSession(
-        preset, checkpoint=ckpt, device=device, cache_root=getattr(args, "cache_root", None), config=config,
+        preset, checkpoint=ckpt if args.checkpoint else None, device=device, cache_root=getattr(args, "cache_root", None), config=config,
         auto_build=auto_build, preset_spec=args.preset,
     )
 
