@@ -298,6 +298,7 @@ class CompressedRows:
         return self.bank.nbytes
 
     def inner_many(self, queries: torch.Tensor) -> torch.Tensor:
+        """(G, N) estimates of <R_i, q_g> from the compressed rows (``Rows``; no 1/N)."""
         return self.bank.inner_many(queries)
 
     def make_query(self, grad: torch.Tensor, rotated_full: torch.Tensor) -> RerankedQuery:

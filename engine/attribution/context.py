@@ -29,6 +29,9 @@ from .train_draws import TrainDraws, training_draws
 
 @dataclass
 class EngineContext:
+    """What every method's ``build``, ``prepare`` and ``score`` share: the model (eval mode), its
+    diffusion, the training set, the device and the attribution settings, opened once by the session."""
+
     preset: Preset
     model: nn.Module  # eval mode
     diffusion: Diffusion

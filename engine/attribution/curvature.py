@@ -1,6 +1,6 @@
 """K-FAC (and EK-FAC) curvature of the diffusion training loss via curvlinops (docs/architecture.md §4).
 
-G approximates the Hessian of L(theta) = (1/N) sum_n l(theta, x_n) (paper eq. 5/6) by the
+G approximates the Hessian of L(theta) = (1/N) sum_n l(theta, x_n) (paper eq. 3; its Hessian is eq. 5's) by the
 Kronecker-factored GGN / Fisher (paper eqs. 9-12), one block per Conv2d and Linear layer:
 
     G_l = B_l (x) A_l   (weights, W of shape (out, in*kh*kw), row-major vec)
@@ -16,8 +16,9 @@ times sqrt(D); factors corrected by batch^2/num_data), so the result is the GGN 
 
     (1/(N M)) sum_{n,m} (1/D) ||eps_m - eps_theta(x_{t_m}(x_n), t_m)||^2 = L(theta)
 
-with L estimated by the same M draws per example as the train gradients (common random
-numbers).  For a single Linear layer and one data point K-FAC, the exact GGN and the
+with L estimated by the train gradients' M draws per example (common random numbers), or by
+the first ``kfac_factor_draws`` of them, or, with ``kfac_factor_draws_mode="per-example"``, by
+draws of the factors' own (docs/architecture.md §6).  For a single Linear layer and one data point K-FAC, the exact GGN and the
 Hessian of L coincide; ``tests/test_curvature.py`` checks it.
 
 Fisher types.  ``mc`` (default, paper eq. 10): B is built from output gradients of the
@@ -92,6 +93,12 @@ class LayerFactors:
 
 @dataclass
 class KFACFactors:
+    """K-FAC's G = blockdiag_l(B_l (x) A_l) (paper eq. 12) with each factor's eigendecomposition, one
+    ``LayerFactors`` per Conv2d/Linear layer, and ``blocks`` laying the parameters out in ``params``
+    order.  Everything influence needs comes from here: ``rotate`` (U^T g), ``eigenvalues`` (e = b a^T
+    per weight block, b per bias; EK-FAC's corrected ones when fitted) and ``unrotate``, so that
+    (G + lambda I)^{-1} g = U diag(1 / (e + lambda)) U^T g."""
+
     layers: list[LayerFactors]
     blocks: list[Block]  # in params order
     # seconds the pass that made them ran in earlier, interrupted attempts, up to their last checkpoint
@@ -100,10 +107,12 @@ class KFACFactors:
 
     @property
     def num_params(self) -> int:
+        """P: the parameters the factors cover (every Conv2d/Linear weight and bias)."""
         return sum(b.size for b in self.blocks)
 
     @property
     def ekfac(self) -> bool:
+        """Whether the eigenvalues are EK-FAC's corrected ones (George et al. 2018) rather than b a^T."""
         return any(lf.ekfac_weight is not None or lf.ekfac_bias is not None for lf in self.layers)
 
     # --- the eigenbasis ----------------------------------------------------------------
@@ -168,6 +177,7 @@ class KFACFactors:
     # --- persistence -------------------------------------------------------------------
 
     def to_arrays(self) -> dict[str, np.ndarray]:
+        """Every layer's eigenvectors and eigenvalues as named arrays, for the factor cache's npz."""
         arrays: dict[str, np.ndarray] = {}
         for i, lf in enumerate(self.layers):
             for key in ("qa", "a", "qb", "b", "ekfac_weight", "ekfac_bias"):

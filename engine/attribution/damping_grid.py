@@ -21,7 +21,8 @@ only).  The Cauchy kernel 1/(e + lambda) has fast-decaying singular values, so f
 suffice: three per decade, reaching one decade beyond the dampings offered, give
 tol ~ 5e-5 (``interpolation_weights`` checks it on every call and refuses above
 ``INTERP_TOL``, in which case the caller takes the exact pass).  For comparison, the int8
-bank perturbs each coordinate by up to 1/254 of its block's largest entry.
+bank perturbs each coordinate by up to half a step of its grid: 1/254 of its block's largest
+whitened entry, times the coordinate's w (docs/architecture.md §4).
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """Per-example Monte Carlo gradients with common random numbers (docs/architecture.md §3, §4, §6).
 
-The training loss of example i is estimated with M draws (t_m, eps_m), by default the *same*
-M draws for every example (common random numbers), so that differences between examples'
-gradients are not drowned in Monte Carlo noise, or independent draws per example
-(``draws="per-example"``, paper G.3; ``engine.attribution.train_draws``):
+The training loss of example i is estimated with M draws (t_m, eps_m): by default independent
+draws per example (``draws="per-example"``, paper G.3; ``engine.attribution.train_draws``), or the
+*same* M draws for every example (``draws="shared"``, common random numbers, the mnist preset's), so
+that differences between examples' gradients are not drowned in Monte Carlo noise:
 
     l(theta, x_i) ~= (1/M) sum_m l(theta; flip_m(x_i), t_m, eps_m),
     l(theta; x, t, eps) = (1/D) ||eps - eps_theta(sqrt(abar_t) x + sqrt(1 - abar_t) eps, t)||^2
 
-(docs/architecture.md §3; the paper's per-example loss in eq. 5/6 estimated by Monte Carlo; flip_m is
+(docs/architecture.md §3; the paper's per-example loss, eq. 2, estimated by Monte Carlo; flip_m is
 the identity unless the preset trains with random horizontal flips, paper G.8).  D-TRAK's
 ``square-norm`` replaces the summand by (1/D) ||eps_theta(x_t, t)||^2.
 

@@ -18,7 +18,7 @@ the precomputed ones; at float32 they are the live scores, bit for bit.
 
 The file is keyed: ``key`` holds the checkpoint's content hash, the training set's key, the
 gallery's hash, the measurement, the query draws, and every method's cache settings and
-default damping.  ``PrecomputedGallery.matches`` compares all of it with a live session, so
+default damping.  ``PrecomputedGallery.methods_for`` compares all of it with a live session, so
 the scores are never shown for another model, data set or setting; a method whose settings
 differ is simply absent.
 """

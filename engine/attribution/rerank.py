@@ -180,7 +180,7 @@ def rerank_scores(
     chunk: int = 1 << 20,
     max_query_bytes: int = 4 << 30,
     should_stop: Callable[[], bool] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Exact K-FAC scores (len(images), G) of these training images at every damping in ``dampings``.
 

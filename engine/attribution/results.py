@@ -12,6 +12,10 @@ from .methods.base import Prepared
 
 @dataclass
 class RankedItem:
+    """One training image in a method's ranking: its index, its score (tau_i for influence, paper
+    eq. 6; a cosine for similarity), its label where the data set has labels, and whether the score is
+    exact or a compressed bank's estimate."""
+
     index: int  # training index
     score: float
     label: int | None

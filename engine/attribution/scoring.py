@@ -41,6 +41,10 @@ class Rows(Protocol):
 
     num_examples: int
     grid_max_bytes: int  # the damped queries of one grid pass may take this much (else a coarser grid)
+    # True: the damping grid comes with the first score (the gradients dominate a query, e.g. a streamed
+    # bank); False: the first score is one exact pass and the grid comes later (a pass over the rows costs
+    # several single passes: the stored int8 bank, TRAK's dense rows).  Read with True as the default.
+    grid_in_first_pass: bool
 
     def inner_many(self, queries: torch.Tensor) -> torch.Tensor:
         """(G, N) inner products <R_i, q_g> for G damped rotated queries (G, P'), without 1/N."""
@@ -60,6 +64,7 @@ class DenseRows:
         self.num_examples = int(rows.shape[0])
 
     def inner_many(self, queries: torch.Tensor) -> torch.Tensor:
+        """(G, N) <R_i, q_g> without 1/N (``Rows``): a matrix-vector product for one query."""
         q = queries.to(self.rows.device, self.rows.dtype)
         if q.shape[0] == 1:
             return (self.rows @ q[0])[None]  # a matrix-vector product for one damping

@@ -61,9 +61,12 @@ class PerExampleDraws:
 
     @property
     def batched(self) -> bool:
+        """Always: every example has its own M draws (paper G.3)."""
         return True
 
     def example(self, index: int) -> MCDraws:
+        """Training example ``index``'s M draws, a function of the seed and the index alone, so that a
+        resumed pass, a torchrun shard and a re-rank all see the same draws for that example."""
         d = make_draws(self.m, self.shape, self.num_timesteps, example_seed(self.seed, index), flip=self.flip)
         return d if self.take is None else d.head(self.take)
 
@@ -81,6 +84,7 @@ class PerExampleDraws:
         return MCDraws(torch.stack([d.t for d in per]), torch.stack([d.eps for d in per]), flip)
 
     def head(self, k: int) -> PerExampleDraws:
+        """Each example's first ``k`` draws (the K-FAC factors from k of the bank's M draws)."""
         return PerExampleDraws(self.m, self.shape, self.num_timesteps, self.seed, self.flip, int(k))
 
     def digest(self) -> str:

@@ -11,7 +11,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import jsonio
 from ..attribution.methods import METHODS, method_names, parse_methods
@@ -19,6 +19,9 @@ from ..attribution.signs import end_signs
 from ..config import SETTING_FLAGS, AttributionConfig
 from ..validation import DRAW_MODES, SHARED_DRAW_MODES, check_damping
 from .common import build_progress, check_output_file, fail, register, resolve, subcommand
+
+if TYPE_CHECKING:  # the parser must not import torch (tests/test_architecture.py)
+    from ..attribution.session import AttributionSession
 
 
 def _add_attribution_options(p: argparse.ArgumentParser) -> None:
@@ -124,7 +127,7 @@ def _kfac_bank_help() -> str:
             f"{limit:g} GiB by default, else compressed; default)")
 
 
-def open_session(args: argparse.Namespace, auto_build: bool = False):
+def open_session(args: argparse.Namespace, auto_build: bool = False) -> AttributionSession:
     """An AttributionSession from the common CLI options."""
     from ..attribution.session import AttributionSession
 

@@ -13,14 +13,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import PRESETS, get_preset
+from ..config import PRESETS, Preset, get_preset
 from ..paths import best_device, default_checkpoint
 
 Handler = Callable[[argparse.Namespace], int]
 REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
-def register(fn: Callable[[argparse._SubParsersAction], None]):
+def register(fn: Callable[[argparse._SubParsersAction], None]) -> Callable[[argparse._SubParsersAction], None]:
+    """Decorator: ``fn`` adds its subcommand to the parser (``engine.cli.parser`` calls every one)."""
     REGISTRY.append(fn)
     return fn
 
@@ -55,7 +56,7 @@ def subcommand(
     return p
 
 
-def resolve(args: argparse.Namespace):
+def resolve(args: argparse.Namespace) -> tuple[Preset, Path, str]:
     """Preset (with --data-root applied), checkpoint folder and device from common args."""
     preset = get_preset(args.preset, getattr(args, "data_root", None))
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(preset.name)

@@ -354,7 +354,7 @@ class AblationJob:
     ``lds`` must be the run's own subsets/seeds/fraction (the subsets are read back, not drawn);
     ``build_only``: build the variants' caches and stop (no models needed, so it can run while the
     run's subset models train); ``attribution``: the requested preset's attribution settings, which
-    every variant changes (as ``engine.evaluation.setup.run_setup`` gives the LDS run itself); None
+    every variant changes (as ``engine.evaluation.setup.resolve_setup`` gives the LDS run itself); None
     keeps those saved with the checkpoint when it was trained, which may be older than the preset's."""
 
     run: Path

@@ -61,6 +61,7 @@ class MCDraws:
 
     @property
     def batched(self) -> bool:
+        """True when each example has draws of its own (t of shape (B, M)), False for one shared set (M,)."""
         return self.t.dim() == 2
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MCDraws:
@@ -191,6 +192,7 @@ class Diffusion:
         return (eps - pred).pow(2).flatten(1).mean(1)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): Ho et al.'s eq. 4 solved for x_0."""
         ab = self._gather(self.alpha_bars, t, x_t)
         return (x_t - (1.0 - ab).sqrt() * eps_pred) / ab.sqrt()
 

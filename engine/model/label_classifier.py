@@ -15,7 +15,7 @@ with >= 9 classes among the confident samples.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,12 +23,15 @@ import torch
 from ..config import Preset
 from .dataset import ImageDataset, to_unit_range
 
+if TYPE_CHECKING:  # scikit-learn is imported where a classifier is fitted
+    from sklearn.linear_model import LogisticRegression
+
 CONFIDENT = 0.8
 REQUIRED_RATIO = 0.9
 REQUIRED_CLASSES = 9
 
 
-def fit_pixel_classifier(x01: np.ndarray, labels: np.ndarray):
+def fit_pixel_classifier(x01: np.ndarray, labels: np.ndarray) -> LogisticRegression:
     """Multinomial logistic regression on [0, 1] pixel vectors (n, D)."""
     from sklearn.linear_model import LogisticRegression
 
@@ -37,7 +40,7 @@ def fit_pixel_classifier(x01: np.ndarray, labels: np.ndarray):
     return clf
 
 
-def classify(clf, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def classify(clf: LogisticRegression, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(predicted label, max probability) for images in [-1, 1]."""
     proba = clf.predict_proba(to_unit_range(images).flatten(1).numpy())
     return proba.argmax(1), proba.max(1)
@@ -58,7 +61,7 @@ def _shipped_halves(seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple
     return (x01[fit], labels[fit]), (x01[held], labels[held])
 
 
-def digits_classifier(dataset: ImageDataset):
+def digits_classifier(dataset: ImageDataset) -> LogisticRegression:
     """Logistic regression on the real digits, inputs as [0, 1] pixel vectors."""
     from sklearn.linear_model import LogisticRegression
 
@@ -68,7 +71,7 @@ def digits_classifier(dataset: ImageDataset):
     return clf
 
 
-def classifier_for(preset: Preset, dataset: ImageDataset | None):
+def classifier_for(preset: Preset, dataset: ImageDataset | None) -> LogisticRegression | None:
     """The labelling classifier of ``preset`` or None when the preset has no labelled reference."""
     if preset.data.name == "mnist" and preset.data.root is None:
         (x, y), _ = _shipped_halves()
@@ -78,7 +81,7 @@ def classifier_for(preset: Preset, dataset: ImageDataset | None):
     return None
 
 
-def heldout_quality(clf, samples: torch.Tensor, seed: int = 0) -> dict[str, Any]:
+def heldout_quality(clf: LogisticRegression, samples: torch.Tensor, seed: int = 0) -> dict[str, Any]:
     """Confident fraction of ``samples`` (in [-1, 1]) vs the held-out real half; pass/fail as documented."""
     _, (x_held, y_held) = _shipped_halves(seed)
     lab_s, p_s = classify(clf, samples)

@@ -93,7 +93,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): predicts the noise added to x_0 (Ho et al. 2020, eq. 12)."""
+    """eps_theta(x_t, t): predicts the noise added to x_0 (Ho et al. 2020, eq. 11; trained by their eq. 12's loss)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -174,8 +174,10 @@ class UNet(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> UNet:
+    """The U-Net a preset's ``ModelConfig`` describes, freshly initialised."""
     return UNet(cfg)
 
 
 def count_parameters(model: nn.Module) -> int:
+    """All parameters of ``model`` (the figure the README gives per preset)."""
     return sum(p.numel() for p in model.parameters())

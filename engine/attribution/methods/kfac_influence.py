@@ -59,6 +59,10 @@ def _params_digest(params: list[tuple[str, torch.nn.Parameter]]) -> str:
 
 @register
 class KFACInfluence(AttributionMethod):
+    """tau_i = (1/N) grad m(q)^T (G + lambda I)^{-1} grad l(x_i) with G = K-FAC of the GGN (paper eqs.
+    6, 12): the factors (one pass), then the training gradients rotated into their eigenbasis and kept by a
+    bank kind (``bank_kinds``: stored int8, streamed, compressed), scored by ``scoring.EigenbasisQuery``."""
+
     name = "kfac"
     order = 0
     title = "K-FAC Influence"
@@ -104,6 +108,9 @@ class KFACInfluence(AttributionMethod):
     # --- cache keys ---------------------------------------------------------------------
 
     def factor_settings(self, ctx: EngineContext) -> dict[str, Any]:
+        """The settings the factors depend on (the parameters' digest, N, M, the seed and draws, the Fisher
+        type, the K-FAC variant, EK-FAC, the dtype): part of the factor cache's key (the store adds the
+        checkpoint and data set), so a change of any of them builds new factors."""
         c = self.config
         dtype = str(ctx.params[0][1].dtype).removeprefix("torch.")
         return {
@@ -141,6 +148,8 @@ class KFACInfluence(AttributionMethod):
         return draws
 
     def bank_settings(self, ctx: EngineContext) -> dict[str, Any]:
+        """The factors' settings plus the bank's own (loss, quantisation, chunking, whitening): the
+        bank cache's key."""
         s = self.factor_settings(ctx)
         s.update(loss="loss", quantize=self.quantize, chunk_size=self.chunk_size)
         if self.quantize and self.config.kfac_bank_whiten is not None:  # absent: the plain grid (older caches)
@@ -263,6 +272,8 @@ class KFACInfluence(AttributionMethod):
         return not self.is_built(ctx) and self.bank_mode(ctx) == "stored"
 
     def feed_gradient_pass(self, sinks: list[Any]) -> None:
+        """Other methods' sinks (TRAK's, D-TRAK's) fed by this method's bank pass: one gradient pass fills
+        all three caches (``MethodCaches.share_gradient_passes``)."""
         self.gradient_consumers = list(sinks)
 
     @classmethod
@@ -278,6 +289,8 @@ class KFACInfluence(AttributionMethod):
         return self.factors.rotate(grads)
 
     def prepare(self, ctx: EngineContext, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
+        """The query's damping-independent state: q = U^T grad m(q) and the eigenvalues e, bound to the
+        bank's rows (an ``EigenbasisQuery``; a compressed bank's ``RerankedQuery``)."""
         if query_grad is None:
             raise ValueError("K-FAC Influence needs the query's measurement gradient")
         if self._key != self._ctx_key(ctx):
