@@ -463,6 +463,9 @@ def test_retrain_top_trains_its_models_on_the_runs_device(tiny_preset, digits_sm
     (["--fraction", "1.5"], "--fraction must lie strictly between 0 and 1"),
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--subsets", "2"], "--subsets must be at least 3 to score an LDS"),
+    # a typo was reported only after every subset model was trained (QA 15)
+    (["--methods", "kfac,bogus"], "unknown method(s) bogus"),
+    (["--measurement", "lossy"], "unknown measurement 'lossy'"),
 ])
 def test_lds_refuses_bad_run_settings_before_writing_or_training(tmp_path, capsys, argv, message):
     """A fraction of 0 wrote the run's files before failing; 2 subsets trained both models and only then
@@ -474,3 +477,72 @@ def test_lds_refuses_bad_run_settings_before_writing_or_training(tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and not (tmp_path / "res").exists()
+
+
+def test_shared_full_measurements_are_kept_apart_per_model(tiny_preset, tiny_model, digits_small, tmp_path):
+    """A run's ``full_measurements`` folder is shared by every checkpoint run into it: a second model's
+    retrain-top was compared against the first model's loss of the same training image (QA 15: measured
+    change +0.741 instead of -0.002)."""
+    from engine.model.checkpoint import save_checkpoint
+    from engine.model.unet import build_model
+
+    first = save_checkpoint(tmp_path / "a", tiny_model, tiny_preset)
+    torch.manual_seed(1)
+    second = save_checkpoint(tmp_path / "b", build_model(tiny_preset.model).eval(), tiny_preset)
+    queries = digits_small.images[:2]
+    spec = MeasureSpec("loss", mc_samples=8, seed=3, batch=8)
+    shared = tmp_path / "run" / "full_measurements"
+    a = cached_measurements(first, queries, spec, 17, cache_dir=shared)
+    b = cached_measurements(second, queries, spec, 17, cache_dir=shared)
+    assert not np.allclose(a, b)  # the second model measured, not the first one's file
+    np.testing.assert_array_equal(b, cached_measurements(second, queries, spec, 17))  # = its own measurement
+    np.testing.assert_array_equal(a, cached_measurements(first, queries, spec, 17, cache_dir=shared))
+    assert len(list(shared.glob("*.json"))) == 2
+
+
+def test_an_lds_run_folder_belongs_to_one_checkpoint(tiny_preset, tiny_model, tmp_path):
+    """``subsets.npz`` records the data, fraction and seed but not the model: a run with another
+    --checkpoint into the same --out reused the first model's subset models and queries (QA 15)."""
+    from engine.evaluation.lds import bind_run_to_checkpoint
+    from engine.model.checkpoint import checkpoint_hash, save_checkpoint
+    from engine.model.unet import build_model
+
+    first = save_checkpoint(tmp_path / "a", tiny_model, tiny_preset)
+    torch.manual_seed(1)
+    second = save_checkpoint(tmp_path / "b", build_model(tiny_preset.model).eval(), tiny_preset)
+    run = tmp_path / "run"
+    assert bind_run_to_checkpoint(run, second, record=False) == checkpoint_hash(second)  # a reader binds nothing
+    assert not run.exists()
+    assert bind_run_to_checkpoint(run, first) == checkpoint_hash(first)
+    assert bind_run_to_checkpoint(run, first) == checkpoint_hash(first)  # the same model again: fine
+    for record in (True, False):
+        with pytest.raises(SubsetMismatchError, match="use another --out"):
+            bind_run_to_checkpoint(run, second, record=record)
+
+
+@pytest.mark.parametrize("argv", [
+    ["lds", "--workers", "0"],
+    ["retrain-top", "--query", "gallery:0", "--workers", "0"],
+    ["retrain-top", "--query", "gallery:0", "--steps", "0"],
+    ["group-retrain", "--remove", "label:1", "--steps", "0"],
+    ["group-bench", "--pool-size", "0"],
+    ["bench-scale", "--mc", "0"],
+    ["bench", "--threads", "0"],
+    ["bench-foundation", "--steps", "-1"],
+])
+def test_counts_below_one_are_refused_while_parsing(argv, capsys):
+    """0 workers, steps, draws or pool samples were accepted and failed late, or silently meant 1 (QA 15)."""
+    from engine.cli.parser import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_scale_sizes_are_checked_before_any_work(capsys):
+    """``--sizes 0`` ended in an IndexError traceback deep in the bank build (QA 15)."""
+    from engine.cli import main
+
+    assert main(["bench-scale", "--sizes", "0", "--out", "unused.json"]) == 2
+    err = capsys.readouterr().err
+    assert "--sizes '0': every value must be at least 1" in err and "Traceback" not in err

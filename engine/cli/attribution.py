@@ -170,7 +170,7 @@ def add_build(sub: argparse._SubParsersAction) -> None:
         sub,
         "build",
         cmd_build,
-        help="build attribution caches (K-FAC factors and bank, TRAK features, CLIP embeddings)",
+        help="build attribution caches (K-FAC factors and bank, TRAK and D-TRAK features, CLIP embeddings, pixels)",
         description="Compute or load each method's cache for the checkpoint and data set. Resumable: "
         "finished parts of a bank are kept when a build is interrupted.",
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..attribution.methods import method_names, parse_methods
 from ..paths import ASSETS
-from .common import fail, register, resolve, subcommand
+from .common import at_least, fail, int_list, register, resolve, subcommand
 
 DEFAULT_OUT = ASSETS / "results" / "bench_attribution.json"
 
@@ -40,7 +40,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-float32", action="store_true", help="skip the int8 vs float32 comparison (one gradient pass)")
     p.add_argument("--kronfluence", action="store_true", help="also compare against kronfluence's KFAC")
     p.add_argument("--kronfluence-queries", type=int, default=3, help="gallery queries for kronfluence (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -94,8 +94,6 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 @register
@@ -117,7 +115,7 @@ def add_bench_compressed(sub: argparse._SubParsersAction) -> None:
                    help="examples whose hooks-projected gradients time the build (default 16)")
     p.add_argument("--lds-json", default=None, help="LDS results of the full bank (its kfac entry is copied)")
     p.add_argument("--lds-run", default=None,
-                   help="LDS run folder with the K=32 trained subset models (e.g. runs/lds/digits): LDS per variant")
+                   help="LDS run folder with its trained subset models (e.g. runs/lds/digits): LDS per variant")
     p.add_argument("--lds-partial", action="store_true",
                    help="with --lds-run: a PRELIMINARY LDS on the subset models trained so far (>= 3)")
     p.add_argument("--out", default=None, help="output JSON (default assets/results/compressed_<preset>.json)")
@@ -169,7 +167,7 @@ def add_bench_scale(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--factor-rows", type=int, default=0,
                    help="(example, draw) rows for timing the K-FAC factor pass (default 0: not timed)")
     p.add_argument("--scan-sizes", default="256,1024,4096", help="N of the timed bank scans (default 256,1024,4096)")
-    p.add_argument("--mc", type=int, default=1, help="M draws per example for the timed passes (default 1)")
+    p.add_argument("--mc", type=at_least(1), default=1, help="M draws per example for the timed passes (default 1)")
     p.add_argument("--ratio", type=float, default=128.0, help="compression ratio (default 128)")
     p.add_argument("--projection", default="gaussian", choices=("eigen", "gaussian"),
                    help="projection of the compressed bank: seeded gaussian or top eigenvectors of the factors")
@@ -187,7 +185,7 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
 
     _, _, device = resolve(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    record = run_bench_scale(_ints(args.sizes), _ints(args.scan_sizes), args.mc, args.ratio, args.projection,
+    record = run_bench_scale(int_list(args.sizes, "--sizes"), int_list(args.scan_sizes, "--scan-sizes"), args.mc, args.ratio, args.projection,
                              factor_rows=args.factor_rows, device=device, grad_batch=args.grad_batch,
                              jvp_batch=args.jvp_batch)
     out = Path(args.out) if args.out else ASSETS / "results" / "bench_scale.json"

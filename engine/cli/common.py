@@ -26,6 +26,34 @@ def register(fn: Callable[[argparse._SubParsersAction], None]) -> Callable[[argp
     return fn
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, refused while parsing (a count of 0 workers,
+    steps or draws was accepted and failed, or silently meant 1, after minutes of work: QA 15)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def int_list(text: str, flag: str, minimum: int = 1) -> tuple[int, ...]:
+    """'2,4' -> (2, 4); ValueError naming ``flag`` for an empty list, a non-integer or a value < ``minimum``."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected a comma list of integers") from None
+    if not values or min(values) < minimum:
+        raise ValueError(f"{flag} {text!r}: every value must be at least {minimum}")
+    return values
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",

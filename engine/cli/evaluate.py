@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import register, resolve, subcommand
+from .common import at_least, register, resolve, subcommand
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
@@ -34,7 +34,7 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
         "model's recipe and steps scaled by alpha (OUT/models/kKKK_rR, resumable, finished models "
         "skipped), measures the Q queries on every model with common random numbers (cached), scores "
         "the queries with each method on the full model and writes the LDS per method with a "
-        "bootstrap 95%% interval, damping sweeps, a table and a figure.",
+        "bootstrap 95% interval, damping sweeps, a table and a figure.",
     )
     p.add_argument(
         "--subsets", type=int, default=None, help="number of random subsets K (default 32; quick 4)"
@@ -53,7 +53,7 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
         "--mc-samples", type=int, default=None, help="MC draws per true measurement (default 1024; quick 64)"
     )
     p.add_argument("--no-sweep", action="store_true", help="skip the damping sweeps")
-    p.add_argument("--workers", type=int, default=1, help="parallel training processes (default 1)")
+    p.add_argument("--workers", type=at_least(1), default=1, help="parallel training processes (default 1)")
     p.add_argument(
         "--quick", action="store_true", help="tiny CI-sized run (tiny model, 64 digits, 4 subsets)"
     )
@@ -124,8 +124,8 @@ def add_retrain_top(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mc-samples", type=int, default=1024, help="MC draws per true measurement (default 1024)"
     )
-    p.add_argument("--workers", type=int, default=1, help="parallel training processes (default 1)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the full model's)")
+    p.add_argument("--workers", type=at_least(1), default=1, help="parallel training processes (default 1)")
+    p.add_argument("--steps", type=at_least(1), default=None, help="training steps (default: the full model's)")
     p.add_argument("--out", default=None, help="run folder (default runs/retrain_top/<preset>)")
     p.add_argument("--results", default=None, help="results folder (default assets/results)")
     p.add_argument("--cache-root", default=None, help="attribution cache root (default: the app's, cache/)")

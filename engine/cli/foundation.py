@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import register, resolve, subcommand
+from .common import at_least, register, resolve, subcommand
 
 
 @register
@@ -24,10 +24,10 @@ def add_bench_foundation(sub: argparse._SubParsersAction) -> None:
         "per-step time of a short run after a warm-up), seconds to draw digits samples with all "
         "T steps (shipped checkpoint if present, else random weights), and peak RSS memory.",
     )
-    p.add_argument("--steps", type=int, default=100, help="timed training steps (default 100)")
+    p.add_argument("--steps", type=at_least(1), default=100, help="timed training steps (default 100)")
     p.add_argument("--warmup", type=int, default=10, help="untimed warm-up training steps (default 10)")
     p.add_argument("--samples", type=int, default=16, help="number of samples to draw (default 16)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 

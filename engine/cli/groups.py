@@ -16,7 +16,7 @@ from pathlib import Path
 from ..attribution.methods import METHODS, parse_methods
 from ..attribution.signs import reverse_caveat
 from .attribution import _add_attribution_options, open_session, parse_damping
-from .common import fail, register, subcommand
+from .common import at_least, fail, register, subcommand
 
 QUERIES_HELP = "gallery (the checkpoint's 32 samples) | pool:N (N samples drawn once, then cached), default gallery"
 
@@ -276,8 +276,8 @@ def add_group_retrain(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--remove", action="append", required=True, help="a group (repeat the option): label:C | train:... | file:PATH")
     p.add_argument("--methods", default=None, help="influence methods, comma list (default: every influence method)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the full model's)")
-    p.add_argument("--workers", type=int, default=1, help="models trained in parallel processes (default 1)")
+    p.add_argument("--steps", type=at_least(1), default=None, help="training steps (default: the full model's)")
+    p.add_argument("--workers", type=at_least(1), default=1, help="models trained in parallel processes (default 1)")
     p.add_argument("--true-mc-samples", type=int, default=1024, help="draws per measured loss (default 1024)")
     p.add_argument("--out", default=None, help="model folder root (default runs/group_retrain/<preset>)")
     p.add_argument("--results", default=None, help="results folder (default assets/results)")
@@ -330,7 +330,7 @@ def add_group_bench(sub: argparse._SubParsersAction) -> None:
         "<results>/groups_<preset>.json.",
     )
     p.add_argument("--methods", default=None, help="influence methods, comma list (default: every influence method)")
-    p.add_argument("--pool-size", type=int, default=256, help="pool size (default 256)")
+    p.add_argument("--pool-size", type=at_least(1), default=256, help="pool size (default 256)")
     p.add_argument("--pool-seed", type=int, default=0, help="pool seed (default 0)")
     p.add_argument("--work-dir", default=None, help="scratch folder (default runs/group_bench/<preset>)")
     p.add_argument(

@@ -29,10 +29,10 @@ def add_lds_ablation(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, help="LDS run folder (attribution-engine lds --out), read only")
     p.add_argument("--ablations", default=None,
                    help="comma list of ablations (default: all; a wrong name is answered with the list)")
-    p.add_argument("--cache-root", default=str(REPO_ROOT / "cache-ablation"), help="caches of the variants")
+    p.add_argument("--cache-root", default=str(REPO_ROOT / "cache-ablation"), help="caches of the variants (default <repo>/cache-ablation)")
     p.add_argument("--baseline-cache", default=None, help="read-only cache with the default settings built")
-    p.add_argument("--out", default=str(REPO_ROOT / "runs" / "lds_ablation"), help="scores and measurements")
-    p.add_argument("--results", default=str(REPO_ROOT / "assets" / "results"), help="where the ablation JSON goes")
+    p.add_argument("--out", default=str(REPO_ROOT / "runs" / "lds_ablation"), help="scores and measurements (default <repo>/runs/lds_ablation)")
+    p.add_argument("--results", default=str(REPO_ROOT / "assets" / "results"), help="where the ablation JSON goes (default <repo>/assets/results, beside the shipped results)")
     p.add_argument("--subsets", type=int, default=32, help="the run's subsets (default 32)")
     p.add_argument("--seeds", type=int, default=1, help="the run's seeds (default 1)")
     p.add_argument("--fraction", type=float, default=0.5, help="the run's subset fraction (default 0.5)")
@@ -82,7 +82,8 @@ def add_lds_best(sub: argparse._SubParsersAction) -> None:
         "and its comparable ablations, writes it as best_settings into <results>/lds_<preset>_<measurement>.json "
         "and prints the table.",
     )
-    p.add_argument("--results", default="assets/results", help="folder with the run's and ablations' JSON")
+    p.add_argument("--results", default=str(REPO_ROOT / "assets" / "results"),
+                   help="folder with the run's and ablations' JSON (default <repo>/assets/results)")
     p.add_argument("--preset", default="digits",
                    help="preset name in the result files' names, or a preset .json file (its name) (default digits)")
     p.add_argument("--measurement", default="loss", help="measurement (default loss)")

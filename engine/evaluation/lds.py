@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from ..config import Preset
-from ..files import save_npz
+from ..files import save_json, save_npz
+from ..model.checkpoint import checkpoint_hash
 from ..model.data import ImageDataset
 from ..validation import InvalidSettingError
 from .noise_ceiling import seed_agreement
@@ -71,6 +72,37 @@ class LDSConfig:
 
 class SubsetMismatchError(RuntimeError):
     """An existing subsets file was made with other settings: refusing to mix benchmarks."""
+
+
+RUN_CHECKPOINT = "checkpoint.json"
+
+
+def bind_run_to_checkpoint(out: Path, checkpoint: Path, record: bool = True) -> str:
+    """Tie the LDS run folder ``out`` to the full model it evaluates (its content hash, in
+    ``out/checkpoint.json``); refuse another model's run folder.
+
+    Why: everything in the folder belongs to one full model: the subset models trained with its recipe,
+    the queries drawn from it (``queries.pt``) and its full-model measurements.  ``subsets.npz`` records
+    only the data, fraction and seed, so a run with another ``--checkpoint`` into the same ``--out``
+    reused the first model's subset models and queries and reported them under the second's name (QA 15).
+    A folder made before this file existed is bound to the first checkpoint that uses it again
+    (``record=False``: only checked, for readers such as ``lds-ablation`` that never write into the run).
+    """
+    h = checkpoint_hash(checkpoint)
+    path = Path(out) / RUN_CHECKPOINT
+    if path.is_file():
+        old = json.loads(path.read_text()).get("checkpoint_hash")
+        if old != h:
+            raise SubsetMismatchError(
+                f"{out} holds the LDS run of checkpoint {old}, but {checkpoint} is {h}: its subset models, "
+                "queries and measurements belong to the other model; use another --out"
+            )
+        return h
+    if not record:
+        return h
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_json(path, {"checkpoint_hash": h, "checkpoint": str(checkpoint)})
+    return h
 
 
 def data_digest(dataset: ImageDataset) -> str:
@@ -309,6 +341,7 @@ def noise_report(per_seed: np.ndarray) -> dict[str, Any]:
 __all__ = [
     "LDSConfig",
     "SubsetMismatchError",
+    "bind_run_to_checkpoint",
     "ScoreFn",
     "make_subsets",
     "load_or_make_subsets",

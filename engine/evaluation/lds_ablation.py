@@ -391,6 +391,10 @@ def run_ablations(job: AblationJob) -> list[Path]:
     setup = RunSetup(preset, job.checkpoint, dataset, job.out, job.results, job.device, False)
     # the run folder is checked before the builds (minutes), not after them; --build-only needs no models
     masks = None if job.build_only else read_subsets(job.run, dataset, job.lds)
+    if masks is not None:
+        from .lds import bind_run_to_checkpoint
+
+        bind_run_to_checkpoint(job.run, job.checkpoint, record=False)  # another model's run: refused
     build_variants(setup, list(job.ablations), job.cache_root, job.baseline_cache)
     if masks is None:
         return []

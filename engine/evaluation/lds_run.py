@@ -23,6 +23,7 @@ from ..validation import InvalidSettingError
 from .lds import (
     LDSConfig,
     ScoreFn,
+    bind_run_to_checkpoint,
     lds_table,
     load_or_make_subsets,
     measured_matrix,
@@ -191,7 +192,16 @@ def run_lds(setup: RunSetup, cfg: LDSConfig, run: LDSRun) -> int:
     if run.evaluate and cfg.subsets < 3:  # before training: 2 subsets trained their models, then failed
         raise InvalidSettingError(f"--subsets must be at least 3 to score an LDS (a Spearman correlation over "
                                   f"the subsets), got {cfg.subsets}; --train-only trains fewer")
+    if run.evaluate:  # before training too: a typo was reported after K x R trainings (QA 15)
+        from ..attribution.methods import parse_methods
+        from ..model.measurements import parse_measurement
+
+        parse_methods(",".join(run.methods) if run.methods else None)
+        parse_measurement(run.measurement, setup.preset.diffusion.num_timesteps)
+    if run.workers < 1:
+        raise InvalidSettingError(f"--workers must be at least 1, got {run.workers}")
     setup.out.mkdir(parents=True, exist_ok=True)
+    bind_run_to_checkpoint(setup.out, setup.checkpoint)
     print(
         f"LDS run in {setup.out}: K={cfg.subsets} subsets x R={cfg.seeds} seeds, alpha={cfg.fraction}, "
         f"{subset_steps(setup.preset.train.steps, cfg.fraction)} steps each, N={len(setup.dataset)}",

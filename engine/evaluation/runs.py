@@ -26,7 +26,7 @@ import torch
 from ..child_process import init_worker
 from ..config import Preset
 from ..files import atomic_write_bytes
-from ..model.checkpoint import load_checkpoint
+from ..model.checkpoint import checkpoint_hash, load_checkpoint
 from ..model.data import ImageDataset
 from ..model.diffusion import Diffusion, MCDraws, make_draws
 from ..model.measurements import measure, parse_measurement
@@ -100,11 +100,18 @@ def cached_measurements(
     """Measurements of the model in ``folder`` on ``queries``, cached as JSON.
 
     The cache goes to ``cache_dir`` (default ``folder/measurements/``): never into the
-    checkpoint folder itself, whose JSON files are part of its content hash.
+    checkpoint folder itself, whose JSON files are part of its content hash.  A ``cache_dir`` outside
+    the model's folder (a run's ``full_measurements``) may be shared by several models, so there the
+    file's name starts with the model's content hash: without it a second checkpoint's run into the
+    same folder was compared against the first model's measurement of the same query (QA 15).
     """
     folder = Path(folder)
-    cache_dir = Path(cache_dir) if cache_dir is not None else folder / "measurements"
     name = f"{spec.measurement.replace('@', '_').replace('=', '')}_{spec.mc_samples}_{spec.key(queries)}.json"
+    if cache_dir is None:
+        cache_dir = folder / "measurements"
+    else:
+        cache_dir = Path(cache_dir)
+        name = f"{checkpoint_hash(folder)}_{name}"
     path = cache_dir / name
     if path.is_file():
         return np.asarray(json.loads(path.read_text())["values"], dtype=np.float64)
