@@ -68,7 +68,7 @@ def main() -> None:
             if query is None:
                 st.info("Choose a query image in the sidebar.")
             else:
-                results_view.query_header(handle, query)
+                results_view.query_header(handle, query, settings.measurement)
                 result = results_view.get_result(handle, query, settings)
                 if result is not None:
                     results_view.method_columns(handle, query, result, settings)

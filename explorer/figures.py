@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -11,12 +11,45 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 
-def score_distributions(table: pd.DataFrame, names: list[str], titles: Mapping[str, str]) -> go.Figure:
+def label_order(values: Iterable[object]) -> list[str]:
+    """Distinct labels as the legends list them: numerically where they are numbers (0, 1, 2, ..., 10; plotly
+    lists them in order of first appearance, "1, 0, 2, 7, ..."), then any others ("nan") alphabetically."""
+    def key(v: str) -> tuple:
+        try:
+            x = float(v)
+        except ValueError:
+            return (1, 0.0, v)
+        return (1, 0.0, v) if np.isnan(x) else (0, x, v)
+
+    return sorted({str(v) for v in values}, key=key)
+
+
+def label_colours(values: Iterable[object]) -> dict[str, str]:
+    """label -> colour from a qualitative palette in ``label_order``: D3's ten distinct hues for up to ten labels
+    (Streamlit's own palette, which replaces plotly's default colours, pairs a light and a dark shade of one hue:
+    0 and 1 both blue, 2 and 7 red and pink), Dark24 beyond."""
+    order = label_order(values)
+    palette = px.colors.qualitative.D3 if len(order) <= 10 else px.colors.qualitative.Dark24
+    return {v: palette[i % len(palette)] for i, v in enumerate(order)}
+
+
+def label_style(values: Iterable[object]) -> dict:
+    """plotly.express keyword arguments that colour by a ``label`` column in ``label_order`` with ``label_colours``."""
+    values = list(values)
+    return {"category_orders": {"label": label_order(values)}, "color_discrete_map": label_colours(values)}
+
+
+def score_distributions(table: pd.DataFrame, names: list[str], titles: Mapping[str, str],
+                        axis_titles: Mapping[str, str] | None = None) -> go.Figure:
     """One histogram per method; x axes are independent because the methods' scales differ by orders of magnitude.
+    Each x axis says what its scores are (``axis_titles``: an influence method's predicted change of its
+    measurement, a similarity method's similarity; one caption for the row called them all influence scores).
     A column that is partly estimates (a compressed K-FAC bank: ``<method>_exact``) is drawn as two stacked
     series, exact and estimated, so the shape of the estimates is not read as computed scores."""
     fig = make_subplots(rows=1, cols=max(len(names), 1), subplot_titles=[titles.get(n, n) for n in names])
     for j, name in enumerate(names):
+        if axis_titles and name in axis_titles:
+            fig.update_xaxes(title_text=axis_titles[name], title_font_size=11, row=1, col=j + 1)
         flag = f"{name}_exact"
         if flag not in table.columns:
             fig.add_trace(go.Histogram(x=table[name], nbinsx=60, name=titles.get(name, name), showlegend=False),
@@ -26,8 +59,8 @@ def score_distributions(table: pd.DataFrame, names: list[str], titles: Mapping[s
         for part, label, colour in ((exact, "exact", "#1f77b4"), (~exact, "estimated", "#bbbbbb")):
             fig.add_trace(go.Histogram(x=table.loc[part, name], nbinsx=60, name=f"{titles.get(name, name)}: {label}",
                                        marker_color=colour, showlegend=True, bingroup=f"b{j}"), 1, j + 1)
-    fig.update_layout(height=300, margin=dict(l=10, r=10, t=70, b=10), bargap=0.02, barmode="stack",
-                      legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(height=320 if axis_titles else 300, margin=dict(l=10, r=10, t=70, b=10), bargap=0.02,
+                      barmode="stack", legend=dict(orientation="h", y=-0.35 if axis_titles else -0.25))
     fig.update_yaxes(title_text="training images", row=1, col=1)
     return fig
 

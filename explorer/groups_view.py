@@ -9,12 +9,15 @@ damping) and kept in the process-wide handle, so changing the group only re-sums
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
+from plotly.subplots import make_subplots
 
 from engine.attribution.copycheck import (
     CAVEAT,
@@ -40,6 +43,7 @@ from engine.attribution.precomputed import MEASUREMENT
 from engine.attribution.signs import end_signs, reverse_caveat
 from engine.evaluation.stats import spearman
 from explorer.controls import Settings
+from explorer.figures import label_colours, label_order, label_style
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
 from explorer.runtime import Handle, influence_titles, throttled
 
@@ -338,15 +342,18 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
     names = axis_labels(handle, result.ok(), s.measurement)
     if color is None:
         st.caption("No label classifier for this model's data, so the samples are not coloured by label.")
+    style = label_style(data["label"]) if color else {}  # legend 0, 1, 2, ... in hues that neighbours do not share
     fig = px.bar(data, x="sample", y=name, color=color,  # the title names the method: a short y axis
                  labels=names | {name: f"predicted change of the {result.measurement_of(name)}"},
-                 title=f"{info[name]['title']}: predicted change per sample")
-    fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
+                 title=f"{info[name]['title']}: predicted change per sample", **style)
+    # the legend in one row under the plot: beside it, ten labels did not fit 340 px and the last were scrolled away
+    fig.update_layout(height=400 if color else 340, margin=dict(l=10, r=10, t=50, b=10),
+                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0))
     st.plotly_chart(fig, key="grp_fig_bar")
     if len(result.ok()) >= 2:
         a, b = result.ok()[0], result.ok()[1]
         rho = spearman(table[a].to_numpy(), table[b].to_numpy())
-        fig2 = px.scatter(data, x=a, y=b, color=color, hover_data=["sample"], labels=names,
+        fig2 = px.scatter(data, x=a, y=b, color=color, hover_data=["sample"], labels=names, **style,
                           title=f"{info[a]['title']} vs {info[b]['title']}: Spearman {rho:+.3f} over {len(table)} samples")
         fig2.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
         st.plotly_chart(fig2, key="grp_fig_scatter")
@@ -461,30 +468,85 @@ def group_retrain_section(handle: Handle) -> None:
     def title(n: str) -> str:
         return info.get(n, {}).get("title", n)
 
-    points = []
-    for rec, g in groups:
-        # the gallery's classifier labels, -1 (or absent) where there is no classifier, as QuerySet.labels
-        labels = [None if v is None or v < 0 else int(v)
-                  for v in rec["config"].get("query_labels") or [None] * len(g["measured_change"])]
-        for n, pred in g["predicted_change"].items():
-            rho = g["comparison"][n]["spearman"]
-            for q, (p_, m_) in enumerate(zip(pred, g["measured_change"], strict=True)):
-                points.append({"group": g["spec"], "method": f"{title(n)} (Spearman {rho:+.2f})", "predicted": p_,
-                               "measured": m_, "sample": rec["config"]["queries"][q], "label": labels[q]})
-    labelled = any(p["label"] is not None for p in points)  # else no legend of "-1" or "None"
-    data = pd.DataFrame(points).assign(label=lambda d: d["label"].astype(str))
-    fig = px.scatter(data, x="predicted", y="measured", color="label" if labelled else None,
-                     facet_col="method", facet_row="group",
-                     hover_data=["sample"], title="Predicted vs measured change of the loss, per gallery sample",
-                     labels={"predicted": "predicted change of the loss", "measured": "measured change (retrained)",
-                             "label": "predicted label", "sample": "gallery sample", "group": "group removed"})
-    fig.update_xaxes(matches=None)
-    fig.update_layout(height=300 * data["group"].nunique() + 80, margin=dict(l=10, r=10, t=80, b=10))
-    st.plotly_chart(fig, key="grp_fig_retrain")
+    def x_title(n: str) -> str:  # D-TRAK predicts the change of its square norm whatever is measured
+        meas = str(groups[0][0]["config"].get("measurement", "loss"))
+        return f"predicted change of the {handle.session.measurement_used(n, meas) if n in info else meas}"
+
+    st.plotly_chart(retrain_figure(groups, title, x_title), key="grp_fig_retrain")
     st.dataframe(pd.DataFrame([{"group": g["spec"], "size": g["size"], "method": title(n), "Spearman": c["spearman"],
                                 "sign agreement": c["sign_agreement"], "mean predicted": c["mean_predicted"],
                                 "mean measured": float(np.mean(g["measured_change"]))}
                                for _, g in groups for n, c in g["comparison"].items()]), hide_index=True)
+
+
+def short_title(title: str) -> str:
+    """A method's title short enough for a panel heading: "K-FAC Influence" -> "K-FAC", "CLIP similarity" -> "CLIP"."""
+    return title.removesuffix(" Influence").removesuffix(" similarity")
+
+
+def retrain_figure(groups: list[tuple[dict, dict]], title: Callable[[str], str],
+                   x_title: Callable[[str], str] = lambda n: "predicted change of the loss") -> go.Figure:
+    """Predicted against measured change of each gallery sample: one row per group removed, one column per method
+    (``groups``: (record, group) pairs of the group-retraining results; ``title``: a method's name -> its title;
+    ``x_title``: a method's name -> its x axis title).
+
+    Built panel by panel rather than with plotly express's facets: faceting on a column that held the method
+    *and* its Spearman made one column per (method, group) pair (2 groups: 2 x 6 panels, 6 of them empty), and
+    its shared axes left one row without x ticks and the other without y ticks.  Every panel shows its tick
+    labels.  The x axes are independent, because the methods' predicted changes differ in scale by orders of
+    magnitude (and D-TRAK's are of another measurement); the y axes are shared within a row, where every panel
+    plots the same measured changes, and independent between rows, where the groups' measured changes differ.
+    Panel titles are short (the method and its Spearman); the x axis title is on the bottom row only and the y
+    axis title, which names the group, on the first column only, so neither collides with its neighbour's."""
+    methods = list(dict.fromkeys(n for _, g in groups for n in g["predicted_change"]))
+    panel_titles = []
+    for _, g in groups:
+        for n in methods:
+            rho = g.get("comparison", {}).get(n, {}).get("spearman")
+            panel_titles.append("" if n not in g["predicted_change"] else
+                                short_title(title(n)) + ("" if rho is None else f" · Spearman {rho:+.2f}"))
+    rows = len(groups)
+    fig = make_subplots(rows=rows, cols=len(methods), subplot_titles=panel_titles,
+                        horizontal_spacing=0.08, vertical_spacing=min(0.25, 0.5 / rows))
+    colours = label_colours(v for rec, _ in groups for v in rec["config"].get("query_labels") or []
+                            if v is not None and v >= 0)
+    shown: set[str] = set()
+    for r, (rec, g) in enumerate(groups, start=1):
+        measured = g["measured_change"]
+        # the gallery's classifier labels, -1 (or absent) where there is no classifier, as QuerySet.labels
+        labels = [None if v is None or v < 0 else str(int(v))
+                  for v in rec["config"].get("query_labels") or [None] * len(measured)]
+        samples = rec["config"].get("queries") or [f"sample {q}" for q in range(len(measured))]
+        for c, n in enumerate(methods, start=1):
+            pred = g["predicted_change"].get(n)
+            if pred is None:
+                continue
+            # a sample without a label (none from the classifier) in the default colour, out of the legend
+            kinds = label_order(v for v in labels if v is not None) + ([None] if None in labels else [])
+            for lab in kinds:
+                idx = [q for q, v in enumerate(labels) if v == lab]
+                if not idx:
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=[pred[q] for q in idx], y=[measured[q] for q in idx], mode="markers",
+                    marker=dict(color=colours.get(lab, "#1f77b4"), size=8),
+                    name=lab or "", legendgroup=lab or "", showlegend=lab is not None and lab not in shown,
+                    customdata=[samples[q] for q in idx],
+                    hovertemplate="%{customdata}<br>predicted %{x:+.3g}<br>measured %{y:+.3g}<extra></extra>",
+                ), row=r, col=c)
+                shown.add(lab or "")
+        fig.update_yaxes(title_text=f"{g['spec']} removed: measured change", row=r, col=1)
+        for c in range(2, len(methods) + 1):  # one y scale per row: the same measured changes in every panel
+            fig.update_yaxes(matches=fig.get_subplot(r, 1).yaxis.plotly_name.replace("yaxis", "y"), row=r, col=c)
+    fig.update_xaxes(showticklabels=True, matches=None, nticks=5)
+    fig.update_yaxes(showticklabels=True, nticks=6)
+    for c, n in enumerate(methods, start=1):
+        fig.update_xaxes(title_text=x_title(n), row=rows, col=c)
+    fig.update_annotations(font_size=13)
+    fig.update_layout(title="Predicted vs measured change of the loss, per gallery sample",
+                      height=320 * rows + 90, margin=dict(l=10, r=10, t=80, b=10),
+                      legend_title_text="predicted label" if colours else None, showlegend=bool(colours))
+    return fig
 
 
 # --- the reverse view from the Explore page's grids --------------------------------------------

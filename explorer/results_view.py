@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import streamlit as st
 
 from engine.attribution.results import MethodResult, QueryResult
 from engine.attribution.signs import end_signs
+from engine.model.measurements import measurement_info
 from explorer import analysis, exact_view, figures
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
@@ -167,6 +169,46 @@ def _caption(ds, i: int, score: float, exact: bool = True) -> str:
     return f"#{i}" + (f" · {lab}" if lab is not None else "") + f" · {shown}"
 
 
+def measurement_title(spec: str) -> str:
+    """The measurement ``spec`` under the sidebar's name for it, the engine's catalogue title (which carries the
+    unit where there is one: "ELBO (bits per dimension)"), with the timestep of ``loss@t=500`` filled in."""
+    info = measurement_info(spec)
+    if info is None:
+        return spec
+    if info.spec == "loss@t":
+        return f"Loss at timestep {spec.split('=', 1)[1]}" if "=" in spec else info.title
+    return info.title
+
+
+def _in_sentence(title: str) -> str:
+    """A title inside a sentence: "Training loss" -> "training loss"; an acronym ("ELBO ...") stays."""
+    return title[:1].lower() + title[1:] if title[1:2].islower() else title
+
+
+def score_meaning(kind: str, measurement: str) -> str:
+    """What one score of a method of ``kind`` is, for the measurement it scores (``session.measurement_used``:
+    D-TRAK's is the square norm whatever the sidebar asks)."""
+    if kind == "similarity":
+        return "similarity to the query (not a change)"
+    return f"predicted change of the query's {_in_sentence(measurement_title(measurement))} if that image were removed"
+
+
+def score_legend(methods: list[tuple[str, str, str]], has_labels: bool) -> str:
+    """The line above the method columns that reads the thumbnails' captions ("#726 · 1 · +8.94e-02" was not
+    explained on the page, and its scale changes with the measurement): what a caption holds, then what a score
+    is for each group of ``methods`` ((title, kind, measurement used)) that share a meaning."""
+    meanings: dict[str, list[str]] = {}
+    for title, kind, used in methods:
+        meanings.setdefault(score_meaning(kind, used), []).append(title)
+    held = "training index · label · score" if has_labels else "training index · score"
+    parts = "; of ".join(f"{_and(titles)}: {meaning}" for meaning, titles in meanings.items())
+    return f"Under each image: **{held}**. Score of {parts}."
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def column_note(r: MethodResult) -> str:
     """The line beside a method column's query thumbnail: its damping, where the scores came from, its bank;
     a method with none of these says what kind of score it is (an influence method without a damping is
@@ -194,6 +236,10 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
     if not names:
         st.info("Select at least one method in the sidebar.")
         return
+    scored = [n for n in names if result.methods[n].status == "ok" and result.methods[n].scores is not None]
+    if scored:  # an unavailable method's column has no captions to explain
+        st.caption(score_legend([(info[n]["title"], info[n]["kind"], session.measurement_used(n, s.measurement))
+                                 for n in scored], ds.labels is not None))
     independent = handle.query_independent()
     cols = st.columns(len(names), border=True)
     polling = False
@@ -303,8 +349,9 @@ def plots(handle: Handle, result: QueryResult, s: Settings) -> None:
     )
     estimated = analysis.estimated_note(result, names, titles)
     with t_dist:
-        st.plotly_chart(figures.score_distributions(table, names, titles), key="fig_dist")
-        st.caption("Influence scores: change of the measurement if the image were removed (positive = proponent)."
+        axes = {n: axis_title(info[n]["kind"], session.measurement_used(n, s.measurement)) for n in names}
+        st.plotly_chart(figures.score_distributions(table, names, titles, axes), key="fig_dist")
+        st.caption(distribution_caption([(titles[n], info[n]["kind"]) for n in names])
                    + (f" {estimated}" if estimated else ""))
     with t_scatter:
         if len(names) < 2:
@@ -328,6 +375,30 @@ def plots(handle: Handle, result: QueryResult, s: Settings) -> None:
         else:
             counts = analysis.topk_label_counts(result, names, s.top_k, labels, session.dataset.class_names)
             st.plotly_chart(figures.label_histogram(counts, titles, s.top_k), key="fig_labels")
+
+
+def axis_title(kind: str, measurement: str) -> str:
+    """A score histogram's x axis: what its scores are (the Pixel and CLIP panels hold similarities, not changes),
+    in lines of at most 26 characters: at 1280 px, four or five panels side by side are about 150 px wide each,
+    and one-line titles ran into each other."""
+    if kind == "similarity":
+        return "similarity to the query"
+    return "<br>".join(["predicted change of", *textwrap.wrap(_in_sentence(measurement_title(measurement)), 26)])
+
+
+def distribution_caption(methods: list[tuple[str, str]]) -> str:
+    """The histograms' caption, true to each panel's kind ((title, kind) pairs): it called every panel an
+    influence score, the similarity panels beside them included."""
+    influence = [t for t, k in methods if k != "similarity"]
+    similarity = [t for t, k in methods if k == "similarity"]
+    parts = []
+    if influence:
+        parts.append(f"Influence scores ({', '.join(influence)}): predicted change of the measurement if the image "
+                     "were removed (positive = proponent).")
+    if similarity:
+        parts.append(f"Similarity scores ({', '.join(similarity)}): how alike the image and the query are, "
+                     "not a change.")
+    return " ".join(parts)
 
 
 # --- timings, cache, downloads -----------------------------------------------------------
@@ -442,15 +513,27 @@ def sheet_rows(
     return rows
 
 
-def query_header(handle: Handle, query: Query) -> None:
+def trajectory_note(notes: list[str], has_trajectory: bool) -> str | None:
+    """The header's line on the query's sampling trajectory, None when its notes already say it (a training
+    image's note reads "...; no sampling trajectory": the page said it twice)."""
+    if any("sampling trajectory" in n for n in notes):
+        return None
+    return "Has a sampling trajectory." if has_trajectory else "No sampling trajectory."
+
+
+def query_header(handle: Handle, query: Query, measurement: str) -> None:
+    """The query, with the measurement its scores are of (it was only in the collapsed timings expander, while
+    the scores' scale changes with it)."""
     c1, c2 = st.columns([1, 5])
     c1.image(display(query.input.image, 128), width=128)
     with c2:
-        st.markdown(f"### {query.title}")
+        st.markdown(f"### {query.title} · measurement: {measurement_title(measurement)}")
         lab = query.input.label
         if lab is not None:
             names = handle.session.dataset.class_names
             st.markdown(f"Label: **{names[lab] if names and lab < len(names) else lab}**")
-        st.caption(" · ".join(query.input.notes))
-        has_traj = query.input.trajectory is not None
-        st.caption("Has a sampling trajectory." if has_traj else "No sampling trajectory.")
+        if query.input.notes:
+            st.caption(" · ".join(query.input.notes))
+        note = trajectory_note(query.input.notes, query.input.trajectory is not None)
+        if note:
+            st.caption(note)
