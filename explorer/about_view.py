@@ -45,7 +45,8 @@ loss, for both the training images and the query. Empirically competitive, but i
 change of a likelihood.
 
 **CLIP similarity** and **Pixel similarity**. Not influence: the cosine similarity of the query with each
-training image, in CLIP's embedding space or in pixel space. They answer *which training images look
+training image, in CLIP's embedding space or in pixel space (each image centred by its own mean first, so the
+pixel score is the correlation of the two images' pixel values). They answer *which training images look
 alike?*, a useful nearest-neighbour / memorisation check. **They are not removal predictions**: the columns
 show *most similar* and *least similar* instead of proponents and opponents, and their scores are not
 summed. CLIP needs pretrained weights, which are never downloaded at run time; its column explains how to
