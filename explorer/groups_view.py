@@ -506,10 +506,12 @@ def retrain_figure(groups: list[tuple[dict, dict]], title: Callable[[str], str],
             panel_titles.append("" if n not in g["predicted_change"] else
                                 short_title(title(n)) + ("" if rho is None else f" · Spearman {rho:+.2f}"))
     rows = len(groups)
+    if not methods:  # make_subplots refuses 0 columns
+        return go.Figure(layout=dict(title="No method's predictions in these group-retraining results"))
     fig = make_subplots(rows=rows, cols=len(methods), subplot_titles=panel_titles,
                         horizontal_spacing=0.08, vertical_spacing=min(0.25, 0.5 / rows))
-    colours = label_colours(v for rec, _ in groups for v in rec["config"].get("query_labels") or []
-                            if v is not None and v >= 0)
+    colours = label_colours(str(int(v)) for rec, _ in groups for v in rec["config"].get("query_labels") or []
+                            if v is not None and v >= 0)  # keyed as the points look them up (a 3.0 is "3")
     shown: set[str] = set()
     for r, (rec, g) in enumerate(groups, start=1):
         measured = g["measured_change"]

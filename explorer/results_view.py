@@ -63,7 +63,7 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     if store is None or store["base"] != base:
         if s.measurement == "trajectory" and query.input.trajectory is None:
             st.warning(
-                "**Trajectory log-probability needs a recorded sampling trajectory**, and this query has none "
+                "**Trajectory negative log-probability needs a recorded sampling trajectory**, and this query has none "
                 "(training images and uploads were not sampled by the model). Pick a gallery sample or "
                 "generate a new one, or choose another measurement."
             )
@@ -171,7 +171,7 @@ def _caption(ds, i: int, score: float, exact: bool = True) -> str:
 
 def measurement_title(spec: str) -> str:
     """The measurement ``spec`` under the sidebar's name for it, the engine's catalogue title (which carries the
-    unit where there is one: "ELBO (bits per dimension)"), with the timestep of ``loss@t=500`` filled in."""
+    unit where there is one: "Negative ELBO (bits per dimension)"), with the timestep of ``loss@t=500`` filled in."""
     info = measurement_info(spec)
     if info is None:
         return spec

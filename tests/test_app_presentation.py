@@ -94,7 +94,7 @@ def test_score_histograms_label_each_x_axis_by_the_kind_of_score():
     table = pd.DataFrame({"index": range(4), "label": [0, 1, 1, 2], "kfac": [1.0, 2, 3, 4], "pixel": [0.1, 0.2, 0.3, 0.4]})
     axes = {"kfac": axis_title("influence", "elbo"), "pixel": axis_title("similarity", "elbo")}
     fig = score_distributions(table, ["kfac", "pixel"], {"kfac": "K-FAC Influence", "pixel": "Pixel similarity"}, axes)
-    assert fig.layout.xaxis.title.text == "predicted change of<br>ELBO (bits per dimension)"
+    assert fig.layout.xaxis.title.text == "predicted change of<br>negative ELBO (bits per<br>dimension)"
     assert fig.layout.xaxis2.title.text == "similarity to the query"
     assert axis_title("influence", "loss") == "predicted change of<br>training loss"
     # short lines: four or five panels share a 1280 px page, and one-line titles ran into each other
@@ -119,11 +119,15 @@ def test_the_score_legend_says_what_a_caption_holds_for_the_measurement_in_use()
         "of Pixel similarity: similarity to the query (not a change).")
     elbo = score_legend([("TRAK", "influence", "elbo")], has_labels=False)
     assert elbo.startswith("Under each image: **training index · score**.")
-    assert "ELBO (bits per dimension)" in elbo  # the unit comes from the engine's catalogue
+    # the unit comes from the engine's catalogue, and the sign's quantity is named: a positive score means the
+    # negative ELBO rises (the sentence said "the query's ELBO", the opposite sign)
+    assert "predicted change of the query's negative ELBO (bits per dimension)" in elbo
+    traj = score_legend([("K-FAC Influence", "influence", "trajectory")], has_labels=True)
+    assert "the query's trajectory negative log-probability" in traj
     # the header's name for it: the sidebar's, with the timestep filled in
     assert measurement_title("loss") == "Training loss"
     assert measurement_title("loss@t=500") == "Loss at timestep 500"
-    assert measurement_title("elbo") == "ELBO (bits per dimension)"
+    assert measurement_title("elbo") == "Negative ELBO (bits per dimension)"
 
 
 def test_a_training_image_says_it_has_no_trajectory_once():

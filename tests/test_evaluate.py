@@ -466,6 +466,7 @@ def test_retrain_top_trains_its_models_on_the_runs_device(tiny_preset, digits_sm
     # a typo was reported only after every subset model was trained (QA 15)
     (["--methods", "kfac,bogus"], "unknown method(s) bogus"),
     (["--measurement", "lossy"], "unknown measurement 'lossy'"),
+    (["--measurement", "trajectory"], "needs a recorded sampling trajectory"),
 ])
 def test_lds_refuses_bad_run_settings_before_writing_or_training(tmp_path, capsys, argv, message):
     """A fraction of 0 wrote the run's files before failing; 2 subsets trained both models and only then
@@ -515,8 +516,8 @@ def test_an_lds_run_folder_belongs_to_one_checkpoint(tiny_preset, tiny_model, tm
     assert not run.exists()
     assert bind_run_to_checkpoint(run, first) == checkpoint_hash(first)
     assert bind_run_to_checkpoint(run, first) == checkpoint_hash(first)  # the same model again: fine
-    for record in (True, False):
-        with pytest.raises(SubsetMismatchError, match="use another --out"):
+    for record, advice in ((True, "use another --out"), (False, "pass that run's --checkpoint or another --run")):
+        with pytest.raises(SubsetMismatchError, match=advice):
             bind_run_to_checkpoint(run, second, record=record)
 
 
@@ -529,6 +530,9 @@ def test_an_lds_run_folder_belongs_to_one_checkpoint(tiny_preset, tiny_model, tm
     ["bench-scale", "--mc", "0"],
     ["bench", "--threads", "0"],
     ["bench-foundation", "--steps", "-1"],
+    ["lds", "--mc-samples", "0"],
+    ["lds", "--queries", "0"],
+    ["lds", "--attribution-mc", "0"],
 ])
 def test_counts_below_one_are_refused_while_parsing(argv, capsys):
     """0 workers, steps, draws or pool samples were accepted and failed late, or silently meant 1 (QA 15)."""
@@ -546,3 +550,42 @@ def test_bench_scale_sizes_are_checked_before_any_work(capsys):
     assert main(["bench-scale", "--sizes", "0", "--out", "unused.json"]) == 2
     err = capsys.readouterr().err
     assert "--sizes '0': every value must be at least 1" in err and "Traceback" not in err
+
+
+def test_lds_checks_method_names_in_the_form_the_scoring_takes():
+    """``--methods KFAC`` and ``--methods all`` passed the early check and then failed at the scoring, after
+    every training: the check and the scoring now read the same normalised names (review 48b)."""
+    from engine.evaluation.lds_run import _checked_methods
+
+    assert _checked_methods(("KFAC", " trak")) == ("kfac", "trak")
+    assert _checked_methods(("all",)) is None and _checked_methods(None) is None
+    with pytest.raises(ValueError, match="unknown method"):
+        _checked_methods(("kfac", "bogus"))
+
+
+def test_run_lds_refuses_another_models_run_folder_before_training(tiny_preset, tiny_model, digits_small, tmp_path,
+                                                                   monkeypatch):
+    """The binding is used where it matters: ``run_lds`` on a folder of checkpoint A with checkpoint B stops
+    before any training; ``--train-only`` without a finished full model (it may still be training) does not
+    need its weights."""
+    import engine.evaluation.lds_run as lds_run
+    from engine.evaluation.lds import LDSConfig, bind_run_to_checkpoint
+    from engine.evaluation.setup import RunSetup
+    from engine.model.checkpoint import save_checkpoint
+    from engine.model.unet import build_model
+
+    first = save_checkpoint(tmp_path / "a", tiny_model, tiny_preset)
+    torch.manual_seed(1)
+    second = save_checkpoint(tmp_path / "b", build_model(tiny_preset.model).eval(), tiny_preset)
+    out = tmp_path / "run"
+    bind_run_to_checkpoint(out, first)
+    trained = []
+    monkeypatch.setattr(lds_run, "train_subsets", lambda *a, **k: trained.append(a) or np.ones((3, 64), bool))
+    setup = RunSetup(tiny_preset, second, digits_small, out, tmp_path / "res", "cpu", False)
+    with pytest.raises(SubsetMismatchError, match="use another --out"):
+        lds_run.run_lds(setup, LDSConfig(subsets=3), lds_run.LDSRun(methods=("pixel",), queries=2))
+    assert not trained
+    pending = RunSetup(tiny_preset, tmp_path / "still training", digits_small, tmp_path / "run2", tmp_path / "res",
+                       "cpu", False)
+    assert lds_run.run_lds(pending, LDSConfig(subsets=3), lds_run.LDSRun(evaluate=False)) == 0
+    assert trained and not (tmp_path / "run2" / "checkpoint.json").exists()

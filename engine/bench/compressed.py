@@ -85,6 +85,10 @@ def run_compressed_digits(
     full bank's LDS then taken on the same subsets) instead of waiting for all of them."""
     from ..model.measurements import parse_measurement
 
+    if lds_run is not None:  # another model's LDS run is refused before the builds, not scored against
+        from ..evaluation.lds import bind_run_to_checkpoint
+
+        bind_run_to_checkpoint(Path(lds_run), session.checkpoint, record=False)
     kfac = session.method("kfac")
     ctx = session.ctx
     kfac.build(ctx)

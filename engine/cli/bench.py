@@ -94,8 +94,6 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
-
-
 @register
 def add_bench_compressed(sub: argparse._SubParsersAction) -> None:
     p = subcommand(

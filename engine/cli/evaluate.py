@@ -37,12 +37,12 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
         "bootstrap 95% interval, damping sweeps, a table and a figure.",
     )
     p.add_argument(
-        "--subsets", type=int, default=None, help="number of random subsets K (default 32; quick 4)"
+        "--subsets", type=at_least(1), default=None, help="number of random subsets K (default 32; quick 4)"
     )
     p.add_argument("--seeds", type=int, default=1, help="training seeds R per subset (default 1)")
     p.add_argument("--fraction", type=float, default=0.5, help="subset fraction alpha (default 0.5)")
     p.add_argument("--subset-seed", type=int, default=0, help="seed of the subset draw (default 0)")
-    p.add_argument("--queries", type=int, default=None, help="number of queries Q (default 32; quick 2)")
+    p.add_argument("--queries", type=at_least(1), default=None, help="number of queries Q (default 32; quick 2)")
     p.add_argument(
         "--measurement",
         default="loss",
@@ -50,7 +50,7 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--methods", default=None, help="comma list of methods (default: all)")
     p.add_argument(
-        "--mc-samples", type=int, default=None, help="MC draws per true measurement (default 1024; quick 64)"
+        "--mc-samples", type=at_least(1), default=None, help="MC draws per true measurement (default 1024; quick 64)"
     )
     p.add_argument("--no-sweep", action="store_true", help="skip the damping sweeps")
     p.add_argument("--workers", type=at_least(1), default=1, help="parallel training processes (default 1)")
@@ -68,7 +68,7 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-root", default=None, help="attribution cache root (default: the app's, cache/)")
     p.add_argument(
         "--attribution-mc",
-        type=int,
+        type=at_least(1),
         default=None,
         help="MC draws M for attribution gradients (default: preset's)",
     )
@@ -122,7 +122,7 @@ def add_retrain_top(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=None, help="comma list of methods (default: every available one)")
     p.add_argument("--measurement", default="loss", help="measurement (default loss)")
     p.add_argument(
-        "--mc-samples", type=int, default=1024, help="MC draws per true measurement (default 1024)"
+        "--mc-samples", type=at_least(1), default=1024, help="MC draws per true measurement (default 1024)"
     )
     p.add_argument("--workers", type=at_least(1), default=1, help="parallel training processes (default 1)")
     p.add_argument("--steps", type=at_least(1), default=None, help="training steps (default: the full model's)")

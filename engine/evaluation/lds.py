@@ -91,15 +91,21 @@ def bind_run_to_checkpoint(out: Path, checkpoint: Path, record: bool = True) -> 
     h = checkpoint_hash(checkpoint)
     path = Path(out) / RUN_CHECKPOINT
     if path.is_file():
-        old = json.loads(path.read_text()).get("checkpoint_hash")
+        bound = json.loads(path.read_text())
+        old = bound.get("checkpoint_hash")
         if old != h:
+            way_out = "use another --out" if record else "pass that run's --checkpoint or another --run"
             raise SubsetMismatchError(
-                f"{out} holds the LDS run of checkpoint {old}, but {checkpoint} is {h}: its subset models, "
-                "queries and measurements belong to the other model; use another --out"
+                f"{out} holds the LDS run of checkpoint {old} ({bound.get('checkpoint')}), but {checkpoint} is {h}: "
+                f"its subset models, queries and measurements belong to the other model; {way_out} (if it is "
+                f"the same model with a rewritten config, delete {path})"
             )
         return h
     if not record:
         return h
+    if (Path(out) / "subsets.npz").is_file():  # a run from before the record: nothing to check it against
+        print(f"{out} has no record of its full model (a run from before the record): bound to checkpoint {h} "
+              f"({checkpoint}) from now on", flush=True)
     Path(out).mkdir(parents=True, exist_ok=True)
     save_json(path, {"checkpoint_hash": h, "checkpoint": str(checkpoint)})
     return h

@@ -39,6 +39,7 @@ from ..config import AttributionConfig
 from ..files import save_json
 from .lds import (
     LDSConfig,
+    bind_run_to_checkpoint,
     lds_table,
     model_folder,
     noise_report,
@@ -392,8 +393,6 @@ def run_ablations(job: AblationJob) -> list[Path]:
     # the run folder is checked before the builds (minutes), not after them; --build-only needs no models
     masks = None if job.build_only else read_subsets(job.run, dataset, job.lds)
     if masks is not None:
-        from .lds import bind_run_to_checkpoint
-
         bind_run_to_checkpoint(job.run, job.checkpoint, record=False)  # another model's run: refused
     build_variants(setup, list(job.ablations), job.cache_root, job.baseline_cache)
     if masks is None:

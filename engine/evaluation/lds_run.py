@@ -19,6 +19,7 @@ import torch
 
 from ..config import attribution_key
 from ..files import atomic_torch_save, atomic_write_bytes, save_json, save_npz
+from ..model.train import is_finished
 from ..validation import InvalidSettingError
 from .lds import (
     LDSConfig,
@@ -187,21 +188,42 @@ class LDSRun:
     evaluate: bool = True  # False: only train
 
 
+def _checked_methods(methods: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The run's method names as the session takes them (lower case; "all" -> every method), or ValueError
+    naming the unknown ones: checked before the trainings, in the form the scoring will use."""
+    from ..attribution.methods import parse_methods
+
+    names = parse_methods(",".join(methods) if methods else None)
+    return tuple(names) if names else None
+
+
+def _check_measurement(measurement: str, num_timesteps: int) -> None:
+    """A measurement the LDS can take: known, and not one that needs a sampling trajectory (the LDS queries
+    are images, without one; ``trajectory`` failed at the measuring, after every training)."""
+    from ..model.measurements import measurement_info, parse_measurement
+
+    parse_measurement(measurement, num_timesteps)
+    info = measurement_info(measurement)
+    if info is not None and info.needs_trajectory:
+        raise InvalidSettingError(f"--measurement {measurement}: needs a recorded sampling trajectory, which the "
+                                  "LDS queries do not have; choose loss, elbo, loss@t=NNN or square-norm")
+
+
 def run_lds(setup: RunSetup, cfg: LDSConfig, run: LDSRun) -> int:
     """Train the subset models (resumable), then measure, score and write the results."""
     if run.evaluate and cfg.subsets < 3:  # before training: 2 subsets trained their models, then failed
         raise InvalidSettingError(f"--subsets must be at least 3 to score an LDS (a Spearman correlation over "
                                   f"the subsets), got {cfg.subsets}; --train-only trains fewer")
     if run.evaluate:  # before training too: a typo was reported after K x R trainings (QA 15)
-        from ..attribution.methods import parse_methods
-        from ..model.measurements import parse_measurement
-
-        parse_methods(",".join(run.methods) if run.methods else None)
-        parse_measurement(run.measurement, setup.preset.diffusion.num_timesteps)
-    if run.workers < 1:
-        raise InvalidSettingError(f"--workers must be at least 1, got {run.workers}")
+        run = replace(run, methods=_checked_methods(run.methods))
+        _check_measurement(run.measurement, setup.preset.diffusion.num_timesteps)
+    for name, value in (("--workers", run.workers), ("--queries", run.queries), ("--mc-samples", run.mc_samples),
+                        ("--attribution-mc", run.attribution_mc)):
+        if value is not None and int(value) < 1:
+            raise InvalidSettingError(f"{name} must be at least 1, got {value}")
     setup.out.mkdir(parents=True, exist_ok=True)
-    bind_run_to_checkpoint(setup.out, setup.checkpoint)
+    if run.evaluate or is_finished(setup.checkpoint):  # --train-only needs the recipe, not the full model's weights
+        bind_run_to_checkpoint(setup.out, setup.checkpoint)
     print(
         f"LDS run in {setup.out}: K={cfg.subsets} subsets x R={cfg.seeds} seeds, alpha={cfg.fraction}, "
         f"{subset_steps(setup.preset.train.steps, cfg.fraction)} steps each, N={len(setup.dataset)}",
@@ -256,7 +278,7 @@ def evaluate_run(setup: RunSetup, cfg: LDSConfig, masks: np.ndarray, run: LDSRun
         config = replace(config, mc_samples=8, trak_dim=64)
         cache = cache or setup.out / "cache"
     default_mc = config.mc_samples
-    if run.attribution_mc:
+    if run.attribution_mc is not None:
         config = replace(config, mc_samples=int(run.attribution_mc))
     session = AttributionSession(
         preset=setup.preset,

@@ -100,9 +100,9 @@ def cached_measurements(
     """Measurements of the model in ``folder`` on ``queries``, cached as JSON.
 
     The cache goes to ``cache_dir`` (default ``folder/measurements/``): never into the
-    checkpoint folder itself, whose JSON files are part of its content hash.  A ``cache_dir`` outside
-    the model's folder (a run's ``full_measurements``) may be shared by several models, so there the
-    file's name starts with the model's content hash: without it a second checkpoint's run into the
+    checkpoint folder itself, whose JSON files are part of its content hash.  A given ``cache_dir`` (a
+    run's ``full_measurements``) may be shared by several models, so there the file's name starts with
+    the model's content hash: without it a second checkpoint's run into the
     same folder was compared against the first model's measurement of the same query (QA 15).
     """
     folder = Path(folder)

@@ -38,15 +38,15 @@ CATALOGUE: tuple[MeasurementInfo, ...] = (
         "The diffusion training loss of the query, averaged over timesteps and noise (paper eq. 2).",
     ),
     MeasurementInfo(
-        "elbo", "ELBO (bits per dimension)",
+        "elbo", "Negative ELBO (bits per dimension)",
         "Negative evidence lower bound (Ho et al. eq. 5) in bits per dimension: a bound on -log p(x).",
     ),
     MeasurementInfo(
-        "elbo-exact", "ELBO, every timestep (bits per dimension)",
+        "elbo-exact", "Negative ELBO, every timestep (bits per dimension)",
         "The same bound summed over all T timesteps instead of sampled ones: exact, T times dearer.",
     ),
     MeasurementInfo(
-        "trajectory", "Trajectory log-probability",
+        "trajectory", "Trajectory negative log-probability",
         "Minus the log-probability of the exact sampling path x_T ... x_0 that produced the query "
         "(nats, summed over every step and value, the last step x_1 -> x_0 included); "
         "only generated samples have one.",

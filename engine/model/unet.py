@@ -93,7 +93,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): predicts the noise added to x_0 (Ho et al. 2020, eq. 11; trained by their eq. 12's loss)."""
+    """eps_theta(x_t, t): predicts the noise added to x_0 (Ho et al. 2020, eq. 11; trained by their eq. 14, L_simple)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
