@@ -29,7 +29,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mc-samples", type=int, default=None,
                    help="Monte Carlo draws M (default: the preset's, 64 on digits, 16 on mnist)")
     p.add_argument("--trak-dim", type=int, default=None, help="TRAK projection dimension (default: preset's)")
-    p.add_argument("--queries", type=int, default=32, help="gallery queries to time (default 32, all)")
+    p.add_argument("--queries", type=at_least(1), default=32, help="gallery queries to time (default 32, all)")
     p.add_argument("--methods", default=None, help="comma list of methods to build and query (default: all)")
     p.add_argument(
         "--reuse-cache",
@@ -39,7 +39,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-root", default=None, help="cache folder for --reuse-cache")
     p.add_argument("--no-float32", action="store_true", help="skip the int8 vs float32 comparison (one gradient pass)")
     p.add_argument("--kronfluence", action="store_true", help="also compare against kronfluence's KFAC")
-    p.add_argument("--kronfluence-queries", type=int, default=3, help="gallery queries for kronfluence (default 3)")
+    p.add_argument("--kronfluence-queries", type=at_least(1), default=3, help="gallery queries for kronfluence (default 3)")
     p.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's)")
 
 

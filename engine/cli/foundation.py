@@ -26,7 +26,7 @@ def add_bench_foundation(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--steps", type=at_least(1), default=100, help="timed training steps (default 100)")
     p.add_argument("--warmup", type=int, default=10, help="untimed warm-up training steps (default 10)")
-    p.add_argument("--samples", type=int, default=16, help="number of samples to draw (default 16)")
+    p.add_argument("--samples", type=at_least(1), default=16, help="number of samples to draw (default 16)")
     p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
 

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..paths import REPO_ROOT
-from .common import register, resolve, subcommand
+from .common import at_least, register, resolve, subcommand
 
 
 @register
@@ -33,11 +33,11 @@ def add_lds_ablation(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-cache", default=None, help="read-only cache with the default settings built")
     p.add_argument("--out", default=str(REPO_ROOT / "runs" / "lds_ablation"), help="scores and measurements (default <repo>/runs/lds_ablation)")
     p.add_argument("--results", default=str(REPO_ROOT / "assets" / "results"), help="where the ablation JSON goes (default <repo>/assets/results, beside the shipped results)")
-    p.add_argument("--subsets", type=int, default=32, help="the run's subsets (default 32)")
+    p.add_argument("--subsets", type=at_least(1), default=32, help="the run's subsets (default 32)")
     p.add_argument("--seeds", type=int, default=1, help="the run's seeds (default 1)")
     p.add_argument("--fraction", type=float, default=0.5, help="the run's subset fraction (default 0.5)")
-    p.add_argument("--queries", type=int, default=32, help="the run's queries to score (default 32)")
-    p.add_argument("--mc-samples", type=int, default=1024, help="MC draws per true measurement")
+    p.add_argument("--queries", type=at_least(1), default=32, help="the run's queries to score (default 32)")
+    p.add_argument("--mc-samples", type=at_least(1), default=1024, help="MC draws per true measurement")
     p.add_argument("--measurement", default="loss", help="measurement (default loss)")
     p.add_argument("--build-only", action="store_true", help="only build the variants' caches")
 
