@@ -40,6 +40,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def create_bytes_once(path: str | Path, data: bytes) -> bool:
+    """Write ``path`` whole only if it does not exist yet; False (and nothing written) if it does.
+
+    Why: a record that binds a folder to one owner (``evaluation.lds.bind_run_to_checkpoint``) must
+    not be overwritten by a second process that checked for it at the same moment.  The bytes go to a
+    temporary file first and are linked into place (``os.link`` fails on an existing name), so a reader
+    never sees a half file and of two racing writers exactly one wins.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
+
+
 def jsonable(o: Any) -> Any:
     """``json.dumps(default=...)`` for numpy scalars and arrays, paths and dataclasses."""
     if isinstance(o, (np.floating, np.integer, np.bool_)):

@@ -589,3 +589,14 @@ def test_run_lds_refuses_another_models_run_folder_before_training(tiny_preset, 
                        "cpu", False)
     assert lds_run.run_lds(pending, LDSConfig(subsets=3), lds_run.LDSRun(evaluate=False)) == 0
     assert trained and not (tmp_path / "run2" / "checkpoint.json").exists()
+
+
+def test_a_binding_record_is_created_once(tmp_path):
+    """Two first runs with different checkpoints could both find no ``checkpoint.json`` and both write it,
+    the later one silently winning: the record is now created only if absent (review 48b)."""
+    from engine.files import create_bytes_once
+
+    path = tmp_path / "run" / "checkpoint.json"
+    assert create_bytes_once(path, b"first\n") and path.read_bytes() == b"first\n"
+    assert not create_bytes_once(path, b"second\n") and path.read_bytes() == b"first\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.json"]  # no temporary file left

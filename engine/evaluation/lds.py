@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..config import Preset
-from ..files import save_json, save_npz
+from ..files import create_bytes_once, save_npz
 from ..model.checkpoint import checkpoint_hash
 from ..model.data import ImageDataset
 from ..validation import InvalidSettingError
@@ -103,11 +103,12 @@ def bind_run_to_checkpoint(out: Path, checkpoint: Path, record: bool = True) -> 
         return h
     if not record:
         return h
+    text = json.dumps({"checkpoint_hash": h, "checkpoint": str(checkpoint)}, indent=2) + "\n"
+    if not create_bytes_once(path, text.encode()):  # another run bound it since the check above
+        return bind_run_to_checkpoint(out, checkpoint, record)
     if (Path(out) / "subsets.npz").is_file():  # a run from before the record: nothing to check it against
         print(f"{out} has no record of its full model (a run from before the record): bound to checkpoint {h} "
               f"({checkpoint}) from now on", flush=True)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    save_json(path, {"checkpoint_hash": h, "checkpoint": str(checkpoint)})
     return h
 
 

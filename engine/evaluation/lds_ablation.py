@@ -48,7 +48,7 @@ from .lds import (
     targets_digest,
 )
 from .lds_run import SWEEP_GRID, _rows_score_fn, lds_queries, session_scores
-from .runs import MeasureSpec, cached_measurements, is_finished
+from .runs import MeasureSpec, cached_measurements, is_finished, measurement_file_name
 from .setup import RunSetup, load_queries_file
 from .stats import bootstrap_ci
 
@@ -134,7 +134,7 @@ def measured_readonly(
     """True measurements (R, Q, K) of the run's finished models without writing into the run:
     values the run cached beside a model are read, others are computed into ``out/measurements``."""
     vals = np.full((seeds, len(queries), len(masks)), np.nan)
-    name = f"{spec.measurement.replace('@', '_').replace('=', '')}_{spec.mc_samples}_{spec.key(queries)}.json"
+    name = measurement_file_name(spec, queries)
     for r in range(seeds):
         for k in range(len(masks)):
             folder = model_folder(run, k, r)

@@ -89,6 +89,12 @@ def measure_queries(
     return out
 
 
+def measurement_file_name(spec: MeasureSpec, queries: torch.Tensor) -> str:
+    """The file a model's measurements of ``queries`` are cached in beside it (``folder/measurements/``):
+    the measurement, the draws and a digest of the queries; one name for every reader of a run."""
+    return f"{spec.measurement.replace('@', '_').replace('=', '')}_{spec.mc_samples}_{spec.key(queries)}.json"
+
+
 def cached_measurements(
     folder: Path,
     queries: torch.Tensor,
@@ -106,7 +112,7 @@ def cached_measurements(
     same folder was compared against the first model's measurement of the same query (QA 15).
     """
     folder = Path(folder)
-    name = f"{spec.measurement.replace('@', '_').replace('=', '')}_{spec.mc_samples}_{spec.key(queries)}.json"
+    name = measurement_file_name(spec, queries)
     if cache_dir is None:
         cache_dir = folder / "measurements"
     else:
