@@ -153,6 +153,8 @@ def test_group_and_reverse_json_record_each_methods_damping(cli):
          "error: pool seed (--pool-seed) must be an integer from 0 to"),
         (("copy-check", "--method", "pixel"), "copy-check --method pixel: a similarity has no influence mass"),
         (("copy-check", "--method", "kfac,trak"), "copy-check --method takes one method"),
+        # accepted and ignored before (QA 15: --method and --methods side by side, unexplained)
+        (("copy-check", "--methods", "trak"), "copy-check takes one influence method with --method"),
         # accepted before, listing no sample (0) or all but the last (-1)
         (("copy-check", "--top-k", "0"), "error: --top-k must be at least 1, got 0"),
         (("copy-check", "--top-k", "-1"), "error: --top-k must be at least 1, got -1"),

@@ -218,6 +218,9 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
     try:
         if args.top_k < 1:
             raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+        if args.methods is not None:  # the shared query-set options include --methods, which copy-check ignored
+            raise ValueError("copy-check takes one influence method with --method (default kfac); "
+                             "--methods is group's and reverse's")
         names = parse_methods(args.method) or []
         if len(names) != 1:
             raise ValueError(f"copy-check --method takes one method, got {args.method!r}")
