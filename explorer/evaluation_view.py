@@ -35,12 +35,14 @@ QUERY_DRAWS_NOTE = {
 
 def served_settings(handle: Handle) -> dict[str, Any]:
     """The served model's attribution settings, each method's damping resolved to the value it scores with
-    (a preset's None is the method's default), for ``settings_differences``."""
-    current = dataclasses.asdict(handle.session.config)
-    for name in handle.session.method_names():
-        method = handle.session.method(name)
-        if method.damping_field in current and current[method.damping_field] is None:
-            current[method.damping_field] = method.default_damping
+    (``session.damping_for``, the one rule: a preset's None is the method's default), for
+    ``settings_differences``."""
+    session = handle.session
+    current = dataclasses.asdict(session.config)
+    for name in session.method_names():
+        field = session.method(name).damping_field
+        if field in current:
+            current[field] = session.damping_for(name, {})
     return current
 
 

@@ -30,6 +30,7 @@ from engine.evaluation.report import load_lds_results
 from engine.evaluation.runs import MeasureSpec, cached_measurements, common_draws, measure_queries
 from engine.evaluation.stats import bootstrap_ci, group_predictions, lds_score, spearman
 from engine.model.measurements import measure
+from engine.validation import InvalidSettingError
 
 # --- arithmetic with known answers -------------------------------------------------------
 
@@ -600,3 +601,12 @@ def test_a_binding_record_is_created_once(tmp_path):
     assert create_bytes_once(path, b"first\n") and path.read_bytes() == b"first\n"
     assert not create_bytes_once(path, b"second\n") and path.read_bytes() == b"first\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("field", ["workers", "queries", "mc_samples", "attribution_mc"])
+def test_an_lds_run_refuses_counts_below_one_when_built(field):
+    """A run built in a script (not through the CLI's parser) is refused before anything is trained."""
+    from engine.evaluation.lds_run import LDSRun
+
+    with pytest.raises(InvalidSettingError, match="must be at least 1, got 0"):
+        LDSRun(**{field: 0})

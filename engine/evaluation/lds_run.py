@@ -187,6 +187,14 @@ class LDSRun:
     train: bool = True  # False: measure and score the models finished so far
     evaluate: bool = True  # False: only train
 
+    def __post_init__(self) -> None:
+        """Counts below 1 refused on construction, before anything is trained, as ``LDSConfig`` refuses
+        its own (the CLI's parser refuses them first; this covers a run built in a script)."""
+        for name, value in (("--workers", self.workers), ("--queries", self.queries),
+                            ("--mc-samples", self.mc_samples), ("--attribution-mc", self.attribution_mc)):
+            if value is not None and int(value) < 1:
+                raise InvalidSettingError(f"{name} must be at least 1, got {value}")
+
 
 def _checked_methods(methods: tuple[str, ...] | None) -> tuple[str, ...] | None:
     """The run's method names as the session takes them (lower case; "all" -> every method), or ValueError
@@ -217,10 +225,6 @@ def run_lds(setup: RunSetup, cfg: LDSConfig, run: LDSRun) -> int:
     if run.evaluate:  # before training too: a typo was reported after K x R trainings (QA 15)
         run = replace(run, methods=_checked_methods(run.methods))
         _check_measurement(run.measurement, setup.preset.diffusion.num_timesteps)
-    for name, value in (("--workers", run.workers), ("--queries", run.queries), ("--mc-samples", run.mc_samples),
-                        ("--attribution-mc", run.attribution_mc)):
-        if value is not None and int(value) < 1:
-            raise InvalidSettingError(f"{name} must be at least 1, got {value}")
     setup.out.mkdir(parents=True, exist_ok=True)
     if run.evaluate or is_finished(setup.checkpoint):  # --train-only needs the recipe, not the full model's weights
         bind_run_to_checkpoint(setup.out, setup.checkpoint)
