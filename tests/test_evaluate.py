@@ -339,6 +339,36 @@ def test_retrain_plan_is_keyed_by_the_attribution_settings_that_chose_the_remova
         assert other.folder != base.folder and other.control_folder == base.control_folder
 
 
+def test_retrain_plan_measures_other_draws_on_the_same_models(tiny_preset, digits_small, tmp_path):
+    """The true measurement's draws choose no removal and train no model: another --mc-samples keeps the
+    job's folder (removal, models) and gets a result file of its own. It was part of the folder's key, so
+    it retrained both models (QA 15). A folder of that older key is moved to the new one, its result with it."""
+    from engine.evaluation.retrain_top import _key, attribution_settings, plan, query_digest
+
+    s = SimpleNamespace(preset=tiny_preset, dataset=digits_small, checkpoint_hash="h", config=tiny_preset.attribution)
+    image = digits_small.images[3]
+    base = plan(s, image, "loss", "kfac", 0.05, tmp_path / "a", mc_samples=1024)
+    more = plan(s, image, "loss", "kfac", 0.05, tmp_path / "a", mc_samples=4096)
+    assert more.folder == base.folder and more.control_folder == base.control_folder
+    assert more.result_file != base.result_file and more.result_file.parent == base.folder
+    assert more.spec.mc_samples == 4096
+
+    # a run folder written before the change: the key held (..., steps, mc_samples, seed, settings)
+    steps = tiny_preset.train.steps
+    removal = ("h", query_digest(image), "loss", "kfac", 0.05, steps)
+    legacy = tmp_path / "b" / _key(*removal, 256, base.spec.seed, attribution_settings(s))
+    (legacy / "model").mkdir(parents=True)
+    (legacy / "removed.npz").write_bytes(b"removal")
+    (legacy / "result.json").write_text('{"mc_samples": 256}')
+    adopted = plan(s, image, "loss", "kfac", 0.05, tmp_path / "b", mc_samples=256)
+    assert not legacy.exists() and (adopted.folder / "model").is_dir()
+    assert (adopted.folder / "removed.npz").read_bytes() == b"removal"
+    assert json.loads(adopted.result_file.read_text()) == {"mc_samples": 256}
+    # other draws on the adopted folder: same models, no result yet
+    other = plan(s, image, "loss", "kfac", 0.05, tmp_path / "b", mc_samples=1024)
+    assert other.folder == adopted.folder and not other.result_file.exists()
+
+
 @pytest.mark.slow
 def test_measuring_in_spawned_workers_equals_in_process(tiny_preset, digits_small, tmp_path):
     """Two spawned measuring processes give the in-process values (each model measured once)."""
@@ -408,7 +438,7 @@ def _fake_retrain_top(tiny_preset, digits_small, monkeypatch, run_training) -> t
                     "predicted_change": 0.2}
 
     def plan(session, image, measurement, method, fraction, out, mc, steps):
-        return SimpleNamespace(folder=Path(out) / method)
+        return SimpleNamespace(folder=Path(out) / method, result_file=Path(out) / method / "result.json")
 
     monkeypatch.setattr(session_module, "AttributionSession", Session)
     monkeypatch.setattr(rtr, "RetrainJob", Job)

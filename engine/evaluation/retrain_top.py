@@ -12,15 +12,19 @@ every query and method, so it is trained once).  For influence methods the predi
 change is the sum of the removed examples' scores (docs/architecture.md §4: a group's effect is the
 sum of its members').
 
-Everything is cached by (checkpoint hash, query digest, measurement, method, fraction,
-steps, MC settings, the attribution settings that chose the removal): a repeated request returns
-the stored result without training, and one made with another damping, M or query draws retrains.
+A job's folder is keyed by what chose its removal and trained its model: (checkpoint hash, query
+digest, measurement, method, fraction, steps, the attribution settings that chose the removal). A
+repeated request returns the stored result without training, and one made with another damping, M or
+query draws retrains. The true measurement's draws (``mc_samples``, its seed) only measure the models,
+so they name the result file inside the folder (``RetrainPlan.result_file``): another ``--mc-samples``
+measures the same models again instead of retraining them (QA 15).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 import traceback
@@ -96,10 +100,19 @@ class RetrainPlan:
     """Folders and settings of one (query, method) retraining and its control."""
 
     key: str
-    folder: Path  # out_root/<key>/: result.json, removed.npy, model/
+    folder: Path  # out_root/<key>/: removed.npz, model/, one result file per true-measurement setting
     control_folder: Path  # out_root/control_<key>/model
     steps: int
     spec: MeasureSpec
+
+    @property
+    def result_file(self) -> Path:
+        """This job's result for its true-measurement draws; other draws keep their own file beside it."""
+        return self.folder / result_file_name(self.spec)
+
+
+def result_file_name(spec: MeasureSpec) -> str:
+    return f"result_mc{spec.mc_samples}_seed{spec.seed}.json"
 
 
 def plan(
@@ -112,23 +125,35 @@ def plan(
     mc_samples: int = 1024,
     steps: int | None = None,
 ) -> RetrainPlan:
+    """The folders and settings of one (query, method) retraining under ``out_root``.
+
+    A folder of the older key (with the measurement draws in it) is moved to the new one first."""
     steps = int(steps if steps is not None else session.preset.train.steps)
     spec = MeasureSpec(measurement=measurement, mc_samples=mc_samples)
     n = len(session.dataset)
-    key = _key(
-        session.checkpoint_hash,
-        query_digest(query_image),
-        measurement,
-        method,
-        fraction,
-        steps,
-        mc_samples,
-        spec.seed,
-        attribution_settings(session),
-    )
+    removal = (session.checkpoint_hash, query_digest(query_image), measurement, method, fraction, steps)
+    key = _key(*removal, attribution_settings(session))
     ckey = _key(session.checkpoint_hash, "control", n, removal_count(n, fraction), CONTROL_SEED, steps)
     root = Path(out_root)
-    return RetrainPlan(key, root / key, root / f"control_{ckey}" / "model", steps, spec)
+    p = RetrainPlan(key, root / key, root / f"control_{ckey}" / "model", steps, spec)
+    _adopt_legacy_folder(p, root / _key(*removal, mc_samples, spec.seed, attribution_settings(session)))
+    return p
+
+
+def _adopt_legacy_folder(p: RetrainPlan, legacy: Path) -> None:
+    """Move a folder of the key used until the evening of 2026-12-05, which also held the true
+    measurement's draws, to this plan's folder: a run started before then resumes with its removal and
+    models instead of training them again. Its ``result.json`` was measured with exactly these draws
+    (they were in its key), so it becomes this plan's result file."""
+    if p.folder.exists() or not legacy.is_dir():
+        return
+    try:
+        os.replace(legacy, p.folder)
+    except OSError:  # another process adopted it, or started the new folder, first
+        return
+    old_result = p.folder / "result.json"
+    if old_result.is_file():
+        os.replace(old_result, p.result_file)
 
 
 class RetrainJob:
@@ -176,7 +201,7 @@ class RetrainJob:
             raise ValueError("retraining without top influences needs a query image")
         p = plan(session, query.image, measurement, method, fraction, Path(out_root), mc_samples, steps)
         job = cls(session, query, measurement, method, fraction, p)
-        cached = p.folder / "result.json"
+        cached = p.result_file
         if cached.is_file():
             job._result = json.loads(cached.read_text())
             job._set("cached result", 1.0)
@@ -335,7 +360,7 @@ class RetrainJob:
             "checkpoint_hash": self.session.checkpoint_hash,
             "seconds": seconds,
         }
-        atomic_write_bytes(self.plan.folder / "result.json", jsonio.dumps(result, indent=1).encode())
+        atomic_write_bytes(self.plan.result_file, jsonio.dumps(result, indent=1).encode())
         return result
 
     def _labels(self, idx: np.ndarray) -> list[int] | None:
@@ -347,6 +372,7 @@ __all__ = [
     "RetrainJob",
     "RetrainPlan",
     "plan",
+    "result_file_name",
     "top_proponents",
     "removal_count",
     "random_control",

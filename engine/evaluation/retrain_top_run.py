@@ -72,7 +72,7 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
     # 1) removal sets (scores), 2) every model in one worker pool, 3) measurements
     tasks: dict[str, TrainTask] = {}
     for _spec, job in jobs:
-        if (job.plan.folder / "result.json").is_file():
+        if job.plan.result_file.is_file():
             continue
         for t in job.training_tasks():
             tasks.setdefault(t.out, t)
@@ -92,7 +92,7 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
         )
     results = []
     for spec, job in jobs:
-        cached = job.plan.folder / "result.json"
+        cached = job.plan.result_file
         if cached.is_file():
             r = json.loads(cached.read_text())
         else:
