@@ -99,6 +99,13 @@ def test_train_index_lists_are_checked(tmp_path, tiny_ckpt, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "--exclude" in err and "must hold integers" in err, err
+    # a missing or unreadable file: one line naming the flag and the file, not the OS's or numpy's message
+    (tmp_path / "text.npy").write_text("0,1,2")
+    for name, says in (("absent.npy", "no such file"), ("text.npy", "not a readable .npy array")):
+        path = tmp_path / name
+        assert main(["train", "--checkpoint", str(tiny_ckpt), "--indices", str(path), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --indices {path}: {says}") and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
 
 

@@ -107,6 +107,10 @@ def test_lds_best_takes_a_preset_json_like_every_other_preset_option(tmp_path, c
     assert main(["lds-best", "--results", str(tmp_path), "--preset", str(tmp_path / "absent.json")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"error: preset file {tmp_path / 'absent.json'} does not exist", err
+    # a name with no results: the error lists the runs the folder does hold (it said only "no results", QA 15)
+    assert main(["lds-best", "--results", str(tmp_path), "--preset", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "lds_nosuch_loss.json" in err and "LDS results there: lds_mine_loss.json" in err, err
 
 
 def test_held_out_choice_removes_the_optimism_of_picking_on_the_reported_queries():

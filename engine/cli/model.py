@@ -37,7 +37,14 @@ def _read_indices(spec: str | None, flag: str):
     if spec is None:
         return None
     if spec.endswith(".npy"):
-        values = np.load(spec, allow_pickle=False)
+        from pathlib import Path
+
+        if not Path(spec).is_file():
+            raise ValueError(f"{flag} {spec}: no such file (a .npy of training-image indices)")
+        try:
+            values = np.load(spec, allow_pickle=False)
+        except (ValueError, OSError, EOFError):  # not an .npy (numpy then guesses a pickle), or truncated
+            raise ValueError(f"{flag} {spec}: not a readable .npy array of training-image indices") from None
         if not np.issubdtype(values.dtype, np.integer):
             raise ValueError(f"{flag} {spec}: the array must hold integers, not {values.dtype}")
         return values

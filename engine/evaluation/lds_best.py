@@ -212,7 +212,9 @@ def update_best_settings(
     folder = Path(results)
     path = folder / f"lds_{preset}_{measurement.replace('@', '_').replace('=', '')}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no LDS results at {path}: run `attribution-engine lds` first")
+        runs = sorted(f.name for f in folder.glob("lds_*.json") if "_ablation_" not in f.name)
+        there = f"; LDS results there: {', '.join(runs)}" if runs else f"; {folder} holds no LDS results"
+        raise FileNotFoundError(f"no LDS results at {path} (run `attribution-engine lds` first){there}")
     run = json.loads(path.read_text())
     if ablations:
         files = [folder / f"lds_{preset}_ablation_{a.strip()}.json" for a in ablations]
