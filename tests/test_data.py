@@ -273,3 +273,17 @@ def test_an_image_folder_cache_key_is_a_portable_folder_name(tmp_path):
     assert all(ch.isalnum() or ch in "._-" for ch in key)
     _img(root / "c.png", value=3)  # other content under the same name: another key
     assert data_key(load_dataset(DataConfig(name="folder", root=str(root), image_size=4, channels=1, levels=256))) != key
+
+
+def test_a_data_folder_given_to_the_bundled_digits_is_refused(tmp_path, capsys):
+    """``train --data-root F`` with the digits preset trained on scikit-learn's digits while its config.json
+    recorded F as the data's folder (QA 16): the folder is refused, before any training."""
+    from engine.cli import main
+
+    with pytest.raises(DataError, match="reads no folder"):
+        load_dataset(DataConfig(name="digits", root=str(tmp_path)))
+    assert len(load_dataset(DataConfig(name="digits"))) == 1797
+    out = tmp_path / "run"
+    assert main(["train", "--data-root", str(tmp_path), "--out", str(out), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the digits data set") and str(tmp_path) in err and not out.exists()
