@@ -112,8 +112,10 @@ def test_cifar2_selection_deterministic_balanced(tmp_path):
         j = pos[id_]  # ids keep the original CIFAR index
         assert torch.equal(ds.images[i], full.images[j])
         assert int(full.labels[j]) == (1 if int(ds.labels[i]) == 0 else 7)
-    with pytest.raises(DataError, match="automobile"):
+    with pytest.raises(DataError, match="automobile") as e:
         load_dataset(_cifar_cfg(tmp_path, "cifar2", per_class=n_car + 1))
+    # the folder it read and the setting to change are named (QA 16: neither was)
+    assert str(tmp_path) in str(e.value) and "data.per_class" in str(e.value)
 
 
 def test_cifar2_indices_paper_size():

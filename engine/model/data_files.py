@@ -224,7 +224,13 @@ def cifar2_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
 def load_cifar2(cfg: DataConfig) -> ImageDataset:
     """CIFAR-2 (car vs horse) as in the paper's App. G; labels 0 = automobile, 1 = horse."""
     x, y, ids, names = _read_cifar_train(cfg)
-    idx = cifar2_indices(y, cfg.per_class, cfg.seed)
+    try:
+        idx = cifar2_indices(y, cfg.per_class, cfg.seed)
+    except DataError as e:  # name the folder, and the setting that asks for the count (QA 16)
+        raise DataError(
+            f"{e} (in {cifar_folder(cfg.root)}): CIFAR-10's training batches hold 5,000 of each; for fewer, "
+            "set data.per_class in a preset .json (--preset mine.json)"
+        ) from None
     remap = {lab: i for i, lab in enumerate(CIFAR2_LABELS)}
     return ImageDataset(
         name="cifar2",
