@@ -106,6 +106,8 @@ def test_reverse_text_says_which_listed_changes_are_no_support(cli):
             assert f"none of these {len(changes)} changes is positive" in block
         else:
             assert f"{not_positive} of these {len(changes)} changes are not positive" in block
+        if not_positive:  # each group here is one image, and the caveat says so (it said "the group", QA 16)
+            assert "removing the image would" in block and "removing the group" not in block
     assert seen, per_group  # some training image opposes a gallery sample
 
 

@@ -1,6 +1,6 @@
 """The one sign classification behind every influence heading (engine.attribution.signs)."""
 
-from engine.attribution.signs import end_signs, reverse_caveat
+from engine.attribution.signs import end_signs, removed_words, reverse_caveat
 
 
 def test_each_end_counts_the_sign_its_heading_claims():
@@ -27,3 +27,5 @@ def test_reverse_caveat_names_the_changes_that_are_no_support():
     assert reverse_caveat([2.0, 1.0]) is None
     assert reverse_caveat([2.0, 0.0, -1.0]).startswith("2 of these 3 changes are not positive")
     assert reverse_caveat([-1.0, -2.0]).startswith("none of these 2 changes is positive")
+    assert "removing the group would" in reverse_caveat([1.0, -1.0], removed_words(5))
+    assert "removing the image would" in reverse_caveat([1.0, -1.0], removed_words(1))

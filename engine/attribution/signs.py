@@ -65,16 +65,22 @@ def end_signs(scores: Sequence[float], highest: bool) -> EndSigns:
     return EndSigns(highest, len(scores), pos if highest else neg, neg if highest else pos)
 
 
-def reverse_caveat(changes: Sequence[float]) -> str | None:
+def reverse_caveat(changes: Sequence[float], removed: str = "the group") -> str | None:
     """The reverse view ranks samples by the predicted change of their measurement if a group were
     removed, largest first, under "what the group supports most".  A change that is not positive is no
     support: removing the group would not raise that sample's measurement.  None when every listed
-    change is positive, else the sentence both the CLI and the app show under the heading."""
+    change is positive, else the sentence both the CLI and the app show under the heading.  ``removed``
+    names what is removed: "the image" for a group of one (``reverse --train N``)."""
     signs = end_signs(changes, highest=True)
     if signs.all_agree:
         return None
     if signs.agreeing == 0:
-        return (f"none of these {signs.n} changes is positive: removing the group would raise no listed "
+        return (f"none of these {signs.n} changes is positive: removing {removed} would raise no listed "
                 "sample's measurement, so it supports none of them")
-    return (f"{signs.n - signs.agreeing} of these {signs.n} changes are not positive: removing the group "
+    return (f"{signs.n - signs.agreeing} of these {signs.n} changes are not positive: removing {removed} "
             "would not raise those samples' measurement")
+
+
+def removed_words(size: int) -> str:
+    """How the reverse view names what is removed: one training image, or a group."""
+    return "the image" if size == 1 else "the group"

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ..attribution.methods import METHODS, parse_methods
-from ..attribution.signs import reverse_caveat
+from ..attribution.signs import removed_words, reverse_caveat
 from .attribution import _add_attribution_options, open_session, parse_damping
 from .common import at_least, fail, register, subcommand
 
@@ -185,7 +185,7 @@ def cmd_reverse(args: argparse.Namespace) -> int:
             if result.note(name):
                 print(f"  ({result.note(name)})")
             ranked = result.ranking(name, args.top_k)
-            caveat = reverse_caveat([s.change for s in ranked])
+            caveat = reverse_caveat([s.change for s in ranked], removed_words(result.group.size))
             if caveat:
                 print(f"  ({caveat})")
             for s in ranked:
