@@ -157,3 +157,28 @@ def test_bench_foundation_prints_figures(tmp_path, capsys, monkeypatch):
         assert needle in out, out
     figures = json.loads((tmp_path / "b.json").read_text())
     assert figures["params"]["cifar10"] > 30_000_000 and figures["train_steps_per_s"] > 0
+
+
+def test_assets_on_a_model_without_a_quality_check_says_what_it_wrote(tmp_path, tiny_preset, capsys):
+    """``assets`` on an image-folder model printed "{}" alone (QA 16): it names the files it wrote, and says
+    why there is no sample-quality report."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
+    preset = tiny_preset.replace(
+        name="mine", data={"name": "folder", "root": str(tmp_path / "data"), "levels": 256},
+        diffusion={"num_timesteps": 20}, train={"steps": 2, "batch_size": 4},
+    )
+    (tmp_path / "mine.json").write_text(preset.to_json())
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--preset", str(tmp_path / "mine.json"), "--out", str(ckpt), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["assets", "--preset", str(tmp_path / "mine.json"), "--checkpoint", str(ckpt), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for name in ("gallery.npz", "samples_grid.png", "train_loss.png"):
+        assert f"wrote {ckpt / name}\n" in out and (ckpt / name).is_file(), out
+    assert "no sample-quality report" in out and "{}" not in out and not (ckpt / "sample_quality.json").exists()

@@ -151,5 +151,14 @@ def cmd_assets(args: argparse.Namespace) -> int:
     dataset = load_dataset(preset.data)
     check_data_fits_model(preset.model, dataset.shape)  # one line, not a failure inside a convolution
     report = write_assets(model, preset, ckpt, dataset, device)
-    print(jsonio.dumps(report, indent=2))
+    names = ["gallery.npz", "samples_grid.png"]
+    names += ["train_loss.png"] if (ckpt / "train_log.json").is_file() else []
+    names += ["sample_quality.json"] if report else []
+    for name in names:
+        print(f"wrote {ckpt / name}")
+    if report:
+        print(jsonio.dumps(report, indent=2))
+    else:  # it printed "{}" alone (QA 16)
+        print("no sample-quality report: it needs a classifier of the data, which only digits and the shipped "
+              "mnist have")
     return 0
