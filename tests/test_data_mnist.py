@@ -46,6 +46,17 @@ def test_idx_pair_round_trips_plain_and_gzipped(tmp_path, small_idx, gz):
     assert y.dtype == np.int64 and np.array_equal(y, labels)
 
 
+def test_a_folder_with_two_copies_of_a_file_says_which_it_reads(tmp_path, small_idx):
+    """The plain file and a damaged .gz of it beside it: the plain one was read without a word (QA 16)."""
+    images, labels = small_idx
+    _write_pair(tmp_path, images, labels, gz=False)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.warns(UserWarning, match="2 copies of train-images-idx3-ubyte: reading train-images-idx3-ubyte, "
+                      "not train-images-idx3-ubyte.gz"):
+        x, _ = read_idx_pair(tmp_path)
+    assert np.array_equal(x, images)
+
+
 def test_idx_dataset_levels_ids_and_per_class_subset(tmp_path, small_idx):
     images, labels = small_idx
     _write_pair(tmp_path, images, labels, gz=True)

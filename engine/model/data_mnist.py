@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +74,19 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
 
 
 def _find(folder: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(f"IDX folder {folder} lacks {stem} (or {stem}.gz)")
+    """The first of the file's usual names present; a warning names the others present, which are not read
+    (a folder with the plain file and its .gz, one of them damaged, trained silently on one: QA 16)."""
+    names = (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz")
+    present = [folder / name for name in names if (folder / name).is_file()]
+    if not present:
+        raise DataError(f"IDX folder {folder} lacks {stem} (or {stem}.gz)")
+    if len(present) > 1:
+        warnings.warn(
+            f"{folder} holds {len(present)} copies of {stem}: reading {present[0].name}, not "
+            + ", ".join(p.name for p in present[1:]),
+            stacklevel=3,
+        )
+    return present[0]
 
 
 def read_idx_pair(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
