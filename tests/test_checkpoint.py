@@ -115,3 +115,25 @@ def test_diffusers_adapter(tmp_path):
     (tmp_path / "pipe" / "unet" / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"looks like a diffusers pipeline but .*unet/config\.json is missing"):
         load_checkpoint(tmp_path / "pipe")
+
+
+def test_flipped_bytes_in_the_weights_data_are_refused(tmp_path, tiny_preset, tiny_model, capsys):
+    """safetensors checks its header, not its data: 100 bytes XORed in the middle of the weights loaded as
+    another model, and `sample` and `build` answered with it (QA 16). The file records its data's digest."""
+    from engine.cli import main
+
+    folder = save_checkpoint(tmp_path / "ok", tiny_model, tiny_preset)
+    model, _, _ = load_checkpoint(folder)  # an intact file loads
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_model.state_dict().values(),
+                                                   strict=True))
+    path = folder / "model.safetensors"
+    blob = bytearray(path.read_bytes())
+    mid = len(blob) // 2  # inside the data: the header is a few kB at the start
+    blob[mid : mid + 100] = bytes(b ^ 0x5A for b in blob[mid : mid + 100])
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="are corrupt"):
+        load_checkpoint(folder)
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--checkpoint", str(folder), "--n", "2", "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: weights {path} are corrupt") and not out.exists(), err

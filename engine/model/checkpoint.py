@@ -3,6 +3,12 @@
 A checkpoint is a folder holding ``model.safetensors`` (the model used for sampling and
 attribution: the EMA weights when EMA is on) and ``config.json`` (the preset: model,
 diffusion, data, training recipe, seed; plus ``extra`` such as the training subset).
+
+The weights file records the SHA-256 of its tensor data in its own header (safetensors metadata,
+``DATA_DIGEST``), and loading checks it: safetensors checks the header but not the data, so flipped bytes
+in the data loaded as a silently different model (QA 16). Files written before 2026-12-05 (the shipped
+digits and mnist weights among them) carry no digest and load unchecked; adding one would change their
+content hash, which keys every cache and result of theirs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from .unet import build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+DATA_DIGEST = "data_sha256"  # the weights file's metadata key: SHA-256 of the bytes after its header
 
 
 class CheckpointError(ValueError):
@@ -38,8 +45,43 @@ def save_checkpoint(
     # the config first, the weights last: a run counts as finished when its weights exist, so a kill
     # between the two writes must leave a config without weights (trained again), never the reverse
     atomic_write_bytes(folder / CONFIG, json.dumps(cfg, indent=2, sort_keys=True).encode())
-    atomic_write_bytes(folder / WEIGHTS, save(state))
+    atomic_write_bytes(folder / WEIGHTS, weights_with_digest(state))
     return folder
+
+
+def _split_safetensors(blob: bytes | memoryview) -> tuple[dict[str, Any], memoryview]:
+    """(the header's JSON, the tensor data after it) of safetensors bytes: an 8-byte little-endian header
+    length, the header, then the data."""
+    view = memoryview(blob)
+    n = int.from_bytes(view[:8], "little")
+    return json.loads(bytes(view[8 : 8 + n])), view[8 + n :]
+
+
+def weights_with_digest(state: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of ``state`` whose metadata holds the SHA-256 of its tensor data. The data's bytes do
+    not depend on the metadata (tensor offsets count from the data's start), which is checked."""
+    from safetensors.torch import save
+
+    _, data = _split_safetensors(save(state))
+    digest = hashlib.sha256(data).hexdigest()
+    blob = save(state, metadata={DATA_DIGEST: digest})
+    assert hashlib.sha256(_split_safetensors(blob)[1]).hexdigest() == digest
+    return blob
+
+
+def check_weights_digest(path: Path) -> None:
+    """CheckpointError when the weights file records a digest of its data (``weights_with_digest``) that its
+    data no longer have; files without one are not checked."""
+    try:
+        header, data = _split_safetensors(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return  # not readable as safetensors: load_file names the problem
+    recorded = (header.get("__metadata__") or {}).get(DATA_DIGEST)
+    if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
+        raise CheckpointError(
+            f"weights {path} are corrupt: their data's SHA-256 differs from the one recorded when they were "
+            "saved (train again into a new folder, or restore the file)"
+        )
 
 
 def read_config(folder: str | Path) -> tuple[Preset, dict[str, Any]]:
@@ -84,6 +126,7 @@ def load_checkpoint(
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"unreadable weights {path}: {e}") from e
+    check_weights_digest(path)
     model = build_model(preset.model)
     try:
         model.load_state_dict(state)
