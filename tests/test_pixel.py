@@ -56,3 +56,33 @@ def test_blank_query_is_unavailable_not_a_ranking_of_zeros(digits_small, value):
     q[0, 3, 4] = 1.0 if value < 1.0 else -1.0
     scores = method.score(method.prepare(_ctx(digits_small), QueryInput(image=q), None))
     assert np.all(np.isfinite(scores)) and np.ptp(scores) > 0
+
+
+def test_scores_are_float64_results_rounded_once_whatever_the_chunking(monkeypatch):
+    """The shipped first-page scores are stored at float32 and must equal the live ones on any CPU; float32
+    reductions, whose order follows the CPU's vector width, gave values a few ULPs apart on another machine
+    (2026-12-05). The scores are now the float32 rounding of a float64 computation: equal, element for
+    element, to numpy's float64 Pearson correlation rounded once, and independent of the row chunking."""
+    import engine.attribution.methods.pixel_cosine as pc
+
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand(3000, 1, 28, 28, generator=gen) * 2 - 1
+    query = torch.rand(1, 28, 28, generator=gen) * 2 - 1
+    ctx = SimpleNamespace(dataset=SimpleNamespace(images=train), device=torch.device("cpu"))
+
+    def scores() -> np.ndarray:
+        method = make_method("pixel")
+        return method.score(method.prepare(ctx, QueryInput(image=query), None))
+
+    def unit64(x: np.ndarray) -> np.ndarray:  # numpy's float64 centring and norm, rounded once to float32
+        x = x - x.mean(axis=1, keepdims=True)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    rows = unit64(train.reshape(3000, -1).double().numpy()).astype(np.float64)
+    q = unit64(query.reshape(1, -1).double().numpy())[0].astype(np.float64)
+    reference = np.einsum("nd,d->n", rows, q).astype(np.float32)  # products exact in float64
+    got = scores()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, reference)
+    monkeypatch.setattr(pc, "ROWS_PER_CHUNK", 7)
+    np.testing.assert_array_equal(scores(), got)

@@ -14,7 +14,8 @@ span many decades, float16 alone would underflow).  Relative error <= 2^-11 of t
 largest score: plenty for ranking and display.  Similarity methods (pixel, CLIP) are kept as
 float32 (scale 1): their scores lie in [-1, 1] with many near-ties (two digits of the same shape),
 which float16 rounding reordered, so the first page's order changed when the live scores replaced
-the precomputed ones; at float32 they are the live scores, bit for bit.
+the precomputed ones; at float32 they are the live scores, bit for bit (pixel similarity's on any
+CPU: it rounds a float64 computation once, ``methods.pixel_cosine``).
 
 The file is keyed: ``key`` holds the checkpoint's content hash, the training set's key, the
 gallery's hash, the measurement, the query draws, and every method's cache settings and

@@ -10,6 +10,14 @@ reflects the shape of the image.  A constant (blank) query has no shape: its cor
 anything is undefined, so the method answers "unavailable" with that reason instead of a ranking
 of zeros in index order (a constant training image scores 0).  Not a removal prediction: shown
 as similarity in [-1, 1], never summed.
+
+The centring, the norms and the dot products are computed in float64 and rounded to float32 once, at
+the end.  Why: float32 reductions take their order from the CPU's vector width, so two machines gave
+scores a few ULPs apart (the shipped first-page scores, stored at float32 so that near-ties keep the
+live order, no longer equalled the live ones on another CPU: 2026-12-05).  A product of two float32
+values is exact in float64 and the float64 sum's error is far below float32's rounding step, so the
+rounded scores are the same on every machine except for a value within ~1e-16 of a float32 rounding
+boundary.
 """
 
 from __future__ import annotations
@@ -26,14 +34,31 @@ from . import register
 from .base import AttributionMethod, FixedScores, Prepared, Progress, QueryInput, Unavailable, no_progress
 
 EPS = 1e-12
+ROWS_PER_CHUNK = 4096  # float64 working copies stay ~100 MB at CIFAR's 3,072 values per image
 
 
 def centred_unit(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> (B, D): flattened, centred per image, unit norm (zero rows stay zero)."""
-    flat = x.reshape(x.shape[0], -1).float()
-    flat = flat - flat.mean(dim=1, keepdim=True)
-    norm = flat.norm(dim=1, keepdim=True)
-    return torch.where(norm > EPS, flat / norm.clamp_min(EPS), torch.zeros_like(flat))
+    """(B, ...) -> (B, D) float32: flattened, centred per image, unit norm (zero rows stay zero).
+
+    Worked in float64 a chunk of rows at a time and rounded once (module docstring: the same on every CPU)."""
+    flat = x.detach().reshape(x.shape[0], -1)
+    out = torch.empty(flat.shape, dtype=torch.float32)
+    for lo in range(0, flat.shape[0], ROWS_PER_CHUNK):
+        rows = flat[lo : lo + ROWS_PER_CHUNK].double()
+        rows = rows - rows.mean(dim=1, keepdim=True)
+        norm = rows.norm(dim=1, keepdim=True)
+        out[lo : lo + ROWS_PER_CHUNK] = torch.where(norm > EPS, rows / norm.clamp_min(EPS), torch.zeros_like(rows))
+    return out
+
+
+def cosines(train: torch.Tensor, q: torch.Tensor) -> np.ndarray:
+    """(N,) float32 ``train @ q`` of unit rows, summed in float64 and rounded once; clamped to [-1, 1]
+    (rounding can exceed 1)."""
+    qd = q.double()
+    out = np.empty(train.shape[0], dtype=np.float32)
+    for lo in range(0, train.shape[0], ROWS_PER_CHUNK):
+        out[lo : lo + ROWS_PER_CHUNK] = (train[lo : lo + ROWS_PER_CHUNK].double() @ qd).clamp(-1.0, 1.0).numpy()
+    return out
 
 
 @register
@@ -87,7 +112,7 @@ class PixelCosine(AttributionMethod):
                 "the query image is blank (every pixel has the same value), so its pixel correlation with "
                 "the training images is undefined; query an image with some content"
             )
-        scores = (train @ q).clamp(-1.0, 1.0).numpy().astype(np.float32)  # cosine; rounding can exceed 1
+        scores = cosines(train, q)
         return FixedScores(scores=scores, timing_ms={"similarity": (time.perf_counter() - t0) * 1e3})
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
