@@ -46,16 +46,17 @@ def main() -> None:
         controls,
         evaluation_view,
         groups_view,
+        plain,
         query_view,
         results_view,
     )
 
     session = handle.session
     st.title("Diffusion Attribution Explorer")
-    st.caption(
-        f"Model `{session.preset.name}` ({len(session.dataset)} training images of "
-        f"{'x'.join(map(str, session.shape))}) · checkpoint `{session.checkpoint_hash}` · "
-        "which training images made this image likely, and which made it unlikely?"
+    st.caption(  # plain words; the exact model (tensor shape, checkpoint and its hash) in the tooltip
+        plain.model_line(session.preset.name, len(session.dataset), session.shape),
+        help=plain.model_details(session.preset.name, session.shape, session.checkpoint, session.checkpoint_hash,
+                                 session.device),
     )
     build_view.build_panel(handle)
     query = query_view.choose_query(handle)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import streamlit as st
 
 from engine.model.measurements import CATALOGUE, measurement_info
+from explorer import chips
 from explorer.runtime import Handle
 
 # The engine's catalogue (engine.model.measurements.CATALOGUE): names, titles and help in one place.
@@ -60,8 +61,10 @@ def choose_settings(handle: Handle, has_trajectory: bool) -> Settings:
     st.sidebar.header("Methods")
     names = session.method_names()
     methods = st.sidebar.multiselect(
-        "Show", names, default=names, format_func=lambda n: info[n]["title"], key="methods"
+        "Show", names, default=chips.default_for("methods", names), format_func=lambda n: info[n]["title"],
+        key="methods",
     )
+    chips.select_all("methods", names, "Show all methods", where=st.sidebar)
     damping: list[tuple[str, float]] = []
     for name in names:
         default = info[name].get("default_damping")

@@ -20,9 +20,11 @@ import streamlit as st
 from engine.evaluation.report import ModelKey, ResultFiles, lds_records, other_models_files, retrain_records
 from engine.evaluation.retrain_top import RetrainJob
 from engine.paths import ASSETS
+from explorer import plain
 from explorer.controls import MEASUREMENTS, Settings
 from explorer.images import display
 from explorer.query_view import Query
+from explorer.results_view import measurement_title
 from explorer.runtime import Handle, influence_titles
 
 FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
@@ -47,13 +49,51 @@ def served_settings(handle: Handle) -> dict[str, Any]:
 
 
 def settings_note(differences: list[str] | None, what: str) -> str:
-    """The caption's words for a result file measured at other attribution settings than the served model's
-    (``RetrainRecord.settings_differences``): empty when they agree."""
+    """The Details' words for a result file measured at other attribution settings than the served model's
+    (``RetrainRecord.settings_differences``, configuration names and values): empty when they agree."""
     if differences is None:
-        return f" · **{what} at attribution settings the file does not record** (it predates that record)"
+        return f"**{what} at attribution settings the file does not record** (it predates that record)"
     if differences:
-        return f" · **{what} at other attribution settings than this model's:** " + "; ".join(differences)
+        return f"**{what} at other attribution settings than this model's:** " + "; ".join(differences)
     return ""
+
+
+def settings_flag(differences: list[str] | None, other_draws: bool) -> str:
+    """The main flow's one plain warning for a result file measured otherwise than the served model would
+    (``settings_note`` and the query-draws note say how, in Details); empty when it was not."""
+    if differences or other_draws:
+        return " · **measured with other settings than this model's (see Details)**"
+    if differences is None:
+        return " · settings not recorded (see Details)"
+    return ""
+
+
+def _count(v: Any) -> str:
+    return f"{v:,}" if isinstance(v, int) else "?"
+
+
+def lds_summary(cfg: dict) -> str:
+    """An LDS run's design in words (the subsets, seeds and queries); its estimator settings go in Details."""
+    frac = cfg.get("fraction")
+    share = f"{float(frac):.0%} of" if isinstance(frac, int | float) else "part of"
+    return (f"Models retrained on {_count(cfg.get('subsets_with_models', cfg.get('subsets')))} random subsets "
+            f"({share} the {_count(cfg.get('num_train'))} training images each) x {_count(cfg.get('seeds'))} "
+            f"seed(s); {_count(cfg.get('queries'))} queries")
+
+
+def lds_details(entry: Any, served_draws: str, current: dict[str, Any]) -> list[str]:
+    """An LDS run's technical details: its estimator settings, how they differ from the served model's, its files."""
+    cfg = entry.config
+    draws = (cfg.get("attribution") or {}).get("mc_samples")
+    return [
+        f"True measurement over {cfg.get('true_measurement_mc_samples', '?')} draws"
+        + (f", attributions with M={draws}" if draws else "")
+        + (f" · **{QUERY_DRAWS_NOTE[entry.query_draws]}, not this model's setting**"
+           if entry.query_draws != served_draws else ""),
+        settings_note(entry.settings_differences(current), "measured"),
+        f"File `{entry.file}`" + (f" · figure `{entry.figure.name}`" if entry.figure is not None else "")
+        + (f" · {cfg['created']}" if cfg.get("created") else ""),
+    ]
 
 
 def results_dir() -> Path:
@@ -72,13 +112,13 @@ def result_files() -> ResultFiles:
 
 
 def other_models_note(handle: Handle, files: ResultFiles | None = None) -> None:
-    """Say which result files in the folder belong to other models (so a missing table is explained)."""
+    """Say that result files in the folder belong to other models (so a missing table is explained); the
+    folder on the server and the files' names are in Details."""
     others = other_models_files(files or result_files(), model_key(handle))
     if others:
-        st.caption(
-            f"Not shown: {len(others)} result file(s) in `{results_dir()}` measured on other models "
-            f"({', '.join(f'`{f}`' for f in others)}); start the app on that model to see them."
-        )
+        st.caption(f"Not shown: {len(others)} result file(s) measured on other models; start the app on that "
+                   "model to see them.")
+        plain.details([f"Folder `{results_dir()}`: {', '.join(f'`{f}`' for f in others)}"])
 
 
 def _interval_words(entry: dict, ref: str) -> str:
@@ -122,11 +162,10 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
     current = served_settings(handle)
     entries = lds_records(files, model_key(handle), served)  # this model's, its settings' headline first
     if not entries:
-        st.info(
-            f"**No LDS results yet** in `{folder}`. They are produced by "
-            f"`{handle.session.command('lds')} --subsets 32 --seeds 1 --queries 32`, which retrains many small "
-            "models (`make lds` for the digits default); run it once and reload."
-        )
+        st.info("**No LDS results for this model yet.**")
+        plain.details([f"They are produced by `{handle.session.command('lds')} --subsets 32 --seeds 1 --queries 32`, "
+                       "which retrains many small models (`make lds` for the digits default), in "
+                       f"`{folder}`; run it once and reload."])
         return
     info = handle.session.method_info()
     for entry in entries:
@@ -135,21 +174,9 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
         st.markdown(f"#### Measurement: {MEASUREMENTS.get(meas.split('@')[0], meas)} (`{meas}`)")
         if cfg:
             st.caption(
-                f"{cfg.get('subsets_with_models', cfg.get('subsets', '?'))} subsets x {cfg.get('seeds', '?')} "
-                f"seeds of {cfg.get('fraction', '?')} of {cfg.get('num_train', '?')} images, "
-                f"{cfg.get('queries', '?')} queries, true measurement over "
-                f"{cfg.get('true_measurement_mc_samples', '?')} draws"
-                + (
-                    f", attributions with M={(cfg.get('attribution') or {})['mc_samples']}"
-                    if (cfg.get("attribution") or {}).get("mc_samples")
-                    else ""
-                )
-                + (f" · **{QUERY_DRAWS_NOTE[entry.query_draws]}, not this model's setting**"
-                   if entry.query_draws != served else "")
-                + settings_note(entry.settings_differences(current), "measured")
-                + f" · file `{entry.file}`"
+                lds_summary(cfg)
+                + settings_flag(entry.settings_differences(current), entry.query_draws != served)
                 + (" · **quick mode (smoke test, not a result)**" if cfg.get("quick") else "")
-                + (f" · {cfg['created']}" if cfg.get("created") else "")
             )
         rows = []
         for name, v in entry.methods.items():
@@ -193,13 +220,16 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
         stem = entry.path.stem
         c1, c2 = st.columns(2)
         if entry.figure is not None:
-            c1.image(str(entry.figure), caption=entry.figure.name)
+            c1.image(str(entry.figure), caption="The run's own figure")
         sweeps = entry.sweeps
         if sweeps:
             from explorer.figures import damping_sweeps
 
             c2.plotly_chart(damping_sweeps(sweeps, {n: _title(info, n) for n in sweeps}), key=f"sweep_{stem}")
-        with st.expander("Full settings and noise report"):
+        with st.expander(f"{plain.DETAILS}: files, settings and noise report"):
+            for line in lds_details(entry, served, current) if cfg else []:
+                if line:
+                    st.caption(line)
             st.json({"config": entry.config, "noise": entry.noise}, expanded=False)
 
 
@@ -208,9 +238,9 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
     entries = retrain_records(files or result_files(), model_key(handle))
     if not entries:  # say so: the section sat as an empty gap between two dividers
         query = "gallery:0" if handle.session.gallery() else "train:0"
-        st.caption(f"No results of retraining without the top proponents for this model yet: "
-                   f"`{handle.session.command('retrain-top')} --query {query} --fraction 0.02` "
-                   "writes them (the checks below run the same from this page).")
+        st.caption("No shipped results of retraining without the top proponents for this model yet (the check "
+                   "below runs one from this page).")
+        plain.details([f"`{handle.session.command('retrain-top')} --query {query} --fraction 0.02` writes them."])
         return
     st.subheader("Retraining without the top proponents (shipped results)")
     st.markdown(
@@ -241,17 +271,21 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
         ]
         if not rows:
             continue
+        differences = entry.settings_differences(current)
+        meas = str(cfg.get("measurement", "?"))
         st.caption(
-            f"Measurement `{cfg.get('measurement', '?')}`, {cfg.get('removed', '?')} of {cfg.get('num_train', '?')} "
-            f"images removed, {cfg.get('steps', '?')} training steps per model, true measurement over "
-            f"{cfg.get('true_measurement_mc_samples', '?')} common draws"
-            + (f" · **removals chosen with {QUERY_DRAWS_NOTE[entry.query_draws]}, not this model's setting**"
-               if entry.query_draws != served else "")
-            + settings_note(entry.settings_differences(current), "removals chosen")
-            + f" · file `{entry.file}`"
-            + (f" · {cfg['created']}" if cfg.get("created") else "")
+            f"Measurement: {measurement_title(meas)}; {_count(cfg.get('removed'))} of the "
+            f"{_count(cfg.get('num_train'))} training images removed; {_count(cfg.get('steps'))} training steps "
+            "per model" + settings_flag(differences, entry.query_draws != served)
         )
         st.dataframe(pd.DataFrame(rows), hide_index=True, height=35 * (len(rows) + 1) + 3)  # every row, no scrolling
+        plain.details([
+            f"Measurement `{meas}`, true measurement over {cfg.get('true_measurement_mc_samples', '?')} common draws"
+            + (f" · **removals chosen with {QUERY_DRAWS_NOTE[entry.query_draws]}, not this model's setting**"
+               if entry.query_draws != served else ""),
+            settings_note(differences, "removals chosen"),
+            f"File `{entry.file}`" + (f" · {cfg['created']}" if cfg.get("created") else ""),
+        ])
 
 
 # --- check by retraining -------------------------------------------------------------------

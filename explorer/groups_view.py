@@ -40,8 +40,9 @@ from engine.attribution.pool import (
     pool_path,
 )
 from engine.attribution.precomputed import MEASUREMENT
-from engine.attribution.signs import end_signs, reverse_caveat
+from engine.attribution.signs import end_signs, removed_words, reverse_caveat
 from engine.evaluation.stats import spearman
+from explorer import chips, plain
 from explorer.controls import Settings
 from explorer.figures import label_colours, label_order, label_style
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
@@ -75,7 +76,8 @@ def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, meth
     key = (qset.key, s.measurement, tuple(methods), tuple(sorted(damping.items())))
     store = _matrices(handle)
     if key not in store:
-        bar = st.progress(0.0, text=f"Scoring {len(qset)} samples with {', '.join(methods)} ...")
+        titles = ", ".join(handle.session.method_info()[n]["title"] for n in methods)
+        bar = st.progress(0.0, text=f"Scoring {len(qset)} samples with {titles} ...")
         cache = handle.cache_root / "pools" if qset.name.startswith("pool") else None
         with handle.lock:
             store[key] = attribution_matrix(
@@ -198,8 +200,9 @@ def groups_page(handle: Handle, s: Settings) -> None:
     with c2:
         qset = _choose_queries(handle)
     info = session.method_info()
-    methods = st.multiselect("Methods", methods_all, default=methods_all, key="grp_methods",
-                             format_func=lambda n: info[n]["title"])
+    methods = st.multiselect("Methods", methods_all, default=chips.default_for("grp_methods", methods_all),
+                             key="grp_methods", format_func=lambda n: info[n]["title"])
+    chips.select_all("grp_methods", methods_all, "All methods")
     if group is None or qset is None or not methods:
         return
     if s.measurement == "trajectory" and qset.name.startswith("pool"):
@@ -289,8 +292,9 @@ def precomputed_groups(handle: Handle, s: Settings) -> bool:
         group = _choose_group(handle)
     qset = gallery_set(session)
     c2.caption(f"Generated samples: the gallery ({len(qset)} samples)")
-    methods = st.multiselect("Methods", list(mats), default=list(mats), key="grp_methods_pre",
-                             format_func=lambda n: info[n]["title"])
+    methods = st.multiselect("Methods", list(mats), default=chips.default_for("grp_methods_pre", list(mats)),
+                             key="grp_methods_pre", format_func=lambda n: info[n]["title"])
+    chips.select_all("grp_methods_pre", list(mats), "All methods")
     if group is None or not methods:
         return True
     result = GroupResult(group, MEASUREMENT, qset, {n: mats[n] for n in methods}, session.labels)
@@ -382,7 +386,7 @@ def reverse_section(handle: Handle, result: GroupResult, s: Settings) -> None:
             st.markdown(f"**{info[n]['title']}**")
             if result.measurement_of(n) != result.measurement:  # D-TRAK: the square norm, whatever is asked
                 st.caption(f"Ranked by the {result.measurement_of(n)} measurement, which this method always uses.")
-            caveat = reverse_caveat([r.change for r in ranked])
+            caveat = reverse_caveat([r.change for r in ranked], removed_words(result.group.size))
             if caveat:
                 st.caption(caveat[0].upper() + caveat[1:] + ".")
             st.image([display(result.qset.queries[result.qset.names.index(r.query)].image, CELL, border=4)
@@ -457,8 +461,9 @@ def group_retrain_section(handle: Handle) -> None:
     groups = [(rec, g) for rec in records for g in rec.get("groups", [])]
     if not groups:
         name = handle.session.preset.name
-        st.caption(f"No group retraining results for this model yet: run `{handle.session.command('group-retrain')} "
-                   f"--remove label:3 --remove label:8` (writes assets/results/group_retrain_{name}.json).")
+        st.caption("No group retraining results for this model yet.")
+        plain.details([f"Run `{handle.session.command('group-retrain')} --remove label:3 --remove label:8` "
+                       f"(writes assets/results/group_retrain_{name}.json)."])
         return
     st.caption("The model retrained without the whole group (same recipe and steps), each gallery sample's loss "
                "measured on both models with the same random draws. A method that knows which outputs depend on "
@@ -557,11 +562,15 @@ def retrain_figure(groups: list[tuple[dict, dict]], title: Callable[[str], str],
 def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
     """Pick training images shown in the grids: see what they support, or keep them as a group."""
     labels = handle.session.labels
+    info = handle.session.method_info()
     shown: list[int] = []
+    tops: dict[str, list[int]] = {}  # a method's top-k at once: the images a user wants as one group
     for n in s.methods:
         r = result.methods.get(n)
         if r is not None and r.scores is not None:
-            shown += [x.index for x in r.top(s.top_k, labels)] + [x.index for x in r.bottom(s.top_k, labels)]
+            top = [x.index for x in r.top(s.top_k, labels)]
+            tops[f"{info[n]['title']}'s top {len(top)}"] = top
+            shown += top + [x.index for x in r.bottom(s.top_k, labels)]
     shown = list(dict.fromkeys(shown))
     if not shown:
         return
@@ -580,6 +589,7 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
                             format_func=lambda i: f"#{i}" + (f" ({labels[i]})" if labels is not None else ""),
                             help="One image: the samples it supports most. Several: the same for the group. "
                                  "The Groups page's hand-picked group uses these too.")
+    chips.pick_buttons("grid_pick", tops, "Pick at once:")
     st.session_state[PICKED] = list(picked)
     if not picked:
         st.caption("Pick one or more training images to rank the gallery samples by how much they depend on them."
@@ -604,7 +614,6 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
         return
     if res.ok():
         reverse_section(handle, res, s)
-        info = handle.session.method_info()
         data = _table(res)
         long = data.melt(id_vars=["sample", "label"], value_vars=res.ok(), var_name="method", value_name="change")
         # a method that scores its own measurement (D-TRAK: the square norm) says so in the legend

@@ -21,20 +21,15 @@ import streamlit as st
 from engine.attribution.results import MethodResult, QueryResult
 from engine.attribution.signs import end_signs
 from engine.model.measurements import measurement_info
-from explorer import analysis, exact_view, figures
+from explorer import analysis, exact_view, figures, plain
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
+from explorer.layout import FRAME, thumbnails
+from explorer.layout import cell_size as cell_size  # the full thumbnail size, re-exported for older callers
 from explorer.query_view import Query
 from explorer.runtime import Handle
 
 log = logging.getLogger(__name__)
-CELL = 64  # pixels per thumbnail (8x8 digits: factor 8), plus a 4-pixel white frame
-
-
-def cell_size(side: int) -> int:
-    """Thumbnail side: a whole multiple of the image side near CELL, so browsers never resample
-    (8x8: 64 px; 28x28 MNIST: 56 px; 32x32: 64 px)."""
-    return side * max(1, CELL // side)
 
 
 def result_base(handle: Handle, query: Query, s: Settings) -> tuple:
@@ -71,7 +66,9 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
         try:
             raw, views = handle.recent_results.get(base), {}  # another tab asked it already: share its work
             if raw is None:
-                with st.spinner(f"Attributing {query.title.lower()} with every method (query gradients, then scores) ..."):
+                with st.spinner(f"Attributing {query.title.lower()} ({_in_sentence(measurement_title(s.measurement))}, "
+                                f"{s.mc_samples} Monte Carlo draws) with every method: query gradients, then scores ...",
+                                show_time=True):
                     with handle.lock:
                         raw = session.query(  # a compressed bank answers from its scan; the re-rank follows
                             query.input, s.measurement, methods=None, damping=s.damping_dict,
@@ -97,10 +94,26 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     if shown is not None and exact_view.exact_arrived(shown, s.top_k):
         shown = None  # the background re-rank finished since this view was scored: show its exact ends
     if shown is None:
-        with handle.lock:
+        # a lookup in the damping grid is instant (the spinner shows after 0.5 s only), but the grid may still be
+        # being scored in the background, holding the lock: the page then waited seconds, greyed, saying nothing
+        with st.spinner(rescore_text(session.method_info(), next(iter(store["shown"]), None), s.damping)), handle.lock:
             shown = session.rescore(store["raw"], s.damping_dict)
         store["shown"] = {s.damping: shown}  # keep one re-scored view; the raw result stays
     return _after_failed_build(handle, query, s, shown)
+
+
+def rescore_text(info: dict, before: tuple | None, after: tuple) -> str:
+    """The spinner's words while a result is re-scored: the methods whose damping changed (``before`` and
+    ``after``: the (method, damping) pairs of the view shown and the one asked for), or, with none changed,
+    the exact ranking that a background re-rank has just delivered.  Without a view shown (a result another
+    tab computed, scored at its own dampings) every method is scored at this page's."""
+    if before is None:
+        return "Scoring every method at the chosen dampings ..."
+    old = dict(before)
+    changed = [f"{info.get(n, {}).get('title', n)} at damping {v:.1e}" for n, v in after if old.get(n) != v]
+    if not changed:
+        return "Showing the exact ranking ..."
+    return f"Re-scoring {_and(changed)} ..."
 
 
 def _after_failed_build(handle: Handle, query: Query, s: Settings, result: QueryResult) -> QueryResult:
@@ -193,16 +206,38 @@ def score_meaning(kind: str, measurement: str) -> str:
     return f"predicted change of the query's {_in_sentence(measurement_title(measurement))} if that image were removed"
 
 
-def score_legend(methods: list[tuple[str, str, str]], has_labels: bool) -> str:
+def score_legend(methods: list[tuple[str, str, str]], has_labels: bool, compact: bool = False) -> str:
     """The line above the method columns that reads the thumbnails' captions ("#726 · 1 · +8.94e-02" was not
     explained on the page, and its scale changes with the measurement): what a caption holds, then what a score
-    is for each group of ``methods`` ((title, kind, measurement used)) that share a meaning."""
+    is for each group of ``methods`` ((title, kind, measurement used)) that share a meaning.  ``compact``: the
+    captions hold the index only (``explorer.layout``), and the scores are in the table under the grids."""
     meanings: dict[str, list[str]] = {}
     for title, kind, used in methods:
         meanings.setdefault(score_meaning(kind, used), []).append(title)
     held = "training index · label · score" if has_labels else "training index · score"
     parts = "; of ".join(f"{_and(titles)}: {meaning}" for meaning, titles in meanings.items())
+    if compact:
+        rest = "label and score" if has_labels else "score"
+        return f"Under each image: **training index** (its {rest}: *{SCORES_TABLE}*, under the grids). Score of {parts}."
     return f"Under each image: **{held}**. Score of {parts}."
+
+
+SCORES_TABLE = "Scores of the images above"
+
+
+def grid_scores(result: QueryResult, names: list[str], titles: dict[str, str], ds: Any, labels: np.ndarray | None,
+                top_k: int) -> pd.DataFrame:
+    """The grids' captions as one table (rows: top 1..k, then bottom 1..k; one column per method), for the
+    compact grids, whose thumbnails are too narrow for "#index · label · score" (``explorer.layout``)."""
+    columns = {}
+    for name in names:
+        r = result.methods[name]
+        if r.status != "ok" or r.scores is None:
+            continue
+        items = r.top(top_k, labels) + r.bottom(top_k, labels)
+        columns[titles[name]] = [_caption(ds, x.index, x.score, x.exact) for x in items]
+    rows = [f"top {i + 1}" for i in range(top_k)] + [f"bottom {i + 1}" for i in range(top_k)]
+    return pd.DataFrame(columns, index=rows[: max((len(v) for v in columns.values()), default=0)])
 
 
 def _and(items: list[str]) -> str:
@@ -237,9 +272,10 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
         st.info("Select at least one method in the sidebar.")
         return
     scored = [n for n in names if result.methods[n].status == "ok" and result.methods[n].scores is not None]
+    thumbs = thumbnails(len(names), max(ds.shape[1:]))  # at least two per row at 1280 px (explorer.layout)
     if scored:  # an unavailable method's column has no captions to explain
         st.caption(score_legend([(info[n]["title"], info[n]["kind"], session.measurement_used(n, s.measurement))
-                                 for n in scored], ds.labels is not None))
+                                 for n in scored], ds.labels is not None, thumbs.compact))
     independent = handle.query_independent()
     cols = st.columns(len(names), border=True)
     polling = False
@@ -251,7 +287,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             if name in independent:
                 st.warning(query_independence_note(independent[name]), icon="⚠️")
             if r.status != "ok" or r.scores is None:
-                _unavailable(r.status, r.reason or "")
+                _unavailable(r.status, info[name]["title"], r.reason or "")
                 continue
             c1, c2 = st.columns([1, 2])
             c1.image(display(query.input.image, 48), width=48, caption="query")
@@ -267,21 +303,19 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 top_heading, bottom_heading = "**Most similar**", "**Least similar**"
             else:
                 top_heading, bottom_heading = influence_headings([x.score for x in top], [x.score for x in bottom])
-            st.markdown(top_heading)
-            cell = cell_size(max(ds.shape[1:]))
-            st.image(
-                [display(ds.images[x.index], cell, border=4) for x in top],
-                caption=[_caption(ds, x.index, x.score, x.exact) for x in top],
-                width=cell + 8,
-            )
-            st.markdown(bottom_heading)
-            st.image(
-                [display(ds.images[x.index], cell, border=4) for x in bottom],
-                caption=[_caption(ds, x.index, x.score, x.exact) for x in bottom],
-                width=cell + 8,
-            )
+            for heading, items in ((top_heading, top), (bottom_heading, bottom)):
+                st.markdown(heading)
+                st.image(
+                    [display(ds.images[x.index], thumbs.image, border=FRAME) for x in items],
+                    caption=[f"#{x.index}" if thumbs.compact else _caption(ds, x.index, x.score, x.exact)
+                             for x in items],
+                    width=thumbs.width,
+                )
             if r.exact_pending:
                 exact_view.exact_button(handle, name, result)
+    if thumbs.compact and scored:
+        with st.expander(SCORES_TABLE):
+            st.dataframe(grid_scores(result, scored, {n: info[n]["title"] for n in scored}, ds, labels, s.top_k))
 
 
 def influence_headings(top: list[float], bottom: list[float]) -> tuple[str, str]:
@@ -322,12 +356,12 @@ def query_independence_note(d) -> str:
     )
 
 
-def _unavailable(status: str, reason: str) -> None:
-    """Why a method has no scores; a long "how to enable" goes into an expander."""
-    head = reason.split(" (")[0].split(";")[0].strip()
-    st.warning(f"**{'Unavailable' if status == 'unavailable' else 'Failed'}:** {head}")
-    if head != reason.strip():
-        with st.expander("Details and how to enable"):
+def _unavailable(status: str, title: str, reason: str) -> None:
+    """Why a method has no scores, in plain words; the engine's reason (how to enable it: a command, the files
+    it looked for) goes into the column's Details."""
+    st.warning(plain.unavailable_line(status, title, reason))
+    if reason.strip():
+        with st.expander(plain.DETAILS):
             st.markdown(reason)
 
 

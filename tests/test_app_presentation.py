@@ -1,10 +1,15 @@
-"""What the explorer's figures and captions say (QA round 15, section A): pure functions, no server, no model."""
+"""What the explorer's figures, captions and grids say (QA round 15, section A): pure functions, and views run in
+Streamlit's AppTest on a fake handle; no server, no model."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import plotly.express as px
+import pytest
 
 TITLES = {"kfac": "K-FAC Influence", "trak": "TRAK", "dtrak": "D-TRAK"}
 
@@ -136,3 +141,412 @@ def test_a_training_image_says_it_has_no_trajectory_once():
     assert trajectory_note(["training image 0 (digits:0); no sampling trajectory"], False) is None
     assert trajectory_note(["resized 32x24 -> 8x8"], False) == "No sampling trajectory."
     assert trajectory_note([], True) == "Has a sampling trajectory."
+
+
+# --- QA round 15, A3 A4 A7 A8: the Explore page's grids, plain words, feedback and chips -----------------------
+# The views run in Streamlit's AppTest on a fake handle (a data set of 40 8x8 images, five methods' scores): no
+# model, no cache, fast.
+
+N_TRAIN = 40
+METHOD_INFO = {
+    "kfac": {"title": "K-FAC Influence", "kind": "influence", "caption": "k", "default_damping": 1e-8,
+             "damping_steps": [1e-9, 1e-8, 1e-7, 1e-6]},
+    "trak": {"title": "TRAK", "kind": "influence", "caption": "t", "default_damping": 1e-5,
+             "damping_steps": [1e-6, 1e-5, 1e-4]},
+    "dtrak": {"title": "D-TRAK", "kind": "influence", "caption": "d", "default_damping": 1e-4,
+              "damping_steps": [1e-5, 1e-4, 1e-3]},
+    "clip": {"title": "CLIP similarity", "kind": "similarity", "caption": "c"},
+    "pixel": {"title": "Pixel similarity", "kind": "similarity", "caption": "p"},
+}
+CLIP_REASON = ("CLIP weights for ViT-B-32/openai are not on this machine (nothing is downloaded at run time; looked "
+               "for hf:timm/vit_base_patch32_clip_224.openai/open_clip_model.safetensors); to enable: on a machine "
+               "with internet run `python -c \"import open_clip; ...\"`")
+
+
+class FakeData:
+    """A data set as the views read it: 40 greyscale 8x8 images, labelled 0-9."""
+
+    def __init__(self) -> None:
+        self.images = np.random.default_rng(0).uniform(-1, 1, (N_TRAIN, 1, 8, 8)).astype(np.float32)
+        self.labels = np.arange(N_TRAIN) % 10
+        self.class_names = None
+        self.shape = (1, 8, 8)
+
+    def __len__(self) -> int:
+        return N_TRAIN
+
+    def label_name(self, i: int) -> str:
+        return str(int(self.labels[i]))
+
+
+def fake_result(names=tuple(METHOD_INFO)):
+    """A query's answer: every method's scores over the 40 images (CLIP unavailable for want of weights)."""
+    from engine.attribution.results import MethodResult, QueryResult
+
+    rng = np.random.default_rng(1)
+    methods = {}
+    for n in names:
+        info = METHOD_INFO[n]
+        ok = n != "clip"
+        methods[n] = MethodResult(name=n, title=info["title"], kind=info["kind"], caption=info["caption"],
+                                  status="ok" if ok else "unavailable", reason=None if ok else CLIP_REASON,
+                                  damping=info.get("default_damping"),
+                                  scores=rng.normal(size=N_TRAIN).astype(np.float32) if ok else None)
+    return QueryResult(query={"spec": "gallery:0"}, measurement="loss", methods=methods)
+
+
+class FakeSession:
+    """What the views ask of an AttributionSession; ``query`` and ``rescore`` record the spinners open at the call."""
+
+    preset = SimpleNamespace(name="fake")
+    checkpoint_hash = "f" * 16
+    config = SimpleNamespace(mc_samples=4)
+    diffusion = SimpleNamespace(T=100)
+
+    def __init__(self) -> None:
+        self.dataset = FakeData()
+        self.labels = self.dataset.labels
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def method_info(self) -> dict:
+        return METHOD_INFO
+
+    def method_names(self) -> list[str]:
+        return list(METHOD_INFO)
+
+    def method(self, name: str):
+        return SimpleNamespace(kind=METHOD_INFO[name]["kind"])
+
+    def measurement_used(self, name: str, measurement: str) -> str:
+        return measurement
+
+    def gallery(self) -> list:
+        return []
+
+    def query(self, query, measurement, **kwargs):
+        self.calls.append(("query", list(OPEN_SPINNERS)))
+        return fake_result()
+
+    def rescore(self, raw, damping):
+        import dataclasses
+
+        self.calls.append(("rescore", list(OPEN_SPINNERS)))
+        return dataclasses.replace(raw, methods={n: dataclasses.replace(r, damping=damping.get(n, r.damping))
+                                                 for n, r in raw.methods.items()})
+
+
+class FakeHandle:
+    def __init__(self) -> None:
+        import threading
+
+        from explorer.shared_results import RecentResults
+
+        self.session = FakeSession()
+        self.build = SimpleNamespace(status="done", checking=False)
+        self.worker = None
+        self.precomputed = None
+        self.lock = threading.RLock()
+        self.recent_results = RecentResults()
+        self.grid_filler = SimpleNamespace(submit=lambda *a: None)
+
+    def query_independent(self) -> dict:
+        return {}
+
+    def status(self, refresh: bool = False) -> dict:
+        return {n: {"built": True} for n in METHOD_INFO}
+
+
+OPEN_SPINNERS: list[str] = []  # the texts of the st.spinner blocks open now (see record_spinners)
+
+
+@pytest.fixture
+def record_spinners(monkeypatch):
+    """st.spinner, recording each text while its block runs (AppTest shows no transient spinner)."""
+    import contextlib
+
+    import streamlit
+
+    opened: list[str] = []
+
+    @contextlib.contextmanager
+    def spinner(text: str = "", **kwargs):
+        OPEN_SPINNERS.append(text)
+        opened.append(text)
+        try:
+            yield
+        finally:
+            OPEN_SPINNERS.pop()
+
+    monkeypatch.setattr(streamlit, "spinner", spinner)
+    return opened
+
+
+@pytest.fixture
+def record_images(monkeypatch):
+    """st.image, recording the width and captions of every call (AppTest's image element has neither width)."""
+    import streamlit
+
+    calls: list[dict] = []
+    original = streamlit.image
+
+    def image(img, caption=None, width="content", **kwargs):
+        calls.append({"n": len(img) if isinstance(img, list) else 1, "width": width, "captions": caption})
+        return original(img, caption=caption, width=width, **kwargs)
+
+    monkeypatch.setattr(streamlit, "image", image)
+    return calls
+
+
+def _query():
+    from explorer.query_view import Query
+
+    return Query("gallery:0", SimpleNamespace(image=np.zeros((1, 8, 8), np.float32), trajectory=None, label=None,
+                                              notes=[]), "Gallery sample 0")
+
+
+def _settings(names, damping=(("kfac", 1e-8), ("trak", 1e-5), ("dtrak", 1e-4)), top_k=4):
+    from explorer.controls import Settings
+
+    return Settings("loss", tuple(names), tuple(damping), top_k, 4)
+
+
+def _grids_page(handle, query, result, settings):
+    from explorer import results_view
+
+    results_view.method_columns(handle, query, result, settings)
+
+
+def _walk(node, in_expander=False, out=None):
+    """(text, inside an expander?) of every markdown, caption, warning and info element under ``node``."""
+    out = [] if out is None else out
+    kind = getattr(node, "type", None)
+    if kind in ("markdown", "caption", "warning", "info"):
+        out.append((node.value, in_expander))
+    children = getattr(node, "children", None)
+    for child in (children.values() if isinstance(children, dict) else []):
+        _walk(child, in_expander or kind == "expander", out)
+    return out
+
+
+def test_the_grids_hold_at_least_two_thumbnails_per_row_at_1280_px():
+    """A3: five bordered method columns at 1280 px are 118 px wide inside, so the 72 px thumbnails stood one per
+    row; the thumbnails are sized from the number of methods shown so that two fit, and more at 1920 px."""
+    from explorer.layout import column_inner_width, per_row, thumbnails
+
+    assert per_row(column_inner_width(5, 1280), 72) == 1  # the finding: the old 72 px thumbnails, five methods
+    for side in (8, 28, 32):  # digits, MNIST, CIFAR
+        for k in range(1, 6):
+            t = thumbnails(k, side)
+            assert t.per_row(k, 1280) >= 2 and t.per_row(k, 1920) >= t.per_row(k, 1280), (side, k, t)
+    five = thumbnails(5, 8)
+    assert (five.image, five.width, five.compact) == (40, 48, True)  # 5 px per pixel of an 8x8 digit
+    assert (five.per_row(5, 1280), five.per_row(5, 1920)) == (2, 4)
+    three = thumbnails(3, 8)  # three methods leave room for the full thumbnails and captions
+    assert (three.image, three.width, three.compact, three.per_row(3, 1280)) == (64, 72, False, 2)
+    assert thumbnails(4, 28).compact is False  # 64 px: the full caption still wraps between its fields
+
+
+def test_five_methods_get_compact_grids_and_their_scores_in_a_table(record_images):
+    from streamlit.testing.v1 import AppTest
+
+    from explorer.layout import column_inner_width, per_row
+
+    handle = FakeHandle()
+    at = AppTest.from_function(_grids_page, args=(handle, _query(), fake_result(), _settings(METHOD_INFO)))
+    at.run()
+    assert not at.exception, at.exception
+    grids = [c for c in record_images if c["n"] == 4]  # top-4 and bottom-4 of the four methods with scores
+    assert len(grids) == 8
+    for c in grids:  # two per row in each of the five columns at 1280 px, each captioned by its index only
+        assert per_row(column_inner_width(5, 1280), c["width"]) == 2, c["width"]
+        assert all(cap.startswith("#") and "·" not in cap for cap in c["captions"]), c["captions"]
+    (table,) = [e for e in at.expander if e.label == "Scores of the images above"]
+    frame = table.dataframe[0].value
+    assert list(frame.columns) == ["K-FAC Influence", "TRAK", "D-TRAK", "Pixel similarity"]
+    assert list(frame.index) == ["top 1", "top 2", "top 3", "top 4", "bottom 1", "bottom 2", "bottom 3", "bottom 4"]
+    top = fake_result().methods["kfac"].top(4, handle.session.labels)[0]
+    assert frame.iloc[0, 0] == f"#{top.index} · {top.index % 10} · {top.score:+.2e}"
+    assert "training index** (its label and score" in at.caption[0].value
+
+    record_images.clear()  # two methods: the full thumbnails and captions, no table
+    at = AppTest.from_function(_grids_page, args=(handle, _query(), fake_result(), _settings(["kfac", "pixel"])))
+    at.run()
+    assert {c["width"] for c in record_images if c["n"] == 4} == {72}
+    assert all(" · " in cap for c in record_images if c["n"] == 4 for cap in c["captions"])
+    assert not [e for e in at.expander if e.label == "Scores of the images above"]
+
+
+def test_an_unavailable_method_says_so_plainly_and_keeps_how_to_enable_it_in_details(record_images):
+    """A4: CLIP's column read "CLIP weights for ViT-B-32/openai are not on this machine", under an expander named
+    "Details and how to enable"; the model identifier and the instructions belong in Details."""
+    from streamlit.testing.v1 import AppTest
+
+    from explorer.plain import unavailable_line
+
+    at = AppTest.from_function(_grids_page, args=(FakeHandle(), _query(), fake_result(), _settings(METHOD_INFO)))
+    at.run()
+    (warning,) = at.warning
+    assert warning.value == "**Unavailable:** CLIP similarity cannot run on this server."
+    texts = _walk(at._tree)
+    assert not [t for t, inside in texts if not inside and ("ViT" in t or "open_clip" in t)], texts
+    assert (CLIP_REASON, True) in texts  # the whole reason, inside the column's Details
+    assert [e.label for e in at.expander if e.label == "Details"] == ["Details"]
+    # a CLI command to build a cache is a detail too; the explorer's own "not precomputed" words are plain already
+    assert unavailable_line("unavailable", "TRAK", "not built: run `attribution-engine build --methods trak`") == \
+        "**Unavailable:** TRAK is not built on this server yet."
+    assert unavailable_line("unavailable", "TRAK", "not precomputed for these settings; ready when ...") == \
+        "**Unavailable:** not precomputed for these settings"
+
+
+def test_the_subtitle_names_the_model_in_words_and_keeps_shape_and_hash_in_its_tooltip(monkeypatch):
+    """A4: the subtitle read "Model `digits` (1797 training images of 1x8x8) · checkpoint `3c6f55835a48dc83`"."""
+    from streamlit.testing.v1 import AppTest
+
+    from explorer import runtime
+    from explorer.plain import image_words
+
+    handle = FakeHandle()  # the whole page on the fake model: no gallery, so no query until a sample is drawn
+    handle.session.shape, handle.session.checkpoint, handle.session.device = (1, 8, 8), "/models/digits", "cpu"
+    handle.session.checkpoint_hash = "3c6f55835a48dc83"
+    monkeypatch.setattr(runtime, "get_handle", lambda args: handle)
+    monkeypatch.setattr(runtime, "start_build", lambda h: None)
+    monkeypatch.setattr(runtime, "choose_model", lambda args: args)
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "explorer" / "app.py"))
+    at.run()
+    assert not at.exception, at.exception
+    subtitle = at.caption[0]
+    assert subtitle.value == ("Which training images made this image likely, and which made it unlikely? "
+                              "Model **fake**, trained on 40 greyscale images of 8×8 pixels.")
+    tip = subtitle.proto.help
+    assert "1x8x8" in tip and "3c6f55835a48dc83" in tip and "/models/digits" in tip
+    assert image_words((3, 32, 32)) == "colour images of 32×32 pixels"
+
+
+def _evaluation_page(handle):
+    from explorer import evaluation_view
+
+    files = evaluation_view.result_files()
+    evaluation_view.other_models_note(handle, files)
+    evaluation_view.lds_section(handle, files)
+    evaluation_view.retrain_results_section(handle, files)
+
+
+def test_evaluation_captions_keep_file_names_paths_and_setting_names_in_details(tmp_path, monkeypatch):
+    """A4: the Evaluation captions named the results folder on the server, the files, and configuration fields
+    ("kfac_bank_whiten: None (now 1e-10)"); the main flow now says in words how a result was measured."""
+    import json
+
+    from streamlit.testing.v1 import AppTest
+
+    from engine.config import AttributionConfig
+
+    handle = FakeHandle()
+    handle.session.config = AttributionConfig()
+    handle.session.method = lambda n: SimpleNamespace(kind=METHOD_INFO[n]["kind"], damping_field="-")
+    handle.session.damping_for = lambda n, d: METHOD_INFO[n].get("default_damping")
+    mine = {"checkpoint_hash": "f" * 16, "measurement": "loss"}
+    (tmp_path / "lds_fake_loss.json").write_text(json.dumps({
+        "config": {**mine, "subsets": 32, "seeds": 2, "fraction": 0.5, "num_train": 1797, "queries": 128,
+                   "true_measurement_mc_samples": 1024, "created": "2026-12-02T07:56:44Z",
+                   "attribution": {"mc_samples": 64, "query_draws": "bank", "kfac_bank_whiten": None}},
+        "methods": {"kfac": {"lds": 0.49, "ci95": [0.46, 0.52], "damping": 1e-8}}}))
+    (tmp_path / "retrain_top_fake.json").write_text(json.dumps({
+        "config": {**mine, "removed": 36, "num_train": 1797, "steps": 6000, "true_measurement_mc_samples": 1024},
+        "results": [{"query": "gallery:0", "method": "kfac", "removed": [1, 2], "predicted_change": 0.9,
+                     "measured_change": 0.013, "random_measured_change": 0.0004}]}))
+    (tmp_path / "lds_other_loss.json").write_text(json.dumps({"config": {"checkpoint_hash": "e" * 16},
+                                                              "methods": {"kfac": {"lds": 0.9}}}))
+    monkeypatch.setenv("ATTRIBUTION_RESULTS", str(tmp_path))
+    at = AppTest.from_function(_evaluation_page, args=(handle,))
+    at.run()
+    assert not at.exception, at.exception
+    texts = _walk(at._tree)
+    flow = [t for t, inside in texts if not inside]
+    details = " ".join(t for t, inside in texts if inside)
+    for technical in (str(tmp_path), ".json", "kfac_bank_whiten", "query_draws", "2026-12-02", "common random"):
+        assert not [t for t in flow if technical in t], (technical, flow)
+    assert f"`{tmp_path}`" in details and "`lds_other_loss.json`" in details and "`lds_fake_loss.json`" in details
+    assert "the query on the bank's draws (common random numbers), not this model's setting" in details
+    assert "2026-12-02T07:56:44Z" in details and "`retrain_top_fake.json`" in details
+    assert "Not shown: 1 result file(s) measured on other models; start the app on that model to see them." in flow
+    assert ("Models retrained on 32 random subsets (50% of the 1,797 training images each) x 2 seed(s); 128 queries"
+            " · **measured with other settings than this model's (see Details)**") in flow
+    assert ("Measurement: Training loss; 36 of the 1,797 training images removed; 6,000 training steps per model"
+            " · settings not recorded (see Details)") in flow
+
+
+def _explore_sidebar(handle):
+    from explorer import controls
+
+    controls.choose_settings(handle, True)
+
+
+def test_hidden_methods_come_back_with_one_click():
+    """A8: putting back the methods one had hidden took a click per chip (Streamlit's own "Select all" is inside
+    the dropdown, only while two or more are left out)."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(_explore_sidebar, args=(FakeHandle(),))
+    at.run()
+    assert at.multiselect(key="methods").value == list(METHOD_INFO)
+    assert not [b for b in at.button if b.key == "methods__all"]  # nothing to put back: no button
+    at.multiselect(key="methods").set_value(["pixel"]).run()
+    (button,) = [b for b in at.button if b.key == "methods__all"]
+    assert button.label == "Show all methods"
+    button.click().run()
+    assert not at.exception, at.exception
+    assert at.multiselect(key="methods").value == list(METHOD_INFO)
+    assert not [b for b in at.button if b.key == "methods__all"]
+
+
+def _reverse_page(handle, result, settings):
+    from explorer import groups_view
+
+    groups_view.reverse_from_grids(handle, result, settings)
+
+
+def test_a_methods_top_k_is_picked_from_the_grids_with_one_click():
+    """A8: "What do these training images support?" took a click per image to take a method's top-k as a group."""
+    from streamlit.testing.v1 import AppTest
+
+    handle, result = FakeHandle(), fake_result()
+    at = AppTest.from_function(_reverse_page, args=(handle, result, _settings(["kfac", "clip", "pixel"])))
+    at.run()
+    assert at.multiselect(key="grid_pick").value == []
+    picks = {b.label: b for b in at.button if b.key and b.key.startswith("grid_pick__pick")}
+    assert list(picks) == ["K-FAC Influence's top 4", "Pixel similarity's top 4"]  # CLIP has no grid here
+    picks["K-FAC Influence's top 4"].click().run()
+    assert not at.exception, at.exception
+    assert at.multiselect(key="grid_pick").value == [x.index for x in result.methods["kfac"].top(4, handle.session.labels)]
+    assert at.session_state["grp_picked"] == at.multiselect(key="grid_pick").value  # the Groups page's group too
+
+
+def _result_page(handle, query, settings):
+    import streamlit as st
+
+    from explorer import results_view
+
+    results_view.get_result(handle, query, settings[st.session_state.get("test_kfac_damping", 1e-8)])
+
+
+def test_a_rerun_that_computes_says_what_it_computes_and_an_instant_one_does_not(record_spinners):
+    """A7: a new damping re-scored the query with the page greyed and only Streamlit's small "Running" icon (the
+    damping grid still being scored in the background held the lock for seconds); a query's spinner did not
+    say which measurement it computes."""
+    from streamlit.testing.v1 import AppTest
+
+    handle = FakeHandle()
+    settings = {v: _settings(METHOD_INFO, (("kfac", v), ("trak", 1e-5), ("dtrak", 1e-4))) for v in (1e-8, 1e-6)}
+    at = AppTest.from_function(_result_page, args=(handle, _query(), settings))
+    at.run()
+    assert not at.exception, at.exception
+    ((kind, spinners),) = handle.session.calls
+    assert kind == "query" and spinners == [
+        "Attributing gallery sample 0 (training loss, 4 Monte Carlo draws) with every method: query gradients, "
+        "then scores ..."]
+    record_spinners.clear()
+    at.run()  # nothing changed: a lookup, no spinner
+    assert len(handle.session.calls) == 1 and record_spinners == []
+    at.session_state["test_kfac_damping"] = 1e-6
+    at.run()
+    assert handle.session.calls[1] == ("rescore", ["Re-scoring K-FAC Influence at damping 1.0e-06 ..."])

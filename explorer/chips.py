@@ -1,0 +1,48 @@
+"""One-click selections for the explorer's multiselects (their "chips").
+
+Why: putting back the methods one had hidden took a click per chip, and picking a method's whole top-k in
+the Explore page's "What do these training images support?" took a click per image (QA round 15, A8).
+Streamlit's own "Select all" sits inside the dropdown, shows only while two or more options are left out,
+and is missing from older Streamlit releases; the buttons here are visible where the choice is made.
+A button writes the multiselect's value through ``st.session_state`` in its callback, which runs before
+the script, so the widget is drawn with the new value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import streamlit as st
+
+
+def default_for(key: str, options: Sequence[Any]) -> list[Any] | None:
+    """The ``default`` of a keyed multiselect that these buttons may set: every option on its first run, then
+    None (its state holds the value; a default beside a value set through st.session_state logs a warning)."""
+    return None if key in st.session_state else list(options)
+
+
+def _set(key: str, values: list[Any]) -> None:
+    st.session_state[key] = values
+
+
+def select_all(key: str, options: Sequence[Any], label: str, where: Any = None) -> bool:
+    """A compact button that selects every one of ``options`` in the multiselect ``key``, drawn (in ``where``,
+    the page by default) only while some are left out; True when it was drawn."""
+    chosen = st.session_state.get(key)
+    if chosen is None or set(options) <= set(chosen):
+        return False
+    (where or st).button(label, key=f"{key}__all", type="tertiary", icon=":material/select_all:",
+                         on_click=_set, args=(key, list(options)))
+    return True
+
+
+def pick_buttons(key: str, picks: dict[str, list[Any]], label: str) -> None:
+    """One compact button per named selection in ``picks`` (button text -> the values it selects), in a row
+    after ``label``: each replaces the multiselect ``key``'s value with its values."""
+    if not picks:
+        return
+    with st.container(horizontal=True, gap="small", vertical_alignment="center"):
+        st.caption(label, width="content")
+        for i, (text, values) in enumerate(picks.items()):
+            st.button(text, key=f"{key}__pick{i}", type="tertiary", on_click=_set, args=(key, list(values)))

@@ -1,0 +1,57 @@
+"""Plain words for the page's main flow; the technical details behind a "Details" expander or a tooltip.
+
+Why: the explorer is demoed to people who are not specialists, and the main flow read "1x8x8", a
+checkpoint's content hash, a CLI command to build a cache, server file paths and configuration field
+names (QA round 15, A4).  Researchers still need those details, so they are kept, one click away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import streamlit as st
+
+DETAILS = "Details"
+
+
+def image_words(shape: Sequence[int]) -> str:
+    """A data set's image shape (channels, height, width) in words: (1, 8, 8) -> "greyscale images of 8×8 pixels"."""
+    c, h, w = (int(v) for v in shape)
+    kind = {1: "greyscale", 3: "colour"}.get(c)
+    return f"{kind} images of {h}×{w} pixels" if kind else f"images of {h}×{w} pixels with {c} channels"
+
+
+def model_line(name: str, n_images: int, shape: Sequence[int]) -> str:
+    """The page's subtitle: the question the explorer answers, and the model in words."""
+    return (f"Which training images made this image likely, and which made it unlikely? Model **{name}**, "
+            f"trained on {n_images:,} {image_words(shape)}.")
+
+
+def model_details(preset: str, shape: Sequence[int], checkpoint: object, checkpoint_hash: str, device: str) -> str:
+    """The subtitle's tooltip: what researchers need to identify the model exactly."""
+    return (f"Preset `{preset}` · image tensors {'x'.join(map(str, shape))} (channels x height x width) · "
+            f"checkpoint `{checkpoint}` · content hash `{checkpoint_hash}` · device `{device}`")
+
+
+def unavailable_line(status: str, title: str, reason: str) -> str:
+    """What a method's column says in the main flow when it has no scores; the engine's ``reason`` (a CLI
+    command, file paths, a model identifier) goes into the column's Details.  A reason in the explorer's own
+    words (a precomputed gallery not holding these settings) is plain already and is kept."""
+    head = reason.split(" (")[0].split(";")[0].strip()
+    if head.startswith("not precomputed"):
+        return f"**Unavailable:** {head}"
+    if status != "unavailable":
+        return f"**Failed:** {title} could not score this query."
+    if head.startswith("not built"):
+        return f"**Unavailable:** {title} is not built on this server yet."
+    return f"**Unavailable:** {title} cannot run on this server."
+
+
+def details(lines: Sequence[str], label: str = DETAILS) -> None:
+    """The technical ``lines`` (markdown) in a collapsed expander; nothing when there are none."""
+    lines = [line for line in lines if line]
+    if not lines:
+        return
+    with st.expander(label):
+        for line in lines:
+            st.caption(line)
