@@ -34,13 +34,11 @@ def _live(handle: Handle) -> None:
     if state.status != "running":
         st.rerun()  # the whole page: live results instead of precomputed ones, or the failure
     if state.checking:  # a just-started server finding out whether anything needs building
-        st.session_state["build_was_checking"] = True
         st.caption(f"Checking which attribution caches are built ... ({state.elapsed_s:.0f} s)")
         return
-    if st.session_state.pop("build_was_checking", False):
-        # the page was drawn before the check knew which methods cannot run here (CLIP without its
-        # weights): draw it again, so their columns give that reason instead of "not precomputed"
-        st.rerun()
+    # No full-page rerun when the check ends (QA round 16): a st.rerun() from this run_every fragment
+    # right after the page's first run intermittently left the browser with the page blank below this
+    # panel (no tabs, no results) until the build ended, though the server had sent the whole page.
     st.session_state["build_was_running"] = True  # a real build: say when it has finished
     info = handle.session.method_info()
     titles = ", ".join(info.get(n, {}).get("title", n) for n in state.methods)

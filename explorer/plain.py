@@ -38,6 +38,8 @@ def unavailable_line(status: str, title: str, reason: str) -> str:
     command, file paths, a model identifier) goes into the column's Details.  A reason in the explorer's own
     words (a precomputed gallery not holding these settings) is plain already and is kept."""
     head = reason.split(" (")[0].split(";")[0].strip()
+    if reason.startswith("not precomputed; whether"):  # drawn while a just-started server checks (results_view)
+        return f"**Not precomputed.** Whether {title} can run on this server is known when the cache build finishes."
     if head.startswith("not precomputed"):
         return f"**Unavailable:** {head}"
     if status != "unavailable":

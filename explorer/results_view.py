@@ -145,12 +145,19 @@ def _precomputed(handle: Handle, query: Query, s: Settings) -> QueryResult | Non
     from engine.attribution.precomputed import precomputed_result
     from explorer.build_view import PENDING
 
-    # no percentage in a column's reason: it would stay as drawn while the build's own line moves on
+    # no percentage in a column's reason: it would stay as drawn while the build's own line moves on. While the
+    # just-started server checks its caches, which methods cannot run here (CLIP without weights) is not known
+    # yet, and the page is not drawn again when the check ends (a full rerun from the build panel's fragment then
+    # left the page blank, QA 16), only when the build does: such a column must not promise results the build
+    # will not bring ("ready when the cache build finishes", then "weights are not on this machine")
+    pending = CHECKING if handle.build.checking else f"not precomputed for these settings; {PENDING}"
     return precomputed_result(
         handle.session, handle.precomputed, query.key, s.measurement, s.mc_samples, s.damping_dict,
-        pending_reason=f"not precomputed for these settings; {PENDING}",
-        unavailable=handle.build.unavailable,
+        pending_reason=pending, unavailable=handle.build.unavailable,
     )
+
+
+CHECKING = "not precomputed; whether it can run on this server is known when the cache build finishes"
 
 
 def _while_building(handle: Handle, query: Query, result: QueryResult | None) -> QueryResult | None:

@@ -550,3 +550,33 @@ def test_a_rerun_that_computes_says_what_it_computes_and_an_instant_one_does_not
     at.session_state["test_kfac_damping"] = 1e-6
     at.run()
     assert handle.session.calls[1] == ("rescore", ["Re-scoring K-FAC Influence at damping 1.0e-06 ..."])
+
+
+def test_a_column_says_checking_while_a_just_started_server_checks_its_caches(tmp_path):
+    """The first page of a just-started server, drawn from the precomputed file before the cache check knows
+    which methods cannot run here: CLIP's column said "not precomputed for these settings; ready when the cache
+    build finishes", then "weights are not on this machine" (QA 16). The page is not drawn again when the check
+    ends (that rerun blanked the page), so a column drawn before then must not promise results."""
+    from types import SimpleNamespace
+
+    from engine.attribution.precomputed import FILE, PrecomputedGallery
+    from engine.attribution.session import AttributionSession
+    from engine.paths import default_checkpoint
+    from explorer.plain import unavailable_line
+    from explorer.results_view import _precomputed
+
+    session = AttributionSession("digits", cache_root=tmp_path)
+    s = SimpleNamespace(measurement="loss", mc_samples=session.config.mc_samples, damping_dict={})
+
+    def column(checking: bool, unavailable: dict[str, str]) -> str:
+        handle = SimpleNamespace(session=session, precomputed=PrecomputedGallery(default_checkpoint("digits") / FILE),
+                                 build=SimpleNamespace(checking=checking, unavailable=unavailable))
+        r = _precomputed(handle, SimpleNamespace(key="gallery:0"), s).methods["clip"]
+        assert r.status == "unavailable"
+        return unavailable_line(r.status, r.title, r.reason)
+
+    assert column(True, {}) == ("**Not precomputed.** Whether CLIP similarity can run on this server is known "
+                                "when the cache build finishes.")
+    assert column(False, {}).startswith("**Unavailable:** not precomputed for these settings")
+    assert column(False, {"clip": "CLIP weights are not on this machine"}) == \
+        "**Unavailable:** CLIP similarity cannot run on this server."
