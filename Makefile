@@ -19,6 +19,7 @@ run: $(STAMP)
 	$(BIN)/streamlit run explorer/app.py --server.headless true -- --preset digits
 
 test: $(STAMP)
+	$(BIN)/ruff check engine explorer tests scripts
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)

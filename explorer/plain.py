@@ -33,20 +33,31 @@ def model_details(preset: str, shape: Sequence[int], checkpoint: object, checkpo
             f"checkpoint `{checkpoint}` · content hash `{checkpoint_hash}` · device `{device}`")
 
 
+# what a reason about this server's installation says (CLIP's weights or open_clip): its model identifiers, file
+# paths and install instructions are for whoever runs the server
+SERVER_REASONS = ("this machine", "open_clip", "CLIP weights", "cannot be loaded")
+
+
 def unavailable_line(status: str, title: str, reason: str) -> str:
-    """What a method's column says in the main flow when it has no scores; the engine's ``reason`` (a CLI
-    command, file paths, a model identifier) goes into the column's Details.  A reason in the explorer's own
-    words (a precomputed gallery not holding these settings) is plain already and is kept."""
+    """What a method's column says in the main flow when it has no scores.  A reason about the server (a CLI
+    command to build a cache, CLIP's weights: file paths, model identifiers) becomes plain words and goes into
+    the column's Details; a reason about the query (a blank image) is plain already and is said as it is, as
+    are the explorer's own words (a precomputed gallery not holding these settings).  A failure says whether
+    the method's saved cache is damaged, since Details then says how to rebuild it."""
     head = reason.split(" (")[0].split(";")[0].strip()
     if reason.startswith("not precomputed; whether"):  # drawn while a just-started server checks (results_view)
         return f"**Not precomputed.** Whether {title} can run on this server is known when the cache build finishes."
     if head.startswith("not precomputed"):
         return f"**Unavailable:** {head}"
     if status != "unavailable":
-        return f"**Failed:** {title} could not score this query."
+        if status == "corrupt" or "corrupt" in reason:
+            return f"**Failed:** {title}'s saved cache is damaged; Details says how to rebuild it."
+        return f"**Failed:** {title} could not score this query; Details says why."
     if head.startswith("not built"):
         return f"**Unavailable:** {title} is not built on this server yet."
-    return f"**Unavailable:** {title} cannot run on this server."
+    if any(word in reason for word in SERVER_REASONS):
+        return f"**Unavailable:** {title} cannot run on this server."
+    return f"**Unavailable:** {reason}"
 
 
 def details(lines: Sequence[str], label: str = DETAILS) -> None:

@@ -366,8 +366,9 @@ def query_independence_note(d) -> str:
 def _unavailable(status: str, title: str, reason: str) -> None:
     """Why a method has no scores, in plain words; the engine's reason (how to enable it: a command, the files
     it looked for) goes into the column's Details."""
-    st.warning(plain.unavailable_line(status, title, reason))
-    if reason.strip():
+    line = plain.unavailable_line(status, title, reason)
+    st.warning(line)
+    if reason.strip() and reason not in line:  # a reason said whole in the line needs no Details
         with st.expander(plain.DETAILS):
             st.markdown(reason)
 

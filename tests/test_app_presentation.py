@@ -396,6 +396,15 @@ def test_an_unavailable_method_says_so_plainly_and_keeps_how_to_enable_it_in_det
         "**Unavailable:** TRAK is not built on this server yet."
     assert unavailable_line("unavailable", "TRAK", "not precomputed for these settings; ready when ...") == \
         "**Unavailable:** not precomputed for these settings"
+    # a reason about the query is said as it is (a blank query read "Pixel similarity cannot run on this
+    # server", review 49); a damaged cache is named, its rebuild command in Details
+    blank = "the query image is blank (every pixel has the same value), so ...; query an image with some content"
+    assert unavailable_line("unavailable", "Pixel similarity", blank) == f"**Unavailable:** {blank}"
+    corrupt = "cache file kfac/bank.npy is corrupt (CRC-32 mismatch); rebuild it with `attribution-engine build --rebuild`"
+    assert unavailable_line("error", "K-FAC Influence", corrupt) == \
+        "**Failed:** K-FAC Influence's saved cache is damaged; Details says how to rebuild it."
+    assert unavailable_line("error", "TRAK", "RuntimeError: boom") == \
+        "**Failed:** TRAK could not score this query; Details says why."
 
 
 def test_the_subtitle_names_the_model_in_words_and_keeps_shape_and_hash_in_its_tooltip(monkeypatch):

@@ -58,11 +58,12 @@ def test_blank_query_is_unavailable_not_a_ranking_of_zeros(digits_small, value):
     assert np.all(np.isfinite(scores)) and np.ptp(scores) > 0
 
 
-def test_scores_are_float64_results_rounded_once_whatever_the_chunking(monkeypatch):
+def test_scores_are_float64_sums_rounded_whatever_the_chunking(monkeypatch):
     """The shipped first-page scores are stored at float32 and must equal the live ones on any CPU; float32
     reductions, whose order follows the CPU's vector width, gave values a few ULPs apart on another machine
-    (2026-12-05). The scores are now the float32 rounding of a float64 computation: equal, element for
-    element, to numpy's float64 Pearson correlation rounded once, and independent of the row chunking."""
+    (2026-12-05). The sums are now float64: the scores equal, element for element, numpy's float64 computation
+    of the same steps (unit vectors rounded to float32, their dot products summed in float64 and rounded), and
+    do not depend on the row chunking."""
     import engine.attribution.methods.pixel_cosine as pc
 
     gen = torch.Generator().manual_seed(0)
@@ -74,7 +75,7 @@ def test_scores_are_float64_results_rounded_once_whatever_the_chunking(monkeypat
         method = make_method("pixel")
         return method.score(method.prepare(ctx, QueryInput(image=query), None))
 
-    def unit64(x: np.ndarray) -> np.ndarray:  # numpy's float64 centring and norm, rounded once to float32
+    def unit64(x: np.ndarray) -> np.ndarray:  # numpy's float64 centring and norm, rounded to float32
         x = x - x.mean(axis=1, keepdims=True)
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 

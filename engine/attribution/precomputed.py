@@ -15,7 +15,7 @@ largest score: plenty for ranking and display.  Similarity methods (pixel, CLIP)
 float32 (scale 1): their scores lie in [-1, 1] with many near-ties (two digits of the same shape),
 which float16 rounding reordered, so the first page's order changed when the live scores replaced
 the precomputed ones; at float32 they are the live scores, bit for bit (pixel similarity's on any
-CPU: it rounds a float64 computation once, ``methods.pixel_cosine``).
+CPU: its sums are float64, rounded to float32 at the end, ``methods.pixel_cosine``).
 
 The file is keyed: ``key`` holds the checkpoint's content hash, the training set's key, the
 gallery's hash, the measurement, the query draws, and every method's cache settings and

@@ -150,12 +150,9 @@ def cmd_assets(args: argparse.Namespace) -> int:
     model, preset, _ = load_checkpoint(ckpt, device, wanted)  # a diffusers folder's data: --preset's, as for query
     dataset = load_dataset(preset.data)
     check_data_fits_model(preset.model, dataset.shape)  # one line, not a failure inside a convolution
-    report = write_assets(model, preset, ckpt, dataset, device)
-    names = ["gallery.npz", "samples_grid.png"]
-    names += ["train_loss.png"] if (ckpt / "train_log.json").is_file() else []
-    names += ["sample_quality.json"] if report else []
-    for name in names:
-        print(f"wrote {ckpt / name}")
+    report, written = write_assets(model, preset, ckpt, dataset, device)
+    for path in written:
+        print(f"wrote {path}")
     if report:
         print(jsonio.dumps(report, indent=2))
     else:  # it printed "{}" alone (QA 16)

@@ -36,7 +36,8 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         if cfg.root:  # it trained on the bundled digits while the run's config recorded this folder (QA 16)
             raise DataError(
                 f"the digits data set is scikit-learn's bundled 8x8 digits and reads no folder, but a data "
-                f"folder was given ({cfg.root}): pass --preset cifar10, cifar2 or mnist with --data-root, or a "
+                f"folder was given ({cfg.root}: by --data-root, or in the config.json of a checkpoint trained "
+                "with one, which it ignored): pass --preset cifar10, cifar2 or mnist with --data-root, or a "
                 "preset .json with data.name \"folder\" for an image folder (README: Bring your own data)"
             )
         return load_digits()

@@ -101,11 +101,14 @@ def plot_loss_curve(log_path: str | Path, out_png: str | Path) -> None:
 
 def write_assets(
     model: nn.Module, preset: Preset, folder: str | Path, dataset: ImageDataset, device: str = "cpu"
-) -> dict[str, Any]:
-    """Everything ``assets/<preset>/`` ships beside the checkpoint."""
+) -> tuple[dict[str, Any], list[Path]]:
+    """Everything ``assets/<preset>/`` ships beside the checkpoint: (the sample-quality report, empty when the
+    data have no classifier; the files written)."""
     folder = Path(folder)
+    written = [folder / "samples_grid.png", folder / "gallery.npz"]
     if (folder / "train_log.json").is_file():
         plot_loss_curve(folder / "train_log.json", folder / "train_loss.png")
+        written.append(folder / "train_loss.png")
     report: dict[str, Any] = {}
     if preset.data.name == "mnist" and preset.data.root is None:
         # one draw of 256 (seed 0) serves the held-out check and, its first 64, the grid
@@ -120,4 +123,5 @@ def write_assets(
         report = digits_quality(model, preset, dataset, device=device)
     if report:
         save_json(folder / "sample_quality.json", report)
-    return report
+        written.append(folder / "sample_quality.json")
+    return report, written

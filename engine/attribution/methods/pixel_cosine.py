@@ -11,12 +11,12 @@ anything is undefined, so the method answers "unavailable" with that reason inst
 of zeros in index order (a constant training image scores 0).  Not a removal prediction: shown
 as similarity in [-1, 1], never summed.
 
-The centring, the norms and the dot products are computed in float64 and rounded to float32 once, at
-the end.  Why: float32 reductions take their order from the CPU's vector width, so two machines gave
+The centring and the norms are computed in float64 and the unit vectors rounded to float32; the dot
+products of those float32 vectors are summed in float64 and rounded to float32.  Why: float32 reductions take their order from the CPU's vector width, so two machines gave
 scores a few ULPs apart (the shipped first-page scores, stored at float32 so that near-ties keep the
 live order, no longer equalled the live ones on another CPU: 2026-12-05).  A product of two float32
-values is exact in float64 and the float64 sum's error is far below float32's rounding step, so the
-rounded scores are the same on every machine except for a value within ~1e-16 of a float32 rounding
+values is exact in float64 and a float64 sum's error is far below float32's rounding step, so each
+rounding gives the same float32 on every machine except for a value within ~1e-16 of a float32 rounding
 boundary.
 """
 
@@ -34,13 +34,13 @@ from . import register
 from .base import AttributionMethod, FixedScores, Prepared, Progress, QueryInput, Unavailable, no_progress
 
 EPS = 1e-12
-ROWS_PER_CHUNK = 4096  # float64 working copies stay ~100 MB at CIFAR's 3,072 values per image
+ROWS_PER_CHUNK = 4096  # each float64 temporary is 100 MB at CIFAR's 3,072 values per image (a few at once)
 
 
 def centred_unit(x: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (B, D) float32: flattened, centred per image, unit norm (zero rows stay zero).
 
-    Worked in float64 a chunk of rows at a time and rounded once (module docstring: the same on every CPU)."""
+    Worked in float64 a chunk of rows at a time, then rounded (module docstring: the same on every CPU)."""
     flat = x.detach().reshape(x.shape[0], -1)
     out = torch.empty(flat.shape, dtype=torch.float32)
     for lo in range(0, flat.shape[0], ROWS_PER_CHUNK):
@@ -52,7 +52,7 @@ def centred_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def cosines(train: torch.Tensor, q: torch.Tensor) -> np.ndarray:
-    """(N,) float32 ``train @ q`` of unit rows, summed in float64 and rounded once; clamped to [-1, 1]
+    """(N,) float32 ``train @ q`` of unit rows, summed in float64, then rounded; clamped to [-1, 1]
     (rounding can exceed 1)."""
     qd = q.double()
     out = np.empty(train.shape[0], dtype=np.float32)
