@@ -144,7 +144,9 @@ def _adopt_legacy_folder(p: RetrainPlan, legacy: Path) -> None:
     """Move a folder of the key used until the evening of 2026-12-05, which also held the true
     measurement's draws, to this plan's folder: a run started before then resumes with its removal and
     models instead of training them again. Its ``result.json`` was measured with exactly these draws
-    (they were in its key), so it becomes this plan's result file."""
+    (they were in its key), so it becomes this plan's result file. Only the folder of the draws asked first is
+    moved; an older folder of other draws stays where it is (its models are trained again if asked for). A
+    process of the older code still training in that folder must be stopped first: the folder moves under it."""
     if p.folder.exists() or not legacy.is_dir():
         return
     try:
