@@ -37,8 +37,6 @@ def _read_indices(spec: str | None, flag: str):
     if spec is None:
         return None
     if spec.endswith(".npy"):
-        from pathlib import Path
-
         if not Path(spec).is_file():
             raise ValueError(f"{flag} {spec}: no such file (a .npy of training-image indices)")
         try:

@@ -132,11 +132,12 @@ def plan(
     spec = MeasureSpec(measurement=measurement, mc_samples=mc_samples)
     n = len(session.dataset)
     removal = (session.checkpoint_hash, query_digest(query_image), measurement, method, fraction, steps)
-    key = _key(*removal, attribution_settings(session))
+    settings = attribution_settings(session)
+    key = _key(*removal, settings)
     ckey = _key(session.checkpoint_hash, "control", n, removal_count(n, fraction), CONTROL_SEED, steps)
     root = Path(out_root)
     p = RetrainPlan(key, root / key, root / f"control_{ckey}" / "model", steps, spec)
-    _adopt_legacy_folder(p, root / _key(*removal, mc_samples, spec.seed, attribution_settings(session)))
+    _adopt_legacy_folder(p, root / _key(*removal, mc_samples, spec.seed, settings))
     return p
 
 

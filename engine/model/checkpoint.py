@@ -66,13 +66,10 @@ def weights_with_digest(state: dict[str, torch.Tensor]) -> bytes:
     return blob
 
 
-def check_weights_digest(path: Path) -> None:
-    """CheckpointError when the weights file records a digest of its data (``weights_with_digest``) that its
-    data no longer have; files without one are not checked."""
-    try:
-        header, data = _split_safetensors(path.read_bytes())
-    except (ValueError, UnicodeDecodeError):
-        return  # not readable as safetensors: load_file names the problem
+def check_weights_digest(path: Path, blob: bytes) -> None:
+    """CheckpointError when the weights file ``path``, whose bytes are ``blob``, records a digest of its data
+    (``weights_with_digest``) that its data no longer have; files without one are not checked."""
+    header, data = _split_safetensors(blob)  # parsed by safetensors already: a well-formed header
     recorded = (header.get("__metadata__") or {}).get(DATA_DIGEST)
     if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
         raise CheckpointError(
@@ -102,7 +99,7 @@ def load_checkpoint(
     """Load (model in eval mode, preset, extra).  A diffusers folder is wrapped (see below); ``wanted``, the
     caller's preset, gives it the data it names none of (``diffusers_data``), so every command that loads
     one reads the same data.  Our checkpoints name their own."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     folder = Path(folder)
     if not folder.exists():
@@ -119,11 +116,12 @@ def load_checkpoint(
     path = folder / WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"missing weights {path}")
+    blob = path.read_bytes()  # read once: parsed here, and its data checked against the recorded digest
     try:
-        state = load_file(str(path))
+        state = load(blob)
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"unreadable weights {path}: {e}") from e
-    check_weights_digest(path)
+    check_weights_digest(path, blob)
     model = build_model(preset.model)
     try:
         model.load_state_dict(state)
