@@ -25,7 +25,6 @@ from explorer import analysis, exact_view, figures, plain
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
 from explorer.layout import FRAME, thumbnails
-from explorer.layout import cell_size as cell_size  # the full thumbnail size, re-exported for older callers
 from explorer.query_view import Query
 from explorer.runtime import Handle
 

@@ -36,7 +36,7 @@ def test_shipped_checkpoints_live_in_assets():
 
 def test_thumbnails_are_whole_multiples_of_the_image():
     from explorer.images import display
-    from explorer.results_view import cell_size
+    from explorer.layout import cell_size
 
     assert (cell_size(8), cell_size(28), cell_size(32), cell_size(100)) == (64, 56, 64, 100)
     import torch

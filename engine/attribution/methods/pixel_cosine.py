@@ -12,9 +12,10 @@ of zeros in index order (a constant training image scores 0).  Not a removal pre
 as similarity in [-1, 1], never summed.
 
 The centring and the norms are computed in float64 and the unit vectors rounded to float32; the dot
-products of those float32 vectors are summed in float64 and rounded to float32.  Why: float32 reductions take their order from the CPU's vector width, so two machines gave
-scores a few ULPs apart (the shipped first-page scores, stored at float32 so that near-ties keep the
-live order, no longer equalled the live ones on another CPU: 2026-12-05).  A product of two float32
+products of those float32 vectors are summed in float64 and rounded to float32.  Why: float32
+reductions take their order from the CPU's vector width, so two machines gave scores a few ULPs apart
+(the shipped first-page scores, stored at float32 so that near-ties keep the live order, no longer
+equalled the live ones on another CPU: 2026-12-05).  A product of two float32
 values is exact in float64 and a float64 sum's error is far below float32's rounding step, so each
 rounding gives the same float32 on every machine except for a value within ~1e-16 of a float32 rounding
 boundary.
