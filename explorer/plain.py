@@ -33,17 +33,14 @@ def model_details(preset: str, shape: Sequence[int], checkpoint: object, checkpo
             f"checkpoint `{checkpoint}` · content hash `{checkpoint_hash}` · device `{device}`")
 
 
-# what a reason about this server's installation says (CLIP's weights or open_clip): its model identifiers, file
-# paths and install instructions are for whoever runs the server
-SERVER_REASONS = ("this machine", "open_clip", "CLIP weights", "cannot be loaded")
-
-
-def unavailable_line(status: str, title: str, reason: str) -> str:
-    """What a method's column says in the main flow when it has no scores.  A reason about the server (a CLI
-    command to build a cache, CLIP's weights: file paths, model identifiers) becomes plain words and goes into
-    the column's Details; a reason about the query (a blank image) is plain already and is said as it is, as
-    are the explorer's own words (a precomputed gallery not holding these settings).  A failure says whether
-    the method's saved cache is damaged, since Details then says how to rebuild it."""
+def unavailable_line(status: str, title: str, reason: str, about: str | None = None) -> str:
+    """What a method's column says in the main flow when it has no scores.  ``about`` is the engine's word on
+    whose problem the reason is (``MethodResult.reason_about``): a reason about the server (a CLI command to
+    build a cache, CLIP's weights: file paths, model identifiers) becomes plain words and goes into the
+    column's Details; a reason about the query (a blank image) is plain already and is said as it is, as are
+    the explorer's own words (a precomputed gallery not holding these settings) and a reason of unknown
+    origin.  A failure says whether the method's saved cache is damaged, since Details then says how to
+    rebuild it."""
     head = reason.split(" (")[0].split(";")[0].strip()
     if reason.startswith("not precomputed; whether"):  # drawn while a just-started server checks (results_view)
         return f"**Not precomputed.** Whether {title} can run on this server is known when the cache build finishes."
@@ -55,7 +52,7 @@ def unavailable_line(status: str, title: str, reason: str) -> str:
         return f"**Failed:** {title} could not score this query; Details says why."
     if head.startswith("not built"):
         return f"**Unavailable:** {title} is not built on this server yet."
-    if any(word in reason for word in SERVER_REASONS):
+    if about == "server":
         return f"**Unavailable:** {title} cannot run on this server."
     return f"**Unavailable:** {reason}"
 

@@ -293,7 +293,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             if name in independent:
                 st.warning(query_independence_note(independent[name]), icon="⚠️")
             if r.status != "ok" or r.scores is None:
-                _unavailable(r.status, info[name]["title"], r.reason or "")
+                _unavailable(r.status, info[name]["title"], r.reason or "", r.reason_about)
                 continue
             c1, c2 = st.columns([1, 2])
             c1.image(display(query.input.image, 48), width=48, caption="query")
@@ -362,10 +362,10 @@ def query_independence_note(d) -> str:
     )
 
 
-def _unavailable(status: str, title: str, reason: str) -> None:
+def _unavailable(status: str, title: str, reason: str, about: str | None) -> None:
     """Why a method has no scores, in plain words; the engine's reason (how to enable it: a command, the files
-    it looked for) goes into the column's Details."""
-    line = plain.unavailable_line(status, title, reason)
+    it looked for) goes into the column's Details.  ``about``: ``MethodResult.reason_about``."""
+    line = plain.unavailable_line(status, title, reason, about)
     st.warning(line)
     if reason.strip() and reason not in line:  # a reason said whole in the line needs no Details
         with st.expander(plain.DETAILS):

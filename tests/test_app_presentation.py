@@ -190,6 +190,7 @@ def fake_result(names=tuple(METHOD_INFO)):
         ok = n != "clip"
         methods[n] = MethodResult(name=n, title=info["title"], kind=info["kind"], caption=info["caption"],
                                   status="ok" if ok else "unavailable", reason=None if ok else CLIP_REASON,
+                                  reason_about=None if ok else "server",
                                   damping=info.get("default_damping"),
                                   scores=rng.normal(size=N_TRAIN).astype(np.float32) if ok else None)
     return QueryResult(query={"spec": "gallery:0"}, measurement="loss", methods=methods)
@@ -392,14 +393,20 @@ def test_an_unavailable_method_says_so_plainly_and_keeps_how_to_enable_it_in_det
     assert (CLIP_REASON, True) in texts  # the whole reason, inside the column's Details
     assert [e.label for e in at.expander if e.label == "Details"] == ["Details"]
     # a CLI command to build a cache is a detail too; the explorer's own "not precomputed" words are plain already
-    assert unavailable_line("unavailable", "TRAK", "not built: run `attribution-engine build --methods trak`") == \
-        "**Unavailable:** TRAK is not built on this server yet."
+    assert unavailable_line("unavailable", "TRAK", "not built: run `attribution-engine build --methods trak`",
+                            "server") == "**Unavailable:** TRAK is not built on this server yet."
     assert unavailable_line("unavailable", "TRAK", "not precomputed for these settings; ready when ...") == \
         "**Unavailable:** not precomputed for these settings"
     # a reason about the query is said as it is (a blank query read "Pixel similarity cannot run on this
-    # server", review 49); a damaged cache is named, its rebuild command in Details
+    # server", review 49), whatever its words: the engine says whose problem it is, the words do not decide
     blank = "the query image is blank (every pixel has the same value), so ...; query an image with some content"
-    assert unavailable_line("unavailable", "Pixel similarity", blank) == f"**Unavailable:** {blank}"
+    assert unavailable_line("unavailable", "Pixel similarity", blank, "query") == f"**Unavailable:** {blank}"
+    on_this_machine = "the query image is blank; this machine's pixel method needs some content"
+    assert unavailable_line("unavailable", "Pixel similarity", on_this_machine, "query") == \
+        f"**Unavailable:** {on_this_machine}"
+    assert unavailable_line("unavailable", "My method", "needs a licence file", "server") == \
+        "**Unavailable:** My method cannot run on this server."
+    # a damaged cache is named, its rebuild command in Details
     corrupt = "cache file kfac/bank.npy is corrupt (CRC-32 mismatch); rebuild it with `attribution-engine build --rebuild`"
     assert unavailable_line("error", "K-FAC Influence", corrupt) == \
         "**Failed:** K-FAC Influence's saved cache is damaged; Details says how to rebuild it."
@@ -582,7 +589,7 @@ def test_a_column_says_checking_while_a_just_started_server_checks_its_caches(tm
                                  build=SimpleNamespace(checking=checking, unavailable=unavailable))
         r = _precomputed(handle, SimpleNamespace(key="gallery:0"), s).methods["clip"]
         assert r.status == "unavailable"
-        return unavailable_line(r.status, r.title, r.reason)
+        return unavailable_line(r.status, r.title, r.reason, r.reason_about)
 
     assert column(True, {}) == ("**Not precomputed.** Whether CLIP similarity can run on this server is known "
                                 "when the cache build finishes.")

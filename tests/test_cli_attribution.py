@@ -68,6 +68,7 @@ def test_build_then_query_json(cli, tmp_path):
     # D-TRAK was not built: reported, with the command that builds it
     d = res["methods"]["dtrak"]
     assert d["status"] == "unavailable" and "--methods dtrak" in d["reason"] and d["top"] == []
+    assert d["reason_about"] == "server" and "reason_about" not in res["methods"]["kfac"]
     with np.load(scores) as z:
         assert z["kfac"].shape == (64,) and z["pixel"].shape == (64,)
         assert "dtrak" not in z.files
@@ -209,6 +210,7 @@ def test_query_that_no_method_answers_fails(cli):
     assert rc == 2 and "no method could score this query" in err
     clip = json.loads(out)["methods"]["clip"]
     assert clip["status"] != "ok" and clip["reason"]
+    assert clip["reason_about"] == "server"  # no weights on this machine: whoever runs it can add them
     rc, out, err = cli("query", "--query", "train:1", "--methods", "clip,pixel", "--json")
     assert rc == 0, err
     assert json.loads(out)["methods"]["pixel"]["status"] == "ok"
@@ -224,6 +226,7 @@ def test_blank_image_query_says_pixel_cannot_rank_it(cli, tmp_path):
     assert rc == 2 and "no method could score this query" in err
     pixel = json.loads(out)["methods"]["pixel"]
     assert pixel["status"] == "unavailable" and "query image is blank" in pixel["reason"], pixel
+    assert pixel["reason_about"] == "query"  # the query's problem, not the server's: another query would do
 
 
 def test_build_on_an_unwritable_cache_root_fails_at_once(setup, digits_small, monkeypatch, capsys, tmp_path):

@@ -183,6 +183,15 @@ def test_batched_matrix_equals_one_query_at_a_time(session, pool, measurement):
             np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * scale, err_msg=f"{name} row {q}")
 
 
+def test_a_matrix_says_whether_a_missing_answer_is_the_query_sets_or_the_servers(session, pool):
+    """Pool samples have no recorded trajectory: the trajectory measurement cannot score them (the query
+    set's problem: the gallery would do); CLIP without weights cannot score anything (this server's)."""
+    mats = attribution_matrix(session, pool, "trajectory", ["kfac", "clip"])
+    assert mats["kfac"].status == "unavailable" and "no recorded trajectory" in mats["kfac"].reason
+    assert mats["kfac"].reason_about == "query"
+    assert mats["clip"].status == "unavailable" and mats["clip"].reason_about == "server", mats["clip"].reason
+
+
 def test_matrix_cache_round_trip(session, pool, tmp_path):
     first = attribution_matrix(session, pool, "loss", ["kfac"], cache_dir=tmp_path)
     again = attribution_matrix(session, pool, "loss", ["kfac"], cache_dir=tmp_path)

@@ -49,8 +49,9 @@ def test_blank_query_is_unavailable_not_a_ranking_of_zeros(digits_small, value):
     """A constant query has no variation to correlate: every score would be 0 and the "ranking" the
     training set in index order, so the method says why it cannot answer instead."""
     method = make_method("pixel")
-    with pytest.raises(Unavailable, match="query image is blank"):
+    with pytest.raises(Unavailable, match="query image is blank") as raised:
         method.prepare(_ctx(digits_small), QueryInput(image=torch.full((1, 8, 8), value)), None)
+    assert raised.value.about == "query"  # the query's problem: the app says it as it is, not "cannot run here"
     # one differing pixel is enough to be correlated
     q = torch.full((1, 8, 8), value)
     q[0, 3, 4] = 1.0 if value < 1.0 else -1.0
@@ -87,3 +88,12 @@ def test_scores_are_float64_sums_rounded_whatever_the_chunking(monkeypatch):
     np.testing.assert_array_equal(got, reference)
     monkeypatch.setattr(pc, "ROWS_PER_CHUNK", 7)
     np.testing.assert_array_equal(scores(), got)
+
+
+def test_unavailable_says_whose_problem_it_is_and_refuses_other_words():
+    """``Unavailable.about``: the server's by default (what a method's availability reports), the query's
+    when said; any other word is a programming error, refused where it is made."""
+    assert Unavailable("no weights").about == "server"
+    assert Unavailable("blank", about="query").about == "query"
+    with pytest.raises(ValueError, match="'server' or 'query'"):
+        Unavailable("x", about="client")

@@ -35,7 +35,7 @@ from ..files import atomic_write_bytes
 from ..model.diffusion import MCDraws, check_sample_seed
 from ..model.measurements import Measurement, parse_measurement
 from .batch import score_batch
-from .methods.base import ExactGroupScores, Unavailable, no_progress
+from .methods.base import QUERY, SERVER, ExactGroupScores, Unavailable, no_progress
 from .query import QueryInput
 
 Progress = Callable[[str, float], None]
@@ -82,6 +82,7 @@ class MatrixResult:
     kind: str  # influence | similarity
     status: str  # ok | unavailable | error
     reason: str | None = None
+    reason_about: str | None = None  # "server" | "query", as ``MethodResult.reason_about``
     damping: float | None = None
     scores: np.ndarray | None = None  # (Q, N) float32
     timing_ms: dict[str, float] = field(default_factory=dict)
@@ -294,10 +295,11 @@ def attribution_matrix(
         except Unavailable as e:
             available, reason = False, str(e)
         if not available:
-            res.status, res.reason = "unavailable", reason
+            res.status, res.reason, res.reason_about = "unavailable", reason, SERVER
             continue
         if not m.is_built(session.ctx):
             res.status, res.reason = session.unbuilt_status(name, built_now)
+            res.reason_about = SERVER if res.status == "unavailable" else None
             continue
         qm = m.query_measurement(meas)
         if qm is not None and qm != meas:
@@ -340,8 +342,9 @@ def attribution_matrix(
                 buf = io.BytesIO()
                 np.save(buf, scores)
                 atomic_write_bytes(path, buf.getvalue())
-        except (Unavailable, PoolError) as e:
+        except (Unavailable, PoolError) as e:  # a PoolError here is about the query set (no images to score)
             res.status, res.reason = "unavailable", str(e)
+            res.reason_about = e.about if isinstance(e, Unavailable) else QUERY
         progress(f"{name}: scored {len(qset)} queries", (k + 1) / len(names))
     return out
 

@@ -302,6 +302,7 @@ def precomputed_result(
     ``unavailable``: methods known to be unavailable in this session (name -> reason, e.g. CLIP
     without weights) keep that reason instead.
     """
+    from .methods.base import SERVER
     from .results import MethodResult, QueryResult
 
     kind, _, arg = query_spec.partition(":")
@@ -326,7 +327,8 @@ def precomputed_result(
         if scores is not None:
             res.status, res.reason, res.scores, res.damping = "ok", "precomputed", scores, lam
         else:
-            res.reason = (unavailable or {}).get(name) or pending_reason
+            known = (unavailable or {}).get(name)  # from availability, which never sees the query
+            res.reason, res.reason_about = (known, SERVER) if known else (pending_reason, None)
         methods[name] = res
     q = session.parse_query(query_spec)
     query = {

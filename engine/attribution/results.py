@@ -36,6 +36,9 @@ class MethodResult:
     caption: str
     status: str  # ok | unavailable | error
     reason: str | None = None
+    # status "unavailable": whose problem the reason is, "server" (this installation lacks something: weights,
+    # a cache) or "query" (this query cannot be scored by the method here: a blank image); methods.base.Unavailable
+    reason_about: str | None = None
     damping: float | None = None
     scores: np.ndarray | None = None
     timing_ms: dict[str, float] = field(default_factory=dict)
@@ -111,6 +114,8 @@ class QueryResult:
             entry: dict[str, Any] = {"status": r.status, "kind": r.kind, "timing_ms": r.timing_ms}
             if r.reason:
                 entry["reason"] = r.reason
+            if r.reason_about is not None:
+                entry["reason_about"] = r.reason_about
             if r.damping is not None:
                 entry["damping"] = r.damping
             if r.bank is not None:

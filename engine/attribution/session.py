@@ -53,7 +53,7 @@ from .bank_kinds import bank_modes
 from .caches import MethodCaches
 from .context import EngineContext
 from .damping_grid import damping_steps
-from .methods.base import AttributionMethod, MissingMethod, Prepared, Progress, Unavailable
+from .methods.base import SERVER, AttributionMethod, MissingMethod, Prepared, Progress, Unavailable
 from .query import GalleryItem, QueryError, QueryInput, QuerySources, describe, no_trajectory
 from .results import MethodResult, QueryResult
 from .store import Store, data_key
@@ -461,13 +461,14 @@ class AttributionSession:
             res = self._empty_result(name)
             results[name] = res
             available, reason = avail[name]
-            if not available:
-                res.status, res.reason = "unavailable", reason
+            if not available:  # availability never sees the query: a reason about this server
+                res.status, res.reason, res.reason_about = "unavailable", reason, SERVER
                 continue
             if name in built_now:
                 res.timing_ms["build"] = built_now[name]["seconds"] * 1000.0
             if not built[name]:
                 res.status, res.reason = self.unbuilt_status(name, built_now)
+                res.reason_about = SERVER if res.status == "unavailable" else None
                 continue
             try:
                 qm = m.query_measurement(meas)
@@ -499,7 +500,7 @@ class AttributionSession:
                 if qm is not None and qm != meas:
                     res.reason = f"uses the {qm} measurement"
             except Unavailable as e:
-                res.status, res.reason = "unavailable", str(e)
+                res.status, res.reason, res.reason_about = "unavailable", str(e), e.about
             except QueryError:
                 raise
             except Exception as e:  # noqa: BLE001 - one broken method must not hide the others

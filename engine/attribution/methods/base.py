@@ -65,8 +65,24 @@ class EigenPrepared(Prepared):
     query: EigenbasisQuery
 
 
+SERVER, QUERY = "server", "query"  # what an ``Unavailable`` is about
+
+
 class Unavailable(RuntimeError):
-    """Raised by ``build``/``prepare`` when a method cannot run here; the message says why and how to enable it."""
+    """Raised by ``build``/``prepare`` when a method cannot answer; the message says why and how to enable it.
+
+    ``about`` says whose the problem is, because the remedy differs and so does who reads it: ``SERVER`` (the
+    default) when this installation lacks something (CLIP's weights, open_clip, a cache): the message names
+    files and commands for whoever runs the server; ``QUERY`` when this query cannot be scored by the method
+    although the method works here (a blank image has no pixel correlation): the message is for the person
+    who chose the query, and another query would do.  It travels into ``MethodResult.reason_about`` and the
+    query's JSON, so a caller never has to guess it from the words."""
+
+    def __init__(self, message: str, *, about: str = SERVER):
+        if about not in (SERVER, QUERY):
+            raise ValueError(f"Unavailable(about=...) is {SERVER!r} or {QUERY!r}, not {about!r}")
+        super().__init__(message)
+        self.about = about
 
 
 @dataclass

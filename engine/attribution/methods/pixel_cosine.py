@@ -32,7 +32,16 @@ import torch
 from ...config import AttributionConfig
 from ..context import EngineContext
 from . import register
-from .base import AttributionMethod, FixedScores, Prepared, Progress, QueryInput, Unavailable, no_progress
+from .base import (
+    QUERY,
+    AttributionMethod,
+    FixedScores,
+    Prepared,
+    Progress,
+    QueryInput,
+    Unavailable,
+    no_progress,
+)
 
 EPS = 1e-12
 ROWS_PER_CHUNK = 4096  # each float64 temporary is 100 MB at CIFAR's 3,072 values per image (a few at once)
@@ -111,7 +120,8 @@ class PixelCosine(AttributionMethod):
         if not bool(q.any()):  # every pixel the same value: centred, nothing is left to correlate
             raise Unavailable(
                 "the query image is blank (every pixel has the same value), so its pixel correlation with "
-                "the training images is undefined; query an image with some content"
+                "the training images is undefined; query an image with some content",
+                about=QUERY,
             )
         scores = cosines(train, q)
         return FixedScores(scores=scores, timing_ms={"similarity": (time.perf_counter() - t0) * 1e3})
