@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
+from engine.attribution import provenance
 from engine.attribution.copycheck import (
     CAVEAT,
     NEAR_COPY_RATIO,
@@ -395,12 +396,21 @@ def reverse_section(handle: Handle, result: GroupResult, s: Settings) -> None:
 
 
 def downloads(handle: Handle, result: GroupResult, s: Settings, prefix: str = "grp") -> None:
+    """The CSV of predicted changes and the PNG of this view, each carrying what they were computed with
+    (``engine.attribution.provenance``): a loss and an ELBO export of one group shared a file name."""
     info = handle.session.method_info()
-    stem = f"{result.group.spec.replace(':', '-').replace(',', '_')[:40]}_{result.qset.name.replace(':', '-')}"
+    settings = provenance.group_settings(handle.session, result)
+    stem = (f"{result.group.spec.replace(':', '-').replace(',', '_')[:40]}_{result.qset.name.replace(':', '-')}_"
+            f"{result.measurement.replace('@', '-').replace('=', '')}_{provenance.settings_digest(settings)}")
+    lines = provenance.settings_lines(settings)
     c1, c2 = st.columns(2)
-    c1.download_button("Download predicted changes (CSV)", _table(result).to_csv(index=False).encode(),
+    c1.download_button("Download predicted changes (CSV)",
+                       provenance.csv_with_settings(_table(result).to_csv(index=False), settings).encode(),
                        file_name=f"group_{stem}.csv", mime="text/csv", key=f"{prefix}_dl_csv",
-                       help="One row per sample: label, one column of predicted change per method.")
+                       help="One row per sample: label, one column of predicted change per method. Above the "
+                            "header, lines starting with # say what they were computed with (model, group, "
+                            "measurement, draws, each method's damping); read it with "
+                            "pandas.read_csv(f, comment='#').")
     rows = []
     for n in result.ok():
         ranked = result.ranking(n, s.top_k)
@@ -411,8 +421,9 @@ def downloads(handle: Handle, result: GroupResult, s: Settings, prefix: str = "g
         rows.append(SheetRow(f"{info[n]['title']}: samples {result.group.spec} supports most{suffix}",
                              [to_uint8(result.qset.queries[result.qset.names.index(r.query)].image) for r in ranked],
                              [f"{r.query}\n{r.change:+.1e}" for r in ranked]))
-    c2.download_button("Download this view (PNG)", png_bytes(compose_sheet(rows)), file_name=f"group_{stem}.png",
-                       mime="image/png", key=f"{prefix}_dl_png")
+    c2.download_button("Download this view (PNG)",
+                       png_bytes(compose_sheet(rows, heading=lines[:-1]), text={"attribution-settings": lines[-1]}),
+                       file_name=f"group_{stem}.png", mime="image/png", key=f"{prefix}_dl_png")
 
 
 def copy_section(handle: Handle, result: GroupResult) -> None:

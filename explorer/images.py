@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 
 def to_uint8(image) -> np.ndarray:
@@ -77,18 +77,27 @@ def sheet_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def compose_sheet(rows: Sequence[SheetRow], cell: int = 72, pad: int = 6) -> Image.Image:
-    """Compose titled rows of captioned thumbnails into one white PNG-ready image (wide enough for every title)."""
+def compose_sheet(
+    rows: Sequence[SheetRow], cell: int = 72, pad: int = 6, heading: Sequence[str] = ()
+) -> Image.Image:
+    """Compose titled rows of captioned thumbnails into one white PNG-ready image (wide enough for every title
+    and heading line).  ``heading``: lines of small text above the rows (what the scores were computed with)."""
     title_font, caption_font = sheet_font(TITLE_PX), sheet_font(CAPTION_PX)
     title_h, caption_h = TITLE_PX + 8, CAPTION_PX + 3
     ncol = max((len(r.images) for r in rows), default=1)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     widest = max((probe.textlength(r.title, font=title_font) for r in rows), default=0.0)
+    widest = max([widest, *(probe.textlength(line, font=caption_font) for line in heading)])
     width = max(pad + ncol * (cell + pad), 2 * pad + int(widest + 1), 200)
     row_h = title_h + cell + 2 * caption_h + pad
-    sheet = Image.new("RGB", (width, pad + len(rows) * row_h), "white")
+    head_h = len(heading) * caption_h + (pad if heading else 0)
+    sheet = Image.new("RGB", (width, pad + head_h + len(rows) * row_h), "white")
     draw = ImageDraw.Draw(sheet)
     y = pad
+    for line in heading:
+        draw.text((pad, y), line, fill=(60, 60, 60), font=caption_font)
+        y += caption_h
+    y += pad if heading else 0
     for row in rows:
         draw.text((pad, y), row.title, fill=(0, 0, 0), font=title_font)
         for j, (arr, cap) in enumerate(zip(row.images, row.captions, strict=False)):
@@ -101,7 +110,13 @@ def compose_sheet(rows: Sequence[SheetRow], cell: int = 72, pad: int = 6) -> Ima
     return sheet
 
 
-def png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """PNG bytes; ``text``: key -> value stored as the PNG's text chunks (``Image.open(f).text`` reads them)."""
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from engine.attribution import provenance
 from engine.attribution.results import MethodResult, QueryResult
 from engine.attribution.signs import end_signs
 from engine.model.measurements import measurement_info
@@ -499,41 +500,51 @@ def cache_status(handle: Handle) -> None:
 
 
 def downloads(handle: Handle, query: Query, result: QueryResult, s: Settings) -> None:
+    """The CSV of every score and the PNG of this view, each carrying what its scores were computed with
+    (``engine.attribution.provenance``): two exports at two dampings held different columns under one name."""
     session = handle.session
     ds = session.dataset
     names = analysis.scored_methods(result, session.method_names())
     table = analysis.score_table(result, names, session.labels)
+    settings = provenance.result_settings(session, result)
     stem = (f"{session.preset.name}_" + query.key.replace(":", "-") + "_"
-            + result.measurement.replace("@", "-").replace("=", ""))
+            + result.measurement.replace("@", "-").replace("=", "") + "_" + provenance.settings_digest(settings))
     c1, c2 = st.columns(2)
     c1.download_button(
         "Download all scores (CSV)",
-        table.to_csv(index=False).encode(),
+        provenance.csv_with_settings(table.to_csv(index=False), settings).encode(),
         file_name=f"scores_{stem}.csv",
         mime="text/csv",
         key="dl_csv",
         help="One row per training image: index, label, one column per method (and, for a compressed "
              "K-FAC bank, a column saying which of its scores are exact; the others are estimates put on the "
-             "exact scale by the factor the bank note gives).",
+             "exact scale by the factor the bank note gives). Above the header, lines starting with # say "
+             "what the scores were computed with (model, query, measurement, draws, each method's damping); "
+             "read it with pandas.read_csv(f, comment='#').",
     )
-    rows = sheet_rows(
-        result, [n for n in s.methods if n in names], session.method_info(), ds, session.labels, query, s.top_k
-    )
+    shown = [n for n in s.methods if n in names]
+    rows = sheet_rows(result, shown, session.method_info(), ds, session.labels, query, s.top_k,
+                      {n: session.measurement_used(n, result.measurement) for n in shown})
+    lines = provenance.settings_lines(settings)
     c2.download_button(
         "Download this view (PNG)",
-        png_bytes(compose_sheet(rows)),
+        png_bytes(compose_sheet(rows, heading=lines[:-1]), text={"attribution-settings": lines[-1]}),
         file_name=f"attribution_{stem}.png",
         mime="image/png",
         key="dl_png",
+        help="The query and each method's two ends, under a heading saying what they were computed with "
+             "(also stored whole in the PNG's text chunk 'attribution-settings').",
     )
 
 
 def sheet_rows(
-    result: QueryResult, names: list[str], info: dict, ds: Any, labels: np.ndarray | None, query: Query, top_k: int
+    result: QueryResult, names: list[str], info: dict, ds: Any, labels: np.ndarray | None, query: Query, top_k: int,
+    used: dict[str, str] | None = None,
 ) -> list[SheetRow]:
     """The PNG export's rows: the query, then each method's two ends under the headings the page shows
     (an influence method's in the engine's sign classification, ``end_signs``: the k highest scores are
-    "proponents" only when every one is positive)."""
+    "proponents" only when every one is positive).  ``used``: the measurement each method scored, named in
+    its titles where it is not the one asked for (D-TRAK's square norm)."""
     rows = [SheetRow(f"Query: {query.title} · measurement {result.measurement}", [to_uint8(query.input.image)], [""])]
     for name in names:
         r = result.methods[name]
@@ -543,10 +554,12 @@ def sheet_rows(
         else:
             titles = (end_signs([x.score for x in top], highest=True).heading(),
                       end_signs([x.score for x in bottom], highest=False).heading())
+        own = (used or {}).get(name, str(result.measurement))
+        label = info[name]["title"] + ("" if own == str(result.measurement) else f" ({own} measurement)")
         for title, items in zip(titles, (top, bottom), strict=True):
             rows.append(
                 SheetRow(
-                    f"{info[name]['title']}: {title}",
+                    f"{label}: {title}",
                     [to_uint8(ds.images[x.index]) for x in items],
                     [f"#{x.index} {ds.label_name(x.index) or ''}\n{'' if x.exact else '~'}{x.score:+.1e}" for x in items],
                 )

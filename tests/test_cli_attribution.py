@@ -51,7 +51,9 @@ def test_build_then_query_json(cli, tmp_path):
     )
     assert rc == 0, err
     res = json.loads(out)
-    assert set(res) == {"query", "measurement", "methods", "timing_ms"}
+    assert set(res) == {"model", "query", "measurement", "methods", "timing_ms", "attribution"}
+    assert res["model"]["num_train"] == 64 and len(res["model"]["checkpoint_hash"]) == 16  # which model scored
+    assert res["attribution"]["mc_samples"] == res["query"]["mc_samples"]  # the cache settings, whole
     assert res["measurement"] == "loss" and res["query"]["spec"] == "train:3"
     assert res["timing_ms"]["total"] > 0
     assert set(res["methods"]) == {"kfac", "trak", "dtrak", "pixel"}
@@ -72,6 +74,11 @@ def test_build_then_query_json(cli, tmp_path):
     with np.load(scores) as z:
         assert z["kfac"].shape == (64,) and z["pixel"].shape == (64,)
         assert "dtrak" not in z.files
+        # the file says what its scores were computed with (a download of two dampings could not be told apart)
+        saved = json.loads(str(z["settings"]))
+        assert saved["methods"]["kfac"]["damping"] == pytest.approx(1e-3) and "damping" not in saved["methods"]["pixel"]
+        assert saved["model"] == res["model"] and saved["query"] == "train:3" and saved["measurement"] == "loss"
+        assert saved["mc_samples"] == res["query"]["mc_samples"] and "dtrak" not in saved["methods"]
         top = sorted(range(64), key=lambda i: -z["kfac"][i])[:5]
         assert top == [m["index"] for m in res["methods"]["kfac"]["top"]]
         stored_kfac = z["kfac"]

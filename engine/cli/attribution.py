@@ -322,11 +322,16 @@ def cmd_query(args: argparse.Namespace) -> int:
             fill_unbuilt(session, result, args.query, args.measurement, damping)
     except (ValueError, RuntimeError) as e:
         return fail(e)
+    from ..attribution.provenance import model_settings, result_settings
+
     labels = session.labels
+    settings = result_settings(session, result)
     if args.scores_out:
-        write_scores(Path(args.scores_out), result, labels)
-    if args.json:
-        print(jsonio.dumps(result.to_json(args.top_k, labels), indent=2))
+        write_scores(Path(args.scores_out), result, labels, settings)
+    if args.json:  # each method's damping and the draws are in it already; the model and the cache settings too
+        out = {"model": model_settings(session), **result.to_json(args.top_k, labels),
+               "attribution": settings["attribution"]}
+        print(jsonio.dumps(out, indent=2))
     else:
         print(format_result(result, args.top_k, labels))
         if args.scores_out:
@@ -337,8 +342,12 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_scores(path: Path, result, labels) -> None:
-    """One array per method with status ok (N,) float32, plus ``labels`` and the query spec."""
+def write_scores(path: Path, result, labels, settings: dict | None = None) -> None:
+    """One array per method with status ok (N,) float32, plus ``labels``, the query spec, the measurement and
+    ``settings`` (``engine.attribution.provenance.result_settings``: model, draws, each method's damping, as
+    a JSON string: ``json.loads(str(np.load(f)["settings"]))``)."""
+    import json
+
     import numpy as np
 
     arrays = {name: r.scores for name, r in result.methods.items() if r.scores is not None}
@@ -346,6 +355,8 @@ def write_scores(path: Path, result, labels) -> None:
         arrays["labels"] = np.asarray(labels)
     arrays["query"] = np.array(str(result.query.get("spec", "")))
     arrays["measurement"] = np.array(result.measurement)
+    if settings is not None:
+        arrays["settings"] = np.array(json.dumps(settings, sort_keys=True, default=str))
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
 

@@ -1,0 +1,113 @@
+"""What an exported answer was computed with, so a saved file can be read (and redone) without the page.
+
+Why: a score depends on the model, the query, the measurement, the Monte Carlo draws and each method's
+damping (and on the attribution settings its caches were built with).  Two downloads of one query at two
+dampings held different K-FAC columns under the same file name, with nothing saying which was which (QA
+round 17).  Every export (the app's CSV and PNG, the CLI's ``--scores-out`` and ``--json``) now carries
+these settings: as a JSON object where the format has room for one, as ``# key: value`` lines above a CSV's
+header (``pandas.read_csv(f, comment="#")`` reads the table), and as a short digest in file names, so two
+exports of different settings never share a name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from ..config import attribution_key
+
+
+def model_settings(session: Any) -> dict[str, Any]:
+    """The model that made the scores: preset name, checkpoint folder and its content hash."""
+    return {
+        "preset": session.preset.name,
+        "checkpoint": str(session.checkpoint),
+        "checkpoint_hash": session.checkpoint_hash,
+        "num_train": len(session.dataset),
+    }
+
+
+def _method_entry(session: Any, name: str, r: Any, measurement: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"title": session.method(name).title}
+    if r.damping is not None:
+        entry["damping"] = float(r.damping)
+    used = session.measurement_used(name, measurement)
+    if used != str(measurement):
+        entry["measurement"] = used  # D-TRAK: the square norm, whatever was asked
+    if getattr(r, "bank", None) is not None:
+        entry["bank"] = r.bank
+    if getattr(r, "reason", None) == "precomputed":
+        entry["precomputed"] = True  # the shipped first-page scores, keyed to these same settings
+    return entry
+
+
+def result_settings(session: Any, result: Any) -> dict[str, Any]:
+    """Everything one query's scores depend on (a ``QueryResult``): model, query, measurement, draws, and
+    per scored method its damping, the measurement it used when another, and its bank; plus the session's
+    attribution settings (``engine.config.attribution_key``: what its caches are keyed by)."""
+    methods = {n: _method_entry(session, n, r, result.measurement)
+               for n, r in result.methods.items() if r.status == "ok"}
+    return {
+        "model": model_settings(session),
+        "query": result.query.get("spec"),
+        "measurement": str(result.measurement),
+        "mc_samples": result.query.get("mc_samples"),
+        "methods": methods,
+        "attribution": attribution_key(session.config, len(session.dataset)),
+    }
+
+
+def group_settings(session: Any, result: Any) -> dict[str, Any]:
+    """The same for a group answer (a ``GroupResult``): the group and the query set instead of one query."""
+    methods = {n: _method_entry(session, n, result.methods[n], result.measurement) for n in result.ok()}
+    return {
+        "model": model_settings(session),
+        "group": result.group.spec,
+        "group_size": int(result.group.size),
+        "queries": result.qset.name,
+        "measurement": str(result.measurement),
+        "mc_samples": int(session.config.mc_samples),
+        "methods": methods,
+        "attribution": attribution_key(session.config, len(session.dataset)),
+    }
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    """8 hex digits of the settings: part of an export's file name, so two settings never share one."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _damping_words(settings: dict[str, Any]) -> list[str]:
+    words = []
+    for name, m in settings["methods"].items():
+        parts = []
+        if "damping" in m:
+            parts.append(f"damping {m['damping']:.3g}")
+        if "measurement" in m:
+            parts.append(f"{m['measurement']} measurement")
+        if m.get("precomputed"):
+            parts.append("precomputed")
+        words.append(f"{name} ({', '.join(parts)})" if parts else name)
+    return words
+
+
+def settings_lines(settings: dict[str, Any]) -> list[str]:
+    """The settings in a few readable lines (a CSV's comment lines, a PNG's heading); the last line is the
+    whole JSON object, for a program."""
+    model = settings["model"]
+    what = (f"query: {settings['query']}" if "query" in settings
+            else f"group: {settings['group']} ({settings['group_size']} images), queries: {settings['queries']}")
+    return [
+        f"model: {model['preset']}, checkpoint {model['checkpoint']} (content hash {model['checkpoint_hash']}), "
+        f"{model['num_train']} training images",
+        f"{what}; measurement: {settings['measurement']}, {settings['mc_samples']} Monte Carlo draws",
+        "methods: " + "; ".join(_damping_words(settings)),
+        "settings: " + json.dumps(settings, sort_keys=True, default=str),
+    ]
+
+
+def csv_with_settings(table_csv: str, settings: dict[str, Any]) -> str:
+    """``table_csv`` with the settings as ``# `` lines above its header (read it with
+    ``pandas.read_csv(f, comment="#")``)."""
+    return "".join(f"# {line}\n" for line in settings_lines(settings)) + table_csv

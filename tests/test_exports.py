@@ -1,0 +1,98 @@
+"""Exports say what their scores were computed with (QA round 17 finding 1): two CSV downloads of one query at
+two K-FAC dampings had different K-FAC columns under one file name, with nothing in either saying which damping;
+the PNG named no model and no damping, and titled D-TRAK's rows under "measurement loss" although D-TRAK scores
+the square norm."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from engine.attribution import provenance
+from engine.attribution.precomputed import FILE, MEASUREMENT, PrecomputedGallery, precomputed_result
+from engine.attribution.session import AttributionSession
+from engine.paths import default_checkpoint
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """The digits model and its shipped first-page scores for gallery:0 (nothing to build)."""
+    session = AttributionSession("digits", cache_root=tmp_path_factory.mktemp("cache"))
+    pre = PrecomputedGallery.load(default_checkpoint("digits") / FILE)
+
+    def result(damping: dict[str, float] | None = None):
+        r = precomputed_result(session, pre, "gallery:0", MEASUREMENT, None, damping)
+        assert r is not None and r.methods["kfac"].status == "ok"
+        return r
+
+    return session, result
+
+
+def test_the_settings_name_the_model_the_draws_and_each_methods_damping_and_measurement(shipped):
+    session, result = shipped
+    r = result()
+    settings = provenance.result_settings(session, r)
+    assert settings["model"]["preset"] == "digits" and settings["model"]["num_train"] == 1797
+    assert settings["model"]["checkpoint_hash"] == session.checkpoint_hash
+    assert settings["query"] == "gallery:0" and settings["measurement"] == "loss"
+    assert settings["mc_samples"] == session.config.mc_samples == settings["attribution"]["mc_samples"]
+    assert settings["methods"]["kfac"]["damping"] == pytest.approx(r.methods["kfac"].damping)
+    assert settings["methods"]["dtrak"]["measurement"] == "square-norm"  # D-TRAK's own, whatever was asked
+    assert "measurement" not in settings["methods"]["kfac"] and "damping" not in settings["methods"]["pixel"]
+    assert settings["methods"]["kfac"]["precomputed"] is True
+    assert set(settings["methods"]) == {n for n, m in r.methods.items() if m.status == "ok"}  # CLIP left out
+
+
+def test_two_dampings_give_two_file_names_and_the_csv_says_which(shipped):
+    session, result = shipped
+    steps = session.method_info()["kfac"]["damping_steps"]
+    a, b = result({"kfac": steps[0]}), result({"kfac": steps[-1]})
+    assert not np.allclose(a.methods["kfac"].scores, b.methods["kfac"].scores)
+    sa, sb = provenance.result_settings(session, a), provenance.result_settings(session, b)
+    assert provenance.settings_digest(sa) != provenance.settings_digest(sb)
+    table = pd.DataFrame({"index": np.arange(1797), "kfac": a.methods["kfac"].scores})
+    text = provenance.csv_with_settings(table.to_csv(index=False), sa)
+    head = text.splitlines()[:4]
+    assert head[0].startswith("# model: digits, checkpoint ") and session.checkpoint_hash in head[0]
+    assert "query: gallery:0; measurement: loss, 64 Monte Carlo draws" in head[1]
+    assert f"kfac (damping {steps[0]:.3g}, precomputed)" in head[2] and "dtrak (damping" in head[2]
+    assert "square-norm measurement" in head[2]
+    assert json.loads(head[3].removeprefix("# settings: ")) == json.loads(json.dumps(sa, default=str))
+    back = pd.read_csv(io.StringIO(text), comment="#")  # the table reads back as it was, the lines skipped
+    pd.testing.assert_frame_equal(back, table, check_dtype=False)
+
+
+def test_the_png_sheet_carries_the_settings_as_a_heading_and_a_text_chunk(shipped):
+    from explorer.images import SheetRow, compose_sheet, png_bytes
+
+    session, result = shipped
+    lines = provenance.settings_lines(provenance.result_settings(session, result()))
+    rows = [SheetRow("K-FAC: proponents", [np.zeros((8, 8), np.uint8)], ["#1"])]
+    plain, headed = compose_sheet(rows), compose_sheet(rows, heading=lines[:-1])
+    assert headed.height > plain.height  # three more lines of text above the rows
+    top = np.asarray(headed.convert("L"))[: headed.height - plain.height]
+    assert (top < 128).any()  # something is written there
+    png = Image.open(io.BytesIO(png_bytes(headed, text={"attribution-settings": lines[-1]})))
+    assert json.loads(png.text["attribution-settings"].removeprefix("settings: "))["model"]["preset"] == "digits"
+
+
+def test_the_png_names_the_measurement_a_method_scored_when_it_is_not_the_one_asked(shipped):
+    from types import SimpleNamespace
+
+    from explorer.results_view import sheet_rows
+
+    session, result = shipped
+    r = result()
+    ds = session.dataset
+    query = SimpleNamespace(title="Gallery sample 0", input=SimpleNamespace(image=np.zeros((1, 8, 8), np.float32)))
+    names = ["kfac", "dtrak"]
+    used = {n: session.measurement_used(n, r.measurement) for n in names}
+    titles = [row.title for row in sheet_rows(r, names, session.method_info(), ds, session.labels, query, 2, used)]
+    dtrak = [t for t in titles if "D-TRAK" in t]
+    assert len(dtrak) == 2 and all(t.startswith("D-TRAK (square-norm measurement): ") for t in dtrak), titles
+    assert not any("measurement)" in t for t in titles if t.startswith("K-FAC")), titles
