@@ -96,3 +96,21 @@ def test_the_png_names_the_measurement_a_method_scored_when_it_is_not_the_one_as
     dtrak = [t for t in titles if "D-TRAK" in t]
     assert len(dtrak) == 2 and all(t.startswith("D-TRAK (square-norm measurement): ") for t in dtrak), titles
     assert not any("measurement)" in t for t in titles if t.startswith("K-FAC")), titles
+
+
+def test_a_group_export_names_the_group_the_query_set_and_the_measurement(shipped):
+    """A loss and an ELBO export of one group shared a file name and neither said which it was."""
+    from types import SimpleNamespace
+
+    session, _ = shipped
+
+    def group_result(measurement: str):
+        methods = {"kfac": SimpleNamespace(damping=1e-8, status="ok"), "dtrak": SimpleNamespace(damping=1e-4, status="ok")}
+        return SimpleNamespace(group=SimpleNamespace(spec="label:3", size=183), qset=SimpleNamespace(name="gallery"),
+                               measurement=measurement, methods=methods, ok=lambda: list(methods))
+
+    loss, elbo = (provenance.group_settings(session, group_result(m)) for m in ("loss", "elbo"))
+    assert provenance.settings_digest(loss) != provenance.settings_digest(elbo)
+    lines = provenance.settings_lines(elbo)
+    assert "group: label:3 (183 images), queries: gallery; measurement: elbo" in lines[1]
+    assert "kfac (damping 1e-08)" in lines[2] and "dtrak (damping 0.0001, square-norm measurement)" in lines[2]
