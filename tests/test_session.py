@@ -404,6 +404,39 @@ def test_an_upload_unlike_every_training_image_gets_its_label_called_a_guess(ses
     assert not any("unlike the training images" in n for n in same.notes), same.notes
 
 
+def test_a_blank_or_ambiguous_mnist_upload_gets_its_label_qualified(tmp_path):
+    """On 28x28 a blank image lies near a thin training digit, within the training set's own spread, so the
+    distance rule let "Label: 5" (probability 0.43) stand unqualified for a black upload on mnist (QA round 17;
+    digits said "a guess"). A blank image is now said to be blank, and an image the classifier is unsure of
+    (a blend of two digits) is said to be so; a training digit gets neither."""
+    from PIL import Image
+
+    from engine.attribution.session import AttributionSession
+    from engine.model.label_classifier import CONFIDENT
+
+    mnist = AttributionSession("mnist", cache_root=tmp_path)
+    ds = mnist.dataset
+
+    def upload(arr: np.ndarray):
+        buf = io.BytesIO()
+        Image.fromarray(arr, "L").save(buf, format="PNG")
+        return mnist.query_from_upload(buf.getvalue(), name="x.png")
+
+    def pixels(x: np.ndarray) -> np.ndarray:
+        return ((x + 1) * 127.5).round().astype(np.uint8)
+
+    for blank in (np.zeros((8, 8), np.uint8), np.full((1, 1), 200, np.uint8)):
+        q = upload(blank)
+        assert q.label is not None and any("is blank" in n and "is a guess" in n for n in q.notes), q.notes
+    other = int(np.nonzero(ds.labels != ds.labels[3])[0][0])
+    blend = upload(pixels((ds.images[3, 0].numpy() + ds.images[other, 0].numpy()) / 2))
+    prob = float(next(n for n in blend.notes if "probability" in n).split("probability ")[1].split(",")[0])
+    assert prob < CONFIDENT  # the premise: the classifier hesitates between the two digits
+    assert any("classifier is unsure" in n for n in blend.notes), blend.notes
+    digit = upload(pixels(ds.images[3, 0].numpy()))
+    assert not any("unsure" in n or "guess" in n or "blank" in n for n in digit.notes), digit.notes
+
+
 def test_labels_name_the_measurement_each_method_scores(session):
     """D-TRAK always scores the square norm: the group views' labels said "predicted change of the loss"
     for it (QA round 13); the other methods score what is asked."""

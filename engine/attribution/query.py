@@ -298,7 +298,7 @@ class QuerySources:
 
         A note with the classifier's probability goes to ``notes``: an upload can be anything (a blank
         image still gets a digit), so the reader must see how sure the label is."""
-        from ..model.label_classifier import classifier_for, classify
+        from ..model.label_classifier import CONFIDENT, classifier_for, classify
 
         if self._classifier is None:
             clf = classifier_for(self.preset, self.dataset)
@@ -306,18 +306,25 @@ class QuerySources:
         if self._classifier is False:
             return None
         labels, proba = classify(self._classifier, image[None])
-        notes.append(f"label {int(labels[0])} predicted by a classifier with probability {float(proba[0]):.2f}, "
-                     "not ground truth")
+        p = float(proba[0])
+        notes.append(f"label {int(labels[0])} predicted by a classifier with probability {p:.2f}, not ground truth")
         from .copycheck import pixel_distances, training_spread
 
         if self._spread is None:
             self._spread = training_spread(self.dataset.images)
         bound, sample = self._spread
         d = float(pixel_distances(image[None].to(self.dataset.images.dtype), self.dataset.images).min())
-        if d > bound:
+        # a blank image is near a thin training digit on 28x28 (mnist: within the training spread), so the
+        # distance alone let a blank upload's label stand unqualified (QA round 17)
+        if bool((image == image.flatten()[0]).all()):
+            notes.append("the image is blank (every pixel has the same value): there is nothing to label, so the "
+                         "classifier's label is a guess")
+        elif d > bound:
             notes.append(f"the image is unlike the training images: its pixel distance to the nearest is {d:.2f}, "
                          f"more than any of {sample} training images' to theirs ({bound:.2f}), so the "
                          "classifier's label is a guess")
+        elif p < CONFIDENT:
+            notes.append(f"the classifier is unsure (probability under {CONFIDENT}), so the label may be wrong")
         return int(labels[0])
 
     def generate(self, seed: int, progress: Callable[[int, int], None] | None = None) -> QueryInput:
