@@ -332,6 +332,8 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
     info = handle.session.method_info()
     ds = handle.session.dataset
     st.markdown("#### If the group were removed: predicted change of each sample's measurement")
+    if result.size_caveat():  # most of the training set: the numbers rank, they do not forecast (QA round 17)
+        st.warning(result.size_caveat()[0].upper() + result.size_caveat()[1:] + ".")
     table = _table(result)
     cols = st.columns(len(result.ok()))
     for col, n in zip(cols, result.ok(), strict=True):

@@ -40,6 +40,20 @@ def cli(setup, digits_small, monkeypatch, capsys):
     return run
 
 
+def test_a_group_of_most_or_all_of_the_training_set_carries_a_caveat(cli):
+    """Removing the whole training set (QA round 17: "0-1796") printed mean changes as if they forecast
+    something; a group of more than half the set now says what its sums can and cannot say."""
+    rc, out, err = cli("group", "--remove", "train:0-63", "--remove", "train:0-39", "--remove", "train:0-31",
+                       "--queries", "gallery", "--methods", "kfac", "--auto-build", "--json")
+    assert rc == 0, err
+    whole, most, half = json.loads(out)["groups"]
+    assert "the whole training set" in whole["group"]["caveat"]
+    assert "62% of the training set" in most["group"]["caveat"] and "do not forecast" in most["group"]["caveat"]
+    assert "caveat" not in half["group"]  # half the set: what the LDS checks
+    rc, out, err = cli("group", "--remove", "train:0-63", "--queries", "gallery", "--methods", "kfac")
+    assert rc == 0 and "caveat: the group is the whole training set" in out, out
+
+
 def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
     rc, out, err = cli("group", "--remove", "label:3", "--queries", "gallery", "--methods", "kfac,trak,dtrak",
                        "--auto-build", "--json")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .groups import Group, group_change, strongest_members
+from .groups import Group, group_change, size_caveat, strongest_members
 from .methods.base import no_progress
 from .pool import MatrixResult, Progress, QuerySet, Supported, attribution_matrix, ranking_by_change
 
@@ -86,12 +86,18 @@ class GroupResult:
         exact = self.methods[name].exact
         return None if exact is None else exact.note
 
+    def size_caveat(self) -> str | None:
+        """``groups.size_caveat`` for this group (None while no method has scores to give the set's size)."""
+        scored = [r.scores for r in self.methods.values() if r.status == "ok" and r.scores is not None]
+        return None if not scored else size_caveat(self.group.size, int(scored[0].shape[-1]))
+
     def to_json(self) -> dict[str, Any]:
         """The ``group`` command's JSON (issue 15): one entry per query, in query-set order, and the damping
         each method's scores were computed with (the key ``query --json`` uses)."""
         labels = self.qset.labels
+        caveat = self.size_caveat()
         return {
-            "group": {"spec": self.group.spec, "size": self.group.size},
+            "group": {"spec": self.group.spec, "size": self.group.size, **({"caveat": caveat} if caveat else {})},
             "measurement": self.measurement,
             "methods": {
                 name: {

@@ -189,6 +189,24 @@ def group_change(scores: np.ndarray, group: Group) -> np.ndarray:
     return s[..., group.members].sum(axis=-1)
 
 
+def size_caveat(size: int, num_train: int) -> str | None:
+    """What a group's predicted change cannot say when the group is a large part of the training set.
+
+    Why: influence (eq. 6, summed over the group) is a first-order prediction around the trained model. Its
+    sums are checked (the LDS) on random halves of the training set, as a ranking: they order groups and
+    samples against each other, but the further a removal goes from the trained model the less their size
+    forecasts the retrained model's change, and a removal of every image leaves nothing to train. None for
+    a group of at most half the training set."""
+    if size >= num_train:
+        return ("the group is the whole training set: removing it leaves nothing to train on, so these sums "
+                "predict nothing; they are only the sum of every score")
+    if 2 * size > num_train:
+        return (f"the group holds {size / num_train:.0%} of the training set: influence is a first-order "
+                "prediction around the trained model, so for a removal this large its sums can rank samples "
+                "(the LDS checks that on random halves) but do not forecast how large the change would be")
+    return None
+
+
 def strongest_members(scores: np.ndarray, group: Group, k: int = 10) -> list[tuple[int, float]]:
     """The group's k members with the largest scores (its strongest proponents of the query)."""
     s = np.asarray(scores, dtype=np.float64)[group.members]
@@ -206,6 +224,7 @@ def top_share(scores: np.ndarray, group: Group) -> float:
 
 __all__ = [
     "Group",
+    "size_caveat",
     "GroupError",
     "USAGE",
     "parse_group",

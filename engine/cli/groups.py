@@ -123,6 +123,8 @@ def cmd_group(args: argparse.Namespace) -> int:
         g = result.group
         print(("\n" if n else "") + f"group {g.spec}: {g.description}; measurement {result.measurement}; "
               f"queries {result.qset.name}")
+        if result.size_caveat():
+            print(f"caveat: {result.size_caveat()}")
         for name in result.ok():
             changes = result.changes(name)
             used = result.measurement_of(name)
