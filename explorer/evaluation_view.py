@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from explorer.results_view import measurement_title
 from explorer.runtime import Handle, influence_titles
 
 FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
+NO_VALUE = "–"  # a table cell with no value (a similarity method's predicted change), not "None"
 # an LDS or retrain-top file measured with other query draws than the served model's (AttributionConfig.query_draws)
 QUERY_DRAWS_NOTE = {
     "own": "the query on its own draws (the paper's estimator)",
@@ -66,6 +68,37 @@ def settings_flag(differences: list[str] | None, other_draws: bool) -> str:
     if differences is None:
         return " · settings not recorded (see Details)"
     return ""
+
+
+# the attribution settings a heading can name in words ("{0}": the file's value, "{1}": the served model's);
+# ``settings_differences`` (the engine's list of them, "key: recorded (now served)") is what they are read from
+SETTING_WORDS = {
+    "mc_samples": "M = {0} Monte Carlo draws (the app now uses {1})",
+    "draws": "{0} gradient draws (the app now uses {1})",
+    "trak_dim": "TRAK dimension {0} (the app now uses {1})",
+    "seed": "seed {0} (the app now uses {1})",
+}
+_DIFFERENCE = re.compile(r"^(\w+): (.*) \(now (.*)\)$")
+
+
+def settings_heading(differences: list[str] | None, other_draws: bool) -> str:
+    """What a result's heading adds when it was measured otherwise than the served model would: the first
+    setting ``SETTING_WORDS`` can say in words, and how many others differ (``settings_flag`` says that there are
+    some, Details names each).  Why: two LDS sections both read "Training loss — 32 subsets x 1 seed; 32 queries",
+    one with K-FAC at 0.44, the other (M = 8) at 0.14, below TRAK, and only Details said M = 8 (QA round 17)."""
+    differences = list(differences or [])
+    said = ""
+    for line in differences:
+        m = _DIFFERENCE.match(line)
+        if m and m[1] in SETTING_WORDS and m[2] != "not recorded":
+            said = SETTING_WORDS[m[1]].format(m[2], m[3])
+            differences.remove(line)
+            break
+    others = len(differences) + bool(other_draws)
+    if not said:
+        return f" · measured with {others} other setting{'s' if others > 1 else ''}" if others else ""
+    more = f" and {others} other setting{'s' if others > 1 else ''}" if others else ""
+    return f" · measured with {said}{more}"
 
 
 def _count(v: Any) -> str:
@@ -141,6 +174,35 @@ def _fmt_float(v: Any, spec: str) -> str:
     return "" if v is None else format(float(v), spec)
 
 
+def _fmt_change(v: Any) -> str:
+    """A retraining table's predicted change to 4 significant digits, or a dash where the method made no
+    prediction (``no_prediction_note`` says why): the table printed "None"."""
+    return NO_VALUE if v is None else f"{float(v):.4g}"
+
+
+def no_prediction_note(names: list[str], info: dict) -> str:
+    """The footnote for the dashes in a retraining table's "predicted change": a similarity method ranks the
+    training images by likeness and predicts no change of the measurement; another method's is missing."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        return ""
+    similar = [_title(info, n) for n in names if info.get(n.partition("[")[0], {}).get("kind") == "similarity"]
+    other = [_title(info, n) for n in names if _title(info, n) not in similar]
+    parts = []
+    if similar:
+        one = len(similar) == 1
+        parts.append(f"{' and '.join(similar)} "
+                     + ("is a similarity, not an influence method: it ranks the training images by likeness to the "
+                        "query and predicts no change of the measurement; its rows show what removing its most "
+                        "similar images did" if one else
+                        "are similarities, not influence methods: they rank the training images by likeness to the "
+                        "query and predict no change of the measurement; their rows show what removing their most "
+                        "similar images did"))
+    if other:
+        parts.append(f"{' and '.join(other)}: no predicted change in the file")
+    return f"{NO_VALUE} in *predicted change*: " + "; ".join(parts) + "."
+
+
 def _title(info: dict, name: str) -> str:
     base, bracket, rest = name.partition("[")
     title = info.get(base, {}).get("title", base)
@@ -171,7 +233,8 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
     for entry in entries:
         meas = entry.measurement
         cfg = entry.config
-        st.markdown(f"#### Measurement: {MEASUREMENTS.get(meas.split('@')[0], meas)} (`{meas}`)")
+        other = settings_heading(entry.settings_differences(current), entry.query_draws != served) if cfg else ""
+        st.markdown(f"#### Measurement: {MEASUREMENTS.get(meas.split('@')[0], meas)} (`{meas}`){other}")
         if cfg:
             st.caption(
                 lds_summary(cfg)
@@ -258,7 +321,7 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
                 "query": r.get("query"),
                 "method": _title(info, str(r.get("method"))),
                 "removed": len(r.get("removed") or []) or cfg.get("removed"),
-                "predicted change": r.get("predicted_change"),
+                "predicted change": _fmt_change(r.get("predicted_change")),
                 "measured change": r.get("measured_change"),
                 "random control": r.get("random_measured_change"),
                 "measured / control": (
@@ -278,7 +341,12 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
             f"{_count(cfg.get('num_train'))} training images removed; {_count(cfg.get('steps'))} training steps "
             "per model" + settings_flag(differences, entry.query_draws != served)
         )
-        st.dataframe(pd.DataFrame(rows), hide_index=True, height=35 * (len(rows) + 1) + 3)  # every row, no scrolling
+        st.dataframe(pd.DataFrame(rows), hide_index=True, height=35 * (len(rows) + 1) + 3,  # every row, no scrolling
+                     column_config={"predicted change": st.column_config.TextColumn(alignment="right")})
+        no_prediction = no_prediction_note(
+            [str(r.get("method")) for r in entry.results if r.get("predicted_change") is None], info)
+        if no_prediction:
+            st.caption(no_prediction)
         plain.details([
             f"Measurement `{meas}`, true measurement over {cfg.get('true_measurement_mc_samples', '?')} common draws"
             + (f" · **removals chosen with {QUERY_DRAWS_NOTE[entry.query_draws]}, not this model's setting**"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from engine.attribution.methods import method_names
 
 
 def label_order(values: Iterable[object]) -> list[str]:
@@ -31,6 +33,32 @@ def label_colours(values: Iterable[object]) -> dict[str, str]:
     order = label_order(values)
     palette = px.colors.qualitative.D3 if len(order) <= 10 else px.colors.qualitative.Dark24
     return {v: palette[i % len(palette)] for i, v in enumerate(order)}
+
+
+def method_base(name: str) -> str:
+    """A method's registry name without its variant: "kfac[loss]" (an LDS run's K-FAC ranked by the loss while
+    the ELBO is measured) -> "kfac"."""
+    return name.partition("[")[0]
+
+
+def method_colours(names: Iterable[str], order: Sequence[str] | None = None) -> dict[str, str]:
+    """name -> colour, the same for a method in every figure of the app: D3's hues (those of the LDS runs' own
+    matplotlib figures) in the registry's display order (``order``, default ``method_names()``: K-FAC blue, TRAK
+    orange, D-TRAK green, CLIP red, Pixel purple), so a method keeps its colour whichever others a figure shows.
+    A variant ("kfac[loss]") takes its method's colour (``method_dash`` tells them apart); a name the registry
+    does not know (a file from a method since removed) takes a hue after the registry's.  Why: plotly (and
+    Streamlit's palette) colour series by position, so TRAK was light blue in one damping-sweep chart and red
+    in the next (QA round 17)."""
+    names = list(names)
+    known = list(method_names() if order is None else order)
+    known += sorted({method_base(n) for n in names} - set(known))
+    palette = px.colors.qualitative.D3 if len(known) <= 10 else px.colors.qualitative.Dark24
+    return {n: palette[known.index(method_base(n)) % len(palette)] for n in names}
+
+
+def method_dash(name: str) -> str:
+    """A series' line style: solid for a method, dashed for a variant of it ("kfac[loss]") in the same colour."""
+    return "dash" if "[" in name else "solid"
 
 
 def label_style(values: Iterable[object]) -> dict:
@@ -120,16 +148,20 @@ def overlap_matrix(overlap: pd.DataFrame, titles: Mapping[str, str], k: int) -> 
 def label_histogram(counts: pd.DataFrame, titles: Mapping[str, str], k: int) -> go.Figure:
     """Grouped bars: how many of each method's top-k proponents carry each label."""
     data = counts.copy()
+    colours = method_colours(data["method"].unique())
     data["method"] = data["method"].map(lambda n: titles.get(n, n))
-    fig = px.bar(data, x="label", y="count", color="method", barmode="group", title=f"Labels of the top-{k} proponents")
+    fig = px.bar(data, x="label", y="count", color="method", barmode="group", title=f"Labels of the top-{k} proponents",
+                 color_discrete_map={titles.get(n, n): c for n, c in colours.items()})
     fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
     fig.update_xaxes(type="category")
     return fig
 
 
 def damping_sweeps(sweeps: Mapping[str, list[dict]], titles: Mapping[str, str]) -> go.Figure:
-    """LDS against damping (log scale) for each method's sweep."""
+    """LDS against damping (log scale) for each method's sweep, each method in its colour (``method_colours``),
+    a variant of it dashed."""
     fig = go.Figure()
+    colours = method_colours(sweeps)
     for name, pts in sweeps.items():
         pts = sorted(pts, key=lambda p: p["damping"])
         fig.add_trace(
@@ -138,6 +170,8 @@ def damping_sweeps(sweeps: Mapping[str, list[dict]], titles: Mapping[str, str]) 
                 y=[p.get("lds") for p in pts],
                 mode="lines+markers",
                 name=titles.get(name, name),
+                line=dict(color=colours[name], dash=method_dash(name)),
+                marker=dict(color=colours[name]),
             )
         )
     fig.update_xaxes(type="log", title_text="damping")

@@ -43,7 +43,7 @@ from engine.attribution.pool import (
 from engine.attribution.precomputed import MEASUREMENT
 from engine.attribution.signs import end_signs, removed_words, reverse_caveat
 from engine.evaluation.stats import spearman
-from explorer import chips, plain
+from explorer import chips, figures, plain
 from explorer.controls import Settings
 from explorer.figures import label_colours, label_order, label_style
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
@@ -379,9 +379,21 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
                   caption=[f"#{i} {ds.label_name(i) or ''} {v:+.1e}" for i, v in top], width=CELL + 8)
 
 
+RANKING_NOTE = "Ranked left to right, largest change first; under each sample, its name and predicted change."
+
+
+def ranking_caption(r: Any) -> str:
+    """A ranked sample's caption under its 72 px thumbnail: its name, then (a markdown line break) its predicted
+    change.  "2. gallery:20 · +5.4e-01" wrapped wherever the width ran out ("2. / gallery:20 · / +5.4e-01",
+    QA round 17): "2. gallery:20" alone is wider than 72 px, so the rank is the image's place in the row
+    (``RANKING_NOTE``), not a word of the caption."""
+    return f"{r.query}  \n{r.change:+.1e}"
+
+
 def reverse_section(handle: Handle, result: GroupResult, s: Settings) -> None:
     info = handle.session.method_info()
     st.markdown("#### What the group supports most: the samples whose measurement its removal would raise most")
+    st.caption(RANKING_NOTE)
     cols = st.columns(len(result.ok()), border=True)
     for col, n in zip(cols, result.ok(), strict=True):
         ranked = result.ranking(n, s.top_k)
@@ -394,7 +406,7 @@ def reverse_section(handle: Handle, result: GroupResult, s: Settings) -> None:
                 st.caption(caveat[0].upper() + caveat[1:] + ".")
             st.image([display(result.qset.queries[result.qset.names.index(r.query)].image, CELL, border=4)
                       for r in ranked],
-                     caption=[f"{r.rank}. {r.query} · {r.change:+.1e}" for r in ranked], width=CELL + 8)
+                     caption=[ranking_caption(r) for r in ranked], width=CELL + 8)
 
 
 def downloads(handle: Handle, result: GroupResult, s: Settings, prefix: str = "grp") -> None:
@@ -630,9 +642,12 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
         data = _table(res)
         long = data.melt(id_vars=["sample", "label"], value_vars=res.ok(), var_name="method", value_name="change")
         # a method that scores its own measurement (D-TRAK: the square norm) says so in the legend
-        long["method"] = long["method"].map(lambda n: info[n]["title"] + (
-            "" if res.measurement_of(n) == res.measurement else f" ({res.measurement_of(n)})"))
+        shown = {n: info[n]["title"] + ("" if res.measurement_of(n) == res.measurement else f" ({res.measurement_of(n)})")
+                 for n in res.ok()}
+        long["method"] = long["method"].map(shown)
+        colours = figures.method_colours(res.ok())  # each method in its colour across the app's figures
         fig = px.bar(long, x="sample", y="change", color="method", barmode="group",
+                     color_discrete_map={shown[n]: colours[n] for n in res.ok()},
                      labels=axis_labels(handle, res.ok(), res.measurement) | {"sample": "gallery sample"},
                      title=f"Predicted change of each gallery sample's {res.measurement} if {group.spec} were removed")
         fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))

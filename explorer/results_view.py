@@ -25,7 +25,7 @@ from engine.model.measurements import measurement_info
 from explorer import analysis, exact_view, figures, plain
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
-from explorer.layout import FRAME, thumbnails
+from explorer.layout import FRAME, GAP, column_inner_width, thumbnails
 from explorer.query_view import Query
 from explorer.runtime import Handle
 
@@ -284,6 +284,10 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
         st.caption(score_legend([(info[n]["title"], info[n]["kind"], session.measurement_used(n, s.measurement))
                                  for n in scored], ds.labels is not None, thumbs.compact))
     independent = handle.query_independent()
+    # the note (damping, bank, D-TRAK's "uses the square-norm measurement") beside the 48 px query thumbnail
+    # only where that third of the column holds its longest words ("measurement", "**precomputed**": ~85 px in
+    # the caption's font) at the design width: 3 methods or fewer; under the thumbnail otherwise (QA round 17)
+    beside = (column_inner_width(len(names)) - GAP) * 2 / 3 >= 110
     cols = st.columns(len(names), border=True)
     polling = False
     for col, name in zip(cols, names, strict=True):
@@ -296,9 +300,13 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             if r.status != "ok" or r.scores is None:
                 _unavailable(r.status, info[name]["title"], r.reason or "", r.reason_about)
                 continue
-            c1, c2 = st.columns([1, 2])
-            c1.image(display(query.input.image, 48), width=48, caption="query")
-            c2.caption(column_note(r))
+            if beside:
+                c1, c2 = st.columns([1, 2])
+                c1.image(display(query.input.image, 48), width=48, caption="query")
+                c2.caption(column_note(r))
+            else:  # the whole column's width: beside the thumbnail "measurement" broke as "measureme / nt"
+                st.image(display(query.input.image, 48), width=48, caption="query")
+                st.caption(column_note(r))
             if r.exact_pending and not polling and handle.build.status != "running":
                 # one poller for the page: its one line (progress, waiting, stopped) is all that stands above
                 # the grid, so K-FAC's images start near the other methods'; the box and button go below

@@ -130,6 +130,13 @@ def test_reverse_view_from_the_explore_grids(app_env):
     _ok(at)
     assert "What the group supports most" in _texts(at)
     assert at.session_state["grp_picked"] == [index]
+    # each method in the colour it has in every figure of the app (QA round 17: plotly colours by position)
+    from explorer.figures import method_colours
+
+    bar = json.loads(next(c.proto.spec for c in at.get("plotly_chart") if "gallery sample's" in c.proto.spec))
+    got = {t["name"].split(" (")[0]: t["marker"]["color"] for t in bar["data"]}
+    titles = {"K-FAC Influence": "kfac", "TRAK": "trak", "D-TRAK": "dtrak"}
+    assert got and all(got[t] == method_colours([n])[n] for t, n in titles.items() if t in got), got
     assert any(b.label == "Download predicted changes (CSV)" for b in at.get("download_button"))
     at.session_state["page"] = "Groups"
     at.run()
