@@ -215,8 +215,11 @@ def groups_page(handle: Handle, s: Settings) -> None:
         st.warning(f"Cannot score these samples: {e}")
         return
     for n, r in result.methods.items():
-        if r.status != "ok":
-            st.warning(f"{info[n]['title']}: {r.reason}")
+        if r.status != "ok":  # in the Explore columns' words (a server's reason plain, its details folded)
+            line = plain.unavailable_line(r.status, info[n]["title"], r.reason or "", r.reason_about)
+            st.warning(line)
+            if r.reason and r.reason not in line:
+                plain.details([r.reason])
     if not result.ok():
         return
     st.markdown(f"**{group.spec}** · {group.description} · {len(qset)} samples ({qset.name}) · "
@@ -249,7 +252,9 @@ def precomputed_matrices(handle: Handle, s: Settings) -> dict[str, MatrixResult]
         scores = pre.gallery_matrix(session, n, s.damping_dict.get(n))
         if scores is not None:
             used = session.measurement_used(n, MEASUREMENT)
-            mats[n] = MatrixResult(n, "influence", "ok", reason="precomputed", damping=s.damping_dict.get(n),
+            # the damping the scores are at (the default where the sidebar holds none: a method not shown),
+            # which the exports record
+            mats[n] = MatrixResult(n, "influence", "ok", reason="precomputed", damping=session.damping_for(n, s.damping_dict),
                                    scores=scores, measurement=None if used == MEASUREMENT else used)
     return mats
 
@@ -436,7 +441,8 @@ def downloads(handle: Handle, result: GroupResult, s: Settings, prefix: str = "g
                              [to_uint8(result.qset.queries[result.qset.names.index(r.query)].image) for r in ranked],
                              [f"{r.query}\n{r.change:+.1e}" for r in ranked]))
     c2.download_button("Download this view (PNG)",
-                       png_bytes(compose_sheet(rows, heading=lines[:-1]), text={"attribution-settings": lines[-1]}),
+                       png_bytes(compose_sheet(rows, heading=lines[:-1]),
+                                 text={"attribution-settings": provenance.settings_json(settings)}),
                        file_name=f"group_{stem}.png", mime="image/png", key=f"{prefix}_dl_png")
 
 

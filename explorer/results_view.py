@@ -284,9 +284,9 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
         st.caption(score_legend([(info[n]["title"], info[n]["kind"], session.measurement_used(n, s.measurement))
                                  for n in scored], ds.labels is not None, thumbs.compact))
     independent = handle.query_independent()
-    # the note (damping, bank, D-TRAK's "uses the square-norm measurement") beside the 48 px query thumbnail
-    # only where that third of the column holds its longest words ("measurement", "**precomputed**": ~85 px in
-    # the caption's font) at the design width: 3 methods or fewer; under the thumbnail otherwise (QA round 17)
+    # the note (damping, bank, D-TRAK's "uses the square-norm measurement") beside the 48 px query thumbnail only
+    # where the two thirds of the column beside it hold its longest words ("measurement", "**precomputed**": ~85 px
+    # in the caption's font) at the design width: 3 methods or fewer; under the thumbnail otherwise (QA round 17)
     beside = (column_inner_width(len(names)) - GAP) * 2 / 3 >= 110
     cols = st.columns(len(names), border=True)
     polling = False
@@ -536,7 +536,7 @@ def downloads(handle: Handle, query: Query, result: QueryResult, s: Settings) ->
     lines = provenance.settings_lines(settings)
     c2.download_button(
         "Download this view (PNG)",
-        png_bytes(compose_sheet(rows, heading=lines[:-1]), text={"attribution-settings": lines[-1]}),
+        png_bytes(compose_sheet(rows, heading=lines[:-1]), text={"attribution-settings": provenance.settings_json(settings)}),
         file_name=f"attribution_{stem}.png",
         mime="image/png",
         key="dl_png",

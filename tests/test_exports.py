@@ -77,8 +77,9 @@ def test_the_png_sheet_carries_the_settings_as_a_heading_and_a_text_chunk(shippe
     assert headed.height > plain.height  # three more lines of text above the rows
     top = np.asarray(headed.convert("L"))[: headed.height - plain.height]
     assert (top < 128).any()  # something is written there
-    png = Image.open(io.BytesIO(png_bytes(headed, text={"attribution-settings": lines[-1]})))
-    assert json.loads(png.text["attribution-settings"].removeprefix("settings: "))["model"]["preset"] == "digits"
+    settings = provenance.result_settings(session, result())
+    png = Image.open(io.BytesIO(png_bytes(headed, text={"attribution-settings": provenance.settings_json(settings)})))
+    assert json.loads(png.text["attribution-settings"])["model"]["preset"] == "digits"
 
 
 def test_the_png_names_the_measurement_a_method_scored_when_it_is_not_the_one_asked(shipped):
@@ -106,7 +107,8 @@ def test_a_group_export_names_the_group_the_query_set_and_the_measurement(shippe
 
     def group_result(measurement: str):
         methods = {"kfac": SimpleNamespace(damping=1e-8, status="ok"), "dtrak": SimpleNamespace(damping=1e-4, status="ok")}
-        return SimpleNamespace(group=SimpleNamespace(spec="label:3", size=183), qset=SimpleNamespace(name="gallery"),
+        return SimpleNamespace(group=SimpleNamespace(spec="label:3", size=183),
+                               qset=SimpleNamespace(name="gallery", key="0123456789abcdef"),
                                measurement=measurement, methods=methods, ok=lambda: list(methods))
 
     loss, elbo = (provenance.group_settings(session, group_result(m)) for m in ("loss", "elbo"))
@@ -114,3 +116,54 @@ def test_a_group_export_names_the_group_the_query_set_and_the_measurement(shippe
     lines = provenance.settings_lines(elbo)
     assert "group: label:3 (183 images), queries: gallery; measurement: elbo" in lines[1]
     assert "kfac (damping 1e-08)" in lines[2] and "dtrak (damping 0.0001, square-norm measurement)" in lines[2]
+
+
+def test_a_compressed_banks_export_says_how_many_scores_are_exact_and_the_estimates_factor(shipped):
+    """Review 50: a compressed bank's CSV held estimated and exact scores, scaled by a factor only the page
+    showed, and the same file name before and after the background re-rank made more of them exact."""
+    import dataclasses
+
+    session, result = shipped
+    r = result()
+    kfac = r.methods["kfac"]
+    mask = np.zeros(len(kfac.scores), bool)
+    mask[:32] = True
+    estimated = dataclasses.replace(kfac, bank="compressed", exact=mask.copy(), estimate_scale=0.8)
+    mask[:64] = True
+    reranked = dataclasses.replace(kfac, bank="compressed", exact=mask, estimate_scale=0.8)
+    entries = [provenance.result_settings(session, dataclasses.replace(r, methods={**r.methods, "kfac": m}))
+               for m in (estimated, reranked)]
+    assert [e["methods"]["kfac"]["exact_scores"] for e in entries] == [32, 64]
+    assert entries[0]["methods"]["kfac"]["estimate_scale"] == pytest.approx(0.8)
+    assert provenance.settings_digest(entries[0]) != provenance.settings_digest(entries[1])
+
+
+def test_two_pools_of_one_size_give_two_group_exports(shipped):
+    """Review 50: pool:256 drawn with seeds 0 and 1 gave one settings digest: the query set's key tells them apart."""
+    from types import SimpleNamespace
+
+    session, _ = shipped
+    methods = {"kfac": SimpleNamespace(damping=1e-8, status="ok")}
+
+    def on(key: str):
+        return provenance.group_settings(session, SimpleNamespace(
+            group=SimpleNamespace(spec="label:3", size=183), qset=SimpleNamespace(name="pool:256", key=key),
+            measurement="loss", methods=methods, ok=lambda: list(methods)))
+
+    assert provenance.settings_digest(on("aaaa")) != provenance.settings_digest(on("bbbb"))
+
+
+def test_precomputed_group_matrices_carry_the_damping_of_their_scores(shipped):
+    """Review 50: a method the sidebar did not show has no damping in ``damping_dict``, so its precomputed
+    group matrix said none (and its export named no damping) although its scores are at the default."""
+    from types import SimpleNamespace
+
+    from explorer.groups_view import precomputed_matrices
+
+    session, _ = shipped
+    handle = SimpleNamespace(session=session, precomputed=PrecomputedGallery.load(default_checkpoint("digits") / FILE))
+    s = SimpleNamespace(measurement=MEASUREMENT, mc_samples=session.config.mc_samples, damping_dict={})
+    mats = precomputed_matrices(handle, s)
+    assert set(mats) == {"kfac", "trak", "dtrak"}
+    for n, m in mats.items():
+        assert m.damping == pytest.approx(session.damping_for(n, {})), n

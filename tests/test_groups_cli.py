@@ -48,10 +48,16 @@ def test_a_group_of_most_or_all_of_the_training_set_carries_a_caveat(cli):
     assert rc == 0, err
     whole, most, half = json.loads(out)["groups"]
     assert "the whole training set" in whole["group"]["caveat"]
-    assert "62% of the training set" in most["group"]["caveat"] and "do not forecast" in most["group"]["caveat"]
+    assert "40 of the 64 training images, more than half" in most["group"]["caveat"]
+    assert "do not forecast" in most["group"]["caveat"]
     assert "caveat" not in half["group"]  # half the set: what the LDS checks
     rc, out, err = cli("group", "--remove", "train:0-63", "--queries", "gallery", "--methods", "kfac")
     assert rc == 0 and "caveat: the group is the whole training set" in out, out
+    # the reverse direction ranks samples by the same sums: the same caveat
+    rc, out, err = cli("reverse", "--remove", "train:0-63", "--queries", "gallery", "--methods", "kfac", "--json")
+    assert rc == 0 and "the whole training set" in json.loads(out)["group"]["caveat"], err
+    rc, out, err = cli("reverse", "--remove", "train:0-39", "--queries", "gallery", "--methods", "kfac")
+    assert rc == 0 and "caveat: the group holds 40 of the 64 training images" in out, out
 
 
 def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
@@ -59,7 +65,8 @@ def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
                        "--auto-build", "--json")
     assert rc == 0, err
     res = json.loads(out)
-    assert set(res) == {"group", "measurement", "methods"}
+    assert set(res) == {"group", "measurement", "methods", "model", "mc_samples", "attribution"}
+    assert res["model"]["num_train"] == 64 and res["mc_samples"] == res["attribution"]["mc_samples"] == 4
     assert res["group"] == {"spec": "label:3", "size": int((digits_small.labels == 3).sum())}
     assert res["measurement"] == "loss" and set(res["methods"]) == {"kfac", "trak", "dtrak"}
     # each method says what its changes are of: D-TRAK always scores the square norm (it was labelled "loss")

@@ -119,8 +119,9 @@ class GroupResult:
 
     def reverse_json(self, top_k: int) -> dict[str, Any]:
         """The ``reverse`` command's JSON: the top-k supported queries per method, and its damping."""
+        caveat = self.size_caveat()
         return {
-            "group": {"spec": self.group.spec, "size": self.group.size},
+            "group": {"spec": self.group.spec, "size": self.group.size, **({"caveat": caveat} if caveat else {})},
             "measurement": self.measurement,
             "queries": self.qset.name,
             "methods": {

@@ -201,7 +201,7 @@ def size_caveat(size: int, num_train: int) -> str | None:
         return ("the group is the whole training set: removing it leaves nothing to train on, so these sums "
                 "predict nothing; they are only the sum of every score")
     if 2 * size > num_train:
-        return (f"the group holds {size / num_train:.0%} of the training set: influence is a first-order "
+        return (f"the group holds {size:,} of the {num_train:,} training images, more than half: influence is a first-order "
                 "prediction around the trained model, so for a removal this large its sums can rank samples "
                 "(the LDS checks that on random halves) but do not forecast how large the change would be")
     return None

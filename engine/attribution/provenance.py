@@ -15,6 +15,8 @@ import hashlib
 import json
 from typing import Any
 
+import numpy as np
+
 from ..config import attribution_key
 
 
@@ -37,6 +39,13 @@ def _method_entry(session: Any, name: str, r: Any, measurement: str) -> dict[str
         entry["measurement"] = used  # D-TRAK: the square norm, whatever was asked
     if getattr(r, "bank", None) is not None:
         entry["bank"] = r.bank
+    exact = getattr(r, "exact", None)
+    if isinstance(exact, np.ndarray):  # a compressed bank's answer: which scores are exact, the others' factor
+        entry["exact_scores"] = int(exact.sum())
+        if getattr(r, "estimate_scale", None) is not None:
+            entry["estimate_scale"] = float(r.estimate_scale)
+    elif exact is not None and getattr(exact, "note", None):  # a group matrix: its exact sums (ExactGroupScores)
+        entry["note"] = exact.note
     if getattr(r, "reason", None) == "precomputed":
         entry["precomputed"] = True  # the shipped first-page scores, keyed to these same settings
     return entry
@@ -66,6 +75,7 @@ def group_settings(session: Any, result: Any) -> dict[str, Any]:
         "group": result.group.spec,
         "group_size": int(result.group.size),
         "queries": result.qset.name,
+        "queries_key": result.qset.key,  # which images: two pools of one size and other seeds differ here only
         "measurement": str(result.measurement),
         "mc_samples": int(session.config.mc_samples),
         "methods": methods,
@@ -73,9 +83,15 @@ def group_settings(session: Any, result: Any) -> dict[str, Any]:
     }
 
 
+def settings_json(settings: dict[str, Any]) -> str:
+    """The settings as one JSON object (sorted keys): what a program reads back (a PNG's text chunk, the
+    last ``# settings:`` line of a CSV, ``--scores-out``'s ``settings`` entry)."""
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
 def settings_digest(settings: dict[str, Any]) -> str:
     """8 hex digits of the settings: part of an export's file name, so two settings never share one."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return hashlib.sha256(settings_json(settings).encode()).hexdigest()[:8]
 
 
 def _damping_words(settings: dict[str, Any]) -> list[str]:
@@ -103,7 +119,7 @@ def settings_lines(settings: dict[str, Any]) -> list[str]:
         f"{model['num_train']} training images",
         f"{what}; measurement: {settings['measurement']}, {settings['mc_samples']} Monte Carlo draws",
         "methods: " + "; ".join(_damping_words(settings)),
-        "settings: " + json.dumps(settings, sort_keys=True, default=str),
+        "settings: " + settings_json(settings),
     ]
 
 

@@ -346,9 +346,9 @@ def write_scores(path: Path, result, labels, settings: dict | None = None) -> No
     """One array per method with status ok (N,) float32, plus ``labels``, the query spec, the measurement and
     ``settings`` (``engine.attribution.provenance.result_settings``: model, draws, each method's damping, as
     a JSON string: ``json.loads(str(np.load(f)["settings"]))``)."""
-    import json
-
     import numpy as np
+
+    from ..attribution.provenance import settings_json
 
     arrays = {name: r.scores for name, r in result.methods.items() if r.scores is not None}
     if labels is not None:
@@ -356,7 +356,7 @@ def write_scores(path: Path, result, labels, settings: dict | None = None) -> No
     arrays["query"] = np.array(str(result.query.get("spec", "")))
     arrays["measurement"] = np.array(result.measurement)
     if settings is not None:
-        arrays["settings"] = np.array(json.dumps(settings, sort_keys=True, default=str))
+        arrays["settings"] = np.array(settings_json(settings))
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
 

@@ -79,8 +79,17 @@ def _run_group(args: argparse.Namespace, group_specs: list[str]):
     return session, [dataclasses.replace(result, group=g) for g in groups]
 
 
-def _print_json(objs: list[dict]) -> None:
-    """One group's object as before; several (``--remove`` repeated): ``{"groups": [one per group]}``."""
+def _print_json(objs: list[dict], session=None) -> None:
+    """One group's object as before; several (``--remove`` repeated): ``{"groups": [one per group]}``.  With
+    ``session``, each object also says which model scored it, with how many draws and which cache settings
+    (as ``query --json``: ``engine.attribution.provenance``)."""
+    if session is not None:
+        from ..attribution.provenance import model_settings
+        from ..config import attribution_key
+
+        extra = {"model": model_settings(session), "mc_samples": int(session.config.mc_samples),
+                 "attribution": attribution_key(session.config, len(session.dataset))}
+        objs = [{**obj, **extra} for obj in objs]
     print(json.dumps(objs[0] if len(objs) == 1 else {"groups": objs}, indent=2))
 
 
@@ -116,7 +125,7 @@ def cmd_group(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as e:
         return fail(e)
     if args.json:
-        _print_json([r.to_json() for r in results])
+        _print_json([r.to_json() for r in results], session)
         return 0
     labels = session.labels
     for n, result in enumerate(results):
@@ -171,15 +180,17 @@ def cmd_reverse(args: argparse.Namespace) -> int:
         if args.top_k < 1:
             raise ValueError("--top-k must be at least 1")
         specs = [f"train:{args.train}"] if args.train is not None else args.remove
-        _, results = _run_group(args, specs)
+        session, results = _run_group(args, specs)
     except (ValueError, RuntimeError) as e:
         return fail(e)
     if args.json:
-        _print_json([r.reverse_json(args.top_k) for r in results])
+        _print_json([r.reverse_json(args.top_k) for r in results], session)
         return 0
     for n, result in enumerate(results):
         print(("\n" if n else "") + f"what {result.group.spec} supports most ({result.group.description}); "
               f"queries {result.qset.name}")
+        if result.size_caveat():
+            print(f"caveat: {result.size_caveat()}")
         for name in result.ok():
             used = result.measurement_of(name)
             print(f"\n[{name}] removing it would raise these samples' {used} the most"
