@@ -16,10 +16,17 @@ from typing import Any
 import streamlit as st
 
 
-def default_for(key: str, options: Sequence[Any]) -> list[Any] | None:
-    """The ``default`` of a keyed multiselect that these buttons may set: every option on its first run, then
-    None (its state holds the value; a default beside a value set through st.session_state logs a warning)."""
-    return None if key in st.session_state else list(options)
+def init_selection(key: str, options: Sequence[Any]) -> None:
+    """Select every one of ``options`` in the keyed multiselect ``key`` until someone changes it: written to
+    ``st.session_state`` before the widget is drawn, which is then drawn without a ``default``.
+
+    Why not a ``default`` on the first run and None after (as until 2026-12-06): the default is part of what
+    the browser knows the widget by, so the run that changed it made the browser draw a new, empty
+    multiselect while the server still held every method; the next click (a gallery sample) sent the empty
+    selection back, and the page said "Select at least one method" (3 of 5 fresh starts, 2026-12-06).  The
+    widget's arguments must be the same on every run."""
+    if key not in st.session_state:
+        st.session_state[key] = list(options)
 
 
 def _set(key: str, values: list[Any]) -> None:

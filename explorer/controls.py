@@ -60,10 +60,8 @@ def choose_settings(handle: Handle, has_trajectory: bool) -> Settings:
 
     st.sidebar.header("Methods")
     names = session.method_names()
-    methods = st.sidebar.multiselect(
-        "Show", names, default=chips.default_for("methods", names), format_func=lambda n: info[n]["title"],
-        key="methods",
-    )
+    chips.init_selection("methods", names)
+    methods = st.sidebar.multiselect("Show", names, format_func=lambda n: info[n]["title"], key="methods")
     chips.select_all("methods", names, "Show all methods", where=st.sidebar)
     damping: list[tuple[str, float]] = []
     for name in names:

@@ -201,8 +201,8 @@ def groups_page(handle: Handle, s: Settings) -> None:
     with c2:
         qset = _choose_queries(handle)
     info = session.method_info()
-    methods = st.multiselect("Methods", methods_all, default=chips.default_for("grp_methods", methods_all),
-                             key="grp_methods", format_func=lambda n: info[n]["title"])
+    chips.init_selection("grp_methods", methods_all)
+    methods = st.multiselect("Methods", methods_all, key="grp_methods", format_func=lambda n: info[n]["title"])
     chips.select_all("grp_methods", methods_all, "All methods")
     if group is None or qset is None or not methods:
         return
@@ -298,8 +298,8 @@ def precomputed_groups(handle: Handle, s: Settings) -> bool:
         group = _choose_group(handle)
     qset = gallery_set(session)
     c2.caption(f"Generated samples: the gallery ({len(qset)} samples)")
-    methods = st.multiselect("Methods", list(mats), default=chips.default_for("grp_methods_pre", list(mats)),
-                             key="grp_methods_pre", format_func=lambda n: info[n]["title"])
+    chips.init_selection("grp_methods_pre", list(mats))
+    methods = st.multiselect("Methods", list(mats), key="grp_methods_pre", format_func=lambda n: info[n]["title"])
     chips.select_all("grp_methods_pre", list(mats), "All methods")
     if group is None or not methods:
         return True

@@ -515,6 +515,23 @@ def test_hidden_methods_come_back_with_one_click():
     assert not [b for b in at.button if b.key == "methods__all"]
 
 
+def test_the_methods_multiselect_is_the_same_widget_on_every_run():
+    """A run that changed the multiselect's ``default`` (every method on the first run, None after) made the
+    browser draw a new, empty widget while the server held every method; the next click (a gallery sample on a
+    just-started server) sent the empty selection back: "Select at least one method" (3 of 5 fresh starts,
+    2026-12-06). The widget's arguments, its default among them, must not change between runs."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(_explore_sidebar, args=(FakeHandle(),))
+    at.run()
+    first = at.multiselect(key="methods")
+    before = (list(first.proto.default), first.proto.id)
+    at.run()  # a rerun with nothing changed: what the build panel's full-page rerun does
+    again = at.multiselect(key="methods")
+    assert (list(again.proto.default), again.proto.id) == before
+    assert again.value == list(METHOD_INFO)
+
+
 def _reverse_page(handle, result, settings):
     from explorer import groups_view
 
