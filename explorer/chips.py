@@ -17,16 +17,18 @@ import streamlit as st
 
 
 def init_selection(key: str, options: Sequence[Any]) -> None:
-    """Select every one of ``options`` in the keyed multiselect ``key`` until someone changes it: written to
-    ``st.session_state`` before the widget is drawn, which is then drawn without a ``default``.
+    """Give the keyed multiselect ``key`` its value through ``st.session_state`` on every run, before it is
+    drawn (the widget then takes no ``default``): every one of ``options`` at first, then what it holds (of
+    ``options``: a model switch may drop some).
 
-    Why not a ``default`` on the first run and None after (as until 2026-12-06): the default is part of what
-    the browser knows the widget by, so the run that changed it made the browser draw a new, empty
-    multiselect while the server still held every method; the next click (a gallery sample) sent the empty
-    selection back, and the page said "Select at least one method" (3 of 5 fresh starts, 2026-12-06).  The
-    widget's arguments must be the same on every run."""
-    if key not in st.session_state:
-        st.session_state[key] = list(options)
+    Why on every run: a value written this way is sent to the browser with the widget, so the browser shows
+    what the server holds.  Before 2026-12-06 the widget had a ``default`` (every option on the first run,
+    None after), and on a just-started server the browser sometimes drew the sidebar's multiselect empty
+    while the server held every method (the build panel's full-page rerun, 30 ms after the first run); the
+    next click (a gallery sample) sent the empty selection back: "Select at least one method" (3 of 5 fresh
+    starts).  Writing it once, without a default, left it so (6 of 8)."""
+    held = st.session_state.get(key)
+    st.session_state[key] = list(options) if held is None else [v for v in held if v in options]
 
 
 def _set(key: str, values: list[Any]) -> None:
