@@ -41,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache_root:
         env["ATTRIBUTION_CACHE"] = args.cache_root
     out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     lost = 0
     for i in range(args.runs):
-        log = Path(out or "/tmp") / f"first_click_{i}.log"
+        log = out / f"first_click_{i}.log" if out is not None else None  # the server's output
         with headless.serve(["--preset", args.preset], env=env, log_path=log, timeout=120) as url, \
                 headless.chromium(1280, 1100) as driver:
             t0 = time.monotonic()
@@ -61,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"try": i, "results_after_s": round(shown, 1), "methods_lost": empty,
                               "results_after_click": "Proponents" in text}), flush=True)
             if empty and out is not None:
-                out.mkdir(parents=True, exist_ok=True)
                 (out / f"first_click_{i}.txt").write_text(text)
                 headless.screenshot(driver, out / f"first_click_{i}.png", height=1300)
     print(f"methods lost after the first click: {lost} of {args.runs} starts")
