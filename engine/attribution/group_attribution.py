@@ -91,13 +91,17 @@ class GroupResult:
         scored = [r.scores for r in self.methods.values() if r.status == "ok" and r.scores is not None]
         return None if not scored else size_caveat(self.group.size, int(scored[0].shape[-1]))
 
+    def _group_json(self) -> dict[str, Any]:
+        """The group's entry of both JSONs: its spec and size, and the size caveat where there is one."""
+        caveat = self.size_caveat()
+        return {"spec": self.group.spec, "size": self.group.size, **({"caveat": caveat} if caveat else {})}
+
     def to_json(self) -> dict[str, Any]:
         """The ``group`` command's JSON (issue 15): one entry per query, in query-set order, and the damping
         each method's scores were computed with (the key ``query --json`` uses)."""
         labels = self.qset.labels
-        caveat = self.size_caveat()
         return {
-            "group": {"spec": self.group.spec, "size": self.group.size, **({"caveat": caveat} if caveat else {})},
+            "group": self._group_json(),
             "measurement": self.measurement,
             "methods": {
                 name: {
@@ -119,9 +123,8 @@ class GroupResult:
 
     def reverse_json(self, top_k: int) -> dict[str, Any]:
         """The ``reverse`` command's JSON: the top-k supported queries per method, and its damping."""
-        caveat = self.size_caveat()
         return {
-            "group": {"spec": self.group.spec, "size": self.group.size, **({"caveat": caveat} if caveat else {})},
+            "group": self._group_json(),
             "measurement": self.measurement,
             "queries": self.qset.name,
             "methods": {

@@ -30,6 +30,16 @@ def model_settings(session: Any) -> dict[str, Any]:
     }
 
 
+def session_settings(session: Any) -> dict[str, Any]:
+    """What every answer of this session shares: the model, the Monte Carlo draws it is set to, and the
+    attribution settings its caches are keyed by (``engine.config.attribution_key``)."""
+    return {
+        "model": model_settings(session),
+        "mc_samples": int(session.config.mc_samples),
+        "attribution": attribution_key(session.config, len(session.dataset)),
+    }
+
+
 def _method_entry(session: Any, name: str, r: Any, measurement: str) -> dict[str, Any]:
     entry: dict[str, Any] = {"title": session.method(name).title}
     if r.damping is not None:
@@ -58,12 +68,11 @@ def result_settings(session: Any, result: Any) -> dict[str, Any]:
     methods = {n: _method_entry(session, n, r, result.measurement)
                for n, r in result.methods.items() if r.status == "ok"}
     return {
-        "model": model_settings(session),
+        **session_settings(session),
         "query": result.query.get("spec"),
         "measurement": str(result.measurement),
-        "mc_samples": result.query.get("mc_samples"),
+        "mc_samples": result.query.get("mc_samples"),  # the query's own (a query may ask for another M)
         "methods": methods,
-        "attribution": attribution_key(session.config, len(session.dataset)),
     }
 
 
@@ -71,15 +80,13 @@ def group_settings(session: Any, result: Any) -> dict[str, Any]:
     """The same for a group answer (a ``GroupResult``): the group and the query set instead of one query."""
     methods = {n: _method_entry(session, n, result.methods[n], result.measurement) for n in result.ok()}
     return {
-        "model": model_settings(session),
+        **session_settings(session),
         "group": result.group.spec,
         "group_size": int(result.group.size),
         "queries": result.qset.name,
         "queries_key": result.qset.key,  # which images: two pools of one size and other seeds differ here only
         "measurement": str(result.measurement),
-        "mc_samples": int(session.config.mc_samples),
         "methods": methods,
-        "attribution": attribution_key(session.config, len(session.dataset)),
     }
 
 

@@ -322,14 +322,14 @@ def cmd_query(args: argparse.Namespace) -> int:
             fill_unbuilt(session, result, args.query, args.measurement, damping)
     except (ValueError, RuntimeError) as e:
         return fail(e)
-    from ..attribution.provenance import model_settings, result_settings
+    from ..attribution.provenance import result_settings
 
     labels = session.labels
     settings = result_settings(session, result)
     if args.scores_out:
         write_scores(Path(args.scores_out), result, labels, settings)
     if args.json:  # each method's damping and the draws are in it already; the model and the cache settings too
-        out = {"model": model_settings(session), **result.to_json(args.top_k, labels),
+        out = {"model": settings["model"], **result.to_json(args.top_k, labels),
                "attribution": settings["attribution"]}
         print(jsonio.dumps(out, indent=2))
     else:

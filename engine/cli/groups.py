@@ -84,12 +84,9 @@ def _print_json(objs: list[dict], session=None) -> None:
     ``session``, each object also says which model scored it, with how many draws and which cache settings
     (as ``query --json``: ``engine.attribution.provenance``)."""
     if session is not None:
-        from ..attribution.provenance import model_settings
-        from ..config import attribution_key
+        from ..attribution.provenance import session_settings
 
-        extra = {"model": model_settings(session), "mc_samples": int(session.config.mc_samples),
-                 "attribution": attribution_key(session.config, len(session.dataset))}
-        objs = [{**obj, **extra} for obj in objs]
+        objs = [{**obj, **session_settings(session)} for obj in objs]
     print(json.dumps(objs[0] if len(objs) == 1 else {"groups": objs}, indent=2))
 
 
@@ -132,8 +129,8 @@ def cmd_group(args: argparse.Namespace) -> int:
         g = result.group
         print(("\n" if n else "") + f"group {g.spec}: {g.description}; measurement {result.measurement}; "
               f"queries {result.qset.name}")
-        if result.size_caveat():
-            print(f"caveat: {result.size_caveat()}")
+        if size_note := result.size_caveat():
+            print(f"caveat: {size_note}")
         for name in result.ok():
             changes = result.changes(name)
             used = result.measurement_of(name)
@@ -189,8 +186,8 @@ def cmd_reverse(args: argparse.Namespace) -> int:
     for n, result in enumerate(results):
         print(("\n" if n else "") + f"what {result.group.spec} supports most ({result.group.description}); "
               f"queries {result.qset.name}")
-        if result.size_caveat():
-            print(f"caveat: {result.size_caveat()}")
+        if size_note := result.size_caveat():
+            print(f"caveat: {size_note}")
         for name in result.ok():
             used = result.measurement_of(name)
             print(f"\n[{name}] removing it would raise these samples' {used} the most"
