@@ -189,15 +189,13 @@ def no_prediction_note(names: list[str], info: dict) -> str:
     similar = [_title(info, n) for n in names if info.get(n.partition("[")[0], {}).get("kind") == "similarity"]
     other = [_title(info, n) for n in names if _title(info, n) not in similar]
     parts = []
-    if similar:
-        one = len(similar) == 1
-        parts.append(f"{' and '.join(similar)} "
-                     + ("is a similarity, not an influence method: it ranks the training images by likeness to the "
-                        "query and predicts no change of the measurement; its rows show what removing its most "
-                        "similar images did" if one else
-                        "are similarities, not influence methods: they rank the training images by likeness to the "
-                        "query and predict no change of the measurement; their rows show what removing their most "
-                        "similar images did"))
+    if similar:  # one sentence, in the singular or the plural
+        is_a, it, ranks, predicts, its = (("is a similarity, not an influence method", "it", "ranks", "predicts", "its")
+                                          if len(similar) == 1 else
+                                          ("are similarities, not influence methods", "they", "rank", "predict", "their"))
+        parts.append(f"{' and '.join(similar)} {is_a}: {it} {ranks} the training images by likeness to the query "
+                     f"and {predicts} no change of the measurement; {its} rows show what removing {its} most "
+                     "similar images did")
     if other:
         parts.append(f"{' and '.join(other)}: no predicted change in the file")
     return f"{NO_VALUE} in *predicted change*: " + "; ".join(parts) + "."

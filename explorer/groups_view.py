@@ -215,11 +215,8 @@ def groups_page(handle: Handle, s: Settings) -> None:
         st.warning(f"Cannot score these samples: {e}")
         return
     for n, r in result.methods.items():
-        if r.status != "ok":  # in the Explore columns' words (a server's reason plain, its details folded)
-            line = plain.unavailable_line(r.status, info[n]["title"], r.reason or "", r.reason_about)
-            st.warning(line)
-            if r.reason and r.reason not in line:
-                plain.details([r.reason])
+        if r.status != "ok":  # as the Explore columns say it (a server's reason plain, its details folded)
+            plain.unavailable(r.status, info[n]["title"], r.reason or "", r.reason_about)
     if not result.ok():
         return
     st.markdown(f"**{group.spec}** · {group.description} · {len(qset)} samples ({qset.name}) · "
@@ -337,8 +334,8 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
     info = handle.session.method_info()
     ds = handle.session.dataset
     st.markdown("#### If the group were removed: predicted change of each sample's measurement")
-    if result.size_caveat():  # most of the training set: the numbers rank, they do not forecast (QA round 17)
-        st.warning(result.size_caveat()[0].upper() + result.size_caveat()[1:] + ".")
+    if caveat := result.size_caveat():  # most of the training set: the numbers rank, they do not forecast (QA 17)
+        st.warning(plain.sentence(caveat))
     table = _table(result)
     cols = st.columns(len(result.ok()))
     for col, n in zip(cols, result.ok(), strict=True):
@@ -408,7 +405,7 @@ def reverse_section(handle: Handle, result: GroupResult, s: Settings) -> None:
                 st.caption(f"Ranked by the {result.measurement_of(n)} measurement, which this method always uses.")
             caveat = reverse_caveat([r.change for r in ranked], removed_words(result.group.size))
             if caveat:
-                st.caption(caveat[0].upper() + caveat[1:] + ".")
+                st.caption(plain.sentence(caveat))
             st.image([display(result.qset.queries[result.qset.names.index(r.query)].image, CELL, border=4)
                       for r in ranked],
                      caption=[ranking_caption(r) for r in ranked], width=CELL + 8)

@@ -57,6 +57,22 @@ def unavailable_line(status: str, title: str, reason: str, about: str | None = N
     return f"**Unavailable:** {reason}"
 
 
+def unavailable(status: str, title: str, reason: str, about: str | None) -> None:
+    """Why a method has no scores, in plain words (``unavailable_line``); the engine's reason (how to enable
+    it: a command, the files it looked for) goes into a Details expander beside it.  ``about``:
+    ``MethodResult.reason_about``.  The Explore columns and the Groups page draw it alike."""
+    line = unavailable_line(status, title, reason, about)
+    st.warning(line)
+    if reason.strip() and reason not in line:  # a reason said whole in the line needs no Details
+        with st.expander(DETAILS):
+            st.markdown(reason)
+
+
+def sentence(clause: str) -> str:
+    """A clause (the engine's caveats start lower-case, to be embedded) as a sentence of its own."""
+    return clause[0].upper() + clause[1:] + "."
+
+
 def details(lines: Sequence[str], label: str = DETAILS) -> None:
     """The technical ``lines`` (markdown) in a collapsed expander; nothing when there are none."""
     lines = [line for line in lines if line]

@@ -298,7 +298,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             if name in independent:
                 st.warning(query_independence_note(independent[name]), icon="⚠️")
             if r.status != "ok" or r.scores is None:
-                _unavailable(r.status, info[name]["title"], r.reason or "", r.reason_about)
+                plain.unavailable(r.status, info[name]["title"], r.reason or "", r.reason_about)
                 continue
             if beside:
                 c1, c2 = st.columns([1, 2])
@@ -369,16 +369,6 @@ def query_independence_note(d) -> str:
         f"**Barely depends on the query** on this model: two gallery samples share {d.top_overlap:.0%} "
         f"of their top-{d.top} (random sets {d.chance_overlap:.1%})."
     )
-
-
-def _unavailable(status: str, title: str, reason: str, about: str | None) -> None:
-    """Why a method has no scores, in plain words; the engine's reason (how to enable it: a command, the files
-    it looked for) goes into the column's Details.  ``about``: ``MethodResult.reason_about``."""
-    line = plain.unavailable_line(status, title, reason, about)
-    st.warning(line)
-    if reason.strip() and reason not in line:  # a reason said whole in the line needs no Details
-        with st.expander(plain.DETAILS):
-            st.markdown(reason)
 
 
 # --- plots -------------------------------------------------------------------------------
