@@ -382,18 +382,24 @@ def test_first_answer_is_one_pass_and_fill_grids_makes_damping_changes_lookups(s
                                atol=1e-6 * float(np.abs(query.exact(lam)).max()))
 
 
+def _upload_png(session, arr: np.ndarray):
+    """``arr`` (H, W) uint8 uploaded to ``session`` as a greyscale PNG."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr, "L").save(buf, format="PNG")
+    return session.query_from_upload(buf.getvalue(), name="x.png")
+
+
 def test_an_upload_unlike_every_training_image_gets_its_label_called_a_guess(session):
     """A pixel classifier labels anything, with a probability that reads as confidence (QA: a blank upload
     was "4" at 0.7): an image farther from the training set than its own images stand from each other is
     said to be unlike them; a training image is not."""
-    from PIL import Image
 
     from engine.attribution.copycheck import pixel_distances, training_spread
 
     def upload(arr: np.ndarray):
-        buf = io.BytesIO()
-        Image.fromarray(arr, "L").save(buf, format="PNG")
-        return session.query_from_upload(buf.getvalue(), name="x.png")
+        return _upload_png(session, arr)
 
     rng = np.random.default_rng(0)
     noise = upload(rng.integers(0, 256, (8, 8), dtype=np.uint8))
@@ -409,7 +415,6 @@ def test_a_blank_or_ambiguous_mnist_upload_gets_its_label_qualified(tmp_path):
     distance rule let "Label: 5" (probability 0.43) stand unqualified for a black upload on mnist (QA round 17;
     digits said "a guess"). A blank image is now said to be blank, and an image the classifier is unsure of
     (a blend of two digits) is said to be so; a training digit gets neither."""
-    from PIL import Image
 
     from engine.attribution.session import AttributionSession
     from engine.model.label_classifier import CONFIDENT
@@ -418,9 +423,7 @@ def test_a_blank_or_ambiguous_mnist_upload_gets_its_label_qualified(tmp_path):
     ds = mnist.dataset
 
     def upload(arr: np.ndarray):
-        buf = io.BytesIO()
-        Image.fromarray(arr, "L").save(buf, format="PNG")
-        return mnist.query_from_upload(buf.getvalue(), name="x.png")
+        return _upload_png(mnist, arr)
 
     def pixels(x: np.ndarray) -> np.ndarray:
         return ((x + 1) * 127.5).round().astype(np.uint8)
