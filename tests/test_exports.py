@@ -167,3 +167,32 @@ def test_precomputed_group_matrices_carry_the_damping_of_their_scores(shipped):
     assert set(mats) == {"kfac", "trak", "dtrak"}
     for n, m in mats.items():
         assert m.damping == pytest.approx(session.damping_for(n, {})), n
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, "L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_two_uploads_of_one_name_are_told_apart_by_their_image(shipped):
+    """Review 50: an upload's export named it only ``upload:<name>``, so two different images uploaded under one
+    file name gave the same settings, file name and CSV heading. The query's image digest now goes with it."""
+    session, _ = shipped
+    one, other = np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)
+    one[1:7, 3:5] = 255  # a "1"
+    other[2:6, 2:6] = 255  # a block
+    ra, rb, ra2 = (session.query(session.query_from_upload(_png(a), name="digit.png"), methods=["pixel"])
+                   for a in (one, other, one))
+    sa, sb, sa2 = (provenance.result_settings(session, r) for r in (ra, rb, ra2))
+    assert sa["query"] == sb["query"] == "upload:digit.png"
+    assert sa["query_image"] != sb["query_image"] and sa["query_image"] == sa2["query_image"]
+    assert provenance.settings_digest(sa) != provenance.settings_digest(sb)
+    assert provenance.settings_digest(sa) == provenance.settings_digest(sa2)
+    assert f"(image {sa['query_image']})" in provenance.settings_lines(sa)[1]
+
+
+def test_a_precomputed_answer_names_the_same_image_as_the_live_one(shipped):
+    session, result = shipped
+    live = session.query(session.parse_query("gallery:0"), methods=["pixel"])
+    assert result().query["image_digest"] == live.query["image_digest"] is not None

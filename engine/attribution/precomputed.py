@@ -333,6 +333,7 @@ def precomputed_result(
     q = session.parse_query(query_spec)
     query = {
         "spec": query_spec,
+        "image_digest": q.digest(),
         "description": f"generated sample {index} from the gallery",
         "label": q.label,
         "notes": list(q.notes),

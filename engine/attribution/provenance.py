@@ -70,6 +70,7 @@ def result_settings(session: Any, result: Any) -> dict[str, Any]:
     return {
         **session_settings(session),
         "query": result.query.get("spec"),
+        "query_image": result.query.get("image_digest"),  # an upload's name alone does not say which image
         "measurement": str(result.measurement),
         "mc_samples": result.query.get("mc_samples"),  # the query's own (a query may ask for another M)
         "methods": methods,
@@ -119,7 +120,9 @@ def settings_lines(settings: dict[str, Any]) -> list[str]:
     """The settings in a few readable lines (a CSV's comment lines, a PNG's heading); the last line is the
     whole JSON object, for a program."""
     model = settings["model"]
-    what = (f"query: {settings['query']}" if "query" in settings
+    named_by_file = str(settings.get("query", "")).startswith(("upload", "image:"))  # the others name their image
+    image = f" (image {settings['query_image']})" if named_by_file and settings.get("query_image") else ""
+    what = (f"query: {settings['query']}{image}" if "query" in settings
             else f"group: {settings['group']} ({settings['group_size']} images), queries: {settings['queries']}")
     return [
         f"model: {model['preset']}, checkpoint {model['checkpoint']} (content hash {model['checkpoint_hash']}), "

@@ -11,6 +11,7 @@ The session owns one ``QuerySources``; the gradients and the methods only see ``
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,18 @@ class QueryInput:
     description: str = ""
     label: int | None = None
     notes: list[str] = field(default_factory=list)
+
+    def digest(self) -> str | None:
+        """16 hex digits of the model-ready image (and trajectory): what an export records beside the
+        query's name, since two uploads of one file name (or one ``image:PATH`` rewritten) are different
+        queries.  sha256 over the float32 bytes, so the same input on any device gives the same digest."""
+        if self.image is None and self.trajectory is None:
+            return None
+        h = hashlib.sha256()
+        for t in (self.image, self.trajectory):
+            if t is not None:
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 class QueryError(ValueError):

@@ -643,6 +643,7 @@ class AttributionSession:
     def _query_dict(self, query: QueryInput, m: int) -> dict[str, Any]:
         return {
             "spec": query.description,
+            "image_digest": query.digest(),
             "description": describe(query.description),
             "label": query.label,
             "notes": list(query.notes),
