@@ -418,3 +418,15 @@ def test_exact_columns_are_each_querys_rerank_scores(tiny_model, diffusion, digi
     one_by_one = exact_columns(tiny_model, diffusion, x, draws, full, params, grads, 1e-3, 5, grad_batch=2,
                                max_query_bytes=1)
     np.testing.assert_allclose(one_by_one, got, rtol=1e-4, atol=2e-5 * np.abs(got).max())
+
+
+def test_a_stored_banks_note_does_not_call_its_rounded_scores_exact():
+    """Review 2026-12-06: the stored bank's note said "every score exact", but its int8 rows are rounded (about
+    1e-3 relative to float32 scores): every image is scored, none estimated, which is what it now says; the
+    compressed bank's "exact" keeps its meaning (re-scored from fresh gradients)."""
+    from engine.attribution.results import MethodResult
+
+    stored = MethodResult(name="kfac", title="K-FAC", kind="influence", caption="", status="ok", bank="stored")
+    assert "exact" not in stored.bank_note() and "int8" in stored.bank_note() and "none estimated" in stored.bank_note()
+    streamed = dataclasses.replace(stored, bank="streamed")
+    assert "none estimated" in streamed.bank_note() and "exact" not in streamed.bank_note()

@@ -53,8 +53,10 @@ class MethodResult:
         """One line on where the scores come from (K-FAC's bank; None for other methods)."""
         if self.bank is None:
             return None
+        if self.bank == "stored":  # int8 rows: computed for every image, none estimated, but rounded (~1e-3)
+            return "stored int8 bank: every training image scored, none estimated"
         if self.bank != "compressed":
-            return f"{self.bank} bank: every score exact"
+            return f"{self.bank} bank: every training image scored, none estimated"
         if self.exact_pending:
             done = 0 if self.exact is None else int(self.exact.sum())
             if done == 0:
