@@ -27,8 +27,30 @@ class Query:
     title: str
 
 
+GALLERY_PARAM = "gallery"  # the chosen gallery sample, also in the page's URL (``?gallery=6``)
+
+
 def _select_gallery(i: int) -> None:
     st.session_state["gallery_index"] = i
+    st.query_params[GALLERY_PARAM] = str(i)
+
+
+def chosen_gallery_index(n: int) -> int:
+    """The gallery sample this tab shows: its own choice, else the one in the page's URL, else 0.
+
+    Why the URL too: a server restart (or a disconnect past the session's lifetime) gives the tab a new
+    session, which kept the widgets' values (the browser sends them back) but not the gallery choice, so
+    the first click after reconnecting silently switched the page to sample 0 (QA round 18).  The browser
+    sends the URL's query string with every run, so the choice survives, and a copied link opens it."""
+    chosen = st.session_state.get("gallery_index")
+    if chosen is None:
+        try:
+            chosen = int(st.query_params.get(GALLERY_PARAM, 0))
+        except (TypeError, ValueError):  # a hand-edited URL: the first sample
+            chosen = 0
+        st.session_state["gallery_index"] = chosen
+    chosen = int(chosen)
+    return chosen if 0 <= chosen < n else 0
 
 
 def _request_generation() -> None:
@@ -57,8 +79,7 @@ def choose_query(handle: Handle) -> Query | None:
 
 def _gallery(handle: Handle, gallery: list) -> Query:
     st.caption("Generated samples shipped with the model, trajectories included. Click one to attribute it.")
-    chosen = int(st.session_state.get("gallery_index", 0))
-    chosen = chosen if 0 <= chosen < len(gallery) else 0
+    chosen = chosen_gallery_index(len(gallery))
     per_row = 4
     for start in range(0, len(gallery), per_row):
         cols = st.columns(per_row)
@@ -127,11 +148,12 @@ def _generate(handle: Handle) -> Query | None:
             st.session_state["pending_seed"] = None
         st.rerun()
     seed = st.session_state.get("generated_seed")
-    if seed is None or seed not in handle.generated:
+    q = None if seed is None else handle.generated.get(seed)
+    if q is None:  # none yet, or evicted from the server's most recent GENERATED_KEPT
         st.info("Pick a seed and press **Generate sample**.")
         return None
     st.caption(f"Showing the sample generated with seed {seed}.")
-    return Query(f"generate:{seed}", handle.generated[seed], f"New sample (seed {seed})")
+    return Query(f"generate:{seed}", q, f"New sample (seed {seed})")
 
 
 def _training(handle: Handle) -> Query:

@@ -891,3 +891,29 @@ def test_the_apps_info_lines_reach_the_server_log(capsys):
     finally:
         logger.handlers[:] = handlers
         logger.setLevel(level)
+
+
+@pytest.mark.slow
+def test_the_gallery_choice_survives_a_new_session_through_the_url(app_env):
+    """QA round 18: after a server restart the tab's new session kept the widgets' values but not the gallery
+    choice, so the first click switched the page to sample 0 without a word. The choice is in the URL too."""
+    from streamlit.testing.v1 import AppTest
+
+    at = _start(app_env)
+    at.button(key="gallery_2").click().run()
+    _ok(at)
+    assert at.query_params["gallery"] in ("2", ["2"])  # what the browser keeps and sends to a new session
+
+    again = AppTest.from_file(APP, default_timeout=TIMEOUT)  # a new session, the same URL
+    again.query_params["gallery"] = "2"
+    again.run()
+    _ok(again)
+    assert "Gallery sample 2" in _texts(again)
+    assert again.button(key="gallery_2").proto.type == "primary"
+
+    for bad in ("7", "x"):  # out of range (3 samples) or hand-edited: the first sample, no error
+        other = AppTest.from_file(APP, default_timeout=TIMEOUT)
+        other.query_params["gallery"] = bad
+        other.run()
+        _ok(other)
+        assert "Gallery sample 0" in _texts(other)
