@@ -33,7 +33,7 @@ from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
 from explorer.grid_filler import GridFiller
 from explorer.job_queue import JobQueue
-from explorer.shared_results import RecentResults
+from explorer.shared_results import GENERATED_KEPT, RecentResults
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ class Handle:
     args: AppArgs
     cache_root: Path
     lock: threading.RLock = field(default_factory=threading.RLock)
-    generated: dict[int, Any] = field(default_factory=dict)  # seed -> QueryInput (with trajectory)
+    # seed -> QueryInput (with trajectory), the most recent GENERATED_KEPT
+    generated: RecentResults = field(default_factory=lambda: RecentResults(GENERATED_KEPT))
     retrain_jobs: dict[tuple, Any] = field(default_factory=dict)
     retrain_queue: JobQueue = field(default_factory=JobQueue)  # replaced by get_handle with the server's cap
     status_snapshot: dict[str, dict] | None = None

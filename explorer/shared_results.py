@@ -17,6 +17,12 @@ from collections.abc import Hashable
 from typing import Any
 
 RECENT_RESULTS = 4  # results kept for the other tabs (each holds a few query-sized vectors)
+# A server stays up for days and every visitor adds to what it keeps (QA round 18: generated samples and
+# the Groups page's matrices were never evicted), so each per-server store is bounded:
+GENERATED_KEPT = 64  # generated samples with their trajectories (0.25-0.3 MB each on digits / mnist)
+GROUP_MATRICES_KEPT = 16  # the Groups page's (Q, N) matrices per query set, measurement and dampings
+GROUP_POOLS_KEPT = 4  # drawn pools of samples with trajectories (a pool of 256 holds ~64 MB on digits)
+QUERY_GRADIENTS_KEPT = 2  # a query set's gradients per measurement (Q x P floats: 36 MB for digits' 32)
 
 
 class RecentResults:
@@ -40,3 +46,25 @@ class RecentResults:
             self._items.move_to_end(key)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
+
+    # the mapping's own spelling, for the server's other bounded stores (generated samples, group matrices)
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __getitem__(self, key: Hashable) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: Hashable, value: Any) -> None:
+        self.put(key, value)
+
+    def values(self) -> list[Any]:
+        with self._lock:
+            return list(self._items.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
