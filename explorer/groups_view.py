@@ -48,6 +48,7 @@ from explorer.controls import Settings
 from explorer.figures import label_colours, label_order, label_style
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
 from explorer.runtime import Handle, influence_titles, throttled
+from explorer.shared_results import GROUP_MATRICES_KEPT, GROUP_POOLS_KEPT, QUERY_GRADIENTS_KEPT, RecentResults
 
 CELL = 64
 KINDS = ("A class", "Hand-picked", "From a file", "One training image")
@@ -57,12 +58,18 @@ PICKED = "grp_picked"  # training indices ticked in the Explore page's grids
 # --- engine calls, cached in the handle ---------------------------------------------------
 
 
-def _matrices(handle: Handle) -> dict:
-    return handle.__dict__.setdefault("group_matrices", {})
+def _matrices(handle: Handle) -> RecentResults:
+    return handle.__dict__.setdefault("group_matrices", RecentResults(GROUP_MATRICES_KEPT))
 
 
-def _pools(handle: Handle) -> dict:
-    return handle.__dict__.setdefault("group_pools", {})
+def _pools(handle: Handle) -> RecentResults:
+    return handle.__dict__.setdefault("group_pools", RecentResults(GROUP_POOLS_KEPT))
+
+
+def _query_gradients(handle: Handle) -> RecentResults:
+    """A query set's gradients per measurement, kept so that a damping change re-scores without them (QA
+    round 18: every new damping on this page recomputed them, 6-8 s against Explore's 1.5 s)."""
+    return handle.__dict__.setdefault("group_query_gradients", RecentResults(QUERY_GRADIENTS_KEPT))
 
 
 def influence_methods(handle: Handle) -> list[str]:
@@ -76,17 +83,19 @@ def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, meth
     damping = {n: s.damping_dict[n] for n in methods if n in s.damping_dict}
     key = (qset.key, s.measurement, tuple(methods), tuple(sorted(damping.items())))
     store = _matrices(handle)
-    if key not in store:
+    matrices = store.get(key)
+    if matrices is None:
         titles = ", ".join(handle.session.method_info()[n]["title"] for n in methods)
         bar = st.progress(0.0, text=f"Scoring {len(qset)} samples with {titles} ...")
         cache = handle.cache_root / "pools" if qset.name.startswith("pool") else None
         with handle.lock:
-            store[key] = attribution_matrix(
+            matrices = attribution_matrix(
                 handle.session, qset, s.measurement, methods, damping, cache,
-                progress=throttled(lambda m, f: bar.progress(f, text=m)),
+                progress=throttled(lambda m, f: bar.progress(f, text=m)), gradient_cache=_query_gradients(handle),
             )
+        store.put(key, matrices)
         bar.empty()
-    result = GroupResult(group, s.measurement, qset, store[key], handle.session.labels)
+    result = GroupResult(group, s.measurement, qset, matrices, handle.session.labels)
     exact = [n for n in result.ok() if result.note(n)]
     if exact:  # a compressed bank: the group's exact change from its summed gradient (seconds), once per group
         titles = ", ".join(handle.session.method_info()[n]["title"] for n in exact)
@@ -100,18 +109,20 @@ def _pool(handle: Handle, n: int, seed: int, draw: bool) -> QuerySet | None:
     """A cached pool, or None when it is not drawn yet and ``draw`` is False."""
     key = (n, seed)
     pools = _pools(handle)
-    if key in pools:
-        return pools[key]
+    kept = pools.get(key)
+    if kept is not None:
+        return kept
     folder = handle.cache_root / "pools"
     if not draw and not pool_path(folder, handle.session.checkpoint_hash, seed, n).is_file():
         return None
     bar = st.progress(0.0, text=f"Drawing {n} samples ...")
     with handle.lock:
-        pools[key] = generate_pool(
+        pool = generate_pool(
             handle.session, n, seed, folder, progress=throttled(lambda m, f: bar.progress(f, text=m))
         )
+    pools.put(key, pool)
     bar.empty()
-    return pools[key]
+    return pool
 
 
 # --- choosing the group and the samples -----------------------------------------------------

@@ -201,6 +201,30 @@ def test_matrix_cache_round_trip(session, pool, tmp_path):
     assert "loaded" not in other["kfac"].timing_ms  # another damping is another matrix
 
 
+def test_a_damping_change_reuses_the_query_sets_gradients_from_the_gradient_cache(session, pool, monkeypatch):
+    """QA round 18: the Groups page recomputed every sample's gradients at each new damping (6-8 s), although
+    they do not depend on it; with a gradient cache the second damping is one product per method, and its
+    scores equal a fresh computation's."""
+    from engine.attribution import pool as pool_module
+    from explorer.shared_results import RecentResults
+
+    calls = []
+    real = pool_module.query_gradients
+    monkeypatch.setattr(pool_module, "query_gradients", lambda *a, **k: calls.append(str(a[2])) or real(*a, **k))
+    cache = RecentResults(2)
+    attribution_matrix(session, pool, "loss", ["kfac", "trak"], gradient_cache=cache)
+    assert calls == ["loss"]  # one pass for both methods
+    again = attribution_matrix(session, pool, "loss", ["kfac", "trak"], damping={"kfac": 1e-3, "trak": 1e-2},
+                               gradient_cache=cache)
+    assert calls == ["loss"]  # no new gradients
+    fresh = attribution_matrix(session, pool, "loss", ["kfac", "trak"], damping={"kfac": 1e-3, "trak": 1e-2})
+    assert calls == ["loss", "loss"]
+    for name in ("kfac", "trak"):
+        np.testing.assert_array_equal(again[name].scores, fresh[name].scores)
+    attribution_matrix(session, pool, "loss@t=300", ["kfac"], gradient_cache=cache)  # another measurement
+    assert calls == ["loss", "loss", "loss@t=300"]
+
+
 def test_gallery_set_and_bad_query_sets(session):
     g = gallery_set(session)
     assert g.names == ["gallery:0", "gallery:1", "gallery:2"] and g.queries[0].trajectory is not None

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -42,6 +42,14 @@ Progress = Callable[[str, float], None]
 POOL_BATCH = 64  # samples drawn at once (memory only: sample i depends only on (seed, i))
 GRAD_BATCH = 16  # query gradients per per_example_grads call
 BATCHED_KINDS = ("loss", "loss@t", "square-norm")  # measurements whose gradient is a per-example loss
+
+
+class GradientCache(Protocol):
+    """Where ``attribution_matrix`` keeps a query set's gradients between calls (the app: a bounded LRU)."""
+
+    def get(self, key: Any) -> torch.Tensor | None: ...
+
+    def put(self, key: Any, value: torch.Tensor) -> None: ...
 
 
 class PoolError(ValueError):
@@ -272,11 +280,15 @@ def attribution_matrix(
     damping: dict[str, float] | None = None,
     cache_dir: str | Path | None = None,
     progress: Progress = no_progress,
+    gradient_cache: GradientCache | None = None,
 ) -> dict[str, MatrixResult]:
     """Every method's (Q, N) scores over the query set: batched gradients, one batched product each.
 
     Methods not built (and ``session.auto_build`` off: on, ``session.build_missing`` builds them first)
     or unavailable come back with a reason, as in ``session.query``.  With ``cache_dir`` each matrix is cached as .npy (atomic).
+    ``gradient_cache`` (``get``/``put``, e.g. the app's bounded ``RecentResults``) keeps the query set's
+    gradients per measurement across calls: the gradients do not depend on the damping, so a damping change
+    costs one product per method, as a single query's ``rescore`` does.
     """
     names = session._resolve_methods(methods)
     meas = parse_measurement(measurement, session.diffusion.T)
@@ -309,6 +321,9 @@ def attribution_matrix(
             """The query set's gradients for ``qm``, computed once per measurement (None: no gradient)."""
             if qm is None:
                 return None
+            shared_key = (session.checkpoint_hash, qset.key, str(qm), len(draws))
+            if qm not in grads and gradient_cache is not None and gradient_cache.get(shared_key) is not None:
+                grads[qm] = (gradient_cache.get(shared_key), 0.0)
             if qm not in grads:
                 t0 = time.perf_counter()
 
@@ -317,6 +332,8 @@ def attribution_matrix(
 
                 grads[qm] = (query_gradients(session, qset.queries, qm, draws, progress=sub),
                              (time.perf_counter() - t0) * 1000.0)
+                if gradient_cache is not None:
+                    gradient_cache.put(shared_key, grads[qm][0])
             return grads[qm][0]
 
         res.exact = m.exact_group_scores(session.ctx, gradients, res.damping)
