@@ -100,3 +100,41 @@ def test_the_bank_pass_declares_the_caches_it_fills_to_the_early_disk_check(tmp_
     methods["kfac"].build(ctx)
     fed = [others for name, others in joined if others]
     assert fed == [["trak"]], joined
+
+
+def test_a_build_that_only_waited_for_another_process_says_so(tmp_path, tiny_preset, tiny_model, digits_small):
+    """QA round 18: `build` run while another process built the same cache waited, then loaded it, and its table
+    printed "its gradient pass also filled trak, dtrak" for a pass it never made. The summary now records the
+    wait and that the cache was already built, and the table's note says that instead."""
+    import threading
+
+    from engine.cli.attribution import build_note
+
+    cfg = AttributionConfig(mc_samples=2, seed=0, trak_dim=16)
+    ctx = _kfac_ctx(tmp_path, tiny_preset, tiny_model, digits_small.subset(list(range(6))), cfg)
+    caches = MethodCaches({"trak": _trak(cfg)}, ctx, lambda names: "build")
+    keys = caches.methods["trak"].cache_keys(ctx)
+    holding = threading.Event()
+
+    def other_process() -> None:  # another open file description: flock conflicts as between processes
+        with ctx.store.lock("build-trak", {"keys": keys}):
+            holding.set()
+            _trak(cfg).build(ctx)
+            time.sleep(1.0)
+
+    t = threading.Thread(target=other_process)
+    t.start()
+    assert holding.wait(30)
+    summary = caches.build(["trak"])
+    t.join()
+    s = summary["trak"]
+    assert s["status"] == "ok" and s["was_built"] and s["waited"] > 0.3
+    note = build_note("trak", s, summary, {}, {"trak": ["dtrak"]}, lambda n, sh: "its gradient pass also filled dtrak")
+    assert note.startswith("waited ") and "another process's build of this cache, then loaded it" in note
+
+    again = caches.build(["trak"])["trak"]  # built, no wait: a load
+    assert again["was_built"] and again["waited"] == 0.0
+    assert build_note("trak", again, {"trak": again}, {}, {}, lambda n, sh: None) == "already built; loaded"
+    fresh = {"status": "ok", "waited": 0.0, "was_built": False}  # built here, fed another: the shared words
+    assert build_note("kfac", fresh, {"kfac": fresh}, {}, {"kfac": ["trak"]},
+                      lambda n, sh: f"fed {sh['fed']}") == "fed ['trak']"

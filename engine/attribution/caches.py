@@ -272,20 +272,28 @@ class MethodCaches:
                 sub("unavailable", 1.0)
                 continue
             t0 = time.perf_counter()
+            waiting_since: list[float] = []  # when this process began to wait for another's build
+
+            def on_wait(sub: Progress = sub, waiting_since: list[float] = waiting_since) -> None:
+                waiting_since.append(time.perf_counter())
+                sub("waiting for another build of this cache", 0.0)
+
             try:
                 # CacheRootError first if the cache root cannot be written; "waiting" only if another holds it
                 lock = self.build_lock(
-                    name, on_wait=lambda: sub("waiting for another build of this cache", 0.0),
+                    name, on_wait=on_wait,
                     # the bar's own clock shows the time waited; the words, the other build's saved parts
                     while_waiting=lambda sec, frac, words: sub(
                         f"waiting for another build: {words}" if words else "waiting for another build", frac),
                 )
                 with lock:  # a second process waits here, then finds the cache built
+                    waited = time.perf_counter() - waiting_since[0] if waiting_since else 0.0
                     if rebuild:
                         self.repair([name])
                     problem = self.cache_problem(name)
                     if problem is not None:  # refuse before computing anything: publishing would fail anyway
                         raise StaleCacheError(problem)
+                    was_built = bool(m.cache_keys(self.ctx)) and m.is_built(self.ctx)  # (pixel keeps none)
                     m.build(self.ctx, sub)
             except Unavailable as e:
                 summary[name] = {"status": "unavailable", "reason": str(e), "seconds": 0.0, "size_mb": 0.0}
@@ -305,6 +313,10 @@ class MethodCaches:
                 "status": "ok",
                 "seconds": time.perf_counter() - t0,
                 "size_mb": self._size_mb(name),
+                # what the seconds were: a wait for another process's build (QA round 18: a `build` that only
+                # waited printed another process's shared-pass notes as its own work), or a load of a built cache
+                "waited": waited,
+                "was_built": was_built,
             }
         return summary
 

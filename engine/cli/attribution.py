@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -183,6 +184,25 @@ def add_build(sub: argparse._SubParsersAction) -> None:
     _add_attribution_options(p)
 
 
+def build_note(name: str, s: dict, summary: dict[str, dict], fed_by: dict[str, str], shared: dict[str, list[str]],
+               sharing_words: Callable[[str, dict | None], str | None]) -> str:
+    """The build table's note on what one method's seconds were.
+
+    A cache another process built while this one waited is said to be that (QA round 18: such a run
+    printed the shared-pass notes, "its gradient pass also filled trak, dtrak", for a pass it never made);
+    otherwise a shared pass's seconds are its maker's (``caches.sharing_words``)."""
+    waited = float(s.get("waited") or 0.0)
+    if waited > 0.0 and s.get("was_built"):
+        return f"waited {waited:.0f} s for another process's build of this cache, then loaded it"
+    maker = summary.get(fed_by.get(name, ""), {})
+    if s.get("was_built") and (name not in fed_by or maker.get("was_built")):
+        return "already built; loaded" + (f" (after waiting {waited:.0f} s for another process)" if waited > 0 else "")
+    if name in fed_by and maker.get("was_built"):  # the pass that was to feed it was never made here
+        return ""
+    sharing = {"shared_with": fed_by[name]} if name in fed_by else {"fed": shared[name]} if name in shared else None
+    return sharing_words(name, sharing) or ""
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     """Build caches; under ``torchrun`` the gradient passes are split over the ranks (engine.distributed).
 
@@ -234,9 +254,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(f"{'method':8} {'status':12} {'seconds':>9} {'size MB':>9}  note")
     for name, s in summary.items():
         note = s.get("reason") or ""
-        if not note and s["status"] == "ok":  # a shared pass's seconds are its maker's (caches.sharing_words)
-            sharing = {"shared_with": fed_by[name]} if name in fed_by else {"fed": shared[name]} if name in shared else None
-            note = sharing_words(name, sharing) or ""
+        if not note and s["status"] == "ok":
+            note = build_note(name, s, summary, fed_by, shared, sharing_words)
         print(f"{name:8} {s['status']:12} {s['seconds']:9.1f} {s['size_mb']:9.2f}  {note}")
     total_s = sum(s["seconds"] for s in summary.values())
     total_mb = sum(s["size_mb"] for s in summary.values())
