@@ -29,6 +29,7 @@ from typing import Any
 import streamlit as st
 
 from engine.attribution.build_worker import BuildState, BuildWorker
+from engine.attribution.caches import WAITING
 from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
 from explorer.grid_filler import GridFiller
@@ -301,7 +302,10 @@ def build_message(handle: Handle, state: BuildState | None = None) -> str:
     """One line for the page: the current step, then how far the whole build is.
 
     The step's own count ("13824/14376 rows") and the build's share differ (the factor pass is
-    a quarter of the build), so the share says it is the whole build's."""
+    a quarter of the build), so the share says it is the whole build's.  While another process builds,
+    this server's share is only what that build has saved on disk (nothing during its factor pass), not
+    the builder's own figure (QA round 18: 0% here against 24% on the builder's page), so none is shown:
+    the words name the other build's saved parts."""
     state = state or handle.build
     info = handle.session.method_info()
     msg = state.message
@@ -309,6 +313,8 @@ def build_message(handle: Handle, state: BuildState | None = None) -> str:
     title = info.get(name, {}).get("title")
     if sep and title:
         msg = rest if rest.startswith(title) else f"{title}: {rest}"
+    if WAITING in msg:
+        return f"{msg} (another process is building these caches; {state.elapsed_s / 60:.1f} min so far)"
     return f"{msg} (whole build {state.fraction:.0%}, {state.elapsed_s / 60:.1f} min so far)"
 
 

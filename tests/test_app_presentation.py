@@ -621,3 +621,23 @@ def test_a_column_says_checking_while_a_just_started_server_checks_its_caches(tm
     assert column(False, {}).startswith("**Unavailable:** not precomputed for these settings")
     assert column(False, {"clip": "CLIP weights are not on this machine"}) == \
         "**Unavailable:** CLIP similarity cannot run on this server."
+
+
+def test_a_server_waiting_for_another_processs_build_shows_no_whole_build_share():
+    """QA round 18: a tab waiting for another process's build said "whole build 0%" through that build's factor
+    pass while the builder's page said 24%: the waiting server only sees what is saved on disk. It now names
+    the other build's saved parts and no share of its own; its own build keeps its share."""
+    import time
+
+    from engine.attribution.build_worker import BuildState
+    from explorer.runtime import build_message
+
+    handle = SimpleNamespace(session=SimpleNamespace(method_info=lambda: {"kfac": {"title": "K-FAC Influence"}}))
+    start = time.time() - 90
+    waiting = BuildState(status="running", message="kfac: waiting for another build: kfac-bank 3/15 parts",
+                         fraction=0.2, started=start)
+    text = build_message(handle, waiting)
+    assert "whole build" not in text and "another process is building these caches" in text
+    assert "kfac-bank 3/15 parts" in text and "1.5 min so far" in text
+    own = BuildState(status="running", message="kfac: factors 100/400 rows", fraction=0.24, started=start)
+    assert "(whole build 24%, 1.5 min so far)" in build_message(handle, own)

@@ -28,6 +28,8 @@ from .store_files import DiskFullError, disk_full_error
 
 log = logging.getLogger(__name__)
 
+WAITING = "waiting for another build"  # the progress words while another process holds a method's build lock
+
 
 def sharing_words(name: str, sharing: dict[str, Any] | None) -> str | None:
     """What a build time of ``name`` means when its cache was built in a shared gradient pass (``sharing``
@@ -276,7 +278,7 @@ class MethodCaches:
 
             def on_wait(sub: Progress = sub, waiting_since: list[float] = waiting_since) -> None:
                 waiting_since.append(time.perf_counter())
-                sub("waiting for another build of this cache", 0.0)
+                sub(f"{WAITING} of this cache", 0.0)
 
             try:
                 # CacheRootError first if the cache root cannot be written; "waiting" only if another holds it
@@ -284,7 +286,7 @@ class MethodCaches:
                     name, on_wait=on_wait,
                     # the bar's own clock shows the time waited; the words, the other build's saved parts
                     while_waiting=lambda sec, frac, words: sub(
-                        f"waiting for another build: {words}" if words else "waiting for another build", frac),
+                        f"{WAITING}: {words}" if words else WAITING, frac),
                 )
                 with lock:  # a second process waits here, then finds the cache built
                     waited = time.perf_counter() - waiting_since[0] if waiting_since else 0.0
