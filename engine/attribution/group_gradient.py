@@ -91,7 +91,8 @@ def kfac_group_changes(ctx: Any, factors: KFACFactors, query_grads: torch.Tensor
                        damping: float, batch: int = 16) -> np.ndarray:
     """(Q, G) (1/N) <rotate(g_q) / (e + lambda), rotate(g_R)> of query and summed group gradients
     (``group_gradients``), ``batch`` rotated queries at a time (a (Q, P) rotated copy may not fit beside the
-    gradients).  The products are in the parameters' dtype (float32), the (Q, G) result is returned as float64.  Shared by ``kfac_group_scores`` and a compressed bank's exact group sums
+    gradients).  The products are in the parameters' dtype (float32); the (Q, G) result is returned as
+    float64.  Shared by ``kfac_group_scores`` and a compressed bank's exact group sums
     (``KFACInfluence.exact_group_scores``)."""
     dtype = ctx.params[0][1].dtype
     eig = factors.eigenvalues().to(ctx.device, dtype)

@@ -322,8 +322,9 @@ def attribution_matrix(
             if qm is None:
                 return None
             shared_key = (session.checkpoint_hash, qset.key, str(qm), len(draws))
-            if qm not in grads and gradient_cache is not None and gradient_cache.get(shared_key) is not None:
-                grads[qm] = (gradient_cache.get(shared_key), 0.0)
+            kept = None if qm in grads or gradient_cache is None else gradient_cache.get(shared_key)
+            if kept is not None:
+                grads[qm] = (kept, 0.0)
             if qm not in grads:
                 t0 = time.perf_counter()
 

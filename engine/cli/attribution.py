@@ -196,7 +196,7 @@ def build_note(name: str, s: dict, summary: dict[str, dict], fed_by: dict[str, s
         return f"waited {waited:.0f} s for another process's build of this cache, then loaded it"
     maker = summary.get(fed_by.get(name, ""), {})
     if s.get("was_built") and (name not in fed_by or maker.get("was_built")):
-        return "already built; loaded" + (f" (after waiting {waited:.0f} s for another process)" if waited > 0 else "")
+        return "already built; loaded"
     if name in fed_by and maker.get("was_built"):  # the pass that was to feed it was never made here
         return ""
     sharing = {"shared_with": fed_by[name]} if name in fed_by else {"fed": shared[name]} if name in shared else None
