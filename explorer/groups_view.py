@@ -48,7 +48,6 @@ from explorer.controls import Settings
 from explorer.figures import label_colours, label_order, label_style
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
 from explorer.runtime import Handle, influence_titles, throttled
-from explorer.shared_results import GROUP_MATRICES_KEPT, GROUP_POOLS_KEPT, QUERY_GRADIENTS_KEPT, RecentResults
 
 CELL = 64
 KINDS = ("A class", "Hand-picked", "From a file", "One training image")
@@ -56,20 +55,6 @@ PICKED = "grp_picked"  # training indices ticked in the Explore page's grids
 
 
 # --- engine calls, cached in the handle ---------------------------------------------------
-
-
-def _matrices(handle: Handle) -> RecentResults:
-    return handle.__dict__.setdefault("group_matrices", RecentResults(GROUP_MATRICES_KEPT))
-
-
-def _pools(handle: Handle) -> RecentResults:
-    return handle.__dict__.setdefault("group_pools", RecentResults(GROUP_POOLS_KEPT))
-
-
-def _query_gradients(handle: Handle) -> RecentResults:
-    """A query set's gradients per measurement, kept so that a damping change re-scores without them (QA
-    round 18: every new damping on this page recomputed them, 6-8 s against Explore's 1.5 s)."""
-    return handle.__dict__.setdefault("group_query_gradients", RecentResults(QUERY_GRADIENTS_KEPT))
 
 
 def influence_methods(handle: Handle) -> list[str]:
@@ -82,7 +67,7 @@ def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, meth
     """The group's view of every method's (Q, N) matrix over ``qset`` (matrices computed once)."""
     damping = {n: s.damping_dict[n] for n in methods if n in s.damping_dict}
     key = (qset.key, s.measurement, tuple(methods), tuple(sorted(damping.items())))
-    store = _matrices(handle)
+    store = handle.group_matrices
     matrices = store.get(key)
     if matrices is None:
         titles = ", ".join(handle.session.method_info()[n]["title"] for n in methods)
@@ -91,7 +76,7 @@ def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, meth
         with handle.lock:
             matrices = attribution_matrix(
                 handle.session, qset, s.measurement, methods, damping, cache,
-                progress=throttled(lambda m, f: bar.progress(f, text=m)), gradient_cache=_query_gradients(handle),
+                progress=throttled(lambda m, f: bar.progress(f, text=m)), gradient_cache=handle.group_query_gradients,
             )
         store.put(key, matrices)
         bar.empty()
@@ -108,7 +93,7 @@ def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, meth
 def _pool(handle: Handle, n: int, seed: int, draw: bool) -> QuerySet | None:
     """A cached pool, or None when it is not drawn yet and ``draw`` is False."""
     key = (n, seed)
-    pools = _pools(handle)
+    pools = handle.group_pools
     kept = pools.get(key)
     if kept is not None:
         return kept

@@ -34,7 +34,13 @@ from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
 from explorer.grid_filler import GridFiller
 from explorer.job_queue import JobQueue
-from explorer.shared_results import GENERATED_KEPT, RecentResults
+from explorer.shared_results import (
+    GENERATED_KEPT,
+    GROUP_MATRICES_KEPT,
+    GROUP_POOLS_KEPT,
+    QUERY_GRADIENTS_KEPT,
+    RecentResults,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +188,12 @@ class Handle:
     # damping grids and exact re-ranks after the first answer, the tabs in turn
     grid_filler: GridFiller = field(default_factory=lambda: GridFiller(alive=session_alive))
     recent_results: RecentResults = field(default_factory=RecentResults)  # raw results the tabs share
+    # the Groups page's (Q, N) matrices per query set, measurement and dampings; its drawn pools; and its query
+    # sets' gradients per measurement, which a damping change re-scores from (QA round 18: each new damping
+    # recomputed them, 6-8 s against Explore's 1.5 s)
+    group_matrices: RecentResults = field(default_factory=lambda: RecentResults(GROUP_MATRICES_KEPT))
+    group_pools: RecentResults = field(default_factory=lambda: RecentResults(GROUP_POOLS_KEPT))
+    group_query_gradients: RecentResults = field(default_factory=lambda: RecentResults(QUERY_GRADIENTS_KEPT))
     _independent: dict[str, Any] | None = None  # see query_independent()
 
     def status(self, refresh: bool = False) -> dict[str, dict]:
