@@ -3,8 +3,9 @@
 Layout only: the group specs, the pool, the batched score matrices, the reverse ranking,
 the copy check and the retraining results all come from the engine
 (``engine.attribution.groups``, ``.pool``, ``.group_attribution``, ``.copycheck``).
-A query set's score matrices are computed once per (query set, measurement, methods,
-damping) and kept in the process-wide handle, so changing the group only re-sums columns.
+A query set's score matrices are computed once per (query set, measurement, method, that method's
+damping) and kept in the process-wide handle, so changing the group only re-sums columns and moving one
+method's damping re-scores that method alone.
 """
 
 from __future__ import annotations
@@ -64,21 +65,33 @@ def influence_methods(handle: Handle) -> list[str]:
 
 
 def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, methods: list[str]) -> GroupResult:
-    """The group's view of every method's (Q, N) matrix over ``qset`` (matrices computed once)."""
+    """The group's view of every method's (Q, N) matrix over ``qset`` (each matrix computed once).
+
+    Matrices are kept per method and that method's damping, so moving one method's damping re-scores that
+    method only; the others' matrices, and the query set's gradients, are reused.
+    """
     damping = {n: s.damping_dict[n] for n in methods if n in s.damping_dict}
-    key = (qset.key, s.measurement, tuple(methods), tuple(sorted(damping.items())))
     store = handle.group_matrices
-    matrices = store.get(key)
-    if matrices is None:
-        titles = ", ".join(handle.session.method_info()[n]["title"] for n in methods)
+
+    def key(n: str) -> tuple:
+        return (qset.key, s.measurement, n, damping.get(n))
+
+    matrices = {n: store.get(key(n)) for n in methods}
+    missing = [n for n in methods if matrices[n] is None]
+    if missing:
+        titles = ", ".join(handle.session.method_info()[n]["title"] for n in missing)
         bar = st.progress(0.0, text=f"Scoring {len(qset)} samples with {titles} ...")
         cache = handle.cache_root / "pools" if qset.name.startswith("pool") else None
         with handle.lock:
-            matrices = attribution_matrix(
-                handle.session, qset, s.measurement, methods, damping, cache,
-                progress=throttled(lambda m, f: bar.progress(f, text=m)), gradient_cache=handle.group_query_gradients,
+            new = attribution_matrix(
+                handle.session, qset, s.measurement, missing, {n: damping[n] for n in missing if n in damping},
+                cache, progress=throttled(lambda m, f: bar.progress(f, text=m)),
+                gradient_cache=handle.group_query_gradients,
             )
-        store.put(key, matrices)
+        for n in missing:
+            matrices[n] = new[n]
+            if new[n].status == "ok":  # a refusal (a cache found corrupt, say) is asked again on the next run
+                store.put(key(n), new[n])
         bar.empty()
     result = GroupResult(group, s.measurement, qset, matrices, handle.session.labels)
     exact = [n for n in result.ok() if result.note(n)]

@@ -188,7 +188,7 @@ class Handle:
     # damping grids and exact re-ranks after the first answer, the tabs in turn
     grid_filler: GridFiller = field(default_factory=lambda: GridFiller(alive=session_alive))
     recent_results: RecentResults = field(default_factory=RecentResults)  # raw results the tabs share
-    # the Groups page's (Q, N) matrices per query set, measurement and dampings; its drawn pools; and its query
+    # the Groups page's (Q, N) matrices per query set, measurement, method and damping; its drawn pools; and its query
     # sets' gradients per measurement, which a damping change re-scores from (QA round 18: each new damping
     # recomputed them, 6-8 s against Explore's 1.5 s)
     group_matrices: RecentResults = field(default_factory=lambda: RecentResults(GROUP_MATRICES_KEPT))

@@ -20,7 +20,7 @@ RECENT_RESULTS = 4  # results kept for the other tabs (each holds a few query-si
 # A server stays up for days and every visitor adds to what it keeps (QA round 18: generated samples and
 # the Groups page's matrices were never evicted), so each per-server store is bounded:
 GENERATED_KEPT = 64  # generated samples with their trajectories (0.25-0.3 MB each on digits / mnist)
-GROUP_MATRICES_KEPT = 16  # the Groups page's (Q, N) matrices per query set, measurement and dampings
+GROUP_MATRICES_KEPT = 48  # the Groups page's (Q, N) matrices per query set, measurement, method and damping
 GROUP_POOLS_KEPT = 4  # drawn pools of samples with trajectories (a pool of 256 holds ~64 MB on digits)
 QUERY_GRADIENTS_KEPT = 2  # a query set's gradients per measurement (Q x P floats: 36 MB for digits' 32)
 

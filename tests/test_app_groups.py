@@ -173,8 +173,8 @@ def test_groups_page_with_a_compressed_bank_shows_exact_changes_once(tiny_app, t
     estimate = np.mean(group_change(want.methods["kfac"].scores, group))
     assert metrics["Mean predicted change (K-FAC Influence)"] != f"{estimate:+.3e}"
     assert "the group's predicted changes are exact" in _texts(at)
-    (matrices,) = [m for m in _handle().group_matrices.values() if "kfac" in m]
-    exact = matrices["kfac"].exact
+    (matrix,) = [m for m in _handle().group_matrices.values() if m.name == "kfac"]
+    exact = matrix.exact
     calls: list[str] = []
     group_changes, member_scores = exact.group_changes, exact.member_scores
     exact.group_changes = lambda m: calls.append("group") or group_changes(m)
@@ -182,3 +182,37 @@ def test_groups_page_with_a_compressed_bank_shows_exact_changes_once(tiny_app, t
     at.selectbox(key="grp_sample").set_value(2).run()
     _ok(at)
     assert calls == []
+
+
+@pytest.mark.slow
+def test_moving_one_methods_damping_rescores_that_method_alone(app_env, monkeypatch):
+    """The Groups page keeps each method's matrix under its own damping: moving TRAK's damping scores TRAK
+    again and reuses K-FAC's matrix (before, every method's matrix was recomputed)."""
+    import explorer.groups_view as groups_view
+
+    calls: list[list[str]] = []
+    real = groups_view.attribution_matrix
+    monkeypatch.setattr(groups_view, "attribution_matrix",
+                        lambda session, qset, measurement, methods, *a, **k: calls.append(list(methods))
+                        or real(session, qset, measurement, methods, *a, **k))
+    from explorer.shared_results import RecentResults
+
+    at = _start(app_env)
+    _handle().group_matrices = RecentResults(48)  # the server's handle outlives a test: start with no matrices
+    at.session_state["page"] = "Groups"
+    at.run()
+    at.radio(key="grp_kind").set_value("A class").run()
+    at.selectbox(key="grp_class").set_value(1).run()
+    _ok(at)
+    assert calls and set(calls[-1]) >= {"kfac", "trak"}
+    kfac_before = [m for m in _handle().group_matrices.values() if getattr(m, "name", None) == "kfac"]
+    calls.clear()
+    slider = at.select_slider(key="damping_trak")
+    steps = _handle().session.method_info()["trak"]["damping_steps"]
+    slider.set_value(next(v for v in steps if v != float(slider.value))).run()
+    _ok(at)
+    assert calls == [["trak"]]
+    kfac_after = [m for m in _handle().group_matrices.values() if m.name == "kfac"]
+    assert len(kfac_after) == 1 and kfac_after[0] is kfac_before[0]
+    trak = [m for m in _handle().group_matrices.values() if m.name == "trak"]
+    assert len(trak) == 2 and trak[0].damping != trak[1].damping
