@@ -247,7 +247,7 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
                     "LDS": v.get("lds"),
                     "95% interval": _fmt_ci(v.get("ci95")),
                     "damping": _fmt_float(v.get("damping"), ".1e"),
-                    "best LDS in sweep": _fmt_float(v.get("best_lds"), ".3f"),
+                    "best LDS in sweep (chosen on these queries)": _fmt_float(v.get("best_lds"), ".3f"),
                     "at damping": _fmt_float(v.get("best_damping"), ".1e"),
                 }
             )
@@ -259,7 +259,10 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
             st.markdown(
                 "**Every method at its best settings** (the best variant and damping over this run and its "
                 "ablations, chosen on the same queries; *held-out*: the setting chosen on half of the queries "
-                "and scored on the other half, which removes the optimism of that choice)"
+                "and scored on the other half, which removes the optimism of that choice"
+                + (")" if entry.best_settings.get("damping_held_out") else
+                   " among the settings, but not of a best-of-sweep setting's damping, itself chosen on every "
+                   "query: this record keeps per-query values only at each sweep's best damping)")
             )
             st.dataframe(
                 pd.DataFrame(

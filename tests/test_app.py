@@ -358,6 +358,10 @@ def test_evaluation_and_about_tabs(app_env):
     assert best["best LDS"].tolist() == pytest.approx([0.55, 0.39, 0.52])
     assert best["K-FAC Influence's interval"].tolist() == ["-", "clear above", "overlaps"]
     assert best["settings"].iloc[1] == "ablation trak_best" and best["held-out"].iloc[2] == pytest.approx(0.5)
+    # a record whose sweeps keep per-query values only at the best damping: the held-out column's caption
+    # says the damping's choice is not held out (audit 52: it said the optimism was removed)
+    assert "not of a best-of-sweep setting's damping" in _texts(at)
+    assert any("best LDS in sweep (chosen on these queries)" in f.columns for f in lds_frames)
     retrain = [f for f in frames if "measured change" in f.columns]
     assert len(retrain) == 1 and retrain[0]["method"].iloc[0] == "K-FAC Influence"
     assert retrain[0]["measured / control"].iloc[0] == pytest.approx(4.0)

@@ -247,6 +247,8 @@ def test_quick_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert rec["methods"]["kfac"]["lds"] == pytest.approx(-rec["methods"]["trak"]["lds"])
     assert rec["methods"]["pixel"]["removal_prediction"] is False
     assert len(rec["sweeps"]["kfac"]) == 14
+    # every sweep point keeps its per-query values, so lds-best can hold out the choice of damping too
+    assert all(len(pt["per_query"]) == 2 for pts in rec["sweeps"].values() for pt in pts)
     assert rec["config"]["subsets_with_models"] == 4 and rec["config"]["subset_steps"] == 30
     assert (out / "results" / "lds_quick_loss.png").stat().st_size > 1000
     assert load_lds_results(out / "results")[0]["file"] == "lds_quick_loss.json"

@@ -56,6 +56,7 @@ def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
             k = v["methods"]["kfac"]
             assert k["ci95"][0] <= k["lds"] <= k["ci95"][1]
             assert k["best"]["lds"] >= max(p["lds"] for p in k["sweep"] if p["lds"] is not None) - 1e-12
+            assert all(len(p["per_query"]) == 3 for p in k["sweep"])  # every damping: lds-best can hold it out
     # the LDS of a variant is engine.evaluation.lds's statistic of its cached scores against the seed average
     session, _ = variant_session(setup, ABLATIONS["kfac_blocks"][1], tmp_path / "cache", None)
     rows, _ = session_scores(session, queries, "loss", ["kfac"], setup.out / "ablation" / "kfac_blocks" / "joint")

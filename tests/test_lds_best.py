@@ -163,3 +163,29 @@ def test_an_ablation_scored_against_other_models_with_the_same_counts_is_refused
     with pytest.raises(IncomparableResultsError, match="targets_digest"):
         check_comparable(run, {**CONFIG, "targets_digest": targets_digest(~masks, per_seed)}, "other")
     check_comparable(run, dict(CONFIG), "older file without a digest")  # records from before: counts only
+
+
+def test_held_out_choice_holds_out_the_damping_when_every_sweep_point_keeps_per_query_values():
+    """Audit 52: the held-out choice said "no selection optimism", but a best-of-sweep candidate's damping
+    had been chosen on every query (older files keep per-query values only at the best damping). A sweep
+    whose dampings each look best on half of the queries must score 0 held out once every point is kept;
+    with the best point alone the split cannot choose the damping, and the summary says which of the two it is."""
+    run, _, _, _ = _records()
+    lucky = [[1.0, 0.0, 1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]]
+    run["methods"]["trak"] = _entry([0.0] * 6, 5e-5)
+    every = {**run, "sweeps": {"trak": [_entry(lucky[0], 1e-6), _entry(lucky[1], 1e-5)]}}
+    s = best_settings(every, [])
+    assert s["damping_held_out"] is True and s["methods"]["trak"]["lds"] == pytest.approx(0.5)
+    assert s["methods"]["trak"]["held_out_choice"] == pytest.approx(0.0)
+    assert "no selection optimism" in s["note"]
+    best_only = {**run, "sweeps": {"trak": [_entry(lucky[0], 1e-6), {"damping": 1e-5, "lds": 0.5, "ci95": [0.0, 1.0]}]}}
+    s = best_settings(best_only, [])
+    assert s["damping_held_out"] is False and "damping was still chosen on every query" in s["note"]
+    # an ablation variant's sweep counts the same way: every damping a candidate
+    abl = {"ablation": "trak_dim", "config": dict(CONFIG), "variants": {"k=32768": {
+        "changes": {"trak_dim": 32768},
+        "methods": {"trak": {**_entry([0.0] * 6, 5e-5), "best": _entry(lucky[0], 1e-6),
+                             "sweep": [_entry(lucky[0], 1e-6), _entry(lucky[1], 1e-5)]}}}}}
+    s = best_settings({**run, "sweeps": {}}, [abl])
+    assert s["damping_held_out"] is True and s["methods"]["trak"]["candidates"] == 4  # run default, variant x3
+    assert s["methods"]["trak"]["held_out_choice"] == pytest.approx(0.0)

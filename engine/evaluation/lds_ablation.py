@@ -271,7 +271,7 @@ def run_ablation(
                 "damping": info.get(m, {}).get("damping"),
                 "best": best_of_sweep(table, m),
                 "sweep": sorted(
-                    ({"damping": float(k.split("@", 1)[1]), **{f: table[k][f] for f in ("lds", "ci95")}}
+                    ({"damping": float(k.split("@", 1)[1]), **{f: table[k][f] for f in ("lds", "ci95", "per_query")}}
                      for k in table if k.startswith(m + "@")),
                     key=lambda p: p["damping"],
                 ),

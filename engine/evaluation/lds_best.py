@@ -17,9 +17,14 @@ sweep the same way).  So each method is also scored with its choice made on othe
 (``held_out_choice``): the setting is picked on the even-numbered queries and scored on the odd ones,
 then the other way round, and the two halves' means are averaged,
 
-    LDS_cv(m) = 1/2 [ mean_{q odd} LDS_q(argmax_{s} mean_{q' even} LDS_q'(s)) + (even <-> odd) ],
+    LDS_cv(m) = 1/2 [ mean_{q odd} LDS_q(argmax_{s} mean_{q' even} LDS_q'(s)) + (even <-> odd) ].
 
-which carries no selection optimism.
+The candidates s are every (variant, damping) whose per-query values the files keep.  Files written
+since 2026-12-06 keep them at every damping of every sweep, so the split chooses the damping too and
+the result carries no selection optimism.  Older files keep them only at each sweep's default and best
+damping, and that best was chosen on every query, so a "best of sweep" candidate still carries its
+damping's choice: the bias favours a method whose winner is such a point (on digits TRAK's and
+D-TRAK's, at sharp peaks of their sweeps) over one that wins at its default damping (K-FAC).
 
     python scripts/lds_best_settings.py [--results assets/results] [--preset digits] [--measurement loss]
 
@@ -73,8 +78,9 @@ def _point(
 def candidates(
     run: dict[str, Any], ablations: list[dict[str, Any]], skipped: list[str] | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Every (method, setting) with per-query LDS values: the run's default damping and its best of the
-    sweep, and each ablation variant's default damping and best of its sweep.  A setting with an LDS but
+    """Every (method, setting) with per-query LDS values: the run's and each ablation variant's default
+    damping and the dampings of their sweeps (all of them in files since 2026-12-06; before, the best
+    only).  A setting with an LDS but
     no per-query values (files written before those were kept) cannot enter a paired comparison: its
     description is appended to ``skipped``."""
     out: dict[str, list[dict[str, Any]]] = {}
@@ -88,8 +94,8 @@ def candidates(
     for m, res in run["methods"].items():
         out.setdefault(m, [])
         keep(m, _point("run", {}, res, res.get("damping")), res, "run")
-        # the run file keeps per-query values only at each sweep's best damping (lds_report: file size),
-        # so the other sweep points cannot be the best and are not reported as missing
+        # files before 2026-12-06 keep per-query values only at each sweep's best damping, so the other
+        # sweep points are not reported as missing; newer ones keep them at every damping
         for p in run.get("sweeps", {}).get(m, []):
             keep(m, _point("run", {}, p, p["damping"]), p, f"run, damping {p.get('damping')}", report=False)
     for rec in ablations:
@@ -98,7 +104,10 @@ def candidates(
             source = f"ablation {rec['ablation']}: {label}"
             for m, res in var["methods"].items():
                 keep(m, _point(source, var["changes"], res, res.get("damping")), res, source)
-                if res.get("best"):
+                sweep = [p for p in res.get("sweep", []) if p.get("per_query") is not None]
+                for p in sweep:  # every damping of the variant's sweep (files since 2026-12-06)
+                    keep(m, _point(source, var["changes"], p, p["damping"]), p, f"{source}, damping {p['damping']}")
+                if res.get("best") and not sweep:  # older files: the best damping only
                     best = res["best"]
                     keep(m, _point(source, var["changes"], best, best["damping"]), best, f"{source}, best damping")
     return out
@@ -146,6 +155,16 @@ def check_comparable(run_config: dict[str, Any], config: dict[str, Any], name: s
         )
 
 
+def sweeps_keep_every_damping(run: dict[str, Any], ablations: list[dict[str, Any]]) -> bool:
+    """Whether every sweep point of the run and its ablations keeps per-query values, so that
+    ``held_out_choice`` holds out the choice of damping as well as of the variant."""
+    points = [p for pts in run.get("sweeps", {}).values() for p in pts]
+    for rec in ablations:
+        for var in rec["variants"].values():
+            points += [p for res in var["methods"].values() for p in res.get("sweep", [])]
+    return all(p.get("per_query") is not None for p in points if p.get("lds") is not None)
+
+
 def best_settings(
     run: dict[str, Any], ablations: list[dict[str, Any]], reference: str = "kfac"
 ) -> dict[str, Any]:
@@ -153,13 +172,18 @@ def best_settings(
     skipped: list[str] = []
     pool = candidates(run, ablations, skipped)
     best = {m: max(pts, key=lambda p: p["lds"]) for m, pts in pool.items() if pts}
+    every_damping = sweeps_keep_every_damping(run, ablations)
     out: dict[str, Any] = {
         "methods": {},
         "reference": reference,
         "note": "best LDS over each method's settings (run defaults and ablation variants) "
         "and the damping sweep, chosen on the same queries (optimistic, more so with more candidates); "
         "held_out_choice: the setting chosen on half the queries and scored on the other half, averaged "
-        "over the two ways (no selection optimism)",
+        "over the two ways"
+        + (" (no selection optimism: the candidates are every variant at every damping)" if every_damping else
+           " (no optimism from choosing among the candidates; a best-of-sweep candidate's damping was still "
+           "chosen on every query, as the files keep per-query values only at each sweep's best damping)"),
+        "damping_held_out": every_damping,
         "skipped": skipped,
     }
     ref = best.get(reference)

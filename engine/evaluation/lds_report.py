@@ -57,12 +57,9 @@ def build_record(
             best = max(finite, key=lambda p: p["lds"])
             methods[name]["best_damping"] = best["damping"]
             methods[name]["best_lds"] = best["lds"]
-    for pts in sweeps.values():  # per-query values stay only at each method's best damping (file size)
-        finite = [p for p in pts if p["lds"] is not None and np.isfinite(p["lds"])]
-        keep = max(finite, key=lambda p: p["lds"]) if finite else None
-        for p in pts:
-            if p is not keep:
-                p.pop("per_query", None)
+    # every sweep point keeps its per-query values (14 dampings x Q floats per method), so that the
+    # held-out choice of a best setting (lds_best.held_out_choice) can hold out the damping's choice too;
+    # files before 2026-12-06 kept them only at each method's best damping
     full_values = None
     try:
         full_values = cached_measurements(
