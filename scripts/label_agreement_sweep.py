@@ -6,6 +6,10 @@ damping (a re-score of the same query gradients) and the number of draws of the 
 Needs the preset's built caches (``attribution-engine build --preset PRESET``).
 
     python scripts/label_agreement_sweep.py --preset mnist [--cache-root cache] [--mc-samples 64] [--ekfac] [--fresh 512]
+
+``--out FILE`` also writes a JSON record with every query's agreement (the gallery's, and the fresh
+samples' for K-FAC and pixel cosine), so that the means, intervals and paired differences it prints can
+be derived again from the file.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ def fresh_samples(s: AttributionSession, n: int, seed: int) -> torch.Tensor:
     return images.cpu().clamp(-1, 1)
 
 
-def fresh_agreement(s: AttributionSession, clf, labels: np.ndarray, images: torch.Tensor, seed: int) -> None:
+def fresh_agreement(s: AttributionSession, clf, labels: np.ndarray, images: torch.Tensor, seed: int) -> dict:
     """K-FAC's (and pixel cosine's) top-10 agreement over fresh samples of the model, not the gallery.
 
     Why: the bar counts the 32 gallery samples, a small draw from the model's samples; this estimates
@@ -119,6 +123,11 @@ def fresh_agreement(s: AttributionSession, clf, labels: np.ndarray, images: torc
     diff = np.asarray(got["kfac"]) - np.asarray(got["pixel"])  # same samples: a paired difference
     lo, hi = bootstrap_ci(diff)
     print(f"    kfac - pixel, paired over the same samples: {diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    return {"seed": seed, "n": n, "labels": [int(x) for x in lab], "confident": [bool(c) for c in conf],
+            "per_query": {name: [float(x) for x in v] for name, v in got.items()},
+            "top10": {name: float(np.mean(v)) for name, v in got.items()},
+            "ci95": {name: [float(x) for x in bootstrap_ci(v)] for name, v in got.items()},
+            "kfac_minus_pixel": {"difference": float(diff.mean()), "ci95": [float(lo), float(hi)]}}
 
 
 def ensemble_agreement(args: argparse.Namespace, s: AttributionSession, clf, labels: np.ndarray, gallery: torch.Tensor,
@@ -301,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also query this many fresh samples of the model (not the gallery), with a bootstrap "
                          "interval: is the gallery's figure the model's?")
     ap.add_argument("--fresh-seed", type=int, default=2000, help="sampling seed of --fresh (the gallery's is 1000)")
+    ap.add_argument("--out", default=None, help="also write the per-query agreements to this JSON file")
     ap.add_argument("--attribution-seed", type=int, default=None,
                     help="seed of every Monte Carlo draw of the attribution (AttributionConfig.seed; default: the "
                          "preset's): how much of the gallery's figure is the method's own draw?")
@@ -352,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  default damping {raws[0].methods[meth].damping:g}: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in ends.items()))
     lo, hi = bootstrap_ci(ends["top-10"])
     print(f"  top-10 95% bootstrap interval over the {len(qs)} queries (each query one unit): [{lo:.3f}, {hi:.3f}]")
+    record = {
+        "config": {"preset": s.preset.name, "checkpoint_hash": s.checkpoint_hash, "method": meth,
+                   "attribution": dataclasses.asdict(s.config), "argv": list(sys.argv[1:] if argv is None else argv)},
+        "gallery": {"queries": len(qs), "labels": [int(x) for x in qlab], "damping": raws[0].methods[meth].damping,
+                    "per_query": {k: [float(x) for x in v] for k, v in ends.items()},
+                    "top10": float(np.mean(ends["top-10"])), "ci95": [float(lo), float(hi)]},
+    }
     if args.witness:
         witness(s, clf, qs, qlab, qprob, [r.methods[meth].scores for r in raws], labels)
     if args.float_bank:
@@ -377,13 +394,18 @@ def main(argv: list[str] | None = None) -> int:
         real_agreement(s, labels, args.real)
     fresh = fresh_samples(s, args.fresh, args.fresh_seed) if args.fresh else None
     if fresh is not None:
-        fresh_agreement(s, clf, labels, fresh, args.fresh_seed)
+        record["fresh"] = fresh_agreement(s, clf, labels, fresh, args.fresh_seed)
     if args.ensemble_seeds:
         ensemble_agreement(args, s, clf, labels, torch.stack([q.image for q in qs]), fresh)
     for meas in (x.strip() for x in args.measurements.split(",") if x.strip()):
         fr = [agreement(s.query(q, meas, methods=["kfac"]).methods["kfac"].scores, labels, y)
               for y, q in zip(qlab, qs, strict=True)]
         print(f"  measurement {meas} (default damping): {np.mean(fr):.3f}")
+    if args.out:
+        from engine.files import save_json
+
+        save_json(Path(args.out), record)
+        print(f"wrote {args.out}")
     return 0
 
 
