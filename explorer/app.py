@@ -58,6 +58,7 @@ def main() -> None:
         help=plain.model_details(session.preset.name, session.shape, session.checkpoint, session.checkpoint_hash,
                                  session.device),
     )
+    plugin_files_note()
     build_view.build_panel(handle)
     query = query_view.choose_query(handle)
     has_traj = query is not None and query.input.trajectory is not None
@@ -94,6 +95,16 @@ def main() -> None:
     if about.open:
         with about:
             about_view.about_page(handle.session.method_info())
+
+
+def plugin_files_note() -> None:
+    """A method or bank-kind file the registries had to leave out (it does not parse, declares no literal
+    name, or repeats another file's name): said on the page, naming the file; the other methods work."""
+    from engine.attribution.methods import plugin_problems
+
+    problems = plugin_problems()
+    if problems:
+        st.warning("Left out, so the other methods keep working: " + " ".join(f"`{p}`" for p in problems))
 
 
 # Streamlit runs this file as __main__.  The guard keeps a multiprocessing "spawn" child of a

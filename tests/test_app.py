@@ -921,3 +921,14 @@ def test_the_gallery_choice_survives_a_new_session_through_the_url(app_env):
         other.run()
         _ok(other)
         assert "Gallery sample 0" in _texts(other)
+
+
+@pytest.mark.slow
+def test_a_method_file_that_does_not_parse_is_named_on_the_page_and_the_rest_works(app_env, methods_package_file):
+    """QA round 19: one such file made the page say only "Cannot load the model"; now the page names the file
+    and shows the other methods' results."""
+    methods_package_file("zz_test_app_broken", "@register\nclass Broken(Base)\n    name = 'broken'\n")
+    at = _start(app_env)
+    warnings = " ".join(w.value for w in at.warning)
+    assert "Left out, so the other methods keep working" in warnings and "zz_test_app_broken.py: cannot be read" in warnings
+    assert "Cannot load the model" not in _texts(at)

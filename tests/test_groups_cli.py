@@ -240,3 +240,53 @@ def test_group_retrain_with_nothing_finished_keeps_the_last_results(cli, tmp_pat
                        "--results", str(results), "--methods", "kfac")
     assert rc == 2 and "no group's retrained model is finished yet" in err and "left as it was" in err, err
     assert earlier.read_text() == '{"groups": [{"spec": "label:0"}]}'
+
+
+def test_an_influence_method_with_non_finite_scores_is_refused_on_the_group_paths(cli):
+    """QA round 19: a query refused NaN scores, but `group` printed `+nan`, `group --json` wrote a bare NaN
+    (invalid JSON) and `reverse` ranked the NaN rows first. The matrix path now refuses them as a query does,
+    naming the method's code (it keeps no cache, so "rebuild the cache" would not help); the other method's
+    answer is strict JSON."""
+    from engine.attribution.methods import register, unregister
+    from engine.attribution.methods.base import AttributionMethod, FixedScores
+
+    class Distance(AttributionMethod):
+        name, title, kind, needs_gradient = "distance", "Distance", "influence", False
+        nan_every = 0
+
+        def build(self, ctx, progress=None):
+            return None
+
+        def is_built(self, ctx):
+            return True
+
+        def query_measurement(self, measurement):
+            return None
+
+        def prepare(self, ctx, query, query_grad):
+            scores = -((ctx.dataset.images.flatten(1) - query.image.flatten()[None]) ** 2).mean(1).numpy()
+            if self.nan_every:
+                scores[:: self.nan_every] = np.nan
+            return FixedScores(scores=scores.astype(np.float32))
+
+        def score(self, prepared, damping=None):
+            return prepared.scores
+
+    class HalfNaN(Distance):
+        name, title, nan_every = "halfnan", "Half NaN", 2
+
+    register(Distance)
+    register(HalfNaN)
+    try:
+        rc, out, err = cli("group", "--remove", "label:3", "--queries", "gallery", "--methods", "halfnan,distance",
+                           "--json")
+        assert rc == 0, err
+        assert "halfnan error: 96 of 192 scores are not finite" in err  # 3 queries x 64 images, every other one
+        assert "halfnan keeps no cache, so its scoring code produced them" in err and "rebuild" not in err
+        res = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+        assert list(res["methods"]) == ["distance"]
+        rc, out, err = cli("reverse", "--remove", "label:3", "--queries", "gallery", "--methods", "halfnan")
+        assert rc == 2 and "no method could score these queries" in err and "nan" not in out.lower()
+    finally:
+        unregister("halfnan")
+        unregister("distance")

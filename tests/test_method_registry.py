@@ -222,3 +222,69 @@ def test_the_pool_and_precomputed_paths_take_the_same_damping_rule(toy, folder, 
     assert s.damping_for("pixel", {}) is None
     assert s.damping_for("kfac", {"kfac": 1e-3}) == 1e-3
     assert s.damping_for("kfac", {}) == s.method("kfac").default_damping
+
+
+BROKEN_SYNTAX = "from . import register\n\n@register\nclass Broken(Base)\n    name = 'broken'\n"
+BROKEN_AT_IMPORT = '''
+from . import register
+from .pixel_cosine import PixelCosine
+
+THRESHOLD = undefined_name + 1
+
+
+@register
+class FailsOnImport(PixelCosine):
+    name = "failsonimport"
+    title = "Fails on import"
+    kind = "similarity"
+    order = 1001
+'''
+ABSTRACT = '''
+from . import register
+from .base import AttributionMethod
+
+
+@register
+class NoScore(AttributionMethod):
+    name = "noscore"
+    title = "No score"
+    order = 1002
+'''
+
+
+def test_a_broken_method_file_leaves_the_other_methods_working(
+    methods_package_file, folder, digits_small, tmp_path, monkeypatch, capsys
+):
+    """QA round 19: a method file with a syntax error stopped every command, --help included, and one that
+    raised at import (a NameError) or declared an abstract class stopped every query and the app. Now each
+    is a warning or an unavailable method that names its file; pixel and K-FAC answer as before."""
+    from engine.attribution.methods import plugin_problems
+
+    methods_package_file("zz_test_broken_syntax", BROKEN_SYNTAX)
+    methods_package_file("zz_test_fails_on_import", BROKEN_AT_IMPORT)
+    methods_package_file("zz_test_abstract", ABSTRACT)
+    try:
+        (problem,) = plugin_problems()
+        assert "zz_test_broken_syntax.py: cannot be read (line 4): SyntaxError" in problem
+        with pytest.raises(SystemExit) as exit_:
+            main(["--help"])
+        out, err = capsys.readouterr()
+        assert exit_.value.code == 0 and "attribution-engine" in out
+        assert err.startswith("warning: ") and "zz_test_broken_syntax.py: cannot be read" in err
+        s = AttributionSession(
+            "digits", checkpoint=folder, device="cpu", cache_root=tmp_path, config=TINY_ATTRIBUTION,
+            dataset=digits_small,
+        )
+        info = s.method_info()
+        assert info["failsonimport"]["title"] == "Fails on import" and info["failsonimport"]["kind"] == "similarity"
+        res = s.query(s.parse_query("train:5"), methods=["pixel", "failsonimport", "noscore"])
+        assert res.methods["pixel"].status == "ok" and int(np.argmax(res.methods["pixel"].scores)) == 5
+        bad = res.methods["failsonimport"]
+        assert bad.status == "unavailable"
+        assert "engine/attribution/methods/zz_test_fails_on_import.py failed to load: NameError" in bad.reason
+        assert "engine/attribution/methods/zz_test_abstract.py failed to load: TypeError" in res.methods["noscore"].reason
+        # the CLI query of a shipped method answers, with the warning on stderr
+        assert _cli_query("pixel", 9, folder, digits_small, tmp_path, monkeypatch, capsys)["top"][0]["index"] == 9
+    finally:
+        unregister("failsonimport")
+        unregister("noscore")

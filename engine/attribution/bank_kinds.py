@@ -47,7 +47,14 @@ _KINDS: dict[str, BankKind] = {}
 
 
 def register_bank_kind(name: str, kind: BankKind) -> None:
-    """Make ``AttributionConfig.kfac_bank = name`` (``--kfac-bank name``) available."""
+    """Make ``AttributionConfig.kfac_bank = name`` (``--kfac-bank name``) available.
+
+    ValueError when another module registered the name already: a second file registering ``stored``
+    silently replaced the shipped bank (QA round 19); the source scan leaves such a call out too."""
+    old = _KINDS.get(name)
+    if old is not None and old.build.__module__ != kind.build.__module__:
+        raise ValueError(f"bank kind {name!r} is registered twice: by {old.build.__module__} and by "
+                         f"{kind.build.__module__}; rename one of them")
     _KINDS[name] = kind
 
 

@@ -13,6 +13,12 @@ dependency would hide every other method.  So the registries read the files' sou
 A module is imported only when one of its names is asked for; importing it runs the same
 ``register`` call that the scan read, so what the scan lists is what the import provides
 (``tests/test_method_registry.py`` checks both agree for every shipped file).
+
+A contributor's mistake in one file (a syntax error, a class without a literal name, a name that
+another file declares too) must not take the other methods down with it (QA round 19: one such file
+stopped every command, ``--help`` included, and the app).  So the scan never raises: it leaves that
+file or class out and records a problem naming the file, which the CLI prints as a warning and the
+app shows (``Scan.problems``).  Of two files declaring one name, the first in file order keeps it.
 """
 
 from __future__ import annotations
@@ -27,12 +33,24 @@ DEFAULT_ORDER = 100
 
 @dataclass(frozen=True)
 class Declared:
-    """One name a module declares: ``module`` (file stem in the package), ``cls`` (None for calls)."""
+    """One name a module declares: ``module`` (file stem in the package), ``cls`` (None for calls);
+    ``title`` and ``kind``: the class's literals, so that a method whose module then fails to import is
+    still listed under its own words."""
 
     name: str
     module: str
     cls: str | None = None
     order: int = DEFAULT_ORDER
+    title: str | None = None
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What a package's files declare, and what could not be read: one line per problem, naming its file."""
+
+    declared: tuple[Declared, ...]
+    problems: tuple[str, ...]
 
 
 def _call_name(node: ast.expr) -> str | None:
@@ -62,15 +80,29 @@ def _modules(package_dir: Path) -> list[Path]:
     return sorted(p for p in package_dir.glob("*.py") if not p.name.startswith("_"))
 
 
+def _parsed(package_dir: Path, problems: list[str]) -> list[tuple[Path, ast.Module]]:
+    """Every module's syntax tree; a file that cannot be read or parsed is left out, with a problem."""
+    out = []
+    for path in _modules(package_dir):
+        try:
+            out.append((path, ast.parse(path.read_text(encoding="utf-8"), str(path))))
+        except (SyntaxError, UnicodeDecodeError, OSError) as e:
+            where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+            problems.append(f"{path}: cannot be read{where}: {type(e).__name__}: {getattr(e, 'msg', None) or e}; "
+                            "what it declares is left out")
+    return out
+
+
 @functools.cache
-def declared_classes(package_dir: Path, decorator: str = "register") -> tuple[Declared, ...]:
+def scan_classes(package_dir: Path, decorator: str = "register") -> Scan:
     """Every top-level class decorated ``@decorator`` in the package's modules, by (order, name).
 
-    ValueError for such a class without a literal ``name`` (the registry could not list it) and
-    for two classes declaring one name."""
+    A class without a literal ``name`` (the registry could not list it) or with a non-int ``order``
+    is left out, and so is a second class declaring a name; each is a problem naming its file."""
     found: dict[str, Declared] = {}
-    for path in _modules(package_dir):
-        for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+    problems: list[str] = []
+    for path, tree in _parsed(package_dir, problems):
+        for node in tree.body:
             if not isinstance(node, ast.ClassDef):
                 continue
             if decorator not in (_call_name(d) for d in node.decorator_list):
@@ -78,21 +110,32 @@ def declared_classes(package_dir: Path, decorator: str = "register") -> tuple[De
             lit = _literals(node.body)
             name, order = lit.get("name"), lit.get("order", DEFAULT_ORDER)
             if not isinstance(name, str) or not name:
-                raise ValueError(f"{path}: class {node.name} is @{decorator} but sets no literal name = '...'")
+                problems.append(f"{path}: class {node.name} is @{decorator} but sets no literal name = '...'; "
+                                "it is left out")
+                continue
             if not isinstance(order, int):
-                raise ValueError(f"{path}: class {node.name}'s order must be an int literal")
+                problems.append(f"{path}: class {node.name}'s order must be an int literal; it is left out")
+                continue
             if name in found:
-                raise ValueError(f"{path}: method name {name!r} is declared twice ({found[name].module}.py too)")
-            found[name] = Declared(name, path.stem, node.name, order)
-    return tuple(sorted(found.values(), key=lambda d: (d.order, d.name)))
+                problems.append(f"{path}: class {node.name} declares the name {name!r}, which "
+                                f"{found[name].module}.py declares already; it is left out (rename one of them)")
+                continue
+            title, kind = lit.get("title"), lit.get("kind")
+            found[name] = Declared(name, path.stem, node.name, order,
+                                   title if isinstance(title, str) else None, kind if isinstance(kind, str) else None)
+    return Scan(tuple(sorted(found.values(), key=lambda d: (d.order, d.name))), tuple(problems))
 
 
 @functools.cache
-def declared_calls(package_dir: Path, function: str) -> tuple[Declared, ...]:
-    """Every top-level ``function("<literal>", ...)`` call in the package's modules, in file order."""
-    found: list[Declared] = []
-    for path in _modules(package_dir):
-        for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+def scan_calls(package_dir: Path, function: str) -> Scan:
+    """Every top-level ``function("<literal>", ...)`` call in the package's modules, in file order.
+
+    A call whose first argument is not a string literal, or that repeats a name an earlier file
+    registers, is left out, with a problem naming its file."""
+    found: dict[str, Declared] = {}
+    problems: list[str] = []
+    for path, tree in _parsed(package_dir, problems):
+        for node in tree.body:
             if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)):
                 continue
             call = node.value
@@ -100,15 +143,32 @@ def declared_calls(package_dir: Path, function: str) -> tuple[Declared, ...]:
                 continue
             first = call.args[0]
             if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
-                raise ValueError(f"{path}:{node.lineno}: {function} needs a literal name as its first argument")
-            found.append(Declared(first.value, path.stem))
-    return tuple(found)
+                problems.append(f"{path}:{node.lineno}: {function} needs a literal name as its first argument; "
+                                "the call is left out")
+                continue
+            if first.value in found and found[first.value].module != path.stem:
+                problems.append(f"{path}:{node.lineno}: {function}({first.value!r}) repeats a name that "
+                                f"{found[first.value].module}.py registers already; it is left out (rename it)")
+                continue
+            found.setdefault(first.value, Declared(first.value, path.stem))
+    return Scan(tuple(found.values()), tuple(problems))
+
+
+def declared_classes(package_dir: Path, decorator: str = "register") -> tuple[Declared, ...]:
+    """``scan_classes(...).declared``."""
+    return scan_classes(package_dir, decorator).declared
+
+
+def declared_calls(package_dir: Path, function: str) -> tuple[Declared, ...]:
+    """``scan_calls(...).declared``."""
+    return scan_calls(package_dir, function).declared
 
 
 def forget() -> None:
     """Drop the scans (after a file was added or removed while running: tests)."""
-    declared_classes.cache_clear()
-    declared_calls.cache_clear()
+    scan_classes.cache_clear()
+    scan_calls.cache_clear()
 
 
-__all__ = ["DEFAULT_ORDER", "Declared", "declared_calls", "declared_classes", "forget"]
+__all__ = ["DEFAULT_ORDER", "Declared", "Scan", "declared_calls", "declared_classes", "forget", "scan_calls",
+           "scan_classes"]

@@ -355,6 +355,10 @@ def attribution_matrix(
             res.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
             if scores.shape != (len(qset), len(session.dataset)):
                 raise RuntimeError(f"{name} returned scores of shape {scores.shape}")
+            bad = session.non_finite_reason(m, scores)
+            if bad is not None:  # as a single query's: group sums and reverse rankings never see NaN (QA 19)
+                res.status, res.reason = "error", bad
+                continue
             res.scores = scores
             if path is not None:
                 buf = io.BytesIO()

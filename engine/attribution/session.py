@@ -147,7 +147,7 @@ class AttributionSession:
         self._preset_attribution = wanted.attribution  # what `build --preset <_preset_arg>` uses without flags
         self.store.rebuild_hint = self.build_command(rebuild=True)
         self.ctx: EngineContext = self._make_context()
-        from .methods import METHODS, make_method
+        from .methods import METHODS, declaration, make_method, source_file
 
         self._methods: dict[str, AttributionMethod] = {}
         for name in METHODS:  # the registry's order
@@ -157,7 +157,11 @@ class AttributionSession:
                 m.default_damping = m.configured_damping(self.config, len(self.dataset))
                 self._methods[name] = m
             except ImportError as e:  # a missing optional dependency disables one method only
-                self._methods[name] = MissingMethod(name, f"cannot import the {name} method: {e}")
+                self._methods[name] = MissingMethod(name, f"cannot import the {name} method: {e}", declaration(name))
+            except Exception as e:  # noqa: BLE001 - a broken method file disables that method only (QA round 19)
+                where = source_file(name) or f"the {name} method's module"
+                self._methods[name] = MissingMethod(
+                    name, f"{where} failed to load: {type(e).__name__}: {e}", declaration(name))
         self.caches = MethodCaches(self._methods, self.ctx, self.build_command)
         self.sources = QuerySources(
             self.preset, model, self.diffusion, self.dataset, self.device, folder, self.command("assets")
@@ -615,18 +619,26 @@ class AttributionSession:
         res.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
         if scores.shape[0] != len(self.dataset):
             raise RuntimeError(f"{m.name} returned {scores.shape[0]} scores for {len(self.dataset)} training images")
-        bad = int(np.count_nonzero(~np.isfinite(scores)))
-        if bad:  # never an "ok" result with NaN/inf scores (a corrupt cache, an overflow)
-            res.scores, res.status = None, "error"
-            res.reason = (
-                f"{bad} of {len(scores)} scores are not finite (NaN or inf); the cache may be corrupt: "
-                f"rebuild it with `{self.build_command([m.name], rebuild=True)}`"
-            )
+        reason = self.non_finite_reason(m, scores)
+        if reason is not None:  # never an "ok" result with NaN/inf scores (a corrupt cache, an overflow)
+            res.scores, res.status, res.reason = None, "error", reason
             return
         res.scores = scores
         res.bank, res.exact, res.exact_pending = prep.bank, prep.exact, prep.exact_pending
         res.estimate_scale = prep.estimate_scale
         res.status = "ok"
+
+    def non_finite_reason(self, m: AttributionMethod, scores: np.ndarray) -> str | None:
+        """Why scores with NaN or inf cannot be shown (None when all are finite), for a query's vector and a
+        query set's matrix alike.  A method with a cache is told to rebuild it; one without a cache has
+        nothing to rebuild (QA round 19: a plugin's NaN was called a corrupt cache), so its code is named."""
+        bad = int(np.count_nonzero(~np.isfinite(scores)))
+        if not bad:
+            return None
+        head = f"{bad} of {scores.size} scores are not finite (NaN or inf)"
+        if m.cache_keys(self.ctx):
+            return f"{head}; the cache may be corrupt: rebuild it with `{self.build_command([m.name], rebuild=True)}`"
+        return f"{head}; {m.name} keeps no cache, so its scoring code produced them"
 
     def _check_query(self, query: QueryInput, meas: Measurement) -> None:
         if query.image is None and meas.kind != "trajectory":

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
+from .. import jsonio
 from ..attribution.methods import METHODS, parse_methods
 from ..attribution.signs import removed_words, reverse_caveat
 from .attribution import _add_attribution_options, open_session, parse_damping
@@ -87,7 +87,7 @@ def _print_json(objs: list[dict], session=None) -> None:
         from ..attribution.provenance import session_settings
 
         objs = [{**obj, **session_settings(session)} for obj in objs]
-    print(json.dumps(objs[0] if len(objs) == 1 else {"groups": objs}, indent=2))
+    print(jsonio.dumps(objs[0] if len(objs) == 1 else {"groups": objs}, indent=2))
 
 
 # --- group -------------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
         return fail(e)
     base = training_flag_rate(session.dataset.images)
     if args.json:
-        print(json.dumps({
+        print(jsonio.dumps({
             "queries": result.qset.name,
             "method": names[0],
             "flagged": sum(r.near_copy for r in rows),

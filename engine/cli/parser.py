@@ -31,7 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warn_plugin_problems() -> None:
+    """One ``warning:`` line on stderr per method or bank-kind file the registries had to leave out, before
+    anything else (``--help`` included): the other methods work, and the contributor learns which file."""
+    from ..attribution.methods import plugin_problems
+
+    for problem in plugin_problems():
+        print(f"warning: {problem}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warn_plugin_problems()
     parser = build_parser()
     args = parser.parse_args(argv)
     from ..threads import configure_threads_when_loaded

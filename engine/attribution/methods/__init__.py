@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...config import AttributionConfig
-from ..plugins import declared_classes
+from ..plugins import Declared, declared_classes, scan_calls, scan_classes
 
 if TYPE_CHECKING:  # the registry itself stays light (no torch): the CLI lists names with it
     from .base import AttributionMethod
@@ -33,6 +33,24 @@ _REGISTERED: dict[str, type[AttributionMethod]] = {}
 def _shipped() -> dict[str, tuple[str, str]]:
     """name -> (module in this package, class) of every ``@register`` class here, in display order."""
     return {d.name: (d.module, d.cls or "") for d in declared_classes(_PACKAGE_DIR)}
+
+
+def declaration(name: str) -> Declared | None:
+    """What this package's source declares for method ``name`` (its file, title and kind), or None."""
+    return next((d for d in declared_classes(_PACKAGE_DIR) if d.name == name), None)
+
+
+def source_file(name: str) -> str | None:
+    """``engine/attribution/methods/<module>.py`` of a method this package declares, for messages."""
+    d = declaration(name)
+    return None if d is None else f"engine/attribution/methods/{d.module}.py"
+
+
+def plugin_problems() -> list[str]:
+    """Every problem the scan of this package's files found (a file that does not parse, a class with no
+    literal name, a name declared twice, for methods and bank kinds alike), each naming its file, once."""
+    found = [*scan_classes(_PACKAGE_DIR).problems, *scan_calls(_PACKAGE_DIR, "register_bank_kind").problems]
+    return list(dict.fromkeys(found))
 
 
 def register(cls: type[AttributionMethod]) -> type[AttributionMethod]:
@@ -101,9 +119,12 @@ def make_method(name: str, config: AttributionConfig | None = None) -> Attributi
 
 __all__ = [
     "METHODS",
+    "declaration",
     "make_method",
     "method_names",
     "parse_methods",
+    "plugin_problems",
     "register",
+    "source_file",
     "unregister",
 ]

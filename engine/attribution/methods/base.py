@@ -246,10 +246,13 @@ class AttributionMethod(ABC):
 class MissingMethod(AttributionMethod):
     """Stand-in for a method whose module cannot be imported: always unavailable, with the reason."""
 
-    def __init__(self, name: str, reason: str):
+    def __init__(self, name: str, reason: str, declared: Any = None):
         super().__init__()
         self.name = name
-        self.title = name
+        # the title and kind its file declares (``plugins.Declared``), so lists name it in its own words
+        self.title = getattr(declared, "title", None) or name
+        if getattr(declared, "kind", None):
+            self.kind = declared.kind
         self.reason = reason
 
     def availability(self, ctx: EngineContext) -> tuple[bool, str | None]:
