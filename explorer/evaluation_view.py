@@ -207,6 +207,18 @@ def _title(info: dict, name: str) -> str:
     return f"{title} [{rest}" if bracket else title
 
 
+def unevaluated_note(names: list[str], evaluated: set[str], info: dict, command: str) -> str:
+    """Which of the server's methods no LDS record holds (a method added since, CLIP without its weights),
+    and how to evaluate them: otherwise a new method was simply absent from the page (QA round 19)."""
+    missing = [n for n in names if n not in evaluated]
+    if not missing:
+        return ""
+    named = [_title(info, n) for n in missing]
+    titles = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+    return (f"Not evaluated on this model yet: {titles} (no LDS record holds {'it' if len(missing) == 1 else 'them'}; "
+            f"`{command} --methods {','.join(missing)}` adds {'it' if len(missing) == 1 else 'them'}).")
+
+
 def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
     st.subheader("Linear data-modelling score (LDS)")
     st.markdown(
@@ -228,6 +240,10 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
                        f"`{folder}`; run it once and reload."])
         return
     info = handle.session.method_info()
+    evaluated = {name.partition("[")[0] for entry in entries for name in entry.methods}
+    note = unevaluated_note(handle.session.method_names(), evaluated, info, handle.session.command("lds"))
+    if note:
+        st.caption(note)
     for entry in entries:
         meas = entry.measurement
         cfg = entry.config
