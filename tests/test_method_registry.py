@@ -209,6 +209,7 @@ def test_the_source_scan_agrees_with_the_imported_classes():
     for d in declared:
         cls = getattr(importlib.import_module(f"engine.attribution.methods.{d.module}"), d.cls)
         assert (cls.name, cls.order) == (d.name, d.order) and METHODS[d.name] is cls
+        assert (cls.title, cls.kind) == (d.title, d.kind)  # inherited ones too (D-TRAK's kind from TRAK)
 
 
 def test_the_pool_and_precomputed_paths_take_the_same_damping_rule(toy, folder, digits_small, tmp_path):
@@ -288,3 +289,21 @@ def test_a_broken_method_file_leaves_the_other_methods_working(
     finally:
         unregister("failsonimport")
         unregister("noscore")
+
+
+def test_the_methods_command_lists_a_dropped_in_file_without_importing_it(dropped_in_file, capsys):
+    """QA round 19: no command listed the methods (and group's, reverse's and lds's --help name none)."""
+    import sys
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "dropin" in out and "Dropped-in file" in out and "engine/attribution/methods/zz_test_dropin.py" in out
+    assert "stored: int8 on disk" in out
+    assert dropped_in_file not in sys.modules
+    assert main(["methods", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    by_name = {m["name"]: m for m in listed["methods"]}
+    assert by_name["dtrak"] == {"name": "dtrak", "kind": "influence", "title": "D-TRAK",
+                                "file": "engine/attribution/methods/trak.py"}
+    assert by_name["dropin"]["kind"] == "influence"
+    assert {"name": "compressed", "note": "per-layer projected, candidates re-ranked exactly"} in listed["kfac_bank_kinds"]

@@ -75,7 +75,7 @@ def _build(method, ctx, factors, progress):
     raise RuntimeError("not built in this test")
 
 
-register_bank_kind("zz-test", BankKind(build=_build, stored=False))
+register_bank_kind("zz-test", BankKind(build=_build, stored=False, note="a test kind"))
 '''
 
 
@@ -91,7 +91,8 @@ def test_a_bank_kind_is_one_file(methods_package_file, capsys, monkeypatch):
         assert "zz-test" in bank_kinds.bank_modes() and module not in sys.modules  # listed, not imported
         with pytest.raises(SystemExit):
             main(["query", "--help"])
-        assert "zz-test" in " ".join(capsys.readouterr().out.split())  # --kfac-bank's help offers it (QA14 A4)
+        # --kfac-bank's help offers it (QA14 A4) with the note its own file gives (QA 19: notes were a CLI table)
+        assert "zz-test (a test kind)" in " ".join(capsys.readouterr().out.split())
         assert module not in sys.modules
         kind = bank_kinds.bank_kind("zz-test")
         assert kind.stored is False and module in sys.modules

@@ -35,12 +35,14 @@ class BankKind:
     of the K-FAC method (counted in its cache keys, sizes and build times); ``cache_key(method, ctx)``:
     that artefact's (name, settings) when it is not the stored bank's; ``estimates``: the rows' batched
     product is an estimate of eq. 6, not eq. 6 (the compressed bank's scan), so group sums and member
-    scores come from the rows' exact paths instead (``KFACInfluence.exact_group_scores``)."""
+    scores come from the rows' exact paths instead (``KFACInfluence.exact_group_scores``); ``note``: a few
+    words for ``--kfac-bank``'s help, read from the file's source as a literal (``bank_notes``)."""
 
     build: Callable[[Any, Any, Any, Callable[[str, float], None]], Rows]
     stored: bool
     cache_key: Callable[[Any, Any], tuple[str, dict[str, Any]]] | None = None
     estimates: bool = False
+    note: str = ""
 
 
 _KINDS: dict[str, BankKind] = {}
@@ -61,6 +63,11 @@ def register_bank_kind(name: str, kind: BankKind) -> None:
 def _declared() -> dict[str, str]:
     """kind name -> the module in ``methods/`` that registers it (read from source, not imported)."""
     return {d.name: d.module for d in declared_calls(_KIND_DIR, "register_bank_kind")}
+
+
+def bank_notes() -> dict[str, str]:
+    """kind name -> its literal ``note`` (read from source, nothing imported), for the kinds that give one."""
+    return {d.name: d.title for d in declared_calls(_KIND_DIR, "register_bank_kind") if d.title}
 
 
 def bank_modes() -> tuple[str, ...]:

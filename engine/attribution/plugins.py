@@ -8,7 +8,8 @@ dependency would hide every other method.  So the registries read the files' sou
 
 * a method is a top-level class decorated ``@register`` whose body sets ``name = "<literal>"``
   (and may set ``order = <int>``, its place in lists; 100 when absent);
-* a bank kind is a top-level call ``register_bank_kind("<literal>", ...)``.
+* a bank kind is a top-level call ``register_bank_kind("<literal>", ...)``; a literal ``note="..."``
+  keyword anywhere in that call (``BankKind(..., note="int8 on disk")``) is its one-line description.
 
 A module is imported only when one of its names is asked for; importing it runs the same
 ``register`` call that the scan read, so what the scan lists is what the import provides
@@ -35,7 +36,7 @@ DEFAULT_ORDER = 100
 class Declared:
     """One name a module declares: ``module`` (file stem in the package), ``cls`` (None for calls);
     ``title`` and ``kind``: the class's literals, so that a method whose module then fails to import is
-    still listed under its own words."""
+    still listed under its own words (for a call, ``title`` is its literal ``note=``)."""
 
     name: str
     module: str
@@ -101,7 +102,24 @@ def scan_classes(package_dir: Path, decorator: str = "register") -> Scan:
     is left out, and so is a second class declaring a name; each is a problem naming its file."""
     found: dict[str, Declared] = {}
     problems: list[str] = []
-    for path, tree in _parsed(package_dir, problems):
+    parsed = _parsed(package_dir, problems)
+    # every top-level class's literals and bases, so that a class inheriting its title or kind from another
+    # class of the package (D-TRAK from TRAK) is listed with them
+    classes = {node.name: (_literals(node.body), [_call_name(b) for b in node.bases])
+               for _, tree in parsed for node in tree.body if isinstance(node, ast.ClassDef)}
+
+    def inherited(cls_name: str, key: str, seen: frozenset = frozenset()) -> object:
+        lit, bases = classes.get(cls_name, ({}, []))
+        if key in lit:
+            return lit[key]
+        for b in bases:
+            if b and b not in seen:
+                v = inherited(b, key, seen | {cls_name})
+                if v is not None:
+                    return v
+        return None
+
+    for path, tree in parsed:
         for node in tree.body:
             if not isinstance(node, ast.ClassDef):
                 continue
@@ -120,7 +138,7 @@ def scan_classes(package_dir: Path, decorator: str = "register") -> Scan:
                 problems.append(f"{path}: class {node.name} declares the name {name!r}, which "
                                 f"{found[name].module}.py declares already; it is left out (rename one of them)")
                 continue
-            title, kind = lit.get("title"), lit.get("kind")
+            title, kind = inherited(node.name, "title"), inherited(node.name, "kind")
             found[name] = Declared(name, path.stem, node.name, order,
                                    title if isinstance(title, str) else None, kind if isinstance(kind, str) else None)
     return Scan(tuple(sorted(found.values(), key=lambda d: (d.order, d.name))), tuple(problems))
@@ -150,7 +168,10 @@ def scan_calls(package_dir: Path, function: str) -> Scan:
                 problems.append(f"{path}:{node.lineno}: {function}({first.value!r}) repeats a name that "
                                 f"{found[first.value].module}.py registers already; it is left out (rename it)")
                 continue
-            found.setdefault(first.value, Declared(first.value, path.stem))
+            note = next((k.value.value for n in ast.walk(call) if isinstance(n, ast.Call) for k in n.keywords
+                         if k.arg == "note" and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)),
+                        None)
+            found.setdefault(first.value, Declared(first.value, path.stem, title=note))
     return Scan(tuple(found.values()), tuple(problems))
 
 

@@ -109,20 +109,13 @@ def parse_damping(specs: list[str] | None) -> dict[str, float]:
     return out
 
 
-BANK_KIND_NOTES = {
-    "stored": "int8 on disk",
-    "compressed": "per-layer projected, candidates re-ranked exactly",
-    "streamed": "recomputed per query",
-}
-
-
 def _kfac_bank_help() -> str:
     """``--kfac-bank``'s help: every kind the registry offers (a kind added in one file included; read from
-    the package's source, nothing imported), the built-in ones described, then auto."""
-    from ..attribution.bank_kinds import bank_modes
+    the package's source, nothing imported), each with the note its file gives, then auto."""
+    from ..attribution.bank_kinds import bank_modes, bank_notes
 
-    kinds = [k for k in bank_modes() if k != "auto"]
-    listed = ", ".join(f"{k} ({BANK_KIND_NOTES[k]})" if k in BANK_KIND_NOTES else k for k in kinds)
+    kinds, notes = [k for k in bank_modes() if k != "auto"], bank_notes()
+    listed = ", ".join(f"{k} ({notes[k]})" if k in notes else k for k in kinds)
     limit = AttributionConfig().kfac_bank_max_gb
     return (f"K-FAC training-gradient bank: {listed}, auto (stored if under the preset's kfac_bank_max_gb, "
             f"{limit:g} GiB by default, else compressed; default)")
@@ -163,6 +156,43 @@ def open_session(args: argparse.Namespace, auto_build: bool = False) -> Attribut
 
 
 # --- build ---------------------------------------------------------------------------------
+
+
+@register
+def add_methods(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "methods",
+        help="list the attribution methods and K-FAC bank kinds this installation offers",
+        description="Every attribution method (name for --methods, kind, title, the file that declares it) and "
+        "K-FAC bank kind (for --kfac-bank), read from engine/attribution/methods/ without importing it, so "
+        "a method added as one file is listed, and a file that could not be read is named on stderr.",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.set_defaults(func=cmd_methods)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .. import jsonio
+    from ..attribution.bank_kinds import bank_modes, bank_notes
+    from ..attribution.methods import declaration, method_names, source_file
+
+    rows = []
+    for name in method_names():
+        d = declaration(name)  # None: registered by code outside the package (a script, a test)
+        rows.append({"name": name, "kind": d.kind if d else None, "title": d.title if d else None,
+                     "file": source_file(name)})
+    kinds = [{"name": k, "note": bank_notes().get(k)} for k in bank_modes() if k != "auto"]
+    if args.json:
+        print(jsonio.dumps({"methods": rows, "kfac_bank_kinds": kinds}, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print("methods (--methods):")
+    for r in rows:
+        print(f"  {r['name']:<{width}}  {r['kind'] or '?':<10}  {r['title'] or '-':<26}  {r['file'] or '(registered by code)'}")
+    print("K-FAC bank kinds (--kfac-bank; auto picks stored or compressed by size):")
+    for k in kinds:
+        print(f"  {k['name']}" + (f": {k['note']}" if k["note"] else ""))
+    return 0
 
 
 @register

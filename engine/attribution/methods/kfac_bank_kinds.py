@@ -41,5 +41,5 @@ def _streamed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFacto
     return StreamedBank(ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, factors, ctx.params)
 
 
-register_bank_kind("stored", BankKind(build=_stored_bank, stored=True))
-register_bank_kind("streamed", BankKind(build=_streamed_bank, stored=False))
+register_bank_kind("stored", BankKind(build=_stored_bank, stored=True, note="int8 on disk"))
+register_bank_kind("streamed", BankKind(build=_streamed_bank, stored=False, note="recomputed per query"))

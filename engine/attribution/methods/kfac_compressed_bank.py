@@ -121,4 +121,5 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
     return CompressedRows(bank, comp, exact, c.kfac_rerank, split, group_changes, columns)
 
 
-register_bank_kind("compressed", BankKind(build=_compressed_bank, stored=True, cache_key=_cache_key, estimates=True))
+register_bank_kind("compressed", BankKind(build=_compressed_bank, stored=True, cache_key=_cache_key, estimates=True,
+                                          note="per-layer projected, candidates re-ranked exactly"))
