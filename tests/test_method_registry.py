@@ -307,3 +307,69 @@ def test_the_methods_command_lists_a_dropped_in_file_without_importing_it(droppe
                                 "file": "engine/attribution/methods/trak.py"}
     assert by_name["dropin"]["kind"] == "influence"
     assert {"name": "compressed", "note": "per-layer projected, candidates re-ranked exactly"} in listed["kfac_bank_kinds"]
+
+
+DAMPED = '''
+import numpy as np
+
+from . import register
+from .base import AttributionMethod, FixedScores, no_progress
+
+
+@register
+class Damped(AttributionMethod):
+    name = "damped"
+    order = 1003
+    title = "Damped distance"
+    kind = "influence"
+    needs_gradient = False
+    damping_default = 0.5
+    damping_range = (1e-3, 1e2)
+
+    def build(self, ctx, progress=no_progress):
+        return None
+
+    def is_built(self, ctx):
+        return True
+
+    def query_measurement(self, measurement):
+        return None
+
+    def prepare(self, ctx, query, query_grad):
+        d = ((ctx.dataset.images.flatten(1) - query.image.flatten()[None]) ** 2).mean(1)
+        return FixedScores(scores=(-d).numpy().astype(np.float32))
+
+    def score(self, prepared, damping=None):
+        lam = self.default_damping if damping is None else float(damping)
+        return prepared.scores / lam
+'''
+
+
+def test_a_method_file_declares_its_own_default_damping(
+    methods_package_file, folder, digits_small, tmp_path, monkeypatch, capsys
+):
+    """QA round 19: a damping needed an AttributionConfig field, an edit to engine/config.py, so a method with a
+    damping was two files. ``damping_default`` in the method's own file is its default; the slider's steps,
+    ``--damping NAME=VALUE`` and the reported damping follow it."""
+    methods_package_file("zz_test_damped", DAMPED)
+    try:
+        s = AttributionSession(
+            "digits", checkpoint=folder, device="cpu", cache_root=tmp_path, config=TINY_ATTRIBUTION,
+            dataset=digits_small,
+        )
+        info = s.method_info()["damped"]
+        assert info["default_damping"] == 0.5 and 0.5 in info["damping_steps"]
+        assert s.damping_for("damped", {}) == 0.5 and s.damping_for("damped", {"damped": 2.0}) == 2.0
+        q = s.parse_query("train:4")
+        default = s.query(q, methods=["damped"]).methods["damped"]
+        assert default.damping == 0.5
+        moved = s.query(q, methods=["damped"], damping={"damped": 2.0}).methods["damped"]
+        np.testing.assert_allclose(moved.scores * 4.0, default.scores, rtol=1e-6)
+        monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
+        rc = main(["query", "--query", "train:4", "--methods", "damped", "--damping", "damped=2", "--json",
+                   "--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(tmp_path)])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert json.loads(out)["methods"]["damped"]["damping"] == 2.0
+    finally:
+        unregister("damped")

@@ -601,7 +601,7 @@ class AttributionSession:
         """The damping method ``name`` scores with: the asked value, else its default; None for a similarity
         or an influence method without a damping (its scores ignore one).  The one rule for every caller
         (queries, rescoring, the pool's matrices, the precomputed scores).  Bad values: InvalidSettingError."""
-        if self._methods[name].kind != "influence" or self._methods[name].damping_field is None:
+        if not self._methods[name].takes_damping():
             return None  # a similarity, or an influence method without a damping: its scores ignore one
         if name in damping and damping[name] is not None:
             return check_damping(damping[name], f"{name} damping")

@@ -83,7 +83,7 @@ def parse_damping(specs: list[str] | None) -> dict[str, float]:
     release, like ``--trak-damping``/``--dtrak-damping``).  Unknown names and values that are
     not numbers: ValueError; values that are not finite and in (0, MAX_DAMPING]: InvalidSettingError
     (``engine.validation.check_damping``), whichever methods run.  A similarity (clip, pixel), or an
-    influence method without a ``damping_field``, has no damping: its scores would ignore the value, so
+    influence method without a ``damping_field`` or ``damping_default``, has no damping: its scores would ignore the value, so
     asking for one is refused rather than dropped.
     """
     out: dict[str, float] = {}
@@ -98,7 +98,7 @@ def parse_damping(specs: list[str] | None) -> dict[str, float]:
         if METHODS[name].kind != "influence":
             raise ValueError(f"--damping {spec!r}: {name} has no damping (it is a {METHODS[name].kind}, not an "
                              "influence method)")
-        if METHODS[name].damping_field is None:
+        if not METHODS[name].takes_damping():
             raise ValueError(f"--damping {spec!r}: {name} has no damping (its scores do not depend on one)")
         try:
             lam = float(value)

@@ -111,6 +111,9 @@ class AttributionMethod(ABC):
     * ``kind``: "influence" (scores on eq. 6's sign and scale, removal predictions) or "similarity";
     * ``damping_field``: the ``AttributionConfig`` field holding its default damping (None: no
       damping); ``configured_damping`` reads it, the one place a default damping is computed;
+    * ``damping_default``: the default damping of a method without such a field, declared in its own
+      file, so that a method added as one file can take a damping without an edit to ``engine/config.py``
+      (QA round 19); the slider and ``--damping NAME=VALUE`` move it as any other;
     * ``damping_range``: the dampings the app's slider offers (None: no slider);
     * ``config_fields``: its own section of ``AttributionConfig`` (shown with the cache status);
     * ``shards``: its build is split over ``torchrun`` ranks (``engine.distributed``);
@@ -132,6 +135,7 @@ class AttributionMethod(ABC):
     caption: str = ""  # one plain-language line for the app
     needs_gradient: bool = True
     damping_field: str | None = None
+    damping_default: float | None = None
     damping_range: tuple[float, float] | None = None
     config_fields: tuple[str, ...] = ()
     shards: bool = False
@@ -147,7 +151,14 @@ class AttributionMethod(ABC):
     def configured_damping(cls, config: AttributionConfig, num_train: int | None = None) -> float | None:
         """The default damping under ``config`` (``damping_field``), None for methods without one.
         ``num_train`` (N) is for methods whose default scales with the training set (TRAK, D-TRAK)."""
-        return None if cls.damping_field is None else float(getattr(config, cls.damping_field))
+        if cls.damping_field is not None:
+            return float(getattr(config, cls.damping_field))
+        return None if cls.damping_default is None else float(cls.damping_default)
+
+    @classmethod
+    def takes_damping(cls) -> bool:
+        """Whether the scores depend on a damping: an influence method with a config field or a declared default."""
+        return cls.kind == "influence" and (cls.damping_field is not None or cls.damping_default is not None)
 
     def settings(self, ctx: EngineContext) -> dict[str, Any]:
         """What this method's results depend on, for display: M and seed for gradient methods,
