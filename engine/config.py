@@ -93,7 +93,8 @@ class AttributionConfig:
     draws: str = "per-example"
     # K-FAC factors from the first k of the M draws of every example (None: all M): the factor pass is
     # most of a cold build, and its averages are over N*k*(positions) rows (KFACInfluence.factor_draws);
-    # the digits preset uses 8 of 64 (K=32 LDS -0.003 [-0.006, +0.001], factor pass 7x shorter)
+    # the digits preset uses 8 of 64 (LDS paired against all 64: -0.003 [-0.006, +0.001] at K=32, R=1, Q=32 when
+    # it was chosen; -0.000 [-0.002, +0.001] at R=2, Q=128, lds_digits_ablation_factor_draws.json; factor pass 7x shorter)
     kfac_factor_draws: int | None = None
     # where the factors' draws come from: "same" (the bank's draws, above) or "per-example" (independent
     # draws per example, paper G.3, even when the bank's are shared: the factors then see every timestep

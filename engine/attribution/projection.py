@@ -17,7 +17,7 @@ When the whole dense matrix fits in ``max_dense_bytes`` it is generated once (fr
 tiles, so the values are identical) and kept, so repeated projections are one matmul.
 
 Random numbers come from NumPy's PCG64 on the CPU, so P is the same on every device.
-Rademacher signs (the default) are drawn as packed random bytes (one bit per entry, 1/32
+Rademacher signs (the dense kind's default; TRAK's default kind is ``srht``, below) are drawn as packed random bytes (one bit per entry, 1/32
 of the float32 volume) and unpacked on the projection's device; that is what makes
 generating P on the fly cheap.  Gaussian entries are drawn as float32 (slower, mainly for
 ablations).

@@ -228,8 +228,8 @@ class Diffusion:
         """Ancestral DDPM sampling over all T steps with sigma_t^2 = beta_tilde_t.
 
         Sample ``i`` depends only on ``seed`` and ``i`` (its own generator), so a sample is
-        reproducible whatever the batch size.  Returns images (n, C, H, W) in [-1, 1]
-        (unclipped model output) and, if asked, the trajectory (n, T+1, C, H, W) ordered
+        reproducible whatever the batch size.  Returns images (n, C, H, W), about [-1, 1]
+        but not clamped (the model's own output: callers clamp where they need the data range) and, if asked, the trajectory (n, T+1, C, H, W) ordered
         x_T, x_{T-1}, ..., x_0.  ``progress(step, T)`` is called after each step.
         """
         check_sample_seed(seed, n)
