@@ -207,16 +207,27 @@ def _title(info: dict, name: str) -> str:
     return f"{title} [{rest}" if bracket else title
 
 
-def unevaluated_note(names: list[str], evaluated: set[str], info: dict, command: str) -> str:
+def _titles(info: dict, names: list[str]) -> str:
+    named = [_title(info, n) for n in names]
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+
+
+def unevaluated_note(names: list[str], evaluated: set[str], info: dict, command: str,
+                     unavailable: set[str] = frozenset()) -> str:
     """Which of the server's methods no LDS record holds (a method added since, CLIP without its weights),
-    and how to evaluate them: otherwise a new method was simply absent from the page (QA round 19)."""
+    and how to evaluate them: otherwise a new method was simply absent from the page (QA round 19).  A
+    method that cannot run on this server gets no command (its LDS run would fail here)."""
     missing = [n for n in names if n not in evaluated]
     if not missing:
         return ""
-    named = [_title(info, n) for n in missing]
-    titles = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
-    return (f"Not evaluated on this model yet: {titles} (no LDS record holds {'it' if len(missing) == 1 else 'them'}; "
-            f"`{command} --methods {','.join(missing)}` adds {'it' if len(missing) == 1 else 'them'}).")
+    runnable = [n for n in missing if n not in unavailable]
+    it = "it" if len(runnable) == 1 else "them"
+    parts = [f"{_titles(info, runnable)} (no LDS record holds {it}; `{command} --methods {','.join(runnable)}` "
+             f"adds {it})"] if runnable else []
+    idle = [n for n in missing if n in unavailable]
+    if idle:
+        parts.append(f"{_titles(info, idle)}, which cannot run on this server")
+    return "Not evaluated on this model yet: " + "; ".join(parts) + "."
 
 
 def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
@@ -241,7 +252,8 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
         return
     info = handle.session.method_info()
     evaluated = {name.partition("[")[0] for entry in entries for name in entry.methods}
-    note = unevaluated_note(handle.session.method_names(), evaluated, info, handle.session.command("lds"))
+    unavailable = {n for n, st_ in handle.status().items() if not st_.get("available", True)}
+    note = unevaluated_note(handle.session.method_names(), evaluated, info, handle.session.command("lds"), unavailable)
     if note:
         st.caption(note)
     for entry in entries:

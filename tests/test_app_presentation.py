@@ -641,3 +641,15 @@ def test_a_server_waiting_for_another_processs_build_shows_no_whole_build_share(
     assert "kfac-bank 3/15 parts" in text and "1.5 min so far" in text
     own = BuildState(status="running", message="kfac: factors 100/400 rows", fraction=0.24, started=start)
     assert "(whole build 24%, 1.5 min so far)" in build_message(handle, own)
+
+
+def test_the_evaluation_page_names_unevaluated_methods_and_offers_no_command_for_one_that_cannot_run():
+    from explorer.evaluation_view import unevaluated_note
+
+    info = {"kfac": {"title": "K-FAC"}, "clip": {"title": "CLIP similarity"}, "gc": {"title": "Gradient cosine"}}
+    assert unevaluated_note(["kfac"], {"kfac"}, info, "attribution-engine lds") == ""
+    note = unevaluated_note(["kfac", "clip", "gc"], {"kfac"}, info, "attribution-engine lds", {"clip"})
+    assert note == ("Not evaluated on this model yet: Gradient cosine (no LDS record holds it; "
+                    "`attribution-engine lds --methods gc` adds it); CLIP similarity, which cannot run on this server.")
+    assert unevaluated_note(["clip"], set(), info, "x", {"clip"}) == \
+        "Not evaluated on this model yet: CLIP similarity, which cannot run on this server."
