@@ -235,8 +235,9 @@ def groups_page(handle: Handle, s: Settings) -> None:
         for n, r in result.methods.items() if r.status == "ok"
     )
     drawn = f"Pool drawn in {qset.seconds:.1f} s. " if qset.seconds else ""
-    st.caption(f"{drawn}All {len(qset)} samples scored in one batch per method ({timing}); "
-               "changing the group only re-sums columns.")
+    st.caption(f"{drawn}All {len(qset)} samples scored in one batch per method ({timing}; the query gradients of "
+               "a measurement are computed once and counted at the first method that uses them); changing the "
+               "group only re-sums columns.")
     removal_section(handle, result, s)
     reverse_section(handle, result, s)
     downloads(handle, result, s)

@@ -446,3 +446,11 @@ def test_nearest_neighbours_in_row_chunks_equal_the_whole_matrix(digits_small, e
     np.testing.assert_allclose(rel, (vals[:, 0] / vals[:, 1:].mean(1)).numpy())
     if exclude_self:
         assert (nearest != np.arange(40)).all()
+
+
+def test_a_measurements_query_gradients_are_timed_once_not_at_every_method_sharing_them(session, pool):
+    """The Groups page's timing line read "K-FAC: gradients 2.41 s ...; TRAK: gradients 2.41 s" for one
+    computation that both methods share (the loss): it is counted at the first method only."""
+    out = attribution_matrix(session, pool, "loss", ["kfac", "trak", "dtrak"])
+    assert "gradients" in out["kfac"].timing_ms and "gradients" not in out["trak"].timing_ms
+    assert "gradients" in out["dtrak"].timing_ms  # the square norm's own gradients
