@@ -290,3 +290,40 @@ def test_an_influence_method_with_non_finite_scores_is_refused_on_the_group_path
     finally:
         unregister("halfnan")
         unregister("distance")
+
+
+def test_copy_check_json_says_what_its_shares_were_computed_with(cli):
+    """QA round 20: copy-check --json carried no damping, model or settings, so two runs at two dampings
+    could not be told apart; it now carries them as group and reverse do."""
+    from engine.attribution.methods import register, unregister
+    from engine.attribution.methods.base import AttributionMethod, FixedScores
+
+    class Near(AttributionMethod):
+        name, title, kind, needs_gradient, damping_default = "near", "Near", "influence", False, 0.5
+
+        def build(self, ctx, progress=None):
+            return None
+
+        def is_built(self, ctx):
+            return True
+
+        def query_measurement(self, measurement):
+            return None
+
+        def prepare(self, ctx, query, query_grad):
+            d = ((ctx.dataset.images.flatten(1) - query.image.flatten()[None]) ** 2).mean(1).numpy()
+            return FixedScores(scores=(1.0 / (d + 1e-3)).astype(np.float32))
+
+        def score(self, prepared, damping=None):
+            return prepared.scores / (self.default_damping if damping is None else damping)
+
+    register(Near)
+    try:
+        rc, out, err = cli("copy-check", "--queries", "gallery", "--method", "near", "--damping", "near=2", "--json")
+        assert rc == 0, err
+        res = json.loads(out)
+        assert res["method"] == "near" and res["damping"] == 2.0 and res["measurement"] == "loss"
+        assert res["model"]["checkpoint_hash"] and "attribution" in res and res["queries_key"]
+        assert "kfac_damping_default" in res["attribution"] and "kfac_damping" not in res["attribution"]
+    finally:
+        unregister("near")

@@ -373,3 +373,27 @@ def test_a_method_file_declares_its_own_default_damping(
         assert json.loads(out)["methods"]["damped"]["damping"] == 2.0
     finally:
         unregister("damped")
+
+
+def test_query_says_on_stderr_which_named_method_did_not_score_and_writes_no_empty_scores_file(
+    toy, folder, digits_small, tmp_path, monkeypatch, capsys
+):
+    """QA round 20: `query --methods kfac,pixel --json` with K-FAC not built exited 0 with nothing on stderr
+    (the status was only inside the JSON); `--scores-out` was written when nothing scored; a second --query
+    silently replaced the first."""
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
+    common = ["--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(tmp_path / "empty")]
+    rc = main(["query", "--query", "train:3", "--methods", "kfac,toy", "--json", *common])
+    out, err = capsys.readouterr()
+    assert rc == 0 and json.loads(out)["methods"]["toy"]["status"] == "ok"
+    assert "warning: kfac unavailable: not built" in err
+    scores = tmp_path / "s.npz"
+    rc = main(["query", "--query", "train:3", "--methods", "kfac", "--scores-out", str(scores), *common])
+    assert rc == 2 and not scores.exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["query", "--query", "train:3", "--query", "train:4", "--methods", "toy", *common])
+    assert exit_.value.code == 2 and "--query given twice" in capsys.readouterr().err
+    rc = main(["query", "--query", "train:3", "--methods", "kfac", "--damping", "kfac=1e-6", "--damping",
+               "kfac=1e-4", *common])
+    assert rc == 2 and "kfac's damping is given twice" in capsys.readouterr().err

@@ -30,13 +30,21 @@ def model_settings(session: Any) -> dict[str, Any]:
     }
 
 
+DEFAULT_DAMPINGS = ("kfac_damping", "trak_damping", "dtrak_damping")
+
+
 def session_settings(session: Any) -> dict[str, Any]:
     """What every answer of this session shares: the model, the Monte Carlo draws it is set to, and the
-    attribution settings its caches are keyed by (``engine.config.attribution_key``)."""
+    attribution settings its caches are keyed by (``engine.config.attribution_key``).  Its dampings are the
+    session's defaults, named ``<method>_damping_default``: the damping a method scored with is its
+    ``methods.<name>.damping`` (QA round 20: ``attribution.kfac_damping`` read 1e-08 beside a K-FAC answer
+    scored at 1e-06)."""
+    key = attribution_key(session.config, len(session.dataset))
+    attribution = {(f"{k}_default" if k in DEFAULT_DAMPINGS else k): v for k, v in key.items()}
     return {
         "model": model_settings(session),
         "mc_samples": int(session.config.mc_samples),
-        "attribution": attribution_key(session.config, len(session.dataset)),
+        "attribution": attribution,
     }
 
 

@@ -28,6 +28,7 @@ and builds ``engine.attribution.caches``, the maths is in the methods and the sc
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import time
 from collections.abc import Callable
@@ -508,7 +509,10 @@ class AttributionSession:
             except QueryError:
                 raise
             except Exception as e:  # noqa: BLE001 - one broken method must not hide the others
-                log.exception("method %s failed", name)
+                # one line; the traceback with ATTRIBUTION_DEBUG (QA round 20: a CLI query printed a whole
+                # traceback on stderr for a corrupt cache and still answered with the other methods)
+                log.warning("method %s failed: %s: %s", name, type(e).__name__, e,
+                            exc_info=bool(os.environ.get("ATTRIBUTION_DEBUG")))
                 res.status, res.reason = "error", f"{type(e).__name__}: {e}"
         timing = {"total": (time.perf_counter() - t_start) * 1000.0, "gradients": total_grad_ms}
         return QueryResult(

@@ -76,6 +76,18 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or cache/ under the repository)")
 
 
+class OnlyOnce(argparse.Action):
+    """An option that may be given once: a second ``--query`` silently replaced the first (QA round 20), and
+    a script that meant to ask two queries got one answer and exit 0."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {values!r}); one "
+                         "query per call: for many images use group/reverse --queries or a Python session "
+                         "(README, 'From Python')")
+        setattr(namespace, self.dest, values)
+
+
 def parse_damping(specs: list[str] | None) -> dict[str, float]:
     """``--damping NAME=VALUE`` (repeatable) -> {name: value}.
 
@@ -98,6 +110,8 @@ def parse_damping(specs: list[str] | None) -> dict[str, float]:
         if METHODS[name].kind != "influence":
             raise ValueError(f"--damping {spec!r}: {name} has no damping (it is a {METHODS[name].kind}, not an "
                              "influence method)")
+        if name in out:  # the last one silently won (QA round 20)
+            raise ValueError(f"--damping {spec!r}: {name}'s damping is given twice")
         if not METHODS[name].takes_damping():
             raise ValueError(f"--damping {spec!r}: {name} has no damping (its scores do not depend on one)")
         try:
@@ -318,7 +332,9 @@ def add_query(sub: argparse._SubParsersAction) -> None:
         "loss), tau_i = (1/N) grad m^T (G + lambda I)^-1 grad l_i. clip and pixel are similarities.",
     )
     p.add_argument(
-        "--query", required=True, help="gallery:N | train:N | image:PATH (PNG/JPEG) | generate:SEED"
+        "--query", required=True, action=OnlyOnce,
+        help="gallery:N | train:N | image:PATH (PNG/JPEG) | generate:SEED; one per call (many images: "
+        "group/reverse --queries, or a Python session, README 'From Python')",
     )
     p.add_argument(
         "--measurement",
@@ -375,7 +391,11 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     labels = session.labels
     settings = result_settings(session, result)
-    if args.scores_out:
+    scored = any(r.status == "ok" for r in result.methods.values())
+    for name, r in result.methods.items():  # on stderr too, as group says it (QA 20: --json hid it in the JSON);
+        if r.status not in ("ok", "error"):  # a failure ("error") the engine has said already
+            print(f"warning: {name} {r.status}: {r.reason}", file=sys.stderr)
+    if args.scores_out and scored:  # no file when nothing scored: a Makefile would take it as done (QA 20)
         write_scores(Path(args.scores_out), result, labels, settings)
     if args.json:  # each method's damping and the draws are in it already; the model and the cache settings too
         out = {"model": settings["model"], **result.to_json(args.top_k, labels),

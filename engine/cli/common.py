@@ -105,9 +105,34 @@ def check_output_file(path: Path, flag: str) -> None:
 
 
 def fail(e: Exception) -> int:
-    """A clear one-line error on stderr and exit status 2 (bad input, missing cache, ...)."""
+    """A clear one-line error on stderr and exit status 2 (bad input, missing cache, ...); with
+    ATTRIBUTION_DEBUG set, the traceback too (QA round 20: handlers that caught their own errors printed
+    the one line even then, although the README promises the traceback)."""
+    import os
+    import traceback
+
+    if os.environ.get("ATTRIBUTION_DEBUG"):
+        traceback.print_exception(e, file=sys.stderr)
     print(f"error: {e}", file=sys.stderr)
     return 2
+
+
+class Terminated(Exception):
+    """SIGTERM (``timeout``, a job scheduler, ``docker stop``) turned into an exception, so that it ends a
+    command as Ctrl-C does: one line on stderr, exit 143, and the same resumable state."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+INTERRUPTED = {  # how a command ended by a signal says so, and whether rerunning it continues the work
+    "build": "rerun the same command to resume the build",
+    "lds": "rerun the same command to resume (finished models and measurements are kept)",
+    "retrain-top": "rerun the same command to resume (finished models are kept)",
+    "group-retrain": "rerun the same command to resume (finished models are kept)",
+    "train": "rerun the same command to resume from the last checkpoint",
+}
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -127,14 +152,22 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run_handler(args: argparse.Namespace) -> int:
     """Run a subcommand's handler; user errors become ``error: ...`` on stderr and exit status 2."""
     import os
+    import signal
+    import threading
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    command = getattr(args, "command", "") or ""
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a pipe's reader that stopped early shows here, not at the interpreter's exit
         return code
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        # on a line of its own (a progress bar may be mid-line on stderr); a command with no work to resume
+        # (a query, a sample) is simply stopped
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"\n{what}" + (f"; {INTERRUPTED[command]}" if command in INTERRUPTED else ""), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # `... | head`: the reader has what it wanted; no "error: Broken pipe" line
         _silence_stdout()
         return 141  # 128 + SIGPIPE, as a shell command cut off by the pipe

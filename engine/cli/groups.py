@@ -252,15 +252,23 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
         return fail(e)
     base = training_flag_rate(session.dataset.images)
     if args.json:
+        from ..attribution.provenance import session_settings
+
         print(jsonio.dumps({
             "queries": result.qset.name,
+            "queries_key": result.qset.key,
             "method": names[0],
+            # what the shares were computed with, as group and reverse say it (QA round 20: two runs at two
+            # dampings could not be told apart)
+            "damping": result.methods[names[0]].damping,
+            "measurement": result.measurement_of(names[0]),
             "flagged": sum(r.near_copy for r in rows),
             "training_flag_rate": base,
             "rows": [r.to_dict() for r in rows[: args.top_k]],
             "caveat": CAVEAT,
             **({"note": "the shares come from the compressed bank's estimates (approximate)"}
                if result.note(names[0]) else {}),
+            **session_settings(session),
         }, indent=2))
         return 0
     flagged = sum(r.near_copy for r in rows)

@@ -40,7 +40,24 @@ def warn_plugin_problems() -> None:
         print(f"warning: {problem}", file=sys.stderr)
 
 
+def engine_warnings_on_stderr() -> None:
+    """The engine's warnings (a method that failed while the others answered) as ``warning:`` lines on stderr,
+    like the CLI's own; the traceback only with ATTRIBUTION_DEBUG.  Once per process; a handler the host set
+    up already (a test, a notebook) is left as it is."""
+    import logging
+
+    logger = logging.getLogger("engine")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
+    engine_warnings_on_stderr()
     warn_plugin_problems()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,0 +1,55 @@
+"""How a command ends on a signal or an error, as a script or a job scheduler sees it (QA round 20)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.cli.parser import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_attribution_debug_shows_the_traceback_of_an_error_a_handler_caught_itself(monkeypatch, capsys):
+    """The README promises the traceback with ATTRIBUTION_DEBUG; handlers that catch their own errors printed
+    only the one line even then."""
+    monkeypatch.delenv("ATTRIBUTION_DEBUG", raising=False)
+    assert main(["reverse", "--train", "3", "--top-k", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith("error: --top-k must be at least 1") and "Traceback" not in err
+    monkeypatch.setenv("ATTRIBUTION_DEBUG", "1")
+    assert main(["reverse", "--train", "3", "--top-k", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().endswith("error: --top-k must be at least 1")
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_command_with_one_line_and_exit_143(tmp_path):
+    """SIGTERM (timeout, SLURM, docker stop) ended a command silently with 143 and its progress bar mid-line;
+    now it says so on a line of its own, as Ctrl-C does, and writes no partial output file."""
+    out = tmp_path / "s.npz"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "sample", "--preset", "digits", "--n", "256",
+                             "--seed", "0", "--out", str(out)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    err = ""
+    while time.time() < deadline:  # wait until sampling has started (its bar is on stderr), then terminate
+        time.sleep(1.0)
+        if proc.poll() is not None:
+            break
+        if "sampling" in (err := err + os.read(proc.stderr.fileno(), 65536).decode(errors="replace")):
+            break
+    assert proc.poll() is None, f"sampling ended before the signal: {err}"
+    proc.send_signal(signal.SIGTERM)
+    rest, tail = proc.communicate(timeout=60)
+    err += tail
+    assert proc.returncode == 143, err
+    assert "\nterminated" in err and "Traceback" not in err
+    assert not out.exists()
