@@ -9,6 +9,7 @@ import pytest
 from test_session import tiny_checkpoint
 
 import engine.attribution.session
+from engine.attribution.methods.base import FixedScores
 from engine.cli.parser import main
 
 SMALL = ["--mc-samples", "4", "--trak-dim", "32"]
@@ -247,30 +248,18 @@ def test_an_influence_method_with_non_finite_scores_is_refused_on_the_group_path
     (invalid JSON) and `reverse` ranked the NaN rows first. The matrix path now refuses them as a query does,
     naming the method's code (it keeps no cache, so "rebuild the cache" would not help); the other method's
     answer is strict JSON."""
-    from engine.attribution.methods import register, unregister
-    from engine.attribution.methods.base import AttributionMethod, FixedScores
+    from distance_methods import PixelDistance
 
-    class Distance(AttributionMethod):
-        name, title, kind, needs_gradient = "distance", "Distance", "influence", False
+    from engine.attribution.methods import register, unregister
+
+    class Distance(PixelDistance):
         nan_every = 0
 
-        def build(self, ctx, progress=None):
-            return None
-
-        def is_built(self, ctx):
-            return True
-
-        def query_measurement(self, measurement):
-            return None
-
         def prepare(self, ctx, query, query_grad):
-            scores = -((ctx.dataset.images.flatten(1) - query.image.flatten()[None]) ** 2).mean(1).numpy()
+            scores = -self.distances(ctx, query)
             if self.nan_every:
                 scores[:: self.nan_every] = np.nan
             return FixedScores(scores=scores.astype(np.float32))
-
-        def score(self, prepared, damping=None):
-            return prepared.scores
 
     class HalfNaN(Distance):
         name, title, nan_every = "halfnan", "Half NaN", 2
@@ -295,24 +284,15 @@ def test_an_influence_method_with_non_finite_scores_is_refused_on_the_group_path
 def test_copy_check_json_says_what_its_shares_were_computed_with(cli):
     """QA round 20: copy-check --json carried no damping, model or settings, so two runs at two dampings
     could not be told apart; it now carries them as group and reverse do."""
+    from distance_methods import PixelDistance
+
     from engine.attribution.methods import register, unregister
-    from engine.attribution.methods.base import AttributionMethod, FixedScores
 
-    class Near(AttributionMethod):
-        name, title, kind, needs_gradient, damping_default = "near", "Near", "influence", False, 0.5
-
-        def build(self, ctx, progress=None):
-            return None
-
-        def is_built(self, ctx):
-            return True
-
-        def query_measurement(self, measurement):
-            return None
+    class Near(PixelDistance):
+        name, title, damping_default = "near", "Near", 0.5
 
         def prepare(self, ctx, query, query_grad):
-            d = ((ctx.dataset.images.flatten(1) - query.image.flatten()[None]) ** 2).mean(1).numpy()
-            return FixedScores(scores=(1.0 / (d + 1e-3)).astype(np.float32))
+            return FixedScores(scores=(1.0 / (self.distances(ctx, query) + 1e-3)).astype(np.float32))
 
         def score(self, prepared, damping=None):
             return prepared.scores / (self.default_damping if damping is None else damping)

@@ -7,44 +7,22 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from distance_methods import PixelDistance
 from test_session import TINY_ATTRIBUTION, tiny_checkpoint
 
 import engine.attribution.session
 from engine.attribution.methods import METHODS, method_names, parse_methods, register, unregister
-from engine.attribution.methods.base import AttributionMethod, FixedScores, Prepared, QueryInput, no_progress
 from engine.attribution.session import AttributionSession
 from engine.cli.parser import main
 
 SHIPPED = ["kfac", "trak", "dtrak", "clip", "pixel"]
 
 
-class ToyDistance(AttributionMethod):
+class ToyDistance(PixelDistance):
     """Minus the mean squared pixel distance to the query: a stand-in "influence" in one class."""
 
     name = "toy"
     title = "Toy distance"
-    kind = "influence"
-    caption = "minus the squared pixel distance (a test method)"
-    needs_gradient = False
-
-    def build(self, ctx, progress=no_progress) -> None:
-        return None
-
-    def is_built(self, ctx) -> bool:
-        return True
-
-    def query_measurement(self, measurement):
-        return None
-
-    def prepare(self, ctx, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
-        x = ctx.dataset.images.flatten(1)
-        d = ((x - query.image.flatten()[None]) ** 2).mean(1)
-        return FixedScores(scores=(-d).numpy().astype(np.float32))
-
-    def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
-        assert isinstance(prepared, FixedScores)
-        return prepared.scores
 
 
 @pytest.fixture
@@ -310,38 +288,22 @@ def test_the_methods_command_lists_a_dropped_in_file_without_importing_it(droppe
 
 
 DAMPED = '''
-import numpy as np
+from distance_methods import PixelDistance
 
 from . import register
-from .base import AttributionMethod, FixedScores, no_progress
 
 
 @register
-class Damped(AttributionMethod):
+class Damped(PixelDistance):
     name = "damped"
     order = 1003
     title = "Damped distance"
     kind = "influence"
-    needs_gradient = False
     damping_default = 0.5
     damping_range = (1e-3, 1e2)
 
-    def build(self, ctx, progress=no_progress):
-        return None
-
-    def is_built(self, ctx):
-        return True
-
-    def query_measurement(self, measurement):
-        return None
-
-    def prepare(self, ctx, query, query_grad):
-        d = ((ctx.dataset.images.flatten(1) - query.image.flatten()[None]) ** 2).mean(1)
-        return FixedScores(scores=(-d).numpy().astype(np.float32))
-
     def score(self, prepared, damping=None):
-        lam = self.default_damping if damping is None else float(damping)
-        return prepared.scores / lam
+        return prepared.scores / (self.default_damping if damping is None else float(damping))
 '''
 
 
