@@ -213,21 +213,23 @@ def _titles(info: dict, names: list[str]) -> str:
 
 
 def unevaluated_note(names: list[str], evaluated: set[str], info: dict, command: str,
-                     unavailable: set[str] = frozenset()) -> str:
-    """Which of the server's methods no LDS record holds (a method added since, CLIP without its weights),
-    and how to evaluate them: otherwise a new method was simply absent from the page (QA round 19).  A
-    method that cannot run on this server gets no command (its LDS run would fail here)."""
+                     unavailable: set[str] = frozenset()) -> tuple[str, str]:
+    """Which of the server's methods no LDS record holds (a method added since, CLIP without its weights), in
+    words for the page, and the command that evaluates them, for its Details: otherwise a new method was simply
+    absent from the page (QA round 19).  A method that cannot run on this server gets no command (its LDS
+    run would fail here).  ("", "") when every method has a record."""
     missing = [n for n in names if n not in evaluated]
     if not missing:
-        return ""
+        return "", ""
     runnable = [n for n in missing if n not in unavailable]
-    it = "it" if len(runnable) == 1 else "them"
-    parts = [f"{_titles(info, runnable)} (no LDS record holds {it}; `{command} --methods {','.join(runnable)}` "
-             f"adds {it})"] if runnable else []
     idle = [n for n in missing if n in unavailable]
+    parts = [_titles(info, runnable)] if runnable else []
     if idle:
         parts.append(f"{_titles(info, idle)}, which cannot run on this server")
-    return "Not evaluated on this model yet: " + "; ".join(parts) + "."
+    line = "Not evaluated on this model yet: " + "; ".join(parts) + "."
+    command_line = (f"`{command} --methods {','.join(runnable)}` adds an LDS of "
+                    f"{'it' if len(runnable) == 1 else 'them'}." if runnable else "")
+    return line, command_line
 
 
 def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
@@ -253,9 +255,11 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
     info = handle.session.method_info()
     evaluated = {name.partition("[")[0] for entry in entries for name in entry.methods}
     unavailable = {n for n, st_ in handle.status().items() if not st_.get("available", True)}
-    note = unevaluated_note(handle.session.method_names(), evaluated, info, handle.session.command("lds"), unavailable)
+    note, command_line = unevaluated_note(handle.session.method_names(), evaluated, info,
+                                          handle.session.command("lds"), unavailable)
     if note:
         st.caption(note)
+        plain.details([command_line])
     for entry in entries:
         meas = entry.measurement
         cfg = entry.config

@@ -215,6 +215,9 @@ class FakeSession:
     def method_names(self) -> list[str]:
         return list(METHOD_INFO)
 
+    def command(self, subcommand: str) -> str:
+        return f"attribution-engine {subcommand} --preset fake"
+
     def method(self, name: str):
         return SimpleNamespace(kind=METHOD_INFO[name]["kind"])
 
@@ -647,9 +650,9 @@ def test_the_evaluation_page_names_unevaluated_methods_and_offers_no_command_for
     from explorer.evaluation_view import unevaluated_note
 
     info = {"kfac": {"title": "K-FAC"}, "clip": {"title": "CLIP similarity"}, "gc": {"title": "Gradient cosine"}}
-    assert unevaluated_note(["kfac"], {"kfac"}, info, "attribution-engine lds") == ""
-    note = unevaluated_note(["kfac", "clip", "gc"], {"kfac"}, info, "attribution-engine lds", {"clip"})
-    assert note == ("Not evaluated on this model yet: Gradient cosine (no LDS record holds it; "
-                    "`attribution-engine lds --methods gc` adds it); CLIP similarity, which cannot run on this server.")
+    assert unevaluated_note(["kfac"], {"kfac"}, info, "attribution-engine lds") == ("", "")
+    line, command = unevaluated_note(["kfac", "clip", "gc"], {"kfac"}, info, "attribution-engine lds", {"clip"})
+    assert line == "Not evaluated on this model yet: Gradient cosine; CLIP similarity, which cannot run on this server."
+    assert command == "`attribution-engine lds --methods gc` adds an LDS of it."  # for Details, not the page's flow
     assert unevaluated_note(["clip"], set(), info, "x", {"clip"}) == \
-        "Not evaluated on this model yet: CLIP similarity, which cannot run on this server."
+        ("Not evaluated on this model yet: CLIP similarity, which cannot run on this server.", "")
