@@ -100,3 +100,17 @@ def test_a_bank_kind_is_one_file(methods_package_file, capsys, monkeypatch):
             bank_kinds.bank_kind("nope")
     finally:
         bank_kinds._KINDS.pop("zz-test", None)
+
+
+def test_the_scan_parses_one_file_at_a_time(tmp_path, monkeypatch):
+    """CI run of 2026-12-06: two page runs of the app scanned the package at once and CPython 3.11's ast.parse
+    raised "SystemError: AST constructor recursion depth mismatch" (its AST state is per interpreter, not per
+    thread). Every parse of the scan holds one lock."""
+    import ast
+
+    _write(tmp_path, "a.py", "@register\nclass A(Base):\n    name = 'a'\n")
+    held = []
+    real = ast.parse
+    monkeypatch.setattr(ast, "parse", lambda *a, **k: held.append(plugins._PARSE_LOCK.locked()) or real(*a, **k))
+    assert [d.name for d in plugins.scan_classes(tmp_path).declared] == ["a"]
+    assert held == [True]

@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import ast
 import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_ORDER = 100
+# ast.parse is not safe to run in two threads at once in CPython 3.11 ("SystemError: AST constructor recursion
+# depth mismatch"), and the app's page runs (threads) scan the package on their first run: one parse at a time
+_PARSE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,9 @@ def _parsed(package_dir: Path, problems: list[str]) -> list[tuple[Path, ast.Modu
     out = []
     for path in _modules(package_dir):
         try:
-            out.append((path, ast.parse(path.read_text(encoding="utf-8"), str(path))))
+            text = path.read_text(encoding="utf-8")
+            with _PARSE_LOCK:
+                out.append((path, ast.parse(text, str(path))))
         except (SyntaxError, UnicodeDecodeError, OSError) as e:
             where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
             problems.append(f"{path}: cannot be read{where}: {type(e).__name__}: {getattr(e, 'msg', None) or e}; "
