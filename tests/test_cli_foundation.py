@@ -157,6 +157,17 @@ def test_bench_foundation_prints_figures(tmp_path, capsys, monkeypatch):
         assert needle in out, out
     figures = json.loads((tmp_path / "b.json").read_text())
     assert figures["params"]["cifar10"] > 30_000_000 and figures["train_steps_per_s"] > 0
+    assert "over 3 steps" in out  # --steps timed steps, not one fewer
+
+
+def test_bench_foundation_refuses_what_would_fail_after_the_work(tmp_path, capsys):
+    """QA round 20: --warmup 0 --steps 1 failed after the run ("no median for empty data") and --json DIR failed
+    after it too, naming a temporary file; both are refused before any work."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench-foundation", "--warmup", "0"])
+    assert exit_.value.code == 2 and "--warmup: must be at least 1" in capsys.readouterr().err
+    assert main(["bench-foundation", "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --json {tmp_path} is a folder; give a file name"
 
 
 def test_assets_on_a_model_without_a_quality_check_says_what_it_wrote(tmp_path, tiny_preset, capsys):

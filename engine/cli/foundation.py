@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import at_least, register, resolve, subcommand
+from .common import at_least, check_output_file, fail, register, resolve, subcommand
 
 
 @register
@@ -25,15 +25,23 @@ def add_bench_foundation(sub: argparse._SubParsersAction) -> None:
         "T steps (shipped checkpoint if present, else random weights), and peak RSS memory.",
     )
     p.add_argument("--steps", type=at_least(1), default=100, help="timed training steps (default 100)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up training steps (default 10)")
+    # at least 1: a step is timed from the end of the step before, so with no warm-up the first timed step had no
+    # start and --steps 1 failed after the run ("no median for empty data", QA round 20)
+    p.add_argument("--warmup", type=at_least(1), default=10, help="untimed warm-up training steps (default 10, at least 1)")
     p.add_argument("--samples", type=at_least(1), default=16, help="number of samples to draw (default 16)")
     p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file (a file name, unlike "
+                   "the --json flag of the query commands)")
 
 
 def cmd_bench_foundation(args: argparse.Namespace) -> int:
     from ..bench.foundation import bench_foundation
 
+    try:
+        if args.json:  # checked before minutes of timing, not after (a folder failed at the end, QA round 20)
+            check_output_file(Path(args.json), "--json")
+    except ValueError as e:
+        return fail(e)
     _, ckpt, device = resolve(args)
     bench_foundation(
         ckpt, device, steps=args.steps, warmup=args.warmup, samples=args.samples, threads=args.threads,
