@@ -53,3 +53,21 @@ def test_sigterm_ends_a_command_with_one_line_and_exit_143(tmp_path):
     assert proc.returncode == 143, err
     assert "\nterminated" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_engine_warnings_go_to_the_stderr_of_the_moment(monkeypatch):
+    """The CLI's handler for the engine's warnings writes to ``sys.stderr`` as it is when a line is logged: a
+    handler holding the stream of the first ``main()`` wrote later lines (another test's, a notebook's
+    redirect) to a stream long closed."""
+    import io
+    import logging
+
+    from engine.cli.parser import engine_warnings_on_stderr
+
+    engine_warnings_on_stderr()
+    log = logging.getLogger("engine.attribution.session")
+    for text in ("one", "two"):
+        stream = io.StringIO()
+        monkeypatch.setattr("sys.stderr", stream)
+        log.warning("method %s failed", text)
+        assert stream.getvalue() == f"warning: method {text} failed\n"

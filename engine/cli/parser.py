@@ -46,10 +46,22 @@ def engine_warnings_on_stderr() -> None:
     up already (a test, a notebook) is left as it is."""
     import logging
 
+    class Stderr(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is when a line is logged, not to the stream of the first
+        ``main()`` (a test's captured stderr, long closed, when ``main`` runs again in one process)."""
+
+        @property
+        def stream(self):  # noqa: ANN202 - logging's attribute
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:  # noqa: ANN001 - StreamHandler.__init__ sets it
+            pass
+
     logger = logging.getLogger("engine")
     if logger.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = Stderr()
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING)
