@@ -208,8 +208,7 @@ def _title(info: dict, name: str) -> str:
 
 
 def _titles(info: dict, names: list[str]) -> str:
-    named = [_title(info, n) for n in names]
-    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+    return plain.and_list([_title(info, n) for n in names])
 
 
 def unevaluated_note(names: list[str], evaluated: set[str], info: dict, command: str,

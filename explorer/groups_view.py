@@ -84,7 +84,7 @@ def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, meth
         cache = handle.cache_root / "pools" if qset.name.startswith("pool") else None
         with handle.lock:
             new = attribution_matrix(
-                handle.session, qset, s.measurement, missing, {n: damping[n] for n in missing if n in damping},
+                handle.session, qset, s.measurement, missing, damping,  # each method reads its own
                 cache, progress=throttled(lambda m, f: bar.progress(f, text=m)),
                 gradient_cache=handle.group_query_gradients,
             )

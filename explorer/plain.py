@@ -68,6 +68,11 @@ def unavailable(status: str, title: str, reason: str, about: str | None) -> None
             st.markdown(reason)
 
 
+def and_list(items: list[str]) -> str:
+    """"A", "A and B", "A, B and C": a list of names in a sentence."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def sentence(clause: str) -> str:
     """A clause (the engine's caveats start lower-case, to be embedded) as a sentence of its own."""
     return clause[0].upper() + clause[1:] + "."

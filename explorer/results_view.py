@@ -113,7 +113,7 @@ def rescore_text(info: dict, before: tuple | None, after: tuple) -> str:
     changed = [f"{info.get(n, {}).get('title', n)} at damping {v:.1e}" for n, v in after if old.get(n) != v]
     if not changed:
         return "Showing the exact ranking ..."
-    return f"Re-scoring {_and(changed)} ..."
+    return f"Re-scoring {plain.and_list(changed)} ..."
 
 
 def _after_failed_build(handle: Handle, query: Query, s: Settings, result: QueryResult) -> QueryResult:
@@ -222,7 +222,7 @@ def score_legend(methods: list[tuple[str, str, str]], has_labels: bool, compact:
     for title, kind, used in methods:
         meanings.setdefault(score_meaning(kind, used), []).append(title)
     held = "training index · label · score" if has_labels else "training index · score"
-    parts = "; of ".join(f"{_and(titles)}: {meaning}" for meaning, titles in meanings.items())
+    parts = "; of ".join(f"{plain.and_list(titles)}: {meaning}" for meaning, titles in meanings.items())
     if compact:
         rest = "label and score" if has_labels else "score"
         return f"Under each image: **training index** (its {rest}: *{SCORES_TABLE}*, under the grids). Score of {parts}."
@@ -245,10 +245,6 @@ def grid_scores(result: QueryResult, names: list[str], titles: dict[str, str], d
         columns[titles[name]] = [_caption(ds, x.index, x.score, x.exact) for x in items]
     rows = [f"top {i + 1}" for i in range(top_k)] + [f"bottom {i + 1}" for i in range(top_k)]
     return pd.DataFrame(columns, index=rows[: max((len(v) for v in columns.values()), default=0)])
-
-
-def _and(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def column_note(r: MethodResult) -> str:

@@ -76,9 +76,9 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or cache/ under the repository)")
 
 
-class OnlyOnce(argparse.Action):
-    """An option that may be given once: a second ``--query`` silently replaced the first (QA round 20), and
-    a script that meant to ask two queries got one answer and exit 0."""
+class OneQuery(argparse.Action):
+    """``--query`` may be given once: a second one silently replaced the first (QA round 20), and a script
+    that meant to ask two queries got one answer and exit 0."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         if getattr(namespace, self.dest, None) is not None:
@@ -195,7 +195,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         d = declaration(name)  # None: registered by code outside the package (a script, a test)
         rows.append({"name": name, "kind": d.kind if d else None, "title": d.title if d else None,
                      "file": source_file(name)})
-    kinds = [{"name": k, "note": bank_notes().get(k)} for k in bank_modes() if k != "auto"]
+    notes = bank_notes()
+    kinds = [{"name": k, "note": notes.get(k)} for k in bank_modes() if k != "auto"]
     if args.json:
         print(jsonio.dumps({"methods": rows, "kfac_bank_kinds": kinds}, indent=2))
         return 0
@@ -332,7 +333,7 @@ def add_query(sub: argparse._SubParsersAction) -> None:
         "loss), tau_i = (1/N) grad m^T (G + lambda I)^-1 grad l_i. clip and pixel are similarities.",
     )
     p.add_argument(
-        "--query", required=True, action=OnlyOnce,
+        "--query", required=True, action=OneQuery,
         help="gallery:N | train:N | image:PATH (PNG/JPEG) | generate:SEED; one per call (many images: "
         "group/reverse --queries, or a Python session, README 'From Python')",
     )

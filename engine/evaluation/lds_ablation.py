@@ -258,7 +258,7 @@ def run_ablation(
     for variant in ABLATIONS[name]:
         session, root = variant_session(setup, variant, cache_root, baseline)
         out = setup.out / "ablation" / name / variant.label.replace("=", "")
-        rows, info = session_scores(session, queries, spec.measurement, list(variant.methods), out, log=log)
+        rows, info = session_scores(session, queries, spec.measurement, list(variant.methods), out)
         names = sorted({k for r in rows for k in r})
         table = lds_table(predicted_matrix(_rows_score_fn(rows, names), masks, len(queries)), measured)
         methods = {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -109,7 +108,6 @@ def session_scores(
     out: Path,
     sweep: bool = True,
     grid: tuple[float, ...] = SWEEP_GRID,
-    log: Callable[[str], None] = print,
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, dict[str, Any]]]:
     """Scores of every query from the session (cached per query in ``out/scores/<key>/``).
 
