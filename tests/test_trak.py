@@ -267,8 +267,14 @@ def test_trak_build_resumes_after_interruption(tmp_path, tiny_model, diffusion, 
         return real(ctx_, diffusion_, images, *args, **kwargs)
 
     monkeypatch.setattr(gradients, "train_loss_grads", recording)
-    method.build(ctx)
+    lines: list[tuple[str, float]] = []
+    method.build(ctx, progress=lambda text, frac: lines.append((text, frac)))
     assert seen == [4, 2]  # part 0 kept; parts 1 and 2 (of 4, 4, 2 images) computed
+    # the resumed build says so (as K-FAC's bank pass does), and its bar starts where the saved parts end
+    n = len(small_data.images)
+    assert lines[0] == (f"TRAK: resuming: 4/{n} examples saved by an earlier run", pytest.approx(0.9 * 4 / n))
+    fractions = [f for _, f in lines]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
     fresh = TRAK(config)
     fresh.part_size = 10
     ctx2 = _ctx(

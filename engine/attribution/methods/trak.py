@@ -245,7 +245,11 @@ class TRAK(AttributionMethod):
         shard = distributed.current()  # under torchrun: this rank's parts only (engine.distributed)
         pending = sorted({i for part in parts.values() for i in part.todo()})
         todo = shard.mine(pending)
-        for count, i in enumerate(todo):
+        left = sum(first.part_range(i).stop - first.part_range(i).start for i in pending)
+        if pending and left < n:  # parts saved by a killed run (or by K-FAC's shared pass) are not redone
+            progress(f"{self.title}: resuming: {n - left}/{n} examples saved by an earlier run", 0.9 * (n - left) / n)
+        done = n - left
+        for i in todo:
             rows = first.part_range(i)
             need = [k for k in todo_dims if not parts[k].is_done(i)]
             feats = {k: torch.empty((rows.stop - rows.start, projs[k].dim), dtype=torch.float32) for k in need}
@@ -264,7 +268,8 @@ class TRAK(AttributionMethod):
                     feats[k][sl] = projs[k].project(g).float().cpu()
             for k in need:
                 parts[k].save_part(i, {"phi": feats[k]})
-            progress(f"{self.title}: projected gradients {rows.stop}/{n}", 0.9 * (count + 1) / len(todo))
+            done += rows.stop - rows.start
+            progress(f"{self.title}: projected gradients {done}/{n}", 0.9 * done / n)
         shard.barrier()
         if not shard.is_main:
             shard.barrier()  # rank 0 eigendecomposes and publishes
