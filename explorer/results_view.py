@@ -462,6 +462,11 @@ def timings(handle: Handle, result: QueryResult, s: Settings) -> None:
     )
 
 
+def _shared_note(others: list[str], info: dict[str, dict]) -> str:
+    """A contributor's two methods over one stored artefact: each row's size is all of it (QA round 19)."""
+    return "shares its cache with " + plain.and_list([info.get(o, {}).get("title", o) for o in others]) if others else ""
+
+
 def cache_status(handle: Handle) -> None:
     session = handle.session
     info = session.method_info()
@@ -476,7 +481,7 @@ def cache_status(handle: Handle) -> None:
                 "available": st_["available"],
                 "size (MB)": round(float(st_.get("size_mb") or 0.0), 2),
                 "settings": json.dumps(st_.get("settings") or {}, sort_keys=True),
-                "note": st_.get("reason") or "",
+                "note": st_.get("reason") or _shared_note(st_.get("shares_cache_with") or [], info),
             }
         )
     st.markdown(

@@ -62,8 +62,7 @@ def test_a_query_waiting_for_another_build_says_so(query, monkeypatch):
             fcntl.flock(fd, fcntl.LOCK_EX)
             held.append(fd)
             # the other build has saved 1 of its 4 parts so far (what the waiting query reads from the disk)
-            (cache_name, cache_settings), *_ = settings["keys"]
-            folder = self._partial_folder(cache_name, cache_settings)
+            folder = self._partial_folder(name.removeprefix("build-"), settings)  # one lock per artefact
             folder.mkdir(parents=True)
             (folder / "settings.json").write_text(json.dumps({"num_parts": 4}))
             (folder / "part-00000.done").write_text("{}")

@@ -113,11 +113,10 @@ def test_a_build_that_only_waited_for_another_process_says_so(tmp_path, tiny_pre
     cfg = AttributionConfig(mc_samples=2, seed=0, trak_dim=16)
     ctx = _kfac_ctx(tmp_path, tiny_preset, tiny_model, digits_small.subset(list(range(6))), cfg)
     caches = MethodCaches({"trak": _trak(cfg)}, ctx, lambda names: "build")
-    keys = caches.methods["trak"].cache_keys(ctx)
     holding = threading.Event()
 
     def other_process() -> None:  # another open file description: flock conflicts as between processes
-        with ctx.store.lock("build-trak", {"keys": keys}):
+        with caches.build_lock("trak"):
             holding.set()
             _trak(cfg).build(ctx)
             time.sleep(1.0)

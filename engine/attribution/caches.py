@@ -16,15 +16,16 @@ methods after it would write to the same full disk.  Finished parts stay, so the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .context import EngineContext
 from .methods.base import AttributionMethod, Progress, Unavailable, no_progress
 from .store import CacheRootError, StaleCacheError
-from .store_files import DiskFullError, disk_full_error
+from .store_files import DiskFullError, disk_full_error, settings_digest
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,30 @@ class MethodCaches:
             log.debug("size_mb failed for %s", name, exc_info=True)
             return 0.0
 
+    def _artefacts(self, name: str) -> dict[str, tuple[str, dict[str, Any]]]:
+        """folder -> (name, settings) of the store artefacts a method uses now ({} without a store)."""
+        if self.ctx.store is None:
+            return {}
+        try:
+            keys = self.methods[name].cache_keys(self.ctx)
+        except Exception:  # noqa: BLE001 - informative only (a method that cannot say its keys shares nothing)
+            log.debug("cache_keys failed for %s", name, exc_info=True)
+            return {}
+        return {str(self.ctx.store.path(n, s)): (n, s) for n, s in keys}
+
+    def shared_caches(self, names: list[str]) -> dict[str, list[str]]:
+        """name -> the other methods of ``names`` that use one of its artefacts (a contributor's two scores
+        of one stored feature set, QA round 19: each row's size is the whole artefact, so a total adds it once)."""
+        folders = {n: set(self._artefacts(n)) for n in names}
+        return {n: [o for o in names if o != n and folders[n] & folders[o]] for n in names}
+
+    def total_size_mb(self, names: list[str]) -> float:
+        """Disk size of every artefact the methods ``names`` use now, each counted once."""
+        unique: dict[str, tuple[str, dict[str, Any]]] = {}
+        for n in names:
+            unique.update(self._artefacts(n))
+        return float(sum(self.ctx.store.size_mb(k, s) for k, s in unique.values())) if unique else 0.0
+
     def recorded_build_seconds(self, name: str) -> float | None:
         """Build time stored with a method's current caches when they were built."""
         try:
@@ -109,6 +134,8 @@ class MethodCaches:
         """name -> {"built", "available", "reason", "settings", "size_mb"}, for ``names`` (default: every
         method; a subset skips the others' checks, e.g. CLIP's open_clip import, seconds)."""
         out: dict[str, dict] = {}
+        listed = [n for n in self.methods if names is None or n in names]
+        sharing = self.shared_caches(listed)
         for name, m in self.methods.items():
             if names is not None and name not in names:
                 continue
@@ -126,6 +153,7 @@ class MethodCaches:
                 "reason": reason,
                 "settings": self._settings(name),
                 "size_mb": self._size_mb(name) if built else 0.0,
+                "shares_cache_with": sharing[name],
             }
         return out
 
@@ -226,12 +254,13 @@ class MethodCaches:
                    while_waiting: Callable[[float, float, str], None] | None = None):
         """Cross-process lock of one method's cache entries (none under torchrun: ranks build together).
 
+        One lock per artefact (``cache_keys`` entry), taken in a fixed order, not one per method: two
+        methods that share an artefact (a contributor's two scores of one stored feature set, QA round 19)
+        then wait for each other instead of building it twice at once, and no two builders can deadlock.
         The cache root is checked here, when the lock is asked for, not when it is entered: so a build
         on an unwritable root fails before it says it is waiting for another build.  ``while_waiting(seconds,
         fraction, words)``: called every few seconds while another process builds, with how far that build
         has got on disk (``Store.build_progress``)."""
-        import contextlib
-
         from .. import distributed
 
         keys = self.methods[name].cache_keys(self.ctx)
@@ -249,8 +278,7 @@ class MethodCaches:
                 fraction, words = 0.0, ""
             while_waiting(seconds, fraction, words)
 
-        return store.lock(f"build-{name}", {"keys": keys}, on_wait=on_wait,
-                          while_waiting=waited if while_waiting is not None else None)
+        return _all_locked(store, keys, on_wait, waited if while_waiting is not None else None)
 
     def build(self, names: list[str], progress: Progress | None = None, rebuild: bool = False) -> dict:
         """Build (or load) each method's cache; {method: {"seconds", "size_mb", "status"[, "reason"]}}.
@@ -364,3 +392,23 @@ class MethodCaches:
             out[name] = time.perf_counter() - t0
         return out
 
+
+
+@contextlib.contextmanager
+def _all_locked(store: Any, keys: list[tuple[str, dict[str, Any]]], on_wait: Callable[[], None] | None,
+                while_waiting: Callable[[float], None] | None) -> Iterator[bool]:
+    """Hold ``Store.lock`` of every artefact in ``keys`` (``build-<name>-<settings digest>``), taken in
+    sorted order so that two builders of overlapping sets cannot each hold what the other waits for;
+    ``on_wait`` is called once, at the first lock another process holds."""
+    told: list[bool] = []
+
+    def first_wait() -> None:
+        if not told and on_wait is not None:
+            told.append(True)
+            on_wait()
+
+    tags = sorted({(key, settings_digest(settings)): settings for key, settings in keys}.items())
+    with contextlib.ExitStack() as stack:
+        for (key, _), settings in tags:
+            stack.enter_context(store.lock(f"build-{key}", settings, on_wait=first_wait, while_waiting=while_waiting))
+        yield True

@@ -297,13 +297,17 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
     print()
     print(f"{'method':8} {'status':12} {'seconds':>9} {'size MB':>9}  note")
+    built = [n for n, s in summary.items() if s["status"] == "ok"]
+    one_cache = session.caches.shared_caches(built)  # a contributor's two methods over one stored artefact
     for name, s in summary.items():
         note = s.get("reason") or ""
         if not note and s["status"] == "ok":
             note = build_note(name, s, summary, fed_by, shared, sharing_words)
+        if one_cache.get(name):
+            note = "; ".join(filter(None, [note, f"shares its cache with {', '.join(one_cache[name])} (counted once in the total)"]))
         print(f"{name:8} {s['status']:12} {s['seconds']:9.1f} {s['size_mb']:9.2f}  {note}")
     total_s = sum(s["seconds"] for s in summary.values())
-    total_mb = sum(s["size_mb"] for s in summary.values())
+    total_mb = session.caches.total_size_mb(built)  # each artefact once, however many methods read it
     print(f"{'total':8} {'':12} {total_s:9.1f} {total_mb:9.2f}  cache: {session.store.base}")
     # a method asked for by name that cannot be built (CLIP without its weights) is a failure; left to the
     # default "all methods" it is a notice, so a plain `build` on a machine without CLIP still succeeds
