@@ -66,7 +66,8 @@ def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
                        "--auto-build", "--json")
     assert rc == 0, err
     res = json.loads(out)
-    assert set(res) == {"group", "measurement", "methods", "model", "mc_samples", "attribution"}
+    assert set(res) == {"group", "measurement", "queries", "queries_key", "methods", "model", "mc_samples", "attribution"}
+    assert res["queries"] == "gallery" and res["queries_key"].startswith("gallery-")  # no pool seed: not a pool
     assert res["model"]["num_train"] == 64 and res["mc_samples"] == res["attribution"]["mc_samples"] == 4
     assert res["group"] == {"spec": "label:3", "size": int((digits_small.labels == 3).sum())}
     assert res["measurement"] == "loss" and set(res["methods"]) == {"kfac", "trak", "dtrak"}
@@ -145,6 +146,40 @@ def test_reverse_json_on_a_pool_ranks_by_the_training_image_score(cli, pools):
     assert changes == sorted(changes, reverse=True)
     assert any(p.name.startswith("pool_") for p in pools.iterdir())  # the pool was cached
     assert any(p.name.startswith("matrix_") for p in pools.iterdir())  # and its matrix
+
+
+def test_a_pool_sample_the_group_commands_name_can_be_queried_on_its_own(cli, pools):
+    """QA round 20: group/reverse/copy-check name pool samples ``pool:I`` but their JSON had no pool seed
+    (group's not even the set), and ``query --query pool:I`` was refused, so a script could not follow up
+    a flagged sample.  Now every pool JSON says its seed and key, and the query scores the very image."""
+    rc, out, err = cli("reverse", "--train", "17", "--queries", "pool:4", "--pool-seed", "3", "--pool-dir",
+                       str(pools), "--top-k", "4", "--methods", "kfac", "--auto-build", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert (res["queries"], res["pool_seed"]) == ("pool:4", 3) and res["queries_key"].endswith("-s3-n4")
+    rc, out, err = cli("group", "--remove", "train:17", "--queries", "pool:4", "--pool-seed", "3", "--pool-dir",
+                       str(pools), "--methods", "kfac", "--json")
+    assert rc == 0, err
+    assert {k: json.loads(out)[k] for k in ("queries", "queries_key", "pool_seed")} == {
+        k: res[k] for k in ("queries", "queries_key", "pool_seed")}
+    rc, out, err = cli("group", "--remove", "train:17", "--queries", "pool:4", "--pool-seed", "3", "--pool-dir",
+                       str(pools), "--methods", "kfac")
+    assert rc == 0 and "queries pool:4 (pool seed 3)" in out, out
+    last = res["methods"]["kfac"]["top"][-1]  # the least supported of the four: any of them must do
+    rc, out, err = cli("query", "--query", last["query"], "--pool-seed", "3", "--pool-dir", str(pools),
+                       "--methods", "kfac", "--top-k", "64", "--json")
+    assert rc == 0, err
+    q = json.loads(out)
+    assert q["query"]["spec"] == last["query"] and any("pool seed 3" in n for n in q["query"]["notes"])
+    score17 = [t["score"] for t in q["methods"]["kfac"]["top"] if t["index"] == 17]
+    assert score17 == [pytest.approx(last["change"], rel=1e-4)]  # removing train:17 changes it by its score
+    # no pool of that seed cached: said, with how to draw one; a pool option without a pool query: refused
+    rc, out, err = cli("query", "--query", "pool:1", "--pool-seed", "7", "--pool-dir", str(pools))
+    assert rc == 2 and "no cached pool of seed 7" in err and "--queries pool:N --pool-seed 7" in err, err
+    rc, out, err = cli("query", "--query", "gallery:0", "--pool-seed", "3")
+    assert rc == 2 and "go with --query pool:N" in err, err
+    rc, out, err = cli("query", "--query", "pool:4", "--pool-seed", "3", "--pool-dir", str(pools))
+    assert rc == 2 and "holds sample 4" in err, err
 
 
 def test_group_and_reverse_json_record_each_methods_damping(cli):

@@ -103,6 +103,7 @@ class GroupResult:
         return {
             "group": self._group_json(),
             "measurement": self.measurement,
+            **self.qset.identity(),
             "methods": {
                 name: {
                     "queries": [
@@ -126,7 +127,7 @@ class GroupResult:
         return {
             "group": self._group_json(),
             "measurement": self.measurement,
-            "queries": self.qset.name,
+            **self.qset.identity(),
             "methods": {
                 name: {"top": [vars(s) for s in self.ranking(name, top_k)], "damping": self.methods[name].damping,
                        "measurement": self.measurement_of(name),

@@ -65,6 +65,12 @@ class QuerySet:
     key: str  # identity of the images (cache key of their matrices)
     seconds: float = 0.0  # time to draw them in this call (0 when loaded from the cache)
     drawn_seconds: float = 0.0  # time it took to draw them when they were drawn (recorded in the cache)
+    seed: int | None = None  # a generated pool's seed (None: the gallery)
+
+    def identity(self) -> dict[str, Any]:
+        """What names these queries in an export: the set, its images' key and, for a pool, its seed, so a
+        script can ask about one of them again (``query --query pool:I --pool-seed S``; QA round 20)."""
+        return {"queries": self.name, "queries_key": self.key, **({"pool_seed": self.seed} if self.seed is not None else {})}
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -183,7 +189,43 @@ def generate_pool(
         lab = None if labels[i] < 0 else int(labels[i])
         notes = [f"pool sample {i} (pool seed {seed}, {n} samples)"]
         queries.append(QueryInput(image=images[i], trajectory=None, description=f"pool:{i}", label=lab, notes=notes))
-    return QuerySet(f"pool:{n}", queries, f"pool-{session.checkpoint_hash}-s{seed}-n{n}", seconds, drawn)
+    return QuerySet(f"pool:{n}", queries, f"pool-{session.checkpoint_hash}-s{seed}-n{n}", seconds, drawn, int(seed))
+
+
+def pool_query(session: Any, index: int, seed: int = 0, pool_dir: str | Path | None = None, n: int | None = None,
+               progress: bool | Progress = True) -> QueryInput:
+    """Sample ``index`` of the generated pool of ``seed`` (``pool:I`` in group, reverse and copy-check output),
+    as one query: a sample those commands flagged can be looked at on its own.
+
+    It is read from the cached pool, the very image their scores were computed on.  Sample i depends only
+    on (seed, i), but a pool drawn in other batches may differ from it in the last float bits, so with
+    cached pools of several sizes holding it ``n`` must say which; with ``n`` the pool of that size is
+    used, drawn first if it is not cached."""
+    folder = Path(pool_dir) if pool_dir is not None else Path(session.cache_root) / "pools"
+    if index < 0:
+        raise PoolError(f"pool sample index must be 0 or more, got {index}")
+    if n is None:
+        sizes = sorted(
+            int(f.stem.rsplit("_n", 1)[1]) for f in folder.glob(f"pool_{session.checkpoint_hash}_s{int(seed)}_n*.npz")
+            if f.stem.rsplit("_n", 1)[1].isdigit()
+        )
+        holding = [k for k in sizes if k > index]
+        if not holding:
+            raise PoolError(
+                f"no cached pool of seed {seed} of this model in {folder} holds sample {index}"
+                + (f" (sizes cached: {', '.join(map(str, sizes))})" if sizes else "")
+                + f": draw one with `group`/`reverse --queries pool:N --pool-seed {seed}`, or give the size "
+                "(--pool-size N) to draw it here"
+            )
+        if len(holding) > 1:
+            raise PoolError(
+                f"pools of seed {seed} of sizes {', '.join(map(str, holding))} hold sample {index}; say which "
+                "with --pool-size N (the same sample drawn in other batches may differ in its last float bits)"
+            )
+        n = holding[0]
+    if not 0 <= index < n:
+        raise PoolError(f"pool sample index {index} out of range 0..{n - 1} for a pool of {n}")
+    return generate_pool(session, n, seed, folder, progress).queries[index]
 
 
 def _classify(session: Any, images: torch.Tensor) -> np.ndarray:

@@ -240,6 +240,9 @@ class QuerySources:
             raise QueryError(f"bad query {spec!r}: {usage}")
         if kind == "image":
             return self._query_from_path(Path(arg).expanduser())
+        if kind == "pool":  # a pool lives in a folder of the cache root, which the model's sources do not know
+            raise QueryError(f"{spec!r} names a sample of a generated pool: use `query --query {spec} --pool-seed S` "
+                             "or engine.attribution.pool.pool_query(session, I, seed)")
         if kind not in ("gallery", "train", "generate"):
             raise QueryError(f"bad query kind {kind!r} in {spec!r}: {usage}")
         try:

@@ -19,7 +19,7 @@ from ..attribution.methods import METHODS, method_names, parse_methods
 from ..attribution.signs import end_signs
 from ..config import SETTING_FLAGS, AttributionConfig
 from ..validation import DRAW_MODES, SHARED_DRAW_MODES, check_damping
-from .common import build_progress, check_output_file, fail, register, resolve, subcommand
+from .common import at_least, build_progress, check_output_file, fail, register, resolve, subcommand
 
 if TYPE_CHECKING:  # the parser must not import torch (tests/test_architecture.py)
     from ..attribution.session import AttributionSession
@@ -338,9 +338,16 @@ def add_query(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--query", required=True, action=OneQuery,
-        help="gallery:N | train:N | image:PATH (PNG/JPEG) | generate:SEED; one per call (many images: "
-        "group/reverse --queries, or a Python session, README 'From Python')",
+        help="gallery:N | train:N | image:PATH (PNG/JPEG) | generate:SEED | pool:N (sample N of the pool of "
+        "--pool-seed that group/reverse/copy-check drew); one per call (many images: group/reverse --queries, "
+        "or a Python session, README 'From Python')",
     )
+    p.add_argument("--pool-seed", type=int, default=None, help="with --query pool:N: the pool's seed (default 0)")
+    p.add_argument("--pool-size", type=at_least(1), default=None,
+                   help="with --query pool:N: the pool's size, when pools of several sizes are cached (drawn if "
+                   "not cached)")
+    p.add_argument("--pool-dir", default=None,
+                   help="with --query pool:N: the folder of generated pools (default: <cache root>/pools)")
     p.add_argument(
         "--measurement",
         default="loss",
@@ -369,6 +376,23 @@ def add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scores-out", default=None, help="write every method's full score vector to this .npz")
 
 
+def _parse_query(session, args: argparse.Namespace):
+    """``--query``; ``pool:I`` is sample I of a generated pool (``engine.attribution.pool.pool_query``), as the
+    group commands name it, so a script can follow up one of their rows (QA round 20)."""
+    kind, _, arg = args.query.strip().partition(":")
+    if kind.lower() != "pool":
+        if args.pool_seed is not None or args.pool_size is not None or args.pool_dir is not None:
+            raise ValueError("--pool-seed, --pool-size and --pool-dir go with --query pool:N")
+        return session.parse_query(args.query)
+    from ..attribution.pool import pool_query
+
+    try:
+        index = int(arg)
+    except ValueError:
+        raise ValueError(f"bad pool sample {arg!r} in {args.query!r}: expected pool:N, e.g. pool:17") from None
+    return pool_query(session, index, args.pool_seed or 0, args.pool_dir, args.pool_size)
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     try:
         methods = parse_methods(args.methods)
@@ -382,7 +406,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         # the query runs first, so that a bad measurement or query is refused before minutes of building
         # (review of QA round 12); ``build_missing`` then builds with a progress bar on stderr
         session = open_session(args)
-        query = session.parse_query(args.query)
+        query = _parse_query(session, args)
         result = session.query(query, args.measurement, methods=methods, damping=damping)
         if args.auto_build and session.build_missing(methods):
             result = session.query(query, args.measurement, methods=methods, damping=damping)

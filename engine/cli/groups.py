@@ -79,6 +79,11 @@ def _run_group(args: argparse.Namespace, group_specs: list[str]):
     return session, [dataclasses.replace(result, group=g) for g in groups]
 
 
+def _set_words(qset) -> str:
+    """``pool:256 (pool seed 3)``: a pool's seed is what ``query --query pool:I --pool-seed S`` needs."""
+    return qset.name + ("" if qset.seed is None else f" (pool seed {qset.seed})")
+
+
 def _print_json(objs: list[dict], session=None) -> None:
     """One group's object as before; several (``--remove`` repeated): ``{"groups": [one per group]}``.  With
     ``session``, each object also says which model scored it, with how many draws and which cache settings
@@ -128,7 +133,7 @@ def cmd_group(args: argparse.Namespace) -> int:
     for n, result in enumerate(results):
         g = result.group
         print(("\n" if n else "") + f"group {g.spec}: {g.description}; measurement {result.measurement}; "
-              f"queries {result.qset.name}")
+              f"queries {_set_words(result.qset)}")
         if size_note := result.size_caveat():
             print(f"caveat: {size_note}")
         for name in result.ok():
@@ -185,7 +190,7 @@ def cmd_reverse(args: argparse.Namespace) -> int:
         return 0
     for n, result in enumerate(results):
         print(("\n" if n else "") + f"what {result.group.spec} supports most ({result.group.description}); "
-              f"queries {result.qset.name}")
+              f"queries {_set_words(result.qset)}")
         if size_note := result.size_caveat():
             print(f"caveat: {size_note}")
         for name in result.ok():
@@ -255,8 +260,7 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
         from ..attribution.provenance import session_settings
 
         print(jsonio.dumps({
-            "queries": result.qset.name,
-            "queries_key": result.qset.key,
+            **result.qset.identity(),
             "method": names[0],
             # what the shares were computed with, as group and reverse say it (QA round 20: two runs at two
             # dampings could not be told apart)
