@@ -78,7 +78,7 @@ class AttributionConfig:
     seed: int = 0
     kfac_damping: float = 1e-8
     # None: the authors' best values on TRAK's unnormalised scale divided by the training-set
-    # size N (DESIGN.md 4), resolved by ``trak_default_damping`` once N is known
+    # size N (docs/architecture.md §4), resolved by ``trak_default_damping`` once N is known
     trak_damping: float | None = None
     dtrak_damping: float | None = None
     fisher_type: str = "mc"  # mc | empirical
@@ -140,7 +140,7 @@ SETTING_FLAGS = {
 
 
 # The authors' best TRAK / D-TRAK dampings on TRAK's unnormalised scale (sum over examples);
-# ours is on the scale of G for the mean loss, i.e. these divided by N (DESIGN.md 4).
+# ours is on the scale of G for the mean loss, i.e. these divided by N (docs/architecture.md §4).
 TRAK_UNNORMALISED_DAMPING = {"trak": 1e-1, "dtrak": 1.0}
 
 

@@ -1,6 +1,6 @@
 """Checks of user-supplied numbers, done once in the engine so the CLI, the app and the API agree.
 
-Damping (DESIGN.md 4; paper eq. 6): scores are (1/N) grad m^T (G + lambda I)^{-1} grad l_i with G
+Damping (docs/architecture.md §4; paper eq. 6): scores are (1/N) grad m^T (G + lambda I)^{-1} grad l_i with G
 positive semi-definite.  lambda must be finite and > 0: lambda = 0 divides by G's zero eigenvalues
 (inf/NaN scores), lambda < 0 makes (G + lambda I) indefinite (directions with eigenvalue below
 |lambda| flip sign, so the ranking silently inverts), NaN/inf give NaN or all-zero scores.

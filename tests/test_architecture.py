@@ -4,6 +4,7 @@ docs/architecture.md describes, checked on every module.
 * no import cycles among engine modules (function-level imports count too: a cycle hidden
   in a function is still a cycle);
 * the library never imports the CLI: only ``engine.cli.*`` and ``engine.__main__`` may;
+* no module imports a layer above its own (model <- attribution <- evaluation <- bench <- cli);
 * the engine never imports the app (``explorer``);
 * only the CLI parses arguments: no library module imports ``argparse`` or exits the process
   (``sys.exit``/``SystemExit``), so a script driving the library keeps control of its errors;
@@ -185,3 +186,28 @@ def test_the_cli_parser_does_not_import_torch():
             "'--methods', 'bogus']); sys.exit(1 if 'torch' in sys.modules or rc != 2 else 0)")
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert done.returncode == 0 and "unknown method(s) bogus" in done.stderr, done.stderr
+
+
+LAYERS = ("model", "attribution", "evaluation", "bench", "cli")  # docs/architecture.md §1, lowest first
+
+
+def layer_of(mod: str) -> int:
+    """The layer of an engine module: its subpackage's place in LAYERS; a top-level module (config, paths,
+    files, jsonio, ...) sits below all of them (-1), and ``engine`` / ``engine.__main__`` above (len)."""
+    parts = mod.split(".")
+    if mod in ("engine", "engine.__main__"):
+        return len(LAYERS)
+    return LAYERS.index(parts[1]) if len(parts) >= 2 and parts[1] in LAYERS else -1
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    """model <- attribution <- evaluation <- bench <- cli, with the top-level modules below all of them:
+    a model module importing attribution (or evaluation importing bench) would make the lower layer need
+    the upper one, which the design document promises it never does."""
+    g = graph()
+    assert {layer_of(m) for m in g} >= {-1, 0, 1, 2, 3, 4}  # every layer holds modules (no silent renames)
+    upward = sorted(
+        f"{m} -> {t}" for m, targets in g.items() for t in targets
+        if t in g and t.startswith("engine.") and layer_of(t) > layer_of(m)
+    )
+    assert upward == []

@@ -276,7 +276,7 @@ def test_bench_pieces_int8_agreement_and_table(bench_session):
     queries = [s.parse_query(f"gallery:{i}") for i in range(2)] + [s.parse_query("train:7")]
     results = [s.query(q, "loss", methods=["kfac", "pixel"]) for q in queries]
     q8 = bench.int8_vs_float32(s, results)
-    assert q8["queries"] == 3 and q8["spearman_min"] >= 0.99  # DESIGN.md 4: int8 keeps the ranking
+    assert q8["queries"] == 3 and q8["spearman_min"] >= 0.99  # docs/architecture.md §4: int8 keeps the ranking
     assert 0 < q8["relative_l2_error_median"] < 0.05
     anyd, grid, exact = bench.time_rescore(s, results)
     assert set(anyd) == {"kfac"} and anyd["kfac"] > 0 and set(grid) == set(exact) == {"kfac"}

@@ -241,7 +241,7 @@ def test_factor_draws_mode_per_example_with_shared_bank_draws(tiny_preset, tiny_
 def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(
     tmp_path, tiny_preset, tiny_model, digits_small
 ):
-    """Without a stored bank (DESIGN.md 8) the scores are those of the unquantised stored bank;
+    """Without a stored bank (docs/architecture.md §8) the scores are those of the unquantised stored bank;
     streaming is chosen only when asked ("auto" compresses when the bank would exceed kfac_bank_max_gb);
     one pass serves the whole grid."""
     import copy

@@ -218,6 +218,18 @@ class FailsOnImport(PixelCosine):
     kind = "similarity"
     order = 1001
 '''
+MISSING_PACKAGE = '''
+from . import register
+from .pixel_cosine import PixelCosine
+import zz_package_nobody_installed  # noqa: F401
+
+
+@register
+class NeedsPackage(PixelCosine):
+    name = "needspackage"
+    title = "Needs a package"
+    order = 1003
+'''
 ABSTRACT = '''
 from . import register
 from .base import AttributionMethod
@@ -242,6 +254,7 @@ def test_a_broken_method_file_leaves_the_other_methods_working(
     methods_package_file("zz_test_broken_syntax", BROKEN_SYNTAX)
     methods_package_file("zz_test_fails_on_import", BROKEN_AT_IMPORT)
     methods_package_file("zz_test_abstract", ABSTRACT)
+    methods_package_file("zz_test_needs_package", MISSING_PACKAGE)
     try:
         (problem,) = plugin_problems()
         assert "zz_test_broken_syntax.py: cannot be read (line 4): SyntaxError" in problem
@@ -262,11 +275,16 @@ def test_a_broken_method_file_leaves_the_other_methods_working(
         assert bad.status == "unavailable"
         assert "engine/attribution/methods/zz_test_fails_on_import.py failed to load: NameError" in bad.reason
         assert "engine/attribution/methods/zz_test_abstract.py failed to load: TypeError" in res.methods["noscore"].reason
+        # a missing package quotes its import error, and names the file too (it did not: review of §9)
+        missing = s.query(s.parse_query("train:5"), methods=["needspackage"]).methods["needspackage"]
+        assert missing.status == "unavailable" and "cannot import the needspackage method (" in missing.reason
+        assert "zz_test_needs_package.py): No module named 'zz_package_nobody_installed'" in missing.reason
         # the CLI query of a shipped method answers, with the warning on stderr
         assert _cli_query("pixel", 9, folder, digits_small, tmp_path, monkeypatch, capsys)["top"][0]["index"] == 9
     finally:
         unregister("failsonimport")
         unregister("noscore")
+        unregister("needspackage")
 
 
 def test_the_methods_command_lists_a_dropped_in_file_without_importing_it(dropped_in_file, capsys):

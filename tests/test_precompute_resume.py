@@ -84,3 +84,16 @@ def test_rows_scored_under_other_settings_are_not_reused(tiny_app, tmp_path, mon
     with np.load(out) as z:
         assert '"mc_samples": 3' in str(z["key"])
     assert list(tmp_path.glob(".pre.npz.partial-*")) == []  # the finished file's run removes every row folder
+
+
+def test_precompute_without_a_built_cache_names_the_whole_build_command(tiny_app, tmp_path):  # noqa: F811
+    """It said "run `attribution-engine build` first", without the preset, checkpoint or cache root of the
+    session that could not find the caches (review of docs/architecture.md §10): pasted, it built elsewhere."""
+    from engine.attribution.session import AttributionSession
+
+    empty = tmp_path / "empty cache"
+    s = AttributionSession(tiny_app["ATTRIBUTION_PRESET"], tiny_app["ATTRIBUTION_CHECKPOINT"], "cpu", str(empty))
+    with pytest.raises(RuntimeError) as e:
+        write_precomputed(s, tmp_path / "out.npz", methods=["kfac", "trak"])
+    assert f"run `{s.build_command(['kfac', 'trak'])}` first" in str(e.value)
+    assert "--cache-root" in str(e.value) and "--checkpoint" in str(e.value)

@@ -1,4 +1,4 @@
-"""Random projection and the TRAK / D-TRAK baselines (DESIGN.md 5)."""
+"""Random projection and the TRAK / D-TRAK baselines (docs/architecture.md §5)."""
 
 from __future__ import annotations
 
@@ -314,7 +314,7 @@ def test_trak_with_engine_context_and_measurement_grad(
 
 @pytest.mark.parametrize("n_train", [6, 10])
 def test_default_dampings_follow_the_training_set_size(tmp_path, tiny_model, diffusion, small_data, n_train):
-    """With no damping configured, TRAK uses 0.1/N and D-TRAK 1/N for the actual N (DESIGN.md 4)."""
+    """With no damping configured, TRAK uses 0.1/N and D-TRAK 1/N for the actual N (docs/architecture.md §4)."""
     from engine.config import PRESETS, trak_default_damping
 
     data = small_data.subset(list(range(n_train)))

@@ -1,4 +1,4 @@
-"""Compressed K-FAC bank with exact re-ranking (DESIGN.md 8; issue 11).
+"""Compressed K-FAC bank with exact re-ranking (docs/architecture.md §8; issue 11).
 
 The stored bank holds N x P int8 bytes (CIFAR-10: 1.8 TB).  The compressed bank holds the
 per-layer projected gradients G~_i = P_out G_i P_in^T (engine.attribution.layer_projection) of every

@@ -2,7 +2,7 @@
 
 Two independent kinds of evidence that a generated sample reproduces a training image:
 
-1. **Concentration of influence** (from an influence method's scores tau_i(q), DESIGN.md 4):
+1. **Concentration of influence** (from an influence method's scores tau_i(q), docs/architecture.md §4):
    of the positive influence mass P = sum_i max(tau_i, 0), the share of the single largest
    score (top-1 share) and of the five largest (top-5 share).  A sample assembled from
    many training images has small shares; one that leans on one image has a large top-1 share.

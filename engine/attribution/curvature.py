@@ -25,8 +25,9 @@ Fisher types.  ``mc`` (default, paper eq. 10): B is built from output gradients 
 loss with labels sampled from the model's Gaussian likelihood implied by MSELoss,
 y ~ N(eps_theta, 1/2 I) (curvlinops' ``draw_label``; the sqrt(D) loss rescaling makes
 E[grad grad^T] = (2/D) J^T J, the GGN of (1/D)||.||^2).  Equivalently each row's pseudo
-gradient is J^T sqrt(2/D) z with z ~ N(0, I).  ``empirical`` (paper eq. 11): the true
-targets eps; by the same rescaling the per-row gradient is that of sqrt(D) * l, so the
+gradient is J^T sqrt(2/D) z with z ~ N(0, I).  ``empirical``: the true targets eps (the
+empirical Fisher of eq. 11, but per draw rather than eq. 11's draw-averaged outer product: see
+docs/architecture.md §4); by the same rescaling the per-row gradient is that of sqrt(D) * l, so the
 empirical Fisher is (1/(NM)) sum_rows D grad l_r grad l_r^T (equal in expectation to the
 GGN when residuals have the model's variance 1/2).  ``expand``/``reduce``: KFAC-expand or
 -reduce for weight-sharing layers (Eschenhagen et al. 2023; paper eq. 12).

@@ -1,4 +1,4 @@
-"""Groups of training images and the predicted effect of removing them (DESIGN.md 4).
+"""Groups of training images and the predicted effect of removing them (docs/architecture.md §4).
 
 First-order influence is additive: removing a set R of training images changes a query's
 measurement by approximately

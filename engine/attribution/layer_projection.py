@@ -1,4 +1,4 @@
-"""Factorised per-layer projections of per-example gradients (LoGra-style; DESIGN.md 8).
+"""Factorised per-layer projections of per-example gradients (LoGra-style; docs/architecture.md §8).
 
 For a Conv2d/Linear layer with weight gradient G_i (d_out x d_in; Conv2d: d_in = C_in*kh*kw
 of the unfolded input) and K-FAC factors A (inputs) and B (output gradients), the layer is

@@ -90,7 +90,7 @@ class QuerySet:
 
 @dataclass
 class MatrixResult:
-    """One method's (Q, N) score matrix over a query set (DESIGN.md sign and scale)."""
+    """One method's (Q, N) score matrix over a query set (docs/architecture.md §4: sign and scale)."""
 
     name: str
     kind: str  # influence | similarity

@@ -104,7 +104,7 @@ def write_precomputed(
     status = session.status()
     names = [n for n in (methods or session.method_names()) if status[n]["available"] and status[n]["built"]]
     if not names:
-        raise RuntimeError("no method has a built cache: run `attribution-engine build` first")
+        raise RuntimeError(f"no method has a built cache: run `{session.build_command(methods)}` first")
     items = session.gallery()
     if not items:
         raise RuntimeError(f"no gallery in {session.checkpoint}")

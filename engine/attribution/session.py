@@ -158,7 +158,9 @@ class AttributionSession:
                 m.default_damping = m.configured_damping(self.config, len(self.dataset))
                 self._methods[name] = m
             except ImportError as e:  # a missing optional dependency disables one method only
-                self._methods[name] = MissingMethod(name, f"cannot import the {name} method: {e}", declaration(name))
+                where = f" ({source_file(name)})" if source_file(name) else ""
+                self._methods[name] = MissingMethod(
+                    name, f"cannot import the {name} method{where}: {e}", declaration(name))
             except Exception as e:  # noqa: BLE001 - a broken method file disables that method only (QA round 19)
                 where = source_file(name) or f"the {name} method's module"
                 self._methods[name] = MissingMethod(

@@ -1,4 +1,4 @@
-"""The Monte Carlo draws of the training examples' gradients and curvature rows (DESIGN.md 2, 6).
+"""The Monte Carlo draws of the training examples' gradients and curvature rows (docs/architecture.md §3, §6).
 
 l(theta, x_i) = E_{t, eps, flip} (1/D) ||eps - eps_theta(x_t(flip(x_i)), t)||^2 is estimated with
 M draws per example.  Two ways to choose them (``AttributionConfig.draws``):

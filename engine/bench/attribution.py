@@ -136,7 +136,7 @@ def run_bench(
         results["warm_start_s"] = time.perf_counter() - t0
         gallery = session.gallery()
         if not gallery:
-            raise ValueError(f"no gallery.npz in {ckpt}: run `attribution-engine assets --checkpoint {ckpt}` first")
+            raise ValueError(f"no gallery.npz in {ckpt}: run `{session.command('assets')}` first")
         queries = [session.parse_query(f"gallery:{i}") for i in range(min(n_queries, len(gallery)))]
 
         t0 = time.perf_counter()

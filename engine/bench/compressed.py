@@ -320,8 +320,7 @@ def open_stored_kfac(preset_name: str, cache_root: str) -> tuple[Any, Any]:
                            config=config, auto_build=False)
     kfac = s.method("kfac")
     if not kfac.is_built(s.ctx):
-        raise RuntimeError(f"no stored K-FAC bank under {cache_root}: run `attribution-engine build --preset "
-                         f"{preset_name} --methods kfac --cache-root {cache_root}` first")
+        raise RuntimeError(f"no stored K-FAC bank under {cache_root}: run `{s.build_command(['kfac'])}` first")
     kfac.build(s.ctx)
     return s, kfac
 

@@ -1,4 +1,4 @@
-"""Scale benchmark of the K-FAC banks on the CIFAR-preset U-Net (issue 11; DESIGN.md 8).
+"""Scale benchmark of the K-FAC banks on the CIFAR-preset U-Net (issue 11; docs/architecture.md §8).
 
 What it measures, on SYNTHETIC 32x32x3 images (uniform noise in [-1, 1]: no CIFAR data here;
 gradient, build and scan timings do not depend on image content) and a randomly initialised

@@ -1,4 +1,4 @@
-"""Retraining check for group removal (paper section 4, DESIGN.md 4 and 7).
+"""Retraining check for group removal (paper section 4, docs/architecture.md §4 and §7).
 
 For a group R of training images (e.g. every image of one class), first-order influence
 predicts that removing R changes a query's measurement by

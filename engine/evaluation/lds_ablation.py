@@ -1,6 +1,6 @@
 """LDS ablations on an existing LDS run: same subsets, models, queries and statistics, other settings.
 
-Each ablation is a list of variants of ``AttributionConfig`` (DESIGN.md 4-6, issue "fidelity to
+Each ablation is a list of variants of ``AttributionConfig`` (docs/architecture.md §4-6, issue "fidelity to
 the paper"); every variant is scored with ``engine.evaluation.lds``'s protocol (its damping sweep, predicted
 m(S_j) = m_full + sum_{i not in S_j} tau_i, Spearman over subsets, mean over queries, bootstrap
 95% intervals over queries) against the run's retrained subset models:

@@ -1,4 +1,4 @@
-"""How far LDS can go: agreement between training seeds of the same subsets (DESIGN.md 7).
+"""How far LDS can go: agreement between training seeds of the same subsets (docs/architecture.md §7).
 
 The LDS target of query q is m(theta_r(S_j), x_q) over subsets j, averaged over R seeds r.  Two
 seeds trained on the same subsets differ only by training noise, so how well one seed's values

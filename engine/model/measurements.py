@@ -260,7 +260,7 @@ def trajectory_nll(
     model: nn.Module, diffusion: Diffusion, trajectory: torch.Tensor, chunk: int = 500
 ) -> torch.Tensor:
     """-log p_theta(x_{0:T}) of one recorded trajectory (T+1, C, H, W), x_T first, in nats (summed
-    over the D values, not divided by D; DESIGN.md 3).
+    over the D values, not divided by D; docs/architecture.md §3).
 
         -log p_theta(x_{0:T}) = -[ log N(x_T; 0, I)
                                    + sum_{t=2}^{T} log N(x_{t-1}; mu_theta(x_t, t), beta_tilde_t I)
