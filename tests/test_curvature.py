@@ -179,3 +179,37 @@ def test_factors_round_trip_and_no_norm_layers(tiny_model, diffusion, digits_sma
     assert f.ekfac and g.ekfac
     with pytest.raises(ValueError):
         layout(tiny_model, [(n, p) for n, p in tiny_model.named_parameters() if "norm" in n])
+
+
+def test_other_threads_forward_passes_do_not_enter_the_factors(tiny_model, diffusion, digits_small):
+    """The app answers queries with the shared model while its build runs in another thread (QA round 19:
+    it used to lock every query out for a whole build).  curvlinops hooks the modules it is given, so on the
+    shared model a query's forward passes would enter the factors; the pass runs on a private copy."""
+    import threading
+
+    params = influence_params(tiny_model)
+    x = digits_small.images[:24]
+    draws = make_draws(2, (1, 8, 8), diffusion.T, seed=0)
+    alone = compute_kfac(tiny_model, diffusion, x, draws, params, seed=0, batch_size=4)
+    stop, passes = threading.Event(), []
+
+    def query_thread() -> None:  # what the page's thread does meanwhile: forward passes of other images
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            while not stop.is_set():
+                tiny_model(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, diffusion.T, (8,), generator=g))
+                passes.append(1)
+
+    t = threading.Thread(target=query_thread)
+    t.start()
+    try:
+        busy = compute_kfac(tiny_model, diffusion, x, draws, params, seed=0, batch_size=4)
+    finally:
+        stop.set()
+        t.join()
+    assert len(passes) > 3  # the other thread really ran during the pass
+    for a, b in zip(alone.layers, busy.layers, strict=True):
+        for name in ("a", "qa", "b", "qb"):
+            u, v = getattr(a, name), getattr(b, name)
+            assert (u is None and v is None) or torch.equal(u, v), (a.name, name)
+    assert all(p.grad is None for _, p in params)  # nor did the pass leave gradients on the shared model

@@ -217,7 +217,8 @@ def test_trak_build_interrupted_gives_the_same_cache(tmp_path, tiny_preset, tiny
     seen: list[str] = []
     again = _trak(cfg)
     again.build(ctx, lambda m, f: seen.append(m))
-    assert seen[0].endswith("projected gradients 10/10")  # parts 0 and 1 kept
+    assert seen[0].endswith("resuming: 8/10 examples saved by an earlier run")  # parts 0 and 1 kept
+    assert seen[1].endswith("projected gradients 10/10")  # part 2 alone computed
     a, b = _arrays_bytes(tmp_path / "ref"), _arrays_bytes(tmp_path / "cut")
     assert a.keys() == b.keys() and len(a) >= 4
     for k in a:

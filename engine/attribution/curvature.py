@@ -418,6 +418,24 @@ def _eigh(factor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return evals.clamp(min=0.0).to(dtype).contiguous(), evecs.to(dtype).contiguous()
 
 
+def private_copy(model: nn.Module, params: Params) -> tuple[nn.Module, Params]:
+    """A copy of ``model`` and ``params`` (the same names, the copy's tensors) for the factor pass.
+
+    Why: curvlinops hooks the modules it is given, and its hooks fire on every thread's forward pass.  The
+    app answers queries with the shared model while a build runs in its own thread, so on the shared model
+    a query's activations would enter the factors (and the query would run through the pass's hooks).  On a
+    private copy neither sees the other; the weights are the same values, so the factors are the same
+    numbers.  Parameters that are not the model's own (a test's stand-ins) keep the model as it is."""
+    import copy
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    if not all(id(t) in names for _, t in params):
+        return model, params
+    twin = copy.deepcopy(model)
+    own = dict(twin.named_parameters())
+    return twin, [(n, own[names[id(t)]]) for n, t in params]
+
+
 def compute_kfac(
     model: nn.Module,
     diffusion: Diffusion,
@@ -454,6 +472,7 @@ def compute_kfac(
         raise ValueError(f"unknown fisher_type {fisher_type!r}: expected one of {FISHER_TYPES}")
     if kfac_approx not in KFAC_APPROX:
         raise ValueError(f"unknown kfac_approx {kfac_approx!r}: expected one of {KFAC_APPROX}")
+    model, params = private_copy(model, params)
     factors, modules = layout(model, params, joint=joint)
     dev, dtype = params[0][1].device, params[0][1].dtype
     images = images.to(dev, dtype)
