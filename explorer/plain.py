@@ -42,6 +42,8 @@ def unavailable_line(status: str, title: str, reason: str, about: str | None = N
     origin.  A failure says whether the method's saved cache is damaged, since Details then says how to
     rebuild it."""
     head = reason.split(" (")[0].split(";")[0].strip()
+    if head == "being built":  # left out of a live answer while the server's build has yet to reach it
+        return f"**Being built:** {title} answers when the cache build finishes (progress at the top of the page)."
     if reason.startswith("not precomputed; whether"):  # drawn while a just-started server checks (results_view)
         return f"**Not precomputed.** Whether {title} can run on this server is known when the cache build finishes."
     if head.startswith("not precomputed"):

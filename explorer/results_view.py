@@ -32,19 +32,21 @@ from explorer.runtime import Handle
 log = logging.getLogger(__name__)
 
 
-def result_base(handle: Handle, query: Query, s: Settings) -> tuple:
+def result_base(handle: Handle, query: Query, s: Settings, pending: tuple[str, ...] = ()) -> tuple:
     """What a remembered result depends on besides the damping: the model (the sidebar switch keeps one
     browser session across models, and gallery:0 of digits is not gallery:0 of mnist), the query, the
-    measurement and the query's Monte Carlo samples."""
+    measurement, the query's Monte Carlo samples and, while a build runs, the methods it has still to build
+    (left out of the answer: one asked again after a method is built includes it)."""
     session = handle.session
-    return (session.preset.name, session.checkpoint_hash, query.key, s.measurement, s.mc_samples)
+    return (session.preset.name, session.checkpoint_hash, query.key, s.measurement, s.mc_samples, pending)
 
 
 def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """The query's result at the current damping, computing or re-scoring only what changed."""
     session = handle.session
     state = handle.build
-    if state.status == "running":  # no live query while the model is being built
+    pending: tuple[str, ...] = ()
+    if state.status == "running":
         pre = _precomputed(handle, query, s)
         if pre is None and state.checking and handle.worker is not None:
             # the server has just started and does not know yet whether anything needs building
@@ -52,8 +54,12 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
             with st.spinner("Checking the attribution caches ..."):
                 state = handle.worker.wait_checked(60)
         if state.status == "running":
-            return _while_building(handle, query, pre)
-    base = result_base(handle, query, s)
+            if pre is not None or state.checking:  # the shipped answer holds every method: better than a part
+                return _while_building(handle, query, pre)
+            # the methods already built answer live; the ones still to build are left alone (QA round 19: a
+            # new method's build made a working server answer nothing but the precomputed gallery)
+            pending = state.pending
+    base = result_base(handle, query, s, pending)
     store = st.session_state.get("result_cache")
     if store is None or store["base"] != base:
         if s.measurement == "trajectory" and query.input.trajectory is None:
@@ -71,9 +77,11 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
                                 show_time=True):
                     with handle.lock:
                         raw = session.query(  # a compressed bank answers from its scan; the re-rank follows
-                            query.input, s.measurement, methods=None, damping=s.damping_dict,
+                            query.input, s.measurement, damping=s.damping_dict,
+                            methods=[n for n in session.method_names() if n not in pending] if pending else None,
                             mc_samples=s.mc_samples, defer_exact=True,
                         )
+                    raw = _with_pending(handle, raw, pending)
                 if all(r.status != "error" for r in raw.methods.values()):  # a failure is not shared
                     handle.recent_results.put(base, raw)
                 views = {s.damping: raw}  # a shared one was scored at its tab's damping: re-scored below
@@ -99,6 +107,12 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
         with st.spinner(rescore_text(session.method_info(), next(iter(store["shown"]), None), s.damping)), handle.lock:
             shown = session.rescore(store["raw"], s.damping_dict)
         store["shown"] = {s.damping: shown}  # keep one re-scored view; the raw result stays
+    if pending:
+        from explorer.build_view import waiting_note
+
+        info = session.method_info()
+        waiting_note("Live results from the methods already built; "
+                     f"{plain.and_list([info[n]['title'] for n in pending if n in info])} will be ", ".")
     return _after_failed_build(handle, query, s, shown)
 
 
@@ -158,6 +172,29 @@ def _precomputed(handle: Handle, query: Query, s: Settings) -> QueryResult | Non
 
 
 CHECKING = "not precomputed; whether it can run on this server is known when the cache build finishes"
+
+
+BUILDING = "being built"  # the reason of a method left out of a live answer because the build has yet to reach it
+
+
+def _with_pending(handle: Handle, raw: QueryResult, pending: tuple[str, ...]) -> QueryResult:
+    """``raw`` with a column for each method the running build has still to build, in the registry's order,
+    saying so (``plain.unavailable_line``) instead of leaving it out of the page."""
+    if not pending:
+        return raw
+    from engine.attribution.results import MethodResult
+    from explorer.build_view import PENDING
+
+    session = handle.session
+    methods = {}
+    for name in session.method_names():
+        if name in raw.methods:
+            methods[name] = raw.methods[name]
+        elif name in pending:
+            m = session.method(name)
+            methods[name] = MethodResult(name=name, title=m.title, kind=m.kind, caption=m.caption,
+                                         status="unavailable", reason=f"{BUILDING}; {PENDING}")
+    return dataclasses.replace(raw, methods=methods)
 
 
 def _while_building(handle: Handle, query: Query, result: QueryResult | None) -> QueryResult | None:

@@ -63,7 +63,7 @@ def test_empty_cache_shows_precomputed_gallery_results_and_one_shared_build(prec
     gate, calls = _gate_builds(handle, monkeypatch)
     queries: list = []
     real_query = handle.session.query
-    monkeypatch.setattr(handle.session, "query", lambda *a, **k: queries.append(a) or real_query(*a, **k))
+    monkeypatch.setattr(handle.session, "query", lambda *a, **k: queries.append((a, k)) or real_query(*a, **k))
 
     first = _app().run()
     _ok(first)
@@ -93,9 +93,18 @@ def test_empty_cache_shows_precomputed_gallery_results_and_one_shared_build(prec
     assert "What the group supports most" in text and "**Precomputed:**" in text
     assert "Ranking the gallery samples by the images picked here will be ready" not in text
     first.multiselect(key="grid_pick").set_value([]).run()
-    first.selectbox(key="measurement").set_value("elbo").run()  # not precomputed: says when it will be
+    first.selectbox(key="measurement").set_value("elbo").run()  # not precomputed: the built methods answer
     _ok(first)
-    assert "will be ready when the cache build finishes" in _texts(first)
+    text = _texts(first)
+    # QA round 19: nothing answered live while a build ran; now what is built (pixel: no cache) does, and each
+    # method still to build says so in its column, without the query touching its half-written cache
+    assert len(queries) == 1 and set(queries[0][1]["methods"]).isdisjoint({"kfac", "trak", "dtrak"})
+    assert "pixel" in queries[0][1]["methods"]
+    assert ("Live results from the methods already built; K-FAC Influence, TRAK and D-TRAK will be ready when the "
+            "cache build finishes") in text
+    assert "**Being built:** K-FAC Influence answers when the cache build finishes" in text
+    assert "**Being built:** D-TRAK answers when the cache build finishes" in text
+    assert "**Most similar**" in text and "**Proponents**" not in text  # pixel's column; no influence method's
     assert len(calls) == 1 and handle.build.attempts == 1  # one build for every session
 
     del first, second  # no session attached any more
@@ -109,7 +118,39 @@ def test_empty_cache_shows_precomputed_gallery_results_and_one_shared_build(prec
     later = _app().run()  # after the build: live results
     _ok(later)
     assert "Precomputed results" not in _texts(later) and _texts(later).count("**Proponents**") == 3
-    assert len(queries) == 1
+    assert len(queries) == 2 and queries[1][1]["methods"] is None  # every method, once the build is done
+
+
+@pytest.mark.slow
+def test_methods_already_built_answer_live_while_another_builds(precomputed_env, monkeypatch):
+    """QA round 19: a server whose caches held K-FAC but not a new method built that method in the
+    background and meanwhile answered nothing live (only the precomputed gallery).  Now K-FAC answers a
+    query the shipped file does not hold while TRAK and D-TRAK are being built, and they join after."""
+    from engine.attribution.session import AttributionSession
+
+    env = precomputed_env
+    AttributionSession(env["ATTRIBUTION_PRESET"], env["ATTRIBUTION_CHECKPOINT"], "cpu",
+                       env["ATTRIBUTION_CACHE"]).build(["kfac"])
+    handle = _handle()
+    gate, calls = _gate_builds(handle, monkeypatch)
+    queries: list = []
+    real_query = handle.session.query
+    monkeypatch.setattr(handle.session, "query", lambda *a, **k: queries.append(k) or real_query(*a, **k))
+    at = _app().run()
+    assert set(handle.worker.wait_checked(TIMEOUT).methods) == {"trak", "dtrak"}
+    at.selectbox(key="measurement").set_value("elbo").run()  # not precomputed
+    _ok(at)
+    text = _texts(at)
+    assert handle.build.status == "running" and calls == [["trak"]]  # held at the gate: the build is under way
+    assert text.count("**Proponents**") == 1  # K-FAC's column, live
+    assert "kfac" in queries[-1]["methods"] and not {"trak", "dtrak"} & set(queries[-1]["methods"])
+    assert "**Being built:** TRAK answers when the cache build finishes" in text
+    assert "TRAK and D-TRAK will be ready when the cache build finishes" in text
+    gate.set()
+    assert handle.worker.wait(TIMEOUT).status == "done"
+    at.run()  # the build panel's closing rerun
+    _ok(at)
+    assert _texts(at).count("**Proponents**") == 3 and "Being built" not in _texts(at)
 
 
 @pytest.mark.slow

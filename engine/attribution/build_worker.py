@@ -9,9 +9,11 @@ job and is kept with its reason until someone calls ``start()`` again (the app's
 button): it is never retried in a loop.  Progress also goes to the terminal through tqdm, so
 a ``make run`` that builds is not silent.
 
-Methods are built one at a time, each under the caller's lock (the app's ``Handle.lock``),
-so a query can run between two methods but never while a model's hooks are installed by the
-factor pass.  Before each method the torch thread count is chosen again
+Methods are built one at a time, and not under the caller's lock (the app's ``Handle.lock``): queries
+of the methods already built run meanwhile, and leave the ones still to build (``BuildState.pending``)
+alone.  The model is shared safely: the gradient passes' hooks act only in the thread that installs them
+(``gradients.this_thread_only``) and the K-FAC factor pass hooks a private copy
+(``curvature.private_copy``).  Before each method the torch thread count is chosen again
 (``engine.threads.configure_threads``), since other processes come and go during a long build.
 Every pass is resumable (``engine.attribution.pass_checkpoint``, ``Store.partial``), so a restarted server
 continues where the last one stopped.
@@ -51,6 +53,14 @@ class BuildState:
     attempts: int = 0
     unavailable: dict[str, str] = field(default_factory=dict)  # methods that cannot run here, with the reason
     retry_helps: bool = True  # False: the failure is the cache root's (not writable), which a retry cannot mend
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """The methods this job has still to build (the current one included) while it runs: a query leaves
+        them out, since their caches are being written (none once the job has stopped)."""
+        if self.status != "running":
+            return ()
+        return tuple(m for m in self.methods if m not in self.summary)
 
     @property
     def checking(self) -> bool:
@@ -185,23 +195,27 @@ class BuildWorker:
             for name in todo:
                 self._set(current=name, message=f"{name}: waiting for the model",
                           fraction=sum(done.values()) / len(todo))
-                with self.lock:
+                with self.lock:  # the thread count is the process's: not changed under a running query
                     configure_threads(f"building {name}")
 
-                    def progress(msg: str, frac: float, name: str = name) -> None:
-                        frac = min(max(float(frac), 0.0), 1.0)
-                        done[name] = max(done[name], frac)
-                        for other in feeds.get(name, ()):  # its pass computes the fed methods' gradients too
-                            shared = self.session.method(name).shared_pass_fraction(frac)
-                            done[other] = max(done[other], shared)
-                        overall = sum(done.values()) / len(todo)
-                        self._set(message=msg, fraction=overall)
-                        if bar is not None:
-                            bar.n = int(round(1000 * overall))
-                            bar.set_postfix_str(msg[:70], refresh=False)
-                            bar.refresh()
+                def progress(msg: str, frac: float, name: str = name) -> None:
+                    frac = min(max(float(frac), 0.0), 1.0)
+                    done[name] = max(done[name], frac)
+                    for other in feeds.get(name, ()):  # its pass computes the fed methods' gradients too
+                        shared = self.session.method(name).shared_pass_fraction(frac)
+                        done[other] = max(done[other], shared)
+                    overall = sum(done.values()) / len(todo)
+                    self._set(message=msg, fraction=overall)
+                    if bar is not None:
+                        bar.n = int(round(1000 * overall))
+                        bar.set_postfix_str(msg[:70], refresh=False)
+                        bar.refresh()
 
-                    summary.update(self.session.build([name], progress))
+                # not under the caller's lock: the methods already built answer queries meanwhile (QA round
+                # 19: a new method's build turned a working server into a precomputed-only one).  A query
+                # leaves the methods still to build alone (``pending``), the gradient passes' hooks act in
+                # their own thread only, and the factor pass hooks a private copy of the model
+                summary.update(self.session.build([name], progress))
                 done[name] = 1.0
                 self._set(summary=dict(summary))
             self._set(status="done", fraction=1.0, message="all caches built", current=None, finished=time.time())
