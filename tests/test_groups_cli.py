@@ -86,6 +86,13 @@ def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
     top = json.loads(out)["methods"]["kfac"]["top"]
     member_sum = sum(t["score"] for t in top if t["label"] == 3)
     assert res["methods"]["kfac"]["queries"][1]["predicted_change"] == pytest.approx(member_sum, rel=1e-4)
+    # the query JSON names each gradient method's measurement under the group JSON's key (QA round 20: D-TRAK's
+    # was prose in its reason only); a similarity scores no measurement
+    rc, out, err = cli("query", "--query", "gallery:1", "--methods", "kfac,dtrak,pixel", "--json")
+    assert rc == 0, err
+    entries = json.loads(out)["methods"]
+    assert {n: e.get("measurement") for n, e in entries.items()} == {
+        "kfac": "loss", "dtrak": "square-norm", "pixel": None}
     # the readable forms
     rc, out, err = cli("group", "--remove", "label:3", "--methods", "kfac", "--strongest", "2")
     assert rc == 0, err

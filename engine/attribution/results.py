@@ -47,6 +47,9 @@ class MethodResult:
     exact_pending: bool = False  # the re-rank that makes the ends exact runs after this answer
     # the factor on the estimated entries, fitted on the exact ones (rerank.scale_estimates); None: unscaled
     estimate_scale: float | None = None
+    # the measurement a gradient method scored (D-TRAK: always the square norm), under the key the group
+    # commands' JSON uses (QA round 20: the query JSON said it in prose only); None for a similarity
+    measurement: str | None = None
 
 
     def bank_note(self) -> str | None:
@@ -120,6 +123,8 @@ class QueryResult:
                 entry["reason_about"] = r.reason_about
             if r.damping is not None:
                 entry["damping"] = r.damping
+            if r.measurement is not None:
+                entry["measurement"] = r.measurement
             if r.bank is not None:
                 entry["bank"] = r.bank
             if r.estimate_scale is not None:

@@ -504,6 +504,8 @@ class AttributionSession:
                 prepared[name] = prep
                 res.damping = self.damping_for(name, damping)
                 self._score_into(res, m, prep)
+                if m.needs_gradient:
+                    res.measurement = str(meas if qm is None else qm)
                 if qm is not None and qm != meas:
                     res.reason = f"uses the {qm} measurement"
             except Unavailable as e:
