@@ -44,9 +44,11 @@ def _live(handle: Handle) -> None:
     titles = ", ".join(info.get(n, {}).get("title", n) for n in state.methods)
     pre = handle.precomputed
     meanwhile = (
-        "Gallery samples at the default settings show precomputed results meanwhile; everything else is ready "
-        "when the build finishes." if pre is not None and pre.methods_for(handle.session)
-        else "Results are ready when the build finishes."  # no precomputed file for this model (own data)
+        "Gallery samples at the default settings show precomputed results meanwhile; other queries are answered "
+        "by the methods already built, and the others join when the build finishes."
+        if pre is not None and pre.methods_for(handle.session)
+        # no precomputed file for this model (own data)
+        else "The methods already built answer meanwhile; the others join when the build finishes."
     )
     with st.container(border=True):
         st.markdown(

@@ -65,7 +65,8 @@ def unavailable(status: str, title: str, reason: str, about: str | None) -> None
     ``MethodResult.reason_about``.  The Explore columns and the Groups page draw it alike."""
     line = unavailable_line(status, title, reason, about)
     st.warning(line)
-    if reason.strip() and reason not in line:  # a reason said whole in the line needs no Details
+    if reason.strip() and reason not in line and not reason.startswith("being built"):
+        # a reason said whole in the line needs no Details (nor does "being built": the line says it all)
         with st.expander(DETAILS):
             st.markdown(reason)
 

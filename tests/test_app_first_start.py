@@ -146,6 +146,9 @@ def test_methods_already_built_answer_live_while_another_builds(precomputed_env,
     assert "kfac" in queries[-1]["methods"] and not {"trak", "dtrak"} & set(queries[-1]["methods"])
     assert "**Being built:** TRAK answers when the cache build finishes" in text
     assert "TRAK and D-TRAK will be ready when the cache build finishes" in text
+    assert "other queries are answered by the methods already built" in text  # the build panel says so too
+    details = [m.value for e in at.expander for m in e.markdown]
+    assert details and not any(d.startswith("being built") for d in details)  # no Details repeating the line
     gate.set()
     assert handle.worker.wait(TIMEOUT).status == "done"
     at.run()  # the build panel's closing rerun

@@ -193,7 +193,7 @@ class BuildWorker:
                 feeds = dict(self.session.share_gradient_passes(todo) or {})
             done = dict.fromkeys(todo, 0.0)  # each method's share of its own work done, never decreasing
             for name in todo:
-                self._set(current=name, message=f"{name}: waiting for the model",
+                self._set(current=name, message=f"{name}: starting",
                           fraction=sum(done.values()) / len(todo))
                 with self.lock:  # the thread count is the process's: not changed under a running query
                     configure_threads(f"building {name}")
