@@ -59,9 +59,20 @@ PICKED = "grp_picked"  # training indices ticked in the Explore page's grids
 
 
 def influence_methods(handle: Handle) -> list[str]:
-    """The registry's influence methods whose caches are built (the ones a group query can use now)."""
-    status = handle.status()
-    return [n for n in all_influence_methods(handle.session) if status.get(n, {}).get("built")]
+    """The registry's influence methods whose caches are built (the ones a group query can use now), less
+    those a running build has still to reach: their caches are being written (``BuildState.pending``)."""
+    status, pending = handle.status(), handle.build.pending
+    return [n for n in all_influence_methods(handle.session) if status.get(n, {}).get("built") and n not in pending]
+
+
+def _joining_later(handle: Handle) -> None:
+    """While a build runs, the influence methods it has still to build, named (the page answers without them)."""
+    from explorer.build_view import waiting_note
+
+    info = handle.session.method_info()
+    later = [info[n]["title"] for n in all_influence_methods(handle.session) if n in handle.build.pending]
+    if later:
+        waiting_note(f"{plain.and_list(later)} {'is' if len(later) == 1 else 'are'} being built: ", ".")
 
 
 def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, methods: list[str]) -> GroupResult:
@@ -210,6 +221,7 @@ def groups_page(handle: Handle, s: Settings) -> None:
     with c2:
         qset = _choose_queries(handle)
     info = session.method_info()
+    _joining_later(handle)
     chips.init_selection("grp_methods", methods_all)
     methods = st.multiselect("Methods", methods_all, key="grp_methods", format_func=lambda n: info[n]["title"])
     chips.select_all("grp_methods", methods_all, "All methods")
@@ -615,14 +627,17 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
     st.subheader("What do these training images support?")
     building = handle.build.status == "running"
     has_gallery = bool(handle.session.gallery())
-    methods = influence_methods(handle) if has_gallery and not building else []
-    live = bool(methods)
-    # before the influence caches exist: the precomputed gallery scores, at the settings they hold
-    pre = {} if live or not has_gallery else precomputed_matrices(handle, s)
-    if building and has_gallery and not pre:  # the ranking needs the influence caches; the build holds the model
+    methods = influence_methods(handle) if has_gallery else []  # built, and not being built
+    # before the influence caches exist, or while they build: the precomputed gallery scores, at the settings they
+    # hold (every method, where the methods built so far are a part)
+    pre = precomputed_matrices(handle, s) if has_gallery and (building or not methods) else {}
+    live = bool(methods) and not pre
+    if building and has_gallery and not pre and not live:  # the ranking needs an influence cache
         from explorer.build_view import waiting_note
 
         waiting_note("Ranking the gallery samples by the images picked here will be ", ".")
+    elif building and live:
+        _joining_later(handle)
     picked = st.multiselect("Training images from the grids above", shown, key="grid_pick",
                             format_func=lambda i: f"#{i}" + (f" ({labels[i]})" if labels is not None else ""),
                             help="One image: the samples it supports most. Several: the same for the group. "

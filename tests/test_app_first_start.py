@@ -149,6 +149,14 @@ def test_methods_already_built_answer_live_while_another_builds(precomputed_env,
     assert "other queries are answered by the methods already built" in text  # the build panel says so too
     details = [m.value for e in at.expander for m in e.markdown]
     assert details and not any(d.startswith("being built") for d in details)  # no Details repeating the line
+    # the Groups page answers with K-FAC meanwhile (it waited for the build's lock before) and names the others
+    at.session_state["page"] = "Groups"
+    at.run()
+    _ok(at)
+    assert at.multiselect(key="grp_methods").options == ["K-FAC Influence"]
+    assert "TRAK and D-TRAK are being built: ready when the cache build finishes" in _texts(at)
+    at.session_state["page"] = "Explore"
+    at.run()
     gate.set()
     assert handle.worker.wait(TIMEOUT).status == "done"
     at.run()  # the build panel's closing rerun
