@@ -365,6 +365,8 @@ class _FactorResume:
         self.resumed_at = 0
         self.prior = 0.0  # seconds the earlier attempts ran up to the loaded checkpoint (saved with it)
         self.started = time.monotonic()
+        self.notice: Callable[[str], None] | None = None  # told once when a pass resumes
+        self.threads_before: int | None = None  # torch's thread count before a resume pinned it (restored after)
 
     def _accumulators(self) -> dict[str, Any]:
         op = self.op
@@ -386,13 +388,31 @@ class _FactorResume:
             acc.update(_map_tensors(state[key], lambda v: v.to(dev).clone()))
         self.op._generator.set_state(state["generator"])
         self.last = self.resumed_at = int(state["rows"])
+        # the rest of the pass runs at the thread count of the rows saved: reductions split across threads round
+        # differently, and a pass resumed at another count matched neither uninterrupted pass (QA round 21)
+        saved_threads = state.get("threads")
+        words = ""
+        if saved_threads is not None and int(saved_threads) != torch.get_num_threads():
+            self.threads_before = torch.get_num_threads()
+            torch.set_num_threads(int(saved_threads))
+            words = f", at the {int(saved_threads)} thread(s) it ran with"
+        if self.notice is not None:
+            what = "K-FAC factors" if self.kind == "factors" else "EK-FAC eigenvalues"
+            self.notice(f"{what}: resuming at row {self.last}/{self.total} saved by an earlier run{words}")
         return self.last
+
+    def restore_threads(self) -> None:
+        """Give torch back the thread count a resume pinned (``start``)."""
+        if self.threads_before is not None:
+            torch.set_num_threads(self.threads_before)
+            self.threads_before = None
 
     def between(self, rows: int) -> None:
         if self.op is None or rows <= self.last or (rows % self.every and rows != self.total):
             return
         state: dict[str, Any] = {"rows": rows, "generator": self.op._generator.get_state(),
-                                 "seconds": self.prior + time.monotonic() - self.started}
+                                 "seconds": self.prior + time.monotonic() - self.started,
+                                 "threads": torch.get_num_threads()}
         for key, acc in self._accumulators().items():
             state[key] = _map_tensors(acc, lambda v: v.detach().clone())
         self.checkpoint.save(state)
@@ -501,6 +521,9 @@ def compute_kfac(
         )
         resume = _FactorResume(checkpoint, checkpoint_rows, batch_size)
         correction = _FactorResume(checkpoint.part("ekfac"), checkpoint_rows, batch_size, kind="ekfac")
+        if progress is not None:  # a resumed pass says so (QA round 21: only the bank pass did)
+            for k, r in enumerate((resume, correction)):
+                r.notice = lambda msg, k=k, r=r: progress(msg, (k + r.last / max(r.total, 1)) / passes)
     loader = DrawRows(
         diffusion,
         images,
@@ -569,6 +592,9 @@ def compute_kfac(
                         lf.ekfac_bias = ev
     finally:
         model.train(was_training)
+        if resume is not None:
+            resume.restore_threads()
+            correction.restore_threads()
     if resume is not None:
         factors.seconds_before = resume.prior + (correction.prior if ekfac else 0.0)
     if progress is not None:
