@@ -160,15 +160,23 @@ def trak_default_damping(config: AttributionConfig, method: str, num_train: int)
 KEY_NEUTRAL = {"draws": "shared", "kfac_blocks": "separate", "query_draws": "own"}
 
 
+def attribution_settings(config: AttributionConfig, num_train: int) -> dict[str, Any]:
+    """``asdict(config)`` whole, dampings resolved for this training-set size: what an export records (QA
+    round 21: exports used the cache key, which leaves out settings at their old defaults, so a record said
+    nothing of the query draws or the block layout)."""
+    d = dataclasses.asdict(config)
+    d["trak_damping"] = trak_default_damping(config, "trak", num_train)
+    d["dtrak_damping"] = trak_default_damping(config, "dtrak", num_train)
+    return d
+
+
 def attribution_key(config: AttributionConfig, num_train: int) -> dict[str, Any]:
     """``asdict(config)`` as a cache key: dampings resolved for this training-set size and the
     fields of ``KEY_NEUTRAL`` only when they differ from the value older caches were built with."""
-    d = dataclasses.asdict(config)
+    d = attribution_settings(config, num_train)
     for name, neutral in KEY_NEUTRAL.items():
         if d.get(name) == neutral:
             d.pop(name)
-    d["trak_damping"] = trak_default_damping(config, "trak", num_train)
-    d["dtrak_damping"] = trak_default_damping(config, "dtrak", num_train)
     return d
 
 

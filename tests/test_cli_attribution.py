@@ -51,7 +51,8 @@ def test_build_then_query_json(cli, tmp_path):
     )
     assert rc == 0, err
     res = json.loads(out)
-    assert set(res) == {"model", "query", "measurement", "methods", "timing_ms", "attribution"}
+    assert set(res) == {"model", "query", "measurement", "methods", "timing_ms", "attribution", "code", "threads"}
+    assert res["code"]["version"] and res["threads"] >= 1  # which code, and at how many threads (QA round 21)
     assert res["model"]["num_train"] == 64 and len(res["model"]["checkpoint_hash"]) == 16  # which model scored
     assert res["attribution"]["mc_samples"] == res["query"]["mc_samples"]  # the cache settings, whole
     assert res["measurement"] == "loss" and res["query"]["spec"] == "train:3"

@@ -16,6 +16,7 @@ from PIL import Image
 from engine.attribution import provenance
 from engine.attribution.precomputed import FILE, MEASUREMENT, PrecomputedGallery, precomputed_result
 from engine.attribution.session import AttributionSession
+from engine.code_version import code_version
 from engine.paths import default_checkpoint
 
 
@@ -46,6 +47,11 @@ def test_the_settings_name_the_model_the_draws_and_each_methods_damping_and_meas
     assert "measurement" not in settings["methods"]["kfac"] and "damping" not in settings["methods"]["pixel"]
     assert settings["methods"]["kfac"]["precomputed"] is True
     assert set(settings["methods"]) == {n for n, m in r.methods.items() if m.status == "ok"}  # CLIP left out
+    # every setting, defaults included (QA round 21: the cache key's defaults-dropped form left out the query
+    # draws and the block layout), the code that ran and the thread count
+    assert settings["attribution"]["query_draws"] == session.config.query_draws == "own"
+    assert settings["attribution"]["kfac_blocks"] == session.config.kfac_blocks == "separate"
+    assert settings["code"] == code_version() and settings["threads"] >= 1
 
 
 def test_two_dampings_give_two_file_names_and_the_csv_says_which(shipped):

@@ -344,6 +344,12 @@ def test_group_retrain_record_is_resumable_and_consistent(session, tmp_path):
         s = session.query(session.parse_query(f"gallery:{q}"), "loss", ["kfac"]).methods["kfac"].scores
         assert g["predicted_change"]["kfac"][q] == pytest.approx(float(group_change(s, group)), rel=1e-4)
     assert set(g["comparison"]) == {"kfac", "trak"}
+    # what the predictions and the true measurement were made with (QA round 21: only M and the dampings)
+    config = record["config"]
+    assert config["true_measurement_seed"] == 12345 and config["code"]["version"]
+    assert config["attribution"]["seed"] == session.config.seed
+    assert config["attribution"]["draws"] == session.config.draws
+    assert config["attribution"]["query_draws"] == session.config.query_draws
     # the model folder is keyed by (checkpoint, members, steps): a second run trains nothing
     plan = plan_group("label:1", group.members, session.checkpoint_hash, 10, tmp_path)
     mtime = (plan.model / "model.safetensors").stat().st_mtime

@@ -66,7 +66,8 @@ def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
                        "--auto-build", "--json")
     assert rc == 0, err
     res = json.loads(out)
-    assert set(res) == {"group", "measurement", "queries", "queries_key", "methods", "model", "mc_samples", "attribution"}
+    assert set(res) == {"group", "measurement", "queries", "queries_key", "methods", "model", "mc_samples", "attribution",
+                        "code", "threads"}
     assert res["queries"] == "gallery" and res["queries_key"].startswith("gallery-")  # no pool seed: not a pool
     assert res["model"]["num_train"] == 64 and res["mc_samples"] == res["attribution"]["mc_samples"] == 4
     assert res["group"] == {"spec": "label:3", "size": int((digits_small.labels == 3).sum())}

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import attribution_key
+from ..code_version import code_version
+from ..config import attribution_settings
 
 
 def model_settings(session: Any) -> dict[str, Any]:
@@ -34,17 +35,22 @@ DEFAULT_DAMPINGS = ("kfac_damping", "trak_damping", "dtrak_damping")
 
 
 def session_settings(session: Any) -> dict[str, Any]:
-    """What every answer of this session shares: the model, the Monte Carlo draws it is set to, and the
-    attribution settings its caches are keyed by (``engine.config.attribution_key``).  Its dampings are the
-    session's defaults, named ``<method>_damping_default``: the damping a method scored with is its
+    """What every answer of this session shares: the model, the Monte Carlo draws it is set to, every
+    attribution setting (``engine.config.attribution_settings``, the whole config), the code that ran
+    (``engine.code_version``) and torch's thread count (the scores' last bits follow it).  Its dampings are
+    the session's defaults, named ``<method>_damping_default``: the damping a method scored with is its
     ``methods.<name>.damping`` (QA round 20: ``attribution.kfac_damping`` read 1e-08 beside a K-FAC answer
     scored at 1e-06)."""
-    key = attribution_key(session.config, len(session.dataset))
-    attribution = {(f"{k}_default" if k in DEFAULT_DAMPINGS else k): v for k, v in key.items()}
+    import torch
+
+    full = attribution_settings(session.config, len(session.dataset))
+    attribution = {(f"{k}_default" if k in DEFAULT_DAMPINGS else k): v for k, v in full.items()}
     return {
         "model": model_settings(session),
         "mc_samples": int(session.config.mc_samples),
         "attribution": attribution,
+        "code": code_version(),
+        "threads": int(torch.get_num_threads()),
     }
 
 
@@ -72,7 +78,7 @@ def _method_entry(session: Any, name: str, r: Any, measurement: str) -> dict[str
 def result_settings(session: Any, result: Any) -> dict[str, Any]:
     """Everything one query's scores depend on (a ``QueryResult``): model, query, measurement, draws, and
     per scored method its damping, the measurement it used when another, and its bank; plus the session's
-    attribution settings (``engine.config.attribution_key``: what its caches are keyed by)."""
+    attribution settings (``session_settings``)."""
     methods = {n: _method_entry(session, n, r, result.measurement)
                for n, r in result.methods.items() if r.status == "ok"}
     return {

@@ -428,7 +428,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         write_scores(Path(args.scores_out), result, labels, settings)
     if args.json:  # each method's damping and the draws are in it already; the model and the cache settings too
         out = {"model": settings["model"], **result.to_json(args.top_k, labels),
-               "attribution": settings["attribution"]}
+               **{k: settings[k] for k in ("attribution", "code", "threads")}}
         print(jsonio.dumps(out, indent=2))
     else:
         print(format_result(result, args.top_k, labels))

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Preset
+from ..code_version import code_version
+from ..config import Preset, attribution_settings
 from .runs import MeasureSpec, TrainTask, cached_measurements, is_finished
 from .stats import spearman
 
@@ -153,7 +154,12 @@ def run_group_retrain(
             "steps": steps,
             "measurement": "loss",
             "true_measurement_mc_samples": mc_samples,
+            "true_measurement_seed": spec.seed,
             "attribution_mc_samples": session.config.mc_samples,
+            # every setting the predictions depend on, as retrain-top's and the LDS's records give them (QA round
+            # 21: this record kept only M and the dampings), and the code that made them
+            "attribution": attribution_settings(session.config, len(session.dataset)),
+            "code": code_version(),
             "queries": qset.names,
             "query_labels": qset.labels.tolist(),
             "created": timestamp(),

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..code_version import code_version
 from .lds import LDSConfig, noise_report, seed_average, subset_steps, targets_digest
 from .runs import (
     MeasureSpec,
@@ -87,6 +88,7 @@ def build_record(
             "true_measurement_mc_samples": spec.mc_samples,
             "true_measurement_seed": spec.seed,
             "attribution": asdict(session.config),
+            "code": code_version(),  # which code made the figures (QA round 21)
             "quick": setup.quick,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },

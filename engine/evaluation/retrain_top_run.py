@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..code_version import code_version
 from ..files import save_json
 from .retrain_top import CONTROL_SEED, RetrainJob, attribution_settings, plan, removal_count
 from .runs import (
@@ -113,6 +114,7 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
             "steps": int(cfg.steps or setup.preset.train.steps),
             "control": f"one random removal of the same size (seed {CONTROL_SEED}), shared by all queries",
             "attribution": attribution_settings(session),
+            "code": code_version(),  # which code made the figures (QA round 21)
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         "results": results,
