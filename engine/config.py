@@ -135,7 +135,7 @@ SETTING_FLAGS = {
     "query_draws": "--query-draws", "kfac_blocks": "--kfac-blocks", "kfac_factor_draws": "--kfac-factor-draws",
     "kfac_factor_draws_mode": "--kfac-factor-draws-mode", "kfac_projection": "--kfac-projection",
     "kfac_compression": "--kfac-compression", "kfac_rerank": "--kfac-rerank",
-    "kfac_rerank_split": "--kfac-rerank-split",
+    "kfac_rerank_split": "--kfac-rerank-split", "seed": "--attribution-seed",
 }
 
 

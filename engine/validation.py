@@ -174,6 +174,7 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     ``bank_modes``: the valid ``kfac_bank`` values (``attribution.bank_kinds.bank_modes()``; bank kinds
     register themselves, so the caller that knows the registry passes them; None skips that check)."""
     _need(ac.mc_samples >= 1, f"{where}.mc_samples (--mc-samples)", "at least 1", ac.mc_samples)
+    check_seed(ac.seed, f"{where}.seed (--attribution-seed)", count=2)  # the query's own draws use seed + 1
     _need(ac.trak_dim >= 1, f"{where}.trak_dim (--trak-dim)", "at least 1", ac.trak_dim)
     check_damping(ac.kfac_damping, f"{where}.kfac_damping")
     for name in ("trak_damping", "dtrak_damping"):  # None: the N-scaled default (config.trak_default_damping)

@@ -350,3 +350,15 @@ def test_copy_check_json_says_what_its_shares_were_computed_with(cli):
         assert "kfac_damping_default" in res["attribution"] and "kfac_damping" not in res["attribution"]
     finally:
         unregister("near")
+
+
+def test_the_attribution_seed_has_a_flag_that_keys_the_caches(cli):
+    """QA round 21: the attribution seed keys every cache and seeds every draw, but only a preset file could set
+    it (and such a file did not inherit the preset it named).  --attribution-seed sets it: a cache built at the
+    preset's seed does not answer for another, and the build command printed carries the flag."""
+    rc, out, err = cli("query", "--query", "train:3", "--methods", "kfac", "--json", "--auto-build")
+    assert rc == 0, err
+    rc, out, err = cli("query", "--query", "train:3", "--methods", "kfac", "--attribution-seed", "7", "--json")
+    assert rc == 2 and "--attribution-seed 7" in err, err  # not built for this seed: the command to build it
+    rc, out, err = cli("query", "--query", "train:3", "--methods", "pixel", "--attribution-seed", "-1")
+    assert rc == 2 and "attribution.seed (--attribution-seed) must be an integer from 0" in err, err

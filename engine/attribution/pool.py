@@ -39,7 +39,7 @@ from .methods.base import QUERY, SERVER, ExactGroupScores, Unavailable, no_progr
 from .query import QueryInput
 
 Progress = Callable[[str, float], None]
-POOL_BATCH = 64  # samples drawn at once (memory only: sample i depends only on (seed, i))
+POOL_BATCH = 64  # samples drawn at once (sample i's noise depends only on (seed, i); its last float bits on the batch)
 GRAD_BATCH = 16  # query gradients per per_example_grads call
 BATCHED_KINDS = ("loss", "loss@t", "square-norm")  # measurements whose gradient is a per-example loss
 
@@ -170,7 +170,7 @@ def generate_pool(
             elif callable(progress) and calls[0] % 10 == 0:
                 progress(f"drawing a pool of {n} samples", calls[0] / total)
 
-        # sample i depends only on (seed, i), whatever the batch size (Diffusion.sample)
+        # sample i's noise depends only on (seed, i), whatever the batch size (Diffusion.sample)
         x, _ = session.diffusion.sample(
             session.model, n, image_shape(session.preset), int(seed), device=session.device,
             batch_size=POOL_BATCH, progress=cb,

@@ -73,6 +73,10 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kfac-rerank-split", choices=("adaptive", "even"), default=None,
                    help="compressed bank: share the 2 x --kfac-rerank candidates between the ends by how crowded "
                         "each is (adaptive, default: more for the opponents, whose scores are near-ties) or evenly")
+    p.add_argument("--attribution-seed", dest="seed", type=int, default=None,
+                   help="seed of the attribution's randomness: the training draws (t, eps), the query's own draws "
+                        "(seed + 1), the MC-Fisher's labels and TRAK's projection; it keys every cache (default: the "
+                        "preset's, 0)")
     p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or cache/ under the repository)")
 
 
