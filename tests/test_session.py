@@ -6,6 +6,7 @@ import dataclasses
 import io
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -472,3 +473,31 @@ def test_the_cli_names_the_checkpoint_in_printed_commands_only_when_given(tmp_pa
     assert plain.startswith("attribution-engine build --preset digits --cache-root") and "--checkpoint" not in plain
     given = session("--checkpoint", str(default_checkpoint("digits"))).build_command(["pixel"])
     assert f"--checkpoint {default_checkpoint('digits')}" in given
+
+
+def test_a_sample_of_a_samples_file_is_a_query_with_its_trajectory(session, tmp_path):
+    """QA round 21: a sample `attribution-engine sample --out FILE.npz --trajectory` drew could not be asked about
+    (``image:FILE.npz`` is refused as an image, and ``generate:SEED`` draws sample 0 again in a batch of one, which
+    rounds differently).  ``samples:FILE.npz:I`` is that very image, with its trajectory."""
+    from engine.model.sampling import generate, save_npz
+
+    images, traj = generate(session.model, session.preset, 3, 11, True, "cpu")
+    path = tmp_path / "my samples.npz"
+    save_npz(images, path, 11, traj)
+    q = session.parse_query(f"samples:{path}:2")
+    with np.load(path) as z:
+        assert torch.equal(q.image, torch.from_numpy(z["images"][2]) * 2.0 - 1.0)
+        assert torch.equal(q.trajectory, torch.from_numpy(z["trajectory"][2]))
+    assert q.description == f"samples:{path}:2" and "sampling seed 11" in q.notes[0]
+    res = session.query(q, "trajectory", methods=["kfac"])  # the trajectory measurement needs the file's
+    assert res.methods["kfac"].status == "ok"
+    save_npz(images, tmp_path / "plain.npz", 11)  # no trajectory kept: said, and the other measurements work
+    assert session.parse_query(f"samples:{tmp_path / 'plain.npz'}:0").trajectory is None
+    for spec, words in [
+        (f"samples:{path}:3", "sample 3 out of range 0..2"),
+        (f"samples:{path}:x", "bad sample number 'x'"),
+        (f"samples:{tmp_path / 'none.npz'}:0", "no samples file at"),
+        (f"samples:{Path(__file__)}:0", "not an .npz archive"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            session.parse_query(spec)

@@ -228,18 +228,20 @@ class QuerySources:
         return items
 
     def parse(self, spec: str) -> QueryInput:
-        """``gallery:3`` | ``train:17`` | ``image:PATH`` | ``generate:SEED`` -> QueryInput.
+        """``gallery:3`` | ``train:17`` | ``image:PATH`` | ``generate:SEED`` | ``samples:FILE.npz:I`` -> QueryInput.
 
         Raises ``ValueError`` (``QueryError``) with a message saying what is accepted.
         """
         spec = spec.strip()
         kind, sep, arg = spec.partition(":")
         kind = kind.lower()
-        usage = "expected gallery:N, train:N, image:PATH or generate:SEED"
+        usage = "expected gallery:N, train:N, image:PATH, generate:SEED or samples:FILE.npz:N"
         if not sep or not arg:
             raise QueryError(f"bad query {spec!r}: {usage}")
         if kind == "image":
             return self._query_from_path(Path(arg).expanduser())
+        if kind == "samples":
+            return self._query_from_samples(spec, arg)
         if kind == "pool":  # a pool lives in a folder of the cache root, which the model's sources do not know
             raise QueryError(f"{spec!r} names a sample of a generated pool: use `query --query {spec} --pool-seed S` "
                              "or engine.attribution.pool.pool_query(session, I, seed)")
@@ -276,6 +278,46 @@ class QuerySources:
         if g.label is not None:
             notes.append(f"label {g.label} predicted by a classifier, not ground truth")
         return QueryInput(image=g.image.clone(), trajectory=g.trajectory, description=f"gallery:{i}", label=g.label, notes=notes)
+
+    def _query_from_samples(self, spec: str, arg: str) -> QueryInput:
+        """Sample I of a file ``attribution-engine sample --out FILE.npz [--trajectory]`` wrote, with its
+        trajectory when the file holds one: the very image that command drew (QA round 21: a sample of such a
+        file could not be asked about; ``generate:SEED`` is sample 0 of its seed, drawn again in a batch of one,
+        which differs from a batch's in the last float bits)."""
+        path_text, _, index_text = arg.rpartition(":")
+        usage = "expected samples:FILE.npz:N (a file of `attribution-engine sample --out FILE.npz`)"
+        try:
+            i = int(index_text)
+        except ValueError:
+            raise QueryError(f"bad sample number {index_text!r} in {spec!r}: {usage}") from None
+        path = Path(path_text).expanduser()
+        if not path_text or not path.is_file():
+            raise QueryError(f"no samples file at {path_text!r} in {spec!r}: {usage}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: np.asarray(z[k]) for k in ("images", "trajectory", "seed") if k in z.files}
+        except (OSError, ValueError, EOFError):  # not an npz (numpy then speaks of pickles), or a damaged one
+            raise QueryError(f"cannot read {path} as a samples file (not an .npz archive, or a damaged one): "
+                             f"{usage}") from None
+        if "images" not in arrays:
+            raise QueryError(f"{path} holds no 'images' array: {usage}")
+        images = arrays["images"].astype(np.float32)
+        n = images.shape[0] if images.ndim == 4 else 0
+        if not n:
+            raise QueryError(f"{path}: 'images' is {images.shape}, not (n, C, H, W)")
+        if not 0 <= i < n:
+            raise QueryError(f"sample {i} out of range 0..{n - 1} in {path}")
+        traj = arrays["trajectory"][i].astype(np.float32) if "trajectory" in arrays else None
+        seed = int(arrays["seed"]) if "seed" in arrays and arrays["seed"].ndim == 0 else None
+        if tuple(images.shape[1:]) != self.shape:
+            raise QueryError(f"{path}: its samples are {tuple(images.shape[1:])}, this model makes {self.shape}")
+        image = torch.from_numpy(images[i]) * 2.0 - 1.0  # the file's [0, 1] back to the model's range
+        notes = [f"sample {i} of {path}" + (f" (sampling seed {seed}, drawn in one batch)" if seed is not None else "")]
+        if traj is None:
+            notes.append("the file holds no trajectory (`sample --trajectory` keeps one)")
+        label = self._predict_label(image, notes)
+        return QueryInput(image=image, trajectory=None if traj is None else torch.from_numpy(traj),
+                          description=f"samples:{path}:{i}", label=label, notes=notes)
 
     def _dark_background(self) -> bool:
         x = self.dataset.images
@@ -369,4 +411,5 @@ def describe(spec: str) -> str:
         "image": f"image file {arg}",
         "upload": f"uploaded image {arg}".strip(),
         "generate": f"new sample generated with seed {arg}",
+        "samples": f"sample {arg.rpartition(':')[2]} of {arg.rpartition(':')[0]}",
     }.get(kind, spec)

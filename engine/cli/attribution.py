@@ -342,7 +342,8 @@ def add_query(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--query", required=True, action=OneQuery,
-        help="gallery:N | train:N | image:PATH (PNG/JPEG) | generate:SEED | pool:N (sample N of the pool of "
+        help="gallery:N | train:N | image:PATH (PNG/JPEG) | generate:SEED | samples:FILE.npz:N (sample N of a "
+        "`sample --out FILE.npz` file) | pool:N (sample N of the pool of "
         "--pool-seed that group/reverse/copy-check drew); one per call (many images: group/reverse --queries, "
         "or a Python session, README 'From Python')",
     )
