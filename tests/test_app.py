@@ -294,7 +294,7 @@ def test_generate_a_new_sample_keeps_its_trajectory(app_env):
     at.selectbox(key="measurement").set_value("trajectory").run()
     _ok(at)
     base = at.session_state["result_cache"]["base"]  # (preset, checkpoint hash, query, measurement, M)
-    assert base[0] == "tiny-app" and base[2:] == ("generate:7", "trajectory", 2)
+    assert base[0] == "tiny-app" and base[2:] == ("generate:7", "trajectory", 2, ())  # (): no build pending
     assert "**Proponents**" in _texts(at)
 
 
