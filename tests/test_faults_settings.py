@@ -264,3 +264,19 @@ def test_train_and_session_refuse_a_model_that_does_not_take_the_data(tmp_path, 
     with pytest.raises(InvalidSettingError, match="but the model takes"):
         AttributionSession(preset, checkpoint=tmp_path / "ckpt", device="cpu", cache_root=tmp_path / "cache",
                            dataset=digits_small)
+
+
+def test_a_preset_file_on_a_base_changes_only_what_it_names(tmp_path):
+    """QA round 21: ``{"name": "digits", "attribution": {"seed": 1}}`` got the dataclasses' defaults for every
+    other setting (K-FAC factors from all M draws where digits takes 8), so it was not "digits with seed 1".
+    ``"base": "digits"`` starts from the shipped preset; the file's values go over it section by section."""
+    digits = PRESETS["digits"]
+    p = get_preset(_preset_file(tmp_path, {"base": "digits", "attribution": {"seed": 1, "mc_samples": 8}}))
+    assert p.name == "digits" and p.attribution.seed == 1 and p.attribution.mc_samples == 8
+    assert p.attribution.kfac_factor_draws == digits.attribution.kfac_factor_draws  # kept, not the default
+    assert (p.model, p.train, p.data, p.diffusion) == (digits.model, digits.train, digits.data, digits.diffusion)
+    assert get_preset(_preset_file(tmp_path, {"base": "mnist", "name": "m2"})).name == "m2"
+    with pytest.raises(InvalidSettingError, match="base 'digit' is not a shipped preset"):
+        get_preset(_preset_file(tmp_path, {"base": "digit"}))
+    with pytest.raises(InvalidSettingError, match="unknown key"):  # still strict about misspelt keys
+        get_preset(_preset_file(tmp_path, {"base": "digits", "attribution": {"sed": 1}}))
