@@ -10,8 +10,9 @@ use them, because there the script's argv is the test runner's).  Command-line f
 One ``AttributionSession`` per (preset, checkpoint, cache, device) lives in
 ``st.cache_resource``; widget changes never reload it.  With it lives the process's one
 cache build (``engine.attribution.build_worker.BuildWorker``, a thread no tab owns: closing or opening
-tabs never stops, restarts or duplicates it; every tab polls its progress).  Heavy calls go
-through ``Handle.lock`` so a query never runs while a method is being built.
+tabs never stops, restarts or duplicates it; every tab polls its progress).  Heavy calls of the pages go
+through ``Handle.lock``, one at a time; the build runs outside it, and queries meanwhile leave the methods it
+has still to build alone (``BuildState.pending``; docs/architecture.md §10).
 """
 
 from __future__ import annotations

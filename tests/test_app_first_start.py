@@ -157,6 +157,14 @@ def test_methods_already_built_answer_live_while_another_builds(precomputed_env,
     assert "TRAK and D-TRAK are being built: ready when the cache build finishes" in _texts(at)
     at.session_state["page"] = "Explore"
     at.run()
+    # and a new sample can be drawn meanwhile (it was refused for the whole build), then attributed live
+    at.radio(key="source").set_value("New sample").run()
+    at.number_input(key="gen_seed").set_value(7).run()
+    at.button(key="gen_button").click().run()
+    _ok(at)
+    assert 7 in handle.generated and "New sample (seed 7)" in _texts(at)
+    assert _texts(at).count("**Proponents**") == 1 and handle.build.status == "running"
+    at.radio(key="source").set_value("Gallery").run()
     gate.set()
     assert handle.worker.wait(TIMEOUT).status == "done"
     at.run()  # the build panel's closing rerun

@@ -213,3 +213,34 @@ def test_other_threads_forward_passes_do_not_enter_the_factors(tiny_model, diffu
             u, v = getattr(a, name), getattr(b, name)
             assert (u is None and v is None) or torch.equal(u, v), (a.name, name)
     assert all(p.grad is None for _, p in params)  # nor did the pass leave gradients on the shared model
+
+
+def test_the_private_copy_neither_reads_nor_carries_another_threads_hooks():
+    """Review 53: deepcopy walked the shared model's hook tables while another thread (a re-rank, a GPU gradient
+    pass) added and removed its thread-guarded hooks: 3 of 300 copies failed with "OrderedDict mutated during
+    iteration", failing the K-FAC build, and 296 carried the other thread's hooks into the copy."""
+    import threading
+
+    from engine.attribution.curvature import private_copy
+    from engine.attribution.gradients import this_thread_only
+
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(30)])
+    params = list(model.named_parameters())
+    stop = threading.Event()
+
+    def hooking() -> None:
+        while not stop.is_set():
+            for h in [m.register_forward_hook(this_thread_only(lambda *a: None)) for m in model]:
+                h.remove()
+
+    t = threading.Thread(target=hooking)
+    t.start()
+    try:
+        for _ in range(200):
+            twin, twin_params = private_copy(model, params)
+            assert not any(m._forward_hooks for m in twin.modules())
+            assert [n for n, _ in twin_params] == [n for n, _ in params]
+            assert all(a is not b and torch.equal(a, b) for (_, a), (_, b) in zip(params, twin_params, strict=True))
+    finally:
+        stop.set()
+        t.join()

@@ -52,6 +52,9 @@ def test_the_settings_name_the_model_the_draws_and_each_methods_damping_and_meas
     assert settings["attribution"]["query_draws"] == session.config.query_draws == "own"
     assert settings["attribution"]["kfac_blocks"] == session.config.kfac_blocks == "separate"
     assert settings["code"] == code_version() and settings["threads"] >= 1
+    # a precomputed answer names each gradient method's measurement as a live one does (review 53)
+    assert {n: m.measurement for n, m in r.methods.items() if m.status == "ok"} == {
+        "kfac": "loss", "trak": "loss", "dtrak": "square-norm", "pixel": None}
 
 
 def test_two_dampings_give_two_file_names_and_the_csv_says_which(shipped):

@@ -195,8 +195,9 @@ class BuildWorker:
             for name in todo:
                 self._set(current=name, message=f"{name}: starting",
                           fraction=sum(done.values()) / len(todo))
-                with self.lock:  # the thread count is the process's: not changed under a running query
-                    configure_threads(f"building {name}")
+                # the count for this method's passes (torch's count is per thread, and threads started later take
+                # the latest one set: a page's query thread started during a gradient pass runs at 1, review 53)
+                configure_threads(f"building {name}")
 
                 def progress(msg: str, frac: float, name: str = name) -> None:
                     frac = min(max(float(frac), 0.0), 1.0)

@@ -451,7 +451,15 @@ def private_copy(model: nn.Module, params: Params) -> tuple[nn.Module, Params]:
     names = {id(p): n for n, p in model.named_parameters()}
     if not all(id(t) in names for _, t in params):
         return model, params
-    twin = copy.deepcopy(model)
+    # every module's hook tables are replaced by empty ones in the copy, never read: another thread may be
+    # adding or removing its own (thread-guarded) hooks meanwhile, and deepcopy iterating such a table then
+    # failed with "OrderedDict mutated during iteration" (review 53: 3 of 300 copies)
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if "hook" in key and isinstance(value, dict):
+                memo[id(value)] = type(value)()
+    twin = copy.deepcopy(model, memo)
     own = dict(twin.named_parameters())
     return twin, [(n, own[names[id(t)]]) for n, t in params]
 

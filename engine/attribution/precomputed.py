@@ -326,6 +326,8 @@ def precomputed_result(
         scores = pre.scores(index, name, lam) if name in available else None
         if scores is not None:
             res.status, res.reason, res.scores, res.damping = "ok", "precomputed", scores, lam
+            if m.needs_gradient:  # as a live answer names it (D-TRAK: the square norm; review 53)
+                res.measurement = session.measurement_used(name, measurement)
         else:
             known = (unavailable or {}).get(name)  # from availability, which never sees the query
             res.reason, res.reason_about = (known, SERVER) if known else (pending_reason, None)
