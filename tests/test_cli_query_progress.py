@@ -101,3 +101,18 @@ def test_auto_build_refuses_a_bad_query_before_building(query, monkeypatch):
     assert rc == 2 and "trajectory" in err and built == [], (err, built)
     rc, out, err = query("--query", "train:1", "--methods", "trak", "--measurement", "bogus", "--auto-build")
     assert rc == 2 and built == [], (err, built)
+
+
+def test_tqdm_mininterval_thins_the_build_bars(monkeypatch, capsys):
+    """QA round 22: with TQDM_MININTERVAL=30 a build's bar still redrew 61 times in 45 s, since every progress
+    call forced a refresh; the README says the variable thins the bars in a log file."""
+    from engine.attribution.terminal_progress import terminal_progress
+    from engine.cli.common import build_progress
+
+    monkeypatch.setenv("TQDM_MININTERVAL", "30")
+    for bar in (build_progress("kfac"), terminal_progress("building")):
+        with bar as progress:
+            for i in range(200):
+                progress(f"kfac: train gradients {i}/200", i / 200)
+        err = capsys.readouterr().err
+        assert err.count("\r") <= 4, err.count("\r")  # the first draw and the close, not one per call

@@ -128,6 +128,7 @@ def test_a_folder_that_is_not_an_lds_run_is_refused_before_any_build(tmp_path, d
                           results=tmp_path / "r", lds=LDSConfig(subsets=4, seeds=1))
     with pytest.raises(FileNotFoundError, match="not an LDS run folder"):
         abl.run_ablations(job)
+    assert not (tmp_path / "o").exists()  # nor was the output folder made (QA round 22: an empty one stayed)
 
 
 def test_the_variants_change_the_requested_presets_attribution_settings(tmp_path, digits_small, monkeypatch):

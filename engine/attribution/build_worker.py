@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..bar_redraw import move
 from ..threads import configure_threads
 
 log = logging.getLogger(__name__)
@@ -207,10 +208,8 @@ class BuildWorker:
                         done[other] = max(done[other], shared)
                     overall = sum(done.values()) / len(todo)
                     self._set(message=msg, fraction=overall)
-                    if bar is not None:
-                        bar.n = int(round(1000 * overall))
-                        bar.set_postfix_str(msg[:70], refresh=False)
-                        bar.refresh()
+                    if bar is not None:  # TQDM_MININTERVAL thins it (engine.bar_redraw)
+                        move(bar, overall, msg[:70], field="postfix")
 
                 # not under the caller's lock: the methods already built answer queries meanwhile (QA round
                 # 19: a new method's build turned a working server into a precomputed-only one).  A query
@@ -239,7 +238,8 @@ class BuildWorker:
             unit="‰",
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}",
             file=sys.stderr,
-            mininterval=1.0,
+            # TQDM_MININTERVAL, when set, is tqdm's own default: an explicit mininterval would override it
+            **({} if "TQDM_MININTERVAL" in os.environ else {"mininterval": 1.0}),
         )
 
 

@@ -9,9 +9,11 @@ panel, the CLI's bars or this one.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
+from ..bar_redraw import move
 from .methods.base import Progress
 
 
@@ -21,13 +23,13 @@ def terminal_progress(desc: str) -> Iterator[Progress]:
     (``"kfac: bank 300/1797"``); the bar is closed on leaving the block, whatever happened in it."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=1000, desc=desc, unit="", file=sys.stderr, mininterval=0.5,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {unit}")
+    # TQDM_MININTERVAL, when set, is tqdm's own default: an explicit mininterval would override it
+    interval = {} if "TQDM_MININTERVAL" in os.environ else {"mininterval": 0.5}
+    bar = tqdm(total=1000, desc=desc, unit="", file=sys.stderr,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {unit}", **interval)
 
     def progress(message: str, fraction: float) -> None:
-        bar.n = int(round(1000 * min(max(fraction, 0.0), 1.0)))
-        bar.unit = message[:70]
-        bar.refresh()
+        move(bar, fraction, message[:70])  # TQDM_MININTERVAL thins it (engine.bar_redraw)
 
     try:
         yield progress

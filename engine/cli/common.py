@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..bar_redraw import move
 from ..config import PRESETS, Preset, get_preset
 from ..paths import best_device, default_checkpoint
 
@@ -208,9 +209,7 @@ def build_progress(desc: str, position: int = 0) -> Iterator[Callable[[str, floa
                position=position)
 
     def progress(msg: str, frac: float) -> None:
-        bar.n = int(round(1000 * min(max(frac, 0.0), 1.0)))
-        bar.unit = msg.split(": ", 1)[-1][:60]
-        bar.refresh()
+        move(bar, frac, msg.split(": ", 1)[-1][:60])  # TQDM_MININTERVAL thins it (engine.bar_redraw)
 
     try:
         yield progress

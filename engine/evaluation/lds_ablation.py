@@ -388,10 +388,11 @@ def run_ablations(job: AblationJob) -> list[Path]:
     if job.attribution is not None:  # the checkpoint fixes the model's recipe, the preset the attribution settings
         preset = preset.replace(attribution=job.attribution)
     dataset = load_dataset(preset.data)
+    # the run folder is checked before the builds (minutes), not after them; --build-only needs no models.
+    # And before the output folder is made: a refused run left an empty runs/lds_ablation/ behind (QA round 22)
+    masks = None if job.build_only else read_subsets(job.run, dataset, job.lds)
     job.out.mkdir(parents=True, exist_ok=True)
     setup = RunSetup(preset, job.checkpoint, dataset, job.out, job.results, job.device, False)
-    # the run folder is checked before the builds (minutes), not after them; --build-only needs no models
-    masks = None if job.build_only else read_subsets(job.run, dataset, job.lds)
     if masks is not None:
         bind_run_to_checkpoint(job.run, job.checkpoint, record=False)  # another model's run: refused
     build_variants(setup, list(job.ablations), job.cache_root, job.baseline_cache)

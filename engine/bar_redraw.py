@@ -1,0 +1,32 @@
+"""How a progress callback moves a tqdm bar: at most every ``mininterval``, but at once when the message changes.
+
+Why: ``refresh()`` on every call drew a build's bar hundreds of times, so ``TQDM_MININTERVAL`` could not thin
+it in a log file (QA round 22: 61 redraws in 45 s with it at 30); ``update()`` alone, which tqdm rate-limits,
+skipped one-off messages ("waiting for another build", "resuming: ...") that came between two draws.  A
+message whose words differ from the last one drawn (its numbers aside) is drawn at once; a message that
+only counts on is left to tqdm's interval.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_NUMBERS = re.compile(r"[\d.,/%]+")
+
+
+def move(bar: Any, fraction: float, text: str, field: str = "unit") -> None:
+    """Set ``bar`` to ``fraction`` of its total (1000) with ``text`` in ``field`` ("unit", or "postfix" for a
+    bar that shows it there); redraw now if the text's words changed, else when tqdm's interval allows."""
+    n = int(round(1000 * min(max(float(fraction), 0.0), 1.0)))
+    words = _NUMBERS.sub("#", text)
+    if field == "postfix":
+        bar.set_postfix_str(text, refresh=False)
+    else:
+        bar.unit = text
+    if words != getattr(bar, "_last_words", None):
+        bar._last_words = words
+        bar.n = n
+        bar.refresh()
+    else:
+        bar.update(n - bar.n)
