@@ -187,7 +187,10 @@ def test_assets_on_a_model_without_a_quality_check_says_what_it_wrote(tmp_path, 
     (tmp_path / "mine.json").write_text(preset.to_json())
     ckpt = tmp_path / "ckpt"
     assert main(["train", "--preset", str(tmp_path / "mine.json"), "--out", str(ckpt), "--device", "cpu"]) == 0
-    capsys.readouterr()
+    assert "s this run)" in capsys.readouterr().out
+    # again: the finished run is kept, and the output says so (QA round 22: it looked like a 3 s training)
+    assert main(["train", "--preset", str(tmp_path / "mine.json"), "--out", str(ckpt), "--device", "cpu"]) == 0
+    assert "a finished run with these settings and data: nothing to train" in capsys.readouterr().out
     assert main(["assets", "--preset", str(tmp_path / "mine.json"), "--checkpoint", str(ckpt), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for name in ("gallery.npz", "samples_grid.png", "train_loss.png"):

@@ -55,7 +55,7 @@ def _read_indices(spec: str | None, flag: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..model.train import train
+    from ..model.train import is_finished, train
 
     preset, ckpt, device = resolve(args)
     changes = {}
@@ -66,6 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if changes:
         preset = preset.replace(train=changes)
     out = Path(args.out) if args.out else ckpt
+    finished_before = is_finished(out)
     t0 = time.time()
     train(
         preset,
@@ -74,7 +75,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         exclude=_read_indices(args.exclude, "--exclude"),
         device=device,
     )
-    print(f"checkpoint: {out} ({time.time() - t0:.1f} s this run)")
+    if finished_before:  # train() checked it is this run, with these settings and data (QA round 22: it said nothing)
+        print(f"checkpoint: {out} (a finished run with these settings and data: nothing to train)")
+    else:
+        print(f"checkpoint: {out} ({time.time() - t0:.1f} s this run)")
     return 0
 
 
