@@ -9,10 +9,17 @@ only counts on is left to tqdm's interval.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 _NUMBERS = re.compile(r"[\d.,/%]+")
+
+
+def interval(default: float) -> dict[str, float]:
+    """tqdm's ``mininterval`` argument: ``default``, unless ``TQDM_MININTERVAL`` is set, which tqdm then applies
+    as its own default (an explicit argument would override it)."""
+    return {} if "TQDM_MININTERVAL" in os.environ else {"mininterval": default}
 
 
 def move(bar: Any, fraction: float, text: str, field: str = "unit") -> None:

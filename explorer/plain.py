@@ -33,6 +33,9 @@ def model_details(preset: str, shape: Sequence[int], checkpoint: object, checkpo
             f"checkpoint `{checkpoint}` · content hash `{checkpoint_hash}` · device `{device}`")
 
 
+BUILDING = "being built"  # the reason of a method left out of a live answer because the build has yet to reach it
+
+
 def unavailable_line(status: str, title: str, reason: str, about: str | None = None) -> str:
     """What a method's column says in the main flow when it has no scores.  ``about`` is the engine's word on
     whose problem the reason is (``MethodResult.reason_about``): a reason about the server (a CLI command to
@@ -42,7 +45,7 @@ def unavailable_line(status: str, title: str, reason: str, about: str | None = N
     origin.  A failure says whether the method's saved cache is damaged, since Details then says how to
     rebuild it."""
     head = reason.split(" (")[0].split(";")[0].strip()
-    if head == "being built":  # left out of a live answer while the server's build has yet to reach it
+    if head == BUILDING:  # left out of a live answer while the server's build has yet to reach it
         return f"**Being built:** {title} answers when the cache build finishes (progress at the top of the page)."
     if reason.startswith("not precomputed; whether"):  # drawn while a just-started server checks (results_view)
         return f"**Not precomputed.** Whether {title} can run on this server is known when the cache build finishes."
@@ -65,8 +68,8 @@ def unavailable(status: str, title: str, reason: str, about: str | None) -> None
     ``MethodResult.reason_about``.  The Explore columns and the Groups page draw it alike."""
     line = unavailable_line(status, title, reason, about)
     st.warning(line)
-    if reason.strip() and reason not in line and not reason.startswith("being built"):
-        # a reason said whole in the line needs no Details (nor does "being built": the line says it all)
+    if reason.strip() and reason not in line and not reason.startswith(BUILDING):
+        # a reason said whole in the line needs no Details (nor does BUILDING: the line says it all)
         with st.expander(DETAILS):
             st.markdown(reason)
 

@@ -174,9 +174,6 @@ def _precomputed(handle: Handle, query: Query, s: Settings) -> QueryResult | Non
 CHECKING = "not precomputed; whether it can run on this server is known when the cache build finishes"
 
 
-BUILDING = "being built"  # the reason of a method left out of a live answer because the build has yet to reach it
-
-
 def _with_pending(handle: Handle, raw: QueryResult, pending: tuple[str, ...]) -> QueryResult:
     """``raw`` with a column for each method the running build has still to build, in the registry's order,
     saying so (``plain.unavailable_line``) instead of leaving it out of the page."""
@@ -193,7 +190,7 @@ def _with_pending(handle: Handle, raw: QueryResult, pending: tuple[str, ...]) ->
         elif name in pending:
             m = session.method(name)
             methods[name] = MethodResult(name=name, title=m.title, kind=m.kind, caption=m.caption,
-                                         status="unavailable", reason=f"{BUILDING}; {PENDING}")
+                                         status="unavailable", reason=f"{plain.BUILDING}; {PENDING}")
     return dataclasses.replace(raw, methods=methods)
 
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..bar_redraw import move
+from ..bar_redraw import interval, move
 from ..threads import configure_threads
 
 log = logging.getLogger(__name__)
@@ -238,8 +238,7 @@ class BuildWorker:
             unit="‰",
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}",
             file=sys.stderr,
-            # TQDM_MININTERVAL, when set, is tqdm's own default: an explicit mininterval would override it
-            **({} if "TQDM_MININTERVAL" in os.environ else {"mininterval": 1.0}),
+            **interval(1.0),  # TQDM_MININTERVAL, when set
         )
 
 

@@ -205,10 +205,8 @@ def pool_query(session: Any, index: int, seed: int = 0, pool_dir: str | Path | N
     if index < 0:
         raise PoolError(f"pool sample index must be 0 or more, got {index}")
     if n is None:
-        sizes = sorted(
-            int(f.stem.rsplit("_n", 1)[1]) for f in folder.glob(f"pool_{session.checkpoint_hash}_s{int(seed)}_n*.npz")
-            if f.stem.rsplit("_n", 1)[1].isdigit()
-        )
+        tails = (f.stem.rsplit("_n", 1)[1] for f in folder.glob(f"pool_{session.checkpoint_hash}_s{int(seed)}_n*.npz"))
+        sizes = sorted(int(t) for t in tails if t.isdigit())
         holding = [k for k in sizes if k > index]
         if not holding:
             raise PoolError(

@@ -9,11 +9,10 @@ panel, the CLI's bars or this one.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
 
-from ..bar_redraw import move
+from ..bar_redraw import interval, move
 from .methods.base import Progress
 
 
@@ -23,10 +22,8 @@ def terminal_progress(desc: str) -> Iterator[Progress]:
     (``"kfac: bank 300/1797"``); the bar is closed on leaving the block, whatever happened in it."""
     from tqdm.auto import tqdm
 
-    # TQDM_MININTERVAL, when set, is tqdm's own default: an explicit mininterval would override it
-    interval = {} if "TQDM_MININTERVAL" in os.environ else {"mininterval": 0.5}
     bar = tqdm(total=1000, desc=desc, unit="", file=sys.stderr,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {unit}", **interval)
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {unit}", **interval(0.5))
 
     def progress(message: str, fraction: float) -> None:
         move(bar, fraction, message[:70])  # TQDM_MININTERVAL thins it (engine.bar_redraw)
