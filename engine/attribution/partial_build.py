@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..npy_read import load_npy
 from .store_files import (
     PID_TMP,
     SETTINGS,
@@ -212,7 +213,7 @@ class PartialBuild:
 
     def load_part(self, i: int) -> dict[str, np.ndarray]:
         infos = json.loads((self.folder / f"part-{i:05d}.done").read_text())
-        return {k: np.load(self.folder / f"{k}.part-{i:05d}.npy", allow_pickle=False) for k in infos}
+        return {k: load_npy(self.folder / f"{k}.part-{i:05d}.npy") for k in infos}
 
     def publish(
         self, extra: Mapping[str, ArrayLike] | None = None, meta: Mapping[str, Any] | None = None
@@ -236,7 +237,7 @@ class PartialBuild:
                 )
                 reserve(tmp / f"{key}.npy", (tmp / f"{key}.npy").stat().st_size)  # ENOSPC now, not SIGBUS in the copy
                 for i in range(self.num_parts):
-                    out[self.part_range(i)] = np.load(self.folder / f"{key}.part-{i:05d}.npy", mmap_mode="r", allow_pickle=False)
+                    out[self.part_range(i)] = load_npy(self.folder / f"{key}.part-{i:05d}.npy", mmap_mode="r")
                 out.flush()
                 del out
                 infos[key] = {"shape": list(shape), "dtype": info["dtype"], "crc32": file_crc32(tmp / f"{key}.npy")}

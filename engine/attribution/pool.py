@@ -34,6 +34,7 @@ import torch
 from ..files import atomic_write_bytes
 from ..model.diffusion import MCDraws, check_sample_seed
 from ..model.measurements import Measurement, parse_measurement
+from ..npy_read import load_npy, load_npz
 from .batch import score_batch
 from .methods.base import QUERY, SERVER, ExactGroupScores, Unavailable, no_progress
 from .query import QueryInput
@@ -147,7 +148,7 @@ def generate_pool(
     path = pool_path(folder, session.checkpoint_hash, seed, n)
     seconds = 0.0
     if path.is_file():
-        with np.load(path) as z:
+        with load_npz(path) as z:
             images = torch.from_numpy(np.asarray(z["images"], dtype=np.float32))
             labels = np.asarray(z["labels"], dtype=np.int64)
             drawn = float(z["seconds"]) if "seconds" in z else 0.0
@@ -384,7 +385,7 @@ def attribution_matrix(
             key = _matrix_key(session, qset, name, str(meas), res.damping, len(draws))
             path = Path(cache_dir) / f"matrix_{qset.key}_{name}_{key}.npy"
             if path.is_file():
-                res.scores = np.load(path)
+                res.scores = load_npy(path)
                 res.timing_ms["loaded"] = 0.0
                 continue
         try:

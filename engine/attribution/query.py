@@ -25,6 +25,7 @@ from ..config import Preset
 from ..model.dataset import ImageDataset
 from ..model.diffusion import Diffusion
 from ..model.measurements import quantize
+from ..npy_read import load_npz
 
 GALLERY_FILE = "gallery.npz"
 
@@ -206,7 +207,7 @@ class QuerySources:
         path = self.checkpoint / GALLERY_FILE
         items: list[GalleryItem] = []
         if path.is_file():
-            with np.load(path, allow_pickle=False) as z:
+            with load_npz(path) as z:
                 images = torch.from_numpy(np.asarray(z["images"], dtype=np.float32)) * 2.0 - 1.0
                 n = images.shape[0]
                 seeds = np.asarray(z["seeds"]) if "seeds" in z else np.zeros(n, dtype=np.int64)
@@ -294,7 +295,7 @@ class QuerySources:
         if not path_text or not path.is_file():
             raise QueryError(f"no samples file at {path_text!r} in {spec!r}: {usage}")
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with load_npz(path) as z:
                 arrays = {k: np.asarray(z[k]) for k in ("images", "trajectory", "seed") if k in z.files}
         except (OSError, ValueError, EOFError):  # not an npz (numpy then speaks of pickles), or a damaged one
             raise QueryError(f"cannot read {path} as a samples file (not an .npz archive, or a damaged one): "

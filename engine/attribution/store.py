@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from ..model.dataset import ImageDataset
+from ..npy_read import load_npy
 from .partial_build import PartialBuild, saved_parts
 from .store_files import (
     SETTINGS,
@@ -191,7 +192,7 @@ class Store:
             except (KeyError, TypeError) as e:
                 raise StaleCacheError(f"cache {folder}: {SETTINGS} entry for {key} is malformed ({e!r}); {fix}") from e
             try:
-                a = np.load(p, mmap_mode="r", allow_pickle=False)
+                a = load_npy(p, mmap_mode="r")
             except (OSError, ValueError, EOFError) as e:
                 raise StaleCacheError(f"cache {folder}: array {key}.npy is unreadable ({e}); {fix}") from e
             if list(a.shape) != shape or str(a.dtype) != dtype:
@@ -307,7 +308,7 @@ class Store:
         folder = self.path(name, settings)
         mode = "r" if mmap else None
         return {
-            k: np.load(folder / f"{k}.npy", mmap_mode=mode, allow_pickle=False) for k in manifest["arrays"]
+            k: load_npy(folder / f"{k}.npy", mmap_mode=mode) for k in manifest["arrays"]
         }
 
     # --- concurrency --------------------------------------------------------------------

@@ -47,6 +47,7 @@ from ..attribution.layer_projection import projected_grads
 from ..attribution.rerank import scale_estimates
 from ..evaluation.setup import load_queries_file
 from ..evaluation.stats import spearman
+from ..npy_read import load_npz
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, k: int = 10, sign: float = 1.0) -> float:
@@ -277,7 +278,7 @@ def variant_lds(
     if not subsets.is_file():
         log(f"no LDS subsets in {run}: LDS left null")
         return None
-    with np.load(subsets) as z:
+    with load_npz(subsets) as z:
         masks = z[z.files[0]] if "masks" not in z.files else z["masks"]
     from ..evaluation.lds import model_folder
     from ..evaluation.runs import is_finished

@@ -34,13 +34,15 @@ def _read_indices(spec: str | None, flag: str):
     (the range is checked by ``train`` against the data set)."""
     import numpy as np
 
+    from ..npy_read import load_npy
+
     if spec is None:
         return None
     if spec.endswith(".npy"):
         if not Path(spec).is_file():
             raise ValueError(f"{flag} {spec}: no such file (a .npy of training-image indices)")
         try:
-            values = np.load(spec, allow_pickle=False)
+            values = load_npy(spec)
         except (ValueError, OSError, EOFError):  # not an .npy (numpy then guesses a pickle), or truncated
             raise ValueError(f"{flag} {spec}: not a readable .npy array of training-image indices") from None
         if not np.issubdtype(values.dtype, np.integer):

@@ -36,6 +36,7 @@ from ..config import Preset
 from ..files import create_bytes_once, save_npz
 from ..model.checkpoint import checkpoint_hash
 from ..model.data import ImageDataset
+from ..npy_read import load_npz
 from ..validation import InvalidSettingError
 from .noise_ceiling import seed_agreement
 from .runs import (
@@ -146,7 +147,7 @@ def load_or_make_subsets(out: Path, dataset: ImageDataset, cfg: LDSConfig) -> np
     }
     path = Path(out) / "subsets.npz"
     if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
+        with load_npz(path) as z:
             old = json.loads(str(z["settings"]))
             masks = z["masks"]
         if old != settings:

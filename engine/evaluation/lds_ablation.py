@@ -37,6 +37,7 @@ import torch
 
 from ..config import AttributionConfig
 from ..files import save_json
+from ..npy_read import load_npz
 from .lds import (
     LDSConfig,
     bind_run_to_checkpoint,
@@ -158,7 +159,7 @@ def read_subsets(run: Path, dataset: Any, cfg: Any) -> np.ndarray:
     path = Path(run) / "subsets.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{run} has no subsets.npz: not an LDS run folder")
-    with np.load(path) as z:
+    with load_npz(path) as z:
         settings, masks = json.loads(str(z["settings"])), z["masks"]
     want = {"fraction": cfg.fraction, "subset_seed": cfg.subset_seed, "data": data_digest(dataset)}
     if settings != want or len(masks) < cfg.subsets:

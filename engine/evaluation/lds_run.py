@@ -20,6 +20,7 @@ import torch
 from ..config import attribution_key
 from ..files import atomic_torch_save, atomic_write_bytes, save_json, save_npz
 from ..model.train import is_finished
+from ..npy_read import load_npz
 from ..validation import InvalidSettingError
 from .lds import (
     LDSConfig,
@@ -129,7 +130,7 @@ def session_scores(
     for q in tqdm(range(len(queries)), desc="scoring queries", unit="query"):
         path = folder / f"q{q:03d}.npz"
         if path.is_file():
-            with np.load(path, allow_pickle=False) as z:
+            with load_npz(path) as z:
                 rows.append({k: z[k] for k in z.files})
             continue
         qi = QueryInput(image=queries[q], description=f"lds query {q}")

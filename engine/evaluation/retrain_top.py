@@ -38,6 +38,7 @@ import torch
 from .. import jsonio
 from ..config import attribution_key
 from ..files import atomic_write_bytes, save_npz
+from ..npy_read import load_npz
 from .runs import (
     MeasureSpec,
     TrainTask,
@@ -254,7 +255,7 @@ class RetrainJob:
         folder = self.plan.folder
         path = folder / "removed.npz"
         if path.is_file():
-            with np.load(path, allow_pickle=False) as z:
+            with load_npz(path) as z:
                 return z["removed"], z["scores"], str(z["kind"])
         self._set(f"scoring with {self.method}", 0.01)
         res = self.session.query(self.query, self.measurement, [self.method]).methods[self.method]

