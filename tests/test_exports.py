@@ -55,6 +55,9 @@ def test_the_settings_name_the_model_the_draws_and_each_methods_damping_and_meas
     # a precomputed answer names each gradient method's measurement as a live one does (review 53)
     assert {n: m.measurement for n, m in r.methods.items() if m.status == "ok"} == {
         "kfac": "loss", "trak": "loss", "dtrak": "square-norm", "pixel": None}
+    # and K-FAC's bank, which the exports name for a live answer (QA round 22 #3)
+    assert r.methods["kfac"].bank == settings["methods"]["kfac"]["bank"] == session.method("kfac").bank_mode(session.ctx)
+    assert [n for n, m in r.methods.items() if m.bank is not None] == ["kfac"]
 
 
 def test_two_dampings_give_two_file_names_and_the_csv_says_which(shipped):
@@ -205,3 +208,17 @@ def test_a_precomputed_answer_names_the_same_image_as_the_live_one(shipped):
     session, result = shipped
     live = session.query(session.parse_query("gallery:0"), methods=["pixel"])
     assert result().query["image_digest"] == live.query["image_digest"] is not None
+
+
+
+def test_a_precomputed_compressed_bank_answer_is_not_called_unre_ranked():
+    """write_precomputed scores with the re-rank (it never defers it) but keeps no exact mask: a precomputed
+    compressed-bank column must not read "no re-ranking", which is what a live answer without a mask means."""
+    from engine.attribution.results import MethodResult
+
+    live = MethodResult(name="kfac", title="K-FAC", kind="influence", caption="", status="ok", bank="compressed")
+    shipped = MethodResult(name="kfac", title="K-FAC", kind="influence", caption="", status="ok",
+                           bank="compressed", reason="precomputed")
+    assert "no re-ranking" in live.bank_note()
+    assert "re-ranked to exact K-FAC scores at both ends" in shipped.bank_note()
+    assert "no re-ranking" not in shipped.bank_note()

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..files import save_json, save_npz
+from ..npy_read import load_npz
 
 FILE = "precomputed_gallery.npz"
 FORMAT = 1
@@ -190,7 +191,7 @@ class _RowFolder:
 
     def load(self, index: int) -> dict[str, np.ndarray] | None:
         try:
-            with np.load(self.folder / f"row-{index:05d}.npz", allow_pickle=False) as z:
+            with load_npz(self.folder / f"row-{index:05d}.npz") as z:
                 return {k: np.asarray(z[k]) for k in z.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # not scored yet (or unreadable: again)
             return None
@@ -208,7 +209,7 @@ class PrecomputedGallery:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        with np.load(self.path, allow_pickle=False) as z:
+        with load_npz(self.path) as z:
             self.arrays = {k: np.asarray(z[k]) for k in z.files}
         self.key = json.loads(str(self.arrays["key"]))
         self.rows = {int(i): r for r, i in enumerate(self.arrays["indices"])}
@@ -328,6 +329,8 @@ def precomputed_result(
             res.status, res.reason, res.scores, res.damping = "ok", "precomputed", scores, lam
             if m.needs_gradient:  # as a live answer names it (D-TRAK: the square norm; review 53)
                 res.measurement = session.measurement_used(name, measurement)
+            # the bank the scores came from, as a live K-FAC answer names it (QA round 22 #3)
+            res.bank = (pre.key["methods"][name].get("settings") or {}).get("bank")
         else:
             known = (unavailable or {}).get(name)  # from availability, which never sees the query
             res.reason, res.reason_about = (known, SERVER) if known else (pending_reason, None)

@@ -60,6 +60,8 @@ class MethodResult:
             return "stored int8 bank: every training image scored, none estimated"
         if self.bank != "compressed":
             return f"{self.bank} bank: every training image scored, none estimated"
+        if self.reason == "precomputed":  # write_precomputed scored with the re-rank (it never defers it)
+            return "compressed bank: the shipped scores, re-ranked to exact K-FAC scores at both ends when computed"
         if self.exact_pending:
             done = 0 if self.exact is None else int(self.exact.sum())
             if done == 0:
