@@ -149,7 +149,7 @@ def test_bench_foundation_prints_figures(tmp_path, capsys, monkeypatch):
     digits = engine.config.PRESETS["digits"]
     monkeypatch.setitem(engine.config.PRESETS, "digits", digits.replace(diffusion={"num_timesteps": 20}))
     rc = main(["bench-foundation", "--steps", "3", "--warmup", "1", "--samples", "1", "--threads", "1",
-               "--checkpoint", str(tmp_path / "none"), "--json", str(tmp_path / "b.json")])
+               "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "b.json")])
     assert rc == 0
     out = capsys.readouterr().out
     for needle in ("parameters digits", "parameters cifar2", "parameters cifar10", "steps/s", "random weights",
@@ -166,8 +166,11 @@ def test_bench_foundation_refuses_what_would_fail_after_the_work(tmp_path, capsy
     with pytest.raises(SystemExit) as exit_:
         main(["bench-foundation", "--warmup", "0"])
     assert exit_.value.code == 2 and "--warmup: must be at least 1" in capsys.readouterr().err
+    assert main(["bench-foundation", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path} is a folder; give a file name"
+    # --json, the option's first name, is the same option (it took a file name, unlike the query commands' --json)
     assert main(["bench-foundation", "--json", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: --json {tmp_path} is a folder; give a file name"
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path} is a folder; give a file name"
 
 
 def test_assets_on_a_model_without_a_quality_check_says_what_it_wrote(tmp_path, tiny_preset, capsys):

@@ -30,21 +30,23 @@ def add_bench_foundation(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=at_least(1), default=10, help="untimed warm-up training steps (default 10, at least 1)")
     p.add_argument("--samples", type=at_least(1), default=16, help="number of samples to draw (default 16)")
     p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file (a file name, unlike "
-                   "the --json flag of the query commands)")
+    # --out, as the other bench commands name their JSON file; --json, its first name, still works (it took a file
+    # name, unlike the query commands' --json switch, which prints JSON instead of a table)
+    p.add_argument("--out", "--json", dest="out", default=None,
+                   help="also write the figures to this JSON file (--json: the same, its older name)")
 
 
 def cmd_bench_foundation(args: argparse.Namespace) -> int:
     from ..bench.foundation import bench_foundation
 
     try:
-        if args.json:  # checked before minutes of timing, not after (a folder failed at the end, QA round 20)
-            check_output_file(Path(args.json), "--json")
+        if args.out:  # checked before minutes of timing, not after (a folder failed at the end, QA round 20)
+            check_output_file(Path(args.out), "--out")
     except ValueError as e:
         return fail(e)
     _, ckpt, device = resolve(args)
     bench_foundation(
         ckpt, device, steps=args.steps, warmup=args.warmup, samples=args.samples, threads=args.threads,
-        json_out=Path(args.json) if args.json else None,
+        json_out=Path(args.out) if args.out else None,
     )
     return 0
