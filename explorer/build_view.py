@@ -24,8 +24,17 @@ def build_panel(handle: Handle) -> None:
         _live(handle)
     elif state.status == "failed":
         _failed(handle)
-    elif st.session_state.pop("build_was_running", False):
-        st.success(f"Attribution caches built in {state.elapsed_s / 60:.1f} min; results below are live.")
+    elif st.session_state.pop(_seen_running(handle), False):
+        took = (f"{state.elapsed_s / 60:.1f} min in this run, which resumed work saved by an earlier one"
+                if state.resumed else f"in {state.elapsed_s / 60:.1f} min")
+        st.success(f"Attribution caches built {took}; results below are live.")
+
+
+def _seen_running(handle: Handle) -> str:
+    """The session-state key saying this tab saw this server's build of this model running.  Per model: one
+    key for all made the mnist page, switched to during the digits build, say "Attribution caches built in
+    0.0 min" though it built nothing (QA 23 #1)."""
+    return f"build_was_running:{id(handle)}"
 
 
 @st.fragment(run_every=POLL_S)
@@ -39,7 +48,7 @@ def _live(handle: Handle) -> None:
     # No full-page rerun when the check ends (QA round 16): a st.rerun() from this run_every fragment
     # right after the page's first run intermittently left the browser with the page blank below this
     # panel (no tabs, no results) until the build ended, though the server had sent the whole page.
-    st.session_state["build_was_running"] = True  # a real build: say when it has finished
+    st.session_state[_seen_running(handle)] = True  # a real build: say when it has finished
     info = handle.session.method_info()
     titles = ", ".join(info.get(n, {}).get("title", n) for n in state.methods)
     pre = handle.precomputed

@@ -48,7 +48,10 @@ def unavailable_line(status: str, title: str, reason: str, about: str | None = N
     if head == BUILDING:  # left out of a live answer while the server's build has yet to reach it
         return f"**Being built:** {title} answers when the cache build finishes (progress at the top of the page)."
     if reason.startswith("not precomputed; whether"):  # drawn while a just-started server checks (results_view)
-        return f"**Not precomputed.** Whether {title} can run on this server is known when the cache build finishes."
+        # the check ends seconds after the start, but this page is not drawn again until the user changes
+        # something (a rerun from the build panel then blanked the page, QA 16): say how to see it (QA 23 #2)
+        return (f"**Not precomputed.** Whether {title} can run on this server is known seconds after it starts, "
+                "once it has checked its caches: choose a sample or setting to see.")
     if head.startswith("not precomputed"):
         return f"**Unavailable:** {head}"
     if status != "unavailable":

@@ -60,12 +60,28 @@ def _request_generation() -> None:
     st.session_state["busy"] = "generate"
 
 
+def _keep_unshown_choices(n_train: int) -> None:
+    """Keep the training index, its "Pick by" and the new-sample seed while another source is shown.
+
+    Streamlit drops a widget's value at the end of a run that does not draw it, so a user who looked at the
+    gallery and came back found "Training image 0" instead of 17 (QA 23 #6; the gallery choice survived, being
+    no widget's).  Assigning a value to its own key keeps it.  The index is clamped to this model's training set
+    (a switch from digits to mnist shrinks it); the class widgets are not kept, their ranges change with the
+    class."""
+    if "train_index" in st.session_state:
+        st.session_state["train_index"] = min(int(st.session_state["train_index"]), n_train - 1)
+    for key in ("train_by", "gen_seed"):
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+
+
 def choose_query(handle: Handle) -> Query | None:
     """Render the query chooser in the sidebar; None while nothing usable is chosen."""
     session = handle.session
     gallery = session.gallery()
     sources = list(SOURCES) if gallery else [s for s in SOURCES if s != "Gallery"]
     st.sidebar.header("Query")
+    _keep_unshown_choices(len(session.dataset))
     source = st.sidebar.radio("Query image", sources, key="source", horizontal=True)
     with st.sidebar:
         if source == "Gallery":
@@ -116,7 +132,8 @@ def _generate(handle: Handle) -> Query | None:
     # also while a build runs: its factor pass hooks a private copy of the model, and the gradient passes' hooks
     # act in their own thread only (review 53: 26 samples drawn during a K-FAC build equal those drawn after)
     busy = st.session_state.get("busy") == "generate"
-    st.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, step=1, key="gen_seed", disabled=busy)
+    # no value=: the default is the minimum, 0, and the value comes from the state kept by _keep_unshown_choices
+    st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="gen_seed", disabled=busy)
     st.button(
         "Generating ..." if busy else "Generate sample",
         key="gen_button",
@@ -169,7 +186,7 @@ def _training(handle: Handle) -> Query:
         )
         index = members[int(pos) - 1]
     else:
-        index = int(st.number_input(f"Training index (0..{n - 1})", 0, n - 1, 0, key="train_index"))
+        index = int(st.number_input(f"Training index (0..{n - 1})", 0, n - 1, key="train_index"))  # default: 0
     spec = f"train:{index}"
     return Query(spec, handle.session.parse_query(spec), f"Training image {index}")
 

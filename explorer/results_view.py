@@ -171,7 +171,7 @@ def _precomputed(handle: Handle, query: Query, s: Settings) -> QueryResult | Non
     )
 
 
-CHECKING = "not precomputed; whether it can run on this server is known when the cache build finishes"
+CHECKING = "not precomputed; whether it can run on this server is known once it has checked its caches"
 
 
 def _with_pending(handle: Handle, raw: QueryResult, pending: tuple[str, ...]) -> QueryResult:

@@ -328,7 +328,10 @@ def build_message(handle: Handle, state: BuildState | None = None) -> str:
         msg = rest if rest.startswith(title) else f"{title}: {rest}"
     if WAITING in msg:
         return f"{msg} (another process is building these caches; {state.elapsed_s / 60:.1f} min so far)"
-    return f"{msg} (whole build {state.fraction:.0%}, {state.elapsed_s / 60:.1f} min so far)"
+    # a resumed build's minutes are this run's: say so, and that it resumed (QA 23 #3: after kill -9 the time
+    # restarted from 0 and the page never said the build had resumed)
+    run = " in this run, which resumed work saved by an earlier one" if state.resumed else ""
+    return f"{msg} (whole build {state.fraction:.0%}, {state.elapsed_s / 60:.1f} min so far{run})"
 
 
 def influence_titles(handle: Handle) -> str:

@@ -279,6 +279,27 @@ def test_training_image_has_no_trajectory_and_uploads(app_env):
 
 
 @pytest.mark.slow
+def test_the_training_index_and_the_seed_survive_a_visit_to_another_source(app_env):
+    """QA 23 #6: training index 17, then the gallery, then "Training image" again showed image 0: Streamlit drops
+    the value of a widget a run does not draw (the gallery choice survived; it is no widget's)."""
+    at = _start(app_env)
+    at.radio(key="source").set_value("Training image").run()
+    at.number_input(key="train_index").set_value(5).run()
+    _ok(at)
+    assert "Training image 5" in _texts(at)
+    at.radio(key="source").set_value("New sample").run()
+    at.number_input(key="gen_seed").set_value(9).run()
+    at.radio(key="source").set_value("Gallery").run()
+    _ok(at)
+    at.radio(key="source").set_value("Training image").run()
+    _ok(at)
+    assert at.number_input(key="train_index").value == 5 and "Training image 5" in _texts(at)
+    at.radio(key="source").set_value("New sample").run()
+    _ok(at)
+    assert at.number_input(key="gen_seed").value == 9
+
+
+@pytest.mark.slow
 def test_generate_a_new_sample_keeps_its_trajectory(app_env):
     at = _start(app_env)
     at.radio(key="source").set_value("New sample").run()

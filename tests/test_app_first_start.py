@@ -343,6 +343,54 @@ def test_the_build_panel_does_not_rerun_the_page_when_the_cache_check_ends(monke
     assert "Building the attribution caches" in at.markdown[0].value
 
 
+def test_only_the_model_whose_build_ran_says_it_has_finished(monkeypatch):
+    """QA 23 #1: a tab that switched to mnist during the digits build was told "Attribution caches built in 0.0
+    min; results below are live" by the mnist page, which had built nothing: the flag was one for all models."""
+    import sys
+    import types
+    from dataclasses import replace
+
+    from streamlit.testing.v1 import AppTest
+
+    from engine.attribution.build_worker import BuildState
+
+    info = {"kfac": {"title": "K-FAC"}}
+
+    def handle(status: str):
+        return types.SimpleNamespace(build=BuildState(status=status, started=0.0, methods=("kfac",)),
+                                     session=types.SimpleNamespace(method_info=lambda: info), cache_root="/c",
+                                     precomputed=None)
+
+    handles = {"digits": handle("running"), "mnist": handle("done")}
+    monkeypatch.setitem(sys.modules, "_fake_builds", types.SimpleNamespace(handles=handles))
+
+    def page():
+        import _fake_builds
+        import streamlit as st
+
+        from explorer import build_view
+
+        build_view.build_panel(_fake_builds.handles[st.session_state.get("model", "digits")])
+
+    at = AppTest.from_function(page).run(timeout=60)
+    assert "Building the attribution caches" in at.markdown[0].value
+    at.session_state["model"] = "mnist"
+    at.run(timeout=60)
+    assert not at.success and not at.exception  # mnist built nothing in this tab's sight
+    handles["digits"].build = replace(handles["digits"].build, status="done")
+    at.session_state["model"] = "digits"
+    at.run(timeout=60)
+    assert len(at.success) == 1 and at.success[0].value.startswith("Attribution caches built in")
+    assert "earlier" not in at.success[0].value
+    # a build that resumed an interrupted one says its minutes are this run's (QA 23 #3)
+    handles["digits"].build = replace(handles["digits"].build, status="running", resumed=("kfac: resuming ...",))
+    at.run(timeout=60)
+    handles["digits"].build = replace(handles["digits"].build, status="done")
+    at.run(timeout=60)
+    assert at.success[0].value.startswith("Attribution caches built ") and \
+        "min in this run, which resumed work saved by an earlier one" in at.success[0].value
+
+
 @pytest.mark.slow
 def test_groups_page_answers_over_the_gallery_from_the_precomputed_scores(precomputed_env, tiny_app, monkeypatch):  # noqa: F811
     """QA round 12: on an empty cache the Groups page only waited for the build, though the shipped file holds

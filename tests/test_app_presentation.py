@@ -619,8 +619,10 @@ def test_a_column_says_checking_while_a_just_started_server_checks_its_caches(tm
         assert r.status == "unavailable"
         return unavailable_line(r.status, r.title, r.reason, r.reason_about)
 
+    # and it does not say the build settles it: the check ends seconds after the start (QA 23 #2)
     assert column(True, {}) == ("**Not precomputed.** Whether CLIP similarity can run on this server is known "
-                                "when the cache build finishes.")
+                                "seconds after it starts, once it has checked its caches: choose a sample or "
+                                "setting to see.")
     assert column(False, {}).startswith("**Unavailable:** not precomputed for these settings")
     assert column(False, {"clip": "CLIP weights are not on this machine"}) == \
         "**Unavailable:** CLIP similarity cannot run on this server."

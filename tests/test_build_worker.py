@@ -163,6 +163,37 @@ def test_progress_is_overall_and_monotone():
     assert pytest.approx(0.25) in seen and pytest.approx(0.75) in seen  # half of a, half of b
 
 
+def test_a_build_that_resumes_saved_work_says_so():
+    """QA 23 #3: after kill -9 and a restart the page's "min so far" and "built in 2.5 min" counted only the new
+    run, and nothing said it had resumed; the state now keeps the passes' resume lines (the bank's, the factor
+    pass's and TRAK's, pinned in test_bank, test_resume and test_trak, all end so)."""
+    from explorer.runtime import build_message
+
+    s = _Session()
+    real = s.build
+
+    def build(names, progress):
+        if names == ["b"]:
+            progress("b: resuming: 4/10 examples saved by an earlier run", 0.4)
+        return real(names, progress)
+
+    s.build = build
+    w = BuildWorker(s, terminal=False)
+    s.gate.set()
+    w.start()
+    state = w.wait(30)
+    assert state.status == "done" and state.resumed == ("b: resuming: 4/10 examples saved by an earlier run",)
+    handle = type("H", (), {"build": state, "session": type("S", (), {"method_info": lambda self: {}})()})()
+    running = state.__class__(status="running", message="b: train gradients 5/10", started=time.time() - 60,
+                              resumed=state.resumed)
+    assert build_message(handle, running).endswith("min so far in this run, which resumed work saved by an earlier one)")
+    fresh = BuildWorker(_Session(), terminal=False)
+    fresh.session.gate.set()
+    fresh.start()
+    assert fresh.wait(30).resumed == ()
+    assert build_message(handle, running.__class__(status="running", message="b: x")).endswith("min so far)")
+
+
 def test_the_shared_gradient_pass_counts_for_the_methods_it_feeds():
     """K-FAC's bank pass (its build's last quarter) computes TRAK's gradients too: while it runs, the bar
     counts TRAK's share as being done, not as still to do after K-FAC."""

@@ -5,6 +5,7 @@ the square norm."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -69,7 +70,9 @@ def test_two_dampings_give_two_file_names_and_the_csv_says_which(shipped):
     assert provenance.settings_digest(sa) != provenance.settings_digest(sb)
     table = pd.DataFrame({"index": np.arange(1797), "kfac": a.methods["kfac"].scores})
     text = provenance.csv_with_settings(table.to_csv(index=False), sa)
-    head = text.splitlines()[:4]
+    head = [line for line in text.splitlines() if line.startswith("#")]
+    assert head[3].startswith("# not included: clip (")  # no CLIP weights here (QA 23 #4)
+    head = head[:3] + head[4:]
     assert head[0].startswith("# model: digits, checkpoint ") and session.checkpoint_hash in head[0]
     assert "query: gallery:0; measurement: loss, 64 Monte Carlo draws" in head[1]
     assert f"kfac (damping {steps[0]:.3g}, precomputed)" in head[2] and "dtrak (damping" in head[2]
@@ -220,5 +223,30 @@ def test_a_precomputed_compressed_bank_answer_is_not_called_unre_ranked():
     shipped = MethodResult(name="kfac", title="K-FAC", kind="influence", caption="", status="ok",
                            bank="compressed", reason="precomputed")
     assert "no re-ranking" in live.bank_note()
-    assert "re-ranked to exact K-FAC scores at both ends" in shipped.bank_note()
-    assert "no re-ranking" not in shipped.bank_note()
+    assert shipped.bank_note() == "shipped scores, computed with a compressed bank, re-ranked to exact K-FAC scores at both ends"
+    # nor does a precomputed column speak of a bank as if this server held it (QA 23 #5: "stored int8 bank: ..."
+    # while the bank was still being built)
+    stored = dataclasses.replace(shipped, bank="stored")
+    assert stored.bank_note() == "shipped scores, computed with a stored int8 bank: every training image scored, none estimated"
+
+
+def test_an_export_says_which_methods_it_leaves_out_and_why(shipped):
+    """QA 23 #4: a CSV or PNG exported while the app built TRAK and D-TRAK had no columns for them, and nothing in
+    it said why; a researcher opening it later could not tell a left-out method from one never run."""
+    from explorer.plain import BUILDING
+
+    session, result = shipped
+    r = result()
+    for name in ("trak", "dtrak"):
+        r.methods[name] = dataclasses.replace(r.methods[name], status="unavailable", scores=None, reason=BUILDING)
+    settings = provenance.result_settings(session, r)
+    assert settings["left_out"]["trak"] == settings["left_out"]["dtrak"] == "being built"
+    assert set(settings["left_out"]) == {n for n, m in r.methods.items() if m.status != "ok"}
+    assert not set(settings["left_out"]) & set(settings["methods"])
+    csv = provenance.csv_with_settings("index,kfac\n0,1.0\n", settings)
+    assert "# not included: " in csv and "trak (being built), dtrak (being built)" in csv
+    assert json.loads(csv.split("# settings: ")[1].splitlines()[0])["left_out"]["dtrak"] == "being built"
+    whole = dataclasses.replace(r, methods={n: m for n, m in r.methods.items() if m.status == "ok"})
+    assert "left_out" not in provenance.result_settings(session, whole)  # nothing left out: nothing said
+    assert not any(line.startswith("not included") for line in provenance.settings_lines(
+        provenance.result_settings(session, whole)))

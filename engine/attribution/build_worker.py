@@ -36,6 +36,9 @@ from ..threads import configure_threads
 
 log = logging.getLogger(__name__)
 STATES = ("idle", "running", "done", "failed")
+# how a resuming pass ends its first message (bank.py, curvature.py, methods/trak.py: "resuming ... saved by an
+# earlier run")
+EARLIER_RUN = "saved by an earlier run"
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ class BuildState:
     attempts: int = 0
     unavailable: dict[str, str] = field(default_factory=dict)  # methods that cannot run here, with the reason
     retry_helps: bool = True  # False: the failure is the cache root's (not writable), which a retry cannot mend
+    # the passes that resumed work an earlier (killed) run saved, as they said it: elapsed_s counts this run
+    # only, so the page says the build resumed rather than letting "built in 2.5 min" stand for the whole (QA 23 #3)
+    resumed: tuple[str, ...] = ()
 
     @property
     def pending(self) -> tuple[str, ...]:
@@ -207,6 +213,8 @@ class BuildWorker:
                         shared = self.session.method(name).shared_pass_fraction(frac)
                         done[other] = max(done[other], shared)
                     overall = sum(done.values()) / len(todo)
+                    if EARLIER_RUN in msg:  # a pass resuming saved work (bank, factors, TRAK say so in these words)
+                        self._set(resumed=(*self.state.resumed, msg))
                     self._set(message=msg, fraction=overall)
                     if bar is not None:  # TQDM_MININTERVAL thins it (engine.bar_redraw)
                         move(bar, overall, msg[:70], field="postfix")

@@ -88,7 +88,17 @@ def result_settings(session: Any, result: Any) -> dict[str, Any]:
         "measurement": str(result.measurement),
         "mc_samples": result.query.get("mc_samples"),  # the query's own (a query may ask for another M)
         "methods": methods,
+        **_left_out(result.methods, methods),
     }
+
+
+def _left_out(results: dict[str, Any], scored: dict[str, Any]) -> dict[str, Any]:
+    """``{"left_out": {method: why}}`` for the methods an answer holds no scores of, or nothing when it holds
+    them all.  Why: an export made while the app builds has no TRAK column, and nothing said why (QA 23 #4);
+    the reason is its first clause ("being built", "not built ...", CLIP's missing weights)."""
+    why = {n: (r.reason or r.status).split(" (")[0].split(";")[0].strip()
+           for n, r in results.items() if n not in scored}
+    return {"left_out": why} if why else {}
 
 
 def group_settings(session: Any, result: Any) -> dict[str, Any]:
@@ -102,6 +112,7 @@ def group_settings(session: Any, result: Any) -> dict[str, Any]:
         "queries_key": result.qset.key,  # which images: two pools of one size and other seeds differ here only
         "measurement": str(result.measurement),
         "methods": methods,
+        **_left_out(result.methods, methods),
     }
 
 
@@ -143,6 +154,8 @@ def settings_lines(settings: dict[str, Any]) -> list[str]:
         f"{model['num_train']} training images",
         f"{what}; measurement: {settings['measurement']}, {settings['mc_samples']} Monte Carlo draws",
         "methods: " + "; ".join(_damping_words(settings)),
+        *([f"not included: {', '.join(f'{n} ({why})' for n, why in settings['left_out'].items())}"]
+          if settings.get("left_out") else []),
         "settings: " + settings_json(settings),
     ]
 

@@ -56,12 +56,15 @@ class MethodResult:
         """One line on where the scores come from (K-FAC's bank; None for other methods)."""
         if self.bank is None:
             return None
+        if self.reason == "precomputed":  # how the shipped file was made, not a bank this server has (QA 23 #5)
+            how = {"stored": "a stored int8 bank: every training image scored, none estimated",
+                   # write_precomputed scores with the re-rank (it never defers it) but keeps no exact mask
+                   "compressed": "a compressed bank, re-ranked to exact K-FAC scores at both ends"}
+            return f"shipped scores, computed with {how.get(self.bank, f'a {self.bank} bank')}"
         if self.bank == "stored":  # int8 rows: computed for every image, none estimated, but rounded (~1e-3)
             return "stored int8 bank: every training image scored, none estimated"
         if self.bank != "compressed":
             return f"{self.bank} bank: every training image scored, none estimated"
-        if self.reason == "precomputed":  # write_precomputed scored with the re-rank (it never defers it)
-            return "compressed bank: the shipped scores, re-ranked to exact K-FAC scores at both ends when computed"
         if self.exact_pending:
             done = 0 if self.exact is None else int(self.exact.sum())
             if done == 0:
