@@ -15,6 +15,9 @@ from explorer import runtime
 from explorer.runtime import Handle
 
 POLL_S = 1.0
+# session-state key: the methods this tab's last Explore answer left out because the build had still to reach them
+# (results_view.get_result sets it); the panel offers to show them once they are built
+DRAWN_PENDING = "drawn_pending"
 
 
 def build_panel(handle: Handle) -> None:
@@ -65,6 +68,27 @@ def _live(handle: Handle) -> None:
             f"`{handle.cache_root}`, resumed if interrupted). {meanwhile}"
         )
         st.progress(min(max(state.fraction, 0.0), 1.0), text=runtime.build_message(handle, state))
+        _built_since_drawn(handle, state, info)
+
+
+def _built_since_drawn(handle: Handle, state, info: dict) -> None:
+    """A button that redraws the page when a method whose column says "Being built" has been built meanwhile.
+
+    Why a button, not a rerun by itself: this panel redraws every second on its own, but the page below it only
+    when the user changes something or the build ends (a full rerun issued by this fragment on its own once
+    left the browser blank below the panel, QA 16), so a method built mid-build kept its "Being built" column
+    with nothing saying it was ready (review 53)."""
+    from explorer.plain import and_list
+
+    ready = [n for n in st.session_state.get(DRAWN_PENDING, ()) if n not in state.pending]
+    if not ready:
+        return
+    names = and_list([info.get(n, {}).get("title", n) for n in ready])
+    if st.button(f"Show {names} live", key="show_built",
+                 help=f"{names} finished building: its column below still says it is being built until the page "
+                      "is drawn again (any change does that too)."):
+        st.session_state[DRAWN_PENDING] = ()
+        st.rerun()  # the whole page, asked for by a click
 
 
 def _failed(handle: Handle) -> None:

@@ -61,16 +61,20 @@ PICKED = "grp_picked"  # training indices ticked in the Explore page's grids
 def influence_methods(handle: Handle) -> list[str]:
     """The registry's influence methods whose caches are built (the ones a group query can use now), less
     those a running build has still to reach: their caches are being written (``BuildState.pending``)."""
-    status, pending = handle.status(), handle.build.pending
-    return [n for n in all_influence_methods(handle.session) if status.get(n, {}).get("built") and n not in pending]
+    status, pending, done = handle.status(), handle.build.pending, handle.build.summary
+    # the status snapshot is refreshed when the build ends; a method the running build has finished counts too
+    built = {n for n, v in status.items() if v.get("built")} | {n for n, v in done.items() if v.get("status") == "ok"}
+    return [n for n in all_influence_methods(handle.session) if n in built and n not in pending]
 
 
 def _joining_later(handle: Handle) -> None:
     """While a build runs, the influence methods it has still to build, named (the page answers without them)."""
-    from explorer.build_view import waiting_note
+    from explorer.build_view import DRAWN_PENDING, waiting_note
 
     info = handle.session.method_info()
-    later = [info[n]["title"] for n in all_influence_methods(handle.session) if n in handle.build.pending]
+    left_out = tuple(n for n in all_influence_methods(handle.session) if n in handle.build.pending)
+    st.session_state[DRAWN_PENDING] = left_out  # the build panel offers to redraw once these are built
+    later = [info[n]["title"] for n in left_out]
     if later:
         waiting_note(f"{plain.and_list(later)} {'is' if len(later) == 1 else 'are'} being built: ", ".")
 

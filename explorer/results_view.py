@@ -43,9 +43,12 @@ def result_base(handle: Handle, query: Query, s: Settings, pending: tuple[str, .
 
 def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """The query's result at the current damping, computing or re-scoring only what changed."""
+    from explorer.build_view import DRAWN_PENDING
+
     session = handle.session
     state = handle.build
     pending: tuple[str, ...] = ()
+    st.session_state[DRAWN_PENDING] = pending  # none unless this answer leaves methods out (below)
     if state.status == "running":
         pre = _precomputed(handle, query, s)
         if pre is None and state.checking and handle.worker is not None:
@@ -59,6 +62,7 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
             # the methods already built answer live; the ones still to build are left alone (QA round 19: a
             # new method's build made a working server answer nothing but the precomputed gallery)
             pending = state.pending
+    st.session_state[DRAWN_PENDING] = pending  # the build panel offers to redraw once these are built
     base = result_base(handle, query, s, pending)
     store = st.session_state.get("result_cache")
     if store is None or store["base"] != base:

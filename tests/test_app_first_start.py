@@ -391,6 +391,69 @@ def test_only_the_model_whose_build_ran_says_it_has_finished(monkeypatch):
         "min in this run, which resumed work saved by an earlier one" in at.success[0].value
 
 
+def test_a_method_built_mid_build_is_offered_to_the_page_that_left_it_out(monkeypatch):
+    """Review 53: a method that finished while the build went on kept its "Being built" column until the user
+    changed something, with nothing saying it was ready (the page reruns by itself only when the build ends).
+    The panel now offers a button once a method the page left out is built; clicking it redraws the page."""
+    import sys
+    import types
+    from dataclasses import replace
+
+    from streamlit.testing.v1 import AppTest
+
+    from engine.attribution.build_worker import BuildState
+    from explorer.build_view import DRAWN_PENDING
+
+    info = {"kfac": {"title": "K-FAC"}, "trak": {"title": "TRAK"}, "dtrak": {"title": "D-TRAK"}}
+    handle = types.SimpleNamespace(
+        build=BuildState(status="running", started=0.0, methods=("trak", "dtrak"), current="trak"),
+        session=types.SimpleNamespace(method_info=lambda: info), cache_root="/c", precomputed=None)
+    monkeypatch.setitem(sys.modules, "_fake_mid_build", types.SimpleNamespace(handle=handle))
+
+    def page():
+        import _fake_mid_build
+        import streamlit as st
+
+        from explorer import build_view
+
+        st.session_state["runs"] = st.session_state.get("runs", 0) + 1
+        build_view.build_panel(_fake_mid_build.handle)
+        if st.session_state["runs"] == 1:  # what results_view.get_result records of the answer it drew
+            st.session_state[build_view.DRAWN_PENDING] = _fake_mid_build.handle.build.pending
+
+    at = AppTest.from_function(page).run(timeout=60)
+    assert at.session_state[DRAWN_PENDING] == ("trak", "dtrak")
+    at.run(timeout=60)
+    assert not at.button  # nothing built since the page was drawn
+    handle.build = replace(handle.build, summary={"trak": {"status": "ok"}}, current="dtrak")
+    at.run(timeout=60)
+    assert [b.label for b in at.button] == ["Show TRAK live"]
+    runs = at.session_state["runs"]
+    at.button(key="show_built").click().run(timeout=60)
+    assert not at.exception and at.session_state["runs"] == runs + 2  # the click's run, then the page's rerun
+    assert at.session_state[DRAWN_PENDING] == () and not at.button
+
+
+def test_the_groups_page_counts_a_method_the_running_build_has_finished():
+    """The Groups page's methods come from a status snapshot refreshed when the build ends: a method built
+    mid-build was neither offered nor named as "being built" (so the panel's "Show TRAK live" would have
+    redrawn a page without it)."""
+    import types
+
+    from engine.attribution.build_worker import BuildState
+    from explorer.groups_view import influence_methods
+
+    kinds = {"kfac": "influence", "trak": "influence", "dtrak": "influence", "pixel": "similarity"}
+    session = types.SimpleNamespace(method_names=lambda: list(kinds),
+                                    method=lambda n: types.SimpleNamespace(kind=kinds[n]))
+    snapshot = {"kfac": {"built": True}, "trak": {"built": False}, "dtrak": {"built": False}, "pixel": {"built": True}}
+    build = BuildState(status="running", methods=("trak", "dtrak"), summary={"trak": {"status": "ok"}})
+    handle = types.SimpleNamespace(session=session, build=build, status=lambda: snapshot)
+    assert influence_methods(handle) == ["kfac", "trak"]  # D-TRAK is still being built
+    handle.build = BuildState(status="running", methods=("trak", "dtrak"), summary={"trak": {"status": "corrupt"}})
+    assert influence_methods(handle) == ["kfac"]
+
+
 @pytest.mark.slow
 def test_groups_page_answers_over_the_gallery_from_the_precomputed_scores(precomputed_env, tiny_app, monkeypatch):  # noqa: F811
     """QA round 12: on an empty cache the Groups page only waited for the build, though the shipped file holds
