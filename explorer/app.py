@@ -64,6 +64,7 @@ def main() -> None:
     has_traj = query is not None and query.input.trajectory is not None
     settings = controls.choose_settings(handle, has_traj)
 
+    groups_view.keep_choices(handle)  # on every run: only the open tab is drawn, and Streamlit forgets the others'
     explore, groups, evaluation, about = st.tabs(PAGES, key="page", on_change="rerun")
     if explore.open:
         with explore:

@@ -26,9 +26,35 @@ def init_selection(key: str, options: Sequence[Any]) -> None:
     None after), and on a just-started server the browser sometimes drew the sidebar's multiselect empty
     while the server held every method (the build panel's full-page rerun, 30 ms after the first run); the
     next click (a gallery sample) sent the empty selection back: "Select at least one method" (3 of 5 fresh
-    starts).  Writing it once, without a default, left it so (6 of 8)."""
+    starts).  Writing it once, without a default, left it so (6 of 8).
+
+    An option that was not offered on the previous run (a method the cache build has just finished) joins the
+    selection: the Groups page had said TRAK would be "ready when the cache build finishes", then left it
+    unselected behind an "All methods" button (QA 23b #3).  One the user removed stays removed."""
     held = st.session_state.get(key)
-    st.session_state[key] = list(options) if held is None else [v for v in held if v in options]
+    offered = st.session_state.get(f"{key}__offered")
+    st.session_state[f"{key}__offered"] = list(options)
+    if held is None:
+        st.session_state[key] = list(options)
+        return
+    kept = [v for v in held if v in options]
+    st.session_state[key] = kept + [v for v in options if offered is not None and v not in offered and v not in kept]
+
+
+def keep_choices(keys: Sequence[str], upper: dict[str, int] | None = None) -> None:
+    """Keep the values of the keyed widgets ``keys`` while a run does not draw them (another source, another page).
+
+    Streamlit drops a widget's value at the end of a run that does not draw it, so a user who looked at the gallery
+    and came back found "Training image 0" instead of 17 (QA 23 #6), and the Groups page came back from another tab
+    with its defaults while its result still used the earlier choices (QA 23b #4).  Assigning a value to its own
+    key keeps it, and sends it to the browser with the widget.  ``upper``: the largest value a key may hold now
+    (an index into a training set that a model switch may have shrunk).  Call it on every run, before the widgets."""
+    for key in keys:
+        if key in st.session_state:
+            value = st.session_state[key]
+            if upper and key in upper:
+                value = min(int(value), upper[key])
+            st.session_state[key] = value
 
 
 def _set(key: str, values: list[Any]) -> None:

@@ -371,7 +371,9 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
         st.caption(
             f"Measurement: {measurement_title(meas)}; {_count(cfg.get('removed'))} of the "
             f"{_count(cfg.get('num_train'))} training images removed; {_count(cfg.get('steps'))} training steps "
-            "per model" + settings_flag(differences, entry.query_draws != served)
+            "per model" + (settings_flag(differences, entry.query_draws != served)
+                           # said, not left to silence (QA 23b #9: two tables, only Details told them apart)
+                           or " · at this model's current attribution settings")
         )
         st.dataframe(pd.DataFrame(rows), hide_index=True, height=35 * (len(rows) + 1) + 3,  # every row, no scrolling
                      column_config={"predicted change": st.column_config.TextColumn(alignment="right")})
@@ -404,6 +406,22 @@ def _start_job(handle: Handle, key: tuple, query: Query, measurement: str, metho
             st.session_state.pop("retrain_error", None)
         except Exception as e:  # noqa: BLE001 - shown on the page
             st.session_state["retrain_error"] = f"{type(e).__name__}: {e}"
+
+
+def training_time_note(handle: Handle) -> str:
+    """" Training the served model took N min (its train_log.json), and the job trains two such models": how long
+    the retraining will take, from the one measurement there is (QA 23b #8: the offer gave no duration, and a job
+    took 20-30 min here); empty when the checkpoint has no training log."""
+    import json
+
+    try:
+        log = json.loads((Path(handle.session.checkpoint) / "train_log.json").read_text())
+        seconds, steps = float(log[-1]["elapsed_s"]), int(log[-1]["step"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
+    return (f" Training this model took {seconds / 60:.0f} min for {steps:,} steps where it was trained "
+            "(its train_log.json); the job trains two such models, one after the other, on a machine shared "
+            "with this server.")
 
 
 def retrain_section(handle: Handle, query: Query | None, s: Settings) -> None:
@@ -446,9 +464,9 @@ def retrain_section(handle: Handle, query: Query | None, s: Settings) -> None:
             type="primary",
         )
         st.caption(
-            "Trains two models with the full model's recipe (one without the method's top proponents at its "
-            "default damping, one without a random set) in the background; you can keep exploring. "
-            "The result is stored and shown again for this query."
+            f"For {query.title.lower()}: trains two models with the full model's recipe (one without the method's "
+            "top proponents at its default damping, one without a random set) in the background; you can keep "
+            f"exploring.{training_time_note(handle)} The result is stored and shown again for this query."
         )
         return
     if not job.done():

@@ -72,6 +72,15 @@ def _joining_later(handle: Handle) -> None:
     from explorer.build_view import DRAWN_PENDING, waiting_note
 
     info = handle.session.method_info()
+    if handle.build.checking:
+        # a just-started server does not know yet what it will build (pending is empty): the page answered with
+        # K-FAC alone and named no other method (QA 23b #1); name every influence method it cannot use yet
+        usable = set(influence_methods(handle))
+        unbuilt = [info[n]["title"] for n in all_influence_methods(handle.session) if n not in usable]
+        if unbuilt:
+            st.info(f"{plain.and_list(unbuilt)} {'is' if len(unbuilt) == 1 else 'are'} not built yet: the server is "
+                    "checking which caches it has to build (seconds; progress at the top of the page).")
+        return
     left_out = tuple(n for n in all_influence_methods(handle.session) if n in handle.build.pending)
     st.session_state[DRAWN_PENDING] = left_out  # the build panel offers to redraw once these are built
     later = [info[n]["title"] for n in left_out]
@@ -139,6 +148,21 @@ def _pool(handle: Handle, n: int, seed: int, draw: bool) -> QuerySet | None:
 
 
 # --- choosing the group and the samples -----------------------------------------------------
+
+
+def _set_name(qset: QuerySet) -> str:
+    """The query set's name, with a pool's seed (QA 23b #7: "8 samples (pool:8)" did not say which pool)."""
+    return qset.name if qset.seed is None else f"{qset.name}, seed {qset.seed}"
+
+
+def keep_choices(handle: Handle) -> None:
+    """Keep the page's choices while another page is shown (``chips.keep_choices``; app.py calls it on every run).
+
+    Back from another tab, the widgets showed their defaults while the result still used the earlier choices
+    (QA 23b #4).  Not the class (its options follow the model) nor the typed indices (their default follows the
+    Explore page's ticks)."""
+    chips.keep_choices(("grp_kind", "grp_train", "grp_queries", "grp_pool_n", "grp_pool_seed"),
+                       upper={"grp_train": len(handle.session.dataset) - 1})
 
 
 def _choose_group(handle: Handle) -> Group | None:
@@ -244,7 +268,7 @@ def groups_page(handle: Handle, s: Settings) -> None:
             plain.unavailable(r.status, info[n]["title"], r.reason or "", r.reason_about)
     if not result.ok():
         return
-    st.markdown(f"**{group.spec}** · {group.description} · {len(qset)} samples ({qset.name}) · "
+    st.markdown(f"**{group.spec}** · {group.description} · {len(qset)} samples ({_set_name(qset)}) · "
                 f"measurement `{s.measurement}`")
     timing = "; ".join(
         f"{info[n]['title']}: " + ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in r.timing_ms.items())
@@ -327,7 +351,7 @@ def precomputed_groups(handle: Handle, s: Settings) -> bool:
     if group is None or not methods:
         return True
     result = GroupResult(group, MEASUREMENT, qset, {n: mats[n] for n in methods}, session.labels)
-    st.markdown(f"**{group.spec}** · {group.description} · {len(qset)} samples ({qset.name}) · "
+    st.markdown(f"**{group.spec}** · {group.description} · {len(qset)} samples ({_set_name(qset)}) · "
                 f"measurement `{MEASUREMENT}` · precomputed")
     removal_section(handle, result, s)
     reverse_section(handle, result, s)
@@ -441,7 +465,10 @@ def downloads(handle: Handle, result: GroupResult, s: Settings, prefix: str = "g
     """The CSV of predicted changes and the PNG of this view, each carrying what they were computed with
     (``engine.attribution.provenance``): a loss and an ELBO export of one group shared a file name."""
     info = handle.session.method_info()
-    settings = provenance.group_settings(handle.session, result)
+    # the influence methods the running build has still to reach were not asked (QA 23b #6)
+    waiting = {n: plain.BUILDING for n in all_influence_methods(handle.session)
+               if n in handle.build.pending and n not in result.methods}
+    settings = provenance.group_settings(handle.session, result, waiting)
     stem = (f"{result.group.spec.replace(':', '-').replace(',', '_')[:40]}_{result.qset.name.replace(':', '-')}_"
             f"{result.measurement.replace('@', '-').replace('=', '')}_{provenance.settings_digest(settings)}")
     lines = provenance.settings_lines(settings)
@@ -522,6 +549,7 @@ def group_retrain_section(handle: Handle) -> None:
     st.caption("The model retrained without the whole group (same recipe and steps), each gallery sample's loss "
                "measured on both models with the same random draws. A method that knows which outputs depend on "
                "the group ranks the samples in the same order as the measurement (Spearman near +1).")
+    st.caption(retrain_record_note(records, [g["spec"] for _, g in groups]))
     info = handle.session.method_info()
 
     def title(n: str) -> str:
@@ -536,6 +564,19 @@ def group_retrain_section(handle: Handle) -> None:
                                 "sign agreement": c["sign_agreement"], "mean predicted": c["mean_predicted"],
                                 "mean measured": float(np.mean(g["measured_change"]))}
                                for _, g in groups for n, c in g["comparison"].items()]), hide_index=True)
+
+
+def retrain_record_note(records: list[dict], specs: list[str]) -> str:
+    """Which groups the plot shows and when their predictions were made.  Why: the page showed label:3's and
+    label:8's Spearman of 2026-12-01 under whatever group was chosen above, as if current; at the settings of
+    2026-12-06 K-FAC's is +0.52 / +0.24, not +0.45 / +0.11 (QA 23b #5).  A record written since 2026-12-06 holds
+    its attribution settings (``attribution``); an older one does not."""
+    dates = sorted({str(r.get("config", {}).get("created", ""))[:10] or "an unrecorded date" for r in records})
+    recorded = all("attribution" in r.get("config", {}) or "attribution" in r for r in records)
+    settings = ("at the attribution settings each record names" if recorded else
+                "at attribution settings the record does not name (they may differ from this page's)")
+    return (f"Groups {', '.join(specs)}, not the one chosen above: predictions and measurements as recorded on "
+            f"{' and '.join(dates)}, {settings}; not recomputed.")
 
 
 def short_title(title: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import streamlit as st
 
+from explorer import chips
 from explorer.images import display
 from explorer.runtime import Handle, throttled
 
@@ -60,28 +61,15 @@ def _request_generation() -> None:
     st.session_state["busy"] = "generate"
 
 
-def _keep_unshown_choices(n_train: int) -> None:
-    """Keep the training index, its "Pick by" and the new-sample seed while another source is shown.
-
-    Streamlit drops a widget's value at the end of a run that does not draw it, so a user who looked at the
-    gallery and came back found "Training image 0" instead of 17 (QA 23 #6; the gallery choice survived, being
-    no widget's).  Assigning a value to its own key keeps it.  The index is clamped to this model's training set
-    (a switch from digits to mnist shrinks it); the class widgets are not kept, their ranges change with the
-    class."""
-    if "train_index" in st.session_state:
-        st.session_state["train_index"] = min(int(st.session_state["train_index"]), n_train - 1)
-    for key in ("train_by", "gen_seed"):
-        if key in st.session_state:
-            st.session_state[key] = st.session_state[key]
-
-
 def choose_query(handle: Handle) -> Query | None:
     """Render the query chooser in the sidebar; None while nothing usable is chosen."""
     session = handle.session
     gallery = session.gallery()
     sources = list(SOURCES) if gallery else [s for s in SOURCES if s != "Gallery"]
     st.sidebar.header("Query")
-    _keep_unshown_choices(len(session.dataset))
+    # the training index, its "Pick by" and the seed, while another source is shown (QA 23 #6); not the class
+    # widgets, whose ranges change with the class
+    chips.keep_choices(("train_index", "train_by", "gen_seed"), upper={"train_index": len(session.dataset) - 1})
     source = st.sidebar.radio("Query image", sources, key="source", horizontal=True)
     with st.sidebar:
         if source == "Gallery":
@@ -132,7 +120,7 @@ def _generate(handle: Handle) -> Query | None:
     # also while a build runs: its factor pass hooks a private copy of the model, and the gradient passes' hooks
     # act in their own thread only (review 53: 26 samples drawn during a K-FAC build equal those drawn after)
     busy = st.session_state.get("busy") == "generate"
-    # no value=: the default is the minimum, 0, and the value comes from the state kept by _keep_unshown_choices
+    # no value=: the default is the minimum, 0, and the value comes from the state chips.keep_choices keeps
     st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="gen_seed", disabled=busy)
     st.button(
         "Generating ..." if busy else "Generate sample",

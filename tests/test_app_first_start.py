@@ -488,3 +488,65 @@ def test_groups_page_answers_over_the_gallery_from_the_precomputed_scores(precom
     assert "**Precomputed:**" not in _texts(at) and "Groups at these settings need the influence caches" in _texts(at)
     gate.set()
     handle.worker.wait(TIMEOUT)
+
+
+def test_a_method_offered_after_the_build_joins_the_selection_and_a_removed_one_stays_out(monkeypatch):
+    """QA 23b #3: after the build the Groups page kept only K-FAC selected, though it had said TRAK and D-TRAK
+    would be ready when the build finished; the new ones were behind an "All methods" button."""
+    import sys
+    import types
+
+    from streamlit.testing.v1 import AppTest
+
+    box = types.SimpleNamespace(options=["kfac"])
+    monkeypatch.setitem(sys.modules, "_fake_options", box)
+
+    def page():
+        import _fake_options
+        import streamlit as st
+
+        from explorer import chips
+
+        chips.init_selection("m", _fake_options.options)
+        st.multiselect("Methods", _fake_options.options, key="m")
+
+    at = AppTest.from_function(page).run(timeout=60)
+    assert at.multiselect(key="m").value == ["kfac"]
+    box.options = ["kfac", "trak", "dtrak"]  # the build finished
+    at.run(timeout=60)
+    assert at.multiselect(key="m").value == ["kfac", "trak", "dtrak"]
+    at.multiselect(key="m").unselect("trak").run(timeout=60)
+    at.run(timeout=60)
+    assert at.multiselect(key="m").value == ["kfac", "dtrak"]  # the user's removal is kept
+
+
+def test_the_groups_page_names_the_unbuilt_methods_while_the_server_checks_its_caches(monkeypatch):
+    """QA 23b #1: opened in the seconds a just-started server checks its caches, the Groups page answered with
+    K-FAC alone and named no other method (the build's pending list is empty until the check ends)."""
+    import sys
+    import types
+
+    from streamlit.testing.v1 import AppTest
+
+    from engine.attribution.build_worker import BuildState
+
+    kinds = {"kfac": "influence", "trak": "influence", "dtrak": "influence", "pixel": "similarity"}
+    info = {"kfac": {"title": "K-FAC"}, "trak": {"title": "TRAK"}, "dtrak": {"title": "D-TRAK"}}
+    session = types.SimpleNamespace(method_names=lambda: list(kinds), method_info=lambda: info,
+                                    method=lambda n: types.SimpleNamespace(kind=kinds[n]))
+    snapshot = {"kfac": {"built": True}, "trak": {"built": False}, "dtrak": {"built": False}}
+    handle = types.SimpleNamespace(session=session, build=BuildState(status="running", started=0.0),
+                                   status=lambda: snapshot)
+    assert handle.build.checking
+    monkeypatch.setitem(sys.modules, "_fake_checking", types.SimpleNamespace(handle=handle))
+
+    def page():
+        import _fake_checking
+
+        from explorer.groups_view import _joining_later
+
+        _joining_later(_fake_checking.handle)
+
+    at = AppTest.from_function(page).run(timeout=60)
+    assert [i.value for i in at.info] == ["TRAK and D-TRAK are not built yet: the server is checking which caches it "
+                                          "has to build (seconds; progress at the top of the page)."]

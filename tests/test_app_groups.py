@@ -53,6 +53,9 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
     at.radio(key="grp_kind").set_value("A class").run()
     at.selectbox(key="grp_class").set_value(1).run()
     _ok(at)
+    # the retraining plot says whose groups and which day's predictions it shows (QA 23b #5: old figures as current)
+    assert ("Groups label:1, not the one chosen above: predictions and measurements as recorded on an unrecorded "
+            "date, at attribution settings the record does not name") in _texts(at)
     handle = _handle()
     session = handle.session
     metrics = {m.label: m.value for m in at.metric}
@@ -109,7 +112,7 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
     assert any(b.label == "Draw 8 samples" for b in at.button)
     at.button(key="grp_draw").click().run()
     _ok(at)
-    assert "8 samples (pool:8)" in _texts(at)
+    assert "8 samples (pool:8, seed 0)" in _texts(at)  # the seed named (QA 23b #7)
     assert (8, 0) in handle.group_pools
 
     # a gallery without classifier labels (-1) gives the retraining plot no legend of "-1"
@@ -216,3 +219,28 @@ def test_moving_one_methods_damping_rescores_that_method_alone(app_env, monkeypa
     assert len(kfac_after) == 1 and kfac_after[0] is kfac_before[0]
     trak = [m for m in _handle().group_matrices.values() if m.name == "trak"]
     assert len(trak) == 2 and trak[0].damping != trak[1].damping
+
+
+@pytest.mark.slow
+def test_the_groups_choices_survive_a_visit_to_another_tab(app_env):
+    """QA 23b #4: back from the Explore tab, the Groups widgets showed their defaults ("A class", "Gallery",
+    256/0) while the result below still used the earlier choices: Streamlit forgets the widgets of a tab not drawn."""
+    at = _start(app_env)
+    at.session_state["page"] = "Groups"
+    at.run()
+    at.radio(key="grp_kind").set_value("One training image").run()
+    at.number_input(key="grp_train").set_value(7).run()
+    at.radio(key="grp_queries").set_value("Generated pool").run()
+    at.number_input(key="grp_pool_n").set_value(16).run()
+    at.number_input(key="grp_pool_seed").set_value(3).run()
+    _ok(at)
+    at.session_state["page"] = "Explore"
+    at.run()
+    _ok(at)
+    at.session_state["page"] = "Groups"
+    at.run()
+    _ok(at)
+    assert at.radio(key="grp_kind").value == "One training image" and at.number_input(key="grp_train").value == 7
+    assert at.radio(key="grp_queries").value == "Generated pool"
+    assert (at.number_input(key="grp_pool_n").value, at.number_input(key="grp_pool_seed").value) == (16, 3)
+    assert "No pool of 16 samples with seed 3 yet" in _texts(at)

@@ -658,3 +658,19 @@ def test_the_evaluation_page_names_unevaluated_methods_and_offers_no_command_for
     assert command == "`attribution-engine lds --methods gc` adds an LDS of it."  # for Details, not the page's flow
     assert unevaluated_note(["clip"], set(), info, "x", {"clip"}) == \
         ("Not evaluated on this model yet: CLIP similarity, which cannot run on this server.", "")
+
+
+def test_the_retraining_offer_says_how_long_training_took(tmp_path):
+    """QA 23b #8: the offer gave no duration (the job took 20-30 min on a shared machine); it now gives the served
+    model's own training time from its train_log.json, and nothing when there is none."""
+    import json
+    from types import SimpleNamespace
+
+    from engine.paths import default_checkpoint
+    from explorer.evaluation_view import training_time_note
+
+    log = json.loads((default_checkpoint("digits") / "train_log.json").read_text())
+    note = training_time_note(SimpleNamespace(session=SimpleNamespace(checkpoint=default_checkpoint("digits"))))
+    assert f"took {log[-1]['elapsed_s'] / 60:.0f} min for {log[-1]['step']:,} steps" in note
+    assert "two such models, one after the other" in note
+    assert training_time_note(SimpleNamespace(session=SimpleNamespace(checkpoint=tmp_path))) == ""

@@ -127,6 +127,7 @@ def test_a_group_export_names_the_group_the_query_set_and_the_measurement(shippe
                                measurement=measurement, methods=methods, ok=lambda: list(methods))
 
     loss, elbo = (provenance.group_settings(session, group_result(m)) for m in ("loss", "elbo"))
+    assert "pool_seed" not in loss and "left_out" not in loss  # the gallery; every method asked answered
     assert provenance.settings_digest(loss) != provenance.settings_digest(elbo)
     lines = provenance.settings_lines(elbo)
     assert "group: label:3 (183 images), queries: gallery; measurement: elbo" in lines[1]
@@ -250,3 +251,20 @@ def test_an_export_says_which_methods_it_leaves_out_and_why(shipped):
     assert "left_out" not in provenance.result_settings(session, whole)  # nothing left out: nothing said
     assert not any(line.startswith("not included") for line in provenance.settings_lines(
         provenance.result_settings(session, whole)))
+
+
+def test_a_group_export_names_its_pools_seed_and_the_methods_a_build_kept_out(shipped):
+    """QA 23b #6-7: a Groups export made during the build did not say TRAK and D-TRAK were left out, and a pool's
+    header ("queries: pool:8") did not give the seed that `query --query pool:I --pool-seed S` needs."""
+    from types import SimpleNamespace
+
+    session, _ = shipped
+    methods = {"kfac": SimpleNamespace(damping=1e-8, status="ok")}
+    result = SimpleNamespace(group=SimpleNamespace(spec="train:10-40", size=31),
+                             qset=SimpleNamespace(name="pool:8", key="pool-abc-s3-n8", seed=3),
+                             measurement="loss", methods=methods, ok=lambda: list(methods))
+    settings = provenance.group_settings(session, result, {"trak": "being built", "dtrak": "being built"})
+    assert settings["pool_seed"] == 3 and settings["left_out"] == {"trak": "being built", "dtrak": "being built"}
+    lines = provenance.settings_lines(settings)
+    assert "queries: pool:8 (pool seed 3)" in lines[1]
+    assert "not included: trak (being built), dtrak (being built)" in lines

@@ -101,18 +101,26 @@ def _left_out(results: dict[str, Any], scored: dict[str, Any]) -> dict[str, Any]
     return {"left_out": why} if why else {}
 
 
-def group_settings(session: Any, result: Any) -> dict[str, Any]:
-    """The same for a group answer (a ``GroupResult``): the group and the query set instead of one query."""
+def group_settings(session: Any, result: Any, not_asked: dict[str, str] | None = None) -> dict[str, Any]:
+    """The same for a group answer (a ``GroupResult``): the group and the query set instead of one query.
+    ``not_asked``: methods the answer was not asked for, with why (the app's Groups page leaves out the ones
+    a running build has still to reach: named under ``left_out`` as a query's are, QA 23b #6)."""
     methods = {n: _method_entry(session, n, result.methods[n], result.measurement) for n in result.ok()}
+    left_out = _left_out(result.methods, methods)
+    if not_asked:
+        left_out = {"left_out": {**left_out.get("left_out", {}), **not_asked}}
+    seed = getattr(result.qset, "seed", None)
     return {
         **session_settings(session),
         "group": result.group.spec,
         "group_size": int(result.group.size),
         "queries": result.qset.name,
         "queries_key": result.qset.key,  # which images: two pools of one size and other seeds differ here only
+        # a pool's seed, as group --json gives it: what `query --query pool:I --pool-seed S` needs (QA 23b #7)
+        **({"pool_seed": int(seed)} if seed is not None else {}),
         "measurement": str(result.measurement),
         "methods": methods,
-        **_left_out(result.methods, methods),
+        **left_out,
     }
 
 
@@ -148,7 +156,8 @@ def settings_lines(settings: dict[str, Any]) -> list[str]:
     named_by_file = str(settings.get("query", "")).startswith(("upload", "image:"))  # the others name their image
     image = f" (image {settings['query_image']})" if named_by_file and settings.get("query_image") else ""
     what = (f"query: {settings['query']}{image}" if "query" in settings
-            else f"group: {settings['group']} ({settings['group_size']} images), queries: {settings['queries']}")
+            else f"group: {settings['group']} ({settings['group_size']} images), queries: {settings['queries']}"
+            + (f" (pool seed {settings['pool_seed']})" if "pool_seed" in settings else ""))
     return [
         f"model: {model['preset']}, checkpoint {model['checkpoint']} (content hash {model['checkpoint_hash']}), "
         f"{model['num_train']} training images",
