@@ -67,6 +67,11 @@ def influence_methods(handle: Handle) -> list[str]:
     return [n for n in all_influence_methods(handle.session) if n in built and n not in pending]
 
 
+def _still_building(handle: Handle) -> tuple[str, ...]:
+    """The influence methods the running build has still to reach (none when no build runs)."""
+    return tuple(n for n in all_influence_methods(handle.session) if n in handle.build.pending)
+
+
 def _joining_later(handle: Handle) -> None:
     """While a build runs, the influence methods it has still to build, named (the page answers without them)."""
     from explorer.build_view import DRAWN_PENDING, waiting_note
@@ -81,7 +86,7 @@ def _joining_later(handle: Handle) -> None:
             st.info(f"{plain.and_list(unbuilt)} {'is' if len(unbuilt) == 1 else 'are'} not built yet: the server is "
                     "checking which caches it has to build (seconds; progress at the top of the page).")
         return
-    left_out = tuple(n for n in all_influence_methods(handle.session) if n in handle.build.pending)
+    left_out = _still_building(handle)
     st.session_state[DRAWN_PENDING] = left_out  # the build panel offers to redraw once these are built
     later = [info[n]["title"] for n in left_out]
     if later:
@@ -466,8 +471,7 @@ def downloads(handle: Handle, result: GroupResult, s: Settings, prefix: str = "g
     (``engine.attribution.provenance``): a loss and an ELBO export of one group shared a file name."""
     info = handle.session.method_info()
     # the influence methods the running build has still to reach were not asked (QA 23b #6)
-    waiting = {n: plain.BUILDING for n in all_influence_methods(handle.session)
-               if n in handle.build.pending and n not in result.methods}
+    waiting = {n: plain.BUILDING for n in _still_building(handle) if n not in result.methods}
     settings = provenance.group_settings(handle.session, result, waiting)
     stem = (f"{result.group.spec.replace(':', '-').replace(',', '_')[:40]}_{result.qset.name.replace(':', '-')}_"
             f"{result.measurement.replace('@', '-').replace('=', '')}_{provenance.settings_digest(settings)}")
@@ -572,7 +576,7 @@ def retrain_record_note(records: list[dict], specs: list[str]) -> str:
     2026-12-06 K-FAC's is +0.52 / +0.24, not +0.45 / +0.11 (QA 23b #5).  A record written since 2026-12-06 holds
     its attribution settings (``attribution``); an older one does not."""
     dates = sorted({str(r.get("config", {}).get("created", ""))[:10] or "an unrecorded date" for r in records})
-    recorded = all("attribution" in r.get("config", {}) or "attribution" in r for r in records)
+    recorded = all("attribution" in r.get("config", {}) for r in records)
     settings = ("at the attribution settings each record names" if recorded else
                 "at attribution settings the record does not name (they may differ from this page's)")
     return (f"Groups {', '.join(specs)}, not the one chosen above: predictions and measurements as recorded on "

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import streamlit as st
 
+from engine.attribution.results import reason_head
+
 DETAILS = "Details"
 
 
@@ -44,7 +46,7 @@ def unavailable_line(status: str, title: str, reason: str, about: str | None = N
     the explorer's own words (a precomputed gallery not holding these settings) and a reason of unknown
     origin.  A failure says whether the method's saved cache is damaged, since Details then says how to
     rebuild it."""
-    head = reason.split(" (")[0].split(";")[0].strip()
+    head = reason_head(reason)
     if head == BUILDING:  # left out of a live answer while the server's build has yet to reach it
         return f"**Being built:** {title} answers when the cache build finishes (progress at the top of the page)."
     if reason.startswith("not precomputed; whether"):  # drawn while a just-started server checks (results_view)

@@ -213,9 +213,9 @@ class BuildWorker:
                         shared = self.session.method(name).shared_pass_fraction(frac)
                         done[other] = max(done[other], shared)
                     overall = sum(done.values()) / len(todo)
-                    if EARLIER_RUN in msg:  # a pass resuming saved work (bank, factors, TRAK say so in these words)
-                        self._set(resumed=(*self.state.resumed, msg))
-                    self._set(message=msg, fraction=overall)
+                    # a pass resuming saved work (the bank's, the factors', TRAK's) says so in these words
+                    resumed = (*self.state.resumed, msg) if EARLIER_RUN in msg else self.state.resumed
+                    self._set(message=msg, fraction=overall, resumed=resumed)
                     if bar is not None:  # TQDM_MININTERVAL thins it (engine.bar_redraw)
                         move(bar, overall, msg[:70], field="postfix")
 

@@ -258,6 +258,11 @@ class PrecomputedGallery:
                 return self.arrays["kfac_grid"][row, g].astype(np.float32) * self.arrays["kfac_grid_scale"][row, g]
         return None
 
+    def bank(self, method: str) -> str | None:
+        """The bank kind ``method``'s scores came from, as its settings in the file's key name it (K-FAC's
+        "stored" | "compressed" | "streamed"; None for a method without one)."""
+        return (self.key["methods"][method].get("settings") or {}).get("bank")
+
     def gallery_matrix(self, session: Any, method: str, damping: float | None = None) -> np.ndarray | None:
         """(Q, N) float32 scores of every gallery sample for ``method``: what a group answer over the gallery
         needs (a group's predicted change is the sum of its members' scores, eq. 6 being linear in the
@@ -265,7 +270,7 @@ class PrecomputedGallery:
         matches this session for the method and holds every gallery sample."""
         if method not in self.methods_for(session):
             return None
-        bank = (self.key["methods"][method].get("settings") or {}).get("bank")
+        bank = self.bank(method)
         if bank is not None:
             from .bank_kinds import bank_kind
 
@@ -330,7 +335,7 @@ def precomputed_result(
             if m.needs_gradient:  # as a live answer names it (D-TRAK: the square norm; review 53)
                 res.measurement = session.measurement_used(name, measurement)
             # the bank the scores came from, as a live K-FAC answer names it (QA round 22 #3)
-            res.bank = (pre.key["methods"][name].get("settings") or {}).get("bank")
+            res.bank = pre.bank(name)
         else:
             known = (unavailable or {}).get(name)  # from availability, which never sees the query
             res.reason, res.reason_about = (known, SERVER) if known else (pending_reason, None)

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..code_version import code_version
 from ..config import attribution_settings
+from .results import reason_head
 
 
 def model_settings(session: Any) -> dict[str, Any]:
@@ -96,8 +97,7 @@ def _left_out(results: dict[str, Any], scored: dict[str, Any]) -> dict[str, Any]
     """``{"left_out": {method: why}}`` for the methods an answer holds no scores of, or nothing when it holds
     them all.  Why: an export made while the app builds has no TRAK column, and nothing said why (QA 23 #4);
     the reason is its first clause ("being built", "not built ...", CLIP's missing weights)."""
-    why = {n: (r.reason or r.status).split(" (")[0].split(";")[0].strip()
-           for n, r in results.items() if n not in scored}
+    why = {n: reason_head(r.reason or r.status) for n, r in results.items() if n not in scored}
     return {"left_out": why} if why else {}
 
 

@@ -96,6 +96,12 @@ class MethodResult:
         return [_item(i, self.scores, labels, self.exact) for i in idx[:k]]
 
 
+def reason_head(reason: str) -> str:
+    """A method's reason cut to its first clause ("being built; ready when ..." -> "being built", "not built (run
+    `...`)" -> "not built"): what a page's column and an export's ``left_out`` say of it, the rest being detail."""
+    return reason.split(" (")[0].split(";")[0].strip()
+
+
 def _item(i: int, scores: np.ndarray, labels: np.ndarray | None, exact: np.ndarray | None = None) -> RankedItem:
     return RankedItem(
         int(i), float(scores[i]), None if labels is None else int(labels[i]), True if exact is None else bool(exact[i])
