@@ -39,6 +39,7 @@ from .. import jsonio
 from ..config import attribution_key
 from ..files import atomic_write_bytes, save_npz
 from ..npy_read import load_npz
+from .job_clock import JobClock, minutes
 from .runs import (
     MeasureSpec,
     TrainTask,
@@ -49,6 +50,7 @@ from .runs import (
 CONTROL_SEED = 0
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
+_monotonic = time.monotonic  # the job clock's time source (a test replaces it)
 
 
 def _folder_lock(folder: str | Path) -> threading.Lock:
@@ -289,12 +291,15 @@ class RetrainJob:
         from ..model.train import train
 
         t0 = time.time()
+        clock = JobClock(clock=_monotonic)
         removed, scores, kind = self.removal()
         tasks = self.training_tasks()
+        unfinished = [not is_finished(t.out) for t in tasks]
         for j, task in enumerate(tasks):
             lo, hi = 0.05 + 0.45 * j, 0.05 + 0.45 * (j + 1)
             if is_finished(task.out):
                 continue
+            later = sum(int(t.steps) for t, u in zip(tasks[j + 1:], unfinished[j + 1:], strict=True) if u)
 
             def cb(
                 step: int,
@@ -303,9 +308,15 @@ class RetrainJob:
                 lo: float = lo,
                 hi: float = hi,
                 name: str = task.name,
+                k: int = j + 1,
+                later: int = later,
             ) -> None:
                 if step % 20 == 0 or step == total:
-                    self._set(f"training {name} model: step {step}/{total}", lo + (hi - lo) * step / total)
+                    self._set(
+                        f"training {name} model ({k} of {len(tasks)}): step {step:,}/{total:,}; "
+                        f"{clock.words(total - step + later)}",
+                        lo + (hi - lo) * step / total,
+                    )
 
             with _folder_lock(task.out):  # two jobs may share the control model
                 if is_finished(task.out):
@@ -320,7 +331,8 @@ class RetrainJob:
                     progress=cb,
                     steps=task.steps,
                 )
-        self._set("measuring", 0.96)
+        self._set(f"measuring the query on the full and the two retrained models; {minutes(clock.elapsed())} so far",
+                  0.96)
         self._result = self.measure(removed, scores, kind, time.time() - t0)
         self._set("done", 1.0)
 
