@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,8 +153,37 @@ class TrainTask:
     exclude: np.ndarray | None = None
 
 
-def _run_task(task: TrainTask, dataset: ImageDataset | None, device: str) -> tuple[str, float]:
+_STEPS_DONE = None  # in a training worker: the pool's shared step counter (``_init_training_worker``)
+_REPORT_EVERY = 20  # steps between two reports of a training task
+
+
+def _init_training_worker(threads: int, counter: Any) -> None:
+    """Pool initializer: ``init_worker``, and the counter every task of this worker adds its steps to."""
+    global _STEPS_DONE
+    init_worker(threads)
+    _STEPS_DONE = counter
+
+
+def _run_task(
+    task: TrainTask, dataset: ImageDataset | None, device: str, steps_done: Callable[[int], None] | None = None
+) -> tuple[str, float]:
+    """Train one task; ``steps_done(k)`` is told of every ``_REPORT_EVERY`` steps (a resumed model's
+    earlier steps are told at its first report), or, in a pool worker, the shared counter is."""
     from ..model.train import train
+
+    if steps_done is None and _STEPS_DONE is not None:
+        counter = _STEPS_DONE
+
+        def steps_done(k: int) -> None:
+            with counter.get_lock():
+                counter.value += k
+
+    last = [0]
+
+    def report(step: int, total: int, loss: float | None) -> None:
+        if steps_done is not None and (step % _REPORT_EVERY == 0 or step == total):
+            steps_done(step - last[0])
+            last[0] = step
 
     t0 = time.time()
     train(
@@ -163,7 +193,7 @@ def _run_task(task: TrainTask, dataset: ImageDataset | None, device: str) -> tup
         indices=task.indices,
         exclude=task.exclude,
         device=device,
-        progress=False,
+        progress=report,
         steps=task.steps,
     )
     return task.name, time.time() - t0
@@ -185,42 +215,64 @@ def run_training(
     stopped run resumes where it was (unfinished models continue from ``train_state.pt``).
     ``dataset`` is sent to the workers only when given (custom data, tests); otherwise each
     worker loads the preset's data itself.
+
+    Progress counts training steps over every task, not models: one model of the full recipe takes
+    minutes, and a bar counting models sat at 0% that long (a group retraining's two models: 0/2 for
+    about 10 min). Workers add their steps to one shared counter, which this process reads every second.
     """
     todo = [t for t in tasks if not is_finished(t.out)]
     done_before = len(tasks) - len(todo)
     log(f"{len(tasks)} models: {done_before} finished before, {len(todo)} to train with {workers} worker(s)")
     if not todo:
         return []
+    total = sum(int(t.steps) for t in tasks)
+    base = total - sum(int(t.steps) for t in todo)  # the finished models' steps
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(tasks), initial=done_before, desc="retraining", unit="model")
+        bar = tqdm(total=total, initial=base, desc="retraining", unit="step", dynamic_ncols=True)
+        bar.set_postfix_str(f"models {done_before}/{len(tasks)}")
     finished: list[str] = []
+    steps = [0]
+
+    def _show(k: int) -> None:
+        steps[0] = k
+        if bar is not None:
+            bar.n = base + k
+            bar.refresh()
+        elif callable(progress):
+            progress(f"training: {base + k:,}/{total:,} steps, {done_before + len(finished)}/{len(tasks)} models",
+                     (base + k) / total)
 
     def _done(name: str, secs: float) -> None:
         finished.append(name)
-        log(f"finished {name} in {secs:.0f} s ({done_before + len(finished)}/{len(tasks)})")
+        line = f"finished {name} in {secs:.0f} s ({done_before + len(finished)}/{len(tasks)})"
+        bar.write(line) if bar is not None and log is print else log(line)  # a print would cut the bar's line
         if bar is not None:
-            bar.update(1)
+            bar.set_postfix_str(f"models {done_before + len(finished)}/{len(tasks)}")
         elif callable(progress):
             progress(f"trained {name}", (done_before + len(finished)) / len(tasks))
 
     if workers <= 1:  # in this process, with its own thread settings
         for t in todo:
-            _done(*_run_task(t, dataset, device))
+            _done(*_run_task(t, dataset, device, lambda k: _show(steps[0] + k)))
     else:
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         ctx = mp.get_context("spawn")
+        counter = ctx.Value("q", 0)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker))
         with ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=init_worker, initargs=(threads_per_worker,)
+            max_workers=workers, mp_context=ctx, initializer=_init_training_worker,
+            initargs=(threads_per_worker, counter),
         ) as pool:
             pending = {pool.submit(_run_task, t, dataset, device) for t in todo}
             while pending:
-                ready, pending = wait(pending, return_when=FIRST_COMPLETED)
+                ready, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                if counter.value != steps[0]:
+                    _show(int(counter.value))
                 for f in ready:
                     _done(*f.result())
     if bar is not None:

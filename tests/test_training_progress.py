@@ -1,0 +1,68 @@
+"""Retraining runs count training steps, not models (engine/evaluation/runs.py:run_training): a model of the
+full recipe trains for minutes, and a bar that counted models sat at 0% that long."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from engine.evaluation.runs import TrainTask, run_training
+
+
+def _tasks(preset, tmp_path, steps=(40, 40)):
+    return [TrainTask(f"m{i}", str(tmp_path / f"m{i}"), preset, s) for i, s in enumerate(steps)]
+
+
+def _step_counts(messages):
+    out = []
+    for m, f in messages:
+        hit = re.match(r"training: ([\d,]+)/([\d,]+) steps, (\d+)/(\d+) models$", m)
+        if hit:
+            out.append((int(hit[1].replace(",", "")), int(hit[2].replace(",", "")), f))
+    return out
+
+
+@pytest.mark.slow
+def test_a_run_in_this_process_reports_its_steps_over_every_model(tiny_preset, digits_small, tmp_path):
+    preset = tiny_preset.replace(train={"checkpoint_every": 1000})
+    seen: list[tuple[str, float]] = []
+    tasks = _tasks(preset, tmp_path, (40, 60))
+    run_training(tasks, dataset=digits_small, progress=lambda m, f: seen.append((m, f)), log=lambda s: None)
+    counts = _step_counts(seen)
+    # every 20 steps of each model, counted on one scale of 100 steps
+    assert [c for c, _, _ in counts] == [20, 40, 60, 80, 100]
+    assert all(t == 100 for _, t, _ in counts)
+    assert [f for _, _, f in counts] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert ("trained m0", 0.5) in seen and ("trained m1", 1.0) in seen
+    # a second run: both finished, nothing trained, nothing reported
+    seen.clear()
+    assert run_training(tasks, dataset=digits_small, progress=lambda m, f: seen.append((m, f)),
+                        log=lambda s: None) == []
+    assert seen == []
+
+
+@pytest.mark.slow
+def test_a_finished_model_counts_its_steps_from_the_start(tiny_preset, digits_small, tmp_path):
+    """One of two models is finished: the count starts at its 40 steps, and the other's are added."""
+    preset = tiny_preset.replace(train={"checkpoint_every": 1000})
+    tasks = _tasks(preset, tmp_path)
+    run_training(tasks[:1], dataset=digits_small, progress=False, log=lambda s: None)
+    seen: list[tuple[str, float]] = []
+    assert run_training(tasks, dataset=digits_small, progress=lambda m, f: seen.append((m, f)),
+                        log=lambda s: None) == ["m1"]
+    assert [c for c, _, _ in _step_counts(seen)] == [60, 80]
+
+
+@pytest.mark.slow
+def test_pool_workers_add_their_steps_to_one_counter(tiny_preset, digits_small, tmp_path):
+    """Two spawned workers: the parent reads their shared counter and reports every step of both models."""
+    preset = tiny_preset.replace(train={"checkpoint_every": 1000})
+    seen: list[tuple[str, float]] = []
+    tasks = _tasks(preset, tmp_path)
+    done = run_training(tasks, workers=2, dataset=digits_small, progress=lambda m, f: seen.append((m, f)),
+                        log=lambda s: None)
+    assert sorted(done) == ["m0", "m1"]
+    counts = _step_counts(seen)
+    assert counts and counts[-1][:2] == (80, 80)
+    assert [c for c, _, _ in counts] == sorted(c for c, _, _ in counts)
