@@ -239,8 +239,7 @@ def run_training(
     def _show(k: int) -> None:
         steps[0] = k
         if bar is not None:
-            bar.n = base + k
-            bar.refresh()
+            bar.update(base + k - bar.n)  # update, not refresh: TQDM_MININTERVAL thins it in a log file
         elif callable(progress):
             progress(f"training: {base + k:,}/{total:,} steps, {done_before + len(finished)}/{len(tasks)} models",
                      (base + k) / total)
