@@ -10,7 +10,7 @@ method's damping re-scores that method alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -539,7 +539,7 @@ def _flag_rate(handle: Handle) -> float:
 
 def group_retrain_section(handle: Handle) -> None:
     from engine.evaluation.report import load_group_retrain_results, split_by_model
-    from explorer.evaluation_view import model_key, results_dir
+    from explorer.evaluation_view import model_key, results_dir, served_settings
 
     st.markdown("#### Check by retraining: predicted against measured change")
     records, _ = split_by_model(load_group_retrain_results(results_dir()), model_key(handle))  # this model's
@@ -553,7 +553,7 @@ def group_retrain_section(handle: Handle) -> None:
     st.caption("The model retrained without the whole group (same recipe and steps), each gallery sample's loss "
                "measured on both models with the same random draws. A method that knows which outputs depend on "
                "the group ranks the samples in the same order as the measurement (Spearman near +1).")
-    st.caption(retrain_record_note(records, [g["spec"] for _, g in groups]))
+    st.caption(retrain_record_note(records, [g["spec"] for _, g in groups], served_settings(handle)))
     info = handle.session.method_info()
 
     def title(n: str) -> str:
@@ -570,15 +570,26 @@ def group_retrain_section(handle: Handle) -> None:
                                for _, g in groups for n, c in g["comparison"].items()]), hide_index=True)
 
 
-def retrain_record_note(records: list[dict], specs: list[str]) -> str:
-    """Which groups the plot shows and when their predictions were made.  Why: the page showed label:3's and
+def retrain_record_note(records: list[dict], specs: list[str], served: Mapping[str, Any] | None = None) -> str:
+    """Which groups the plot shows, when their predictions were made, and at which attribution settings against
+    the served model's ``served`` (``evaluation_view.served_settings``).  Why: the page showed label:3's and
     label:8's Spearman of 2026-12-01 under whatever group was chosen above, as if current; at the settings of
     2026-12-06 K-FAC's is +0.52 / +0.24, not +0.45 / +0.11 (QA 23b #5).  A record written since 2026-12-06 holds
-    its attribution settings (``attribution``); an older one does not."""
+    its attribution settings (``attribution``), compared like a retrain-top record's (the dampings included:
+    they ranked the predictions); an older one does not."""
+    from engine.evaluation.report import DAMPINGS, SCORE_SETTINGS, settings_differences
+
     dates = sorted({str(r.get("config", {}).get("created", ""))[:10] or "an unrecorded date" for r in records})
-    recorded = all("attribution" in r.get("config", {}) for r in records)
-    settings = ("at the attribution settings each record names" if recorded else
-                "at attribution settings the record does not name (they may differ from this page's)")
+    found = [settings_differences(r.get("config", {}), served, SCORE_SETTINGS + DAMPINGS) if served is not None
+             else None for r in records]
+    if any(d is None for d in found):
+        recorded = all("attribution" in r.get("config", {}) for r in records)
+        settings = ("at the attribution settings each record names" if recorded else
+                    "at attribution settings the record does not name (they may differ from this page's)")
+    else:
+        differences = sorted({line for d in found for line in d or []})
+        settings = ("at other attribution settings than this model's: " + "; ".join(differences) if differences
+                    else "at this model's current attribution settings")
     return (f"Groups {', '.join(specs)}, not the one chosen above: predictions and measurements as recorded on "
             f"{' and '.join(dates)}, {settings}; not recomputed.")
 

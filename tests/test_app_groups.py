@@ -244,3 +244,31 @@ def test_the_groups_choices_survive_a_visit_to_another_tab(app_env):
     assert at.radio(key="grp_queries").value == "Generated pool"
     assert (at.number_input(key="grp_pool_n").value, at.number_input(key="grp_pool_seed").value) == (16, 3)
     assert "No pool of 16 samples with seed 3 yet" in _texts(at)
+
+
+def test_the_retraining_caption_compares_the_records_settings_with_the_served_models():
+    """A group-retrain record written with its attribution settings is compared with the served model's, the
+    dampings included (they ranked the predictions): the caption says when they are this model's current ones,
+    and names each one that differs; a record without them says it does not name them."""
+    import dataclasses
+
+    from engine.config import AttributionConfig, attribution_settings
+    from explorer.groups_view import retrain_record_note
+
+    cfg = AttributionConfig(kfac_damping=1e-8)
+    resolved = attribution_settings(cfg, 100)  # the served model's dampings, each resolved as the page scores
+    served = {**dataclasses.asdict(cfg), **{k: resolved[k] for k in ("kfac_damping", "trak_damping", "dtrak_damping")}}
+
+    def record(config):
+        return {"config": {"created": "2026-12-06T12:00:00Z", **config}}
+
+    same = record({"attribution": attribution_settings(cfg, 100)})
+    other = record({"attribution": attribution_settings(dataclasses.replace(cfg, kfac_damping=1e-6), 100)})
+    old = {"config": {"created": "2026-12-01T15:54:58Z"}}
+    assert retrain_record_note([same], ["label:3"], served) == (
+        "Groups label:3, not the one chosen above: predictions and measurements as recorded on 2026-12-06, at "
+        "this model's current attribution settings; not recomputed.")
+    assert retrain_record_note([other], ["label:3"], served).endswith(
+        "at other attribution settings than this model's: kfac_damping: 1e-06 (now 1e-08); not recomputed.")
+    assert "the record does not name" in retrain_record_note([old, same], ["label:3", "label:8"], served)
+    assert "2026-12-01 and 2026-12-06" in retrain_record_note([old, same], ["label:3", "label:8"], served)
