@@ -66,3 +66,51 @@ def test_pool_workers_add_their_steps_to_one_counter(tiny_preset, digits_small, 
     counts = _step_counts(seen)
     assert counts and counts[-1][:2] == (80, 80)
     assert [c for c, _, _ in counts] == sorted(c for c, _, _ in counts)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_resumed_model_counts_its_earlier_steps_once_and_not_as_this_runs_speed(
+    tiny_preset, digits_small, tmp_path, capsys
+):
+    """A model interrupted after its state was saved at step 20: the rerun counts those 20 steps at its start
+    (a callable hears them first; tqdm's bar takes them into its start, so its rate is this run's alone)."""
+    from engine.model.train import train
+
+    preset = tiny_preset.replace(train={"checkpoint_every": 20})
+    tasks = _tasks(preset, tmp_path)
+
+    def stop_at_30(step, total, loss):
+        if step == 30:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(preset, tasks[0].out, dataset=digits_small, progress=stop_at_30, steps=40)
+    told: list[int] = []
+    train(preset, tmp_path / "probe", dataset=digits_small, progress=False, steps=40, resumed=told.append)
+    assert told == []  # a fresh run resumes nothing
+    seen: list[tuple[str, float]] = []
+    run_training(tasks, dataset=digits_small, progress=lambda m, f: seen.append((m, f)), log=lambda s: None)
+    assert [c for c, _, _ in _step_counts(seen)] == [20, 40, 60, 80]
+    # the bar: a third model, resumed the same way, and the bar's start holds its 20 earlier steps
+    more = _tasks(preset, tmp_path / "more", (40,))
+    with pytest.raises(_Stop):
+        train(preset, more[0].out, dataset=digits_small, progress=stop_at_30, steps=40)
+    bars = []
+    import tqdm.auto
+
+    real = tqdm.auto.tqdm
+
+    def keep(*a, **kw):
+        bars.append(real(*a, **kw))
+        return bars[-1]
+
+    tqdm.auto.tqdm = keep
+    try:
+        run_training(more, dataset=digits_small, progress=True, log=lambda s: None)
+    finally:
+        tqdm.auto.tqdm = real
+    assert bars[0].initial == 20 and bars[0].n == 40

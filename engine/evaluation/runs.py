@@ -153,28 +153,33 @@ class TrainTask:
     exclude: np.ndarray | None = None
 
 
-_STEPS_DONE = None  # in a training worker: the pool's shared step counter (``_init_training_worker``)
+_STEPS_DONE = None  # in a training worker: the pool's shared step counters (``_init_training_worker``)
 _REPORT_EVERY = 20  # steps between two reports of a training task
 
 
-def _init_training_worker(threads: int, counter: Any) -> None:
-    """Pool initializer: ``init_worker``, and the counter every task of this worker adds its steps to."""
+def _init_training_worker(threads: int, trained: Any, resumed: Any) -> None:
+    """Pool initializer: ``init_worker``, and the counters every task of this worker adds its steps to."""
     global _STEPS_DONE
     init_worker(threads)
-    _STEPS_DONE = counter
+    _STEPS_DONE = (trained, resumed)
 
 
 def _run_task(
-    task: TrainTask, dataset: ImageDataset | None, device: str, steps_done: Callable[[int], None] | None = None
+    task: TrainTask,
+    dataset: ImageDataset | None,
+    device: str,
+    steps_done: Callable[[int, bool], None] | None = None,
 ) -> tuple[str, float]:
-    """Train one task; ``steps_done(k)`` is told of every ``_REPORT_EVERY`` steps (a resumed model's
-    earlier steps are told at its first report), or, in a pool worker, the shared counter is."""
+    """Train one task; ``steps_done(k, resumed)`` is told of every ``_REPORT_EVERY`` steps trained and, once,
+    of the steps a resumed model had trained before (``resumed`` True); in a pool worker the shared counters
+    are."""
     from ..model.train import train
 
     if steps_done is None and _STEPS_DONE is not None:
-        counter = _STEPS_DONE
+        counters = _STEPS_DONE
 
-        def steps_done(k: int) -> None:
+        def steps_done(k: int, resumed: bool) -> None:
+            counter = counters[1] if resumed else counters[0]
             with counter.get_lock():
                 counter.value += k
 
@@ -182,8 +187,13 @@ def _run_task(
 
     def report(step: int, total: int, loss: float | None) -> None:
         if steps_done is not None and (step % _REPORT_EVERY == 0 or step == total):
-            steps_done(step - last[0])
+            steps_done(step - last[0], False)
             last[0] = step
+
+    def resumed(step: int) -> None:
+        last[0] = step
+        if steps_done is not None:
+            steps_done(step, True)
 
     t0 = time.time()
     train(
@@ -195,6 +205,7 @@ def _run_task(
         device=device,
         progress=report,
         steps=task.steps,
+        resumed=resumed,
     )
     return task.name, time.time() - t0
 
@@ -234,15 +245,19 @@ def run_training(
         bar = tqdm(total=total, initial=base, desc="retraining", unit="step", dynamic_ncols=True)
         bar.set_postfix_str(f"models {done_before}/{len(tasks)}")
     finished: list[str] = []
-    steps = [0]
+    steps = [0, 0]  # trained by this run, trained before a resume
 
-    def _show(k: int) -> None:
-        steps[0] = k
+    def _show(trained: int, resumed: int) -> None:
         if bar is not None:
-            bar.update(base + k - bar.n)  # update, not refresh: TQDM_MININTERVAL thins it in a log file
+            if resumed != steps[1]:  # done before this run: part of the start, not of this run's speed
+                k = resumed - steps[1]
+                bar.initial, bar.n, bar.last_print_n = bar.initial + k, bar.n + k, bar.last_print_n + k
+                bar.refresh()
+            bar.update(base + trained + resumed - bar.n)  # update, not refresh: TQDM_MININTERVAL thins it
         elif callable(progress):
-            progress(f"training: {base + k:,}/{total:,} steps, {done_before + len(finished)}/{len(tasks)} models",
-                     (base + k) / total)
+            k = base + trained + resumed
+            progress(f"training: {k:,}/{total:,} steps, {done_before + len(finished)}/{len(tasks)} models", k / total)
+        steps[:] = [trained, resumed]
 
     def _done(name: str, secs: float) -> None:
         finished.append(name)
@@ -255,23 +270,24 @@ def run_training(
 
     if workers <= 1:  # in this process, with its own thread settings
         for t in todo:
-            _done(*_run_task(t, dataset, device, lambda k: _show(steps[0] + k)))
+            _done(*_run_task(t, dataset, device,
+                             lambda k, r: _show(steps[0], steps[1] + k) if r else _show(steps[0] + k, steps[1])))
     else:
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         ctx = mp.get_context("spawn")
-        counter = ctx.Value("q", 0)
+        trained, resumed = ctx.Value("q", 0), ctx.Value("q", 0)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker))
         with ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, initializer=_init_training_worker,
-            initargs=(threads_per_worker, counter),
+            initargs=(threads_per_worker, trained, resumed),
         ) as pool:
             pending = {pool.submit(_run_task, t, dataset, device) for t in todo}
             while pending:
                 ready, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                if counter.value != steps[0]:
-                    _show(int(counter.value))
+                if (trained.value, resumed.value) != tuple(steps):
+                    _show(int(trained.value), int(resumed.value))
                 for f in ready:
                     _done(*f.result())
     if bar is not None:

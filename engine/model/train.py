@@ -70,10 +70,13 @@ def train(
     device: torch.device | str = "cpu",
     progress: bool | Callable[[int, int, float], None] = True,
     steps: int | None = None,
+    resumed: Callable[[int], None] | None = None,
 ) -> Path:
     """Train (or resume) a DDPM into ``out_dir``; returns the checkpoint folder.
 
-    ``progress`` is True for a tqdm bar, False for silence, or ``f(step, total, loss)``.
+    ``progress`` is True for a tqdm bar, False for silence, or ``f(step, total, loss)``. ``resumed(step)`` is
+    told once of the step a resumed run continues from, before it trains (a progress count over many models
+    adds those steps without counting them as this run's speed).
     """
     out = Path(out_dir)
     tc = preset.train
@@ -128,6 +131,8 @@ def train(
             )
         step, log, perm, pos = st["step"], st["log"], st["perm"].cpu(), st["pos"]
         running, elapsed_before = st.get("running"), float(st.get("elapsed_s", 0.0))  # so the log goes on as one run
+        if resumed is not None and step:
+            resumed(int(step))
         # dropout draws from the global RNGs: restore them so a resumed run is exact
         if st.get("torch_rng") is not None:
             torch.set_rng_state(st["torch_rng"].cpu())
