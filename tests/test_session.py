@@ -501,3 +501,23 @@ def test_a_sample_of_a_samples_file_is_a_query_with_its_trajectory(session, tmp_
     ]:
         with pytest.raises(ValueError, match=words):
             session.parse_query(spec)
+
+
+def test_a_sigterm_while_a_method_scores_stops_the_query_instead_of_becoming_that_methods_error(
+    session, monkeypatch
+):
+    """QA 24: the CLI's SIGTERM exception (``Terminated``) was an Exception, so the session's "one broken method
+    must not hide the others" handler reported it as "pixel: error" and the command went on (an LDS then saved
+    a query's scores without K-FAC, and every rerun failed). It must leave the query as Ctrl-C does."""
+    from engine.cli.common import Terminated
+
+    def terminated(*args, **kwargs):
+        raise Terminated()
+
+    monkeypatch.setattr(AttributionSession, "_score_into", terminated)
+    with pytest.raises(Terminated):
+        session.query(session.parse_query("train:3"), "loss", ["pixel"])
+    # an ordinary failure still becomes that method's error, and the query answers
+    monkeypatch.setattr(AttributionSession, "_score_into", lambda *a, **k: 1 / 0)
+    r = session.query(session.parse_query("train:3"), "loss", ["pixel"])
+    assert r.methods["pixel"].status == "error" and "ZeroDivisionError" in r.methods["pixel"].reason

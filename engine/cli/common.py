@@ -118,9 +118,12 @@ def fail(e: Exception) -> int:
     return 2
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """SIGTERM (``timeout``, a job scheduler, ``docker stop``) turned into an exception, so that it ends a
-    command as Ctrl-C does: one line on stderr, exit 143, and the same resumable state."""
+    command as Ctrl-C does: one line on stderr, exit 143, and the same resumable state.  A BaseException, as
+    KeyboardInterrupt is: an ``except Exception`` that reports a method's failure and goes on must not catch it
+    (QA 24: a SIGTERM during an LDS's scoring became "kfac: error" for one query, whose scores were saved
+    without K-FAC, and every rerun then failed; a query could exit 0)."""
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -133,6 +136,7 @@ INTERRUPTED = {  # how a command ended by a signal says so, and whether rerunnin
     "retrain-top": "rerun the same command to resume (finished models are kept)",
     "group-retrain": "rerun the same command to resume (finished models are kept)",
     "train": "rerun the same command to resume from the last checkpoint",
+    "precompute": "rerun the same command to resume (the samples scored so far are kept)",
 }
 
 
