@@ -642,3 +642,45 @@ def test_an_lds_run_refuses_counts_below_one_when_built(field):
 
     with pytest.raises(InvalidSettingError, match="must be at least 1, got 0"):
         LDSRun(**{field: 0})
+
+
+def test_lds_scoring_saves_no_row_a_method_failed_on_and_rescores_a_row_saved_without_one(
+    tiny_preset, digits_small, tmp_path
+):
+    """QA 24: a method that failed on one query (there: a SIGTERM taken for an error) left that query's saved
+    scores without it, and every rerun then stopped on unequal matrices. Now a failure stops the scoring with
+    its reason and saves nothing for that query; a row saved without a method that scored the others is scored
+    again."""
+    import torch
+
+    from engine.attribution.results import MethodResult
+    from engine.evaluation.lds_run import ScoringFailedError, session_scores
+    from engine.files import save_npz
+
+    queries = torch.stack([digits_small.images[i] for i in (1, 2, 3)])
+    calls = []
+
+    class Failing(FakeSession):
+        def query(self, query, measurement, methods):
+            calls.append(query.description)
+            res = super().query(query, measurement, methods)
+            if query.description == "lds query 1":
+                res.methods["kfac"] = MethodResult("kfac", "kfac", "influence", "", "error", reason="OSError: bad cache")
+            return res
+
+    failing = Failing(tiny_preset, None, "cpu", None, tiny_preset.attribution, digits_small, False)
+    with pytest.raises(ScoringFailedError, match="kfac failed on LDS query 1: OSError: bad cache"):
+        session_scores(failing, queries, "loss", ["kfac", "pixel"], tmp_path, sweep=False)
+    folder = next((tmp_path / "scores").iterdir())
+    assert (folder / "q000.npz").is_file() and not (folder / "q001.npz").exists()
+    # an older version's row without K-FAC: scored again, the others read back
+    healthy = FakeSession(tiny_preset, None, "cpu", None, tiny_preset.attribution, digits_small, False)
+    rows, _ = session_scores(healthy, queries, "loss", ["kfac", "pixel"], tmp_path, sweep=False)
+    save_npz(folder / "q002.npz", pixel=rows[2]["pixel"])
+    calls.clear()
+    healthy.query = lambda q, m, n: (calls.append(q.description), FakeSession.query(healthy, q, m, n))[1]
+    again, _ = session_scores(healthy, queries, "loss", ["kfac", "pixel"], tmp_path, sweep=False)
+    assert calls == ["lds query 2"]
+    for a, b in zip(again, rows, strict=True):
+        assert set(a) == {"kfac", "pixel"}
+        np.testing.assert_array_equal(a["kfac"], b["kfac"])

@@ -149,9 +149,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """
     from ..attribution.store import StaleCacheError
     from ..evaluation.lds import SubsetMismatchError
+    from ..evaluation.lds_run import ScoringFailedError
     from ..evaluation.setup import TrainingBusyError
 
-    return (ValueError, OSError, StaleCacheError, SubsetMismatchError, TrainingBusyError)
+    return (ValueError, OSError, StaleCacheError, SubsetMismatchError, TrainingBusyError, ScoringFailedError)
 
 
 def run_handler(args: argparse.Namespace) -> int:

@@ -101,6 +101,10 @@ def _score_key(session: Any, queries: torch.Tensor, measurement: str, methods: l
     return h.hexdigest()[:16]
 
 
+class ScoringFailedError(RuntimeError):
+    """A method's scores failed on one LDS query (a damaged cache, memory): the run stops with its reason."""
+
+
 def session_scores(
     session: Any,
     queries: torch.Tensor,
@@ -131,8 +135,12 @@ def session_scores(
         path = folder / f"q{q:03d}.npz"
         if path.is_file():
             with load_npz(path) as z:
-                rows.append({k: z[k] for k in z.files})
-            continue
+                row = {k: z[k] for k in z.files}
+            if {tag for tag, i in info.items() if i["status"] == "ok"} <= set(row):
+                rows.append(row)
+                continue
+            # a row an older version saved without a method that failed on it (QA 24): every rerun then
+            # stopped on unequal matrices; scored again here
         qi = QueryInput(image=queries[q], description=f"lds query {q}")
         row: dict[str, np.ndarray] = {}
         runs = [(measurement, methods, "")]
@@ -153,6 +161,10 @@ def session_scores(
                         "measurement": meas,
                     },
                 )
+                if r.status == "error":  # not saved: a row without it would stop every later run
+                    raise ScoringFailedError(
+                        f"{tag} failed on LDS query {q}: {r.reason}; nothing was saved for this query: rerun to "
+                        f"retry, or leave {name} out with --methods")
                 if r.status != "ok" or r.scores is None:
                     continue
                 row[tag] = r.scores
