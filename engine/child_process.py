@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Any
 
 POLL_S = 1.0
 
@@ -48,3 +49,19 @@ def init_worker(threads: int | None = None) -> None:
             torch.set_num_interop_threads(1)
         except RuntimeError:
             pass
+
+
+def stop_pool(pool: Any) -> None:
+    """End a process pool now: drop the tasks it has not started and terminate its workers.
+
+    Why: leaving a ``with ProcessPoolExecutor(...)`` block on an exception waits for every submitted task,
+    so a SIGTERM to a ``retrain-top --workers 2`` ended it 38 s later, after the pool had also trained the
+    queued model (QA 24), and an LDS would train for hours. The work is resumable (a model continues from its
+    ``train_state.pt``, a measurement is cached when done), so stopping mid-task loses at most a few steps."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout=10)

@@ -114,3 +114,34 @@ def test_a_resumed_model_counts_its_earlier_steps_once_and_not_as_this_runs_spee
     finally:
         tqdm.auto.tqdm = real
     assert bars[0].initial == 20 and bars[0].n == 40
+
+
+class _Interrupt(BaseException):  # stands for Ctrl-C / the CLI's SIGTERM exception
+    pass
+
+
+@pytest.mark.slow
+def test_an_interrupted_pool_run_stops_its_workers_at_once_and_starts_no_queued_model(
+    tiny_preset, digits_small, tmp_path
+):
+    """QA 24 #2: a SIGTERM to ``retrain-top --workers 2`` ended it 38 s later, after the pool had finished the
+    running models and trained the queued third one. Now the workers are terminated and the queue dropped; the
+    running models keep their saved state for the rerun."""
+    import multiprocessing as mp
+    import time
+
+    preset = tiny_preset.replace(train={"checkpoint_every": 100})
+    tasks = _tasks(preset, tmp_path, (5_000, 5_000, 5_000))
+
+    def stop_on_first_steps(message, fraction):
+        if message.startswith("training: "):
+            raise _Interrupt
+
+    t0 = time.monotonic()
+    with pytest.raises(_Interrupt):
+        run_training(tasks, workers=2, dataset=digits_small, progress=stop_on_first_steps, log=lambda s: None)
+    assert time.monotonic() - t0 < 60
+    assert mp.active_children() == []  # no worker goes on training
+    assert not (tmp_path / "m2").exists()  # the queued model never started
+    time.sleep(2)
+    assert not any((tmp_path / f"m{i}" / "model.safetensors").exists() for i in range(3))

@@ -246,16 +246,22 @@ def measured_matrix(
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        from ..child_process import init_worker
+        from ..child_process import init_worker, stop_pool
 
         with ProcessPoolExecutor(
             max_workers=workers, mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(1,)
         ) as pool:
-            results = pool.map(_measure_one, args)
-            for (r, k), v in zip(pairs, results, strict=True):
-                vals[r, :, k] = v
+            try:
+                results = pool.map(_measure_one, args)
+                for (r, k), v in zip(pairs, results, strict=True):
+                    vals[r, :, k] = v
+                    if bar is not None:
+                        bar.update(1)
+            except BaseException:  # Ctrl-C, SIGTERM: stop the workers now (each finished measurement is cached)
+                stop_pool(pool)
                 if bar is not None:
-                    bar.update(1)
+                    bar.close()
+                raise
     else:
         for (r, k), a in zip(pairs, args, strict=True):
             vals[r, :, k] = _measure_one(a)
