@@ -331,11 +331,16 @@ def test_pixel_distance_units_and_a_planted_copy(digits_small):
 # --- group retraining check -------------------------------------------------------------------------
 
 
-def test_group_retrain_record_is_resumable_and_consistent(session, tmp_path):
+def test_group_retrain_record_is_resumable_and_consistent(session, tmp_path, capsys, monkeypatch):
     from engine.evaluation.group_retrain import plan_group, run_group_retrain
 
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
     record = run_group_retrain(session, ["label:1"], ["kfac", "trak"], tmp_path, steps=10, mc_samples=8,
                                log=lambda s: None)
+    # the half minute or more after the training shows what it does (QA 24: 31.7 s without a line)
+    err = capsys.readouterr().err
+    assert "scoring and measuring the groups" in err
+    assert "label:1: measuring the full model: 1/3" in err and "label:1: measuring the model without label:1: " in err
     (g,) = record["groups"]
     group = parse_group("label:1", session.dataset)
     assert g["size"] == group.size and len(g["measured_change"]) == 3

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..attribution.methods.base import Progress, no_progress
 from ..code_version import code_version
 from ..config import Preset, attribution_settings
 from .runs import MeasureSpec, TrainTask, cached_measurements, is_finished
@@ -88,12 +89,16 @@ def measured_changes(
     levels: int,
     device: torch.device | str = "cpu",
     full_cache_dir: str | Path | None = None,
+    progress: Progress = no_progress,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(full-model measurements, retrained minus full) for every query, same draws for both."""
     if not is_finished(plan.model):
         raise RuntimeError(f"the model without {plan.spec} is not trained yet ({plan.model})")
-    full = cached_measurements(Path(full_checkpoint), queries, spec, levels, device, cache_dir=full_cache_dir)
-    retrained = cached_measurements(plan.model, queries, spec, levels, device)
+    full = cached_measurements(Path(full_checkpoint), queries, spec, levels, device, cache_dir=full_cache_dir,
+                               progress=lambda i, n: progress(f"measuring the full model: {i}/{n}", 0.5 * i / n))
+    retrained = cached_measurements(
+        plan.model, queries, spec, levels, device,
+        progress=lambda i, n: progress(f"measuring the model without {plan.spec}: {i}/{n}", 0.5 + 0.5 * i / n))
     return full, retrained - full
 
 
@@ -134,6 +139,7 @@ def run_group_retrain(
     from ..attribution.group_attribution import group_attribution
     from ..attribution.groups import parse_group
     from ..attribution.pool import gallery_set
+    from ..attribution.terminal_progress import terminal_progress
     from .runs import run_training
 
     steps = int(steps if steps is not None else session.preset.train.steps)
@@ -166,27 +172,40 @@ def run_group_retrain(
         },
         "groups": [],
     }
+    ready = [(g, p) for g, p in zip(groups, plans, strict=True) if is_finished(p.model)]
     for g, p in zip(groups, plans, strict=True):
         if not is_finished(p.model):
             log(f"{g.spec}: the model without it is not trained yet ({p.model}); skipped")
-            continue
-        result = group_attribution(session, g, qset, "loss", methods)
-        predicted = {n: result.changes(n) for n in result.ok()}
-        full, measured = measured_changes(
-            p, session.checkpoint, images, spec, session.dataset.levels, session.device,
-            full_cache_dir=out_root / "full_measurements",
-        )
-        record["groups"].append({
-            "spec": g.spec,
-            "size": g.size,
-            "model": str(p.model),
-            "full_measurement": full.tolist(),
-            "measured_change": measured.tolist(),
-            "predicted_change": {n: v.tolist() for n, v in predicted.items()},
-            "damping": {n: result.methods[n].damping for n in result.ok()},
-            "comparison": compare(predicted, measured),
-        })
+    with terminal_progress("scoring and measuring the groups") as bar:  # half a minute or more, after the training
+        for i, (g, p) in enumerate(ready):
+            def step(message: str, fraction: float, i: int = i, spec: str = g.spec) -> None:
+                bar(f"{spec}: {message}", (i + fraction) / len(ready))
+
+            result = group_attribution(session, g, qset, "loss", methods,
+                                       progress=lambda m, f, step=step: step(m, 0.4 * f))
+            predicted = {n: result.changes(n) for n in result.ok()}
+            full, measured = measured_changes(
+                p, session.checkpoint, images, spec, session.dataset.levels, session.device,
+                full_cache_dir=out_root / "full_measurements",
+                progress=lambda m, f, step=step: step(m, 0.4 + 0.6 * f),
+            )
+            record["groups"].append(_group_entry(g, p, result, predicted, full, measured))
     return record
+
+
+def _group_entry(g: Any, p: GroupRetrainPlan, result: Any, predicted: dict[str, np.ndarray], full: np.ndarray,
+                 measured: np.ndarray) -> dict[str, Any]:
+    """One group's part of the record."""
+    return {
+        "spec": g.spec,
+        "size": g.size,
+        "model": str(p.model),
+        "full_measurement": full.tolist(),
+        "measured_change": measured.tolist(),
+        "predicted_change": {n: v.tolist() for n, v in predicted.items()},
+        "damping": {n: result.methods[n].damping for n in result.ok()},
+        "comparison": compare(predicted, measured),
+    }
 
 
 def format_group_retrain(record: dict[str, Any]) -> str:

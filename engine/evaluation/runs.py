@@ -69,11 +69,13 @@ def measure_queries(
     spec: MeasureSpec,
     levels: int,
     device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """m(theta, x_q) for each query (Q, C, H, W) in [-1, 1], averaged over ``spec.mc_samples`` draws.
 
     Draws are split into chunks of ``spec.batch`` and the chunk means averaged with weights,
     which equals the mean over all draws (the ELBO's MC estimate is linear in the draws).
+    ``progress(done, Q)`` is told after each query (32 queries x 1,024 draws take about 15 s on digits).
     """
     diffusion = Diffusion(preset.diffusion)
     shape = tuple(queries.shape[1:])
@@ -88,6 +90,8 @@ def measure_queries(
                 d = MCDraws(draws.t[s : s + spec.batch], draws.eps[s : s + spec.batch]).to(device)
                 total += float(measure(mspec, model, diffusion, x, d, levels)) * len(d)
             out[qi] = total / len(draws)
+            if progress is not None:
+                progress(qi + 1, len(queries))
     return out
 
 
@@ -104,8 +108,10 @@ def cached_measurements(
     levels: int,
     device: torch.device | str = "cpu",
     cache_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Measurements of the model in ``folder`` on ``queries``, cached as JSON.
+    """Measurements of the model in ``folder`` on ``queries``, cached as JSON (``progress`` as in
+    ``measure_queries``; not told when the cache answers).
 
     The cache goes to ``cache_dir`` (default ``folder/measurements/``): never into the
     checkpoint folder itself, whose JSON files are part of its content hash.  A given ``cache_dir`` (a
@@ -125,7 +131,7 @@ def cached_measurements(
         return np.asarray(json.loads(path.read_text())["values"], dtype=np.float64)
     model, preset, _ = load_checkpoint(folder, device)
     t0 = time.time()
-    values = measure_queries(model, preset, queries, spec, levels, device)
+    values = measure_queries(model, preset, queries, spec, levels, device, progress)
     record = {
         "measurement": spec.measurement,
         "mc_samples": spec.mc_samples,
