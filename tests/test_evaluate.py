@@ -404,6 +404,26 @@ def test_run_setup_takes_the_requested_presets_attribution_settings(tmp_path):
     assert setup.preset.model == saved.model and setup.preset.train == saved.train
 
 
+def test_run_setup_says_when_the_presets_training_steps_are_not_used(tmp_path, capsys):
+    """QA 24: ``lds --preset file.json`` with ``train.steps: 400`` trained 3,000-step models without a word: the
+    runs train with the checkpoint's recipe. A notice says so (and, for retraining, how to train fewer steps)."""
+    from engine.config import get_preset
+    from engine.evaluation.setup import resolve_setup
+    from engine.paths import default_checkpoint
+
+    ckpt = default_checkpoint("digits")
+    resolve_setup(get_preset("digits"), ckpt, "cpu", "lds", out=tmp_path / "run", results=tmp_path / "res")
+    assert "notice" not in capsys.readouterr().err  # the shipped preset's own steps: nothing to say
+    short = get_preset("digits").replace(train={"steps": 400})
+    setup = resolve_setup(short, ckpt, "cpu", "lds", out=tmp_path / "run", results=tmp_path / "res")
+    assert setup.preset.train.steps == 6000
+    assert ("notice: lds trains with the checkpoint's recipe (6,000 steps, scaled by the subset fraction); the "
+            "preset's train.steps = 400 is not used") in capsys.readouterr().err
+    resolve_setup(short, ckpt, "cpu", "retrain_top", out=tmp_path / "run2", results=tmp_path / "res")
+    assert "notice: retrain-top trains with the checkpoint's recipe (6,000 steps, pass --steps to train fewer)" in (
+        capsys.readouterr().err)
+
+
 def _fake_retrain_top(tiny_preset, digits_small, monkeypatch, run_training) -> tuple[Any, list[str]]:
     """retrain_top_run with a stand-in session, job and plan (no model, no gradients), and ``run_training``
     replaced: returns the module and the methods whose removal was measured."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,11 @@ def resolve_setup(
     if (ckpt / "config.json").is_file():
         ck_preset, _ = read_config(ckpt)
         requested = preset
+        if requested.train.steps != ck_preset.train.steps:  # QA 24: a preset file's steps were ignored silently
+            how = "pass --steps to train fewer" if kind != "lds" else "scaled by the subset fraction"
+            print(f"notice: {kind.replace('_', '-')} trains with the checkpoint's recipe ({ck_preset.train.steps:,} "
+                  f"steps, {how}); the preset's train.steps = {requested.train.steps:,} is not used",
+                  file=sys.stderr, flush=True)
         preset = ck_preset.replace(data={"root": preset.data.root}) if preset.data.root else ck_preset
         # the checkpoint fixes how the model was trained; the attribution settings are the requested
         # preset's, as in the app and the CLI (AttributionSession), not those saved when it was trained
