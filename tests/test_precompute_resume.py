@@ -61,6 +61,14 @@ def test_an_interrupted_precompute_resumes_where_it_stopped(tiny_app, tmp_path, 
     assert seen == list(range(1, n + 1))  # the progress still counts every sample
     assert out.read_bytes() == whole.read_bytes()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the row folder is gone
+    # with ``resumed`` (the CLI's bar): told once of the samples scored before, and progress counts this run's
+    other = tmp_path / "pre2.npz"
+    with pytest.raises(Stop):
+        write_precomputed(session, other, progress=stop_after_two)
+    told, seen = [], []
+    write_precomputed(session, other, progress=lambda done, total: seen.append(done), resumed=told.append)
+    assert told == [2] and seen == list(range(3, n + 1))
+    assert other.read_bytes() == whole.read_bytes()
 
 
 def test_rows_scored_under_other_settings_are_not_reused(tiny_app, tmp_path, monkeypatch):  # noqa: F811

@@ -145,3 +145,22 @@ def test_an_interrupted_pool_run_stops_its_workers_at_once_and_starts_no_queued_
     assert not (tmp_path / "m2").exists()  # the queued model never started
     time.sleep(2)
     assert not any((tmp_path / f"m{i}" / "model.safetensors").exists() for i in range(3))
+
+
+def test_work_done_before_joins_the_bars_start_not_its_speed():
+    """``add_done_before``: tqdm computes the rate from ``n - initial`` and from each update's units; the
+    earlier run's units go into both ``initial`` and ``n`` and into no update."""
+    import io
+
+    from tqdm import tqdm
+
+    from engine.bar_redraw import add_done_before
+
+    bar = tqdm(total=100, file=io.StringIO(), mininterval=0)
+    add_done_before(bar, 40)
+    bar.update(5)
+    assert (bar.n, bar.initial, bar.format_dict["initial"]) == (45, 40, 40)
+    assert bar.n - bar.last_print_n in (0, 5)  # the next update's units are this run's only
+    add_done_before(bar, 0)
+    assert bar.n == 45
+    bar.close()

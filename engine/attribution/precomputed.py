@@ -92,6 +92,7 @@ def write_precomputed(
     indices: list[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     notice: Callable[[str], None] | None = None,
+    resumed: Callable[[int], None] | None = None,
 ) -> Path:
     """Score the gallery at the default settings with the built caches and write ``out`` (.npz).
 
@@ -100,7 +101,8 @@ def write_precomputed(
     sample, written atomically, beside the settings key it was scored under), so a run killed part-way
     scores only the samples still missing when it is run again, with the same settings; the folder goes
     once ``out`` is written.  On a large model each sample costs seconds (the K-FAC grid included), and
-    32 of them were all lost to an interruption.  ``notice`` gets one line when a run resumes.
+    32 of them were all lost to an interruption.  ``notice`` gets one line when a run resumes; ``resumed(k)``, when
+    given, is told once of the k samples scored before instead of ``progress`` (a bar's start, not its speed).
     """
     status = session.status()
     names = [n for n in (methods or session.method_names()) if status[n]["available"] and status[n]["built"]]
@@ -118,7 +120,9 @@ def write_precomputed(
     done = sum(a is not None for a in arrays_of)
     if notice is not None and done:
         notice(f"resuming: {done}/{len(idx)} gallery samples scored by an earlier run ({rows.folder})")
-    if progress is not None and done:
+    if resumed is not None:
+        resumed(done)
+    elif progress is not None and done:
         for k in range(done):
             progress(k + 1, len(idx))
     for row, i in enumerate(idx):

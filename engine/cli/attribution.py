@@ -523,6 +523,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..attribution.precomputed import FILE, PrecomputedGallery, write_precomputed
+    from ..bar_redraw import add_done_before
 
     try:
         if args.out and not args.out.endswith(".npz"):
@@ -531,7 +532,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         session = open_session(args)
         out = Path(args.out) if args.out else session.checkpoint / FILE
         with tqdm(total=len(session.gallery()), desc="gallery", unit="query") as bar:
-            write_precomputed(session, out, methods, progress=lambda i, n: bar.update(1), notice=bar.write)
+            write_precomputed(session, out, methods, progress=lambda i, n: bar.update(1), notice=bar.write,
+                              resumed=lambda k: add_done_before(bar, k))
     except (ValueError, RuntimeError) as e:
         return fail(e)
     pre = PrecomputedGallery(out)

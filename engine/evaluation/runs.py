@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..bar_redraw import add_done_before
 from ..child_process import init_worker, stop_pool
 from ..config import Preset
 from ..files import atomic_write_bytes
@@ -255,10 +256,7 @@ def run_training(
 
     def _show(trained: int, resumed: int) -> None:
         if bar is not None:
-            if resumed != steps[1]:  # done before this run: part of the start, not of this run's speed
-                k = resumed - steps[1]
-                bar.initial, bar.n, bar.last_print_n = bar.initial + k, bar.n + k, bar.last_print_n + k
-                bar.refresh()
+            add_done_before(bar, resumed - steps[1])  # done before this run: part of the start, not its speed
             bar.update(base + trained + resumed - bar.n)  # update, not refresh: TQDM_MININTERVAL thins it
         elif callable(progress):
             k = base + trained + resumed
