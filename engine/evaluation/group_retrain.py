@@ -172,9 +172,11 @@ def run_group_retrain(
         },
         "groups": [],
     }
-    ready = [(g, p) for g, p in zip(groups, plans, strict=True) if is_finished(p.model)]
+    ready = []
     for g, p in zip(groups, plans, strict=True):
-        if not is_finished(p.model):
+        if is_finished(p.model):
+            ready.append((g, p))
+        else:
             log(f"{g.spec}: the model without it is not trained yet ({p.model}); skipped")
     with terminal_progress("scoring and measuring the groups") as bar:  # half a minute or more, after the training
         for i, (g, p) in enumerate(ready):

@@ -272,45 +272,40 @@ def run_training(
         elif callable(progress):
             progress(f"trained {name}", (done_before + len(finished)) / len(tasks))
 
-    if workers <= 1:  # in this process, with its own thread settings
-        try:
+    try:
+        if workers <= 1:  # in this process, with its own thread settings
             for t in todo:
                 _done(*_run_task(t, dataset, device,
                                  lambda k, r: _show(steps[0], steps[1] + k) if r else _show(steps[0] + k, steps[1])))
-        finally:
-            if bar is not None:
-                bar.close()  # before the command's "interrupted; rerun ..." line, which it would redraw over
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-        ctx = mp.get_context("spawn")
-        trained, resumed = ctx.Value("q", 0), ctx.Value("q", 0)
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker))
+            ctx = mp.get_context("spawn")
+            trained, resumed = ctx.Value("q", 0), ctx.Value("q", 0)
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker))
+            if bar is not None:
+                bar.set_postfix_str(f"starting {min(workers, len(todo))} workers")  # seconds before a first step
+            with ProcessPoolExecutor(
+                max_workers=workers, mp_context=ctx, initializer=_init_training_worker,
+                initargs=(threads_per_worker, trained, resumed),
+            ) as pool:
+                try:
+                    pending = {pool.submit(_run_task, t, dataset, device) for t in todo}
+                    while pending:
+                        ready, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                        if (trained.value, resumed.value) != tuple(steps):
+                            if bar is not None and steps == [0, 0]:
+                                bar.set_postfix_str(f"models {done_before}/{len(tasks)}", refresh=False)
+                            _show(int(trained.value), int(resumed.value))
+                        for f in ready:
+                            _done(*f.result())
+                except BaseException:  # Ctrl-C, SIGTERM, a failed model: stop the others now, not after the queue
+                    stop_pool(pool)
+                    raise
+    finally:
         if bar is not None:
-            bar.set_postfix_str(f"starting {min(workers, len(todo))} workers")  # seconds before a first step
-        with ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_init_training_worker,
-            initargs=(threads_per_worker, trained, resumed),
-        ) as pool:
-            try:
-                pending = {pool.submit(_run_task, t, dataset, device) for t in todo}
-                while pending:
-                    ready, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                    if (trained.value, resumed.value) != tuple(steps):
-                        if bar is not None and steps == [0, 0]:
-                            bar.set_postfix_str(f"models {done_before}/{len(tasks)}", refresh=False)
-                        _show(int(trained.value), int(resumed.value))
-                    for f in ready:
-                        _done(*f.result())
-            except BaseException:  # Ctrl-C, SIGTERM, a failed model: stop the others now, not after the queue
-                stop_pool(pool)
-                raise
-            finally:
-                if bar is not None:
-                    bar.close()  # before the command's "interrupted; rerun ..." line, which it would redraw over
-    if bar is not None:
-        bar.close()
+            bar.close()  # before the command's "interrupted; rerun ..." line, which it would redraw over
     return finished
 
 
