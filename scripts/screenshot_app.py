@@ -10,6 +10,7 @@ Chromium, waits for the results grid, and saves:
   overlap.png       shared fraction of the methods' top-k proponents
   labels.png        labels among each method's top-k
   groups.png        the Groups tab (a class group's predicted effect on the gallery)
+  groups_retrain.png  the Groups tab's shipped check by retraining (predicted against measured change)
   evaluation.png    the Evaluation tab (LDS results, check by retraining)
   about.png         the About tab
   first_start.png   (--first-start) the page of a server started on an EMPTY cache: the build's
@@ -41,7 +42,7 @@ def _missing(preset: str, checkpoint: str | None) -> list[str]:
 
 
 def _scroll_to(driver, text: str) -> None:
-    for el in driver.find_elements("xpath", f"//*[self::h1 or self::h2 or self::h3][contains(., '{text}')]"):
+    for el in driver.find_elements("xpath", f"//*[self::h1 or self::h2 or self::h3 or self::h4][contains(., '{text}')]"):
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", el)
         time.sleep(1.0)
         return
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                               absent=["Attributing"], timeout=args.timeout)
             time.sleep(2.0)
             saved.append(headless.screenshot(d, out / "groups.png", height=2200))
+            d.set_window_size(args.width, 1100)
+            _scroll_to(d, "Check by retraining: predicted against measured change")
+            saved.append(headless.screenshot(d, out / "groups_retrain.png"))
         if only is None or "evaluation" in only:
             headless.click_tab(d, "Evaluation")
             headless.wait_for(d, ["Linear data-modelling score"], timeout=120)
