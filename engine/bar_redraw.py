@@ -11,9 +11,29 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import MutableMapping
 from typing import Any
 
 _NUMBERS = re.compile(r"[\d.,/%]+")
+
+
+def match_log_intervals(environ: MutableMapping[str, str] | None = None) -> None:
+    """Make ``TQDM_MININTERVAL`` thin a log file as asked: when only it is set, set ``TQDM_MAXINTERVAL`` to
+    twice its value.  Why: tqdm's monitor thread redraws a bar that has gone ``maxinterval`` seconds (10 by
+    default) without a redraw, whatever ``mininterval`` says, so ``TQDM_MININTERVAL=30`` alone wrote a line
+    every 10-20 s, about 4 a minute (QA 24 #5).  Twice, not equal: at 30 and 30 the monitor and the bar's own
+    redraw sometimes both fired at the same second.  tqdm reads its ``TQDM_*`` variables once, when it is
+    imported, so the CLI and the app call this first; a value the user set is kept."""
+    env = os.environ if environ is None else environ
+    low = env.get("TQDM_MININTERVAL")
+    if low is None or "TQDM_MAXINTERVAL" in env:
+        return
+    try:
+        seconds = float(low)
+    except ValueError:  # not a number: left to tqdm, which refuses it
+        return
+    if seconds > 5.0:  # twice it is past tqdm's default 10 s; a shorter mininterval needs nothing
+        env["TQDM_MAXINTERVAL"] = f"{2 * seconds:g}"
 
 
 def interval(default: float) -> dict[str, float]:

@@ -16,6 +16,8 @@ if _ROOT not in sys.path:  # `streamlit run explorer/app.py` puts explorer/, not
 
 import streamlit as st  # noqa: E402
 
+from engine.bar_redraw import match_log_intervals  # noqa: E402
+
 PAGES = ["Explore", "Groups", "Evaluation", "About the methods"]
 
 
@@ -31,6 +33,7 @@ def main() -> None:
         st.error(f"Cannot start with these command-line flags: {e}")
         st.stop()
     runtime.server_log()
+    match_log_intervals()  # before the build worker imports tqdm, which reads TQDM_* once
     args = runtime.choose_model(parsed)
     try:
         handle = runtime.get_handle(args)

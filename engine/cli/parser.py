@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..bar_redraw import match_log_intervals
 from . import attribution, bench, evaluate, foundation, groups, lds_studies, model  # noqa: F401 - they register subcommands
 from .common import REGISTRY, run_handler
 
@@ -69,6 +70,7 @@ def engine_warnings_on_stderr() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    match_log_intervals()  # before tqdm's import, which reads TQDM_* once
     engine_warnings_on_stderr()
     warn_plugin_problems()
     parser = build_parser()
