@@ -465,3 +465,24 @@ def test_a_measurements_query_gradients_are_timed_once_not_at_every_method_shari
     out = attribution_matrix(session, pool, "loss", ["kfac", "trak", "dtrak"])
     assert "gradients" in out["kfac"].timing_ms and "gradients" not in out["trak"].timing_ms
     assert "gradients" in out["dtrak"].timing_ms  # the square norm's own gradients
+
+
+def test_a_cached_matrix_is_never_served_for_other_training_data(session, pool, digits_small, tmp_path):
+    """One checkpoint read with two training sets of the same size (a diffusers folder with another
+    --data-root, or a folder edited in place) shares a pools folder: each set gets its own matrix (QA 26:
+    the first set's scores were served for the second, exit 0, no notice)."""
+    import dataclasses
+
+    edited_images = digits_small.images.clone()
+    edited_images[7] = -edited_images[7]
+    edited = dataclasses.replace(digits_small, images=edited_images)
+    other = AttributionSession(
+        session.preset, checkpoint=session.checkpoint, device="cpu", cache_root=tmp_path / "cache",
+        config=TINY_ATTRIBUTION, dataset=edited, check_trained_on=False,
+    )
+    other.build(["pixel"])
+    first = attribution_matrix(session, pool, "loss", ["pixel"], cache_dir=tmp_path / "pools")
+    second = attribution_matrix(other, pool, "loss", ["pixel"], cache_dir=tmp_path / "pools")
+    assert "loaded" not in second["pixel"].timing_ms
+    assert not np.allclose(first["pixel"].scores[:, 7], second["pixel"].scores[:, 7])
+    np.testing.assert_array_equal(first["pixel"].scores[:, :7], second["pixel"].scores[:, :7])

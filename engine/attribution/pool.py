@@ -308,8 +308,12 @@ def query_gradients(
 
 
 def _matrix_key(session: Any, qset: QuerySet, name: str, measurement: str, damping: float | None, m: int) -> str:
+    """What a cached (Q, N) matrix was scored with.  The training data's key (its content digest) is part of
+    it: a checkpoint that does not pin its data (a diffusers folder, read with any ``--data-root``) shares
+    one pools folder across data sets, and without it one set's matrix was served for another's (QA 26)."""
     method = session.method(name)
-    payload = [qset.key, name, measurement, damping, m, method.cache_keys(session.ctx), session.checkpoint_hash]
+    payload = [qset.key, name, measurement, damping, m, method.cache_keys(session.ctx), session.checkpoint_hash,
+               session.store.data_key]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
