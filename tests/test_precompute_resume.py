@@ -105,3 +105,45 @@ def test_precompute_without_a_built_cache_names_the_whole_build_command(tiny_app
         write_precomputed(s, tmp_path / "out.npz", methods=["kfac", "trak"])
     assert f"run `{s.build_command(['kfac', 'trak'])}` first" in str(e.value)
     assert "--cache-root" in str(e.value) and "--checkpoint" in str(e.value)
+
+
+def test_a_blank_gallery_sample_is_written_as_unavailable_for_pixel_not_a_failed_file(tiny_app, tmp_path, capsys):  # noqa: F811
+    """Pixel similarity cannot score a blank image; a live query says so and the other methods answer.
+    ``precompute`` stopped the whole file instead (QA 26: a short training run's blank gallery sample), so a
+    model with one such sample had no precomputed first page at all."""
+    import shutil
+
+    from engine.attribution.precomputed import PrecomputedGallery, precomputed_result
+    from engine.attribution.session import AttributionSession
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_app["ATTRIBUTION_CHECKPOINT"], folder)
+    with np.load(folder / "gallery.npz") as z:
+        gallery = {k: z[k] for k in z.files}
+    gallery["images"][1] = -1.0  # every pixel black
+    np.savez(folder / "gallery.npz", **gallery)
+    session = AttributionSession(tiny_app["ATTRIBUTION_PRESET"], folder, "cpu", tiny_app["ATTRIBUTION_CACHE"])
+    live = session.query(session.parse_query("gallery:1"), "loss")
+    assert live.methods["pixel"].status == "unavailable" and "blank" in live.methods["pixel"].reason
+    out = write_precomputed(session, tmp_path / "pre.npz")
+    pre = PrecomputedGallery(out)
+    assert pre.scores(1, "pixel") is None and pre.unavailable(1, "pixel") == live.methods["pixel"].reason
+    assert pre.scores(0, "pixel") is not None and pre.unavailable(0, "pixel") is None
+    shown = precomputed_result(session, pre, "gallery:1", "loss", None)
+    assert shown.methods["pixel"].status == "unavailable"
+    assert shown.methods["pixel"].reason == live.methods["pixel"].reason
+    assert shown.methods["pixel"].reason_about == "query"
+    assert set(pre.methods_for(session)) > {"pixel"}
+    for name in pre.methods_for(session):  # every other method keeps its precomputed scores of that sample
+        if name != "pixel":
+            assert shown.methods[name].status == "ok"
+            np.testing.assert_allclose(shown.methods[name].scores, live.methods[name].scores,
+                                       rtol=2e-3, atol=2e-3 * np.abs(live.methods[name].scores).max())
+    # the command says which samples a method could not score
+    from engine.cli.parser import main
+
+    assert main(["precompute", "--preset", tiny_app["ATTRIBUTION_PRESET"], "--checkpoint", str(folder),
+                 "--cache-root", tiny_app["ATTRIBUTION_CACHE"], "--out", str(tmp_path / "cli.npz")]) == 0
+    said = capsys.readouterr().out
+    assert f"gallery:1: pixel unavailable for this sample: {live.methods['pixel'].reason}" in said
+    assert "gallery:0:" not in said

@@ -136,6 +136,9 @@ def write_precomputed(
     for m in names:
         arrays[f"scores_{m}"] = np.stack([a[f"scores_{m}"] for a in arrays_of])
         arrays[f"scale_{m}"] = np.stack([a[f"scale_{m}"] for a in arrays_of]).astype(np.float32)
+        why = [str(a[f"unavailable_{m}"]) if f"unavailable_{m}" in a else "" for a in arrays_of]
+        if any(why):  # only then: a file without such samples keeps the format readers before it know
+            arrays[f"unavailable_{m}"] = np.asarray(why)
     if steps:
         arrays["kfac_grid"] = np.stack([a["kfac_grid"] for a in arrays_of])
         arrays["kfac_grid_scale"] = np.stack([a["kfac_grid_scale"] for a in arrays_of]).astype(np.float32)
@@ -151,11 +154,21 @@ def write_precomputed(
 
 def _score_gallery_sample(session: Any, i: int, names: list[str], steps: tuple[float, ...]) -> dict[str, np.ndarray]:
     """One gallery sample's packed score vectors (and K-FAC's damping grid): a row of the file."""
+    from .methods.base import QUERY
+
     exact = {m for m in names if session.method(m).kind == "similarity"}  # stored as float32, scale 1
     result = session.query(session.parse_query(f"gallery:{i}"), MEASUREMENT, methods=names)
     row: dict[str, np.ndarray] = {}
+    n = len(session.dataset)
     for m in names:
         r = result.methods[m]
+        if r.status == "unavailable" and r.reason_about == QUERY:
+            # this sample cannot be scored by the method (pixel similarity of a blank image): the file says
+            # why, as a live query does, and keeps the other samples and methods (QA 26: one blank sample of
+            # a short training run stopped the whole file)
+            row[f"scores_{m}"] = np.zeros(n, dtype=np.float32 if m in exact else np.float16)
+            row[f"scale_{m}"], row[f"unavailable_{m}"] = np.asarray(0.0, dtype=np.float32), np.asarray(r.reason)
+            continue
         if r.status != "ok" or r.scores is None:
             raise RuntimeError(f"gallery:{i}: {m} failed: {r.reason}")
         if m in exact:
@@ -163,7 +176,10 @@ def _score_gallery_sample(session: Any, i: int, names: list[str], steps: tuple[f
         else:
             values, scale = _pack(r.scores)
         row[f"scores_{m}"], row[f"scale_{m}"] = values, np.asarray(scale, dtype=np.float32)
-    if steps:
+    if steps and "unavailable_kfac" in row:
+        row["kfac_grid"] = np.zeros((len(steps), n), dtype=np.float16)
+        row["kfac_grid_scale"] = np.zeros(len(steps), dtype=np.float32)
+    elif steps:
         kfac, method = result.prepared["kfac"], session.method("kfac")
         packed = [_pack(np.asarray(method.score(kfac, lam), dtype=np.float32)) for lam in steps]
         row["kfac_grid"] = np.stack([v for v, _ in packed])
@@ -246,10 +262,17 @@ class PrecomputedGallery:
         """Every method the file holds scores of (whether or not they match a given session)."""
         return [n for n in self.key.get("methods", {}) if f"scores_{n}" in self.arrays]
 
-    def scores(self, index: int, method: str, damping: float | None = None) -> np.ndarray | None:
-        """float32 (N,) scores of gallery sample ``index``; None when not precomputed (that damping too)."""
+    def unavailable(self, index: int, method: str) -> str | None:
+        """Why ``method`` could not score gallery sample ``index`` (a blank sample's pixel similarity), or None."""
         row = self.rows.get(int(index))
-        if row is None or f"scores_{method}" not in self.arrays:
+        why = self.arrays.get(f"unavailable_{method}")
+        return None if row is None or why is None or not str(why[row]) else str(why[row])
+
+    def scores(self, index: int, method: str, damping: float | None = None) -> np.ndarray | None:
+        """float32 (N,) scores of gallery sample ``index``; None when not precomputed (that damping too) or
+        when the method could not score that sample (``unavailable`` says why)."""
+        row = self.rows.get(int(index))
+        if row is None or f"scores_{method}" not in self.arrays or self.unavailable(index, method):
             return None
         default = self.key["methods"][method]["damping"]
         if damping is None or default is None or float(damping) == float(default):
@@ -312,7 +335,7 @@ def precomputed_result(
     ``unavailable``: methods known to be unavailable in this session (name -> reason, e.g. CLIP
     without weights) keep that reason instead.
     """
-    from .methods.base import SERVER
+    from .methods.base import QUERY, SERVER
     from .results import MethodResult, QueryResult
 
     kind, _, arg = query_spec.partition(":")
@@ -340,6 +363,8 @@ def precomputed_result(
                 res.measurement = session.measurement_used(name, measurement)
             # the bank the scores came from, as a live K-FAC answer names it (QA round 22 #3)
             res.bank = pre.bank(name)
+        elif name in available and pre.unavailable(index, name):  # this sample: as a live query says it
+            res.reason, res.reason_about = pre.unavailable(index, name), QUERY
         else:
             known = (unavailable or {}).get(name)  # from availability, which never sees the query
             res.reason, res.reason_about = (known, SERVER) if known else (pending_reason, None)

@@ -539,4 +539,9 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     pre = PrecomputedGallery(out)
     names = pre.methods_for(session)
     print(f"wrote {out}: {pre.nbytes / 2**20:.2f} MiB, {len(pre.rows)} gallery samples, methods {', '.join(names)}")
+    for i in sorted(pre.rows):
+        for name in names:
+            why = pre.unavailable(i, name)
+            if why:  # kept in the file, so the page says it too
+                print(f"gallery:{i}: {name} unavailable for this sample: {why}")
     return 0
