@@ -287,7 +287,7 @@ def groups_page(handle: Handle, s: Settings) -> None:
     reverse_section(handle, result, s)
     downloads(handle, result, s)
     copy_section(handle, result)
-    group_retrain_section(handle)
+    group_retrain_section(handle, group.spec)
 
 
 def precomputed_matrices(handle: Handle, s: Settings) -> dict[str, MatrixResult]:
@@ -537,7 +537,7 @@ def _flag_rate(handle: Handle) -> float:
 # --- retraining check (shipped results) -------------------------------------------------------
 
 
-def group_retrain_section(handle: Handle) -> None:
+def group_retrain_section(handle: Handle, chosen: str | None = None) -> None:
     from engine.evaluation.report import load_group_retrain_results, split_by_model
     from explorer.evaluation_view import model_key, results_dir, served_settings
 
@@ -553,7 +553,7 @@ def group_retrain_section(handle: Handle) -> None:
     st.caption("The model retrained without the whole group (same recipe and steps), each gallery sample's loss "
                "measured on both models with the same random draws. A method that knows which outputs depend on "
                "the group ranks the samples in the same order as the measurement (Spearman near +1).")
-    st.caption(retrain_record_note(records, [g["spec"] for _, g in groups], served_settings(handle)))
+    st.caption(retrain_record_note(records, [g["spec"] for _, g in groups], served_settings(handle), chosen))
     info = handle.session.method_info()
 
     def title(n: str) -> str:
@@ -570,13 +570,15 @@ def group_retrain_section(handle: Handle) -> None:
                                for _, g in groups for n, c in g["comparison"].items()]), hide_index=True)
 
 
-def retrain_record_note(records: list[dict], specs: list[str], served: Mapping[str, Any] | None = None) -> str:
+def retrain_record_note(records: list[dict], specs: list[str], served: Mapping[str, Any] | None = None,
+                        chosen: str | None = None) -> str:
     """Which groups the plot shows, when their predictions were made, and at which attribution settings against
     the served model's ``served`` (``evaluation_view.served_settings``).  Why: the page showed label:3's and
     label:8's Spearman of 2026-12-01 under whatever group was chosen above, as if current; at the settings of
     2026-12-06 K-FAC's is +0.52 / +0.24, not +0.45 / +0.11 (QA 23b #5).  A record written since 2026-12-06 holds
     its attribution settings (``attribution``), compared like a retrain-top record's (the dampings included:
-    they ranked the predictions); an older one does not."""
+    they ranked the predictions); an older one does not.  ``chosen``: the group chosen above on the page, which
+    the note says is, or is not, among the recorded ones (QA 25 #14: "not the one chosen above" was said always)."""
     from engine.evaluation.report import DAMPINGS, SCORE_SETTINGS, settings_differences
 
     dates = sorted({str(r.get("config", {}).get("created", ""))[:10] or "an unrecorded date" for r in records})
@@ -590,7 +592,9 @@ def retrain_record_note(records: list[dict], specs: list[str], served: Mapping[s
         differences = sorted({line for d in found for line in d or []})
         settings = ("at other attribution settings than this model's: " + "; ".join(differences) if differences
                     else "at this model's current attribution settings")
-    return (f"Groups {', '.join(specs)}, not the one chosen above: predictions and measurements as recorded on "
+    which = ("" if chosen is None else " (the one chosen above among them)" if chosen in specs
+             else ", not the one chosen above")
+    return (f"Groups {', '.join(specs)}{which}: predictions and measurements as recorded on "
             f"{' and '.join(dates)}, {settings}; not recomputed.")
 
 

@@ -54,8 +54,9 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
     at.selectbox(key="grp_class").set_value(1).run()
     _ok(at)
     # the retraining plot says whose groups and which day's predictions it shows (QA 23b #5: old figures as current)
-    assert ("Groups label:1, not the one chosen above: predictions and measurements as recorded on an unrecorded "
-            "date, at attribution settings the record does not name") in _texts(at)
+    # (class 1 is the group chosen above: the note says so; before QA 25 #14 it said "not the one chosen above")
+    assert ("Groups label:1 (the one chosen above among them): predictions and measurements as recorded on an "
+            "unrecorded date, at attribution settings the record does not name") in _texts(at)
     handle = _handle()
     session = handle.session
     metrics = {m.label: m.value for m in at.metric}
@@ -265,9 +266,13 @@ def test_the_retraining_caption_compares_the_records_settings_with_the_served_mo
     same = record({"attribution": attribution_settings(cfg, 100)})
     other = record({"attribution": attribution_settings(dataclasses.replace(cfg, kfac_damping=1e-6), 100)})
     old = {"config": {"created": "2026-12-01T15:54:58Z"}}
-    assert retrain_record_note([same], ["label:3"], served) == (
+    assert retrain_record_note([same], ["label:3"], served, chosen="label:0") == (
         "Groups label:3, not the one chosen above: predictions and measurements as recorded on 2026-12-06, at "
         "this model's current attribution settings; not recomputed.")
+    # the group chosen above is among the recorded ones: said so, not denied (QA 25 #14)
+    assert retrain_record_note([same], ["label:3", "label:8"], served, chosen="label:8").startswith(
+        "Groups label:3, label:8 (the one chosen above among them): predictions")
+    assert retrain_record_note([same], ["label:3"], served).startswith("Groups label:3: predictions")
     assert retrain_record_note([other], ["label:3"], served).endswith(
         "at other attribution settings than this model's: kfac_damping: 1e-06 (now 1e-08); not recomputed.")
     assert "the record does not name" in retrain_record_note([old, same], ["label:3", "label:8"], served)

@@ -98,3 +98,29 @@ def test_a_sigterm_inside_a_handlers_except_exception_still_ends_the_command_wit
         signal.signal(signal.SIGTERM, previous)
     assert code == 143 and went_on == []
     assert "terminated; rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_an_interrupted_command_ends_on_its_interruption_line_not_on_a_bar(capsys):
+    """A bar still open when Ctrl-C arrives is closed before the line that says what was kept: closed later
+    (by the interpreter's exit, or a ``with`` around the handler) it drew itself again below that line, so the
+    terminal ended on the bar (QA 24 #8, QA 25 #9: sample, group, assets)."""
+    import argparse
+
+    from tqdm import tqdm
+
+    from engine.cli.common import run_handler
+
+    bars = []
+
+    def handler(args):
+        bar = tqdm(total=1000, desc="sampling", file=sys.stderr)
+        bar.update(165)
+        bars.append(bar)  # kept alive, as a bar a caller holds
+        raise KeyboardInterrupt
+
+    assert run_handler(argparse.Namespace(func=handler, command="lds-ablation")) == 130
+    bars[0].close()  # what the holder does afterwards draws nothing more
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1] == "interrupted; rerun the same command to resume (built caches and finished variants are kept)"
+    assert any("165/1000" in line for line in lines[:-1])

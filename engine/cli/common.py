@@ -137,6 +137,7 @@ INTERRUPTED = {  # how a command ended by a signal says so, and whether rerunnin
     "group-retrain": "rerun the same command to resume (finished models are kept)",
     "train": "rerun the same command to resume from the last checkpoint",
     "precompute": "rerun the same command to resume (the samples scored so far are kept)",
+    "lds-ablation": "rerun the same command to resume (built caches and finished variants are kept)",
 }
 
 
@@ -153,6 +154,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..evaluation.setup import TrainingBusyError
 
     return (ValueError, OSError, StaleCacheError, SubsetMismatchError, TrainingBusyError, ScoringFailedError)
+
+
+def _close_bars() -> None:
+    """Close every live tqdm bar before the interruption's line, so the terminal ends on that line: a bar closed
+    later (by a ``with`` or the interpreter's exit) drew itself again below it (QA 24 #8, QA 25 #9)."""
+    tqdm_module = sys.modules.get("tqdm.std")
+    if tqdm_module is None:  # no bar was ever made
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the interruption
+            pass
 
 
 def run_handler(args: argparse.Namespace) -> int:
@@ -172,6 +186,7 @@ def run_handler(args: argparse.Namespace) -> int:
         # on a line of its own (a progress bar may be mid-line on stderr); a command with no work to resume
         # (a query, a sample) is simply stopped
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        _close_bars()
         print(f"\n{what}" + (f"; {INTERRUPTED[command]}" if command in INTERRUPTED else ""), file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # `... | head`: the reader has what it wanted; no "error: Broken pipe" line
@@ -210,11 +225,13 @@ def build_progress(desc: str, position: int = 0) -> Iterator[Callable[[str, floa
 
     # the message goes in tqdm's ``unit`` field, which this format shows as is (its ``postfix`` would
     # be printed after a ", ")
-    bar = tqdm(total=1000, desc=desc, unit="", bar_format="{desc:>6}: {percentage:3.0f}%|{bar}| {unit}",
+    # the elapsed time: a bar's per mille follows the build's phases, not their cost (QA 25 #6)
+    bar = tqdm(total=1000, desc=desc, unit="", bar_format="{desc:>6}: {percentage:3.0f}%|{bar}| {elapsed} {unit}",
                position=position)
 
     def progress(msg: str, frac: float) -> None:
-        move(bar, frac, msg.split(": ", 1)[-1][:60])  # TQDM_MININTERVAL thins it (engine.bar_redraw)
+        # 100 characters: the resume lines say what was kept (QA 25 #8: cut at 60)
+        move(bar, frac, msg.split(": ", 1)[-1][:100])  # TQDM_MININTERVAL thins it (engine.bar_redraw)
 
     try:
         yield progress
