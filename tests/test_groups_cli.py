@@ -154,6 +154,8 @@ def test_reverse_json_on_a_pool_ranks_by_the_training_image_score(cli, pools):
     assert changes == sorted(changes, reverse=True)
     assert any(p.name.startswith("pool_") for p in pools.iterdir())  # the pool was cached
     assert any(p.name.startswith("matrix_") for p in pools.iterdir())  # and its matrix
+    # the scoring of the pool shows a bar on stderr, stdout keeps only the JSON (QA 25 #1: 12-22 s silent)
+    assert "scoring pool:4:" in err and "scored 4 queries" in err.replace("\r", "\n")
 
 
 def test_a_pool_sample_the_group_commands_name_can_be_queried_on_its_own(cli, pools):

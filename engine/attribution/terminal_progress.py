@@ -19,16 +19,21 @@ from .methods.base import Progress
 @contextlib.contextmanager
 def terminal_progress(desc: str) -> Iterator[Progress]:
     """Yield the callback of a per-mille tqdm bar titled ``desc``, which shows each message as it comes
-    (``"kfac: bank 300/1797"``); the bar is closed on leaving the block, whatever happened in it."""
+    (``"kfac: bank 300/1797"``); the bar is closed on leaving the block, whatever happened in it.  It is drawn
+    at the first message, not before: a command that refuses its input first says so in one ``error:`` line,
+    with no empty bar above it."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=1000, desc=desc, unit="", file=sys.stderr,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {unit}", **interval(0.5))
+    bars: list = []
 
     def progress(message: str, fraction: float) -> None:
-        move(bar, fraction, message[:70])  # TQDM_MININTERVAL thins it (engine.bar_redraw)
+        if not bars:
+            bars.append(tqdm(total=1000, desc=desc, unit="", file=sys.stderr,
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {unit}", **interval(0.5)))
+        move(bars[0], fraction, message[:70])  # TQDM_MININTERVAL thins it (engine.bar_redraw)
 
     try:
         yield progress
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()

@@ -58,6 +58,7 @@ def _run_group(args: argparse.Namespace, group_specs: list[str]):
     from ..attribution.group_attribution import check_influence_methods, group_attribution
     from ..attribution.groups import parse_group
     from ..attribution.pool import parse_query_set
+    from ..attribution.terminal_progress import terminal_progress
 
     methods = parse_methods(args.methods)
     damping = _damping(args)
@@ -66,11 +67,16 @@ def _run_group(args: argparse.Namespace, group_specs: list[str]):
     pool_dir = _pool_dir(args, session)
     qset = parse_query_set(session, args.queries, pool_dir, args.pool_seed, progress=True)
     cache = pool_dir if qset.name.startswith("pool") else None
-    result = group_attribution(session, groups[0], qset, args.measurement, methods, damping, cache)
+
+    def score():  # the query gradients of a pool take seconds per 100 samples: a bar (QA 25 #1: 12-22 s silent)
+        with terminal_progress(f"scoring {qset.name}") as progress:
+            return group_attribution(session, groups[0], qset, args.measurement, methods, damping, cache, progress)
+
+    result = score()
     # --auto-build after that first pass, which refuses a bad measurement or query set before minutes of
     # building; ``session.build_missing`` shows a progress bar on stderr
     if args.auto_build and session.build_missing(check_influence_methods(session, methods)):
-        result = group_attribution(session, groups[0], qset, args.measurement, methods, damping, cache)
+        result = score()
     for name, r in result.methods.items():
         if r.status != "ok":
             print(f"warning: {name} {r.status}: {r.reason}", file=sys.stderr)
