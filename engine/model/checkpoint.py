@@ -123,11 +123,32 @@ def load_checkpoint(
         raise CheckpointError(f"unreadable weights {path}: {e}") from e
     check_weights_digest(path, blob)
     model = build_model(preset.model)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights {path} do not match the model config: {e}") from e
+    problem = state_mismatch(model.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"weights {path} do not match the model in {folder / 'config.json'}: {problem}")
+    model.load_state_dict(state)
     return model.to(device).eval(), preset, extra
+
+
+def state_mismatch(expected: dict, found: dict) -> str | None:
+    """One line on how the weights differ from the model a config builds, or None when they fit.  Why: torch's
+    own message lists every tensor (QA 26: 112 lines for one changed ``base_channels``); the first difference
+    and the counts tell the user which file is wrong."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and tuple(expected[k].shape) != tuple(found[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} tensor(s) of another shape (first: {k} is {list(found[k].shape)} in the weights, "
+                     f"{list(expected[k].shape)} in the model)")
+    if missing:
+        parts.append(f"{len(missing)} missing from the weights (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} the model does not have (first: {unexpected[0]})")
+    return "; ".join(parts) + "; was config.json edited, or do the files come from two runs?"
 
 
 def checkpoint_files(folder: str | Path) -> list[Path]:
