@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -359,9 +360,14 @@ PRESETS: dict[str, Preset] = {
 
 def get_preset(name: str, data_root: str | None = None) -> Preset:
     """Look up a preset by name, or load one from a JSON file path; ``data_root`` (``--data-root``, the
-    CLI's and the app's) replaces its data folder."""
+    CLI's and the app's) replaces its data folder.  A relative data folder is made absolute here, against the
+    current folder it was meant from: a run records its preset, and a later command started elsewhere (the app
+    from the repository) read ``data/x`` against its own folder and found nothing (QA 26 #4)."""
     preset = _named_preset(name)
-    return preset.replace(data={"root": data_root}) if data_root else preset
+    root = data_root or preset.data.root
+    if root and not Path(root).expanduser().is_absolute():
+        root = str(Path(root).expanduser().resolve())
+    return preset.replace(data={"root": root}) if root != preset.data.root else preset
 
 
 def _on_base(raw: dict[str, Any]) -> dict[str, Any]:

@@ -289,3 +289,19 @@ def test_a_data_folder_given_to_the_bundled_digits_is_refused(tmp_path, capsys):
     assert main(["train", "--data-root", str(tmp_path), "--out", str(out), "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the digits data set") and str(tmp_path) in err and not out.exists()
+
+
+def test_a_relative_data_folder_is_made_absolute_against_the_folder_it_was_given_in(tmp_path, monkeypatch):
+    """A run records its preset's data folder; recorded as ``data/x`` it was read later against whatever folder
+    the next command ran in (the app, from the repository): "image folder data/x does not exist" (QA 26 #4)."""
+    import json
+
+    from engine.config import get_preset
+
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    (tmp_path / "mine.json").write_text(json.dumps({"base": "digits", "data": {"name": "folder", "root": "data/x"}}))
+    monkeypatch.chdir(tmp_path)
+    assert get_preset("mine.json").data.root == str(tmp_path / "data" / "x")
+    assert get_preset("digits", "data/x").data.root == str(tmp_path / "data" / "x")  # --data-root likewise
+    assert get_preset("digits").data.root is None  # no folder: none invented
+    assert get_preset("digits", str(tmp_path)).data.root == str(tmp_path)
