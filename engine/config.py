@@ -394,21 +394,28 @@ def _named_preset(name: str) -> Preset:
     if name in PRESETS:
         return PRESETS[name]
     if name.endswith(".json"):
-        from .validation import InvalidSettingError, check_preset
-
-        try:
-            with open(name) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise InvalidSettingError(f"preset file {name} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidSettingError(f"preset file {name} is not readable JSON: {e}") from None
-        try:
-            if isinstance(raw, dict) and "base" in raw:
-                raw = _on_base(raw)
-            preset = Preset.from_dict(raw)
-            check_preset(preset)
-        except InvalidSettingError as e:
-            raise InvalidSettingError(f"preset file {name}: {e}") from None
-        return preset
+        return preset_file(name)
     raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or a .json path")
+
+
+def preset_file(name: str | Path) -> Preset:
+    """A preset JSON file: a whole preset, or ``{"base": NAME, ...}`` over a shipped one; checked, and refused
+    with the file's name in one ``InvalidSettingError`` line."""
+    from .validation import InvalidSettingError, check_preset
+
+    name = str(name)
+    try:
+        with open(name) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise InvalidSettingError(f"preset file {name} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidSettingError(f"preset file {name} is not readable JSON: {e}") from None
+    try:
+        if isinstance(raw, dict) and "base" in raw:
+            raw = _on_base(raw)
+        preset = Preset.from_dict(raw)
+        check_preset(preset)
+    except InvalidSettingError as e:
+        raise InvalidSettingError(f"preset file {name}: {e}") from None
+    return preset

@@ -110,3 +110,17 @@ def test_assets_and_sample_read_a_diffusers_folder_as_query_does(tmp_path, capsy
 
     with np.load(out) as f:
         assert f["images"].shape[0] == 2 and f["images"].shape[-2:] == (8, 8)
+
+
+def test_a_preset_file_beside_the_weights_takes_the_base_form_and_a_folder_beside_it(tmp_path):
+    """The ``{"base": ...}`` form ``--preset FILE.json`` takes was refused here as an unknown key (QA 26 #3);
+    a relative data folder is read from the checkpoint's folder, which the file travels with."""
+    side = {"base": "digits", "diffusion": {"num_timesteps": 500, "beta_start": 1e-4, "beta_end": 0.03},
+            "data": {"name": "folder", "root": "images"}}
+    _, preset, extra = load_checkpoint(_pipeline(tmp_path / "p", side=side))
+    assert preset.diffusion.num_timesteps == 500 and preset.attribution == get_preset("digits").attribution
+    assert preset.data.name == "folder" and preset.data.root == str(tmp_path / "p" / "images")
+    bad = _pipeline(tmp_path / "q", side={"base": "digits", "colour": "red"})
+    with pytest.raises(CheckpointError, match=r"attribution_preset\.json.*colour") as e:
+        load_checkpoint(bad)
+    assert "\n" not in str(e.value)

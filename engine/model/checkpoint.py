@@ -268,10 +268,7 @@ def load_diffusers(
     extra: dict[str, Any] = {"diffusers": str(unet_dir)}
     side = folder / "attribution_preset.json"
     if side.is_file():
-        try:
-            preset = Preset.from_dict(json.loads(side.read_text()))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise CheckpointError(f"unreadable preset {side}: {e}") from e
+        preset = side_preset(side)
         _check_side_preset(side, preset, (ch, size), scheduler)
         extra["preset_file"] = str(side)
     else:
@@ -282,6 +279,24 @@ def load_diffusers(
             data=DataConfig(name="folder", image_size=size, channels=ch, levels=256),
         )
     return DiffusersEps(unet).to(device).eval(), preset, extra
+
+
+def side_preset(side: Path) -> Preset:
+    """An ``attribution_preset.json`` read as ``--preset FILE.json`` reads a preset file, the ``{"base": ...}``
+    form included (QA 26 #3: the form the README shows for preset files was refused here as an unknown key); a
+    relative data folder in it is taken from the checkpoint's folder, which the file travels with."""
+    from ..config import preset_file
+
+    try:
+        preset = preset_file(side)
+    except ValueError as e:
+        said = " ".join(str(e).split())
+        raise CheckpointError(f"unreadable preset: {said}" if str(side) in said else
+                              f"unreadable preset {side}: {said}") from e
+    root = preset.data.root
+    if root and not Path(root).expanduser().is_absolute():
+        preset = preset.replace(data={"root": str((side.parent / root).resolve())})
+    return preset
 
 
 def _check_side_preset(side: Path, preset: Preset, unet_shape: tuple[int, int], scheduler: Path) -> None:
