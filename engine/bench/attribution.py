@@ -24,6 +24,10 @@ queries), M = 64 draws unless told otherwise:
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +42,26 @@ from .memory import memory_mb
 from .report import median as _median
 
 # --- measurement helpers --------------------------------------------------------------------
+
+_BENCH_CACHE = re.compile(r"^bench-cache-(\d+)-")
+
+
+def sweep_dead_bench_caches(folder: str | Path | None = None) -> list[Path]:
+    """Remove the fresh temporary caches of benches that were killed (``bench-cache-<pid>-*`` of a process that
+    is gone) and return them.  Why: a ``kill -9`` skips the temporary folder's clean-up, and each run picks a
+    new name, so nothing ever removed it (QA 25 #4: 117 MB left in /tmp by one kill, about 580 MB for a whole
+    digits build).  A folder of a live bench, or one named before the pid was part of the name, is kept."""
+    from ..attribution.store_files import pid_alive
+
+    removed = []
+    for path in Path(folder or tempfile.gettempdir()).glob("bench-cache-*"):
+        hit = _BENCH_CACHE.match(path.name)
+        if hit and path.is_dir() and int(hit.group(1)) != os.getpid() and not pid_alive(int(hit.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            print(f"removed {path}, the temporary cache of a bench that was killed", file=sys.stderr)
+    return removed
+
 
 
 def _cold_build(preset, ckpt: str, device: str, config, cache_root: str, methods: list[str], threads: int) -> dict:
@@ -55,7 +79,8 @@ def _cold_build(preset, ckpt: str, device: str, config, cache_root: str, methods
         def progress(msg: str, frac: float, last: list[float] = last) -> None:
             if frac - last[0] >= 0.1 or frac >= 1.0:
                 last[0] = frac
-                print(f"  [build] {msg} ({100 * frac:.0f}%)", flush=True)
+                # progress, not figures: on stderr, as every command's (QA 25 #5: `bench > log` showed none)
+                print(f"  [build] {msg} ({100 * frac:.0f}%)", file=sys.stderr, flush=True)
 
         was_built = s.status()[name]["built"]
         out["methods"].update(s.build([name], progress))
@@ -120,7 +145,8 @@ def run_bench(
     if reuse_cache:
         root = Path(cache_root) if cache_root else default_cache_root()
     else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-cache-")
+        sweep_dead_bench_caches()
+        tmp = tempfile.TemporaryDirectory(prefix=f"bench-cache-{os.getpid()}-")
         root = Path(tmp.name)
     results["cache"] = "reused" if reuse_cache else "fresh temporary"
     try:
