@@ -34,12 +34,14 @@ def _tiny_setup(tmp_path, ds, steps: int, **attribution) -> RunSetup:
 
 
 @pytest.mark.slow
-def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
+def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small, capsys):
     torch.set_num_threads(1)
     ds = digits_small.subset(list(range(12)))
     setup = _tiny_setup(tmp_path, ds, steps=4)
     names = ["kfac_blocks"]
     build_variants(setup, names, tmp_path / "cache", None, log=lambda s: None)
+    # each variant's build shows a bar on stderr (QA 25 #2: 159 s with nothing)
+    assert "kfac_blocks/" in capsys.readouterr().err
     masks = make_subsets(len(ds), 6, 0.5, 0)
     rng = np.random.default_rng(0)
     per_seed = rng.normal(size=(1, 1, 6)) + 0.3 * rng.normal(size=(2, 3, 6))  # R = 2 synthetic seeds
@@ -86,7 +88,7 @@ def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small):
 
 
 @pytest.mark.slow
-def test_a_multi_method_variant_is_built_with_one_shared_gradient_pass(tmp_path, digits_small, monkeypatch):
+def test_a_multi_method_variant_is_built_with_one_shared_gradient_pass(tmp_path, digits_small, monkeypatch, capsys):
     """A variant that changes every gradient method (``mc_samples``) builds K-FAC, TRAK and D-TRAK through
     ``session.build`` (one training-gradient pass feeding all three), not method by method."""
     from engine.attribution.session import AttributionSession
@@ -103,6 +105,7 @@ def test_a_multi_method_variant_is_built_with_one_shared_gradient_pass(tmp_path,
                         or real_build(self, methods, **kw))
     build_variants(setup, ["tiny_mc"], tmp_path / "cache", None, log=lambda s: None)
     assert calls == [["kfac", "trak", "dtrak"]]
+    assert "tiny_mc/M=4:" in capsys.readouterr().err  # the shared pass's bar
     session, _ = variant_session(setup, variant, tmp_path / "cache", None)
     assert session.config.mc_samples == 4
     assert all(session.method(m).is_built(session.ctx) for m in variant.methods)

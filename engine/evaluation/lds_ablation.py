@@ -205,8 +205,11 @@ def build_variants(
 ) -> None:
     """Build every cache the ablations need (no subset models needed: run it while they train).
 
-    TRAK and D-TRAK build all k of the sweep from one gradient pass each (``TRAK.build_dims``).
+    TRAK and D-TRAK build all k of the sweep from one gradient pass each (``TRAK.build_dims``).  Each build
+    shows a bar on stderr, as ``build`` does (QA 25 #2: a variant's factor and bank passes ran 159 s in silence).
     """
+    from ..attribution.terminal_progress import terminal_progress
+
     for name in names:
         for variant in ABLATIONS[name]:
             session, root = variant_session(setup, variant, cache_root, baseline)
@@ -214,7 +217,8 @@ def build_variants(
             if len(todo) > 1 and name != "trak_dim":  # one training-gradient pass for K-FAC's bank and the TRAKs
                 t0 = time.perf_counter()
                 log(f"[{name}/{variant.label}] building {', '.join(todo)} into {root} (one shared gradient pass)")
-                session.build(todo)
+                with terminal_progress(f"{name}/{variant.label}") as progress:
+                    session.build(todo, progress=progress)
                 log(f"[{name}/{variant.label}] built in {time.perf_counter() - t0:.0f} s")
             for m in variant.methods:
                 method = session.method(m)
@@ -222,10 +226,11 @@ def build_variants(
                     continue
                 t0 = time.perf_counter()
                 log(f"[{name}/{variant.label}] building {m} into {root}")
-                if m in ("trak", "dtrak") and name == "trak_dim":
-                    method.build_dims(session.ctx, list(TRAK_DIMS))
-                else:
-                    method.build(session.ctx)
+                with terminal_progress(f"{name}/{variant.label} {m}") as progress:
+                    if m in ("trak", "dtrak") and name == "trak_dim":
+                        method.build_dims(session.ctx, list(TRAK_DIMS), progress)
+                    else:
+                        method.build(session.ctx, progress)
                 log(f"[{name}/{variant.label}] {m} built in {time.perf_counter() - t0:.0f} s")
 
 
