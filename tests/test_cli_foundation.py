@@ -195,7 +195,8 @@ def test_assets_on_a_model_without_a_quality_check_says_what_it_wrote(tmp_path, 
     assert main(["train", "--preset", str(tmp_path / "mine.json"), "--out", str(ckpt), "--device", "cpu"]) == 0
     assert "a finished run with these settings and data: nothing to train" in capsys.readouterr().out
     assert main(["assets", "--preset", str(tmp_path / "mine.json"), "--checkpoint", str(ckpt), "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "sample grid (64)" in err and "gallery (32 with trajectories)" in err  # each bar says what it draws
     for name in ("gallery.npz", "samples_grid.png", "train_loss.png"):
         assert f"wrote {ckpt / name}\n" in out and (ckpt / name).is_file(), out
     assert "no sample-quality report" in out and "{}" not in out and not (ckpt / "sample_quality.json").exists()

@@ -39,7 +39,8 @@ def make_gallery(
     device: str = "cpu",
 ) -> Path:
     """Write ``gallery.npz``: images (n,C,H,W) in [0,1], seeds, trajectory (n,T+1,C,H,W) in [-1,1], labels."""
-    images, traj = generate(model, preset, n, seed, trajectory=True, device=device, progress=True)
+    images, traj = generate(model, preset, n, seed, trajectory=True, device=device, progress=True,
+                           desc=f"gallery ({n} with trajectories)")
     arrays: dict[str, Any] = {
         "images": to_unit_range(images).numpy().astype(np.float32),
         "seeds": np.full(n, seed, dtype=np.int64),
@@ -62,7 +63,7 @@ def digits_quality(
 ) -> dict[str, Any]:
     """Fraction of n generated vs n real digits classified with probability >= 0.8; class histogram."""
     clf = digits_classifier(dataset)
-    samples, _ = generate(model, preset, n, seed, device=device, progress=True)
+    samples, _ = generate(model, preset, n, seed, device=device, progress=True, desc=f"quality check ({n})")
     lab_s, p_s = classify(clf, samples)
     g = torch.Generator().manual_seed(seed)
     real = dataset.images[torch.randperm(len(dataset), generator=g)[:n]]
@@ -112,11 +113,11 @@ def write_assets(
     report: dict[str, Any] = {}
     if preset.data.name == "mnist" and preset.data.root is None:
         # one draw of 256 (seed 0) serves the held-out check and, its first 64, the grid
-        samples, _ = generate(model, preset, 256, 0, device=device, progress=True)
+        samples, _ = generate(model, preset, 256, 0, device=device, progress=True, desc="grid and held-out check (256)")
         report = {"seed": 0, **heldout_quality(classifier_for(preset, None), samples)}
         save_grid(samples[:64], folder / "samples_grid.png", nrow=8, scale=3)
     else:
-        grid, _ = generate(model, preset, 64, 0, device=device, progress=True)
+        grid, _ = generate(model, preset, 64, 0, device=device, progress=True, desc="sample grid (64)")
         save_grid(grid, folder / "samples_grid.png", nrow=8, scale=6)
     make_gallery(model, preset, folder, dataset, device=device)
     if preset.data.name == "digits":
