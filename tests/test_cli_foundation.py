@@ -190,7 +190,11 @@ def test_assets_on_a_model_without_a_quality_check_says_what_it_wrote(tmp_path, 
     (tmp_path / "mine.json").write_text(preset.to_json())
     ckpt = tmp_path / "ckpt"
     assert main(["train", "--preset", str(tmp_path / "mine.json"), "--out", str(ckpt), "--device", "cpu"]) == 0
-    assert "s this run)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "s this run)" in out
+    # 2 steps: the saved average is nearly the random start, and the command says so (QA 26 #10)
+    assert "warning: the saved weights are an exponential moving average (train.ema_decay 0.999) that still " \
+           "holds 100% of the random initial weights after 2 steps" in err
     # again: the finished run is kept, and the output says so (QA round 22: it looked like a 3 s training)
     assert main(["train", "--preset", str(tmp_path / "mine.json"), "--out", str(ckpt), "--device", "cpu"]) == 0
     assert "a finished run with these settings and data: nothing to train" in capsys.readouterr().out
@@ -200,3 +204,12 @@ def test_assets_on_a_model_without_a_quality_check_says_what_it_wrote(tmp_path, 
     for name in ("gallery.npz", "samples_grid.png", "train_loss.png"):
         assert f"wrote {ckpt / name}\n" in out and (ckpt / name).is_file(), out
     assert "no sample-quality report" in out and "{}" not in out and not (ckpt / "sample_quality.json").exists()
+
+
+def test_the_ema_note_names_the_steps_that_leave_a_twentieth_of_the_start():
+    from engine.cli.model import ema_start_share_note
+
+    assert "holds 74% of the random initial weights after 300 steps" in ema_start_share_note(300, 0.999)
+    assert "train for 2,995 steps or more" in ema_start_share_note(300, 0.999)  # 0.999 ** 2995 < 0.05
+    assert ema_start_share_note(2995, 0.999) is None and ema_start_share_note(6000, 0.999) is None
+    assert ema_start_share_note(10, 0.0) is None and ema_start_share_note(10, None) is None  # no average
