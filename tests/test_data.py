@@ -305,3 +305,31 @@ def test_a_relative_data_folder_is_made_absolute_against_the_folder_it_was_given
     assert get_preset("digits", "data/x").data.root == str(tmp_path / "data" / "x")  # --data-root likewise
     assert get_preset("digits").data.root is None  # no folder: none invented
     assert get_preset("digits", str(tmp_path)).data.root == str(tmp_path)
+
+
+def test_the_cli_shows_the_engines_data_warnings_as_one_line(tmp_path):
+    """As the CLI's other warnings: ``warning: ...``, not Python's "data_files.py:95: UserWarning" with the
+    source line under it (QA 26 #7)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _img(tmp_path / "d" / "one.png", size=(5, 5), mode="L", value=1)
+    _img(tmp_path / "d" / "sub" / "two.png", size=(5, 5), mode="L", value=2)
+    code = (
+        "from engine.cli.parser import engine_warnings_on_stderr\n"
+        "from engine.config import DataConfig\n"
+        "from engine.model.data import load_dataset\n"
+        "engine_warnings_on_stderr()\n"
+        f"load_dataset(DataConfig(name='folder', root={str(tmp_path / 'd')!r}, image_size=None, channels=1, "
+        "levels=256))\n"
+        "import warnings; warnings.warn('from elsewhere')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith(f"warning: {tmp_path / 'd'}: 1 of 2 images (e.g. one.png) are not inside"), lines
+    assert "UserWarning: from elsewhere" in done.stderr  # another package's (here: the caller's) keeps its form
+    assert "data_files.py" not in done.stderr
