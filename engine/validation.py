@@ -89,6 +89,9 @@ def coerce_field(section: str, name: str, hint: Any, value: Any) -> Any:
     return value
 
 
+DATA_NAMES = ("digits", "mnist", "cifar10", "cifar2", "folder")  # what engine.model.data.load_dataset reads
+
+
 def _need(ok: bool, where: str, rule: str, value: Any) -> None:
     if not ok:
         raise InvalidSettingError(f"{where} must be {rule}, got {value!r}")
@@ -214,10 +217,18 @@ def check_preset(preset: Any) -> None:
     _need(m.num_res_blocks >= 1, "model.num_res_blocks", "at least 1", m.num_res_blocks)
     _need(_finite(m.dropout) and 0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
     _need(m.num_groups >= 1, "model.num_groups", "at least 1", m.num_groups)
+    # GroupNorm(min(groups, width), width) at every width the U-Net has (QA 26 #6: torch's "num_channels (32)
+    # must be divisible by num_groups (7)" named neither the setting nor the file)
+    widths = sorted({m.base_channels} | {m.base_channels * k for k in m.channel_mults})
+    _need(all(w % min(m.num_groups, w) == 0 for w in widths), "model.num_groups",
+          f"a divisor of the model's channel widths {widths} (model.base_channels x model.channel_mults)",
+          m.num_groups)
     _need(d.num_timesteps >= 1, "diffusion.num_timesteps", "at least 1", d.num_timesteps)
     _need(_finite(d.beta_start) and _finite(d.beta_end) and 0 < d.beta_start <= d.beta_end < 1,
           "diffusion.beta_start/beta_end", "0 < beta_start <= beta_end < 1", (d.beta_start, d.beta_end))
+    _need(data.name in DATA_NAMES, "data.name", f"one of {', '.join(DATA_NAMES)}", data.name)
     _need(data.channels >= 1, "data.channels", "at least 1", data.channels)
+    _need(data.per_class >= 1, "data.per_class", "at least 1 (images of each class kept)", data.per_class)
     _need(data.levels >= 2, "data.levels", "at least 2", data.levels)
     check_train_config(preset.train)
     check_attribution_config(preset.attribution)

@@ -66,6 +66,9 @@ def test_missing_and_corrupt(tmp_path, tiny_preset, tiny_model):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json"):
         load_checkpoint(folder)
+    (folder / "config.json").write_text("{}")  # said only "'preset'" (QA 26 #6)
+    with pytest.raises(CheckpointError, match=r"config\.json: it has no \"preset\" entry"):
+        load_checkpoint(folder)
     # weights that do not fit the config
     folder = save_checkpoint(tmp_path / "c", tiny_model, tiny_preset.replace(model={"base_channels": 16}))
     with pytest.raises(CheckpointError, match="do not match") as e:

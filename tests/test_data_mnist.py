@@ -121,8 +121,10 @@ def test_idx_wrong_size_or_labels_rejected(tmp_path):
         load_dataset(DataConfig(name="mnist", root=str(tmp_path), image_size=8, channels=1, levels=256))
     _write_pair(tmp_path, np.zeros((4, 8, 8), np.uint8), np.array([0, 1, 2, 9]), gz=False)
     cfg = DataConfig(name="mnist", root=str(tmp_path), image_size=28, channels=1, levels=256)
-    with pytest.raises(DataError, match="8x8 but the preset asks for 28"):
+    with pytest.raises(DataError) as e:
         load_dataset(cfg)
+    # the folder it read is named (QA 26 #6)
+    assert str(e.value).startswith(f"the IDX images in {tmp_path} are 8x8 but the preset asks for 28x28"), e.value
 
 
 def test_data_root_that_is_a_file_says_so(tmp_path):

@@ -88,6 +88,11 @@ def test_preset_file_errors_name_the_file_and_key(tmp_path):
         (_preset_file(tmp_path, {**good, "name": "../../evil"}), "preset name"),
         (_preset_file(tmp_path, {**good, "name": "a/b"}), "preset name"),
         (_preset_file(tmp_path, {**good, "name": ""}), "preset name"),
+        # QA 26 #6: these failed later, in the data loader or in torch, naming neither the setting nor the file
+        (_preset_file(tmp_path, {**good, "data": {**good["data"], "name": "imagenet"}}), "data.name must be one of"),
+        (_preset_file(tmp_path, {**good, "model": {**good["model"], "num_groups": 7}}),
+         "model.num_groups must be a divisor of the model's channel widths [32]"),
+        (_preset_file(tmp_path, {**good, "data": {**good["data"], "per_class": 0}}), "data.per_class"),
     ]
     for path, needle in cases:
         with pytest.raises(InvalidSettingError) as e:

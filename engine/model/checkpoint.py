@@ -88,6 +88,8 @@ def read_config(folder: str | Path) -> tuple[Preset, dict[str, Any]]:
         )
     try:
         cfg = json.loads(path.read_text())
+        if not isinstance(cfg, dict) or "preset" not in cfg:  # a bare KeyError said only "'preset'" (QA 26 #6)
+            raise ValueError("it has no \"preset\" entry (the settings `train` writes there)")
         return Preset.from_dict(cfg["preset"], strict=False), cfg.get("extra", {})
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"unreadable checkpoint config {path}: {e}") from e

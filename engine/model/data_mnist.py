@@ -148,9 +148,10 @@ def load_mnist(cfg: DataConfig) -> ImageDataset:
         prefix = "idx"
     side = images.shape[1:]
     if cfg.image_size is not None and side != (cfg.image_size, cfg.image_size):
+        source = "the shipped assets/mnist/mnist_10k.npz" if cfg.root is None else f"the IDX images in {cfg.root}"
         raise DataError(
-            f"the MNIST images are {side[0]}x{side[1]} but the preset asks for {cfg.image_size}; "
-            "fix the preset's data section"
+            f"{source} are {side[0]}x{side[1]} but the preset asks for {cfg.image_size}x{cfg.image_size}; "
+            "set data.image_size and model.image_size to their size in a preset file"
         )
     idx = per_class_indices(labels, cfg.per_class, cfg.seed)
     v = images[idx].astype(np.float32) / 255.0
