@@ -45,6 +45,9 @@ def test_sample_png_and_npz(tmp_path, tiny_ckpt):
     assert r.returncode == 0, r.stderr
     with np.load(npz) as z:
         images, traj, seed = z["images"], z["trajectory"], int(z["seed"])
+        from engine.model.checkpoint import checkpoint_hash
+
+        assert str(z["checkpoint"]) == checkpoint_hash(tiny_ckpt)  # which model drew them (QA 26 #9)
     assert images.shape == (4, 1, 8, 8) and images.dtype == np.float32
     assert images.min() >= 0 and images.max() <= 1
     assert traj.shape == (4, T + 1, 1, 8, 8) and seed == 0

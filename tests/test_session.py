@@ -493,6 +493,13 @@ def test_a_sample_of_a_samples_file_is_a_query_with_its_trajectory(session, tmp_
     assert res.methods["kfac"].status == "ok"
     save_npz(images, tmp_path / "plain.npz", 11)  # no trajectory kept: said, and the other measurements work
     assert session.parse_query(f"samples:{tmp_path / 'plain.npz'}:0").trajectory is None
+    # a file that names the model that drew it: nothing to say for this model, a note for another (QA 26 #9)
+    save_npz(images, tmp_path / "mine.npz", 11, traj, checkpoint=session.checkpoint_hash)
+    assert not any("another model" in n for n in session.parse_query(f"samples:{tmp_path / 'mine.npz'}:0").notes)
+    save_npz(images, tmp_path / "theirs.npz", 11, traj, checkpoint="0123456789abcdef")
+    notes = session.parse_query(f"samples:{tmp_path / 'theirs.npz'}:0").notes
+    assert (f"drawn by another model (checkpoint 0123456789abcdef; this one is {session.checkpoint_hash}): its "
+            "trajectory is that model's sampling path, scored under this model") in notes
     for spec, words in [
         (f"samples:{path}:3", "sample 3 out of range 0..2"),
         (f"samples:{path}:x", "bad sample number 'x'"),

@@ -184,13 +184,13 @@ class QuerySources:
 
     def __init__(
         self, preset: Preset, model: nn.Module, diffusion: Diffusion, dataset: ImageDataset,
-        device: torch.device, checkpoint: Path, assets_command: str,
+        device: torch.device, checkpoint: Path, assets_command: str, checkpoint_hash: str | None = None,
     ):
         """``assets_command``: the command that makes this checkpoint's gallery, for the error when there is
         none (the session's, ``AttributionSession.command("assets")``, names the same files)."""
         self.preset, self.model, self.diffusion, self.dataset = preset, model, diffusion, dataset
         self.device, self.checkpoint = device, Path(checkpoint)
-        self.assets_command = assets_command
+        self.assets_command, self.checkpoint_hash = assets_command, checkpoint_hash
         self._gallery: list[GalleryItem] | None = None
         self._classifier: Any = None
         self._spread: tuple[float, int] | None = None  # copycheck.training_spread, once a label is predicted
@@ -296,7 +296,7 @@ class QuerySources:
             raise QueryError(f"no samples file at {path_text!r} in {spec!r}: {usage}")
         try:
             with load_npz(path) as z:
-                arrays = {k: np.asarray(z[k]) for k in ("images", "trajectory", "seed") if k in z.files}
+                arrays = {k: np.asarray(z[k]) for k in ("images", "trajectory", "seed", "checkpoint") if k in z.files}
         except (OSError, ValueError, EOFError):  # not an npz (numpy then speaks of pickles), or a damaged one
             raise QueryError(f"cannot read {path} as a samples file (not an .npz archive, or a damaged one): "
                              f"{usage}") from None
@@ -316,6 +316,11 @@ class QuerySources:
         notes = [f"sample {i} of {path}" + (f" (sampling seed {seed}, drawn in one batch)" if seed is not None else "")]
         if traj is None:
             notes.append("the file holds no trajectory (`sample --trajectory` keeps one)")
+        made_by = str(arrays["checkpoint"]) if "checkpoint" in arrays and arrays["checkpoint"].ndim == 0 else None
+        if made_by is not None and self.checkpoint_hash is not None and made_by != self.checkpoint_hash:
+            notes.append(f"drawn by another model (checkpoint {made_by}; this one is {self.checkpoint_hash})"
+                         + (": its trajectory is that model's sampling path, scored under this model"
+                            if traj is not None else ""))
         label = self._predict_label(image, notes)
         return QueryInput(image=image, trajectory=None if traj is None else torch.from_numpy(traj),
                           description=f"samples:{path}:{i}", label=label, notes=notes)

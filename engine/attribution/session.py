@@ -167,7 +167,8 @@ class AttributionSession:
                     name, f"{where} failed to load: {type(e).__name__}: {e}", declaration(name))
         self.caches = MethodCaches(self._methods, self.ctx, self.build_command)
         self.sources = QuerySources(
-            self.preset, model, self.diffusion, self.dataset, self.device, folder, self.command("assets")
+            self.preset, model, self.diffusion, self.dataset, self.device, folder, self.command("assets"),
+            self.checkpoint_hash,
         )
         self.startup_ms = (time.perf_counter() - t0) * 1000.0
 

@@ -127,7 +127,7 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ..model.checkpoint import load_checkpoint
+    from ..model.checkpoint import checkpoint_hash, load_checkpoint
     from ..model.sampling import generate, save_grid, save_npz
 
     out = Path(args.out)
@@ -144,7 +144,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.suffix == ".png":
         save_grid(images, out)
     else:
-        save_npz(images, out, args.seed, traj)
+        save_npz(images, out, args.seed, traj, checkpoint_hash(ckpt))
     print(f"wrote {out}")
     return 0
 

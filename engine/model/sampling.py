@@ -74,10 +74,15 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
 
 
 def save_npz(
-    images: torch.Tensor, path: str | Path, seed: int, trajectory: torch.Tensor | None = None
+    images: torch.Tensor, path: str | Path, seed: int, trajectory: torch.Tensor | None = None,
+    checkpoint: str | None = None,
 ) -> None:
-    """``images``: (n, C, H, W) in [0, 1]; ``trajectory`` (n, T+1, C, H, W) in model space."""
+    """``images``: (n, C, H, W) in [0, 1]; ``trajectory`` (n, T+1, C, H, W) in model space; ``checkpoint``: the
+    hash of the model that drew them, so a query of another model can say so (QA 26 #9: a trajectory of one model
+    was scored as -log p(x_0:T) under another without a word)."""
     arrays = {"images": to_unit_range(images).numpy().astype(np.float32), "seed": np.array(seed)}
+    if checkpoint is not None:
+        arrays["checkpoint"] = np.asarray(checkpoint)
     if trajectory is not None:
         arrays["trajectory"] = trajectory.numpy().astype(np.float32)
     buf = io.BytesIO()
