@@ -117,7 +117,8 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
         cmd_sample,
         help="draw DDPM samples to a PNG grid or an .npz",
         description="Ancestral DDPM sampling with all T steps and the small variance. "
-        ".png writes a grid; .npz writes `images` (n, C, H, W) in [0, 1], `seed`, and with "
+        ".png writes a grid; .npz writes `images` (n, C, H, W) in [0, 1], `seed`, `checkpoint` (the hash of "
+        "the model that drew them), and with "
         "--trajectory the array `trajectory` (n, T+1, C, H, W), x_T first, in [-1, 1] space.",
     )
     p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
