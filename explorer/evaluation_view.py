@@ -19,7 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from engine.evaluation.report import ModelKey, ResultFiles, lds_records, other_models_files, retrain_records
-from engine.evaluation.retrain_top import RetrainJob
+from engine.evaluation.retrain_top import RetrainJob, earlier_work
 from engine.paths import ASSETS
 from explorer import plain
 from explorer.controls import MEASUREMENTS, Settings
@@ -468,6 +468,10 @@ def retrain_section(handle: Handle, query: Query | None, s: Settings) -> None:
             "top proponents at its default damping, one without a random set) in the background; you can keep "
             f"exploring.{training_time_note(handle)} The result is stored and shown again for this query."
         )
+        kept = earlier_work(handle.session, query.input.image, s.measurement, method, float(fraction),
+                            handle.cache_root / "retrain") if query.input.image is not None else None
+        if kept:
+            st.info(kept)
         return
     if not job.done():
         _poll(handle, key)

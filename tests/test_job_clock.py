@@ -100,3 +100,55 @@ def test_a_retraining_job_says_how_long_it_has_run_and_how_long_its_training_has
     assert steps[2].startswith("training random-removal model (2 of 2): step 20/40; ")
     assert steps[2].endswith("about 0.3 min of training left")  # 20 steps at 1 step/s
     assert job.progress()[0] == "done" and job.done()
+
+
+def test_the_page_learns_what_an_interrupted_job_left_before_it_is_pressed_again(
+    tiny_preset, digits_small, tmp_path, monkeypatch
+):
+    """After a server restart the page offered a fresh start, silent about a job that had finished one model and
+    saved steps of the other (QA 25 #12). ``earlier_work`` says what is kept; after the job ends, that its result
+    is stored."""
+    from test_evaluate import FakeSession
+
+    import engine.evaluation.retrain_top as rtr
+    import engine.model.train as train_module
+    from engine.attribution.methods.base import QueryInput
+    from engine.model.train import train as real_train
+
+    preset = tiny_preset.replace(train={"steps": 40, "checkpoint_every": 10})
+    ckpt = real_train(preset, tmp_path / "full", dataset=digits_small, progress=False)
+    fake = FakeSession(preset, ckpt, "cpu", None, None, digits_small, False)
+    session = SimpleNamespace(preset=preset, dataset=digits_small, checkpoint=Path(ckpt), checkpoint_hash="h",
+                              device="cpu", query=fake.query, config=preset.attribution)
+    q = QueryInput(image=digits_small.images[5], description="train:5")
+
+    def kept():
+        return rtr.earlier_work(session, q.image, "loss", "kfac", 0.05, tmp_path / "rt", mc_samples=8)
+
+    assert kept() is None  # nothing yet
+    calls = []
+
+    class ServerStopped(Exception):
+        pass
+
+    def stopping_train(*args, progress, **kw):  # the second model stops after its step 20 is saved
+        calls.append(1)
+
+        def tick(step, total, loss):
+            progress(step, total, loss)
+            if len(calls) == 2 and step == 25:
+                raise ServerStopped
+
+        return real_train(*args, progress=tick, **kw)
+
+    monkeypatch.setattr(train_module, "train", stopping_train)
+    job = rtr.RetrainJob(session, q, "loss", "kfac", 0.05, rtr.plan(session, q.image, "loss", "kfac", 0.05,
+                                                                    tmp_path / "rt", 8))
+    with pytest.raises(ServerStopped):
+        job._run()
+    assert kept() == ("An earlier job for this choice did not finish (the server stopped?); its work is kept: the "
+                      "without-top-kfac model is finished and the random-removal model has saved steps. The button "
+                      "continues from there.")
+    monkeypatch.setattr(train_module, "train", real_train)
+    job._run()
+    assert job.done() and kept() == "This retraining has a stored result: the button shows it at once."

@@ -162,6 +162,31 @@ def _adopt_legacy_folder(p: RetrainPlan, legacy: Path) -> None:
         os.replace(old_result, p.result_file)
 
 
+def earlier_work(
+    session: Any, query_image: torch.Tensor, measurement: str, method: str, fraction: float, out_root: str | Path,
+    mc_samples: int = 1024,
+) -> str | None:
+    """What an earlier retraining of this choice left on disk, in words for the page; None when nothing.
+
+    Why: after a server restart the page offered a fresh start, with no word that a job had been running and one
+    of its models was finished (QA 25 #12); pressing did continue it, from the finished model and the last
+    saved step of the other."""
+    from ..model.train import STATE, is_finished
+
+    p = plan(session, query_image, measurement, method, fraction, Path(out_root), mc_samples)
+    if p.result_file.is_file():
+        return "This retraining has a stored result: the button shows it at once."
+    models = [(f"without-top-{method}", p.folder / "model"), ("random-removal", p.control_folder)]
+    finished = [name for name, folder in models if is_finished(folder)]
+    started = [name for name, folder in models if not is_finished(folder) and (folder / STATE).is_file()]
+    if not finished and not started:
+        return None
+    kept = [f"the {name} model is finished" for name in finished]
+    kept += [f"the {name} model has saved steps" for name in started]
+    return (f"An earlier job for this choice did not finish (the server stopped?); its work is kept: "
+            f"{' and '.join(kept)}. The button continues from there.")
+
+
 class RetrainJob:
     """One "retrain without the top proponents" request, run in a background thread.
 
