@@ -154,7 +154,9 @@ def test_bench_foundation_prints_figures(tmp_path, capsys, monkeypatch):
     rc = main(["bench-foundation", "--steps", "3", "--warmup", "1", "--samples", "1", "--threads", "1",
                "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "b.json")])
     assert rc == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # what is being timed, said before it runs (QA 25 #11), on stderr
+    assert "timing 4 training steps of the digits model (1 warm-up)" in err and "timing the sampling of 1" in err
     for needle in ("parameters digits", "parameters cifar2", "parameters cifar10", "steps/s", "random weights",
                    "with 20 steps", "peak RSS: 123 MiB"):
         assert needle in out, out

@@ -8,6 +8,7 @@ draw digits samples with all T steps, and the peak resident memory of the proces
 from __future__ import annotations
 
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +43,9 @@ def bench_foundation(
     preset = PRESETS["digits"]
     total = warmup + steps
     stamps: list[float] = []
+    # said before each timed part, on stderr: no bar (it would cost time in the timing), so say what runs
+    # (QA 25 #11: 24 s, then 14 s, with no output)
+    print(f"timing {total} training steps of the digits model ({warmup} warm-up) ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         train(preset, Path(tmp) / "bench", device=device, steps=total,
               progress=lambda s, T, loss: stamps.append(time.perf_counter()))
@@ -62,6 +66,8 @@ def bench_foundation(
         source = f"checkpoint {ckpt}"
     except CheckpointError:
         pass
+    print(f"timing the sampling of {samples} digits ({preset.diffusion.num_timesteps} steps) ...", file=sys.stderr,
+          flush=True)
     t0 = time.perf_counter()
     generate(model, preset, samples, seed=0, device=device)
     secs = time.perf_counter() - t0
