@@ -152,3 +152,9 @@ def test_the_page_learns_what_an_interrupted_job_left_before_it_is_pressed_again
     monkeypatch.setattr(train_module, "train", real_train)
     job._run()
     assert job.done() and kept() == "This retraining has a stored result: the button shows it at once."
+    # another query at the same share: nothing of its own, but the shared control model is trained
+    other = digits_small.images[6]
+    assert rtr.earlier_work(session, other, "loss", "kfac", 0.05, tmp_path / "rt", mc_samples=8) == (
+        "The random-removal model for this share is trained already (it serves every query): the job trains one "
+        "model.")
+    assert rtr.earlier_work(session, other, "loss", "kfac", 0.1, tmp_path / "rt", mc_samples=8) is None

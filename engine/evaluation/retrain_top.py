@@ -176,13 +176,18 @@ def earlier_work(
     p = plan(session, query_image, measurement, method, fraction, Path(out_root), mc_samples)
     if p.result_file.is_file():
         return "This retraining has a stored result: the button shows it at once."
-    models = [(f"without-top-{method}", p.folder / "model"), ("random-removal", p.control_folder)]
-    finished = [name for name, folder in models if is_finished(folder)]
-    started = [name for name, folder in models if not is_finished(folder) and (folder / STATE).is_file()]
-    if not finished and not started:
+    top, control = p.folder / "model", p.control_folder
+    if not (is_finished(top) or (top / STATE).is_file()):  # this choice's own model was never started
+        if is_finished(control):  # the control serves every query at this share
+            return ("The random-removal model for this share is trained already (it serves every query): the "
+                    "job trains one model.")
         return None
-    kept = [f"the {name} model is finished" for name in finished]
-    kept += [f"the {name} model has saved steps" for name in started]
+    kept = []
+    for name, folder in ((f"without-top-{method}", top), ("random-removal", control)):
+        if is_finished(folder):
+            kept.append(f"the {name} model is finished")
+        elif (folder / STATE).is_file():
+            kept.append(f"the {name} model has saved steps")
     return (f"An earlier job for this choice did not finish (the server stopped?); its work is kept: "
             f"{' and '.join(kept)}. The button continues from there.")
 
