@@ -496,6 +496,10 @@ def test_a_sample_of_a_samples_file_is_a_query_with_its_trajectory(session, tmp_
     # a file that names the model that drew it: nothing to say for this model, a note for another (QA 26 #9)
     save_npz(images, tmp_path / "mine.npz", 11, traj, checkpoint=session.checkpoint_hash)
     assert not any("another model" in n for n in session.parse_query(f"samples:{tmp_path / 'mine.npz'}:0").notes)
+    save_npz(images, tmp_path / "short.npz", 11, traj[:, :5])  # another T: the error names the file (QA 26 #6)
+    with pytest.raises(ValueError) as e:
+        session.query(session.parse_query(f"samples:{tmp_path / 'short.npz'}:0"), "trajectory", methods=["kfac"])
+    assert str(e.value).startswith(f"the trajectory of samples:{tmp_path / 'short.npz'}:0 is (5, "), e.value
     save_npz(images, tmp_path / "theirs.npz", 11, traj, checkpoint="0123456789abcdef")
     notes = session.parse_query(f"samples:{tmp_path / 'theirs.npz'}:0").notes
     assert (f"drawn by another model (checkpoint 0123456789abcdef; this one is {session.checkpoint_hash}): its "

@@ -658,8 +658,10 @@ class AttributionSession:
             if query.trajectory is None:
                 raise QueryError(no_trajectory(query))
             want = (self.diffusion.T + 1, *self.shape)
-            if tuple(query.trajectory.shape) != want:
-                raise QueryError(f"trajectory is {tuple(query.trajectory.shape)}, expected {want}")
+            if tuple(query.trajectory.shape) != want:  # the query's source named (QA 26 #6: a samples file)
+                raise QueryError(f"the trajectory of {query.description} is {tuple(query.trajectory.shape)} (T + 1 "
+                                 f"states of the image), but this model's is {want}: it was drawn by a model with "
+                                 f"another number of steps T")
 
     def _query_dict(self, query: QueryInput, m: int) -> dict[str, Any]:
         return {
