@@ -364,10 +364,18 @@ def get_preset(name: str, data_root: str | None = None) -> Preset:
     current folder it was meant from: a run records its preset, and a later command started elsewhere (the app
     from the repository) read ``data/x`` against its own folder and found nothing (QA 26 #4)."""
     preset = _named_preset(name)
-    root = data_root or preset.data.root
-    if root and not Path(root).expanduser().is_absolute():
-        root = str(Path(root).expanduser().resolve())
-    return preset.replace(data={"root": root}) if root != preset.data.root else preset
+    if data_root:
+        preset = preset.replace(data={"root": data_root})
+    return with_absolute_data_root(preset, Path.cwd())
+
+
+def with_absolute_data_root(preset: Preset, base: str | Path) -> Preset:
+    """``preset`` with a relative data folder taken from ``base`` (the folder it was given in, or the folder a
+    preset file travels with), so that what a run records is found from any folder; unchanged otherwise."""
+    root = preset.data.root
+    if not root or Path(root).expanduser().is_absolute():
+        return preset
+    return preset.replace(data={"root": str((Path(base) / root).resolve())})
 
 
 def _on_base(raw: dict[str, Any]) -> dict[str, Any]:

@@ -287,7 +287,7 @@ def side_preset(side: Path) -> Preset:
     """An ``attribution_preset.json`` read as ``--preset FILE.json`` reads a preset file, the ``{"base": ...}``
     form included (QA 26 #3: the form the README shows for preset files was refused here as an unknown key); a
     relative data folder in it is taken from the checkpoint's folder, which the file travels with."""
-    from ..config import preset_file
+    from ..config import preset_file, with_absolute_data_root
 
     try:
         preset = preset_file(side)
@@ -295,10 +295,7 @@ def side_preset(side: Path) -> Preset:
         said = " ".join(str(e).split())
         raise CheckpointError(f"unreadable preset: {said}" if str(side) in said else
                               f"unreadable preset {side}: {said}") from e
-    root = preset.data.root
-    if root and not Path(root).expanduser().is_absolute():
-        preset = preset.replace(data={"root": str((side.parent / root).resolve())})
-    return preset
+    return with_absolute_data_root(preset, side.parent)
 
 
 def _check_side_preset(side: Path, preset: Preset, unet_shape: tuple[int, int], scheduler: Path) -> None:
