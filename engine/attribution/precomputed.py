@@ -363,8 +363,8 @@ def precomputed_result(
                 res.measurement = session.measurement_used(name, measurement)
             # the bank the scores came from, as a live K-FAC answer names it (QA round 22 #3)
             res.bank = pre.bank(name)
-        elif name in available and pre.unavailable(index, name):  # this sample: as a live query says it
-            res.reason, res.reason_about = pre.unavailable(index, name), QUERY
+        elif name in available and (why := pre.unavailable(index, name)):  # this sample: as a live query says it
+            res.reason, res.reason_about = why, QUERY
         else:
             known = (unavailable or {}).get(name)  # from availability, which never sees the query
             res.reason, res.reason_about = (known, SERVER) if known else (pending_reason, None)
