@@ -131,6 +131,22 @@ def test_a_preset_files_bad_bank_kind_names_the_file(tmp_path, capsys):
     assert rc == 2 and "preset file" not in err
 
 
+def test_train_refuses_a_preset_files_bad_bank_kind_before_training(tmp_path, capsys):
+    """QA 26 #6: ``train`` does not use ``kfac_bank`` and accepted a typo, which ``build`` refused only after the
+    training.  Every command that reads the file now refuses it, naming the file, before any work."""
+    good = PRESETS["digits"].to_dict()
+    path = _preset_file(tmp_path, {**good, "attribution": {**good["attribution"], "kfac_bank": "compresed"}})
+    rc, err = _cli(capsys, "train", "--preset", path, "--steps", "1", "--out", str(tmp_path / "run"))
+    line = _one_error_line(err)
+    assert rc == 2 and line.startswith(f"error: preset file {path}: ") and "'compresed'" in line, line
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "ok").mkdir()
+    ok = _preset_file(tmp_path / "ok", {**good, "attribution": {**good["attribution"], "kfac_bank": "compressed"}})
+    rc, err = _cli(capsys, "sample", "--preset", ok, "--checkpoint", str(tmp_path / "absent"), "--n", "1",
+                   "--out", str(tmp_path / "x.png"))
+    assert rc == 2 and "kfac_bank" not in err  # a valid kind passes the check (and fails later on the checkpoint)
+
+
 # --- commands without a checkpoint --------------------------------------------------------------
 
 

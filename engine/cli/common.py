@@ -87,8 +87,24 @@ def subcommand(
 def resolve(args: argparse.Namespace) -> tuple[Preset, Path, str]:
     """Preset (with --data-root applied), checkpoint folder and device from common args."""
     preset = get_preset(args.preset, getattr(args, "data_root", None))
+    if getattr(args, "kfac_bank", None) is None:  # --kfac-bank replaces the file's value (checked as a flag)
+        check_preset_file_bank(preset, args.preset)
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(preset.name)
     return preset, ckpt, args.device or best_device()
+
+
+def check_preset_file_bank(preset: Preset, preset_arg: str) -> None:
+    """Refuse a preset file's unknown ``attribution.kfac_bank`` when the file is read, by every command (QA 26
+    #6: a typo was accepted by ``train``, which does not use it, and refused only at ``build``, after the
+    training).  The preset loader cannot check it: bank kinds are plugins of the attribution package, which
+    sits above the loader; their registry reads the package's source and imports nothing heavy."""
+    from ..attribution.bank_kinds import bank_modes
+    from ..validation import InvalidSettingError
+
+    modes = bank_modes()
+    if str(preset_arg).endswith(".json") and preset.attribution.kfac_bank not in modes:
+        raise InvalidSettingError(f"preset file {preset_arg}: attribution.kfac_bank must be one of "
+                                  f"{', '.join(modes)}, got {preset.attribution.kfac_bank!r}")
 
 
 def check_output_file(path: Path, flag: str) -> None:
