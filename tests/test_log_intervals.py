@@ -77,3 +77,32 @@ def test_training_draws_its_bar_only_when_tqdm_allows(
     drawn = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "step" in line]
     assert len(drawn) == 2, drawn  # the bar's start and its close, nothing between
     assert "60/60" in drawn[-1] and "loss=" in drawn[-1]
+
+
+def test_a_resumed_pass_keeps_drawing_after_its_jump() -> None:
+    """QA 25 #7: a build resumed at 768/1797 rows drew its bar at 784 and 800, then not for 15 s. tqdm's dynamic
+    ``miniters`` followed the units counted since its last draw, and the resume line's jump (drawn at once by
+    ``move``) counted in: the next ~300 rows had to come before a draw.  On a fake clock, a row batch every 0.5 s
+    at a 0.1 s interval must draw every time."""
+    import io
+
+    from tqdm import tqdm
+
+    from engine.bar_redraw import move
+
+    clock = [1000.0]
+    out = io.StringIO()
+    bar = tqdm(total=1000, file=out, mininterval=0.1, unit="")
+    bar._time = lambda: clock[0]
+    bar.start_t = bar.last_print_t = clock[0]
+    move(bar, 0.0, "train gradients 0/1797")
+    move(bar, 768 / 1797, "resuming: 768/1797 examples saved by an earlier run")
+    missed = []
+    for k in range(784, 1797, 16):
+        clock[0] += 0.5
+        before = out.getvalue().count("\r")
+        move(bar, k / 1797, f"train gradients {k}/1797")
+        if out.getvalue().count("\r") == before:
+            missed.append(k)
+    bar.close()
+    assert missed == [], f"no redraw at rows {missed[:5]}... ({len(missed)} of {len(range(784, 1797, 16))})"
