@@ -87,6 +87,44 @@ def test_ablations_build_score_and_reuse_the_baseline(tmp_path, digits_small, ca
     assert own == tmp_path / "other"
 
 
+def test_a_variant_copies_the_factors_its_baseline_holds_under_the_same_key(tmp_path, digits_small, monkeypatch):
+    """QA 25 #2: the bank-grid variant (the plain int8 grid) has the baseline's K-FAC factors (same key) but its own
+    bank; it recomputed the factors.  Now they are copied from the baseline cache (checksums checked on reading),
+    only the bank is computed, and the variant's scores equal those of a variant built from nothing."""
+    from engine.attribution.methods import kfac_influence
+    from engine.attribution.session import AttributionSession
+
+    torch.set_num_threads(1)
+    ds = digits_small.subset(list(range(8)))
+    setup = _tiny_setup(tmp_path, ds, steps=2)
+    base = AttributionSession(preset=setup.preset, checkpoint=setup.checkpoint, device="cpu",
+                              cache_root=tmp_path / "base", dataset=ds, auto_build=True)
+    base.build(["kfac"])
+    factor_passes = []
+    real = kfac_influence.compute_kfac
+    monkeypatch.setattr(kfac_influence, "compute_kfac", lambda *a, **k: factor_passes.append(1) or real(*a, **k))
+    plain = ABLATIONS["bank_grid"][0]
+    lines: list[str] = []
+    build_variants(setup, ["bank_grid"], tmp_path / "variants", tmp_path / "base", log=lines.append)
+    assert factor_passes == [], "the variant recomputed the baseline's factors"
+    assert any("kfac-factors copied from the baseline cache" in line for line in lines), lines
+    copied, root = variant_session(setup, plain, tmp_path / "variants", tmp_path / "base")
+    assert root == tmp_path / "variants"
+    key = copied.method("kfac").cache_keys(copied.ctx)[0]
+    meta = copied.ctx.store.load_meta(*key)
+    assert meta["copied_from"] == str(base.ctx.store.path(*key))
+    for k, a in base.ctx.store.load_arrays(*key).items():
+        assert np.array_equal(copied.ctx.store.load_arrays(*key)[k], a), k
+    # the same variant built with no baseline: its own factor pass, the same scores
+    fresh, _ = variant_session(setup, plain, tmp_path / "alone", None)
+    fresh.build(["kfac"])
+    assert factor_passes == [1]
+    got, _ = session_scores(copied, ds.images[:2], "loss", ["kfac"], tmp_path / "s1", sweep=False)
+    want, _ = session_scores(fresh, ds.images[:2], "loss", ["kfac"], tmp_path / "s2", sweep=False)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g["kfac"], w["kfac"], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_a_multi_method_variant_is_built_with_one_shared_gradient_pass(tmp_path, digits_small, monkeypatch, capsys):
     """A variant that changes every gradient method (``mc_samples``) builds K-FAC, TRAK and D-TRAK through

@@ -263,6 +263,23 @@ class Store:
                 shutil.rmtree(tmp, ignore_errors=True)
         return final
 
+    def copy_from(self, other: Store, name: str, settings: Mapping[str, Any]) -> bool:
+        """Publish ``other``'s artefact ``(name, settings)`` here when this store lacks it; True when copied.
+
+        For a cache root that starts beside another of the same model and data (``lds-ablation``'s variants
+        beside their baseline: QA 25 #2, a variant recomputed the K-FAC factors the baseline held under the
+        same key, about a minute on digits).  The arrays are read through ``load_arrays`` (their checksums are
+        checked) and written by ``save_arrays`` (atomic); the meta keeps the original build's record and
+        names the folder it came from.  Another model or data, or nothing to copy: False."""
+        if (other.checkpoint_hash, other.data_key) != (self.checkpoint_hash, self.data_key) or self.exists(name, settings):
+            return False
+        arrays = other.load_arrays(name, settings)
+        if arrays is None:
+            return False
+        meta = {**(other.load_meta(name, settings) or {}), "copied_from": str(other.path(name, settings))}
+        self.save_arrays(name, settings, arrays, meta=meta)
+        return True
+
     def _tmp_folder(self, name: str, settings: Mapping[str, Any]) -> Path:
         self.base.mkdir(parents=True, exist_ok=True)
         self.clean_stale_temp()

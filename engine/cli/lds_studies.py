@@ -30,7 +30,7 @@ def add_lds_ablation(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ablations", default=None,
                    help="comma list of ablations (default: all; a wrong name is answered with the list)")
     p.add_argument("--cache-root", default=str(REPO_ROOT / "cache-ablation"), help="caches of the variants (default <repo>/cache-ablation)")
-    p.add_argument("--baseline-cache", default=None, help="read-only cache with the default settings built")
+    p.add_argument("--baseline-cache", default=None, help="read-only cache with the default settings built: a variant uses it when it holds all the variant needs, and copies from it the caches the variant shares (e.g. the K-FAC factors of a bank-grid variant)")
     p.add_argument("--out", default=str(REPO_ROOT / "runs" / "lds_ablation"), help="scores and measurements (default <repo>/runs/lds_ablation)")
     p.add_argument("--results", default=str(REPO_ROOT / "assets" / "results"), help="where the ablation JSON goes (default <repo>/assets/results, beside the shipped results)")
     p.add_argument("--subsets", type=at_least(1), default=32, help="the run's subsets (default 32)")

@@ -179,24 +179,33 @@ def run_queries(run: Path, setup: RunSetup, num: int) -> tuple[torch.Tensor, str
 
 
 def variant_session(
-    setup: RunSetup, variant: Variant, cache_root: Path, baseline: Path | None
+    setup: RunSetup, variant: Variant, cache_root: Path, baseline: Path | None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[Any, Path]:
     """A session with the variant's settings: on ``baseline`` (read-only) when every method of the
-    variant is already built there, else on ``cache_root`` building what is missing."""
+    variant is already built there, else on ``cache_root`` building what is missing, after copying from
+    ``baseline`` the caches it holds under the variant's keys (a bank-grid variant shares the baseline's
+    K-FAC factors: QA 25 #2; ``log`` names each one copied)."""
     from ..attribution.session import AttributionSession
 
     config = replace(setup.preset.attribution, **variant.changes)
+    base = None
     if baseline is not None and Path(baseline).is_dir():
-        s = AttributionSession(
+        base = AttributionSession(
             preset=setup.preset, checkpoint=setup.checkpoint, device=setup.device, cache_root=baseline,
             config=config, dataset=setup.dataset, auto_build=False,
         )
-        if all(s.method(m).is_built(s.ctx) for m in variant.methods):
-            return s, Path(baseline)
+        if all(base.method(m).is_built(base.ctx) for m in variant.methods):
+            return base, Path(baseline)
     s = AttributionSession(
         preset=setup.preset, checkpoint=setup.checkpoint, device=setup.device, cache_root=cache_root,
         config=config, dataset=setup.dataset, auto_build=True,
     )
+    if base is not None and base.ctx.store is not None and s.ctx.store is not None:
+        for m in variant.methods:
+            for name, settings in s.method(m).cache_keys(s.ctx):
+                if s.ctx.store.copy_from(base.ctx.store, name, settings) and log is not None:
+                    log(f"[{variant.label}] {name} copied from the baseline cache {baseline} (same key)")
     return s, Path(cache_root)
 
 
@@ -212,7 +221,7 @@ def build_variants(
 
     for name in names:
         for variant in ABLATIONS[name]:
-            session, root = variant_session(setup, variant, cache_root, baseline)
+            session, root = variant_session(setup, variant, cache_root, baseline, log=log)
             todo = [m for m in variant.methods if not session.method(m).is_built(session.ctx)]
             if len(todo) > 1 and name != "trak_dim":  # one training-gradient pass for K-FAC's bank and the TRAKs
                 t0 = time.perf_counter()
