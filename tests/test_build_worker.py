@@ -195,9 +195,11 @@ def test_a_build_that_resumes_saved_work_says_so():
 
 
 def test_the_shared_gradient_pass_counts_for_the_methods_it_feeds():
-    """K-FAC's bank pass (its build's last quarter) computes TRAK's gradients too: while it runs, the bar
-    counts TRAK's share as being done, not as still to do after K-FAC."""
-    from engine.attribution.methods.kfac_influence import FACTOR_SHARE, KFACInfluence
+    """K-FAC's build (its factor pass, then its bank pass) computes TRAK's gradients too: while it runs, the bar
+    counts TRAK's share as done with K-FAC's, not as still to do after K-FAC, so the bar follows the build's time."""
+    from engine.attribution.methods.kfac_influence import KFACInfluence
+
+    factor_end = 0.25  # where a factor pass might end in K-FAC's own bar (KFACInfluence.factor_share)
 
     class Shared(_Session):
         def share_gradient_passes(self, names) -> dict:
@@ -214,8 +216,8 @@ def test_the_shared_gradient_pass_counts_for_the_methods_it_feeds():
             (name,) = names
             self.calls.append(name)
             if name == "kfac":
-                progress("kfac: factors", FACTOR_SHARE)  # the factor pass is over, the bank pass starts
-                progress("kfac: bank half way", FACTOR_SHARE + (1 - FACTOR_SHARE) / 2)
+                progress("kfac: factors", factor_end)  # the factor pass is over, the bank pass starts
+                progress("kfac: bank half way", factor_end + (1 - factor_end) / 2)
                 assert self.gate.wait(30)
             self.built.add(name)
             progress(f"{name}: done", 1.0)
@@ -225,7 +227,7 @@ def test_the_shared_gradient_pass_counts_for_the_methods_it_feeds():
     w = BuildWorker(s, terminal=False)
     w.start()
     state = _when(w, lambda st: "half way" in st.message)
-    kfac = FACTOR_SHARE + (1 - FACTOR_SHARE) / 2
-    assert state.fraction == pytest.approx((kfac + 0.5) / 3)  # half of TRAK's gradients are computed too
+    kfac = factor_end + (1 - factor_end) / 2
+    assert state.fraction == pytest.approx((kfac + kfac) / 3)  # TRAK's share moves with K-FAC's build
     s.gate.set()
     assert w.wait(30).fraction == 1.0 and s.calls == ["kfac", "trak", "pixel"]

@@ -315,3 +315,34 @@ def test_size_and_build_time_count_only_the_current_settings(tmp_path, tiny_pres
     assert m.size_mb(ctx) == pytest.approx(sum(e["size_mb"] for e in own))
     assert m.size_mb(ctx) < sum(e["size_mb"] for e in entries)
     assert m.recorded_build_seconds(ctx) == pytest.approx(sum(e["meta"]["build_seconds"] for e in own))
+
+
+def test_the_build_bar_splits_at_the_factor_passs_estimated_share_of_the_time(tmp_path, tiny_preset, tiny_model,
+                                                                               digits_small):
+    """QA 25 #6: the factor pass had a fixed 75% of the bar, which a digits build reached after 18% of its time (its
+    8 factor draws per example against the bank's 64).  The split is now r F / (r F + M) (``FACTOR_ROW_COST``); the
+    bank's messages take the rest; factors already built give the bank the whole bar, a streamed bank (no pass at
+    build time) the factors."""
+    from engine.attribution.methods.kfac_influence import FACTOR_ROW_COST
+
+    ds = digits_small.subset(list(range(32)))
+    cfg = AttributionConfig(mc_samples=8, seed=0, kfac_factor_draws=2, kfac_factor_draws_mode="per-example")
+    store = Store(tmp_path, "0" * 16, "digits32")
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "0" * 16, store)
+    m = KFACInfluence(cfg)
+    share = FACTOR_ROW_COST * 2 / (FACTOR_ROW_COST * 2 + 8)
+    assert m.factor_share(ctx) == pytest.approx(share) and share < 0.5
+    msgs: list[tuple[str, float]] = []
+    m.build(ctx, lambda msg, f: msgs.append((msg, f)))
+    factor = [f for msg, f in msgs if "factors" in msg]
+    bank = [f for msg, f in msgs if "train gradients" in msg]
+    assert factor and bank and max(factor) == pytest.approx(share) and min(bank) > share and max(bank) == 1.0
+    # another bank over the same factors (the plain int8 grid): the bank's pass is the whole bar
+    m2 = KFACInfluence(dataclasses.replace(cfg, kfac_bank_whiten=None))
+    assert m2.factor_share(ctx, factors_built=True) == 0.0
+    msgs.clear()
+    m2.build(ctx, lambda msg, f: msgs.append((msg, f)))
+    bank = [f for msg, f in msgs if "train gradients" in msg]
+    assert not any("factors:" in msg for msg, _ in msgs) and bank[0] == pytest.approx(16 / 32)  # 16 of 32 rows
+    streamed = KFACInfluence(dataclasses.replace(cfg, kfac_bank="streamed"))
+    assert streamed.factor_share(ctx) == 1.0

@@ -429,4 +429,4 @@ def test_any_method_can_make_the_shared_gradient_pass():
     assert caches.share_gradient_passes(["plain", "a"]) == {}  # nobody makes a pass
     m["maker"].unavailable = True
     assert caches.share_gradient_passes(["maker", "a"]) == {}
-    assert KFACInfluence.shared_pass_fraction(1.0) == 1.0 and KFACInfluence.shared_pass_fraction(0.1) == 0.0
+    assert KFACInfluence.shared_pass_fraction(1.0) == 1.0 and KFACInfluence.shared_pass_fraction(0.1) == 0.1

@@ -36,13 +36,16 @@ class BankKind:
     that artefact's (name, settings) when it is not the stored bank's; ``estimates``: the rows' batched
     product is an estimate of eq. 6, not eq. 6 (the compressed bank's scan), so group sums and member
     scores come from the rows' exact paths instead (``KFACInfluence.exact_group_scores``); ``note``: a few
-    words for ``--kfac-bank``'s help, read from the file's source as a literal (``bank_notes``)."""
+    words for ``--kfac-bank``'s help, read from the file's source as a literal (``bank_notes``);
+    ``gradient_pass``: the build makes a pass over the training gradients (False: nothing to build but the
+    factors, as for the streamed kind), for the build bar's split (``KFACInfluence.factor_share``)."""
 
     build: Callable[[Any, Any, Any, Callable[[str, float], None]], Rows]
     stored: bool
     cache_key: Callable[[Any, Any], tuple[str, dict[str, Any]]] | None = None
     estimates: bool = False
     note: str = ""
+    gradient_pass: bool = True
 
 
 _KINDS: dict[str, BankKind] = {}

@@ -8,7 +8,7 @@ from ..context import EngineContext
 from ..curvature import KFACFactors
 from ..scoring import Rows
 from .base import Progress
-from .kfac_influence import BANK, FACTOR_SHARE, KFACInfluence
+from .kfac_influence import BANK, KFACInfluence
 
 
 def _stored_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors, progress: Progress) -> Rows:
@@ -29,7 +29,7 @@ def _stored_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors
         quantize=method.quantize,
         chunk_size=method.chunk_size,
         device=ctx.device,
-        progress=lambda msg, f: progress(f"{method.title}: {msg}", FACTOR_SHARE + (1 - FACTOR_SHARE) * f),
+        progress=method.bank_progress(progress),
         consumers=method.gradient_consumers,  # e.g. TRAK's FeatureSink: one gradient pass for both
         whiten=bs.get("whiten"),  # the int8 grid (engine.attribution.bank.whitening)
     )
@@ -42,4 +42,5 @@ def _streamed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFacto
 
 
 register_bank_kind("stored", BankKind(build=_stored_bank, stored=True, note="int8 on disk"))
-register_bank_kind("streamed", BankKind(build=_streamed_bank, stored=False, note="recomputed per query"))
+register_bank_kind("streamed", BankKind(build=_streamed_bank, stored=False, note="recomputed per query",
+                                           gradient_pass=False))

@@ -34,7 +34,7 @@ from ..curvature import KFACFactors
 from ..scoring import Rows
 from ..store import StaleCacheError
 from .base import Progress
-from .kfac_influence import FACTOR_SHARE, KFACInfluence
+from .kfac_influence import KFACInfluence
 
 COMPRESSED = "kfac-compressed-bank"
 COMPRESSED_FACTORS = "kfac-compressed-factors"  # the projections and projected factors of that bank
@@ -96,7 +96,7 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
         store=ctx.store, name=COMPRESSED, settings=settings, chunk_size=method.chunk_size,
         grad_batch=max(1, HOOK_ROWS // len(ctx.train_draws)), device=ctx.device, quantize=method.quantize,
         rows=rows,
-        progress=lambda msg, f: progress(f"{method.title}: {msg}", FACTOR_SHARE + (1 - FACTOR_SHARE) * f),
+        progress=method.bank_progress(progress),
     )
     if rows is not None:  # torchrun: this rank keeps its slice of the rows
         bank = ShardedBank(bank, rows, len(ctx.dataset))

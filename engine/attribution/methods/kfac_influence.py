@@ -48,7 +48,12 @@ from .base import (
 
 FACTORS = "kfac-factors"
 BANK = "kfac-bank"
-FACTOR_SHARE = 0.75  # share of the progress bar for the factor pass (the costlier one on CPU)
+# Seconds of the factor pass per (example, draw) row over those of the bank's gradient pass, for the build bar's
+# split between the two passes (``KFACInfluence.factor_share``).  The shipped caches' records (``build``;
+# settings.json, meta.build_seconds): digits 71 s for 1,797 x 8 factor rows and 318 s for 1,797 x 64 bank rows
+# (1.8x per row), mnist 467 s and 145 s for 1,000 x 16 each (3.2x).  A fixed 75% for the factors put the bar at 75%
+# after 18% of a digits build (QA 25 #6).
+FACTOR_ROW_COST = 2.5
 KFAC_BLOCKS = ("separate", "joint")
 
 
@@ -98,6 +103,7 @@ class KFACInfluence(AttributionMethod):
         self.factor_batch = 256  # (example, draw) rows per curvlinops batch
         self.chunk_size = 128  # examples per saved bank part
         self.checkpoint_rows = 8192  # (example, draw) rows of the factor pass between checkpoints
+        self._factor_share = 0.0  # the factor pass's share of the build bar (``factor_share``), set by ``build``
         # other caches fed by the bank's gradient pass (``AttributionSession.share_gradient_passes``)
         self.gradient_consumers: list[Any] = []
         self.factors: KFACFactors | None = None
@@ -210,8 +216,26 @@ class KFACInfluence(AttributionMethod):
         return (id(ctx.model), ctx.checkpoint_hash, tuple(sorted(self.bank_settings(ctx).items())),
                 self.bank_mode(ctx), None if bank is None else tuple(sorted(bank[1].items())))
 
+    def factor_share(self, ctx: EngineContext, factors_built: bool = False) -> float:
+        """The factor pass's share of this method's build bar, its estimated share of the build's time:
+        r F / (r F + M) for F factor draws and M bank draws per example (r = ``FACTOR_ROW_COST``); 0 when the
+        factors are built, 1 when the bank kind makes no gradient pass at build time (streamed)."""
+        if factors_built:
+            return 0.0
+        if not bank_kind(self.bank_mode(ctx)).gradient_pass:
+            return 1.0
+        factor_rows = FACTOR_ROW_COST * (self.factor_draws or self.config.mc_samples)
+        return factor_rows / (factor_rows + self.config.mc_samples)
+
+    def bank_progress(self, progress: Progress) -> Progress:
+        """``progress`` for a bank kind's build: its fraction f in [0, 1] lands after the factor pass's share of
+        the bar, with this method's title before its message."""
+        share = self._factor_share
+        return lambda msg, f: progress(f"{self.title}: {msg}", share + (1.0 - share) * f)
+
     def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
-        """Compute or load the factors, then the bank (progress: factors 0-0.75, bank 0.75-1)."""
+        """Compute or load the factors, then the bank (progress: the factor pass first, for its estimated share
+        of the time, ``factor_share``; then the bank's build)."""
         if self._key == self._ctx_key(ctx):
             return
         t0 = time.perf_counter()
@@ -222,6 +246,7 @@ class KFACInfluence(AttributionMethod):
             arrays = ctx.store.load_arrays(FACTORS, fs, mmap=False)
             if arrays is not None:
                 factors = KFACFactors.from_arrays(arrays, template, ctx.device)
+        self._factor_share = self.factor_share(ctx, factors_built=factors is not None)
         shard = distributed.current()
         shared = ctx.store is not None and shard.world > 1  # torchrun: rank 0 computes and saves the factors
         if factors is None and (not shared or shard.is_main):
@@ -239,7 +264,7 @@ class KFACInfluence(AttributionMethod):
                 ekfac=self.config.ekfac,
                 batch_size=self.factor_batch,
                 seed=self.config.seed,
-                progress=lambda msg, f: progress(f"{self.title}: {msg}", FACTOR_SHARE * f),
+                progress=lambda msg, f: progress(f"{self.title}: {msg}", self._factor_share * f),
                 checkpoint=checkpoint,
                 checkpoint_rows=self.checkpoint_rows,
                 joint=self._joint(),
@@ -275,11 +300,6 @@ class KFACInfluence(AttributionMethod):
         """Other methods' sinks (TRAK's, D-TRAK's) fed by this method's bank pass: one gradient pass fills
         all three caches (``MethodCaches.share_gradient_passes``)."""
         self.gradient_consumers = list(sinks)
-
-    @classmethod
-    def shared_pass_fraction(cls, own_fraction: float) -> float:
-        """The bank pass is the last ``1 - FACTOR_SHARE`` of this method's build (factors first)."""
-        return min(max((own_fraction - FACTOR_SHARE) / (1.0 - FACTOR_SHARE), 0.0), 1.0)
 
     def rotate(self, grads: torch.Tensor) -> torch.Tensor:
         """Gradients (P,) or (b, P) in ``ctx.params`` order -> the eigenbasis of the factors
