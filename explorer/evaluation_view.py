@@ -19,7 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from engine.evaluation.report import ModelKey, ResultFiles, lds_records, other_models_files, retrain_records
-from engine.evaluation.retrain_top import RetrainJob, earlier_work
+from engine.evaluation.retrain_top import CACHED, RetrainJob, earlier_work, has_stored_result
 from engine.paths import ASSETS
 from explorer import plain
 from explorer.controls import MEASUREMENTS, Settings
@@ -455,6 +455,14 @@ def retrain_section(handle: Handle, query: Query | None, s: Settings) -> None:
     if st.session_state.get("retrain_error"):
         st.error(f"Could not start the retraining: {st.session_state['retrain_error']}")
     job = handle.retrain_jobs.get(key)
+    retrain_root = handle.cache_root / "retrain"
+    if job is None and query.input.image is not None and has_stored_result(
+            handle.session, query.input.image, s.measurement, method, float(fraction), retrain_root):
+        # a stored result is shown, not offered behind a button (after a server restart the page knows no job);
+        # ``start`` returns it without training
+        stored = RetrainJob.start(handle.session, query.input, s.measurement, method, float(fraction), retrain_root)
+        with handle.lock:
+            job = handle.retrain_jobs.setdefault(key, stored)
     if job is None:
         st.button(
             f"Retrain without the top {fraction:.0%} of {info[method]['title']} (and a random {fraction:.0%})",
@@ -469,7 +477,7 @@ def retrain_section(handle: Handle, query: Query | None, s: Settings) -> None:
             f"exploring.{training_time_note(handle)} The result is stored and shown again for this query."
         )
         kept = earlier_work(handle.session, query.input.image, s.measurement, method, float(fraction),
-                            handle.cache_root / "retrain") if query.input.image is not None else None
+                            retrain_root) if query.input.image is not None else None
         if kept:
             st.info(kept)
         return
@@ -497,6 +505,8 @@ def _show_result(handle: Handle, key: tuple, job: Any, info: dict) -> None:
         return
     title = info.get(r.get("method"), {}).get("title", r.get("method"))
     frac = float(r.get("fraction", 0.0))
+    if job.progress()[0] == CACHED:
+        st.caption("The stored result of an earlier retraining of this choice (not trained again).")
     predicted = r.get("predicted_change")
     c1, c2, c3 = st.columns(3)
     c1.metric(f"Predicted change ({title})", "n/a" if predicted is None else f"{float(predicted):+.3e}")

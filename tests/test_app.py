@@ -426,12 +426,14 @@ def test_check_by_retraining_runs_in_the_background(app_env):
     assert len(result["removed"]) == round(0.1 * 64)
     assert "Measured change without a random 10%" in metrics
     assert "Retrain without" not in " ".join(b.label for b in at.button)  # no second start for a finished job
-    # a restarted server knows no job: the offer comes back, and says the result is stored (QA 25 #12)
+    # a restarted server knows no job: the stored result is shown at once, without a button (QA 25 #12)
     handle.retrain_jobs.pop(key)
     at.run()
     _ok(at)
-    assert "Retrain without" in " ".join(b.label for b in at.button)
-    assert "This retraining has a stored result: the button shows it at once." in [i.value for i in at.info]
+    assert "Retrain without" not in " ".join(b.label for b in at.button)
+    assert {m.label: m.value for m in at.metric} == metrics
+    assert "The stored result of an earlier retraining of this choice (not trained again)." in [c.value for c in at.caption]
+    assert handle.retrain_jobs[key].result() == result
 
 def test_display_helpers():
     import torch

@@ -126,6 +126,7 @@ def test_the_page_learns_what_an_interrupted_job_left_before_it_is_pressed_again
         return rtr.earlier_work(session, q.image, "loss", "kfac", 0.05, tmp_path / "rt", mc_samples=8)
 
     assert kept() is None  # nothing yet
+    assert not rtr.has_stored_result(session, q.image, "loss", "kfac", 0.05, tmp_path / "rt", mc_samples=8)
     calls = []
 
     class ServerStopped(Exception):
@@ -151,7 +152,9 @@ def test_the_page_learns_what_an_interrupted_job_left_before_it_is_pressed_again
                       "continues from there.")
     monkeypatch.setattr(train_module, "train", real_train)
     job._run()
-    assert job.done() and kept() == "This retraining has a stored result: the button shows it at once."
+    assert job.done() and kept() == "This retraining has a stored result, shown without training."
+    assert rtr.has_stored_result(session, q.image, "loss", "kfac", 0.05, tmp_path / "rt", mc_samples=8)
+    assert not rtr.has_stored_result(session, q.image, "loss", "kfac", 0.1, tmp_path / "rt", mc_samples=8)
     # another query at the same share: nothing of its own, but the shared control model is trained
     other = digits_small.images[6]
     assert rtr.earlier_work(session, other, "loss", "kfac", 0.05, tmp_path / "rt", mc_samples=8) == (

@@ -48,6 +48,7 @@ from .runs import (
 )
 
 CONTROL_SEED = 0
+CACHED = "cached result"  # the progress message of a job whose result was stored (``RetrainJob.start``)
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 _monotonic = time.monotonic  # the job clock's time source (a test replaces it)
@@ -162,6 +163,15 @@ def _adopt_legacy_folder(p: RetrainPlan, legacy: Path) -> None:
         os.replace(old_result, p.result_file)
 
 
+def has_stored_result(
+    session: Any, query_image: torch.Tensor, measurement: str, method: str, fraction: float, out_root: str | Path,
+    mc_samples: int = 1024,
+) -> bool:
+    """Whether this retraining has a stored result (``RetrainJob.start`` then returns it without training): the
+    page shows it at once after a server restart instead of offering a button that would (QA 25 #12)."""
+    return plan(session, query_image, measurement, method, fraction, Path(out_root), mc_samples).result_file.is_file()
+
+
 def earlier_work(
     session: Any, query_image: torch.Tensor, measurement: str, method: str, fraction: float, out_root: str | Path,
     mc_samples: int = 1024,
@@ -175,7 +185,7 @@ def earlier_work(
 
     p = plan(session, query_image, measurement, method, fraction, Path(out_root), mc_samples)
     if p.result_file.is_file():
-        return "This retraining has a stored result: the button shows it at once."
+        return "This retraining has a stored result, shown without training."
     top, control = p.folder / "model", p.control_folder
     if not (is_finished(top) or (top / STATE).is_file()):  # this choice's own model was never started
         if is_finished(control):  # the control serves every query at this share
@@ -240,7 +250,7 @@ class RetrainJob:
         cached = p.result_file
         if cached.is_file():
             job._result = json.loads(cached.read_text())
-            job._set("cached result", 1.0)
+            job._set(CACHED, 1.0)
             return job
         if background:
             job._thread = threading.Thread(target=job._run_safe, name=f"retrain-{method}", daemon=True)
