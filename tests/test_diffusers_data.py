@@ -124,3 +124,20 @@ def test_a_preset_file_beside_the_weights_takes_the_base_form_and_a_folder_besid
     with pytest.raises(CheckpointError, match=r"attribution_preset\.json.*colour") as e:
         load_checkpoint(bad)
     assert "\n" not in str(e.value)
+
+
+def test_a_folder_without_weights_is_one_line_naming_what_is_missing(tmp_path, capsys):
+    """QA 26 #6: diffusers printed its own "Defaulting to unsafe serialization ... allow_pickle" line and then an
+    error naming ``diffusion_pytorch_model.bin``, a file the user never had."""
+    from engine.cli import main
+
+    folder = _pipeline(tmp_path / "pipe")
+    for f in (folder / "unet").glob("diffusion_pytorch_model*"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match=r"no weights in .*unet: config\.json is there but not "
+                                              r"diffusion_pytorch_model\.safetensors"):
+        load_checkpoint(folder, "cpu")
+    capsys.readouterr()
+    rc = main(["sample", "--checkpoint", str(folder), "--n", "1", "--out", str(tmp_path / "s.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "allow_pickle" not in err, err

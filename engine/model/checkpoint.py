@@ -234,6 +234,9 @@ class DiffusersEps(nn.Module):
         return self.unet(x, t).sample
 
 
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # the stem of a diffusers model's weight files (.safetensors, .bin, shards)
+
+
 def load_diffusers(
     folder: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, Preset, dict[str, Any]]:
@@ -253,6 +256,11 @@ def load_diffusers(
         ) from e
     folder = Path(folder)
     unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    if (unet_dir / "config.json").is_file() and not any(unet_dir.glob(f"{DIFFUSERS_WEIGHTS}*")):
+        # diffusers would print its own "Defaulting to unsafe serialization ... allow_pickle" line and then name a
+        # .bin file the user never had (QA 26 #6): say what is missing here, in one line
+        raise CheckpointError(f"no weights in {unet_dir}: config.json is there but not {DIFFUSERS_WEIGHTS}.safetensors "
+                              "(or .bin); save the UNet with save_pretrained, which writes both")
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:  # no weights file, a broken config, shapes that differ
