@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-from ..bar_redraw import move
 from ..config import PRESETS, Preset, get_preset
 from ..paths import best_device, default_checkpoint
 
@@ -232,24 +231,11 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
-@contextmanager
-def build_progress(desc: str, position: int = 0) -> Iterator[Callable[[str, float], None]]:
-    """A tqdm bar in per mille, yielding the ``progress(msg, fraction)`` callback of ``session.build``
-    that drives it, closed on leaving the block: a cache build takes minutes, and a silent one cannot
-    be told from a hung one."""
-    from tqdm.auto import tqdm
+def build_progress(desc: str, position: int = 0) -> AbstractContextManager[Callable[[str, float], None]]:
+    """``attribution.terminal_progress`` as ``build`` shows it: one bar per method, named by it (``desc``, aligned)
+    with the messages' "method: " dropped, the elapsed time (the per mille follows an estimate of the phases'
+    cost: QA 25 #6) and 100 characters of message (the resume lines say what was kept: QA 25 #8: cut at 60)."""
+    from ..attribution.terminal_progress import terminal_progress  # torch, which the parser must not import
 
-    # the message goes in tqdm's ``unit`` field, which this format shows as is (its ``postfix`` would
-    # be printed after a ", ")
-    # the elapsed time: a bar's per mille follows the build's phases, not their cost (QA 25 #6)
-    bar = tqdm(total=1000, desc=desc, unit="", bar_format="{desc:>6}: {percentage:3.0f}%|{bar}| {elapsed} {unit}",
-               position=position)
-
-    def progress(msg: str, frac: float) -> None:
-        # 100 characters: the resume lines say what was kept (QA 25 #8: cut at 60)
-        move(bar, frac, msg.split(": ", 1)[-1][:100])  # TQDM_MININTERVAL thins it (engine.bar_redraw)
-
-    try:
-        yield progress
-    finally:
-        bar.close()
+    return terminal_progress(desc, position=position, message_chars=100, after_first_colon=True, desc_width=6,
+                             redraw_s=0.1)
