@@ -346,3 +346,5 @@ def test_the_build_bar_splits_at_the_factor_passs_estimated_share_of_the_time(tm
     assert not any("factors:" in msg for msg, _ in msgs) and bank[0] == pytest.approx(16 / 32)  # 16 of 32 rows
     streamed = KFACInfluence(dataclasses.replace(cfg, kfac_bank="streamed"))
     assert streamed.factor_share(ctx) == 1.0
+    ekfac = KFACInfluence(dataclasses.replace(cfg, ekfac=True))  # its eigenvalue pass goes over the rows again
+    assert ekfac.factor_share(ctx) == pytest.approx(2 * FACTOR_ROW_COST * 2 / (2 * FACTOR_ROW_COST * 2 + 8))

@@ -218,13 +218,14 @@ class KFACInfluence(AttributionMethod):
 
     def factor_share(self, ctx: EngineContext, factors_built: bool = False) -> float:
         """The factor pass's share of this method's build bar, its estimated share of the build's time:
-        r F / (r F + M) for F factor draws and M bank draws per example (r = ``FACTOR_ROW_COST``); 0 when the
-        factors are built, 1 when the bank kind makes no gradient pass at build time (streamed)."""
+        r F / (r F + M) for F factor draws and M bank draws per example (r = ``FACTOR_ROW_COST``, twice that with
+        EK-FAC's second pass over the rows); 0 when the factors are built, 1 when the bank kind makes no gradient
+        pass at build time (streamed)."""
         if factors_built:
             return 0.0
         if not bank_kind(self.bank_mode(ctx)).gradient_pass:
             return 1.0
-        factor_rows = FACTOR_ROW_COST * (self.factor_draws or self.config.mc_samples)
+        factor_rows = FACTOR_ROW_COST * (2 if self.config.ekfac else 1) * (self.factor_draws or self.config.mc_samples)
         return factor_rows / (factor_rows + self.config.mc_samples)
 
     def bank_progress(self, progress: Progress) -> Progress:
