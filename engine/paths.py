@@ -22,6 +22,29 @@ def cache_root() -> Path:
     return Path(os.environ.get("ATTRIBUTION_CACHE", REPO_ROOT / "cache"))
 
 
+def check_device(name: str) -> str:
+    """``name`` when torch can place tensors there, else ValueError in words (QA 27 #4: ``--device cuda`` on a
+    machine without a GPU, or a typo, ended ``sample``, ``train`` and the benches in a traceback, and ``train`` left
+    an empty output folder behind)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: torch finds no CUDA GPU on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: torch finds no Apple GPU (mps) on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: the engine runs on cpu, cuda or mps")
+    return name
+
+
 def best_device() -> str:
     import torch
 

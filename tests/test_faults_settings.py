@@ -301,3 +301,19 @@ def test_a_preset_file_on_a_base_changes_only_what_it_names(tmp_path):
         get_preset(_preset_file(tmp_path, {"base": "digit"}))
     with pytest.raises(InvalidSettingError, match="unknown key"):  # still strict about misspelt keys
         get_preset(_preset_file(tmp_path, {"base": "digits", "attribution": {"sed": 1}}))
+
+
+def test_a_device_torch_cannot_use_is_one_error_line_before_any_work(tmp_path, capsys):
+    """QA 27 #4: ``--device cuda`` without a GPU, or a typo, ended ``sample``, ``train`` and the benches in a
+    traceback, and ``train`` left an empty output folder."""
+    import torch
+
+    rc, err = _cli(capsys, "train", "--steps", "1", "--out", str(tmp_path / "run"), "--device", "foo")
+    assert rc == 2 and _one_error_line(err) == "error: --device 'foo' is not a torch device; use cpu, cuda or cuda:N"
+    assert not (tmp_path / "run").exists()
+    if not torch.cuda.is_available():
+        rc, err = _cli(capsys, "sample", "--n", "1", "--out", str(tmp_path / "x.png"), "--device", "cuda")
+        assert rc == 2 and "no CUDA GPU" in _one_error_line(err)
+    rc, err = _cli(capsys, "sample", "--n", "1", "--out", str(tmp_path / "x.png"), "--device", "cpu",
+                   "--checkpoint", str(tmp_path / "absent"))
+    assert rc == 2 and "--device" not in _one_error_line(err)  # cpu passes (and the missing checkpoint is the error)

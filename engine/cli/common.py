@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ..config import PRESETS, Preset, get_preset
-from ..paths import best_device, default_checkpoint
+from ..paths import best_device, check_device, default_checkpoint
 
 Handler = Callable[[argparse.Namespace], int]
 REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = []
@@ -89,7 +89,7 @@ def resolve(args: argparse.Namespace) -> tuple[Preset, Path, str]:
     if getattr(args, "kfac_bank", None) is None:  # --kfac-bank replaces the file's value (checked as a flag)
         check_preset_file_bank(preset, args.preset)
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(preset.name)
-    return preset, ckpt, args.device or best_device()
+    return preset, ckpt, check_device(args.device) if args.device else best_device()
 
 
 def check_preset_file_bank(preset: Preset, preset_arg: str) -> None:
