@@ -168,6 +168,29 @@ def test_pool_is_cached_and_reproducible(session, pool, tmp_path):
     assert pool.names == [f"pool:{i}" for i in range(5)] and len(pool.labels) == 5
 
 
+def test_a_pool_interrupted_while_it_is_labelled_keeps_its_draw(session, pool, tmp_path, monkeypatch):
+    """QA 27 #3: the pool was written only after the digits classifier's fit (2-10 s, silent), so a Ctrl-C then lost
+    minutes of sampling.  The draw is saved first; a rerun labels it without drawing again."""
+    from engine.attribution import pool as pool_module
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pool_module, "_classify", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_pool(session, 5, seed=3, pool_dir=tmp_path, progress=False)
+    path = pool_module.pool_path(tmp_path, session.checkpoint_hash, 3, 5)
+    with np.load(path) as z:
+        assert "labels" not in z and z["images"].shape[0] == 5
+    monkeypatch.undo()
+    monkeypatch.setattr(session.diffusion, "sample", lambda *a, **k: pytest.fail("the pool was drawn again"))
+    again = generate_pool(session, 5, seed=3, pool_dir=tmp_path, progress=False)
+    assert torch.allclose(again.images, pool.images, atol=1e-6)
+    assert [q.label for q in again.queries] == [q.label for q in pool.queries]
+    with np.load(path) as z:
+        assert "labels" in z
+
+
 @pytest.mark.parametrize("measurement", ["loss", "loss@t=300"])
 def test_batched_matrix_equals_one_query_at_a_time(session, pool, measurement):
     mats = attribution_matrix(session, pool, measurement, METHODS)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,10 +148,11 @@ def generate_pool(
     folder = Path(pool_dir) if pool_dir is not None else Path(session.cache_root) / "pools"
     path = pool_path(folder, session.checkpoint_hash, seed, n)
     seconds = 0.0
+    labels = None
     if path.is_file():
         with load_npz(path) as z:
             images = torch.from_numpy(np.asarray(z["images"], dtype=np.float32))
-            labels = np.asarray(z["labels"], dtype=np.int64)
+            labels = np.asarray(z["labels"], dtype=np.int64) if "labels" in z else None  # None: drawn, not labelled
             drawn = float(z["seconds"]) if "seconds" in z else 0.0
     else:
         from ..model.sampling import image_shape
@@ -180,11 +182,20 @@ def generate_pool(
             bar.close()
         parts = [x.detach().cpu().float().clamp(-1.0, 1.0)]
         images = torch.cat(parts)
+        seconds = drawn = time.perf_counter() - t0  # the draw alone (group-bench reports it as the pool's cost)
+        # saved before the labels: fitting the digits classifier takes 2-10 s, and a Ctrl-C then lost the whole
+        # pool, minutes of sampling (QA 27 #3)
+        _save_pool(path, images, None, seed, seconds)
+    if labels is None:
+        if _has_classifier(session):
+            say = progress if callable(progress) else None
+            if say is not None:
+                say("labelling the pool with the digits classifier", 1.0)
+            elif progress:
+                print(f"pool of {n}: labelling it with the digits classifier (a few seconds)", file=sys.stderr,
+                      flush=True)
         labels = _classify(session, images)
-        seconds = drawn = time.perf_counter() - t0
-        buf = io.BytesIO()
-        np.savez_compressed(buf, images=images.numpy(), labels=labels, seed=np.array(seed), seconds=np.array(seconds))
-        atomic_write_bytes(path, buf.getvalue())
+        _save_pool(path, images, labels, seed, drawn)
     queries = []
     for i in range(n):
         lab = None if labels[i] < 0 else int(labels[i])
@@ -227,9 +238,23 @@ def pool_query(session: Any, index: int, seed: int = 0, pool_dir: str | Path | N
     return generate_pool(session, n, seed, folder, progress).queries[index]
 
 
+def _save_pool(path: Path, images: torch.Tensor, labels: np.ndarray | None, seed: int, seconds: float) -> None:
+    """The pool's file, written atomically; without ``labels`` until the classifier has given them."""
+    arrays = {"images": images.numpy(), "seed": np.array(seed), "seconds": np.array(seconds)}
+    if labels is not None:
+        arrays["labels"] = labels
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _has_classifier(session: Any) -> bool:
+    return session.preset.data.name == "digits" and session.dataset.labels is not None
+
+
 def _classify(session: Any, images: torch.Tensor) -> np.ndarray:
     """Digits classifier labels for display and the class checks; -1 where there is no classifier."""
-    if session.preset.data.name != "digits" or session.dataset.labels is None:
+    if not _has_classifier(session):
         return np.full(len(images), -1, dtype=np.int64)
     from ..model.label_classifier import classify, digits_classifier
 
