@@ -509,3 +509,37 @@ def test_a_cached_matrix_is_never_served_for_other_training_data(session, pool, 
     assert "loaded" not in second["pixel"].timing_ms
     assert not np.allclose(first["pixel"].scores[:, 7], second["pixel"].scores[:, 7])
     np.testing.assert_array_equal(first["pixel"].scores[:, :7], second["pixel"].scores[:, :7])
+
+
+# --- group-bench ----------------------------------------------------------------------------------
+
+
+def test_group_bench_refuses_unbuilt_methods_before_any_work_and_says_what_it_times(session, tmp_path, capsys,
+                                                                                      digits_small):
+    """QA 27 #2: on a cache without the method, group-bench printed "0.0 s" timings, drew the pool, then stopped on
+    an AssertionError.  #9: it was silent on stderr for 10-17 s at a time.  #14: a rerun printed the earlier run's
+    draw time as its own."""
+    from engine.bench.groups import run_group_bench
+
+    empty = AttributionSession(session.preset, checkpoint=session.checkpoint, device="cpu",
+                               cache_root=tmp_path / "empty", config=TINY_ATTRIBUTION, dataset=digits_small)
+    with pytest.raises(ValueError, match=r"not built: kfac: run `attribution-engine build .*--methods kfac"):
+        run_group_bench(empty, ["kfac"], pool_size=2, work_dir=tmp_path / "w0", log=lambda s: None)
+    assert not (tmp_path / "w0").exists()
+    with pytest.raises(ValueError, match="pool seed"):
+        run_group_bench(session, ["kfac"], pool_size=2, pool_seed=-1, work_dir=tmp_path / "w0", log=lambda s: None)
+    lines: list[str] = []
+    capsys.readouterr()
+    out = run_group_bench(session, ["kfac", "trak"], pool_size=3, pool_seed=3, work_dir=tmp_path / "w",
+                          single_queries=1, log=lines.append)
+    err = capsys.readouterr().err
+    for part in ("timing the gallery's attribution matrix", "timing the pool's attribution matrix",
+                 "timing a group query", "timing 1 single queries"):
+        assert part in err, err
+    assert out["pool_drawn_in_this_run"] and any(line.startswith("drawing the pool of 3: ") for line in lines)
+    assert set(out["class_check"]["pool"]) == {"kfac", "trak"}
+    lines.clear()
+    again = run_group_bench(session, ["kfac"], pool_size=3, pool_seed=3, work_dir=tmp_path / "w", single_queries=1,
+                            log=lines.append)
+    assert not again["pool_drawn_in_this_run"] and again["pool_draw_seconds"] == out["pool_draw_seconds"]
+    assert any("loaded from" in line and "drawn by an earlier run" in line for line in lines), lines

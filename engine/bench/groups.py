@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ import numpy as np
 
 from ..attribution.groups import group_change, parse_group
 from ..attribution.pool import attribution_matrix, gallery_set, generate_pool
+
+
+def say(text: str) -> None:
+    """What is about to be timed, on stderr (stdout holds the figures)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def class_check(scores: np.ndarray, query_labels: np.ndarray, dataset: Any,
@@ -58,6 +64,15 @@ def run_group_bench(
     The pool is drawn once into ``work_dir/pools`` (its drawing time is recorded with it); its
     matrices are computed cold in this run, in a fresh ``work_dir/cold``.
     """
+    from ..model.diffusion import check_sample_seed
+
+    # refused before any work (QA 27 #2, #10: an unbuilt method printed "0.0 s" timings, drew the pool and then
+    # stopped on an assertion; a bad pool seed after the gallery's matrix)
+    check_sample_seed(pool_seed, pool_size, "pool seed (--pool-seed)")
+    missing = [m for m in methods if not session.method(m).is_built(session.ctx)]
+    if missing:
+        raise ValueError(f"group-bench times built caches; not built: {', '.join(missing)}: run "
+                         f"`{session.build_command(missing)}` first")
     work = Path(work_dir)
     fresh = work / "cold"
     if fresh.exists():
@@ -66,6 +81,8 @@ def run_group_bench(
                                       "pool_size": pool_size, "pool_seed": pool_seed, "methods": methods,
                                       "mc_samples": session.config.mc_samples, "measurement": "loss"}}
     gallery = gallery_set(session)
+    # said on stderr before each timed part (a bar would cost time in the timing; QA 27 #9: silent for 10-17 s)
+    say(f"timing the gallery's attribution matrix ({len(gallery)} queries; {', '.join(methods)}) ...")
     t0 = time.perf_counter()
     gmats = attribution_matrix(session, gallery, "loss", methods)
     out["gallery_matrix_seconds"] = time.perf_counter() - t0
@@ -74,7 +91,12 @@ def run_group_bench(
     pool = generate_pool(session, pool_size, pool_seed, work / "pools", progress=True)
     out["pool_draw_seconds"] = pool.drawn_seconds
     out["pool_drawn_in_this_run"] = pool.seconds > 0
-    log(f"drawing the pool of {pool_size}: {out['pool_draw_seconds']:.1f} s")
+    if out["pool_drawn_in_this_run"]:
+        log(f"drawing the pool of {pool_size}: {out['pool_draw_seconds']:.1f} s")
+    else:  # QA 27 #14: the earlier run's time was printed as this run's
+        log(f"pool of {pool_size} loaded from {work / 'pools'} (drawn by an earlier run in "
+            f"{out['pool_draw_seconds']:.1f} s)")
+    say(f"timing the pool's attribution matrix ({pool_size} queries, computed afresh in {fresh}) ...")
     t0 = time.perf_counter()
     pmats = attribution_matrix(session, pool, "loss", methods, cache_dir=fresh)
     out["pool_matrix_seconds"] = time.perf_counter() - t0
@@ -83,6 +105,7 @@ def run_group_bench(
 
     # a group query over the cached pool: load the matrix from disk, sum the group's columns
     group = parse_group("label:3", session.dataset)
+    say("timing a group query over the cached pool matrix (5 times from disk, 5 in memory) ...")
     cold, warm = [], []
     for _ in range(5):
         t0 = time.perf_counter()
@@ -92,7 +115,9 @@ def run_group_bench(
         t0 = time.perf_counter()
         changes = {n: group_change(r.scores, group) for n, r in mats.items() if r.scores is not None}
         warm.append(time.perf_counter() - t0)
-    assert len(changes) == len(methods)
+    if len(changes) != len(methods):
+        gave = ", ".join(f"{n}: {r.status} ({r.reason})" for n, r in mats.items() if r.scores is None)
+        raise RuntimeError(f"a method gave no scores for the pool: {gave}")
     out["group_query_ms"] = {"from_disk_median": 1e3 * statistics.median(cold),
                              "in_memory_median": 1e3 * statistics.median(warm)}
     log(f"group query over the pool: {out['group_query_ms']['from_disk_median']:.1f} ms from disk, "
@@ -100,6 +125,7 @@ def run_group_bench(
 
     # single queries, same methods, same run: what N separate passes would cost
     singles = []
+    say(f"timing {min(single_queries, len(pool.queries))} single queries ({', '.join(methods)}) ...")
     for q in pool.queries[:single_queries]:
         t0 = time.perf_counter()
         session.query(q, "loss", methods)

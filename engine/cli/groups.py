@@ -355,8 +355,9 @@ def add_group_bench(sub: argparse._SubParsersAction) -> None:
         "group-bench",
         cmd_group_bench,
         help="figures of group attribution: the class check and the cost of a pool of N",
-        description="Draws a pool in a fresh folder and times it, its attribution matrix, a group query over "
-        "it and single queries side by side; counts per method the classes c for which removing label:c "
+        description="Draws a pool into <work-dir>/pools (or loads the one an earlier run drew there) and times "
+        "it, its attribution matrix (computed afresh in <work-dir>/cold), a group query over it and single "
+        "queries side by side; counts per method the classes c for which removing label:c "
         "predicts a larger mean loss increase on samples of class c than on the others. Writes "
         "<results>/groups_<preset>.json.",
     )
