@@ -364,3 +364,14 @@ def test_the_attribution_seed_has_a_flag_that_keys_the_caches(cli):
     assert rc == 2 and "--attribution-seed 7" in err, err  # not built for this seed: the command to build it
     rc, out, err = cli("query", "--query", "train:3", "--methods", "pixel", "--attribution-seed", "-1")
     assert rc == 2 and "attribution.seed (--attribution-seed) must be an integer from 0" in err, err
+
+
+def test_a_pool_is_not_drawn_when_no_method_asked_for_can_score_it(cli, tmp_path):
+    """QA 27 #17: with nothing built, copy-check and reverse drew the whole pool (minutes at pool:256) and then said
+    "not built".  Now that comes first, with the build command; --auto-build still builds after the first pass."""
+    for argv in (("copy-check",), ("reverse", "--train", "3", "--methods", "kfac,trak")):
+        rc, out, err = cli(*argv, "--queries", "pool:2", "--pool-dir", str(tmp_path / "p"), "--attribution-seed", "9")
+        line = err.strip().splitlines()[-1]
+        assert rc == 2 and line.startswith("error: no method asked for can score: kfac: not built"), err
+        assert "attribution-engine build" in line and "--attribution-seed 9" in line and "--auto-build" in line
+        assert not (tmp_path / "p").exists()

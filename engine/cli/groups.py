@@ -64,6 +64,12 @@ def _run_group(args: argparse.Namespace, group_specs: list[str]):
     damping = _damping(args)
     session = open_session(args)
     groups = [parse_group(spec, session.dataset) for spec in group_specs]  # every spec checked before any work
+    if not args.auto_build:  # a pool takes minutes to draw: refused first when no method asked for can score it
+        asked = check_influence_methods(session, methods)
+        unbuilt = {m: session.unbuilt_status(m, {}) for m in asked if not session.method(m).is_built(session.ctx)}
+        if unbuilt and len(unbuilt) == len(asked):  # QA 27 #17: it drew the pool, then said "not built"
+            raise ValueError("no method asked for can score: " + "; ".join(
+                f"{m}: {reason}" for m, (_, reason) in unbuilt.items()) + " (or add --auto-build)")
     pool_dir = _pool_dir(args, session)
     qset = parse_query_set(session, args.queries, pool_dir, args.pool_seed, progress=True)
     cache = pool_dir if qset.name.startswith("pool") else None
