@@ -124,3 +124,19 @@ def test_an_interrupted_command_ends_on_its_interruption_line_not_on_a_bar(capsy
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     assert lines[-1] == "interrupted; rerun the same command to resume (built caches and finished variants are kept)"
     assert any("165/1000" in line for line in lines[:-1])
+
+
+@pytest.mark.parametrize("command", ["group", "reverse", "copy-check", "group-bench"])
+def test_the_pool_commands_say_a_rerun_continues(command, capsys):
+    """QA 27 #16: after Ctrl-C they said only "interrupted", though a drawn pool (and finished matrices) is kept
+    and a rerun uses it."""
+    import argparse
+
+    from engine.cli.common import run_handler
+
+    def handler(args):
+        raise KeyboardInterrupt
+
+    assert run_handler(argparse.Namespace(func=handler, command=command)) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("interrupted; rerun the same command to continue (a drawn pool"), last

@@ -349,6 +349,11 @@ def test_pixel_distance_units_and_a_planted_copy(digits_small):
     # a training set of 40 has 39 other images: the words say what was averaged (they said 50; QA)
     few = copy_check(scores[:, :40], images, train[:40], ["a", "b"])
     assert few[0].neighbours == 39 and "its 39 next-closest training images" in explain(few[0])
+    # next to the threshold the ratio gets a third decimal: 0.4992 (flagged) and 0.5046 (not) both read 0.50 (QA 27)
+    near = [dataclasses.replace(rows[0], relative_distance=v, near_copy=v < NEAR_COPY_RATIO) for v in (0.4992, 0.5046)]
+    assert "0.499 times" in explain(near[0]) and "flagged as a possible" in explain(near[0])
+    assert "0.505 times" in explain(near[1]) and "not flagged" in explain(near[1])
+    assert "0.31 times" in explain(dataclasses.replace(rows[0], relative_distance=0.3123))
 
 
 # --- group retraining check -------------------------------------------------------------------------

@@ -170,12 +170,18 @@ def training_flag_rate(train: torch.Tensor) -> float:
     return float(np.mean(rel < NEAR_COPY_RATIO))
 
 
+def _ratio(value: float) -> str:
+    """Two decimals, three within 0.01 of the flagging threshold: 0.4992 (flagged) and 0.5046 (not) both read
+    "0.50" (QA 27 #15)."""
+    return f"{value:.3f}" if abs(value - NEAR_COPY_RATIO) < 0.01 else f"{value:.2f}"
+
+
 def explain(row: CopyRow) -> str:
     """The row in plain words, for a non-specialist."""
     what = f"Sample {row.query}" + (f" (looks like a {row.label})" if row.label is not None else "")
     closeness = (
         f"its closest training image is #{row.nearest}, at a pixel distance of {row.nearest_distance:.3f} "
-        f"(0 = identical, 1 = opposite), {row.relative_distance:.2f} times the typical distance to its "
+        f"(0 = identical, 1 = opposite), {_ratio(row.relative_distance)} times the typical distance to its "
         f"{row.neighbours} next-closest training images"
     )
     verdict = (

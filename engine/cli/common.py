@@ -153,6 +153,11 @@ INTERRUPTED = {  # how a command ended by a signal says so, and whether rerunnin
     "train": "rerun the same command to resume from the last checkpoint",
     "precompute": "rerun the same command to resume (the samples scored so far are kept)",
     "lds-ablation": "rerun the same command to resume (built caches and finished variants are kept)",
+    # a drawn pool and each method's finished score matrix are saved (QA 27 #16)
+    "group": "rerun the same command to continue (a drawn pool and its finished score matrices are kept)",
+    "reverse": "rerun the same command to continue (a drawn pool and its finished score matrices are kept)",
+    "copy-check": "rerun the same command to continue (a drawn pool and its finished score matrices are kept)",
+    "group-bench": "rerun the same command to continue (a drawn pool is kept; the matrices are timed afresh)",
 }
 
 
