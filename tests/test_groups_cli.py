@@ -375,3 +375,17 @@ def test_a_pool_is_not_drawn_when_no_method_asked_for_can_score_it(cli, tmp_path
         assert rc == 2 and line.startswith("error: no method asked for can score: kfac: not built"), err
         assert "attribution-engine build" in line and "--attribution-seed 9" in line and "--auto-build" in line
         assert not (tmp_path / "p").exists()
+
+
+def test_copy_check_help_offers_only_its_own_method_option(capsys):
+    """QA 27 #12: copy-check's help listed group's --methods, which copy-check refuses (it takes one --method);
+    the measurement list of the three commands lacked elbo-exact, which they accept."""
+    from engine.cli.parser import build_parser
+
+    parser = build_parser()
+    for command, has_methods in (("copy-check", False), ("reverse", True), ("group", True)):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        text = capsys.readouterr().out
+        assert ("--methods" in text) == has_methods, command
+        assert "elbo-exact" in text, command

@@ -21,7 +21,9 @@ from .common import at_least, fail, register, subcommand
 QUERIES_HELP = "gallery (the checkpoint's 32 samples) | pool:N (N samples drawn once, then cached), default gallery"
 
 
-def _add_query_set_options(p: argparse.ArgumentParser) -> None:
+def _add_query_set_options(p: argparse.ArgumentParser, methods: bool = True) -> None:
+    """The query set, measurement, methods and damping options of group, reverse and copy-check; ``methods=False``
+    keeps ``--methods`` out of the help (copy-check takes one ``--method``, and refuses ``--methods`` in words)."""
     p.add_argument("--queries", default="gallery", help=QUERIES_HELP)
     p.add_argument("--pool-seed", type=int, default=0, help="seed of a generated pool (default 0)")
     p.add_argument(
@@ -32,9 +34,11 @@ def _add_query_set_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--measurement",
         default="loss",
-        help="loss | loss@t=NNN | elbo | square-norm | trajectory (gallery only) (default loss)",
+        help="loss | loss@t=NNN (paper's 1-based t) | elbo | elbo-exact | square-norm | trajectory (gallery only) "
+        "(default loss)",
     )
-    p.add_argument("--methods", default=None, help="influence methods, comma list (default: every influence method)")
+    p.add_argument("--methods", default=None, help="influence methods, comma list (default: every influence method)"
+                   if methods else argparse.SUPPRESS)
     p.add_argument(
         "--damping", action="append", default=None, metavar="NAME=VALUE",
         help="damping of one influence method, e.g. kfac=1e-6 (repeatable; default: the preset's)",
@@ -236,7 +240,7 @@ def add_copy_check(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--method", default="kfac", help="influence method for the concentration (default kfac)")
     p.add_argument("--top-k", type=int, default=10, help="samples to list, most copy-like first (default 10)")
-    _add_query_set_options(p)
+    _add_query_set_options(p, methods=False)
 
 
 def cmd_copy_check(args: argparse.Namespace) -> int:
