@@ -262,12 +262,12 @@ def _classify(session: Any, images: torch.Tensor) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
-def parse_query_set(session: Any, spec: str, pool_dir: str | Path | None = None, seed: int = 0,
-                    progress: bool | Progress = True) -> QuerySet:
-    """``gallery`` | ``pool:N`` -> QuerySet (a pool is drawn on first use, then cached)."""
+def pool_size_of(spec: str, seed: int = 0) -> int | None:
+    """The N of ``pool:N`` (its seed checked too), None for ``gallery``; PoolError for anything else.  Nothing is
+    drawn: a caller checks the set before slower checks and work."""
     text = (spec or "").strip().lower()
     if text == "gallery":
-        return gallery_set(session)
+        return None
     kind, sep, arg = text.partition(":")
     if kind == "pool" and sep:
         try:
@@ -276,8 +276,16 @@ def parse_query_set(session: Any, spec: str, pool_dir: str | Path | None = None,
             raise PoolError(f"bad pool size {arg!r} in {spec!r}: expected pool:N, e.g. pool:256") from None
         if not 1 <= n <= 100_000:
             raise PoolError(f"pool size must be in 1..100000, got {n}")
-        return generate_pool(session, n, seed, pool_dir, progress)
+        check_sample_seed(seed, n, "pool seed (--pool-seed)")
+        return n
     raise PoolError(f"bad query set {spec!r}: expected gallery or pool:N (e.g. pool:256)")
+
+
+def parse_query_set(session: Any, spec: str, pool_dir: str | Path | None = None, seed: int = 0,
+                    progress: bool | Progress = True) -> QuerySet:
+    """``gallery`` | ``pool:N`` -> QuerySet (a pool is drawn on first use, then cached)."""
+    n = pool_size_of(spec, seed)
+    return gallery_set(session) if n is None else generate_pool(session, n, seed, pool_dir, progress)
 
 
 # --- batched query gradients -------------------------------------------------------------

@@ -61,14 +61,16 @@ def _run_group(args: argparse.Namespace, group_specs: list[str]):
     once (shared by group and reverse): a further group costs one sum over the matrix's columns."""
     from ..attribution.group_attribution import check_influence_methods, group_attribution
     from ..attribution.groups import parse_group
-    from ..attribution.pool import parse_query_set
+    from ..attribution.pool import parse_query_set, pool_size_of
     from ..attribution.terminal_progress import terminal_progress
 
     methods = parse_methods(args.methods)
     damping = _damping(args)
     session = open_session(args)
     groups = [parse_group(spec, session.dataset) for spec in group_specs]  # every spec checked before any work
-    if not args.auto_build:  # a pool takes minutes to draw: refused first when no method asked for can score it
+    # a pool takes minutes to draw: refused first (its spec and seed checked before) when no method asked for can
+    # score it
+    if pool_size_of(args.queries, args.pool_seed) is not None and not args.auto_build:
         asked = check_influence_methods(session, methods)
         unbuilt = {m: session.unbuilt_status(m, {}) for m in asked if not session.method(m).is_built(session.ctx)}
         if unbuilt and len(unbuilt) == len(asked):  # QA 27 #17: it drew the pool, then said "not built"
