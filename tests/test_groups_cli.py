@@ -389,3 +389,17 @@ def test_copy_check_help_offers_only_its_own_method_option(capsys):
         text = capsys.readouterr().out
         assert ("--methods" in text) == has_methods, command
         assert "elbo-exact" in "".join(text.split()), command  # argparse may wrap it after the hyphen
+
+
+def test_the_true_measurements_draws_have_a_name_of_their_own():
+    """QA 27 #13: ``--mc-samples`` is the attribution's M in build, query and the group commands, but the draws of
+    each TRUE measurement in lds, retrain-top and lds-ablation.  These take ``--true-mc-samples`` (group-retrain's
+    name); ``--mc-samples`` stays an alias there, so existing commands keep their meaning."""
+    from engine.cli.parser import build_parser
+
+    parser = build_parser()
+    for command, extra in (("lds", []), ("retrain-top", ["--query", "gallery:0"]), ("lds-ablation", ["--run", "r"])):
+        for flag in ("--true-mc-samples", "--mc-samples"):
+            args = parser.parse_args([command, *extra, flag, "8"])
+            assert args.mc_samples == 8, (command, flag)
+        assert "--true-mc-samples" in parser._subparsers._group_actions[0].choices[command].format_help()

@@ -50,7 +50,9 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--methods", default=None, help="comma list of methods (default: all)")
     p.add_argument(
-        "--mc-samples", type=at_least(1), default=None, help="MC draws per true measurement (default 1024; quick 64)"
+        "--true-mc-samples", "--mc-samples", dest="mc_samples", type=at_least(1), default=None,
+        help="Monte Carlo draws per TRUE measurement of each retrained model (default 1024; quick 64); not the "
+        "attribution's M, which is --attribution-mc (QA 27: --mc-samples means M in build and query)"
     )
     p.add_argument("--no-sweep", action="store_true", help="skip the damping sweeps")
     p.add_argument("--workers", type=at_least(1), default=1, help="parallel training processes (default 1)")
@@ -122,7 +124,9 @@ def add_retrain_top(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=None, help="comma list of methods (default: every available one)")
     p.add_argument("--measurement", default="loss", help="measurement (default loss)")
     p.add_argument(
-        "--mc-samples", type=at_least(1), default=1024, help="MC draws per true measurement (default 1024)"
+        "--true-mc-samples", "--mc-samples", dest="mc_samples", type=at_least(1), default=1024,
+        help="Monte Carlo draws per TRUE measurement of each retrained model (default 1024); not the attribution's "
+        "M, which is the preset's here"
     )
     p.add_argument("--workers", type=at_least(1), default=1, help="parallel training processes (default 1)")
     p.add_argument("--steps", type=at_least(1), default=None, help="training steps (default: the full model's)")

@@ -37,7 +37,9 @@ def add_lds_ablation(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=1, help="the run's seeds (default 1)")
     p.add_argument("--fraction", type=float, default=0.5, help="the run's subset fraction (default 0.5)")
     p.add_argument("--queries", type=at_least(1), default=32, help="the run's queries to score (default 32)")
-    p.add_argument("--mc-samples", type=at_least(1), default=1024, help="MC draws per true measurement")
+    p.add_argument("--true-mc-samples", "--mc-samples", dest="mc_samples", type=at_least(1), default=1024,
+                   help="Monte Carlo draws per TRUE measurement of the run's models (default 1024); not the "
+                   "attribution's M, which each ablation sets")
     p.add_argument("--measurement", default="loss", help="measurement (default loss)")
     p.add_argument("--build-only", action="store_true", help="only build the variants' caches")
 
