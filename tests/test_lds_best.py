@@ -189,3 +189,19 @@ def test_held_out_choice_holds_out_the_damping_when_every_sweep_point_keeps_per_
     s = best_settings({**run, "sweeps": {}}, [abl])
     assert s["damping_held_out"] is True and s["methods"]["trak"]["candidates"] == 4  # run default, variant x3
     assert s["methods"]["trak"]["held_out_choice"] == pytest.approx(0.0)
+
+
+def test_dry_run_prints_the_table_and_leaves_the_file(tmp_path, capsys):
+    """QA 27 #21: every run rewrote best_settings in the results file, by default the shipped one, also for a
+    subset of the ablations; ``--dry-run`` prints the same table and writes nothing."""
+    run, abl, _, _ = _records()
+    (tmp_path / "lds_digits_loss.json").write_text(json.dumps(run))
+    (tmp_path / "lds_digits_ablation_trak_dim.json").write_text(json.dumps(abl))
+    before = (tmp_path / "lds_digits_loss.json").read_bytes()
+    assert main(["lds-best", "--results", str(tmp_path), "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert (tmp_path / "lds_digits_loss.json").read_bytes() == before and "left as it was" in dry
+    assert main(["lds-best", "--results", str(tmp_path)]) == 0
+    wrote = capsys.readouterr().out
+    assert (tmp_path / "lds_digits_loss.json").read_bytes() != before and "wrote best_settings" in wrote
+    assert dry.split("--dry-run:")[0] == wrote.split("wrote best_settings")[0]  # the same table

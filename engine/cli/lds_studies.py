@@ -90,6 +90,8 @@ def add_lds_best(sub: argparse._SubParsersAction) -> None:
                    help="preset name in the result files' names, or a preset .json file (its name) (default digits)")
     p.add_argument("--measurement", default="loss", help="measurement (default loss)")
     p.add_argument("--ablations", default=None, help="comma list (default: every ablation file of the preset)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the table without writing best_settings (the default --results is the shipped one)")
     p.set_defaults(func=cmd_lds_best)
 
 
@@ -101,13 +103,14 @@ def cmd_lds_best(args: argparse.Namespace) -> int:
     # a .json preset as every other --preset takes it (its name is in the file names); any other text is a
     # name as it is: result files of a preset not shipped here are still read by that name
     preset = get_preset(args.preset).name if args.preset.endswith(".json") else args.preset
-    path, summary, notes = update_best_settings(Path(args.results), preset, args.measurement, names)
+    path, summary, notes = update_best_settings(Path(args.results), preset, args.measurement, names,
+                                                write=not args.dry_run)
     for note in notes:
         print(note)
     print(table(summary))
     for what in summary["skipped"]:
         print(f"left out of the comparison: {what}")
-    print(f"wrote best_settings into {path}")
+    print(f"--dry-run: {path} left as it was" if args.dry_run else f"wrote best_settings into {path}")
     return 0
 
 

@@ -226,13 +226,15 @@ def table(summary: dict[str, Any]) -> str:
 
 def update_best_settings(
     results: Path, preset: str = "digits", measurement: str = "loss", ablations: list[str] | None = None,
+    write: bool = True,
 ) -> tuple[Path, dict[str, Any], list[str]]:
     """Write ``best_settings`` into ``<results>/lds_<preset>_<measurement>.json`` from the run and its ablations.
 
     ``ablations``: their names (default: every ``lds_<preset>_ablation_*.json`` there).  An ablation of
     another measurement is left out; one on other seeds, queries or subsets is skipped with the reason
     (its LDS is not comparable).  Returns (the file, the summary, the skip notes); FileNotFoundError
-    when the run or a named ablation has no results."""
+    when the run or a named ablation has no results.  ``write=False``: the same summary, the file left as it is
+    (``lds-best --dry-run``: a subset of the ablations would otherwise overwrite the shipped best settings)."""
     folder = Path(results)
     path = folder / f"lds_{preset}_{measurement.replace('@', '_').replace('=', '')}.json"
     if not path.is_file():
@@ -259,6 +261,7 @@ def update_best_settings(
         records.append(rec)
     summary = best_settings(run, records)
     summary["ablation_files"] = [f"lds_{preset}_ablation_{r['ablation']}.json" for r in records]
-    run["best_settings"] = summary
-    save_json(path, run)
+    if write:
+        run["best_settings"] = summary
+        save_json(path, run)
     return path, summary, notes
