@@ -525,7 +525,7 @@ def _show_result(handle: Handle, key: tuple, job: Any, info: dict) -> None:
         shown = removed[:24]
         st.markdown(f"**Removed training images** ({len(removed)}; the first {len(shown)} by score)")
         st.image(
-            [display(ds.images[i], 48) for i in shown],
+            [display(ds.images[i], 64) for i in shown],
             caption=[f"#{i}" + (f" · {ds.label_name(i)}" if ds.labels is not None else "") for i in shown],
-            width=48,
+            width=64,  # 48 wrapped a caption such as "#1090 · 3" onto two lines
         )
