@@ -493,8 +493,12 @@ def timings(handle: Handle, result: QueryResult, s: Settings) -> None:
                 "between them; prepare = rotate/project/embed the query; score = one pass over all "
                 "training images at the chosen damping)")
     st.dataframe(pd.DataFrame(rows), hide_index=True)
+    times = dict(result.timing_ms)
+    again = times.pop("rescore", None)
     st.caption(
-        "This query: " + ", ".join(f"{k} {v:.1f} ms" for k, v in result.timing_ms.items())
+        ("This query's first answer: " if again is not None else "This query: ")
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items())
+        + (f"; re-scored at these dampings in {again:.1f} ms (the gradients kept)" if again is not None else "")
         + f" · measurement `{result.measurement}` · {result.query.get('mc_samples', s.mc_samples)} Monte Carlo draws"
         + (" (the training gradients' own draws: common random numbers)" if handle.session.config.query_draws == "bank" else "")
     )

@@ -204,6 +204,9 @@ def test_rescore_changes_damping_without_gradients(session, monkeypatch):
         assert not np.allclose(new.methods[name].scores, res.methods[name].scores)
         assert "score" in new.methods[name].timing_ms
     np.testing.assert_array_equal(new.methods["pixel"].scores, res.methods["pixel"].scores)
+    # the first answer's times are kept, and the re-scoring's is a time, not a flag (QA 28 #1: "rescore 1.0 ms")
+    assert {k: v for k, v in new.timing_ms.items() if k != "rescore"} == res.timing_ms
+    assert 0.0 < new.timing_ms["rescore"] < 60_000.0 and new.timing_ms["rescore"] != 1.0
     back = session.rescore(new, {"kfac": res.methods["kfac"].damping, "trak": res.methods["trak"].damping})
     for name in ("kfac", "trak"):
         np.testing.assert_allclose(back.methods[name].scores, res.methods[name].scores, rtol=1e-5, atol=1e-12)
