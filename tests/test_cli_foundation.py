@@ -145,14 +145,17 @@ def test_bench_foundation_prints_figures(tmp_path, capsys, monkeypatch):
     import json
 
     import engine.bench.memory as memory
+    import engine.cli.common
     import engine.config
 
     # keep CI fast: the bench code path runs with a few steps, one sample and a 20-step schedule
     monkeypatch.setattr(memory, "peak_rss_mib", lambda: 123.0)
     digits = engine.config.PRESETS["digits"]
     monkeypatch.setitem(engine.config.PRESETS, "digits", digits.replace(diffusion={"num_timesteps": 20}))
+    # random weights: the default checkpoint absent (a --checkpoint given by name must exist: QA 27 #11)
+    monkeypatch.setattr(engine.cli.common, "default_checkpoint", lambda name: tmp_path / "none")
     rc = main(["bench-foundation", "--steps", "3", "--warmup", "1", "--samples", "1", "--threads", "1",
-               "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "b.json")])
+               "--out", str(tmp_path / "b.json")])
     assert rc == 0
     out, err = capsys.readouterr()
     # what is being timed, said before it runs (QA 25 #11), on stderr

@@ -19,10 +19,11 @@ def add_bench_foundation(sub: argparse._SubParsersAction) -> None:
         sub,
         "bench-foundation",
         cmd_bench_foundation,
-        help="time training and sampling of the digits preset; print preset sizes",
-        description="Parameters of each preset, training steps/s for the digits preset (median "
-        "per-step time of a short run after a warm-up), seconds to draw digits samples with all "
-        "T steps (shipped checkpoint if present, else random weights), and peak RSS memory.",
+        help="time training and sampling of one preset (default digits); print preset sizes",
+        description="Parameters of each preset, training steps/s for --preset (default digits; median "
+        "per-step time of a short run after a warm-up), seconds to draw its samples with all "
+        "T steps (its checkpoint: --checkpoint, else the shipped one if present, else random weights), "
+        "and peak RSS memory.",
     )
     p.add_argument("--steps", type=at_least(1), default=100, help="timed training steps (default 100)")
     # at least 1: a step is timed from the end of the step before, so with no warm-up the first timed step had no
@@ -44,9 +45,13 @@ def cmd_bench_foundation(args: argparse.Namespace) -> int:
             check_output_file(Path(args.out), "--out")
     except ValueError as e:
         return fail(e)
-    _, ckpt, device = resolve(args)
-    bench_foundation(
-        ckpt, device, steps=args.steps, warmup=args.warmup, samples=args.samples, threads=args.threads,
-        json_out=Path(args.out) if args.out else None,
-    )
+    preset, ckpt, device = resolve(args)
+    try:
+        bench_foundation(
+            ckpt, device, steps=args.steps, warmup=args.warmup, samples=args.samples, threads=args.threads,
+            json_out=Path(args.out) if args.out else None, preset=preset,
+            checkpoint_required=args.checkpoint is not None,  # a checkpoint asked for by name must load
+        )
+    except ValueError as e:  # a checkpoint that does not load or is another preset's (before any timing)
+        return fail(e)
     return 0
