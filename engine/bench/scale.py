@@ -9,7 +9,8 @@ CIFAR-preset U-Net (35.7M parameters):
   compressed ones from the hooks (``projected_grads``, the compressed bank);
 * bytes per example of each bank kind (stored int8, compressed int8, streamed: none);
 * the compressed bank's build time and peak memory at the measured sizes N (``--sizes``);
-* a query: the scan (one damping; and the 49-damping grid of the first pass) over int8 banks
+* a query: the scan (one damping; and the first pass's damping grid, its 49 points and the chosen
+  damping) over int8 banks
   of N rows (``--scan-sizes``; the rows are random int8, since a scan's cost depends only on
   the bytes), plus exact re-ranking of 2C candidates (fresh gradients, timed on a few and
   scaled by 2C);
@@ -19,6 +20,9 @@ CIFAR-preset U-Net (35.7M parameters):
 Everything runs on the device given (CPU here).  Timings are medians of repeats taken in
 the same run.  Peak memory is the process's peak resident set (``ru_maxrss``) after each
 phase, plus CUDA's peak allocation on a GPU.
+
+Results go to stdout, a line per part once it is measured; what is about to run goes to stderr before it
+runs (QA 27 #9: 25 s passed with nothing shown).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +54,11 @@ SYNTHETIC_NOTE = (
     "SYNTHETIC images (uniform noise in [-1, 1], 3x32x32) and a randomly initialised CIFAR-preset U-Net: "
     "no CIFAR data on this machine; gradient, build and scan timings do not depend on image content"
 )
+
+
+def _say(text: str) -> None:
+    """What is about to run, on stderr, before it runs (as bench-foundation: a bar would cost time in the timing)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def _peak_rss_mb() -> float:
@@ -138,8 +149,14 @@ def directional_derivatives(model: torch.nn.Module, diffusion: Diffusion, images
             return functional_call(model, dict(zip(names, ps, strict=True)), (xt, tt))
         return diffusion.per_sample_loss(net, x, t, eps)  # type: ignore[arg-type]
 
-    _, dots = jvp(losses, prims, tangent)
-    return dots.reshape(images.shape[0], -1).mean(1)
+    with warnings.catch_warnings():
+        # torch.func's first jvp imports torch._decomp.decompositions_for_jvp, which applies torch.jit.script at
+        # import: torch's deprecation notice for it reached bench-scale's stderr (QA 27 #19; as curvature.py's)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        _, dots = jvp(losses, prims, tangent)
+    # detached: the parameters that are not influence parameters (norms) still require grad, so the dots did,
+    # and float() of them made torch warn (QA 27 #19)
+    return dots.detach().reshape(images.shape[0], -1).mean(1)
 
 
 def run_bench_scale(
@@ -155,12 +172,19 @@ def run_bench_scale(
     log: Callable[[str], None] = print,
     grad_batch: int = 2,
     jvp_batch: int = 2,
+    say: Callable[[str], None] = _say,
 ) -> dict[str, Any]:
     """The figures described in the module docstring, as one JSON-able dict.
 
     ``grad_batch``: examples per per-example-gradient call (2 on a CPU; a GPU needs tens to be busy).
+    ``log``: the results; ``say``: what is about to run (stderr).
     """
+    if min(grad_batch, jvp_batch, mc) < 1 or factor_rows < 0 or not sizes or not scan_sizes or min(sizes) < 1 \
+            or min(scan_sizes) < 1:
+        raise ValueError("bench-scale: sizes, batches and M must be at least 1, factor rows at least 0")
     dev = torch.device(device)
+    say(f"building the CIFAR-preset U-Net on {dev} and {max(max(sizes), factor_rows, grad_batch, jvp_batch, 2)} "
+        "synthetic images ...")
     tf32 = configure_float32(dev)  # the attribution session's float32 policy (engine.precision)
     torch.manual_seed(seed)
     preset = PRESETS["cifar10"]
@@ -177,6 +201,7 @@ def run_bench_scale(
 
     factor_row_s = None
     if factor_rows > 0:
+        say(f"timing the K-FAC factor pass on {factor_rows} rows x {mc} draws ...")
         t0 = time.perf_counter()
         factors = compute_kfac(model, diffusion, images[:factor_rows], draws, params, batch_size=factor_rows)
         factor_row_s = (time.perf_counter() - t0) / (factor_rows * mc)
@@ -184,11 +209,14 @@ def run_bench_scale(
         factors = identity_factors(model, params)
     comp = compress_factors(factors, projection, ratio, seed=seed)
     bytes_stored, bytes_comp = bank_bytes(factors.blocks), bank_bytes(comp.blocks)
-    log(f"K-FAC factors: {factor_row_s} s per (example, draw) row; bank bytes per example: "
+    factor_text = ("factor pass not timed (--factor-rows 0)" if factor_row_s is None else
+                   f"{factor_row_s:.3g} s per (example, draw) row")
+    log(f"K-FAC factors: {factor_text}; bank bytes per example: "
         f"stored {bytes_stored / 1e6:.1f} MB, compressed {bytes_comp / 1e3:.1f} KB ({bytes_stored / bytes_comp:.0f}x)")
     mem: dict[str, float] = {"after_factors_rss_mb": _peak_rss_mb()}
 
     b = min(grad_batch, n_img)
+    say(f"timing per-example gradients, full and compressed (hooks), at batch {b} (2 repeats each) ...")
     full_s, _ = _timed(lambda: per_example_grads(model, diffusion, images[:b], draws, "loss", params), 2)
     mem["after_full_grads_rss_mb"] = _peak_rss_mb()
     proj_s, _ = _timed(lambda: projected_grads(model, diffusion, images[:b], draws, params, comp.projections,
@@ -198,6 +226,7 @@ def run_bench_scale(
     log(f"per-example gradients: full {throughput['full_rows_per_s']:.2f} rows/s, "
         f"compressed (hooks) {throughput['projected_rows_per_s']:.2f} rows/s")
 
+    say("counting one row's FLOPs ...")
     flops_row = _flops_per_row(model, diffusion, images[:1], draws.head(1))
     log(f"one (example, draw) row: {flops_row / 1e9:.1f} GFLOP forward + backward (torch's flop counter)")
 
@@ -207,6 +236,7 @@ def run_bench_scale(
     jvp: dict[str, Any] = {"batch": jvp_batch}
     try:
         jb = min(jvp_batch, n_img)
+        say(f"timing forward-mode directional derivatives at batch {jb}, then checking them ...")
         jvp_s, _ = _timed(lambda: directional_derivatives(model, diffusion, images[:jb], draws, params, tangent), 2)
         jvp["rows_per_s"] = jb * mc / jvp_s
         k = min(2, n_img)
@@ -222,6 +252,7 @@ def run_bench_scale(
 
     builds = []
     for n in sizes:
+        say(f"timing the compressed bank's build at N={n}, then its scans ...")
         t0 = time.perf_counter()
         bank = build_compressed_bank(model, diffusion, images[:n], draws, comp, params, grad_batch=b, device=dev)
         _sync()
@@ -235,6 +266,7 @@ def run_bench_scale(
     p_comp = sum(blk.size for blk in comp.blocks)
     scans = []
     for n in scan_sizes:
+        say(f"timing the compressed scan of N={n} random int8 rows (one damping, then the grid) ...")
         bank = _random_bank(comp.blocks, n, dev, seed)
         s = _scan(bank, p_comp, dev, 3)
         scans.append({"n": n, "kind": "compressed", "bank_mb": bank.nbytes / 2**20, **s})
@@ -242,6 +274,7 @@ def run_bench_scale(
             f"grid {s['scan_grid_s'] * 1e3:.1f} ms")
         del bank
     n_stored = max(1, min(4, min(sizes)))
+    say(f"timing the stored bank's scan of N={n_stored} rows (one damping) ...")
     bank = _random_bank(factors.blocks, n_stored, dev, seed)
     # one damping only: the grid's 50 x P float32 queries (7 GB here) exceed kfac_influence.GRID_MAX_BYTES,
     # so a stored bank of this model is scored one damping per pass
@@ -253,10 +286,12 @@ def run_bench_scale(
     # re-ranking 2C > G candidates (engine.attribution.compressed_bank.rerank_scores): G damped queries rotated
     # back once, then one fresh full gradient and one dot product per candidate
     q = torch.randn(p, device=dev)
+    say("timing one query's rotation back (re-ranking) ...")
     unrotate_s, _ = _timed(lambda: factors.unrotate(q), 2)
     mem["after_rerank_rss_mb"] = _peak_rss_mb()
     grid_size = len(DAMPING_GRID) + 1
-    log(f"re-rank: one query rotation back {unrotate_s:.2f} s (x {grid_size} dampings once per query), "
+    log(f"re-rank: one query rotation back {unrotate_s:.2f} s (x {grid_size} dampings, once per query: the "
+        f"{len(DAMPING_GRID)} grid points and the chosen damping), "
         f"then {1 / throughput['full_rows_per_s']:.1f} s per candidate and draw (fresh gradient)")
 
     comp_scans = [x for x in scans if x["kind"] == "compressed"]
