@@ -12,12 +12,14 @@ For each projection kind (eigen, gaussian) and target ratio (8, 32, 128 by defau
   stored bank, which is what re-ranking computes from fresh gradients (tests/test_compressed_bank.py
   checks the equality; here it spares 32 x 6 re-rank passes on a shared 2-core machine);
 * ``query_ms``: median time of the compressed query's first pass (project + rotate the query
-  gradient, score the 49-damping grid), without re-ranking; the full bank's is timed in the
+  gradient, score the damping grid: its 49 points and the chosen damping), without re-ranking; the full bank's is timed in the
   same run, and the re-ranking cost is timed separately (``config.rerank``);
-* ``bank_mb``, ``build_s``: the bank's size, and its build time from the hooks
+* ``bank_mib``, ``build_s``: the bank's size in MiB (2**20 bytes), and its build time from the hooks
   (``projected_grads``) timed on ``build_examples`` examples and scaled to N (the banks used
   for the scores are derived from the stored bank, ``compress_stored_bank``: equal up to the
   stored bank's int8 rounding, and no gradient pass).
+
+Results go to stdout (one JSON line per variant); what is about to run, and notes, to stderr (QA 27 #9).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +70,58 @@ def _reranked(approx: np.ndarray, exact: np.ndarray, idx: np.ndarray) -> tuple[n
     return out, low
 
 
+def _say(text: str) -> None:
+    """What is about to run, on stderr, before it runs (as bench-foundation: a bar would cost time in the timing)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def machine(device: Any) -> dict[str, Any]:
+    """The machine the timings were taken on, as bench-scale records it (QA 27 #8: a fixed string said
+    "shared 2-core CPU under heavy load" on every machine)."""
+    import torch
+
+    out: dict[str, Any] = {"device": str(device), "cpu": platform.processor() or platform.machine(),
+                           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return out
+
+
+def check_lds_run(session: Any, run: Path, flag: str = "LDS run") -> tuple[int, int]:
+    """Refuse an LDS run folder that the benchmark could not score against, before any work (QA 27 #6, #7: a
+    missing folder gave a stdout note and a null LDS; a run of 4 queries failed with a tensor-shape error
+    after the whole benchmark): ValueError naming ``flag``, the folder and what differs.  Returns (subset
+    models trained, subsets)."""
+    from ..evaluation.lds import bind_run_to_checkpoint, model_folder
+    from ..evaluation.runs import is_finished
+
+    run = Path(run)
+    if not run.exists():
+        raise ValueError(f"{flag} {run} does not exist")
+    if not run.is_dir():
+        raise ValueError(f"{flag} {run} is not a folder")
+    if not (run / "subsets.npz").is_file():
+        raise ValueError(f"{flag} {run} holds no subsets.npz: not an LDS run folder (attribution-engine lds --out RUN)")
+    bind_run_to_checkpoint(run, session.checkpoint, record=False)  # another model's run is refused
+    gallery = session.gallery()
+    saved = run / "queries.pt"
+    if saved.is_file():
+        import torch
+
+        ref = load_queries_file(saved)["images"]
+        q = torch.stack([torch.as_tensor(it.image) for it in gallery])
+        if len(ref) < len(q):
+            raise ValueError(f"{flag} {run} measured {len(ref)} queries, not the {len(q)} gallery images this "
+                             "benchmark scores: give a run made on the gallery's queries")
+        same = [bool(torch.allclose(ref[i].to(q.dtype), q[i])) for i in range(len(q))]
+        if not all(same):
+            raise ValueError(f"{flag} {run}: its queries are not the {len(q)} gallery images (query "
+                             f"{same.index(False)} differs{f', {same.count(False)} in all' if same.count(False) > 1 else ''})")
+    with load_npz(run / "subsets.npz") as z:
+        k = int((z["masks"] if "masks" in z.files else z[z.files[0]]).shape[0])
+    return sum(is_finished(model_folder(run, i, 0)) for i in range(k)), k
+
+
 def run_compressed_digits(
     session: Any,
     ratios: tuple[float, ...] = (8.0, 32.0, 128.0),
@@ -79,19 +135,26 @@ def run_compressed_digits(
     lds_run: Path | None = None,
     lds_partial: bool = False,
     log: Callable[[str], None] = print,
+    say: Callable[[str], None] = _say,
 ) -> dict[str, Any]:
     """The ``compressed_digits.json`` record for a session whose K-FAC bank is stored and built.
 
     ``lds_partial``: score the LDS on the subset models trained so far (a preliminary figure, the
-    full bank's LDS then taken on the same subsets) instead of waiting for all of them."""
+    full bank's LDS then taken on the same subsets) instead of waiting for all of them.
+    ``log``: the results (a line per variant); ``say``: what is about to run, and notes (stderr)."""
     from ..model.measurements import parse_measurement
 
-    if lds_run is not None:  # another model's LDS run is refused before the builds, not scored against
-        from ..evaluation.lds import bind_run_to_checkpoint
-
-        bind_run_to_checkpoint(Path(lds_run), session.checkpoint, record=False)
+    lds_note = "null: see the report for the command once the K=32 LDS subset models exist"
+    if lds_run is not None:  # a missing, foreign or other-query run is refused before the work, not after it
+        done, k = check_lds_run(session, Path(lds_run))
+        if done < (3 if lds_partial else k):  # said now, not after the benchmark; no LDS phase then
+            say(f"warning: only {done} of {k} subset models in {lds_run} are trained: the LDS will be left null"
+                + ("" if lds_partial else " (--lds-partial scores the ones trained so far, at least 3)"))
+            lds_note = f"null: only {done} of {k} subset models of {lds_run} were trained"
+            lds_run = None
     kfac = session.method("kfac")
     ctx = session.ctx
+    say("loading the stored K-FAC bank ...")
     kfac.build(ctx)
     lam = kfac.default_damping if damping is None else float(damping)
     meas = parse_measurement("loss", session.diffusion.T)
@@ -101,8 +164,11 @@ def run_compressed_digits(
     split = CandidateSplit(adaptive=session.config.kfac_rerank_split == "adaptive")  # the product's
     log(f"{len(gallery)} gallery queries, N={n}, M={len(ctx.train_draws)}, damping {lam:g}, "
         f"candidate split {session.config.kfac_rerank_split}")
+    say(f"computing the {len(gallery)} gallery queries' gradients (M={len(draws)} draws each, not timed) ...")
     grads = [session.query_gradient(meas, item_query(item), draws) for item in gallery]
 
+    say(f"timing the full stored bank's first pass on {min(timed_queries, len(grads))} queries, and scoring "
+        f"all {len(grads)} ...")
     full_scores, full_ms = [], []
     for i, g in enumerate(grads):
         t0 = time.perf_counter()
@@ -112,13 +178,15 @@ def run_compressed_digits(
         full_scores.append(kfac.score(prep, lam))
         if i < timed_queries:
             full_ms.append((time.perf_counter() - t0) * 1000.0)
-    full_mb = kfac.bank.nbytes / 2**20
+    full_mib = kfac.bank.nbytes / 2**20
 
     variants, extras = [], {}
     product_scores: dict[str, list[np.ndarray]] = {"full": full_scores}
     rerank_info: dict[str, Any] = {}
     for kind in kinds:
         for ratio in ratios:
+            say(f"{kind} {ratio:g}x: deriving the bank, timing its build on {min(build_examples, n)} examples "
+                f"and its first pass on {min(timed_queries, len(grads))} queries, scoring all {len(grads)} ...")
             comp = compress_factors(kfac.factors, kind, ratio, seed=session.config.seed)
             t0 = time.perf_counter()
             bank = compress_stored_bank(kfac.bank, comp)
@@ -161,6 +229,7 @@ def run_compressed_digits(
                 bot.append(_overlap(approx, ref, sign=-1.0))
                 bot_rr.append(_overlap(lo, ref, sign=-1.0))
             if not rerank_info and rerank_timed > 0:
+                say(f"timing the exact re-rank on {rerank_timed} candidates (fresh gradients) ...")
                 prep = method.prepare(ctx_c, None, grads[0])
                 idx, _ = local_candidates(method.score(prep, lam), rerank_timed // 2)
                 t0 = time.perf_counter()
@@ -179,14 +248,15 @@ def run_compressed_digits(
                     "unrotate_query_ms": unrotate_s * 1000.0,
                     "projected_ms_for_2C": (per * 2 * candidates + grid * unrotate_s) * 1000.0,
                     "how": f"2C = {2 * candidates} fresh gradients at M={len(ctx.train_draws)} and {grid} damped "
-                           "queries rotated back once (compressed_bank.rerank_scores)",
+                           f"queries ({len(DAMPING_GRID)} grid points and the chosen damping) rotated back once "
+                           "(compressed_bank.rerank_scores)",
                     "max_abs_diff_vs_stored_bank": float(np.abs(exact - full_scores[0][idx]).max()),
                     "max_abs_score": float(np.abs(full_scores[0]).max()),
                 }
             v = {
                 "projection": kind,
                 "ratio": round(kfac.bank.nbytes / bank.nbytes, 2),
-                "bank_mb": bank.nbytes / 2**20,
+                "bank_mib": bank.nbytes / 2**20,
                 "build_s": build_s,
                 "query_ms": statistics.median(ms),
                 "spearman_median": statistics.median(sp),
@@ -202,12 +272,15 @@ def run_compressed_digits(
                 "derived_from_stored_s": derive_s,
             }
             variants.append(v)
-            log(json.dumps(v))
-    lds_note = "null: see the report for the command once the K=32 LDS subset models exist"
+            # without its LDS, which is scored after every variant (its own line then): "lds": null here was
+            # shown even with --lds-run (QA 27 #9)
+            log(json.dumps({k: x for k, x in v.items() if k != "lds"}))
     if lds_run is not None:
         per_query: dict[str, list[float | None]] = {}
-        lds = variant_lds(product_scores, Path(lds_run), [it.image for it in gallery], ctx.dataset, log,
-                          partial=lds_partial, per_query=per_query)
+        say(f"LDS: measuring the true losses of {lds_run}'s subset models on the {len(gallery)} queries "
+            "(kept beside the models), then scoring every variant ...")
+        lds = variant_lds(product_scores, Path(lds_run), [it.image for it in gallery], ctx.dataset,
+                          lambda m: say(f"warning: {m}"), partial=lds_partial, per_query=per_query)
         if lds is not None:
             from ..evaluation.lds_ablation import paired_difference
 
@@ -227,6 +300,8 @@ def run_compressed_digits(
                         f" at M={len(ctx.train_draws)}")
             if lds_full is None or lds_partial:
                 lds_full = lds_full_here
+            log(f"LDS (K={k_used}): full bank {lds_full_here:.3f}; "
+                + ", ".join(f"{key} {lds[key]:.3f}" for key in extras))
     return {
         "config": {
             "preset": session.preset.name,
@@ -242,18 +317,19 @@ def run_compressed_digits(
                       "candidates' exact scores taken from the stored bank (what re-ranking computes)",
             "build_s": f"hooks-projected gradients timed on {build_examples} examples, scaled to N",
             "query_ms": f"median over the first {timed_queries} queries of the first answer, without re-ranking: "
-                        "compressed banks project + rotate the query and score the 49-damping grid in that pass; "
+                        f"compressed banks project + rotate the query and score the damping grid ({len(DAMPING_GRID)} "
+                        "points and the chosen damping) in that pass; "
                         "the full stored bank rotates and scores the one damping (its grid comes after the "
                         "answer: EigenbasisQuery.grid_first=False); the other queries are scored at the one "
                         "damping only",
             "rerank": rerank_info,
             "lds": lds_note,
-            "machine": "shared 2-core CPU under heavy load (timings noisy; full and compressed timed in one run)",
+            "machine": {**machine(session.device), "note": "full and compressed timed in one run"},
             "load_average_at_end": list(os.getloadavg()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "per_variant": extras,
         },
-        "full": {"lds": lds_full, "bank_mb": full_mb, "query_ms": statistics.median(full_ms)},
+        "full": {"lds": lds_full, "bank_mib": full_mib, "query_ms": statistics.median(full_ms)},
         "variants": variants,
     }
 
@@ -290,11 +366,10 @@ def variant_lds(
         return None
     q = torch.stack([torch.as_tensor(x) for x in queries])
     saved = run / "queries.pt"
-    if saved.is_file():
+    if saved.is_file():  # check_lds_run refuses such a run before the work; this guards other callers
         ref = load_queries_file(saved)["images"][: len(q)]  # no unpickling of code
-        if not torch.allclose(ref.to(q.dtype), q):
-            log("the LDS run's queries are not the gallery images: LDS left null")
-            return None
+        if ref.shape != q.shape or not torch.allclose(ref.to(q.dtype), q):
+            raise ValueError(f"the LDS run {run}'s queries are not the {len(q)} queries scored here")
     measured = seed_average(measured_matrix(run, masks, 1, q, MeasureSpec("loss", 1024), dataset.levels))
     usable = int(np.all(np.isfinite(measured), axis=0).sum())
     if usable < need:

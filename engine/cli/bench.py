@@ -90,6 +90,19 @@ def _bench(args: argparse.Namespace) -> int:
 # --- the compressed K-FAC bank's figures (issue 11) -------------------------------------------
 
 
+def ratio_list(text: str) -> tuple[float, ...]:
+    """An argparse type: '8,32' -> (8.0, 32.0), every ratio a number >= 1, refused while parsing (QA 27 #10:
+    ``--ratios 0`` failed after the 32 gallery query gradients, ``--ratios abc`` said only "could not convert
+    string to float")."""
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
+    if not values or not all(v >= 1 for v in values):  # NaN too
+        raise argparse.ArgumentTypeError(f"every compression ratio must be at least 1, got {text!r}")
+    return values
+
+
 def ratio(text: str) -> float:
     """An argparse type: one compression ratio, a number >= 1 (refused while parsing)."""
     try:
@@ -101,8 +114,39 @@ def ratio(text: str) -> float:
     return value
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
+def _projections(text: str) -> tuple[str, ...]:
+    """``--projections`` as a tuple of known kinds; ValueError naming the option (checked before any work)."""
+    from ..attribution.layer_projection import KINDS  # torch, which the parser must not import
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if not kinds or unknown:
+        raise ValueError(f"--projections {text!r}: expected a comma list of {', '.join(KINDS)}"
+                         + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
+    return kinds
+
+
+def _lds_full(path: str | None, mc_samples: int) -> float | None:
+    """The full bank's LDS from ``--lds-json``: an error (not a silent null, QA 27 #7) when the file is
+    missing or unreadable, scored at another M, or holds no K-FAC LDS."""
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--lds-json {file} does not exist" if not file.exists() else f"--lds-json {file} is not a file")
+    try:
+        rec = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--lds-json {file} is not a readable JSON file ({e})") from None
+    attribution = rec.get("config", {}).get("attribution", {}) if isinstance(rec, dict) else {}
+    scored = attribution.get("mc_samples") if isinstance(attribution, dict) else None
+    if scored != mc_samples:
+        raise ValueError(f"--lds-json {file} scored K-FAC at M={scored}, but the stored bank has M={mc_samples}: "
+                         "give the LDS file of the same M (or --mc-samples to match)")
+    lds = rec.get("methods", {}).get("kfac", {}).get("lds")
+    if not isinstance(lds, (int, float)):
+        raise ValueError(f"--lds-json {file} holds no K-FAC LDS (methods.kfac.lds)")
+    return float(lds)
 
 
 @register
@@ -116,11 +160,13 @@ def add_bench_compressed(sub: argparse._SubParsersAction) -> None:
         "Writes assets/results/compressed_<preset>.json.",
     )
     p.add_argument("--cache-root", default=None, help="cache folder holding the stored K-FAC bank (read only)")
-    p.add_argument("--mc-samples", type=int, default=None, help="M of the stored bank (default: preset's)")
-    p.add_argument("--ratios", default="8,32,128", help="target compression ratios (default 8,32,128)")
+    p.add_argument("--mc-samples", type=at_least(1), default=None, help="M of the stored bank (default: preset's)")
+    p.add_argument("--ratios", type=ratio_list, default=(8.0, 32.0, 128.0),
+                   help="target compression ratios, each at least 1 (default 8,32,128)")
     p.add_argument("--projections", default="eigen,gaussian", help="projection kinds (default eigen,gaussian)")
-    p.add_argument("--candidates", type=int, default=256, help="re-ranked candidates per end (default 256)")
-    p.add_argument("--build-examples", type=int, default=16,
+    # at least 1: 0 ranked every non-candidate at -inf, a negative count gave negative times (QA 27 #1)
+    p.add_argument("--candidates", type=at_least(1), default=256, help="re-ranked candidates per end (default 256)")
+    p.add_argument("--build-examples", type=at_least(1), default=16,
                    help="examples whose hooks-projected gradients time the build (default 16)")
     p.add_argument("--lds-json", default=None, help="LDS results of the full bank (its kfac entry is copied)")
     p.add_argument("--lds-run", default=None,
@@ -132,27 +178,30 @@ def add_bench_compressed(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench_compressed(args: argparse.Namespace) -> int:
     from ..attribution.session import AttributionSession
-    from ..bench.compressed import run_compressed_digits, save
+    from ..bench.compressed import check_lds_run, run_compressed_digits, save
 
-    preset, ckpt, device = resolve(args)
-    config = preset.attribution
-    if args.mc_samples is not None:
-        config = dataclasses.replace(config, mc_samples=args.mc_samples)
-    config = dataclasses.replace(config, kfac_bank="stored")
-    try:
+    try:  # every option before any work (QA 27 #10: bad ones failed after the 32 query gradients)
+        kinds = _projections(args.projections)
+        if args.lds_partial and not args.lds_run:
+            raise ValueError("--lds-partial needs --lds-run")
+        if args.out:
+            check_output_file(Path(args.out), "--out")
+        preset, ckpt, device = resolve(args)
+        config = preset.attribution
+        if args.mc_samples is not None:
+            config = dataclasses.replace(config, mc_samples=args.mc_samples)
+        config = dataclasses.replace(config, kfac_bank="stored")
+        lds = _lds_full(args.lds_json, config.mc_samples)
         session = AttributionSession(preset, checkpoint=ckpt, device=device, cache_root=args.cache_root,
                                      config=config, auto_build=False)
         if not session.method("kfac").is_built(session.ctx):
-            raise RuntimeError(f"no stored K-FAC bank for M={config.mc_samples} under {args.cache_root}: "
+            raise RuntimeError(f"no stored K-FAC bank for M={config.mc_samples} under {session.cache_root}: "
                                "build it first (python -m engine build --methods kfac --kfac-bank stored)")
-        lds = None
-        if args.lds_json and Path(args.lds_json).is_file():  # only when it scored the same M
-            rec = json.loads(Path(args.lds_json).read_text())
-            if rec.get("config", {}).get("attribution", {}).get("mc_samples") == config.mc_samples:
-                lds = rec.get("methods", {}).get("kfac", {}).get("lds")
-        record = run_compressed_digits(session, _floats(args.ratios), tuple(args.projections.split(",")),
-                                       args.candidates, build_examples=args.build_examples, lds_full=lds,
-                                       lds_run=Path(args.lds_run) if args.lds_run else None,
+        lds_run = Path(args.lds_run) if args.lds_run else None
+        if lds_run is not None:  # a missing or foreign run is refused here, not after the benchmark (QA 27 #6, #7)
+            check_lds_run(session, lds_run, flag="--lds-run")
+        record = run_compressed_digits(session, args.ratios, kinds, args.candidates,
+                                       build_examples=args.build_examples, lds_full=lds, lds_run=lds_run,
                                        lds_partial=args.lds_partial)
     except (ValueError, RuntimeError) as e:
         return fail(e)
