@@ -169,3 +169,19 @@ def tiny_bench_session(tmp_path_factory, digits_small):
                            config=dataclasses.replace(TINY_ATTRIBUTION, kfac_bank="stored", draws="per-example"))
     s.build(["kfac"])
     return s
+
+
+def test_readme_names_the_compressed_banks_sizes_in_mib():
+    """QA 27 #8: the README's table called the JSON's MiB figures "MB" (the full bank's 486 is 510 MB)."""
+    readme = (REPO / "README.md").read_text()
+    shipped = json.loads((REPO / "assets" / "results" / "compressed_digits.json").read_text())
+    header = next(line for line in readme.splitlines() if line.startswith("| projection | ratio |"))
+    assert header.split("|")[3].strip() == "MiB", header
+    for v in shipped["variants"]:  # bank_mb in the shipped file (written before the key was named bank_mib)
+        row = f"| {v['projection']} | {round(v['ratio']):d}x | {v['bank_mb']:.1f} |"
+        assert row in readme, row
+    assert f"full stored bank of {shipped['full']['bank_mb']:.0f} MiB" in readme
+    # QA 27 #20: bench-scale's paragraphs count the grid as the commands do (49 points and the chosen damping)
+    scale = readme[readme.index("**Scale** (`attribution-engine bench-scale --sizes"):]
+    scale = scale[:scale.index("**On a GPU**")]
+    assert "50 dampings" not in scale and "49 points and the chosen damping" in scale
