@@ -626,7 +626,10 @@ def query_header(handle: Handle, query: Query, measurement: str) -> None:
         lab = query.input.label
         if lab is not None:
             names = handle.session.dataset.class_names
-            st.markdown(f"Label: **{names[lab] if names and lab < len(names) else lab}**")
+            # a classifier's doubtful label says so where it is read, not only in the notes (QA 28 #3)
+            doubt = {"guess": " (a guess: see the notes)", "unsure": " (unsure: see the notes)"}.get(
+                getattr(query.input, "label_doubt", ""), "")
+            st.markdown(f"Label: **{names[lab] if names and lab < len(names) else lab}**{doubt}")
         if query.input.notes:
             st.caption(" · ".join(query.input.notes))
         note = trajectory_note(query.input.notes, query.input.trajectory is not None)

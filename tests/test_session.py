@@ -412,6 +412,36 @@ def test_an_upload_unlike_every_training_image_gets_its_label_called_a_guess(ses
     assert any("unlike the training images" in n and "is a guess" in n for n in noise.notes), noise.notes
     same = upload(((session.dataset.images[3, 0].numpy() + 1) * 127.5).round().astype(np.uint8))
     assert not any("unlike the training images" in n for n in same.notes), same.notes
+    assert noise.label_doubt == "guess"
+
+
+def test_an_upload_identical_to_a_training_image_takes_its_label(session):
+    """QA 28 #2: mnist training image 17, a clear 0 uploaded as it is, was "Label: 5" at the classifier's 0.81.
+    An image identical to a training image takes that image's label, and says so; the classifier is not asked."""
+    from engine.model import label_classifier
+
+    for i in (3, 10, 40):
+        arr = ((session.dataset.images[i, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+        q = _upload_png(session, arr)
+        assert torch.equal(q.image, session.dataset.images[i])  # the premise: the same pixels
+        assert q.label == int(session.dataset.labels[i]) and q.label_doubt == "", q.notes
+        assert any(f"identical to training image #{i}" in n and "ground truth" in n for n in q.notes), q.notes
+        assert not any("predicted by a classifier" in n for n in q.notes)
+    # one grey level off is not identical: the classifier labels it, as before
+    arr = ((session.dataset.images[3, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+    arr[0, 0] = 255 - arr[0, 0]
+    off = _upload_png(session, arr)
+    assert any("predicted by a classifier" in n for n in off.notes), off.notes
+    assert label_classifier.CONFIDENT > 0
+
+
+def test_apart_shows_enough_decimals_to_tell_two_numbers_apart():
+    """QA 28 #6: "its distance to the nearest is 0.25, more than any ... (0.25)"."""
+    from engine.attribution.query import apart
+
+    assert apart(0.2512, 0.2498) == ("0.251", "0.250")
+    assert apart(0.31, 0.25) == ("0.31", "0.25")
+    assert apart(0.5, 0.5) == ("0.500000", "0.500000")
 
 
 def test_a_blank_or_ambiguous_mnist_upload_gets_its_label_qualified(tmp_path):

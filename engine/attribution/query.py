@@ -39,6 +39,9 @@ class QueryInput:
     description: str = ""
     label: int | None = None
     notes: list[str] = field(default_factory=list)
+    # how far ``label`` can be trusted when a classifier gave it: "" (ground truth, or a confident prediction),
+    # "unsure" (probability under the confident level) or "guess" (a blank image, or one unlike the training set)
+    label_doubt: str = ""
 
     def digest(self) -> str | None:
         """16 hex digits of the model-ready image (and trajectory): what an export records beside the
@@ -321,9 +324,9 @@ class QuerySources:
             notes.append(f"drawn by another model (checkpoint {made_by}; this one is {self.checkpoint_hash})"
                          + (": its trajectory is that model's sampling path, scored under this model"
                             if traj is not None else ""))
-        label = self._predict_label(image, notes)
+        label, doubt = self._predict_label(image, notes)
         return QueryInput(image=image, trajectory=None if traj is None else torch.from_numpy(traj),
-                          description=f"samples:{path}:{i}", label=label, notes=notes)
+                          description=f"samples:{path}:{i}", label=label, notes=notes, label_doubt=doubt)
 
     def _dark_background(self) -> bool:
         x = self.dataset.images
@@ -348,8 +351,9 @@ class QuerySources:
             image, notes = folder_image_to_model(img, m.in_channels, m.image_size, self.dataset.levels)
         else:
             image, notes = image_to_model(img, m.in_channels, m.image_size, self.dataset.levels, self._dark_background())
-        label = self._predict_label(image, notes)
-        return QueryInput(image=image, trajectory=None, description="upload", label=label, notes=notes)
+        label, doubt = self._predict_label(image, notes)
+        return QueryInput(image=image, trajectory=None, description="upload", label=label, notes=notes,
+                          label_doubt=doubt)
 
     def query_from_upload(self, data: bytes, name: str | None = None) -> QueryInput:
         """PNG/JPEG bytes -> the model's size and channels; ``notes`` say what was done; ValueError on bad data."""
@@ -357,39 +361,52 @@ class QuerySources:
         q.description = f"upload:{name}" if name else "upload"
         return q
 
-    def _predict_label(self, image: torch.Tensor, notes: list[str]) -> int | None:
-        """The label the preset's pixel classifier gives (engine.model.label_classifier; digits, mnist), else None.
+    def _predict_label(self, image: torch.Tensor, notes: list[str]) -> tuple[int | None, str]:
+        """(label, doubt): the label the preset's pixel classifier gives (engine.model.label_classifier; digits,
+        mnist), else None; ``doubt`` as ``QueryInput.label_doubt``.
 
         A note with the classifier's probability goes to ``notes``: an upload can be anything (a blank
-        image still gets a digit), so the reader must see how sure the label is."""
+        image still gets a digit), so the reader must see how sure the label is.  An image identical to a
+        training image takes that image's own label (QA 28 #2: mnist training image 17, a clear 0, uploaded as
+        it is, was "Label: 5" at probability 0.81; the classifier is wrong on 6% of mnist's training images)."""
         from ..model.label_classifier import CONFIDENT, classifier_for, classify
 
         if self._classifier is None:
             clf = classifier_for(self.preset, self.dataset)
             self._classifier = False if clf is None else clf
         if self._classifier is False:
-            return None
+            return None, ""
+        from .copycheck import pixel_distances, training_spread
+
+        dist = pixel_distances(image[None].to(self.dataset.images.dtype), self.dataset.images)[0]
+        d, nearest = float(dist.min()), int(dist.argmin())
+        if d <= 1e-6 and self.dataset.labels is not None:
+            label = int(self.dataset.labels[nearest])
+            notes.append(f"identical to training image #{nearest}, whose label ({self.dataset.label_name(nearest)}) "
+                         "this is (ground truth, not the classifier's)")
+            return label, ""
         labels, proba = classify(self._classifier, image[None])
         p = float(proba[0])
         notes.append(f"label {int(labels[0])} predicted by a classifier with probability {p:.2f}, not ground truth")
-        from .copycheck import pixel_distances, training_spread
-
         if self._spread is None:
             self._spread = training_spread(self.dataset.images)
         bound, sample = self._spread
-        d = float(pixel_distances(image[None].to(self.dataset.images.dtype), self.dataset.images).min())
         # a blank image is near a thin training digit on 28x28 (mnist: within the training spread), so the
         # distance alone let a blank upload's label stand unqualified (QA round 17)
         if bool((image == image.flatten()[0]).all()):
             notes.append("the image is blank (every pixel has the same value): there is nothing to label, so the "
                          "classifier's label is a guess")
-        elif d > bound:
-            notes.append(f"the image is unlike the training images: its pixel distance to the nearest is {d:.2f}, "
-                         f"more than any of {sample} training images' to theirs ({bound:.2f}), so the "
+            return int(labels[0]), "guess"
+        if d > bound:
+            d_text, bound_text = apart(d, bound)
+            notes.append(f"the image is unlike the training images: its pixel distance to the nearest is {d_text}, "
+                         f"more than any of {sample} training images' to theirs ({bound_text}), so the "
                          "classifier's label is a guess")
-        elif p < CONFIDENT:
+            return int(labels[0]), "guess"
+        if p < CONFIDENT:
             notes.append(f"the classifier is unsure (probability under {CONFIDENT}), so the label may be wrong")
-        return int(labels[0])
+            return int(labels[0]), "unsure"
+        return int(labels[0]), ""
 
     def generate(self, seed: int, progress: Callable[[int, int], None] | None = None) -> QueryInput:
         """One new DDPM sample with its recorded trajectory (all T steps)."""
@@ -398,8 +415,19 @@ class QuerySources:
         images, traj = generate(self.model, self.preset, 1, int(seed), True, self.device, progress)
         image = images[0].clamp(-1.0, 1.0)
         notes = [f"generated with seed {seed} ({self.diffusion.T} DDPM steps)"]
-        label = self._predict_label(image, notes)
-        return QueryInput(image=image, trajectory=traj[0], description=f"generate:{seed}", label=label, notes=notes)
+        label, doubt = self._predict_label(image, notes)
+        return QueryInput(image=image, trajectory=traj[0], description=f"generate:{seed}", label=label, notes=notes,
+                          label_doubt=doubt)
+
+
+def apart(a: float, b: float, least: int = 2) -> tuple[str, str]:
+    """``a`` and ``b`` with the fewest decimals (at least ``least``, at most 6) that tell them apart: "0.25 is more
+    than 0.25" said nothing (QA 28 #6)."""
+    for k in range(least, 7):
+        sa, sb = f"{a:.{k}f}", f"{b:.{k}f}"
+        if sa != sb:
+            return sa, sb
+    return f"{a:.6f}", f"{b:.6f}"
 
 
 def no_trajectory(query: QueryInput) -> str:
