@@ -196,7 +196,7 @@ def _choose_group(handle: Handle) -> Group | None:
             if up is None:
                 return None
             return group_from_text(up.getvalue().decode("utf-8", errors="replace"), up.name, len(ds))
-        i = st.number_input("Training index", 0, len(ds) - 1, int(st.session_state.get("grp_train", 0)), key="grp_train")
+        i = st.number_input("Training index", min_value=0, max_value=len(ds) - 1, key="grp_train")  # state: as below
         return group_from_indices([int(i)], len(ds), spec=f"train:{int(i)}")
     except GroupError as e:
         st.warning(str(e))
@@ -210,8 +210,11 @@ def _choose_queries(handle: Handle) -> QuerySet | None:
     if where == "Gallery":
         return gallery_set(session)
     c1, c2 = st.columns(2)
-    n = int(c1.number_input("Pool size", 8, 4096, 256, step=8, key="grp_pool_n"))
-    seed = int(c2.number_input("Pool seed", 0, 10_000, 0, key="grp_pool_seed"))
+    # no value=: the defaults sit in the state, which chips.keep_choices also sets; a value beside a key set there made
+    # Streamlit log a 30-line warning with a stack to the server's terminal at every draw (QA 28 #7)
+    st.session_state.setdefault("grp_pool_n", 256)
+    n = int(c1.number_input("Pool size", min_value=8, max_value=4096, step=8, key="grp_pool_n"))
+    seed = int(c2.number_input("Pool seed", min_value=0, max_value=10_000, key="grp_pool_seed"))
     pool = _pool(handle, n, seed, draw=False)
     if pool is None:
         st.info(f"No pool of {n} samples with seed {seed} yet: drawing it takes all "

@@ -223,9 +223,16 @@ def test_moving_one_methods_damping_rescores_that_method_alone(app_env, monkeypa
 
 
 @pytest.mark.slow
-def test_the_groups_choices_survive_a_visit_to_another_tab(app_env):
+def test_the_groups_choices_survive_a_visit_to_another_tab(app_env, monkeypatch):
     """QA 23b #4: back from the Explore tab, the Groups widgets showed their defaults ("A class", "Gallery",
-    256/0) while the result below still used the earlier choices: Streamlit forgets the widgets of a tab not drawn."""
+    256/0) while the result below still used the earlier choices: Streamlit forgets the widgets of a tab not drawn.
+    QA 28 #7: a widget given a value beside a key the state also set made Streamlit log a warning with a 30-line
+    stack to the server's terminal."""
+    from streamlit.elements.lib import policies
+
+    said: list[str] = []
+    monkeypatch.setattr(policies, "_shown_default_value_warning", False)  # once per process: earlier tests may show it
+    monkeypatch.setattr(policies._LOGGER, "warning", lambda msg, *a, **k: said.append(msg % a))
     at = _start(app_env)
     at.session_state["page"] = "Groups"
     at.run()
@@ -245,6 +252,7 @@ def test_the_groups_choices_survive_a_visit_to_another_tab(app_env):
     assert at.radio(key="grp_queries").value == "Generated pool"
     assert (at.number_input(key="grp_pool_n").value, at.number_input(key="grp_pool_seed").value) == (16, 3)
     assert "No pool of 16 samples with seed 3 yet" in _texts(at)
+    assert not [m for m in said if "Session State API" in m], said[:1]
 
 
 def test_the_retraining_caption_compares_the_records_settings_with_the_served_models():
