@@ -218,13 +218,21 @@ def _while_building(handle: Handle, query: Query, result: QueryResult | None) ->
 # --- method columns ----------------------------------------------------------------------
 
 
-def _caption(ds, i: int, score: float, exact: bool = True) -> str:
+def _caption(ds, i: int, score: float, exact: bool = True, own: int | None = None) -> str:
     """"#index · label · score"; an estimated score (a compressed bank's, not yet re-ranked) reads "≈score"
     with one digit less, so that the caption keeps its width (the cell is narrow: a wider one wrapped
-    inside the number) and an estimate does not look more precise than it is."""
-    lab = ds.label_name(i)
+    inside the number) and an estimate does not look more precise than it is.  ``own``: the training image the
+    query is, whose label reads "query" (QA 28 #4: a training image among its own opponents, at a small M, was
+    not marked as itself)."""
+    lab = "query" if i == own else ds.label_name(i)
     shown = analysis.format_score(score) if exact else f"≈{score:+.1e}"
     return f"#{i}" + (f" · {lab}" if lab is not None else "") + f" · {shown}"
+
+
+def own_index(query: Query) -> int | None:
+    """The training index a ``train:N`` query is, else None."""
+    kind, _, arg = query.key.partition(":")
+    return int(arg) if kind == "train" and arg.isdigit() else None
 
 
 def measurement_title(spec: str) -> str:
@@ -314,6 +322,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
         return
     scored = [n for n in names if result.methods[n].status == "ok" and result.methods[n].scores is not None]
     thumbs = thumbnails(len(names), max(ds.shape[1:]))  # at least two per row at 1280 px (explorer.layout)
+    own = own_index(query)
     if scored:  # an unavailable method's column has no captions to explain
         st.caption(score_legend([(info[n]["title"], info[n]["kind"], session.measurement_used(n, s.measurement))
                                  for n in scored], ds.labels is not None, thumbs.compact))
@@ -356,8 +365,8 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 st.markdown(heading)
                 st.image(
                     [display(ds.images[x.index], thumbs.image, border=FRAME) for x in items],
-                    caption=[f"#{x.index}" if thumbs.compact else _caption(ds, x.index, x.score, x.exact)
-                             for x in items],
+                    caption=[(f"#{x.index}" + (" query" if x.index == own else "")) if thumbs.compact
+                             else _caption(ds, x.index, x.score, x.exact, own) for x in items],
                     width=thumbs.width,
                 )
             if r.exact_pending:

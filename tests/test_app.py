@@ -910,6 +910,22 @@ def test_a_partial_answer_says_how_many_candidates_are_exact_and_marks_the_estim
     assert estimated.endswith("≈+5.0e-01") and exact.endswith("+5.00e-01") and len(estimated) == len(exact)
 
 
+def test_a_training_image_query_marks_itself_in_the_grids():
+    """QA 28 #4: at a small M a training image can be among its own opponents, and nothing marked it as the query."""
+    from explorer.query_view import Query
+    from explorer.results_view import _caption, own_index
+
+    class DS:
+        def label_name(self, i):
+            return "7"
+
+    assert own_index(Query("train:15", None, "Training image 15")) == 15
+    assert own_index(Query("gallery:15", None, "Gallery sample 15")) is None
+    assert own_index(Query("upload:ab12", None, "Upload")) is None
+    assert _caption(DS(), 15, 0.5, own=15) == "#15 · query · +5.00e-01"
+    assert _caption(DS(), 16, 0.5, own=15) == "#16 · 7 · +5.00e-01"
+
+
 def test_the_apps_info_lines_reach_the_server_log(capsys):
     """The worker's INFO lines (a closed tab's query dropped) went nowhere: Streamlit configures only its
     own loggers.  ``server_log`` sends ``explorer.*`` to the terminal once, and keeps a host's handler."""
