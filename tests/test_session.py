@@ -565,3 +565,23 @@ def test_a_sigterm_while_a_method_scores_stops_the_query_instead_of_becoming_tha
     monkeypatch.setattr(AttributionSession, "_score_into", lambda *a, **k: 1 / 0)
     r = session.query(session.parse_query("train:3"), "loss", ["pixel"])
     assert r.methods["pixel"].status == "error" and "ZeroDivisionError" in r.methods["pixel"].reason
+
+
+def test_an_upload_on_a_folder_model_says_how_its_channels_were_converted():
+    """QA 28 #5: on a model of an image folder, a grey upload became RGB and an RGBA one lost its alpha without a
+    word, where the shipped models' notes say so."""
+    from PIL import Image
+
+    from engine.attribution.query import folder_image_to_model
+
+    grey = Image.fromarray(np.full((8, 8), 90, np.uint8), "L")
+    x, notes = folder_image_to_model(grey, 3, 16, 256)
+    assert x.shape == (3, 16, 16) and "converted L -> RGB" in notes[0] and "resized 8x8 -> 16x16" in notes[0]
+    rgba = Image.fromarray(np.zeros((16, 16, 4), np.uint8), "RGBA")
+    _, notes = folder_image_to_model(rgba, 3, 16, 256)
+    assert "converted RGBA -> RGB" in notes[0] and "transparency dropped" in notes[0] and "resized" not in notes[0]
+    rgb = Image.fromarray(np.zeros((16, 16, 3), np.uint8), "RGB")
+    _, notes = folder_image_to_model(rgb, 3, 16, 256)
+    assert notes[0] == "prepared as the training folder's images were"
+    _, notes = folder_image_to_model(rgb, 1, 16, 256)
+    assert "converted RGB -> grey" in notes[0]

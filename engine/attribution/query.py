@@ -150,12 +150,18 @@ def folder_image_to_model(img: Any, channels: int, size: int, levels: int) -> tu
         ow, oh = img.info["original_size"]
         notes.append(f"decoded {ow}x{oh} at reduced size {img.size[0]}x{img.size[1]}")
     w, h = img.size
+    mode = img.mode
     arr = prepare_image(img, channels, size)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    done = "prepared as the training folder's images were"
+    steps = []  # what prepare_image did, in the words the shipped models' notes use (QA 28 #5)
+    target = "grey" if channels == 1 else "RGB"
+    if mode not in (("L",) if channels == 1 else ("RGB",)):
+        steps.append(f"converted {mode} -> {target}")
+    if "A" in mode or (mode == "P" and "transparency" in img.info):
+        steps.append("transparency dropped (the colour under transparent pixels shows)")
     if (w, h) != (size, size):
-        done += f": resized {w}x{h} -> {size}x{size}" + (" (the aspect ratio not kept)" if w != h else "")
-    notes.append(done)
+        steps.append(f"resized {w}x{h} -> {size}x{size}" + (" (the aspect ratio not kept)" if w != h else ""))
+    notes.append("prepared as the training folder's images were" + (": " + "; ".join(steps) if steps else ""))
     notes.append("values mapped to [-1, 1]" + (f" on the {levels}-level grid of the training data" if levels < 256 else ""))
     return uint8_to_model(np.ascontiguousarray(arr), levels), notes
 
