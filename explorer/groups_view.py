@@ -238,7 +238,9 @@ def groups_page(handle: Handle, s: Settings) -> None:
     st.caption(
         "Influence adds up: the predicted change of a sample's measurement when a whole group is removed is the "
         "sum of its members' scores (positive: removing the group would make the sample less likely, i.e. the "
-        "group supports it). Read in both directions: per sample, and ranked over all samples."
+        "group supports it). Read in both directions: per sample, and ranked over all samples. A large group "
+        "(a tenth of the data) can support every sample a little, since any model trained on less data fits "
+        "all images a little worse: compare a sample's change with the other samples' (the ranking below does)."
     )
     methods_all = influence_methods(handle)
     if not methods_all:
