@@ -530,7 +530,7 @@ def cache_status(handle: Handle) -> None:
                 "method": info[name]["title"],
                 "built": st_["built"],
                 "available": st_["available"],
-                "size (MB)": round(float(st_.get("size_mb") or 0.0), 2),
+                "size (MiB)": round(float(st_.get("size_mb") or 0.0), 2),  # 2**20 bytes, as the store counts
                 "settings": json.dumps(st_.get("settings") or {}, sort_keys=True),
                 "note": st_.get("reason") or _shared_note(st_.get("shares_cache_with") or [], info),
             }

@@ -139,4 +139,4 @@ def test_the_pool_commands_say_a_rerun_continues(command, capsys):
 
     assert run_handler(argparse.Namespace(func=handler, command=command)) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("interrupted; rerun the same command to continue (a drawn pool"), last
+    assert last.startswith("interrupted; rerun the same command to continue (a pool whose draw finished"), last

@@ -376,14 +376,9 @@ class QuerySources:
         training image takes that image's own label (QA 28 #2: mnist training image 17, a clear 0, uploaded as
         it is, was "Label: 5" at probability 0.81; the classifier is wrong on 6% of mnist's training images)."""
         from ..model.label_classifier import CONFIDENT, classifier_for, classify
-
-        if self._classifier is None:
-            clf = classifier_for(self.preset, self.dataset)
-            self._classifier = False if clf is None else clf
-        if self._classifier is False:
-            return None, ""
         from .copycheck import pixel_distances, training_spread
 
+        # any labelled training set, with or without a classifier (an image folder's class folders: QA 29 #3)
         dist = pixel_distances(image[None].to(self.dataset.images.dtype), self.dataset.images)[0]
         d, nearest = float(dist.min()), int(dist.argmin())
         if d <= 1e-6 and self.dataset.labels is not None:
@@ -391,6 +386,11 @@ class QuerySources:
             notes.append(f"identical to training image #{nearest}, whose label ({self.dataset.label_name(nearest)}) "
                          "this is (ground truth, not the classifier's)")
             return label, ""
+        if self._classifier is None:
+            clf = classifier_for(self.preset, self.dataset)
+            self._classifier = False if clf is None else clf
+        if self._classifier is False:
+            return None, ""
         labels, proba = classify(self._classifier, image[None])
         p = float(proba[0])
         notes.append(f"label {int(labels[0])} predicted by a classifier with probability {p:.2f}, not ground truth")

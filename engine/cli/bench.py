@@ -196,7 +196,7 @@ def cmd_bench_compressed(args: argparse.Namespace) -> int:
                                      config=config, auto_build=False)
         if not session.method("kfac").is_built(session.ctx):
             raise RuntimeError(f"no stored K-FAC bank for M={config.mc_samples} under {session.cache_root}: "
-                               "build it first (python -m engine build --methods kfac --kfac-bank stored)")
+                               f"build it first (`{session.build_command(['kfac'])} --kfac-bank stored`)")
         lds_run = Path(args.lds_run) if args.lds_run else None
         if lds_run is not None:  # a missing or foreign run is refused here, not after the benchmark (QA 27 #6, #7)
             check_lds_run(session, lds_run, flag="--lds-run")

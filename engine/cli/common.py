@@ -145,6 +145,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+POOL_KEPT = "rerun the same command to continue (a pool whose draw finished, and its finished score matrices, are kept)"
 INTERRUPTED = {  # how a command ended by a signal says so, and whether rerunning it continues the work
     "build": "rerun the same command to resume the build",
     "lds": "rerun the same command to resume (finished models and measurements are kept)",
@@ -154,10 +155,10 @@ INTERRUPTED = {  # how a command ended by a signal says so, and whether rerunnin
     "precompute": "rerun the same command to resume (the samples scored so far are kept)",
     "lds-ablation": "rerun the same command to resume (built caches and finished variants are kept)",
     # a drawn pool and each method's finished score matrix are saved (QA 27 #16)
-    "group": "rerun the same command to continue (a drawn pool and its finished score matrices are kept)",
-    "reverse": "rerun the same command to continue (a drawn pool and its finished score matrices are kept)",
-    "copy-check": "rerun the same command to continue (a drawn pool and its finished score matrices are kept)",
-    "group-bench": "rerun the same command to continue (a drawn pool is kept; the matrices are timed afresh)",
+    "group": POOL_KEPT,
+    "reverse": POOL_KEPT,
+    "copy-check": POOL_KEPT,
+    "group-bench": "rerun the same command to continue (a pool whose draw finished is kept; the matrices are timed afresh)",
 }
 
 

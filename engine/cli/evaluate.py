@@ -52,7 +52,7 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--true-mc-samples", "--mc-samples", dest="mc_samples", type=at_least(1), default=None,
         help="Monte Carlo draws per TRUE measurement of each retrained model (default 1024; quick 64); not the "
-        "attribution's M, which is --attribution-mc (QA 27: --mc-samples means M in build and query)"
+        "attribution's M, which is --attribution-mc (in build and query, --mc-samples is that M)"
     )
     p.add_argument("--no-sweep", action="store_true", help="skip the damping sweeps")
     p.add_argument("--workers", type=at_least(1), default=1, help="parallel training processes (default 1)")
