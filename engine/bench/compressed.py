@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +51,7 @@ from ..attribution.rerank import scale_estimates
 from ..evaluation.setup import load_queries_file
 from ..evaluation.stats import spearman
 from ..npy_read import load_npz
+from . import announce
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, k: int = 10, sign: float = 1.0) -> float:
@@ -68,11 +68,6 @@ def _reranked(approx: np.ndarray, exact: np.ndarray, idx: np.ndarray) -> tuple[n
     low = np.full_like(approx, np.inf)
     low[idx] = exact[idx]
     return out, low
-
-
-def _say(text: str) -> None:
-    """What is about to run, on stderr, before it runs (as bench-foundation: a bar would cost time in the timing)."""
-    print(text, file=sys.stderr, flush=True)
 
 
 def machine(device: Any) -> dict[str, Any]:
@@ -135,7 +130,7 @@ def run_compressed_digits(
     lds_run: Path | None = None,
     lds_partial: bool = False,
     log: Callable[[str], None] = print,
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = announce.say,
 ) -> dict[str, Any]:
     """The ``compressed_digits.json`` record for a session whose K-FAC bank is stored and built.
 

@@ -8,7 +8,6 @@ draw that preset's samples with all T steps from its checkpoint, and the peak re
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from ..config import PRESETS, Preset
 from ..files import save_json
 from . import memory
+from .announce import say
 
 
 def bench_foundation(
@@ -65,8 +65,7 @@ def bench_foundation(
     stamps: list[float] = []
     # said before each timed part, on stderr: no bar (it would cost time in the timing), so say what runs
     # (QA 25 #11: 24 s, then 14 s, with no output)
-    print(f"timing {total} training steps of the {preset.name} model ({warmup} warm-up) ...", file=sys.stderr,
-          flush=True)
+    say(f"timing {total} training steps of the {preset.name} model ({warmup} warm-up) ...")
     with tempfile.TemporaryDirectory() as tmp:
         train(preset, Path(tmp) / "bench", device=device, steps=total,
               progress=lambda s, T, loss: stamps.append(time.perf_counter()))
@@ -81,7 +80,7 @@ def bench_foundation(
     )
 
     steps_t = sample_preset.diffusion.num_timesteps
-    print(f"timing the sampling of {samples} {preset.name} samples ({steps_t} steps) ...", file=sys.stderr, flush=True)
+    say(f"timing the sampling of {samples} {preset.name} samples ({steps_t} steps) ...")
     t0 = time.perf_counter()
     generate(model, sample_preset, samples, seed=0, device=device)
     secs = time.perf_counter() - t0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,7 @@ import numpy as np
 
 from ..attribution.groups import group_change, parse_group
 from ..attribution.pool import attribution_matrix, gallery_set, generate_pool
-
-
-def say(text: str) -> None:
-    """What is about to be timed, on stderr (stdout holds the figures)."""
-    print(text, file=sys.stderr, flush=True)
+from .announce import say
 
 
 def class_check(scores: np.ndarray, query_labels: np.ndarray, dataset: Any,

@@ -31,7 +31,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -49,16 +48,12 @@ from ..config import PRESETS
 from ..model.diffusion import Diffusion, make_draws
 from ..model.unet import build_model
 from ..precision import configure_float32
+from . import announce
 
 SYNTHETIC_NOTE = (
     "SYNTHETIC images (uniform noise in [-1, 1], 3x32x32) and a randomly initialised CIFAR-preset U-Net: "
     "no CIFAR data on this machine; gradient, build and scan timings do not depend on image content"
 )
-
-
-def _say(text: str) -> None:
-    """What is about to run, on stderr, before it runs (as bench-foundation: a bar would cost time in the timing)."""
-    print(text, file=sys.stderr, flush=True)
 
 
 def _peak_rss_mb() -> float:
@@ -172,7 +167,7 @@ def run_bench_scale(
     log: Callable[[str], None] = print,
     grad_batch: int = 2,
     jvp_batch: int = 2,
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = announce.say,
 ) -> dict[str, Any]:
     """The figures described in the module docstring, as one JSON-able dict.
 
