@@ -378,6 +378,11 @@ class QuerySources:
         from ..model.label_classifier import CONFIDENT, classifier_for, classify
         from .copycheck import pixel_distances, training_spread
 
+        if self._classifier is None:
+            clf = classifier_for(self.preset, self.dataset)
+            self._classifier = False if clf is None else clf
+        if self._classifier is False and self.dataset.labels is None:  # nothing to label with: no distances
+            return None, ""
         # any labelled training set, with or without a classifier (an image folder's class folders: QA 29 #3)
         dist = pixel_distances(image[None].to(self.dataset.images.dtype), self.dataset.images)[0]
         d, nearest = float(dist.min()), int(dist.argmin())
@@ -386,9 +391,6 @@ class QuerySources:
             notes.append(f"identical to training image #{nearest}, whose label ({self.dataset.label_name(nearest)}) "
                          "this is (ground truth, not the classifier's)")
             return label, ""
-        if self._classifier is None:
-            clf = classifier_for(self.preset, self.dataset)
-            self._classifier = False if clf is None else clf
         if self._classifier is False:
             return None, ""
         labels, proba = classify(self._classifier, image[None])
