@@ -131,17 +131,19 @@ def run_compressed_digits(
     lds_partial: bool = False,
     log: Callable[[str], None] = print,
     say: Callable[[str], None] = announce.say,
+    lds_flag: str = "LDS run",
 ) -> dict[str, Any]:
     """The ``compressed_digits.json`` record for a session whose K-FAC bank is stored and built.
 
     ``lds_partial``: score the LDS on the subset models trained so far (a preliminary figure, the
     full bank's LDS then taken on the same subsets) instead of waiting for all of them.
-    ``log``: the results (a line per variant); ``say``: what is about to run, and notes (stderr)."""
+    ``log``: the results (a line per variant); ``say``: what is about to run, and notes (stderr); ``lds_flag``:
+    how an error about ``lds_run`` names it (the CLI's ``--lds-run``)."""
     from ..model.measurements import parse_measurement
 
     lds_note = "null: see the report for the command once the K=32 LDS subset models exist"
     if lds_run is not None:  # a missing, foreign or other-query run is refused before the work, not after it
-        done, k = check_lds_run(session, Path(lds_run))
+        done, k = check_lds_run(session, Path(lds_run), flag=lds_flag)
         if done < (3 if lds_partial else k):  # said now, not after the benchmark; no LDS phase then
             say(f"warning: only {done} of {k} subset models in {lds_run} are trained: the LDS will be left null"
                 + ("" if lds_partial else " (--lds-partial scores the ones trained so far, at least 3)"))

@@ -178,7 +178,7 @@ def add_bench_compressed(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench_compressed(args: argparse.Namespace) -> int:
     from ..attribution.session import AttributionSession
-    from ..bench.compressed import check_lds_run, run_compressed_digits, save
+    from ..bench.compressed import run_compressed_digits, save
 
     try:  # every option before any work (QA 27 #10: bad ones failed after the 32 query gradients)
         kinds = _projections(args.projections)
@@ -197,12 +197,11 @@ def cmd_bench_compressed(args: argparse.Namespace) -> int:
         if not session.method("kfac").is_built(session.ctx):
             raise RuntimeError(f"no stored K-FAC bank for M={config.mc_samples} under {session.cache_root}: "
                                f"build it first (`{session.build_command(['kfac'])} --kfac-bank stored`)")
-        lds_run = Path(args.lds_run) if args.lds_run else None
-        if lds_run is not None:  # a missing or foreign run is refused here, not after the benchmark (QA 27 #6, #7)
-            check_lds_run(session, lds_run, flag="--lds-run")
+        # a missing or foreign --lds-run is refused first thing in run_compressed_digits, before any work
         record = run_compressed_digits(session, args.ratios, kinds, args.candidates,
-                                       build_examples=args.build_examples, lds_full=lds, lds_run=lds_run,
-                                       lds_partial=args.lds_partial)
+                                       build_examples=args.build_examples, lds_full=lds,
+                                       lds_run=Path(args.lds_run) if args.lds_run else None,
+                                       lds_partial=args.lds_partial, lds_flag="--lds-run")
     except (ValueError, RuntimeError) as e:
         return fail(e)
     out = Path(args.out) if args.out else ASSETS / "results" / f"compressed_{preset.name}.json"
