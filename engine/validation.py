@@ -89,7 +89,7 @@ def coerce_field(section: str, name: str, hint: Any, value: Any) -> Any:
     return value
 
 
-DATA_NAMES = ("digits", "mnist", "cifar10", "cifar2", "folder")  # what engine.model.data.load_dataset reads
+DATA_NAMES = ("digits", "mnist", "cifar10", "cifar2", "folder")  # what engine.model.data.load_dataset reads (and names)
 
 
 def _need(ok: bool, where: str, rule: str, value: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DataConfig
+from ..validation import DATA_NAMES
 from .dataset import DataError, ImageDataset, random_flip, to_unit_range
 
 
@@ -49,7 +50,7 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         from . import data_files
 
         return data_files.load(cfg)
-    raise DataError(f"unknown dataset {cfg.name!r}: expected digits, mnist, cifar10, cifar2 or folder")
+    raise DataError(f"unknown dataset {cfg.name!r}: expected {', '.join(DATA_NAMES[:-1])} or {DATA_NAMES[-1]}")
 
 
 __all__ = ["DataError", "ImageDataset", "load_dataset", "load_digits", "random_flip", "to_unit_range"]
