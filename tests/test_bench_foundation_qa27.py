@@ -47,8 +47,10 @@ def test_bench_foundation_refuses_a_checkpoint_asked_for_that_does_not_load(fake
     default checkpoint, when absent, still means random weights)."""
     argv = ["bench-foundation", "--steps", "2", "--warmup", "1", "--samples", "1", "--device", "cpu"]
     assert main([*argv, "--checkpoint", str(tmp_path / "nonexistent")]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert err.strip() == f"error: checkpoint folder {tmp_path / 'nonexistent'} does not exist"
+    assert out == ""  # QA 29 #6: the parameter table came before the error; now the error stands alone
     assert main([*argv, "--checkpoint", str(REPO / "assets" / "mnist")]) == 2  # another preset's model
-    assert "is a mnist model, not digits: give --preset mnist" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "is a mnist model, not digits: give --preset mnist" in err and out == ""
     assert fake_foundation == {}  # nothing was timed

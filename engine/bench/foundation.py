@@ -41,11 +41,6 @@ def bench_foundation(
         torch.set_num_threads(threads)
     ckpt = Path(checkpoint)
     out: dict = {"device": str(device), "threads": torch.get_num_threads(), "params": {}}
-    print(f"device {device}, {torch.get_num_threads()} torch threads")
-    for name, p in PRESETS.items():
-        out["params"][name] = count_parameters(build_model(p.model))
-        print(f"parameters {name:8s} {out['params'][name]:>12,d}")
-
     preset = PRESETS["digits"] if preset is None else preset
     # the checkpoint is read before the timing: one that was asked for and does not load, or is another
     # preset's model, is refused at once
@@ -61,6 +56,11 @@ def bench_foundation(
     if sample_preset.name != preset.name:
         raise ValueError(f"checkpoint {ckpt} is a {sample_preset.name} model, not {preset.name}: give --preset "
                          f"{sample_preset.name} (one preset is trained and sampled)")
+    # printed after the checkpoint is read, so a refused checkpoint prints its error alone (QA 29 #6)
+    print(f"device {device}, {torch.get_num_threads()} torch threads")
+    for name, p in PRESETS.items():
+        out["params"][name] = count_parameters(build_model(p.model))
+        print(f"parameters {name:8s} {out['params'][name]:>12,d}")
     total = warmup + steps
     stamps: list[float] = []
     # said before each timed part, on stderr: no bar (it would cost time in the timing), so say what runs
