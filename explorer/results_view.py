@@ -230,9 +230,12 @@ def _caption(ds, i: int, score: float, exact: bool = True, own: int | None = Non
 
 
 def own_index(query: Query) -> int | None:
-    """The training index a ``train:N`` query is, else None."""
+    """The training index a ``train:N`` query is, or the one an upload equals pixel for pixel (the engine's
+    ``QueryInput.identical_to``: QA 29 #3, an uploaded training file was not marked), else None."""
     kind, _, arg = query.key.partition(":")
-    return int(arg) if kind == "train" and arg.isdigit() else None
+    if kind == "train" and arg.isdigit():
+        return int(arg)
+    return getattr(query.input, "identical_to", None)
 
 
 def measurement_title(spec: str) -> str:

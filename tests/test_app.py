@@ -922,6 +922,11 @@ def test_a_training_image_query_marks_itself_in_the_grids():
     assert own_index(Query("train:15", None, "Training image 15")) == 15
     assert own_index(Query("gallery:15", None, "Gallery sample 15")) is None
     assert own_index(Query("upload:ab12", None, "Upload")) is None
+    # QA 29 #3: an upload identical to a training image is that image (QueryInput.identical_to)
+    from engine.attribution.query import QueryInput
+
+    assert own_index(Query("upload:ab12", QueryInput(image=None, identical_to=7), "Upload")) == 7
+    assert own_index(Query("upload:ab12", QueryInput(image=None), "Upload")) is None
     assert _caption(DS(), 15, 0.5, own=15) == "#15 · query · +5.00e-01"
     assert _caption(DS(), 16, 0.5, own=15) == "#16 · 7 · +5.00e-01"
 

@@ -427,12 +427,29 @@ def test_an_upload_identical_to_a_training_image_takes_its_label(session):
         assert q.label == int(session.dataset.labels[i]) and q.label_doubt == "", q.notes
         assert any(f"identical to training image #{i}" in n and "ground truth" in n for n in q.notes), q.notes
         assert not any("predicted by a classifier" in n for n in q.notes)
+        assert q.identical_to == i  # QA 29 #3: the app marks it "query" in the grids, as a train:N query
     # one grey level off is not identical: the classifier labels it, as before
     arr = ((session.dataset.images[3, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
     arr[0, 0] = 255 - arr[0, 0]
     off = _upload_png(session, arr)
     assert any("predicted by a classifier" in n for n in off.notes), off.notes
+    assert off.identical_to is None
     assert label_classifier.CONFIDENT > 0
+
+
+def test_an_upload_of_an_unlabelled_training_file_is_known_as_that_image(session, monkeypatch):
+    """QA 29 #3: on a training set without labels (an image folder without classes, a diffusers model's images)
+    and without a classifier, an uploaded training file was not recognised at all; the pixel distances were
+    skipped, as there was no label to give.  An upload is now compared (samples still are not: nothing to say)."""
+    sources = session.sources
+    monkeypatch.setattr(sources.dataset, "labels", None)
+    monkeypatch.setattr(sources, "_classifier", False)
+    arr = ((session.dataset.images[10, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+    q = _upload_png(session, arr)
+    assert q.identical_to == 10 and q.label is None, q.notes
+    assert "identical to training image #10" in q.notes
+    arr[0, 0] = 255 - arr[0, 0]
+    assert _upload_png(session, arr).identical_to is None
 
 
 def test_apart_shows_enough_decimals_to_tell_two_numbers_apart():

@@ -42,6 +42,9 @@ class QueryInput:
     # how far ``label`` can be trusted when a classifier gave it: "" (ground truth, or a confident prediction),
     # "unsure" (probability under the confident level) or "guess" (a blank image, or one unlike the training set)
     label_doubt: str = ""
+    # the training image this input is, pixel for pixel (an upload of a training file), else None: the app marks it
+    # "query" in the grids, as it does a ``train:N`` query's own image (QA 29 #3)
+    identical_to: int | None = None
 
     def digest(self) -> str | None:
         """16 hex digits of the model-ready image (and trajectory): what an export records beside the
@@ -330,9 +333,10 @@ class QuerySources:
             notes.append(f"drawn by another model (checkpoint {made_by}; this one is {self.checkpoint_hash})"
                          + (": its trajectory is that model's sampling path, scored under this model"
                             if traj is not None else ""))
-        label, doubt = self._predict_label(image, notes)
+        label, doubt, same = self._predict_label(image, notes)
         return QueryInput(image=image, trajectory=None if traj is None else torch.from_numpy(traj),
-                          description=f"samples:{path}:{i}", label=label, notes=notes, label_doubt=doubt)
+                          description=f"samples:{path}:{i}", label=label, notes=notes, label_doubt=doubt,
+                          identical_to=same)
 
     def _dark_background(self) -> bool:
         x = self.dataset.images
@@ -357,9 +361,9 @@ class QuerySources:
             image, notes = folder_image_to_model(img, m.in_channels, m.image_size, self.dataset.levels)
         else:
             image, notes = image_to_model(img, m.in_channels, m.image_size, self.dataset.levels, self._dark_background())
-        label, doubt = self._predict_label(image, notes)
+        label, doubt, same = self._predict_label(image, notes, nearest_always=True)
         return QueryInput(image=image, trajectory=None, description="upload", label=label, notes=notes,
-                          label_doubt=doubt)
+                          label_doubt=doubt, identical_to=same)
 
     def query_from_upload(self, data: bytes, name: str | None = None) -> QueryInput:
         """PNG/JPEG bytes -> the model's size and channels; ``notes`` say what was done; ValueError on bad data."""
@@ -367,9 +371,12 @@ class QuerySources:
         q.description = f"upload:{name}" if name else "upload"
         return q
 
-    def _predict_label(self, image: torch.Tensor, notes: list[str]) -> tuple[int | None, str]:
-        """(label, doubt): the label the preset's pixel classifier gives (engine.model.label_classifier; digits,
-        mnist), else None; ``doubt`` as ``QueryInput.label_doubt``.
+    def _predict_label(self, image: torch.Tensor, notes: list[str],
+                       nearest_always: bool = False) -> tuple[int | None, str, int | None]:
+        """(label, doubt, identical): the label the preset's pixel classifier gives (engine.model.label_classifier;
+        digits, mnist), else None; ``doubt`` as ``QueryInput.label_doubt``; the training image the input equals,
+        pixel for pixel, else None.  The pixel distances to the training set are computed when there is a label to
+        give, or when ``nearest_always`` (an upload: the one input likely to be a training file itself).
 
         A note with the classifier's probability goes to ``notes``: an upload can be anything (a blank
         image still gets a digit), so the reader must see how sure the label is.  An image identical to a
@@ -381,18 +388,21 @@ class QuerySources:
         if self._classifier is None:
             clf = classifier_for(self.preset, self.dataset)
             self._classifier = False if clf is None else clf
-        if self._classifier is False and self.dataset.labels is None:  # nothing to label with: no distances
-            return None, ""
+        if self._classifier is False and self.dataset.labels is None and not nearest_always:
+            return None, "", None  # nothing to label with, and not an upload: no distances
         # any labelled training set, with or without a classifier (an image folder's class folders: QA 29 #3)
         dist = pixel_distances(image[None].to(self.dataset.images.dtype), self.dataset.images)[0]
         d, nearest = float(dist.min()), int(dist.argmin())
-        if d <= 1e-6 and self.dataset.labels is not None:
+        same = nearest if d <= 1e-6 else None
+        if same is not None and self.dataset.labels is not None:
             label = int(self.dataset.labels[nearest])
             notes.append(f"identical to training image #{nearest}, whose label ({self.dataset.label_name(nearest)}) "
                          "this is (ground truth, not the classifier's)")
-            return label, ""
+            return label, "", same
+        if same is not None:
+            notes.append(f"identical to training image #{nearest}")
         if self._classifier is False:
-            return None, ""
+            return None, "", same
         labels, proba = classify(self._classifier, image[None])
         p = float(proba[0])
         notes.append(f"label {int(labels[0])} predicted by a classifier with probability {p:.2f}, not ground truth")
@@ -404,17 +414,17 @@ class QuerySources:
         if bool((image == image.flatten()[0]).all()):
             notes.append("the image is blank (every pixel has the same value): there is nothing to label, so the "
                          "classifier's label is a guess")
-            return int(labels[0]), "guess"
+            return int(labels[0]), "guess", None
         if d > bound:
             d_text, bound_text = apart(d, bound)
             notes.append(f"the image is unlike the training images: its pixel distance to the nearest is {d_text}, "
                          f"more than any of {sample} training images' to theirs ({bound_text}), so the "
                          "classifier's label is a guess")
-            return int(labels[0]), "guess"
+            return int(labels[0]), "guess", None
         if p < CONFIDENT:
             notes.append(f"the classifier is unsure (probability under {CONFIDENT}), so the label may be wrong")
-            return int(labels[0]), "unsure"
-        return int(labels[0]), ""
+            return int(labels[0]), "unsure", None
+        return int(labels[0]), "", None
 
     def generate(self, seed: int, progress: Callable[[int, int], None] | None = None) -> QueryInput:
         """One new DDPM sample with its recorded trajectory (all T steps)."""
@@ -423,9 +433,9 @@ class QuerySources:
         images, traj = generate(self.model, self.preset, 1, int(seed), True, self.device, progress)
         image = images[0].clamp(-1.0, 1.0)
         notes = [f"generated with seed {seed} ({self.diffusion.T} DDPM steps)"]
-        label, doubt = self._predict_label(image, notes)
+        label, doubt, same = self._predict_label(image, notes)
         return QueryInput(image=image, trajectory=traj[0], description=f"generate:{seed}", label=label, notes=notes,
-                          label_doubt=doubt)
+                          label_doubt=doubt, identical_to=same)
 
 
 def apart(a: float, b: float, least: int = 2) -> tuple[str, str]:
