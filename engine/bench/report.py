@@ -27,7 +27,7 @@ def format_table(r: dict[str, Any]) -> str:
     ]
     b = r.get("build", {})
     lines.append("")
-    lines.append(f"{'method':8} {'status':12} {'build s':>9} {'size MB':>9} {'grad ms':>9} {'prep ms':>9} {'score ms':>9} {'rescore ms':>11} {'top-10 agree':>13}")
+    lines.append(f"{'method':8} {'status':12} {'build s':>9} {'size MiB':>9} {'grad ms':>9} {'prep ms':>9} {'score ms':>9} {'rescore ms':>11} {'top-10 agree':>13}")
     pm = r.get("query_ms", {}).get("per_method_median", {})
     ag = r.get("agreement_top10", {})
     shared_notes: list[str] = []
@@ -79,9 +79,9 @@ def format_table(r: dict[str, Any]) -> str:
     lines.append(f"first query after start:     {r.get('first_query_ms', float('nan')):.0f} ms")
     lines.append(f"query, all methods, median:  {r.get('query_ms', {}).get('median_total') or float('nan'):.0f} ms")
     mem = r.get("memory_warm_session", {})
-    lines.append(f"warm session peak RSS:       {mem.get('peak_rss_mb', float('nan')):.0f} MB (now {mem.get('rss_mb', float('nan')):.0f} MB)")
-    lines.append(f"  (this process after imports, before any session: {r.get('memory_after_imports', {}).get('rss_mb', float('nan')):.0f} MB)")
-    lines.append(f"build process peak RSS:      {b.get('memory', {}).get('peak_rss_mb', float('nan')):.0f} MB")
+    lines.append(f"warm session peak RSS:       {mem.get('peak_rss_mb', float('nan')):.0f} MiB (now {mem.get('rss_mb', float('nan')):.0f} MiB)")
+    lines.append(f"  (this process after imports, before any session: {r.get('memory_after_imports', {}).get('rss_mb', float('nan')):.0f} MiB)")
+    lines.append(f"build process peak RSS:      {b.get('memory', {}).get('peak_rss_mb', float('nan')):.0f} MiB")
     if ag.get("note"):  # the column's "-": say why (it was only in the JSON)
         lines.append(f"top-10 label agreement: not measured: {ag['note']}")
     if "chance" in ag:

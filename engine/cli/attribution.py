@@ -300,7 +300,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if not shard.is_main:
         return 0
     print()
-    print(f"{'method':8} {'status':12} {'seconds':>9} {'size MB':>9}  note")
+    print(f"{'method':8} {'status':12} {'seconds':>9} {'size MiB':>9}  note")
     built = [n for n, s in summary.items() if s["status"] == "ok"]
     one_cache = session.caches.shared_caches(built)  # a contributor's two methods over one stored artefact
     for name, s in summary.items():
