@@ -241,6 +241,23 @@ def test_bad_input_is_one_line_error(cli, argv, message):
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_similarity_is_refused_before_the_session_loads(cli, monkeypatch):
+    """QA 30b #6: ``reverse --train 5 --methods pixel`` loaded the session (~10 s), then said pixel "cannot be
+    summed over a group" though no group was given; now refused at once, in words that fit one image."""
+    import engine.cli.groups as groups_cli
+
+    def no_session(args):
+        raise AssertionError("the session was opened")
+
+    monkeypatch.setattr(groups_cli, "open_session", no_session)
+    for argv in (("reverse", "--train", "5", "--methods", "kfac,pixel"), ("group", "--remove", "label:3", "--methods",
+                                                                          "clip")):
+        rc, out, err = cli(*argv)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert "a similarity, not a removal prediction" in err and "summed over a group" not in err, err
+        assert "use influence methods (kfac, trak, dtrak)" in err
+
+
 def test_group_and_reverse_answer_every_repeated_remove(cli):
     """``--remove label:3 --remove label:8`` kept only the last group, silently.  Each group now gets its own
     answer from the one matrix: the same as asking for it alone."""

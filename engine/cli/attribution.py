@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import jsonio
-from ..attribution.methods import METHODS, method_names, parse_methods
+from ..attribution.methods import METHODS, method_names, names_of_kind, parse_methods
 from ..attribution.signs import end_signs
 from ..config import SETTING_FLAGS, AttributionConfig
 from ..validation import DRAW_MODES, SHARED_DRAW_MODES, check_damping
@@ -220,7 +220,7 @@ def add_build(sub: argparse._SubParsersAction) -> None:
         sub,
         "build",
         cmd_build,
-        help="build attribution caches (K-FAC factors and bank, TRAK and D-TRAK features, CLIP embeddings, pixels)",
+        help=f"build each method's attribution cache ({', '.join(method_names())}; K-FAC: factors and bank)",
         description="Compute or load each method's cache for the checkpoint and data set. Resumable: "
         "finished parts of a bank are kept when a build is interrupted.",
     )
@@ -336,9 +336,10 @@ def add_query(sub: argparse._SubParsersAction) -> None:
         "query",
         cmd_query,
         help="attribute one generated or given image to the training images",
-        description="Scores every training image for one query. Influence scores (kfac, trak, dtrak) "
+        description=f"Scores every training image for one query. Influence scores ({', '.join(names_of_kind('influence'))}) "
         "follow the paper's sign and scale: positive = proponent (removing it would raise the query's "
-        "loss), tau_i = (1/N) grad m^T (G + lambda I)^-1 grad l_i. clip and pixel are similarities.",
+        "loss), tau_i = (1/N) grad m^T (G + lambda I)^-1 grad l_i. "
+        f"The similarities ({', '.join(names_of_kind('similarity'))}) rank by likeness, not by what a removal would do.",
     )
     p.add_argument(
         "--query", required=True, action=OneQuery,

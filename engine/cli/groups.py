@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .. import jsonio
-from ..attribution.methods import METHODS, parse_methods
+from ..attribution.methods import METHODS, names_of_kind, parse_methods
 from ..attribution.signs import removed_words, reverse_caveat
 from .attribution import _add_attribution_options, open_session, parse_damping
 from .common import at_least, fail, register, subcommand
@@ -65,6 +65,12 @@ def _run_group(args: argparse.Namespace, group_specs: list[str]):
     from ..attribution.terminal_progress import terminal_progress
 
     methods = parse_methods(args.methods)
+    # a similarity refused before the session loads (~10 s), in words that fit one training image too (QA 30b #6:
+    # reverse --train 5 --methods pixel said, after loading, that it "cannot be summed over a group")
+    similar = [n for n in methods or [] if n in names_of_kind("similarity")]
+    if similar:
+        raise ValueError(f"{', '.join(similar)}: a similarity, not a removal prediction, says nothing of what removing "
+                         f"training images would change; use influence methods ({', '.join(names_of_kind('influence'))})")
     damping = _damping(args)
     session = open_session(args)
     groups = [parse_group(spec, session.dataset) for spec in group_specs]  # every spec checked before any work
@@ -260,7 +266,7 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
         if METHODS[names[0]].kind != "influence":
             raise ValueError(
                 f"copy-check --method {names[0]}: a similarity has no influence mass to concentrate on one "
-                "training image; use an influence method (kfac, trak or dtrak)"
+                f"training image; use an influence method ({', '.join(names_of_kind('influence'))})"
             )
         args.methods = names[0]
         session, (result,) = _run_group(args, ["train:0"])  # the group is unused: only the matrix matters

@@ -98,6 +98,18 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
+def names_of_kind(kind: str) -> list[str]:
+    """The methods of ``kind`` ("influence" or "similarity"), in display order, read from their declarations
+    (no module is imported: the CLI's help texts list them, QA 30b: typed by hand, they left a new method out)."""
+    out = []
+    for name in METHODS:
+        declared = declaration(name)
+        k = declared.kind if declared is not None and name not in _REGISTERED else _REGISTERED[name].kind
+        if k == kind:
+            out.append(name)
+    return out
+
+
 def parse_methods(text: str | None) -> list[str] | None:
     """'kfac,trak' -> ['kfac', 'trak']; None/'all' -> None (every method).  Unknown names: ValueError."""
     if text is None or text.strip().lower() == "all":
@@ -122,6 +134,7 @@ __all__ = [
     "declaration",
     "make_method",
     "method_names",
+    "names_of_kind",
     "parse_methods",
     "plugin_problems",
     "register",
