@@ -140,6 +140,11 @@ SETTING_FLAGS = {
 }
 
 
+# Monte Carlo draws of a TRUE measurement (a retrained model's loss in the LDS, retrain-top, group-retrain):
+# the figure the predictions are compared with, so many more draws than an attribution's M; every default
+# of it (``MeasureSpec``, the evaluation functions, the CLI's --true-mc-samples) is this one number
+TRUE_MC_SAMPLES = 1024
+
 # The authors' best TRAK / D-TRAK dampings on TRAK's unnormalised scale (sum over examples);
 # ours is on the scale of G for the mean loss, i.e. these divided by N (docs/architecture.md §4).
 TRAK_UNNORMALISED_DAMPING = {"trak": 1e-1, "dtrak": 1.0}

@@ -48,6 +48,7 @@ from ..attribution.compressed_bank import (
 from ..attribution.damping_grid import DAMPING_GRID
 from ..attribution.layer_projection import projected_grads
 from ..attribution.rerank import scale_estimates
+from ..config import TRUE_MC_SAMPLES
 from ..evaluation.setup import load_queries_file
 from ..evaluation.stats import spearman
 from ..npy_read import load_npz
@@ -290,7 +291,7 @@ def run_compressed_digits(
                 extras[key]["lds_minus_full"] = paired_difference(per_query[key], per_query["full"], "full bank")
             lds_full_here, k_used = lds["full"], int(lds["subsets"])
             lds_note = (f"K={k_used} subsets of {lds_run}{' (PRELIMINARY: the models trained so far)' if lds_partial else ''}"
-                        ", true loss measured with 1024 draws (engine.evaluation.lds); scores as the "
+                        f", true loss measured with {TRUE_MC_SAMPLES} draws (engine.evaluation.lds); scores as the "
                         "product shows them (candidates exact, the rest compressed estimates times the factor "
                         "fitted on the candidates; per_variant.lds_raw_estimates: the estimates unscaled); "
                         f"full bank here: {lds_full_here:.3f}"
@@ -367,7 +368,7 @@ def variant_lds(
         ref = load_queries_file(saved)["images"][: len(q)]  # no unpickling of code
         if ref.shape != q.shape or not torch.allclose(ref.to(q.dtype), q):
             raise ValueError(f"the LDS run {run}'s queries are not the {len(q)} queries scored here")
-    measured = seed_average(measured_matrix(run, masks, 1, q, MeasureSpec("loss", 1024), dataset.levels))
+    measured = seed_average(measured_matrix(run, masks, 1, q, MeasureSpec("loss", TRUE_MC_SAMPLES), dataset.levels))
     usable = int(np.all(np.isfinite(measured), axis=0).sum())
     if usable < need:
         log(f"only {usable} of {masks.shape[0]} subset models are trained: LDS left null")

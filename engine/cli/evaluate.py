@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import TRUE_MC_SAMPLES
 from .common import at_least, register, resolve, subcommand
 
 
@@ -51,7 +52,7 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=None, help="comma list of methods (default: all)")
     p.add_argument(
         "--true-mc-samples", "--mc-samples", dest="mc_samples", type=at_least(1), default=None,
-        help="Monte Carlo draws per TRUE measurement of each retrained model (default 1024; quick 64); not the "
+        help=f"Monte Carlo draws per TRUE measurement of each retrained model (default {TRUE_MC_SAMPLES}; quick 64); not the "
         "attribution's M, which is --attribution-mc (in build and query, --mc-samples is that M)"
     )
     p.add_argument("--no-sweep", action="store_true", help="skip the damping sweeps")
@@ -124,8 +125,8 @@ def add_retrain_top(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=None, help="comma list of methods (default: every available one)")
     p.add_argument("--measurement", default="loss", help="measurement (default loss)")
     p.add_argument(
-        "--true-mc-samples", "--mc-samples", dest="mc_samples", type=at_least(1), default=1024,
-        help="Monte Carlo draws per TRUE measurement of each retrained model (default 1024); not the attribution's "
+        "--true-mc-samples", "--mc-samples", dest="mc_samples", type=at_least(1), default=TRUE_MC_SAMPLES,
+        help=f"Monte Carlo draws per TRUE measurement of each retrained model (default {TRUE_MC_SAMPLES}); not the attribution's "
         "M, which is the preset's here"
     )
     p.add_argument("--workers", type=at_least(1), default=1, help="parallel training processes (default 1)")

@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import jsonio
 from ..attribution.methods import METHODS, names_of_kind, parse_methods
 from ..attribution.signs import removed_words, reverse_caveat
+from ..config import TRUE_MC_SAMPLES
 from .attribution import _add_attribution_options, open_session, parse_damping
 from .common import at_least, fail, register, subcommand
 
@@ -327,7 +328,8 @@ def add_group_retrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=None, help="influence methods, comma list (default: every influence method)")
     p.add_argument("--steps", type=at_least(1), default=None, help="training steps (default: the full model's)")
     p.add_argument("--workers", type=at_least(1), default=1, help="models trained in parallel processes (default 1)")
-    p.add_argument("--true-mc-samples", type=at_least(1), default=1024, help="draws per measured loss (default 1024)")
+    p.add_argument("--true-mc-samples", type=at_least(1), default=TRUE_MC_SAMPLES,
+                   help=f"draws per measured loss (default {TRUE_MC_SAMPLES})")
     p.add_argument("--out", default=None, help="model folder root (default runs/group_retrain/<preset>)")
     p.add_argument("--results", default=None, help="results folder (default assets/results)")
     p.add_argument("--no-train", action="store_true", help="only evaluate groups whose model is finished")

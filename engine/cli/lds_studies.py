@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import TRUE_MC_SAMPLES
 from ..paths import REPO_ROOT
 from .common import at_least, register, resolve, subcommand
 
@@ -37,8 +38,8 @@ def add_lds_ablation(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=1, help="the run's seeds (default 1)")
     p.add_argument("--fraction", type=float, default=0.5, help="the run's subset fraction (default 0.5)")
     p.add_argument("--queries", type=at_least(1), default=32, help="the run's queries to score (default 32)")
-    p.add_argument("--true-mc-samples", "--mc-samples", dest="mc_samples", type=at_least(1), default=1024,
-                   help="Monte Carlo draws per TRUE measurement of the run's models (default 1024); not the "
+    p.add_argument("--true-mc-samples", "--mc-samples", dest="mc_samples", type=at_least(1), default=TRUE_MC_SAMPLES,
+                   help=f"Monte Carlo draws per TRUE measurement of the run's models (default {TRUE_MC_SAMPLES}); not the "
                    "attribution's M, which each ablation sets")
     p.add_argument("--measurement", default="loss", help="measurement (default loss)")
     p.add_argument("--build-only", action="store_true", help="only build the variants' caches")

@@ -34,7 +34,7 @@ import torch
 
 from ..attribution.methods.base import Progress, no_progress
 from ..code_version import code_version
-from ..config import Preset, attribution_settings
+from ..config import TRUE_MC_SAMPLES, Preset, attribution_settings
 from .runs import MeasureSpec, TrainTask, cached_measurements, is_finished
 from .stats import spearman
 
@@ -126,7 +126,7 @@ def run_group_retrain(
     out_root: str | Path,
     steps: int | None = None,
     workers: int = 1,
-    mc_samples: int = 1024,
+    mc_samples: int = TRUE_MC_SAMPLES,
     train: bool = True,
     log: Any = print,
 ) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import attribution_key
+from ..config import TRUE_MC_SAMPLES, attribution_key
 from ..files import atomic_torch_save, atomic_write_bytes, save_json, save_npz
 from ..model.train import is_finished
 from ..npy_read import load_npz
@@ -269,7 +269,7 @@ def evaluate_run(setup: RunSetup, cfg: LDSConfig, masks: np.ndarray, run: LDSRun
     from ..attribution.session import AttributionSession
 
     num_q = run.queries if run.queries is not None else (2 if setup.quick else 32)
-    mc = run.mc_samples if run.mc_samples is not None else (64 if setup.quick else 1024)
+    mc = run.mc_samples if run.mc_samples is not None else (64 if setup.quick else TRUE_MC_SAMPLES)
     queries, source = lds_queries(setup, num_q)
     spec = MeasureSpec(measurement=run.measurement, mc_samples=mc)
     per_seed = measured_matrix(

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .. import jsonio
-from ..config import attribution_key
+from ..config import TRUE_MC_SAMPLES, attribution_key
 from ..files import atomic_write_bytes, save_npz
 from ..npy_read import load_npz
 from .job_clock import JobClock, minutes
@@ -126,7 +126,7 @@ def plan(
     method: str,
     fraction: float,
     out_root: Path,
-    mc_samples: int = 1024,
+    mc_samples: int = TRUE_MC_SAMPLES,
     steps: int | None = None,
 ) -> RetrainPlan:
     """The folders and settings of one (query, method) retraining under ``out_root``.
@@ -165,7 +165,7 @@ def _adopt_legacy_folder(p: RetrainPlan, legacy: Path) -> None:
 
 def has_stored_result(
     session: Any, query_image: torch.Tensor, measurement: str, method: str, fraction: float, out_root: str | Path,
-    mc_samples: int = 1024,
+    mc_samples: int = TRUE_MC_SAMPLES,
 ) -> bool:
     """Whether this retraining has a stored result (``RetrainJob.start`` then returns it without training): the
     page shows it at once after a server restart instead of offering a button that would (QA 25 #12)."""
@@ -174,7 +174,7 @@ def has_stored_result(
 
 def earlier_work(
     session: Any, query_image: torch.Tensor, measurement: str, method: str, fraction: float, out_root: str | Path,
-    mc_samples: int = 1024,
+    mc_samples: int = TRUE_MC_SAMPLES,
 ) -> str | None:
     """What an earlier retraining of this choice left on disk, in words for the page; None when nothing.
 
@@ -238,7 +238,7 @@ class RetrainJob:
         method: str,
         fraction: float,
         out_root: str | Path,
-        mc_samples: int = 1024,
+        mc_samples: int = TRUE_MC_SAMPLES,
         steps: int | None = None,
         background: bool = True,
     ) -> RetrainJob:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..code_version import code_version
+from ..config import TRUE_MC_SAMPLES
 from ..files import save_json
 from .retrain_top import CONTROL_SEED, RetrainJob, attribution_settings, plan, removal_count
 from .runs import (
@@ -33,7 +34,7 @@ class RetrainTopConfig:
     methods: tuple[str, ...] | None = None  # None: every method available here
     fraction: float = 0.02
     measurement: str = "loss"
-    mc_samples: int = 1024  # draws per true measurement
+    mc_samples: int = TRUE_MC_SAMPLES  # draws per true measurement
     workers: int = 1
     steps: int | None = None  # None: the full model's
     cache_root: str | Path | None = None

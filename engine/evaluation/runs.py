@@ -26,7 +26,7 @@ import torch
 
 from ..bar_redraw import add_done_before
 from ..child_process import init_worker, stop_pool
-from ..config import Preset
+from ..config import TRUE_MC_SAMPLES, Preset
 from ..files import atomic_write_bytes
 from ..model.checkpoint import checkpoint_hash, load_checkpoint
 from ..model.data import ImageDataset
@@ -43,7 +43,7 @@ class MeasureSpec:
     """What a "true" measurement is: which measurement, how many draws, which seed."""
 
     measurement: str = "loss"
-    mc_samples: int = 1024
+    mc_samples: int = TRUE_MC_SAMPLES
     seed: int = 12345
     batch: int = 256  # draws evaluated at once (memory only; does not change the value)
 
