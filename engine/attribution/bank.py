@@ -38,7 +38,9 @@ chunks, 263 ms with 1 MiB chunks, 713 ms with ``torch.ops.aten._weight_int8pack_
 int8-weight kernel) (``scripts/bank_scan_kernels.py``, ``assets/results/bank_scan_kernels.json``).  The build runs in chunks of
 examples, each saved as soon as it is done (``Store.partial``: resumable), published
 atomically at the end and memory-mapped on load.  ``quantize=False`` keeps the rotated
-gradients unquantised in the gradients' dtype (float32, or float64 in tests).
+gradients unquantised in the gradients' dtype (float32, or float64 in tests).  Whatever float type the rows
+are kept in, every product accumulates in float32 at least (``product_dtype``): the damped query
+q / (e + lambda) reaches 1e8 and more at lambda = 1e-8, far past float16's 65,504 (QA 30b).
 """
 
 from __future__ import annotations
@@ -94,7 +96,16 @@ def _available_memory_bytes() -> int | None:
 
 
 def block_key(j: int) -> str:
+    """The stored array name of parameter block j's rows (``b0000``, ``b0001``, ...)."""
     return f"b{j:04d}"
+
+def product_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype rows stored as ``stored`` are multiplied in: float32 for int8 and for any float type narrower
+    than float32 (float16, bfloat16), the stored type otherwise (float64 in tests).  The damped query
+    q / (e + lambda) overflows float16 at small dampings, and float16 sums lose digits over P terms."""
+    if not stored.is_floating_point:
+        return torch.float32
+    return torch.promote_types(stored, torch.float32)
 
 
 def whitening(eigenvalues: torch.Tensor, blocks: list[Block], floor: float) -> torch.Tensor:
@@ -199,21 +210,29 @@ class RotatedBank:
 
     @property
     def quantized(self) -> bool:
+        """Whether the rows are int8 with per-(example, block) scales."""
         return self.scales is not None
 
     @property
     def device(self) -> torch.device:
+        """Where the rows are (and every product is taken)."""
         return self.data[0].device
 
     @property
+    def product_dtype(self) -> torch.dtype:
+        """What the rows are multiplied in: float32 for int8 and float16/bfloat16 rows (``product_dtype``)."""
+        return product_dtype(self.data[0].dtype)
+
+    @property
     def nbytes(self) -> int:
+        """Bytes of the rows, scales and whitening weights."""
         n = sum(d.numel() * d.element_size() for d in self.data)
         n += 0 if self.weights is None else self.weights.numel() * 4
         return n + (0 if self.scales is None else self.scales.numel() * 4)
 
     def row(self, i: int) -> torch.Tensor:
         """Example i's rotated gradient R_i (P,), dequantised (for checks)."""
-        dtype = torch.float32 if self.quantized else self.data[0].dtype
+        dtype = self.product_dtype
         return torch.cat([self.block_rows(j, slice(i, i + 1), dtype)[0] for j in range(len(self.data))])
 
     def block_rows(self, j: int, rows: slice, dtype: torch.dtype) -> torch.Tensor:
@@ -236,10 +255,11 @@ class RotatedBank:
         On a CPU with numba, the fused kernel of ``int8_scan`` reads each int8 once (no float copy);
         otherwise, or when ``chunk_bytes`` is given, each block is converted to float ``chunk_bytes``
         at a time (cache-sized 4 MiB chunks on a CPU; 256 MiB on a GPU, where small chunks would mean
-        thousands of tiny kernel launches).
+        thousands of tiny kernel launches).  Float rows narrower than float32 (float16, bfloat16)
+        are widened the same way, so the damped query and the sums stay in float32 (``product_dtype``).
         """
         n = self.num_examples
-        dtype = torch.float32 if self.quantized else self.data[0].dtype
+        dtype = self.product_dtype
         q = self._weighted(query.to(self.device, dtype))
         if chunk_bytes is None and self._fused_ok():
             return self._inner_fused(q)
@@ -248,13 +268,16 @@ class RotatedBank:
         out = torch.zeros(n, dtype=q.dtype, device=self.device)
         for j, (blk, d) in enumerate(zip(self.blocks, self.data, strict=True)):
             qb = q[blk.offset : blk.offset + blk.size]
-            if self.scales is None:
+            if self.scales is None and d.dtype == dtype:
                 out += d @ qb
                 continue
-            s = self._scale_cols[j]  # type: ignore[index]
+            # int8, or float rows narrower than the product (float16): widened a chunk at a time
             rows = max(1, chunk_bytes // max(1, 4 * blk.size))
             for r in range(0, n, rows):
-                out[r : r + rows] += (d[r : r + rows].to(torch.float32) @ qb) * s[r : r + rows]
+                part = d[r : r + rows].to(dtype) @ qb
+                if self.scales is not None:
+                    part *= self._scale_cols[j][r : r + rows]  # type: ignore[index]
+                out[r : r + rows] += part
         return out
 
     def _fused_ok(self) -> bool:
@@ -288,7 +311,7 @@ class RotatedBank:
         if queries.shape[0] == 1:
             return self.inner(queries[0])[None]
         n, g = self.num_examples, queries.shape[0]
-        dtype = torch.float32 if self.quantized else self.data[0].dtype
+        dtype = self.product_dtype
         q = self._weighted(queries.to(self.device, dtype))
         out = torch.zeros((n, g), dtype=dtype, device=self.device)
         for j, (blk, d) in enumerate(zip(self.blocks, self.data, strict=True)):
