@@ -1,4 +1,5 @@
-"""Bank rows kept in a float type other than float32 (QA 30b #2): ``bank.product_dtype``."""
+"""Bank rows kept in a float type other than float32 (QA 30b #2) and the settings a bank is stored under
+(QA 30b #1): ``bank.product_dtype``, ``build_bank(store_dtype=...)``, ``bank.artefact_settings``."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.attribution.bank import RotatedBank, build_bank, product_dtype
+from engine.attribution.bank import RotatedBank, artefact_settings, build_bank, product_dtype
 from engine.attribution.curvature import compute_kfac
 from engine.attribution.gradients import influence_params, per_example_grads
+from engine.attribution.store import Store
 from engine.model.diffusion import make_draws
 
 FLOAT16_MAX = 65504.0
@@ -68,3 +70,47 @@ def test_float16_rows_at_damping_1e8_give_the_float32_scores(bank32):
             assert (err <= _rounding_bound(bank16, q)).all(), (how, lams[i], float(err.max()))
     row = bank16.row(3)
     assert row.dtype == torch.float32 and torch.isfinite(row).all()
+
+
+def test_store_dtype_saves_float16_rows_under_their_own_key(bank32, tmp_path):
+    bank, f, rotated, (model, diffusion, x, draws, params) = bank32
+    store = Store(tmp_path, "0" * 16, "digits")
+    own = {"test": 1}
+    kw = dict(store=store, name="bank16", settings=own, quantize=False, chunk_size=5)
+    b16 = build_bank(model, diffusion, x, draws, f, params, store_dtype=torch.float16, **kw)
+    key = artefact_settings(own, quantize=False, chunk_size=5, store_dtype=torch.float16)
+    assert key == {"test": 1, "quantize": False, "chunk_size": 5, "store_dtype": "float16"}
+    assert store.exists("bank16", key) and not store.exists("bank16", artefact_settings(own, quantize=False, chunk_size=5))
+    arrays = store.load_arrays("bank16", key)
+    assert {a.dtype for a in arrays.values()} == {np.dtype(np.float16)}
+    for d16, d32 in zip(b16.data, bank.data, strict=True):
+        assert d16.dtype == torch.float16
+        torch.testing.assert_close(d16, d32.to(torch.float16), rtol=0, atol=0)  # rounded once, from float32
+    q = rotated / (f.eigenvalues() + 1e-8)
+    got = b16.score(q)
+    assert np.isfinite(got).all()
+    assert (np.abs(got - bank.score(q)) <= _rounding_bound(b16, q)).all()
+    # in memory, without a store: the same rows
+    mem = build_bank(model, diffusion, x, draws, f, params, quantize=False, chunk_size=5, store_dtype=torch.float16)
+    np.testing.assert_array_equal(mem.score(q), got)
+
+
+def test_artefact_settings_is_what_build_bank_stores_under(bank32, tmp_path):
+    """QA 30b #1: one function names the stored settings, for the builder and every kind's ``cache_key``."""
+    _, f, _, (model, diffusion, x, draws, params) = bank32
+    store = Store(tmp_path, "0" * 16, "digits")
+    own = {"method": "kfac", "loss": "loss"}
+    build_bank(model, diffusion, x[:4], draws, f, params, store=store, name="b", settings=own, chunk_size=3,
+               whiten=1e-6)
+    key = artefact_settings(own, quantize=True, chunk_size=3, whiten=1e-6)
+    assert key == {**own, "quantize": True, "chunk_size": 3, "whiten": 1e-6}
+    assert store.exists("b", key) and not store.exists("b", own)
+    assert artefact_settings(key, quantize=True, chunk_size=3, whiten=1e-6) == key  # idempotent
+    assert "whiten" not in artefact_settings(own, quantize=False, chunk_size=3, whiten=1e-6)  # int8 grid only
+    # a key built for other arguments than the build's is refused, not stored under a third name
+    with pytest.raises(ValueError, match="disagree"):
+        build_bank(model, diffusion, x[:4], draws, f, params, settings={**own, "quantize": False}, chunk_size=3)
+    with pytest.raises(ValueError, match="unquantised"):
+        artefact_settings(own, quantize=True, store_dtype=torch.float16)
+    with pytest.raises(ValueError, match="float type"):
+        artefact_settings(own, quantize=False, store_dtype=torch.int16)

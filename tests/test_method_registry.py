@@ -377,3 +377,82 @@ def test_query_says_on_stderr_which_named_method_did_not_score_and_writes_no_emp
     rc = main(["query", "--query", "train:3", "--methods", "kfac", "--damping", "kfac=1e-6", "--damping",
                "kfac=1e-4", *common])
     assert rc == 2 and "kfac's damping is given twice" in capsys.readouterr().err
+
+
+F16_KIND = '''
+import torch
+
+from ..bank import artefact_settings, build_bank
+from ..bank_kinds import BankKind, register_bank_kind
+
+NAME = "zz-test-f16-bank"
+
+
+def _own(method, ctx):
+    return {**method.factor_settings(ctx), "loss": "loss"}
+
+
+def _args(method):
+    return {"quantize": False, "chunk_size": method.chunk_size, "store_dtype": torch.float16}
+
+
+def _cache_key(method, ctx):
+    return NAME, artefact_settings(_own(method, ctx), **_args(method))
+
+
+def _build(method, ctx, factors, progress):
+    return build_bank(ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, factors, ctx.params,
+                      store=ctx.store, name=NAME, settings=_own(method, ctx), device=ctx.device,
+                      progress=method.bank_progress(progress), consumers=method.gradient_consumers, **_args(method))
+
+
+register_bank_kind("zz-f16", BankKind(build=_build, stored=True, cache_key=_cache_key, note="float16 rows (a test)"))
+'''
+
+
+def test_a_bank_kind_file_dropped_into_the_package_reports_itself_built(
+    methods_package_file, folder, digits_small, tmp_path
+):
+    """QA 30b #1: a bank kind whose ``cache_key`` followed §9 (the factors' settings plus its own) was never
+    "built": ``build_bank`` stores under more settings (``quantize``, ``chunk_size``), so ``is_built`` and
+    ``status`` looked in a folder never written.  ``bank.artefact_settings`` gives the stored key; the kind
+    also keeps its rows in float16 (``store_dtype``), scored in float32 at a tiny damping."""
+    from engine.attribution import bank_kinds
+
+    methods_package_file("zz_test_f16_bank", F16_KIND)
+    assert "zz-f16" in bank_kinds.bank_modes()
+    try:
+        _check_the_float16_kind(folder, digits_small, tmp_path)
+    finally:
+        bank_kinds._KINDS.pop("zz-f16", None)  # registered on first use: later tests see the shipped kinds only
+
+
+def _check_the_float16_kind(folder, digits_small, tmp_path) -> None:
+    import dataclasses
+
+    import torch
+
+    from engine.attribution.bank import artefact_settings
+
+    cfg = dataclasses.replace(TINY_ATTRIBUTION, kfac_bank="zz-f16")
+
+    def session() -> AttributionSession:
+        return AttributionSession("digits", checkpoint=folder, device="cpu", cache_root=tmp_path, config=cfg,
+                                  dataset=digits_small)
+
+    s = session()
+    assert not s.status(["kfac"])["kfac"]["built"]
+    assert s.build(["kfac"])["kfac"]["status"] == "ok"
+    fresh = session()  # another process: is_built reads the store, not the built method
+    assert fresh.status(["kfac"])["kfac"]["built"]
+    kfac = fresh.method("kfac")
+    assert kfac.is_built(fresh.ctx)
+    name, key = kfac.cache_keys(fresh.ctx)[1]
+    assert name == "zz-test-f16-bank" and key["store_dtype"] == "float16" and key["quantize"] is False
+    own = {**kfac.factor_settings(fresh.ctx), "loss": "loss"}
+    assert not fresh.ctx.store.exists(name, own)  # the key §9 used to describe: never written
+    assert key == artefact_settings(own, quantize=False, chunk_size=kfac.chunk_size, store_dtype=torch.float16)
+    arrays = fresh.ctx.store.load_arrays(name, key)
+    assert all(a.dtype == np.float16 for a in arrays.values())
+    res = fresh.query(fresh.parse_query("train:5"), methods=["kfac"], damping={"kfac": 1e-8})
+    assert res.methods["kfac"].status == "ok" and np.isfinite(res.methods["kfac"].scores).all()

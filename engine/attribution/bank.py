@@ -38,9 +38,12 @@ chunks, 263 ms with 1 MiB chunks, 713 ms with ``torch.ops.aten._weight_int8pack_
 int8-weight kernel) (``scripts/bank_scan_kernels.py``, ``assets/results/bank_scan_kernels.json``).  The build runs in chunks of
 examples, each saved as soon as it is done (``Store.partial``: resumable), published
 atomically at the end and memory-mapped on load.  ``quantize=False`` keeps the rotated
-gradients unquantised in the gradients' dtype (float32, or float64 in tests).  Whatever float type the rows
-are kept in, every product accumulates in float32 at least (``product_dtype``): the damped query
+gradients unquantised, in the gradients' dtype (float32, or float64 in tests) or in ``store_dtype``
+(say float16: half the bytes, each chunk converted before it is saved).  Whatever float type the rows are
+kept in, every product accumulates in float32 at least (``product_dtype``): the damped query
 q / (e + lambda) reaches 1e8 and more at lambda = 1e-8, far past float16's 65,504 (QA 30b).
+The settings a bank is stored under are ``artefact_settings``'s: a bank kind's ``cache_key`` uses it
+with the arguments its ``build_bank`` call takes, so the two cannot name different folders.
 """
 
 from __future__ import annotations
@@ -95,9 +98,48 @@ def _available_memory_bytes() -> int | None:
         return None
 
 
+# the settings ``build_bank`` adds to its caller's (``artefact_settings``)
+BUILD_SETTINGS = ("quantize", "chunk_size", "whiten", "store_dtype")
+
+
 def block_key(j: int) -> str:
     """The stored array name of parameter block j's rows (``b0000``, ``b0001``, ...)."""
     return f"b{j:04d}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def artefact_settings(
+    settings: dict[str, Any] | None = None,
+    quantize: bool = True,
+    chunk_size: int = 128,
+    whiten: float | None = None,
+    store_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """The settings ``build_bank`` stores (and looks up) a bank under, for the same arguments: the caller's
+    ``settings`` plus ``quantize`` and ``chunk_size``, ``whiten`` for a whitened int8 grid and ``store_dtype``
+    for unquantised rows kept in another float type.
+
+    A bank kind's ``cache_key`` returns ``(name, artefact_settings(settings, quantize=..., ...))`` with the
+    arguments its ``build_bank`` call passes, so that ``is_built`` and ``status`` look where the build
+    writes (QA 30b: a key of the caller's settings alone named a folder that was never written, and the
+    kind reported itself unbuilt for ever).  Idempotent: keys of ``BUILD_SETTINGS`` already in ``settings``
+    are replaced by the arguments' (``build_bank`` refuses settings whose such keys disagree with its
+    arguments)."""
+    out = {k: v for k, v in (settings or {}).items() if k not in BUILD_SETTINGS}
+    out.update(quantize=bool(quantize), chunk_size=int(chunk_size))
+    if quantize and whiten is not None:
+        out["whiten"] = float(whiten)
+    if store_dtype is not None:
+        if quantize:
+            raise ValueError("store_dtype is for unquantised rows (quantize=False): an int8 bank is int8")
+        if not store_dtype.is_floating_point:
+            raise ValueError(f"store_dtype must be a float type, not {store_dtype}")
+        out["store_dtype"] = _dtype_name(store_dtype)
+    return out
+
 
 def product_dtype(stored: torch.dtype) -> torch.dtype:
     """The dtype rows stored as ``stored`` are multiplied in: float32 for int8 and for any float type narrower
@@ -420,14 +462,21 @@ class StreamedBank:
 
 
 def _chunk_arrays(
-    rotated: torch.Tensor, blocks: list[Block], quantize: bool, weights: torch.Tensor | None = None
+    rotated: torch.Tensor,
+    blocks: list[Block],
+    quantize: bool,
+    weights: torch.Tensor | None = None,
+    store_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
+    """One chunk of rotated rows (n, P) as the arrays a part saves: per-block int8 and the scales, or per-block
+    floats in the rows' dtype or ``store_dtype``."""
     if quantize:
         data, scales = quantize_blocks(rotated, blocks, weights)
         arrays = {block_key(j): d for j, d in enumerate(data)}
         arrays[SCALES] = scales
         return arrays
-    return {block_key(j): rotated[:, b.offset : b.offset + b.size].contiguous() for j, b in enumerate(blocks)}
+    dtype = rotated.dtype if store_dtype is None else store_dtype
+    return {block_key(j): rotated[:, b.offset : b.offset + b.size].to(dtype).contiguous() for j, b in enumerate(blocks)}
 
 
 def build_bank(
@@ -448,13 +497,17 @@ def build_bank(
     progress: Callable[[str, float], None] | None = None,
     consumers: list[Any] | None = None,
     whiten: float | None = None,
+    store_dtype: torch.dtype | None = None,
 ) -> RotatedBank:
     """Compute (or load) the bank of rotated per-example training gradients.
 
     With a ``store``, chunks of ``chunk_size`` examples are saved as they finish (an
     interrupted build resumes at the first missing chunk), the result is published
-    atomically under ``(name, settings)`` and loaded memory-mapped.  Without a store the
-    bank stays in memory.  ``settings`` must name everything the bank depends on.
+    atomically under ``(name, artefact_settings(settings, quantize, chunk_size, whiten, store_dtype))``
+    and loaded memory-mapped.  Without a store the bank stays in memory.  ``settings`` must name
+    everything the bank depends on besides this call's arguments; a bank kind's ``cache_key`` is
+    ``(name, artefact_settings(...))`` of the same arguments (ValueError when ``settings`` already hold one
+    of ``BUILD_SETTINGS`` with another value than the argument's: the key and the build would disagree).
 
     ``consumers``: objects with ``consume(rows, grads)`` that get every batch of training
     gradients this pass computes (TRAK's and D-TRAK's ``FeatureSink``: one gradient pass feeds all
@@ -463,15 +516,18 @@ def build_bank(
 
     ``whiten``: the int8 grid's relative eigenvalue floor f (``whitening``; module docstring), None for the
     plain grid; quantised banks only, and part of the cache key (``settings["whiten"]``).
+
+    ``store_dtype``: with ``quantize=False``, the float type the rows are saved (and held) in, say
+    ``torch.float16`` for half the bytes of float32; each chunk is converted before it is saved, products
+    still accumulate in float32 (``product_dtype``), and the type is part of the cache key
+    (``settings["store_dtype"]``).  None: the gradients' dtype.
     """
     device = torch.device(device) if device is not None else params[0][1].device
-    settings = dict(settings or {})
-    settings.update(quantize=bool(quantize), chunk_size=int(chunk_size))
+    settings = _checked_artefact_settings(settings, quantize, chunk_size, whiten, store_dtype)
     blocks = factors.blocks
     n = images.shape[0]
     weights = None
     if quantize and whiten is not None:
-        settings["whiten"] = float(whiten)
         weights = whitening(factors.eigenvalues(), blocks, float(whiten))
     if store is not None:
         arrays = store.load_arrays(name, settings)
@@ -503,7 +559,7 @@ def build_bank(
             if hasattr(c, "flush"):
                 c.flush()  # what it buffered of this chunk, before the chunk is saved
         rotated = factors.rotate(torch.cat(parts))
-        return _chunk_arrays(rotated, blocks, quantize, weights)
+        return _chunk_arrays(rotated, blocks, quantize, weights, store_dtype)
 
     # the pass's seconds include the consumers' share (projections); they cannot be split, so the bank's
     # record names the methods it fed (their own records say ``gradient_pass_shared_with``)
@@ -516,6 +572,20 @@ def build_bank(
         return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES),
                            weights=weights)
     return RotatedBank.from_arrays(arrays, blocks, device, weights)
+
+
+def _checked_artefact_settings(
+    settings: dict[str, Any] | None, quantize: bool, chunk_size: int, whiten: float | None,
+    store_dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """``artefact_settings`` of a build's arguments; ValueError when ``settings`` already name one of
+    ``BUILD_SETTINGS`` with another value (a key made for other arguments than the build's)."""
+    out = artefact_settings(settings, quantize, chunk_size, whiten, store_dtype)
+    clash = {k: v for k, v in (settings or {}).items() if k in BUILD_SETTINGS and out.get(k) != v}
+    if clash:
+        raise ValueError(f"settings {clash} disagree with the build's arguments ({ {k: out.get(k) for k in clash} }): "
+                         "pass the bank's own settings and let artefact_settings add these")
+    return out
 
 
 def _consumer_parts(consumers: list[Any] | None) -> list[Any]:

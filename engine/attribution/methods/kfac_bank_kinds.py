@@ -13,8 +13,7 @@ from .kfac_influence import BANK, KFACInfluence
 
 def _stored_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors, progress: Progress) -> Rows:
     """The rotated int8 bank on disk (resumable build, memory-mapped on load)."""
-    bs = method.bank_settings(ctx)
-    bank_settings = {k: v for k, v in bs.items() if k not in ("quantize", "chunk_size", "whiten")}
+    # the same settings and arguments as ``method.bank_settings`` (the kind's cache key): bank.artefact_settings
     return build_bank(
         ctx.model,
         ctx.diffusion,
@@ -24,14 +23,14 @@ def _stored_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors
         ctx.params,
         store=ctx.store,
         name=BANK,
-        settings=bank_settings,
+        settings={**method.factor_settings(ctx), "loss": "loss"},
         loss="loss",
         quantize=method.quantize,
         chunk_size=method.chunk_size,
         device=ctx.device,
         progress=method.bank_progress(progress),
         consumers=method.gradient_consumers,  # e.g. TRAK's FeatureSink: one gradient pass for both
-        whiten=bs.get("whiten"),  # the int8 grid (engine.attribution.bank.whitening)
+        whiten=method.bank_whiten(),  # the int8 grid (engine.attribution.bank.whitening)
     )
 
 

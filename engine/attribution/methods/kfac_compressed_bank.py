@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ... import distributed
+from ..bank import BUILD_SETTINGS, artefact_settings
 from ..bank_kinds import BankKind, register_bank_kind
 from ..compressed_bank import (
     CandidateSplit,
@@ -42,12 +43,13 @@ HOOK_ROWS = 128  # (example, draw) rows per batch of the hooks pass (activation 
 
 
 def compressed_settings(method: KFACInfluence, ctx: EngineContext) -> dict[str, Any]:
-    """The compressed bank's cache key: the stored bank's plus the projection kind and ratio."""
+    """The compressed bank's cache key: the factors' settings, the loss, the projection kind and ratio, and
+    what ``build_compressed_bank`` adds (``bank.artefact_settings``: quantisation and chunking; no whitening,
+    the stored bank's int8 grid is not used by the projected rows)."""
     c = method.config
-    s = method.bank_settings(ctx)
-    s.pop("whiten", None)  # the stored bank's int8 grid: not used by the projected rows
-    s.update(projection=c.kfac_projection, compression=float(c.kfac_compression))
-    return s
+    own = {**method.factor_settings(ctx), "loss": "loss", "projection": c.kfac_projection,
+           "compression": float(c.kfac_compression)}
+    return artefact_settings(own, quantize=method.quantize, chunk_size=method.chunk_size)
 
 
 def _cache_key(method: KFACInfluence, ctx: EngineContext) -> tuple[str, dict[str, Any]]:
@@ -90,7 +92,7 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
     comp = _compressed_factors(method, ctx, factors)
     shard = distributed.current()
     rows = shard_rows(len(ctx.dataset)) if shard.world > 1 else None
-    settings = {k: v for k, v in compressed_settings(method, ctx).items() if k not in ("quantize", "chunk_size")}
+    settings = {k: v for k, v in compressed_settings(method, ctx).items() if k not in BUILD_SETTINGS}
     bank: Any = build_compressed_bank(
         ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, comp, ctx.params,
         store=ctx.store, name=COMPRESSED, settings=settings, chunk_size=method.chunk_size,

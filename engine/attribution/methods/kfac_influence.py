@@ -27,6 +27,7 @@ import torch
 from ... import distributed
 from ...config import AttributionConfig
 from ...validation import check_factor_draws
+from ..bank import artefact_settings
 from ..bank_kinds import bank_kind
 from ..context import EngineContext
 from ..curvature import KFACFactors, compute_kfac, layout
@@ -153,14 +154,17 @@ class KFACInfluence(AttributionMethod):
             draws = draws.head(self.factor_draws)
         return draws
 
+    def bank_whiten(self) -> float | None:
+        """The stored int8 bank's whitening floor (``bank.whitening``): None for the plain grid (older caches)
+        and for an unquantised bank."""
+        return float(self.config.kfac_bank_whiten) if self.quantize and self.config.kfac_bank_whiten is not None else None
+
     def bank_settings(self, ctx: EngineContext) -> dict[str, Any]:
-        """The factors' settings plus the bank's own (loss, quantisation, chunking, whitening): the
-        bank cache's key."""
-        s = self.factor_settings(ctx)
-        s.update(loss="loss", quantize=self.quantize, chunk_size=self.chunk_size)
-        if self.quantize and self.config.kfac_bank_whiten is not None:  # absent: the plain grid (older caches)
-            s["whiten"] = float(self.config.kfac_bank_whiten)
-        return s
+        """The stored bank cache's key: the factors' settings plus the loss, through ``bank.artefact_settings``
+        with this method's quantisation, chunking and whitening, exactly what ``bank.build_bank`` stores the
+        bank under (``kfac_bank_kinds._stored_bank`` passes the same arguments)."""
+        return artefact_settings({**self.factor_settings(ctx), "loss": "loss"}, quantize=self.quantize,
+                                 chunk_size=self.chunk_size, whiten=self.bank_whiten())
 
     def settings(self, ctx: EngineContext) -> dict[str, Any]:
         """For display (cache status): the bank's key plus how the bank is kept."""
