@@ -4,6 +4,8 @@ Life cycle, driven by ``engine.attribution.session.AttributionSession``:
 
 1. ``build(ctx, progress)``: compute or load the method's cache (banks, factors,
    projections, embeddings).  Idempotent: a built cache is loaded, not recomputed.
+   ``is_built(ctx)`` says, cheaply, whether it is loaded or complete on disk (``status``, the app's build
+   worker and a query's auto-build ask it before deciding to build).
 2. ``prepare(ctx, query, query_grad)``: the per-query work that does not depend on
    damping (rotate/project the query gradient, embed the query image).  ``query_grad``
    is the flat gradient (P,) of ``self.query_measurement(measurement)`` w.r.t. the model
@@ -35,6 +37,7 @@ Progress = Callable[[str, float], None]  # (message, fraction done in [0, 1])
 
 
 def no_progress(message: str, fraction: float) -> None:
+    """The default ``Progress``: says nothing."""
     return None
 
 
@@ -168,12 +171,31 @@ class AttributionMethod(ABC):
         return {**common, **{f: getattr(c, f) for f in self.config_fields}}
 
     @abstractmethod
-    def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None: ...
+    def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
+        """Compute or load this method's cache for ``ctx`` under the current settings, and keep what scoring
+        needs in memory.
+
+        Idempotent: a cache complete in ``ctx.store`` (the keys of ``cache_keys``) is loaded, not recomputed,
+        and a second call on the same context returns at once.  A long build writes its rows through
+        ``ctx.store.partial`` so that a killed build resumes, and reports through ``progress(message,
+        fraction)`` (fraction in [0, 1]).  Raise ``Unavailable`` when this installation cannot build it
+        (a missing package or weights).  A method without a cache builds nothing."""
+        ...
 
     @abstractmethod
-    def is_built(self, ctx: EngineContext) -> bool: ...
+    def is_built(self, ctx: EngineContext) -> bool:
+        """Whether this method is ready to score under ``ctx``'s current settings: loaded in memory by ``build``,
+        or complete on disk (``ctx.store.exists`` of each of ``cache_keys``).
+
+        Must be cheap, never loading or building anything: ``status`` (the CLI's and the app's cache panel),
+        the app's build worker and each query's auto-build call it, the app on every page run.  A method
+        without a cache returns True."""
+        ...
 
     def availability(self, ctx: EngineContext) -> tuple[bool, str | None]:
+        """(whether it can run in this installation, why not): checked before ``build``, so a method whose
+        optional package or weights are missing is listed as unavailable with the reason instead of failing.
+        By default available."""
         return True, None
 
     def cache_keys(self, ctx: EngineContext) -> list[tuple[str, dict[str, Any]]]:
@@ -251,10 +273,26 @@ class AttributionMethod(ABC):
         return None
 
     @abstractmethod
-    def prepare(self, ctx: EngineContext, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared: ...
+    def prepare(self, ctx: EngineContext, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
+        """The query's damping-independent state, once per query (rotate or project the gradient, embed the
+        image), as a ``Prepared`` subclass: ``EigenPrepared`` for rows scored by the eigenbasis operator,
+        ``FixedScores`` for a score vector, else one of its own (then scored query by query).
+
+        ``query_grad``: the flat gradient (P,) of ``query_measurement(measurement)`` w.r.t. ``ctx.params``,
+        shared with every method asking for the same measurement; None when ``query_measurement`` is None.
+        Called after ``build`` (a method may call it itself when its cache is not loaded).  Raise
+        ``Unavailable(..., about=QUERY)`` when this query cannot be scored (a blank image for a correlation)."""
+        ...
 
     @abstractmethod
-    def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray: ...
+    def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
+        """Scores of all N training images for this query, float32 (N,), finite.
+
+        ``damping``: None for the method's ``default_damping``; ignored by a method that takes none
+        (``takes_damping``).  Influence methods follow docs/architecture.md §4's sign and scale, eq. 6:
+        tau_i = (1/N) grad m^T (G + lambda I)^{-1} grad l_i, positive for a proponent.  A damping change
+        calls only this, so it must be quick (the eigenbasis operator caches a damping grid)."""
+        ...
 
 
 class MissingMethod(AttributionMethod):
@@ -270,16 +308,21 @@ class MissingMethod(AttributionMethod):
         self.reason = reason
 
     def availability(self, ctx: EngineContext) -> tuple[bool, str | None]:
+        """Never available: the reason names the file and what went wrong."""
         return False, self.reason
 
     def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
+        """Raises ``Unavailable`` with the reason."""
         raise Unavailable(self.reason)
 
     def is_built(self, ctx: EngineContext) -> bool:
+        """Never built."""
         return False
 
     def prepare(self, ctx: EngineContext, query: QueryInput, query_grad: torch.Tensor | None) -> Prepared:
+        """Raises ``Unavailable`` with the reason."""
         raise Unavailable(self.reason)
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
+        """Raises ``Unavailable`` with the reason."""
         raise Unavailable(self.reason)
