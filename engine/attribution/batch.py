@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .context import EngineContext
 from .methods.base import AttributionMethod, EigenPrepared, FixedScores
 from .query import QueryInput
 from .scoring import to_scores
@@ -23,7 +24,7 @@ from .scoring import to_scores
 
 def score_batch(
     method: AttributionMethod,
-    ctx,
+    ctx: EngineContext,
     queries: list[QueryInput],
     query_grads: torch.Tensor | None,
     damping: float | None,

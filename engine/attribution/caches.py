@@ -251,7 +251,8 @@ class MethodCaches:
             self.ctx.store.check_writable()
 
     def build_lock(self, name: str, on_wait: Callable[[], None] | None = None,
-                   while_waiting: Callable[[float, float, str], None] | None = None):
+                   while_waiting: Callable[[float, float, str], None] | None = None,
+                   ) -> contextlib.AbstractContextManager[bool]:
         """Cross-process lock of one method's cache entries (none under torchrun: ranks build together).
 
         One lock per artefact (``cache_keys`` entry), taken in a fixed order, not one per method: two

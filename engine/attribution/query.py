@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from ..model.dataset import ImageDataset
 from ..model.diffusion import Diffusion
 from ..model.measurements import quantize
 from ..npy_read import load_npz
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 GALLERY_FILE = "gallery.npz"
 
@@ -178,7 +181,7 @@ def _white_level(top: float) -> float:
     return top
 
 
-def open_image(data: bytes, what: str, target_side: int = 8):
+def open_image(data: bytes, what: str, target_side: int = 8) -> PILImage:
     """Decode with bounded memory (``engine.attribution.upload_guard``); QueryError naming ``what`` when refused."""
     from .upload_guard import UploadError, open_bounded
 

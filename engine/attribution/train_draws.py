@@ -24,6 +24,7 @@ the query is attributed as it is (``engine.attribution.session.AttributionSessio
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,7 @@ class PerExampleDraws:
         flip = torch.stack([d.flip for d in per]) if self.flip else None  # type: ignore[misc]
         return MCDraws(torch.stack([d.t for d in per]), torch.stack([d.eps for d in per]), flip)
 
-    def for_indices(self, indices) -> MCDraws:
+    def for_indices(self, indices: torch.Tensor | np.ndarray | Sequence[int]) -> MCDraws:
         """Batched draws of examples ``indices`` (any index array), in that order."""
         idx = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
         per = [self.example(i) for i in idx]

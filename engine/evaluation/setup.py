@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ class TrainingBusyError(RuntimeError):
 
 
 @contextlib.contextmanager
-def train_lock(out: Path):
+def train_lock(out: Path) -> Iterator[None]:
     """``out/.train.lock`` holds the trainer's pid: a second trainer on the same folder is refused.
 
     (Training is deterministic, so two trainers would write the same weights, but they

@@ -8,14 +8,18 @@ p(x_0 | x_1).  Conversion happens only at the CLI/UI boundary (``paper_t``/``ind
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..config import DiffusionConfig
 from ..validation import check_seed
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # sample i of a call with seed s draws from its own generator, seeded s * SAMPLE_SEED_STRIDE + i
 SAMPLE_SEED_STRIDE = 1_000_003
@@ -75,7 +79,7 @@ class MCDraws:
         flip = None if self.flip is None else self.flip[rows]
         return MCDraws(self.t[rows], self.eps[rows], flip)
 
-    def for_indices(self, indices) -> MCDraws:
+    def for_indices(self, indices: torch.Tensor | np.ndarray | Sequence[int]) -> MCDraws:
         """The draws of examples ``indices`` (any index array): shared draws are everyone's."""
         if not self.batched:
             return self

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -336,7 +337,8 @@ class KFACInfluence(AttributionMethod):
             query = EigenbasisQuery(rotated=rotated, eigenvalues=self._eigenvalues, rows=self.bank, grid_first=first)
         return EigenPrepared(query=query, timing_ms={"rotate": ms}, bank=self.bank_mode(ctx))
 
-    def exact_group_scores(self, ctx: EngineContext, query_grads, damping: float | None) -> ExactGroupScores | None:
+    def exact_group_scores(self, ctx: EngineContext, query_grads: Callable[[], torch.Tensor],
+                           damping: float | None) -> ExactGroupScores | None:
         """A compressed bank's batched product is its compressed scan (another scale than eq. 6, ranks
         approximate), so the group views take, instead of its matrix's columns:
 
