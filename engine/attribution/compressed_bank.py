@@ -44,7 +44,7 @@ from torch import nn
 
 from .. import distributed
 from ..model.diffusion import Diffusion
-from .bank import RotatedBank, _chunk_arrays, build_in_parts, whitening
+from .bank import RotatedBank, _chunk_arrays, artefact_settings, build_in_parts, whitening
 from .curvature import Block, KFACFactors, LayerFactors, _eigh
 from .gradients import Params
 from .layer_projection import (
@@ -160,8 +160,7 @@ def build_compressed_bank(
     ``quantize=False`` keeps the rotated rows in the gradients' dtype (tests).
     """
     device = torch.device(device) if device is not None else params[0][1].device
-    settings = dict(settings or {})
-    settings.update(quantize=bool(quantize), chunk_size=int(chunk_size))
+    settings = artefact_settings(settings, quantize=quantize, chunk_size=chunk_size)  # as build_bank's key
     blocks = compressed.blocks
     n = images.shape[0]
 
