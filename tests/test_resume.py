@@ -9,6 +9,7 @@ and one real ``kill -9`` of a subprocess in the middle of the factor pass.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,6 +75,35 @@ def test_factor_pass_resumes_at_its_checkpoint_with_identical_factors(tmp_path, 
     assert seen[0] == "K-FAC factors: resuming at row 32/48 saved by an earlier run"  # it says so (QA round 21)
     assert seen[1].startswith("K-FAC factors: 40/48")  # rows 0-31 were not recomputed
     assert want.keys() == got.keys()
+    for k in want:
+        assert want[k].tobytes() == got[k].tobytes(), k
+
+
+def test_a_factor_pass_is_saved_by_time_too_and_resumes_exactly(tmp_path, tiny_model, diffusion, digits_small):
+    """QA 30c: a checkpoint every 8,192 rows alone meant minutes between saves on a busy machine, and a Ctrl-C
+    before the first lost the whole pass (6,144 digits rows after 73 s).  A save also comes ``checkpoint_seconds``
+    after the last one, at a batch's end: an exact resume point, so the factors are still the same bytes."""
+    params = influence_params(tiny_model)
+    x = digits_small.images[:12]
+    draws = make_draws(4, (1, 8, 8), diffusion.T, seed=0)  # 48 rows, batches of 8
+    kw = dict(batch_size=8, seed=3)
+    want = compute_kfac(tiny_model, diffusion, x, draws, params, **kw).to_arrays()
+    stop = _stop_after(lambda msg, f: "32/48" in msg)
+    rows_only = PassCheckpoint(tmp_path / "rows.pt")
+    with pytest.raises(_Stop):  # the rows rule alone: no save before row 10**6, so nothing to resume from
+        compute_kfac(tiny_model, diffusion, x, draws, params, progress=stop, checkpoint=rows_only,
+                     checkpoint_rows=10**6, **kw)
+    assert not rows_only.path.exists()
+    timed = PassCheckpoint(tmp_path / "timed.pt")
+    with pytest.raises(_Stop):  # every batch end is due at 0 s
+        compute_kfac(tiny_model, diffusion, x, draws, params, progress=stop, checkpoint=timed,
+                     checkpoint_rows=10**6, checkpoint_seconds=0.0, **kw)
+    seen: list[str] = []
+    got = compute_kfac(tiny_model, diffusion, x, draws, params, progress=lambda m, f: seen.append(m),
+                       checkpoint=timed, checkpoint_rows=10**6, checkpoint_seconds=3600.0, **kw).to_arrays()
+    # saved at a batch end before the stop (at 0 s every batch is due, unless the last save's own cost says wait:
+    # a timed save waits 20 times what the last one took)
+    assert re.fullmatch(r"K-FAC factors: resuming at row (8|16|24)/48 saved by an earlier run", seen[0]), seen[:2]
     for k in want:
         assert want[k].tobytes() == got[k].tobytes(), k
 

@@ -353,12 +353,19 @@ class _FactorResume:
     keeps the factor pass's final state and resumes the correction where it stopped).
     """
 
-    def __init__(self, checkpoint: PassCheckpoint, every: int, batch_size: int, kind: str = "factors"):
+    def __init__(self, checkpoint: PassCheckpoint, every: int, batch_size: int, kind: str = "factors",
+                 seconds: float | None = None):
         if kind not in ("factors", "ekfac"):
             raise ValueError(f"unknown pass {kind!r}")
         self.checkpoint = checkpoint
         self.kind = kind
         self.every = max(batch_size, (int(every) // batch_size) * batch_size)
+        # also saved once ``seconds`` have passed since the last save, at the next batch's end: on a slow or busy
+        # machine 8,192 rows took minutes, and a Ctrl-C before the first checkpoint lost all of them (QA 30c:
+        # 6,144 digits rows after 73 s; two mnist passes stopped before row 8,192 after 10-25 min)
+        self.seconds = seconds
+        self.saved_at = time.monotonic()
+        self.save_cost = 0.0  # seconds the last save took: a timed save waits at least 20 of them (<= 5% of the time)
         self.op: Any = None  # the curvlinops operator, set once created
         self.total = 0
         self.last = 0
@@ -375,7 +382,7 @@ class _FactorResume:
         return {"corrected_eigenvalues": op._corrected_eigenvalues}
 
     def start(self) -> int:
-        self.started = time.monotonic()
+        self.started = self.saved_at = time.monotonic()
         if self.op is None:  # curvlinops peeks at the first batch while it is being created
             return 0
         state = self.checkpoint.load()
@@ -408,8 +415,15 @@ class _FactorResume:
             self.threads_before = None
 
     def between(self, rows: int) -> None:
-        if self.op is None or rows <= self.last or (rows % self.every and rows != self.total):
+        """After each batch: save when ``every`` rows or ``seconds`` have passed since the last save (any batch end
+        is an exact resume point: the accumulators and the label generator's state), and at the pass's end."""
+        if self.op is None or rows <= self.last:
             return
+        due = rows - self.last >= self.every or rows == self.total
+        if not due and (self.seconds is None
+                        or time.monotonic() - self.saved_at < max(self.seconds, 20 * self.save_cost)):
+            return
+        began = time.monotonic()
         state: dict[str, Any] = {"rows": rows, "generator": self.op._generator.get_state(),
                                  "seconds": self.prior + time.monotonic() - self.started,
                                  "threads": torch.get_num_threads()}
@@ -417,6 +431,8 @@ class _FactorResume:
             state[key] = _map_tensors(acc, lambda v: v.detach().clone())
         self.checkpoint.save(state)
         self.last = rows
+        self.saved_at = time.monotonic()
+        self.save_cost = self.saved_at - began
 
 
 def _map_tensors(tree: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -479,6 +495,7 @@ def compute_kfac(
     checkpoint: PassCheckpoint | None = None,
     checkpoint_rows: int = 8192,
     joint: bool = False,
+    checkpoint_seconds: float | None = None,
 ) -> KFACFactors:
     """K-FAC (or EK-FAC) factors of the GGN/Fisher of L over the N x M (example, draw) rows.
 
@@ -487,7 +504,8 @@ def compute_kfac(
     ``type-2`` (exact GGN, D backward passes per batch) is for tests.
 
     ``checkpoint``: save the pass's running state every ``checkpoint_rows`` (example, draw)
-    rows and resume from it (``_FactorResume``); a resumed pass gives the same factors as an
+    rows, or after ``checkpoint_seconds`` since the last save if that comes first, and resume from it
+    (``_FactorResume``); a resumed pass gives the same factors as an
     uninterrupted one.  The caller clears it once the factors are stored.  EK-FAC's
     eigenvalue-correction pass is checkpointed the same way, in ``checkpoint.part("ekfac")``
     (cleared with it).
@@ -533,8 +551,9 @@ def compute_kfac(
                 "blocks": [(b.name, list(b.shape)) for b in factors.blocks],
             }
         )
-        resume = _FactorResume(checkpoint, checkpoint_rows, batch_size)
-        correction = _FactorResume(checkpoint.part("ekfac"), checkpoint_rows, batch_size, kind="ekfac")
+        resume = _FactorResume(checkpoint, checkpoint_rows, batch_size, seconds=checkpoint_seconds)
+        correction = _FactorResume(checkpoint.part("ekfac"), checkpoint_rows, batch_size, kind="ekfac",
+                                   seconds=checkpoint_seconds)
         if progress is not None:  # a resumed pass says so (QA round 21: only the bank pass did)
             for k, r in enumerate((resume, correction)):
                 r.notice = lambda msg, k=k, r=r: progress(msg, (k + r.last / max(r.total, 1)) / passes)
