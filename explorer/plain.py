@@ -54,6 +54,10 @@ def unavailable_line(status: str, title: str, reason: str, about: str | None = N
         # something (a rerun from the build panel then blanked the page, QA 16): say how to see it (QA 23 #2)
         return (f"**Not precomputed.** Whether {title} can run on this server is known seconds after it starts, "
                 "once it has checked its caches: choose a sample or setting to see.")
+    if head.startswith("not precomputed") and "when the cache build finishes" in reason:
+        # a setting the shipped file lacks while the build runs: it comes with the build, so not the amber
+        # "Unavailable" of a method that cannot run here (QA 30c: TRAK one damping step right read as CLIP's)
+        return f"**Not precomputed** for these settings: {title} answers them when the cache build finishes."
     if head.startswith("not precomputed"):
         return f"**Unavailable:** {head}"
     if status != "unavailable":
@@ -72,7 +76,8 @@ def unavailable(status: str, title: str, reason: str, about: str | None) -> None
     it: a command, the files it looked for) goes into a Details expander beside it.  ``about``:
     ``MethodResult.reason_about``.  The Explore columns and the Groups page draw it alike."""
     line = unavailable_line(status, title, reason, about)
-    st.warning(line)
+    # what the running build brings is news, in blue; what cannot run (or failed) is a warning, in amber
+    (st.info if line.startswith(("**Being built", "**Not precomputed** for these")) else st.warning)(line)
     if reason.strip() and reason not in line and not reason.startswith(BUILDING):
         # a reason said whole in the line needs no Details (nor does BUILDING: the line says it all)
         with st.expander(DETAILS):

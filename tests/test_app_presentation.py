@@ -400,6 +400,10 @@ def test_an_unavailable_method_says_so_plainly_and_keeps_how_to_enable_it_in_det
                             "server") == "**Unavailable:** TRAK is not built on this server yet."
     assert unavailable_line("unavailable", "TRAK", "not precomputed for these settings; ready when ...") == \
         "**Unavailable:** not precomputed for these settings"
+    # QA 30c: one the running build brings is not "Unavailable", CLIP's word for a method that cannot run here
+    assert unavailable_line("unavailable", "TRAK", "not precomputed for these settings; ready when the cache build "
+                            "finishes (progress at the top of the page)") == \
+        "**Not precomputed** for these settings: TRAK answers them when the cache build finishes."
     # a reason about the query is said as it is (a blank query read "Pixel similarity cannot run on this
     # server", review 49), whatever its words: the engine says whose problem it is, the words do not decide
     blank = "the query image is blank (every pixel has the same value), so ...; query an image with some content"
@@ -623,7 +627,8 @@ def test_a_column_says_checking_while_a_just_started_server_checks_its_caches(tm
     assert column(True, {}) == ("**Not precomputed.** Whether CLIP similarity can run on this server is known "
                                 "seconds after it starts, once it has checked its caches: choose a sample or "
                                 "setting to see.")
-    assert column(False, {}).startswith("**Unavailable:** not precomputed for these settings")
+    assert column(False, {}) == ("**Not precomputed** for these settings: CLIP similarity answers them when the "
+                                 "cache build finishes.")
     assert column(False, {"clip": "CLIP weights are not on this machine"}) == \
         "**Unavailable:** CLIP similarity cannot run on this server."
 
