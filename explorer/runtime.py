@@ -29,7 +29,7 @@ from typing import Any
 
 import streamlit as st
 
-from engine.attribution.build_worker import BuildState, BuildWorker
+from engine.attribution.build_worker import WAITING_TURN, BuildState, BuildWorker
 from engine.attribution.caches import WAITING
 from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
@@ -328,6 +328,8 @@ def build_message(handle: Handle, state: BuildState | None = None) -> str:
         msg = rest if rest.startswith(title) else f"{title}: {rest}"
     if WAITING in msg:
         return f"{msg} (another process is building these caches; {state.elapsed_s / 60:.1f} min so far)"
+    if WAITING_TURN in msg:  # another model's build in this server: the words say all (no share of its own yet)
+        return msg
     # a resumed build's minutes are this run's: say so, and that it resumed (QA 23 #3: after kill -9 the time
     # restarted from 0 and the page never said the build had resumed)
     run = " in this run, which resumed work saved by an earlier one" if state.resumed else ""

@@ -651,6 +651,10 @@ def test_a_server_waiting_for_another_processs_build_shows_no_whole_build_share(
     assert "kfac-bank 3/15 parts" in text and "1.5 min so far" in text
     own = BuildState(status="running", message="kfac: factors 100/400 rows", fraction=0.24, started=start)
     assert "(whole build 24%, 1.5 min so far)" in build_message(handle, own)
+    # QA 30c: another model's build in this server holds the turn; its words are the whole line
+    turn = ("waiting for the digits model's cache build in this server to finish (one build at a time, so that each "
+            "gets the whole CPU; 1.5 min so far)")
+    assert build_message(handle, BuildState(status="running", message=turn, started=start)) == turn
 
 
 def test_the_evaluation_page_names_unevaluated_methods_and_offers_no_command_for_one_that_cannot_run():

@@ -231,3 +231,35 @@ def test_the_shared_gradient_pass_counts_for_the_methods_it_feeds():
     assert state.fraction == pytest.approx((kfac + kfac) / 3)  # TRAK's share moves with K-FAC's build
     s.gate.set()
     assert w.wait(30).fraction == 1.0 and s.calls == ["kfac", "trak", "pixel"]
+
+
+def test_a_second_models_build_waits_for_the_first_and_says_so():
+    """QA 30c: switching models during the first start's build started the second model's build beside the
+    first, each with half of a 2-core laptop, and nothing said so.  One build at a time in a process: the
+    second waits, saying whose build it waits for, then runs."""
+    from types import SimpleNamespace
+
+    first, second = _Session(), _Session()
+    first.preset, second.preset = SimpleNamespace(name="digits"), SimpleNamespace(name="mnist")
+    w1, w2 = BuildWorker(first, terminal=False), BuildWorker(second, terminal=False)
+    w1.start()
+    _when(w1, lambda st: first.calls == ["a"])  # the first holds the turn, blocked in its build
+    w2.start()
+    waiting = _when(w2, lambda st: st.message.startswith("waiting for"), timeout=10)
+    assert "waiting for the digits model's cache build in this server to finish" in waiting.message
+    assert second.calls == [] and waiting.status == "running"
+    second.gate.set()  # the second could finish at once, but waits for its turn
+    time.sleep(0.3)
+    assert second.calls == []
+    first.gate.set()
+    assert w1.wait(30).status == "done"
+    assert w2.wait(30).status == "done" and second.calls == ["a", "b"]
+    # and a failed build gives the turn back
+    broken, after = _Session(fail="a"), _Session()
+    broken.gate.set()
+    after.gate.set()
+    wb, wa = BuildWorker(broken, terminal=False), BuildWorker(after, terminal=False)
+    wb.start()
+    assert wb.wait(30).status == "failed"
+    wa.start()
+    assert wa.wait(30).status == "done"
