@@ -100,6 +100,26 @@ def test_a_sigterm_inside_a_handlers_except_exception_still_ends_the_command_wit
     assert "terminated; rerun the same command to resume" in capsys.readouterr().err
 
 
+def test_a_command_gives_the_callers_sigterm_handler_back():
+    """QA 30a: after a test had called ``main``, the CLI's SIGTERM handler stayed installed in the pytest process,
+    so a SIGTERM (a CI timeout) raised inside whichever test ran next instead of stopping the run."""
+    import argparse
+
+    from engine.cli.common import run_handler
+
+    def mine(signum, frame):  # the caller's own handler
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert run_handler(argparse.Namespace(func=lambda args: 0, command="query")) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert run_handler(argparse.Namespace(func=lambda args: 2, command="query")) == 2
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_an_interrupted_command_ends_on_its_interruption_line_not_on_a_bar(capsys):
     """A bar still open when Ctrl-C arrives is closed before the line that says what was kept: closed later
     (by the interpreter's exit, or a ``with`` around the handler) it drew itself again below that line, so the

@@ -192,12 +192,22 @@ def _close_bars() -> None:
 
 def run_handler(args: argparse.Namespace) -> int:
     """Run a subcommand's handler; user errors become ``error: ...`` on stderr and exit status 2."""
-    import os
     import signal
     import threading
 
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run_handler(args)
+    finally:  # given back: a caller in the same process (a test run, a script calling main) keeps its own (QA 30a)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_handler(args: argparse.Namespace) -> int:
+    import os
+
     command = getattr(args, "command", "") or ""
     try:
         code = int(args.func(args) or 0)
