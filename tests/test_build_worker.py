@@ -263,3 +263,36 @@ def test_a_second_models_build_waits_for_the_first_and_says_so():
     assert wb.wait(30).status == "failed"
     wa.start()
     assert wa.wait(30).status == "done"
+
+
+def test_a_build_stops_at_a_batch_end_when_the_process_exits(monkeypatch):
+    """QA 30c: Ctrl-C or SIGTERM of a server during a build aborted it ("terminate called without an active
+    exception", SIGABRT): the daemon build thread was still inside torch when the interpreter finalised.  At exit
+    (atexit) the build is asked to stop at its next progress call and waited for; its state says why it stopped
+    and that a restart resumes it."""
+    import engine.attribution.build_worker as bw
+    from engine.attribution import exiting
+
+    monkeypatch.setattr(exiting, "STOPPING", threading.Event())  # the process's own flag is left alone
+
+    class Looping(_Session):
+        def build(self, names, progress):
+            self.calls.append(names[0])
+            for k in range(100_000):  # a pass: one progress call per batch
+                progress(f"{names[0]}: {k} rows", 0.1)
+                time.sleep(0.005)
+            raise AssertionError("never asked to stop")
+
+    s = Looping()
+    w = BuildWorker(s, terminal=False)
+    w.start()
+    _when(w, lambda st: s.calls == ["a"])
+    thread = w._thread
+    assert thread in bw._RUNNING
+    t0 = time.monotonic()
+    bw.stop_builds(timeout=10)
+    assert not thread.is_alive() and time.monotonic() - t0 < 5
+    state = w.state
+    assert state.status == "failed" and state.error == bw.STOPPED and state.retry_helps
+    assert "a restart resumes the build" in state.error and s.calls == ["a"]  # "b" never started
+    assert thread not in bw._RUNNING

@@ -21,6 +21,7 @@ continues where the last one stopped.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -33,6 +34,7 @@ from typing import Any
 
 from ..bar_redraw import interval, move
 from ..threads import configure_threads
+from . import exiting
 
 log = logging.getLogger(__name__)
 STATES = ("idle", "running", "done", "failed")
@@ -46,6 +48,31 @@ EARLIER_RUN = "saved by an earlier run"
 _ONE_BUILD = threading.Lock()
 _BUILDING: list[str] = []  # what holds it, for the waiting build's message
 WAITING_TURN = "cache build in this server to finish"  # in the waiting build's message (the app shows it as it is)
+
+_RUNNING: set[threading.Thread] = set()  # the build threads alive
+STOPPED = "stopped: the server is shutting down (a restart resumes the build from what it saved)"
+
+
+class BuildStopped(BaseException):
+    """Raised in a build's progress callback once the process is exiting: a BaseException, so that a method's
+    ``except Exception`` (the session's "one broken method does not stop the others") does not swallow it."""
+
+
+def stop_builds(timeout: float = 5.0) -> None:
+    """At the interpreter's exit (registered with atexit): ask every running build to stop at its next progress
+    call (a batch's end) and wait up to ``timeout`` seconds for it.
+
+    Why: a daemon build thread still inside torch when the interpreter finalises aborted the process
+    ("terminate called without an active exception", SIGABRT: QA 30c, Ctrl-C or SIGTERM of ``make run`` during
+    a build).  Stopped at a batch's end, the build leaves what it saved (finished parts, the factor pass's
+    checkpoint of at most 30 s before) for the next start to resume from."""
+    exiting.STOPPING.set()
+    deadline = time.monotonic() + timeout
+    for thread in list(_RUNNING):
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(stop_builds)
 
 
 @dataclass(frozen=True)
@@ -152,6 +179,7 @@ class BuildWorker:
             )
             self._checked.clear()
             self._thread = threading.Thread(target=self._run, name="cache-build", daemon=True)
+            _RUNNING.add(self._thread)
             self._thread.start()
             return True
 
@@ -171,6 +199,12 @@ class BuildWorker:
     # --- the job ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._run_job()
+        finally:
+            _RUNNING.discard(threading.current_thread())
+
+    def _run_job(self) -> None:
         # the check at full priority: it is short, and the page says "checking" until it ends (QA round 12:
         # at nice 10 on a loaded machine, CLIP's availability check, an open_clip import, took over a minute)
         todo = self._check()
@@ -206,13 +240,19 @@ class BuildWorker:
         """Wait for this process's other build, if one runs (``_ONE_BUILD``), saying so every few seconds."""
         t0 = time.monotonic()
         while not _ONE_BUILD.acquire(timeout=2.0):
+            if exiting.exit_requested():
+                raise BuildStopped("the process is exiting")
             holder = _BUILDING[0] if _BUILDING else "another"
             self._set(message=f"waiting for {holder} {WAITING_TURN} (one build at a time, so that each gets the "
                               f"whole CPU; {(time.monotonic() - t0) / 60:.1f} min so far)")
         _BUILDING[:] = [self._what()]
 
     def _build(self, todo: list[str]) -> None:
-        self._take_turn()
+        try:
+            self._take_turn()
+        except BuildStopped:
+            self._set(status="failed", error=STOPPED, retry_helps=True, finished=time.time())
+            return
         try:
             self._build_turn(todo)
         finally:
@@ -235,6 +275,8 @@ class BuildWorker:
                 configure_threads(f"building {name}")
 
                 def progress(msg: str, frac: float, name: str = name) -> None:
+                    if exiting.exit_requested():
+                        raise BuildStopped("the process is exiting")
                     frac = min(max(float(frac), 0.0), 1.0)
                     done[name] = max(done[name], frac)
                     for other in feeds.get(name, ()):  # its pass computes the fed methods' gradients too
@@ -255,6 +297,9 @@ class BuildWorker:
                 done[name] = 1.0
                 self._set(summary=dict(summary))
             self._set(status="done", fraction=1.0, message="all caches built", current=None, finished=time.time())
+        except BuildStopped:  # the process is exiting: what was saved stays for the next start
+            log.info("cache build stopped: the process is exiting (a restart resumes it)")
+            self._set(status="failed", error=STOPPED, retry_helps=True, finished=time.time(), summary=dict(summary))
         except BaseException as e:  # noqa: BLE001 - reported to every tab with its reason
             log.error("cache build failed:\n%s", traceback.format_exc())
             self._set(status="failed", error=_user_message(e), retry_helps=_retry_helps(e), finished=time.time(),

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from ..model.diffusion import Diffusion, apply_flip
+from .exiting import exit_requested
 from .gradients import Params
 from .pass_checkpoint import PassCheckpoint
 from .train_draws import TrainDraws
@@ -419,7 +420,8 @@ class _FactorResume:
         is an exact resume point: the accumulators and the label generator's state), and at the pass's end."""
         if self.op is None or rows <= self.last:
             return
-        due = rows - self.last >= self.every or rows == self.total
+        # the process is exiting (the app's server stopped): save now, the build stops at this batch's progress call
+        due = rows - self.last >= self.every or rows == self.total or exit_requested()
         if not due and (self.seconds is None
                         or time.monotonic() - self.saved_at < max(self.seconds, 20 * self.save_cost)):
             return
