@@ -37,6 +37,13 @@ def _fmt_damping(default: float):
     return fmt
 
 
+def damping_key(method: str, preset: str) -> str:
+    """The sidebar damping slider's state key, one per model as the M slider's: a key shared by the models kept
+    one model's value for the other (QA 30c: after digits -> mnist -> digits, TRAK scored digits at mnist's
+    default 1e-4, not its own 5.6e-5, the sidebar showing digits' defaults)."""
+    return f"damping_{method}:{preset}"
+
+
 def choose_settings(handle: Handle, has_trajectory: bool) -> Settings:
     session = handle.session
     info = session.method_info()
@@ -74,7 +81,7 @@ def choose_settings(handle: Handle, has_trajectory: bool) -> Settings:
             options=info[name]["damping_steps"],
             value=float(default),
             format_func=_fmt_damping(float(default)),
-            key=f"damping_{name}",
+            key=damping_key(name, session.preset.name),
             help="lambda in (G + lambda I)^-1, on the scale of the mean training loss. Moving it re-scores "
             "from the cached query state: no gradient is recomputed.",
         )

@@ -212,7 +212,9 @@ def test_gallery_measurement_damping_and_methods(app_env, monkeypatch):
         time.sleep(0.05)
     assert grid_query.grid is not None, "the damping grid was not filled after the answer"
 
-    at.select_slider(key="damping_kfac").set_value(1e-2).run()
+    from explorer.controls import damping_key
+
+    at.select_slider(key=damping_key("kfac", session.preset.name)).set_value(1e-2).run()
     _ok(at)
     assert len(queries) == 2, "moving the damping slider must not recompute the query"
     assert len(rescores) == 1 and rescores[0][0][1]["kfac"] == pytest.approx(1e-2)
@@ -224,7 +226,7 @@ def test_gallery_measurement_damping_and_methods(app_env, monkeypatch):
     steps = session.method_info()["kfac"]["damping_steps"]
     between = min(steps, key=lambda v: abs(v - 4.6e-3))  # a third-of-a-decade step, not a power of ten
     assert 4e-3 < between < 5e-3
-    at.select_slider(key="damping_kfac").set_value(between).run()
+    at.select_slider(key=damping_key("kfac", session.preset.name)).set_value(between).run()
     _ok(at)
     assert len(queries) == 2 and len(rescores) == 2
     (third,) = at.session_state["result_cache"]["shown"].values()

@@ -211,7 +211,9 @@ def test_moving_one_methods_damping_rescores_that_method_alone(app_env, monkeypa
     assert calls and set(calls[-1]) >= {"kfac", "trak"}
     kfac_before = [m for m in _handle().group_matrices.values() if getattr(m, "name", None) == "kfac"]
     calls.clear()
-    slider = at.select_slider(key="damping_trak")
+    from explorer.controls import damping_key
+
+    slider = at.select_slider(key=damping_key("trak", _handle().session.preset.name))
     steps = _handle().session.method_info()["trak"]["damping_steps"]
     slider.set_value(next(v for v in steps if v != float(slider.value))).run()
     _ok(at)
