@@ -348,3 +348,35 @@ def test_the_build_bar_splits_at_the_factor_passs_estimated_share_of_the_time(tm
     assert streamed.factor_share(ctx) == 1.0
     ekfac = KFACInfluence(dataclasses.replace(cfg, ekfac=True))  # its eigenvalue pass goes over the rows again
     assert ekfac.factor_share(ctx) == pytest.approx(2 * FACTOR_ROW_COST * 2 / (2 * FACTOR_ROW_COST * 2 + 8))
+
+
+def test_a_resumed_build_keeps_the_factor_passs_share_of_the_bar(tmp_path, tiny_preset, tiny_model, digits_small):
+    """QA 30c: a server killed in the bank pass (80% of the bar) restarted at 26%: the restarted build found the
+    factors built and gave the bank the whole bar, so three quarters of the progress seemed lost though 95% of the
+    work was kept.  Factors built by an earlier attempt of this build (the bank has saved parts) keep their
+    share; factors built for another bank still give that bank the whole bar."""
+    from engine.attribution.methods.kfac_influence import FACTOR_ROW_COST
+
+    class Stop(BaseException):
+        pass
+
+    ds = digits_small.subset(list(range(32)))
+    cfg = AttributionConfig(mc_samples=8, seed=0, kfac_factor_draws=2, kfac_factor_draws_mode="per-example")
+    store = Store(tmp_path, "0" * 16, "digits32")
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "0" * 16, store)
+    share = FACTOR_ROW_COST * 2 / (FACTOR_ROW_COST * 2 + 8)
+    m = KFACInfluence(cfg)
+    m.chunk_size = 8  # parts of 8 examples: the bank pass saves some before it is stopped
+
+    def stop_late(msg: str, f: float) -> None:
+        if "train gradients 24/32" in msg:
+            raise Stop
+
+    with pytest.raises(Stop):
+        m.build(ctx, stop_late)
+    msgs: list[tuple[str, float]] = []
+    resumed = KFACInfluence(cfg)
+    resumed.chunk_size = 8
+    resumed.build(ctx, lambda msg, f: msgs.append((msg, f)))
+    assert msgs[0] == ("K-FAC Influence: K-FAC factors loaded (built by an earlier run)", pytest.approx(share))
+    assert min(f for _, f in msgs) == pytest.approx(share) and msgs[-1][1] == 1.0

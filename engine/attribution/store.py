@@ -463,6 +463,11 @@ class Store:
     def _partial_folder(self, name: str, settings: Mapping[str, Any]) -> Path:
         return self.base / f".partial-{name}-{settings_digest(settings)}"
 
+    def has_saved_parts(self, name: str, settings: Mapping[str, Any]) -> bool:
+        """Whether an interrupted build of ``name`` left finished parts to resume from (cheap: one folder listing)."""
+        folder = self._partial_folder(name, settings)
+        return folder.is_dir() and any(folder.glob("part-*.done"))
+
     def partial(self, name: str, settings: Mapping[str, Any], part_size: int, num_items: int) -> PartialBuild:
         """A resumable build of arrays whose first axis (length ``num_items``) is produced in parts."""
         return PartialBuild(self, name, settings, part_size, num_items)
