@@ -12,6 +12,7 @@ from __future__ import annotations
 import streamlit as st
 
 from explorer import runtime
+from explorer.plain import PENDING
 from explorer.runtime import Handle
 
 POLL_S = 1.0
@@ -106,10 +107,6 @@ def _failed(handle: Handle) -> None:
         if st.button("Retry the build", key="retry_build", type="primary"):
             runtime.retry_build(handle)
             st.rerun()
-
-
-# why a result is not live yet; the build panel at the top of the page shows the build's progress
-PENDING = "ready when the cache build finishes (progress at the top of the page)"
 
 
 def waiting_note(before: str, after: str = "") -> None:

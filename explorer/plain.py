@@ -36,6 +36,14 @@ def model_details(preset: str, shape: Sequence[int], checkpoint: object, checkpo
 
 
 BUILDING = "being built"  # the reason of a method left out of a live answer because the build has yet to reach it
+# how the explorer's reasons end for what the running build will bring (a precomputed page's missing setting)
+PENDING = "ready when the cache build finishes (progress at the top of the page)"
+
+
+def brought_by_build(reason: str) -> bool:
+    """Whether a method has no scores only until the running build finishes: left out of a live answer
+    (``BUILDING``) or a setting the precomputed file lacks (``PENDING``); said in blue, not as "Unavailable"."""
+    return reason_head(reason) == BUILDING or (reason.startswith("not precomputed") and PENDING in reason)
 
 
 def unavailable_line(status: str, title: str, reason: str, about: str | None = None) -> str:
@@ -54,7 +62,7 @@ def unavailable_line(status: str, title: str, reason: str, about: str | None = N
         # something (a rerun from the build panel then blanked the page, QA 16): say how to see it (QA 23 #2)
         return (f"**Not precomputed.** Whether {title} can run on this server is known seconds after it starts, "
                 "once it has checked its caches: choose a sample or setting to see.")
-    if head.startswith("not precomputed") and "when the cache build finishes" in reason:
+    if brought_by_build(reason):
         # a setting the shipped file lacks while the build runs: it comes with the build, so not the amber
         # "Unavailable" of a method that cannot run here (QA 30c: TRAK one damping step right read as CLIP's)
         return f"**Not precomputed** for these settings: {title} answers them when the cache build finishes."
@@ -77,7 +85,7 @@ def unavailable(status: str, title: str, reason: str, about: str | None) -> None
     ``MethodResult.reason_about``.  The Explore columns and the Groups page draw it alike."""
     line = unavailable_line(status, title, reason, about)
     # what the running build brings is news, in blue; what cannot run (or failed) is a warning, in amber
-    (st.info if line.startswith(("**Being built", "**Not precomputed** for these")) else st.warning)(line)
+    (st.info if brought_by_build(reason) else st.warning)(line)
     if reason.strip() and reason not in line and not reason.startswith(BUILDING):
         # a reason said whole in the line needs no Details (nor does BUILDING: the line says it all)
         with st.expander(DETAILS):

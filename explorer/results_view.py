@@ -161,14 +161,13 @@ def _after_failed_build(handle: Handle, query: Query, s: Settings, result: Query
 def _precomputed(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
     """The shipped precomputed result for this query and these settings, or None."""
     from engine.attribution.precomputed import precomputed_result
-    from explorer.build_view import PENDING
 
     # no percentage in a column's reason: it would stay as drawn while the build's own line moves on. While the
     # just-started server checks its caches, which methods cannot run here (CLIP without weights) is not known
     # yet, and the page is not drawn again when the check ends (a full rerun from the build panel's fragment then
     # left the page blank, QA 16), only when the build does: such a column must not promise results the build
     # will not bring ("ready when the cache build finishes", then "weights are not on this machine")
-    pending = CHECKING if handle.build.checking else f"not precomputed for these settings; {PENDING}"
+    pending = CHECKING if handle.build.checking else f"not precomputed for these settings; {plain.PENDING}"
     return precomputed_result(
         handle.session, handle.precomputed, query.key, s.measurement, s.mc_samples, s.damping_dict,
         pending_reason=pending, unavailable=handle.build.unavailable,
@@ -184,7 +183,6 @@ def _with_pending(handle: Handle, raw: QueryResult, pending: tuple[str, ...]) ->
     if not pending:
         return raw
     from engine.attribution.results import MethodResult
-    from explorer.build_view import PENDING
 
     session = handle.session
     methods = {}
@@ -194,7 +192,7 @@ def _with_pending(handle: Handle, raw: QueryResult, pending: tuple[str, ...]) ->
         elif name in pending:
             m = session.method(name)
             methods[name] = MethodResult(name=name, title=m.title, kind=m.kind, caption=m.caption,
-                                         status="unavailable", reason=f"{plain.BUILDING}; {PENDING}")
+                                         status="unavailable", reason=f"{plain.BUILDING}; {plain.PENDING}")
     return dataclasses.replace(raw, methods=methods)
 
 
