@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .groups import Group, group_change, size_caveat, strongest_members
+from .methods import names_of_kind
 from .methods.base import no_progress
 from .pool import MatrixResult, Progress, QuerySet, Supported, attribution_matrix, ranking_by_change
 
@@ -142,16 +143,22 @@ def influence_methods(session: Any) -> list[str]:
     return [n for n in session.method_names() if session.method(n).kind == "influence"]
 
 
+def refuse_similarities(methods: list[str] | None) -> None:
+    """ValueError when ``methods`` name a similarity: it predicts no removal's effect, of a group or of one image.
+    From the registry's declarations alone, so the CLI refuses before a session loads (QA 30b #6: ~10 s, then
+    words about a group that ``reverse --train N`` had not given)."""
+    similar = [n for n in methods or [] if n in names_of_kind("similarity")]
+    if similar:
+        raise ValueError(f"{', '.join(similar)}: a similarity, not a removal prediction, says nothing of what removing "
+                         f"training images would change; use influence methods ({', '.join(names_of_kind('influence'))})")
+
+
 def check_influence_methods(session: Any, methods: list[str] | None) -> list[str]:
-    """The methods asked for (default: every influence method); ValueError for a similarity method."""
+    """The methods asked for (default: every influence method); ValueError for an unknown name or a similarity."""
     names = list(methods) if methods else influence_methods(session)
     for n in names:
-        m = session.method(n)  # ValueError for an unknown name
-        if m.kind != "influence":
-            raise ValueError(
-                f"{n} is a similarity, not a removal prediction, so it cannot be summed over a group; "
-                f"use influence methods ({', '.join(influence_methods(session))})"
-            )
+        session.method(n)  # ValueError for an unknown name
+    refuse_similarities(names)
     return names
 
 
@@ -171,4 +178,4 @@ def group_attribution(
     return GroupResult(group, measurement, qset, mats, session.labels)
 
 
-__all__ = ["GroupResult", "check_influence_methods", "group_attribution", "influence_methods"]
+__all__ = ["GroupResult", "check_influence_methods", "group_attribution", "influence_methods", "refuse_similarities"]

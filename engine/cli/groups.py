@@ -60,18 +60,17 @@ def _pool_dir(args: argparse.Namespace, session) -> Path:
 def _run_group(args: argparse.Namespace, group_specs: list[str]):
     """Session and one result per group, all from every method's matrix over the query set, computed
     once (shared by group and reverse): a further group costs one sum over the matrix's columns."""
-    from ..attribution.group_attribution import check_influence_methods, group_attribution
+    from ..attribution.group_attribution import (
+        check_influence_methods,
+        group_attribution,
+        refuse_similarities,
+    )
     from ..attribution.groups import parse_group
     from ..attribution.pool import parse_query_set, pool_size_of
     from ..attribution.terminal_progress import terminal_progress
 
     methods = parse_methods(args.methods)
-    # a similarity refused before the session loads (~10 s), in words that fit one training image too (QA 30b #6:
-    # reverse --train 5 --methods pixel said, after loading, that it "cannot be summed over a group")
-    similar = [n for n in methods or [] if n in names_of_kind("similarity")]
-    if similar:
-        raise ValueError(f"{', '.join(similar)}: a similarity, not a removal prediction, says nothing of what removing "
-                         f"training images would change; use influence methods ({', '.join(names_of_kind('influence'))})")
+    refuse_similarities(methods)  # before the session loads (~10 s)
     damping = _damping(args)
     session = open_session(args)
     groups = [parse_group(spec, session.dataset) for spec in group_specs]  # every spec checked before any work
