@@ -101,13 +101,11 @@ def method_names() -> list[str]:
 def names_of_kind(kind: str) -> list[str]:
     """The methods of ``kind`` ("influence" or "similarity"), in display order, read from their declarations
     (no module is imported: the CLI's help texts list them, QA 30b: typed by hand, they left a new method out)."""
-    out = []
-    for name in METHODS:
-        declared = declaration(name)
-        k = declared.kind if declared is not None and name not in _REGISTERED else _REGISTERED[name].kind
-        if k == kind:
-            out.append(name)
-    return out
+    def kind_of(name: str) -> str | None:  # a registered class (imported: its own), else its file's literal
+        cls = _REGISTERED.get(name)
+        return cls.kind if cls is not None else declaration(name).kind  # type: ignore[union-attr]
+
+    return [name for name in METHODS if kind_of(name) == kind]
 
 
 def parse_methods(text: str | None) -> list[str] | None:

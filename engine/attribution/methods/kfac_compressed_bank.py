@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ... import distributed
-from ..bank import BUILD_SETTINGS, artefact_settings
+from ..bank import artefact_settings
 from ..bank_kinds import BankKind, register_bank_kind
 from ..compressed_bank import (
     CandidateSplit,
@@ -42,14 +42,18 @@ COMPRESSED_FACTORS = "kfac-compressed-factors"  # the projections and projected 
 HOOK_ROWS = 128  # (example, draw) rows per batch of the hooks pass (activation memory at CIFAR scale)
 
 
-def compressed_settings(method: KFACInfluence, ctx: EngineContext) -> dict[str, Any]:
-    """The compressed bank's cache key: the factors' settings, the loss, the projection kind and ratio, and
-    what ``build_compressed_bank`` adds (``bank.artefact_settings``: quantisation and chunking; no whitening,
-    the stored bank's int8 grid is not used by the projected rows)."""
+def _own_settings(method: KFACInfluence, ctx: EngineContext) -> dict[str, Any]:
+    """What the compressed bank depends on besides ``build_compressed_bank``'s arguments: the factors' settings,
+    the loss, the projection kind and ratio (no whitening: the stored bank's int8 grid is not used here)."""
     c = method.config
-    own = {**method.factor_settings(ctx), "loss": "loss", "projection": c.kfac_projection,
-           "compression": float(c.kfac_compression)}
-    return artefact_settings(own, quantize=method.quantize, chunk_size=method.chunk_size)
+    return {**method.factor_settings(ctx), "loss": "loss", "projection": c.kfac_projection,
+            "compression": float(c.kfac_compression)}
+
+
+def compressed_settings(method: KFACInfluence, ctx: EngineContext) -> dict[str, Any]:
+    """The compressed bank's cache key: its own settings plus what ``build_compressed_bank`` adds
+    (``bank.artefact_settings``: quantisation and chunking)."""
+    return artefact_settings(_own_settings(method, ctx), quantize=method.quantize, chunk_size=method.chunk_size)
 
 
 def _cache_key(method: KFACInfluence, ctx: EngineContext) -> tuple[str, dict[str, Any]]:
@@ -92,7 +96,7 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
     comp = _compressed_factors(method, ctx, factors)
     shard = distributed.current()
     rows = shard_rows(len(ctx.dataset)) if shard.world > 1 else None
-    settings = {k: v for k, v in compressed_settings(method, ctx).items() if k not in BUILD_SETTINGS}
+    settings = _own_settings(method, ctx)  # build_compressed_bank adds the rest, as compressed_settings does
     bank: Any = build_compressed_bank(
         ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, comp, ctx.params,
         store=ctx.store, name=COMPRESSED, settings=settings, chunk_size=method.chunk_size,
