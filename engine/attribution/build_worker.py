@@ -247,11 +247,16 @@ class BuildWorker:
                               f"whole CPU; {(time.monotonic() - t0) / 60:.1f} min so far)")
         _BUILDING[:] = [self._what()]
 
+    def _stopped(self, summary: dict[str, Any] | None = None) -> None:
+        """The state of a build the exiting process stopped: what was saved stays for the next start."""
+        log.info("cache build stopped: the process is exiting (a restart resumes it)")
+        self._set(status="failed", error=STOPPED, retry_helps=True, finished=time.time(), summary=dict(summary or {}))
+
     def _build(self, todo: list[str]) -> None:
         try:
             self._take_turn()
         except BuildStopped:
-            self._set(status="failed", error=STOPPED, retry_helps=True, finished=time.time())
+            self._stopped()
             return
         try:
             self._build_turn(todo)
@@ -297,9 +302,8 @@ class BuildWorker:
                 done[name] = 1.0
                 self._set(summary=dict(summary))
             self._set(status="done", fraction=1.0, message="all caches built", current=None, finished=time.time())
-        except BuildStopped:  # the process is exiting: what was saved stays for the next start
-            log.info("cache build stopped: the process is exiting (a restart resumes it)")
-            self._set(status="failed", error=STOPPED, retry_helps=True, finished=time.time(), summary=dict(summary))
+        except BuildStopped:
+            self._stopped(summary)
         except BaseException as e:  # noqa: BLE001 - reported to every tab with its reason
             log.error("cache build failed:\n%s", traceback.format_exc())
             self._set(status="failed", error=_user_message(e), retry_helps=_retry_helps(e), finished=time.time(),
