@@ -296,3 +296,28 @@ def test_a_build_stops_at_a_batch_end_when_the_process_exits(monkeypatch):
     assert state.status == "failed" and state.error == bw.STOPPED and state.retry_helps
     assert "a restart resumes the build" in state.error and s.calls == ["a"]  # "b" never started
     assert thread not in bw._RUNNING
+
+
+def test_methods_built_before_a_restart_count_in_the_whole_builds_share():
+    """QA 30c: after a kill -9 in the last seconds of the digits build, K-FAC was built and TRAK and D-TRAK were
+    left; the restarted job's bar counted those two alone and fell from ~100% to 39%.  The methods found built
+    when the job starts count as done, so the share is the whole build's across the restart."""
+    s = _Session()
+    s.built.add("a")  # built by the run that was killed
+    w = BuildWorker(s, terminal=False)
+    seen: list[float] = []
+    orig = w._set
+
+    def spy(**changes):
+        orig(**changes)
+        if "fraction" in changes:
+            seen.append(changes["fraction"])
+
+    w._set = spy  # type: ignore[method-assign]
+    w.start()
+    state = _when(w, lambda st: st.message == "b: half")
+    assert state.methods == ("b",) and state.built_before == ("a",)
+    assert state.fraction == pytest.approx(0.75)  # a done, b half way: (1 + 0.5) / 2, not b's 0.5 alone
+    s.gate.set()
+    assert w.wait(30).fraction == 1.0 and s.calls == ["b"]
+    assert min(seen) == pytest.approx(0.5) and seen == sorted(seen)

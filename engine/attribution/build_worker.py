@@ -83,6 +83,11 @@ class BuildState:
     message: str = ""
     fraction: float = 0.0
     methods: tuple[str, ...] = ()  # what this job builds, in order
+    # the methods of the same build found built when the job started (by an earlier run of it, killed after
+    # they finished, or by the CLI): they count as done in ``fraction``, so that "whole build" keeps its meaning
+    # across a restart (QA 30c: digits' bar fell from ~100% before a kill -9 to 39% after it, when only TRAK
+    # and D-TRAK were left and the restarted job's share counted those two alone)
+    built_before: tuple[str, ...] = ()
     current: str | None = None
     started: float | None = None  # time.time()
     finished: float | None = None
@@ -150,11 +155,12 @@ class BuildWorker:
 
     def missing(self) -> list[str]:
         """Available methods (of those wanted) whose caches are not built; records the unavailable
-        ones (e.g. CLIP without weights) with their reason in the state."""
+        ones (e.g. CLIP without weights) with their reason, and the built ones, in the state."""
         status = self.session.status()
-        self._set(unavailable={n: str(v.get("reason") or "unavailable") for n, v in status.items()
-                               if not v.get("available")})
         names = self.wanted or list(status)
+        self._set(unavailable={n: str(v.get("reason") or "unavailable") for n, v in status.items()
+                               if not v.get("available")},
+                  built_before=tuple(n for n in names if status[n].get("available") and status[n].get("built")))
         return [n for n in names if status[n].get("available") and not status[n].get("built")]
 
     def start(self) -> bool:
@@ -272,9 +278,13 @@ class BuildWorker:
                 # {method making a gradient pass: methods it feeds} (K-FAC's bank pass feeds TRAK and D-TRAK)
                 feeds = dict(self.session.share_gradient_passes(todo) or {})
             done = dict.fromkeys(todo, 0.0)  # each method's share of its own work done, never decreasing
+            before = len(self.state.built_before)  # built when the job started: done, in the whole build's share
+
+            def whole() -> float:
+                return (before + sum(done.values())) / (before + len(todo))
+
             for name in todo:
-                self._set(current=name, message=f"{name}: starting",
-                          fraction=sum(done.values()) / len(todo))
+                self._set(current=name, message=f"{name}: starting", fraction=whole())
                 # the count for this method's passes (torch's count is per thread, and threads started later take
                 # the latest one set: a page's query thread started during a gradient pass runs at 1, review 53)
                 configure_threads(f"building {name}")
@@ -287,7 +297,7 @@ class BuildWorker:
                     for other in feeds.get(name, ()):  # its pass computes the fed methods' gradients too
                         shared = self.session.method(name).shared_pass_fraction(frac)
                         done[other] = max(done[other], shared)
-                    overall = sum(done.values()) / len(todo)
+                    overall = whole()
                     # a pass resuming saved work (the bank's, the factors', TRAK's) says so in these words
                     resumed = (*self.state.resumed, msg) if EARLIER_RUN in msg else self.state.resumed
                     self._set(message=msg, fraction=overall, resumed=resumed)
