@@ -196,6 +196,16 @@ def _with_pending(handle: Handle, raw: QueryResult, pending: tuple[str, ...]) ->
     return dataclasses.replace(raw, methods=methods)
 
 
+def _grid_words(handle: Handle) -> str:
+    """", and K-FAC Influence at every step of its damping slider" when the shipped file holds K-FAC's damping
+    grid (QA 30c #7: the note said "default dampings" while the slider sat at another step the file holds)."""
+    grid = getattr(handle.precomputed, "arrays", {}).get("kfac_grid_damping")
+    if grid is None or len(grid) == 0:
+        return ""
+    title = handle.session.method_info().get("kfac", {}).get("title", "K-FAC")
+    return f", and {title} at every step of its damping slider"
+
+
 def _while_building(handle: Handle, query: Query, result: QueryResult | None) -> QueryResult | None:
     """The precomputed ``result`` (a shipped gallery sample at the default settings) marked as such,
     or, without one, a note that points at the build panel for its progress."""
@@ -206,7 +216,8 @@ def _while_building(handle: Handle, query: Query, result: QueryResult | None) ->
         return None
     waiting_note(
         "**Precomputed results** (shipped with this model for the gallery at the default settings: "
-        f"measurement `loss`, {handle.session.config.mc_samples} Monte Carlo draws, default dampings). "
+        f"measurement `loss`, {handle.session.config.mc_samples} Monte Carlo draws, default dampings"
+        f"{_grid_words(handle)}). "
         "Live results for any query and setting will be ",
         ".",
     )

@@ -70,6 +70,8 @@ def test_empty_cache_shows_precomputed_gallery_results_and_one_shared_build(prec
     assert handle.build.status == "running"
     text = _texts(first)
     assert "Precomputed results" in text and "**precomputed**" in text
+    # the file holds K-FAC's damping grid, so the note does not say the dampings are the defaults alone (QA 30c #7)
+    assert "K-FAC Influence at every step of its damping slider" in text
     assert text.count("**Proponents**") == 3  # K-FAC, TRAK, D-TRAK from the shipped file
     # the page did not wait for the worker to find out what is missing (its own thread does that)
     assert "Checking which attribution caches are built" in text or "Building the attribution caches" in text
