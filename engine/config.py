@@ -128,6 +128,12 @@ class AttributionConfig:
     clip_pretrained: str | None = "openai"
 
 
+# AttributionConfig's damping fields, one per method that takes a configured damping: what an export names
+# ``<field>_default`` (engine.attribution.provenance) and what a result file's settings compare apart from the rest
+# (engine.evaluation.report)
+DAMPING_FIELDS = tuple(f.name for f in dataclasses.fields(AttributionConfig) if f.name.endswith("_damping"))
+
+
 # AttributionConfig fields that choose which caches a command builds and reads, and the flag that sets
 # each on every attribution command (the option's dest is the field's name): the CLI reads these flags
 # into the config, and the session writes them back into the build commands it prints

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..code_version import code_version
-from ..config import attribution_settings
+from ..config import DAMPING_FIELDS, attribution_settings
 from .results import reason_head
 
 
@@ -32,9 +32,6 @@ def model_settings(session: Any) -> dict[str, Any]:
     }
 
 
-DEFAULT_DAMPINGS = ("kfac_damping", "trak_damping", "dtrak_damping")
-
-
 def session_settings(session: Any) -> dict[str, Any]:
     """What every answer of this session shares: the model, the Monte Carlo draws it is set to, every
     attribution setting (``engine.config.attribution_settings``, the whole config), the code that ran
@@ -45,7 +42,7 @@ def session_settings(session: Any) -> dict[str, Any]:
     import torch
 
     full = attribution_settings(session.config, len(session.dataset))
-    attribution = {(f"{k}_default" if k in DEFAULT_DAMPINGS else k): v for k, v in full.items()}
+    attribution = {(f"{k}_default" if k in DAMPING_FIELDS else k): v for k, v in full.items()}
     return {
         "model": model_settings(session),
         "mc_samples": int(session.config.mc_samples),

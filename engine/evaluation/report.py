@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import KEY_NEUTRAL
+from ..config import DAMPING_FIELDS, KEY_NEUTRAL
 
 
 def _load_results(results_dir: str | Path, pattern: str) -> list[dict[str, Any]]:
@@ -116,7 +116,7 @@ SCORE_SETTINGS = (
     "clip_pretrained",
 )
 COMPRESSED_SETTINGS = ("kfac_projection", "kfac_compression", "kfac_rerank", "kfac_rerank_split")
-DAMPINGS = ("kfac_damping", "trak_damping", "dtrak_damping")
+DAMPINGS = DAMPING_FIELDS
 # what a setting a file leaves out was: cache keys leave out ``KEY_NEUTRAL`` fields at their old value, and a
 # file written before an option existed was measured with the behaviour the option's neutral value keeps
 # (the plain int8 grid before ``kfac_bank_whiten``)
