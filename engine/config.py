@@ -128,6 +128,27 @@ class AttributionConfig:
     clip_pretrained: str | None = "openai"
 
 
+@dataclass(frozen=True)
+class CopyCheckConfig:
+    """The copy check's near-copy rule (engine.attribution.copycheck): a sample is flagged when its nearest
+    training image is less than ``near_copy_ratio`` times as far as its next ``neighbours`` nearest are on
+    average (r = d_1 / mean(d_2..d_{K+1}), in the spirit of Carlini et al. 2023).  Deliberately simple, and a
+    setting rather than a constant so that a study can move it (``copy-check --near-copy-ratio/--neighbours``)
+    and its record says which rule flagged what."""
+
+    neighbours: int = 50
+    near_copy_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if int(self.neighbours) < 1:
+            raise ValueError(f"the copy check's neighbours must be at least 1, got {self.neighbours}")
+        if not 0.0 < float(self.near_copy_ratio) <= 1.0:
+            raise ValueError(f"the copy check's near-copy ratio must lie in (0, 1], got {self.near_copy_ratio}")
+
+
+COPY_CHECK = CopyCheckConfig()
+
+
 # AttributionConfig's damping fields, one per method that takes a configured damping: what an export names
 # ``<field>_default`` (engine.attribution.provenance) and what a result file's settings compare apart from the rest
 # (engine.evaluation.report)

@@ -356,6 +356,33 @@ def test_pixel_distance_units_and_a_planted_copy(digits_small):
     assert "0.31 times" in explain(dataclasses.replace(rows[0], relative_distance=0.3123))
 
 
+
+def test_the_near_copy_rule_is_a_setting_the_rows_and_the_flag_rate_follow(digits_small):
+    """The rule's threshold and neighbour count were module constants (QA 30b); as ``CopyCheckConfig`` a study can
+    move them, and each row records the threshold that set its flag."""
+    from engine.attribution.copycheck import training_flag_rate
+    from engine.config import CopyCheckConfig
+
+    train = digits_small.images
+    images = train[10:16].flip(-1)  # mirrored training images: near some training image, at various distances
+    scores = np.zeros((6, len(train)), dtype=np.float32)
+    default = copy_check(scores, images, train, list("abcdef"))
+    rel = sorted(r.relative_distance for r in default)
+    cut = (rel[2] + rel[3]) / 2  # three of the six below it
+    loose = copy_check(scores, images, train, list("abcdef"), rule=CopyCheckConfig(near_copy_ratio=cut))
+    assert sum(r.near_copy for r in loose) == 3 and {r.near_copy_ratio for r in loose} == {cut}
+    assert [r.relative_distance for r in loose] == [r.relative_distance for r in default]
+    few = copy_check(scores, images, train, list("abcdef"), rule=CopyCheckConfig(neighbours=5))
+    assert {r.neighbours for r in few} == {5} and "its 5 next-closest" in explain(few[0])
+    assert [r.relative_distance for r in few] != [r.relative_distance for r in default]  # averaged over 5, not 50
+    _, _, own = nearest_neighbours(train, train, exclude_self=True)
+    assert training_flag_rate(train, CopyCheckConfig(near_copy_ratio=1.0)) == pytest.approx(float(np.mean(own < 1.0)))
+    assert training_flag_rate(train, CopyCheckConfig(near_copy_ratio=1.0)) > training_flag_rate(train)
+    for bad in ({"neighbours": 0}, {"near_copy_ratio": 0.0}, {"near_copy_ratio": 1.5}):
+        with pytest.raises(ValueError, match="copy check"):
+            CopyCheckConfig(**bad)
+
+
 # --- group retraining check -------------------------------------------------------------------------
 
 

@@ -241,6 +241,19 @@ def test_bad_input_is_one_line_error(cli, argv, message):
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (("copy-check", "--near-copy-ratio", "0"), "argument --near-copy-ratio: must lie in (0, 1], got 0.0"),
+    (("copy-check", "--near-copy-ratio", "x"), "argument --near-copy-ratio: expected a number, got 'x'"),
+    (("copy-check", "--neighbours", "0"), "argument --neighbours: must be at least 1, got 0"),
+])
+def test_a_bad_near_copy_rule_is_refused_while_parsing(argv, message, capsys):
+    from engine.cli.parser import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(list(argv))
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
 def test_a_similarity_is_refused_before_the_session_loads(cli, monkeypatch):
     """QA 30b #6: ``reverse --train 5 --methods pixel`` loaded the session (~10 s), then said pixel "cannot be
     summed over a group" though no group was given; now refused at once, in words that fit one image."""
@@ -290,6 +303,15 @@ def test_copy_check_json(cli, pools):
         assert 0.0 <= r["top1_share"] <= r["top5_share"] <= 1.0
         assert r["near_copy"] == (r["relative_distance"] < 0.5)
     assert np.isfinite(res["training_flag_rate"])
+    assert res["rule"] == {"neighbours": 50, "near_copy_ratio": 0.5}
+    # a looser rule, recorded with what it flagged (the pool's matrix is cached: no second scoring)
+    rc, out, err = cli("copy-check", "--queries", "pool:4", "--pool-dir", str(pools), "--json",
+                       "--near-copy-ratio", "1", "--neighbours", "7")
+    assert rc == 0, err
+    loose = json.loads(out)
+    assert loose["rule"] == {"neighbours": 7, "near_copy_ratio": 1.0}
+    assert all(r["neighbours"] == 7 and r["near_copy"] == (r["relative_distance"] < 1.0) for r in loose["rows"])
+    assert loose["training_flag_rate"] > res["training_flag_rate"]
 
 
 def test_group_retrain_with_nothing_finished_keeps_the_last_results(cli, tmp_path):

@@ -9,15 +9,16 @@ Two independent kinds of evidence that a generated sample reproduces a training 
 2. **Pixel distance to the nearest training image**: d_1 = RMS pixel difference in [0, 1]
    units, sqrt(mean((x - y)^2)), to the closest training image, and its *relative* distance
 
-       r = d_1 / mean(d_2, ..., d_{K+1}),   K = 50,
+       r = d_1 / mean(d_2, ..., d_{K+1}),   K = 50 by default,
 
-   the nearest distance over the mean distance to the next 50 nearest training images
+   the nearest distance over the mean distance to the next K nearest training images
    (in the spirit of Carlini et al. 2023, "Extracting training data from diffusion
    models", who normalise by the distance to the nearest neighbours so that a dense region of
    the data is not mistaken for copying).
 
-**Near-copy rule** (documented, deliberately simple): a sample is flagged when r < 0.5, i.e.
-its nearest training image is less than half as far as its next 50 nearest are on average.
+**Near-copy rule** (documented, deliberately simple; ``engine.config.CopyCheckConfig``, whose defaults are
+these): a sample is flagged when r < 0.5, i.e. its nearest training image is less than half as far as its
+next 50 nearest are on average.
 ``influence_agrees`` then says whether that nearest image is also among the sample's five
 strongest proponents.  The same rule applied to each training image against the *other*
 training images gives the rate at which real data trips it (``training_flag_rate``): the
@@ -34,9 +35,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-NEIGHBOURS = 50
-NEAR_COPY_RATIO = 0.5
-TOP = 5
+from ..config import COPY_CHECK, CopyCheckConfig
+
+# the default rule's numbers, for the words that state it (the app's caption, the CLI's help)
+NEIGHBOURS = COPY_CHECK.neighbours
+NEAR_COPY_RATIO = COPY_CHECK.near_copy_ratio
+TOP = 5  # the strongest proponents whose share is top5_share, and among which influence "agrees"
 CAVEAT = (
     "This is evidence, not proof. A small pixel distance only says the images look alike; "
     "influence scores are first-order estimates of what retraining without an image would do. "
@@ -59,6 +63,7 @@ class CopyRow:
     near_copy: bool
     influence_agrees: bool
     neighbours: int = NEIGHBOURS  # the next-closest images the typical distance averages (fewer when N is small)
+    near_copy_ratio: float = NEAR_COPY_RATIO  # the rule's threshold on relative_distance that set near_copy
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,11 +142,13 @@ def concentration(scores: np.ndarray, top: int = TOP) -> tuple[np.ndarray, np.nd
 
 
 def copy_check(
-    scores: np.ndarray, images: torch.Tensor, train: torch.Tensor, names: list[str], labels: np.ndarray | None = None
+    scores: np.ndarray, images: torch.Tensor, train: torch.Tensor, names: list[str], labels: np.ndarray | None = None,
+    rule: CopyCheckConfig = COPY_CHECK,
 ) -> list[CopyRow]:
-    """One row per sample, most copy-like first (smallest relative distance, then largest top-5 share)."""
+    """One row per sample, most copy-like first (smallest relative distance, then largest top-5 share), by
+    ``rule``'s neighbours and threshold."""
     share1, share5, top = concentration(scores)
-    nearest, d1, rel = nearest_neighbours(images, train)
+    nearest, d1, rel = nearest_neighbours(images, train, rule.neighbours)
     rows = []
     for q in range(len(names)):
         lab = None if labels is None or labels[q] < 0 else int(labels[q])
@@ -155,25 +162,26 @@ def copy_check(
                 nearest=int(nearest[q]),
                 nearest_distance=float(d1[q]),
                 relative_distance=float(rel[q]),
-                near_copy=bool(rel[q] < NEAR_COPY_RATIO),
+                near_copy=bool(rel[q] < rule.near_copy_ratio),
                 influence_agrees=bool(int(nearest[q]) in set(int(i) for i in top[q])),
-                neighbours=neighbour_count(train.shape[0]),  # what nearest_neighbours averaged
+                neighbours=neighbour_count(train.shape[0], rule.neighbours),  # what nearest_neighbours averaged
+                near_copy_ratio=float(rule.near_copy_ratio),
             )
         )
     rows.sort(key=lambda r: (r.relative_distance, -r.top5_share))
     return rows
 
 
-def training_flag_rate(train: torch.Tensor) -> float:
+def training_flag_rate(train: torch.Tensor, rule: CopyCheckConfig = COPY_CHECK) -> float:
     """Fraction of training images that the near-copy rule flags against the other training images."""
-    _, _, rel = nearest_neighbours(train, train, exclude_self=True)
-    return float(np.mean(rel < NEAR_COPY_RATIO))
+    _, _, rel = nearest_neighbours(train, train, rule.neighbours, exclude_self=True)
+    return float(np.mean(rel < rule.near_copy_ratio))
 
 
-def _ratio(value: float) -> str:
+def _ratio(value: float, threshold: float = NEAR_COPY_RATIO) -> str:
     """Two decimals, three within 0.01 of the flagging threshold: 0.4992 (flagged) and 0.5046 (not) both read
     "0.50" (QA 27 #15)."""
-    return f"{value:.3f}" if abs(value - NEAR_COPY_RATIO) < 0.01 else f"{value:.2f}"
+    return f"{value:.3f}" if abs(value - threshold) < 0.01 else f"{value:.2f}"
 
 
 def explain(row: CopyRow) -> str:
@@ -181,7 +189,7 @@ def explain(row: CopyRow) -> str:
     what = f"Sample {row.query}" + (f" (looks like a {row.label})" if row.label is not None else "")
     closeness = (
         f"its closest training image is #{row.nearest}, at a pixel distance of {row.nearest_distance:.3f} "
-        f"(0 = identical, 1 = opposite), {_ratio(row.relative_distance)} times the typical distance to its "
+        f"(0 = identical, 1 = opposite), {_ratio(row.relative_distance, row.near_copy_ratio)} times the typical distance to its "
         f"{row.neighbours} next-closest training images"
     )
     verdict = (

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import jsonio
 from ..attribution.methods import METHODS, names_of_kind, parse_methods
 from ..attribution.signs import removed_words, reverse_caveat
-from ..config import TRUE_MC_SAMPLES
+from ..config import COPY_CHECK, TRUE_MC_SAMPLES
 from .attribution import _add_attribution_options, open_session, parse_damping
 from .common import at_least, fail, register, subcommand
 
@@ -243,16 +243,35 @@ def add_copy_check(sub: argparse._SubParsersAction) -> None:
         cmd_copy_check,
         help="which generated samples look like near-copies of a training image (evidence, not proof)",
         description="For each sample: the top-1 and top-5 shares of its positive influence mass, the pixel "
-        "distance to its nearest training image and that distance relative to the next 50 nearest; flagged "
-        "as a near-copy when the relative distance is below 0.5 (engine/attribution/copycheck.py).",
+        "distance to its nearest training image and that distance relative to the next "
+        f"{COPY_CHECK.neighbours} nearest (--neighbours); flagged as a near-copy when the relative distance is "
+        f"below {COPY_CHECK.near_copy_ratio} (--near-copy-ratio; engine/attribution/copycheck.py).",
     )
     p.add_argument("--method", default="kfac", help="influence method for the concentration (default kfac)")
     p.add_argument("--top-k", type=int, default=10, help="samples to list, most copy-like first (default 10)")
+    p.add_argument("--neighbours", type=at_least(1), default=COPY_CHECK.neighbours,
+                   help="next-nearest training images the typical distance averages "
+                        f"(default {COPY_CHECK.neighbours}; fewer when the training set is smaller)")
+    p.add_argument("--near-copy-ratio", type=_ratio_arg, default=COPY_CHECK.near_copy_ratio,
+                   help="flag a sample whose nearest training image is less than this times as far as the next "
+                        f"nearest are on average, in (0, 1] (default {COPY_CHECK.near_copy_ratio})")
     _add_query_set_options(p, methods=False)
+
+
+def _ratio_arg(text: str) -> float:
+    """An argparse type: a number in (0, 1], refused while parsing."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
+    return value
 
 
 def cmd_copy_check(args: argparse.Namespace) -> int:
     from ..attribution.copycheck import CAVEAT, copy_check, explain, training_flag_rate
+    from ..config import CopyCheckConfig
 
     try:
         if args.top_k < 1:
@@ -268,6 +287,7 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
                 f"copy-check --method {names[0]}: a similarity has no influence mass to concentrate on one "
                 f"training image; use an influence method ({', '.join(names_of_kind('influence'))})"
             )
+        rule = CopyCheckConfig(neighbours=args.neighbours, near_copy_ratio=args.near_copy_ratio)
         args.methods = names[0]
         session, (result,) = _run_group(args, ["train:0"])  # the group is unused: only the matrix matters
         rows = copy_check(
@@ -276,10 +296,11 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
             session.dataset.images,
             result.qset.names,
             result.qset.labels,
+            rule,
         )
     except (ValueError, RuntimeError, KeyError) as e:
         return fail(e)
-    base = training_flag_rate(session.dataset.images)
+    base = training_flag_rate(session.dataset.images, rule)
     if args.json:
         from ..attribution.provenance import session_settings
 
@@ -292,6 +313,7 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
             "measurement": result.measurement_of(names[0]),
             "flagged": sum(r.near_copy for r in rows),
             "training_flag_rate": base,
+            "rule": dataclasses.asdict(rule),  # the near-copy rule that flagged them (engine.config.CopyCheckConfig)
             "rows": [r.to_dict() for r in rows[: args.top_k]],
             "caveat": CAVEAT,
             **({"note": "the shares come from the compressed bank's estimates (approximate)"}
