@@ -82,8 +82,8 @@ class AttributionConfig:
     # size N (docs/architecture.md §4), resolved by ``trak_default_damping`` once N is known
     trak_damping: float | None = None
     dtrak_damping: float | None = None
-    fisher_type: str = "mc"  # mc | empirical
-    kfac_approx: str = "expand"  # expand | reduce
+    fisher_type: str = "mc"  # validation.FISHER_TYPES: mc | empirical
+    kfac_approx: str = "expand"  # validation.KFAC_APPROX: expand | reduce
     ekfac: bool = False
     # K-FAC blocks: "separate" (weight B (x) A and bias B, the default) or "joint" ([W | b] in one
     # B (x) A block, curvlinops separate_weight_and_bias=False; an ablation)
@@ -113,17 +113,17 @@ class AttributionConfig:
     kfac_bank: str = "auto"
     kfac_bank_max_gb: float = 8.0
     # the stored int8 bank's grid: rows divided by sqrt(e + f * max e) per block before rounding, with f this
-    # relative eigenvalue floor (engine.attribution.bank.whitening; removes the plain grid's 0.4-1.2% shrink of
-    # every score, scripts/bank_rounding.py), or None for the plain grid (the stored banks before 2026-12-05)
+    # relative eigenvalue floor (engine.attribution.bank.whitening; removes the plain grid's shrink of every
+    # score: a median 0.4-0.6% at the default damping, 1.2-1.8% at 1e-12, scripts/bank_rounding.py), or None for the plain grid (the stored banks before 2026-12-05)
     kfac_bank_whiten: float | None = 1e-10
-    kfac_projection: str = "gaussian"  # compressed bank: eigen | gaussian (engine.attribution.layer_projection)
+    kfac_projection: str = "gaussian"  # compressed bank: validation.KFAC_PROJECTIONS (engine.attribution.layer_projection)
     kfac_compression: float = 32.0  # compressed bank: full int8 bank bytes / compressed bank bytes
     kfac_rerank: int = 256  # compressed bank: candidates re-ranked exactly at each end (0: none)
     # compressed bank: how the 2 x kfac_rerank candidates are shared between the ends: "adaptive" (by how
     # crowded each end is, engine.attribution.rerank.CandidateSplit) or "even" (kfac_rerank each)
     kfac_rerank_split: str = "adaptive"
     trak_dim: int = 2048
-    trak_projection: str = "srht"  # srht | rademacher | gaussian (engine.attribution.projection)
+    trak_projection: str = "srht"  # validation.TRAK_PROJECTIONS (engine.attribution.projection)
     clip_model: str = "ViT-B-32"
     clip_pretrained: str | None = "openai"
 

@@ -102,6 +102,24 @@ def _need(ok: bool, where: str, rule: str, value: Any) -> None:
 SHARED_DRAW_MODES = ("shared", "stratified")
 DRAW_MODES = (*SHARED_DRAW_MODES, "per-example")
 
+# The values of the other AttributionConfig settings that name a choice, written once here, where a preset file
+# and the CLI's flags are checked: the modules that act on them import these (curvature, kfac_influence,
+# projection, layer_projection), so a value cannot be accepted by one and refused by the other (QA 31b #3: a preset
+# file's "trak_projection": "bogus" passed every check and failed in the build, naming neither file nor key)
+QUERY_DRAWS = ("own", "bank")
+FACTOR_DRAW_MODES = ("same", "per-example")
+KFAC_BLOCKS = ("separate", "joint")
+FISHER_TYPES = ("mc", "empirical")
+KFAC_APPROX = ("expand", "reduce")
+TRAK_PROJECTIONS = ("srht", "rademacher", "gaussian", "identity")  # identity: no projection (k = P; tests)
+KFAC_PROJECTIONS = ("eigen", "gaussian")  # the compressed bank's per-layer projections
+RERANK_SPLITS = ("adaptive", "even")
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    """"a, b or c": the words of a refusal."""
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -161,8 +179,8 @@ def check_factor_draws(
     of 64: Spearman 0.11 with the all-draw scores at damping 1e-8; scripts/factor_draws_agreement.py).
     ``factor_mode`` "per-example": the factors get independent draws per example whatever the bank's, so
     they see every timestep and any k is fine."""
-    _need(factor_mode in ("same", "per-example"), "kfac_factor_draws_mode (--kfac-factor-draws-mode)",
-          "same or per-example", factor_mode)
+    _need(factor_mode in FACTOR_DRAW_MODES, "kfac_factor_draws_mode (--kfac-factor-draws-mode)",
+          _one_of(FACTOR_DRAW_MODES), factor_mode)
     if k is None:
         return
     _need(k >= 1, where, "at least 1 (or null: all M draws)", k)
@@ -183,17 +201,21 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     for name in ("trak_damping", "dtrak_damping"):  # None: the N-scaled default (config.trak_default_damping)
         if getattr(ac, name) is not None:
             check_damping(getattr(ac, name), f"{where}.{name}")
-    _need(ac.draws in DRAW_MODES, f"{where}.draws (--draws)", "shared, stratified or per-example", ac.draws)
-    _need(ac.query_draws in ("own", "bank"), f"{where}.query_draws (--query-draws)", "own or bank", ac.query_draws)
+    _need(ac.draws in DRAW_MODES, f"{where}.draws (--draws)", _one_of(DRAW_MODES), ac.draws)
+    _need(ac.query_draws in QUERY_DRAWS, f"{where}.query_draws (--query-draws)", _one_of(QUERY_DRAWS), ac.query_draws)
     _need(ac.query_draws == "own" or ac.draws in SHARED_DRAW_MODES, f"{where}.query_draws (--query-draws)",
           "own when the training draws are per-example (the query can share the bank's draws only when every "
           "training example has the same ones: --draws shared or stratified)", ac.query_draws)
     check_factor_draws(ac.kfac_factor_draws, ac.mc_samples, ac.draws, f"{where}.kfac_factor_draws",
                        ac.kfac_factor_draws_mode)
-    _need(ac.kfac_blocks in ("separate", "joint"), f"{where}.kfac_blocks (--kfac-blocks)", "separate or joint",
+    _need(ac.kfac_blocks in KFAC_BLOCKS, f"{where}.kfac_blocks (--kfac-blocks)", _one_of(KFAC_BLOCKS),
           ac.kfac_blocks)
-    _need(ac.fisher_type in ("mc", "empirical"), f"{where}.fisher_type", "'mc' or 'empirical'", ac.fisher_type)
-    _need(ac.kfac_approx in ("expand", "reduce"), f"{where}.kfac_approx", "'expand' or 'reduce'", ac.kfac_approx)
+    _need(ac.fisher_type in FISHER_TYPES, f"{where}.fisher_type", _one_of(FISHER_TYPES), ac.fisher_type)
+    _need(ac.kfac_approx in KFAC_APPROX, f"{where}.kfac_approx", _one_of(KFAC_APPROX), ac.kfac_approx)
+    _need(ac.trak_projection in TRAK_PROJECTIONS, f"{where}.trak_projection", _one_of(TRAK_PROJECTIONS),
+          ac.trak_projection)
+    _need(ac.kfac_projection in KFAC_PROJECTIONS, f"{where}.kfac_projection (--kfac-projection)",
+          _one_of(KFAC_PROJECTIONS), ac.kfac_projection)
     if bank_modes is not None:
         _need(ac.kfac_bank in bank_modes, f"{where}.kfac_bank", "one of " + ", ".join(bank_modes), ac.kfac_bank)
     _need(_finite(ac.kfac_bank_max_gb) and ac.kfac_bank_max_gb > 0, f"{where}.kfac_bank_max_gb", "> 0", ac.kfac_bank_max_gb)
@@ -202,8 +224,8 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     _need(_finite(ac.kfac_compression) and ac.kfac_compression >= 1, f"{where}.kfac_compression (--kfac-compression)",
           "finite and >= 1", ac.kfac_compression)
     _need(ac.kfac_rerank >= 0, f"{where}.kfac_rerank (--kfac-rerank)", "at least 0", ac.kfac_rerank)
-    _need(ac.kfac_rerank_split in ("adaptive", "even"), f"{where}.kfac_rerank_split (--kfac-rerank-split)",
-          "adaptive or even", ac.kfac_rerank_split)
+    _need(ac.kfac_rerank_split in RERANK_SPLITS, f"{where}.kfac_rerank_split (--kfac-rerank-split)",
+          _one_of(RERANK_SPLITS), ac.kfac_rerank_split)
 
 
 def check_preset(preset: Any) -> None:

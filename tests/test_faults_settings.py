@@ -93,6 +93,11 @@ def test_preset_file_errors_name_the_file_and_key(tmp_path):
         (_preset_file(tmp_path, {**good, "model": {**good["model"], "num_groups": 7}}),
          "model.num_groups must be a divisor of the model's channel widths [32]"),
         (_preset_file(tmp_path, {**good, "data": {**good["data"], "per_class": 0}}), "data.per_class"),
+        # QA 31b #3: these passed every check; TRAK's build then failed naming neither the file nor the key
+        (_preset_file(tmp_path, {**good, "attribution": {**good["attribution"], "trak_projection": "bogus"}}),
+         "attribution.trak_projection must be srht, rademacher, gaussian or identity, got 'bogus'"),
+        (_preset_file(tmp_path, {**good, "attribution": {**good["attribution"], "kfac_projection": "pca"}}),
+         "attribution.kfac_projection (--kfac-projection) must be eigen or gaussian, got 'pca'"),
     ]
     for path, needle in cases:
         with pytest.raises(InvalidSettingError) as e:

@@ -55,13 +55,15 @@ import torch
 from torch import nn
 
 from ..model.diffusion import Diffusion, apply_flip
+from ..validation import FISHER_TYPES as SETTING_FISHER_TYPES
+from ..validation import KFAC_APPROX as SETTING_KFAC_APPROX
 from .exiting import exit_requested
 from .gradients import Params
 from .pass_checkpoint import PassCheckpoint
 from .train_draws import TrainDraws
 
-FISHER_TYPES = ("mc", "empirical", "type-2")
-KFAC_APPROX = ("expand", "reduce")
+FISHER_TYPES = (*SETTING_FISHER_TYPES, "type-2")  # type-2: the exact GGN's factors, for tests
+KFAC_APPROX = SETTING_KFAC_APPROX
 
 
 @dataclass

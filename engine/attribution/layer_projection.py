@@ -49,10 +49,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.diffusion import Diffusion, MCDraws
+from ..validation import KFAC_PROJECTIONS
 from .curvature import Block, KFACFactors, layout
 from .gradients import Params, _rows, layer_output_grads, this_thread_only
 
-KINDS = ("eigen", "gaussian")
+KINDS = KFAC_PROJECTIONS
 
 
 @dataclass

@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..validation import TRAK_PROJECTIONS
 from . import hadamard_kernel
 
-KINDS = ("srht", "rademacher", "gaussian", "identity")
+KINDS = TRAK_PROJECTIONS
 TILE_ROWS = 4096
 
 

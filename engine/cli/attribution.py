@@ -18,7 +18,16 @@ from .. import jsonio
 from ..attribution.methods import METHODS, method_names, names_of_kind, parse_methods
 from ..attribution.signs import end_signs
 from ..config import SETTING_FLAGS, AttributionConfig
-from ..validation import DRAW_MODES, SHARED_DRAW_MODES, check_damping
+from ..validation import (
+    DRAW_MODES,
+    FACTOR_DRAW_MODES,
+    KFAC_BLOCKS,
+    KFAC_PROJECTIONS,
+    QUERY_DRAWS,
+    RERANK_SPLITS,
+    SHARED_DRAW_MODES,
+    check_damping,
+)
 from .common import at_least, build_progress, check_output_file, fail, register, resolve, subcommand
 
 if TYPE_CHECKING:  # the parser must not import torch (tests/test_architecture.py)
@@ -47,30 +56,30 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--query-draws",
-        choices=("own", "bank"),
+        choices=QUERY_DRAWS,
         default=None,
         help="the query gradient's draws: its own (default; independent of the training gradients') or the "
         "bank's (common random numbers with every training example; needs shared or stratified draws)",
     )
     p.add_argument(
         "--kfac-blocks",
-        choices=("separate", "joint"),
+        choices=KFAC_BLOCKS,
         default=None,
         help="K-FAC blocks: weight and bias separate (default) or one joint block per layer (ablation)",
     )
     p.add_argument("--kfac-factor-draws", type=int, default=None,
                    help="K-FAC factors from the first k of the M draws of every example (k >= M: all M; default: the "
                         "preset's, 8 on digits, all M elsewhere)")
-    p.add_argument("--kfac-factor-draws-mode", choices=("same", "per-example"), default=None,
+    p.add_argument("--kfac-factor-draws-mode", choices=FACTOR_DRAW_MODES, default=None,
                    help="draws of the K-FAC factor pass: the bank's (same, default) or independent per example "
                         "(per-example, paper G.3; allows --kfac-factor-draws below M with shared bank draws)")
-    p.add_argument("--kfac-projection", choices=("eigen", "gaussian"), default=None,
+    p.add_argument("--kfac-projection", choices=KFAC_PROJECTIONS, default=None,
                    help="compressed bank: projection kind (default gaussian)")
     p.add_argument("--kfac-compression", type=float, default=None,
                    help="compressed bank: full bank bytes / compressed bank bytes (default 32)")
     p.add_argument("--kfac-rerank", type=int, default=None,
                    help="compressed bank: candidates re-ranked exactly at each end (default 256; 0: none)")
-    p.add_argument("--kfac-rerank-split", choices=("adaptive", "even"), default=None,
+    p.add_argument("--kfac-rerank-split", choices=RERANK_SPLITS, default=None,
                    help="compressed bank: share the 2 x --kfac-rerank candidates between the ends by how crowded "
                         "each is (adaptive, default: more for the opponents, whose scores are near-ties) or evenly")
     p.add_argument("--attribution-seed", dest="seed", type=int, default=None,

@@ -27,7 +27,7 @@ import torch
 
 from ... import distributed
 from ...config import AttributionConfig
-from ...validation import check_factor_draws
+from ...validation import KFAC_BLOCKS, check_factor_draws
 from ..bank import artefact_settings
 from ..bank_kinds import bank_kind
 from ..context import EngineContext
@@ -56,7 +56,6 @@ BANK = "kfac-bank"
 # (1.8x per row), mnist 467 s and 145 s for 1,000 x 16 each (3.2x).  A fixed 75% for the factors put the bar at 75%
 # after 18% of a digits build (QA 25 #6).
 FACTOR_ROW_COST = 2.5
-KFAC_BLOCKS = ("separate", "joint")
 
 
 def _params_digest(params: list[tuple[str, torch.nn.Parameter]]) -> str:
