@@ -5,9 +5,10 @@ score of training example i is a sum of simple poles in the damping lambda:
 
     tau_i(lambda) = (1/N) sum_j R_ij q_j / (e_j + lambda),     e_j >= 0 (eigenvalues).
 
-The first pass over the bank scores the query at every damping lambda_g of a log grid at
-once (``RotatedBank.score_many``: one dequantising pass whatever the grid's size).  For any
-other lambda we look for weights alpha_g(lambda) with
+One pass over the rows scores the query at every damping lambda_g of a log grid at once
+(``Rows.inner_many`` with the G damped queries: for the int8 bank one dequantising pass whatever the
+grid's size), with the first answer or after it (``scoring.EigenbasisQuery``, ``Rows.grid_in_first_pass``).
+For any other lambda we look for weights alpha_g(lambda) with
 
     sum_g alpha_g (e + lambda) / (e + lambda_g) = 1 + delta(e),   |delta(e)| <= tol  for all e >= 0.
 

@@ -12,8 +12,11 @@ N is the training-set size: G is the curvature of the *mean* training loss, so l
 on the scale of G for the mean loss (docs/architecture.md §4).
 
 ``EigenbasisQuery`` holds one query's damping-free state (q, e, the rows) and answers
-``score(lambda)``.  The first call scores a whole grid of dampings in the same pass over the
-rows (``Rows.inner_many``); a later damping on the grid is a lookup, one inside
+``score(lambda)``.  A whole grid of dampings is scored in one pass over the rows
+(``Rows.inner_many``): with the first call where the rows say a grid pass costs about what one
+damping does (``Rows.grid_in_first_pass``: a streamed bank, whose gradients dominate), else with the
+second damping asked or ``fill_grid`` after the first answer (the stored int8 bank, TRAK's dense rows,
+whose first answer is one exact pass); a later damping on the grid is a lookup, one inside
 ``damping_grid.SUPPORTED`` a weighted sum of the grid's scores (``damping_grid.interpolate``,
 exact to a relative 1e-4 per eigen-coordinate), and any other one exact pass.
 

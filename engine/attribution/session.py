@@ -8,18 +8,23 @@ the methods and returns plain ``QueryResult`` records (score arrays, no tensors)
 
 Why the query path is shaped this way:
 
-* **Common random numbers** (docs/architecture.md §6): one seeded set of M draws (t, eps),
-  ``make_draws(M, shape, T, seed=config.seed + 1)``, is shared by every method, so two
-  methods differ only in what they are, not in Monte Carlo noise.  The seed is offset
-  from the training draws' seed (``config.seed``) so that a training image used as a
-  query does not reuse its own training draws.
+* **Common random numbers** (docs/architecture.md §6): one seeded set of M draws (t, eps) is
+  shared by every method, so two methods differ only in what they are, not in Monte Carlo
+  noise (``query_draws``).  With ``config.query_draws == "own"`` (the paper's estimator, the
+  default) it is ``make_draws(M, shape, T, seed=config.seed + 1)``: offset from the training
+  draws' seed so that a training image used as a query does not reuse its own training draws.
+  With ``"bank"`` (the mnist preset; shared training draws only) it is the training draws
+  themselves, common to the query and every training image.
 * **One gradient per measurement**: grad m(q) is computed once per distinct
   ``method.query_measurement(measurement)`` (K-FAC and TRAK share the loss gradient;
   D-TRAK asks for the square norm) and shared.
 * **Damping is cheap**: each method's damping-independent state (``Prepared``) is kept
   with the result (``QueryResult.prepared``), so ``rescore`` only calls ``score``: for K-FAC,
-  TRAK and D-TRAK a lookup in, or an interpolation of, the damping grid their first pass
-  scored (``engine.attribution.scoring``, docs/architecture.md §4).
+  TRAK and D-TRAK a lookup in, or an interpolation of, their damping grid, scored in one pass
+  over the rows with the first answer where the gradients dominate a query (a streamed bank),
+  else with the second damping asked or by the app's grid filler after the first answer (the
+  stored int8 bank, TRAK's rows: ``Rows.grid_in_first_pass``; ``engine.attribution.scoring``,
+  docs/architecture.md §4).
 
 The session only orchestrates: query sources are ``engine.attribution.query``, cache status
 and builds ``engine.attribution.caches``, the maths is in the methods and the scoring operator.
