@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from engine.attribution.build_worker import BuildState
 from explorer import runtime
 from explorer.plain import PENDING
 from explorer.runtime import Handle
@@ -69,10 +70,10 @@ def _live(handle: Handle) -> None:
             f"`{handle.cache_root}`, resumed if interrupted). {meanwhile}"
         )
         st.progress(min(max(state.fraction, 0.0), 1.0), text=runtime.build_message(handle, state))
-        _built_since_drawn(handle, state, info)
+        _built_since_drawn(state, info)
 
 
-def _built_since_drawn(handle: Handle, state, info: dict) -> None:
+def _built_since_drawn(state: BuildState, info: dict) -> None:
     """A button that redraws the page when a method whose column says "Being built" has been built meanwhile.
 
     Why a button, not a rerun by itself: this panel redraws every second on its own, but the page below it only

@@ -287,12 +287,6 @@ def throttled(update: Callable[[str, float], None], every_s: float = 0.15) -> Ca
     return cb
 
 
-def missing_caches(handle: Handle) -> list[str]:
-    """Available methods whose caches are not built yet."""
-    status = handle.status(refresh=True)
-    return [n for n, s in status.items() if s.get("available") and not s.get("built")]
-
-
 def start_build(handle: Handle) -> BuildState:
     """Start the process's cache build if caches are missing and it is not running or failed.
 

@@ -30,14 +30,13 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from ..bar_redraw import interval, move
 from ..threads import configure_threads
 from . import exiting
 
 log = logging.getLogger(__name__)
-STATES = ("idle", "running", "done", "failed")
 # how a resuming pass ends its first message (bank.py, curvature.py, methods/trak.py: "resuming ... saved by an
 # earlier run")
 EARLIER_RUN = "saved by an earlier run"
@@ -77,9 +76,9 @@ atexit.register(stop_builds)
 
 @dataclass(frozen=True)
 class BuildState:
-    """What every tab shows: ``status`` in STATES, the latest progress message and overall fraction."""
+    """What every tab shows: ``status``, the latest progress message and overall fraction."""
 
-    status: str = "idle"
+    status: Literal["idle", "running", "done", "failed"] = "idle"
     message: str = ""
     fraction: float = 0.0
     methods: tuple[str, ...] = ()  # what this job builds, in order

@@ -20,7 +20,6 @@ curvature) and therefore of ``EngineContext.params``.  K-FAC has one Kronecker b
 Conv2d/Linear layer and none for normalisation layers (docs/architecture.md §4), so GroupNorm's
 affine parameters (well under 1% of the parameters) are excluded from influence
 gradients entirely, for every method, so that all methods see the same gradient.
-``flat_params(model)`` (all trainable parameters) is kept for other uses.
 
 How per-example gradients are computed
 --------------------------------------
@@ -78,11 +77,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(True)
-
-
-def flat_params(model: nn.Module) -> Params:
-    """All trainable parameters in model order."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def influence_params(model: nn.Module) -> Params:

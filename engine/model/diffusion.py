@@ -195,11 +195,6 @@ class Diffusion:
         pred = model(self.q_sample(x0, t, eps), t)
         return (eps - pred).pow(2).flatten(1).mean(1)
 
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:
-        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): Ho et al.'s eq. 4 solved for x_0."""
-        ab = self._gather(self.alpha_bars, t, x_t)
-        return (x_t - (1.0 - ab).sqrt() * eps_pred) / ab.sqrt()
-
     def q_posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Mean of q(x_{t-1} | x_t, x_0) (Ho eq. 7)."""
         return self._gather(self.posterior_coef_x0, t, x_t) * x0 + self._gather(
