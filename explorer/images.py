@@ -10,12 +10,16 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+if TYPE_CHECKING:  # images are tensors or arrays; this module needs only numpy
+    import torch
 
-def to_uint8(image) -> np.ndarray:
+
+def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """(C,H,W) or (H,W) tensor/array in [-1, 1] -> (H,W) or (H,W,3) uint8."""
     x = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
     x = np.asarray(x, dtype=np.float32)
@@ -35,7 +39,7 @@ def upscale(array: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
 
 
-def display(image, size: int = 96, border: int = 0) -> np.ndarray:
+def display(image: torch.Tensor | np.ndarray, size: int = 96, border: int = 0) -> np.ndarray:
     """A tensor in [-1, 1] ready for ``st.image``: uint8, large enough to see, optionally framed in white.
 
     The white frame keeps dark-background thumbnails from merging into one block when

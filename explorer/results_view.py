@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import textwrap
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,9 @@ from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint
 from explorer.layout import FRAME, GAP, column_inner_width, thumbnails
 from explorer.query_view import Query
 from explorer.runtime import Handle
+
+if TYPE_CHECKING:
+    from engine.evaluation.query_dependence import Dependence
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +420,7 @@ def influence_headings(top: list[float], bottom: list[float]) -> tuple[str, str]
     return head, tail
 
 
-def query_independence_note(d) -> str:
+def query_independence_note(d: Dependence) -> str:
     """Why a method's column should not be read as an explanation of this query (``Dependence`` ``d``,
     ``engine.evaluation.query_dependence``); short, so the column's grid stays level with the others."""
     return (

@@ -122,7 +122,9 @@ class MethodCaches:
             return None
         return disk_full_error(error, self.ctx.store.root)
 
-    def _settings(self, name: str) -> dict[str, Any]:
+    def settings(self, name: str) -> dict[str, Any]:
+        """The settings ``name``'s cache is keyed by (``AttributionMethod.settings``): what a build of it used and a
+        load of it must match; the generic ones when the method cannot say (CLIP without open_clip)."""
         m = self.methods[name]
         try:
             return m.settings(self.ctx)
@@ -151,7 +153,7 @@ class MethodCaches:
                 "available": available,
                 "corrupt": problem is not None,
                 "reason": reason,
-                "settings": self._settings(name),
+                "settings": self.settings(name),
                 "size_mb": self._size_mb(name) if built else 0.0,
                 "shares_cache_with": sharing[name],
             }

@@ -126,6 +126,8 @@ def gallery_set(session: Any) -> QuerySet:
 
 
 def pool_path(pool_dir: str | Path, checkpoint_hash: str, seed: int, n: int) -> Path:
+    """Where the pool of ``n`` samples drawn with ``seed`` from the model ``checkpoint_hash`` is cached: named by
+    all three, so another model's or seed's pool is never read for this one."""
     return Path(pool_dir) / f"pool_{checkpoint_hash}_s{int(seed)}_n{int(n)}.npz"
 
 

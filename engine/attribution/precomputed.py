@@ -45,6 +45,8 @@ MEASUREMENT = "loss"
 
 
 def gallery_hash(session: Any) -> str:
+    """16 hex digits of the SHA-256 of the gallery's images (float32 bytes): a file's scores are of these images,
+    so a regenerated gallery (same indices, other samples) no longer matches it."""
     h = hashlib.sha256()
     for item in session.gallery():
         h.update(np.ascontiguousarray(item.image.cpu().numpy(), dtype=np.float32).tobytes())
@@ -53,10 +55,16 @@ def gallery_hash(session: Any) -> str:
 
 def method_key(session: Any, name: str) -> dict[str, Any]:
     """Everything one method's precomputed scores depend on besides the query."""
-    return {"settings": session.caches._settings(name), "damping": session.method(name).default_damping}
+    return {"settings": session.caches.settings(name), "damping": session.method(name).default_damping}
 
 
 def session_key(session: Any, methods: list[str]) -> dict[str, Any]:
+    """Everything a precomputed file's scores depend on, compared whole with a live session before a page shows
+    them (``PrecomputedGallery.methods_for``): the model's hash, the training data, the gallery's images, the
+    measurement, the draws of the query gradient and each method's ``method_key``.  The query's draws are named
+    by their seed: ``config.seed + 1`` for the query's own draws (the default, left unnamed so that files
+    written before ``query_draws`` existed stay valid), the bank's ``config.seed`` with ``query_draws="bank"``
+    (the session's ``query_draws``; the mnist preset)."""
     from .session import data_key
 
     c = session.config

@@ -459,6 +459,8 @@ def no_trajectory(query: QueryInput) -> str:
 
 
 def describe(spec: str) -> str:
+    """A query spec ("gallery:3", "train:12", "upload:name.png", ...) in words for a heading or a record; an
+    unknown kind is returned as it is."""
     kind, _, arg = spec.partition(":")
     return {
         "gallery": f"generated sample {arg} from the gallery",

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from ..validation import (
 from .common import at_least, build_progress, check_output_file, fail, register, resolve, subcommand
 
 if TYPE_CHECKING:  # the parser must not import torch (tests/test_architecture.py)
+    from ..attribution.results import QueryResult
     from ..attribution.session import AttributionSession
 
 
@@ -455,7 +456,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_scores(path: Path, result, labels, settings: dict | None = None) -> None:
+def write_scores(path: Path, result: QueryResult, labels: Sequence[int] | None, settings: dict | None = None) -> None:
     """One array per method with status ok (N,) float32, plus ``labels``, the query spec, the measurement and
     ``settings`` (``engine.attribution.provenance.result_settings``: model, draws, each method's damping, as
     a JSON string: ``json.loads(str(np.load(f)["settings"]))``)."""
@@ -474,7 +475,7 @@ def write_scores(path: Path, result, labels, settings: dict | None = None) -> No
     np.savez_compressed(path, **arrays)
 
 
-def format_result(result, top_k: int, labels) -> str:
+def format_result(result: QueryResult, top_k: int, labels: Sequence[int] | None) -> str:
     """A readable table per method: top proponents and opponents with labels and scores."""
     q = result.query
     lines = [f"query: {q.get('spec')} ({q.get('description')})" + (f", label {q['label']}" if q.get("label") is not None else "")]

@@ -37,6 +37,8 @@ class CheckpointError(ValueError):
 def save_checkpoint(
     folder: str | Path, model: nn.Module, preset: Preset, extra: dict[str, Any] | None = None
 ) -> Path:
+    """Write ``model``'s weights (safetensors, with the digest of their data) and ``config.json`` (the preset and
+    ``extra``) into ``folder``, each atomically; returns the folder."""
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     cfg = {"preset": preset.to_dict(), "extra": extra or {}}
@@ -79,6 +81,8 @@ def check_weights_digest(path: Path, blob: bytes) -> None:
 
 
 def read_config(folder: str | Path) -> tuple[Preset, dict[str, Any]]:
+    """(the preset, the ``extra`` record) of the checkpoint in ``folder``, without loading its weights;
+    CheckpointError naming the folder when the file is missing, the file when it is not a checkpoint's config."""
     folder = Path(folder)
     path = folder / CONFIG
     if not path.is_file():
