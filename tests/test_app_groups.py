@@ -264,7 +264,7 @@ def test_the_retraining_caption_compares_the_records_settings_with_the_served_mo
     import dataclasses
 
     from engine.config import AttributionConfig, attribution_settings
-    from explorer.groups_view import retrain_record_note
+    from explorer.group_retrain_view import retrain_record_note
 
     cfg = AttributionConfig(kfac_damping=1e-8)
     resolved = attribution_settings(cfg, 100)  # the served model's dampings, each resolved as the page scores

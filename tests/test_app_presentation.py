@@ -35,7 +35,7 @@ def _record(specs: list[str], labels: list[int]) -> list[tuple[dict, dict]]:
 def test_the_retraining_check_has_one_row_per_group_and_one_column_per_method_all_readable():
     """2 groups were laid out 2 x 6 with 6 empty panels (the facet column held the method *and* its Spearman),
     one row had no x ticks and the other no y ticks, and the facet titles ("method=...") overlapped."""
-    from explorer.groups_view import retrain_figure
+    from explorer.group_retrain_view import retrain_figure
 
     labels = [1, 0, 2, 7, 9, 0, 1, 3]
     fig = retrain_figure(_record(["label:3", "label:8"], labels), TITLES.get,
@@ -68,7 +68,7 @@ def test_the_retraining_check_has_one_row_per_group_and_one_column_per_method_al
 
 
 def test_the_retraining_check_without_labels_has_no_legend():
-    from explorer.groups_view import retrain_figure
+    from explorer.group_retrain_view import retrain_figure
 
     fig = retrain_figure(_record(["label:1"], [-1, -1, -1]), TITLES.get)
     assert len(fig.data) == 3 and not any(t.showlegend for t in fig.data)
