@@ -10,13 +10,12 @@ import argparse
 import dataclasses
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import jsonio
 from ..attribution.methods import METHODS, method_names, names_of_kind, parse_methods
-from ..attribution.signs import end_signs
 from ..config import SETTING_FLAGS, AttributionConfig
 from ..validation import (
     DRAW_MODES,
@@ -29,9 +28,9 @@ from ..validation import (
     check_damping,
 )
 from .common import at_least, build_progress, check_output_file, fail, register, resolve, subcommand
+from .query_output import format_result, write_scores
 
 if TYPE_CHECKING:  # the parser must not import torch (tests/test_architecture.py)
-    from ..attribution.results import QueryResult
     from ..attribution.session import AttributionSession
 
 
@@ -454,61 +453,6 @@ def cmd_query(args: argparse.Namespace) -> int:
         # the statuses are printed above; a script must still see that nothing was scored (as for group)
         return fail(RuntimeError("no method could score this query (see each method's status above)"))
     return 0
-
-
-def write_scores(path: Path, result: QueryResult, labels: Sequence[int] | None, settings: dict | None = None) -> None:
-    """One array per method with status ok (N,) float32, plus ``labels``, the query spec, the measurement and
-    ``settings`` (``engine.attribution.provenance.result_settings``: model, draws, each method's damping, as
-    a JSON string: ``json.loads(str(np.load(f)["settings"]))``)."""
-    import numpy as np
-
-    from ..attribution.provenance import settings_json
-
-    arrays = {name: r.scores for name, r in result.methods.items() if r.scores is not None}
-    if labels is not None:
-        arrays["labels"] = np.asarray(labels)
-    arrays["query"] = np.array(str(result.query.get("spec", "")))
-    arrays["measurement"] = np.array(result.measurement)
-    if settings is not None:
-        arrays["settings"] = np.array(settings_json(settings))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **arrays)
-
-
-def format_result(result: QueryResult, top_k: int, labels: Sequence[int] | None) -> str:
-    """A readable table per method: top proponents and opponents with labels and scores."""
-    q = result.query
-    lines = [f"query: {q.get('spec')} ({q.get('description')})" + (f", label {q['label']}" if q.get("label") is not None else "")]
-    for note in q.get("notes", []):
-        lines.append(f"  - {note}")
-    lines.append(f"measurement: {result.measurement}    total {result.timing_ms.get('total', 0.0):.0f} ms")
-    for name, r in result.methods.items():
-        lines.append("")
-        head = f"[{name}] {r.title} ({r.kind})"
-        if r.status != "ok":
-            lines.append(f"{head}: {r.status.upper()}: {r.reason}")
-            continue
-        if r.damping is not None:
-            head += f"  damping {r.damping:.3g}"
-        times = ", ".join(f"{k} {v:.0f} ms" for k, v in r.timing_ms.items())
-        lines.append(f"{head}  [{times}]" if times else head)
-        if r.reason:
-            lines.append(f"  note: {r.reason}")
-        if r.bank_note():
-            lines.append(f"  bank: {r.bank_note()}")
-        top, bottom = r.top(top_k, labels), r.bottom(top_k, labels)
-        if r.kind == "influence":
-            top_title = end_signs([it.score for it in top], highest=True).heading()
-            bottom_title = end_signs([it.score for it in bottom], highest=False).heading()
-        else:
-            top_title, bottom_title = "most similar", "least similar"
-        for title, items in ((top_title, top), (bottom_title, bottom)):
-            cells = [
-                f"#{it.index}" + (f"({it.label})" if it.label is not None else "") + f" {it.score:+.3g}"
-                for it in items
-            ]
-            lines.append(f"  {title:>13}: " + "  ".join(cells))
-    return "\n".join(lines)
 
 
 # --- precomputed gallery results -------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""What ``query`` prints and writes: the text table of each method's ends and the ``--scores-out`` file (the JSON
+is ``QueryResult.to_json``).  Its own module so that the command's module keeps to its options and its flow."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..attribution.signs import end_signs
+
+if TYPE_CHECKING:  # the parser must not import torch (tests/test_architecture.py)
+    from ..attribution.results import QueryResult
+
+
+def write_scores(path: Path, result: QueryResult, labels: Sequence[int] | None, settings: dict | None = None) -> None:
+    """One array per method with status ok (N,) float32, plus ``labels``, the query spec, the measurement and
+    ``settings`` (``engine.attribution.provenance.result_settings``: model, draws, each method's damping, as
+    a JSON string: ``json.loads(str(np.load(f)["settings"]))``)."""
+    import numpy as np
+
+    from ..attribution.provenance import settings_json
+
+    arrays = {name: r.scores for name, r in result.methods.items() if r.scores is not None}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels)
+    arrays["query"] = np.array(str(result.query.get("spec", "")))
+    arrays["measurement"] = np.array(result.measurement)
+    if settings is not None:
+        arrays["settings"] = np.array(settings_json(settings))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+
+
+def format_result(result: QueryResult, top_k: int, labels: Sequence[int] | None) -> str:
+    """A readable table per method: top proponents and opponents with labels and scores."""
+    q = result.query
+    lines = [f"query: {q.get('spec')} ({q.get('description')})" + (f", label {q['label']}" if q.get("label") is not None else "")]
+    for note in q.get("notes", []):
+        lines.append(f"  - {note}")
+    lines.append(f"measurement: {result.measurement}    total {result.timing_ms.get('total', 0.0):.0f} ms")
+    for name, r in result.methods.items():
+        lines.append("")
+        head = f"[{name}] {r.title} ({r.kind})"
+        if r.status != "ok":
+            lines.append(f"{head}: {r.status.upper()}: {r.reason}")
+            continue
+        if r.damping is not None:
+            head += f"  damping {r.damping:.3g}"
+        times = ", ".join(f"{k} {v:.0f} ms" for k, v in r.timing_ms.items())
+        lines.append(f"{head}  [{times}]" if times else head)
+        if r.reason:
+            lines.append(f"  note: {r.reason}")
+        if r.bank_note():
+            lines.append(f"  bank: {r.bank_note()}")
+        top, bottom = r.top(top_k, labels), r.bottom(top_k, labels)
+        if r.kind == "influence":
+            top_title = end_signs([it.score for it in top], highest=True).heading()
+            bottom_title = end_signs([it.score for it in bottom], highest=False).heading()
+        else:
+            top_title, bottom_title = "most similar", "least similar"
+        for title, items in ((top_title, top), (bottom_title, bottom)):
+            cells = [
+                f"#{it.index}" + (f"({it.label})" if it.label is not None else "") + f" {it.score:+.3g}"
+                for it in items
+            ]
+            lines.append(f"  {title:>13}: " + "  ".join(cells))
+    return "\n".join(lines)
