@@ -72,3 +72,32 @@ def test_bench_scale_says_what_it_times_and_shows_no_torch_warnings(tmp_path):
     assert "x 50 dampings, once per query: the 49 grid points and the chosen damping" in r.stdout
     assert not any(line.startswith("timing") for line in r.stdout.splitlines())  # stdout keeps the results
     assert json.loads((tmp_path / "s.json").read_text())["forward_mode_rerank"]["check_rel_err"] < 1e-3
+
+
+def test_bench_scale_sizes_are_binary_and_its_peak_memory_is_the_benches_one(monkeypatch):
+    """QA 31b #7: bench-scale had its own ru_maxrss reader without memory.peak_rss_mib's macOS branch (ru_maxrss is
+    bytes there: 1024x too much), and one bank size in three conventions: printed in MB (1e6 bytes), recorded as
+    bank_mb (2**20) and bank_gb (1e9).  Now every size is binary (MiB, GiB), the keys keep their shipped names and
+    the record says their units."""
+    import engine.bench.scale as scale
+    from engine.config import ModelConfig
+
+    tiny = ModelConfig(image_size=32, in_channels=3, base_channels=8, channel_mults=(1, 1), num_res_blocks=1,
+                       attn_resolutions=(16,), num_groups=4)
+    monkeypatch.setattr(scale, "PRESETS", {"cifar10": scale.PRESETS["cifar10"].replace(model=tiny)})
+    monkeypatch.setattr(scale, "peak_rss_mib", lambda: 42.0)  # the benches' one reader (memory.peak_rss_mib)
+    lines: list[str] = []
+    rec = scale.run_bench_scale(sizes=(1,), scan_sizes=(4,), grad_batch=1, jvp_batch=1, log=lines.append,
+                                say=lambda _: None)
+    assert {v for k, v in rec["peak_memory"].items() if k.endswith("rss_mb")} == {42.0}
+    assert [b["peak_rss_mb"] for b in rec["compressed_builds"]] == [42.0]
+    per_example = rec["bytes_per_example"]
+    for projected in rec["projected"]:
+        for kind in ("stored", "compressed"):
+            assert projected["bank_gb"][kind] == pytest.approx(projected["num_examples"] * per_example[kind] / 2**30)
+    assert rec["config"]["units"]["_gb keys"].startswith("GiB") and rec["config"]["units"]["_mb keys"].startswith("MiB")
+    text = "\n".join(lines)
+    assert " MB" not in text and " KB" not in text and " GB" not in text
+    sizes = next(line for line in lines if "bank bytes per example" in line)
+    assert f"stored {per_example['stored'] / 2**20:.1f} MiB, compressed {per_example['compressed'] / 2**10:.1f} KiB" \
+        in sizes

@@ -32,7 +32,7 @@ the score: slope 1.0000, largest error 0.04% of the largest score, the same scan
 no cost.)  Blocks are contiguous.  On a CPU a single-damping pass uses the fused kernel of
 ``int8_scan`` (numba: each int8 read once, widened in registers); without numba it converts each
 block to float in row chunks of about 4 MiB (a chunk stays in cache while it is multiplied) and
-applies the per-row scales to the chunk's products.  Measured on the digits bank (486 MB, one
+applies the per-row scales to the chunk's products.  Measured on the digits bank (486 MiB, one
 thread, other jobs paused), side by side: 90 ms per pass with the fused kernel, 199 ms with 4 MiB
 chunks, 263 ms with 1 MiB chunks, 713 ms with ``torch.ops.aten._weight_int8pack_mm`` (torch's fused
 int8-weight kernel) (``scripts/bank_scan_kernels.py``, ``assets/results/bank_scan_kernels.json``).  The build runs in chunks of
@@ -395,7 +395,7 @@ class RotatedBank:
 class StreamedBank:
     """The bank's scoring interface without a stored bank (docs/architecture.md §8).
 
-    For models whose N x P bank does not fit (CIFAR-2: 5,000 x 35.7M parameters = 178 GB in
+    For models whose N x P bank does not fit (CIFAR-2: 5,000 x 35.7M parameters = 166 GiB in
     int8), each ``score``/``score_many`` call recomputes the training gradients in batches and
     takes the same sums as ``RotatedBank``, exactly (no quantisation).  Since the Q are
     orthogonal, <R_i, q> = <grad l(x_i), Q_B q Q_A^T> per block, so the damped query is

@@ -139,7 +139,7 @@ def run_bench(
         # which kernel scans a stored int8 bank on the CPU (engine.attribution.int8_scan)
         "int8_scan": "numba" if int8_scan.available() else "torch chunks",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "memory_after_imports": memory_mb(),  # torch alone is ~0.7 GB resident on CPU
+        "memory_after_imports": memory_mb(),  # MiB; torch alone is ~700 MiB resident on CPU
     }
     tmp = None
     if reuse_cache:

@@ -18,8 +18,9 @@ CIFAR-preset U-Net (35.7M parameters):
   from the measured per-row and per-byte costs (every projected figure says so).
 
 Everything runs on the device given (CPU here).  Timings are medians of repeats taken in
-the same run.  Peak memory is the process's peak resident set (``ru_maxrss``) after each
-phase, plus CUDA's peak allocation on a GPU.
+the same run.  Peak memory is the process's peak resident set (``memory.peak_rss_mib``) after each
+phase, plus CUDA's peak allocation on a GPU.  Sizes are binary (MiB, GiB: ``engine.bench.memory``); the
+record's ``_mb`` / ``_gb`` keys keep their shipped names and hold MiB / GiB (``config.units``).
 
 Results go to stdout, a line per part once it is measured; what is about to run goes to stderr before it
 runs (QA 27 #9: 25 s passed with nothing shown).
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import statistics
 import time
 import warnings
@@ -49,15 +49,15 @@ from ..model.diffusion import Diffusion, make_draws
 from ..model.unet import build_model
 from ..precision import configure_float32
 from . import announce
+from .memory import GIB, KIB, MIB, peak_rss_mib
+
+# what the record's size keys hold (their names are the shipped records'; before this entry bank_gb was 1e9 bytes)
+UNITS = {"_mb keys": "MiB (2**20 bytes)", "_gb keys": "GiB (2**30 bytes)", "bytes_per_example": "bytes"}
 
 SYNTHETIC_NOTE = (
     "SYNTHETIC images (uniform noise in [-1, 1], 3x32x32) and a randomly initialised CIFAR-preset U-Net: "
     "no CIFAR data on this machine; gradient, build and scan timings do not depend on image content"
 )
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _sync() -> None:
@@ -207,16 +207,16 @@ def run_bench_scale(
     factor_text = ("factor pass not timed (--factor-rows 0)" if factor_row_s is None else
                    f"{factor_row_s:.3g} s per (example, draw) row")
     log(f"K-FAC factors: {factor_text}; bank bytes per example: "
-        f"stored {bytes_stored / 1e6:.1f} MB, compressed {bytes_comp / 1e3:.1f} KB ({bytes_stored / bytes_comp:.0f}x)")
-    mem: dict[str, float] = {"after_factors_rss_mb": _peak_rss_mb()}
+        f"stored {bytes_stored / MIB:.1f} MiB, compressed {bytes_comp / KIB:.1f} KiB ({bytes_stored / bytes_comp:.0f}x)")
+    mem: dict[str, float] = {"after_factors_rss_mb": peak_rss_mib()}  # every *_mb of ``mem``: MiB
 
     b = min(grad_batch, n_img)
     say(f"timing per-example gradients, full and compressed (hooks), at batch {b} (2 repeats each) ...")
     full_s, _ = _timed(lambda: per_example_grads(model, diffusion, images[:b], draws, "loss", params), 2)
-    mem["after_full_grads_rss_mb"] = _peak_rss_mb()
+    mem["after_full_grads_rss_mb"] = peak_rss_mib()
     proj_s, _ = _timed(lambda: projected_grads(model, diffusion, images[:b], draws, params, comp.projections,
                                                comp.blocks), 2)
-    mem["after_projected_grads_rss_mb"] = _peak_rss_mb()
+    mem["after_projected_grads_rss_mb"] = peak_rss_mib()
     throughput = {"full_rows_per_s": b * mc / full_s, "projected_rows_per_s": b * mc / proj_s, "batch": b}
     log(f"per-example gradients: full {throughput['full_rows_per_s']:.2f} rows/s, "
         f"compressed (hooks) {throughput['projected_rows_per_s']:.2f} rows/s")
@@ -243,7 +243,7 @@ def run_bench_scale(
             f"(relative error against per-example gradients {jvp['check_rel_err']:.1e})")
     except Exception as e:  # noqa: BLE001 - an alternative's figure; its failure must not lose the rest
         jvp["error"] = repr(e)[:500]
-    mem["after_jvp_rss_mb"] = _peak_rss_mb()
+    mem["after_jvp_rss_mb"] = peak_rss_mib()
 
     builds = []
     for n in sizes:
@@ -253,9 +253,9 @@ def run_bench_scale(
         _sync()
         build_s = time.perf_counter() - t0
         scan = _scan(bank, bank.blocks[-1].offset + bank.blocks[-1].size, dev, 3)
-        builds.append({"n": n, "build_s": build_s, "bank_mb": bank.nbytes / 2**20, **scan,
-                       "peak_rss_mb": _peak_rss_mb()})
-        log(f"compressed build N={n}: {build_s:.1f} s, {bank.nbytes / 2**20:.2f} MiB")
+        builds.append({"n": n, "build_s": build_s, "bank_mb": bank.nbytes / MIB, **scan,  # MiB, as peak_rss_mb
+                       "peak_rss_mb": peak_rss_mib()})
+        log(f"compressed build N={n}: {build_s:.1f} s, {bank.nbytes / MIB:.2f} MiB")
         del bank
 
     p_comp = sum(blk.size for blk in comp.blocks)
@@ -264,26 +264,26 @@ def run_bench_scale(
         say(f"timing the compressed scan of N={n} random int8 rows (one damping, then the grid) ...")
         bank = _random_bank(comp.blocks, n, dev, seed)
         s = _scan(bank, p_comp, dev, 3)
-        scans.append({"n": n, "kind": "compressed", "bank_mb": bank.nbytes / 2**20, **s})
+        scans.append({"n": n, "kind": "compressed", "bank_mb": bank.nbytes / MIB, **s})  # MiB
         log(f"compressed scan N={n}: one damping {s['scan_one_damping_s'] * 1e3:.1f} ms, "
             f"grid {s['scan_grid_s'] * 1e3:.1f} ms")
         del bank
     n_stored = max(1, min(4, min(sizes)))
     say(f"timing the stored bank's scan of N={n_stored} rows (one damping) ...")
     bank = _random_bank(factors.blocks, n_stored, dev, seed)
-    # one damping only: the grid's 50 x P float32 queries (7 GB here) exceed kfac_influence.GRID_MAX_BYTES,
+    # one damping only: the grid's 50 x P float32 queries (6.7 GiB here) exceed scoring.GRID_MAX_BYTES,
     # so a stored bank of this model is scored one damping per pass
     s = _scan(bank, p, dev, 2, grid=False)
-    scans.append({"n": n_stored, "kind": "stored", "bank_mb": bank.nbytes / 2**20, **s})
+    scans.append({"n": n_stored, "kind": "stored", "bank_mb": bank.nbytes / MIB, **s})  # MiB
     del bank
-    mem["after_scans_rss_mb"] = _peak_rss_mb()
+    mem["after_scans_rss_mb"] = peak_rss_mib()
 
     # re-ranking 2C > G candidates (engine.attribution.compressed_bank.rerank_scores): G damped queries rotated
     # back once, then one fresh full gradient and one dot product per candidate
     q = torch.randn(p, device=dev)
     say("timing one query's rotation back (re-ranking) ...")
     unrotate_s, _ = _timed(lambda: factors.unrotate(q), 2)
-    mem["after_rerank_rss_mb"] = _peak_rss_mb()
+    mem["after_rerank_rss_mb"] = peak_rss_mib()
     grid_size = len(DAMPING_GRID) + 1
     log(f"re-rank: one query rotation back {unrotate_s:.2f} s (x {grid_size} dampings, once per query: the "
         f"{len(DAMPING_GRID)} grid points and the chosen damping), "
@@ -301,7 +301,8 @@ def run_bench_scale(
         return {
             "dataset": name, "num_examples": n, "mc_samples": m, "projected": True,
             "how": "linear in N and M from the per-row and per-byte costs measured above on this device",
-            "bank_gb": {"stored": n * bytes_stored / 1e9, "compressed": n * bytes_comp / 1e9, "streamed": 0.0},
+            # GiB (2**30 bytes; the shipped key's name: records without config.units hold 1e9 bytes)
+            "bank_gb": {"stored": n * bytes_stored / GIB, "compressed": n * bytes_comp / GIB, "streamed": 0.0},
             "factors_s": None if factor_row_s is None else n * m * factor_row_s,
             "compressed_build_s": n * m / throughput["projected_rows_per_s"],
             "stored_build_s": n * m / throughput["full_rows_per_s"],
@@ -318,7 +319,7 @@ def run_bench_scale(
 
     gpu = torch.cuda.is_available() and dev.type == "cuda"
     if gpu:
-        mem["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        mem["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / MIB
     return {
         "config": {
             "model": "CIFAR-preset U-Net (ch 128, mults 1,2,2,2, 2 res blocks, attention at 16x16), random init",
@@ -334,6 +335,7 @@ def run_bench_scale(
             "cpu": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
             "load_average_at_end": list(os.getloadavg()),
+            "units": UNITS,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         "bytes_per_example": {"stored": bytes_stored, "compressed": bytes_comp, "streamed": 0,
