@@ -205,3 +205,37 @@ def test_dry_run_prints_the_table_and_leaves_the_file(tmp_path, capsys):
     wrote = capsys.readouterr().out
     assert (tmp_path / "lds_digits_loss.json").read_bytes() != before and "wrote best_settings" in wrote
     assert dry.split("--dry-run:")[0] == wrote.split("wrote best_settings")[0]  # the same table
+
+
+def test_one_rule_names_an_lds_results_file_for_the_run_and_for_lds_best():
+    """QA 31b #4: the results file's name was built in three places (lds_run.results_stem, lds_best by hand,
+    runs.measurement_file_name's copy of the replace chain); now results_stem and runs.measurement_tag."""
+    from engine.evaluation.lds_ablation import ablation_file_name
+    from engine.evaluation.lds_run import results_stem
+    from engine.evaluation.runs import measurement_tag
+
+    assert measurement_tag("loss@t=500") == "loss_t500" and measurement_tag("elbo") == "elbo"
+    assert results_stem("digits", "loss") == "lds_digits_loss"
+    assert results_stem("digits", "loss", 64, 64) == "lds_digits_loss"  # the preset's own M: the headline run
+    assert results_stem("digits", "loss@t=500", 8, 64) == "lds_digits_loss_t500_attribution_m8"
+    assert results_stem("digits", "loss", 8) == "lds_digits_loss_attribution_m8"  # a variant named by its M alone
+    assert ablation_file_name("digits", "trak_dim") == "lds_digits_ablation_trak_dim.json"
+
+
+def test_lds_best_addresses_an_attribution_mc_variant_run(tmp_path, capsys):
+    """QA 31b #4: lds-best built the run's file name by hand, without results_stem's ``_attribution_m<M>``, so
+    a ``lds --attribution-mc`` run (e.g. the shipped lds_digits_loss_attribution_m8.json) could not be given
+    its best settings; ``--attribution-mc M`` now reads and writes that file, and leaves the headline run."""
+    run, abl, _, _ = _records()
+    (tmp_path / "lds_digits_loss.json").write_text(json.dumps(run))
+    (tmp_path / "lds_digits_loss_attribution_m8.json").write_text(json.dumps(run))
+    (tmp_path / "lds_digits_ablation_trak_dim.json").write_text(json.dumps(abl))
+    headline = (tmp_path / "lds_digits_loss.json").read_bytes()
+    assert main(["lds-best", "--results", str(tmp_path), "--attribution-mc", "8"]) == 0
+    assert f"wrote best_settings into {tmp_path / 'lds_digits_loss_attribution_m8.json'}" in capsys.readouterr().out
+    variant = json.loads((tmp_path / "lds_digits_loss_attribution_m8.json").read_text())
+    assert variant["best_settings"]["ablation_files"] == ["lds_digits_ablation_trak_dim.json"]
+    assert (tmp_path / "lds_digits_loss.json").read_bytes() == headline
+    assert main(["lds-best", "--results", str(tmp_path), "--attribution-mc", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "lds_digits_loss_attribution_m16.json" in err and "attribution-engine lds --attribution-mc 16" in err, err

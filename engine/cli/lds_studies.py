@@ -91,6 +91,9 @@ def add_lds_best(sub: argparse._SubParsersAction) -> None:
                    help="preset name in the result files' names, or a preset .json file (its name) (default digits)")
     p.add_argument("--measurement", default="loss", help="measurement (default loss)")
     p.add_argument("--ablations", default=None, help="comma list (default: every ablation file of the preset)")
+    p.add_argument("--attribution-mc", type=at_least(1), default=None,
+                   help="the run made with `lds --attribution-mc M` (its lds_<preset>_<measurement>_attribution_m<M>"
+                        ".json; default: the headline run)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the table without writing best_settings (the default --results is the shipped one)")
     p.set_defaults(func=cmd_lds_best)
@@ -105,7 +108,7 @@ def cmd_lds_best(args: argparse.Namespace) -> int:
     # name as it is: result files of a preset not shipped here are still read by that name
     preset = get_preset(args.preset).name if args.preset.endswith(".json") else args.preset
     path, summary, notes = update_best_settings(Path(args.results), preset, args.measurement, names,
-                                                write=not args.dry_run)
+                                                write=not args.dry_run, attribution_mc=args.attribution_mc)
     for note in notes:
         print(note)
     print(table(summary))

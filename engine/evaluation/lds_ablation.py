@@ -243,6 +243,12 @@ def build_variants(
                 log(f"[{name}/{variant.label}] {m} built in {time.perf_counter() - t0:.0f} s")
 
 
+def ablation_file_name(preset: str, name: str) -> str:
+    """The results file of ablation ``name`` of a preset's LDS run (``lds_<preset>_ablation_<name>.json``): the
+    name ``run_ablations`` writes and ``lds_best`` reads (``*`` for every ablation)."""
+    return f"lds_{preset}_ablation_{name}.json"
+
+
 def best_of_sweep(table: dict[str, dict[str, Any]], method: str) -> dict[str, Any] | None:
     """The sweep point ``method@damping`` with the highest LDS (its damping, LDS and interval)."""
     best = None
@@ -422,7 +428,7 @@ def run_ablations(job: AblationJob) -> list[Path]:
     written = []
     for name in job.ablations:
         record = run_ablation(setup, name, masks, per_seed, queries, job.spec, source, job.cache_root, job.baseline_cache)
-        path = job.results / f"lds_{preset.name}_ablation_{name}.json"
+        path = job.results / ablation_file_name(preset.name, name)
         save_json(path, record)
         written.append(path)
     return written

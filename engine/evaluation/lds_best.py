@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from ..files import save_json
-from .lds_ablation import paired_difference
+from .lds_ablation import ablation_file_name, paired_difference
+from .lds_run import results_stem
 
 # what must agree between the run and an ablation for their LDS values to be comparable
 SAME = (
@@ -226,9 +227,11 @@ def table(summary: dict[str, Any]) -> str:
 
 def update_best_settings(
     results: Path, preset: str = "digits", measurement: str = "loss", ablations: list[str] | None = None,
-    write: bool = True,
+    write: bool = True, attribution_mc: int | None = None,
 ) -> tuple[Path, dict[str, Any], list[str]]:
-    """Write ``best_settings`` into ``<results>/lds_<preset>_<measurement>.json`` from the run and its ablations.
+    """Write ``best_settings`` into ``<results>/lds_<preset>_<measurement>.json`` from the run and its ablations
+    (``attribution_mc``: into the ``--attribution-mc`` variant run's ``..._attribution_m<M>.json``; the file's
+    name is ``lds_run.results_stem``'s, as the run wrote it).
 
     ``ablations``: their names (default: every ``lds_<preset>_ablation_*.json`` there).  An ablation of
     another measurement is left out; one on other seeds, queries or subsets is skipped with the reason
@@ -236,16 +239,17 @@ def update_best_settings(
     when the run or a named ablation has no results.  ``write=False``: the same summary, the file left as it is
     (``lds-best --dry-run``: a subset of the ablations would otherwise overwrite the shipped best settings)."""
     folder = Path(results)
-    path = folder / f"lds_{preset}_{measurement.replace('@', '_').replace('=', '')}.json"
+    path = folder / f"{results_stem(preset, measurement, attribution_mc)}.json"
     if not path.is_file():
         runs = sorted(f.name for f in folder.glob("lds_*.json") if "_ablation_" not in f.name)
         there = f"; LDS results there: {', '.join(runs)}" if runs else f"; {folder} holds no LDS results"
-        raise FileNotFoundError(f"no LDS results at {path} (run `attribution-engine lds` first){there}")
+        command = "attribution-engine lds" + ("" if attribution_mc is None else f" --attribution-mc {attribution_mc}")
+        raise FileNotFoundError(f"no LDS results at {path} (run `{command}` first){there}")
     run = json.loads(path.read_text())
     if ablations:
-        files = [folder / f"lds_{preset}_ablation_{a.strip()}.json" for a in ablations]
+        files = [folder / ablation_file_name(preset, a.strip()) for a in ablations]
     else:
-        files = sorted(folder.glob(f"lds_{preset}_ablation_*.json"))
+        files = sorted(folder.glob(ablation_file_name(preset, "*")))
     records, notes = [], []
     for f in files:
         if not f.is_file():
@@ -260,7 +264,7 @@ def update_best_settings(
             continue
         records.append(rec)
     summary = best_settings(run, records)
-    summary["ablation_files"] = [f"lds_{preset}_ablation_{r['ablation']}.json" for r in records]
+    summary["ablation_files"] = [ablation_file_name(preset, r["ablation"]) for r in records]
     if write:
         run["best_settings"] = summary
         save_json(path, run)

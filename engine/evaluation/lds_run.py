@@ -35,7 +35,7 @@ from .lds import (
     train_subsets,
 )
 from .lds_report import build_record, format_table, write_figure
-from .runs import MeasureSpec
+from .runs import MeasureSpec, measurement_tag
 from .setup import RunSetup, load_queries_file, train_lock
 
 SWEEP_GRID = tuple(float(10.0**e) for e in range(-12, 2))  # damping on the scale of G for mean L
@@ -322,11 +322,16 @@ def evaluate_run(setup: RunSetup, cfg: LDSConfig, masks: np.ndarray, run: LDSRun
     return 0
 
 
-def results_stem(preset: str, measurement: str, attribution_mc: int, default_mc: int) -> str:
-    """``lds_<preset>_<measurement>``, with ``_attribution_m<M>`` when the attribution M is not the
-    preset's: a variant run (``--attribution-mc``) must not overwrite the headline result."""
-    stem = f"lds_{preset}_{_safe(measurement)}"
-    return stem if int(attribution_mc) == int(default_mc) else f"{stem}_attribution_m{int(attribution_mc)}"
+def results_stem(preset: str, measurement: str, attribution_mc: int | None = None,
+                 default_mc: int | None = None) -> str:
+    """An LDS run's results file name without its suffix (``.json``, ``.png``): ``lds_<preset>_<measurement>``,
+    with ``_attribution_m<M>`` when the attribution M is given and is not the preset's ``default_mc``: a
+    variant run (``--attribution-mc``) must not overwrite the headline result.  The one rule for the run
+    that writes the file and for ``lds_best``, which reads it (``attribution_mc`` None: the headline run)."""
+    stem = f"lds_{preset}_{measurement_tag(measurement)}"
+    if attribution_mc is None or (default_mc is not None and int(attribution_mc) == int(default_mc)):
+        return stem
+    return f"{stem}_attribution_m{int(attribution_mc)}"
 
 
 def _method_order(name: str, order: list[str]) -> tuple:
@@ -334,10 +339,6 @@ def _method_order(name: str, order: list[str]) -> tuple:
     base = name.split("@")[0]
     method = base.split("[")[0]
     return (order.index(method) if method in order else len(order), base != method, base, name)
-
-
-def _safe(s: str) -> str:
-    return s.replace("@", "_").replace("=", "")
 
 
 def _rows_score_fn(rows: list[dict[str, np.ndarray]], names: list[str]) -> ScoreFn:

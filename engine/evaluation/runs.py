@@ -96,10 +96,17 @@ def measure_queries(
     return out
 
 
+def measurement_tag(measurement: str) -> str:
+    """A measurement as it appears in file names: ``loss@t=500`` -> ``loss_t500`` (no ``@`` or ``=``).  The one
+    rule for a model's cached measurements (``measurement_file_name``) and an LDS run's results file
+    (``lds_run.results_stem``), so that every reader finds what the writer named."""
+    return measurement.replace("@", "_").replace("=", "")
+
+
 def measurement_file_name(spec: MeasureSpec, queries: torch.Tensor) -> str:
     """The file a model's measurements of ``queries`` are cached in beside it (``folder/measurements/``):
     the measurement, the draws and a digest of the queries; one name for every reader of a run."""
-    return f"{spec.measurement.replace('@', '_').replace('=', '')}_{spec.mc_samples}_{spec.key(queries)}.json"
+    return f"{measurement_tag(spec.measurement)}_{spec.mc_samples}_{spec.key(queries)}.json"
 
 
 def cached_measurements(
