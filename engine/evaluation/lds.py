@@ -301,6 +301,28 @@ def lds_table(
     return out
 
 
+SWEEP_FIELDS = ("lds", "ci95", "sem", "per_query")
+
+
+def sweep_points(table: dict[str, dict[str, Any]], method: str) -> list[dict[str, Any]]:
+    """``method``'s damping sweep in an LDS table (``lds_table``, whose sweep entries are named
+    ``method@damping``): one point per damping, {"damping", "lds", "ci95", "sem", "per_query"}, by damping.
+    The one reading of a sweep for an LDS run's record and an ablation's (``lds_report``, ``lds_ablation``)."""
+    points = [
+        {"damping": float(key.split("@", 1)[1]), **{f: res[f] for f in SWEEP_FIELDS}}
+        for key, res in table.items()
+        if "@" in key and key.split("@", 1)[0] == method
+    ]
+    return sorted(points, key=lambda p: p["damping"])
+
+
+def best_sweep_point(points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The point of a sweep (``sweep_points``) with the highest finite LDS, the smallest damping of a tie;
+    None when no point has one.  The best-damping rule of every LDS record."""
+    finite = [p for p in points if p["lds"] is not None and np.isfinite(p["lds"])]
+    return max(finite, key=lambda p: p["lds"]) if finite else None
+
+
 def seed_average(per_seed: np.ndarray) -> np.ndarray:
     """Mean over seeds (R, Q, K) -> (Q, K), ignoring seeds not trained yet."""
     import warnings

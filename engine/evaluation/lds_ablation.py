@@ -39,15 +39,18 @@ from ..config import AttributionConfig
 from ..files import save_json
 from ..npy_read import load_npz
 from .lds import (
+    SWEEP_FIELDS,
     LDSConfig,
+    best_sweep_point,
     bind_run_to_checkpoint,
     lds_table,
     model_folder,
     noise_report,
     predicted_matrix,
     seed_average,
-    targets_digest,
+    sweep_points,
 )
+from .lds_report import run_identity
 from .lds_run import SWEEP_GRID, _rows_score_fn, lds_queries, session_scores
 from .runs import MeasureSpec, cached_measurements, is_finished, measurement_file_name
 from .setup import RunSetup, load_queries_file
@@ -249,17 +252,6 @@ def ablation_file_name(preset: str, name: str) -> str:
     return f"lds_{preset}_ablation_{name}.json"
 
 
-def best_of_sweep(table: dict[str, dict[str, Any]], method: str) -> dict[str, Any] | None:
-    """The sweep point ``method@damping`` with the highest LDS (its damping, LDS and interval)."""
-    best = None
-    for key, res in table.items():
-        if not key.startswith(method + "@") or res.get("lds") is None or not np.isfinite(res["lds"]):
-            continue
-        if best is None or res["lds"] > best["lds"]:
-            best = {"damping": float(key.split("@", 1)[1]), **{k: res[k] for k in ("lds", "ci95", "sem", "per_query")}}
-    return best
-
-
 def run_ablation(
     setup: RunSetup,
     name: str,
@@ -287,15 +279,12 @@ def run_ablation(
             if m not in table:
                 methods[m] = {"status": info.get(m, {}).get("status"), "reason": info.get(m, {}).get("reason")}
                 continue
+            sweep = sweep_points(table, m)
             methods[m] = {
-                **{k: table[m][k] for k in ("lds", "ci95", "sem", "per_query")},
+                **{k: table[m][k] for k in SWEEP_FIELDS},
                 "damping": info.get(m, {}).get("damping"),
-                "best": best_of_sweep(table, m),
-                "sweep": sorted(
-                    ({"damping": float(k.split("@", 1)[1]), **{f: table[k][f] for f in ("lds", "ci95", "per_query")}}
-                     for k in table if k.startswith(m + "@")),
-                    key=lambda p: p["damping"],
-                ),
+                "best": best_sweep_point(sweep),
+                "sweep": sweep,
             }
             if m in first:
                 methods[m]["vs_first"] = paired_difference(table[m]["per_query"], first[m][1], first[m][0])
@@ -308,26 +297,12 @@ def run_ablation(
             "methods": methods,
         }
         log(format_variant(name, variant.label, methods))
-    usable = np.all(np.isfinite(measured), axis=0)
+    identity = run_identity(setup, masks, per_seed, spec, source)
+    created = identity.pop("created")
     return {
         "ablation": name,
-        "config": {
-            "preset": setup.preset.name,
-            "run": str(setup.out),
-            "checkpoint": str(setup.checkpoint),
-            "num_train": len(setup.dataset),
-            "subsets": int(len(masks)),
-            "subsets_with_models": int(usable.sum()),
-            "seeds": int(per_seed.shape[0]),
-            "queries": int(len(queries)),
-            "query_source": source,
-            "targets_digest": targets_digest(masks, per_seed),
-            "measurement": spec.measurement,
-            "true_measurement_mc_samples": spec.mc_samples,
-            "true_measurement_seed": spec.seed,
-            "damping_grid": list(SWEEP_GRID),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
+        # the run's identity as its own record states it (lds_best.check_comparable compares the two)
+        "config": {**identity, "run": str(setup.out), "damping_grid": list(SWEEP_GRID), "created": created},
         "variants": variants,
         "noise": noise_report(per_seed),
     }

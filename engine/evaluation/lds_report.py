@@ -12,12 +12,47 @@ from typing import Any
 import numpy as np
 
 from ..code_version import code_version
-from .lds import LDSConfig, noise_report, seed_average, subset_steps, targets_digest
+from .lds import (
+    LDSConfig,
+    best_sweep_point,
+    noise_report,
+    seed_average,
+    subset_steps,
+    sweep_points,
+    targets_digest,
+)
 from .runs import (
     MeasureSpec,
     cached_measurements,
 )
 from .setup import RunSetup, load_queries_file
+
+
+def run_identity(
+    setup: RunSetup, masks: np.ndarray, per_seed: np.ndarray, spec: MeasureSpec, source: str
+) -> dict[str, Any]:
+    """What an LDS figure was scored against: the model, the subsets, the retrained models' measurements
+    (``per_seed`` (R, Q, K), NaN where a model is missing), the queries and the true measurement.
+
+    The one "config" block of an LDS run's record and an ablation's (``lds_ablation.run_ablation``), each
+    adding its own keys: ``lds_best.check_comparable`` compares these between the two, so they must be
+    written by one function (its keys are the shipped records' names)."""
+    usable = np.all(np.isfinite(seed_average(per_seed)), axis=0)
+    return {
+        "preset": setup.preset.name,
+        "checkpoint": str(setup.checkpoint),
+        "num_train": len(setup.dataset),
+        "subsets": int(len(masks)),
+        "subsets_with_models": int(usable.sum()),
+        "seeds": int(per_seed.shape[0]),
+        "queries": int(per_seed.shape[1]),
+        "query_source": source,
+        "targets_digest": targets_digest(masks, per_seed),
+        "measurement": spec.measurement,
+        "true_measurement_mc_samples": spec.mc_samples,
+        "true_measurement_seed": spec.seed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def build_record(
@@ -33,15 +68,9 @@ def build_record(
 ) -> dict[str, Any]:
     """The results JSON: {"config", "methods": {name: {"lds", "ci95", "damping", ...}}, "sweeps", "noise"}."""
     measured = seed_average(per_seed)
-    usable = np.all(np.isfinite(measured), axis=0)
     methods: dict[str, Any] = {}
-    sweeps: dict[str, list[dict[str, Any]]] = {}
     for name, res in table.items():
         if "@" in name:
-            base, d = name.split("@", 1)
-            sweeps.setdefault(base, []).append(
-                {"damping": float(d), **{k: res[k] for k in ("lds", "ci95", "sem", "per_query")}}
-            )
             continue
         i = info.get(name, {})
         methods[name] = {
@@ -51,11 +80,11 @@ def build_record(
             "measurement": i.get("measurement"),
             "removal_prediction": i.get("kind") == "influence",
         }
+    swept = dict.fromkeys(name.split("@", 1)[0] for name in table if "@" in name)
+    sweeps = {name: sweep_points(table, name) for name in swept}
     for name, pts in sweeps.items():
-        pts.sort(key=lambda p: p["damping"])
-        finite = [p for p in pts if p["lds"] is not None and np.isfinite(p["lds"])]
-        if finite and name in methods:
-            best = max(finite, key=lambda p: p["lds"])
+        best = best_sweep_point(pts)
+        if best is not None and name in methods:
             methods[name]["best_damping"] = best["damping"]
             methods[name]["best_lds"] = best["lds"]
     # every sweep point keeps its per-query values (14 dampings x Q floats per method), so that the
@@ -68,29 +97,20 @@ def build_record(
         ).tolist()
     except Exception as e:  # noqa: BLE001 - informative only
         print(f"full-model measurement skipped: {e}")
+    identity = run_identity(setup, masks, per_seed, spec, source)
+    created = identity.pop("created")
     return {
         "config": {
-            "preset": setup.preset.name,
-            "checkpoint": str(setup.checkpoint),
+            **identity,
             "checkpoint_hash": session.checkpoint_hash,
-            "num_train": len(setup.dataset),
-            "subsets": int(len(masks)),
-            "subsets_with_models": int(usable.sum()),
-            "seeds": cfg.seeds,
             "fraction": cfg.fraction,
             "subset_seed": cfg.subset_seed,
             "subset_steps": subset_steps(setup.preset.train.steps, cfg.fraction),
             "full_steps": setup.preset.train.steps,
-            "queries": int(measured.shape[0]),
-            "query_source": source,
-            "targets_digest": targets_digest(masks, per_seed),
-            "measurement": spec.measurement,
-            "true_measurement_mc_samples": spec.mc_samples,
-            "true_measurement_seed": spec.seed,
             "attribution": asdict(session.config),
             "code": code_version(),  # which code made the figures (QA round 21)
             "quick": setup.quick,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": created,
         },
         "methods": methods,
         "sweeps": sweeps,
