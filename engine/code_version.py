@@ -2,9 +2,11 @@
 
 Why: a figure or a cache can only be redone by someone who knows which code made it, and defaults change
 between rounds (QA round 21: no record the CLI or the app wrote named its code; the README itself says an
-old retrain-top record "does not record" its settings).  Every export and evaluation record carries this
-block beside its settings.  Read once per process: ``git`` runs at most twice, and not at all outside a
-checkout (an installed wheel has only its version).
+old retrain-top record "does not record" its settings).  Every export, evaluation and bench record carries
+this block beside its settings, as ``"code"`` (the LDS run's and its ablations' ``config``, lds-best's
+``best_settings``, retrain-top's, group-retrain's, group-bench's and the benches' records; QA 31b #2).  Records
+written before a writer added it simply lack the key.  Read once per process: ``git`` runs at most twice,
+and not at all outside a checkout (an installed wheel has only its version).
 """
 
 from __future__ import annotations

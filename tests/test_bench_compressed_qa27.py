@@ -14,6 +14,7 @@ import torch
 
 import engine.attribution.session
 from engine.cli.parser import build_parser, main
+from engine.code_version import code_version
 from engine.paths import REPO_ROOT as REPO
 
 DIGITS_CKPT = REPO / "assets" / "digits"
@@ -140,6 +141,7 @@ def test_bench_compressed_records_the_machine_and_says_what_it_times(tiny_bench_
     machine = rec["config"]["machine"]
     assert machine["cpu"] and machine["torch_threads"] == torch.get_num_threads() and machine["device"] == "cpu"
     assert "heavy load" not in json.dumps(rec)
+    assert rec["config"]["code"] == code_version()  # QA 31b #2: which code made the figures
     (v,) = rec["variants"]
     assert v["bank_mib"] > 0 and rec["full"]["bank_mib"] > v["bank_mib"] and "bank_mb" not in json.dumps(rec)
     assert "49 points and the chosen damping" in rec["config"]["query_ms"]

@@ -80,6 +80,7 @@ def test_bench_scale_sizes_are_binary_and_its_peak_memory_is_the_benches_one(mon
     bank_mb (2**20) and bank_gb (1e9).  Now every size is binary (MiB, GiB), the keys keep their shipped names and
     the record says their units."""
     import engine.bench.scale as scale
+    from engine.code_version import code_version
     from engine.config import ModelConfig
 
     tiny = ModelConfig(image_size=32, in_channels=3, base_channels=8, channel_mults=(1, 1), num_res_blocks=1,
@@ -95,6 +96,7 @@ def test_bench_scale_sizes_are_binary_and_its_peak_memory_is_the_benches_one(mon
     for projected in rec["projected"]:
         for kind in ("stored", "compressed"):
             assert projected["bank_gb"][kind] == pytest.approx(projected["num_examples"] * per_example[kind] / 2**30)
+    assert rec["config"]["code"] == code_version()  # QA 31b #2: which code made the figures
     assert rec["config"]["units"]["_gb keys"].startswith("GiB") and rec["config"]["units"]["_mb keys"].startswith("MiB")
     text = "\n".join(lines)
     assert " MB" not in text and " KB" not in text and " GB" not in text

@@ -78,6 +78,14 @@ def test_best_setting_per_method_with_the_paired_difference_and_the_interval_che
     assert alone["damping"] == 1e-5 and alone["source"] == "run" and alone["kfac_interval_clear"]
 
 
+def test_best_settings_name_the_code_that_chose_them():
+    """QA 31b #2: lds-best's summary (the shipped best settings) named no code."""
+    from engine.code_version import code_version
+
+    run, abl, _, _ = _records()
+    assert best_settings(run, [abl])["code"] == code_version()
+
+
 def test_an_ablation_on_other_seeds_or_queries_is_refused_and_the_script_skips_it(tmp_path, capsys):
     run, abl, _, _ = _records()
     other = {**abl, "config": {**abl["config"], "seeds": 1}}

@@ -91,6 +91,14 @@ def test_the_records_keep_every_key_of_the_shipped_ones(records):
             assert set(shipped["methods"]["kfac"]) <= set(mine["methods"]["kfac"]), path.name
 
 
+def test_the_run_and_its_ablation_name_the_code_that_made_them(records):
+    """QA 31b #2: the ablation records (which lds-best turns into the shipped best settings) named no code."""
+    from engine.code_version import code_version
+
+    run, ablation = records
+    assert run["config"]["code"] == ablation["config"]["code"] == code_version()
+
+
 def test_lds_best_still_accepts_the_shipped_records():
     """The shipped best settings were chosen over these ablations; check_comparable must accept the same ones
     (and skip the others, scored on other seeds or queries) from the files as shipped."""
@@ -100,3 +108,4 @@ def test_lds_best_still_accepts_the_shipped_records():
     for rec in summary["ablation_files"]:
         check_comparable(run["config"], json.loads((RESULTS / rec).read_text())["config"], rec)
     assert all(n.startswith("skipped lds_digits_ablation_") for n in notes)
+    assert "code" not in json.loads((RESULTS / "lds_digits_ablation_trak_dim.json").read_text())["config"]  # older

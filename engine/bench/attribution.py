@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .. import files
+from ..code_version import code_version
 from ..evaluation.stats import bootstrap_ci, spearman
 from .memory import memory_mb
 from .report import median as _median
@@ -139,6 +140,7 @@ def run_bench(
         # which kernel scans a stored int8 bank on the CPU (engine.attribution.int8_scan)
         "int8_scan": "numba" if int8_scan.available() else "torch chunks",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code": code_version(),  # which code made the figures
         "memory_after_imports": memory_mb(),  # MiB; torch alone is ~700 MiB resident on CPU
     }
     tmp = None

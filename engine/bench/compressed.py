@@ -48,6 +48,7 @@ from ..attribution.compressed_bank import (
 from ..attribution.damping_grid import DAMPING_GRID
 from ..attribution.layer_projection import projected_grads
 from ..attribution.rerank import scale_estimates
+from ..code_version import code_version
 from ..config import TRUE_MC_SAMPLES
 from ..evaluation.setup import load_queries_file
 from ..evaluation.stats import spearman
@@ -324,6 +325,7 @@ def run_compressed_digits(
             "lds": lds_note,
             "machine": {**machine(session.device), "note": "full and compressed timed in one run"},
             "load_average_at_end": list(os.getloadavg()),
+            "code": code_version(),  # which code made the figures
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "per_variant": extras,
         },

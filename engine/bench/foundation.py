@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..code_version import code_version
 from ..config import PRESETS, Preset
 from ..files import save_json
 from . import memory
@@ -40,7 +41,8 @@ def bench_foundation(
     if threads:
         torch.set_num_threads(threads)
     ckpt = Path(checkpoint)
-    out: dict = {"device": str(device), "threads": torch.get_num_threads(), "params": {}}
+    out: dict = {"device": str(device), "threads": torch.get_num_threads(), "params": {},
+                 "code": code_version()}  # which code made the figures
     preset = PRESETS["digits"] if preset is None else preset
     # the checkpoint is read before the timing: one that was asked for and does not load, or is another
     # preset's model, is refused at once

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..attribution.groups import group_change, parse_group
 from ..attribution.pool import attribution_matrix, gallery_set, generate_pool
+from ..code_version import code_version
 from .announce import say
 
 
@@ -74,7 +75,8 @@ def run_group_bench(
         shutil.rmtree(fresh)  # cold: the matrices are computed in this run
     out: dict[str, Any] = {"config": {"preset": session.preset.name, "checkpoint_hash": session.checkpoint_hash,
                                       "pool_size": pool_size, "pool_seed": pool_seed, "methods": methods,
-                                      "mc_samples": session.config.mc_samples, "measurement": "loss"}}
+                                      "mc_samples": session.config.mc_samples, "measurement": "loss",
+                                      "code": code_version()}}  # which code made the figures
     gallery = gallery_set(session)
     # said on stderr before each timed part (a bar would cost time in the timing; QA 27 #9: silent for 10-17 s)
     say(f"timing the gallery's attribution matrix ({len(gallery)} queries; {', '.join(methods)}) ...")
@@ -161,7 +163,7 @@ def class_check_from_factors(session: Any, measurement: str = "loss") -> dict[st
     out = class_check(None, gallery.labels, session.dataset, changes=changes)  # type: ignore[arg-type]
     out.update(seconds=time.perf_counter() - t0, source="K-FAC factors + one summed gradient per class",
                mc_samples=session.config.mc_samples, queries="gallery", changes=changes.tolist(),
-               query_labels=gallery.labels.tolist())
+               query_labels=gallery.labels.tolist(), code=code_version())
     return out
 
 

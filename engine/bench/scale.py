@@ -44,6 +44,7 @@ from ..attribution.curvature import Block, KFACFactors, compute_kfac, layout
 from ..attribution.damping_grid import DAMPING_GRID
 from ..attribution.gradients import influence_params, per_example_grads
 from ..attribution.layer_projection import bank_bytes, projected_grads
+from ..code_version import code_version
 from ..config import PRESETS
 from ..model.diffusion import Diffusion, make_draws
 from ..model.unet import build_model
@@ -336,6 +337,7 @@ def run_bench_scale(
             "torch_threads": torch.get_num_threads(),
             "load_average_at_end": list(os.getloadavg()),
             "units": UNITS,
+            "code": code_version(),  # which code made the figures
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         "bytes_per_example": {"stored": bytes_stored, "compressed": bytes_comp, "streamed": 0,

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from ..code_version import code_version
 from ..files import save_json
 from .lds_ablation import ablation_file_name, paired_difference
 from .lds_run import results_stem
@@ -186,6 +187,7 @@ def best_settings(
            "chosen on every query, as the files keep per-query values only at each sweep's best damping)"),
         "damping_held_out": every_damping,
         "skipped": skipped,
+        "code": code_version(),  # which code chose them (the files it chose from name theirs, when they do)
     }
     ref = best.get(reference)
     for m, p in sorted(best.items(), key=lambda kv: -kv[1]["lds"]):

@@ -36,7 +36,8 @@ def run_identity(
 
     The one "config" block of an LDS run's record and an ablation's (``lds_ablation.run_ablation``), each
     adding its own keys: ``lds_best.check_comparable`` compares these between the two, so they must be
-    written by one function (its keys are the shipped records' names)."""
+    written by one function (its keys are the shipped records' names), with the code that made them
+    (``code_version``; records written before an ablation had it lack the key)."""
     usable = np.all(np.isfinite(seed_average(per_seed)), axis=0)
     return {
         "preset": setup.preset.name,
@@ -51,6 +52,7 @@ def run_identity(
         "measurement": spec.measurement,
         "true_measurement_mc_samples": spec.mc_samples,
         "true_measurement_seed": spec.seed,
+        "code": code_version(),  # which code made the figures (QA round 21; the ablations' since QA 31b)
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -108,7 +110,6 @@ def build_record(
             "subset_steps": subset_steps(setup.preset.train.steps, cfg.fraction),
             "full_steps": setup.preset.train.steps,
             "attribution": asdict(session.config),
-            "code": code_version(),  # which code made the figures (QA round 21)
             "quick": setup.quick,
             "created": created,
         },
