@@ -30,8 +30,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +42,12 @@ from ..code_version import code_version
 from ..evaluation.stats import bootstrap_ci, spearman
 from .memory import memory_mb
 from .report import median as _median
+
+if TYPE_CHECKING:  # annotations only: the session (and the methods it loads) is imported where a bench runs
+    from ..attribution.query import QueryInput
+    from ..attribution.results import QueryResult
+    from ..attribution.session import AttributionSession
+    from ..config import AttributionConfig, Preset
 
 # --- measurement helpers --------------------------------------------------------------------
 
@@ -65,7 +72,9 @@ def sweep_dead_bench_caches(folder: str | Path | None = None) -> list[Path]:
 
 
 
-def _cold_build(preset, ckpt: str, device: str, config, cache_root: str, methods: list[str], threads: int) -> dict:
+def _cold_build(
+    preset: Preset, ckpt: str, device: str, config: AttributionConfig, cache_root: str, methods: list[str], threads: int
+) -> dict[str, Any]:
     """Child process: open a session and build each method (timed separately)."""
     torch.set_num_threads(threads)
     from ..attribution.session import AttributionSession
@@ -94,7 +103,18 @@ def _cold_build(preset, ckpt: str, device: str, config, cache_root: str, methods
     return out
 
 
-def run_cold_build(preset, ckpt, device, config, cache_root, methods) -> dict:
+def run_cold_build(
+    preset: Preset,
+    ckpt: str | Path,
+    device: str | torch.device,
+    config: AttributionConfig,
+    cache_root: str | Path,
+    methods: list[str],
+) -> dict[str, Any]:
+    """Open a session on ``cache_root`` and build each of ``methods`` there, timed one by one, in a spawned child
+    process (``_cold_build``): this process's peak memory then stays a warm session's.  Returns the child's
+    figures: session start, each method's build (or, when its cache existed, the time recorded at its build)
+    and the child's memory."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -111,10 +131,10 @@ def run_cold_build(preset, ckpt, device, config, cache_root, methods) -> dict:
 
 
 def run_bench(
-    preset,
+    preset: Preset,
     ckpt: Path,
     device: str,
-    config,
+    config: AttributionConfig,
     methods: list[str],
     n_queries: int = 32,
     reuse_cache: bool = False,
@@ -227,7 +247,9 @@ def run_bench(
     return results
 
 
-def time_rescore(session, query_results) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+def time_rescore(
+    session: AttributionSession, query_results: list[QueryResult]
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Median ms of a damping change per influence method:
     (any damping, a damping of the method's grid, an exact pass).
 
@@ -275,7 +297,7 @@ def save_json(results: dict[str, Any], out: Path | None) -> None:
         files.save_json(out, results)
 
 
-def _guarded(fn, *args) -> dict[str, Any]:
+def _guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
     """Run an optional phase; a failure is recorded (with its message) instead of losing the other figures."""
     try:
         return fn(*args)
@@ -286,7 +308,9 @@ def _guarded(fn, *args) -> dict[str, Any]:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def label_agreement(session, queries, query_results, k: int = 10) -> dict[str, Any]:
+def label_agreement(
+    session: AttributionSession, queries: list[QueryInput], query_results: list[QueryResult], k: int = 10
+) -> dict[str, Any]:
     """Per method: mean fraction of the top-k whose training label equals the query's classifier label.
 
     With a 95% percentile-bootstrap interval over the queries (``ci95``; each query's top-k is one
@@ -317,7 +341,7 @@ def label_agreement(session, queries, query_results, k: int = 10) -> dict[str, A
 
 
 @torch.no_grad()
-def float32_kfac_scores(session, query_results) -> np.ndarray:
+def float32_kfac_scores(session: AttributionSession, query_results: list[QueryResult]) -> np.ndarray:
     """(Q, N) float64 K-FAC scores of eq. 6 from float32 rotated gradients, never quantised or stored.
 
     The training gradients are streamed once more (the bank's draws), rotated with the same factors
@@ -343,7 +367,7 @@ def float32_kfac_scores(session, query_results) -> np.ndarray:
     return f32.numpy()
 
 
-def int8_vs_float32(session, query_results) -> dict[str, Any]:
+def int8_vs_float32(session: AttributionSession, query_results: list[QueryResult]) -> dict[str, Any]:
     """Spearman of the int8 bank's K-FAC scores against float32 scores of the same rotated gradients
     (``float32_kfac_scores``: one more gradient pass)."""
     damping = query_results[0].methods["kfac"].damping

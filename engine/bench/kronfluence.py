@@ -8,15 +8,21 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..evaluation.stats import spearman
 from .report import median as _median
 
+if TYPE_CHECKING:  # annotations only
+    from ..attribution.query import QueryInput
+    from ..attribution.results import QueryResult
+    from ..attribution.session import AttributionSession
+    from ..model.diffusion import Diffusion
 
-def _make_kronfluence_task(diffusion, shape: tuple[int, int, int]):
+
+def _make_kronfluence_task(diffusion: Diffusion, shape: tuple[int, int, int]) -> Any:
     """A kronfluence Task whose loss is the diffusion MSE on (x_0, t, eps) triples.
 
     Each data item is one (x_0, t, eps) triple.  Train loss (summed over the batch, as
@@ -71,7 +77,12 @@ class _Triples(torch.utils.data.Dataset):
         return self.images[i], self.t[k], self.eps[k]
 
 
-def compare_kronfluence(session, queries, query_results, batch_size: int = 512) -> dict[str, Any]:
+def compare_kronfluence(
+    session: AttributionSession,
+    queries: list[QueryInput],
+    query_results: list[QueryResult],
+    batch_size: int = 512,
+) -> dict[str, Any]:
     """kronfluence KFAC (same model, N, M, draws; sampled labels) vs our K-FAC on a few queries.
 
     A query's score for training example i is the mean over its M triples of the triple scores

@@ -167,6 +167,8 @@ def subset_steps(full_steps: int, fraction: float) -> int:
 
 
 def model_folder(out: Path, k: int, r: int) -> Path:
+    """The folder of the model retrained on subset ``k`` with training seed ``r`` in an LDS run folder
+    (``<out>/models/k<kkk>_r<r>``): one name for the training, the measuring and the ablations' reading."""
     return Path(out) / "models" / f"k{k:03d}_r{r}"
 
 

@@ -82,6 +82,9 @@ def random_control(n: int, count: int, seed: int = CONTROL_SEED) -> np.ndarray:
 
 
 def query_digest(image: torch.Tensor) -> str:
+    """16 hex digits of the query image's float32 values: the query's part of a retraining's removal key
+    (``plan``), so that the same image, wherever it came from (gallery, upload, a seed), finds its retraining and
+    another image never does."""
     return hashlib.sha256(np.ascontiguousarray(image.detach().cpu().float().numpy()).tobytes()).hexdigest()[
         :16
     ]
@@ -116,6 +119,9 @@ class RetrainPlan:
 
 
 def result_file_name(spec: MeasureSpec) -> str:
+    """The file in a retraining's folder that holds its result for the true measurement's draws (M and seed):
+    the same retrained model measured with other draws keeps its own file beside it
+    (``RetrainPlan.result_file``)."""
     return f"result_mc{spec.mc_samples}_seed{spec.seed}.json"
 
 
