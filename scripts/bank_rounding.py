@@ -41,7 +41,8 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's engine
 
-from engine.attribution.bank import RotatedBank, build_bank, quantize_blocks, whitening  # noqa: E402
+from engine.attribution.bank import RotatedBank, quantize_blocks, whitening  # noqa: E402
+from engine.attribution.bank_build import build_bank  # noqa: E402
 from engine.attribution.session import AttributionSession  # noqa: E402
 from engine.bench.compressed import item_query  # noqa: E402
 from engine.config import get_preset  # noqa: E402

@@ -9,7 +9,8 @@ from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
 from scipy.stats import spearmanr
 from torch import nn
 
-from engine.attribution.bank import build_bank, quantize_blocks
+from engine.attribution.bank import quantize_blocks
+from engine.attribution.bank_build import build_bank
 from engine.attribution.curvature import compute_kfac
 from engine.attribution.gradients import influence_params, per_example_grads
 from engine.attribution.store import Store

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.attribution.bank import RotatedBank, artefact_settings, build_bank, product_dtype
+from engine.attribution.bank import RotatedBank, artefact_settings, product_dtype
+from engine.attribution.bank_build import build_bank
 from engine.attribution.curvature import compute_kfac
 from engine.attribution.gradients import influence_params, per_example_grads
 from engine.attribution.store import Store

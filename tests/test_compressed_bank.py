@@ -307,7 +307,7 @@ def test_two_ranks_hold_half_the_compressed_bank_and_answer_like_one_process(
 
 
 def test_compressed_bank_derived_from_the_stored_one_equals_the_built_one(tiny_model, diffusion, digits_small):
-    from engine.attribution.bank import build_bank
+    from engine.attribution.bank_build import build_bank
     from engine.attribution.compressed_bank import build_compressed_bank, compress_stored_bank
 
     model = copy.deepcopy(tiny_model).double()

@@ -135,7 +135,7 @@ def test_two_ranks_feed_trak_from_the_bank_pass_without_a_second_pass(tmp_path, 
 
 
 def test_a_rank_takes_runs_of_consecutive_parts_when_asked():
-    from engine.attribution.bank import _rank_group
+    from engine.attribution.bank_build import _rank_group
     from engine.distributed import Shard
 
     assert Shard(0, 2).mine(range(7)) == [0, 2, 4, 6] and Shard(1, 2).mine(range(7)) == [1, 3, 5]

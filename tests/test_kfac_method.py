@@ -246,8 +246,8 @@ def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(
     one pass serves the whole grid."""
     import copy
 
-    from engine.attribution.bank import StreamedBank
     from engine.attribution.methods.kfac_influence import DAMPING_GRID
+    from engine.attribution.streamed_bank import StreamedBank
 
     model = copy.deepcopy(tiny_model).double()  # float64: the two paths round differently
     ds = digits_small.subset(list(range(12)))

@@ -382,7 +382,8 @@ def test_query_says_on_stderr_which_named_method_did_not_score_and_writes_no_emp
 F16_KIND = '''
 import torch
 
-from ..bank import artefact_settings, build_bank
+from ..bank import artefact_settings
+from ..bank_build import build_bank
 from ..bank_kinds import BankKind, register_bank_kind
 
 NAME = "zz-test-f16-bank"

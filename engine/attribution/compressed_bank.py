@@ -44,7 +44,8 @@ from torch import nn
 
 from .. import distributed
 from ..model.diffusion import Diffusion
-from .bank import RotatedBank, _chunk_arrays, artefact_settings, build_in_parts, whitening
+from .bank import RotatedBank, artefact_settings, whitening
+from .bank_build import _chunk_arrays, build_in_parts
 from .curvature import Block, KFACFactors, LayerFactors, _eigh
 from .gradients import Params
 from .layer_projection import (
@@ -155,7 +156,7 @@ def build_compressed_bank(
 ) -> RotatedBank:
     """Compute (or load) the rotated int8 bank of compressed per-example training gradients.
 
-    Same persistence as ``engine.attribution.bank.build_bank`` (resumable parts, atomic publish, parts
+    Same persistence as ``engine.attribution.bank_build.build_bank`` (resumable parts, atomic publish, parts
     split over torchrun ranks); ``rows`` loads only that slice of the examples (a rank's shard).
     ``quantize=False`` keeps the rotated rows in the gradients' dtype (tests).
     """
