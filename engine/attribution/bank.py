@@ -383,17 +383,3 @@ class RotatedBank:
         scales = _as_tensor(np.asarray(arrays[SCALES]), device) if SCALES in arrays else None
         return cls(blocks, data, scales, weights=weights)
 
-
-# moved out of this module (QA 31b): the resumable build to ``bank_build``, the streamed bank to ``streamed_bank``;
-# read here only by the modules not yet switched to them (methods/kfac_bank_kinds.py)
-_MOVED = {"build_bank": "bank_build", "build_in_parts": "bank_build", "StreamedBank": "streamed_bank"}
-
-
-def __getattr__(name: str) -> Any:
-    """``bank.build_bank``, ``bank.build_in_parts`` and ``bank.StreamedBank``, from their modules (imported when
-    asked for: ``bank_build`` imports this module)."""
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

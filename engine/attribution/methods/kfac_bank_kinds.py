@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from ..bank import StreamedBank, build_bank
+from ..bank_build import build_bank
 from ..bank_kinds import BankKind, register_bank_kind
 from ..context import EngineContext
 from ..curvature import KFACFactors
 from ..scoring import Rows
+from ..streamed_bank import StreamedBank
 from .base import Progress
 from .kfac_influence import BANK, KFACInfluence
 

@@ -162,7 +162,7 @@ class KFACInfluence(AttributionMethod):
 
     def bank_settings(self, ctx: EngineContext) -> dict[str, Any]:
         """The stored bank cache's key: the factors' settings plus the loss, through ``bank.artefact_settings``
-        with this method's quantisation, chunking and whitening, exactly what ``bank.build_bank`` stores the
+        with this method's quantisation, chunking and whitening, exactly what ``bank_build.build_bank`` stores the
         bank under (``kfac_bank_kinds._stored_bank`` passes the same arguments)."""
         return artefact_settings({**self.factor_settings(ctx), "loss": "loss"}, quantize=self.quantize,
                                  chunk_size=self.chunk_size, whiten=self.bank_whiten())
