@@ -101,6 +101,11 @@ class AttributionConfig:
     # draws per example, paper G.3, even when the bank's are shared: the factors then see every timestep
     # and k < M draws per example are allowed; KFACInfluence.factor_train_draws)
     kfac_factor_draws_mode: str = "same"
+    # the dtype the K-FAC factor pass runs and sums in (validation.FACTOR_DTYPES): "float32" (the model's; every
+    # shipped cache) or "float64" (slower: the pass is most of a cold build).  In float32 a factor's eigenvalues are
+    # known to about 1e-7 of its largest, so dampings below about 1e-9 score rounding on a small data set (QA 31a:
+    # a 128-image model 10% off eq. 6 at 1e-10; digits 1.3e-4 at 1e-10, 1.7% at 1e-12); float64 removes that
+    kfac_factor_dtype: str = "float32"
     # the query gradient's draws: "own" (M draws of its own, independent of the training gradients', seed + 1;
     # paper G.3) or "bank" (the training gradients' shared draws: common random numbers between the query and
     # every training example; needs draws="shared"; AttributionSession.query_draws)
@@ -161,7 +166,8 @@ DAMPING_FIELDS = tuple(f.name for f in dataclasses.fields(AttributionConfig) if 
 SETTING_FLAGS = {
     "mc_samples": "--mc-samples", "trak_dim": "--trak-dim", "kfac_bank": "--kfac-bank", "draws": "--draws",
     "query_draws": "--query-draws", "kfac_blocks": "--kfac-blocks", "kfac_factor_draws": "--kfac-factor-draws",
-    "kfac_factor_draws_mode": "--kfac-factor-draws-mode", "kfac_projection": "--kfac-projection",
+    "kfac_factor_draws_mode": "--kfac-factor-draws-mode", "kfac_factor_dtype": "--kfac-factor-dtype",
+    "kfac_projection": "--kfac-projection",
     "kfac_compression": "--kfac-compression", "kfac_rerank": "--kfac-rerank",
     "kfac_rerank_split": "--kfac-rerank-split", "seed": "--attribution-seed",
 }
@@ -190,7 +196,7 @@ def trak_default_damping(config: AttributionConfig, method: str, num_train: int)
 
 # Settings added after caches were first built, with the value those caches were built with:
 # ``attribution_key`` leaves a field out while it has that value, so existing cache keys stay valid.
-KEY_NEUTRAL = {"draws": "shared", "kfac_blocks": "separate", "query_draws": "own"}
+KEY_NEUTRAL = {"draws": "shared", "kfac_blocks": "separate", "query_draws": "own", "kfac_factor_dtype": "float32"}
 
 
 def attribution_settings(config: AttributionConfig, num_train: int) -> dict[str, Any]:

@@ -108,6 +108,7 @@ DRAW_MODES = (*SHARED_DRAW_MODES, "per-example")
 # file's "trak_projection": "bogus" passed every check and failed in the build, naming neither file nor key)
 QUERY_DRAWS = ("own", "bank")
 FACTOR_DRAW_MODES = ("same", "per-example")
+FACTOR_DTYPES = ("float32", "float64")  # the K-FAC factor pass's arithmetic
 KFAC_BLOCKS = ("separate", "joint")
 FISHER_TYPES = ("mc", "empirical")
 KFAC_APPROX = ("expand", "reduce")
@@ -208,6 +209,8 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
           "training example has the same ones: --draws shared or stratified)", ac.query_draws)
     check_factor_draws(ac.kfac_factor_draws, ac.mc_samples, ac.draws, f"{where}.kfac_factor_draws",
                        ac.kfac_factor_draws_mode)
+    _need(ac.kfac_factor_dtype in FACTOR_DTYPES, f"{where}.kfac_factor_dtype (--kfac-factor-dtype)",
+          _one_of(FACTOR_DTYPES), ac.kfac_factor_dtype)
     _need(ac.kfac_blocks in KFAC_BLOCKS, f"{where}.kfac_blocks (--kfac-blocks)", _one_of(KFAC_BLOCKS),
           ac.kfac_blocks)
     _need(ac.fisher_type in FISHER_TYPES, f"{where}.fisher_type", _one_of(FISHER_TYPES), ac.fisher_type)

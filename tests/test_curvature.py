@@ -244,3 +244,44 @@ def test_the_private_copy_neither_reads_nor_carries_another_threads_hooks():
     finally:
         stop.set()
         t.join()
+
+
+def test_a_float64_factor_pass_removes_the_float32_rounding_a_tiny_damping_scores(tiny_model, diffusion, digits_small):
+    """QA 31a: the factors summed in float32 know each eigenvalue to about 1e-7 of the largest, and a damping far
+    below that turns the rounding into the scores (a 128-image model: 10x off a float64 eq. 6 at 1e-12).
+    ``factor_dtype=float64`` runs the pass in float64 on the private copy and stores the eigenbasis in the model's
+    dtype: its (G + lambda I)^{-1} g matches a pass on a float64 model, where the float32 pass does not."""
+    import copy
+
+    x = digits_small.images[:12]
+    draws = make_draws(2, x.shape[1:], diffusion.T, seed=3)
+    params = influence_params(tiny_model)
+    wide = copy.deepcopy(tiny_model).double()
+    reference = compute_kfac(wide, diffusion, x.double(), draws.to("cpu", torch.float64), influence_params(wide),
+                             fisher_type="type-2", batch_size=8)
+    f64 = compute_kfac(tiny_model, diffusion, x, draws, params, fisher_type="type-2", batch_size=8,
+                       factor_dtype=torch.float64)
+    f32 = compute_kfac(tiny_model, diffusion, x, draws, params, fisher_type="type-2", batch_size=8)
+    assert all(p.dtype == torch.float32 for _, p in params)  # the caller's model is not converted
+    assert f64.layers[0].qb.dtype == torch.float32 and f64.layers[0].b.dtype == torch.float32  # stored as the model
+
+    g = torch.randn(f32.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def inverse(f: KFACFactors, lam: float) -> torch.Tensor:
+        wide_f = copy.deepcopy(f)
+        for lf in wide_f.layers:  # apply in float64: only the factors' own rounding differs
+            for key in ("qa", "a", "qb", "b"):
+                if getattr(lf, key) is not None:
+                    setattr(lf, key, getattr(lf, key).double())
+        return wide_f.inverse_apply(g, lam)
+
+    for lam, bound in ((1e-4, 1e-4), (1e-12, 1e-3)):
+        want = inverse(reference, lam)
+        err64 = float((inverse(f64, lam) - want).norm() / want.norm())
+        err32 = float((inverse(f32, lam) - want).norm() / want.norm())
+        assert err64 < bound, (lam, err64)
+        if lam == 1e-12:
+            assert err32 > 10 * err64, (err32, err64)  # the float32 pass's rounding, 1/lambda-amplified
+    with pytest.raises(ValueError, match="model's own parameters"):
+        compute_kfac(tiny_model, diffusion, x, draws, [(n, p.detach().clone()) for n, p in params],
+                     fisher_type="type-2", factor_dtype=torch.float64)

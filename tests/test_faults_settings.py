@@ -258,7 +258,8 @@ def test_cli_rerun_with_other_seed_says_so(tmp_path, capsys):
     "change",
     [{"mc_samples": 0}, {"trak_dim": -1}, {"kfac_damping": 0.0}, {"kfac_bank": "disk"},
      {"kfac_compression": float("nan")}, {"kfac_compression": 0.5}, {"kfac_rerank": -1},
-     {"kfac_rerank_split": "uneven"}, {"kfac_bank_whiten": -1e-10}, {"kfac_bank_whiten": float("nan")}],
+     {"kfac_rerank_split": "uneven"}, {"kfac_bank_whiten": -1e-10}, {"kfac_bank_whiten": float("nan")},
+     {"kfac_factor_dtype": "float16"}],
 )
 def test_session_refuses_invalid_attribution_settings(tmp_path, digits_small, change):
     import dataclasses

@@ -380,3 +380,33 @@ def test_a_resumed_build_keeps_the_factor_passs_share_of_the_bar(tmp_path, tiny_
     resumed.build(ctx, lambda msg, f: msgs.append((msg, f)))
     assert msgs[0] == ("K-FAC Influence: K-FAC factors loaded (built by an earlier run)", pytest.approx(share))
     assert min(f for _, f in msgs) == pytest.approx(share) and msgs[-1][1] == 1.0
+
+
+def test_a_float64_factor_pass_is_a_setting_with_its_own_cache_key(tiny_preset, tiny_model, digits_small):
+    """``kfac_factor_dtype="float64"`` (QA 31a: below a damping of about 1e-9 float32 factors score their own
+    rounding on a small data set) builds other factors under another key; float32, the default, keeps the key
+    every shipped cache was built under."""
+    from engine.config import attribution_key
+    from engine.validation import check_attribution_config
+
+    cfg = AttributionConfig(mc_samples=2, draws="per-example")
+    wide = dataclasses.replace(cfg, kfac_factor_dtype="float64")
+    ds = digits_small.subset(list(range(8)))
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "h", None)
+    narrow_m, wide_m = KFACInfluence(cfg), KFACInfluence(wide)
+    assert "factor_dtype" not in narrow_m.factor_settings(ctx)
+    assert wide_m.factor_settings(ctx) == {**narrow_m.factor_settings(ctx), "factor_dtype": "float64"}
+    assert "kfac_factor_dtype" not in attribution_key(cfg, 8) and attribution_key(wide, 8)["kfac_factor_dtype"] == "float64"
+    with pytest.raises(ValueError, match="float32 or float64"):
+        check_attribution_config(dataclasses.replace(cfg, kfac_factor_dtype="float16"))
+    narrow_m.build(ctx)
+    wide_m.build(make_context(tiny_preset, tiny_model, ds, "cpu", wide, "h", None))
+    assert wide_m.factors.layers[0].b.dtype == torch.float32  # stored in the model's dtype
+    assert not torch.equal(wide_m.factors.eigenvalues(), narrow_m.factors.eigenvalues())
+    # the input factors A do not depend on the MC-Fisher's sampled labels (whose stream differs between float32 and
+    # float64): the same rows' covariances, up to the float32 pass's rounding
+    for lw, ln in zip(wide_m.factors.layers, narrow_m.factors.layers, strict=True):
+        if lw.a is not None:
+            torch.testing.assert_close(lw.a, ln.a, rtol=1e-3, atol=1e-5 * float(lw.a.max()))
+    q, g = _query(ctx, ds.images[0], make_draws(2, (1, 8, 8), 1000, seed=1))
+    assert np.isfinite(wide_m.score(wide_m.prepare(ctx, q, g), 1e-12)).all()

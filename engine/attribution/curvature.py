@@ -500,6 +500,7 @@ def compute_kfac(
     checkpoint_rows: int = 8192,
     joint: bool = False,
     checkpoint_seconds: float | None = None,
+    factor_dtype: torch.dtype | None = None,
 ) -> KFACFactors:
     """K-FAC (or EK-FAC) factors of the GGN/Fisher of L over the N x M (example, draw) rows.
 
@@ -515,6 +516,12 @@ def compute_kfac(
     (cleared with it).
     ``joint``: weight and bias
     of a layer in one Kronecker block (curvlinops ``separate_weight_and_bias=False``; an ablation).
+    ``factor_dtype``: run the pass (forward, backward and the factors' sums) in this dtype on the private copy
+    of the model, e.g. float64; the eigenvectors and eigenvalues are stored in the model's dtype.  Why: in
+    float32 each factor's eigenvalues are known only to about 1e-7 of its largest, and 1/(e + lambda) at a
+    damping below that turns the rounding into the scores (QA 31a: a 128-image model's scores were 10% off a
+    float64 eq. 6 at lambda = 1e-10 and 10x off at 1e-12; the shipped digits model 1.7% at 1e-12, 1.3e-4 at
+    1e-10); everything after the factors is float32-exact.  (AttributionConfig.kfac_factor_dtype.)
     """
     import warnings
 
@@ -528,7 +535,13 @@ def compute_kfac(
         raise ValueError(f"unknown fisher_type {fisher_type!r}: expected one of {FISHER_TYPES}")
     if kfac_approx not in KFAC_APPROX:
         raise ValueError(f"unknown kfac_approx {kfac_approx!r}: expected one of {KFAC_APPROX}")
-    model, params = private_copy(model, params)
+    out_dtype = params[0][1].dtype  # what the factors are stored in: the model's
+    twin, params = private_copy(model, params)
+    if factor_dtype is not None and factor_dtype != out_dtype:
+        if twin is model:  # no private copy (parameters that are not the model's own): never convert the caller's
+            raise ValueError("factor_dtype needs the model's own parameters (the pass converts a private copy)")
+        twin.to(factor_dtype)  # in place: ``params`` are the copy's parameters, now of factor_dtype
+    model = twin
     factors, modules = layout(model, params, joint=joint)
     dev, dtype = params[0][1].device, params[0][1].dtype
     images = images.to(dev, dtype)
@@ -597,16 +610,16 @@ def compute_kfac(
             aaT = op._input_covariances.get(cname)
             ggT = op._gradient_covariances[cname]
             if aaT is not None:
-                lf.a, lf.qa = _eigh(aaT, dtype)
-            lf.b, lf.qb = _eigh(ggT, dtype)
+                lf.a, lf.qa = _eigh(aaT, out_dtype)
+            lf.b, lf.qb = _eigh(ggT, out_dtype)
         if ekfac:
             # use our float64-eigh eigenvectors for the correction pass (curvlinops skips its own
             # eigh when these dicts are filled)
             for lf in factors.layers:
                 cname = curv_names[lf.name]
                 if lf.qa is not None:
-                    op._input_covariances_eigenvectors[cname] = lf.qa
-                op._gradient_covariances_eigenvectors[cname] = lf.qb
+                    op._input_covariances_eigenvectors[cname] = lf.qa.to(dtype)
+                op._gradient_covariances_eigenvectors[cname] = lf.qb.to(dtype)
             op._input_covariances.clear()
             op._gradient_covariances.clear()
             state["pass"] = 1
@@ -619,10 +632,10 @@ def compute_kfac(
             for lf in factors.layers:
                 corrected = op._corrected_eigenvalues[curv_names[lf.name]]
                 if isinstance(corrected, torch.Tensor):  # joint block: one (out, in + 1) tensor
-                    lf.ekfac_weight = corrected.to(dtype).reshape(lf.qb.shape[0], -1)
+                    lf.ekfac_weight = corrected.to(out_dtype).reshape(lf.qb.shape[0], -1)
                     continue
                 for ev in corrected.values():
-                    ev = ev.to(dtype)
+                    ev = ev.to(out_dtype)
                     if ev.dim() == 2:
                         lf.ekfac_weight = ev.reshape(lf.qb.shape[0], -1)
                     else:

@@ -20,6 +20,7 @@ from ..config import SETTING_FLAGS, AttributionConfig
 from ..validation import (
     DRAW_MODES,
     FACTOR_DRAW_MODES,
+    FACTOR_DTYPES,
     KFAC_BLOCKS,
     KFAC_PROJECTIONS,
     QUERY_DRAWS,
@@ -73,6 +74,9 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kfac-factor-draws-mode", choices=FACTOR_DRAW_MODES, default=None,
                    help="draws of the K-FAC factor pass: the bank's (same, default) or independent per example "
                         "(per-example, paper G.3; allows --kfac-factor-draws below M with shared bank draws)")
+    p.add_argument("--kfac-factor-dtype", choices=FACTOR_DTYPES, default=None,
+                   help="arithmetic of the K-FAC factor pass: float32 (default, the model's) or float64 (slower; in "
+                        "float32 dampings below about 1e-9 score the factors' rounding on a small training set)")
     p.add_argument("--kfac-projection", choices=KFAC_PROJECTIONS, default=None,
                    help="compressed bank: projection kind (default gaussian)")
     p.add_argument("--kfac-compression", type=float, default=None,

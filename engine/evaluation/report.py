@@ -112,7 +112,7 @@ def recorded_query_draws(config: dict[str, Any]) -> str:
 # and the compressed bank's own settings count only where a side used that bank (``COMPRESSED_SETTINGS``)
 SCORE_SETTINGS = (
     "mc_samples", "seed", "draws", "fisher_type", "kfac_approx", "ekfac", "kfac_blocks", "kfac_factor_draws",
-    "kfac_factor_draws_mode", "kfac_bank", "kfac_bank_whiten", "trak_dim", "trak_projection", "clip_model",
+    "kfac_factor_draws_mode", "kfac_factor_dtype", "kfac_bank", "kfac_bank_whiten", "trak_dim", "trak_projection", "clip_model",
     "clip_pretrained",
 )
 COMPRESSED_SETTINGS = ("kfac_projection", "kfac_compression", "kfac_rerank", "kfac_rerank_split")

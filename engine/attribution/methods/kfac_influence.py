@@ -135,6 +135,8 @@ class KFACInfluence(AttributionMethod):
             "params": _params_digest(ctx.params),
             "dtype": dtype,
             "factor_draws": self.factor_draws,
+            # the pass's arithmetic when it is not the model's (absent for float32: the caches built before stay valid)
+            **({"factor_dtype": c.kfac_factor_dtype} if c.kfac_factor_dtype != "float32" else {}),
         }
 
     def _own_factor_draws(self, ctx: EngineContext) -> bool:
@@ -283,6 +285,8 @@ class KFACInfluence(AttributionMethod):
                 checkpoint_rows=self.checkpoint_rows,
                 checkpoint_seconds=self.checkpoint_seconds,
                 joint=self._joint(),
+                factor_dtype=None if self.config.kfac_factor_dtype == "float32" else getattr(
+                    torch, self.config.kfac_factor_dtype),
             )
             if ctx.store is not None:
                 ctx.store.save_arrays(
