@@ -410,6 +410,9 @@ def test_estimate_scale_fits_the_exact_scores_on_the_estimates():
     np.testing.assert_array_equal(out[mask], col[mask])  # the exact entries untouched
     np.testing.assert_allclose(out[~mask], got * a[~mask], rtol=1e-6)
     np.testing.assert_array_equal(scale_estimates(col, a.astype(np.float32), np.zeros(40, bool))[0], col)
+    # every entry exact (2C >= N): nothing was scaled, so no factor is reported (QA 31a: an all-exact answer named one)
+    exact_all = scale_estimates(t.astype(np.float32), a.astype(np.float32), np.ones(40, bool))
+    assert exact_all[1] is None and np.array_equal(exact_all[0], t.astype(np.float32))
 
 
 def test_the_compressed_answer_puts_its_estimates_on_the_exact_scale(tiny_preset, tiny_model, digits_small):

@@ -299,6 +299,8 @@ def estimate_scale(approx: np.ndarray, exact: np.ndarray, min_fit: int = MIN_SCA
 def scale_estimates(scores: np.ndarray, approx: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float | None]:
     """``scores`` (candidates exact where ``mask``) with the other entries, the estimates ``approx``,
     multiplied by ``estimate_scale`` fitted on the exact ones; unchanged (None) when it cannot be fitted."""
+    if mask.all():  # nothing estimated: no factor to report (QA 31a: an all-exact answer named one)
+        return scores, None
     b = estimate_scale(approx[mask], scores[mask])
     if b is None:
         return scores, None

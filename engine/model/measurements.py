@@ -39,7 +39,10 @@ CATALOGUE: tuple[MeasurementInfo, ...] = (
     ),
     MeasurementInfo(
         "elbo", "Negative ELBO (bits per dimension)",
-        "Negative evidence lower bound (Ho et al. eq. 5) in bits per dimension: a bound on -log p(x).",
+        "Negative evidence lower bound (Ho et al. eq. 5) in bits per dimension: a bound on -log p(x). Estimated "
+        "from the M sampled timesteps: unbiased but heavy-tailed (most of the bound sits at the few small timesteps "
+        "that M draws rarely hit), so one query's value and gradient vary much between draw sets; elbo-exact is the "
+        "reliable one.",
     ),
     MeasurementInfo(
         "elbo-exact", "Negative ELBO, every timestep (bits per dimension)",
