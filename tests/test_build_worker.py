@@ -324,3 +324,18 @@ def test_methods_built_before_a_restart_count_in_the_whole_builds_share():
     s.gate.set()
     assert w.wait(30).fraction == 1.0 and s.calls == ["b"]
     assert min(seen) == pytest.approx(0.5) and seen == sorted(seen)
+
+
+def test_a_method_with_nothing_to_build_does_not_count_as_built_before():
+    """QA 32: pixel cosine keeps no cache, so its status is "built" on an empty cache too; counted in
+    ``built_before``, the first start's bar began at 25% with nothing done."""
+    s = _Session()
+    real = s.status
+    s.status = lambda: {**real(), "pixel": {"available": True, "built": True, "cached": False}}  # type: ignore[method-assign]
+    w = BuildWorker(s, methods=["a", "b", "pixel"], terminal=False)
+    w.start()
+    state = _when(w, lambda st: st.message == "a: half")
+    assert state.built_before == () and state.methods == ("a", "b")
+    assert state.fraction == pytest.approx(0.25)  # half of a, of a and b: pixel is not a finished share
+    s.gate.set()
+    assert w.wait(30).fraction == 1.0

@@ -159,7 +159,10 @@ class BuildWorker:
         names = self.wanted or list(status)
         self._set(unavailable={n: str(v.get("reason") or "unavailable") for n, v in status.items()
                                if not v.get("available")},
-                  built_before=tuple(n for n in names if status[n].get("available") and status[n].get("built")))
+                  # built work only: a method with no cache (pixel) is "built" on an empty cache too (QA 32: the first
+                  # start's bar began at 25%)
+                  built_before=tuple(n for n in names if status[n].get("available") and status[n].get("built")
+                                     and status[n].get("cached", True)))
         return [n for n in names if status[n].get("available") and not status[n].get("built")]
 
     def start(self) -> bool:

@@ -133,8 +133,10 @@ class MethodCaches:
             return AttributionMethod.settings(m, self.ctx)
 
     def status(self, names: list[str] | None = None) -> dict[str, dict]:
-        """name -> {"built", "available", "reason", "settings", "size_mb"}, for ``names`` (default: every
-        method; a subset skips the others' checks, e.g. CLIP's open_clip import, seconds)."""
+        """name -> {"built", "available", "reason", "settings", "size_mb", "cached"}, for ``names`` (default: every
+        method; a subset skips the others' checks, e.g. CLIP's open_clip import, seconds).  ``cached``: the
+        method keeps a cache (``cache_keys``), so "built" is work done, not a method with nothing to build
+        (pixel cosine)."""
         out: dict[str, dict] = {}
         listed = [n for n in self.methods if names is None or n in names]
         sharing = self.shared_caches(listed)
@@ -156,6 +158,7 @@ class MethodCaches:
                 "settings": self.settings(name),
                 "size_mb": self._size_mb(name) if built else 0.0,
                 "shares_cache_with": sharing[name],
+                "cached": bool(available and m.cache_keys(self.ctx)),
             }
         return out
 
