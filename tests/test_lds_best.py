@@ -247,3 +247,25 @@ def test_lds_best_addresses_an_attribution_mc_variant_run(tmp_path, capsys):
     assert main(["lds-best", "--results", str(tmp_path), "--attribution-mc", "16"]) == 2
     err = capsys.readouterr().err
     assert "lds_digits_loss_attribution_m16.json" in err and "attribution-engine lds --attribution-mc 16" in err, err
+
+
+def test_an_attribution_mc_run_compares_its_own_m_and_every_setting_says_how_it_differs_from_the_run(tmp_path, capsys):
+    """QA 32: lds-best on the M = 8 run chose an ablation variant scored at M = 64 as K-FAC's best (LDS 0.439 against
+    the run's 0.137) and named it by its changes alone, which do not mention M.  A variant's settings now name every
+    attribution setting where it differs from the run, and an --attribution-mc run keeps the settings at its M."""
+    from engine.evaluation.lds_best import variant_settings
+
+    run, abl, _, _ = _records()
+    run["config"]["attribution"] = {"mc_samples": 8, "trak_dim": 2048, "draws": "per-example", "kfac_damping": 1e-8}
+    var = abl["variants"]["k=32768"]
+    var["attribution"] = {"mc_samples": 64, "trak_dim": 32768, "draws": "per-example", "kfac_damping": 1e-6}
+    assert variant_settings(run, var) == {"trak_dim": 32768, "mc_samples": 64}  # not the damping: chosen per point
+    whole = best_settings(run, [abl])
+    assert whole["methods"]["trak"]["settings"] == {"trak_dim": 32768, "mc_samples": 64}
+    (tmp_path / "lds_digits_loss_attribution_m8.json").write_text(json.dumps(run))
+    (tmp_path / "lds_digits_ablation_trak_dim.json").write_text(json.dumps(abl))
+    assert main(["lds-best", "--results", str(tmp_path), "--attribution-mc", "8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "ablation trak_dim: k=32768: scored with M = 64 draws, not this run's 8" in out
+    at_8 = best_settings(run, [abl], mc_samples=8)
+    assert at_8["methods"]["trak"]["source"] == "run" and at_8["methods"]["trak"]["settings"] == {}

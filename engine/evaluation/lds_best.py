@@ -77,14 +77,31 @@ def _point(
     }
 
 
+def variant_settings(run: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
+    """An ablation variant's settings as they differ from the run's: its ``changes``, and every attribution
+    setting (dampings aside) where the settings it was scored with differ from the run's although it did not
+    change them (an ablation made for another run, or when the defaults were others).  Why: QA 32, lds-best on
+    the M = 8 run chose an ablation variant scored at M = 64 and described it by its changes alone, which do not
+    name M."""
+    out = dict(variant.get("changes") or {})
+    mine, theirs = run.get("config", {}).get("attribution") or {}, variant.get("attribution") or {}
+    for k, v in theirs.items():
+        if k not in out and k in mine and mine[k] != v and not k.endswith("damping"):
+            out[k] = v
+    return out
+
+
 def candidates(
-    run: dict[str, Any], ablations: list[dict[str, Any]], skipped: list[str] | None = None
+    run: dict[str, Any], ablations: list[dict[str, Any]], skipped: list[str] | None = None,
+    mc_samples: int | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every (method, setting) with per-query LDS values: the run's and each ablation variant's default
     damping and the dampings of their sweeps (all of them in files since 2026-12-06; before, the best
     only).  A setting with an LDS but
     no per-query values (files written before those were kept) cannot enter a paired comparison: its
-    description is appended to ``skipped``."""
+    description is appended to ``skipped``.  ``mc_samples``: only settings scored with that many draws (an
+    ``--attribution-mc`` run: the question it answers is the methods at its M; a variant at another M is
+    appended to ``skipped``)."""
     out: dict[str, list[dict[str, Any]]] = {}
 
     def keep(m: str, pt: dict | None, entry: dict[str, Any], source: str, report: bool = True) -> None:
@@ -104,14 +121,22 @@ def candidates(
         check_comparable(run["config"], rec["config"], rec["ablation"])
         for label, var in rec["variants"].items():
             source = f"ablation {rec['ablation']}: {label}"
+            settings = variant_settings(run, var)
+            if mc_samples is not None:
+                m_var = (var.get("attribution") or {}).get("mc_samples", settings.get("mc_samples"))
+                if m_var != mc_samples:
+                    if skipped is not None:
+                        skipped.append(f"{source}: scored with M = {m_var if m_var is not None else 'unrecorded'} "
+                                       f"draws, not this run's {mc_samples}")
+                    continue
             for m, res in var["methods"].items():
-                keep(m, _point(source, var["changes"], res, res.get("damping")), res, source)
+                keep(m, _point(source, settings, res, res.get("damping")), res, source)
                 sweep = [p for p in res.get("sweep", []) if p.get("per_query") is not None]
                 for p in sweep:  # every damping of the variant's sweep (files since 2026-12-06)
-                    keep(m, _point(source, var["changes"], p, p["damping"]), p, f"{source}, damping {p['damping']}")
+                    keep(m, _point(source, settings, p, p["damping"]), p, f"{source}, damping {p['damping']}")
                 if res.get("best") and not sweep:  # older files: the best damping only
                     best = res["best"]
-                    keep(m, _point(source, var["changes"], best, best["damping"]), best, f"{source}, best damping")
+                    keep(m, _point(source, settings, best, best["damping"]), best, f"{source}, best damping")
     return out
 
 
@@ -168,11 +193,12 @@ def sweeps_keep_every_damping(run: dict[str, Any], ablations: list[dict[str, Any
 
 
 def best_settings(
-    run: dict[str, Any], ablations: list[dict[str, Any]], reference: str = "kfac"
+    run: dict[str, Any], ablations: list[dict[str, Any]], reference: str = "kfac", mc_samples: int | None = None
 ) -> dict[str, Any]:
-    """Per method its best point; for every other method whether ``reference``'s interval is clear of it."""
+    """Per method its best point; for every other method whether ``reference``'s interval is clear of it
+    (``mc_samples``: among the settings scored with that many draws only, ``candidates``)."""
     skipped: list[str] = []
-    pool = candidates(run, ablations, skipped)
+    pool = candidates(run, ablations, skipped, mc_samples)
     best = {m: max(pts, key=lambda p: p["lds"]) for m, pts in pool.items() if pts}
     every_damping = sweeps_keep_every_damping(run, ablations)
     out: dict[str, Any] = {
@@ -265,7 +291,10 @@ def update_best_settings(
             notes.append(f"skipped {f.name}: {e}")
             continue
         records.append(rec)
-    summary = best_settings(run, records)
+    # an --attribution-mc run answers how the methods compare at its M: other M's variants are not its settings
+    same_m = None if attribution_mc is None else int((run["config"].get("attribution") or {}).get("mc_samples",
+                                                                                                 attribution_mc))
+    summary = best_settings(run, records, mc_samples=same_m)
     summary["ablation_files"] = [ablation_file_name(preset, r["ablation"]) for r in records]
     if write:
         run["best_settings"] = summary
