@@ -104,7 +104,8 @@ class AttributionConfig:
     # the dtype the K-FAC factor pass runs and sums in (validation.FACTOR_DTYPES): "float32" (the model's; every
     # shipped cache) or "float64" (slower: the pass is most of a cold build).  In float32 a factor's eigenvalues are
     # known to about 1e-7 of its largest, so dampings below about 1e-9 score rounding on a small data set (QA 31a:
-    # a 128-image model 10% off eq. 6 at 1e-10; digits 1.3e-4 at 1e-10, 1.7% at 1e-12); float64 removes that
+    # a 128-image model 10% off eq. 6 at 1e-10; digits 1.3e-4 at 1e-10, 1.7% at 1e-12); float64 removes that, and
+    # with the MC-Fisher draws other labels (curvlinops samples them in the model's dtype): another sample of G
     kfac_factor_dtype: str = "float32"
     # the query gradient's draws: "own" (M draws of its own, independent of the training gradients', seed + 1;
     # paper G.3) or "bank" (the training gradients' shared draws: common random numbers between the query and

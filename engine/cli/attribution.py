@@ -76,7 +76,8 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
                         "(per-example, paper G.3; allows --kfac-factor-draws below M with shared bank draws)")
     p.add_argument("--kfac-factor-dtype", choices=FACTOR_DTYPES, default=None,
                    help="arithmetic of the K-FAC factor pass: float32 (default, the model's) or float64 (slower; in "
-                        "float32 dampings below about 1e-9 score the factors' rounding on a small training set)")
+                        "float32 dampings below about 1e-9 score the factors' rounding on a small training set). With "
+                        "the MC-Fisher, float64 also draws other sampled labels: another Monte Carlo sample of G")
     p.add_argument("--kfac-projection", choices=KFAC_PROJECTIONS, default=None,
                    help="compressed bank: projection kind (default gaussian)")
     p.add_argument("--kfac-compression", type=float, default=None,
