@@ -148,8 +148,9 @@ class CopyCheckConfig:
     def __post_init__(self) -> None:
         if int(self.neighbours) < 1:
             raise ValueError(f"the copy check's neighbours must be at least 1, got {self.neighbours}")
-        if not 0.0 < float(self.near_copy_ratio) <= 1.0:
-            raise ValueError(f"the copy check's near-copy ratio must lie in (0, 1], got {self.near_copy_ratio}")
+        # r <= 1 always (the nearest is no farther than the mean of the next): at 1 every sample is flagged (QA 32)
+        if not 0.0 < float(self.near_copy_ratio) < 1.0:
+            raise ValueError(f"the copy check's near-copy ratio must lie in (0, 1), got {self.near_copy_ratio}")
 
 
 COPY_CHECK = CopyCheckConfig()

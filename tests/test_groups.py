@@ -376,9 +376,10 @@ def test_the_near_copy_rule_is_a_setting_the_rows_and_the_flag_rate_follow(digit
     assert {r.neighbours for r in few} == {5} and "its 5 next-closest" in explain(few[0])
     assert [r.relative_distance for r in few] != [r.relative_distance for r in default]  # averaged over 5, not 50
     _, _, own = nearest_neighbours(train, train, exclude_self=True)
-    assert training_flag_rate(train, CopyCheckConfig(near_copy_ratio=1.0)) == pytest.approx(float(np.mean(own < 1.0)))
-    assert training_flag_rate(train, CopyCheckConfig(near_copy_ratio=1.0)) > training_flag_rate(train)
-    for bad in ({"neighbours": 0}, {"near_copy_ratio": 0.0}, {"near_copy_ratio": 1.5}):
+    assert training_flag_rate(train, CopyCheckConfig(near_copy_ratio=0.9)) == pytest.approx(float(np.mean(own < 0.9)))
+    assert training_flag_rate(train, CopyCheckConfig(near_copy_ratio=0.9)) > training_flag_rate(train)
+    assert "under the rule's " + f"{cut:g}" in explain(next(r for r in loose if r.near_copy))
+    for bad in ({"neighbours": 0}, {"near_copy_ratio": 0.0}, {"near_copy_ratio": 1.0}, {"near_copy_ratio": 1.5}):
         with pytest.raises(ValueError, match="copy check"):
             CopyCheckConfig(**bad)
 

@@ -242,7 +242,9 @@ def test_bad_input_is_one_line_error(cli, argv, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("copy-check", "--near-copy-ratio", "0"), "argument --near-copy-ratio: must lie in (0, 1], got 0.0"),
+    (("copy-check", "--near-copy-ratio", "0"), "argument --near-copy-ratio: must lie in (0, 1), got 0.0"),
+    # r <= 1 always: a ratio of 1 flagged every sample and every training image (QA 32)
+    (("copy-check", "--near-copy-ratio", "1"), "argument --near-copy-ratio: must lie in (0, 1), got 1.0"),
     (("copy-check", "--near-copy-ratio", "x"), "argument --near-copy-ratio: expected a number, got 'x'"),
     (("copy-check", "--neighbours", "0"), "argument --neighbours: must be at least 1, got 0"),
 ])
@@ -303,14 +305,21 @@ def test_copy_check_json(cli, pools):
         assert 0.0 <= r["top1_share"] <= r["top5_share"] <= 1.0
         assert r["near_copy"] == (r["relative_distance"] < 0.5)
     assert np.isfinite(res["training_flag_rate"])
-    assert res["rule"] == {"neighbours": 50, "near_copy_ratio": 0.5}
+    assert res["rule"] == {"neighbours": 50, "near_copy_ratio": 0.5, "neighbours_used": 50}
     # a looser rule, recorded with what it flagged (the pool's matrix is cached: no second scoring)
     rc, out, err = cli("copy-check", "--queries", "pool:4", "--pool-dir", str(pools), "--json",
-                       "--near-copy-ratio", "1", "--neighbours", "7")
+                       "--near-copy-ratio", "0.9", "--neighbours", "7")
     assert rc == 0, err
     loose = json.loads(out)
-    assert loose["rule"] == {"neighbours": 7, "near_copy_ratio": 1.0}
-    assert all(r["neighbours"] == 7 and r["near_copy"] == (r["relative_distance"] < 1.0) for r in loose["rows"])
+    assert loose["rule"] == {"neighbours": 7, "near_copy_ratio": 0.9, "neighbours_used": 7}
+    assert all(r["neighbours"] == 7 and r["near_copy"] == (r["relative_distance"] < 0.9) for r in loose["rows"])
+    # more neighbours than the training set has others: the record says how many were averaged (QA 32)
+    rc, out, err = cli("copy-check", "--queries", "pool:4", "--pool-dir", str(pools), "--json", "--neighbours", "5000")
+    assert rc == 0, err
+    many = json.loads(out)
+    assert many["rule"]["neighbours"] == 5000 and many["rule"]["neighbours_used"] == many["rows"][0]["neighbours"] == 63
+    rc, out, err = cli("copy-check", "--queries", "pool:4", "--pool-dir", str(pools), "--near-copy-ratio", "0.8")
+    assert rc == 0 and "under 0.8 x the mean distance to the next 50" in out, out
     assert loose["training_flag_rate"] > res["training_flag_rate"]
 
 

@@ -254,23 +254,23 @@ def add_copy_check(sub: argparse._SubParsersAction) -> None:
                         f"(default {COPY_CHECK.neighbours}; fewer when the training set is smaller)")
     p.add_argument("--near-copy-ratio", type=_ratio_arg, default=COPY_CHECK.near_copy_ratio,
                    help="flag a sample whose nearest training image is less than this times as far as the next "
-                        f"nearest are on average, in (0, 1] (default {COPY_CHECK.near_copy_ratio})")
+                        f"nearest are on average, in (0, 1) (default {COPY_CHECK.near_copy_ratio})")
     _add_query_set_options(p, methods=False)
 
 
 def _ratio_arg(text: str) -> float:
-    """An argparse type: a number in (0, 1], refused while parsing."""
+    """An argparse type: a number in (0, 1), refused while parsing."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
+    if not 0.0 < value < 1.0:  # r <= 1 always: at 1 every sample and training image is flagged (QA 32)
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {value}")
     return value
 
 
 def cmd_copy_check(args: argparse.Namespace) -> int:
-    from ..attribution.copycheck import CAVEAT, copy_check, explain, training_flag_rate
+    from ..attribution.copycheck import CAVEAT, copy_check, explain, neighbour_count, training_flag_rate
     from ..config import CopyCheckConfig
 
     try:
@@ -313,7 +313,9 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
             "measurement": result.measurement_of(names[0]),
             "flagged": sum(r.near_copy for r in rows),
             "training_flag_rate": base,
-            "rule": dataclasses.asdict(rule),  # the near-copy rule that flagged them (engine.config.CopyCheckConfig)
+            # the near-copy rule that flagged them (engine.config.CopyCheckConfig), and the neighbours it averaged
+            # (fewer than asked when the training set is smaller: each row's ``neighbours``; QA 32)
+            "rule": {**dataclasses.asdict(rule), "neighbours_used": neighbour_count(len(session.dataset), rule.neighbours)},
             "rows": [r.to_dict() for r in rows[: args.top_k]],
             "caveat": CAVEAT,
             **({"note": "the shares come from the compressed bank's estimates (approximate)"}
@@ -322,7 +324,8 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
         }, indent=2))
         return 0
     flagged = sum(r.near_copy for r in rows)
-    print(f"{flagged} of {len(rows)} samples flagged as possible near-copies "
+    print(f"{flagged} of {len(rows)} samples flagged as possible near-copies: nearest training image under "
+          f"{rule.near_copy_ratio:g} x the mean distance to the next {neighbour_count(len(session.dataset), rule.neighbours)} "
           f"(the same rule flags {base:.1%} of training images against the others)")
     for r in rows[: args.top_k]:
         print("- " + explain(r))
