@@ -30,9 +30,8 @@ def build_panel(handle: Handle) -> None:
     elif state.status == "failed":
         _failed(handle)
     elif st.session_state.pop(_seen_running(handle), False):
-        took = (f"{state.elapsed_s / 60:.1f} min in this run, which resumed work saved by an earlier one"
-                if state.resumed else f"in {state.elapsed_s / 60:.1f} min")
-        st.success(f"Attribution caches built {took}; results below are live.")
+        info = handle.session.method_info()
+        st.success(runtime.finished_message(state, {n: i.get("title", n) for n, i in info.items()}))
 
 
 def _seen_running(handle: Handle) -> str:

@@ -339,3 +339,23 @@ def test_a_method_with_nothing_to_build_does_not_count_as_built_before():
     assert state.fraction == pytest.approx(0.25)  # half of a, of a and b: pixel is not a finished share
     s.gate.set()
     assert w.wait(30).fraction == 1.0
+
+
+def test_the_finished_line_names_what_an_earlier_run_built():
+    """QA 32: after a kill -9 in the last seconds and a restart, the page said "Attribution caches built in 0.3 min"
+    for about 11 minutes of work, K-FAC and TRAK built by the killed run; the line now says whose minutes they are."""
+    from engine.attribution.build_worker import BuildState
+    from explorer.runtime import finished_message
+
+    t = time.time()
+    fresh = BuildState(status="done", started=t - 60, finished=t)
+    assert finished_message(fresh) == "Attribution caches built in 1.0 min; results below are live."
+    resumed = BuildState(status="done", started=t - 60, finished=t, resumed=("trak: resuming: 4/10 saved by an earlier run",))
+    assert "1.0 min in this run, which resumed work saved by an earlier one" in finished_message(resumed)
+    after = BuildState(status="done", started=t - 18, finished=t, built_before=("kfac", "trak"), resumed=resumed.resumed)
+    line = finished_message(after, {"kfac": "K-FAC Influence", "trak": "TRAK"})
+    assert line == ("Attribution caches built: 0.3 min in this run, which resumed saved work; K-FAC Influence and TRAK "
+                    "were built by an earlier run; results below are live.")
+    one = finished_message(BuildState(status="done", started=t - 18, finished=t, built_before=("kfac",)))
+    assert "K-FAC was built by an earlier run" in finished_message(
+        BuildState(status="done", started=t, finished=t, built_before=("kfac",)), {"kfac": "K-FAC"}) and "kfac was" in one
