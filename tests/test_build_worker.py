@@ -144,9 +144,8 @@ def test_a_cache_root_that_cannot_be_written_is_reported_plainly_and_not_offered
     assert state.error.startswith("cache root /ro is not writable")  # the message, not the class name
 
 
-def test_progress_is_overall_and_monotone():
-    s = _Session()
-    w = BuildWorker(s, terminal=False)
+def _fractions(w: BuildWorker) -> list[float]:
+    """Every overall fraction the worker sets, in order (a spy on its state changes)."""
     seen: list[float] = []
     orig = w._set
 
@@ -156,6 +155,13 @@ def test_progress_is_overall_and_monotone():
             seen.append(changes["fraction"])
 
     w._set = spy  # type: ignore[method-assign]
+    return seen
+
+
+def test_progress_is_overall_and_monotone():
+    s = _Session()
+    w = BuildWorker(s, terminal=False)
+    seen = _fractions(w)
     s.gate.set()
     w.start()
     w.wait(30)
@@ -308,15 +314,7 @@ def test_methods_built_before_a_restart_count_in_the_whole_builds_share():
     s = _Session()
     s.built.add("a")  # built by the run that was killed
     w = BuildWorker(s, terminal=False)
-    seen: list[float] = []
-    orig = w._set
-
-    def spy(**changes):
-        orig(**changes)
-        if "fraction" in changes:
-            seen.append(changes["fraction"])
-
-    w._set = spy  # type: ignore[method-assign]
+    seen = _fractions(w)
     w.start()
     state = _when(w, lambda st: st.message == "b: half")
     assert state.methods == ("b",) and state.built_before == ("a",)
