@@ -218,7 +218,8 @@ def add_bench_scale(sub: argparse._SubParsersAction) -> None:
         "bench-scale",
         help="K-FAC banks at CIFAR scale on SYNTHETIC images: gradient throughput, bytes, build and query time",
         description="The CIFAR-preset U-Net (35.7M parameters, random init) on synthetic 32x32 images "
-        "(no CIFAR needed: timings do not depend on content). Writes assets/results/bench_scale.json.",
+        "(no CIFAR needed: timings do not depend on content). Prints sizes in KiB/MiB/GiB (2^10 bytes each step) and "
+        "times in ms/s; writes assets/results/bench_scale.json (its config.units names each key's unit).",
     )
     # no options for these, but resolve() reads them: --device is then resolved (and checked) as every command's
     p.set_defaults(func=cmd_bench_scale, preset="digits", checkpoint=None, data_root=None)
