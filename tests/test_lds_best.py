@@ -269,3 +269,7 @@ def test_an_attribution_mc_run_compares_its_own_m_and_every_setting_says_how_it_
     assert "ablation trak_dim: k=32768: scored with M = 64 draws, not this run's 8" in out
     at_8 = best_settings(run, [abl], mc_samples=8)
     assert at_8["methods"]["trak"]["source"] == "run" and at_8["methods"]["trak"]["settings"] == {}
+    from engine.evaluation.lds_best import table
+
+    no_damping = {**at_8, "methods": {"pixel": {**at_8["methods"]["trak"], "damping": None}}}
+    assert table(no_damping).splitlines()[-1].endswith(" run")  # not "run;" with nothing after it (QA 32)

@@ -246,9 +246,10 @@ def table(summary: dict[str, Any]) -> str:
         shown = ("mc_samples", "draws") + (("kfac_factor_draws",) if m == "kfac" else ("trak_dim",))
         setting = ", ".join(f"{k}={v}" for k, v in e["settings"].items() if k in shown)
         lam = "" if e["damping"] is None else f"damping {e['damping']:.3g}"
+        tail = " ".join(x for x in (lam, setting) if x)  # nothing for a setting without damping (pixel: "run")
         lines.append(
             f"{m:8s} {e['lds']:6.3f}  [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]  {cv_text:>8s}  {d:28s}{clear:8s} "
-            f"{e['source']}; {lam} {setting}".rstrip()
+            f"{e['source']}" + (f"; {tail}" if tail else "")
         )
     return "\n".join(lines)
 
