@@ -9,6 +9,7 @@ positive semi-definite.  lambda must be finite and > 0: lambda = 0 divides by G'
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -117,9 +118,11 @@ KFAC_PROJECTIONS = ("eigen", "gaussian")  # the compressed bank's per-layer proj
 RERANK_SPLITS = ("adaptive", "even")
 
 
-def _one_of(values: tuple[str, ...]) -> str:
-    """"a, b or c": the words of a refusal."""
-    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+def word_list(items: Sequence[str], last: str = "or") -> str:
+    """"a, b or c" (``last`` "and": "a, b and c"; one item alone, none ""): the words of a refusal that lists
+    the accepted values, and of any sentence that names several things (the app's method titles)."""
+    items = list(items)
+    return f"{', '.join(items[:-1])} {last} {items[-1]}" if len(items) > 1 else "".join(items)
 
 
 def _finite(x: Any) -> bool:
@@ -181,7 +184,7 @@ def check_factor_draws(
     ``factor_mode`` "per-example": the factors get independent draws per example whatever the bank's, so
     they see every timestep and any k is fine."""
     _need(factor_mode in FACTOR_DRAW_MODES, "kfac_factor_draws_mode (--kfac-factor-draws-mode)",
-          _one_of(FACTOR_DRAW_MODES), factor_mode)
+          word_list(FACTOR_DRAW_MODES), factor_mode)
     if k is None:
         return
     _need(k >= 1, where, "at least 1 (or null: all M draws)", k)
@@ -202,23 +205,23 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     for name in ("trak_damping", "dtrak_damping"):  # None: the N-scaled default (config.trak_default_damping)
         if getattr(ac, name) is not None:
             check_damping(getattr(ac, name), f"{where}.{name}")
-    _need(ac.draws in DRAW_MODES, f"{where}.draws (--draws)", _one_of(DRAW_MODES), ac.draws)
-    _need(ac.query_draws in QUERY_DRAWS, f"{where}.query_draws (--query-draws)", _one_of(QUERY_DRAWS), ac.query_draws)
+    _need(ac.draws in DRAW_MODES, f"{where}.draws (--draws)", word_list(DRAW_MODES), ac.draws)
+    _need(ac.query_draws in QUERY_DRAWS, f"{where}.query_draws (--query-draws)", word_list(QUERY_DRAWS), ac.query_draws)
     _need(ac.query_draws == "own" or ac.draws in SHARED_DRAW_MODES, f"{where}.query_draws (--query-draws)",
           "own when the training draws are per-example (the query can share the bank's draws only when every "
           "training example has the same ones: --draws shared or stratified)", ac.query_draws)
     check_factor_draws(ac.kfac_factor_draws, ac.mc_samples, ac.draws, f"{where}.kfac_factor_draws",
                        ac.kfac_factor_draws_mode)
     _need(ac.kfac_factor_dtype in FACTOR_DTYPES, f"{where}.kfac_factor_dtype (--kfac-factor-dtype)",
-          _one_of(FACTOR_DTYPES), ac.kfac_factor_dtype)
-    _need(ac.kfac_blocks in KFAC_BLOCKS, f"{where}.kfac_blocks (--kfac-blocks)", _one_of(KFAC_BLOCKS),
+          word_list(FACTOR_DTYPES), ac.kfac_factor_dtype)
+    _need(ac.kfac_blocks in KFAC_BLOCKS, f"{where}.kfac_blocks (--kfac-blocks)", word_list(KFAC_BLOCKS),
           ac.kfac_blocks)
-    _need(ac.fisher_type in FISHER_TYPES, f"{where}.fisher_type", _one_of(FISHER_TYPES), ac.fisher_type)
-    _need(ac.kfac_approx in KFAC_APPROX, f"{where}.kfac_approx", _one_of(KFAC_APPROX), ac.kfac_approx)
-    _need(ac.trak_projection in TRAK_PROJECTIONS, f"{where}.trak_projection", _one_of(TRAK_PROJECTIONS),
+    _need(ac.fisher_type in FISHER_TYPES, f"{where}.fisher_type", word_list(FISHER_TYPES), ac.fisher_type)
+    _need(ac.kfac_approx in KFAC_APPROX, f"{where}.kfac_approx", word_list(KFAC_APPROX), ac.kfac_approx)
+    _need(ac.trak_projection in TRAK_PROJECTIONS, f"{where}.trak_projection", word_list(TRAK_PROJECTIONS),
           ac.trak_projection)
     _need(ac.kfac_projection in KFAC_PROJECTIONS, f"{where}.kfac_projection (--kfac-projection)",
-          _one_of(KFAC_PROJECTIONS), ac.kfac_projection)
+          word_list(KFAC_PROJECTIONS), ac.kfac_projection)
     if bank_modes is not None:
         _need(ac.kfac_bank in bank_modes, f"{where}.kfac_bank", "one of " + ", ".join(bank_modes), ac.kfac_bank)
     _need(_finite(ac.kfac_bank_max_gb) and ac.kfac_bank_max_gb > 0, f"{where}.kfac_bank_max_gb", "> 0", ac.kfac_bank_max_gb)
@@ -228,7 +231,7 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
           "finite and >= 1", ac.kfac_compression)
     _need(ac.kfac_rerank >= 0, f"{where}.kfac_rerank (--kfac-rerank)", "at least 0", ac.kfac_rerank)
     _need(ac.kfac_rerank_split in RERANK_SPLITS, f"{where}.kfac_rerank_split (--kfac-rerank-split)",
-          _one_of(RERANK_SPLITS), ac.kfac_rerank_split)
+          word_list(RERANK_SPLITS), ac.kfac_rerank_split)
 
 
 def check_preset(preset: Any) -> None:

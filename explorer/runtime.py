@@ -33,6 +33,7 @@ from engine.attribution.build_worker import WAITING_TURN, BuildState, BuildWorke
 from engine.attribution.caches import WAITING
 from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
+from engine.validation import word_list
 from explorer.grid_filler import GridFiller
 from explorer.job_queue import JobQueue
 from explorer.shared_results import (
@@ -338,7 +339,7 @@ def finished_message(state: BuildState, titles: dict[str, str] | None = None) ->
     titles = titles or {}
     before = [titles.get(n, n) for n in state.built_before]
     if before:
-        words = " and ".join([", ".join(before[:-1]), before[-1]] if len(before) > 1 else before)
+        words = word_list(before, "and")
         return (f"Attribution caches built: {minutes} in this run, which {'resumed saved work; ' if state.resumed else ''}"
                 f"{words} {'were' if len(before) > 1 else 'was'} built by an earlier run; results below are live.")
     if state.resumed:
@@ -351,7 +352,4 @@ def influence_titles(handle: Handle) -> str:
     from engine.attribution.group_attribution import influence_methods
 
     info = handle.session.method_info()
-    titles = [info[n]["title"] for n in influence_methods(handle.session)]
-    if len(titles) < 2:
-        return "".join(titles)
-    return f"{', '.join(titles[:-1])} or {titles[-1]}"
+    return word_list([info[n]["title"] for n in influence_methods(handle.session)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DataConfig
-from ..validation import DATA_NAMES
+from ..validation import DATA_NAMES, word_list
 from .dataset import DataError, ImageDataset, random_flip, to_unit_range
 
 
@@ -50,7 +50,7 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         from . import data_files
 
         return data_files.load(cfg)
-    raise DataError(f"unknown dataset {cfg.name!r}: expected {', '.join(DATA_NAMES[:-1])} or {DATA_NAMES[-1]}")
+    raise DataError(f"unknown dataset {cfg.name!r}: expected {word_list(DATA_NAMES)}")
 
 
 __all__ = ["DataError", "ImageDataset", "load_dataset", "load_digits", "random_flip", "to_unit_range"]
