@@ -148,9 +148,16 @@ class CopyCheckConfig:
     def __post_init__(self) -> None:
         if int(self.neighbours) < 1:
             raise ValueError(f"the copy check's neighbours must be at least 1, got {self.neighbours}")
-        # r <= 1 always (the nearest is no farther than the mean of the next): at 1 every sample is flagged (QA 32)
-        if not 0.0 < float(self.near_copy_ratio) < 1.0:
-            raise ValueError(f"the copy check's near-copy ratio must lie in (0, 1), got {self.near_copy_ratio}")
+        problem = self.ratio_problem(self.near_copy_ratio)
+        if problem is not None:
+            raise ValueError(f"the copy check's near-copy ratio {problem}")
+
+    @staticmethod
+    def ratio_problem(value: float) -> str | None:
+        """What is wrong with ``value`` as a near-copy ratio (None: nothing), in words the CLI's flag and this
+        class's own check both say.  r <= 1 always (the nearest is no farther than the mean of the next), so at 1
+        every sample and training image is flagged (QA 32)."""
+        return None if 0.0 < float(value) < 1.0 else f"must lie in (0, 1), got {float(value)}"
 
 
 COPY_CHECK = CopyCheckConfig()

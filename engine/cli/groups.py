@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import jsonio
 from ..attribution.methods import METHODS, names_of_kind, parse_methods
 from ..attribution.signs import removed_words, reverse_caveat
-from ..config import COPY_CHECK, TRUE_MC_SAMPLES
+from ..config import COPY_CHECK, TRUE_MC_SAMPLES, CopyCheckConfig
 from .attribution import _add_attribution_options, open_session, parse_damping
 from .common import at_least, fail, register, subcommand
 
@@ -264,14 +264,14 @@ def _ratio_arg(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value < 1.0:  # r <= 1 always: at 1 every sample and training image is flagged (QA 32)
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {value}")
+    problem = CopyCheckConfig.ratio_problem(value)  # the rule's own bounds
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
 def cmd_copy_check(args: argparse.Namespace) -> int:
     from ..attribution.copycheck import CAVEAT, copy_check, explain, neighbour_count, training_flag_rate
-    from ..config import CopyCheckConfig
 
     try:
         if args.top_k < 1:
@@ -301,6 +301,7 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError, KeyError) as e:
         return fail(e)
     base = training_flag_rate(session.dataset.images, rule)
+    used = neighbour_count(len(session.dataset), rule.neighbours)  # fewer than asked on a small training set
     if args.json:
         from ..attribution.provenance import session_settings
 
@@ -315,7 +316,7 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
             "training_flag_rate": base,
             # the near-copy rule that flagged them (engine.config.CopyCheckConfig), and the neighbours it averaged
             # (fewer than asked when the training set is smaller: each row's ``neighbours``; QA 32)
-            "rule": {**dataclasses.asdict(rule), "neighbours_used": neighbour_count(len(session.dataset), rule.neighbours)},
+            "rule": {**dataclasses.asdict(rule), "neighbours_used": used},
             "rows": [r.to_dict() for r in rows[: args.top_k]],
             "caveat": CAVEAT,
             **({"note": "the shares come from the compressed bank's estimates (approximate)"}
@@ -325,7 +326,7 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
         return 0
     flagged = sum(r.near_copy for r in rows)
     print(f"{flagged} of {len(rows)} samples flagged as possible near-copies: nearest training image under "
-          f"{rule.near_copy_ratio:g} x the mean distance to the next {neighbour_count(len(session.dataset), rule.neighbours)} "
+          f"{rule.near_copy_ratio:g} x the mean distance to the next {used} "
           f"(the same rule flags {base:.1%} of training images against the others)")
     for r in rows[: args.top_k]:
         print("- " + explain(r))
