@@ -54,6 +54,7 @@ from ..evaluation.setup import load_queries_file
 from ..evaluation.stats import spearman
 from ..npy_read import load_npz
 from . import announce
+from .memory import MIB
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, k: int = 10, sign: float = 1.0) -> float:
@@ -177,7 +178,7 @@ def run_compressed_digits(
         full_scores.append(kfac.score(prep, lam))
         if i < timed_queries:
             full_ms.append((time.perf_counter() - t0) * 1000.0)
-    full_mib = kfac.bank.nbytes / 2**20
+    full_mib = kfac.bank.nbytes / MIB
 
     variants, extras = [], {}
     product_scores: dict[str, list[np.ndarray]] = {"full": full_scores}
@@ -255,7 +256,7 @@ def run_compressed_digits(
             v = {
                 "projection": kind,
                 "ratio": round(kfac.bank.nbytes / bank.nbytes, 2),
-                "bank_mib": bank.nbytes / 2**20,
+                "bank_mib": bank.nbytes / MIB,
                 "build_s": build_s,
                 "query_ms": statistics.median(ms),
                 "spearman_median": statistics.median(sp),

@@ -14,20 +14,10 @@ from pathlib import Path
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 
 
-def mib(nbytes: float) -> float:
-    """``nbytes`` in MiB (2**20 bytes)."""
-    return nbytes / MIB
-
-
-def gib(nbytes: float) -> float:
-    """``nbytes`` in GiB (2**30 bytes)."""
-    return nbytes / GIB
-
-
 def peak_rss_mib() -> float:
     """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    return rss / MIB if sys.platform == "darwin" else rss / KIB
 
 
 def memory_mb() -> dict[str, float]:
