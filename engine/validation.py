@@ -125,6 +125,11 @@ def word_list(items: Sequence[str], last: str = "or") -> str:
     return f"{', '.join(items[:-1])} {last} {items[-1]}" if len(items) > 1 else "".join(items)
 
 
+def _need_one_of(value: Any, choices: tuple[str, ...], where: str) -> None:
+    """InvalidSettingError naming ``where`` and the choices, "a, b or c", unless ``value`` is one of them."""
+    _need(value in choices, where, word_list(choices), value)
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -183,8 +188,7 @@ def check_factor_draws(
     of 64: Spearman 0.11 with the all-draw scores at damping 1e-8; scripts/factor_draws_agreement.py).
     ``factor_mode`` "per-example": the factors get independent draws per example whatever the bank's, so
     they see every timestep and any k is fine."""
-    _need(factor_mode in FACTOR_DRAW_MODES, "kfac_factor_draws_mode (--kfac-factor-draws-mode)",
-          word_list(FACTOR_DRAW_MODES), factor_mode)
+    _need_one_of(factor_mode, FACTOR_DRAW_MODES, "kfac_factor_draws_mode (--kfac-factor-draws-mode)")
     if k is None:
         return
     _need(k >= 1, where, "at least 1 (or null: all M draws)", k)
@@ -205,23 +209,19 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     for name in ("trak_damping", "dtrak_damping"):  # None: the N-scaled default (config.trak_default_damping)
         if getattr(ac, name) is not None:
             check_damping(getattr(ac, name), f"{where}.{name}")
-    _need(ac.draws in DRAW_MODES, f"{where}.draws (--draws)", word_list(DRAW_MODES), ac.draws)
-    _need(ac.query_draws in QUERY_DRAWS, f"{where}.query_draws (--query-draws)", word_list(QUERY_DRAWS), ac.query_draws)
+    _need_one_of(ac.draws, DRAW_MODES, f"{where}.draws (--draws)")
+    _need_one_of(ac.query_draws, QUERY_DRAWS, f"{where}.query_draws (--query-draws)")
     _need(ac.query_draws == "own" or ac.draws in SHARED_DRAW_MODES, f"{where}.query_draws (--query-draws)",
           "own when the training draws are per-example (the query can share the bank's draws only when every "
           "training example has the same ones: --draws shared or stratified)", ac.query_draws)
     check_factor_draws(ac.kfac_factor_draws, ac.mc_samples, ac.draws, f"{where}.kfac_factor_draws",
                        ac.kfac_factor_draws_mode)
-    _need(ac.kfac_factor_dtype in FACTOR_DTYPES, f"{where}.kfac_factor_dtype (--kfac-factor-dtype)",
-          word_list(FACTOR_DTYPES), ac.kfac_factor_dtype)
-    _need(ac.kfac_blocks in KFAC_BLOCKS, f"{where}.kfac_blocks (--kfac-blocks)", word_list(KFAC_BLOCKS),
-          ac.kfac_blocks)
-    _need(ac.fisher_type in FISHER_TYPES, f"{where}.fisher_type", word_list(FISHER_TYPES), ac.fisher_type)
-    _need(ac.kfac_approx in KFAC_APPROX, f"{where}.kfac_approx", word_list(KFAC_APPROX), ac.kfac_approx)
-    _need(ac.trak_projection in TRAK_PROJECTIONS, f"{where}.trak_projection", word_list(TRAK_PROJECTIONS),
-          ac.trak_projection)
-    _need(ac.kfac_projection in KFAC_PROJECTIONS, f"{where}.kfac_projection (--kfac-projection)",
-          word_list(KFAC_PROJECTIONS), ac.kfac_projection)
+    _need_one_of(ac.kfac_factor_dtype, FACTOR_DTYPES, f"{where}.kfac_factor_dtype (--kfac-factor-dtype)")
+    _need_one_of(ac.kfac_blocks, KFAC_BLOCKS, f"{where}.kfac_blocks (--kfac-blocks)")
+    _need_one_of(ac.fisher_type, FISHER_TYPES, f"{where}.fisher_type")
+    _need_one_of(ac.kfac_approx, KFAC_APPROX, f"{where}.kfac_approx")
+    _need_one_of(ac.trak_projection, TRAK_PROJECTIONS, f"{where}.trak_projection")
+    _need_one_of(ac.kfac_projection, KFAC_PROJECTIONS, f"{where}.kfac_projection (--kfac-projection)")
     if bank_modes is not None:
         _need(ac.kfac_bank in bank_modes, f"{where}.kfac_bank", "one of " + ", ".join(bank_modes), ac.kfac_bank)
     _need(_finite(ac.kfac_bank_max_gb) and ac.kfac_bank_max_gb > 0, f"{where}.kfac_bank_max_gb", "> 0", ac.kfac_bank_max_gb)
@@ -230,8 +230,7 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     _need(_finite(ac.kfac_compression) and ac.kfac_compression >= 1, f"{where}.kfac_compression (--kfac-compression)",
           "finite and >= 1", ac.kfac_compression)
     _need(ac.kfac_rerank >= 0, f"{where}.kfac_rerank (--kfac-rerank)", "at least 0", ac.kfac_rerank)
-    _need(ac.kfac_rerank_split in RERANK_SPLITS, f"{where}.kfac_rerank_split (--kfac-rerank-split)",
-          word_list(RERANK_SPLITS), ac.kfac_rerank_split)
+    _need_one_of(ac.kfac_rerank_split, RERANK_SPLITS, f"{where}.kfac_rerank_split (--kfac-rerank-split)")
 
 
 def check_preset(preset: Any) -> None:
