@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 POLL_S = 1.0
+TERM_GRACE_S = 5.0  # seconds a terminated worker has to exit before it is killed
 
 
 def exit_with_parent(poll_s: float = POLL_S) -> threading.Thread:
@@ -60,8 +61,22 @@ def stop_pool(pool: Any) -> None:
     ``train_state.pt``, a measurement is cached when done), so stopping mid-task loses at most a few steps."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown forgets them
     pool.shutdown(wait=False, cancel_futures=True)
+    end_processes(processes, TERM_GRACE_S)
+
+
+def end_processes(processes: list[Any], grace_s: float = TERM_GRACE_S) -> None:
+    """SIGTERM each live process, then SIGKILL those still alive after ``grace_s``, and reap them all.
+
+    Why the second step: a worker that does not exit on SIGTERM (a handler some library installed, or an exit
+    slowed by a loaded machine) was left running after the old 10 s join, still training; a CI run once found a
+    worker alive after ``stop_pool``. A SIGKILL cannot be caught, and the last join waits until it has acted."""
     for p in processes:
         if p.is_alive():
             p.terminate()
+    deadline = time.monotonic() + grace_s
     for p in processes:
-        p.join(timeout=10)
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join()

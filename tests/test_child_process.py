@@ -68,3 +68,37 @@ def test_worker_exits_when_its_parent_is_killed(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def _ignore_sigterm_and_wait(ready_path: str) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(ready_path).write_text("ready")
+    time.sleep(120)
+
+
+def test_stop_pool_kills_a_worker_that_ignores_sigterm(tmp_path, monkeypatch):
+    """A worker that survives SIGTERM is killed, and ``stop_pool`` returns only once every worker is gone (the old
+    code joined for 10 s and returned with the worker still running)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from engine import child_process
+
+    ready = tmp_path / "ready"
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("fork"))
+    pool.submit(_ignore_sigterm_and_wait, str(ready))
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists()
+    workers = list(pool._processes.values())
+    monkeypatch.setattr(child_process, "TERM_GRACE_S", 0.5, raising=False)
+    try:
+        t0 = time.monotonic()
+        child_process.stop_pool(pool)
+        assert not any(p.is_alive() for p in workers)
+        assert [p.exitcode for p in workers] == [-signal.SIGKILL]
+        assert time.monotonic() - t0 < 30
+    finally:
+        for p in workers:
+            p.kill()

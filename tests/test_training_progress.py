@@ -137,11 +137,12 @@ def test_an_interrupted_pool_run_stops_its_workers_at_once_and_starts_no_queued_
         if message.startswith("training: "):
             raise _Interrupt
 
+    before = set(mp.active_children())  # children of earlier tests in this process are not this run's workers
     t0 = time.monotonic()
     with pytest.raises(_Interrupt):
         run_training(tasks, workers=2, dataset=digits_small, progress=stop_on_first_steps, log=lambda s: None)
     assert time.monotonic() - t0 < 60
-    assert mp.active_children() == []  # no worker goes on training
+    assert set(mp.active_children()) <= before  # no worker goes on training
     assert not (tmp_path / "m2").exists()  # the queued model never started
     time.sleep(2)
     assert not any((tmp_path / f"m{i}" / "model.safetensors").exists() for i in range(3))
