@@ -56,9 +56,11 @@ def browser_unavailable() -> str | None:
 
 @contextmanager
 def serve(app_args: Sequence[str] = (), env: dict[str, str] | None = None, timeout: float = 180.0,
-          log_path: Path | None = None) -> Iterator[str]:
-    """``streamlit run explorer/app.py`` on a free port (headless); yields its URL, stops it afterwards."""
-    port = free_port()
+          log_path: Path | None = None, port: int | None = None) -> Iterator[str]:
+    """``streamlit run explorer/app.py`` headless on ``port`` (a free one when None); yields its URL, stops it
+    afterwards. A fixed port is for machines where each user is given a range of ports."""
+    if port is None:
+        port = free_port()
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gallery", type=int, default=None, help="gallery sample to show (default: the app's first)")
     p.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
     p.add_argument("--width", type=int, default=1600)
+    p.add_argument("--port", type=int, default=None, help="port to serve the app on (default: a free one)")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--allow-build", action="store_true", help="let the app build missing caches first")
     p.add_argument("--only", default=None, help="comma list of shots: explore,compare,groups,evaluation,about")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     app_args = ["--preset", args.preset] + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
     log = out / ".server.log"
     saved: list[Path] = []
-    with headless.serve(app_args, log_path=log, timeout=120) as url, headless.chromium(args.width, 1100) as d:
+    with headless.serve(app_args, log_path=log, timeout=120, port=args.port) as url, headless.chromium(args.width, 1100) as d:
         d.get(url)
         ready = ["Proponents", "Opponents", "K-FAC Influence"]
         headless.wait_for(d, ready, absent=["Attributing", "Preparing"], timeout=args.timeout)
@@ -140,7 +141,7 @@ def _first_start(args: argparse.Namespace) -> int:
     app_args = ["--preset", args.preset] + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
     with tempfile.TemporaryDirectory() as cache:
         app_args += ["--cache", cache]
-        with headless.serve(app_args, timeout=120) as url, headless.chromium(args.width, 1100) as d:
+        with headless.serve(app_args, timeout=120, port=args.port) as url, headless.chromium(args.width, 1100) as d:
             d.get(url)
             want = ["Building the attribution caches", "Precomputed results", "Proponents"]
             deadline = time.monotonic() + args.timeout  # the build's fragment reruns every second, so

@@ -33,7 +33,9 @@ def test_results_grid_in_chromium(tiny_env, tmp_path):
     }
     log = tmp_path / "server.log"
     try:
-        with headless.serve(env=env, log_path=log) as url, headless.chromium() as driver:
+        port = headless.free_port()  # a port chosen by the caller (QA machines give each user a range)
+        with headless.serve(env=env, log_path=log, port=port) as url, headless.chromium() as driver:
+            assert url.endswith(f":{port}")  # serve answered its health check there
             driver.get(url)
             text = headless.wait_for(
                 driver, ["Proponents", "Opponents", "K-FAC Influence"], absent=["Attributing", "Preparing"]
