@@ -365,6 +365,8 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             else:  # the whole column's width: beside the thumbnail "measurement" broke as "measureme / nt"
                 st.image(display(query.input.image, 48), width=48, caption="query")
                 st.caption(column_note(r))
+            if r.warning:  # the scores weigh rounding at this damping (a K-FAC damping below its factors' floor)
+                st.warning(r.warning, icon="⚠️")
             if r.exact_pending and not polling and handle.build.status != "running":
                 # one poller for the page: its one line (progress, waiting, stopped) is all that stands above
                 # the grid, so K-FAC's images start near the other methods'; the box and button go below

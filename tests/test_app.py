@@ -232,6 +232,15 @@ def test_gallery_measurement_damping_and_methods(app_env, monkeypatch):
     (third,) = at.session_state["result_cache"]["shown"].values()
     assert third.methods["kfac"].damping == pytest.approx(between)
     assert not np.allclose(third.methods["kfac"].scores, after.methods["kfac"].scores)
+    assert not any("resolution" in w.value for w in at.warning)
+    import torch
+
+    floor = session.method("kfac").factors.resolution_floor(torch.float32)
+    lowest = min(steps)
+    assert lowest < floor  # the slider's low end is below this tiny model's float32 resolution
+    at.select_slider(key=damping_key("kfac", session.preset.name)).set_value(lowest).run()
+    _ok(at)  # QA 32 #7: said so nowhere; now a warning above K-FAC's column
+    assert any("below the float32 factors' resolution" in w.value for w in at.warning)
 
     at.multiselect(key="methods").set_value(["kfac", "pixel"]).run()
     _ok(at)

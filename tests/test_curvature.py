@@ -285,3 +285,42 @@ def test_a_float64_factor_pass_removes_the_float32_rounding_a_tiny_damping_score
     with pytest.raises(ValueError, match="model's own parameters"):
         compute_kfac(tiny_model, diffusion, x, draws, [(n, p.detach().clone()) for n, p in params],
                      fisher_type="type-2", factor_dtype=torch.float64)
+
+
+def test_the_resolution_floor_separates_the_dampings_the_float32_factors_resolve(tiny_model, diffusion, digits_small):
+    """``resolution_floor`` (eps x the median block's largest eigenvalue) is where a float32 factor pass stops
+    matching a float64 one: well above it (G + lambda I)^{-1} g agrees to float32-ish accuracy, well below it the
+    rounding dominates. The floor is also the median of the per-block maxima of ``eigenvalues()`` times eps."""
+    import copy
+
+    x = digits_small.images[:12]
+    draws = make_draws(2, x.shape[1:], diffusion.T, seed=3)
+    wide = copy.deepcopy(tiny_model).double()
+    reference = compute_kfac(wide, diffusion, x.double(), draws.to("cpu", torch.float64), influence_params(wide),
+                             fisher_type="type-2", batch_size=8)
+    f32 = compute_kfac(tiny_model, diffusion, x, draws, influence_params(tiny_model), fisher_type="type-2",
+                       batch_size=8)
+    floor = f32.resolution_floor(torch.float32)
+    ev, maxima, at = f32.eigenvalues(), [], 0
+    for blk in f32.blocks:
+        maxima.append(float(ev[at:at + blk.size].max()))
+        at += blk.size
+    assert at == ev.numel()
+    assert floor == pytest.approx(float(torch.finfo(torch.float32).eps) * float(torch.tensor(maxima).median()),
+                                  rel=1e-5)
+    assert f32.resolution_floor(torch.float64) < floor * 1e-8
+
+    g = torch.randn(f32.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def err(lam: float) -> float:
+        f = copy.deepcopy(f32)
+        for lf in f.layers:
+            for key in ("qa", "a", "qb", "b"):
+                if getattr(lf, key) is not None:
+                    setattr(lf, key, getattr(lf, key).double())
+        want = reference.inverse_apply(g, lam)
+        return float((f.inverse_apply(g, lam) - want).norm() / want.norm())
+
+    above, below = err(100 * floor), err(floor / 100)
+    assert above < 1e-2, above
+    assert below > 10 * above, (above, below)

@@ -602,3 +602,29 @@ def test_an_upload_on_a_folder_model_says_how_its_channels_were_converted():
     assert notes[0] == "prepared as the training folder's images were"
     _, notes = folder_image_to_model(rgb, 1, 16, 256)
     assert "converted RGB -> grey" in notes[0]
+
+
+def test_a_kfac_damping_below_the_factors_resolution_comes_with_a_warning(session):
+    """QA 32 #7: ``--damping kfac=1e-15`` answered with scores that are mostly the float32 factors' rounding, and
+    no word of it. Below ``KFACFactors.resolution_floor`` the answer carries a warning (text, JSON, rescoring);
+    at the default damping, and for methods without such a limit, none."""
+    from engine.cli.query_output import format_result
+
+    kfac = session.method("kfac")
+    floor = kfac.factors.resolution_floor(torch.float32)
+    assert kfac.default_damping > floor  # the tiny preset's default is above it
+    q = session.parse_query("train:0")
+    res = session.query(q, methods=["kfac", "trak"])
+    assert res.methods["kfac"].warning is None and res.methods["trak"].warning is None
+    low = session.query(q, methods=["kfac", "trak"], damping={"kfac": floor / 100})
+    warning = low.methods["kfac"].warning
+    assert warning is not None and f"{floor:.1e}" in warning and "--kfac-factor-dtype float64" in warning
+    assert low.methods["trak"].warning is None
+    assert low.to_json(3, session.labels)["methods"]["kfac"]["warning"] == warning
+    assert f"warning: {warning}" in format_result(low, 3, session.labels)
+    assert "warning" not in res.to_json(3, session.labels)["methods"]["kfac"]
+    assert res.to_json(3, session.labels)["methods"]["kfac"]["damping_floor"] == floor  # said with every answer
+    assert "damping_floor" not in res.to_json(3, session.labels)["methods"]["trak"]
+    back = session.rescore(low, {"kfac": floor * 100})  # the slider moved back above the floor
+    assert back.methods["kfac"].warning is None
+    assert session.rescore(back, {"kfac": floor / 10}).methods["kfac"].warning is not None

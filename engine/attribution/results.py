@@ -50,6 +50,9 @@ class MethodResult:
     # the measurement a gradient method scored (D-TRAK: always the square norm), under the key the group
     # commands' JSON uses (QA round 20: the query JSON said it in prose only); None for a similarity
     measurement: str | None = None
+    # why these scores weigh numerical rounding at this damping (AttributionMethod.damping_warning); None: they do not
+    warning: str | None = None
+    damping_floor: float | None = None  # AttributionMethod.damping_floor: below it the scores weigh rounding
 
 
     def bank_note(self) -> str | None:
@@ -140,6 +143,10 @@ class QueryResult:
                 entry["bank"] = r.bank
             if r.estimate_scale is not None:
                 entry["estimate_scale"] = r.estimate_scale
+            if r.damping_floor is not None:
+                entry["damping_floor"] = r.damping_floor
+            if r.warning is not None:
+                entry["warning"] = r.warning
             entry["top"] = [vars(x) for x in r.top(top_k, labels)]
             entry["bottom"] = [vars(x) for x in r.bottom(top_k, labels)]
             out["methods"][name] = entry

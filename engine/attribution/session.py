@@ -642,6 +642,7 @@ class AttributionSession:
         res.scores = scores
         res.bank, res.exact, res.exact_pending = prep.bank, prep.exact, prep.exact_pending
         res.estimate_scale = prep.estimate_scale
+        res.warning, res.damping_floor = m.damping_warning(res.damping), m.damping_floor()
         res.status = "ok"
 
     def non_finite_reason(self, m: AttributionMethod, scores: np.ndarray) -> str | None:

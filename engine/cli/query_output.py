@@ -53,6 +53,8 @@ def format_result(result: QueryResult, top_k: int, labels: Sequence[int] | None)
             lines.append(f"  note: {r.reason}")
         if r.bank_note():
             lines.append(f"  bank: {r.bank_note()}")
+        if r.warning:
+            lines.append(f"  warning: {r.warning}")
         top, bottom = r.top(top_k, labels), r.bottom(top_k, labels)
         if r.kind == "influence":
             top_title = end_signs([it.score for it in top], highest=True).heading()

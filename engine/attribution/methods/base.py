@@ -170,6 +170,15 @@ class AttributionMethod(ABC):
         common = {"mc_samples": c.mc_samples, "seed": c.seed} if self.needs_gradient else {}
         return {**common, **{f: getattr(c, f) for f in self.config_fields}}
 
+    def damping_floor(self) -> float | None:
+        """The smallest damping whose scores do not weigh numerical rounding (None: no such limit, the default)."""
+        return None
+
+    def damping_warning(self, damping: float | None) -> str | None:
+        """A line the answer carries when this method's scores at ``damping`` weigh numerical rounding (K-FAC below
+        its factors' resolution); None when they do not, or the method has no such limit (the default)."""
+        return None
+
     @abstractmethod
     def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
         """Compute or load this method's cache for ``ctx`` under the current settings, and keep what scoring

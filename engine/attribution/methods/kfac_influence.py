@@ -111,6 +111,7 @@ class KFACInfluence(AttributionMethod):
         self.factors: KFACFactors | None = None
         self.bank: Rows | None = None
         self._eigenvalues: torch.Tensor | None = None
+        self._resolution_floor: float | None = None  # KFACFactors.resolution_floor of the built factors
         self._key: tuple | None = None
 
     # --- cache keys ---------------------------------------------------------------------
@@ -305,6 +306,7 @@ class KFACInfluence(AttributionMethod):
                 factors = KFACFactors.from_arrays(ctx.store.load_arrays(FACTORS, fs, mmap=False), template, ctx.device)
         self.factors = factors
         self._eigenvalues = factors.eigenvalues().to(ctx.device)
+        self._resolution_floor = factors.resolution_floor(getattr(torch, self.config.kfac_factor_dtype))
         self.bank = bank_kind(self.bank_mode(ctx)).build(self, ctx, factors, progress)
         self.gradient_consumers = []  # used once (the stored bank's pass feeds them)
         self._key = self._ctx_key(ctx)
@@ -382,6 +384,25 @@ class KFACInfluence(AttributionMethod):
             group_changes, member_scores,
             "compressed bank: the group's predicted changes are exact (its summed gradient); its strongest "
             "members are picked from the compressed estimates and their scores computed exactly")
+
+    def damping_floor(self) -> float | None:
+        """``KFACFactors.resolution_floor`` of the built factors (None before a build)."""
+        return self._resolution_floor
+
+    def damping_warning(self, damping: float | None) -> str | None:
+        """Why scores at ``damping`` weigh the factors' rounding, when it is below their resolution floor
+        (``KFACFactors.resolution_floor``: eps of the factor pass's dtype x the median block's largest eigenvalue).
+        QA 32 #7: ``--damping kfac=1e-15`` answered with no word that its scores were mostly float32 rounding."""
+        floor = self._resolution_floor
+        lam = self.default_damping if damping is None else float(damping)
+        if floor is None or lam is None or lam >= floor:
+            return None
+        dtype = self.config.kfac_factor_dtype
+        fix = (" Raise the damping, or build the factors in float64 (--kfac-factor-dtype float64)."
+               if dtype == "float32" else " Raise the damping.")
+        return (f"damping {lam:.1e} is below the {dtype} factors' resolution, {floor:.1e} (machine epsilon x the "
+                f"median layer block's largest eigenvalue): the near-null directions' eigenvalues are rounding, and "
+                f"these scores weigh it (docs/architecture.md §4).{fix}")
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
         """tau (N,) float32 for this damping (eq. 6 through ``scoring.EigenbasisQuery``).
