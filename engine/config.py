@@ -163,6 +163,51 @@ class CopyCheckConfig:
 COPY_CHECK = CopyCheckConfig()
 
 
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How fast and in how much memory; never what the answer is.
+
+    The engine's batch sizes and memory budgets, one field each.  Every value gives the same scores (to float
+    rounding, and the tests check that the knobs reach the code without changing the answers), so this section
+    is no part of any cache key or of a checkpoint's config (``Preset.to_dict`` leaves it out): a preset file's
+    optional ``"compute"`` object sets it for the machine at hand.  Checked on construction
+    (``validation.check_compute_config``: whole numbers, at least 1; ``pack_max_bytes`` at least 0)."""
+
+    # query gradients per ``per_example_grads`` call when a query set's gradients are computed in batches
+    # (``pool.query_gradients``): the activations of this many images x M draws are held at once
+    query_grad_batch: int = 16
+    # bytes of int8 rows converted to float at a time by the torch path of a stored bank's single-damping scan
+    # (``RotatedBank.inner`` without numba) on a CPU: 4 MiB stays in L2/L3 while it is multiplied (digits bank,
+    # one thread: 199 ms per pass against 263 ms with 1 MiB chunks, ``scripts/bank_scan_kernels.py``)
+    scan_chunk_bytes_cpu: int = 4 << 20
+    # the same on a GPU: 256 MiB, where cache-sized chunks would mean thousands of tiny kernel launches
+    scan_chunk_bytes_gpu: int = 256 << 20
+    # a quantised CPU bank up to this size (and a quarter of the memory available then) is packed into one
+    # (N, P) int8 array on load, for the fused scan's one parallel loop over rows (``RotatedBank._pack``); a
+    # bigger one keeps its memory maps, which the OS may page out.  0: never pack
+    pack_max_bytes: int = 2 << 30
+    # bytes of G x P' float32 damped queries one grid pass over rows held in memory may take (stored and
+    # compressed banks, TRAK's rows): above it the coarse grid, then one pass per damping (``scoring.choose_grid``)
+    grid_max_bytes: int = 256 << 20
+    # (example, draw) rows per batch of the compressed bank's hooks pass (``build_compressed_bank``'s
+    # ``grad_batch`` is this over M): bounds its activation memory at CIFAR scale
+    hook_rows: int = 128
+    # images per chunk of pixel similarity's float64 centring and dot products (``pixel_cosine``): each
+    # float64 temporary is 100 MB at CIFAR's 3,072 values per image, and a few are alive at once
+    pixel_chunk_rows: int = 4096
+    # fewer (t, eps) rows per worker thread are not worth a thread when one query's loss and square-norm
+    # gradients share a forward pass (``gradients.shared_forward_grads``)
+    min_rows_per_worker: int = 16
+
+    def __post_init__(self) -> None:
+        from .validation import check_compute_config
+
+        check_compute_config(self)
+
+
+COMPUTE = ComputeConfig()  # the defaults: what code that is given no ComputeConfig uses
+
+
 # AttributionConfig's damping fields, one per method that takes a configured damping: what an export names
 # ``<field>_default`` (engine.attribution.provenance) and what a result file's settings compare apart from the rest
 # (engine.evaluation.report)
@@ -230,7 +275,8 @@ def attribution_key(config: AttributionConfig, num_train: int) -> dict[str, Any]
 
 @dataclass(frozen=True)
 class Preset:
-    """A full experiment: model, diffusion, data, training and attribution settings."""
+    """A full experiment: model, diffusion, data, training and attribution settings, and the speed and memory
+    settings it is computed with (``compute``: never part of the answer, so never part of a key)."""
 
     name: str
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -238,9 +284,23 @@ class Preset:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The experiment: every section but ``compute``.  What a checkpoint's config.json records (and its
+        hash, every cache's key, covers) and what a run's recipe is made from: a preset that differs only in
+        how fast or in how much memory it runs names the same checkpoint and the same caches.  ``to_json``
+        (a preset file) keeps the compute section."""
+        d = dataclasses.asdict(self)
+        d.pop("compute")
+        return d
+
+    def _file_dict(self) -> dict[str, Any]:
+        """``to_dict`` plus the compute section when it is not the defaults: a preset file's contents."""
+        d = self.to_dict()
+        if self.compute != ComputeConfig():
+            d["compute"] = dataclasses.asdict(self.compute)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], strict: bool = True) -> Preset:
@@ -257,7 +317,7 @@ class Preset:
         if not isinstance(d, dict):
             raise InvalidSettingError(f"a preset must be a JSON object, got {type(d).__name__}")
         sections = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,
-                    "train": TrainConfig, "attribution": AttributionConfig}
+                    "train": TrainConfig, "attribution": AttributionConfig, "compute": ComputeConfig}
         unknown = sorted(set(d) - set(sections) - {"name"})
         if strict and unknown:
             raise InvalidSettingError(
@@ -305,7 +365,8 @@ class Preset:
         return dataclasses.replace(self, **kwargs)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        """The preset as a file ``preset_file`` reads back: ``to_dict`` and a non-default compute section."""
+        return json.dumps(self._file_dict(), indent=2, sort_keys=True)
 
 
 def _cifar_model() -> ModelConfig:
@@ -436,7 +497,7 @@ def _on_base(raw: dict[str, Any]) -> dict[str, Any]:
     base = raw.pop("base")
     if base not in PRESETS:
         raise InvalidSettingError(f"base {base!r} is not a shipped preset; choose one of {sorted(PRESETS)}")
-    merged = PRESETS[base].to_dict()
+    merged = PRESETS[base]._file_dict()
     for key, value in raw.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}

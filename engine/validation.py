@@ -233,6 +233,19 @@ def check_attribution_config(ac: Any, where: str = "attribution", bank_modes: tu
     _need_one_of(ac.kfac_rerank_split, RERANK_SPLITS, f"{where}.kfac_rerank_split (--kfac-rerank-split)")
 
 
+def check_compute_config(cc: Any, where: str = "compute") -> None:
+    """Ranges of the speed and memory settings (``ComputeConfig``): whole numbers, at least 1 (rows, batches,
+    bytes), except ``pack_max_bytes``, which may be 0 (never pack).  Checked when one is made, so a preset
+    file's bad value is refused in one line naming its key."""
+    import dataclasses
+
+    for f in dataclasses.fields(cc):
+        value = getattr(cc, f.name)
+        least = 0 if f.name == "pack_max_bytes" else 1
+        _need(isinstance(value, int) and not isinstance(value, bool) and value >= least, f"{where}.{f.name}",
+              "a whole number, at least 0 (0: never pack)" if least == 0 else "a whole number, at least 1", value)
+
+
 def check_preset(preset: Any) -> None:
     """Every range a preset's numbers must satisfy (types are checked when it is read)."""
     m, d, data = preset.model, preset.diffusion, preset.data
@@ -259,3 +272,4 @@ def check_preset(preset: Any) -> None:
     _need(data.levels >= 2, "data.levels", "at least 2", data.levels)
     check_train_config(preset.train)
     check_attribution_config(preset.attribution)
+    check_compute_config(preset.compute)

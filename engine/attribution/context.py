@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import AttributionConfig, Preset
+from ..config import AttributionConfig, ComputeConfig, Preset
 from ..model.data import ImageDataset
 from ..model.diffusion import Diffusion
 from .gradients import influence_params, num_params
@@ -30,7 +30,8 @@ from .train_draws import TrainDraws, training_draws
 @dataclass
 class EngineContext:
     """What every method's ``build``, ``prepare`` and ``score`` share: the model (eval mode), its
-    diffusion, the training set, the device and the attribution settings, opened once by the session."""
+    diffusion, the training set, the device and the attribution settings (and the preset's speed and memory
+    settings, ``compute``), opened once by the session."""
 
     preset: Preset
     model: nn.Module  # eval mode
@@ -46,6 +47,12 @@ class EngineContext:
     @property
     def num_params(self) -> int:
         return num_params(self.params)
+
+    @property
+    def compute(self) -> ComputeConfig:
+        """The preset's batch sizes and memory budgets (``ComputeConfig``): what the methods and the banks they
+        build read, never what the answer is."""
+        return self.preset.compute
 
 
 def make_context(
