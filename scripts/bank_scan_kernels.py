@@ -73,18 +73,18 @@ def main() -> int:
     grid = torch.tensor(DAMPING_GRID + (1e-8,))[:, None]
     eig = k._eigenvalues
     from engine.attribution import int8_scan
-    from engine.attribution.bank import SCAN_CHUNK_BYTES_CPU, RotatedBank
+    from engine.attribution.bank import RotatedBank
 
     kernels = {} if args.no_int8pack else {"int8pack": packed}
     if int8_scan.available():
         kernels["fused_int8_numba (RotatedBank.inner)"] = lambda: bank.inner(q)
         if bank._packed is not None:  # the same kernel with one parallel loop per block (banks over the pack limit)
             own = [torch.from_numpy(np.ascontiguousarray(d.numpy())) for d in bank.data]
-            per_block = RotatedBank(bank.blocks, own, bank.scales, pack=False)
+            per_block = RotatedBank(bank.blocks, own, bank.scales, pack=False, compute=bank.compute)
             kernels["fused_int8_numba_per_block"] = lambda: per_block.inner(q)
     for mib in (float(x) for x in args.chunk_mib.split(",")):
         nbytes = int(mib * 2**20)
-        tag = " (RotatedBank.inner without numba)" if nbytes == SCAN_CHUNK_BYTES_CPU else ""
+        tag = " (RotatedBank.inner without numba)" if nbytes == bank.compute.scan_chunk_bytes_cpu else ""
         kernels[f"chunks_{mib:g}MiB{tag}"] = lambda nbytes=nbytes: chunked(nbytes)
     kernels["grid_50_dampings (inner_many)"] = lambda: bank.inner_many(q[None] / (eig[None] + grid))
     ref = chunked(1 << 20)

@@ -14,6 +14,7 @@ from engine.attribution.bank_build import build_bank
 from engine.attribution.curvature import compute_kfac
 from engine.attribution.gradients import influence_params, per_example_grads
 from engine.attribution.store import Store
+from engine.config import ComputeConfig
 from engine.model.diffusion import make_draws
 
 
@@ -201,8 +202,7 @@ def test_fused_int8_scan_equals_torch_chunks(monkeypatch):
         assert RotatedBank(blocks, data, scales)._packed is None  # over a quarter of the free memory: not packed
         assert RotatedBank(blocks, data, scales, pack=False)._packed is None  # or when asked not to
         monkeypatch.setattr("engine.attribution.bank._available_memory_bytes", lambda: None)
-        monkeypatch.setattr("engine.attribution.bank.PACK_MAX_BYTES", 0)  # too big to pack: one loop per block
-        per_block = RotatedBank(blocks, data, scales)
+        per_block = RotatedBank(blocks, data, scales, compute=ComputeConfig(pack_max_bytes=0))  # one loop per block
         assert per_block._packed is None and per_block._fused_ok()
         torch.testing.assert_close(per_block.inner(q).double(), exact, rtol=1e-5, atol=1e-6)
         assert int8_scan.warm_up()

@@ -10,10 +10,11 @@ import torch
 
 from engine.attribution.methods import make_method
 from engine.attribution.methods.base import QueryInput, Unavailable
+from engine.config import COMPUTE, ComputeConfig
 
 
-def _ctx(dataset):
-    return SimpleNamespace(dataset=dataset, device=torch.device("cpu"))
+def _ctx(dataset, compute: ComputeConfig = COMPUTE):
+    return SimpleNamespace(dataset=dataset, device=torch.device("cpu"), compute=compute)
 
 
 def test_exact_copy_ranks_first(digits_small):
@@ -59,20 +60,18 @@ def test_blank_query_is_unavailable_not_a_ranking_of_zeros(digits_small, value):
     assert np.all(np.isfinite(scores)) and np.ptp(scores) > 0
 
 
-def test_scores_are_float64_sums_rounded_whatever_the_chunking(monkeypatch):
+def test_scores_are_float64_sums_rounded_whatever_the_chunking():
     """The shipped first-page scores are stored at float32 and must equal the live ones on any CPU; float32
     reductions, whose order follows the CPU's vector width, gave values a few ULPs apart on another machine
     (2026-12-05). The sums are now float64: the scores equal, element for element, numpy's float64 computation
     of the same steps (unit vectors rounded to float32, their dot products summed in float64 and rounded), and
-    do not depend on the row chunking."""
-    import engine.attribution.methods.pixel_cosine as pc
-
+    do not depend on the row chunking (the context's ``compute.pixel_chunk_rows``)."""
     gen = torch.Generator().manual_seed(0)
     train = torch.rand(3000, 1, 28, 28, generator=gen) * 2 - 1
     query = torch.rand(1, 28, 28, generator=gen) * 2 - 1
-    ctx = SimpleNamespace(dataset=SimpleNamespace(images=train), device=torch.device("cpu"))
 
-    def scores() -> np.ndarray:
+    def scores(compute: ComputeConfig = COMPUTE) -> np.ndarray:
+        ctx = _ctx(SimpleNamespace(images=train), compute)
         method = make_method("pixel")
         return method.score(method.prepare(ctx, QueryInput(image=query), None))
 
@@ -86,8 +85,7 @@ def test_scores_are_float64_sums_rounded_whatever_the_chunking(monkeypatch):
     got = scores()
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, reference)
-    monkeypatch.setattr(pc, "ROWS_PER_CHUNK", 7)
-    np.testing.assert_array_equal(scores(), got)
+    np.testing.assert_array_equal(scores(ComputeConfig(pixel_chunk_rows=7)), got)
 
 
 def test_unavailable_says_whose_problem_it_is_and_refuses_other_words():

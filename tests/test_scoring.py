@@ -13,10 +13,8 @@ class CountingRows(DenseRows):
     """Dense rows that count the passes made over them."""
 
     def __init__(self, rows: torch.Tensor, grid_max_bytes: int | None = None):
-        super().__init__(rows)
+        super().__init__(rows, grid_max_bytes)
         self.passes = 0
-        if grid_max_bytes is not None:
-            self.grid_max_bytes = grid_max_bytes
 
     def inner_many(self, queries: torch.Tensor) -> torch.Tensor:
         self.passes += 1

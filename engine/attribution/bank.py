@@ -31,7 +31,7 @@ the score: slope 1.0000, largest error 0.04% of the largest score, the same scan
 (Weights and biases of a layer get separate scales: a finer grain than one per layer, at
 no cost.)  Blocks are contiguous.  On a CPU a single-damping pass uses the fused kernel of
 ``int8_scan`` (numba: each int8 read once, widened in registers); without numba it converts each
-block to float in row chunks of about 4 MiB (a chunk stays in cache while it is multiplied) and
+block to float in row chunks of about 4 MiB (``ComputeConfig.scan_chunk_bytes_cpu``: a chunk stays in cache while it is multiplied) and
 applies the per-row scales to the chunk's products.  Measured on the digits bank (486 MiB, one
 thread, other jobs paused), side by side: 90 ms per pass with the fused kernel, 199 ms with 4 MiB
 chunks, 263 ms with 1 MiB chunks, 713 ms with ``torch.ops.aten._weight_int8pack_mm`` (torch's fused
@@ -56,23 +56,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import COMPUTE, ComputeConfig
 from . import int8_scan
 from .curvature import Block
-from .scoring import GRID_MAX_BYTES, to_scores
+from .scoring import to_scores
 
 SCALES = "scales"
-SCAN_CHUNK_BYTES_CPU = 4 << 20  # floats per converted chunk of a single-damping scan (stays in L2/L3)
-SCAN_CHUNK_BYTES_GPU = 256 << 20
-# a quantised CPU bank up to this size (and a quarter of the free memory) is packed into one (N, P)
-# array when loaded, for the fused scan
-PACK_MAX_BYTES = 2 << 30
 
 
-def pack_limit_bytes() -> int:
-    """The largest bank ``RotatedBank`` packs in memory: ``PACK_MAX_BYTES``, or a quarter of the memory
-    available now if that is less (a bigger bank keeps its memory maps, which the OS may page out)."""
+def pack_limit_bytes(max_bytes: int = COMPUTE.pack_max_bytes) -> int:
+    """The largest bank ``RotatedBank`` packs in memory: ``max_bytes`` (``ComputeConfig.pack_max_bytes``), or a
+    quarter of the memory available now if that is less (a bigger bank keeps its memory maps, which the OS
+    may page out)."""
     free = _available_memory_bytes()
-    return PACK_MAX_BYTES if free is None else min(PACK_MAX_BYTES, free // 4)
+    return max_bytes if free is None else min(max_bytes, free // 4)
 
 
 def _available_memory_bytes() -> int | None:
@@ -184,9 +181,12 @@ def _as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
 
 class RotatedBank:
     """The rotated training gradients R_i of all N examples, per block, on one device
-    (``scoring.Rows``: the scoring operator takes the 1/N, the division and the grid)."""
+    (``scoring.Rows``: the scoring operator takes the 1/N, the division and the grid).
 
-    grid_max_bytes = GRID_MAX_BYTES
+    ``compute``: the context's speed and memory settings (None: the defaults): the grid pass's budget
+    (``grid_max_bytes``), the largest bank packed on load (``pack_max_bytes``) and the torch scan's chunks
+    (``scan_chunk_bytes_cpu``/``_gpu``); none of them changes a score."""
+
     # a grid pass costs ~G single passes here (the scan dominates): answer first, grid after
     # (digits bank, one thread: one damping ~0.2-0.3 s, the 50-damping grid ~1.5 s)
     grid_in_first_pass = False
@@ -198,9 +198,12 @@ class RotatedBank:
         scales: torch.Tensor | None,
         pack: bool = True,
         weights: torch.Tensor | None = None,
+        compute: ComputeConfig | None = None,
     ):
         if len(data) != len(blocks):
             raise ValueError("one data array per block expected")
+        self.compute = compute or COMPUTE
+        self.grid_max_bytes = self.compute.grid_max_bytes  # scoring.Rows: one grid pass's damped queries
         self.blocks = blocks
         self.data = data
         self.scales = scales  # (N, num_blocks) float32 when quantised
@@ -214,7 +217,7 @@ class RotatedBank:
         self.num_examples = int(data[0].shape[0])
         self._packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if self._fused_ok():
-            if pack and self.nbytes <= pack_limit_bytes():  # pack=False: keep the blocks (benchmarks)
+            if pack and self.nbytes <= pack_limit_bytes(self.compute.pack_max_bytes):  # pack=False: keep the blocks
                 self._pack()
             # compile (or load) the scan kernel now, not in the first query
             int8_scan.warm_up(packed=self._packed is not None)
@@ -288,8 +291,9 @@ class RotatedBank:
 
         On a CPU with numba, the fused kernel of ``int8_scan`` reads each int8 once (no float copy);
         otherwise, or when ``chunk_bytes`` is given, each block is converted to float ``chunk_bytes``
-        at a time (cache-sized 4 MiB chunks on a CPU; 256 MiB on a GPU, where small chunks would mean
-        thousands of tiny kernel launches).  Float rows narrower than float32 (float16, bfloat16)
+        at a time (by default ``compute.scan_chunk_bytes_cpu``, cache-sized 4 MiB chunks, on a CPU;
+        ``scan_chunk_bytes_gpu``, 256 MiB, on a GPU, where small chunks would mean thousands of tiny kernel
+        launches).  Float rows narrower than float32 (float16, bfloat16)
         are widened the same way, so the damped query and the sums stay in float32 (``product_dtype``).
         """
         n = self.num_examples
@@ -298,7 +302,8 @@ class RotatedBank:
         if chunk_bytes is None and self._fused_ok():
             return self._inner_fused(q)
         if chunk_bytes is None:
-            chunk_bytes = SCAN_CHUNK_BYTES_CPU if self.device.type == "cpu" else SCAN_CHUNK_BYTES_GPU
+            c = self.compute
+            chunk_bytes = c.scan_chunk_bytes_cpu if self.device.type == "cpu" else c.scan_chunk_bytes_gpu
         out = torch.zeros(n, dtype=q.dtype, device=self.device)
         for j, (blk, d) in enumerate(zip(self.blocks, self.data, strict=True)):
             qb = q[blk.offset : blk.offset + blk.size]
@@ -375,11 +380,13 @@ class RotatedBank:
         blocks: list[Block],
         device: torch.device | str,
         weights: torch.Tensor | None = None,
+        compute: ComputeConfig | None = None,
     ) -> RotatedBank:
         """``weights``: the whitening the rows were stored with (None: the plain grid); not saved with
-        the arrays, since it follows from the factors and the floor in the bank's cache key."""
+        the arrays, since it follows from the factors and the floor in the bank's cache key.  ``compute``: as
+        the constructor's (not saved either: it changes no score)."""
         device = torch.device(device)
         data = [_as_tensor(arrays[block_key(j)], device) for j in range(len(blocks))]
         scales = _as_tensor(np.asarray(arrays[SCALES]), device) if SCALES in arrays else None
-        return cls(blocks, data, scales, weights=weights)
+        return cls(blocks, data, scales, weights=weights, compute=compute)
 

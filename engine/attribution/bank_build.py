@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..config import ComputeConfig
 from ..model.diffusion import Diffusion
 from .bank import (
     BUILD_SETTINGS,
@@ -71,6 +72,7 @@ def build_bank(
     consumers: list[Any] | None = None,
     whiten: float | None = None,
     store_dtype: torch.dtype | None = None,
+    compute: ComputeConfig | None = None,
 ) -> RotatedBank:
     """Compute (or load) the bank of rotated per-example training gradients.
 
@@ -94,6 +96,9 @@ def build_bank(
     ``torch.float16`` for half the bytes of float32; each chunk is converted before it is saved, products
     still accumulate in float32 (``product_dtype``), and the type is part of the cache key
     (``settings["store_dtype"]``).  None: the gradients' dtype.
+
+    ``compute``: the speed and memory settings the returned bank scans with (``RotatedBank``; the context's
+    ``compute``, None: the defaults); no part of the cache key, since no score depends on them.
     """
     device = torch.device(device) if device is not None else params[0][1].device
     settings = _checked_artefact_settings(settings, quantize, chunk_size, whiten, store_dtype)
@@ -105,7 +110,7 @@ def build_bank(
     if store is not None:
         arrays = store.load_arrays(name, settings)
         if arrays is not None:
-            return RotatedBank.from_arrays(arrays, blocks, device, weights)
+            return RotatedBank.from_arrays(arrays, blocks, device, weights, compute)
 
     # every per-example function this pass differentiates: the bank's, then its consumers' (D-TRAK's
     # square norm shares the forward pass with the loss: ``per_example_grads_by_loss``)
@@ -116,7 +121,7 @@ def build_bank(
     def grads_of(sub: slice) -> dict[str, torch.Tensor]:
         return per_example_grads_by_loss(model, diffusion, images[sub], draws.for_rows(sub), losses, params)
 
-    def compute(rows: slice) -> dict[str, torch.Tensor]:
+    def chunk_rows(rows: slice) -> dict[str, torch.Tensor]:
         parts = []
         subs = [slice(s, min(rows.stop, s + grad_batch)) for s in range(rows.start, rows.stop, grad_batch)]
         # sub-batches computed by one single-threaded worker per free core (engine.attribution.row_threads);
@@ -137,14 +142,14 @@ def build_bank(
     # the pass's seconds include the consumers' share (projections); they cannot be split, so the bank's
     # record names the methods it fed (their own records say ``gradient_pass_shared_with``)
     fed = [str(c.method) for c in consumers or () if getattr(c, "method", None)]
-    arrays = build_in_parts(store, name, settings, n, chunk_size, compute, progress,
+    arrays = build_in_parts(store, name, settings, n, chunk_size, chunk_rows, progress,
                             meta={"gradient_pass_fed": fed} if fed else None,
                             group=_rank_group(chunk_size, consumers), disk_siblings=_consumer_parts(consumers))
     if store is None:
         merged = {k: v.to(device) for k, v in arrays.items()}
         return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES),
-                           weights=weights)
-    return RotatedBank.from_arrays(arrays, blocks, device, weights)
+                           weights=weights, compute=compute)
+    return RotatedBank.from_arrays(arrays, blocks, device, weights, compute)
 
 
 def _checked_artefact_settings(

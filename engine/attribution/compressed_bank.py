@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import distributed
+from ..config import ComputeConfig
 from ..model.diffusion import Diffusion
 from .bank import RotatedBank, artefact_settings, whitening
 from .bank_build import _chunk_arrays, build_in_parts
@@ -66,7 +67,7 @@ from .rerank import (
     merge_candidates,
     rerank_scores,
 )
-from .scoring import GRID_MAX_BYTES, choose_grid
+from .scoring import choose_grid
 from .train_draws import TrainDraws
 
 
@@ -153,19 +154,21 @@ def build_compressed_bank(
     rows: slice | None = None,
     quantize: bool = True,
     progress: Callable[[str, float], None] | None = None,
+    compute: ComputeConfig | None = None,
 ) -> RotatedBank:
     """Compute (or load) the rotated int8 bank of compressed per-example training gradients.
 
     Same persistence as ``engine.attribution.bank_build.build_bank`` (resumable parts, atomic publish, parts
     split over torchrun ranks); ``rows`` loads only that slice of the examples (a rank's shard).
-    ``quantize=False`` keeps the rotated rows in the gradients' dtype (tests).
+    ``quantize=False`` keeps the rotated rows in the gradients' dtype (tests).  ``compute``: the speed and memory
+    settings the bank scans with (``RotatedBank``; None: the defaults), no part of the cache key.
     """
     device = torch.device(device) if device is not None else params[0][1].device
     settings = artefact_settings(settings, quantize=quantize, chunk_size=chunk_size)  # as build_bank's key
     blocks = compressed.blocks
     n = images.shape[0]
 
-    def compute(part: slice) -> dict[str, torch.Tensor]:
+    def chunk_rows(part: slice) -> dict[str, torch.Tensor]:
         outs = []
         for s in range(part.start, part.stop, grad_batch):
             sub = slice(s, min(part.stop, s + grad_batch))
@@ -179,13 +182,13 @@ def build_compressed_bank(
     def load(arrays: dict[str, np.ndarray]) -> RotatedBank:
         if rows is not None:
             arrays = {k: v[rows] for k, v in arrays.items()}
-        return RotatedBank.from_arrays(arrays, blocks, device)
+        return RotatedBank.from_arrays(arrays, blocks, device, compute=compute)
 
     if store is not None:
         arrays = store.load_arrays(name, settings)
         if arrays is not None:
             return load(arrays)
-    arrays = build_in_parts(store, name, settings, n, chunk_size, compute, progress)
+    arrays = build_in_parts(store, name, settings, n, chunk_size, chunk_rows, progress)
     if store is None:
         arrays = {k: v.cpu().numpy() for k, v in arrays.items()}
     return load(arrays)
@@ -224,7 +227,7 @@ def compress_stored_bank(
             out[:, small.offset : small.offset + small.size] = y.reshape(out.shape[0], -1)
         parts.append(_chunk_arrays(compressed.factors.rotate(out), compressed.blocks, True, weights))
     arrays = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
-    return RotatedBank.from_arrays(arrays, compressed.blocks, bank.device, weights)
+    return RotatedBank.from_arrays(arrays, compressed.blocks, bank.device, weights, bank.compute)
 
 
 def shard_rows(n: int, shard: distributed.Shard | None = None) -> slice:
@@ -244,11 +247,11 @@ class ShardedBank:
     """
 
     quantized = True
-    grid_max_bytes = GRID_MAX_BYTES
 
     def __init__(self, local: RotatedBank, rows: slice, num_examples: int):
         self.local, self.rows, self.num_examples = local, rows, int(num_examples)
         self.blocks = local.blocks
+        self.grid_max_bytes = local.grid_max_bytes  # the local bank's (its ComputeConfig's) grid budget
 
     @property
     def device(self) -> torch.device:

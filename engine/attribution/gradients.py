@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import COMPUTE
 from ..model.diffusion import Diffusion, MCDraws
 from ..model.measurements import Measurement, draw_pairs, measure
 from .query import QueryInput
@@ -406,7 +407,6 @@ def train_loss_grads(
 
 
 SHARED_FORWARD_KINDS = ("loss", "square-norm")
-MIN_ROWS_PER_WORKER = 16  # fewer rows per worker thread are not worth a thread (shared_forward_grads)
 
 
 def shared_forward_grads(
@@ -416,6 +416,7 @@ def shared_forward_grads(
     draws: MCDraws,
     measurements: list[Measurement],
     params: Params | None = None,
+    min_rows_per_worker: int = COMPUTE.min_rows_per_worker,
 ) -> dict[Measurement, torch.Tensor]:
     """(P,) gradients of the ``loss`` and ``square-norm`` measurements of one image from ONE forward pass.
 
@@ -428,7 +429,8 @@ def shared_forward_grads(
 
     On the CPU the M rows are split between one single-threaded worker per free core, each taking its
     rows' share (1/M) sum_{m in part} of both means; the parts' gradients add up to the whole
-    (``engine.attribution.row_threads``).  Equal to ``measurement_grad`` of each to float rounding
+    (``engine.attribution.row_threads``), with at least ``min_rows_per_worker`` rows each
+    (``ComputeConfig.min_rows_per_worker``: fewer are not worth a thread).  Equal to ``measurement_grad`` of each to float rounding
     (tests check it).  Taken in eval mode.
     """
     kinds = [m.kind for m in measurements]
@@ -442,7 +444,8 @@ def shared_forward_grads(
     rows = x.shape[0]
     # the M rows split between one single-threaded worker per free core (engine.attribution.row_threads):
     # the mean over rows is the sum of each part's share, so the parts' gradients add up
-    workers = min(gradient_workers(dev), rows // MIN_ROWS_PER_WORKER) if rows >= 2 * MIN_ROWS_PER_WORKER else 1
+    least = int(min_rows_per_worker)
+    workers = min(gradient_workers(dev), rows // least) if rows >= 2 * least else 1
     bounds = [round(i * rows / workers) for i in range(workers + 1)]
     parts = [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 

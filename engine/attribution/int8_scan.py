@@ -10,7 +10,7 @@ int8 x int8).  Converting writes and re-reads four bytes per stored byte; this k
 int8 once, widens it in registers and accumulates in float32 (SIMD through LLVM), rows in parallel.
 Measured on the 486 MiB digits bank, 2-core AVX2 CPU, medians side by side: 90 ms on one thread
 against 199 ms for torch's 4 MiB float chunks (``assets/results/bank_scan_kernels.json``), 48 ms on
-two threads (``bank_scan_kernels_2threads.json``), both by ``scripts/bank_scan_kernels.py``.  A bank of up to ``bank.PACK_MAX_BYTES`` is packed into one
+two threads (``bank_scan_kernels_2threads.json``), both by ``scripts/bank_scan_kernels.py``.  A bank of up to ``ComputeConfig.pack_max_bytes`` is packed into one
 (N, P) array on load and scanned by one parallel loop over its rows (``packed_row_dots_into``);
 a bigger one runs the same row dot once per block (``scaled_block_dots_into``).
 

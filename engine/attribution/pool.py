@@ -42,7 +42,6 @@ from .query import QueryInput
 
 Progress = Callable[[str, float], None]
 POOL_BATCH = 64  # samples drawn at once (sample i's noise depends only on (seed, i); its last float bits on the batch)
-GRAD_BATCH = 16  # query gradients per per_example_grads call
 BATCHED_KINDS = ("loss", "loss@t", "square-norm")  # measurements whose gradient is a per-example loss
 
 
@@ -298,18 +297,20 @@ def query_gradients(
     queries: list[QueryInput],
     measurement: Measurement,
     draws: MCDraws,
-    batch: int = GRAD_BATCH,
+    batch: int | None = None,
     progress: Progress = no_progress,
 ) -> torch.Tensor:
     """(Q, P) gradients grad_theta m(theta, x_q) in ``ctx.params`` order, with the given draws.
 
     loss, loss@t and square-norm are per-example losses averaged over the draws, so they
     are computed ``batch`` images at a time with ``per_example_grads`` (the same numbers
-    as ``session.query_gradient``); other measurements (ELBO, trajectory) one at a time.
+    as ``session.query_gradient``; None: the context's ``compute.query_grad_batch``); other measurements
+    (ELBO, trajectory) one at a time.
     """
     from .gradients import measurement_grad, per_example_grads
 
     ctx = session.ctx
+    batch = int(ctx.compute.query_grad_batch if batch is None else batch)
     params = list(ctx.params)
     p = sum(t.numel() for _, t in params)
     out = torch.empty((len(queries), p), dtype=params[0][1].dtype)

@@ -33,9 +33,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ..config import COMPUTE
 from .damping_grid import COARSE_GRID, DAMPING_GRID, interpolate
-
-GRID_MAX_BYTES = 256 << 20  # G x P float32 damped queries per pass for rows held in memory
 
 
 @runtime_checkable
@@ -43,7 +42,9 @@ class Rows(Protocol):
     """Rotated training rows R (N x P'), however they are kept (int8 on disk, streamed, dense)."""
 
     num_examples: int
-    grid_max_bytes: int  # the damped queries of one grid pass may take this much (else a coarser grid)
+    # the damped queries of one grid pass may take this much (else a coarser grid); rows held in memory take
+    # ``ComputeConfig.grid_max_bytes``, given to their constructor
+    grid_max_bytes: int
     # True: the damping grid comes with the first score (the gradients dominate a query, e.g. a streamed
     # bank); False: the first score is one exact pass and the grid comes later (a pass over the rows costs
     # several single passes: the stored int8 bank, TRAK's dense rows).  Read with True as the default.
@@ -55,16 +56,17 @@ class Rows(Protocol):
 
 
 class DenseRows:
-    """Rows held as one float tensor (N, k) in memory (TRAK's rotated features)."""
+    """Rows held as one float tensor (N, k) in memory (TRAK's rotated features); ``grid_max_bytes``: the
+    context's ``compute.grid_max_bytes`` (None: ``ComputeConfig``'s default)."""
 
-    grid_max_bytes = GRID_MAX_BYTES
     # first answer: one matrix-vector product at the damping asked for (0.5 ms on digits, k = 2,048); the
     # grid, a matrix product (5.7 ms), is filled after the answer (``EigenbasisQuery.fill_grid``)
     grid_in_first_pass = False
 
-    def __init__(self, rows: torch.Tensor):
+    def __init__(self, rows: torch.Tensor, grid_max_bytes: int | None = None):
         self.rows = rows
         self.num_examples = int(rows.shape[0])
+        self.grid_max_bytes = COMPUTE.grid_max_bytes if grid_max_bytes is None else int(grid_max_bytes)
 
     def inner_many(self, queries: torch.Tensor) -> torch.Tensor:
         """(G, N) <R_i, q_g> without 1/N (``Rows``): a matrix-vector product for one query."""

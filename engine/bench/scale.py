@@ -45,7 +45,7 @@ from ..attribution.damping_grid import DAMPING_GRID
 from ..attribution.gradients import influence_params, per_example_grads
 from ..attribution.layer_projection import bank_bytes, projected_grads
 from ..code_version import code_version
-from ..config import PRESETS
+from ..config import PRESETS, ComputeConfig
 from ..model.diffusion import Diffusion, make_draws
 from ..model.unet import build_model
 from ..precision import configure_float32
@@ -78,12 +78,15 @@ def _timed(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def _random_bank(blocks: list[Block], n: int, device: torch.device, seed: int) -> RotatedBank:
-    """N random int8 rows drawn on ``device`` itself (gigabytes at CIFAR-10 scale: no host copy)."""
+def _random_bank(
+    blocks: list[Block], n: int, device: torch.device, seed: int, compute: ComputeConfig | None = None
+) -> RotatedBank:
+    """N random int8 rows drawn on ``device`` itself (gigabytes at CIFAR-10 scale: no host copy), scanned with
+    ``compute``'s chunks, packing and grid budget (the preset's; None: the defaults)."""
     g = torch.Generator(device=device).manual_seed(seed)
     data = [torch.randint(-127, 128, (n, b.size), dtype=torch.int8, generator=g, device=device) for b in blocks]
     scales = torch.rand((n, len(blocks)), generator=g, device=device) + 0.5
-    return RotatedBank(blocks, data, scales)
+    return RotatedBank(blocks, data, scales, compute=compute)
 
 
 def identity_factors(model: torch.nn.Module, params: list) -> KFACFactors:
@@ -250,7 +253,8 @@ def run_bench_scale(
     for n in sizes:
         say(f"timing the compressed bank's build at N={n}, then its scans ...")
         t0 = time.perf_counter()
-        bank = build_compressed_bank(model, diffusion, images[:n], draws, comp, params, grad_batch=b, device=dev)
+        bank = build_compressed_bank(model, diffusion, images[:n], draws, comp, params, grad_batch=b, device=dev,
+                                     compute=preset.compute)
         _sync()
         build_s = time.perf_counter() - t0
         scan = _scan(bank, bank.blocks[-1].offset + bank.blocks[-1].size, dev, 3)
@@ -263,7 +267,7 @@ def run_bench_scale(
     scans = []
     for n in scan_sizes:
         say(f"timing the compressed scan of N={n} random int8 rows (one damping, then the grid) ...")
-        bank = _random_bank(comp.blocks, n, dev, seed)
+        bank = _random_bank(comp.blocks, n, dev, seed, preset.compute)
         s = _scan(bank, p_comp, dev, 3)
         scans.append({"n": n, "kind": "compressed", "bank_mb": bank.nbytes / MIB, **s})  # MiB
         log(f"compressed scan N={n}: one damping {s['scan_one_damping_s'] * 1e3:.1f} ms, "
@@ -271,8 +275,8 @@ def run_bench_scale(
         del bank
     n_stored = max(1, min(4, min(sizes)))
     say(f"timing the stored bank's scan of N={n_stored} rows (one damping) ...")
-    bank = _random_bank(factors.blocks, n_stored, dev, seed)
-    # one damping only: the grid's 50 x P float32 queries (6.7 GiB here) exceed scoring.GRID_MAX_BYTES,
+    bank = _random_bank(factors.blocks, n_stored, dev, seed, preset.compute)
+    # one damping only: the grid's 50 x P float32 queries (6.7 GiB here) exceed ComputeConfig.grid_max_bytes,
     # so a stored bank of this model is scored one damping per pass
     s = _scan(bank, p, dev, 2, grid=False)
     scans.append({"n": n_stored, "kind": "stored", "bank_mb": bank.nbytes / MIB, **s})  # MiB

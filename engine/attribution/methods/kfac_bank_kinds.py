@@ -32,6 +32,7 @@ def _stored_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors
         progress=method.bank_progress(progress),
         consumers=method.gradient_consumers,  # e.g. TRAK's FeatureSink: one gradient pass for both
         whiten=method.bank_whiten(),  # the int8 grid (engine.attribution.bank.whitening)
+        compute=ctx.compute,  # the scan's chunks, packing and grid budget (no part of the key)
     )
 
 

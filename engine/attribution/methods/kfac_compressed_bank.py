@@ -39,7 +39,6 @@ from .kfac_influence import KFACInfluence
 
 COMPRESSED = "kfac-compressed-bank"
 COMPRESSED_FACTORS = "kfac-compressed-factors"  # the projections and projected factors of that bank
-HOOK_ROWS = 128  # (example, draw) rows per batch of the hooks pass (activation memory at CIFAR scale)
 
 
 def _own_settings(method: KFACInfluence, ctx: EngineContext) -> dict[str, Any]:
@@ -100,9 +99,11 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
     bank: Any = build_compressed_bank(
         ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, comp, ctx.params,
         store=ctx.store, name=COMPRESSED, settings=settings, chunk_size=method.chunk_size,
-        grad_batch=max(1, HOOK_ROWS // len(ctx.train_draws)), device=ctx.device, quantize=method.quantize,
+        # the hooks pass's (example, draw) rows per batch: ctx.compute.hook_rows (activation memory at CIFAR scale)
+        grad_batch=max(1, ctx.compute.hook_rows // len(ctx.train_draws)), device=ctx.device, quantize=method.quantize,
         rows=rows,
         progress=method.bank_progress(progress),
+        compute=ctx.compute,
     )
     if rows is not None:  # torchrun: this rank keeps its slice of the rows
         bank = ShardedBank(bank, rows, len(ctx.dataset))

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...config import AttributionConfig
+from ...config import COMPUTE, AttributionConfig
 from ..context import EngineContext
 from . import register
 from .base import (
@@ -44,30 +44,31 @@ from .base import (
 )
 
 EPS = 1e-12
-ROWS_PER_CHUNK = 4096  # each float64 temporary is 100 MB at CIFAR's 3,072 values per image (a few at once)
 
 
-def centred_unit(x: torch.Tensor) -> torch.Tensor:
+def centred_unit(x: torch.Tensor, chunk_rows: int = COMPUTE.pixel_chunk_rows) -> torch.Tensor:
     """(B, ...) -> (B, D) float32: flattened, centred per image, unit norm (zero rows stay zero).
 
-    Worked in float64 a chunk of rows at a time, then rounded (module docstring: the same on every CPU)."""
+    Worked in float64 ``chunk_rows`` rows at a time (``ComputeConfig.pixel_chunk_rows``: each float64 temporary
+    is 100 MB at CIFAR's 3,072 values per image with the default), then rounded (module docstring: the same on
+    every CPU, and the same for any chunk size: each row is worked alone)."""
     flat = x.detach().reshape(x.shape[0], -1)
     out = torch.empty(flat.shape, dtype=torch.float32)
-    for lo in range(0, flat.shape[0], ROWS_PER_CHUNK):
-        rows = flat[lo : lo + ROWS_PER_CHUNK].double()
+    for lo in range(0, flat.shape[0], chunk_rows):
+        rows = flat[lo : lo + chunk_rows].double()
         rows = rows - rows.mean(dim=1, keepdim=True)
         norm = rows.norm(dim=1, keepdim=True)
-        out[lo : lo + ROWS_PER_CHUNK] = torch.where(norm > EPS, rows / norm.clamp_min(EPS), torch.zeros_like(rows))
+        out[lo : lo + chunk_rows] = torch.where(norm > EPS, rows / norm.clamp_min(EPS), torch.zeros_like(rows))
     return out
 
 
-def cosines(train: torch.Tensor, q: torch.Tensor) -> np.ndarray:
-    """(N,) float32 ``train @ q`` of unit rows, summed in float64, then rounded; clamped to [-1, 1]
-    (rounding can exceed 1)."""
+def cosines(train: torch.Tensor, q: torch.Tensor, chunk_rows: int = COMPUTE.pixel_chunk_rows) -> np.ndarray:
+    """(N,) float32 ``train @ q`` of unit rows, summed in float64 ``chunk_rows`` rows at a time, then rounded;
+    clamped to [-1, 1] (rounding can exceed 1)."""
     qd = q.double()
     out = np.empty(train.shape[0], dtype=np.float32)
-    for lo in range(0, train.shape[0], ROWS_PER_CHUNK):
-        out[lo : lo + ROWS_PER_CHUNK] = (train[lo : lo + ROWS_PER_CHUNK].double() @ qd).clamp(-1.0, 1.0).numpy()
+    for lo in range(0, train.shape[0], chunk_rows):
+        out[lo : lo + chunk_rows] = (train[lo : lo + chunk_rows].double() @ qd).clamp(-1.0, 1.0).numpy()
     return out
 
 
@@ -92,7 +93,7 @@ class PixelCosine(AttributionMethod):
         images = ctx.dataset.images
         key = id(images)
         if key not in self._train:
-            self._train = {key: centred_unit(images.detach().cpu())}
+            self._train = {key: centred_unit(images.detach().cpu(), ctx.compute.pixel_chunk_rows)}
         return self._train[key]
 
     def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
@@ -116,14 +117,14 @@ class PixelCosine(AttributionMethod):
                 f"query image shape {tuple(img.shape)} differs from the training images' "
                 f"{tuple(ctx.dataset.images.shape[1:])}"
             )
-        q = centred_unit(img[None])[0]
+        q = centred_unit(img[None], ctx.compute.pixel_chunk_rows)[0]
         if not bool(q.any()):  # every pixel the same value: centred, nothing is left to correlate
             raise Unavailable(
                 "the query image is blank (every pixel has the same value), so its pixel correlation with "
                 "the training images is undefined; query an image with some content",
                 about=QUERY,
             )
-        scores = cosines(train, q)
+        scores = cosines(train, q, ctx.compute.pixel_chunk_rows)
         return FixedScores(scores=scores, timing_ms={"similarity": (time.perf_counter() - t0) * 1e3})
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
