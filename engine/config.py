@@ -198,6 +198,11 @@ class ComputeConfig:
     # fewer (t, eps) rows per worker thread are not worth a thread when one query's loss and square-norm
     # gradients share a forward pass (``gradients.shared_forward_grads``)
     min_rows_per_worker: int = 16
+    # the streamed bank (``StreamedBank``, no bank on disk): training images per gradient batch of a query's pass,
+    # and the bytes of damped queries one pass may score at once (every uncached damping costs a full gradient
+    # pass there, so its budget is 16x the in-memory rows')
+    streamed_grad_batch: int = 16
+    streamed_grid_max_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
         from .validation import check_compute_config

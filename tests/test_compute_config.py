@@ -24,7 +24,8 @@ from engine.validation import InvalidSettingError
 
 # every knob far from its default: no grid fits, nothing is packed, few-KiB scan chunks, tiny batches
 SMALL = ComputeConfig(query_grad_batch=3, scan_chunk_bytes_cpu=4096, scan_chunk_bytes_gpu=4096, pack_max_bytes=0,
-                      grid_max_bytes=1, hook_rows=2, pixel_chunk_rows=7, min_rows_per_worker=1)
+                      grid_max_bytes=1, hook_rows=2, pixel_chunk_rows=7, min_rows_per_worker=1,
+                      streamed_grad_batch=5, streamed_grid_max_bytes=1)
 
 
 def test_every_field_is_a_checked_whole_number():
@@ -32,7 +33,7 @@ def test_every_field_is_a_checked_whole_number():
     assert dataclasses.asdict(COMPUTE) == {
         "query_grad_batch": 16, "scan_chunk_bytes_cpu": 4 << 20, "scan_chunk_bytes_gpu": 256 << 20,
         "pack_max_bytes": 2 << 30, "grid_max_bytes": 256 << 20, "hook_rows": 128, "pixel_chunk_rows": 4096,
-        "min_rows_per_worker": 16,
+        "min_rows_per_worker": 16, "streamed_grad_batch": 16, "streamed_grid_max_bytes": 4 << 30,
     }
     for f in dataclasses.fields(ComputeConfig):
         bad = (-1, 1.5, True, "8") if f.name == "pack_max_bytes" else (0, -1, 1.5, True, "8")
@@ -250,3 +251,18 @@ def test_preset_replace_and_equality_carry_the_section():
     assert p.compute == COMPUTE
     q = p.replace(compute={"hook_rows": 64})
     assert q.compute.hook_rows == 64 and q.attribution == p.attribution and q != p
+
+
+def test_the_streamed_bank_batches_and_budgets_by_its_settings(tiny_preset, tiny_model, digits_small):
+    """The streamed bank (no bank on disk) takes its gradient batch and grid budget from ``ComputeConfig``
+    (were a constructor default and a class constant) and answers as with the defaults."""
+    base, small = _contexts(tiny_preset, tiny_model, digits_small, kfac_bank="streamed")
+    m_base, m_small = KFACInfluence(base.config), KFACInfluence(small.config)
+    m_base.build(base)
+    m_small.build(small)
+    assert (m_small.bank.grad_batch, m_small.bank.grid_max_bytes) == (5, 1)
+    assert (m_base.bank.grad_batch, m_base.bank.grid_max_bytes) == (16, 4 << 30)
+    q, g = _query(base)
+    prep_base, prep_small = m_base.prepare(base, q, g), m_small.prepare(small, q, g)
+    want = m_base.score(prep_base, 1e-4)
+    np.testing.assert_allclose(m_small.score(prep_small, 1e-4), want, rtol=2e-4, atol=1e-5 * np.abs(want).max())

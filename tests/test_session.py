@@ -628,3 +628,27 @@ def test_a_kfac_damping_below_the_factors_resolution_comes_with_a_warning(sessio
     back = session.rescore(low, {"kfac": floor * 100})  # the slider moved back above the floor
     assert back.methods["kfac"].warning is None
     assert session.rescore(back, {"kfac": floor / 10}).methods["kfac"].warning is not None
+
+
+def test_the_callers_compute_section_reaches_the_session_and_its_banks(ckpt, digits_small, tmp_path):
+    """A preset's ``compute`` section (speed and memory only) is the session's, although the checkpoint's recorded
+    preset has none (``Preset.to_dict`` leaves it out): the context, K-FAC's stored bank and TRAK's rows use it, and
+    the answers equal the defaults'."""
+    from engine.config import ComputeConfig
+
+    folder, preset = ckpt
+    small = ComputeConfig(grid_max_bytes=1, pack_max_bytes=0, scan_chunk_bytes_cpu=4096, min_rows_per_worker=1)
+    cache = tmp_path / "cache"
+    answers = []
+    for p in (preset, preset.replace(compute=small)):
+        s = AttributionSession(p, checkpoint=folder, device="cpu", cache_root=cache, config=TINY_ATTRIBUTION,
+                               dataset=digits_small)
+        assert s.preset.compute == p.compute and s.ctx.compute == p.compute
+        s.build(["kfac", "trak"])
+        res = s.query(s.parse_query("train:1"), methods=["kfac", "trak"])
+        answers.append({n: r.scores for n, r in res.methods.items()})
+        if p.compute == small:
+            assert s.method("kfac").bank.grid_max_bytes == 1
+            assert res.prepared["trak"].query.rows.grid_max_bytes == 1
+    for name in ("kfac", "trak"):
+        np.testing.assert_allclose(answers[1][name], answers[0][name], rtol=1e-5, atol=1e-7)

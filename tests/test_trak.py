@@ -13,7 +13,7 @@ from engine.attribution.methods.base import QueryInput
 from engine.attribution.methods.trak import DTRAK, TRAK
 from engine.attribution.projection import TILE_ROWS, RandomProjection
 from engine.attribution.store import Store
-from engine.config import AttributionConfig
+from engine.config import COMPUTE, AttributionConfig
 from engine.model.diffusion import make_draws
 from engine.model.measurements import Measurement, diffusion_loss, parse_measurement, square_norm
 
@@ -140,6 +140,7 @@ def _ctx(tmp_path, model, diffusion, dataset, config, params=None):
         store=Store(tmp_path / "cache", "feedfacecafebeef", "digits-test"),
         params=params,
         train_draws=draws,
+        compute=COMPUTE,  # EngineContext.compute: the preset's speed and memory settings
     )
 
 

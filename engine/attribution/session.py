@@ -125,7 +125,8 @@ class AttributionSession:
             if from_file and self.config.kfac_bank not in bank_modes():
                 raise InvalidSettingError(f"preset file {self._preset_arg}: {e}") from None
             raise
-        self.preset = self.preset.replace(attribution=self.config)
+        # the caller's speed and memory settings (a preset file's "compute"): the checkpoint records none
+        self.preset = self.preset.replace(attribution=self.config, compute=wanted.compute)
         self.checkpoint = folder
         self.checkpoint_extra = extra
         self.model = model
@@ -431,7 +432,8 @@ class AttributionSession:
         from . import gradients
 
         return gradients.shared_forward_grads(
-            self.model, self.diffusion, query.image, draws.to(self.device), measurements, params=list(self.ctx.params)
+            self.model, self.diffusion, query.image, draws.to(self.device), measurements, params=list(self.ctx.params),
+            min_rows_per_worker=self.ctx.compute.min_rows_per_worker,
         )
 
     def query(

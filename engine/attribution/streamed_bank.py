@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import COMPUTE
 from ..model.diffusion import Diffusion
 from .curvature import KFACFactors
 from .gradients import Params, train_loss_grads
@@ -37,7 +38,6 @@ class StreamedBank:
     """
 
     quantized = False
-    grid_max_bytes = 4 << 30  # every uncached damping is a full gradient pass: score a big grid at once
 
     def __init__(
         self,
@@ -48,14 +48,18 @@ class StreamedBank:
         factors: KFACFactors,
         params: Params,
         loss: str = "loss",
-        grad_batch: int = 16,
+        grad_batch: int = COMPUTE.streamed_grad_batch,
         progress: Callable[[str, float], None] | None = None,
+        grid_max_bytes: int = COMPUTE.streamed_grid_max_bytes,
     ):
+        """``grad_batch`` and ``grid_max_bytes``: ``ComputeConfig.streamed_grad_batch`` / ``streamed_grid_max_bytes``
+        (every uncached damping is a full gradient pass, so a big grid is scored at once)."""
         self.model, self.diffusion, self.images, self.draws = model, diffusion, images, draws
         self.factors, self.params, self.loss, self.grad_batch = factors, params, loss, int(grad_batch)
         self.blocks = factors.blocks
         self.num_examples = int(images.shape[0])
         self.progress = progress
+        self.grid_max_bytes = int(grid_max_bytes)
         self.passes = 0  # gradient passes so far (tests and benchmarks read it)
 
     @property

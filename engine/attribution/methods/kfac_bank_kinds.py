@@ -39,7 +39,9 @@ def _stored_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors
 def _streamed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors, progress: Progress) -> Rows:
     """No bank on disk: each query's damping grid is one streamed gradient pass."""
     progress(f"{method.title}: training gradients streamed per query", 1.0)
-    return StreamedBank(ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, factors, ctx.params)
+    c = ctx.compute
+    return StreamedBank(ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, factors, ctx.params,
+                        grad_batch=c.streamed_grad_batch, grid_max_bytes=c.streamed_grid_max_bytes)
 
 
 register_bank_kind("stored", BankKind(build=_stored_bank, stored=True, note="int8 on disk"))

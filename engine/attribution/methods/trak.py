@@ -296,7 +296,7 @@ class TRAK(AttributionMethod):
             self._loaded[key] = {
                 "eigvals": torch.from_numpy(np.array(arrays["eigvals"])),
                 "eigvecs": torch.from_numpy(np.array(arrays["eigvecs"])),
-                "rows": DenseRows(torch.from_numpy(np.array(arrays["phi_eig"]))),
+                "rows": DenseRows(torch.from_numpy(np.array(arrays["phi_eig"])), ctx.compute.grid_max_bytes),
             }
         return self._loaded[key]
 
