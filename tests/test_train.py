@@ -213,3 +213,74 @@ def test_a_kill_between_the_checkpoint_files_leaves_a_run_that_trains_again(tmp_
     assert not is_finished(tmp_path / "run")
     train(preset, tmp_path / "run", dataset=digits_small, progress=False)
     assert load_checkpoint(tmp_path / "run")[2]["steps"] == 3
+
+
+@pytest.mark.parametrize("where", ["between", "drawn"])
+def test_an_interruption_saves_the_state_and_the_rerun_equals_an_uninterrupted_run(
+        tmp_path, tiny_preset, digits_small, monkeypatch, where):
+    """QA 33: a Ctrl-C before the first timed checkpoint (one cifar2 step on a CPU takes a minute, the first save
+    comes at 120 s) lost every step, while the command said to rerun it to resume. An interruption (not an error)
+    now saves the state: between two steps as it is, inside a step whose draws were made but whose weights were
+    not yet changed with the draws the step started from. Either way the rerun trains to the same weights."""
+    from engine.model.diffusion import Diffusion
+
+    preset = tiny_preset.replace(
+        model={"dropout": 0.1}, data={"flip": True},
+        train={"steps": 12, "checkpoint_every": 1000, "checkpoint_seconds": 0.0, "ema_decay": 0.9, "batch_size": 16},
+    )
+    full = train(preset, tmp_path / "full", dataset=digits_small, progress=False)
+    folder = tmp_path / "run"
+    if where == "between":
+        def stop(step, total, loss):
+            if step == 7:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            train(preset, folder, dataset=digits_small, progress=stop)
+        expected_next = 8
+    else:
+        calls = [0]
+        original = Diffusion.per_sample_loss
+
+        def loss_then_interrupt(self, *a, **k):
+            calls[0] += 1
+            if calls[0] == 8:  # inside step 8, after its batch, timesteps and noise were drawn
+                raise KeyboardInterrupt
+            return original(self, *a, **k)
+
+        monkeypatch.setattr(Diffusion, "per_sample_loss", loss_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train(preset, folder, dataset=digits_small, progress=False)
+        monkeypatch.setattr(Diffusion, "per_sample_loss", original)
+        expected_next = 8
+    assert (folder / STATE).is_file() and not (folder / "model.safetensors").exists()
+    seen: list[int] = []
+    train(preset, folder, dataset=digits_small, progress=lambda s, T, l: seen.append(s))
+    assert seen[0] == expected_next  # no step lost, none trained twice
+    _assert_same_weights(full, folder)
+
+
+def test_an_error_saves_nothing_and_an_interruption_before_the_first_step_has_nothing_to_save(
+        tmp_path, tiny_preset, digits_small):
+    preset = tiny_preset.replace(train={"steps": 6, "checkpoint_every": 1000, "checkpoint_seconds": 0.0,
+                                        "batch_size": 16})
+
+    def fail(step, total, loss):
+        if step == 3:
+            raise _Stop  # an error, as the tests' simulated kills: the state of a failing run is not saved
+
+    with pytest.raises(_Stop):
+        train(preset, tmp_path / "a", dataset=digits_small, progress=fail)
+    assert not (tmp_path / "a" / STATE).exists()
+    from engine.model.diffusion import Diffusion
+
+    def interrupt(self, *a, **k):
+        raise KeyboardInterrupt  # inside the first step: no step finished, so no state to write
+
+    original, Diffusion.per_sample_loss = Diffusion.per_sample_loss, interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(preset, tmp_path / "b", dataset=digits_small, progress=False)
+    finally:
+        Diffusion.per_sample_loss = original
+    assert not (tmp_path / "b" / STATE).exists()

@@ -147,63 +147,95 @@ def train(
     model.train()
     t0 = time.time() - elapsed_before
     last_save = time.monotonic()
-    while step < total:
-        if pos + tc.batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        bidx = perm[pos : pos + min(tc.batch_size, n)]
-        pos += len(bidx)
-        x0 = x_all[bidx.to(x_all.device)]
-        if preset.data.flip:
-            x0 = random_flip(x0.cpu(), gen).to(device)
-        t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=gen).to(device)
-        eps = torch.randn(x0.shape, generator=gen).to(device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, tc.lr, tc.warmup_frac)
-        loss = diffusion.per_sample_loss(model, x0, t, eps).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                    pe.lerp_(pm, 1.0 - tc.ema_decay)
-        step += 1
-        lv = float(loss.detach())
-        running = lv if running is None else 0.98 * running + 0.02 * lv
-        if step % tc.log_every == 0 or step == total:
-            log.append({"step": step, "loss": running, "elapsed_s": time.time() - t0})
-        if bar is not None:
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{running:.4f}", refresh=False)  # drawn with the next due update: a
-                # refresh here wrote a log line every 20 steps whatever TQDM_MININTERVAL said (QA 24 #5)
-        elif callable(progress):
-            progress(step, total, running)
-        due = step % tc.checkpoint_every == 0 or (
-            tc.checkpoint_seconds > 0 and time.monotonic() - last_save >= tc.checkpoint_seconds
+    saved_step = step
+
+    def save_state(at: tuple[Any, torch.Tensor, int, torch.Tensor, Any]) -> None:
+        """Write the resumable state for the weights as they are and the draws ``at`` (generator, permutation,
+        position, torch and CUDA RNG states) that the next step starts from."""
+        g_state, perm_at, pos_at, torch_rng, cuda_rng = at
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "opt": opt.state_dict(),
+                "gen": g_state,
+                "step": step,
+                "log": log,
+                "perm": perm_at,
+                "pos": pos_at,
+                "recipe": _recipe(preset, total, keep, data_sha),
+                "running": running,
+                "elapsed_s": time.time() - t0,
+                "torch_rng": torch_rng,
+                "cuda_rng": cuda_rng,
+            },
+            state_path,
         )
-        if due and step < total:
-            atomic_torch_save(
-                {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "opt": opt.state_dict(),
-                    "gen": gen.get_state(),
-                    "step": step,
-                    "log": log,
-                    "perm": perm,
-                    "pos": pos,
-                    "recipe": _recipe(preset, total, keep, data_sha),
-                    "running": running,
-                    "elapsed_s": time.time() - t0,
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                },
-                state_path,
+
+    def draws_now() -> tuple[Any, torch.Tensor, int, torch.Tensor, Any]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return gen.get_state(), perm, pos, torch.get_rng_state(), cuda
+
+    # where an interruption (Ctrl-C, SIGTERM) finds the loop: "between" steps, "drawn" (this step's
+    # random draws made, no weight changed yet: the state is saved with the draws it started from) or "updating"
+    # (the optimiser and EMA are changing the weights: nothing consistent to save, the last checkpoint stands).
+    # Why: a Ctrl-C before the first timed checkpoint (120 s; one cifar2 step on a CPU takes about a minute) lost
+    # everything, while the command said to rerun it to resume (QA 33)
+    phase = "between"
+    start = draws_now()
+    try:
+        while step < total:
+            start = draws_now()  # what the step draws from (5 KiB of generator state)
+            phase = "drawn"
+            if pos + tc.batch_size > n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            bidx = perm[pos : pos + min(tc.batch_size, n)]
+            pos += len(bidx)
+            x0 = x_all[bidx.to(x_all.device)]
+            if preset.data.flip:
+                x0 = random_flip(x0.cpu(), gen).to(device)
+            t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=gen).to(device)
+            eps = torch.randn(x0.shape, generator=gen).to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, tc.lr, tc.warmup_frac)
+            loss = diffusion.per_sample_loss(model, x0, t, eps).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            phase = "updating"
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+                        pe.lerp_(pm, 1.0 - tc.ema_decay)
+            step += 1
+            lv = float(loss.detach())
+            running = lv if running is None else 0.98 * running + 0.02 * lv
+            if step % tc.log_every == 0 or step == total:
+                log.append({"step": step, "loss": running, "elapsed_s": time.time() - t0})
+            phase = "between"
+            if bar is not None:
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{running:.4f}", refresh=False)  # drawn with the next due update: a
+                    # refresh here wrote a log line every 20 steps whatever TQDM_MININTERVAL said (QA 24 #5)
+            elif callable(progress):
+                progress(step, total, running)
+            due = step % tc.checkpoint_every == 0 or (
+                tc.checkpoint_seconds > 0 and time.monotonic() - last_save >= tc.checkpoint_seconds
             )
-            last_save = time.monotonic()
+            if due and step < total:
+                save_state(draws_now())
+                saved_step, last_save = step, time.monotonic()
+    except BaseException as e:
+        # an interruption (Ctrl-C, the CLI's SIGTERM, SystemExit), not an error: a failing step's state is not
+        # trusted, and the tests' simulated kills (an Exception from the progress callback) must stay kills
+        if not isinstance(e, Exception) and phase != "updating" and saved_step < step < total:
+            save_state(start if phase == "drawn" else draws_now())
+            if bar is not None:
+                bar.write(f"saved the run's state at step {step:,} of {total:,}: the same command resumes it")
+        raise
     if bar is not None:
         bar.close()
     final = ema if ema is not None else model
