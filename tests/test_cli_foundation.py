@@ -208,6 +208,8 @@ def test_assets_on_a_model_without_a_quality_check_says_what_it_wrote(tmp_path, 
     assert main(["train", "--preset", str(tmp_path / "mine.json"), "--out", str(ckpt), "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
     assert "s this run)" in out
+    # what it trains on, before it trains (QA 33: a skipped file went unseen)
+    assert f"data: 12 images of 1x8x8, 2 classes (folder:data from {tmp_path / 'data'})" in out.splitlines()[0]
     # 2 steps: the saved average is nearly the random start, and the command says so (QA 26 #10)
     assert "warning: the saved weights are an exponential moving average (train.ema_decay 0.999) that still " \
            "holds 100% of the random initial weights after 2 steps" in err

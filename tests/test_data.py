@@ -214,6 +214,15 @@ def test_folder_flat_has_no_labels_and_native_size(tmp_path):
     assert ds.labels is None and ds.class_names is None
     assert ds.ids == ["one.png", "sub/two.png"]
     assert ds.images.shape == (2, 1, 5, 5)
+    # a format the folder set does not read is named, not dropped silently (QA 33: a .webp went unseen)
+    (tmp_path / "one.png").rename(tmp_path / "sub" / "one.png")
+    from PIL import Image
+
+    Image.new("L", (5, 5)).save(tmp_path / "sub" / "three.webp")
+    with pytest.warns(UserWarning, match=r"1 image file\(s\) in a format the folder data set does not read were "
+                                         r"skipped \(e\.g\. sub/three\.webp\)"):
+        ds = load_dataset(cfg)
+    assert ds.ids == ["sub/one.png", "sub/two.png"]
 
 
 def test_folder_bad_inputs_name_the_file(tmp_path):

@@ -7,9 +7,13 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import jsonio
 from .common import check_output_file, register, resolve, subcommand
+
+if TYPE_CHECKING:
+    from ..model.dataset import ImageDataset
 
 # --- train ---------------------------------------------------------------------------
 
@@ -58,7 +62,16 @@ def _read_indices(spec: str | None, flag: str):
         ) from None
 
 
+def data_summary(dataset: ImageDataset, root: str | Path | None) -> str:
+    """One line on the training set a command is about to use: size, image shape, classes and where it came from."""
+    c, h, w = dataset.shape
+    classes = "unlabelled" if dataset.labels is None else f"{int(dataset.labels.unique().numel())} classes"
+    where = f" from {root}" if root else ""
+    return f"data: {len(dataset):,} images of {c}x{h}x{w}, {classes} ({dataset.name}{where})"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..model.data import load_dataset
     from ..model.train import is_finished, train
 
     preset, ckpt, device = resolve(args)
@@ -72,9 +85,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else ckpt
     finished_before = is_finished(out)
     t0 = time.time()
+    dataset = load_dataset(preset.data)
+    if not finished_before:  # what it trains on, before minutes of it (QA 33: a folder's skipped file went unseen)
+        print(data_summary(dataset, preset.data.root), flush=True)
     train(
         preset,
         out,
+        dataset=dataset,
         indices=_read_indices(args.indices, "--indices"),
         exclude=_read_indices(args.exclude, "--exclude"),
         device=device,

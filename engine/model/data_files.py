@@ -245,15 +245,26 @@ def load_cifar2(cfg: DataConfig) -> ImageDataset:
 # --- image folder --------------------------------------------------------------------
 
 
+# image formats PIL reads that a folder data set does not: files with these suffixes are named in a warning, not
+# read (reading them now would change the data set, and so the content digest, of folders trained on before)
+UNREAD_IMAGE_SUFFIXES = (".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
 def find_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursive, hidden files skipped), sorted by relative path."""
-    files = [
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    ]
+    """Image files under ``root`` (recursive, hidden files skipped), sorted by relative path.
+
+    Files in another image format (``UNREAD_IMAGE_SUFFIXES``) are skipped with a warning that names them (QA 33:
+    a .webp was dropped silently, and the data set had one image fewer than the folder)."""
+    visible = [p for p in root.rglob("*")
+               if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    files = [p for p in visible if p.suffix.lower() in IMAGE_SUFFIXES]
+    other = sorted(p.relative_to(root).as_posix() for p in visible if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
+    if other:
+        warnings.warn(
+            f"{root}: {len(other)} image file(s) in a format the folder data set does not read were skipped "
+            f"(e.g. {other[0]}); convert them to {', '.join(IMAGE_SUFFIXES)} to include them",
+            stacklevel=2,
+        )
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
