@@ -18,14 +18,18 @@ from engine.evaluation.compare import scored_methods
 __all__ = ["estimated_note", "format_score", "score_table", "scored_methods", "spearman_matrix", "topk_label_counts", "topk_overlap"]
 
 
-def score_table(result: QueryResult, names: Sequence[str], labels: np.ndarray | None) -> pd.DataFrame:
-    """One row per training image: index, label, one column of scores per method, and for a method whose
-    scores are partly estimates (a compressed bank's: only its re-ranked candidates are exact) a column
-    ``<method>_exact`` saying which are exact."""
+def score_table(result: QueryResult, names: Sequence[str], labels: np.ndarray | None,
+                ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per training image: index, label, its id (``ids``: an image folder's file path, given when known;
+    QA 33: the CSV of a folder data set could not be mapped back to its files), one column of scores per method,
+    and for a method whose scores are partly estimates (a compressed bank's: only its re-ranked candidates are
+    exact) a column ``<method>_exact`` saying which are exact."""
     names = scored_methods(result, names)
     n = len(result.methods[names[0]].scores) if names else (0 if labels is None else len(labels))
     table = pd.DataFrame({"index": np.arange(n)})
     table["label"] = labels[:n] if labels is not None else pd.NA
+    if ids is not None:
+        table["id"] = list(ids)[:n]
     for name in names:
         table[name] = np.asarray(result.methods[name].scores, dtype=np.float64)
         exact = result.methods[name].exact

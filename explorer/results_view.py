@@ -572,7 +572,7 @@ def downloads(handle: Handle, query: Query, result: QueryResult, s: Settings) ->
     session = handle.session
     ds = session.dataset
     names = analysis.scored_methods(result, session.method_names())
-    table = analysis.score_table(result, names, session.labels)
+    table = analysis.score_table(result, names, session.labels, ds.ids)
     settings = provenance.result_settings(session, result)
     stem = (f"{session.preset.name}_" + query.key.replace(":", "-") + "_"
             + result.measurement.replace("@", "-").replace("=", "") + "_" + provenance.settings_digest(settings))
@@ -583,7 +583,8 @@ def downloads(handle: Handle, query: Query, result: QueryResult, s: Settings) ->
         file_name=f"scores_{stem}.csv",
         mime="text/csv",
         key="dl_csv",
-        help="One row per training image: index, label, one column per method (and, for a compressed "
+        help="One row per training image: index, label, id (the data set's name for the image: an image "
+             "folder's file path), one column per method (and, for a compressed "
              "K-FAC bank, a column saying which of its scores are exact; the others are estimates put on the "
              "exact scale by the factor the bank note gives). Above the header, lines starting with # say "
              "what the scores were computed with (model, query, measurement, draws, each method's damping); "

@@ -497,6 +497,9 @@ def test_overlap_and_label_counts():
     table = score_table(res, ["a", "c"], labels)
     assert list(table.columns) == ["index", "label", "a", "a_exact", "c"]
     assert table["a_exact"].tolist() == [True, False, False, True]
+    with_ids = score_table(res, ["a"], labels, ["cats/0.png", "cats/1.png", "dogs/0.png", "dogs/1.png"])
+    assert list(with_ids.columns) == ["index", "label", "id", "a", "a_exact"]  # QA 33: rows map back to files
+    assert with_ids["id"].tolist()[2] == "dogs/0.png"
     # the scatter marks which points are exact on both axes (an estimate is not drawn as a computed score)
     from explorer.figures import score_scatter
 
