@@ -56,6 +56,8 @@ class AppArgs:
     data_root: str | None = None  # the training data's folder (CIFAR pickles, IDX files, images), as the CLI's
     max_retrain_jobs: int = 1  # retraining jobs running at once on this server; the rest queue
     no_retrain: bool = False  # public demos: no retraining at all
+    # whether --preset (or ATTRIBUTION_PRESET) was given; if not, a --checkpoint's own attribution settings apply
+    preset_named: bool = True
 
 
 class ArgsError(SystemExit):
@@ -124,6 +126,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         data_root=args.data_root or env.get("ATTRIBUTION_DATA_ROOT") or None,
         max_retrain_jobs=jobs,
         no_retrain=no_retrain,
+        preset_named=bool(args.preset or env.get("ATTRIBUTION_PRESET")),
     )
 
 
@@ -256,13 +259,20 @@ def get_handle(args: AppArgs) -> Handle:
     """The process-wide handle: one session, one build worker, shared by every tab and session."""
     from engine.attribution.precomputed import FILE
     from engine.config import get_preset
-    from engine.paths import cache_root
+    from engine.model.checkpoint import attribution_source
+    from engine.paths import cache_root, default_checkpoint
     from engine.threads import configure_threads
 
     configure_threads("the app")
+    preset = get_preset(args.preset, args.data_root)
+    folder = args.checkpoint or default_checkpoint(preset.name)
+    source, note = attribution_source(folder, preset, args.preset_named)  # the CLI's rule (QA 33)
+    if note:
+        log.warning(note)
     session = AttributionSession(
-        preset=get_preset(args.preset, args.data_root), checkpoint=args.checkpoint, device=args.device,
-        cache_root=args.cache, preset_spec=args.preset,
+        preset=preset, checkpoint=args.checkpoint, device=args.device, cache_root=args.cache,
+        preset_spec=args.preset, config=source.attribution, preset_named=args.preset_named,
+        attribution_base=source.attribution,
     )
     handle = Handle(
         session=session,

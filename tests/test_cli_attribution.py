@@ -205,7 +205,7 @@ def test_every_cache_setting_is_a_flag_of_build_and_query_and_its_range_is_check
 def test_build_of_a_named_method_that_cannot_be_built_fails(cli):
     """CLIP has no weights here: asked for by name its build fails (exit 1, the reason on stderr); the
     other methods named with it are still built and listed."""
-    rc, out, err = cli("build", "--methods", "pixel,clip")
+    rc, out, err = cli("build", "--methods", "pixel,clip", "--preset", "digits")  # digits' CLIP: the openai weights
     assert rc == 1 and "error: clip:" in err
     assert any(line.startswith("pixel") and " ok " in line for line in out.splitlines()), out
     assert any(line.startswith("clip") and "unavailable" in line for line in out.splitlines()), out
@@ -214,12 +214,12 @@ def test_build_of_a_named_method_that_cannot_be_built_fails(cli):
 def test_query_that_no_method_answers_fails(cli):
     """Every requested method unavailable (CLIP has no weights here): the statuses are still printed, but
     the exit status says nothing was scored, as group and reverse do."""
-    rc, out, err = cli("query", "--query", "train:1", "--methods", "clip", "--json")
+    rc, out, err = cli("query", "--query", "train:1", "--methods", "clip", "--json", "--preset", "digits")
     assert rc == 2 and "no method could score this query" in err
     clip = json.loads(out)["methods"]["clip"]
     assert clip["status"] != "ok" and clip["reason"]
     assert clip["reason_about"] == "server"  # no weights on this machine: whoever runs it can add them
-    rc, out, err = cli("query", "--query", "train:1", "--methods", "clip,pixel", "--json")
+    rc, out, err = cli("query", "--query", "train:1", "--methods", "clip,pixel", "--json", "--preset", "digits")
     assert rc == 0, err
     assert json.loads(out)["methods"]["pixel"]["status"] == "ok"
 
@@ -426,3 +426,20 @@ def test_not_built_names_the_settings_the_cache_holds(setup, digits_small, monke
                              "2 asked: add --mc-samples 4 to use it; to build these, run `"), reason
     rc = main(["query", "--query", "train:1", "--methods", "trak", "--mc-samples", "4", "--json", *common])
     assert rc == 0 and json.loads(capsys.readouterr()[0])["methods"]["trak"]["status"] == "ok"  # the hint was right
+
+
+def test_without_preset_a_checkpoint_is_attributed_with_its_own_settings(cli):
+    """QA 33: with --checkpoint and no --preset, any model was attributed with the default preset's (digits')
+    attribution settings: a model trained from a preset file with M = 8 got M = 64, and diffusers weights'
+    attribution_preset.json was read for its data only. The checkpoint's own settings apply now (this tiny one
+    recorded clip_pretrained None); a --preset the user names still decides, with a note when the checkpoint was
+    trained as another preset, and the commands printed for a checkpoint's own settings name no --preset."""
+    rc, out, err = cli("query", "--query", "train:1", "--methods", "pixel", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["attribution"]["clip_pretrained"] is None and "note:" not in err
+    rc, out, err = cli("query", "--query", "train:1", "--methods", "pixel", "--json", "--preset", "digits")
+    assert rc == 0, err
+    assert json.loads(out)["attribution"]["clip_pretrained"] == "openai"
+    assert "was trained as preset 'tiny'; its attributions use --preset digits's attribution settings" in err
+    rc, out, err = cli("query", "--query", "train:1", "--methods", "kfac", "--kfac-factor-draws", "3")
+    assert rc != 0 and "attribution-engine build --checkpoint " in err and "--preset" not in err, err

@@ -141,3 +141,22 @@ def test_a_folder_without_weights_is_one_line_naming_what_is_missing(tmp_path, c
     rc = main(["sample", "--checkpoint", str(folder), "--n", "1", "--out", str(tmp_path / "s.png")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "allow_pickle" not in err, err
+
+
+def test_the_attribution_settings_of_a_preset_file_beside_the_weights_apply_without_preset(tmp_path):
+    """QA 33: README says an attribution_preset.json beside diffusers weights sets the data and the attribution
+    settings; its attribution section was ignored (digits' M = 64 instead of its M = 2) unless --preset named it."""
+    from engine.model.checkpoint import attribution_source, recorded_preset
+
+    side = {"base": "digits", "name": "pets", "attribution": {"mc_samples": 2},
+            "diffusion": {"num_timesteps": 500, "beta_start": 1e-4, "beta_end": 0.03}}
+    pipe = _pipeline(tmp_path / "p", side=side)
+    digits = get_preset("digits")
+    assert recorded_preset(pipe).attribution.mc_samples == 2
+    source, note = attribution_source(pipe, digits, named=False)
+    assert source.attribution.mc_samples == 2 and note is None
+    source, note = attribution_source(pipe, digits, named=True)  # the user's --preset still decides, and is told
+    assert source.attribution.mc_samples == 64 and "trained as preset 'pets'" in note
+    bare = _pipeline(tmp_path / "q")  # no preset file: nothing recorded, the caller's settings
+    assert recorded_preset(bare) is None and attribution_source(bare, digits, named=False) == (digits, None)
+    assert attribution_source(tmp_path / "nothing", digits, named=False) == (digits, None)

@@ -109,6 +109,11 @@ def test_app_flags_for_a_shared_server():
     assert parse_args([], env={"ATTRIBUTION_NO_RETRAIN": "1"}).no_retrain
     with pytest.raises(SystemExit, match="at least 1"):
         parse_args(["--max-retrain-jobs", "0"], env={})
+    # QA 33: without a --preset, a --checkpoint's own attribution settings apply (the CLI's rule), so the app
+    # must know whether the preset was named or defaulted
+    assert not parse_args(["--checkpoint", "x"], env={}).preset_named
+    assert parse_args(["--checkpoint", "x", "--preset", "digits"], env={}).preset_named
+    assert parse_args([], env={"ATTRIBUTION_PRESET": "mnist"}).preset_named
 
 
 def test_no_retrain_server_shows_no_retrain_button(monkeypatch):

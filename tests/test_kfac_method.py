@@ -410,3 +410,25 @@ def test_a_float64_factor_pass_is_a_setting_with_its_own_cache_key(tiny_preset, 
             torch.testing.assert_close(lw.a, ln.a, rtol=1e-3, atol=1e-5 * float(lw.a.max()))
     q, g = _query(ctx, ds.images[0], make_draws(2, (1, 8, 8), 1000, seed=1))
     assert np.isfinite(wide_m.score(wide_m.prepare(ctx, q, g), 1e-12)).all()
+
+
+def test_the_build_plan_says_which_bank_auto_chose_and_how_many_rows_each_pass_has(tiny_preset, tiny_model, digits_small):
+    """QA 33: a cifar2 build on a CPU never said that ``auto`` had picked the compressed bank (a stored one would
+    hold 178 GB) nor how long its passes are. ``build_plan`` says both before the build starts."""
+    from engine.attribution.context import make_context
+    from engine.attribution.gradients import num_params
+
+    ds = digits_small.subset(list(range(20)))
+    fits = AttributionConfig(mc_samples=4, kfac_factor_draws=2, kfac_factor_draws_mode="per-example")
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", fits, "h", None)
+    p = num_params(ctx.params)
+    plan = KFACInfluence(fits).build_plan(ctx)
+    assert plan.startswith(f"stored bank (auto: a stored int8 bank of N x P = 20 x {p:,} bytes")
+    assert "fits kfac_bank_max_gb 8" in plan
+    assert "factor pass over 40 (example, draw) rows, then a gradient pass over 80 rows for the bank" in plan
+    small = dataclasses.replace(fits, kfac_bank_max_gb=20 * p / 2 / (1 << 30))  # half the stored bank's size
+    assert KFACInfluence(small).build_plan(make_context(tiny_preset, tiny_model, ds, "cpu", small, "h", None)) \
+        .startswith("compressed bank (auto: a stored int8 bank of N x P")
+    asked = dataclasses.replace(fits, kfac_bank="streamed")
+    plan = KFACInfluence(asked).build_plan(make_context(tiny_preset, tiny_model, ds, "cpu", asked, "h", None))
+    assert plan == "streamed bank; factor pass over 40 (example, draw) rows"  # no bank pass at build time

@@ -76,9 +76,15 @@ class AttributionSession(SessionBuilds, SessionQueryInputs, SessionScoring, Sess
         auto_build: bool = False,
         preset_spec: str | None = None,
         check_trained_on: bool = True,
+        preset_named: bool = True,
+        attribution_base: AttributionConfig | None = None,
     ):
         """``preset_spec``: how the preset was named on the command line (a name or a .json path),
         for the commands this session prints; defaults to ``preset`` when that is a string.
+        ``preset_named=False``: the caller's preset is the command line's default, not one the user named, and
+        ``attribution_base`` the settings the command took instead (the checkpoint's own,
+        ``checkpoint.attribution_source``): the commands this session prints then name no ``--preset`` beside
+        a ``--checkpoint``, and give flags for the settings that differ from ``attribution_base``.
         ``check_trained_on=False``: open the checkpoint on a training set it was not trained on (a
         benchmark timing the passes on a subset); attribution then means nothing, so only for timing."""
         t0 = time.perf_counter()
@@ -87,6 +93,7 @@ class AttributionSession(SessionBuilds, SessionQueryInputs, SessionScoring, Sess
         self._preset_arg = preset if isinstance(preset, str) else (preset_spec or wanted.name)
         self._data_root_arg = str(wanted.data.root) if wanted.data.root else None
         self._checkpoint_arg = None if checkpoint is None else str(checkpoint)
+        self._preset_named = preset_named
         self.device = torch.device(device or best_device())
         self.tf32 = configure_float32(self.device)  # exact float32 scores on a GPU (engine.precision)
         try:
@@ -139,7 +146,8 @@ class AttributionSession(SessionBuilds, SessionQueryInputs, SessionScoring, Sess
         key = data_key(self.dataset, self.data_digest) + ("-tf32" if self.tf32 else "")
         self.store = Store(self.cache_root, self.checkpoint_hash, key)
         self._cache_arg = None if cache_root is None else str(cache_root)
-        self._preset_attribution = wanted.attribution  # what `build --preset <_preset_arg>` uses without flags
+        # what the printed `build` uses without flags: the named preset's settings, or the checkpoint's own
+        self._preset_attribution = attribution_base or wanted.attribution
         self.store.rebuild_hint = self.build_command(rebuild=True)
         self.ctx: EngineContext = self._make_context()
         from .methods import METHODS, declaration, make_method, source_file

@@ -35,6 +35,7 @@ class SessionBuilds:
     config: AttributionConfig
     _methods: dict[str, AttributionMethod]
     _preset_arg: str
+    _preset_named: bool
     _checkpoint_arg: str | None
     _data_root_arg: str | None
     _cache_arg: str | None
@@ -115,7 +116,9 @@ class SessionBuilds:
         """``attribution-engine SUBCOMMAND`` for this session's model and data: the preset as it was
         named (a .json path stays a path), the checkpoint and the data root when they were given.
         Every command the session prints starts here, so that pasting one acts on the same files."""
-        cmd = f"attribution-engine {subcommand} --preset {shlex.quote(self._preset_arg)}"
+        cmd = f"attribution-engine {subcommand}"
+        if self._preset_named or not self._checkpoint_arg:  # an unnamed default preset beside --checkpoint: none
+            cmd += f" --preset {shlex.quote(self._preset_arg)}"
         if self._checkpoint_arg:
             cmd += f" --checkpoint {shlex.quote(self._checkpoint_arg)}"
         if self._data_root_arg:

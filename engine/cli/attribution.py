@@ -28,7 +28,16 @@ from ..validation import (
     SHARED_DRAW_MODES,
     check_damping,
 )
-from .common import at_least, build_progress, check_output_file, fail, register, resolve, subcommand
+from .common import (
+    at_least,
+    build_progress,
+    check_output_file,
+    fail,
+    preset_named,
+    register,
+    resolve,
+    subcommand,
+)
 from .query_output import format_result, write_scores
 
 if TYPE_CHECKING:  # the parser must not import torch (tests/test_architecture.py)
@@ -156,8 +165,15 @@ def _kfac_bank_help() -> str:
 def open_session(args: argparse.Namespace, auto_build: bool = False) -> AttributionSession:
     """An AttributionSession from the common CLI options."""
     from ..attribution.session import AttributionSession
+    from ..model.checkpoint import attribution_source
 
     preset, ckpt, device = resolve(args)
+    named = preset_named(args)
+    # whose attribution settings: the named preset's, else the checkpoint's own (QA 33: digits' for any model)
+    source, note = attribution_source(ckpt, preset, named)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    base = source.attribution
     # ranges (M >= 1, a known bank kind, ...) are engine.validation.check_attribution_config's, which the
     # session runs on this config before any work: one refusal, exit 2, naming the flag
     changes: dict[str, Any] = {}
@@ -167,23 +183,23 @@ def open_session(args: argparse.Namespace, auto_build: bool = False) -> Attribut
     if (
         changes.get("draws") in SHARED_DRAW_MODES
         and "kfac_factor_draws" not in changes
-        and changes.get("kfac_factor_draws_mode", preset.attribution.kfac_factor_draws_mode) == "same"
-        and preset.attribution.kfac_factor_draws is not None
+        and changes.get("kfac_factor_draws_mode", base.kfac_factor_draws_mode) == "same"
+        and base.kfac_factor_draws is not None
     ):
         # the preset's factors from k < M draws need per-example draws (shared ones would give the factors
         # k of the bank's M timesteps: refused by validation.check_factor_draws), so shared means all M
         print(
-            f"--draws {changes['draws']}: K-FAC factors from all M draws (the preset's {preset.attribution.kfac_factor_draws} "
+            f"--draws {changes['draws']}: K-FAC factors from all M draws (the preset's {base.kfac_factor_draws} "
             "of M need per-example draws)",
             file=sys.stderr,
         )
         changes["kfac_factor_draws"] = None
-    config = dataclasses.replace(preset.attribution, **changes)
+    config = dataclasses.replace(base, **changes)
     # the default checkpoint is left to the session (the same folder), so the commands it prints name
     # --checkpoint only when the user did
     return AttributionSession(
         preset, checkpoint=ckpt if args.checkpoint else None, device=device, cache_root=getattr(args, "cache_root", None), config=config,
-        auto_build=auto_build, preset_spec=args.preset,
+        auto_build=auto_build, preset_spec=args.preset, preset_named=named, attribution_base=base,
     )
 
 
@@ -293,6 +309,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         if not shard.is_main and not METHODS[name].shards:
             continue  # one rank is enough; the others wait at the barrier below
         configure_threads(f"building {name}")  # other processes come and go during a long build
+        plan = None if session.method(name).is_built(session.ctx) else session.method(name).build_plan(session.ctx)
+        if plan and shard.is_main:
+            print(f"{name}: {plan}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         full = None
         with build_progress(name if shard.world == 1 else f"{name}[{shard.rank}]", shard.rank) as progress:

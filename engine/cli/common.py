@@ -53,10 +53,22 @@ def int_list(text: str, flag: str, minimum: int = 1) -> tuple[int, ...]:
     return values
 
 
+class DefaultPreset(str):
+    """``--preset``'s default, told apart from a ``--preset digits`` the user typed (``preset_named``)."""
+
+
+DEFAULT_PRESET = DefaultPreset("digits")
+
+
+def preset_named(args: argparse.Namespace) -> bool:
+    """Whether the user named ``--preset`` (else it is the default, and a ``--checkpoint``'s own settings apply)."""
+    return not isinstance(getattr(args, "preset", None), DefaultPreset)
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
-        default="digits",
+        default=DEFAULT_PRESET,
         help=f"experiment preset ({', '.join(PRESETS)}) or a preset .json file (default: digits)",
     )
     p.add_argument(

@@ -99,6 +99,45 @@ def read_config(folder: str | Path) -> tuple[Preset, dict[str, Any]]:
         raise CheckpointError(f"unreadable checkpoint config {path}: {e}") from e
 
 
+def recorded_preset(folder: str | Path) -> Preset | None:
+    """The preset a checkpoint folder says it is attributed with, read without its weights; None when it says none
+    (a diffusers folder without ``attribution_preset.json``) or there is no checkpoint there to read.
+
+    Why: a command run with ``--checkpoint`` and no ``--preset`` took the default preset's (digits') attribution
+    settings for any model: a model trained from a preset file with ``mc_samples`` 8, or diffusers weights whose
+    ``attribution_preset.json`` sets them, were attributed with digits' M = 64 (QA 33). The attribution settings
+    come from here instead (``attribution_source``). A shipped preset's name gives that preset as this code defines
+    it (its recorded copy may predate a settings change the shipped caches were built with)."""
+    from ..config import PRESETS
+
+    folder = Path(folder)
+    try:
+        if (folder / "unet" / "config.json").is_file() or _is_diffusers_unet(folder):
+            side = folder / "attribution_preset.json"
+            return side_preset(side) if side.is_file() else None
+        preset, _ = read_config(folder)
+    except CheckpointError:
+        return None  # no checkpoint (yet) or an unreadable one: the command that loads it says so
+    return PRESETS.get(preset.name, preset)
+
+
+def attribution_source(folder: str | Path | None, caller: Preset, named: bool) -> tuple[Preset, str | None]:
+    """The preset whose attribution settings a command uses on checkpoint ``folder``, and a note for the user when
+    the choice is worth saying. ``named``: the caller named its preset (``--preset``); its settings are then used,
+    with a note when the checkpoint says it was trained as another preset. Otherwise the checkpoint's own
+    (``recorded_preset``), falling back to the caller's default."""
+    recorded = None if folder is None else recorded_preset(folder)
+    if recorded is None:
+        return caller, None
+    if not named:
+        return recorded, None
+    if recorded.name != caller.name and recorded.attribution != caller.attribution:
+        return caller, (f"checkpoint {folder} was trained as preset '{recorded.name}'; its attributions use "
+                        f"--preset {caller.name}'s attribution settings, which differ "
+                        f"(omit --preset to use the checkpoint's own)")
+    return caller, None
+
+
 def load_checkpoint(
     folder: str | Path, device: torch.device | str = "cpu", wanted: Preset | None = None
 ) -> tuple[nn.Module, Preset, dict[str, Any]]:

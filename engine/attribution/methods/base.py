@@ -170,6 +170,11 @@ class AttributionMethod(ABC):
         common = {"mc_samples": c.mc_samples, "seed": c.seed} if self.needs_gradient else {}
         return {**common, **{f: getattr(c, f) for f in self.config_fields}}
 
+    def build_plan(self, ctx: EngineContext) -> str | None:
+        """One line on what building this method will do (its passes, what it stores), printed before a build
+        starts; None when there is nothing worth saying (the default)."""
+        return None
+
     def damping_floor(self) -> float | None:
         """The smallest damping whose scores do not weigh numerical rounding (None: no such limit, the default)."""
         return None

@@ -214,6 +214,24 @@ class KFACInfluence(AttributionMethod):
         nbytes = len(ctx.dataset) * num_params(ctx.params) * (1 if self.quantize else 4)
         return "stored" if nbytes <= self.config.kfac_bank_max_gb * (1 << 30) else "compressed"
 
+    def build_plan(self, ctx: EngineContext) -> str | None:
+        """What a build of this method will do, said before it starts (QA 33: a cifar2 build on a CPU showed a bar at
+        0% for a minute and never said that ``auto`` had chosen the compressed bank, nor how many rows each pass has):
+        the bank kind and why, and the (example, draw) rows of the factor pass and of the bank's gradient pass."""
+        n, p, m = len(ctx.dataset), num_params(ctx.params), self.config.mc_samples
+        mode = self.bank_mode(ctx)
+        stored_gib = n * p / (1 << 30)
+        why = ""
+        if self.config.kfac_bank == "auto":
+            over = stored_gib > self.config.kfac_bank_max_gb
+            why = (f" (auto: a stored int8 bank of N x P = {n:,} x {p:,} bytes, {stored_gib:.3g} GiB, "
+                   f"{'exceeds' if over else 'fits'} kfac_bank_max_gb {self.config.kfac_bank_max_gb:g})")
+        factor_rows = n * (self.factor_draws or m)
+        passes = f"factor pass over {factor_rows:,} (example, draw) rows" + (", twice (EK-FAC)" if self.config.ekfac else "")
+        if bank_kind(mode).gradient_pass:
+            passes += f", then a gradient pass over {n * m:,} rows for the bank"
+        return f"{mode} bank{why}; {passes}"
+
     def _joint(self) -> bool:
         if self.config.kfac_blocks not in KFAC_BLOCKS:
             raise ValueError(f"kfac_blocks must be one of {KFAC_BLOCKS}, not {self.config.kfac_blocks!r}")
