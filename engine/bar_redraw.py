@@ -72,3 +72,14 @@ def add_done_before(bar: Any, k: int) -> None:
         bar.n += k
         bar.last_print_n += k
         bar.refresh()
+
+
+def short_duration(seconds: float) -> str:
+    """A duration in a few characters for a bar or a warning: "50 s", "13 min", "5.2 h", "27 d"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} d"

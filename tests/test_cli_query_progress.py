@@ -116,3 +116,17 @@ def test_tqdm_mininterval_thins_the_build_bars(monkeypatch, capsys):
                 progress(f"kfac: train gradients {i}/200", i / 200)
         err = capsys.readouterr().err
         assert err.count("\r") <= 4, err.count("\r")  # the first draw and the close, not one per call
+
+
+def test_a_build_bar_says_the_time_left_from_this_runs_speed():
+    """QA 33: a cifar2 factor pass on a CPU sat at 0 per mille (256 of 1,250,000 rows) with no estimate; the bar
+    now gives the time left at this run's mean speed, from the fraction itself, after its first 10 s."""
+    from engine.attribution.terminal_progress import time_left
+
+    assert time_left(0.0, 0.1, 0.2, now=100.0) == "13 min"  # 0.8 left at 0.1 per 100 s
+    assert time_left(0.0, 0.0, 256 / 1_250_000, now=54.0) == "3 d"  # 54 s for 256 rows: 263,617 s left
+    assert time_left(0.0, 0.0, 0.5, now=50.0) == "50 s"
+    assert time_left(0.0, 0.0, 0.9, now=3600.0 * 18) == "2.0 h"
+    assert time_left(0.0, 0.3, 0.3, now=100.0) is None  # nothing moved in this run (resumed at 30%)
+    assert time_left(0.0, 0.0, 0.5, now=5.0) is None  # too early to say
+    assert time_left(0.0, 0.0, 1.0, now=100.0) is None  # done

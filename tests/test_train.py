@@ -284,3 +284,20 @@ def test_an_error_saves_nothing_and_an_interruption_before_the_first_step_has_no
     finally:
         Diffusion.per_sample_loss = original
     assert not (tmp_path / "b" / STATE).exists()
+
+
+def test_a_run_of_days_is_said_after_its_first_step(tmp_path, tiny_preset, digits_small, monkeypatch):
+    """QA 33: `train --preset cifar2` on a CPU (72 s per step, 32,000 steps) said nothing until its bar's ETA read
+    636 h. After the first step a run projected past 12 h gets a warning with what shortens it."""
+    from engine.model import train as train_module
+    from engine.model.train import long_run_note
+
+    note = long_run_note(72.0, 31_999, "cpu")
+    assert note.startswith("at 72.0 s per step on cpu, the 31,999 steps left take about 27 d")
+    assert "--steps" in note and "model.base_channels" in note
+    assert long_run_note(0.1, 30_000, "cpu") is None  # 50 min: no warning
+    preset = tiny_preset.replace(train={"steps": 3, "checkpoint_every": 1000, "batch_size": 16})
+    monkeypatch.setattr(train_module, "LONG_RUN_S", 0.0)  # every run is "long": the warning comes once
+    with pytest.warns(UserWarning, match=r"the 2 steps left take about") as caught:
+        train(preset, tmp_path / "r", dataset=digits_small, progress=False)
+    assert sum("steps left take about" in str(w.message) for w in caught) == 1

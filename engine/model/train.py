@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..bar_redraw import short_duration
 from ..config import Preset
 from ..files import atomic_torch_save, atomic_write_bytes
 from ..paths import ASSETS
@@ -183,6 +185,7 @@ def train(
     # everything, while the command said to rerun it to resume (QA 33)
     phase = "between"
     start = draws_now()
+    first_step, loop_start = step, time.monotonic()
     try:
         while step < total:
             start = draws_now()  # what the step draws from (5 KiB of generator state)
@@ -215,6 +218,10 @@ def train(
             if step % tc.log_every == 0 or step == total:
                 log.append({"step": step, "loss": running, "elapsed_s": time.time() - t0})
             phase = "between"
+            if step == first_step + 1:  # a run of days on this device is said at once, not by a bar's ETA later
+                note = long_run_note(time.monotonic() - loop_start, total - step, str(device), LONG_RUN_S)
+                if note:
+                    warnings.warn(note, stacklevel=2)
             if bar is not None:
                 bar.update(1)
                 if step % 20 == 0:
@@ -250,6 +257,21 @@ def train(
     if state_path.is_file():
         state_path.unlink()
     return out
+
+
+LONG_RUN_S = 12 * 3600  # a run projected past this gets a warning after its first step
+
+
+def long_run_note(step_seconds: float, steps_left: int, device: str, limit_s: float = LONG_RUN_S) -> str | None:
+    """Why a training run will take days here, after its first step, when its steps left at that speed exceed
+    ``limit_s`` (QA 33: `train --preset cifar2` on a 2-core CPU took 72 s per step and said nothing until its bar's
+    ETA read 636 h). None when it will not."""
+    left = step_seconds * steps_left
+    if left <= limit_s:
+        return None
+    return (f"at {step_seconds:.1f} s per step on {device}, the {steps_left:,} steps left take about "
+            f"{short_duration(left)}: a GPU (--device cuda), fewer steps (--steps) or a smaller model "
+            "(model.base_channels in a preset file) shortens it; Ctrl-C keeps the finished steps for a rerun")
 
 
 def is_finished(folder: str | Path) -> bool:
