@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_session import tiny_checkpoint
+from test_session import TINY_ATTRIBUTION, tiny_checkpoint
 
 import engine.attribution.session
 from engine.attribution.methods import method_names
@@ -443,3 +443,19 @@ def test_without_preset_a_checkpoint_is_attributed_with_its_own_settings(cli):
     assert "was trained as preset 'tiny'; its attributions use --preset digits's attribution settings" in err
     rc, out, err = cli("query", "--query", "train:1", "--methods", "kfac", "--kfac-factor-draws", "3")
     assert rc != 0 and "attribution-engine build --checkpoint " in err and "--preset" not in err, err
+
+
+def test_the_attribution_source_rule_that_every_command_applies(setup, capsys):
+    """``with_attribution_source``, which query, build and the evaluation commands (lds, retrain-top) apply to
+    their preset: the checkpoint's own settings unless --preset was named, then the named one's with a note."""
+    import argparse
+
+    from engine.cli.common import DEFAULT_PRESET, with_attribution_source
+    from engine.config import get_preset
+
+    folder, _ = setup
+    digits = get_preset("digits")
+    assert with_attribution_source(argparse.Namespace(preset=DEFAULT_PRESET), digits, folder).attribution == \
+        TINY_ATTRIBUTION  # the tiny checkpoint's recorded settings
+    assert with_attribution_source(argparse.Namespace(preset="digits"), digits, folder).attribution == digits.attribution
+    assert "trained as preset 'tiny'" in capsys.readouterr().err

@@ -37,6 +37,7 @@ from .common import (
     register,
     resolve,
     subcommand,
+    with_attribution_source,
 )
 from .query_output import format_result, write_scores
 
@@ -165,15 +166,11 @@ def _kfac_bank_help() -> str:
 def open_session(args: argparse.Namespace, auto_build: bool = False) -> AttributionSession:
     """An AttributionSession from the common CLI options."""
     from ..attribution.session import AttributionSession
-    from ..model.checkpoint import attribution_source
 
     preset, ckpt, device = resolve(args)
     named = preset_named(args)
     # whose attribution settings: the named preset's, else the checkpoint's own (QA 33: digits' for any model)
-    source, note = attribution_source(ckpt, preset, named)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    base = source.attribution
+    base = with_attribution_source(args, preset, ckpt).attribution
     # ranges (M >= 1, a known bank kind, ...) are engine.validation.check_attribution_config's, which the
     # session runs on this config before any work: one refusal, exit 2, naming the flag
     changes: dict[str, Any] = {}

@@ -65,6 +65,17 @@ def preset_named(args: argparse.Namespace) -> bool:
     return not isinstance(getattr(args, "preset", None), DefaultPreset)
 
 
+def with_attribution_source(args: argparse.Namespace, preset: Preset, checkpoint: Path) -> Preset:
+    """``preset`` with the attribution settings a command uses on ``checkpoint``: the named preset's, else the
+    checkpoint's own (``checkpoint.attribution_source``); its note, if any, printed on stderr."""
+    from ..model.checkpoint import attribution_source  # torch, which the parser must not import
+
+    source, note = attribution_source(checkpoint, preset, preset_named(args))
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return preset.replace(attribution=source.attribution)
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..config import TRUE_MC_SAMPLES
-from .common import at_least, register, resolve, subcommand
+from .common import at_least, register, resolve, subcommand, with_attribution_source
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
@@ -84,6 +84,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     preset, ckpt, device = resolve(args)
+    preset = with_attribution_source(args, preset, ckpt)  # the named preset's, else the checkpoint's own
     setup = resolve_setup(preset, ckpt, device, "lds", out=args.out, results=args.results, quick=args.quick)
     cfg = LDSConfig(
         subsets=args.subsets if args.subsets is not None else (4 if setup.quick else 32),
@@ -148,6 +149,7 @@ def cmd_retrain_top(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     preset, ckpt, device = resolve(args)
+    preset = with_attribution_source(args, preset, ckpt)  # the named preset's, else the checkpoint's own
     setup = resolve_setup(preset, ckpt, device, "retrain_top", out=args.out, results=args.results)
     cfg = RetrainTopConfig(
         queries=_names(args.query) or (),

@@ -90,8 +90,9 @@ def resolve_setup(
                   f"steps, {how}); the preset's train.steps = {requested.train.steps:,} is not used",
                   file=sys.stderr, flush=True)
         preset = ck_preset.replace(data={"root": preset.data.root}) if preset.data.root else ck_preset
-        # the checkpoint fixes how the model was trained; the attribution settings are the requested
-        # preset's, as in the app and the CLI (AttributionSession), not those saved when it was trained
+        # the checkpoint fixes how the model was trained; the attribution settings are the requested preset's
+        # (the CLI's lds and retrain-top give it the named preset's, else the checkpoint's own settings:
+        # cli.common.with_attribution_source), as in the app and the other commands
         preset = preset.replace(attribution=requested.attribution)
     return RunSetup(preset, ckpt, load_dataset(preset.data), out_dir, results_dir, device, False)
 
