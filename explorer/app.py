@@ -61,6 +61,8 @@ def main() -> None:
         help=plain.model_details(session.preset.name, session.shape, session.checkpoint, session.checkpoint_hash,
                                  session.device),
     )
+    if handle.settings_note:
+        st.info(handle.settings_note[0].upper() + handle.settings_note[1:], icon="ℹ️")
     plugin_files_note()
     build_view.build_panel(handle)
     query = query_view.choose_query(handle)

@@ -33,6 +33,7 @@ from engine.attribution.build_worker import WAITING_TURN, BuildState, BuildWorke
 from engine.attribution.caches import WAITING
 from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
+from engine.attribution.terminal_progress import time_left
 from engine.validation import word_list
 from explorer.grid_filler import GridFiller
 from explorer.job_queue import JobQueue
@@ -190,6 +191,9 @@ class Handle:
     status_snapshot: dict[str, dict] | None = None
     worker: BuildWorker | None = None  # the one cache build of this server process
     precomputed: PrecomputedGallery | None = None  # shipped gallery scores (engine.attribution.precomputed)
+    # why this server's attribution settings are not those of the preset its checkpoint was trained as (the named
+    # --preset's differ: checkpoint.attribution_source); the page shows it under the model line (QA 34: log only)
+    settings_note: str | None = None
     # damping grids and exact re-ranks after the first answer, the tabs in turn
     grid_filler: GridFiller = field(default_factory=lambda: GridFiller(alive=session_alive))
     recent_results: RecentResults = field(default_factory=RecentResults)  # raw results the tabs share
@@ -277,6 +281,7 @@ def get_handle(args: AppArgs) -> Handle:
     handle = Handle(
         session=session,
         args=args,
+        settings_note=note,
         cache_root=Path(args.cache) if args.cache else cache_root(),
         retrain_queue=JobQueue(max_running=args.max_retrain_jobs),
     )
@@ -338,7 +343,11 @@ def build_message(handle: Handle, state: BuildState | None = None) -> str:
     # a resumed build's minutes are this run's: say so, and that it resumed (QA 23 #3: after kill -9 the time
     # restarted from 0 and the page never said the build had resumed)
     run = " in this run, which resumed work saved by an earlier one" if state.resumed else ""
-    return f"{msg} (whole build {state.fraction:.0%}, {state.elapsed_s / 60:.1f} min so far{run})"
+    left = None
+    if state.started is not None and state.start_fraction is not None:  # the CLI's bars say it too (QA 34)
+        left = time_left(state.started, state.start_fraction, state.fraction, now=time.time())
+    left_words = f", about {left} left" if left else ""
+    return f"{msg} (whole build {state.fraction:.0%}, {state.elapsed_s / 60:.1f} min so far{left_words}{run})"
 
 
 def finished_message(state: BuildState, titles: dict[str, str] | None = None) -> str:

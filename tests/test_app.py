@@ -1001,3 +1001,29 @@ def test_a_method_file_that_does_not_parse_is_named_on_the_page_and_the_rest_wor
     warnings = " ".join(w.value for w in at.warning)
     assert "Left out, so the other methods keep working" in warnings and "zz_test_app_broken.py: cannot be read" in warnings
     assert "Cannot load the model" not in _texts(at)
+
+
+def test_a_named_preset_other_than_the_checkpoints_is_said_on_the_page(tiny_app, monkeypatch):
+    """QA 34: with `-- --preset digits --checkpoint X` (X trained as another preset) the note that digits' attribution
+    settings apply was in the server log only. The handle keeps it, the page shows it under the model line; without
+    --preset the checkpoint's own settings apply and there is nothing to say."""
+    from streamlit.testing.v1 import AppTest
+
+    from explorer import runtime
+
+    named = runtime.AppArgs(preset="digits", checkpoint=tiny_app["ATTRIBUTION_CHECKPOINT"],
+                            cache=tiny_app["ATTRIBUTION_CACHE"], device="cpu", preset_named=True)
+    handle = runtime.get_handle(named)
+    assert handle.settings_note and "was trained as preset" in handle.settings_note
+    from engine.config import get_preset
+
+    assert handle.session.config == get_preset("digits").attribution  # the named preset's settings apply
+    own = runtime.get_handle(dataclasses.replace(named, preset_named=False))
+    assert own.settings_note is None
+    for key, value in {"ATTRIBUTION_PRESET": "digits", "ATTRIBUTION_CHECKPOINT": tiny_app["ATTRIBUTION_CHECKPOINT"],
+                       "ATTRIBUTION_CACHE": tiny_app["ATTRIBUTION_CACHE"], "ATTRIBUTION_DEVICE": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(runtime, "start_build", lambda handle: None)  # the page, not a build with digits' M = 64
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert any("was trained as preset" in i.value for i in at.info)

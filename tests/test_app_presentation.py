@@ -651,6 +651,10 @@ def test_a_server_waiting_for_another_processs_build_shows_no_whole_build_share(
     assert "kfac-bank 3/15 parts" in text and "1.5 min so far" in text
     own = BuildState(status="running", message="kfac: factors 100/400 rows", fraction=0.24, started=start)
     assert "(whole build 24%, 1.5 min so far)" in build_message(handle, own)
+    # QA 34: the time left at this run's speed, as the CLI's bars give it: 0.2 of the build in 120 s, 0.6 left
+    timed = BuildState(status="running", message="kfac: factors 100/400 rows", fraction=0.4,
+                       started=time.time() - 120, start_fraction=0.2)
+    assert "(whole build 40%, 2.0 min so far, about 6 min left)" in build_message(handle, timed)
     # QA 30c: another model's build in this server holds the turn; its words are the whole line
     turn = ("waiting for the digits model's cache build in this server to finish (one build at a time, so that each "
             "gets the whole CPU; 1.5 min so far)")

@@ -167,6 +167,8 @@ def test_progress_is_overall_and_monotone():
     w.wait(30)
     assert seen == sorted(seen) and seen[-1] == 1.0
     assert pytest.approx(0.25) in seen and pytest.approx(0.75) in seen  # half of a, half of b
+    # the time left counts from the first progress this job reported (runtime.build_message)
+    assert w.state.start_fraction == pytest.approx(0.25)  # a's first report: a half done, a quarter of the two methods' build
 
 
 def test_a_build_that_resumes_saved_work_says_so():

@@ -98,6 +98,9 @@ class BuildState:
     # the passes that resumed work an earlier (killed) run saved, as they said it: elapsed_s counts this run
     # only, so the page says the build resumed rather than letting "built in 2.5 min" stand for the whole (QA 23 #3)
     resumed: tuple[str, ...] = ()
+    # ``fraction`` at this job's first progress (the work found saved or built before it included): the time left
+    # is estimated from this run's speed past it (``runtime.build_message``)
+    start_fraction: float | None = None
 
     @property
     def pending(self) -> tuple[str, ...]:
@@ -306,7 +309,8 @@ class BuildWorker:
                     overall = whole()
                     # a pass resuming saved work (the bank's, the factors', TRAK's) says so in these words
                     resumed = (*self.state.resumed, msg) if EARLIER_RUN in msg else self.state.resumed
-                    self._set(message=msg, fraction=overall, resumed=resumed)
+                    first = overall if self.state.start_fraction is None else self.state.start_fraction
+                    self._set(message=msg, fraction=overall, resumed=resumed, start_fraction=first)
                     if bar is not None:  # TQDM_MININTERVAL thins it (engine.bar_redraw)
                         move(bar, overall, msg[:70], field="postfix")
 

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -146,6 +147,8 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=step, desc=f"train {preset.name}", unit="step")
+        if step:  # a resumed run says so (QA 34: only the bar's start at 102/300 showed it)
+            bar.write(f"resuming at step {step:,} of {total:,} from {state_path}", file=sys.stderr)
     model.train()
     t0 = time.time() - elapsed_before
     last_save = time.monotonic()
@@ -220,7 +223,9 @@ def train(
             phase = "between"
             if step == first_step + 1:  # a run of days on this device is said at once, not by a bar's ETA later
                 note = long_run_note(time.monotonic() - loop_start, total - step, str(device), LONG_RUN_S)
-                if note:
+                if note and bar is not None:  # on its own line, not after the bar's (QA 34)
+                    bar.write(f"warning: {note}", file=sys.stderr)
+                elif note:
                     warnings.warn(note, stacklevel=2)
             if bar is not None:
                 bar.update(1)
