@@ -359,8 +359,10 @@ def finished_message(state: BuildState, titles: dict[str, str] | None = None) ->
     before = [titles.get(n, n) for n in state.built_before]
     if before:
         words = word_list(before, "and")
-        return (f"Attribution caches built: {minutes} in this run, which {'resumed saved work; ' if state.resumed else ''}"
-                f"{words} {'were' if len(before) > 1 else 'was'} built by an earlier run; results below are live.")
+        # QA 34: without a resume the line read "in this run, which K-FAC Influence and TRAK were built by ..."
+        run = " in this run, which resumed saved work" if state.resumed else " in this run"
+        return (f"Attribution caches built: {minutes}{run}; {words} {'were' if len(before) > 1 else 'was'} built by "
+                "an earlier run; results below are live.")
     if state.resumed:
         return f"Attribution caches built {minutes} in this run, which resumed work saved by an earlier one; results below are live."
     return f"Attribution caches built in {minutes}; results below are live."

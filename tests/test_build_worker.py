@@ -356,6 +356,11 @@ def test_the_finished_line_names_what_an_earlier_run_built():
     line = finished_message(after, {"kfac": "K-FAC Influence", "trak": "TRAK"})
     assert line == ("Attribution caches built: 0.3 min in this run, which resumed saved work; K-FAC Influence and TRAK "
                     "were built by an earlier run; results below are live.")
+    # QA 34: without a resume it read "0.3 min in this run, which K-FAC Influence and TRAK were built by ..."
+    plain = BuildState(status="done", started=t - 18, finished=t, built_before=("kfac", "trak"))
+    assert finished_message(plain, {"kfac": "K-FAC Influence", "trak": "TRAK"}) == (
+        "Attribution caches built: 0.3 min in this run; K-FAC Influence and TRAK were built by an earlier run; "
+        "results below are live.")
     one = finished_message(BuildState(status="done", started=t - 18, finished=t, built_before=("kfac",)))
     assert "K-FAC was built by an earlier run" in finished_message(
         BuildState(status="done", started=t, finished=t, built_before=("kfac",)), {"kfac": "K-FAC"}) and "kfac was" in one
