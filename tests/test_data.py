@@ -220,7 +220,7 @@ def test_folder_flat_has_no_labels_and_native_size(tmp_path):
 
     Image.new("L", (5, 5)).save(tmp_path / "sub" / "three.webp")
     with pytest.warns(UserWarning, match=r"1 image file\(s\) in a format the folder data set does not read were "
-                                         r"skipped \(e\.g\. sub/three\.webp\)"):
+                                         r"skipped \(sub/three\.webp\)"):
         ds = load_dataset(cfg)
     assert ds.ids == ["sub/one.png", "sub/two.png"]
 

@@ -74,6 +74,7 @@ def test_two_dampings_give_two_file_names_and_the_csv_says_which(shipped):
     assert head[3].startswith("# not included: clip (")  # no CLIP weights here (QA 23 #4)
     head = head[:3] + head[4:]
     assert head[0].startswith("# model: digits, checkpoint ") and session.checkpoint_hash in head[0]
+    assert f"(digits, content digest {session.data_digest})" in head[0]  # which training set (QA 34)
     assert "query: gallery:0; measurement: loss, 64 Monte Carlo draws" in head[1]
     assert f"kfac (damping {steps[0]:.3g}, precomputed)" in head[2] and "dtrak (damping" in head[2]
     assert "square-norm measurement" in head[2]

@@ -23,12 +23,17 @@ from .results import reason_head
 
 
 def model_settings(session: Any) -> dict[str, Any]:
-    """The model that made the scores: preset name, checkpoint folder and its content hash."""
+    """The model that made the scores: preset name, checkpoint folder and its content hash, and the training set
+    it attributes to: its name, folder (when read from one) and content digest (QA 33/34: an export of a model of
+    one's own named neither its data folder nor which images were in it)."""
     return {
         "preset": session.preset.name,
         "checkpoint": str(session.checkpoint),
         "checkpoint_hash": session.checkpoint_hash,
         "num_train": len(session.dataset),
+        "data": session.dataset.name,
+        "data_root": None if session.preset.data.root is None else str(session.preset.data.root),
+        "data_digest": session.data_digest,
     }
 
 
@@ -157,7 +162,9 @@ def settings_lines(settings: dict[str, Any]) -> list[str]:
             + (f" (pool seed {settings['pool_seed']})" if "pool_seed" in settings else ""))
     return [
         f"model: {model['preset']}, checkpoint {model['checkpoint']} (content hash {model['checkpoint_hash']}), "
-        f"{model['num_train']} training images",
+        f"{model['num_train']} training images"
+        + (f" ({model['data']}{' from ' + model['data_root'] if model.get('data_root') else ''}, content digest "
+           f"{model['data_digest']})" if model.get("data_digest") else ""),
         f"{what}; measurement: {settings['measurement']}, {settings['mc_samples']} Monte Carlo draws",
         "methods: " + "; ".join(_damping_words(settings)),
         *([f"not included: {', '.join(f'{n} ({why})' for n, why in settings['left_out'].items())}"]

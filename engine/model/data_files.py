@@ -260,9 +260,10 @@ def find_images(root: Path) -> list[Path]:
     files = [p for p in visible if p.suffix.lower() in IMAGE_SUFFIXES]
     other = sorted(p.relative_to(root).as_posix() for p in visible if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
     if other:
+        named = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
         warnings.warn(
             f"{root}: {len(other)} image file(s) in a format the folder data set does not read were skipped "
-            f"(e.g. {other[0]}); convert them to {', '.join(IMAGE_SUFFIXES)} to include them",
+            f"({named}); convert them to {', '.join(IMAGE_SUFFIXES)} to include them",
             stacklevel=2,
         )
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
