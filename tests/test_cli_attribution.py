@@ -459,3 +459,24 @@ def test_the_attribution_source_rule_that_every_command_applies(setup, capsys):
         TINY_ATTRIBUTION  # the tiny checkpoint's recorded settings
     assert with_attribution_source(argparse.Namespace(preset="digits"), digits, folder).attribution == digits.attribution
     assert "trained as preset 'tiny'" in capsys.readouterr().err
+
+
+def test_only_the_shipped_folders_take_the_shipped_presets_settings(setup, tmp_path):
+    """QA 34: a preset file named "digits" with M = 8 trained a checkpoint whose queries then used the shipped
+    digits' M = 64, because the recorded name was looked up among the shipped presets. Only the shipped folders
+    (assets/<preset>) are read as their preset as this code defines it; any other folder by its recorded settings."""
+    import shutil
+
+    from engine.config import PRESETS
+    from engine.model.checkpoint import recorded_preset
+    from engine.paths import ASSETS
+
+    folder, _ = setup
+    mine = tmp_path / "mine"
+    shutil.copytree(folder, mine)
+    cfg = json.loads((mine / "config.json").read_text())
+    cfg["preset"]["name"] = "digits"  # a run of one's own that kept the name
+    (mine / "config.json").write_text(json.dumps(cfg))
+    assert recorded_preset(mine).attribution == TINY_ATTRIBUTION and recorded_preset(mine).name == "digits"
+    assert recorded_preset(ASSETS / "digits") == PRESETS["digits"]
+    assert recorded_preset(ASSETS / "mnist") == PRESETS["mnist"]

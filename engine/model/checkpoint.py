@@ -106,9 +106,12 @@ def recorded_preset(folder: str | Path) -> Preset | None:
     Why: a command run with ``--checkpoint`` and no ``--preset`` took the default preset's (digits') attribution
     settings for any model: a model trained from a preset file with ``mc_samples`` 8, or diffusers weights whose
     ``attribution_preset.json`` sets them, were attributed with digits' M = 64 (QA 33). The attribution settings
-    come from here instead (``attribution_source``). A shipped preset's name gives that preset as this code defines
-    it (its recorded copy may predate a settings change the shipped caches were built with)."""
+    come from here instead (``attribution_source``). A shipped checkpoint (``assets/<preset>``) gives its preset as
+    this code defines it (its recorded copy may predate a settings change the shipped caches were built with); any
+    other folder its recorded settings, whatever its preset's name (QA 34: a preset file named "digits" with M = 8
+    was read as the shipped digits, M = 64)."""
     from ..config import PRESETS
+    from ..paths import ASSETS
 
     folder = Path(folder)
     try:
@@ -118,7 +121,8 @@ def recorded_preset(folder: str | Path) -> Preset | None:
         preset, _ = read_config(folder)
     except CheckpointError:
         return None  # no checkpoint (yet) or an unreadable one: the command that loads it says so
-    return PRESETS.get(preset.name, preset)
+    shipped = preset.name in PRESETS and folder.resolve() == (ASSETS / preset.name).resolve()
+    return PRESETS[preset.name] if shipped else preset
 
 
 def attribution_source(folder: str | Path | None, caller: Preset, named: bool) -> tuple[Preset, str | None]:
