@@ -480,3 +480,16 @@ def test_only_the_shipped_folders_take_the_shipped_presets_settings(setup, tmp_p
     assert recorded_preset(mine).attribution == TINY_ATTRIBUTION and recorded_preset(mine).name == "digits"
     assert recorded_preset(ASSETS / "digits") == PRESETS["digits"]
     assert recorded_preset(ASSETS / "mnist") == PRESETS["mnist"]
+
+
+def test_a_factor_draws_difference_that_the_caches_m_implies_needs_no_flag_of_its_own():
+    """QA 33 #6: a K-FAC cache built at M = 8 with all its draws (stored as factor_draws None) against digits' M = 64
+    with k = 8: the hint gave no flag, since "factor_draws None" has none, though --mc-samples 8 alone finds it (k >= M
+    is stored as None). The difference it implies is dropped; others stay."""
+    from engine.attribution.caches import _implied_by_mc_samples
+
+    implied = {"factor_draws": (None, 8), "mc_samples": (8, 64)}
+    assert _implied_by_mc_samples(implied) == {"mc_samples": (8, 64)}
+    kept = {"factor_draws": (None, 4), "mc_samples": (8, 64)}  # k = 4 < 8: --mc-samples 8 would give other factors
+    assert _implied_by_mc_samples(kept) == kept
+    assert _implied_by_mc_samples({"factor_draws": (None, 8)}) == {"factor_draws": (None, 8)}  # M is the same

@@ -192,6 +192,7 @@ class MethodCaches:
                 have = entry.get("settings") or {}
                 diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
                         if have.get(k) != want.get(k) and k not in ("draws", "params")}
+                diff = _implied_by_mc_samples(diff)
                 if diff and (best is None or len(diff) < len(best)):
                     best = diff
         except Exception:  # noqa: BLE001 - a hint only
@@ -418,3 +419,15 @@ def _all_locked(store: Any, keys: list[tuple[str, dict[str, Any]]], on_wait: Cal
         for (key, _), settings in tags:
             stack.enter_context(store.lock(f"build-{key}", settings, on_wait=first_wait, while_waiting=while_waiting))
         yield True
+
+
+def _implied_by_mc_samples(diff: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+    """``diff`` without a K-FAC ``factor_draws`` difference that the cache's M implies: a cache built with all of its
+    M draws (None) against k >= that M asked is the same factor set once ``--mc-samples M`` is added (k >= M is
+    stored as None, ``KFACInfluence``). QA 33 #6: the hint for a cache built at M = 8 against digits' M = 64, k = 8
+    offered no flag, since "factor_draws None" has none, where TRAK's said "add --mc-samples 8"."""
+    fd, mc = diff.get("factor_draws"), diff.get("mc_samples")
+    if fd is not None and mc is not None and fd[0] is None and fd[1] is not None and mc[0] is not None \
+            and int(fd[1]) >= int(mc[0]):
+        return {k: v for k, v in diff.items() if k != "factor_draws"}
+    return diff
