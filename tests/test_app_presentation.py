@@ -249,6 +249,7 @@ class FakeHandle:
         self.build = SimpleNamespace(status="done", checking=False)
         self.worker = None
         self.precomputed = None
+        self.settings_note = None  # runtime.Handle: no named-preset note
         self.lock = threading.RLock()
         self.recent_results = RecentResults()
         self.grid_filler = SimpleNamespace(submit=lambda *a: None)
