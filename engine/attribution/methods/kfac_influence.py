@@ -211,8 +211,11 @@ class KFACInfluence(AttributionMethod):
         if mode != "auto":
             bank_kind(mode)  # ValueError naming the valid kinds
             return mode
-        nbytes = len(ctx.dataset) * num_params(ctx.params) * (1 if self.quantize else 4)
-        return "stored" if nbytes <= self.config.kfac_bank_max_gb * (1 << 30) else "compressed"
+        return "stored" if self._stored_bank_bytes(ctx) <= self.config.kfac_bank_max_gb * (1 << 30) else "compressed"
+
+    def _stored_bank_bytes(self, ctx: EngineContext) -> int:
+        """N x P bytes of a stored int8 bank (4x that unquantised): what ``auto`` weighs against kfac_bank_max_gb."""
+        return len(ctx.dataset) * num_params(ctx.params) * (1 if self.quantize else 4)
 
     def build_plan(self, ctx: EngineContext) -> str | None:
         """What a build of this method will do, said before it starts (QA 33: a cifar2 build on a CPU showed a bar at
@@ -220,12 +223,11 @@ class KFACInfluence(AttributionMethod):
         the bank kind and why, and the (example, draw) rows of the factor pass and of the bank's gradient pass."""
         n, p, m = len(ctx.dataset), num_params(ctx.params), self.config.mc_samples
         mode = self.bank_mode(ctx)
-        stored_gib = n * p / (1 << 30)
         why = ""
-        if self.config.kfac_bank == "auto":
-            over = stored_gib > self.config.kfac_bank_max_gb
-            why = (f" (auto: a stored int8 bank of N x P = {n:,} x {p:,} bytes, {stored_gib:.3g} GiB, "
-                   f"{'exceeds' if over else 'fits'} kfac_bank_max_gb {self.config.kfac_bank_max_gb:g})")
+        if self.config.kfac_bank == "auto":  # bank_mode's rule, in words
+            why = (f" (auto: a stored int8 bank of N x P = {n:,} x {p:,} bytes, "
+                   f"{self._stored_bank_bytes(ctx) / (1 << 30):.3g} GiB, {'fits' if mode == 'stored' else 'exceeds'} "
+                   f"kfac_bank_max_gb {self.config.kfac_bank_max_gb:g})")
         factor_rows = n * (self.factor_draws or m)
         passes = f"factor pass over {factor_rows:,} (example, draw) rows" + (", twice (EK-FAC)" if self.config.ekfac else "")
         if bank_kind(mode).gradient_pass:
@@ -324,7 +326,8 @@ class KFACInfluence(AttributionMethod):
                 factors = KFACFactors.from_arrays(ctx.store.load_arrays(FACTORS, fs, mmap=False), template, ctx.device)
         self.factors = factors
         self._eigenvalues = factors.eigenvalues().to(ctx.device)
-        self._resolution_floor = factors.resolution_floor(getattr(torch, self.config.kfac_factor_dtype))
+        self._resolution_floor = factors.resolution_floor(getattr(torch, self.config.kfac_factor_dtype),
+                                                          self._eigenvalues)
         self.bank = bank_kind(self.bank_mode(ctx)).build(self, ctx, factors, progress)
         self.gradient_consumers = []  # used once (the stored bank's pass feeds them)
         self._key = self._ctx_key(ctx)
