@@ -187,7 +187,6 @@ def train(
     # Why: a Ctrl-C before the first timed checkpoint (120 s; one cifar2 step on a CPU takes about a minute) lost
     # everything, while the command said to rerun it to resume (QA 33)
     phase = "between"
-    start = draws_now()
     first_step, loop_start = step, time.monotonic()
     try:
         while step < total:
