@@ -445,6 +445,37 @@ def test_without_preset_a_checkpoint_is_attributed_with_its_own_settings(cli):
     assert rc != 0 and "attribution-engine build --checkpoint " in err and "--preset" not in err, err
 
 
+def test_a_preset_for_other_data_than_the_checkpoints_is_named_in_the_error(setup, monkeypatch, capsys, tmp_path):
+    """QA 33 #3: a cifar2 checkpoint queried with a preset file for an image folder ended in "CIFAR folder ...
+    lacks data_batch_1": the checkpoint's kind of data with the preset's folder, and nothing said that the two
+    disagree. The error now names both kinds; the loader's own words stay in it."""
+    from engine.model.data import DataError
+
+    folder, cache = setup
+
+    def read_as(cfg):
+        raise DataError(f"CIFAR folder {cfg.root} lacks data_batch_1 (a stand-in for the {cfg.name} reader)")
+
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", read_as)
+    spec = tmp_path / "mine.json"
+    spec.write_text(json.dumps({"name": "mine", "base": "digits",
+                                "data": {"name": "folder", "root": str(tmp_path), "image_size": 16, "channels": 3}}))
+    rc = main(["query", "--query", "train:1", "--methods", "pixel", "--preset", str(spec), "--checkpoint", str(folder),
+               "--device", "cpu", "--cache-root", str(cache)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = err.strip().splitlines()[-1]
+    assert "was trained as preset 'tiny' on digits data (8x8x1)" in line, line
+    assert f"--preset {spec} describes folder data (16x16x3)" in line and "lacks data_batch_1" in line, line
+    assert "Traceback" not in err
+    # the preset's own kind of data: the loader's error as it was, with no word of a mismatch
+    spec.write_text(json.dumps({"name": "mine", "base": "digits", "data": {"root": str(tmp_path)}}))
+    rc = main(["query", "--query", "train:1", "--methods", "pixel", "--preset", str(spec), "--checkpoint", str(folder),
+               "--device", "cpu", "--cache-root", str(cache)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "lacks data_batch_1" in err and "was trained as preset 'tiny' on" not in err, err
+
+
 def test_the_attribution_source_rule_that_every_command_applies(setup, capsys):
     """``with_attribution_source``, which query, build and the evaluation commands (lds, retrain-top) apply to
     their preset: the checkpoint's own settings unless --preset was named, then the named one's with a note."""

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from ..config import AttributionConfig, Preset, get_preset
-from ..model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
-from ..model.data import ImageDataset, load_dataset
+from ..model.checkpoint import CheckpointError, checkpoint_hash, describe_data, load_checkpoint
+from ..model.data import DataError, ImageDataset, load_dataset
 from ..model.diffusion import Diffusion
 from ..model.measurements import parse_measurement
 from ..model.train import trained_on_problem
@@ -126,7 +126,7 @@ class AttributionSession(SessionBuilds, SessionQueryInputs, SessionScoring, Sess
         self.checkpoint_extra = extra
         self.model = model
         self.diffusion = Diffusion(self.preset.diffusion)
-        self.dataset: ImageDataset = dataset if dataset is not None else load_dataset(self.preset.data)
+        self.dataset: ImageDataset = dataset if dataset is not None else self._load_training_set(folder, wanted)
         check_data_fits_model(self.preset.model, self.dataset.shape)
         # hashed once: the training-set check, the cache key and the precomputed file's key all use it
         self.data_digest = self.dataset.content_digest()
@@ -175,6 +175,27 @@ class AttributionSession(SessionBuilds, SessionQueryInputs, SessionScoring, Sess
         self.startup_ms = (time.perf_counter() - t0) * 1000.0
 
     # --- setup ------------------------------------------------------------------------
+
+    def _load_training_set(self, folder: Path, wanted: Preset) -> ImageDataset:
+        """The checkpoint's training set, read from the caller's data root.
+
+        The checkpoint names the kind of data it was trained on; the caller's preset names only where it lies. When
+        the two presets name different kinds (a cifar2 checkpoint under a preset file for an image folder), the
+        folder is read as the checkpoint's kind and fails; the error then says the checkpoint and the preset
+        disagree, not only that the folder is not CIFAR (QA 33 #3)."""
+        try:
+            return load_dataset(self.preset.data)
+        except DataError as e:
+            trained, asked = self.preset, wanted
+            if self._checkpoint_arg is None or trained.data.name == asked.data.name:
+                raise
+            raise DataError(
+                f"checkpoint {folder} was trained as preset '{trained.name}' on {describe_data(trained)}, but "
+                f"--preset {self._preset_arg} describes {describe_data(asked)}, so its data root was read as "
+                f"{trained.data.name} data and failed ({e}). Attribute the checkpoint with the data it was trained "
+                f"on (--preset {trained.name}, or no --preset, with --data-root where they are), or pass a "
+                "--checkpoint trained on these data"
+            ) from e
 
     def _make_context(self):
         from .context import make_context

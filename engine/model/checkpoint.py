@@ -125,6 +125,13 @@ def recorded_preset(folder: str | Path) -> Preset | None:
     return PRESETS[preset.name] if shipped else preset
 
 
+def describe_data(preset: Preset) -> str:
+    """``cifar2 data (32x32x3)``: the kind and shape of a preset's training images, for messages."""
+    d = preset.data
+    shape = f" ({d.image_size}x{d.image_size}x{d.channels})" if d.image_size else ""
+    return f"{d.name} data{shape}"
+
+
 def attribution_source(folder: str | Path | None, caller: Preset, named: bool) -> tuple[Preset, str | None]:
     """The preset whose attribution settings a command uses on checkpoint ``folder``, and a note for the user when
     the choice is worth saying. ``named``: the caller named its preset (``--preset``); its settings are then used,
