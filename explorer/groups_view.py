@@ -285,6 +285,7 @@ def groups_page(handle: Handle, s: Settings) -> None:
     st.caption(f"{drawn}All {len(qset)} samples scored in one batch per method ({timing}; the query gradients of "
                "a measurement are computed once and counted at the first method that uses them); changing the "
                "group only re-sums columns.")
+    damping_warnings(handle, result)
     removal_section(handle, result, s)
     reverse_section(handle, result, s)
     downloads(handle, result, s)
@@ -385,6 +386,15 @@ def axis_labels(handle: Handle, methods: list[str], measurement: str) -> dict[st
     out.update({n: f"{info[n]['title']}: predicted change of the {session.measurement_used(n, measurement)}"
                 for n in methods})
     return out
+
+
+def damping_warnings(handle: Handle, result: GroupResult) -> None:
+    """A box per method whose scores weigh numerical rounding at its damping (K-FAC below its factors' resolution
+    floor), as the Explore page's column has: the group sums and rankings are made of those scores."""
+    info = handle.session.method_info()
+    for n in result.ok():
+        if warning := result.methods[n].warning:
+            st.warning(f"{info[n]['title']}: {warning}", icon="⚠️")
 
 
 def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
@@ -596,6 +606,7 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
         st.warning(f"No influence method is built ({influence_titles(handle)}): the ranking needs one.")
         return
     if res.ok():
+        damping_warnings(handle, res)
         reverse_section(handle, res, s)
         data = _table(res)
         long = data.melt(id_vars=["sample", "label"], value_vars=res.ok(), var_name="method", value_name="change")

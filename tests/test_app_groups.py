@@ -287,3 +287,26 @@ def test_the_retraining_caption_compares_the_records_settings_with_the_served_mo
         "at other attribution settings than this model's: kfac_damping: 1e-06 (now 1e-08); not recomputed.")
     assert "the record does not name" in retrain_record_note([old, same], ["label:3", "label:8"], served)
     assert "2026-12-01 and 2026-12-06" in retrain_record_note([old, same], ["label:3", "label:8"], served)
+
+
+def test_the_groups_page_warns_below_kfacs_damping_floor(app_env):
+    """The Explore column's box for a K-FAC damping below its factors' resolution floor (QA 32 #7) was missing
+    from the Groups page, whose sums and rankings are made of the same scores; it is there now, and only then."""
+    from explorer.controls import damping_key
+    from explorer.shared_results import RecentResults
+
+    at = _start(app_env)
+    _handle().group_matrices = RecentResults(48)  # the server's handle outlives a test: start with no matrices
+    at.session_state["page"] = "Groups"
+    at.run()
+    at.radio(key="grp_kind").set_value("A class").run()
+    at.selectbox(key="grp_class").set_value(1).run()
+    _ok(at)
+    assert not any("resolution" in w.value for w in at.warning)
+    session = _handle().session
+    steps = session.method_info()["kfac"]["damping_steps"]
+    assert min(steps) < session.method("kfac").damping_floor()  # the slider reaches below this tiny model's floor
+    at.select_slider(key=damping_key("kfac", session.preset.name)).set_value(min(steps)).run()
+    _ok(at)
+    assert any(w.value.startswith("K-FAC Influence: damping") and "below the float32 factors' resolution" in w.value
+               for w in at.warning), [w.value for w in at.warning]

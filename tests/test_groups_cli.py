@@ -75,8 +75,9 @@ def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
     # each method says what its changes are of: D-TRAK always scores the square norm (it was labelled "loss")
     assert {n: e["measurement"] for n, e in res["methods"].items()} == {
         "kfac": "loss", "trak": "loss", "dtrak": "square-norm"}
-    for entry in res["methods"].values():
-        assert set(entry) == {"queries", "damping", "measurement"}
+    for name, entry in res["methods"].items():
+        # K-FAC's answers carry its factors' resolution floor, as query --json's (no warning at the default damping)
+        assert set(entry) == {"queries", "damping", "measurement"} | ({"damping_floor"} if name == "kfac" else set())
         assert [q["query"] for q in entry["queries"]] == ["gallery:0", "gallery:1", "gallery:2"]
         for q in entry["queries"]:
             assert set(q) == {"query", "label", "predicted_change"}
@@ -207,6 +208,33 @@ def test_group_and_reverse_json_record_each_methods_damping(cli):
     assert rc == 0, err
     res = json.loads(out)["methods"]
     assert res["kfac"]["damping"] == default["kfac"] and res["trak"]["damping"] == 2e-2
+
+
+def test_group_reverse_and_copy_check_warn_below_kfacs_damping_floor(cli):
+    """QA 32 #7's warning reached single queries only: group sums, reverse rankings and copy-check shares at
+    --damping kfac=1e-15 (below the float32 factors' resolution floor) said nothing. Each now prints it and carries
+    damping_floor and warning in its JSON, as query --json does; at the floor itself there is none."""
+    rc, out, err = cli("build", "--methods", "kfac,trak")
+    assert rc == 0, err
+    rc, out, err = cli("query", "--query", "gallery:0", "--methods", "kfac", "--json")
+    assert rc == 0, err
+    floor = json.loads(out)["methods"]["kfac"]["damping_floor"]
+    assert 0 < floor < 1e-6
+    low = f"kfac={floor / 1e3:.3e}"
+    for argv, entry in (
+        (("group", "--remove", "label:3", "--methods", "kfac,trak"), lambda d: d["methods"]["kfac"]),
+        (("reverse", "--train", "5", "--methods", "kfac,trak"), lambda d: d["methods"]["kfac"]),
+        (("copy-check", "--queries", "gallery"), lambda d: d),
+    ):
+        rc, out, err = cli(*argv, "--damping", low, "--json")
+        assert rc == 0, err
+        e = entry(json.loads(out))
+        assert e["damping_floor"] == pytest.approx(floor) and "below the float32 factors' resolution" in e["warning"]
+        assert "warning: kfac: damping" in err, (argv, err)
+        rc, out, err = cli(*argv, "--damping", f"kfac={floor * 1.01:.6e}", "--json")
+        assert rc == 0 and "warning" not in entry(json.loads(out)) and "warning: kfac" not in err, err
+    rc, out, err = cli("group", "--remove", "label:3", "--methods", "kfac,trak", "--damping", low, "--json")
+    assert "damping_floor" not in json.loads(out)["methods"]["trak"]  # a method with no such floor says none
 
 
 @pytest.mark.parametrize(

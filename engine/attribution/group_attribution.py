@@ -87,6 +87,15 @@ class GroupResult:
         exact = self.methods[name].exact
         return None if exact is None else exact.note
 
+    def damping_json(self, name: str) -> dict[str, Any]:
+        """A method's damping, and, as ``query --json`` gives them, its floor and the warning when the damping is
+        below it (QA 32 #7's warning reached the single query only: a group's sums at ``--damping kfac=1e-15``
+        said nothing)."""
+        r = self.methods[name]
+        return {"damping": r.damping,
+                **({"damping_floor": r.damping_floor} if r.damping_floor is not None else {}),
+                **({"warning": r.warning} if r.warning else {})}
+
     def size_caveat(self) -> str | None:
         """``groups.size_caveat`` for this group (None while no method has scores to give the set's size)."""
         scored = [r.scores for r in self.methods.values() if r.status == "ok" and r.scores is not None]
@@ -115,7 +124,7 @@ class GroupResult:
                         }
                         for q, c in enumerate(self.changes(name))
                     ],
-                    "damping": self.methods[name].damping,
+                    **self.damping_json(name),
                     "measurement": self.measurement_of(name),
                     **({"note": self.note(name)} if self.note(name) else {}),
                 }
@@ -130,7 +139,7 @@ class GroupResult:
             "measurement": self.measurement,
             **self.qset.identity(),
             "methods": {
-                name: {"top": [vars(s) for s in self.ranking(name, top_k)], "damping": self.methods[name].damping,
+                name: {"top": [vars(s) for s in self.ranking(name, top_k)], **self.damping_json(name),
                        "measurement": self.measurement_of(name),
                        **({"note": self.note(name)} if self.note(name) else {})}
                 for name in self.ok()

@@ -106,6 +106,10 @@ class MatrixResult:
     exact: ExactGroupScores | None = None
     # the measurement the method scored, when it is not the one asked for (D-TRAK: always the square norm)
     measurement: str | None = None
+    # as ``MethodResult``'s: a line when the scores weigh numerical rounding at this damping (K-FAC below its
+    # factors' resolution floor), and that floor (``AttributionMethod.damping_warning``/``damping_floor``)
+    warning: str | None = None
+    damping_floor: float | None = None
 
 
 # --- query sets ------------------------------------------------------------------------
@@ -427,6 +431,7 @@ def attribution_matrix(
             if path.is_file():
                 res.scores = load_npy(path)
                 res.timing_ms["loaded"] = 0.0
+                res.warning, res.damping_floor = m.damping_warning(res.damping), m.damping_floor()
                 continue
         try:
             g = gradients()
@@ -443,6 +448,7 @@ def attribution_matrix(
                 res.status, res.reason = "error", bad
                 continue
             res.scores = scores
+            res.warning, res.damping_floor = m.damping_warning(res.damping), m.damping_floor()
             if path is not None:
                 buf = io.BytesIO()
                 np.save(buf, scores)

@@ -98,6 +98,8 @@ def _run_group(args: argparse.Namespace, group_specs: list[str]):
     for name, r in result.methods.items():
         if r.status != "ok":
             print(f"warning: {name} {r.status}: {r.reason}", file=sys.stderr)
+        elif r.warning:  # a damping below the method's resolution floor, as query says it
+            print(f"warning: {name}: {r.warning}", file=sys.stderr)
     if not result.ok():
         raise RuntimeError("no method could score these queries (see the warnings above)")
     return session, [dataclasses.replace(result, group=g) for g in groups]
@@ -310,7 +312,7 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
             "method": names[0],
             # what the shares were computed with, as group and reverse say it (QA round 20: two runs at two
             # dampings could not be told apart)
-            "damping": result.methods[names[0]].damping,
+            **result.damping_json(names[0]),
             "measurement": result.measurement_of(names[0]),
             "flagged": sum(r.near_copy for r in rows),
             "training_flag_rate": base,
