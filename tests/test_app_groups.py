@@ -189,6 +189,20 @@ def test_groups_page_with_a_compressed_bank_shows_exact_changes_once(tiny_app, t
 
 
 @pytest.mark.slow
+def _groups_of_class_1(app_env):
+    """The Groups page on a fresh server handle's matrices, with class 1 as the group."""
+    from explorer.shared_results import RecentResults
+
+    at = _start(app_env)
+    _handle().group_matrices = RecentResults(48)  # the server's handle outlives a test: start with no matrices
+    at.session_state["page"] = "Groups"
+    at.run()
+    at.radio(key="grp_kind").set_value("A class").run()
+    at.selectbox(key="grp_class").set_value(1).run()
+    _ok(at)
+    return at
+
+
 def test_moving_one_methods_damping_rescores_that_method_alone(app_env, monkeypatch):
     """The Groups page keeps each method's matrix under its own damping: moving TRAK's damping scores TRAK
     again and reuses K-FAC's matrix (before, every method's matrix was recomputed)."""
@@ -199,15 +213,7 @@ def test_moving_one_methods_damping_rescores_that_method_alone(app_env, monkeypa
     monkeypatch.setattr(groups_view, "attribution_matrix",
                         lambda session, qset, measurement, methods, *a, **k: calls.append(list(methods))
                         or real(session, qset, measurement, methods, *a, **k))
-    from explorer.shared_results import RecentResults
-
-    at = _start(app_env)
-    _handle().group_matrices = RecentResults(48)  # the server's handle outlives a test: start with no matrices
-    at.session_state["page"] = "Groups"
-    at.run()
-    at.radio(key="grp_kind").set_value("A class").run()
-    at.selectbox(key="grp_class").set_value(1).run()
-    _ok(at)
+    at = _groups_of_class_1(app_env)
     assert calls and set(calls[-1]) >= {"kfac", "trak"}
     kfac_before = [m for m in _handle().group_matrices.values() if getattr(m, "name", None) == "kfac"]
     calls.clear()
@@ -293,15 +299,7 @@ def test_the_groups_page_warns_below_kfacs_damping_floor(app_env):
     """The Explore column's box for a K-FAC damping below its factors' resolution floor (QA 32 #7) was missing
     from the Groups page, whose sums and rankings are made of the same scores; it is there now, and only then."""
     from explorer.controls import damping_key
-    from explorer.shared_results import RecentResults
-
-    at = _start(app_env)
-    _handle().group_matrices = RecentResults(48)  # the server's handle outlives a test: start with no matrices
-    at.session_state["page"] = "Groups"
-    at.run()
-    at.radio(key="grp_kind").set_value("A class").run()
-    at.selectbox(key="grp_class").set_value(1).run()
-    _ok(at)
+    at = _groups_of_class_1(app_env)
     assert not any("resolution" in w.value for w in at.warning)
     session = _handle().session
     steps = session.method_info()["kfac"]["damping_steps"]
