@@ -72,7 +72,7 @@ def data_summary(dataset: ImageDataset, root: str | Path | None) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..model.data import load_dataset
-    from ..model.train import is_finished, train
+    from ..model.train import check_not_training, is_finished, train
 
     preset, ckpt, device = resolve(args)
     changes = {}
@@ -84,6 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         preset = preset.replace(train=changes)
     out = Path(args.out) if args.out else ckpt
     finished_before = is_finished(out)
+    if not finished_before:  # before the data load: a second run into a folder being trained stops here, in one line
+        check_not_training(out)
     t0 = time.time()
     dataset = load_dataset(preset.data)
     if not finished_before:  # what it trains on, before minutes of it (QA 33: a folder's skipped file went unseen)

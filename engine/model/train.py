@@ -14,6 +14,7 @@ is written last, so a folder with ``model.safetensors`` is a finished run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -21,13 +22,14 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .. import folder_lock
 from ..bar_redraw import short_duration
 from ..config import Preset
 from ..files import atomic_torch_save, atomic_write_bytes
@@ -87,15 +89,36 @@ def train(
     check_train_config(dataclasses.replace(tc, steps=total))  # before anything is written
     if out.exists() and not out.is_dir():
         raise TrainingSettingsError(f"--out {out} exists and is not a folder")
+    check_not_training(out)  # creates nothing: a run into a folder another run trains ends here, before the data
     ds = dataset if dataset is not None else load_dataset(preset.data)
     check_data_fits_model(preset.model, ds.shape)
     data_sha = ds.content_digest()
-    if is_finished(out):
-        keep = None if indices is None and exclude is None else select_indices(len(ds), indices, exclude)
-        _check_finished_run(out, preset, total, keep, data_sha, len(ds))
+    subset = None if indices is None and exclude is None else select_indices(len(ds), indices, exclude)
+    if is_finished(out):  # only read: a finished folder (the shipped weights') gets no lock file
+        _check_finished_run(out, preset, total, subset, data_sha, len(ds))
         return out  # finished before, with these settings and data
-    keep = select_indices(len(ds), indices, exclude)
+    keep = subset if subset is not None else select_indices(len(ds))
     out.mkdir(parents=True, exist_ok=True)
+    with training_lock(out):  # to the end, however it ends: one writer of train_state.pt and the weights
+        if is_finished(out):  # by the run that held the folder since this one looked
+            _check_finished_run(out, preset, total, subset, data_sha, len(ds))
+            return out
+        return _train_held(preset, out, total, ds, keep, data_sha, device, progress, resumed)
+
+
+def _train_held(
+    preset: Preset,
+    out: Path,
+    total: int,
+    ds: ImageDataset,
+    keep: np.ndarray,
+    data_sha: str,
+    device: torch.device | str,
+    progress: bool | Callable[[int, int, float], None],
+    resumed: Callable[[int], None] | None,
+) -> Path:
+    """``train``'s steps, checkpoints and final weights, in a folder whose lock it holds."""
+    tc = preset.train
     x_all = ds.images[torch.as_tensor(keep)].to(device)
     n = x_all.shape[0]
 
@@ -288,6 +311,43 @@ def is_finished(folder: str | Path) -> bool:
 
 class TrainingSettingsError(ValueError):
     """The output folder holds a run made with other settings; the message lists them and what to do."""
+
+
+LOCK = ".train-run.lock"  # not evaluation.setup's ".train.lock", a pid file on an LDS run's folder that it deletes
+
+
+class TrainingBusyFolderError(ValueError):
+    """Another live run is training into the output folder: two writers of one ``train_state.pt`` would overwrite
+    each other's steps, and one finishing deletes the state the other resumes from.  A ValueError, so the CLI shows
+    it as one ``error:`` line with exit status 2, as it does the settings errors."""
+
+
+@contextlib.contextmanager
+def training_lock(out: str | Path) -> Iterator[None]:
+    """Hold ``out``'s training lock (``out/.train-run.lock``, ``engine.folder_lock``; the folder must exist);
+    ``TrainingBusyFolderError`` at once when another run holds it.  Released when the run ends, however it ends."""
+    try:
+        with folder_lock.exclusive(Path(out) / LOCK):
+            yield
+    except folder_lock.Held as e:
+        raise _busy(out, e.holder) from None
+
+
+def check_not_training(out: str | Path) -> None:
+    """``TrainingBusyFolderError`` when a run holds ``out`` now; creates nothing.  Before slow work (the data, which
+    the CLI loads before ``train`` takes the lock): a second run is refused then, not after it."""
+    try:
+        folder_lock.check_free(Path(out) / LOCK)
+    except folder_lock.Held as e:
+        raise _busy(out, e.holder) from None
+
+
+def _busy(out: str | Path, holder: folder_lock.Holder | None) -> TrainingBusyFolderError:
+    if holder is not None and holder.is_this_process():  # another thread of this process (an app's jobs)
+        who = "another training in this process"
+    else:
+        who = "another run" + (f" ({holder.words()})" if holder is not None else "")
+    return TrainingBusyFolderError(f"{out} is being trained by {who}; wait for it, or pass another --out")
 
 
 def _recipe(preset: Preset, total: int, keep: np.ndarray | None, data_sha: str | None = None) -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""One writer per folder: an exclusive, non-blocking ``fcntl.flock`` on a hidden file in it, which names its holder.
+
+The kernel drops a flock when the descriptor holding it closes, and so when its process ends, however it ends: a
+``kill -9`` never leaves a folder locked (the file stays, empty of meaning).  A flock belongs to one open
+descriptor, so a second take in the same process (another thread) is refused as well; nothing here takes one twice.
+Without ``fcntl`` (Windows, which the engine does not target) there is no lock and every take succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lock, as its file says (written once the lock is taken)."""
+
+    pid: int
+    started: float  # Unix time the lock was taken
+    host: str
+
+    def words(self) -> str:
+        """``pid 1234, started 02:41 UTC`` (the date too when not today; the host when not this one)."""
+        at = time.gmtime(self.started)
+        fmt = "%H:%M UTC" if at[:3] == time.gmtime()[:3] else "%Y-%m-%d %H:%M UTC"
+        where = "" if self.host == socket.gethostname() else f" on {self.host}"
+        return f"pid {self.pid}{where}, started {time.strftime(fmt, at)}"
+
+    def is_this_process(self) -> bool:
+        return self.pid == os.getpid() and self.host == socket.gethostname()
+
+
+class Held(Exception):
+    """The lock is held by another descriptor; ``holder`` is who, or None when its file does not say (yet)."""
+
+    def __init__(self, path: Path, holder: Holder | None) -> None:
+        super().__init__(f"{path} is locked" + (f" by {holder.words()}" if holder else ""))
+        self.path, self.holder = path, holder
+
+
+def read_holder(path: Path) -> Holder | None:
+    """The holder the file names; None when unreadable, or when it names a process of this host that is gone
+    (a file left by a dead holder, read in the instant before a new holder rewrites it)."""
+    try:
+        d = json.loads(Path(path).read_text())
+        holder = Holder(int(d["pid"]), float(d["started"]), str(d["host"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if holder.host == socket.gethostname():
+        try:
+            os.kill(holder.pid, 0)
+        except ProcessLookupError:
+            return None
+        except OSError:  # PermissionError: alive, another user's
+            pass
+    return holder
+
+
+def check_free(path: Path) -> None:
+    """``Held`` when ``path`` is locked now; creates nothing (no file: not locked).  A probe, for a caller that
+    would fail before slow work rather than at the take: the lock is tried shared and let go at once."""
+    if fcntl is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no such file (or folder): nobody holds it; unreadable: the take will say why
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise Held(Path(path), read_holder(path)) from None
+    finally:
+        os.close(fd)  # lets go of the probe's shared lock
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold ``path``'s lock (the file is created, its folder must exist) while the block runs; ``Held`` at once,
+    without waiting, when another descriptor holds it."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Held(Path(path), read_holder(path)) from None
+        me = {"pid": os.getpid(), "started": time.time(), "host": socket.gethostname()}
+        with contextlib.suppress(OSError):  # the lock holds without its note
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(me).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the flock
