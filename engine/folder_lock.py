@@ -1,7 +1,7 @@
 """One writer per folder: an exclusive, non-blocking ``fcntl.flock`` on a hidden file in it, which names its holder.
 
 The kernel drops a flock when the descriptor holding it closes, and so when its process ends, however it ends: a
-``kill -9`` never leaves a folder locked (the file stays, empty of meaning).  A flock belongs to one open
+``kill -9`` never leaves a folder locked (its file may stay: without a flock on it, it means nothing).  A flock belongs to one open
 descriptor, so a second take in the same process (another thread) is refused as well; nothing here takes one twice.
 Without ``fcntl`` (Windows, which the engine does not target) there is no lock and every take succeeds.
 """
@@ -70,7 +70,8 @@ def read_holder(path: Path) -> Holder | None:
 
 def check_free(path: Path) -> None:
     """``Held`` when ``path`` is locked now; creates nothing (no file: not locked).  A probe, for a caller that
-    would fail before slow work rather than at the take: the lock is tried shared and let go at once."""
+    would fail before slow work rather than at the take: the lock is tried shared and let go at once (a take in that
+    instant is refused, as if the folder were busy; of two runs started together, one goes on)."""
     if fcntl is None:
         return
     try:

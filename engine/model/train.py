@@ -9,7 +9,8 @@ Resumable: every ``checkpoint_every`` steps, and once ``checkpoint_seconds`` hav
 last save, the full state (weights, EMA, optimiser,
 RNG, loss log) is written atomically to ``train_state.pt``; a restarted run continues
 from it and produces the same weights as an uninterrupted run.  The final checkpoint
-is written last, so a folder with ``model.safetensors`` is a finished run.
+is written last, so a folder with ``model.safetensors`` is a finished run.  One run trains a folder at a time
+(``training_lock``): a second is refused at once.
 """
 
 from __future__ import annotations
@@ -100,10 +101,14 @@ def train(
     keep = subset if subset is not None else select_indices(len(ds))
     out.mkdir(parents=True, exist_ok=True)
     with training_lock(out):  # to the end, however it ends: one writer of train_state.pt and the weights
-        if is_finished(out):  # by the run that held the folder since this one looked
-            _check_finished_run(out, preset, total, subset, data_sha, len(ds))
-            return out
-        return _train_held(preset, out, total, ds, keep, data_sha, device, progress, resumed)
+        try:
+            if is_finished(out):  # by the run that held the folder since this one looked
+                _check_finished_run(out, preset, total, subset, data_sha, len(ds))
+                return out
+            return _train_held(preset, out, total, ds, keep, data_sha, device, progress, resumed)
+        finally:
+            if is_finished(out):  # no lock file left in a finished folder; removed while held, so a run that takes a
+                (out / LOCK).unlink(missing_ok=True)  # lock on a new file after this finds the run finished and only reads
 
 
 def _train_held(
