@@ -23,6 +23,8 @@ CIFAR file is data, and a pickle from an unknown source must not run code.
 from __future__ import annotations
 
 import pickle
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
+from . import folder_cache
 from .dataset import DataError, ImageDataset, data_folder
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -269,6 +272,15 @@ def find_images(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+# The version of what makes a folder's pixels (``prepare_image``, ``_read_image``, the array layout of
+# ``_decode_folder``): it is part of the decoded-folder cache's key (``folder_cache``), so bump it with any change
+# to them, or a cache made by the old code would be read as the new code's pixels.
+FOLDER_DECODE_VERSION = 1
+# a folder this large gets a progress bar while it is decoded; so does a smaller one still decoding after this long
+BAR_FILES = 2000
+BAR_AFTER_S = 2.0
+
+
 def prepare_image(img: Any, channels: int, size: int | None) -> np.ndarray:
     """A decoded PIL image -> uint8 (H, W) or (H, W, 3), as a training image of a folder data set is made:
     16-bit and float grey scaled to 8 bits, converted to grey or RGB (an alpha channel is dropped), and
@@ -300,8 +312,66 @@ def _read_image(path: Path, channels: int, size: int | None):
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
+def _decode_folder(root: Path, files: list[Path], channels: int, size: int | None) -> np.ndarray:
+    """Every file decoded by ``_read_image``, as one C-contiguous uint8 (N, C, H, W) array; all images must come
+    out the same size.  With a bar on stderr for a large folder or a slow decode (``_DecodeBar``)."""
+    arrays, first_shape = [], None
+    with _DecodeBar(len(files), root) as bar:
+        for p in files:
+            a = _read_image(p, channels, size)
+            if first_shape is None:
+                first_shape = a.shape
+            elif a.shape != first_shape:
+                raise DataError(
+                    f"image {p} is {a.shape[1]}x{a.shape[0]} but {files[0]} is "
+                    f"{first_shape[1]}x{first_shape[0]}; set image_size to resize all images"
+                )
+            arrays.append(a)
+            bar.step()
+    x = np.stack(arrays)
+    return np.ascontiguousarray(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2))
+
+
+class _DecodeBar:
+    """A tqdm bar on stderr counting decoded images, as the engine's other bars are drawn (``bar_redraw.interval``:
+    ``TQDM_MININTERVAL`` thins it in a log).  Why: decoding a large folder the first time takes minutes, which
+    without a bar cannot be told from a hang.  Drawn from the start for ``BAR_FILES`` files or more, else only
+    once the decode has taken ``BAR_AFTER_S``: a small folder (the tests', a tiny data set) stays quiet."""
+
+    def __init__(self, total: int, root: Path) -> None:
+        self.total, self.root, self.done, self.bar = total, root, 0, None
+        self.t0 = time.monotonic()
+        if total >= BAR_FILES:
+            self._open()
+
+    def _open(self) -> None:
+        from tqdm.auto import tqdm
+
+        from ..bar_redraw import interval
+
+        self.bar = tqdm(total=self.total, initial=self.done, desc=f"decoding images in {self.root.name}",
+                        unit="img", file=sys.stderr, **interval(0.5))
+
+    def step(self) -> None:
+        self.done += 1
+        if self.bar is None and time.monotonic() - self.t0 >= BAR_AFTER_S and self.done < self.total:
+            self._open()
+        elif self.bar is not None:
+            self.bar.update(1)
+
+    def __enter__(self) -> _DecodeBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def load_folder(cfg: DataConfig) -> ImageDataset:
-    """Every image under ``cfg.root``; see the module docstring for ids and labels."""
+    """Every image under ``cfg.root``; see the module docstring for ids and labels.  The decoded pixels come from
+    ``folder_cache`` when the folder has not changed since they were last decoded (QA 33 #8: decoding a
+    50,000-image folder took minutes on every command); the listing, its warnings, ids and labels are made
+    afresh each time, as the cache's key needs the listing anyway."""
     if cfg.root is None:
         raise DataError("the folder dataset needs a data folder: pass --data-root")
     if cfg.channels not in (1, 3):
@@ -310,19 +380,8 @@ def load_folder(cfg: DataConfig) -> ImageDataset:
     files = find_images(root)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    arrays, first_shape = [], None
-    for p in files:
-        a = _read_image(p, cfg.channels, cfg.image_size)
-        if first_shape is None:
-            first_shape = a.shape
-        elif a.shape != first_shape:
-            raise DataError(
-                f"image {p} is {a.shape[1]}x{a.shape[0]} but {files[0]} is "
-                f"{first_shape[1]}x{first_shape[0]}; set image_size to resize all images"
-            )
-        arrays.append(a)
-    x = np.stack(arrays)
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    x = folder_cache.load_or_decode(root, files, cfg.channels, cfg.image_size, FOLDER_DECODE_VERSION,
+                                    lambda: _decode_folder(root, files, cfg.channels, cfg.image_size))
     rel = [p.relative_to(root).as_posix() for p in files]
     labels, class_names = None, None
     loose = [r for r in rel if "/" not in r]

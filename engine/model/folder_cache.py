@@ -1,0 +1,162 @@
+"""A cache of decoded image folders: one ``.npz`` per folder and size, read instead of decoding every file again.
+
+Why: ``data_files.load_folder`` opened, decoded and Lanczos-resized every image with PIL on every command
+(train, query, build, the app's start, ...): minutes each time for a 50,000-image folder (QA 33 #8).  The
+decoded uint8 array depends only on the files and the decoding settings, so it is kept under a key of
+exactly those, and a second load of an unchanged folder reads one file.
+
+* **key**: the sorted relative paths with each file's size, mtime_ns and ctime_ns (a ``stat``, no file bytes
+  read), the channels, the image size, the decoding code's version (``data_files.FOLDER_DECODE_VERSION``) and
+  Pillow's version (its resampling and decoders make the pixels).  Any touched, replaced, added or removed
+  file gives another key, so a miss.  ctime too: ``cp -p`` or a restore can give a replaced file its old
+  size and mtime, never its old ctime.
+* **where**: ``$ATTRIBUTION_DATA_CACHE``, else ``$XDG_CACHE_HOME/diffusion-attribution/folders``, else
+  ``~/.cache/diffusion-attribution/folders``; never the data folder, which may be read-only or shared.
+  ``ATTRIBUTION_DATA_CACHE=off`` turns it off.  One file per (folder, channels, size): a changed folder
+  overwrites its own entry instead of leaving old ones behind.
+* **safety**: written through a temporary file and a rename (``engine.files.save_npz``), so a kill leaves
+  the old entry or the new one; an entry that does not read back whole, with its own key and the expected
+  shape and dtype, is a miss (decoded again and rewritten).  The cache never fails a load: an unwritable
+  folder is said once, then the load goes on without it.
+* **racy files**: a file whose mtime or ctime lies within ``SETTLE_NS`` of the listing's time could still
+  change inside the same timestamp tick (Linux stamps with a coarse clock, FAT in 2 s steps) with nothing
+  in its ``stat`` to show it; such a folder is decoded but not cached this time (git's "racily clean"
+  rule, made simpler).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..files import save_npz
+from ..npy_read import load_npz
+
+CACHE_ENV = "ATTRIBUTION_DATA_CACHE"
+OFF_VALUES = ("off", "0", "no", "false", "none")
+FORMAT = 1  # the layout of an entry (arrays "images" and "key"); bump it if that changes
+SETTLE_NS = 2_000_000_000  # a file stamped this close to the listing is "racy" (see the module docstring)
+STALE_TMP_S = 3600  # a writer's temporary file older than this was left by a killed process
+
+_warned: set[str] = set()  # cache folders already said to be unusable, so a process says it once
+
+
+def cache_dir(environ: dict[str, str] | None = None) -> Path | None:
+    """Where entries live (see the module docstring); None when ``ATTRIBUTION_DATA_CACHE`` turns the cache off."""
+    env = os.environ if environ is None else environ
+    chosen = env.get(CACHE_ENV, "").strip()
+    if chosen.lower() in OFF_VALUES:
+        return None
+    if chosen:
+        return Path(chosen).expanduser()
+    xdg = env.get("XDG_CACHE_HOME", "").strip()
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"  # the XDG spec ignores a relative one
+    return base / "diffusion-attribution" / "folders"
+
+
+def folder_key(files: list[Path], root: Path, channels: int, size: int | None, decoder_version: int,
+               now_ns: int | None = None) -> tuple[str, bool]:
+    """(SHA-256 of what the decoded array depends on, whether a file is too recent to trust its ``stat``).
+
+    ``OSError`` if a file cannot be ``stat``-ed (gone since it was listed)."""
+    import PIL
+
+    now = time.time_ns() if now_ns is None else now_ns
+    rows, racy = [], False
+    for p in files:
+        st = p.stat()
+        rows.append([p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+        racy = racy or any(abs(now - t) < SETTLE_NS for t in (st.st_mtime_ns, st.st_ctime_ns))
+    material = {"format": FORMAT, "decoder": decoder_version, "pillow": PIL.__version__, "channels": channels,
+                "image_size": size, "files": rows}
+    text = json.dumps(material, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest(), racy
+
+
+def entry_path(folder: Path, root: Path, channels: int, size: int | None) -> Path:
+    """The entry of this folder at these settings: its name (readable) and a hash of its absolute path."""
+    slot = hashlib.sha256(f"{root.resolve()}\0{channels}\0{size}".encode()).hexdigest()[:20]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", root.resolve().name)[:40].strip("._") or "folder"
+    return folder / f"{name}-c{channels}-s{size or 'native'}-{slot}.npz"
+
+
+def read_entry(path: Path, key: str, n: int, channels: int, size: int | None) -> np.ndarray | None:
+    """The cached uint8 (n, channels, H, W) array, or None for a miss: no entry, another key (the folder or the
+    settings changed), or an entry that does not read back whole with the right shape and dtype."""
+    try:
+        with load_npz(path) as z:
+            if str(z["key"][()]) != key:
+                return None
+            x = z["images"]
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - a damaged entry of any kind (cut short, garbage, not a zip) is a miss
+        return None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:2] != (n, channels):
+        return None
+    if size is not None and x.shape[2:] != (size, size):
+        return None
+    return x
+
+
+def _warn_once(folder: Path, err: BaseException) -> None:
+    if str(folder) in _warned:
+        return
+    _warned.add(str(folder))
+    warnings.warn(
+        f"cannot write the decoded-image cache in {folder} ({err}); image folders will be decoded again next "
+        f"time. Set {CACHE_ENV} to a writable folder, or to 'off' to not try",
+        stacklevel=4,
+    )
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of this entry that a killed writer left (``files.atomic_write_bytes`` names them
+    ``.<name>.*.tmp``): a 50,000-image entry is 150 MB or more, too much to leave lying about."""
+    cutoff = time.time() - STALE_TMP_S
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+def write_entry(path: Path, key: str, x: np.ndarray) -> None:
+    """Store ``x`` under ``key`` atomically; an unwritable folder (or a full disk) is said once, not raised."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
+        save_npz(path, images=x, key=np.array(key))
+    except OSError as e:
+        _warn_once(path.parent, e)
+
+
+def load_or_decode(root: Path, files: list[Path], channels: int, size: int | None, decoder_version: int,
+                   decode: Callable[[], np.ndarray]) -> np.ndarray:
+    """The uint8 (N, C, H, W) array of ``files`` (listed under ``root``): from the cache when an entry of this
+    exact folder state exists, else ``decode()``'s, which is then stored (unless the cache is off or a file is
+    racy).  Byte-identical either way, so the data set's ``content_digest`` does not depend on the cache."""
+    folder = cache_dir()
+    if folder is None:
+        return decode()
+    try:
+        key, racy = folder_key(files, root, channels, size, decoder_version)
+    except OSError:  # a file went away since the listing: decode() names it
+        return decode()
+    path = entry_path(folder, root, channels, size)
+    x = read_entry(path, key, len(files), channels, size)
+    if x is not None:
+        return x
+    x = decode()
+    if not racy:
+        write_entry(path, key, x)
+    return x
