@@ -30,6 +30,16 @@ os.environ.setdefault("ATTRIBUTION_THREADS", "1")
 torch.set_num_threads(1)  # also for module-scoped fixtures, which run before the per-test fixture below
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Decoded image folders are cached in a folder of this session (``engine.model.folder_cache``), never in the
+    user's ~/.cache; session-wide, and set before any fixture, so that module-scoped data and the CLI's
+    subprocesses use it too."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("ATTRIBUTION_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)
