@@ -268,9 +268,9 @@ def find_images(root: Path) -> list[Path]:
     Files in another image format (``UNREAD_IMAGE_SUFFIXES``) are skipped with a warning that names them (QA 33:
     a .webp was dropped silently, and the data set had one image fewer than the folder)."""
     visible = [p for p in root.rglob("*")
-               if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+               if not any(part.startswith(".") for part in _relative_parts(p, root)) and p.is_file()]
     files = [p for p in visible if p.suffix.lower() in IMAGE_SUFFIXES]
-    other = sorted(p.relative_to(root).as_posix() for p in visible if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
+    other = sorted(relative_id(p, root) for p in visible if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
     if other:
         named = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
         warnings.warn(
@@ -278,7 +278,18 @@ def find_images(root: Path) -> list[Path]:
             f"({named}); convert them to {', '.join(IMAGE_SUFFIXES)} to include them",
             stacklevel=2,
         )
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    return sorted(files, key=lambda p: relative_id(p, root))
+
+
+def _relative_parts(p: Path, root: Path) -> tuple[str, ...]:
+    """``p.relative_to(root).parts`` for a path that ``root.rglob`` made (``root``'s parts, then its own), without
+    pathlib's re-parsing: 0.7 s for 50,000 files, where a listing is now most of a cached folder's load."""
+    return p.parts[len(root.parts):]
+
+
+def relative_id(p: Path, root: Path) -> str:
+    """``p.relative_to(root).as_posix()`` for a path listed by ``find_images``: the image's id."""
+    return "/".join(_relative_parts(p, root))
 
 
 # The version of what makes a folder's pixels (``prepare_image``, ``_read_image``, the array layout of
@@ -389,7 +400,7 @@ def load_folder(cfg: DataConfig) -> ImageDataset:
     files = find_images(root)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    rel = [p.relative_to(root).as_posix() for p in files]
+    rel = [relative_id(p, root) for p in files]
     x = folder_cache.load_or_decode(root, files, rel, cfg.channels, cfg.image_size, FOLDER_DECODE_VERSION,
                                     lambda: _decode_folder(root, files, cfg.channels, cfg.image_size))
     labels, class_names = None, None
