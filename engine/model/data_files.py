@@ -356,13 +356,12 @@ class _DecodeBar:
     """A tqdm bar on stderr counting decoded images, as the engine's other bars are drawn (``bar_redraw.interval``:
     ``TQDM_MININTERVAL`` thins it in a log).  Why: decoding a large folder the first time takes minutes, which
     without a bar cannot be told from a hang.  Drawn from the start for ``BAR_FILES`` files or more, else only
-    once the decode has taken ``BAR_AFTER_S``: a small folder (the tests', a tiny data set) stays quiet."""
+    once the decode has taken ``BAR_AFTER_S``: a small folder (the tests', a tiny data set) stays quiet.  Opened
+    after the first image, so a folder whose first file is unreadable gets its one error line and no bar."""
 
     def __init__(self, total: int, root: Path) -> None:
         self.total, self.root, self.done, self.bar = total, root, 0, None
         self.t0 = time.monotonic()
-        if total >= BAR_FILES:
-            self._open()
 
     def _open(self) -> None:
         from tqdm.auto import tqdm
@@ -374,7 +373,8 @@ class _DecodeBar:
 
     def step(self) -> None:
         self.done += 1
-        if self.bar is None and time.monotonic() - self.t0 >= BAR_AFTER_S and self.done < self.total:
+        if self.bar is None and self.done < self.total and (
+                self.total >= BAR_FILES or time.monotonic() - self.t0 >= BAR_AFTER_S):
             self._open()
         elif self.bar is not None:
             self.bar.update(1)

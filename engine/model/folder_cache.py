@@ -58,8 +58,12 @@ def cache_dir(environ: dict[str, str] | None = None) -> Path | None:
     if chosen:
         return Path(chosen).expanduser()
     xdg = env.get("XDG_CACHE_HOME", "").strip()
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"  # the XDG spec ignores a relative one
-    return base / "diffusion-attribution" / "folders"
+    if xdg and Path(xdg).is_absolute():  # the XDG spec ignores a relative one
+        return Path(xdg) / "diffusion-attribution" / "folders"
+    home = Path(os.path.expanduser("~"))
+    if not home.is_absolute():  # no HOME and no passwd entry: "~" stays as it is, and would land in the work folder
+        return None
+    return home / ".cache" / "diffusion-attribution" / "folders"
 
 
 def folder_key(files: list[Path], rel: list[str], channels: int, size: int | None, decoder_version: int,
