@@ -130,3 +130,26 @@ def test_a_build_bar_says_the_time_left_from_this_runs_speed():
     assert time_left(0.0, 0.3, 0.3, now=100.0) is None  # nothing moved in this run (resumed at 30%)
     assert time_left(0.0, 0.0, 0.5, now=5.0) is None  # too early to say
     assert time_left(0.0, 0.0, 1.0, now=100.0) is None  # done
+
+
+def test_a_quiet_build_bar_keeps_its_clock_moving(capsys):
+    """QA 34 #2: a cifar2 factor pass on a CPU sends its second message after its first 256-row batch, over 4 min
+    in; tqdm does not redraw a bar moved by hand in between, so it showed "00:00" all that time and looked hung.
+    A bar with no message for ``quiet_redraw_s`` is redrawn, so its elapsed time moves; a busy one is not."""
+    import re
+    import time
+
+    from engine.attribution.terminal_progress import terminal_progress
+
+    with terminal_progress("building", quiet_redraw_s=0.4) as progress:
+        progress("kfac: K-FAC factors: 0/1250000 (example, draw) rows", 0.0)
+        time.sleep(2.3)
+    err = capsys.readouterr().err
+    clocks = re.findall(r"\| (\d\d:\d\d) ", err)
+    assert "00:02" in clocks and len(clocks) >= 4, (clocks, err)  # redrawn while quiet: the clock reached 2 s
+    with terminal_progress("building", redraw_s=100.0, quiet_redraw_s=1.0) as progress:
+        for i in range(30):
+            progress(f"kfac: K-FAC factors: {i}/30 (example, draw) rows", i / 30)
+            time.sleep(0.05)  # a message every 50 ms: never quiet for 1 s
+    err = capsys.readouterr().err
+    assert err.count("\r") <= 3, err.count("\r")  # the first draw and the close (tqdm's interval is 100 s here)
