@@ -425,7 +425,7 @@ def test_the_build_plan_says_which_bank_auto_chose_and_how_many_rows_each_pass_h
     plan = KFACInfluence(fits).build_plan(ctx)
     assert plan.startswith(f"stored bank (auto: a stored int8 bank of N x P = 20 x {p:,} bytes")
     assert "fits kfac_bank_max_gb 8" in plan
-    assert "factor pass over 40 (example, draw) rows, then a gradient pass over 80 rows for the bank" in plan
+    assert "factor pass over 40 (example, draw) rows, then a gradient pass over 20 images x 4 draws for the bank" in plan
     small = dataclasses.replace(fits, kfac_bank_max_gb=20 * p / 2 / (1 << 30))  # half the stored bank's size
     assert KFACInfluence(small).build_plan(make_context(tiny_preset, tiny_model, ds, "cpu", small, "h", None)) \
         .startswith("compressed bank (auto: a stored int8 bank of N x P")

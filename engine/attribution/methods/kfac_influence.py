@@ -231,7 +231,8 @@ class KFACInfluence(AttributionMethod):
         factor_rows = n * (self.factor_draws or m)
         passes = f"factor pass over {factor_rows:,} (example, draw) rows" + (", twice (EK-FAC)" if self.config.ekfac else "")
         if bank_kind(mode).gradient_pass:
-            passes += f", then a gradient pass over {n * m:,} rows for the bank"
+            # in images, as the bank's bar counts them (QA 34: "14,376 rows" announced, a bar at 224/1797)
+            passes += f", then a gradient pass over {n:,} images x {m} draws for the bank"
         return f"{mode} bank{why}; {passes}"
 
     def _joint(self) -> bool:
