@@ -156,7 +156,8 @@ def test_the_attribution_settings_of_a_preset_file_beside_the_weights_apply_with
     source, note = attribution_source(pipe, digits, named=False)
     assert source.attribution.mc_samples == 2 and note is None
     source, note = attribution_source(pipe, digits, named=True)  # the user's --preset still decides, and is told
-    assert source.attribution.mc_samples == 64 and "trained as preset 'pets'" in note
+    assert source.attribution.mc_samples == 64 and "attribution_preset.json names preset 'pets'" in note
+    assert "trained as" not in note  # diffusers weights record no training preset (QA 34 #9)
     bare = _pipeline(tmp_path / "q")  # no preset file: nothing recorded, the caller's settings
     assert recorded_preset(bare) is None and attribution_source(bare, digits, named=False) == (digits, None)
     assert attribution_source(tmp_path / "nothing", digits, named=False) == (digits, None)

@@ -115,7 +115,7 @@ def recorded_preset(folder: str | Path) -> Preset | None:
 
     folder = Path(folder)
     try:
-        if (folder / "unet" / "config.json").is_file() or _is_diffusers_unet(folder):
+        if _is_diffusers_folder(folder):
             side = folder / "attribution_preset.json"
             return side_preset(side) if side.is_file() else None
         preset, _ = read_config(folder)
@@ -143,7 +143,11 @@ def attribution_source(folder: str | Path | None, caller: Preset, named: bool) -
     if not named:
         return recorded, None
     if recorded.name != caller.name and recorded.attribution != caller.attribution:
-        return caller, (f"checkpoint {folder} was trained as preset '{recorded.name}'; its attributions use "
+        # diffusers weights record no training preset: theirs is the attribution_preset.json beside them (QA 34 #9)
+        said = (f"checkpoint {folder}'s attribution_preset.json names preset '{recorded.name}'"
+                if (Path(folder) / "attribution_preset.json").is_file() and _is_diffusers_folder(Path(folder))
+                else f"checkpoint {folder} was trained as preset '{recorded.name}'")
+        return caller, (f"{said}; its attributions use "
                         f"--preset {caller.name}'s attribution settings, which differ "
                         f"(omit --preset to use the checkpoint's own)")
     return caller, None
@@ -160,7 +164,7 @@ def load_checkpoint(
     folder = Path(folder)
     if not folder.exists():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    if (folder / "unet" / "config.json").is_file() or _is_diffusers_unet(folder):
+    if _is_diffusers_folder(folder):
         model, preset, extra = load_diffusers(folder, device)
         return model, preset if wanted is None else diffusers_data(preset, wanted, extra), extra
     if (folder / "unet").is_dir() or (folder / "model_index.json").is_file():
@@ -218,7 +222,7 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    if (folder / "unet" / "config.json").is_file() or _is_diffusers_unet(folder):
+    if _is_diffusers_folder(folder):
         unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
         files = [
             p
@@ -263,6 +267,11 @@ def checkpoint_hash(folder: str | Path) -> str:
 
 
 # --- diffusers adapter -------------------------------------------------------------
+
+
+def _is_diffusers_folder(folder: Path) -> bool:
+    """A diffusers pipeline folder (``unet/config.json``) or a bare ``UNet2DModel`` folder."""
+    return (folder / "unet" / "config.json").is_file() or _is_diffusers_unet(folder)
 
 
 def _is_diffusers_unet(folder: Path) -> bool:
