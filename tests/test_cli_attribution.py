@@ -40,6 +40,12 @@ def cli(setup, digits_small, monkeypatch, capsys):
 def test_build_then_query_json(cli, tmp_path):
     rc, out, err = cli("build", "--methods", "kfac,trak,pixel")
     assert rc == 0, err
+    # each method with a pass says what it will do first (QA 34 #9: TRAK said nothing), in images x draws as its bar
+    plans = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in err.splitlines()
+             if line.split(": ", 1)[0] in ("kfac", "trak")}
+    assert "then a gradient pass over 64 images x 4 draws for the bank" in plans["kfac"], err
+    assert plans["trak"].startswith("training-loss gradients of 64 images x 4 draws, projected to 32 of ") and \
+        plans["trak"].endswith(" dimensions (from kfac's gradient pass, not a pass of its own)"), err
     for name in ("kfac", "trak", "pixel"):
         assert any(line.startswith(name) and " ok " in line for line in out.splitlines()), out
     assert "total" in out

@@ -307,6 +307,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             continue  # one rank is enough; the others wait at the barrier below
         configure_threads(f"building {name}")  # other processes come and go during a long build
         plan = None if session.method(name).is_built(session.ctx) else session.method(name).build_plan(session.ctx)
+        if plan and name in fed_by:  # its gradients come from another method's pass (share_gradient_passes)
+            plan += f" (from {fed_by[name]}'s gradient pass, not a pass of its own)"
         if plan and shard.is_main:
             print(f"{name}: {plan}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()

@@ -169,6 +169,13 @@ class TRAK(AttributionMethod):
             )
         return self._projections[key]
 
+    def build_plan(self, ctx: EngineContext) -> str | None:
+        """Its gradient pass, in images x draws as its bar counts them, and the features' size (QA 34 #9: TRAK said
+        nothing before its build, where K-FAC said its passes)."""
+        what = "training-loss" if self.loss == "loss" else self.loss
+        return (f"{what} gradients of {len(ctx.dataset):,} images x {self.config.mc_samples} draws, projected to "
+                f"{self._dim(ctx, None):,} of {num_params(ctx.params):,} dimensions")
+
     def settings(self, ctx: EngineContext, dim: int | None = None) -> dict[str, Any]:
         """Everything the cached bank depends on (the Store keys its folder by this); ``dim``
         overrides config.trak_dim (a k sweep)."""
