@@ -473,6 +473,8 @@ def test_a_preset_for_other_data_than_the_checkpoints_is_named_in_the_error(setu
     line = err.strip().splitlines()[-1]
     assert "was trained as preset 'tiny' on digits data (8x8x1)" in line, line
     assert f"--preset {spec} describes folder data (16x16x3)" in line and "lacks data_batch_1" in line, line
+    # 'tiny' is no preset this code knows, so the hint names none (QA 36 #3: "--preset shapes", then refused)
+    assert "(no --preset, or its preset file, with --data-root" in line and "--preset tiny" not in line, line
     assert "Traceback" not in err
     # the preset's own kind of data: the loader's error as it was, with no word of a mismatch
     spec.write_text(json.dumps({"name": "mine", "base": "digits", "data": {"root": str(tmp_path)}}))

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import AttributionConfig, Preset, get_preset
-from ..model.checkpoint import CheckpointError, checkpoint_hash, describe_data, load_checkpoint
+from ..config import PRESETS, AttributionConfig, Preset, get_preset
+from ..model.checkpoint import CheckpointError, checkpoint_hash, describe_data, load_checkpoint, preset_words
 from ..model.data import DataError, ImageDataset, load_dataset
 from ..model.diffusion import Diffusion
 from ..model.measurements import parse_measurement
@@ -189,11 +189,13 @@ class AttributionSession(SessionBuilds, SessionQueryInputs, SessionScoring, Sess
             trained, asked = self.preset, wanted
             if self._checkpoint_arg is None or trained.data.name == asked.data.name:
                 raise
+            # a preset this code knows can be named; a preset file's name cannot (QA 36 #3: "--preset shapes")
+            named = f"--preset {trained.name}" if trained.name in PRESETS else "its preset file"
             raise DataError(
-                f"checkpoint {folder} was trained as preset '{trained.name}' on {describe_data(trained)}, but "
+                f"{preset_words(folder, trained.name)} on {describe_data(trained)}, but "
                 f"--preset {self._preset_arg} describes {describe_data(asked)}, so its data root was read as "
                 f"{trained.data.name} data and failed ({e}). Attribute the checkpoint with the data it was trained "
-                f"on (--preset {trained.name}, or no --preset, with --data-root where they are), or pass a "
+                f"on (no --preset, or {named}, with --data-root where they are), or pass a "
                 "--checkpoint trained on these data"
             ) from e
 

@@ -125,6 +125,14 @@ def recorded_preset(folder: str | Path) -> Preset | None:
     return PRESETS[preset.name] if shipped else preset
 
 
+def preset_words(folder: str | Path, name: str) -> str:
+    """``checkpoint F was trained as preset 'n'``, or, for diffusers weights, which record no training preset,
+    ``checkpoint F's attribution_preset.json names preset 'n'`` (QA 34 #9)."""
+    if (Path(folder) / "attribution_preset.json").is_file() and _is_diffusers_folder(Path(folder)):
+        return f"checkpoint {folder}'s attribution_preset.json names preset '{name}'"
+    return f"checkpoint {folder} was trained as preset '{name}'"
+
+
 def describe_data(preset: Preset) -> str:
     """``cifar2 data (32x32x3)``: the kind and shape of a preset's training images, for messages."""
     d = preset.data
@@ -143,11 +151,7 @@ def attribution_source(folder: str | Path | None, caller: Preset, named: bool) -
     if not named:
         return recorded, None
     if recorded.name != caller.name and recorded.attribution != caller.attribution:
-        # diffusers weights record no training preset: theirs is the attribution_preset.json beside them (QA 34 #9)
-        said = (f"checkpoint {folder}'s attribution_preset.json names preset '{recorded.name}'"
-                if (Path(folder) / "attribution_preset.json").is_file() and _is_diffusers_folder(Path(folder))
-                else f"checkpoint {folder} was trained as preset '{recorded.name}'")
-        return caller, (f"{said}; its attributions use "
+        return caller, (f"{preset_words(folder, recorded.name)}; its attributions use "
                         f"--preset {caller.name}'s attribution settings, which differ "
                         f"(omit --preset to use the checkpoint's own)")
     return caller, None
