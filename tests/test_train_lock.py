@@ -155,3 +155,24 @@ def test_without_fcntl_there_is_no_lock(tmp_path, digits_small, monkeypatch):
     with training_lock(out):
         assert train(_preset(), out, dataset=digits_small, progress=False) == out
     assert not (out / LOCK).exists()
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_data(tmp_path, monkeypatch):
+    """QA 36 #5: ``train --out`` on a read-only disk decoded a whole image folder first, then ended in a bare
+    "[Errno 30] Read-only file system"; a file on the path in "[Errno 20] Not a directory". Both are refused now,
+    before the data load, in a line that names --out."""
+    import engine.model.train as train_module
+    from engine.model.train import TrainingSettingsError
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    with pytest.raises(TrainingSettingsError, match=r"--out .*afile/run: .*afile is a file, not a folder"):
+        check_not_training(a_file / "run")
+    real = os.access
+    monkeypatch.setattr(train_module.os, "access",
+                        lambda p, mode, **k: False if Path(p) == tmp_path / "ro" else real(p, mode, **k))
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(TrainingSettingsError, match=r"ro is not writable \(it would be made in .*ro\); pass another"):
+        check_not_training(tmp_path / "ro" / "deep" / "run")
+    check_not_training(tmp_path / "fine" / "run")  # a folder that can be made: nothing said, nothing made
+    assert not (tmp_path / "fine").exists()

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -339,12 +340,27 @@ def training_lock(out: str | Path) -> Iterator[None]:
 
 
 def check_not_training(out: str | Path) -> None:
-    """``TrainingBusyFolderError`` when a run holds ``out`` now; creates nothing.  Before slow work (the data, which
-    the CLI loads before ``train`` takes the lock): a second run is refused then, not after it."""
+    """``TrainingBusyFolderError`` when a run holds ``out`` now, ``TrainingSettingsError`` when ``out`` cannot be
+    made or written; creates nothing.  Before slow work (the data, which the CLI loads before ``train`` takes the
+    lock): a second run, or an --out on a read-only disk, is refused then, not after minutes of decoding an image
+    folder and in a bare "[Errno 30] Read-only file system" (QA 36 #5)."""
     try:
         folder_lock.check_free(Path(out) / LOCK)
     except folder_lock.Held as e:
         raise _busy(out, e.holder) from None
+    _check_writable(Path(out))
+
+
+def _check_writable(out: Path) -> None:
+    """Whether ``out`` (or the folder it would be made in: its nearest existing parent) can be written."""
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise TrainingSettingsError(f"--out {out}: {where} is a file, not a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        made = "" if where == out else f" (it would be made in {where})"
+        raise TrainingSettingsError(f"--out {out}: {where} is not writable{made}; pass another --out")
 
 
 def _busy(out: str | Path, holder: folder_lock.Holder | None) -> TrainingBusyFolderError:
