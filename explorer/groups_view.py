@@ -309,8 +309,11 @@ def precomputed_matrices(handle: Handle, s: Settings) -> dict[str, MatrixResult]
             used = session.measurement_used(n, MEASUREMENT)
             # the damping the scores are at (the default where the sidebar holds none: a method not shown),
             # which the exports record
-            mats[n] = MatrixResult(n, "influence", "ok", reason="precomputed", damping=session.damping_for(n, s.damping_dict),
-                                   scores=scores, measurement=None if used == MEASUREMENT else used)
+            lam = session.damping_for(n, s.damping_dict)
+            floor = pre.damping_floor(n)  # the file's: the live method is not loaded (QA 36 #2)
+            mats[n] = MatrixResult(n, "influence", "ok", reason="precomputed", damping=lam,
+                                   scores=scores, measurement=None if used == MEASUREMENT else used,
+                                   warning=session.method(n).damping_warning(lam, floor), damping_floor=floor)
     return mats
 
 

@@ -224,6 +224,31 @@ def test_matrix_cache_round_trip(session, pool, tmp_path):
     assert "loaded" not in other["kfac"].timing_ms  # another damping is another matrix
 
 
+def test_a_cached_matrix_keeps_its_damping_floor_and_warning(session, pool, tmp_path):
+    """QA 36 #1: a pool's matrix read back from the cache came without K-FAC's damping floor and low-damping
+    warning, since a new session had not loaded the factors they come from; the floor is recorded beside the
+    matrix now, and a matrix cached without that record is scored again."""
+    floor = session.method("kfac").damping_floor()
+    low = {"kfac": floor / 100}
+    first = attribution_matrix(session, pool, "loss", ["kfac", "trak"], damping=low, cache_dir=tmp_path)["kfac"]
+    assert first.damping_floor == floor and "below the float32 factors' resolution" in first.warning
+    fresh = AttributionSession(session.preset, checkpoint=session.checkpoint, device="cpu", cache_root=session.cache_root,
+                               config=session.config, dataset=session.dataset)
+    assert fresh.method("kfac").damping_floor() is None  # nothing loaded: the floor can only come from the record
+    again = attribution_matrix(fresh, pool, "loss", ["kfac", "trak"], damping=low, cache_dir=tmp_path)
+    assert "loaded" in again["kfac"].timing_ms and again["kfac"].damping_floor == pytest.approx(floor)
+    assert again["kfac"].warning == first.warning
+    assert again["trak"].damping_floor is None and again["trak"].warning is None
+    at = attribution_matrix(fresh, pool, "loss", ["kfac"], damping={"kfac": floor * 2}, cache_dir=tmp_path)["kfac"]
+    assert at.warning is None
+    for record in tmp_path.glob("matrix_*kfac*.json"):  # a matrix cached before the record: scored again
+        record.unlink()
+    older = AttributionSession(session.preset, checkpoint=session.checkpoint, device="cpu", cache_root=session.cache_root,
+                               config=session.config, dataset=session.dataset)
+    redone = attribution_matrix(older, pool, "loss", ["kfac"], damping=low, cache_dir=tmp_path)["kfac"]
+    assert "loaded" not in redone.timing_ms and redone.warning == first.warning
+
+
 def test_a_damping_change_reuses_the_query_sets_gradients_from_the_gradient_cache(session, pool, monkeypatch):
     """QA round 18: the Groups page recomputed every sample's gradients at each new damping (6-8 s), although
     they do not depend on it; with a gradient cache the second damping is one product per method, and its

@@ -147,3 +147,27 @@ def test_a_blank_gallery_sample_is_written_as_unavailable_for_pixel_not_a_failed
     said = capsys.readouterr().out
     assert f"gallery:1: pixel unavailable for this sample: {live.methods['pixel'].reason}" in said
     assert "gallery:0:" not in said
+
+
+def test_a_precomputed_answer_below_kfacs_floor_warns_as_a_live_one(tiny_app, tmp_path):  # noqa: F811
+    """QA 36 #2: the first page's damping slider reaches 1e-12 through the precomputed file, under the shipped
+    digits factors' resolution floor (2.5e-10), and those answers carried no warning and no damping_floor: the
+    file was read before the factors were loaded. The file records the floor now, the answers use it, and they
+    agree with the live answer's warning."""
+    from engine.attribution.precomputed import PrecomputedGallery, precomputed_result
+
+    session = _session(tiny_app)
+    out = write_precomputed(session, tmp_path / "pre.npz", indices=[0])
+    floor = session.method("kfac").damping_floor()
+    pre = PrecomputedGallery(out)
+    assert floor is not None and pre.damping_floor("kfac") == floor and pre.damping_floor("trak") is None
+    fresh = _session(tiny_app)
+    assert fresh.method("kfac").damping_floor() is None  # not loaded: the floor can only come from the file
+    steps = fresh.method_info()["kfac"]["damping_steps"]
+    low, high = min(steps), min(v for v in steps if v > floor)
+    assert low < floor
+    got = precomputed_result(fresh, pre, "gallery:0", "loss", None, {"kfac": low}).methods["kfac"]
+    live = session.query(session.parse_query("gallery:0"), methods=["kfac"], damping={"kfac": low}).methods["kfac"]
+    assert got.reason == "precomputed" and got.damping_floor == floor and got.warning == live.warning is not None
+    fine = precomputed_result(fresh, pre, "gallery:0", "loss", None, {"kfac": high}).methods["kfac"]
+    assert fine.reason == "precomputed" and fine.warning is None and fine.damping_floor == floor

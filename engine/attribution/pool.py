@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, save_json
 from ..model.diffusion import MCDraws, check_sample_seed
 from ..model.measurements import Measurement, parse_measurement
 from ..npy_read import load_npy, load_npz
@@ -428,10 +428,13 @@ def attribution_matrix(
         if cache_dir is not None:
             key = _matrix_key(session, qset, name, str(meas), res.damping, len(draws))
             path = Path(cache_dir) / f"matrix_{qset.key}_{name}_{key}.npy"
-            if path.is_file():
+            recorded = _recorded_floor(path)
+            if path.is_file() and recorded is not None:
                 res.scores = load_npy(path)
                 res.timing_ms["loaded"] = 0.0
-                res.warning, res.damping_floor = m.damping_warning(res.damping), m.damping_floor()
+                # the floor recorded with the matrix: the method's factors are not loaded on this path (QA 36 #1)
+                floor = m.damping_floor() if m.damping_floor() is not None else recorded["damping_floor"]
+                res.warning, res.damping_floor = m.damping_warning(res.damping, floor), floor
                 continue
         try:
             g = gradients()
@@ -453,11 +456,28 @@ def attribution_matrix(
                 buf = io.BytesIO()
                 np.save(buf, scores)
                 atomic_write_bytes(path, buf.getvalue())
+                save_json(_floor_path(path), {"damping_floor": res.damping_floor})  # the matrix counts only with it
         except (Unavailable, PoolError) as e:  # a PoolError here is about the query set (no images to score)
             res.status, res.reason = "unavailable", str(e)
             res.reason_about = e.about if isinstance(e, Unavailable) else QUERY
         progress(f"{name}: scored {len(qset)} queries", (k + 1) / len(names))
     return out
+
+
+def _floor_path(matrix: Path) -> Path:
+    return matrix.with_suffix(".json")
+
+
+def _recorded_floor(matrix: Path) -> dict[str, Any] | None:
+    """What was recorded beside a cached matrix (``{"damping_floor": float | None}``), or None when there is no
+    record, or it does not read: the matrix is then scored again (a matrix cached before the record existed
+    carried no floor, and its answers no low-damping warning: QA 36 #1)."""
+    try:
+        rec = json.loads(_floor_path(matrix).read_text())
+    except (OSError, ValueError):
+        return None
+    floor = rec.get("damping_floor") if isinstance(rec, dict) else None
+    return rec if isinstance(rec, dict) and (floor is None or isinstance(floor, (int, float))) else None
 
 
 # --- the reverse direction ---------------------------------------------------------------

@@ -141,7 +141,11 @@ def write_precomputed(
             if progress is not None:
                 progress(done, len(idx))
     arrays: dict[str, np.ndarray] = {"indices": np.asarray(idx, dtype=np.int32)}
+    session.caches.load(names)  # loaded (every row may have come from an earlier run): their floors are read below
     for m in names:
+        floor = session.method(m).damping_floor()
+        if floor is not None:  # so that an answer read from the file below it warns, as a live one does (QA 36 #2)
+            arrays[f"damping_floor_{m}"] = np.float64(floor)
         arrays[f"scores_{m}"] = np.stack([a[f"scores_{m}"] for a in arrays_of])
         arrays[f"scale_{m}"] = np.stack([a[f"scale_{m}"] for a in arrays_of]).astype(np.float32)
         why = [str(a[f"unavailable_{m}"]) if f"unavailable_{m}" in a else "" for a in arrays_of]
@@ -293,6 +297,11 @@ class PrecomputedGallery:
                 return self.arrays["kfac_grid"][row, g].astype(np.float32) * self.arrays["kfac_grid_scale"][row, g]
         return None
 
+    def damping_floor(self, method: str) -> float | None:
+        """The method's ``damping_floor`` when the file was written (None: it has none, or the file predates it)."""
+        floor = self.arrays.get(f"damping_floor_{method}")
+        return None if floor is None else float(floor)
+
     def bank(self, method: str) -> str | None:
         """The bank kind ``method``'s scores came from, as its settings in the file's key name it (K-FAC's
         "stored" | "compressed" | "streamed"; None for a method without one)."""
@@ -371,6 +380,10 @@ def precomputed_result(
                 res.measurement = session.measurement_used(name, measurement)
             # the bank the scores came from, as a live K-FAC answer names it (QA round 22 #3)
             res.bank = pre.bank(name)
+            # below the floor the file recorded, the live answer's warning (QA 36 #2: the first page's slider
+            # reaches 1e-12, under digits' 2.5e-10, with no word of it)
+            res.damping_floor = m.damping_floor() if m.damping_floor() is not None else pre.damping_floor(name)
+            res.warning = m.damping_warning(lam, res.damping_floor)
         elif name in available and (why := pre.unavailable(index, name)):  # this sample: as a live query says it
             res.reason, res.reason_about = why, QUERY
         else:

@@ -179,9 +179,11 @@ class AttributionMethod(ABC):
         """The smallest damping whose scores do not weigh numerical rounding (None: no such limit, the default)."""
         return None
 
-    def damping_warning(self, damping: float | None) -> str | None:
+    def damping_warning(self, damping: float | None, floor: float | None = None) -> str | None:
         """A line the answer carries when this method's scores at ``damping`` weigh numerical rounding (K-FAC below
-        its factors' resolution); None when they do not, or the method has no such limit (the default)."""
+        its factors' resolution); None when they do not, or the method has no such limit (the default).  ``floor``:
+        the ``damping_floor`` recorded with scores this instance did not compute (a cached matrix, the precomputed
+        file), used when it has not loaded its own."""
         return None
 
     @abstractmethod

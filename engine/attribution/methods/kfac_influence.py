@@ -411,11 +411,12 @@ class KFACInfluence(AttributionMethod):
         """``KFACFactors.resolution_floor`` of the built factors (None before a build)."""
         return self._resolution_floor
 
-    def damping_warning(self, damping: float | None) -> str | None:
+    def damping_warning(self, damping: float | None, floor: float | None = None) -> str | None:
         """Why scores at ``damping`` weigh the factors' rounding, when it is below their resolution floor
         (``KFACFactors.resolution_floor``: eps of the factor pass's dtype x the median block's largest eigenvalue).
-        QA 32 #7: ``--damping kfac=1e-15`` answered with no word that its scores were mostly float32 rounding."""
-        floor = self._resolution_floor
+        QA 32 #7: ``--damping kfac=1e-15`` answered with no word that its scores were mostly float32 rounding.
+        ``floor``: a recorded floor, for scores read from a file before these factors are loaded (QA 36 #1, #2)."""
+        floor = self._resolution_floor if self._resolution_floor is not None else floor
         lam = self.default_damping if damping is None else float(damping)
         if floor is None or lam is None or lam >= floor:
             return None
