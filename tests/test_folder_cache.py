@@ -341,7 +341,7 @@ def test_where_the_cache_lives(tmp_path):
     assert folder_cache.cache_dir({folder_cache.CACHE_ENV: "off"}) is None
 
 
-def test_a_killed_writers_temporary_files_are_removed_later(cache, data):
+def test_a_killed_writers_temporary_files_are_removed_later(cache, data, monkeypatch):
     load_dataset(_cfg(data))
     (entry,) = _entries(cache)
     old, new = cache / f".{entry.name}.abc.tmp", cache / f".{entry.name}.def.tmp"
@@ -352,6 +352,13 @@ def test_a_killed_writers_temporary_files_are_removed_later(cache, data):
     load_dataset(_cfg(data))  # a miss: rewritten
     assert not old.exists() and new.exists()
     assert _entries(cache) == [entry]
+    # QA 36 #4: after a kill mid-write, the rerun writes the entry and every later load is a hit that writes nothing,
+    # so a sweep only at a write left the killed writer's 100 MB temporary for good; a hit sweeps too
+    os.utime(new, (1, 1))
+    decoder = Decoder(monkeypatch)
+    decoder.refuse()
+    load_dataset(_cfg(data))
+    assert not new.exists() and _entries(cache) == [entry]
 
 
 def test_a_large_or_slow_decode_draws_a_bar_and_a_small_one_does_not(cache, data, capsys, monkeypatch):

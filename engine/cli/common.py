@@ -174,7 +174,8 @@ INTERRUPTED = {  # how a command ended by a signal says so, and whether rerunnin
     "lds": "rerun the same command to resume (finished models and measurements are kept)",
     "retrain-top": "rerun the same command to resume (finished models are kept)",
     "group-retrain": "rerun the same command to resume (finished models are kept)",
-    "train": "rerun the same command to resume from the last checkpoint",
+    # an interruption before the first step (a folder still decoding) has nothing to resume (QA 36 #9)
+    "train": "rerun the same command to go on (once training has started, from the state saved at the interruption)",
     "precompute": "rerun the same command to resume (the samples scored so far are kept)",
     "lds-ablation": "rerun the same command to resume (built caches and finished variants are kept)",
     # a drawn pool and each method's finished score matrix are saved (QA 27 #16)

@@ -44,7 +44,7 @@ CACHE_ENV = "ATTRIBUTION_DATA_CACHE"
 OFF_VALUES = ("off", "0", "no", "false", "none")
 FORMAT = 1  # the layout of an entry (arrays "images" and "key"); bump it if that changes
 SETTLE_NS = 2_000_000_000  # a file stamped this close to the listing is "racy" (see the module docstring)
-STALE_TMP_S = 3600  # a writer's temporary file older than this was left by a killed process
+STALE_TMP_S = 600  # a writer's temporary file older than this was left by a killed process (a write takes seconds)
 
 _warned: set[str] = set()  # cache folders already said to be unusable, so a process says it once
 
@@ -138,7 +138,6 @@ def write_entry(path: Path, key: str, x: np.ndarray) -> None:
     """Store ``x`` under ``key`` atomically; an unwritable folder (or a full disk) is said once, not raised."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(path)
         save_npz(path, images=x, key=np.array(key))
     except OSError as e:
         _warn_once(path.parent, e)
@@ -157,6 +156,9 @@ def load_or_decode(root: Path, files: list[Path], rel: list[str], channels: int,
     except OSError:  # a file went away since the listing: decode() names it
         return decode()
     path = entry_path(folder, root, channels, size)
+    # on every load, not only at a write: after a kill mid-write, the rerun's entry is read by every later load, and
+    # none of them writes again (QA 36 #4: a 100 MB temporary left for good)
+    _remove_stale_temporaries(path)
     x = read_entry(path, key, len(files), channels, size)
     if x is not None:
         return x
