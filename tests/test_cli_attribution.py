@@ -89,6 +89,15 @@ def test_build_then_query_json(cli, tmp_path):
         top = sorted(range(64), key=lambda i: -z["kfac"][i])[:5]
         assert top == [m["index"] for m in res["methods"]["kfac"]["top"]]
         stored_kfac = z["kfac"]
+        # K-FAC's floor as the answer gave it; no warning at 1e-3 (QA 36 #8: a low damping's was not in the file)
+        assert saved["methods"]["kfac"]["damping_floor"] == res["methods"]["kfac"]["damping_floor"]
+        assert "warning" not in saved["methods"]["kfac"]
+    low = tmp_path / "low.npz"
+    rc, out, err = cli("query", "--query", "train:3", "--methods", "kfac", "--damping", "1e-15", "--json",
+                       "--scores-out", str(low))
+    assert rc == 0, err
+    with np.load(low) as z:
+        assert json.loads(str(z["settings"]))["methods"]["kfac"]["warning"] == json.loads(out)["methods"]["kfac"]["warning"]
 
     # --kfac-bank streamed: no bank, the same scores up to the stored bank's int8 rounding
     streamed = tmp_path / "streamed.npz"

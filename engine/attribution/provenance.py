@@ -66,6 +66,11 @@ def _method_entry(session: Any, name: str, r: Any, measurement: str) -> dict[str
         entry["measurement"] = used  # D-TRAK: the square norm, whatever was asked
     if getattr(r, "bank", None) is not None:
         entry["bank"] = r.bank
+    # a --scores-out file or an export kept for later says that its scores weigh rounding, as the answer did (QA 36 #8)
+    if getattr(r, "damping_floor", None) is not None:
+        entry["damping_floor"] = float(r.damping_floor)
+    if getattr(r, "warning", None):
+        entry["warning"] = r.warning
     exact = getattr(r, "exact", None)
     if isinstance(exact, np.ndarray):  # a compressed bank's answer: which scores are exact, the others' factor
         entry["exact_scores"] = int(exact.sum())
