@@ -511,6 +511,26 @@ def test_retrain_top_trains_its_models_on_the_runs_device(tiny_preset, digits_sm
     assert devices == ["cuda:0"]
 
 
+def test_a_second_retrain_top_into_one_out_is_refused_before_it_trains(tiny_preset, digits_small, tmp_path,
+                                                                      monkeypatch):
+    """QA 36 #7: a second ``retrain-top`` into the --out another one was training printed its plan and a bar, then
+    stopped on a model folder's own lock, naming an internal sub-folder; it is refused at the run's lock now, as
+    ``lds`` is, before it trains anything, and the finished models can still be measured (--no-train)."""
+    from engine.evaluation.setup import RunSetup, TrainingBusyError
+
+    trained = []
+    rtr, _ = _fake_retrain_top(tiny_preset, digits_small, monkeypatch, lambda tasks, **kw: trained.extend(tasks))
+    setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "out", tmp_path / "results", "cpu", False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".train.lock").write_text(str(os.getppid()))  # a live process training into it
+    with pytest.raises(TrainingBusyError, match=r"is training into .*out"):
+        rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac",)))
+    assert trained == []
+    (tmp_path / "out" / ".train.lock").unlink()
+    rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac",)))
+    assert [t.name for t in trained] == ["kfac"] and not (tmp_path / "out" / ".train.lock").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--fraction", "0"], "--fraction must lie strictly between 0 and 1"),
     (["--fraction", "1.5"], "--fraction must lie strictly between 0 and 1"),

@@ -141,6 +141,7 @@ def run_group_retrain(
     from ..attribution.pool import gallery_set
     from ..attribution.terminal_progress import terminal_progress
     from .runs import run_training
+    from .setup import train_lock
 
     steps = int(steps if steps is not None else session.preset.train.steps)
     out_root = Path(out_root)
@@ -148,7 +149,9 @@ def run_group_retrain(
     plans = [plan_group(g.spec, g.members, session.checkpoint_hash, steps, out_root) for g in groups]
     if train:
         tasks = [training_task(p, session.preset) for p in plans]
-        run_training(tasks, workers=workers, device=session.device, log=log)
+        out_root.mkdir(parents=True, exist_ok=True)
+        with train_lock(out_root):  # one trainer per folder, as lds and retrain-top (QA 36 #7)
+            run_training(tasks, workers=workers, device=session.device, log=log)
     qset = gallery_set(session)
     images = qset.images.cpu()
     spec = MeasureSpec(measurement="loss", mc_samples=mc_samples)

@@ -23,7 +23,7 @@ from .runs import (
     is_finished,
     run_training,
 )
-from .setup import RunSetup
+from .setup import RunSetup, train_lock
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,13 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
             )
     else:
         # finish the tasks in order: every method's model for query 1 first, then query 2, ...
-        run_training(
-            list(tasks.values()), workers=cfg.workers, device=setup.device, log=lambda s: print(s, flush=True)
-        )
+        setup.out.mkdir(parents=True, exist_ok=True)
+        # one trainer per --out, as lds: a second run is refused here in one line, before its plan and bar (QA 36 #7:
+        # it started, then stopped on a model folder's own lock, naming an internal sub-folder)
+        with train_lock(setup.out):
+            run_training(
+                list(tasks.values()), workers=cfg.workers, device=setup.device, log=lambda s: print(s, flush=True)
+            )
     results = []
     for spec, job in jobs:
         cached = job.plan.result_file
