@@ -372,3 +372,11 @@ def test_a_large_or_slow_decode_draws_a_bar_and_a_small_one_does_not(cache, data
     monkeypatch.setattr(data_files, "BAR_AFTER_S", 0.0)  # a slow decode: the bar starts after the first image
     load_dataset(_cfg(data))
     assert "4/4" in capsys.readouterr().err
+    # TQDM_DISABLE=1, which the README offers to silence the bars, disables it (QA 37 #1: the clock's adjustment then
+    # raised AttributeError on a disabled bar, which has none)
+    from functools import partial
+
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", partial(tqdm.auto.tqdm, disable=True))
+    assert len(load_dataset(_cfg(data))) == 4 and "decoding images" not in capsys.readouterr().err

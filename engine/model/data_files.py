@@ -370,7 +370,8 @@ class _DecodeBar:
 
         self.bar = tqdm(total=self.total, initial=self.done, desc=f"decoding images in {self.root.name}",
                         unit="img", file=sys.stderr, **interval(0.5))
-        self.bar.start_t -= time.monotonic() - self.t0  # its clock counts the decode from its start (QA 36 #9)
+        if not self.bar.disable:  # a disabled bar (TQDM_DISABLE=1) has no clock (QA 37 #1: an AttributeError)
+            self.bar.start_t -= time.monotonic() - self.t0  # its clock counts the decode from its start (QA 36 #9)
 
     def step(self) -> None:
         self.done += 1
