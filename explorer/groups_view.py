@@ -364,6 +364,7 @@ def precomputed_groups(handle: Handle, s: Settings) -> bool:
     result = GroupResult(group, MEASUREMENT, qset, {n: mats[n] for n in methods}, session.labels)
     st.markdown(f"**{group.spec}** · {group.description} · {len(qset)} samples ({_set_name(qset)}) · "
                 f"measurement `{MEASUREMENT}` · precomputed")
+    damping_warnings(handle, result)  # the file's floor, as the live page's (QA 37 #2)
     removal_section(handle, result, s)
     reverse_section(handle, result, s)
     downloads(handle, result, s)

@@ -484,6 +484,16 @@ def test_groups_page_answers_over_the_gallery_from_the_precomputed_scores(precom
         got = mat[:, group.members].sum(axis=1)
         tol = len(group.members) * 2.0**-11 * np.abs(mat).max(axis=1) + 1e-12
         assert np.all(np.abs(got - want.changes(name)) <= tol), name
+    # K-FAC's slider at its lowest step, below this model's floor: the file's floor gives the live page's box (QA 37 #2)
+    from explorer.controls import damping_key
+
+    assert not any("resolution" in w.value for w in at.warning)
+    lowest = min(handle.session.method_info()["kfac"]["damping_steps"])
+    assert lowest < handle.precomputed.damping_floor("kfac")
+    at.select_slider(key=damping_key("kfac", handle.session.preset.name)).set_value(lowest).run()
+    _ok(at)
+    assert "**Precomputed:**" in _texts(at)
+    assert any(w.value.startswith("K-FAC Influence: damping") and "resolution" in w.value for w in at.warning)
     # another measurement is not precomputed: it says so, and waits for the build
     at.selectbox(key="measurement").set_value("elbo").run()
     _ok(at)
