@@ -76,7 +76,9 @@ def test_two_dampings_give_two_file_names_and_the_csv_says_which(shipped):
     assert head[0].startswith("# model: digits, checkpoint ") and session.checkpoint_hash in head[0]
     assert f"(digits, content digest {session.data_digest})" in head[0]  # which training set (QA 34)
     assert "query: gallery:0; measurement: loss, 64 Monte Carlo draws" in head[1]
-    assert f"kfac (damping {steps[0]:.3g}, precomputed)" in head[2] and "dtrak (damping" in head[2]
+    # the lowest step (1e-12) is below the shipped digits factors' floor, 2.5e-10, which the line says (QA 37 #3)
+    assert f"kfac (damping {steps[0]:.3g}, below its damping floor 2.5e-10: the scores may weigh rounding, " \
+        "precomputed)" in head[2] and "dtrak (damping" in head[2]
     assert "square-norm measurement" in head[2]
     assert json.loads(head[3].removeprefix("# settings: ")) == json.loads(json.dumps(sa, default=str))
     back = pd.read_csv(io.StringIO(text), comment="#")  # the table reads back as it was, the lines skipped
@@ -269,3 +271,17 @@ def test_a_group_export_names_its_pools_seed_and_the_methods_a_build_kept_out(sh
     lines = provenance.settings_lines(settings)
     assert "queries: pool:8 (pool seed 3)" in lines[1]
     assert "not included: trak (being built), dtrak (being built)" in lines
+
+
+def test_the_readable_settings_lines_say_when_a_damping_is_below_the_floor():
+    """QA 37 #3: the CSV's `# methods:` line and the PNG heading gave K-FAC's damping with no word that it was below
+    the factors' resolution floor; only the JSON line carried the warning."""
+    settings = {"model": {"preset": "p", "checkpoint": "c", "checkpoint_hash": "h", "num_train": 3},
+                "query": "gallery:0", "measurement": "loss", "mc_samples": 4,
+                "methods": {"kfac": {"damping": 1e-12, "damping_floor": 2.5e-10, "warning": "damping 1.0e-12 is below"},
+                            "trak": {"damping": 1e-4}}}
+    methods = provenance.settings_lines(settings)[2]
+    assert methods == ("methods: kfac (damping 1e-12, below its damping floor 2.5e-10: the scores may weigh rounding); "
+                       "trak (damping 0.0001)"), methods
+    settings["methods"]["kfac"] = {"damping": 1e-6, "damping_floor": 2.5e-10}  # above it: the floor alone says nothing
+    assert provenance.settings_lines(settings)[2] == "methods: kfac (damping 1e-06); trak (damping 0.0001)"

@@ -148,6 +148,8 @@ def _damping_words(settings: dict[str, Any]) -> list[str]:
         parts = []
         if "damping" in m:
             parts.append(f"damping {m['damping']:.3g}")
+        if m.get("warning") and m.get("damping_floor") is not None:  # the readable lines say it too (QA 37 #3)
+            parts.append(f"below its damping floor {m['damping_floor']:.2g}: the scores may weigh rounding")
         if "measurement" in m:
             parts.append(f"{m['measurement']} measurement")
         if m.get("precomputed"):
