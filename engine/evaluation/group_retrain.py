@@ -146,12 +146,18 @@ def run_group_retrain(
     steps = int(steps if steps is not None else session.preset.train.steps)
     out_root = Path(out_root)
     groups = [parse_group(s, session.dataset) for s in group_specs]
-    plans = [plan_group(g.spec, g.members, session.checkpoint_hash, steps, out_root) for g in groups]
+    def plans_of() -> list[GroupRetrainPlan]:  # each writes its group's members.json
+        return [plan_group(g.spec, g.members, session.checkpoint_hash, steps, out_root) for g in groups]
+
     if train:
-        tasks = [training_task(p, session.preset) for p in plans]
         out_root.mkdir(parents=True, exist_ok=True)
-        with train_lock(out_root):  # one trainer per folder, as lds and retrain-top (QA 36 #7)
-            run_training(tasks, workers=workers, device=session.device, log=log)
+        # one trainer per folder, as lds and retrain-top (QA 36 #7), taken before the plans write into it (QA 37)
+        with train_lock(out_root):
+            plans = plans_of()
+            run_training([training_task(p, session.preset) for p in plans], workers=workers,
+                         device=session.device, log=log)
+    else:
+        plans = plans_of()
     qset = gallery_set(session)
     images = qset.images.cpu()
     spec = MeasureSpec(measurement="loss", mc_samples=mc_samples)
