@@ -176,3 +176,8 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_data(tmp_pat
         check_not_training(tmp_path / "ro" / "deep" / "run")
     check_not_training(tmp_path / "fine" / "run")  # a folder that can be made: nothing said, nothing made
     assert not (tmp_path / "fine").exists()
+    (tmp_path / "ro" / "done").mkdir()  # a finished run in a folder that cannot be written is only read: no refusal
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "ro" / "done" / name).write_text("{}")
+    monkeypatch.setattr(train_module.os, "access", lambda p, mode, **k: False)
+    check_not_training(tmp_path / "ro" / "done")

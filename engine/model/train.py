@@ -348,7 +348,8 @@ def check_not_training(out: str | Path) -> None:
         folder_lock.check_free(Path(out) / LOCK)
     except folder_lock.Held as e:
         raise _busy(out, e.holder) from None
-    _check_writable(Path(out))
+    if not is_finished(out):  # a finished folder is only read (the shipped weights may lie on a read-only install)
+        _check_writable(Path(out))
 
 
 def _check_writable(out: Path) -> None:
