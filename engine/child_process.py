@@ -80,3 +80,9 @@ def end_processes(processes: list[Any], grace_s: float = TERM_GRACE_S) -> None:
         if p.is_alive():
             p.kill()
             p.join()
+    # A pool's own manager thread joins its workers too, and when its waitpid reaps one first, ours gets ECHILD and
+    # multiprocessing reports the worker alive until that thread records the exit code, a moment later (CI, twice:
+    # "a worker alive after stop_pool"). Wait for the record, briefly: the kill above has acted.
+    settle = time.monotonic() + 5.0
+    while any(p.exitcode is None for p in processes) and time.monotonic() < settle:
+        time.sleep(0.01)
