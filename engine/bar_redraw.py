@@ -66,8 +66,10 @@ def add_done_before(bar: Any, k: int) -> None:
     """Count ``k`` units an earlier, interrupted run did (a resumed model's steps, the gallery samples already
     scored) into ``bar``'s start, not into this run's speed: tqdm's rate and time left come from ``n - initial``
     and from the units each update adds, so counting them as an update showed a resumed run 10x too fast
-    (QA 24: 52 step/s for a run at 5, and precompute's saved samples 'done in 0 s')."""
-    if k:
+    (QA 24: 52 step/s for a run at 5, and precompute's saved samples 'done in 0 s').  A disabled bar
+    (``TQDM_DISABLE=1``, which the README offers for logs) has no start to move: it is left alone (a resumed
+    ``precompute`` or LDS run raised AttributeError there)."""
+    if k and not getattr(bar, "disable", False):
         bar.initial += k
         bar.n += k
         bar.last_print_n += k

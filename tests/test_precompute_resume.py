@@ -171,3 +171,44 @@ def test_a_precomputed_answer_below_kfacs_floor_warns_as_a_live_one(tiny_app, tm
     assert got.reason == "precomputed" and got.damping_floor == floor and got.warning == live.warning is not None
     fine = precomputed_result(fresh, pre, "gallery:0", "loss", None, {"kfac": high}).methods["kfac"]
     assert fine.reason == "precomputed" and fine.warning is None and fine.damping_floor == floor
+
+
+def test_precompute_killed_with_sigkill_resumes_to_the_same_file(tiny_app, tmp_path):  # noqa: F811
+    """A real ``kill -9`` of the ``precompute`` command part-way: no handler runs, so only what was written
+    atomically before the kill survives.  The rerun reports the rows it found, scores the rest, and writes the
+    file an uninterrupted run writes, byte for byte; no row folder or temporary is left beside it."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    base = ["precompute", "--preset", tiny_app["ATTRIBUTION_PRESET"], "--checkpoint", tiny_app["ATTRIBUTION_CHECKPOINT"],
+            "--cache-root", tiny_app["ATTRIBUTION_CACHE"]]
+    whole = write_precomputed(_session(tiny_app), tmp_path / "whole.npz")
+    n = len(_session(tiny_app).gallery())
+    out = tmp_path / "killed" / "pre.npz"
+    proc = subprocess.Popen([sys.executable, "-m", "engine", *base, "--out", str(out)], env=env, cwd=repo,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    rows: list[Path] = []
+    while proc.poll() is None and time.monotonic() < deadline:
+        rows = list(out.parent.glob(".pre.npz.partial-*/row-*.npz"))
+        if rows:
+            proc.send_signal(signal.SIGKILL)  # at the first saved row: the run is part-way, whatever the machine's speed
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    assert not out.exists() and 1 <= len(rows) < n
+    again = subprocess.run([sys.executable, "-m", "engine", *base, "--out", str(out)], env=env, cwd=repo,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    said = re.search(rf"resuming: (\d+)/{n} gallery samples scored by an earlier run", again.stdout + again.stderr)
+    assert said and len(rows) <= int(said.group(1)) < n  # a row may have been saved between the look and the kill
+    assert out.read_bytes() == whole.read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pre.npz"]  # no row folder, no temporary

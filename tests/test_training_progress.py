@@ -165,3 +165,7 @@ def test_work_done_before_joins_the_bars_start_not_its_speed():
     add_done_before(bar, 0)
     assert bar.n == 45
     bar.close()
+    off = tqdm(total=100, file=io.StringIO(), disable=True)  # TQDM_DISABLE=1: a resumed precompute or LDS run crashed
+    add_done_before(off, 40)
+    off.update(5)
+    off.close()
