@@ -69,8 +69,10 @@ def terminal_progress(desc: str, position: int = 0, message_chars: int = 70, aft
             bars.append(tqdm(total=1000, desc=desc, unit="", file=sys.stderr, position=position,
                              bar_format=bar_format, **interval(redraw_s)))
             start.extend((time.monotonic(), float(fraction)))
-            every = float(quiet_redraw_s if quiet_redraw_s is not None else bars[0].maxinterval)
-            if every > 0 and not bars[0].disable:
+            # a disabled bar (TQDM_DISABLE=1) has no maxinterval, and no clock to keep
+            every = 0.0 if bars[0].disable else float(quiet_redraw_s if quiet_redraw_s is not None
+                                                      else bars[0].maxinterval)
+            if every > 0:
                 ticker.append(threading.Thread(target=keep_clock, args=(bars[0], every), daemon=True,
                                                name=f"bar clock: {desc}"))
                 ticker[0].start()
