@@ -541,3 +541,29 @@ def test_a_factor_draws_difference_that_the_caches_m_implies_needs_no_flag_of_it
     kept = {"factor_draws": (None, 4), "mc_samples": (8, 64)}  # k = 4 < 8: --mc-samples 8 would give other factors
     assert _implied_by_mc_samples(kept) == kept
     assert _implied_by_mc_samples({"factor_draws": (None, 8)}) == {"factor_draws": (None, 8)}  # M is the same
+
+
+def test_scores_out_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A ``--scores-out`` write cut short (a kill, a full disk) left half an archive under the user's name, where
+    their earlier file was; it now goes through a temporary file beside it, renamed into place once whole."""
+    import numpy as np
+
+    from engine.attribution.results import MethodResult, QueryResult
+    from engine.cli.query_output import write_scores
+
+    path = tmp_path / "scores.npz"
+    result = QueryResult(query={"spec": "train:1"}, measurement="loss",
+                         methods={"pixel": MethodResult(name="pixel", title="Pixel", kind="similarity", caption="",
+                                                         status="ok", scores=np.arange(4, dtype=np.float32))})
+    write_scores(path, result, labels=[0, 1, 0, 1])
+    before = path.read_bytes()
+
+    def cut_short(file, **arrays):
+        file.write(b"PK\x03\x04 half an archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", cut_short)
+    with pytest.raises(OSError):
+        write_scores(path, result, labels=[0, 1, 0, 1])
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.npz"]

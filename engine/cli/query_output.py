@@ -3,11 +3,13 @@ is ``QueryResult.to_json``).  Its own module so that the command's module keeps 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..attribution.signs import end_signs
+from ..files import atomic_write_bytes
 
 if TYPE_CHECKING:  # the parser must not import torch (tests/test_architecture.py)
     from ..attribution.results import QueryResult
@@ -28,8 +30,9 @@ def write_scores(path: Path, result: QueryResult, labels: Sequence[int] | None, 
     arrays["measurement"] = np.array(result.measurement)
     if settings is not None:
         arrays["settings"] = np.array(settings_json(settings))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **arrays)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())  # a kill mid-write leaves the old file or none, never half of one
 
 
 def format_result(result: QueryResult, top_k: int, labels: Sequence[int] | None) -> str:

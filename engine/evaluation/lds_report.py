@@ -4,6 +4,7 @@ sweeps, noise report, settings), a plain-text table and a figure.
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..code_version import code_version
+from ..files import atomic_write_bytes
 from .lds import (
     LDSConfig,
     best_sweep_point,
@@ -192,8 +194,9 @@ def write_figure(record: dict[str, Any], path: Path) -> None:
         ax2.set_title("damping sweeps")
         ax2.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())  # committed figures: never half a PNG after a kill
 
 
