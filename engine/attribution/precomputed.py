@@ -27,6 +27,7 @@ differ is simply absent.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import zipfile
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..files import save_json, save_npz
+from ..files import atomic_write_bytes, save_json, save_npz
 from ..npy_read import load_npz
 
 FILE = "precomputed_gallery.npz"
@@ -156,10 +157,9 @@ def write_precomputed(
         arrays["kfac_grid_scale"] = np.stack([a["kfac_grid_scale"] for a in arrays_of]).astype(np.float32)
         arrays["kfac_grid_damping"] = np.asarray(steps, dtype=np.float64)
     arrays["key"] = np.asarray(key)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(out)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(out, buf.getvalue())  # a temporary of its own: two runs on one file never share one
     rows.remove()
     return out
 
