@@ -380,3 +380,36 @@ def test_a_large_or_slow_decode_draws_a_bar_and_a_small_one_does_not(cache, data
 
     monkeypatch.setattr(tqdm.auto, "tqdm", partial(tqdm.auto.tqdm, disable=True))
     assert len(load_dataset(_cfg(data))) == 4 and "decoding images" not in capsys.readouterr().err
+
+
+class _Clock:
+    """``data_files``'s ``time`` module with a monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_the_bars_first_line_counts_the_decode_from_its_start(capsys, monkeypatch):
+    """The bar opens after the first image (or after BAR_AFTER_S): its first line must say the time the decode has
+    taken and the mean speed over it, not 00:00 and '?' (the constructor drew before the clock was set back), nor,
+    after a Ctrl-C just after it opened, the speed of one image (the images before it opened were its ``initial``,
+    which tqdm leaves out of the rate)."""
+    clock = _Clock()
+    monkeypatch.setattr(data_files, "time", clock)
+    monkeypatch.setattr(data_files, "BAR_FILES", 1)
+    with data_files._DecodeBar(4, Path("/data/pictures")) as bar:
+        clock.now += 5.0  # the first image took 5 s
+        bar.step()
+        first = bar.bar.format_dict
+        lines = [line for line in capsys.readouterr().err.split("\r") if line.strip()]
+        assert lines and "1/4" in lines[0] and "00:05" in lines[0] and "5.00s/img" in lines[0], lines
+        assert first["initial"] == 0 and first["n"] == 1 and 4.9 < first["elapsed"] < 6.0
+        clock.now += 1.0
+        bar.step()  # a Ctrl-C now: the final line's speed is the decode's, about 2 images in 6 s
+    final = capsys.readouterr().err.split("\r")[-1]
+    assert "2/4" in final and ("00:05" in final or "00:06" in final), final
+    rate = bar.bar.format_dict["rate"] or 2 / bar.bar.format_dict["elapsed"]
+    assert 0.2 < rate < 0.5, (rate, final)

@@ -299,6 +299,7 @@ FOLDER_DECODE_VERSION = 1
 # a folder this large gets a progress bar while it is decoded; so does a smaller one still decoding after this long
 BAR_FILES = 2000
 BAR_AFTER_S = 2.0
+STARTING_DELAY_S = 3600.0  # tqdm's ``delay`` while a bar is made: it draws nothing until ``_DecodeBar`` set its clock
 
 
 def prepare_image(img: Any, channels: int, size: int | None) -> np.ndarray:
@@ -368,10 +369,19 @@ class _DecodeBar:
 
         from ..bar_redraw import interval
 
-        self.bar = tqdm(total=self.total, initial=self.done, desc=f"decoding images in {self.root.name}",
-                        unit="img", file=sys.stderr, **interval(0.5))
-        if not self.bar.disable:  # a disabled bar (TQDM_DISABLE=1) has no clock (QA 37 #1: an AttributeError)
-            self.bar.start_t -= time.monotonic() - self.t0  # its clock counts the decode from its start (QA 36 #9)
+        # ``delay``: no line from the constructor, which drew one before its clock could be set back to the decode's
+        # start (it read 00:00 after a 2 s decode), with the images done so far as its ``initial``, which tqdm leaves
+        # out of the rate (a Ctrl-C just after it opened showed the rate of one image)
+        self.bar = tqdm(total=self.total, desc=f"decoding images in {self.root.name}", unit="img", file=sys.stderr,
+                        delay=STARTING_DELAY_S, **interval(0.5))
+        if self.bar.disable:  # a disabled bar (TQDM_DISABLE=1) has no clock (QA 37 #1: an AttributeError)
+            return
+        # its clock counts the decode from its start (QA 36 #9), and the images so far as done in that time: its first
+        # line, and its first speed sample (the counts since its last draw), are the decode's mean speed
+        self.bar.start_t = self.bar.last_print_t = self.bar._time() - (time.monotonic() - self.t0)
+        self.bar.delay = 0.0
+        self.bar.n = self.done
+        self.bar.refresh()
 
     def step(self) -> None:
         self.done += 1
