@@ -6,6 +6,7 @@ Each behaviour test first shows a hit (the decoder made to raise), so it fails w
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -269,21 +270,33 @@ def test_a_damaged_entry_is_a_miss_and_rewritten(cache, data, decoder, monkeypat
     assert _entries(cache) == [entry]
 
 
-def test_an_unwritable_cache_folder_is_said_once_and_the_load_goes_on(tmp_path, data, decoder, monkeypatch):
+@pytest.mark.parametrize("where,said", [
+    ("a-file", r"the decoded-image cache \S*a-file is a file, not a folder; the cache is off for this run"),
+    ("a-file/cache", r"cannot make the decoded-image cache folder \S*a-file/cache: \S*a-file is a file, not a folder; "
+                     r"the cache is off for this run"),
+], ids=["the-folder", "a-parent"])
+def test_a_cache_path_that_is_a_file_is_said_once_and_the_load_goes_on_uncached(tmp_path, data, decoder, monkeypatch,
+                                                                               where, said):
+    """A file where the cache folder should be (mkdir under a file fails for root too, unlike a chmod) said only
+    "[Errno 17] File exists", after the decode, without saying the cache was off."""
     blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")  # mkdir under a file fails for root too, unlike a chmod
-    monkeypatch.setenv(folder_cache.CACHE_ENV, str(blocker / "cache"))
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(folder_cache.CACHE_ENV, str(tmp_path / where))
     monkeypatch.setattr(folder_cache, "SETTLE_NS", 0)
     monkeypatch.setattr(folder_cache, "_warned", set())
     cfg = _cfg(data)
-    with pytest.warns(UserWarning, match=r"cannot write the decoded-image cache in .*a-file.*ATTRIBUTION_DATA_CACHE"):
+    with pytest.warns(UserWarning) as record:
         first = load_dataset(cfg)
+    (said_once,) = [str(w.message) for w in record]
+    assert re.search(said + r".*Set ATTRIBUTION_DATA_CACHE to a writable folder", said_once), said_once
+    assert "Errno" not in said_once
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process
         second = load_dataset(cfg)
     assert decoder.calls == 8
     _assert_same(first, second)
     _assert_same(first, _uncached(cfg, monkeypatch))
+    assert blocker.read_text() == "not a folder"
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into a read-only folder")

@@ -111,15 +111,32 @@ def read_entry(path: Path, key: str, n: int, channels: int, size: int | None) ->
     return x
 
 
-def _warn_once(folder: Path, err: BaseException) -> None:
+def _warn_once(folder: Path, message: str) -> None:
+    """``message`` as a warning, the first time ``folder`` is found unusable in this process: a run loading several
+    folders, or the app reloading one, says it once.  Both callers are two calls below ``load_folder``, which the
+    warning names as its place."""
     if str(folder) in _warned:
         return
     _warned.add(str(folder))
-    warnings.warn(
-        f"cannot write the decoded-image cache in {folder} ({err}); image folders will be decoded again next "
-        f"time. Set {CACHE_ENV} to a writable folder, or to 'off' to not try",
-        stacklevel=4,
-    )
+    warnings.warn(f"{message}. Set {CACHE_ENV} to a writable folder, or to 'off' to not try", stacklevel=4)
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """``folder``, or the nearest of its parents that exists, when that is a file and not a folder: the cache cannot
+    be made there.  Why: ``ATTRIBUTION_DATA_CACHE=/some/file`` said only "[Errno 17] File exists", after the whole
+    decode, in words that did not say the cache was off."""
+    for p in (folder, *folder.parents):
+        if os.path.isdir(p):
+            return None
+        if os.path.lexists(p):
+            return p
+    return None
+
+
+def _warn_not_a_folder(folder: Path, blocker: Path) -> None:
+    where = (f"the decoded-image cache {folder} is a file, not a folder" if blocker == folder else
+             f"cannot make the decoded-image cache folder {folder}: {blocker} is a file, not a folder")
+    _warn_once(folder, f"{where}; the cache is off for this run (image folders are decoded each time)")
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -140,7 +157,8 @@ def write_entry(path: Path, key: str, x: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_npz(path, images=x, key=np.array(key))
     except OSError as e:
-        _warn_once(path.parent, e)
+        _warn_once(path.parent, f"cannot write the decoded-image cache in {path.parent} ({e}); image folders will be "
+                                "decoded again next time")
 
 
 def load_or_decode(root: Path, files: list[Path], rel: list[str], channels: int, size: int | None,
@@ -150,6 +168,10 @@ def load_or_decode(root: Path, files: list[Path], rel: list[str], channels: int,
     racy).  Byte-identical either way, so the data set's ``content_digest`` does not depend on the cache."""
     folder = cache_dir()
     if folder is None:
+        return decode()
+    blocker = _file_in_the_way(folder)
+    if blocker is not None:
+        _warn_not_a_folder(folder, blocker)
         return decode()
     try:
         key, racy = folder_key(files, rel, channels, size, decoder_version)
