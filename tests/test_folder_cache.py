@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -426,3 +427,131 @@ def test_the_bars_first_line_counts_the_decode_from_its_start(capsys, monkeypatc
     assert "2/4" in final and ("00:05" in final or "00:06" in final), final
     rate = bar.bar.format_dict["rate"] or 2 / bar.bar.format_dict["elapsed"]
     assert 0.2 < rate < 0.5, (rate, final)
+
+
+# --- pruning: entries of folders no longer used go, and the cache keeps under its cap --------------------------------
+
+DAY = 86400
+
+
+def _fake_entry(cache: Path, name: str, days_unused: float, size: int = 1000) -> Path:
+    """A file named as an entry (``entry_path``'s pattern), last used ``days_unused`` ago: a renamed or deleted
+    folder's entry, which no load reads any more."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{name}-c3-s6-{'0123456789abcdef0123'}.npz"
+    path.write_bytes(b"x" * size)
+    t = time.time() - days_unused * DAY
+    os.utime(path, (t, t))
+    return path
+
+
+def test_a_hit_marks_its_entry_used(cache, data, decoder):
+    load_dataset(_cfg(data))
+    (entry,) = _entries(cache)
+    long_ago = time.time() - 40 * DAY
+    os.utime(entry, (long_ago, long_ago))
+    decoder.refuse()
+    load_dataset(_cfg(data))  # a hit
+    assert entry.stat().st_mtime > time.time() - 60  # so pruning sees it used today
+
+
+def test_entries_unused_for_30_days_are_removed_at_a_write(cache, data, decoder):
+    """A renamed or deleted folder's entry stayed for good; now a write removes entries unused for 30 days (a hit
+    counts as a use, above), and never a file that is not an entry: the folder may be one the user shares."""
+    gone = _fake_entry(cache, "renamed", days_unused=31)
+    recent = _fake_entry(cache, "other", days_unused=29)
+    theirs = [cache / "notes.npz", cache / "results-c3-s6-x.npz", cache / "readme.txt"]
+    for p in theirs:
+        p.write_bytes(b"not ours")
+        os.utime(p, (1, 1))
+    stale_tmp = cache / f".{gone.name}.k3j4.tmp"  # a killed writer's temporary of a folder never loaded again
+    stale_tmp.write_bytes(b"half")
+    os.utime(stale_tmp, (1, 1))
+    load_dataset(_cfg(data))  # a miss: written, then the cache pruned
+    written = [p for p in _entries(cache) if p.name.startswith("data-")]
+    assert len(written) == 1
+    assert not gone.exists() and not stale_tmp.exists()
+    assert recent.exists() and all(p.exists() for p in theirs)
+    decoder.refuse()
+    load_dataset(_cfg(data))
+
+
+def test_the_cache_keeps_under_its_cap_removing_the_least_recently_used_first(cache, data, decoder, monkeypatch):
+    load_dataset(_cfg(data))
+    (entry,) = _entries(cache)
+    size = entry.stat().st_size
+    oldest = _fake_entry(cache, "oldest", days_unused=3)
+    middle = _fake_entry(cache, "middle", days_unused=2)
+    newest = _fake_entry(cache, "newest", days_unused=1)
+    monkeypatch.setenv(folder_cache.MAX_GB_ENV, repr((size + 2500) / 2**30))  # room for the entry and two others
+    _later(data / "cat" / "a.png")
+    load_dataset(_cfg(data))  # rewritten: 3000 bytes of others with it is over the cap
+    assert not oldest.exists() and middle.exists() and newest.exists() and entry.exists()
+    # a cap below the entry being written: every other entry goes, never that one (it is the one in use)
+    monkeypatch.setenv(folder_cache.MAX_GB_ENV, "0")
+    _later(data / "dog" / "c.png")
+    load_dataset(_cfg(data))
+    assert _entries(cache) == [entry]
+    decoder.refuse()
+    load_dataset(_cfg(data))  # and it is still read
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan"])
+def test_a_cap_that_is_not_a_size_is_said_once_and_the_default_kept(cache, monkeypatch, value):
+    monkeypatch.setenv(folder_cache.MAX_GB_ENV, value)
+    with pytest.warns(UserWarning, match=rf"ATTRIBUTION_DATA_CACHE_MAX_GB='{value}' is not a size in GiB.*4 GiB"):
+        assert folder_cache.max_bytes() == 4 * 2**30
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert folder_cache.max_bytes() == 4 * 2**30
+    assert folder_cache.max_bytes({folder_cache.MAX_GB_ENV: "0.5"}) == 2**29
+    assert folder_cache.max_bytes({}) == 4 * 2**30
+
+
+def test_another_process_pruning_or_using_entries_meanwhile_is_no_error(cache, data, decoder, monkeypatch):
+    """Processes share the cache: an entry may vanish between the key and the read (a miss, decoded again), or
+    after the read, before it is marked used; a listed entry may vanish before it is removed, or be used again
+    (its mtime moved), which keeps it."""
+    cfg = _cfg(data)
+    load_dataset(cfg)
+    (entry,) = _entries(cache)
+    real_key, real_read = folder_cache.folder_key, folder_cache.read_entry
+
+    def key_then_removed(*a, **k):
+        out = real_key(*a, **k)
+        entry.unlink()  # another process pruned it just now
+        return out
+
+    monkeypatch.setattr(folder_cache, "folder_key", key_then_removed)
+    calls = decoder.calls
+    load_dataset(cfg)
+    assert decoder.calls == calls + 4 and entry.exists()  # a miss, rewritten
+    monkeypatch.setattr(folder_cache, "folder_key", real_key)
+
+    def read_then_removed(path, *a, **k):
+        out = real_read(path, *a, **k)
+        path.unlink()
+        return out
+
+    monkeypatch.setattr(folder_cache, "read_entry", read_then_removed)
+    decoder.refuse()
+    load_dataset(cfg)  # read whole, then removed before it was marked used: no error
+    monkeypatch.setattr(folder_cache, "read_entry", real_read)
+    decoder.allow()
+
+    vanished = _fake_entry(cache, "vanishing", days_unused=40)
+    used_again = _fake_entry(cache, "used-again", days_unused=40)
+    real_listed = folder_cache._listed
+
+    def listed_then_changed(folder, name):
+        out = real_listed(folder, name)
+        if name is folder_cache._ENTRY_NAME:
+            vanished.unlink(missing_ok=True)
+            if used_again.exists():
+                os.utime(used_again)
+        return out
+
+    monkeypatch.setattr(folder_cache, "_listed", listed_then_changed)
+    _later(data / "cat" / "a.png")
+    load_dataset(cfg)  # a write, then a prune that finds one entry gone and one used since the listing
+    assert not vanished.exists() and used_again.exists()

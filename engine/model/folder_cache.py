@@ -18,6 +18,14 @@ exactly those, and a second load of an unchanged folder reads one file.
   the old entry or the new one; an entry that does not read back whole, with its own key and the expected
   shape and dtype, is a miss (decoded again and rewritten).  The cache never fails a load: an unwritable
   folder is said once, then the load goes on without it.
+* **pruning**: an entry's mtime is its last use (a hit sets it to now).  After each write, entries not used
+  for ``MAX_AGE_S`` (30 days: a renamed, moved or deleted folder's entry is never read again) are removed, then
+  the least recently used ones while all of them together exceed ``$ATTRIBUTION_DATA_CACHE_MAX_GB`` GiB
+  (default 4).  The entry just written is never removed, whatever its size, and only files named as entries
+  (and writers' temporaries older than ``STALE_TMP_S``) are: the folder may be one the user chose and shares.
+  Other processes may prune, write or read meanwhile: an entry that vanishes before it is read is a miss
+  (decoded again), one removed while read is still read whole (an open file outlives its name on POSIX), and
+  an entry rewritten or used after it was listed for removal is left.
 * **racy files**: a file whose mtime or ctime lies within ``SETTLE_NS`` of the listing's time could still
   change inside the same timestamp tick (Linux stamps with a coarse clock, FAT in 2 s steps) with nothing
   in its ``stat`` to show it; such a folder is decoded but not cached this time (git's "racily clean"
@@ -28,8 +36,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+import stat
 import time
 import warnings
 from collections.abc import Callable
@@ -45,8 +55,16 @@ OFF_VALUES = ("off", "0", "no", "false", "none")
 FORMAT = 1  # the layout of an entry (arrays "images" and "key"); bump it if that changes
 SETTLE_NS = 2_000_000_000  # a file stamped this close to the listing is "racy" (see the module docstring)
 STALE_TMP_S = 600  # a writer's temporary file older than this was left by a killed process (a write takes seconds)
+MAX_AGE_S = 30 * 86400  # an entry not used for this long is removed at the next write (see the module docstring)
+MAX_GB_ENV = "ATTRIBUTION_DATA_CACHE_MAX_GB"
+DEFAULT_MAX_GB = 4.0  # the entries' total size kept, least recently used removed first (a 50,000 x 3x32x32 entry: 150 MB)
+# the names ``entry_path`` gives, and those of a writer's temporary file beside one (``files.atomic_write_bytes``):
+# pruning removes nothing else
+_ENTRY = r"[A-Za-z0-9_.-]+-c\d+-s(?:\d+|native)-[0-9a-f]{20}\.npz"
+_ENTRY_NAME = re.compile(_ENTRY)
+_TEMPORARY_NAME = re.compile(rf"\.{_ENTRY}\.[^/]+\.tmp")
 
-_warned: set[str] = set()  # cache folders already said to be unusable, so a process says it once
+_warned: set[str] = set()  # cache folders and settings already said to be unusable, so a process says it once
 
 
 def cache_dir(environ: dict[str, str] | None = None) -> Path | None:
@@ -139,26 +157,108 @@ def _warn_not_a_folder(folder: Path, blocker: Path) -> None:
     _warn_once(folder, f"{where}; the cache is off for this run (image folders are decoded each time)")
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of this entry that a killed writer left (``files.atomic_write_bytes`` names them
-    ``.<name>.*.tmp``): a 50,000-image entry is 150 MB or more, too much to leave lying about."""
+def _listed(folder: Path, name: re.Pattern[str]) -> list[tuple[Path, float, int]]:
+    """(path, mtime, size) of the plain files in ``folder`` whose name ``name`` matches; a file that vanishes while
+    listed (another process removed it) is left out, and an unreadable folder lists nothing."""
+    found = []
+    try:
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if not name.fullmatch(e.name):
+                    continue
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.append((Path(e.path), st.st_mtime, st.st_size))
+    except OSError:
+        return []
+    return found
+
+
+def _remove(path: Path, listed_mtime: float) -> bool:
+    """Remove ``path`` unless another process rewrote or used it since it was listed (its mtime moved); whether it
+    is gone.  One already gone (another process pruned it) counts as removed."""
+    try:
+        if os.stat(path).st_mtime != listed_mtime:
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files that killed writers left in the cache (``files.atomic_write_bytes`` names them
+    ``.<entry>.*.tmp``): a 50,000-image entry is 150 MB or more, too much to leave lying about.  The whole folder's,
+    not only this entry's: a killed writer's folder may never be loaded again (renamed, deleted)."""
     cutoff = time.time() - STALE_TMP_S
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
-            if tmp.stat().st_mtime < cutoff:
-                tmp.unlink()
-        except OSError:
-            pass
+    for tmp, mtime, _ in _listed(folder, _TEMPORARY_NAME):
+        if mtime < cutoff:
+            _remove(tmp, mtime)
 
 
-def write_entry(path: Path, key: str, x: np.ndarray) -> None:
-    """Store ``x`` under ``key`` atomically; an unwritable folder (or a full disk) is said once, not raised."""
+def max_bytes(environ: dict[str, str] | None = None) -> int:
+    """The cap on the entries' total size: ``$ATTRIBUTION_DATA_CACHE_MAX_GB`` GiB (a number, 0.5 for 512 MiB), else
+    ``DEFAULT_MAX_GB``.  A value that is not a number is said once and the default kept: a typo must not empty
+    the cache, nor stop a run."""
+    env = os.environ if environ is None else environ
+    text = env.get(MAX_GB_ENV, "").strip()
+    try:
+        gb = float(text) if text else DEFAULT_MAX_GB
+    except ValueError:
+        gb = math.nan
+    if not math.isfinite(gb) or gb < 0:
+        if f"{MAX_GB_ENV}={text}" not in _warned:
+            _warned.add(f"{MAX_GB_ENV}={text}")
+            warnings.warn(f"{MAX_GB_ENV}={text!r} is not a size in GiB (a number such as 4 or 0.5); the decoded-image "
+                          f"cache keeps its default cap of {DEFAULT_MAX_GB:g} GiB", stacklevel=2)
+        gb = DEFAULT_MAX_GB
+    return int(gb * 2**30)
+
+
+def prune(folder: Path, keep: Path, now: float | None = None) -> list[Path]:
+    """Remove the entries in ``folder`` not used for ``MAX_AGE_S``, then the least recently used while the entries'
+    total exceeds ``max_bytes()``; never ``keep`` (the entry just written).  The removed paths."""
+    now = time.time() if now is None else now
+    cap = max_bytes()
+    listed = _listed(folder, _ENTRY_NAME)
+    others = sorted((e for e in listed if e[0].name != keep.name), key=lambda e: e[1])  # least recently used first
+    total = sum(size for _, _, size in listed)
+    removed = []
+    for path, used, size in others:
+        if used >= now - MAX_AGE_S and total <= cap:
+            break  # the rest were used later, and all fit
+        if _remove(path, used):
+            removed.append(path)
+            total -= size
+    return removed
+
+
+def _mark_used(path: Path) -> None:
+    """Set a read entry's mtime to now, its last use, which pruning goes by.  A read-only cache (nothing is pruned
+    there) or an entry another process has just removed is left as it is."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def write_entry(path: Path, key: str, x: np.ndarray) -> bool:
+    """Store ``x`` under ``key`` atomically, then prune the cache; an unwritable folder (or a full disk) is said
+    once, not raised.  Whether it was stored."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_npz(path, images=x, key=np.array(key))
     except OSError as e:
         _warn_once(path.parent, f"cannot write the decoded-image cache in {path.parent} ({e}); image folders will be "
                                 "decoded again next time")
+        return False
+    prune(path.parent, keep=path)
+    return True
 
 
 def load_or_decode(root: Path, files: list[Path], rel: list[str], channels: int, size: int | None,
@@ -180,9 +280,10 @@ def load_or_decode(root: Path, files: list[Path], rel: list[str], channels: int,
     path = entry_path(folder, root, channels, size)
     # on every load, not only at a write: after a kill mid-write, the rerun's entry is read by every later load, and
     # none of them writes again (QA 36 #4: a 100 MB temporary left for good)
-    _remove_stale_temporaries(path)
+    _remove_stale_temporaries(folder)
     x = read_entry(path, key, len(files), channels, size)
     if x is not None:
+        _mark_used(path)
         return x
     x = decode()
     if not racy:
