@@ -35,8 +35,13 @@ def main() -> None:
     runtime.server_log()
     match_log_intervals()  # before the build worker imports tqdm, which reads TQDM_* once
     args = runtime.choose_model(parsed)
+    from explorer import load_progress
+
+    loading = st.empty()  # a first load's folder decode shows its counts here, not only in the server's terminal
     try:
-        handle = runtime.get_handle(args)
+        load_progress.wait_for_other_load(loading, args)  # another tab's (or a refreshed page's) decode of this model
+        with load_progress.shown(loading, args):
+            handle = runtime.get_handle(args)
     except Exception as e:  # noqa: BLE001 - a missing checkpoint/data set is a message, not a traceback
         st.title("Diffusion Attribution Explorer")
         st.error(f"Cannot load the model for preset `{args.preset}`: {e}")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from . import folder_cache
+from . import decode_progress, folder_cache
 from .dataset import DataError, ImageDataset, data_folder
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -355,7 +355,8 @@ def _decode_folder(root: Path, files: list[Path], channels: int, size: int | Non
 
 class _DecodeBar:
     """A tqdm bar on stderr counting decoded images, as the engine's other bars are drawn (``bar_redraw.interval``:
-    ``TQDM_MININTERVAL`` thins it in a log).  Why: decoding a large folder the first time takes minutes, which
+    ``TQDM_MININTERVAL`` thins it in a log), and each count reported to ``decode_progress``'s listeners (the app's
+    page), whatever the bar's size rule.  Why: decoding a large folder the first time takes minutes, which
     without a bar cannot be told from a hang.  Drawn from the start for ``BAR_FILES`` files or more, else only
     once the decode has taken ``BAR_AFTER_S``: a small folder (the tests', a tiny data set) stays quiet.  Opened
     after the first image, so a folder whose first file is unreadable gets its one error line and no bar."""
@@ -385,13 +386,15 @@ class _DecodeBar:
 
     def step(self) -> None:
         self.done += 1
-        if self.bar is None and self.done < self.total and (
-                self.total >= BAR_FILES or time.monotonic() - self.t0 >= BAR_AFTER_S):
+        elapsed = time.monotonic() - self.t0
+        if self.bar is None and self.done < self.total and (self.total >= BAR_FILES or elapsed >= BAR_AFTER_S):
             self._open()
         elif self.bar is not None:
             self.bar.update(1)
+        decode_progress.report(self.root, self.done, self.total, elapsed)  # the app's page (decode_progress)
 
     def __enter__(self) -> _DecodeBar:
+        decode_progress.report(self.root, 0, self.total, 0.0)  # a listener can say what is decoding before 1 image
         return self
 
     def __exit__(self, *exc: object) -> None:
