@@ -4,6 +4,9 @@ The kernel drops a flock when the descriptor holding it closes, and so when its 
 ``kill -9`` never leaves a folder locked (its file may stay: without a flock on it, it means nothing).  A flock belongs to one open
 descriptor, so a second take in the same process (another thread) is refused as well; nothing here takes one twice.
 Without ``fcntl`` (Windows, which the engine does not target) there is no lock and every take succeeds.
+
+A holder may remove its lock file while it holds it (a finished training folder keeps none; the CLI removes a folder it
+made only for the lock): a take checks, once it holds a flock, that the path still names the file it locked.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+RUN_LOCK = ".train-run.lock"  # the one lock file of a folder runs write: train's --out, an lds/retrain-top/group-retrain --out
+
 
 @dataclass(frozen=True)
 class Holder:
@@ -33,10 +38,17 @@ class Holder:
 
     def words(self) -> str:
         """``pid 1234, started 02:41 UTC`` (the date too when not today; the host when not this one)."""
+        return f"pid {self.pid}{self.where()}, started {self.since()}"
+
+    def since(self) -> str:
+        """``02:41 UTC``, with the date when not today: when the lock was taken."""
         at = time.gmtime(self.started)
         fmt = "%H:%M UTC" if at[:3] == time.gmtime()[:3] else "%Y-%m-%d %H:%M UTC"
-        where = "" if self.host == socket.gethostname() else f" on {self.host}"
-        return f"pid {self.pid}{where}, started {time.strftime(fmt, at)}"
+        return time.strftime(fmt, at)
+
+    def where(self) -> str:
+        """`` on otherhost`` when the holder runs on another host (a shared disk), else nothing."""
+        return "" if self.host == socket.gethostname() else f" on {self.host}"
 
     def is_this_process(self) -> bool:
         return self.pid == os.getpid() and self.host == socket.gethostname()
@@ -93,12 +105,8 @@ def exclusive(path: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _take(Path(path))
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Held(Path(path), read_holder(path)) from None
         me = {"pid": os.getpid(), "started": time.time(), "host": socket.gethostname()}
         with contextlib.suppress(OSError):  # the lock holds without its note
             os.ftruncate(fd, 0)
@@ -106,3 +114,35 @@ def exclusive(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+def _take(path: Path) -> int:
+    """A descriptor holding the flock of the file ``path`` names now; ``Held`` when another descriptor holds it.
+
+    Why the check after the flock: a take that opened the file just before its holder removed it (and maybe its
+    folder) would get the flock of a file nobody else can see once the holder lets go, and a third take would lock
+    a new file at the path: two holders.  Such a take opens the path again (``FileNotFoundError`` when its folder
+    is gone)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _names(path, fd):
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            raise Held(path, read_holder(path)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the file was removed (or replaced) under us: take the one there now
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is (still) the file open on ``fd``."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
