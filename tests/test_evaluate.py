@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +16,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from engine import folder_lock
 from engine.evaluation.lds import (
     LDSConfig,
     SubsetMismatchError,
@@ -256,13 +259,13 @@ def test_quick_cli_end_to_end(tmp_path, monkeypatch, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if "results" not in p.parts}
     assert main([*argv, "--methods", "kfac,trak,pixel,dtrak"]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    # a live trainer on the folder: training is refused, evaluating finished models is not
-    (out / ".train.lock").write_text(str(os.getppid()))
+    # a live trainer on the folder (its lock held here, as another job of this process would): training is
+    # refused, evaluating finished models is not
     capsys.readouterr()
-    assert main([*argv, "--train-only"]) == 2  # TrainingBusyError as one "error:" line (issue 14)
-    assert capsys.readouterr().err.startswith("error: ")
-    assert main([*argv, "--methods", "kfac,trak,pixel", "--no-train"]) == 0
-    (out / ".train.lock").unlink()
+    with folder_lock.exclusive(out / folder_lock.RUN_LOCK):
+        assert main([*argv, "--train-only"]) == 2  # TrainingBusyError as one "error:" line (issue 14)
+        assert capsys.readouterr().err.startswith("error: another job of this process is training into ")
+        assert main([*argv, "--methods", "kfac,trak,pixel", "--no-train"]) == 0
     # a variant with another attribution M writes its own file, never over the headline one
     headline = (out / "results" / "lds_quick_loss.json").read_bytes()
     assert main([*argv, "--methods", "kfac,trak,pixel", "--no-train", "--attribution-mc", "4"]) == 0
@@ -522,13 +525,22 @@ def test_a_second_retrain_top_into_one_out_is_refused_before_it_trains(tiny_pres
     rtr, _ = _fake_retrain_top(tiny_preset, digits_small, monkeypatch, lambda tasks, **kw: trained.extend(tasks))
     setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "out", tmp_path / "results", "cpu", False)
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / ".train.lock").write_text(str(os.getppid()))  # a live process training into it
-    with pytest.raises(TrainingBusyError, match=r"is training into .*out"):
-        rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac",)))
-    assert trained == []
-    (tmp_path / "out" / ".train.lock").unlink()
+    lock = tmp_path / "out" / folder_lock.RUN_LOCK
+    holder = subprocess.Popen(  # a live process training into it, holding the folder's flock
+        [sys.executable, "-c", "import sys, time\nfrom engine import folder_lock\n"
+         "with folder_lock.exclusive(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)", str(lock)],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TrainingBusyError, match=rf"^process {holder.pid} \(started .*\) is training into .*out; "
+                           "evaluate the finished models with --no-train, or wait for it$"):
+            rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac",)))
+        assert trained == []
+    finally:
+        holder.kill()  # kill -9: the kernel lets go of the lock
+        holder.wait(30)
     rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac",)))
-    assert [t.name for t in trained] == ["kfac"] and not (tmp_path / "out" / ".train.lock").exists()
+    assert [t.name for t in trained] == ["kfac"]
 
 
 @pytest.mark.parametrize("argv, message", [

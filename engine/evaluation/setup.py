@@ -8,15 +8,14 @@ Both evaluations (LDS and retrain-top) start here, so neither borrows from the o
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import folder_lock
 from ..config import DataConfig, ModelConfig, Preset, TrainConfig
-from ..files import atomic_write_bytes
 from ..model.dataset import ImageDataset
 from ..paths import REPO_ROOT
 
@@ -98,36 +97,38 @@ def resolve_setup(
 
 
 class TrainingBusyError(RuntimeError):
-    """Another live process is training into the same run folder."""
+    """Another live process (or another job of this one) is training into the same run folder."""
 
 
 @contextlib.contextmanager
 def train_lock(out: Path) -> Iterator[None]:
-    """``out/.train.lock`` holds the trainer's pid: a second trainer on the same folder is refused.
+    """Hold the run folder's training lock while the block runs; ``TrainingBusyError`` at once when it is held.
 
-    (Training is deterministic, so two trainers would write the same weights, but they
-    would waste the CPU twice.)  A lock left by a dead process is taken over.
+    Two trainers of one folder would waste the CPU twice and write the same files.  The lock is
+    ``folder_lock.exclusive`` on ``out/.train-run.lock``, the one ``train`` takes on its --out: a flock, which the
+    kernel drops when its process ends (``kill -9`` too), so a rerun resumes.  It replaced a pid file
+    (``.train.lock``, now ignored), which refused a folder when a killed run's pid came back as another process's,
+    and which two runs could take over together.  A flock is refused to a second take in the same process too:
+    nothing inside the block takes this folder's lock again (the models train in sub-folders, each under its own).
     """
-    path = Path(out) / ".train.lock"
-    if path.is_file():
+    out = Path(out)
+    with contextlib.ExitStack() as stack:
         try:
-            pid = int(path.read_text().strip() or 0)
-            os.kill(pid, 0)
-            alive = pid != os.getpid()
-        except (ValueError, ProcessLookupError):
-            alive = False
-        except PermissionError:
-            alive = True
-        if alive:
-            raise TrainingBusyError(
-                f"process {pid} is training into {out} ({path}); evaluate the finished models with "
-                "--no-train, or wait for it"
-            )
-    atomic_write_bytes(path, str(os.getpid()).encode())
-    try:
+            stack.enter_context(folder_lock.exclusive(out / folder_lock.RUN_LOCK))
+        except folder_lock.Held as e:  # only the take's: a Held from the block is not this folder's
+            raise TrainingBusyError(_busy_words(out, e.holder)) from None
         yield
-    finally:
-        path.unlink(missing_ok=True)
+
+
+def _busy_words(out: Path, holder: folder_lock.Holder | None) -> str:
+    """Who trains into ``out``, and what to do: wait, or measure the finished models without training."""
+    if holder is None:  # its note not written yet: it took the lock an instant ago
+        who = "another process"
+    elif holder.is_this_process():  # another thread (an app's jobs)
+        who = "another job of this process"
+    else:
+        who = f"process {holder.pid}{holder.where()} (started {holder.since()})"
+    return f"{who} is training into {out}; evaluate the finished models with --no-train, or wait for it"
 
 
 def load_queries_file(path: Path) -> dict[str, Any]:

@@ -319,7 +319,7 @@ class TrainingSettingsError(ValueError):
     """The output folder holds a run made with other settings; the message lists them and what to do."""
 
 
-LOCK = ".train-run.lock"  # not evaluation.setup's ".train.lock", a pid file on an LDS run's folder that it deletes
+LOCK = folder_lock.RUN_LOCK  # the one lock of a folder runs write: an lds/retrain-top run's --out takes it too
 
 
 class TrainingBusyFolderError(ValueError):
