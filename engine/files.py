@@ -67,6 +67,20 @@ def create_bytes_once(path: str | Path, data: bytes) -> bool:
     return True
 
 
+def nearest_existing_folder(path: str | Path, what: str, error: type[ValueError] = ValueError) -> Path:
+    """``path`` when it exists, else its nearest existing parent: the folder a missing ``path`` would be made in.
+    ``error`` (``what``: the words naming the argument, e.g. ``--out runs/x``) when that is a file, not a folder.
+
+    Why one walk: an output below a file (``x.png/y.png``) failed after minutes of work in a bare ``[Errno 20] Not
+    a directory``; the CLI's output files and ``train``'s --out are both checked before the work, here."""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise error(f"{what}: {where} is a file, not a folder")
+    return where
+
+
 def jsonable(o: Any) -> Any:
     """``json.dumps(default=...)`` for numpy scalars and arrays, paths and dataclasses."""
     if isinstance(o, (np.floating, np.integer, np.bool_)):

@@ -134,13 +134,11 @@ def check_output_file(path: Path, flag: str) -> None:
     ``flag``): a path that is a folder, or one below a file (``x.png/y.png``), failed only after minutes
     of sampling or scoring, with a bare ``[Errno 17] File exists``.  Missing folders are fine (the
     writers create them)."""
+    from ..files import nearest_existing_folder
+
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; give a file name")
-    for parent in path.parents:  # the nearest one that exists must be a folder
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
-            return
+    nearest_existing_folder(path.parent, f"{flag} {path}")  # the nearest parent that exists must be a folder
 
 
 def fail(e: Exception) -> int:

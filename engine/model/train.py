@@ -34,7 +34,7 @@ import torch
 from .. import folder_lock
 from ..bar_redraw import short_duration
 from ..config import Preset
-from ..files import atomic_torch_save, atomic_write_bytes
+from ..files import atomic_torch_save, atomic_write_bytes, nearest_existing_folder
 from ..paths import ASSETS
 from ..safe_load import load_plain_state
 from ..validation import check_data_fits_model, check_train_config
@@ -354,11 +354,7 @@ def check_not_training(out: str | Path) -> None:
 
 def _check_writable(out: Path) -> None:
     """Whether ``out`` (or the folder it would be made in: its nearest existing parent) can be written."""
-    where = out
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    if not where.is_dir():
-        raise TrainingSettingsError(f"--out {out}: {where} is a file, not a folder")
+    where = nearest_existing_folder(out, f"--out {out}", TrainingSettingsError)
     if not os.access(where, os.W_OK | os.X_OK):
         made = "" if where == out else f" (it would be made in {where})"
         raise TrainingSettingsError(f"--out {out}: {where} is not writable{made}; pass another --out")
