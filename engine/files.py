@@ -9,6 +9,7 @@ and ``torch.save`` objects.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -79,6 +80,21 @@ def nearest_existing_folder(path: str | Path, what: str, error: type[ValueError]
     if not where.is_dir():
         raise error(f"{what}: {where} is a file, not a folder")
     return where
+
+
+def can_create_in(folder: str | Path) -> bool:
+    """Whether a file can be made in ``folder``, tried for real (a hidden temporary file, removed at once).
+
+    Why not ``os.access``: it says yes to root everywhere, also on a read-only mount or a pseudo file system
+    (``/proc``), where the first write then fails in a bare errno after the slow work."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-check.", suffix=".tmp")
+    except OSError:
+        return False
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    return True
 
 
 def jsonable(o: Any) -> Any:

@@ -168,9 +168,8 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_data(tmp_pat
     a_file.write_text("x")
     with pytest.raises(TrainingSettingsError, match=r"--out .*afile/run: .*afile is a file, not a folder"):
         check_not_training(a_file / "run")
-    real = os.access
-    monkeypatch.setattr(train_module.os, "access",
-                        lambda p, mode, **k: False if Path(p) == tmp_path / "ro" else real(p, mode, **k))
+    real = train_module.can_create_in
+    monkeypatch.setattr(train_module, "can_create_in", lambda p: False if Path(p) == tmp_path / "ro" else real(p))
     (tmp_path / "ro").mkdir()
     with pytest.raises(TrainingSettingsError, match=r"ro is not writable \(it would be made in .*ro\); pass another"):
         check_not_training(tmp_path / "ro" / "deep" / "run")
@@ -179,5 +178,17 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_data(tmp_pat
     (tmp_path / "ro" / "done").mkdir()  # a finished run in a folder that cannot be written is only read: no refusal
     for name in ("config.json", "model.safetensors"):
         (tmp_path / "ro" / "done" / name).write_text("{}")
-    monkeypatch.setattr(train_module.os, "access", lambda p, mode, **k: False)
+    monkeypatch.setattr(train_module, "can_create_in", lambda p: False)
     check_not_training(tmp_path / "ro" / "done")
+    assert sorted(p.name for p in (tmp_path / "fine").parent.iterdir()) == ["afile", "ro"]  # no probe file left
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_out_in_a_pseudo_file_system_is_refused_also_for_root(tmp_path):
+    """QA 37: as root, ``train --out /proc/run`` passed the check (``os.access`` says yes to root), decoded the
+    data, then ended in a bare "[Errno 2] No such file or directory: '/proc/run'". The check makes a file there."""
+    from engine.model.train import TrainingSettingsError
+
+    with pytest.raises(TrainingSettingsError,
+                       match=r"^--out /proc/run: /proc is not writable \(it would be made in /proc\); pass another --out$"):
+        check_not_training("/proc/run")

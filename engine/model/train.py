@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -34,7 +33,7 @@ import torch
 from .. import folder_lock
 from ..bar_redraw import short_duration
 from ..config import Preset
-from ..files import atomic_torch_save, atomic_write_bytes, nearest_existing_folder
+from ..files import atomic_torch_save, atomic_write_bytes, can_create_in, nearest_existing_folder
 from ..paths import ASSETS
 from ..safe_load import load_plain_state
 from ..validation import check_data_fits_model, check_train_config
@@ -353,9 +352,10 @@ def check_not_training(out: str | Path) -> None:
 
 
 def _check_writable(out: Path) -> None:
-    """Whether ``out`` (or the folder it would be made in: its nearest existing parent) can be written."""
+    """Whether ``out`` (or the folder it would be made in: its nearest existing parent) can be written, tried by
+    making a file there: ``os.access`` passed root's ``--out /proc/run``, which failed after the data load."""
     where = nearest_existing_folder(out, f"--out {out}", TrainingSettingsError)
-    if not os.access(where, os.W_OK | os.X_OK):
+    if not can_create_in(where):
         made = "" if where == out else f" (it would be made in {where})"
         raise TrainingSettingsError(f"--out {out}: {where} is not writable{made}; pass another --out")
 
