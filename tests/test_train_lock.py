@@ -192,3 +192,94 @@ def test_an_out_in_a_pseudo_file_system_is_refused_also_for_root(tmp_path):
     with pytest.raises(TrainingSettingsError,
                        match=r"^--out /proc/run: /proc is not writable \(it would be made in /proc\); pass another --out$"):
         check_not_training("/proc/run")
+
+
+# two `train` CLI runs: the data load says so and takes 3 s; both wait for one start time (argv[2]) first
+TWO_AT_ONCE = """
+import sys, time
+import engine.model.data as data
+import engine.model.train  # imported before the start, as the CLI's handler imports it
+from engine.cli import main
+
+real = data.load_dataset
+
+def slow(cfg):
+    print("loading data", flush=True)
+    time.sleep(3)
+    return real(cfg)
+
+data.load_dataset = slow
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+sys.exit(main(["train", "--preset", sys.argv[1], "--out", sys.argv[3], "--device", "cpu"]))
+"""
+
+
+def test_two_cli_runs_started_together_one_trains_and_the_other_is_refused_before_its_data(tmp_path):
+    """Each of two runs started at the same moment passed the probe before its data load, loaded the data, and only
+    then was one refused, by the lock ``train`` takes after it: the CLI holds the lock from before the data load."""
+    import time
+
+    (tmp_path / "tiny.json").write_text(_preset().to_json())
+    out = tmp_path / "new" / "run"
+    start = time.time() + 6  # both have imported torch by then
+    env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_AT_ONCE, str(tmp_path / "tiny.json"), str(start), str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+             for _ in range(2)]
+    ends = [(p.pid, *p.communicate(timeout=300), p.returncode) for p in procs]
+    (w_pid, w_out, w_err, w_rc), (_, l_out, l_err, l_rc) = sorted(ends, key=lambda e: e[3])
+    assert (w_rc, l_rc) == (0, 2), ends
+    assert "loading data" in w_out and f"checkpoint: {out}" in w_out
+    assert "loading data" not in l_out, l_out  # refused before its data load
+    said = rf"error: {re.escape(str(out))} is being trained by another run( \(pid {w_pid}, started [^)]*\))?; " \
+           r"wait for it, or pass another --out\n"
+    assert re.fullmatch(said, l_err), l_err
+    assert not (out / LOCK).exists() and not (out / STATE).exists()  # a finished folder keeps no lock file
+
+
+def test_the_cli_leaves_no_folder_it_made_for_the_lock_when_the_data_do_not_load(tmp_path, monkeypatch, capsys):
+    import engine.model.data
+
+    locked = []
+
+    def broken(cfg):
+        locked.extend(p.parent.name for p in tmp_path.rglob(LOCK))  # the lock is held during the data load
+        raise ValueError("the data do not load")
+
+    (tmp_path / "tiny.json").write_text(_preset().to_json())
+    monkeypatch.setattr(engine.model.data, "load_dataset", broken)
+    argv = ["train", "--preset", str(tmp_path / "tiny.json"), "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "a" / "b")]) == 2
+    assert capsys.readouterr().err == "error: the data do not load\n" and locked == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json"]
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays, without the lock file
+    assert main([*argv, "--out", str(tmp_path / "kept" / "run")]) == 2
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == []
+
+
+def test_the_cli_reads_a_finished_folder_without_a_lock(tmp_path, capsys):
+    """A finished run's folder is only read (the shipped weights may lie on a read-only install): no lock file."""
+    from engine.model.data import load_digits
+
+    folder = tmp_path / "done"
+    save_checkpoint(folder, build_model(_preset().model), _preset(), {"steps": 4, "num_train": len(load_digits())})
+    before = _files(folder)
+    (tmp_path / "tiny.json").write_text(_preset().to_json())
+    assert main(["train", "--preset", str(tmp_path / "tiny.json"), "--out", str(folder), "--device", "cpu"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert _files(folder) == before
+
+
+def test_train_runs_under_a_lock_its_caller_holds_and_no_other(tmp_path, digits_small):
+    """``train(held=...)`` does not take the lock a second time (a flock refuses its own process too); a token of
+    another folder, or of a lock let go, is a bug and says so."""
+    from engine.model.train import training_folder
+
+    with training_folder(tmp_path / "other") as other:
+        with pytest.raises(RuntimeError, match="was given the lock of"):
+            train(_preset(), tmp_path / "run", dataset=digits_small, progress=False, held=other)
+    with pytest.raises(RuntimeError, match=r"\(let go\)"):
+        train(_preset(), tmp_path / "other", dataset=digits_small, progress=False, held=other)
+    with training_folder(tmp_path / "run") as held:
+        assert train(_preset(), tmp_path / "run", dataset=digits_small, progress=False, held=held) == tmp_path / "run"
+    assert not (tmp_path / "run" / LOCK).exists()  # finished: no lock file

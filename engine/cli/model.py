@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -14,6 +15,7 @@ from .common import check_output_file, register, resolve, subcommand
 
 if TYPE_CHECKING:
     from ..model.dataset import ImageDataset
+    from ..model.train import HeldLock
 
 # --- train ---------------------------------------------------------------------------
 
@@ -72,7 +74,7 @@ def data_summary(dataset: ImageDataset, root: str | Path | None) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..model.data import load_dataset
-    from ..model.train import check_not_training, is_finished, train
+    from ..model.train import is_finished, train
 
     preset, ckpt, device = resolve(args)
     changes = {}
@@ -83,21 +85,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if changes:
         preset = preset.replace(train=changes)
     out = Path(args.out) if args.out else ckpt
+    indices, exclude = _read_indices(args.indices, "--indices"), _read_indices(args.exclude, "--exclude")
     finished_before = is_finished(out)
-    if not finished_before:  # before the data load: a second run into a folder being trained stops here, in one line
-        check_not_training(out)
-    t0 = time.time()
-    dataset = load_dataset(preset.data)
-    if not finished_before:  # what it trains on, before minutes of it (QA 33: a folder's skipped file went unseen)
-        print(data_summary(dataset, preset.data.root), flush=True)
-    train(
-        preset,
-        out,
-        dataset=dataset,
-        indices=_read_indices(args.indices, "--indices"),
-        exclude=_read_indices(args.exclude, "--exclude"),
-        device=device,
-    )
+    with _lock_unless_finished(out, finished_before) as held:
+        t0 = time.time()
+        dataset = load_dataset(preset.data)
+        if not finished_before:  # what it trains on, before minutes of it (QA 33: a folder's skipped file went unseen)
+            print(data_summary(dataset, preset.data.root), flush=True)
+        train(preset, out, dataset=dataset, indices=indices, exclude=exclude, device=device, held=held)
     if finished_before:  # train() checked it is this run, with these settings and data (QA round 22: it said nothing)
         print(f"checkpoint: {out} (a finished run with these settings and data: nothing to train)")
     else:
@@ -106,6 +101,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if note:
         print(f"warning: {note}", file=sys.stderr)
     return 0
+
+
+def _lock_unless_finished(out: Path, finished: bool) -> contextlib.AbstractContextManager[HeldLock | None]:
+    """``out``'s training lock, held from before the data load to the end of the run (``training_folder``): two
+    runs started together each passed a probe, loaded the data, and only then was one refused, by the lock
+    ``train`` took.  A finished folder is only read, without a lock (the shipped weights may lie on a read-only
+    install); ``train`` checks it is this run."""
+    from ..model.train import check_not_training, training_folder
+
+    if finished:
+        return contextlib.nullcontext()
+    check_not_training(out)  # --out below a file, on a read-only place, or busy: one line, before any folder is made
+    return training_folder(out)
 
 
 def ema_start_share_note(steps: int, decay: float | None, at_most: float = 0.05) -> str | None:

@@ -77,12 +77,14 @@ def train(
     progress: bool | Callable[[int, int, float], None] = True,
     steps: int | None = None,
     resumed: Callable[[int], None] | None = None,
+    held: HeldLock | None = None,
 ) -> Path:
     """Train (or resume) a DDPM into ``out_dir``; returns the checkpoint folder.
 
     ``progress`` is True for a tqdm bar, False for silence, or ``f(step, total, loss)``. ``resumed(step)`` is
     told once of the step a resumed run continues from, before it trains (a progress count over many models
-    adds those steps without counting them as this run's speed).
+    adds those steps without counting them as this run's speed).  ``held``: ``out_dir``'s lock, taken by the
+    caller before its own slow work (``training_folder``); train runs under it, as a second take would be refused.
     """
     out = Path(out_dir)
     tc = preset.train
@@ -90,17 +92,21 @@ def train(
     check_train_config(dataclasses.replace(tc, steps=total))  # before anything is written
     if out.exists() and not out.is_dir():
         raise TrainingSettingsError(f"--out {out} exists and is not a folder")
-    check_not_training(out)  # creates nothing: a run into a folder another run trains ends here, before the data
+    if held is None:
+        check_not_training(out)  # creates nothing: a run into a folder another run trains ends here, before the data
+    else:
+        held.check_holds(out)
     ds = dataset if dataset is not None else load_dataset(preset.data)
     check_data_fits_model(preset.model, ds.shape)
     data_sha = ds.content_digest()
     subset = None if indices is None and exclude is None else select_indices(len(ds), indices, exclude)
-    if is_finished(out):  # only read: a finished folder (the shipped weights') gets no lock file
+    if held is None and is_finished(out):  # only read: a finished folder (the shipped weights') gets no lock file
         _check_finished_run(out, preset, total, subset, data_sha, len(ds))
         return out  # finished before, with these settings and data
     keep = subset if subset is not None else select_indices(len(ds))
     out.mkdir(parents=True, exist_ok=True)
-    with training_lock(out):  # to the end, however it ends: one writer of train_state.pt and the weights
+    lock = training_lock(out) if held is None else contextlib.nullcontext()
+    with lock:  # to the end, however it ends: one writer of train_state.pt and the weights
         try:
             if is_finished(out):  # by the run that held the folder since this one looked
                 _check_finished_run(out, preset, total, subset, data_sha, len(ds))
@@ -327,15 +333,77 @@ class TrainingBusyFolderError(ValueError):
     it as one ``error:`` line with exit status 2, as it does the settings errors."""
 
 
+@dataclasses.dataclass
+class HeldLock:
+    """A training lock this process holds (``training_lock`` yields it), for ``train(held=...)``: a caller that
+    takes the lock before its own slow work (the CLI, before the data load) has train run under it, since a second
+    take of a flock is refused, also to its own process.  A token rather than a flag, so that train cannot be told
+    of a lock on another folder, or one already let go."""
+
+    folder: Path
+    active: bool = True
+
+    def check_holds(self, out: Path) -> None:
+        """RuntimeError (a bug, not a user's mistake) unless this is ``out``'s lock, still held."""
+        if not self.active or self.folder.resolve() != Path(out).resolve():
+            state = "held" if self.active else "let go"
+            raise RuntimeError(f"train({out}) was given the lock of {self.folder} ({state}), not its own")
+
+
 @contextlib.contextmanager
-def training_lock(out: str | Path) -> Iterator[None]:
+def training_lock(out: str | Path) -> Iterator[HeldLock]:
     """Hold ``out``'s training lock (``out/.train-run.lock``, ``engine.folder_lock``; the folder must exist);
-    ``TrainingBusyFolderError`` at once when another run holds it.  Released when the run ends, however it ends."""
-    try:
-        with folder_lock.exclusive(Path(out) / LOCK):
-            yield
-    except folder_lock.Held as e:
-        raise _busy(out, e.holder) from None
+    ``TrainingBusyFolderError`` at once when another run holds it.  Released when the block ends, however it ends."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(folder_lock.exclusive(Path(out) / LOCK))
+        except folder_lock.Held as e:  # only the take's: a Held from the block is another folder's
+            raise _busy(out, e.holder) from None
+        held = HeldLock(Path(out))
+        try:
+            yield held
+        finally:
+            held.active = False
+
+
+@contextlib.contextmanager
+def training_folder(out: str | Path) -> Iterator[HeldLock]:
+    """``out`` made (with its missing parents) and its training lock held, for a caller with slow work before
+    ``train(held=...)`` (the CLI's data load): of two runs started together, the second is refused before that
+    work, not after it.  When the block fails with nothing but the lock file written (data that do not load, an
+    interruption while they decode), the folders made for the lock go again: no empty --out is left behind."""
+    out = Path(out)
+    made = _missing_folders(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with training_lock(out) as held:
+        try:
+            yield held
+        except BaseException:
+            _remove_if_only_the_lock(made)  # while held: a take that opened the file before finds it gone
+            raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_if_only_the_lock(made: list[Path]) -> None:
+    """Remove the folders in ``made`` (deepest first) when the deepest holds the lock file alone; one that
+    holds anything else (another run's file, a saved state) stays, with the ones above it."""
+    if not made or sorted(p.name for p in made[0].iterdir()) != [LOCK]:
+        return
+    (made[0] / LOCK).unlink()
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def check_not_training(out: str | Path) -> None:
