@@ -427,6 +427,29 @@ def test_run_setup_says_when_the_presets_training_steps_are_not_used(tmp_path, c
         capsys.readouterr().err)
 
 
+def test_retrain_tops_notice_names_the_steps_given_by_steps(tmp_path, capsys, monkeypatch):
+    """QA 37: ``retrain-top --steps 600`` said it trained with the recipe's steps (and how to train fewer), while
+    it trained 600; the notice names the --steps it trains, and says nothing when the preset's are those."""
+    import engine.evaluation.retrain_top_run as run_module
+    from engine.cli import main
+    from engine.config import get_preset
+
+    steps_run = []
+    monkeypatch.setattr(run_module, "run_retrain_top", lambda setup, cfg: steps_run.append(cfg.steps) or 0)
+    preset_file = tmp_path / "short.json"
+    preset_file.write_text(get_preset("digits").replace(train={"steps": 400}).to_json())
+    argv = ["retrain-top", "--preset", str(preset_file), "--query", "gallery:0", "--out", str(tmp_path / "run"),
+            "--results", str(tmp_path / "res"), "--device", "cpu", "--steps"]
+    capsys.readouterr()
+    assert main([*argv, "600"]) == 0
+    err = capsys.readouterr().err
+    assert ("notice: retrain-top trains 600 steps (--steps) with the checkpoint's recipe; the preset's train.steps "
+            "= 400 is not used\n") in err and "6,000" not in err
+    assert main([*argv, "400"]) == 0  # the preset's own steps: nothing to say
+    assert "notice" not in capsys.readouterr().err
+    assert steps_run == [600, 400]
+
+
 def _fake_retrain_top(tiny_preset, digits_small, monkeypatch, run_training) -> tuple[Any, list[str]]:
     """retrain_top_run with a stand-in session, job and plan (no model, no gradients), and ``run_training``
     replaced: returns the module and the methods whose removal was measured."""

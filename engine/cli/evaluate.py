@@ -150,7 +150,7 @@ def cmd_retrain_top(args: argparse.Namespace) -> int:
     t0 = time.time()
     preset, ckpt, device = resolve(args)
     preset = with_attribution_source(args, preset, ckpt)  # the named preset's, else the checkpoint's own
-    setup = resolve_setup(preset, ckpt, device, "retrain_top", out=args.out, results=args.results)
+    setup = resolve_setup(preset, ckpt, device, "retrain_top", out=args.out, results=args.results, steps=args.steps)
     cfg = RetrainTopConfig(
         queries=_names(args.query) or (),
         methods=_names(args.methods),

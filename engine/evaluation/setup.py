@@ -55,12 +55,14 @@ def resolve_setup(
     out: str | Path | None = None,
     results: str | Path | None = None,
     quick: bool = False,
+    steps: int | None = None,
 ) -> RunSetup:
     """The full model's own recipe (its checkpoint's preset, with this machine's data root and the
     requested preset's attribution settings), its data and the folders: ``runs/<kind>/<preset>`` and ``assets/results`` unless given.
 
     Quick mode (CI) trains its own tiny model on 64 digits into ``out/full`` and writes its
-    results under ``out/results``, never over the shipped ones.
+    results under ``out/results``, never over the shipped ones.  ``steps``: retrain-top's --steps, which its
+    models train instead of the recipe's (the notice on the preset's unused steps names them).
     """
     from ..model.checkpoint import read_config
     from ..model.data import load_dataset
@@ -83,17 +85,33 @@ def resolve_setup(
     if (ckpt / "config.json").is_file():
         ck_preset, _ = read_config(ckpt)
         requested = preset
-        if requested.train.steps != ck_preset.train.steps:  # QA 24: a preset file's steps were ignored silently
-            how = "pass --steps to train fewer" if kind != "lds" else "scaled by the subset fraction"
-            print(f"notice: {kind.replace('_', '-')} trains with the checkpoint's recipe ({ck_preset.train.steps:,} "
-                  f"steps, {how}); the preset's train.steps = {requested.train.steps:,} is not used",
-                  file=sys.stderr, flush=True)
+        note = unused_steps_notice(kind, requested.train.steps, ck_preset.train.steps, steps)
+        if note:  # QA 24: a preset file's steps were ignored silently
+            print(f"notice: {note}", file=sys.stderr, flush=True)
         preset = ck_preset.replace(data={"root": preset.data.root}) if preset.data.root else ck_preset
         # the checkpoint fixes how the model was trained; the attribution settings are the requested preset's
         # (the CLI's lds and retrain-top give it the named preset's, else the checkpoint's own settings:
         # cli.common.with_attribution_source), as in the app and the other commands
         preset = preset.replace(attribution=requested.attribution)
     return RunSetup(preset, ckpt, load_dataset(preset.data), out_dir, results_dir, device, False)
+
+
+def unused_steps_notice(kind: str, preset_steps: int, recipe_steps: int, steps: int | None) -> str | None:
+    """Why the preset's ``train.steps`` is not what a run trains, when it is not (QA 24: a preset file's steps were
+    ignored silently): the runs train with the checkpoint's recipe, at its ``recipe_steps`` or at the ``steps`` the
+    user gave (retrain-top's --steps; QA 37: the notice named the recipe's 1,500 steps while ``--steps 600`` trained
+    600).  None when the preset's steps are the recipe's, or the ones trained."""
+    trained = recipe_steps if steps is None else steps
+    if preset_steps in (recipe_steps, trained):
+        return None
+    name = kind.replace("_", "-")
+    if steps is not None:
+        what = f"trains {steps:,} steps (--steps) with the checkpoint's recipe"
+    elif kind == "lds":
+        what = f"trains with the checkpoint's recipe ({recipe_steps:,} steps, scaled by the subset fraction)"
+    else:
+        what = f"trains with the checkpoint's recipe ({recipe_steps:,} steps, pass --steps to train fewer)"
+    return f"{name} {what}; the preset's train.steps = {preset_steps:,} is not used"
 
 
 class TrainingBusyError(RuntimeError):
