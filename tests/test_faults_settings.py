@@ -166,6 +166,10 @@ def test_sample_refuses_an_out_it_cannot_create_before_sampling(tmp_path, capsys
     (tmp_path / "dir.png").mkdir()
     rc, err = _cli(capsys, "sample", "--checkpoint", missing, "--out", str(tmp_path / "dir.png"))
     assert rc == 2 and "--out" in _one_error_line(err) and "is a folder" in err
+    if Path("/proc/self").is_dir():  # a folder nobody can write files in, root included (os.access says yes to root)
+        rc, err = _cli(capsys, "sample", "--checkpoint", missing, "--n", "2", "--out", "/proc/grid.png")
+        assert rc == 2 and _one_error_line(err) == ("error: --out /proc/grid.png: no file can be written in /proc; "
+                                                    "give another path")
 
 
 def test_sample_and_assets_with_a_missing_checkpoint(tmp_path, capsys):

@@ -134,11 +134,13 @@ def check_output_file(path: Path, flag: str) -> None:
     ``flag``): a path that is a folder, or one below a file (``x.png/y.png``), failed only after minutes
     of sampling or scoring, with a bare ``[Errno 17] File exists``.  Missing folders are fine (the
     writers create them)."""
-    from ..files import nearest_existing_folder
+    from ..files import can_create_in, nearest_existing_folder
 
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; give a file name")
-    nearest_existing_folder(path.parent, f"{flag} {path}")  # the nearest parent that exists must be a folder
+    where = nearest_existing_folder(path.parent, f"{flag} {path}")  # the nearest parent that exists must be a folder
+    if not can_create_in(where):  # a read-only mount, /proc, another user's folder: said now, not after the work
+        raise ValueError(f"{flag} {path}: no file can be written in {where}; give another path")
 
 
 def fail(e: Exception) -> int:
