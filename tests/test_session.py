@@ -109,6 +109,30 @@ def test_a_checkpoint_is_refused_on_a_training_set_it_was_not_trained_on(ckpt, d
     assert len(s.dataset) == 64
 
 
+@pytest.mark.parametrize("name", ["digits", "mnist"])
+def test_the_shipped_weights_know_their_training_set(name, tmp_path):
+    """The shipped weights predate the recorded content digest; ``SHIPPED_TRAINING_SETS`` gives it by checkpoint
+    hash.  QA 41: the shipped mnist weights attributed any other set of 1,000 images (the size was all they could
+    check) without a word.  Checked against the presets' own data: the shipped set opens, the same number of other
+    images (the set mirrored) is refused."""
+    from engine.config import get_preset
+    from engine.model.checkpoint import checkpoint_hash
+    from engine.model.data import load_dataset
+    from engine.model.train import SHIPPED_TRAINING_SETS
+    from engine.paths import REPO_ROOT
+
+    folder = REPO_ROOT / "assets" / name
+    preset = get_preset(name)
+    data = load_dataset(preset.data)
+    assert SHIPPED_TRAINING_SETS[checkpoint_hash(folder)] == data.content_digest()
+    opened = AttributionSession(preset, checkpoint=folder, device="cpu", cache_root=tmp_path, dataset=data)
+    assert len(opened.dataset) == len(data)
+    other = dataclasses.replace(data, images=data.images.flip(-1))
+    with pytest.raises(CheckpointError, match=f"trained on a training set with content digest "
+                                              f"{SHIPPED_TRAINING_SETS[checkpoint_hash(folder)]}"):
+        AttributionSession(preset, checkpoint=folder, device="cpu", cache_root=tmp_path, dataset=other)
+
+
 def test_missing_checkpoint_says_how_to_train(tmp_path):
     with pytest.raises(CheckpointError, match="attribution-engine train --preset digits"):
         AttributionSession("digits", checkpoint=tmp_path / "nothing", device="cpu", cache_root=tmp_path)

@@ -130,7 +130,9 @@ class AttributionSession(SessionBuilds, SessionQueryInputs, SessionScoring, Sess
         check_data_fits_model(self.preset.model, self.dataset.shape)
         # hashed once: the training-set check, the cache key and the precomputed file's key all use it
         self.data_digest = self.dataset.content_digest()
-        problem = trained_on_problem(extra, self.dataset, self.data_digest) if check_trained_on else None
+        self.checkpoint_hash = checkpoint_hash(folder)
+        problem = (trained_on_problem(extra, self.dataset, self.data_digest, self.checkpoint_hash)
+                   if check_trained_on else None)
         if problem is not None:
             where = f" from {self.preset.data.root}" if self.preset.data.root else ""
             raise CheckpointError(
@@ -138,7 +140,6 @@ class AttributionSession(SessionBuilds, SessionQueryInputs, SessionScoring, Sess
                 f"{problem}. Influence attributes a model to its own training images: use the data it was "
                 "trained on (--data-root), or a --checkpoint trained on these data"
             )
-        self.checkpoint_hash = checkpoint_hash(folder)
         self.auto_build = auto_build
 
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
