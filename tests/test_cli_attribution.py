@@ -400,6 +400,13 @@ def test_gallery_query_on_an_empty_cache_answers_with_the_checkpoints_precompute
     # D-TRAK is in neither the cache nor the file: still "not built", with its command
     assert shipped["methods"]["dtrak"]["status"] == "unavailable"
     assert "--methods dtrak" in shipped["methods"]["dtrak"]["reason"]
+    # TRAK at another damping is not in the file: "not built", and which dampings the file holds (QA 41 #5)
+    trak_default = shipped["methods"]["trak"]["damping"]
+    away = json.loads(run(empty, *query, "--damping", f"trak={trak_default * 10}"))
+    assert away["methods"]["trak"]["status"] == "unavailable" and away["methods"]["kfac"]["reason"] == "precomputed"
+    assert away["methods"]["trak"]["reason"].endswith(
+        f"(the checkpoint's precomputed scores hold it at damping {trak_default:.3g} only)")
+    assert "precomputed scores hold" not in shipped["methods"]["dtrak"]["reason"]  # not in the file at all
     # another M is another setting: the file's scores are not shown for it
     other = json.loads(run(empty, *query, small=["--mc-samples", "3", "--trak-dim", "32"], expect=2))  # nothing scored
     assert "precomputed_methods" not in other["query"] and other["methods"]["kfac"]["status"] == "unavailable"

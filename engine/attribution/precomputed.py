@@ -297,6 +297,15 @@ class PrecomputedGallery:
                 return self.arrays["kfac_grid"][row, g].astype(np.float32) * self.arrays["kfac_grid_scale"][row, g]
         return None
 
+    def dampings(self, method: str) -> list[float]:
+        """The dampings ``scores`` answers ``method`` at: its default, and K-FAC's grid when the file holds one
+        (empty for a method without a damping)."""
+        default = self.key.get("methods", {}).get(method, {}).get("damping")
+        out = [] if default is None else [float(default)]
+        if method == "kfac" and "kfac_grid_damping" in self.arrays:
+            out += [float(g) for g in self.arrays["kfac_grid_damping"] if not out or float(g) != out[0]]
+        return out
+
     def damping_floor(self, method: str) -> float | None:
         """The method's ``damping_floor`` when the file was written (None: it has none, or the file predates it)."""
         floor = self.arrays.get(f"damping_floor_{method}")
@@ -437,6 +446,13 @@ def fill_unbuilt(
     filled = [name for name in wanted if shipped.methods[name].status == "ok"]
     for name in filled:
         result.methods[name] = shipped.methods[name]
+    held = pre.methods_for(session)
+    for name in wanted:  # precomputed, but not at the damping asked (QA 41 #5: it said only "not built")
+        r = result.methods[name]
+        if name not in filled and name in held and (at := pre.dampings(name)) and r.reason:
+            grid = sorted(at[1:])
+            also = f" or {len(grid)} others from {grid[0]:.3g} to {grid[-1]:.3g} on its grid" if grid else " only"
+            r.reason += f" (the checkpoint's precomputed scores hold it at damping {at[0]:.3g}{also})"
     if filled:
         names = ",".join(filled)
         result.query.setdefault("notes", []).append(
