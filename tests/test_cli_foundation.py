@@ -231,3 +231,18 @@ def test_the_ema_note_names_the_steps_that_leave_a_twentieth_of_the_start():
     assert "train for 2,995 steps or more" in ema_start_share_note(300, 0.999)  # 0.999 ** 2995 < 0.05
     assert ema_start_share_note(2995, 0.999) is None and ema_start_share_note(6000, 0.999) is None
     assert ema_start_share_note(10, 0.0) is None and ema_start_share_note(10, None) is None  # no average
+
+
+def test_the_data_line_counts_classes_in_words():
+    """One class is "1 class" (QA 41: a folder with one class folder said "1 classes"); no labels, "unlabelled"."""
+    import torch
+
+    from engine.cli.model import data_summary
+    from engine.model.dataset import ImageDataset
+
+    def dataset(labels):
+        return ImageDataset("folder_x", torch.zeros(3, 1, 4, 4), labels, None, ["a", "b", "c"], 256)
+
+    assert "3 images of 1x4x4, 1 class (folder_x from /d)" in data_summary(dataset(torch.tensor([2, 2, 2])), "/d")
+    assert ", 2 classes (" in data_summary(dataset(torch.tensor([0, 1, 1])), None)
+    assert ", unlabelled (" in data_summary(dataset(None), None)

@@ -251,7 +251,7 @@ class QuerySources:
         spec = spec.strip()
         kind, sep, arg = spec.partition(":")
         kind = kind.lower()
-        usage = "expected gallery:N, train:N, image:PATH, generate:SEED or samples:FILE.npz:N"
+        usage = "expected gallery:N, train:N, image:PATH, generate:SEED, samples:FILE.npz:N or pool:N"
         if not sep or not arg:
             raise QueryError(f"bad query {spec!r}: {usage}")
         if kind == "image":

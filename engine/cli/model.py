@@ -67,7 +67,8 @@ def _read_indices(spec: str | None, flag: str):
 def data_summary(dataset: ImageDataset, root: str | Path | None) -> str:
     """One line on the training set a command is about to use: size, image shape, classes and where it came from."""
     c, h, w = dataset.shape
-    classes = "unlabelled" if dataset.labels is None else f"{int(dataset.labels.unique().numel())} classes"
+    k = None if dataset.labels is None else int(dataset.labels.unique().numel())
+    classes = "unlabelled" if k is None else f"{k} class{'' if k == 1 else 'es'}"
     where = f" from {root}" if root else ""
     return f"data: {len(dataset):,} images of {c}x{h}x{w}, {classes} ({dataset.name}{where})"
 
