@@ -285,3 +285,18 @@ def test_the_readable_settings_lines_say_when_a_damping_is_below_the_floor():
                        "trak (damping 0.0001)"), methods
     settings["methods"]["kfac"] = {"damping": 1e-6, "damping_floor": 2.5e-10}  # above it: the floor alone says nothing
     assert provenance.settings_lines(settings)[2] == "methods: kfac (damping 1e-06); trak (damping 0.0001)"
+
+
+def test_the_settings_name_the_checkpoint_and_data_folders_absolute(shipped, tmp_path, monkeypatch):
+    """A checkpoint or data root typed relative ("data/pipe") is named absolute in the exports, as a preset's
+    checkpoint is (QA 41): an export read in another folder still says which model and data it was."""
+    import types
+
+    session, _ = shipped
+    monkeypatch.chdir(tmp_path)
+    fake = types.SimpleNamespace(
+        preset=session.preset.replace(data={"root": "data/idx"}), checkpoint="models/pipe",
+        checkpoint_hash=session.checkpoint_hash, dataset=session.dataset, data_digest=session.data_digest)
+    model = provenance.model_settings(fake)
+    assert model["checkpoint"] == str(tmp_path.resolve() / "models" / "pipe")
+    assert model["data_root"] == str(tmp_path.resolve() / "data" / "idx")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,11 +29,13 @@ def model_settings(session: Any) -> dict[str, Any]:
     one's own named neither its data folder nor which images were in it)."""
     return {
         "preset": session.preset.name,
-        "checkpoint": str(session.checkpoint),
+        # absolute, whatever the user typed (QA 41: a diffusers folder given as data/pipe was "data/pipe" in the JSON,
+        # a preset's checkpoint absolute): an export read elsewhere still names the folder
+        "checkpoint": str(Path(session.checkpoint).expanduser().resolve()),
         "checkpoint_hash": session.checkpoint_hash,
         "num_train": len(session.dataset),
         "data": session.dataset.name,
-        "data_root": None if session.preset.data.root is None else str(session.preset.data.root),
+        "data_root": None if session.preset.data.root is None else str(Path(session.preset.data.root).expanduser().resolve()),
         "data_digest": session.data_digest,
     }
 
