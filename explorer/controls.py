@@ -37,6 +37,27 @@ def _fmt_damping(default: float):
     return fmt
 
 
+def uses_draws(measurement: str) -> bool:
+    """Whether the query's measurement is estimated with Monte Carlo (t, noise) draws.
+
+    Only ``trajectory`` uses none: it evaluates the recorded sampling path x_T ... x_0 exactly
+    (``engine.model.measurements.measure`` never reads the draws for it).  ``loss@t`` uses the draws' noise
+    at its one t, ``elbo-exact`` every t with the draws' noise reused in turn, ``loss``, ``elbo`` and
+    ``square-norm`` both halves (QA 40 #9: the page said "64 Monte Carlo draws" for trajectory)."""
+    return not measurement.startswith("trajectory")
+
+
+def draws_phrase(measurement: str, m: int) -> str:
+    """What the query's M means for this measurement, in the words the page's lines use."""
+    if not uses_draws(measurement):
+        return "no Monte Carlo draws (the recorded sampling path is evaluated exactly)"
+    if measurement.startswith("loss@t"):
+        return f"{m} Monte Carlo noise draws at that timestep"
+    if measurement == "elbo-exact":
+        return f"every timestep, {m} Monte Carlo noise draws reused across them"
+    return f"{m} Monte Carlo draws"
+
+
 def damping_key(method: str, preset: str) -> str:
     """The sidebar damping slider's state key, one per model as the M slider's: a key shared by the models kept
     one model's value for the other (QA 30c: after digits -> mnist -> digits, TRAK scored digits at mnist's
@@ -90,12 +111,18 @@ def choose_settings(handle: Handle, has_trajectory: bool) -> Settings:
     top_k = st.sidebar.slider("Top-k images per method", 1, 32, 8, key="top_k")
     default_m = int(session.config.mc_samples)
     m_options = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, default_m})
+    draws = uses_draws(spec)
     mc = st.sidebar.select_slider(
         "Monte Carlo samples for the query",
         options=m_options,
         value=default_m,
         key=f"mc_samples:{session.preset.name}",  # each model keeps its own (its default is its bank's M)
+        disabled=not draws,  # its value is kept for the measurements that use it
         help="Draws of (t, noise) for the query's measurement gradient (common to every method). "
-        "The training-gradient caches keep the M they were built with.",
+        "The training-gradient caches keep the M they were built with."
+        + ("" if draws else " Not used by the trajectory measurement, which evaluates the recorded sampling path "
+           "exactly."),
     )
+    if not draws:
+        st.sidebar.caption("The trajectory measurement uses no Monte Carlo draws: the slider applies to the others.")
     return Settings(spec, tuple(methods), tuple(damping), int(top_k), int(mc))

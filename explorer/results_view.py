@@ -23,7 +23,7 @@ from engine.attribution.results import MethodResult, QueryResult
 from engine.attribution.signs import end_signs
 from engine.model.measurements import measurement_info
 from explorer import analysis, exact_view, figures, plain
-from explorer.controls import Settings
+from explorer.controls import Settings, draws_phrase, uses_draws
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
 from explorer.layout import FRAME, GAP, column_inner_width, thumbnails
 from explorer.query_view import Query
@@ -80,7 +80,7 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
             raw, views = handle.recent_results.get(base), {}  # another tab asked it already: share its work
             if raw is None:
                 with st.spinner(f"Attributing {query.title.lower()} ({_in_sentence(measurement_title(s.measurement))}, "
-                                f"{s.mc_samples} Monte Carlo draws) with every method: query gradients, then scores ...",
+                                f"{draws_phrase(s.measurement, s.mc_samples)}) with every method: query gradients, then scores ...",
                                 show_time=True):
                     with handle.lock:
                         raw = session.query(  # a compressed bank answers from its scan; the re-rank follows
@@ -525,8 +525,10 @@ def timings(handle: Handle, result: QueryResult, s: Settings) -> None:
         ("This query's first answer: " if again is not None else "This query: ")
         + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items())
         + (f"; re-scored at these dampings in {again:.1f} ms (the gradients kept)" if again is not None else "")
-        + f" · measurement `{result.measurement}` · {result.query.get('mc_samples', s.mc_samples)} Monte Carlo draws"
-        + (" (the training gradients' own draws: common random numbers)" if handle.session.config.query_draws == "bank" else "")
+        + f" · measurement `{result.measurement}` · "
+        + draws_phrase(result.measurement, result.query.get("mc_samples", s.mc_samples))
+        + (" (the training gradients' own draws: common random numbers)"
+           if handle.session.config.query_draws == "bank" and uses_draws(result.measurement) else "")
     )
 
 
