@@ -34,7 +34,9 @@ def main() -> None:
         st.stop()
     runtime.server_log()
     match_log_intervals()  # before the build worker imports tqdm, which reads TQDM_* once
-    args = runtime.choose_model(parsed)
+    from explorer import query_view
+
+    args = runtime.choose_model(query_view.model_from_url(parsed))  # a reload keeps the URL's model (QA 40 #3)
     from explorer import load_progress
 
     loading = st.empty()  # a first load's folder decode shows its counts here, not only in the server's terminal
@@ -55,7 +57,6 @@ def main() -> None:
         evaluation_view,
         groups_view,
         plain,
-        query_view,
         results_view,
     )
 
@@ -69,6 +70,7 @@ def main() -> None:
     if handle.settings_note:
         st.info(handle.settings_note[0].upper() + handle.settings_note[1:], icon="ℹ️")
     plugin_files_note()
+    query_view.keep_url(session.preset.name, args.preset if len(runtime.model_choices(parsed)) >= 2 else None)
     build_view.build_panel(handle)
     query = query_view.choose_query(handle)
     has_traj = query is not None and query.input.trajectory is not None

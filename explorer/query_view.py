@@ -29,29 +29,94 @@ class Query:
 
 
 GALLERY_PARAM = "gallery"  # the chosen gallery sample, also in the page's URL (``?gallery=6``)
+MODEL_PARAM = "model"  # the sidebar's model, also in the URL (``?model=mnist&gallery=12``)
+URL_READ = "url_read"  # session-state key: the model this session showed first, once it has read the URL
 
 
-def _select_gallery(i: int) -> None:
-    st.session_state["gallery_index"] = i
-    st.query_params[GALLERY_PARAM] = str(i)
+def gallery_key(model: str) -> str:
+    """The session-state key of a model's chosen gallery sample: one per model, since digits' sample 3 has
+    nothing to do with mnist's (QA 40 #3: the index carried over on switching)."""
+    return f"gallery_index:{model}"
 
 
-def chosen_gallery_index(n: int) -> int:
-    """The gallery sample this tab shows: its own choice, else the one in the page's URL, else 0.
+def model_from_url(args: Any) -> Any:
+    """``args`` with the URL's model (``?model=mnist``) as its preset, on a session's first run only.
+
+    Why: a reload after a server restart gives the tab a new session, which kept ``?gallery=N`` but not the
+    model, so a user on mnist came back on digits, and mnist's interrupted build waited until someone chose it
+    (QA 40 #3).  The switch's widget takes its first value from the preset returned here; later runs keep the
+    widget's own.  A model this server does not offer is noted on the page, and the default is shown."""
+    import dataclasses
+
+    from explorer.runtime import model_choices
+
+    if URL_READ in st.session_state:
+        return args
+    wanted = st.query_params.get(MODEL_PARAM)
+    if not wanted or wanted == args.preset:
+        return args
+    choices = model_choices(args)
+    if wanted in choices:
+        return dataclasses.replace(args, preset=wanted)
+    offered = ", ".join(f"`{c}`" for c in choices) if choices else f"only `{args.preset}`"
+    st.session_state["url_model_note"] = (
+        f"The link asked for the model `{wanted}`, which this server does not offer (it offers {offered}): "
+        f"showing `{args.preset}`, its default."
+    )
+    return args
+
+
+def keep_url(model: str, switch: str | None) -> None:
+    """Read the URL's gallery sample once per session (it belongs to the model shown first: the URL's, else the
+    default), then keep the URL in step with this tab's model and that model's gallery sample, so a reload or a
+    copied link opens both.  ``model`` is the served preset's name, ``switch`` the sidebar switch's value (None
+    without a switch: no ``?model=`` then)."""
+    if URL_READ not in st.session_state:
+        st.session_state[URL_READ] = model
+        try:
+            st.session_state.setdefault(gallery_key(model), int(st.query_params.get(GALLERY_PARAM)))
+        except (TypeError, ValueError):  # none, or a hand-edited URL: the first sample
+            pass
+    if switch is not None and st.query_params.get(MODEL_PARAM) != switch:
+        st.query_params[MODEL_PARAM] = switch
+    note = st.session_state.pop("url_model_note", None)
+    if note:
+        st.info(note, icon="ℹ️")
+    chosen = st.session_state.get(gallery_key(model))
+    _url_gallery(None if chosen is None else int(chosen))
+
+
+def _url_gallery(index: int | None) -> None:
+    want = None if index is None else str(index)
+    if st.query_params.get(GALLERY_PARAM) != want:
+        if want is None:
+            del st.query_params[GALLERY_PARAM]
+        else:
+            st.query_params[GALLERY_PARAM] = want
+
+
+def _select_gallery(model: str, i: int) -> None:
+    st.session_state[gallery_key(model)] = i
+    _url_gallery(i)
+
+
+def chosen_gallery_index(n: int, model: str) -> int:
+    """The gallery sample this tab shows for ``model``: its own choice (read from the URL at the session's
+    start by ``keep_url``), else 0.
 
     Why the URL too: a server restart (or a disconnect past the session's lifetime) gives the tab a new
     session, which kept the widgets' values (the browser sends them back) but not the gallery choice, so
     the first click after reconnecting silently switched the page to sample 0 (QA round 18).  The browser
     sends the URL's query string with every run, so the choice survives, and a copied link opens it."""
-    chosen = st.session_state.get("gallery_index")
-    if chosen is None:
-        try:
-            chosen = int(st.query_params.get(GALLERY_PARAM, 0))
-        except (TypeError, ValueError):  # a hand-edited URL: the first sample
-            chosen = 0
-        st.session_state["gallery_index"] = chosen
-    chosen = int(chosen)
-    return chosen if 0 <= chosen < n else 0
+    chosen = st.session_state.get(gallery_key(model), 0)
+    try:
+        chosen = int(chosen)
+    except (TypeError, ValueError):
+        chosen = 0
+    chosen = chosen if 0 <= chosen < n else 0  # out of range (another model's, or a hand-edited URL): the first
+    st.session_state[gallery_key(model)] = chosen
+    _url_gallery(chosen)
+    return chosen
 
 
 def _request_generation() -> None:
@@ -83,7 +148,8 @@ def choose_query(handle: Handle) -> Query | None:
 
 def _gallery(handle: Handle, gallery: list) -> Query:
     st.caption("Generated samples shipped with the model, trajectories included. Click one to attribute it.")
-    chosen = chosen_gallery_index(len(gallery))
+    model = handle.session.preset.name
+    chosen = chosen_gallery_index(len(gallery), model)
     per_row = 4
     for start in range(0, len(gallery), per_row):
         cols = st.columns(per_row)
@@ -96,7 +162,7 @@ def _gallery(handle: Handle, gallery: list) -> Query:
                     f"{item.index}",
                     key=f"gallery_{item.index}",
                     on_click=_select_gallery,
-                    args=(item.index,),
+                    args=(model, item.index),
                     type="primary" if item.index == chosen else "secondary",
                     help=gallery_tooltip(item, len(gallery)),
                 )

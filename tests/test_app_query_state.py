@@ -69,3 +69,90 @@ def test_the_timings_line_says_what_the_draws_were_for_each_measurement():
     assert "every timestep, 64 Monte Carlo noise draws reused" in _timings_caption("elbo-exact")
     assert _timings_caption("square-norm").endswith("64 Monte Carlo draws")
     assert "common random numbers" in _timings_caption("loss", query_draws="bank")
+
+
+# --- QA 40 #3: the model in the URL, the gallery sample per model ----------------------------------------------
+
+
+def _model_page():
+    import streamlit as st
+
+    from explorer import query_view, runtime
+
+    parsed = runtime.AppArgs(preset="digits")  # the server's default, as app.py's parse_args gives it
+    args = runtime.choose_model(query_view.model_from_url(parsed))
+    query_view.keep_url(args.preset, args.preset)  # app.py: the served preset's name, the switch's value
+    chosen = query_view.chosen_gallery_index(32, args.preset)
+    st.markdown(f"serving {args.preset}, gallery sample {chosen}")
+    st.button("pick 5", key="pick5", on_click=query_view._select_gallery, args=(args.preset, 5))
+
+
+def _url(at, name):
+    value = at.query_params.get(name)
+    return value[0] if isinstance(value, list) else value
+
+
+def _two_models(monkeypatch):
+    from explorer import runtime
+
+    monkeypatch.setattr(runtime, "model_choices", lambda args: ["digits", "mnist"])
+
+
+def _served(at) -> str:
+    (line,) = [m.value for m in at.markdown if m.value.startswith("serving")]
+    return line
+
+
+def test_a_reload_keeps_the_model_and_its_gallery_sample_from_the_url(monkeypatch):
+    """QA 40 #3: a reload after a server restart opened digits' sample 12 for a user on mnist's sample 12."""
+    from streamlit.testing.v1 import AppTest
+
+    _two_models(monkeypatch)
+    at = AppTest.from_function(_model_page)
+    at.query_params["model"] = "mnist"
+    at.query_params["gallery"] = "12"
+    at.run()
+    assert not at.exception, at.exception
+    assert at.radio(key="model_preset").value == "mnist"
+    assert _served(at) == "serving mnist, gallery sample 12"
+    assert (_url(at, "model"), _url(at, "gallery")) == ("mnist", "12")
+    at.button(key="pick5").click().run()
+    assert _served(at) == "serving mnist, gallery sample 5" and _url(at, "gallery") == "5"
+
+    # the switch: digits opens its own first sample, not mnist's sample 5; the URL follows; back again, mnist's 5
+    at.radio(key="model_preset").set_value("digits").run()
+    assert not at.exception, at.exception
+    assert _served(at) == "serving digits, gallery sample 0"
+    assert (_url(at, "model"), _url(at, "gallery")) == ("digits", "0")
+    at.radio(key="model_preset").set_value("mnist").run()
+    assert _served(at) == "serving mnist, gallery sample 5"
+    assert (_url(at, "model"), _url(at, "gallery")) == ("mnist", "5")
+    assert not at.info  # no note for a model the server offers
+
+
+def test_a_link_without_a_model_keeps_its_gallery_sample_for_the_default(monkeypatch):
+    """Links made before the model was in the URL (``?gallery=N``) open the default model's sample N."""
+    from streamlit.testing.v1 import AppTest
+
+    _two_models(monkeypatch)
+    at = AppTest.from_function(_model_page)
+    at.query_params["gallery"] = "7"
+    at.run()
+    assert _served(at) == "serving digits, gallery sample 7"
+    assert (_url(at, "model"), _url(at, "gallery")) == ("digits", "7")
+
+
+def test_an_unknown_model_in_the_url_opens_the_default_and_says_so(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    _two_models(monkeypatch)
+    at = AppTest.from_function(_model_page)
+    at.query_params["model"] = "cifar9"
+    at.query_params["gallery"] = "x"  # hand-edited too: the first sample
+    at.run()
+    assert not at.exception, at.exception
+    assert _served(at) == "serving digits, gallery sample 0" and _url(at, "model") == "digits"
+    (note,) = [i.value for i in at.info]
+    assert "`cifar9`" in note and "does not offer" in note and "showing `digits`" in note
+    at.run()  # said once, not on every run
+    assert not at.info
