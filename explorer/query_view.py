@@ -3,7 +3,7 @@
 Returns a ``Query``: a stable key (what results are cached under), the engine's
 ``QueryInput`` and a short title.  Generation is a job: the button only records the
 request, the script runs it with a progress bar and disables the button meanwhile, so a
-double click cannot start it twice.
+double click cannot start it twice; the same run then draws the sample's results.
 """
 
 from __future__ import annotations
@@ -183,21 +183,22 @@ def gallery_tooltip(item: Any, n: int) -> str:
 
 
 def _generate(handle: Handle) -> Query | None:
+    """The seed, the button and the sample generated last.
+
+    Why no ``st.rerun()`` after generating: it was the one full-page rerun the script asked for on its own while the
+    build panel's ``run_every`` fragment was live, and once (QA 40 #1: the first generation in a fresh server, a
+    build running) the browser was left with the sidebar saying "Showing the sample generated with seed 0" and
+    nothing below the build panel for minutes (no tabs, no results, no script running), as a full rerun from that
+    fragment once left it (QA round 16).  The run that generates now draws the sample's results itself: the seed
+    and the button are drawn disabled in two slots while it samples, then replaced there by the usable ones."""
     # also while a build runs: its factor pass hooks a private copy of the model, and the gradient passes' hooks
     # act in their own thread only (review 53: 26 samples drawn during a K-FAC build equal those drawn after)
-    busy = st.session_state.get("busy") == "generate"
-    # no value=: the default is the minimum, 0, and the value comes from the state chips.keep_choices keeps
-    st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="gen_seed", disabled=busy)
-    st.button(
-        "Generating ..." if busy else "Generate sample",
-        key="gen_button",
-        on_click=_request_generation,
-        disabled=busy,
-        type="primary",
-        help=f"Runs all {handle.session.diffusion.T} DDPM steps and keeps the trajectory.",
-    )
     pending = st.session_state.get("pending_seed")
-    if busy and pending is not None:
+    busy = st.session_state.get("busy") == "generate" and pending is not None
+    seed_slot, button_slot = st.empty(), st.empty()
+    if busy:  # stand-ins under their own keys: each key is drawn once per run, the usable ones after the job
+        seed_slot.number_input("Seed", value=int(pending), step=1, key="gen_seed_busy", disabled=True)
+        button_slot.button("Generating ...", key="gen_button_busy", disabled=True, type="primary")
         try:
             if pending not in handle.generated:
                 bar = st.progress(0.0, text="sampling ...")
@@ -216,7 +217,15 @@ def _generate(handle: Handle) -> Query | None:
         finally:
             st.session_state["busy"] = None
             st.session_state["pending_seed"] = None
-        st.rerun()
+    # no value=: the default is the minimum, 0, and the value comes from the state chips.keep_choices keeps
+    seed_slot.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="gen_seed")
+    button_slot.button(
+        "Generate sample",
+        key="gen_button",
+        on_click=_request_generation,
+        type="primary",
+        help=f"Runs all {handle.session.diffusion.T} DDPM steps and keeps the trajectory.",
+    )
     seed = st.session_state.get("generated_seed")
     q = None if seed is None else handle.generated.get(seed)
     if q is None:  # none yet, or evicted from the server's most recent GENERATED_KEPT

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from types import SimpleNamespace
 
+from test_app import app_env, tiny_app  # noqa: F401 - fixtures
 from test_app_presentation import METHOD_INFO, FakeHandle, _settings, fake_result
 
 # --- QA 40 #9: draws for the measurements that use them, none for trajectory ---------------------------------
@@ -156,3 +157,46 @@ def test_an_unknown_model_in_the_url_opens_the_default_and_says_so(monkeypatch):
     assert "`cifar9`" in note and "does not offer" in note and "showing `digits`" in note
     at.run()  # said once, not on every run
     assert not at.info
+
+
+# --- QA 40 #1: "Generate sample" draws the sample's results in the same run -------------------------------------
+
+
+def test_generating_a_sample_draws_its_results_without_asking_for_another_run(app_env, monkeypatch):  # noqa: F811
+    """QA 40 #1: after the first "Generate sample" (digits, a build running) the sidebar said "Showing the sample
+    generated with seed 0" while the main area showed nothing below the build panel for minutes, no script running.
+    The generating run ended in ``st.rerun()``, a full-page rerun asked for while the build panel's ``run_every``
+    fragment was live, as the one that left the page blank below that panel in QA round 16. The run that generates
+    now draws the header and the results itself, and the seed and button are usable again at its end."""
+    import streamlit
+    from test_app import _handle, _ok, _start, _texts
+
+    at = _start(app_env)
+    at.radio(key="source").set_value("New sample").run()
+    _ok(at)
+    at.number_input(key="gen_seed").set_value(3).run()
+    reruns: list[str] = []
+    original = streamlit.rerun
+
+    def rerun(*args, **kwargs):
+        reruns.append("rerun")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(streamlit, "rerun", rerun)
+    at.button(key="gen_button").click().run()
+    _ok(at)
+    assert reruns == []  # the generating run drew the page itself
+    assert 3 in _handle().generated
+    texts = _texts(at)
+    assert "Showing the sample generated with seed 3." in [c.value for c in at.sidebar.caption]
+    assert "New sample (seed 3)" in texts and "**Proponents**" in texts  # the header and the results
+    assert [t.label for t in at.tabs][:1] == ["Explore"]
+    button, seed = at.button(key="gen_button"), at.number_input(key="gen_seed")
+    assert button.label == "Generate sample" and not button.disabled and not seed.disabled and seed.value == 3
+    assert at.session_state["busy"] is None and at.session_state["pending_seed"] is None
+    assert not [b for b in at.button if b.key == "gen_button_busy"]  # the stand-ins were replaced
+
+    at.number_input(key="gen_seed").set_value(4).run()  # the next generation works the same
+    at.button(key="gen_button").click().run()
+    _ok(at)
+    assert reruns == [] and "New sample (seed 4)" in _texts(at)
