@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from engine.model.measurements import CATALOGUE, measurement_info
+from engine.model.measurements import CATALOGUE, measurement_info, uses_draws
 from explorer import chips
 from explorer.runtime import Handle
 
@@ -35,27 +35,6 @@ def _fmt_damping(default: float):
         return text + (" (default)" if v == default else "")
 
     return fmt
-
-
-def uses_draws(measurement: str) -> bool:
-    """Whether the query's measurement is estimated with Monte Carlo (t, noise) draws.
-
-    Only ``trajectory`` uses none: it evaluates the recorded sampling path x_T ... x_0 exactly
-    (``engine.model.measurements.measure`` never reads the draws for it).  ``loss@t`` uses the draws' noise
-    at its one t, ``elbo-exact`` every t with the draws' noise reused in turn, ``loss``, ``elbo`` and
-    ``square-norm`` both halves (QA 40 #9: the page said "64 Monte Carlo draws" for trajectory)."""
-    return not measurement.startswith("trajectory")
-
-
-def draws_phrase(measurement: str, m: int) -> str:
-    """What the query's M means for this measurement, in the words the page's lines use."""
-    if not uses_draws(measurement):
-        return "no Monte Carlo draws (the recorded sampling path is evaluated exactly)"
-    if measurement.startswith("loss@t"):
-        return f"{m} Monte Carlo noise draws at that timestep"
-    if measurement == "elbo-exact":
-        return f"every timestep, {m} Monte Carlo noise draws reused across them"
-    return f"{m} Monte Carlo draws"
 
 
 def damping_key(method: str, preset: str) -> str:

@@ -21,9 +21,9 @@ import streamlit as st
 from engine.attribution import provenance
 from engine.attribution.results import MethodResult, QueryResult
 from engine.attribution.signs import end_signs
-from engine.model.measurements import measurement_info
+from engine.model.measurements import draws_phrase, measurement_info, uses_draws
 from explorer import analysis, exact_view, figures, plain
-from explorer.controls import Settings, draws_phrase, uses_draws
+from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
 from explorer.layout import FRAME, GAP, column_inner_width, thumbnails
 from explorer.query_view import Query

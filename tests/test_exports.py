@@ -300,3 +300,16 @@ def test_the_settings_name_the_checkpoint_and_data_folders_absolute(shipped, tmp
     model = provenance.model_settings(fake)
     assert model["checkpoint"] == str(tmp_path.resolve() / "models" / "pipe")
     assert model["data_root"] == str(tmp_path.resolve() / "data" / "idx")
+
+
+def test_an_exports_lines_say_a_trajectory_reads_no_draws(shipped):
+    """QA 40 #9: the readable lines said "64 Monte Carlo draws" for the trajectory measurement, which reads none;
+    loss@t's line says its M draws are noise at one timestep."""
+    session, result = shipped
+    r = result()
+    lines = {m: provenance.settings_lines(provenance.result_settings(session, dataclasses.replace(r, measurement=m)))[1]
+             for m in ("trajectory", "loss@t=500", "loss")}
+    assert lines["trajectory"].endswith("measurement: trajectory, no Monte Carlo draws (the recorded sampling path "
+                                        "is evaluated exactly)")
+    assert lines["loss@t=500"].endswith("measurement: loss@t=500, 64 Monte Carlo noise draws at that timestep")
+    assert lines["loss"].endswith("measurement: loss, 64 Monte Carlo draws")

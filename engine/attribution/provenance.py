@@ -175,7 +175,7 @@ def settings_lines(settings: dict[str, Any]) -> list[str]:
         f"{model['num_train']} training images"
         + (f" ({model['data']}{' from ' + model['data_root'] if model.get('data_root') else ''}, content digest "
            f"{model['data_digest']})" if model.get("data_digest") else ""),
-        f"{what}; measurement: {settings['measurement']}, {settings['mc_samples']} Monte Carlo draws",
+        f"{what}; measurement: {settings['measurement']}, {_draws_words(settings)}",
         "methods: " + "; ".join(_damping_words(settings)),
         *([f"not included: {', '.join(f'{n} ({why})' for n, why in settings['left_out'].items())}"]
           if settings.get("left_out") else []),
@@ -187,3 +187,11 @@ def csv_with_settings(table_csv: str, settings: dict[str, Any]) -> str:
     """``table_csv`` with the settings as ``# `` lines above its header (read it with
     ``pandas.read_csv(f, comment="#")``)."""
     return "".join(f"# {line}\n" for line in settings_lines(settings)) + table_csv
+
+
+def _draws_words(settings: dict[str, Any]) -> str:
+    """The query's draws as the readable lines say them: none for a trajectory (QA 40 #9: an export said "64 Monte
+    Carlo draws" for a measurement that reads no draws), else what its M means for the measurement."""
+    from ..model.measurements import draws_phrase
+
+    return draws_phrase(str(settings["measurement"]), settings["mc_samples"])

@@ -30,6 +30,7 @@ class MeasurementInfo:
     title: str
     help: str
     needs_trajectory: bool = False
+    uses_draws: bool = True  # estimated with the query's Monte Carlo (t, noise) draws (trajectory: exact, none)
 
 
 CATALOGUE: tuple[MeasurementInfo, ...] = (
@@ -54,6 +55,7 @@ CATALOGUE: tuple[MeasurementInfo, ...] = (
         "(nats, summed over every step and value, the last step x_1 -> x_0 included); "
         "only generated samples have one.",
         needs_trajectory=True,
+        uses_draws=False,
     ),
     MeasurementInfo(
         "loss@t", "Loss at one timestep t",
@@ -71,6 +73,29 @@ def measurement_info(spec: str) -> MeasurementInfo | None:
     """The catalogue entry of a measurement name (``loss@t=500`` -> the ``loss@t`` entry)."""
     key = "loss@t" if spec.startswith("loss@t") else spec
     return next((m for m in CATALOGUE if m.spec == key), None)
+
+
+def uses_draws(measurement: str) -> bool:
+    """Whether a measurement is estimated with the query's Monte Carlo (t, noise) draws.
+
+    Only ``trajectory`` uses none: it evaluates the recorded sampling path x_T ... x_0 exactly (``measure`` never
+    reads the draws for it).  ``loss@t`` uses the draws' noise at its one t, ``elbo-exact`` every t with the draws'
+    noise reused in turn, ``loss``, ``elbo`` and ``square-norm`` both halves (QA 40 #9: the app's page and its
+    exports said "64 Monte Carlo draws" for trajectory)."""
+    info = measurement_info(str(measurement))
+    return True if info is None else info.uses_draws
+
+
+def draws_phrase(measurement: str, m: int) -> str:
+    """What a query's M means for ``measurement``, in the words the app's lines and the exports use."""
+    measurement = str(measurement)
+    if not uses_draws(measurement):
+        return "no Monte Carlo draws (the recorded sampling path is evaluated exactly)"
+    if measurement.startswith("loss@t"):
+        return f"{m} Monte Carlo noise draws at that timestep"
+    if measurement == "elbo-exact":
+        return f"every timestep, {m} Monte Carlo noise draws reused across them"
+    return f"{m} Monte Carlo draws"
 
 
 @dataclass(frozen=True)
