@@ -33,7 +33,6 @@ from engine.attribution.build_worker import WAITING_TURN, BuildState, BuildWorke
 from engine.attribution.caches import WAITING
 from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
-from engine.attribution.terminal_progress import time_left
 from engine.validation import word_list
 from explorer.grid_filler import GridFiller
 from explorer.job_queue import JobQueue
@@ -343,9 +342,9 @@ def build_message(handle: Handle, state: BuildState | None = None) -> str:
     # a resumed build's minutes are this run's: say so, and that it resumed (QA 23 #3: after kill -9 the time
     # restarted from 0 and the page never said the build had resumed)
     run = " in this run, which resumed work saved by an earlier one" if state.resumed else ""
-    left = None
-    if state.started is not None and state.start_fraction is not None:  # the CLI's bars say it too (QA 34)
-        left = time_left(state.started, state.start_fraction, state.fraction, now=time.time())
+    # the CLI's bars say it too (QA 34); at this run's pace over the work it computed, not over what it reloaded
+    # (QA 40 #2: a resumed build's "about 2 min left" took 12 min)
+    left = state.time_left()
     left_words = f", about {left} left" if left else ""
     return f"{msg} (whole build {state.fraction:.0%}, {state.elapsed_s / 60:.1f} min so far{left_words}{run})"
 

@@ -35,6 +35,7 @@ from typing import Any, Literal
 from ..bar_redraw import interval, move
 from ..threads import configure_threads
 from . import exiting
+from .terminal_progress import Pace
 
 log = logging.getLogger(__name__)
 # how a resuming pass ends its first message (bank.py, curvature.py, methods/trak.py: "resuming ... saved by an
@@ -98,9 +99,10 @@ class BuildState:
     # the passes that resumed work an earlier (killed) run saved, as they said it: elapsed_s counts this run
     # only, so the page says the build resumed rather than letting "built in 2.5 min" stand for the whole (QA 23 #3)
     resumed: tuple[str, ...] = ()
-    # ``fraction`` at this job's first progress (the work found saved or built before it included): the time left
-    # is estimated from this run's speed past it (``runtime.build_message``)
+    # ``fraction`` at this job's first progress (the work found saved or built before it included)
     start_fraction: float | None = None
+    # this run's speed over the work it computed, not over what it reloaded (``Pace``; time.time()): the time left
+    pace: Pace = field(default_factory=Pace)
 
     @property
     def pending(self) -> tuple[str, ...]:
@@ -114,6 +116,19 @@ class BuildState:
     def checking(self) -> bool:
         """The job has started but not yet found out which caches are missing."""
         return self.status == "running" and not self.methods
+
+    def time_left(self, now: float | None = None) -> str | None:
+        """The build's time left at this run's pace over the work it computed ("4 min"), or None (too early to say,
+        nothing computed yet, not running).  Why not from ``start_fraction``: the jumps of a resumed pass's reloaded
+        work (the saved factors, the saved bank rows) came after the first progress, and counted as this run's
+        speed (QA 40 #2: "about 2 min left" for 12 min).  A state that recorded no pace (made by hand) counts all
+        its work since ``start_fraction`` as computed."""
+        if self.status != "running":
+            return None
+        pace = self.pace
+        if pace.at is None and self.started is not None and self.start_fraction is not None:
+            pace = Pace.since(self.started, self.start_fraction)
+        return pace.left(self.fraction, time.time() if now is None else now)
 
     @property
     def elapsed_s(self) -> float:
@@ -310,7 +325,9 @@ class BuildWorker:
                     # a pass resuming saved work (the bank's, the factors', TRAK's) says so in these words
                     resumed = (*self.state.resumed, msg) if EARLIER_RUN in msg else self.state.resumed
                     first = overall if self.state.start_fraction is None else self.state.start_fraction
-                    self._set(message=msg, fraction=overall, resumed=resumed, start_fraction=first)
+                    # the time left counts the work this run computes, not the jumps of what a pass reloaded (QA 40 #2)
+                    pace = self.state.pace.step(msg, overall, time.time())
+                    self._set(message=msg, fraction=overall, resumed=resumed, start_fraction=first, pace=pace)
                     if bar is not None:  # TQDM_MININTERVAL thins it (engine.bar_redraw)
                         move(bar, overall, msg[:70], field="postfix")
 

@@ -13,8 +13,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
-from ..bar_redraw import interval, move, short_duration
+from ..bar_redraw import _NUMBERS, interval, move, short_duration
 from .methods.base import Progress
 
 
@@ -23,10 +24,63 @@ def time_left(t0: float, f0: float, fraction: float, now: float | None = None, m
     "27 d"); None for the first ``min_seconds`` or while nothing moved. From the fraction itself, not the bar's
     per mille: a cifar2 factor pass on a CPU stayed at 0 per mille for hours, with no estimate (QA 33)."""
     dt = (time.monotonic() if now is None else now) - t0
-    done = fraction - f0
-    if dt < min_seconds or done <= 0 or fraction >= 1:
+    return _left(dt, fraction - f0, fraction, min_seconds)
+
+
+def _left(seconds: float, done: float, fraction: float, min_seconds: float) -> str | None:
+    if seconds < min_seconds or done <= 0 or fraction >= 1:
         return None
-    return short_duration(dt * (1.0 - fraction) / done)
+    return short_duration(seconds * (1.0 - fraction) / done)
+
+
+def words(message: str) -> str:
+    """A progress message with its numbers blanked: ``engine.bar_redraw.move``'s test of whether a message starts a
+    new step (drawn at once, its jump kept out of tqdm's rate) or only counts on."""
+    return _NUMBERS.sub("#", message)
+
+
+@dataclass(frozen=True)
+class Pace:
+    """This run's speed over the work it computed, for its time left: the seconds and the fraction of the steps that
+    only counted on (a message with the words of the one before, ``words``), and the last message's time, fraction
+    and words.  A message with new words starts a step, and its jump is left out, with the seconds before it: that is
+    where a pass reports the work it found saved ("K-FAC factors loaded (built by an earlier run)", "resuming:
+    256/1797 examples saved by an earlier run"), reloaded in seconds, never computed at this run's pace.
+
+    Why: the app's estimate counted from the first progress message, so those jumps counted as this run's speed,
+    and a resumed digits build read "about 2 min left" 0.3 min in and finished 12 min later (QA 40 #2), while
+    the terminal's bar, whose ``move`` keeps a new step's jump out of tqdm's rate, said "00:28<12:34".  The same
+    rule serves the app's panel (``BuildState.pace``) and the terminal's bars (``terminal_progress``).
+
+    ``step`` returns the next pace (frozen: a ``BuildState`` field); times are the caller's clock."""
+
+    seconds: float = 0.0
+    done: float = 0.0
+    at: float | None = None
+    fraction: float = 0.0
+    words: str | None = None
+
+    @classmethod
+    def since(cls, t0: float, f0: float) -> Pace:
+        """A pace that counts all the work from (``t0``, ``f0``) on as computed (a state that recorded no steps)."""
+        return cls(at=t0, fraction=f0)
+
+    def step(self, message: str, fraction: float, now: float) -> Pace:
+        """The pace after a progress message."""
+        w = words(message)
+        if self.at is None or w != self.words:  # the run's first message or a new step's: its jump is not computed
+            return replace(self, at=now, fraction=fraction, words=w)
+        return Pace(self.seconds + max(0.0, now - self.at), self.done + max(0.0, fraction - self.fraction),
+                    now, max(self.fraction, fraction), w)
+
+    def left(self, fraction: float, now: float, min_seconds: float = 10.0) -> str | None:
+        """The time left at ``fraction`` ("3 min"), the step under way counting since its last message (its work past
+        that message's fraction too: none where ``fraction`` is the last message's); None until ``min_seconds`` of
+        computed steps or while none moved."""
+        if self.at is None:
+            return None
+        return _left(self.seconds + max(0.0, now - self.at), self.done + max(0.0, fraction - self.fraction), fraction,
+                     min_seconds)
 
 
 @contextlib.contextmanager
@@ -53,7 +107,7 @@ def terminal_progress(desc: str, position: int = 0, message_chars: int = 70, aft
     bars: list = []
     name = f"{{desc:>{desc_width}}}" if desc_width else "{desc}"
     bar_format = name + ": {percentage:3.0f}%|{bar}| {elapsed} {unit}"
-    start: list[float] = []  # (time, fraction) of this run's first call: the time left counts this run's speed only
+    pace = [Pace()]  # the time left counts the work this run computed only (Pace: not a resume's reload)
     last_call = [time.monotonic()]
     stop = threading.Event()
     ticker: list[threading.Thread] = []
@@ -68,7 +122,6 @@ def terminal_progress(desc: str, position: int = 0, message_chars: int = 70, aft
         if not bars:
             bars.append(tqdm(total=1000, desc=desc, unit="", file=sys.stderr, position=position,
                              bar_format=bar_format, **interval(redraw_s)))
-            start.extend((time.monotonic(), float(fraction)))
             # a disabled bar (TQDM_DISABLE=1) has no maxinterval, and no clock to keep
             every = 0.0 if bars[0].disable else float(quiet_redraw_s if quiet_redraw_s is not None
                                                       else bars[0].maxinterval)
@@ -77,7 +130,9 @@ def terminal_progress(desc: str, position: int = 0, message_chars: int = 70, aft
                                                name=f"bar clock: {desc}"))
                 ticker[0].start()
         text = message.split(": ", 1)[-1] if after_first_colon else message
-        left = time_left(start[0], start[1], float(fraction))
+        now = time.monotonic()
+        pace[0] = pace[0].step(message, float(fraction), now)
+        left = pace[0].left(float(fraction), now)
         text = text[:message_chars] + (f" ({left} left)" if left else "")
         move(bars[0], fraction, text)  # TQDM_MININTERVAL thins it (engine.bar_redraw)
 

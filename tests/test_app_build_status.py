@@ -1,0 +1,112 @@
+"""The app's build panel says what is true (QA 40 #2).
+
+No real build: fake sessions drive ``BuildWorker`` with a fake clock and the progress messages a resumed digits
+build sends (engine/attribution/methods/kfac_influence.py, bank_build.py).
+"""
+
+from __future__ import annotations
+
+import time
+import types
+
+import pytest
+
+from engine.attribution.build_worker import BuildWorker
+
+KFAC = "kfac: K-FAC Influence: "
+N = 1797  # digits' training set
+
+
+class _ResumedDigits:
+    """K-FAC (whose bank pass feeds TRAK and D-TRAK) resuming a digits build killed at 256/1797 bank rows: the saved
+    factors and rows load at once, then 16 rows take 10 s.  ``probe(t, rows)`` is called after each computed chunk."""
+
+    def __init__(self, clock: list[float], probe):
+        self.clock, self.probe = clock, probe
+
+    def share_gradient_passes(self, names):
+        return {"kfac": ("trak", "dtrak")}
+
+    def method(self, name):
+        return types.SimpleNamespace(shared_pass_fraction=lambda f: f)
+
+    def build(self, names, progress):
+        (name,) = names
+        if name == "kfac":
+            share = 0.25  # the factor pass's share of K-FAC's build
+            self.clock[0] = 1.0
+            progress(KFAC + "K-FAC factors loaded (built by an earlier run)", share)
+            self.clock[0] = 2.0
+            progress(KFAC + f"resuming: 256/{N} examples saved by an earlier run", share + (1 - share) * 256 / N)
+            for rows in range(272, N, 16):
+                self.clock[0] += 10.0
+                progress(KFAC + f"train gradients {rows}/{N}", share + (1 - share) * rows / N)
+                self.probe(self.clock[0], rows)
+        progress(f"{name}: built", 1.0)
+        return {name: {"status": "ok", "seconds": 0.0, "size_mb": 0.0}}
+
+
+def _handle(state_of):
+    info = {"kfac": {"title": "K-FAC Influence"}, "trak": {"title": "TRAK"}, "dtrak": {"title": "D-TRAK"}}
+    return types.SimpleNamespace(session=types.SimpleNamespace(method_info=lambda: info), build=None,
+                                 state_of=state_of)
+
+
+def test_a_resumed_builds_time_left_counts_only_the_work_this_run_computed(monkeypatch):
+    """QA 40 #2: after a kill -9 and a restart the page said "about 2 min left" 0.3 min in, and the build took
+    12.7 min: the jumps of the reloaded factors (0 -> 25%) and bank rows (-> 35%) counted as this run's speed.  At
+    16 rows per 10 s, 1,445 rows (15 min) are left at row 352; the page now says so, as the terminal's bar did."""
+    from explorer.runtime import build_message
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])  # the worker's and the page's clock
+    seen: dict[int, str] = {}
+    worker: list[BuildWorker] = []
+    handle = _handle(None)
+
+    def probe(t: float, rows: int) -> None:
+        if rows in (352, 1024):
+            seen[rows] = build_message(handle, worker[0].state)
+
+    w = BuildWorker(_ResumedDigits(clock, probe), terminal=False)
+    worker.append(w)
+    w._set(status="running", started=0.0, methods=("kfac", "trak", "dtrak"))
+    w._build_turn(["kfac", "trak", "dtrak"])
+    assert w.state.status == "done"
+    assert "about 15 min left" in seen[352], seen[352]  # (1797 - 352) / 16 * 10 s = 903 s
+    assert "about 8 min left" in seen[1024], seen[1024]  # 773 rows: 483 s
+
+
+def test_the_pace_leaves_out_a_new_steps_jump_and_waits_for_computed_work():
+    """The rule the page and the terminal's bars share (``terminal_progress.Pace``): a message with new words starts
+    a step whose jump is not this run's speed; no estimate until 10 s of steps that only counted on."""
+    from engine.attribution.terminal_progress import Pace
+
+    p = Pace().step("factors loaded (built by an earlier run)", 0.25, 1.0)
+    p = p.step("resuming: 256/1797 examples saved by an earlier run", 0.36, 2.0)
+    p = p.step("train gradients 272/1797", 0.363, 12.0)
+    assert p.left(0.363, 12.0) is None  # nothing computed yet that can be timed
+    p = p.step("train gradients 288/1797", 0.370, 22.0)
+    assert p.seconds == pytest.approx(10.0) and p.done == pytest.approx(0.007)
+    assert p.left(0.370, 22.0) == "15 min"  # 0.63 left at 0.007 per 10 s: 900 s
+    assert p.left(0.370, 32.0) == "30 min"  # 10 s more with no new row: the estimate grows
+
+
+def test_the_terminal_bar_of_a_resumed_pass_uses_the_same_pace(monkeypatch):
+    """The CLI's per-method bars (``terminal_progress``) counted from their first message: a pass that reported
+    its loaded factors, then its saved rows, counted the second jump as its speed."""
+    from engine.attribution import terminal_progress
+
+    clock = [0.0]
+    monkeypatch.setattr(terminal_progress.time, "monotonic", lambda: clock[0])
+    texts: list[str] = []
+    monkeypatch.setattr(terminal_progress, "move", lambda bar, fraction, text: texts.append(text))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    with terminal_progress.terminal_progress("building kfac", quiet_redraw_s=0) as progress:
+        progress("K-FAC factors loaded (built by an earlier run)", 0.25)
+        clock[0] = 1.0
+        progress(f"resuming: 256/{N} examples saved by an earlier run", 0.25 + 0.75 * 256 / N)
+        for rows in range(272, 353, 16):
+            clock[0] += 10.0
+            progress(f"train gradients {rows}/{N}", 0.25 + 0.75 * rows / N)
+    assert texts[-1].endswith("(15 min left)"), texts[-1]
