@@ -68,7 +68,8 @@ def _live(handle: Handle) -> None:
             f"**Building the attribution caches** for {titles} (once per model; saved under "
             f"`{handle.cache_root}`, resumed if interrupted). {meanwhile}"
         )
-        st.progress(min(max(state.fraction, 0.0), 1.0), text=runtime.build_message(handle, state))
+        # never a full bar while work remains (QA 40 #5): the bar as the words' whole percent
+        st.progress(int(runtime.whole_percent(state).rstrip("%")) / 100, text=runtime.build_message(handle, state))
         _built_since_drawn(state, info)
 
 

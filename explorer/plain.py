@@ -56,7 +56,12 @@ def unavailable_line(status: str, title: str, reason: str, about: str | None = N
     rebuild it."""
     head = reason_head(reason)
     if head == BUILDING:  # left out of a live answer while the server's build has yet to reach it
-        return f"**Being built:** {title} answers when the cache build finishes (progress at the top of the page)."
+        # the column is not redrawn when the method is built before the rest (a rerun from the build panel's fragment
+        # blanked the page, QA 16; a column redrawn in its own fragment did too, d79f5bf), but the panel then offers
+        # to redraw it: say so, so that its "Show ... live" and this column agree (QA 40 #5)
+        return (f"**Being built:** {title} answers when the cache build finishes (progress at the top of the page), "
+                f"or as soon as it is built: the panel there then offers a button, **Show ... live**, naming "
+                f"{title}, which redraws this column.")
     if reason.startswith("not precomputed; whether"):  # drawn while a just-started server checks (results_view)
         # the check ends seconds after the start, but this page is not drawn again until the user changes
         # something (a rerun from the build panel then blanked the page, QA 16): say how to see it (QA 23 #2)

@@ -1,4 +1,4 @@
-"""The app's build panel says what is true (QA 40 #2).
+"""The app's build panel and its method columns say what is true (QA 40 #2, #5).
 
 No real build: fake sessions drive ``BuildWorker`` with a fake clock and the progress messages a resumed digits
 build sends (engine/attribution/methods/kfac_influence.py, bank_build.py).
@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from engine.attribution.build_worker import BuildWorker
+from engine.attribution.build_worker import BuildState, BuildWorker
 
 KFAC = "kfac: K-FAC Influence: "
 N = 1797  # digits' training set
@@ -110,3 +110,22 @@ def test_the_terminal_bar_of_a_resumed_pass_uses_the_same_pace(monkeypatch):
             clock[0] += 10.0
             progress(f"train gradients {rows}/{N}", 0.25 + 0.75 * rows / N)
     assert texts[-1].endswith("(15 min left)"), texts[-1]
+
+
+def test_a_running_build_never_reads_100_percent_and_a_built_columns_words_match_the_panels_button():
+    """QA 40 #5: "D-TRAK: eigendecomposing the projected Fisher (k = 2048) (whole build 100%, ...)" while D-TRAK was
+    still building, and "Show K-FAC Influence and TRAK live" in the panel above a K-FAC column that said it answers
+    when the whole build finishes."""
+    from explorer import plain
+    from explorer.runtime import build_message, whole_percent
+
+    handle = _handle(None)
+    state = BuildState(status="running", message="dtrak: eigendecomposing the projected Fisher (k = 2048)",
+                       fraction=0.996, started=time.time() - 60)
+    assert "(whole build 99%, 1.0 min so far" in build_message(handle, state)
+    assert whole_percent(BuildState(status="done", fraction=1.0)) == "100%"
+    assert whole_percent(BuildState(status="running", fraction=0.29)) == "29%"
+    line = plain.unavailable_line("unavailable", "K-FAC Influence", f"{plain.BUILDING}; {plain.PENDING}")
+    assert line.startswith("**Being built:** K-FAC Influence answers when the cache build finishes")
+    # the panel's button is "Show K-FAC Influence and TRAK live" (build_view._built_since_drawn)
+    assert "or as soon as it is built: the panel there then offers a button, **Show ... live**" in line
