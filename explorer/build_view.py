@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from engine.attribution.build_worker import BuildState
+from engine.attribution.build_worker import WAITING_TURN, BuildState
 from explorer import runtime
 from explorer.plain import PENDING
 from explorer.runtime import Handle
@@ -63,9 +63,13 @@ def _live(handle: Handle) -> None:
         # no precomputed file for this model (own data)
         else "The methods already built answer meanwhile; the others join when the build finishes."
     )
+    # another model's build in this server goes first (one at a time): this one has not started, and says so
+    # rather than "Building" (QA 40 #6); the message names whose build and, once it has one, its time left
+    heading = "Waiting to build the attribution caches" if WAITING_TURN in state.message else \
+        "Building the attribution caches"
     with st.container(border=True):
         st.markdown(
-            f"**Building the attribution caches** for {titles} (once per model; saved under "
+            f"**{heading}** for {titles} (once per model; saved under "
             f"`{handle.cache_root}`, resumed if interrupted). {meanwhile}"
         )
         # never a full bar while work remains (QA 40 #5): the bar as the words' whole percent

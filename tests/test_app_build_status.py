@@ -1,4 +1,4 @@
-"""The app's build panel and its method columns say what is true (QA 40 #2, #5).
+"""The app's build panel and its method columns say what is true (QA 40 #2, #5, #6).
 
 No real build: fake sessions drive ``BuildWorker`` with a fake clock and the progress messages a resumed digits
 build sends (engine/attribution/methods/kfac_influence.py, bank_build.py).
@@ -6,12 +6,14 @@ build sends (engine/attribution/methods/kfac_influence.py, bank_build.py).
 
 from __future__ import annotations
 
+import threading
 import time
 import types
 
 import pytest
 
-from engine.attribution.build_worker import BuildState, BuildWorker
+from engine.attribution import build_worker
+from engine.attribution.build_worker import WAITING_TURN, BuildState, BuildWorker
 
 KFAC = "kfac: K-FAC Influence: "
 N = 1797  # digits' training set
@@ -129,3 +131,84 @@ def test_a_running_build_never_reads_100_percent_and_a_built_columns_words_match
     assert line.startswith("**Being built:** K-FAC Influence answers when the cache build finishes")
     # the panel's button is "Show K-FAC Influence and TRAK live" (build_view._built_since_drawn)
     assert "or as soon as it is built: the panel there then offers a button, **Show ... live**" in line
+
+
+class _Gated:
+    """One method, "a", whose build reports twice on the fake clock (0.1 at 0 s, 0.2 at 20 s), then waits for
+    ``gate``; ``status`` waits ``check_s`` (CLIP's check: an open_clip import) and finds CLIP unavailable."""
+
+    def __init__(self, clock: list[float] | None = None, check_s: float = 0.0, name: str = "digits"):
+        self.clock, self.check_s = clock, check_s
+        self.gate = threading.Event()
+        self.preset = types.SimpleNamespace(name=name)
+
+    def share_gradient_passes(self, names):
+        return {}
+
+    def status(self):
+        time.sleep(self.check_s)
+        return {"a": {"available": True, "built": False},
+                "clip": {"available": False, "built": False, "reason": "CLIP weights are not on this machine"}}
+
+    def method_info(self):
+        return {"a": {"title": "A"}, "clip": {"title": "CLIP similarity"}}
+
+    def build(self, names, progress):
+        if self.clock is not None:
+            self.clock[0] = 0.0
+            progress("a: rows 10/100", 0.1)
+            self.clock[0] = 20.0
+            progress("a: rows 20/100", 0.2)
+        assert self.gate.wait(30)
+        progress("a: built", 1.0)
+        return {"a": {"status": "ok", "seconds": 0.0, "size_mb": 0.0}}
+
+
+def _when(get, ok, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = get()
+        if ok(value):
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"never reached: {get()}")
+
+
+def test_a_model_waiting_for_another_models_build_says_it_waits_and_how_long(monkeypatch):
+    """QA 40 #6: the mnist page, whose build only waited for digits' in the same server, was headed "Building the
+    attribution caches" and gave no time left (digits' estimate was on the digits page only)."""
+    from streamlit.testing.v1 import AppTest
+
+    clock = [0.0]
+    real_time = time.time
+    monkeypatch.setattr(build_worker.time, "time", lambda: clock[0])
+    first, second = _Gated(clock, name="digits"), _Gated(name="mnist")
+    a, b = BuildWorker(first, terminal=False), BuildWorker(second, terminal=False)
+    try:
+        a.start()
+        _when(lambda: a.state, lambda s: s.fraction >= 0.2)
+        assert a.state.time_left() == "3 min"  # 0.8 left at 0.1 per 20 s: 160 s
+        b.start()
+        waiting = _when(lambda: b.state, lambda s: WAITING_TURN in s.message).message
+        assert waiting.startswith("waiting for the digits model's cache build in this server to finish (it has "
+                                  "about 3 min left; one build at a time"), waiting
+    finally:
+        first.gate.set()
+        second.gate.set()
+        a.wait(30)
+        b.wait(30)
+        monkeypatch.setattr(build_worker.time, "time", real_time)
+    monkeypatch.setitem(__import__("sys").modules, "_fake_waiting", types.SimpleNamespace(handle=types.SimpleNamespace(
+        build=BuildState(status="running", message=waiting, methods=("a",), started=time.time()),
+        session=second, cache_root="/c", precomputed=None)))
+
+    def page():
+        import _fake_waiting
+
+        from explorer import build_view
+
+        build_view.build_panel(_fake_waiting.handle)
+
+    at = AppTest.from_function(page).run(timeout=60)
+    assert not at.exception
+    assert at.markdown[0].value.startswith("**Waiting to build the attribution caches** for A")

@@ -46,7 +46,7 @@ EARLIER_RUN = "saved by an earlier run"
 # share the cores with the first and bring neither sooner (QA 30c: the mnist build started beside the digits one,
 # halving its CPU on a 2-core laptop, and nothing said so).  The second waits, and says for whom.
 _ONE_BUILD = threading.Lock()
-_BUILDING: list[str] = []  # what holds it, for the waiting build's message
+_BUILDING: list[BuildWorker] = []  # the build that holds it, for the waiting build's message (whose, time left)
 WAITING_TURN = "cache build in this server to finish"  # in the waiting build's message (the app shows it as it is)
 
 _RUNNING: set[threading.Thread] = set()  # the build threads alive
@@ -270,10 +270,14 @@ class BuildWorker:
             waited = True
             if exiting.exit_requested():
                 raise BuildStopped("the process is exiting")
-            holder = _BUILDING[0] if _BUILDING else "another"
-            self._set(message=f"waiting for {holder} {WAITING_TURN} (one build at a time, so that each gets the "
-                              f"whole CPU; {(time.monotonic() - t0) / 60:.1f} min so far)")
-        _BUILDING[:] = [self._what()]
+            holder = _BUILDING[0] if _BUILDING else None
+            whose = holder._what() if holder is not None else "another"
+            # the other build's own estimate, so that this page can say how long the wait is (QA 40 #6)
+            left = holder.state.time_left() if holder is not None else None
+            left_words = f"it has about {left} left; " if left else ""
+            self._set(message=f"waiting for {whose} {WAITING_TURN} ({left_words}one build at a time, so that each "
+                              f"gets the whole CPU; {(time.monotonic() - t0) / 60:.1f} min so far)")
+        _BUILDING[:] = [self]
         if waited:  # the build's minutes count from its turn: "built in 29.6 min" held 3.4 min of waiting (QA 30c)
             self._set(started=time.time())
 
