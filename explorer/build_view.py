@@ -24,6 +24,7 @@ DRAWN_PENDING = "drawn_pending"
 
 def build_panel(handle: Handle) -> None:
     """Show the build's state at the top of the page (nothing once every cache is built)."""
+    _await_check(handle)
     state = handle.build
     if state.status == "running":
         _live(handle)
@@ -32,6 +33,27 @@ def build_panel(handle: Handle) -> None:
     elif st.session_state.pop(_seen_running(handle), False):
         info = handle.session.method_info()
         st.success(runtime.finished_message(state, {n: i.get("title", n) for n, i in info.items()}))
+
+
+# how long a page waits for a just-started build's check (which caches are built, which methods can run here) before
+# it is drawn: 2.3-2.8 s on digits on an idle 2-core machine, nearly all of it CLIP's (an open_clip import), once per
+# server process; a check that takes longer leaves the page to say it is checking, as before
+CHECK_WAIT_S = 10.0
+
+
+def _await_check(handle: Handle) -> None:
+    """Wait (with a spinner, up to ``CHECK_WAIT_S``) for the build's check when the page is drawn during it.
+
+    Why: a page drawn during the check said "Whether CLIP similarity can run on this server is known seconds
+    after it starts ...: choose a sample or setting to see", and kept saying it until a click (QA 40 #7), since
+    nothing redraws the page when the check ends (a rerun from the panel's fragment then blanked it, QA 16).
+    Drawn after the check, the column says at once whether the method can run here, and why not."""
+    worker = getattr(handle, "worker", None)
+    if worker is None or not handle.build.checking:
+        return
+    with st.spinner("Checking which attribution caches are built and which methods can run here ...",
+                    show_time=True):
+        worker.wait_checked(CHECK_WAIT_S)
 
 
 def _seen_running(handle: Handle) -> str:

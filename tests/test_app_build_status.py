@@ -1,4 +1,4 @@
-"""The app's build panel and its method columns say what is true (QA 40 #2, #5, #6).
+"""The app's build panel and its method columns say what is true (QA 40 #2, #5, #6, #7).
 
 No real build: fake sessions drive ``BuildWorker`` with a fake clock and the progress messages a resumed digits
 build sends (engine/attribution/methods/kfac_influence.py, bank_build.py).
@@ -212,3 +212,47 @@ def test_a_model_waiting_for_another_models_build_says_it_waits_and_how_long(mon
     at = AppTest.from_function(page).run(timeout=60)
     assert not at.exception
     assert at.markdown[0].value.startswith("**Waiting to build the attribution caches** for A")
+
+
+class _WorkerHandle:
+    def __init__(self, session):
+        self.session, self.cache_root, self.precomputed = session, "/c", None
+        self.worker = BuildWorker(session, terminal=False)
+
+    @property
+    def build(self) -> BuildState:
+        return self.worker.state
+
+
+def test_the_first_page_is_drawn_once_the_server_knows_which_methods_can_run(monkeypatch):
+    """QA 40 #7: the first page's CLIP column said "Whether CLIP similarity can run on this server is known seconds
+    after it starts ...: choose a sample or setting to see", and kept saying it for over 30 s, until a click.  The
+    check (2.3-2.8 s on digits, nearly all of it CLIP's) now ends before the page below the panel is drawn."""
+    import sys
+
+    from streamlit.testing.v1 import AppTest
+
+    handle = _WorkerHandle(_Gated(check_s=1.0))
+    monkeypatch.setitem(sys.modules, "_fake_first", types.SimpleNamespace(handle=handle))
+
+    def page():
+        import _fake_first
+        import streamlit as st
+
+        from explorer import build_view, runtime
+
+        runtime.start_build(_fake_first.handle)
+        build_view.build_panel(_fake_first.handle)
+        # what the columns below the panel are drawn from (results_view._precomputed)
+        st.session_state["checking"] = _fake_first.handle.build.checking
+        st.session_state["unavailable"] = dict(_fake_first.handle.build.unavailable)
+
+    try:
+        at = AppTest.from_function(page).run(timeout=60)
+        assert not at.exception
+        assert at.session_state["checking"] is False
+        assert at.session_state["unavailable"] == {"clip": "CLIP weights are not on this machine"}
+        assert "Building the attribution caches" in at.markdown[0].value
+    finally:
+        handle.session.gate.set()
+        handle.worker.wait(30)
