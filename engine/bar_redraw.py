@@ -17,6 +17,12 @@ from typing import Any
 _NUMBERS = re.compile(r"[\d.,/%]+")
 
 
+def step_words(text: str) -> str:
+    """A progress message with its numbers blanked: whether two messages belong to one step (``move`` draws a new
+    step at once and keeps its jump out of tqdm's rate; ``terminal_progress.Pace`` keeps it out of the time left)."""
+    return _NUMBERS.sub("#", text)
+
+
 def match_log_intervals(environ: MutableMapping[str, str] | None = None) -> None:
     """Make ``TQDM_MININTERVAL`` thin a log file as asked: when only it is set, set ``TQDM_MAXINTERVAL`` to
     twice its value.  Why: tqdm's monitor thread redraws a bar that has gone ``maxinterval`` seconds (10 by
@@ -46,7 +52,7 @@ def move(bar: Any, fraction: float, text: str, field: str = "unit") -> None:
     """Set ``bar`` to ``fraction`` of its total (1000) with ``text`` in ``field`` ("unit", or "postfix" for a
     bar that shows it there); redraw now if the text's words changed, else when tqdm's interval allows."""
     n = int(round(1000 * min(max(float(fraction), 0.0), 1.0)))
-    words = _NUMBERS.sub("#", text)
+    words = step_words(text)
     if field == "postfix":
         bar.set_postfix_str(text, refresh=False)
     else:

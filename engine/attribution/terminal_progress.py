@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from ..bar_redraw import _NUMBERS, interval, move, short_duration
+from ..bar_redraw import interval, move, short_duration, step_words
 from .methods.base import Progress
 
 
@@ -31,12 +31,6 @@ def _left(seconds: float, done: float, fraction: float, min_seconds: float) -> s
     if seconds < min_seconds or done <= 0 or fraction >= 1:
         return None
     return short_duration(seconds * (1.0 - fraction) / done)
-
-
-def words(message: str) -> str:
-    """A progress message with its numbers blanked: ``engine.bar_redraw.move``'s test of whether a message starts a
-    new step (drawn at once, its jump kept out of tqdm's rate) or only counts on."""
-    return _NUMBERS.sub("#", message)
 
 
 @dataclass(frozen=True)
@@ -67,7 +61,7 @@ class Pace:
 
     def step(self, message: str, fraction: float, now: float) -> Pace:
         """The pace after a progress message."""
-        w = words(message)
+        w = step_words(message)
         if self.at is None or w != self.words:  # the run's first message or a new step's: its jump is not computed
             return replace(self, at=now, fraction=fraction, words=w)
         return Pace(self.seconds + max(0.0, now - self.at), self.done + max(0.0, fraction - self.fraction),
