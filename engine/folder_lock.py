@@ -16,7 +16,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,13 +99,20 @@ def check_free(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(path: Path) -> Iterator[None]:
+def exclusive(path: Path, busy: Callable[[Holder | None], BaseException] | None = None) -> Iterator[None]:
     """Hold ``path``'s lock (the file is created, its folder must exist) while the block runs; ``Held`` at once,
-    without waiting, when another descriptor holds it."""
+    without waiting, when another descriptor holds it, or ``busy(holder)`` when given: the caller's own error for
+    a refused take, raised here so that a ``Held`` from inside the block (another folder's lock) is never taken
+    for this one's."""
     if fcntl is None:
         yield
         return
-    fd = _take(Path(path))
+    try:
+        fd = _take(Path(path))
+    except Held as e:
+        if busy is None:
+            raise
+        raise busy(e.holder) from None
     try:
         me = {"pid": os.getpid(), "started": time.time(), "host": socket.gethostname()}
         with contextlib.suppress(OSError):  # the lock holds without its note

@@ -130,11 +130,10 @@ def train_lock(out: Path) -> Iterator[None]:
     nothing inside the block takes this folder's lock again (the models train in sub-folders, each under its own).
     """
     out = Path(out)
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(folder_lock.exclusive(out / folder_lock.RUN_LOCK))
-        except folder_lock.Held as e:  # only the take's: a Held from the block is not this folder's
-            raise TrainingBusyError(_busy_words(out, e.holder)) from None
+    def busy(holder: folder_lock.Holder | None) -> TrainingBusyError:
+        return TrainingBusyError(_busy_words(out, holder))
+
+    with folder_lock.exclusive(out / folder_lock.RUN_LOCK, busy=busy):
         yield
 
 

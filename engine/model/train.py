@@ -354,11 +354,7 @@ class HeldLock:
 def training_lock(out: str | Path) -> Iterator[HeldLock]:
     """Hold ``out``'s training lock (``out/.train-run.lock``, ``engine.folder_lock``; the folder must exist);
     ``TrainingBusyFolderError`` at once when another run holds it.  Released when the block ends, however it ends."""
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(folder_lock.exclusive(Path(out) / LOCK))
-        except folder_lock.Held as e:  # only the take's: a Held from the block is another folder's
-            raise _busy(out, e.holder) from None
+    with folder_lock.exclusive(Path(out) / LOCK, busy=lambda holder: _busy(out, holder)):
         held = HeldLock(Path(out))
         try:
             yield held
