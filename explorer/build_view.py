@@ -95,7 +95,7 @@ def _live(handle: Handle) -> None:
             f"`{handle.cache_root}`, resumed if interrupted). {meanwhile}"
         )
         # never a full bar while work remains (QA 40 #5): the bar as the words' whole percent
-        st.progress(int(runtime.whole_percent(state).rstrip("%")) / 100, text=runtime.build_message(handle, state))
+        st.progress(runtime.whole_percent(state) / 100, text=runtime.build_message(handle, state))
         _built_since_drawn(state, info)
 
 

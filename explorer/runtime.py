@@ -346,16 +346,17 @@ def build_message(handle: Handle, state: BuildState | None = None) -> str:
     # (QA 40 #2: a resumed build's "about 2 min left" took 12 min)
     left = state.time_left()
     left_words = f", about {left} left" if left else ""
-    return f"{msg} (whole build {whole_percent(state)}, {state.elapsed_s / 60:.1f} min so far{left_words}{run})"
+    return f"{msg} (whole build {whole_percent(state)}%, {state.elapsed_s / 60:.1f} min so far{left_words}{run})"
 
 
-def whole_percent(state: BuildState) -> str:
-    """The whole build's share done, "37%": rounded down, so that a running build never reads "100%" (QA 40 #5:
-    "D-TRAK: eigendecomposing ... (whole build 100%, ...)" with D-TRAK still to finish, at 99.6%)."""
+def whole_percent(state: BuildState) -> int:
+    """The whole build's share done in percent, as the panel's words and bar show it: rounded down, so that a
+    running build never reads 100 (QA 40 #5: "D-TRAK: eigendecomposing ... (whole build 100%, ...)" with D-TRAK
+    still to finish, at 99.6%)."""
     import math
 
     percent = math.floor(100 * min(max(state.fraction, 0.0), 1.0) + 1e-9)
-    return f"{min(percent, 99) if state.status == 'running' else percent}%"
+    return min(percent, 99) if state.status == "running" else percent
 
 
 def finished_message(state: BuildState, titles: dict[str, str] | None = None) -> str:

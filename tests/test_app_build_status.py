@@ -125,8 +125,8 @@ def test_a_running_build_never_reads_100_percent_and_a_built_columns_words_match
     state = BuildState(status="running", message="dtrak: eigendecomposing the projected Fisher (k = 2048)",
                        fraction=0.996, started=time.time() - 60)
     assert "(whole build 99%, 1.0 min so far" in build_message(handle, state)
-    assert whole_percent(BuildState(status="done", fraction=1.0)) == "100%"
-    assert whole_percent(BuildState(status="running", fraction=0.29)) == "29%"
+    assert whole_percent(BuildState(status="done", fraction=1.0)) == 100
+    assert whole_percent(BuildState(status="running", fraction=0.29)) == 29
     line = plain.unavailable_line("unavailable", "K-FAC Influence", f"{plain.BUILDING}; {plain.PENDING}")
     assert line.startswith("**Being built:** K-FAC Influence answers when the cache build finishes")
     # the panel's button is "Show K-FAC Influence and TRAK live" (build_view._built_since_drawn)
