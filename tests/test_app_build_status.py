@@ -37,7 +37,7 @@ class _ResumedDigits:
         if name == "kfac":
             share = 0.25  # the factor pass's share of K-FAC's build
             self.clock[0] = 1.0
-            progress(KFAC + "K-FAC factors loaded (built by an earlier run)", share)
+            progress(KFAC + "K-FAC factors loaded (saved by an earlier run)", share)
             self.clock[0] = 2.0
             progress(KFAC + f"resuming: 256/{N} examples saved by an earlier run", share + (1 - share) * 256 / N)
             for rows in range(272, N, 16):
@@ -84,7 +84,7 @@ def test_the_pace_leaves_out_a_new_steps_jump_and_waits_for_computed_work():
     a step whose jump is not this run's speed; no estimate until 10 s of steps that only counted on."""
     from engine.attribution.terminal_progress import Pace
 
-    p = Pace().step("factors loaded (built by an earlier run)", 0.25, 1.0)
+    p = Pace().step("factors loaded (saved by an earlier run)", 0.25, 1.0)
     p = p.step("resuming: 256/1797 examples saved by an earlier run", 0.36, 2.0)
     p = p.step("train gradients 272/1797", 0.363, 12.0)
     assert p.left(0.363, 12.0) is None  # nothing computed yet that can be timed
@@ -105,7 +105,7 @@ def test_the_terminal_bar_of_a_resumed_pass_uses_the_same_pace(monkeypatch):
     monkeypatch.setattr(terminal_progress, "move", lambda bar, fraction, text: texts.append(text))
     monkeypatch.setenv("TQDM_DISABLE", "1")
     with terminal_progress.terminal_progress("building kfac", quiet_redraw_s=0) as progress:
-        progress("K-FAC factors loaded (built by an earlier run)", 0.25)
+        progress("K-FAC factors loaded (saved by an earlier run)", 0.25)
         clock[0] = 1.0
         progress(f"resuming: 256/{N} examples saved by an earlier run", 0.25 + 0.75 * 256 / N)
         for rows in range(272, 353, 16):

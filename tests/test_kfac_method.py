@@ -378,8 +378,58 @@ def test_a_resumed_build_keeps_the_factor_passs_share_of_the_bar(tmp_path, tiny_
     resumed = KFACInfluence(cfg)
     resumed.chunk_size = 8
     resumed.build(ctx, lambda msg, f: msgs.append((msg, f)))
-    assert msgs[0] == ("K-FAC Influence: K-FAC factors loaded (built by an earlier run)", pytest.approx(share))
+    assert msgs[0] == ("K-FAC Influence: K-FAC factors loaded (saved by an earlier run)", pytest.approx(share))
     assert min(f for _, f in msgs) == pytest.approx(share) and msgs[-1][1] == 1.0
+
+
+def test_a_build_killed_before_its_banks_first_part_says_it_reloads_the_factors(tmp_path, tiny_preset, tiny_model,
+                                                                               digits_small):
+    """QA 43: a server killed after the factor pass and before the bank's first saved part restarted silently at
+    0%: the bank had no saved parts, so the reloaded factors were taken for another bank's and no line said they
+    were reused.  The bank's build began (its folder is made before its first part), so the restart keeps the
+    factor pass's share and says so, in the words of a resumed pass (which the app's build worker records); factors
+    found for a bank not yet begun are said too, with the bank's whole bar."""
+    from engine.attribution.build_worker import EARLIER_RUN
+    from engine.attribution.methods.kfac_influence import FACTOR_ROW_COST
+
+    class Stop(BaseException):
+        pass
+
+    ds = digits_small.subset(list(range(32)))
+    cfg = AttributionConfig(mc_samples=8, seed=0, kfac_factor_draws=2, kfac_factor_draws_mode="per-example")
+    store = Store(tmp_path, "0" * 16, "digits32")
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "0" * 16, store)
+    share = FACTOR_ROW_COST * 2 / (FACTOR_ROW_COST * 2 + 8)
+    m = KFACInfluence(cfg)
+    m.chunk_size = 8
+
+    def stop_at_bank(msg: str, f: float) -> None:
+        if "train gradients" in msg:  # the bank pass's first message, before its first part is saved
+            raise Stop
+
+    with pytest.raises(Stop):
+        m.build(ctx, stop_at_bank)
+    bank_key = m._bank_key(ctx)
+    assert not store.has_saved_parts(*bank_key) and store.build_started(*bank_key)
+    msgs: list[tuple[str, float]] = []
+    again = KFACInfluence(cfg)
+    again.chunk_size = 8
+    again.build(ctx, lambda msg, f: msgs.append((msg, f)))
+    assert msgs[0] == ("K-FAC Influence: K-FAC factors loaded (saved by an earlier run)", pytest.approx(share))
+    assert EARLIER_RUN in msgs[0][0]
+    assert min(f for _, f in msgs) == pytest.approx(share) and msgs[-1][1] == 1.0
+    assert not store.build_started(*bank_key)  # published: the partial folder is gone
+
+    other = KFACInfluence(dataclasses.replace(cfg, kfac_bank_whiten=None))  # another bank over the same factors
+    other.chunk_size = 8
+    msgs.clear()
+    other.build(ctx, lambda msg, f: msgs.append((msg, f)))
+    assert msgs[0] == ("K-FAC Influence: K-FAC factors loaded (saved by an earlier run)", 0.0)
+    msgs.clear()
+    built = KFACInfluence(cfg)
+    built.chunk_size = 8  # in the bank's settings
+    built.build(ctx, lambda msg, f: msgs.append((msg, f)))  # all built: loading says nothing of the factors
+    assert not any("factors loaded" in msg for msg, _ in msgs), msgs
 
 
 def test_a_float64_factor_pass_is_a_setting_with_its_own_cache_key(tiny_preset, tiny_model, digits_small):

@@ -468,6 +468,11 @@ class Store:
         folder = self._partial_folder(name, settings)
         return folder.is_dir() and any(folder.glob("part-*.done"))
 
+    def build_started(self, name: str, settings: Mapping[str, Any]) -> bool:
+        """Whether a build of ``name`` began and did not publish: its partial folder is made (with its manifest)
+        when the build starts, before its first part, so a build killed before saving a part still shows here."""
+        return self._partial_folder(name, settings).is_dir()
+
     def partial(self, name: str, settings: Mapping[str, Any], part_size: int, num_items: int) -> PartialBuild:
         """A resumable build of arrays whose first axis (length ``num_items``) is produced in parts."""
         return PartialBuild(self, name, settings, part_size, num_items)

@@ -38,7 +38,7 @@ class Pace:
     """This run's speed over the work it computed, for its time left: the seconds and the fraction of the steps that
     only counted on (a message with the words of the one before, ``words``), and the last message's time, fraction
     and words.  A message with new words starts a step, and its jump is left out, with the seconds before it: that is
-    where a pass reports the work it found saved ("K-FAC factors loaded (built by an earlier run)", "resuming:
+    where a pass reports the work it found saved ("K-FAC factors loaded (saved by an earlier run)", "resuming:
     256/1797 examples saved by an earlier run"), reloaded in seconds, never computed at this run's pace.
 
     Why: the app's estimate counted from the first progress message, so those jumps counted as this run's speed,

@@ -276,15 +276,17 @@ class KFACInfluence(AttributionMethod):
             arrays = ctx.store.load_arrays(FACTORS, fs, mmap=False)
             if arrays is not None:
                 factors = KFACFactors.from_arrays(arrays, template, ctx.device)
-        # factors built by an earlier attempt of this build (its bank has saved parts: a resumed build) keep their
-        # share, so the bar restarts where it stood, not at 0 (QA 30c: 80% -> 26% after a restart); factors built
-        # for another bank give the bank the whole bar
+        # factors built by an earlier attempt of this build (its bank's build began: a resumed build) keep their
+        # share, so the bar restarts where it stood, not at 0 (QA 30c: 80% -> 26% after a restart; QA 43: a build
+        # killed after its factors and before its bank's first part read 0%); factors built for another bank give
+        # the bank the whole bar.  Either way the reload is said, in the words a resumed pass ends with
+        # (build_worker.EARLIER_RUN), so that the page says the build reused saved work (QA 43: it was silent)
         bank_key = self._bank_key(ctx)
         resumed = factors is not None and ctx.store is not None and bank_key is not None and \
-            ctx.store.has_saved_parts(*bank_key)
+            ctx.store.build_started(*bank_key)
         self._factor_share = self.factor_share(ctx, factors_built=factors is not None and not resumed)
-        if resumed:
-            progress(f"{self.title}: K-FAC factors loaded (built by an earlier run)", self._factor_share)
+        if factors is not None and bank_key is not None and not ctx.store.exists(*bank_key):  # the bank is to build
+            progress(f"{self.title}: K-FAC factors loaded (saved by an earlier run)", self._factor_share)
         shard = distributed.current()
         shared = ctx.store is not None and shard.world > 1  # torchrun: rank 0 computes and saves the factors
         if factors is None and (not shared or shard.is_main):
