@@ -433,7 +433,7 @@ def attribution_matrix(
                 res.scores = load_npy(path)
                 res.timing_ms["loaded"] = 0.0
                 # the floor recorded with the matrix: the method's factors are not loaded on this path (QA 36 #1)
-                floor = m.damping_floor() if m.damping_floor() is not None else recorded["damping_floor"]
+                floor = m.floor_or_recorded(recorded["damping_floor"])
                 res.warning, res.damping_floor = m.damping_warning(res.damping, floor), floor
                 continue
         try:

@@ -391,7 +391,7 @@ def precomputed_result(
             res.bank = pre.bank(name)
             # below the floor the file recorded, the live answer's warning (QA 36 #2: the first page's slider
             # reaches 1e-12, under digits' 2.5e-10, with no word of it)
-            res.damping_floor = m.damping_floor() if m.damping_floor() is not None else pre.damping_floor(name)
+            res.damping_floor = m.floor_or_recorded(pre.damping_floor(name))
             res.warning = m.damping_warning(lam, res.damping_floor)
         elif name in available and (why := pre.unavailable(index, name)):  # this sample: as a live query says it
             res.reason, res.reason_about = why, QUERY

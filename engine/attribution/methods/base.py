@@ -179,6 +179,13 @@ class AttributionMethod(ABC):
         """The smallest damping whose scores do not weigh numerical rounding (None: no such limit, the default)."""
         return None
 
+    def floor_or_recorded(self, recorded: float | None) -> float | None:
+        """This method's own ``damping_floor`` once it has one (its factors loaded), else ``recorded``: the floor
+        written beside scores this instance did not compute (a cached matrix, the precomputed file; QA 36 #1, #2).
+        The one rule for which floor an answer states and warns by."""
+        own = self.damping_floor()
+        return own if own is not None else recorded
+
     def damping_warning(self, damping: float | None, floor: float | None = None) -> str | None:
         """A line the answer carries when this method's scores at ``damping`` weigh numerical rounding (K-FAC below
         its factors' resolution); None when they do not, or the method has no such limit (the default).  ``floor``:

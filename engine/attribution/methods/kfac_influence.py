@@ -418,7 +418,7 @@ class KFACInfluence(AttributionMethod):
         (``KFACFactors.resolution_floor``: eps of the factor pass's dtype x the median block's largest eigenvalue).
         QA 32 #7: ``--damping kfac=1e-15`` answered with no word that its scores were mostly float32 rounding.
         ``floor``: a recorded floor, for scores read from a file before these factors are loaded (QA 36 #1, #2)."""
-        floor = self._resolution_floor if self._resolution_floor is not None else floor
+        floor = self.floor_or_recorded(floor)
         lam = self.default_damping if damping is None else float(damping)
         if floor is None or lam is None or lam >= floor:
             return None
