@@ -90,6 +90,26 @@ def test_file_group_json_and_text(digits_small, tmp_path):
         assert parse_group(f"file:{tmp_path / name}", digits_small).members.tolist() == [2, 7, 9]
 
 
+def test_repeated_indices_are_counted_once_and_the_description_says_so(digits_small, tmp_path):
+    """QA 44 #2: ``train:1,1,2`` answered for 2 images with no word (its spec still showing 1 twice); a group is a
+    set, so each member counts once, and the description (in the text output and the JSON) says what was merged.
+    QA 44 #1: the empty group's message read "the group group 'train:,' is empty"."""
+    g = parse_group("train:1,1,2,2,2", digits_small)
+    assert g.members.tolist() == [1, 2] and g.description == "2 training images, hand-picked (3 repeated indices counted once)"
+    assert parse_group("train:5,5", digits_small).description == "training image #5 (1 repeated index counted once)"
+    assert parse_group("train:1,2", digits_small).description == "2 training images, hand-picked"
+    (tmp_path / "twice.json").write_text(json.dumps([7, 2, 7]))
+    assert parse_group(f"file:{tmp_path / 'twice.json'}", digits_small).description == (
+        "2 training images listed in twice.json (1 repeated index counted once)")
+    from engine.attribution.groups import group_from_text
+
+    assert group_from_text("3 3 4", "up.txt", len(digits_small)).description == (
+        "2 training images listed in up.txt (1 repeated index counted once)")
+    with pytest.raises(GroupError) as e:
+        parse_group("train:,", digits_small)
+    assert str(e.value) == "group 'train:,' is empty: give at least one training index"
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [

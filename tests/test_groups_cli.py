@@ -70,7 +70,8 @@ def test_group_json_has_exactly_the_documented_shape(cli, digits_small):
                         "code", "threads"}
     assert res["queries"] == "gallery" and res["queries_key"].startswith("gallery-")  # no pool seed: not a pool
     assert res["model"]["num_train"] == 64 and res["mc_samples"] == res["attribution"]["mc_samples"] == 4
-    assert res["group"] == {"spec": "label:3", "size": int((digits_small.labels == 3).sum())}
+    size = int((digits_small.labels == 3).sum())
+    assert res["group"] == {"spec": "label:3", "size": size, "description": f"all {size} training images labelled 3"}
     assert res["measurement"] == "loss" and set(res["methods"]) == {"kfac", "trak", "dtrak"}
     # each method says what its changes are of: D-TRAK always scores the square norm (it was labelled "loss")
     assert {n: e["measurement"] for n, e in res["methods"].items()} == {
@@ -149,7 +150,8 @@ def test_reverse_json_on_a_pool_ranks_by_the_training_image_score(cli, pools):
     assert rc == 0, err
     res = json.loads(out)
     top = res["methods"]["kfac"]["top"]
-    assert res["group"] == {"spec": "train:17", "size": 1} and res["queries"] == "pool:4"
+    assert res["group"] == {"spec": "train:17", "size": 1, "description": "training image #17"}
+    assert res["queries"] == "pool:4"
     assert [t["rank"] for t in top] == [1, 2, 3]
     changes = [t["change"] for t in top]
     assert changes == sorted(changes, reverse=True)
@@ -184,6 +186,16 @@ def test_a_pool_sample_the_group_commands_name_can_be_queried_on_its_own(cli, po
     assert q["query"]["spec"] == last["query"] and any("pool seed 3" in n for n in q["query"]["notes"])
     score17 = [t["score"] for t in q["methods"]["kfac"]["top"] if t["index"] == 17]
     assert score17 == [pytest.approx(last["change"], rel=1e-4)]  # removing train:17 changes it by its score
+    # the query's own settings say which pool (QA 44 #3: only "pool:I" and an image digest), so a saved answer reruns
+    assert q["query"]["origin"] == {"pool_seed": 3, "pool_size": 4}
+    out_npz = pools / "pool_query_scores.npz"
+    rc, out, err = cli("query", "--query", last["query"], "--pool-seed", "3", "--pool-dir", str(pools),
+                       "--methods", "kfac", "--scores-out", str(out_npz))
+    assert rc == 0, err
+    with np.load(out_npz) as z:
+        saved = json.loads(str(z["settings"]))
+    assert (saved["query"], saved["pool_seed"], saved["pool_size"]) == (last["query"], 3, 4)
+    out_npz.unlink()
     # no pool of that seed cached: said, with how to draw one; a pool option without a pool query: refused
     rc, out, err = cli("query", "--query", "pool:1", "--pool-seed", "7", "--pool-dir", str(pools))
     assert rc == 2 and "no cached pool of seed 7" in err and "--queries pool:N --pool-seed 7" in err, err

@@ -102,9 +102,11 @@ class GroupResult:
         return None if not scored else size_caveat(self.group.size, int(scored[0].shape[-1]))
 
     def _group_json(self) -> dict[str, Any]:
-        """The group's entry of both JSONs: its spec and size, and the size caveat where there is one."""
+        """The group's entry of both JSONs: its spec, size and description (which says when repeated indices
+        were counted once), and the size caveat where there is one."""
         caveat = self.size_caveat()
-        return {"spec": self.group.spec, "size": self.group.size, **({"caveat": caveat} if caveat else {})}
+        return {"spec": self.group.spec, "size": self.group.size, "description": self.group.description,
+                **({"caveat": caveat} if caveat else {})}
 
     def to_json(self) -> dict[str, Any]:
         """The ``group`` command's JSON (issue 15): one entry per query, in query-set order, and the damping

@@ -55,13 +55,22 @@ class Group:
 
 
 def _check_indices(values: list[int], n: int, where: str) -> np.ndarray:
+    """The sorted, unique members; ``where`` names the input ("group 'train:1,2'", "file F", "selection")."""
     if not values:
-        raise GroupError(f"the group {where} is empty: give at least one training index")
+        raise GroupError(f"{where} is empty: give at least one training index")
     idx = np.asarray(values, dtype=np.int64)
     bad = idx[(idx < 0) | (idx >= n)]
     if len(bad):
         raise GroupError(f"training index {int(bad[0])} in {where} is out of range 0..{n - 1}")
     return np.unique(idx)
+
+
+def _repeats(values: list[int], members: np.ndarray) -> str:
+    """What the description adds when the input named an index more than once: a group is a set (removing an image
+    twice is removing it), so its sum counts each member once, and the answer says so (QA 44 #2: ``train:1,1,2``
+    answered for 2 images with no word, its JSON spec still showing 1 twice)."""
+    extra = len(values) - len(members)
+    return "" if extra <= 0 else f" ({extra} repeated {'indices' if extra > 1 else 'index'} counted once)"
 
 
 def _parse_int_list(text: str, where: str) -> list[int]:
@@ -108,8 +117,9 @@ def read_index_file(path: str | Path) -> list[int]:
 
 def group_from_text(text: str, name: str, n: int) -> Group:
     """A group from the contents of an index file (e.g. uploaded in the app): ``file:NAME``."""
-    members = _check_indices(parse_index_text(text, f"file {name}"), n, f"file {name}")
-    return Group(f"file:{name}", members, f"{_images(len(members))} listed in {name}")
+    values = parse_index_text(text, f"file {name}")
+    members = _check_indices(values, n, f"file {name}")
+    return Group(f"file:{name}", members, f"{_images(len(members))} listed in {name}" + _repeats(values, members))
 
 
 def _valid_labels(present: list[int], names: list[str]) -> str:
@@ -155,11 +165,13 @@ def parse_group(spec: str, dataset: ImageDataset) -> Group:
         name = dataset.class_names[lab] if dataset.class_names else str(lab)
         return Group(text, members, f"all {len(members)} training images labelled {name}")
     if kind == "train":
-        members = _check_indices(_parse_int_list(arg, f"group {text!r}"), n, f"group {text!r}")
-        return Group(text, members, _picked(members))
+        values = _parse_int_list(arg, f"group {text!r}")
+        members = _check_indices(values, n, f"group {text!r}")
+        return Group(text, members, _picked(members) + _repeats(values, members))
     if kind == "file":
-        members = _check_indices(read_index_file(arg), n, f"file {arg}")
-        return Group(text, members, f"{_images(len(members))} listed in {Path(arg).name}")
+        values = read_index_file(arg)
+        members = _check_indices(values, n, f"file {arg}")
+        return Group(text, members, f"{_images(len(members))} listed in {Path(arg).name}" + _repeats(values, members))
     raise GroupError(f"bad group kind {kind!r} in {spec!r}: {USAGE}")
 
 

@@ -205,7 +205,8 @@ def generate_pool(
     for i in range(n):
         lab = None if labels[i] < 0 else int(labels[i])
         notes = [f"pool sample {i} (pool seed {seed}, {n} samples)"]
-        queries.append(QueryInput(image=images[i], trajectory=None, description=f"pool:{i}", label=lab, notes=notes))
+        queries.append(QueryInput(image=images[i], trajectory=None, description=f"pool:{i}", label=lab, notes=notes,
+                                  origin={"pool_seed": int(seed), "pool_size": int(n)}))
     return QuerySet(f"pool:{n}", queries, f"pool-{session.checkpoint_hash}-s{seed}-n{n}", seconds, drawn, int(seed))
 
 

@@ -96,6 +96,7 @@ def result_settings(session: Any, result: Any) -> dict[str, Any]:
         **session_settings(session),
         "query": result.query.get("spec"),
         "query_image": result.query.get("image_digest"),  # an upload's name alone does not say which image
+        **result.query.get("origin", {}),  # a pool sample's pool_seed and pool_size: what reruns it (QA 44 #3)
         "measurement": str(result.measurement),
         "mc_samples": result.query.get("mc_samples"),  # the query's own (a query may ask for another M)
         "methods": methods,

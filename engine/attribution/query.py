@@ -48,6 +48,9 @@ class QueryInput:
     # the training image this input is, pixel for pixel (an upload of a training file), else None: the app marks it
     # "query" in the grids, as it does a ``train:N`` query's own image (QA 29 #3)
     identical_to: int | None = None
+    # what rebuilds the query beyond ``description``, kept in its answer's settings: a pool sample's
+    # {"pool_seed": S, "pool_size": N} (QA 44 #3: an export of ``pool:I`` could not be rerun from its own settings)
+    origin: dict[str, Any] = field(default_factory=dict)
 
     def digest(self) -> str | None:
         """16 hex digits of the model-ready image (and trajectory): what an export records beside the

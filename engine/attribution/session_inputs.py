@@ -160,6 +160,7 @@ class SessionQueryInputs:
             "notes": list(query.notes),
             "has_trajectory": query.trajectory is not None,
             "mc_samples": m,
+            **({"origin": dict(query.origin)} if query.origin else {}),
         }
 
 
