@@ -38,6 +38,7 @@ from engine.attribution.pool import (
     pool_path,
 )
 from engine.attribution.precomputed import MEASUREMENT
+from engine.attribution.precomputed_groups import precomputed_matrices as engine_precomputed_matrices
 from engine.attribution.signs import end_signs, removed_words, reverse_caveat
 from engine.evaluation.stats import spearman
 from explorer import chips, figures, plain
@@ -295,26 +296,11 @@ def groups_page(handle: Handle, s: Settings) -> None:
 
 def precomputed_matrices(handle: Handle, s: Settings) -> dict[str, MatrixResult]:
     """Each influence method's (Q, N) gallery matrix from the shipped precomputed scores, for the group views
-    before any influence cache is built (``PrecomputedGallery.gallery_matrix``; a group's change is the sum of
-    its members' scores); empty when the file does not match this model or the sidebar's settings."""
-    session, pre = handle.session, handle.precomputed
-    if pre is None or not session.gallery() or s.measurement != MEASUREMENT:
+    before any influence cache is built (``engine.attribution.precomputed_groups``, which the CLI's group and
+    reverse read too); empty when the file does not match this model or the sidebar's settings."""
+    if int(s.mc_samples) != int(handle.session.config.mc_samples):
         return {}
-    if int(s.mc_samples) != int(session.config.mc_samples):
-        return {}
-    mats = {}
-    for n in all_influence_methods(session):
-        scores = pre.gallery_matrix(session, n, s.damping_dict.get(n))
-        if scores is not None:
-            used = session.measurement_used(n, MEASUREMENT)
-            # the damping the scores are at (the default where the sidebar holds none: a method not shown),
-            # which the exports record
-            lam = session.damping_for(n, s.damping_dict)
-            floor = pre.damping_floor(n)  # the file's: the live method is not loaded (QA 36 #2)
-            mats[n] = MatrixResult(n, "influence", "ok", reason="precomputed", damping=lam,
-                                   scores=scores, measurement=None if used == MEASUREMENT else used,
-                                   warning=session.method(n).damping_warning(lam, floor), damping_floor=floor)
-    return mats
+    return engine_precomputed_matrices(handle.session, handle.precomputed, s.measurement, s.damping_dict)
 
 
 def _precomputed_for_this_model(handle: Handle) -> bool:

@@ -412,6 +412,55 @@ def test_gallery_query_on_an_empty_cache_answers_with_the_checkpoints_precompute
     assert "precomputed_methods" not in other["query"] and other["methods"]["kfac"]["status"] == "unavailable"
 
 
+def test_group_and_reverse_on_an_empty_cache_answer_over_the_gallery_from_the_precomputed_scores(
+    setup, digits_small, monkeypatch, capsys, tmp_path
+):
+    """QA 44 #4: the app's Groups page answered over the gallery from the shipped scores on a fresh clone, while
+    `group` and `reverse` refused ("not built") until a cold build.  Now they answer from the same matrices
+    (``precomputed_groups``), marked precomputed, equal to the live sums to the file's 16-bit precision; a method
+    the file lacks, another measurement and a generated pool still need the caches."""
+    import shutil
+
+    folder, _ = setup
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(folder, ckpt)
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
+
+    def run(cache, *argv, expect=0):
+        rc = main([*argv, "--checkpoint", str(ckpt), "--device", "cpu", "--cache-root", str(cache), *SMALL])
+        out, err = capsys.readouterr()
+        assert rc == expect, err
+        return out, err
+
+    built, empty = tmp_path / "built", tmp_path / "empty"
+    run(built, "build", "--methods", "kfac,trak")
+    run(built, "precompute", "--methods", "kfac,trak")
+    group = ("group", "--remove", "label:3", "--remove", "train:2,5", "--queries", "gallery", "--methods",
+             "kfac,trak,dtrak", "--json")
+    live = json.loads(run(built, *group, "--auto-build")[0])
+    out, err = run(empty, *group)
+    shipped = json.loads(out)
+    assert not (empty / "kfac").exists()
+    assert "note: kfac, trak: the checkpoint's precomputed gallery scores" in err and "--methods kfac,trak" in err
+    assert "warning: dtrak unavailable" in err  # in neither the file nor the cache: still not built
+    for a, b in zip(live["groups"], shipped["groups"], strict=True):
+        assert a["group"] == b["group"] and set(b["methods"]) == {"kfac", "trak"}
+        for name in ("kfac", "trak"):
+            assert b["methods"][name]["precomputed"] is True and "precomputed" not in a["methods"][name]
+            assert b["methods"][name]["damping"] == a["methods"][name]["damping"]
+            ca = np.array([q["predicted_change"] for q in a["methods"][name]["queries"]])
+            cb = np.array([q["predicted_change"] for q in b["methods"][name]["queries"]])
+            # each member's score within 2^-11 of its sample's largest; a sum of k members within k times that
+            k = a["group"]["size"]
+            np.testing.assert_allclose(cb, ca, atol=k * 2e-3 * np.abs(ca).max())
+    text_out, _ = run(empty, "reverse", "--train", "7", "--queries", "gallery", "--methods", "kfac")
+    assert "[kfac] removing it would raise" in text_out and "precomputed gallery scores" in text_out
+    # another measurement is not in the file: refused as before
+    _, err = run(empty, "group", "--remove", "label:3", "--queries", "gallery", "--methods", "kfac",
+                 "--measurement", "elbo", expect=2)
+    assert "not built" in err and "note:" not in err
+
+
 @pytest.mark.parametrize("draws", ["per-example", "shared"])
 def test_bench_compressed_runs_with_either_kind_of_training_draws(setup, digits_small, tmp_path, draws):
     """``bench-compressed`` gave every training row the whole draw object: with per-example draws (the

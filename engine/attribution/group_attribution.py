@@ -93,6 +93,8 @@ class GroupResult:
         said nothing)."""
         r = self.methods[name]
         return {"damping": r.damping,
+                # read from the checkpoint's precomputed gallery scores, not computed here (precomputed_groups)
+                **({"precomputed": True} if r.reason == "precomputed" else {}),
                 **({"damping_floor": r.damping_floor} if r.damping_floor is not None else {}),
                 **({"warning": r.warning} if r.warning else {})}
 

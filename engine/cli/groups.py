@@ -91,6 +91,12 @@ def _run_group(args: argparse.Namespace, group_specs: list[str]):
             return group_attribution(session, groups[0], qset, args.measurement, methods, damping, cache, progress)
 
     result = score()
+    if not args.auto_build:  # a fresh clone answers over the gallery from the shipped scores, as the app does
+        from ..attribution.precomputed_groups import NOTE, fill_unbuilt_groups
+
+        if filled := fill_unbuilt_groups(session, result, damping):
+            print(f"note: {', '.join(filled)}: {NOTE}; `{session.build_command(filled)}` computes them live",
+                  file=sys.stderr)
     # --auto-build after that first pass, which refuses a bad measurement or query set before minutes of
     # building; ``session.build_missing`` shows a progress bar on stderr
     if args.auto_build and session.build_missing(check_influence_methods(session, methods)):
@@ -169,6 +175,8 @@ def cmd_group(args: argparse.Namespace) -> int:
                   + (f"; uses the {used} measurement" if used != result.measurement else ""))
             if result.note(name):
                 print(f"  ({result.note(name)})")
+            if result.methods[name].reason == "precomputed":
+                print("  (the checkpoint's precomputed gallery scores: see the note on stderr)")
             for q, c in enumerate(changes):
                 lab = result.qset.labels[q]
                 line = f"  {result.qset.names[q]:<12} label {'-' if lab < 0 else lab}  {c:+.4e}"
@@ -225,6 +233,8 @@ def cmd_reverse(args: argparse.Namespace) -> int:
                   + (f" (it uses the {used} measurement whatever is asked)" if used != result.measurement else ""))
             if result.note(name):
                 print(f"  ({result.note(name)})")
+            if result.methods[name].reason == "precomputed":
+                print("  (the checkpoint's precomputed gallery scores: see the note on stderr)")
             ranked = result.ranking(name, args.top_k)
             caveat = reverse_caveat([s.change for s in ranked], removed_words(result.group.size))
             if caveat:
