@@ -549,6 +549,38 @@ def test_a_preset_for_other_data_than_the_checkpoints_is_named_in_the_error(setu
     assert rc == 2 and "lacks data_batch_1" in err and "was trained as preset 'tiny' on" not in err, err
 
 
+def test_a_data_error_with_no_preset_named_is_the_loaders_own(setup, monkeypatch, capsys, tmp_path):
+    """QA 45 #1: `--checkpoint X --data-root FOLDER` (no --preset) on a corrupt folder said "--preset digits
+    describes digits data ... (no --preset, or ...)": the command line's default preset taken for one the user
+    named, the real cause in parentheses.  With no preset named nothing disagrees: the loader's line is the error."""
+    import shutil
+
+    from engine.model.data import DataError
+
+    folder, cache = setup
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(folder, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["preset"]["data"] = {**config["preset"]["data"], "name": "folder", "root": str(tmp_path)}
+    (ckpt / "config.json").write_text(json.dumps(config))
+
+    def corrupt(cfg):
+        raise DataError(f"cannot read image {cfg.root}/a/c3.png: image file is truncated")
+
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", corrupt)
+    rc = main(["query", "--query", "train:1", "--methods", "pixel", "--checkpoint", str(ckpt), "--data-root",
+               str(tmp_path), "--device", "cpu", "--cache-root", str(cache)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line == f"error: cannot read image {tmp_path}/a/c3.png: image file is truncated", line
+    # a preset the user named for other data: the disagreement is still said (QA 33 #3)
+    rc = main(["query", "--query", "train:1", "--methods", "pixel", "--preset", "digits", "--checkpoint", str(ckpt),
+               "--data-root", str(tmp_path), "--device", "cpu", "--cache-root", str(cache)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--preset digits describes digits data (8x8x1)" in err and "truncated" in err, err
+
+
 def test_the_attribution_source_rule_that_every_command_applies(setup, capsys):
     """``with_attribution_source``, which query, build and the evaluation commands (lds, retrain-top) apply to
     their preset: the checkpoint's own settings unless --preset was named, then the named one's with a note."""

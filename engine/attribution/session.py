@@ -188,7 +188,9 @@ class AttributionSession(SessionBuilds, SessionQueryInputs, SessionScoring, Sess
             return load_dataset(self.preset.data)
         except DataError as e:
             trained, asked = self.preset, wanted
-            if self._checkpoint_arg is None or trained.data.name == asked.data.name:
+            # no preset named (the command line's default): nothing disagrees, the loader's own line is the cause
+            # (QA 45 #1: `--checkpoint X --data-root FOLDER` with a corrupt image blamed a "--preset digits")
+            if self._checkpoint_arg is None or not self._preset_named or trained.data.name == asked.data.name:
                 raise
             # a preset this code knows can be named; a preset file's name cannot (QA 36 #3: "--preset shapes")
             named = f"--preset {trained.name}" if trained.name in PRESETS else "its preset file"
