@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from engine.config import DataConfig
+from engine.model import data_files
 from engine.model.data import DataError, load_dataset, random_flip
 from engine.model.data_files import CIFAR_CLASSES, cifar2_indices
 
@@ -223,6 +224,26 @@ def test_folder_flat_has_no_labels_and_native_size(tmp_path):
                                          r"skipped \(sub/three\.webp\)"):
         ds = load_dataset(cfg)
     assert ds.ids == ["sub/one.png", "sub/two.png"]
+
+
+def test_a_folder_of_another_size_than_the_model_takes_says_it_is_resized(tmp_path):
+    """QA 45 #4: a 16x16 diffusers UNet on a folder of 32x32 images was accepted without a word (diffusers weights
+    name no data, so the wrong UNet for a folder is a likely mistake); the images are still resized, as documented,
+    and a warning names the files' size and the model's, read from the first file's header (also when the pixels
+    come from the decoded-folder cache)."""
+    for i in range(2):
+        _img(tmp_path / "a" / f"{i}.png", size=(32, 32), value=i)
+    cfg = DataConfig(name="folder", root=str(tmp_path), image_size=16, channels=3, levels=256)
+    for _ in range(2):  # decoded, then from the cache (in a new process: the warning is said once per process)
+        data_files._resize_said.clear()
+        with pytest.warns(UserWarning, match=r"images such as a/0\.png are 32x32; each is resized to 16x16, the size "
+                                             r"the model takes"):
+            assert load_dataset(cfg).images.shape == (2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once in a process; the model's own size or no size asked: nothing
+        load_dataset(cfg)
+        load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=32, channels=3, levels=256))
+        load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=None, channels=3, levels=256))
 
 
 def test_folder_bad_inputs_name_the_file(tmp_path):

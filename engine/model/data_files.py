@@ -402,6 +402,30 @@ class _DecodeBar:
             self.bar.close()
 
 
+_resize_said: set[tuple[str, int]] = set()
+
+
+def _say_resize(root: Path, first: Path, first_id: str, size: int | None) -> None:
+    """A warning when the folder's images are not the size the model takes, read from the first file's header
+    (milliseconds; the decoded pixels may come from the cache): they are resized, and a user who picked the wrong
+    model for a folder (a 16x16 UNet on 32x32 images: diffusers weights name no data) must hear it (QA 45 #4: the
+    page's "200 colour images of 16x16 pixels" read as a fact about the data).  Said once per folder and size in a
+    process.  Unreadable here: the decode says."""
+    if size is None:
+        return
+    from PIL import Image
+
+    try:
+        with Image.open(first) as img:
+            w, h = img.size
+    except (OSError, ValueError, SyntaxError):
+        return
+    if (w, h) != (size, size) and (str(root), size) not in _resize_said:
+        _resize_said.add((str(root), size))  # once per folder and size in a process, as the cache's warnings
+        warnings.warn(f"{root}: images such as {first_id} are {w}x{h}; each is resized to {size}x{size}, the size "
+                      "the model takes (its preset's or its UNet's image_size)", stacklevel=3)
+
+
 def load_folder(cfg: DataConfig) -> ImageDataset:
     """Every image under ``cfg.root``; see the module docstring for ids and labels.  The decoded pixels come from
     ``folder_cache`` when the folder has not changed since they were last decoded (QA 33 #8: decoding a
@@ -416,6 +440,7 @@ def load_folder(cfg: DataConfig) -> ImageDataset:
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     rel = [relative_id(p, root) for p in files]
+    _say_resize(root, files[0], rel[0], cfg.image_size)
     x = folder_cache.load_or_decode(root, files, rel, cfg.channels, cfg.image_size, FOLDER_DECODE_VERSION,
                                     lambda: _decode_folder(root, files, cfg.channels, cfg.image_size))
     labels, class_names = None, None
