@@ -2,7 +2,8 @@
 
 Run:  streamlit run explorer/app.py -- --preset digits [--checkpoint PATH] [--data-root DIR] [--cache DIR] [--device cpu]
 (or set ATTRIBUTION_PRESET / ATTRIBUTION_CHECKPOINT / ATTRIBUTION_CACHE / ATTRIBUTION_DEVICE).
-``--cache-root DIR`` (the CLI's spelling) is ``--cache DIR``; any other unknown flag is refused on the page.
+``--cache-root DIR`` (the CLI's spelling) is ``--cache DIR``; any other unknown flag is refused on the page;
+``-- --help`` lists the flags.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def main() -> None:
 
     try:
         parsed = runtime.parse_args()
+    except runtime.HelpRequested as e:  # QA 45 #7: the flags and their help texts, in the terminal and on the page
+        print(e.text, flush=True)
+        st.title("Diffusion Attribution Explorer")
+        st.caption("The app's flags (after `--` on the `streamlit run` command line):")
+        st.code(e.text, language=None)
+        st.stop()
     except runtime.ArgsError as e:  # an unknown flag: say so on the page and in the terminal, build nothing
         print(f"explorer/app.py: {e}", file=sys.stderr)
         st.title("Diffusion Attribution Explorer")

@@ -86,6 +86,32 @@ def app_argv(argv: list[str] | None = None) -> list[str]:
     return list(argv[1:]) if ours else []
 
 
+class HelpRequested(SystemExit):
+    """``-- --help``: ``text`` is argparse's help (the flags, their help texts, the ATTRIBUTION_* variables).
+    QA 45 #7: ``--help`` was refused as an unknown flag, and the help texts below were never shown anywhere;
+    ``app.main`` now prints them in the terminal and shows them on the page.  A SystemExit (code 0), so a
+    script calling ``parse_args`` outside Streamlit stops with it, as argparse's own help does."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(0)
+        self.text = text
+
+
+class _Help(argparse.Action):
+    """argparse's help action, raising ``HelpRequested`` instead of printing and exiting the server."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        raise HelpRequested(parser.format_help())
+
+
+HELP_EPILOG = """\
+Run it as:  streamlit run explorer/app.py [streamlit's own flags] -- [the flags above]
+Without a flag, these environment variables give its value: ATTRIBUTION_PRESET, ATTRIBUTION_CHECKPOINT,
+ATTRIBUTION_CACHE, ATTRIBUTION_DEVICE, ATTRIBUTION_DATA_ROOT, ATTRIBUTION_MAX_RETRAIN_JOBS and
+ATTRIBUTION_NO_RETRAIN (1, true or yes)."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse would print usage and exit(2) under Streamlit
         raise ArgsError(f"error: {message} (the app takes: {' '.join(self.format_usage().split()[2:])})")
@@ -96,7 +122,11 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     flags from sys.argv, ``app_argv``), falling back to ATTRIBUTION_* variables.  ``ArgsError`` on an
     unknown flag: a misspelt ``--cache`` silently building a new cache under ./cache costs minutes."""
     env = dict(os.environ) if env is None else env
-    p = _Parser(prog="explorer/app.py", add_help=False, allow_abbrev=False)
+    p = _Parser(prog="explorer/app.py", add_help=False, allow_abbrev=False, epilog=HELP_EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Diffusion Attribution Explorer: which training images a diffusion model's output "
+                            "comes from.")
+    p.add_argument("-h", "--help", action=_Help, nargs=0, help="show these flags and their help texts, and stop")
     p.add_argument("--preset", default=None, help="preset name (digits, mnist, cifar2, cifar10) or a preset .json")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the preset's)")
     p.add_argument("--cache", "--cache-root", dest="cache", default=None,
