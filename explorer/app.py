@@ -52,6 +52,8 @@ def main() -> None:
         with load_progress.shown(loading, args):
             handle = runtime.get_handle(args)
     except Exception as e:  # noqa: BLE001 - a missing checkpoint/data set is a message, not a traceback
+        # in the terminal too, as the CLI says it (QA 45 #8: a headless server's log said nothing)
+        print(f"error: {runtime.one_line(e)}", file=sys.stderr, flush=True)
         st.title("Diffusion Attribution Explorer")
         st.error(f"Cannot load the model for preset `{args.preset}`: {e}")
         st.stop()
@@ -76,6 +78,8 @@ def main() -> None:
     )
     if handle.settings_note:
         st.info(handle.settings_note[0].upper() + handle.settings_note[1:], icon="ℹ️")
+    for line in handle.load_warnings:  # the data folder's warnings: labels dropped, files skipped (QA 45 #3)
+        st.warning(line, icon="⚠️")  # as the terminal says it: it starts with the folder's path
     plugin_files_note()
     query_view.keep_url(session.preset.name, args.preset if len(runtime.model_choices(parsed)) >= 2 else None)
     build_view.build_panel(handle)

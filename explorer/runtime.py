@@ -18,11 +18,14 @@ has still to build alone (``BuildState.pending``; docs/architecture.md §10).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +226,8 @@ class Handle:
     # why this server's attribution settings are not those of the preset its checkpoint was trained as (the named
     # --preset's differ: checkpoint.attribution_source); the page shows it under the model line (QA 34: log only)
     settings_note: str | None = None
+    # the engine's warnings while loading the model and the data, one line each (QA 45 #3; ``load_warnings``)
+    load_warnings: tuple[str, ...] = ()
     # damping grids and exact re-ranks after the first answer, the tabs in turn
     grid_filler: GridFiller = field(default_factory=lambda: GridFiller(alive=session_alive))
     recent_results: RecentResults = field(default_factory=RecentResults)  # raw results the tabs share
@@ -287,9 +292,60 @@ def server_log() -> None:
     logger.setLevel(logging.INFO)
 
 
+_REPO = Path(__file__).resolve().parent.parent
+_OURS = tuple(str(_REPO / d) + os.sep for d in ("engine", "explorer"))  # whose warnings are the app's to say
+
+
+def one_line(text: object) -> str:
+    """``text`` with its whitespace (newlines included) folded to single spaces: one terminal line, as the CLI's."""
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def load_warnings() -> Iterator[list[str]]:
+    """Collect the engine's ``warnings.warn`` raised in the block, each distinct message once, as one line.
+
+    Why (QA 45 #3): a folder with an image beside its class folders loses its labels, and a .webp in it is skipped;
+    the engine says so with a UserWarning (``engine.model.data_files``), which the app let through to Python's
+    default: "path/data_files.py:98: UserWarning: ..." plus the source line, in the terminal only.  The caller puts
+    the lines on the page and prints them as the CLI does (``engine.cli.parser``: "warning: ...").  A warning
+    raised from another package's code is shown as Python would have shown it.  ``warnings.catch_warnings`` is
+    process-wide: a warning another thread raises meanwhile is collected too (said on the page, not lost)."""
+    said: list[str] = []
+    others: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # a message already shown once in this process (an earlier load) counts
+            yield said
+    finally:
+        for w in caught:
+            if str(Path(w.filename).resolve()).startswith(_OURS):
+                line = one_line(w.message)
+                if line not in said:
+                    said.append(line)
+            else:
+                others.append(w)
+        for w in others:  # after the block: through the filters and the handler that were there before it
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 @st.cache_resource(show_spinner="Loading the model and the training set ...")
 def get_handle(args: AppArgs) -> Handle:
-    """The process-wide handle: one session, one build worker, shared by every tab and session."""
+    """The process-wide handle: one session, one build worker, shared by every tab and session.  The engine's
+    warnings while loading go with it (``Handle.load_warnings``, on every page) and, once, to the terminal."""
+    said: list[str] = []
+    try:
+        with load_warnings() as said:
+            handle = _make_handle(args)
+    finally:  # said in the terminal even when the load then fails (a stray image, then a damaged one)
+        for line in said:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+    handle.load_warnings = tuple(said)
+    return handle
+
+
+def _make_handle(args: AppArgs) -> Handle:
+    """``get_handle``'s work: the preset, the session (model and training set), the precomputed gallery, the worker."""
     from engine.attribution.precomputed import FILE
     from engine.config import get_preset
     from engine.model.checkpoint import attribution_source

@@ -250,6 +250,7 @@ class FakeHandle:
         self.worker = None
         self.precomputed = None
         self.settings_note = None  # runtime.Handle: no named-preset note
+        self.load_warnings = ()  # runtime.Handle: no warning while loading (QA 45 #3)
         self.lock = threading.RLock()
         self.recent_results = RecentResults()
         self.grid_filler = SimpleNamespace(submit=lambda *a: None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,49 @@ def _data_copy(tiny_app, tmp_path: Path) -> Path:  # noqa: F811 - the fixture im
     data = tmp_path / "copy" / "data"
     shutil.copytree(Path(tiny_app["ATTRIBUTION_CHECKPOINT"]).parent / "data", data)
     return data
+
+
+@pytest.mark.slow
+def test_a_load_warning_is_on_the_page_and_one_line_in_the_terminal(tiny_app, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """QA 45 #3: the folder's warnings reached only the terminal, as Python's "file:line: UserWarning" and its
+    source line, and never the page."""
+    data = _data_copy(tiny_app, tmp_path)
+    (data / "pic.webp").write_bytes(b"RIFF0000WEBP")  # skipped by the folder data set, with a warning
+    _set_env({**tiny_app, "ATTRIBUTION_DATA_ROOT": str(data)}, monkeypatch)
+    at = _app().run()
+    _ok(at)
+    skipped = [w.value for w in at.warning if "pic.webp" in w.value]
+    assert len(skipped) == 1, [w.value for w in at.warning]
+    assert "were skipped" in skipped[0] and "UserWarning" not in skipped[0] and ".py" not in skipped[0]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "pic.webp" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "were skipped" in lines[0], err
+    assert "UserWarning" not in err
+    at.run()  # a later run (and a later tab) shows it again, once: the warnings live with the cached handle
+    _ok(at)
+    assert len([w for w in at.warning if "pic.webp" in w.value]) == 1
+    assert "pic.webp" not in capsys.readouterr().err  # the terminal said it once, when the server loaded
+
+
+def test_the_labels_warning_is_captured_as_one_clean_line(tmp_path):
+    """QA 45 #3's other warning: images beside the class folders drop the labels.  ``runtime.load_warnings``
+    collects the engine's warnings as single lines; a warning of another package is left to Python."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.config import DataConfig
+    from engine.model.data_files import load  # as the engine reads a folder (the warning names load's caller)
+
+    for rel in ("circles/a.png", "squares/b.png", "stray.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(tmp_path / rel)
+    cfg = DataConfig(name="folder", root=str(tmp_path), image_size=8, channels=1, levels=256)
+    with pytest.warns(UserWarning, match="foreign"):  # re-shown by Python, not collected
+        with runtime.load_warnings() as said:
+            load(cfg)
+            load(cfg)  # the same warning twice is said once
+            warnings.warn("foreign", UserWarning, stacklevel=1)  # this test file is not the engine
+    assert len(said) == 1 and "stray.png" in said[0] and "no labels" in said[0] and "\n" not in said[0]
 
 
 def test_help_prints_the_flags_and_their_help_texts(monkeypatch, tmp_path, capsys):
@@ -53,3 +97,16 @@ def test_help_prints_the_flags_and_their_help_texts(monkeypatch, tmp_path, capsy
     out = capsys.readouterr().out
     assert "--checkpoint" in out and "the one the checkpoint was trained on" in " ".join(out.split())
     assert not (tmp_path / "cache").exists()  # nothing loaded or built
+
+
+def test_a_load_failure_is_one_error_line_in_the_terminal(tmp_path, monkeypatch, capsys):
+    """QA 45 #8: a missing checkpoint (or a bad data folder) was said on the page only; a headless server's log
+    held the Streamlit banner and nothing else."""
+    env = {"ATTRIBUTION_PRESET": "digits", "ATTRIBUTION_CHECKPOINT": str(tmp_path / "nowhere"),
+           "ATTRIBUTION_CACHE": str(tmp_path / "cache"), "ATTRIBUTION_DEVICE": "cpu"}
+    _set_env(env, monkeypatch)
+    at = _app().run()
+    assert not at.exception and len(at.error) == 1 and "nowhere" in at.error[0].value
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "nowhere" in lines[0] and "Cannot load" not in lines[0], err
