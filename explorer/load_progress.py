@@ -3,7 +3,9 @@
 Why: ``runtime.get_handle`` loads the training set inside ``st.cache_resource``, and the page showed only its
 spinner ("Loading the model and the training set ...") for the minutes a large folder's first decode takes; the
 bar that counted the images went to the server's terminal.  ``shown`` draws the counts into a placeholder that
-``app.main`` makes before ``get_handle``.  Three of Streamlit's rules shape it:
+``app.main`` makes before ``get_handle``.  ``get_handle`` runs in ``runtime.serve``'s thread, which the script run
+waits for (QA 45 #6), in a copy of the run's context: the decode's reports reach the listener set here, and its
+draws go to the run's page.  Three of Streamlit's rules shape it:
 
 * An element drawn inside a cached function is recorded and replayed at every later cache hit, and replaying one
   drawn into a block made outside the function fails (``CacheReplayClosureError``, on every later page load).  The
@@ -12,7 +14,8 @@ bar that counted the images went to the server's terminal.  ``shown`` draws the 
 * Every element drawn is a point where Streamlit stops the script for a rerun or a closed tab.  Raised inside the
   decode, that would throw away minutes of work, and the refresh a user tries on a page that looks stuck would
   start the decode again from nothing.  The listener keeps the request, draws no more, and raises it once the load
-  is over (its result cached for the next run).
+  is over (its result cached for the next run).  Drawn from ``serve``'s thread, not the script's, an element
+  raises no stop at all; the rule is kept for a load in the script's own thread.
 * Another tab, or the same one after a refresh, waits for that load on the cache's lock with the spinner only:
   ``wait_for_other_load`` shows it the loading run's latest counts (``_latest``) until the load is over.
 """

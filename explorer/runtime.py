@@ -10,7 +10,8 @@ use them, because there the script's argv is the test runner's).  Command-line f
 One ``AttributionSession`` per (preset, checkpoint, cache, device) lives in
 ``st.cache_resource``; widget changes never reload it.  With it lives the process's one
 cache build (``engine.attribution.build_worker.BuildWorker``, a thread no tab owns: closing or opening
-tabs never stops, restarts or duplicates it; every tab polls its progress).  Heavy calls of the pages go
+tabs never stops, restarts or duplicates it; every tab polls its progress).  Both are made, and the build started,
+in a thread of the server's that a page only waits for (``serve``), so a tab closed while it loads stops neither.  Heavy calls of the pages go
 through ``Handle.lock``, one at a time; the build runs outside it, and queries meanwhile leave the methods it
 has still to build alone (``BuildState.pending``; docs/architecture.md §10).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -26,6 +28,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,6 +376,50 @@ def _make_handle(args: AppArgs) -> Handle:
     handle.precomputed = PrecomputedGallery.load(session.checkpoint / FILE)
     handle.worker = BuildWorker(session, handle.lock, on_done=lambda _: handle.status(refresh=True))
     return handle
+
+
+_loads_lock = threading.Lock()
+_loads: dict[AppArgs, Future] = {}  # the server's loads under way, by model: every tab waits for the same one
+
+
+def serve(args: AppArgs) -> Handle:
+    """The handle for ``args`` (``get_handle``), its cache build started; loaded in a thread of the server's.
+
+    Why (QA 45 #6): the load ran in the first tab's script run.  Closing that tab asks Streamlit to stop the run,
+    which it does at the run's next page element: the end of the loading spinner, after the handle was cached but
+    before ``start_build``, so the server built nothing until someone visited again (README: closing tabs never
+    stops the build).  Here a thread no tab owns loads the handle and starts the build; the script run only waits
+    for it, so a stopped run cannot come between the two.  The thread runs in a copy of the caller's context (the
+    decode listener of ``load_progress.shown`` hears the decode) and with the run's Streamlit context (the spinner
+    and the decode's counts are drawn on that page, and drawing from it never raises a stop).  A failed load is
+    raised here, and the next call loads again."""
+    from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
+
+    with _loads_lock:
+        future = _loads.get(args)
+        if future is None:
+            future = Future()
+            _loads[args] = future
+            thread = threading.Thread(target=contextvars.copy_context().run, args=(_load_and_start, args, future),
+                                      name="app-load", daemon=True)
+            add_script_run_ctx(thread, get_script_run_ctx(suppress_warning=True))
+            thread.start()
+    return future.result()
+
+
+def _load_and_start(args: AppArgs, future: Future) -> None:
+    """``serve``'s thread: the handle and its build's start, then the result (or the failure) for every waiter."""
+    try:
+        handle = get_handle(args)
+        start_build(handle)
+    except BaseException as e:  # noqa: BLE001 - every failure goes to the waiting runs, which show it
+        future.set_exception(e)
+    else:
+        future.set_result(handle)
+    finally:
+        with _loads_lock:  # the next run asks the cache again (a hit at once): a cleared cache or a failure reloads
+            if _loads.get(args) is future:
+                del _loads[args]
 
 
 def throttled(update: Callable[[str, float], None], every_s: float = 0.15) -> Callable[[str, float], None]:

@@ -110,3 +110,33 @@ def test_a_load_failure_is_one_error_line_in_the_terminal(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "nowhere" in lines[0] and "Cannot load" not in lines[0], err
+
+
+@pytest.mark.slow
+def test_a_tab_closed_while_loading_still_gets_the_build_started(tiny_app, tmp_path, monkeypatch):  # noqa: F811
+    """QA 45 #6: the load ran in the tab's script run.  Closing the tab asks Streamlit to stop that run, and the
+    stop was raised at the loading spinner's end, after the handle was cached but before ``start_build``: the
+    server built nothing until someone visited again.  Here the stop is asked for in the middle of the load."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    from engine.attribution.precomputed import PrecomputedGallery
+
+    _set_env({**tiny_app, "ATTRIBUTION_CACHE": str(tmp_path / "cache")}, monkeypatch)  # nothing built yet
+    real_load = PrecomputedGallery.load
+    stopped: list[bool] = []
+
+    def load(*args, **kwargs):  # called inside get_handle: the tab goes away while the model loads
+        ctx = get_script_run_ctx(suppress_warning=True)
+        if ctx is not None and ctx.script_requests is not None:
+            ctx.script_requests.request_stop()
+            stopped.append(True)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(PrecomputedGallery, "load", load)
+    at = _app().run()
+    assert stopped and not at.exception
+    handle = _handle()
+    assert handle.worker is not None
+    state = handle.worker.wait(TIMEOUT)
+    assert state.status == "done", (state.status, state.error)
+    assert all(handle.session.status()[n]["built"] for n in ("kfac", "trak", "dtrak"))
