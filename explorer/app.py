@@ -55,7 +55,9 @@ def main() -> None:
         # in the terminal too, as the CLI says it (QA 45 #8: a headless server's log said nothing)
         print(f"error: {runtime.one_line(e)}", file=sys.stderr, flush=True)
         st.title("Diffusion Attribution Explorer")
-        st.error(f"Cannot load the model for preset `{args.preset}`: {e}")
+        # the preset only where one was named (QA 45 #1: "for preset `digits`" on a --checkpoint with no --preset)
+        what = f"for preset `{args.preset}`" if args.preset_named else f"from `{args.checkpoint or args.preset}`"
+        st.error(f"Cannot load the model {what}: {e}")
         st.stop()
     runtime.start_build(handle)  # returns at once: the build is the server's, not this tab's
 

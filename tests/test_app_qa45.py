@@ -110,6 +110,20 @@ def test_a_load_failure_is_one_error_line_in_the_terminal(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "nowhere" in lines[0] and "Cannot load" not in lines[0], err
+    assert at.error[0].value.startswith("Cannot load the model for preset `digits`: ")  # a preset was named
+
+
+def test_a_load_failure_with_no_preset_named_names_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """QA 45 #1: `-- --checkpoint X --data-root FOLDER` on a bad folder was headed "Cannot load the model for preset
+    `digits`", the default preset the user never named."""
+    env = {"ATTRIBUTION_CHECKPOINT": str(tmp_path / "nowhere"), "ATTRIBUTION_CACHE": str(tmp_path / "cache"),
+           "ATTRIBUTION_DEVICE": "cpu"}
+    monkeypatch.delenv("ATTRIBUTION_PRESET", raising=False)
+    _set_env(env, monkeypatch)
+    at = _app().run()
+    assert not at.exception and len(at.error) == 1
+    assert at.error[0].value.startswith(f"Cannot load the model from `{tmp_path / 'nowhere'}`: "), at.error[0].value
+    assert "preset" not in at.error[0].value.split(":")[0]
 
 
 @pytest.mark.slow
