@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,7 +88,9 @@ def build_bank(
     ``consumers``: objects with ``consume(rows, grads)`` that get every batch of training
     gradients this pass computes (TRAK's and D-TRAK's ``FeatureSink``: one gradient pass feeds all
     three caches); a consumer's ``loss`` attribute ("loss" | "square-norm", default the bank's) says
-    which per-example function's gradients it gets, from the same forward pass.
+    which per-example function's gradients it gets, from the same forward pass.  A consumer with
+    ``needs(rows)`` gets the rows it still lacks even where this bank's parts are saved: a resumed pass
+    starts at the first row any of its builds needs (``Refeed``, QA 45 #2).
 
     ``whiten``: the int8 grid's relative eigenvalue floor f (``whitening``; module docstring), None for the
     plain grid; quantised banks only, and part of the cache key (``settings["whiten"]``).
@@ -121,7 +124,8 @@ def build_bank(
     def grads_of(sub: slice) -> dict[str, torch.Tensor]:
         return per_example_grads_by_loss(model, diffusion, images[sub], draws.for_rows(sub), losses, params)
 
-    def chunk_rows(rows: slice) -> dict[str, torch.Tensor]:
+    def pass_rows(rows: slice) -> list[torch.Tensor]:
+        """The gradients of ``rows`` (the bank's loss), every consumer fed with its own on the way."""
         parts = []
         subs = [slice(s, min(rows.stop, s + grad_batch)) for s in range(rows.start, rows.stop, grad_batch)]
         # sub-batches computed by one single-threaded worker per free core (engine.attribution.row_threads);
@@ -136,7 +140,10 @@ def build_bank(
         for c in consumers or ():
             if hasattr(c, "flush"):
                 c.flush()  # what it buffered of this chunk, before the chunk is saved
-        rotated = factors.rotate(torch.cat(parts))
+        return parts
+
+    def chunk_rows(rows: slice) -> dict[str, torch.Tensor]:
+        rotated = factors.rotate(torch.cat(pass_rows(rows)))
         return _chunk_arrays(rotated, blocks, quantize, weights, store_dtype)
 
     # the pass's seconds include the consumers' share (projections); they cannot be split, so the bank's
@@ -144,7 +151,8 @@ def build_bank(
     fed = [str(c.method) for c in consumers or () if getattr(c, "method", None)]
     arrays = build_in_parts(store, name, settings, n, chunk_size, chunk_rows, progress,
                             meta={"gradient_pass_fed": fed} if fed else None,
-                            group=_rank_group(chunk_size, consumers), disk_siblings=_consumer_parts(consumers))
+                            group=_rank_group(chunk_size, consumers), disk_siblings=_consumer_parts(consumers),
+                            refeed=_refeed(consumers, pass_rows))
     if store is None:
         merged = {k: v.to(device) for k, v in arrays.items()}
         return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES),
@@ -164,6 +172,36 @@ def _checked_artefact_settings(
         raise ValueError(f"settings {clash} disagree with the build's arguments ({ {k: out.get(k) for k in clash} }): "
                          "pass the bank's own settings and let artefact_settings add these")
     return out
+
+
+@dataclass(frozen=True)
+class Refeed:
+    """The chunks of a resumed pass whose own part is saved but whose rows a consumer still needs.
+
+    Why (QA 45 #2): the bank saves parts of ``chunk_size`` (128) rows, TRAK's and D-TRAK's sinks parts of their
+    ``part_size`` (256).  A kill between the two left the bank with rows 0-127 and the sinks with nothing; the
+    restart resumed the pass at row 128, so the sinks never saw rows 0-127 again and TRAK and D-TRAK each made a
+    whole gradient pass of their own afterwards (two extra passes, at a bar that read 99-100%).  A resumed pass
+    now starts at the first row any of its builds still needs: ``build_in_parts`` computes a chunk that is saved
+    but ``wanted`` for the consumers with ``feed`` (their gradients only; the saved part is not rewritten), so a
+    kill costs at most about one part of the largest part size, never a pass per consumer.
+
+    ``wanted(rows)``: a consumer still needs some of these rows; ``feed(rows)``: compute them and hand them to
+    the consumers; ``names``: whose parts they are, for the resume message."""
+
+    wanted: Callable[[slice], bool]
+    feed: Callable[[slice], Any]
+    names: str
+
+
+def _refeed(consumers: list[Any] | None, feed: Callable[[slice], Any]) -> Refeed | None:
+    """A ``Refeed`` for the consumers that say which rows they still need (``FeatureSink.needs``); None when no
+    consumer can say so (then a saved chunk is never computed again, as before)."""
+    askers = [c for c in consumers or () if callable(getattr(c, "needs", None))]
+    if not askers:
+        return None
+    names = ", ".join(dict.fromkeys(str(getattr(c, "method", "") or "another cache") for c in askers))
+    return Refeed(wanted=lambda rows: any(c.needs(rows) for c in askers), feed=feed, names=names)
 
 
 def _consumer_parts(consumers: list[Any] | None) -> list[Any]:
@@ -191,6 +229,7 @@ def build_in_parts(
     meta: dict[str, Any] | None = None,
     group: int = 1,
     disk_siblings: list[Any] | None = None,
+    refeed: Refeed | None = None,
 ) -> dict[str, Any]:
     """Rows 0..n-1 computed ``chunk_size`` at a time by ``compute(rows) -> {array name: (rows, ...)}``.
 
@@ -201,6 +240,12 @@ def build_in_parts(
     Shared by every bank kind that stores rows.  ``disk_siblings``: the resumable builds of the caches
     this pass also fills (its consumers' ``part``), whose remaining bytes the early disk check adds to
     this build's (``PartialBuild.share_disk_with``).
+
+    ``refeed``: with a store, the parts saved by an earlier run whose rows the pass's consumers still need are
+    computed again for them alone (``Refeed``, QA 45 #2), in row order with the parts still to build and dealt
+    out to torchrun ranks with them (``Shard.mine`` on part indices, in runs of ``group``: a consumer's part has
+    all its rows on one rank, as on a first run); this build's saved parts are neither rewritten nor counted
+    again.  The resume message says so, and its fraction is the share of rows the pass skips.
     """
     t0 = time.perf_counter()
     if store is None:
@@ -210,11 +255,22 @@ def build_in_parts(
     partial = store.partial(name, settings, part_size=chunk_size, num_items=n)
     partial.share_disk_with(disk_siblings or [])
     todo = partial.todo()
+    again = [] if refeed is None else [i for i in range(partial.num_parts)
+                                       if partial.is_done(i) and refeed.wanted(partial.part_range(i))]
     saved = n - sum(r.stop - r.start for r in map(partial.part_range, todo))
-    if saved and todo and progress is not None:
-        progress(f"resuming: {saved}/{n} examples saved by an earlier run", saved / n)
-    for i in shard.mine(todo, group):
-        partial.save_part(i, compute(partial.part_range(i)))
+    if saved and (todo or again) and progress is not None:
+        message = f"resuming: {saved}/{n} examples saved by an earlier run"
+        if again:
+            rows = sum(r.stop - r.start for r in map(partial.part_range, again))
+            message += f" ({rows} of them computed again for {refeed.names})"
+        skipped = saved - sum(r.stop - r.start for r in map(partial.part_range, again))
+        progress(message, skipped / n)
+    build = set(todo)
+    for i in shard.mine(sorted(build.union(again)), group):
+        if i in build:
+            partial.save_part(i, compute(partial.part_range(i)))
+        elif refeed is not None:
+            refeed.feed(partial.part_range(i))  # for the consumers only: this part is saved
     shard.barrier()
     if shard.is_main:
         # a resumed build counts its earlier attempts too (PartialBuild.seconds_before)

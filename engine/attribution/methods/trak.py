@@ -255,6 +255,8 @@ class TRAK(AttributionMethod):
         left = sum(first.part_range(i).stop - first.part_range(i).start for i in pending)
         if pending and left < n:  # parts saved by a killed run (or by K-FAC's shared pass) are not redone
             progress(f"{self.title}: resuming: {n - left}/{n} examples saved by an earlier run", 0.9 * (n - left) / n)
+        elif pending:  # said at once: the page read "TRAK: starting" with no rows until the first part (QA 45 #2)
+            progress(f"{self.title}: projected gradients 0/{n}", 0.0)
         done = n - left
         for i in todo:
             rows = first.part_range(i)
@@ -273,10 +275,13 @@ class TRAK(AttributionMethod):
                 g = g.to(ctx.device)
                 for k in need:
                     feats[k][sl] = projs[k].project(g).float().cpu()
+                # every batch, not every part: a part (256 rows) was the whole of a 200-image set, so the app's
+                # and the terminal's bars stood still, with no rows and no time left, for the pass's minute (QA 45
+                # #2, #9); the part's last batch is its end
+                progress(f"{self.title}: projected gradients {done + sl.stop}/{n}", 0.9 * (done + sl.stop) / n)
             for k in need:
                 parts[k].save_part(i, {"phi": feats[k]})
             done += rows.stop - rows.start
-            progress(f"{self.title}: projected gradients {done}/{n}", 0.9 * done / n)
         shard.barrier()
         if not shard.is_main:
             shard.barrier()  # rank 0 eigendecomposes and publishes
@@ -368,8 +373,11 @@ class FeatureSink:
     (``consume``).  Gradients are projected ``batch_size`` rows at a time (a projection call
     costs about the same for 16 rows as for 32: its tiles are generated per call) and a part of
     TRAK's resumable build is saved as soon as all its rows arrived.  Rows of parts that are
-    already done are ignored; incomplete parts (a pass that resumed in the middle) are left for
-    ``TRAK.build``.  ``flush()`` projects what is still buffered.
+    already done are ignored; ``needs(rows)`` tells a resumed feeding pass which rows its own saved parts
+    hold but this build still lacks, so that it computes them again for this sink rather than leave
+    them to a whole pass of ``TRAK.build`` (QA 45 #2; a pass that cannot, or a build that stopped
+    after its feeding cache was published, leaves them to ``TRAK.build``).  ``flush()`` projects
+    what is still buffered.
 
     Timing: the feeding pass's seconds are its owner's (``PartialBuild.mark_shared``, called with the
     name ``fed_by`` was given), so the published TRAK cache records its own seconds and
@@ -391,6 +399,15 @@ class FeatureSink:
     def fed_by(self, provider: str) -> None:
         """Name the method whose gradient pass feeds this sink (``MethodCaches.share_gradient_passes``)."""
         self.provider = str(provider)
+
+    def needs(self, rows: slice) -> bool:
+        """Whether some of ``rows`` belong to a part of this build that is not saved yet.  Why (QA 45 #2): the
+        feeding pass, resumed after a kill, computes again the rows its own build saved but this one did not
+        (``bank_build.Refeed``), instead of leaving them to a whole gradient pass of this method's own."""
+        if rows.stop <= rows.start:
+            return False
+        size = self.part.part_size
+        return any(not self.part.is_done(i) for i in range(rows.start // size, (rows.stop - 1) // size + 1))
 
     def consume(self, rows: slice, grads: torch.Tensor) -> None:
         for r, row in enumerate(range(rows.start, rows.stop)):
