@@ -277,11 +277,13 @@ class TRAK(AttributionMethod):
                     feats[k][sl] = projs[k].project(g).float().cpu()
                 # every batch, not every part: a part (256 rows) was the whole of a 200-image set, so the app's
                 # and the terminal's bars stood still, with no rows and no time left, for the pass's minute (QA 45
-                # #2, #9); the part's last batch is its end
-                progress(f"{self.title}: projected gradients {done + sl.stop}/{n}", 0.9 * (done + sl.stop) / n)
+                # #2, #9); the part's last batch is said once the part is saved
+                if rows.start + sl.stop < rows.stop:
+                    progress(f"{self.title}: projected gradients {done + sl.stop}/{n}", 0.9 * (done + sl.stop) / n)
             for k in need:
                 parts[k].save_part(i, {"phi": feats[k]})
             done += rows.stop - rows.start
+            progress(f"{self.title}: projected gradients {done}/{n}", 0.9 * done / n)
         shard.barrier()
         if not shard.is_main:
             shard.barrier()  # rank 0 eigendecomposes and publishes
