@@ -652,6 +652,15 @@ def test_a_kfac_damping_below_the_factors_resolution_comes_with_a_warning(sessio
     back = session.rescore(low, {"kfac": floor * 100})  # the slider moved back above the floor
     assert back.methods["kfac"].warning is None
     assert session.rescore(back, {"kfac": floor / 10}).methods["kfac"].warning is not None
+    assert "(the default)" not in warning
+    # a default below the floor (a user's model, QA 45 #5) is said to be the default, not a damping the user chose
+    kfac.default_damping, default = floor / 10, kfac.default_damping
+    try:
+        said = kfac.damping_warning(None)
+        assert said.startswith(f"damping {floor / 10:.1e} (the default) is below the float32 factors' resolution")
+        assert kfac.damping_warning(floor / 10).startswith(f"damping {floor / 10:.1e} (the default) is below")
+    finally:
+        kfac.default_damping = default
 
 
 def test_the_callers_compute_section_reaches_the_session_and_its_banks(ckpt, digits_small, tmp_path):

@@ -425,9 +425,12 @@ class KFACInfluence(AttributionMethod):
         dtype = self.config.kfac_factor_dtype
         fix = (f"use at least {floor:.1e}, or factors built in float64 (build --kfac-factor-dtype float64)"
                if dtype == "float32" else f"use at least {floor:.1e}")
+        # the default's own words (QA 45 #5: on a user's small model the preset's default, 1e-8, sat just under its
+        # floor, 1.1e-8, and every first answer warned as if the user had chosen it)
+        whose = " (the default)" if damping is None or float(damping) == self.default_damping else ""
         # short: it stands above K-FAC's column in the app (QA 34: 20 lines tall there); the floor's definition is
         # in the docs and the JSON's damping_floor
-        return (f"damping {lam:.1e} is below the {dtype} factors' resolution, {floor:.1e}: the smallest "
+        return (f"damping {lam:.1e}{whose} is below the {dtype} factors' resolution, {floor:.1e}: the smallest "
                 f"eigenvalues are rounding, and these scores may weigh it (often little); {fix}")
 
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
