@@ -58,6 +58,29 @@ def test_one_build_shared_by_every_caller_and_kept_going_without_them():
     assert w.start() is False and s.calls == ["a", "b"]  # nothing rebuilt
 
 
+def test_the_servers_terminal_bar_keeps_its_clock_moving_through_a_quiet_step(monkeypatch, capsys):
+    """QA 45 #9: the app's build bar in the server's terminal had no clock of its own (the CLI's bars have one), so
+    it sat still through a pass that said nothing for a minute.  It is redrawn after ``maxinterval`` quiet seconds
+    (``bar_redraw.QuietClock``), here 0.2 s, while the build waits at "a: half"."""
+    import functools
+
+    import tqdm.auto
+    import tqdm.std
+
+    # TQDM_MAXINTERVAL is read when tqdm is imported (the server sets it first: bar_redraw.match_log_intervals)
+    monkeypatch.setattr(tqdm.auto, "tqdm", functools.partial(tqdm.std.tqdm, maxinterval=0.2))
+    s = _Session()
+    w = BuildWorker(s, terminal=True)
+    assert w.start() is True
+    _when(w, lambda st: st.message.endswith("half"))
+    time.sleep(1.5)  # quiet: no message while the gate is shut
+    s.gate.set()
+    assert w.wait(30).status == "done"
+    err = capsys.readouterr().err
+    draws = [d for d in err.replace("\r", "\n").splitlines() if "a: half" in d]
+    assert len(draws) >= 4, err  # redrawn while quiet, not once
+
+
 def _when(w: BuildWorker, ok, timeout: float = 30.0):
     """The worker's state once ``ok(state)`` holds (the job sets it from its own thread)."""
     deadline = time.monotonic() + timeout

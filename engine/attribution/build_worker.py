@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from ..bar_redraw import interval, move
+from ..bar_redraw import QuietClock, interval, move
 from ..threads import configure_threads
 from . import exiting
 from .terminal_progress import Pace
@@ -300,6 +300,8 @@ class BuildWorker:
 
     def _build_turn(self, todo: list[str]) -> None:
         bar = self._bar()
+        # the terminal bar's clock moves while a step is quiet, as the CLI's bars' do (QA 45 #9: it sat still)
+        clock = None if bar is None else QuietClock(bar, 0.0 if bar.disable else bar.maxinterval, "build bar clock")
         summary: dict[str, Any] = {}
         try:
             with self.lock:
@@ -333,6 +335,7 @@ class BuildWorker:
                     pace = self.state.pace.step(msg, overall, time.time())
                     self._set(message=msg, fraction=overall, resumed=resumed, start_fraction=first, pace=pace)
                     if bar is not None:  # TQDM_MININTERVAL thins it (engine.bar_redraw)
+                        clock.touch()
                         move(bar, overall, msg[:70], field="postfix")
 
                 # not under the caller's lock: the methods already built answer queries meanwhile (QA round
@@ -350,6 +353,8 @@ class BuildWorker:
             self._set(status="failed", error=_user_message(e), retry_helps=_retry_helps(e), finished=time.time(),
                       summary=dict(summary))
         finally:
+            if clock is not None:
+                clock.stop()
             if bar is not None:
                 bar.close()
 

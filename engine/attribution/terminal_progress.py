@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from ..bar_redraw import interval, move, short_duration, step_words
+from ..bar_redraw import QuietClock, interval, move, short_duration, step_words
 from .methods.base import Progress
 
 
@@ -102,27 +101,17 @@ def terminal_progress(desc: str, position: int = 0, message_chars: int = 70, aft
     name = f"{{desc:>{desc_width}}}" if desc_width else "{desc}"
     bar_format = name + ": {percentage:3.0f}%|{bar}| {elapsed} {unit}"
     pace = [Pace()]  # the time left counts the work this run computed only (Pace: not a resume's reload)
-    last_call = [time.monotonic()]
-    stop = threading.Event()
-    ticker: list[threading.Thread] = []
-
-    def keep_clock(bar, every: float) -> None:
-        while not stop.wait(every):
-            if time.monotonic() - last_call[0] >= every:
-                bar.refresh()  # under tqdm's lock, as the callback's own draws
+    clocks: list[QuietClock] = []
 
     def progress(message: str, fraction: float) -> None:
-        last_call[0] = time.monotonic()
         if not bars:
             bars.append(tqdm(total=1000, desc=desc, unit="", file=sys.stderr, position=position,
                              bar_format=bar_format, **interval(redraw_s)))
-            # a disabled bar (TQDM_DISABLE=1) has no maxinterval, and no clock to keep
+            # a disabled bar (TQDM_DISABLE=1) has no maxinterval, and no clock to keep (QuietClock starts none)
             every = 0.0 if bars[0].disable else float(quiet_redraw_s if quiet_redraw_s is not None
                                                       else bars[0].maxinterval)
-            if every > 0:
-                ticker.append(threading.Thread(target=keep_clock, args=(bars[0], every), daemon=True,
-                                               name=f"bar clock: {desc}"))
-                ticker[0].start()
+            clocks.append(QuietClock(bars[0], every, name=f"bar clock: {desc}"))
+        clocks[0].touch()
         text = message.split(": ", 1)[-1] if after_first_colon else message
         now = time.monotonic()
         pace[0] = pace[0].step(message, float(fraction), now)
@@ -133,8 +122,7 @@ def terminal_progress(desc: str, position: int = 0, message_chars: int = 70, aft
     try:
         yield progress
     finally:
-        stop.set()
-        for t in ticker:
-            t.join()
+        for clock in clocks:
+            clock.stop()
         for bar in bars:
             bar.close()
