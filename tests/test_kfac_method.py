@@ -350,11 +350,9 @@ def test_the_build_bar_splits_at_the_factor_passs_estimated_share_of_the_time(tm
     assert ekfac.factor_share(ctx) == pytest.approx(2 * FACTOR_ROW_COST * 2 / (2 * FACTOR_ROW_COST * 2 + 8))
 
 
-def test_a_resumed_build_keeps_the_factor_passs_share_of_the_bar(tmp_path, tiny_preset, tiny_model, digits_small):
-    """QA 30c: a server killed in the bank pass (80% of the bar) restarted at 26%: the restarted build found the
-    factors built and gave the bank the whole bar, so three quarters of the progress seemed lost though 95% of the
-    work was kept.  Factors built by an earlier attempt of this build (the bank has saved parts) keep their
-    share; factors built for another bank still give that bank the whole bar."""
+def _killed_build(tmp_path, tiny_preset, tiny_model, digits_small, stop_at: str):
+    """A K-FAC build of 32 digits (bank parts of 8 examples) stopped at its first message containing ``stop_at``,
+    as a kill would stop it: (config, store, context, the factor pass's share of the bar)."""
     from engine.attribution.methods.kfac_influence import FACTOR_ROW_COST
 
     class Stop(BaseException):
@@ -364,16 +362,24 @@ def test_a_resumed_build_keeps_the_factor_passs_share_of_the_bar(tmp_path, tiny_
     cfg = AttributionConfig(mc_samples=8, seed=0, kfac_factor_draws=2, kfac_factor_draws_mode="per-example")
     store = Store(tmp_path, "0" * 16, "digits32")
     ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "0" * 16, store)
-    share = FACTOR_ROW_COST * 2 / (FACTOR_ROW_COST * 2 + 8)
     m = KFACInfluence(cfg)
     m.chunk_size = 8  # parts of 8 examples: the bank pass saves some before it is stopped
 
-    def stop_late(msg: str, f: float) -> None:
-        if "train gradients 24/32" in msg:
+    def stop(msg: str, f: float) -> None:
+        if stop_at in msg:
             raise Stop
 
     with pytest.raises(Stop):
-        m.build(ctx, stop_late)
+        m.build(ctx, stop)
+    return cfg, store, ctx, FACTOR_ROW_COST * 2 / (FACTOR_ROW_COST * 2 + 8)
+
+
+def test_a_resumed_build_keeps_the_factor_passs_share_of_the_bar(tmp_path, tiny_preset, tiny_model, digits_small):
+    """QA 30c: a server killed in the bank pass (80% of the bar) restarted at 26%: the restarted build found the
+    factors built and gave the bank the whole bar, so three quarters of the progress seemed lost though 95% of the
+    work was kept.  Factors built by an earlier attempt of this build (the bank has saved parts) keep their
+    share; factors built for another bank still give that bank the whole bar."""
+    cfg, store, ctx, share = _killed_build(tmp_path, tiny_preset, tiny_model, digits_small, "train gradients 24/32")
     msgs: list[tuple[str, float]] = []
     resumed = KFACInfluence(cfg)
     resumed.chunk_size = 8
@@ -390,30 +396,14 @@ def test_a_build_killed_before_its_banks_first_part_says_it_reloads_the_factors(
     factor pass's share and says so, in the words of a resumed pass (which the app's build worker records); factors
     found for a bank not yet begun are said too, with the bank's whole bar."""
     from engine.attribution.build_worker import EARLIER_RUN
-    from engine.attribution.methods.kfac_influence import FACTOR_ROW_COST
 
-    class Stop(BaseException):
-        pass
-
-    ds = digits_small.subset(list(range(32)))
-    cfg = AttributionConfig(mc_samples=8, seed=0, kfac_factor_draws=2, kfac_factor_draws_mode="per-example")
-    store = Store(tmp_path, "0" * 16, "digits32")
-    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "0" * 16, store)
-    share = FACTOR_ROW_COST * 2 / (FACTOR_ROW_COST * 2 + 8)
-    m = KFACInfluence(cfg)
-    m.chunk_size = 8
-
-    def stop_at_bank(msg: str, f: float) -> None:
-        if "train gradients" in msg:  # the bank pass's first message, before its first part is saved
-            raise Stop
-
-    with pytest.raises(Stop):
-        m.build(ctx, stop_at_bank)
-    bank_key = m._bank_key(ctx)
+    # the bank pass's first message, before its first part is saved
+    cfg, store, ctx, share = _killed_build(tmp_path, tiny_preset, tiny_model, digits_small, "train gradients")
+    again = KFACInfluence(cfg)
+    again.chunk_size = 8  # in the bank's settings, as the killed build's
+    bank_key = again._bank_key(ctx)
     assert not store.has_saved_parts(*bank_key) and store.build_started(*bank_key)
     msgs: list[tuple[str, float]] = []
-    again = KFACInfluence(cfg)
-    again.chunk_size = 8
     again.build(ctx, lambda msg, f: msgs.append((msg, f)))
     assert msgs[0] == ("K-FAC Influence: K-FAC factors loaded (saved by an earlier run)", pytest.approx(share))
     assert EARLIER_RUN in msgs[0][0]
