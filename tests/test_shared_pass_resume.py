@@ -101,6 +101,10 @@ def test_a_kill_between_the_banks_part_and_the_sinks_part_costs_no_pass_of_their
     assert "resuming: 4/10 examples saved by an earlier run (4 of them computed again for trak, dtrak)" in resumed
     fractions = [f for _, f in kfac]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0  # the bar never steps back
+    # the saved rows computed again say so (QA 46 #4: "train gradients 2/10" after "4/10 saved" read as a loss)
+    rows = [m.split("train gradients ", 1)[1] for m, _ in kfac if "train gradients" in m]
+    assert all(r.endswith("(saved; again for the projections)") for r in rows if int(r.split("/")[0]) <= 4), rows
+    assert not any("again" in r for r in rows if int(r.split("/")[0]) > 4), rows
     assert not any("projected gradients" in m for name, m, _ in msgs if name in ("trak", "dtrak"))
 
     # the final caches are the uninterrupted build's, byte for byte, under the same keys

@@ -124,8 +124,11 @@ def build_bank(
     def grads_of(sub: slice) -> dict[str, torch.Tensor]:
         return per_example_grads_by_loss(model, diffusion, images[sub], draws.for_rows(sub), losses, params)
 
-    def pass_rows(rows: slice) -> list[torch.Tensor]:
-        """The gradients of ``rows`` (the bank's loss), every consumer fed with its own on the way."""
+    def pass_rows(rows: slice, again: bool = False) -> list[torch.Tensor]:
+        """The gradients of ``rows`` (the bank's loss), every consumer fed with its own on the way.  ``again``: rows
+        whose bank part is saved, computed for the consumers only (``Refeed``), which the progress says (QA 46 #4:
+        "train gradients 16/200" right after "resuming: 128/200 saved" read as if the saved rows were lost)."""
+        words = " (saved; again for the projections)" if again else ""
         parts = []
         subs = [slice(s, min(rows.stop, s + grad_batch)) for s in range(rows.start, rows.stop, grad_batch)]
         # sub-batches computed by one single-threaded worker per free core (engine.attribution.row_threads);
@@ -136,7 +139,7 @@ def build_bank(
                     c.consume(sub, grads[getattr(c, "loss", loss)].detach())
                 parts.append(grads[loss].detach())
                 if progress is not None:
-                    progress(f"train gradients {sub.stop}/{n}", sub.stop / n)
+                    progress(f"train gradients {sub.stop}/{n}{words}", sub.stop / n)
         for c in consumers or ():
             if hasattr(c, "flush"):
                 c.flush()  # what it buffered of this chunk, before the chunk is saved
@@ -152,7 +155,7 @@ def build_bank(
     arrays = build_in_parts(store, name, settings, n, chunk_size, chunk_rows, progress,
                             meta={"gradient_pass_fed": fed} if fed else None,
                             group=_rank_group(chunk_size, consumers), disk_siblings=_consumer_parts(consumers),
-                            refeed=_refeed(consumers, pass_rows))
+                            refeed=_refeed(consumers, lambda rows: pass_rows(rows, again=True)))
     if store is None:
         merged = {k: v.to(device) for k, v in arrays.items()}
         return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES),
