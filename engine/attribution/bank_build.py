@@ -260,14 +260,12 @@ def build_in_parts(
     todo = partial.todo()
     again = [] if refeed is None else [i for i in range(partial.num_parts)
                                        if partial.is_done(i) and refeed.wanted(partial.part_range(i))]
-    saved = n - sum(r.stop - r.start for r in map(partial.part_range, todo))
+    saved, recomputed = n - partial.rows_in(todo), partial.rows_in(again)
     if saved and (todo or again) and progress is not None:
         message = f"resuming: {saved}/{n} examples saved by an earlier run"
         if again:
-            rows = sum(r.stop - r.start for r in map(partial.part_range, again))
-            message += f" ({rows} of them computed again for {refeed.names})"
-        skipped = saved - sum(r.stop - r.start for r in map(partial.part_range, again))
-        progress(message, skipped / n)
+            message += f" ({recomputed} of them computed again for {refeed.names})"
+        progress(message, (saved - recomputed) / n)  # the share of rows the pass skips
     build = set(todo)
     for i in shard.mine(sorted(build.union(again)), group):
         if i in build:

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -124,7 +124,11 @@ class PartialBuild:
 
     def _rows_left(self) -> int:
         """Rows of the parts still to compute."""
-        return sum(self.part_range(j).stop - self.part_range(j).start for j in self.todo())
+        return self.rows_in(self.todo())
+
+    def rows_in(self, parts: Iterable[int]) -> int:
+        """The rows the parts ``parts`` hold (the last part may be short)."""
+        return sum(r.stop - r.start for r in map(self.part_range, parts))
 
     def _need_ahead(self) -> int:
         """Bytes this build still writes: the rows still to compute plus the published copy; 0 once it is

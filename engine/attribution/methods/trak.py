@@ -252,7 +252,7 @@ class TRAK(AttributionMethod):
         shard = distributed.current()  # under torchrun: this rank's parts only (engine.distributed)
         pending = sorted({i for part in parts.values() for i in part.todo()})
         todo = shard.mine(pending)
-        left = sum(first.part_range(i).stop - first.part_range(i).start for i in pending)
+        left = first.rows_in(pending)
         if pending and left < n:  # parts saved by a killed run (or by K-FAC's shared pass) are not redone
             progress(f"{self.title}: resuming: {n - left}/{n} examples saved by an earlier run", 0.9 * (n - left) / n)
         elif pending:  # said at once: the page read "TRAK: starting" with no rows until the first part (QA 45 #2)
