@@ -413,6 +413,17 @@ def precomputed_result(
     return QueryResult(query=query, measurement=MEASUREMENT, methods=methods, timing_ms={"precomputed": 1.0})
 
 
+def fillable(session: Any, results: dict[str, Any]) -> list[str]:
+    """The methods of an answer (``results``: name -> a result with ``status``) that precomputed scores may stand in
+    for: unavailable because their caches are not built, while they could run here and no cache of theirs is
+    corrupt (a corrupt cache keeps its reason: the user must learn about it).  The rule of ``fill_unbuilt`` and of
+    ``precomputed_groups.fill_unbuilt_groups``."""
+    unavailable = [name for name, r in results.items() if r.status == "unavailable"]
+    status = session.status(unavailable) if unavailable else {}
+    return [name for name in unavailable
+            if status[name]["available"] and not status[name]["built"] and not status[name]["corrupt"]]
+
+
 def fill_unbuilt(
     session: Any,
     result: Any,
@@ -431,12 +442,7 @@ def fill_unbuilt(
     ``result.query["precomputed_methods"]`` lists them.
     A corrupt cache keeps its reason: the user must learn about it.  Returns the filled names.
     """
-    unavailable = [name for name, r in result.methods.items() if r.status == "unavailable"]
-    status = session.status(unavailable) if unavailable else {}
-    wanted = [
-        name for name in unavailable
-        if status[name]["available"] and not status[name]["built"] and not status[name]["corrupt"]
-    ]
+    wanted = fillable(session, result.methods)
     if not wanted:
         return []
     pre = PrecomputedGallery.load(Path(session.checkpoint) / FILE)

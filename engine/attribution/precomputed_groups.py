@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .pool import MatrixResult
-from .precomputed import FILE, MEASUREMENT, PrecomputedGallery
+from .precomputed import FILE, MEASUREMENT, PrecomputedGallery, fillable
 
 # the note a filled method's answer carries (text output and JSON ``note``), as the app's Groups page says it
 NOTE = ("the checkpoint's precomputed gallery scores, each stored at 16 bits (within 0.05% of its sample's largest "
@@ -55,9 +55,7 @@ def fill_unbuilt_groups(session: Any, result: Any, damping: dict[str, float] | N
     another measurement or a damping the file does not hold is left as it was ("not built")."""
     if result.qset.name != "gallery":
         return []
-    unbuilt = [n for n, r in result.methods.items() if r.status == "unavailable"]
-    status = session.status(unbuilt) if unbuilt else {}
-    wanted = [n for n in unbuilt if status[n]["available"] and not status[n]["built"] and not status[n]["corrupt"]]
+    wanted = fillable(session, result.methods)
     if not wanted:
         return []
     pre = PrecomputedGallery.load(Path(session.checkpoint) / FILE)
