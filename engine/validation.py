@@ -118,6 +118,12 @@ KFAC_PROJECTIONS = ("eigen", "gaussian")  # the compressed bank's per-layer proj
 RERANK_SPLITS = ("adaptive", "even")
 
 
+def one_line(text: object) -> str:
+    """``text`` with its whitespace (newlines included) folded to single spaces: an error or warning as the CLI and
+    the app's terminal print it, one line each (a message that spans lines, an OSError's, a warning's)."""
+    return " ".join(str(text).split())
+
+
 def word_list(items: Sequence[str], last: str = "or") -> str:
     """"a, b or c" (``last`` "and": "a, b and c"; one item alone, none ""): the words of a refusal that lists
     the accepted values, and of any sentence that names several things (the app's method titles)."""

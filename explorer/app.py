@@ -18,6 +18,7 @@ if _ROOT not in sys.path:  # `streamlit run explorer/app.py` puts explorer/, not
 import streamlit as st  # noqa: E402
 
 from engine.bar_redraw import match_log_intervals  # noqa: E402
+from engine.validation import one_line  # noqa: E402
 
 PAGES = ["Explore", "Groups", "Evaluation", "About the methods"]
 
@@ -53,7 +54,7 @@ def main() -> None:
             handle = runtime.serve(args)  # loaded, and its build started, by the server (QA 45 #6)
     except Exception as e:  # noqa: BLE001 - a missing checkpoint/data set is a message, not a traceback
         # in the terminal too, as the CLI says it (QA 45 #8: a headless server's log said nothing)
-        print(f"error: {runtime.one_line(e)}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         st.title("Diffusion Attribution Explorer")
         # the preset only where one was named (QA 45 #1: "for preset `digits`" on a --checkpoint with no --preset)
         what = f"for preset `{args.preset}`" if args.preset_named else f"from `{args.checkpoint or args.preset}`"

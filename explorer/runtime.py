@@ -39,7 +39,7 @@ from engine.attribution.build_worker import WAITING_TURN, BuildState, BuildWorke
 from engine.attribution.caches import WAITING
 from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
-from engine.validation import word_list
+from engine.validation import one_line, word_list
 from explorer.grid_filler import GridFiller
 from explorer.job_queue import JobQueue
 from explorer.shared_results import (
@@ -297,11 +297,6 @@ def server_log() -> None:
 
 _REPO = Path(__file__).resolve().parent.parent
 _OURS = tuple(str(_REPO / d) + os.sep for d in ("engine", "explorer"))  # whose warnings are the app's to say
-
-
-def one_line(text: object) -> str:
-    """``text`` with its whitespace (newlines included) folded to single spaces: one terminal line, as the CLI's."""
-    return " ".join(str(text).split())
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..files import atomic_write_bytes
 from ..jsonio import finite_or_none
+from ..validation import one_line
 
 SETTINGS = "settings.json"
 ArrayLike = Any  # np.ndarray | torch.Tensor
@@ -204,7 +205,7 @@ def disk_full_error(exc: BaseException, root: str | Path) -> DiskFullError | Non
             full = free is not None and free < LOW_FREE_BYTES
     if not full:
         return None
-    detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+    detail = one_line(exc)[:160] or type(exc).__name__
     name = getattr(exc, "filename", None)
     if name and str(name) not in detail:
         detail += f": {name}"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import PRESETS, Preset, get_preset
 from ..paths import best_device, check_device, default_checkpoint
+from ..validation import one_line
 
 Handler = Callable[[argparse.Namespace], int]
 REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = []
@@ -250,7 +251,7 @@ def _run_handler(args: argparse.Namespace) -> int:
     except user_errors() as e:
         if os.environ.get("ATTRIBUTION_DEBUG"):
             raise
-        text = " ".join(str(e).split()) or type(e).__name__
+        text = one_line(e) or type(e).__name__
         if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
             text = f"{text}: {e.filename}"
         print(f"error: {text}", file=sys.stderr)

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from ..bar_redraw import match_log_intervals
+from ..validation import one_line
 from . import attribution, bench, evaluate, foundation, groups, lds_studies, model  # noqa: F401 - they register subcommands
 from .common import REGISTRY, run_handler
 
@@ -55,7 +56,7 @@ def _engine_warnings_as_lines() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202 - warnings' hook
         if str(Path(filename).resolve()).startswith(package):
-            print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+            print(f"warning: {one_line(message)}", file=file or sys.stderr)
         else:
             shown(message, category, filename, lineno, file, line)
 

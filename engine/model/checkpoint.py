@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import Preset
 from ..files import atomic_torch_save, atomic_write_bytes  # noqa: F401 - atomic_torch_save: re-exported
+from ..validation import one_line
 from .unet import build_model
 
 WEIGHTS = "model.safetensors"
@@ -367,7 +368,7 @@ def side_preset(side: Path) -> Preset:
     try:
         preset = preset_file(side)
     except ValueError as e:
-        said = " ".join(str(e).split())
+        said = one_line(e)
         raise CheckpointError(f"unreadable preset: {said}" if str(side) in said else
                               f"unreadable preset {side}: {said}") from e
     return with_absolute_data_root(preset, side.parent)
