@@ -60,7 +60,6 @@ def main() -> None:
         what = f"for preset `{args.preset}`" if args.preset_named else f"from `{args.checkpoint or args.preset}`"
         st.error(f"Cannot load the model {what}: {e}")
         st.stop()
-    runtime.start_build(handle)  # returns at once: the build is the server's, not this tab's
 
     from explorer import (
         about_view,
