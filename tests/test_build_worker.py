@@ -81,6 +81,30 @@ def test_the_servers_terminal_bar_keeps_its_clock_moving_through_a_quiet_step(mo
     assert len(draws) >= 4, err  # redrawn while quiet, not once
 
 
+def test_the_servers_terminal_prints_a_long_resume_line_whole(capsys):
+    """QA 46 #3: the server's bar cut every message at 70 characters, so its terminal (and a log) read "resuming:
+    128/200 examples saved by an earlier " and never what the resumed pass computes again.  A resume line that does
+    not fit is written whole on a line of its own; other long messages are only cut."""
+    line = "b: B method: resuming: 128/200 examples saved by an earlier run (128 of them computed again for trak, dtrak)"
+    s = _Session()
+    real = s.build
+
+    def build(names, progress):
+        if names == ["b"]:
+            progress(line, 0.4)
+            progress("b: " + "x" * 100 + " and the end of a long message", 0.5)
+        return real(names, progress)
+
+    s.build = build
+    s.gate.set()
+    w = BuildWorker(s, terminal=True)
+    w.start()
+    assert w.wait(30).status == "done"
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert lines.count(line) == 1, lines  # whole, on its own line, once
+    assert not any("and the end of a long message" in t for t in lines)  # cut, as before
+
+
 def _when(w: BuildWorker, ok, timeout: float = 30.0):
     """The worker's state once ``ok(state)`` holds (the job sets it from its own thread)."""
     deadline = time.monotonic() + timeout

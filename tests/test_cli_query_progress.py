@@ -153,3 +153,27 @@ def test_a_quiet_build_bar_keeps_its_clock_moving(capsys):
             time.sleep(0.05)  # a message every 50 ms: never quiet for 1 s
     err = capsys.readouterr().err
     assert err.count("\r") <= 3, err.count("\r")  # the first draw and the close (tqdm's interval is 100 s here)
+
+
+def test_a_cli_bar_prints_a_long_resume_line_whole(capsys, monkeypatch):
+    """QA 46 #3: a resume line longer than the bar's width lost its end ("(128 of them computed again for trak,
+    dtrak)"); it is written whole on a line of its own, once; other messages are still cut, and a disabled bar
+    (TQDM_DISABLE=1) writes nothing."""
+    import functools
+
+    import tqdm.auto
+    import tqdm.std
+
+    from engine.cli.common import build_progress
+
+    line = "K-FAC Influence: resuming: 128/200 examples saved by an earlier run (128 of them computed again for trak, dtrak)"
+    with build_progress("kfac") as progress:
+        progress("kfac: " + line, 0.4)
+        progress("kfac: K-FAC Influence: train gradients 16/200 (saved; again for the projections) " + "y" * 40 + "END", 0.5)
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert lines.count(line) == 1, lines
+    assert not any("END" in t for t in lines)
+    monkeypatch.setattr(tqdm.auto, "tqdm", functools.partial(tqdm.std.tqdm, disable=True))
+    with build_progress("kfac") as progress:
+        progress("kfac: " + line, 0.4)
+    assert capsys.readouterr().err == ""

@@ -35,12 +35,9 @@ from typing import Any, Literal
 from ..bar_redraw import QuietClock, interval, move
 from ..threads import configure_threads
 from . import exiting
-from .terminal_progress import Pace
+from .terminal_progress import EARLIER_RUN, Pace, fit_line
 
 log = logging.getLogger(__name__)
-# how a resuming pass ends its first message (bank.py, curvature.py, methods/trak.py: "resuming ... saved by an
-# earlier run")
-EARLIER_RUN = "saved by an earlier run"
 
 # One build at a time in a process: a second model's build (the app's model switch while the first builds) would
 # share the cores with the first and bring neither sooner (QA 30c: the mnist build started beside the digits one,
@@ -336,7 +333,7 @@ class BuildWorker:
                     self._set(message=msg, fraction=overall, resumed=resumed, start_fraction=first, pace=pace)
                     if bar is not None:  # TQDM_MININTERVAL thins it (engine.bar_redraw)
                         clock.touch()
-                        move(bar, overall, msg[:70], field="postfix")
+                        move(bar, overall, fit_line(bar, msg, 70), field="postfix")
 
                 # not under the caller's lock: the methods already built answer queries meanwhile (QA round
                 # 19: a new method's build turned a working server into a precomputed-only one).  A query

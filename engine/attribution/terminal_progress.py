@@ -13,9 +13,25 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ..bar_redraw import QuietClock, interval, move, short_duration, step_words
 from .methods.base import Progress
+
+EARLIER_RUN = "saved by an earlier run"  # the words of every message that reports work reloaded, not computed
+
+
+def fit_line(bar: Any, text: str, chars: int) -> str:
+    """``text`` cut to ``chars`` for a bar's one line; a message that reports work an earlier run saved and does
+    not fit is also written whole on a line of its own above the bar (tqdm's ``write``), since it says what a
+    resumed run reused, once.  Why: the bars cut every message at 70-100 characters, so the server's terminal
+    and a log read "resuming: 128/200 examples saved by an earlier " and never the "(128 of them computed again
+    for trak, dtrak)" that followed (QA 46 #3).  A disabled bar (``TQDM_DISABLE=1``) writes nothing."""
+    if len(text) <= chars:
+        return text
+    if EARLIER_RUN in text and not getattr(bar, "disable", False):
+        bar.write(text, file=getattr(bar, "fp", None) or sys.stderr)
+    return text[:chars]
 
 
 def time_left(t0: float, f0: float, fraction: float, now: float | None = None, min_seconds: float = 10.0) -> str | None:
@@ -116,7 +132,7 @@ def terminal_progress(desc: str, position: int = 0, message_chars: int = 70, aft
         now = time.monotonic()
         pace[0] = pace[0].step(message, float(fraction), now)
         left = pace[0].left(float(fraction), now)
-        text = text[:message_chars] + (f" ({left} left)" if left else "")
+        text = fit_line(bars[0], text, message_chars) + (f" ({left} left)" if left else "")
         move(bars[0], fraction, text)  # TQDM_MININTERVAL thins it (engine.bar_redraw)
 
     try:

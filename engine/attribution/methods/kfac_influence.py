@@ -280,7 +280,7 @@ class KFACInfluence(AttributionMethod):
         # share, so the bar restarts where it stood, not at 0 (QA 30c: 80% -> 26% after a restart; QA 43: a build
         # killed after its factors and before its bank's first part read 0%); factors built for another bank give
         # the bank the whole bar.  Either way the reload is said, in the words a resumed pass ends with
-        # (build_worker.EARLIER_RUN), so that the page says the build reused saved work (QA 43: it was silent)
+        # (terminal_progress.EARLIER_RUN), so that the page says the build reused saved work (QA 43: it was silent)
         bank_key = self._bank_key(ctx)
         resumed = factors is not None and ctx.store is not None and bank_key is not None and \
             ctx.store.build_started(*bank_key)
