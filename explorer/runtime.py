@@ -21,12 +21,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import os
 import sys
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +32,13 @@ from typing import Any
 
 import streamlit as st
 
+from engine import warning_lines
 from engine.attribution.build_worker import WAITING_TURN, BuildState, BuildWorker
 from engine.attribution.caches import WAITING
 from engine.attribution.precomputed import PrecomputedGallery
 from engine.attribution.session import AttributionSession
-from engine.validation import one_line, word_list
+from engine.validation import word_list
+from engine.warning_lines import ENGINE_ROOT
 from explorer.app_flags import (  # noqa: F401 - the app's flags, re-exported: app.py and tests name them here
     APP_SCRIPT,
     AppArgs,
@@ -175,11 +175,16 @@ class Handle:
         return b.elapsed_s if b.started is not None else None
 
 
+_OURS = (ENGINE_ROOT, Path(__file__).resolve().parent)  # whose warnings are the app's to say: the engine's, its own
+
+
 def server_log() -> None:
     """Send the app's own INFO lines (``explorer.*``: the background worker dropping a closed tab's query,
     stopping a re-rank) to the server's terminal.  Why: Streamlit configures only its own loggers, and
     Python's fallback prints warnings and errors only, so these lines went nowhere.  Once per process;
-    a handler the host set up already (tests, an embedding app) is left as it is."""
+    a handler the host set up already (tests, an embedding app) is left as it is.  The project's warnings are one
+    ``warning: ...`` line each from then on, as the CLI's (``engine.warning_lines``)."""
+    warning_lines.install(_OURS)
     logger = logging.getLogger("explorer")
     if logger.handlers:
         return
@@ -189,36 +194,16 @@ def server_log() -> None:
     logger.setLevel(logging.INFO)
 
 
-_REPO = Path(__file__).resolve().parent.parent
-_OURS = tuple(str(_REPO / d) + os.sep for d in ("engine", "explorer"))  # whose warnings are the app's to say
-
-
-@contextlib.contextmanager
-def load_warnings() -> Iterator[list[str]]:
-    """Collect the engine's ``warnings.warn`` raised in the block, each distinct message once, as one line.
+def load_warnings() -> contextlib.AbstractContextManager[list[str]]:
+    """Collect the engine's ``warnings.warn`` that this thread raises in the block, each distinct message once, as
+    one line (``engine.warning_lines.collected``).
 
     Why (QA 45 #3): a folder with an image beside its class folders loses its labels, and a .webp in it is skipped;
     the engine says so with a UserWarning (``engine.model.data_files``), which the app let through to Python's
     default: "path/data_files.py:98: UserWarning: ..." plus the source line, in the terminal only.  The caller puts
-    the lines on the page and prints them as the CLI does (``engine.cli.parser``: "warning: ...").  A warning
-    raised from another package's code is shown as Python would have shown it.  ``warnings.catch_warnings`` is
-    process-wide: a warning another thread raises meanwhile is collected too (said on the page, not lost)."""
-    said: list[str] = []
-    others: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")  # a message already shown once in this process (an earlier load) counts
-            yield said
-    finally:
-        for w in caught:
-            if str(Path(w.filename).resolve()).startswith(_OURS):
-                line = one_line(w.message)
-                if line not in said:
-                    said.append(line)
-            else:
-                others.append(w)
-        for w in others:  # after the block: through the filters and the handler that were there before it
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    the lines on the page and prints them as the CLI does ("warning: ...").  Another package's warning keeps
+    Python's form; another thread's (a build, a query, another model's load) is a terminal line, not this load's."""
+    return warning_lines.collected(_OURS)
 
 
 @st.cache_resource(show_spinner="Loading the model and the training set ...")

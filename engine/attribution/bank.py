@@ -172,11 +172,16 @@ def quantize_blocks(
     return data, torch.stack(scales, dim=1)
 
 
+# torch warns that a read-only memory map (a published bank's) gives a tensor it could write to: we never write to
+# them.  A filter for that one message from this module, set once: a ``catch_warnings`` around each call swapped
+# process-wide state from the query and build threads, and two calls that overlapped could leave every
+# UserWarning of the process ignored (engine.warning_lines)
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=__name__)
+
+
 def _as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    with warnings.catch_warnings():  # read-only memory maps: we never write to them
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(a)
-    return t.to(device)
+    return torch.from_numpy(a).to(device)
 
 
 class RotatedBank:

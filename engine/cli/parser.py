@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import warning_lines
 from ..bar_redraw import match_log_intervals
-from ..validation import one_line
 from . import attribution, bench, evaluate, foundation, groups, lds_studies, model  # noqa: F401 - they register subcommands
 from .common import REGISTRY, run_handler
 
@@ -42,28 +42,6 @@ def warn_plugin_problems() -> None:
         print(f"warning: {problem}", file=sys.stderr)
 
 
-def _engine_warnings_as_lines() -> None:
-    """The engine's own ``warnings.warn`` (a data folder with images beside its class folders, an IDX file
-    beside its .gz) as one ``warning: ...`` line, like the CLI's others, not Python's "file:line: UserWarning"
-    followed by the source line (QA 26 #7).  Warnings from other packages keep Python's form."""
-    import warnings
-    from pathlib import Path
-
-    package = str(Path(__file__).resolve().parent.parent)
-    shown = warnings.showwarning
-    if getattr(shown, "engine_lines", False):
-        return
-
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202 - warnings' hook
-        if str(Path(filename).resolve()).startswith(package):
-            print(f"warning: {one_line(message)}", file=file or sys.stderr)
-        else:
-            shown(message, category, filename, lineno, file, line)
-
-    show.engine_lines = True
-    warnings.showwarning = show
-
-
 def engine_warnings_on_stderr() -> None:
     """The engine's warnings (a method that failed while the others answered) as ``warning:`` lines on stderr,
     like the CLI's own; the traceback only with ATTRIBUTION_DEBUG.  Once per process; a handler the host set
@@ -82,7 +60,9 @@ def engine_warnings_on_stderr() -> None:
         def stream(self, value) -> None:  # noqa: ANN001 - StreamHandler.__init__ sets it
             pass
 
-    _engine_warnings_as_lines()
+    # the engine's own warnings.warn (a data folder with images beside its class folders, an IDX file beside its
+    # .gz) as one "warning: ..." line, not Python's "file:line: UserWarning" and the source line (QA 26 #7)
+    warning_lines.install()
     logger = logging.getLogger("engine")
     if logger.handlers:
         return

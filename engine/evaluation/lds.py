@@ -327,11 +327,14 @@ def best_sweep_point(points: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def seed_average(per_seed: np.ndarray) -> np.ndarray:
     """Mean over seeds (R, Q, K) -> (Q, K), ignoring seeds not trained yet."""
-    import warnings
-
-    with warnings.catch_warnings():  # subsets with no finished model stay NaN, silently
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(per_seed, axis=0) if np.isfinite(per_seed).any() else per_seed[0]
+    if not np.isfinite(per_seed).any():
+        return per_seed[0]
+    # subsets with no finished model stay NaN, silently: nanmean warns on them ("Mean of empty slice"), and a
+    # catch_warnings here swapped process-wide state under the app's threads (engine.warning_lines)
+    trained = ~np.isnan(per_seed)
+    count = trained.sum(axis=0)
+    total = np.where(trained, per_seed, 0).sum(axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(per_seed.dtype, copy=False)
 
 
 def targets_digest(masks: np.ndarray, per_seed: np.ndarray) -> str:
