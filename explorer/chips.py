@@ -16,7 +16,7 @@ from typing import Any
 import streamlit as st
 
 
-def init_selection(key: str, options: Sequence[Any]) -> None:
+def init_selection(key: str, options: Sequence[Any], initial: Sequence[Any] | None = None) -> None:
     """Give the keyed multiselect ``key`` its value through ``st.session_state`` on every run, before it is
     drawn (the widget then takes no ``default``): every one of ``options`` at first, then what it holds (of
     ``options``: a model switch may drop some).
@@ -30,31 +30,40 @@ def init_selection(key: str, options: Sequence[Any]) -> None:
 
     An option that was not offered on the previous run (a method the cache build has just finished) joins the
     selection: the Groups page had said TRAK would be "ready when the cache build finishes", then left it
-    unselected behind an "All methods" button (QA 23b #3).  One the user removed stays removed."""
+    unselected behind an "All methods" button (QA 23b #3).  One the user removed stays removed.
+
+    ``initial``: the first selection, when not every option (the methods that can run here: QA 47 #10, CLIP's
+    column read "Unavailable" on every query of an offline laptop, one column in five)."""
     held = st.session_state.get(key)
     offered = st.session_state.get(f"{key}__offered")
     st.session_state[f"{key}__offered"] = list(options)
     if held is None:
-        st.session_state[key] = list(options)
+        st.session_state[key] = [v for v in (options if initial is None else initial) if v in options] or list(options)
         return
     kept = [v for v in held if v in options]
     st.session_state[key] = kept + [v for v in options if offered is not None and v not in offered and v not in kept]
 
 
-def keep_choices(keys: Sequence[str], upper: dict[str, int] | None = None) -> None:
+def keep_choices(keys: Sequence[str], upper: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
     """Keep the values of the keyed widgets ``keys`` while a run does not draw them (another source, another page).
 
     Streamlit drops a widget's value at the end of a run that does not draw it, so a user who looked at the gallery
     and came back found "Training image 0" instead of 17 (QA 23 #6), and the Groups page came back from another tab
     with its defaults while its result still used the earlier choices (QA 23b #4).  Assigning a value to its own
     key keeps it, and sends it to the browser with the widget.  ``upper``: the largest value a key may hold now
-    (an index into a training set that a model switch may have shrunk).  Call it on every run, before the widgets."""
+    (an index into a training set that a model switch may have shrunk).  Call it on every run, before the widgets.
+
+    Returns {key: (value held, value kept)} for each value ``upper`` lowered, for the caller to say (QA 47 #9:
+    training image 1500 on digits became mnist's 999 with no word)."""
+    lowered: dict[str, tuple[int, int]] = {}
     for key in keys:
         if key in st.session_state:
             value = st.session_state[key]
-            if upper and key in upper:
-                value = min(int(value), upper[key])
+            if upper and key in upper and int(value) > upper[key]:
+                lowered[key] = (int(value), upper[key])
+                value = upper[key]
             st.session_state[key] = value
+    return lowered
 
 
 def _set(key: str, values: list[Any]) -> None:

@@ -67,7 +67,9 @@ def choose_settings(handle: Handle, has_trajectory: bool) -> Settings:
 
     st.sidebar.header("Methods")
     names = session.method_names()
-    chips.init_selection("methods", names)
+    # at first the methods that can run here (the server's check: CLIP without its weights cannot, QA 47 #10)
+    unavailable = handle.build.unavailable
+    chips.init_selection("methods", names, initial=[n for n in names if n not in unavailable])
     methods = st.sidebar.multiselect("Show", names, format_func=lambda n: info[n]["title"], key="methods")
     chips.select_all("methods", names, "Show all methods", where=st.sidebar)
     damping: list[tuple[str, float]] = []

@@ -134,7 +134,10 @@ def choose_query(handle: Handle) -> Query | None:
     st.sidebar.header("Query")
     # the training index, its "Pick by" and the seed, while another source is shown (QA 23 #6); not the class
     # widgets, whose ranges change with the class
-    chips.keep_choices(("train_index", "train_by", "gen_seed"), upper={"train_index": len(session.dataset) - 1})
+    lowered = chips.keep_choices(("train_index", "train_by", "gen_seed"),
+                                 upper={"train_index": len(session.dataset) - 1})
+    if "train_index" in lowered:  # said under the index until it changes (QA 47 #9)
+        st.session_state["train_index_lowered"] = lowered["train_index"]
     source = st.sidebar.radio("Query image", sources, key="source", horizontal=True)
     with st.sidebar:
         if source == "Gallery":
@@ -250,6 +253,11 @@ def _training(handle: Handle) -> Query:
         index = members[int(pos) - 1]
     else:
         index = int(st.number_input(f"Training index (0..{n - 1})", 0, n - 1, key="train_index"))  # default: 0
+        lowered = st.session_state.get("train_index_lowered")
+        if lowered is not None and lowered[1] == index:
+            st.caption(f"Training image {lowered[0]} is past this model's {n:,} images: showing the last, {index}.")
+        elif lowered is not None:
+            del st.session_state["train_index_lowered"]
     spec = f"train:{index}"
     return Query(spec, handle.session.parse_query(spec), f"Training image {index}")
 
@@ -265,14 +273,25 @@ def _upload(handle: Handle) -> Query | None:
         return None
     data = f.getvalue()
     key = "upload:" + hashlib.sha1(data).hexdigest()[:12]
-    cache = st.session_state.setdefault("uploads", {})
-    if key not in cache:
-        try:
-            cache.clear()
-            cache[key] = handle.session.query_from_upload(data, f.name)
-        except Exception as e:  # noqa: BLE001 - any unreadable upload becomes a message, never a traceback
-            st.error(f"Cannot use **{f.name}**: {e}")
-            return None
-    q = cache[key]
+    try:
+        q = prepared_upload(handle, data, f.name, st.session_state.setdefault("uploads", {}))
+    except Exception as e:  # noqa: BLE001 - any unreadable upload becomes a message, never a traceback
+        st.error(f"Cannot use **{f.name}**: {e}")
+        return None
     st.caption("What was done to the upload: " + "; ".join(q.notes))
     return Query(key, q, f"Upload {f.name}")
+
+
+def prepared_upload(handle: Handle, data: bytes, name: str, cache: dict) -> Any:
+    """The upload as ``handle``'s model takes it (resized, its channels, its grid: ``query_from_upload``), kept in
+    ``cache`` (the tab's) for the page's reruns: the latest upload of this tab, for this model.
+
+    Keyed by the model too (QA 47 #1): an upload prepared for mnist (28x28) was kept by its bytes alone, so after the
+    sidebar switched to digits the page read "query image is (1, 28, 28), the model takes (1, 8, 8)", and uploading
+    the same file again found the same stale entry."""
+    session = handle.session
+    key = (session.preset.name, session.checkpoint_hash, hashlib.sha1(data).hexdigest())
+    if key not in cache:
+        cache.clear()
+        cache[key] = session.query_from_upload(data, name)
+    return cache[key]

@@ -562,3 +562,40 @@ def test_the_groups_page_names_the_unbuilt_methods_while_the_server_checks_its_c
     at = AppTest.from_function(page).run(timeout=60)
     assert [i.value for i in at.info] == ["TRAK and D-TRAK are not built yet: the server is checking which caches it "
                                           "has to build (seconds; progress at the top of the page)."]
+
+
+def test_the_first_selection_leaves_out_the_methods_that_cannot_run_and_a_lowered_index_says_so(monkeypatch):
+    """QA 47 #10: CLIP's column read "Unavailable" on every query of an offline laptop, one column in five; the
+    first selection holds the methods that can run (CLIP stays offered).  QA 47 #9: training image 1500 on digits
+    became mnist's last, 999, with no word; ``keep_choices`` returns what it lowered, for the page to say."""
+    import sys
+    import types
+
+    from streamlit.testing.v1 import AppTest
+
+    box = types.SimpleNamespace(n=1797)
+    monkeypatch.setitem(sys.modules, "_fake_models", box)
+
+    def page():
+        import _fake_models
+        import streamlit as st
+
+        from explorer import chips
+
+        names = ["kfac", "clip", "pixel"]
+        chips.init_selection("m", names, initial=[n for n in names if n != "clip"])
+        st.multiselect("Methods", names, key="m")
+        lowered = chips.keep_choices(("i",), upper={"i": _fake_models.n - 1})
+        st.number_input("index", 0, _fake_models.n - 1, key="i")
+        st.write(f"lowered {lowered}")
+
+    at = AppTest.from_function(page).run(timeout=60)
+    assert at.multiselect(key="m").value == ["kfac", "pixel"]
+    assert [o for o in at.multiselect(key="m").options] == ["kfac", "clip", "pixel"]
+    at.number_input(key="i").set_value(1500).run(timeout=60)
+    assert at.markdown[-1].value == "lowered {}"
+    box.n = 1000  # the sidebar switched to a model with fewer images
+    at.run(timeout=60)
+    assert at.markdown[-1].value == "lowered {'i': (1500, 999)}" and at.number_input(key="i").value == 999
+    at.run(timeout=60)
+    assert at.markdown[-1].value == "lowered {}"  # said once; the page keeps it until the index changes

@@ -21,7 +21,7 @@ def _page() -> None:
     session = SimpleNamespace(
         preset=SimpleNamespace(name=preset), diffusion=SimpleNamespace(T=100),
         config=SimpleNamespace(mc_samples=16), method_info=lambda: info, method_names=lambda: ["trak"])
-    s = choose_settings(SimpleNamespace(session=session), True)
+    s = choose_settings(SimpleNamespace(session=session, build=SimpleNamespace(unavailable={})), True)
     st.session_state["chosen"] = dict(s.damping)["trak"]
 
 

@@ -93,3 +93,28 @@ def test_the_app_serves_the_data_root_it_is_given(tmp_path):
     session = get_handle(args).session
     assert len(session.dataset) == 20 and session.dataset.ids[0].startswith("idx")
     assert f"--data-root {tmp_path / 'idx'}" in session.build_command()
+
+
+def test_an_upload_is_prepared_again_for_the_model_switched_to():
+    """QA 47 #1: an upload prepared for mnist (28x28) was kept by its bytes alone; after the sidebar switched to
+    digits the page said "query image is (1, 28, 28), the model takes (1, 8, 8)", and uploading the same file
+    again found the same entry.  The tab's kept upload belongs to its model."""
+    from types import SimpleNamespace as NS
+
+    from explorer.query_view import prepared_upload
+
+    def handle(preset: str, ckpt: str, size: int):
+        calls: list[str] = []
+
+        def query_from_upload(data: bytes, name: str):
+            calls.append(name)
+            return NS(shape=(1, size, size), notes=[f"resized to {size}x{size}"])
+
+        return NS(session=NS(preset=NS(name=preset), checkpoint_hash=ckpt, query_from_upload=query_from_upload)), calls
+
+    (mnist, mnist_calls), (digits, digits_calls) = handle("mnist", "bbbb", 28), handle("digits", "aaaa", 8)
+    tab: dict = {}
+    assert prepared_upload(mnist, b"seven", "7.png", tab).shape == (1, 28, 28)
+    assert prepared_upload(mnist, b"seven", "7.png", tab).shape == (1, 28, 28) and mnist_calls == ["7.png"]  # kept
+    assert prepared_upload(digits, b"seven", "7.png", tab).shape == (1, 8, 8) and digits_calls == ["7.png"]
+    assert prepared_upload(mnist, b"seven", "7.png", tab).shape == (1, 28, 28)  # back: prepared for mnist again
