@@ -685,3 +685,20 @@ def test_the_callers_compute_section_reaches_the_session_and_its_banks(ckpt, dig
             assert res.prepared["trak"].query.rows.grid_max_bytes == 1
     for name in ("kfac", "trak"):
         np.testing.assert_allclose(answers[1][name], answers[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_the_app_says_a_predicted_label_as_the_classifiers_guess_and_a_training_label_as_the_label(session):
+    """QA 47 #3: a generated sample that is a clear 8 read "Label: **1**" (the pixel classifier, probability 0.95),
+    which a lay audience took as a fact.  The engine's own notes decide which the page says."""
+    from explorer.results_view import label_line
+
+    train = session.parse_query("train:3")
+    assert label_line(train.label, train.notes, train.label_doubt) == f"Label: **{int(session.dataset.labels[3])}**"
+    arr = ((session.dataset.images[3, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+    same = _upload_png(session, arr)  # a training file uploaded as it is: its ground truth
+    assert label_line(same.label, same.notes, same.label_doubt) == f"Label: **{int(session.dataset.labels[3])}**"
+    arr[0, 0] = 255 - arr[0, 0]
+    off = _upload_png(session, arr)  # the classifier's
+    line = label_line(off.label, off.notes, off.label_doubt)
+    assert line.startswith(f"Label, as a simple pixel classifier guesses it: {off.label} (not ground truth")
+    assert "**" not in line

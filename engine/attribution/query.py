@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 GALLERY_FILE = "gallery.npz"
 
 
+# the words of a note whose label the preset's pixel classifier predicted (a generated sample's, an upload's): the
+# app says such a label as a guess, not as the label (explorer.results_view.label_line)
+PREDICTED = "predicted by a classifier"
+
+
 @dataclass
 class QueryInput:
     """What is being attributed: an image (C, H, W) in [-1, 1] and, if sampled, its trajectory."""
@@ -295,7 +300,7 @@ class QuerySources:
         g = items[i]
         notes = [f"generated sample {i} of the {len(items)}-sample gallery (drawn in one batch, sampling seed {g.seed})"]
         if g.label is not None:
-            notes.append(f"label {g.label} predicted by a classifier, not ground truth")
+            notes.append(f"label {g.label} {PREDICTED}, not ground truth")
         return QueryInput(image=g.image.clone(), trajectory=g.trajectory, description=f"gallery:{i}", label=g.label, notes=notes)
 
     def _query_from_samples(self, spec: str, arg: str) -> QueryInput:
@@ -411,7 +416,7 @@ class QuerySources:
             return None, "", same
         labels, proba = classify(self._classifier, image[None])
         p = float(proba[0])
-        notes.append(f"label {int(labels[0])} predicted by a classifier with probability {p:.2f}, not ground truth")
+        notes.append(f"label {int(labels[0])} {PREDICTED} with probability {p:.2f}, not ground truth")
         if self._spread is None:
             self._spread = training_spread(self.dataset.images)
         bound, sample = self._spread
