@@ -51,7 +51,8 @@ def main() -> None:
     try:
         load_progress.wait_for_other_load(loading, args)  # another tab's (or a refreshed page's) decode of this model
         with load_progress.shown(loading, args):
-            handle = runtime.serve(args)  # loaded, and its build started, by the server (QA 45 #6)
+            # loaded, and its build started, by the server (QA 45 #6); its own model's build first (QA 47 #2)
+            handle = runtime.serve(args, first=parsed)
     except Exception as e:  # noqa: BLE001 - a missing checkpoint/data set is a message, not a traceback
         # in the terminal too, as the CLI says it (QA 45 #8: a headless server's log said nothing)
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)

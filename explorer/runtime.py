@@ -256,7 +256,7 @@ _loads_lock = threading.Lock()
 _loads: dict[AppArgs, Future] = {}  # the server's loads under way, by model: every tab waits for the same one
 
 
-def serve(args: AppArgs) -> Handle:
+def serve(args: AppArgs, first: AppArgs | None = None) -> Handle:
     """The handle for ``args`` (``get_handle``), its cache build started; loaded in a thread of the server's.
 
     Why (QA 45 #6): the load ran in the first tab's script run.  Closing that tab asks Streamlit to stop the run,
@@ -266,7 +266,17 @@ def serve(args: AppArgs) -> Handle:
     for it, so a stopped run cannot come between the two.  The thread runs in a copy of the caller's context (the
     decode listener of ``load_progress.shown`` hears the decode) and with the run's Streamlit context (the spinner
     and the decode's counts are drawn on that page, and drawing from it never raises a stop).  A failed load is
-    raised here, and the next call loads again."""
+    raised here, and the next call loads again.
+
+    ``first``: the server's own model (its flags') when the tab shows another (the sidebar's switch): that one is
+    loaded too and its build starts first, whichever tab asks first.  Why (QA 47 #2): after a restart, a tab left
+    on digits reconnected first and started digits' build from zero while the server's mnist, 76% built, waited
+    7 minutes for it (one build at a time in a server)."""
+    prior = _start_load(first, None) if first is not None and first != args else None
+    return _start_load(args, prior).result()
+
+
+def _start_load(args: AppArgs, prior: Future | None) -> Future:
     from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
     with _loads_lock:
@@ -274,17 +284,21 @@ def serve(args: AppArgs) -> Handle:
         if future is None:
             future = Future()
             _loads[args] = future
-            thread = threading.Thread(target=contextvars.copy_context().run, args=(_load_and_start, args, future),
-                                      name="app-load", daemon=True)
+            thread = threading.Thread(target=contextvars.copy_context().run,
+                                      args=(_load_and_start, args, future, prior), name="app-load", daemon=True)
             add_script_run_ctx(thread, get_script_run_ctx(suppress_warning=True))
             thread.start()
-    return future.result()
+    return future
 
 
-def _load_and_start(args: AppArgs, future: Future) -> None:
-    """``serve``'s thread: the handle and its build's start, then the result (or the failure) for every waiter."""
+def _load_and_start(args: AppArgs, future: Future, prior: Future | None = None) -> None:
+    """``serve``'s thread: the handle and its build's start (after ``prior``'s, the server's own model's, has
+    started or failed), then the result (or the failure) for every waiter."""
     try:
         handle = get_handle(args)
+        if prior is not None:
+            with contextlib.suppress(BaseException):  # its own page says why it failed; this one goes on
+                prior.result()
         start_build(handle)
     except BaseException as e:  # noqa: BLE001 - every failure goes to the waiting runs, which show it
         future.set_exception(e)

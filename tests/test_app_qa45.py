@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -154,3 +155,25 @@ def test_a_tab_closed_while_loading_still_gets_the_build_started(tiny_app, tmp_p
     state = handle.worker.wait(TIMEOUT)
     assert state.status == "done", (state.status, state.error)
     assert all(handle.session.status()[n]["built"] for n in ("kfac", "trak", "dtrak"))
+
+
+def test_the_servers_own_model_starts_its_build_first_whichever_tab_asks_first(monkeypatch):
+    """QA 47 #2: after a restart, a tab left on digits (the sidebar's switch) reconnected first and started digits'
+    build from zero, while the server's own model, mnist, 76% built, waited 7 minutes (one build at a time in a
+    server).  A tab on another model loads the server's own too, and that one's build starts first, even when it
+    loads slower."""
+    import time as _time
+
+    started: list[str] = []
+
+    def get_handle(args):
+        _time.sleep(0.5 if args.preset == "mnist" else 0.0)  # the server's own loads slower than the tab's
+        return types.SimpleNamespace(name=args.preset)
+
+    monkeypatch.setattr(runtime, "get_handle", get_handle)
+    monkeypatch.setattr(runtime, "start_build", lambda handle: started.append(handle.name))
+    own, switched = runtime.AppArgs(preset="mnist"), runtime.AppArgs(preset="digits")
+    assert runtime.serve(switched, first=own).name == "digits"
+    assert started == ["mnist", "digits"]
+    started.clear()
+    assert runtime.serve(own, first=own).name == "mnist" and started == ["mnist"]  # its own: nothing else

@@ -333,7 +333,10 @@ class BuildWorker:
                     self._set(message=msg, fraction=overall, resumed=resumed, start_fraction=first, pace=pace)
                     if bar is not None:  # TQDM_MININTERVAL thins it (engine.bar_redraw)
                         clock.touch()
-                        move(bar, overall, fit_line(bar, msg, 70), field="postfix")
+                        # without the method's key, which its title repeats, and 90 characters: the refeed's rows
+                        # read "train gradients 16/1000 (saved; again for the p" (QA 47 #6)
+                        shown = msg.removeprefix(f"{name}: ")
+                        move(bar, overall, fit_line(bar, shown, 90), field="postfix")
 
                 # not under the caller's lock: the methods already built answer queries meanwhile (QA round
                 # 19: a new method's build turned a working server into a precomputed-only one).  A query
@@ -360,9 +363,12 @@ class BuildWorker:
             return None
         from tqdm.auto import tqdm
 
+        # the model's name: a server with the sidebar's switch builds digits' and mnist's caches in turn, and its
+        # terminal said "building caches" for both (QA 47 #2)
+        preset = getattr(getattr(self.session, "preset", None), "name", None)
         return tqdm(
             total=1000,
-            desc="building caches",
+            desc=f"building {preset} caches" if preset else "building caches",
             unit="‰",
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}",
             file=sys.stderr,
