@@ -7,7 +7,12 @@ method still to build is answered from the precomputed file and would not be tim
 as ``streamlit run explorer/app.py -- --preset P --cache DIR`` does, in this process.  The browser's own drawing
 time is not in it.  Prints each run's seconds and the median of the clicks.
 
-    python scripts/time_page_runs.py --preset mnist --cache-root DIR [--clicks 5,12,20,27] [--repeat 2]
+``--browser``: the same clicks in headless Chromium on a real server (``streamlit run``), timed from the click
+until the page shows the sample's header and proponents ("content") and until Streamlit is idle ("idle"): the
+server's run and the browser's drawing together, what a person waits for.  Needs chromium, chromium-driver and
+selenium (tests/test_browser.py's).
+
+    python scripts/time_page_runs.py --preset mnist --cache-root DIR [--clicks 5,12,20,27] [--repeat 2] [--browser]
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-root", required=True, help="a cache with every method built for the preset")
     p.add_argument("--clicks", default="5,12,20,27", help="gallery samples to click, in order")
     p.add_argument("--repeat", type=int, default=1, help="times to click the whole list")
+    p.add_argument("--browser", action="store_true", help="time the clicks in headless Chromium instead")
     args = p.parse_args(argv)
     clicks = [int(c) for c in args.clicks.split(",") if c.strip()]
     if not Path(args.cache_root).is_dir():
         print(f"error: --cache-root {args.cache_root} is not a folder", file=sys.stderr)
         return 2
+    if args.browser:
+        return _browser(args.preset, Path(args.cache_root).resolve(), clicks, args.repeat)
     os.environ["ATTRIBUTION_PRESET"] = args.preset
     os.environ["ATTRIBUTION_CACHE"] = str(Path(args.cache_root).resolve())
     sys.path.insert(0, str(ROOT))
@@ -74,6 +82,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gallery click {i}: {dt:.2f} s")
     print(f"median of {len(times)} page runs: {statistics.median(times):.2f} s (load average "
           f"{os.getloadavg()[0]:.1f})")
+    return 0
+
+
+def _browser(preset: str, cache: Path, clicks: list[int], repeat: int) -> int:
+    sys.path.insert(0, str(ROOT))
+    from explorer import headless
+
+    why = headless.browser_unavailable()
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    content, idle = [], []
+    with headless.serve(app_args=["--preset", preset, "--cache", str(cache)]) as url, headless.chromium() as driver:
+        driver.get(url)
+        headless.wait_for(driver, ["Gallery sample 0 ", "Proponents"], absent=["Attributing", "Being built"],
+                          timeout=600)
+        for _ in range(repeat):
+            for i in clicks:
+                headless.click_button(driver, str(i))
+                t = time.perf_counter()
+                while True:  # content: the clicked sample's header and its proponents
+                    text = headless.page_text(driver)
+                    if f"Gallery sample {i} " in text and "Proponents" in text and "Attributing" not in text:
+                        break
+                    if time.perf_counter() - t > 120:
+                        print(f"error: gallery sample {i} never showed", file=sys.stderr)
+                        return 1
+                    time.sleep(0.05)
+                content.append(time.perf_counter() - t)
+                while headless._busy(driver):  # idle: the run finished and nothing stale is left
+                    time.sleep(0.05)
+                idle.append(time.perf_counter() - t)
+                print(f"gallery click {i}: content {content[-1]:.2f} s, idle {idle[-1]:.2f} s")
+    print(f"median of {len(content)} clicks: content {statistics.median(content):.2f} s, idle "
+          f"{statistics.median(idle):.2f} s (load average {os.getloadavg()[0]:.1f})")
     return 0
 
 
