@@ -204,6 +204,9 @@ class FakeSession:
 
         return METHODS[name]  # the class: it describes itself (in_sweeps, lds_loss_variant, ...)
 
+    def available(self, name):
+        return (True, None) if name in ("kfac", "pixel", "trak") else (False, "not in the fake")
+
     def query(self, query, measurement, methods):
         from engine.attribution.results import MethodResult, QueryResult
 
@@ -470,6 +473,12 @@ def _fake_retrain_top(tiny_preset, digits_small, monkeypatch, run_training) -> t
         def parse_query(self, spec):
             return SimpleNamespace(image=None, description=spec)
 
+        def method(self, name):
+            return name
+
+        def available(self, name):
+            return (False, "CLIP weights are not on this machine") if name == "clip" else (True, None)
+
     class Job:
         def __init__(self, session, q, measurement, method, fraction, p):
             self.plan, self.method = p, method
@@ -518,8 +527,10 @@ def test_retrain_top_no_train_measures_finished_models_and_refuses_to_train_miss
     assert trained == [] and measured == ["kfac"]
     record = json.loads((tmp_path / "results" / f"retrain_top_{tiny_preset.name}.json").read_text())
     assert [r["method"] for r in record["results"]] == ["kfac"]
-    # without --no-train the same call trains what is missing
-    rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac", "trak")))
+    # without --no-train the same call trains what is missing (another method set: it replaces the kfac-only
+    # record only when told, QA 48 #1)
+    rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac", "trak"),
+                                                    replace_results=True))
     assert [t.name for t in trained] == ["kfac", "trak"]
 
 
@@ -759,3 +770,181 @@ def test_lds_scoring_saves_no_row_a_method_failed_on_and_rescores_a_row_saved_wi
     for a, b in zip(again, rows, strict=True):
         assert set(a) == {"kfac", "pixel"}
         np.testing.assert_array_equal(a["kfac"], b["kfac"])
+
+
+# --- QA 48 -----------------------------------------------------------------------------------
+
+
+def _lds_setup(tiny_preset, digits_small, tmp_path, monkeypatch, record: dict | None = None):
+    """run_lds with a stand-in session and training: (lds_run, setup, trained calls)."""
+    import engine.evaluation.lds_run as lds_run
+    from engine.evaluation.setup import RunSetup
+
+    trained: list = []
+    monkeypatch.setattr(lds_run, "train_subsets", lambda *a, **k: trained.append(a) or np.ones((3, 64), bool))
+    monkeypatch.setattr(lds_run, "evaluate_run", lambda *a, **k: 0)
+    monkeypatch.setattr(lds_run, "bind_run_to_checkpoint", lambda *a, **k: "fake")
+    session = FakeSession(None, None, "cpu", None, tiny_preset.attribution, digits_small, True)
+    monkeypatch.setattr(lds_run, "_open_session", lambda setup, run: (session, tiny_preset.attribution,
+                                                                      tiny_preset.attribution.mc_samples))
+    results = tmp_path / "res"
+    if record is not None:
+        results.mkdir()
+        (results / f"lds_{tiny_preset.name}_loss.json").write_text(json.dumps(record))
+    setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "run", results, "cpu", False)
+    return lds_run, setup, trained
+
+
+def test_lds_refuses_to_replace_a_record_of_other_settings_before_training(tiny_preset, digits_small, tmp_path,
+                                                                         monkeypatch):
+    """QA 48 #1: a K = 5, Q = 4 trial run silently replaced the shipped K = 32 record (the file name holds neither).
+    Refused now before anything is trained or written, naming the file, the settings and both ways out; the
+    same settings (a resume) and --replace-results go on."""
+    from engine.evaluation.lds import LDSConfig
+    from engine.evaluation.setup import ResultsSettingsError
+
+    record = {"config": {"subsets": 32, "seeds": 1, "queries": 32, "fraction": 0.5, "true_measurement_mc_samples": 1024,
+                         "checkpoint_hash": "fake"}, "methods": {"kfac": {}, "pixel": {}}}
+    lds_run, setup, trained = _lds_setup(tiny_preset, digits_small, tmp_path, monkeypatch, record)
+    run = lds_run.LDSRun(methods=("kfac", "pixel"), queries=4)
+    with pytest.raises(ResultsSettingsError) as e:
+        lds_run.run_lds(setup, LDSConfig(subsets=5), run)
+    msg = str(e.value)
+    assert "lds_tiny_loss.json" in msg and "subsets 32 there, 5 here" in msg and "queries 32 there, 4 here" in msg
+    assert "--results DIR" in msg and "--replace-results" in msg
+    assert not trained and not setup.out.exists()
+    with pytest.raises(ResultsSettingsError, match="methods kfac,pixel there, kfac here"):
+        lds_run.run_lds(setup, LDSConfig(subsets=32), lds_run.LDSRun(methods=("kfac",), queries=32))
+    # the record's settings (an unavailable method asked for is not a difference: it is left out either way)
+    assert lds_run.run_lds(setup, LDSConfig(subsets=32), lds_run.LDSRun(methods=("kfac", "pixel", "dtrak"),
+                                                                        queries=32)) == 0
+    assert lds_run.run_lds(setup, LDSConfig(subsets=5), lds_run.LDSRun(methods=("kfac", "pixel"), queries=4,
+                                                                       replace_results=True)) == 0
+    assert len(trained) == 2
+
+
+def test_the_lds_cli_has_replace_results(tmp_path, capsys):
+    from engine.cli.parser import build_parser
+
+    for cmd in (["lds"], ["retrain-top", "--query", "gallery:0"], ["group-retrain", "--remove", "label:3"]):
+        assert build_parser().parse_args([*cmd, "--replace-results"]).replace_results is True
+
+
+def test_retrain_top_refuses_to_replace_a_record_of_other_queries(tiny_preset, digits_small, tmp_path, monkeypatch):
+    """QA 48 #1: a run for --query gallery:5 replaced the shipped gallery:0-2 record (one file per preset)."""
+    from engine.evaluation.setup import ResultsSettingsError, RunSetup
+
+    trained = []
+    rtr, _ = _fake_retrain_top(tiny_preset, digits_small, monkeypatch, lambda tasks, **kw: trained.extend(tasks))
+    setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "out", tmp_path / "results", "cpu", False)
+    rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0", "gallery:1"), methods=("kfac",)))
+    path = tmp_path / "results" / f"retrain_top_{tiny_preset.name}.json"
+    before = path.read_bytes()
+    trained.clear()
+    with pytest.raises(ResultsSettingsError, match=r"queries gallery:0,gallery:1 there, gallery:5 here.*--results DIR"):
+        rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:5",), methods=("kfac",)))
+    with pytest.raises(ResultsSettingsError, match="fraction 0.02 there, 0.05 here"):
+        rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0", "gallery:1"), methods=("kfac",),
+                                                        fraction=0.05))
+    assert trained == [] and path.read_bytes() == before
+    # the same settings (a repeat, another order) write as before
+    rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:1", "gallery:0"), methods=("kfac",)))
+    # an old record without queries or methods in its config: read from its results
+    old = json.loads(before)
+    del old["config"]["queries"], old["config"]["methods"]
+    path.write_text(json.dumps(old))
+    with pytest.raises(ResultsSettingsError, match="queries gallery:0,gallery:1 there, gallery:5 here"):
+        rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:5",), methods=("kfac",)))
+
+
+@pytest.mark.parametrize("query", ["", ",", " , "])
+def test_retrain_top_refuses_an_empty_query_list(tmp_path, capsys, query):
+    """QA 48 #2: ``--query ""`` exited 0 and wrote an empty record over the results."""
+    from engine.cli import main
+
+    res = tmp_path / "res"
+    rc = main(["retrain-top", "--query", query, "--out", str(tmp_path / "out"), "--results", str(res)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == "error: --query names no query", err
+    assert not res.exists() and not (tmp_path / "out").exists()
+
+
+def test_retrain_top_refuses_trajectory_and_empty_queries_before_training(tiny_preset, digits_small, tmp_path,
+                                                                          monkeypatch):
+    """QA 48 #3: ``--measurement trajectory`` trained every model, then failed; #2 in the run itself too."""
+    from engine.evaluation.setup import RunSetup
+
+    trained = []
+    rtr, _ = _fake_retrain_top(tiny_preset, digits_small, monkeypatch, lambda tasks, **kw: trained.extend(tasks))
+    setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "out", tmp_path / "results", "cpu", False)
+    with pytest.raises(ValueError, match="^--measurement trajectory: needs a recorded sampling trajectory, which "
+                       "retrain-top's queries"):
+        rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac",),
+                                                        measurement="trajectory"))
+    with pytest.raises(ValueError, match="^--query names no query$"):
+        rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=(), methods=("kfac",)))
+    assert trained == [] and not (tmp_path / "results").exists()
+
+
+def test_retrain_top_leaves_out_an_unavailable_method_in_one_line(tiny_preset, digits_small, tmp_path, monkeypatch,
+                                                                  capsys):
+    """QA 48 #6: ``--methods clip`` without CLIP's weights ended in a traceback; a method that cannot score here is
+    left out with one warning, and a run with none left is one error."""
+    from engine.evaluation.setup import RunSetup
+
+    trained = []
+    rtr, measured = _fake_retrain_top(tiny_preset, digits_small, monkeypatch, lambda tasks, **kw: trained.extend(tasks))
+    setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "out", tmp_path / "results", "cpu", False)
+    with pytest.raises(ValueError, match="^--methods clip: no method can score here"):
+        rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("clip",)))
+    assert trained == []
+    capsys.readouterr()
+    rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac", "clip")))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: clip: unavailable: CLIP weights") and err.count("\n") == 1, err
+    assert measured == ["kfac"]
+
+
+@pytest.mark.parametrize("flag", ["--out", "--results"])
+def test_unwritable_out_and_results_are_refused_first_naming_the_option(tmp_path, capsys, flag):
+    """QA 48 #7: ``--out /proc/x`` was a bare ``[Errno 2]``, and ``--results`` failed only after the training."""
+    from engine.cli import main
+
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    bad = str(afile / "sub")
+    good = {"--out": str(tmp_path / "out"), "--results": str(tmp_path / "res")}
+    for cmd in (["lds", "--queries", "4", "--subsets", "4"], ["retrain-top", "--query", "gallery:0"],
+                ["group-retrain", "--remove", "label:3"]):
+        rc = main([*cmd, *[x for k, v in good.items() for x in (k, bad if k == flag else v)]])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"error: {flag} {bad}") and len(err.strip().splitlines()) == 1, (cmd, err)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("fraction", ["0.0001", "0.9999"])
+def test_lds_refuses_a_fraction_that_keeps_no_image_or_every_image(tmp_path, capsys, fraction):
+    """QA 48 #5: round(0.0001 x 1,797) = 0 failed after writing subsets.npz and checkpoint.json, which then blocked
+    the corrected command; 0.9999 kept every image (every prediction 0, hours of training)."""
+    from engine.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["lds", "--preset", "digits", "--fraction", fraction, "--subsets", "3", "--out", str(out),
+               "--results", str(tmp_path / "res")])
+    cap = capsys.readouterr()
+    assert rc == 2 and cap.err.startswith(f"error: --fraction {fraction}: a subset keeps round("), cap.err
+    assert len(cap.err.strip().splitlines()) == 1 and "LDS run in" not in cap.out
+    assert not out.exists() and not (tmp_path / "res").exists()
+
+
+def test_lds_header_is_not_printed_before_a_subsets_refusal(tiny_preset, digits_small, tmp_path, monkeypatch, capsys):
+    """QA 48 #8: another --fraction into a run folder printed "LDS run in ...: alpha=..." before its error."""
+    from engine.evaluation.lds import LDSConfig, SubsetMismatchError, load_or_make_subsets
+
+    lds_run, setup, trained = _lds_setup(tiny_preset, digits_small, tmp_path, monkeypatch)
+    setup.out.mkdir()
+    load_or_make_subsets(setup.out, digits_small, LDSConfig(subsets=3, fraction=0.5))
+    capsys.readouterr()
+    with pytest.raises(SubsetMismatchError, match="use another --out"):
+        lds_run.run_lds(setup, LDSConfig(subsets=3, fraction=0.25), lds_run.LDSRun(methods=("kfac",), queries=2))
+    assert capsys.readouterr().out == "" and not trained

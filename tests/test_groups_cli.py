@@ -369,11 +369,11 @@ def test_group_retrain_with_nothing_finished_keeps_the_last_results(cli, tmp_pat
     results = tmp_path / "results"
     results.mkdir()
     earlier = results / "group_retrain_tiny.json"
-    earlier.write_text('{"groups": [{"spec": "label:0"}]}')
+    earlier.write_text('{"groups": [{"spec": "label:2"}]}')  # the same group: not refused as another's (QA 48 #1)
     rc, out, err = cli("group-retrain", "--remove", "label:2", "--no-train", "--out", str(tmp_path / "models"),
                        "--results", str(results), "--methods", "kfac")
     assert rc == 2 and "no group's retrained model is finished yet" in err and "left as it was" in err, err
-    assert earlier.read_text() == '{"groups": [{"spec": "label:0"}]}'
+    assert earlier.read_text() == '{"groups": [{"spec": "label:2"}]}'
 
 
 def test_an_influence_method_with_non_finite_scores_is_refused_on_the_group_paths(cli):
@@ -491,3 +491,20 @@ def test_the_true_measurements_draws_have_a_name_of_their_own():
             args = parser.parse_args([command, *extra, flag, "8"])
             assert args.mc_samples == 8, (command, flag)
         assert "--true-mc-samples" in parser._subparsers._group_actions[0].choices[command].format_help()
+
+
+def test_group_retrain_refuses_to_replace_a_record_of_other_settings(cli, tmp_path):
+    """QA 48 #1: a group-retrain of other groups or steps silently replaced the shipped record; refused now before any
+    training, naming the settings and both ways out (--results DIR, --replace-results)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    earlier = results / "group_retrain_tiny.json"
+    text = '{"config": {"steps": 999999}, "groups": [{"spec": "label:2", "comparison": {"kfac": {}}}]}'
+    earlier.write_text(text)
+    args = ("group-retrain", "--remove", "label:2", "--no-train", "--out", str(tmp_path / "models"),
+            "--results", str(results), "--methods", "kfac")
+    rc, out, err = cli(*args)
+    assert rc == 2 and "steps 999999 there" in err and "--results DIR" in err and "--replace-results" in err, err
+    assert earlier.read_text() == text and not (tmp_path / "models").exists()
+    rc, out, err = cli(*args, "--replace-results")  # goes on, to the next check (nothing trained yet)
+    assert rc == 2 and "no group's retrained model is finished yet" in err, err

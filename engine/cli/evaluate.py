@@ -23,6 +23,15 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 
 
+REPLACE_HELP = ("replace the results file even if it holds a result of other settings (default: refuse, before any "
+                "training, naming the settings that differ; a rerun of the same settings writes it as before)")
+
+
+def add_replace_results(p: argparse.ArgumentParser) -> None:
+    """``--replace-results``, of lds, retrain-top and group-retrain (QA 48 #1)."""
+    p.add_argument("--replace-results", action="store_true", help=REPLACE_HELP)
+
+
 @register
 def add_lds(sub: argparse._SubParsersAction) -> None:
     p = subcommand(
@@ -62,6 +71,7 @@ def add_lds(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default=None, help="run folder (default runs/lds/<preset>)")
     p.add_argument("--results", default=None, help="results folder (default assets/results)")
+    add_replace_results(p)
     p.add_argument("--train-only", action="store_true", help="only train the subset models")
     p.add_argument(
         "--no-train",
@@ -103,6 +113,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
         attribution_mc=args.attribution_mc,
         train=not args.no_train,
         evaluate=not args.train_only,
+        replace_results=args.replace_results,
     )
     rc = run_lds(setup, cfg, run)
     print(f"lds: {time.time() - t0:.1f} s this run")
@@ -134,6 +145,7 @@ def add_retrain_top(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=at_least(1), default=None, help="training steps (default: the full model's)")
     p.add_argument("--out", default=None, help="run folder (default runs/retrain_top/<preset>)")
     p.add_argument("--results", default=None, help="results folder (default assets/results)")
+    add_replace_results(p)
     p.add_argument("--cache-root", default=None, help="attribution cache root (default: the app's, cache/)")
     p.add_argument(
         "--no-train",
@@ -146,8 +158,11 @@ def add_retrain_top(sub: argparse._SubParsersAction) -> None:
 def cmd_retrain_top(args: argparse.Namespace) -> int:
     from ..evaluation.retrain_top_run import RetrainTopConfig, run_retrain_top
     from ..evaluation.setup import resolve_setup
+    from ..validation import InvalidSettingError
 
     t0 = time.time()
+    if not _names(args.query):  # QA 48 #2: "" or ",", before the model and the session are opened
+        raise InvalidSettingError("--query names no query")
     preset, ckpt, device = resolve(args)
     preset = with_attribution_source(args, preset, ckpt)  # the named preset's, else the checkpoint's own
     setup = resolve_setup(preset, ckpt, device, "retrain_top", out=args.out, results=args.results, steps=args.steps)
@@ -161,6 +176,7 @@ def cmd_retrain_top(args: argparse.Namespace) -> int:
         steps=args.steps,
         cache_root=args.cache_root,
         train=not args.no_train,
+        replace_results=args.replace_results,
     )
     rc = run_retrain_top(setup, cfg)
     print(f"retrain-top: {time.time() - t0:.1f} s this run")

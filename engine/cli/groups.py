@@ -369,20 +369,37 @@ def add_group_retrain(sub: argparse._SubParsersAction) -> None:
                    help=f"draws per measured loss (default {TRUE_MC_SAMPLES})")
     p.add_argument("--out", default=None, help="model folder root (default runs/group_retrain/<preset>)")
     p.add_argument("--results", default=None, help="results folder (default assets/results)")
+    p.add_argument("--replace-results", action="store_true",
+                   help="replace the results file even if it holds a result of other groups, steps or draws (default: "
+                   "refuse, before any training, naming the settings that differ)")
     p.add_argument("--no-train", action="store_true", help="only evaluate groups whose model is finished")
     _add_attribution_options(p)
 
 
 def cmd_group_retrain(args: argparse.Namespace) -> int:
     from ..attribution.group_attribution import check_influence_methods
-    from ..evaluation.group_retrain import format_group_retrain, run_group_retrain
+    from ..evaluation.group_retrain import (
+        format_group_retrain,
+        planned_settings,
+        record_settings,
+        run_group_retrain,
+    )
+    from ..evaluation.setup import check_results_record, check_writable_folder
     from ..files import save_json
     from ..paths import REPO_ROOT
 
+    results = Path(args.results) if args.results else REPO_ROOT / "assets" / "results"
     try:
+        if args.out:  # QA 48 #7: said before the session and the training, naming the option
+            check_writable_folder(args.out, "--out")
+        check_writable_folder(results, "--results")
         asked = parse_methods(args.methods)
         session = open_session(args)
         methods = check_influence_methods(session, asked)
+        path = results / f"group_retrain_{session.preset.name}.json"
+        # QA 48 #1: a record of other groups, steps or draws is not replaced silently; said before any training
+        check_results_record(path, planned_settings(session, args.remove, methods, args.steps, args.true_mc_samples),
+                             record_settings, args.replace_results)
         out = Path(args.out) if args.out else REPO_ROOT / "runs" / "group_retrain" / session.preset.name
         record = run_group_retrain(
             session, args.remove, methods, out, args.steps, args.workers, args.true_mc_samples,
@@ -390,8 +407,6 @@ def cmd_group_retrain(args: argparse.Namespace) -> int:
         )
     except (ValueError, RuntimeError) as e:
         return fail(e)
-    results = Path(args.results) if args.results else REPO_ROOT / "assets" / "results"
-    path = results / f"group_retrain_{session.preset.name}.json"
     if not record["groups"]:  # --no-train before any model is finished: an empty record replaced the last one
         return fail(ValueError(f"no group's retrained model is finished yet, so nothing was measured; "
                                f"{path} is left as it was"))

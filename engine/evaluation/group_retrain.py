@@ -115,6 +115,42 @@ def compare(predicted: dict[str, np.ndarray], measured: np.ndarray) -> dict[str,
     return out
 
 
+def planned_settings(
+    session: Any, group_specs: list[str], methods: list[str], steps: int | None = None,
+    mc_samples: int = TRUE_MC_SAMPLES,
+) -> dict[str, Any]:
+    """The settings a group-retrain record of this run will hold (``run_group_retrain``'s ``config``, its groups
+    and methods), known before any training: compared with the record it would replace (``setup.check_results_record``, QA 48
+    #1: a run for other groups or steps replaced the shipped record silently)."""
+    from ..attribution.groups import parse_group
+    from .setup import sorted_names
+
+    return {
+        "checkpoint_hash": session.checkpoint_hash,
+        "num_train": len(session.dataset),
+        "steps": int(steps if steps is not None else session.preset.train.steps),
+        "measurement": "loss",
+        "true_measurement_mc_samples": int(mc_samples),
+        "true_measurement_seed": MeasureSpec().seed,
+        "attribution_mc_samples": session.config.mc_samples,
+        "attribution": attribution_settings(session.config, len(session.dataset)),
+        "groups": sorted_names(parse_group(s, session.dataset).spec for s in group_specs),
+        "methods": sorted_names(methods),
+    }
+
+
+def record_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """The settings a group-retrain record holds, as ``planned_settings`` names them (its groups and methods from
+    its entries when its config lacks them: records before 2026-12-07)."""
+    from .setup import sorted_names
+
+    settings = dict(record.get("config") or {})
+    entries = record.get("groups") or []
+    settings["groups"] = sorted_names(settings.get("groups") or [g.get("spec") for g in entries])
+    settings["methods"] = sorted_names(settings.get("methods") or [n for g in entries for n in g.get("comparison") or {}])
+    return settings
+
+
 def timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -175,6 +211,8 @@ def run_group_retrain(
             # 21: this record kept only M and the dampings), and the code that made them
             "attribution": attribution_settings(session.config, len(session.dataset)),
             "code": code_version(),
+            "groups": [g.spec for g in groups],
+            "methods": list(methods),
             "queries": qset.names,
             "query_labels": qset.labels.tolist(),
             "created": timestamp(),

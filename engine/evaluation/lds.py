@@ -127,7 +127,7 @@ def make_subsets(n: int, k: int, fraction: float, seed: int) -> np.ndarray:
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    size = int(round(fraction * n))
+    size = subset_size(n, fraction)
     masks = np.zeros((k, n), dtype=bool)
     for j in range(k):
         rng = np.random.default_rng([seed, j])
@@ -135,16 +135,42 @@ def make_subsets(n: int, k: int, fraction: float, seed: int) -> np.ndarray:
     return masks
 
 
+def subset_size(n: int, fraction: float) -> int:
+    """round(fraction * n), the images a subset keeps; ``InvalidSettingError`` naming --fraction when that is 0
+    (nothing to train on: the run failed after writing its files, QA 48 #5) or all n (nothing left out: every
+    prediction 0, an LDS of NaN after hours of training)."""
+    size = int(round(float(fraction) * n))
+    if 1 <= size < n:
+        return size
+    what = "no image" if size < 1 else "every image, so no subset leaves anything out"
+    raise InvalidSettingError(
+        f"--fraction {fraction:g}: a subset keeps round({fraction:g} x {n:,}) = {size:,} of the {n:,} training images, "
+        f"{what}; choose a fraction that keeps between 1 and {n - 1:,} (about {1.5 / n:.2g} to {1 - 1.5 / n:.4g})")
+
+
+def _subset_settings(dataset: ImageDataset, cfg: LDSConfig) -> dict[str, Any]:
+    return {"fraction": cfg.fraction, "subset_seed": cfg.subset_seed, "data": data_digest(dataset)}
+
+
+def check_subsets_file(out: Path, dataset: ImageDataset, cfg: LDSConfig) -> None:
+    """``SubsetMismatchError`` when ``out/subsets.npz`` was made with other settings; writes nothing.  Why: the
+    refusal came from inside the training, after the run's header and files (QA 48 #5, #8)."""
+    path = Path(out) / "subsets.npz"
+    if not path.is_file():
+        return
+    settings = _subset_settings(dataset, cfg)
+    with load_npz(path) as z:
+        old = json.loads(str(z["settings"]))
+    if old != settings:
+        raise SubsetMismatchError(f"{path} was made with {old}, not {settings}; use another --out or delete it")
+
+
 def load_or_make_subsets(out: Path, dataset: ImageDataset, cfg: LDSConfig) -> np.ndarray:
     """Subsets saved in ``out/subsets.npz``; reused if the settings match, else an error.
 
     The number of subsets may grow (the first rows are unchanged by construction).
     """
-    settings = {
-        "fraction": cfg.fraction,
-        "subset_seed": cfg.subset_seed,
-        "data": data_digest(dataset),
-    }
+    settings = _subset_settings(dataset, cfg)
     path = Path(out) / "subsets.npz"
     if path.is_file():
         with load_npz(path) as z:

@@ -23,20 +23,32 @@ from ..model.train import is_finished
 from ..npy_read import load_npz
 from ..validation import InvalidSettingError
 from .lds import (
+    RUN_CHECKPOINT,
     LDSConfig,
     ScoreFn,
     bind_run_to_checkpoint,
+    check_subsets_file,
     lds_table,
     load_or_make_subsets,
     measured_matrix,
     predicted_matrix,
     seed_average,
+    subset_size,
     subset_steps,
     train_subsets,
 )
 from .lds_report import build_record, format_table, write_figure
 from .runs import MeasureSpec, measurement_tag
-from .setup import RunSetup, load_queries_file, train_lock
+from .setup import (
+    RunSetup,
+    base_method,
+    check_image_measurement,
+    check_results_record,
+    check_writable_folder,
+    load_queries_file,
+    sorted_names,
+    train_lock,
+)
 
 SWEEP_GRID = tuple(float(10.0**e) for e in range(-12, 2))  # damping on the scale of G for mean L
 
@@ -198,6 +210,7 @@ class LDSRun:
     attribution_mc: int | None = None  # M of the attribution gradients (default: the preset's)
     train: bool = True  # False: measure and score the models finished so far
     evaluate: bool = True  # False: only train
+    replace_results: bool = False  # --replace-results: a results record of other settings may be replaced
 
     def __post_init__(self) -> None:
         """Counts below 1 refused on construction, before anything is trained, as ``LDSConfig`` refuses
@@ -220,25 +233,99 @@ def _checked_methods(methods: tuple[str, ...] | None) -> tuple[str, ...] | None:
 def _check_measurement(measurement: str, num_timesteps: int) -> None:
     """A measurement the LDS can take: known, and not one that needs a sampling trajectory (the LDS queries
     are images, without one; ``trajectory`` failed at the measuring, after every training)."""
-    from ..model.measurements import measurement_info, parse_measurement
+    check_image_measurement(measurement, num_timesteps, "the LDS queries")
 
-    parse_measurement(measurement, num_timesteps)
-    info = measurement_info(measurement)
-    if info is not None and info.needs_trajectory:
-        raise InvalidSettingError(f"--measurement {measurement}: needs a recorded sampling trajectory, which the "
-                                  "LDS queries do not have; choose loss, elbo, loss@t=NNN or square-norm")
+
+def _open_session(setup: RunSetup, run: LDSRun) -> tuple[Any, Any, int]:
+    """(the attribution session of the full model, its settings, the preset's M) as the scoring uses them."""
+    from ..attribution.session import AttributionSession
+
+    config = setup.preset.attribution
+    cache = run.cache_root
+    if setup.quick:
+        config = replace(config, mc_samples=8, trak_dim=64)
+        cache = cache or setup.out / "cache"
+    default_mc = config.mc_samples
+    if run.attribution_mc is not None:
+        config = replace(config, mc_samples=int(run.attribution_mc))
+    session = AttributionSession(
+        preset=setup.preset,
+        checkpoint=setup.checkpoint,
+        device=setup.device,
+        cache_root=cache,
+        config=config,
+        dataset=setup.dataset,
+        auto_build=True,
+    )
+    return session, config, default_mc
+
+
+def _num_queries(setup: RunSetup, run: LDSRun) -> int:
+    return run.queries if run.queries is not None else (2 if setup.quick else 32)
+
+
+def _true_mc(setup: RunSetup, run: LDSRun) -> int:
+    return run.mc_samples if run.mc_samples is not None else (64 if setup.quick else TRUE_MC_SAMPLES)
+
+
+def planned_settings(setup: RunSetup, cfg: LDSConfig, run: LDSRun, session: Any) -> dict[str, Any]:
+    """The settings this run's results record will hold, under the record's names (``lds_report.build_record``),
+    known before any training: compared with the record it would replace (``setup.check_results_record``)."""
+    asked = list(run.methods) if run.methods else session.method_names()
+    scored = [m for m in asked if session.available(m)[0]]  # an unavailable one (CLIP offline) is left out
+    return {
+        "checkpoint_hash": session.checkpoint_hash,
+        "num_train": len(setup.dataset),
+        "subsets": int(cfg.subsets),
+        "seeds": int(cfg.seeds),
+        "queries": _num_queries(setup, run),
+        "fraction": float(cfg.fraction),
+        "subset_seed": int(cfg.subset_seed),
+        "subset_steps": subset_steps(setup.preset.train.steps, cfg.fraction),
+        "full_steps": setup.preset.train.steps,
+        "measurement": run.measurement,
+        "true_measurement_mc_samples": _true_mc(setup, run),
+        "true_measurement_seed": MeasureSpec().seed,
+        "quick": setup.quick,
+        "methods": sorted_names(scored),
+        "attribution": attribution_key(session.config, len(setup.dataset)),
+    }
+
+
+def record_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """The settings an LDS results record holds, as ``planned_settings`` names them; its methods from its
+    table (a method that could not score here, CLIP offline, is not in it)."""
+    settings = dict(record.get("config") or {})
+    settings["methods"] = sorted_names(base_method(n) for n in record.get("methods") or {})
+    return settings
 
 
 def run_lds(setup: RunSetup, cfg: LDSConfig, run: LDSRun) -> int:
-    """Train the subset models (resumable), then measure, score and write the results."""
+    """Check every setting (nothing written until then), train the subset models (resumable), then measure,
+    score and write the results."""
     if run.evaluate and cfg.subsets < 3:  # before training: 2 subsets trained their models, then failed
         raise InvalidSettingError(f"--subsets must be at least 3 to score an LDS (a Spearman correlation over "
                                   f"the subsets), got {cfg.subsets}; --train-only trains fewer")
+    subset_size(len(setup.dataset), cfg.fraction)  # QA 48 #5: an empty or whole-set subset, before any file
     if run.evaluate:  # before training too: a typo was reported after K x R trainings (QA 15)
         run = replace(run, methods=_checked_methods(run.methods))
         _check_measurement(run.measurement, setup.preset.diffusion.num_timesteps)
+    check_writable_folder(setup.out, "--out")
+    if run.evaluate:
+        check_writable_folder(setup.results, "--results")
+    check_subsets_file(setup.out, setup.dataset, cfg)  # another run's subsets: refused before the header
+    bind = run.evaluate or is_finished(setup.checkpoint)  # --train-only needs the recipe, not the full model's weights
+    if bind and (setup.out / RUN_CHECKPOINT).is_file():  # another model's folder: refused now (writes nothing)
+        bind_run_to_checkpoint(setup.out, setup.checkpoint)
+    opened = None
+    if run.evaluate:  # QA 48 #1: a record of other settings is not replaced silently, said before any training
+        opened = _open_session(setup, run)
+        session, config, default_mc = opened
+        stem = results_stem(setup.preset.name, run.measurement, config.mc_samples, default_mc)
+        check_results_record(setup.results / f"{stem}.json", planned_settings(setup, cfg, run, session),
+                             record_settings, run.replace_results)
     setup.out.mkdir(parents=True, exist_ok=True)
-    if run.evaluate or is_finished(setup.checkpoint):  # --train-only needs the recipe, not the full model's weights
+    if bind:
         bind_run_to_checkpoint(setup.out, setup.checkpoint)
     print(
         f"LDS run in {setup.out}: K={cfg.subsets} subsets x R={cfg.seeds} seeds, alpha={cfg.fraction}, "
@@ -261,15 +348,16 @@ def run_lds(setup: RunSetup, cfg: LDSConfig, run: LDSRun) -> int:
             )
     if not run.evaluate:
         return 0
-    return evaluate_run(setup, cfg, masks, run)
+    return evaluate_run(setup, cfg, masks, run, opened)
 
 
-def evaluate_run(setup: RunSetup, cfg: LDSConfig, masks: np.ndarray, run: LDSRun) -> int:
-    """Measure the retrained models, score the queries, write the LDS results."""
-    from ..attribution.session import AttributionSession
-
-    num_q = run.queries if run.queries is not None else (2 if setup.quick else 32)
-    mc = run.mc_samples if run.mc_samples is not None else (64 if setup.quick else TRUE_MC_SAMPLES)
+def evaluate_run(
+    setup: RunSetup, cfg: LDSConfig, masks: np.ndarray, run: LDSRun, opened: tuple[Any, Any, int] | None = None
+) -> int:
+    """Measure the retrained models, score the queries, write the LDS results (``opened``: the session, settings
+    and preset's M that ``run_lds`` opened for its checks, else opened here)."""
+    num_q = _num_queries(setup, run)
+    mc = _true_mc(setup, run)
     queries, source = lds_queries(setup, num_q)
     spec = MeasureSpec(measurement=run.measurement, mc_samples=mc)
     per_seed = measured_matrix(
@@ -288,23 +376,7 @@ def evaluate_run(setup: RunSetup, cfg: LDSConfig, masks: np.ndarray, run: LDSRun
     if usable < 3:
         print(f"only {usable} subsets have a finished model; train more first (rerun without --train-only)")
         return 1
-    config = setup.preset.attribution
-    cache = run.cache_root
-    if setup.quick:
-        config = replace(config, mc_samples=8, trak_dim=64)
-        cache = cache or setup.out / "cache"
-    default_mc = config.mc_samples
-    if run.attribution_mc is not None:
-        config = replace(config, mc_samples=int(run.attribution_mc))
-    session = AttributionSession(
-        preset=setup.preset,
-        checkpoint=setup.checkpoint,
-        device=setup.device,
-        cache_root=cache,
-        config=config,
-        dataset=setup.dataset,
-        auto_build=True,
-    )
+    session, config, default_mc = opened if opened is not None else _open_session(setup, run)
     methods = list(run.methods) if run.methods else session.method_names()
     rows, info = session_scores(session, queries, run.measurement, methods, setup.out, sweep=run.sweep)
     order = session.method_names()

@@ -7,6 +7,7 @@ One job is ``engine.evaluation.retrain_top.RetrainJob`` (the app runs single job
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,21 @@ import numpy as np
 from ..code_version import code_version
 from ..config import TRUE_MC_SAMPLES
 from ..files import save_json
+from ..validation import InvalidSettingError
 from .retrain_top import CONTROL_SEED, RetrainJob, attribution_settings, plan, removal_count
 from .runs import (
     TrainTask,
     is_finished,
     run_training,
 )
-from .setup import RunSetup, train_lock
+from .setup import (
+    RunSetup,
+    check_image_measurement,
+    check_results_record,
+    check_writable_folder,
+    sorted_names,
+    train_lock,
+)
 
 
 @dataclass(frozen=True)
@@ -39,12 +48,74 @@ class RetrainTopConfig:
     steps: int | None = None  # None: the full model's
     cache_root: str | Path | None = None
     train: bool = True  # False: measure only; every model must be finished already (a run still training)
+    replace_results: bool = False  # --replace-results: a results record of other settings may be replaced
+
+
+def results_path(setup: RunSetup) -> Path:
+    """The results file of a retrain-top run: ``<results>/retrain_top_<preset>.json``."""
+    return setup.results / f"retrain_top_{setup.preset.name}.json"
+
+
+def planned_settings(setup: RunSetup, cfg: RetrainTopConfig, session: Any, methods: list[str]) -> dict[str, Any]:
+    """The settings this run's record will hold (``config`` and the (query, method) pairs of its results), known
+    before any training: compared with the record it would replace (``setup.check_results_record``, QA 48 #1)."""
+    n = len(setup.dataset)
+    return {
+        "checkpoint_hash": session.checkpoint_hash,
+        "num_train": n,
+        "fraction": float(cfg.fraction),
+        "removed": removal_count(n, cfg.fraction),
+        "measurement": cfg.measurement,
+        "true_measurement_mc_samples": int(cfg.mc_samples),
+        "steps": int(cfg.steps or setup.preset.train.steps),
+        "attribution": attribution_settings(session),
+        "queries": sorted_names(cfg.queries),
+        "methods": sorted_names(methods),
+    }
+
+
+def record_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """The settings a retrain-top record holds, as ``planned_settings`` names them (queries and methods from its
+    results when its config lacks them: records before 2026-12-07)."""
+    settings = dict(record.get("config") or {})
+    results = record.get("results") or []
+    settings["queries"] = sorted_names(settings.get("queries") or [r.get("query") for r in results])
+    settings["methods"] = sorted_names(settings.get("methods") or [r.get("method") for r in results])
+    return settings
+
+
+def usable_methods(session: Any, asked: tuple[str, ...] | None) -> list[str]:
+    """The methods asked for (default: every one available here), without those that cannot score here (CLIP
+    without its weights), each said in one warning line as ``lds`` does; ``InvalidSettingError`` when none is
+    left.  Why: ``--methods clip`` without the weights ended in a traceback (QA 48 #6)."""
+    if not asked:
+        return [n for n in session.method_names() if session.available(n)[0]]
+    names = [str(n).strip().lower() for n in asked]
+    for n in names:
+        session.method(n)  # ValueError naming an unknown method
+    left = []
+    for n in names:
+        ok, reason = session.available(n)
+        if ok:
+            left.append(n)
+        else:
+            print(f"warning: {n}: unavailable: {reason}; left out", file=sys.stderr, flush=True)
+    if not left:
+        raise InvalidSettingError(f"--methods {','.join(names)}: no method can score here (see the warning above)")
+    return left
 
 
 def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
     """Score, train all needed models (workers), measure, write ``retrain_top_<preset>.json``."""
     from ..attribution.session import AttributionSession
 
+    if not cfg.queries:  # QA 48 #2: an empty list wrote an empty record over the results
+        raise InvalidSettingError("--query names no query")
+    # QA 48 #3: refused before any training, as lds refuses it (it trained every model, then failed)
+    check_image_measurement(cfg.measurement, setup.preset.diffusion.num_timesteps,
+                            "retrain-top's queries (the retrained models are measured on the image alone)")
+    check_writable_folder(setup.out, "--out")  # QA 48 #7: named, before the session and the training
+    check_writable_folder(setup.results, "--results")
     session = AttributionSession(
         preset=setup.preset,
         checkpoint=setup.checkpoint,
@@ -54,11 +125,17 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
         auto_build=True,
     )
     specs = list(cfg.queries)
-    methods = list(cfg.methods) if cfg.methods else [n for n in session.method_names() if session.available(n)[0]]
-    jobs: list[tuple[str, RetrainJob]] = []
+    methods = usable_methods(session, cfg.methods)
+    parsed = []
     for spec in specs:
         q = session.parse_query(spec)
         q.description = q.description or spec
+        parsed.append((spec, q))
+    # QA 48 #1: a record of other settings (another --query, --fraction, --steps, ...) is not replaced silently
+    check_results_record(results_path(setup), planned_settings(setup, cfg, session, methods), record_settings,
+                         cfg.replace_results)
+    jobs: list[tuple[str, RetrainJob]] = []
+    for spec, q in parsed:
         for method in methods:
             p = plan(
                 session,
@@ -117,6 +194,8 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
             "measurement": cfg.measurement,
             "true_measurement_mc_samples": cfg.mc_samples,
             "steps": int(cfg.steps or setup.preset.train.steps),
+            "queries": list(specs),
+            "methods": list(methods),
             "control": f"one random removal of the same size (seed {CONTROL_SEED}), shared by all queries",
             "attribution": attribution_settings(session),
             "code": code_version(),  # which code made the figures (QA round 21)
@@ -126,7 +205,7 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
         "summary": summarize(results),
     }
     setup.results.mkdir(parents=True, exist_ok=True)
-    path = setup.results / f"retrain_top_{setup.preset.name}.json"
+    path = results_path(setup)
     save_json(path, record)
     print(format_retrain_table(record))
     print(f"wrote {path}")

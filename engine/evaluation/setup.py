@@ -8,16 +8,20 @@ Both evaluations (LDS and retrain-top) start here, so neither borrows from the o
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import folder_lock
 from ..config import DataConfig, ModelConfig, Preset, TrainConfig
+from ..files import can_create_in, nearest_existing_folder
 from ..model.dataset import ImageDataset
 from ..paths import REPO_ROOT
+from ..validation import InvalidSettingError
 
 QUICK_STEPS = 60  # quick mode: full tiny model 60 steps, half subsets 30
 
@@ -114,6 +118,19 @@ def unused_steps_notice(kind: str, preset_steps: int, recipe_steps: int, steps: 
     return f"{name} {what}; the preset's train.steps = {preset_steps:,} is not used"
 
 
+def check_image_measurement(measurement: str, num_timesteps: int, queries: str) -> None:
+    """A measurement an evaluation can take of its query images: known, and not one that needs a recorded
+    sampling trajectory, which ``queries`` (e.g. "the LDS queries") do not have.  Both evaluations refuse it
+    before any training (retrain-top trained every model, then failed: QA 48 #3)."""
+    from ..model.measurements import measurement_info, parse_measurement
+
+    parse_measurement(measurement, num_timesteps)
+    info = measurement_info(measurement)
+    if info is not None and info.needs_trajectory:
+        raise InvalidSettingError(f"--measurement {measurement}: needs a recorded sampling trajectory, which "
+                                  f"{queries} do not have; choose loss, elbo, loss@t=NNN or square-norm")
+
+
 class TrainingBusyError(RuntimeError):
     """Another live process (or another job of this one) is training into the same run folder."""
 
@@ -146,6 +163,107 @@ def _busy_words(out: Path, holder: folder_lock.Holder | None) -> str:
     else:
         who = f"process {holder.pid}{holder.where()} (started {holder.since()})"
     return f"{who} is training into {out}; evaluate the finished models with --no-train, or wait for it"
+
+
+# --- what a run may write where (QA 48 #1 and #7) ----------------------------------------------------------
+# What an evaluation may write where: its folders checked up front, and a results record replaced only by a
+# run of the same settings (QA 48 #1 and #7).
+#
+# Why: the results files are named by preset and measurement only (``lds_<preset>_<measurement>.json``,
+# ``retrain_top_<preset>.json``, ``group_retrain_<preset>.json``), and ``--results`` defaults to the tracked
+# ``assets/results``; a trial run at other settings (K = 5, Q = 4) silently replaced the record README cites and
+# the app's Evaluation tab reads.  Each command now says, before any training, which settings it would write, and
+# refuses a record that holds other ones, unless told ``--replace-results``.  A rerun with the same settings
+# (resume, repeat) writes as before.  A record written before a setting was kept lacks it: that setting is
+# "unknown" there and compared with nothing (only the stored settings that differ refuse).
+#
+# An unwritable ``--out`` or ``--results`` was a bare ``[Errno 2]`` (``--results`` only after the training and
+# scoring): ``check_writable_folder`` says it first, naming the option, as the cache root's check does.
+
+REPLACE_FLAG = "--replace-results"
+
+
+class ResultsSettingsError(InvalidSettingError):
+    """The results file this run would write holds a record made with other settings."""
+
+
+def check_writable_folder(folder: str | Path, flag: str) -> None:
+    """Refuse a folder no file can be made in (a read-only mount, ``/proc``, below a file), naming ``flag``,
+    before the work that fills it.  A missing folder is fine when its nearest existing parent is writable."""
+    folder = Path(folder)
+    where = nearest_existing_folder(folder, f"{flag} {folder}", error=InvalidSettingError)
+    if not can_create_in(where):
+        why = "" if where == folder else f": nothing can be created in {where}"
+        raise InvalidSettingError(f"{flag} {folder} is not writable{why}; choose a writable folder ({flag} DIR)")
+
+
+def _same(old: Any, new: Any) -> bool:
+    if isinstance(old, bool) or isinstance(new, bool):
+        return old == new
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        return math.isclose(float(old), float(new), rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return len(old) == len(new) and all(_same(a, b) for a, b in zip(old, new, strict=True))
+    return old == new
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def differing(stored: dict[str, Any], planned: dict[str, Any]) -> list[str]:
+    """'name OLD there, NEW here' for each setting both hold (stored not None) that differs; a dict setting (the
+    attribution settings) is compared key by key over the keys both hold."""
+    out: list[str] = []
+    for name, new in planned.items():
+        old = stored.get(name)
+        if old is None or new is None:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += [f"{name}.{k} {_show(old[k])} there, {_show(new[k])} here" for k in old
+                    if k in new and old[k] is not None and new[k] is not None and not _same(old[k], new[k])]
+        elif not _same(old, new):
+            out.append(f"{name} {_show(old)} there, {_show(new)} here")
+    return out
+
+
+def check_results_record(
+    path: str | Path,
+    planned: dict[str, Any],
+    stored_settings: Callable[[dict[str, Any]], dict[str, Any]],
+    replace: bool = False,
+) -> None:
+    """Refuse (``ResultsSettingsError``) when ``path`` holds a record whose settings (``stored_settings(record)``)
+    differ from this run's ``planned`` ones; ``replace`` (``--replace-results``) allows it.  A missing or
+    unreadable file is no record: the run writes it."""
+    path = Path(path)
+    if replace or not path.is_file():
+        return
+    try:
+        record = json.loads(path.read_text())
+        stored = stored_settings(record) if isinstance(record, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    diffs = differing(stored, planned)
+    if diffs:
+        raise ResultsSettingsError(
+            f"{path} holds a result made with other settings ({'; '.join(diffs)}); write this run's results "
+            f"elsewhere with --results DIR, or pass {REPLACE_FLAG} to replace it")
+
+
+def sorted_names(names: Any) -> list[str] | None:
+    """A list of names as compared (sorted, unique); None for none (an unknown setting)."""
+    out = sorted({str(n) for n in names or ()})
+    return out or None
+
+
+def base_method(name: str) -> str:
+    """``kfac[loss]`` and ``kfac@1e-05`` -> ``kfac``: the method an LDS record's entry belongs to."""
+    return name.split("@", 1)[0].split("[", 1)[0]
 
 
 def load_queries_file(path: Path) -> dict[str, Any]:
