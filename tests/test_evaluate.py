@@ -494,7 +494,7 @@ def _fake_retrain_top(tiny_preset, digits_small, monkeypatch, run_training) -> t
             return {"method": self.method, "measured_change": 0.1, "random_measured_change": 0.0,
                     "predicted_change": 0.2}
 
-    def plan(session, image, measurement, method, fraction, out, mc, steps):
+    def plan(session, image, measurement, method, fraction, out, mc, steps, same_steps_reference=False):
         return SimpleNamespace(folder=Path(out) / method, result_file=Path(out) / method / "result.json")
 
     monkeypatch.setattr(session_module, "AttributionSession", Session)
@@ -948,3 +948,65 @@ def test_lds_header_is_not_printed_before_a_subsets_refusal(tiny_preset, digits_
     with pytest.raises(SubsetMismatchError, match="use another --out"):
         lds_run.run_lds(setup, LDSConfig(subsets=3, fraction=0.25), lds_run.LDSRun(methods=("kfac",), queries=2))
     assert capsys.readouterr().out == "" and not trained
+
+
+def test_retrain_top_with_other_steps_measures_against_a_same_steps_reference(tiny_preset, digits_small, tmp_path,
+                                                                               monkeypatch):
+    """QA 48 #4: with --steps 600 the change was measured against the 6,000-step full model (+0.147 for every
+    method, the training-length gap). A model of the full training set, trained for the same steps and seed, is
+    trained with the job's models and is the baseline; the full model's steps (default) behave as before."""
+    import engine.evaluation.retrain_top as rt
+    from engine.files import save_npz
+
+    session = SimpleNamespace(preset=tiny_preset, dataset=digits_small, checkpoint_hash="h",
+                              config=tiny_preset.attribution, checkpoint=tmp_path / "full", device="cpu")
+    image = digits_small.images[3]
+    full_steps = tiny_preset.train.steps
+    assert rt.plan(session, image, "loss", "kfac", 0.05, tmp_path, same_steps_reference=True).reference is None
+    assert rt.plan(session, image, "loss", "kfac", 0.05, tmp_path, steps=full_steps,
+                   same_steps_reference=True).reference is None
+    p = rt.plan(session, image, "loss", "kfac", 0.05, tmp_path, steps=full_steps // 2, same_steps_reference=True)
+    assert p.reference is not None and p.result_file.name.endswith("_reference.json")
+    p.folder.mkdir(parents=True)
+    save_npz(p.folder / "removed.npz", removed=np.array([1, 2]), scores=np.zeros(64), kind=np.array("influence"))
+    query = SimpleNamespace(image=image, description="q")
+    job = rt.RetrainJob(session, query, "loss", "kfac", 0.05, p)
+    tasks = job.training_tasks()
+    assert [t.name for t in tasks] == ["without-top-kfac", "random-removal", "full-set-reference"]
+    assert tasks[2].exclude is None and tasks[2].indices is None and tasks[2].steps == full_steps // 2
+    losses = {str(session.checkpoint): 5.0, str(p.reference): 1.0, str(p.folder / "model"): 1.5,
+              str(p.control_folder): 1.1}
+    monkeypatch.setattr(rt, "cached_measurements", lambda folder, *a, **k: np.array([losses[str(folder)]]))
+    r = job.measure(*job.removal())
+    assert r["full_measurement"] == 1.0 and r["measured_change"] == pytest.approx(0.5)
+    assert r["random_measured_change"] == pytest.approx(0.1)
+    assert r["reference_steps"] == full_steps // 2 and r["full_steps"] == full_steps
+    # default steps: the full model, as before
+    p0 = rt.plan(session, image, "loss", "kfac", 0.05, tmp_path / "d")
+    p0.folder.mkdir(parents=True)
+    save_npz(p0.folder / "removed.npz", removed=np.array([1, 2]), scores=np.zeros(64), kind=np.array("influence"))
+    losses.update({str(p0.folder / "model"): 5.5, str(p0.control_folder): 5.1})
+    job0 = rt.RetrainJob(session, query, "loss", "kfac", 0.05, p0)
+    assert len(job0.training_tasks()) == 2
+    r0 = job0.measure(*job0.removal())
+    assert r0["full_measurement"] == 5.0 and "reference_steps" not in r0
+
+
+def test_retrain_top_says_and_records_a_same_steps_reference(tiny_preset, digits_small, tmp_path, monkeypatch, capsys):
+    """QA 48 #4: the run says so on stderr, and its record and table hold the reference's and the full model's steps;
+    at the full model's steps nothing is said."""
+    from engine.evaluation.setup import RunSetup
+
+    rtr, _ = _fake_retrain_top(tiny_preset, digits_small, monkeypatch, lambda tasks, **kw: None)
+    setup = RunSetup(tiny_preset, tmp_path / "ckpt", digits_small, tmp_path / "out", tmp_path / "results", "cpu", False)
+    steps = tiny_preset.train.steps + 7
+    capsys.readouterr()
+    rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac",), steps=steps))
+    cap = capsys.readouterr()
+    assert f"notice: --steps {steps} differs from the full model's" in cap.err and "changes against a reference" in cap.out
+    c = json.loads((tmp_path / "results" / f"retrain_top_{tiny_preset.name}.json").read_text())["config"]
+    assert c["reference_steps"] == steps and c["full_steps"] == tiny_preset.train.steps
+    rtr.run_retrain_top(setup, rtr.RetrainTopConfig(queries=("gallery:0",), methods=("kfac",),
+                                                    replace_results=True))
+    cap = capsys.readouterr()
+    assert "notice" not in cap.err and "reference" not in cap.out

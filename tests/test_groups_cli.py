@@ -508,3 +508,29 @@ def test_group_retrain_refuses_to_replace_a_record_of_other_settings(cli, tmp_pa
     assert earlier.read_text() == text and not (tmp_path / "models").exists()
     rc, out, err = cli(*args, "--replace-results")  # goes on, to the next check (nothing trained yet)
     assert rc == 2 and "no group's retrained model is finished yet" in err, err
+
+
+def test_group_retrain_with_other_steps_measures_against_a_same_steps_reference(cli, tmp_path):
+    """QA 48 #4: with --steps below the full model's, the "measured change" was the training-length gap (+0.135 on
+    every sample); a reference model of the full training set, trained as long with the same seed, is the baseline
+    now, said in a notice and recorded (reference_steps, full_steps)."""
+    from pathlib import Path
+
+    from engine.evaluation.group_retrain import reference_model
+    from engine.evaluation.runs import is_finished
+    from engine.model.checkpoint import checkpoint_hash
+
+    models, results = tmp_path / "models", tmp_path / "results"
+    rc, out, err = cli("group-retrain", "--remove", "label:2", "--steps", "3", "--true-mc-samples", "4", "--out",
+                       str(models), "--results", str(results), "--methods", "kfac")
+    assert rc == 0, err
+    assert "notice: --steps 3 differs from the full model's" in err and "reference model" in err
+    record = json.loads((results / "group_retrain_tiny.json").read_text())
+    c = record["config"]
+    assert c["reference_steps"] == 3 and c["full_steps"] != 3 and "changes against a reference" in out
+    folder = Path(record["groups"][0]["model"]).parent.parent
+    ref = reference_model(folder, record["config"]["checkpoint_hash"], 3)
+    assert is_finished(ref) and checkpoint_hash(ref) != record["config"]["checkpoint_hash"]
+    full = np.asarray(record["groups"][0]["full_measurement"])
+    mfile = next((ref / "measurements").glob("*.json"))
+    assert np.allclose(full, json.loads(mfile.read_text())["values"])  # the reference's losses, not the full model's

@@ -76,6 +76,13 @@ def plan_group(
     return GroupRetrainPlan(spec, members, folder, int(steps))
 
 
+def reference_model(out_root: str | Path, checkpoint_hash: str, steps: int) -> Path:
+    """The folder of the model trained on the full training set for ``steps`` (the full model's recipe and seed),
+    which a run with --steps other than the full model's measures its changes against (QA 48 #4)."""
+    key = hashlib.sha256(json.dumps([checkpoint_hash, "reference", int(steps)]).encode()).hexdigest()[:16]
+    return Path(out_root) / f"reference_{key}" / "model"
+
+
 def training_task(plan: GroupRetrainPlan, preset: Preset) -> TrainTask:
     """The resumable training job of a group plan (the full model's recipe without the members)."""
     return TrainTask(f"without-{plan.spec}", str(plan.model), preset, plan.steps, exclude=plan.members)
@@ -180,8 +187,18 @@ def run_group_retrain(
     from .setup import train_lock
 
     steps = int(steps if steps is not None else session.preset.train.steps)
+    full_steps = int(session.preset.train.steps)
     out_root = Path(out_root)
     groups = [parse_group(s, session.dataset) for s in group_specs]
+    # QA 48 #4: --steps other than the full model's compares with a model of the full training set trained as long
+    reference = reference_model(out_root, session.checkpoint_hash, steps) if steps != full_steps else None
+    if reference is not None:
+        import sys
+
+        print(f"notice: --steps {steps:,} differs from the full model's {full_steps:,}: the changes are measured "
+              f"against a reference model trained on the full training set for the same {steps:,} steps and seed "
+              f"({reference}, resumable), not against the full model", file=sys.stderr, flush=True)
+
     def plans_of() -> list[GroupRetrainPlan]:  # each writes its group's members.json
         return [plan_group(g.spec, g.members, session.checkpoint_hash, steps, out_root) for g in groups]
 
@@ -190,8 +207,10 @@ def run_group_retrain(
         # one trainer per folder, as lds and retrain-top (QA 36 #7), taken before the plans write into it (QA 37)
         with train_lock(out_root):
             plans = plans_of()
-            run_training([training_task(p, session.preset) for p in plans], workers=workers,
-                         device=session.device, log=log)
+            tasks = [training_task(p, session.preset) for p in plans]
+            if reference is not None:
+                tasks.append(TrainTask("full-set-reference", str(reference), session.preset, steps))
+            run_training(tasks, workers=workers, device=session.device, log=log)
     else:
         plans = plans_of()
     qset = gallery_set(session)
@@ -203,6 +222,8 @@ def run_group_retrain(
             "checkpoint_hash": session.checkpoint_hash,
             "num_train": len(session.dataset),
             "steps": steps,
+            "full_steps": full_steps,
+            **({"reference_steps": steps, "reference_model": str(reference)} if reference is not None else {}),
             "measurement": "loss",
             "true_measurement_mc_samples": mc_samples,
             "true_measurement_seed": spec.seed,
@@ -221,7 +242,9 @@ def run_group_retrain(
     }
     ready = []
     for g, p in zip(groups, plans, strict=True):
-        if is_finished(p.model):
+        if reference is not None and not is_finished(reference):
+            log(f"{g.spec}: the full-set reference model of {steps:,} steps is not trained yet ({reference}); skipped")
+        elif is_finished(p.model):
             ready.append((g, p))
         else:
             log(f"{g.spec}: the model without it is not trained yet ({p.model}); skipped")
@@ -234,8 +257,8 @@ def run_group_retrain(
                                        progress=lambda m, f, step=step: step(m, 0.4 * f))
             predicted = {n: result.changes(n) for n in result.ok()}
             full, measured = measured_changes(
-                p, session.checkpoint, images, spec, session.dataset.levels, session.device,
-                full_cache_dir=out_root / "full_measurements",
+                p, reference if reference is not None else session.checkpoint, images, spec, session.dataset.levels,
+                session.device, full_cache_dir=None if reference is not None else out_root / "full_measurements",
                 progress=lambda m, f, step=step: step(m, 0.4 + 0.6 * f),
             )
             record["groups"].append(_group_entry(g, p, result, predicted, full, measured))
@@ -259,8 +282,12 @@ def _group_entry(g: Any, p: GroupRetrainPlan, result: Any, predicted: dict[str, 
 
 def format_group_retrain(record: dict[str, Any]) -> str:
     """Spearman of predicted vs measured change over the queries, per group and method."""
-    lines = [f"retraining without each group ({record['config']['steps']} steps), "
-             f"{len(record['config']['queries'])} gallery queries, measurement loss"]
+    c = record["config"]
+    lines = [f"retraining without each group ({c['steps']} steps), "
+             f"{len(c['queries'])} gallery queries, measurement loss"]
+    if c.get("reference_steps"):
+        lines.append(f"changes against a reference trained {c['reference_steps']:,} steps on the full training set "
+                     f"(the full model: {c['full_steps']:,} steps)")
     for g in record["groups"]:
         lines.append(f"{g['spec']} ({g['size']} images): mean measured change {np.mean(g['measured_change']):+.5f}")
         for n, c in g["comparison"].items():

@@ -111,11 +111,17 @@ class RetrainPlan:
     control_folder: Path  # out_root/control_<key>/model
     steps: int
     spec: MeasureSpec
+    # --steps other than the full model's: a model trained on the full training set for ``steps`` (same recipe and
+    # seed), out_root/reference_<key>/model, which the changes are measured against (QA 48 #4); None: the full model
+    reference: Path | None = None
 
     @property
     def result_file(self) -> Path:
-        """This job's result for its true-measurement draws; other draws keep their own file beside it."""
-        return self.folder / result_file_name(self.spec)
+        """This job's result for its true-measurement draws; other draws keep their own file beside it (and a
+        result measured against a same-steps reference its own name: one measured against the full model, by
+        the code before QA 48, is not taken for it)."""
+        name = result_file_name(self.spec)
+        return self.folder / (name.replace(".json", "_reference.json") if self.reference is not None else name)
 
 
 def result_file_name(spec: MeasureSpec) -> str:
@@ -134,8 +140,13 @@ def plan(
     out_root: Path,
     mc_samples: int = TRUE_MC_SAMPLES,
     steps: int | None = None,
+    same_steps_reference: bool = False,
 ) -> RetrainPlan:
     """The folders and settings of one (query, method) retraining under ``out_root``.
+
+    ``same_steps_reference`` (the ``retrain-top`` command's runs): with ``steps`` other than the full model's, a model
+    of the full training set trained for ``steps`` (same recipe and seed) is the baseline of the changes (QA 48 #4);
+    without it (the app's jobs, which train the full model's steps) the full model is.
 
     A folder of the older key (with the measurement draws in it) is moved to the new one first."""
     steps = int(steps if steps is not None else session.preset.train.steps)
@@ -146,7 +157,10 @@ def plan(
     key = _key(*removal, settings)
     ckey = _key(session.checkpoint_hash, "control", n, removal_count(n, fraction), CONTROL_SEED, steps)
     root = Path(out_root)
-    p = RetrainPlan(key, root / key, root / f"control_{ckey}" / "model", steps, spec)
+    reference = None
+    if same_steps_reference and steps != int(session.preset.train.steps):  # QA 48 #4: a 600-step model against the 6,000-step one
+        reference = root / f"reference_{_key(session.checkpoint_hash, 'reference', steps)}" / "model"
+    p = RetrainPlan(key, root / key, root / f"control_{ckey}" / "model", steps, spec, reference)
     _adopt_legacy_folder(p, root / _key(*removal, mc_samples, spec.seed, settings))
     return p
 
@@ -320,7 +334,7 @@ class RetrainJob:
         n = len(self.session.dataset)
         control = random_control(n, len(removed))
         preset = self.session.preset
-        return [
+        tasks = [
             TrainTask(
                 f"without-top-{self.method}",
                 str(self.plan.folder / "model"),
@@ -332,6 +346,9 @@ class RetrainJob:
                 "random-removal", str(self.plan.control_folder), preset, self.plan.steps, exclude=control
             ),
         ]
+        if self.plan.reference is not None:  # the full training set, the same steps and seed
+            tasks.append(TrainTask("full-set-reference", str(self.plan.reference), preset, self.plan.steps))
+        return tasks
 
     def _run(self) -> None:
         from ..model.train import train
@@ -342,7 +359,8 @@ class RetrainJob:
         tasks = self.training_tasks()
         unfinished = [not is_finished(t.out) for t in tasks]
         for j, task in enumerate(tasks):
-            lo, hi = 0.05 + 0.45 * j, 0.05 + 0.45 * (j + 1)
+            span = 0.9 / len(tasks)
+            lo, hi = 0.05 + span * j, 0.05 + span * (j + 1)
             if is_finished(task.out):
                 continue
             later = sum(int(t.steps) for t, u in zip(tasks[j + 1:], unfinished[j + 1:], strict=True) if u)
@@ -391,16 +409,19 @@ class RetrainJob:
         were trained in a shared worker pool (the CLI), where no per-job time exists (it said 0.0)."""
         spec, levels, dev = self.plan.spec, self.session.dataset.levels, self.session.device
         x = self.query.image[None].cpu()
-        full = float(
-            cached_measurements(
-                self.session.checkpoint,
-                x,
-                spec,
-                levels,
-                dev,
-                cache_dir=self.plan.folder.parent / "full_measurements",
-            )[0]
-        )
+        if self.plan.reference is not None:  # --steps other than the full model's: like with like (QA 48 #4)
+            full = float(cached_measurements(self.plan.reference, x, spec, levels, dev)[0])
+        else:
+            full = float(
+                cached_measurements(
+                    self.session.checkpoint,
+                    x,
+                    spec,
+                    levels,
+                    dev,
+                    cache_dir=self.plan.folder.parent / "full_measurements",
+                )[0]
+            )
         top = float(cached_measurements(self.plan.folder / "model", x, spec, levels, dev)[0])
         ctrl = float(cached_measurements(self.plan.control_folder, x, spec, levels, dev)[0])
         result = {
@@ -418,6 +439,8 @@ class RetrainJob:
             "measured_change": top - full,
             "random_measured_change": ctrl - full,
             "steps": self.plan.steps,
+            "full_steps": int(self.session.preset.train.steps),
+            **({"reference_steps": self.plan.steps} if self.plan.reference is not None else {}),
             "mc_samples": spec.mc_samples,
             "checkpoint_hash": self.session.checkpoint_hash,
             "seconds": seconds,
