@@ -137,7 +137,8 @@ def test_subset_training_resumes_and_skips_finished(tiny_preset, digits_small, t
     train_subsets(
         preset, tmp_path, cfg, digits_small, workers=1, pass_dataset=True, progress=False, log=logs.append
     )
-    assert "2 to train" in logs[0]
+    # QA 48 #8: the steps a resumed model kept, in words (they showed only as the bar's starting count)
+    assert "2 models: 0 finished before, 1 resumed at step 10 of 12, 1 to train" in logs[0], logs[0]
     for k in range(2):
         f = model_folder(tmp_path, k, 0)
         assert (f / "model.safetensors").is_file() and not (f / "train_state.pt").is_file()
@@ -1010,3 +1011,26 @@ def test_retrain_top_says_and_records_a_same_steps_reference(tiny_preset, digits
                                                     replace_results=True))
     cap = capsys.readouterr()
     assert "notice" not in cap.err and "reference" not in cap.out
+
+
+def test_retrain_tops_header_gives_a_tiny_share_its_digits_and_one_image_its_singular():
+    """QA 48 #8: ``--fraction 0.0001`` read "top 0.0% (1 images)"."""
+    from engine.evaluation.retrain_top_run import format_retrain_table, share_words
+
+    assert [share_words(f) for f in (0.02, 0.0001, 0.025, 1 / 3)] == ["2%", "0.01%", "2.5%", "33.3%"]
+    record = {"config": {"fraction": 0.0001, "removed": 1, "measurement": "loss"}, "results": []}
+    assert format_retrain_table(record).splitlines()[0] == "retraining without top 0.01% (1 image), measurement=loss"
+
+
+def test_a_resumed_models_kept_steps_are_said_in_words(tiny_preset, digits_small, tmp_path):
+    """QA 48 #8: "3 models: 1 finished before, 2 to train" hid that one had kept 500 of its 600 steps."""
+    from engine.evaluation.runs import TrainTask, plan_words
+    from engine.model.train import STATE
+
+    folders = [tmp_path / n for n in ("done", "half", "new")]
+    for f in folders[:2]:
+        f.mkdir()
+    torch.save({"step": 500}, folders[1] / STATE)
+    tasks = [TrainTask(f.name, str(f), tiny_preset, 600) for f in folders]
+    line = plan_words(tasks, tasks[1:], 2)
+    assert line == "3 models: 1 finished before, 1 resumed at step 500 of 600, 1 to train with 2 worker(s)"

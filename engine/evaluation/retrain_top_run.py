@@ -245,10 +245,20 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def share_words(fraction: float) -> str:
+    """A fraction as a percentage with the digits it needs: 0.02 -> "2%", 0.0001 -> "0.01%" (QA 48 #8: "0.0%")."""
+    pct = 100.0 * float(fraction)
+    for digits in range(1, 6):  # the fewest that show it within 0.5%
+        if abs(round(pct, digits) - pct) <= 0.005 * pct:
+            break
+    return f"{pct:.{digits}f}".rstrip("0").rstrip(".") + "%"
+
+
 def format_retrain_table(record: dict[str, Any]) -> str:
     c = record["config"]
     lines = [
-        f"retraining without top {c['fraction']:.1%} ({c['removed']} images), measurement={c['measurement']}",
+        f"retraining without top {share_words(c['fraction'])} ({c['removed']} image{'s' if c['removed'] != 1 else ''}), "
+        f"measurement={c['measurement']}",
         f"{'query':<12}{'method':<10}{'predicted':>11}{'measured':>11}{'random':>11}",
     ]
     if c.get("reference_steps"):

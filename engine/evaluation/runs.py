@@ -224,6 +224,33 @@ def _run_task(
     return task.name, time.time() - t0
 
 
+def saved_step(folder: str | Path) -> int | None:
+    """The step an unfinished model's ``train_state.pt`` holds (its training resumes there); None without one or
+    when it cannot be read (the training then says why)."""
+    from ..model.train import STATE
+    from ..safe_load import load_plain_state
+
+    path = Path(folder) / STATE
+    if not path.is_file():
+        return None
+    try:
+        return int(load_plain_state(path, "", map_location="cpu")["step"]) or None
+    except Exception:  # noqa: BLE001 - a plan line only; the training reports a damaged state itself
+        return None
+
+
+def plan_words(tasks: Sequence[TrainTask], todo: Sequence[TrainTask], workers: int) -> str:
+    """"3 models: 1 finished before, 1 resumed at step 500 of 600, 1 to train with 1 worker(s)": the steps a resumed
+    model kept, in words (QA 48 #8: they showed only as the bar's starting count)."""
+    resumed = [(int(s), int(t.steps)) for t in todo if (s := saved_step(t.out)) is not None]
+    parts = [f"{len(tasks) - len(todo)} finished before"]
+    if resumed:
+        at = " and ".join(f"{s:,} of {n:,}" for s, n in resumed)
+        parts.append(f"{len(resumed)} resumed at step{'s' if len(resumed) > 1 else ''} {at}")
+    parts.append(f"{len(todo) - len(resumed)} to train")
+    return f"{len(tasks)} model{'s' if len(tasks) != 1 else ''}: {', '.join(parts)} with {workers} worker(s)"
+
+
 def run_training(
     tasks: Sequence[TrainTask],
     workers: int = 1,
@@ -247,7 +274,7 @@ def run_training(
     """
     todo = [t for t in tasks if not is_finished(t.out)]
     done_before = len(tasks) - len(todo)
-    log(f"{len(tasks)} models: {done_before} finished before, {len(todo)} to train with {workers} worker(s)")
+    log(plan_words(tasks, todo, workers))
     if not todo:
         return []
     total = sum(int(t.steps) for t in tasks)
