@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         app_flags, options = split_argv(argv)
-        check_preset(parse_args(app_flags, env=dict(os.environ)))
+        check_preset(parse_args(app_flags, env=dict(os.environ), prog="python -m explorer"))
     except HelpRequested as e:
         print(e.text, end="" if e.text.endswith("\n") else "\n")
         return 0

@@ -87,12 +87,14 @@ class _Parser(argparse.ArgumentParser):
         raise ArgsError(f"error: {message} (the app takes: {' '.join(self.format_usage().split()[2:])})")
 
 
-def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> AppArgs:
+def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None,
+               prog: str = "explorer/app.py") -> AppArgs:
     """Flags after ``--`` on the streamlit command line (``argv``: the flags themselves; default: this app's
     flags from sys.argv, ``app_argv``), falling back to ATTRIBUTION_* variables.  ``ArgsError`` on an
-    unknown flag: a misspelt ``--cache`` silently building a new cache under ./cache costs minutes."""
+    unknown flag: a misspelt ``--cache`` silently building a new cache under ./cache costs minutes.  ``prog``: the
+    program its usage line names (``python -m explorer`` there: QA 49 #2)."""
     env = dict(os.environ) if env is None else env
-    p = _Parser(prog="explorer/app.py", add_help=False, allow_abbrev=False, epilog=HELP_EPILOG,
+    p = _Parser(prog=prog, add_help=False, allow_abbrev=False, epilog=HELP_EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Diffusion Attribution Explorer: which training images a diffusion model's output "
                             "comes from.")

@@ -34,13 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clicks", default="5,12,20,27", help="gallery samples to click, in order")
     p.add_argument("--repeat", type=int, default=1, help="times to click the whole list")
     p.add_argument("--browser", action="store_true", help="time the clicks in headless Chromium instead")
+    p.add_argument("--port", type=int, default=None, help="--browser: the server's port (default: a free one)")
     args = p.parse_args(argv)
     clicks = [int(c) for c in args.clicks.split(",") if c.strip()]
     if not Path(args.cache_root).is_dir():
         print(f"error: --cache-root {args.cache_root} is not a folder", file=sys.stderr)
         return 2
     if args.browser:
-        return _browser(args.preset, Path(args.cache_root).resolve(), clicks, args.repeat)
+        return _browser(args.preset, Path(args.cache_root).resolve(), clicks, args.repeat, args.port)
     os.environ["ATTRIBUTION_PRESET"] = args.preset
     os.environ["ATTRIBUTION_CACHE"] = str(Path(args.cache_root).resolve())
     sys.path.insert(0, str(ROOT))
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _browser(preset: str, cache: Path, clicks: list[int], repeat: int) -> int:
+def _browser(preset: str, cache: Path, clicks: list[int], repeat: int, port: int | None) -> int:
     sys.path.insert(0, str(ROOT))
     from explorer import headless
 
@@ -94,7 +95,8 @@ def _browser(preset: str, cache: Path, clicks: list[int], repeat: int) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 2
     content, idle = [], []
-    with headless.serve(app_args=["--preset", preset, "--cache", str(cache)]) as url, headless.chromium() as driver:
+    with headless.serve(app_args=["--preset", preset, "--cache", str(cache)], port=port) as url, \
+            headless.chromium() as driver:
         driver.get(url)
         headless.wait_for(driver, ["Gallery sample 0 ", "Proponents"], absent=["Attributing", "Being built"],
                           timeout=600)

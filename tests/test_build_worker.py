@@ -413,3 +413,35 @@ def test_the_finished_line_names_what_an_earlier_run_built():
     one = finished_message(BuildState(status="done", started=t - 18, finished=t, built_before=("kfac",)))
     assert "K-FAC was built by an earlier run" in finished_message(
         BuildState(status="done", started=t, finished=t, built_before=("kfac",)), {"kfac": "K-FAC"}) and "kfac was" in one
+
+
+def test_builds_take_their_turns_in_the_order_they_were_started_not_by_whose_check_ends_first():
+    """QA 49 #1: after a restart the server started its own model's build first (mnist, 87% built), but each build
+    checks its caches before it asks for the turn, and a tab's digits, quicker to check, took the turn: mnist
+    waited 3.5-5 min.  The turn follows ``start``: the first started builds first, even when its check ends last."""
+    from types import SimpleNamespace
+
+    order: list[str] = []
+    own, tab = _Session(), _Session()
+    own.preset, tab.preset = SimpleNamespace(name="mnist"), SimpleNamespace(name="digits")
+    own.status_gate = threading.Event()  # its cache check is the slow one
+    for s, name in ((own, "mnist"), (tab, "digits")):
+        real = s.build
+        s.build = lambda names, progress, real=real, name=name: order.append(name) or real(names, progress)
+        s.gate.set()
+    w_own, w_tab = BuildWorker(own, terminal=False), BuildWorker(tab, terminal=False)
+    w_own.start()
+    w_tab.start()
+    waiting = _when(w_tab, lambda st: st.message.startswith("waiting for"), timeout=10)
+    assert "the mnist model's" in waiting.message and order == []  # the tab's check is done: it waits all the same
+    own.status_gate.set()
+    assert w_own.wait(30).status == "done" and w_tab.wait(30).status == "done"
+    assert order == ["mnist", "mnist", "digits", "digits"]  # each builds a and b; mnist's first
+    # a build with nothing to build gives its place up at once
+    done, after = _Session(), _Session()
+    done.built = {"a", "b"}
+    after.gate.set()
+    w_done, w_after = BuildWorker(done, terminal=False), BuildWorker(after, terminal=False)
+    w_done.start()
+    w_after.start()
+    assert w_done.wait(30).status == "done" and w_after.wait(30).status == "done"

@@ -42,8 +42,14 @@ log = logging.getLogger(__name__)
 # One build at a time in a process: a second model's build (the app's model switch while the first builds) would
 # share the cores with the first and bring neither sooner (QA 30c: the mnist build started beside the digits one,
 # halving its CPU on a 2-core laptop, and nothing said so).  The second waits, and says for whom.
-_ONE_BUILD = threading.Lock()
-_BUILDING: list[BuildWorker] = []  # the build that holds it, for the waiting build's message (whose, time left)
+#
+# Turns go in the order the builds were started (``start``), not in the order their cache checks end: after a
+# restart the server starts its own model's build first (``explorer.runtime.serve``), but each build checks its
+# caches before it asks for the turn, and a tab's digits, quicker to check, took it from mnist, 87% built, which
+# then waited 3.5-5 min (QA 49 #1).  ``_QUEUE`` holds the started builds that may still build, oldest first; the
+# first builds, the others wait; one leaves it when it has built, failed or found nothing to build.
+_TURNS = threading.Condition()
+_QUEUE: list[BuildWorker] = []
 WAITING_TURN = "cache build in this server to finish"  # in the waiting build's message (the app shows it as it is)
 
 _RUNNING: set[threading.Thread] = set()  # the build threads alive
@@ -201,6 +207,9 @@ class BuildWorker:
                 attempts=self._state.attempts + 1,
             )
             self._checked.clear()
+            with _TURNS:  # its place in the order of turns: when it was started
+                if self not in _QUEUE:
+                    _QUEUE.append(self)
             self._thread = threading.Thread(target=self._run, name="cache-build", daemon=True)
             _RUNNING.add(self._thread)
             self._thread.start()
@@ -225,6 +234,7 @@ class BuildWorker:
         try:
             self._run_job()
         finally:
+            _leave_queue(self)
             _RUNNING.discard(threading.current_thread())
 
     def _run_job(self) -> None:
@@ -232,6 +242,8 @@ class BuildWorker:
         # at nice 10 on a loaded machine, CLIP's availability check, an open_clip import, took over a minute)
         todo = self._check()
         self._checked.set()
+        if not todo:  # nothing to build (or a failed check): the next started build's turn
+            _leave_queue(self)
         _lower_priority(self.nice)  # the build itself yields the CPU to the pages being served
         if todo:
             self._build(todo)
@@ -260,21 +272,28 @@ class BuildWorker:
         return f"the {preset} model's" if preset else "another"
 
     def _take_turn(self) -> None:
-        """Wait for this process's other build, if one runs (``_ONE_BUILD``), saying so every few seconds."""
+        """Wait for the builds of this process started before this one (``_QUEUE``), saying so every few seconds."""
         t0 = time.monotonic()
         waited = False
-        while not _ONE_BUILD.acquire(timeout=2.0):
+        while True:
+            with _TURNS:
+                if self not in _QUEUE:  # left by a Retry's earlier run: back at the end
+                    _QUEUE.append(self)
+                if _QUEUE[0] is self:
+                    break
+                _TURNS.wait(timeout=2.0)
+                holder = _QUEUE[0] if _QUEUE and _QUEUE[0] is not self else None
+            if holder is None:
+                continue
             waited = True
             if exiting.exit_requested():
                 raise BuildStopped("the process is exiting")
-            holder = _BUILDING[0] if _BUILDING else None
-            whose = holder._what() if holder is not None else "another"
+            whose = holder._what()
             # the other build's own estimate, so that this page can say how long the wait is (QA 40 #6)
             left = holder.state.time_left() if holder is not None else None
             left_words = f"it has about {left} left; " if left else ""
             self._set(message=f"waiting for {whose} {WAITING_TURN} ({left_words}one build at a time, so that each "
                               f"gets the whole CPU; {(time.monotonic() - t0) / 60:.1f} min so far)")
-        _BUILDING[:] = [self]
         if waited:  # the build's minutes count from its turn: "built in 29.6 min" held 3.4 min of waiting (QA 30c)
             self._set(started=time.time())
 
@@ -292,8 +311,7 @@ class BuildWorker:
         try:
             self._build_turn(todo)
         finally:
-            _BUILDING.clear()
-            _ONE_BUILD.release()
+            _leave_queue(self)
 
     def _build_turn(self, todo: list[str]) -> None:
         bar = self._bar()
@@ -374,6 +392,14 @@ class BuildWorker:
             file=sys.stderr,
             **interval(1.0),  # TQDM_MININTERVAL, when set
         )
+
+
+def _leave_queue(worker: BuildWorker) -> None:
+    """``worker`` gives up its place in the order of turns (built, failed, nothing to build, or its thread ended)."""
+    with _TURNS:
+        if worker in _QUEUE:
+            _QUEUE.remove(worker)
+            _TURNS.notify_all()
 
 
 def _user_message(e: BaseException) -> str:
