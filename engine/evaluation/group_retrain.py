@@ -35,7 +35,15 @@ import torch
 from ..attribution.methods.base import Progress, no_progress
 from ..code_version import code_version
 from ..config import TRUE_MC_SAMPLES, Preset, attribution_settings
-from .runs import MeasureSpec, TrainTask, cached_measurements, is_finished
+from .runs import (  # noqa: F401 - reference_model: the folder rule, also read from here (tests)
+    MeasureSpec,
+    TrainTask,
+    cached_measurements,
+    is_finished,
+    reference_line,
+    reference_model,
+    reference_notice,
+)
 from .stats import spearman
 
 
@@ -74,13 +82,6 @@ def plan_group(
         record = {"spec": spec, "members": members.tolist(), "steps": int(steps), "checkpoint": checkpoint_hash}
         atomic_write_bytes(info, json.dumps(record).encode())
     return GroupRetrainPlan(spec, members, folder, int(steps))
-
-
-def reference_model(out_root: str | Path, checkpoint_hash: str, steps: int) -> Path:
-    """The folder of the model trained on the full training set for ``steps`` (the full model's recipe and seed),
-    which a run with --steps other than the full model's measures its changes against (QA 48 #4)."""
-    key = hashlib.sha256(json.dumps([checkpoint_hash, "reference", int(steps)]).encode()).hexdigest()[:16]
-    return Path(out_root) / f"reference_{key}" / "model"
 
 
 def training_task(plan: GroupRetrainPlan, preset: Preset) -> TrainTask:
@@ -195,9 +196,7 @@ def run_group_retrain(
     if reference is not None:
         import sys
 
-        print(f"notice: --steps {steps:,} differs from the full model's {full_steps:,}: the changes are measured "
-              f"against a reference model trained on the full training set for the same {steps:,} steps and seed "
-              f"({reference}, resumable), not against the full model", file=sys.stderr, flush=True)
+        print(f"notice: {reference_notice(steps, full_steps)} ({reference})", file=sys.stderr, flush=True)
 
     def plans_of() -> list[GroupRetrainPlan]:  # each writes its group's members.json
         return [plan_group(g.spec, g.members, session.checkpoint_hash, steps, out_root) for g in groups]
@@ -285,9 +284,8 @@ def format_group_retrain(record: dict[str, Any]) -> str:
     c = record["config"]
     lines = [f"retraining without each group ({c['steps']} steps), "
              f"{len(c['queries'])} gallery queries, measurement loss"]
-    if c.get("reference_steps"):
-        lines.append(f"changes against a reference trained {c['reference_steps']:,} steps on the full training set "
-                     f"(the full model: {c['full_steps']:,} steps)")
+    if reference_line(c):
+        lines.append(reference_line(c))
     for g in record["groups"]:
         lines.append(f"{g['spec']} ({g['size']} images): mean measured change {np.mean(g['measured_change']):+.5f}")
         for n, c in g["comparison"].items():

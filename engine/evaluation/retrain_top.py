@@ -45,6 +45,7 @@ from .runs import (
     TrainTask,
     cached_measurements,
     is_finished,
+    reference_model,
 )
 
 CONTROL_SEED = 0
@@ -159,7 +160,7 @@ def plan(
     root = Path(out_root)
     reference = None
     if same_steps_reference and steps != int(session.preset.train.steps):  # QA 48 #4: a 600-step model against the 6,000-step one
-        reference = root / f"reference_{_key(session.checkpoint_hash, 'reference', steps)}" / "model"
+        reference = reference_model(root, session.checkpoint_hash, steps)
     p = RetrainPlan(key, root / key, root / f"control_{ckey}" / "model", steps, spec, reference)
     _adopt_legacy_folder(p, root / _key(*removal, mc_samples, spec.seed, settings))
     return p

@@ -23,6 +23,8 @@ from .retrain_top import CONTROL_SEED, RetrainJob, attribution_settings, plan, r
 from .runs import (
     TrainTask,
     is_finished,
+    reference_line,
+    reference_notice,
     run_training,
 )
 from .setup import (
@@ -137,7 +139,7 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
     steps = int(cfg.steps or setup.preset.train.steps)
     full_steps = int(setup.preset.train.steps)
     if steps != full_steps:  # QA 48 #4
-        print(f"notice: {reference_words(steps, full_steps)}", file=sys.stderr, flush=True)
+        print(f"notice: {reference_notice(steps, full_steps)}", file=sys.stderr, flush=True)
     jobs: list[tuple[str, RetrainJob]] = []
     for spec, q in parsed:
         for method in methods:
@@ -219,14 +221,6 @@ def run_retrain_top(setup: RunSetup, cfg: RetrainTopConfig) -> int:
     return 0
 
 
-def reference_words(steps: int, full_steps: int) -> str:
-    """Why a run with --steps other than the full model's compares with a reference model (QA 48 #4: 600-step models
-    against the 6,000-step full model measured the training-length gap, +0.14 on every query, not the removal)."""
-    return (f"--steps {steps:,} differs from the full model's {full_steps:,}: the changes are measured against a "
-            f"reference model trained on the full training set for the same {steps:,} steps and seed (trained once "
-            f"in the run folder, resumable), not against the full model")
-
-
 def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean measured change per method (and of the random control) over queries."""
     out: dict[str, dict[str, float]] = {}
@@ -261,9 +255,8 @@ def format_retrain_table(record: dict[str, Any]) -> str:
         f"measurement={c['measurement']}",
         f"{'query':<12}{'method':<10}{'predicted':>11}{'measured':>11}{'random':>11}",
     ]
-    if c.get("reference_steps"):
-        lines.insert(1, f"changes against a reference trained {c['reference_steps']:,} steps on the full training "
-                        f"set (the full model: {c['full_steps']:,} steps)")
+    if reference_line(c):
+        lines.insert(1, reference_line(c))
     for r in record["results"]:
         p = "-" if r.get("predicted_change") is None else f"{r['predicted_change']:+.5f}"
         lines.append(
