@@ -152,17 +152,23 @@ def _subset_settings(dataset: ImageDataset, cfg: LDSConfig) -> dict[str, Any]:
     return {"fraction": cfg.fraction, "subset_seed": cfg.subset_seed, "data": data_digest(dataset)}
 
 
+def _saved_subsets(path: Path, settings: dict[str, Any]) -> np.ndarray | None:
+    """The masks saved in ``path`` (None without the file); ``SubsetMismatchError`` when they were made with other
+    ``settings``."""
+    if not path.is_file():
+        return None
+    with load_npz(path) as z:
+        old = json.loads(str(z["settings"]))
+        masks = z["masks"]
+    if old != settings:
+        raise SubsetMismatchError(f"{path} was made with {old}, not {settings}; use another --out or delete it")
+    return masks
+
+
 def check_subsets_file(out: Path, dataset: ImageDataset, cfg: LDSConfig) -> None:
     """``SubsetMismatchError`` when ``out/subsets.npz`` was made with other settings; writes nothing.  Why: the
     refusal came from inside the training, after the run's header and files (QA 48 #5, #8)."""
-    path = Path(out) / "subsets.npz"
-    if not path.is_file():
-        return
-    settings = _subset_settings(dataset, cfg)
-    with load_npz(path) as z:
-        old = json.loads(str(z["settings"]))
-    if old != settings:
-        raise SubsetMismatchError(f"{path} was made with {old}, not {settings}; use another --out or delete it")
+    _saved_subsets(Path(out) / "subsets.npz", _subset_settings(dataset, cfg))
 
 
 def load_or_make_subsets(out: Path, dataset: ImageDataset, cfg: LDSConfig) -> np.ndarray:
@@ -172,16 +178,9 @@ def load_or_make_subsets(out: Path, dataset: ImageDataset, cfg: LDSConfig) -> np
     """
     settings = _subset_settings(dataset, cfg)
     path = Path(out) / "subsets.npz"
-    if path.is_file():
-        with load_npz(path) as z:
-            old = json.loads(str(z["settings"]))
-            masks = z["masks"]
-        if old != settings:
-            raise SubsetMismatchError(
-                f"{path} was made with {old}, not {settings}; use another --out or delete it"
-            )
-        if len(masks) >= cfg.subsets:
-            return masks[: cfg.subsets]
+    masks = _saved_subsets(path, settings)
+    if masks is not None and len(masks) >= cfg.subsets:
+        return masks[: cfg.subsets]
     masks = make_subsets(len(dataset), cfg.subsets, cfg.fraction, cfg.subset_seed)
     save_npz(path, masks=masks, settings=np.array(json.dumps(settings, sort_keys=True)))
     return masks

@@ -230,12 +230,6 @@ def _checked_methods(methods: tuple[str, ...] | None) -> tuple[str, ...] | None:
     return tuple(names) if names else None
 
 
-def _check_measurement(measurement: str, num_timesteps: int) -> None:
-    """A measurement the LDS can take: known, and not one that needs a sampling trajectory (the LDS queries
-    are images, without one; ``trajectory`` failed at the measuring, after every training)."""
-    check_image_measurement(measurement, num_timesteps, "the LDS queries")
-
-
 def _open_session(setup: RunSetup, run: LDSRun) -> tuple[Any, Any, int]:
     """(the attribution session of the full model, its settings, the preset's M) as the scoring uses them."""
     from ..attribution.session import AttributionSession
@@ -309,13 +303,15 @@ def run_lds(setup: RunSetup, cfg: LDSConfig, run: LDSRun) -> int:
     subset_size(len(setup.dataset), cfg.fraction)  # QA 48 #5: an empty or whole-set subset, before any file
     if run.evaluate:  # before training too: a typo was reported after K x R trainings (QA 15)
         run = replace(run, methods=_checked_methods(run.methods))
-        _check_measurement(run.measurement, setup.preset.diffusion.num_timesteps)
+        # not one that needs a sampling trajectory: the LDS queries are images (it failed after every training)
+        check_image_measurement(run.measurement, setup.preset.diffusion.num_timesteps, "the LDS queries")
     check_writable_folder(setup.out, "--out")
     if run.evaluate:
         check_writable_folder(setup.results, "--results")
     check_subsets_file(setup.out, setup.dataset, cfg)  # another run's subsets: refused before the header
     bind = run.evaluate or is_finished(setup.checkpoint)  # --train-only needs the recipe, not the full model's weights
-    if bind and (setup.out / RUN_CHECKPOINT).is_file():  # another model's folder: refused now (writes nothing)
+    bound = bind and (setup.out / RUN_CHECKPOINT).is_file()
+    if bound:  # another model's folder: refused now (writes nothing); this folder's: checked once, here
         bind_run_to_checkpoint(setup.out, setup.checkpoint)
     opened = None
     if run.evaluate:  # QA 48 #1: a record of other settings is not replaced silently, said before any training
@@ -325,7 +321,7 @@ def run_lds(setup: RunSetup, cfg: LDSConfig, run: LDSRun) -> int:
         check_results_record(setup.results / f"{stem}.json", planned_settings(setup, cfg, run, session),
                              record_settings, run.replace_results)
     setup.out.mkdir(parents=True, exist_ok=True)
-    if bind:
+    if bind and not bound:  # a new folder: bound to this model now (the checkpoint's hash is read once a run)
         bind_run_to_checkpoint(setup.out, setup.checkpoint)
     print(
         f"LDS run in {setup.out}: K={cfg.subsets} subsets x R={cfg.seeds} seeds, alpha={cfg.fraction}, "
