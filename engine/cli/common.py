@@ -280,3 +280,12 @@ def build_progress(desc: str, position: int = 0) -> AbstractContextManager[Calla
 
     return terminal_progress(desc, position=position, message_chars=100, after_first_colon=True, desc_width=6,
                              redraw_s=0.1)
+
+
+REPLACE_HELP = ("replace the results file even if it holds a result of other settings (default: refuse, before any "
+                "training, naming the settings that differ; a rerun of the same settings writes it as before)")
+
+
+def add_replace_results(p: argparse.ArgumentParser) -> None:
+    """``--replace-results``, of lds, retrain-top and group-retrain (QA 48 #1): one flag, one help text."""
+    p.add_argument("--replace-results", action="store_true", help=REPLACE_HELP)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..config import TRUE_MC_SAMPLES
-from .common import at_least, register, resolve, subcommand, with_attribution_source
+from .common import add_replace_results, at_least, register, resolve, subcommand, with_attribution_source
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
@@ -21,15 +21,6 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     names = tuple(s.strip() for s in (text or "").split(",") if s.strip())
     return names or None
 
-
-
-REPLACE_HELP = ("replace the results file even if it holds a result of other settings (default: refuse, before any "
-                "training, naming the settings that differ; a rerun of the same settings writes it as before)")
-
-
-def add_replace_results(p: argparse.ArgumentParser) -> None:
-    """``--replace-results``, of lds, retrain-top and group-retrain (QA 48 #1)."""
-    p.add_argument("--replace-results", action="store_true", help=REPLACE_HELP)
 
 
 @register

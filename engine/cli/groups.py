@@ -17,7 +17,7 @@ from ..attribution.methods import METHODS, names_of_kind, parse_methods
 from ..attribution.signs import removed_words, reverse_caveat
 from ..config import COPY_CHECK, TRUE_MC_SAMPLES, CopyCheckConfig
 from .attribution import _add_attribution_options, open_session, parse_damping
-from .common import at_least, fail, register, subcommand
+from .common import add_replace_results, at_least, fail, register, subcommand
 
 QUERIES_HELP = "gallery (the checkpoint's 32 samples) | pool:N (N samples drawn once, then cached), default gallery"
 
@@ -369,9 +369,7 @@ def add_group_retrain(sub: argparse._SubParsersAction) -> None:
                    help=f"draws per measured loss (default {TRUE_MC_SAMPLES})")
     p.add_argument("--out", default=None, help="model folder root (default runs/group_retrain/<preset>)")
     p.add_argument("--results", default=None, help="results folder (default assets/results)")
-    p.add_argument("--replace-results", action="store_true",
-                   help="replace the results file even if it holds a result of other groups, steps or draws (default: "
-                   "refuse, before any training, naming the settings that differ)")
+    add_replace_results(p)
     p.add_argument("--no-train", action="store_true", help="only evaluate groups whose model is finished")
     _add_attribution_options(p)
 
