@@ -23,7 +23,7 @@ from engine.attribution.query import PREDICTED
 from engine.attribution.results import MethodResult, QueryResult
 from engine.attribution.signs import end_signs
 from engine.model.measurements import draws_phrase, measurement_info, uses_draws
-from explorer import analysis, exact_view, figures, plain
+from explorer import analysis, chips, exact_view, figures, plain
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
 from explorer.layout import FRAME, GAP, column_inner_width, thumbnails
@@ -445,6 +445,9 @@ def plots(handle: Handle, result: QueryResult, s: Settings) -> None:
     labels = session.labels
     table = analysis.score_table(result, names, labels)
     st.subheader("Compare the methods")
+    # the scatter's axes while another tab is open: a lazy tab's widgets are not drawn then, and Streamlit drops the
+    # value of a widget a run does not draw (the axes came back as the defaults after a look at another plot)
+    chips.keep_choices(("scatter_a", "scatter_b"))
     t_dist, t_scatter, t_overlap, t_labels = lazy_tabs(
         ["Score distributions", "Scatter of two methods", "Top-k overlap", "Labels of the top-k"], key="plot_tab"
     )
@@ -461,8 +464,11 @@ def plots(handle: Handle, result: QueryResult, s: Settings) -> None:
                 st.info("Show at least two methods to compare them.")
             else:
                 c1, c2 = st.columns(2)
-                a = c1.selectbox("x axis", names, index=0, format_func=titles.get, key="scatter_a")
-                b = c2.selectbox("y axis", names, index=1, format_func=titles.get, key="scatter_b")
+                for key, default in (("scatter_a", names[0]), ("scatter_b", names[1])):  # no index=: the state's
+                    if st.session_state.get(key) not in names:  # first look, or a method no longer shown
+                        st.session_state[key] = default
+                a = c1.selectbox("x axis", names, format_func=titles.get, key="scatter_a")
+                b = c2.selectbox("y axis", names, format_func=titles.get, key="scatter_b")
                 rho = float(analysis.spearman_matrix(result, [a, b]).values[0, -1])
                 st.plotly_chart(figures.score_scatter(table, a, b, titles, rho), key="fig_scatter")
                 corr = analysis.spearman_matrix(result, names)

@@ -711,3 +711,29 @@ def test_the_plot_tabs_build_the_open_one_only():
     at = AppTest.from_function(page).run(timeout=60)
     assert not at.exception
     assert [m.value for m in at.markdown] == ["content 0"]
+
+
+def _plots_page(handle, result, settings):
+    from explorer import results_view
+
+    results_view.plots(handle, result, settings)
+
+
+def test_the_scatters_axes_are_kept_while_another_plot_tab_is_open():
+    """The lazy plot tabs (QA 47 #4) do not draw a closed tab's widgets, and Streamlit drops the value of a widget a
+    run does not draw: the scatter's axes came back as the defaults after a look at another plot."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(_plots_page, args=(FakeHandle(), fake_result(), _settings(["kfac", "trak", "pixel"])))
+    at.run(timeout=60)
+    assert not at.exception and [s.key for s in at.selectbox] == []  # the first tab is open: no scatter widgets
+    at.session_state["plot_tab"] = "Scatter of two methods"
+    at.run(timeout=60)
+    assert [(s.key, s.value) for s in at.selectbox] == [("scatter_a", "kfac"), ("scatter_b", "trak")]
+    at.selectbox(key="scatter_b").set_value("pixel").run(timeout=60)
+    at.session_state["plot_tab"] = "Top-k overlap"
+    at.run(timeout=60)
+    at.session_state["plot_tab"] = "Scatter of two methods"
+    at.run(timeout=60)
+    assert not at.exception
+    assert [(s.key, s.value) for s in at.selectbox] == [("scatter_a", "kfac"), ("scatter_b", "pixel")]
