@@ -118,6 +118,9 @@ def main() -> None:
             st.divider()
             evaluation_view.retrain_results_section(handle, files)
             st.divider()
+            if handle.gallery_agreement():
+                evaluation_view.label_agreement_section(handle)
+                st.divider()
             evaluation_view.retrain_section(handle, query, settings)
     if about.open:
         with about:

@@ -390,6 +390,36 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
         ])
 
 
+def label_agreement_section(handle: Handle) -> None:
+    """How often each method's top-10 share the query's label over the model's gallery (``Handle.gallery_agreement``,
+    from the shipped precomputed scores): with its interval and the chance level, so that a demo's TRAK column of
+    mixed labels reads as the method on this model (QA 47 #8).  Nothing for a model without those scores."""
+    agreements = handle.gallery_agreement()
+    if not agreements:
+        return
+    info = handle.session.method_info()
+    names = [n for n in handle.session.method_names() if n in agreements]
+    first = agreements[names[0]]
+    st.subheader("Do the top proponents share the query's label?")
+    st.markdown(
+        f"Over this model's {first.queries} gallery samples: the share of each method's {first.top} strongest "
+        f"proponents (for a similarity method, its {first.top} most similar images) whose training label is the "
+        f"sample's label. A sanity check, like the paper's example figures, not a test of what removal would do: "
+        f"images that look alike share labels, so a similarity method scores well here by construction. The "
+        f"LDS and retraining above test the predictions themselves.")
+    rows = [{"method": _title(info, n), f"top-{first.top} share": f"{agreements[n].share:.0%}",
+             "95% interval": "{:.0%} to {:.0%}".format(*agreements[n].ci95), "samples": agreements[n].queries} for n in names]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, height=35 * (len(rows) + 1) + 3)
+    plain.details([
+        f"Chance (a random training image): {first.chance:.0%}. A generated sample's label is a simple pixel "
+        f"classifier's guess, not ground truth.",
+        "From the gallery's precomputed scores at the default settings (`precomputed_gallery.npz`, 16-bit), so ties "
+        "can fall otherwise than in live scores: `attribution-engine bench` measures the same figure from live "
+        "scores (its `agreement_top10`). 95% interval: percentile bootstrap over the samples (2,000 resamples, "
+        "seed 0).",
+    ])
+
+
 # --- check by retraining -------------------------------------------------------------------
 
 

@@ -115,3 +115,18 @@ def details(lines: Sequence[str], label: str = DETAILS) -> None:
     with st.expander(label):
         for line in lines:
             st.caption(line)
+
+
+def label_agreement_line(agreements: dict, names: Sequence[str], info: dict[str, dict]) -> str | None:
+    """One line under the method columns: how often each shown method's 10 strongest proponents (a similarity
+    method's most similar) share the query's label over the model's gallery (``Handle.gallery_agreement``), so
+    that a column of mixed labels reads as this method on this model, not as this one query (QA 47 #8).  None
+    when no shown method has a figure."""
+    shown = [n for n in names if n in agreements]
+    if not shown:
+        return None
+    first = agreements[shown[0]]
+    figures = and_list([f"{info[n]['title']} {agreements[n].share:.0%}" for n in shown])
+    return (f"On this model's {first.queries} gallery samples, the {first.top} strongest proponents (most similar, for "
+            f"a similarity method) share the sample's label, a classifier's guess, this often: {figures} (chance "
+            f"{first.chance:.0%}; at the default settings; intervals in the Evaluation tab).")

@@ -135,6 +135,7 @@ class Handle:
     group_pools: RecentResults = field(default_factory=lambda: RecentResults(GROUP_POOLS_KEPT))
     group_query_gradients: RecentResults = field(default_factory=lambda: RecentResults(QUERY_GRADIENTS_KEPT))
     _independent: dict[str, Any] | None = None  # see query_independent()
+    _agreement: dict[str, Any] | None = None  # see gallery_agreement()
 
     def status(self, refresh: bool = False) -> dict[str, dict]:
         """``session.status()``, remembered: it walks the cache folders, too slow for every rerun."""
@@ -155,6 +156,23 @@ class Handle:
                 log.warning("query-dependence check skipped: %s", e)
                 self._independent = {}
         return self._independent
+
+    def gallery_agreement(self) -> dict[str, Any]:
+        """How often each method's top-10 share the query's label over the shipped gallery, measured once from its
+        precomputed scores (``engine.evaluation.label_agreement``): name -> ``LabelAgreement``; empty for a model
+        with no matching precomputed file, no training labels or no gallery labels."""
+        if self._agreement is None:
+            from engine.evaluation.label_agreement import gallery_label_agreement
+
+            pg, session = self.precomputed, self.session
+            try:
+                self._agreement = gallery_label_agreement(
+                    pg, pg.methods_for(session), session.labels,
+                    {g.index: g.label for g in session.gallery()}) if pg else {}
+            except (ValueError, KeyError) as e:  # a malformed file: no figures, never a broken page
+                log.warning("gallery label agreement skipped: %s", e)
+                self._agreement = {}
+        return self._agreement
 
     @property
     def build(self) -> BuildState:

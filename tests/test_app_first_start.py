@@ -599,3 +599,37 @@ def test_the_first_selection_leaves_out_the_methods_that_cannot_run_and_a_lowere
     assert at.markdown[-1].value == "lowered {'i': (1500, 999)}" and at.number_input(key="i").value == 999
     at.run(timeout=60)
     assert at.markdown[-1].value == "lowered {}"  # said once; the page keeps it until the index changes
+
+
+@pytest.mark.slow
+def test_the_pages_say_how_often_each_methods_top_share_the_querys_label_over_the_gallery(precomputed_env):
+    """QA 47 #8: a column of mixed labels beside K-FAC's read as a broken method; the Explore tab says each shown
+    method's figure over the gallery under the columns, and the Evaluation tab gives them with their intervals,
+    both the engine's figures from the shipped precomputed scores."""
+    from engine.evaluation.label_agreement import gallery_label_agreement
+
+    gallery = f"{precomputed_env['ATTRIBUTION_CHECKPOINT']}/gallery.npz"  # the tiny gallery has no classifier labels
+    with np.load(gallery) as z:
+        arrays = {k: np.asarray(z[k]) for k in z.files}
+    arrays["labels"] = np.arange(len(arrays["images"]), dtype=np.int64) % 2  # labels of the tiny training set
+    np.savez_compressed(gallery, **arrays)  # the images unchanged: the precomputed file still matches them
+    handle = _handle()
+    session, pg = handle.session, handle.precomputed
+    expected = gallery_label_agreement(pg, pg.methods_for(session), session.labels,
+                                       {g.index: g.label for g in session.gallery()})
+    assert expected and handle.gallery_agreement().keys() == expected.keys()
+    at = _app().run()
+    _ok(at)
+    line = next(c.value for c in at.caption if "gallery samples, the 10 strongest proponents" in c.value)
+    info = session.method_info()
+    shown = [n for n in expected if info[n]["title"] in line]
+    assert shown, line
+    for n in shown:
+        assert f"{info[n]['title']} {expected[n].share:.0%}" in line
+    at.session_state["page"] = "Evaluation"
+    at.run()
+    _ok(at)
+    assert "Do the top proponents share the query's label?" in [h.value for h in at.subheader]
+    table = next(d.value for d in at.dataframe if "top-10 share" in d.value.columns)
+    assert list(table["top-10 share"]) == [f"{expected[n].share:.0%}" for n in session.method_names() if n in expected]
+    assert handle.worker.wait(TIMEOUT).status == "done"

@@ -258,6 +258,9 @@ class FakeHandle:
     def query_independent(self) -> dict:
         return {}
 
+    def gallery_agreement(self) -> dict:
+        return {}
+
     def status(self, refresh: bool = False) -> dict:
         return {n: {"built": True} for n in METHOD_INFO}
 
