@@ -479,8 +479,10 @@ def downloads(handle: Handle, result: GroupResult, s: Settings, prefix: str = "g
             f"{result.measurement.replace('@', '-').replace('=', '')}_{provenance.settings_digest(settings)}")
     lines = provenance.settings_lines(settings)
     c1, c2 = st.columns(2)
+    table = _table(result)
+    # made when a button is clicked (a callable's data, as the Explore tab's: ``results_view.downloads``)
     c1.download_button("Download predicted changes (CSV)",
-                       provenance.csv_with_settings(_table(result).to_csv(index=False), settings).encode(),
+                       lambda: provenance.csv_with_settings(table.to_csv(index=False), settings).encode(),
                        file_name=f"group_{stem}.csv", mime="text/csv", key=f"{prefix}_dl_csv",
                        help="One row per sample: label, one column of predicted change per method. Above the "
                             "header, lines starting with # say what they were computed with (model, group, "
@@ -497,8 +499,8 @@ def downloads(handle: Handle, result: GroupResult, s: Settings, prefix: str = "g
                              [to_uint8(result.qset.queries[result.qset.names.index(r.query)].image) for r in ranked],
                              [f"{r.query}\n{r.change:+.1e}" for r in ranked]))
     c2.download_button("Download this view (PNG)",
-                       png_bytes(compose_sheet(rows, heading=lines[:-1]),
-                                 text={"attribution-settings": provenance.settings_json(settings)}),
+                       lambda: png_bytes(compose_sheet(rows, heading=lines[:-1]),
+                                         text={"attribution-settings": provenance.settings_json(settings)}),
                        file_name=f"group_{stem}.png", mime="image/png", key=f"{prefix}_dl_png")
 
 

@@ -263,6 +263,21 @@ def test_gallery_measurement_damping_and_methods(app_env, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_page_run_makes_no_export_file_until_its_button_is_clicked(app_env, monkeypatch):
+    """The PNG sheet's drawing and encoding were a sixth of a gallery click's page run, for a file rarely
+    downloaded: the download buttons hold callables, which Streamlit runs when one is clicked (a click in headless
+    Chromium downloaded both files, 2026-12-07)."""
+    from explorer import results_view
+
+    sheets = _count_calls(monkeypatch, results_view, "compose_sheet")
+    csvs = _count_calls(monkeypatch, results_view.provenance, "csv_with_settings")
+    at = _start(app_env)
+    at.button(key="gallery_1").click().run()
+    _ok(at)
+    assert {b.label for b in at.get("download_button")} >= {"Download all scores (CSV)", "Download this view (PNG)"}
+    assert sheets == [] and csvs == []
+
+
 def test_training_image_has_no_trajectory_and_uploads(app_env):
     at = _start(app_env)
     at.radio(key="source").set_value("Training image").run()

@@ -30,8 +30,12 @@ def app_env(tiny_app, tmp_path, monkeypatch) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
+def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env, monkeypatch):
     from engine.attribution.groups import group_change, parse_group
+    from explorer import groups_view
+
+    sheets = []  # the export's PNG is made when its button is clicked, not on every run of the page
+    monkeypatch.setattr(groups_view, "compose_sheet", lambda *a, **k: sheets.append(a))
 
     # a shipped group-retraining record: the page plots it
     record = {
@@ -89,6 +93,7 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env):
     retrain = json.loads(at.get("plotly_chart")[-1].proto.spec)
     assert "Predicted vs measured" in str(retrain) and retrain["layout"]["legend"]["title"]["text"] == "predicted label"
     assert {b.label for b in at.get("download_button")} >= {"Download predicted changes (CSV)", "Download this view (PNG)"}
+    assert sheets == []
 
     # a hand-picked group with a bad index is a message, not a failure
     at.radio(key="grp_kind").set_value("Hand-picked").run()
