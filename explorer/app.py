@@ -62,6 +62,7 @@ def main() -> None:
         st.error(f"Cannot load the model {what}: {e}")
         st.stop()
 
+    from engine.attribution.foreground import foreground
     from explorer import (
         about_view,
         build_view,
@@ -98,11 +99,15 @@ def main() -> None:
                 st.info("Choose a query image in the sidebar.")
             else:
                 results_view.query_header(handle, query, settings.measurement)
-                result = results_view.get_result(handle, query, settings)
+                # the answer and its drawing first: the previous answer's damping grid, scored in the background,
+                # pauses meanwhile (engine.attribution.foreground)
+                with foreground():
+                    result = results_view.get_result(handle, query, settings)
+                    if result is not None:
+                        results_view.method_columns(handle, query, result, settings)
+                        results_view.downloads(handle, query, result, settings)
+                        results_view.plots(handle, result, settings)
                 if result is not None:
-                    results_view.method_columns(handle, query, result, settings)
-                    results_view.downloads(handle, query, result, settings)
-                    results_view.plots(handle, result, settings)
                     groups_view.reverse_from_grids(handle, result, settings)
                     with st.expander("Timings and cache status"):
                         results_view.timings(handle, result, settings)

@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from engine.attribution.foreground import background
+
 log = logging.getLogger(__name__)
 GONE_AFTER_S = 10.0  # a tab absent from the server's sessions this long is closed, not reconnecting
 IDLE_EXIT_S = 60.0  # the worker thread ends after this long with nothing to do (the next submit starts one)
@@ -116,7 +118,8 @@ class GridFiller:
                 self._told_to_stop = False
             finished = False
             try:
-                session.fill_grids(result, should_stop=functools.partial(self._superseded, tab))
+                with background():  # paused while a page's query runs: a click's answer first (engine.attribution.foreground)
+                    session.fill_grids(result, should_stop=functools.partial(self._superseded, tab))
                 self.filled += 1
                 finished = True
             except Exception:  # noqa: BLE001 - a failed fill only costs the next damping change an exact pass

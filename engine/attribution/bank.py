@@ -59,6 +59,7 @@ import torch
 from ..config import COMPUTE, ComputeConfig
 from . import int8_scan
 from .curvature import Block
+from .foreground import pause_point
 from .scoring import to_scores
 
 SCALES = "scales"
@@ -362,6 +363,7 @@ class RotatedBank:
             qb = q[:, blk.offset : blk.offset + blk.size].T.contiguous()  # (size, G)
             rows = max(1, chunk_bytes // max(1, 4 * blk.size))
             for r in range(0, n, rows):
+                pause_point()  # the app's grid pass waits here while a page's query runs (engine.attribution.foreground)
                 part = d[r : r + rows].to(dtype) @ qb
                 if self.scales is not None:
                     part *= self._scale_cols[j][r : r + rows, None]  # type: ignore[index]

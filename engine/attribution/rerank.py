@@ -38,6 +38,7 @@ from .. import distributed
 from ..model.diffusion import Diffusion, MCDraws
 from .curvature import KFACFactors
 from .damping_grid import interpolate
+from .foreground import pause_point
 from .gradients import Params, per_example_grads
 from .scoring import EigenbasisQuery
 
@@ -234,6 +235,7 @@ def _per_batch(model: nn.Module, diffusion: Diffusion, images: torch.Tensor, dra
                   disable=None if _terminal_bar(len(starts)) else True):
         if should_stop is not None and should_stop():
             raise RerankCancelled("re-rank cancelled")
+        pause_point()  # a deferred re-rank waits here while a page's query runs (engine.attribution.foreground)
         rows = slice(s, min(images.shape[0], s + grad_batch))
         g = per_example_grads(model, diffusion, images[rows], draws.for_rows(rows), "loss", params).detach()
         out.append(combine(g))

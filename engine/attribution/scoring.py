@@ -35,6 +35,7 @@ import torch
 
 from ..config import COMPUTE
 from .damping_grid import COARSE_GRID, DAMPING_GRID, interpolate
+from .foreground import holding
 
 
 @runtime_checkable
@@ -122,7 +123,8 @@ class EigenbasisQuery:
     def score(self, damping: float) -> np.ndarray:
         """tau(lambda) (N,) float32: a lookup, an interpolation from the grid, or a pass."""
         lam = float(damping)
-        with self._lock:  # one pass at a time (``fill_grid`` may run in another thread)
+        # one pass at a time (``fill_grid`` may run in another thread, paused for this very call: ``holding``)
+        with holding(self._lock):
             if lam in self.scores:
                 return self.scores[lam]
             if self.grid:

@@ -38,6 +38,7 @@ import numpy as np
 
 from ..model.measurements import parse_measurement
 from ..validation import check_damping
+from .foreground import in_foreground
 from .methods.base import SERVER, Unavailable
 from .query import QueryError, no_trajectory
 from .results import MethodResult, QueryResult
@@ -65,6 +66,7 @@ class SessionScoring:
     auto_build: bool
     _methods: dict[str, AttributionMethod]
 
+    @in_foreground  # the app's background passes pause while it runs (engine.attribution.foreground)
     def query(
         self,
         query: QueryInput,
@@ -164,6 +166,7 @@ class SessionScoring:
             prepared=prepared,
         )
 
+    @in_foreground
     def rescore(self, result: QueryResult, damping: dict[str, float]) -> QueryResult:
         """The same query with other damping values: only ``score`` runs, no gradient, no prepare."""
         prepared = result.prepared
