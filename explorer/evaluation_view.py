@@ -18,7 +18,14 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from engine.evaluation.report import ModelKey, ResultFiles, lds_records, other_models_files, retrain_records
+from engine.evaluation.report import (
+    ModelKey,
+    ResultFiles,
+    lds_records,
+    model_files,
+    other_models_files,
+    retrain_records,
+)
 from engine.evaluation.retrain_top import CACHED, RetrainJob, earlier_work, has_stored_result
 from engine.paths import ASSETS
 from explorer import plain
@@ -26,7 +33,7 @@ from explorer.controls import MEASUREMENTS, Settings
 from explorer.images import display
 from explorer.query_view import Query
 from explorer.results_view import measurement_title
-from explorer.runtime import Handle, influence_titles
+from explorer.runtime import MODEL_LABELS, Handle, influence_titles, model_choices
 
 FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
 NO_VALUE = "–"  # a table cell with no value (a similarity method's predicted change), not "None"
@@ -147,11 +154,37 @@ def result_files() -> ResultFiles:
 def other_models_note(handle: Handle, files: ResultFiles | None = None) -> None:
     """Say that result files in the folder belong to other models (so a missing table is explained); the
     folder on the server and the files' names are in Details."""
-    others = other_models_files(files or result_files(), model_key(handle))
-    if others:
-        st.caption(f"Not shown: {len(others)} result file(s) measured on other models; start the app on that "
-                   "model to see them.")
-        plain.details([f"Folder `{results_dir()}`: {', '.join(f'`{f}`' for f in others)}"])
+    files = files or result_files()
+    others = other_models_files(files, model_key(handle))
+    if not others:
+        return
+    switch = sidebar_models_files(handle, files, others)
+    rest = len(others) - sum(len(v) for v in switch.values())
+    told = [f"{len(v)} of the {MODEL_LABELS.get(p, p)} model, which the sidebar's Model switch opens"
+            for p, v in switch.items()]
+    if rest:  # QA 50: "start the app on that model" for files one click away on the sidebar's switch
+        told.append(f"{rest} on weights this server does not serve (start the app on them to see those)"
+                    if told else "start the app on that model to see them")
+    st.caption(f"Not shown: {len(others)} result file(s) measured on other models" + (": " if switch else "; ")
+               + "; ".join(told) + ".")
+    plain.details([f"Folder `{results_dir()}`: {', '.join(f'`{f}`' for f in others)}"])
+
+
+def sidebar_models_files(handle: Handle, files: ResultFiles, others: list[str]) -> dict[str, list[str]]:
+    """Of ``others`` (files measured on other models), those of each other model on the sidebar's switch
+    (``runtime.model_choices``), told by its shipped checkpoint's hash: preset -> file names."""
+    from engine.model.checkpoint import checkpoint_hash
+    from engine.paths import default_checkpoint
+
+    args = getattr(handle, "args", None)
+    out: dict[str, list[str]] = {}
+    for p in model_choices(args) if args is not None else []:
+        if p == handle.session.preset.name:
+            continue
+        mine = [f for f in model_files(files, ModelKey(checkpoint_hash(default_checkpoint(p)), p)) if f in others]
+        if mine:
+            out[p] = mine
+    return out
 
 
 def _interval_words(entry: dict, ref: str) -> str:

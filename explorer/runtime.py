@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 
 SWITCHABLE_PRESETS = ("digits", "mnist")  # shipped models the sidebar can switch between
+MODEL_LABELS = {"digits": "digits (8x8)", "mnist": "MNIST (28x28)"}  # their names on the sidebar's switch
 
 
 def model_choices(args: AppArgs) -> list[str]:
@@ -79,12 +80,11 @@ def choose_model(args: AppArgs) -> AppArgs:
     choices = model_choices(args)
     if len(choices) < 2:
         return args
-    labels = {"digits": "digits (8x8)", "mnist": "MNIST (28x28)"}
     choice = st.sidebar.radio(
         "Model",
         choices,
         index=choices.index(args.preset),
-        format_func=lambda p: labels.get(p, p),
+        format_func=lambda p: MODEL_LABELS.get(p, p),
         horizontal=True,
         key="model_preset",
         help="digits: scikit-learn's 1,797 8x8 digits. MNIST: 1,000 real 28x28 MNIST digits.",

@@ -118,3 +118,36 @@ def test_an_upload_is_prepared_again_for_the_model_switched_to():
     assert prepared_upload(mnist, b"seven", "7.png", tab).shape == (1, 28, 28) and mnist_calls == ["7.png"]  # kept
     assert prepared_upload(digits, b"seven", "7.png", tab).shape == (1, 8, 8) and digits_calls == ["7.png"]
     assert prepared_upload(mnist, b"seven", "7.png", tab).shape == (1, 28, 28)  # back: prepared for mnist again
+
+
+def test_the_evaluation_tab_says_which_other_models_files_the_sidebar_switch_opens(monkeypatch):
+    """QA 50: on digits the Evaluation tab said "start the app on that model" for mnist's result files, which the
+    sidebar's switch opens in one click.  The shipped mnist weights' own records are told apart, by the
+    checkpoint's hash, from those of the 8,000-step weights, which no switch opens."""
+    from types import SimpleNamespace
+
+    from engine.evaluation.report import ModelKey, ResultFiles, model_files, other_models_files
+    from engine.model.checkpoint import checkpoint_hash
+    from engine.paths import ASSETS, default_checkpoint
+    from explorer import evaluation_view, runtime
+
+    files = ResultFiles.read(ASSETS / "results")
+    digits = ModelKey(checkpoint_hash(default_checkpoint("digits")), "digits")
+    mnist = ModelKey(checkpoint_hash(default_checkpoint("mnist")), "mnist")
+    others = other_models_files(files, digits)
+    handle = SimpleNamespace(args=runtime.parse_args(["--preset", "digits"]),
+                             session=SimpleNamespace(preset=SimpleNamespace(name="digits")))
+    switch = evaluation_view.sidebar_models_files(handle, files, others)
+    assert switch == {"mnist": model_files(files, mnist)} and switch["mnist"]
+    assert "retrain_top_mnist.json" in switch["mnist"] and "retrain_top_mnist_8000steps.json" not in switch["mnist"]
+    assert "retrain_top_mnist_8000steps.json" in others  # another model's, but not the switch's
+
+    captions: list[str] = []
+    monkeypatch.setattr(evaluation_view.st, "caption", lambda text, **k: captions.append(text))
+    monkeypatch.setattr(evaluation_view.plain, "details", lambda lines, **k: None)
+    handle.session.checkpoint_hash = digits.checkpoint_hash
+    evaluation_view.other_models_note(handle, files)
+    assert captions == [
+        f"Not shown: {len(others)} result file(s) measured on other models: {len(switch['mnist'])} of the MNIST "
+        f"(28x28) model, which the sidebar's Model switch opens; {len(others) - len(switch['mnist'])} on weights "
+        "this server does not serve (start the app on them to see those)."]

@@ -253,6 +253,13 @@ def retrain_records(results: str | Path | ResultFiles, model: ModelKey | None = 
     ]
 
 
+def model_files(results: str | Path | ResultFiles, model: ModelKey) -> list[str]:
+    """The LDS, retrain-top and group-retrain files of a results folder measured on ``model`` (the app names the
+    sidebar's other model whose files they are)."""
+    files = _files(results)
+    return sorted(r["file"] for r in split_by_model(files.lds + files.retrain + files.group_retrain, model)[0])
+
+
 def other_models_files(results: str | Path | ResultFiles, model: ModelKey) -> list[str]:
     """The LDS, retrain-top and group-retrain files of a results folder measured on other models (the
     app says they exist and why they are not shown)."""
