@@ -290,6 +290,36 @@ def test_the_shared_gradient_pass_counts_for_the_methods_it_feeds():
     assert w.wait(30).fraction == 1.0 and s.calls == ["kfac", "trak", "pixel"]
 
 
+def test_a_build_that_must_wait_says_so_before_its_first_wait(monkeypatch):
+    """QA 50: after a restart the waiting model's page said "Building ... starting" for seconds before "waiting for
+    the mnist model's cache build": the job waited its first 2 s for the turn before it said why."""
+    from types import SimpleNamespace
+
+    from engine.attribution import build_worker
+
+    first, second = _Session(), _Session()
+    first.preset, second.preset = SimpleNamespace(name="mnist"), SimpleNamespace(name="digits")
+    w1, w2 = BuildWorker(first, terminal=False), BuildWorker(second, terminal=False)
+    said_at_wait: list[str] = []
+    real_wait = build_worker._TURNS.wait
+
+    def wait(timeout=None):
+        if threading.current_thread() is w2._thread:
+            said_at_wait.append(w2.state.message)
+        return real_wait(timeout)
+
+    monkeypatch.setattr(build_worker._TURNS, "wait", wait)
+    w1.start()
+    _when(w1, lambda st: first.calls == ["a"])  # the first holds the turn, blocked in its build
+    w2.start()
+    _when(w2, lambda st: st.message.startswith("waiting for"), timeout=10)
+    _when(w2, lambda st: bool(said_at_wait), timeout=10)
+    assert said_at_wait[0].startswith("waiting for the mnist model's cache build")
+    first.gate.set()
+    second.gate.set()
+    assert w1.wait(30).status == "done" and w2.wait(30).status == "done"
+
+
 def test_a_second_models_build_waits_for_the_first_and_says_so():
     """QA 30c: switching models during the first start's build started the second model's build beside the
     first, each with half of a 2-core laptop, and nothing said so.  One build at a time in a process: the

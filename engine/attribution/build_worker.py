@@ -281,7 +281,8 @@ class BuildWorker:
                     _QUEUE.append(self)
                 if _QUEUE[0] is self:
                     break
-                _TURNS.wait(timeout=2.0)
+                if waited:  # the first time round, say so before any wait (QA 50: "starting" for seconds)
+                    _TURNS.wait(timeout=2.0)
                 holder = _QUEUE[0] if _QUEUE and _QUEUE[0] is not self else None
             if holder is None:
                 continue
