@@ -242,6 +242,25 @@ def _caption(ds, i: int, score: float, exact: bool = True, own: int | None = Non
     return f"#{i}" + (f" · {lab}" if lab is not None else "") + f" · {shown}"
 
 
+def short_labels(ds: Any) -> bool:
+    """Whether every label of the data set is one or two characters (digits' and MNIST's "0".."9"): then a narrow
+    cell's caption holds it too (``_short_caption``)."""
+    if ds.labels is None:
+        return False
+    names = ds.class_names or [str(int(v)) for v in np.unique(np.asarray(ds.labels))]
+    return all(len(str(n)) <= 2 for n in names)
+
+
+def _short_caption(ds, i: int, own: int | None = None) -> str:
+    """A narrow cell's caption (five columns at the design width, ``layout.thumbnails``' compact ones):
+    "#index·label" where labels are short (``short_labels``), which fits a 48 px cell ("#1797·7", 45 px in the
+    caption's font; QA 50 measured it in a browser, and with spaces it wrapped), else "#index"; "#index query" for
+    the query's own training image."""
+    if i == own:
+        return f"#{i} query"
+    return f"#{i}·{ds.label_name(i)}" if short_labels(ds) else f"#{i}"
+
+
 def own_index(query: Query) -> int | None:
     """The training index a ``train:N`` query is, or the one an upload equals pixel for pixel (the engine's
     ``QueryInput.identical_to``: QA 29 #3, an uploaded training file was not marked), else None."""
@@ -275,16 +294,20 @@ def score_meaning(kind: str, measurement: str) -> str:
     return f"predicted change of the query's {_in_sentence(measurement_title(measurement))} if that image were removed"
 
 
-def score_legend(methods: list[tuple[str, str, str]], has_labels: bool, compact: bool = False) -> str:
+def score_legend(methods: list[tuple[str, str, str]], has_labels: bool, compact: bool = False,
+                 with_label: bool = False) -> str:
     """The line above the method columns that reads the thumbnails' captions ("#726 · 1 · +8.94e-02" was not
     explained on the page, and its scale changes with the measurement): what a caption holds, then what a score
     is for each group of ``methods`` ((title, kind, measurement used)) that share a meaning.  ``compact``: the
-    captions hold the index only (``explorer.layout``), and the scores are in the table under the grids."""
+    captions hold the index only (``explorer.layout``), or with ``with_label`` the index and a short label
+    (``short_labels``), and the scores are in the table under the grids."""
     meanings: dict[str, list[str]] = {}
     for title, kind, used in methods:
         meanings.setdefault(score_meaning(kind, used), []).append(title)
     held = "training index · label · score" if has_labels else "training index · score"
     parts = "; of ".join(f"{plain.and_list(titles)}: {meaning}" for meaning, titles in meanings.items())
+    if compact and with_label:
+        return f"Under each image: **training index·label** (its score: *{SCORES_TABLE}*, under the grids). Score of {parts}."
     if compact:
         rest = "label and score" if has_labels else "score"
         return f"Under each image: **training index** (its {rest}: *{SCORES_TABLE}*, under the grids). Score of {parts}."
@@ -341,7 +364,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
     own = own_index(query)
     if scored:  # an unavailable method's column has no captions to explain
         st.caption(score_legend([(info[n]["title"], info[n]["kind"], session.measurement_used(n, s.measurement))
-                                 for n in scored], ds.labels is not None, thumbs.compact))
+                                 for n in scored], ds.labels is not None, thumbs.compact, short_labels(ds)))
     independent = handle.query_independent()
     # the note (damping, bank, D-TRAK's "uses the square-norm measurement") beside the 48 px query thumbnail only
     # where the two thirds of the column beside it hold its longest words ("measurement", "**precomputed**": ~85 px
@@ -383,7 +406,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 st.markdown(heading)
                 st.image(
                     [display(ds.images[x.index], thumbs.image, border=FRAME) for x in items],
-                    caption=[(f"#{x.index}" + (" query" if x.index == own else "")) if thumbs.compact
+                    caption=[_short_caption(ds, x.index, own) if thumbs.compact
                              else _caption(ds, x.index, x.score, x.exact, own) for x in items],
                     width=thumbs.width,
                 )
