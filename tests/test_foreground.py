@@ -126,3 +126,27 @@ def test_a_rescore_during_a_paused_grid_pass_of_the_same_query_answers_at_once(m
     assert took < 5.0, took
     assert q.grid is not None  # the pass finished
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-9)
+
+
+def test_a_foreground_thread_that_steps_out_lets_background_work_go_on_and_comes_back():
+    """The app's "Show the exact ranking" click waits, in its page run, for a worker that may wait for the grid
+    filler's re-rank: stepped out, that re-rank does not pause for the page meanwhile."""
+    steps: list[float] = []
+    stop, started = threading.Event(), threading.Event()
+    t = threading.Thread(target=_background_loop, args=(steps, stop, started), daemon=True)
+    t.start()
+    assert started.wait(5)
+    with fg.foreground(), fg.foreground():  # nested (the page run, then its query): both counts step out
+        time.sleep(0.05)
+        before = len(steps)
+        with fg.stepped_out():
+            assert fg._active == 0
+            time.sleep(0.3)
+            assert len(steps) > before + 5
+        assert fg._active == 2
+        time.sleep(0.05)
+        held = len(steps)
+        time.sleep(0.2)
+        assert len(steps) <= held + 1
+    stop.set()
+    t.join(5)

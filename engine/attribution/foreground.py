@@ -15,7 +15,8 @@ own passes through the same loops never wait, and the CLI, which marks nothing, 
 the paused pass goes on from the chunk where it stopped.  ``foreground()`` inside a background thread changes
 nothing (such a thread never waits for itself).  A foreground thread that must wait for a lock a paused pass holds
 takes it through ``holding()``, which steps out of the foreground while it waits (else both would wait, the pass
-for the query and the query for the pass, until ``MAX_PAUSE_S``).
+for the query and the query for the pass, until ``MAX_PAUSE_S``); one that waits for another thread's work does
+so inside ``stepped_out()`` (the app's "Show the exact ranking" button, whose worker may wait for a paused re-rank).
 """
 
 from __future__ import annotations
@@ -65,19 +66,28 @@ def foreground() -> Iterator[None]:
 
 
 @contextmanager
+def stepped_out() -> Iterator[None]:
+    """The calling thread leaves the foreground meanwhile: for a foreground thread that waits for work another
+    thread does (a paused background pass, or a worker that waits for one), which would otherwise wait for it
+    until ``MAX_PAUSE_S``."""
+    mine = 0 if is_background() else getattr(_local, "foreground", 0)
+    if mine:
+        _add(-mine)
+    try:
+        yield
+    finally:
+        if mine:
+            _add(mine)
+
+
+@contextmanager
 def holding(lock: threading.Lock) -> Iterator[None]:
     """``with lock``, for a lock a background pass may hold while it pauses (``EigenbasisQuery``'s: the grid pass
-    runs under it): a foreground thread that has to wait for it leaves the foreground while it waits, so that the
-    pass it waits for goes on instead of pausing for it until ``MAX_PAUSE_S``."""
+    runs under it): a foreground thread that has to wait for it leaves the foreground while it waits
+    (``stepped_out``), so that the pass it waits for goes on instead of pausing for it."""
     if not lock.acquire(blocking=False):
-        mine = 0 if is_background() else getattr(_local, "foreground", 0)
-        if mine:
-            _add(-mine)
-        try:
+        with stepped_out():
             lock.acquire()
-        finally:
-            if mine:
-                _add(mine)
     try:
         yield
     finally:
