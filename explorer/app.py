@@ -92,6 +92,7 @@ def main() -> None:
     settings = controls.choose_settings(handle, has_traj)
 
     groups_view.keep_choices(handle)  # on every run: only the open tab is drawn, and Streamlit forgets the others'
+    results_view.keep_plot_choices()  # the Explore tab's plots' choices, likewise
     explore, groups, evaluation, about = st.tabs(PAGES, key="page", on_change="rerun")
     if explore.open:
         with explore:

@@ -173,6 +173,15 @@ def click_tab(driver, label: str) -> None:
     _click(driver, "[role='tab']", label, "tab", "arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();")
 
 
+def open_expander(driver, starts: str) -> None:
+    """Open the expander whose label starts with ``starts`` (its ``summary``), scrolled to the top of the view."""
+    for el in driver.find_elements("css selector", "summary"):
+        if el.text.strip().startswith(starts):
+            driver.execute_script("arguments[0].scrollIntoView({block: 'start'}); arguments[0].click();", el)
+            return
+    raise LookupError(f"no expander starting {starts!r}")
+
+
 def screenshot(driver, path: str | Path, height: int | None = None) -> Path:
     """Save a PNG of the page; ``height`` resizes the window first so long pages fit."""
     path = Path(path)

@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         d.set_window_size(args.width, 1100)
         time.sleep(1.0)
         if only is None or "compare" in only:
-            _scroll_to(d, "Compare the methods")
+            headless.open_expander(d, "Compare the methods")  # closed at first (results_view.plots)
+            headless.wait_for(d, ["Score distributions"], timeout=args.timeout)
+            time.sleep(2.0)
             saved.append(headless.screenshot(d, out / "compare.png"))
             headless.click_tab(d, "Scatter of two methods")
             time.sleep(2.0)

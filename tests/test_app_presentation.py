@@ -731,7 +731,10 @@ def test_the_scatters_axes_are_kept_while_another_plot_tab_is_open():
 
     at = AppTest.from_function(_plots_page, args=(FakeHandle(), fake_result(), _settings(["kfac", "trak", "pixel"])))
     at.run(timeout=60)
-    assert not at.exception and [s.key for s in at.selectbox] == []  # the first tab is open: no scatter widgets
+    assert not at.exception and not at.get("plotly_chart")  # the plots' expander is closed at first: nothing built
+    at.session_state["plots_open"] = True
+    at.run(timeout=60)
+    assert [s.key for s in at.selectbox] == [] and len(at.get("plotly_chart")) == 1  # the first tab: no scatter widgets
     at.session_state["plot_tab"] = "Scatter of two methods"
     at.run(timeout=60)
     assert [(s.key, s.value) for s in at.selectbox] == [("scatter_a", "kfac"), ("scatter_b", "trak")]
@@ -741,4 +744,10 @@ def test_the_scatters_axes_are_kept_while_another_plot_tab_is_open():
     at.session_state["plot_tab"] = "Scatter of two methods"
     at.run(timeout=60)
     assert not at.exception
+    assert [(s.key, s.value) for s in at.selectbox] == [("scatter_a", "kfac"), ("scatter_b", "pixel")]
+    at.session_state["plots_open"] = False  # closed and opened again: the tab and the axes are kept
+    at.run(timeout=60)
+    assert not at.get("plotly_chart") and [s.key for s in at.selectbox] == []
+    at.session_state["plots_open"] = True
+    at.run(timeout=60)
     assert [(s.key, s.value) for s in at.selectbox] == [("scatter_a", "kfac"), ("scatter_b", "pixel")]
