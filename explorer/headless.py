@@ -174,9 +174,10 @@ def click_tab(driver, label: str) -> None:
 
 
 def open_expander(driver, starts: str) -> None:
-    """Open the expander whose label starts with ``starts`` (its ``summary``), scrolled to the top of the view."""
+    """Open the expander whose label holds ``starts`` (its ``summary``, whose text may begin with an icon's name),
+    scrolled to the top of the view."""
     for el in driver.find_elements("css selector", "summary"):
-        if el.text.strip().startswith(starts):
+        if starts in el.get_attribute("textContent"):
             driver.execute_script("arguments[0].scrollIntoView({block: 'start'}); arguments[0].click();", el)
             return
     raise LookupError(f"no expander starting {starts!r}")

@@ -253,12 +253,13 @@ def short_labels(ds: Any) -> bool:
 
 def _short_caption(ds, i: int, own: int | None = None) -> str:
     """A narrow cell's caption (five columns at the design width, ``layout.thumbnails``' compact ones):
-    "#index·label" where labels are short (``short_labels``), which fits a 48 px cell ("#1797·7", 45 px in the
-    caption's font; QA 50 measured it in a browser, and with spaces it wrapped), else "#index"; "#index query" for
-    the query's own training image."""
+    "index·label" where labels are short (``short_labels``), else "#index"; "#index query" for the query's own
+    training image.  Six characters fit the 48 px cell: "#853·2" did in headless Chromium, but "#1499·2" broke after
+    its dot (QA 50 had measured 45 px for "#1797·7", and with spaces it wrapped), so the "#" goes (the legend above
+    the columns says what the numbers are)."""
     if i == own:
         return f"#{i} query"
-    return f"#{i}·{ds.label_name(i)}" if short_labels(ds) else f"#{i}"
+    return f"{i}·{ds.label_name(i)}" if short_labels(ds) else f"#{i}"
 
 
 def own_index(query: Query) -> int | None:
@@ -307,7 +308,8 @@ def score_legend(methods: list[tuple[str, str, str]], has_labels: bool, compact:
     held = "training index · label · score" if has_labels else "training index · score"
     parts = "; of ".join(f"{plain.and_list(titles)}: {meaning}" for meaning, titles in meanings.items())
     if compact and with_label:
-        return f"Under each image: **training index·label** (its score: *{SCORES_TABLE}*, under the grids). Score of {parts}."
+        return (f"Under each image: **training index·label** (its score: *{SCORES_TABLE}*, under the grids). "
+                f"Score of {parts}.")
     if compact:
         rest = "label and score" if has_labels else "score"
         return f"Under each image: **training index** (its {rest}: *{SCORES_TABLE}*, under the grids). Score of {parts}."
