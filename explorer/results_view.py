@@ -251,15 +251,15 @@ def short_labels(ds: Any) -> bool:
     return all(len(str(n)) <= 2 for n in names)
 
 
-def _short_caption(ds, i: int, own: int | None = None) -> str:
+def _short_caption(ds, i: int, own: int | None = None, short: bool = False) -> str:
     """A narrow cell's caption (five columns at the design width, ``layout.thumbnails``' compact ones):
     "index·label" where labels are short (``short_labels``), else "#index"; "#index query" for the query's own
     training image.  Six characters fit the 48 px cell: "#853·2" did in headless Chromium, but "#1499·2" broke after
     its dot (QA 50 had measured 45 px for "#1797·7", and with spaces it wrapped), so the "#" goes (the legend above
-    the columns says what the numbers are)."""
+    the columns says what the numbers are).  ``short``: ``short_labels(ds)``, found once per page."""
     if i == own:
         return f"#{i} query"
-    return f"{i}·{ds.label_name(i)}" if short_labels(ds) else f"#{i}"
+    return f"{i}·{ds.label_name(i)}" if short else f"#{i}"
 
 
 def own_index(query: Query) -> int | None:
@@ -364,9 +364,10 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
     scored = [n for n in names if result.methods[n].status == "ok" and result.methods[n].scores is not None]
     thumbs = thumbnails(len(names), max(ds.shape[1:]))  # at least two per row at 1280 px (explorer.layout)
     own = own_index(query)
+    short = short_labels(ds)
     if scored:  # an unavailable method's column has no captions to explain
         st.caption(score_legend([(info[n]["title"], info[n]["kind"], session.measurement_used(n, s.measurement))
-                                 for n in scored], ds.labels is not None, thumbs.compact, short_labels(ds)))
+                                 for n in scored], ds.labels is not None, thumbs.compact, short))
     independent = handle.query_independent()
     # the note (damping, bank, D-TRAK's "uses the square-norm measurement") beside the 48 px query thumbnail only
     # where the two thirds of the column beside it hold its longest words ("measurement", "**precomputed**": ~85 px
@@ -408,7 +409,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 st.markdown(heading)
                 st.image(
                     [display(ds.images[x.index], thumbs.image, border=FRAME) for x in items],
-                    caption=[_short_caption(ds, x.index, own) if thumbs.compact
+                    caption=[_short_caption(ds, x.index, own, short) if thumbs.compact
                              else _caption(ds, x.index, x.score, x.exact, own) for x in items],
                     width=thumbs.width,
                 )

@@ -2,13 +2,14 @@
 
 Why: the app scores the previous answer's damping grid in a background thread (one pass of 49 dampings over the
 int8 bank, 1-2 s on mnist; ``session_deferred.fill_grids``) so that the damping slider is a lookup.  On a 2-core
-machine the next click's query then ran beside that pass, both using every core: measured on mnist gallery clicks
-(the page run through Streamlit's AppTest, every answer new, load 4.8), the page run's median was 1.03-1.12 s with
-the grid filler against 0.60-0.66 s without it, the engine's query 0.65-0.67 s against 0.36-0.39 s.  The query is
-what a person waits for; the grid only has to be ready before the slider moves.
+machine the next click's query then ran beside that pass, both using every core: in a one-off script on mnist
+gallery clicks (the page run through Streamlit's AppTest, every answer new, load 4.8), the page run's median was
+1.03-1.12 s with the grid filler against 0.60-0.66 s without it, the engine's query 0.65-0.67 s against 0.36-0.39 s
+(README has the repo command's figures, before and after).  The query is what a person waits for; the grid only has
+to be ready before the slider moves.
 
 The rule: a thread doing work a person waits for holds ``foreground()`` (``AttributionSession.query`` and
-``rescore``).  A thread doing deferred work runs inside ``background()`` (the app's grid filler) and the engine's
+``rescore``; the app's Explore tab around its answer and its drawing).  A thread doing deferred work runs inside ``background()`` (the app's grid filler) and the engine's
 long loops call ``pause_point()`` between chunks (the stored bank's grid pass, the re-rank's gradient batches).  A
 pause point waits while any foreground work runs, and only in a thread marked background, so a foreground query's
 own passes through the same loops never wait, and the CLI, which marks nothing, never pauses.  Nothing is lost:
@@ -28,7 +29,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-MAX_PAUSE_S = 30.0  # one pause at most this long: background work is never starved by a stream of queries
+# one pause at most this long: a foreground section that never ended (a bug) would otherwise stop background work
+# for good; between page runs the count falls to 0 and paused passes go on at once
+MAX_PAUSE_S = 30.0
 
 _cv = threading.Condition()
 _active = 0  # foreground sections running now, over every thread
