@@ -62,7 +62,6 @@ def main() -> None:
         st.error(f"Cannot load the model {what}: {e}")
         st.stop()
 
-    from engine.attribution.foreground import foreground
     from explorer import (
         about_view,
         build_view,
@@ -100,15 +99,14 @@ def main() -> None:
                 st.info("Choose a query image in the sidebar.")
             else:
                 results_view.query_header(handle, query, settings.measurement)
-                # the answer and its drawing first: the previous answer's damping grid, scored in the background,
-                # pauses meanwhile (engine.attribution.foreground)
-                with foreground():
-                    result = results_view.get_result(handle, query, settings)
-                    if result is not None:
-                        results_view.method_columns(handle, query, result, settings)
-                        results_view.downloads(handle, query, result, settings)
-                        results_view.plots(handle, result, settings)
+                # (the answer's query and rescore run in the foreground, engine.attribution.foreground; not the whole
+                # page run: runs that waited for the handle's lock counted as foreground and paused the grid pass that
+                # the run holding the lock waited for, QA 52 #1)
+                result = results_view.get_result(handle, query, settings)
                 if result is not None:
+                    results_view.method_columns(handle, query, result, settings)
+                    results_view.downloads(handle, query, result, settings)
+                    results_view.plots(handle, result, settings)
                     groups_view.reverse_from_grids(handle, result, settings)
                     with st.expander("Timings and cache status"):
                         results_view.timings(handle, result, settings)

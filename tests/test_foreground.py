@@ -150,3 +150,40 @@ def test_a_foreground_thread_that_steps_out_lets_background_work_go_on_and_comes
         assert len(steps) <= held + 1
     stop.set()
     t.join(5)
+
+
+def test_a_cycle_the_rule_does_not_foresee_costs_at_most_max_pause_s_in_all(monkeypatch):
+    """QA 52 #1: page runs waiting for the handle's lock counted as foreground; the run holding that lock waited for
+    the query's lock, held by the grid pass, which paused for those waiting runs: a cycle, held for minutes because
+    the cap was per pause point and renewed at every chunk.  The cap is now for a background section's pauses in
+    all: here a foreground thread blocked on a plain lock (the handle's) keeps the pass paused, and the chain still
+    ends after about MAX_PAUSE_S."""
+    monkeypatch.setattr(fg, "MAX_PAUSE_S", 1.0)
+    query_lock, handle_lock = threading.Lock(), threading.Lock()
+    in_pass, chunks = threading.Event(), []
+
+    def grid_pass() -> None:
+        with fg.background(), query_lock:
+            in_pass.set()
+            for _ in range(50):  # 50 chunks: with a per-chunk cap this would be 50 s
+                fg.pause_point()
+                chunks.append(1)
+
+    def waiting_run() -> None:  # counted as foreground while it waits for the handle's lock (the old page-level mark)
+        with fg.foreground(), handle_lock:
+            pass
+
+    t0 = time.monotonic()
+    with handle_lock:  # the run that holds the handle's lock ...
+        with fg.foreground():
+            waiter = threading.Thread(target=waiting_run, daemon=True)
+            waiter.start()
+            time.sleep(0.05)
+            t = threading.Thread(target=grid_pass, daemon=True)
+            t.start()
+            assert in_pass.wait(5)
+            with fg.holding(query_lock):  # ... waits for the query's lock, held by the pass paused for the waiter
+                took = time.monotonic() - t0
+    waiter.join(5)
+    t.join(5)
+    assert len(chunks) == 50 and 0.9 < took < 6.0, took

@@ -9,14 +9,14 @@ gallery clicks (the page run through Streamlit's AppTest, every answer new, load
 to be ready before the slider moves.
 
 The rule: a thread doing work a person waits for holds ``foreground()`` (``AttributionSession.query`` and
-``rescore``; the app's Explore tab around its answer and its drawing).  A thread doing deferred work runs inside ``background()`` (the app's grid filler) and the engine's
+``rescore``: the work itself, never a wait for a lock the app takes around it, QA 52 #1).  A thread doing deferred work runs inside ``background()`` (the app's grid filler) and the engine's
 long loops call ``pause_point()`` between chunks (the stored bank's grid pass, the re-rank's gradient batches).  A
 pause point waits while any foreground work runs, and only in a thread marked background, so a foreground query's
 own passes through the same loops never wait, and the CLI, which marks nothing, never pauses.  Nothing is lost:
 the paused pass goes on from the chunk where it stopped.  ``foreground()`` inside a background thread changes
 nothing (such a thread never waits for itself).  A foreground thread that must wait for a lock a paused pass holds
 takes it through ``holding()``, which steps out of the foreground while it waits (else both would wait, the pass
-for the query and the query for the pass, until ``MAX_PAUSE_S``); one that waits for another thread's work does
+for the query and the query for the pass, until ``MAX_PAUSE_S`` ran out); one that waits for another thread's work does
 so inside ``stepped_out()`` (the app's "Show the exact ranking" button, whose worker may wait for a paused re-rank).
 """
 
@@ -29,9 +29,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-# one pause at most this long: a foreground section that never ended (a bug) would otherwise stop background work
-# for good; between page runs the count falls to 0 and paused passes go on at once
-MAX_PAUSE_S = 30.0
+# a background section pauses this long at most, all its pause points together, then runs on: a wait that the rule
+# above does not foresee (a foreground thread blocked on something a paused pass holds) costs at most this, never a
+# hang (QA 52 #1: page runs waiting for the handle's lock counted as foreground, and a 30 s cap per pause point,
+# renewed at every chunk, held the page for minutes)
+MAX_PAUSE_S = 10.0
 
 _cv = threading.Condition()
 _active = 0  # foreground sections running now, over every thread
@@ -110,7 +112,10 @@ def in_foreground(fn: F) -> F:
 
 @contextmanager
 def background() -> Iterator[None]:
-    """Deferred work in this thread: its ``pause_point()`` calls wait while foreground work runs."""
+    """Deferred work in this thread: its ``pause_point()`` calls wait while foreground work runs, for at most
+    ``MAX_PAUSE_S`` in all (counted from the outermost section)."""
+    if not is_background():
+        _local.paused = 0.0
     _local.background = getattr(_local, "background", 0) + 1
     try:
         yield
@@ -119,14 +124,18 @@ def background() -> Iterator[None]:
 
 
 def pause_point() -> float:
-    """In a background thread, wait while foreground work runs (at most ``MAX_PAUSE_S``); returns the seconds
-    waited.  Free elsewhere: one attribute read."""
+    """In a background thread, wait while foreground work runs (its section's pauses ``MAX_PAUSE_S`` in all at
+    most); returns the seconds waited.  Free elsewhere: one attribute read."""
     global paused_s
     if not _active or not is_background():
         return 0.0
+    left = MAX_PAUSE_S - getattr(_local, "paused", 0.0)
+    if left <= 0:
+        return 0.0
     t0 = time.monotonic()
     with _cv:
-        _cv.wait_for(lambda: _active == 0, timeout=MAX_PAUSE_S)
+        _cv.wait_for(lambda: _active == 0, timeout=left)
         waited = time.monotonic() - t0
         paused_s += waited
+    _local.paused = getattr(_local, "paused", 0.0) + waited
     return waited
