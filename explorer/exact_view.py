@@ -16,7 +16,6 @@ from typing import Any
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from engine.attribution.foreground import stepped_out
 from engine.attribution.rerank import RerankProgress
 from engine.attribution.results import MethodResult, QueryResult
 from explorer.runtime import Handle
@@ -183,12 +182,9 @@ def _fill_showing_progress(handle: Handle, result: QueryResult) -> None:
     worker = threading.Thread(target=work, daemon=True, name="exact-ranking-button")
     worker.start()
     bar = st.progress(0.0, text="Exact re-rank: waiting for it to start")
-    # this run waits for the worker, which may wait for the grid filler's re-rank of the same result: that one must
-    # not pause for this run meanwhile (engine.attribution.foreground)
-    with stepped_out():
-        while worker.is_alive():
-            worker.join(BUTTON_POLL_S)
-            for progress in _running_progress(result)[:1]:
-                bar.progress(_fraction(progress), text=rerank_progress_text(progress))
+    while worker.is_alive():
+        worker.join(BUTTON_POLL_S)
+        for progress in _running_progress(result)[:1]:
+            bar.progress(_fraction(progress), text=rerank_progress_text(progress))
     if failed:
         raise failed[0]

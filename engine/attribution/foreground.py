@@ -16,8 +16,9 @@ own passes through the same loops never wait, and the CLI, which marks nothing, 
 the paused pass goes on from the chunk where it stopped.  ``foreground()`` inside a background thread changes
 nothing (such a thread never waits for itself).  A foreground thread that must wait for a lock a paused pass holds
 takes it through ``holding()``, which steps out of the foreground while it waits (else both would wait, the pass
-for the query and the query for the pass, until ``MAX_PAUSE_S`` ran out); one that waits for another thread's work does
-so inside ``stepped_out()`` (the app's "Show the exact ranking" button, whose worker may wait for a paused re-rank).
+for the query and the query for the pass, until ``MAX_PAUSE_S`` ran out); ``stepped_out()`` is that step, for any
+other wait of a foreground thread on such a pass.  (The app's page runs are not foreground as a whole, so the "Show
+the exact ranking" click, which waits in its page run for a worker, needs no step.)
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ MAX_PAUSE_S = 10.0
 _cv = threading.Condition()
 _active = 0  # foreground sections running now, over every thread
 _local = threading.local()
-paused_s = 0.0  # seconds background threads spent paused, in this process (tests and benchmarks read it)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -126,7 +126,6 @@ def background() -> Iterator[None]:
 def pause_point() -> float:
     """In a background thread, wait while foreground work runs (its section's pauses ``MAX_PAUSE_S`` in all at
     most); returns the seconds waited.  Free elsewhere: one attribute read."""
-    global paused_s
     if not _active or not is_background():
         return 0.0
     left = MAX_PAUSE_S - getattr(_local, "paused", 0.0)
@@ -136,6 +135,5 @@ def pause_point() -> float:
     with _cv:
         _cv.wait_for(lambda: _active == 0, timeout=left)
         waited = time.monotonic() - t0
-        paused_s += waited
     _local.paused = getattr(_local, "paused", 0.0) + waited
     return waited
