@@ -229,21 +229,47 @@ def test_folder_flat_has_no_labels_and_native_size(tmp_path):
 def test_a_folder_of_another_size_than_the_model_takes_says_it_is_resized(tmp_path):
     """QA 45 #4: a 16x16 diffusers UNet on a folder of 32x32 images was accepted without a word (diffusers weights
     name no data, so the wrong UNet for a folder is a likely mistake); the images are still resized, as documented,
-    and a warning names the files' size and the model's, read from the first file's header (also when the pixels
-    come from the decoded-folder cache)."""
+    and a warning names the files' size and the model's (also when the pixels come from the decoded-folder cache,
+    which keeps each file's own size)."""
     for i in range(2):
         _img(tmp_path / "a" / f"{i}.png", size=(32, 32), value=i)
     cfg = DataConfig(name="folder", root=str(tmp_path), image_size=16, channels=3, levels=256)
     for _ in range(2):  # decoded, then from the cache (in a new process: the warning is said once per process)
         data_files._resize_said.clear()
-        with pytest.warns(UserWarning, match=r"images such as a/0\.png are 32x32; each is resized to 16x16, the size "
-                                             r"the model takes"):
+        with pytest.warns(UserWarning, match=r"all 2 images are not 16x16 \(32x32; e\.g\. a/0\.png\); each is resized "
+                                             r"to 16x16, the size the model takes"):
             assert load_dataset(cfg).images.shape == (2, 3, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once in a process; the model's own size or no size asked: nothing
         load_dataset(cfg)
         load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=32, channels=3, levels=256))
         load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=None, channels=3, levels=256))
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["decoded", "from-cache"])
+def test_a_mixed_size_folder_says_how_many_images_are_resized_whatever_its_first_file(tmp_path, monkeypatch, cached):
+    """QA 46 #2: the warning read the first file's header only, so a folder whose first image had the model's size
+    and 19 others did not was resized without a word, and one whose first image alone was odd said "images such as
+    ..." of all.  Every file's own size counts now, from the decode or from the decoded-folder cache."""
+    from engine.model import folder_cache
+
+    monkeypatch.setenv(folder_cache.CACHE_ENV, str(tmp_path / "cache") if cached else "off")
+    monkeypatch.setattr(folder_cache, "SETTLE_NS", 0)  # the files are seconds old; the cache must take them
+    fits, odd = tmp_path / "fits_first", tmp_path / "odd_first"
+    _img(fits / "a" / "0.png", size=(16, 16), value=0)  # the model's size first, then 3 that are not
+    for i, wh in enumerate([(40, 36), (40, 36), (20, 16)], start=1):
+        _img(fits / "a" / f"{i}.png", size=wh, value=i)
+    _img(odd / "a" / "0.png", size=(40, 36), value=0)  # one odd file first, then 3 of the model's size
+    for i in range(1, 4):
+        _img(odd / "a" / f"{i}.png", size=(16, 16), value=i)
+    for _ in range(2 if cached else 1):  # with the cache: written, then read back
+        data_files._resize_said.clear()
+        with pytest.warns(UserWarning, match=r"fits_first: 3 of 4 images are not 16x16 \(40x36, 20x16; e\.g\. "
+                                             r"a/1\.png\); each is resized to 16x16"):
+            load_dataset(DataConfig(name="folder", root=str(fits), image_size=16, channels=3, levels=256))
+        with pytest.warns(UserWarning, match=r"odd_first: 1 of 4 images are not 16x16 \(40x36; e\.g\. a/0\.png\)"):
+            load_dataset(DataConfig(name="folder", root=str(odd), image_size=16, channels=3, levels=256))
+    assert (len(list((tmp_path / "cache").glob("*.npz"))) == 2) == cached
 
 
 def test_folder_bad_inputs_name_the_file(tmp_path):

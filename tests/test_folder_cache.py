@@ -234,24 +234,32 @@ def _flipped_pixel(path: Path) -> None:
 
 def _wrong_shape(path: Path) -> None:
     with folder_cache.load_npz(path) as z:
-        key, x = z["key"], z["images"]
-    np.savez(path, images=x[:-1], key=key)  # its own key, one image short
+        key, x, sizes = z["key"], z["images"], z["sizes"]
+    np.savez(path, images=x[:-1], sizes=sizes, key=key)  # its own key, one image short
 
 
 def _other_dtype(path: Path) -> None:
     with folder_cache.load_npz(path) as z:
-        key, x = z["key"], z["images"]
-    np.savez(path, images=x.astype(np.int16), key=key)
+        key, x, sizes = z["key"], z["images"], z["sizes"]
+    np.savez(path, images=x.astype(np.int16), sizes=sizes, key=key)
 
 
 def _other_key(path: Path) -> None:
     with folder_cache.load_npz(path) as z:
-        x = z["images"]
-    np.savez(path, images=np.zeros_like(x), key=np.array("0" * 64))
+        x, sizes = z["images"], z["sizes"]
+    np.savez(path, images=np.zeros_like(x), sizes=sizes, key=np.array("0" * 64))
 
 
-@pytest.mark.parametrize("damage", [_cut, _garbage, _flipped_pixel, _wrong_shape, _other_dtype, _other_key],
-                         ids=["truncated", "garbage", "flipped-byte", "wrong-shape", "wrong-dtype", "other-key"])
+def _sizes_short(path: Path) -> None:
+    with folder_cache.load_npz(path) as z:
+        key, x, sizes = z["key"], z["images"], z["sizes"]
+    np.savez(path, images=x, sizes=sizes[:-1], key=key)  # its own key, one file's size missing
+
+
+@pytest.mark.parametrize("damage", [_cut, _garbage, _flipped_pixel, _wrong_shape, _other_dtype, _other_key,
+                                    _sizes_short],
+                         ids=["truncated", "garbage", "flipped-byte", "wrong-shape", "wrong-dtype", "other-key",
+                              "sizes-short"])
 def test_a_damaged_entry_is_a_miss_and_rewritten(cache, data, decoder, monkeypatch, damage):
     cfg = _cfg(data)
     first = load_dataset(cfg)

@@ -322,24 +322,27 @@ def prepare_image(img: Any, channels: int, size: int | None) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def _read_image(path: Path, channels: int, size: int | None):
+def _read_image(path: Path, channels: int, size: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """The file's pixels as ``prepare_image`` makes them, and its own (width, height) before any resize."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()
-            return prepare_image(img, channels, size)
+            return prepare_image(img, channels, size), img.size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
-def _decode_folder(root: Path, files: list[Path], channels: int, size: int | None) -> np.ndarray:
+def _decode_folder(root: Path, files: list[Path], channels: int, size: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Every file decoded by ``_read_image``, as one C-contiguous uint8 (N, C, H, W) array; all images must come
-    out the same size.  With a bar on stderr for a large folder or a slow decode (``_DecodeBar``)."""
-    arrays, first_shape = [], None
+    out the same size.  With a bar on stderr for a large folder or a slow decode (``_DecodeBar``).  Also each
+    file's own (width, height), int32 (N, 2), which ``_say_resize`` reads (kept in the decoded-folder cache)."""
+    arrays, sizes, first_shape = [], [], None
     with _DecodeBar(len(files), root) as bar:
         for p in files:
-            a = _read_image(p, channels, size)
+            a, wh = _read_image(p, channels, size)
+            sizes.append(wh)
             if first_shape is None:
                 first_shape = a.shape
             elif a.shape != first_shape:
@@ -350,7 +353,8 @@ def _decode_folder(root: Path, files: list[Path], channels: int, size: int | Non
             arrays.append(a)
             bar.step()
     x = np.stack(arrays)
-    return np.ascontiguousarray(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2))
+    return (np.ascontiguousarray(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)),
+            np.asarray(sizes, dtype=np.int32).reshape(len(files), 2))
 
 
 class _DecodeBar:
@@ -405,25 +409,27 @@ class _DecodeBar:
 _resize_said: set[tuple[str, int]] = set()
 
 
-def _say_resize(root: Path, first: Path, first_id: str, size: int | None) -> None:
-    """A warning when the folder's images are not the size the model takes, read from the first file's header
-    (milliseconds; the decoded pixels may come from the cache): they are resized, and a user who picked the wrong
-    model for a folder (a 16x16 UNet on 32x32 images: diffusers weights name no data) must hear it (QA 45 #4: the
-    page's "200 colour images of 16x16 pixels" read as a fact about the data).  Said once per folder and size in a
-    process.  Unreadable here: the decode says."""
-    if size is None:
+def _say_resize(root: Path, rel: list[str], sizes: np.ndarray, size: int | None) -> None:
+    """A warning when any of the folder's images is not the size the model takes: those are resized, and a user
+    who picked the wrong model for a folder (a 16x16 UNet on 32x32 images: diffusers weights name no data) must
+    hear it (QA 45 #4: the page's "200 colour images of 16x16 pixels" read as a fact about the data).  Counted over
+    every file's own size (``sizes``, (N, 2) width and height, from the decode or the decoded-folder cache): QA 46 #2
+    found the first file's header alone silent on a mixed folder whose first image fitted, and overstating one whose
+    first image alone did not.  Said once per folder and size in a process."""
+    if size is None or (str(root), size) in _resize_said:
         return
-    from PIL import Image
-
-    try:
-        with Image.open(first) as img:
-            w, h = img.size
-    except (OSError, ValueError, SyntaxError):
+    off = np.flatnonzero((sizes[:, 0] != size) | (sizes[:, 1] != size))
+    if off.size == 0:
         return
-    if (w, h) != (size, size) and (str(root), size) not in _resize_said:
-        _resize_said.add((str(root), size))  # once per folder and size in a process, as the cache's warnings
-        warnings.warn(f"{root}: images such as {first_id} are {w}x{h}; each is resized to {size}x{size}, the size "
-                      "the model takes (its preset's or its UNet's image_size)", stacklevel=3)
+    _resize_said.add((str(root), size))  # once per folder and size in a process, as the cache's warnings
+    found, counts = np.unique(sizes[off], axis=0, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:3]
+    shown = ", ".join(f"{int(found[k][0])}x{int(found[k][1])}" for k in order)
+    more = f" and {len(found) - 3} other sizes" if len(found) > 3 else ""
+    which = "all" if off.size == len(rel) else f"{off.size} of"
+    warnings.warn(f"{root}: {which} {len(rel)} images are not {size}x{size} ({shown}{more}; e.g. {rel[off[0]]}); "
+                  f"each is resized to {size}x{size}, the size the model takes (its preset's or its UNet's "
+                  "image_size)", stacklevel=3)
 
 
 def load_folder(cfg: DataConfig) -> ImageDataset:
@@ -440,9 +446,9 @@ def load_folder(cfg: DataConfig) -> ImageDataset:
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     rel = [relative_id(p, root) for p in files]
-    _say_resize(root, files[0], rel[0], cfg.image_size)
-    x = folder_cache.load_or_decode(root, files, rel, cfg.channels, cfg.image_size, FOLDER_DECODE_VERSION,
-                                    lambda: _decode_folder(root, files, cfg.channels, cfg.image_size))
+    x, sizes = folder_cache.load_or_decode(root, files, rel, cfg.channels, cfg.image_size, FOLDER_DECODE_VERSION,
+                                           lambda: _decode_folder(root, files, cfg.channels, cfg.image_size))
+    _say_resize(root, rel, sizes, cfg.image_size)
     labels, class_names = None, None
     loose = [r for r in rel if "/" not in r]
     if not loose:

@@ -52,7 +52,7 @@ from ..npy_read import load_npz
 
 CACHE_ENV = "ATTRIBUTION_DATA_CACHE"
 OFF_VALUES = ("off", "0", "no", "false", "none")
-FORMAT = 1  # the layout of an entry (arrays "images" and "key"); bump it if that changes
+FORMAT = 2  # the layout of an entry (arrays "images", "sizes" and "key"); bump it if that changes (2: "sizes")
 SETTLE_NS = 2_000_000_000  # a file stamped this close to the listing is "racy" (see the module docstring)
 STALE_TMP_S = 600  # a writer's temporary file older than this was left by a killed process (a write takes seconds)
 MAX_AGE_S = 30 * 86400  # an entry not used for this long is removed at the next write (see the module docstring)
@@ -110,14 +110,16 @@ def entry_path(folder: Path, root: Path, channels: int, size: int | None) -> Pat
     return folder / f"{name}-c{channels}-s{size or 'native'}-{slot}.npz"
 
 
-def read_entry(path: Path, key: str, n: int, channels: int, size: int | None) -> np.ndarray | None:
-    """The cached uint8 (n, channels, H, W) array, or None for a miss: no entry, another key (the folder or the
-    settings changed), or an entry that does not read back whole with the right shape and dtype."""
+def read_entry(path: Path, key: str, n: int, channels: int,
+               size: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached uint8 (n, channels, H, W) array and the files' own int32 (n, 2) sizes, or None for a miss: no
+    entry, another key (the folder or the settings changed), or an entry that does not read back whole with the
+    right shapes and dtypes."""
     try:
         with load_npz(path) as z:
             if str(z["key"][()]) != key:
                 return None
-            x = z["images"]
+            x, sizes = z["images"], z["sizes"]
     except FileNotFoundError:
         return None
     except Exception:  # noqa: BLE001 - a damaged entry of any kind (cut short, garbage, not a zip) is a miss
@@ -126,7 +128,9 @@ def read_entry(path: Path, key: str, n: int, channels: int, size: int | None) ->
         return None
     if size is not None and x.shape[2:] != (size, size):
         return None
-    return x
+    if sizes.dtype != np.int32 or sizes.shape != (n, 2):
+        return None
+    return x, sizes
 
 
 def _warn_once(folder: Path, message: str) -> None:
@@ -247,12 +251,12 @@ def _mark_used(path: Path) -> None:
         pass
 
 
-def write_entry(path: Path, key: str, x: np.ndarray) -> bool:
-    """Store ``x`` under ``key`` atomically, then prune the cache; an unwritable folder (or a full disk) is said
-    once, not raised.  Whether it was stored."""
+def write_entry(path: Path, key: str, x: np.ndarray, sizes: np.ndarray) -> bool:
+    """Store ``x`` and the files' own ``sizes`` under ``key`` atomically, then prune the cache; an unwritable
+    folder (or a full disk) is said once, not raised.  Whether it was stored."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_npz(path, images=x, key=np.array(key))
+        save_npz(path, images=x, sizes=np.asarray(sizes, dtype=np.int32), key=np.array(key))
     except OSError as e:
         _warn_once(path.parent, f"cannot write the decoded-image cache in {path.parent} ({e}); image folders will be "
                                 "decoded again next time")
@@ -262,10 +266,12 @@ def write_entry(path: Path, key: str, x: np.ndarray) -> bool:
 
 
 def load_or_decode(root: Path, files: list[Path], rel: list[str], channels: int, size: int | None,
-                   decoder_version: int, decode: Callable[[], np.ndarray]) -> np.ndarray:
-    """The uint8 (N, C, H, W) array of ``files`` (listed under ``root``, ``rel`` their relative paths): from the
-    cache when an entry of this exact folder state exists, else ``decode()``'s, which is then stored (unless the cache is off or a file is
-    racy).  Byte-identical either way, so the data set's ``content_digest`` does not depend on the cache."""
+                   decoder_version: int,
+                   decode: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 (N, C, H, W) array of ``files`` (listed under ``root``, ``rel`` their relative paths) and the
+    files' own int32 (N, 2) (width, height): from the cache when an entry of this exact folder state exists, else
+    ``decode()``'s, which is then stored (unless the cache is off or a file is racy).  Byte-identical either way,
+    so the data set's ``content_digest`` does not depend on the cache."""
     folder = cache_dir()
     if folder is None:
         return decode()
@@ -281,11 +287,11 @@ def load_or_decode(root: Path, files: list[Path], rel: list[str], channels: int,
     # on every load, not only at a write: after a kill mid-write, the rerun's entry is read by every later load, and
     # none of them writes again (QA 36 #4: a 100 MB temporary left for good)
     _remove_stale_temporaries(folder)
-    x = read_entry(path, key, len(files), channels, size)
-    if x is not None:
+    hit = read_entry(path, key, len(files), channels, size)
+    if hit is not None:
         _mark_used(path)
-        return x
-    x = decode()
+        return hit
+    x, sizes = decode()
     if not racy:
-        write_entry(path, key, x)
-    return x
+        write_entry(path, key, x, sizes)
+    return x, sizes
