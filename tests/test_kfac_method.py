@@ -422,6 +422,45 @@ def test_a_build_killed_before_its_banks_first_part_says_it_reloads_the_factors(
     assert not any("factors loaded" in msg for msg, _ in msgs), msgs
 
 
+def test_a_bank_begun_over_earlier_factors_resumes_its_bar_where_it_stood(tmp_path, tiny_preset, tiny_model,
+                                                                           digits_small):
+    """QA 50 #3: a bank begun over factors built earlier (for another bank, or a bank deleted since) has the whole bar;
+    killed at 24%, its restart found the bank begun and counted the factors as this build's, so the page jumped to 71%
+    and its time left from 5 to 15 minutes.  The share the bank's first attempt drew with is noted in its partial
+    folder and kept by every later attempt; a build that computed its factors keeps theirs (the tests above)."""
+
+    class Stop(BaseException):
+        pass
+
+    cfg, store, ctx, share = _killed_build(tmp_path, tiny_preset, tiny_model, digits_small, "train gradients 24/32")
+    KFACInfluence(cfg).build(ctx)  # the factors' own bank, finished
+    other_cfg = dataclasses.replace(cfg, kfac_bank_whiten=None)  # another bank over the same, earlier factors
+    first = KFACInfluence(other_cfg)
+    first.chunk_size = 8
+    msgs: list[tuple[str, float]] = []
+
+    def until_24(msg: str, f: float) -> None:
+        msgs.append((msg, f))
+        if "train gradients 24/32" in msg:
+            raise Stop
+
+    with pytest.raises(Stop):
+        first.build(ctx, until_24)
+    assert msgs[0] == ("K-FAC Influence: K-FAC factors loaded (saved by an earlier run)", 0.0)
+    stood = msgs[-1][1]
+    assert stood == pytest.approx(24 / 32)
+    assert store.build_note(*first._bank_key(ctx)) == {"factor_share": 0.0}
+    msgs.clear()
+    again = KFACInfluence(other_cfg)
+    again.chunk_size = 8
+    again.build(ctx, lambda msg, f: msgs.append((msg, f)))
+    assert msgs[0] == ("K-FAC Influence: K-FAC factors loaded (saved by an earlier run)", 0.0)
+    bank = [f for msg, f in msgs if "train gradients" in msg]
+    # where it stood (the old code: share + (1 - share) * 24 / 32, 0.85, and its factors "loaded" at share)
+    assert bank and bank[0] == pytest.approx(stood) and max(bank) == 1.0
+    assert not store.build_started(*again._bank_key(ctx))  # published, its note with it
+
+
 def test_a_float64_factor_pass_is_a_setting_with_its_own_cache_key(tiny_preset, tiny_model, digits_small):
     """``kfac_factor_dtype="float64"`` (QA 31a: below a damping of about 1e-9 float32 factors score their own
     rounding on a small data set) builds other factors under another key; float32, the default, keeps the key

@@ -39,6 +39,7 @@ from .store_files import (
 
 ELAPSED = "elapsed.json"  # the seconds the build has run up to its last saved part, over its attempts
 SHARED = "shared.json"  # {"with": method}: parts were filled by that method's gradient pass (its time, not ours)
+BUILD_NOTE = "note.json"  # what a build keeps for its later attempts (``Store.write_build_note``)
 
 
 class StoreFolders(Protocol):

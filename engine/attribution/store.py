@@ -50,7 +50,7 @@ import numpy as np
 
 from ..model.dataset import ImageDataset
 from ..npy_read import load_npy
-from .partial_build import PartialBuild, saved_parts
+from .partial_build import BUILD_NOTE, PartialBuild, saved_parts
 from .store_files import (
     SETTINGS,
     ArrayLike,
@@ -472,6 +472,27 @@ class Store:
         """Whether a build of ``name`` began and did not publish: its partial folder is made (with its manifest)
         when the build starts, before its first part, so a build killed before saving a part still shows here."""
         return self._partial_folder(name, settings).is_dir()
+
+    def build_note(self, name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """What a begun, unpublished build of ``name`` noted for its later attempts (``write_build_note``); {} when
+        there is no such build or note, or the note does not read back."""
+        try:
+            note = json.loads((self._partial_folder(name, settings) / BUILD_NOTE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return note if isinstance(note, dict) else {}
+
+    def write_build_note(self, name: str, settings: Mapping[str, Any], note: Mapping[str, Any]) -> bool:
+        """Keep ``note`` beside a begun build's parts, for its later attempts (the note goes with the folder at
+        publish); whether it was written: False while the build has not begun (no partial folder yet)."""
+        folder = self._partial_folder(name, settings)
+        if not folder.is_dir():
+            return False
+        try:
+            write_json(folder / BUILD_NOTE, dict(note))
+        except OSError:  # the folder went (published, or discarded) meanwhile: nothing to note for
+            return False
+        return True
 
     def partial(self, name: str, settings: Mapping[str, Any], part_size: int, num_items: int) -> PartialBuild:
         """A resumable build of arrays whose first axis (length ``num_items``) is produced in parts."""
