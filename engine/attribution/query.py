@@ -397,7 +397,8 @@ class QuerySources:
         from .copycheck import pixel_distances, training_spread
 
         if self._classifier is None:
-            clf = classifier_for(self.preset, self.dataset)
+            store = getattr(self, "store", None)  # the fitted coefficients are kept in the model's cache folder
+            clf = classifier_for(self.preset, self.dataset, cache=None if store is None else store.base)
             self._classifier = False if clf is None else clf
         if self._classifier is False and self.dataset.labels is None and not nearest_always:
             return None, "", None  # nothing to label with, and not an upload: no distances

@@ -15,6 +15,8 @@ with >= 9 classes among the confident samples.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,12 +33,61 @@ REQUIRED_RATIO = 0.9
 REQUIRED_CLASSES = 9
 
 
-def fit_pixel_classifier(x01: np.ndarray, labels: np.ndarray) -> LogisticRegression:
-    """Multinomial logistic regression on [0, 1] pixel vectors (n, D)."""
+def fit_pixel_classifier(x01: np.ndarray, labels: np.ndarray, max_iter: int = 300,
+                         cache: Path | None = None) -> LogisticRegression:
+    """Multinomial logistic regression on [0, 1] pixel vectors (n, D).  With ``cache`` (a folder), the fitted
+    coefficients are kept there and read back by a later call on the same data and settings (``_cached_fit``)."""
     from sklearn.linear_model import LogisticRegression
 
-    clf = LogisticRegression(max_iter=300, C=1.0)
-    clf.fit(x01, labels)
+    def fit() -> LogisticRegression:
+        clf = LogisticRegression(max_iter=max_iter, C=1.0)
+        clf.fit(x01, labels)
+        return clf
+
+    return fit() if cache is None else _cached_fit(x01, labels, max_iter, cache, fit)
+
+
+def _cached_fit(x01: np.ndarray, labels: np.ndarray, max_iter: int, cache: Path,
+                fit: Callable[[], LogisticRegression]) -> LogisticRegression:
+    """``fit()``'s classifier, its coefficients kept in ``cache/label-classifier-<key>.npz``.
+
+    Why: the app's first new sample or upload of a server waited for this fit, 5 s of a 10 s click at load 4 and
+    18 s at load 3 beside a test run (mnist: 5,000 x 784 pixels, about 100 L-BFGS steps).  The key is a hash of
+    the pixels, the labels, the settings and scikit-learn's version, so other data or another fit is a miss; a
+    file that does not read back whole and consistent is a miss, fitted again and rewritten (atomically).  The
+    read-back classifier has the fitted one's exact float64 coefficients, so its labels and probabilities are the
+    same."""
+    import hashlib
+
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    from ..files import save_npz
+    from ..npy_read import load_npz
+
+    h = hashlib.sha256()
+    for part in (np.ascontiguousarray(x01), np.ascontiguousarray(labels)):
+        h.update(f"{part.dtype.str}{part.shape}".encode())
+        h.update(memoryview(part).cast("B"))
+    h.update(f"C=1.0 max_iter={max_iter} sklearn={sklearn.__version__}".encode())
+    path = Path(cache) / f"label-classifier-{h.hexdigest()[:20]}.npz"
+    try:
+        with load_npz(path) as z:
+            coef, intercept, classes = z["coef"], z["intercept"], z["classes"]
+        if coef.shape == (len(classes) if len(classes) > 2 else 1, x01.shape[1]) and \
+                intercept.shape == coef.shape[:1] and np.array_equal(classes, np.unique(labels)):
+            clf = LogisticRegression(max_iter=max_iter, C=1.0)
+            clf.coef_, clf.intercept_, clf.classes_ = coef, intercept, classes
+            clf.n_features_in_ = int(x01.shape[1])
+            return clf
+    except Exception:  # noqa: BLE001 - no file, or a damaged one of any kind: fitted again
+        pass
+    clf = fit()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_npz(path, coef=clf.coef_, intercept=clf.intercept_, classes=clf.classes_)
+    except OSError:  # a read-only cache: fitted each time, as without one
+        pass
     return clf
 
 
@@ -61,23 +112,22 @@ def _shipped_halves(seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple
     return (x01[fit], labels[fit]), (x01[held], labels[held])
 
 
-def digits_classifier(dataset: ImageDataset) -> LogisticRegression:
-    """Logistic regression on the real digits, inputs as [0, 1] pixel vectors."""
-    from sklearn.linear_model import LogisticRegression
-
+def digits_classifier(dataset: ImageDataset, cache: Path | None = None) -> LogisticRegression:
+    """Logistic regression on the real digits, inputs as [0, 1] pixel vectors (``cache``: as
+    ``fit_pixel_classifier``'s)."""
     x = to_unit_range(dataset.images).flatten(1).numpy()
-    clf = LogisticRegression(max_iter=2000, C=1.0)
-    clf.fit(x, dataset.labels.numpy())
-    return clf
+    return fit_pixel_classifier(x, dataset.labels.numpy(), max_iter=2000, cache=cache)
 
 
-def classifier_for(preset: Preset, dataset: ImageDataset | None) -> LogisticRegression | None:
-    """The labelling classifier of ``preset`` or None when the preset has no labelled reference."""
+def classifier_for(preset: Preset, dataset: ImageDataset | None,
+                   cache: Path | None = None) -> LogisticRegression | None:
+    """The labelling classifier of ``preset`` or None when the preset has no labelled reference (``cache``: a
+    folder where the fitted coefficients are kept, ``fit_pixel_classifier``)."""
     if preset.data.name == "mnist" and preset.data.root is None:
         (x, y), _ = _shipped_halves()
-        return fit_pixel_classifier(x, y)
+        return fit_pixel_classifier(x, y, cache=cache)
     if preset.data.name == "digits" and dataset is not None and dataset.labels is not None:
-        return digits_classifier(dataset)
+        return digits_classifier(dataset, cache=cache)
     return None
 
 
