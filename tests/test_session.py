@@ -459,6 +459,8 @@ def test_an_upload_identical_to_a_training_image_takes_its_label(session):
     assert any("predicted by a classifier" in n for n in off.notes), off.notes
     assert off.identical_to is None
     assert label_classifier.CONFIDENT > 0
+    # the classifier's fit is kept in the model's cache folder, so the next server's first label is not a fit
+    assert len(list(session.store.base.glob("label-classifier-*.npz"))) == 1
 
 
 def test_an_upload_of_an_unlabelled_training_file_is_known_as_that_image(session, monkeypatch):

@@ -208,11 +208,13 @@ class QuerySources:
     def __init__(
         self, preset: Preset, model: nn.Module, diffusion: Diffusion, dataset: ImageDataset,
         device: torch.device, checkpoint: Path, assets_command: str, checkpoint_hash: str | None = None,
+        cache: Path | None = None,
     ):
         """``assets_command``: the command that makes this checkpoint's gallery, for the error when there is
-        none (the session's, ``AttributionSession.command("assets")``, names the same files)."""
+        none (the session's, ``AttributionSession.command("assets")``, names the same files).  ``cache``: the
+        model's cache folder, where the labelling classifier's fit is kept (``label_classifier._cached_fit``)."""
         self.preset, self.model, self.diffusion, self.dataset = preset, model, diffusion, dataset
-        self.device, self.checkpoint = device, Path(checkpoint)
+        self.device, self.checkpoint, self.cache = device, Path(checkpoint), cache
         self.assets_command, self.checkpoint_hash = assets_command, checkpoint_hash
         self._gallery: list[GalleryItem] | None = None
         self._classifier: Any = None
@@ -397,8 +399,7 @@ class QuerySources:
         from .copycheck import pixel_distances, training_spread
 
         if self._classifier is None:
-            store = getattr(self, "store", None)  # the fitted coefficients are kept in the model's cache folder
-            clf = classifier_for(self.preset, self.dataset, cache=None if store is None else store.base)
+            clf = classifier_for(self.preset, self.dataset, cache=self.cache)  # fitted once per cache folder
             self._classifier = False if clf is None else clf
         if self._classifier is False and self.dataset.labels is None and not nearest_always:
             return None, "", None  # nothing to label with, and not an upload: no distances

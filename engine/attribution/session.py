@@ -171,7 +171,7 @@ class AttributionSession(SessionBuilds, SessionQueryInputs, SessionScoring, Sess
         self.caches = MethodCaches(self._methods, self.ctx, self.build_command)
         self.sources = QuerySources(
             self.preset, model, self.diffusion, self.dataset, self.device, folder, self.command("assets"),
-            self.checkpoint_hash,
+            self.checkpoint_hash, cache=self.store.base,
         )
         self.startup_ms = (time.perf_counter() - t0) * 1000.0
 
