@@ -117,16 +117,31 @@ def details(lines: Sequence[str], label: str = DETAILS) -> None:
             st.caption(line)
 
 
-def label_agreement_line(agreements: dict, names: Sequence[str], info: dict[str, dict]) -> str | None:
+def label_agreement_line(agreements: dict, names: Sequence[str], info: dict[str, dict],
+                         gaps: dict[str, str] | None = None) -> str | None:
     """One line under the method columns: how often each shown method's 10 strongest proponents (a similarity
     method's most similar) share the query's label over the model's gallery (``Handle.gallery_agreement``), so
-    that a column of mixed labels reads as this method on this model, not as this one query (QA 47 #8).  None
-    when no shown method has a figure."""
+    that a column of mixed labels reads as this method on this model, not as this one query (QA 47 #8).  A shown
+    method without a figure is named with why (``gaps``: ``Handle.gallery_agreement_gaps``; QA 52 #2: a
+    compressed K-FAC bank's was left out without a word).  None when no shown method has a figure."""
     shown = [n for n in names if n in agreements]
     if not shown:
         return None
     first = agreements[shown[0]]
     figures = and_list([f"{info[n]['title']} {agreements[n].share:.0%}" for n in shown])
-    return (f"On this model's {first.queries} gallery samples, the {first.top} strongest proponents (most similar, for "
-            f"a similarity method) share the sample's label, a classifier's guess, this often: {figures} (chance "
+    line = (f"On this model's {first.queries} gallery samples, the {first.top} strongest proponents (most similar, "
+            f"for a similarity method) share the sample's label, a classifier's guess, this often: {figures} (chance "
             f"{first.chance:.0%}; at the default settings; intervals in the Evaluation tab).")
+    missing = no_figure_line([n for n in names if n not in agreements], gaps or {}, info)
+    return f"{line} {missing}" if missing else line
+
+
+def no_figure_line(names: Sequence[str], gaps: dict[str, str], info: dict[str, dict]) -> str | None:
+    """"K-FAC Influence has no figure: <why>." for each of ``names`` (methods a label-agreement figure leaves
+    out), those with the same reason in one sentence; a method of unknown reason is said to have none."""
+    by_reason: dict[str, list[str]] = {}
+    for n in names:
+        by_reason.setdefault(gaps.get(n, "no precomputed gallery scores of it match this server"), []).append(
+            info.get(n, {}).get("title", n))
+    return " ".join(f"{and_list(titles)} {'has' if len(titles) == 1 else 'have'} no figure: {why}."
+                    for why, titles in by_reason.items()) or None

@@ -415,7 +415,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 )
             if r.exact_pending:
                 exact_view.exact_button(handle, name, result)
-    agreement = plain.label_agreement_line(handle.gallery_agreement(), scored, info)
+    agreement = plain.label_agreement_line(handle.gallery_agreement(), scored, info, handle.gallery_agreement_gaps())
     if agreement:  # a column of mixed labels: this method on this model, or this one query? (QA 47 #8)
         st.caption(agreement)
     if thumbs.compact and scored:

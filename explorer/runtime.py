@@ -174,6 +174,26 @@ class Handle:
                 self._agreement = {}
         return self._agreement
 
+    def gallery_agreement_gaps(self) -> dict[str, str]:
+        """Why each of the model's methods without a ``gallery_agreement`` figure has none, in a few plain words
+        (name -> a lower-case clause), so that the pages say it instead of dropping the method silently (QA 52 #2:
+        a compressed K-FAC bank's figure was left out, the file's scores being of the stored bank).  Empty when
+        no method has a figure (the pages then show none)."""
+        agreements = self.gallery_agreement()
+        pg = self.precomputed
+        if not agreements or pg is None:
+            return {}
+        gaps = {}
+        for name in self.session.method_names():
+            if name not in agreements:
+                try:
+                    gaps[name] = (pg.mismatch(self.session, name)
+                                  or "too few gallery samples have both a label and a precomputed score")
+                except (ValueError, KeyError) as e:  # a malformed file: a plain reason, never a broken page
+                    log.warning("gallery label agreement: no reason for %s: %s", name, e)
+                    gaps[name] = "its precomputed gallery scores could not be read"
+        return gaps
+
     @property
     def build(self) -> BuildState:
         return self.worker.state if self.worker is not None else BuildState(status="done")

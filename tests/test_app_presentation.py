@@ -261,6 +261,9 @@ class FakeHandle:
     def gallery_agreement(self) -> dict:
         return {}
 
+    def gallery_agreement_gaps(self) -> dict:
+        return {}
+
     def status(self, refresh: bool = False) -> dict:
         return {n: {"built": True} for n in METHOD_INFO}
 

@@ -267,6 +267,28 @@ class PrecomputedGallery:
             ]
         return self._matching[sid]
 
+    def mismatch(self, session: Any, name: str) -> str | None:
+        """Why the file holds no scores of ``name`` for this session, in a few plain words (a clause, lower-case),
+        or None when it does (``methods_for``).  The page says it where a figure from these scores leaves the
+        method out (QA 52 #2: a compressed K-FAC bank's label agreement was dropped without a word)."""
+        if name in self.methods_for(session):
+            return None
+        held = self.key.get("methods", {}).get(name)
+        if held is None:
+            return "the gallery's precomputed scores leave it out"
+        live = _canonical(session_key(session, [name]))
+        if any(live[k] != self.key.get(k) for k in live if k != "methods"):
+            return "the gallery's scores were precomputed for another model, data set or gallery"
+        mine = live["methods"][name]
+        banks = [(m.get("settings") or {}).get("bank") for m in (held, mine)]
+        if banks[0] != banks[1] and None not in banks:
+            words = {"stored": "stored int8"}
+            return (f"the gallery's scores were precomputed with the {words.get(banks[0], banks[0])} bank, not "
+                    f"this server's {words.get(banks[1], banks[1])} one")
+        if held.get("settings") == mine.get("settings"):
+            return "the gallery's scores were precomputed at another default damping"
+        return "the gallery's scores were precomputed at other settings of this method"
+
     def has(self, index: int) -> bool:
         return index in self.rows
 
