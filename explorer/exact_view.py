@@ -22,7 +22,8 @@ from explorer.runtime import Handle
 
 log = logging.getLogger(__name__)
 EXACT_POLL_S = 1.0  # how often a page with an approximate ranking looks whether the exact one is ready
-BUTTON_POLL_S = 0.5  # how often "Show the exact ranking" redraws its progress bar while it waits
+BUTTON_POLL_S = 0.5  # how often the exact-ranking button redraws its progress bar while it waits
+EXACT_BUTTON = "Exact ranking"  # the button under a compressed bank's approximate ranking (``exact_button``)
 
 
 def tab_id() -> tuple[str | None, str]:
@@ -49,7 +50,7 @@ def await_exact(handle: Handle, result: QueryResult, top_k: int) -> None:
     if exact_arrived(result, top_k):
         st.rerun()
     if _button_clicked(result):
-        # this run is the "Show the exact ranking" click, which waits for the re-rank with a live bar of its
+        # this run is the "Exact ranking" click, which waits for the re-rank with a live bar of its
         # own under the rankings: a bar here would stand frozen above the grid until it ends (QA7), and so
         # would the previous run's, unless something takes its place (QA8: drawing nothing left it there)
         st.empty()
@@ -129,7 +130,7 @@ def exact_arrived(result: QueryResult, top_k: int) -> bool:
 
 
 def _button_clicked(result: QueryResult) -> bool:
-    """Whether this run of the page is a click on a pending method's "Show the exact ranking" (a button's
+    """Whether this run of the page is a click on a pending method's "Exact ranking" button (a button's
     state is True for the whole run its click started, before the button itself is drawn)."""
     return any(st.session_state.get(f"exact_{r.name}") for r, _ in _deferred(result))
 
@@ -146,11 +147,13 @@ def exact_button(handle: Handle, name: str, result: QueryResult) -> None:
     # it stands under the rankings (``results_view.method_columns``), so that K-FAC's grid starts near the others'
     st.warning("**Approximate ranking**: a fast estimate from a compressed copy of the training gradients.",
                icon=":material/hourglass_top:")
-    if not st.button("Show the exact ranking", key=f"exact_{name}",
-                     help="The shown images and scores are a fast estimate from a compressed copy of the "
-                          "training gradients (on a smaller scale than exact scores until the first exact ones give "
-                          "the factor that rescales them). The exact K-FAC scores of "
-                          "the strongest candidates at both ends are computed in the background (their training "
+    # a short label: "Show the exact ranking" read "Show the exact ranki..." in a column of four at 1280 px (QA 52);
+    # the tooltip says what it does
+    if not st.button(EXACT_BUTTON, key=f"exact_{name}",
+                     help="Shows the exact ranking. The shown images and scores are a fast estimate from a "
+                          "compressed copy of the training gradients (on a smaller scale than exact scores until the "
+                          "first exact ones give the factor that rescales them). The exact K-FAC scores of the "
+                          "strongest candidates at both ends are computed in the background (their training "
                           "gradients again: seconds on a GPU, minutes on a CPU); this waits for them, or computes "
                           "them if the worker moved on to a newer query, and shows them."):
         return

@@ -7,7 +7,7 @@ would pile up that work when a user clicks through the gallery and slow the very
 for, so queries are handed to one worker, and of each tab only its latest waiting query is kept: a
 tab's superseded query is skipped (its damping changes, if any, score exactly), and its running
 re-rank stops at its next batch once a newer query *of the same tab* waits (the worker's
-``should_stop``; it stays pending and "Show the exact ranking" redoes it).  Tabs take turns, oldest
+``should_stop``; it stays pending and the "Exact ranking" button redoes it).  Tabs take turns, oldest
 waiting first: a query from another tab waits for the running one instead of stopping it, so two
 people on one server each get their exact ranking (before, the latest query of any tab stopped the
 others' re-rank, which then stayed approximate until a click).  The stop belongs to the worker's

@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from test_app_presentation import (  # noqa: F401 - record_images is a fixture
     METHOD_INFO,
@@ -98,3 +100,44 @@ def test_methods_without_a_figure_for_one_reason_share_a_sentence():
     assert no_figure_line(["kfac", "trak", "dtrak"], gaps, METHOD_INFO) == \
         "K-FAC Influence has no figure: a. TRAK and D-TRAK have no figure: b."
     assert no_figure_line([], gaps, METHOD_INFO) is None
+
+
+# --- QA 52 #2 (same screenshot) and #3: the exact-ranking button -----------------------------------------------
+
+
+def _pending_result(query):
+    """``fake_result`` with K-FAC a compressed bank's scan whose deferred re-rank ``query`` has still to do."""
+    result = fake_result(["kfac", "trak", "dtrak", "pixel"])
+    kfac = dataclasses.replace(result.methods["kfac"], bank="compressed", exact_pending=True,
+                               exact=np.zeros(40, dtype=bool))
+    return dataclasses.replace(result, methods={**result.methods, "kfac": kfac},
+                               prepared={"kfac": SimpleNamespace(query=query)})
+
+
+def _exact_handle(fill_exact):
+    handle = FakeHandle()
+    handle.grid_filler = SimpleNamespace(submit=lambda *a: None, ahead=lambda tab: 0, stopping=lambda tab: False)
+    handle.session.fill_exact = fill_exact
+    return handle
+
+
+# Streamlit's button, measured in headless Chromium at 1280 px (FIX 53): 14 px Source Sans, 12 px padding on each
+# side and a 1 px border.  Its labels measured 6.2 px a character ("Show the exact ranking": 135.7 px, cut off in a
+# column of four, QA 52) and 6.0 ("Exact ranking": 78.2 px, a 104 px button); 6.5 leaves a margin
+BUTTON_PADDING = 2 * 12 + 2
+CHARACTER = 6.5
+
+
+def test_the_exact_ranking_button_label_fits_a_column_of_five_at_1280_px():
+    from streamlit.testing.v1 import AppTest
+
+    from explorer.layout import column_inner_width
+
+    query = SimpleNamespace(exact_pending=True, exact_progress=None)
+    at = AppTest.from_function(_grids_page, args=(_exact_handle(lambda r: None), _query(), _pending_result(query),
+                                                  _settings(["kfac", "trak", "dtrak", "pixel"])))
+    at.run()
+    assert not at.exception, at.exception
+    button = at.button(key="exact_kfac")  # the key is kept: tests and the browser find it by key
+    assert len(button.label) * CHARACTER + BUTTON_PADDING <= column_inner_width(5, 1280), button.label
+    assert "exact ranking" in button.help  # what it does, one hover away

@@ -129,7 +129,7 @@ def test_a_rescore_during_a_paused_grid_pass_of_the_same_query_answers_at_once(m
 
 
 def test_a_foreground_thread_that_steps_out_lets_background_work_go_on_and_comes_back():
-    """The app's "Show the exact ranking" click waits, in its page run, for a worker that may wait for the grid
+    """The app's "Exact ranking" click waits, in its page run, for a worker that may wait for the grid
     filler's re-rank: stepped out, that re-rank does not pause for the page meanwhile."""
     steps: list[float] = []
     stop, started = threading.Event(), threading.Event()

@@ -17,8 +17,8 @@ the paused pass goes on from the chunk where it stopped.  ``foreground()`` insid
 nothing (such a thread never waits for itself).  A foreground thread that must wait for a lock a paused pass holds
 takes it through ``holding()``, which steps out of the foreground while it waits (else both would wait, the pass
 for the query and the query for the pass, until ``MAX_PAUSE_S`` ran out); ``stepped_out()`` is that step, for any
-other wait of a foreground thread on such a pass.  (The app's page runs are not foreground as a whole, so the "Show
-the exact ranking" click, which waits in its page run for a worker, needs no step.)
+other wait of a foreground thread on such a pass.  (The app's page runs are not foreground as a whole, so the "Exact
+ranking" click, which waits in its page run for a worker, needs no step.)
 """
 
 from __future__ import annotations

@@ -405,7 +405,8 @@ class Reranker:
         """(scores, exact mask, final): final is False for a partial or approximate answer (the re-rank not
         done when it was made).  ``should_stop``: asked between batches of this call's gradient work; True
         leaves the scores partial (still pending).  It belongs to the call, not to the re-rank: the app's
-        worker stops when a newer query waits, while a user's "Show the exact ranking" is never stopped by it."""
+        worker stops when a newer query waits, while a user's "Exact ranking" click in the app is never
+        stopped by it."""
         if compute:
             with self._lock:
                 try:
