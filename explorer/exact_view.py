@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import streamlit as st
@@ -145,6 +146,7 @@ def exact_button(handle: Handle, name: str, result: QueryResult) -> None:
     on to a newer query) and re-scores the shown answer."""
     # short, and no promise (the line above the grid says whether the exact re-rank runs, waits or stopped);
     # it stands under the rankings (``results_view.method_columns``), so that K-FAC's grid starts near the others'
+    interrupted_note(result)
     st.warning("**Approximate ranking**: a fast estimate from a compressed copy of the training gradients.",
                icon=":material/hourglass_top:")
     # a short label: "Show the exact ranking" read "Show the exact ranki..." in a column of four at 1280 px (QA 52);
@@ -169,25 +171,64 @@ def exact_button(handle: Handle, name: str, result: QueryResult) -> None:
     st.rerun()
 
 
+FILL_KEY = "exact_fill"  # st.session_state: the button's fill (``_Fill``), kept past the run its click started
+
+
+@dataclass
+class _Fill:
+    """The exact-ranking button's fill: ``prepared`` is its result's (shared by every view of that result: a
+    damping change re-scores the same one), ``thread`` runs ``session.fill_exact``, ``failed`` gets its error."""
+
+    prepared: Any
+    thread: threading.Thread
+    failed: list[BaseException] = field(default_factory=list)
+
+
+def interrupted_note(result: QueryResult) -> None:
+    """What became of a click on the button whose run a newer run superseded (a slider moved during the wait,
+    QA 52 #3: the column was approximate again, the button back, with no word).  The fill goes on in its thread
+    and the poller (``await_exact``) redraws the page once it is done, so while it runs the column says so;
+    a fill that ended without the exact scores says why, and the button is there to try again."""
+    fill = st.session_state.get(FILL_KEY)
+    if fill is None:
+        return
+    if fill.thread.is_alive():
+        if fill.prepared is result.prepared:
+            st.caption(":material/schedule: **Still computing the exact ranking** you asked for (the new setting "
+                       "only interrupted the wait); it replaces this one when ready.")
+        return
+    st.session_state.pop(FILL_KEY, None)  # ended: said once, then forgotten (it holds its result)
+    if fill.prepared is not result.prepared:
+        return
+    if fill.failed:
+        e = fill.failed[0]
+        st.error(f"The exact re-rank failed: {type(e).__name__}: {e}")
+    elif _exact_still_pending(result):
+        st.caption("The exact re-rank you asked for stopped before it finished; click again to redo it.")
+
+
 def _fill_showing_progress(handle: Handle, result: QueryResult) -> None:
     """``session.fill_exact(result)`` with a progress bar on the page.  The fill runs in a thread of its
     own and this run draws its progress: while a run of the page waits, the poller (a fragment of the
     same page) cannot run.  If the user moves on meanwhile, the fill still finishes (the result's
-    exact scores stay cached for a return to it); its error, if any, is raised here."""
-    failed: list[BaseException] = []
+    exact scores stay cached for a return to it; ``interrupted_note`` says so, ``FILL_KEY``); its error, if
+    any, is raised here."""
+    fill = _Fill(result.prepared, threading.Thread(target=lambda: None))
 
     def work() -> None:
         try:
             handle.session.fill_exact(result)
         except BaseException as e:  # noqa: BLE001 - handed to the page's run, which shows it
-            failed.append(e)
+            fill.failed.append(e)
 
-    worker = threading.Thread(target=work, daemon=True, name="exact-ranking-button")
-    worker.start()
+    fill.thread = threading.Thread(target=work, daemon=True, name="exact-ranking-button")
+    st.session_state[FILL_KEY] = fill  # before the wait: a newer run that supersedes this one finds it
+    fill.thread.start()
     bar = st.progress(0.0, text="Exact re-rank: waiting for it to start")
-    while worker.is_alive():
-        worker.join(BUTTON_POLL_S)
+    while fill.thread.is_alive():
+        fill.thread.join(BUTTON_POLL_S)
         for progress in _running_progress(result)[:1]:
             bar.progress(_fraction(progress), text=rerank_progress_text(progress))
-    if failed:
-        raise failed[0]
+    st.session_state.pop(FILL_KEY, None)  # this run says how it ended
+    if fill.failed:
+        raise fill.failed[0]

@@ -3,12 +3,14 @@
 
 * QA 52 #2: with a compressed K-FAC bank the label-agreement line left K-FAC out without a word; the button under
   its approximate ranking read "Show the exact ranki..." in a column of four at 1280 px.
+* QA 52 #3: a click on that button superseded by a slider move left the column approximate with no word.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +21,7 @@ from test_app_presentation import (  # noqa: F401 - record_images is a fixture
     _grids_page,
     _query,
     _settings,
+    _walk,
     fake_result,
     record_images,
 )
@@ -141,3 +144,69 @@ def test_the_exact_ranking_button_label_fits_a_column_of_five_at_1280_px():
     button = at.button(key="exact_kfac")  # the key is kept: tests and the browser find it by key
     assert len(button.label) * CHARACTER + BUTTON_PADDING <= column_inner_width(5, 1280), button.label
     assert "exact ranking" in button.help  # what it does, one hover away
+
+
+def test_an_exact_ranking_click_superseded_by_a_new_setting_says_it_goes_on_then_how_it_ended(monkeypatch):
+    """QA 52 #3: "Show the exact ranking", then a slider move 0.3-0.5 s later: the slider's run superseded the
+    click's wait, and the K-FAC column was approximate again, its button back, with no word.  The fill goes on in
+    its thread (the poller redraws the page when it is done): the column says so, and, once it has ended without
+    the exact scores, how (stopped: click again; failed: the error)."""
+    from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+    from streamlit.testing.v1 import AppTest
+
+    from explorer import exact_view
+
+    release, stopped = threading.Event(), []
+    query = SimpleNamespace(exact_pending=True, exact_progress=None)
+    outcome: list[BaseException] = []
+
+    def fill_exact(result):
+        release.wait(30)
+        if outcome:
+            raise outcome[0]  # the failed case; otherwise it ends with the re-rank still pending (stopped)
+
+    original = exact_view._running_progress
+
+    def superseded(result):  # the click's wait is cut short, as a newer run of the page cuts it at its next call
+        import streamlit as st
+
+        if st.session_state.get("exact_kfac") and not stopped:  # in the click's run: its wait's first look
+            stopped.append(True)
+            raise StopException()
+        return original(result)
+
+    monkeypatch.setattr(exact_view, "_running_progress", superseded)
+    monkeypatch.setattr(exact_view, "BUTTON_POLL_S", 0.01)
+    handle = _exact_handle(fill_exact)
+    result = _pending_result(query)
+    at = AppTest.from_function(_grids_page, args=(handle, _query(), result, _settings(["kfac", "trak", "dtrak", "pixel"])))
+    at.run()
+    assert not any("Still computing" in c.value for c in at.caption)
+    at.button(key="exact_kfac").click().run()  # the click's run, cut short while it waits
+    assert stopped and not at.exception
+    at.run()  # the new setting's run: the fill goes on in its thread, and the column says so
+    assert not at.exception, at.exception
+    still = [c.value for c in at.caption if "Still computing the exact ranking" in c.value]
+    assert still == [":material/schedule: **Still computing the exact ranking** you asked for (the new setting only "
+                     "interrupted the wait); it replaces this one when ready."]
+    assert at.button(key="exact_kfac")  # and the button stays: a second click waits for the same fill
+
+    release.set()  # the fill ends with the re-rank still pending (stopped): said once, then forgotten
+    at.session_state[exact_view.FILL_KEY].thread.join(10)
+    at.run()
+    texts = [t for t, _ in _walk(at._tree)]
+    assert "The exact re-rank you asked for stopped before it finished; click again to redo it." in texts
+    assert not any("Still computing" in t for t in texts)
+    at.run()
+    assert not any("stopped before it finished" in t for t, _ in _walk(at._tree))
+
+    release.clear()  # a second click, superseded too, whose fill fails: the error is said in the column
+    outcome.append(RuntimeError("CUDA out of memory (simulated)"))
+    stopped.clear()
+    at.button(key="exact_kfac").click().run()
+    at.run()
+    assert any("Still computing" in c.value for c in at.caption)
+    release.set()
+    at.session_state[exact_view.FILL_KEY].thread.join(10)
+    at.run()
+    assert [e.value for e in at.error] == ["The exact re-rank failed: RuntimeError: CUDA out of memory (simulated)"]
