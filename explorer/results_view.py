@@ -242,6 +242,9 @@ def _caption(ds, i: int, score: float, exact: bool = True, own: int | None = Non
     return f"#{i}" + (f" · {lab}" if lab is not None else "") + f" · {shown}"
 
 
+OWN = "query"  # a narrow cell's caption of the query's own training image (``_short_caption``)
+
+
 def short_labels(ds: Any) -> bool:
     """Whether every label of the data set is one or two characters (digits' and MNIST's "0".."9"): then a narrow
     cell's caption holds it too (``_short_caption``)."""
@@ -253,12 +256,14 @@ def short_labels(ds: Any) -> bool:
 
 def _short_caption(ds, i: int, own: int | None = None, short: bool = False) -> str:
     """A narrow cell's caption (five columns at the design width, ``layout.thumbnails``' compact ones):
-    "index·label" where labels are short (``short_labels``), else "#index"; "#index query" for the query's own
+    "index·label" where labels are short (``short_labels``), else "#index"; "query" for the query's own
     training image.  Six characters fit the 48 px cell: "#853·2" did in headless Chromium, but "#1499·2" broke after
     its dot (QA 50 had measured 45 px for "#1797·7", and with spaces it wrapped), so the "#" goes (the legend above
-    the columns says what the numbers are).  ``short``: ``short_labels(ds)``, found once per page."""
+    the columns says what the numbers are).  The query's own training image reads "query": "#1499 query" was wider
+    than the cell (QA 50 #4, QA 52); its index is in the page's header and in the scores table under the grids.
+    ``short``: ``short_labels(ds)``, found once per page."""
     if i == own:
-        return f"#{i} query"
+        return OWN
     return f"{i}·{ds.label_name(i)}" if short else f"#{i}"
 
 
@@ -296,23 +301,26 @@ def score_meaning(kind: str, measurement: str) -> str:
 
 
 def score_legend(methods: list[tuple[str, str, str]], has_labels: bool, compact: bool = False,
-                 with_label: bool = False) -> str:
+                 with_label: bool = False, own: int | None = None) -> str:
     """The line above the method columns that reads the thumbnails' captions ("#726 · 1 · +8.94e-02" was not
     explained on the page, and its scale changes with the measurement): what a caption holds, then what a score
     is for each group of ``methods`` ((title, kind, measurement used)) that share a meaning.  ``compact``: the
     captions hold the index only (``explorer.layout``), or with ``with_label`` the index and a short label
-    (``short_labels``), and the scores are in the table under the grids."""
+    (``short_labels``), and the scores are in the table under the grids; ``own``: the training image the query is,
+    whose compact caption reads "query" (``_short_caption``)."""
     meanings: dict[str, list[str]] = {}
     for title, kind, used in methods:
         meanings.setdefault(score_meaning(kind, used), []).append(title)
     held = "training index · label · score" if has_labels else "training index · score"
     parts = "; of ".join(f"{plain.and_list(titles)}: {meaning}" for meaning, titles in meanings.items())
+    itself = "" if own is None else f"; *{OWN}* marks training image {own}, the query itself"
     if compact and with_label:
-        return (f"Under each image: **training index·label** (its score: *{SCORES_TABLE}*, under the grids). "
-                f"Score of {parts}.")
+        return (f"Under each image: **training index·label** (its score: *{SCORES_TABLE}*, under the grids"
+                f"{itself}). Score of {parts}.")
     if compact:
         rest = "label and score" if has_labels else "score"
-        return f"Under each image: **training index** (its {rest}: *{SCORES_TABLE}*, under the grids). Score of {parts}."
+        return (f"Under each image: **training index** (its {rest}: *{SCORES_TABLE}*, under the grids{itself}). "
+                f"Score of {parts}.")
     return f"Under each image: **{held}**. Score of {parts}."
 
 
@@ -320,16 +328,17 @@ SCORES_TABLE = "Scores of the images above"
 
 
 def grid_scores(result: QueryResult, names: list[str], titles: dict[str, str], ds: Any, labels: np.ndarray | None,
-                top_k: int) -> pd.DataFrame:
+                top_k: int, own: int | None = None) -> pd.DataFrame:
     """The grids' captions as one table (rows: top 1..k, then bottom 1..k; one column per method), for the
-    compact grids, whose thumbnails are too narrow for "#index · label · score" (``explorer.layout``)."""
+    compact grids, whose thumbnails are too narrow for "#index · label · score" (``explorer.layout``); ``own``:
+    the training image the query is, "#index · query · score" as in the full captions."""
     columns = {}
     for name in names:
         r = result.methods[name]
         if r.status != "ok" or r.scores is None:
             continue
         items = r.top(top_k, labels) + r.bottom(top_k, labels)
-        columns[titles[name]] = [_caption(ds, x.index, x.score, x.exact) for x in items]
+        columns[titles[name]] = [_caption(ds, x.index, x.score, x.exact, own) for x in items]
     rows = [f"top {i + 1}" for i in range(top_k)] + [f"bottom {i + 1}" for i in range(top_k)]
     return pd.DataFrame(columns, index=rows[: max((len(v) for v in columns.values()), default=0)])
 
@@ -367,7 +376,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
     short = short_labels(ds)
     if scored:  # an unavailable method's column has no captions to explain
         st.caption(score_legend([(info[n]["title"], info[n]["kind"], session.measurement_used(n, s.measurement))
-                                 for n in scored], ds.labels is not None, thumbs.compact, short))
+                                 for n in scored], ds.labels is not None, thumbs.compact, short, own))
     independent = handle.query_independent()
     # the note (damping, bank, D-TRAK's "uses the square-norm measurement") beside the 48 px query thumbnail only
     # where the two thirds of the column beside it hold its longest words ("measurement", "**precomputed**": ~85 px
@@ -420,7 +429,8 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
         st.caption(agreement)
     if thumbs.compact and scored:
         with st.expander(SCORES_TABLE):
-            st.dataframe(grid_scores(result, scored, {n: info[n]["title"] for n in scored}, ds, labels, s.top_k))
+            st.dataframe(grid_scores(result, scored, {n: info[n]["title"] for n in scored}, ds, labels, s.top_k,
+                                     own))
 
 
 def influence_headings(top: list[float], bottom: list[float]) -> tuple[str, str]:

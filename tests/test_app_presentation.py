@@ -179,15 +179,15 @@ class FakeData:
         return str(int(self.labels[i]))
 
 
-def fake_result(names=tuple(METHOD_INFO)):
-    """A query's answer: every method's scores over the 40 images (CLIP unavailable for want of weights)."""
+def fake_result(names=tuple(METHOD_INFO), unavailable=("clip",)):
+    """A query's answer: every method's scores over the 40 images (``unavailable``: CLIP, for want of weights)."""
     from engine.attribution.results import MethodResult, QueryResult
 
     rng = np.random.default_rng(1)
     methods = {}
     for n in names:
         info = METHOD_INFO[n]
-        ok = n != "clip"
+        ok = n not in unavailable
         methods[n] = MethodResult(name=n, title=info["title"], kind=info["kind"], caption=info["caption"],
                                   status="ok" if ok else "unavailable", reason=None if ok else CLIP_REASON,
                                   reason_about=None if ok else "server",

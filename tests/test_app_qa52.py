@@ -4,6 +4,7 @@
 * QA 52 #2: with a compressed K-FAC bank the label-agreement line left K-FAC out without a word; the button under
   its approximate ranking read "Show the exact ranki..." in a column of four at 1280 px.
 * QA 52 #3: a click on that button superseded by a slider move left the column approximate with no word.
+* QA 50 #4 / QA 52: the query's own training image was captioned "#1499 query", wider than a narrow cell.
 """
 
 from __future__ import annotations
@@ -210,3 +211,28 @@ def test_an_exact_ranking_click_superseded_by_a_new_setting_says_it_goes_on_then
     at.session_state[exact_view.FILL_KEY].thread.join(10)
     at.run()
     assert [e.value for e in at.error] == ["The exact re-rank failed: RuntimeError: CUDA out of memory (simulated)"]
+
+
+# --- QA 50 #4 / QA 52 note: the query's own training image in a narrow cell -----------------------------------------
+
+
+def test_the_querys_own_training_image_fits_a_narrow_cell_and_the_legend_and_table_name_it(record_images):  # noqa: F811 - the fixture imported above
+    """Five columns (compact captions "1499·2", six characters: what fits the 48 px cell): the query's own training
+    image read "#1499 query", 11 characters, which wrapped."""
+    from streamlit.testing.v1 import AppTest
+
+    from explorer.query_view import Query
+
+    result = fake_result(unavailable=())  # five methods with scores: the compact grids
+    own = result.methods["kfac"].top(1)[0].index  # the query is this training image, K-FAC's strongest proponent
+    query = Query(f"train:{own}", SimpleNamespace(image=np.zeros((1, 8, 8), np.float32), trajectory=None, label=None,
+                                                  notes=[]), f"Training image {own}")
+    at = AppTest.from_function(_grids_page, args=(FakeHandle(), query, result, _settings(METHOD_INFO)))
+    at.run()
+    assert not at.exception, at.exception
+    captions = [cap for c in record_images if c["n"] == 4 for cap in c["captions"]]
+    assert "query" in captions and all(len(cap) <= 6 for cap in captions), captions  # as "1499·2" does
+    legend = at.caption[0].value
+    assert f"*query* marks training image {own}, the query itself" in legend
+    (table,) = [e for e in at.expander if e.label == "Scores of the images above"]
+    assert table.dataframe[0].value.iloc[0, 0].startswith(f"#{own} · query · ")  # its index, one look away
