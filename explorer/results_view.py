@@ -19,6 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from engine.attribution import provenance
+from engine.attribution.methods.base import SERVER
 from engine.attribution.query import PREDICTED
 from engine.attribution.results import MethodResult, QueryResult
 from engine.attribution.signs import end_signs
@@ -361,6 +362,20 @@ def column_note(r: MethodResult) -> str:
     return "similarity score" if r.kind == "similarity" else "influence score, no damping"
 
 
+def cannot_run_here(r: MethodResult) -> bool:
+    """Whether ``r`` is a method that cannot run on this server at all (the engine says the reason is about the
+    server: CLIP without its weights, a cache not built), as opposed to one the running build brings, one that
+    failed, or one this query does not suit (a blank image's pixel similarity), which keep their columns."""
+    return r.status == "unavailable" and r.reason_about == SERVER
+
+
+def unavailable_notes(result: QueryResult, names: list[str], info: dict) -> None:
+    """Under the method columns, each of ``names`` (``cannot_run_here``) in one line, its details one click away."""
+    for n in names:
+        r = result.methods[n]
+        plain.unavailable(r.status, info.get(n, {}).get("title", r.title), r.reason or "", r.reason_about)
+
+
 def method_columns(handle: Handle, query: Query, result: QueryResult, s: Settings) -> None:
     session = handle.session
     ds = session.dataset
@@ -371,6 +386,13 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
         st.info("Select at least one method in the sidebar.")
         return
     scored = [n for n in names if result.methods[n].status == "ok" and result.methods[n].scores is not None]
+    # a method that cannot run on this server (CLIP without its weights) is said under the columns, not given one:
+    # its empty column took a fifth of the width and made the working methods' captions index-only (QA 50 #5)
+    cannot = [n for n in names if cannot_run_here(result.methods[n])]
+    names = [n for n in names if n not in cannot]
+    if not names:
+        unavailable_notes(result, cannot, info)
+        return
     thumbs = thumbnails(len(names), max(ds.shape[1:]))  # at least two per row at 1280 px (explorer.layout)
     own = own_index(query)
     short = short_labels(ds)
@@ -424,6 +446,7 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 )
             if r.exact_pending:
                 exact_view.exact_button(handle, name, result)
+    unavailable_notes(result, cannot, info)
     agreement = plain.label_agreement_line(handle.gallery_agreement(), scored, info, handle.gallery_agreement_gaps())
     if agreement:  # a column of mixed labels: this method on this model, or this one query? (QA 47 #8)
         st.caption(agreement)

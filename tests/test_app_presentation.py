@@ -363,12 +363,13 @@ def test_five_methods_get_compact_grids_and_their_scores_in_a_table(record_image
 
     from explorer.layout import column_inner_width, per_row
 
-    handle = FakeHandle()
-    at = AppTest.from_function(_grids_page, args=(handle, _query(), fake_result(), _settings(METHOD_INFO)))
+    handle = FakeHandle()  # five methods with scores (CLIP with its weights)
+    at = AppTest.from_function(_grids_page, args=(handle, _query(), fake_result(unavailable=()),
+                                                  _settings(METHOD_INFO)))
     at.run()
     assert not at.exception, at.exception
-    grids = [c for c in record_images if c["n"] == 4]  # top-4 and bottom-4 of the four methods with scores
-    assert len(grids) == 8
+    grids = [c for c in record_images if c["n"] == 4]  # top-4 and bottom-4 of the five methods
+    assert len(grids) == 10
     for c in grids:  # two per row in each of the five columns at 1280 px, each captioned "index·label"
         assert per_row(column_inner_width(5, 1280), c["width"]) == 2, c["width"]
         for cap in c["captions"]:  # the fake labels are the index mod 10, one character: "1499·2" fits 48 px
@@ -376,7 +377,7 @@ def test_five_methods_get_compact_grids_and_their_scores_in_a_table(record_image
             assert len(cap) <= 6 and label == str(int(index) % 10), cap
     (table,) = [e for e in at.expander if e.label == "Scores of the images above"]
     frame = table.dataframe[0].value
-    assert list(frame.columns) == ["K-FAC Influence", "TRAK", "D-TRAK", "Pixel similarity"]
+    assert list(frame.columns) == ["K-FAC Influence", "TRAK", "D-TRAK", "CLIP similarity", "Pixel similarity"]
     assert list(frame.index) == ["top 1", "top 2", "top 3", "top 4", "bottom 1", "bottom 2", "bottom 3", "bottom 4"]
     top = fake_result().methods["kfac"].top(4, handle.session.labels)[0]
     assert frame.iloc[0, 0] == f"#{top.index} · {top.index % 10} · {top.score:+.2e}"

@@ -5,6 +5,7 @@
   its approximate ranking read "Show the exact ranki..." in a column of four at 1280 px.
 * QA 52 #3: a click on that button superseded by a slider move left the column approximate with no word.
 * QA 50 #4 / QA 52: the query's own training image was captioned "#1499 query", wider than a narrow cell.
+* QA 50 #5: an unavailable method (CLIP offline) took a column and made the working methods' captions index-only.
 """
 
 from __future__ import annotations
@@ -236,3 +237,28 @@ def test_the_querys_own_training_image_fits_a_narrow_cell_and_the_legend_and_tab
     assert f"*query* marks training image {own}, the query itself" in legend
     (table,) = [e for e in at.expander if e.label == "Scores of the images above"]
     assert table.dataframe[0].value.iloc[0, 0].startswith(f"#{own} · query · ")  # its index, one look away
+
+
+# --- QA 50 #5: an unavailable method costs the working ones no width -----------------------------------------------
+
+
+def test_an_unavailable_method_is_said_under_the_columns_and_leaves_the_others_their_width(record_images):  # noqa: F811 - the fixture imported above
+    """Offline, "Show all methods" added CLIP's empty column: a fifth of the width, and the four working methods' captions
+    shrank to the index; its box broke after "Unavailable" at 1280 px."""
+    from streamlit.testing.v1 import AppTest
+
+    four = AppTest.from_function(_grids_page, args=(FakeHandle(), _query(), fake_result(),
+                                                    _settings(["kfac", "trak", "dtrak", "pixel"])))
+    four.run()
+    widths = {c["width"] for c in record_images if c["n"] == 4}
+    record_images.clear()
+    at = AppTest.from_function(_grids_page, args=(FakeHandle(), _query(), fake_result(), _settings(METHOD_INFO)))
+    at.run()
+    assert not at.exception, at.exception
+    grids = [c for c in record_images if c["n"] == 4]
+    assert len(grids) == 8 and {c["width"] for c in grids} == widths  # as with the four methods alone
+    assert all(" · " in cap for c in grids for cap in c["captions"])  # the full "#index · label · score"
+    assert len(at.columns) == 4 and not [e for e in at.expander if e.label == "Scores of the images above"]
+    (warning,) = at.warning  # under the columns, in one line, its reason one click away
+    assert warning.value == "**Unavailable:** CLIP similarity cannot run on this server."
+    assert "Under each image: **training index · label · score**." in at.caption[0].value
