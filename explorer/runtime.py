@@ -136,6 +136,7 @@ class Handle:
     group_query_gradients: RecentResults = field(default_factory=lambda: RecentResults(QUERY_GRADIENTS_KEPT))
     _independent: dict[str, Any] | None = None  # see query_independent()
     _agreement: dict[str, Any] | None = None  # see gallery_agreement()
+    _agreement_gaps: dict[str, str] | None = None  # see gallery_agreement_gaps()
 
     def status(self, refresh: bool = False) -> dict[str, dict]:
         """``session.status()``, remembered: it walks the cache folders, too slow for every rerun."""
@@ -178,20 +179,26 @@ class Handle:
         """Why each of the model's methods without a ``gallery_agreement`` figure has none, in a few plain words
         (name -> a lower-case clause), so that the pages say it instead of dropping the method silently (QA 52 #2:
         a compressed K-FAC bank's figure was left out, the file's scores being of the stored bank).  Empty when
-        no method has a figure (the pages then show none)."""
+        no method has a figure (the pages then show none).  A method that cannot run on this server (CLIP without
+        its weights) is left out: the page says so in its own line, and "no figure" beside it was noise.  Worked out
+        once: the file, the session's settings and the methods' availability do not change in a server."""
+        if self._agreement_gaps is not None:
+            return self._agreement_gaps
         agreements = self.gallery_agreement()
         pg = self.precomputed
         if not agreements or pg is None:
-            return {}
+            self._agreement_gaps = {}
+            return self._agreement_gaps
         gaps = {}
         for name in self.session.method_names():
-            if name not in agreements:
+            if name not in agreements and self.session.available(name)[0]:
                 try:
                     gaps[name] = (pg.mismatch(self.session, name)
                                   or "too few gallery samples have both a label and a precomputed score")
                 except (ValueError, KeyError) as e:  # a malformed file: a plain reason, never a broken page
                     log.warning("gallery label agreement: no reason for %s: %s", name, e)
                     gaps[name] = "its precomputed gallery scores could not be read"
+        self._agreement_gaps = gaps
         return gaps
 
     @property

@@ -53,7 +53,9 @@ def test_a_compressed_bank_is_left_out_of_the_gallery_label_agreement_with_its_r
     agreements = handle.gallery_agreement()
     assert set(agreements) == {"trak", "dtrak", "pixel"}  # the engine's figures: K-FAC's scores are not this bank's
     gaps = handle.gallery_agreement_gaps()
-    assert gaps == {"kfac": BANK_GAP, "clip": "the gallery's precomputed scores leave it out"}
+    # CLIP without its weights (this machine, CI) cannot run here: the page's own line says that, no "no figure"
+    clip = {"clip": "the gallery's precomputed scores leave it out"} if session.available("clip")[0] else {}
+    assert gaps == {"kfac": BANK_GAP, **clip}
     line = label_agreement_line(agreements, ["kfac", "trak", "dtrak", "pixel"], session.method_info(), gaps)
     assert "this often: TRAK " in line and "K-FAC Influence " not in line.split("this often:")[1].split("(")[0]
     assert line.endswith(f" K-FAC Influence has no figure: {BANK_GAP}.")
