@@ -461,6 +461,41 @@ def test_a_bank_begun_over_earlier_factors_resumes_its_bar_where_it_stood(tmp_pa
     assert not store.build_started(*again._bank_key(ctx))  # published, its note with it
 
 
+def test_a_bank_killed_as_its_folder_appears_keeps_its_bar_share(tmp_path, tiny_preset, tiny_model, digits_small,
+                                                                   monkeypatch):
+    """QA 53 #1: the share was noted at the bank's first message, 1.2 s after its partial folder appeared; a kill in
+    between left a begun bank without a note, whose restart counted the earlier factors as its own (24% at once).
+    The folder is made with its note now, so a kill at any moment after it appears leaves the note."""
+    from engine.attribution import partial_build
+
+    class Stop(BaseException):
+        pass
+
+    cfg, store, ctx, share = _killed_build(tmp_path, tiny_preset, tiny_model, digits_small, "train gradients 24/32")
+    KFACInfluence(cfg).build(ctx)  # the factors' own bank, finished: the factors are now "earlier" for any other
+    other_cfg = dataclasses.replace(cfg, kfac_bank_whiten=None)
+    real_init = partial_build.PartialBuild.__init__
+
+    def made_then_killed(self, *a, **k):
+        real_init(self, *a, **k)
+        raise Stop  # the kill: the folder exists, no part and no message yet
+
+    monkeypatch.setattr(partial_build.PartialBuild, "__init__", made_then_killed)
+    first = KFACInfluence(other_cfg)
+    first.chunk_size = 8
+    with pytest.raises(Stop):
+        first.build(ctx)
+    monkeypatch.setattr(partial_build.PartialBuild, "__init__", real_init)
+    bank_key = first._bank_key(ctx)
+    assert store.build_started(*bank_key) and store.build_note(*bank_key) == {"factor_share": 0.0}
+    again = KFACInfluence(other_cfg)
+    again.chunk_size = 8
+    msgs: list[tuple[str, float]] = []
+    again.build(ctx, lambda msg, f: msgs.append((msg, f)))
+    assert msgs[0] == ("K-FAC Influence: K-FAC factors loaded (saved by an earlier run)", 0.0)
+    assert min(f for _, f in msgs) == 0.0 and msgs[-1][1] == 1.0  # the old code: from 0.38, the factors' share
+
+
 def test_a_float64_factor_pass_is_a_setting_with_its_own_cache_key(tiny_preset, tiny_model, digits_small):
     """``kfac_factor_dtype="float64"`` (QA 31a: below a damping of about 1e-9 float32 factors score their own
     rounding on a small data set) builds other factors under another key; float32, the default, keeps the key

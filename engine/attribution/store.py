@@ -119,6 +119,8 @@ class Store:
         self.base = self.root / checkpoint_hash / data_key
         # The command that rebuilds a refused cache; the session sets it (it knows the preset).
         self.rebuild_hint: str | None = None
+        # notes a build's partial folder is made with (``note_new_build``), by folder
+        self._first_notes: dict[Path, dict[str, Any]] = {}
         try:  # what killed writers left behind (a listing of one folder: cheap); a read-only root keeps it
             self.clean_stale_temp()
         except OSError:
@@ -481,6 +483,16 @@ class Store:
         except (OSError, ValueError):
             return {}
         return note if isinstance(note, dict) else {}
+
+    def note_new_build(self, name: str, settings: Mapping[str, Any], note: Mapping[str, Any]) -> None:
+        """``note`` for a build of ``name`` about to begin in this process: its partial folder is made with it
+        (``PartialBuild`` writes it beside the manifest before the folder appears), so no kill can leave the
+        folder without it (QA 53 #1: written at the bank's first message, 1.2 s after the folder, a kill between
+        the two left a build whose restart drew the wrong bar)."""
+        self._first_notes[self._partial_folder(name, settings)] = dict(note)
+
+    def _first_note(self, name: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+        return self._first_notes.get(self._partial_folder(name, settings))
 
     def write_build_note(self, name: str, settings: Mapping[str, Any], note: Mapping[str, Any]) -> bool:
         """Keep ``note`` beside a begun build's parts, for its later attempts (the note goes with the folder at

@@ -56,7 +56,7 @@ BANK = "kfac-bank"
 # (1.8x per row), mnist 467 s and 145 s for 1,000 x 16 each (3.2x).  A fixed 75% for the factors put the bar at 75%
 # after 18% of a digits build (QA 25 #6).
 FACTOR_ROW_COST = 2.5
-SHARE_NOTE = "factor_share"  # the bank build's note of the share its bar began with (``bank_progress``)
+SHARE_NOTE = "factor_share"  # the bank build's note of the share its bar began with (``build``)
 
 
 def _params_digest(params: list[tuple[str, torch.nn.Parameter]]) -> str:
@@ -107,7 +107,6 @@ class KFACInfluence(AttributionMethod):
         self.checkpoint_rows = 8192  # (example, draw) rows of the factor pass between checkpoints
         self.checkpoint_seconds = 30.0  # ... or seconds, whichever comes first (a save: ~0.1 s for mnist's factors)
         self._factor_share = 0.0  # the factor pass's share of the build bar (``factor_share``), set by ``build``
-        self._share_note: tuple[Any, tuple] | None = None  # (store, bank key) where ``bank_progress`` notes the share
         # other caches fed by the bank's gradient pass (``AttributionSession.share_gradient_passes``)
         self.gradient_consumers: list[Any] = []
         self.factors: KFACFactors | None = None
@@ -261,21 +260,9 @@ class KFACInfluence(AttributionMethod):
 
     def bank_progress(self, progress: Progress) -> Progress:
         """``progress`` for a bank kind's build: its fraction f in [0, 1] lands after the factor pass's share of
-        the bar, with this method's title before its message.  The share is noted in the bank's partial folder
-        once the bank's build has made it (``Store.write_build_note``), so a resumed build draws its bar as the
-        first attempt did (``build``)."""
-        share, note = self._factor_share, self._share_note
-        noted = note is None
-
-        def report(msg: str, f: float) -> None:
-            nonlocal noted
-            if not noted:  # a check per message until the bank's build has made its folder (before its first part)
-                store, bank_key = note
-                noted = store.build_note(*bank_key).get(SHARE_NOTE) == share or \
-                    store.write_build_note(*bank_key, {SHARE_NOTE: share})
-            progress(f"{self.title}: {msg}", share + (1.0 - share) * f)
-
-        return report
+        the bar, with this method's title before its message."""
+        share = self._factor_share
+        return lambda msg, f: progress(f"{self.title}: {msg}", share + (1.0 - share) * f)
 
     def build(self, ctx: EngineContext, progress: Progress = no_progress) -> None:
         """Compute or load the factors, then the bank (progress: the factor pass first, for its estimated share
@@ -299,13 +286,18 @@ class KFACInfluence(AttributionMethod):
         resumed = factors is not None and ctx.store is not None and bank_key is not None and \
             ctx.store.build_started(*bank_key)
         self._factor_share = self.factor_share(ctx, factors_built=factors is not None and not resumed)
-        # the share the bank's first attempt drew its bar with, when it noted one: factors built before that
-        # attempt (for another bank, or a bank deleted since) gave it the whole bar, and a resumed attempt that
-        # counted them as its own jumped from 24% to 71% (QA 50 #3)
-        noted = ctx.store.build_note(*bank_key).get(SHARE_NOTE) if resumed else None
-        if isinstance(noted, (int, float)) and 0.0 <= noted <= 1.0:
-            self._factor_share = float(noted)
-        self._share_note = None if ctx.store is None or bank_key is None else (ctx.store, bank_key)
+        # the share the bank's first attempt drew its bar with, noted in its partial folder, which is made with the
+        # note (``Store.note_new_build``): factors built before that attempt (for another bank, or a bank deleted
+        # since) gave it the whole bar, and a resumed attempt that counted them as its own jumped from 24% to 71%
+        # (QA 50 #3).  A begun bank without a note (an older version's) keeps the rule above, noted now.
+        if resumed:
+            noted = ctx.store.build_note(*bank_key).get(SHARE_NOTE)
+            if isinstance(noted, (int, float)) and 0.0 <= noted <= 1.0:
+                self._factor_share = float(noted)
+            else:
+                ctx.store.write_build_note(*bank_key, {SHARE_NOTE: self._factor_share})
+        elif ctx.store is not None and bank_key is not None:
+            ctx.store.note_new_build(*bank_key, {SHARE_NOTE: self._factor_share})
         if factors is not None and bank_key is not None and not ctx.store.exists(*bank_key):  # the bank is to build
             progress(f"{self.title}: K-FAC factors loaded (saved by an earlier run)", self._factor_share)
         shard = distributed.current()
