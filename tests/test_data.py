@@ -236,7 +236,7 @@ def test_a_folder_of_another_size_than_the_model_takes_says_it_is_resized(tmp_pa
     cfg = DataConfig(name="folder", root=str(tmp_path), image_size=16, channels=3, levels=256)
     for _ in range(2):  # decoded, then from the cache (in a new process: the warning is said once per process)
         data_files._resize_said.clear()
-        with pytest.warns(UserWarning, match=r"all 2 images are not 16x16 \(32x32; e\.g\. a/0\.png\); each is resized "
+        with pytest.warns(UserWarning, match=r"none of the 2 images is 16x16 \(32x32; e\.g\. a/0\.png\); each is resized "
                                              r"to 16x16, the size the model takes"):
             assert load_dataset(cfg).images.shape == (2, 3, 16, 16)
     with warnings.catch_warnings():
@@ -256,8 +256,8 @@ def test_a_mixed_size_folder_says_how_many_images_are_resized_whatever_its_first
     monkeypatch.setenv(folder_cache.CACHE_ENV, str(tmp_path / "cache") if cached else "off")
     monkeypatch.setattr(folder_cache, "SETTLE_NS", 0)  # the files are seconds old; the cache must take them
     fits, odd = tmp_path / "fits_first", tmp_path / "odd_first"
-    _img(fits / "a" / "0.png", size=(16, 16), value=0)  # the model's size first, then 3 that are not
-    for i, wh in enumerate([(40, 36), (40, 36), (20, 16)], start=1):
+    _img(fits / "a" / "0.png", size=(16, 16), value=0)  # the model's size first, then 3 that are not, the rarer
+    for i, wh in enumerate([(20, 16), (40, 36), (40, 36)], start=1):  # size first (the example is of the commonest)
         _img(fits / "a" / f"{i}.png", size=wh, value=i)
     _img(odd / "a" / "0.png", size=(40, 36), value=0)  # one odd file first, then 3 of the model's size
     for i in range(1, 4):
@@ -265,9 +265,9 @@ def test_a_mixed_size_folder_says_how_many_images_are_resized_whatever_its_first
     for _ in range(2 if cached else 1):  # with the cache: written, then read back
         data_files._resize_said.clear()
         with pytest.warns(UserWarning, match=r"fits_first: 3 of 4 images are not 16x16 \(40x36, 20x16; e\.g\. "
-                                             r"a/1\.png\); each is resized to 16x16"):
+                                             r"a/2\.png\); each is resized to 16x16"):
             load_dataset(DataConfig(name="folder", root=str(fits), image_size=16, channels=3, levels=256))
-        with pytest.warns(UserWarning, match=r"odd_first: 1 of 4 images are not 16x16 \(40x36; e\.g\. a/0\.png\)"):
+        with pytest.warns(UserWarning, match=r"odd_first: 1 of 4 images is not 16x16 \(40x36; e\.g\. a/0\.png\)"):
             load_dataset(DataConfig(name="folder", root=str(odd), image_size=16, channels=3, levels=256))
     assert (len(list((tmp_path / "cache").glob("*.npz"))) == 2) == cached
 

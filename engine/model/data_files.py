@@ -426,10 +426,14 @@ def _say_resize(root: Path, rel: list[str], sizes: np.ndarray, size: int | None)
     order = np.argsort(-counts, kind="stable")[:3]
     shown = ", ".join(f"{int(found[k][0])}x{int(found[k][1])}" for k in order)
     more = f" and {len(found) - 3} other sizes" if len(found) > 3 else ""
-    which = "all" if off.size == len(rel) else f"{off.size} of"
-    warnings.warn(f"{root}: {which} {len(rel)} images are not {size}x{size} ({shown}{more}; e.g. {rel[off[0]]}); "
-                  f"each is resized to {size}x{size}, the size the model takes (its preset's or its UNet's "
-                  "image_size)", stacklevel=3)
+    # the example is of the first size listed, the most frequent (QA 53 #2: it could be of a size left out)
+    example = rel[next(i for i in off if (sizes[i] == found[order[0]]).all())]
+    if off.size == len(rel):  # "all 5 images are not 16x16" read as "not all" (QA 53 #2)
+        which = f"none of the {len(rel)} images is"
+    else:
+        which = f"{off.size} of {len(rel)} images {'is' if off.size == 1 else 'are'} not"
+    warnings.warn(f"{root}: {which} {size}x{size} ({shown}{more}; e.g. {example}); each is resized to "
+                  f"{size}x{size}, the size the model takes (its preset's or its UNet's image_size)", stacklevel=3)
 
 
 def load_folder(cfg: DataConfig) -> ImageDataset:
