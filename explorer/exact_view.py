@@ -146,9 +146,11 @@ def exact_button(handle: Handle, name: str, result: QueryResult) -> None:
     on to a newer query) and re-scores the shown answer."""
     # short, and no promise (the line above the grid says whether the exact re-rank runs, waits or stopped);
     # it stands under the rankings (``results_view.method_columns``), so that K-FAC's grid starts near the others'
-    interrupted_note(result)
+    going = interrupted_note(result)
     st.warning("**Approximate ranking**: a fast estimate from a compressed copy of the training gradients.",
                icon=":material/hourglass_top:")
+    if going:  # the fill this button started still runs for this answer: no second button beside its note (QA 53 #3)
+        return
     # a short label: "Show the exact ranking" read "Show the exact ranki..." in a column of four at 1280 px (QA 52);
     # the tooltip says what it does
     if not st.button(EXACT_BUTTON, key=f"exact_{name}",
@@ -184,22 +186,24 @@ class _Fill:
     failed: list[BaseException] = field(default_factory=list)
 
 
-def interrupted_note(result: QueryResult) -> None:
+def interrupted_note(result: QueryResult) -> bool:
     """What became of a click on the button whose run a newer run superseded (a slider moved during the wait,
     QA 52 #3: the column was approximate again, the button back, with no word).  The fill goes on in its thread
     and the poller (``await_exact``) redraws the page once it is done, so while it runs the column says so;
-    a fill that ended without the exact scores says why, and the button is there to try again."""
+    a fill that ended without the exact scores says why, and the button is there to try again.  Whether that
+    fill still runs for this answer (the button is then left out: QA 53 #3)."""
     fill = st.session_state.get(FILL_KEY)
     if fill is None:
-        return
+        return False
     if fill.thread.is_alive():
         if fill.prepared is result.prepared:
             st.caption(":material/schedule: **Still computing the exact ranking** you asked for (the new setting "
                        "only interrupted the wait); it replaces this one when ready.")
-        return
+            return True
+        return False
     st.session_state.pop(FILL_KEY, None)  # ended: said once, then forgotten (it holds its result)
     if fill.prepared is not result.prepared:
-        return
+        return False
     if fill.failed:
         e = fill.failed[0]
         st.error(f"The exact re-rank failed: {type(e).__name__}: {e}")

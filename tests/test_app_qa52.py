@@ -193,7 +193,8 @@ def test_an_exact_ranking_click_superseded_by_a_new_setting_says_it_goes_on_then
     still = [c.value for c in at.caption if "Still computing the exact ranking" in c.value]
     assert still == [":material/schedule: **Still computing the exact ranking** you asked for (the new setting only "
                      "interrupted the wait); it replaces this one when ready."]
-    assert at.button(key="exact_kfac")  # and the button stays: a second click waits for the same fill
+    # no second button beside the note while its fill runs (QA 53 #3: it stood under the note, though redundant)
+    assert not [b for b in at.button if b.key == "exact_kfac"]
 
     release.set()  # the fill ends with the re-rank still pending (stopped): said once, then forgotten
     at.session_state[exact_view.FILL_KEY].thread.join(10)
@@ -203,6 +204,7 @@ def test_an_exact_ranking_click_superseded_by_a_new_setting_says_it_goes_on_then
     assert not any("Still computing" in t for t in texts)
     at.run()
     assert not any("stopped before it finished" in t for t, _ in _walk(at._tree))
+    assert at.button(key="exact_kfac")  # the button is back once the fill has ended
 
     release.clear()  # a second click, superseded too, whose fill fails: the error is said in the column
     outcome.append(RuntimeError("CUDA out of memory (simulated)"))
