@@ -19,7 +19,8 @@ run: $(STAMP)
 	$(BIN)/streamlit run explorer/app.py --server.headless true -- --preset digits
 
 # pytest-xdist workers: the suite is mostly one-thread work (tests/conftest.py pins torch to 1 thread), so two workers
-# use both cores of a CI machine (a sequential run took 14-15 min of CI's 16-18; 9-10 min with two workers)
+# use both cores of a CI machine (sequential pytest took 14-15 min of .ci/run's 16-18 under load; with two
+# workers 9-11 min, .ci/run 12.9 min at 7098104 with a browser QA beside it)
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
