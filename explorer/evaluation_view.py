@@ -444,7 +444,7 @@ def label_agreement_section(handle: Handle) -> None:
              "95% interval": "{:.0%} to {:.0%}".format(*agreements[n].ci95), "samples": agreements[n].queries} for n in names]
     st.dataframe(pd.DataFrame(rows), hide_index=True, height=35 * (len(rows) + 1) + 3)
     gaps = handle.gallery_agreement_gaps()
-    missing = plain.no_figure_line([n for n in handle.session.method_names() if n in gaps], gaps, info)
+    missing = plain.no_figure_line(list(gaps), gaps, info)  # in the model's method order, as gaps are made
     if missing:  # a method left out of the table says why (QA 52 #2: a compressed K-FAC bank's, without a word)
         st.caption(missing)
     plain.details([

@@ -315,12 +315,10 @@ def score_legend(methods: list[tuple[str, str, str]], has_labels: bool, compact:
     held = "training index · label · score" if has_labels else "training index · score"
     parts = "; of ".join(f"{plain.and_list(titles)}: {meaning}" for meaning, titles in meanings.items())
     itself = "" if own is None else f"; *{OWN}* marks training image {own}, the query itself"
-    if compact and with_label:
-        return (f"Under each image: **training index·label** (its score: *{SCORES_TABLE}*, under the grids"
-                f"{itself}). Score of {parts}.")
     if compact:
-        rest = "label and score" if has_labels else "score"
-        return (f"Under each image: **training index** (its {rest}: *{SCORES_TABLE}*, under the grids{itself}). "
+        shown, rest = ("training index·label", "score") if with_label else \
+            ("training index", "label and score" if has_labels else "score")
+        return (f"Under each image: **{shown}** (its {rest}: *{SCORES_TABLE}*, under the grids{itself}). "
                 f"Score of {parts}.")
     return f"Under each image: **{held}**. Score of {parts}."
 

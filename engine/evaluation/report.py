@@ -253,15 +253,20 @@ def retrain_records(results: str | Path | ResultFiles, model: ModelKey | None = 
     ]
 
 
+def _evaluation_files(results: str | Path | ResultFiles, model: ModelKey) -> tuple[list[str], list[str]]:
+    """The names of a results folder's LDS, retrain-top and group-retrain files: (measured on ``model``, on others)."""
+    files = _files(results)
+    mine, others = split_by_model(files.lds + files.retrain + files.group_retrain, model)
+    return sorted(r["file"] for r in mine), sorted(r["file"] for r in others)
+
+
 def model_files(results: str | Path | ResultFiles, model: ModelKey) -> list[str]:
     """The LDS, retrain-top and group-retrain files of a results folder measured on ``model`` (the app names the
     sidebar's other model whose files they are)."""
-    files = _files(results)
-    return sorted(r["file"] for r in split_by_model(files.lds + files.retrain + files.group_retrain, model)[0])
+    return _evaluation_files(results, model)[0]
 
 
 def other_models_files(results: str | Path | ResultFiles, model: ModelKey) -> list[str]:
     """The LDS, retrain-top and group-retrain files of a results folder measured on other models (the
     app says they exist and why they are not shown)."""
-    files = _files(results)
-    return sorted(r["file"] for r in split_by_model(files.lds + files.retrain + files.group_retrain, model)[1])
+    return _evaluation_files(results, model)[1]
