@@ -261,11 +261,16 @@ class PrecomputedGallery:
         if sid not in self._matching:
             names = list(self.key.get("methods", {}))
             live = _canonical(session_key(session, [n for n in names if n in session.method_names()]))
-            same = all(live[k] == self.key.get(k) for k in live if k != "methods")
+            same = self._same_model(live)
             self._matching[sid] = [
                 n for n in names if same and live["methods"].get(n) == self.key["methods"][n]
             ]
         return self._matching[sid]
+
+    def _same_model(self, live: dict[str, Any]) -> bool:
+        """Whether a session's key (``session_key``, canonical) matches the file's outside its methods: the model,
+        the data and the gallery."""
+        return all(live[k] == self.key.get(k) for k in live if k != "methods")
 
     def mismatch(self, session: Any, name: str) -> str | None:
         """Why the file holds no scores of ``name`` for this session, in a few plain words (a clause, lower-case),
@@ -277,7 +282,7 @@ class PrecomputedGallery:
         if held is None:
             return "the gallery's precomputed scores leave it out"
         live = _canonical(session_key(session, [name]))
-        if any(live[k] != self.key.get(k) for k in live if k != "methods"):
+        if not self._same_model(live):
             return "the gallery's scores were precomputed for another model, data set or gallery"
         mine = live["methods"][name]
         banks = [(m.get("settings") or {}).get("bank") for m in (held, mine)]
