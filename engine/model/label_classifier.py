@@ -15,7 +15,6 @@ with >= 9 classes among the confident samples.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,22 +36,22 @@ def fit_pixel_classifier(x01: np.ndarray, labels: np.ndarray, max_iter: int = 30
                          cache: Path | None = None) -> LogisticRegression:
     """Multinomial logistic regression on [0, 1] pixel vectors (n, D).  With ``cache`` (a folder), the fitted
     coefficients are kept there and read back by a later call on the same data and settings (``_cached_fit``)."""
+    return _fit(x01, labels, max_iter) if cache is None else _cached_fit(x01, labels, max_iter, cache)
+
+
+def _fit(x01: np.ndarray, labels: np.ndarray, max_iter: int) -> LogisticRegression:
     from sklearn.linear_model import LogisticRegression
 
-    def fit() -> LogisticRegression:
-        clf = LogisticRegression(max_iter=max_iter, C=1.0)
-        clf.fit(x01, labels)
-        return clf
-
-    return fit() if cache is None else _cached_fit(x01, labels, max_iter, cache, fit)
+    clf = LogisticRegression(max_iter=max_iter, C=1.0)
+    clf.fit(x01, labels)
+    return clf
 
 
-def _cached_fit(x01: np.ndarray, labels: np.ndarray, max_iter: int, cache: Path,
-                fit: Callable[[], LogisticRegression]) -> LogisticRegression:
-    """``fit()``'s classifier, its coefficients kept in ``cache/label-classifier-<key>.npz``.
+def _cached_fit(x01: np.ndarray, labels: np.ndarray, max_iter: int, cache: Path) -> LogisticRegression:
+    """``_fit``'s classifier, its coefficients kept in ``cache/label-classifier-<key>.npz``.
 
-    Why: the app's first new sample or upload of a server waited for this fit, 5 s of a 10 s click at load 4 and
-    18 s at load 3 beside a test run (mnist: 5,000 x 784 pixels, about 100 L-BFGS steps).  The key is a hash of
+    Why: the app's first new sample or upload of a server waited for this fit, about 7 s of a 10.3 s click at load
+    4.4 and 13-18 s beside a test run (mnist: 5,000 x 784 pixels, about 100 L-BFGS steps).  The key is a hash of
     the pixels, the labels, the settings and scikit-learn's version, so other data or another fit is a miss; a
     file that does not read back whole and consistent is a miss, fitted again and rewritten (atomically).  The
     read-back classifier has the fitted one's exact float64 coefficients, so its labels and probabilities are the
@@ -69,7 +68,7 @@ def _cached_fit(x01: np.ndarray, labels: np.ndarray, max_iter: int, cache: Path,
     for part in (np.ascontiguousarray(x01), np.ascontiguousarray(labels)):
         h.update(f"{part.dtype.str}{part.shape}".encode())
         h.update(memoryview(part).cast("B"))
-    h.update(f"C=1.0 max_iter={max_iter} sklearn={sklearn.__version__}".encode())
+    h.update(f"C=1.0 max_iter={max_iter} sklearn={sklearn.__version__}".encode())  # _fit's settings
     path = Path(cache) / f"label-classifier-{h.hexdigest()[:20]}.npz"
     try:
         with load_npz(path) as z:
@@ -82,7 +81,7 @@ def _cached_fit(x01: np.ndarray, labels: np.ndarray, max_iter: int, cache: Path,
             return clf
     except Exception:  # noqa: BLE001 - no file, or a damaged one of any kind: fitted again
         pass
-    clf = fit()
+    clf = _fit(x01, labels, max_iter)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_npz(path, coef=clf.coef_, intercept=clf.intercept_, classes=clf.classes_)
