@@ -12,7 +12,12 @@ until the page shows the sample's header and proponents ("content") and until St
 server's run and the browser's drawing together, what a person waits for.  Needs chromium, chromium-driver and
 selenium (tests/test_browser.py's).
 
+``--generate SEEDS``: then "New sample" with each seed in turn, timing the page run of each Generate click (the
+DDPM sampling, the sample's label and its answer).  A server's first one also fits the labelling classifier unless
+the cache folder keeps its fit (``engine.model.label_classifier``): run the command twice on one cache to see both.
+
     python scripts/time_page_runs.py --preset mnist --cache-root DIR [--clicks 5,12,20,27] [--repeat 2] [--browser]
+    python scripts/time_page_runs.py --preset mnist --cache-root DIR --clicks "" --generate 11,12,13
 """
 
 from __future__ import annotations
@@ -35,8 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="times to click the whole list")
     p.add_argument("--browser", action="store_true", help="time the clicks in headless Chromium instead")
     p.add_argument("--port", type=int, default=None, help="--browser: the server's port (default: a free one)")
+    p.add_argument("--generate", default="", help="then New sample: seeds to generate, in order (not --browser)")
     args = p.parse_args(argv)
     clicks = [int(c) for c in args.clicks.split(",") if c.strip()]
+    seeds = [int(c) for c in args.generate.split(",") if c.strip()]
+    if seeds and args.browser:
+        print("error: --generate times the server's page runs only (leave out --browser)", file=sys.stderr)
+        return 2
     if not Path(args.cache_root).is_dir():
         print(f"error: --cache-root {args.cache_root} is not a folder", file=sys.stderr)
         return 2
@@ -81,8 +91,20 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             times.append(dt)
             print(f"gallery click {i}: {dt:.2f} s")
-    print(f"median of {len(times)} page runs: {statistics.median(times):.2f} s (load average "
-          f"{os.getloadavg()[0]:.1f})")
+    if times:
+        print(f"median of {len(times)} page runs: {statistics.median(times):.2f} s (load average "
+              f"{os.getloadavg()[0]:.1f})")
+    if seeds:
+        at.radio(key="source").set_value("New sample").run()
+    for seed in seeds:
+        at.number_input(key="gen_seed").set_value(seed).run()
+        t = time.perf_counter()
+        at.button(key="gen_button").click().run()
+        dt = time.perf_counter() - t
+        if at.exception or not any(f"New sample (seed {seed})" in m.value for m in at.markdown):
+            print(f"error: the page did not show the sample of seed {seed}", file=sys.stderr)
+            return 1
+        print(f"generate seed {seed}: {dt:.2f} s (load average {os.getloadavg()[0]:.1f})")
     return 0
 
 
