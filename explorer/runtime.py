@@ -393,7 +393,8 @@ def build_message(handle: Handle, state: BuildState | None = None) -> str:
     a quarter of the build), so the share says it is the whole build's.  While another process builds,
     this server's share is only what that build has saved on disk (nothing during its factor pass), not
     the builder's own figure (QA round 18: 0% here against 24% on the builder's page), so none is shown:
-    the words name the other build's saved parts."""
+    the words name the other build's saved parts.  Nor before the build's first step, which is when a resumed
+    build reads what it saved."""
     state = state or handle.build
     info = handle.session.method_info()
     msg = state.message
@@ -405,6 +406,11 @@ def build_message(handle: Handle, state: BuildState | None = None) -> str:
         return f"{msg} (another process is building these caches; {state.elapsed_s / 60:.1f} min so far)"
     if WAITING_TURN in msg:  # another model's build in this server: the words say all (no share of its own yet)
         return msg
+    if state.start_fraction is None and (msg == "starting" or msg.endswith(": starting")):
+        # before the build's first step nothing has read what earlier runs saved, so a share here is only the
+        # methods built before: a build resuming at 76% read "starting (whole build 0%)" for a second or more after
+        # a restart (QA 50 #2, QA 53).  The share comes with the first step
+        return f"{msg} (reading what earlier runs saved, if anything; {state.elapsed_s / 60:.1f} min so far)"
     # a resumed build's minutes are this run's: say so, and that it resumed (QA 23 #3: after kill -9 the time
     # restarted from 0 and the page never said the build had resumed)
     run = " in this run, which resumed work saved by an earlier one" if state.resumed else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -475,3 +476,35 @@ def test_builds_take_their_turns_in_the_order_they_were_started_not_by_whose_che
     w_done.start()
     w_after.start()
     assert w_done.wait(30).status == "done" and w_after.wait(30).status == "done"
+
+
+def test_a_resumed_build_shows_no_share_before_its_first_step_reads_what_was_saved():
+    """QA 50 #2, QA 53: after a restart the page read "starting (whole build 0%)" for a second or more, then jumped
+    to 76% when the first step found the saved work.  Before that step the line says it is reading what earlier
+    runs saved, with no share; from the first step on, the share is the build's."""
+    from explorer.runtime import build_message
+
+    s = _Session()
+    entered, release = threading.Event(), threading.Event()
+    real = s.build
+
+    def build(names, progress):
+        if names == ["a"]:
+            entered.set()  # the method's build has begun, its saved work not yet read
+            assert release.wait(30)
+            progress("a: resuming: 76/100 rows saved by an earlier run", 0.76)
+        return real(names, progress)
+
+    s.build = build
+    w = BuildWorker(s, terminal=False)
+    w.start()
+    assert entered.wait(30)
+    handle = SimpleNamespace(session=SimpleNamespace(method_info=lambda: {"a": {"title": "Method A"}}))
+    line = build_message(handle, w.state)
+    assert line.startswith("Method A: starting (reading what earlier runs saved, if anything; ")
+    assert "whole build" not in line
+    release.set()
+    state = _when(w, lambda st: st.message.startswith("a: half"))
+    assert "(whole build 38%" in build_message(handle, state)  # (0.76 of a, none of b) / 2, rounded down
+    s.gate.set()
+    assert w.wait(30).status == "done"
