@@ -621,3 +621,23 @@ def test_group_bench_refuses_unbuilt_methods_before_any_work_and_says_what_it_ti
                             log=lines.append)
     assert not again["pool_drawn_in_this_run"] and again["pool_draw_seconds"] == out["pool_draw_seconds"]
     assert any("loaded from" in line and "drawn by an earlier run" in line for line in lines), lines
+
+
+def test_group_scores_from_joint_block_factors_match_the_sum_of_bank_scores(session, pool, tmp_path, digits_small):
+    """QA 55 #2: the group scores' factors were reloaded on a separate-block template whatever the factors' own
+    layout, so joint [W | b] factors failed with a shape mismatch.  They load on their own layout now, and a
+    group's change is the sum of its members' scores from the joint-block bank."""
+    from engine.attribution.group_gradient import kfac_group_scores
+    from engine.attribution.pool import query_gradients
+    from engine.model.measurements import Measurement
+
+    cfg = dataclasses.replace(TINY_ATTRIBUTION, kfac_blocks="joint")
+    joint = AttributionSession(session.preset, checkpoint=session.checkpoint, device="cpu", cache_root=tmp_path,
+                               config=cfg, dataset=digits_small)
+    joint.build(["kfac"])
+    groups = [parse_group("train:0-9", joint.dataset)]
+    grads = query_gradients(joint, pool.queries, Measurement("loss"), joint.query_draws())
+    direct = kfac_group_scores(joint, grads, groups)
+    summed = group_change(attribution_matrix(joint, pool, "loss", ["kfac"])["kfac"].scores, groups[0])
+    np.testing.assert_allclose(direct[:, 0], summed, rtol=0, atol=0.05 * float(np.abs(summed).max()))
+    assert np.corrcoef(direct[:, 0], summed)[0, 1] > 0.99

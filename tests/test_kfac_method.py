@@ -546,3 +546,25 @@ def test_the_build_plan_says_which_bank_auto_chose_and_how_many_rows_each_pass_h
     asked = dataclasses.replace(fits, kfac_bank="streamed")
     plan = KFACInfluence(asked).build_plan(make_context(tiny_preset, tiny_model, ds, "cpu", asked, "h", None))
     assert plan == "streamed bank; factor pass over 40 (example, draw) rows"  # no bank pass at build time
+
+
+@pytest.mark.parametrize("bank", ["compressed", "auto"])
+@pytest.mark.parametrize("setting, words", [({"kfac_blocks": "joint"}, "needs separate weight and bias blocks"),
+                                            ({"ekfac": True}, "supports K-FAC, not EK-FAC")])
+def test_the_compressed_bank_refuses_joint_blocks_and_ekfac_before_the_factor_pass(
+    tmp_path, tiny_preset, tiny_model, digits_small, bank, setting, words
+):
+    """QA 55 #1: joint [W | b] blocks with the compressed bank crashed in its projection (an AttributeError,
+    after the factor pass: minutes to hours at CIFAR scale), and ``auto`` picks that bank for any model whose
+    stored bank would not fit.  EK-FAC was refused only after the factor pass too.  Both fail at once now, with
+    what to change, and say when ``auto`` made the choice."""
+    ds = digits_small.subset(list(range(12)))
+    cfg = AttributionConfig(mc_samples=3, seed=0, kfac_bank=bank, kfac_bank_max_gb=1e-6, **setting)
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "h" * 16, Store(tmp_path, "h" * 16, "digits12"))
+    said: list[str] = []
+    with pytest.raises(ValueError, match=words) as err:
+        KFACInfluence(cfg).build(ctx, lambda msg, f: said.append(msg))
+    assert ("'auto' chose the compressed bank" in str(err.value)) == (bank == "auto")
+    assert said == [] and not any(tmp_path.rglob("*.npy"))  # nothing computed
+    stored = dataclasses.replace(cfg, kfac_bank="stored")  # the stored bank serves both
+    KFACInfluence(stored).build(make_context(tiny_preset, tiny_model, ds, "cpu", stored, "h" * 16, None))

@@ -38,7 +38,9 @@ class BankKind:
     scores come from the rows' exact paths instead (``KFACInfluence.exact_group_scores``); ``note``: a few
     words for ``--kfac-bank``'s help, read from the file's source as a literal (``bank_notes``);
     ``gradient_pass``: the build makes a pass over the training gradients (False: nothing to build but the
-    factors, as for the streamed kind), for the build bar's split (``KFACInfluence.factor_share``)."""
+    factors, as for the streamed kind), for the build bar's split (``KFACInfluence.factor_share``);
+    ``check(method, ctx)``: raises ValueError for settings the kind cannot serve, called before the factor pass
+    (minutes to hours at CIFAR scale), so that a refused combination fails at once, not after it (QA 55 #1)."""
 
     build: Callable[[Any, Any, Any, Callable[[str, float], None]], Rows]
     stored: bool
@@ -46,6 +48,7 @@ class BankKind:
     estimates: bool = False
     note: str = ""
     gradient_pass: bool = True
+    check: Callable[[Any, Any], None] | None = None
 
 
 _KINDS: dict[str, BankKind] = {}

@@ -72,7 +72,9 @@ def load_kfac_factors(session: Any) -> KFACFactors:
     if arrays is None:
         # the session's build command names the checkpoint, the cache root and every non-default setting
         raise RuntimeError(f"no K-FAC factors for these settings: run `{session.build_command(['kfac'])}`")
-    template, _ = layout(ctx.model, ctx.params)
+    # the factors' own block layout: joint [W | b] blocks when they were built so (QA 55 #2: a separate-block
+    # template for joint factors failed with a shape mismatch in the group scores)
+    template, _ = layout(ctx.model, ctx.params, joint=method.joint_blocks())
     return KFACFactors.from_arrays(arrays, template, ctx.device)
 
 

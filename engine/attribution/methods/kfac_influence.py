@@ -212,9 +212,9 @@ class KFACInfluence(AttributionMethod):
         if mode != "auto":
             bank_kind(mode)  # ValueError naming the valid kinds
             return mode
-        return "stored" if self._stored_bank_bytes(ctx) <= self.config.kfac_bank_max_gb * (1 << 30) else "compressed"
+        return "stored" if self.stored_bank_bytes(ctx) <= self.config.kfac_bank_max_gb * (1 << 30) else "compressed"
 
-    def _stored_bank_bytes(self, ctx: EngineContext) -> int:
+    def stored_bank_bytes(self, ctx: EngineContext) -> int:
         """N x P bytes of a stored int8 bank (4x that unquantised): what ``auto`` weighs against kfac_bank_max_gb."""
         return len(ctx.dataset) * num_params(ctx.params) * (1 if self.quantize else 4)
 
@@ -227,7 +227,7 @@ class KFACInfluence(AttributionMethod):
         why = ""
         if self.config.kfac_bank == "auto":  # bank_mode's rule, in words
             why = (f" (auto: a stored int8 bank of N x P = {n:,} x {p:,} bytes, "
-                   f"{self._stored_bank_bytes(ctx) / (1 << 30):.3g} GiB, {'fits' if mode == 'stored' else 'exceeds'} "
+                   f"{self.stored_bank_bytes(ctx) / (1 << 30):.3g} GiB, {'fits' if mode == 'stored' else 'exceeds'} "
                    f"kfac_bank_max_gb {self.config.kfac_bank_max_gb:g})")
         factor_rows = n * (self.factor_draws or m)
         passes = f"factor pass over {factor_rows:,} (example, draw) rows" + (", twice (EK-FAC)" if self.config.ekfac else "")
@@ -236,7 +236,9 @@ class KFACInfluence(AttributionMethod):
             passes += f", then a gradient pass over {n:,} images x {m} draws for the bank"
         return f"{mode} bank{why}; {passes}"
 
-    def _joint(self) -> bool:
+    def joint_blocks(self) -> bool:
+        """Whether a layer's weight and bias share one [W | b] block (``kfac_blocks="joint"``, an ablation) rather
+        than the paper's separate blocks: every reload of the factors must use the layout they were built with."""
         if self.config.kfac_blocks not in KFAC_BLOCKS:
             raise ValueError(f"kfac_blocks must be one of {KFAC_BLOCKS}, not {self.config.kfac_blocks!r}")
         return self.config.kfac_blocks == "joint"
@@ -269,10 +271,13 @@ class KFACInfluence(AttributionMethod):
         of the time, ``factor_share``; then the bank's build)."""
         if self._key == self._ctx_key(ctx):
             return
+        kind = bank_kind(self.bank_mode(ctx))
+        if kind.check is not None:  # before the factor pass: a combination the kind refuses fails at once
+            kind.check(self, ctx)
         t0 = time.perf_counter()
         fs = self.factor_settings(ctx)
         factors = None
-        template, _ = layout(ctx.model, ctx.params, joint=self._joint())
+        template, _ = layout(ctx.model, ctx.params, joint=self.joint_blocks())
         if ctx.store is not None:
             arrays = ctx.store.load_arrays(FACTORS, fs, mmap=False)
             if arrays is not None:
@@ -321,7 +326,7 @@ class KFACInfluence(AttributionMethod):
                 checkpoint=checkpoint,
                 checkpoint_rows=self.checkpoint_rows,
                 checkpoint_seconds=self.checkpoint_seconds,
-                joint=self._joint(),
+                joint=self.joint_blocks(),
                 factor_dtype=None if self.config.kfac_factor_dtype == "float32" else getattr(
                     torch, self.config.kfac_factor_dtype),
             )
