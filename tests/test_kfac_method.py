@@ -246,7 +246,7 @@ def test_streamed_bank_equals_stored_bank_and_scores_the_grid_in_one_pass(
     one pass serves the whole grid."""
     import copy
 
-    from engine.attribution.methods.kfac_influence import DAMPING_GRID
+    from engine.attribution.damping_grid import DAMPING_GRID
     from engine.attribution.streamed_bank import StreamedBank
 
     model = copy.deepcopy(tiny_model).double()  # float64: the two paths round differently
@@ -568,3 +568,26 @@ def test_the_compressed_bank_refuses_joint_blocks_and_ekfac_before_the_factor_pa
     assert said == [] and not any(tmp_path.rglob("*.npy"))  # nothing computed
     stored = dataclasses.replace(cfg, kfac_bank="stored")  # the stored bank serves both
     KFACInfluence(stored).build(make_context(tiny_preset, tiny_model, ds, "cpu", stored, "h" * 16, None))
+
+
+def test_a_float64_models_damping_floor_is_its_factors_float64_one(tiny_preset, tiny_model, digits_small):
+    """QA 55 #8: with ``kfac_factor_dtype="float32"`` (the default) the factor pass sums in the model's own dtype,
+    but the resolution floor was reckoned with float32's eps whatever that dtype, so a float64 model's float64
+    factors warned of float32 rounding at dampings 1e9 times above their floor."""
+    import copy
+
+    ds = digits_small.subset(list(range(12)))
+    cfg = AttributionConfig(mc_samples=3, seed=0)
+    floors = {}
+    for dtype in (torch.float32, torch.float64):
+        model = copy.deepcopy(tiny_model).to(dtype)
+        method = KFACInfluence(cfg, quantize=False)
+        method.build(make_context(tiny_preset, model, ds, "cpu", cfg, "h" * 16, None))
+        largest = float(method.factors.block_largest_eigenvalues(method._eigenvalues).double().median())
+        assert method.damping_floor() == pytest.approx(float(torch.finfo(dtype).eps) * largest, rel=1e-6)
+        floors[dtype] = method.damping_floor()
+        lam = floors[dtype] / 10
+        name = str(dtype).removeprefix("torch.")
+        assert f"below the {name} factors' resolution" in method.damping_warning(lam)
+        assert method.damping_warning(floors[dtype] * 10) is None
+    assert floors[torch.float64] < 1e-8 * floors[torch.float32]

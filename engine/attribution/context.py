@@ -7,8 +7,9 @@ gradients for every method, so all methods score the same gradient.
 
 ``train_draws`` are the M Monte Carlo draws (t, eps, and a flip bit for presets trained with
 flips) of every training example's gradient and curvature row, seeded by ``config.seed``:
-shared by every example (common random numbers, docs/architecture.md §6; the default) or
-independent per example (``config.draws = "per-example"``, paper G.3); see
+independent per example (``config.draws = "per-example"``, paper G.3; the default) or shared by
+every example (``"shared"`` / ``"stratified"``: common random numbers, docs/architecture.md §6, the mnist
+preset's); see
 ``engine.attribution.train_draws``.
 """
 

@@ -16,7 +16,8 @@ times sqrt(D); factors corrected by batch^2/num_data), so the result is the GGN 
 
     (1/(N M)) sum_{n,m} (1/D) ||eps_m - eps_theta(x_{t_m}(x_n), t_m)||^2 = L(theta)
 
-with L estimated by the train gradients' M draws per example (common random numbers), or by
+with L estimated by the train gradients' M draws per example (each example's own by default; the same for
+every example, common random numbers, with ``draws="shared"``), or by
 the first ``kfac_factor_draws`` of them, or, with ``kfac_factor_draws_mode="per-example"``, by
 draws of the factors' own (docs/architecture.md §6).  For a single Linear layer and one data point K-FAC, the exact GGN and the
 Hessian of L coincide; ``tests/test_curvature.py`` checks it.
@@ -522,7 +523,7 @@ def compute_kfac(
     """K-FAC (or EK-FAC) factors of the GGN/Fisher of L over the N x M (example, draw) rows.
 
     ``images`` (N, C, H, W) and ``draws`` (M) are the training set and the train-gradient
-    draws (common random numbers).  ``seed`` seeds the sampled labels of the MC-Fisher.
+    draws (per example, or shared by every example: ``engine.attribution.train_draws``).  ``seed`` seeds the sampled labels of the MC-Fisher.
     ``type-2`` (exact GGN, D backward passes per batch) is for tests.
 
     ``checkpoint``: save the pass's running state every ``checkpoint_rows`` (example, draw)

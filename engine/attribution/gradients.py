@@ -1,4 +1,4 @@
-"""Per-example Monte Carlo gradients with common random numbers (docs/architecture.md §3, §4, §6).
+"""Per-example Monte Carlo gradients, each example's own draws or common ones (docs/architecture.md §3, §4, §6).
 
 The training loss of example i is estimated with M draws (t_m, eps_m): by default independent
 draws per example (``draws="per-example"``, paper G.3; ``engine.attribution.train_draws``), or the
@@ -42,6 +42,7 @@ device of the model's parameters (no device-specific calls).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -61,6 +62,14 @@ from .train_draws import TrainDraws
 LOSSES = ("loss", "square-norm")
 BACKENDS = ("auto", "hooks", "func", "loop")
 Params = list[tuple[str, nn.Parameter]]
+
+
+def params_digest(params: Params, length: int = 16) -> str:
+    """A hex digest of the parameter names and shapes in flat order: which coordinates a gradient has, for the
+    cache keys of everything stored per coordinate (K-FAC's factors and banks use 12 digits, TRAK's 16: their
+    keys were made so, and a change of length would orphan every built cache)."""
+    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in params)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 @contextmanager

@@ -8,16 +8,17 @@ would raise the query's (loss-like) measurement, i.e. x_i is a proponent.
 
 build():   factors in one pass over the N x M (example, draw) rows, then the rotated int8
            bank in one pass of per-example train gradients (both cached in ctx.store;
-           the bank is resumable).  When the bank would not fit (``bank_mode``:
-           config.kfac_bank, "auto" by size) only the factors are cached and each query's
-           damping grid is scored by one streamed gradient pass (``StreamedBank``).
+           the bank is resumable).  How the rotated rows are kept is the bank kind's
+           (``bank_mode``: config.kfac_bank; "auto" keeps the int8 bank when it fits in
+           kfac_bank_max_gb and builds the compressed bank, with exact re-ranking, otherwise;
+           "streamed", only when asked, caches the factors alone and scores each query's
+           damping grid by one streamed gradient pass, ``StreamedBank``).
 prepare(): rotate the query gradient into the eigenbasis once.
 score():   divide by (eigenvalues + lambda) and take one pass over the bank.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,8 +33,8 @@ from ..bank import artefact_settings
 from ..bank_kinds import bank_kind
 from ..context import EngineContext
 from ..curvature import KFACFactors, compute_kfac, layout
-from ..damping_grid import DAMPING_GRID, SUPPORTED  # noqa: F401 - DAMPING_GRID: the grid of the first pass
-from ..gradients import num_params
+from ..damping_grid import SUPPORTED
+from ..gradients import num_params, params_digest
 from ..pass_checkpoint import PassCheckpoint
 from ..scoring import EigenbasisQuery, Rows
 from ..train_draws import PerExampleDraws, TrainDraws, draw_settings, training_draws
@@ -57,11 +58,6 @@ BANK = "kfac-bank"
 # after 18% of a digits build (QA 25 #6).
 FACTOR_ROW_COST = 2.5
 SHARE_NOTE = "factor_share"  # the bank build's note of the share its bar began with (``build``)
-
-
-def _params_digest(params: list[tuple[str, torch.nn.Parameter]]) -> str:
-    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in params)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @register
@@ -113,6 +109,7 @@ class KFACInfluence(AttributionMethod):
         self.bank: Rows | None = None
         self._eigenvalues: torch.Tensor | None = None
         self._resolution_floor: float | None = None  # KFACFactors.resolution_floor of the built factors
+        self._pass_dtype: torch.dtype | None = None  # the factor pass's dtype (``factor_pass_dtype``), once built
         self._key: tuple | None = None
 
     # --- cache keys ---------------------------------------------------------------------
@@ -134,7 +131,7 @@ class KFACInfluence(AttributionMethod):
             **({"factor_draws_mode": "per-example"} if self._own_factor_draws(ctx) else {}),
             **({"kfac_blocks": c.kfac_blocks} if c.kfac_blocks != "separate" else {}),
             "num_examples": len(ctx.dataset),
-            "params": _params_digest(ctx.params),
+            "params": params_digest(ctx.params, 12),
             "dtype": dtype,
             "factor_draws": self.factor_draws,
             # the pass's arithmetic when it is not the model's (absent for float32: the caches built before stay valid)
@@ -327,8 +324,7 @@ class KFACInfluence(AttributionMethod):
                 checkpoint_rows=self.checkpoint_rows,
                 checkpoint_seconds=self.checkpoint_seconds,
                 joint=self.joint_blocks(),
-                factor_dtype=None if self.config.kfac_factor_dtype == "float32" else getattr(
-                    torch, self.config.kfac_factor_dtype),
+                factor_dtype=self.factor_pass_dtype(ctx),
             )
             if ctx.store is not None:
                 ctx.store.save_arrays(
@@ -347,8 +343,8 @@ class KFACInfluence(AttributionMethod):
                 factors = KFACFactors.from_arrays(ctx.store.load_arrays(FACTORS, fs, mmap=False), template, ctx.device)
         self.factors = factors
         self._eigenvalues = factors.eigenvalues().to(ctx.device)
-        self._resolution_floor = factors.resolution_floor(getattr(torch, self.config.kfac_factor_dtype),
-                                                          self._eigenvalues)
+        self._pass_dtype = self.factor_pass_dtype(ctx)
+        self._resolution_floor = factors.resolution_floor(self._pass_dtype, self._eigenvalues)
         self.bank = bank_kind(self.bank_mode(ctx)).build(self, ctx, factors, progress)
         self.gradient_consumers = []  # used once (the stored bank's pass feeds them)
         self._key = self._ctx_key(ctx)
@@ -427,6 +423,14 @@ class KFACInfluence(AttributionMethod):
             "compressed bank: the group's predicted changes are exact (its summed gradient); its strongest "
             "members are picked from the compressed estimates and their scores computed exactly")
 
+    def factor_pass_dtype(self, ctx: EngineContext) -> torch.dtype:
+        """The dtype the factor pass sums in: ``kfac_factor_dtype`` unless it is "float32", the default, which
+        leaves the pass in the parameters' own dtype (float32 in the CLI and the app; a float64 model's factors
+        are float64, and their resolution floor was reckoned, and named in the warning, as float32's: QA 55 #8)."""
+        if self.config.kfac_factor_dtype != "float32":
+            return getattr(torch, self.config.kfac_factor_dtype)
+        return ctx.params[0][1].dtype  # (name, parameter) pairs
+
     def damping_floor(self) -> float | None:
         """``KFACFactors.resolution_floor`` of the built factors (None before a build)."""
         return self._resolution_floor
@@ -440,7 +444,7 @@ class KFACInfluence(AttributionMethod):
         lam = self.default_damping if damping is None else float(damping)
         if floor is None or lam is None or lam >= floor:
             return None
-        dtype = self.config.kfac_factor_dtype
+        dtype = str(self._pass_dtype).removeprefix("torch.") if self._pass_dtype else self.config.kfac_factor_dtype
         fix = (f"use at least {floor:.1e}, or factors built in float64 (build --kfac-factor-dtype float64)"
                if dtype == "float32" else f"use at least {floor:.1e}")
         # the default's own words (QA 45 #5: on a user's small model the preset's default, 1e-8, sat just under its
@@ -454,11 +458,13 @@ class KFACInfluence(AttributionMethod):
     def score(self, prepared: Prepared, damping: float | None = None) -> np.ndarray:
         """tau (N,) float32 for this damping (eq. 6 through ``scoring.EigenbasisQuery``).
 
-        The first call for a query also scores every damping of ``DAMPING_GRID`` (49 values,
-        1e-13..1e3) in the same pass over the bank and keeps them; a later call with a grid
-        damping is a lookup, one within ``damping_grid.SUPPORTED`` is a weighted sum of the
-        grid's scores (exact up to a relative 1e-4 per eigen-coordinate), and any other is one
-        more pass.
+        The first call for a query is one pass over the rows at the damping asked for (the stored
+        and compressed banks; the streamed bank, whose pass is a gradient pass, scores every damping
+        of ``damping_grid.DAMPING_GRID``, 49 values 1e-13..1e3, in that first pass instead).  The
+        grid comes with the query's second damping or ``EigenbasisQuery.fill_grid`` (the app fills
+        it in the background); after it a grid damping is a lookup, one within
+        ``damping_grid.SUPPORTED`` a weighted sum of the grid's scores (exact up to a relative 1e-4
+        per eigen-coordinate), and any other one more pass (``scoring.EigenbasisQuery.score``).
         """
         assert isinstance(prepared, EigenPrepared)
         lam = self.default_damping if damping is None else float(damping)

@@ -42,7 +42,7 @@ from ...model.diffusion import MCDraws
 from ...model.measurements import Measurement
 from ..context import EngineContext
 from ..damping_grid import SUPPORTED
-from ..gradients import num_params
+from ..gradients import num_params, params_digest
 from ..projection import TILE_ROWS, RandomProjection
 from ..scoring import DenseRows, EigenbasisQuery
 from ..train_draws import draw_settings
@@ -63,12 +63,6 @@ def draws_digest(draws: Any) -> str:
     h.update(draws.t.detach().cpu().numpy().astype(np.int64).tobytes())
     h.update(draws.eps.detach().cpu().float().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def params_signature(params: list[tuple[str, torch.nn.Parameter]]) -> str:
-    """16 hex digest of the parameter names and shapes, in flat order (which coordinates a gradient has)."""
-    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in params)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def fisher_eigenbasis(
@@ -190,7 +184,7 @@ class TRAK(AttributionMethod):
             "draws": draws_digest(ctx.train_draws),
             **draw_settings(ctx.train_draws),
             "num_train": len(ctx.dataset),
-            "params": params_signature(ctx.params),
+            "params": params_digest(ctx.params),
             "projection": {
                 "kind": self.projection_kind,
                 "dim": k,
