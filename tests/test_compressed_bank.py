@@ -40,7 +40,7 @@ from engine.config import AttributionConfig
 from engine.model.diffusion import Diffusion, make_draws
 from engine.model.measurements import parse_measurement
 
-LOSS = parse_measurement("loss")
+LOSS = parse_measurement("loss", 1000)
 
 
 def _setup(tiny_preset, tiny_model, digits_small, n: int = 12, store=None, **cfg):

@@ -32,7 +32,7 @@ def _method_and_query(tiny_preset, tiny_model, digits_small, rerank: int = 3):
     config = AttributionConfig(mc_samples=3, seed=0, **{**COMPRESSED, "kfac_rerank": rerank})
     ctx = make_context(tiny_preset, model, ds, "cpu", config, "c" * 16, None)
     q = QueryInput(image=ds.images[3])
-    g = measurement_grad(model, ctx.diffusion, parse_measurement("loss"), q,
+    g = measurement_grad(model, ctx.diffusion, parse_measurement("loss", 1000), q,
                          make_draws(3, (1, 8, 8), 1000, seed=1), 17, ctx.params)
     m = KFACInfluence(config)
     m.build(ctx)

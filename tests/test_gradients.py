@@ -88,7 +88,7 @@ def test_common_random_numbers_and_batching(setup):
 def test_measurement_grad_loss_equals_train_grad(setup):
     model, diffusion, x, draws = setup
     g_m = measurement_grad(
-        model, diffusion, parse_measurement("loss"), QueryInput(image=x[1]), draws, levels=17
+        model, diffusion, parse_measurement("loss", 1000), QueryInput(image=x[1]), draws, levels=17
     )
     g_t = per_example_grads(model, diffusion, x[1:2], draws)[0]
     torch.testing.assert_close(g_m, g_t, rtol=1e-4, atol=1e-7)
@@ -97,7 +97,7 @@ def test_measurement_grad_loss_equals_train_grad(setup):
 def test_shared_forward_grads_equal_separate_measurement_grads(setup):
     """One forward for the loss and the square norm gives each one's own gradient."""
     model, diffusion, x, draws = setup
-    specs = [parse_measurement("square-norm"), parse_measurement("loss")]
+    specs = [parse_measurement("square-norm", 1000), parse_measurement("loss", 1000)]
     both = shared_forward_grads(model, diffusion, x[2], draws, specs)
     assert list(both) == specs
     for spec in specs:
@@ -105,7 +105,7 @@ def test_shared_forward_grads_equal_separate_measurement_grads(setup):
         torch.testing.assert_close(both[spec], alone, rtol=1e-5, atol=1e-8)
     assert not torch.allclose(both[specs[0]], both[specs[1]])
     with pytest.raises(ValueError, match="distinct measurements"):
-        shared_forward_grads(model, diffusion, x[2], draws, [parse_measurement("elbo")])
+        shared_forward_grads(model, diffusion, x[2], draws, [parse_measurement("elbo", 1000)])
 
 
 @pytest.mark.parametrize("spec", ["elbo", "trajectory", "loss@t=10"])
@@ -114,7 +114,7 @@ def test_measurement_grad_other_measurements(setup, spec):
     gen = torch.Generator().manual_seed(0)
     traj = torch.randn(diffusion.T + 1, 1, 8, 8, generator=gen) * 0.5
     q = QueryInput(image=x[0], trajectory=traj)
-    g = measurement_grad(model, diffusion, parse_measurement(spec), q, draws, levels=17)
+    g = measurement_grad(model, diffusion, parse_measurement(spec, 1000), q, draws, levels=17)
     assert g.shape == (sum(p.numel() for _, p in influence_params(model)),)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
@@ -132,6 +132,6 @@ def test_gradients_in_eval_mode(tiny_preset, diffusion, digits_small):
     model.train()
     for backend in ("loop", "hooks"):
         torch.testing.assert_close(per_example_grads(model, diffusion, x, draws, backend=backend), ref)
-    q = measurement_grad(model, diffusion, parse_measurement("loss"), QueryInput(image=x[0]), draws, 17)
+    q = measurement_grad(model, diffusion, parse_measurement("loss", 1000), QueryInput(image=x[0]), draws, 17)
     torch.testing.assert_close(q, ref[0], rtol=1e-4, atol=1e-7)
     assert model.training  # mode restored

@@ -19,7 +19,7 @@ from engine.model.diffusion import make_draws
 from engine.model.measurements import parse_measurement
 from engine.model.train import train
 
-LOSS = parse_measurement("loss")
+LOSS = parse_measurement("loss", 1000)
 
 
 def _query(ctx, image, draws):

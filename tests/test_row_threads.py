@@ -74,7 +74,7 @@ def test_shared_forward_grads_split_between_threads_equal_one_pass(tiny_model, d
     threads: set[str] = set()
     hook = model.register_forward_pre_hook(lambda m, a: threads.add(threading.current_thread().name))
     try:
-        specs = [parse_measurement("loss"), parse_measurement("square-norm")]
+        specs = [parse_measurement("loss", 1000), parse_measurement("square-norm", 1000)]
         both = shared_forward_grads(model, diffusion, x, draws, specs)
     finally:
         hook.remove()

@@ -217,7 +217,7 @@ def test_dtrak_is_trak_with_square_norm(tmp_path, tiny_model, diffusion, small_d
     assert isinstance(dtrak, DTRAK) and isinstance(trak, TRAK)
     assert (dtrak.name, dtrak.title, dtrak.kind) == ("dtrak", "D-TRAK", "influence")
     assert trak.default_damping == config.trak_damping and dtrak.default_damping == config.dtrak_damping
-    asked = parse_measurement("elbo")
+    asked = parse_measurement("elbo", 1000)
     assert trak.query_measurement(asked) == asked
     assert dtrak.query_measurement(asked) == Measurement("square-norm")
     assert trak.settings(ctx) != dtrak.settings(ctx)
@@ -304,7 +304,7 @@ def test_trak_with_engine_context_and_measurement_grad(
     assert entry["state"] == "ok" and entry["settings"]["mc_samples"] == 2
     assert entry["settings"]["projection"]["dim"] == 32
     q = QueryInput(image=small_data.images[2])
-    meas = method.query_measurement(parse_measurement("loss"))
+    meas = method.query_measurement(parse_measurement("loss", 1000))
     draws = make_draws(2, (1, 8, 8), diffusion.T, seed=9)
     gq = measurement_grad(ctx.model, diffusion, meas, q, draws, params=ctx.params)
     scores = method.score(method.prepare(ctx, q, gq))

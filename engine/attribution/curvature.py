@@ -34,9 +34,11 @@ GGN when residuals have the model's variance 1/2).  ``expand``/``reduce``: KFAC-
 -reduce for weight-sharing layers (Eschenhagen et al. 2023; paper eq. 12).
 
 EK-FAC (George et al. 2018): the eigenvalues b a^T of B (x) A are replaced by the mean over
-the N*M rows of the squared per-row gradients rotated into the K-FAC eigenbasis,
-(Q_B^T G_r Q_A)^2, G_r the row's (pseudo-)gradient above, computed by curvlinops'
-``EKFACLinearOperator`` in one extra pass with our float64 eigenvectors.
+the factor pass's rows (N x k with ``kfac_factor_draws`` = k, each example's first k of its M draws
+or, in ``kfac_factor_draws_mode="per-example"``, the factors' own draws; N x M without it) of the squared
+per-row gradients rotated into the K-FAC eigenbasis, (Q_B^T G_r Q_A)^2, G_r the row's (pseudo-)gradient
+above (the same sampled labels as the factors'), computed by curvlinops' ``EKFACLinearOperator`` in one
+extra pass with our float64 eigenvectors.
 
 Factors are accumulated in the model's dtype, eigendecomposed in float64 (eigenvalues
 clamped at 0: the factors are PSD and negatives are round-off), and kept in the model's

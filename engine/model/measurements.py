@@ -1,4 +1,5 @@
-"""Measurements m(theta, x_q), all loss-like: lower means the query is more likely.
+"""Measurements m(theta, x_q): loss-like (lower means the query is more likely) but for ``square-norm``,
+D-TRAK's mean square of the model's noise prediction, which is no likelihood proxy.
 
 docs/architecture.md §3.  Each returns a scalar tensor that autograd can differentiate w.r.t. the
 model's parameters, estimated with the given Monte Carlo draws (common random numbers:
@@ -113,8 +114,11 @@ class Measurement:
         return self.kind + ("-exact" if self.exact else "")
 
 
-def parse_measurement(text: str, num_timesteps: int = 1000) -> Measurement:
-    """Parse ``loss``, ``loss@t=500`` (paper's 1-based t), ``elbo``, ``elbo-exact``, ``trajectory``, ``square-norm``."""
+def parse_measurement(text: str, num_timesteps: int) -> Measurement:
+    """Parse ``loss``, ``loss@t=500`` (paper's 1-based t), ``elbo``, ``elbo-exact``, ``trajectory``, ``square-norm``.
+
+    ``num_timesteps``, the model's T, has no default: a default of 1,000 accepted ``loss@t=1000`` for the mnist
+    preset's T = 100 in any caller that forgot it (QA 57 #3)."""
     s = text.strip().lower()
     if s.startswith("loss@t="):
         try:
