@@ -154,9 +154,10 @@ def exact_button(handle: Handle, name: str, result: QueryResult) -> None:
     # a short label: "Show the exact ranking" read "Show the exact ranki..." in a column of four at 1280 px (QA 52);
     # the tooltip says what it does
     if not st.button(EXACT_BUTTON, key=f"exact_{name}",
-                     help="Shows the exact ranking. The shown images and scores are a fast estimate from a "
-                          "compressed copy of the training gradients (on a smaller scale than exact scores until the "
-                          "first exact ones give the factor that rescales them). The exact K-FAC scores of the "
+                     help="Shows the exact scores of the re-ranked candidates. The shown images and scores are a "
+                          "fast estimate from a compressed copy of the training gradients (on a smaller scale than "
+                          "exact scores until the first exact ones give the factor that rescales them). The exact "
+                          "K-FAC scores of the "
                           "strongest candidates at both ends are computed in the background (their training "
                           "gradients again: seconds on a GPU, minutes on a CPU); this waits for them, or computes "
                           "them if the worker moved on to a newer query, and shows them."):

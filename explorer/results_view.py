@@ -128,14 +128,17 @@ def get_result(handle: Handle, query: Query, s: Settings) -> QueryResult | None:
 def rescore_text(info: dict, before: tuple | None, after: tuple) -> str:
     """The spinner's words while a result is re-scored: the methods whose damping changed (``before`` and
     ``after``: the (method, damping) pairs of the view shown and the one asked for), or, with none changed,
-    the exact ranking that a background re-rank has just delivered.  Without a view shown (a result another
-    tab computed, scored at its own dampings) every method is scored at this page's."""
+    the exact scores that a background re-rank has just delivered.  Without a view shown (a result another
+    tab computed, scored at its own dampings) every method is scored at this page's.  Not "the exact ranking"
+    (QA 55 #3): the re-rank makes the candidates' scores exact, and an image outside them may belong in the
+    ends; whether one may is known only once the answer is scored, after these words
+    (``MethodResult.ranking_note``, under the column)."""
     if before is None:
         return "Scoring every method at the chosen dampings ..."
     old = dict(before)
     changed = [f"{info.get(n, {}).get('title', n)} at damping {v:.1e}" for n, v in after if old.get(n) != v]
     if not changed:
-        return "Showing the exact ranking ..."
+        return "Showing the exact scores of the re-ranked candidates ..."
     return f"Re-scoring {plain.and_list(changed)} ..."
 
 
@@ -442,6 +445,9 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                              else _caption(ds, x.index, x.score, x.exact, own) for x in items],
                     width=thumbs.width,
                 )
+            note = r.ranking_note(s.top_k)
+            if note:  # an end may miss an image outside the re-ranked candidates (MethodResult.ranking_check)
+                st.caption(note)
             if r.exact_pending:
                 exact_view.exact_button(handle, name, result)
     unavailable_notes(result, cannot, info)

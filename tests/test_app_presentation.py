@@ -755,3 +755,41 @@ def test_the_scatters_axes_are_kept_while_another_plot_tab_is_open():
     at.session_state["plots_open"] = True
     at.run(timeout=60)
     assert [(s.key, s.value) for s in at.selectbox] == [("scatter_a", "kfac"), ("scatter_b", "pixel")]
+
+
+def test_a_compressed_column_says_when_its_lists_may_miss_an_image_and_nothing_when_not():
+    """QA 55 #3: K-FAC's column on a compressed bank, every listed score exact.  When an image outside the
+    re-ranked candidates has an estimate above the 4th exact score listed, one line under the column says
+    that the list may miss some; when none has, the column is as before (no new line)."""
+    import dataclasses
+
+    from streamlit.testing.v1 import AppTest
+
+    handle, result = FakeHandle(), fake_result(("kfac",), unavailable=())
+    kfac = result.methods["kfac"]
+    order = np.argsort(-kfac.scores)
+    exact = np.zeros(N_TRAIN, bool)
+    exact[np.concatenate([order[:4], order[-4:]])] = True  # the 4 highest and 4 lowest: complete
+    notes = {}
+    for case, mask in (("complete", exact), ("missing", exact.copy())):
+        if case == "missing":
+            mask[order[1]] = False  # the 2nd highest is an estimate outside the candidates: above the 4th exact
+            mask[order[4]] = True
+        r = dataclasses.replace(kfac, bank="compressed", exact=mask)
+        at = AppTest.from_function(_grids_page, args=(handle, _query(), dataclasses.replace(
+            result, methods={"kfac": r}), _settings(["kfac"])))
+        at.run()
+        assert not at.exception, at.exception
+        notes[case] = [c.value for c in at.caption if "outside the re-ranked candidates" in c.value]
+    assert notes["complete"] == []
+    assert notes["missing"] == ["1 image outside the re-ranked candidates has an estimate above the 4th highest exact "
+                                "score: the highest 4 may miss it; more candidates: `--kfac-rerank`"]
+
+
+def test_the_spinner_after_a_background_re_rank_says_exact_scores_not_an_exact_ranking():
+    """QA 55 #3: "Showing the exact ranking ..." claimed more than the re-rank gives (exact scores for its
+    candidates; an image outside them may belong in the ends), and whether one may is known only after."""
+    from explorer.results_view import rescore_text
+
+    same = (("kfac", 1e-8),)
+    assert rescore_text(METHOD_INFO, same, same) == "Showing the exact scores of the re-ranked candidates ..."

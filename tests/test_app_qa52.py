@@ -147,7 +147,9 @@ def test_the_exact_ranking_button_label_fits_a_column_of_five_at_1280_px():
     assert not at.exception, at.exception
     button = at.button(key="exact_kfac")  # the key is kept: tests and the browser find it by key
     assert len(button.label) * CHARACTER + BUTTON_PADDING <= column_inner_width(5, 1280), button.label
-    assert "exact ranking" in button.help  # what it does, one hover away
+    # what it does, one hover away: the candidates' exact scores, not "the exact ranking" (QA 55 #3: an image
+    # outside the candidates may belong in the ends)
+    assert button.help.startswith("Shows the exact scores of the re-ranked candidates.")
 
 
 def test_an_exact_ranking_click_superseded_by_a_new_setting_says_it_goes_on_then_how_it_ended(monkeypatch):

@@ -131,6 +131,30 @@ def test_build_then_query_json(cli, tmp_path):
     assert "[kfac]" in out and "proponents" in out and "most similar" in out
 
 
+def test_query_says_when_a_compressed_end_may_miss_an_image(cli):
+    """QA 55 #3: with few re-ranked candidates, images outside them may belong in the listed ends; ``query``
+    says so in its text (a "ranking:" line) and its JSON (``ranking_check``, per end), and says nothing new
+    when no estimate outside the candidates passes the listed exact scores (here: 2C = N, every score exact)."""
+    query = ("query", "--query", "train:3", "--methods", "kfac", "--damping", "1e-3", "--kfac-bank", "compressed",
+             "--kfac-compression", "8", "--top-k", "5", "--auto-build")
+    rc, out, err = cli(*query, "--kfac-rerank", "2", "--json")
+    assert rc == 0, err
+    k = json.loads(out)["methods"]["kfac"]
+    checks = k["ranking_check"]  # 2 x 2 candidates of 64, 5 listed per end: the lists reach past them
+    assert set(checks) == {"top", "bottom"} and all(set(c) == {"may_miss", "estimates_beyond", "rank"} for c in checks.values())
+    assert any(c["may_miss"] and c["estimates_beyond"] > 0 for c in checks.values()), checks
+    rc, out, err = cli(*query, "--kfac-rerank", "2")
+    assert rc == 0, err
+    (line,) = [x for x in out.splitlines() if x.startswith("  ranking: ")]
+    assert "outside the re-ranked candidates" in line and "may miss" in line and "`--kfac-rerank`" in line
+    rc, out, err = cli(*query, "--kfac-rerank", "32", "--json")  # 64 images: every one a candidate
+    assert rc == 0, err
+    k = json.loads(out)["methods"]["kfac"]
+    assert k["ranking_check"] == {end: {"may_miss": False, "estimates_beyond": 0, "rank": 5} for end in ("top", "bottom")}
+    rc, out, err = cli(*query, "--kfac-rerank", "32")
+    assert rc == 0 and "ranking:" not in out, err
+
+
 def test_query_errors_are_clear(cli):
     rc, _, err = cli("query", "--query", "train:1", "--methods", "kfac,magic")
     # every registered method is offered, in display order (a method added in one file included)

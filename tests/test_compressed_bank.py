@@ -455,3 +455,96 @@ def test_estimate_scale_script_compares_the_column_raw_and_rescaled(load_script)
     assert 18.0 < f["scale_candidates"] < 22.0 and 15.0 < f["scale_rest"] < 25.0
     assert f["rel_l2_scaled"] < 0.5 * f["rel_l2_raw"] and f["spearman_scaled"] >= f["spearman_raw"]
     assert f["rest_max_error_scaled"] < f["rest_max_error_raw"]
+
+
+def _qa55_answers(tiny_preset, tiny_model, digits, reranks: tuple[int, ...], query: int):
+    """QA 55 #3's setting: the float32 tiny U-Net on 48 digits, M = 4, a gaussian 8x compressed bank; the
+    float stored bank's scores (the exact ones over all N) and, per ``kfac_rerank`` C, the compressed answer
+    as the CLI and the app read it (``MethodResult``) for the held-out digit ``query``."""
+    ds = digits.subset(list(range(48)))
+    config = dataclasses.replace(tiny_preset.attribution, mc_samples=4)
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", config=config)
+    stored = KFACInfluence(config, quantize=False)
+    stored.build(ctx)
+    draws = make_draws(4, tuple(ds.shape), ctx.diffusion.T, seed=config.seed + 1)
+    g = measurement_grad(tiny_model, ctx.diffusion, LOSS, digits.images[query], draws, params=ctx.params)
+    lam = config.kfac_damping
+    ref = stored.score(stored.prepare(ctx, None, g), lam)
+    answers = {}
+    for c in reranks:
+        cfg = dataclasses.replace(config, kfac_bank="compressed", kfac_projection="gaussian", kfac_compression=8.0,
+                                  kfac_rerank=c)
+        ctx_c = make_context(tiny_preset, tiny_model, ds, "cpu", config=cfg)
+        comp = KFACInfluence(cfg)
+        comp.build(ctx_c)
+        p = comp.prepare(ctx_c, None, g)
+        s = comp.score(p, lam)
+        answers[c] = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=s, bank=p.bank, exact=p.exact,
+                                  estimate_scale=p.estimate_scale)
+    return ref, answers
+
+
+def test_the_ranking_check_says_when_an_end_may_miss_an_image_outside_the_candidates(tiny_preset, tiny_model, digits):
+    """QA 55 #3: the re-rank makes the candidates' scores exact, but a true top-k image that was not a
+    candidate is absent, and every entry shown is exact.  With 2 x 8 candidates of 48 the shown top-10 and
+    bottom-10 miss images of the float stored bank's; images outside the candidates have estimates beyond
+    the 10th exact score, and the answer says so (the JSON's field, the CLI's and the page's line).  With
+    2 x 16 the shown top-5 and bottom-5 are the stored bank's, no estimate passes the 5th, and nothing new
+    is said."""
+    ref, answers = _qa55_answers(tiny_preset, tiny_model, digits, (8, 16), query=101)
+    small = answers[8]
+    shown_top, shown_low = [x.index for x in small.top(10)], [x.index for x in small.bottom(10)]
+    assert all(x.exact for x in small.top(10) + small.bottom(10))  # every entry shown is exact ...
+    assert set(np.argsort(-ref)[:10]) - set(shown_top) and set(np.argsort(ref)[:10]) - set(shown_low)  # ... yet some are missing
+    checks = small.ranking_check(10)
+    assert set(checks) == {"top", "bottom"} and checks["top"].may_miss and checks["bottom"].may_miss
+    out = ~small.exact
+    assert checks["top"].rank == 10 and checks["top"].beyond == int((small.scores[out] > small.scores[shown_top[-1]]).sum())
+    assert checks["bottom"].beyond == int((small.scores[out] < small.scores[shown_low[-1]]).sum())
+    note = small.ranking_note(10)
+    total = checks["top"].beyond + checks["bottom"].beyond
+    assert note == (f"{total} images outside the re-ranked candidates have estimates above the 10th highest exact "
+                    f"score ({checks['top'].beyond}) or below the 10th lowest exact score ({checks['bottom'].beyond}): "
+                    "both lists may miss some; more candidates: `--kfac-rerank`")
+    # estimates are not bounds: the top-5 misses images of the stored bank's too, and no estimate says so (a
+    # "may", never a proof of the whole ranking: the page's words claim exact scores for the candidates only)
+    assert set(np.argsort(-ref)[:5]) - {x.index for x in small.top(5)} and not small.ranking_check(5)["top"].may_miss
+    js = QueryResult({}, "loss", {"kfac": small}).to_json(10)["methods"]["kfac"]
+    assert js["ranking_check"] == {"top": {"may_miss": True, "estimates_beyond": checks["top"].beyond, "rank": 10},
+                                   "bottom": {"may_miss": True, "estimates_beyond": checks["bottom"].beyond, "rank": 10}}
+
+    large = answers[16]
+    assert {x.index for x in large.top(5)} == set(np.argsort(-ref)[:5])
+    assert {x.index for x in large.bottom(5)} == set(np.argsort(ref)[:5])
+    checks = large.ranking_check(5)
+    assert not checks["top"].may_miss and not checks["bottom"].may_miss and large.ranking_note(5) is None
+    js = QueryResult({}, "loss", {"kfac": large}).to_json(5)["methods"]["kfac"]
+    assert js["ranking_check"]["top"] == {"may_miss": False, "estimates_beyond": 0, "rank": 5}
+
+
+def test_the_ranking_check_counts_estimates_beyond_the_weakest_exact_score_shown():
+    """``end_check`` on a made-up answer: the estimates (not exact) beyond the weakest exact score listed, at
+    each end; an estimate listed ("≈" on the page) is not missed; a pending answer, the stored bank and an end
+    with no exact score listed have no check."""
+    from engine.attribution.results import end_check
+
+    scores = np.array([9.0, 8.0, 7.5, 7.0, 0.0, -1.0, -7.0, -8.0, -9.0, 8.5], np.float32)
+    exact = np.array([1, 1, 0, 1, 0, 0, 1, 1, 1, 0], bool)  # 2 (7.5) and 9 (8.5) are estimates above 7.0
+    r = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=scores, bank="compressed", exact=exact)
+    checks = r.ranking_check(3)
+    assert [x.index for x in r.top(3)] == [0, 1, 3]
+    assert (checks["top"].beyond, checks["top"].rank, checks["bottom"].beyond) == (2, 3, 0)
+    assert r.ranking_note(3) == ("2 images outside the re-ranked candidates have estimates above the 3rd highest "
+                                 "exact score: the highest 3 may miss some; more candidates: `--kfac-rerank`")
+    # the top 7: the 6 exact (down to -9.0, the 6th), then the estimate 8.5 (9, listed: not counted); 2, 4, 5 beyond
+    top7 = end_check(scores, exact, [x.index for x in r.top(7)], True)
+    assert (top7.beyond, top7.rank) == (3, 6)
+    one = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=scores, bank="compressed",
+                       exact=np.array([1, 1, 1, 1, 0, 0, 1, 1, 1, 0], bool))
+    assert one.ranking_note(3) == ("1 image outside the re-ranked candidates has an estimate above the 3rd highest "
+                                   "exact score: the highest 3 may miss it; more candidates: `--kfac-rerank`")
+    assert end_check(scores, np.zeros(10, bool), [0, 1], True) is None  # nothing exact listed: each entry says "≈"
+    for other in (dict(exact_pending=True), dict(bank="stored", exact=None), dict(exact=None)):
+        kw = {"scores": scores, "bank": "compressed", "exact": exact, **other}
+        res = MethodResult("kfac", "K-FAC", "influence", "", "ok", **kw)
+        assert res.ranking_check(3) is None and res.ranking_note(3) is None

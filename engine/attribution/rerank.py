@@ -20,6 +20,10 @@ the re-rank runs has the candidates done so far exact: the shown top-k is almost
 first few candidates of its end, so it is exact after a small part of the re-rank (mnist, 32 gallery
 queries: the top-10 final after a median 7% of it, at most 26%; ``scripts/rerank_order.py``).  A stopped re-rank keeps what it
 had done and resumes after it.
+The re-rank makes the candidates' *scores* exact, not the ranking: an image outside them that belongs in
+an end's exact top-k is absent, with every entry shown exact (QA 55 #3, at small C).  Whether an end may
+miss one is checked on the answer, against the other images' rescaled estimates, for the k the reader
+shows (``results.MethodResult.ranking_check``).
 """
 
 from __future__ import annotations

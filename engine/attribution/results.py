@@ -22,6 +22,51 @@ class RankedItem:
     exact: bool = True  # False: a compressed-bank approximation, not re-ranked (engine.attribution.compressed_bank)
 
 
+@dataclass(frozen=True)
+class EndCheck:
+    """Whether one end of a compressed bank's shown ranking may miss an image (``MethodResult.ranking_check``).
+
+    The re-rank makes the candidates' scores exact, but an image that belongs among the exact top-k and was
+    not a candidate is simply absent, and every entry shown is then exact (QA 55 #3: tiny U-Net, 2 x 8
+    candidates of 48, the shown top-5 missed two of the stored bank's on each of 4 queries).  The images
+    outside the candidates have only their estimates (rescaled, ``rerank.scale_estimates``), so the cheap
+    check counts those that lie beyond the weakest exact score shown at this end: ``beyond`` of them,
+    beyond the ``rank``-th shown (the k-th when the end shows k exact scores; above it at the top, below it
+    at the bottom).  Estimates are not bounds, both ways: ``may_miss`` says only that the list may miss some,
+    and no image beyond is no proof that it misses none, hence "may_miss" and not "complete".  The check
+    catches lists that reach well past their candidates, and little else: the images just outside the
+    candidates are those the scan ranked lower, and their rescaled estimates mostly stay below the k-th
+    exact score even where their exact scores do not (on that tiny U-Net with 2 x 8 candidates the top-10's
+    misses are flagged, the top-5's are not; ``tests/test_compressed_bank.py``)."""
+
+    beyond: int
+    rank: int
+
+    @property
+    def may_miss(self) -> bool:
+        return self.beyond > 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"may_miss": self.may_miss, "estimates_beyond": self.beyond, "rank": self.rank}
+
+
+def end_check(scores: np.ndarray, exact: np.ndarray, shown: list[int], highest: bool) -> EndCheck | None:
+    """``EndCheck`` of one end: ``shown`` the indices listed there, in order (``MethodResult.top``/``bottom``);
+    None when none of them is exact (the end is all estimates, each marked so)."""
+    ranks = [r for r, i in enumerate(shown) if exact[i]]
+    if not ranks:
+        return None
+    key = (1.0 if highest else -1.0) * np.asarray(scores, dtype=np.float64)
+    weakest = min(key[shown[r]] for r in ranks)
+    rank = 1 + max(r for r in ranks if key[shown[r]] == weakest)
+    outside = ~np.asarray(exact, dtype=bool)
+    outside[np.asarray(shown, dtype=np.int64)] = False  # an estimate shown is marked "≈" there: not missed
+    return EndCheck(int(np.count_nonzero(key[outside] > weakest)), rank)
+
+
+RERANK_FLAG = "--kfac-rerank"  # what sets the candidates' count, for the CLI and the app alike (config.SETTING_FLAGS)
+
+
 @dataclass
 class MethodResult:
     """One method's answer to one query.
@@ -83,6 +128,40 @@ class MethodResult:
         return (f"compressed bank: {int(self.exact.sum())} candidates at both ends re-ranked to exact "
                 f"K-FAC scores, the other {int((~self.exact).sum())} estimated{scaled}")
 
+    def ranking_check(self, k: int) -> dict[str, EndCheck] | None:
+        """Per end ("top", "bottom") of the k shown, whether it may miss an image (``EndCheck``): only for a
+        compressed bank's final answer (a pending one is marked approximate as a whole, and the other banks
+        score every image); None otherwise, and an end with no exact score shown is left out.
+
+        Computed here, from the answer's scores and exact mask, not with the re-rank: k is the reader's (the
+        app's top-k slider, the CLI's --top-k), and this answer is the one they list."""
+        if self.bank != "compressed" or self.exact is None or self.exact_pending or self.scores is None:
+            return None
+        checks = {}
+        for end, items, highest in (("top", self.top(k), True), ("bottom", self.bottom(k), False)):
+            check = end_check(self.scores, self.exact, [x.index for x in items], highest)
+            if check is not None:
+                checks[end] = check
+        return checks or None
+
+    def ranking_note(self, k: int) -> str | None:
+        """One line when an end of the k shown may miss an image (``ranking_check``), else None (nothing new
+        to say: the page and the CLI's text look as before).  It says "may": the images it counts have only
+        estimates, which are not bounds."""
+        checks = self.ranking_check(k) or {}
+        parts = [(end, c) for end, c in checks.items() if c.may_miss]
+        if not parts:
+            return None
+        total = sum(c.beyond for _, c in parts)
+        where = " or ".join(f"{'above' if end == 'top' else 'below'} the {_ordinal(c.rank)} "
+                            f"{'highest' if end == 'top' else 'lowest'} exact score"
+                            + (f" ({c.beyond})" if len(parts) > 1 else "") for end, c in parts)
+        lists = "both lists" if len(parts) > 1 else f"the {'highest' if parts[0][0] == 'top' else 'lowest'} {k}"
+        return (f"{total} image{'s' if total != 1 else ''} outside the re-ranked candidates "
+                f"{'have estimates' if total != 1 else 'has an estimate'} {where}: {lists} may miss "
+                f"{'some' if total != 1 else 'it'}; "
+                f"more candidates: `{RERANK_FLAG}`")
+
     def top(self, k: int, labels: np.ndarray | None = None) -> list[RankedItem]:
         """k largest scores: strongest proponents (or most similar); exact scores rank before approximate ones."""
         return self._ranked(-1.0, k, labels)
@@ -97,6 +176,12 @@ class MethodResult:
         key = sign * self.scores.astype(np.float64)
         idx = np.argsort(key, kind="stable") if self.exact is None else np.lexsort((key, ~self.exact))
         return [_item(i, self.scores, labels, self.exact) for i in idx[:k]]
+
+
+def _ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, 21st."""
+    tail = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{tail}"
 
 
 def reason_head(reason: str) -> str:
@@ -147,6 +232,9 @@ class QueryResult:
                 entry["damping_floor"] = r.damping_floor
             if r.warning is not None:
                 entry["warning"] = r.warning
+            checks = r.ranking_check(top_k)
+            if checks is not None:  # a compressed bank's ends: whether each may miss an image (EndCheck)
+                entry["ranking_check"] = {end: c.to_json() for end, c in checks.items()}
             entry["top"] = [vars(x) for x in r.top(top_k, labels)]
             entry["bottom"] = [vars(x) for x in r.bottom(top_k, labels)]
             out["methods"][name] = entry

@@ -58,6 +58,9 @@ def format_result(result: QueryResult, top_k: int, labels: Sequence[int] | None)
             lines.append(f"  bank: {r.bank_note()}")
         if r.warning:
             lines.append(f"  warning: {r.warning}")
+        note = r.ranking_note(top_k)
+        if note:  # a compressed bank's end may miss an image outside its re-ranked candidates (EndCheck)
+            lines.append(f"  ranking: {note}")
         top, bottom = r.top(top_k, labels), r.bottom(top_k, labels)
         if r.kind == "influence":
             top_title = end_signs([it.score for it in top], highest=True).heading()
