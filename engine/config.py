@@ -124,7 +124,8 @@ class AttributionConfig:
     kfac_bank_whiten: float | None = 1e-10
     kfac_projection: str = "gaussian"  # compressed bank: validation.KFAC_PROJECTIONS (engine.attribution.layer_projection)
     kfac_compression: float = 32.0  # compressed bank: full int8 bank bytes / compressed bank bytes
-    kfac_rerank: int = 256  # compressed bank: candidates re-ranked exactly at each end (0: none)
+    # compressed bank: 2 x kfac_rerank candidates re-ranked exactly, shared between the ends (kfac_rerank_split; 0: none)
+    kfac_rerank: int = 256
     # compressed bank: how the 2 x kfac_rerank candidates are shared between the ends: "adaptive" (by how
     # crowded each end is, engine.attribution.rerank.CandidateSplit) or "even" (kfac_rerank each)
     kfac_rerank_split: str = "adaptive"

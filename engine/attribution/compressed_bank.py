@@ -16,8 +16,10 @@ the projected space (paper eqs. 6, 9):
 
     tau~_i(q) = (1/N) vec(G~_q)^T (B~ (x) A~ + lambda I)^{-1} vec(G~_i),
 
-an approximation of tau_i.  What the user sees is made exact by **re-ranking**: the C
-largest and C smallest tau~ are candidates, and their exact scores against the *full*
+an approximation of tau_i.  What the user sees is made exact by **re-ranking**: the C_top
+largest and C_bottom smallest tau~, 2C in all (C = ``kfac_rerank``), are candidates, shared between the
+ends by how crowded each is (the default ``kfac_rerank_split="adaptive"``: each end at least
+f = min(64, C), up to 2C - f; "even": C each; ``rerank.CandidateSplit``), and their exact scores against the *full*
 factors, tau_i = (1/N) <R_q / (b a^T + lambda), R_i> with R = Q_B^T G Q_A (engine.attribution.bank),
 come from fresh per-example gradients of just those 2C examples (the build's draws), each
 rotated into the full eigenbasis once per query and scored at every damping of the grid
@@ -25,10 +27,14 @@ at once (``rerank_scores``), so a later damping change re-ranks the same candida
 lookup or the grid interpolation (engine.attribution.damping_grid) without new gradients.  The
 re-ranking itself (candidates, exact scores, the deferred re-rank of the app) is
 ``engine.attribution.rerank``; this module builds the bank and joins the two (``CompressedRows``).
+The scores are exact for the candidates only: an image outside them that belongs in an end's exact
+top-k is absent, which the answer's ``MethodResult.ranking_check`` flags where an estimate says it may be.
 
 Under torchrun each rank holds a slice of the bank's rows (``shard_rows``); a query's
-compressed scores give each rank its local top-C and bottom-C, which ``merge_candidates``
-combines (``gather_candidates`` does the all-gather) into exactly the single-process set.
+compressed scores give each rank its local ``split.depth(c)`` highest and lowest (2C - min(64, C) per
+end when adaptive, C when even: an end may take up to that many), which ``merge_candidates`` combines
+(``gather_candidates`` does the all-gather, with each rank's score moments) into exactly the
+single-process set.
 """
 
 from __future__ import annotations
@@ -243,7 +249,8 @@ class ShardedBank:
     ``inner_many`` scans the local rows and all-gathers the (G, n_local) blocks
     into (G, N) on every rank (N floats per damping: small beside the bank), so the damping
     grid, interpolation and the session work unchanged; candidates for re-ranking are picked
-    from the local slice and merged (``gather_candidates``): each rank returns its top-C.
+    from the local slice and merged (``gather_candidates``): each rank sends its ``split.depth(c)`` most
+    extreme at each end (2C - min(64, C) when adaptive, C when even), enough for any split of the 2C.
     """
 
     quantized = True

@@ -92,8 +92,9 @@ def split_ends(top: np.ndarray, low: np.ndarray, moments: np.ndarray, c: int,
     ``top``: the highest compressed scores, descending; ``low``: the lowest, ascending (each at least
     ``split.depth(c)`` long, or all there are).  With b = ``split.boundary`` and w = ``split.width`` x the
     standard deviation of all N scores, the ends' counts n_top = #{top_i >= top_b - w} and
-    n_low = #{low_i <= low_b + w} share the 2C as C_top = 2C n_top / (n_top + n_low), clipped so that
-    each end keeps ``split.floor`` (at most C each)."""
+    n_low = #{low_i <= low_b + w} share the 2C as C_top = 2C n_top / (n_top + n_low), clipped to
+    [floor, 2C - floor] so that each end keeps floor = min(``split.floor``, C) (an end may take up to
+    2C - floor)."""
     c = int(c)
     if not split.adaptive or top.size == 0 or low.size == 0:
         return c, c

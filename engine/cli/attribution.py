@@ -93,7 +93,8 @@ def _add_attribution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kfac-compression", type=float, default=None,
                    help="compressed bank: full bank bytes / compressed bank bytes (default 32)")
     p.add_argument("--kfac-rerank", type=int, default=None,
-                   help="compressed bank: candidates re-ranked exactly at each end (default 256; 0: none)")
+                   help="compressed bank: C, where 2C candidates are re-ranked exactly, shared between the ends "
+                        "(--kfac-rerank-split; default 256; 0: none)")
     p.add_argument("--kfac-rerank-split", choices=RERANK_SPLITS, default=None,
                    help="compressed bank: share the 2 x --kfac-rerank candidates between the ends by how crowded "
                         "each is (adaptive, default: more for the opponents, whose scores are near-ties) or evenly")

@@ -4,8 +4,10 @@ Per Conv2d/Linear layer a factorised projection of the per-example gradients (to
 of the factors, or seeded Gaussian: ``config.kfac_projection``) at ``config.kfac_compression`` =
 full int8 bank bytes / compressed bank bytes; the rotated int8 bank of the projected gradients
 is a cache artefact of its own (``COMPRESSED``, keyed by the bank's settings plus the projection
-kind and ratio); a query is scored inside the projected space and its ``config.kfac_rerank``
-strongest candidates at each end re-ranked to exact K-FAC scores (engine.attribution.compressed_bank).
+kind and ratio); a query is scored inside the projected space and its 2 x ``config.kfac_rerank``
+strongest candidates, shared between the two ends by ``config.kfac_rerank_split`` (adaptive, the default:
+by how crowded each end is, each at least min(64, kfac_rerank); even: ``kfac_rerank`` each), re-ranked to exact K-FAC scores
+(engine.attribution.compressed_bank).
 Under torchrun each rank keeps its slice of the rows.
 """
 
