@@ -42,16 +42,23 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def check_preset(args: AppArgs) -> None:
-    """An unknown preset name or an unreadable preset file: ``ArgsError`` before a server starts."""
-    if not args.preset_named:
+    """An unknown preset name or an unreadable preset file, or attribution settings the session would refuse
+    (``--mc-samples 0``: the CLI's message, ``engine.attribution.setting_flags.check_settings``): ``ArgsError``
+    before a server starts.  The settings are checked on the preset's own when it is known here: a ``--checkpoint``
+    without ``--preset`` takes the checkpoint's own settings, read with torch, so the server's session checks
+    those (the same message, on the page)."""
+    if not args.preset_named and not (args.settings and args.checkpoint is None):
         return
     from engine.config import get_preset
+    from engine.validation import one_line
 
     try:
-        get_preset(args.preset)
-    except (ValueError, OSError) as e:
-        from engine.validation import one_line
+        preset = get_preset(args.preset)
+        if args.settings:
+            from engine.attribution.setting_flags import apply_settings, check_settings
 
+            check_settings(apply_settings(preset.attribution, args.setting_changes()))
+    except (ValueError, OSError) as e:
         raise ArgsError(f"error: {one_line(e)}") from None
 
 

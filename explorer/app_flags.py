@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.attribution.setting_flags import add_setting_options, setting_changes
+
 
 @dataclass(frozen=True)
 class AppArgs:
@@ -27,6 +29,13 @@ class AppArgs:
     no_retrain: bool = False  # public demos: no retraining at all
     # whether --preset (or ATTRIBUTION_PRESET) was given; if not, a --checkpoint's own attribution settings apply
     preset_named: bool = True
+    # the attribution settings the flags gave (--mc-samples 1 -> ("mc_samples", 1)), in SETTING_FLAGS order: they
+    # replace the served model's (the preset's, or the checkpoint's own), as on `attribution-engine build/query`
+    # (QA 54 F3); a tuple, so that the args stay a hashable key of the server's cached session
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    def setting_changes(self) -> dict[str, Any]:
+        return dict(self.settings)
 
 
 class ArgsError(SystemExit):
@@ -79,7 +88,11 @@ Run it as:  python -m explorer [the flags above] [streamlit's own --section.opti
        or:  streamlit run explorer/app.py [streamlit's own flags] -- [the flags above]
 Without a flag, these environment variables give its value: ATTRIBUTION_PRESET, ATTRIBUTION_CHECKPOINT,
 ATTRIBUTION_CACHE, ATTRIBUTION_DEVICE, ATTRIBUTION_DATA_ROOT, ATTRIBUTION_MAX_RETRAIN_JOBS and
-ATTRIBUTION_NO_RETRAIN (1, true or yes)."""
+ATTRIBUTION_NO_RETRAIN (1, true or yes).  The attribution settings have no variable: give them as flags, or in a
+preset .json ({"base": "cifar2", "attribution": {"mc_samples": 1}}).
+The attribution settings are attribution-engine build's and query's, with the same meaning: a server started with
+the flags a build was given reads the caches that build made.  They apply to the model this server serves (its
+--preset, or --checkpoint's); with any of them, the sidebar offers no switch to the other shipped model."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,6 +124,9 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None,
     p.add_argument("--max-retrain-jobs", type=int, default=None,
                    help="retraining jobs running at once on this server (default 1; the rest queue)")
     p.add_argument("--no-retrain", action="store_true", help="turn retraining off (public demos)")
+    add_setting_options(p.add_argument_group(
+        "attribution settings", "as on attribution-engine build and query; they apply to the served model (its "
+                                "--preset, or --checkpoint's), whose preset gives the rest"))
     args = p.parse_args(app_argv() if argv is None else argv)
     jobs = args.max_retrain_jobs
     if jobs is None:
@@ -131,4 +147,5 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None,
         max_retrain_jobs=jobs,
         no_retrain=no_retrain,
         preset_named=bool(args.preset or env.get("ATTRIBUTION_PRESET")),
+        settings=tuple(setting_changes(args).items()),
     )

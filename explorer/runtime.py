@@ -68,7 +68,9 @@ def model_choices(args: AppArgs) -> list[str]:
     """Shipped presets the sidebar offers: only when the app serves a shipped preset's own checkpoint."""
     from engine.paths import default_checkpoint
 
-    if args.checkpoint is not None or args.data_root is not None or args.preset not in SWITCHABLE_PRESETS:
+    # attribution-setting flags are the served model's (QA 54 F3): with them, no switch to a model they do not fit
+    if (args.checkpoint is not None or args.data_root is not None or args.settings
+            or args.preset not in SWITCHABLE_PRESETS):
         return []
     return [p for p in SWITCHABLE_PRESETS if (default_checkpoint(p) / "model.safetensors").is_file()]
 
@@ -269,6 +271,7 @@ def get_handle(args: AppArgs) -> Handle:
 def _make_handle(args: AppArgs) -> Handle:
     """``get_handle``'s work: the preset, the session (model and training set), the precomputed gallery, the worker."""
     from engine.attribution.precomputed import FILE
+    from engine.attribution.setting_flags import apply_settings
     from engine.config import get_preset
     from engine.model.checkpoint import attribution_source
     from engine.paths import cache_root, default_checkpoint
@@ -280,9 +283,12 @@ def _make_handle(args: AppArgs) -> Handle:
     source, note = attribution_source(folder, preset, args.preset_named)  # the CLI's rule (QA 33)
     if note:
         log.warning(note)
+    # the attribution-setting flags (--mc-samples, --kfac-bank, ...) over those, by the CLI's rule (QA 54 F3): a
+    # server started with a build's flags reads that build's caches; its printed build commands name them
+    config = apply_settings(source.attribution, args.setting_changes(), note=log.warning)
     session = AttributionSession(
         preset=preset, checkpoint=args.checkpoint, device=args.device, cache_root=args.cache,
-        preset_spec=args.preset, config=source.attribution, preset_named=args.preset_named,
+        preset_spec=args.preset, config=config, preset_named=args.preset_named,
         attribution_base=source.attribution,
     )
     handle = Handle(

@@ -7,25 +7,16 @@ same object the app uses, so the CLI and the app cannot disagree.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .. import jsonio
 from ..attribution.methods import METHODS, method_names, names_of_kind, parse_methods
-from ..config import SETTING_FLAGS, AttributionConfig
+from ..attribution.setting_flags import add_setting_options, apply_settings, setting_changes
 from ..validation import (
-    DRAW_MODES,
-    FACTOR_DRAW_MODES,
-    FACTOR_DTYPES,
-    KFAC_BLOCKS,
-    KFAC_PROJECTIONS,
-    QUERY_DRAWS,
-    RERANK_SPLITS,
-    SHARED_DRAW_MODES,
     check_damping,
 )
 from .common import (
@@ -46,62 +37,7 @@ if TYPE_CHECKING:  # the parser must not import torch (tests/test_architecture.p
 
 
 def _add_attribution_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--mc-samples",
-        type=int,
-        default=None,
-        help="Monte Carlo draws M of (t, eps) per example for train and query gradients (default: preset's, 64 on digits)",
-    )
-    p.add_argument("--trak-dim", type=int, default=None, help="TRAK/D-TRAK projection dimension (default: preset's)")
-    p.add_argument(
-        "--kfac-bank",
-        default=None,
-        help=_kfac_bank_help(),
-    )
-    p.add_argument(
-        "--draws",
-        choices=DRAW_MODES,
-        default=None,
-        help="training-gradient and curvature draws: independent per example (paper G.3; the default "
-        "except on mnist), shared by every example, or shared with stratified timesteps",
-    )
-    p.add_argument(
-        "--query-draws",
-        choices=QUERY_DRAWS,
-        default=None,
-        help="the query gradient's draws: its own (default; independent of the training gradients') or the "
-        "bank's (common random numbers with every training example; needs shared or stratified draws)",
-    )
-    p.add_argument(
-        "--kfac-blocks",
-        choices=KFAC_BLOCKS,
-        default=None,
-        help="K-FAC blocks: weight and bias separate (default) or one joint block per layer (ablation)",
-    )
-    p.add_argument("--kfac-factor-draws", type=int, default=None,
-                   help="K-FAC factors from the first k of the M draws of every example (k >= M: all M; default: the "
-                        "preset's, 8 on digits, all M elsewhere)")
-    p.add_argument("--kfac-factor-draws-mode", choices=FACTOR_DRAW_MODES, default=None,
-                   help="draws of the K-FAC factor pass: the bank's (same, default) or independent per example "
-                        "(per-example, paper G.3; allows --kfac-factor-draws below M with shared bank draws)")
-    p.add_argument("--kfac-factor-dtype", choices=FACTOR_DTYPES, default=None,
-                   help="arithmetic of the K-FAC factor pass: float32 (default, the model's) or float64 (slower; in "
-                        "float32 dampings below about 1e-9 score the factors' rounding on a small training set). With "
-                        "the MC-Fisher, float64 also draws other sampled labels: another Monte Carlo sample of G")
-    p.add_argument("--kfac-projection", choices=KFAC_PROJECTIONS, default=None,
-                   help="compressed bank: projection kind (default gaussian)")
-    p.add_argument("--kfac-compression", type=float, default=None,
-                   help="compressed bank: full bank bytes / compressed bank bytes (default 32)")
-    p.add_argument("--kfac-rerank", type=int, default=None,
-                   help="compressed bank: C, where 2C candidates are re-ranked exactly, shared between the ends "
-                        "(--kfac-rerank-split; default 256; 0: none)")
-    p.add_argument("--kfac-rerank-split", choices=RERANK_SPLITS, default=None,
-                   help="compressed bank: share the 2 x --kfac-rerank candidates between the ends by how crowded "
-                        "each is (adaptive, default: more for the opponents, whose scores are near-ties) or evenly")
-    p.add_argument("--attribution-seed", dest="seed", type=int, default=None,
-                   help="seed of the attribution's randomness: the training draws (t, eps), the query's own draws "
-                        "(seed + 1), the MC-Fisher's labels and TRAK's projection; it keys every cache (default: the "
-                        "preset's, 0)")
+    add_setting_options(p)  # the app takes the same (engine.attribution.setting_flags)
     p.add_argument("--cache-root", default=None, help="cache folder (default: $ATTRIBUTION_CACHE or cache/ under the repository)")
 
 
@@ -152,18 +88,6 @@ def parse_damping(specs: list[str] | None) -> dict[str, float]:
     return out
 
 
-def _kfac_bank_help() -> str:
-    """``--kfac-bank``'s help: every kind the registry offers (a kind added in one file included; read from
-    the package's source, nothing imported), each with the note its file gives, then auto."""
-    from ..attribution.bank_kinds import bank_modes, bank_notes
-
-    kinds, notes = [k for k in bank_modes() if k != "auto"], bank_notes()
-    listed = ", ".join(f"{k} ({notes[k]})" if k in notes else k for k in kinds)
-    limit = AttributionConfig().kfac_bank_max_gb
-    return (f"K-FAC training-gradient bank: {listed}, auto (stored if under the preset's kfac_bank_max_gb, "
-            f"{limit:g} GiB by default, else compressed; default)")
-
-
 def open_session(args: argparse.Namespace, auto_build: bool = False) -> AttributionSession:
     """An AttributionSession from the common CLI options."""
     from ..attribution.session import AttributionSession
@@ -174,25 +98,7 @@ def open_session(args: argparse.Namespace, auto_build: bool = False) -> Attribut
     base = with_attribution_source(args, preset, ckpt).attribution
     # ranges (M >= 1, a known bank kind, ...) are engine.validation.check_attribution_config's, which the
     # session runs on this config before any work: one refusal, exit 2, naming the flag
-    changes: dict[str, Any] = {}
-    for name in SETTING_FLAGS:  # each flag's dest is the field's name
-        if getattr(args, name, None) is not None:
-            changes[name] = getattr(args, name)
-    if (
-        changes.get("draws") in SHARED_DRAW_MODES
-        and "kfac_factor_draws" not in changes
-        and changes.get("kfac_factor_draws_mode", base.kfac_factor_draws_mode) == "same"
-        and base.kfac_factor_draws is not None
-    ):
-        # the preset's factors from k < M draws need per-example draws (shared ones would give the factors
-        # k of the bank's M timesteps: refused by validation.check_factor_draws), so shared means all M
-        print(
-            f"--draws {changes['draws']}: K-FAC factors from all M draws (the preset's {base.kfac_factor_draws} "
-            "of M need per-example draws)",
-            file=sys.stderr,
-        )
-        changes["kfac_factor_draws"] = None
-    config = dataclasses.replace(base, **changes)
+    config = apply_settings(base, setting_changes(args), note=lambda line: print(line, file=sys.stderr))
     # the default checkpoint is left to the session (the same folder), so the commands it prints name
     # --checkpoint only when the user did
     return AttributionSession(
