@@ -127,5 +127,7 @@ def test_the_shipped_gallerys_precomputed_scores_are_not_shown_as_other_settings
                                              "--kfac-bank", "compressed"], env={}))
     matching = other.precomputed.methods_for(other.session)
     assert not {"kfac", "trak", "dtrak"} & set(matching), matching
-    for name in ("kfac", "trak", "dtrak"):
-        assert other.precomputed.mismatch(other.session, name), name  # the page's words for the left-out figure
+    for name in ("kfac", "trak", "dtrak"):  # the page's words for the left-out figure: the draws, not the model
+        assert "other query-gradient draws" in other.precomputed.mismatch(other.session, name), name
+    # pixel similarity takes no gradient: its precomputed scores hold at any M
+    assert "pixel" in matching and other.precomputed.mismatch(other.session, "pixel") is None

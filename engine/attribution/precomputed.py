@@ -85,6 +85,14 @@ def session_key(session: Any, methods: list[str]) -> dict[str, Any]:
     return key
 
 
+# the keys of ``session_key`` that name the query gradient's draws: only the methods that take a gradient depend on them
+QUERY_DRAW_KEYS = ("mc_samples", "query_seed", "query_draws")
+
+
+def _needs_gradient(session: Any, name: str) -> bool:
+    return bool(getattr(session.method(name), "needs_gradient", True))
+
+
 def _canonical(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
@@ -261,16 +269,20 @@ class PrecomputedGallery:
         if sid not in self._matching:
             names = list(self.key.get("methods", {}))
             live = _canonical(session_key(session, [n for n in names if n in session.method_names()]))
-            same = self._same_model(live)
+            same, draws = self._same_model(live, draws=False), self._same_model(live)
             self._matching[sid] = [
                 n for n in names if same and live["methods"].get(n) == self.key["methods"][n]
+                and (draws or not _needs_gradient(session, n))
             ]
         return self._matching[sid]
 
-    def _same_model(self, live: dict[str, Any]) -> bool:
+    def _same_model(self, live: dict[str, Any], draws: bool = True) -> bool:
         """Whether a session's key (``session_key``, canonical) matches the file's outside its methods: the model,
-        the data and the gallery."""
-        return all(live[k] == self.key.get(k) for k in live if k != "methods")
+        the data, the gallery and the measurement, and with ``draws`` the query gradient's draws too (M, their
+        seed and kind), on which only the gradient methods' scores depend: a server at another M kept no pixel
+        scores, and said they were for another model (FIX 59's report)."""
+        keys = (set(live) | set(self.key)) - {"methods"} - (set() if draws else set(QUERY_DRAW_KEYS))
+        return all(live.get(k) == self.key.get(k) for k in keys)
 
     def mismatch(self, session: Any, name: str) -> str | None:
         """Why the file holds no scores of ``name`` for this session, in a few plain words (a clause, lower-case),
@@ -282,8 +294,11 @@ class PrecomputedGallery:
         if held is None:
             return "the gallery's precomputed scores leave it out"
         live = _canonical(session_key(session, [name]))
-        if not self._same_model(live):
+        if not self._same_model(live, draws=False):
             return "the gallery's scores were precomputed for another model, data set or gallery"
+        if not self._same_model(live):
+            return ("the gallery's scores were precomputed with other query-gradient draws (their number M, seed or "
+                    "kind: --mc-samples, --attribution-seed, --query-draws)")
         mine = live["methods"][name]
         banks = [(m.get("settings") or {}).get("bank") for m in (held, mine)]
         if banks[0] != banks[1] and None not in banks:
