@@ -326,3 +326,32 @@ def test_the_resolution_floor_separates_the_dampings_the_float32_factors_resolve
     above, below = err(100 * floor), err(floor / 100)
     assert above < 1e-2, above
     assert below > 10 * above, (above, below)
+
+
+class _CountingEps(LinearEps):
+    """LinearEps that counts its forward passes (class-wide: the factor pass runs on a private copy)."""
+
+    forwards = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        type(self).forwards += 1
+        return super().forward(x, t)
+
+
+@pytest.mark.parametrize("batch_size, counts", [(16, [0, 6]), (4, [0, 4, 6])])
+def test_the_factor_pass_counts_rows_finished_not_rows_handed_over(batch_size, counts):
+    """QA 54 F6a: with one batch larger than N x M the bar read "64/64 (example, draw) rows" at 0:00 and stayed so
+    for the 7-10 min that batch took; the count is the rows whose batch is done, 0 until the first one is."""
+    _, diffusion, x, draws = _setup(3, 2)
+    torch.manual_seed(0)
+    model = _CountingEps().double().eval()
+    params = influence_params(model)
+    seen: list[tuple[str, float, int]] = []
+    compute_kfac(model, diffusion, x, draws, params, batch_size=batch_size,
+                 progress=lambda msg, f: seen.append((msg, f, _CountingEps.forwards)))
+    rows = [(m, f, n) for m, f, n in seen if "rows" in m]
+    assert [m for m, _, _ in rows] == [f"K-FAC factors: {c}/6 (example, draw) rows" for c in counts]
+    assert [f for _, f, _ in rows] == [c / 6 for c in counts]
+    for (_, _, before), (_, _, after) in zip(rows, rows[1:], strict=False):
+        assert after > before  # a count moves only once the model has computed that batch
+    assert seen[-1][0] == "K-FAC factors done"

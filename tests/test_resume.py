@@ -73,7 +73,9 @@ def test_factor_pass_resumes_at_its_checkpoint_with_identical_factors(tmp_path, 
         checkpoint=ckpt, checkpoint_rows=16, **kw,
     ).to_arrays()
     assert seen[0] == "K-FAC factors: resuming at row 32/48 saved by an earlier run"  # it says so (QA round 21)
-    assert seen[1].startswith("K-FAC factors: 40/48")  # rows 0-31 were not recomputed
+    # rows 0-31 were not recomputed: the count starts at them (rows finished, QA 54 F6a) and moves on from them
+    assert seen[1] == "K-FAC factors: 32/48 (example, draw) rows"
+    assert seen[2].startswith("K-FAC factors: 40/48")
     assert want.keys() == got.keys()
     for k in want:
         assert want[k].tobytes() == got[k].tobytes(), k
@@ -164,7 +166,8 @@ def test_ekfac_correction_pass_resumes_at_its_checkpoint(tmp_path, tiny_model, d
     assert not any(m.startswith("K-FAC factors: 8/48") for m in seen)  # the factor pass was not redone
     ekfac_lines = [m for m in seen if m.startswith("EK-FAC")]
     assert ekfac_lines[0] == "EK-FAC eigenvalues: resuming at row 32/48 saved by an earlier run"
-    assert ekfac_lines[1].startswith("EK-FAC eigenvalues: 40/48")
+    assert ekfac_lines[1] == "EK-FAC eigenvalues: 32/48 (example, draw) rows"  # rows finished (QA 54 F6a)
+    assert ekfac_lines[2].startswith("EK-FAC eigenvalues: 40/48")
     assert want.keys() == got.keys()
     for k in want:
         assert want[k].tobytes() == got[k].tobytes(), k
@@ -187,7 +190,7 @@ def test_factor_checkpoint_of_other_settings_is_ignored(tmp_path, tiny_model, di
         tiny_model, diffusion, x, draws, params, batch_size=4, seed=2,
         progress=lambda m, f: seen.append(m), checkpoint=ckpt, checkpoint_rows=4,
     )
-    assert seen[0].startswith("K-FAC factors: 4/16")  # another seed: started from scratch
+    assert seen[0] == "K-FAC factors: 0/16 (example, draw) rows"  # another seed: started from scratch
     fresh = compute_kfac(tiny_model, diffusion, x, draws, params, batch_size=4, seed=2)
     for k, v in fresh.to_arrays().items():
         np.testing.assert_array_equal(v, other.to_arrays()[k])

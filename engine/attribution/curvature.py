@@ -307,7 +307,10 @@ class DrawRows:
     mirror x_n (the training augmentation), exactly as in the per-example gradients.
 
     Yields ``(X, y)`` with X = [x_t flattened, t] (batch, D+1) and y = eps flattened (batch, D).
-    ``on_batch(rows_done, rows_total)`` is called after each batch is produced.
+    ``on_batch(rows_done, rows_total)`` is told the rows *finished*: before each batch is produced (the
+    consumer has finished every batch before it) and once at the end.  Why not after a batch is produced: with
+    one batch larger than N the bar read "64/64 rows" at 0:00 and stayed so for the 7-10 min that batch took
+    (QA 54 F6a); now it reads "0/64" with its clock moving until the batch is done.
     ``on_start()`` (called when iteration begins) returns the row to start at (a resumed pass);
     ``between(rows_done)`` is called before each batch and once at the end, when the consumer
     has finished every batch before ``rows_done`` (where a checkpoint can be taken).
@@ -342,6 +345,8 @@ class DrawRows:
         for s in range(start, self.total, self.batch_size):
             if self.between is not None:
                 self.between(s)
+            if self.on_batch is not None:
+                self.on_batch(s, self.total)  # rows finished: the consumer asks for this batch after the last one
             r = torch.arange(s, min(self.total, s + self.batch_size), device=dev)
             ex, k = r // m, r % m
             first = int(ex[0])
@@ -357,11 +362,11 @@ class DrawRows:
                 x0 = apply_flip(x0, flip)
             xt = self.diffusion.q_sample(x0, t, eps)
             X = torch.cat([xt.flatten(1), t.to(xt.dtype)[:, None]], dim=1)
-            if self.on_batch is not None:
-                self.on_batch(int(r[-1]) + 1, self.total)
             yield X, eps.flatten(1)
         if self.between is not None:
             self.between(self.total)
+        if self.on_batch is not None and start < self.total:
+            self.on_batch(self.total, self.total)
 
 
 class _FactorResume:
