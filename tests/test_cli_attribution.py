@@ -155,6 +155,23 @@ def test_query_says_when_a_compressed_end_may_miss_an_image(cli):
     assert rc == 0 and "ranking:" not in out, err
 
 
+def test_query_shows_a_compressed_banks_rerank_on_stderr(cli, monkeypatch):
+    """QA 54 F6b: ``query --json`` on a compressed bank re-ranked 64 CIFAR candidates for 317 s on a CPU with
+    nothing on stderr (its bar was drawn on a terminal only).  A re-rank that lasts (here: any, the bar's delay
+    at 0) shows a bar counting candidates on stderr, log file or not; stdout stays the JSON alone."""
+    import re
+
+    import engine.attribution.rerank as rerank
+
+    monkeypatch.setattr(rerank, "BAR_DELAY_S", 0.0)
+    rc, out, err = cli("query", "--query", "train:3", "--methods", "kfac", "--damping", "1e-3", "--kfac-bank",
+                       "compressed", "--kfac-compression", "8", "--kfac-rerank", "16", "--auto-build", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["methods"]["kfac"]["bank"] == "compressed"
+    bars = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("K-FAC re-rank: candidates' exact scores")]
+    assert bars and re.search(r"100%.* 32/32 ", bars[-1]) and "candidate" in bars[-1], err
+
+
 def test_query_errors_are_clear(cli):
     rc, _, err = cli("query", "--query", "train:1", "--methods", "kfac,magic")
     # every registered method is offered, in display order (a method added in one file included)

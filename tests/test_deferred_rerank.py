@@ -331,8 +331,8 @@ def test_rerank_scores_reports_its_progress_and_each_batchs_scores(tiny_model, d
     rows: list[np.ndarray] = []
     out = _rerank_scores_of(tiny_model, diffusion, digits_small, 5,
                             progress=lambda done, total, r: (seen.append((done, total)), rows.append(r)))
-    assert seen == [(2, 5), (4, 5), (5, 5)]
-    assert [r.shape for r in rows] == [(2, 1), (2, 1), (1, 1)]
+    assert seen == [(1, 5), (2, 5), (4, 5), (5, 5)]  # the first batch of 2 in parts of 1 (first_batch_size)
+    assert [r.shape for r in rows] == [(1, 1), (1, 1), (2, 1), (1, 1)]
     np.testing.assert_array_equal(np.concatenate(rows), out)
 
 
@@ -378,14 +378,15 @@ def test_a_running_rerank_reports_its_progress_and_none_once_done(monkeypatch):
 def test_rerank_scores_draws_a_terminal_bar_on_the_main_thread_only(tiny_model, diffusion, digits_small,
                                                                    monkeypatch):
     """The CLI (main thread) gets tqdm's bar; the app's worker thread, whose terminal is the server's log,
-    does not (the page shows ``progress``)."""
+    does not (the page shows ``progress``).  The CLI's bar passes no ``disable``: tqdm's default draws into a
+    log file too, and ``TQDM_DISABLE=1`` (which an explicit argument would override) still silences it."""
     import tqdm.auto
 
-    disabled: list = []
+    made: list = []
     real = tqdm.auto.tqdm
 
     def recording(*args, **kw):
-        disabled.append(kw.get("disable"))
+        made.append((threading.current_thread() is threading.main_thread(), kw))
         return real(*args, **kw)
 
     monkeypatch.setattr(tqdm.auto, "tqdm", recording)
@@ -393,7 +394,58 @@ def test_rerank_scores_draws_a_terminal_bar_on_the_main_thread_only(tiny_model, 
     worker = threading.Thread(target=_rerank_scores_of, args=(tiny_model, diffusion, digits_small, 4))
     worker.start()
     worker.join(60)
-    assert disabled == [None, True]  # None: tqdm's own rule (a bar when stderr is a terminal)
+    assert [main for main, _ in made] == [True]  # the worker made none
+    kw = made[0][1]
+    assert "disable" not in kw and kw["total"] == 4 and kw["unit"] == "candidate" and kw["delay"] > 0
+
+
+def test_the_cli_rerank_bar_is_written_to_a_log_file_when_it_lasts(tiny_model, diffusion, digits_small, monkeypatch,
+                                                                   capsys):
+    """QA 54 F6b: ``query --json 2> log`` on a compressed bank re-ranked 64 CIFAR candidates for 317 s and wrote
+    nothing (the bar was tqdm's ``disable=None``: a terminal only).  Under pytest stderr is no terminal: a re-rank
+    that lasts (here: any, with the delay at 0) draws its bar there, counting candidates; one done within the
+    delay draws nothing, not even at its close."""
+    import engine.attribution.rerank as rerank
+
+    _rerank_scores_of(tiny_model, diffusion, digits_small, 4)  # the default delay: done long before it
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(rerank, "BAR_DELAY_S", 0.0)
+    _rerank_scores_of(tiny_model, diffusion, digits_small, 4)
+    err = capsys.readouterr().err
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert last.startswith("K-FAC re-rank: candidates' exact scores: 100%") and "4/4" in last, err
+    assert "candidate/s" in last or "s/candidate" in last, err
+
+
+def test_a_rerank_does_its_first_candidates_in_a_smaller_batch_with_the_same_scores(tiny_model, diffusion,
+                                                                                    digits_small):
+    """QA 54 F6c: the app's re-rank bar moved in steps of 16 candidates, nothing exact for the first 87 s of a
+    5-min CIFAR re-rank on a CPU.  The first batch is a quarter of ``grad_batch`` (the most extreme candidates,
+    ``merge_candidates``'s order), on the CPU; the scores are the bytes of the old equal batches (each gradient is
+    its own, and each part is combined in its place in the whole first batch's product: products round by their
+    shape and a row's place, and a row alone or among 2 differed from the same row in the batch's product)."""
+    from engine.attribution.rerank import batches, first_batch_size
+
+    assert first_batch_size(16) == 4 and first_batch_size(2) == 1 and first_batch_size(1) == 1
+    parts = [(b.start, b.stop, p.start, p.stop) for b, p in batches(10, 4, 1)]
+    assert parts == [(0, 4, 0, 1), (0, 4, 1, 2), (0, 4, 2, 3), (0, 4, 3, 4), (4, 8, 4, 8), (8, 10, 8, 10)]
+    assert [p for _, p in batches(6, 4, 2)] == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    assert [p for _, p in batches(5, 4)] == [slice(0, 4), slice(4, 5)]
+    assert [p for _, p in batches(1, 16, 4)] == [slice(0, 1)] and batches(0, 16, 4) == []
+    done: list[int] = []
+    torch.manual_seed(5)  # the helper's query
+    got = _rerank_scores_of(tiny_model, diffusion, digits_small, 5, progress=lambda d, t, r: done.append(d))
+    assert done == [1, 2, 4, 5]  # batches of 2: the first in parts of 1
+    import engine.attribution.rerank as rerank
+
+    real = rerank._per_batch
+    try:  # the same re-rank in equal batches of 2 (the old schedule)
+        rerank._per_batch = lambda *a, **kw: real(*a, **{**kw, "first_batch": None})
+        torch.manual_seed(5)
+        even = _rerank_scores_of(tiny_model, diffusion, digits_small, 5)
+    finally:
+        rerank._per_batch = real
+    assert got.tobytes() == even.tobytes()
 
 
 def test_exact_columns_are_each_querys_rerank_scores(tiny_model, diffusion, digits_small):

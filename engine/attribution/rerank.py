@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import distributed
+from ..bar_redraw import QuietClock, interval
 from ..model.diffusion import Diffusion, MCDraws
 from .curvature import KFACFactors
 from .damping_grid import interpolate
@@ -206,7 +207,8 @@ def rerank_scores(
     eig = full.eigenvalues().to(rotated_query.device, rotated_query.dtype)
     lam = torch.tensor(list(dampings), dtype=eig.dtype, device=eig.device)
     q = rotated_query.to(eig.dtype)
-    if images.shape[0] > lam.shape[0] and lam.shape[0] * q.numel() * q.element_size() <= max_query_bytes:
+    rotated_back = images.shape[0] > lam.shape[0] and lam.shape[0] * q.numel() * q.element_size() <= max_query_bytes
+    if rotated_back:
         # (G, P), rotated back 8 dampings per call: batched (faster than one call per damping), yet the
         # peak stays about one (G, P) tensor, which ``max_query_bytes`` bounds
         back = torch.cat([full.unrotate(q[None] / (eig[None] + lam[i : i + 8, None])) for i in range(0, lam.shape[0], 8)])
@@ -222,30 +224,80 @@ def rerank_scores(
                 part += h[:, c0 : c0 + chunk] @ w
             return part / num_examples
 
-    return _per_batch(model, diffusion, images, draws, params, grad_batch, combine, should_stop, progress)
+    # a smaller first batch on the CPU only, whose loop back-end computes each example's gradient alone (a GPU's
+    # batched one may round differently by batch, and its first batch of 16 takes seconds, not minutes), and only
+    # where ``combine`` is the cheap product with the rotated-back queries (a rotation per padded row costs minutes)
+    on_cpu = params[0][1].device.type == "cpu"
+    return _per_batch(model, diffusion, images, draws, params, grad_batch, combine, should_stop, progress,
+                      first_batch=first_batch_size(grad_batch) if on_cpu and rotated_back else None)
+
+
+def first_batch_size(grad_batch: int) -> int:
+    """The re-rank's first batch of gradients: a quarter of ``grad_batch`` (at least 1), so that the most extreme
+    candidates (``merge_candidates``'s order: the largest, the smallest, ...) come back exact sooner.  Why: at CIFAR
+    size on a CPU one candidate took 5 s, and the app's re-rank bar moved in steps of 16, nothing exact for the
+    first 87 s of a 5-min re-rank (QA 54 F6c).
+
+    It changes no score's bytes (``rerank_scores`` uses it on the CPU only): the loop back-end computes each
+    example's gradient alone, and ``_per_batch`` combines each part of the first batch in a product of the whole
+    batch's shape, its rows where the whole batch had them and zeros elsewhere.  Why: the products round by their
+    shape and a row's place in it (a row alone or among 2 differed from the same row among 16 in the last bits),
+    and each entry of a product of that shape depends only on its own row.  The cost: a few more products of the
+    first batch's shape, a second or two at CIFAR size beside its gradients' minutes."""
+    return max(1, int(grad_batch) // 4)
+
+
+def batches(total: int, grad_batch: int, first: int | None = None) -> list[tuple[slice, slice]]:
+    """(batch, part): the rows of each ``grad_batch`` batch and the part of it whose gradients are computed at
+    once: the whole batch, or the first batch in parts of ``first`` rows."""
+    out = []
+    for s in range(0, total, int(grad_batch)):
+        batch = slice(s, min(total, s + int(grad_batch)))
+        step = batch.stop - s if first is None or s > 0 else max(1, int(first))
+        out.extend((batch, slice(p, min(batch.stop, p + step))) for p in range(s, batch.stop, step))
+    return out
+
+
+BAR_DELAY_S = 5.0  # a re-rank shorter than this draws no bar (the CLI's line stays a JSON object and nothing else)
 
 
 def _per_batch(model: nn.Module, diffusion: Diffusion, images: torch.Tensor, draws: MCDraws, params: Params,
                grad_batch: int, combine: Callable[[torch.Tensor], torch.Tensor],
                should_stop: Callable[[], bool] | None = None,
-               progress: Callable[..., None] | None = None) -> np.ndarray:
+               progress: Callable[..., None] | None = None, first_batch: int | None = None,
+               desc: str = "K-FAC re-rank: candidates' exact scores") -> np.ndarray:
     """``combine(g)`` of the images' fresh per-example loss gradients g (the build's draws), ``grad_batch``
-    at a time, concatenated: one batch of gradients held at a time.  ``should_stop`` is asked before each
-    batch (True raises ``RerankCancelled``); ``progress(done, total, rows)`` is told after each."""
-    from tqdm.auto import tqdm
-
+    at a time (the first in parts of ``first_batch``, each combined in the whole batch's shape:
+    ``first_batch_size``), concatenated: one batch of gradients held at a time.  ``should_stop`` is asked before
+    each part (True raises ``RerankCancelled``); ``progress(done, total, rows)`` is told after each.  On the main
+    thread (the CLI's) a tqdm bar on stderr counts the candidates (``_bar``)."""
     out = []
-    starts = range(0, images.shape[0], grad_batch)  # seconds to minutes (README "On a GPU"): a bar on a terminal
-    for s in tqdm(starts, desc="K-FAC re-rank: candidates' fresh gradients", unit="batch", leave=False,
-                  disable=None if _terminal_bar(len(starts)) else True):
-        if should_stop is not None and should_stop():
-            raise RerankCancelled("re-rank cancelled")
-        pause_point()  # a deferred re-rank waits here while a page's query runs (engine.attribution.foreground)
-        rows = slice(s, min(images.shape[0], s + grad_batch))
-        g = per_example_grads(model, diffusion, images[rows], draws.for_rows(rows), "loss", params).detach()
-        out.append(combine(g))
-        if progress is not None:
-            progress(rows.stop, images.shape[0], out[-1].cpu().numpy())
+    total = images.shape[0]
+    bar = _bar(total, desc)
+    clock = None if bar is None else QuietClock(bar, bar.maxinterval, name="bar clock: K-FAC re-rank")
+    try:
+        for batch, part in batches(total, grad_batch, first_batch):
+            if should_stop is not None and should_stop():
+                raise RerankCancelled("re-rank cancelled")
+            pause_point()  # a deferred re-rank waits here while a page's query runs (engine.attribution.foreground)
+            g = per_example_grads(model, diffusion, images[part], draws.for_rows(part), "loss", params).detach()
+            if part != batch:  # a part of the first batch, in its place among zeros: the whole batch's product
+                whole = g.new_zeros((batch.stop - batch.start, *g.shape[1:]))
+                at = slice(part.start - batch.start, part.stop - batch.start)
+                whole[at] = g
+                out.append(combine(whole)[at])
+            else:
+                out.append(combine(g))
+            if progress is not None:
+                progress(part.stop, total, out[-1].cpu().numpy())
+            if bar is not None:
+                bar.update(part.stop - part.start)
+                clock.touch()  # type: ignore[union-attr]
+    finally:
+        if clock is not None:
+            clock.stop()
+        if bar is not None:
+            bar.close()
     return torch.cat(out).cpu().numpy()
 
 
@@ -270,7 +322,8 @@ def exact_columns(model: nn.Module, diffusion: Diffusion, images: torch.Tensor, 
         back = torch.cat([full.unrotate(full.rotate(chunk[i : i + 8]) / (eig[None] + damping))
                           for i in range(0, chunk.shape[0], 8)])
         parts.append(_per_batch(model, diffusion, images, draws, params, grad_batch,
-                                lambda g, back=back: (g.to(eig.dtype) @ back.T) / num_examples))
+                                lambda g, back=back: (g.to(eig.dtype) @ back.T) / num_examples,
+                                desc="K-FAC: exact scores of the group's members"))
     return np.concatenate(parts, axis=1)
 
 
@@ -329,11 +382,29 @@ class RerankProgress:
     left: float | None = None
 
 
-def _terminal_bar(batches: int) -> bool:
-    """Whether the re-rank draws a tqdm bar: only on the main thread (the CLI's), with more than one batch.
-    The app's re-ranks run in its background worker or a page's script thread, whose terminal is the
-    server's log, where a bar is noise; the page draws its own (``progress``)."""
-    return batches > 1 and threading.current_thread() is threading.main_thread()
+def _terminal_bar() -> bool:
+    """Whether the re-rank draws a tqdm bar: only on the main thread (the CLI's).  The app's re-ranks run in
+    its background worker or a page's script thread, whose terminal is the server's log, where a bar is
+    noise; the page draws its own (``progress``)."""
+    return threading.current_thread() is threading.main_thread()
+
+
+def _bar(total: int, desc: str):  # -> tqdm | None
+    """The CLI's re-rank bar on stderr, counting candidates, or None (off the main thread, ``_terminal_bar``).
+
+    As the CLI's other bars: drawn into a log file too (it was tqdm's ``disable=None``, a terminal only, so a
+    ``query --json 2> log`` re-ranking 64 CIFAR candidates for 317 s on a CPU wrote nothing: QA 54 F6b),
+    silenced by ``TQDM_DISABLE=1`` (no ``disable`` argument, which would override it), thinned by
+    ``TQDM_MININTERVAL`` (``bar_redraw.interval``), its clock kept moving through a long batch by
+    ``bar_redraw.QuietClock`` (every ``TQDM_MAXINTERVAL``, 10 s by default); only when it lasts: tqdm's
+    ``delay`` draws nothing for a re-rank done within ``BAR_DELAY_S`` (nor a line at its close)."""
+    if not _terminal_bar():
+        return None
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="candidate", file=sys.stderr, delay=BAR_DELAY_S, **interval(0.5))
 
 
 class Reranker:
