@@ -532,6 +532,9 @@ def test_overlap_and_label_counts():
     assert {i for sym, i in marked if sym == "circle"} == {0, 3}
     assert "(2 of them estimated)" in fig.layout.title.text
     plain = score_scatter(table, "c", "c", {"c": "C"}, 1.0)  # no partly estimated column: one kind of marker
+    every = table.assign(a_exact=True)  # every score exact (2C >= N): not "(0 of them estimated)" (QA 54 F8)
+    whole = score_scatter(every, "a", "c", {"a": "A", "c": "C"}, 0.0)
+    assert "estimated" not in whole.layout.title.text and {t.marker.symbol for t in whole.data} <= {None, "circle"}
     assert {t.marker.symbol for t in plain.data} <= {None, "circle"} and "estimated" not in plain.layout.title.text
     # the histogram draws the estimates as their own series; the captions name them
     from explorer.analysis import estimated_note
@@ -971,6 +974,31 @@ def test_a_training_image_query_marks_itself_in_the_grids():
     assert own_index(Query("upload:ab12", QueryInput(image=None), "Upload")) is None
     assert _caption(DS(), 15, 0.5, own=15) == "#15 · query · +5.00e-01"
     assert _caption(DS(), 16, 0.5, own=15) == "#16 · 7 · +5.00e-01"
+
+
+def test_a_label_too_long_for_its_cell_ends_in_an_ellipsis_not_a_broken_word():
+    """QA 54 F8: "automobile" wrapped inside the word under every CIFAR thumbnail ("automobil / e"); a label longer
+    than the cell's line holds is cut with an ellipsis.  The digits' and MNIST's captions, and "query", keep
+    their words; so does every other CIFAR-10 class at the CIFAR cell's width."""
+    from explorer.layout import FRAME, cell_size, label_chars
+    from explorer.results_view import _caption
+
+    class DS:
+        def __init__(self, name):
+            self.name = name
+
+        def label_name(self, i):
+            return self.name
+
+    chars = label_chars(cell_size(32) + 2 * FRAME)  # the full CIFAR thumbnail, 72 px with its frame
+    assert chars == 9
+    assert _caption(DS("automobile"), 3, 0.5, chars=chars) == "#3 · automobi… · +5.00e-01"
+    for name in ("airplane", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"):
+        assert _caption(DS(name), 3, 0.5, chars=chars) == f"#3 · {name} · +5.00e-01"
+    assert _caption(DS("automobile"), 3, 0.5, own=3, chars=chars) == "#3 · query · +5.00e-01"
+    for side in (8, 28):  # digits, mnist
+        assert _caption(DS("7"), 1797, -0.5, chars=label_chars(cell_size(side) + 2 * FRAME)) == "#1797 · 7 · -5.00e-01"
+    assert _caption(DS("automobile"), 3, 0.5) == "#3 · automobile · +5.00e-01"  # no width given: whole
 
 
 def test_the_apps_info_lines_reach_the_server_log(capsys):

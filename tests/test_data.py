@@ -246,6 +246,37 @@ def test_a_folder_of_another_size_than_the_model_takes_says_it_is_resized(tmp_pa
         load_dataset(DataConfig(name="folder", root=str(tmp_path), image_size=None, channels=3, levels=256))
 
 
+def test_a_folder_of_colour_or_grey_images_says_when_they_are_converted_to_the_models_channels(tmp_path):
+    """QA 54 F7: a grayscale UNet (in_channels 1) with an RGB folder and no preset made every image grey and
+    answered without a word; one warning line now says so, and the reverse (grey images, a 3-channel model).
+    Nothing for matching folders, nor for RGB files of grey pictures (nothing is lost), and once per folder."""
+    from PIL import Image
+
+    for i in range(3):
+        _img(tmp_path / "rgb" / "a" / f"{i}.png", value=i)
+        _img(tmp_path / "grey" / "a" / f"{i}.png", mode="L", value=i)
+        flat = _img(tmp_path / "unused" / f"{i}.png", mode="L", value=i)
+        (tmp_path / "rgbgrey" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.stack([flat] * 3, axis=-1), "RGB").save(tmp_path / "rgbgrey" / "a" / f"{i}.png")
+
+    def cfg(name: str, channels: int) -> DataConfig:
+        return DataConfig(name="folder", root=str(tmp_path / name), image_size=None, channels=channels, levels=256)
+
+    data_files._channels_said.clear()
+    with pytest.warns(UserWarning, match=r"rgb: its images are colour \(e\.g\. a/0\.png, RGB\); each is converted "
+                                         r"to grey, the model's 1 channel"):
+        assert load_dataset(cfg("rgb", 1)).images.shape == (3, 1, 6, 6)
+    with pytest.warns(UserWarning, match=r"grey: its images are grey \(e\.g\. a/0\.png\); each is converted to RGB "
+                                         r"\(its grey in all 3 channels\), the model's 3 channels"):
+        assert load_dataset(cfg("grey", 3)).images.shape == (3, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset(cfg("rgb", 3))
+        load_dataset(cfg("grey", 1))
+        load_dataset(cfg("rgbgrey", 1))
+        load_dataset(cfg("rgb", 1))  # said once per folder in a process
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["decoded", "from-cache"])
 def test_a_mixed_size_folder_says_how_many_images_are_resized_whatever_its_first_file(tmp_path, monkeypatch, cached):
     """QA 46 #2: the warning read the first file's header only, so a folder whose first image had the model's size

@@ -472,6 +472,22 @@ def test_exact_columns_are_each_querys_rerank_scores(tiny_model, diffusion, digi
     np.testing.assert_allclose(one_by_one, got, rtol=1e-4, atol=2e-5 * np.abs(got).max())
 
 
+def test_a_compressed_banks_note_when_every_score_is_exact_has_no_other_0():
+    """QA 54 F8: with every training image a candidate (64 of 64 at CIFAR size, 2C >= N) the note read "64
+    candidates at both ends re-ranked to exact K-FAC scores, the other 0 estimated"; it says all are exact.
+    A partly estimated answer keeps its words."""
+    from engine.attribution.results import MethodResult
+
+    every = MethodResult(name="kfac", title="K-FAC", kind="influence", caption="", status="ok", bank="compressed",
+                         scores=np.arange(64, dtype=np.float32), exact=np.ones(64, dtype=bool))
+    assert every.bank_note() == "compressed bank: all 64 training images re-ranked to exact K-FAC scores, none estimated"
+    some = np.zeros(64, dtype=bool)
+    some[:8] = True
+    note = dataclasses.replace(every, exact=some, estimate_scale=2.0).bank_note()
+    assert note.startswith("compressed bank: 8 candidates at both ends re-ranked to exact K-FAC scores, the other "
+                           "56 estimated (the compressed scan x 2"), note
+
+
 def test_a_stored_banks_note_does_not_call_its_rounded_scores_exact():
     """Review 2026-12-06: the stored bank's note said "every score exact", but its int8 rows are rounded (about
     1e-3 relative to float32 scores): every image is scored, none estimated, which is what it now says; the

@@ -161,3 +161,36 @@ def test_the_attribution_settings_of_a_preset_file_beside_the_weights_apply_with
     bare = _pipeline(tmp_path / "q")  # no preset file: nothing recorded, the caller's settings
     assert recorded_preset(bare) is None and attribution_source(bare, digits, named=False) == (digits, None)
     assert attribution_source(tmp_path / "nothing", digits, named=False) == (digits, None)
+
+
+def test_a_pipeline_whose_scheduler_config_is_missing_says_which_schedule_it_uses(tmp_path):
+    """QA 54 F7: a pipeline folder whose ``model_index.json`` names a scheduler but whose
+    ``scheduler/scheduler_config.json`` is missing was attributed with the default linear 1e-4..0.02 schedule
+    without a word; a warning line (the CLI's ``warning:``, the page's load warnings) now says so.  A complete
+    pipeline, or a bare UNet folder, says nothing."""
+    import warnings
+
+    pipe = _pipeline(tmp_path / "p")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
+                                                       "scheduler": ["diffusers", "DDPMScheduler"],
+                                                       "unet": ["diffusers", "UNet2DModel"]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_checkpoint(pipe)[1].diffusion.num_timesteps == 500
+        load_checkpoint(pipe / "unet")
+    (pipe / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.warns(UserWarning, match=r"p names a scheduler but .*scheduler_config\.json is missing: the noise "
+                                         r"schedule is the default linear one, T = 1000, betas 0\.0001\.\.0\.02"):
+        assert load_checkpoint(pipe)[1].diffusion.num_timesteps == 1000
+    from engine import warning_lines
+
+    with warning_lines.collected() as said:  # as the app's page collects a load's warnings: one line
+        load_checkpoint(pipe)
+    assert len(said) == 1 and "scheduler_config.json is missing" in said[0] and "\n" not in said[0], said
+    (pipe / "scheduler").rmdir()  # the index alone still names it
+    with pytest.warns(UserWarning, match=r"scheduler_config\.json is missing"):
+        load_checkpoint(pipe)
+    side = _pipeline(tmp_path / "q", side=_digits_side())
+    (side / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.warns(UserWarning, match=r"the noise schedule is the one attribution_preset\.json sets, T = 1000"):
+        load_checkpoint(side)

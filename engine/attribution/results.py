@@ -123,6 +123,9 @@ class MethodResult:
         if self.exact is None or not self.exact.any():
             return "compressed bank: estimated scores (no re-ranking)"
         # "at both ends", not "the highest and lowest": the candidates are not split evenly (rerank.CandidateSplit)
+        if self.exact.all():  # every image a candidate (2C >= N): no "the other 0 estimated" (QA 54 F8)
+            return (f"compressed bank: all {int(self.exact.sum())} training images re-ranked to exact K-FAC scores, "
+                    "none estimated")
         scaled = ("" if self.estimate_scale is None else
                   f" (the compressed scan x {self.estimate_scale:.3g}, the factor fitted on the exact ones)")
         return (f"compressed bank: {int(self.exact.sum())} candidates at both ends re-ranked to exact "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -356,7 +357,33 @@ def load_diffusers(
             diffusion=_diffusers_schedule(scheduler),
             data=DataConfig(name="folder", image_size=size, channels=ch, levels=256),
         )
+    if unet_dir != folder:
+        _say_missing_scheduler(folder, scheduler, preset, side if side.is_file() else None)
     return DiffusersEps(unet).to(device).eval(), preset, extra
+
+
+def _say_missing_scheduler(folder: Path, scheduler: Path, preset: Preset, side: Path | None) -> None:
+    """A warning when a pipeline folder names a scheduler (``model_index.json``, or a ``scheduler/`` folder) whose
+    ``scheduler_config.json`` is missing.  Why: the schedule then comes from the default (T = 1000, betas
+    1e-4..0.02) or the preset file beside the weights, unchecked, and a user whose scheduler had other betas and
+    lost the file attributed under the wrong schedule without a word (QA 54 F7; the checkpoint hash does change,
+    so no cache is mixed up)."""
+    if scheduler.is_file():
+        return
+    named = scheduler.parent.is_dir()
+    index = folder / "model_index.json"
+    if index.is_file():
+        try:
+            named = named or bool(json.loads(index.read_text()).get("scheduler"))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+            pass  # a broken index says nothing either way; diffusers' own loaders would refuse it
+    if not named:
+        return
+    d = preset.diffusion
+    whose = f"the one {side.name} sets" if side is not None else "the default linear one"
+    warnings.warn(f"{folder} names a scheduler but {scheduler} is missing: the noise schedule is {whose}, T = "
+                  f"{d.num_timesteps}, betas {d.beta_start:g}..{d.beta_end:g}; if the weights were trained with "
+                  "another, restore the file (the scores depend on the schedule)", stacklevel=2)
 
 
 def side_preset(side: Path) -> Preset:

@@ -436,6 +436,50 @@ def _say_resize(root: Path, rel: list[str], sizes: np.ndarray, size: int | None)
                   f"{size}x{size}, the size the model takes (its preset's or its UNet's image_size)", stacklevel=3)
 
 
+_channels_said: set[tuple[str, int]] = set()
+CHANNEL_SAMPLE = 8  # files whose colour ``_say_channels`` looks at, spread over the folder
+
+
+def _is_colour(img: Any) -> bool:
+    """Whether a PIL image holds colour: a colour mode with some pixel whose channels differ (an RGB file of a grey
+    picture loses nothing when made grey)."""
+    if img.mode in ("1", "L", "LA", "I", "F") or img.mode.startswith("I;16"):
+        return False
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
+
+
+def _say_channels(root: Path, files: list[Path], rel: list[str], channels: int) -> None:
+    """A warning when the folder's images are colour and the model takes 1 channel (each is made grey), or grey and
+    it takes 3 (each grey copied to RGB).  Why: a grayscale UNet given an RGB folder with no preset converted
+    every image to grey and answered, silently (QA 54 F7); a line catches a wrong checkpoint.  Looks at up to
+    ``CHANNEL_SAMPLE`` files spread over the folder (their pixels, not the decoded ones, which are converted
+    already): colour when any of them is, grey when all are.  Said once per folder and channel count in a process."""
+    from PIL import Image, UnidentifiedImageError
+
+    if (str(root), channels) in _channels_said or channels not in (1, 3) or not files:
+        return
+    picks = sorted({round(i * (len(files) - 1) / max(CHANNEL_SAMPLE - 1, 1)) for i in range(CHANNEL_SAMPLE)})
+    colour: list[tuple[int, str]] = []
+    try:
+        for i in picks:
+            with Image.open(files[i]) as img:
+                if _is_colour(img):
+                    colour.append((i, img.mode))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return  # the decode itself said what it could not read
+    _channels_said.add((str(root), channels))
+    if channels == 1 and colour:
+        i, mode = colour[0]
+        warnings.warn(f"{root}: its images are colour (e.g. {rel[i]}, {mode}); each is converted to grey, the model's "
+                      "1 channel (its preset's data.channels or its UNet's in_channels): check the checkpoint "
+                      "against the folder", stacklevel=3)
+    elif channels == 3 and not colour:
+        warnings.warn(f"{root}: its images are grey (e.g. {rel[picks[0]]}); each is converted to RGB (its grey in "
+                      "all 3 channels), the model's 3 channels (its preset's data.channels or its UNet's "
+                      "in_channels): check the checkpoint against the folder", stacklevel=3)
+
+
 def load_folder(cfg: DataConfig) -> ImageDataset:
     """Every image under ``cfg.root``; see the module docstring for ids and labels.  The decoded pixels come from
     ``folder_cache`` when the folder has not changed since they were last decoded (QA 33 #8: decoding a
@@ -453,6 +497,7 @@ def load_folder(cfg: DataConfig) -> ImageDataset:
     x, sizes = folder_cache.load_or_decode(root, files, rel, cfg.channels, cfg.image_size, FOLDER_DECODE_VERSION,
                                            lambda: _decode_folder(root, files, cfg.channels, cfg.image_size))
     _say_resize(root, rel, sizes, cfg.image_size)
+    _say_channels(root, files, rel, cfg.channels)
     labels, class_names = None, None
     loose = [r for r in rel if "/" not in r]
     if not loose:
