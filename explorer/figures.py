@@ -101,8 +101,8 @@ def score_scatter(table: pd.DataFrame, a: str, b: str, titles: Mapping[str, str]
     data["label"] = data["label"].astype(str)
     flags = [f"{m}_exact" for m in (a, b) if f"{m}_exact" in data.columns]
     symbol, title = None, f"Spearman correlation {rho:+.3f} over {len(data)} training images"
-    if flags:
-        exact = np.logical_and.reduce([data[f].to_numpy(bool) for f in flags])
+    exact = np.logical_and.reduce([data[f].to_numpy(bool) for f in flags]) if flags else None
+    if exact is not None and not exact.all():  # all exact (2C >= N): no "(0 of them estimated)" (QA 54 F8)
         symbol = "score"
         data[symbol] = np.where(exact, "exact", "estimated")
         title += f" ({int((~exact).sum())} of them estimated)"

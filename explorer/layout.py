@@ -29,6 +29,15 @@ MIN_PER_ROW = 2
 # the narrowest thumbnail whose full caption wraps between its fields, not inside the score: "#1372 · 1 ·" and
 # "+4.05e-02" are each 57 px in the caption's 14 px font
 FULL_CAPTION = 60
+# a label's letters in the caption's 14 px font, with room to spare: "automobil" filled the 72 px CIFAR cell and
+# "automobile" broke inside the word, "automobil / e", in every column (QA 54 F8)
+LABEL_CHAR_PX = 8
+
+
+def label_chars(width: int) -> int:
+    """How many characters of a label a full caption's line holds in a cell ``width`` px wide (``_caption``
+    shortens a longer one with an ellipsis, rather than let the browser break it inside the word)."""
+    return max(3, int(width // LABEL_CHAR_PX))
 
 
 def cell_size(side: int) -> int:

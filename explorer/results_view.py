@@ -27,7 +27,7 @@ from engine.model.measurements import draws_phrase, measurement_info, uses_draws
 from explorer import analysis, chips, exact_view, figures, plain
 from explorer.controls import Settings
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
-from explorer.layout import FRAME, GAP, column_inner_width, thumbnails
+from explorer.layout import FRAME, GAP, column_inner_width, label_chars, thumbnails
 from explorer.query_view import Query
 from explorer.runtime import Handle
 
@@ -235,13 +235,17 @@ def _while_building(handle: Handle, query: Query, result: QueryResult | None) ->
 # --- method columns ----------------------------------------------------------------------
 
 
-def _caption(ds, i: int, score: float, exact: bool = True, own: int | None = None) -> str:
+def _caption(ds, i: int, score: float, exact: bool = True, own: int | None = None,
+             chars: int | None = None) -> str:
     """"#index · label · score"; an estimated score (a compressed bank's, not yet re-ranked) reads "≈score"
     with one digit less, so that the caption keeps its width (the cell is narrow: a wider one wrapped
     inside the number) and an estimate does not look more precise than it is.  ``own``: the training image the
     query is, whose label reads "query" (QA 28 #4: a training image among its own opponents, at a small M, was
-    not marked as itself)."""
+    not marked as itself).  ``chars``: the label characters the cell's line holds (``layout.label_chars``); a
+    longer label ends in an ellipsis ("automobi…": QA 54 F8, "automobile" broke inside the word)."""
     lab = "query" if i == own else ds.label_name(i)
+    if lab is not None and chars is not None and len(lab) > chars:
+        lab = lab[: chars - 1].rstrip() + "…"
     shown = analysis.format_score(score) if exact else f"≈{score:+.1e}"
     return f"#{i}" + (f" · {lab}" if lab is not None else "") + f" · {shown}"
 
@@ -442,7 +446,8 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                 st.image(
                     [display(ds.images[x.index], thumbs.image, border=FRAME) for x in items],
                     caption=[_short_caption(ds, x.index, own, short) if thumbs.compact
-                             else _caption(ds, x.index, x.score, x.exact, own) for x in items],
+                             else _caption(ds, x.index, x.score, x.exact, own, label_chars(thumbs.width))
+                             for x in items],
                     width=thumbs.width,
                 )
             note = r.ranking_note(s.top_k)
