@@ -163,7 +163,7 @@ def test_query_shows_a_compressed_banks_rerank_on_stderr(cli, monkeypatch):
 
     import engine.attribution.rerank as rerank
 
-    monkeypatch.setattr(rerank, "BAR_DELAY_S", 0.0)
+    monkeypatch.setattr(rerank, "BAR_DELAY_S", 0.0, raising=False)
     rc, out, err = cli("query", "--query", "train:3", "--methods", "kfac", "--damping", "1e-3", "--kfac-bank",
                        "compressed", "--kfac-compression", "8", "--kfac-rerank", "16", "--auto-build", "--json")
     assert rc == 0, err

@@ -409,10 +409,12 @@ def test_the_cli_rerank_bar_is_written_to_a_log_file_when_it_lasts(tiny_model, d
 
     _rerank_scores_of(tiny_model, diffusion, digits_small, 4)  # the default delay: done long before it
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(rerank, "BAR_DELAY_S", 0.0)
+    monkeypatch.setattr(rerank, "BAR_DELAY_S", 0.0, raising=False)
     _rerank_scores_of(tiny_model, diffusion, digits_small, 4)
     err = capsys.readouterr().err
-    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines, "no bar on stderr"
+    last = lines[-1]
     assert last.startswith("K-FAC re-rank: candidates' exact scores: 100%") and "4/4" in last, err
     assert "candidate/s" in last or "s/candidate" in last, err
 
@@ -424,6 +426,11 @@ def test_a_rerank_does_its_first_candidates_in_a_smaller_batch_with_the_same_sco
     ``merge_candidates``'s order), on the CPU; the scores are the bytes of the old equal batches (each gradient is
     its own, and each part is combined in its place in the whole first batch's product: products round by their
     shape and a row's place, and a row alone or among 2 differed from the same row in the batch's product)."""
+    done: list[int] = []
+    torch.manual_seed(5)  # the helper's query
+    got = _rerank_scores_of(tiny_model, diffusion, digits_small, 5, progress=lambda d, t, r: done.append(d))
+    assert done == [1, 2, 4, 5]  # batches of 2: the first in parts of 1
+
     from engine.attribution.rerank import batches, first_batch_size
 
     assert first_batch_size(16) == 4 and first_batch_size(2) == 1 and first_batch_size(1) == 1
@@ -432,10 +439,6 @@ def test_a_rerank_does_its_first_candidates_in_a_smaller_batch_with_the_same_sco
     assert [p for _, p in batches(6, 4, 2)] == [slice(0, 2), slice(2, 4), slice(4, 6)]
     assert [p for _, p in batches(5, 4)] == [slice(0, 4), slice(4, 5)]
     assert [p for _, p in batches(1, 16, 4)] == [slice(0, 1)] and batches(0, 16, 4) == []
-    done: list[int] = []
-    torch.manual_seed(5)  # the helper's query
-    got = _rerank_scores_of(tiny_model, diffusion, digits_small, 5, progress=lambda d, t, r: done.append(d))
-    assert done == [1, 2, 4, 5]  # batches of 2: the first in parts of 1
     import engine.attribution.rerank as rerank
 
     real = rerank._per_batch
