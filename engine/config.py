@@ -204,6 +204,13 @@ class ComputeConfig:
     # pass there, so its budget is 16x the in-memory rows')
     streamed_grad_batch: int = 16
     streamed_grid_max_bytes: int = 4 << 30
+    # bytes of float32 per-example gradients (batch x P x 4) one gradient batch of a build may hold: TRAK's and
+    # D-TRAK's builds and feature sinks (at most ``TRAK.batch_size`` = 32 images) and the stored K-FAC bank's pass
+    # (at most 16), ``gradients.budget_batch``.  Why (QA 54 F1/F2): at CIFAR size (P = 35.7M, 143 MB a row) a
+    # batch of 32 is 4.6 GB and its copies made those builds peak at 20 GiB; 1 GiB gives 7 rows there, while the
+    # digits and mnist models (P under 8.4M) keep their full batches.  Peak of a build ~ a few times this, plus
+    # the model
+    gradient_batch_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         from .validation import check_compute_config

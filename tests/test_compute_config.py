@@ -25,7 +25,7 @@ from engine.validation import InvalidSettingError
 # every knob far from its default: no grid fits, nothing is packed, few-KiB scan chunks, tiny batches
 SMALL = ComputeConfig(query_grad_batch=3, scan_chunk_bytes_cpu=4096, scan_chunk_bytes_gpu=4096, pack_max_bytes=0,
                       grid_max_bytes=1, hook_rows=2, pixel_chunk_rows=7, min_rows_per_worker=1,
-                      streamed_grad_batch=5, streamed_grid_max_bytes=1)
+                      streamed_grad_batch=5, streamed_grid_max_bytes=1, gradient_batch_bytes=1)
 
 
 def test_every_field_is_a_checked_whole_number():
@@ -34,6 +34,7 @@ def test_every_field_is_a_checked_whole_number():
         "query_grad_batch": 16, "scan_chunk_bytes_cpu": 4 << 20, "scan_chunk_bytes_gpu": 256 << 20,
         "pack_max_bytes": 2 << 30, "grid_max_bytes": 256 << 20, "hook_rows": 128, "pixel_chunk_rows": 4096,
         "min_rows_per_worker": 16, "streamed_grad_batch": 16, "streamed_grid_max_bytes": 4 << 30,
+        "gradient_batch_bytes": 1 << 30,
     }
     for f in dataclasses.fields(ComputeConfig):
         bad = (-1, 1.5, True, "8") if f.name == "pack_max_bytes" else (0, -1, 1.5, True, "8")

@@ -124,12 +124,20 @@ def build_bank(
     def grads_of(sub: slice) -> dict[str, torch.Tensor]:
         return per_example_grads_by_loss(model, diffusion, images[sub], draws.for_rows(sub), losses, params)
 
-    def pass_rows(rows: slice, again: bool = False) -> list[torch.Tensor]:
-        """The gradients of ``rows`` (the bank's loss), every consumer fed with its own on the way.  ``again``: rows
-        whose bank part is saved, computed for the consumers only (``Refeed``), which the progress says (QA 46 #4:
-        "train gradients 16/200" right after "resuming: 128/200 saved" read as if the saved rows were lost)."""
+    def pass_rows(rows: slice, again: bool = False) -> dict[str, torch.Tensor]:
+        """The stored arrays of ``rows``, each sub-batch rotated and quantised (``_chunk_arrays``) as soon as it is
+        computed and written into the part's arrays, every consumer fed with its gradients on the way.  ``again``:
+        rows whose bank part is saved, computed for the consumers only (``Refeed``; nothing kept), which the
+        progress says (QA 46 #4: "train gradients 16/200" right after "resuming: 128/200 saved" read as if the
+        saved rows were lost).
+
+        Why per sub-batch (QA 54 F2): the chunk's float rows were kept, concatenated and rotated whole, three
+        float32 copies of ``chunk_size`` x P (9 GB each for 64 CIFAR-size rows) for a 2.3 GB int8 part; now one
+        sub-batch of ``grad_batch`` rows is held in float and the part's arrays are allocated once (no
+        concatenated copy).  Every row's int8 values and scale are its own (per-row scales; ``rotate(batch=True)``
+        rotates a row alike in any sub-batch), so the part's bytes are the same."""
         words = " (saved; again for the projections)" if again else ""
-        parts = []
+        arrays: dict[str, torch.Tensor] = {}
         subs = [slice(s, min(rows.stop, s + grad_batch)) for s in range(rows.start, rows.stop, grad_batch)]
         # sub-batches computed by one single-threaded worker per free core (engine.attribution.row_threads);
         # eval mode set once here, not by each worker (switching it back and forth would race)
@@ -137,22 +145,27 @@ def build_bank(
             for sub, grads in zip(subs, map_ordered(grads_of, subs, workers), strict=True):
                 for c in consumers or ():
                     c.consume(sub, grads[getattr(c, "loss", loss)].detach())
-                parts.append(grads[loss].detach())
+                if not again:
+                    got = _chunk_arrays(factors.rotate(grads[loss].detach(), batch=True), blocks, quantize, weights,
+                                        store_dtype)
+                    for key, value in got.items():
+                        if key not in arrays:
+                            arrays[key] = torch.empty((rows.stop - rows.start, *value.shape[1:]), dtype=value.dtype,
+                                                      device=value.device)
+                        arrays[key][sub.start - rows.start : sub.stop - rows.start] = value
+                    del got
+                del grads
                 if progress is not None:
                     progress(f"train gradients {sub.stop}/{n}{words}", sub.stop / n)
         for c in consumers or ():
             if hasattr(c, "flush"):
                 c.flush()  # what it buffered of this chunk, before the chunk is saved
-        return parts
-
-    def chunk_rows(rows: slice) -> dict[str, torch.Tensor]:
-        rotated = factors.rotate(torch.cat(pass_rows(rows)))
-        return _chunk_arrays(rotated, blocks, quantize, weights, store_dtype)
+        return arrays
 
     # the pass's seconds include the consumers' share (projections); they cannot be split, so the bank's
     # record names the methods it fed (their own records say ``gradient_pass_shared_with``)
     fed = [str(c.method) for c in consumers or () if getattr(c, "method", None)]
-    arrays = build_in_parts(store, name, settings, n, chunk_size, chunk_rows, progress,
+    arrays = build_in_parts(store, name, settings, n, chunk_size, pass_rows, progress,
                             meta={"gradient_pass_fed": fed} if fed else None,
                             group=_rank_group(chunk_size, consumers), disk_siblings=_consumer_parts(consumers),
                             refeed=_refeed(consumers, lambda rows: pass_rows(rows, again=True)))

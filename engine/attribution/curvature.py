@@ -124,8 +124,15 @@ class KFACFactors:
 
     # --- the eigenbasis ----------------------------------------------------------------
 
-    def rotate(self, grads: torch.Tensor) -> torch.Tensor:
-        """Flat gradients (n, P) or (P,) -> the same in the eigenbasis: R = Q_B^T W Q_A, r_b = Q_B^T g_b."""
+    def rotate(self, grads: torch.Tensor, batch: bool = False) -> torch.Tensor:
+        """Flat gradients (n, P) or (P,) -> the same in the eigenbasis: R = Q_B^T W Q_A, r_b = Q_B^T g_b.
+
+        ``batch``: rows of a build's batch, rotated with the same matrix products whatever their number, so that
+        a stored row does not depend on the sub-batch it came in (``bank_build``, QA 54 F2): a single row is
+        rotated as two (a (1, n) x (n, n) product is a matrix-vector product, whose rounding differs from the
+        matrix-matrix product of several rows in the bias blocks)."""
+        if batch and grads.dim() == 2 and grads.shape[0] == 1:
+            return self._change_basis(torch.cat([grads, grads]), inverse=False)[:1]
         return self._change_basis(grads, inverse=False)
 
     def unrotate(self, rotated: torch.Tensor) -> torch.Tensor:

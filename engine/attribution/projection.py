@@ -47,6 +47,16 @@ KINDS = TRAK_PROJECTIONS
 TILE_ROWS = 4096
 
 
+# bytes of zero-padded float32 rows the ``srht`` projection holds at a time (at least one row, at most 64): 64
+# rows of digits' 2^19 (128 MiB) as before; one row of CIFAR's 2^26 (256 MiB) rather than 32 (8 GiB, QA 54 F1)
+SRHT_CHUNK_BYTES = 256 << 20
+
+
+def srht_chunk_rows(padded: int) -> int:
+    """Rows the ``srht`` projection pads and transforms at a time: at most 64 and ``SRHT_CHUNK_BYTES``, at least 1."""
+    return max(1, min(64, SRHT_CHUNK_BYTES // (4 * int(padded))))
+
+
 def _tile_seed(seed: int, tile: int) -> int:
     """Well-mixed 63-bit seed for tile ``tile`` of projection ``seed`` (SeedSequence hashing)."""
     state = np.random.SeedSequence([int(seed), int(tile), 0x7A4B]).generate_state(2, dtype=np.uint32)
@@ -190,8 +200,15 @@ class RandomProjection:
         """The whole matrix (tests and small models only)."""
         return self.block(0, self.num_params)
 
-    def project(self, grads: torch.Tensor) -> torch.Tensor:
-        """P^T g for g of shape (P,) or (b, P); float32, on the input's device."""
+    def project(self, grads: torch.Tensor, build: bool = False) -> torch.Tensor:
+        """P^T g for g of shape (P,) or (b, P); float32, on the input's device.
+
+        ``srht`` pads at most ``SRHT_CHUNK_BYTES`` of rows at a time (at least one row), writing the signed
+        gradient straight into the padded rows: at CIFAR size a padded row is 2^26 floats (268 MB), and 32 of
+        them plus a signed copy of the batch were most of TRAK's 20 GiB build (QA 54 F1).  ``build``: a build's
+        batch, projected with the compiled kernel whenever it is available, whatever its row count, so that a
+        feature does not depend on the batch it came in (``ComputeConfig.gradient_batch_bytes`` may make it 1 row);
+        otherwise batches of fewer than 4 rows keep torch's passes (a query's vector: every intra-op thread)."""
         squeeze = grads.dim() == 1
         g = grads[None] if squeeze else grads
         if g.shape[1] != self.num_params:
@@ -204,15 +221,19 @@ class RandomProjection:
             out = torch.empty((g.shape[0], self.dim), device=self.device, dtype=torch.float32)
             # the compiled butterflies for batches (the build: 3-4x faster per row); a query's single vector
             # keeps torch's matmul passes, which use every intra-op thread (numba's kernel runs on one)
-            compiled = self.device.type == "cpu" and g.shape[0] >= 4 and hadamard_kernel.available()
-            for s in range(0, g.shape[0], 64):  # bounded memory: 64 x n floats at a time
-                padded = torch.zeros((min(64, g.shape[0] - s), self.padded), device=self.device)
-                padded[:, : self.num_params] = g[s : s + 64] * self.signs
+            compiled = (self.device.type == "cpu" and (g.shape[0] >= 4 or build)
+                        and hadamard_kernel.available())
+            step = srht_chunk_rows(self.padded)  # bounded memory: at most 64 rows, at most SRHT_CHUNK_BYTES
+            for s in range(0, g.shape[0], step):
+                rows = min(step, g.shape[0] - s)
+                padded = torch.zeros((rows, self.padded), device=self.device)
+                torch.mul(g[s : s + rows], self.signs, out=padded[:, : self.num_params])  # no signed copy
                 if compiled:  # in-place butterflies (engine.attribution.hadamard_kernel): 3-4x faster
                     hadamard_kernel.fwht_rows_inplace(padded.numpy())
                 else:
                     padded = fwht(padded)
-                out[s : s + 64] = padded[:, self.rows] * self.scale
+                out[s : s + rows] = padded[:, self.rows] * self.scale
+                del padded
         elif self._dense is not None:
             out = g @ self._dense
         else:

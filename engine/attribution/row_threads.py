@@ -97,6 +97,7 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
                 pending.append(pool.submit(fn, items[nxt]))
                 nxt += 1
             yield result
+            del result  # not held while the next batch is computed
 
 
 __all__ = ["gradient_workers", "map_ordered", "single_op_threads"]

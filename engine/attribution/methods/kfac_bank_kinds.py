@@ -6,6 +6,7 @@ from ..bank_build import build_bank
 from ..bank_kinds import BankKind, register_bank_kind
 from ..context import EngineContext
 from ..curvature import KFACFactors
+from ..gradients import budget_batch, num_params
 from ..scoring import Rows
 from ..streamed_bank import StreamedBank
 from .base import Progress
@@ -28,6 +29,8 @@ def _stored_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors
         loss="loss",
         quantize=method.quantize,
         chunk_size=method.chunk_size,
+        # float rows held per sub-batch within ComputeConfig.gradient_batch_bytes (QA 54 F2; no part of the key)
+        grad_batch=budget_batch(16, num_params(ctx.params), ctx.compute.gradient_batch_bytes),
         device=ctx.device,
         progress=method.bank_progress(progress),
         consumers=method.gradient_consumers,  # e.g. TRAK's FeatureSink: one gradient pass for both

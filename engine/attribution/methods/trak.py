@@ -129,7 +129,7 @@ class TRAK(AttributionMethod):
     shards = True
     in_sweeps = True
     loss = "loss"  # which per-example function's gradient forms phi_i
-    batch_size = 32  # examples per gradient batch
+    batch_size = 32  # examples per gradient batch at most (fewer at large P: ``gradient_batch``)
     part_size = 256  # examples per saved part (resumable build)
 
     @classmethod
@@ -162,6 +162,15 @@ class TRAK(AttributionMethod):
                 p, k, seed=int(ctx.config.seed), kind=self.projection_kind, device=ctx.device
             )
         return self._projections[key]
+
+    def gradient_batch(self, ctx: EngineContext) -> int:
+        """Examples per gradient batch of this build (and of its ``FeatureSink``): ``batch_size``, or fewer so that
+        the batch's float32 gradients stay within ``ctx.compute.gradient_batch_bytes`` (``gradients.budget_batch``).
+        Why (QA 54 F1): 32 rows of a CIFAR-size model are 4.6 GB, and the build peaked at 20 GiB; the features do
+        not depend on the batch (each row is its own gradient, projected row by row)."""
+        from ..gradients import budget_batch
+
+        return budget_batch(self.batch_size, num_params(ctx.params), ctx.compute.gradient_batch_bytes)
 
     def build_plan(self, ctx: EngineContext) -> str | None:
         """Its gradient pass, in images x draws as its bar counts them, and the features' size (QA 34 #9: TRAK said
@@ -210,7 +219,7 @@ class TRAK(AttributionMethod):
         if ctx.store is None or ctx.store.exists(self.name, self.settings(ctx)):
             return None
         part = ctx.store.partial(self.name, self.settings(ctx), part_size=self.part_size, num_items=len(ctx.dataset))
-        return FeatureSink(part, self.projection(ctx), self.batch_size, loss=self.loss, method=self.name)
+        return FeatureSink(part, self.projection(ctx), self.gradient_batch(ctx), loss=self.loss, method=self.name)
 
     def cache_keys(self, ctx: EngineContext) -> list[tuple[str, dict[str, Any]]]:
         return [(self.name, self.settings(ctx))]
@@ -262,18 +271,19 @@ class TRAK(AttributionMethod):
                 images[rows].to(ctx.device),
                 ctx.train_draws.for_rows(rows),  # this part's draws, indexed like images[rows]
                 loss=self.loss,
-                batch_size=self.batch_size,
+                batch_size=self.gradient_batch(ctx),
                 progress=no_progress,
             )
             for sl, g in grads:
                 g = g.to(ctx.device)
                 for k in need:
-                    feats[k][sl] = projs[k].project(g).float().cpu()
+                    feats[k][sl] = projs[k].project(g, build=True).float().cpu()
                 # every batch, not every part: a part (256 rows) was the whole of a 200-image set, so the app's
                 # and the terminal's bars stood still, with no rows and no time left, for the pass's minute (QA 45
                 # #2, #9); the part's last batch is said once the part is saved
                 if rows.start + sl.stop < rows.stop:
                     progress(f"{self.title}: projected gradients {done + sl.stop}/{n}", 0.9 * (done + sl.stop) / n)
+                del g  # not held while the next batch is computed (the loop variable kept a second batch alive)
             for k in need:
                 parts[k].save_part(i, {"phi": feats[k]})
             done += rows.stop - rows.start
@@ -415,7 +425,7 @@ class FeatureSink:
     def flush(self) -> None:
         if not self.pending:
             return
-        feats = self.projection.project(torch.stack([g for _, g in self.pending])).float().cpu()
+        feats = self.projection.project(torch.stack([g for _, g in self.pending]), build=True).float().cpu()
         rows = [row for row, _ in self.pending]
         self.pending = []
         for row, f in zip(rows, feats, strict=True):
