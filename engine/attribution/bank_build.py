@@ -10,11 +10,14 @@ under ``(name, bank.artefact_settings(...))`` and memory-mapped on load.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +55,21 @@ def _chunk_arrays(
         return arrays
     dtype = rotated.dtype if store_dtype is None else store_dtype
     return {block_key(j): rotated[:, b.offset : b.offset + b.size].to(dtype).contiguous() for j, b in enumerate(blocks)}
+
+
+def _part_array(scratch: Path | None, key: str, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """An array of one part of the bank: memory-mapped in ``scratch`` (on the CPU; file-backed pages the OS can
+    write out, not anonymous memory), or without a scratch folder, or in a type NumPy lacks, in memory."""
+    if scratch is not None:
+        try:
+            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        except TypeError:  # bfloat16
+            np_dtype = None
+        if np_dtype is not None:
+            mm = np.lib.format.open_memmap(scratch / f"{key}.npy", mode="w+", dtype=np_dtype, shape=shape)
+            return torch.from_numpy(mm)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def build_bank(
@@ -120,6 +138,7 @@ def build_bank(
     losses = tuple(dict.fromkeys([loss, *(getattr(c, "loss", loss) for c in consumers or ())]))
 
     workers = gradient_workers(params[0][1].device)
+    scratch: Path | None = None  # where a part's arrays are memory-mapped (a store's folder), set below
 
     def grads_of(sub: slice) -> dict[str, torch.Tensor]:
         return per_example_grads_by_loss(model, diffusion, images[sub], draws.for_rows(sub), losses, params)
@@ -138,6 +157,9 @@ def build_bank(
         rotates a row alike in any sub-batch), so the part's bytes are the same."""
         words = " (saved; again for the projections)" if again else ""
         arrays: dict[str, torch.Tensor] = {}
+        if scratch is not None and not again:
+            for old in scratch.iterdir():  # the previous part's rows, saved by now
+                old.unlink()
         subs = [slice(s, min(rows.stop, s + grad_batch)) for s in range(rows.start, rows.stop, grad_batch)]
         # sub-batches computed by one single-threaded worker per free core (engine.attribution.row_threads);
         # eval mode set once here, not by each worker (switching it back and forth would race)
@@ -150,8 +172,8 @@ def build_bank(
                                         store_dtype)
                     for key, value in got.items():
                         if key not in arrays:
-                            arrays[key] = torch.empty((rows.stop - rows.start, *value.shape[1:]), dtype=value.dtype,
-                                                      device=value.device)
+                            arrays[key] = _part_array(scratch, key, (rows.stop - rows.start, *value.shape[1:]),
+                                                      value.dtype, value.device)
                         arrays[key][sub.start - rows.start : sub.stop - rows.start] = value
                     del got
                 del grads
@@ -165,10 +187,23 @@ def build_bank(
     # the pass's seconds include the consumers' share (projections); they cannot be split, so the bank's
     # record names the methods it fed (their own records say ``gradient_pass_shared_with``)
     fed = [str(c.method) for c in consumers or () if getattr(c, "method", None)]
-    arrays = build_in_parts(store, name, settings, n, chunk_size, pass_rows, progress,
-                            meta={"gradient_pass_fed": fed} if fed else None,
-                            group=_rank_group(chunk_size, consumers), disk_siblings=_consumer_parts(consumers),
-                            refeed=_refeed(consumers, lambda rows: pass_rows(rows, again=True)))
+    # a part's rows are written into memory-mapped scratch files next to the cache, not held in RAM: the int8 part
+    # is chunk_size x P bytes (4.6 GB for 128 CIFAR-size rows, QA 54 F2).  One folder per bank and torchrun rank
+    # (the build's lock keeps other processes out), emptied at the start, so a killed build's is reused; removed
+    # once the build ends
+    base = getattr(store, "base", None)
+    if base is not None:
+        scratch = Path(base) / f".rows-{Path(store.path(name, settings)).name}-rank{distributed.current().rank}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+    try:
+        arrays = build_in_parts(store, name, settings, n, chunk_size, pass_rows, progress,
+                                meta={"gradient_pass_fed": fed} if fed else None,
+                                group=_rank_group(chunk_size, consumers), disk_siblings=_consumer_parts(consumers),
+                                refeed=_refeed(consumers, lambda rows: pass_rows(rows, again=True)))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if store is None:
         merged = {k: v.to(device) for k, v in arrays.items()}
         return RotatedBank(blocks, [merged[block_key(j)] for j in range(len(blocks))], merged.get(SCALES),
