@@ -69,7 +69,8 @@ def _options() -> dict[str, dict[str, Any]]:
                                        "labels: another Monte Carlo sample of G"),
         "kfac_projection": dict(choices=KFAC_PROJECTIONS, help="compressed bank: projection kind (default gaussian)"),
         "kfac_compression": dict(type=float,
-                                 help="compressed bank: full bank bytes / compressed bank bytes (default 32)"),
+                                 help="compressed bank: full bank bytes / compressed bank bytes (default: the "
+                                      "preset's, 32; 128 for cifar10)"),
         "kfac_rerank": dict(type=int, help="compressed bank: C, where 2C candidates are re-ranked exactly, shared "
                                            "between the ends (--kfac-rerank-split; default 256; 0: none)"),
         "kfac_rerank_split": dict(choices=RERANK_SPLITS,
