@@ -136,22 +136,24 @@ def test_query_says_when_a_compressed_end_may_miss_an_image(cli):
     says so in its text (a "ranking:" line) and its JSON (``ranking_check``, per end), and says nothing new
     when no estimate outside the candidates passes the listed exact scores (here: 2C = N, every score exact)."""
     query = ("query", "--query", "train:3", "--methods", "kfac", "--damping", "1e-3", "--kfac-bank", "compressed",
-             "--kfac-compression", "8", "--top-k", "5", "--auto-build")
-    rc, out, err = cli(*query, "--kfac-rerank", "2", "--json")
+             "--kfac-compression", "8", "--auto-build")
+    rc, out, err = cli(*query, "--kfac-rerank", "2", "--top-k", "2", "--json")
     assert rc == 0, err
     k = json.loads(out)["methods"]["kfac"]
-    checks = k["ranking_check"]  # 2 x 2 candidates of 64, 5 listed per end: the lists reach past them
-    assert set(checks) == {"top", "bottom"} and all(set(c) == {"may_miss", "estimates_beyond", "rank"} for c in checks.values())
-    assert any(c["may_miss"] and c["estimates_beyond"] > 0 for c in checks.values()), checks
-    rc, out, err = cli(*query, "--kfac-rerank", "2")
+    checks = k["ranking_check"]  # 2 x 2 candidates of 64 (whether an estimate passes them: test_compressed_bank.py)
+    assert checks and all(set(c) == {"may_miss", "estimates_beyond", "rank"} for c in checks.values())
+    fires = any(c["may_miss"] for c in checks.values())
+    assert all(c["may_miss"] == (c["estimates_beyond"] > 0) for c in checks.values())
+    rc, out, err = cli(*query, "--kfac-rerank", "2", "--top-k", "2")
     assert rc == 0, err
-    (line,) = [x for x in out.splitlines() if x.startswith("  ranking: ")]
-    assert "outside the re-ranked candidates" in line and "may miss" in line and "`--kfac-rerank`" in line
-    rc, out, err = cli(*query, "--kfac-rerank", "32", "--json")  # 64 images: every one a candidate
+    lines = [x for x in out.splitlines() if x.startswith("  ranking: ")]
+    assert len(lines) == int(fires)  # the text says it exactly when the JSON does
+    assert all("outside the re-ranked candidates" in x and "may miss" in x and "`--kfac-rerank`" in x for x in lines)
+    rc, out, err = cli(*query, "--kfac-rerank", "32", "--top-k", "5", "--json")  # 64 images: every one a candidate
     assert rc == 0, err
     k = json.loads(out)["methods"]["kfac"]
     assert k["ranking_check"] == {end: {"may_miss": False, "estimates_beyond": 0, "rank": 5} for end in ("top", "bottom")}
-    rc, out, err = cli(*query, "--kfac-rerank", "32")
+    rc, out, err = cli(*query, "--kfac-rerank", "32", "--top-k", "5")
     assert rc == 0 and "ranking:" not in out, err
 
 
@@ -696,3 +698,19 @@ def test_scores_out_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         write_scores(path, result, labels=[0, 1, 0, 1])
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["scores.npz"]
+
+
+def test_not_built_names_a_default_setting_by_its_value_not_none(setup, digits_small, monkeypatch, capsys, tmp_path):
+    """QA 61 F3: a cache key leaves out a setting at its default (``kfac_blocks`` is named only when joint), so the
+    hint read "kfac_blocks None there, 'joint' asked: add --kfac-blocks None to use it", a value no flag takes."""
+    folder, _ = setup
+    monkeypatch.setattr(engine.attribution.session, "load_dataset", lambda cfg: digits_small)
+    common = ["--checkpoint", str(folder), "--device", "cpu", "--cache-root", str(tmp_path / "c"), "--mc-samples", "2"]
+    assert main(["build", "--methods", "kfac", *common]) == 0
+    capsys.readouterr()
+    rc = main(["query", "--query", "train:1", "--methods", "kfac,pixel", "--kfac-blocks", "joint", "--json", *common])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    reason = json.loads(out)["methods"]["kfac"]["reason"]
+    assert "kfac_blocks 'separate' there, 'joint' asked: add --kfac-blocks separate to use it" in reason, reason
+    assert "None" not in reason

@@ -493,25 +493,33 @@ def test_the_ranking_check_says_when_an_end_may_miss_an_image_outside_the_candid
     is said."""
     ref, answers = _qa55_answers(tiny_preset, tiny_model, digits, (8, 16), query=101)
     small = answers[8]
-    shown_top, shown_low = [x.index for x in small.top(10)], [x.index for x in small.bottom(10)]
-    assert all(x.exact for x in small.top(10) + small.bottom(10))  # every entry shown is exact ...
-    assert set(np.argsort(-ref)[:10]) - set(shown_top) and set(np.argsort(ref)[:10]) - set(shown_low)  # ... yet some are missing
-    checks = small.ranking_check(10)
+    k = 8  # the app's default top-k
+    shown_top, shown_low = [x.index for x in small.top(k)], [x.index for x in small.bottom(k)]
+    assert set(np.argsort(-ref)[:k]) - set(shown_top) and set(np.argsort(ref)[:k]) - set(shown_low)  # some missing
+    checks = small.ranking_check(k)
     assert set(checks) == {"top", "bottom"} and checks["top"].may_miss and checks["bottom"].may_miss
     out = ~small.exact
-    assert checks["top"].rank == 10 and checks["top"].beyond == int((small.scores[out] > small.scores[shown_top[-1]]).sum())
-    assert checks["bottom"].beyond == int((small.scores[out] < small.scores[shown_low[-1]]).sum())
-    note = small.ranking_note(10)
-    total = checks["top"].beyond + checks["bottom"].beyond
-    assert note == (f"{total} images outside the re-ranked candidates have estimates above the 10th highest exact "
-                    f"score ({checks['top'].beyond}) or below the 10th lowest exact score ({checks['bottom'].beyond}): "
+    for end, shown, sign in (("top", small.top(k), 1.0), ("bottom", small.bottom(k), -1.0)):
+        weakest = min(sign * x.score for x in shown if x.exact)
+        unlisted = out.copy()
+        unlisted[[x.index for x in shown]] = False  # an estimate listed is marked "≈" there: not missed
+        assert checks[end].beyond == int((sign * small.scores[unlisted] > weakest).sum())
+    note = small.ranking_note(k)
+    assert note == ("images outside the re-ranked candidates have estimates beyond the lists' exact scores "
+                    f"({checks['top'].beyond} above the {checks['top'].rank}th highest exact score and "
+                    f"{checks['bottom'].beyond} below the {checks['bottom'].rank}th lowest exact score): "
                     "both lists may miss some; more candidates: `--kfac-rerank`")
+    # QA 61 F2: with fewer candidates at an end than the list's k, the other end's exact scores filled it (the
+    # highest 10 ended in the lowest end's scores); the end's own exact scores come first, then the estimates
+    med = float(np.median(small.scores))
+    assert all(x.score >= med for x in small.top(10)) and all(x.score <= med for x in small.bottom(10))
+    assert any(not x.exact for x in small.top(10) + small.bottom(10))
     # estimates are not bounds: the top-5 misses images of the stored bank's too, and no estimate says so (a
     # "may", never a proof of the whole ranking: the page's words claim exact scores for the candidates only)
     assert set(np.argsort(-ref)[:5]) - {x.index for x in small.top(5)} and not small.ranking_check(5)["top"].may_miss
-    js = QueryResult({}, "loss", {"kfac": small}).to_json(10)["methods"]["kfac"]
-    assert js["ranking_check"] == {"top": {"may_miss": True, "estimates_beyond": checks["top"].beyond, "rank": 10},
-                                   "bottom": {"may_miss": True, "estimates_beyond": checks["bottom"].beyond, "rank": 10}}
+    js = QueryResult({}, "loss", {"kfac": small}).to_json(k)["methods"]["kfac"]
+    assert js["ranking_check"] == {end: {"may_miss": True, "estimates_beyond": checks[end].beyond,
+                                         "rank": checks[end].rank} for end in ("top", "bottom")}
 
     large = answers[16]
     assert {x.index for x in large.top(5)} == set(np.argsort(-ref)[:5])
@@ -536,9 +544,11 @@ def test_the_ranking_check_counts_estimates_beyond_the_weakest_exact_score_shown
     assert (checks["top"].beyond, checks["top"].rank, checks["bottom"].beyond) == (2, 3, 0)
     assert r.ranking_note(3) == ("2 images outside the re-ranked candidates have estimates above the 3rd highest "
                                  "exact score: the highest 3 may miss some; more candidates: `--kfac-rerank`")
-    # the top 7: the 6 exact (down to -9.0, the 6th), then the estimate 8.5 (9, listed: not counted); 2, 4, 5 beyond
+    # the top 7: this end's exact scores (above the median), then the rest by score, estimates included (QA 61 F2:
+    # the lowest end's exact -7, -8, -9 came before the estimates 8.5 and 7.5); the listed estimates are not counted
+    assert [x.index for x in r.top(7)] == [0, 1, 3, 9, 2, 4, 5]
     top7 = end_check(scores, exact, [x.index for x in r.top(7)], True)
-    assert (top7.beyond, top7.rank) == (3, 6)
+    assert (top7.beyond, top7.rank) == (0, 3)
     one = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=scores, bank="compressed",
                        exact=np.array([1, 1, 1, 1, 0, 0, 1, 1, 1, 0], bool))
     assert one.ranking_note(3) == ("1 image outside the re-ranked candidates has an estimate above the 3rd highest "

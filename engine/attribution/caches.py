@@ -200,6 +200,14 @@ class MethodCaches:
             return None
         if best is None:
             return None
+        # a setting a cache's key leaves out is at its default (``kfac_blocks`` is named only when joint): say the
+        # default, not None, which no flag takes (QA 61 F3: "add --kfac-blocks None to use it")
+        from ..config import AttributionConfig
+
+        defaults = AttributionConfig()
+        best = {k: (getattr(defaults, k) if have is None and hasattr(defaults, k) else have,
+                    getattr(defaults, k) if want is None and hasattr(defaults, k) else want)
+                for k, (have, want) in best.items()}
         parts = [f"{k} {have!r} there, {want!r} asked" for k, (have, want) in list(best.items())[:3]]
         flags = [f"{SETTING_FLAGS[k]} {have}" for k, (have, _) in best.items() if k in SETTING_FLAGS]
         use = f": add {' '.join(flags)} to use it" if flags and len(flags) == len(best) else ""
