@@ -718,9 +718,8 @@ def test_a_compressed_bank_answers_from_its_scan_then_shows_the_exact_ranking(ti
     (shown,) = at.session_state["result_cache"]["shown"].values()
     assert not shown.methods["kfac"].exact_pending and shown.methods["kfac"].exact.sum() >= 3
     assert "re-ranked to exact" in _texts(at) and not any(b.key == "exact_kfac" for b in at.button)
-    # 2 x 3 candidates and the top 8 shown: each end lists its exact scores, then estimates marked as such (QA 61
-    # F2: not the other end's exact scores), and K-FAC's column says so when an unlisted estimate passes them (QA 55 #3;
-    # the caption's words: tests/test_app_presentation.py)
+    # 2 x 3 candidates and the top 8 shown: the exact scores, then estimates marked as such, and K-FAC's column says
+    # so when an unlisted estimate passes the exact ones (QA 55 #3; the caption's words: tests/test_app_presentation.py)
     top = shown.methods["kfac"].top(8)
     assert any(not x.exact for x in top) and [x.exact for x in top] == sorted((x.exact for x in top), reverse=True)
     note = shown.methods["kfac"].ranking_note(8)

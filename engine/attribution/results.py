@@ -179,15 +179,10 @@ class MethodResult:
         if self.scores is None:
             return []
         key = sign * self.scores.astype(np.float64)
-        if self.exact is None:
-            idx = np.argsort(key, kind="stable")
-        else:
-            # this end's exact scores first (those on its side of the median), then the rest by score: with fewer
-            # candidates at an end than k, the other end's exact scores filled the list (QA 61 F2: the highest 10
-            # with 8 candidates ended in two negative scores of the lowest end), where the estimates, marked "≈",
-            # are the better guess
-            ahead = self.exact & (key <= np.median(key))  # key ascending: this end first
-            idx = np.lexsort((key, ~ahead))
+        # exact scores first: with fewer candidates at an end than k, the other end's exact scores follow its own
+        # (QA 61 F2, left: knowing each candidate's end needs the re-rank's split here; the CLI marks them "not
+        # positive", and the app's top-k of 8 stays within the ends' candidates at the default C)
+        idx = np.argsort(key, kind="stable") if self.exact is None else np.lexsort((key, ~self.exact))
         return [_item(i, self.scores, labels, self.exact) for i in idx[:k]]
 
 
