@@ -105,11 +105,12 @@ def num_params(params: Params) -> int:
     return int(sum(p.numel() for _, p in params))
 
 
-def flatten_grads(grads: list[torch.Tensor], batch: bool = False) -> torch.Tensor:
-    """Concatenate gradients in ``params`` order: (P,) or, with ``batch``, (b, P)."""
+def flatten_grads(grads: list[torch.Tensor], batch: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Concatenate gradients in ``params`` order: (P,) or, with ``batch``, (b, P); into ``out`` when given (a row
+    of a preallocated batch: no (P,) copy of its own)."""
     if batch:
-        return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
-    return torch.cat([g.reshape(-1) for g in grads])
+        return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1, out=out)
+    return torch.cat([g.reshape(-1) for g in grads], out=out)
 
 
 def _model_of(ctx_or_model: Any) -> tuple[nn.Module, Params | None]:
@@ -307,10 +308,7 @@ def _loop_grads_by_loss(
             for j, loss in enumerate(losses):
                 li = row_summands(pred, eps, loss).mean()
                 g = torch.autograd.grad(li, plist, retain_graph=j + 1 < len(losses))
-                at = 0
-                for p, gp in zip(plist, g, strict=True):  # flatten_grads' order, without its (P,) copy
-                    rows[loss][i, at : at + p.numel()] = gp.reshape(-1)
-                    at += p.numel()
+                flatten_grads(list(g), out=rows[loss][i])  # written into its row, without a (P,) copy
                 del g
     return rows
 

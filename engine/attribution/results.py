@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import SETTING_FLAGS
 from .methods.base import Prepared
 
 
@@ -64,7 +65,7 @@ def end_check(scores: np.ndarray, exact: np.ndarray, shown: list[int], highest: 
     return EndCheck(int(np.count_nonzero(key[outside] > weakest)), rank)
 
 
-RERANK_FLAG = "--kfac-rerank"  # what sets the candidates' count, for the CLI and the app alike (config.SETTING_FLAGS)
+RERANK_FLAG = SETTING_FLAGS["kfac_rerank"]  # what sets the candidates' count, for the CLI and the app alike
 
 
 @dataclass
@@ -155,17 +156,19 @@ class MethodResult:
         parts = [(end, c) for end, c in checks.items() if c.may_miss]
         if not parts:
             return None
-        where = " and ".join(f"{c.beyond} {'above' if end == 'top' else 'below'} the {_ordinal(c.rank)} "
-                             f"{'highest' if end == 'top' else 'lowest'} exact score" for end, c in parts)
+        def beyond(end: str, c: EndCheck) -> str:  # "above the 10th highest exact score"
+            return (f"{'above' if end == 'top' else 'below'} the {_ordinal(c.rank)} "
+                    f"{'highest' if end == 'top' else 'lowest'} exact score")
+
         if len(parts) > 1:  # per end: their sum counted twice an image beyond both (QA 61 F1: 3,542 of 1,797 images)
+            where = " and ".join(f"{c.beyond} {beyond(end, c)}" for end, c in parts)
             return (f"images outside the re-ranked candidates have estimates beyond the lists' exact scores ({where}): "
                     f"both lists may miss some; more candidates: `{RERANK_FLAG}`")
         (end, c), = parts
         lists = f"the {'highest' if end == 'top' else 'lowest'} {k}"
         return (f"{c.beyond} image{'s' if c.beyond != 1 else ''} outside the re-ranked candidates "
-                f"{'have estimates' if c.beyond != 1 else 'has an estimate'} "
-                f"{where.split(' ', 1)[1]}: {lists} may miss {'some' if c.beyond != 1 else 'it'}; "
-                f"more candidates: `{RERANK_FLAG}`")
+                f"{'have estimates' if c.beyond != 1 else 'has an estimate'} {beyond(end, c)}: {lists} may miss "
+                f"{'some' if c.beyond != 1 else 'it'}; more candidates: `{RERANK_FLAG}`")
 
     def top(self, k: int, labels: np.ndarray | None = None) -> list[RankedItem]:
         """k largest scores: strongest proponents (or most similar); exact scores rank before approximate ones."""

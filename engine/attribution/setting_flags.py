@@ -83,16 +83,13 @@ def _options() -> dict[str, dict[str, Any]]:
     }
 
 
-def add_setting_options(parser: Any, help_suffix: str = "") -> None:
+def add_setting_options(parser: Any) -> None:
     """Add every ``SETTING_FLAGS`` option to ``parser`` (an ``argparse`` parser or group), each with the field's name
-    as its dest and None as its default (None: the preset's value).  ``help_suffix`` ends every help text (the app:
-    which model they apply to)."""
+    as its dest and None as its default (None: the preset's value)."""
     options = _options()
     assert set(options) == set(SETTING_FLAGS), "every SETTING_FLAGS field has its option here"
     for name, flag in SETTING_FLAGS.items():
-        keywords = dict(options[name])
-        keywords["help"] += help_suffix
-        parser.add_argument(flag, dest=name, default=None, **keywords)
+        parser.add_argument(flag, dest=name, default=None, **options[name])
 
 
 def setting_changes(values: Any) -> dict[str, Any]:
@@ -126,7 +123,3 @@ def check_settings(config: AttributionConfig) -> None:
     refuses them before it loads a model (the app's launcher)."""
     check_attribution_config(config, bank_modes=bank_modes())
 
-
-def setting_argv(changes: Mapping[str, Any]) -> list[str]:
-    """The flags that give ``changes`` again (``--mc-samples 1 --kfac-bank compressed``), in ``SETTING_FLAGS`` order."""
-    return [part for name, flag in SETTING_FLAGS.items() if name in changes for part in (flag, str(changes[name]))]
