@@ -149,6 +149,33 @@ def test_reranked_candidates_equal_stored_bank_scores(tiny_preset, tiny_model, d
         False) == 16 - mask.sum()
 
 
+def test_an_end_shorter_than_the_list_does_not_borrow_the_other_ends_exact_scores(tiny_preset, tiny_model,
+                                                                                  digits_small):
+    """QA 61 F2: exact scores rank first, so with 3 candidates per end a top-5 listed its 3 candidates, then
+    the two highest of the *bottom* end's exact scores, among the lowest of all.  The answer carries each
+    candidate's end (``exact_end``, from the re-rank's split), and an end ranks only its own exact scores
+    first, then the rest by score, estimates and the other end's exact scores alike."""
+    from engine.attribution.results import BOTTOM_END, TOP_END
+
+    ctx, q, g = _setup(tiny_preset, tiny_model, digits_small, n=16)
+    _, comp, _, ctx_c = _stored_and_compressed(ctx, rerank=3)
+    p = comp.prepare(ctx_c, q, g)
+    s = comp.score(p, 1e-3)
+    ends = p.exact_end
+    assert ends is not None and ends.shape == (16,)
+    top_c, low_c = np.flatnonzero(ends & TOP_END), np.flatnonzero(ends & BOTTOM_END)
+    assert len(top_c) == len(low_c) == 3 and set(top_c) | set(low_c) == set(np.flatnonzero(p.exact))
+    res = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=s, bank=p.bank, exact=p.exact, exact_end=ends)
+    for listed, own, sign in ((res.top(5), top_c, -1.0), (res.bottom(5), low_c, 1.0)):
+        first, rest = [x.index for x in listed[:3]], [x.index for x in listed[3:]]
+        assert sorted(first) == sorted(own)
+        others = np.setdiff1d(np.arange(16), own)
+        assert rest == list(others[np.argsort(sign * s[others], kind="stable")][:2])  # by score, whatever their kind
+    # without the ends (the old record), the other end's exact scores ranked right after this end's
+    old = MethodResult("kfac", "K-FAC", "influence", "", "ok", scores=s, bank=p.bank, exact=p.exact)
+    assert {x.index for x in old.top(5)[3:]} <= set(low_c)
+
+
 def test_rerank_rotates_the_cheaper_side(tiny_model, diffusion, digits_small):
     """More candidates than dampings: the damped queries are rotated back instead of the gradients."""
     from engine.attribution.compressed_bank import rerank_scores

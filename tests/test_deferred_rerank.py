@@ -126,6 +126,9 @@ def test_a_deferring_session_answers_approximately_then_exactly_after_fill_grids
     assert not again.exact_pending
     np.testing.assert_array_equal(again.exact, exact.exact)
     np.testing.assert_allclose(again.scores, exact.scores, rtol=1e-6, atol=1e-9)
+    # each exact score's end reaches the answer (QA 61 F2: an end ranks only its own first), after a rescore too
+    for r in (exact, again):
+        assert r.exact_end is not None and np.array_equal(r.exact_end != 0, r.exact)
 
 
 def test_a_damping_change_during_the_background_rerank_answers_at_once(tiny_preset, tiny_model, digits_small):

@@ -45,6 +45,7 @@ from .curvature import KFACFactors
 from .damping_grid import interpolate
 from .foreground import pause_point
 from .gradients import Params, per_example_grads
+from .results import BOTTOM_END, TOP_END
 from .scoring import EigenbasisQuery
 
 # --- candidates -------------------------------------------------------------------------
@@ -122,7 +123,15 @@ def local_candidates(scores: np.ndarray, c: int, offset: int = 0) -> tuple[np.nd
 
 def merge_candidates(parts: Sequence[tuple[np.ndarray, np.ndarray]], c: int,
                      split: CandidateSplit = EVEN, moments: np.ndarray | None = None) -> np.ndarray:
-    """Global candidate indices: the C_top largest and C_bottom smallest over every rank's local candidates
+    """Global candidate indices, in the re-rank's order (``merge_candidate_ends`` without the ends)."""
+    return merge_candidate_ends(parts, c, split, moments)[0]
+
+
+def merge_candidate_ends(parts: Sequence[tuple[np.ndarray, np.ndarray]], c: int, split: CandidateSplit = EVEN,
+                         moments: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(global candidate indices, each one's end: ``TOP_END``, ``BOTTOM_END`` or both bits, int8).
+
+    The indices: the C_top largest and C_bottom smallest over every rank's local candidates
     (``split_ends``; C each for ``EVEN``), the most extreme first (the largest, the smallest, the second
     largest, the second smallest, ..., then the rest of the longer end).
 
@@ -132,7 +141,10 @@ def merge_candidates(parts: Sequence[tuple[np.ndarray, np.ndarray]], c: int,
     over ranks), needed by an adaptive split.  The order is the re-rank's (``Reranker``): the exact top-k
     of the candidates come almost always from the first few of their end (mnist, 32 gallery queries,
     512 candidates: the top-10 from the first 16 in the median query, 62 at most; ``scripts/rerank_order.py``),
-    so done in this order the shown proponents are exact long before the whole re-rank is.
+    so done in this order the shown proponents are exact long before the whole re-rank is.  The ends are
+    kept because an end with fewer candidates than a list's k must not borrow the other end's exact scores
+    (QA 61 F2: they ranked first, as exact scores do, so a top-10 of 8 top candidates listed two of the
+    most negative scores next; ``results.MethodResult.exact_end``).
     """
     idx = np.concatenate([p[0] for p in parts])
     sc = np.concatenate([p[1] for p in parts])
@@ -150,19 +162,27 @@ def merge_candidates(parts: Sequence[tuple[np.ndarray, np.ndarray]], c: int,
     interleaved = pairs.reshape(-1)
     interleaved = interleaved[interleaved >= 0]
     _, first = np.unique(interleaved, return_index=True)
-    return interleaved[np.sort(first)]
+    merged = interleaved[np.sort(first)]
+    ends = np.where(np.isin(merged, top), TOP_END, 0) | np.where(np.isin(merged, low), BOTTOM_END, 0)
+    return merged, ends.astype(np.int8)
 
 
 def gather_candidates(local_scores: np.ndarray, offset: int, c: int, split: CandidateSplit = EVEN) -> np.ndarray:
     """Every rank's local top/bottom ``split.depth(c)`` (and its scores' moments), all-gathered and merged
     (the single-process set outside torchrun)."""
+    return gather_candidate_ends(local_scores, offset, c, split)[0]
+
+
+def gather_candidate_ends(local_scores: np.ndarray, offset: int, c: int,
+                          split: CandidateSplit = EVEN) -> tuple[np.ndarray, np.ndarray]:
+    """``gather_candidates`` with each candidate's end (``merge_candidate_ends``)."""
     mine = (*local_candidates(local_scores, split.depth(c), offset), score_moments(local_scores))
     if distributed.current().world == 1:
         parts = [mine]
     else:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
-    return merge_candidates([(p[0], p[1]) for p in parts], c, split, np.sum([p[2] for p in parts], axis=0))
+    return merge_candidate_ends([(p[0], p[1]) for p in parts], c, split, np.sum([p[2] for p in parts], axis=0))
 
 
 # --- exact re-ranking ---------------------------------------------------------------------
@@ -431,6 +451,8 @@ class Reranker:
         self.grid = tuple(grid)
         self.rows = rows  # this rank's rows (torchrun): candidates come from them, merged over ranks
         self.indices: np.ndarray | None = None  # set with ``cache``, once the exact scores exist
+        # the candidates picked and each one's end (``merge_candidate_ends``), from the first computing call
+        self._ends: tuple[np.ndarray, np.ndarray] | None = None
         self.cache: dict[float, np.ndarray] = {}
         self.timing_ms: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -469,6 +491,17 @@ class Reranker:
     def ready(self) -> bool:
         """True once the candidates' exact scores exist (the gradient work is done)."""
         return self.indices is not None
+
+    def end_flags(self, n: int) -> np.ndarray | None:
+        """(n,) int8: each candidate's end (``TOP_END``, ``BOTTOM_END``, both bits), 0 elsewhere; None before
+        the candidates are picked.  With the exact mask it tells an end's own exact scores from the other's
+        (``results.MethodResult.exact_end``)."""
+        picked = self._ends
+        if picked is None:
+            return None
+        flags = np.zeros(int(n), dtype=np.int8)
+        flags[picked[0]] = picked[1]
+        return flags
 
     def apply(self, scores: np.ndarray, lam: float, compute: bool = True,
               should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -521,7 +554,8 @@ class Reranker:
         if self.indices is None:
             t0 = time.perf_counter()
             rows = self.rows or slice(0, scores.shape[0])
-            indices = gather_candidates(scores[rows], rows.start, self.c, self.split)
+            indices, ends = gather_candidate_ends(scores[rows], rows.start, self.c, self.split)
+            self._ends = (indices, ends)
             lams = tuple(sorted(set(self.grid) | {float(lam)}))
             partial = self._partial
             if partial is None or partial[1] != lams or not np.array_equal(partial[0], indices):
@@ -579,6 +613,7 @@ class RerankedQuery(EigenbasisQuery):
 
     reranker: Reranker | None = None
     exact_mask: np.ndarray | None = None
+    exact_end: np.ndarray | None = None  # each entry's candidate end (``Reranker.end_flags``), with ``exact_mask``
     estimate_scale: float | None = None  # the factor on the last answer's estimates (``scale_estimates``)
     answer_pending: bool = False  # the last ``score`` answered approximately while a re-rank was pending
     defer_exact: bool = False
@@ -593,6 +628,7 @@ class RerankedQuery(EigenbasisQuery):
         out, mask, final = self.reranker.answer(approx, float(damping), compute=not self.defer_exact)
         out, self.estimate_scale = scale_estimates(out, approx, mask)  # one scale in the answer's column
         self.exact_mask = mask
+        self.exact_end = self.reranker.end_flags(out.shape[0])
         # from this answer itself, not from ``exact_pending`` read later: the worker may finish in between
         self.answer_pending = not final
         return out

@@ -10,6 +10,8 @@ import numpy as np
 from ..config import SETTING_FLAGS
 from .methods.base import Prepared
 
+# the bits of a compressed bank's candidate's end (``rerank.merge_candidate_ends``, ``MethodResult.exact_end``)
+TOP_END, BOTTOM_END = 1, 2
 
 @dataclass
 class RankedItem:
@@ -91,6 +93,9 @@ class MethodResult:
     bank: str | None = None  # K-FAC: "stored" | "compressed" | "streamed"
     exact: np.ndarray | None = None  # (N,) bool: which scores are exact (None: all)
     exact_pending: bool = False  # the re-rank that makes the ends exact runs after this answer
+    # (N,) int8, with ``exact``: the end a re-ranked candidate was picked for, bit 1 the top (TOP_END), bit 2 the
+    # bottom (BOTTOM_END), 0 not a candidate; None: not known (every exact score belongs to both ends' lists)
+    exact_end: np.ndarray | None = None
     # the factor on the estimated entries, fitted on the exact ones (rerank.scale_estimates); None: unscaled
     estimate_scale: float | None = None
     # the measurement a gradient method scored (D-TRAK: always the square norm), under the key the group
@@ -171,21 +176,31 @@ class MethodResult:
                 f"{'some' if c.beyond != 1 else 'it'}; more candidates: `{RERANK_FLAG}`")
 
     def top(self, k: int, labels: np.ndarray | None = None) -> list[RankedItem]:
-        """k largest scores: strongest proponents (or most similar); exact scores rank before approximate ones."""
+        """k largest scores: strongest proponents (or most similar); this end's exact scores rank first."""
         return self._ranked(-1.0, k, labels)
 
     def bottom(self, k: int, labels: np.ndarray | None = None) -> list[RankedItem]:
-        """k smallest scores: strongest opponents (or least similar); exact scores rank before approximate ones."""
+        """k smallest scores: strongest opponents (or least similar); this end's exact scores rank first."""
         return self._ranked(1.0, k, labels)
 
     def _ranked(self, sign: float, k: int, labels: np.ndarray | None) -> list[RankedItem]:
+        """The k first by ``sign`` x score, the end's exact scores (its re-ranked candidates) before the rest.
+
+        Exact scores rank first because an estimate, even rescaled, is not comparable with them: it could push
+        ahead of the candidates it was ranked below.  Only this end's: with fewer candidates at an end than k
+        (``--kfac-rerank 8 --top-k 10``), the rest follow by score, estimates and the other end's exact scores
+        alike, instead of the other end's exact scores ranking first (QA 61 F2: the top-10 listed two of the
+        most negative scores after its 8 candidates).  Without ``exact_end`` every exact score ranks first."""
         if self.scores is None:
             return []
         key = sign * self.scores.astype(np.float64)
-        # exact scores first: with fewer candidates at an end than k, the other end's exact scores follow its own
-        # (QA 61 F2, left: knowing each candidate's end needs the re-rank's split here; the CLI marks them "not
-        # positive", and the app's top-k of 8 stays within the ends' candidates at the default C)
-        idx = np.argsort(key, kind="stable") if self.exact is None else np.lexsort((key, ~self.exact))
+        if self.exact is None:
+            idx = np.argsort(key, kind="stable")
+        else:
+            first = np.asarray(self.exact, dtype=bool)
+            if self.exact_end is not None:
+                first = first & ((self.exact_end & (TOP_END if sign < 0 else BOTTOM_END)) != 0)
+            idx = np.lexsort((key, ~first))
         return [_item(i, self.scores, labels, self.exact) for i in idx[:k]]
 
 

@@ -224,6 +224,7 @@ class SessionScoring:
             return
         res.scores = scores
         res.bank, res.exact, res.exact_pending = prep.bank, prep.exact, prep.exact_pending
+        res.exact_end = prep.exact_end
         res.estimate_scale = prep.estimate_scale
         res.warning, res.damping_floor = m.damping_warning(res.damping), m.damping_floor()
         res.status = "ok"

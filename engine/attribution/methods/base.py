@@ -50,6 +50,7 @@ class Prepared:
     bank: str | None = None  # K-FAC: "stored" | "compressed" | "streamed" (reported per method)
     exact: np.ndarray | None = None  # (N,) bool: which scores are exact (None: all of them)
     exact_pending: bool = False  # work that makes some scores exact is deferred (compressed bank's re-rank)
+    exact_end: np.ndarray | None = None  # (N,) int8: a re-ranked candidate's end (results.MethodResult.exact_end)
     estimate_scale: float | None = None  # the factor on the estimates (rerank.scale_estimates; None: unscaled)
 
 

@@ -472,6 +472,7 @@ class KFACInfluence(AttributionMethod):
         scores = prepared.query.score(lam)
         prepared.timing_ms["score"] = (time.perf_counter() - t0) * 1000.0
         prepared.exact = getattr(prepared.query, "exact_mask", None)  # compressed bank: the re-ranked entries
+        prepared.exact_end = getattr(prepared.query, "exact_end", None)  # and which end each was a candidate of
         prepared.exact_pending = bool(getattr(prepared.query, "answer_pending", False))  # of this very answer
         prepared.estimate_scale = getattr(prepared.query, "estimate_scale", None)
         reranker = getattr(prepared.query, "reranker", None)
