@@ -97,7 +97,10 @@ the flags a build was given reads the caches that build made.  They apply to the
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse would print usage and exit(2) under Streamlit
-        raise ArgsError(f"error: {message} (the app takes: {' '.join(self.format_usage().split()[2:])})")
+        # the usage without its "usage:" word, on one line; the program's name whole (QA 61 F5: dropping two
+        # words left "-m explorer" of "python -m explorer")
+        usage = " ".join(self.format_usage().strip().removeprefix("usage:").split())
+        raise ArgsError(f"error: {message} (the app takes: {usage})")
 
 
 def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None,

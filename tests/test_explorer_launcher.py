@@ -39,6 +39,10 @@ def test_help_prints_the_flags_and_stops_without_a_server():
     (["--preset", "mnsit"], "unknown preset 'mnsit'"),
     (["--max-retrain-jobs", "0"], "--max-retrain-jobs must be at least 1"),
     (["--server.port"], "--server.port needs a value"),
+    # argparse's own error names the program whole (QA 61 F5: "(the app takes: -m explorer [-h] ...")
+    (["--mc-samples", "x"], "invalid int value: 'x' (the app takes: python -m explorer [-h] [--preset PRESET]"),
+    # a bank kind's own refusal (QA 61 F4: the server started, and its build refused at once)
+    (["--kfac-bank", "compressed", "--kfac-blocks", "joint"], "needs separate weight and bias blocks"),
 ])
 def test_a_bad_flag_is_one_error_line_and_no_server(args, words):
     done = _run(*args)

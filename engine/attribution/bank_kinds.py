@@ -39,8 +39,10 @@ class BankKind:
     words for ``--kfac-bank``'s help, read from the file's source as a literal (``bank_notes``);
     ``gradient_pass``: the build makes a pass over the training gradients (False: nothing to build but the
     factors, as for the streamed kind), for the build bar's split (``KFACInfluence.factor_share``);
-    ``check(method, ctx)``: raises ValueError for settings the kind cannot serve, called before the factor pass
-    (minutes to hours at CIFAR scale), so that a refused combination fails at once, not after it (QA 55 #1)."""
+    ``check(config, chosen)``: raises ValueError for attribution settings (``AttributionConfig``) the kind cannot
+    serve, called before the factor pass (minutes to hours at CIFAR scale), so that a refused combination fails at
+    once, not after it (QA 55 #1), and by the app's launcher before a server starts when the kind is asked by name
+    (QA 61 F4); ``chosen`` says why ``auto`` picked the kind ("" when named), for the message."""
 
     build: Callable[[Any, Any, Any, Callable[[str, float], None]], Rows]
     stored: bool

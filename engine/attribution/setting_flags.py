@@ -5,7 +5,8 @@ every program that opens a session, the CLI's ``build``/``query``/... (``engine.
 Why here (QA 54 F3): the app had none of these flags, so caches built with ``build --mc-samples 1 --kfac-bank
 compressed`` were not the app's, which started a build at the preset's M.  Both programs now add the same options,
 with the same help, types and choices, and apply them by the same rule.  No ``argparse`` import (only the CLI
-parses arguments: tests/test_architecture.py): the caller passes its parser, and nothing here imports torch.
+parses arguments: tests/test_architecture.py): the caller passes its parser, and nothing here imports torch but
+``check_settings`` for a bank kind named by ``--kfac-bank``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..validation import (
     SHARED_DRAW_MODES,
     check_attribution_config,
 )
-from .bank_kinds import bank_modes, bank_notes
+from .bank_kinds import bank_kind, bank_modes, bank_notes
 
 
 def kfac_bank_help() -> str:
@@ -120,6 +121,12 @@ def apply_settings(base: AttributionConfig, changes: Mapping[str, Any],
 
 def check_settings(config: AttributionConfig) -> None:
     """The session's own check of these settings (``InvalidSettingError`` naming the flag), for a caller that
-    refuses them before it loads a model (the app's launcher)."""
+    refuses them before it loads a model (the app's launcher); and, for a bank kind asked by name, the kind's own
+    check (ValueError: ``--kfac-bank compressed --kfac-blocks joint`` started a server whose build then refused it,
+    QA 61 F4).  Only then is the kind's module imported (torch with it): ``auto``'s kind needs the model's size."""
     check_attribution_config(config, bank_modes=bank_modes())
+    if config.kfac_bank != "auto":
+        kind = bank_kind(config.kfac_bank)
+        if kind.check is not None:
+            kind.check(config, "")
 

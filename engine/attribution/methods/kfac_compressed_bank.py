@@ -130,21 +130,17 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
     return CompressedRows(bank, comp, exact, c.kfac_rerank, split, group_changes, columns)
 
 
-def _check(method: Any, ctx: Any) -> None:
+def _check(config: Any, chosen: str) -> None:
     """Refuse, before the factor pass, the settings this kind cannot serve: EK-FAC (its corrected eigenvalues are
     per full coordinate, with no projected counterpart) and joint weight-bias blocks (a layer's projections are
     made for its weight's inputs and its bias separately: a joint [W | b] block has neither, and the build
-    crashed in the projection, QA 55 #1).  ``auto`` picks this kind for a bank that would not fit, so the
-    message says so when it did."""
-    c = method.config
-    chosen = ""
-    if c.kfac_bank == "auto":
-        chosen = (f" (kfac_bank 'auto' chose the compressed bank: a stored int8 bank would be "
-                  f"{method.stored_bank_bytes(ctx) / (1 << 30):.3g} GiB, above kfac_bank_max_gb {c.kfac_bank_max_gb:g})")
-    if c.ekfac:
+    crashed in the projection, QA 55 #1).  ``chosen``: why ``auto`` picked this kind ("" when asked by name),
+    which the message repeats."""
+    chosen = f" ({chosen})" if chosen else ""
+    if config.ekfac:
         raise ValueError(f"the compressed K-FAC bank supports K-FAC, not EK-FAC{chosen}; use --kfac-bank stored or "
                          "streamed with EK-FAC")
-    if c.kfac_blocks == "joint":
+    if config.kfac_blocks == "joint":
         raise ValueError(f"the compressed K-FAC bank needs separate weight and bias blocks (--kfac-blocks separate), "
                          f"not joint ones{chosen}; use --kfac-bank stored or streamed with joint blocks")
 

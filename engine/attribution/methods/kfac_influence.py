@@ -268,9 +268,15 @@ class KFACInfluence(AttributionMethod):
         of the time, ``factor_share``; then the bank's build)."""
         if self._key == self._ctx_key(ctx):
             return
-        kind = bank_kind(self.bank_mode(ctx))
+        mode = self.bank_mode(ctx)
+        kind = bank_kind(mode)
         if kind.check is not None:  # before the factor pass: a combination the kind refuses fails at once
-            kind.check(self, ctx)
+            chosen = "" if self.config.kfac_bank != "auto" else (
+                f"kfac_bank 'auto' chose the {mode} bank: a stored int8 bank would be "
+                f"{self.stored_bank_bytes(ctx) / (1 << 30):.3g} GiB, {'within' if mode == 'stored' else 'above'} "
+                f"kfac_bank_max_gb "
+                f"{self.config.kfac_bank_max_gb:g}")
+            kind.check(self.config, chosen)
         t0 = time.perf_counter()
         fs = self.factor_settings(ctx)
         factors = None
