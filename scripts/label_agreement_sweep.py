@@ -30,14 +30,15 @@ from engine.attribution.stages import keep_only, layer_stages, stage_indices  # 
 from engine.attribution.train_draws import DRAW_MODES  # noqa: E402
 from engine.cli.common import build_progress  # noqa: E402
 from engine.config import get_preset  # noqa: E402
+from engine.evaluation.label_agreement import top_shares  # noqa: E402
 from engine.evaluation.stats import bootstrap_ci  # noqa: E402
 from engine.model.label_classifier import classifier_for, classify  # noqa: E402
 from engine.model.measurements import parse_measurement  # noqa: E402
 
 
 def agreement(scores: np.ndarray, labels: np.ndarray, label: int, k: int = 10) -> float:
-    """Fraction of the k largest scores whose training label is ``label``."""
-    return float(np.mean(labels[np.argsort(-scores)[:k]] == label))
+    """Fraction of the k largest scores whose training label is ``label`` (``label_agreement.top_shares``)."""
+    return float(top_shares(np.asarray(scores)[None], labels, np.array([label]), k)[0])
 
 
 def self_influence(s: AttributionSession, damping: float) -> np.ndarray:

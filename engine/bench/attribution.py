@@ -39,7 +39,8 @@ import torch
 
 from .. import files
 from ..code_version import code_version
-from ..evaluation.stats import bootstrap_ci, spearman
+from ..evaluation.label_agreement import chance_level, summarise
+from ..evaluation.stats import spearman
 from .memory import memory_mb
 from .report import median as _median
 
@@ -325,18 +326,20 @@ def label_agreement(
     qlab, _ = classify(clf, torch.stack([q.image for q in queries]))
     out: dict[str, Any] = {
         "k": k,
-        "chance": float(np.mean([(labels == y).mean() for y in qlab])),
+        "chance": chance_level(labels, np.asarray(qlab)),
         "classifier": f"sklearn LogisticRegression on real {session.preset.data.name} (engine.model.label_classifier)",
     }
     for name in query_results[0].methods:
-        fr = []
+        fr, ys = [], []
         for y, r in zip(qlab, query_results, strict=True):
             m = r.methods[name]
             if m.status == "ok":
                 fr.append(float(np.mean([it.label == y for it in m.top(k, labels)])))
+                ys.append(y)
         if fr:
-            out[name] = float(np.mean(fr))
-            out.setdefault("ci95", {})[name] = list(bootstrap_ci(np.asarray(fr)))
+            got = summarise(name, np.asarray(fr), labels, np.asarray(ys), k)
+            out[name] = got.share
+            out.setdefault("ci95", {})[name] = list(got.ci95)
     return out
 
 

@@ -60,10 +60,23 @@ def top_shares(scores: np.ndarray, train_labels: np.ndarray, query_labels: np.nd
 def agreement(method: str, scores: np.ndarray, train_labels: np.ndarray, query_labels: np.ndarray,
               top: int = TOP) -> LabelAgreement:
     """``top_shares`` summarised: their mean, its bootstrap interval and the chance level."""
-    shares = top_shares(scores, train_labels, query_labels, top)
-    chance = float(np.mean([(np.asarray(train_labels) == y).mean() for y in query_labels]))
+    return summarise(method, top_shares(scores, train_labels, query_labels, top), train_labels, query_labels, top)
+
+
+def summarise(method: str, shares: np.ndarray, train_labels: np.ndarray, query_labels: np.ndarray,
+              top: int = TOP) -> LabelAgreement:
+    """Per-query shares (Q,) as a ``LabelAgreement``: their mean, its 95% percentile bootstrap over the queries and
+    the chance level mean_q |{i : l_i = y_q}| / N.  For shares made elsewhere too: the bench's come from the
+    lists a reader sees (``MethodResult.top``: a compressed bank's exact scores first), not from ``top_shares``."""
+    shares = np.asarray(shares, dtype=np.float64)
     lo, hi = bootstrap_ci(shares)
-    return LabelAgreement(method, top, len(shares), float(shares.mean()), (lo, hi), chance)
+    return LabelAgreement(method, top, len(shares), float(shares.mean()), (lo, hi),
+                          chance_level(train_labels, query_labels))
+
+
+def chance_level(train_labels: np.ndarray, query_labels: np.ndarray) -> float:
+    """mean_q |{i : l_i = y_q}| / N: a random top-k's expected share."""
+    return float(np.mean([(np.asarray(train_labels) == y).mean() for y in query_labels]))
 
 
 def gallery_label_agreement(pg: Any, methods: list[str], train_labels: np.ndarray | None,
