@@ -704,3 +704,23 @@ def test_the_app_says_a_predicted_label_as_the_classifiers_guess_and_a_training_
     line = label_line(off.label, off.notes, off.label_doubt)
     assert line.startswith(f"Label, as a simple pixel classifier guesses it: {off.label} (not ground truth")
     assert "**" not in line
+
+
+def test_an_mnist_pool_is_labelled_by_the_classifier_its_single_samples_get(tmp_path):
+    """QA 63 F1: a pool was labelled only on digits, so mnist's pool samples had no label (the CLI's "label -", the
+    Groups page's "No label classifier for this model's data") while its gallery and ``generate:`` samples had
+    one.  A pool of the shipped mnist model gets the classifier's labels, the same as each sample alone; a pool
+    file written unlabelled by the old code (labels -1) is labelled on its next load."""
+    from engine.attribution.pool import generate_pool, pool_path
+    from engine.model.label_classifier import classify
+
+    mnist = AttributionSession("mnist", cache_root=tmp_path)
+    pool = generate_pool(mnist, 2, seed=5, pool_dir=tmp_path / "pools", progress=False)
+    want, _ = classify(mnist.sources.classifier(), pool.images)
+    assert [int(x) for x in pool.labels] == [int(x) for x in want] and all(0 <= int(x) <= 9 for x in pool.labels)
+    path = pool_path(tmp_path / "pools", mnist.checkpoint_hash, 5, 2)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(path, **{**arrays, "labels": np.full(2, -1, dtype=np.int64)})  # as the old code left it
+    again = generate_pool(mnist, 2, seed=5, pool_dir=tmp_path / "pools", progress=False)
+    assert [int(x) for x in again.labels] == [int(x) for x in want]

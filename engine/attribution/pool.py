@@ -144,8 +144,8 @@ def generate_pool(
     """N samples of the session's model, drawn in batches of 64 (tqdm bar, or a callback), cached.
 
     Cached by (checkpoint hash, seed, N) in ``pool_dir`` (default: the session's cache root
-    / pools); a cached pool loads in milliseconds.  Labels come from the digits classifier
-    where there is one.
+    / pools); a cached pool loads in milliseconds.  Labels come from the preset's classifier
+    where there is one (digits, mnist).
     """
     if n < 1:
         raise PoolError(f"a pool needs at least one sample, got {n}")
@@ -159,6 +159,8 @@ def generate_pool(
             images = torch.from_numpy(np.asarray(z["images"], dtype=np.float32))
             labels = np.asarray(z["labels"], dtype=np.int64) if "labels" in z else None  # None: drawn, not labelled
             drawn = float(z["seconds"]) if "seconds" in z else 0.0
+        if labels is not None and labels.size and (labels < 0).all() and _has_classifier(session):
+            labels = None  # kept unlabelled by a version that labelled digits' pools only (QA 63 F1): label it now
     else:
         from ..model.sampling import image_shape
 
@@ -188,17 +190,17 @@ def generate_pool(
         parts = [x.detach().cpu().float().clamp(-1.0, 1.0)]
         images = torch.cat(parts)
         seconds = drawn = time.perf_counter() - t0  # the draw alone (group-bench reports it as the pool's cost)
-        # saved before the labels: fitting the digits classifier takes 2-10 s, and a Ctrl-C then lost the whole
+        # saved before the labels: fitting the classifier takes 2-10 s, and a Ctrl-C then lost the whole
         # pool, minutes of sampling (QA 27 #3)
         _save_pool(path, images, None, seed, seconds)
     if labels is None:
         if _has_classifier(session):
             say = progress if callable(progress) else None
             if say is not None:
-                say("labelling the pool with the digits classifier", 1.0)
+                say(f"labelling the pool with the {session.preset.data.name} classifier", 1.0)
             elif progress:
-                print(f"pool of {n}: labelling it with the digits classifier (a few seconds)", file=sys.stderr,
-                      flush=True)
+                print(f"pool of {n}: labelling it with the {session.preset.data.name} classifier (a few seconds)",
+                      file=sys.stderr, flush=True)
         labels = _classify(session, images)
         _save_pool(path, images, labels, seed, drawn)
     queries = []
@@ -255,16 +257,23 @@ def _save_pool(path: Path, images: torch.Tensor, labels: np.ndarray | None, seed
 
 
 def _has_classifier(session: Any) -> bool:
-    return session.preset.data.name == "digits" and session.dataset.labels is not None
+    """Whether the preset labels its samples (digits, mnist: ``label_classifier.has_classifier``), not fitted yet.
+    Not digits alone (QA 63 F1: mnist's pool samples had no labels while its gallery and ``generate:`` had, and
+    the Groups page said mnist had no classifier)."""
+    from ..model.label_classifier import has_classifier
+
+    return has_classifier(session.preset, session.dataset)
 
 
 def _classify(session: Any, images: torch.Tensor) -> np.ndarray:
-    """Digits classifier labels for display and the class checks; -1 where there is no classifier."""
-    if not _has_classifier(session):
+    """The preset's classifier labels (the one single samples get, ``QuerySources.classifier``) for display and
+    the class checks; -1 where there is no classifier."""
+    clf = session.sources.classifier() if _has_classifier(session) else None
+    if clf is None:
         return np.full(len(images), -1, dtype=np.int64)
-    from ..model.label_classifier import classify, digits_classifier
+    from ..model.label_classifier import classify
 
-    labels, _ = classify(digits_classifier(session.dataset), images)
+    labels, _ = classify(clf, images)
     return np.asarray(labels, dtype=np.int64)
 
 

@@ -220,6 +220,16 @@ class QuerySources:
         self._classifier: Any = None
         self._spread: tuple[float, int] | None = None  # copycheck.training_spread, once a label is predicted
 
+    def classifier(self) -> Any:
+        """The preset's labelling classifier (``label_classifier.classifier_for``: fitted once per cache folder,
+        kept here), or None when the preset has none: the labels of generated samples, single or pooled."""
+        if self._classifier is None:
+            from ..model.label_classifier import classifier_for
+
+            clf = classifier_for(self.preset, self.dataset, cache=self.cache)
+            self._classifier = False if clf is None else clf
+        return None if self._classifier is False else self._classifier
+
     @property
     def shape(self) -> tuple[int, int, int]:
         m = self.preset.model
@@ -395,13 +405,11 @@ class QuerySources:
         image still gets a digit), so the reader must see how sure the label is.  An image identical to a
         training image takes that image's own label (QA 28 #2: mnist training image 17, a clear 0, uploaded as
         it is, was "Label: 5" at probability 0.81; the classifier is wrong on 6% of mnist's training images)."""
-        from ..model.label_classifier import CONFIDENT, classifier_for, classify
+        from ..model.label_classifier import CONFIDENT, classify
         from .copycheck import pixel_distances, training_spread
 
-        if self._classifier is None:
-            clf = classifier_for(self.preset, self.dataset, cache=self.cache)  # fitted once per cache folder
-            self._classifier = False if clf is None else clf
-        if self._classifier is False and self.dataset.labels is None and not nearest_always:
+        clf = self.classifier()
+        if clf is None and self.dataset.labels is None and not nearest_always:
             return None, "", None  # nothing to label with, and not an upload: no distances
         # any labelled training set, with or without a classifier (an image folder's class folders: QA 29 #3)
         dist = pixel_distances(image[None].to(self.dataset.images.dtype), self.dataset.images)[0]
@@ -414,9 +422,9 @@ class QuerySources:
             return label, "", same
         if same is not None:
             notes.append(f"identical to training image #{nearest}")
-        if self._classifier is False:
+        if clf is None:
             return None, "", same
-        labels, proba = classify(self._classifier, image[None])
+        labels, proba = classify(clf, image[None])
         p = float(proba[0])
         notes.append(f"label {int(labels[0])} {PREDICTED} with probability {p:.2f}, not ground truth")
         if self._spread is None:

@@ -118,16 +118,23 @@ def digits_classifier(dataset: ImageDataset, cache: Path | None = None) -> Logis
     return fit_pixel_classifier(x, dataset.labels.numpy(), max_iter=2000, cache=cache)
 
 
+def has_classifier(preset: Preset, dataset: ImageDataset | None) -> bool:
+    """Whether ``classifier_for`` gives one, without fitting it (a caller says "labelling ..." first: 2-10 s)."""
+    if preset.data.name == "mnist" and preset.data.root is None:
+        return True
+    return preset.data.name == "digits" and dataset is not None and dataset.labels is not None
+
+
 def classifier_for(preset: Preset, dataset: ImageDataset | None,
                    cache: Path | None = None) -> LogisticRegression | None:
     """The labelling classifier of ``preset`` or None when the preset has no labelled reference (``cache``: a
     folder where the fitted coefficients are kept, ``fit_pixel_classifier``)."""
-    if preset.data.name == "mnist" and preset.data.root is None:
+    if not has_classifier(preset, dataset):
+        return None
+    if preset.data.name == "mnist":
         (x, y), _ = _shipped_halves()
         return fit_pixel_classifier(x, y, cache=cache)
-    if preset.data.name == "digits" and dataset is not None and dataset.labels is not None:
-        return digits_classifier(dataset, cache=cache)
-    return None
+    return digits_classifier(dataset, cache=cache)
 
 
 def heldout_quality(clf: LogisticRegression, samples: torch.Tensor, seed: int = 0) -> dict[str, Any]:
