@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -149,6 +150,18 @@ def test_query_says_when_a_compressed_end_may_miss_an_image(cli):
     lines = [x for x in out.splitlines() if x.startswith("  ranking: ")]
     assert len(lines) == int(fires)  # the text says it exactly when the JSON does
     assert all("outside the re-ranked candidates" in x and "may miss" in x and "`--kfac-rerank`" in x for x in lines)
+    # QA 63 F3: past an end's 2 exact scores the list holds estimates, marked "~" in the text as "exact" in the JSON
+    rc, out, err = cli(*query, "--kfac-rerank", "2", "--top-k", "4", "--json")
+    assert rc == 0, err
+    want = {end: [("" if e["exact"] else "~", e["index"]) for e in json.loads(out)["methods"]["kfac"][end]]
+            for end in ("top", "bottom")}
+    assert "~" in [m for m, _ in want["top"] + want["bottom"]]  # 2 x 2 candidates, 8 listed: some are estimates
+    rc, out, err = cli(*query, "--kfac-rerank", "2", "--top-k", "4")
+    assert rc == 0, err
+    rows = [x for x in out.splitlines() if re.match(r"\s+[\w ()-:]+: #\d", x)]
+    got = [[(m, int(i)) for i, m in re.findall(r"#(\d+)(?:\(\d+\))? (~?)[+-]", row)] for row in rows]
+    assert got == [want["top"], want["bottom"]], out
+    assert "  (~: an estimate, listed after its end's exact scores)" in out.splitlines()
     rc, out, err = cli(*query, "--kfac-rerank", "32", "--top-k", "5", "--json")  # 64 images: every one a candidate
     assert rc == 0, err
     k = json.loads(out)["methods"]["kfac"]

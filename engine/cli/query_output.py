@@ -68,9 +68,14 @@ def format_result(result: QueryResult, top_k: int, labels: Sequence[int] | None)
         else:
             top_title, bottom_title = "most similar", "least similar"
         for title, items in ((top_title, top), (bottom_title, bottom)):
+            # "~": a compressed bank's estimate, listed after its end's exact scores (QA 63 F3: unmarked, +0.0411
+            # after +0.0378 read as mis-sorted); the page marks it "≈", the PNG "~"
             cells = [
-                f"#{it.index}" + (f"({it.label})" if it.label is not None else "") + f" {it.score:+.3g}"
+                f"#{it.index}" + (f"({it.label})" if it.label is not None else "")
+                + f" {'' if it.exact else '~'}{it.score:+.3g}"
                 for it in items
             ]
             lines.append(f"  {title:>13}: " + "  ".join(cells))
+        if any(not it.exact for it in (*top, *bottom)):
+            lines.append("  (~: an estimate, listed after its end's exact scores)")
     return "\n".join(lines)
