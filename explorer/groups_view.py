@@ -19,6 +19,7 @@ import streamlit as st
 from engine.attribution import provenance
 from engine.attribution.copycheck import (
     CAVEAT,
+    ESTIMATED_SHARES,
     NEAR_COPY_RATIO,
     NEIGHBOURS,
     copy_check,
@@ -518,7 +519,7 @@ def copy_section(handle: Handle, result: GroupResult) -> None:
         f"training image is in pixels. Flagged when the nearest training image is less than {NEAR_COPY_RATIO} times "
         f"as far as the next {NEIGHBOURS} nearest on average. {flagged} of {len(rows)} samples are flagged; the same "
         f"rule flags {base:.1%} of real training images against the others."
-        + (" Its shares come from the compressed bank's estimates (approximate)." if result.note(name) else "")
+        + (f" {ESTIMATED_SHARES[0].upper()}{ESTIMATED_SHARES[1:]}." if result.note(name) else "")
     )
     st.info(CAVEAT)
     for r in rows[:5]:

@@ -283,7 +283,14 @@ def _ratio_arg(text: str) -> float:
 
 
 def cmd_copy_check(args: argparse.Namespace) -> int:
-    from ..attribution.copycheck import CAVEAT, copy_check, explain, neighbour_count, training_flag_rate
+    from ..attribution.copycheck import (
+        CAVEAT,
+        ESTIMATED_SHARES,
+        copy_check,
+        explain,
+        neighbour_count,
+        training_flag_rate,
+    )
 
     try:
         if args.top_k < 1:
@@ -331,7 +338,7 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
             "rule": {**dataclasses.asdict(rule), "neighbours_used": used},
             "rows": [r.to_dict() for r in rows[: args.top_k]],
             "caveat": CAVEAT,
-            **({"note": "the shares come from the compressed bank's estimates (approximate)"}
+            **({"note": ESTIMATED_SHARES}
                if result.note(names[0]) else {}),
             **session_settings(session),
         }, indent=2))
@@ -342,6 +349,8 @@ def cmd_copy_check(args: argparse.Namespace) -> int:
           f"(the same rule flags {base:.1%} of training images against the others)")
     for r in rows[: args.top_k]:
         print("- " + explain(r))
+    if result.note(names[0]):
+        print(f"note: {ESTIMATED_SHARES}")
     print(CAVEAT)
     return 0
 
