@@ -12,18 +12,21 @@ Data Attribution in Diffusion Models* frames this as a counterfactual: *how woul
 measurement of the query change if we removed one training image and retrained?*
 
 ### The measurement
-Every measurement is written so that **lower means more likely**: the diffusion training loss of the query,
-the negative ELBO (a bound on $-\log p(x)$, in bits per dimension), minus the log-probability of the exact
-sampling trajectory, the loss at one noise level $t$, or the squared norm of the predicted noise (D-TRAK's
-surrogate).
+Every measurement but one is written so that **lower means more likely**: the diffusion training loss of the
+query, the negative ELBO (a bound on $-\log p(x)$, in bits per dimension), minus the log-probability of the exact
+sampling trajectory, or the loss at one noise level $t$. The exception is the squared norm of the predicted
+noise (D-TRAK's surrogate, which D-TRAK scores whatever measurement is chosen): it is **no likelihood**, so its
+scores say whether removing an image raises or lowers it, not whether the query becomes more or less likely.
 
 ### The sign
 An influence score $\tau_i$ estimates the change of the measurement when training image $i$ is removed:
 
-* **Proponent** ($\tau_i > 0$): removing it would *raise* the loss, i.e. make the query **less likely**. The
-  image helped the model produce the query.
-* **Opponent** ($\tau_i < 0$): removing it would *lower* the loss, i.e. make the query **more likely**. The
-  image pulled the model away from the query.
+* **Proponent** ($\tau_i > 0$): removing it would *raise* the measurement: for the loss-like ones, make the
+  query **less likely**. The image helped the model produce the query.
+* **Opponent** ($\tau_i < 0$): removing it would *lower* the measurement: for the loss-like ones, make the
+  query **more likely**. The image pulled the model away from the query.
+
+Over the square norm the page's headings say "raises" and "lowers the query's square norm" instead.
 
 Scores are on one scale (the change of the measurement), so a group's effect is approximately the sum of its
 members' scores. That is what the LDS evaluation and the retraining check test.

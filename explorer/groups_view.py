@@ -47,6 +47,7 @@ from explorer.controls import Settings
 from explorer.figures import label_style
 from explorer.group_retrain_view import group_retrain_section
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
+from explorer.results_view import removal_words
 from explorer.runtime import Handle, influence_titles, throttled
 
 CELL = 64
@@ -234,9 +235,11 @@ def _choose_queries(handle: Handle) -> QuerySet | None:
 def groups_page(handle: Handle, s: Settings) -> None:
     session = handle.session
     st.subheader("Groups: what if these training images were removed?")
+    info = session.method_info()
+    used = [(info[n]["title"], session.measurement_used(n, s.measurement)) for n in all_influence_methods(session)]
     st.caption(
         "Influence adds up: the predicted change of a sample's measurement when a whole group is removed is the "
-        "sum of its members' scores (positive: removing the group would make the sample less likely, i.e. the "
+        f"sum of its members' scores (positive: removing the group {removal_words(used, 'the sample')}, i.e. the "
         "group supports it). Read in both directions: per sample, and ranked over all samples. A large group "
         "(a tenth of the data) can support every sample a little, since any model trained on less data fits "
         "all images a little worse: compare a sample's change with the other samples' (the ranking below does)."
@@ -257,7 +260,6 @@ def groups_page(handle: Handle, s: Settings) -> None:
         group = _choose_group(handle)
     with c2:
         qset = _choose_queries(handle)
-    info = session.method_info()
     _joining_later(handle)
     chips.init_selection("grp_methods", methods_all)
     methods = st.multiselect("Methods", methods_all, key="grp_methods", format_func=lambda n: info[n]["title"])

@@ -22,7 +22,7 @@ from engine.attribution import provenance
 from engine.attribution.methods.base import SERVER
 from engine.attribution.query import PREDICTED
 from engine.attribution.results import MethodResult, QueryResult
-from engine.attribution.signs import end_signs
+from engine.attribution.signs import end_signs, removal_effect
 from engine.model.measurements import draws_phrase, measurement_info, uses_draws
 from explorer import analysis, chips, exact_view, figures, plain
 from explorer.controls import Settings
@@ -440,7 +440,8 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             if similarity:
                 top_heading, bottom_heading = "**Most similar**", "**Least similar**"
             else:
-                top_heading, bottom_heading = influence_headings([x.score for x in top], [x.score for x in bottom])
+                top_heading, bottom_heading = influence_headings([x.score for x in top], [x.score for x in bottom],
+                                                                 session.measurement_used(name, s.measurement))
             for heading, items in ((top_heading, top), (bottom_heading, bottom)):
                 st.markdown(heading)
                 st.image(
@@ -465,33 +466,51 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
                                      own))
 
 
-def influence_headings(top: list[float], bottom: list[float]) -> tuple[str, str]:
+def influence_headings(top: list[float], bottom: list[float], measurement: str) -> tuple[str, str]:
     """Headings of an influence method's highest and lowest scores, true to their signs.
 
     The classification is the engine's (``engine.attribution.signs.end_signs``, which the CLI's text and
-    the PNG export use too); this renders it for the page, with what removal would do.  The two ends of
+    the PNG export use too); this renders it for the page, with what removal would do to ``measurement``, the
+    one the scores are of (``session.measurement_used``), in the words the PNG's headings use
+    (``signs.removal_effect``): "less likely" over D-TRAK's square norm, which is no likelihood, was wrong (QA 64
+    F2).  The two ends of
     the ranking need not have opposite signs: on a barely trained model every image can raise the
     query's loss, and with the trajectory measurement every image can lower it, so "Opponents" over
     positive scores (or "Proponents" over negative ones) would say the opposite of what the numbers
     predict."""
     hi, lo = end_signs(top, highest=True), end_signs(bottom, highest=False)
+    e = removal_effect(measurement)
     if hi.all_agree:
-        head = "**Proponents** · removing them makes the query less likely"
+        head = f"**Proponents** · removing them {e.positive}"
     elif hi.all_opposite:
-        head = "**Highest scores** · all negative: removing any training image makes the query more likely"
+        head = f"**Highest scores** · all negative: removing any training image {e.negative}"
     elif hi.agreeing == 0:
         head = "**Highest scores** · none positive: no proponents among them"
     else:
-        head = "**Highest scores** · the positive ones are proponents (removing them makes the query less likely)"
+        head = f"**Highest scores** · the positive ones are proponents (removing them {e.positive})"
     if lo.all_agree:
-        tail = "**Opponents** · removing them makes the query more likely"
+        tail = f"**Opponents** · removing them {e.negative}"
     elif lo.all_opposite:
-        tail = "**Lowest scores** · still positive: removing them makes the query slightly less likely, not more"
+        tail = f"**Lowest scores** · still positive: removing them {e.slight}, not the reverse"
     elif lo.agreeing == 0:
         tail = "**Lowest scores** · none negative: no opponents among them"
     else:
-        tail = "**Lowest scores** · the negative ones are opponents (removing them makes the query more likely)"
+        tail = f"**Lowest scores** · the negative ones are opponents (removing them {e.negative})"
     return head, tail
+
+
+def removal_words(used: list[tuple[str, str]], subject: str = "the query") -> str:
+    """What removing images with a positive score does, for methods that may score different measurements
+    (``used``: (title, measurement used) pairs; ``session.measurement_used``): one phrase when they share its
+    words, else each phrase with its methods ("makes the sample less likely (K-FAC Influence, TRAK) or raises the
+    sample's square norm (D-TRAK)").  A caption over every influence method said "less likely" over D-TRAK's
+    square norm too (QA 64 F2)."""
+    phrases: dict[str, list[str]] = {}
+    for title, meas in used:
+        phrases.setdefault(removal_effect(meas, subject).positive, []).append(title)
+    if len(phrases) <= 1:
+        return next(iter(phrases), removal_effect("loss", subject).positive)
+    return " or ".join(f"{words} ({', '.join(titles)})" for words, titles in phrases.items())
 
 
 def query_independence_note(d: Dependence) -> str:
@@ -738,18 +757,19 @@ def sheet_rows(
 ) -> list[SheetRow]:
     """The PNG export's rows: the query, then each method's two ends under the headings the page shows
     (an influence method's in the engine's sign classification, ``end_signs``: the k highest scores are
-    "proponents" only when every one is positive).  ``used``: the measurement each method scored, named in
-    its titles where it is not the one asked for (D-TRAK's square norm)."""
+    "proponents" only when every one is positive, saying what removing them does to the measurement the method
+    scored, in the page's words).  ``used``: the measurement each method scored, named in its titles where it is
+    not the one asked for (D-TRAK's square norm)."""
     rows = [SheetRow(f"Query: {query.title} · measurement {result.measurement}", [to_uint8(query.input.image)], [""])]
     for name in names:
         r = result.methods[name]
         top, bottom = r.top(top_k, labels), r.bottom(top_k, labels)
+        own = (used or {}).get(name, str(result.measurement))
         if r.kind == "similarity":
             titles = ("most similar", "least similar")
         else:
-            titles = (end_signs([x.score for x in top], highest=True).heading(),
-                      end_signs([x.score for x in bottom], highest=False).heading())
-        own = (used or {}).get(name, str(result.measurement))
+            titles = (end_signs([x.score for x in top], highest=True).heading(own),
+                      end_signs([x.score for x in bottom], highest=False).heading(own))
         label = info[name]["title"] + ("" if own == str(result.measurement) else f" ({own} measurement)")
         for title, items in zip(titles, (top, bottom), strict=True):
             rows.append(

@@ -645,15 +645,15 @@ def test_influence_headings_follow_the_signs_shown():
     measurement, whose every score was negative)."""
     from explorer.results_view import influence_headings
 
-    top, bottom = influence_headings([3.0, 1.0], [-1.0, -2.0])
+    top, bottom = influence_headings([3.0, 1.0], [-1.0, -2.0], "loss")
     assert top.startswith("**Proponents**") and bottom.startswith("**Opponents**")
-    top, bottom = influence_headings([3.0, 2.0], [0.5, 0.1])  # every image a proponent
+    top, bottom = influence_headings([3.0, 2.0], [0.5, 0.1], "loss")  # every image a proponent
     assert top.startswith("**Proponents**") and "still positive" in bottom and "Opponents" not in bottom
-    top, bottom = influence_headings([-0.1, -0.5], [-3.0, -4.0])  # every image an opponent
+    top, bottom = influence_headings([-0.1, -0.5], [-3.0, -4.0], "loss")  # every image an opponent
     assert "all negative" in top and "Proponents" not in top and bottom.startswith("**Opponents**")
-    top, bottom = influence_headings([1.0, -0.1], [0.2, -3.0])  # a short ranking: both ends mixed
+    top, bottom = influence_headings([1.0, -0.1], [0.2, -3.0], "loss")  # a short ranking: both ends mixed
     assert "positive ones are proponents" in top and "negative ones are opponents" in bottom
-    top, bottom = influence_headings([0.0, -1.0], [0.0, 0.0])  # zeros: neither proponents nor opponents
+    top, bottom = influence_headings([0.0, -1.0], [0.0, 0.0], "loss")  # zeros: neither proponents nor opponents
     assert "none positive" in top and "positive ones" not in top and "none negative" in bottom
 
 
@@ -675,8 +675,9 @@ def test_png_export_titles_follow_the_signs():
     info = {k: {"title": r.title} for k, r in result.methods.items()}
     titles = [r.title for r in sheet_rows(result, ["kfac", "trak", "pixel"], info, ds, None, query, 2)]
     assert titles[1:] == [
-        "K-FAC: proponents", "K-FAC: opponents",
-        "TRAK: proponents", "TRAK: lowest scores (none negative: no opponents)",
+        "K-FAC: proponents (removing them makes the query less likely)",
+        "K-FAC: opponents (removing them makes the query more likely)",
+        "TRAK: proponents (removing them makes the query less likely)", "TRAK: lowest scores (none negative: no opponents)",
         "Pixel: most similar", "Pixel: least similar",
     ]
 

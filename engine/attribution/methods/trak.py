@@ -120,7 +120,8 @@ class TRAK(AttributionMethod):
     kind = "influence"
     caption = (
         "Random projections of per-example gradients, with an empirical-Fisher curvature "
-        "(Park et al. 2023). Positive: removing that image would make the query less likely."
+        "(Park et al. 2023). Positive: removing that image would raise the query's measurement (for the loss-like "
+        "ones, make the query less likely)."
     )
     needs_gradient = True
     damping_field = "trak_damping"
