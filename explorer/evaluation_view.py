@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from engine.attribution.signs import removal_effect
 from engine.evaluation.report import (
     ModelKey,
     ResultFiles,
@@ -29,10 +30,10 @@ from engine.evaluation.report import (
 from engine.evaluation.retrain_top import CACHED, RetrainJob, earlier_work, has_stored_result
 from engine.paths import ASSETS
 from explorer import plain
-from explorer.controls import MEASUREMENTS, Settings
+from explorer.controls import Settings
 from explorer.images import display
 from explorer.query_view import Query
-from explorer.results_view import measurement_title
+from explorer.results_view import _in_sentence, measurement_title
 from explorer.runtime import MODEL_LABELS, Handle, influence_titles, model_choices
 
 FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
@@ -207,10 +208,14 @@ def _fmt_float(v: Any, spec: str) -> str:
     return "" if v is None else format(float(v), spec)
 
 
-def _fmt_change(v: Any) -> str:
+def _fmt_change(v: Any, measured: str | None = None, predicted: str | None = None) -> str:
     """A retraining table's predicted change to 4 significant digits, or a dash where the method made no
-    prediction (``no_prediction_note`` says why): the table printed "None"."""
-    return NO_VALUE if v is None else f"{float(v):.4g}"
+    prediction (``no_prediction_note`` says why): the table printed "None".  A prediction of another measurement
+    than the ``measured`` one (``predicted``: D-TRAK's square norm) names it in the cell (QA 64 F1)."""
+    if v is None:
+        return NO_VALUE
+    other = predicted is not None and measured is not None and predicted != measured
+    return f"{float(v):.4g}" + (f" ({short_measurement(predicted)})" if other else "")
 
 
 def no_prediction_note(names: list[str], info: dict) -> str:
@@ -232,6 +237,46 @@ def no_prediction_note(names: list[str], info: dict) -> str:
     if other:
         parts.append(f"{' and '.join(other)}: no predicted change in the file")
     return f"{NO_VALUE} in *predicted change*: " + "; ".join(parts) + "."
+
+
+def lds_heading(meas: str, other: str = "") -> str:
+    """An LDS record's heading: its measurement under the title every other line gives it
+    (``results_view.measurement_title``); its own lookup headed ``loss@t=500`` "Training loss" (QA 64 F8)."""
+    return f"#### Measurement: {measurement_title(meas)} (`{meas}`){other}"
+
+
+def short_measurement(spec: str) -> str:
+    """A measurement inside a sentence, without the title's parenthesis: "square norm", "training loss"."""
+    return _in_sentence(re.sub(r" \(.*\)$", "", measurement_title(spec)))
+
+
+def predicted_measurement(session: Any, method: str, measured: str) -> str:
+    """The measurement whose change a retraining record's ``method`` predicted, when ``measured`` was the job's:
+    the same, except for a method that scores its own (D-TRAK: the square norm, ``session.measurement_used``).
+    The records hold only the job's measurement; a method this server does not know keeps it."""
+    base = method.partition("[")[0]
+    try:
+        return session.measurement_used(base, measured)
+    except (KeyError, ValueError):
+        return measured
+
+
+def incomparable_note(methods: list[tuple[str, str]], measured: str) -> str:
+    """Under a retraining view, for the methods ((title, measurement predicted)) whose prediction is of another
+    measurement than the one measured: their predicted change is not comparable with the measured change (QA 64
+    F1: D-TRAK's square-norm sums sat beside the loss's changes unlabelled, and the README took their ratio).
+    "" when every prediction is of the measured measurement."""
+    other: dict[str, list[str]] = {}
+    for title, used in methods:
+        if used != measured:
+            other.setdefault(used, []).append(title)
+    if not other:
+        return ""
+    parts = [f"{plain.and_list(list(dict.fromkeys(titles)))}'s predicted change is of the {short_measurement(used)}, "
+             f"the measurement {'it scores' if len(set(titles)) == 1 else 'they score'} whatever is asked, not of the "
+             f"{short_measurement(measured)} measured here: it is not comparable with the measured change"
+             for used, titles in other.items()]
+    return "; ".join(parts) + "."
 
 
 def _title(info: dict, name: str) -> str:
@@ -296,7 +341,7 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
         meas = entry.measurement
         cfg = entry.config
         other = settings_heading(entry.settings_differences(current), entry.query_draws != served) if cfg else ""
-        st.markdown(f"#### Measurement: {MEASUREMENTS.get(meas.split('@')[0], meas)} (`{meas}`){other}")
+        st.markdown(lds_heading(meas, other))
         if cfg:
             st.caption(
                 lds_summary(cfg)
@@ -381,12 +426,14 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
     current = served_settings(handle)
     for entry in entries:
         cfg = entry.config
+        meas = str(cfg.get("measurement", "?"))
         rows = [
             {
                 "query": r.get("query"),
                 "method": _title(info, str(r.get("method"))),
                 "removed": len(r.get("removed") or []) or cfg.get("removed"),
-                "predicted change": _fmt_change(r.get("predicted_change")),
+                "predicted change": _fmt_change(r.get("predicted_change"), meas,
+                                                 predicted_measurement(handle.session, str(r.get("method")), meas)),
                 "measured change": r.get("measured_change"),
                 "random control": r.get("random_measured_change"),
                 "measured / control": (
@@ -400,7 +447,6 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
         if not rows:
             continue
         differences = entry.settings_differences(current)
-        meas = str(cfg.get("measurement", "?"))
         st.caption(
             f"Measurement: {measurement_title(meas)}; {_count(cfg.get('removed'))} of the "
             f"{_count(cfg.get('num_train'))} training images removed; {_count(cfg.get('steps'))} training steps "
@@ -414,6 +460,11 @@ def retrain_results_section(handle: Handle, files: ResultFiles | None = None) ->
             [str(r.get("method")) for r in entry.results if r.get("predicted_change") is None], info)
         if no_prediction:
             st.caption(no_prediction)
+        incomparable = incomparable_note(
+            [(_title(info, str(r.get("method"))), predicted_measurement(handle.session, str(r.get("method")), meas))
+             for r in entry.results if r.get("predicted_change") is not None], meas)
+        if incomparable:
+            st.caption(incomparable)
         plain.details([
             f"Measurement `{meas}`, true measurement over {cfg.get('true_measurement_mc_samples', '?')} common draws"
             + (f" · **removals chosen with {QUERY_DRAWS_NOTE[entry.query_draws]}, not this model's setting**"
@@ -563,6 +614,14 @@ def _poll(handle: Handle, key: tuple) -> None:
     st.progress(min(max(float(fraction), 0.0), 1.0), text=f"Retraining: {message}")
 
 
+def predicted_label(title: str, used: str, measured: str) -> str:
+    """The retraining result's predicted-change metric: which measurement's change it predicts, where that is
+    not the measured one (D-TRAK's square norm beside the loss's measured change, QA 64 F1)."""
+    if used == measured:
+        return f"Predicted change ({title})"
+    return f"Predicted change of the {short_measurement(used)} ({title}; not the {short_measurement(measured)})"
+
+
 def _show_result(handle: Handle, key: tuple, job: Any, info: dict) -> None:
     try:
         r = job.result()
@@ -575,8 +634,10 @@ def _show_result(handle: Handle, key: tuple, job: Any, info: dict) -> None:
     if job.progress()[0] == CACHED:
         st.caption("The stored result of an earlier retraining of this choice (not trained again).")
     predicted = r.get("predicted_change")
+    measured = str(r.get("measurement", ""))
+    used = predicted_measurement(handle.session, str(r.get("method")), measured)
     c1, c2, c3 = st.columns(3)
-    c1.metric(f"Predicted change ({title})", "n/a" if predicted is None else f"{float(predicted):+.3e}")
+    c1.metric(predicted_label(title, used, measured), "n/a" if predicted is None else f"{float(predicted):+.3e}")
     c2.metric(f"Measured change without its top {frac:.0%}", f"{float(r['measured_change']):+.3e}")
     c3.metric(f"Measured change without a random {frac:.0%}", f"{float(r['random_measured_change']):+.3e}")
     removed = list(r.get("removed", []))
@@ -584,8 +645,9 @@ def _show_result(handle: Handle, key: tuple, job: Any, info: dict) -> None:
         f"Measurement `{r.get('measurement', '')}`: full model {_fmt_float(r.get('full_measurement'), '.4f')}, "
         f"without the top images {_fmt_float(r.get('retrained_measurement'), '.4f')}, without random images "
         f"{_fmt_float(r.get('random_measurement'), '.4f')} ({r.get('mc_samples', '?')} common draws; "
-        f"{r.get('steps', '?')} training steps per model). A positive change means the query became less likely; "
-        "removing true proponents should raise it more than the random control."
+        f"{r.get('steps', '?')} training steps per model). A positive change means removing the images "
+        f"{removal_effect(measured).positive}; removing true proponents should raise it more than the random "
+        "control." + (f" {incomparable_note([(title, used)], measured)}" if predicted is not None else "")
     )
     if removed:
         ds = handle.session.dataset

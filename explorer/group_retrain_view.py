@@ -47,8 +47,27 @@ def group_retrain_section(handle: Handle, chosen: str | None = None) -> None:
     st.plotly_chart(retrain_figure(groups, title, x_title), key="grp_fig_retrain")
     st.dataframe(pd.DataFrame([{"group": g["spec"], "size": g["size"], "method": title(n), "Spearman": c["spearman"],
                                 "sign agreement": c["sign_agreement"], "mean predicted": c["mean_predicted"],
+                                "predicted change of": predicted_of(handle.session, n, rec),
                                 "mean measured": float(np.mean(g["measured_change"]))}
-                               for _, g in groups for n, c in g["comparison"].items()]), hide_index=True)
+                               for rec, g in groups for n, c in g["comparison"].items()]), hide_index=True)
+    from explorer.evaluation_view import incomparable_note
+
+    note = incomparable_note(list(dict.fromkeys((title(n), predicted_of(handle.session, n, rec))
+                                                for rec, g in groups for n in g["comparison"])), _measured(groups))
+    if note:  # D-TRAK's mean predicted is of its square norm, beside the loss's mean measured (QA 64 F1)
+        st.caption(note)
+
+
+def _measured(groups: list[tuple[dict, dict]]) -> str:
+    return str(groups[0][0].get("config", {}).get("measurement", "loss")) if groups else "loss"
+
+
+def predicted_of(session: Any, method: str, record: dict) -> str:
+    """The measurement whose change ``method``'s predictions in ``record`` are of: the record's measured one, or
+    the method's own (D-TRAK's square norm: ``session.measurement_used``)."""
+    from explorer.evaluation_view import predicted_measurement
+
+    return predicted_measurement(session, method, str(record.get("config", {}).get("measurement", "loss")))
 
 
 def retrain_record_note(records: list[dict], specs: list[str], served: Mapping[str, Any] | None = None,

@@ -6,6 +6,9 @@ test_app_presentation: no server, no model."""
 
 from __future__ import annotations
 
+import json
+
+from test_app_cosmetics17 import MINE, _eval_handle, _run_evaluation
 from test_app_presentation import (
     METHOD_INFO,
     FakeData,
@@ -97,3 +100,85 @@ def test_about_says_the_square_norm_is_no_likelihood():
     claim = [t for t in sentences if "lower means more likely" in t]
     assert claim and not any("squared norm" in t for t in claim)  # the exception is not listed under the rule
     assert "**no likelihood**" in ABOUT
+
+
+# --- F1 (and F2's retraining caption): a predicted change of another measurement --------------------------------
+
+
+class _Job:
+    def __init__(self, record: dict) -> None:
+        self.record = record
+
+    def result(self) -> dict:
+        return self.record
+
+    def progress(self) -> tuple[str, float]:
+        return "done", 1.0
+
+
+def _retrain_result(handle, job, info):
+    from explorer import evaluation_view
+
+    evaluation_view._show_result(handle, ("k",), job, info)
+
+
+RECORD = {"method": "dtrak", "measurement": "loss", "fraction": 0.02, "predicted_change": 0.0928,
+          "measured_change": 0.0054, "random_measured_change": 0.0033, "full_measurement": 0.022,
+          "retrained_measurement": 0.027, "random_measurement": 0.025, "mc_samples": 1024, "steps": 16000}
+
+
+def test_a_retraining_result_names_the_measurement_its_prediction_is_of():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(_retrain_result, args=(_own_measurements(FakeHandle()), _Job(RECORD), METHOD_INFO))
+    at.run()
+    assert not at.exception, at.exception
+    assert [m.label for m in at.metric][0] == "Predicted change of the square norm (D-TRAK; not the training loss)"
+    caption = " ".join(c.value for c in at.caption)
+    assert "not comparable with the measured change" in caption
+    assert "A positive change means removing the images makes the query less likely" in caption
+    square = {**RECORD, "method": "kfac", "measurement": "square-norm"}  # the job measured the square norm
+    at = AppTest.from_function(_retrain_result, args=(_own_measurements(FakeHandle()), _Job(square), METHOD_INFO))
+    at.run()
+    caption = " ".join(c.value for c in at.caption)
+    assert "removing the images raises the query's square norm" in caption and "likely" not in caption
+    assert [m.label for m in at.metric][0] == "Predicted change (K-FAC Influence)"
+
+
+def test_the_shipped_retraining_table_marks_d_traks_square_norm(tmp_path, monkeypatch):
+    (tmp_path / "retrain_top_fake.json").write_text(json.dumps({
+        "config": {**MINE, "measurement": "loss", "removed": 20, "num_train": 1000, "steps": 16000},
+        "results": [{"query": "gallery:0", "method": m, "removed": [1, 2], "predicted_change": p,
+                     "measured_change": 0.0054, "random_measured_change": 0.0033}
+                    for m, p in (("kfac", 0.4066), ("dtrak", 0.09276))]}))
+    handle = _own_measurements(_eval_handle())
+    monkeypatch.setattr("test_app_cosmetics17._eval_handle", lambda: handle)
+    at = _run_evaluation(tmp_path, monkeypatch)
+    table = at.dataframe[0].value
+    cells = dict(zip(table["method"], table["predicted change"], strict=True))
+    assert cells == {"K-FAC Influence": "0.4066", "D-TRAK": "0.09276 (square norm)"}
+    captions = " ".join(c.value for c in at.caption)
+    assert ("D-TRAK's predicted change is of the square norm, the measurement it scores whatever is asked, not of "
+            "the training loss measured here: it is not comparable with the measured change.") in captions
+
+
+def test_the_group_retraining_table_says_what_each_prediction_is_of():
+    from explorer.evaluation_view import incomparable_note
+    from explorer.group_retrain_view import predicted_of
+
+    session = _own_measurements(FakeHandle()).session
+    record = {"config": {"measurement": "loss"}}
+    assert predicted_of(session, "dtrak", record) == "square-norm" and predicted_of(session, "kfac", record) == "loss"
+    assert incomparable_note([("K-FAC Influence", "loss")], "loss") == ""
+
+
+# --- F8, F9, F11 -------------------------------------------------------------------------------------------------
+
+
+def test_an_lds_heading_of_a_loss_at_t_record_names_its_timestep(tmp_path, monkeypatch):
+    from test_app_cosmetics17 import _lds_file, _sweep
+
+    _lds_file(tmp_path, "lds_fake_losst500.json", "loss@t=500", 64, {"kfac": _sweep(0.3)})
+    at = _run_evaluation(tmp_path, monkeypatch)
+    headings = [m.value for m in at.markdown if m.value.startswith("#### Measurement:")]
+    assert headings == ["#### Measurement: Loss at timestep 500 (`loss@t=500`)"]  # was "Training loss"
