@@ -42,6 +42,7 @@ from engine.attribution.precomputed import MEASUREMENT
 from engine.attribution.precomputed_groups import precomputed_matrices as engine_precomputed_matrices
 from engine.attribution.signs import end_signs, removed_words, reverse_caveat
 from engine.evaluation.stats import spearman
+from engine.model.measurements import draws_phrase
 from explorer import chips, figures, plain
 from explorer.controls import Settings
 from explorer.figures import label_style
@@ -102,8 +103,8 @@ def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, meth
     damping = {n: s.damping_dict[n] for n in methods if n in s.damping_dict}
     store = handle.group_matrices
 
-    def key(n: str) -> tuple:
-        return (qset.key, s.measurement, n, damping.get(n))
+    def key(n: str) -> tuple:  # with the sidebar's M, which the matrices are scored at (QA 64 F3)
+        return (qset.key, s.measurement, int(s.mc_samples), n, damping.get(n))
 
     matrices = {n: store.get(key(n)) for n in methods}
     missing = [n for n in methods if matrices[n] is None]
@@ -115,7 +116,7 @@ def group_result(handle: Handle, group: Group, qset: QuerySet, s: Settings, meth
             new = attribution_matrix(
                 handle.session, qset, s.measurement, missing, damping,  # each method reads its own
                 cache, progress=throttled(lambda m, f: bar.progress(f, text=m)),
-                gradient_cache=handle.group_query_gradients,
+                gradient_cache=handle.group_query_gradients, mc_samples=int(s.mc_samples),
             )
         for n in missing:
             matrices[n] = new[n]
@@ -280,7 +281,7 @@ def groups_page(handle: Handle, s: Settings) -> None:
     if not result.ok():
         return
     st.markdown(f"**{group.spec}** · {group.description} · {len(qset)} samples ({_set_name(qset)}) · "
-                f"measurement `{s.measurement}`")
+                f"measurement `{s.measurement}` · {draws_phrase(s.measurement, s.mc_samples)}")
     timing = "; ".join(
         f"{info[n]['title']}: " + ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in r.timing_ms.items())
         for n, r in result.methods.items() if r.status == "ok"

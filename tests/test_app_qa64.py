@@ -7,7 +7,9 @@ test_app_presentation: no server, no model."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 from test_app_cosmetics17 import MINE, _eval_handle, _run_evaluation
 from test_app_presentation import (
     METHOD_INFO,
@@ -170,6 +172,36 @@ def test_the_group_retraining_table_says_what_each_prediction_is_of():
     record = {"config": {"measurement": "loss"}}
     assert predicted_of(session, "dtrak", record) == "square-norm" and predicted_of(session, "kfac", record) == "loss"
     assert incomparable_note([("K-FAC Influence", "loss")], "loss") == ""
+
+
+# --- F3: the Groups matrices at the sidebar's M ------------------------------------------------------------------
+
+
+def test_group_matrices_are_scored_and_kept_at_the_sidebars_m(monkeypatch):
+    from engine.attribution.groups import group_from_indices
+    from engine.attribution.pool import MatrixResult
+    from explorer import groups_view
+    from explorer.shared_results import RecentResults
+
+    asked = []
+
+    def matrix(session, qset, measurement, methods, damping, cache, progress=None, gradient_cache=None,
+               mc_samples=None):
+        asked.append(mc_samples)
+        return {n: MatrixResult(n, "influence", "ok", scores=np.ones((2, 40), np.float32)) for n in methods}
+
+    monkeypatch.setattr(groups_view, "attribution_matrix", matrix)
+    monkeypatch.setattr(groups_view, "GroupResult", lambda *a: SimpleNamespace(ok=lambda: [], note=lambda n: None))
+    handle = FakeHandle()
+    handle.group_matrices, handle.group_query_gradients = RecentResults(8), RecentResults(8)
+    handle.cache_root = None
+    qset = type("Q", (), {"key": "gallery", "name": "gallery", "__len__": lambda self: 2})()
+    group = group_from_indices([1, 2], 40)
+    for m in (8, 8, 2):
+        s = _settings(["kfac"])
+        s = s.__class__(s.measurement, s.methods, s.damping, s.top_k, m)
+        groups_view.group_result(handle, group, qset, s, ["kfac"])
+    assert asked == [8, 2]  # the slider's M reaches the engine; a matrix is kept per M
 
 
 # --- F8, F9, F11 -------------------------------------------------------------------------------------------------

@@ -293,6 +293,18 @@ def test_a_damping_change_reuses_the_query_sets_gradients_from_the_gradient_cach
     assert calls == ["loss", "loss", "loss@t=300"]
 
 
+def test_the_matrix_scores_at_the_m_asked(session, pool):
+    """QA 64 F3: the Groups page and the reverse view scored at the preset's M while the Explore columns beside
+    them used the sidebar's; the matrix now takes the query's M as ``session.query`` does, and caches by it."""
+    m = session.config.mc_samples // 2
+    mats = attribution_matrix(session, pool, "loss", ["kfac"], mc_samples=m)["kfac"].scores
+    per_query = np.stack([session.query(q, "loss", ["kfac"], mc_samples=m).methods["kfac"].scores
+                          for q in pool.queries])
+    np.testing.assert_allclose(mats, per_query, rtol=1e-4, atol=1e-5 * np.abs(per_query).max())
+    default = attribution_matrix(session, pool, "loss", ["kfac"])["kfac"].scores
+    assert not np.allclose(default, mats, rtol=1e-3, atol=1e-5 * np.abs(per_query).max())
+
+
 def test_gallery_set_and_bad_query_sets(session):
     g = gallery_set(session)
     assert g.names == ["gallery:0", "gallery:1", "gallery:2"] and g.queries[0].trajectory is not None

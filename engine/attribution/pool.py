@@ -376,6 +376,7 @@ def attribution_matrix(
     cache_dir: str | Path | None = None,
     progress: Progress = no_progress,
     gradient_cache: GradientCache | None = None,
+    mc_samples: int | None = None,
 ) -> dict[str, MatrixResult]:
     """Every method's (Q, N) scores over the query set: batched gradients, one batched product each.
 
@@ -384,11 +385,14 @@ def attribution_matrix(
     ``gradient_cache`` (``get``/``put``, e.g. the app's bounded ``RecentResults``) keeps the query set's
     gradients per measurement across calls: the gradients do not depend on the damping, so a damping change
     costs one product per method, as a single query's ``rescore`` does.
+    ``mc_samples``: the query's Monte Carlo draws M, as ``session.query`` takes it (None: the preset's); the app
+    passes its sidebar's, which the Groups page and the reverse view ignored while the columns used it (QA 64
+    F3).  The gradient and matrix caches are keyed by it already (``len(draws)``).
     """
     names = session._resolve_methods(methods)
     meas = parse_measurement(measurement, session.diffusion.T)
     damping = dict(damping or {})
-    draws = session.query_draws()
+    draws = session.query_draws(mc_samples)
     grads: dict[Measurement, tuple[torch.Tensor, float]] = {}
     timed: set[Measurement] = set()
     out: dict[str, MatrixResult] = {}
