@@ -15,7 +15,8 @@ from engine.attribution.results import QueryResult
 from engine.evaluation import compare
 from engine.evaluation.compare import scored_methods
 
-__all__ = ["estimated_note", "format_score", "score_table", "scored_methods", "spearman_matrix", "topk_label_counts", "topk_overlap"]
+__all__ = ["estimated_note", "format_score", "score_table", "scored_methods", "spearman_matrix", "topk_estimated_note",
+           "topk_label_counts", "topk_overlap"]
 
 
 def score_table(result: QueryResult, names: Sequence[str], labels: np.ndarray | None,
@@ -53,6 +54,27 @@ def estimated_note(result: QueryResult, names: Sequence[str], titles: dict[str, 
             f"candidates are exact): {', '.join(parts)}. Figures over all training images are approximate.")
 
 
+def topk_estimated_note(result: QueryResult, names: Sequence[str], k: int, titles: dict[str, str]) -> str | None:
+    """The top-k plots' note on a compressed bank's estimates (QA 64 F4: the distributions and the scatter had
+    one, these two none): which methods' top-k, taken as the grids list it (``MethodResult.top``: the re-ranked
+    candidates' exact scores first), hold estimates and how many; or, where a method has estimates but its top-k
+    none, that the top-k are exact.  None when no method among ``names`` has an estimate."""
+    estimated, exact = [], []
+    for n in scored_methods(result, names):
+        r = result.methods[n]
+        if r.exact is None or bool(np.all(r.exact)):
+            continue
+        count = sum(1 for x in r.top(k) if not x.exact)
+        (estimated if count else exact).append(f"{titles.get(n, n)} {count} of {k}" if count else titles.get(n, n))
+    parts = []
+    if estimated:
+        parts.append(f"Estimated scores in the top-{k} (compressed bank, outside the re-ranked candidates; "
+                     f"marked ≈ in the grids): {', '.join(estimated)}.")
+    if exact:
+        parts.append(f"The top-{k} of {', '.join(exact)} are exact scores (re-ranked candidates), as in the grids.")
+    return " ".join(parts) or None
+
+
 def spearman_matrix(result: QueryResult, names: Sequence[str]) -> pd.DataFrame:
     """Spearman rank correlation of every pair of methods' scores over all training images."""
     names, m = compare.spearman_matrix(result, names)
@@ -60,7 +82,8 @@ def spearman_matrix(result: QueryResult, names: Sequence[str]) -> pd.DataFrame:
 
 
 def topk_overlap(result: QueryResult, names: Sequence[str], k: int) -> pd.DataFrame:
-    """Fraction of shared training images between the top-k sets (proponents / most similar)."""
+    """Fraction of shared training images between the top-k sets (highest scores: proponents / most similar),
+    each the one its grid shows (``compare.top_indices``)."""
     names, m = compare.topk_overlap(result, names, k)
     return pd.DataFrame(m, index=names, columns=names)
 

@@ -139,18 +139,19 @@ def overlap_matrix(overlap: pd.DataFrame, titles: Mapping[str, str], k: int) -> 
         )
     )
     fig.update_layout(
-        title=f"Shared fraction of the top-{k} proponents", height=360, margin=dict(l=10, r=10, t=50, b=10)
+        title=f"Shared fraction of the top-{k} (highest scores)", height=360, margin=dict(l=10, r=10, t=50, b=10)
     )
     fig.update_yaxes(autorange="reversed")
     return fig
 
 
 def label_histogram(counts: pd.DataFrame, titles: Mapping[str, str], k: int) -> go.Figure:
-    """Grouped bars: how many of each method's top-k proponents carry each label."""
+    """Grouped bars: how many of each method's top-k (highest scores: an influence method's proponents, a
+    similarity's most similar; "proponents" misnamed the latter, QA 64 F4) carry each label."""
     data = counts.copy()
     colours = method_colours(data["method"].unique())
     data["method"] = data["method"].map(lambda n: titles.get(n, n))
-    fig = px.bar(data, x="label", y="count", color="method", barmode="group", title=f"Labels of the top-{k} proponents",
+    fig = px.bar(data, x="label", y="count", color="method", barmode="group", title=f"Labels of the top-{k} (highest scores)",
                  color_discrete_map={titles.get(n, n): c for n, c in colours.items()})
     fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
     fig.update_xaxes(type="category")

@@ -563,6 +563,7 @@ def _plot_tabs(handle: Handle, result: QueryResult, s: Settings, names: list[str
         ["Score distributions", "Scatter of two methods", "Top-k overlap", "Labels of the top-k"], key="plot_tab"
     )
     estimated = analysis.estimated_note(result, names, titles)
+    top_estimated = analysis.topk_estimated_note(result, names, s.top_k, titles)
     if shown(t_dist):
         with t_dist:
             axes = {n: axis_title(info[n]["kind"], session.measurement_used(n, s.measurement)) for n in names}
@@ -591,6 +592,8 @@ def _plot_tabs(handle: Handle, result: QueryResult, s: Settings, names: list[str
         with t_overlap:
             st.plotly_chart(figures.overlap_matrix(analysis.topk_overlap(result, names, s.top_k), titles, s.top_k),
                             key="fig_overlap")
+            if top_estimated:
+                st.caption(top_estimated)
     if shown(t_labels):
         with t_labels:
             if labels is None:
@@ -598,6 +601,8 @@ def _plot_tabs(handle: Handle, result: QueryResult, s: Settings, names: list[str
             else:
                 counts = analysis.topk_label_counts(result, names, s.top_k, labels, session.dataset.class_names)
                 st.plotly_chart(figures.label_histogram(counts, titles, s.top_k), key="fig_labels")
+                if top_estimated:
+                    st.caption(top_estimated)
 
 
 def lazy_tabs(names: list[str], key: str) -> list[Any]:

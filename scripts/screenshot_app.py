@@ -7,7 +7,7 @@ Chromium, waits for the results grid, and saves:
   explore_full.png  the whole Explore page (grids, plots)
   compare.png       the comparison plots (score distributions)
   scatter.png       two methods' scores against each other, with their Spearman correlation
-  overlap.png       shared fraction of the methods' top-k proponents
+  overlap.png       shared fraction of the methods' top-k (highest scores, as the grids list them)
   labels.png        labels among each method's top-k
   groups.png        the Groups tab (a class group's predicted effect on the gallery)
   groups_retrain.png  the Groups tab's shipped check by retraining (predicted against measured change)

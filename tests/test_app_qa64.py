@@ -204,6 +204,51 @@ def test_group_matrices_are_scored_and_kept_at_the_sidebars_m(monkeypatch):
     assert asked == [8, 2]  # the slider's M reaches the engine; a matrix is kept per M
 
 
+# --- F4: the top-k plots' top-k is the grids' ----------------------------------------------------------------------
+
+
+def _compressed(scores, exact):
+    from engine.attribution.results import MethodResult, QueryResult
+
+    methods = {
+        "kfac": MethodResult(name="kfac", title="K-FAC Influence", kind="influence", caption="", status="ok",
+                             scores=np.asarray(scores, np.float32), exact=np.asarray(exact, bool)),
+        "pixel": MethodResult(name="pixel", title="Pixel similarity", kind="similarity", caption="", status="ok",
+                              scores=np.asarray([5.0, 4.0, 0.0, 0.0], np.float32)),
+    }
+    return QueryResult(query={}, measurement="loss", methods=methods)
+
+
+def test_top_k_plots_rank_as_the_grids_do_and_say_so_of_estimates():
+    from explorer import analysis
+
+    # image 3's estimate is the largest score, but the grid lists the exact candidates 0 and 1 first
+    res = _compressed([5.0, 4.0, 1.0, 9.0], [True, True, False, False])
+    assert [x.index for x in res.methods["kfac"].top(2)] == [0, 1]
+    overlap = analysis.topk_overlap(res, ["kfac", "pixel"], 2)
+    assert overlap.loc["kfac", "pixel"] == 1.0  # {0, 1} both; a plain sort took {3, 0}
+    counts = analysis.topk_label_counts(res, ["kfac"], 2, np.array([0, 1, 2, 3]), None)
+    assert dict(zip(counts["label"], counts["count"], strict=True)) == {"0": 1, "1": 1, "2": 0, "3": 0}
+    titles = {"kfac": "K-FAC Influence", "pixel": "Pixel similarity"}
+    assert analysis.topk_estimated_note(res, ["kfac", "pixel"], 2, titles) == \
+        "The top-2 of K-FAC Influence are exact scores (re-ranked candidates), as in the grids."
+    assert analysis.topk_estimated_note(res, ["kfac"], 3, titles).startswith(
+        "Estimated scores in the top-3 (compressed bank, outside the re-ranked candidates; marked ≈ in the grids): "
+        "K-FAC Influence 1 of 3.")
+    assert analysis.topk_estimated_note(res, ["pixel"], 2, titles) is None
+
+
+def test_top_k_figures_do_not_call_a_similarity_methods_top_k_proponents():
+    import pandas as pd
+
+    from explorer import figures
+
+    fig = figures.overlap_matrix(pd.DataFrame([[1.0]], index=["pixel"], columns=["pixel"]), {}, 4)
+    assert "proponents" not in fig.layout.title.text
+    counts = pd.DataFrame({"method": ["pixel"], "label": ["1"], "count": [2]})
+    assert "proponents" not in figures.label_histogram(counts, {}, 4).layout.title.text
+
+
 # --- F8, F9, F11 -------------------------------------------------------------------------------------------------
 
 

@@ -23,10 +23,12 @@ def scored_methods(result: QueryResult, names: Sequence[str]) -> list[str]:
     return out
 
 
-def top_indices(scores: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
-    """The k largest (or smallest) scores' training indices, ties by index."""
-    order = np.argsort(-scores if largest else scores, kind="stable")
-    return order[:k]
+def top_indices(result: QueryResult, name: str, k: int) -> list[int]:
+    """Method ``name``'s top-k training indices as its list shows them (``MethodResult.top``: a compressed bank's
+    exact re-ranked scores first, then the rest by score; ties by index).  A plain sort of the scores ranked a
+    compressed bank's estimates among them, so the overlap and label plots counted images the grids do not show
+    and dropped ones they do (QA 64 F4)."""
+    return [x.index for x in result.methods[name].top(k)]
 
 
 def spearman_matrix(result: QueryResult, names: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -40,9 +42,9 @@ def spearman_matrix(result: QueryResult, names: Sequence[str]) -> tuple[list[str
 
 
 def topk_overlap(result: QueryResult, names: Sequence[str], k: int) -> tuple[list[str], np.ndarray]:
-    """(methods with scores, fraction of shared training images between every pair's top-k)."""
+    """(methods with scores, fraction of shared training images between every pair's top-k, ``top_indices``)."""
     names = scored_methods(result, names)
-    tops = {n: set(top_indices(result.methods[n].scores, k).tolist()) for n in names}
+    tops = {n: set(top_indices(result, n, k)) for n in names}
     m = np.array([[len(tops[a] & tops[b]) / max(k, 1) for b in names] for a in names], dtype=float)
     return names, m
 
@@ -50,11 +52,11 @@ def topk_overlap(result: QueryResult, names: Sequence[str], k: int) -> tuple[lis
 def topk_label_counts(
     result: QueryResult, names: Sequence[str], k: int, labels: np.ndarray, class_names: Sequence[str] | None
 ) -> list[dict[str, object]]:
-    """Rows {method, label, count}: how often each label occurs among each method's top-k."""
+    """Rows {method, label, count}: how often each label occurs among each method's top-k (``top_indices``)."""
     rows: list[dict[str, object]] = []
     n_classes = int(labels.max()) + 1 if len(labels) else 0
     for name in scored_methods(result, names):
-        idx = top_indices(result.methods[name].scores, k)
+        idx = np.asarray(top_indices(result, name, k), dtype=np.int64)
         counts = np.bincount(labels[idx], minlength=n_classes)
         for c, count in enumerate(counts):
             rows.append({"method": name, "label": class_names[c] if class_names else str(c), "count": int(count)})
