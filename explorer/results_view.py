@@ -649,6 +649,34 @@ def distribution_caption(methods: list[tuple[str, str]]) -> str:
 # --- timings, cache, downloads -----------------------------------------------------------
 
 
+TIMING_COLUMNS = (
+    "**Timings of this query** (gradient = query measurement gradient, shared by methods that use the same "
+    "measurement, a pass that computes two measurements' gradients at once split evenly between them; prepare = "
+    "rotate/project/embed the query, which in a server's first query of a method includes loading its cache from "
+    "disk; score = the first answer's pass over all training images; rescore = the latest re-scoring at the chosen "
+    "damping: a lookup or interpolation in the damping grid, or one more pass)"
+)
+
+
+def timings_caption(result: QueryResult, mc_samples: int, bank_draws: bool) -> str:
+    """The line under the timing table: the query's own times (its first answer's, and a re-scoring's beside
+    them), its measurement and draws.  A precomputed answer was not computed here: it says so, with no time
+    (QA 64 F5: its flag read "precomputed 1.0 ms").  ``bank_draws``: the query takes the training gradients'
+    draws (``query_draws == "bank"``)."""
+    times = dict(result.timing_ms)
+    again = times.pop("rescore", None)
+    if result.query.get("precomputed"):
+        head = "This query: precomputed (the shipped scores, read from a file: nothing computed or timed here)"
+    else:
+        head = (("This query's first answer: " if again is not None else "This query: ")
+                + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items())
+                + (f"; re-scored at these dampings in {again:.1f} ms (the gradients kept)" if again is not None else ""))
+    return (head + f" · measurement `{result.measurement}` · "
+            + draws_phrase(result.measurement, result.query.get("mc_samples", mc_samples))
+            + (" (the training gradients' own draws: common random numbers)"
+               if bank_draws and uses_draws(result.measurement) else ""))
+
+
 def timings(handle: Handle, result: QueryResult, s: Settings) -> None:
     info = handle.session.method_info()
     rows = []
@@ -659,22 +687,10 @@ def timings(handle: Handle, result: QueryResult, s: Settings) -> None:
         row = {"method": info[name]["title"], "status": r.status}
         row.update({f"{k} (ms)": round(v, 2) for k, v in r.timing_ms.items()})
         rows.append(row)
-    st.markdown("**Timings of this query** (gradient = query measurement gradient, shared by methods that use "
-                "the same measurement, a pass that computes two measurements' gradients at once split evenly "
-                "between them; prepare = rotate/project/embed the query; score = one pass over all "
-                "training images at the chosen damping)")
+    if not result.query.get("precomputed"):  # a precomputed answer's table has no times to define
+        st.markdown(TIMING_COLUMNS)
     st.dataframe(pd.DataFrame(rows), hide_index=True)
-    times = dict(result.timing_ms)
-    again = times.pop("rescore", None)
-    st.caption(
-        ("This query's first answer: " if again is not None else "This query: ")
-        + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items())
-        + (f"; re-scored at these dampings in {again:.1f} ms (the gradients kept)" if again is not None else "")
-        + f" · measurement `{result.measurement}` · "
-        + draws_phrase(result.measurement, result.query.get("mc_samples", s.mc_samples))
-        + (" (the training gradients' own draws: common random numbers)"
-           if handle.session.config.query_draws == "bank" and uses_draws(result.measurement) else "")
-    )
+    st.caption(timings_caption(result, s.mc_samples, handle.session.config.query_draws == "bank"))
 
 
 def _shared_note(others: list[str], info: dict[str, dict]) -> str:

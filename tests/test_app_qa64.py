@@ -249,6 +249,41 @@ def test_top_k_figures_do_not_call_a_similarity_methods_top_k_proponents():
     assert "proponents" not in figures.label_histogram(counts, {}, 4).layout.title.text
 
 
+# --- F5, F6: timings ----------------------------------------------------------------------------------------------
+
+
+def test_a_precomputed_answer_shows_no_made_up_time(tmp_path):
+    from engine.attribution.precomputed import FILE, PrecomputedGallery, precomputed_result
+    from engine.attribution.session import AttributionSession
+    from engine.paths import default_checkpoint
+    from explorer.results_view import timings_caption
+
+    session = AttributionSession("digits", cache_root=tmp_path)
+    pre = precomputed_result(session, PrecomputedGallery(default_checkpoint("digits") / FILE), "gallery:0", "loss",
+                             session.config.mc_samples, {})
+    assert pre is not None and pre.timing_ms == {}  # it was {"precomputed": 1.0}, a flag printed as a time
+    line = timings_caption(pre, 64, False)
+    assert line.startswith("This query: precomputed (the shipped scores, read from a file: nothing computed or "
+                           "timed here) · measurement `loss`") and " ms" not in line
+
+
+def test_the_cli_says_a_precomputed_answer_was_not_timed():
+    from engine.attribution.results import QueryResult
+    from engine.cli.query_output import format_result
+
+    text = format_result(QueryResult(query={"spec": "gallery:0", "precomputed": True}, measurement="loss",
+                                     methods={}, timing_ms={}), 4, None)
+    assert "measurement: loss    precomputed (read from the shipped file, nothing timed)" in text  # was "total 0 ms"
+
+
+def test_the_timing_columns_say_what_score_and_rescore_hold():
+    from explorer.results_view import TIMING_COLUMNS
+
+    assert "score = the first answer's pass over all training images" in TIMING_COLUMNS
+    assert "rescore = the latest re-scoring at the chosen damping" in TIMING_COLUMNS
+    assert "includes loading its cache from disk" in TIMING_COLUMNS
+
+
 # --- F8, F9, F11 -------------------------------------------------------------------------------------------------
 
 

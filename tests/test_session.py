@@ -230,6 +230,12 @@ def test_rescore_changes_damping_without_gradients(session, monkeypatch):
     np.testing.assert_array_equal(new.methods["pixel"].scores, res.methods["pixel"].scores)
     # the first answer's times are kept, and the re-scoring's is a time, not a flag (QA 28 #1: "rescore 1.0 ms")
     assert {k: v for k, v in new.timing_ms.items() if k != "rescore"} == res.timing_ms
+    # a method's "score" stays the first answer's pass, and its re-scoring is "rescore" beside it (QA 64 F6: a grid
+    # lookup's 0.05 ms replaced the pass's time under "score = one pass over all training images")
+    for name in ("kfac", "trak"):
+        assert new.methods[name].timing_ms["score"] == res.methods[name].timing_ms["score"]
+        assert new.methods[name].timing_ms["rescore"] >= 0.0
+        assert {k: v for k, v in new.methods[name].timing_ms.items() if k != "rescore"} == res.methods[name].timing_ms
     assert 0.0 < new.timing_ms["rescore"] < 60_000.0 and new.timing_ms["rescore"] != 1.0
     back = session.rescore(new, {"kfac": res.methods["kfac"].damping, "trak": res.methods["trak"].damping})
     for name in ("kfac", "trak"):

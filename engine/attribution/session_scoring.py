@@ -183,6 +183,11 @@ class SessionScoring:
             res = replace(old, timing_ms={**old.timing_ms})
             res.damping = self.damping_for(name, damping)
             self._score_into(res, m, prepared[name])
+            # "score" stays the first answer's pass over every training image; this re-scoring (a lookup or
+            # interpolation in the damping grid, or one more pass) is "rescore" beside it: it replaced "score",
+            # and a 0.05 ms lookup then read as a pass over 1,797 images (QA 64 F6)
+            again = res.timing_ms.pop("score")
+            res.timing_ms = {**{k: v for k, v in old.timing_ms.items() if k != "rescore"}, "rescore": again}
             methods[name] = res
         # the first answer's times, and this re-scoring's beside them (QA 28 #1: "rescore" held a flag, 1.0, which the
         # page printed as "rescore 1.0 ms" beside a "total" of the rescore alone, under a table of 650 ms gradients)
