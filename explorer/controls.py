@@ -37,6 +37,14 @@ def _fmt_damping(default: float):
     return fmt
 
 
+def mc_options(default_m: int, bank_draws: bool) -> list[int]:
+    """The Monte Carlo slider's steps.  With ``bank_draws`` (``query_draws == "bank"``: the query takes the
+    training gradients' own draws) none above the bank's M, ``default_m``: the engine refuses every larger one,
+    and the slider offered 32-256 on mnist, each answered by an error in configuration words (QA 64 F7)."""
+    options = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, int(default_m)})
+    return [m for m in options if m <= default_m] if bank_draws else options
+
+
 def damping_key(method: str, preset: str) -> str:
     """The sidebar damping slider's state key, one per model as the M slider's: a key shared by the models kept
     one model's value for the other (QA 30c: after digits -> mnist -> digits, TRAK scored digits at mnist's
@@ -91,7 +99,8 @@ def choose_settings(handle: Handle, has_trajectory: bool) -> Settings:
     st.sidebar.header("Display and sampling")
     top_k = st.sidebar.slider("Top-k images per method", 1, 32, 8, key="top_k")
     default_m = int(session.config.mc_samples)
-    m_options = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, default_m})
+    bank = session.config.query_draws == "bank"
+    m_options = mc_options(default_m, bank)
     draws = uses_draws(spec)
     mc = st.sidebar.select_slider(
         "Monte Carlo samples for the query",
@@ -101,6 +110,8 @@ def choose_settings(handle: Handle, has_trajectory: bool) -> Settings:
         disabled=not draws,  # its value is kept for the measurements that use it
         help="Draws of (t, noise) for the query's measurement gradient (common to every method). "
         "The training-gradient caches keep the M they were built with."
+        + (f" This model's queries take the training gradients' own draws, so at most their M = {default_m}."
+           if bank else "")
         + ("" if draws else " Not used by the trajectory measurement, which evaluates the recorded sampling path "
            "exactly."),
     )

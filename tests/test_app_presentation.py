@@ -201,7 +201,7 @@ class FakeSession:
 
     preset = SimpleNamespace(name="fake")
     checkpoint_hash = "f" * 16
-    config = SimpleNamespace(mc_samples=4)
+    config = SimpleNamespace(mc_samples=4, query_draws="own")
     diffusion = SimpleNamespace(T=100)
 
     def __init__(self) -> None:

@@ -10,6 +10,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from test_app_cosmetics17 import MINE, _eval_handle, _run_evaluation
 from test_app_presentation import (
     METHOD_INFO,
@@ -282,6 +283,23 @@ def test_the_timing_columns_say_what_score_and_rescore_hold():
     assert "score = the first answer's pass over all training images" in TIMING_COLUMNS
     assert "rescore = the latest re-scoring at the chosen damping" in TIMING_COLUMNS
     assert "includes loading its cache from disk" in TIMING_COLUMNS
+
+
+# --- F7: mnist's M slider ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("draws", ["bank", "own"])
+def test_the_m_slider_offers_no_m_the_engine_refuses(draws):
+    from streamlit.testing.v1 import AppTest
+    from test_app_presentation import _explore_sidebar
+
+    handle = FakeHandle()
+    handle.session.config = SimpleNamespace(mc_samples=16, query_draws=draws)
+    at = AppTest.from_function(_explore_sidebar, args=(handle,))
+    at.run()
+    assert not at.exception, at.exception
+    options = [int(o) for o in at.select_slider(key="mc_samples:fake").options]
+    assert options == ([1, 2, 4, 8, 16] if draws == "bank" else [1, 2, 4, 8, 16, 32, 64, 128, 256])
 
 
 # --- F8, F9, F11 -------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def _page() -> None:
     info = {"trak": {"title": "TRAK", "default_damping": default, "damping_steps": damping_steps((1e-9, 1.0), default)}}
     session = SimpleNamespace(
         preset=SimpleNamespace(name=preset), diffusion=SimpleNamespace(T=100),
-        config=SimpleNamespace(mc_samples=16), method_info=lambda: info, method_names=lambda: ["trak"])
+        config=SimpleNamespace(mc_samples=16, query_draws="own"), method_info=lambda: info, method_names=lambda: ["trak"])
     s = choose_settings(SimpleNamespace(session=session, build=SimpleNamespace(unavailable={})), True)
     st.session_state["chosen"] = dict(s.damping)["trak"]
 
