@@ -349,15 +349,19 @@ def grid_scores(result: QueryResult, names: list[str], titles: dict[str, str], d
     return pd.DataFrame(columns, index=rows[: max((len(v) for v in columns.values()), default=0)])
 
 
-def column_note(r: MethodResult) -> str:
+def column_note(r: MethodResult, asked: str | None = None) -> str:
     """The line beside a method column's query thumbnail: its damping, where the scores came from, its bank;
     a method with none of these says what kind of score it is (an influence method without a damping is
-    not a "similarity score", as it was labelled until QA round 14)."""
+    not a "similarity score", as it was labelled until QA round 14).  ``asked``: the answer's measurement; a
+    precomputed column scored another (D-TRAK's square norm) says so as a live one does, whose reason is the
+    engine's "uses the square-norm measurement" (QA 64 F9: the precomputed reason, "precomputed", dropped it)."""
     notes = []
     if r.damping is not None:
         notes.append(f"damping {r.damping:.1e}")
     if r.reason == "precomputed":
         notes.append("**precomputed**")
+        if asked is not None and r.measurement is not None and r.measurement != str(asked):
+            notes.append(f"uses the {r.measurement} measurement")
     elif r.reason:
         notes.append(r.reason)
     if r.bank_note():
@@ -424,10 +428,10 @@ def method_columns(handle: Handle, query: Query, result: QueryResult, s: Setting
             if beside:
                 c1, c2 = st.columns([1, 2])
                 c1.image(display(query.input.image, 48), width=48, caption="query")
-                c2.caption(column_note(r))
+                c2.caption(column_note(r, result.measurement))
             else:  # the whole column's width: beside the thumbnail "measurement" broke as "measureme / nt"
                 st.image(display(query.input.image, 48), width=48, caption="query")
-                st.caption(column_note(r))
+                st.caption(column_note(r, result.measurement))
             if r.warning:  # the scores weigh rounding at this damping (a K-FAC damping below its factors' floor)
                 st.warning(r.warning, icon="⚠️")
             if r.exact_pending and not polling and handle.build.status != "running":
@@ -517,7 +521,7 @@ def query_independence_note(d: Dependence) -> str:
     """Why a method's column should not be read as an explanation of this query (``Dependence`` ``d``,
     ``engine.evaluation.query_dependence``); short, so the column's grid stays level with the others."""
     return (
-        f"**Barely depends on the query** on this model: two gallery samples share {d.top_overlap:.0%} "
+        f"**Barely depends on the query** on this model: two gallery samples share on average {d.top_overlap:.0%} "
         f"of their top-{d.top} (random sets {d.chance_overlap:.1%})."
     )
 

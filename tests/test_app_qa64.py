@@ -312,3 +312,22 @@ def test_an_lds_heading_of_a_loss_at_t_record_names_its_timestep(tmp_path, monke
     at = _run_evaluation(tmp_path, monkeypatch)
     headings = [m.value for m in at.markdown if m.value.startswith("#### Measurement:")]
     assert headings == ["#### Measurement: Loss at timestep 500 (`loss@t=500`)"]  # was "Training loss"
+
+
+def test_a_precomputed_d_trak_column_keeps_its_measurement():
+    from engine.attribution.results import MethodResult
+    from explorer.results_view import column_note
+
+    r = MethodResult(name="dtrak", title="D-TRAK", kind="influence", caption="", status="ok", reason="precomputed",
+                     damping=5.6e-4, measurement="square-norm")
+    assert column_note(r, "loss") == "damping 5.6e-04 · **precomputed** · uses the square-norm measurement"
+    kfac = MethodResult(name="kfac", title="K", kind="influence", caption="", status="ok", reason="precomputed",
+                        damping=1e-8, measurement="loss")
+    assert column_note(kfac, "loss") == "damping 1.0e-08 · **precomputed**"
+
+
+def test_the_query_independence_box_says_its_overlap_is_a_mean():
+    from explorer.results_view import query_independence_note
+
+    d = SimpleNamespace(top_overlap=0.95, top=20, chance_overlap=0.011)
+    assert "two gallery samples share on average 95% of their top-20" in query_independence_note(d)
