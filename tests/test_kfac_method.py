@@ -548,6 +548,24 @@ def test_the_build_plan_says_which_bank_auto_chose_and_how_many_rows_each_pass_h
     assert plan == "streamed bank; factor pass over 40 (example, draw) rows"  # no bank pass at build time
 
 
+def test_the_build_plan_announces_no_factor_pass_when_the_factors_are_saved(tmp_path, tiny_preset, tiny_model,
+                                                                            digits_small):
+    """QA 62 F5: with the factors in the cache (a stored bank built before a compressed one, or a killed build),
+    the plan said "factor pass over 64 (example, draw) rows" and the next line "K-FAC factors loaded"."""
+    from engine.attribution.context import make_context
+    from engine.attribution.store import Store
+
+    ds = digits_small.subset(list(range(12)))
+    cfg = AttributionConfig(mc_samples=2, seed=0, kfac_bank="streamed")
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", cfg, "h" * 16, Store(tmp_path, "h" * 16, "digits12"))
+    assert KFACInfluence(cfg).build_plan(ctx) == "streamed bank; factor pass over 24 (example, draw) rows"
+    KFACInfluence(cfg).build(ctx)  # the factors only (the streamed bank has no bank pass)
+    stored = dataclasses.replace(cfg, kfac_bank="stored")
+    ctx = make_context(tiny_preset, tiny_model, ds, "cpu", stored, "h" * 16, Store(tmp_path, "h" * 16, "digits12"))
+    assert KFACInfluence(stored).build_plan(ctx) == ("stored bank; factors saved by an earlier build, then a gradient "
+                                                     "pass over 12 images x 2 draws for the bank")
+
+
 @pytest.mark.parametrize("bank", ["compressed", "auto"])
 @pytest.mark.parametrize("setting, words", [({"kfac_blocks": "joint"}, "needs separate weight and bias blocks"),
                                             ({"ekfac": True}, "supports K-FAC, not EK-FAC")])

@@ -227,7 +227,13 @@ class KFACInfluence(AttributionMethod):
                    f"{self.stored_bank_bytes(ctx) / (1 << 30):.3g} GiB, {'fits' if mode == 'stored' else 'exceeds'} "
                    f"kfac_bank_max_gb {self.config.kfac_bank_max_gb:g})")
         factor_rows = n * (self.factor_draws or m)
-        passes = f"factor pass over {factor_rows:,} (example, draw) rows" + (", twice (EK-FAC)" if self.config.ekfac else "")
+        if ctx.store is not None and ctx.store.exists(FACTORS, self.factor_settings(ctx)):
+            # saved by an earlier build (another bank kind's, or a killed one's): no factor pass runs (QA 62 F5: the
+            # plan announced one while the next line said "K-FAC factors loaded")
+            passes = "factors saved by an earlier build"
+        else:
+            passes = (f"factor pass over {factor_rows:,} (example, draw) rows"
+                      + (", twice (EK-FAC)" if self.config.ekfac else ""))
         if bank_kind(mode).gradient_pass:
             # in images, as the bank's bar counts them (QA 34: "14,376 rows" announced, a bar at 224/1797)
             passes += f", then a gradient pass over {n:,} images x {m} draws for the bank"
