@@ -22,9 +22,9 @@ scores say whether removing an image raises or lowers it, not whether the query 
 An influence score $\tau_i$ estimates the change of the measurement when training image $i$ is removed:
 
 * **Proponent** ($\tau_i > 0$): removing it would *raise* the measurement: for the loss-like ones, make the
-  query **less likely**. The image helped the model produce the query.
+  query **less likely**: the image helped the model produce the query.
 * **Opponent** ($\tau_i < 0$): removing it would *lower* the measurement: for the loss-like ones, make the
-  query **more likely**. The image pulled the model away from the query.
+  query **more likely**: the image pulled the model away from the query.
 
 Over the square norm the page's headings say "raises" and "lowers the query's square norm" instead.
 

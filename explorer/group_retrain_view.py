@@ -164,7 +164,9 @@ def retrain_figure(groups: list[tuple[dict, dict]], title: Callable[[str], str],
     for c, n in enumerate(methods, start=1):
         fig.update_xaxes(title_text=x_title(n), row=rows, col=c)
     fig.update_annotations(font_size=13)
-    fig.update_layout(title="Predicted vs measured change of the loss, per gallery sample",
+    # the measured change is of the records' measurement; a method's predictions may be of another (D-TRAK's
+    # square norm), which its panel's x axis says (QA 67 F2: the title called every prediction one "of the loss")
+    fig.update_layout(title=f"Predicted vs measured change (measured: the {_measured(groups)}), per gallery sample",
                       height=320 * rows + 90, margin=dict(l=10, r=10, t=80, b=10),
                       legend_title_text="predicted label" if colours else None, showlegend=bool(colours))
     return fig

@@ -374,8 +374,12 @@ def axis_labels(handle: Handle, methods: list[str], measurement: str) -> dict[st
     (``kfac``, ``label``): a reader of the page does not know the code's names."""
     session = handle.session
     info = session.method_info()
+    # one axis over every method's bars: it names each method whose changes are of another measurement (QA 67 F2:
+    # "predicted change of the loss" over D-TRAK's square-norm bars)
+    others = "; ".join(f"{info[n]['title']}: of the {session.measurement_used(n, measurement)}" for n in methods
+                       if session.measurement_used(n, measurement) != measurement)
     out = {"sample": "generated sample", "label": "predicted label",
-           "change": f"predicted change of the {measurement}", "method": "method"}
+           "change": f"predicted change of the {measurement}" + (f" ({others})" if others else ""), "method": "method"}
     # D-TRAK's changes are of the square norm whatever the sidebar's measurement (QA round 13)
     out.update({n: f"{info[n]['title']}: predicted change of the {session.measurement_used(n, measurement)}"
                 for n in methods})
@@ -400,7 +404,9 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
     table = _table(result)
     cols = st.columns(len(result.ok()))
     for col, n in zip(cols, result.ok(), strict=True):
-        col.metric(f"Mean predicted change ({info[n]['title']})", f"{table[n].mean():+.3e}")
+        own = result.measurement_of(n)  # D-TRAK's square norm beside the others' measurement (QA 67 F2)
+        of = "" if own == result.measurement else f", of the {own}"
+        col.metric(f"Mean predicted change ({info[n]['title']}{of})", f"{table[n].mean():+.3e}")
         if result.note(n):
             col.caption(result.note(n))
     name = result.ok()[0] if len(result.ok()) == 1 else st.selectbox(
@@ -614,7 +620,9 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
         fig = px.bar(long, x="sample", y="change", color="method", barmode="group",
                      color_discrete_map={shown[n]: colours[n] for n in res.ok()},
                      labels=axis_labels(handle, res.ok(), res.measurement) | {"sample": "gallery sample"},
-                     title=f"Predicted change of each gallery sample's {res.measurement} if {group.spec} were removed")
+                     title=f"Predicted change of each gallery sample's {res.measurement} if {group.spec} were removed"
+                     + ("" if all(res.measurement_of(n) == res.measurement for n in res.ok())
+                        else " (a method in brackets: of its own measurement)"))
         fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
         st.plotly_chart(fig, key="rev_fig_bar")
         downloads(handle, res, s, prefix="rev")

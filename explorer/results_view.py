@@ -681,19 +681,24 @@ def timings_caption(result: QueryResult, mc_samples: int, bank_draws: bool) -> s
                if bank_draws and uses_draws(result.measurement) else ""))
 
 
-def timings(handle: Handle, result: QueryResult, s: Settings) -> None:
-    info = handle.session.method_info()
+def timing_table(result: QueryResult, methods: list[str], info: dict[str, dict]) -> pd.DataFrame:
+    """One row per method shown: its status and each of its times in ms; a method without a time (pixel
+    similarity has no damping, so no rescore) has a blank cell there, not "None" (QA 67 F5)."""
     rows = []
-    for name in s.methods:
+    for name in methods:
         r = result.methods.get(name)
         if r is None:
             continue
         row = {"method": info[name]["title"], "status": r.status}
         row.update({f"{k} (ms)": round(v, 2) for k, v in r.timing_ms.items()})
         rows.append(row)
+    return pd.DataFrame(rows).astype(object).where(lambda t: t.notna(), "")
+
+
+def timings(handle: Handle, result: QueryResult, s: Settings) -> None:
     if not result.query.get("precomputed"):  # a precomputed answer's table has no times to define
         st.markdown(TIMING_COLUMNS)
-    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    st.dataframe(timing_table(result, s.methods, handle.session.method_info()), hide_index=True)
     st.caption(timings_caption(result, s.mc_samples, handle.session.config.query_draws == "bank"))
 
 

@@ -65,6 +65,8 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env, monke
     session = handle.session
     metrics = {m.label: m.value for m in at.metric}
     assert "Mean predicted change (K-FAC Influence)" in metrics
+    # D-TRAK's mean is of its square norm, beside the others' loss (QA 67 F2: the label named no measurement)
+    assert "Mean predicted change (D-TRAK, of the square-norm)" in metrics
     # the page's numbers are the engine's: mean over the gallery of the class's summed scores
     group = parse_group("label:1", session.dataset)
     changes = [

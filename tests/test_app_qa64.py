@@ -331,3 +331,19 @@ def test_the_query_independence_box_says_its_overlap_is_a_mean():
 
     d = SimpleNamespace(top_overlap=0.95, top=20, chance_overlap=0.011)
     assert "two gallery samples share on average 95% of their top-20" in query_independence_note(d)
+
+
+def test_the_timing_table_leaves_a_method_without_a_time_blank():
+    """QA 67 F5: after a damping change pixel similarity (no damping, no rescore) showed "None" in the rescore
+    column; its cell is blank, and the influence methods' times are the results' own."""
+    from engine.attribution.results import MethodResult, QueryResult
+    from explorer.results_view import timing_table
+
+    kfac = MethodResult("kfac", "K-FAC", "influence", "", "ok", timing_ms={"score": 180.354, "rescore": 0.05})
+    pixel = MethodResult("pixel", "Pixel", "similarity", "", "ok", timing_ms={"score": 3.0})
+    info = {"kfac": {"title": "K-FAC Influence"}, "pixel": {"title": "Pixel similarity"}}
+    table = timing_table(QueryResult({}, "loss", {"kfac": kfac, "pixel": pixel}), ["kfac", "pixel"], info)
+    assert table.to_dict("records") == [
+        {"method": "K-FAC Influence", "status": "ok", "score (ms)": 180.35, "rescore (ms)": 0.05},
+        {"method": "Pixel similarity", "status": "ok", "score (ms)": 3.0, "rescore (ms)": ""},
+    ]

@@ -536,6 +536,9 @@ def test_labels_name_the_measurement_each_method_scores(session):
     labels = axis_labels(SimpleNamespace(session=session), ["kfac", "dtrak"], "loss")
     assert labels["kfac"].endswith("predicted change of the loss")
     assert labels["dtrak"].endswith("predicted change of the square-norm")
+    # the one axis over every method's bars names D-TRAK's other measurement (QA 67 F2: "of the loss" over them all)
+    assert labels["change"] == "predicted change of the loss (D-TRAK: of the square-norm)"
+    assert axis_labels(SimpleNamespace(session=session), ["kfac"], "loss")["change"] == "predicted change of the loss"
 
 
 def test_the_cli_names_the_checkpoint_in_printed_commands_only_when_given(tmp_path):

@@ -70,9 +70,9 @@ class KFACInfluence(AttributionMethod):
     order = 0
     title = "K-FAC Influence"
     kind = "influence"
-    caption = (
-        "Training images whose removal would most lower (proponents) or raise (opponents) "
-        "the probability of generating this image"
+    caption = (  # "the measurement", not "the probability": the square norm is no likelihood (QA 67 F1)
+        "Training images whose removal would most raise (proponents) or lower (opponents) the query's measurement: "
+        "for the loss-like ones, make generating this image less (or more) likely"
     )
     needs_gradient = True
     damping_field = "kfac_damping"
