@@ -19,6 +19,12 @@ from typing import Any
 _NUMBERS = re.compile(r"[\d.,/%]+")
 
 
+# in a progress message: a step whose length nothing counts (the factors' eigendecomposition), for which the bars
+# show no time left (``terminal_progress.Pace.left``).  QA 62 F4: the last rows' "(59 s left)" stayed on the bar
+# through minutes of eigendecomposition and the compressed bank's hooks pass
+UNTIMED = "no time estimate"
+
+
 def step_words(text: str) -> str:
     """A progress message with its numbers blanked: whether two messages belong to one step (``move`` draws a new
     step at once and keeps its jump out of tqdm's rate; ``terminal_progress.Pace`` keeps it out of the time left)."""

@@ -211,6 +211,13 @@ class ComputeConfig:
     # digits and mnist models (P under 8.4M) keep their full batches.  Peak of a build ~ a few times this, plus
     # the model
     gradient_batch_bytes: int = 1 << 30
+    # bytes the (example, draw) rows of one batch of the K-FAC factor pass (at most ``KFACInfluence.factor_batch`` =
+    # 256) and of the compressed bank's hooks pass (at most ``hook_rows``) may hold, each row costing
+    # ``curvature.pass_row_bytes`` (its saved activations twice, plus its widest unfolded input twice, measured by one
+    # forward of one row).  Why (QA 62 F1/F2): at CIFAR size (~122 MB a row by that bound) 256 rows passed 13 GB and
+    # the hooks pass's 64 rows 10.3 GB; 2 GiB gives 17 rows there, while digits (1.0 MB a row) and mnist (6.3 MB)
+    # keep their 256-row batches, so their factors are the same bytes
+    factor_batch_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         from .validation import check_compute_config

@@ -178,6 +178,9 @@ def build_compressed_bank(
         outs = []
         for s in range(part.start, part.stop, grad_batch):
             sub = slice(s, min(part.stop, s + grad_batch))
+            if progress is not None and s == part.start:  # the pass's (or part's) start: a fresh time left, not
+                # the factor pass's last one, held through a batch of minutes at CIFAR size (QA 62 F4)
+                progress(f"compressed train gradients {s}/{n}", s / n)
             outs.append(
                 projected_grads(model, diffusion, images[sub], draws.for_rows(sub), params, compressed.projections, blocks)
             )

@@ -57,14 +57,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bar_redraw import UNTIMED
 from ..model.diffusion import Diffusion, apply_flip
 from ..validation import FISHER_TYPES as SETTING_FISHER_TYPES
 from ..validation import KFAC_APPROX as SETTING_KFAC_APPROX
 from .exiting import exit_requested
-from .gradients import Params
+from .gradients import Params, this_thread_only
 from .pass_checkpoint import PassCheckpoint
 from .train_draws import TrainDraws
 
+# said when the factors' eigendecomposition starts; UNTIMED in it: the bars show no time left for it (QA 62 F4)
+EIGH_MESSAGE = f"K-FAC factors: eigendecomposition of the factors ({UNTIMED})"
 FISHER_TYPES = (*SETTING_FISHER_TYPES, "type-2")  # type-2: the exact GGN's factors, for tests
 KFAC_APPROX = SETTING_KFAC_APPROX
 
@@ -516,6 +519,78 @@ def private_copy(model: nn.Module, params: Params) -> tuple[nn.Module, Params]:
     return twin, [(n, own[names[id(t)]]) for n, t in params]
 
 
+# What one row costs beside the saved activations, as multiples (``pass_row_bytes``): the backward's activation
+# gradients (about as large as what autograd saved) and the widest unfolded input twice (curvlinops' patches and
+# their rearranged copy, alive together in its input-covariance hook)
+SAVED_FACTOR = 2
+UNFOLD_FACTOR = 2
+
+
+def pass_row_bytes(model: nn.Module, image_shape: tuple[int, ...], params: Params) -> int:
+    """Bytes one (example, draw) row holds at once in a pass with hooks on the layers of ``params`` (the K-FAC
+    factor pass, the compressed bank's hooks pass), measured by one forward of a single row (zeros at t = 0):
+
+        row_bytes = SAVED_FACTOR x S + UNFOLD_FACTOR x U,
+
+    S = the bytes autograd saves for the backward (``saved_tensors_hooks``, storages counted once, the parameters
+    left out: they do not grow with the rows), U = the largest unfolded input of a hooked layer (kfac-expand's
+    patches: C_in/groups x k_h x k_w x H_out x W_out elements of a Conv2d, the input of a Linear) in the
+    parameters' dtype.  Why these: the pass's memory grows with its rows by the forward's saved activations, their
+    gradients in the backward (as large again), and one layer's patches plus their copy at a time; the
+    factor sums and parameter gradients do not grow with the rows.  At CIFAR size (QA 62's 35.7M-parameter
+    diffusers UNet, U = 14 MB) 122 MB a row (124 MB for the cifar2 preset's own UNet), against the ~98 MB a row QA
+    62 measured (7.1 GB at 64 rows, 0.8 GB before the pass): a bound with some room.  Digits: 1.0 MB, mnist: 6.3 MB.  Deterministic for a model and
+    dtype, so a resumed pass derives the batch it was checkpointed with."""
+    dtype = params[0][1].dtype
+    dev = params[0][1].device
+    size = torch.empty((), dtype=dtype).element_size()
+    owner = {id(p) for _, p in params}
+    modules = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+               and any(id(p) in owner for p in m.parameters(recurse=False))]
+    param_ptrs = {p.data_ptr() for p in model.parameters()}
+    widest = [0]
+
+    def on_forward(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        if isinstance(mod, nn.Conv2d):
+            k = math.prod(mod.kernel_size) * (mod.in_channels // mod.groups)
+            u = k * math.prod(out.shape[2:])
+        else:
+            u = args[0][0].numel()  # one row's input (batch of 1)
+        widest[0] = max(widest[0], int(u))
+
+    saved: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in param_ptrs:
+            n = t.untyped_storage().nbytes()
+            saved[(t.untyped_storage().data_ptr(), n)] = n
+        return t
+
+    # this thread's forward only: the model may be shared with threads that answer queries
+    handles = [m.register_forward_hook(this_thread_only(on_forward)) for m in modules]
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros((1, *image_shape), dtype=dtype, device=dev, requires_grad=True)
+        t = torch.zeros((1,), dtype=torch.long, device=dev)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x, t)
+        del out
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return SAVED_FACTOR * sum(saved.values()) + UNFOLD_FACTOR * widest[0] * size
+
+
+def budget_rows(largest: int, row_bytes: int, budget_bytes: int | None) -> int:
+    """Rows per batch: ``largest``, or fewer so that rows x ``row_bytes`` (``pass_row_bytes``) stays within
+    ``budget_bytes`` (``ComputeConfig.factor_batch_bytes``; None: no budget), and at least 1."""
+    if budget_bytes is None:
+        return max(1, int(largest))
+    return max(1, min(int(largest), int(budget_bytes) // max(1, int(row_bytes))))
+
+
 def compute_kfac(
     model: nn.Module,
     diffusion: Diffusion,
@@ -533,6 +608,7 @@ def compute_kfac(
     joint: bool = False,
     checkpoint_seconds: float | None = None,
     factor_dtype: torch.dtype | None = None,
+    batch_bytes: int | None = None,
 ) -> KFACFactors:
     """K-FAC (or EK-FAC) factors of the GGN/Fisher of L over the N x M (example, draw) rows.
 
@@ -554,6 +630,11 @@ def compute_kfac(
     damping below that turns the rounding into the scores (QA 31a: a 128-image model's scores were 10% off a
     float64 eq. 6 at lambda = 1e-10 and 10x off at 1e-12; the shipped digits model 1.7% at 1e-12, 1.3e-4 at
     1e-10); everything after the factors is float32-exact.  (AttributionConfig.kfac_factor_dtype.)
+    ``batch_bytes``: the rows per batch are ``batch_size`` or fewer, so that they hold at most this many bytes
+    by ``pass_row_bytes`` of the private copy in the pass's dtype (``ComputeConfig.factor_batch_bytes``; QA 62 F1:
+    256 CIFAR-size rows passed 13 GB).  The factors are sums over rows, so the batch changes them by float
+    rounding only (the MC labels are the same stream when a batch's D values are a multiple of 16: torch's CPU
+    normal fills blocks of 16); the derived batch is in the checkpoint's signature as the given one was.
     """
     import warnings
 
@@ -577,6 +658,8 @@ def compute_kfac(
     factors, modules = layout(model, params, joint=joint)
     dev, dtype = params[0][1].device, params[0][1].dtype
     images = images.to(dev, dtype)
+    if batch_bytes is not None:
+        batch_size = budget_rows(batch_size, pass_row_bytes(model, tuple(images.shape[1:]), params), batch_bytes)
     was_training = model.training
     model.eval()
     passes = 2 if ekfac else 1
@@ -635,6 +718,8 @@ def compute_kfac(
         resume.op, resume.total = op, loader.total
     try:
         op.compute_kronecker_factors()
+        if progress is not None:  # minutes at CIFAR size, with no rows to count (QA 62 F4: a stale time left)
+            progress(EIGH_MESSAGE, 1.0 / passes)
         mod_name = {id(m): n for n, m in wrapper.named_modules()}
         curv_names = {lf.name: mod_name[id(modules[lf.name])] for lf in factors.layers}
         for lf in factors.layers:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..bar_redraw import QuietClock, interval, move, short_duration, step_words
+from ..bar_redraw import UNTIMED, QuietClock, interval, move, short_duration, step_words
 from .methods.base import Progress
 
 EARLIER_RUN = "saved by an earlier run"  # the words of every message that reports work reloaded, not computed
@@ -85,8 +85,8 @@ class Pace:
     def left(self, fraction: float, now: float, min_seconds: float = 10.0) -> str | None:
         """The time left at ``fraction`` ("3 min"), the step under way counting since its last message (its work past
         that message's fraction too: none where ``fraction`` is the last message's); None until ``min_seconds`` of
-        computed steps or while none moved."""
-        if self.at is None:
+        computed steps or while none moved, or while the step under way says it is ``UNTIMED``."""
+        if self.at is None or (self.words is not None and UNTIMED in self.words):  # an uncounted step
             return None
         return _left(self.seconds + max(0.0, now - self.at), self.done + max(0.0, fraction - self.fraction), fraction,
                      min_seconds)

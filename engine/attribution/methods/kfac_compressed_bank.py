@@ -33,7 +33,7 @@ from ..compressed_bank import (
     shard_rows,
 )
 from ..context import EngineContext
-from ..curvature import KFACFactors
+from ..curvature import KFACFactors, budget_rows, pass_row_bytes
 from ..scoring import Rows
 from ..store import StaleCacheError
 from .base import Progress
@@ -92,6 +92,16 @@ def _compressed_factors(method: KFACInfluence, ctx: EngineContext, factors: KFAC
     return comp
 
 
+def hook_batch(ctx: EngineContext) -> int:
+    """Images per batch of the compressed bank's hooks pass: its (example, draw) rows are ``ComputeConfig.hook_rows``
+    at most, and fewer where they would hold more than ``factor_batch_bytes`` by ``curvature.pass_row_bytes`` (the
+    same per-row cost as the factor pass: saved activations, their gradients, a layer's unfolded input), over the
+    M draws of each image, at least 1.  Why (QA 62 F2): at CIFAR size its 64 rows peaked at 10.3 GB."""
+    m = len(ctx.train_draws)
+    row = pass_row_bytes(ctx.model, tuple(ctx.dataset.images.shape[1:]), ctx.params)
+    return max(1, budget_rows(ctx.compute.hook_rows, row, ctx.compute.factor_batch_bytes) // m)
+
+
 def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFactors, progress: Progress) -> Rows:
     c = method.config
     comp = _compressed_factors(method, ctx, factors)
@@ -101,8 +111,7 @@ def _compressed_bank(method: KFACInfluence, ctx: EngineContext, factors: KFACFac
     bank: Any = build_compressed_bank(
         ctx.model, ctx.diffusion, ctx.dataset.images, ctx.train_draws, comp, ctx.params,
         store=ctx.store, name=COMPRESSED, settings=settings, chunk_size=method.chunk_size,
-        # the hooks pass's (example, draw) rows per batch: ctx.compute.hook_rows (activation memory at CIFAR scale)
-        grad_batch=max(1, ctx.compute.hook_rows // len(ctx.train_draws)), device=ctx.device, quantize=method.quantize,
+        grad_batch=hook_batch(ctx), device=ctx.device, quantize=method.quantize,
         rows=rows,
         progress=method.bank_progress(progress),
         compute=ctx.compute,

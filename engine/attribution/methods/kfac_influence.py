@@ -98,7 +98,8 @@ class KFACInfluence(AttributionMethod):
         check_factor_draws(factor_draws, config.mc_samples, config.draws, factor_mode=config.kfac_factor_draws_mode)
         # k >= M draws is all of them: the same factors, so the same cache key as None
         self.factor_draws = None if factor_draws is None or factor_draws >= config.mc_samples else int(factor_draws)
-        self.factor_batch = 256  # (example, draw) rows per curvlinops batch
+        # (example, draw) rows per curvlinops batch at most: ComputeConfig.factor_batch_bytes may make it fewer
+        self.factor_batch = 256
         self.chunk_size = 128  # examples per saved bank part
         self.checkpoint_rows = 8192  # (example, draw) rows of the factor pass between checkpoints
         self.checkpoint_seconds = 30.0  # ... or seconds, whichever comes first (a save: ~0.1 s for mnist's factors)
@@ -337,6 +338,8 @@ class KFACInfluence(AttributionMethod):
                 checkpoint_seconds=self.checkpoint_seconds,
                 joint=self.joint_blocks(),
                 factor_dtype=self.factor_pass_dtype(ctx),
+                # fewer rows than factor_batch where they would hold more than this (QA 62 F1)
+                batch_bytes=ctx.compute.factor_batch_bytes,
             )
             if ctx.store is not None:
                 ctx.store.save_arrays(
