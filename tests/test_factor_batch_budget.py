@@ -137,3 +137,52 @@ def test_the_budget_lowers_the_hooks_pass_batch(tiny_preset, tiny_model, digits_
     tight = _with_compute(ctx, ComputeConfig(factor_batch_bytes=8 * row + 1))
     assert hook_batch(tight) == 2  # 8 rows over M = 4 draws
     assert hook_batch(_with_compute(ctx, ComputeConfig(factor_batch_bytes=1))) == 1
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_factor_pass_killed_with_a_derived_batch_resumes_to_the_same_factors(tmp_path, tiny_preset, tiny_model,
+                                                                               digits_small):
+    """The budget, not ``factor_batch``, sets the batch (8 rows of 30); a pass stopped after its checkpoint at row 16
+    resumes there (the derived batch is the same, so is the checkpoint's signature) and stores the factors of an
+    uninterrupted pass with an 8-row ``factor_batch``, byte for byte."""
+    from engine.attribution.methods.kfac_influence import FACTORS, KFACInfluence
+    from engine.attribution.pass_checkpoint import PassCheckpoint
+    from engine.attribution.store import Store
+
+    cfg = AttributionConfig(mc_samples=3, seed=0)
+    data = digits_small.subset(list(range(10)))
+    row = pass_row_bytes(tiny_model, (1, 8, 8), influence_params(tiny_model))
+    budget = tiny_preset.replace(compute=ComputeConfig(factor_batch_bytes=8 * row + row // 2))
+
+    def ctx(root, preset):
+        return make_context(preset, tiny_model, data, "cpu", cfg, "0" * 16, Store(root, "0" * 16, "digits16"))
+
+    def method(batch):
+        m = KFACInfluence(cfg)
+        m.factor_batch, m.checkpoint_rows, m.chunk_size = batch, 16, 4
+        return m
+
+    ref = ctx(tmp_path / "ref", tiny_preset)
+    method(8).build(ref)
+
+    cut = ctx(tmp_path / "cut", budget)
+
+    def stop(msg: str, frac: float) -> None:
+        if "24/30" in msg:
+            raise _Stop(msg)
+
+    with pytest.raises(_Stop):
+        method(256).build(cut, stop)
+    seen: list[str] = []
+    resumed = method(256)
+    resumed.build(cut, lambda m, f: seen.append(m))
+    assert any("resuming at row 16/30" in m for m in seen) and not any("8/30" in m for m in seen)
+    assert not PassCheckpoint.for_store(cut.store, FACTORS, resumed.factor_settings(cut)).path.exists()
+    want = ref.store.load_arrays(FACTORS, method(8).factor_settings(ref), mmap=False)
+    got = cut.store.load_arrays(FACTORS, resumed.factor_settings(cut), mmap=False)
+    assert want.keys() == got.keys() and len(want) > 3
+    for k in want:
+        assert want[k].tobytes() == got[k].tobytes(), k
