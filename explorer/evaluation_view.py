@@ -31,6 +31,7 @@ from engine.evaluation.retrain_top import CACHED, RetrainJob, earlier_work, has_
 from engine.paths import ASSETS
 from explorer import plain
 from explorer.controls import Settings
+from explorer.figures import method_base
 from explorer.images import display
 from explorer.query_view import Query
 from explorer.results_view import _in_sentence, measurement_title
@@ -224,7 +225,7 @@ def no_prediction_note(names: list[str], info: dict) -> str:
     names = list(dict.fromkeys(names))
     if not names:
         return ""
-    similar = [_title(info, n) for n in names if info.get(n.partition("[")[0], {}).get("kind") == "similarity"]
+    similar = [_title(info, n) for n in names if info.get(method_base(n), {}).get("kind") == "similarity"]
     other = [_title(info, n) for n in names if _title(info, n) not in similar]
     parts = []
     if similar:  # one sentence, in the singular or the plural
@@ -254,9 +255,8 @@ def predicted_measurement(session: Any, method: str, measured: str) -> str:
     """The measurement whose change a retraining record's ``method`` predicted, when ``measured`` was the job's:
     the same, except for a method that scores its own (D-TRAK: the square norm, ``session.measurement_used``).
     The records hold only the job's measurement; a method this server does not know keeps it."""
-    base = method.partition("[")[0]
     try:
-        return session.measurement_used(base, measured)
+        return session.measurement_used(method_base(method), measured)
     except (KeyError, ValueError):
         return measured
 
@@ -330,7 +330,7 @@ def lds_section(handle: Handle, files: ResultFiles | None = None) -> None:
                        f"`{folder}`; run it once and reload."])
         return
     info = handle.session.method_info()
-    evaluated = {name.partition("[")[0] for entry in entries for name in entry.methods}
+    evaluated = {method_base(name) for entry in entries for name in entry.methods}
     unavailable = {n for n, st_ in handle.status().items() if not st_.get("available", True)}
     note, command_line = unevaluated_note(handle.session.method_names(), evaluated, info,
                                           handle.session.command("lds"), unavailable)

@@ -41,8 +41,7 @@ def group_retrain_section(handle: Handle, chosen: str | None = None) -> None:
         return info.get(n, {}).get("title", n)
 
     def x_title(n: str) -> str:  # D-TRAK predicts the change of its square norm whatever is measured
-        meas = str(groups[0][0]["config"].get("measurement", "loss"))
-        return f"predicted change of the {handle.session.measurement_used(n, meas) if n in info else meas}"
+        return f"predicted change of the {predicted_of(handle.session, n, groups[0][0])}"
 
     st.plotly_chart(retrain_figure(groups, title, x_title), key="grp_fig_retrain")
     st.dataframe(pd.DataFrame([{"group": g["spec"], "size": g["size"], "method": title(n), "Spearman": c["spearman"],
@@ -58,8 +57,13 @@ def group_retrain_section(handle: Handle, chosen: str | None = None) -> None:
         st.caption(note)
 
 
+def _record_measurement(record: dict) -> str:
+    """The measurement a group-retraining record measured (its config's; "loss" when it names none)."""
+    return str(record.get("config", {}).get("measurement", "loss"))
+
+
 def _measured(groups: list[tuple[dict, dict]]) -> str:
-    return str(groups[0][0].get("config", {}).get("measurement", "loss")) if groups else "loss"
+    return _record_measurement(groups[0][0]) if groups else "loss"
 
 
 def predicted_of(session: Any, method: str, record: dict) -> str:
@@ -67,7 +71,7 @@ def predicted_of(session: Any, method: str, record: dict) -> str:
     the method's own (D-TRAK's square norm: ``session.measurement_used``)."""
     from explorer.evaluation_view import predicted_measurement
 
-    return predicted_measurement(session, method, str(record.get("config", {}).get("measurement", "loss")))
+    return predicted_measurement(session, method, _record_measurement(record))
 
 
 def retrain_record_note(records: list[dict], specs: list[str], served: Mapping[str, Any] | None = None,
