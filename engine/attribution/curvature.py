@@ -62,7 +62,7 @@ from ..model.diffusion import Diffusion, apply_flip
 from ..validation import FISHER_TYPES as SETTING_FISHER_TYPES
 from ..validation import KFAC_APPROX as SETTING_KFAC_APPROX
 from .exiting import exit_requested
-from .gradients import Params, this_thread_only
+from .gradients import Params, budget_rows, this_thread_only
 from .pass_checkpoint import PassCheckpoint
 from .train_draws import TrainDraws
 
@@ -581,14 +581,6 @@ def pass_row_bytes(model: nn.Module, image_shape: tuple[int, ...], params: Param
             h.remove()
         model.train(was_training)
     return SAVED_FACTOR * sum(saved.values()) + UNFOLD_FACTOR * widest[0] * size
-
-
-def budget_rows(largest: int, row_bytes: int, budget_bytes: int | None) -> int:
-    """Rows per batch: ``largest``, or fewer so that rows x ``row_bytes`` (``pass_row_bytes``) stays within
-    ``budget_bytes`` (``ComputeConfig.factor_batch_bytes``; None: no budget), and at least 1."""
-    if budget_bytes is None:
-        return max(1, int(largest))
-    return max(1, min(int(largest), int(budget_bytes) // max(1, int(row_bytes))))
 
 
 def compute_kfac(

@@ -321,8 +321,16 @@ def budget_batch(largest: int, num_params: int, budget_bytes: int, row_bytes: in
     size (P = 35.7M), and their copies made the builds peak at about 20 GiB.  Every row is computed on its
     own, so the batch changes no feature and no bank row (tests check it); the digits and mnist models keep
     their batches under the default 1 GiB."""
-    per_row = max(1, int(num_params) * int(row_bytes))
-    return max(1, min(int(largest), int(budget_bytes) // per_row))
+    return budget_rows(largest, int(num_params) * int(row_bytes), budget_bytes)
+
+
+def budget_rows(largest: int, row_bytes: int, budget_bytes: int | None) -> int:
+    """Rows per batch: ``largest``, or fewer so that rows x ``row_bytes`` (``pass_row_bytes``) stays within
+    ``budget_bytes`` (``ComputeConfig.factor_batch_bytes``, ``gradient_batch_bytes`` through ``budget_batch``;
+    None: no budget), and at least 1."""
+    if budget_bytes is None:
+        return max(1, int(largest))
+    return max(1, min(int(largest), int(budget_bytes) // max(1, int(row_bytes))))
 
 
 def per_example_grads_by_loss(

@@ -33,7 +33,8 @@ from ..compressed_bank import (
     shard_rows,
 )
 from ..context import EngineContext
-from ..curvature import KFACFactors, budget_rows, pass_row_bytes
+from ..curvature import KFACFactors, pass_row_bytes
+from ..gradients import budget_rows
 from ..scoring import Rows
 from ..store import StaleCacheError
 from .base import Progress
