@@ -26,13 +26,36 @@ def label_order(values: Iterable[object]) -> list[str]:
     return sorted({str(v) for v in values}, key=key)
 
 
+UNLABELLED = "#BBBBBB"  # a sample the classifier gave no label
+
+
+def _digit(v: str) -> int | None:
+    """``v`` as a class number 0..9, else None."""
+    try:
+        x = float(v)
+    except ValueError:
+        return None
+    return int(x) if x.is_integer() and 0 <= x < 10 else None
+
+
 def label_colours(values: Iterable[object]) -> dict[str, str]:
-    """label -> colour from a qualitative palette in ``label_order``: D3's ten distinct hues for up to ten labels
-    (Streamlit's own palette, which replaces plotly's default colours, pairs a light and a dark shade of one hue:
-    0 and 1 both blue, 2 and 7 red and pink), Dark24 beyond."""
+    """label -> colour from a qualitative palette: D3's ten distinct hues (Streamlit's own palette, which replaces
+    plotly's default colours, pairs a light and a dark shade of one hue: 0 and 1 both blue, 2 and 7 red and pink).
+    A class 0..9 takes D3's hue of its number, whichever other labels a plot has, so a digit keeps its colour from
+    one plot to the next (QA 67 F4: a pool whose labels were 0, 1, 3, 4, 6, 7 drew 3 green and 4 red, the gallery
+    2 green and 3 red); a sample with no label ("nan") is light grey, any other label (12, "cat") takes Dark24's
+    hues from its sixth (the first five are near D3's first five) in ``label_order``."""
     order = label_order(values)
-    palette = px.colors.qualitative.D3 if len(order) <= 10 else px.colors.qualitative.Dark24
-    return {v: palette[i % len(palette)] for i, v in enumerate(order)}
+    d3, other = px.colors.qualitative.D3, px.colors.qualitative.Dark24[5:]
+    rest = [v for v in order if _digit(v) is None and v != "nan"]
+
+    def colour(v: str) -> str:
+        k = _digit(v)
+        if k is not None:
+            return d3[k]
+        return UNLABELLED if v == "nan" else other[rest.index(v) % len(other)]
+
+    return {v: colour(v) for v in order}
 
 
 def method_base(name: str) -> str:

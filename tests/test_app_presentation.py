@@ -92,6 +92,19 @@ def test_label_legends_are_in_numeric_order_in_distinct_hues():
     assert label_order(["10", "2", "nan", "1"]) == ["1", "2", "10", "nan"]
 
 
+def test_a_digit_keeps_its_colour_whichever_labels_a_plot_has():
+    """QA 67 F4: colours went by position among the labels present, so a pool with labels 0, 1, 3, 4, 6, 7 drew
+    3 green and 4 red while the gallery's plots (all ten) drew 2 green and 3 red."""
+    from explorer.figures import UNLABELLED, label_colours
+
+    everything = label_colours(str(v) for v in range(10))
+    some = label_colours(["7", "0", "3", "4", "1", "6", "nan"])
+    assert all(some[v] == everything[v] for v in ("0", "1", "3", "4", "6", "7"))
+    assert some["nan"] == UNLABELLED and UNLABELLED not in everything.values()
+    wide = label_colours(["3", "12", "cat", "nan"])  # labels beyond 0..9 still get distinct hues
+    assert wide["3"] == everything["3"] and len(set(wide.values())) == 4
+
+
 def test_score_histograms_label_each_x_axis_by_the_kind_of_score():
     from explorer.figures import score_distributions
     from explorer.results_view import axis_title, distribution_caption
