@@ -34,7 +34,7 @@ from explorer.controls import Settings
 from explorer.figures import method_base
 from explorer.images import display
 from explorer.query_view import Query
-from explorer.results_view import _in_sentence, measurement_title
+from explorer.results_view import measurement_title, short_measurement
 from explorer.runtime import MODEL_LABELS, Handle, influence_titles, model_choices
 
 FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2]
@@ -244,11 +244,6 @@ def lds_heading(meas: str, other: str = "") -> str:
     """An LDS record's heading: its measurement under the title every other line gives it
     (``results_view.measurement_title``); its own lookup headed ``loss@t=500`` "Training loss" (QA 64 F8)."""
     return f"#### Measurement: {measurement_title(meas)} (`{meas}`){other}"
-
-
-def short_measurement(spec: str) -> str:
-    """A measurement inside a sentence, without the title's parenthesis: "square norm", "training loss"."""
-    return _in_sentence(re.sub(r" \(.*\)$", "", measurement_title(spec)))
 
 
 def predicted_measurement(session: Any, method: str, measured: str) -> str:

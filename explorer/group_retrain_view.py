@@ -15,6 +15,7 @@ from plotly.subplots import make_subplots
 
 from explorer import plain
 from explorer.figures import label_colours, label_order
+from explorer.results_view import short_measurement
 from explorer.runtime import Handle
 
 
@@ -41,12 +42,12 @@ def group_retrain_section(handle: Handle, chosen: str | None = None) -> None:
         return info.get(n, {}).get("title", n)
 
     def x_title(n: str) -> str:  # D-TRAK predicts the change of its square norm whatever is measured
-        return f"predicted change of the {predicted_of(handle.session, n, groups[0][0])}"
+        return f"predicted change of the {short_measurement(predicted_of(handle.session, n, groups[0][0]))}"
 
     st.plotly_chart(retrain_figure(groups, title, x_title), key="grp_fig_retrain")
     st.dataframe(pd.DataFrame([{"group": g["spec"], "size": g["size"], "method": title(n), "Spearman": c["spearman"],
                                 "sign agreement": c["sign_agreement"], "mean predicted": c["mean_predicted"],
-                                "predicted change of": predicted_of(handle.session, n, rec),
+                                "predicted change of": short_measurement(predicted_of(handle.session, n, rec)),
                                 "mean measured": float(np.mean(g["measured_change"]))}
                                for rec, g in groups for n, c in g["comparison"].items()]), hide_index=True)
     from explorer.evaluation_view import incomparable_note
@@ -170,7 +171,7 @@ def retrain_figure(groups: list[tuple[dict, dict]], title: Callable[[str], str],
     fig.update_annotations(font_size=13)
     # the measured change is of the records' measurement; a method's predictions may be of another (D-TRAK's
     # square norm), which its panel's x axis says (QA 67 F2: the title called every prediction one "of the loss")
-    fig.update_layout(title=f"Predicted vs measured change (measured: the {_measured(groups)}), per gallery sample",
+    fig.update_layout(title=f"Predicted vs measured change (measured: the {short_measurement(_measured(groups))}), per gallery sample",
                       height=320 * rows + 90, margin=dict(l=10, r=10, t=80, b=10),
                       legend_title_text="predicted label" if colours else None, showlegend=bool(colours))
     return fig

@@ -48,7 +48,7 @@ from explorer.controls import Settings
 from explorer.figures import label_style
 from explorer.group_retrain_view import group_retrain_section
 from explorer.images import SheetRow, compose_sheet, display, png_bytes, to_uint8
-from explorer.results_view import removal_words
+from explorer.results_view import removal_words, short_measurement
 from explorer.runtime import Handle, influence_titles, throttled
 
 CELL = 64
@@ -376,12 +376,12 @@ def axis_labels(handle: Handle, methods: list[str], measurement: str) -> dict[st
     info = session.method_info()
     # one axis over every method's bars: it names each method whose changes are of another measurement (QA 67 F2:
     # "predicted change of the loss" over D-TRAK's square-norm bars)
-    others = "; ".join(f"{info[n]['title']}: of the {session.measurement_used(n, measurement)}" for n in methods
+    others = "; ".join(f"{info[n]['title']}: of the {short_measurement(session.measurement_used(n, measurement))}" for n in methods
                        if session.measurement_used(n, measurement) != measurement)
     out = {"sample": "generated sample", "label": "predicted label",
-           "change": f"predicted change of the {measurement}" + (f" ({others})" if others else ""), "method": "method"}
+           "change": f"predicted change of the {short_measurement(measurement)}" + (f" ({others})" if others else ""), "method": "method"}
     # D-TRAK's changes are of the square norm whatever the sidebar's measurement (QA round 13)
-    out.update({n: f"{info[n]['title']}: predicted change of the {session.measurement_used(n, measurement)}"
+    out.update({n: f"{info[n]['title']}: predicted change of the {short_measurement(session.measurement_used(n, measurement))}"
                 for n in methods})
     return out
 
@@ -405,7 +405,7 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
     cols = st.columns(len(result.ok()))
     for col, n in zip(cols, result.ok(), strict=True):
         own = result.measurement_of(n)  # D-TRAK's square norm beside the others' measurement (QA 67 F2)
-        of = "" if own == result.measurement else f", of the {own}"
+        of = "" if own == result.measurement else f", of the {short_measurement(own)}"
         col.metric(f"Mean predicted change ({info[n]['title']}{of})", f"{table[n].mean():+.3e}")
         if result.note(n):
             col.caption(result.note(n))
@@ -420,7 +420,7 @@ def removal_section(handle: Handle, result: GroupResult, s: Settings) -> None:
         st.caption("No label classifier for this model's data, so the samples are not coloured by label.")
     style = label_style(data["label"]) if color else {}  # legend 0, 1, 2, ... in hues that neighbours do not share
     fig = px.bar(data, x="sample", y=name, color=color,  # the title names the method: a short y axis
-                 labels=names | {name: f"predicted change of the {result.measurement_of(name)}"},
+                 labels=names | {name: f"predicted change of the {short_measurement(result.measurement_of(name))}"},
                  title=f"{info[name]['title']}: predicted change per sample", **style)
     # the legend in one row under the plot: beside it, ten labels did not fit 340 px and the last were scrolled away
     fig.update_layout(height=400 if color else 340, margin=dict(l=10, r=10, t=50, b=10),
@@ -469,7 +469,7 @@ def reverse_section(handle: Handle, result: GroupResult, s: Settings) -> None:
         with col:
             st.markdown(f"**{info[n]['title']}**")
             if result.measurement_of(n) != result.measurement:  # D-TRAK: the square norm, whatever is asked
-                st.caption(f"Ranked by the {result.measurement_of(n)} measurement, which this method always uses.")
+                st.caption(f"Ranked by the {short_measurement(result.measurement_of(n))}, the measurement this method always uses.")
             caveat = reverse_caveat([r.change for r in ranked], removed_words(result.group.size))
             if caveat:
                 st.caption(plain.sentence(caveat))
@@ -504,7 +504,7 @@ def downloads(handle: Handle, result: GroupResult, s: Settings, prefix: str = "g
         signs = end_signs([r.change for r in ranked], highest=True)
         suffix = "" if signs.all_agree else f" ({signs.n - signs.agreeing} of {signs.n} changes not positive)"
         if result.measurement_of(n) != result.measurement:
-            suffix += f" ({result.measurement_of(n)} measurement)"
+            suffix += f" (of its {short_measurement(result.measurement_of(n))})"
         rows.append(SheetRow(f"{info[n]['title']}: samples {result.group.spec} supports most{suffix}",
                              [to_uint8(result.qset.queries[result.qset.names.index(r.query)].image) for r in ranked],
                              [f"{r.query}\n{r.change:+.1e}" for r in ranked]))
@@ -613,14 +613,14 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
         data = _table(res)
         long = data.melt(id_vars=["sample", "label"], value_vars=res.ok(), var_name="method", value_name="change")
         # a method that scores its own measurement (D-TRAK: the square norm) says so in the legend
-        shown = {n: info[n]["title"] + ("" if res.measurement_of(n) == res.measurement else f" ({res.measurement_of(n)})")
+        shown = {n: info[n]["title"] + ("" if res.measurement_of(n) == res.measurement else f" ({short_measurement(res.measurement_of(n))})")
                  for n in res.ok()}
         long["method"] = long["method"].map(shown)
         colours = figures.method_colours(res.ok())  # each method in its colour across the app's figures
         fig = px.bar(long, x="sample", y="change", color="method", barmode="group",
                      color_discrete_map={shown[n]: colours[n] for n in res.ok()},
                      labels=axis_labels(handle, res.ok(), res.measurement) | {"sample": "gallery sample"},
-                     title=f"Predicted change of each gallery sample's {res.measurement} if {group.spec} were removed"
+                     title=f"Predicted change of each gallery sample's {short_measurement(res.measurement)} if {group.spec} were removed"
                      + ("" if all(res.measurement_of(n) == res.measurement for n in res.ok())
                         else " (a method in brackets: of its own measurement)"))
         fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))

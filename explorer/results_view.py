@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import textwrap
 from typing import TYPE_CHECKING, Any
 
@@ -298,6 +299,12 @@ def measurement_title(spec: str) -> str:
 def _in_sentence(title: str) -> str:
     """A title inside a sentence: "Training loss" -> "training loss"; an acronym ("ELBO ...") stays."""
     return title[:1].lower() + title[1:] if title[1:2].islower() else title
+
+
+def short_measurement(spec: str) -> str:
+    """A measurement inside a sentence, without the title's parenthesis: "square norm", "training loss"; the
+    spec itself ("square-norm") read as code pasted into a sentence (QA 67 F3)."""
+    return _in_sentence(re.sub(r" \(.*\)$", "", measurement_title(spec)))
 
 
 def score_meaning(kind: str, measurement: str) -> str:

@@ -66,7 +66,7 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env, monke
     metrics = {m.label: m.value for m in at.metric}
     assert "Mean predicted change (K-FAC Influence)" in metrics
     # D-TRAK's mean is of its square norm, beside the others' loss (QA 67 F2: the label named no measurement)
-    assert "Mean predicted change (D-TRAK, of the square-norm)" in metrics
+    assert "Mean predicted change (D-TRAK, of the square norm)" in metrics
     # the page's numbers are the engine's: mean over the gallery of the class's summed scores
     group = parse_group("label:1", session.dataset)
     changes = [
@@ -78,19 +78,19 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env, monke
     # the plots' axes speak the page's language, not the table's column names (kfac, sample, label)
     bar = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "change per sample" in c.proto.spec)
     axes = (bar["layout"]["xaxis"]["title"]["text"], bar["layout"]["yaxis"]["title"]["text"])
-    assert axes == ("generated sample", "predicted change of the loss"), axes
+    assert axes == ("generated sample", "predicted change of the training loss"), axes
     # D-TRAK always scores the square norm: its chart and its reverse card say so (QA round 13: "the loss")
     at.selectbox(key="grp_plot_method").set_value("dtrak").run()
     _ok(at)
     dtrak_bar = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "change per sample" in c.proto.spec)
-    assert dtrak_bar["layout"]["yaxis"]["title"]["text"] == "predicted change of the square-norm"
-    assert any("Ranked by the square-norm measurement" in c.value for c in at.caption)
+    assert dtrak_bar["layout"]["yaxis"]["title"]["text"] == "predicted change of the square norm"
+    assert any("Ranked by the square norm, the measurement this method always uses" in c.value for c in at.caption)
     at.selectbox(key="grp_plot_method").set_value("kfac").run()
     # this tiny model's gallery has no classifier labels: no legend of "predicted label: nan" (QA), a caption instead
     assert "title" not in bar["layout"].get("legend", {})
     assert "No label classifier for this model's data" in _texts(at)
     scatter = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "Spearman" in c.proto.spec)
-    assert scatter["layout"]["xaxis"]["title"]["text"] == "K-FAC Influence: predicted change of the loss"
+    assert scatter["layout"]["xaxis"]["title"]["text"] == "K-FAC Influence: predicted change of the training loss"
     assert "evidence, not proof" in " ".join(i.value for i in at.info)
     retrain = json.loads(at.get("plotly_chart")[-1].proto.spec)
     assert "Predicted vs measured" in str(retrain) and retrain["layout"]["legend"]["title"]["text"] == "predicted label"

@@ -534,11 +534,13 @@ def test_labels_name_the_measurement_each_method_scores(session):
     assert session.measurement_used("kfac", "loss@t=5") == "loss@t=5"
     assert session.measurement_used("pixel", "elbo") == "elbo"
     labels = axis_labels(SimpleNamespace(session=session), ["kfac", "dtrak"], "loss")
-    assert labels["kfac"].endswith("predicted change of the loss")
-    assert labels["dtrak"].endswith("predicted change of the square-norm")
+    assert labels["kfac"].endswith("predicted change of the training loss")
+    # in words, not the spec pasted into a sentence ("of the square-norm"; QA 67 F3)
+    assert labels["dtrak"].endswith("predicted change of the square norm")
     # the one axis over every method's bars names D-TRAK's other measurement (QA 67 F2: "of the loss" over them all)
-    assert labels["change"] == "predicted change of the loss (D-TRAK: of the square-norm)"
-    assert axis_labels(SimpleNamespace(session=session), ["kfac"], "loss")["change"] == "predicted change of the loss"
+    assert labels["change"] == "predicted change of the training loss (D-TRAK: of the square norm)"
+    assert axis_labels(SimpleNamespace(session=session), ["kfac"], "loss")["change"] == \
+        "predicted change of the training loss"
 
 
 def test_the_cli_names_the_checkpoint_in_printed_commands_only_when_given(tmp_path):
