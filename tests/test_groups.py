@@ -110,6 +110,26 @@ def test_repeated_indices_are_counted_once_and_the_description_says_so(digits_sm
     assert str(e.value) == "group 'train:,' is empty: give at least one training index"
 
 
+def test_errors_quote_what_was_typed_and_an_empty_kind_says_it_is_empty(digits_small):
+    """QA 63 F4: the app's box holding '5-2' answered "the range '5-2' in group 'train:5-2' is reversed" (CLI
+    syntax the person never typed), and `--remove train:` was a "bad group" rather than an empty one."""
+    from engine.attribution.groups import group_from_typed
+
+    n = len(digits_small)
+    for typed, message in (("5-2", "the range '5-2' in your list is reversed; write 2-5"),
+                           ("1, 99999", f"training index 99999 in your list is out of range 0..{n - 1}"),
+                           ("abc", "'abc' in your list is not an integer training index")):
+        with pytest.raises(GroupError) as e:
+            group_from_typed(typed, n)
+        assert str(e.value) == message and "train:" not in str(e.value)
+    typed = group_from_typed(" 3, 1-2 ", n)
+    assert typed.spec == "train:3, 1-2" and typed.members.tolist() == [1, 2, 3]
+    assert typed.members.tolist() == parse_group(typed.spec, digits_small).members.tolist()
+    for kind in ("train", "label", "file"):
+        with pytest.raises(GroupError, match=f"^the group '{kind}:' is empty: "):
+            parse_group(f"{kind}: ", digits_small)
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [

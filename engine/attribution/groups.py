@@ -29,6 +29,9 @@ import numpy as np
 from ..model.dataset import ImageDataset
 
 USAGE = "expected label:C, train:I,J,K (ranges like 10-20 allowed) or file:PATH"
+# what an empty ``kind:`` lacks, in its own words
+EMPTY_KIND = {"label": "name a class, e.g. label:3", "train": "give at least one training index, e.g. train:1,2,3",
+              "file": "give the path of a file of training indices, e.g. file:picked.json"}
 
 
 class GroupError(ValueError):
@@ -154,6 +157,8 @@ def parse_group(spec: str, dataset: ImageDataset) -> Group:
     kind, sep, arg = text.partition(":")
     kind = kind.strip().lower()
     arg = arg.strip()
+    if sep and not arg and kind in EMPTY_KIND:  # QA 63 F4: "bad group 'train:'" did not say the list was empty
+        raise GroupError(f"the group {text!r} is empty: {EMPTY_KIND[kind]}")
     if not sep or not arg:
         raise GroupError(f"bad group {spec!r}: {USAGE}")
     n = len(dataset)
@@ -165,14 +170,26 @@ def parse_group(spec: str, dataset: ImageDataset) -> Group:
         name = dataset.class_names[lab] if dataset.class_names else str(lab)
         return Group(text, members, f"all {len(members)} training images labelled {name}")
     if kind == "train":
-        values = _parse_int_list(arg, f"group {text!r}")
-        members = _check_indices(values, n, f"group {text!r}")
-        return Group(text, members, _picked(members) + _repeats(values, members))
+        return _train_group(text, arg, n, f"group {text!r}")
     if kind == "file":
         values = read_index_file(arg)
         members = _check_indices(values, n, f"file {arg}")
         return Group(text, members, f"{_images(len(members))} listed in {Path(arg).name}" + _repeats(values, members))
     raise GroupError(f"bad group kind {kind!r} in {spec!r}: {USAGE}")
+
+
+def _train_group(spec: str, text: str, n: int, where: str) -> Group:
+    """``train:TEXT``: the indices in ``text`` (``_parse_int_list``), errors naming ``where``."""
+    values = _parse_int_list(text, where)
+    members = _check_indices(values, n, where)
+    return Group(spec, members, _picked(members) + _repeats(values, members))
+
+
+def group_from_typed(text: str, n: int) -> Group:
+    """A hand-picked group typed into a box (the app's): ``train:TEXT``.  Its errors quote what was typed ("the
+    range '5-2' in your list is reversed"), not the CLI's spec the box's text was turned into ("in group
+    'train:5-2'", which the person never typed: QA 63 F4)."""
+    return _train_group(f"train:{text.strip()}", text, n, "your list")
 
 
 def group_from_indices(indices: list[int] | np.ndarray, n: int, spec: str | None = None) -> Group:
