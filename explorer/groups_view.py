@@ -28,7 +28,14 @@ from engine.attribution.copycheck import (
 )
 from engine.attribution.group_attribution import GroupResult
 from engine.attribution.group_attribution import influence_methods as all_influence_methods
-from engine.attribution.groups import Group, GroupError, group_from_indices, group_from_text, parse_group
+from engine.attribution.groups import (
+    Group,
+    GroupError,
+    group_from_indices,
+    group_from_text,
+    group_from_typed,
+    parse_group,
+)
 from engine.attribution.pool import (
     MatrixResult,
     PoolError,
@@ -53,6 +60,7 @@ from explorer.runtime import Handle, influence_titles, throttled
 
 CELL = 64
 KINDS = ("A class", "Hand-picked", "From a file", "One training image")
+DRAW_FAILED = "grp_draw_failed"  # why the last "Draw N samples" failed, for the page after it
 PICKED = "grp_picked"  # training indices ticked in the Explore page's grids
 
 
@@ -191,7 +199,7 @@ def _choose_group(handle: Handle) -> Group | None:
             if not text.strip():  # not an error: the box is being filled in ("bad group 'train: '" spoke CLI)
                 st.info("Type training indices, e.g. 0,1,2 or 10-20, or tick images in the Explore page's grids.")
                 return None
-            return parse_group(f"train:{text}", ds)
+            return group_from_typed(text, len(ds))
         if kind == "From a file":
             up = st.file_uploader("A JSON list of indices, or text with one index per line", key="grp_file")
             if up is None:
@@ -218,15 +226,22 @@ def _choose_queries(handle: Handle) -> QuerySet | None:
     seed = int(c2.number_input("Pool seed", min_value=0, max_value=10_000, key="grp_pool_seed"))
     pool = _pool(handle, n, seed, draw=False)
     if pool is None:
-        st.info(f"No pool of {n} samples with seed {seed} yet: drawing it takes all "
-                f"{session.diffusion.T} denoising steps per batch of 64, once; it is then cached.")
-        if st.button(f"Draw {n} samples", key="grp_draw"):
+        # in one slot that is emptied when the draw starts: the note and the button stayed above the draw's bars,
+        # as if nothing had been asked, inviting a second click (QA 63 F5)
+        if failed := st.session_state.pop(DRAW_FAILED, None):  # the last click's draw failed: why, then the button
+            st.warning(failed)
+        slot = st.empty()
+        with slot.container():
+            st.info(f"No pool of {n} samples with seed {seed} yet: drawing it takes all "
+                    f"{session.diffusion.T} denoising steps per batch of 64, once; it is then cached.")
+            draw = st.button(f"Draw {n} samples", key="grp_draw")
+        if draw:
+            slot.empty()
             try:
                 _pool(handle, n, seed, draw=True)
             except PoolError as e:
-                st.warning(str(e))
-            else:
-                st.rerun()  # the "no pool yet" note and the button above belong to the page before the draw
+                st.session_state[DRAW_FAILED] = str(e)  # shown above the button again, for another try
+            st.rerun()
     return pool
 
 

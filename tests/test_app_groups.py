@@ -118,6 +118,22 @@ def test_groups_page_class_group_pool_copy_check_and_retrain_plot(app_env, monke
     at.number_input(key="grp_pool_n").set_value(8).run()
     _ok(at)
     assert any(b.label == "Draw 8 samples" for b in at.button)
+    # a draw that fails says why above the button, which stays for another try (the note and the button are
+    # emptied while a pool is drawn: QA 63 F5, they stood above the draw's bars as if nothing had been asked)
+    from engine.attribution.pool import PoolError
+
+    real = groups_view.generate_pool
+
+    def failing(*args, **kwargs):
+        raise PoolError("no space left for the pool (test)")
+
+    monkeypatch.setattr(groups_view, "generate_pool", failing)
+    at.button(key="grp_draw").click().run()
+    _ok(at)
+    assert [w.value for w in at.warning if "(test)" in w.value] == ["no space left for the pool (test)"]
+    assert any(b.label == "Draw 8 samples" for b in at.button) and "No pool of 8 samples" in " ".join(
+        i.value for i in at.info)
+    monkeypatch.setattr(groups_view, "generate_pool", real)
     at.button(key="grp_draw").click().run()
     _ok(at)
     assert "8 samples (pool:8, seed 0)" in _texts(at)  # the seed named (QA 23b #7)
