@@ -109,27 +109,42 @@ def load_script():
 
 
 @pytest.fixture
-def methods_package_file():
-    """``write(stem, text) -> module name``: a new file in engine/attribution/methods/, the one-file rule's
-    unit; the registries' scans are dropped so they see it, and the file, its module and the scans are
-    removed after the test."""
+def methods_package_file(tmp_path, monkeypatch):
+    """``write(stem, text) -> module name``: a new file among engine/attribution/methods/'s, the one-file rule's
+    unit, seen by the registries' scans and importable as ``engine.attribution.methods.<stem>``; the file, its
+    module and the scans are dropped after the test.
+
+    The file goes into a folder of links to the package's files that the scans read for this test
+    (``_PACKAGE_DIR``, ``bank_kinds._KIND_DIR``) and that the package's ``__path__`` reaches, not into the
+    package itself: a file dropped there was read by every CLI a test on the other pytest-xdist worker ran
+    meanwhile, whose one-line error checks then failed on its "warning: ... cannot be read" line."""
+    import importlib
     import sys
     from pathlib import Path
 
     import engine.attribution.methods as pkg
-    from engine.attribution import plugins
+    from engine.attribution import bank_kinds, plugins
 
+    folder = tmp_path / "methods_package"
+    folder.mkdir()
+    for path in Path(pkg.__file__).resolve().parent.glob("*.py"):
+        (folder / path.name).symlink_to(path)
+    monkeypatch.setattr(pkg, "_PACKAGE_DIR", folder)
+    monkeypatch.setattr(bank_kinds, "_KIND_DIR", folder)
+    pkg.__path__.append(str(folder))  # after the package's own folder: the shipped modules still load from there
+    plugins.forget()
     written: list[Path] = []
 
     def write(stem: str, text: str) -> str:
-        path = Path(pkg.__file__).parent / f"{stem}.py"
+        path = folder / f"{stem}.py"
         path.write_text(text)
         written.append(path)
         plugins.forget()
+        importlib.invalidate_caches()
         return f"engine.attribution.methods.{stem}"
 
     yield write
+    pkg.__path__.remove(str(folder))
     for path in written:
-        path.unlink(missing_ok=True)
         sys.modules.pop(f"engine.attribution.methods.{path.stem}", None)
     plugins.forget()
