@@ -240,6 +240,12 @@ def test_rescore_changes_damping_without_gradients(session, monkeypatch):
     back = session.rescore(new, {"kfac": res.methods["kfac"].damping, "trak": res.methods["trak"].damping})
     for name in ("kfac", "trak"):
         np.testing.assert_allclose(back.methods[name].scores, res.methods[name].scores, rtol=1e-5, atol=1e-12)
+    # a damping for a method that takes none is refused, not dropped under a result that looks re-scored (QA 70
+    # F8.3: the CLI's --damping refused it, the Python API returned pixel's scores unchanged)
+    with pytest.raises(ValueError, match=r"^pixel has no damping"):
+        session.rescore(res, {"kfac": 1e-1, "pixel": 1.0})
+    np.testing.assert_array_equal(session.rescore(res, {"pixel": None}).methods["pixel"].scores,
+                                  res.methods["pixel"].scores)  # None: no damping asked, nothing refused
 
 
 def test_trajectory_measurement_needs_a_trajectory(session):

@@ -173,6 +173,14 @@ class SessionScoring:
         if not prepared:
             raise ValueError("this result holds no per-query state (was it copied or loaded?); run query() again")
         t_start = time.perf_counter()
+        # a value for a method that takes none is refused, as the CLI's --damping refuses it: its scores would come
+        # back unchanged under a result that looked re-scored (QA 70 F8.3; query() keeps ignoring one, the rule of
+        # damping_for, since a page's or a sweep's one dict serves every method)
+        ignored = [n for n, v in damping.items() if n in self._methods and v is not None
+                   and not self._methods[n].takes_damping()]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no damping (the scores "
+                             "do not depend on one): nothing to re-score")
         self._check_dampings([n for n in damping if n in self._methods], damping)
         methods: dict[str, MethodResult] = {}
         for name, old in result.methods.items():
