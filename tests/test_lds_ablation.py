@@ -186,3 +186,54 @@ def test_the_variants_change_the_requested_presets_attribution_settings(tmp_path
         assert abl.run_ablations(job) == []
         assert seen[-1].mc_samples == want
     assert seen[0] == requested
+
+
+GRADIENT_FILE = '''
+from . import register
+from .base import AttributionMethod
+
+
+@register
+class ZzGradient(AttributionMethod):
+    name = "zz_grad"
+    order = 1000
+    title = "A gradient method from a file"
+    kind = "influence"
+
+
+@register
+class ZzNoGradient(AttributionMethod):
+    name = "zz_nograd"
+    order = 1001
+    title = "An influence method without gradients"
+    kind = "influence"
+    needs_gradient = False
+'''
+
+
+def test_every_gradient_method_ablation_takes_a_dropped_in_method_file(methods_package_file, tmp_path, monkeypatch):
+    """QA 70 F3: ``mc_samples`` and ``query_draws`` vary a setting of every gradient method, but listed K-FAC, TRAK
+    and D-TRAK by hand, so a method added as one file was never built or scored there.  They now take the
+    registry's gradient methods (the shipped ones first, in their order): a dropped-in gradient method is built,
+    a method without gradients is not."""
+    from types import SimpleNamespace
+
+    from engine.evaluation import lds_ablation
+
+    methods_package_file("zz_test_gradient", GRADIENT_FILE)
+    built: list[tuple[str, tuple[str, ...]]] = []
+
+    def fake_session(setup, variant, cache_root, baseline, log=None):
+        done: set[str] = set()
+
+        def build(methods, progress=None):
+            built.append((variant.label, tuple(methods)))
+            done.update(methods)
+
+        method = lambda m: SimpleNamespace(is_built=lambda ctx: m in done, build=lambda ctx, p: build([m]))  # noqa: E731
+        return SimpleNamespace(method=method, build=build, ctx=None), cache_root
+
+    monkeypatch.setattr(lds_ablation, "variant_session", fake_session)
+    build_variants(None, ["mc_samples", "query_draws"], tmp_path, None, log=lambda s: None)
+    every = ("kfac", "trak", "dtrak", "zz_grad")
+    assert built == [("M=64", every), ("M=32", every), ("M=128", every), ("own", every), ("bank", every)]

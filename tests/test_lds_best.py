@@ -273,3 +273,19 @@ def test_an_attribution_mc_run_compares_its_own_m_and_every_setting_says_how_it_
 
     no_damping = {**at_8, "methods": {"pixel": {**at_8["methods"]["trak"], "damping": None}}}
     assert table(no_damping).splitlines()[-1].endswith(" run")  # not "run;" with nothing after it (QA 32)
+
+
+def test_the_table_shows_each_method_the_settings_it_declares():
+    """QA 70 F3: the table showed TRAK's k for every method but K-FAC; it now shows M, the draws and the fields a
+    method declares (``config_fields``): K-FAC's factor draws, TRAK's k, nothing of either for the pixels."""
+    from engine.evaluation.lds_best import table
+
+    settings = {"mc_samples": 128, "trak_dim": 32768, "kfac_factor_draws": 8, "kfac_blocks": "joint"}
+    entry = {"lds": 0.5, "ci95": [0.4, 0.6], "source": "ablation x: y", "settings": settings, "damping": None}
+    rows = table({"reference": "kfac", "methods": {m: entry for m in ("kfac", "trak", "pixel")}}).splitlines()[1:]
+    assert rows[0].endswith("; mc_samples=128, kfac_factor_draws=8, kfac_blocks=joint")
+    assert rows[1].endswith("; mc_samples=128, trak_dim=32768") and rows[2].endswith("; mc_samples=128")
+    from engine.evaluation.lds_best import own_fields
+
+    assert own_fields("kfac[loss]") == own_fields("kfac") and "kfac_factor_draws" in own_fields("kfac")
+    assert own_fields("no_such_method") == ()

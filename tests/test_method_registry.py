@@ -188,6 +188,7 @@ def test_the_source_scan_agrees_with_the_imported_classes():
         cls = getattr(importlib.import_module(f"engine.attribution.methods.{d.module}"), d.cls)
         assert (cls.name, cls.order) == (d.name, d.order) and METHODS[d.name] is cls
         assert (cls.title, cls.kind) == (d.title, d.kind)  # inherited ones too (D-TRAK's kind from TRAK)
+        assert cls.needs_gradient is d.needs_gradient  # lds-ablation's "every gradient method" (QA 70 F3)
 
 
 def test_the_pool_and_precomputed_paths_take_the_same_damping_rule(toy, folder, digits_small, tmp_path):

@@ -40,7 +40,8 @@ _PARSE_LOCK = threading.Lock()
 class Declared:
     """One name a module declares: ``module`` (file stem in the package), ``cls`` (None for calls);
     ``title`` and ``kind``: the class's literals, so that a method whose module then fails to import is
-    still listed under its own words (for a call, ``title`` is its literal ``note=``)."""
+    still listed under its own words (for a call, ``title`` is its literal ``note=``); ``needs_gradient``:
+    its literal, inherited like them (the base class's True), None when no class sets one."""
 
     name: str
     module: str
@@ -48,6 +49,7 @@ class Declared:
     order: int = DEFAULT_ORDER
     title: str | None = None
     kind: str | None = None
+    needs_gradient: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -145,8 +147,10 @@ def scan_classes(package_dir: Path, decorator: str = "register") -> Scan:
                                 f"{found[name].module}.py declares already; it is left out (rename one of them)")
                 continue
             title, kind = inherited(node.name, "title"), inherited(node.name, "kind")
+            grad = inherited(node.name, "needs_gradient")
             found[name] = Declared(name, path.stem, node.name, order,
-                                   title if isinstance(title, str) else None, kind if isinstance(kind, str) else None)
+                                   title if isinstance(title, str) else None, kind if isinstance(kind, str) else None,
+                                   grad if isinstance(grad, bool) else None)
     return Scan(tuple(sorted(found.values(), key=lambda d: (d.order, d.name))), tuple(problems))
 
 

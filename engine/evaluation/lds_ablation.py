@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..attribution.methods import gradient_methods
 from ..config import AttributionConfig
 from ..files import save_json
 from ..npy_read import load_npz
@@ -61,11 +62,21 @@ TRAK_DIMS = (2048, 8192, 32768)
 
 @dataclass(frozen=True)
 class Variant:
-    """One setting of an ablation: a label, the config changes and the methods it scores."""
+    """One setting of an ablation: a label, the config changes and the methods it scores (``names()``).
+
+    ``methods`` None: every gradient method of the registry (``gradient_methods``: K-FAC, TRAK, D-TRAK and any
+    method file added since, QA 70 F3), read when the variant is used."""
 
     label: str
     changes: dict[str, Any] = field(default_factory=dict)
-    methods: tuple[str, ...] = ("kfac",)
+    methods: tuple[str, ...] | None = ("kfac",)
+
+    def names(self) -> tuple[str, ...]:
+        """The methods this variant scores, in the registry's display order for ``methods`` None."""
+        return tuple(gradient_methods()) if self.methods is None else self.methods
+
+
+EVERY_GRADIENT_METHOD = None  # Variant.methods for "every gradient method"
 
 
 # Every variant names the draw settings it was measured with, so that its label stays true whatever the
@@ -95,7 +106,7 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
     # gradient methods, is most of a cold build and scales with M), and what doubling them gains (the paper used
     # 250); every gradient method, the preset's factor draws (8), the query gradient at the same M
     "mc_samples": tuple(
-        Variant(f"M={m}", {**PER_EXAMPLE_ALL, "kfac_factor_draws": 8, "mc_samples": m}, ("kfac", "trak", "dtrak"))
+        Variant(f"M={m}", {**PER_EXAMPLE_ALL, "kfac_factor_draws": 8, "mc_samples": m}, EVERY_GRADIENT_METHOD)
         for m in (64, 32, 128)
     ),
     # issue 13 item 5, the baselines' best shot: TRAK and D-TRAK at the paper's k = 32,768 and the larger of the
@@ -113,7 +124,7 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
     # the query gradient on its own draws (paper G.3) or on the bank's shared draws (common random numbers with
     # every training example: AttributionSession.query_draws); same banks, only the query side differs
     "query_draws": tuple(
-        Variant(label, {**SHARED_ALL, "query_draws": label}, ("kfac", "trak", "dtrak")) for label in ("own", "bank")
+        Variant(label, {**SHARED_ALL, "query_draws": label}, EVERY_GRADIENT_METHOD) for label in ("own", "bank")
     ),
     # the stored bank's int8 grid: one step per (example, block), or whitened by the eigenvalues (bank.whitening,
     # 2026-12-05); the preset's draws and factors, only the rounding differs
@@ -198,14 +209,14 @@ def variant_session(
             preset=setup.preset, checkpoint=setup.checkpoint, device=setup.device, cache_root=baseline,
             config=config, dataset=setup.dataset, auto_build=False,
         )
-        if all(base.method(m).is_built(base.ctx) for m in variant.methods):
+        if all(base.method(m).is_built(base.ctx) for m in variant.names()):
             return base, Path(baseline)
     s = AttributionSession(
         preset=setup.preset, checkpoint=setup.checkpoint, device=setup.device, cache_root=cache_root,
         config=config, dataset=setup.dataset, auto_build=True,
     )
     if base is not None and base.ctx.store is not None and s.ctx.store is not None:
-        for m in variant.methods:
+        for m in variant.names():
             for name, settings in s.method(m).cache_keys(s.ctx):
                 if s.ctx.store.copy_from(base.ctx.store, name, settings) and log is not None:
                     log(f"[{variant.label}] {name} copied from the baseline cache {baseline} (same key)")
@@ -225,14 +236,14 @@ def build_variants(
     for name in names:
         for variant in ABLATIONS[name]:
             session, root = variant_session(setup, variant, cache_root, baseline, log=log)
-            todo = [m for m in variant.methods if not session.method(m).is_built(session.ctx)]
+            todo = [m for m in variant.names() if not session.method(m).is_built(session.ctx)]
             if len(todo) > 1 and name != "trak_dim":  # one training-gradient pass for K-FAC's bank and the TRAKs
                 t0 = time.perf_counter()
                 log(f"[{name}/{variant.label}] building {', '.join(todo)} into {root} (one shared gradient pass)")
                 with terminal_progress(f"{name}/{variant.label}") as progress:
                     session.build(todo, progress=progress)
                 log(f"[{name}/{variant.label}] built in {time.perf_counter() - t0:.0f} s")
-            for m in variant.methods:
+            for m in variant.names():
                 method = session.method(m)
                 if method.is_built(session.ctx):
                     continue
@@ -271,11 +282,11 @@ def run_ablation(
     for variant in ABLATIONS[name]:
         session, root = variant_session(setup, variant, cache_root, baseline)
         out = setup.out / "ablation" / name / variant.label.replace("=", "")
-        rows, info = session_scores(session, queries, spec.measurement, list(variant.methods), out)
+        rows, info = session_scores(session, queries, spec.measurement, list(variant.names()), out)
         names = sorted({k for r in rows for k in r})
         table = lds_table(predicted_matrix(_rows_score_fn(rows, names), masks, len(queries)), measured)
         methods = {}
-        for m in variant.methods:
+        for m in variant.names():
             if m not in table:
                 methods[m] = {"status": info.get(m, {}).get("status"), "reason": info.get(m, {}).get("reason")}
                 continue

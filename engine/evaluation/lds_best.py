@@ -229,6 +229,18 @@ def best_settings(
     return out
 
 
+def own_fields(method: str) -> tuple[str, ...]:
+    """The settings a method declares it reads (its ``config_fields``: K-FAC's factor draws, TRAK's k, a new
+    method's own; QA 70 F3: every method but K-FAC was shown TRAK's k); ``method`` may name a measurement
+    (``kfac[loss]``); () for a name this installation does not have or cannot import."""
+    from ..attribution.methods import METHODS
+
+    try:
+        return tuple(METHODS[method.split("[")[0]].config_fields)
+    except (KeyError, ImportError):
+        return ()
+
+
 def table(summary: dict[str, Any]) -> str:
     ref = summary["reference"]
     lines = [f"{'method':8s} {'LDS':>6s}  95% interval      {'held-out':>8s}  {ref} - this (paired)       setting"]
@@ -243,7 +255,7 @@ def table(summary: dict[str, Any]) -> str:
         clear = "" if diff is None else {"above": " clear", "below": " below"}.get(position, " overlap")
         cv = e.get("held_out_choice")
         cv_text = "" if cv is None else f"{cv:.3f}"
-        shown = ("mc_samples", "draws") + (("kfac_factor_draws",) if m == "kfac" else ("trak_dim",))
+        shown = ("mc_samples", "draws", *own_fields(m))
         setting = ", ".join(f"{k}={v}" for k, v in e["settings"].items() if k in shown)
         lam = "" if e["damping"] is None else f"damping {e['damping']:.3g}"
         tail = " ".join(x for x in (lam, setting) if x)  # nothing for a setting without damping (pixel: "run")

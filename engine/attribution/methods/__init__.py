@@ -108,6 +108,21 @@ def names_of_kind(kind: str) -> list[str]:
     return [name for name in METHODS if kind_of(name) == kind]
 
 
+def gradient_methods() -> list[str]:
+    """The influence methods whose scores come from gradients (``needs_gradient``), in display order, read from
+    their declarations (no module is imported): what "every gradient method" means where a setting of the
+    gradients (M, the query's draws) is varied for all of them (``lds-ablation``, QA 70 F3: a hand-written
+    list left a new method out)."""
+    def needs_gradient(name: str) -> bool:
+        cls = _REGISTERED.get(name)
+        if cls is not None:
+            return bool(cls.needs_gradient)
+        declared = declaration(name)
+        return declared is None or declared.needs_gradient is not False  # the base class's default: True
+
+    return [name for name in names_of_kind("influence") if needs_gradient(name)]
+
+
 def parse_methods(text: str | None) -> list[str] | None:
     """'kfac,trak' -> ['kfac', 'trak']; None/'all' -> None (every method).  Unknown names: ValueError."""
     if text is None or text.strip().lower() == "all":
@@ -130,6 +145,7 @@ def make_method(name: str, config: AttributionConfig | None = None) -> Attributi
 __all__ = [
     "METHODS",
     "declaration",
+    "gradient_methods",
     "make_method",
     "method_names",
     "names_of_kind",
