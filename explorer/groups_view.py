@@ -62,6 +62,7 @@ CELL = 64
 KINDS = ("A class", "Hand-picked", "From a file", "One training image")
 DRAW_FAILED = "grp_draw_failed"  # why the last "Draw N samples" failed, for the page after it
 PICKED = "grp_picked"  # training indices ticked in the Explore page's grids
+COPY_METHOD = "grp_copy_method"  # whose influence shares the copy check reads (QA 70 F4)
 
 
 # --- engine calls, cached in the handle ---------------------------------------------------
@@ -175,7 +176,7 @@ def keep_choices(handle: Handle) -> None:
     Back from another tab, the widgets showed their defaults while the result still used the earlier choices
     (QA 23b #4).  Not the class (its options follow the model) nor the typed indices (their default follows the
     Explore page's ticks)."""
-    chips.keep_choices(("grp_kind", "grp_train", "grp_queries", "grp_pool_n", "grp_pool_seed"),
+    chips.keep_choices(("grp_kind", "grp_train", "grp_queries", "grp_pool_n", "grp_pool_seed", COPY_METHOD),
                        upper={"grp_train": len(handle.session.dataset) - 1})
 
 
@@ -533,7 +534,7 @@ def copy_section(handle: Handle, result: GroupResult) -> None:
     ds = handle.session.dataset
     info = handle.session.method_info()
     st.markdown("#### Copy check: which samples look like near-copies of a training image?")
-    name = "kfac" if "kfac" in result.ok() else result.ok()[0]
+    name = copy_method(result.ok(), info)
     rows = copy_check(result.methods[name].scores, result.qset.images, ds.images, result.qset.names, result.qset.labels)
     flagged = sum(r.near_copy for r in rows)
     base = _flag_rate(handle)
@@ -554,6 +555,18 @@ def copy_section(handle: Handle, result: GroupResult) -> None:
         c1.image([display(ds.images[i], 48, border=3) for i in r.top_proponents],
                  caption=[f"#{i}" for i in r.top_proponents], width=54)
         c2.image(display(ds.images[r.nearest], 80), width=80, caption=f"nearest #{r.nearest}")
+
+
+def copy_method(ok: list[str], info: dict[str, Any]) -> str:
+    """The influence method whose shares the copy check shows: a choice among ``ok``, K-FAC first (QA 70 F4: it
+    was always K-FAC, where the CLI's ``copy-check --method`` takes any).  The default sits in the state, kept
+    across tabs by ``keep_choices``; a kept method this result lacks falls back to it."""
+    if st.session_state.get(COPY_METHOD) not in ok:
+        st.session_state[COPY_METHOD] = "kfac" if "kfac" in ok else ok[0]
+    if len(ok) == 1:
+        return ok[0]
+    return st.selectbox("Method for the copy check", ok, key=COPY_METHOD, format_func=lambda n: info[n]["title"],
+                        help="Whose influence shares the check reads (the CLI's copy-check --method)")
 
 
 def _flag_rate(handle: Handle) -> float:

@@ -331,3 +331,40 @@ def test_the_groups_page_warns_below_kfacs_damping_floor(app_env):
     _ok(at)
     assert any(w.value.startswith("K-FAC Influence: damping") and "below the float32 factors' resolution" in w.value
                for w in at.warning), [w.value for w in at.warning]
+
+
+def test_the_copy_check_reads_the_chosen_methods_shares(app_env):
+    """QA 70 F4: the Groups page's copy check always read K-FAC's shares, where ``copy-check --method`` takes any
+    influence method.  Picking TRAK shows the copy check of TRAK's scores (the CLI's rows, from the engine's
+    matrix over the gallery), and the caption names TRAK."""
+    from engine.attribution.copycheck import copy_check, explain
+    from engine.attribution.group_attribution import group_attribution
+    from engine.attribution.groups import parse_group
+    from engine.attribution.pool import gallery_set
+
+    at = _groups_of_class_1(app_env)
+    assert at.selectbox(key="grp_copy_method").value == "kfac"  # K-FAC first, as before
+    session = _handle().session
+    qset = gallery_set(session)
+    result = group_attribution(session, parse_group("label:1", session.dataset), qset, "loss", ["kfac", "trak"])
+
+    def rows(name):
+        return [explain(r) for r in copy_check(result.methods[name].scores, qset.images, session.dataset.images,
+                                               qset.names, qset.labels)[:5]]
+
+    def shown():
+        return [m.value for m in at.markdown if m.value.startswith("Sample ")]
+
+    assert shown() == rows("kfac")
+    assert rows("trak") != rows("kfac")  # else the test could not tell the methods apart
+    at.selectbox(key="grp_copy_method").set_value("trak").run()
+    _ok(at)
+    assert shown() == rows("trak")
+    assert any(c.value.startswith("Two kinds of evidence per sample") and "(TRAK: the share" in c.value
+               for c in at.caption)
+    at.session_state["page"] = "Explore"  # kept across tabs, as the page's other choices (keep_choices)
+    at.run()
+    at.session_state["page"] = "Groups"
+    at.run()
+    _ok(at)
+    assert at.selectbox(key="grp_copy_method").value == "trak" and shown() == rows("trak")
