@@ -579,6 +579,31 @@ def _flag_rate(handle: Handle) -> float:
 # --- the reverse view from the Explore page's grids --------------------------------------------
 
 
+def reverse_figure(long: pd.DataFrame, res: GroupResult, shown: dict[str, str], colours: dict[str, str],
+                   labels: dict[str, str], spec: str) -> Any:
+    """Each gallery sample's predicted change if the picked images were removed: one panel per method (``long``:
+    sample, method title, change), each on its own y scale, which names the measurement of its changes.
+
+    QA 70 F5: on one y axis, scaled to K-FAC's changes, a method on a smaller scale (a gradient dot product
+    without a curvature inverse: about 1e-3 against 0.08) drew flat bars.  The methods' changes differ in scale
+    as their scores do (the score distributions have independent axes for that reason)."""
+    order = [shown[n] for n in res.ok()]
+    fig = px.bar(long, x="sample", y="change", color="method", facet_row="method", category_orders={"method": order},
+                 color_discrete_map={shown[n]: colours[n] for n in res.ok()},
+                 labels=labels | {"sample": "gallery sample"},
+                 title=f"Predicted change of each gallery sample's {short_measurement(res.measurement)} if {spec} were removed"
+                 + ("" if all(res.measurement_of(n) == res.measurement for n in res.ok())
+                    else " (a method in brackets: of its own measurement)"))
+    fig.update_yaxes(matches=None, showticklabels=True, automargin=True)  # one scale per method
+    fig.update_xaxes(automargin=True)  # the bottom panel's sample names below its axis title
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))  # "method=TRAK" -> "TRAK"
+    own = {shown[n]: f"change of the {short_measurement(res.measurement_of(n))}" for n in res.ok()}
+    for trace in fig.data:  # each panel's axis says what its bars are (D-TRAK's: of the square norm), short to fit
+        fig.layout["yaxis" + trace.yaxis[1:]].title.update(text=own[trace.name], font_size=11)
+    fig.update_layout(height=120 + 180 * len(order), margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
 def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
     """Pick training images shown in the grids: see what they support, or keep them as a group."""
     labels = handle.session.labels
@@ -645,12 +670,6 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
                  for n in res.ok()}
         long["method"] = long["method"].map(shown)
         colours = figures.method_colours(res.ok())  # each method in its colour across the app's figures
-        fig = px.bar(long, x="sample", y="change", color="method", barmode="group",
-                     color_discrete_map={shown[n]: colours[n] for n in res.ok()},
-                     labels=axis_labels(handle, res.ok(), res.measurement) | {"sample": "gallery sample"},
-                     title=f"Predicted change of each gallery sample's {short_measurement(res.measurement)} if {group.spec} were removed"
-                     + ("" if all(res.measurement_of(n) == res.measurement for n in res.ok())
-                        else " (a method in brackets: of its own measurement)"))
-        fig.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10))
+        fig = reverse_figure(long, res, shown, colours, axis_labels(handle, res.ok(), res.measurement), group.spec)
         st.plotly_chart(fig, key="rev_fig_bar")
         downloads(handle, res, s, prefix="rev")

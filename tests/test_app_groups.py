@@ -368,3 +368,30 @@ def test_the_copy_check_reads_the_chosen_methods_shares(app_env):
     at.run()
     _ok(at)
     assert at.selectbox(key="grp_copy_method").value == "trak" and shown() == rows("trak")
+
+
+def test_the_reverse_views_chart_gives_each_method_its_own_y_scale(app_env):
+    """QA 70 F5: the reverse view's bar chart put every method on one y axis, scaled to the largest changes, so a
+    method on a smaller scale (a gradient dot product: about 1e-3 against K-FAC's 0.08) drew flat bars.  Each
+    method now has its own panel and y axis (not matched to another), which says what its bars are, in the
+    method's colour."""
+    from explorer.figures import method_colours
+
+    at = _start(app_env)
+    index = int(str(at.multiselect(key="grid_pick").options[0]).lstrip("#").split(" ")[0])
+    at.multiselect(key="grid_pick").set_value([index]).run()
+    _ok(at)
+    fig = json.loads(next(c.proto.spec for c in at.get("plotly_chart") if "gallery sample's" in c.proto.spec))
+    info = _handle().session.method_info()
+    by_title = {info[n]["title"]: n for n in info}
+    traces = {t["name"].split(" (")[0]: t for t in fig["data"]}
+    assert len(traces) >= 2 and set(traces) <= set(by_title), list(traces)
+    axes = {t["yaxis"] for t in traces.values()}
+    assert len(axes) == len(traces)  # one panel per method
+    layout = {name: fig["layout"]["yaxis" + t["yaxis"][1:]] for name, t in traces.items()}
+    assert all(a.get("matches") is None for a in layout.values()), layout  # independent scales
+    for name, t in traces.items():
+        assert t["marker"]["color"] == method_colours([by_title[name]])[by_title[name]]
+        want = "square norm" if by_title[name] == "dtrak" else "training loss"
+        assert layout[name]["title"]["text"] == f"change of the {want}"
+    assert "if train:" in fig["layout"]["title"]["text"]  # the title's words kept
