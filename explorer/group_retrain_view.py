@@ -171,7 +171,8 @@ def retrain_figure(groups: list[tuple[dict, dict]], title: Callable[[str], str],
     fig.update_annotations(font_size=13)
     # the measured change is of the records' measurement; a method's predictions may be of another (D-TRAK's
     # square norm), which its panel's x axis says (QA 67 F2: the title called every prediction one "of the loss")
-    fig.update_layout(title=f"Predicted vs measured change (measured: the {short_measurement(_measured(groups))}), per gallery sample",
+    measured = short_measurement(_measured(groups))
+    fig.update_layout(title=f"Predicted vs measured change (measured: the {measured}), per gallery sample",
                       height=320 * rows + 90, margin=dict(l=10, r=10, t=80, b=10),
                       legend_title_text="predicted label" if colours else None, showlegend=bool(colours))
     return fig

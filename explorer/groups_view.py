@@ -392,13 +392,13 @@ def axis_labels(handle: Handle, methods: list[str], measurement: str) -> dict[st
     info = session.method_info()
     # one axis over every method's bars: it names each method whose changes are of another measurement (QA 67 F2:
     # "predicted change of the loss" over D-TRAK's square-norm bars)
-    others = "; ".join(f"{info[n]['title']}: of the {short_measurement(session.measurement_used(n, measurement))}" for n in methods
-                       if session.measurement_used(n, measurement) != measurement)
-    out = {"sample": "generated sample", "label": "predicted label",
-           "change": f"predicted change of the {short_measurement(measurement)}" + (f" ({others})" if others else ""), "method": "method"}
+    used = {n: session.measurement_used(n, measurement) for n in methods}
+    others = "; ".join(f"{info[n]['title']}: of the {short_measurement(used[n])}" for n in methods
+                       if used[n] != measurement)
+    out = {"sample": "generated sample", "label": "predicted label", "method": "method",
+           "change": f"predicted change of the {short_measurement(measurement)}" + (f" ({others})" if others else "")}
     # D-TRAK's changes are of the square norm whatever the sidebar's measurement (QA round 13)
-    out.update({n: f"{info[n]['title']}: predicted change of the {short_measurement(session.measurement_used(n, measurement))}"
-                for n in methods})
+    out.update({n: f"{info[n]['title']}: predicted change of the {short_measurement(used[n])}" for n in methods})
     return out
 
 
@@ -485,7 +485,8 @@ def reverse_section(handle: Handle, result: GroupResult, s: Settings) -> None:
         with col:
             st.markdown(f"**{info[n]['title']}**")
             if result.measurement_of(n) != result.measurement:  # D-TRAK: the square norm, whatever is asked
-                st.caption(f"Ranked by the {short_measurement(result.measurement_of(n))}, the measurement this method always uses.")
+                st.caption(f"Ranked by the {short_measurement(result.measurement_of(n))}, the measurement this "
+                           "method always uses.")
             caveat = reverse_caveat([r.change for r in ranked], removed_words(result.group.size))
             if caveat:
                 st.caption(plain.sentence(caveat))
@@ -588,10 +589,11 @@ def reverse_figure(long: pd.DataFrame, res: GroupResult, shown: dict[str, str], 
     without a curvature inverse: about 1e-3 against 0.08) drew flat bars.  The methods' changes differ in scale
     as their scores do (the score distributions have independent axes for that reason)."""
     order = [shown[n] for n in res.ok()]
+    what = short_measurement(res.measurement)
     fig = px.bar(long, x="sample", y="change", color="method", facet_row="method", category_orders={"method": order},
                  color_discrete_map={shown[n]: colours[n] for n in res.ok()},
                  labels=labels | {"sample": "gallery sample"},
-                 title=f"Predicted change of each gallery sample's {short_measurement(res.measurement)} if {spec} were removed"
+                 title=f"Predicted change of each gallery sample's {what} if {spec} were removed"
                  + ("" if all(res.measurement_of(n) == res.measurement for n in res.ok())
                     else " (a method in brackets: of its own measurement)"))
     fig.update_yaxes(matches=None, showticklabels=True, automargin=True)  # one scale per method
@@ -666,7 +668,8 @@ def reverse_from_grids(handle: Handle, result: Any, s: Settings) -> None:
         data = _table(res)
         long = data.melt(id_vars=["sample", "label"], value_vars=res.ok(), var_name="method", value_name="change")
         # a method that scores its own measurement (D-TRAK: the square norm) says so in the legend
-        shown = {n: info[n]["title"] + ("" if res.measurement_of(n) == res.measurement else f" ({short_measurement(res.measurement_of(n))})")
+        shown = {n: info[n]["title"] + ("" if res.measurement_of(n) == res.measurement
+                                        else f" ({short_measurement(res.measurement_of(n))})")
                  for n in res.ok()}
         long["method"] = long["method"].map(shown)
         colours = figures.method_colours(res.ok())  # each method in its colour across the app's figures
