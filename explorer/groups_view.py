@@ -593,16 +593,17 @@ def reverse_figure(long: pd.DataFrame, res: GroupResult, shown: dict[str, str], 
     fig = px.bar(long, x="sample", y="change", color="method", facet_row="method", category_orders={"method": order},
                  color_discrete_map={shown[n]: colours[n] for n in res.ok()},
                  labels=labels | {"sample": "gallery sample"},
-                 title=f"Predicted change of each gallery sample's {what} if {spec} were removed"
+                 # the group and the note on a line of their own: on one line the title ran under plotly's toolbar
+                 title=f"Predicted change of each gallery sample's {what}<br><sup>if {spec} were removed"
                  + ("" if all(res.measurement_of(n) == res.measurement for n in res.ok())
-                    else " (a method in brackets: of its own measurement)"))
+                    else " (a method in brackets: of its own measurement)") + "</sup>")
     fig.update_yaxes(matches=None, showticklabels=True, automargin=True)  # one scale per method
     fig.update_xaxes(automargin=True)  # the bottom panel's sample names below its axis title
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))  # "method=TRAK" -> "TRAK"
     own = {shown[n]: f"change of the {short_measurement(res.measurement_of(n))}" for n in res.ok()}
     for trace in fig.data:  # each panel's axis says what its bars are (D-TRAK's: of the square norm), short to fit
         fig.layout["yaxis" + trace.yaxis[1:]].title.update(text=own[trace.name], font_size=11)
-    fig.update_layout(height=120 + 180 * len(order), margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_layout(height=140 + 180 * len(order), margin=dict(l=10, r=10, t=70, b=10))
     return fig
 
 
