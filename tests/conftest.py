@@ -108,6 +108,22 @@ def load_script():
     return load
 
 
+SHIPPED_METHODS = ("kfac", "trak", "dtrak", "clip", "pixel")
+
+
+@pytest.fixture
+def shipped_methods_only() -> None:
+    """Skip a test that scripts the first start of the shipped methods (which columns answer, which build, in
+    which order, with which words) when the package also holds a method a contributor's file adds: its page then
+    rightly differs (QA 70: with one method file dropped in, these tests failed where the app was right).  Every
+    other test holds with such a file in the package (docs/architecture.md §9)."""
+    from engine.attribution.methods import method_names
+
+    extra = [n for n in method_names() if n not in SHIPPED_METHODS]
+    if extra:
+        pytest.skip(f"scripts the shipped methods' first start; the package also holds {', '.join(extra)}")
+
+
 @pytest.fixture
 def methods_package_file(tmp_path, monkeypatch):
     """``write(stem, text) -> module name``: a new file among engine/attribution/methods/'s, the one-file rule's

@@ -161,7 +161,7 @@ def _count_calls(monkeypatch, obj, name: str) -> list:
 
 
 @pytest.mark.slow
-def test_first_start_builds_caches_and_shows_every_method(fresh_env):
+def test_first_start_builds_caches_and_shows_every_method(shipped_methods_only, fresh_env):
     at = _start(fresh_env)
     handle = _handle()
     assert handle.build.status in ("running", "done"), "the first run starts the server's build"

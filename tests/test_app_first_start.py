@@ -57,7 +57,7 @@ def _app():
 
 
 @pytest.mark.slow
-def test_empty_cache_shows_precomputed_gallery_results_and_one_shared_build(precomputed_env, monkeypatch):
+def test_empty_cache_shows_precomputed_gallery_results_and_one_shared_build(shipped_methods_only, precomputed_env, monkeypatch):
     handle = _handle()
     assert handle.precomputed is not None and handle.precomputed.methods_for(handle.session)
     gate, calls = _gate_builds(handle, monkeypatch)
@@ -124,7 +124,7 @@ def test_empty_cache_shows_precomputed_gallery_results_and_one_shared_build(prec
 
 
 @pytest.mark.slow
-def test_methods_already_built_answer_live_while_another_builds(precomputed_env, monkeypatch):
+def test_methods_already_built_answer_live_while_another_builds(shipped_methods_only, precomputed_env, monkeypatch):
     """QA round 19: a server whose caches held K-FAC but not a new method built that method in the
     background and meanwhile answered nothing live (only the precomputed gallery).  Now K-FAC answers a
     query the shipped file does not hold while TRAK and D-TRAK are being built, and they join after."""
@@ -175,7 +175,7 @@ def test_methods_already_built_answer_live_while_another_builds(precomputed_env,
 
 
 @pytest.mark.slow
-def test_failed_build_shows_its_reason_and_retries_only_on_request(precomputed_env, monkeypatch):
+def test_failed_build_shows_its_reason_and_retries_only_on_request(shipped_methods_only, precomputed_env, monkeypatch):
     handle = _handle()
     gate, calls = _gate_builds(handle, monkeypatch, fail_first=True)
     gate.set()
@@ -220,7 +220,7 @@ def test_precomputed_scores_are_keyed_to_model_and_settings(precomputed_env):
     built_cache = precomputed_env["ATTRIBUTION_CACHE"]  # empty: the scores come from the file
     session = AttributionSession(precomputed_env["ATTRIBUTION_PRESET"], ckpt, "cpu", built_cache)
     pre = PrecomputedGallery(f"{ckpt}/precomputed_gallery.npz")
-    assert set(pre.methods_for(session)) == {"kfac", "trak", "dtrak", "pixel"}
+    assert set(pre.methods_for(session)) >= {"kfac", "trak", "dtrak", "pixel"}  # and any method file added
     assert pre.nbytes < 200_000
     # other settings: nothing is shown
     other = AttributionSession(

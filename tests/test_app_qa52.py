@@ -55,7 +55,8 @@ def test_a_compressed_bank_is_left_out_of_the_gallery_label_agreement_with_its_r
     gaps = handle.gallery_agreement_gaps()
     # CLIP without its weights (this machine, CI) cannot run here: the page's own line says that, no "no figure"
     clip = {"clip": "the gallery's precomputed scores leave it out"} if session.available("clip")[0] else {}
-    assert gaps == {"kfac": BANK_GAP, **clip}
+    # (a method a contributor's file adds is left out of the shipped file too: not this test's subject)
+    assert {n: gaps[n] for n in ("kfac", "clip") if n in gaps} == {"kfac": BANK_GAP, **clip}
     line = label_agreement_line(agreements, ["kfac", "trak", "dtrak", "pixel"], session.method_info(), gaps)
     assert "this often: TRAK " in line and "K-FAC Influence " not in line.split("this often:")[1].split("(")[0]
     assert line.endswith(f" K-FAC Influence has no figure: {BANK_GAP}.")
