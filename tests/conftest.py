@@ -108,7 +108,7 @@ def load_script():
     return load
 
 
-SHIPPED_METHODS = ("kfac", "trak", "dtrak", "clip", "pixel")
+SHIPPED_METHODS = ("kfac", "trak", "dtrak", "clip", "pixel")  # the shipped methods, in display order
 
 
 @pytest.fixture

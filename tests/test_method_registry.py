@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SHIPPED_METHODS
 from distance_methods import PixelDistance
 from test_session import TINY_ATTRIBUTION, tiny_checkpoint
 
@@ -15,7 +16,7 @@ from engine.attribution.methods import METHODS, method_names, parse_methods, reg
 from engine.attribution.session import AttributionSession
 from engine.cli.parser import main
 
-SHIPPED = ["kfac", "trak", "dtrak", "clip", "pixel"]
+SHIPPED = list(SHIPPED_METHODS)  # in display order
 
 
 class ToyDistance(PixelDistance):
